@@ -1,0 +1,103 @@
+"""Per-tenant OpenBao clients: provision the tenant's mounts, key and policy with the service's
+privileged token, then mint a SHORT-LIVED token carrying only the tenant's policy and reuse it
+until it nears expiry. Everything a tenant call does uses that token, so a bug in our code still
+cannot read another tenant's path: OpenBao itself refuses.
+
+Runs in worker threads (hvac is synchronous); a lock guards the cache.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+import hvac
+import requests
+
+from services.credentials.backend import TenantRef
+from services.credentials.vault_layout import VaultLayout
+
+
+@dataclass(slots=True)
+class _Minted:
+    client: hvac.Client
+    token: str
+    refresh_at: float
+
+
+class TenantTokens:
+    """Mints, caches and refreshes one token per tenant (silo tenants: inside their namespace)."""
+
+    def __init__(self, url: str, admin_token: str, *, layout: VaultLayout, ttl_seconds: int,
+                 timeout: float, session: requests.Session) -> None:
+        self._url, self._admin_token = url, admin_token
+        self._layout, self._ttl, self._timeout, self._session = layout, ttl_seconds, timeout, session
+        self._lock = threading.Lock()
+        self._minted: dict[str, _Minted] = {}
+        self._ready_namespaces: set[str | None] = set()
+        self._ready_tenants: set[str] = set()
+        self.minted_count = 0
+        """How many tokens were minted (tests check that tokens are reused)."""
+
+    def client_for(self, tenant: TenantRef) -> hvac.Client:
+        """An hvac client holding the tenant's own token (provisioning on first use)."""
+        return self._get(tenant).client
+
+    def token_for(self, tenant: TenantRef) -> str:
+        """The tenant's current token (for isolation tests that call OpenBao directly)."""
+        return self._get(tenant).token
+
+    def forget(self, tenant: TenantRef) -> None:
+        """Drop the tenant's token and provisioning state (after OpenBao refused it, e.g. a restart)."""
+        with self._lock:
+            self._minted.pop(tenant.tenant_id, None)
+            self._ready_tenants.discard(tenant.tenant_id)
+            self._ready_namespaces.discard(self._layout.namespace(tenant))
+            self._ready_namespaces.discard(None)
+
+    def _get(self, tenant: TenantRef) -> _Minted:
+        with self._lock:
+            minted = self._minted.get(tenant.tenant_id)
+            if minted is not None and time.monotonic() < minted.refresh_at:
+                return minted
+            self._provision(tenant)
+            minted = self._mint(tenant)
+            self._minted[tenant.tenant_id] = minted
+            return minted
+
+    def _admin(self, namespace: str | None) -> hvac.Client:
+        return hvac.Client(url=self._url, token=self._admin_token, namespace=namespace,
+                           timeout=self._timeout, session=self._session)
+
+    def _provision(self, tenant: TenantRef) -> None:
+        """Idempotently create namespace, mounts, Transit key and policy for the tenant."""
+        ns = self._layout.namespace(tenant)
+        if ns is not None and ns not in self._ready_namespaces:
+            self._admin(None).sys.create_namespace(ns)  # idempotent in OpenBao
+        admin = self._admin(ns)
+        if ns not in self._ready_namespaces:
+            mounts = admin.sys.list_mounted_secrets_engines()["data"]
+            if f"{self._layout.kv_mount}/" not in mounts:
+                admin.sys.enable_secrets_engine("kv", path=self._layout.kv_mount, options={"version": "2"})
+            if f"{self._layout.transit_mount}/" not in mounts:
+                admin.sys.enable_secrets_engine("transit", path=self._layout.transit_mount)
+            self._ready_namespaces.add(ns)
+        if tenant.tenant_id not in self._ready_tenants:
+            admin.secrets.transit.create_key(self._layout.key_name(tenant), key_type="aes256-gcm96",
+                                             mount_point=self._layout.transit_mount)
+            admin.sys.create_or_update_policy(self._layout.policy_name(tenant), self._layout.policy(tenant))
+            self._ready_tenants.add(tenant.tenant_id)
+
+    def _mint(self, tenant: TenantRef) -> _Minted:
+        ns = self._layout.namespace(tenant)
+        auth = self._admin(ns).auth.token.create(
+            policies=[self._layout.policy_name(tenant)], ttl=f"{self._ttl}s", renewable=False,
+            no_default_policy=True, display_name=f"tenant-{tenant.tenant_id}",
+            meta={"tenant": tenant.tenant_id})["auth"]
+        self.minted_count += 1
+        ttl = float(auth["lease_duration"] or self._ttl)
+        # Refresh with a quarter of the lifetime left, so a call never carries an expiring token.
+        refresh_at = time.monotonic() + ttl * 0.75
+        client = hvac.Client(url=self._url, token=auth["client_token"], namespace=ns,
+                             timeout=self._timeout, session=self._session)
+        return _Minted(client, auth["client_token"], refresh_at)

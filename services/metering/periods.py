@@ -1,0 +1,41 @@
+"""Time as epoch microseconds (portable across SQLite and Postgres) and budget/chargeback periods."""
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+US_PER_SECOND = 1_000_000
+US_PER_HOUR = 3600 * US_PER_SECOND
+US_PER_DAY = 24 * US_PER_HOUR
+
+DAY = "day"
+MONTH = "month"
+
+
+def now_us() -> int:
+    """The current time in epoch microseconds."""
+    return time.time_ns() // 1000
+
+
+def to_datetime(us: int) -> dt.datetime:
+    """Epoch microseconds as an aware UTC datetime."""
+    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=us)
+
+
+def from_datetime(value: dt.datetime) -> int:
+    """An aware datetime as epoch microseconds."""
+    delta = value - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    return (delta.days * 86400 + delta.seconds) * US_PER_SECOND + delta.microseconds
+
+
+def bounds(period: str, at_us: int) -> tuple[int, int]:
+    """Start (inclusive) and end (exclusive) of the UTC day or calendar month holding at_us."""
+    if period == DAY:
+        start = at_us - at_us % US_PER_DAY
+        return start, start + US_PER_DAY
+    if period != MONTH:
+        raise ValueError(f"unknown period {period!r}")
+    moment = to_datetime(at_us)
+    first = dt.datetime(moment.year, moment.month, 1, tzinfo=dt.timezone.utc)
+    following = dt.datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=dt.timezone.utc)
+    return from_datetime(first), from_datetime(following)

@@ -1,0 +1,222 @@
+"""Usage events, their validation, and sums of them priced at each event's own time."""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field, replace
+
+from services.metering import periods
+from services.metering.pricing import PriceBook, Tokens
+
+MAX_BATCH = 5000
+MAX_TEXT = 200
+
+# Outcomes, as stored (the proto enum's numbers).
+OUTCOME_SUCCESS = 1
+
+MODEL, AGENT, PRINCIPAL, DAY, HOUR = "model", "agent", "principal", "day", "hour"
+GROUPINGS = (MODEL, AGENT, PRINCIPAL, DAY, HOUR)
+
+
+@dataclass(frozen=True, slots=True)
+class UsageRecord:
+    """One metered model call of the caller's tenant."""
+
+    idempotency_key: str
+    """Unique per tenant; a repeat is accepted and not counted again."""
+    model: str
+    """The model, with its pinned version."""
+    occurred_us: int
+    """When the call was made (epoch microseconds)."""
+    tokens: Tokens = Tokens()
+    """Tokens used."""
+    principal_id: str = ""
+    """Who made the call."""
+    agent_id: str = ""
+    """The agent that made it, if any."""
+    run_id: str = ""
+    """The run it belongs to, if any."""
+    trace_id: str = ""
+    """Its trace, if any."""
+    latency_ms: int = 0
+    """Wall time of the call."""
+    outcome: int = OUTCOME_SUCCESS
+    """How it ended (proto Outcome number)."""
+
+
+def validate_batch(records: Sequence[UsageRecord]) -> dict[str, str]:
+    """Field violations of a batch ({"events[3].model": "required"}); empty when it is valid."""
+    problems: dict[str, str] = {}
+    if not records:
+        problems["events"] = "at least one event is required"
+    if len(records) > MAX_BATCH:
+        problems["events"] = f"at most {MAX_BATCH} events per batch"
+    for i, rec in enumerate(records):
+        where = f"events[{i}]"
+        if not rec.idempotency_key:
+            problems[f"{where}.idempotency_key"] = "required"
+        elif len(rec.idempotency_key) > MAX_TEXT:
+            problems[f"{where}.idempotency_key"] = f"at most {MAX_TEXT} characters"
+        if not rec.model:
+            problems[f"{where}.model"] = "required"
+        elif len(rec.model) > MAX_TEXT:
+            problems[f"{where}.model"] = f"at most {MAX_TEXT} characters"
+        for name in ("principal_id", "agent_id", "run_id", "trace_id"):
+            if len(getattr(rec, name)) > MAX_TEXT:
+                problems[f"{where}.{name}"] = f"at most {MAX_TEXT} characters"
+        if rec.occurred_us <= 0:
+            problems[f"{where}.occur_time"] = "required"
+        t = rec.tokens
+        if min(t.input, t.output, t.cache_write, t.cache_read) < 0:
+            problems[f"{where}.tokens"] = "token counts cannot be negative"
+        if rec.latency_ms < 0:
+            problems[f"{where}.latency_ms"] = "cannot be negative"
+    return problems
+
+
+def dedupe(records: Iterable[UsageRecord]) -> list[UsageRecord]:
+    """The batch with repeated idempotency keys dropped (the first one wins)."""
+    seen: set[str] = set()
+    out = []
+    for rec in records:
+        if rec.idempotency_key not in seen:
+            seen.add(rec.idempotency_key)
+            out.append(rec)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class UsageQuery:
+    """Which events to sum, and how to group them."""
+
+    start_us: int
+    """Range start, inclusive."""
+    end_us: int
+    """Range end, exclusive."""
+    group_by: tuple[str, ...] = ()
+    """Dimensions from GROUPINGS, in the order given."""
+    model: str = ""
+    """Only this model, when set."""
+    agent_id: str = ""
+    """Only this agent, when set."""
+    principal_id: str = ""
+    """Only this principal, when set."""
+
+
+def validate_query(query: UsageQuery, prefix: str = "filter") -> dict[str, str]:
+    """Field violations of a query; empty when it is valid."""
+    problems: dict[str, str] = {}
+    if query.start_us <= 0:
+        problems[f"{prefix}.start_time"] = "required"
+    if query.end_us <= 0:
+        problems[f"{prefix}.end_time"] = "required"
+    elif query.end_us <= query.start_us:
+        problems[f"{prefix}.end_time"] = "must be after start_time"
+    if len(set(query.group_by)) != len(query.group_by):
+        problems["group_by"] = "a dimension is named twice"
+    if any(g not in GROUPINGS for g in query.group_by):
+        problems["group_by"] = "unknown dimension"
+    if DAY in query.group_by and HOUR in query.group_by:
+        problems["group_by"] = "group by day or by hour, not both"
+    return problems
+
+
+@dataclass(frozen=True, slots=True)
+class PartialSum:
+    """A sum the store computed: one group, one model, one price version."""
+
+    model: str
+    """The model."""
+    price_effective_us: int | None
+    """Which price version priced these events (None: no price was in force)."""
+    agent_id: str = ""
+    """The agent, when grouped by agent."""
+    principal_id: str = ""
+    """The principal, when grouped by principal."""
+    bucket: int | None = None
+    """Day or hour number since the epoch, when grouped by one."""
+    event_count: int = 0
+    """Events summed."""
+    error_count: int = 0
+    """Events that did not succeed."""
+    tokens: Tokens = Tokens()
+    """Tokens summed."""
+
+
+@dataclass(slots=True)
+class UsageTotal:
+    """One row of a usage report."""
+
+    tenant_id: str
+    """The tenant."""
+    model: str = ""
+    """The model, when grouped by model."""
+    agent_id: str = ""
+    """The agent, when grouped by agent."""
+    principal_id: str = ""
+    """The principal, when grouped by principal."""
+    period_start_us: int | None = None
+    """Start of the day or hour, when grouped by one."""
+    event_count: int = 0
+    """Events."""
+    error_count: int = 0
+    """Events that did not succeed."""
+    tokens: Tokens = field(default_factory=Tokens)
+    """Tokens summed."""
+    cost_scaled: int = 0
+    """Cost in micro-USD times a million (see pricing.scaled_to_usd)."""
+    unpriced_tokens: int = 0
+    """Tokens of events no price was in force for."""
+
+    def sort_key(self) -> tuple:
+        """Rows are ordered by their group keys."""
+        return (self.tenant_id, self.period_start_us or 0, self.model, self.agent_id, self.principal_id)
+
+
+def total(partials: Iterable[PartialSum], *, tenant_id: str, group_by: Sequence[str],
+          book: PriceBook) -> list[UsageTotal]:
+    """Fold the store's partial sums into report rows, each event priced at its own time."""
+    rows: dict[tuple, UsageTotal] = {}
+    for part in partials:
+        period_start = None
+        if DAY in group_by:
+            period_start = part.bucket * periods.US_PER_DAY
+        elif HOUR in group_by:
+            period_start = part.bucket * periods.US_PER_HOUR
+        row_key = UsageTotal(
+            tenant_id=tenant_id,
+            model=part.model if MODEL in group_by else "",
+            agent_id=part.agent_id if AGENT in group_by else "",
+            principal_id=part.principal_id if PRINCIPAL in group_by else "",
+            period_start_us=period_start)
+        row = rows.setdefault(row_key.sort_key(), row_key)
+        row.event_count += part.event_count
+        row.error_count += part.error_count
+        row.tokens = row.tokens + part.tokens
+        price = None
+        if part.price_effective_us is not None:
+            price = book.price_at(part.model, part.price_effective_us)
+        if price is None:
+            row.unpriced_tokens += part.tokens.total
+        else:
+            row.cost_scaled += price.cost_scaled(part.tokens)
+    return sorted(rows.values(), key=UsageTotal.sort_key)
+
+
+def month_of(day_start_us: int) -> int:
+    """Start of the calendar month holding a day."""
+    return periods.bounds(periods.MONTH, day_start_us)[0]
+
+
+def fold_into_months(rows: Iterable[UsageTotal]) -> list[UsageTotal]:
+    """Day rows (grouped by model and day) merged into month rows."""
+    months: dict[tuple, UsageTotal] = {}
+    for row in rows:
+        month = replace(row, period_start_us=month_of(row.period_start_us or 0), event_count=0,
+                        error_count=0, tokens=Tokens(), cost_scaled=0, unpriced_tokens=0)
+        acc = months.setdefault(month.sort_key(), month)
+        acc.event_count += row.event_count
+        acc.error_count += row.error_count
+        acc.tokens = acc.tokens + row.tokens
+        acc.cost_scaled += row.cost_scaled
+        acc.unpriced_tokens += row.unpriced_tokens
+    return sorted(months.values(), key=UsageTotal.sort_key)

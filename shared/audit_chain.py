@@ -1,0 +1,74 @@
+"""A hash chain for append-only audit logs: each entry's hash covers the previous hash and its
+own fields, so changing, reordering or removing an entry breaks every hash after it.
+
+Pure functions, no storage: a service keeps the entries and a chain head in its own tables and
+calls `link` when appending and `verify` when checking.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+GENESIS = "0" * 64
+"""The `prev_hash` of the first entry of a chain."""
+
+
+def link(prev_hash: str, fields: Mapping[str, object]) -> str:
+    """The hash of an entry: SHA-256 over the previous hash and the entry's canonical JSON."""
+    canonical = json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
+    return hashlib.sha256(f"{prev_hash}\n{canonical}".encode()).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ChainEntry:
+    """One stored entry as the verifier sees it."""
+
+    sequence: int
+    """Position in the chain, from 1, without gaps."""
+    fields: Mapping[str, object]
+    """Exactly the fields that were hashed when the entry was appended."""
+    prev_hash: str
+    """The hash stored as the previous entry's."""
+    hash: str
+    """The hash stored for this entry."""
+
+
+@dataclass(frozen=True, slots=True)
+class ChainReport:
+    """The outcome of a verification."""
+
+    intact: bool
+    """True when every entry links and the head matches."""
+    checked: int
+    """How many entries were read."""
+    first_bad_sequence: int = 0
+    """Where the chain first breaks; 0 when intact."""
+    problem: str = ""
+    """What is wrong, in words."""
+
+
+def verify(entries: Iterable[ChainEntry], *, head_sequence: int, head_hash: str) -> ChainReport:
+    """Check entries (in sequence order) against each other and against the recorded head.
+
+    A changed entry fails its own hash; a removed one leaves a gap in the sequence (or, at the
+    end, a chain shorter than the head says); a reordered one fails the link.
+    """
+    prev, expected_seq, checked = GENESIS, 1, 0
+    for entry in entries:
+        checked += 1
+        if entry.sequence != expected_seq:
+            return ChainReport(False, checked, expected_seq, f"entry {expected_seq} is missing")
+        if entry.prev_hash != prev:
+            return ChainReport(False, checked, entry.sequence, f"entry {entry.sequence} does not link to the one before")
+        if link(prev, entry.fields) != entry.hash:
+            return ChainReport(False, checked, entry.sequence, f"entry {entry.sequence} was changed after it was written")
+        prev, expected_seq = entry.hash, expected_seq + 1
+    last = expected_seq - 1
+    if last != head_sequence:
+        return ChainReport(False, checked, min(last, head_sequence) + 1,
+                           f"the chain ends at entry {last} but the head records {head_sequence}")
+    if prev != (head_hash or GENESIS):
+        return ChainReport(False, checked, max(last, 1), f"entry {last} does not match the recorded head")
+    return ChainReport(True, checked)

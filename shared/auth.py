@@ -1,0 +1,203 @@
+"""The server interceptor every service runs: no verified tenant, no answer.
+
+It verifies the bearer token, requires x-tenant-id to equal the token's tenant, checks the
+scope the method declares in its proto, then runs the handler with the TenantContext bound
+and turns the domain errors the handler raises into precise statuses.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+import uuid
+
+import grpc
+from opentelemetry import trace
+
+from shared import errors
+from shared.metrics import LATENCY, REQUESTS, tenant_label
+from shared.scopes import MethodRule, RuleBook
+from shared.security import SecurityEvents
+from shared.tenancy import PLATFORM_TENANT, TenantContext, scope_matches, set_tenant
+from shared.tokens import TokenVerifier
+
+log = logging.getLogger("bulkhead.rpc")
+
+_BEARER = "bearer "
+
+
+class Denial(Exception):
+    """Why a request is refused before its handler runs."""
+
+    def __init__(self, error: errors.BulkheadError, *, tenant_id: str | None = None, principal_id: str | None = None):
+        super().__init__(error.message)
+        self.error = error
+        self.tenant_id = tenant_id
+        self.principal_id = principal_id
+
+
+class TenancyInterceptor(grpc.aio.ServerInterceptor):
+    """Authenticates, authorizes and binds the tenant of every RPC; maps domain errors to statuses."""
+
+    def __init__(self, verifier: TokenVerifier, *, service: str, rules: RuleBook | None = None,
+                 events: SecurityEvents | None = None):
+        self._verifier = verifier
+        self._service = service
+        self._rules = rules or RuleBook()
+        self.events = events or SecurityEvents(service)
+
+    async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        method = details.method
+        metadata = _metadata_dict(details.invocation_metadata)
+        rule = self._rules.rule(method)
+        try:
+            ctx = await self._authenticate(rule, metadata)
+        except Denial as denial:
+            return self._deny(handler, denial, method, metadata)
+        return _wrap(handler, lambda behavior, kind: _bind(behavior, kind, ctx, self._service, method))
+
+    async def _authenticate(self, rule: MethodRule | None, md: dict[str, str]) -> TenantContext | None:
+        if rule is None:
+            raise Denial(errors.PermissionDenied("this method declares no authorization rule and is refused",
+                                                 reason="NO_AUTH_RULE"))
+        if rule.public:
+            return None
+        auth = md.get("authorization", "")
+        if not auth:
+            raise Denial(errors.Unauthenticated("missing bearer token: send 'authorization: Bearer <token>'",
+                                                reason="MISSING_TOKEN"))
+        if not auth[: len(_BEARER)].lower() == _BEARER:
+            raise Denial(errors.Unauthenticated("authorization must be 'Bearer <token>'", reason="TOKEN_MALFORMED"))
+        tenant_id = md.get("x-tenant-id", "")
+        if not tenant_id:
+            raise Denial(errors.Unauthenticated("missing x-tenant-id metadata", reason="MISSING_TENANT"))
+        token = auth[len(_BEARER):].strip()
+        try:
+            claims = await self._verifier.verify(token)
+        except errors.Unauthenticated as exc:
+            raise Denial(exc) from None
+        if claims.tenant_id != tenant_id:
+            raise Denial(errors.PermissionDenied("x-tenant-id does not match the token's tenant",
+                                                 reason="TENANT_MISMATCH"),
+                         tenant_id=claims.tenant_id, principal_id=claims.principal_id)
+        if not any(scope_matches(g, rule.scope) for g in claims.scopes) or (
+                rule.scope.startswith("platform.") and claims.tenant_id != PLATFORM_TENANT):
+            raise Denial(errors.PermissionDenied(f"token lacks the scope {rule.scope!r} this method needs",
+                                                 reason="MISSING_SCOPE", metadata={"scope": rule.scope}),
+                         tenant_id=claims.tenant_id, principal_id=claims.principal_id)
+        return TenantContext(
+            tenant_id=claims.tenant_id, principal_id=claims.principal_id, scopes=claims.scopes, tier=claims.tier,
+            request_id=md.get("x-request-id") or uuid.uuid4().hex, token=token, actor_id=claims.actor_id,
+            agent_id=claims.agent_id or md.get("x-agent-id") or None, run_id=claims.run_id or md.get("x-run-id") or None)
+
+    def _deny(self, handler, denial: Denial, method: str, md: dict[str, str]):
+        error = denial.error
+
+        def record(context) -> None:  # inside the handler: only the servicer context knows the peer
+            self.events.denied(reason=error.reason, method=method, peer=context.peer() or "",
+                               tenant_id=denial.tenant_id, principal_id=denial.principal_id,
+                               claimed_tenant=md.get("x-tenant-id"), message=error.message)
+            REQUESTS.labels(self._service, method, tenant_label(denial.tenant_id or "unauthenticated"),
+                            error.code.name).inc()
+
+        async def abort(request_or_iterator, context):
+            record(context)
+            await context.abort(error.code, error.message, errors.trailing_metadata(error))
+
+        async def abort_stream(request_or_iterator, context):
+            record(context)
+            await context.abort(error.code, error.message, errors.trailing_metadata(error))
+            yield  # pragma: no cover - makes this an async generator for streaming handlers
+
+        return _wrap(handler, lambda behavior, kind: abort_stream if kind.endswith("stream") else abort)
+
+
+def _metadata_dict(md) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for key, value in md or ():
+        if isinstance(value, str):
+            out[key] = value
+    return out
+
+
+_KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")
+_FACTORIES = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+def _wrap(handler, make):
+    """A copy of handler whose behavior is make(original behavior, kind)."""
+    for kind in _KINDS:
+        behavior = getattr(handler, kind)
+        if behavior is not None:
+            return _FACTORIES[kind](make(behavior, kind), request_deserializer=handler.request_deserializer,
+                                    response_serializer=handler.response_serializer)
+    return handler
+
+
+def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: str):
+    """Run behavior with the tenant bound; translate domain errors; count and time the call."""
+
+    def enter() -> str:
+        set_tenant(ctx)
+        if ctx is not None:
+            span = trace.get_current_span()
+            if span.is_recording():
+                span.set_attribute("tenant.id", ctx.tenant_id)
+                span.set_attribute("bulkhead.request_id", ctx.request_id)
+        return tenant_label(ctx.tenant_id) if ctx else "public"
+
+    async def fail(exc: BaseException, context) -> None:
+        if isinstance(exc, grpc.aio.AbortError):  # the handler aborted on purpose: keep its status
+            raise exc
+        if isinstance(exc, errors.BulkheadError):
+            await context.abort(exc.code, exc.message, errors.trailing_metadata(exc))
+        log.exception("unhandled error in %s", method)
+        rid = ctx.request_id if ctx else ""
+        internal = errors.BulkheadError(f"internal error; quote request id {rid or 'n/a'} when reporting it")
+        await context.abort(grpc.StatusCode.INTERNAL, internal.message, errors.trailing_metadata(internal))
+
+    def done(tenant: str, started: float, code: str) -> None:
+        REQUESTS.labels(service, method, tenant, code).inc()
+        LATENCY.labels(service, method).observe(time.perf_counter() - started)
+
+    if not kind.endswith("stream"):
+        async def unary_response(request, context):
+            tenant, started, code = enter(), time.perf_counter(), "OK"
+            try:
+                return await behavior(request, context)
+            except Exception as exc:
+                code = getattr(exc, "code", grpc.StatusCode.INTERNAL).name if isinstance(
+                    exc, errors.BulkheadError) else _aborted_code(context)
+                await fail(exc, context)
+            finally:
+                done(tenant, started, code)
+        return unary_response
+
+    async def stream_response(request, context):
+        tenant, started, code = enter(), time.perf_counter(), "OK"
+        try:
+            result = behavior(request, context)
+            if inspect.isasyncgen(result):
+                async for item in result:
+                    yield item
+            else:
+                await result
+        except Exception as exc:
+            code = exc.code.name if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
+            await fail(exc, context)
+        finally:
+            done(tenant, started, code)
+    return stream_response
+
+
+def _aborted_code(context) -> str:
+    code = context.code() if hasattr(context, "code") else None
+    return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"

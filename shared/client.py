@@ -1,0 +1,79 @@
+"""Channels to other services, with identity forwarded (service to service) or fixed (CLI, clients)."""
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass, field
+
+import grpc
+
+from shared import telemetry
+from shared.tenancy import current_tenant
+
+
+class NoIdentityToForward(RuntimeError):
+    """A forwarding channel was used outside any tenant's request: refuse rather than call anonymously."""
+
+
+def _with_metadata(details, extra: tuple[tuple[str, str], ...]):
+    existing = tuple(details.metadata or ())
+    keys = {k for k, _ in extra}
+    merged = grpc.aio.Metadata(*(kv for kv in existing if kv[0] not in keys), *extra)
+    return details._replace(metadata=merged)
+
+
+class _MetadataInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
+                           grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+    """Adds metadata from self.metadata() to every call, whatever its shape."""
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        raise NotImplementedError
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        return await continuation(_with_metadata(details, self.metadata()), request)
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(_with_metadata(details, self.metadata()), request)
+
+    async def intercept_stream_unary(self, continuation, details, request_iterator):
+        return await continuation(_with_metadata(details, self.metadata()), request_iterator)
+
+    async def intercept_stream_stream(self, continuation, details, request_iterator):
+        return await continuation(_with_metadata(details, self.metadata()), request_iterator)
+
+
+class ForwardIdentity(_MetadataInterceptor):
+    """Forwards the current request's token, tenant, request id and tags (trace context: OpenTelemetry)."""
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        ctx = current_tenant()
+        if ctx is None or not ctx.token:
+            raise NoIdentityToForward("no tenant identity to forward: call inside a tenant's request")
+        return ctx.as_metadata()
+
+
+@dataclass
+class StaticCredentials(_MetadataInterceptor):
+    """A fixed token and tenant, for the CLI and external clients (swap `token` to refresh)."""
+
+    token: str
+    tenant_id: str
+    extra: tuple[tuple[str, str], ...] = field(default=())
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return (("authorization", f"Bearer {self.token}"), ("x-tenant-id", self.tenant_id),
+                ("x-request-id", uuid.uuid4().hex), *self.extra)
+
+
+def make_channel(address: str, *, forward: bool = False, credentials: _MetadataInterceptor | None = None,
+                 tls=None, options: tuple = ()) -> grpc.aio.Channel:
+    """A channel to address; forward=True carries the current tenant's identity on every call."""
+    interceptors: list = telemetry.client_interceptors()
+    if forward:
+        interceptors.append(ForwardIdentity())
+    if credentials is not None:
+        interceptors.append(credentials)
+    if tls is not None:
+        from shared.tls import channel_credentials
+
+        return grpc.aio.secure_channel(address, channel_credentials(tls), options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

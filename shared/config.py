@@ -1,0 +1,94 @@
+"""Configuration from environment variables, with the environment passed in so tests can inject it.
+
+Every variable, its default and meaning:
+
+| variable | default | meaning |
+|---|---|---|
+| BULKHEAD_DATA_DIR | ./.bulkhead | where embedded SQLite files, keys and the master key live |
+| BULKHEAD_<SVC>_ADDR | 127.0.0.1:5005x | gRPC listen/dial address of each service (see SERVICE_PORTS) |
+| BULKHEAD_<SVC>_METRICS_PORT | 945x | Prometheus /metrics port; 0 turns it off |
+| BULKHEAD_<SVC>_DATABASE_URL | sqlite+aiosqlite:///<data dir>/<svc>.db | the runtime (app role) database URL |
+| BULKHEAD_<SVC>_DATABASE_OWNER_URL | the runtime URL | URL of the table owner, used only for migrations |
+| BULKHEAD_DATABASE_URL / BULKHEAD_DATABASE_OWNER_URL | unset | defaults for every service's two URLs above |
+| BULKHEAD_OTLP_ENDPOINT | unset | OTLP/gRPC collector (Jaeger: http://jaeger:4317); unset = no export |
+| BULKHEAD_LOG_LEVEL | INFO | log level |
+| BULKHEAD_TLS_CA / _CERT / _KEY | unset | mTLS between services when all three are set |
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+SERVICE_PORTS: dict[str, int] = {
+    "identity": 50051, "credentials": 50052, "state": 50053,
+    "inference": 50054, "orchestrator": 50055, "metering": 50056,
+}
+"""Default gRPC port of each service; metrics listen on 9400 + the last two digits (9451...)."""
+
+SERVICES = tuple(SERVICE_PORTS)
+
+
+def _key(service: str, suffix: str) -> str:
+    return f"BULKHEAD_{service.upper()}_{suffix}"
+
+
+def service_addr(service: str, env: Mapping[str, str] = os.environ) -> str:
+    """Where `service` listens (and where others dial it)."""
+    return env.get(_key(service, "ADDR"), f"127.0.0.1:{SERVICE_PORTS[service]}")
+
+
+def data_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """The directory for embedded databases and key files."""
+    return Path(env.get("BULKHEAD_DATA_DIR", ".bulkhead")).expanduser().resolve()
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    """What every service reads from its environment."""
+
+    name: str
+    """The service's name (identity, credentials, ...)."""
+    address: str
+    """host:port to listen on."""
+    metrics_port: int
+    """Prometheus port; 0 turns it off."""
+    database_url: str
+    """Runtime database URL (the app role, which owns no table)."""
+    database_owner_url: str
+    """Database URL used for migrations (the table owner)."""
+    data_dir: Path
+    """Embedded databases and key files."""
+    otlp_endpoint: str | None
+    """OTLP/gRPC collector, or None for no export."""
+    log_level: str
+    """Log level name."""
+    peers: dict[str, str] = field(default_factory=dict)
+    """Address of every service, by name."""
+    env: Mapping[str, str] = field(default_factory=dict, repr=False)
+    """The environment this was read from, for service-specific settings."""
+
+    @classmethod
+    def from_env(cls, name: str, env: Mapping[str, str] = os.environ) -> ServiceConfig:
+        """Read the config of service `name` from env."""
+        directory = data_dir(env)
+        default_url = env.get("BULKHEAD_DATABASE_URL") or f"sqlite+aiosqlite:///{directory / (name + '.db')}"
+        url = env.get(_key(name, "DATABASE_URL"), default_url)
+        owner = env.get(_key(name, "DATABASE_OWNER_URL")) or env.get("BULKHEAD_DATABASE_OWNER_URL") or url
+        return cls(
+            name=name,
+            address=service_addr(name, env),
+            metrics_port=int(env.get(_key(name, "METRICS_PORT"), 9400 + SERVICE_PORTS[name] % 100)),
+            database_url=url,
+            database_owner_url=owner,
+            data_dir=directory,
+            otlp_endpoint=env.get("BULKHEAD_OTLP_ENDPOINT") or None,
+            log_level=env.get("BULKHEAD_LOG_LEVEL", "INFO"),
+            peers={svc: service_addr(svc, env) for svc in SERVICES},
+            env=dict(env),
+        )
+
+    def peer(self, service: str) -> str:
+        """Address of another service."""
+        return self.peers[service]

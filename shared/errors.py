@@ -1,0 +1,178 @@
+"""Domain errors that handlers raise, and their translation into precise gRPC statuses.
+
+Handlers never set status codes by hand: they raise one of these, and the server's error
+interceptor turns it into a status carrying google.rpc details (always an ErrorInfo with a
+machine-readable reason, plus BadRequest / QuotaFailure / RetryInfo where they apply).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import grpc
+from google.protobuf import duration_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+
+ERROR_DOMAIN = "bulkhead.dev"
+_DETAILS_KEY = "grpc-status-details-bin"
+
+
+class BulkheadError(Exception):
+    """Root of every error a Bulkhead service reports to its caller."""
+
+    code: grpc.StatusCode = grpc.StatusCode.INTERNAL
+    default_reason = "INTERNAL"
+
+    def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+        super().__init__(message)
+        self.message = message
+        self.reason = reason or self.default_reason
+        self.metadata = dict(metadata or {})
+
+    def details(self) -> list:
+        """The google.rpc detail messages for this error (ErrorInfo first)."""
+        return [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)]
+
+    def to_status(self) -> status_pb2.Status:
+        """This error as a google.rpc.Status with packed details."""
+        status = status_pb2.Status(code=self.code.value[0], message=self.message)
+        for detail in self.details():
+            status.details.add().Pack(detail)
+        return status
+
+
+class InvalidArgument(BulkheadError):
+    """The request is malformed; `violations` maps field paths to what is wrong with them."""
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+    default_reason = "INVALID_ARGUMENT"
+
+    def __init__(self, message: str, *, violations: Mapping[str, str] | None = None, **kw):
+        super().__init__(message, **kw)
+        self.violations = dict(violations or {})
+
+    def details(self) -> list:
+        bad = error_details_pb2.BadRequest(field_violations=[
+            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in self.violations.items()])
+        return [*super().details(), bad] if self.violations else super().details()
+
+
+class NotFound(BulkheadError):
+    """The resource does not exist for this tenant (also said for other tenants' resources)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+    default_reason = "NOT_FOUND"
+
+
+class AlreadyExists(BulkheadError):
+    """A resource with that name already exists for this tenant."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+    default_reason = "ALREADY_EXISTS"
+
+
+class Unauthenticated(BulkheadError):
+    """No valid credentials: missing, malformed, expired or revoked."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+    default_reason = "UNAUTHENTICATED"
+
+
+class PermissionDenied(BulkheadError):
+    """Valid credentials that do not allow this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+    default_reason = "PERMISSION_DENIED"
+
+
+class FailedPrecondition(BulkheadError):
+    """The system is not in a state this request needs (e.g. a check-and-set version mismatch)."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+    default_reason = "FAILED_PRECONDITION"
+
+
+class Aborted(BulkheadError):
+    """A concurrency conflict: read again and retry (optimistic concurrency)."""
+
+    code = grpc.StatusCode.ABORTED
+    default_reason = "ABORTED"
+
+
+class Unavailable(BulkheadError):
+    """A dependency is down; the call may succeed if retried later."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+    default_reason = "UNAVAILABLE"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+    def details(self) -> list:
+        return [*super().details(), *_retry_info(self.retry_after)]
+
+
+class DeadlineExceeded(BulkheadError):
+    """The work did not finish in time."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+    default_reason = "DEADLINE_EXCEEDED"
+
+
+class ResourceExhausted(BulkheadError):
+    """A quota or budget is used up; `violations` are (subject, description) pairs."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+    default_reason = "QUOTA_EXCEEDED"
+
+    def __init__(self, message: str, *, violations: Iterable[tuple[str, str]] = (),
+                 retry_after: float | None = None, **kw):
+        super().__init__(message, **kw)
+        self.violations = list(violations)
+        self.retry_after = retry_after
+
+    def details(self) -> list:
+        quota = error_details_pb2.QuotaFailure(violations=[
+            error_details_pb2.QuotaFailure.Violation(subject=s, description=d) for s, d in self.violations])
+        return [*super().details(), quota, *_retry_info(self.retry_after)]
+
+
+def _retry_info(seconds: float | None) -> list:
+    if seconds is None:
+        return []
+    delay = duration_pb2.Duration()
+    delay.FromNanoseconds(int(max(seconds, 0.0) * 1e9))
+    return [error_details_pb2.RetryInfo(retry_delay=delay)]
+
+
+def trailing_metadata(error: BulkheadError) -> tuple[tuple[str, bytes], ...]:
+    """The trailer that carries the rich status (what grpc_status.rpc_status.to_status builds)."""
+    return ((_DETAILS_KEY, error.to_status().SerializeToString()),)
+
+
+_INTERNAL = code_pb2.INTERNAL
+
+
+def error_details(rpc_error: grpc.RpcError) -> dict:
+    """Decode the google.rpc details of a failed call into a plain dict (for tests and clients)."""
+    trailers = rpc_error.trailing_metadata() or ()
+    raw = next((v for k, v in trailers if k == _DETAILS_KEY), None)
+    out: dict = {"reason": None, "domain": None, "metadata": {}, "bad_request": {}, "quota": [], "retry_after": None}
+    if raw is None:
+        return out
+    status = status_pb2.Status.FromString(raw)
+    for any_msg in status.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest,
+                    error_details_pb2.QuotaFailure, error_details_pb2.RetryInfo):
+            if any_msg.Is(cls.DESCRIPTOR):
+                msg = cls()
+                any_msg.Unpack(msg)
+                if isinstance(msg, error_details_pb2.ErrorInfo):
+                    out.update(reason=msg.reason, domain=msg.domain, metadata=dict(msg.metadata))
+                elif isinstance(msg, error_details_pb2.BadRequest):
+                    out["bad_request"] = {v.field: v.description for v in msg.field_violations}
+                elif isinstance(msg, error_details_pb2.QuotaFailure):
+                    out["quota"] = [(v.subject, v.description) for v in msg.violations]
+                else:
+                    out["retry_after"] = msg.retry_delay.ToNanoseconds() / 1e9
+    return out

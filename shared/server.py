@@ -1,0 +1,110 @@
+"""Builds every service's gRPC server the same way: interceptors, health, reflection, graceful stop."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import grpc
+from google.protobuf.descriptor import ServiceDescriptor
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from shared import telemetry
+from shared.auth import TenancyInterceptor
+from shared.security import SecurityEvents
+from shared.tokens import TokenVerifier
+
+log = logging.getLogger("bulkhead.server")
+
+
+@dataclass(frozen=True)
+class Binding:
+    """One servicer and how to add it to a server."""
+
+    add_to_server: Callable
+    """The generated add_XServicer_to_server function."""
+    servicer: object
+    """The servicer instance."""
+    descriptor: ServiceDescriptor
+    """The service's descriptor (for health and reflection)."""
+
+
+@dataclass
+class RunningServer:
+    """A started server and what tests and main() need of it."""
+
+    server: grpc.aio.Server
+    port: int
+    host: str
+    health: health.aio.HealthServicer
+    interceptor: TenancyInterceptor
+    service_names: tuple[str, ...]
+
+    @property
+    def address(self) -> str:
+        """host:port clients dial."""
+        return f"{self.host}:{self.port}"
+
+    @property
+    def security_events(self) -> SecurityEvents:
+        return self.interceptor.events
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Report NOT_SERVING, finish in-flight calls for up to grace seconds, then stop."""
+        await self.health.enter_graceful_shutdown()
+        await self.server.stop(grace)
+
+    async def wait(self) -> None:
+        """Block until the server terminates."""
+        await self.server.wait_for_termination()
+
+
+async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifier, address: str = "127.0.0.1:0",
+                tls=None, options: Sequence[tuple[str, object]] = ()) -> RunningServer:
+    """Start a server with the production interceptor stack (OpenTelemetry outermost, then tenancy)."""
+    tenancy = TenancyInterceptor(verifier, service=name)
+    server = grpc.aio.server(interceptors=[telemetry.server_interceptor(), tenancy],
+                             options=[("grpc.so_reuseport", 0), *options])
+    for binding in bindings:
+        binding.add_to_server(binding.servicer, server)
+    health_servicer = health.aio.HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    names = tuple(b.descriptor.full_name for b in bindings)
+    reflection.enable_server_reflection((*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                                         reflection.SERVICE_NAME), server)
+    host, _, port = address.rpartition(":")
+    if tls is not None:
+        from shared.tls import server_credentials
+
+        bound = server.add_secure_port(address, server_credentials(tls))
+    else:
+        bound = server.add_insecure_port(address)
+    if bound == 0:
+        raise OSError(f"{name}: cannot listen on {address} (is the port in use? set BULKHEAD_{name.upper()}_ADDR)")
+    await server.start()
+    for service_name in (*names, ""):
+        await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
+    log.info("%s listening on %s:%d", name, host, bound)
+    return RunningServer(server=server, port=bound, host=host or "127.0.0.1", health=health_servicer,
+                         interceptor=tenancy, service_names=names)
+
+
+async def run_until_signalled(running: RunningServer, *, grace: float = 5.0, on_stop=None) -> None:
+    """Serve until SIGTERM or SIGINT, then stop gracefully (and run on_stop, e.g. closing the database)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(running.wait())
+    stopper = asyncio.ensure_future(stop.wait())
+    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
+    log.info("shutting down")
+    await running.stop(grace)
+    if on_stop is not None:
+        await on_stop()
+    telemetry.shutdown_telemetry()
+    for task in (waiter, stopper):
+        task.cancel()

@@ -1,0 +1,85 @@
+"""pytest plugin: real PostgreSQL and OpenBao servers, started lazily, once per test session.
+
+Load it from tests/conftest.py with `pytest_plugins = ["shared.testing.fixtures"]`.
+
+- `postgres` -> PostgresServer: `.admin_url`, `.admin_dsn`, `await .create_database(name)`.
+- `openbao`  -> OpenBaoServer: `.url`, `.root_token`, `.client()`, `.stop()`, `.start()`.
+
+A server starts only when the first test asks for it. When it cannot start (binary missing,
+no Docker engine) the tests that need it FAIL with a message saying what to install: they are
+never skipped, so CI cannot go green without them. Tests using a fixture get the matching
+marker automatically, so `pytest -m "not postgres and not openbao"` runs the rest.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+
+from shared.testing.openbao import OpenBaoServer, start_openbao
+from shared.testing.postgres import PostgresServer, start_postgres
+from shared.testing.procs import ServerStartError, free_port
+
+__all__ = ["free_port", "openbao", "postgres"]
+
+_started: list[str] = []
+_openbao: list[OpenBaoServer] = []
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Register the markers (also declared in pyproject.toml; repeating them is harmless)."""
+    config.addinivalue_line("markers", "postgres: needs the throwaway PostgreSQL server")
+    config.addinivalue_line("markers", "openbao: needs the OpenBao dev server")
+    config.addinivalue_line("markers", "slow: takes more than a few seconds")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark every test that uses a server fixture, directly or through another fixture."""
+    for item in items:
+        names = getattr(item, "fixturenames", ())
+        for marker in ("postgres", "openbao"):
+            if marker in names:
+                item.add_marker(getattr(pytest.mark, marker))
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Say which throwaway servers this session used."""
+    for line in _started:
+        terminalreporter.write_line(line)
+
+
+def pytest_runtest_teardown(item: pytest.Item) -> None:
+    """Bring OpenBao back if a test stopped it and failed before restarting it."""
+    for server in _openbao:
+        if not server.running:
+            server.start()
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """A throwaway PostgreSQL server for the session (local binaries or testcontainers)."""
+    try:
+        server = start_postgres()
+    except ServerStartError as exc:
+        pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
+    _started.append(f"postgres: {server.backend} server on {server.host}:{server.port}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def openbao() -> Iterator[OpenBaoServer]:
+    """A throwaway OpenBao dev server for the session (empty again after stop()/start())."""
+    try:
+        server = start_openbao()
+    except ServerStartError as exc:
+        pytest.fail(f"cannot start OpenBao for the tests: {exc}", pytrace=False)
+    _started.append(f"openbao: dev server on {server.url}")
+    _openbao.append(server)
+    try:
+        yield server
+    finally:
+        _openbao.remove(server)
+        server.close()

@@ -1,0 +1,136 @@
+"""Process helpers for the throwaway test servers: free ports, dropping root, dying with pytest."""
+from __future__ import annotations
+
+import ctypes
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+_PR_SET_PDEATHSIG = 1
+
+
+class ServerStartError(RuntimeError):
+    """A throwaway test server could not be started; the message says what to install or read."""
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on `host` (callers retry if someone takes it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
+    """Whether something accepts TCP connections on host:port."""
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0.05,
+               what: str, alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll `check` until it is true; raise ServerStartError on timeout or when `alive` turns false."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if check():
+            return
+        if not alive():
+            raise ServerStartError(f"{what}: the process exited while starting")
+        if time.monotonic() > deadline:
+            raise ServerStartError(f"{what}: not ready after {timeout:.0f}s")
+        time.sleep(interval)
+
+
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+    """A preexec_fn asking Linux to send `sig` to the child when pytest dies (even by SIGKILL).
+
+    It runs after subprocess has switched user, because a credential change clears the setting.
+    """
+    def _preexec() -> None:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
+        except OSError:  # not Linux: the fixtures' finalizers still stop the server
+            pass
+        os.setsid()  # Ctrl-C in the terminal goes to pytest, which then stops us cleanly
+    return _preexec
+
+
+@dataclass(frozen=True)
+class RunAs:
+    """The OS account a server runs under (PostgreSQL refuses to run as root)."""
+
+    uid: int | None
+    """None: keep the current user."""
+    gid: int | None
+    """None: keep the current group."""
+    name: str
+    """Account name, for messages."""
+
+    def popen_kwargs(self) -> dict:
+        """Keyword arguments for subprocess that switch to this account."""
+        if self.uid is None:
+            return {}
+        return {"user": self.uid, "group": self.gid, "extra_groups": []}
+
+    def chown(self, path: str) -> None:
+        """Give `path` to this account (no-op when not switching)."""
+        if self.uid is not None:
+            os.chown(path, self.uid, self.gid)
+
+
+_UNPRIVILEGED_CANDIDATES = ("postgres", "bulkhead-pg")
+
+
+def unprivileged_account() -> RunAs:
+    """The account to run a server as: ourselves, or when we are root an unprivileged account.
+
+    Prefers the `postgres` account the Debian package creates; otherwise creates `bulkhead-pg`.
+    """
+    if os.geteuid() != 0:
+        return RunAs(None, None, pwd.getpwuid(os.geteuid()).pw_name)
+    for name in _UNPRIVILEGED_CANDIDATES:
+        try:
+            entry = pwd.getpwnam(name)
+        except KeyError:
+            continue
+        return RunAs(entry.pw_uid, entry.pw_gid, name)
+    useradd = shutil.which("useradd")
+    if useradd is None:
+        raise ServerStartError("running as root and no unprivileged account exists: "
+                               "create one with `useradd --system postgres`")
+    subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                    "bulkhead-pg"], check=True, capture_output=True)
+    entry = pwd.getpwnam("bulkhead-pg")
+    return RunAs(entry.pw_uid, entry.pw_gid, "bulkhead-pg")
+
+
+def stop_process(proc: subprocess.Popen, sig: int, *, timeout: float = 10.0) -> None:
+    """Send `sig`, wait, and SIGKILL if the process ignores it."""
+    if proc.poll() is not None:
+        return
+    try:
+        proc.send_signal(sig)
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=timeout)
+    except ProcessLookupError:
+        pass
+
+
+def tail(path: str, lines: int = 30) -> str:
+    """The last lines of a log file, for error messages."""
+    try:
+        with open(path, errors="replace") as f:
+            return "".join(f.readlines()[-lines:])
+    except OSError:
+        return "(no log)"

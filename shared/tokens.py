@@ -1,0 +1,268 @@
+"""Short-lived EdDSA (Ed25519) tokens: issuing (identity) and verifying (every service's interceptor)."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import secrets
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Protocol
+
+import jwt
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from shared.errors import Unauthenticated
+
+ISSUER = "bulkhead-identity"
+ALGORITHM = "EdDSA"
+_LEEWAY_SECONDS = 5  # clock skew between replicas
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def public_key_bytes(key: Ed25519PublicKey) -> bytes:
+    """The 32 raw bytes of a public key (what ListSigningKeys publishes)."""
+    return key.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+
+
+@dataclass(frozen=True)
+class SigningKey:
+    """One Ed25519 key pair that signs tokens, named by its kid."""
+
+    kid: str
+    """Key id, carried in every token header so verifiers can pick the key."""
+    private_key: Ed25519PrivateKey
+    """Signs tokens; never leaves identity."""
+
+    @classmethod
+    def generate(cls) -> SigningKey:
+        """A fresh key pair with a kid derived from its public half."""
+        key = Ed25519PrivateKey.generate()
+        digest = hashlib.sha256(public_key_bytes(key.public_key())).digest()
+        return cls(kid="k" + _b64url(digest[:9]), private_key=key)
+
+    @classmethod
+    def from_private_bytes(cls, kid: str, raw: bytes) -> SigningKey:
+        """Rebuild a stored key."""
+        return cls(kid=kid, private_key=Ed25519PrivateKey.from_private_bytes(raw))
+
+    def private_bytes(self) -> bytes:
+        """The raw private key, for identity's own storage."""
+        return self.private_key.private_bytes(
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+
+    @property
+    def public_key(self) -> Ed25519PublicKey:
+        return self.private_key.public_key()
+
+
+@dataclass(frozen=True, slots=True)
+class Claims:
+    """What a verified token says."""
+
+    tenant_id: str
+    """The tenant the token is confined to (`tid`)."""
+    principal_id: str
+    """Whom it was issued to (`sub`)."""
+    scopes: frozenset[str]
+    """What it allows."""
+    tier: str
+    """The tenant's isolation tier at issue time."""
+    jti: str
+    """Unique token id; revocation names it."""
+    issued_at: int
+    """Seconds since the epoch."""
+    expires_at: int
+    """Seconds since the epoch; the token is refused after this."""
+    kid: str = ""
+    """The signing key's id."""
+    actor_id: str | None = None
+    """The delegator of an exchanged token (`act.sub`)."""
+    agent_id: str | None = None
+    """The agent an exchanged token was made for."""
+    run_id: str | None = None
+    """The run an exchanged token was made for."""
+
+
+class TokenIssuer:
+    """Signs tokens with the current signing key (identity only)."""
+
+    def __init__(self, key: SigningKey):
+        self.key = key
+
+    def issue(self, *, tenant_id: str, principal_id: str, scopes: frozenset[str] | set[str] | tuple[str, ...],
+              tier: str = "pooled", ttl: int = 900, actor_id: str | None = None,
+              agent_id: str | None = None, run_id: str | None = None, now: float | None = None) -> tuple[str, Claims]:
+        """A signed token and the claims it carries."""
+        iat = int(now if now is not None else time.time())
+        claims = Claims(tenant_id=tenant_id, principal_id=principal_id, scopes=frozenset(scopes), tier=tier,
+                        jti="j" + secrets.token_hex(12), issued_at=iat, expires_at=iat + ttl, kid=self.key.kid,
+                        actor_id=actor_id, agent_id=agent_id, run_id=run_id)
+        payload: dict = {"iss": ISSUER, "sub": principal_id, "tid": tenant_id, "tier": tier,
+                         "scope": " ".join(sorted(claims.scopes)), "iat": iat, "exp": claims.expires_at,
+                         "jti": claims.jti}
+        if actor_id:
+            payload["act"] = {"sub": actor_id}
+        if agent_id:
+            payload["agent"] = agent_id
+        if run_id:
+            payload["run"] = run_id
+        token = jwt.encode(payload, self.key.private_key, algorithm=ALGORITHM, headers={"kid": self.key.kid})
+        return token, claims
+
+
+class KeySource(Protocol):
+    """Where a verifier finds public keys by kid and learns of revoked tokens."""
+
+    async def get(self, kid: str) -> Ed25519PublicKey | None:
+        """The public key named kid, or None when it is unknown (after one refetch)."""
+
+    def is_revoked(self, jti: str) -> bool:
+        """Whether the token id was revoked (answered from memory: it is on the hot path)."""
+
+
+class StaticKeySource:
+    """A fixed set of keys and revocations held in memory (identity itself, tests)."""
+
+    def __init__(self, keys: dict[str, Ed25519PublicKey] | None = None):
+        self.keys = dict(keys or {})
+        self.revoked: set[str] = set()
+
+    async def get(self, kid: str) -> Ed25519PublicKey | None:
+        return self.keys.get(kid)
+
+    def is_revoked(self, jti: str) -> bool:
+        return jti in self.revoked
+
+
+class TokenVerifier:
+    """Verifies bearer tokens; caches verified ones until expiry (revocation is still checked every call)."""
+
+    def __init__(self, keys: KeySource, *, cache_size: int = 10_000, clock=time.time):
+        self._keys = keys
+        self._cache: OrderedDict[str, Claims] = OrderedDict()
+        self._cache_size = cache_size
+        self._clock = clock
+
+    async def verify(self, token: str) -> Claims:
+        """The claims of a valid token; raises Unauthenticated saying what is wrong otherwise."""
+        now = self._clock()
+        claims = self._cache.get(token)
+        if claims is None:
+            claims = await self._verify_signature(token, now)
+            self._remember(token, claims)
+        if claims.expires_at + _LEEWAY_SECONDS < now:
+            self._cache.pop(token, None)
+            raise Unauthenticated("token expired: request a new one with IssueToken", reason="TOKEN_EXPIRED")
+        if self._keys.is_revoked(claims.jti):
+            raise Unauthenticated("token revoked: request a new one with IssueToken", reason="TOKEN_REVOKED")
+        return claims
+
+    def _remember(self, token: str, claims: Claims) -> None:
+        self._cache[token] = claims
+        if len(self._cache) > self._cache_size:
+            self._cache.popitem(last=False)
+
+    async def _verify_signature(self, token: str, now: float) -> Claims:
+        try:
+            header = jwt.get_unverified_header(token)
+        except jwt.PyJWTError:
+            raise Unauthenticated("malformed bearer token", reason="TOKEN_MALFORMED") from None
+        if header.get("alg") != ALGORITHM:
+            raise Unauthenticated("token algorithm not accepted", reason="TOKEN_MALFORMED")
+        kid = header.get("kid") or ""
+        key = await self._keys.get(kid)
+        if key is None:
+            raise Unauthenticated("token signed by an unknown key", reason="TOKEN_UNKNOWN_KEY")
+        try:
+            payload = jwt.decode(token, key, algorithms=[ALGORITHM], issuer=ISSUER, leeway=_LEEWAY_SECONDS,
+                                 options={"require": ["exp", "iat", "sub", "jti", "iss"]})
+        except jwt.ExpiredSignatureError:
+            raise Unauthenticated("token expired: request a new one with IssueToken", reason="TOKEN_EXPIRED") from None
+        except jwt.PyJWTError:
+            raise Unauthenticated("token signature or claims invalid", reason="TOKEN_INVALID") from None
+        tid = payload.get("tid")
+        if not isinstance(tid, str) or not tid:
+            raise Unauthenticated("token names no tenant", reason="TOKEN_INVALID")
+        act = payload.get("act") or {}
+        return Claims(tenant_id=tid, principal_id=payload["sub"], scopes=frozenset(payload.get("scope", "").split()),
+                      tier=payload.get("tier", "pooled"), jti=payload["jti"], issued_at=int(payload["iat"]),
+                      expires_at=int(payload["exp"]), kid=kid, actor_id=act.get("sub"),
+                      agent_id=payload.get("agent"), run_id=payload.get("run"))
+
+
+class RefreshingKeySource:
+    """Keys and revocations fetched through a loader (identity's public RPCs), cached by kid.
+
+    An unknown kid triggers one refetch, at most once per `min_refetch` seconds, so a flood of
+    forged kids cannot turn into a flood of calls to identity. Revocations are polled in the
+    background every `revocation_poll` seconds, which bounds how long a revoked token still works.
+    """
+
+    def __init__(self, loader: KeyLoader, *, revocation_poll: float = 2.0, min_refetch: float = 1.0):
+        self._loader = loader
+        self._keys: dict[str, Ed25519PublicKey] = {}
+        self._revoked: dict[str, int] = {}
+        self._revision = 0
+        self._poll = revocation_poll
+        self._min_refetch = min_refetch
+        self._last_fetch = 0.0
+        self._lock = asyncio.Lock()
+        self._poller: asyncio.Task | None = None
+
+    async def get(self, kid: str) -> Ed25519PublicKey | None:
+        self._ensure_poller()
+        key = self._keys.get(kid)
+        if key is None and time.monotonic() - self._last_fetch >= self._min_refetch:
+            async with self._lock:
+                if kid not in self._keys and time.monotonic() - self._last_fetch >= self._min_refetch:
+                    self._last_fetch = time.monotonic()
+                    self._keys = dict(await self._loader.load_keys())
+            key = self._keys.get(kid)
+        return key
+
+    def is_revoked(self, jti: str) -> bool:
+        return jti in self._revoked
+
+    async def refresh_revocations(self) -> None:
+        """Pull revocations made since the last poll; drop entries whose tokens have expired anyway."""
+        revision, entries = await self._loader.load_revocations(self._revision)
+        now = time.time()
+        self._revoked.update(entries)
+        self._revoked = {j: exp for j, exp in self._revoked.items() if exp + _LEEWAY_SECONDS >= now}
+        self._revision = revision
+
+    def _ensure_poller(self) -> None:
+        if self._poller is None or self._poller.done():
+            try:
+                self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
+            except RuntimeError:
+                pass
+
+    async def _poll_forever(self) -> None:
+        while True:
+            try:
+                await self.refresh_revocations()
+            except Exception:  # identity briefly down: keep the last list, try again
+                pass
+            await asyncio.sleep(self._poll)
+
+    async def close(self) -> None:
+        """Stop the background poll."""
+        if self._poller:
+            self._poller.cancel()
+
+
+class KeyLoader(Protocol):
+    """Fetches what a RefreshingKeySource caches."""
+
+    async def load_keys(self) -> dict[str, Ed25519PublicKey]:
+        """Every published public key by kid."""
+
+    async def load_revocations(self, since: int) -> tuple[int, dict[str, int]]:
+        """(new revision, {jti: expires_at}) revoked after revision `since`."""

@@ -1,0 +1,247 @@
+"""The tenancy server interceptor: every rule, for unary and streaming RPCs."""
+from __future__ import annotations
+
+import time
+
+import grpc
+import pytest
+
+from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
+from shared.errors import error_details
+from shared.server import serve
+from shared.tenancy import PLATFORM_TENANT
+from shared.testing.echo import echo_binding
+from shared.testing.tokens import TestTokens
+
+A, B = "t_alpha", "t_beta"
+
+
+@pytest.fixture
+def tokens():
+    return TestTokens()
+
+
+@pytest.fixture
+async def echo(tokens):
+    running = await serve(name="echo", bindings=[echo_binding()], verifier=tokens.verifier)
+    channel = grpc.aio.insecure_channel(running.address)
+    yield running, echo_pb2_grpc.EchoServiceStub(channel)
+    await channel.close()
+    await running.stop(0)
+
+
+async def _status(call_coro):
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call_coro
+    return info.value
+
+
+async def _drain(stream):
+    return [item async for item in stream]
+
+
+def _calls(stub, md):
+    """One call of each RPC shape with metadata md, as awaitables."""
+    async def collect():
+        async def gen():
+            yield echo_pb2.EchoCollectRequest(message="x")
+        return await stub.EchoCollect(gen(), metadata=md)
+
+    async def chat():
+        async def gen():
+            yield echo_pb2.EchoChatRequest(message="x")
+        return await _drain(stub.EchoChat(gen(), metadata=md))
+
+    return {
+        "unary": lambda: stub.Echo(echo_pb2.EchoRequest(message="hi"), metadata=md),
+        "server_stream": lambda: _drain(stub.EchoStream(echo_pb2.EchoStreamRequest(count=2), metadata=md)),
+        "client_stream": collect,
+        "bidi": chat,
+    }
+
+
+SHAPES = ["unary", "server_stream", "client_stream", "bidi"]
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_valid_token_binds_tenant_in_every_shape(echo, tokens, shape):
+    """A valid token for the named tenant reaches the handler with that tenant bound."""
+    _, stub = echo
+    result = await _calls(stub, tokens.metadata(A, principal_id="p_alice"))[shape]()
+    items = result if isinstance(result, list) else [result]
+    assert items and all(i.seen.tenant_id == A and i.seen.principal_id == "p_alice" for i in items)
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_missing_token_is_unauthenticated(echo, shape):
+    """No authorization header: UNAUTHENTICATED, before the handler runs."""
+    _, stub = echo
+    err = await _status(_calls(stub, (("x-tenant-id", A),))[shape]())
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_details(err)["reason"] == "MISSING_TOKEN"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_missing_tenant_is_unauthenticated(echo, tokens, shape):
+    """A token but no x-tenant-id: UNAUTHENTICATED."""
+    _, stub = echo
+    md = (("authorization", f"Bearer {tokens.mint(A)}"),)
+    err = await _status(_calls(stub, md)[shape]())
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_details(err)["reason"] == "MISSING_TENANT"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_spoofed_tenant_is_permission_denied(echo, tokens, shape):
+    """Tenant A's token with x-tenant-id of B: PERMISSION_DENIED, and B is not named back."""
+    _, stub = echo
+    md = (("authorization", f"Bearer {tokens.mint(A)}"), ("x-tenant-id", B))
+    err = await _status(_calls(stub, md)[shape]())
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_details(err)["reason"] == "TENANT_MISMATCH"
+    assert B not in err.details()
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_missing_scope_is_permission_denied(echo, tokens, shape):
+    """A token without the scope the proto declares: PERMISSION_DENIED naming the scope."""
+    _, stub = echo
+    err = await _status(_calls(stub, tokens.metadata(A, scopes=("state.*",)))[shape]())
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    details = error_details(err)
+    assert details["reason"] == "MISSING_SCOPE" and details["metadata"]["scope"] == "testing.echo"
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+async def test_expired_token_says_expired(echo, tokens, shape):
+    """An expired token: UNAUTHENTICATED with a message that says so."""
+    _, stub = echo
+    token, _ = tokens.issuer.issue(tenant_id=A, principal_id="p", scopes={"*"}, ttl=60, now=time.time() - 3600)
+    err = await _status(_calls(stub, (("authorization", f"Bearer {token}"), ("x-tenant-id", A)))[shape]())
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert "expired" in err.details()
+    assert error_details(err)["reason"] == "TOKEN_EXPIRED"
+
+
+async def test_forged_signature_is_unauthenticated(echo, tokens):
+    """A token signed by a key identity never published is refused."""
+    _, stub = echo
+    forged = TestTokens().mint(A)
+    err = await _status(stub.Echo(echo_pb2.EchoRequest(), metadata=(("authorization", f"Bearer {forged}"),
+                                                                      ("x-tenant-id", A))))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_details(err)["reason"] == "TOKEN_UNKNOWN_KEY"
+
+
+async def test_garbage_token_is_unauthenticated(echo):
+    """A bearer value that is not a JWT is refused as malformed."""
+    _, stub = echo
+    err = await _status(stub.Echo(echo_pb2.EchoRequest(), metadata=(("authorization", "Bearer nonsense"),
+                                                                      ("x-tenant-id", A))))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    assert error_details(err)["reason"] == "TOKEN_MALFORMED"
+
+
+async def test_revoked_token_refused_even_when_cached(echo, tokens):
+    """Revocation takes effect on a token the verifier has already cached."""
+    _, stub = echo
+    token, claims = tokens.issuer.issue(tenant_id=A, principal_id="p", scopes={"*"})
+    md = (("authorization", f"Bearer {token}"), ("x-tenant-id", A))
+    assert (await stub.Echo(echo_pb2.EchoRequest(), metadata=md)).seen.tenant_id == A
+    tokens.revoke(claims.jti)
+    err = await _status(stub.Echo(echo_pb2.EchoRequest(), metadata=md))
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED and "revoked" in err.details()
+
+
+async def test_method_without_rule_is_refused(echo, tokens):
+    """A method that declares no AuthRule is refused even with an all-powerful token (fail closed)."""
+    _, stub = echo
+    err = await _status(stub.Unguarded(echo_pb2.UnguardedRequest(), metadata=tokens.metadata(A)))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert error_details(err)["reason"] == "NO_AUTH_RULE"
+
+
+async def test_public_method_needs_no_token_and_binds_no_tenant(echo):
+    """Public methods answer without a token and never see a tenant."""
+    _, stub = echo
+    resp = await stub.PublicEcho(echo_pb2.PublicEchoRequest(message="hi"))
+    assert resp.message == "hi" and not resp.tenant_bound
+
+
+async def test_wildcard_scope_never_grants_platform_operator(echo, tokens):
+    """'*' in an ordinary tenant's token does not reach operator-only methods."""
+    _, stub = echo
+    err = await _status(stub.OperatorEcho(echo_pb2.OperatorEchoRequest(), metadata=tokens.metadata(A)))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_operator_scope_outside_platform_tenant_is_refused(echo, tokens):
+    """platform.operator minted into a customer tenant's token is still refused."""
+    _, stub = echo
+    err = await _status(stub.OperatorEcho(echo_pb2.OperatorEchoRequest(),
+                                          metadata=tokens.metadata(A, scopes=("platform.operator",))))
+    assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_platform_operator_reaches_operator_method(echo, tokens):
+    """The platform tenant with the operator scope is let through."""
+    _, stub = echo
+    resp = await stub.OperatorEcho(echo_pb2.OperatorEchoRequest(message="ok"),
+                                   metadata=tokens.metadata(PLATFORM_TENANT, scopes=("platform.operator",)))
+    assert resp.message == "ok"
+
+
+async def test_domain_errors_become_rich_statuses(echo, tokens):
+    """Handlers raise domain errors; callers get the status code and google.rpc details."""
+    _, stub = echo
+    md = tokens.metadata(A)
+    err = await _status(stub.Echo(echo_pb2.EchoRequest(fail_with="invalid"), metadata=md))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(err)["bad_request"] == {"message": "must not be empty"}
+    err = await _status(stub.Echo(echo_pb2.EchoRequest(fail_with="quota"), metadata=md))
+    details = error_details(err)
+    assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details["quota"] == [("tenant:x", "requests/min")] and details["retry_after"] == 1.5
+    err = await _status(stub.Echo(echo_pb2.EchoRequest(fail_with="not_found"), metadata=md))
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_unexpected_error_is_internal_without_detail(echo, tokens):
+    """A crash reaches the caller as INTERNAL with a request id, never the exception's text."""
+    _, stub = echo
+    md = (*tokens.metadata(A), ("x-request-id", "req-123"))
+    err = await _status(stub.Echo(echo_pb2.EchoRequest(fail_with="crash"), metadata=md))
+    assert err.code() == grpc.StatusCode.INTERNAL
+    assert "req-123" in err.details() and "boom" not in err.details()
+
+
+async def test_request_id_is_propagated_or_made(echo, tokens):
+    """x-request-id reaches the handler; one is made when the caller sends none."""
+    _, stub = echo
+    given = await stub.Echo(echo_pb2.EchoRequest(), metadata=(*tokens.metadata(A), ("x-request-id", "r-1")))
+    made = await stub.Echo(echo_pb2.EchoRequest(), metadata=tokens.metadata(A))
+    assert given.seen.request_id == "r-1" and len(made.seen.request_id) == 32
+
+
+async def test_denials_are_counted_per_tenant_and_reason(echo, tokens, caplog):
+    """Each refusal is a security event: counted by the token's tenant and reason, logged without the token."""
+    running, stub = echo
+    token = tokens.mint(A)
+    for _ in range(3):
+        await _status(stub.Echo(echo_pb2.EchoRequest(), metadata=(("authorization", f"Bearer {token}"),
+                                                                    ("x-tenant-id", B))))
+    assert running.security_events.counts[(A, "TENANT_MISMATCH")] == 3
+    records = [r for r in caplog.records if getattr(r, "event", "") == "security.denied"]
+    assert len(records) >= 3 and records[-1].method == "/bulkhead.testing.v1.EchoService/Echo"
+    assert records[-1].claimed_tenant == B and records[-1].peer
+    assert all(token not in r.getMessage() and token not in str(r.__dict__) for r in records)
+
+
+async def test_health_is_open(echo):
+    """Health checks answer without a token (load balancers and probes have none)."""
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    running, _ = echo
+    async with grpc.aio.insecure_channel(running.address) as channel:
+        resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())
+    assert resp.status == health_pb2.HealthCheckResponse.SERVING
