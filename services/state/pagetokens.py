@@ -1,13 +1,14 @@
-"""Opaque page tokens for keyset pagination, bound to the query they continue."""
+"""Page tokens of the state service: shared.paging cursors, bound to the query they continue."""
 from __future__ import annotations
 
-import base64
 import hashlib
 import json
 
 from shared.errors import InvalidArgument
+from shared.paging import decode_cursor, encode_cursor
 
-_REASON = "INVALID_PAGE_TOKEN"
+REASON = "BAD_PAGE_TOKEN"
+"""The ErrorInfo reason of every bad token (the same as shared.paging's)."""
 
 
 def query_fingerprint(*parts: object) -> str:
@@ -18,26 +19,20 @@ def query_fingerprint(*parts: object) -> str:
 
 def encode(fingerprint: str, after: str | int) -> str:
     """A token meaning 'continue the query `fingerprint` after position `after`'."""
-    raw = json.dumps({"q": fingerprint, "a": after}, separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    return encode_cursor({"q": fingerprint, "a": after})
 
 
 def decode(token: str, fingerprint: str, *, kind: type) -> str | int:
     """The position a token continues from; InvalidArgument when it is malformed or from another query."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        data = json.loads(raw)
-        after = data["a"]
-        query = data["q"]
-    except (ValueError, TypeError, KeyError):
-        raise _invalid("page_token is malformed") from None
+    position = decode_cursor(token) or {}
+    after = position.get("a")
     # bool is an int subclass in Python; neither it nor a wrong type is a valid position.
-    if type(after) is not kind or query != fingerprint:
-        raise _invalid("page_token does not belong to this query")
-    if isinstance(after, int) and after < 0:
-        raise _invalid("page_token is malformed")
+    if type(after) is not kind or (kind is int and after < 0):
+        raise _invalid("page_token is malformed: pass back a next_page_token unchanged")
+    if position.get("q") != fingerprint:
+        raise _invalid("page_token belongs to another query: keep the filters of the first call")
     return after
 
 
 def _invalid(message: str) -> InvalidArgument:
-    return InvalidArgument(message, reason=_REASON, violations={"page_token": message})
+    return InvalidArgument(message, reason=REASON, violations={"page_token": message})

@@ -10,7 +10,7 @@ import json
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import (BigInteger, Boolean, Integer, LargeBinary, PrimaryKeyConstraint, String, Text, and_,
+from sqlalchemy import (BigInteger, Boolean, Index, Integer, LargeBinary, PrimaryKeyConstraint, String, Text, and_,
                         delete, exists, func, select, update)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
@@ -32,11 +32,14 @@ class ThreadRow(StateBase, TenantOwned):
     """A thread: its version is the number of events appended."""
 
     __tablename__ = "state_threads"
-    __table_args__ = (PrimaryKeyConstraint("tenant_id", "thread_id"),)
+    __table_args__ = (PrimaryKeyConstraint("tenant_id", "thread_id"),
+                      # ListThreads filtered by run or agent, in thread_id order.
+                      Index("ix_state_threads_run", "tenant_id", "run_id", "thread_id"),
+                      Index("ix_state_threads_agent", "tenant_id", "agent_id", "thread_id"))
 
     thread_id: Mapped[str] = mapped_column(String(64))
-    run_id: Mapped[str] = mapped_column(String(128), default="", index=True)
-    agent_id: Mapped[str] = mapped_column(String(128), default="", index=True)
+    run_id: Mapped[str] = mapped_column(String(128), default="")
+    agent_id: Mapped[str] = mapped_column(String(128), default="")
     labels_json: Mapped[str] = mapped_column(Text, default="{}")
     version: Mapped[int] = mapped_column(BigInteger, default=0)
     created_at_us: Mapped[int] = mapped_column(BigInteger)
@@ -47,11 +50,13 @@ class LabelRow(StateBase, TenantOwned):
     """One label of a thread, kept apart so label filters use an index."""
 
     __tablename__ = "state_thread_labels"
-    __table_args__ = (PrimaryKeyConstraint("tenant_id", "thread_id", "key"),)
+    __table_args__ = (PrimaryKeyConstraint("tenant_id", "thread_id", "key"),
+                      # The EXISTS of a label filter.
+                      Index("ix_state_thread_labels_kv", "tenant_id", "key", "value", "thread_id"))
 
     thread_id: Mapped[str] = mapped_column(String(64))
     key: Mapped[str] = mapped_column(String(63))
-    value: Mapped[str] = mapped_column(String(128), index=True)
+    value: Mapped[str] = mapped_column(String(128))
 
 
 class EventRow(StateBase, TenantOwned):
@@ -113,6 +118,7 @@ class AuditRow(StateBase, TenantOwned):
     """Who changed what, at which version; written in the transaction of the change."""
 
     __tablename__ = "state_audit"
+    __table_args__ = (Index("ix_state_audit_at", "tenant_id", "at_us"),)
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
                                     autoincrement=True)

@@ -17,7 +17,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import urllib.error
 import urllib.request
@@ -28,6 +27,7 @@ from shared.testing.procs import (
     ServerStartError,
     die_with_parent,
     free_port,
+    make_workdir,
     stop_process,
     tail,
     wait_until,
@@ -40,7 +40,10 @@ _INSTALL_HINT = ("the `bao` binary (OpenBao) is not on PATH. Install it with "
 
 def find_bao(env: Mapping[str, str] = os.environ) -> str | None:
     """Path of the `bao` binary: $BULKHEAD_TEST_BAO, else PATH."""
-    return env.get("BULKHEAD_TEST_BAO") or shutil.which("bao")
+    if env.get("BULKHEAD_TEST_BAO"):
+        path = env["BULKHEAD_TEST_BAO"]
+        return path if os.access(path, os.X_OK) else None
+    return shutil.which("bao")
 
 
 @dataclass
@@ -88,7 +91,8 @@ class OpenBaoServer:
             [self.binary, "server", "-dev", "-dev-no-store-token",
              f"-dev-listen-address=127.0.0.1:{self.port}"],
             cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM))
+            stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM),
+            start_new_session=True)
         threading.Thread(target=_copy_redacted, args=(self._proc.stdout, self.log_path,
                                                       self.root_token),
                          name="openbao-log", daemon=True).start()
@@ -138,7 +142,7 @@ def start_openbao(env: Mapping[str, str] = os.environ, *, attempts: int = 3) -> 
     binary = find_bao(env)
     if binary is None:
         raise ServerStartError(_INSTALL_HINT)
-    workdir = tempfile.mkdtemp(prefix="bulkhead-bao-")
+    workdir = make_workdir("bulkhead-bao-")
     token = "root-" + secrets.token_urlsafe(18)
     last: Exception | None = None
     for _ in range(attempts):

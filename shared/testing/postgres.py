@@ -23,7 +23,6 @@ import secrets
 import shutil
 import signal
 import subprocess
-import tempfile
 import threading
 import urllib.parse
 from collections.abc import Mapping
@@ -34,6 +33,7 @@ from shared.testing.procs import (
     ServerStartError,
     die_with_parent,
     free_port,
+    make_workdir,
     stop_process,
     tail,
     unprivileged_account,
@@ -80,8 +80,12 @@ def _quote_literal(value: str) -> str:
     return "'" + value.replace("'", "''") + "'"
 
 
-def find_bindir() -> str | None:
-    """The directory holding initdb/postgres: pg_config's bindir, else the newest Debian version."""
+def find_bindir(env: Mapping[str, str] = os.environ) -> str | None:
+    """The directory holding initdb/postgres: $BULKHEAD_TEST_PG_BINDIR, pg_config's bindir, else
+    the newest /usr/lib/postgresql/<v>/bin."""
+    if env.get("BULKHEAD_TEST_PG_BINDIR"):
+        bindir = env["BULKHEAD_TEST_PG_BINDIR"]
+        return bindir if os.path.exists(os.path.join(bindir, "initdb")) else None
     pg_config = shutil.which("pg_config")
     if pg_config:
         try:
@@ -168,8 +172,10 @@ class PostgresServer:
         """Create a fresh database owned by its own role; `bulkhead_app` may connect to it.
 
         A name already handed out this session gets a suffix (`identity_2`), so suites never
-        share a database by accident. Tables the owner creates are granted to `bulkhead_app`
-        (SELECT/INSERT/UPDATE/DELETE) by default privileges; RLS policies are the migrations' job.
+        share a database by accident. The owner may CREATEDB (the tenant router makes silo
+        databases with it) but is no superuser. Nothing is granted on tables: as in
+        production, migrations grant DML to `bulkhead_app` and create the RLS policies, so a
+        migration that forgets a grant fails its tests.
         """
         import asyncpg
 
@@ -181,7 +187,7 @@ class PostgresServer:
             # A leftover from an earlier run against an external server must not leak in.
             await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
             await conn.execute(f'DROP ROLE IF EXISTS "{owner}"')
-            await conn.execute(f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER NOBYPASSRLS '
+            await conn.execute(f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER NOBYPASSRLS CREATEDB '
                                f"PASSWORD {_quote_literal(owner_pw)}")
             # The superuser must be a member to CREATE DATABASE ... OWNER on managed servers.
             await conn.execute(f'GRANT "{owner}" TO CURRENT_USER')
@@ -191,17 +197,6 @@ class PostgresServer:
         finally:
             await conn.close()
         owner_dsn = _dsn(owner, owner_pw, self.host, self.port, db)
-        conn = await asyncpg.connect(owner_dsn)
-        try:
-            await conn.execute(f'GRANT USAGE ON SCHEMA public TO "{APP_ROLE}"')
-            await conn.execute(
-                f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" '
-                f'GRANT SELECT, INSERT, UPDATE, DELETE ON TABLES TO "{APP_ROLE}"')
-            await conn.execute(
-                f'ALTER DEFAULT PRIVILEGES FOR ROLE "{owner}" '
-                f'GRANT USAGE, SELECT ON SEQUENCES TO "{APP_ROLE}"')
-        finally:
-            await conn.close()
         app_dsn = _dsn(APP_ROLE, self.app_password, self.host, self.port, db)
         return DatabaseUrls(owner_url=_sqlalchemy(owner_dsn), app_url=_sqlalchemy(app_dsn),
                             owner_dsn=owner_dsn, app_dsn=app_dsn, name=db, owner_role=owner)
@@ -264,11 +259,12 @@ def start_postgres(env: Mapping[str, str] = os.environ) -> PostgresServer:
     mode = env.get("BULKHEAD_TEST_POSTGRES", "auto")
     if mode not in ("auto", "local", "docker"):
         raise ServerStartError(f"BULKHEAD_TEST_POSTGRES={mode!r}: use auto, local or docker")
-    if mode == "docker" or (mode == "auto" and find_bindir() is None and docker_engine_answers()):
+    if mode == "docker" or (mode == "auto" and docker_engine_answers()):
         return _start_container()
-    if mode == "auto" and find_bindir() is None:
+    bindir = find_bindir(env)
+    if bindir is None:
         raise ServerStartError(_INSTALL_HINT)
-    return _start_local()
+    return _start_local(bindir)
 
 
 def _external(url: str) -> PostgresServer:
@@ -284,12 +280,17 @@ def _start_container() -> PostgresServer:
         from testcontainers.community.postgres import PostgresContainer
     except ImportError as exc:
         raise ServerStartError("testcontainers is not installed: pip install -e '.[test]'") from exc
+    if not docker_engine_answers():
+        raise ServerStartError("BULKHEAD_TEST_POSTGRES=docker but no Docker engine answers")
     password = secrets.token_urlsafe(18)
     container = (PostgresContainer("postgres:15-alpine", username=ADMIN_ROLE, password=password,
                                    dbname="postgres", driver=None)
                  .with_command("postgres -c fsync=off -c synchronous_commit=off "
                                "-c full_page_writes=off -c max_connections=300"))
-    container.start()
+    try:
+        container.start()
+    except Exception as exc:  # pull/run failures surface as many docker exception types
+        raise ServerStartError(f"testcontainers could not start postgres:15: {exc}") from exc
     server = PostgresServer(host=container.get_container_host_ip(),
                             port=int(container.get_exposed_port(5432)),
                             admin_user=ADMIN_ROLE, admin_password=password, backend="docker")
@@ -310,13 +311,10 @@ _SETTINGS = {
 }
 
 
-def _start_local(attempts: int = 3) -> PostgresServer:
-    bindir = find_bindir()
-    if bindir is None:
-        raise ServerStartError(_INSTALL_HINT)
+def _start_local(bindir: str, attempts: int = 3) -> PostgresServer:
     account = unprivileged_account()
     # /tmp paths stay short: the unix socket path must fit in 107 bytes.
-    root = tempfile.mkdtemp(prefix="bulkhead-pg-")
+    root = make_workdir("bulkhead-pg-")
     try:
         os.chmod(root, 0o700)
         account.chown(root)
@@ -369,7 +367,8 @@ def _launch(bindir: str, root: str, port: int, account: RunAs) -> subprocess.Pop
         proc = subprocess.Popen(
             [os.path.join(bindir, "postgres"), "-D", os.path.join(root, "data"), "-p", str(port)],
             cwd=root, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent(signal.SIGQUIT), **account.popen_kwargs())
+            preexec_fn=die_with_parent(signal.SIGQUIT), start_new_session=True,
+            **account.popen_kwargs())
     isready = os.path.join(bindir, "pg_isready")
 
     def ready() -> bool:

@@ -8,6 +8,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -24,6 +25,41 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+_OWNER_FILE = ".owner-pid"
+
+
+def make_workdir(prefix: str) -> str:
+    """A fresh temp dir for a server, after removing ones left by killed test runs.
+
+    Each dir records the pid of the process that made it; a dir whose process is gone was
+    left by a run killed before its finalizers ran (its server died with it).
+    """
+    base = tempfile.gettempdir()
+    for name in os.listdir(base):
+        path = os.path.join(base, name)
+        if name.startswith(prefix) and _owner_gone(path):
+            shutil.rmtree(path, ignore_errors=True)
+    path = tempfile.mkdtemp(prefix=prefix)
+    with open(os.path.join(path, _OWNER_FILE), "w") as f:
+        f.write(str(os.getpid()))
+    return path
+
+
+def _owner_gone(path: str) -> bool:
+    try:
+        with open(os.path.join(path, _OWNER_FILE)) as f:
+            pid = int(f.read().strip())
+    except (OSError, ValueError):
+        return False  # not ours, or still being set up: leave it alone
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
 
 
 def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
@@ -49,18 +85,22 @@ def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0
         time.sleep(interval)
 
 
-def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None]:
+def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
     """A preexec_fn asking Linux to send `sig` to the child when pytest dies (even by SIGKILL).
 
-    It runs after subprocess has switched user, because a credential change clears the setting.
+    The libc lookup happens here, in the parent, so the forked child only makes one plain call
+    (pytest may have gRPC threads running by then). subprocess runs preexec_fn after switching
+    user, which matters because a credential change clears the setting. Pair it with
+    start_new_session=True so Ctrl-C reaches pytest (which then stops servers cleanly) first.
     """
+    try:
+        prctl = ctypes.CDLL(None, use_errno=True).prctl
+    except (OSError, AttributeError):  # not Linux: the fixtures' finalizers still stop servers
+        return None
+    signum = int(sig)
+
     def _preexec() -> None:
-        try:
-            libc = ctypes.CDLL(None, use_errno=True)
-            libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0)
-        except OSError:  # not Linux: the fixtures' finalizers still stop the server
-            pass
-        os.setsid()  # Ctrl-C in the terminal goes to pytest, which then stops us cleanly
+        prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
     return _preexec
 
 

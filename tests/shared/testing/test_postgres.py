@@ -20,6 +20,9 @@ async def _owner_creates_rls_table(dsn: str) -> None:
             CREATE POLICY tenant_isolation ON notes
               USING (tenant_id = current_setting('app.tenant_id', true))
               WITH CHECK (tenant_id = current_setting('app.tenant_id', true));
+            GRANT SELECT, INSERT, UPDATE, DELETE ON notes TO bulkhead_app;
+            GRANT USAGE, SELECT ON SEQUENCE notes_id_seq TO bulkhead_app;
+            CREATE TABLE ungranted (id int);
         """)
     finally:
         await conn.close()
@@ -53,6 +56,7 @@ async def test_owner_role_is_not_superuser_and_owns_the_database(postgres: Postg
         await conn.close()
     assert (row["rolsuper"], row["rolbypassrls"]) == (False, False)
     assert row["dba"] == urls.owner_role
+    
 
 
 async def test_app_role_sees_only_its_tenant_under_forced_rls(postgres: PostgresServer) -> None:
@@ -86,7 +90,7 @@ async def test_app_role_sees_only_its_tenant_under_forced_rls(postgres: Postgres
 
 
 async def test_app_role_cannot_alter_or_disable_rls(postgres: PostgresServer) -> None:
-    """The app role owns no table, so it can't turn RLS off or drop the policy."""
+    """The app role owns nothing: no turning RLS off, no DDL, no tables it wasn't granted."""
     urls = await postgres.create_database("harness_noalter")
     await _owner_creates_rls_table(urls.owner_dsn)
     conn = await asyncpg.connect(urls.app_dsn)
@@ -97,6 +101,8 @@ async def test_app_role_cannot_alter_or_disable_rls(postgres: PostgresServer) ->
             await conn.execute("DROP POLICY tenant_isolation ON notes")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute("CREATE TABLE sneaky (id int)")
+        with pytest.raises(asyncpg.InsufficientPrivilegeError):  # no grant, no access
+            await conn.fetch("SELECT * FROM ungranted")
     finally:
         await conn.close()
 

@@ -1,0 +1,1 @@
+"""The credentials service: per-tenant secrets and keys, audited, rotated (issue 3)."""

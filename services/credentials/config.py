@@ -1,0 +1,64 @@
+"""The credentials service's configuration, read from the environment (passed in, so tests inject it).
+
+| variable | default | meaning |
+|---|---|---|
+| BULKHEAD_SECRETS_BACKEND | local | `local` (AES-GCM, master key file) or `vault` (OpenBao/Vault) |
+| BULKHEAD_VAULT_ADDR | http://127.0.0.1:8200 | OpenBao/Vault address (vault backend) |
+| BULKHEAD_VAULT_TOKEN | (required for vault) | the service's privileged token: used only to provision tenants and mint their tokens |
+| BULKHEAD_VAULT_TENANT_TOKEN_TTL | 900 | lifetime in seconds of each per-tenant token (reused until 3/4 of it has passed) |
+| BULKHEAD_CREDENTIALS_MASTER_KEY | <data dir>/credentials/master.key | the local backend's master key file (created 0600) |
+| BULKHEAD_SECRETS_GRACE_SECONDS | 86400 | default time a superseded version stays readable |
+| BULKHEAD_ROTATION_INTERVAL | 30 | seconds between passes of the rotation task |
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shared.config import ServiceConfig
+from shared.errors import FailedPrecondition
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything the credentials service reads from its environment."""
+
+    service: ServiceConfig
+    """The settings every service shares (address, database, data dir, telemetry)."""
+    backend: str = "local"
+    """`local` or `vault`."""
+    vault_addr: str = "http://127.0.0.1:8200"
+    """OpenBao/Vault address."""
+    vault_token: str = field(default="", repr=False)
+    """The privileged token that provisions tenants and mints their tokens. Never logged."""
+    tenant_token_ttl: int = 900
+    """Seconds each per-tenant token lives."""
+    master_key_path: Path = Path(".bulkhead/credentials/master.key")
+    """The local backend's master key file."""
+    grace_seconds: int = 86400
+    """Default grace period of superseded versions."""
+    rotation_interval: float = 30.0
+    """Seconds between rotation passes."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
+        """Read the configuration from env."""
+        service = ServiceConfig.from_env("credentials", env)
+        backend = env.get("BULKHEAD_SECRETS_BACKEND", "local")
+        if backend not in ("local", "vault"):
+            raise FailedPrecondition(f"BULKHEAD_SECRETS_BACKEND must be local or vault, not {backend!r}",
+                                     reason="CONFIG_INVALID")
+        token = env.get("BULKHEAD_VAULT_TOKEN", "")
+        if backend == "vault" and not token:
+            raise FailedPrecondition("the vault backend needs BULKHEAD_VAULT_TOKEN", reason="CONFIG_INVALID")
+        return cls(
+            service=service, backend=backend,
+            vault_addr=env.get("BULKHEAD_VAULT_ADDR", "http://127.0.0.1:8200"), vault_token=token,
+            tenant_token_ttl=int(env.get("BULKHEAD_VAULT_TENANT_TOKEN_TTL", "900")),
+            master_key_path=Path(env.get("BULKHEAD_CREDENTIALS_MASTER_KEY")
+                                 or service.data_dir / "credentials" / "master.key"),
+            grace_seconds=int(env.get("BULKHEAD_SECRETS_GRACE_SECONDS", "86400")),
+            rotation_interval=float(env.get("BULKHEAD_ROTATION_INTERVAL", "30")),
+        )

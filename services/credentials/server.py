@@ -1,0 +1,109 @@
+"""Wiring of the credentials service: database, backend, managers, rotation task, server; and main()."""
+from __future__ import annotations
+
+import pathlib
+from dataclasses import dataclass
+
+from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
+from services.credentials.audit import AuditLog
+from services.credentials.config import Config
+from services.credentials.key_manager import KeyManager
+from services.credentials.local_backend import LocalBackend
+from services.credentials.master_key import load_or_create_master_key
+from services.credentials.rotation import RotationScheduler, RotatorRegistry
+from services.credentials.secret_manager import SecretManager
+from services.credentials.servicer import CredentialsServicer
+from services.credentials.vault_backend import VaultBackend
+from shared.db import Database
+from shared.server import Binding, RunningServer, run_until_signalled, serve
+from shared.tokens import TokenVerifier
+
+MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
+"""The credentials service's Alembic migrations."""
+
+
+@dataclass
+class CredentialsService:
+    """A running credentials service and what it must close on the way out."""
+
+    running: RunningServer
+    db: Database
+    backend: LocalBackend | VaultBackend
+    secrets: SecretManager
+    keys: KeyManager
+    audit: AuditLog
+    scheduler: RotationScheduler
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop serving, then close everything."""
+        await self.running.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop rotation, close the backend and the database (after the server stopped)."""
+        await self.scheduler.stop()
+        await self.backend.close()
+        await self.db.close()
+
+
+def make_backend(config: Config, db: Database) -> LocalBackend | VaultBackend:
+    """The backend the configuration selects."""
+    if config.backend == "vault":
+        return VaultBackend(config.vault_addr, config.vault_token, token_ttl_seconds=config.tenant_token_ttl)
+    return LocalBackend(db, load_or_create_master_key(config.master_key_path))
+
+
+async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBackend, verifier: TokenVerifier,
+                            address: str = "127.0.0.1:0", grace_seconds: int = 86400,
+                            rotators: RotatorRegistry | None = None, rotation_interval: float | None = None,
+                            ) -> CredentialsService:
+    """Start the credentials server over an open database and backend (tests call this with port 0).
+
+    rotation_interval=None leaves the rotation task stopped (tests drive it with run_once()).
+    """
+    audit = AuditLog(db)
+    secrets = SecretManager(db, backend, audit, rotators or RotatorRegistry(), default_grace_seconds=grace_seconds)
+    keys = KeyManager(backend, audit)
+
+    async def run_job(kind: str, name: str) -> object:
+        return await (secrets.rotate(name) if kind == "rotate" else secrets.expire_versions(name))
+
+    scheduler = RotationScheduler(db, run_job, interval=rotation_interval or 30.0)
+    binding = Binding(credentials_pb2_grpc.add_CredentialsServiceServicer_to_server,
+                      CredentialsServicer(secrets, keys, audit),
+                      credentials_pb2.DESCRIPTOR.services_by_name["CredentialsService"])
+    running = await serve(name="credentials", bindings=[binding], verifier=verifier, address=address)
+    if rotation_interval is not None:
+        scheduler.start()
+    return CredentialsService(running, db, backend, secrets, keys, audit, scheduler)
+
+
+async def start(config: Config, verifier: TokenVerifier, *, address: str | None = None) -> CredentialsService:
+    """Open the database (migrating it), build the configured backend, start serving and rotating."""
+    db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
+                             owner_url=config.service.database_owner_url)
+    return await serve_credentials(db=db, backend=make_backend(config, db), verifier=verifier,
+                                   address=address or config.service.address, grace_seconds=config.grace_seconds,
+                                   rotation_interval=config.rotation_interval)
+
+
+async def main() -> None:
+    """Run the credentials service until SIGTERM/SIGINT."""
+    from shared.client import make_channel
+    from shared.keys import remote_verifier
+    from shared.logs import register_secret, setup_logging
+    from shared.telemetry import setup_telemetry
+
+    config = Config.from_env()
+    setup_logging("credentials", config.service.log_level)
+    if config.vault_token:
+        register_secret(config.vault_token)
+    setup_telemetry("credentials", config.service.otlp_endpoint)
+    identity = make_channel(config.service.peer("identity"))
+    service = await start(config, remote_verifier(identity))
+
+    async def close() -> None:
+        await service.close()
+        await identity.close()
+
+    await run_until_signalled(service.running, on_stop=close)

@@ -1,0 +1,185 @@
+"""The credentials service's tables and queries (SQLAlchemy 2, no grpc).
+
+Times are integer microseconds since the epoch: identical on SQLite and Postgres, and stable
+inside audit hashes. No table ever holds a secret value in plaintext.
+"""
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import BigInteger, Integer, LargeBinary, String, UniqueConstraint, delete, select
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db import Base, TenantOwned
+
+
+def now_us() -> int:
+    """The current time in epoch microseconds."""
+    return time.time_ns() // 1000
+
+
+class CredentialsBase(Base):
+    """The credentials service's tables."""
+
+
+class SecretRow(CredentialsBase, TenantOwned):
+    """A secret's metadata (never its value)."""
+
+    __tablename__ = "cred_secrets"
+    __table_args__ = (UniqueConstraint("tenant_id", "name"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    description: Mapped[str] = mapped_column(String(1024), default="")
+    current_version: Mapped[int] = mapped_column(BigInteger, default=0)
+    rotation_period_s: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    rotator: Mapped[str] = mapped_column(String(64), default="random")
+    next_rotation_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    grace_period_s: Mapped[int] = mapped_column(BigInteger, default=0)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+    deleted_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+
+
+class VersionRow(CredentialsBase, TenantOwned):
+    """One version of a secret: state and lifetime (never its value)."""
+
+    __tablename__ = "cred_secret_versions"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))  # current | previous | deleted | destroyed
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    expire_us: Mapped[int | None] = mapped_column(BigInteger, nullable=True)
+    created_by: Mapped[str] = mapped_column(String(128), default="")
+    origin: Mapped[str] = mapped_column(String(80), default="put")
+
+
+class AuditRow(CredentialsBase, TenantOwned):
+    """One audited access, hash-chained per tenant; append-only."""
+
+    __tablename__ = "cred_audit_events"
+    __table_args__ = (UniqueConstraint("tenant_id", "seq"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    time_us: Mapped[int] = mapped_column(BigInteger)
+    principal_id: Mapped[str] = mapped_column(String(128), default="")
+    actor_id: Mapped[str] = mapped_column(String(128), default="")
+    agent_id: Mapped[str] = mapped_column(String(128), default="")
+    run_id: Mapped[str] = mapped_column(String(128), default="")
+    request_id: Mapped[str] = mapped_column(String(128), default="")
+    secret_name: Mapped[str] = mapped_column(String(128), default="")
+    version: Mapped[int] = mapped_column(BigInteger, default=0)
+    action: Mapped[str] = mapped_column(String(32))
+    outcome: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(64), default="")
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class AuditHeadRow(CredentialsBase, TenantOwned):
+    """The last sequence and hash of a tenant's chain: removing the newest rows is detectable."""
+
+    __tablename__ = "cred_audit_heads"
+    __table_args__ = (UniqueConstraint("tenant_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class LocalKeyRow(CredentialsBase, TenantOwned):
+    """A version of a tenant's key for the local backend, wrapped by the master key."""
+
+    __tablename__ = "cred_local_keys"
+    __table_args__ = (UniqueConstraint("tenant_id", "purpose", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    purpose: Mapped[str] = mapped_column(String(16))  # "kv" or "transit"
+    version: Mapped[int] = mapped_column(Integer)
+    wrapped: Mapped[bytes] = mapped_column(LargeBinary)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class LocalValueRow(CredentialsBase, TenantOwned):
+    """A secret version's value for the local backend: AES-GCM sealed under the tenant's kv key."""
+
+    __tablename__ = "cred_local_values"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", "version"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    name: Mapped[str] = mapped_column(String(128))
+    version: Mapped[int] = mapped_column(BigInteger)
+    key_version: Mapped[int] = mapped_column(Integer)
+    sealed: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)  # None once destroyed
+    state: Mapped[str] = mapped_column(String(16), default="live")  # live | deleted | destroyed
+
+
+class ScheduleRow(CredentialsBase):
+    """Background work due for a tenant's secret (platform table: no values, read by the scheduler)."""
+
+    __tablename__ = "cred_schedule"
+    __table_args__ = (UniqueConstraint("tenant_id", "secret_name", "kind"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    tier: Mapped[str] = mapped_column(String(16), default="pooled")
+    secret_name: Mapped[str] = mapped_column(String(128))
+    kind: Mapped[str] = mapped_column(String(16))  # "rotate" or "expire"
+    due_us: Mapped[int] = mapped_column(BigInteger, index=True)
+
+
+# -- queries ----------------------------------------------------------------------------------
+
+async def get_secret(s: AsyncSession, name: str) -> SecretRow | None:
+    """The tenant's secret by name (the session filters by tenant)."""
+    return (await s.execute(select(SecretRow).where(SecretRow.name == name))).scalar_one_or_none()
+
+
+async def list_secrets(s: AsyncSession, *, after: str, limit: int, show_deleted: bool) -> list[SecretRow]:
+    """Secrets ordered by name, strictly after `after`."""
+    q = select(SecretRow).where(SecretRow.name > after).order_by(SecretRow.name).limit(limit)
+    if not show_deleted:
+        q = q.where(SecretRow.deleted_us.is_(None))
+    return list((await s.execute(q)).scalars())
+
+
+async def versions_of(s: AsyncSession, name: str) -> list[VersionRow]:
+    """Every version row of a secret, oldest first."""
+    q = select(VersionRow).where(VersionRow.name == name).order_by(VersionRow.version)
+    return list((await s.execute(q)).scalars())
+
+
+async def delete_secret_rows(s: AsyncSession, name: str) -> None:
+    """Remove a secret's metadata and version rows (after DestroySecret)."""
+    await s.execute(delete(VersionRow).where(VersionRow.name == name))
+    await s.execute(delete(SecretRow).where(SecretRow.name == name))
+
+
+async def set_schedule(s: AsyncSession, *, tenant_id: str, tier: str, name: str, kind: str, due_us: int | None) -> None:
+    """Create, move or clear (due_us=None) one background job for a secret."""
+    row = (await s.execute(select(ScheduleRow).where(
+        ScheduleRow.tenant_id == tenant_id, ScheduleRow.secret_name == name, ScheduleRow.kind == kind))).scalar_one_or_none()
+    if due_us is None:
+        if row is not None:
+            await s.delete(row)
+    elif row is None:
+        s.add(ScheduleRow(tenant_id=tenant_id, tier=tier, secret_name=name, kind=kind, due_us=due_us))
+    else:
+        row.due_us, row.tier = due_us, tier
+
+
+async def due_jobs(s: AsyncSession, *, now: int, limit: int) -> list[ScheduleRow]:
+    """Jobs due by `now`, oldest first (read in a system session: platform table)."""
+    q = select(ScheduleRow).where(ScheduleRow.due_us <= now).order_by(ScheduleRow.due_us).limit(limit)
+    return list((await s.execute(q)).scalars())
+
+
+async def audit_head(s: AsyncSession) -> AuditHeadRow | None:
+    """The tenant's chain head."""
+    return (await s.execute(select(AuditHeadRow))).scalar_one_or_none()
+
+
+async def audit_page(s: AsyncSession, *, after_seq: int, limit: int, secret_name: str = "") -> list[AuditRow]:
+    """Audit rows in sequence order, strictly after `after_seq`."""
+    q = select(AuditRow).where(AuditRow.seq > after_seq).order_by(AuditRow.seq).limit(limit)
+    if secret_name:
+        q = q.where(AuditRow.secret_name == secret_name)
+    return list((await s.execute(q)).scalars())

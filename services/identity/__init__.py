@@ -1,0 +1,1 @@
+"""identity: tenants, principals, API keys, signed tokens and the keys that sign them."""

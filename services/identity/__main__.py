@@ -1,0 +1,5 @@
+import asyncio
+
+from services.identity.server import main
+
+asyncio.run(main())

@@ -1,0 +1,241 @@
+"""Tenants, principals and API keys: who exists, and what each may be granted."""
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+from sqlalchemy import select
+
+from services.identity.credentials import make_api_key, new_id
+from services.identity.signing import utcnow
+from services.identity.store import ApiKeyRow, PrincipalRow, TenantRow
+from shared.db import Database
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from shared.paging import Page, decode_cursor, encode_cursor, page_size
+from shared.tenancy import (OPERATOR_SCOPE, PLATFORM_TENANT, TIERS, TenantContext, require_tenant, scope_matches,
+                            tenant_scope)
+
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
+_SCOPE_RE = re.compile(r"^(\*|[a-z][a-z0-9_]*(\.[a-z0-9_]+)*(\.\*)?)$")
+PRINCIPAL_KINDS = ("user", "service_account", "agent")
+ADMIN_SCOPES = ("*",)
+OPERATOR_SCOPES = (OPERATOR_SCOPE, "*")
+
+
+def covered(wanted: Iterable[str], granted: Iterable[str]) -> bool:
+    """Whether every wanted scope is covered by some granted scope."""
+    granted = tuple(granted)
+    return all(any(scope_matches(g, w) for g in granted) for w in wanted)
+
+
+def validate_scopes(scopes: Iterable[str], *, field: str, tenant_id: str) -> list[str]:
+    """Scopes well formed, and platform.* only inside the platform tenant."""
+    out = []
+    for scope in scopes:
+        if not _SCOPE_RE.match(scope):
+            raise InvalidArgument(f"malformed scope {scope!r}", violations={field: "scopes look like 'service.resource.verb'"})
+        if scope.startswith("platform.") and tenant_id != PLATFORM_TENANT:
+            raise PermissionDenied("platform scopes are only for platform operators", reason="PLATFORM_SCOPE")
+        out.append(scope)
+    return sorted(set(out))
+
+
+def pooled(ctx: TenantContext) -> TenantContext:
+    """identity is the control plane: its own rows stay in pooled tables whatever the tenant's tier."""
+    return replace(ctx, tier="pooled") if ctx.tier != "pooled" else ctx
+
+
+def acting_as(tenant_id: str) -> TenantContext:
+    """A context for identity's own work inside one tenant's rows (no scopes: it grants nothing)."""
+    return TenantContext(tenant_id=tenant_id, principal_id="identity", tier="pooled")
+
+
+@dataclass(frozen=True)
+class NewTenant:
+    """What CreateTenant hands back: the admin key is shown only once."""
+
+    tenant: TenantRow
+    admin: PrincipalRow
+    admin_api_key: str
+
+
+class Directory:
+    """Tenants, principals and API keys in identity's database."""
+
+    def __init__(self, db: Database):
+        self._db = db
+
+    # Tenants -------------------------------------------------------------------------------
+    async def create_tenant(self, name: str, tier: str, region: str, *, tenant_id: str | None = None,
+                            admin_scopes: tuple[str, ...] = ADMIN_SCOPES) -> NewTenant:
+        """A tenant, its admin principal and the admin's first API key, in one transaction."""
+        if not _NAME_RE.match(name or ""):
+            raise InvalidArgument("tenant name must be 3-63 lower-case letters, digits or '-'",
+                                  violations={"name": "3-63 of [a-z0-9-], starting and ending alphanumeric"})
+        if tier not in TIERS:
+            raise InvalidArgument(f"unknown tier {tier!r}", violations={"tier": "pooled, bridge or silo"})
+        tid = tenant_id or new_id("t")
+        async with self._db.system_session() as s:
+            if (await s.execute(select(TenantRow.id).where(TenantRow.name == name))).first():
+                raise AlreadyExists(f"a tenant named {name!r} exists", reason="TENANT_EXISTS")
+        with tenant_scope(acting_as(tid)):
+            async with self._db.session() as s:
+                now = utcnow()
+                tenant = TenantRow(id=tid, name=name, tier=tier, region=region or "local", status="active",
+                                   created_at=now)
+                admin = PrincipalRow(id=new_id("p"), kind="user", display_name="admin", scopes=list(admin_scopes),
+                                     disabled=False, created_at=now)
+                key_id = new_id("k")
+                whole, prefix, digest = make_api_key(tid, key_id)
+                key = ApiKeyRow(id=key_id, principal_id=admin.id, prefix=prefix, secret_hash=digest,
+                                scopes=list(admin_scopes), display_name="admin (created with tenant)", created_at=now)
+                s.add(tenant)
+                await s.flush()
+                s.add_all([admin, key])
+        return NewTenant(tenant=tenant, admin=admin, admin_api_key=whole)
+
+    async def get_tenant(self, tenant_id: str) -> TenantRow:
+        """A tenant by id; callers decide who may ask."""
+        async with self._db.system_session() as s:
+            row = await s.get(TenantRow, tenant_id)
+        if row is None:
+            raise NotFound("tenant not found", reason="TENANT_NOT_FOUND")
+        return row
+
+    async def list_tenants(self, size: int, token: str) -> Page[TenantRow]:
+        """Tenants oldest first, a page at a time."""
+        limit = page_size(size)
+        after = decode_cursor(token)
+        async with self._db.system_session() as s:
+            q = select(TenantRow).order_by(TenantRow.created_at, TenantRow.id).limit(limit + 1)
+            if after:
+                q = q.where((TenantRow.created_at > after["t"]) |
+                            ((TenantRow.created_at == after["t"]) & (TenantRow.id > after["id"])))
+            rows = list((await s.execute(q)).scalars())
+        return _page(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
+
+    async def set_tenant_status(self, tenant_id: str, status: str) -> TenantRow:
+        """Suspend or reactivate a tenant (the platform tenant cannot be suspended)."""
+        if status not in ("active", "suspended"):
+            raise InvalidArgument("status must be active or suspended", violations={"status": "ACTIVE or SUSPENDED"})
+        if tenant_id == PLATFORM_TENANT:
+            raise FailedPrecondition("the platform tenant cannot be suspended", reason="PLATFORM_TENANT")
+        async with self._db.system_session() as s:
+            row = await s.get(TenantRow, tenant_id)
+            if row is None:
+                raise NotFound("tenant not found", reason="TENANT_NOT_FOUND")
+            row.status = status
+        return row
+
+    # Principals ----------------------------------------------------------------------------
+    async def create_principal(self, kind: str, display_name: str, scopes: list[str]) -> PrincipalRow:
+        """A principal of the caller's tenant with at most the caller's scopes."""
+        ctx = require_tenant()
+        if kind not in PRINCIPAL_KINDS:
+            raise InvalidArgument("unknown principal kind", violations={"kind": "USER, SERVICE_ACCOUNT or AGENT"})
+        if not display_name or len(display_name) > 128:
+            raise InvalidArgument("display_name is required (at most 128 characters)",
+                                  violations={"display_name": "1-128 characters"})
+        scopes = validate_scopes(scopes, field="scopes", tenant_id=ctx.tenant_id)
+        if not covered(scopes, ctx.scopes):
+            raise PermissionDenied("a principal cannot be granted scopes its creator does not hold",
+                                   reason="SCOPE_ESCALATION")
+        with tenant_scope(pooled(ctx)):
+            async with self._db.session() as s:
+                exists = (await s.execute(select(PrincipalRow.id).where(PrincipalRow.display_name == display_name))).first()
+                if exists:
+                    raise AlreadyExists(f"a principal named {display_name!r} exists", reason="PRINCIPAL_EXISTS")
+                row = PrincipalRow(id=new_id("p"), kind=kind, display_name=display_name, scopes=scopes,
+                                   disabled=False, created_at=utcnow())
+                s.add(row)
+        return row
+
+    async def get_principal(self, principal_id: str) -> PrincipalRow:
+        """A principal of the caller's tenant (NOT_FOUND for everyone else's)."""
+        with tenant_scope(pooled(require_tenant())):
+            async with self._db.session() as s:
+                row = (await s.execute(select(PrincipalRow).where(PrincipalRow.id == principal_id))).scalar_one_or_none()
+        if row is None:
+            raise NotFound("principal not found", reason="PRINCIPAL_NOT_FOUND")
+        return row
+
+    async def list_principals(self, size: int, token: str) -> Page[PrincipalRow]:
+        """The caller's principals, oldest first."""
+        limit, after = page_size(size), decode_cursor(token)
+        with tenant_scope(pooled(require_tenant())):
+            async with self._db.session() as s:
+                q = select(PrincipalRow).order_by(PrincipalRow.created_at, PrincipalRow.id).limit(limit + 1)
+                if after:
+                    q = q.where((PrincipalRow.created_at > after["t"]) |
+                                ((PrincipalRow.created_at == after["t"]) & (PrincipalRow.id > after["id"])))
+                rows = list((await s.execute(q)).scalars())
+        return _page(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
+
+    async def disable_principal(self, principal_id: str) -> PrincipalRow:
+        """Disable a principal of the caller's tenant: its keys stop issuing tokens."""
+        ctx = require_tenant()
+        if principal_id == ctx.principal_id:
+            raise FailedPrecondition("a principal cannot disable itself", reason="SELF_DISABLE")
+        with tenant_scope(pooled(ctx)):
+            async with self._db.session() as s:
+                row = (await s.execute(select(PrincipalRow).where(PrincipalRow.id == principal_id))).scalar_one_or_none()
+                if row is None:
+                    raise NotFound("principal not found", reason="PRINCIPAL_NOT_FOUND")
+                row.disabled = True
+        return row
+
+    # API keys ------------------------------------------------------------------------------
+    async def create_api_key(self, principal_id: str, scopes: list[str], display_name: str) -> tuple[ApiKeyRow, str]:
+        """A key for a principal of the caller's tenant; scopes within the principal's and the caller's."""
+        ctx = require_tenant()
+        scopes = validate_scopes(scopes, field="scopes", tenant_id=ctx.tenant_id)
+        with tenant_scope(pooled(ctx)):
+            async with self._db.session() as s:
+                principal = (await s.execute(select(PrincipalRow).where(PrincipalRow.id == principal_id))).scalar_one_or_none()
+                if principal is None:
+                    raise NotFound("principal not found", reason="PRINCIPAL_NOT_FOUND")
+                if principal.disabled:
+                    raise FailedPrecondition("principal is disabled", reason="PRINCIPAL_DISABLED")
+                scopes = scopes or list(principal.scopes)
+                if not covered(scopes, principal.scopes):
+                    raise PermissionDenied("key scopes must be within the principal's scopes", reason="SCOPE_ESCALATION")
+                if not covered(scopes, ctx.scopes):
+                    raise PermissionDenied("a key cannot be granted scopes its creator does not hold",
+                                           reason="SCOPE_ESCALATION")
+                key_id = new_id("k")
+                whole, prefix, digest = make_api_key(ctx.tenant_id, key_id)
+                row = ApiKeyRow(id=key_id, principal_id=principal_id, prefix=prefix, secret_hash=digest,
+                                scopes=scopes, display_name=display_name[:128], created_at=utcnow())
+                s.add(row)
+        return row, whole
+
+    async def list_api_keys(self, principal_id: str, size: int, token: str) -> Page[ApiKeyRow]:
+        """The caller's keys (metadata only), optionally one principal's."""
+        limit, after = page_size(size), decode_cursor(token)
+        with tenant_scope(pooled(require_tenant())):
+            async with self._db.session() as s:
+                q = select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id).limit(limit + 1)
+                if principal_id:
+                    q = q.where(ApiKeyRow.principal_id == principal_id)
+                if after:
+                    q = q.where((ApiKeyRow.created_at > after["t"]) |
+                                ((ApiKeyRow.created_at == after["t"]) & (ApiKeyRow.id > after["id"])))
+                rows = list((await s.execute(q)).scalars())
+        return _page(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
+
+    async def revoke_api_key(self, key_id: str) -> ApiKeyRow:
+        """Revoke a key of the caller's tenant (idempotent)."""
+        with tenant_scope(pooled(require_tenant())):
+            async with self._db.session() as s:
+                row = (await s.execute(select(ApiKeyRow).where(ApiKeyRow.id == key_id))).scalar_one_or_none()
+                if row is None:
+                    raise NotFound("API key not found", reason="API_KEY_NOT_FOUND")
+                row.revoked_at = row.revoked_at or utcnow()
+        return row
+
+
+def _page(rows: list, limit: int, cursor_of) -> Page:
+    more = len(rows) > limit
+    rows = rows[:limit]
+    return Page(items=rows, next_page_token=encode_cursor(cursor_of(rows[-1])) if more else "")

@@ -1,0 +1,154 @@
+"""identity's RPC handlers: proto in, domain call, proto out. Errors are raised, never set by hand."""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from bulkhead.common.v1 import tenancy_pb2
+from bulkhead.identity.v1 import identity_pb2 as pb
+from bulkhead.identity.v1 import identity_pb2_grpc
+from services.identity.directory import Directory
+from services.identity.issuance import Issuance
+from services.identity.signing import SigningKeys, as_utc, revocations_since
+from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, TenantRow
+from shared.db import Database
+from shared.errors import InvalidArgument, NotFound
+from shared.tenancy import require_tenant
+
+_TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "silo": tenancy_pb2.TIER_SILO}
+_TIER_NAMES = {v: k for k, v in _TIERS.items()} | {tenancy_pb2.TIER_UNSPECIFIED: "pooled"}
+_STATUS = {"active": pb.TENANT_STATUS_ACTIVE, "suspended": pb.TENANT_STATUS_SUSPENDED}
+_KINDS = {"user": pb.PRINCIPAL_KIND_USER, "service_account": pb.PRINCIPAL_KIND_SERVICE_ACCOUNT,
+          "agent": pb.PRINCIPAL_KIND_AGENT}
+
+
+def _ts(value: datetime | None) -> Timestamp | None:
+    if value is None:
+        return None
+    ts = Timestamp()
+    ts.FromDatetime(as_utc(value).astimezone(timezone.utc).replace(tzinfo=None))
+    return ts
+
+
+def _epoch(seconds: int) -> Timestamp:
+    return Timestamp(seconds=seconds)
+
+
+def tenant_pb(row: TenantRow) -> pb.Tenant:
+    return pb.Tenant(id=row.id, name=row.name, tier=_TIERS[row.tier], region=row.region, status=_STATUS[row.status],
+                     create_time=_ts(row.created_at))
+
+
+def principal_pb(row: PrincipalRow) -> pb.Principal:
+    return pb.Principal(id=row.id, kind=_KINDS[row.kind], display_name=row.display_name, scopes=row.scopes,
+                        disabled=row.disabled, create_time=_ts(row.created_at))
+
+
+def api_key_pb(row: ApiKeyRow) -> pb.ApiKey:
+    return pb.ApiKey(id=row.id, principal_id=row.principal_id, prefix=row.prefix, scopes=row.scopes,
+                     display_name=row.display_name, create_time=_ts(row.created_at),
+                     revoke_time=_ts(row.revoked_at), last_used_time=_ts(row.last_used_at))
+
+
+def revoked_pb(row: RevocationRow) -> pb.RevokedToken:
+    return pb.RevokedToken(jti=row.jti, expire_time=_ts(row.expires_at))
+
+
+class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
+    """Maps identity's RPCs onto the directory, issuance and signing-key ring."""
+
+    def __init__(self, db: Database, directory: Directory, issuance: Issuance, keys: SigningKeys):
+        self._db = db
+        self._directory = directory
+        self._issuance = issuance
+        self._keys = keys
+
+    async def CreateTenant(self, request, context):
+        tier = _TIER_NAMES.get(request.tier)
+        if tier is None:
+            raise InvalidArgument("unknown tier", violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"})
+        created = await self._directory.create_tenant(request.name, tier, request.region)
+        return pb.CreateTenantResponse(tenant=tenant_pb(created.tenant), admin=principal_pb(created.admin),
+                                       admin_api_key=created.admin_api_key)
+
+    async def GetTenant(self, request, context):
+        ctx = require_tenant()
+        wanted = request.tenant_id or ctx.tenant_id
+        if wanted != ctx.tenant_id and not ctx.is_operator:
+            raise NotFound("tenant not found", reason="TENANT_NOT_FOUND")  # no existence leak to other tenants
+        return pb.GetTenantResponse(tenant=tenant_pb(await self._directory.get_tenant(wanted)))
+
+    async def ListTenants(self, request, context):
+        page = await self._directory.list_tenants(request.page_size, request.page_token)
+        return pb.ListTenantsResponse(tenants=[tenant_pb(t) for t in page.items], next_page_token=page.next_page_token)
+
+    async def UpdateTenantStatus(self, request, context):
+        status = {pb.TENANT_STATUS_ACTIVE: "active", pb.TENANT_STATUS_SUSPENDED: "suspended"}.get(request.status, "")
+        row = await self._directory.set_tenant_status(request.tenant_id, status)
+        return pb.UpdateTenantStatusResponse(tenant=tenant_pb(row))
+
+    async def CreatePrincipal(self, request, context):
+        kind = {v: k for k, v in _KINDS.items()}.get(request.kind, "")
+        row = await self._directory.create_principal(kind, request.display_name, list(request.scopes))
+        return pb.CreatePrincipalResponse(principal=principal_pb(row))
+
+    async def GetPrincipal(self, request, context):
+        return pb.GetPrincipalResponse(principal=principal_pb(await self._directory.get_principal(request.principal_id)))
+
+    async def ListPrincipals(self, request, context):
+        page = await self._directory.list_principals(request.page_size, request.page_token)
+        return pb.ListPrincipalsResponse(principals=[principal_pb(p) for p in page.items],
+                                         next_page_token=page.next_page_token)
+
+    async def DisablePrincipal(self, request, context):
+        row = await self._directory.disable_principal(request.principal_id)
+        return pb.DisablePrincipalResponse(principal=principal_pb(row))
+
+    async def CreateApiKey(self, request, context):
+        row, secret = await self._directory.create_api_key(request.principal_id, list(request.scopes),
+                                                           request.display_name)
+        return pb.CreateApiKeyResponse(api_key=api_key_pb(row), secret=secret)
+
+    async def ListApiKeys(self, request, context):
+        page = await self._directory.list_api_keys(request.principal_id, request.page_size, request.page_token)
+        return pb.ListApiKeysResponse(api_keys=[api_key_pb(k) for k in page.items], next_page_token=page.next_page_token)
+
+    async def RevokeApiKey(self, request, context):
+        return pb.RevokeApiKeyResponse(api_key=api_key_pb(await self._directory.revoke_api_key(request.api_key_id)))
+
+    async def IssueToken(self, request, context):
+        issued = await self._issuance.issue(request.api_key, list(request.scopes), request.ttl_seconds)
+        c = issued.claims
+        return pb.IssueTokenResponse(token=issued.token, tenant_id=c.tenant_id, expire_time=_epoch(c.expires_at),
+                                     scopes=sorted(c.scopes), jti=c.jti)
+
+    async def ExchangeToken(self, request, context):
+        issued = await self._issuance.exchange(list(request.scopes), request.agent_id, request.run_id,
+                                               request.ttl_seconds)
+        c = issued.claims
+        return pb.ExchangeTokenResponse(token=issued.token, expire_time=_epoch(c.expires_at), scopes=sorted(c.scopes),
+                                        jti=c.jti)
+
+    async def RevokeToken(self, request, context):
+        return pb.RevokeTokenResponse(revoked=revoked_pb(await self._issuance.revoke(request.jti)))
+
+    async def ListRevokedTokens(self, request, context):
+        if request.since_revision < 0:
+            raise InvalidArgument("since_revision must not be negative", violations={"since_revision": ">= 0"})
+        revision, entries = await revocations_since(self._db, request.since_revision)
+        return pb.ListRevokedTokensResponse(
+            revoked=[pb.RevokedToken(jti=j, expire_time=_epoch(exp)) for j, exp in entries.items()], revision=revision)
+
+    async def ListSigningKeys(self, request, context):
+        rows = await self._keys.published()
+        return pb.ListSigningKeysResponse(keys=[
+            pb.SigningKey(kid=r.kid, algorithm="EdDSA", public_key=r.public_key, active=r.active,
+                          create_time=_ts(r.created_at), retire_time=_ts(r.retired_at)) for r in rows])
+
+    async def RotateSigningKey(self, request, context):
+        key = await self._keys.rotate()
+        rows = {r.kid: r for r in await self._keys.published()}
+        row = rows[key.kid]
+        return pb.RotateSigningKeyResponse(key=pb.SigningKey(kid=row.kid, algorithm="EdDSA", public_key=row.public_key,
+                                                             active=True, create_time=_ts(row.created_at)))

@@ -1,0 +1,130 @@
+"""gRPC adapters to metering and credentials, behind the small interfaces the domain uses.
+
+Every call runs with the tenant's context bound and forwards its identity (the channel is
+made with forward=True), so metering and credentials check the tenant themselves.
+"""
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+
+import grpc
+from google.protobuf import timestamp_pb2
+
+from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
+from bulkhead.metering.v1 import metering_pb2 as mpb
+from bulkhead.metering.v1 import metering_pb2_grpc
+from services.inference.budget import BackendUnavailable, BudgetRefused, Grant, Tokens
+from services.inference.limits import Limits
+from services.inference.usage import UsageEvent
+from shared.errors import error_details
+from shared.logs import register_secret
+from shared.tenancy import TenantContext
+
+_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_OUTCOMES = {"success": mpb.OUTCOME_SUCCESS, "error": mpb.OUTCOME_ERROR,
+             "rejected": mpb.OUTCOME_REJECTED, "cancelled": mpb.OUTCOME_CANCELLED}
+
+
+def _counts(t: Tokens) -> mpb.TokenCounts:
+    return mpb.TokenCounts(input_tokens=t.input, output_tokens=t.output,
+                           cache_write_tokens=t.cache_write, cache_read_tokens=t.cache_read)
+
+
+class MeteringClient:
+    """Budget leases, usage recording and quota lookup on metering."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 3.0, lease_ttl: int = 60):
+        self._stub = metering_pb2_grpc.MeteringServiceStub(channel)
+        self._timeout = timeout
+        self._lease_ttl = lease_ttl
+
+    # BudgetBackend
+    async def lease(self, model: str, tokens: int, min_tokens: int) -> Grant:
+        """LeaseBudget; BudgetRefused when the budget cannot cover min_tokens."""
+        try:
+            resp = await self._stub.LeaseBudget(mpb.LeaseBudgetRequest(
+                model=model, tokens=tokens, min_tokens=min_tokens, ttl_seconds=self._lease_ttl), timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                details = error_details(exc)
+                raise BudgetRefused(exc.details() or "budget exhausted", details["quota"] or [("budget", "exhausted")],
+                                    details["retry_after"]) from None
+            raise BackendUnavailable(f"metering LeaseBudget: {exc.code().name}") from None
+        return Grant(resp.lease.lease_id, resp.lease.granted.tokens, float(self._lease_ttl))
+
+    async def renew(self, lease_id: str, spent: Tokens) -> None:
+        """RenewLease with the total spent so far."""
+        await self._call(self._stub.RenewLease, mpb.RenewLeaseRequest(
+            lease_id=lease_id, spent=_counts(spent), ttl_seconds=self._lease_ttl))
+
+    async def release(self, lease_id: str, spent: Tokens) -> None:
+        """ReleaseLease with the final spend."""
+        await self._call(self._stub.ReleaseLease, mpb.ReleaseLeaseRequest(lease_id=lease_id, spent=_counts(spent)))
+
+    # UsageBackend
+    async def record(self, events: Sequence[UsageEvent]) -> None:
+        """RecordUsage for one tenant's batch (idempotent by request id)."""
+        await self._call(self._stub.RecordUsage, mpb.RecordUsageRequest(events=[_event(e) for e in events]))
+
+    # quota
+    async def limits(self) -> Limits:
+        """The caller's rate limits from its Quota."""
+        resp = await self._call(self._stub.GetQuotaStatus, mpb.GetQuotaStatusRequest())
+        q = resp.quota
+        return Limits(int(q.requests_per_minute), int(q.tokens_per_minute), int(q.concurrent_calls))
+
+    async def _call(self, method, request):
+        try:
+            return await method(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _DOWN:
+                raise BackendUnavailable(f"metering: {exc.code().name}") from None
+            raise
+
+
+def _event(e: UsageEvent) -> mpb.UsageEvent:
+    occur = timestamp_pb2.Timestamp()
+    occur.FromNanoseconds(int(e.occurred_at * 1e9))
+    return mpb.UsageEvent(idempotency_key=e.idempotency_key, principal_id=e.principal_id, agent_id=e.agent_id,
+                          run_id=e.run_id, model=e.model, tokens=_counts(e.tokens), latency_ms=e.latency_ms,
+                          outcome=_OUTCOMES.get(e.outcome, mpb.OUTCOME_UNSPECIFIED), occur_time=occur,
+                          trace_id=e.trace_id)
+
+
+class CredentialsKeys:
+    """The tenant's own provider key from credentials, cached briefly per tenant."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, secret_name: str, ttl: float = 30.0, timeout: float = 3.0):
+        self._stub = credentials_pb2_grpc.CredentialsServiceStub(channel)
+        self._secret_name = secret_name
+        self._ttl = ttl
+        self._timeout = timeout
+        self._cache: dict[str, tuple[float, str | None]] = {}
+
+    async def tenant_key(self, ctx: TenantContext) -> str | None:
+        """The key stored under the configured secret name, or None when the tenant has none."""
+        hit = self._cache.get(ctx.tenant_id)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            resp = await self._stub.GetSecret(credentials_pb2.GetSecretRequest(name=self._secret_name),
+                                              timeout=self._timeout)
+            key: str | None = resp.value.decode()
+            register_secret(key)
+        except grpc.aio.AioRpcError as exc:
+            # NOT_FOUND: no key of its own. PERMISSION_DENIED: this caller may not read it; the
+            # platform key serves (never another tenant's: credentials only answers for the caller's).
+            if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                raise BackendUnavailable(f"credentials: {exc.code().name}") from None
+            key = None
+        self._cache[ctx.tenant_id] = (now + self._ttl, key)
+        return key
+
+
+class NoTenantKeys:
+    """Used when no credentials service is configured: every tenant uses the platform key."""
+
+    async def tenant_key(self, ctx: TenantContext) -> str | None:
+        return None

@@ -1,0 +1,86 @@
+"""The inference proxy's configuration, read from the environment (passed in, so tests inject it).
+
+| variable | default | meaning |
+|---|---|---|
+| BULKHEAD_MODEL_PROVIDER | offline without ANTHROPIC_API_KEY, else anthropic | `offline` (deterministic, no network) or `anthropic` |
+| ANTHROPIC_API_KEY | unset | the platform's provider key (tenants may bring their own via credentials) |
+| ANTHROPIC_BASE_URL | the SDK's default | upstream Messages API base URL |
+| BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT | 600 | seconds per upstream request |
+| BULKHEAD_INFERENCE_MAX_ATTEMPTS | 3 | upstream attempts for retry-safe failures (429, 5xx, refused connections) |
+| BULKHEAD_INFERENCE_MAX_RETRY_WAIT | 5 | longest retry-after the proxy waits out itself (seconds) |
+| BULKHEAD_INFERENCE_ALLOWED_MODELS | claude-sonnet-4-5,claude-haiku-4-5,claude-opus-4-1 | platform default allowlist |
+| BULKHEAD_INFERENCE_DEFAULT_MODEL | claude-sonnet-4-5 | platform default model |
+| BULKHEAD_INFERENCE_PINNED_VERSIONS | sonnet/haiku/opus aliases -> dated versions | `alias=version,...` |
+| BULKHEAD_INFERENCE_MAX_TOKENS_CEILING | 8192 | platform max_tokens ceiling |
+| BULKHEAD_INFERENCE_LEASE_TOKENS | 20000 | budget slice a replica leases at a time |
+| BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET | anthropic-api-key | credentials secret that holds a tenant's own key |
+| BULKHEAD_INFERENCE_USER_ID_SALT | bulkhead | salt of the opaque per-tenant id sent upstream as metadata.user_id |
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from services.inference.policy import Policy
+from services.inference.providers import ANTHROPIC, OFFLINE
+from shared.config import ServiceConfig
+
+_PINNED = "claude-sonnet-4-5=claude-sonnet-4-5-20250929,claude-haiku-4-5=claude-haiku-4-5-20251001," \
+          "claude-opus-4-1=claude-opus-4-1-20250805"
+
+
+@dataclass(frozen=True)
+class InferenceConfig:
+    """Everything the inference proxy reads from its environment."""
+
+    service: ServiceConfig
+    """Address, database, peers, telemetry."""
+    provider: str
+    """`offline` or `anthropic`."""
+    anthropic_api_key: str = field(default="", repr=False)
+    """The platform's provider key (never logged)."""
+    anthropic_base_url: str | None = None
+    """Upstream base URL; None means the SDK's default."""
+    upstream_timeout: float = 600.0
+    """Seconds per upstream request."""
+    max_attempts: int = 3
+    """Upstream attempts for retry-safe failures."""
+    max_retry_wait: float = 5.0
+    """Longest upstream retry-after the proxy waits out before giving up with RESOURCE_EXHAUSTED."""
+    platform_policy: Policy = field(default_factory=Policy)
+    """Defaults for every tenant's policy."""
+    lease_tokens: int = 20_000
+    """Budget slice leased at a time."""
+    provider_key_secret: str = "anthropic-api-key"
+    """Credentials secret name of a tenant's own key."""
+    user_id_salt: str = field(default="bulkhead", repr=False)
+    """Salt of the opaque tenant id sent upstream."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> InferenceConfig:
+        """Read the config from env."""
+        key = env.get("ANTHROPIC_API_KEY", "")
+        provider = env.get("BULKHEAD_MODEL_PROVIDER") or (ANTHROPIC if key else OFFLINE)
+        if provider not in (ANTHROPIC, OFFLINE):
+            raise ValueError(f"BULKHEAD_MODEL_PROVIDER must be {ANTHROPIC} or {OFFLINE}, not {provider!r}")
+        pinned = dict(pair.split("=", 1) for pair in
+                      env.get("BULKHEAD_INFERENCE_PINNED_VERSIONS", _PINNED).split(",") if "=" in pair)
+        allowed = tuple(m for m in env.get("BULKHEAD_INFERENCE_ALLOWED_MODELS",
+                                           ",".join(pinned) or "claude-sonnet-4-5").split(",") if m)
+        return cls(
+            service=ServiceConfig.from_env("inference", env),
+            provider=provider,
+            anthropic_api_key=key,
+            anthropic_base_url=env.get("ANTHROPIC_BASE_URL") or None,
+            upstream_timeout=float(env.get("BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT", "600")),
+            max_attempts=int(env.get("BULKHEAD_INFERENCE_MAX_ATTEMPTS", "3")),
+            max_retry_wait=float(env.get("BULKHEAD_INFERENCE_MAX_RETRY_WAIT", "5")),
+            platform_policy=Policy(allowed_models=allowed,
+                                   default_model=env.get("BULKHEAD_INFERENCE_DEFAULT_MODEL", allowed[0] if allowed else ""),
+                                   pinned_versions=pinned,
+                                   max_tokens_ceiling=int(env.get("BULKHEAD_INFERENCE_MAX_TOKENS_CEILING", "8192"))),
+            lease_tokens=int(env.get("BULKHEAD_INFERENCE_LEASE_TOKENS", "20000")),
+            provider_key_secret=env.get("BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET", "anthropic-api-key"),
+            user_id_salt=env.get("BULKHEAD_INFERENCE_USER_ID_SALT", "bulkhead"),
+        )

@@ -1,0 +1,384 @@
+"""One model call from policy to metering: the inference proxy's pipeline.
+
+    policy (model allowed? pinned version, max_tokens ceiling)
+      -> rate limits (requests/min, tokens/min, in flight)  -> budget hold (lease)
+      -> provider key (tenant's own, else the platform's)   -> upstream (retries only when safe)
+      -> settle budget and limits with the real usage        -> usage event (request id = idempotency key)
+
+Everything before the upstream call can refuse it, so a refused call never reaches the
+upstream. The upstream part runs in a task of its own: when the caller goes away mid-call
+the task still finishes, settles and meters what the upstream reported. No grpc imports.
+"""
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import hmac
+import logging
+import random
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from opentelemetry import trace
+
+from bulkhead.inference.v1 import inference_pb2 as pb
+from services.inference import wire
+from services.inference.budget import BackendUnavailable, BudgetLeases, BudgetRefused, Hold, Tokens
+from services.inference.limits import Admission, Limits, RateLimiter, Rejected
+from services.inference.policy import Policy, PolicyViolation, PrivateModel, ResolvedModel, cap_max_tokens, resolve
+from services.inference.providers import Provider, Target, UpstreamError
+from services.inference.usage import UsageEvent, UsageMeter
+from shared import errors
+from shared.tenancy import TenantContext, require_tenant
+
+log = logging.getLogger("bulkhead.inference.calls")
+
+
+class PolicySource(Protocol):
+    """The current tenant's stored policy and private models."""
+
+    async def policy(self) -> Policy: ...
+
+    async def private_models(self) -> dict[str, PrivateModel]: ...
+
+
+class QuotaSource(Protocol):
+    """The current tenant's rate limits (metering's Quota)."""
+
+    async def limits(self) -> Limits: ...
+
+
+class KeySource(Protocol):
+    """The tenant's own provider key, if it has one."""
+
+    async def tenant_key(self, ctx: TenantContext) -> str | None: ...
+
+
+class _TtlCache:
+    """Per-tenant values refreshed after `ttl` seconds; the last good value survives a failed refresh."""
+
+    def __init__(self, ttl: float):
+        self._ttl = ttl
+        self._values: dict[str, tuple[float, Any]] = {}
+
+    async def get(self, tenant_id: str, load: Callable[[], Awaitable[Any]], fallback: Any = None) -> Any:
+        hit = self._values.get(tenant_id)
+        now = time.monotonic()
+        if hit is not None and hit[0] > now:
+            return hit[1]
+        try:
+            value = await load()
+        except Exception as exc:
+            if hit is None and fallback is None:
+                raise
+            log.warning("refresh failed (%s); using %s", type(exc).__name__, "last value" if hit else "defaults")
+            value = hit[1] if hit is not None else fallback
+        self._values[tenant_id] = (now + self._ttl, value)
+        return value
+
+    def forget(self, tenant_id: str) -> None:
+        self._values.pop(tenant_id, None)
+
+
+@dataclass(frozen=True)
+class CallInfo:
+    """How the proxy served a call (returned to the caller and logged)."""
+
+    request_id: str
+    requested_model: str
+    resolved_model: str
+    provider: str
+    tenant_key: bool
+
+    def to_proto(self) -> pb.CallInfo:
+        """As the proto message."""
+        return pb.CallInfo(request_id=self.request_id, requested_model=self.requested_model,
+                           resolved_model=self.resolved_model, provider=self.provider, tenant_key=self.tenant_key)
+
+
+@dataclass
+class _Call:
+    ctx: TenantContext
+    body: dict[str, Any]
+    target: Target
+    info: CallInfo
+    admission: Admission
+    hold: Hold
+    started: float
+    occurred_at: float
+    trace_id: str
+
+
+class InferenceProxy:
+    """Runs model calls for the tenant of the current context."""
+
+    def __init__(self, *, provider: Provider, platform_key: str, policies: PolicySource, platform_policy: Policy,
+                 limiter: RateLimiter, quotas: QuotaSource, budget: BudgetLeases, meter: UsageMeter,
+                 keys: KeySource, max_attempts: int = 3, max_retry_wait: float = 5.0,
+                 user_id_salt: str = "bulkhead", cache_ttl: float = 5.0):
+        self._provider = provider
+        self._platform_key = platform_key
+        self._policies = policies
+        self._platform_policy = platform_policy
+        self._limiter = limiter
+        self._quotas = quotas
+        self._budget = budget
+        self._meter = meter
+        self._keys = keys
+        self._max_attempts = max(1, max_attempts)
+        self._max_retry_wait = max_retry_wait
+        self._salt = user_id_salt.encode()
+        self._policy_cache = _TtlCache(cache_ttl)
+        self._limits_cache = _TtlCache(cache_ttl)
+        self._tasks: set[asyncio.Task] = set()
+
+    # ----- policy -----
+    async def effective_policy(self) -> tuple[Policy, dict[str, PrivateModel]]:
+        """The current tenant's policy with platform defaults filled in, and its private models."""
+        ctx = require_tenant()
+
+        async def load() -> tuple[Policy, dict[str, PrivateModel]]:
+            return (await self._policies.policy()).with_defaults(self._platform_policy), \
+                await self._policies.private_models()
+
+        return await self._policy_cache.get(ctx.tenant_id, load)
+
+    def forget_policy(self, tenant_id: str) -> None:
+        """Drop a tenant's cached policy (after it changed on this replica)."""
+        self._policy_cache.forget(tenant_id)
+
+    async def resolve(self, params: pb.MessageParams, *, with_max_tokens: bool = True) -> tuple[ResolvedModel, dict]:
+        """The model a request may use and its upstream body, or InvalidArgument / PermissionDenied."""
+        policy, private = await self.effective_policy()
+        try:
+            model = resolve(params.model, policy, private)
+            max_tokens = cap_max_tokens(params.max_tokens, policy) if with_max_tokens else None
+        except PolicyViolation as v:
+            if v.reason == "MODEL_NOT_ALLOWED":
+                raise errors.PermissionDenied(str(v), reason=v.reason) from None
+            raise errors.InvalidArgument(str(v), reason=v.reason, violations={v.field: str(v)}) from None
+        if not params.messages:
+            raise errors.InvalidArgument("at least one message is required", reason="MESSAGES_REQUIRED",
+                                         violations={"params.messages": "at least one message is required"})
+        try:
+            body = wire.params_to_json(params, model=model.upstream_model, max_tokens=max_tokens)
+        except wire.WireError as exc:
+            raise errors.InvalidArgument(str(exc), reason="INVALID_MESSAGE",
+                                         violations={exc.field: exc.problem}) from None
+        return model, body
+
+    # ----- calls -----
+    async def create(self, params: pb.MessageParams) -> tuple[dict[str, Any], CallInfo]:
+        """One unary call; the upstream's reply (JSON-shaped) and how it was served."""
+        call = await self._prepare(params)
+        task = asyncio.create_task(self._complete(call))
+        self._keep(task)
+        # shield: a caller that goes away does not cancel the upstream call; it finishes and is metered.
+        return await asyncio.shield(task), call.info
+
+    async def open_stream(self, params: pb.MessageParams) -> tuple[CallInfo, AsyncIterator[dict[str, Any]]]:
+        """Start a streamed call; refusals raise here, before any upstream request."""
+        call = await self._prepare(params)
+        queue: asyncio.Queue = asyncio.Queue()
+        self._keep(asyncio.create_task(self._pump(call, queue)))
+        return call.info, _drain_queue(queue)
+
+    async def count_tokens(self, params: pb.MessageParams) -> tuple[int, str]:
+        """Input tokens of a request (by the upstream's count) and the model it was counted for."""
+        ctx = require_tenant()
+        model, body = await self.resolve(params, with_max_tokens=False)
+        target = await self._target(ctx, model)
+        try:
+            return await self._provider.count_tokens(body, target), model.upstream_model
+        except UpstreamError as exc:
+            raise _status(exc) from None
+
+    async def close(self) -> None:
+        """Wait for calls still finishing in the background (their usage must be metered)."""
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ----- pipeline -----
+    async def _prepare(self, params: pb.MessageParams) -> _Call:
+        ctx = require_tenant()
+        started = time.perf_counter()
+        model, body = await self.resolve(params)
+        estimate = wire.estimate_input_tokens(body) + body["max_tokens"]
+        limits = await self._limits_cache.get(ctx.tenant_id, self._quotas.limits, fallback=Limits())
+        try:
+            admission = self._limiter.admit(ctx.tenant_id, limits, estimate)
+        except Rejected as r:
+            raise errors.ResourceExhausted(str(r), violations=r.violations, retry_after=r.retry_after,
+                                           reason="RATE_LIMITED") from None
+        try:
+            target = await self._target(ctx, model)
+            hold = await self._hold_budget(ctx, model.upstream_model, estimate)
+        except BaseException:
+            admission.settle(0)
+            raise
+        body["metadata"] = {"user_id": self.opaque_user_id(ctx.tenant_id)}
+        span = trace.get_current_span()
+        trace_id = format(span.get_span_context().trace_id, "032x") if span.get_span_context().is_valid else ""
+        info = CallInfo(ctx.request_id, model.requested, model.upstream_model, self._provider.name,
+                        target.api_key != self._platform_key)
+        _tag_span(span, ctx, info)
+        return _Call(ctx, body, target, info, admission, hold, started, time.time(), trace_id)
+
+    def opaque_user_id(self, tenant_id: str) -> str:
+        """The stable id the upstream sees for a tenant: a keyed hash, never the tenant's id or name."""
+        return "bh_" + hmac.new(self._salt, tenant_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    async def _target(self, ctx: TenantContext, model: ResolvedModel) -> Target:
+        try:
+            own = await self._keys.tenant_key(ctx)
+        except BackendUnavailable:
+            raise errors.Unavailable("credentials unreachable: cannot tell which provider key to use",
+                                     reason="CREDENTIALS_UNAVAILABLE", retry_after=1.0) from None
+        if model.private and model.base_url and not own:
+            # A tenant's own endpoint is only ever called with the tenant's own key.
+            raise errors.FailedPrecondition("this private model's endpoint needs the tenant's own provider key",
+                                            reason="TENANT_KEY_REQUIRED")
+        return Target(api_key=own or self._platform_key, base_url=model.base_url)
+
+    async def _hold_budget(self, ctx: TenantContext, model: str, amount: int) -> Hold:
+        try:
+            return await self._budget.hold(ctx, model, amount)
+        except BudgetRefused as r:
+            raise errors.ResourceExhausted(f"budget exhausted: {r}", violations=r.violations,
+                                           retry_after=r.retry_after, reason="BUDGET_EXHAUSTED") from None
+        except BackendUnavailable:
+            raise errors.Unavailable("metering unreachable and no budget lease held", retry_after=1.0,
+                                     reason="METERING_UNAVAILABLE") from None
+
+    async def _complete(self, call: _Call) -> dict[str, Any]:
+        message: dict[str, Any] | None = None
+        try:
+            message = await self._with_retries(lambda: self._provider.create(call.body, call.target))
+            return message
+        finally:
+            self._finish(call, (message or {}).get("usage"), (message or {}).get("model"),
+                         "success" if message else "error")
+
+    async def _with_retries(self, attempt: Callable[[], Awaitable[Any]]) -> Any:
+        for n in range(1, self._max_attempts + 1):
+            try:
+                return await attempt()
+            except UpstreamError as exc:
+                wait = self._retry_wait(exc, n)
+                if wait is None:
+                    raise _status(exc) from None
+                log.info("upstream %s (%s); retry %d in %.3fs", exc.kind, exc.status, n, wait)
+                await asyncio.sleep(wait)
+        raise AssertionError("unreachable")
+
+    def _retry_wait(self, exc: UpstreamError, attempt: int) -> float | None:
+        """Seconds to wait before retrying, or None when the failure must go to the caller."""
+        if not exc.retry_safe or attempt >= self._max_attempts:
+            return None
+        if exc.retry_after is not None:
+            return exc.retry_after if exc.retry_after <= self._max_retry_wait else None
+        return min(self._max_retry_wait, 0.05 * 2 ** (attempt - 1)) * (0.5 + random.random() / 2)
+
+    async def _pump(self, call: _Call, queue: asyncio.Queue) -> None:
+        """Read the upstream stream into queue to its end (even with no reader left), then meter."""
+        usage: dict[str, Any] = {}
+        model: str | None = None
+        outcome = "error"
+        try:
+            for n in range(1, self._max_attempts + 1):
+                started = False
+                try:
+                    async for event in self._provider.stream(call.body, call.target):
+                        started = True
+                        kind = event.get("type")
+                        if kind == "message_start":
+                            model = event["message"].get("model")
+                            usage = dict(event["message"].get("usage") or {})
+                        elif kind == "message_delta":
+                            usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
+                        queue.put_nowait(event)
+                    outcome = "success"
+                    break
+                except UpstreamError as exc:
+                    wait = None if started else self._retry_wait(exc, n)
+                    if wait is None:
+                        queue.put_nowait(_status(exc))
+                        break
+                    await asyncio.sleep(wait)
+        except Exception as exc:  # never leave the reader hanging
+            log.exception("stream pump failed")
+            queue.put_nowait(errors.BulkheadError(f"stream failed: {type(exc).__name__}"))
+        finally:
+            queue.put_nowait(_END)
+            self._finish(call, usage or None, model, outcome)
+
+    def _finish(self, call: _Call, usage: dict[str, Any] | None, served_model: str | None, outcome: str) -> None:
+        """Settle limits and budget with the real usage; meter it when the upstream reported any."""
+        tokens = _tokens(usage) if usage else Tokens()
+        self._budget.settle(call.hold, tokens)
+        call.admission.settle(tokens.total)
+        latency_ms = int((time.perf_counter() - call.started) * 1000)
+        ctx = call.ctx
+        if usage:
+            self._meter.record(ctx, UsageEvent(
+                tenant_id=ctx.tenant_id, idempotency_key=ctx.request_id, principal_id=ctx.principal_id,
+                agent_id=ctx.agent_id or "", run_id=ctx.run_id or "", model=served_model or call.info.resolved_model,
+                tokens=tokens, latency_ms=latency_ms, outcome=outcome, occurred_at=call.occurred_at,
+                trace_id=call.trace_id))
+        log.info("model call", extra={
+            "principal_id": ctx.principal_id, "agent_id": ctx.agent_id or "", "run_id": ctx.run_id or "",
+            "model": call.info.resolved_model, "served_model": served_model or "", "outcome": outcome,
+            "input_tokens": tokens.input, "output_tokens": tokens.output, "latency_ms": latency_ms,
+            "tenant_key": call.info.tenant_key})
+
+    def _keep(self, task: asyncio.Task) -> None:
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+
+_END = object()
+
+
+async def _drain_queue(queue: asyncio.Queue) -> AsyncIterator[dict[str, Any]]:
+    while True:
+        item = await queue.get()
+        if item is _END:
+            return
+        if isinstance(item, BaseException):
+            raise item
+        yield item
+
+
+def _tokens(usage: dict[str, Any]) -> Tokens:
+    return Tokens(input=usage.get("input_tokens") or 0, output=usage.get("output_tokens") or 0,
+                  cache_write=usage.get("cache_creation_input_tokens") or 0,
+                  cache_read=usage.get("cache_read_input_tokens") or 0)
+
+
+def _tag_span(span: trace.Span, ctx: TenantContext, info: CallInfo) -> None:
+    if not span.is_recording():
+        return
+    span.set_attribute("tenant.id", ctx.tenant_id)
+    span.set_attribute("enduser.id", ctx.principal_id)
+    span.set_attribute("bulkhead.request_id", ctx.request_id)
+    if ctx.agent_id:
+        span.set_attribute("bulkhead.agent_id", ctx.agent_id)
+    if ctx.run_id:
+        span.set_attribute("bulkhead.run_id", ctx.run_id)
+    span.set_attribute("gen_ai.request.model", info.resolved_model)
+    span.set_attribute("bulkhead.provider", info.provider)
+
+
+def _status(exc: UpstreamError) -> errors.BulkheadError:
+    """The status an upstream failure becomes."""
+    if exc.kind == "rate_limited":
+        return errors.ResourceExhausted(exc.message, violations=[("upstream", "the model provider's rate limit")],
+                                        retry_after=exc.retry_after if exc.retry_after is not None else 1.0,
+                                        reason="UPSTREAM_RATE_LIMITED")
+    if exc.kind == "invalid":
+        return errors.InvalidArgument(exc.message, reason="UPSTREAM_INVALID_REQUEST")
+    if exc.kind == "key_rejected":
+        return errors.FailedPrecondition(exc.message, reason="PROVIDER_KEY_REJECTED")
+    return errors.Unavailable(exc.message, retry_after=exc.retry_after, reason="UPSTREAM_UNAVAILABLE")

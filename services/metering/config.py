@@ -1,0 +1,29 @@
+"""Metering's settings, read from the environment (passed in, so tests inject their own)."""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from shared.config import ServiceConfig
+
+
+@dataclass(frozen=True)
+class MeteringConfig:
+    """What the metering service reads from its environment."""
+
+    service: ServiceConfig
+    """Address, metrics port, database URLs and the rest every service has."""
+    sweep_interval_s: float = 15.0
+    """How often expired reservations and leases are returned to their budgets (0 = never in the background)."""
+    price_cache_s: float = 2.0
+    """How long a replica keeps the price table before reading it again."""
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> MeteringConfig:
+        """Read BULKHEAD_METERING_* (and the common variables) from env."""
+        return cls(
+            service=ServiceConfig.from_env("metering", env),
+            sweep_interval_s=float(env.get("BULKHEAD_METERING_SWEEP_INTERVAL", "15")),
+            price_cache_s=float(env.get("BULKHEAD_METERING_PRICE_CACHE_SECONDS", "2")),
+        )

@@ -1,0 +1,109 @@
+"""The usage ledger: idempotent recording, priced reports, and operator reads across tenants."""
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import replace
+
+from services.metering import periods, store
+from services.metering.meters import MeteringMetrics
+from services.metering.prices import PriceCache
+from services.metering.pricing import scaled_to_usd
+from services.metering.usage import (
+    DAY,
+    MODEL,
+    UsageQuery,
+    UsageRecord,
+    UsageTotal,
+    dedupe,
+    fold_into_months,
+    total,
+    validate_batch,
+    validate_query,
+)
+from shared.errors import InvalidArgument
+from shared.tenancy import TenantContext, require_tenant, tenant_scope
+
+log = logging.getLogger("bulkhead.metering")
+
+_OUTCOMES = {0: "success", 1: "success", 2: "error", 3: "rejected", 4: "cancelled"}
+
+
+@contextlib.contextmanager
+def acting_for(tenant_id: str, tier: str = "pooled") -> Iterator[TenantContext]:
+    """Run a block in `tenant_id`'s data context on an operator's behalf (no scopes, no token)."""
+    operator = require_tenant()
+    with tenant_scope(TenantContext(tenant_id=tenant_id, principal_id=operator.principal_id, tier=tier,
+                                    request_id=operator.request_id, actor_id=operator.principal_id)) as ctx:
+        yield ctx
+
+
+class UsageLedger:
+    """Records and reports the usage of the tenant in the current TenantContext."""
+
+    def __init__(self, db, prices: PriceCache, metrics: MeteringMetrics, *,
+                 clock: Callable[[], int] = periods.now_us):
+        self._db = db
+        self._prices = prices
+        self._metrics = metrics
+        self._clock = clock
+        self._noted: set[str] = set()
+
+    async def note_tenant(self, tenant_id: str, tier: str = "pooled") -> None:
+        """Remember a tenant so operators' all-tenant reports include it (once per process)."""
+        if tenant_id in self._noted:
+            return
+        async with self._db.system_session() as s:
+            await store.note_tenant(s, tenant_id, tier, self._clock())
+        self._noted.add(tenant_id)
+
+    async def record(self, records: Sequence[UsageRecord]) -> tuple[int, int]:
+        """Store a batch; returns (recorded, duplicates). An invalid batch writes nothing."""
+        if problems := validate_batch(records):
+            raise InvalidArgument("invalid usage batch", reason="INVALID_USAGE", violations=problems)
+        ctx = require_tenant()
+        unique = dedupe(replace(r, principal_id=r.principal_id or ctx.principal_id) for r in records)
+        async with self._db.session() as s:
+            new_keys = await store.insert_usage(s, ctx.tenant_id, unique, self._clock())
+        await self.note_tenant(ctx.tenant_id, ctx.tier)
+        await self._count(ctx.tenant_id, [r for r in unique if r.idempotency_key in new_keys])
+        return len(new_keys), len(records) - len(new_keys)
+
+    async def _count(self, tenant_id: str, records: Sequence[UsageRecord]) -> None:
+        if not records:
+            return
+        book = await self._prices.book()
+        for rec in records:
+            price = book.price_at(rec.model, rec.occurred_us)
+            cost = float(scaled_to_usd(price.cost_scaled(rec.tokens))) if price else 0.0
+            self._metrics.recorded(tenant_id, rec.model, _OUTCOMES.get(rec.outcome, "other"), rec.tokens, cost)
+
+    async def query(self, query: UsageQuery, *, prefix: str = "filter") -> list[UsageTotal]:
+        """The tenant's usage rows, each event priced at its own time."""
+        if problems := validate_query(query, prefix):
+            raise InvalidArgument("invalid usage query", reason="INVALID_QUERY", violations=problems)
+        book = await self._prices.book(fresh=True)
+        async with self._db.session() as s:
+            partials = await store.sum_usage(s, query, book.versions())
+        return total(partials, tenant_id=require_tenant().tenant_id, group_by=query.group_by, book=book)
+
+    async def chargeback(self, start_us: int, end_us: int, period: str) -> list[UsageTotal]:
+        """The tenant's lines per period and model (period: periods.DAY or periods.MONTH)."""
+        rows = await self.query(UsageQuery(start_us, end_us, (MODEL, DAY)), prefix="request")
+        return rows if period == periods.DAY else fold_into_months(rows)
+
+    async def known_tenants(self) -> dict[str, str]:
+        """Every tenant with metering data, and its tier."""
+        async with self._db.system_session() as s:
+            return await store.known_tenants(s)
+
+    async def audit(self, method: str, target_tenant: str, detail: str = "") -> None:
+        """Record an operator action on tenant data (and log it; no secrets here, only ids)."""
+        operator = require_tenant()
+        async with self._db.system_session() as s:
+            await store.add_audit(s, operator_id=operator.principal_id, request_id=operator.request_id,
+                                  method=method, target_tenant=target_tenant or "*", detail=detail,
+                                  now_us=self._clock())
+        log.info("operator %s called %s on tenant %s", operator.principal_id, method, target_tenant or "*",
+                 extra={"audit": True, "target_tenant": target_tenant or "*"})

@@ -1,0 +1,66 @@
+"""The price table: versions stored platform-wide, cached briefly in memory for the hot path."""
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+from services.metering import periods, store
+from services.metering.pricing import Price, PriceBook
+from shared.errors import InvalidArgument
+
+MAX_TEXT = 200
+
+
+def validate_price(price: Price) -> dict[str, str]:
+    """Field violations of a price version; empty when it is valid."""
+    problems: dict[str, str] = {}
+    if not price.model:
+        problems["price.model"] = "required"
+    elif len(price.model) > MAX_TEXT:
+        problems["price.model"] = f"at most {MAX_TEXT} characters"
+    if price.effective_us <= 0:
+        problems["price.effective_time"] = "required"
+    for name in ("input", "output", "cache_write", "cache_read"):
+        if getattr(price, name) < 0:
+            problems[f"price.{name}_micros_per_mtok"] = "cannot be negative"
+    return problems
+
+
+class PriceCache:
+    """Reads price versions through a system session, keeping them for max_age_us.
+
+    A replica sees another replica's SetPrice within max_age; its own at once.
+    """
+
+    def __init__(self, db, *, max_age_us: int = 2 * periods.US_PER_SECOND,
+                 clock: Callable[[], int] = periods.now_us):
+        self._db = db
+        self._max_age_us = max_age_us
+        self._clock = clock
+        self._book: PriceBook | None = None
+        self._loaded_us = 0
+        self._lock = asyncio.Lock()
+
+    async def book(self, *, fresh: bool = False) -> PriceBook:
+        """Every price version (reloaded when stale, or always when fresh=True)."""
+        now = periods.now_us()
+        if fresh or self._book is None or now - self._loaded_us > self._max_age_us:
+            async with self._lock:
+                if fresh or self._book is None or now - self._loaded_us > self._max_age_us:
+                    async with self._db.system_session() as s:
+                        self._book = PriceBook(await store.all_prices(s))
+                    self._loaded_us = periods.now_us()
+        return self._book
+
+    async def current(self, model: str) -> Price | None:
+        """The price in force now for a model."""
+        return (await self.book()).price_at(model, self._clock())
+
+    async def set(self, price: Price) -> Price:
+        """Store a price version."""
+        if problems := validate_price(price):
+            raise InvalidArgument("invalid price", reason="INVALID_PRICE", violations=problems)
+        async with self._db.system_session() as s:
+            await store.upsert_price(s, price)
+        self._book = None
+        return price

@@ -1,0 +1,104 @@
+"""Wiring of the metering service: database, price cache, ledgers, sweeper, server; and main()."""
+from __future__ import annotations
+
+import pathlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from prometheus_client import REGISTRY, CollectorRegistry
+
+from bulkhead.metering.v1 import metering_pb2, metering_pb2_grpc
+from services.metering import periods
+from services.metering.budgets import BudgetLedger
+from services.metering.config import MeteringConfig
+from services.metering.ledger import UsageLedger
+from services.metering.meters import MeteringMetrics
+from services.metering.prices import PriceCache
+from services.metering.servicer import MeteringServicer
+from services.metering.sweeper import ExpirySweeper
+from shared.db import Database
+from shared.server import Binding, RunningServer, run_until_signalled, serve
+from shared.tokens import TokenVerifier
+
+MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
+"""The metering service's Alembic migrations."""
+
+
+@dataclass
+class MeteringService:
+    """A running metering service and what it must close on the way out."""
+
+    running: RunningServer
+    """The gRPC server."""
+    db: Database
+    """Its database."""
+    usage: UsageLedger
+    """Usage recording and reports."""
+    budgets: BudgetLedger
+    """Quotas, reservations and leases."""
+    metrics: MeteringMetrics
+    """Its Prometheus counters."""
+    sweeper: ExpirySweeper
+    """The expiry sweeper (tests call run_once())."""
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop serving, then close everything."""
+        await self.running.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop the sweeper and close the database (after the server stopped)."""
+        await self.sweeper.stop()
+        await self.db.close()
+
+
+async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str = "127.0.0.1:0",
+                         clock: Callable[[], int] = periods.now_us, registry: CollectorRegistry | None = None,
+                         sweep_interval: float | None = None, price_cache_s: float = 2.0) -> MeteringService:
+    """Start the metering server over an open database (tests: port 0, a fake clock, a fresh registry).
+
+    sweep_interval=None leaves the background sweeper stopped (tests drive it with run_once()).
+    """
+    metrics = MeteringMetrics(registry if registry is not None else CollectorRegistry())
+    prices = PriceCache(db, max_age_us=int(price_cache_s * periods.US_PER_SECOND), clock=clock)
+    usage = UsageLedger(db, prices, metrics, clock=clock)
+    budgets = BudgetLedger(db, prices, clock=clock, on_reject=metrics.rejected)
+    sweeper = ExpirySweeper(usage, budgets, interval=sweep_interval or 15.0)
+    binding = Binding(metering_pb2_grpc.add_MeteringServiceServicer_to_server,
+                      MeteringServicer(usage, budgets, prices),
+                      metering_pb2.DESCRIPTOR.services_by_name["MeteringService"])
+    running = await serve(name="metering", bindings=[binding], verifier=verifier, address=address)
+    if sweep_interval:
+        sweeper.start()
+    return MeteringService(running, db, usage, budgets, metrics, sweeper)
+
+
+async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str | None = None) -> MeteringService:
+    """Open the database (migrating it) and start serving and sweeping."""
+    db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
+                             owner_url=config.service.database_owner_url)
+    return await serve_metering(db=db, verifier=verifier, address=address or config.service.address,
+                                registry=REGISTRY, sweep_interval=config.sweep_interval_s or None,
+                                price_cache_s=config.price_cache_s)
+
+
+async def main() -> None:
+    """Run the metering service until SIGTERM/SIGINT, with /metrics on its metrics port."""
+    from shared.client import make_channel
+    from shared.keys import remote_verifier
+    from shared.logs import setup_logging
+    from shared.metrics import serve_metrics
+    from shared.telemetry import setup_telemetry
+
+    config = MeteringConfig.from_env()
+    setup_logging("metering", config.service.log_level)
+    setup_telemetry("metering", config.service.otlp_endpoint)
+    serve_metrics(config.service.metrics_port)
+    identity = make_channel(config.service.peer("identity"))
+    service = await start(config, remote_verifier(identity))
+
+    async def close() -> None:
+        await service.close()
+        await identity.close()
+
+    await run_until_signalled(service.running, on_stop=close)

@@ -1,0 +1,166 @@
+"""MeteringService handlers: proto in, domain call, proto out. Tenant comes only from the context."""
+from __future__ import annotations
+
+import re
+
+from bulkhead.metering.v1 import metering_pb2 as pb
+from bulkhead.metering.v1 import metering_pb2_grpc
+from services.metering import periods, wire
+from services.metering.budgets import BudgetLedger
+from services.metering.ledger import UsageLedger, acting_for
+from services.metering.prices import PriceCache
+from services.metering.pricing import format_usd, scaled_to_usd
+from shared.errors import InvalidArgument, PermissionDenied
+from shared.tenancy import TenantContext, require_tenant
+
+_TENANT_ID = re.compile(r"^t_[A-Za-z0-9_-]{1,62}$")
+
+
+def _operator() -> TenantContext:
+    """The calling operator; the interceptor checked the scope, this checks it is the platform tenant's."""
+    ctx = require_tenant()
+    if not ctx.is_operator:
+        raise PermissionDenied("only platform operators may do this", reason="OPERATOR_ONLY")
+    return ctx
+
+
+def _target(tenant_id: str, field: str, *, required: bool) -> str:
+    if not tenant_id and not required:
+        return ""
+    if not _TENANT_ID.match(tenant_id):
+        raise InvalidArgument("invalid tenant id", reason="INVALID_TENANT_ID",
+                              violations={field: "required, like t_abc123" if not tenant_id else "not a tenant id"})
+    return tenant_id
+
+
+class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
+    """Thin handlers over UsageLedger, BudgetLedger and PriceCache."""
+
+    def __init__(self, usage: UsageLedger, budgets: BudgetLedger, prices: PriceCache):
+        self._usage = usage
+        self._budgets = budgets
+        self._prices = prices
+
+    # ---------------------------------------------------------------- usage
+
+    async def RecordUsage(self, request: pb.RecordUsageRequest, context) -> pb.RecordUsageResponse:
+        recorded, duplicates = await self._usage.record([wire.record(e) for e in request.events])
+        return pb.RecordUsageResponse(recorded_count=recorded, duplicate_count=duplicates)
+
+    async def QueryUsage(self, request: pb.QueryUsageRequest, context) -> pb.QueryUsageResponse:
+        rows = await self._usage.query(wire.usage_query(request.filter, request.group_by))
+        chunk, token = wire.page(rows, request.page_size, request.page_token)
+        return pb.QueryUsageResponse(rows=[wire.usage_row(r) for r in chunk], next_page_token=token)
+
+    async def QueryTenantUsage(self, request: pb.QueryTenantUsageRequest, context) -> pb.QueryTenantUsageResponse:
+        _operator()
+        target = _target(request.tenant_id, "tenant_id", required=False)
+        query = wire.usage_query(request.filter, request.group_by)
+        await self._usage.audit("QueryTenantUsage", target)
+        rows = []
+        for tenant_id, tier in await self._tenants(target):
+            with acting_for(tenant_id, tier):
+                rows += await self._usage.query(query)
+        chunk, token = wire.page(rows, request.page_size, request.page_token)
+        return pb.QueryTenantUsageResponse(rows=[wire.usage_row(r) for r in chunk], next_page_token=token)
+
+    async def ExportChargeback(self, request: pb.ExportChargebackRequest, context) -> pb.ExportChargebackResponse:
+        _operator()
+        target = _target(request.tenant_id, "tenant_id", required=False)
+        start = wire.micros(request.start_time, request.HasField("start_time"))
+        end = wire.micros(request.end_time, request.HasField("end_time"))
+        period = periods.DAY if request.period == pb.CHARGEBACK_PERIOD_DAY else periods.MONTH
+        await self._usage.audit("ExportChargeback", target)
+        lines, total = [], 0
+        for tenant_id, tier in await self._tenants(target):
+            with acting_for(tenant_id, tier):
+                for row in await self._usage.chargeback(start, end, period):
+                    total += row.cost_scaled
+                    lines.append(pb.ChargebackLine(
+                        tenant_id=row.tenant_id, period_start=wire.timestamp(row.period_start_us or 0),
+                        model=row.model, event_count=row.event_count, tokens=wire.token_counts(row.tokens),
+                        cost_usd=format_usd(scaled_to_usd(row.cost_scaled))))
+        return pb.ExportChargebackResponse(lines=lines, total_cost_usd=format_usd(scaled_to_usd(total)))
+
+    async def _tenants(self, target: str) -> list[tuple[str, str]]:
+        known = await self._usage.known_tenants()
+        if target:
+            return [(target, known.get(target, "pooled"))]
+        return list(known.items())
+
+    # ---------------------------------------------------------------- prices
+
+    async def SetPrice(self, request: pb.SetPriceRequest, context) -> pb.SetPriceResponse:
+        _operator()
+        stored = await self._prices.set(wire.price(request.price))
+        await self._usage.audit("SetPrice", "", f"model={stored.model}")
+        return pb.SetPriceResponse(price=wire.price_msg(stored))
+
+    async def ListPrices(self, request: pb.ListPricesRequest, context) -> pb.ListPricesResponse:
+        book = await self._prices.book(fresh=True)
+        prices = [p for model, versions in sorted(book.versions().items()) for p in versions
+                  if not request.model or model == request.model]
+        chunk, token = wire.page(prices, request.page_size, request.page_token)
+        return pb.ListPricesResponse(prices=[wire.price_msg(p) for p in chunk], next_page_token=token)
+
+    # ---------------------------------------------------------------- quotas
+
+    async def SetQuota(self, request: pb.SetQuotaRequest, context) -> pb.SetQuotaResponse:
+        _operator()
+        target = _target(request.quota.tenant_id, "quota.tenant_id", required=True)
+        await self._usage.audit("SetQuota", target)
+        tier = (await self._usage.known_tenants()).get(target, "pooled")
+        with acting_for(target, tier):
+            stored = await self._budgets.set_quota(wire.quota(request.quota))
+        await self._usage.note_tenant(target, tier)
+        return pb.SetQuotaResponse(quota=wire.quota_msg(stored))
+
+    async def GetQuota(self, request: pb.GetQuotaRequest, context) -> pb.GetQuotaResponse:
+        _operator()
+        target = _target(request.tenant_id, "tenant_id", required=True)
+        await self._usage.audit("GetQuota", target)
+        tier = (await self._usage.known_tenants()).get(target, "pooled")
+        with acting_for(target, tier):
+            quota = await self._budgets.get_quota(target)
+        return pb.GetQuotaResponse(quota=wire.quota_msg(quota))
+
+    async def GetQuotaStatus(self, request: pb.GetQuotaStatusRequest, context) -> pb.GetQuotaStatusResponse:
+        ctx = require_tenant()
+        quota, states = await self._budgets.status(ctx.tenant_id)
+        return pb.GetQuotaStatusResponse(quota=wire.quota_msg(quota),
+                                         budgets=[wire.budget_status(s) for s in states])
+
+    # ---------------------------------------------------------------- reservations and leases
+
+    async def ReserveBudget(self, request: pb.ReserveBudgetRequest, context) -> pb.ReserveBudgetResponse:
+        ctx = require_tenant()
+        await self._usage.note_tenant(ctx.tenant_id, ctx.tier)
+        res = await self._budgets.reserve(
+            ctx.tenant_id, model=request.model, prompt_tokens=request.prompt_tokens,
+            max_output_tokens=request.max_output_tokens, ttl_seconds=request.ttl_seconds,
+            idempotency_key=request.idempotency_key)
+        return pb.ReserveBudgetResponse(reservation_id=res.reservation_id, held=wire.hold(res.held),
+                                        expire_time=wire.timestamp(res.expires_us), over_budget=res.over_budget)
+
+    async def CommitBudget(self, request: pb.CommitBudgetRequest, context) -> pb.CommitBudgetResponse:
+        done = await self._budgets.commit(request.reservation_id, wire.tokens(request.usage))
+        return pb.CommitBudgetResponse(charged=wire.hold(done.charged), released=wire.hold(done.released))
+
+    async def ReleaseBudget(self, request: pb.ReleaseBudgetRequest, context) -> pb.ReleaseBudgetResponse:
+        done = await self._budgets.release(request.reservation_id)
+        return pb.ReleaseBudgetResponse(released=wire.hold(done.released))
+
+    async def LeaseBudget(self, request: pb.LeaseBudgetRequest, context) -> pb.LeaseBudgetResponse:
+        ctx = require_tenant()
+        await self._usage.note_tenant(ctx.tenant_id, ctx.tier)
+        info = await self._budgets.lease(ctx.tenant_id, model=request.model, tokens=request.tokens,
+                                         min_tokens=request.min_tokens, ttl_seconds=request.ttl_seconds)
+        return pb.LeaseBudgetResponse(lease=wire.lease(info))
+
+    async def RenewLease(self, request: pb.RenewLeaseRequest, context) -> pb.RenewLeaseResponse:
+        info = await self._budgets.renew_lease(request.lease_id, wire.tokens(request.spent), request.ttl_seconds)
+        return pb.RenewLeaseResponse(lease=wire.lease(info))
+
+    async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context) -> pb.ReleaseLeaseResponse:
+        done = await self._budgets.release_lease(request.lease_id, wire.tokens(request.spent))
+        return pb.ReleaseLeaseResponse(charged=wire.hold(done.charged), released=wire.hold(done.released))

@@ -1,0 +1,467 @@
+"""The metering tables and every query on them (no gRPC here).
+
+Budget counters move only through single conditional UPDATEs, so concurrent reservers on any
+number of replicas can never push `used + held` past a hard limit: Postgres re-checks the WHERE
+clause against the row's newest version after waiting for its lock, and SQLite serialises writers.
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from sqlalchemy import (
+    BigInteger,
+    Index,
+    Integer,
+    PrimaryKeyConstraint,
+    SmallInteger,
+    String,
+    and_,
+    case,
+    func,
+    literal,
+    select,
+    text,
+    update,
+)
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.ext.asyncio import AsyncSession
+from sqlalchemy.orm import Mapped, mapped_column
+
+from services.metering import periods
+from services.metering.pricing import Price, Tokens
+from services.metering.usage import AGENT, DAY, HOUR, PRINCIPAL, PartialSum, UsageQuery, UsageRecord
+from shared.db import Base, TenantOwned
+
+_NO_UPDATE_SYNC = {"synchronize_session": False}
+
+
+class MeteringBase(Base):
+    """The metering service's tables."""
+
+
+class UsageEventRow(MeteringBase, TenantOwned):
+    """One metered call; (tenant, idempotency key) is unique, so a retry is never counted twice."""
+
+    __tablename__ = "metering_usage_events"
+    __table_args__ = (
+        PrimaryKeyConstraint("tenant_id", "idempotency_key"),
+        Index("ix_metering_usage_events_tenant_time", "tenant_id", "occurred_us"),
+    )
+
+    idempotency_key: Mapped[str] = mapped_column(String(200))
+    principal_id: Mapped[str] = mapped_column(String(200), default="")
+    agent_id: Mapped[str] = mapped_column(String(200), default="")
+    run_id: Mapped[str] = mapped_column(String(200), default="")
+    trace_id: Mapped[str] = mapped_column(String(200), default="")
+    model: Mapped[str] = mapped_column(String(200))
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    latency_ms: Mapped[int] = mapped_column(BigInteger, default=0)
+    outcome: Mapped[int] = mapped_column(SmallInteger, default=1)
+    occurred_us: Mapped[int] = mapped_column(BigInteger)
+    # Hour and day numbers since the epoch, stored so grouping is the same SQL on every dialect.
+    hour: Mapped[int] = mapped_column(Integer)
+    day: Mapped[int] = mapped_column(Integer)
+    recorded_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class PriceRow(MeteringBase):
+    """A price version (platform-wide, not tenant data)."""
+
+    __tablename__ = "metering_prices"
+    __table_args__ = (PrimaryKeyConstraint("model", "effective_us"),)
+
+    model: Mapped[str] = mapped_column(String(200))
+    effective_us: Mapped[int] = mapped_column(BigInteger)
+    input_micros: Mapped[int] = mapped_column(BigInteger)
+    output_micros: Mapped[int] = mapped_column(BigInteger)
+    cache_write_micros: Mapped[int] = mapped_column(BigInteger)
+    cache_read_micros: Mapped[int] = mapped_column(BigInteger)
+
+
+class QuotaRow(MeteringBase, TenantOwned):
+    """A tenant's rate limits (0 = unlimited)."""
+
+    __tablename__ = "metering_quotas"
+    __table_args__ = (PrimaryKeyConstraint("tenant_id"),)
+
+    requests_per_minute: Mapped[int] = mapped_column(BigInteger, default=0)
+    tokens_per_minute: Mapped[int] = mapped_column(BigInteger, default=0)
+    concurrent_calls: Mapped[int] = mapped_column(BigInteger, default=0)
+    updated_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class BudgetRow(MeteringBase, TenantOwned):
+    """One budget of a tenant: at most one per unit."""
+
+    __tablename__ = "metering_budgets"
+    __table_args__ = (PrimaryKeyConstraint("tenant_id", "unit"),)
+
+    unit: Mapped[str] = mapped_column(String(16))
+    limit_amount: Mapped[int] = mapped_column(BigInteger)
+    period: Mapped[str] = mapped_column(String(8))
+    hard: Mapped[bool] = mapped_column(default=True)
+
+
+class CounterRow(MeteringBase, TenantOwned):
+    """What is used and held of one unit in one period (kept whether or not a budget is set)."""
+
+    __tablename__ = "metering_budget_counters"
+    __table_args__ = (PrimaryKeyConstraint("tenant_id", "unit", "period_us"),)
+
+    unit: Mapped[str] = mapped_column(String(16))
+    period_us: Mapped[int] = mapped_column(BigInteger)
+    used: Mapped[int] = mapped_column(BigInteger, default=0)
+    held: Mapped[int] = mapped_column(BigInteger, default=0)
+
+
+class HoldRow(MeteringBase, TenantOwned):
+    """A reservation or a lease: budget held until it is settled, released or expires."""
+
+    __tablename__ = "metering_holds"
+    __table_args__ = (
+        PrimaryKeyConstraint("hold_id"),
+        Index("ix_metering_holds_open", "tenant_id", "state", "expires_us"),
+        Index("uq_metering_holds_key", "tenant_id", "idempotency_key", unique=True),
+    )
+
+    hold_id: Mapped[str] = mapped_column(String(64))
+    kind: Mapped[str] = mapped_column(String(16))
+    model: Mapped[str] = mapped_column(String(200))
+    idempotency_key: Mapped[str | None] = mapped_column(String(200), nullable=True)
+    tokens_held: Mapped[int] = mapped_column(BigInteger)
+    micros_held: Mapped[int] = mapped_column(BigInteger)
+    tokens_period_us: Mapped[int] = mapped_column(BigInteger)
+    micros_period_us: Mapped[int] = mapped_column(BigInteger)
+    priced_at_us: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[str] = mapped_column(String(16))
+    over_budget: Mapped[bool] = mapped_column(default=False)
+    created_us: Mapped[int] = mapped_column(BigInteger)
+    expires_us: Mapped[int] = mapped_column(BigInteger)
+    settled_us: Mapped[int] = mapped_column(BigInteger, default=0)
+    spent_input: Mapped[int] = mapped_column(BigInteger, default=0)
+    spent_output: Mapped[int] = mapped_column(BigInteger, default=0)
+    spent_cache_write: Mapped[int] = mapped_column(BigInteger, default=0)
+    spent_cache_read: Mapped[int] = mapped_column(BigInteger, default=0)
+    charged_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    charged_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+
+    @property
+    def spent(self) -> Tokens:
+        """The spend recorded on this hold."""
+        return Tokens(self.spent_input, self.spent_output, self.spent_cache_write, self.spent_cache_read)
+
+
+class TenantSeenRow(MeteringBase):
+    """Tenants that have metering data: operators' all-tenant reports walk this list (RLS shows one tenant at a time)."""
+
+    __tablename__ = "metering_tenants"
+    __table_args__ = (PrimaryKeyConstraint("tenant_id"),)
+
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    tier: Mapped[str] = mapped_column(String(16), default="pooled")
+    first_seen_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class OperatorAuditRow(MeteringBase):
+    """One operator action on tenant data (who, what, on which tenant, when)."""
+
+    __tablename__ = "metering_operator_audit"
+
+    audit_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at_us: Mapped[int] = mapped_column(BigInteger)
+    operator_id: Mapped[str] = mapped_column(String(200))
+    request_id: Mapped[str] = mapped_column(String(200))
+    method: Mapped[str] = mapped_column(String(64))
+    target_tenant: Mapped[str] = mapped_column(String(64))
+    detail: Mapped[str] = mapped_column(String(500), default="")
+
+
+# ---------------------------------------------------------------- helpers
+
+def _insert(session: AsyncSession, model: type):
+    """A dialect insert that supports ON CONFLICT DO NOTHING."""
+    dialect = session.bind.dialect.name
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
+
+
+def is_postgres(session: AsyncSession) -> bool:
+    """Whether the session talks to Postgres."""
+    return session.bind.dialect.name == "postgresql"
+
+
+# ---------------------------------------------------------------- usage
+
+_PG_UNNEST_INSERT = text("""
+INSERT INTO metering_usage_events (tenant_id, idempotency_key, principal_id, agent_id, run_id, trace_id, model,
+    input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, latency_ms, outcome, occurred_us,
+    hour, day, recorded_us)
+SELECT :tenant_id, k, p, a, r, t, m, i, o, cw, cr, l, oc, ts, ts / 3600000000, ts / 86400000000, :now
+FROM unnest(CAST(:keys AS text[]), CAST(:principals AS text[]), CAST(:agents AS text[]), CAST(:runs AS text[]),
+            CAST(:traces AS text[]), CAST(:models AS text[]), CAST(:inputs AS bigint[]), CAST(:outputs AS bigint[]),
+            CAST(:cws AS bigint[]), CAST(:crs AS bigint[]), CAST(:latencies AS bigint[]),
+            CAST(:outcomes AS smallint[]), CAST(:times AS bigint[]))
+     AS e(k, p, a, r, t, m, i, o, cw, cr, l, oc, ts)
+ON CONFLICT DO NOTHING
+RETURNING idempotency_key
+""")
+
+
+async def insert_usage(session: AsyncSession, tenant_id: str, records: Sequence[UsageRecord],
+                       now_us: int) -> set[str]:
+    """Insert events, skipping keys already stored; returns the keys that were new."""
+    if is_postgres(session):
+        # One statement with array parameters: far cheaper than a thousand VALUES tuples.
+        result = await session.execute(_PG_UNNEST_INSERT, {
+            "tenant_id": tenant_id, "now": now_us,
+            "keys": [r.idempotency_key for r in records], "principals": [r.principal_id for r in records],
+            "agents": [r.agent_id for r in records], "runs": [r.run_id for r in records],
+            "traces": [r.trace_id for r in records], "models": [r.model for r in records],
+            "inputs": [r.tokens.input for r in records], "outputs": [r.tokens.output for r in records],
+            "cws": [r.tokens.cache_write for r in records], "crs": [r.tokens.cache_read for r in records],
+            "latencies": [r.latency_ms for r in records], "outcomes": [r.outcome for r in records],
+            "times": [r.occurred_us for r in records]})
+        return set(result.scalars())
+    rows = [{
+        "tenant_id": tenant_id, "idempotency_key": r.idempotency_key, "principal_id": r.principal_id,
+        "agent_id": r.agent_id, "run_id": r.run_id, "trace_id": r.trace_id, "model": r.model,
+        "input_tokens": r.tokens.input, "output_tokens": r.tokens.output,
+        "cache_write_tokens": r.tokens.cache_write, "cache_read_tokens": r.tokens.cache_read,
+        "latency_ms": r.latency_ms, "outcome": r.outcome, "occurred_us": r.occurred_us,
+        "hour": r.occurred_us // periods.US_PER_HOUR, "day": r.occurred_us // periods.US_PER_DAY,
+        "recorded_us": now_us} for r in records]
+    new: set[str] = set()
+    for start in range(0, len(rows), 500):  # SQLite caps bound parameters per statement
+        stmt = (_insert(session, UsageEventRow).values(rows[start:start + 500]).on_conflict_do_nothing()
+                .returning(UsageEventRow.idempotency_key))
+        new.update((await session.execute(stmt)).scalars())
+    return new
+
+
+async def sum_usage(session: AsyncSession, query: UsageQuery, prices: dict[str, list[Price]]) -> list[PartialSum]:
+    """Sums of the tenant's events grouped by the query's dimensions, model and price version."""
+    e = UsageEventRow
+    whens = [(and_(e.model == model, e.occurred_us >= p.effective_us), p.effective_us)
+             for model, versions in prices.items() for p in reversed(versions)]
+    version = case(*whens, else_=-1) if whens else literal(-1)
+    keys = [e.model, version]
+    if AGENT in query.group_by:
+        keys.append(e.agent_id)
+    if PRINCIPAL in query.group_by:
+        keys.append(e.principal_id)
+    if DAY in query.group_by:
+        keys.append(e.day)
+    elif HOUR in query.group_by:
+        keys.append(e.hour)
+    stmt = select(
+        *keys, func.count(), func.sum(case((e.outcome != 1, 1), else_=0)),
+        func.sum(e.input_tokens), func.sum(e.output_tokens), func.sum(e.cache_write_tokens),
+        func.sum(e.cache_read_tokens),
+    ).where(e.occurred_us >= query.start_us, e.occurred_us < query.end_us)
+    if query.model:
+        stmt = stmt.where(e.model == query.model)
+    if query.agent_id:
+        stmt = stmt.where(e.agent_id == query.agent_id)
+    if query.principal_id:
+        stmt = stmt.where(e.principal_id == query.principal_id)
+    # Group by position: a bound CASE repeated in GROUP BY would not match the SELECT on Postgres.
+    stmt = stmt.group_by(*(text(str(i + 1)) for i in range(len(keys))))
+    out = []
+    for row in (await session.execute(stmt)).all():
+        model, eff, *rest = row
+        n = len(keys) - 2
+        dims, (count, errors, i, o, cw, cr) = rest[:n], rest[n:]
+        it = iter(dims)
+        out.append(PartialSum(
+            model=model, price_effective_us=None if eff == -1 else int(eff),
+            agent_id=next(it) if AGENT in query.group_by else "",
+            principal_id=next(it) if PRINCIPAL in query.group_by else "",
+            bucket=int(next(it)) if (DAY in query.group_by or HOUR in query.group_by) else None,
+            event_count=int(count), error_count=int(errors or 0),
+            tokens=Tokens(int(i or 0), int(o or 0), int(cw or 0), int(cr or 0))))
+    return out
+
+
+# ---------------------------------------------------------------- prices, tenants, audit
+
+async def upsert_price(session: AsyncSession, price: Price) -> None:
+    """Store a price version, replacing one with the same model and effective time."""
+    values = {"model": price.model, "effective_us": price.effective_us, "input_micros": price.input,
+              "output_micros": price.output, "cache_write_micros": price.cache_write,
+              "cache_read_micros": price.cache_read}
+    stmt = _insert(session, PriceRow).values(values)
+    stmt = stmt.on_conflict_do_update(index_elements=["model", "effective_us"], set_={
+        k: v for k, v in values.items() if k not in ("model", "effective_us")})
+    await session.execute(stmt)
+
+
+async def all_prices(session: AsyncSession) -> list[Price]:
+    """Every price version."""
+    rows = (await session.execute(select(PriceRow))).scalars().all()
+    return [Price(r.model, r.effective_us, r.input_micros, r.output_micros, r.cache_write_micros,
+                  r.cache_read_micros) for r in rows]
+
+
+async def note_tenant(session: AsyncSession, tenant_id: str, tier: str, now_us: int) -> None:
+    """Remember that a tenant has metering data, and its tier (where its rows live)."""
+    await session.execute(_insert(session, TenantSeenRow).values(
+        tenant_id=tenant_id, tier=tier, first_seen_us=now_us).on_conflict_do_nothing())
+
+
+async def known_tenants(session: AsyncSession) -> dict[str, str]:
+    """Every tenant with metering data and its tier, sorted by tenant."""
+    rows = await session.execute(select(TenantSeenRow.tenant_id, TenantSeenRow.tier).order_by(TenantSeenRow.tenant_id))
+    return {tid: tier for tid, tier in rows.all()}
+
+
+async def add_audit(session: AsyncSession, *, operator_id: str, request_id: str, method: str,
+                    target_tenant: str, detail: str, now_us: int) -> None:
+    """Record an operator action."""
+    session.add(OperatorAuditRow(at_us=now_us, operator_id=operator_id, request_id=request_id, method=method,
+                                 target_tenant=target_tenant, detail=detail[:500]))
+
+
+async def audit_entries(session: AsyncSession) -> list[OperatorAuditRow]:
+    """Every audit row, oldest first."""
+    return list((await session.execute(select(OperatorAuditRow).order_by(OperatorAuditRow.audit_id))).scalars())
+
+
+# ---------------------------------------------------------------- quotas
+
+async def get_quota(session: AsyncSession) -> tuple[QuotaRow | None, list[BudgetRow]]:
+    """The tenant's quota row and budgets."""
+    quota = (await session.execute(select(QuotaRow))).scalar_one_or_none()
+    budgets = list((await session.execute(select(BudgetRow).order_by(BudgetRow.unit))).scalars())
+    return quota, budgets
+
+
+async def get_budgets(session: AsyncSession) -> dict[str, BudgetRow]:
+    """The tenant's budgets by unit."""
+    return {b.unit: b for b in (await session.execute(select(BudgetRow))).scalars()}
+
+
+async def replace_quota(session: AsyncSession, tenant_id: str, *, rpm: int, tpm: int, concurrent: int,
+                        budgets: Sequence[tuple[str, int, str, bool]], now_us: int) -> None:
+    """Replace the tenant's quota and budgets ((unit, limit, period, hard) tuples)."""
+    existing, old = await get_quota(session)
+    for row in old:
+        await session.delete(row)
+    if existing is None:
+        session.add(QuotaRow(tenant_id=tenant_id, requests_per_minute=rpm, tokens_per_minute=tpm,
+                             concurrent_calls=concurrent, updated_us=now_us))
+    else:
+        existing.requests_per_minute, existing.tokens_per_minute = rpm, tpm
+        existing.concurrent_calls, existing.updated_us = concurrent, now_us
+    await session.flush()
+    for unit, limit, period, hard in budgets:
+        session.add(BudgetRow(tenant_id=tenant_id, unit=unit, limit_amount=limit, period=period, hard=hard))
+
+
+# ---------------------------------------------------------------- counters and holds
+
+@dataclass(frozen=True, slots=True)
+class CounterState:
+    """A counter after an update."""
+
+    used: int
+    """Charged this period."""
+    held: int
+    """Held by open reservations and leases."""
+
+
+async def get_counter(session: AsyncSession, unit: str, period_us: int) -> CounterState:
+    """A counter's state (zero when it has no row yet)."""
+    row = (await session.execute(select(CounterRow.used, CounterRow.held).where(
+        CounterRow.unit == unit, CounterRow.period_us == period_us))).one_or_none()
+    return CounterState(int(row[0]), int(row[1])) if row else CounterState(0, 0)
+
+
+async def try_hold(session: AsyncSession, tenant_id: str, unit: str, period_us: int, amount: int,
+                   limit: int | None) -> CounterState | None:
+    """Add amount to a counter's held part if used + held + amount stays within limit (None = no limit).
+
+    Returns the new state, or None when the limit does not allow it. One conditional UPDATE: atomic.
+    """
+    for _ in range(2):
+        stmt = (update(CounterRow)
+                .where(CounterRow.tenant_id == tenant_id, CounterRow.unit == unit, CounterRow.period_us == period_us)
+                .values(held=CounterRow.held + amount)
+                .returning(CounterRow.used, CounterRow.held)
+                .execution_options(**_NO_UPDATE_SYNC))
+        if limit is not None:
+            stmt = stmt.where(CounterRow.used + CounterRow.held + amount <= limit)
+        row = (await session.execute(stmt)).one_or_none()
+        if row is not None:
+            return CounterState(int(row[0]), int(row[1]))
+        created = await session.execute(_insert(session, CounterRow).values(
+            tenant_id=tenant_id, unit=unit, period_us=period_us, used=0, held=0).on_conflict_do_nothing())
+        if created.rowcount == 0:
+            return None  # the row exists, so the limit refused it
+    return None
+
+
+async def settle_counter(session: AsyncSession, tenant_id: str, unit: str, period_us: int, *,
+                         release: int, charge: int) -> None:
+    """Move a settled hold out of `held` and its charge into `used`."""
+    if release == 0 and charge == 0:
+        return
+    await session.execute(
+        update(CounterRow)
+        .where(CounterRow.tenant_id == tenant_id, CounterRow.unit == unit, CounterRow.period_us == period_us)
+        .values(held=CounterRow.held - release, used=CounterRow.used + charge)
+        .execution_options(**_NO_UPDATE_SYNC))
+
+
+async def get_hold(session: AsyncSession, hold_id: str, kind: str) -> HoldRow | None:
+    """A hold of the tenant by id and kind (another tenant's id is simply not found)."""
+    return (await session.execute(select(HoldRow).where(HoldRow.hold_id == hold_id, HoldRow.kind == kind))
+            ).scalar_one_or_none()
+
+
+async def get_hold_by_key(session: AsyncSession, key: str) -> HoldRow | None:
+    """A reservation of the tenant by its idempotency key."""
+    return (await session.execute(select(HoldRow).where(HoldRow.idempotency_key == key))).scalar_one_or_none()
+
+
+async def add_hold(session: AsyncSession, row: HoldRow) -> None:
+    """Insert a new hold."""
+    session.add(row)
+    await session.flush()
+
+
+async def claim_open_hold(session: AsyncSession, hold_id: str, new_state: str, values: dict) -> bool:
+    """Move an open hold to new_state with values; False when it is no longer open (lost a race)."""
+    result = await session.execute(
+        update(HoldRow).where(HoldRow.hold_id == hold_id, HoldRow.state == "open")
+        .values(state=new_state, **values).execution_options(**_NO_UPDATE_SYNC))
+    return result.rowcount == 1
+
+
+async def renew_hold(session: AsyncSession, hold_id: str, values: dict, now_us: int) -> bool:
+    """Update an open, unexpired hold; False when it is settled or expired."""
+    result = await session.execute(
+        update(HoldRow).where(HoldRow.hold_id == hold_id, HoldRow.state == "open", HoldRow.expires_us >= now_us)
+        .values(**values).execution_options(**_NO_UPDATE_SYNC))
+    return result.rowcount == 1
+
+
+async def expire_holds(session: AsyncSession, now_us: int) -> list[HoldRow]:
+    """Mark the tenant's open holds past their expiry as expired; returns them (each exactly once)."""
+    ids = list((await session.execute(select(HoldRow.hold_id).where(
+        HoldRow.state == "open", HoldRow.expires_us < now_us))).scalars())
+    expired = []
+    for hold_id in ids:
+        # The guarded UPDATE makes each expiry happen once even when sweepers race.
+        if await claim_open_hold(session, hold_id, "expired", {"settled_us": now_us}):
+            row = (await session.execute(select(HoldRow).where(HoldRow.hold_id == hold_id)
+                                         .execution_options(populate_existing=True))).scalar_one()
+            expired.append(row)
+    return expired
+
+
+async def next_expiry(session: AsyncSession) -> int | None:
+    """When the tenant's earliest open hold expires, if any."""
+    return (await session.execute(select(func.min(HoldRow.expires_us)).where(HoldRow.state == "open"))).scalar()

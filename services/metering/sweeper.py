@@ -1,0 +1,54 @@
+"""The background task that returns expired reservations and leases to their budgets."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from services.metering.budgets import BudgetLedger
+from services.metering.ledger import UsageLedger
+from shared.tenancy import TenantContext, tenant_scope
+
+log = logging.getLogger("bulkhead.metering.sweeper")
+
+SERVICE_PRINCIPAL = "svc_metering"
+"""The principal background work acts as (still one tenant per unit of work)."""
+
+
+class ExpirySweeper:
+    """Every `interval` seconds, sweeps each known tenant's overdue holds, one tenant at a time."""
+
+    def __init__(self, usage: UsageLedger, budgets: BudgetLedger, *, interval: float):
+        self._usage = usage
+        self._budgets = budgets
+        self._interval = interval
+        self._task: asyncio.Task | None = None
+
+    async def run_once(self) -> int:
+        """Sweep every tenant once; returns how many holds expired."""
+        expired = 0
+        for tenant_id, tier in (await self._usage.known_tenants()).items():
+            with tenant_scope(TenantContext(tenant_id=tenant_id, principal_id=SERVICE_PRINCIPAL, tier=tier)):
+                expired += await self._budgets.sweep()
+        return expired
+
+    def start(self) -> None:
+        """Run in the background until stop()."""
+        self._task = asyncio.create_task(self._loop(), name="metering-expiry-sweeper")
+
+    async def stop(self) -> None:
+        """Stop the background loop."""
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._interval)
+            try:
+                if n := await self.run_once():
+                    log.info("returned %d expired holds to their budgets", n)
+            except Exception:  # keep sweeping: one bad round must not end the task
+                log.exception("expiry sweep failed")

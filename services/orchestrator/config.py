@@ -1,0 +1,88 @@
+"""The orchestrator's configuration, read from the environment (passed in, so tests inject it).
+
+| variable | default | meaning |
+|---|---|---|
+| BULKHEAD_ORCHESTRATOR_RUNS_PER_TENANT | 4 | concurrent runs per tenant; more wait in the queue |
+| BULKHEAD_ORCHESTRATOR_MAX_CONCURRENT | 64 | runs one replica executes at once |
+| BULKHEAD_ORCHESTRATOR_MAX_STEPS_PER_RUN | 40 | model calls per run, all agents together |
+| BULKHEAD_ORCHESTRATOR_LEASE_SECONDS | 15 | run lease; another replica takes over a run this long after its holder died |
+| BULKHEAD_ORCHESTRATOR_TOOL_RATE | 5 | HTTP tool calls per second per tenant (burst: 4x) |
+| BULKHEAD_ORCHESTRATOR_TOOL_TIMEOUT | 10 | seconds an HTTP tool may take |
+| BULKHEAD_ORCHESTRATOR_DELEGATION_TTL | 3600 | lifetime asked for the delegated token (never beyond the caller's) |
+
+Keys live in the data dir: `orchestrator-grant.key` (seals delegated tokens of queued runs) and
+`orchestrator-canary.key` (derives tenant canary markers; replicas must share it).
+Plus everything shared.config.ServiceConfig reads (address, database URLs, data dir, peers).
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from shared.config import ServiceConfig
+
+
+class ConfigError(ValueError):
+    """The environment describes a configuration the service refuses to run with."""
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    """Everything the orchestrator needs to start."""
+
+    service: ServiceConfig
+    """The settings every service shares."""
+    runs_per_tenant: int = 4
+    """Concurrent runs per tenant."""
+    max_concurrent: int = 64
+    """Runs this replica executes at once."""
+    max_steps_per_run: int = 40
+    """Model calls per run."""
+    lease_seconds: float = 15.0
+    """Lease of a running run; heartbeats renew it every third of this."""
+    tool_rate: float = 5.0
+    """HTTP tool calls per second per tenant."""
+    tool_timeout: float = 10.0
+    """Seconds per HTTP tool call."""
+    delegation_ttl: int = 3600
+    """Seconds of delegated-token lifetime to ask for."""
+
+    @property
+    def grant_key_path(self) -> Path:
+        """Key file sealing delegated tokens."""
+        return self.service.data_dir / "orchestrator-grant.key"
+
+    @property
+    def canary_key_path(self) -> Path:
+        """Key file deriving canary markers."""
+        return self.service.data_dir / "orchestrator-canary.key"
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] = os.environ) -> OrchestratorConfig:
+        """Read and validate the configuration; ConfigError names what is wrong."""
+        return cls(
+            service=ServiceConfig.from_env("orchestrator", env),
+            runs_per_tenant=int(_positive(env, "RUNS_PER_TENANT", 4)),
+            max_concurrent=int(_positive(env, "MAX_CONCURRENT", 64)),
+            max_steps_per_run=int(_positive(env, "MAX_STEPS_PER_RUN", 40)),
+            lease_seconds=_positive(env, "LEASE_SECONDS", 15.0),
+            tool_rate=_positive(env, "TOOL_RATE", 5.0),
+            tool_timeout=_positive(env, "TOOL_TIMEOUT", 10.0),
+            delegation_ttl=int(_positive(env, "DELEGATION_TTL", 3600)),
+        )
+
+
+def _positive(env: Mapping[str, str], suffix: str, default: float) -> float:
+    name = f"BULKHEAD_ORCHESTRATOR_{suffix}"
+    raw = env.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ConfigError(f"{name} must be a number") from None
+    if value <= 0:
+        raise ConfigError(f"{name} must be positive")
+    return value

@@ -1,0 +1,166 @@
+"""What each RPC does, in domain terms: teams CRUD, starting, reading, watching and cancelling runs."""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import AsyncIterator
+from typing import Protocol
+
+from services.orchestrator.dispatcher import Dispatcher, StepNotifier
+from services.orchestrator.grants import GrantSealer
+from services.orchestrator.runs import RunStatus
+from services.orchestrator.steps import Step
+from services.orchestrator.store import Page, RunRecord, RunStore, TeamRecord, TeamStore, new_run_id
+from services.orchestrator.team import TeamSpec, validate_team
+from shared.errors import InvalidArgument
+from shared.tenancy import require_tenant
+
+MAX_INPUT_CHARS = 32_000
+
+RUN_SCOPES = (
+    "state.threads.read", "state.threads.write", "state.context.read", "state.context.write",
+    "inference.messages.create",
+    # What the proxy and state do with the forwarded token on the run's behalf.
+    "metering.usage.write", "metering.budget.write", "metering.quota.read",
+    "credentials.keys.encrypt", "credentials.keys.decrypt",
+)
+"""Scopes of a run's delegated token; credentials.secrets.read is added only when its team uses secrets."""
+
+TEAM_FIELDS = ("description", "agents", "http_tools", "allowed_hosts")
+
+
+class Delegator(Protocol):
+    """Turns the caller's token into a narrower one for a run (identity's ExchangeToken)."""
+
+    async def delegate(self, *, scopes: list[str], run_id: str, ttl: int) -> str:
+        """The delegated token."""
+
+
+class Orchestrator:
+    """The service's operations; every one acts for the tenant of the current request."""
+
+    def __init__(self, *, teams: TeamStore, runs: RunStore, dispatcher: Dispatcher, notifier: StepNotifier,
+                 delegator: Delegator, sealer: GrantSealer, delegation_ttl: int = 3600, watch_poll: float = 1.0):
+        self._teams, self._runs, self._dispatcher, self._notifier = teams, runs, dispatcher, notifier
+        self._delegator, self._sealer, self._ttl, self._poll = delegator, sealer, delegation_ttl, watch_poll
+
+    # --- teams -------------------------------------------------------------------------------
+
+    async def create_team(self, spec: TeamSpec) -> TeamRecord:
+        """Validate and store a new team."""
+        _check(spec)
+        return await self._teams.create(spec)
+
+    async def get_team(self, name: str) -> TeamRecord:
+        """One team."""
+        _require_name(name, "name")
+        return await self._teams.get(name)
+
+    async def list_teams(self, page_size: int, page_token: str) -> Page:
+        """One page of teams."""
+        return await self._teams.list(page_size, page_token)
+
+    async def update_team(self, spec: TeamSpec, etag: str, mask: list[str]) -> TeamRecord:
+        """Replace the masked fields of a team (all when mask is empty)."""
+        _require_name(spec.name, "team.name")
+        unknown = [p for p in mask if p not in TEAM_FIELDS]
+        if unknown:
+            raise InvalidArgument("update_mask names fields that cannot be updated",
+                                  violations={"update_mask": f"unknown or read-only: {', '.join(unknown)}"})
+        current = await self._teams.get(spec.name)
+        if mask:
+            spec = dataclasses.replace(current.spec, **{f: getattr(spec, f) for f in mask})
+        _check(spec)
+        return await self._teams.replace(spec, etag or "")
+
+    async def delete_team(self, name: str) -> None:
+        """Delete a team (runs keep their snapshot)."""
+        _require_name(name, "name")
+        await self._teams.delete(name)
+
+    # --- runs --------------------------------------------------------------------------------
+
+    async def start_run(self, *, team: str, entry_agent: str, run_input: str, idempotency_key: str) -> RunRecord:
+        """Queue a run (or return the run this idempotency key already started)."""
+        v: dict[str, str] = {}
+        if not team:
+            v["team"] = "required"
+        if not run_input.strip():
+            v["input"] = "required"
+        elif len(run_input) > MAX_INPUT_CHARS:
+            v["input"] = f"at most {MAX_INPUT_CHARS} characters"
+        if len(idempotency_key) > 128:
+            v["idempotency_key"] = "at most 128 characters"
+        if v:
+            raise InvalidArgument("invalid run request", violations=v)
+        spec = (await self._teams.get(team)).spec
+        entry = entry_agent or spec.agents[0].name
+        if spec.agent(entry) is None:
+            raise InvalidArgument(f"team {team!r} has no agent {entry!r}", reason="UNKNOWN_AGENT",
+                                  violations={"entry_agent": "not an agent of this team"})
+        ctx = require_tenant()
+        run_id = new_run_id()
+        scopes = list(RUN_SCOPES)
+        if any(t.secret_names() for t in spec.http_tools):
+            scopes.append("credentials.secrets.read")
+        if idempotency_key:
+            existing = await self._runs.create_if_absent_check(idempotency_key)
+            if existing is not None:
+                return existing
+        token = await self._delegator.delegate(scopes=scopes, run_id=run_id, ttl=self._ttl)
+        run, _ = await self._runs.create(team=spec, entry_agent=entry, run_input=run_input,
+                                         idempotency_key=idempotency_key, tenant_id=ctx.tenant_id,
+                                         principal_id=ctx.principal_id, tier=ctx.tier,
+                                         grant=self._sealer.seal(token, run_id), run_id=run_id)
+        self._dispatcher.wake()
+        return run
+
+    async def get_run(self, run_id: str) -> RunRecord:
+        """One run."""
+        _require_name(run_id, "run_id")
+        return await self._runs.get(run_id)
+
+    async def list_runs(self, *, page_size: int, page_token: str, status: RunStatus | None, team: str) -> Page:
+        """One page of runs."""
+        return await self._runs.list(page_size=page_size, page_token=page_token, status=status, team=team)
+
+    async def cancel_run(self, run_id: str) -> RunRecord:
+        """Cancel a run; a running one stops before its next step."""
+        _require_name(run_id, "run_id")
+        run = await self._runs.cancel(run_id)
+        self._dispatcher.cancel_local(run_id)
+        return run
+
+    async def watch(self, run_id: str, after_step: int) -> AsyncIterator[tuple[Step, RunRecord]]:
+        """Every step after after_step as it is recorded, with the run as of then; ends with the run."""
+        _require_name(run_id, "run_id")
+        if after_step < 0:
+            raise InvalidArgument("after_step must not be negative", violations={"after_step": "must be >= 0"})
+        await self._runs.get(run_id)  # NotFound for another tenant's run, before anything is streamed
+        while True:
+            armed = self._notifier.arm(run_id)
+            steps = await self._runs.steps(run_id, after_step)
+            run = await self._runs.get(run_id)
+            # A run turns terminal in the same transaction as its last step, so after a terminal
+            # read one more read of the steps is complete.
+            if run.status.terminal:
+                steps += await self._runs.steps(run_id, steps[-1].index if steps else after_step)
+            for step in steps:
+                yield step, run
+                after_step = step.index
+            if run.status.terminal:
+                return
+            if not steps:
+                await self._notifier.wait(armed, self._poll)
+
+
+def _check(spec: TeamSpec) -> None:
+    violations = validate_team(spec)
+    if violations:
+        raise InvalidArgument("invalid team definition", reason="INVALID_TEAM", violations=violations)
+
+
+def _require_name(value: str, field: str) -> None:
+    if not value:
+        raise InvalidArgument(f"{field} is required", violations={field: "required"})
+    if len(value) > 128:
+        raise InvalidArgument(f"{field} is too long", violations={field: "at most 128 characters"})

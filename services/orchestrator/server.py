@@ -1,0 +1,124 @@
+"""Wiring of the orchestrator: database, engine, dispatcher, clients of the other services; and main()."""
+from __future__ import annotations
+
+import os
+import pathlib
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+
+from bulkhead.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
+from services.orchestrator.clients import (CredentialsSecrets, IdentityDelegator, InferenceModel, StateContext,
+                                           StateStepLog)
+from services.orchestrator.config import OrchestratorConfig
+from services.orchestrator.dispatcher import DispatchSettings, Dispatcher, StepNotifier
+from services.orchestrator.engine import Engine, Limits, Ports
+from services.orchestrator.grants import GrantSealer, load_or_create_key
+from services.orchestrator.http_tools import HttpToolRunner
+from services.orchestrator.operations import Delegator, Orchestrator
+from services.orchestrator.ratelimit import RateLimiter
+from services.orchestrator.servicer import OrchestratorServicer
+from services.orchestrator.store import RunStore, TeamStore
+from shared.client import make_channel
+from shared.db import Database
+from shared.server import Binding, RunningServer, run_until_signalled, serve
+from shared.tokens import TokenVerifier
+
+MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
+"""The orchestrator's Alembic migrations."""
+
+
+@dataclass(frozen=True)
+class Peers:
+    """Where the services a run uses listen."""
+
+    identity: str
+    state: str
+    inference: str
+    credentials: str
+
+
+@dataclass
+class OrchestratorService:
+    """A running orchestrator and what it must close on the way out."""
+
+    running: RunningServer
+    db: Database
+    dispatcher: Dispatcher
+    http: httpx.AsyncClient
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+
+    @property
+    def address(self) -> str:
+        """host:port of the gRPC server."""
+        return self.running.address
+
+    async def stop(self, grace: float = 2.0) -> None:
+        """Stop serving and dispatching (leases go back to the queue), then close everything."""
+        await self.running.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        """Stop dispatching and close clients and the database (after the server stopped)."""
+        await self.dispatcher.stop()
+        await self.http.aclose()
+        for channel in self.channels:
+            await channel.close()
+        await self.db.close()
+
+
+async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: Peers | None = None,
+                address: str | None = None, delegator: Delegator | None = None,
+                canary_key: bytes | None = None, poll_seconds: float = 1.0) -> OrchestratorService:
+    """Open the database (migrating it), connect to the peers, start dispatching and serving."""
+    svc = config.service
+    peers = peers or Peers(identity=svc.peer("identity"), state=svc.peer("state"), inference=svc.peer("inference"),
+                           credentials=svc.peer("credentials"))
+    db = await Database.open(svc.database_url, migrations=str(MIGRATIONS), owner_url=svc.database_owner_url)
+    state_ch = make_channel(peers.state, forward=True)
+    inference_ch = make_channel(peers.inference, forward=True)
+    credentials_ch = make_channel(peers.credentials, forward=True)
+    identity_ch = make_channel(peers.identity, forward=True)
+    channels = [state_ch, inference_ch, credentials_ch, identity_ch]
+    http = httpx.AsyncClient(timeout=config.tool_timeout, follow_redirects=False, trust_env=False)
+    tools = HttpToolRunner(client=http, limiter=RateLimiter(config.tool_rate, int(config.tool_rate * 4) or 1))
+    ports = Ports(log=StateStepLog(state_ch), model=InferenceModel(inference_ch), context=StateContext(state_ch),
+                  secrets=CredentialsSecrets(credentials_ch), http=tools)
+    engine = Engine(canary_key=canary_key or _canary_key(config),
+                    limits=Limits(max_steps_per_run=config.max_steps_per_run))
+    runs, notifier = RunStore(db), StepNotifier()
+    sealer = GrantSealer(load_or_create_key(config.grant_key_path))
+    dispatcher = Dispatcher(runs=runs, engine=engine, ports_for=lambda: ports, sealer=sealer, notifier=notifier,
+                            settings=DispatchSettings(runs_per_tenant=config.runs_per_tenant,
+                                                      max_concurrent=config.max_concurrent,
+                                                      lease_seconds=config.lease_seconds,
+                                                      poll_seconds=poll_seconds))
+    orchestrator = Orchestrator(teams=TeamStore(db), runs=runs, dispatcher=dispatcher, notifier=notifier,
+                                delegator=delegator or IdentityDelegator(identity_ch), sealer=sealer,
+                                delegation_ttl=config.delegation_ttl, watch_poll=poll_seconds)
+    binding = Binding(orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server, OrchestratorServicer(orchestrator),
+                      orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"])
+    running = await serve(name="orchestrator", bindings=[binding], verifier=verifier, address=address or svc.address)
+    dispatcher.start()
+    return OrchestratorService(running, db, dispatcher, http, channels)
+
+
+def _canary_key(config: OrchestratorConfig) -> bytes:
+    raw = config.service.env.get("BULKHEAD_ORCHESTRATOR_CANARY_KEY")
+    return bytes.fromhex(raw) if raw else load_or_create_key(config.canary_key_path)
+
+
+async def main() -> None:
+    """Run the orchestrator until SIGTERM/SIGINT."""
+    from shared.keys import remote_verifier
+    from shared.logs import setup_logging
+    from shared.telemetry import setup_telemetry
+
+    config = OrchestratorConfig.from_env(os.environ)
+    setup_logging("orchestrator", config.service.log_level)
+    setup_telemetry("orchestrator", config.service.otlp_endpoint)
+    identity = make_channel(config.service.peer("identity"))
+    service = await start(config, remote_verifier(identity))
+    service.channels.append(identity)
+    await run_until_signalled(service.running, on_stop=service.close)

@@ -1,0 +1,115 @@
+"""gRPC handlers of the orchestrator: proto in, Orchestrator call, proto out. Nothing else lives here."""
+from __future__ import annotations
+
+from google.protobuf import json_format, struct_pb2, timestamp_pb2
+
+from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
+from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
+from services.orchestrator.operations import Orchestrator
+from services.orchestrator.runs import RunStatus
+from services.orchestrator.steps import Step, StepKind
+from services.orchestrator.store import RunRecord, TeamRecord
+from services.orchestrator.team import AgentSpec, HttpToolSpec, TeamSpec
+
+_STATUS_TO_PB = {s: getattr(pb, f"RUN_STATUS_{s.name}") for s in RunStatus}
+_STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
+_KIND_TO_PB = {k: getattr(pb, f"STEP_KIND_{k.name}") for k in StepKind}
+
+
+class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
+    """Thin translation between bulkhead.orchestrator.v1 messages and Orchestrator."""
+
+    def __init__(self, orchestrator: Orchestrator):
+        self._o = orchestrator
+
+    async def CreateTeam(self, request, context):
+        return pb.CreateTeamResponse(team=team_to_pb(await self._o.create_team(team_from_pb(request.team))))
+
+    async def GetTeam(self, request, context):
+        return pb.GetTeamResponse(team=team_to_pb(await self._o.get_team(request.name)))
+
+    async def ListTeams(self, request, context):
+        page = await self._o.list_teams(request.page_size, request.page_token)
+        return pb.ListTeamsResponse(teams=[team_to_pb(t) for t in page.items], next_page_token=page.next_page_token)
+
+    async def UpdateTeam(self, request, context):
+        record = await self._o.update_team(team_from_pb(request.team), request.team.etag,
+                                           list(request.update_mask.paths))
+        return pb.UpdateTeamResponse(team=team_to_pb(record))
+
+    async def DeleteTeam(self, request, context):
+        await self._o.delete_team(request.name)
+        return pb.DeleteTeamResponse()
+
+    async def StartRun(self, request, context):
+        run = await self._o.start_run(team=request.team, entry_agent=request.entry_agent, run_input=request.input,
+                                      idempotency_key=request.idempotency_key)
+        return pb.StartRunResponse(run=run_to_pb(run))
+
+    async def GetRun(self, request, context):
+        return pb.GetRunResponse(run=run_to_pb(await self._o.get_run(request.run_id)))
+
+    async def ListRuns(self, request, context):
+        page = await self._o.list_runs(page_size=request.page_size, page_token=request.page_token,
+                                       status=_STATUS_FROM_PB.get(request.status), team=request.team)
+        return pb.ListRunsResponse(runs=[run_to_pb(r) for r in page.items], next_page_token=page.next_page_token)
+
+    async def WatchRun(self, request, context):
+        async for step, run in self._o.watch(request.run_id, request.after_step):
+            yield pb.WatchRunResponse(step=step_to_pb(run.run_id, step), run=run_to_pb(run))
+
+    async def CancelRun(self, request, context):
+        return pb.CancelRunResponse(run=run_to_pb(await self._o.cancel_run(request.run_id)))
+
+
+def _ts(seconds: float) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromNanoseconds(int(seconds * 1e9))
+    return ts
+
+
+def _struct(d: dict) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    s.update(d)
+    return s
+
+
+def team_from_pb(t: pb.Team) -> TeamSpec:
+    """A proto team as a TeamSpec (output-only fields dropped)."""
+    return TeamSpec(
+        name=t.name, description=t.description,
+        agents=tuple(AgentSpec(name=a.name, system_prompt=a.system_prompt, model=a.model, tools=tuple(a.tools),
+                               handoffs=tuple(a.handoffs), max_steps=a.max_steps, max_tokens=a.max_tokens)
+                     for a in t.agents),
+        http_tools=tuple(HttpToolSpec(name=h.name, url=h.url, method=(h.method or "GET").upper(),
+                                      description=h.description, headers=dict(h.headers),
+                                      input_schema=json_format.MessageToDict(h.input_schema))
+                         for h in t.http_tools),
+        allowed_hosts=tuple(t.allowed_hosts))
+
+
+def team_to_pb(r: TeamRecord) -> pb.Team:
+    """A stored team as proto."""
+    s = r.spec
+    return pb.Team(
+        name=s.name, description=s.description,
+        agents=[pb.Agent(name=a.name, system_prompt=a.system_prompt, model=a.model, tools=a.tools,
+                         handoffs=a.handoffs, max_steps=a.max_steps, max_tokens=a.max_tokens) for a in s.agents],
+        http_tools=[pb.HttpTool(name=h.name, description=h.description, method=h.method, url=h.url,
+                                headers=dict(h.headers), input_schema=_struct(dict(h.input_schema)))
+                    for h in s.http_tools],
+        allowed_hosts=s.allowed_hosts, etag=r.etag, create_time=_ts(r.created_at), update_time=_ts(r.updated_at))
+
+
+def run_to_pb(r: RunRecord) -> pb.Run:
+    """A stored run as proto."""
+    return pb.Run(run_id=r.run_id, team=r.team, entry_agent=r.entry_agent, input=r.input,
+                  status=_STATUS_TO_PB[r.status], current_agent=r.current_agent, output=r.output,
+                  step_count=r.step_count, error_reason=r.error_reason, error_message=r.error_message,
+                  idempotency_key=r.idempotency_key, create_time=_ts(r.created_at), update_time=_ts(r.updated_at))
+
+
+def step_to_pb(run_id: str, s: Step) -> pb.Step:
+    """A step as proto."""
+    return pb.Step(run_id=run_id, index=s.index, kind=_KIND_TO_PB[s.kind], agent=s.agent, summary=s.summary,
+                   detail=_struct(s.detail), create_time=_ts(s.created_at))

@@ -1,0 +1,431 @@
+"""Persistence of teams, runs and the run queue (SQLAlchemy 2 async via shared.db). No grpc here.
+
+Teams and runs are tenant-owned rows (ORM criteria + Postgres RLS). The run queue is a platform
+table holding only ids, timestamps, leases and the sealed delegated token: the dispatcher must
+see every tenant's queue to be fair, and never needs their data.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import secrets
+import time
+import uuid
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import Boolean, Float, Index, Integer, LargeBinary, String, Text, UniqueConstraint, select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Mapped, mapped_column
+
+from services.orchestrator.history import Finished
+from services.orchestrator.runs import RunStatus, check_transition
+from services.orchestrator.scheduler import QueuedRun
+from services.orchestrator.steps import Step
+from services.orchestrator.team import TeamSpec
+from shared.db import Base, Database, TenantOwned
+from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
+
+
+class OrchestratorBase(Base):
+    """The orchestrator's tables."""
+
+
+class TeamRow(OrchestratorBase, TenantOwned):
+    """A team definition of one tenant."""
+
+    __tablename__ = "orch_teams"
+    __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_orch_teams_tenant_name"),)
+    id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    name: Mapped[str] = mapped_column(String(64))
+    spec: Mapped[str] = mapped_column(Text)
+    etag: Mapped[str] = mapped_column(String(40))
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class RunRow(OrchestratorBase, TenantOwned):
+    """A run of one tenant, with a snapshot of the team it started with."""
+
+    __tablename__ = "orch_runs"
+    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_orch_runs_tenant_idem"),
+                      Index("ix_orch_runs_tenant_created", "tenant_id", "created_at"))
+    run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    team: Mapped[str] = mapped_column(String(64))
+    team_spec: Mapped[str] = mapped_column(Text)
+    entry_agent: Mapped[str] = mapped_column(String(64))
+    input: Mapped[str] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    current_agent: Mapped[str] = mapped_column(String(64))
+    output: Mapped[str] = mapped_column(Text, default="")
+    error_reason: Mapped[str] = mapped_column(String(64), default="")
+    error_message: Mapped[str] = mapped_column(Text, default="")
+    step_count: Mapped[int] = mapped_column(Integer, default=0)
+    idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    updated_at: Mapped[float] = mapped_column(Float)
+
+
+class StepRow(OrchestratorBase, TenantOwned):
+    """A copy of a run's step as appended to state, for GetRun/WatchRun without a trip to state."""
+
+    __tablename__ = "orch_steps"
+    run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    idx: Mapped[int] = mapped_column(Integer, primary_key=True)
+    payload: Mapped[str] = mapped_column(Text)
+
+
+class QueueRow(OrchestratorBase):
+    """Scheduling of one unfinished run: queue position and lease. Ids only, no tenant data."""
+
+    __tablename__ = "orch_run_queue"
+    __table_args__ = (Index("ix_orch_run_queue_state", "state", "enqueued_at"),)
+    run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    principal_id: Mapped[str] = mapped_column(String(64))
+    tier: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # queued | running
+    enqueued_at: Mapped[float] = mapped_column(Float)
+    lease_owner: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    lease_expires: Mapped[float] = mapped_column(Float, default=0.0)
+    cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
+    grant: Mapped[bytes] = mapped_column(LargeBinary)
+
+
+# --- records ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TeamRecord:
+    """A stored team."""
+
+    spec: TeamSpec
+    etag: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    """A stored run."""
+
+    run_id: str
+    team: str
+    team_spec: TeamSpec
+    entry_agent: str
+    input: str
+    status: RunStatus
+    current_agent: str
+    output: str
+    error_reason: str
+    error_message: str
+    step_count: int
+    idempotency_key: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Page:
+    """One page of a listing."""
+
+    items: list[Any]
+    next_page_token: str = ""
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A run this replica now holds the lease of."""
+
+    run_id: str
+    tenant_id: str
+    principal_id: str
+    tier: str
+    grant: bytes = field(repr=False)
+
+
+def _team(row: TeamRow) -> TeamRecord:
+    return TeamRecord(TeamSpec.from_dict(json.loads(row.spec)), row.etag, row.created_at, row.updated_at)
+
+
+def _run(row: RunRow) -> RunRecord:
+    return RunRecord(row.run_id, row.team, TeamSpec.from_dict(json.loads(row.team_spec)), row.entry_agent, row.input,
+                     RunStatus(row.status), row.current_agent, row.output, row.error_reason, row.error_message,
+                     row.step_count, row.idempotency_key or "", row.created_at, row.updated_at)
+
+
+def _page_size(size: int) -> int:
+    if size < 0:
+        raise InvalidArgument("page_size must not be negative", violations={"page_size": "must be >= 0"})
+    return min(size or 50, 200)
+
+
+def encode_token(d: dict[str, Any]) -> str:
+    """An opaque page token."""
+    return base64.urlsafe_b64encode(json.dumps(d, separators=(",", ":")).encode()).decode()
+
+
+def decode_token(token: str, keys: tuple[str, ...]) -> dict[str, Any] | None:
+    """The fields of a page token; InvalidArgument when it was not made by encode_token."""
+    if not token:
+        return None
+    try:
+        d = json.loads(base64.urlsafe_b64decode(token.encode()))
+        if not isinstance(d, dict) or set(d) != set(keys):
+            raise ValueError
+        return d
+    except (ValueError, binascii.Error, UnicodeDecodeError):
+        raise InvalidArgument("malformed page token", reason="INVALID_PAGE_TOKEN",
+                              violations={"page_token": "not a token this service issued"}) from None
+
+
+def new_run_id() -> str:
+    """A fresh run id: r_ + 24 lower-case hex characters (valid as a state thread id)."""
+    return "r_" + secrets.token_hex(12)
+
+
+# --- teams ------------------------------------------------------------------------------------
+
+
+class TeamStore:
+    """Teams of the current tenant."""
+
+    def __init__(self, db: Database):
+        self._db = db
+
+    async def create(self, spec: TeamSpec) -> TeamRecord:
+        """Store a new team; AlreadyExists if the name is taken."""
+        now = time.time()
+        row = TeamRow(id=uuid.uuid4().hex, name=spec.name, spec=json.dumps(spec.to_dict()), etag=uuid.uuid4().hex,
+                      created_at=now, updated_at=now)
+        try:
+            async with self._db.session() as s:
+                s.add(row)
+        except IntegrityError:
+            raise AlreadyExists(f"team {spec.name!r} already exists", reason="TEAM_EXISTS") from None
+        return _team(row)
+
+    async def get(self, name: str) -> TeamRecord:
+        """The team called name; NotFound otherwise (also for other tenants' teams)."""
+        async with self._db.session() as s:
+            row = (await s.execute(select(TeamRow).where(TeamRow.name == name))).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"team {name!r} not found", reason="TEAM_NOT_FOUND")
+            return _team(row)
+
+    async def list(self, page_size: int, page_token: str) -> Page:
+        """Teams in name order, one page."""
+        size = _page_size(page_size)
+        after = decode_token(page_token, ("n",))
+        async with self._db.session() as s:
+            q = select(TeamRow).order_by(TeamRow.name).limit(size + 1)
+            if after:
+                q = q.where(TeamRow.name > after["n"])
+            rows = list((await s.execute(q)).scalars())
+        items = [_team(r) for r in rows[:size]]
+        return Page(items, encode_token({"n": rows[size - 1].name}) if len(rows) > size else "")
+
+    async def replace(self, spec: TeamSpec, etag: str) -> TeamRecord:
+        """Store spec over the team of that name; Aborted when etag is set and stale."""
+        async with self._db.session() as s:
+            row = (await s.execute(select(TeamRow).where(TeamRow.name == spec.name))).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"team {spec.name!r} not found", reason="TEAM_NOT_FOUND")
+            if etag and etag != row.etag:
+                raise Aborted("team changed since it was read", reason="ETAG_MISMATCH", metadata={"etag": row.etag})
+            row.spec, row.etag, row.updated_at = json.dumps(spec.to_dict()), uuid.uuid4().hex, time.time()
+            return _team(row)
+
+    async def delete(self, name: str) -> None:
+        """Delete the team; NotFound if there is none."""
+        async with self._db.session() as s:
+            row = (await s.execute(select(TeamRow).where(TeamRow.name == name))).scalar_one_or_none()
+            if row is None:
+                raise NotFound(f"team {name!r} not found", reason="TEAM_NOT_FOUND")
+            await s.delete(row)
+
+
+# --- runs -------------------------------------------------------------------------------------
+
+
+class RunStore:
+    """Runs of the current tenant, and the platform-wide run queue."""
+
+    def __init__(self, db: Database):
+        self._db = db
+
+    async def create(self, *, team: TeamSpec, entry_agent: str, run_input: str, idempotency_key: str,
+                     tenant_id: str, principal_id: str, tier: str, grant: bytes,
+                     run_id: str | None = None) -> tuple[RunRecord, bool]:
+        """Insert a queued run and its queue entry in one transaction; (run, created).
+
+        With an idempotency key already used by this tenant, returns that run and created=False.
+        """
+        if idempotency_key:
+            existing = await self._by_key(idempotency_key)
+            if existing is not None:
+                return existing, False
+        now = time.time()
+        run_id = run_id or new_run_id()
+        row = RunRow(run_id=run_id, team=team.name, team_spec=json.dumps(team.to_dict()), entry_agent=entry_agent,
+                     input=run_input, status=RunStatus.QUEUED.value, current_agent=entry_agent, output="",
+                     error_reason="", error_message="", step_count=0, idempotency_key=idempotency_key or None,
+                     created_at=now, updated_at=now)
+        try:
+            async with self._db.session() as s:
+                s.add(row)
+                s.add(QueueRow(run_id=run_id, tenant_id=tenant_id, principal_id=principal_id, tier=tier,
+                               state="queued", enqueued_at=now, lease_owner=None, lease_expires=0.0,
+                               cancel_requested=False, grant=grant))
+        except IntegrityError:
+            existing = await self._by_key(idempotency_key) if idempotency_key else None
+            if existing is None:
+                raise
+            return existing, False
+        return _run(row), True
+
+    async def create_if_absent_check(self, key: str) -> RunRecord | None:
+        """The run this tenant already started with idempotency key `key`, if any."""
+        return await self._by_key(key)
+
+    async def _by_key(self, key: str) -> RunRecord | None:
+        async with self._db.session() as s:
+            row = (await s.execute(select(RunRow).where(RunRow.idempotency_key == key))).scalar_one_or_none()
+            return _run(row) if row else None
+
+    async def get(self, run_id: str) -> RunRecord:
+        """The run; NotFound otherwise (also for other tenants' runs)."""
+        async with self._db.session() as s:
+            row = await s.get(RunRow, run_id)
+            if row is None:
+                raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
+            return _run(row)
+
+    async def list(self, *, page_size: int, page_token: str, status: RunStatus | None, team: str) -> Page:
+        """Runs newest first, filtered, one page."""
+        size = _page_size(page_size)
+        after = decode_token(page_token, ("c", "r"))
+        async with self._db.session() as s:
+            q = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.run_id.desc()).limit(size + 1)
+            if status is not None:
+                q = q.where(RunRow.status == status.value)
+            if team:
+                q = q.where(RunRow.team == team)
+            if after:
+                q = q.where((RunRow.created_at < after["c"]) |
+                            ((RunRow.created_at == after["c"]) & (RunRow.run_id < after["r"])))
+            rows = list((await s.execute(q)).scalars())
+        items = [_run(r) for r in rows[:size]]
+        last = rows[size - 1] if len(rows) > size else None
+        return Page(items, encode_token({"c": last.created_at, "r": last.run_id}) if last else "")
+
+    async def update(self, run_id: str, *, status: RunStatus | None = None, **fields: Any) -> RunRecord:
+        """Change a run (checking the status transition); the queue entry goes when it finishes."""
+        async with self._db.session() as s:
+            row = await s.get(RunRow, run_id)
+            if row is None:
+                raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
+            if status is not None:
+                check_transition(RunStatus(row.status), status)
+                row.status = status.value
+                if status.terminal:
+                    await s.execute(QueueRow.__table__.delete().where(QueueRow.run_id == run_id))
+            for k, v in fields.items():
+                setattr(row, k, v)
+            row.updated_at = time.time()
+            return _run(row)
+
+    async def record_step(self, run_id: str, step: Step, *, current_agent: str,
+                          finished: Finished | None) -> RunRecord:
+        """Keep a step (already durable in state) and the run's progress, in one transaction."""
+        async with self._db.session() as s:
+            row = await s.get(RunRow, run_id)
+            if row is None:
+                raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
+            if await s.get(StepRow, (run_id, step.index)) is None:
+                s.add(StepRow(run_id=run_id, idx=step.index, payload=step.to_json().decode()))
+            row.step_count = max(row.step_count, step.index)
+            row.current_agent = current_agent
+            if finished is not None and not RunStatus(row.status).terminal:
+                status = RunStatus(finished.status)
+                check_transition(RunStatus(row.status), status)
+                row.status, row.output = status.value, finished.output
+                row.error_reason, row.error_message = finished.reason, finished.message
+                await s.execute(QueueRow.__table__.delete().where(QueueRow.run_id == run_id))
+            row.updated_at = time.time()
+            return _run(row)
+
+    async def steps(self, run_id: str, after: int = 0) -> list[Step]:
+        """Recorded steps of a run with index > after (the run must be the tenant's)."""
+        async with self._db.session() as s:
+            rows = (await s.execute(select(StepRow.payload).where(StepRow.run_id == run_id, StepRow.idx > after)
+                                    .order_by(StepRow.idx))).scalars()
+            return [Step.from_json(p) for p in rows]
+
+    async def cancel(self, run_id: str) -> RunRecord:
+        """Cancel now if queued; flag for the executor if running; no-op if finished."""
+        async with self._db.session() as s:
+            row = await s.get(RunRow, run_id)
+            if row is None:
+                raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
+            status = RunStatus(row.status)
+            if status == RunStatus.QUEUED:
+                row.status, row.updated_at = RunStatus.CANCELLED.value, time.time()
+                row.error_message = "cancelled by request"
+                await s.execute(QueueRow.__table__.delete().where(QueueRow.run_id == run_id))
+            elif status == RunStatus.RUNNING:
+                await s.execute(update(QueueRow).where(QueueRow.run_id == run_id).values(cancel_requested=True))
+            return _run(row)
+
+    # --- the platform-wide queue (system session: ids and leases only) --------------------------
+
+    async def waiting(self, now: float) -> tuple[list[QueuedRun], Counter[str]]:
+        """Runs waiting for a slot (queued, or running under an expired lease) and live leases per tenant."""
+        async with self._db.system_session() as s:
+            rows = list((await s.execute(select(QueueRow.run_id, QueueRow.tenant_id, QueueRow.state,
+                                                QueueRow.enqueued_at, QueueRow.lease_expires))).all())
+        running: Counter[str] = Counter()
+        waiting: list[QueuedRun] = []
+        for run_id, tenant_id, state, enqueued_at, expires in rows:
+            if state == "running" and expires > now:
+                running[tenant_id] += 1
+            else:
+                waiting.append(QueuedRun(tenant_id, run_id, enqueued_at))
+        return waiting, running
+
+    async def claim(self, run_id: str, owner: str, *, ttl: float, now: float) -> Claim | None:
+        """Take the lease of a waiting run; None when another replica got it first."""
+        async with self._db.system_session() as s:
+            result = await s.execute(
+                update(QueueRow).where(QueueRow.run_id == run_id)
+                .where((QueueRow.state == "queued") | (QueueRow.lease_expires <= now))
+                .values(state="running", lease_owner=owner, lease_expires=now + ttl))
+            if result.rowcount != 1:
+                return None
+            row = await s.get(QueueRow, run_id)
+            return Claim(row.run_id, row.tenant_id, row.principal_id, row.tier, row.grant)
+
+    async def renew(self, run_id: str, owner: str, *, ttl: float, now: float) -> tuple[bool, bool]:
+        """Extend our lease; (still ours, cancel requested)."""
+        async with self._db.system_session() as s:
+            result = await s.execute(
+                update(QueueRow).where(QueueRow.run_id == run_id, QueueRow.lease_owner == owner,
+                                       QueueRow.state == "running")
+                .values(lease_expires=now + ttl))
+            if result.rowcount != 1:
+                return False, False
+            cancel = (await s.execute(select(QueueRow.cancel_requested).where(QueueRow.run_id == run_id))).scalar()
+            return True, bool(cancel)
+
+    async def release(self, run_id: str, owner: str) -> None:
+        """Give a lease back without finishing (shutdown): the run waits for the next claim."""
+        async with self._db.system_session() as s:
+            await s.execute(update(QueueRow).where(QueueRow.run_id == run_id, QueueRow.lease_owner == owner)
+                            .values(state="queued", lease_owner=None, lease_expires=0.0))
+
+    async def drop(self, run_id: str) -> None:
+        """Remove a queue entry whose run can no longer be executed."""
+        async with self._db.system_session() as s:
+            await s.execute(QueueRow.__table__.delete().where(QueueRow.run_id == run_id))

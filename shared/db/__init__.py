@@ -1,0 +1,39 @@
+"""The async DB layer of the tenancy library (DESIGN §3): tenant-confined sessions, RLS, tiers.
+
+    db = await Database.open(url, migrations="services/state/migrations", owner_url=owner)
+    async with db.session() as s:          # needs a TenantContext; confined to that tenant
+        s.add(Thread(...))
+    async with db.system_session() as s:   # platform tables only
+        ...
+"""
+from __future__ import annotations
+
+from shared.db.base import NAMING_CONVENTION, Base, TenantOwned, is_tenant_owned
+from shared.db.database import Database
+from shared.db.engine import make_engine, normalize_url
+from shared.db.migrations import run_env, upgrade
+from shared.db.rls import enable_tenant_rls, grant_app_role
+from shared.db.router import Route, TenantRouter, bridge_schema, silo_database
+from shared.db.session import TenantIsolationError, TenantSession
+from shared.tenancy import NoTenantContext
+
+__all__ = [
+    "NAMING_CONVENTION",
+    "Base",
+    "Database",
+    "NoTenantContext",
+    "Route",
+    "TenantIsolationError",
+    "TenantOwned",
+    "TenantRouter",
+    "TenantSession",
+    "bridge_schema",
+    "enable_tenant_rls",
+    "grant_app_role",
+    "is_tenant_owned",
+    "make_engine",
+    "normalize_url",
+    "run_env",
+    "silo_database",
+    "upgrade",
+]

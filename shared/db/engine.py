@@ -1,0 +1,56 @@
+"""Engine factory: async Postgres (asyncpg) or embedded SQLite (aiosqlite) from one URL."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import URL, event, make_url
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+
+_ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
+
+
+def normalize_url(url: str | URL) -> URL:
+    """The async-driver form of a database URL (`postgresql://` → asyncpg, `sqlite://` → aiosqlite)."""
+    parsed = make_url(url)
+    backend = parsed.get_backend_name()
+    if backend not in ("postgresql", "sqlite") and parsed.drivername not in _ASYNC_DRIVERS:
+        raise ValueError(f"unsupported database {parsed.drivername!r}: use postgresql or sqlite")
+    if "+" not in parsed.drivername:
+        parsed = parsed.set(drivername=_ASYNC_DRIVERS[parsed.drivername])
+    return parsed
+
+
+def is_sqlite(url: URL) -> bool:
+    """Whether the URL names an SQLite database."""
+    return url.get_backend_name() == "sqlite"
+
+
+def sqlite_path(url: URL) -> Path:
+    """The file behind an SQLite URL; in-memory databases are refused (each connection would get its own)."""
+    if not url.database or url.database == ":memory:" or url.database.startswith("file::memory:"):
+        raise ValueError("SQLite needs a file path (sqlite:///path/to/db.sqlite), not an in-memory database")
+    return Path(url.database)
+
+
+def make_engine(url: str | URL, **options: Any) -> AsyncEngine:
+    """An async engine for `url`; SQLite gets WAL, foreign keys and a busy timeout, and its directory."""
+    parsed = normalize_url(url)
+    if is_sqlite(parsed):
+        sqlite_path(parsed).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_async_engine(parsed, **options)
+        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
+        return engine
+    options.setdefault("pool_pre_ping", False)
+    return create_async_engine(parsed, **options)
+
+
+def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    try:
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA busy_timeout=5000")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+    finally:
+        cursor.close()

@@ -1,0 +1,226 @@
+"""TenantSession: an ORM session that can only see and write one tenant's rows.
+
+Layer 1 of data isolation (DESIGN §3). Every SELECT/UPDATE/DELETE that names a TenantOwned
+class gets `tenant_id = <tenant>` added through `with_loader_criteria`; inserts are stamped
+with the tenant and refused when they name another; and a statement that touches a tenant
+table with no tenant to confine it to raises instead of returning everyone's rows. Postgres
+row-level security (layer 2, shared.db.rls) catches whatever bypasses the ORM.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sqlalchemy import event, inspect, text
+from sqlalchemy.engine import Connection
+from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, with_loader_criteria
+from sqlalchemy.sql import visitors
+from sqlalchemy.sql.elements import BindParameter
+from sqlalchemy.sql.selectable import TableClause
+
+from shared.db.base import TENANT_COLUMN_INFO, TenantOwned, is_tenant_owned
+from shared.tenancy import NoTenantContext, current_tenant
+
+TENANT_KEY = "bulkhead.tenant_id"
+"""Session.info key: the tenant a session is bound to (set by Database.session())."""
+SYSTEM_KEY = "bulkhead.system"
+"""Session.info key: a platform session that may touch no tenant-owned table."""
+SEARCH_PATH_KEY = "bulkhead.search_path"
+"""Session.info key: the tenant's own schema (bridge tier on Postgres), made the search_path."""
+
+_TENANT_ATTR = "tenant_id"
+
+
+class TenantIsolationError(RuntimeError):
+    """A statement or flush would cross a tenant boundary, so it was refused."""
+
+
+class TenantSession(Session):
+    """A Session confined to one tenant (see the module docstring).
+
+    The tenant is the one the session was bound to (`info[TENANT_KEY]`, set by
+    `Database.session()`), else the current TenantContext. The legacy bulk methods skip both
+    the execute and the flush hooks, so they are refused for tenant-owned classes.
+    """
+
+    def bulk_save_objects(self, objects: Iterable[object], *args: Any, **kw: Any) -> None:
+        objects = list(objects)
+        if any(isinstance(o, TenantOwned) for o in objects):
+            raise TenantIsolationError("bulk_save_objects bypasses tenant checks; use add_all() or insert()")
+        super().bulk_save_objects(objects, *args, **kw)
+
+    def bulk_insert_mappings(self, mapper: Any, mappings: Iterable[Mapping[str, Any]], *args: Any, **kw: Any) -> None:
+        _refuse_legacy_bulk(mapper, "bulk_insert_mappings", "session.execute(insert(Model), rows)")
+        super().bulk_insert_mappings(mapper, mappings, *args, **kw)
+
+    def bulk_update_mappings(self, mapper: Any, mappings: Iterable[Mapping[str, Any]]) -> None:
+        _refuse_legacy_bulk(mapper, "bulk_update_mappings", "session.execute(update(Model).where(...))")
+        super().bulk_update_mappings(mapper, mappings)
+
+
+def _refuse_legacy_bulk(mapper: Any, method: str, instead: str) -> None:
+    cls = getattr(inspect(mapper), "class_", mapper)
+    if is_tenant_owned(cls):
+        raise TenantIsolationError(f"{method} bypasses tenant checks; use {instead}")
+
+
+def bound_tenant(session: Session) -> str | None:
+    """The tenant a session acts for, or None (a system session, or no tenant context).
+
+    Raises TenantIsolationError when the session is bound to one tenant but the running
+    context is another's: a session must never be handed across tenants.
+    """
+    if session.info.get(SYSTEM_KEY):
+        return None
+    ctx = current_tenant()
+    bound = session.info.get(TENANT_KEY)
+    if bound is None:
+        return ctx.tenant_id if ctx is not None else None
+    if ctx is not None and ctx.tenant_id != bound:
+        raise TenantIsolationError("a session bound to one tenant was used in another tenant's context")
+    return bound
+
+
+def _require_tenant(session: Session, what: str) -> str:
+    tid = bound_tenant(session)
+    if tid is None:
+        where = "a system session" if session.info.get(SYSTEM_KEY) else "no tenant context"
+        raise NoTenantContext(f"{what} touches tenant-owned rows in {where}: refused (fail closed)")
+    return tid
+
+
+def _tenant_tables(statement: Any) -> list[str]:
+    """Names of tenant-owned tables anywhere in a statement (joins and subqueries included)."""
+    found: list[str] = []
+    for element in visitors.iterate(statement):
+        if isinstance(element, TableClause) and _is_tenant_table(element) and element.name not in found:
+            found.append(element.name)
+    return found
+
+
+def _is_tenant_table(table: TableClause) -> bool:
+    column = table.c.get(_TENANT_ATTR) if hasattr(table, "c") else None
+    return column is not None and bool(column.info.get(TENANT_COLUMN_INFO))
+
+
+def _criteria(tid: str) -> Any:
+    # The lambda is cached per class; `tid` is read outside it, so it is tracked as a bound
+    # parameter and one cached SQL string serves every tenant.
+    return with_loader_criteria(TenantOwned, lambda cls: cls.tenant_id == tid, include_aliases=True)
+
+
+@event.listens_for(TenantSession, "do_orm_execute")
+def _confine_statement(state: ORMExecuteState) -> None:
+    """Add the tenant filter to reads/updates/deletes and stamp inserts; fail closed."""
+    if not (state.is_select or state.is_insert or state.is_update or state.is_delete):
+        return
+    statement = state.statement
+    tables = _tenant_tables(statement)
+    kind = "INSERT" if state.is_insert else "UPDATE" if state.is_update else "DELETE" if state.is_delete else "SELECT"
+    if tables:
+        tid = _require_tenant(state.session, f"{kind} on {', '.join(tables)}")
+    else:
+        tid = bound_tenant(state.session)
+        if tid is None:
+            return  # platform tables only
+    if state.is_insert:
+        if tables:
+            _stamp_insert(state, tid)
+        return
+    if not state.is_orm_statement:
+        if tables:
+            raise TenantIsolationError(
+                f"Core {kind} on tenant-owned table {tables[0]!r} has no tenant filter; use the mapped class")
+        return
+    if state.is_update and state.is_executemany and tables:
+        # ORM "bulk UPDATE by primary key" ignores loader criteria: refuse it.
+        raise TenantIsolationError("bulk UPDATE by primary key skips the tenant filter; use update(...).where(...)")
+    if state.is_select and (state.is_column_load or state.is_relationship_load):
+        return  # the criteria propagate from the statement that loaded the parent
+    state.statement = statement.options(_criteria(tid))
+
+
+def _stamp_insert(state: ORMExecuteState, tid: str) -> None:
+    """Stamp an INSERT with the tenant; refuse one that names another tenant."""
+    statement = state.statement
+    if getattr(statement, "select", None) is not None:
+        raise TenantIsolationError("INSERT ... FROM SELECT into a tenant-owned table is not supported")
+    post = getattr(statement, "_post_values_clause", None)
+    if post is not None and hasattr(post, "update_values_to_set"):
+        _check_upsert_target(post)
+    inline_rows = [dict(statement._values or {})] if getattr(statement, "_values", None) else []
+    inline_rows += [row for rows in (getattr(statement, "_multi_values", None) or ()) for row in rows]
+    named_inline = False
+    for row in inline_rows:
+        for key, value in row.items() if isinstance(row, Mapping) else ():
+            if getattr(key, "key", key) != _TENANT_ATTR:
+                continue
+            named_inline = True
+            literal = value.value if isinstance(value, BindParameter) else value
+            if literal != tid:
+                raise TenantIsolationError("INSERT names another tenant's tenant_id: refused")
+    params = state.parameters
+    if isinstance(params, list):
+        state.parameters = [_stamp_row(row, tid) for row in params]
+    elif params:
+        state.parameters = _stamp_row(params, tid)
+    elif getattr(statement, "_multi_values", None):
+        if not named_inline:
+            raise TenantIsolationError("multi-row INSERT .values() into a tenant-owned table must name tenant_id")
+    elif not named_inline:
+        state.statement = statement.values({_TENANT_ATTR: tid})
+
+
+def _stamp_row(row: Mapping[str, Any], tid: str) -> dict[str, Any]:
+    given = row.get(_TENANT_ATTR)
+    if given is not None and given != tid:
+        raise TenantIsolationError("INSERT names another tenant's tenant_id: refused")
+    return {**row, _TENANT_ATTR: tid}
+
+
+def _check_upsert_target(clause: Any) -> None:
+    # ON CONFLICT DO UPDATE may hit an existing row; only a conflict target that includes
+    # tenant_id guarantees that row is this tenant's own.
+    targets = getattr(clause, "inferred_target_elements", None) or ()
+    names = {getattr(t, "key", None) or getattr(t, "name", None) or str(t) for t in targets}
+    if _TENANT_ATTR not in names:
+        raise TenantIsolationError("ON CONFLICT DO UPDATE on a tenant-owned table needs tenant_id in index_elements")
+
+
+@event.listens_for(TenantSession, "before_flush")
+def _stamp_flush(session: Session, flush_context: Any, instances: Any) -> None:
+    """Stamp new tenant-owned objects; refuse any that belong to, or move to, another tenant."""
+    new = [o for o in session.new if isinstance(o, TenantOwned)]
+    changed = [o for o in (*session.dirty, *session.deleted) if isinstance(o, TenantOwned)]
+    if not (new or changed):
+        return
+    tid = _require_tenant(session, "flush")
+    for obj in new:
+        if obj.tenant_id is None:
+            obj.tenant_id = tid
+        elif obj.tenant_id != tid:
+            raise TenantIsolationError(f"{type(obj).__name__} for another tenant cannot be added: refused")
+    for obj in changed:
+        if inspect(obj).attrs.tenant_id.history.has_changes():
+            raise TenantIsolationError(f"{type(obj).__name__}.tenant_id cannot change: rows never move tenants")
+        if obj.tenant_id != tid:
+            raise TenantIsolationError(f"{type(obj).__name__} of another tenant cannot be changed: refused")
+
+
+_SET_TENANT = text("SELECT set_config('app.tenant_id', :tid, true)")
+_SET_TENANT_AND_SCHEMA = text("SELECT set_config('app.tenant_id', :tid, true), set_config('search_path', :sp, true)")
+
+
+@event.listens_for(TenantSession, "after_begin")
+def _bind_transaction(session: Session, transaction: SessionTransaction, connection: Connection) -> None:
+    """On Postgres, tell RLS whose transaction this is; local to it, so pooled connections forget."""
+    if connection.dialect.name != "postgresql":
+        return
+    tid = session.info.get(TENANT_KEY)
+    if tid is None:
+        return
+    schema = session.info.get(SEARCH_PATH_KEY)
+    if schema:
+        connection.execute(_SET_TENANT_AND_SCHEMA, {"tid": tid, "sp": schema})
+    else:
+        connection.execute(_SET_TENANT, {"tid": tid})

@@ -1,0 +1,37 @@
+"""Declarative bases: one metadata per service; TenantOwned's column."""
+from __future__ import annotations
+
+from sqlalchemy import Integer, String
+from sqlalchemy.orm import Mapped, mapped_column
+
+from shared.db import Base, TenantOwned, is_tenant_owned
+
+from .notes import Note, NotesBase, Setting
+
+
+def test_each_service_base_has_its_own_metadata_and_registry() -> None:
+    """Two services may both map a `notes` table without sharing metadata, registry or Base's."""
+
+    class OtherBase(Base):
+        """Another service's tables."""
+
+    class OtherNote(OtherBase, TenantOwned):
+        __tablename__ = "notes"
+        id: Mapped[int] = mapped_column(Integer, primary_key=True)
+
+    assert OtherBase.metadata is not NotesBase.metadata
+    assert OtherBase.registry is not NotesBase.registry
+    assert set(NotesBase.metadata.tables) == {"notes", "settings"}
+    assert set(OtherBase.metadata.tables) == {"notes"}
+    assert OtherNote.__table__ is not Note.__table__
+    assert not Base.metadata.tables
+
+
+def test_tenant_owned_adds_an_indexed_not_null_tenant_column() -> None:
+    """tenant_id is String(64), NOT NULL and indexed with a conventional name."""
+    column = Note.__table__.c.tenant_id
+    assert isinstance(column.type, String) and column.type.length == 64
+    assert column.nullable is False
+    assert [ix.name for ix in Note.__table__.indexes if "tenant_id" in ix.columns] == ["ix_notes_tenant_id"]
+    assert is_tenant_owned(Note) and not is_tenant_owned(Setting)
+    assert "tenant_id" not in Setting.__table__.c

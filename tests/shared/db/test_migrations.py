@@ -1,0 +1,47 @@
+"""Migrations: per-service version table, idempotent upgrades, bad input refused."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from sqlalchemy import inspect
+
+from shared.db import Database, upgrade
+from shared.db.migrations import version_table_for
+
+from .conftest import MIGRATIONS
+
+
+async def test_sqlite_migration_uses_a_per_service_version_table(sqlite_db: Database) -> None:
+    """Tables are created and the version lives in alembic_version_<service>, not alembic_version."""
+    async with sqlite_db.engine.connect() as conn:
+        tables = await conn.run_sync(lambda c: set(inspect(c).get_table_names()))
+    assert {"notes", "settings", "alembic_version_db"} <= tables
+    assert "alembic_version" not in tables
+
+
+async def test_reopening_a_migrated_database_is_a_no_op(tmp_path: Path) -> None:
+    """Opening twice runs no migration twice (and keeps existing data)."""
+    url = f"sqlite:///{tmp_path}/n.db"
+    for _ in range(2):
+        db = await Database.open(url, migrations=MIGRATIONS)
+        await db.close()
+
+
+def test_version_table_is_named_after_the_service_folder() -> None:
+    """services/credentials/migrations keeps its version in alembic_version_credentials."""
+    assert version_table_for("services/credentials/migrations") == "alembic_version_credentials"
+
+
+def test_bad_schema_name_and_missing_folder_are_refused(tmp_path: Path) -> None:
+    """upgrade() refuses unsafe schema names and folders without env.py."""
+    with pytest.raises(ValueError):
+        upgrade(f"sqlite:///{tmp_path}/x.db", MIGRATIONS, schema="evil; drop")
+    with pytest.raises(FileNotFoundError):
+        upgrade(f"sqlite:///{tmp_path}/x.db", tmp_path)
+
+
+async def test_in_memory_sqlite_is_refused() -> None:
+    """An in-memory SQLite database would be a different one per connection: refused."""
+    with pytest.raises(ValueError, match="file path"):
+        await Database.open("sqlite://", migrations=MIGRATIONS)

