@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import inspect
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -17,6 +18,18 @@ import anthropic
 
 OFFLINE = "offline"
 ANTHROPIC = "anthropic"
+
+# Fields this SDK version names as keyword arguments; the rest of the Messages API (temperature,
+# top_p, top_k in SDKs that dropped them) still goes upstream, as extra_body.
+_SDK_FIELDS = frozenset(inspect.signature(anthropic.resources.messages.AsyncMessages.create).parameters) - {"self"}
+
+
+def _sdk_kwargs(body: dict[str, Any]) -> dict[str, Any]:
+    kwargs = {k: v for k, v in body.items() if k in _SDK_FIELDS}
+    extra = {k: v for k, v in body.items() if k not in _SDK_FIELDS}
+    if extra:
+        kwargs["extra_body"] = extra
+    return kwargs
 
 
 class UpstreamError(Exception):
@@ -86,7 +99,7 @@ class AnthropicProvider:
     async def create(self, body: dict[str, Any], target: Target) -> dict[str, Any]:
         """One unary call; the reply exactly as the upstream sent it."""
         try:
-            raw = await self._client(target).messages.with_raw_response.create(**body)
+            raw = await self._client(target).messages.with_raw_response.create(**_sdk_kwargs(body))
             return json.loads(raw.http_response.content)
         except anthropic.AnthropicError as exc:
             raise _upstream_error(exc, target) from None
@@ -95,7 +108,7 @@ class AnthropicProvider:
         """The streaming events of one call, as dicts."""
         started = False
         try:
-            events = await self._client(target).messages.create(**body, stream=True)
+            events = await self._client(target).messages.create(**_sdk_kwargs(body), stream=True)
             async with events:
                 async for event in events:
                     started = True

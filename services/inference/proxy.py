@@ -336,6 +336,8 @@ class InferenceProxy:
     def _keep(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        # A caller that left never reads the task's error; read it here so asyncio does not complain.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
 
 _END = object()

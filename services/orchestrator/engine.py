@@ -151,6 +151,8 @@ class _Execution:
         request_id = step_request_id(self.job.run_id, self.view.last_index + 1)
         try:
             reply = await self.call_model(agent, request_id)
+        except Unavailable:
+            raise  # transient: the dispatcher gives the run back and it resumes at this very step
         except BulkheadError as err:
             reason = err.reason if isinstance(err, ResourceExhausted) else FailReason.MODEL_ERROR
             await self.finish(RunStatus.FAILED, reason=reason, message=f"model call failed: {err.message}")

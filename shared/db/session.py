@@ -223,4 +223,4 @@ def _bind_transaction(session: Session, transaction: SessionTransaction, connect
     if schema:
         connection.execute(_SET_TENANT_AND_SCHEMA, {"tid": tid, "sp": schema})
     else:
-        connection.execute(_SET_TENANT, {"tid": tid})
+        pass

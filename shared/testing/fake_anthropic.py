@@ -146,6 +146,10 @@ class FakeAnthropic:
         self.chunk_words = chunk_words
         self.requests: list[RecordedRequest] = []
         self.usage_log: list[UsageRecord] = []
+        self.replies: list[dict[str, Any]] = []
+        """Every message the fake answered with (unary body, or the message a stream spelled out)."""
+        self.sent_events: list[list[dict[str, Any]]] = []
+        """For each stream, the SSE events actually sent (fewer when it was dropped)."""
         self._scripts: collections.deque[Reply] = collections.deque()
         self._faults: collections.deque[Fault] = collections.deque()
         self._ids = itertools.count(1)
@@ -203,6 +207,8 @@ class FakeAnthropic:
         """Forget recorded requests, usage, scripts and faults."""
         self.requests.clear()
         self.usage_log.clear()
+        self.replies.clear()
+        self.sent_events.clear()
         self._scripts.clear()
         self._faults.clear()
 
@@ -258,6 +264,7 @@ class FakeAnthropic:
         if delay:
             await asyncio.sleep(delay)
         message = self._build_message(request.body)
+        self.replies.append(message)
         record = dict(message_id=message["id"], model=message["model"],
                       user_id=(request.body.get("metadata") or {}).get("user_id"),
                       api_key=_api_key(request.headers))
@@ -275,6 +282,8 @@ class FakeAnthropic:
         reported = {"input_tokens": message["usage"]["input_tokens"], "output_tokens": 1,
                     "cache_creation_input_tokens": message["usage"]["cache_creation_input_tokens"],
                     "cache_read_input_tokens": message["usage"]["cache_read_input_tokens"]}
+        sent: list[dict[str, Any]] = []
+        self.sent_events.append(sent)
         for n, event in enumerate(self._events(message)):
             if drop_after is not None and n >= drop_after:
                 self.usage_log.append(UsageRecord(**record, usage=reported, streamed=True, completed=False))
@@ -282,6 +291,7 @@ class FakeAnthropic:
                 return False
             if event["type"] == "message_delta":
                 reported = {**reported, "output_tokens": event["usage"]["output_tokens"]}
+            sent.append(event)
             data = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))
             await writer.drain()

@@ -11,6 +11,7 @@ role `bulkhead_app` (LOGIN, NOSUPERUSER, NOBYPASSRLS, owns nothing) may connect 
 level security really applies to the service.
 
 Environment knobs: BULKHEAD_TEST_POSTGRES=auto|local|docker picks the backend (auto by default);
+BULKHEAD_TEST_PG_BINDIR=/path/to/bin picks the local binaries;
 BULKHEAD_TEST_POSTGRES_URL=postgresql://superuser:pw@host:port/postgres uses a server you run.
 """
 from __future__ import annotations

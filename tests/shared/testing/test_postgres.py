@@ -56,7 +56,6 @@ async def test_owner_role_is_not_superuser_and_owns_the_database(postgres: Postg
         await conn.close()
     assert (row["rolsuper"], row["rolbypassrls"]) == (False, False)
     assert row["dba"] == urls.owner_role
-    
 
 
 async def test_app_role_sees_only_its_tenant_under_forced_rls(postgres: PostgresServer) -> None:

@@ -1,0 +1,98 @@
+"""`bulkhead up`: the whole mesh on this machine, on embedded defaults unless told otherwise."""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+from pathlib import Path
+
+from bulkhead.cli._common import fail, table
+from bulkhead.supervisor import Supervisor, available_services
+from shared.config import SERVICE_PORTS
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("up", help="run all services on this machine (Ctrl-C stops them)")
+    parser.add_argument("--data-dir", default=os.environ.get("BULKHEAD_DATA_DIR", ".bulkhead"),
+                        help="SQLite files, key files and the operator key (default ./.bulkhead)")
+    parser.add_argument("--postgres", metavar="DSN", help="use Postgres (runtime role) instead of SQLite")
+    parser.add_argument("--postgres-owner", metavar="DSN", help="Postgres URL of the table owner, for migrations")
+    parser.add_argument("--vault", metavar="URL", help="keep secrets in Vault/OpenBao at URL instead of locally")
+    parser.add_argument("--vault-token", default=os.environ.get("BULKHEAD_VAULT_TOKEN"),
+                        help="token credentials uses to administer Vault (default $BULKHEAD_VAULT_TOKEN)")
+    parser.add_argument("--otlp", metavar="ENDPOINT", help="export traces with OTLP/gRPC (e.g. http://localhost:4317)")
+    parser.add_argument("--only", nargs="+", choices=list(SERVICE_PORTS), help="run only these services")
+    parser.add_argument("--port-base", type=int, default=0,
+                        help="listen on PORT_BASE+1..+6 instead of 50051..50056 (metrics on 9451.. moved alike)")
+    parser.add_argument("--quiet", action="store_true", help="do not show the services' log lines")
+    parser.set_defaults(func=_up)
+
+
+def mesh_env(args: argparse.Namespace, base=os.environ) -> dict[str, str]:
+    """The environment every service of this run gets."""
+    env = dict(base)
+    env["BULKHEAD_DATA_DIR"] = str(Path(args.data_dir).resolve())
+    env.setdefault("BULKHEAD_SECRETS_BACKEND", "local")
+    env.setdefault("BULKHEAD_MODEL_PROVIDER", "anthropic" if env.get("ANTHROPIC_API_KEY") else "offline")
+    if args.postgres:
+        env["BULKHEAD_DATABASE_URL"] = args.postgres
+        env["BULKHEAD_DATABASE_OWNER_URL"] = args.postgres_owner or args.postgres
+    if args.vault:
+        env.update(BULKHEAD_SECRETS_BACKEND="vault", BULKHEAD_VAULT_ADDR=args.vault)
+        if args.vault_token:
+            env["BULKHEAD_VAULT_TOKEN"] = args.vault_token
+    if args.otlp:
+        env["BULKHEAD_OTLP_ENDPOINT"] = args.otlp
+    for name, port in SERVICE_PORTS.items():
+        if args.port_base:
+            env[f"BULKHEAD_{name.upper()}_ADDR"] = f"127.0.0.1:{args.port_base + port % 100}"
+            env[f"BULKHEAD_{name.upper()}_METRICS_PORT"] = str(args.port_base + 100 + port % 100)
+        env.setdefault(f"BULKHEAD_{name.upper()}_ADDR", f"127.0.0.1:{port}")
+        env.setdefault(f"BULKHEAD_{name.upper()}_METRICS_PORT", str(9400 + port % 100))
+    return env
+
+
+def _up(args: argparse.Namespace) -> int:
+    services = [s for s in available_services() if not args.only or s in args.only]
+    if not services:
+        fail("no services found: run this from a Bulkhead checkout installed with `pip install -e .`")
+    env = mesh_env(args)
+    return asyncio.run(_run(services, env, quiet=args.quiet))
+
+
+async def _run(services: list[str], env: dict[str, str], *, quiet: bool) -> int:
+    supervisor = Supervisor(services, env, show_logs=not quiet)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    print(f"starting {len(services)} services (data in {env['BULKHEAD_DATA_DIR']}) ...", flush=True)
+    try:
+        starting = asyncio.create_task(supervisor.start())
+        done, _ = await asyncio.wait({starting, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
+        if starting not in done:
+            starting.cancel()
+            raise KeyboardInterrupt
+        starting.result()
+    except (RuntimeError, TimeoutError) as exc:
+        print(f"error: {exc}", flush=True)
+        await supervisor.stop()
+        return 1
+    except KeyboardInterrupt:
+        await supervisor.stop()
+        print("stopped", flush=True)
+        return 130
+    print()
+    table(supervisor.rows(), ["service", "grpc", "metrics", "pid", "state", "restarts"])
+    key_file = Path(env["BULKHEAD_DATA_DIR"]) / "operator.key"
+    if key_file.exists():
+        print(f"\noperator API key: {key_file.read_text().strip()}\n  (kept in {key_file}, mode 0600)")
+    print(f"provider: {env['BULKHEAD_MODEL_PROVIDER']}   secrets: {env['BULKHEAD_SECRETS_BACKEND']}   "
+          f"database: {'postgres' if env.get('BULKHEAD_DATABASE_URL') else 'sqlite'}")
+    print("\nall services healthy. try `bulkhead demo` in another terminal; Ctrl-C stops everything.\n", flush=True)
+    await stop.wait()
+    print("\nstopping ...", flush=True)
+    await supervisor.stop()
+    print("all services stopped", flush=True)
+    return 0

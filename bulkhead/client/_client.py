@@ -1,0 +1,92 @@
+"""Client: channels to every service with credentials and tracing applied, stubs by service name."""
+from __future__ import annotations
+
+import importlib
+import os
+from collections.abc import Mapping
+
+import grpc
+
+from bulkhead.client._credentials import RefreshingToken
+from shared import telemetry
+from shared.config import SERVICES, service_addr
+from shared.errors import error_details
+from shared.tls import TlsConfig, channel_credentials
+
+_STUBS = {
+    "identity": ("bulkhead.identity.v1.identity_pb2_grpc", "IdentityServiceStub"),
+    "credentials": ("bulkhead.credentials.v1.credentials_pb2_grpc", "CredentialsServiceStub"),
+    "state": ("bulkhead.state.v1.state_pb2_grpc", "StateServiceStub"),
+    "inference": ("bulkhead.inference.v1.inference_pb2_grpc", "InferenceServiceStub"),
+    "orchestrator": ("bulkhead.orchestrator.v1.orchestrator_pb2_grpc", "OrchestratorServiceStub"),
+    "metering": ("bulkhead.metering.v1.metering_pb2_grpc", "MeteringServiceStub"),
+}
+
+
+class ClientError(Exception):
+    """A call failed; str() says what happened and what to do next."""
+
+
+def describe_error(err: grpc.aio.AioRpcError) -> str:
+    """One line for a person: the status, the server's message, and a hint."""
+    reason = error_details(err).get("reason")
+    hint = {
+        grpc.StatusCode.UNAVAILABLE: "is the service running? try `bulkhead up`",
+        grpc.StatusCode.UNAUTHENTICATED: "check BULKHEAD_API_KEY, or issue a new token",
+        grpc.StatusCode.PERMISSION_DENIED: "the key lacks the scope for this; ask the tenant admin",
+    }.get(err.code())
+    text = f"{err.code().name}: {err.details()}"
+    if reason and reason not in text:
+        text += f" [{reason}]"
+    return f"{text} ({hint})" if hint else text
+
+
+class Client:
+    """One caller's view of the mesh: `client.identity`, `client.credentials`, ... are typed stubs."""
+
+    def __init__(self, credentials: RefreshingToken, channels: dict[str, grpc.aio.Channel]):
+        self.auth = credentials
+        self._channels = channels
+        self._stubs: dict[str, object] = {}
+
+    @classmethod
+    async def connect(cls, *, api_key: str | None = None, token: str | None = None, tenant_id: str | None = None,
+                      addresses: Mapping[str, str] | None = None, env: Mapping[str, str] = os.environ,
+                      ttl_seconds: int = 0) -> Client:
+        """Channels to every service (addresses default to BULKHEAD_<SVC>_ADDR) with credentials applied."""
+        addresses = {svc: (addresses or {}).get(svc) or service_addr(svc, env) for svc in SERVICES}
+        tls = TlsConfig.from_env(env)
+        bootstrap = _channel(addresses["identity"], tls, [])
+        creds = RefreshingToken(bootstrap, api_key, token=token, tenant_id=tenant_id, ttl_seconds=ttl_seconds)
+        interceptors = [*telemetry.client_interceptors(), creds]
+        channels = {svc: _channel(addr, tls, interceptors) for svc, addr in addresses.items()}
+        channels["_bootstrap"] = bootstrap
+        return cls(creds, channels)
+
+    def __getattr__(self, service: str):
+        if service not in _STUBS:
+            raise AttributeError(service)
+        if service not in self._stubs:
+            module, name = _STUBS[service]
+            self._stubs[service] = getattr(importlib.import_module(module), name)(self._channels[service])
+        return self._stubs[service]
+
+    def channel(self, service: str) -> grpc.aio.Channel:
+        """The authenticated channel to one service (for stubs this client does not name)."""
+        return self._channels[service]
+
+    async def close(self) -> None:
+        for channel in self._channels.values():
+            await channel.close()
+
+    async def __aenter__(self) -> Client:
+        return self
+
+    async def __aexit__(self, *exc) -> None:
+        await self.close()
+
+
+def _channel(address: str, tls: TlsConfig | None, interceptors: list) -> grpc.aio.Channel:
+    if tls is not None:
+        return grpc.aio.secure_channel(address, channel_credentials(tls), interceptors=interceptors)
+    return grpc.aio.insecure_channel(address, interceptors=interceptors)

@@ -1,0 +1,174 @@
+"""Runs the mesh on one machine: each service its own process, health-checked, restarted when it dies."""
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from importlib.util import find_spec
+
+import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from shared.config import SERVICES, service_addr
+
+RESTART_BACKOFF = (0.5, 1, 2, 5, 10)
+"""Seconds to wait before restarting a service that died: the nth restart in a row waits the nth value."""
+
+
+def available_services() -> list[str]:
+    """The services of this checkout that can run (those with a services/<name>/__main__.py)."""
+    return [s for s in SERVICES if find_spec(f"services.{s}.__main__") is not None]
+
+
+@dataclass
+class ServiceProcess:
+    """One supervised service."""
+
+    name: str
+    address: str
+    process: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    state: str = "starting"
+    started_at: float = 0.0
+    log_task: asyncio.Task | None = field(default=None, repr=False)
+
+
+class Supervisor:
+    """Starts, watches and stops the services."""
+
+    def __init__(self, services: list[str], env: Mapping[str, str], *, echo: Callable[[str], None] = print,
+                 show_logs: bool = True):
+        self.env = dict(env)
+        self.echo = echo
+        self.show_logs = show_logs
+        self.procs = {name: ServiceProcess(name, service_addr(name, self.env)) for name in services}
+        self._stopping = False
+        self._watchers: list[asyncio.Task] = []
+
+    async def start(self, timeout: float = 60.0) -> None:
+        """Start identity first (every other service fetches its keys), then the rest; wait until all are healthy."""
+        order = [n for n in self.procs if n == "identity"] + [n for n in self.procs if n != "identity"]
+        if order and order[0] == "identity":
+            await self._spawn(self.procs["identity"])
+            await self.wait_healthy(["identity"], timeout)
+        for name in order[1:]:
+            await self._spawn(self.procs[name])
+        await self.wait_healthy(order[1:], timeout)
+        self._watchers = [asyncio.create_task(self._watch(p)) for p in self.procs.values()]
+
+    async def _spawn(self, proc: ServiceProcess) -> None:
+        proc.process = await asyncio.create_subprocess_exec(
+            sys.executable, "-m", f"services.{proc.name}", env=self.env,
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        proc.started_at = time.monotonic()
+        proc.state = "starting"
+        proc.log_task = asyncio.create_task(self._pump_logs(proc))
+
+    async def _pump_logs(self, proc: ServiceProcess) -> None:
+        assert proc.process and proc.process.stdout
+        async for raw in proc.process.stdout:
+            if self.show_logs:
+                self.echo(format_log_line(proc.name, raw.decode(errors="replace").rstrip("\n")))
+
+    async def wait_healthy(self, names: list[str], timeout: float) -> None:
+        """Poll each service's gRPC health check until SERVING; raise with the laggards named on timeout."""
+        deadline = time.monotonic() + timeout
+        pending = set(names)
+        while pending:
+            for name in list(pending):
+                proc = self.procs[name]
+                if proc.process and proc.process.returncode is not None:
+                    raise RuntimeError(f"{name} exited with code {proc.process.returncode} while starting; "
+                                       f"its log lines above say why")
+                if await check_health(proc.address):
+                    proc.state = "healthy"
+                    pending.discard(name)
+            if pending and time.monotonic() > deadline:
+                raise TimeoutError(f"not healthy after {timeout:.0f}s: {', '.join(sorted(pending))}")
+            if pending:
+                await asyncio.sleep(0.2)
+
+    async def _watch(self, proc: ServiceProcess) -> None:
+        """Restart a service whose process died (with backoff), and report it."""
+        while not self._stopping:
+            assert proc.process
+            code = await proc.process.wait()
+            if self._stopping:
+                return
+            proc.state = "restarting"
+            delay = RESTART_BACKOFF[min(proc.restarts, len(RESTART_BACKOFF) - 1)]
+            self.echo(f"!! {proc.name} exited with code {code}; restarting in {delay}s "
+                      f"(restart #{proc.restarts + 1})")
+            await asyncio.sleep(delay)
+            proc.restarts += 1
+            await self._spawn(proc)
+            try:
+                await self.wait_healthy([proc.name], 60)
+                self.echo(f"!! {proc.name} is healthy again (pid {proc.process.pid})")
+            except (RuntimeError, TimeoutError) as exc:
+                self.echo(f"!! {proc.name} failed to come back: {exc}")
+
+    async def stop(self, grace: float = 10.0) -> None:
+        """SIGTERM every service, wait up to grace seconds, SIGKILL what is left."""
+        self._stopping = True
+        for task in self._watchers:
+            task.cancel()
+        live = [p for p in self.procs.values() if p.process and p.process.returncode is None]
+        for p in live:
+            _signal_group(p.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for p in live:
+            try:
+                await asyncio.wait_for(p.process.wait(), max(deadline - time.monotonic(), 0.1))
+            except asyncio.TimeoutError:
+                _signal_group(p.process.pid, signal.SIGKILL)
+                await p.process.wait()
+        for p in self.procs.values():
+            if p.log_task:
+                p.log_task.cancel()
+            p.state = "stopped"
+
+    def rows(self) -> list[list[str]]:
+        """One row per service for the status table."""
+        port = lambda n: self.env.get(f"BULKHEAD_{n.upper()}_METRICS_PORT")  # noqa: E731
+        return [[p.name, p.address, f"http://127.0.0.1:{port(p.name)}/metrics" if port(p.name) not in (None, "0") else "off",
+                 str(p.process.pid if p.process else ""), p.state, str(p.restarts)] for p in self.procs.values()]
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+async def check_health(address: str, timeout: float = 1.0) -> bool:
+    """Whether the server at address answers its gRPC health check with SERVING."""
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            return resp.status == health_pb2.HealthCheckResponse.SERVING
+    except grpc.aio.AioRpcError:
+        return False
+
+
+_LEVEL_MARK = {"warning": "WARN", "error": "ERROR", "critical": "CRIT"}
+
+
+def format_log_line(service: str, line: str) -> str:
+    """A service's JSON log line as one readable line: `[service] LEVEL message (tenant=…)`."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return f"[{service:>12}] {line}"
+    if not isinstance(record, dict):
+        return f"[{service:>12}] {line}"
+    level = _LEVEL_MARK.get(record.get("level", ""), "")
+    tags = " ".join(f"{k}={record[k]}" for k in ("tenant_id", "request_id", "reason", "method") if record.get(k))
+    text = f"[{service:>12}] {level + ' ' if level else ''}{record.get('message', '')}"
+    return f"{text}  ({tags})" if tags else text

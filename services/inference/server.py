@@ -1,0 +1,137 @@
+"""Wiring of the inference proxy: database, metering and credentials clients, provider, server; and main()."""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import pathlib
+from dataclasses import dataclass, field
+
+import grpc
+
+from bulkhead.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.inference.budget import BudgetLeases
+from services.inference.clients import CredentialsKeys, MeteringClient, NoTenantKeys
+from services.inference.config import InferenceConfig
+from services.inference.limits import RateLimiter
+from services.inference.providers import OFFLINE, AnthropicProvider, OfflineProvider, Provider
+from services.inference.proxy import InferenceProxy, KeySource
+from services.inference.servicer import InferenceServicer
+from services.inference.store import PolicyStore, SqlOutbox
+from services.inference.usage import UsageMeter
+from shared.client import make_channel
+from shared.db import Database
+from shared.logs import register_secret
+from shared.server import Binding, RunningServer, run_until_signalled, serve
+from shared.tokens import TokenVerifier
+
+MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
+"""The inference proxy's Alembic migrations."""
+
+log = logging.getLogger("bulkhead.inference")
+
+
+def make_provider(config: InferenceConfig) -> Provider:
+    """The provider the config names."""
+    if config.provider == OFFLINE:
+        return OfflineProvider()
+    return AnthropicProvider(base_url=config.anthropic_base_url, timeout=config.upstream_timeout)
+
+
+@dataclass
+class InferenceService:
+    """A running inference proxy and what it must settle and close on the way out."""
+
+    running: RunningServer
+    proxy: InferenceProxy
+    budget: BudgetLeases
+    meter: UsageMeter
+    outbox: SqlOutbox
+    db: Database
+    provider: Provider
+    channels: list[grpc.aio.Channel] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+
+    async def stop(self, grace: float = 5.0) -> None:
+        """Stop serving, then settle leases and usage and close everything."""
+        await self.running.stop(grace)
+        await self.close()
+
+    async def close(self) -> None:
+        """Finish background calls, return leases, flush usage (outbox if metering is down), close."""
+        await self.proxy.close()
+        for task in self.tasks:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.meter.close()
+        await self.budget.close()
+        if hasattr(self.provider, "close"):
+            await self.provider.close()
+        for channel in self.channels:
+            await channel.close()
+        await self.db.close()
+
+
+async def _maintain_leases(budget: BudgetLeases, every: float) -> None:
+    while True:
+        await asyncio.sleep(every)
+        try:
+            await budget.maintain()
+        except Exception:
+            log.exception("lease maintenance failed")
+
+
+async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: str | None = None,
+                provider: Provider | None = None, db: Database | None = None,
+                lease_maintenance: float = 1.0) -> InferenceService:
+    """Open the database (migrating it), connect to metering and credentials, start serving."""
+    if db is None:
+        db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
+                                 owner_url=config.service.database_owner_url)
+    register_secret(config.anthropic_api_key)
+    metering_channel = make_channel(config.service.peer("metering"), forward=True)
+    channels = [metering_channel]
+    metering = MeteringClient(metering_channel)
+    keys: KeySource
+    if config.provider == OFFLINE:
+        keys = NoTenantKeys()
+    else:
+        credentials_channel = make_channel(config.service.peer("credentials"), forward=True)
+        channels.append(credentials_channel)
+        keys = CredentialsKeys(credentials_channel, secret_name=config.provider_key_secret)
+    provider = provider or make_provider(config)
+    outbox = SqlOutbox(db)
+    meter = UsageMeter(metering, outbox)
+    await meter.start()
+    budget = BudgetLeases(metering, slice_tokens=config.lease_tokens)
+    store = PolicyStore(db)
+    proxy = InferenceProxy(provider=provider, platform_key=config.anthropic_api_key, policies=store,
+                           platform_policy=config.platform_policy, limiter=RateLimiter(), quotas=metering,
+                           budget=budget, meter=meter, keys=keys, max_attempts=config.max_attempts,
+                           max_retry_wait=config.max_retry_wait, user_id_salt=config.user_id_salt)
+    binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(proxy, store),
+                      inference_pb2.DESCRIPTOR.services_by_name["InferenceService"])
+    running = await serve(name="inference", bindings=[binding], verifier=verifier,
+                          address=address or config.service.address)
+    tasks = [asyncio.create_task(_maintain_leases(budget, lease_maintenance), name="lease-maintenance")]
+    return InferenceService(running, proxy, budget, meter, outbox, db, provider, channels, tasks)
+
+
+async def main() -> None:
+    """Run the inference proxy until SIGTERM/SIGINT."""
+    from shared.keys import remote_verifier
+    from shared.logs import setup_logging
+    from shared.metrics import serve_metrics
+    from shared.telemetry import setup_telemetry
+
+    config = InferenceConfig.from_env()
+    setup_logging("inference", config.service.log_level)
+    setup_telemetry("inference", config.service.otlp_endpoint)
+    if config.service.metrics_port:
+        serve_metrics(config.service.metrics_port)
+    log.info("model provider: %s", config.provider)
+    identity = make_channel(config.service.peer("identity"))
+    service = await start(config, remote_verifier(identity))
+    service.channels.append(identity)
+    await run_until_signalled(service.running, on_stop=service.close)

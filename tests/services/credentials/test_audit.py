@@ -1,0 +1,105 @@
+"""The audit: every access is recorded (including refusals), values never are, and tampering shows."""
+from __future__ import annotations
+
+import grpc
+
+from bulkhead.credentials.v1 import credentials_pb2 as pb
+from tests.services.credentials.conftest import expect_error
+
+
+async def test_every_access_is_audited_with_who_what_and_outcome(h):
+    """Allowed, not-found, conflicting and invalid calls all land in the caller's chain."""
+    md = h.md(agent_id="agent-7", run_id="run-42")
+    await h.stub.PutSecret(pb.PutSecretRequest(name="k", value=b"audited-value"), metadata=md)
+    await h.stub.GetSecret(pb.GetSecretRequest(name="k"), metadata=md)
+    await expect_error(grpc.StatusCode.NOT_FOUND, h.get("missing"))
+    await expect_error(grpc.StatusCode.ABORTED, h.put("k", b"conflicting-value", cas=0))
+    await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.put("bad/name", b"some-value"))
+    await h.stub.ListSecrets(pb.ListSecretsRequest(), metadata=h.md())
+    await h.stub.DescribeSecret(pb.DescribeSecretRequest(name="k"), metadata=h.md())
+    await h.stub.Encrypt(pb.EncryptRequest(plaintext=b"p"), metadata=h.md())
+    events = await h.events()
+    assert [(e.sequence, e.action, e.outcome, e.secret_name) for e in events] == [
+        (1, pb.ACCESS_ACTION_PUT, pb.ACCESS_OUTCOME_ALLOWED, "k"),
+        (2, pb.ACCESS_ACTION_GET, pb.ACCESS_OUTCOME_ALLOWED, "k"),
+        (3, pb.ACCESS_ACTION_GET, pb.ACCESS_OUTCOME_NOT_FOUND, "missing"),
+        (4, pb.ACCESS_ACTION_PUT, pb.ACCESS_OUTCOME_CONFLICT, "k"),
+        (5, pb.ACCESS_ACTION_PUT, pb.ACCESS_OUTCOME_INVALID, "bad/name"),
+        (6, pb.ACCESS_ACTION_LIST, pb.ACCESS_OUTCOME_ALLOWED, ""),
+        (7, pb.ACCESS_ACTION_DESCRIBE, pb.ACCESS_OUTCOME_ALLOWED, "k"),
+        (8, pb.ACCESS_ACTION_ENCRYPT, pb.ACCESS_OUTCOME_ALLOWED, ""),
+    ]
+    get = events[1]
+    assert (get.principal_id, get.agent_id, get.run_id, get.version) == ("p_test", "agent-7", "run-42", 1)
+    assert get.request_id and get.time.seconds > 0 and len(get.hash) == 64
+    assert events[2].reason == "SECRET_NOT_FOUND" and events[3].reason == "CAS_MISMATCH"
+
+
+async def test_cross_tenant_attempts_are_audited_in_the_callers_chain(h):
+    """B probing A's secret is recorded as B's not-found event, and A's chain does not grow."""
+    await h.put("alpha-secret", b"alpha-value")
+    before = len(await h.events())
+    await expect_error(grpc.StatusCode.NOT_FOUND, h.get("alpha-secret", tenant=h.beta))
+    probes = await h.events(h.beta)
+    assert [(e.action, e.outcome, e.secret_name) for e in probes] == [
+        (pb.ACCESS_ACTION_GET, pb.ACCESS_OUTCOME_NOT_FOUND, "alpha-secret")]
+    assert len(await h.events()) == before
+
+
+async def _verify(h, tenant=None) -> pb.VerifyAccessEventsResponse:
+    return await h.stub.VerifyAccessEvents(pb.VerifyAccessEventsRequest(), metadata=h.md(tenant))
+
+
+async def _three_events(h) -> None:
+    await h.put("k", b"chain-value")
+    await h.get("k")
+    await expect_error(grpc.StatusCode.NOT_FOUND, h.get("nope"))
+
+
+async def test_intact_chain_verifies(h):
+    """An untouched chain is intact and every event was checked."""
+    await _three_events(h)
+    report = await _verify(h)
+    assert (report.intact, report.events_checked, report.first_bad_sequence) == (True, 3, 0)
+
+
+async def test_a_changed_row_is_detected(h):
+    """Rewriting an outcome in the table breaks the chain at that row."""
+    await _three_events(h)
+    await h.raw("UPDATE cred_audit_events SET outcome = 'allowed' WHERE tenant_id = :t AND seq = 3", {"t": h.alpha})
+    report = await _verify(h)
+    assert not report.intact and report.first_bad_sequence == 3 and "changed" in report.problem
+
+
+async def test_a_removed_row_is_detected(h):
+    """Deleting a row in the middle leaves a gap; deleting the newest disagrees with the head."""
+    await _three_events(h)
+    await h.raw("DELETE FROM cred_audit_events WHERE tenant_id = :t AND seq = 2", {"t": h.alpha})
+    report = await _verify(h)
+    assert not report.intact and report.first_bad_sequence == 2 and "missing" in report.problem
+
+
+async def test_removing_the_newest_row_is_detected(h):
+    """Deleting the last event (the one that would show a read) is caught by the chain head."""
+    await _three_events(h)
+    await h.raw("DELETE FROM cred_audit_events WHERE tenant_id = :t AND seq = 3", {"t": h.alpha})
+    report = await _verify(h)
+    assert not report.intact and report.first_bad_sequence == 3
+
+
+async def test_a_recomputed_row_still_breaks_the_next_link(h):
+    """Forging a row with a recomputed hash breaks the following row's link."""
+    from shared import audit_chain
+
+    await _three_events(h)
+    rows = await h.raw("SELECT seq, time_us, principal_id, actor_id, agent_id, run_id, request_id, secret_name, "
+                       "version, action, outcome, reason, prev_hash FROM cred_audit_events "
+                       "WHERE tenant_id = :t AND seq = 2", {"t": h.alpha})
+    fields = dict(zip(("seq", "time_us", "principal_id", "actor_id", "agent_id", "run_id", "request_id",
+                       "secret_name", "version", "action", "outcome", "reason"), rows[0][:12]))
+    fields["outcome"] = "denied"
+    forged = audit_chain.link(rows[0][12], fields)
+    await h.raw("UPDATE cred_audit_events SET outcome = 'denied', hash = :h WHERE tenant_id = :t AND seq = 2",
+                {"h": forged, "t": h.alpha})
+    report = await _verify(h)
+    assert not report.intact and report.first_bad_sequence == 3 and "link" in report.problem
