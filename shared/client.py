@@ -21,27 +21,47 @@ def _with_metadata(details, extra: tuple[tuple[str, str], ...]):
     return details._replace(metadata=merged)
 
 
-class _MetadataInterceptor(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                           grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
-    """Adds metadata from self.metadata() to every call, whatever its shape."""
+class MetadataSource:
+    """Supplies the metadata added to every call; `interceptors()` applies it to all four call shapes."""
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
         raise NotImplementedError
 
+    async def call_details(self, details):
+        """details with this source's metadata merged in (async so subclasses may refresh tokens)."""
+        return _with_metadata(details, self.metadata())
+
+    def interceptors(self) -> list:
+        """One interceptor per call shape: grpc.aio files an interceptor under the first shape it implements only."""
+        return [_UnaryUnary(self), _UnaryStream(self), _StreamUnary(self), _StreamStream(self)]
+
+
+class _Adapter:
+    def __init__(self, source: MetadataSource):
+        self.source = source
+
+
+class _UnaryUnary(_Adapter, grpc.aio.UnaryUnaryClientInterceptor):
     async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(_with_metadata(details, self.metadata()), request)
+        return await continuation(await self.source.call_details(details), request)
 
+
+class _UnaryStream(_Adapter, grpc.aio.UnaryStreamClientInterceptor):
     async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(_with_metadata(details, self.metadata()), request)
+        return await continuation(await self.source.call_details(details), request)
 
+
+class _StreamUnary(_Adapter, grpc.aio.StreamUnaryClientInterceptor):
     async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(_with_metadata(details, self.metadata()), request_iterator)
+        return await continuation(await self.source.call_details(details), request_iterator)
 
+
+class _StreamStream(_Adapter, grpc.aio.StreamStreamClientInterceptor):
     async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(_with_metadata(details, self.metadata()), request_iterator)
+        return await continuation(await self.source.call_details(details), request_iterator)
 
 
-class ForwardIdentity(_MetadataInterceptor):
+class ForwardIdentity(MetadataSource):
     """Forwards the current request's token, tenant, request id and tags (trace context: OpenTelemetry)."""
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
@@ -52,7 +72,7 @@ class ForwardIdentity(_MetadataInterceptor):
 
 
 @dataclass
-class StaticCredentials(_MetadataInterceptor):
+class StaticCredentials(MetadataSource):
     """A fixed token and tenant, for the CLI and external clients (swap `token` to refresh)."""
 
     token: str
@@ -64,14 +84,14 @@ class StaticCredentials(_MetadataInterceptor):
                 ("x-request-id", uuid.uuid4().hex), *self.extra)
 
 
-def make_channel(address: str, *, forward: bool = False, credentials: _MetadataInterceptor | None = None,
+def make_channel(address: str, *, forward: bool = False, credentials: MetadataSource | None = None,
                  tls=None, options: tuple = ()) -> grpc.aio.Channel:
     """A channel to address; forward=True carries the current tenant's identity on every call."""
     interceptors: list = telemetry.client_interceptors()
     if forward:
-        interceptors.append(ForwardIdentity())
+        interceptors += ForwardIdentity().interceptors()
     if credentials is not None:
-        interceptors.append(credentials)
+        interceptors += credentials.interceptors()
     if tls is not None:
         from shared.tls import channel_credentials
 

@@ -58,7 +58,7 @@ class Client:
         tls = TlsConfig.from_env(env)
         bootstrap = _channel(addresses["identity"], tls, [])
         creds = RefreshingToken(bootstrap, api_key, token=token, tenant_id=tenant_id, ttl_seconds=ttl_seconds)
-        interceptors = [*telemetry.client_interceptors(), creds]
+        interceptors = [*telemetry.client_interceptors(), *creds.interceptors()]
         channels = {svc: _channel(addr, tls, interceptors) for svc, addr in addresses.items()}
         channels["_bootstrap"] = bootstrap
         return cls(creds, channels)

@@ -8,13 +8,13 @@ import uuid
 import grpc
 
 from bulkhead.identity.v1 import identity_pb2, identity_pb2_grpc
+from shared.client import MetadataSource
 
 REFRESH_MARGIN = 60.0
 """Seconds before expiry at which the token is renewed."""
 
 
-class RefreshingToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStreamClientInterceptor,
-                      grpc.aio.StreamUnaryClientInterceptor, grpc.aio.StreamStreamClientInterceptor):
+class RefreshingToken(MetadataSource):
     """Adds authorization and x-tenant-id to every call, renewing the token from the API key when due."""
 
     def __init__(self, identity_channel: grpc.aio.Channel, api_key: str | None = None, *,
@@ -48,22 +48,10 @@ class RefreshingToken(grpc.aio.UnaryUnaryClientInterceptor, grpc.aio.UnaryStream
         self.token, self.tenant_id, self.expires_at = resp.token, resp.tenant_id, float(resp.expire_time.seconds)
         self.refreshes += 1
 
-    async def _details(self, details):
+    async def call_details(self, details):
         token, tenant = await self.current()
         md = [kv for kv in (details.metadata or ()) if kv[0] not in ("authorization", "x-tenant-id")]
         if not any(k == "x-request-id" for k, _ in md):
             md.append(("x-request-id", uuid.uuid4().hex))
         return details._replace(metadata=grpc.aio.Metadata(
             *md, ("authorization", f"Bearer {token}"), ("x-tenant-id", tenant)))
-
-    async def intercept_unary_unary(self, continuation, details, request):
-        return await continuation(await self._details(details), request)
-
-    async def intercept_unary_stream(self, continuation, details, request):
-        return await continuation(await self._details(details), request)
-
-    async def intercept_stream_unary(self, continuation, details, request_iterator):
-        return await continuation(await self._details(details), request_iterator)
-
-    async def intercept_stream_stream(self, continuation, details, request_iterator):
-        return await continuation(await self._details(details), request_iterator)

@@ -108,19 +108,28 @@ class CredentialsKeys:
         now = time.monotonic()
         if hit is not None and hit[0] > now:
             return hit[1]
-        try:
-            resp = await self._stub.GetSecret(credentials_pb2.GetSecretRequest(name=self._secret_name),
-                                              timeout=self._timeout)
-            key: str | None = resp.value.decode()
-            register_secret(key)
-        except grpc.aio.AioRpcError as exc:
-            # NOT_FOUND: no key of its own. PERMISSION_DENIED: this caller may not read it; the
-            # platform key serves (never another tenant's: credentials only answers for the caller's).
-            if exc.code() not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
-                raise BackendUnavailable(f"credentials: {exc.code().name}") from None
-            key = None
+        key = await self._fetch()
         self._cache[ctx.tenant_id] = (now + self._ttl, key)
         return key
+
+    async def _fetch(self, attempts: int = 3) -> str | None:
+        for attempt in range(attempts):
+            try:
+                resp = await self._stub.GetSecret(credentials_pb2.GetSecretRequest(name=self._secret_name),
+                                                  timeout=self._timeout)
+            except grpc.aio.AioRpcError as exc:
+                # NOT_FOUND: no key of its own. PERMISSION_DENIED: this caller may not read it; the
+                # platform key serves (never another tenant's: credentials only answers for the caller's).
+                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
+                    return None
+                # ABORTED: credentials lost a race appending to its audit chain; it asks for a retry.
+                if exc.code() == grpc.StatusCode.ABORTED and attempt + 1 < attempts:
+                    continue
+                raise BackendUnavailable(f"credentials: {exc.code().name}") from None
+            key = resp.value.decode()
+            register_secret(key)
+            return key
+        return None
 
 
 class NoTenantKeys:

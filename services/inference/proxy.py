@@ -233,7 +233,8 @@ class InferenceProxy:
     async def _target(self, ctx: TenantContext, model: ResolvedModel) -> Target:
         try:
             own = await self._keys.tenant_key(ctx)
-        except BackendUnavailable:
+        except BackendUnavailable as exc:
+            log.warning("provider key lookup failed: %s", exc)
             raise errors.Unavailable("credentials unreachable: cannot tell which provider key to use",
                                      reason="CREDENTIALS_UNAVAILABLE", retry_after=1.0) from None
         if model.private and model.base_url and not own:

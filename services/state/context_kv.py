@@ -57,7 +57,7 @@ class ContextStore:
         sealer = await self._envelope.current_key()
         tenant = require_tenant().tenant_id
         try:
-            async with self._db.session() as s:
+            async with store.write_session(self._db) as s:
                 now = store.now_us()
                 row = await store.get_context(s, kind, scope_id, key, for_update=True)
                 if expected_revision is not None and expected_revision != _live_revision(row, now):
@@ -68,7 +68,7 @@ class ContextStore:
                           "value": sealer.seal(context_aad(tenant, kind, scope_id, key, revision), value),
                           "expires_at_us": None if ttl_us is None else now + ttl_us, "updated_at_us": now}
                 if row is None:
-                    s.add(store.ContextRow(scope_kind=kind, scope_id=scope_id, key=key, **values))
+                    s.add(store.ContextRow(tenant_id=tenant, scope_kind=kind, scope_id=scope_id, key=key, **values))
                     await s.flush()
                 elif not await store.replace_context(s, kind, scope_id, key, row.revision, values):
                     raise revision_conflict(key, revision)
@@ -100,7 +100,7 @@ class ContextStore:
         if expected_revision is not None and expected_revision < 0:
             raise validation.invalid("expected_revision", "expected_revision must not be negative",
                                      "INVALID_REVISION")
-        async with self._db.session() as s:
+        async with store.write_session(self._db) as s:
             now = store.now_us()
             row = await store.get_context(s, kind, scope_id, key, for_update=True)
             live = _live_revision(row, now)

@@ -6,9 +6,12 @@ an index range scan.
 """
 from __future__ import annotations
 
+import asyncio
 import json
 import time
-from collections.abc import Sequence
+import weakref
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 
 from sqlalchemy import (BigInteger, Boolean, Index, Integer, LargeBinary, PrimaryKeyConstraint, String, Text, and_,
                         delete, exists, func, select, update)
@@ -17,6 +20,25 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, Database, TenantOwned
 from shared.tenancy import require_tenant
+
+
+_sqlite_writers: weakref.WeakKeyDictionary[Database, asyncio.Lock] = weakref.WeakKeyDictionary()
+
+
+@asynccontextmanager
+async def write_session(db: Database) -> AsyncIterator[AsyncSession]:
+    """A tenant session for a write transaction.
+
+    SQLite has one writer at a time and its busy handler backs off by sleeping, so concurrent
+    writers in this process queue on a lock instead; Postgres needs no such thing (row locks).
+    """
+    if db.dialect != "sqlite":
+        async with db.session() as s:
+            yield s
+        return
+    lock = _sqlite_writers.setdefault(db, asyncio.Lock())
+    async with lock, db.session() as s:
+        yield s
 
 
 def now_us() -> int:
@@ -141,12 +163,12 @@ async def get_thread(s: AsyncSession, thread_id: str) -> ThreadRow | None:
 async def insert_thread(s: AsyncSession, thread_id: str, run_id: str, agent_id: str,
                         labels: dict[str, str]) -> ThreadRow:
     """Add a thread at version 0 with its labels."""
-    at = now_us()
-    row = ThreadRow(thread_id=thread_id, run_id=run_id, agent_id=agent_id,
+    at, tenant = now_us(), require_tenant().tenant_id
+    row = ThreadRow(tenant_id=tenant, thread_id=thread_id, run_id=run_id, agent_id=agent_id,
                     labels_json=json.dumps(labels, sort_keys=True), version=0,
                     created_at_us=at, updated_at_us=at)
     s.add(row)
-    s.add_all(LabelRow(thread_id=thread_id, key=k, value=v) for k, v in labels.items())
+    s.add_all(LabelRow(tenant_id=tenant, thread_id=thread_id, key=k, value=v) for k, v in labels.items())
     await s.flush()
     return row
 
@@ -251,8 +273,8 @@ async def replace_context(s: AsyncSession, kind: int, scope_id: str, key: str, s
 def audit(s: AsyncSession, action: str, target: str, version: int = 0) -> None:
     """Record who did `action` on `target` in the session's transaction."""
     ctx = require_tenant()
-    s.add(AuditRow(principal_id=ctx.principal_id, actor_id=ctx.actor_id or "", request_id=ctx.request_id,
-                   action=action, target=target, version=version, at_us=now_us()))
+    s.add(AuditRow(tenant_id=ctx.tenant_id, principal_id=ctx.principal_id, actor_id=ctx.actor_id or "",
+                   request_id=ctx.request_id, action=action, target=target, version=version, at_us=now_us()))
 
 
 # --- data keys -------------------------------------------------------------------------------
@@ -275,6 +297,7 @@ class DataKeyStore:
             return (await s.execute(q)).scalar_one_or_none()
 
     async def add_key(self, key_id: str, wrapped: bytes) -> None:
-        async with self._db.session() as s:
-            s.add(DataKeyRow(key_id=key_id, wrapped=wrapped, created_at_us=now_us()))
+        async with write_session(self._db) as s:
+            s.add(DataKeyRow(tenant_id=require_tenant().tenant_id, key_id=key_id, wrapped=wrapped,
+                             created_at_us=now_us()))
             audit(s, "datakey.create", key_id)

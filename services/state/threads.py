@@ -49,7 +49,7 @@ class ThreadLog:
         run_id = validation.reference(run_id, "run_id")
         agent_id = validation.reference(agent_id, "agent_id")
         labels = validation.labels(labels, self._limits)
-        async with self._db.session() as s:
+        async with store.write_session(self._db) as s:
             if await store.get_thread(s, thread_id) is not None:
                 raise AlreadyExists(f"thread {thread_id!r} already exists", reason="THREAD_EXISTS")
             row = await store.insert_thread(s, thread_id, run_id, agent_id, labels)
@@ -87,7 +87,7 @@ class ThreadLog:
         validation.thread_id(thread_id)
         if expected_version is not None:
             validation.version(expected_version, "expected_version")
-        async with self._db.session() as s:
+        async with store.write_session(self._db) as s:
             # Taking the version through the conditional UPDATE locks the row against appends.
             version = await store.advance_version(s, thread_id, 0, expected_version)
             if version is None:
@@ -104,7 +104,7 @@ class ThreadLog:
         validation.new_events(events, self._limits)
         key = await self._envelope.current_key()
         tenant = require_tenant().tenant_id
-        async with self._db.session() as s:
+        async with store.write_session(self._db) as s:
             last = await store.advance_version(s, thread_id, len(events), expected_version)
             if last is None:
                 raise await self._missing_or_conflict(s, thread_id, expected_version)
@@ -183,7 +183,7 @@ class ThreadLog:
         validation.snapshot_state(state, self._limits)
         key = await self._envelope.current_key()
         tenant = require_tenant().tenant_id
-        async with self._db.session() as s:
+        async with store.write_session(self._db) as s:
             current = await store.current_version(s, thread_id)
             if current is None:
                 raise thread_not_found(thread_id)
@@ -194,7 +194,7 @@ class ThreadLog:
                                       metadata={"current_version": str(current)})
             if await store.snapshot_exists(s, thread_id, version):
                 raise AlreadyExists(f"a snapshot at version {version} exists", reason="SNAPSHOT_EXISTS")
-            row = store.SnapshotRow(thread_id=thread_id, version=version, key_id=key.key_id,
+            row = store.SnapshotRow(tenant_id=tenant, thread_id=thread_id, version=version, key_id=key.key_id,
                                     state=key.seal(snapshot_aad(tenant, thread_id, version), state),
                                     created_at_us=store.now_us())
             s.add(row)

@@ -185,6 +185,10 @@ def _check_upsert_target(clause: Any) -> None:
     names = {getattr(t, "key", None) or getattr(t, "name", None) or str(t) for t in targets}
     if _TENANT_ATTR not in names:
         raise TenantIsolationError("ON CONFLICT DO UPDATE on a tenant-owned table needs tenant_id in index_elements")
+    to_set = clause.update_values_to_set  # a dict on SQLAlchemy 2.1, (key, value) pairs on 2.0
+    keys = to_set.keys() if isinstance(to_set, Mapping) else [key for key, _ in to_set]
+    if any(getattr(key, "key", key) == _TENANT_ATTR for key in keys):
+        raise TenantIsolationError("ON CONFLICT DO UPDATE cannot set tenant_id: rows never move tenants")
 
 
 @event.listens_for(TenantSession, "before_flush")
@@ -223,4 +227,4 @@ def _bind_transaction(session: Session, transaction: SessionTransaction, connect
     if schema:
         connection.execute(_SET_TENANT_AND_SCHEMA, {"tid": tid, "sp": schema})
     else:
-        pass
+        connection.execute(_SET_TENANT, {"tid": tid})

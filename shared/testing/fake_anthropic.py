@@ -131,7 +131,7 @@ def count_words(value: Any) -> int:
     if isinstance(value, str):
         return len(value.split())
     if isinstance(value, dict):
-        return sum(count_words(v) for k, v in value.items() if k not in ("type", "cache_control", "media_type"))
+        return sum(count_words(v) for k, v in value.items() if k not in ("type", "role", "cache_control", "media_type"))
     if isinstance(value, (list, tuple)):
         return sum(count_words(v) for v in value)
     return 0
@@ -140,9 +140,11 @@ def count_words(value: Any) -> int:
 class FakeAnthropic:
     """An HTTP/1.1 server on 127.0.0.1 that answers like api.anthropic.com."""
 
-    def __init__(self, *, delay: float = 0.0, chunk_words: int = 2) -> None:
+    def __init__(self, *, delay: float = 0.0, event_delay: float = 0.0, chunk_words: int = 2) -> None:
         self.delay = delay
         """Seconds every model reply waits before its first byte (the upstream's latency)."""
+        self.event_delay = event_delay
+        """Seconds between two SSE events of a stream (to catch a stream mid-way)."""
         self.chunk_words = chunk_words
         self.requests: list[RecordedRequest] = []
         self.usage_log: list[UsageRecord] = []
@@ -291,6 +293,8 @@ class FakeAnthropic:
                 return False
             if event["type"] == "message_delta":
                 reported = {**reported, "output_tokens": event["usage"]["output_tokens"]}
+            if n and self.event_delay:
+                await asyncio.sleep(self.event_delay)
             sent.append(event)
             data = f"event: {event['type']}\ndata: {json.dumps(event)}\n\n".encode()
             writer.write(b"%x\r\n%s\r\n" % (len(data), data))

@@ -187,11 +187,14 @@ class RecordingEnv(Mapping[str, str]):
 
     def __init__(self, data: Mapping[str, str]):
         self._data = dict(data)
-        self._copying = False
+        self._copying: set[str] = set()
         self.read: set[str] = set()
 
     def __getitem__(self, key: str) -> str:
-        if not self._copying:  # dict(env) copies everything: that is not a lookup
+        # dict(env) asks for keys() and then fetches each one: a copy, not a lookup.
+        if key in self._copying:
+            self._copying.discard(key)
+        else:
             self.read.add(key)
         return self._data[key]
 
@@ -205,16 +208,11 @@ class RecordingEnv(Mapping[str, str]):
         return key in self._data
 
     def keys(self):  # type: ignore[override]
-        def walk() -> Iterator[str]:
-            self._copying = True
-            try:
-                yield from list(self._data)
-            finally:
-                self._copying = False
-        return walk()
+        self._copying = set(self._data)
+        return list(self._data)
 
     def __iter__(self) -> Iterator[str]:
-        return self.keys()
+        return iter(self.keys())
 
     def __len__(self) -> int:
         return len(self._data)

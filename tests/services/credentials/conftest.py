@@ -90,7 +90,8 @@ async def open_db(tmp_path, migrated_template: str) -> Database:
     """A fresh database for one test."""
     path = tmp_path / "credentials.db"
     shutil.copy(migrated_template, path)
-    return await Database.open(f"sqlite+aiosqlite:///{path}")
+    # Migrations named (a no-op on the copy) so bridge/silo tenants can get tables of their own.
+    return await Database.open(f"sqlite+aiosqlite:///{path}", migrations=MIGRATIONS)
 
 
 def make_test_backend(kind: str, db: Database, tmp_path, openbao=None):

@@ -53,7 +53,8 @@ class StateHarness:
             async with conn.begin():
                 if tenant is not None and self.backend == "postgres":
                     await conn.execute(text("SELECT set_config('app.tenant_id', :t, true)"), {"t": tenant})
-                return list((await conn.execute(text(sql), params or {})).all())
+                result = await conn.execute(text(sql), params or {})
+                return list(result.all()) if result.returns_rows else []
 
     async def new_thread(self, tenant: str = ALPHA, **fields) -> state_pb2.Thread:
         """Create a thread for `tenant`."""

@@ -7,6 +7,8 @@ import grpc
 
 from bulkhead.state.v1 import state_pb2
 
+from shared.errors import error_details
+
 from conftest import ALPHA, StateHarness, replay
 
 WRITERS = 50
@@ -29,26 +31,27 @@ async def _writer(h: StateHarness, thread_id: str, n: int, md, aborted: list[int
         except grpc.aio.AioRpcError as exc:
             assert exc.code() == grpc.StatusCode.ABORTED, exc.details()
             aborted.append(n)
-            trailers = dict((k, v) for k, v in exc.trailing_metadata() or ())
-            assert "grpc-status-details-bin" in trailers
-            expected = await _read_version(h, thread_id)
+            # The loser is told the current version: retry from it without another read.
+            current = int(error_details(exc)["metadata"]["current_version"])
+            assert current > expected
+            expected = current
 
 
-async def _race(h: StateHarness) -> None:
+async def _race(h: StateHarness, writers: int = WRITERS) -> None:
     thread = await h.new_thread()
     md = h.md(ALPHA)
     aborted: list[int] = []
-    versions = await asyncio.gather(*(_writer(h, thread.thread_id, n, md, aborted) for n in range(WRITERS)))
+    versions = await asyncio.gather(*(_writer(h, thread.thread_id, n, md, aborted) for n in range(writers)))
     # Every writer landed exactly once, each at its own version: dense, 1..50.
-    assert sorted(versions) == list(range(1, WRITERS + 1))
-    assert aborted, "with 50 concurrent writers some must lose a round"
+    assert sorted(versions) == list(range(1, writers + 1))
+    assert aborted, "with concurrent writers some must lose a round"
     events = [i.event for i in await replay(h, thread.thread_id)]
-    assert [e.version for e in events] == list(range(1, WRITERS + 1))
-    assert sorted(e.payload for e in events) == sorted(f"writer-{n}".encode() for n in range(WRITERS))
+    assert [e.version for e in events] == list(range(1, writers + 1))
+    assert sorted(e.payload for e in events) == sorted(f"writer-{n}".encode() for n in range(writers))
     # The version each writer was told is the one its event carries.
     by_payload = {e.payload: e.version for e in events}
-    assert all(by_payload[f"writer-{n}".encode()] == versions[n] for n in range(WRITERS))
-    assert await _read_version(h, thread.thread_id) == WRITERS
+    assert all(by_payload[f"writer-{n}".encode()] == versions[n] for n in range(writers))
+    assert await _read_version(h, thread.thread_id) == writers
 
 
 async def test_fifty_writers_on_postgres_get_dense_versions(pg_state: StateHarness):
@@ -56,9 +59,9 @@ async def test_fifty_writers_on_postgres_get_dense_versions(pg_state: StateHarne
     await _race(pg_state)
 
 
-async def test_fifty_writers_on_sqlite_get_dense_versions(state: StateHarness):
-    """The same race on the embedded SQLite backend."""
-    await _race(state)
+async def test_twenty_writers_on_sqlite_get_dense_versions(state: StateHarness):
+    """The same race on the embedded SQLite backend (20 writers: it serializes writes anyway)."""
+    await _race(state, 20)
 
 
 async def test_one_round_of_fifty_has_exactly_one_winner(pg_state: StateHarness):
@@ -77,6 +80,5 @@ async def test_one_round_of_fifty_has_exactly_one_winner(pg_state: StateHarness)
     losses = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(wins) == 1 and len(losses) == WRITERS - 1
     assert {e.code() for e in losses} == {grpc.StatusCode.ABORTED}
-    from shared.errors import error_details
     assert {error_details(e)["metadata"]["current_version"] for e in losses} == {"1"}
     assert [i.event.version for i in await replay(h, thread.thread_id)] == [1]

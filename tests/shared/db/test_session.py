@@ -210,3 +210,35 @@ async def test_commit_inside_session_keeps_the_tenant(db: Database) -> None:
             s.add(Note(body="a3"))
             await s.commit()
             assert sorted((await s.scalars(select(Note.body))).all()) == ["a1", "a2", "a3"]
+
+
+def _dialect_insert(db: Database):
+    if db.dialect == "postgresql":
+        from sqlalchemy.dialects.postgresql import insert as dialect_insert
+    else:
+        from sqlalchemy.dialects.sqlite import insert as dialect_insert
+    return dialect_insert
+
+
+async def test_upsert_must_be_keyed_by_tenant(db: Database) -> None:
+    """ON CONFLICT DO UPDATE could hit another tenant's row unless tenant_id is in the conflict target."""
+    await _seed(db)
+    upsert = _dialect_insert(db)
+    with tenant_scope(as_tenant(A)):
+        async with db.session() as s:
+            a_id = (await s.scalars(select(Note.id).where(Note.body == "a1"))).one()
+    with tenant_scope(as_tenant(B)):
+        async with db.session() as s:
+            stmt = upsert(Note).values(id=a_id, body="b-dup").on_conflict_do_nothing(index_elements=["id"])
+            await s.execute(stmt)
+        for bad in (
+            upsert(Note).values(id=a_id, body="hijack").on_conflict_do_update(index_elements=["id"],
+                                                                           set_={"body": "hijack"}),
+            upsert(Note).values(id=a_id, body="move").on_conflict_do_update(index_elements=["id", "tenant_id"],
+                                                                         set_={"tenant_id": A}),
+        ):
+            with pytest.raises(TenantIsolationError):
+                async with db.session() as s:
+                    await s.execute(bad)
+    assert await _bodies(db, A) == ["a1", "a2"]
+    assert await _bodies(db, B) == ["b1"]

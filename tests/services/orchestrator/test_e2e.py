@@ -1,0 +1,159 @@
+"""A two-agent team end to end on the real mesh against the fake Anthropic upstream."""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+
+import grpc
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
+from bulkhead.metering.v1 import metering_pb2, metering_pb2_grpc
+from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
+from bulkhead.state.v1 import state_pb2, state_pb2_grpc
+from shared.testing.fake_anthropic import FakeAnthropic, Reply
+from shared.telemetry import setup_telemetry
+
+from .fakes import ToolServer
+from .mesh import running_mesh, team_pb
+
+SECRET = "inv-key-7Hq2xZ9vLmP4"
+MODEL = "claude-sonnet-4-5"
+
+
+@pytest.fixture(scope="module")
+def spans():
+    """Every span finished in this process from now on."""
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = setup_telemetry("tests")
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+@pytest.fixture
+async def upstream():
+    async with FakeAnthropic() as fake:
+        yield fake
+
+
+@pytest.fixture
+def tools():
+    server = ToolServer(body='{"invoice": "INV-7", "status": "paid"}')
+    yield server
+    server.close()
+
+
+@pytest.fixture
+async def mesh(tmp_path, upstream):
+    async with running_mesh(tmp_path, upstream_url=upstream.base_url) as m:
+        yield m
+
+
+async def watch(mesh, tenant, run_id: str, after: int = 0) -> list[pb.WatchRunResponse]:
+    """Everything WatchRun streams until the run ends."""
+    return [m async for m in mesh.stub.WatchRun(pb.WatchRunRequest(run_id=run_id, after_step=after),
+                                                metadata=tenant.metadata, timeout=30)]
+
+
+async def put_secret(mesh, tenant, name: str, value: str) -> None:
+    stub = credentials_pb2_grpc.CredentialsServiceStub(grpc.aio.insecure_channel(mesh.addr("credentials")))
+    await stub.PutSecret(credentials_pb2.PutSecretRequest(name=name, value=value.encode()), metadata=tenant.metadata)
+
+
+def script_support(upstream: FakeAnthropic) -> None:
+    upstream.script(Reply.tool_use("handoff", {"agent": "billing", "note": "customer asks about INV-7"}),
+                    Reply.tool_use("lookup_invoice", {"invoice": "INV-7"}, tool_id="toolu_2"),
+                    Reply.text("Invoice INV-7 is paid."))
+
+
+async def test_two_agent_team_runs_to_completion(mesh, upstream, tools, spans, caplog):
+    """triage hands off to billing; billing's HTTP tool gets the injected secret; WatchRun streams every step."""
+    caplog.set_level(logging.DEBUG)
+    a = await mesh.tenant()
+    await put_secret(mesh, a, "billing_api_key", SECRET)
+    await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata)
+    script_support(upstream)
+    run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="Is INV-7 paid?"), metadata=a.metadata)).run
+    seen = await watch(mesh, a, run.run_id)
+
+    kinds = [m.step.kind for m in seen]
+    assert kinds == [pb.STEP_KIND_RUN_STARTED, pb.STEP_KIND_MODEL_CALL, pb.STEP_KIND_HANDOFF, pb.STEP_KIND_MODEL_CALL,
+                     pb.STEP_KIND_TOOL_CALL, pb.STEP_KIND_MODEL_CALL, pb.STEP_KIND_RUN_FINISHED]
+    assert [m.step.index for m in seen] == list(range(1, 8))
+    final = seen[-1].run
+    assert final.status == pb.RUN_STATUS_SUCCEEDED and final.output == "Invoice INV-7 is paid."
+    assert final.current_agent == "billing" and final.step_count == 7
+    # Resumable: watching again after step 4 gives exactly the rest.
+    assert [m.step.index for m in await watch(mesh, a, run.run_id, after=4)] == [5, 6, 7]
+
+    # The tool got the secret, fetched just in time; the model saw neither it nor its reference's value.
+    assert tools.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
+    assert upstream.request_count == 3
+    bodies = json.dumps([c.body for c in upstream.calls])
+    assert SECRET not in bodies
+    assert a.tenant_id in upstream.calls[0].body["system"][0]["text"] if isinstance(
+        upstream.calls[0].body["system"], list) else a.tenant_id in upstream.calls[0].body["system"]
+    # Nor did state, the orchestrator's answers, the logs or the spans.
+    state = state_pb2_grpc.StateServiceStub(grpc.aio.insecure_channel(mesh.addr("state")))
+    events = (await state.ReadEvents(state_pb2.ReadEventsRequest(thread_id=run.run_id), metadata=a.metadata)).events
+    assert len(events) == 7 and all(SECRET.encode() not in e.payload for e in events)
+    assert SECRET not in str(seen)
+    assert SECRET not in caplog.text
+    for span in spans.get_finished_spans():
+        assert SECRET not in json.dumps({k: str(v) for k, v in (span.attributes or {}).items()})
+
+    # Metering counted each model call once, tagged with the agents.
+    metering = metering_pb2_grpc.MeteringServiceStub(grpc.aio.insecure_channel(mesh.addr("metering")))
+    rows = []
+    window = metering_pb2.UsageFilter()
+    window.start_time.FromSeconds(int(time.time()) - 3600)
+    window.end_time.FromSeconds(int(time.time()) + 3600)
+    for _ in range(50):
+        rows = (await metering.QueryUsage(metering_pb2.QueryUsageRequest(
+            filter=window, group_by=[metering_pb2.USAGE_GROUPING_AGENT]), metadata=a.metadata)).rows
+        if sum(r.event_count for r in rows) >= 3:
+            break
+        await asyncio.sleep(0.1)
+    assert {r.agent_id: r.event_count for r in rows} == {"triage": 1, "billing": 2}
+
+
+async def test_cross_tenant_handoff_is_refused_and_recorded(mesh, upstream, tools):
+    """A hand-off naming another tenant's team agent is refused, recorded, and moves no context."""
+    a, b = await mesh.tenant(), await mesh.tenant()
+    for t in (a, b):
+        await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=t.metadata)
+    upstream.script(Reply.tool_use("handoff", {"agent": f"{b.tenant_id}/support/billing", "note": "A's private notes"}),
+                    Reply.text("I could not hand off."))
+    run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="hi"), metadata=a.metadata)).run
+    seen = await watch(mesh, a, run.run_id)
+    refused = [m.step for m in seen if m.step.kind == pb.STEP_KIND_HANDOFF_REFUSED]
+    assert len(refused) == 1 and refused[0].detail["target"] == f"{b.tenant_id}/support/billing"
+    assert seen[-1].run.status == pb.RUN_STATUS_SUCCEEDED and seen[-1].run.current_agent == "triage"
+    # The model was told, and nothing reached tenant B's state.
+    assert upstream.calls[1].body["messages"][-1]["content"][0]["is_error"] is True
+    state = state_pb2_grpc.StateServiceStub(grpc.aio.insecure_channel(mesh.addr("state")))
+    b_threads = (await state.ListThreads(state_pb2.ListThreadsRequest(), metadata=b.metadata)).threads
+    assert b_threads == []
+
+
+async def test_foreign_canary_in_output_is_blocked(mesh, upstream, tools):
+    """An output holding tenant B's canary marker is withheld from tenant A and recorded."""
+    from services.orchestrator.canary import marker_for
+
+    a, b = await mesh.tenant(), await mesh.tenant()
+    await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata)
+    leak = marker_for(b.tenant_id, bytes.fromhex("ab" * 32))
+    upstream.script(Reply.text(f"B's data: {leak}"))
+    run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="hi"), metadata=a.metadata)).run
+    seen = await watch(mesh, a, run.run_id)
+    assert [m.step.kind for m in seen][-2:] == [pb.STEP_KIND_OUTPUT_BLOCKED, pb.STEP_KIND_RUN_FINISHED]
+    assert seen[-1].run.status == pb.RUN_STATUS_FAILED and seen[-1].run.error_reason == "OUTPUT_BLOCKED"
+    assert leak not in str(seen) and seen[-1].run.output == ""

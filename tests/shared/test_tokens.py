@@ -1,0 +1,81 @@
+"""Token issuing and verification, and key discovery by kid."""
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from shared.errors import Unauthenticated
+from shared.tokens import RefreshingKeySource, SigningKey, StaticKeySource, TokenIssuer, TokenVerifier
+
+
+def _pair():
+    key = SigningKey.generate()
+    return TokenIssuer(key), TokenVerifier(StaticKeySource({key.kid: key.public_key})), key
+
+
+async def test_round_trip_keeps_every_claim():
+    """What is issued is what is verified: tenant, principal, scopes, tier, actor and tags."""
+    issuer, verifier, key = _pair()
+    token, issued = issuer.issue(tenant_id="t_a", principal_id="agent:x", scopes={"a.b", "c.*"}, tier="silo",
+                                 actor_id="p_admin", agent_id="x", run_id="r1")
+    claims = await verifier.verify(token)
+    assert claims == issued and claims.kid == key.kid
+
+
+async def test_tampered_payload_is_refused():
+    """Changing the tenant inside a signed token breaks its signature."""
+    import base64
+    import json
+
+    issuer, verifier, _ = _pair()
+    token, _ = issuer.issue(tenant_id="t_a", principal_id="p", scopes={"*"})
+    header, payload, sig = token.split(".")
+    data = json.loads(base64.urlsafe_b64decode(payload + "=="))
+    data["tid"] = "t_b"
+    forged = ".".join([header, base64.urlsafe_b64encode(json.dumps(data).encode()).decode().rstrip("="), sig])
+    with pytest.raises(Unauthenticated) as info:
+        await verifier.verify(forged)
+    assert info.value.reason == "TOKEN_INVALID"
+
+
+async def test_cached_token_still_expires():
+    """A verified token is cached, yet refused once its expiry passes."""
+    issuer, _, key = _pair()
+    now = [time.time()]
+    verifier = TokenVerifier(StaticKeySource({key.kid: key.public_key}), clock=lambda: now[0])
+    token, _ = issuer.issue(tenant_id="t_a", principal_id="p", scopes={"*"}, ttl=30, now=now[0])
+    await verifier.verify(token)
+    now[0] += 60
+    with pytest.raises(Unauthenticated) as info:
+        await verifier.verify(token)
+    assert info.value.reason == "TOKEN_EXPIRED"
+
+
+class CountingLoader:
+    def __init__(self, keys):
+        self.keys, self.loads = keys, 0
+
+    async def load_keys(self):
+        self.loads += 1
+        return dict(self.keys)
+
+    async def load_revocations(self, since):
+        return since, {}
+
+
+async def test_unknown_kid_refetches_at_most_once_per_interval():
+    """A new kid triggers a refetch; a flood of forged kids does not become a flood of fetches."""
+    issuer, _, key = _pair()
+    loader = CountingLoader({key.kid: key.public_key})
+    source = RefreshingKeySource(loader, min_refetch=60)
+    verifier = TokenVerifier(source)
+    token, _ = issuer.issue(tenant_id="t_a", principal_id="p", scopes={"*"})
+    await verifier.verify(token)
+    assert loader.loads == 1
+    for _ in range(20):
+        with pytest.raises(Unauthenticated):
+            await verifier.verify(TokenIssuer(SigningKey.generate()).issue(tenant_id="t_a", principal_id="p",
+                                                                           scopes={"*"})[0])
+    assert loader.loads == 1
+    await source.close()
