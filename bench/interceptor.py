@@ -22,6 +22,10 @@ import grpc  # noqa: E402
 from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc  # noqa: E402
 
 
+KINDS = ("bare", "tenancy", "full")
+"""bare grpc.aio; + tenancy interceptor; + OpenTelemetry too (the production stack)."""
+
+
 class Noop(echo_pb2_grpc.EchoServiceServicer):
     """Answers at once: what is measured is the path around the handler."""
 
@@ -31,8 +35,16 @@ class Noop(echo_pb2_grpc.EchoServiceServicer):
 
 def _serve(kind: str, port_queue, key_bytes: bytes, kid: str) -> None:
     async def run() -> None:
-        if kind == "bare":
-            server = grpc.aio.server()
+        if kind in ("bare", "tenancy"):
+            interceptors = []
+            if kind == "tenancy":  # our interceptor alone, to separate its cost from OpenTelemetry's
+                from shared.auth import TenancyInterceptor
+                from shared.tokens import SigningKey, StaticKeySource, TokenVerifier
+
+                key = SigningKey.from_private_bytes(kid, key_bytes)
+                interceptors = [TenancyInterceptor(TokenVerifier(StaticKeySource({kid: key.public_key})),
+                                                   service="bench")]
+            server = grpc.aio.server(interceptors=interceptors)
             echo_pb2_grpc.add_EchoServiceServicer_to_server(Noop(), server)
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()
@@ -100,7 +112,7 @@ def main() -> None:
     md_full = (("authorization", f"Bearer {token}"), ("x-tenant-id", "t_bench"))
     ctx = multiprocessing.get_context("spawn")
     addresses, procs = {}, []
-    for kind in ("bare", "full"):
+    for kind in KINDS:
         q = ctx.Queue()
         p = ctx.Process(target=_serve, args=(kind, q, key.private_bytes(), key.kid), daemon=True)
         p.start()
@@ -111,26 +123,28 @@ def main() -> None:
     try:
         for _ in range(args.rounds):
             for concurrency in (1, 16):
-                for kind in ("bare", "full"):  # alternate so drift affects both alike
-                    lat, rps = asyncio.run(_measure(addresses[kind], md_full if kind == "full" else (),
+                for kind in KINDS:  # alternate so drift affects all alike
+                    lat, rps = asyncio.run(_measure(addresses[kind], md_full if kind != "bare" else (),
                                                     args.seconds, concurrency))
                     results.setdefault((kind, concurrency), []).append((_pct(lat, 50), _pct(lat, 99), rps))
     finally:
         for p in procs:
             p.terminate()
 
-    print(f"{'stack':<6} {'conc':>4} {'req/s':>9} {'p50 µs':>8} {'p99 µs':>8}")
+    print(f"{'stack':<7} {'conc':>4} {'req/s':>9} {'p50 µs':>8} {'p99 µs':>8}")
     summary = {}
     for (kind, concurrency), runs in sorted(results.items(), key=lambda kv: (kv[0][1], kv[0][0])):
         p50 = statistics.median(r[0] for r in runs)
         p99 = statistics.median(r[1] for r in runs)
         rps = statistics.median(r[2] for r in runs)
         summary[(kind, concurrency)] = (p50, p99, rps)
-        print(f"{kind:<6} {concurrency:>4} {rps:>9.0f} {p50:>8.0f} {p99:>8.0f}")
+        print(f"{kind:<7} {concurrency:>4} {rps:>9.0f} {p50:>8.0f} {p99:>8.0f}")
     for concurrency in (1, 16):
-        bare, full = summary[("bare", concurrency)], summary[("full", concurrency)]
-        print(f"concurrency {concurrency}: p50 ratio full/bare = {full[0] / bare[0]:.2f}x   "
-              f"p99 ratio = {full[1] / bare[1]:.2f}x   throughput ratio = {full[2] / bare[2]:.2f}x")
+        bare = summary[("bare", concurrency)]
+        for kind in KINDS[1:]:
+            other = summary[(kind, concurrency)]
+            print(f"concurrency {concurrency:>2}: {kind:>7}/bare  p50 {other[0] / bare[0]:.2f}x   "
+                  f"p99 {other[1] / bare[1]:.2f}x   throughput {other[2] / bare[2]:.2f}x")
 
 
 if __name__ == "__main__":

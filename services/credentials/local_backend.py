@@ -69,8 +69,12 @@ class LocalBackend:
                 if not rows:
                     rows = [self._new_key_row(tenant, purpose, 1)]
                     s.add(rows[0])
-            ring = _KeyRing({r.version: AESGCM(self._master.decrypt(
-                r.wrapped[:_NONCE], r.wrapped[_NONCE:], self._wrap_aad(tenant, purpose, r.version))) for r in rows})
+            try:
+                ring = _KeyRing({r.version: AESGCM(self._master.decrypt(
+                    r.wrapped[:_NONCE], r.wrapped[_NONCE:], self._wrap_aad(tenant, purpose, r.version))) for r in rows})
+            except InvalidTag:
+                raise errors.BulkheadError("the master key does not open this tenant's keys (wrong key file?)",
+                                           reason="MASTER_KEY_MISMATCH") from None
             self._rings[key] = ring
             return ring
 
@@ -113,9 +117,15 @@ class LocalBackend:
         ring = await self._ring(tenant, "kv")
         if row.key_version not in ring.keys:
             ring = await self._ring(tenant, "kv", reload=True)
-        key = ring.keys[row.key_version]
-        return StoredValue(row.version, key.decrypt(row.sealed[:_NONCE], row.sealed[_NONCE:],
-                                                    self._value_aad(tenant, name, row.version)))
+        key = ring.keys.get(row.key_version)
+        try:
+            if key is None:
+                raise InvalidTag()
+            value = key.decrypt(row.sealed[:_NONCE], row.sealed[_NONCE:], self._value_aad(tenant, name, row.version))
+        except InvalidTag:
+            # The row was moved, altered or sealed for someone else: refuse rather than guess.
+            raise errors.BulkheadError("a stored value failed its integrity check", reason="VALUE_INTEGRITY") from None
+        return StoredValue(row.version, value)
 
     async def _set_state(self, name: str, versions: list[int], state: str, **values) -> None:
         if not versions:

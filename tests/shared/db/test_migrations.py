@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from sqlalchemy import inspect
+from sqlalchemy import inspect, text
 
 from shared.db import Database, upgrade
 from shared.db.migrations import version_table_for
@@ -45,3 +45,11 @@ async def test_in_memory_sqlite_is_refused() -> None:
     """An in-memory SQLite database would be a different one per connection: refused."""
     with pytest.raises(ValueError, match="file path"):
         await Database.open("sqlite://", migrations=MIGRATIONS)
+
+
+async def test_sqlite_runs_in_wal_mode_with_foreign_keys(sqlite_db: Database, tmp_path: Path) -> None:
+    """The embedded database uses WAL and enforces foreign keys; its directory was created."""
+    async with sqlite_db.engine.connect() as conn:
+        assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
+        assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
+    assert (tmp_path / "data" / "notes.db").is_file()

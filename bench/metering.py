@@ -1,0 +1,193 @@
+#!/usr/bin/env python3
+"""Metering throughput on Postgres: RecordUsage ingest (events/s) for batches of 1, 100 and 1000,
+and ReserveBudget+CommitBudget pairs/s, all in one run.
+
+The metering server runs in a child process (production interceptors, runtime role with RLS, a
+throwaway Postgres from shared.testing), and the load in another, so the two do not share a GIL.
+Baselines measured in the same run: a raw asyncpg multi-row insert of the same events (the
+database's own ceiling for ingest) and a health-check RPC (the gRPC floor for a round trip).
+`--quick` runs about a second per figure for a smoke test.
+Targets: >= 50,000 events/s at batch 1000; >= 2,000 pairs/s.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import multiprocessing
+import sys
+import time
+import uuid
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+MODEL = "claude-bench"
+T_START = 1_780_000_000_000_000
+
+
+def _serve(port_queue, url: str, owner_url: str, key_bytes: bytes, kid: str) -> None:
+    async def run() -> None:
+        from services.metering.server import MIGRATIONS, serve_metering
+        from shared.db import Database
+        from shared.tokens import SigningKey, StaticKeySource, TokenVerifier
+
+        key = SigningKey.from_private_bytes(kid, key_bytes)
+        db = await Database.open(url, migrations=str(MIGRATIONS), owner_url=owner_url, pool_size=20, max_overflow=0)
+        service = await serve_metering(db=db, verifier=TokenVerifier(StaticKeySource({kid: key.public_key})))
+        port_queue.put(service.running.port)
+        await service.running.wait()
+
+    asyncio.run(run())
+
+
+def _load(kind: str, address: str, metadata: list, seconds: float, concurrency: int, batch: int, out) -> None:
+    """Run one workload in this (child) process and report (operations, events, elapsed)."""
+    import grpc
+
+    from bulkhead.metering.v1 import metering_pb2 as pb
+    from bulkhead.metering.v1 import metering_pb2_grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    async def run() -> tuple[int, int, float]:
+        channels = [grpc.aio.insecure_channel(address) for _ in range(4)]
+        stubs = [metering_pb2_grpc.MeteringServiceStub(c) for c in channels]
+        health = health_pb2_grpc.HealthStub(channels[0])
+        counter = itertools.count()
+        prefix = uuid.uuid4().hex[:8]
+
+        def events(n: int) -> pb.RecordUsageRequest:
+            base = next(counter) * n
+            return pb.RecordUsageRequest(events=[pb.UsageEvent(
+                idempotency_key=f"{prefix}-{base + i}", model=MODEL, agent_id="agent", run_id="run",
+                tokens=pb.TokenCounts(input_tokens=1000, output_tokens=200), latency_ms=900,
+                occur_time={"seconds": T_START // 1_000_000 + (base + i) % 86400}) for i in range(n)])
+
+        async def one(worker: int) -> int:
+            stub, md = stubs[worker % len(stubs)], metadata[worker % len(metadata)]
+            if kind == "ingest":
+                resp = await stub.RecordUsage(events(batch), metadata=md)
+                return resp.recorded_count
+            if kind == "pairs":
+                res = await stub.ReserveBudget(pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=100,
+                                                                       max_output_tokens=100), metadata=md)
+                await stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=pb.TokenCounts(
+                    input_tokens=100, output_tokens=50)), metadata=md)
+                return 1
+            await health.Check(health_pb2.HealthCheckRequest())
+            return 1
+
+        for w in range(min(concurrency, 8)):  # warm up connections, token cache, statement cache
+            await one(w)
+        done = [0, 0]
+        stop_at = time.perf_counter() + seconds
+
+        async def worker(w: int) -> None:
+            while time.perf_counter() < stop_at:
+                done[1] += await one(w)
+                done[0] += 1
+
+        started = time.perf_counter()
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+        elapsed = time.perf_counter() - started
+        for c in channels:
+            await c.close()
+        return done[0], done[1], elapsed
+
+    out.put(asyncio.run(run()))
+
+
+def _run_load(ctx, *args) -> tuple[int, int, float]:
+    q = ctx.Queue()
+    p = ctx.Process(target=_load, args=(*args, q), daemon=True)
+    p.start()
+    result = q.get(timeout=300)
+    p.join()
+    return result
+
+
+async def _raw_insert_baseline(dsn: str, tenant: str, seconds: float, batch: int = 1000) -> float:
+    """Events/s of the same unnest insert straight through asyncpg (no gRPC, no ORM)."""
+    import asyncpg
+
+    conn = await asyncpg.connect(dsn)
+    sql = """INSERT INTO metering_usage_events (tenant_id, idempotency_key, principal_id, agent_id, run_id, trace_id,
+        model, input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, latency_ms, outcome, occurred_us,
+        hour, day, recorded_us)
+        SELECT $1, k, 'p', 'agent', 'run', '', $2, 1000, 200, 0, 0, 900, 1, $3, $3 / 3600000000, $3 / 86400000000, $3
+        FROM unnest($4::text[]) AS k ON CONFLICT DO NOTHING"""
+    n, prefix, started = 0, uuid.uuid4().hex[:8], time.perf_counter()
+    stop_at = started + seconds
+    while time.perf_counter() < stop_at:
+        keys = [f"raw-{prefix}-{n + i}" for i in range(batch)]
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", tenant)
+            await conn.execute(sql, tenant, MODEL, T_START, keys)
+        n += batch
+    elapsed = time.perf_counter() - started
+    await conn.close()
+    return n / elapsed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seconds", type=float, default=5.0, help="per figure")
+    parser.add_argument("--quick", action="store_true", help="about a second per figure (smoke test)")
+    args = parser.parse_args()
+    seconds = 1.0 if args.quick else args.seconds
+
+    from shared.testing.postgres import start_postgres
+    from shared.tokens import SigningKey, TokenIssuer
+
+    pg = start_postgres()
+    try:
+        urls = asyncio.run(pg.create_database("metering_bench"))
+        key = SigningKey.generate()
+        issuer = TokenIssuer(key)
+
+        def md(tenant: str, scopes) -> list:
+            token, _ = issuer.issue(tenant_id=tenant, principal_id="p_bench", scopes=frozenset(scopes), ttl=3600)
+            return [("authorization", f"Bearer {token}"), ("x-tenant-id", tenant)]
+
+        ctx = multiprocessing.get_context("spawn")
+        q = ctx.Queue()
+        server = ctx.Process(target=_serve, args=(q, urls.app_url, urls.owner_url, key.private_bytes(), key.kid),
+                             daemon=True)
+        server.start()
+        address = f"127.0.0.1:{q.get(timeout=120)}"
+        rows = []
+        try:
+            ops, _, el = _run_load(ctx, "health", address, [()], seconds, 32, 0)
+            rpc_floor = ops / el
+            rows.append(("health Check RPC (baseline)", f"{rpc_floor:,.0f} calls/s", ""))
+            raw = asyncio.run(_raw_insert_baseline(urls.app_dsn, "t_bench_raw", seconds))
+            rows.append(("raw asyncpg insert, batch 1000 (baseline)", f"{raw:,.0f} events/s", ""))
+            ingest = {}
+            for batch, conc in ((1, 32), (100, 16), (1000, 4)):
+                _, events, el = _run_load(ctx, "ingest", address, [md("t_bench_ingest", ["metering.usage.write"])],
+                                          seconds, conc, batch)
+                ingest[batch] = events / el
+            for batch, rate in ingest.items():
+                note = f"{rate / raw:.2f}x raw insert" if batch == 1000 else f"{rate / rpc_floor:.2f}x health RPC/s"
+                rows.append((f"RecordUsage batch {batch}", f"{rate:,.0f} events/s", note))
+            tenants = [md(f"t_bench_pairs_{i}", ["metering.budget.write"]) for i in range(8)]
+            ops, _, el = _run_load(ctx, "pairs", address, tenants, seconds, 32, 0)
+            rows.append(("Reserve+Commit, 8 tenants", f"{ops / el:,.0f} pairs/s",
+                         f"{2 * ops / el / rpc_floor:.2f}x health RPC/s (2 RPCs a pair)"))
+            ops, _, el = _run_load(ctx, "pairs", address, [md("t_bench_hot", ["metering.budget.write"])],
+                                   seconds, 32, 0)
+            rows.append(("Reserve+Commit, 1 tenant (one hot counter row)", f"{ops / el:,.0f} pairs/s",
+                         f"{2 * ops / el / rpc_floor:.2f}x health RPC/s"))
+        finally:
+            server.terminate()
+        width = max(len(r[0]) for r in rows)
+        for name, figure, note in rows:
+            print(f"{name:<{width}}  {figure:>18}  {note}")
+        print(f"targets: RecordUsage batch 1000 >= 50,000 events/s -> {'met' if ingest[1000] >= 50_000 else 'NOT met'}; "
+              f"Reserve+Commit >= 2,000 pairs/s -> see the pairs lines above")
+    finally:
+        pg.stop()
+
+
+if __name__ == "__main__":
+    main()

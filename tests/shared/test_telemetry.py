@@ -1,0 +1,64 @@
+"""Spans: one trace across a service hop, tenant.id on server spans, no token in any attribute."""
+from __future__ import annotations
+
+import pytest
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
+from shared.client import make_channel
+from shared.server import Binding, serve
+from shared.telemetry import setup_telemetry
+from shared.tenancy import require_tenant
+from shared.testing.echo import echo_binding
+from shared.testing.tokens import TestTokens
+
+
+@pytest.fixture
+def spans():
+    exporter = InMemorySpanExporter()
+    provider = setup_telemetry("tests")
+    processor = SimpleSpanProcessor(exporter)
+    provider.add_span_processor(processor)
+    yield exporter
+    processor.shutdown()
+
+
+class Relay(echo_pb2_grpc.EchoServiceServicer):
+    """Calls the next service with the caller's identity forwarded."""
+
+    def __init__(self, address: str):
+        self.channel = make_channel(address, forward=True)
+
+    async def Echo(self, request, context):
+        require_tenant()
+        return await echo_pb2_grpc.EchoServiceStub(self.channel).Echo(request)
+
+
+async def test_one_trace_across_a_hop_with_tenant_on_every_server_span(spans):
+    """client → relay → echo: one trace id, parent/child links, tenant.id on both server spans, no token."""
+    tokens = TestTokens()
+    inner = await serve(name="inner", bindings=[echo_binding()], verifier=tokens.verifier)
+    relay = Relay(inner.address)
+    outer = await serve(name="outer", verifier=tokens.verifier, bindings=[Binding(
+        echo_pb2_grpc.add_EchoServiceServicer_to_server, relay, echo_pb2.DESCRIPTOR.services_by_name["EchoService"])])
+    md = tokens.metadata("t_traced")
+    try:
+        async with make_channel(outer.address) as channel:
+            resp = await echo_pb2_grpc.EchoServiceStub(channel).Echo(echo_pb2.EchoRequest(message="hi"), metadata=md)
+        assert resp.seen.tenant_id == "t_traced"
+    finally:
+        await relay.channel.close()
+        await outer.stop(0)
+        await inner.stop(0)
+    finished = spans.get_finished_spans()
+    server_spans = [s for s in finished if s.kind.name == "SERVER"]
+    assert len(server_spans) == 2
+    assert len({s.context.trace_id for s in finished}) == 1
+    assert all(s.attributes.get("tenant.id") == "t_traced" for s in server_spans)
+    outer_span, inner_span = sorted(server_spans, key=lambda s: s.start_time)
+    by_id = {s.context.span_id: s for s in finished}
+    hop = by_id[inner_span.parent.span_id]  # the relay's client span ...
+    assert hop.kind.name == "CLIENT" and hop.parent.span_id == outer_span.context.span_id  # ... inside the outer call
+    token = md[0][1].split()[1]
+    assert all(token not in str(v) for s in finished for v in s.attributes.values())
