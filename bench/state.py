@@ -35,75 +35,99 @@ LIMITS = Limits(max_events_per_append=1000, max_page_size=1000, replay_batch=100
 TENANT = TenantContext(tenant_id="t_bench", principal_id="p_bench", scopes=frozenset({"*"}))
 
 
-async def _append_rate(log: ThreadLog, *, events: int, batch: int, writers: int, payload: bytes) -> float:
-    """Events/s appending `events` in batches, from `writers` concurrent writers on their own threads."""
+class Timer:
+    """Wall-clock and process CPU time of a block (CPU includes the SQLite worker thread)."""
+
+    def __enter__(self) -> Timer:
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.wall = time.perf_counter() - self.wall
+        self.cpu = time.process_time() - self.cpu
+
+
+async def _append(log: ThreadLog, *, events: int, batch: int, writers: int, payload: bytes) -> tuple[Timer, list]:
+    """Append `events` in batches from `writers` concurrent writers, each on a thread of its own."""
     threads = [(await log.create(thread_id="", run_id="bench", agent_id="", labels={})).thread_id
                for _ in range(writers)]
-    per_writer = events // writers
     batch_events = [NewEventRecord("message", payload)] * batch
 
     async def write(thread_id: str) -> None:
         version = 0
-        for _ in range(per_writer // batch):
+        for _ in range(events // writers // batch):
             _, version = await log.append(thread_id, batch_events, version)
 
-    started = time.perf_counter()
-    await asyncio.gather(*(write(t) for t in threads))
-    elapsed = time.perf_counter() - started
-    log.bench_threads = threads  # read back by _read_rate
-    return per_writer // batch * batch * writers / elapsed
+    with Timer() as t:
+        await asyncio.gather(*(write(tid) for tid in threads))
+    return t, threads
 
 
-async def _read_rate(log: ThreadLog, *, page_size: int) -> tuple[float, float]:
-    """(ReadEvents events/s, Replay events/s) over the threads the last append round wrote."""
-    started, count = time.perf_counter(), 0
-    for thread_id in log.bench_threads:
-        token = ""
-        while True:
-            page = await log.read(thread_id, after_version=0, page_size=page_size, page_token=token)
-            count += len(page.items)
-            token = page.next_page_token
-            if not token:
-                break
-    read = count / (time.perf_counter() - started)
-    started, count = time.perf_counter(), 0
-    for thread_id in log.bench_threads:
-        async for _ in await log.replay(thread_id, up_to_version=0, from_snapshot=False):
-            count += 1
-    return read, count / (time.perf_counter() - started)
+async def _read(log: ThreadLog, threads: list[str], *, page_size: int) -> Timer:
+    """Read every event of `threads` with ReadEvents pages."""
+    with Timer() as t:
+        for thread_id in threads:
+            token = ""
+            while True:
+                page = await log.read(thread_id, after_version=0, page_size=page_size, page_token=token)
+                token = page.next_page_token
+                if not token:
+                    break
+    return t
 
 
-async def bench_backend(name: str, db: Database, args) -> dict[str, dict[str, list[float]]]:
-    """Interleaved rounds of both modes on one database; every figure of every round."""
+async def _replay(log: ThreadLog, threads: list[str]) -> Timer:
+    """Stream every event of `threads` with Replay."""
+    with Timer() as t:
+        for thread_id in threads:
+            async for _ in await log.replay(thread_id, up_to_version=0, from_snapshot=False):
+                pass
+    return t
+
+
+async def bench_backend(db: Database, args) -> dict[str, dict[str, list[tuple[float, float]]]]:
+    """Interleaved rounds of both modes on one database: (events/s, CPU µs/event) per op and round."""
     logs = {
         "plaintext": ThreadLog(db, make_envelope(db, None), LIMITS),
         "encrypted": ThreadLog(db, make_envelope(db, LocalDataKeyProvider(os.urandom(32))), LIMITS),
     }
     payload = os.urandom(args.payload)
-    results: dict[str, dict[str, list[float]]] = {m: {"append": [], "read": [], "replay": []} for m in logs}
+    results: dict = {m: {"append": [], "read": [], "replay": []} for m in logs}
+    n = args.events
     with tenant_scope(TENANT):
         # Warm-up: connections, statement caches, the tenant's data key.
         for log in logs.values():
-            await _append_rate(log, events=args.batch, batch=args.batch, writers=1, payload=payload)
-        for _ in range(args.rounds):
-            for mode, log in logs.items():
-                results[mode]["append"].append(await _append_rate(
-                    log, events=args.events, batch=args.batch, writers=args.writers, payload=payload))
-                read, replay = await _read_rate(log, page_size=1000)
-                results[mode]["read"].append(read)
-                results[mode]["replay"].append(replay)
+            await _append(log, events=args.batch * args.writers, batch=args.batch, writers=args.writers,
+                          payload=payload)
+        for round_no in range(args.rounds):
+            # ABBA order: a drift in machine load does not favour either mode.
+            order = list(logs) if round_no % 2 == 0 else list(reversed(logs))
+            for mode in order:
+                log = logs[mode]
+                t, threads = await _append(log, events=n, batch=args.batch, writers=args.writers, payload=payload)
+                results[mode]["append"].append((n / t.wall, t.cpu / n * 1e6))
+                t = await _read(log, threads, page_size=1000)
+                results[mode]["read"].append((n / t.wall, t.cpu / n * 1e6))
+                t = await _replay(log, threads)
+                results[mode]["replay"].append((n / t.wall, t.cpu / n * 1e6))
     return results
 
 
-def report(name: str, results: dict[str, dict[str, list[float]]], args) -> None:
-    """Median events/s per mode and the cost of encryption (plaintext rate / encrypted rate)."""
-    print(f"\n{name}: {args.events} events/round in batches of {args.batch}, {args.writers} writers, "
-          f"{args.payload}-byte payloads, {args.rounds} rounds (median)")
-    print(f"  {'operation':<10}{'plaintext ev/s':>16}{'encrypted ev/s':>16}{'cost ×':>9}")
+def report(name: str, results: dict, args) -> None:
+    """Medians per mode, and the cost of encryption as plaintext/encrypted throughput and CPU ratios."""
+    print(f"\n{name}: {args.events:,} events per mode per round, batches of {args.batch}, "
+          f"{args.writers} writers, {args.payload}-byte payloads, {args.rounds} interleaved rounds (medians)")
+    print(f"  {'op':<8}{'plain ev/s':>12}{'enc ev/s':>12}{'cost ×':>8}   "
+          f"{'plain CPU µs/ev':>16}{'enc CPU µs/ev':>15}{'CPU ×':>8}")
     for op in ("append", "read", "replay"):
-        plain = statistics.median(results["plaintext"][op])
-        enc = statistics.median(results["encrypted"][op])
-        print(f"  {op:<10}{plain:>16,.0f}{enc:>16,.0f}{plain / enc:>9.2f}")
+        plain_rate = statistics.median(r for r, _ in results["plaintext"][op])
+        enc_rate = statistics.median(r for r, _ in results["encrypted"][op])
+        plain_cpu = statistics.median(c for _, c in results["plaintext"][op])
+        enc_cpu = statistics.median(c for _, c in results["encrypted"][op])
+        print(f"  {op:<8}{plain_rate:>12,.0f}{enc_rate:>12,.0f}{plain_rate / enc_rate:>8.2f}   "
+              f"{plain_cpu:>16.1f}{enc_cpu:>15.1f}{enc_cpu / plain_cpu:>8.2f}")
+    print("  cost × = plaintext events/s ÷ encrypted events/s (target ≤ 1.25); "
+          "CPU = this process only (on Postgres the server's CPU is not included)")
 
 
 async def main() -> None:
@@ -116,14 +140,14 @@ async def main() -> None:
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
-    args.events = args.events or (4_000 if args.quick else 20_000)
-    args.rounds = args.rounds or (1 if args.quick else 3)
+    args.events = args.events or (2_000 if args.quick else 8_000)
+    args.rounds = args.rounds or (2 if args.quick else 6)
     args.events -= args.events % (args.batch * args.writers)
 
     with tempfile.TemporaryDirectory() as tmp:
         db = await Database.open(f"sqlite+aiosqlite:///{tmp}/state.db", migrations=str(MIGRATIONS))
         try:
-            report("SQLite", await bench_backend("sqlite", db, args), args)
+            report("SQLite", await bench_backend(db, args), args)
         finally:
             await db.close()
 
@@ -142,7 +166,7 @@ async def main() -> None:
         db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url,
                                  pool_size=args.writers + 2)
         try:
-            report("PostgreSQL (runtime role, RLS on)", await bench_backend("postgres", db, args), args)
+            report("PostgreSQL (runtime role, RLS on)", await bench_backend(db, args), args)
         finally:
             await db.close()
     finally:

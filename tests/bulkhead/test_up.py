@@ -58,9 +58,9 @@ def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float, lines: list[
     raise AssertionError(f"{pattern!r} not seen; output was:\n{''.join(lines)}")
 
 
-@pytest.mark.slow
-def test_up_serves_cli_and_stops_cleanly(tmp_path):
-    """up → healthy table → `tenants create` and `tenants list` work → SIGINT → no service process left."""
+@pytest.fixture
+def up_identity(tmp_path):
+    """`bulkhead up --only identity` on free ports; yields (process, port base, output lines, service pid)."""
     base = _free_port_base()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("BULKHEAD_API_KEY", None)
@@ -70,35 +70,70 @@ def test_up_serves_cli_and_stops_cleanly(tmp_path):
     lines: list[str] = []
     try:
         _wait_for(proc, r"all services healthy", 60, lines)
-        output = "".join(lines)
-        row = re.search(r"^identity\s+127\.0\.0\.1:(\d+)\s+\S+\s+(\d+)\s+healthy", output, re.M)
-        assert row, output
-        service_pid = int(row.group(2))
-        assert int(row.group(1)) == base + 51 and _alive(service_pid)
-        assert "operator API key: bk_t_platform_" in output
-
-        cli_env = {**env, "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{base + 51}"}
-        created = subprocess.run([sys.executable, "-m", "bulkhead.cli", "tenants", "create", "acme", "--tier",
-                                  "bridge", "--data-dir", str(tmp_path)], env=cli_env, capture_output=True,
-                                 text=True, timeout=60)
-        assert created.returncode == 0, created.stderr
-        assert re.search(r"t_[a-z0-9]+\s+acme\s+bridge\s+local\s+active", created.stdout)
-        assert re.search(r"bk_t_[a-z0-9]+_k_[a-z0-9]+_[0-9a-f]{48}", created.stdout)
-        listed = subprocess.run([sys.executable, "-m", "bulkhead.cli", "tenants", "list", "--data-dir", str(tmp_path)],
-                                env=cli_env, capture_output=True, text=True, timeout=60)
-        assert "acme" in listed.stdout and "platform" in listed.stdout
-
-        dup = subprocess.run([sys.executable, "-m", "bulkhead.cli", "tenants", "create", "acme", "--data-dir",
-                              str(tmp_path)], env=cli_env, capture_output=True, text=True, timeout=60)
-        assert dup.returncode == 1 and "ALREADY_EXISTS" in dup.stderr and "Traceback" not in dup.stderr
-
-        proc.send_signal(signal.SIGINT)
-        proc.wait(timeout=30)
-        assert proc.returncode == 0
-        deadline = time.monotonic() + 5
-        while _alive(service_pid) and time.monotonic() < deadline:
-            time.sleep(0.1)
-        assert not _alive(service_pid), "identity survived Ctrl-C"
+        row = re.search(r"^identity\s+127\.0\.0\.1:(\d+)\s+\S+\s+(\d+)\s+healthy", "".join(lines), re.M)
+        assert row, "".join(lines)
+        assert int(row.group(1)) == base + 51
+        yield proc, base, lines, int(row.group(2))
     finally:
         if proc.poll() is None:
-            proc.kill()
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+
+
+def _cli(args: list[str], base: int, data_dir) -> subprocess.CompletedProcess:
+    env = {**os.environ, "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{base + 51}"}
+    env.pop("BULKHEAD_API_KEY", None)
+    return subprocess.run([sys.executable, "-m", "bulkhead.cli", *args, "--data-dir", str(data_dir)], env=env,
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.slow
+def test_up_serves_cli_and_stops_cleanly(up_identity, tmp_path):
+    """up → healthy table → `tenants create` and `tenants list` work → SIGINT → no service process left."""
+    proc, base, lines, service_pid = up_identity
+    assert _alive(service_pid) and "operator API key: bk_t_platform_" in "".join(lines)
+    created = _cli(["tenants", "create", "acme", "--tier", "bridge"], base, tmp_path)
+    assert created.returncode == 0, created.stderr
+    assert re.search(r"t_[a-z0-9]+\s+acme\s+bridge\s+local\s+active", created.stdout)
+    assert re.search(r"bk_t_[a-z0-9]+_k_[a-z0-9]+_[0-9a-f]{48}", created.stdout)
+    listed = _cli(["tenants", "list"], base, tmp_path)
+    assert "acme" in listed.stdout and "platform" in listed.stdout
+    dup = _cli(["tenants", "create", "acme"], base, tmp_path)
+    assert dup.returncode == 1 and "ALREADY_EXISTS" in dup.stderr and "Traceback" not in dup.stderr
+
+    proc.send_signal(signal.SIGINT)
+    proc.wait(timeout=30)
+    assert proc.returncode == 0
+    deadline = time.monotonic() + 5
+    while _alive(service_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _alive(service_pid), "identity survived Ctrl-C"
+
+
+@pytest.mark.slow
+def test_killed_service_is_reported_and_restarted(up_identity, tmp_path):
+    """kill -9 of a service under up: calls fail UNAVAILABLE meanwhile, up restarts it, a retry succeeds."""
+    proc, base, lines, service_pid = up_identity
+    os.kill(service_pid, signal.SIGKILL)
+    down = _cli(["tenants", "list"], base, tmp_path)
+    assert down.returncode == 1 and "UNAVAILABLE" in down.stderr and "bulkhead up" in down.stderr
+    _wait_for(proc, r"identity is healthy again", 60, lines)
+    assert re.search(r"identity exited with code -9; restarting", "".join(lines))
+    again = _cli(["tenants", "list"], base, tmp_path)
+    assert again.returncode == 0 and "platform" in again.stdout
+
+
+@pytest.mark.slow
+def test_metrics_endpoint_counts_rpcs_by_method_and_tenant(up_identity, tmp_path):
+    """Each service serves Prometheus metrics; RPCs are counted by method and (bounded) tenant label."""
+    import urllib.request
+
+    proc, base, lines, _ = up_identity
+    assert _cli(["tenants", "list"], base, tmp_path).returncode == 0
+    body = urllib.request.urlopen(f"http://127.0.0.1:{base + 151}/metrics", timeout=5).read().decode()
+    assert re.search(r'bulkhead_rpc_requests_total\{code="OK",method="/bulkhead.identity.v1.IdentityService/'
+                     r'ListTenants",service="identity",tenant="t_platform"\} 1.0', body), body[:2000]
+    assert "bulkhead_rpc_latency_seconds_bucket" in body

@@ -10,6 +10,8 @@ from shared.errors import error_details
 
 from .mesh import team_pb
 
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
 
 async def expect(code: grpc.StatusCode, call) -> dict:
     with pytest.raises(grpc.aio.AioRpcError) as info:

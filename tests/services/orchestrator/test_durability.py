@@ -70,11 +70,11 @@ async def test_kill9_mid_run_then_restart_completes_without_repeats(tmp_path):
             await until(lambda: stub.ListTeams(pb.ListTeamsRequest(), metadata=a.metadata, timeout=1))
             await stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model="claude-sonnet-4-5")),
                                   metadata=a.metadata)
-            # The third model call hangs long enough for the kill to land while it is in flight.
+            # The third model call is slow enough for the kill to land while it is in flight.
             upstream.script(Reply.tool_use("handoff", {"agent": "billing", "note": "INV-9"}),
                             Reply.tool_use("lookup_invoice", {"invoice": "INV-9"}, tool_id="toolu_9"),
                             Reply.text("INV-9 is overdue."), Reply.text("INV-9 is overdue."))
-            upstream.fail_next(Fault.slow(0), Fault.slow(0), Fault.slow(30))
+            upstream.fail_next(Fault.slow(0), Fault.slow(0), Fault.slow(4))
             run = (await stub.StartRun(pb.StartRunRequest(team="support", input="What about INV-9?"),
                                        metadata=a.metadata)).run
             seen: list[int] = []

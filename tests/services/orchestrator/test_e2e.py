@@ -17,11 +17,13 @@ from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from bulkhead.metering.v1 import metering_pb2, metering_pb2_grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead.state.v1 import state_pb2, state_pb2_grpc
-from shared.testing.fake_anthropic import FakeAnthropic, Reply
+from shared.testing.fake_anthropic import Fault, Reply
 from shared.telemetry import setup_telemetry
 
 from .fakes import ToolServer
-from .mesh import running_mesh, team_pb
+from .mesh import team_pb
+
+pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 SECRET = "inv-key-7Hq2xZ9vLmP4"
 MODEL = "claude-sonnet-4-5"
@@ -39,22 +41,10 @@ def spans():
 
 
 @pytest.fixture
-async def upstream():
-    async with FakeAnthropic() as fake:
-        yield fake
-
-
-@pytest.fixture
 def tools():
     server = ToolServer(body='{"invoice": "INV-7", "status": "paid"}')
     yield server
     server.close()
-
-
-@pytest.fixture
-async def mesh(tmp_path, upstream):
-    async with running_mesh(tmp_path, upstream_url=upstream.base_url) as m:
-        yield m
 
 
 async def watch(mesh, tenant, run_id: str, after: int = 0) -> list[pb.WatchRunResponse]:
@@ -157,3 +147,28 @@ async def test_foreign_canary_in_output_is_blocked(mesh, upstream, tools):
     assert [m.step.kind for m in seen][-2:] == [pb.STEP_KIND_OUTPUT_BLOCKED, pb.STEP_KIND_RUN_FINISHED]
     assert seen[-1].run.status == pb.RUN_STATUS_FAILED and seen[-1].run.error_reason == "OUTPUT_BLOCKED"
     assert leak not in str(seen) and seen[-1].run.output == ""
+
+
+async def test_tenant_at_its_limit_queues_while_another_proceeds(mesh, upstream):
+    """A (limit 1) starts three runs, the first stuck on a slow model call; B's run finishes meanwhile."""
+    a, b = await mesh.tenant(), await mesh.tenant()
+    for t in (a, b):
+        await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(model=MODEL)), metadata=t.metadata)
+    upstream.fail_next(Fault.slow(2.0))  # A's first model call; unscripted replies echo and end the run
+    a_runs = []
+    for i in range(3):
+        a_runs.append((await mesh.stub.StartRun(pb.StartRunRequest(team="support", input=f"a{i}"),
+                                                metadata=a.metadata)).run.run_id)
+        if i == 0:
+            while upstream.request_count < 1:
+                await asyncio.sleep(0.02)
+    b_run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="b0"), metadata=b.metadata)).run
+    b_done = await watch(mesh, b, b_run.run_id)
+    assert b_done[-1].run.status == pb.RUN_STATUS_SUCCEEDED
+    statuses = [(await mesh.stub.GetRun(pb.GetRunRequest(run_id=r), metadata=a.metadata)).run.status for r in a_runs]
+    assert statuses == [pb.RUN_STATUS_RUNNING, pb.RUN_STATUS_QUEUED, pb.RUN_STATUS_QUEUED]
+    finished = [(await watch(mesh, a, r))[-1].run for r in a_runs]
+    assert all(r.status == pb.RUN_STATUS_SUCCEEDED for r in finished)
+    # A's runs started in the order they were queued, one at a time.
+    starts = [r.update_time.ToNanoseconds() for r in finished]
+    assert starts == sorted(starts)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 from sqlalchemy import delete, func, insert, select, text, update
-from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from shared.db import Database, NoTenantContext, TenantIsolationError, TenantSession
 from shared.tenancy import tenant_scope
@@ -102,11 +102,12 @@ async def test_inserts_are_stamped_with_the_tenant(db: Database) -> None:
             assert note.tenant_id == A
             await s.execute(insert(Note), [{"body": "bulk1"}, {"body": "bulk2"}])
             await s.execute(insert(Note).values(body="inline"))
+            await s.execute(insert(Note.__table__), [{"body": "core"}])
     async with db.engine.connect() as conn:
         if db.dialect == "postgresql":
             await conn.execute(text("SELECT set_config('app.tenant_id', :t, true)"), {"t": A})
         rows = (await conn.execute(text("SELECT body, tenant_id FROM notes ORDER BY body"))).all()
-    assert rows == [("added", A), ("bulk1", A), ("bulk2", A), ("inline", A)]
+    assert rows == [("added", A), ("bulk1", A), ("bulk2", A), ("core", A), ("inline", A)]
 
 
 FOREIGN_INSERTS = {
@@ -114,6 +115,7 @@ FOREIGN_INSERTS = {
     "bulk": lambda s: s.execute(insert(Note), [{"body": "ok"}, {"body": "evil", "tenant_id": B}]),
     "values": lambda s: s.execute(insert(Note).values(body="evil", tenant_id=B)),
     "multi_values": lambda s: s.execute(insert(Note).values([{"body": "evil", "tenant_id": B}])),
+    "core_bulk": lambda s: s.execute(insert(Note.__table__), [{"body": "evil", "tenant_id": B}]),
     "legacy_bulk": lambda s: s.run_sync(lambda ss: ss.bulk_insert_mappings(Note, [{"body": "evil"}])),
 }
 
