@@ -141,7 +141,7 @@ async def main() -> None:
     parser.add_argument("--no-postgres", action="store_true")
     args = parser.parse_args()
     args.events = args.events or (2_000 if args.quick else 8_000)
-    args.rounds = args.rounds or (2 if args.quick else 6)
+    args.rounds = args.rounds or (2 if args.quick else 4)
     args.events -= args.events % (args.batch * args.writers)
 
     with tempfile.TemporaryDirectory() as tmp:

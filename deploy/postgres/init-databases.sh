@@ -1,6 +1,8 @@
 #!/bin/sh
 # Creates one database per service, each with two roles, the layout Bulkhead's RLS relies on:
-#   bulkhead_<svc>        owns the database and its tables; migrations run as it
+#   bulkhead_<svc>        owns the database and its tables; migrations run as it; CREATEDB
+#                         because a silo-tier tenant gets a database of its own
+#                         (bulkhead_<svc>_<tenant>, created on the tenant's first request)
 #   bulkhead_<svc>_app    what the service runs as: LOGIN, no BYPASSRLS, owns nothing, so row
 #                         level security applies; it can reach only its own service's database
 # Runs once, from /docker-entrypoint-initdb.d (the postgres image) on an empty data directory.
@@ -15,7 +17,7 @@ for svc in identity credentials state inference orchestrator metering; do
   psql -v ON_ERROR_STOP=1 --username "$POSTGRES_USER" --dbname postgres \
        -v owner="$owner" -v app="$app" -v db="$owner" \
        -v owner_pw="$BULKHEAD_PG_OWNER_PASSWORD" -v app_pw="$BULKHEAD_PG_APP_PASSWORD" <<'SQL'
-CREATE ROLE :"owner" LOGIN PASSWORD :'owner_pw';
+CREATE ROLE :"owner" LOGIN CREATEDB NOSUPERUSER NOCREATEROLE NOBYPASSRLS PASSWORD :'owner_pw';
 CREATE ROLE :"app" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS PASSWORD :'app_pw';
 CREATE DATABASE :"db" OWNER :"owner";
 REVOKE ALL ON DATABASE :"db" FROM PUBLIC;

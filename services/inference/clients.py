@@ -16,7 +16,7 @@ from bulkhead.metering.v1 import metering_pb2 as mpb
 from bulkhead.metering.v1 import metering_pb2_grpc
 from services.inference.budget import BackendUnavailable, BudgetRefused, Grant, Tokens
 from services.inference.limits import Limits
-from services.inference.usage import UsageEvent
+from services.inference.usage import UsageEvent, UsageRejected
 from shared.errors import error_details
 from shared.logs import register_secret
 from shared.tenancy import TenantContext
@@ -65,7 +65,12 @@ class MeteringClient:
     # UsageBackend
     async def record(self, events: Sequence[UsageEvent]) -> None:
         """RecordUsage for one tenant's batch (idempotent by request id)."""
-        await self._call(self._stub.RecordUsage, mpb.RecordUsageRequest(events=[_event(e) for e in events]))
+        try:
+            await self._call(self._stub.RecordUsage, mpb.RecordUsageRequest(events=[_event(e) for e in events]))
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise UsageRejected(exc.details()) from None
+            raise
 
     # quota
     async def limits(self) -> Limits:

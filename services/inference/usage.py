@@ -41,6 +41,10 @@ class UsageEvent:
     trace_id: str = ""
 
 
+class UsageRejected(Exception):
+    """Metering refused a batch as invalid: sending it again can never succeed."""
+
+
 class UsageBackend(Protocol):
     """Metering's RecordUsage, called with the tenant's context bound."""
 
@@ -147,6 +151,9 @@ class UsageMeter:
         try:
             with tenant_scope(ctx):
                 await self._backend.record(batch)
+        except UsageRejected as exc:
+            # Kept, it would block every later event of the tenant; logged loudly for an operator.
+            log.error("metering rejected %d usage events of %s: %s", len(batch), tenant_id, exc)
         except Exception as exc:  # unreachable, or refused (e.g. an expired token): keep, never drop
             log.warning("usage not delivered (%s): %d events of %s kept in the outbox",
                         type(exc).__name__, len(batch), tenant_id)
@@ -163,6 +170,8 @@ class UsageMeter:
             try:
                 with tenant_scope(ctx):
                     await self._backend.record([event for _, event in rows])
+            except UsageRejected as exc:
+                log.error("metering rejected %d outbox events of %s: %s", len(rows), tenant_id, exc)
             except Exception as exc:
                 log.warning("outbox of %s not drained yet (%s)", tenant_id, type(exc).__name__)
                 return

@@ -22,8 +22,10 @@ RUN_SCOPES = (
     # What the proxy and state do with the forwarded token on the run's behalf.
     "metering.usage.write", "metering.budget.write", "metering.quota.read",
     "credentials.keys.encrypt", "credentials.keys.decrypt",
+    # Tool secrets, and the tenant's own provider key if it brought one (read by the proxy).
+    "credentials.secrets.read",
 )
-"""Scopes of a run's delegated token; credentials.secrets.read is added only when its team uses secrets."""
+"""Scopes of a run's delegated token: what its steps need, nothing to manage teams, keys or tenants."""
 
 TEAM_FIELDS = ("description", "agents", "http_tools", "allowed_hosts")
 
@@ -100,8 +102,6 @@ class Orchestrator:
         ctx = require_tenant()
         run_id = new_run_id()
         scopes = list(RUN_SCOPES)
-        if any(t.secret_names() for t in spec.http_tools):
-            scopes.append("credentials.secrets.read")
         if idempotency_key:
             existing = await self._runs.create_if_absent_check(idempotency_key)
             if existing is not None:

@@ -1,16 +1,22 @@
 """Encryption at rest: raw SQL sees only ciphertext; other tenants' keys and rows do not decrypt."""
 from __future__ import annotations
 
+import base64
 import logging
 
 import grpc
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 
 from bulkhead.state.v1 import state_pb2
 from services.state.datakeys import DataKeyRejected, LocalDataKeyProvider
 from services.state.envelope import UndecryptableData
 from services.state.threads import event_aad
+from shared import telemetry
 from shared.tenancy import TenantContext, tenant_scope
 
 from conftest import ALPHA, BETA, StateHarness, expect_error, replay
@@ -51,8 +57,7 @@ async def test_raw_sql_shows_only_ciphertext(any_state: StateHarness):
     assert rows[0][3].startswith("dk_")
     # The plain key is nowhere in the database: it cannot open what is stored under it.
     wrapped = bytes((await h.raw("SELECT wrapped FROM state_data_keys", tenant=ALPHA))[0][0])
-    payload = bytes(rows[0][0]) if False else bytes((await h.raw(
-        "SELECT payload FROM state_events WHERE version = 1", tenant=ALPHA))[0][0])
+    payload = bytes((await h.raw("SELECT payload FROM state_events WHERE version = 1", tenant=ALPHA))[0][0])
     for start in range(0, len(wrapped) - 31):
         with pytest.raises(Exception):
             AESGCM(wrapped[start:start + 32]).decrypt(payload[1:13], payload[13:],
@@ -116,17 +121,44 @@ async def test_ciphertext_moved_between_versions_does_not_decrypt(state: StateHa
     assert details["reason"] == "UNDECRYPTABLE_DATA"
 
 
-async def test_payloads_never_reach_logs_or_error_messages(state: StateHarness, caplog):
-    """Neither payloads nor tokens appear in any log record or in error details."""
+@pytest.fixture
+def spans():
+    """Every span finished during the test (the SDK provider is installed if nobody did yet)."""
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = telemetry.setup_telemetry("state-test")
+    exporter = InMemorySpanExporter()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    yield exporter
+    exporter.clear()
+
+
+async def test_payloads_and_keys_reach_no_log_span_error_or_audit(state: StateHarness, caplog, spans):
+    """Payloads, the plain data key and tokens appear in no log record, span, error or audit row."""
     caplog.set_level(logging.DEBUG)
     tid = await _write_secrets(state)
     await state.stub.ReadEvents(state_pb2.ReadEventsRequest(thread_id=tid), metadata=state.md())
-    err = await expect_error(grpc.StatusCode.ABORTED, state.append(tid, SECRET, expected=0))
-    err2 = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, state.append(tid, SECRET * 100))
+    errors = []
+    for call in (state.append(tid, SECRET, expected=0),                      # version conflict
+                 state.append(tid, SECRET * 100),                            # over the size limit
+                 state.append(tid, SECRET, tenant=BETA),                     # cross-tenant probe
+                 state.stub.PutContext(state_pb2.PutContextRequest(         # CAS conflict
+                     scope=TEAM, key="k", value=SECRET, expected_revision=7), metadata=state.md())):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await call
+        errors.append(f"{info.value.details()} {info.value.trailing_metadata()} {info.value.debug_error_string()}")
+    with tenant_scope(_as(ALPHA)):
+        plain_key = (await LocalDataKeyProvider(state.extra["master_key"]).unwrap_data_key(
+            bytes((await state.raw("SELECT wrapped FROM state_data_keys"))[0][0])))
     token = dict(state.md())["authorization"].split()[1]
-    text = caplog.text + repr(err) + repr(err2)
-    assert b"SECRET".decode() not in text
-    assert token not in text
+    forbidden = ["SECRET", plain_key.hex(), base64.b64encode(plain_key).decode(), token]
+    log_text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
+    span_text = repr([(s.name, dict(s.attributes or {}), [e.attributes for e in s.events])
+                      for s in spans.get_finished_spans()])
+    audit_text = repr(await state.raw("SELECT * FROM state_audit"))
+    assert spans.get_finished_spans()
+    for text in (log_text, span_text, "\n".join(errors), audit_text):
+        assert not any(f in text for f in forbidden)
 
 
 async def test_plain_keys_are_cached_briefly_then_unwrapped_again(state: StateHarness):

@@ -94,6 +94,8 @@ async def test_data_keys_come_from_the_tenants_own_key(mesh: Mesh):
     wrapped = bytes((await h.raw("SELECT wrapped FROM state_data_keys"))[0][0])
     payload = bytes((await h.raw("SELECT payload FROM state_events"))[0][0])
     assert SECRET not in payload
+    if mesh.backend == "vault":
+        assert wrapped.startswith(b"vault:v")  # an OpenBao Transit ciphertext
     # Only credentials can unwrap it, and only for its own tenant.
     plain = await mesh.cred_stub.Decrypt(credentials_pb2.DecryptRequest(ciphertext=wrapped),
                                          metadata=h.md(mesh.alpha))

@@ -4,6 +4,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 from shared.db import Database
@@ -25,16 +26,21 @@ async def sqlite_db(tmp_path: Path) -> AsyncIterator[Database]:
     await db.close()
 
 
-@pytest.fixture
-async def pg_urls(postgres):
-    """A fresh Postgres database owned by its own role; `bulkhead_app` is the runtime role."""
-    return await postgres.create_database("dbtest")
+@pytest.fixture(scope="module")
+def pg_urls(postgres):
+    """A Postgres database per test module, owned by its own role; `bulkhead_app` is the runtime role."""
+    return postgres.create_database_sync("dbtest")
 
 
 @pytest.fixture
 async def pg_db(pg_urls) -> AsyncIterator[Database]:
-    """The notes schema migrated as the owner, opened as the runtime role (RLS applies)."""
+    """The notes schema migrated as the owner, emptied, opened as the runtime role (RLS applies)."""
     db = await Database.open(pg_urls.app_url, owner_url=pg_urls.owner_url, migrations=MIGRATIONS)
+    conn = await asyncpg.connect(pg_urls.owner_dsn)
+    try:  # TRUNCATE is not subject to RLS: a clean slate for every test
+        await conn.execute("TRUNCATE notes, settings RESTART IDENTITY")
+    finally:
+        await conn.close()
     yield db
     await db.close()
 

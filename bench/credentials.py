@@ -1,0 +1,177 @@
+#!/usr/bin/env python3
+"""GetSecret speed on both backends, next to the raw hvac read the vault backend wraps.
+
+One run starts an OpenBao dev server, then, one at a time, a credentials server per backend in a
+child process (real interceptors, SQLite, audit on). This process is the client. It measures:
+
+- GetSecret latency (sequential calls: p50/p99) and throughput (concurrent callers) per backend;
+- the raw hvac KV v2 read of the same secret with the same per-tenant token (the baseline).
+
+Prints figures and the ratios the issue asks for: vault GetSecret p50 / raw hvac p50 (target
+<= 1.5) and local reads/s (target >= 3000). `--quick` runs a few seconds for smoke testing.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import concurrent.futures
+import multiprocessing
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import grpc  # noqa: E402
+import hvac  # noqa: E402
+
+from bulkhead.credentials.v1 import credentials_pb2 as pb  # noqa: E402
+from bulkhead.credentials.v1 import credentials_pb2_grpc  # noqa: E402
+
+TENANT = "t_bench"
+SECRET = "bench-secret"
+VALUE = b"bench-value-0123456789abcdef"
+
+
+def _serve(kind: str, bao_url: str, bao_token: str, key_bytes: bytes, kid: str, queue, stop) -> None:
+    """Child process: a credentials server on `kind`, with one secret written for TENANT."""
+    async def run() -> None:
+        from services.credentials.backend import TenantRef
+        from services.credentials.local_backend import LocalBackend
+        from services.credentials.master_key import load_or_create_master_key
+        from services.credentials.server import MIGRATIONS, serve_credentials
+        from services.credentials.vault_backend import VaultBackend
+        from shared.db import Database
+        from shared.tenancy import TenantContext, tenant_scope
+        from shared.tokens import SigningKey, StaticKeySource, TokenVerifier
+
+        tmp = Path(tempfile.mkdtemp(prefix="bench-cred-"))
+        db = await Database.open(f"sqlite+aiosqlite:///{tmp / 'credentials.db'}", migrations=MIGRATIONS)
+        backend = (VaultBackend(bao_url, bao_token, token_ttl_seconds=900) if kind == "vault"
+                   else LocalBackend(db, load_or_create_master_key(tmp / "master.key")))
+        key = SigningKey.from_private_bytes(kid, key_bytes)
+        verifier = TokenVerifier(StaticKeySource({kid: key.public_key}))
+        service = await serve_credentials(db=db, backend=backend, verifier=verifier)
+        with tenant_scope(TenantContext(TENANT, "p_bench")):
+            await service.secrets.put(SECRET, VALUE)
+        token = ""
+        if kind == "vault":
+            token = await asyncio.to_thread(backend.tokens.token_for, TenantRef(TENANT))
+        queue.put((service.running.port, token))
+        await asyncio.to_thread(stop.wait)
+        await service.stop(grace=0.5)
+
+    asyncio.run(run())
+
+
+def _pcts(samples: list[float]) -> tuple[float, float]:
+    ordered = sorted(samples)
+    return ordered[len(ordered) // 2] * 1e3, ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3
+
+
+async def _grpc_figures(port: int, md, *, calls: int, seconds: float, concurrency: int) -> dict:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = credentials_pb2_grpc.CredentialsServiceStub(channel)
+        request = pb.GetSecretRequest(name=SECRET)
+        for _ in range(50):  # warm up: connection, token cache, per-tenant Vault token
+            assert (await stub.GetSecret(request, metadata=md)).value == VALUE
+        lat = []
+        for _ in range(calls):
+            start = time.perf_counter()
+            await stub.GetSecret(request, metadata=md)
+            lat.append(time.perf_counter() - start)
+        done = 0
+        deadline = time.perf_counter() + seconds
+
+        async def worker() -> None:
+            nonlocal done
+            while time.perf_counter() < deadline:
+                await stub.GetSecret(request, metadata=md)
+                done += 1
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    p50, p99 = _pcts(lat)
+    return {"p50": p50, "p99": p99, "rps": done / elapsed}
+
+
+def _hvac_figures(url: str, token: str, *, calls: int, seconds: float, concurrency: int) -> dict:
+    client = hvac.Client(url=url, token=token)
+    path = f"tenants/{TENANT}/{SECRET}"
+
+    def read(c: hvac.Client) -> None:
+        c.secrets.kv.v2.read_secret_version(path, version=1, mount_point="bulkhead-kv", raise_on_deleted_version=True)
+
+    for _ in range(50):
+        read(client)
+    lat = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        read(client)
+        lat.append(time.perf_counter() - start)
+    deadline = time.perf_counter() + seconds
+
+    def worker() -> int:
+        own, n = hvac.Client(url=url, token=token), 0
+        while time.perf_counter() < deadline:
+            read(own)
+            n += 1
+        return n
+
+    start = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+        done = sum(pool.map(lambda _: worker(), range(concurrency)))
+    p50, p99 = _pcts(lat)
+    return {"p50": p50, "p99": p99, "rps": done / (time.perf_counter() - start)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke testing")
+    args = parser.parse_args()
+    calls, seconds, concurrency = (200, 1.0, 16) if args.quick else (2000, 8.0, 32)
+
+    from shared.testing.openbao import start_openbao
+    from shared.testing.tokens import TestTokens
+
+    tokens = TestTokens()
+    md = tokens.metadata(TENANT, ("credentials.secrets.read",), ttl=3600)
+    bao = start_openbao()
+    ctx = multiprocessing.get_context("spawn")
+    results: dict[str, dict] = {}
+    try:
+        for kind in ("vault", "local"):
+            queue, stop = ctx.Queue(), ctx.Event()
+            child = ctx.Process(target=_serve, args=(kind, bao.url, bao.root_token, tokens.key.private_bytes(),
+                                                     tokens.key.kid, queue, stop), daemon=True)
+            child.start()
+            try:
+                port, vault_token = queue.get(timeout=60)
+                results[kind] = asyncio.run(_grpc_figures(port, md, calls=calls, seconds=seconds,
+                                                          concurrency=concurrency))
+                if kind == "vault":
+                    results["raw hvac"] = _hvac_figures(bao.url, vault_token, calls=calls, seconds=seconds,
+                                                        concurrency=concurrency)
+            finally:
+                stop.set()
+                child.join(10)
+    finally:
+        bao.close()
+
+    print(f"GetSecret, {calls} sequential calls for latency, {concurrency} concurrent callers for "
+          f"{seconds:.0f}s for throughput")
+    print(f"{'path':<22}{'p50 ms':>10}{'p99 ms':>10}{'reads/s':>12}")
+    for name, label in (("raw hvac", "raw hvac read"), ("vault", "GetSecret vault"), ("local", "GetSecret local")):
+        r = results[name]
+        print(f"{label:<22}{r['p50']:>10.3f}{r['p99']:>10.3f}{r['rps']:>12.0f}")
+    ratio = results["vault"]["p50"] / results["raw hvac"]["p50"]
+    print(f"\nvault GetSecret p50 / raw hvac p50 = {ratio:.2f}x (target <= 1.5x)")
+    print(f"vault GetSecret reads/s / raw hvac reads/s = {results['vault']['rps'] / results['raw hvac']['rps']:.2f}")
+    print(f"local GetSecret reads/s = {results['local']['rps']:.0f} (target >= 3000)")
+
+
+if __name__ == "__main__":
+    main()

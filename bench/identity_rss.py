@@ -1,0 +1,62 @@
+#!/usr/bin/env python3
+"""identity's idle memory: start it on embedded defaults, wait until healthy and settled, print its RSS.
+
+The baseline is a bare Python process importing grpcio only, measured in the same run.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from bulkhead.supervisor import check_health  # noqa: E402
+
+
+def rss_mb(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> None:
+    with tempfile.TemporaryDirectory() as data:
+        port = free_port()
+        env = {**os.environ, "BULKHEAD_DATA_DIR": data, "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{port}",
+               "BULKHEAD_IDENTITY_METRICS_PORT": "0"}
+        identity = subprocess.Popen([sys.executable, "-m", "services.identity"], env=env, cwd=ROOT,
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        baseline = subprocess.Popen([sys.executable, "-c", "import grpc, time; time.sleep(60)"],
+                                    stdout=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60
+            while not asyncio.run(check_health(f"127.0.0.1:{port}")):
+                if time.monotonic() > deadline:
+                    raise SystemExit("identity did not become healthy")
+                time.sleep(0.2)
+            time.sleep(3)  # settle: migrations done, revocation poll running
+            ident, base = rss_mb(identity.pid), rss_mb(baseline.pid)
+        finally:
+            identity.terminate()
+            baseline.terminate()
+    print(f"identity idle RSS: {ident:.1f} MB (target <= 100 MB)")
+    print(f"baseline (python + grpcio): {base:.1f} MB; identity/baseline = {ident / base:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
