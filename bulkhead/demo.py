@@ -6,11 +6,13 @@ import asyncio
 import json
 import secrets
 import threading
+import time
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 from opentelemetry import trace
 
 from bulkhead.client import Client
@@ -131,8 +133,10 @@ async def _run_workflow(tenant: TenantRun, addresses, say) -> None:
 
 async def _usage(tenant: TenantRun, addresses) -> list[list[str]]:
     async with await Client.connect(api_key=tenant.api_key, addresses=addresses) as bh:
-        resp = await bh.metering.QueryUsage(mtr.QueryUsageRequest(group_by=[mtr.USAGE_GROUPING_AGENT,
-                                                                            mtr.USAGE_GROUPING_MODEL]))
+        now = int(time.time())
+        window = mtr.UsageFilter(start_time=Timestamp(seconds=now - 3600), end_time=Timestamp(seconds=now + 60))
+        resp = await bh.metering.QueryUsage(mtr.QueryUsageRequest(
+            filter=window, group_by=[mtr.USAGE_GROUPING_AGENT, mtr.USAGE_GROUPING_MODEL]))
     return [[tenant.name, r.agent_id, r.model, str(r.event_count), str(r.tokens.input), str(r.tokens.output),
              r.cost_usd] for r in resp.rows]
 
@@ -174,9 +178,10 @@ class DemoResult:
 async def run_demo(operator_key: str, addresses: dict[str, str], *, say=print, table=None) -> DemoResult:
     """The whole scenario; `say` prints progress lines."""
     suffix = secrets.token_hex(3)
-    async with await Client.connect(api_key=operator_key, addresses=addresses) as operator, CrmStub() as crm:
-        say("setting up two tenants, each with a support team and a CRM secret ...")
-        tenants = [await _setup_tenant(operator, f"{n}-{suffix}", crm, addresses) for n in ("acme", "globex")]
+    with CrmStub() as crm:
+        async with await Client.connect(api_key=operator_key, addresses=addresses) as operator:
+            say("setting up two tenants, each with a support team and a CRM secret ...")
+            tenants = [await _setup_tenant(operator, f"{n}-{suffix}", crm, addresses) for n in ("acme", "globex")]
         for t in tenants:
             say(f"  {t.name:<14} {t.tenant_id}")
         say("\nrunning one workflow per tenant, concurrently (live steps):")

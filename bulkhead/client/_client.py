@@ -29,7 +29,8 @@ class ClientError(Exception):
 
 def describe_error(err: grpc.aio.AioRpcError) -> str:
     """One line for a person: the status, the server's message, and a hint."""
-    reason = error_details(err).get("reason")
+    details = error_details(err)
+    reason = details.get("reason")
     hint = {
         grpc.StatusCode.UNAVAILABLE: "is the service running? try `bulkhead up`",
         grpc.StatusCode.UNAUTHENTICATED: "check BULKHEAD_API_KEY, or issue a new token",
@@ -38,6 +39,8 @@ def describe_error(err: grpc.aio.AioRpcError) -> str:
     text = f"{err.code().name}: {err.details()}"
     if reason and reason not in text:
         text += f" [{reason}]"
+    if details.get("bad_request"):
+        text += "; " + "; ".join(f"{field}: {why}" for field, why in details["bad_request"].items())
     return f"{text} ({hint})" if hint else text
 
 

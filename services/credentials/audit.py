@@ -9,7 +9,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from sqlalchemy import func, select
+from sqlalchemy import func, insert, select, update
 from sqlalchemy.exc import IntegrityError
 
 from services.credentials import store
@@ -41,6 +41,10 @@ def hashed_fields(row: store.AuditRow) -> dict[str, object]:
     return {name: getattr(row, name) for name in _HASHED}
 
 
+class _StaleHead(Exception):
+    """The chain head moved under us (another replica appended)."""
+
+
 @dataclass
 class AuditNote:
     """Filled in by the audited block: what the call ended up touching."""
@@ -54,7 +58,9 @@ class AuditLog:
 
     def __init__(self, db: Database) -> None:
         self._db = db
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._heads: dict[str, tuple[int, str]] = {}
+        self._pending: dict[str, list[tuple[dict, asyncio.Future]]] = {}
+        self._writers: dict[str, asyncio.Task] = {}
 
     @contextlib.asynccontextmanager
     async def audited(self, action: str, secret_name: str = "") -> AsyncIterator[AuditNote]:
@@ -78,29 +84,72 @@ class AuditLog:
         await self.record(action, ALLOWED, secret_name=note.secret_name, version=note.version)
 
     async def record(self, action: str, outcome: str, *, secret_name: str = "", version: int = 0, reason: str = "") -> None:
-        """Append one event to the current tenant's chain."""
+        """Append one event to the current tenant's chain; returns once it is committed.
+
+        Group commit: events of one tenant that arrive while a write is in flight go into the
+        next transaction together, so concurrent callers share one commit (each still waits
+        for its own event to be durable).
+        """
         ctx = require_tenant()
-        async with self._locks.setdefault(ctx.tenant_id, asyncio.Lock()):
-            for _ in range(5):  # another replica may append the same sequence number first
+        fields = {"time_us": store.now_us(), "principal_id": ctx.principal_id, "actor_id": ctx.actor_id or "",
+                  "agent_id": ctx.agent_id or "", "run_id": ctx.run_id or "", "request_id": ctx.request_id,
+                  "secret_name": secret_name, "version": int(version), "action": action, "outcome": outcome,
+                  "reason": reason}
+        done = asyncio.get_running_loop().create_future()
+        self._pending.setdefault(ctx.tenant_id, []).append((fields, done))
+        if ctx.tenant_id not in self._writers:
+            # The task copies this context, so its sessions are bound to the same tenant.
+            self._writers[ctx.tenant_id] = asyncio.ensure_future(self._drain(ctx.tenant_id))
+        await asyncio.shield(done)
+
+    async def _drain(self, tenant_id: str) -> None:
+        try:
+            while self._pending.get(tenant_id):
+                batch = self._pending.pop(tenant_id)
                 try:
-                    async with self._db.session() as s:
-                        head = await store.audit_head(s)
-                        prev = head.hash if head else audit_chain.GENESIS
-                        row = store.AuditRow(
-                            seq=(head.seq if head else 0) + 1, time_us=store.now_us(),
-                            principal_id=ctx.principal_id, actor_id=ctx.actor_id or "", agent_id=ctx.agent_id or "",
-                            run_id=ctx.run_id or "", request_id=ctx.request_id, secret_name=secret_name,
-                            version=int(version), action=action, outcome=outcome, reason=reason, prev_hash=prev)
-                        row.hash = audit_chain.link(prev, hashed_fields(row))
-                        s.add(row)
-                        if head is None:
-                            s.add(store.AuditHeadRow(seq=row.seq, hash=row.hash))
-                        else:
-                            head.seq, head.hash = row.seq, row.hash
-                    return
-                except IntegrityError:
+                    await self._append(tenant_id, [fields for fields, _ in batch])
+                except Exception as exc:
+                    for _, done in batch:
+                        if not done.done():
+                            done.set_exception(exc)
                     continue
-            raise errors.Aborted("could not append to the audit log; retry", reason="AUDIT_CONTENTION")
+                for _, done in batch:
+                    if not done.done():
+                        done.set_result(None)
+        finally:
+            self._writers.pop(tenant_id, None)
+
+    async def _append(self, tenant_id: str, batch: list[dict]) -> None:
+        """Insert a batch after the chain head in one transaction (optimistic on the head)."""
+        for _ in range(5):  # another replica may have moved the head: reload and retry
+            head = self._heads.get(tenant_id)
+            try:
+                async with self._db.session() as s:
+                    if head is None:
+                        row = await store.audit_head(s)
+                        head = (row.seq, row.hash) if row else (0, audit_chain.GENESIS)
+                    seq, prev = head
+                    rows = []
+                    for fields in batch:
+                        seq += 1
+                        entry = {**fields, "seq": seq}
+                        digest = audit_chain.link(prev, entry)
+                        rows.append({**entry, "prev_hash": prev, "hash": digest})
+                        prev = digest
+                    await s.execute(insert(store.AuditRow), rows)
+                    if head[0] == 0:
+                        await s.execute(insert(store.AuditHeadRow), [{"seq": seq, "hash": prev}])
+                    else:
+                        moved = await s.execute(
+                            update(store.AuditHeadRow).where(store.AuditHeadRow.seq == head[0])
+                            .values(seq=seq, hash=prev).execution_options(synchronize_session=False))
+                        if moved.rowcount != 1:
+                            raise _StaleHead()
+                self._heads[tenant_id] = (seq, prev)
+                return
+            except (IntegrityError, _StaleHead):
+                self._heads.pop(tenant_id, None)
+        raise errors.Aborted("could not append to the audit log; retry", reason="AUDIT_CONTENTION")
 
     async def page(self, *, after_seq: int, limit: int, secret_name: str = "") -> list[store.AuditRow]:
         """Events of the current tenant in sequence order."""

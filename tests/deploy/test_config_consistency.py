@@ -25,6 +25,7 @@ from k8s_helpers import (
     render,
 )
 from shared.config import SERVICE_PORTS, SERVICES, ServiceConfig
+from shared.db.rls import app_role_from_env
 from shared.tls import ENV_VARS as TLS_ENV
 
 BACKING = {"postgres", "openbao", "jaeger"}
@@ -38,6 +39,7 @@ def read_by_code(svc: str, env: dict[str, str]) -> set[str]:
     """The variable names service `svc` looks up when it reads its configuration from env."""
     recorder = RecordingEnv(env)
     ServiceConfig.from_env(svc, recorder)
+    app_role_from_env(recorder)  # read by migrations that grant to the runtime role by name
     try:
         module = importlib.import_module(f"services.{svc}.config")
     except ModuleNotFoundError:
@@ -136,6 +138,7 @@ def _check_database_urls(cfg: ServiceConfig, svc: str, *, host: str | None) -> N
     assert app.path == owner.path == f"/bulkhead_{svc}"
     # The runtime role is not the owner: row level security applies to it.
     assert (app.username, owner.username) == (f"bulkhead_{svc}_app", f"bulkhead_{svc}")
+    assert app_role_from_env(cfg.env) == app.username  # what name-granting migrations grant to
 
 
 # -- Kubernetes -----------------------------------------------------------------------------

@@ -56,9 +56,11 @@ async def initialised(postgres):
     await _drop_everything(postgres)
 
 
-async def test_every_service_migrates_as_owner_and_runs_as_app_role(initialised) -> None:
+async def test_every_service_migrates_as_owner_and_runs_as_app_role(initialised, monkeypatch) -> None:
     """Each service's migrations run as bulkhead_<svc>; its runtime role is neither superuser nor BYPASSRLS."""
     for svc in SERVICES:
+        # As compose and the manifests set it: migrations that grant by name read it.
+        monkeypatch.setenv("BULKHEAD_DB_APP_ROLE", f"bulkhead_{svc}_app")
         app = _dsn(initialised, f"bulkhead_{svc}_app", APP_PW, f"bulkhead_{svc}")
         owner = _dsn(initialised, f"bulkhead_{svc}", OWNER_PW, f"bulkhead_{svc}")
         db = await Database.open(app, owner_url=owner, migrations=ROOT / "services" / svc / "migrations")

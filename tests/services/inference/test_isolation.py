@@ -76,12 +76,18 @@ async def test_private_endpoint_needs_and_gets_the_tenants_own_key(mesh):
     """A private model on the tenant's own endpoint is called there, with the tenant's key, never the platform's."""
     own = await FakeAnthropic().start()
     try:
-        await mesh.stub.RegisterPrivateModel(pb.RegisterPrivateModelRequest(model=pb.PrivateModel(
-            name="b-own", upstream_model="b-model-7", base_url=own.base_url)), metadata=mesh.md("t_b"))
-        await _expect(mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params(model="b-own")),
-                                              metadata=mesh.md("t_b")),
+        model = pb.PrivateModel(name="own", upstream_model="own-model-7", base_url=own.base_url)
+        for tenant in ("t_b", "t_c"):
+            await mesh.stub.RegisterPrivateModel(pb.RegisterPrivateModelRequest(model=model), metadata=mesh.md(tenant))
+        await mesh.put_tenant_key("t_b", B_KEY)
+        await _expect(mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params(model="own")),
+                                              metadata=mesh.md("t_c")),
                       grpc.StatusCode.FAILED_PRECONDITION, "TENANT_KEY_REQUIRED")
         assert own.requests == []
+        await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params(model="own")), metadata=mesh.md("t_b"))
+        (call,) = own.calls
+        assert call.headers["authorization"] == f"Bearer {B_KEY}" and call.body["model"] == "own-model-7"
+        assert mesh.fake.requests == []
     finally:
         await own.stop()
 

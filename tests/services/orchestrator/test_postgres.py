@@ -11,7 +11,6 @@ from sqlalchemy import text
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from services.orchestrator.grants import GrantSealer
 from services.orchestrator.operations import RUN_SCOPES
-from shared.db import Database
 from shared.testing.fake_anthropic import FakeAnthropic
 
 from .mesh import running_mesh, start_orchestrator_in, team_pb
@@ -21,30 +20,30 @@ pytestmark = pytest.mark.postgres
 
 async def test_orchestrator_on_postgres_with_rls_and_delegation(postgres, tmp_path):
     """Runs complete on Postgres; raw SQL as the app role sees one tenant; the run token is narrow."""
+    import time; t0 = time.monotonic(); mark = lambda m: print(f"T {m} {time.monotonic()-t0:.2f}", flush=True)
     urls = await postgres.create_database(f"orch_{uuid.uuid4().hex[:6]}")
     async with FakeAnthropic() as upstream, running_mesh(tmp_path, upstream_url=upstream.base_url,
                                                          start_orchestrator=False) as mesh, \
             contextlib.AsyncExitStack() as stack:
         orch = await start_orchestrator_in(mesh, stack, BULKHEAD_ORCHESTRATOR_DATABASE_URL=urls.app_url,
                                            BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL=urls.owner_url)
-        a, b = await mesh.tenant(), await mesh.tenant()
+        mark("orch1"); a, b = await mesh.tenant(), await mesh.tenant()
         for t in (a, b):
             await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(model="claude-sonnet-4-5")), metadata=t.metadata)
         # Hold the run in the queue long enough to read its sealed grant: stop dispatching first.
         await orch.dispatcher.stop()
         run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="hello"), metadata=a.metadata)).run
-        raw = Database(orch.db.engine)
         async with orch.db.engine.connect() as conn:
             grant = (await conn.execute(text("SELECT \"grant\" FROM orch_run_queue WHERE run_id = :r"),
                                         {"r": run.run_id})).scalar_one()
             # RLS: without app.tenant_id the app role sees no tenant rows at all; with it, only that tenant's.
             assert (await conn.execute(text("SELECT count(*) FROM orch_teams"))).scalar_one() == 0
+        async with orch.db.engine.connect() as conn:
             async with conn.begin():
                 await conn.execute(text("SELECT set_config('app.tenant_id', :t, true)"), {"t": b.tenant_id})
                 names = (await conn.execute(text("SELECT tenant_id FROM orch_teams"))).scalars().all()
                 runs = (await conn.execute(text("SELECT count(*) FROM orch_runs"))).scalar_one()
             assert names == [b.tenant_id] and runs == 0
-        del raw
         key = (tmp_path / "orchestrator-grant.key").read_bytes()
         token = GrantSealer(key).open(grant, run.run_id)
         claims = jwt.decode(token, options={"verify_signature": False})
@@ -52,9 +51,10 @@ async def test_orchestrator_on_postgres_with_rls_and_delegation(postgres, tmp_pa
         assert claims["tid"] == a.tenant_id and claims["act"]["sub"] and claims.get("run") == run.run_id
         assert "orchestrator.teams.write" not in claims["scope"] and "*" not in claims["scope"].split()
 
+        mark("grant")
         # A second replica on the same database picks the run up and finishes it.
         await start_orchestrator_in(mesh, stack, BULKHEAD_ORCHESTRATOR_DATABASE_URL=urls.app_url,
                                     BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL=urls.owner_url)
-        msgs = [m async for m in mesh.stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), metadata=a.metadata,
+        mark("orch2"); msgs = [m async for m in mesh.stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), metadata=a.metadata,
                                                     timeout=30)]
         assert msgs[-1].run.status == pb.RUN_STATUS_SUCCEEDED and upstream.request_count == 1
