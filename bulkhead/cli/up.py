@@ -34,6 +34,8 @@ def mesh_env(args: argparse.Namespace, base=os.environ) -> dict[str, str]:
     env = dict(base)
     env["BULKHEAD_DATA_DIR"] = str(Path(args.data_dir).resolve())
     env.setdefault("BULKHEAD_SECRETS_BACKEND", "local")
+    # state encrypts with data keys from the tenant's own key in credentials, as in production.
+    env.setdefault("BULKHEAD_STATE_ENCRYPTION", "credentials")
     env.setdefault("BULKHEAD_MODEL_PROVIDER", "anthropic" if env.get("ANTHROPIC_API_KEY") else "offline")
     if args.postgres:
         env["BULKHEAD_DATABASE_URL"] = args.postgres

@@ -54,12 +54,12 @@ def parse_time(text: str) -> dt.datetime:
         value = dt.datetime.fromisoformat(text)
     except ValueError:
         fail(f"not a date or time: {text!r} (use YYYY-MM-DD or YYYY-MM-DDTHH:MM)")
-    return value if value.tzinfo else value.replace(tzinfo=dt.timezone.utc)
+    return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
 
 
 def time_range(args: argparse.Namespace, now: dt.datetime | None = None) -> tuple[dt.datetime, dt.datetime]:
     """--since/--until, defaulting to this month so far."""
-    now = now or dt.datetime.now(dt.timezone.utc)
+    now = now or dt.datetime.now(dt.UTC)
     start = parse_time(args.since) if args.since else now.replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     end = parse_time(args.until) if args.until else now
     if end <= start:

@@ -51,6 +51,8 @@ class AuditNote:
 
     secret_name: str = ""
     version: int = 0
+    authorized: asyncio.Future | None = None
+    """Set by allow_early(): the ALLOWED event already being written while the block works."""
 
 
 class AuditLog:
@@ -75,13 +77,27 @@ class AuditLog:
         except NoTenantContext:
             raise
         except errors.BulkheadError as exc:
+            if note.authorized is not None:
+                await note.authorized
             await self.record(action, outcome_of(exc), secret_name=note.secret_name, version=note.version,
                               reason=exc.reason)
             raise
         except Exception:
+            if note.authorized is not None:
+                await note.authorized
             await self.record(action, FAILED, secret_name=note.secret_name, version=note.version, reason="INTERNAL")
             raise
-        await self.record(action, ALLOWED, secret_name=note.secret_name, version=note.version)
+        if note.authorized is not None:
+            await note.authorized  # its failure fails the call: nothing leaves without its audit row
+        else:
+            await self.record(action, ALLOWED, secret_name=note.secret_name, version=note.version)
+
+    def allow_early(self, note: AuditNote, action: str) -> None:
+        """Start writing the ALLOWED event now, once the call is authorized, so the commit overlaps
+        the backend fetch (like Vault's request-then-response audit entries). The call still waits
+        for it before returning; if the fetch then fails, a second event records the failure."""
+        note.authorized = asyncio.ensure_future(
+            self.record(action, ALLOWED, secret_name=note.secret_name, version=note.version))
 
     async def record(self, action: str, outcome: str, *, secret_name: str = "", version: int = 0, reason: str = "") -> None:
         """Append one event to the current tenant's chain; returns once it is committed.
@@ -136,7 +152,7 @@ class AuditLog:
                         digest = audit_chain.link(prev, entry)
                         rows.append({**entry, "prev_hash": prev, "hash": digest})
                         prev = digest
-                    await s.execute(insert(store.AuditRow), rows)
+                    await s.execute(insert(store.AuditRow.__table__), rows)  # Core: no RETURNING, stamped by the session
                     if head[0] == 0:
                         await s.execute(insert(store.AuditHeadRow), [{"seq": seq, "hash": prev}])
                     else:

@@ -9,6 +9,7 @@
 | BULKHEAD_CREDENTIALS_MASTER_KEY | <data dir>/credentials/master.key | the local backend's master key file (created 0600) |
 | BULKHEAD_SECRETS_GRACE_SECONDS | 86400 | default time a superseded version stays readable |
 | BULKHEAD_ROTATION_INTERVAL | 30 | seconds between passes of the rotation task |
+| BULKHEAD_SECRETS_CACHE_SECONDS | 1.0 | how long other replicas may serve a secret's metadata after a change (0: no cache) |
 """
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ class Config:
     """Default grace period of superseded versions."""
     rotation_interval: float = 30.0
     """Seconds between rotation passes."""
+    cache_seconds: float = 1.0
+    """Lifetime of GetSecret's metadata cache (changes made by this process invalidate it at once)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -61,4 +64,5 @@ class Config:
                                  or service.data_dir / "credentials" / "master.key"),
             grace_seconds=int(env.get("BULKHEAD_SECRETS_GRACE_SECONDS", "86400")),
             rotation_interval=float(env.get("BULKHEAD_ROTATION_INTERVAL", "30")),
+            cache_seconds=float(env.get("BULKHEAD_SECRETS_CACHE_SECONDS", "1.0")),
         )

@@ -97,6 +97,9 @@ class RotationScheduler:
             with tenant_scope(ctx):
                 try:
                     await self._run_job(kind, name)
+                except errors.NotFound:  # the secret is gone: its job is stale
+                    async with self._db.system_session() as s:
+                        await store.set_schedule(s, tenant_id=tenant_id, tier=tier, name=name, kind=kind, due_us=None)
                 except errors.BulkheadError as exc:
                     log.warning("scheduled %s of a secret failed: %s", kind, exc.reason,
                                 extra={"tenant_id": tenant_id, "secret_name": name})

@@ -6,6 +6,7 @@ metadata. Every call is audited, including refusals.
 """
 from __future__ import annotations
 
+import dataclasses
 import re
 from dataclasses import dataclass, field
 
@@ -14,6 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from services.credentials import store
 from services.credentials.audit import AuditLog
 from services.credentials.backend import SecretBackend, TenantRef
+from services.credentials.read_cache import ReadCache
 from services.credentials.rotation import RotationRequest, RotatorRegistry
 from shared import errors
 from shared.db import Database
@@ -23,7 +25,6 @@ from shared.tenancy import require_tenant
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_VALUE_BYTES = 64 * 1024
 MIN_ROTATION_SECONDS = 60
-_UNSET = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +37,14 @@ class VersionInfo:
     expire_us: int | None
     created_by: str
     origin: str
+
+
+@dataclass(frozen=True, slots=True)
+class _ReadView:
+    """What GetSecret needs to know about a secret, cached briefly."""
+
+    current_version: int
+    versions: dict[int, tuple[str, int | None, int]]  # version -> (state, expire_us, created_us)
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,9 +99,18 @@ class SecretManager:
     """The secrets half of the credentials service."""
 
     def __init__(self, db: Database, backend: SecretBackend, audit: AuditLog, rotators: RotatorRegistry, *,
-                 default_grace_seconds: int = 86400) -> None:
+                 default_grace_seconds: int = 86400, cache_seconds: float = 1.0, cache_values: bool = False) -> None:
+        """cache_values keeps decrypted values in memory for cache_seconds (local backend only: the
+        vault backend reads through OpenBao every time, so OpenBao's policy is always applied)."""
         self._db, self._backend, self._audit, self._rotators = db, backend, audit, rotators
         self._default_grace = default_grace_seconds
+        self._views: ReadCache[tuple[str, str], _ReadView | None] = ReadCache(cache_seconds)
+        self._values: ReadCache[tuple[str, str, int, int], bytes] | None = (
+            ReadCache(cache_seconds * 30) if cache_values else None)
+
+    def _forget(self, name: str) -> None:
+        """Drop cached reads of a secret this process is changing."""
+        self._views.invalidate((require_tenant().tenant_id, name))
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -133,6 +151,7 @@ class SecretManager:
                               grace_period_s: int | None = None) -> SecretInfo:
         """Metadata for a version the backend has just written (retried once on a create race)."""
         ctx = require_tenant()
+        self._forget(name)
         for attempt in (1, 2):
             try:
                 async with self._db.session() as s:
@@ -167,6 +186,7 @@ class SecretManager:
                     row.next_rotation_us = now + row.rotation_period_s * 1_000_000 if row.rotation_period_s else None
                     due = self._due(row, versions)
                     info = SecretInfo.of(row, [])
+                self._forget(name)  # again after commit: a read may have cached the old state meanwhile
                 await self._schedule(name, due)
                 return info
             except IntegrityError:
@@ -214,6 +234,7 @@ class SecretManager:
                 if row is None or row.deleted_us is not None:
                     raise _not_found()
                 live = [v.version for v in await store.versions_of(s, name) if v.state != "destroyed"]
+            self._forget(name)
             await self._backend.delete(TenantRef.of(require_tenant()), name, live)
             async with self._db.session() as s:
                 row = await store.get_secret(s, name)
@@ -225,6 +246,7 @@ class SecretManager:
                     if v.state != "destroyed":
                         v.state = "deleted"
                 due, info = self._due(row, versions), SecretInfo.of(row, versions)
+            self._forget(name)
             await self._schedule(name, due)
             return info
 
@@ -236,9 +258,11 @@ class SecretManager:
                 if await store.get_secret(s, name) is None:
                     raise _not_found()
                 count = sum(1 for v in await store.versions_of(s, name) if v.state != "destroyed")
+            self._forget(name)
             await self._backend.purge(TenantRef.of(require_tenant()), name)
             async with self._db.session() as s:
                 await store.delete_secret_rows(s, name)
+            self._forget(name)
             await self._schedule(name, (None, None))
             return count
 
@@ -251,6 +275,7 @@ class SecretManager:
                        if v.state == "previous" and v.expire_us is not None and v.expire_us <= now]
             if due:
                 note.version = max(due)
+                self._forget(name)
                 await self._backend.destroy(TenantRef.of(require_tenant()), name, due)
             async with self._db.session() as s:
                 row = await store.get_secret(s, name)
@@ -259,6 +284,7 @@ class SecretManager:
                     if v.version in due:
                         v.state, v.expire_us = "destroyed", None
                 next_due = self._due(row, versions) if row is not None else (None, None)
+            self._forget(name)
             await self._schedule(name, next_due)
             return due
 
@@ -271,22 +297,53 @@ class SecretManager:
             if version < 0:
                 raise errors.InvalidArgument("invalid version", reason="VERSION_INVALID",
                                              violations={"version": "0 (current) or a version number"})
-            async with self._db.session() as s:
-                row = await store.get_secret(s, name)
-                if row is None or row.deleted_us is not None:
-                    raise _not_found()
-                want = version or row.current_version
-                if version:
-                    v = next((v for v in await store.versions_of(s, name) if v.version == version), None)
-                    readable = v is not None and (v.state == "current" or (
-                        v.state == "previous" and (v.expire_us is None or v.expire_us > store.now_us())))
-                    if not readable:
-                        raise errors.NotFound("that secret version does not exist or has expired",
-                                              reason="SECRET_VERSION_NOT_FOUND")
+            ctx = require_tenant()
+            view = await self._read_view(ctx.tenant_id, name)
+            if view is None:
+                raise _not_found()
+            want = version or view.current_version
+            state, expire_us, created_us = view.versions.get(want, ("missing", None, 0))
+            if not (state == "current" or (state == "previous" and (expire_us is None or expire_us > store.now_us()))):
+                raise errors.NotFound("that secret version does not exist or has expired",
+                                      reason="SECRET_VERSION_NOT_FOUND")
             note.version = want
-            stored = await self._backend.read(TenantRef.of(require_tenant()), name, want)
-            _register(stored.value)
-        return stored.version, stored.value
+            self._audit.allow_early(note, "get")  # authorized: audit while the value is fetched
+            value = await self._read_value(ctx.tenant_id, TenantRef.of(ctx), name, want, created_us)
+        return want, value
+
+    async def _read_view(self, tenant_id: str, name: str) -> _ReadView | None:
+        """The secret's readable versions (None if it does not exist or is deleted), cached briefly."""
+        key = (tenant_id, name)
+        hit, view = self._views.get(key)
+        if hit:
+            return view
+        generation = self._views.generation(key)
+        async with self._db.session() as s:
+            row = await store.get_secret(s, name)
+            view = None
+            if row is not None and row.deleted_us is None:
+                view = _ReadView(row.current_version, {v.version: (v.state, v.expire_us, v.created_us)
+                                                       for v in await store.versions_of(s, name)})
+        self._views.put(key, view, generation)
+        return view
+
+    async def _read_value(self, tenant_id: str, tenant: TenantRef, name: str, version: int, created_us: int) -> bytes:
+        """The value from the backend (or, for the local backend, from the short-lived value cache).
+
+        The cache key includes the version's creation time, so a destroyed and re-created
+        secret never serves the old value.
+        """
+        key = (tenant_id, name, version, created_us)
+        if self._values is not None:
+            hit, value = self._values.get(key)
+            if hit and value is not None:
+                return value
+        generation = self._values.generation(key) if self._values is not None else 0
+        stored = await self._backend.read(tenant, name, version)
+        _register(stored.value)
+        if self._values is not None:
+            self._values.put(key, stored.value, generation)
+        return stored.value
 
     async def describe(self, name: str) -> SecretInfo:
         """Metadata with versions and last access."""
@@ -297,8 +354,7 @@ class SecretManager:
                 if row is None:
                     raise _not_found()
                 info = SecretInfo.of(row, await store.versions_of(s, name))
-            last = await self._audit.last_access_us(name)
-            return SecretInfo(**{**{f: getattr(info, f) for f in info.__slots__}, "last_access_us": last})
+            return dataclasses.replace(info, last_access_us=await self._audit.last_access_us(name))
 
     async def list(self, *, after: str, limit: int, show_deleted: bool) -> list[SecretInfo]:
         """A page of metadata, by name."""

@@ -106,7 +106,10 @@ class CredentialsServicer(credentials_pb2_grpc.CredentialsServiceServicer):
         return pb.DestroySecretResponse(destroyed_versions=await self._secrets.destroy(request.name))
 
     async def ListAccessEvents(self, request: pb.ListAccessEventsRequest, context) -> pb.ListAccessEventsResponse:
-        size = min(request.page_size or 100, 1000) if request.page_size >= 0 else paging.page_size(request.page_size)
+        if request.page_size < 0:
+            raise InvalidArgument("page_size must not be negative", reason="PAGE_SIZE_INVALID",
+                                  violations={"page_size": "0 to 1000"})
+        size = min(request.page_size or 100, 1000)
         after = (paging.decode_cursor(request.page_token) or {}).get("seq", 0)
         if not isinstance(after, int):
             raise InvalidArgument("malformed page_token", reason="BAD_PAGE_TOKEN",

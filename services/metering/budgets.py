@@ -280,27 +280,43 @@ class BudgetLedger:
             if budgets.get(MICRO_USD) is not None and price is None:
                 raise FailedPrecondition(f"model {model!r} has no price, so a money budget cannot hold it",
                                          reason="MODEL_NOT_PRICED")
-            over_budget, period_of = False, {}
-            for unit, amount in ((TOKENS, amounts.tokens), (MICRO_USD, amounts.micro_usd)):
-                row = budgets.get(unit)
-                spec = BudgetSpec(row.unit, row.limit_amount, row.period, row.hard) if row else None
-                period_of[unit] = periods.bounds(spec.period if spec else periods.MONTH, now)[0]
-                state = await store.try_hold(s, tenant_id, unit, period_of[unit], amount,
-                                             spec.limit if spec and spec.hard else None)
-                if state is None:
-                    raise _OverBudget(spec, amount)
-                if spec and not spec.hard and state.used + state.held > spec.limit:
-                    over_budget = True
+            specs = {u: BudgetSpec(r.unit, r.limit_amount, r.period, r.hard) for u, r in budgets.items()}
+            period_of = {u: periods.bounds(specs[u].period if u in specs else periods.MONTH, now)[0] for u in UNITS}
             hold = store.HoldRow(
                 tenant_id=tenant_id, hold_id="res_" + secrets.token_urlsafe(16), kind=RESERVATION, model=model,
                 idempotency_key=key or None, tokens_held=amounts.tokens, micros_held=amounts.micro_usd,
                 tokens_period_us=period_of[TOKENS], micros_period_us=period_of[MICRO_USD],
-                priced_at_us=price.effective_us if price else 0, state=OPEN, over_budget=over_budget,
+                priced_at_us=price.effective_us if price else 0, state=OPEN, over_budget=False,
                 created_us=now, expires_us=now + ttl * periods.US_PER_SECOND, settled_us=0,
                 spent_input=0, spent_output=0, spent_cache_write=0, spent_cache_read=0,
                 charged_tokens=0, charged_micros=0)
+            # The hold row first, the counters last: the hot counter row stays locked only
+            # from its UPDATE to COMMIT, which is what bounds one tenant's reservation rate.
             await store.add_hold(s, hold)
+            over_budget = await self._hold_counters(s, tenant_id, specs, period_of, amounts, _OverBudget)
+            if over_budget:
+                await store.flag_over_budget(s, hold.hold_id)
         return Reservation(hold.hold_id, amounts, hold.expires_us, over_budget)
+
+    @staticmethod
+    async def _hold_counters(s, tenant_id: str, specs: dict[str, BudgetSpec], period_of: dict[str, int],
+                             amounts: Amounts, refused: Callable[[BudgetSpec, int], Exception]) -> bool:
+        """Add amounts to each unit's counter within hard limits; True when a soft limit is passed.
+
+        Raises refused(spec, amount) (rolling the transaction back) when a hard limit cannot hold it.
+        """
+        over_budget = False
+        for unit, amount in ((TOKENS, amounts.tokens), (MICRO_USD, amounts.micro_usd)):
+            spec = specs.get(unit)
+            if amount == 0:
+                continue  # nothing to hold (e.g. an unpriced model and no money budget)
+            state = await store.try_hold(s, tenant_id, unit, period_of[unit], amount,
+                                         spec.limit if spec and spec.hard else None)
+            if state is None:
+                raise refused(spec, amount)
+            if spec and not spec.hard and state.used + state.held > spec.limit:
+                over_budget = True
+        return over_budget
 
     async def _exhausted(self, tenant_id: str, model: str, over: _OverBudget) -> ResourceExhausted:
         now = self._clock()
@@ -335,7 +351,7 @@ class BudgetLedger:
         if not hold_id:
             raise InvalidArgument(f"{what} id is required", reason="INVALID_ARGUMENT",
                                   violations={f"{what}_id": "required"})
-        if min(spent.input, spent.output, spent.cache_write, spent.cache_read) < 0:
+        if min(spent.parts()) < 0:
             raise InvalidArgument("token counts cannot be negative", reason="INVALID_USAGE",
                                   violations={field: "token counts cannot be negative"})
         now = self._clock()
@@ -440,12 +456,6 @@ class BudgetLedger:
                     raise _OverBudget(spec, least if unit == TOKENS else -(-least * rate // 1_000_000))
                 grant = min(grant, fits)
             amounts = Amounts(grant, -(-grant * rate // 1_000_000))
-            for unit, amount in ((TOKENS, amounts.tokens), (MICRO_USD, amounts.micro_usd)):
-                spec = specs.get(unit)
-                state = await store.try_hold(s, tenant_id, unit, period_of[unit], amount,
-                                             spec.limit if spec and spec.hard else None)
-                if state is None:
-                    raise _Raced()
             hold = store.HoldRow(
                 tenant_id=tenant_id, hold_id="lease_" + secrets.token_urlsafe(16), kind=LEASE, model=model,
                 idempotency_key=None, tokens_held=amounts.tokens, micros_held=amounts.micro_usd,
@@ -454,12 +464,14 @@ class BudgetLedger:
                 expires_us=now + ttl * periods.US_PER_SECOND, settled_us=0, spent_input=0, spent_output=0,
                 spent_cache_write=0, spent_cache_read=0, charged_tokens=0, charged_micros=0)
             await store.add_hold(s, hold)
+            await self._hold_counters(s, tenant_id, specs, period_of, amounts, lambda spec, amount: _Raced())
         return LeaseInfo(hold.hold_id, model, amounts, Tokens(), hold.expires_us)
 
     async def renew_lease(self, lease_id: str, spent: Tokens, ttl_seconds: int = 0) -> LeaseInfo:
         """Record a lease's running spend and extend it."""
         if not lease_id:
-            raise InvalidArgument("lease id is required", reason="INVALID_ARGUMENT", violations={"lease_id": "required"})
+            raise InvalidArgument("lease id is required", reason="INVALID_ARGUMENT",
+                                  violations={"lease_id": "required"})
         ttl = _ttl(ttl_seconds, DEFAULT_LEASE_TTL_S, "ttl_seconds")
         now = self._clock()
         async with self._session() as s:
@@ -469,9 +481,7 @@ class BudgetLedger:
             if hold.state != OPEN or hold.expires_us < now:
                 state = hold.state if hold.state != OPEN else EXPIRED
                 raise FailedPrecondition(f"lease is {state}", reason=f"LEASE_{state.upper()}")
-            before = hold.spent
-            if any(a < b for a, b in zip((spent.input, spent.output, spent.cache_write, spent.cache_read),
-                                         (before.input, before.output, before.cache_write, before.cache_read))):
+            if any(now_ < then for now_, then in zip(spent.parts(), hold.spent.parts(), strict=True)):
                 raise InvalidArgument("spent is a running total and cannot go down", reason="SPEND_DECREASED",
                                       violations={"spent": "less than already reported"})
             charged = Amounts(spent.total, await self._cost_micros(hold, spent))

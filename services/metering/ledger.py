@@ -4,12 +4,11 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import replace
 
 from services.metering import periods, store
 from services.metering.meters import MeteringMetrics
 from services.metering.prices import PriceCache
-from services.metering.pricing import scaled_to_usd
+from services.metering.pricing import Tokens, scaled_to_usd
 from services.metering.usage import (
     DAY,
     MODEL,
@@ -63,21 +62,27 @@ class UsageLedger:
         if problems := validate_batch(records):
             raise InvalidArgument("invalid usage batch", reason="INVALID_USAGE", violations=problems)
         ctx = require_tenant()
-        unique = dedupe(replace(r, principal_id=r.principal_id or ctx.principal_id) for r in records)
+        unique = dedupe(records)
         async with self._db.session() as s:
-            new_keys = await store.insert_usage(s, ctx.tenant_id, unique, self._clock())
+            new_keys = await store.insert_usage(s, ctx.tenant_id, unique, self._clock(),
+                                                default_principal=ctx.principal_id)
         await self.note_tenant(ctx.tenant_id, ctx.tier)
-        await self._count(ctx.tenant_id, [r for r in unique if r.idempotency_key in new_keys])
+        if new_keys:
+            await self._count(ctx.tenant_id, [r for r in unique if r.idempotency_key in new_keys])
         return len(new_keys), len(records) - len(new_keys)
 
     async def _count(self, tenant_id: str, records: Sequence[UsageRecord]) -> None:
-        if not records:
-            return
+        """Add new events to the Prometheus counters, summed per model and outcome first (cheap for big batches)."""
         book = await self._prices.book()
+        sums: dict[tuple[str, str], list] = {}
         for rec in records:
+            acc = sums.setdefault((rec.model, _OUTCOMES.get(rec.outcome, "other")), [0, Tokens(), 0])
+            acc[0] += 1
+            acc[1] = acc[1] + rec.tokens
             price = book.price_at(rec.model, rec.occurred_us)
-            cost = float(scaled_to_usd(price.cost_scaled(rec.tokens))) if price else 0.0
-            self._metrics.recorded(tenant_id, rec.model, _OUTCOMES.get(rec.outcome, "other"), rec.tokens, cost)
+            acc[2] += price.cost_scaled(rec.tokens) if price else 0
+        for (model, outcome), (count, tokens, scaled) in sums.items():
+            self._metrics.recorded(tenant_id, model, outcome, tokens, float(scaled_to_usd(scaled)), count=count)
 
     async def query(self, query: UsageQuery, *, prefix: str = "filter") -> list[UsageTotal]:
         """The tenant's usage rows, each event priced at its own time."""

@@ -31,11 +31,12 @@ class MeteringMetrics:
         self._models.add(model)
         return model
 
-    def recorded(self, tenant_id: str, model: str, outcome: str, tokens: Tokens, cost_usd: float) -> None:
-        """Count one newly recorded event."""
+    def recorded(self, tenant_id: str, model: str, outcome: str, tokens: Tokens, cost_usd: float, *,
+                 count: int = 1) -> None:
+        """Count newly recorded events of one model and outcome (tokens and cost summed over them)."""
         tenant, model = tenant_label(tenant_id), self._model(model)
-        self.requests.labels(tenant, model, outcome).inc()
-        for kind, value in zip(_KINDS, (tokens.input, tokens.output, tokens.cache_write, tokens.cache_read)):
+        self.requests.labels(tenant, model, outcome).inc(count)
+        for kind, value in zip(_KINDS, tokens.parts(), strict=True):
             if value:
                 self.tokens.labels(tenant, model, kind).inc(value)
         if cost_usd:

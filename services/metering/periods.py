@@ -19,12 +19,12 @@ def now_us() -> int:
 
 def to_datetime(us: int) -> dt.datetime:
     """Epoch microseconds as an aware UTC datetime."""
-    return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(microseconds=us)
+    return dt.datetime(1970, 1, 1, tzinfo=dt.UTC) + dt.timedelta(microseconds=us)
 
 
 def from_datetime(value: dt.datetime) -> int:
     """An aware datetime as epoch microseconds."""
-    delta = value - dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+    delta = value - dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
     return (delta.days * 86400 + delta.seconds) * US_PER_SECOND + delta.microseconds
 
 
@@ -36,6 +36,6 @@ def bounds(period: str, at_us: int) -> tuple[int, int]:
     if period != MONTH:
         raise ValueError(f"unknown period {period!r}")
     moment = to_datetime(at_us)
-    first = dt.datetime(moment.year, moment.month, 1, tzinfo=dt.timezone.utc)
-    following = dt.datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=dt.timezone.utc)
+    first = dt.datetime(moment.year, moment.month, 1, tzinfo=dt.UTC)
+    following = dt.datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=dt.UTC)
     return from_datetime(first), from_datetime(following)

@@ -27,6 +27,10 @@ class Tokens:
         """Every token of every kind (what token budgets count)."""
         return self.input + self.output + self.cache_write + self.cache_read
 
+    def parts(self) -> tuple[int, int, int, int]:
+        """(input, output, cache_write, cache_read)."""
+        return self.input, self.output, self.cache_write, self.cache_read
+
     def __add__(self, other: Tokens) -> Tokens:
         return Tokens(self.input + other.input, self.output + other.output,
                       self.cache_write + other.cache_write, self.cache_read + other.cache_read)

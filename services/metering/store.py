@@ -156,7 +156,7 @@ class HoldRow(MeteringBase, TenantOwned):
 
 
 class TenantSeenRow(MeteringBase):
-    """Tenants that have metering data: operators' all-tenant reports walk this list (RLS shows one tenant at a time)."""
+    """Tenants with metering data: operators' all-tenant reports walk this list (RLS shows one tenant at a time)."""
 
     __tablename__ = "metering_tenants"
     __table_args__ = (PrimaryKeyConstraint("tenant_id"),)
@@ -211,13 +211,17 @@ RETURNING idempotency_key
 
 
 async def insert_usage(session: AsyncSession, tenant_id: str, records: Sequence[UsageRecord],
-                       now_us: int) -> set[str]:
-    """Insert events, skipping keys already stored; returns the keys that were new."""
+                       now_us: int, *, default_principal: str = "") -> set[str]:
+    """Insert events, skipping keys already stored; returns the keys that were new.
+
+    Events without a principal are stored as default_principal's (the caller's).
+    """
     if is_postgres(session):
         # One statement with array parameters: far cheaper than a thousand VALUES tuples.
         result = await session.execute(_PG_UNNEST_INSERT, {
             "tenant_id": tenant_id, "now": now_us,
-            "keys": [r.idempotency_key for r in records], "principals": [r.principal_id for r in records],
+            "keys": [r.idempotency_key for r in records],
+            "principals": [r.principal_id or default_principal for r in records],
             "agents": [r.agent_id for r in records], "runs": [r.run_id for r in records],
             "traces": [r.trace_id for r in records], "models": [r.model for r in records],
             "inputs": [r.tokens.input for r in records], "outputs": [r.tokens.output for r in records],
@@ -226,7 +230,8 @@ async def insert_usage(session: AsyncSession, tenant_id: str, records: Sequence[
             "times": [r.occurred_us for r in records]})
         return set(result.scalars())
     rows = [{
-        "tenant_id": tenant_id, "idempotency_key": r.idempotency_key, "principal_id": r.principal_id,
+        "tenant_id": tenant_id, "idempotency_key": r.idempotency_key,
+        "principal_id": r.principal_id or default_principal,
         "agent_id": r.agent_id, "run_id": r.run_id, "trace_id": r.trace_id, "model": r.model,
         "input_tokens": r.tokens.input, "output_tokens": r.tokens.output,
         "cache_write_tokens": r.tokens.cache_write, "cache_read_tokens": r.tokens.cache_read,
@@ -430,6 +435,12 @@ async def add_hold(session: AsyncSession, row: HoldRow) -> None:
     """Insert a new hold."""
     session.add(row)
     await session.flush()
+
+
+async def flag_over_budget(session: AsyncSession, hold_id: str) -> None:
+    """Mark a hold as one that passed a soft budget."""
+    await session.execute(update(HoldRow).where(HoldRow.hold_id == hold_id).values(over_budget=True)
+                          .execution_options(**_NO_UPDATE_SYNC))
 
 
 async def claim_open_hold(session: AsyncSession, hold_id: str, new_state: str, values: dict) -> bool:

@@ -65,8 +65,7 @@ def validate_batch(records: Sequence[UsageRecord]) -> dict[str, str]:
                 problems[f"{where}.{name}"] = f"at most {MAX_TEXT} characters"
         if rec.occurred_us <= 0:
             problems[f"{where}.occur_time"] = "required"
-        t = rec.tokens
-        if min(t.input, t.output, t.cache_write, t.cache_read) < 0:
+        if min(rec.tokens.parts()) < 0:
             problems[f"{where}.tokens"] = "token counts cannot be negative"
         if rec.latency_ms < 0:
             problems[f"{where}.latency_ms"] = "cannot be negative"

@@ -8,10 +8,11 @@ lost the execution stops, and a run whose holder died is claimed again once its 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 from services.orchestrator.engine import Engine, Ports, RunJob
@@ -21,36 +22,37 @@ from services.orchestrator.ports import StepConflict
 from services.orchestrator.runs import RunStatus
 from services.orchestrator.scheduler import pick_runs
 from services.orchestrator.steps import Step, StepKind
-from services.orchestrator.store import Claim, RunStore
+from services.orchestrator.store import Claim, RunRecord, RunStore
 from shared.errors import Unauthenticated, Unavailable
 from shared.tenancy import TenantContext, tenant_scope
 
 log = logging.getLogger("bulkhead.orchestrator.dispatcher")
 
 
-class StepNotifier:
-    """Wakes WatchRun streams of this replica when a run records a step (others poll)."""
+class StepFeed:
+    """Live steps of the runs executing on this replica, for WatchRun streams on it (others poll the DB)."""
 
     def __init__(self) -> None:
-        self._events: dict[str, asyncio.Event] = {}
+        self._subscribers: dict[str, set[asyncio.Queue]] = {}
 
-    def notify(self, run_id: str) -> None:
-        """A step of run_id was recorded."""
-        event = self._events.pop(run_id, None)
-        if event is not None:
-            event.set()
+    def publish(self, run_id: str, step: Step, run: RunRecord | None) -> None:
+        """A step of run_id was recorded (run is the run as of that step, None if unknown)."""
+        for queue in self._subscribers.get(run_id, ()):
+            queue.put_nowait((step, run))
 
-    def arm(self, run_id: str) -> asyncio.Event:
-        """An event set by the next notify(run_id); arm before reading, so no step slips between."""
-        return self._events.setdefault(run_id, asyncio.Event())
-
-    @staticmethod
-    async def wait(event: asyncio.Event, timeout: float) -> None:
-        """Until the armed event is set or timeout."""
+    @contextlib.contextmanager
+    def subscribe(self, run_id: str) -> Iterator[asyncio.Queue]:
+        """A queue of (step, run) for run_id while the block runs; subscribe before reading the DB."""
+        queue: asyncio.Queue = asyncio.Queue()
+        self._subscribers.setdefault(run_id, set()).add(queue)
         try:
-            await asyncio.wait_for(event.wait(), timeout)
-        except TimeoutError:
-            pass
+            yield queue
+        finally:
+            subs = self._subscribers.get(run_id)
+            if subs is not None:
+                subs.discard(queue)
+                if not subs:
+                    del self._subscribers[run_id]
 
 
 @dataclass(frozen=True)
@@ -71,9 +73,9 @@ class Dispatcher:
     """Admits, leases and executes runs."""
 
     def __init__(self, *, runs: RunStore, engine: Engine, ports_for: Callable[[], Ports], sealer: GrantSealer,
-                 notifier: StepNotifier, settings: DispatchSettings = DispatchSettings(), owner: str | None = None):
+                 feed: StepFeed, settings: DispatchSettings = DispatchSettings(), owner: str | None = None):
         self._runs, self._engine, self._ports_for, self._sealer = runs, engine, ports_for, sealer
-        self._notifier, self._s = notifier, settings
+        self._feed, self._s = feed, settings
         self.owner = owner or f"orch-{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task] = {}
@@ -126,6 +128,8 @@ class Dispatcher:
         for pick in pick_runs(waiting, running, per_tenant_limit=self._s.runs_per_tenant, free_slots=free):
             claim = await self._runs.claim(pick.run_id, self.owner, ttl=self._s.lease_seconds, now=time.time())
             if claim is not None:
+                if claim.cancel_requested:
+                    self._cancel.add(claim.run_id)
                 self._tasks[claim.run_id] = asyncio.create_task(self._execute(claim), name=f"run-{claim.run_id}")
 
     async def _execute(self, claim: Claim) -> None:
@@ -151,8 +155,13 @@ class Dispatcher:
                 heartbeat = asyncio.create_task(self._heartbeat(claim.run_id, me))
                 job = RunJob(run_id=run.run_id, tenant_id=claim.tenant_id, team=run.team_spec,
                              entry_agent=run.entry_agent, run_input=run.input)
-                await self._engine.execute(job, self._ports_for(), cancelled=lambda: claim.run_id in self._cancel,
-                                           on_step=self._recorder(claim.run_id))
+                recorder = _Recorder(self._runs, self._feed, claim.run_id)
+                try:
+                    await self._engine.execute(job, self._ports_for(),
+                                               cancelled=lambda: claim.run_id in self._cancel,
+                                               on_step=recorder.put, on_load=self._syncer(claim.run_id))
+                finally:
+                    await recorder.close()
         except StepConflict:
             log.warning("run lease lost", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
         except asyncio.CancelledError:
@@ -183,14 +192,16 @@ class Dispatcher:
                 await self._runs.update(run_id, status=RunStatus.FAILED, error_reason=reason, error_message=message)
             except Exception:  # noqa: BLE001
                 log.exception("could not record run failure", extra={"run_id": run_id})
-        self._notifier.notify(run_id)
+        self._feed.publish(run_id, Step(0, StepKind.RUN_FINISHED, ""), None)
 
-    def _recorder(self, run_id: str):
-        async def on_step(step: Step, view: RunView) -> None:
-            await self._runs.record_step(run_id, step, current_agent=view.current_agent,
-                                         finished=view.finished if step.kind == StepKind.RUN_FINISHED else None)
-            self._notifier.notify(run_id)
-        return on_step
+    def _syncer(self, run_id: str):
+        async def on_load(steps: list[Step], view: RunView) -> None:
+            # Steps a dead replica appended to state but never recorded here (killed in between),
+            # including, possibly, the run's end.
+            run = await self._runs.record_steps(run_id, steps, current_agent=view.current_agent,
+                                                finished=view.finished, skip_existing=True)
+            self._feed.publish(run_id, steps[-1], run)
+        return on_load
 
     async def _heartbeat(self, run_id: str, task: asyncio.Task | None) -> None:
         interval = self._s.lease_seconds / 3
@@ -207,3 +218,48 @@ class Dispatcher:
                 log.warning("lease taken over, stopping", extra={"run_id": run_id})
                 task.cancel()
                 return
+
+
+class _Recorder:
+    """Copies a run's steps into the orchestrator's tables off the run's critical path.
+
+    State already holds each step durably before the engine moves on; this copy (for GetRun,
+    ListRuns and WatchRun) is written in order, in batches, while the next step executes. If
+    the process dies first, the next execution catches up from state (Dispatcher._syncer).
+    """
+
+    def __init__(self, runs: RunStore, feed: StepFeed, run_id: str):
+        self._runs, self._feed, self._run_id = runs, feed, run_id
+        self._queue: asyncio.Queue = asyncio.Queue()
+        self._task = asyncio.create_task(self._loop(), name=f"record-{run_id}")
+
+    async def put(self, step: Step, view: RunView) -> None:
+        """Queue a step (the engine's on_step)."""
+        finished = view.finished if step.kind == StepKind.RUN_FINISHED else None
+        self._queue.put_nowait((step, view.current_agent, finished))
+
+    async def close(self) -> None:
+        """Write what is queued, then stop."""
+        self._queue.put_nowait(None)
+        await asyncio.shield(self._task)
+
+    async def _loop(self) -> None:
+        done = False
+        while not done:
+            batch = [await self._queue.get()]
+            while not self._queue.empty():
+                batch.append(self._queue.get_nowait())
+            if batch[-1] is None:
+                done = True
+                batch.pop()
+            if not batch:
+                continue
+            steps = [b[0] for b in batch]
+            try:
+                run = await self._runs.record_steps(self._run_id, steps, current_agent=batch[-1][1],
+                                                    finished=next((b[2] for b in batch if b[2] is not None), None))
+            except Exception:  # noqa: BLE001 - state has the steps; the next execution catches up
+                log.exception("recording steps failed", extra={"run_id": self._run_id})
+                continue
+            for step in steps:
+                self._feed.publish(self._run_id, step, run)

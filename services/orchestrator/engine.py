@@ -57,6 +57,7 @@ class RunJob:
 
 
 OnStep = Callable[[Step, RunView], Awaitable[None]]
+OnLoad = Callable[[list[Step], RunView], Awaitable[None]]
 
 
 @dataclass
@@ -82,13 +83,13 @@ class Engine:
         self._canary_key, self._limits = canary_key, limits
 
     async def execute(self, job: RunJob, ports: Ports, *, cancelled: Callable[[], bool] = lambda: False,
-                      on_step: OnStep | None = None) -> RunView:
+                      on_step: OnStep | None = None, on_load: OnLoad | None = None) -> RunView:
         """Run job from wherever its log ends until it finishes; returns the final view.
 
         Raises StepConflict when another executor wrote to the log (this one lost the lease).
         """
         ex = _Execution(self, job, ports, on_step)
-        await ex.load()
+        await ex.load(on_load)
         while ex.view.finished is None:
             if cancelled():
                 await ex.finish(RunStatus.CANCELLED, message="cancelled by request")
@@ -110,8 +111,11 @@ class _Execution:
         self.e, self.job, self.p, self.on_step = engine, job, ports, on_step
         self.view = RunView()
 
-    async def load(self) -> None:
-        self.view = replay(await self.p.log.read(self.job.run_id))
+    async def load(self, on_load: OnLoad | None) -> None:
+        steps = await self.p.log.read(self.job.run_id)
+        self.view = replay(steps)
+        if on_load is not None and steps:
+            await on_load(steps, self.view)
         if self.view.last_index == 0:
             await self.append(StepKind.RUN_STARTED, self.job.entry_agent, f"run started at {self.job.entry_agent}",
                               {"input": self.job.run_input, "entry_agent": self.job.entry_agent,

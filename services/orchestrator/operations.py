@@ -1,11 +1,12 @@
 """What each RPC does, in domain terms: teams CRUD, starting, reading, watching and cancelling runs."""
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import AsyncIterator
 from typing import Protocol
 
-from services.orchestrator.dispatcher import Dispatcher, StepNotifier
+from services.orchestrator.dispatcher import Dispatcher, StepFeed
 from services.orchestrator.grants import GrantSealer
 from services.orchestrator.runs import RunStatus
 from services.orchestrator.steps import Step
@@ -40,9 +41,9 @@ class Delegator(Protocol):
 class Orchestrator:
     """The service's operations; every one acts for the tenant of the current request."""
 
-    def __init__(self, *, teams: TeamStore, runs: RunStore, dispatcher: Dispatcher, notifier: StepNotifier,
+    def __init__(self, *, teams: TeamStore, runs: RunStore, dispatcher: Dispatcher, feed: StepFeed,
                  delegator: Delegator, sealer: GrantSealer, delegation_ttl: int = 3600, watch_poll: float = 1.0):
-        self._teams, self._runs, self._dispatcher, self._notifier = teams, runs, dispatcher, notifier
+        self._teams, self._runs, self._dispatcher, self._feed = teams, runs, dispatcher, feed
         self._delegator, self._sealer, self._ttl, self._poll = delegator, sealer, delegation_ttl, watch_poll
 
     # --- teams -------------------------------------------------------------------------------
@@ -135,22 +136,35 @@ class Orchestrator:
         _require_name(run_id, "run_id")
         if after_step < 0:
             raise InvalidArgument("after_step must not be negative", violations={"after_step": "must be >= 0"})
-        await self._runs.get(run_id)  # NotFound for another tenant's run, before anything is streamed
-        while True:
-            armed = self._notifier.arm(run_id)
-            steps = await self._runs.steps(run_id, after_step)
-            run = await self._runs.get(run_id)
-            # A run turns terminal in the same transaction as its last step, so after a terminal
-            # read one more read of the steps is complete.
-            if run.status.terminal:
-                steps += await self._runs.steps(run_id, steps[-1].index if steps else after_step)
-            for step in steps:
-                yield step, run
-                after_step = step.index
-            if run.status.terminal:
-                return
-            if not steps:
-                await self._notifier.wait(armed, self._poll)
+        with self._feed.subscribe(run_id) as live:
+            await self._runs.get(run_id)  # NotFound for another tenant's run, before anything is streamed
+            while True:
+                # Catch up from the database (steps recorded by any replica) ...
+                steps = await self._runs.steps(run_id, after_step)
+                run = await self._runs.get(run_id)
+                # A run turns terminal in the same transaction as its last step, so after a
+                # terminal read, one more read of the steps is complete.
+                if run.status.terminal:
+                    steps += await self._runs.steps(run_id, steps[-1].index if steps else after_step)
+                for step in steps:
+                    yield step, run
+                    after_step = step.index
+                if run.status.terminal:
+                    return
+                # ... then follow this replica's live feed, back to the database on a gap or a quiet spell.
+                while True:
+                    try:
+                        step, live_run = await asyncio.wait_for(live.get(), self._poll)
+                    except TimeoutError:
+                        break
+                    if live_run is None or step.index > after_step + 1:
+                        break
+                    if step.index <= after_step:
+                        continue
+                    yield step, live_run
+                    after_step = step.index
+                    if live_run.status.terminal and step.index >= live_run.step_count:
+                        return
 
 
 def _check(spec: TeamSpec) -> None:

@@ -12,7 +12,7 @@ from bulkhead.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.orchestrator.clients import (CredentialsSecrets, IdentityDelegator, InferenceModel, StateContext,
                                            StateStepLog)
 from services.orchestrator.config import OrchestratorConfig
-from services.orchestrator.dispatcher import DispatchSettings, Dispatcher, StepNotifier
+from services.orchestrator.dispatcher import DispatchSettings, Dispatcher, StepFeed
 from services.orchestrator.engine import Engine, Limits, Ports
 from services.orchestrator.grants import GrantSealer, load_or_create_key
 from services.orchestrator.http_tools import HttpToolRunner
@@ -87,14 +87,14 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
                   secrets=CredentialsSecrets(credentials_ch), http=tools)
     engine = Engine(canary_key=canary_key or _canary_key(config),
                     limits=Limits(max_steps_per_run=config.max_steps_per_run))
-    runs, notifier = RunStore(db), StepNotifier()
+    runs, feed = RunStore(db), StepFeed()
     sealer = GrantSealer(load_or_create_key(config.grant_key_path))
-    dispatcher = Dispatcher(runs=runs, engine=engine, ports_for=lambda: ports, sealer=sealer, notifier=notifier,
+    dispatcher = Dispatcher(runs=runs, engine=engine, ports_for=lambda: ports, sealer=sealer, feed=feed,
                             settings=DispatchSettings(runs_per_tenant=config.runs_per_tenant,
                                                       max_concurrent=config.max_concurrent,
                                                       lease_seconds=config.lease_seconds,
                                                       poll_seconds=poll_seconds))
-    orchestrator = Orchestrator(teams=TeamStore(db), runs=runs, dispatcher=dispatcher, notifier=notifier,
+    orchestrator = Orchestrator(teams=TeamStore(db), runs=runs, dispatcher=dispatcher, feed=feed,
                                 delegator=delegator or IdentityDelegator(identity_ch), sealer=sealer,
                                 delegation_ttl=config.delegation_ttl, watch_poll=poll_seconds)
     binding = Binding(orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server, OrchestratorServicer(orchestrator),

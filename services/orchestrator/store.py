@@ -144,6 +144,7 @@ class Claim:
     principal_id: str
     tier: str
     grant: bytes = field(repr=False)
+    cancel_requested: bool = False
 
 
 def _team(row: TeamRow) -> TeamRecord:
@@ -337,16 +338,25 @@ class RunStore:
             row.updated_at = time.time()
             return _run(row)
 
-    async def record_step(self, run_id: str, step: Step, *, current_agent: str,
-                          finished: Finished | None) -> RunRecord:
-        """Keep a step (already durable in state) and the run's progress, in one transaction."""
+    async def record_steps(self, run_id: str, steps: list[Step], *, current_agent: str,
+                           finished: Finished | None, skip_existing: bool = False) -> RunRecord:
+        """Keep steps (already durable in state) and the run's progress, in one transaction.
+
+        skip_existing is for catching up after a crash, when some of the steps may be here already.
+        A finished run leaves the queue in the same transaction.
+        """
         async with self._db.session() as s:
             row = await s.get(RunRow, run_id)
             if row is None:
                 raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
-            if await s.get(StepRow, (run_id, step.index)) is None:
-                s.add(StepRow(run_id=run_id, idx=step.index, payload=step.to_json().decode()))
-            row.step_count = max(row.step_count, step.index)
+            have: set[int] = set()
+            if skip_existing:
+                have = set((await s.execute(select(StepRow.idx).where(StepRow.run_id == run_id))).scalars())
+            for step in steps:
+                if step.index not in have:
+                    s.add(StepRow(run_id=run_id, idx=step.index, payload=step.to_json().decode()))
+            if steps:
+                row.step_count = max(row.step_count, steps[-1].index)
             row.current_agent = current_agent
             if finished is not None and not RunStatus(row.status).terminal:
                 status = RunStatus(finished.status)
@@ -405,7 +415,7 @@ class RunStore:
             if result.rowcount != 1:
                 return None
             row = await s.get(QueueRow, run_id)
-            return Claim(row.run_id, row.tenant_id, row.principal_id, row.tier, row.grant)
+            return Claim(row.run_id, row.tenant_id, row.principal_id, row.tier, row.grant, row.cancel_requested)
 
     async def renew(self, run_id: str, owner: str, *, ttl: float, now: float) -> tuple[bool, bool]:
         """Extend our lease; (still ours, cancel requested)."""

@@ -64,6 +64,18 @@ class TenantKey:
         nonce = os.urandom(_NONCE)
         return _FORMAT + nonce + self._aead.encrypt(nonce, plaintext, aad)
 
+    def seal_many(self, items: list[tuple[bytes, bytes]]) -> list[bytes]:
+        """seal() for a batch of (aad, plaintext): one random read for all the nonces."""
+        if self._aead is None:
+            return [plaintext for _, plaintext in items]
+        nonces = os.urandom(_NONCE * len(items))
+        encrypt = self._aead.encrypt
+        out = []
+        for i, (aad, plaintext) in enumerate(items):
+            nonce = nonces[i * _NONCE:(i + 1) * _NONCE]
+            out.append(b"".join((_FORMAT, nonce, encrypt(nonce, plaintext, aad))))
+        return out
+
     def open(self, aad: bytes, blob: bytes) -> bytes:
         """Decrypt what seal produced for the same aad; UndecryptableData otherwise."""
         if self._aead is None:

@@ -89,11 +89,14 @@ async def main() -> None:
     """Run the state service until SIGTERM/SIGINT."""
     from shared.keys import remote_verifier
     from shared.logs import setup_logging
+    from shared.metrics import serve_metrics
     from shared.telemetry import setup_telemetry
 
     config = StateConfig.from_env()
     setup_logging("state", config.service.log_level)
     setup_telemetry("state", config.service.otlp_endpoint)
+    if config.service.metrics_port:
+        serve_metrics(config.service.metrics_port)
     identity = make_channel(config.service.peer("identity"))
     service = await start(config, remote_verifier(identity))
     service.channels.append(identity)

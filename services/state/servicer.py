@@ -5,7 +5,13 @@ from google.protobuf import timestamp_pb2
 
 from bulkhead.state.v1 import state_pb2, state_pb2_grpc
 from services.state.context_kv import ContextStore
-from services.state.records import ContextRecord, EventRecord, NewEventRecord, SnapshotRecord, ThreadRecord
+from services.state.records import (
+    ContextRecord,
+    EventRecord,
+    NewEventRecord,
+    SnapshotRecord,
+    ThreadRecord,
+)
 from services.state.threads import ThreadLog
 
 

@@ -8,7 +8,14 @@ from collections.abc import AsyncIterator, Mapping, Sequence
 
 from services.state import pagetokens, store, validation
 from services.state.envelope import Envelope, PlaintextEnvelope, TenantKey
-from services.state.records import EventRecord, Limits, NewEventRecord, Page, SnapshotRecord, ThreadRecord
+from services.state.records import (
+    EventRecord,
+    Limits,
+    NewEventRecord,
+    Page,
+    SnapshotRecord,
+    ThreadRecord,
+)
 from shared.db import Database
 from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 from shared.tenancy import require_tenant
@@ -110,11 +117,12 @@ class ThreadLog:
                 raise await self._missing_or_conflict(s, thread_id, expected_version)
             first = last - len(events) + 1
             at = store.now_us()
+            sealed = key.seal_many([(event_aad(tenant, thread_id, v), e.payload)
+                                    for v, e in enumerate(events, start=first)])
             await store.insert_events(s, [
                 {"tenant_id": tenant, "thread_id": thread_id, "version": v, "event_type": e.type,
-                 "key_id": key.key_id, "payload": key.seal(event_aad(tenant, thread_id, v), e.payload),
-                 "created_at_us": at}
-                for v, e in enumerate(events, start=first)])
+                 "key_id": key.key_id, "payload": blob, "created_at_us": at}
+                for v, e, blob in zip(range(first, last + 1), events, sealed, strict=True)])
             store.audit(s, "thread.append", thread_id, last)
         return first, last
 

@@ -8,6 +8,7 @@ row-level security (layer 2, shared.db.rls) catches whatever bypasses the ORM.
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -103,9 +104,11 @@ def _is_tenant_table(table: TableClause) -> bool:
     return column is not None and bool(column.info.get(TENANT_COLUMN_INFO))
 
 
+@functools.lru_cache(maxsize=4096)
 def _criteria(tid: str) -> Any:
     # The lambda is cached per class; `tid` is read outside it, so it is tracked as a bound
-    # parameter and one cached SQL string serves every tenant.
+    # parameter and one cached SQL string serves every tenant. Building the option costs more
+    # than the query's compile-cache hit, so one option object per tenant is kept and reused.
     return with_loader_criteria(TenantOwned, lambda cls: cls.tenant_id == tid, include_aliases=True)
 
 
@@ -135,8 +138,16 @@ def _confine_statement(state: ORMExecuteState) -> None:
     if state.is_update and state.is_executemany and tables:
         # ORM "bulk UPDATE by primary key" ignores loader criteria: refuse it.
         raise TenantIsolationError("bulk UPDATE by primary key skips the tenant filter; use update(...).where(...)")
-    if state.is_select and (state.is_column_load or state.is_relationship_load):
-        return  # the criteria propagate from the statement that loaded the parent
+    if state.is_column_load:
+        # Refreshing an expired object ignores loader criteria, and an object attached with
+        # add() or merge(load=False) may name any primary key: filter it explicitly.
+        for mapper in state.all_mappers:
+            if is_tenant_owned(mapper.class_):
+                statement = statement.where(mapper.class_.tenant_id == tid)
+        state.statement = statement
+        return
+    # Relationship loads get the filter too: it propagates from the statement that loaded the
+    # parent, but a parent attached by add() or merge() was loaded by no statement of ours.
     state.statement = statement.options(_criteria(tid))
 
 

@@ -78,11 +78,13 @@ class Fault:
     """Extra delay for kind "slow" (the reply still arrives)."""
     after_events: int = 0
     """For kind "disconnect": SSE events sent before the connection drops (0 drops before any reply)."""
+    message: str | None = None
+    """The error body's message for a status fault (default "injected <status>")."""
 
     @classmethod
-    def http(cls, status: int, *, retry_after: float | None = None) -> Fault:
+    def http(cls, status: int, *, retry_after: float | None = None, message: str | None = None) -> Fault:
         """Answer with this HTTP error status (429, 500, 400, ...) and the API's error body."""
-        return cls(kind="status", status=status, retry_after=retry_after)
+        return cls(kind="status", status=status, retry_after=retry_after, message=message)
 
     @classmethod
     def overloaded(cls) -> Fault:
@@ -258,7 +260,7 @@ class FakeAnthropic:
         fault = self._faults.popleft() if self._faults else None
         if fault is not None and fault.kind == "status":
             headers = {} if fault.retry_after is None else {"retry-after": f"{fault.retry_after:g}"}
-            await self._send_error(writer, fault.status, f"injected {fault.status}", headers)
+            await self._send_error(writer, fault.status, fault.message or f"injected {fault.status}", headers)
             return True
         if fault is not None and fault.kind == "disconnect" and fault.after_events == 0:
             return False

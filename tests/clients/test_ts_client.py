@@ -21,8 +21,10 @@ from shared.testing.procs import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "ts"
-NODE_TESTS = 5
-"""Tests in clients/ts/test: the descriptor smoke test and the four mesh tests."""
+MESH_SUITE = ("smoke.test.js", "mesh.test.js")
+MESH_TESTS = 5
+"""The descriptor smoke test and the four mesh tests."""
+MTLS_TESTS = 2
 
 pytestmark = [
     pytest.mark.slow,
@@ -72,19 +74,54 @@ async def test_typescript_client_against_the_running_mesh(built_client: pathlib.
     try:
         await supervisor.start(timeout=90)
         operator_key = (tmp_path / "data" / "operator.key").read_text().strip()
-        node = await asyncio.create_subprocess_exec(
-            "node", "--test", "--test-reporter=tap", str(built_client),
-            cwd=CLIENT, env={**env, "BULKHEAD_OPERATOR_KEY": operator_key},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-        raw, _ = await asyncio.wait_for(node.communicate(), timeout=120)
+        returncode, output = await _node(built_client, MESH_SUITE, {**env, "BULKHEAD_OPERATOR_KEY": operator_key})
     finally:
         await supervisor.stop()
-    output = raw.decode(errors="replace")
     # identity prints the operator key once on first start, by design: keep it out of failure output.
     shown = [line for line in logs if operator_key not in line]
     context = f"{output[-4000:]}\n--- service logs ---\n" + "\n".join(shown[-40:])
-    assert node.returncode == 0, context
-    assert _tap_count(output, "fail") == 0, context
-    assert _tap_count(output, "skipped") == 0, context  # every part ran: no service was missing
-    assert _tap_count(output, "pass") == NODE_TESTS, context
+    _assert_all_passed(returncode, output, MESH_TESTS, context)
     assert operator_key not in output
+
+
+async def test_typescript_client_over_mtls(built_client: pathlib.Path, tmp_path: pathlib.Path) -> None:
+    """Against identity serving mTLS: Node with a CA-signed cert is served, without one it is refused."""
+    import io
+
+    from bulkhead.cli.certs import write_dev_certs
+    from services.identity.config import IdentityConfig
+    from services.identity.server import start
+    from shared.tls import TlsConfig
+
+    write_dev_certs(tmp_path / "pki", names=("identity", "client"))
+    address = f"127.0.0.1:{free_port()}"
+    env = {**_mesh_env(tmp_path / "data"), "BULKHEAD_IDENTITY_ADDR": address,
+           **TlsConfig.from_dir(tmp_path / "pki", "identity").as_env()}
+    announced = io.StringIO()
+    app = await start(IdentityConfig.from_env(env), announce=announced)
+    try:
+        operator_key = (tmp_path / "data" / "operator.key").read_text().strip()
+        client = TlsConfig.from_dir(tmp_path / "pki", "client")
+        node_env = {**_mesh_env(tmp_path / "unused"), "BULKHEAD_IDENTITY_ADDR": f"localhost:{address.rpartition(':')[2]}",
+                    "BULKHEAD_OPERATOR_KEY": operator_key, "BULKHEAD_TEST_TLS_CA": str(client.ca),
+                    "BULKHEAD_TEST_TLS_CERT": str(client.cert), "BULKHEAD_TEST_TLS_KEY": str(client.key)}
+        returncode, output = await _node(built_client, ("mtls.test.js",), node_env)
+    finally:
+        await app.close()
+    _assert_all_passed(returncode, output, MTLS_TESTS, output[-4000:])
+
+
+async def _node(tests_dir: pathlib.Path, files: tuple[str, ...], env: dict[str, str]) -> tuple[int, str]:
+    node = await asyncio.create_subprocess_exec(
+        "node", "--test", "--test-reporter=tap", *(str(tests_dir / f) for f in files),
+        cwd=CLIENT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    raw, _ = await asyncio.wait_for(node.communicate(), timeout=120)
+    assert node.returncode is not None
+    return node.returncode, raw.decode(errors="replace")
+
+
+def _assert_all_passed(returncode: int, output: str, expected: int, context: str) -> None:
+    assert returncode == 0, context
+    assert _tap_count(output, "fail") == 0, context
+    assert _tap_count(output, "skipped") == 0, context  # every part ran: nothing was missing
+    assert _tap_count(output, "pass") == expected, context

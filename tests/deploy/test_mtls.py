@@ -120,3 +120,34 @@ def test_unreadable_key_error_names_the_path_not_the_content(tmp_path: pathlib.P
     assert "nope.pem" in str(err.value)
     key_pem = (pki / "good" / "identity-key.pem").read_text()
     assert "PRIVATE KEY" not in str(err.value) and key_pem not in repr(cfg)
+
+
+async def test_production_server_with_mtls_serves_tenants_and_refuses_certless_clients(pki: pathlib.Path) -> None:
+    """shared.server.serve with TLS: make_channel with a cert gets tenant calls through; without, refused."""
+    from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
+    from shared.client import StaticCredentials, make_channel
+    from shared.server import serve
+    from shared.testing.echo import echo_binding
+    from shared.testing.tokens import TestTokens
+
+    tokens = TestTokens()
+    running = await serve(name="echo", bindings=[echo_binding()], verifier=tokens.verifier,
+                          address="127.0.0.1:0", tls=TlsConfig.from_dir(pki / "good", "identity"))
+    try:
+        creds = StaticCredentials(tokens.mint("t_alpha"), "t_alpha")
+        async with make_channel(f"localhost:{running.port}", credentials=creds,
+                                tls=TlsConfig.from_dir(pki / "good", "client")) as channel:
+            reply = await echo_pb2_grpc.EchoServiceStub(channel).Echo(echo_pb2.EchoRequest(message="hi"), timeout=5)
+        assert reply.seen.tenant_id == "t_alpha"
+        async with make_channel(f"127.0.0.1:{running.port}", credentials=creds) as plaintext:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await echo_pb2_grpc.EchoServiceStub(plaintext).Echo(echo_pb2.EchoRequest(message="hi"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+        no_cert = grpc.ssl_channel_credentials(root_certificates=(pki / "good" / "ca.pem").read_bytes())
+        async with grpc.aio.secure_channel(f"localhost:{running.port}", no_cert) as anonymous:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await echo_pb2_grpc.EchoServiceStub(anonymous).Echo(
+                    echo_pb2.EchoRequest(message="hi"), metadata=tokens.metadata("t_alpha"), timeout=5)
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await running.stop(0)

@@ -122,7 +122,8 @@ class StateServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListThreads(self, request, context):
-        """ListThreads lists threads, optionally filtered by run, agent and labels, oldest first.
+        """ListThreads lists threads in thread_id order (generated ids sort by creation time),
+        optionally filtered by run, agent and labels.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

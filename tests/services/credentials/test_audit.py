@@ -103,3 +103,15 @@ async def test_a_recomputed_row_still_breaks_the_next_link(h):
                 {"h": forged, "t": h.alpha})
     report = await _verify(h)
     assert not report.intact and report.first_bad_sequence == 3 and "link" in report.problem
+
+
+async def test_access_events_page_in_order(h):
+    """ListAccessEvents pages oldest first with a token, and filters by secret."""
+    for i in range(4):
+        await h.put(f"s{i}", b"paged-value")
+    first = await h.stub.ListAccessEvents(pb.ListAccessEventsRequest(page_size=3), metadata=h.md())
+    second = await h.stub.ListAccessEvents(pb.ListAccessEventsRequest(page_size=3, page_token=first.next_page_token),
+                                           metadata=h.md())
+    assert [e.sequence for e in first.events] == [1, 2, 3] and first.next_page_token
+    assert [e.sequence for e in second.events] == [4] and not second.next_page_token
+    assert [e.secret_name for e in await h.events(secret_name="s2")] == ["s2"]

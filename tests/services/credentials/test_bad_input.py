@@ -68,3 +68,6 @@ async def test_malformed_page_tokens_are_refused(h):
     details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListSecrets(
         pb.ListSecretsRequest(page_size=-1), metadata=h.md()))
     assert "page_size" in details["bad_request"]
+    details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListAccessEvents(
+        pb.ListAccessEventsRequest(page_size=-5), metadata=h.md()))
+    assert details["reason"] == "PAGE_SIZE_INVALID" and "page_size" in details["bad_request"]

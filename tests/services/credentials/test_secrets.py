@@ -180,3 +180,12 @@ async def test_read_scope_is_needed_for_values(h):
                        h.stub.PutSecret(pb.PutSecretRequest(name="guarded", value=b"x-value"), metadata=reader))
     await expect_error(grpc.StatusCode.PERMISSION_DENIED, h.stub.DestroySecret(
         pb.DestroySecretRequest(name="guarded"), metadata=h.md(scopes=("credentials.secrets.write",))))
+
+
+async def test_a_stale_rotation_job_is_dropped(h):
+    """A due job whose secret no longer exists is removed instead of retried forever."""
+    await h.put("ephemeral", b"some-value", rotation_period=duration_pb2.Duration(seconds=3600))
+    await h.raw("DELETE FROM cred_secrets WHERE name = 'ephemeral'")
+    await h.raw("UPDATE cred_schedule SET due_us = 0 WHERE secret_name = 'ephemeral'")
+    assert await h.service.scheduler.run_once() == 1
+    assert await h.raw("SELECT * FROM cred_schedule WHERE secret_name = 'ephemeral'") == []

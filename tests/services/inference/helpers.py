@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import shutil
 from pathlib import Path
 
 from google.protobuf import timestamp_pb2
@@ -19,11 +20,12 @@ from services.credentials.master_key import load_or_create_master_key
 from services.credentials.server import MIGRATIONS as CREDENTIALS_MIGRATIONS
 from services.credentials.server import CredentialsService, serve_credentials
 from services.inference.config import InferenceConfig
+from services.inference.server import MIGRATIONS as INFERENCE_MIGRATIONS
 from services.inference.server import InferenceService, start
 from services.metering.server import MIGRATIONS as METERING_MIGRATIONS
 from services.metering.server import MeteringService, serve_metering
 from shared.client import make_channel
-from shared.db import Database
+from shared.db import Database, upgrade
 from shared.testing.fake_anthropic import FakeAnthropic
 from shared.testing.tokens import TestTokens
 
@@ -71,6 +73,7 @@ class Mesh:
     channels: list
     proxies: list[Proxy] = dataclasses.field(default_factory=list)
     env_overrides: dict = dataclasses.field(default_factory=dict)
+    templates: Path | None = None
 
     @property
     def stub(self) -> inference_pb2_grpc.InferenceServiceStub:
@@ -105,6 +108,8 @@ class Mesh:
     async def start_proxy(self, database: str = "inference.db", **kw) -> Proxy:
         """Start another proxy replica (on its own or a shared database file)."""
         config = InferenceConfig.from_env(self.env(database))
+        if "db" not in kw:
+            kw["db"] = await _open(self.tmp / database, INFERENCE_MIGRATIONS, self.templates)
         service = await start(config, self.tokens.verifier, address="127.0.0.1:0", **kw)
         channel = make_channel(service.running.address)
         proxy = Proxy(service, inference_pb2_grpc.InferenceServiceStub(channel), channel)
@@ -164,20 +169,35 @@ def fake_totals(fake: FakeAnthropic, user_id: str) -> tuple[int, int, int]:
     return len(records), sum(r.usage["input_tokens"] for r in records), sum(r.usage["output_tokens"] for r in records)
 
 
-async def start_mesh(tmp: Path, *, proxies: int = 1, delay: float = 0.0) -> Mesh:
+def make_templates(directory: Path) -> Path:
+    """Migrated, empty SQLite files of the three services (copied per test: migrations run once)."""
+    for migrations in (METERING_MIGRATIONS, CREDENTIALS_MIGRATIONS, INFERENCE_MIGRATIONS):
+        upgrade(f"sqlite+aiosqlite:///{directory / (migrations.parent.name + '.db')}", migrations)
+    return directory
+
+
+async def _open(path: Path, migrations: Path, templates: Path | None) -> Database:
+    """A database at path: a copy of the migrated template when there is one, else migrated now."""
+    template = templates / (migrations.parent.name + ".db") if templates else None
+    if template is not None and template.exists() and not path.exists():
+        shutil.copyfile(template, path)
+        return await Database.open(f"sqlite+aiosqlite:///{path}")
+    return await Database.open(f"sqlite+aiosqlite:///{path}", migrations=str(migrations))
+
+
+async def start_mesh(tmp: Path, *, proxies: int = 1, delay: float = 0.0, templates: Path | None = None) -> Mesh:
     """Start everything; close with stop_mesh."""
     tokens = TestTokens()
     fake = await FakeAnthropic(delay=delay).start()
-    mdb = await Database.open(f"sqlite+aiosqlite:///{tmp / 'metering.db'}", migrations=str(METERING_MIGRATIONS))
+    mdb = await _open(tmp / "metering.db", METERING_MIGRATIONS, templates)
     metering = await serve_metering(db=mdb, verifier=tokens.verifier, registry=CollectorRegistry(), price_cache_s=0)
-    cdb = await Database.open(f"sqlite+aiosqlite:///{tmp / 'credentials.db'}",
-                              migrations=str(CREDENTIALS_MIGRATIONS))
+    cdb = await _open(tmp / "credentials.db", CREDENTIALS_MIGRATIONS, templates)
     backend = LocalBackend(cdb, load_or_create_master_key(tmp / "master.key"))
     credentials = await serve_credentials(db=cdb, backend=backend, verifier=tokens.verifier)
     mch = make_channel(metering.running.address)
     cch = make_channel(credentials.running.address)
     mesh = Mesh(tmp, tokens, fake, metering, credentials, metering_pb2_grpc.MeteringServiceStub(mch),
-                credentials_pb2_grpc.CredentialsServiceStub(cch), [mch, cch])
+                credentials_pb2_grpc.CredentialsServiceStub(cch), [mch, cch], templates=templates)
     for _ in range(proxies):
         await mesh.start_proxy()
     return mesh

@@ -126,3 +126,16 @@ async def test_concurrent_calls_limit(mesh):
 async def _first(stream):
     async for event in stream:
         return event
+
+
+async def test_leases_charge_exactly_the_real_usage(mesh):
+    """When a replica returns its leases, the budget is charged what the upstream reported, and nothing stays held."""
+    await mesh.set_budget("t_a", 100_000)
+    for text in ("one", "two words", "three small words"):
+        await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params(text)), metadata=mesh.md("t_a"))
+    held = await mesh.budget_status("t_a")
+    assert held.held > 0                          # a lease slice is out while the replica may still spend it
+    await mesh.proxy.budget.close()
+    status = await mesh.budget_status("t_a")
+    _, fake_in, fake_out = fake_totals(mesh.fake, mesh.proxy.proxy.opaque_user_id("t_a"))
+    assert (status.used, status.held) == (fake_in + fake_out, 0)

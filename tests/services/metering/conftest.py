@@ -1,8 +1,11 @@
 """Fixtures for the metering tests: a real server on port 0 with the production interceptors."""
 from __future__ import annotations
 
+import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import pytest
 from prometheus_client import CollectorRegistry
@@ -43,10 +46,24 @@ async def start_harness(db: Database) -> tuple[Harness, object]:
     return Harness(service, tokens, clock, metering_pb2_grpc.MeteringServiceStub(channel), registry), channel
 
 
+@pytest.fixture(scope="session")
+def migrated_sqlite(tmp_path_factory) -> Path:
+    """An SQLite file migrated once per session; each test gets a copy (migrating costs more than the test)."""
+    path = tmp_path_factory.mktemp("metering-template") / "metering.db"
+
+    async def migrate() -> None:
+        db = await Database.open(f"sqlite+aiosqlite:///{path}", migrations=str(MIGRATIONS))
+        await db.close()
+
+    asyncio.run(migrate())
+    return path
+
+
 @pytest.fixture
-async def metering(tmp_path) -> AsyncIterator[Harness]:
+async def metering(tmp_path, migrated_sqlite) -> AsyncIterator[Harness]:
     """Metering on an embedded SQLite database."""
-    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'metering.db'}", migrations=str(MIGRATIONS))
+    shutil.copy(migrated_sqlite, tmp_path / "metering.db")
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'metering.db'}")
     harness, channel = await start_harness(db)
     try:
         yield harness

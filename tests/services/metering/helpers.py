@@ -7,7 +7,7 @@ from bulkhead.metering.v1 import metering_pb2 as pb
 from services.metering import periods
 from services.metering.wire import timestamp
 
-T0 = periods.from_datetime(dt.datetime(2026, 3, 10, 12, 0, tzinfo=dt.timezone.utc))
+T0 = periods.from_datetime(dt.datetime(2026, 3, 10, 12, 0, tzinfo=dt.UTC))
 """The fake clock's start: mid-month, mid-day, so periods are easy to reason about."""
 
 OPERATOR = "t_platform"

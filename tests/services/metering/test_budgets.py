@@ -248,6 +248,14 @@ async def _lease(h, tokens, tenant=A, **kw):
     return resp.lease
 
 
+async def test_a_lease_in_one_tenant_spends_only_its_budget(metering):
+    """B's lease neither sees nor consumes A's budget."""
+    await metering.stub.SetQuota(_quota(A, _tokens(100)), metadata=metering.op())
+    await metering.stub.SetQuota(_quota(B, _tokens(50)), metadata=metering.op())
+    assert (await _lease(metering, 100, tenant=B, min_tokens=1)).granted.tokens == 50
+    assert (await _lease(metering, 100)).granted.tokens == 100
+
+
 async def test_lease_grants_what_is_left_down_to_min(metering):
     """A lease gets what remains when less than asked, but never below min_tokens."""
     await metering.stub.SetQuota(_quota(A, _tokens(1000)), metadata=metering.op())
@@ -327,3 +335,56 @@ async def test_budget_rpcs_need_the_budget_scope(metering):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(req, metadata=md)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
+
+
+@pytest.mark.parametrize("method, request_, field, reason", [
+    ("CommitBudget", pb.CommitBudgetRequest(), "reservation_id", "INVALID_ARGUMENT"),
+    ("CommitBudget", pb.CommitBudgetRequest(reservation_id="res_x", usage=_usage(i=-1)), "usage", "INVALID_USAGE"),
+    ("ReleaseBudget", pb.ReleaseBudgetRequest(), "reservation_id", "INVALID_ARGUMENT"),
+    ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL), "tokens", "INVALID_LEASE"),
+    ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL, tokens=5, min_tokens=6), "min_tokens", "INVALID_LEASE"),
+    ("LeaseBudget", pb.LeaseBudgetRequest(tokens=5), "model", "INVALID_LEASE"),
+    ("RenewLease", pb.RenewLeaseRequest(), "lease_id", "INVALID_ARGUMENT"),
+    ("ReleaseLease", pb.ReleaseLeaseRequest(lease_id="lease_x", spent=_usage(o=-2)), "spent", "INVALID_USAGE"),
+])
+async def test_bad_settlements_and_leases_are_refused_precisely(metering, method, request_, field, reason):
+    """Malformed budget calls are INVALID_ARGUMENT naming the field."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await getattr(metering.stub, method)(request_, metadata=metering.md(A))
+    details = error_details(err.value)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert (details["reason"], field in details["bad_request"]) == (reason, True)
+
+
+async def test_concurrent_reservations_on_sqlite_never_overspend(metering):
+    """The embedded store is exact too: 100 concurrent reservations of 10 against a budget of 250."""
+    import asyncio
+
+    await metering.stub.SetQuota(_quota(A, _tokens(250)), metadata=metering.op())
+
+    async def reserve() -> bool:
+        try:
+            await _reserve(metering, 5, 5)
+            return True
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return False
+
+    granted = await asyncio.gather(*(reserve() for _ in range(100)))
+    status, _ = await _status(metering)
+    assert sum(granted) == 25 and status[pb.BUDGET_UNIT_TOKENS].held == 250
+
+
+async def test_commit_after_the_period_ends_settles_the_period_it_was_reserved_in(metering):
+    """A reservation made before midnight and committed after it charges the day it held budget in."""
+    await metering.stub.SetQuota(_quota(A, _tokens(1000, period=pb.BUDGET_PERIOD_DAY)), metadata=metering.op())
+    metering.clock.advance(12 * 3600 - 60)  # 23:59 on day one
+    res = await _reserve(metering, 100, 0, ttl_seconds=600)
+    metering.clock.advance(120)  # 00:01 on day two
+    await metering.stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=80)),
+                                     metadata=metering.md(A))
+    status, _ = await _status(metering)
+    assert (status[pb.BUDGET_UNIT_TOKENS].used, status[pb.BUDGET_UNIT_TOKENS].held) == (0, 0)  # day two is fresh
+    metering.clock.advance(-120)
+    status, _ = await _status(metering)
+    assert (status[pb.BUDGET_UNIT_TOKENS].used, status[pb.BUDGET_UNIT_TOKENS].held) == (80, 0)

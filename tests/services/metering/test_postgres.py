@@ -138,3 +138,14 @@ async def test_raw_sql_as_the_app_role_sees_only_its_tenant(pg_metering):
                                    "0, 0)", A)
     finally:
         await conn.close()
+
+
+async def test_concurrent_retries_of_one_reservation_hold_once(pg_metering):
+    """Ten concurrent ReserveBudget calls with one idempotency key make one reservation."""
+    h = pg_metering
+    await h.stub.SetQuota(pb.SetQuotaRequest(quota=pb.Quota(tenant_id=A, budgets=[
+        pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=BUDGET)])), metadata=h.op())
+    request = pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=10, max_output_tokens=10, idempotency_key="req-7")
+    replies = await asyncio.gather(*(h.stub.ReserveBudget(request, metadata=h.md(A)) for _ in range(10)))
+    assert len({r.reservation_id for r in replies}) == 1
+    assert (await _status(h))[pb.BUDGET_UNIT_TOKENS].held == 20

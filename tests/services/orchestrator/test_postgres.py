@@ -20,14 +20,13 @@ pytestmark = pytest.mark.postgres
 
 async def test_orchestrator_on_postgres_with_rls_and_delegation(postgres, tmp_path):
     """Runs complete on Postgres; raw SQL as the app role sees one tenant; the run token is narrow."""
-    import time; t0 = time.monotonic(); mark = lambda m: print(f"T {m} {time.monotonic()-t0:.2f}", flush=True)
     urls = await postgres.create_database(f"orch_{uuid.uuid4().hex[:6]}")
     async with FakeAnthropic() as upstream, running_mesh(tmp_path, upstream_url=upstream.base_url,
                                                          start_orchestrator=False) as mesh, \
             contextlib.AsyncExitStack() as stack:
         orch = await start_orchestrator_in(mesh, stack, BULKHEAD_ORCHESTRATOR_DATABASE_URL=urls.app_url,
                                            BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL=urls.owner_url)
-        mark("orch1"); a, b = await mesh.tenant(), await mesh.tenant()
+        a, b = await mesh.tenant(), await mesh.tenant()
         for t in (a, b):
             await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(model="claude-sonnet-4-5")), metadata=t.metadata)
         # Hold the run in the queue long enough to read its sealed grant: stop dispatching first.
@@ -51,10 +50,9 @@ async def test_orchestrator_on_postgres_with_rls_and_delegation(postgres, tmp_pa
         assert claims["tid"] == a.tenant_id and claims["act"]["sub"] and claims.get("run") == run.run_id
         assert "orchestrator.teams.write" not in claims["scope"] and "*" not in claims["scope"].split()
 
-        mark("grant")
         # A second replica on the same database picks the run up and finishes it.
         await start_orchestrator_in(mesh, stack, BULKHEAD_ORCHESTRATOR_DATABASE_URL=urls.app_url,
                                     BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL=urls.owner_url)
-        mark("orch2"); msgs = [m async for m in mesh.stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), metadata=a.metadata,
+        msgs = [m async for m in mesh.stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), metadata=a.metadata,
                                                     timeout=30)]
         assert msgs[-1].run.status == pb.RUN_STATUS_SUCCEEDED and upstream.request_count == 1

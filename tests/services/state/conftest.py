@@ -49,12 +49,11 @@ class StateHarness:
 
     async def raw(self, sql: str, params: dict | None = None, *, tenant: str | None = None) -> list:
         """Raw SQL straight on the engine, past the ORM (on Postgres, as `tenant` for RLS)."""
-        async with self.db.engine.connect() as conn:
-            async with conn.begin():
-                if tenant is not None and self.backend == "postgres":
-                    await conn.execute(text("SELECT set_config('app.tenant_id', :t, true)"), {"t": tenant})
-                result = await conn.execute(text(sql), params or {})
-                return list(result.all()) if result.returns_rows else []
+        async with self.db.engine.connect() as conn, conn.begin():
+            if tenant is not None and self.backend == "postgres":
+                await conn.execute(text("SELECT set_config('app.tenant_id', :t, true)"), {"t": tenant})
+            result = await conn.execute(text(sql), params or {})
+            return list(result.all()) if result.returns_rows else []
 
     async def new_thread(self, tenant: str = ALPHA, **fields) -> state_pb2.Thread:
         """Create a thread for `tenant`."""

@@ -8,8 +8,13 @@ import grpc
 import pytest
 
 from bulkhead.state.v1 import state_pb2
-
-from conftest import ALPHA, TEST_LIMITS, StateHarness, expect_error, replay
+from tests.services.state.conftest import (
+    ALPHA,
+    TEST_LIMITS,
+    StateHarness,
+    expect_error,
+    replay,
+)
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 

@@ -8,8 +8,7 @@ import pytest
 from google.protobuf import duration_pb2
 
 from bulkhead.state.v1 import state_pb2
-
-from conftest import ALPHA, TEST_LIMITS, StateHarness, expect_error
+from tests.services.state.conftest import ALPHA, TEST_LIMITS, StateHarness, expect_error
 
 TEAM = state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_TEAM, id="team-1")
 RUN = state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_RUN, id="run-1")

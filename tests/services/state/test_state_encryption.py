@@ -6,6 +6,7 @@ import logging
 
 import grpc
 import pytest
+from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from opentelemetry import trace
 from opentelemetry.sdk.trace import TracerProvider
@@ -18,8 +19,13 @@ from services.state.envelope import UndecryptableData
 from services.state.threads import event_aad
 from shared import telemetry
 from shared.tenancy import TenantContext, tenant_scope
-
-from conftest import ALPHA, BETA, StateHarness, expect_error, replay
+from tests.services.state.conftest import (
+    ALPHA,
+    BETA,
+    StateHarness,
+    expect_error,
+    replay,
+)
 
 SECRET = b"TOP-SECRET-PAYLOAD-7f3a"
 TEAM = state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_TEAM, id="team")
@@ -58,8 +64,8 @@ async def test_raw_sql_shows_only_ciphertext(any_state: StateHarness):
     # The plain key is nowhere in the database: it cannot open what is stored under it.
     wrapped = bytes((await h.raw("SELECT wrapped FROM state_data_keys", tenant=ALPHA))[0][0])
     payload = bytes((await h.raw("SELECT payload FROM state_events WHERE version = 1", tenant=ALPHA))[0][0])
-    for start in range(0, len(wrapped) - 31):
-        with pytest.raises(Exception):
+    for start in range(len(wrapped) - 31):
+        with pytest.raises(InvalidTag):
             AESGCM(wrapped[start:start + 32]).decrypt(payload[1:13], payload[13:],
                                                         event_aad(ALPHA, "secret-thread", 1))
 

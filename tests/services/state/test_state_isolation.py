@@ -8,8 +8,13 @@ import grpc
 from google.protobuf import duration_pb2
 
 from bulkhead.state.v1 import state_pb2
-
-from conftest import ALPHA, BETA, StateHarness, expect_error, replay
+from tests.services.state.conftest import (
+    ALPHA,
+    BETA,
+    StateHarness,
+    expect_error,
+    replay,
+)
 
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 TEAM = state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_TEAM, id="shared-team-name")

@@ -1,13 +1,20 @@
 """Durability: a replay after a service restart reproduces exactly the appended events."""
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from bulkhead.state.v1 import state_pb2
 from services.state.server import MIGRATIONS
 from shared.db import Database
-
-from conftest import ALPHA, open_database, replay, start_harness, stop_harness
+from tests.services.state.conftest import (
+    ALPHA,
+    expect_error,
+    open_database,
+    replay,
+    start_harness,
+    stop_harness,
+)
 
 PAYLOADS = [bytes([i % 256]) * (i + 1) + b"\x00\xff" for i in range(40)]  # binary, varied sizes
 
@@ -50,10 +57,6 @@ async def test_replay_after_restart_is_identical(request, tmp_path, tokens, mast
 
 async def test_restart_with_another_master_key_cannot_read(request, tmp_path, tokens, master_key):
     """A service started with a different master key cannot unwrap the stored data key."""
-    import grpc
-
-    from conftest import expect_error
-
     db, info = await open_database(request, "sqlite", tmp_path)
     first = await start_harness(db, tokens, "sqlite", master_key=master_key)
     await first.new_thread(thread_id="t")

@@ -4,8 +4,7 @@ from __future__ import annotations
 import grpc
 
 from bulkhead.state.v1 import state_pb2
-
-from conftest import ALPHA, StateHarness, expect_error, replay
+from tests.services.state.conftest import ALPHA, StateHarness, expect_error, replay
 
 
 async def test_append_then_read_returns_events_in_order(state: StateHarness):

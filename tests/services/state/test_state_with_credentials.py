@@ -22,8 +22,13 @@ from services.state.credentials_keys import CredentialsDataKeyProvider
 from services.state.server import make_envelope, serve_state
 from shared.client import make_channel
 from shared.db import Database
-
-from conftest import TEST_LIMITS, StateHarness, expect_error, open_database, replay
+from tests.services.state.conftest import (
+    TEST_LIMITS,
+    StateHarness,
+    expect_error,
+    open_database,
+    replay,
+)
 
 SECRET = b"CREDENTIALS-WRAPPED-SECRET"
 

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from sqlalchemy import Integer, String
-from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from shared.db import Base, TenantOwned
 
@@ -27,3 +27,7 @@ class Setting(NotesBase):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(200))
+
+    notes: Mapped[list[Note]] = relationship(
+        Note, primaryjoin="Setting.value == foreign(Note.body)", viewonly=True)
+    """Notes whose body equals this setting's value (a relationship from a platform row)."""

@@ -10,6 +10,7 @@ from shared.db import Database, upgrade
 from shared.db.migrations import version_table_for
 
 from .conftest import MIGRATIONS
+from .notes import Setting
 
 
 async def test_sqlite_migration_uses_a_per_service_version_table(sqlite_db: Database) -> None:
@@ -21,11 +22,20 @@ async def test_sqlite_migration_uses_a_per_service_version_table(sqlite_db: Data
 
 
 async def test_reopening_a_migrated_database_is_a_no_op(tmp_path: Path) -> None:
-    """Opening twice runs no migration twice (and keeps existing data)."""
+    """Opening again re-runs nothing: the data stays and the version table still has one row."""
     url = f"sqlite:///{tmp_path}/n.db"
-    for _ in range(2):
-        db = await Database.open(url, migrations=MIGRATIONS)
+    db = await Database.open(url, migrations=MIGRATIONS)
+    async with db.system_session() as s:
+        s.add(Setting(key="k", value="v"))
+    await db.close()
+    db = await Database.open(url, migrations=MIGRATIONS)
+    try:
+        async with db.system_session() as s:
+            assert (await s.get(Setting, "k")).value == "v"
+            versions = (await s.execute(text("SELECT version_num FROM alembic_version_db"))).scalars().all()
+    finally:
         await db.close()
+    assert versions == ["0001"]
 
 
 def test_version_table_is_named_after_the_service_folder() -> None:

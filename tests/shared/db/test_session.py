@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 from sqlalchemy import delete, func, insert, select, text, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
+from sqlalchemy.orm import make_transient_to_detached
+from sqlalchemy.orm.exc import ObjectDeletedError
 
 from shared.db import Database, NoTenantContext, TenantIsolationError, TenantSession
 from shared.tenancy import tenant_scope
@@ -244,3 +246,25 @@ async def test_upsert_must_be_keyed_by_tenant(db: Database) -> None:
                     await s.execute(bad)
     assert await _bodies(db, A) == ["a1", "a2"]
     assert await _bodies(db, B) == ["b1"]
+
+
+def _detached(obj):
+    make_transient_to_detached(obj)  # as if loaded earlier: add() attaches it without a SELECT
+    return obj
+
+
+async def test_objects_attached_without_loading_are_still_confined(db: Database) -> None:
+    """A lazy load from an attached platform row, or a refresh of an attached foreign key, stays in the tenant."""
+    await _seed(db)
+    async with db.system_session() as s:
+        s.add(Setting(key="k", value="b1"))
+    with tenant_scope(as_tenant(B)):
+        async with db.session() as s:
+            b_id = (await s.scalars(select(Note.id))).one()
+    with tenant_scope(as_tenant(A)):
+        async with db.session() as s:
+            setting, ghost = _detached(Setting(key="k", value="b1")), _detached(Note(id=b_id))
+            s.add_all([setting, ghost])
+            assert await s.run_sync(lambda _: [n.body for n in setting.notes]) == []
+            with pytest.raises(ObjectDeletedError):
+                await s.run_sync(lambda _: ghost.body)

@@ -8,7 +8,8 @@ import asyncpg
 import pytest
 from sqlalchemy import select, text
 
-from shared.db import Database, bridge_schema, silo_database
+from shared.db import Database, bridge_schema, silo_database, upgrade
+from shared.db import router as router_module
 from shared.db.router import tenant_slug
 from shared.tenancy import tenant_scope
 
@@ -76,11 +77,18 @@ async def test_postgres_bridge_tenant_gets_its_own_schema(pg_db: Database, pg_ur
 
 
 @pytest.mark.postgres
-async def test_postgres_bridge_first_use_is_provisioned_once(pg_db: Database) -> None:
-    """Concurrent first sessions of a new bridge tenant share one provisioning and both succeed."""
-    results = await asyncio.gather(*(_write_and_read(pg_db, "t_race", "bridge", f"n{i}") for i in range(4)))
-    assert len(results[-1]) >= 1
+async def test_postgres_bridge_first_use_is_provisioned_once(pg_db: Database, monkeypatch) -> None:
+    """Concurrent first sessions of a new bridge tenant share one migration run and all succeed."""
+    calls: list[str | None] = []
+
+    def counting_upgrade(url, migrations, schema=None, **kw):
+        calls.append(schema)
+        return upgrade(url, migrations, schema, **kw)
+
+    monkeypatch.setattr(router_module, "upgrade", counting_upgrade)
+    await asyncio.gather(*(_write_and_read(pg_db, "t_race", "bridge", f"n{i}") for i in range(4)))
     assert len(await _write_and_read(pg_db, "t_race", "bridge", "last")) == 5
+    assert calls == ["tenant_t_race"]
 
 
 @pytest.mark.postgres

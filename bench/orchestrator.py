@@ -1,0 +1,159 @@
+#!/usr/bin/env python3
+"""Orchestrator overhead and fairness, on the real mesh in one process against an instant fake upstream.
+
+One run = 3 model calls (two of them ask for read_context, so 2 tool steps) = 7 recorded steps
+(start, 3 model, 2 tool, finish). In the same process and against the same servers it measures:
+
+  direct   the calls such a run makes, made straight from a client: CreateThread, 7 AppendEvents,
+           3 CreateMessage (proxy), 2 GetContext (state)
+  orch     the same run through the orchestrator: StartRun, then WatchRun until it ends
+
+and prints per-run latency (median, sequential), the overhead per step, and runs/s for many
+concurrent runs across tenants with each tenant's median step wait (the fairness figure).
+
+    python bench/orchestrator.py            # < 60 s
+    python bench/orchestrator.py --quick    # a few seconds
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import grpc  # noqa: E402
+
+from bulkhead.inference.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
+from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
+from bulkhead.state.v1 import state_pb2, state_pb2_grpc  # noqa: E402
+from services.orchestrator.steps import STEP_EVENT_TYPE  # noqa: E402
+from shared.testing.fake_anthropic import FakeAnthropic  # noqa: E402
+from tests.services.orchestrator.mesh import running_mesh  # noqa: E402
+
+MODEL = "claude-sonnet-4-5"
+STEPS_PER_RUN = 7
+
+
+class ThreeStepUpstream(FakeAnthropic):
+    """Instant replies that ask for read_context twice, then answer: the same for every run, at any concurrency."""
+
+    def _build_message(self, body: dict[str, Any]) -> dict[str, Any]:
+        message = super()._build_message(body)
+        turns = sum(1 for m in body["messages"] if m["role"] == "assistant")
+        if turns < 2:
+            message["content"] = [{"type": "tool_use", "id": f"toolu_{turns}", "name": "read_context",
+                                   "input": {"key": "notes"}}]
+            message["stop_reason"] = "tool_use"
+        return message
+
+
+def team() -> pb.Team:
+    return pb.Team(name="bench", agents=[pb.Agent(name="solo", model=MODEL, system_prompt="Answer briefly.",
+                                                  tools=["read_context"], max_tokens=64)])
+
+
+async def direct_run(state, proxy, md, i: int) -> float:
+    """The state and proxy calls of one run, made directly; returns seconds."""
+    thread = f"bench-direct-{os.getpid()}-{i}-{time.monotonic_ns()}"
+    payload = b'{"index":1,"kind":"model_call","agent":"solo","summary":"x","detail":{}}' * 3
+    messages = [inference_pb2.Message(role=inference_pb2.ROLE_USER, content=[
+        inference_pb2.ContentBlock(text=inference_pb2.TextBlock(text="What is in my notes?"))])]
+    params = dict(model=MODEL, max_tokens=64, system=[inference_pb2.TextBlock(text="Answer briefly.")],
+                  tools=[inference_pb2.Tool(name="read_context", description="read")])
+    t0 = time.perf_counter()
+    await state.CreateThread(state_pb2.CreateThreadRequest(thread_id=thread), metadata=md)
+    version = 0
+
+    async def append() -> None:
+        nonlocal version
+        await state.AppendEvents(state_pb2.AppendEventsRequest(thread_id=thread, expected_version=version, events=[
+            state_pb2.NewEvent(type=STEP_EVENT_TYPE, payload=payload)]), metadata=md)
+        version += 1
+
+    await append()
+    for call in range(3):
+        resp = await proxy.CreateMessage(inference_pb2.CreateMessageRequest(
+            params=inference_pb2.MessageParams(messages=messages, **params)),
+            metadata=(*md, ("x-request-id", f"{thread}-{call}")))
+        await append()
+        messages.append(inference_pb2.Message(role=inference_pb2.ROLE_ASSISTANT, content=resp.content))
+        if call < 2:
+            try:
+                await state.GetContext(state_pb2.GetContextRequest(
+                    scope=state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_RUN, id=thread), key="notes"), metadata=md)
+            except grpc.aio.AioRpcError:
+                pass
+            await append()
+            use = resp.content[0].tool_use
+            messages.append(inference_pb2.Message(role=inference_pb2.ROLE_USER, content=[inference_pb2.ContentBlock(
+                tool_result=inference_pb2.ToolResultBlock(tool_use_id=use.id, content=[inference_pb2.ContentBlock(
+                    text=inference_pb2.TextBlock(text="(no value)"))]))]))
+    await append()
+    return time.perf_counter() - t0
+
+
+async def orchestrated_run(stub, md) -> tuple[float, list[pb.WatchRunResponse]]:
+    """One run through the orchestrator, from StartRun to the end of WatchRun; returns seconds and the stream."""
+    t0 = time.perf_counter()
+    run = (await stub.StartRun(pb.StartRunRequest(team="bench", input="What is in my notes?"), metadata=md)).run
+    msgs = [m async for m in stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), metadata=md)]
+    elapsed = time.perf_counter() - t0
+    if msgs[-1].run.status != pb.RUN_STATUS_SUCCEEDED or len(msgs) != STEPS_PER_RUN:
+        raise RuntimeError(f"run ended {pb.RunStatus.Name(msgs[-1].run.status)} after {len(msgs)} steps: "
+                           f"{msgs[-1].run.error_reason} {msgs[-1].run.error_message}")
+    return elapsed, msgs
+
+
+async def main(quick: bool) -> None:
+    sequential = 5 if quick else 30
+    tenants_n, per_tenant = (4, 5) if quick else (10, 10)
+    with tempfile.TemporaryDirectory() as tmp:
+        async with ThreeStepUpstream() as upstream, running_mesh(
+                Path(tmp), upstream_url=upstream.base_url,
+                orchestrator_env={"BULKHEAD_ORCHESTRATOR_MAX_CONCURRENT": "100"}) as mesh:
+            tenants = [await mesh.tenant() for _ in range(tenants_n)]
+            for t in tenants:
+                await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team()), metadata=t.metadata)
+            state = state_pb2_grpc.StateServiceStub(grpc.aio.insecure_channel(mesh.addr("state")))
+            proxy = inference_pb2_grpc.InferenceServiceStub(grpc.aio.insecure_channel(mesh.addr("inference")))
+            md = tenants[0].metadata
+            await direct_run(state, proxy, md, -1)  # warm up both paths
+            await orchestrated_run(mesh.stub, md)
+            direct, orch = [], []
+            for i in range(sequential):  # interleaved, so drift hits both alike
+                direct.append(await direct_run(state, proxy, md, i))
+                orch.append((await orchestrated_run(mesh.stub, md))[0])
+            d, o = statistics.median(direct), statistics.median(orch)
+            print(f"sequential runs: {sequential} each, {STEPS_PER_RUN} steps/run (3 model, 2 tool)")
+            print(f"  direct proxy+state calls   median {d * 1000:8.1f} ms/run")
+            print(f"  through the orchestrator   median {o * 1000:8.1f} ms/run   ratio {o / d:5.2f}x")
+            print(f"  overhead per step          {(o - d) / STEPS_PER_RUN * 1000:8.2f} ms   (target <= 2 ms)")
+
+            t0 = time.perf_counter()
+            results = await asyncio.gather(*(orchestrated_run(mesh.stub, t.metadata)
+                                             for _ in range(per_tenant) for t in tenants))
+            wall = time.perf_counter() - t0
+            total = tenants_n * per_tenant
+            print(f"\nconcurrent: {total} runs across {tenants_n} tenants (limit 4 running per tenant)")
+            print(f"  {total / wall:8.1f} runs/s   {total * STEPS_PER_RUN / wall:8.1f} steps/s   wall {wall:.2f} s")
+            waits: dict[int, list[float]] = {}
+            for i, (_, msgs) in enumerate(results):
+                times = [m.step.create_time.ToNanoseconds() / 1e9 for m in msgs]
+                waits.setdefault(i % tenants_n, []).extend(b - a for a, b in zip(times, times[1:]))
+            medians = [statistics.median(w) * 1000 for w in waits.values()]
+            print(f"  median step wait per tenant: min {min(medians):.1f} ms  max {max(medians):.1f} ms  "
+                  f"max/min {max(medians) / min(medians):.2f}   (target <= 2.00)")
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few-second smoke run")
+    asyncio.run(main(parser.parse_args().quick))

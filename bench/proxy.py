@@ -1,0 +1,234 @@
+#!/usr/bin/env python3
+"""Inference proxy overhead: the same load straight to the upstream and through the proxy, in one run.
+
+Four processes: the fake upstream (20 ms per reply), metering + credentials, the proxy, and this
+load generator. The load is a closed loop of N workers sending the same Messages request, first
+with the official SDK straight to the fake, then through the proxy over gRPC (quotas, budget
+leases, usage metering all on). Printed: latency p50/p99 of each path, the added latency, the
+throughput ratio, and the proxy's RSS.
+
+    python bench/proxy.py            # ~40 s: concurrency 1 and 32
+    python bench/proxy.py --quick    # a few seconds: smoke run
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import pathlib
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+TENANT = "t_bench"
+MODEL = "claude-bench"
+PINNED = "claude-bench-20250101"
+PLATFORM_KEY = "sk-ant-bench-platform-key"
+
+
+# ----- child processes -----
+
+def _verifier():
+    from shared.tokens import SigningKey, StaticKeySource, TokenVerifier
+
+    key = SigningKey.from_private_bytes(os.environ["BENCH_KID"], bytes.fromhex(os.environ["BENCH_KEY"]))
+    return TokenVerifier(StaticKeySource({key.kid: key.public_key}))
+
+
+async def _serve_forever(announce: str) -> None:
+    print("READY " + announce, flush=True)
+    await asyncio.Event().wait()
+
+
+async def _role_fake(delay: float) -> None:
+    from shared.testing.fake_anthropic import FakeAnthropic
+
+    fake = await FakeAnthropic(delay=delay).start()
+    await _serve_forever(fake.base_url)
+
+
+async def _role_backends(tmp: str) -> None:
+    from prometheus_client import CollectorRegistry
+
+    from services.credentials.local_backend import LocalBackend
+    from services.credentials.master_key import load_or_create_master_key
+    from services.credentials.server import MIGRATIONS as CRED_MIGRATIONS
+    from services.credentials.server import serve_credentials
+    from services.metering.server import MIGRATIONS as METER_MIGRATIONS
+    from services.metering.server import serve_metering
+    from shared.db import Database
+
+    verifier = _verifier()
+    mdb = await Database.open(f"sqlite+aiosqlite:///{tmp}/metering.db", migrations=str(METER_MIGRATIONS))
+    metering = await serve_metering(db=mdb, verifier=verifier, registry=CollectorRegistry())
+    cdb = await Database.open(f"sqlite+aiosqlite:///{tmp}/credentials.db", migrations=str(CRED_MIGRATIONS))
+    credentials = await serve_credentials(db=cdb, verifier=verifier,
+                                          backend=LocalBackend(cdb, load_or_create_master_key(
+                                              pathlib.Path(tmp) / "master.key")))
+    await _serve_forever(f"{metering.running.address} {credentials.running.address}")
+
+
+async def _role_proxy() -> None:
+    from services.inference.config import InferenceConfig
+    from services.inference.server import start
+
+    service = await start(InferenceConfig.from_env(os.environ), _verifier(), address="127.0.0.1:0")
+    await _serve_forever(service.running.address)
+
+
+# ----- load -----
+
+async def _closed_loop(call, concurrency: int, seconds: float) -> tuple[list[float], float]:
+    latencies: list[float] = []
+    deadline = time.perf_counter() + seconds
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            await call()
+            latencies.append(time.perf_counter() - t)
+
+    start = time.perf_counter()
+    await asyncio.gather(*(worker() for _ in range(concurrency)))
+    return latencies, time.perf_counter() - start
+
+
+def _pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _rss_mb(pid: int) -> tuple[float, float]:
+    fields = dict(line.split(":", 1) for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines()
+                  if ":" in line)
+    return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
+
+
+def _spawn(role: str, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, str]:
+    proc = subprocess.Popen([sys.executable, __file__, "--role", role, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    line = proc.stdout.readline().strip()
+    if not line.startswith("READY "):
+        proc.kill()
+        raise SystemExit(f"{role} did not start")
+    return proc, line[len("READY "):]
+
+
+async def _bench(args: argparse.Namespace) -> None:
+    import anthropic
+    import grpc
+
+    from bulkhead.inference.v1 import inference_pb2 as pb
+    from bulkhead.inference.v1 import inference_pb2_grpc
+    from bulkhead.metering.v1 import metering_pb2 as mpb
+    from bulkhead.metering.v1 import metering_pb2_grpc
+    from shared.tokens import SigningKey, TokenIssuer
+
+    key = SigningKey.generate()
+    issuer = TokenIssuer(key)
+    tmp = tempfile.mkdtemp(prefix="bench-proxy-")
+    env = {**os.environ, "BENCH_KID": key.kid, "BENCH_KEY": key.private_bytes().hex(), "PYTHONPATH": str(ROOT)}
+    procs = []
+    try:
+        fake, fake_url = _spawn("fake", env, "--delay", str(args.delay))
+        procs.append(fake)
+        backends, addrs = _spawn("backends", env, "--tmp", tmp)
+        procs.append(backends)
+        metering_addr, credentials_addr = addrs.split()
+        proxy_env = {**env, "BULKHEAD_DATA_DIR": tmp, "BULKHEAD_METERING_ADDR": metering_addr,
+                     "BULKHEAD_CREDENTIALS_ADDR": credentials_addr, "BULKHEAD_MODEL_PROVIDER": "anthropic",
+                     "ANTHROPIC_API_KEY": PLATFORM_KEY, "ANTHROPIC_BASE_URL": fake_url,
+                     "BULKHEAD_INFERENCE_ALLOWED_MODELS": MODEL, "BULKHEAD_INFERENCE_PINNED_VERSIONS": f"{MODEL}={PINNED}",
+                     "BULKHEAD_INFERENCE_LEASE_TOKENS": "50000", "BULKHEAD_LOG_LEVEL": "WARNING"}
+        proxy, proxy_addr = _spawn("proxy", proxy_env)
+        procs.append(proxy)
+
+        def md(tenant: str, scopes=("*",)):
+            token, _ = issuer.issue(tenant_id=tenant, principal_id="p_bench", scopes=frozenset(scopes), ttl=3600)
+            return (("authorization", f"Bearer {token}"), ("x-tenant-id", tenant))
+
+        # Quotas and a budget large enough for the run, so every limit is checked on every call.
+        async with grpc.aio.insecure_channel(metering_addr) as ch:
+            await metering_pb2_grpc.MeteringServiceStub(ch).SetQuota(mpb.SetQuotaRequest(quota=mpb.Quota(
+                tenant_id=TENANT, requests_per_minute=10_000_000, tokens_per_minute=10_000_000_000,
+                concurrent_calls=1000, budgets=[mpb.Budget(unit=mpb.BUDGET_UNIT_TOKENS, limit=10_000_000_000,
+                                                           period=mpb.BUDGET_PERIOD_MONTH)])),
+                metadata=md("t_platform", ("platform.operator",)))
+
+        text = "Summarise the quarterly numbers in one line please"
+        client = anthropic.AsyncAnthropic(base_url=fake_url, api_key=PLATFORM_KEY, max_retries=0)
+        channel = grpc.aio.insecure_channel(proxy_addr)
+        stub = inference_pb2_grpc.InferenceServiceStub(channel)
+        tenant_md = md(TENANT)
+        request = pb.CreateMessageRequest(params=pb.MessageParams(
+            model=MODEL, max_tokens=64, messages=[pb.Message(role=pb.ROLE_USER, content=[
+                pb.ContentBlock(text=pb.TextBlock(text=text))])]))
+
+        async def direct() -> None:
+            await client.messages.create(model=PINNED, max_tokens=64, messages=[{"role": "user", "content": text}],
+                                         metadata={"user_id": "bh_bench"})
+
+        async def proxied() -> None:
+            await stub.CreateMessage(request, metadata=tenant_md)
+
+        for warm in (direct, proxied):      # connections, caches, the first lease
+            for _ in range(20):
+                await warm()
+
+        print(f"upstream delay {args.delay * 1000:.0f} ms, {args.seconds:.1f} s per run, quotas + leases + metering on")
+        print(f"{'conc':>4} {'path':>6} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>8}")
+        results = {}
+        for conc in args.concurrency:
+            for name, call in (("direct", direct), ("proxy", proxied)):
+                lat, elapsed = await _closed_loop(call, conc, args.seconds)
+                results[(conc, name)] = (_pct(lat, 0.5), _pct(lat, 0.99), len(lat) / elapsed)
+                p50, p99, tput = results[(conc, name)]
+                print(f"{conc:>4} {name:>6} {len(lat):>6} {p50 * 1000:>8.2f} {p99 * 1000:>8.2f} {tput:>8.1f}")
+        print()
+        for conc in args.concurrency:
+            d, p = results[(conc, "direct")], results[(conc, "proxy")]
+            print(f"concurrency {conc:>2}: added latency p50 {1000 * (p[0] - d[0]):+.2f} ms, "
+                  f"p99 {1000 * (p[1] - d[1]):+.2f} ms, throughput ratio proxy/direct {p[2] / d[2]:.3f}")
+        rss, peak = _rss_mb(proxy.pid)
+        print(f"proxy RSS {rss:.0f} MB (peak {peak:.0f} MB)")
+        await channel.close()
+        await client.close()
+        print(json.dumps({f"c{c}_{n}": {"p50_ms": round(v[0] * 1000, 3), "p99_ms": round(v[1] * 1000, 3),
+                                        "rps": round(v[2], 1)} for (c, n), v in results.items()}
+                         | {"proxy_rss_mb": round(rss, 1), "proxy_peak_rss_mb": round(peak, 1)}))
+    finally:
+        for proc in procs:
+            proc.terminate()
+        for proc in procs:
+            proc.wait(timeout=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="a few-second smoke run")
+    parser.add_argument("--delay", type=float, default=0.02, help="upstream delay per reply, seconds")
+    parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured run")
+    parser.add_argument("--role", choices=("fake", "backends", "proxy"), help=argparse.SUPPRESS)
+    parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    args.concurrency = (1, 32)
+    if args.role == "fake":
+        asyncio.run(_role_fake(args.delay))
+    elif args.role == "backends":
+        asyncio.run(_role_backends(args.tmp))
+    elif args.role == "proxy":
+        asyncio.run(_role_proxy())
+    else:
+        if args.quick:
+            args.seconds = 1.0
+        asyncio.run(_bench(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,50 @@
+"""issue 8: the demo runs through all six services; one workflow is one trace across all of them."""
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from shared.testing.otlp import OtlpReceiver
+from tests.e2e.conftest import demo_trace_ids
+
+SERVICES = {"identity", "credentials", "state", "inference", "orchestrator", "metering"}
+
+
+@pytest.mark.slow
+async def test_demo_is_one_trace_per_workflow_across_all_services(mesh_factory):
+    """Spans reach an OTLP receiver; each workflow's trace spans all six services with tenant.id, and no secret."""
+    receiver = await OtlpReceiver().start()
+    try:
+        env = {"BULKHEAD_OTLP_ENDPOINT": receiver.endpoint}
+        mesh = await asyncio.to_thread(mesh_factory, env)
+        demo = await asyncio.to_thread(mesh.cli, "demo")
+        assert demo.returncode == 0, demo.stdout + demo.stderr
+        traces = demo_trace_ids(demo.stdout)
+        assert len(traces) == 2, demo.stdout
+        await asyncio.to_thread(mesh.stop)  # services flush their span batches when they stop
+        deadline = time.monotonic() + 15
+        while time.monotonic() < deadline and not all(
+                {s.service.removeprefix("bulkhead-") for s in receiver.trace(t)} >= SERVICES for t in traces.values()):
+            await asyncio.sleep(0.5)
+    finally:
+        await receiver.stop()
+
+    tenant_ids = {}
+    for line in demo.stdout.splitlines():
+        parts = line.split()
+        if len(parts) == 2 and parts[0] in traces and parts[1].startswith("t_"):
+            tenant_ids[parts[0]] = parts[1]
+    for name, trace_id in traces.items():
+        spans = receiver.trace(trace_id)
+        services = {s.service.removeprefix("bulkhead-") for s in spans}
+        assert services >= SERVICES, f"{name}: trace {trace_id} covers only {sorted(services)}"
+        ids = {s.span_id for s in spans}
+        roots = [s for s in spans if not s.parent_span_id]
+        assert len(roots) == 1 and roots[0].name == "demo.workflow", [r.name for r in roots]
+        assert all(s.parent_span_id in ids for s in spans if s.parent_span_id), "a span's parent is missing"
+        server_spans = [s for s in spans if s.kind == 2 and "tenant.id" in s.attributes]
+        assert server_spans and {s.attributes["tenant.id"] for s in server_spans} == {tenant_ids[name]}
+        attrs = " ".join(f"{k}={v}" for s in spans for k, v in s.attributes.items())
+        assert "crm-" not in attrs and "Bearer" not in attrs and "bk_t_" not in attrs
