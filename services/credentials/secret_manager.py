@@ -100,8 +100,10 @@ class SecretManager:
 
     def __init__(self, db: Database, backend: SecretBackend, audit: AuditLog, rotators: RotatorRegistry, *,
                  default_grace_seconds: int = 86400, cache_seconds: float = 1.0, cache_values: bool = False) -> None:
-        """cache_values keeps decrypted values in memory for cache_seconds (local backend only: the
-        vault backend reads through OpenBao every time, so OpenBao's policy is always applied)."""
+        """cache_seconds bounds how stale another replica's change can look; cache_values also keeps
+        decrypted values in memory (local backend only: the vault backend reads through OpenBao every
+        time, so OpenBao's policy is always applied). A cached value is keyed by version and creation
+        time and served only while the metadata says that version is readable."""
         self._db, self._backend, self._audit, self._rotators = db, backend, audit, rotators
         self._default_grace = default_grace_seconds
         self._views: ReadCache[tuple[str, str], _ReadView | None] = ReadCache(cache_seconds)
@@ -171,6 +173,13 @@ class SecretManager:
                     if rotation_period_s is not None:
                         row.rotation_period_s = rotation_period_s or None
                     versions = await store.versions_of(s, name)
+                    if any(v.version == version for v in versions):
+                        # The backend handed out a number we already know: its history was reset
+                        # (an OpenBao restored empty). Earlier versions are gone there; say so here.
+                        for v in versions:
+                            await s.delete(v)
+                        await s.flush()
+                        versions, row.current_version = [], 0
                     if version > row.current_version:
                         expire = now + row.grace_period_s * 1_000_000 if row.grace_period_s else None
                         for v in versions:

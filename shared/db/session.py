@@ -9,10 +9,11 @@ row-level security (layer 2, shared.db.rls) catches whatever bypasses the ORM.
 from __future__ import annotations
 
 import functools
+import weakref
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import event, inspect, text
+from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.orm import ORMExecuteState, Session, SessionTransaction, with_loader_criteria
 from sqlalchemy.sql import visitors
@@ -202,6 +203,18 @@ def _check_upsert_target(clause: Any) -> None:
         raise TenantIsolationError("ON CONFLICT DO UPDATE cannot set tenant_id: rows never move tenants")
 
 
+_TRUSTED_KEY = "bulkhead.trusted"
+"""Session.info key: tenant-owned objects this session loaded through its filter or inserted."""
+
+
+@event.listens_for(TenantSession, "loaded_as_persistent")
+@event.listens_for(TenantSession, "pending_to_persistent")
+def _trust(session: Session, instance: object) -> None:
+    """Remember objects whose row is known to be this tenant's (loaded filtered, or inserted here)."""
+    if isinstance(instance, TenantOwned):
+        session.info.setdefault(_TRUSTED_KEY, weakref.WeakSet()).add(instance)
+
+
 @event.listens_for(TenantSession, "before_flush")
 def _stamp_flush(session: Session, flush_context: Any, instances: Any) -> None:
     """Stamp new tenant-owned objects; refuse any that belong to, or move to, another tenant."""
@@ -215,11 +228,24 @@ def _stamp_flush(session: Session, flush_context: Any, instances: Any) -> None:
             obj.tenant_id = tid
         elif obj.tenant_id != tid:
             raise TenantIsolationError(f"{type(obj).__name__} for another tenant cannot be added: refused")
+    trusted = session.info.get(_TRUSTED_KEY) or ()
     for obj in changed:
         if inspect(obj).attrs.tenant_id.history.has_changes():
             raise TenantIsolationError(f"{type(obj).__name__}.tenant_id cannot change: rows never move tenants")
         if obj.tenant_id != tid:
             raise TenantIsolationError(f"{type(obj).__name__} of another tenant cannot be changed: refused")
+        # The unit of work updates and deletes by primary key alone. An object attached with
+        # add() or merge(load=False) may carry any key (and claim any tenant_id): check the row.
+        if obj not in trusted and not _row_is_tenants(session, obj):
+            raise TenantIsolationError(f"{type(obj).__name__} is not a row of this tenant: refused")
+
+
+def _row_is_tenants(session: Session, obj: object) -> bool:
+    mapper = inspect(obj).mapper
+    identity = inspect(obj).identity or ()
+    match = [column == value for column, value in zip(mapper.primary_key, identity, strict=True)]
+    # Runs through do_orm_execute, so the tenant filter is applied.
+    return bool(session.execute(select(func.count()).select_from(mapper.class_).where(*match)).scalar())
 
 
 _SET_TENANT = text("SELECT set_config('app.tenant_id', :tid, true)")

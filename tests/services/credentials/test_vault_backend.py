@@ -112,5 +112,9 @@ async def test_openbao_down_is_unavailable_and_writes_nothing(vh, openbao):
     # Same service process: it re-provisions mounts, key and policy that the restart wiped.
     assert (await vh.put("after", b"after-value")).current_version == 1
     assert (await vh.get("after")).value == b"after-value"
+    # A secret written before the restart lost its values with OpenBao; writing it again works.
+    await expect_error(grpc.StatusCode.NOT_FOUND, vh.get("before"))
+    assert (await vh.put("before", b"rewritten-value")).current_version == 1
+    assert (await vh.get("before")).value == b"rewritten-value"
     enc = await vh.stub.Encrypt(pb.EncryptRequest(plaintext=b"after restart"), metadata=vh.md())
     assert (await vh.stub.Decrypt(pb.DecryptRequest(ciphertext=enc.ciphertext), metadata=vh.md())).plaintext == b"after restart"

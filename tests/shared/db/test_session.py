@@ -268,3 +268,29 @@ async def test_objects_attached_without_loading_are_still_confined(db: Database)
             assert await s.run_sync(lambda _: [n.body for n in setting.notes]) == []
             with pytest.raises(ObjectDeletedError):
                 await s.run_sync(lambda _: ghost.body)
+
+
+async def test_attached_object_claiming_our_tenant_cannot_change_a_foreign_row(db: Database) -> None:
+    """An object attached without loading, naming B's key but claiming A, cannot update or delete B's row."""
+    await _seed(db)
+    with tenant_scope(as_tenant(B)):
+        async with db.session() as s:
+            b_id = (await s.scalars(select(Note.id))).one()
+    with tenant_scope(as_tenant(A)):
+        for change in ("update", "delete"):
+            with pytest.raises(TenantIsolationError):
+                async with db.session() as s:
+                    liar = _detached(Note(id=b_id, body="b1", tenant_id=A))
+                    s.add(liar)
+                    if change == "update":
+                        liar.body = "overwritten"
+                    else:
+                        await s.delete(liar)
+        async with db.session() as s:  # an attached object that really is ours may change
+            own_id = (await s.scalars(select(Note.id).where(Note.body == "a1"))).one()
+        async with db.session() as s:
+            own = _detached(Note(id=own_id, body="a1", tenant_id=A))
+            s.add(own)
+            own.body = "a1-edited"
+    assert await _bodies(db, B) == ["b1"]
+    assert await _bodies(db, A) == ["a1-edited", "a2"]
