@@ -127,7 +127,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke testing")
     args = parser.parse_args()
-    sizes = dict(calls=300, concurrency=8, connects=20) if args.quick else dict(calls=4000, concurrency=32, connects=200)
+    sizes = ({"calls": 300, "concurrency": 8, "connects": 20} if args.quick
+             else {"calls": 4000, "concurrency": 32, "connects": 200})
 
     from bulkhead.cli.certs import write_dev_certs
 

@@ -17,7 +17,6 @@ import asyncio
 import json
 import os
 import pathlib
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -79,6 +78,21 @@ async def _role_proxy() -> None:
     from services.inference.server import start
 
     service = await start(InferenceConfig.from_env(os.environ), _verifier(), address="127.0.0.1:0")
+    profile_to = os.environ.get("BENCH_PROFILE")
+    if profile_to:   # --profile: where the proxy's CPU goes, written when the bench stops it
+        import cProfile
+        import signal
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, done.set)
+        print("READY " + service.running.address, flush=True)
+        await done.wait()
+        profiler.disable()
+        profiler.dump_stats(profile_to)
+        return
     await _serve_forever(service.running.address)
 
 
@@ -146,6 +160,8 @@ async def _bench(args: argparse.Namespace) -> None:
                      "ANTHROPIC_API_KEY": PLATFORM_KEY, "ANTHROPIC_BASE_URL": fake_url,
                      "BULKHEAD_INFERENCE_ALLOWED_MODELS": MODEL, "BULKHEAD_INFERENCE_PINNED_VERSIONS": f"{MODEL}={PINNED}",
                      "BULKHEAD_INFERENCE_LEASE_TOKENS": "50000", "BULKHEAD_LOG_LEVEL": "WARNING"}
+        if args.profile:
+            proxy_env["BENCH_PROFILE"] = args.profile
         proxy, proxy_addr = _spawn("proxy", proxy_env)
         procs.append(proxy)
 
@@ -181,12 +197,18 @@ async def _bench(args: argparse.Namespace) -> None:
             for _ in range(20):
                 await warm()
 
-        print(f"upstream delay {args.delay * 1000:.0f} ms, {args.seconds:.1f} s per run, quotas + leases + metering on")
+        print(f"upstream delay {args.delay * 1000:.0f} ms, {args.seconds:.1f} s per path in {args.rounds} rounds, "
+              f"quotas + leases + metering on; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"{'conc':>4} {'path':>6} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>8}")
         results = {}
         for conc in args.concurrency:
-            for name, call in (("direct", direct), ("proxy", proxied)):
-                lat, elapsed = await _closed_loop(call, conc, args.seconds)
+            # Alternate short rounds of the two paths, so a change in background load hits both alike.
+            samples: dict[str, tuple[list[float], float]] = {"direct": ([], 0.0), "proxy": ([], 0.0)}
+            for _ in range(args.rounds):
+                for name, call in (("direct", direct), ("proxy", proxied)):
+                    lat, elapsed = await _closed_loop(call, conc, args.seconds / args.rounds)
+                    samples[name] = (samples[name][0] + lat, samples[name][1] + elapsed)
+            for name, (lat, elapsed) in samples.items():
                 results[(conc, name)] = (_pct(lat, 0.5), _pct(lat, 0.99), len(lat) / elapsed)
                 p50, p99, tput = results[(conc, name)]
                 print(f"{conc:>4} {name:>6} {len(lat):>6} {p50 * 1000:>8.2f} {p99 * 1000:>8.2f} {tput:>8.1f}")
@@ -213,7 +235,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few-second smoke run")
     parser.add_argument("--delay", type=float, default=0.02, help="upstream delay per reply, seconds")
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each measured run")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per path and concurrency")
+    parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the seconds are split into")
+    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the proxy process to FILE")
     parser.add_argument("--role", choices=("fake", "backends", "proxy"), help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -226,7 +250,7 @@ def main() -> None:
         asyncio.run(_role_proxy())
     else:
         if args.quick:
-            args.seconds = 1.0
+            args.seconds, args.rounds = 1.0, 1
         asyncio.run(_bench(args))
 
 

@@ -2,11 +2,13 @@
 own fields, so changing, reordering or removing an entry breaks every hash after it.
 
 Pure functions, no storage: a service keeps the entries and a chain head in its own tables and
-calls `link` when appending and `verify` when checking.
+calls `link` when appending and `verify` when checking. With a `key` the links are HMACs, so
+someone who can write the table but does not hold the key cannot rebuild a consistent chain.
 """
 from __future__ import annotations
 
 import hashlib
+import hmac
 import json
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
@@ -15,10 +17,14 @@ GENESIS = "0" * 64
 """The `prev_hash` of the first entry of a chain."""
 
 
-def link(prev_hash: str, fields: Mapping[str, object]) -> str:
-    """The hash of an entry: SHA-256 over the previous hash and the entry's canonical JSON."""
+def link(prev_hash: str, fields: Mapping[str, object], key: bytes = b"") -> str:
+    """The hash of an entry over the previous hash and the entry's canonical JSON: HMAC-SHA-256
+    with `key`, plain SHA-256 without one."""
     canonical = json.dumps(dict(fields), sort_keys=True, separators=(",", ":"), ensure_ascii=True, default=str)
-    return hashlib.sha256(f"{prev_hash}\n{canonical}".encode()).hexdigest()
+    message = f"{prev_hash}\n{canonical}".encode()
+    if key:
+        return hmac.new(key, message, hashlib.sha256).hexdigest()
+    return hashlib.sha256(message).hexdigest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,7 +55,7 @@ class ChainReport:
     """What is wrong, in words."""
 
 
-def verify(entries: Iterable[ChainEntry], *, head_sequence: int, head_hash: str) -> ChainReport:
+def verify(entries: Iterable[ChainEntry], *, head_sequence: int, head_hash: str, key: bytes = b"") -> ChainReport:
     """Check entries (in sequence order) against each other and against the recorded head.
 
     A changed entry fails its own hash; a removed one leaves a gap in the sequence (or, at the
@@ -62,7 +68,7 @@ def verify(entries: Iterable[ChainEntry], *, head_sequence: int, head_hash: str)
             return ChainReport(False, checked, expected_seq, f"entry {expected_seq} is missing")
         if entry.prev_hash != prev:
             return ChainReport(False, checked, entry.sequence, f"entry {entry.sequence} does not link to the one before")
-        if link(prev, entry.fields) != entry.hash:
+        if not hmac.compare_digest(link(prev, entry.fields, key), entry.hash):
             return ChainReport(False, checked, entry.sequence, f"entry {entry.sequence} was changed after it was written")
         prev, expected_seq = entry.hash, expected_seq + 1
     last = expected_seq - 1

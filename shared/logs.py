@@ -7,6 +7,7 @@ import re
 import sys
 import threading
 import time
+from collections import OrderedDict
 
 from opentelemetry import trace
 
@@ -20,16 +21,22 @@ _PATTERNS = [
     re.compile(r"sk-ant-[A-Za-z0-9_-]+"),                                    # Anthropic keys
     re.compile(r"\b(?:hvs|s)\.[A-Za-z0-9]{20,}"),                            # Vault/OpenBao tokens
 ]
-_secrets: set[str] = set()
+_secrets: OrderedDict[str, None] = OrderedDict()
 _secrets_lock = threading.Lock()
 _MIN_SECRET_LEN = 4  # shorter values would redact ordinary words
+MAX_REGISTERED_SECRETS = 4096
+"""Values remembered for redaction; the least recently registered are forgotten first, so the set
+(and the cost of scrubbing each line) stays bounded however often secrets rotate."""
 
 
 def register_secret(value: str) -> None:
-    """Redact this exact value from every log line from now on."""
+    """Redact this exact value from every log line from now on (the most recent MAX_REGISTERED_SECRETS)."""
     if value and len(value) >= _MIN_SECRET_LEN:
         with _secrets_lock:
-            _secrets.add(value)
+            _secrets[value] = None
+            _secrets.move_to_end(value)
+            while len(_secrets) > MAX_REGISTERED_SECRETS:
+                _secrets.popitem(last=False)
 
 
 def scrub(text: str) -> str:

@@ -10,7 +10,14 @@ import sys
 
 from google.protobuf import duration_pb2
 
-from bulkhead.cli._common import add_connection_args, connect, fail, read_secret_value, run_async, table
+from bulkhead.cli._common import (
+    add_connection_args,
+    connect,
+    fail,
+    read_secret_value,
+    run_async,
+    table,
+)
 from bulkhead.credentials.v1 import credentials_pb2 as pb
 
 _STATES = {pb.SECRET_VERSION_STATE_CURRENT: "current", pb.SECRET_VERSION_STATE_PREVIOUS: "previous",

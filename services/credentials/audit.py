@@ -58,8 +58,10 @@ class AuditNote:
 class AuditLog:
     """Appends to and verifies the tenant's chain."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, chain_key: bytes = b"") -> None:
+        """chain_key makes every link an HMAC: without it a forger cannot rebuild the chain."""
         self._db = db
+        self._key = chain_key
         self._heads: dict[str, tuple[int, str]] = {}
         self._pending: dict[str, list[tuple[dict, asyncio.Future]]] = {}
         self._writers: dict[str, asyncio.Task] = {}
@@ -124,7 +126,7 @@ class AuditLog:
                 batch = self._pending.pop(tenant_id)
                 try:
                     await self._append(tenant_id, [fields for fields, _ in batch])
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - handed to every caller waiting on this batch
                     for _, done in batch:
                         if not done.done():
                             done.set_exception(exc)
@@ -149,7 +151,7 @@ class AuditLog:
                     for fields in batch:
                         seq += 1
                         entry = {**fields, "seq": seq}
-                        digest = audit_chain.link(prev, entry)
+                        digest = audit_chain.link(prev, entry, self._key)
                         rows.append({**entry, "prev_hash": prev, "hash": digest})
                         prev = digest
                     await s.execute(insert(store.AuditRow.__table__), rows)  # Core: no RETURNING, stamped by the session
@@ -194,4 +196,4 @@ class AuditLog:
                 entries.extend(audit_chain.ChainEntry(r.seq, hashed_fields(r), r.prev_hash, r.hash) for r in rows)
                 after = rows[-1].seq
         return audit_chain.verify(entries, head_sequence=head.seq if head else 0,
-                                  head_hash=head.hash if head else audit_chain.GENESIS)
+                                  head_hash=head.hash if head else audit_chain.GENESIS, key=self._key)

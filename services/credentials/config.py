@@ -7,6 +7,7 @@
 | BULKHEAD_VAULT_TOKEN | (required for vault) | the service's privileged token: used only to provision tenants and mint their tokens |
 | BULKHEAD_VAULT_TENANT_TOKEN_TTL | 900 | lifetime in seconds of each per-tenant token (reused until 3/4 of it has passed) |
 | BULKHEAD_CREDENTIALS_MASTER_KEY | <data dir>/credentials/master.key | the local backend's master key file (created 0600) |
+| BULKHEAD_CREDENTIALS_AUDIT_KEY | <data dir>/credentials/audit.key | HMAC key of the audit chain (created 0600; shared by replicas) |
 | BULKHEAD_SECRETS_GRACE_SECONDS | 86400 | default time a superseded version stays readable |
 | BULKHEAD_ROTATION_INTERVAL | 30 | seconds between passes of the rotation task |
 | BULKHEAD_SECRETS_CACHE_SECONDS | 1.0 | how long other replicas may serve a secret's metadata after a change (0: no cache) |
@@ -38,6 +39,8 @@ class Config:
     """Seconds each per-tenant token lives."""
     master_key_path: Path = Path(".bulkhead/credentials/master.key")
     """The local backend's master key file."""
+    audit_key_path: Path = Path(".bulkhead/credentials/audit.key")
+    """The audit chain's HMAC key file."""
     grace_seconds: int = 86400
     """Default grace period of superseded versions."""
     rotation_interval: float = 30.0
@@ -62,6 +65,8 @@ class Config:
             tenant_token_ttl=int(env.get("BULKHEAD_VAULT_TENANT_TOKEN_TTL", "900")),
             master_key_path=Path(env.get("BULKHEAD_CREDENTIALS_MASTER_KEY")
                                  or service.data_dir / "credentials" / "master.key"),
+            audit_key_path=Path(env.get("BULKHEAD_CREDENTIALS_AUDIT_KEY")
+                                or service.data_dir / "credentials" / "audit.key"),
             grace_seconds=int(env.get("BULKHEAD_SECRETS_GRACE_SECONDS", "86400")),
             rotation_interval=float(env.get("BULKHEAD_ROTATION_INTERVAL", "30")),
             cache_seconds=float(env.get("BULKHEAD_SECRETS_CACHE_SECONDS", "1.0")),

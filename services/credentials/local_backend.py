@@ -18,7 +18,13 @@ from sqlalchemy import delete, func, select, update
 from sqlalchemy.exc import IntegrityError
 
 from services.credentials import store
-from services.credentials.backend import DataKey, StoredValue, TenantRef, cas_mismatch, decryption_failed
+from services.credentials.backend import (
+    DataKey,
+    StoredValue,
+    TenantRef,
+    cas_mismatch,
+    decryption_failed,
+)
 from shared import errors
 from shared.db import Database
 

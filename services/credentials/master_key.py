@@ -1,4 +1,5 @@
-"""The local backend's master key: 32 random bytes in a file only the service user can read."""
+"""Key files: 32 random bytes only the service user can read (the local backend's master key,
+and the audit chain's HMAC key)."""
 from __future__ import annotations
 
 import os
@@ -11,10 +12,10 @@ KEY_BYTES = 32
 
 
 def load_or_create_master_key(path: pathlib.Path) -> bytes:
-    """Read the master key, creating it (mode 0600, never overwritten) on first use.
+    """Read a key file, creating it (mode 0600, never overwritten) on first use.
 
     Refuses a key file that group or others can read: a leaked master key opens every tenant's
-    data keys.
+    data keys, a leaked audit key lets a forger rebuild the audit chain.
     """
     path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:

@@ -6,6 +6,7 @@ metadata. Every call is audited, including refusals.
 """
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import re
 from dataclasses import dataclass, field
@@ -109,10 +110,14 @@ class SecretManager:
         self._views: ReadCache[tuple[str, str], _ReadView | None] = ReadCache(cache_seconds)
         self._values: ReadCache[tuple[str, str, int, int], bytes] | None = (
             ReadCache(cache_seconds * 30) if cache_values else None)
+        self._loading: dict[tuple[str, str], asyncio.Future] = {}
 
     def _forget(self, name: str) -> None:
-        """Drop cached reads of a secret this process is changing."""
-        self._views.invalidate((require_tenant().tenant_id, name))
+        """Drop cached reads of a secret this process is changing (and detach any load in flight,
+        so later readers do not join a load that began before the change)."""
+        key = (require_tenant().tenant_id, name)
+        self._views.invalidate(key)
+        self._loading.pop(key, None)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -321,18 +326,29 @@ class SecretManager:
         return want, value
 
     async def _read_view(self, tenant_id: str, name: str) -> _ReadView | None:
-        """The secret's readable versions (None if it does not exist or is deleted), cached briefly."""
+        """The secret's readable versions (None if it does not exist or is deleted), cached briefly.
+
+        Concurrent misses for one secret share a single load instead of all hitting the database.
+        """
         key = (tenant_id, name)
         hit, view = self._views.get(key)
         if hit:
             return view
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = asyncio.ensure_future(self._load_view(key))
+            self._loading[key] = loading
+            loading.add_done_callback(lambda done: self._loading.pop(key, None) if self._loading.get(key) is done else None)
+        return await asyncio.shield(loading)
+
+    async def _load_view(self, key: tuple[str, str]) -> _ReadView | None:
         generation = self._views.generation(key)
         async with self._db.session() as s:
-            row = await store.get_secret(s, name)
+            row = await store.get_secret(s, key[1])
             view = None
             if row is not None and row.deleted_us is None:
                 view = _ReadView(row.current_version, {v.version: (v.state, v.expire_us, v.created_us)
-                                                       for v in await store.versions_of(s, name)})
+                                                       for v in await store.versions_of(s, key[1])})
         self._views.put(key, view, generation)
         return view
 

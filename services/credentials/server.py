@@ -56,12 +56,12 @@ def make_backend(config: Config, db: Database) -> LocalBackend | VaultBackend:
 async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBackend, verifier: TokenVerifier,
                             address: str = "127.0.0.1:0", grace_seconds: int = 86400,
                             rotators: RotatorRegistry | None = None, rotation_interval: float | None = None,
-                            cache_seconds: float = 1.0) -> CredentialsService:
+                            cache_seconds: float = 1.0, audit_key: bytes = b"") -> CredentialsService:
     """Start the credentials server over an open database and backend (tests call this with port 0).
 
     rotation_interval=None leaves the rotation task stopped (tests drive it with run_once()).
     """
-    audit = AuditLog(db)
+    audit = AuditLog(db, audit_key)
     secrets = SecretManager(db, backend, audit, rotators or RotatorRegistry(), default_grace_seconds=grace_seconds,
                             cache_seconds=cache_seconds, cache_values=isinstance(backend, LocalBackend))
     keys = KeyManager(backend, audit)
@@ -85,7 +85,8 @@ async def start(config: Config, verifier: TokenVerifier, *, address: str | None 
                              owner_url=config.service.database_owner_url)
     return await serve_credentials(db=db, backend=make_backend(config, db), verifier=verifier,
                                    address=address or config.service.address, grace_seconds=config.grace_seconds,
-                                   rotation_interval=config.rotation_interval, cache_seconds=config.cache_seconds)
+                                   rotation_interval=config.rotation_interval, cache_seconds=config.cache_seconds,
+                                   audit_key=load_or_create_master_key(config.audit_key_path))
 
 
 async def main() -> None:

@@ -7,7 +7,15 @@ from __future__ import annotations
 
 import time
 
-from sqlalchemy import BigInteger, Integer, LargeBinary, String, UniqueConstraint, delete, select
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    LargeBinary,
+    String,
+    UniqueConstraint,
+    delete,
+    select,
+)
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 

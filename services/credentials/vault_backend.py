@@ -13,7 +13,13 @@ import hvac
 import hvac.exceptions as vx
 import requests
 
-from services.credentials.backend import DataKey, StoredValue, TenantRef, cas_mismatch, decryption_failed
+from services.credentials.backend import (
+    DataKey,
+    StoredValue,
+    TenantRef,
+    cas_mismatch,
+    decryption_failed,
+)
 from services.credentials.vault_layout import VaultLayout
 from services.credentials.vault_tokens import TenantTokens
 from shared import errors

@@ -29,9 +29,10 @@ class TenantTokens:
     """Mints, caches and refreshes one token per tenant (silo tenants: inside their namespace)."""
 
     def __init__(self, url: str, admin_token: str, *, layout: VaultLayout, ttl_seconds: int,
-                 timeout: float, session: requests.Session) -> None:
+                 timeout: float, session: requests.Session, clock=time.monotonic) -> None:
         self._url, self._admin_token = url, admin_token
         self._layout, self._ttl, self._timeout, self._session = layout, ttl_seconds, timeout, session
+        self._clock = clock
         self._lock = threading.Lock()
         self._minted: dict[str, _Minted] = {}
         self._ready_namespaces: set[str | None] = set()
@@ -58,7 +59,7 @@ class TenantTokens:
     def _get(self, tenant: TenantRef) -> _Minted:
         with self._lock:
             minted = self._minted.get(tenant.tenant_id)
-            if minted is not None and time.monotonic() < minted.refresh_at:
+            if minted is not None and self._clock() < minted.refresh_at:
                 return minted
             self._provision(tenant)
             minted = self._mint(tenant)
@@ -97,7 +98,7 @@ class TenantTokens:
         self.minted_count += 1
         ttl = float(auth["lease_duration"] or self._ttl)
         # Refresh with a quarter of the lifetime left, so a call never carries an expiring token.
-        refresh_at = time.monotonic() + ttl * 0.75
+        refresh_at = self._clock() + ttl * 0.75
         client = hvac.Client(url=self._url, token=auth["client_token"], namespace=ns,
                              timeout=self._timeout, session=self._session)
         return _Minted(client, auth["client_token"], refresh_at)

@@ -15,6 +15,7 @@
 | BULKHEAD_INFERENCE_LEASE_TOKENS | 20000 | budget slice a replica leases at a time |
 | BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET | anthropic-api-key | credentials secret that holds a tenant's own key |
 | BULKHEAD_INFERENCE_USER_ID_SALT | bulkhead | salt of the opaque per-tenant id sent upstream as metadata.user_id |
+| BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS | 0 | 1 lets private models name plain-http endpoints (tests, local gateways); else https only |
 """
 from __future__ import annotations
 
@@ -56,6 +57,8 @@ class InferenceConfig:
     """Credentials secret name of a tenant's own key."""
     user_id_salt: str = field(default="bulkhead", repr=False)
     """Salt of the opaque tenant id sent upstream."""
+    allow_http_endpoints: bool = False
+    """Whether private models may name plain-http endpoints (a tenant's key would cross the wire in clear)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> InferenceConfig:
@@ -83,4 +86,5 @@ class InferenceConfig:
             lease_tokens=int(env.get("BULKHEAD_INFERENCE_LEASE_TOKENS", "20000")),
             provider_key_secret=env.get("BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET", "anthropic-api-key"),
             user_id_salt=env.get("BULKHEAD_INFERENCE_USER_ID_SALT", "bulkhead"),
+            allow_http_endpoints=env.get("BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS", "0") == "1",
         )

@@ -114,15 +114,16 @@ def check_policy(policy: Policy) -> dict[str, str]:
     return problems
 
 
-def check_private_model(model: PrivateModel) -> dict[str, str]:
+def check_private_model(model: PrivateModel, *, allow_http: bool = False) -> dict[str, str]:
     """Field violations of a private model to register (empty when it is valid)."""
     problems: dict[str, str] = {}
     if not _NAME.match(model.name):
         problems["model.name"] = "1-100 lower-case letters, digits and ._:- only"
     if not model.upstream_model or len(model.upstream_model) > 200:
         problems["model.upstream_model"] = "is required (at most 200 characters)"
-    if model.base_url and not re.match(r"^https?://[^\s/?#]+(/[^\s]*)?$", model.base_url):
-        problems["model.base_url"] = "must be an http(s) URL"
+    scheme = "https?" if allow_http else "https"
+    if model.base_url and not re.match(rf"^{scheme}://[^\s/?#@]+(/[^\s]*)?$", model.base_url):
+        problems["model.base_url"] = "must be an https URL" + (" (or http)" if allow_http else "")
     if len(model.lineage) > 4000:
         problems["model.lineage"] = "at most 4000 characters"
     return problems

@@ -117,7 +117,7 @@ class AnthropicProvider:
             error = _upstream_error(exc, target)
             error.retry_safe = error.retry_safe and not started
             raise error from None
-        except Exception as exc:  # the transport broke mid-stream (httpx errors are not wrapped here)
+        except Exception as exc:  # noqa: BLE001 - the transport broke mid-stream (httpx errors are not wrapped)
             raise UpstreamError("unavailable", f"upstream stream broke: {type(exc).__name__}") from None
 
     async def count_tokens(self, body: dict[str, Any], target: Target) -> int:

@@ -12,6 +12,7 @@ the task still finishes, settles and meters what the upstream reported. No grpc 
 from __future__ import annotations
 
 import asyncio
+import collections
 import hashlib
 import hmac
 import logging
@@ -25,9 +26,22 @@ from opentelemetry import trace
 
 from bulkhead.inference.v1 import inference_pb2 as pb
 from services.inference import wire
-from services.inference.budget import BackendUnavailable, BudgetLeases, BudgetRefused, Hold, Tokens
+from services.inference.budget import (
+    BackendUnavailable,
+    BudgetLeases,
+    BudgetRefused,
+    Hold,
+    Tokens,
+)
 from services.inference.limits import Admission, Limits, RateLimiter, Rejected
-from services.inference.policy import Policy, PolicyViolation, PrivateModel, ResolvedModel, cap_max_tokens, resolve
+from services.inference.policy import (
+    Policy,
+    PolicyViolation,
+    PrivateModel,
+    ResolvedModel,
+    cap_max_tokens,
+    resolve,
+)
 from services.inference.providers import Provider, Target, UpstreamError
 from services.inference.usage import UsageEvent, UsageMeter
 from shared import errors
@@ -57,17 +71,40 @@ class KeySource(Protocol):
 
 
 class _TtlCache:
-    """Per-tenant values refreshed after `ttl` seconds; the last good value survives a failed refresh."""
+    """Per-tenant values refreshed after `ttl` seconds; the last good value survives a failed refresh.
+
+    One load per tenant at a time: concurrent callers that miss share the same load, so an
+    expiry under load costs one database query or RPC, not one per call in flight.
+    """
 
     def __init__(self, ttl: float):
         self._ttl = ttl
         self._values: dict[str, tuple[float, Any]] = {}
+        self._loading: dict[str, asyncio.Future] = {}
 
     async def get(self, tenant_id: str, load: Callable[[], Awaitable[Any]], fallback: Any = None) -> Any:
         hit = self._values.get(tenant_id)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
+        if hit is not None and hit[0] > time.monotonic():
             return hit[1]
+        pending = self._loading.get(tenant_id)
+        if pending is not None:
+            return await asyncio.shield(pending)
+        future = asyncio.get_running_loop().create_future()
+        self._loading[tenant_id] = future
+        try:
+            value = await self._refresh(tenant_id, load, fallback, hit)
+        except BaseException as exc:
+            future.set_exception(exc)
+            future.exception()        # retrieved: only the waiters care
+            raise
+        else:
+            future.set_result(value)
+            return value
+        finally:
+            del self._loading[tenant_id]
+
+    async def _refresh(self, tenant_id: str, load: Callable[[], Awaitable[Any]], fallback: Any,
+                       hit: tuple[float, Any] | None) -> Any:
         try:
             value = await load()
         except Exception as exc:
@@ -75,7 +112,7 @@ class _TtlCache:
                 raise
             log.warning("refresh failed (%s); using %s", type(exc).__name__, "last value" if hit else "defaults")
             value = hit[1] if hit is not None else fallback
-        self._values[tenant_id] = (now + self._ttl, value)
+        self._values[tenant_id] = (time.monotonic() + self._ttl, value)
         return value
 
     def forget(self, tenant_id: str) -> None:
@@ -133,6 +170,7 @@ class InferenceProxy:
         self._policy_cache = _TtlCache(cache_ttl)
         self._limits_cache = _TtlCache(cache_ttl)
         self._tasks: set[asyncio.Task] = set()
+        self._replays = _ReplayCache()
 
     # ----- policy -----
     async def effective_policy(self) -> tuple[Policy, dict[str, PrivateModel]]:
@@ -171,12 +209,29 @@ class InferenceProxy:
 
     # ----- calls -----
     async def create(self, params: pb.MessageParams) -> tuple[dict[str, Any], CallInfo]:
-        """One unary call; the upstream's reply (JSON-shaped) and how it was served."""
+        """One unary call; the upstream's reply (JSON-shaped) and how it was served.
+
+        A retry with the same request id (x-request-id) gets the first call's reply instead of a
+        second upstream call, so usage stays one event per upstream call (on this replica).
+        """
+        ctx = require_tenant()
+        key = (ctx.tenant_id, ctx.request_id)
+        fingerprint = hashlib.sha256(params.SerializeToString(deterministic=True)).digest()
+        earlier = self._replays.get(key)
+        if earlier is not None:
+            if earlier[0] != fingerprint:
+                raise errors.InvalidArgument("this request id was already used for a different request",
+                                             reason="REQUEST_ID_REUSED",
+                                             violations={"x-request-id": "send a new request id for a new request"})
+            return await asyncio.shield(earlier[1])
         call = await self._prepare(params)
         task = asyncio.create_task(self._complete(call))
         self._keep(task)
+        reply: asyncio.Future = asyncio.ensure_future(_with_info(task, call.info))
+        self._replays.put(key, (fingerprint, reply))
+        reply.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._replays.drop(key))
         # shield: a caller that goes away does not cancel the upstream call; it finishes and is metered.
-        return await asyncio.shield(task), call.info
+        return await asyncio.shield(reply)
 
     async def open_stream(self, params: pb.MessageParams) -> tuple[CallInfo, AsyncIterator[dict[str, Any]]]:
         """Start a streamed call; refusals raise here, before any upstream request."""
@@ -342,6 +397,35 @@ class InferenceProxy:
 
 
 _END = object()
+
+
+async def _with_info(task: asyncio.Task, info: CallInfo) -> tuple[dict[str, Any], CallInfo]:
+    return await task, info
+
+
+class _ReplayCache:
+    """Recent unary calls by (tenant, request id): their request fingerprint and reply (bounded, expiring)."""
+
+    def __init__(self, *, size: int = 10_000, ttl: float = 600.0):
+        self._size = size
+        self._ttl = ttl
+        self._entries: collections.OrderedDict[tuple[str, str], tuple[float, Any]] = collections.OrderedDict()
+
+    def get(self, key: tuple[str, str]) -> Any:
+        entry = self._entries.get(key)
+        if entry is None or entry[0] < time.monotonic():
+            return None
+        return entry[1]
+
+    def put(self, key: tuple[str, str], value: Any) -> None:
+        self._entries[key] = (time.monotonic() + self._ttl, value)
+        self._entries.move_to_end(key)
+        while len(self._entries) > self._size:
+            self._entries.popitem(last=False)
+
+    def drop(self, key: tuple[str, str]) -> None:
+        """Forget a failed call: a retry of it must reach the upstream again."""
+        self._entries.pop(key, None)
 
 
 async def _drain_queue(queue: asyncio.Queue) -> AsyncIterator[dict[str, Any]]:

@@ -14,7 +14,12 @@ from services.inference.budget import BudgetLeases
 from services.inference.clients import CredentialsKeys, MeteringClient, NoTenantKeys
 from services.inference.config import InferenceConfig
 from services.inference.limits import RateLimiter
-from services.inference.providers import OFFLINE, AnthropicProvider, OfflineProvider, Provider
+from services.inference.providers import (
+    OFFLINE,
+    AnthropicProvider,
+    OfflineProvider,
+    Provider,
+)
 from services.inference.proxy import InferenceProxy, KeySource
 from services.inference.servicer import InferenceServicer
 from services.inference.store import PolicyStore, SqlOutbox
@@ -110,7 +115,7 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
                            platform_policy=config.platform_policy, limiter=RateLimiter(), quotas=metering,
                            budget=budget, meter=meter, keys=keys, max_attempts=config.max_attempts,
                            max_retry_wait=config.max_retry_wait, user_id_salt=config.user_id_salt)
-    binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(proxy, store),
+    binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(proxy, store, allow_http_endpoints=config.allow_http_endpoints),
                       inference_pb2.DESCRIPTOR.services_by_name["InferenceService"])
     running = await serve(name="inference", bindings=[binding], verifier=verifier,
                           address=address or config.service.address)

@@ -7,7 +7,12 @@ from collections.abc import AsyncIterator
 from bulkhead.inference.v1 import inference_pb2 as pb
 from bulkhead.inference.v1 import inference_pb2_grpc
 from services.inference import wire
-from services.inference.policy import Policy, PrivateModel, check_policy, check_private_model
+from services.inference.policy import (
+    Policy,
+    PrivateModel,
+    check_policy,
+    check_private_model,
+)
 from services.inference.proxy import InferenceProxy
 from services.inference.store import PolicyStore
 from shared import errors
@@ -22,9 +27,10 @@ _TENANT_ID_MAX = 64
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """The InferenceService RPCs."""
 
-    def __init__(self, proxy: InferenceProxy, store: PolicyStore):
+    def __init__(self, proxy: InferenceProxy, store: PolicyStore, *, allow_http_endpoints: bool = False):
         self._proxy = proxy
         self._store = store
+        self._allow_http = allow_http_endpoints
 
     async def CreateMessage(self, request: pb.CreateMessageRequest, context) -> pb.CreateMessageResponse:
         message, info = await self._proxy.create(request.params)
@@ -79,7 +85,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
                                    context) -> pb.RegisterPrivateModelResponse:
         m = request.model
         model = PrivateModel(m.name, m.upstream_model, m.base_url, m.lineage)
-        problems = check_private_model(model)
+        problems = check_private_model(model, allow_http=self._allow_http)
         if problems:
             raise errors.InvalidArgument("invalid private model", reason="PRIVATE_MODEL_INVALID", violations=problems)
         stored = await self._store.add_private_model(model)

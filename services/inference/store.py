@@ -10,7 +10,15 @@ import json
 import time
 from collections.abc import Sequence
 
-from sqlalchemy import BigInteger, Integer, String, Text, UniqueConstraint, delete, select
+from sqlalchemy import (
+    BigInteger,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+    delete,
+    select,
+)
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.inference.budget import Tokens

@@ -121,7 +121,7 @@ class UsageMeter:
         while True:
             try:
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
             self._wake.clear()
             retry = loop.time() - last_retry >= self._retry_interval
@@ -154,7 +154,7 @@ class UsageMeter:
         except UsageRejected as exc:
             # Kept, it would block every later event of the tenant; logged loudly for an operator.
             log.error("metering rejected %d usage events of %s: %s", len(batch), tenant_id, exc)
-        except Exception as exc:  # unreachable, or refused (e.g. an expired token): keep, never drop
+        except Exception as exc:  # noqa: BLE001 - unreachable, or refused (an expired token): keep, never drop
             log.warning("usage not delivered (%s): %d events of %s kept in the outbox",
                         type(exc).__name__, len(batch), tenant_id)
             await self._outbox.append(batch)
@@ -172,7 +172,7 @@ class UsageMeter:
                     await self._backend.record([event for _, event in rows])
             except UsageRejected as exc:
                 log.error("metering rejected %d outbox events of %s: %s", len(rows), tenant_id, exc)
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - whatever failed, the rows stay for the next try
                 log.warning("outbox of %s not drained yet (%s)", tenant_id, type(exc).__name__)
                 return
             # A crash between record and delete re-sends the batch; metering drops the duplicates.

@@ -168,6 +168,14 @@ def validate_quota(quota: Quota) -> dict[str, str]:
     return problems
 
 
+def _rates(price: Price | None) -> dict[str, int]:
+    """A hold's copy of its price's rates (zero for an unpriced model)."""
+    if price is None:
+        return {"rate_input": 0, "rate_output": 0, "rate_cache_write": 0, "rate_cache_read": 0}
+    return {"rate_input": price.input, "rate_output": price.output, "rate_cache_write": price.cache_write,
+            "rate_cache_read": price.cache_read}
+
+
 def _ttl(value: int, default: int, field: str) -> int:
     if value == 0:
         return default
@@ -286,7 +294,7 @@ class BudgetLedger:
                 tenant_id=tenant_id, hold_id="res_" + secrets.token_urlsafe(16), kind=RESERVATION, model=model,
                 idempotency_key=key or None, tokens_held=amounts.tokens, micros_held=amounts.micro_usd,
                 tokens_period_us=period_of[TOKENS], micros_period_us=period_of[MICRO_USD],
-                priced_at_us=price.effective_us if price else 0, state=OPEN, over_budget=False,
+                priced_at_us=price.effective_us if price else 0, **_rates(price), state=OPEN, over_budget=False,
                 created_us=now, expires_us=now + ttl * periods.US_PER_SECOND, settled_us=0,
                 spent_input=0, spent_output=0, spent_cache_write=0, spent_cache_read=0,
                 charged_tokens=0, charged_micros=0)
@@ -305,18 +313,16 @@ class BudgetLedger:
 
         Raises refused(spec, amount) (rolling the transaction back) when a hard limit cannot hold it.
         """
-        over_budget = False
-        for unit, amount in ((TOKENS, amounts.tokens), (MICRO_USD, amounts.micro_usd)):
-            spec = specs.get(unit)
-            if amount == 0:
-                continue  # nothing to hold (e.g. an unpriced model and no money budget)
-            state = await store.try_hold(s, tenant_id, unit, period_of[unit], amount,
-                                         spec.limit if spec and spec.hard else None)
-            if state is None:
-                raise refused(spec, amount)
-            if spec and not spec.hard and state.used + state.held > spec.limit:
-                over_budget = True
-        return over_budget
+        wanted = {TOKENS: amounts.tokens, MICRO_USD: amounts.micro_usd}
+        changes = [store.CounterChange(unit, period_of[unit], hold=amount,
+                                       limit=specs[unit].limit if unit in specs and specs[unit].hard else None)
+                   for unit, amount in wanted.items()]
+        states, refused_units = await store.try_hold(s, tenant_id, changes)
+        if refused_units:
+            unit = refused_units[0]
+            raise refused(specs[unit], wanted[unit])
+        return any(not spec.hard and unit in states and states[unit].used + states[unit].held > spec.limit
+                   for unit, spec in specs.items())
 
     async def _exhausted(self, tenant_id: str, model: str, over: _OverBudget) -> ResourceExhausted:
         now = self._clock()
@@ -354,22 +360,26 @@ class BudgetLedger:
         if min(spent.parts()) < 0:
             raise InvalidArgument("token counts cannot be negative", reason="INVALID_USAGE",
                                   violations={field: "token counts cannot be negative"})
-        now = self._clock()
         async with self._session() as s:
-            hold = await store.get_hold(s, hold_id, kind)
+            # The common case in one statement: claim the open hold and price its spend.
+            hold = await store.settle_open_hold(s, hold_id, kind, new_state, spent, self._clock())
             if hold is None:
-                raise NotFound(f"{what} not found", reason=f"{what.upper()}_NOT_FOUND")
-            if hold.state != OPEN:
-                return self._settled_again(hold, spent, new_state, what)
-            charged = Amounts(spent.total, await self._cost_micros(hold, spent))
-            self._check_within(hold, spent, charged, field)
-            if not await store.claim_open_hold(s, hold_id, new_state, {
-                    "settled_us": now, "spent_input": spent.input, "spent_output": spent.output,
-                    "spent_cache_write": spent.cache_write, "spent_cache_read": spent.cache_read,
-                    "charged_tokens": charged.tokens, "charged_micros": charged.micro_usd}):
-                raise FailedPrecondition(f"{what} was settled concurrently", reason="CONCURRENT_SETTLEMENT")
+                return await self._why_not_settled(s, hold_id, kind, spent, new_state, what, field)
+            charged = Amounts(hold.charged_tokens, hold.charged_micros)
             await self._apply_settlement(s, hold, charged)
         return Settlement(charged, Amounts(hold.tokens_held - charged.tokens, hold.micros_held - charged.micro_usd))
+
+    async def _why_not_settled(self, s, hold_id: str, kind: str, spent: Tokens, new_state: str, what: str,
+                               field: str) -> Settlement:
+        """A hold the settling UPDATE did not take: missing, already settled, or spent too much."""
+        hold = await store.get_hold(s, hold_id, kind)
+        if hold is None:
+            raise NotFound(f"{what} not found", reason=f"{what.upper()}_NOT_FOUND")
+        if hold.state != OPEN:
+            return self._settled_again(hold, spent, new_state, what)
+        raise InvalidArgument(
+            f"{field} exceeds what was held ({hold.tokens_held} tokens, {hold.micros_held} micro-USD)",
+            reason="EXCEEDS_HOLD", violations={field: "more than was held"})
 
     def _settled_again(self, hold: store.HoldRow, spent: Tokens, new_state: str, what: str) -> Settlement:
         """A repeated settle with the same outcome returns the first result; anything else is refused."""
@@ -378,11 +388,12 @@ class BudgetLedger:
             return Settlement(charged, Amounts(hold.tokens_held - charged.tokens, hold.micros_held - charged.micro_usd))
         raise FailedPrecondition(f"{what} is already {hold.state}", reason=f"{what.upper()}_{hold.state.upper()}")
 
-    async def _cost_micros(self, hold: store.HoldRow, spent: Tokens) -> int:
-        if not hold.priced_at_us:
-            return 0
-        price = (await self._prices.book()).price_at(hold.model, hold.priced_at_us)
-        return price.cost_micros_ceil(spent) if price else 0
+    @staticmethod
+    def _cost_micros(hold: store.HoldRow, spent: Tokens) -> int:
+        """Spend priced at the rates the hold was made with, rounded up to whole micro-USD."""
+        rates = Price(hold.model, hold.priced_at_us, hold.rate_input, hold.rate_output, hold.rate_cache_write,
+                      hold.rate_cache_read)
+        return rates.cost_micros_ceil(spent)
 
     @staticmethod
     def _check_within(hold: store.HoldRow, spent: Tokens, charged: Amounts, field: str) -> None:
@@ -393,10 +404,10 @@ class BudgetLedger:
 
     @staticmethod
     async def _apply_settlement(s, hold: store.HoldRow, charged: Amounts) -> None:
-        await store.settle_counter(s, hold.tenant_id, TOKENS, hold.tokens_period_us,
-                                   release=hold.tokens_held, charge=charged.tokens)
-        await store.settle_counter(s, hold.tenant_id, MICRO_USD, hold.micros_period_us,
-                                   release=hold.micros_held, charge=charged.micro_usd)
+        await store.settle_counters(s, hold.tenant_id, [
+            store.CounterChange(TOKENS, hold.tokens_period_us, release=hold.tokens_held, charge=charged.tokens),
+            store.CounterChange(MICRO_USD, hold.micros_period_us, release=hold.micros_held,
+                                charge=charged.micro_usd)])
 
     async def sweep(self) -> int:
         """Expire the tenant's overdue holds: charge what leases reported, return the rest. Returns how many."""
@@ -460,7 +471,8 @@ class BudgetLedger:
                 tenant_id=tenant_id, hold_id="lease_" + secrets.token_urlsafe(16), kind=LEASE, model=model,
                 idempotency_key=None, tokens_held=amounts.tokens, micros_held=amounts.micro_usd,
                 tokens_period_us=period_of[TOKENS], micros_period_us=period_of[MICRO_USD],
-                priced_at_us=price.effective_us if price else 0, state=OPEN, over_budget=False, created_us=now,
+                priced_at_us=price.effective_us if price else 0, **_rates(price), state=OPEN, over_budget=False,
+                created_us=now,
                 expires_us=now + ttl * periods.US_PER_SECOND, settled_us=0, spent_input=0, spent_output=0,
                 spent_cache_write=0, spent_cache_read=0, charged_tokens=0, charged_micros=0)
             await store.add_hold(s, hold)
@@ -484,7 +496,7 @@ class BudgetLedger:
             if any(now_ < then for now_, then in zip(spent.parts(), hold.spent.parts(), strict=True)):
                 raise InvalidArgument("spent is a running total and cannot go down", reason="SPEND_DECREASED",
                                       violations={"spent": "less than already reported"})
-            charged = Amounts(spent.total, await self._cost_micros(hold, spent))
+            charged = Amounts(spent.total, self._cost_micros(hold, spent))
             self._check_within(hold, spent, charged, "spent")
             expires = now + ttl * periods.US_PER_SECOND
             if not await store.renew_hold(s, lease_id, {

@@ -84,18 +84,28 @@ class UsageLedger:
         for (model, outcome), (count, tokens, scaled) in sums.items():
             self._metrics.recorded(tenant_id, model, outcome, tokens, float(scaled_to_usd(scaled)), count=count)
 
-    async def query(self, query: UsageQuery, *, prefix: str = "filter") -> list[UsageTotal]:
-        """The tenant's usage rows, each event priced at its own time."""
+    @staticmethod
+    def check(query: UsageQuery, *, prefix: str = "filter") -> None:
+        """Raise InvalidArgument when a query is malformed (before any tenant is read)."""
         if problems := validate_query(query, prefix):
             raise InvalidArgument("invalid usage query", reason="INVALID_QUERY", violations=problems)
+
+    async def query(self, query: UsageQuery, *, prefix: str = "filter") -> list[UsageTotal]:
+        """The tenant's usage rows, each event priced at its own time."""
+        self.check(query, prefix=prefix)
         book = await self._prices.book(fresh=True)
         async with self._db.session() as s:
             partials = await store.sum_usage(s, query, book.versions())
         return total(partials, tenant_id=require_tenant().tenant_id, group_by=query.group_by, book=book)
 
+    @staticmethod
+    def chargeback_query(start_us: int, end_us: int) -> UsageQuery:
+        """The query behind chargeback lines (checked with check(..., prefix=""))."""
+        return UsageQuery(start_us, end_us, (MODEL, DAY))
+
     async def chargeback(self, start_us: int, end_us: int, period: str) -> list[UsageTotal]:
         """The tenant's lines per period and model (period: periods.DAY or periods.MONTH)."""
-        rows = await self.query(UsageQuery(start_us, end_us, (MODEL, DAY)), prefix="request")
+        rows = await self.query(self.chargeback_query(start_us, end_us), prefix="")
         return rows if period == periods.DAY else fold_into_months(rows)
 
     async def known_tenants(self) -> dict[str, str]:

@@ -56,6 +56,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         _operator()
         target = _target(request.tenant_id, "tenant_id", required=False)
         query = wire.usage_query(request.filter, request.group_by)
+        self._usage.check(query)
         await self._usage.audit("QueryTenantUsage", target)
         rows = []
         for tenant_id, tier in await self._tenants(target):
@@ -70,6 +71,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         start = wire.micros(request.start_time, request.HasField("start_time"))
         end = wire.micros(request.end_time, request.HasField("end_time"))
         period = periods.DAY if request.period == pb.CHARGEBACK_PERIOD_DAY else periods.MONTH
+        self._usage.check(self._usage.chargeback_query(start, end), prefix="")
         await self._usage.audit("ExportChargeback", target)
         lines, total = [], 0
         for tenant_id, tier in await self._tenants(target):

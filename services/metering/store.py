@@ -18,6 +18,7 @@ from sqlalchemy import (
     String,
     and_,
     case,
+    or_,
     func,
     literal,
     select,
@@ -29,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.metering import periods
-from services.metering.pricing import Price, Tokens
+from services.metering.pricing import TOKENS_PER_PRICE_UNIT, Price, Tokens
 from services.metering.usage import AGENT, DAY, HOUR, PRINCIPAL, PartialSum, UsageQuery, UsageRecord
 from shared.db import Base, TenantOwned
 
@@ -137,6 +138,12 @@ class HoldRow(MeteringBase, TenantOwned):
     tokens_period_us: Mapped[int] = mapped_column(BigInteger)
     micros_period_us: Mapped[int] = mapped_column(BigInteger)
     priced_at_us: Mapped[int] = mapped_column(BigInteger)
+    # The price's rates (micro-USD per million tokens) copied at hold time, so a settlement is
+    # priced in the same UPDATE that claims it.
+    rate_input: Mapped[int] = mapped_column(BigInteger, default=0)
+    rate_output: Mapped[int] = mapped_column(BigInteger, default=0)
+    rate_cache_write: Mapped[int] = mapped_column(BigInteger, default=0)
+    rate_cache_read: Mapped[int] = mapped_column(BigInteger, default=0)
     state: Mapped[str] = mapped_column(String(16))
     over_budget: Mapped[bool] = mapped_column(default=False)
     created_us: Mapped[int] = mapped_column(BigInteger)
@@ -384,39 +391,81 @@ async def get_counter(session: AsyncSession, unit: str, period_us: int) -> Count
     return CounterState(int(row[0]), int(row[1])) if row else CounterState(0, 0)
 
 
-async def try_hold(session: AsyncSession, tenant_id: str, unit: str, period_us: int, amount: int,
-                   limit: int | None) -> CounterState | None:
-    """Add amount to a counter's held part if used + held + amount stays within limit (None = no limit).
+@dataclass(frozen=True, slots=True)
+class CounterChange:
+    """One counter to move: add `hold` to held (within `limit`), or settle (release from held, charge to used)."""
 
-    Returns the new state, or None when the limit does not allow it. One conditional UPDATE: atomic.
+    unit: str
+    """The counter's unit."""
+    period_us: int
+    """The counter's period start."""
+    hold: int = 0
+    """Amount to add to held."""
+    limit: int | None = None
+    """When set, used + held + hold must stay within it (a hard budget)."""
+    release: int = 0
+    """Amount to take out of held."""
+    charge: int = 0
+    """Amount to add to used."""
+
+
+def _per_unit(changes: Sequence[CounterChange], attr: str):
+    """A CASE giving each unit's value of attr (one statement moves both counters)."""
+    # Typed BIGINT: an untyped literal would be bound as a 32-bit integer on Postgres.
+    return case({c.unit: literal(getattr(c, attr), BigInteger) for c in changes}, value=CounterRow.unit,
+                else_=literal(0, BigInteger))
+
+
+def _counter_rows(tenant_id: str, changes: Sequence[CounterChange], *, limited: bool):
+    conditions = []
+    for c in changes:
+        cond = and_(CounterRow.unit == c.unit, CounterRow.period_us == c.period_us)
+        if limited and c.limit is not None:
+            cond = and_(cond, CounterRow.used + CounterRow.held + c.hold <= c.limit)
+        conditions.append(cond)
+    return and_(CounterRow.tenant_id == tenant_id, or_(*conditions))
+
+
+async def try_hold(session: AsyncSession, tenant_id: str, changes: Sequence[CounterChange]
+                   ) -> tuple[dict[str, CounterState], list[str]]:
+    """Add each change's `hold` to its counter where its hard limit allows; returns (states, refused units).
+
+    One conditional UPDATE for all counters: atomic per row, so concurrent holds can never pass a
+    limit. When a unit is refused the caller must roll back (another unit may have been moved).
     """
-    for _ in range(2):
-        stmt = (update(CounterRow)
-                .where(CounterRow.tenant_id == tenant_id, CounterRow.unit == unit, CounterRow.period_us == period_us)
-                .values(held=CounterRow.held + amount)
-                .returning(CounterRow.used, CounterRow.held)
+    pending = [c for c in changes if c.hold]
+    done: dict[str, CounterState] = {}
+    for attempt in range(2):
+        if not pending:
+            break
+        stmt = (update(CounterRow).where(_counter_rows(tenant_id, pending, limited=True))
+                .values(held=CounterRow.held + _per_unit(pending, "hold"))
+                .returning(CounterRow.unit, CounterRow.used, CounterRow.held)
                 .execution_options(**_NO_UPDATE_SYNC))
-        if limit is not None:
-            stmt = stmt.where(CounterRow.used + CounterRow.held + amount <= limit)
-        row = (await session.execute(stmt)).one_or_none()
-        if row is not None:
-            return CounterState(int(row[0]), int(row[1]))
-        created = await session.execute(_insert(session, CounterRow).values(
-            tenant_id=tenant_id, unit=unit, period_us=period_us, used=0, held=0).on_conflict_do_nothing())
-        if created.rowcount == 0:
-            return None  # the row exists, so the limit refused it
-    return None
+        for unit, used, held in (await session.execute(stmt)).all():
+            done[unit] = CounterState(int(used), int(held))
+        pending = [c for c in pending if c.unit not in done]
+        if pending and attempt == 0:
+            # A counter is missing (first hold of its period) or its limit refused: create the
+            # missing ones and try those again; an existing one that refused stays refused.
+            created = 0
+            for c in pending:
+                result = await session.execute(_insert(session, CounterRow).values(
+                    tenant_id=tenant_id, unit=c.unit, period_us=c.period_us, used=0, held=0).on_conflict_do_nothing())
+                created += result.rowcount
+            if not created:
+                break
+    return done, [c.unit for c in pending]
 
 
-async def settle_counter(session: AsyncSession, tenant_id: str, unit: str, period_us: int, *,
-                         release: int, charge: int) -> None:
-    """Move a settled hold out of `held` and its charge into `used`."""
-    if release == 0 and charge == 0:
+async def settle_counters(session: AsyncSession, tenant_id: str, changes: Sequence[CounterChange]) -> None:
+    """Move settled holds out of held and their charges into used, in one UPDATE."""
+    moving = [c for c in changes if c.release or c.charge]
+    if not moving:
         return
     await session.execute(
-        update(CounterRow)
-        .where(CounterRow.tenant_id == tenant_id, CounterRow.unit == unit, CounterRow.period_us == period_us)
-        .values(held=CounterRow.held - release, used=CounterRow.used + charge)
+        update(CounterRow).where(_counter_rows(tenant_id, moving, limited=False))
+        .values(held=CounterRow.held - _per_unit(moving, "release"), used=CounterRow.used + _per_unit(moving, "charge"))
         .execution_options(**_NO_UPDATE_SYNC))
 
 
@@ -449,6 +498,35 @@ async def claim_open_hold(session: AsyncSession, hold_id: str, new_state: str, v
         update(HoldRow).where(HoldRow.hold_id == hold_id, HoldRow.state == "open")
         .values(state=new_state, **values).execution_options(**_NO_UPDATE_SYNC))
     return result.rowcount == 1
+
+
+async def settle_open_hold(session: AsyncSession, hold_id: str, kind: str, new_state: str, spent: Tokens,
+                           now_us: int) -> HoldRow | None:
+    """Settle an open hold in one UPDATE: charge `spent` at the rates it was priced with.
+
+    Returns the settled row, or None when the hold is not this tenant's open `kind`, or when spent
+    exceeds what it holds (in tokens or money): the caller reads the hold to say which.
+    """
+    h = HoldRow
+    total = spent.total
+    scaled = (h.rate_input * spent.input + h.rate_output * spent.output + h.rate_cache_write * spent.cache_write
+              + h.rate_cache_read * spent.cache_read)
+    micros = (scaled + (TOKENS_PER_PRICE_UNIT - 1)) // TOKENS_PER_PRICE_UNIT  # rounded up, in SQL
+    stmt = (update(h)
+            .where(h.hold_id == hold_id, h.kind == kind, h.state == "open", h.tokens_held >= total,
+                   h.micros_held >= micros)
+            .values(state=new_state, settled_us=now_us, spent_input=spent.input, spent_output=spent.output,
+                    spent_cache_write=spent.cache_write, spent_cache_read=spent.cache_read,
+                    charged_tokens=total, charged_micros=micros)
+            .returning(h.tenant_id, h.tokens_held, h.micros_held, h.tokens_period_us, h.micros_period_us,
+                       h.charged_tokens, h.charged_micros)
+            .execution_options(**_NO_UPDATE_SYNC))
+    row = (await session.execute(stmt)).one_or_none()
+    if row is None:
+        return None
+    return HoldRow(hold_id=hold_id, kind=kind, tenant_id=row[0], tokens_held=int(row[1]), micros_held=int(row[2]),
+                   tokens_period_us=int(row[3]), micros_period_us=int(row[4]), charged_tokens=int(row[5]),
+                   charged_micros=int(row[6]))
 
 
 async def renew_hold(session: AsyncSession, hold_id: str, values: dict, now_us: int) -> bool:

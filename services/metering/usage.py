@@ -104,12 +104,13 @@ class UsageQuery:
 def validate_query(query: UsageQuery, prefix: str = "filter") -> dict[str, str]:
     """Field violations of a query; empty when it is valid."""
     problems: dict[str, str] = {}
+    at = f"{prefix}." if prefix else ""
     if query.start_us <= 0:
-        problems[f"{prefix}.start_time"] = "required"
+        problems[f"{at}start_time"] = "required"
     if query.end_us <= 0:
-        problems[f"{prefix}.end_time"] = "required"
+        problems[f"{at}end_time"] = "required"
     elif query.end_us <= query.start_us:
-        problems[f"{prefix}.end_time"] = "must be after start_time"
+        problems[f"{at}end_time"] = "must be after start_time"
     if len(set(query.group_by)) != len(query.group_by):
         problems["group_by"] = "a dimension is named twice"
     if any(g not in GROUPINGS for g in query.group_by):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 import uuid
@@ -34,16 +35,25 @@ class StepFeed:
 
     def __init__(self) -> None:
         self._subscribers: dict[str, set[asyncio.Queue]] = {}
+        self._backlog: dict[str, list[tuple[Step, RunRecord | None]]] = {}
 
     def publish(self, run_id: str, step: Step, run: RunRecord | None) -> None:
-        """A step of run_id was recorded (run is the run as of that step, None if unknown)."""
+        """A step of run_id happened (run is the run as of that step, None if unknown)."""
+        if step.index:
+            self._backlog.setdefault(run_id, []).append((step, run))
         for queue in self._subscribers.get(run_id, ()):
             queue.put_nowait((step, run))
+
+    def forget(self, run_id: str) -> None:
+        """The run stopped executing here: drop its backlog."""
+        self._backlog.pop(run_id, None)
 
     @contextlib.contextmanager
     def subscribe(self, run_id: str) -> Iterator[asyncio.Queue]:
         """A queue of (step, run) for run_id while the block runs; subscribe before reading the DB."""
         queue: asyncio.Queue = asyncio.Queue()
+        for item in self._backlog.get(run_id, ()):  # steps this execution made before the watcher came
+            queue.put_nowait(item)
         self._subscribers.setdefault(run_id, set()).add(queue)
         try:
             yield queue
@@ -155,7 +165,7 @@ class Dispatcher:
                 heartbeat = asyncio.create_task(self._heartbeat(claim.run_id, me))
                 job = RunJob(run_id=run.run_id, tenant_id=claim.tenant_id, team=run.team_spec,
                              entry_agent=run.entry_agent, run_input=run.input)
-                recorder = _Recorder(self._runs, self._feed, claim.run_id)
+                recorder = _Recorder(self._runs, self._feed, run)
                 try:
                     await self._engine.execute(job, self._ports_for(),
                                                cancelled=lambda: claim.run_id in self._cancel,
@@ -223,43 +233,59 @@ class Dispatcher:
 class _Recorder:
     """Copies a run's steps into the orchestrator's tables off the run's critical path.
 
-    State already holds each step durably before the engine moves on; this copy (for GetRun,
-    ListRuns and WatchRun) is written in order, in batches, while the next step executes. If
-    the process dies first, the next execution catches up from state (Dispatcher._syncer).
+    State already holds each step durably before the engine moves on. Watchers on this replica
+    get each step from the live feed at once; the copy for GetRun, ListRuns and other replicas is
+    written in order, in small batches, while the next steps execute. Only the final step waits
+    for its write, so a run never looks finished before its end is stored. If the process dies
+    first, the next execution catches up from state (Dispatcher._syncer).
     """
 
-    def __init__(self, runs: RunStore, feed: StepFeed, run_id: str):
-        self._runs, self._feed, self._run_id = runs, feed, run_id
-        self._queue: asyncio.Queue = asyncio.Queue()
-        self._task = asyncio.create_task(self._loop(), name=f"record-{run_id}")
+    def __init__(self, runs: RunStore, feed: StepFeed, run: RunRecord, *, batch_window: float = 0.05):
+        self._runs, self._feed, self._run, self._window = runs, feed, run, batch_window
+        self._pending: list[tuple[Step, str]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._lock = asyncio.Lock()
+        self._task = asyncio.create_task(self._loop(), name=f"record-{run.run_id}")
 
     async def put(self, step: Step, view: RunView) -> None:
-        """Queue a step (the engine's on_step)."""
-        finished = view.finished if step.kind == StepKind.RUN_FINISHED else None
-        self._queue.put_nowait((step, view.current_agent, finished))
+        """Take a step just appended to state (the engine's on_step)."""
+        self._pending.append((step, view.current_agent))
+        self._run = dataclasses.replace(self._run, step_count=step.index, current_agent=view.current_agent,
+                                        status=RunStatus.RUNNING)
+        if step.kind == StepKind.RUN_FINISHED and view.finished is not None:
+            run = await self._flush(view.finished)
+            if run is not None:
+                self._feed.publish(self._run.run_id, step, run)
+            return
+        self._feed.publish(self._run.run_id, step, self._run)
+        self._wake.set()
 
     async def close(self) -> None:
-        """Write what is queued, then stop."""
-        self._queue.put_nowait(None)
+        """Write what is pending, then stop."""
+        self._closing = True
+        self._wake.set()
         await asyncio.shield(self._task)
+        await self._flush(None)
+        self._feed.forget(self._run.run_id)
 
     async def _loop(self) -> None:
-        done = False
-        while not done:
-            batch = [await self._queue.get()]
-            while not self._queue.empty():
-                batch.append(self._queue.get_nowait())
-            if batch[-1] is None:
-                done = True
-                batch.pop()
-            if not batch:
-                continue
-            steps = [b[0] for b in batch]
+        while not self._closing:
+            await self._wake.wait()
+            self._wake.clear()
+            if not self._closing:
+                await asyncio.sleep(self._window)  # gather a few steps into one transaction
+            await self._flush(None)
+
+    async def _flush(self, finished) -> RunRecord | None:
+        async with self._lock:
+            batch, self._pending = self._pending, []
+            if not batch and finished is None:
+                return None
             try:
-                run = await self._runs.record_steps(self._run_id, steps, current_agent=batch[-1][1],
-                                                    finished=next((b[2] for b in batch if b[2] is not None), None))
+                return await self._runs.record_steps(self._run.run_id, [b[0] for b in batch],
+                                                     current_agent=batch[-1][1] if batch else self._run.current_agent,
+                                                     finished=finished)
             except Exception:  # noqa: BLE001 - state has the steps; the next execution catches up
-                log.exception("recording steps failed", extra={"run_id": self._run_id})
-                continue
-            for step in steps:
-                self._feed.publish(self._run_id, step, run)
+                log.exception("recording steps failed", extra={"run_id": self._run.run_id})
+                return None

@@ -18,6 +18,8 @@ def normalize_url(url: str | URL) -> URL:
         raise ValueError(f"unsupported database {parsed.drivername!r}: use postgresql or sqlite")
     if "+" not in parsed.drivername:
         parsed = parsed.set(drivername=_ASYNC_DRIVERS[parsed.drivername])
+    if backend == "sqlite" and parsed.database and parsed.database.startswith("~"):
+        parsed = parsed.set(database=str(Path(parsed.database).expanduser()))
     return parsed
 
 

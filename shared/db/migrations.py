@@ -46,7 +46,7 @@ def upgrade(url: str | URL, migrations_dir: str | Path, schema: str | None = Non
 
     `schema` (Postgres) migrates into that schema, creating it first: the bridge tier.
     `app_role` (Postgres) is granted DML on every table afterwards, except the version table.
-    Call it from a worker thread (asyncio.to_thread): it runs its own event loop.
+    It blocks: from async code prefer `await asyncio.to_thread(upgrade, ...)`.
     """
     if schema is not None and not _SCHEMA.match(schema):
         raise ValueError(f"schema name {schema!r}: use lower-case letters, digits and _")
@@ -73,7 +73,30 @@ def run_env(target_metadata: MetaData | None, *, version_table: str | None = Non
         with context.begin_transaction():
             context.run_migrations()
         return
-    asyncio.run(_run_online(config, target_metadata, table))
+    _run_blocking(_run_online(config, target_metadata, table))
+
+
+def _run_blocking(coro: Any) -> None:
+    """asyncio.run, also from a thread whose loop is running (then on a helper thread)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        asyncio.run(coro)
+        return
+    failure: list[BaseException] = []
+
+    def target() -> None:
+        """Run the coroutine on this helper thread's own loop."""
+        try:
+            asyncio.run(coro)
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    helper = threading.Thread(target=target, name="alembic-upgrade")
+    helper.start()
+    helper.join()
+    if failure:
+        raise failure[0]
 
 
 def _url_of(config: Config) -> URL:

@@ -84,5 +84,27 @@ def grant_to(connection: Connection, role: str, *, exclude: tuple[str, ...] = ()
 
 
 def grant_app_role(role: str | None = None) -> None:
-    """Migration step: grant DML on the current schema's tables and sequences to the runtime role."""
-    grant_to(op.get_bind(), role or app_role_from_env())
+    """Migration step: grant DML on the current schema's tables and sequences to the runtime role.
+
+    The role is `role`, else the one Database.open/upgrade() was given, else BULKHEAD_DB_APP_ROLE;
+    any of those must exist. Only the built-in default (bulkhead_app) is skipped when absent: a
+    single-role deployment has nobody to grant to.
+    """
+    bind = op.get_bind()
+    if bind.dialect.name != "postgresql":
+        return
+    role = role or _upgrade_app_role() or os.environ.get("BULKHEAD_DB_APP_ROLE")
+    if role is None:
+        role = DEFAULT_APP_ROLE
+        if not bind.exec_driver_sql(f"SELECT 1 FROM pg_roles WHERE rolname = '{role}'").scalar():
+            return
+    grant_to(bind, role)
+
+
+def _upgrade_app_role() -> str | None:
+    from alembic import context  # the running migration's config (see shared.db.migrations.upgrade)
+
+    try:
+        return context.config.attributes.get("app_role")
+    except (AttributeError, NameError):  # not inside an Alembic run
+        return None

@@ -3,8 +3,15 @@
 Layer 1 of data isolation (DESIGN §3). Every SELECT/UPDATE/DELETE that names a TenantOwned
 class gets `tenant_id = <tenant>` added through `with_loader_criteria`; inserts are stamped
 with the tenant and refused when they name another; and a statement that touches a tenant
-table with no tenant to confine it to raises instead of returning everyone's rows. Postgres
-row-level security (layer 2, shared.db.rls) catches whatever bypasses the ORM.
+table with no tenant to confine it to raises instead of returning everyone's rows.
+
+Refused with TenantIsolationError, because no filter can be added to them: Core (non-ORM)
+SELECT/UPDATE/DELETE on a tenant table, ORM bulk UPDATE by primary key, the legacy bulk_*
+methods, INSERT ... FROM SELECT, ON CONFLICT DO UPDATE not keyed by tenant_id, and flushing
+changes to an object attached without loading whose row is not this tenant's.
+
+`text()` is not inspected. Keep raw SQL in store.py: on Postgres, row-level security (layer 2,
+shared.db.rls) still confines it; on SQLite nothing does.
 """
 from __future__ import annotations
 
@@ -46,16 +53,19 @@ class TenantSession(Session):
     """
 
     def bulk_save_objects(self, objects: Iterable[object], *args: Any, **kw: Any) -> None:
+        """Session.bulk_save_objects, refused for tenant-owned objects."""
         objects = list(objects)
         if any(isinstance(o, TenantOwned) for o in objects):
             raise TenantIsolationError("bulk_save_objects bypasses tenant checks; use add_all() or insert()")
         super().bulk_save_objects(objects, *args, **kw)
 
     def bulk_insert_mappings(self, mapper: Any, mappings: Iterable[Mapping[str, Any]], *args: Any, **kw: Any) -> None:
+        """Session.bulk_insert_mappings, refused for tenant-owned classes."""
         _refuse_legacy_bulk(mapper, "bulk_insert_mappings", "session.execute(insert(Model), rows)")
         super().bulk_insert_mappings(mapper, mappings, *args, **kw)
 
     def bulk_update_mappings(self, mapper: Any, mappings: Iterable[Mapping[str, Any]]) -> None:
+        """Session.bulk_update_mappings, refused for tenant-owned classes."""
         _refuse_legacy_bulk(mapper, "bulk_update_mappings", "session.execute(update(Model).where(...))")
         super().bulk_update_mappings(mapper, mappings)
 

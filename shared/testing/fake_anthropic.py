@@ -22,9 +22,9 @@ import collections
 import dataclasses
 import itertools
 import json
-from typing import Any
+from typing import Any, Self
 
-__all__ = ["FakeAnthropic", "Reply", "Fault", "RecordedRequest", "UsageRecord", "count_words"]
+__all__ = ["FakeAnthropic", "Fault", "RecordedRequest", "Reply", "UsageRecord", "count_words"]
 
 _STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
                 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
@@ -177,7 +177,7 @@ class FakeAnthropic:
             await self._server.wait_closed()
             self._server = None
 
-    async def __aenter__(self) -> FakeAnthropic:
+    async def __aenter__(self) -> Self:
         return await self.start()
 
     async def __aexit__(self, *exc: object) -> None:
@@ -269,9 +269,9 @@ class FakeAnthropic:
             await asyncio.sleep(delay)
         message = self._build_message(request.body)
         self.replies.append(message)
-        record = dict(message_id=message["id"], model=message["model"],
-                      user_id=(request.body.get("metadata") or {}).get("user_id"),
-                      api_key=_api_key(request.headers))
+        record = {"message_id": message["id"], "model": message["model"],
+                  "user_id": (request.body.get("metadata") or {}).get("user_id"),
+                  "api_key": _api_key(request.headers)}
         if not request.body.get("stream"):
             self.usage_log.append(UsageRecord(**record, usage=dict(message["usage"]), streamed=False, completed=True))
             await self._send_json(writer, 200, message)

@@ -46,6 +46,10 @@ def find_bao(env: Mapping[str, str] = os.environ) -> str | None:
     return shutil.which("bao")
 
 
+# Loopback must never go through an HTTP(S)_PROXY from the environment.
+_NO_PROXY = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
 @dataclass
 class OpenBaoServer:
     """A `bao server -dev` process on loopback; restartable on the same port and token."""
@@ -117,7 +121,7 @@ class OpenBaoServer:
     def healthy(self) -> bool:
         """Whether /v1/sys/health says initialized, unsealed and active."""
         try:
-            with urllib.request.urlopen(f"{self.url}/v1/sys/health", timeout=1) as resp:
+            with _NO_PROXY.open(f"{self.url}/v1/sys/health", timeout=1) as resp:
                 body = json.load(resp)
         except (urllib.error.URLError, OSError, ValueError):
             return False

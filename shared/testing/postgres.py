@@ -17,6 +17,7 @@ BULKHEAD_TEST_POSTGRES_URL=postgresql://superuser:pw@host:port/postgres uses a s
 from __future__ import annotations
 
 import asyncio
+import functools
 import glob
 import os
 import re
@@ -186,8 +187,7 @@ class PostgresServer:
         try:
             await self._ensure_app_role(conn)
             # A leftover from an earlier run against an external server must not leak in.
-            await conn.execute(f'DROP DATABASE IF EXISTS "{db}" WITH (FORCE)')
-            await conn.execute(f'DROP ROLE IF EXISTS "{owner}"')
+            await _drop(conn, db, owner)
             await conn.execute(f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER NOBYPASSRLS CREATEDB '
                                f"PASSWORD {_quote_literal(owner_pw)}")
             # The superuser must be a member to CREATE DATABASE ... OWNER on managed servers.
@@ -207,13 +207,12 @@ class PostgresServer:
         return _run_in_thread(self.create_database(name))
 
     async def drop_database(self, name: str) -> None:
-        """Drop a database made by create_database, and its owner role."""
+        """Drop a database made by create_database, the silo databases its owner made, and the owner."""
         import asyncpg
 
         conn = await asyncpg.connect(self.admin_dsn)
         try:
-            await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            await conn.execute(f'DROP ROLE IF EXISTS "{name}_owner"')
+            await _drop(conn, name, f"{name}_owner")
         finally:
             await conn.close()
 
@@ -232,6 +231,15 @@ class PostgresServer:
         stop, self._stop = self._stop, None
         if callable(stop):
             stop()
+
+
+async def _drop(conn, database: str, owner: str) -> None:
+    """Drop `database` and every database `owner` created (silo tenants), then `owner` itself."""
+    owned = await conn.fetch("SELECT d.datname FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba "
+                             "WHERE r.rolname = $1", owner)
+    for name in {database, *(row["datname"] for row in owned)}:
+        await conn.execute(f'DROP DATABASE IF EXISTS "{name.replace(chr(34), chr(34) * 2)}" WITH (FORCE)')
+    await conn.execute(f'DROP ROLE IF EXISTS "{owner}"')
 
 
 def _run_in_thread(coro):
@@ -331,13 +339,18 @@ def _start_local(bindir: str, attempts: int = 3) -> PostgresServer:
                 continue
             server = PostgresServer(host="127.0.0.1", port=port, admin_user=ADMIN_ROLE,
                                     admin_password=password, backend="local", socket_dir=root)
-            server._stop = lambda: (stop_process(proc, signal.SIGQUIT),
-                                    shutil.rmtree(root, ignore_errors=True))
+            server._stop = functools.partial(_stop_local, proc, root)
             return server
         raise last or ServerStartError("postgres did not start")
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
         raise
+
+
+def _stop_local(proc: subprocess.Popen, root: str) -> None:
+    """Immediate shutdown (SIGQUIT, what `pg_ctl stop -m immediate` sends), then delete the data."""
+    stop_process(proc, signal.SIGQUIT)
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _initdb(bindir: str, root: str, password: str, account: RunAs) -> None:

@@ -8,6 +8,7 @@ the rendered Secrets when the overlay generates them).
 from __future__ import annotations
 
 import base64
+import functools
 import pathlib
 import shutil
 import subprocess
@@ -36,12 +37,27 @@ def kustomize_command() -> list[str] | None:
     return None
 
 
-def render(path: pathlib.Path) -> list[Obj]:
-    """The objects a kustomization directory renders to."""
+@functools.cache
+def _tool_output(path: pathlib.Path) -> str:
     command = kustomize_command()
     assert command is not None, "no kustomize renderer"
-    out = subprocess.run([*command, str(path)], check=True, capture_output=True, text=True, timeout=60).stdout
-    return [d for d in yaml.safe_load_all(out) if d]
+    return subprocess.run([*command, str(path)], check=True, capture_output=True, text=True, timeout=60).stdout
+
+
+def render_with_tool(path: pathlib.Path) -> list[Obj]:
+    """The objects `kubectl kustomize` (or `kustomize build`) renders from a directory
+    (rendered once per test session; each call gets its own copy to change)."""
+    return [d for d in yaml.safe_load_all(_tool_output(path)) if d]
+
+
+def render(path: pathlib.Path) -> list[Obj]:
+    """The objects a kustomization directory renders to: the real tool when installed, else
+    mini_kustomize (checked against the real tool wherever both exist)."""
+    if kustomize_command() is not None:
+        return render_with_tool(path)
+    import mini_kustomize
+
+    return mini_kustomize.build(path)
 
 
 def load_yaml_files(root: pathlib.Path) -> Iterator[tuple[pathlib.Path, Obj]]:

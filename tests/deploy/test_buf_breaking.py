@@ -38,7 +38,7 @@ def _commit(repo: pathlib.Path, proto: str, message: str) -> None:
 
 
 def _run(repo: pathlib.Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(SCRIPT)], cwd=repo, text=True, capture_output=True,
+    return subprocess.run(["bash", str(SCRIPT)], cwd=repo, check=False, text=True, capture_output=True,
                           env={**os.environ, **env}, timeout=60)
 
 
@@ -85,3 +85,12 @@ def test_missing_ref_is_not_a_failure(repo: pathlib.Path) -> None:
     _commit(repo, PROTO_V1, "first")
     result = _run(repo, BUF_BREAKING_AGAINST="release-9")
     assert result.returncode == 0 and "does not exist" in result.stdout
+
+
+def test_this_repository_has_no_breaking_proto_change() -> None:
+    """The CI gate itself: protos/ here against main (or, on main, the previous commit)."""
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    result = _run(ROOT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.startswith("buf-breaking:")

@@ -8,7 +8,12 @@ import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from bulkhead.cli.certs import write_dev_certs
-from shared.tls import TlsConfig, TlsConfigError, channel_credentials, server_credentials
+from shared.tls import (
+    TlsConfig,
+    TlsConfigError,
+    channel_credentials,
+    server_credentials,
+)
 
 
 @pytest.fixture(scope="module")

@@ -2,6 +2,7 @@
 dev overlay rely on let every service migrate and run, with row level security in force."""
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import subprocess
@@ -9,8 +10,8 @@ import urllib.parse
 
 import asyncpg
 import pytest
-
 from k8s_helpers import DEPLOY, ROOT
+
 from shared.config import SERVICES
 from shared.db import Database
 from shared.testing.postgres import find_bindir
@@ -37,23 +38,23 @@ async def _drop_everything(server) -> None:
         await conn.close()
 
 
-@pytest.fixture
-async def initialised(postgres):
+@pytest.fixture(scope="module")
+def initialised(postgres):
     """The session's Postgres after init-databases.sh ran against it (cleaned up afterwards)."""
     bindir = find_bindir()
     psql = os.path.join(bindir, "psql") if bindir else shutil.which("psql")
     if not psql or not os.path.exists(psql):
         pytest.skip("psql not found")
-    await _drop_everything(postgres)
+    asyncio.run(_drop_everything(postgres))
     env = {**os.environ, "POSTGRES_USER": postgres.admin_user, "PGHOST": postgres.host,
            "PGPORT": str(postgres.port), "PGPASSWORD": postgres.admin_password,
            "BULKHEAD_PG_OWNER_PASSWORD": OWNER_PW, "BULKHEAD_PG_APP_PASSWORD": APP_PW,
            "PATH": f"{os.path.dirname(psql)}:{os.environ.get('PATH', '')}"}
-    result = subprocess.run(["sh", str(DEPLOY / "postgres" / "init-databases.sh")], env=env,
+    result = subprocess.run(["sh", str(DEPLOY / "postgres" / "init-databases.sh")], check=False, env=env,
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     yield postgres
-    await _drop_everything(postgres)
+    asyncio.run(_drop_everything(postgres))
 
 
 async def test_every_service_migrates_as_owner_and_runs_as_app_role(initialised, monkeypatch) -> None:

@@ -16,7 +16,11 @@ from bulkhead.credentials.v1 import credentials_pb2_grpc
 from services.credentials.local_backend import LocalBackend
 from services.credentials.master_key import load_or_create_master_key
 from services.credentials.rotation import RotatorRegistry
-from services.credentials.server import MIGRATIONS, CredentialsService, serve_credentials
+from services.credentials.server import (
+    MIGRATIONS,
+    CredentialsService,
+    serve_credentials,
+)
 from services.credentials.vault_backend import VaultBackend
 from shared.client import make_channel
 from shared.db import Database, upgrade
@@ -64,10 +68,9 @@ class Harness:
 
     async def raw(self, sql: str, params: dict | None = None) -> list:
         """Raw SQL on the service's database, past the ORM (what an attacker with the file sees)."""
-        async with self.service.db.engine.connect() as conn:
-            async with conn.begin():
-                result = await conn.execute(text(sql), params or {})
-                return list(result.all()) if result.returns_rows else []
+        async with self.service.db.engine.connect() as conn, conn.begin():
+            result = await conn.execute(text(sql), params or {})
+            return list(result.all()) if result.returns_rows else []
 
 
 async def expect_error(code: grpc.StatusCode, call) -> tuple[dict, str]:
@@ -107,7 +110,7 @@ async def start_harness(kind: str, tmp_path, migrated_template: str, openbao=Non
     db = await open_db(tmp_path, migrated_template)
     backend = make_test_backend(kind, db, tmp_path, openbao)
     service = await serve_credentials(db=db, backend=backend, verifier=TOKENS.verifier, rotators=rotators,
-                                      grace_seconds=grace_seconds)
+                                      grace_seconds=grace_seconds, audit_key=AUDIT_KEY)
     channel = make_channel(service.running.address)
     return Harness(service, channel, credentials_pb2_grpc.CredentialsServiceStub(channel), TOKENS, kind,
                    new_tenant("a"), new_tenant("b"))
@@ -120,6 +123,7 @@ async def stop_harness(h: Harness) -> None:
 
 
 TOKENS = TestTokens()
+AUDIT_KEY = secrets.token_bytes(32)
 
 
 @pytest.fixture(params=BACKENDS)

@@ -87,22 +87,26 @@ async def test_removing_the_newest_row_is_detected(h):
     assert not report.intact and report.first_bad_sequence == 3
 
 
-async def test_a_recomputed_row_still_breaks_the_next_link(h):
-    """Forging a row with a recomputed hash breaks the following row's link."""
+async def test_a_rebuilt_chain_without_the_key_is_detected(h):
+    """Rewriting a row and recomputing every later hash and the head (without the HMAC key) fails."""
     from shared import audit_chain
 
     await _three_events(h)
-    rows = await h.raw("SELECT seq, time_us, principal_id, actor_id, agent_id, run_id, request_id, secret_name, "
-                       "version, action, outcome, reason, prev_hash FROM cred_audit_events "
-                       "WHERE tenant_id = :t AND seq = 2", {"t": h.alpha})
-    fields = dict(zip(("seq", "time_us", "principal_id", "actor_id", "agent_id", "run_id", "request_id",
-                       "secret_name", "version", "action", "outcome", "reason"), rows[0][:12]))
-    fields["outcome"] = "denied"
-    forged = audit_chain.link(rows[0][12], fields)
-    await h.raw("UPDATE cred_audit_events SET outcome = 'denied', hash = :h WHERE tenant_id = :t AND seq = 2",
-                {"h": forged, "t": h.alpha})
+    names = ("seq", "time_us", "principal_id", "actor_id", "agent_id", "run_id", "request_id",
+             "secret_name", "version", "action", "outcome", "reason")
+    rows = await h.raw(f"SELECT {', '.join(names)} FROM cred_audit_events WHERE tenant_id = :t ORDER BY seq",
+                       {"t": h.alpha})
+    prev = (await h.raw("SELECT hash FROM cred_audit_events WHERE tenant_id = :t AND seq = 1", {"t": h.alpha}))[0][0]
+    for row in rows[1:]:
+        fields = dict(zip(names, row))
+        fields["outcome"] = "denied" if fields["seq"] == 2 else fields["outcome"]
+        forged = audit_chain.link(prev, fields)  # the attacker has the table, not the key
+        await h.raw("UPDATE cred_audit_events SET outcome = :o, prev_hash = :p, hash = :h WHERE tenant_id = :t "
+                    "AND seq = :s", {"o": fields["outcome"], "p": prev, "h": forged, "t": h.alpha, "s": fields["seq"]})
+        prev = forged
+    await h.raw("UPDATE cred_audit_heads SET hash = :h WHERE tenant_id = :t", {"h": prev, "t": h.alpha})
     report = await _verify(h)
-    assert not report.intact and report.first_bad_sequence == 3 and "link" in report.problem
+    assert not report.intact and report.first_bad_sequence == 2 and "changed" in report.problem
 
 
 async def test_access_events_page_in_order(h):

@@ -1,14 +1,18 @@
 """shared.injection: secrets resolved for one tool call, kept out of logs, reprs and exceptions."""
 from __future__ import annotations
 
-import logging
 import traceback
 
 import grpc
 import pytest
 
 from shared.client import make_channel
-from shared.injection import SecretInjector, SecretRef, SecretResolutionError, ToolFailed
+from shared.injection import (
+    SecretInjector,
+    SecretRef,
+    SecretResolutionError,
+    ToolFailed,
+)
 from shared.logs import REDACTED, scrub
 from shared.tenancy import TenantContext, tenant_scope
 
@@ -42,10 +46,9 @@ async def test_a_failing_tool_error_is_redacted_and_unchained(lh, caplog):
     await lh.put("api-token", b"tok-9f8e7d6c5b")
     channel = make_channel(lh.service.running.address, forward=True)
     try:
-        with tenant_scope(_as(lh, lh.alpha)):
-            with pytest.raises(ToolFailed) as info:
-                async with SecretInjector(channel).inject({"TOKEN": "api-token"}) as env:
-                    raise RuntimeError(f"upstream refused {env['TOKEN']}")
+        with tenant_scope(_as(lh, lh.alpha)), pytest.raises(ToolFailed) as info:
+            async with SecretInjector(channel).inject({"TOKEN": "api-token"}) as env:
+                raise RuntimeError(f"upstream refused {env['TOKEN']}")
     finally:
         await channel.close()
     err = info.value

@@ -13,7 +13,12 @@ from services.credentials.master_key import load_or_create_master_key
 from services.credentials.server import MIGRATIONS, serve_credentials
 from shared.client import make_channel
 from shared.db import Database
-from tests.services.credentials.conftest import TOKENS, Harness, expect_error, new_tenant
+from tests.services.credentials.conftest import (
+    TOKENS,
+    Harness,
+    expect_error,
+    new_tenant,
+)
 
 
 @pytest.fixture

@@ -2,7 +2,11 @@
 from __future__ import annotations
 
 from bulkhead.credentials.v1 import credentials_pb2 as pb
-from services.credentials.rotation import RandomRotator, RotationRequest, RotatorRegistry
+from services.credentials.rotation import (
+    RandomRotator,
+    RotationRequest,
+    RotatorRegistry,
+)
 from tests.services.credentials.conftest import start_harness, stop_harness
 
 

@@ -108,9 +108,8 @@ async def test_previous_version_is_destroyed_after_its_grace_period(h):
     described = (await h.stub.DescribeSecret(pb.DescribeSecretRequest(name="short-grace"), metadata=h.md())).secret
     assert [v.state for v in described.versions] == [pb.SECRET_VERSION_STATE_DESTROYED, pb.SECRET_VERSION_STATE_CURRENT]
     # Destroyed in the backend too, not just hidden by our metadata.
-    with tenant_scope(TenantContext(h.alpha, "p_test")):
-        with pytest.raises(NotFound):
-            await h.service.backend.read(TenantRef.of(require_tenant()), "short-grace", 1)
+    with tenant_scope(TenantContext(h.alpha, "p_test")), pytest.raises(NotFound):
+        await h.service.backend.read(TenantRef.of(require_tenant()), "short-grace", 1)
     assert (await h.get("short-grace")).version == 2
 
 
@@ -189,3 +188,13 @@ async def test_a_stale_rotation_job_is_dropped(h):
     await h.raw("UPDATE cred_schedule SET due_us = 0 WHERE secret_name = 'ephemeral'")
     assert await h.service.scheduler.run_once() == 1
     assert await h.raw("SELECT * FROM cred_schedule WHERE secret_name = 'ephemeral'") == []
+
+
+async def test_a_read_after_a_write_sees_it_despite_concurrent_readers(h):
+    """Readers in flight during a put never make the next read return the old version."""
+    await h.put("hot", b"hot-value-1")
+    for round_ in range(2, 5):
+        readers = [asyncio.ensure_future(h.get("hot")) for _ in range(10)]
+        await h.put("hot", f"hot-value-{round_}".encode())
+        assert (await h.get("hot")).value == f"hot-value-{round_}".encode()
+        await asyncio.gather(*readers)

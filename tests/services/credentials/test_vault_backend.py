@@ -118,3 +118,19 @@ async def test_openbao_down_is_unavailable_and_writes_nothing(vh, openbao):
     assert (await vh.get("before")).value == b"rewritten-value"
     enc = await vh.stub.Encrypt(pb.EncryptRequest(plaintext=b"after restart"), metadata=vh.md())
     assert (await vh.stub.Decrypt(pb.DecryptRequest(ciphertext=enc.ciphertext), metadata=vh.md())).plaintext == b"after restart"
+
+
+async def test_a_tenant_token_is_replaced_before_it_expires(vh):
+    """Past three quarters of its TTL the token is re-minted; the old one is no longer used."""
+    tokens = vh.service.backend.tokens
+    now = [1000.0]
+    tokens._clock = lambda: now[0]
+    tokens.forget(TenantRef(vh.alpha))
+    await vh.put("k", b"first-value")
+    first, minted = await _token(vh, vh.alpha), tokens.minted_count
+    now[0] += 300 * 0.7  # the harness mints 300 s tokens
+    await vh.get("k")
+    assert (await _token(vh, vh.alpha), tokens.minted_count) == (first, minted)
+    now[0] += 300 * 0.1
+    assert (await vh.get("k")).value == b"first-value"
+    assert tokens.minted_count == minted + 1 and await _token(vh, vh.alpha) != first

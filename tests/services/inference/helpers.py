@@ -103,6 +103,7 @@ class Mesh:
                 "BULKHEAD_INFERENCE_PINNED_VERSIONS": f"{MODEL}={PINNED}",
                 "BULKHEAD_INFERENCE_DEFAULT_MODEL": MODEL, "BULKHEAD_INFERENCE_MAX_TOKENS_CEILING": "1000",
                 "BULKHEAD_INFERENCE_MAX_RETRY_WAIT": "0.5", "BULKHEAD_INFERENCE_LEASE_TOKENS": "2000",
+                "BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS": "1",
                 **self.env_overrides}
 
     async def start_proxy(self, database: str = "inference.db", **kw) -> Proxy:

@@ -196,3 +196,13 @@ async def test_narrow_token_with_the_call_scopes_works(mesh):
     scopes = ("inference.messages.create", "metering.budget.write", "metering.usage.write", "metering.quota.read")
     resp = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a", scopes=scopes))
     assert resp.model == PINNED
+
+
+def test_private_endpoints_must_be_https_unless_allowed():
+    """A tenant's endpoint receives the tenant's key: plain http is refused unless the operator allows it."""
+    from services.inference.policy import PrivateModel, check_private_model
+    plain = PrivateModel("m", "ft", base_url="http://10.0.0.1:8080")
+    assert "model.base_url" in check_private_model(plain)
+    assert check_private_model(plain, allow_http=True) == {}
+    assert check_private_model(PrivateModel("m", "ft", base_url="https://models.example.com/v1")) == {}
+    assert "model.base_url" in check_private_model(PrivateModel("m", "ft", base_url="https://user@evil.example"))

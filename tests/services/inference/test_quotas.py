@@ -11,7 +11,7 @@ from services.inference import wire
 from shared.errors import error_details
 from shared.testing.fake_anthropic import Fault, Reply
 
-from .helpers import MODEL, PINNED, fake_totals, params
+from .helpers import PINNED, fake_totals, params
 
 
 def _reservation(p: pb.MessageParams) -> int:

@@ -1,7 +1,6 @@
 """Metering sees exactly the usage the upstream reported: after retries, client disconnects and outages."""
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import time
 
@@ -39,14 +38,30 @@ async def test_usage_recorded_once_after_upstream_retries(mesh):
     assert await _metered_equals_fake(mesh, "t_a") == (1, resp.usage.input_tokens, resp.usage.output_tokens)
 
 
-async def test_same_request_id_is_not_counted_twice(mesh):
-    """Usage is keyed by request id: a replayed request id is recorded once by metering."""
+async def test_replayed_request_id_gets_the_first_reply_without_a_second_upstream_call(mesh):
+    """A client retry with the same request id is answered from the first call: one upstream call, one event."""
     md = mesh.md("t_a") + (("x-request-id", "req-dup"),)
-    for _ in range(2):
+    first = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=md)
+    again = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=md)
+    assert again == first and mesh.fake.request_count == 1
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params("something else")), metadata=md)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(info.value)["reason"] == "REQUEST_ID_REUSED"
+    other = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()),
+                                          metadata=mesh.md("t_b") + (("x-request-id", "req-dup"),))
+    assert other.id != first.id            # request ids are per tenant
+    assert await _metered_equals_fake(mesh, "t_a") == (1, first.usage.input_tokens, first.usage.output_tokens)
+
+
+async def test_failed_call_can_be_retried_with_the_same_request_id(mesh):
+    """A call that failed upstream is not remembered: its retry reaches the upstream."""
+    md = mesh.md("t_a") + (("x-request-id", "req-failed"),)
+    mesh.fake.fail_next(Fault.http(400))
+    with pytest.raises(grpc.aio.AioRpcError):
         await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=md)
-    await mesh.settle()
-    (row,) = await mesh.metered("t_a")
-    assert row[1] == 1
+    await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=md)
+    assert mesh.fake.request_count == 2
 
 
 async def test_streamed_call_metered_from_final_usage_event(mesh):

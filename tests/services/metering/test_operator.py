@@ -154,3 +154,19 @@ async def test_operator_token_and_request_id_never_reach_the_logs(metering, capl
     with caplog.at_level("DEBUG"):
         await metering.stub.GetQuota(pb.GetQuotaRequest(tenant_id=A), metadata=md)
     assert "GetQuota" in caplog.text and token not in caplog.text
+
+
+@pytest.mark.parametrize("method, request_, field", [
+    ("ExportChargeback", pb.ExportChargebackRequest(start_time=ts(T0)), "end_time"),
+    ("ExportChargeback", pb.ExportChargebackRequest(tenant_id="x; drop", start_time=ts(T0), end_time=ts(T0 + 1)),
+     "tenant_id"),
+    ("QueryTenantUsage", pb.QueryTenantUsageRequest(tenant_id="nope", filter=day_range()), "tenant_id"),
+    ("QueryTenantUsage", pb.QueryTenantUsageRequest(filter=pb.UsageFilter(end_time=ts(T0))), "filter.start_time"),
+    ("GetQuota", pb.GetQuotaRequest(), "tenant_id"),
+])
+async def test_bad_operator_requests_are_refused_precisely(metering, method, request_, field):
+    """Operator calls with a bad tenant id or range fail with INVALID_ARGUMENT naming the field (no tenants yet)."""
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await getattr(metering.stub, method)(request_, metadata=metering.op())
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert field in error_details(err.value)["bad_request"]

@@ -63,3 +63,51 @@ async def test_sqlite_runs_in_wal_mode_with_foreign_keys(sqlite_db: Database, tm
         assert (await conn.execute(text("PRAGMA journal_mode"))).scalar() == "wal"
         assert (await conn.execute(text("PRAGMA foreign_keys"))).scalar() == 1
     assert (tmp_path / "data" / "notes.db").is_file()
+
+
+_GRANTING_MIGRATION = '''
+import sqlalchemy as sa
+from alembic import op
+
+from shared.db.rls import grant_app_role
+
+revision = "g1"
+down_revision = None
+
+
+def upgrade() -> None:
+    op.create_table("things", sa.Column("id", sa.Integer, primary_key=True))
+    grant_app_role()
+'''
+
+
+@pytest.mark.postgres
+async def test_grant_app_role_grants_dml_only_to_the_configured_role(postgres, tmp_path: Path, monkeypatch) -> None:
+    """grant_app_role() in a migration gives BULKHEAD_DB_APP_ROLE DML (no TRUNCATE, no ownership)."""
+    import asyncpg
+
+    urls = await postgres.create_database("grants")
+    admin = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        await admin.execute("DROP ROLE IF EXISTS grantee_test")
+        await admin.execute("CREATE ROLE grantee_test NOLOGIN")
+    finally:
+        await admin.close()
+    folder = tmp_path / "svc" / "migrations"
+    (folder / "versions").mkdir(parents=True)
+    (folder / "env.py").write_text((MIGRATIONS / "env.py").read_text())
+    (folder / "script.py.mako").write_text((MIGRATIONS / "script.py.mako").read_text())
+    (folder / "versions" / "g1.py").write_text(_GRANTING_MIGRATION)
+    monkeypatch.setenv("BULKHEAD_DB_APP_ROLE", "grantee_test")
+    upgrade(urls.owner_url, folder)
+    conn = await asyncpg.connect(urls.owner_dsn)
+    try:
+        privileges = {p: await conn.fetchval("SELECT has_table_privilege('grantee_test', 'things', $1)", p)
+                      for p in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE")}
+        owner = await conn.fetchval("SELECT relowner::regrole::text FROM pg_class WHERE relname = 'things'")
+        version_table = await conn.fetchval("SELECT to_regclass('alembic_version_svc')::text")
+    finally:
+        await conn.close()
+    assert privileges == {"SELECT": True, "INSERT": True, "UPDATE": True, "DELETE": True, "TRUNCATE": False}
+    assert owner == urls.owner_role
+    assert version_table == "alembic_version_svc"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import time
@@ -12,7 +13,7 @@ import pytest
 from shared.testing.fixtures import free_port
 from shared.testing.openbao import start_openbao
 from shared.testing.postgres import start_postgres
-from shared.testing.procs import ServerStartError, port_accepts
+from shared.testing.procs import ServerStartError, make_workdir, port_accepts
 
 ROOT = pathlib.Path(__file__).resolve().parents[3]
 
@@ -105,3 +106,19 @@ def test_servers_die_when_the_test_process_is_killed() -> None:
         time.sleep(0.1)
     assert not port_accepts("127.0.0.1", pg_port), "postgres outlived its test process"
     assert not port_accepts("127.0.0.1", bao_port), "OpenBao outlived its test process"
+
+
+def test_workdirs_of_killed_runs_are_swept_and_live_ones_kept() -> None:
+    """make_workdir removes dirs whose creating process is gone and leaves live runs' dirs alone."""
+    prefix = f"bulkhead-sweeptest-{os.getpid()}-"
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    left_by_dead, still_live = make_workdir(prefix), make_workdir(prefix)
+    pathlib.Path(left_by_dead, ".owner-pid").write_text(str(dead.pid))
+    fresh = make_workdir(prefix)
+    try:
+        assert not os.path.exists(left_by_dead)
+        assert os.path.isdir(still_live) and os.path.isdir(fresh)
+    finally:
+        for path in (left_by_dead, still_live, fresh):
+            shutil.rmtree(path, ignore_errors=True)

@@ -161,3 +161,22 @@ def test_passwords_stay_out_of_repr(postgres: PostgresServer) -> None:
     """The server's repr (shown in pytest failure output) carries no password."""
     assert postgres.admin_password not in repr(postgres)
     assert postgres.app_password not in repr(postgres)
+
+
+async def test_owner_can_create_silo_databases_and_drop_cleans_them_up(
+        postgres: PostgresServer) -> None:
+    """The owner role may CREATEDB (silo tenants); drop_database removes those and the owner."""
+    urls = await postgres.create_database("harness_silo")
+    owner = await asyncpg.connect(urls.owner_dsn)
+    try:
+        await owner.execute('CREATE DATABASE "harness_silo_t_a"')
+    finally:
+        await owner.close()
+    await postgres.drop_database(urls.name)
+    admin = await asyncpg.connect(postgres.admin_dsn)
+    try:
+        left = await admin.fetch("SELECT datname FROM pg_database WHERE datname LIKE 'harness_silo%'")
+        role = await admin.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", urls.owner_role)
+    finally:
+        await admin.close()
+    assert (left, role) == ([], None)

@@ -1,0 +1,115 @@
+"""The proxy's counting parts on their own: rate limits, budget leases, the shared cache, the token estimate."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from services.inference import wire
+from services.inference.budget import BudgetLeases, BudgetRefused, Grant, Tokens
+from services.inference.limits import Limits, RateLimiter, Rejected
+from services.inference.proxy import _TtlCache
+from shared.tenancy import TenantContext
+from shared.testing.fake_anthropic import count_words
+
+from .helpers import params
+
+
+class Clock:
+    """A clock moved by hand."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_requests_per_minute_refill():
+    """Two per minute: the third is refused with the wait until one refills; after it, admitted again."""
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    limits = Limits(requests_per_minute=2)
+    for _ in range(2):
+        limiter.admit("t_a", limits, 1).settle(1)
+    with pytest.raises(Rejected) as info:
+        limiter.admit("t_a", limits, 1)
+    assert info.value.retry_after == pytest.approx(30.0)
+    limiter.admit("t_b", limits, 1)            # other tenants have their own buckets
+    clock.now += 30
+    limiter.admit("t_a", limits, 1)
+
+
+def test_tokens_per_minute_settles_to_real_usage():
+    """A call holds its estimate; settling with less gives the difference back."""
+    clock = Clock()
+    limiter = RateLimiter(clock)
+    limits = Limits(tokens_per_minute=100)
+    limiter.admit("t_a", limits, 90).settle(10)
+    limiter.admit("t_a", limits, 90).settle(90)
+    with pytest.raises(Rejected):
+        limiter.admit("t_a", limits, 90)
+
+
+class FakeMetering:
+    """An in-memory lease backend with a hard budget (the real one is exercised in test_quotas)."""
+
+    def __init__(self, budget: int):
+        self.left = budget
+        self.spent: dict[str, int] = {}
+        self.leases = 0
+
+    async def lease(self, model: str, tokens: int, min_tokens: int) -> Grant:
+        if self.left < min_tokens:
+            raise BudgetRefused("exhausted", [("budget", "exhausted")], 1.0)
+        granted = min(tokens, self.left)
+        self.left -= granted
+        self.leases += 1
+        lease_id = f"l{self.leases}"
+        self.spent[lease_id] = -granted
+        return Grant(lease_id, granted, 60.0)
+
+    async def renew(self, lease_id: str, spent: Tokens) -> None:
+        pass
+
+    async def release(self, lease_id: str, spent: Tokens) -> None:
+        granted = -self.spent[lease_id]
+        self.left += granted - spent.total
+        self.spent[lease_id] = spent.total
+
+
+async def test_leases_never_hold_more_than_granted():
+    """Holds beyond a lease need a new one; when the budget is gone the call is refused, not overspent."""
+    ctx = TenantContext("t_a", "p")
+    metering = FakeMetering(budget=250)
+    leases = BudgetLeases(metering, slice_tokens=100, clock=Clock())
+    holds = [await leases.hold(ctx, "m", 80) for _ in range(2)]
+    assert metering.leases == 2 and metering.left == 50
+    with pytest.raises(BudgetRefused):             # 50 left in metering: less than the call's worst case
+        await leases.hold(ctx, "m", 80)
+    for h in holds:
+        leases.settle(h, Tokens(input=30, output=20))
+    await leases.close()
+    assert metering.left == 250 - 2 * 50
+
+
+async def test_cache_loads_once_for_concurrent_misses():
+    """Concurrent misses of one tenant share one load."""
+    loads = 0
+
+    async def load():
+        nonlocal loads
+        loads += 1
+        await asyncio.sleep(0.01)
+        return "policy"
+
+    cache = _TtlCache(ttl=5.0)
+    got = await asyncio.gather(*(cache.get("t_a", load) for _ in range(20)))
+    assert got == ["policy"] * 20 and loads == 1
+
+
+def test_input_estimate_bounds_the_fake_upstream_count():
+    """The byte-based estimate is never below the upstream's count, so reservations cover the real input."""
+    for text in ("hi", "a b c d e f g", "naïve café ünïcode words " * 20):
+        body = wire.params_to_json(params(text), model="m", max_tokens=10)
+        assert wire.estimate_input_tokens(body) >= count_words([body.get("system", ""), body["messages"]])
