@@ -79,6 +79,7 @@ class UsageMeter:
         self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
+        self._closing = False
 
     async def start(self) -> None:
         """Find tenants with undelivered events from a previous run, then start delivering."""
@@ -107,11 +108,10 @@ class UsageMeter:
     async def close(self) -> None:
         """Stop the delivery loop and flush what is queued (to metering or the outbox)."""
         if self._task is not None:
-            self._task.cancel()
-            try:
-                await self._task
-            except asyncio.CancelledError:
-                pass
+            # Let the loop finish its round: cancelling it mid-write would leave a transaction open.
+            self._closing = True
+            self._wake.set()
+            await self._task
             self._task = None
         await self.flush()
 
