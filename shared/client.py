@@ -8,6 +8,7 @@ import grpc
 
 from shared import telemetry
 from shared.tenancy import current_tenant
+from shared.tls import TLS_FROM_ENV, TlsConfig, channel_credentials
 
 
 class NoIdentityToForward(RuntimeError):
@@ -85,15 +86,17 @@ class StaticCredentials(MetadataSource):
 
 
 def make_channel(address: str, *, forward: bool = False, credentials: MetadataSource | None = None,
-                 tls=None, options: tuple = ()) -> grpc.aio.Channel:
-    """A channel to address; forward=True carries the current tenant's identity on every call."""
+                 tls: TlsConfig | None | object = TLS_FROM_ENV, options: tuple = ()) -> grpc.aio.Channel:
+    """A channel to address; forward=True carries the current tenant's identity on every call.
+
+    mTLS (with this process's certificate) when BULKHEAD_TLS_* are set or `tls` is given; `tls=None` forces plaintext.
+    """
+    tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else tls
     interceptors: list = telemetry.client_interceptors()
     if forward:
         interceptors += ForwardIdentity().interceptors()
     if credentials is not None:
         interceptors += credentials.interceptors()
     if tls is not None:
-        from shared.tls import channel_credentials
-
         return grpc.aio.secure_channel(address, channel_credentials(tls), options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)

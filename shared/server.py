@@ -15,6 +15,7 @@ from grpc_reflection.v1alpha import reflection
 from shared import telemetry
 from shared.auth import TenancyInterceptor
 from shared.security import SecurityEvents
+from shared.tls import TLS_FROM_ENV, TlsConfig, server_credentials
 from shared.tokens import TokenVerifier
 
 log = logging.getLogger("bulkhead.server")
@@ -63,8 +64,13 @@ class RunningServer:
 
 
 async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifier, address: str = "127.0.0.1:0",
-                tls=None, options: Sequence[tuple[str, object]] = ()) -> RunningServer:
-    """Start a server with the production interceptor stack (OpenTelemetry outermost, then tenancy)."""
+                tls: TlsConfig | None | object = TLS_FROM_ENV,
+                options: Sequence[tuple[str, object]] = ()) -> RunningServer:
+    """Start a server with the production interceptor stack (OpenTelemetry outermost, then tenancy).
+
+    mTLS is on when BULKHEAD_TLS_CA/_CERT/_KEY are set (or `tls` is given); `tls=None` forces plaintext.
+    """
+    tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else tls
     tenancy = TenancyInterceptor(verifier, service=name)
     server = grpc.aio.server(interceptors=[telemetry.server_interceptor(), tenancy],
                              options=[("grpc.so_reuseport", 0), *options])
@@ -77,8 +83,6 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
                                          reflection.SERVICE_NAME), server)
     host, _, port = address.rpartition(":")
     if tls is not None:
-        from shared.tls import server_credentials
-
         bound = server.add_secure_port(address, server_credentials(tls))
     else:
         bound = server.add_insecure_port(address)

@@ -28,6 +28,10 @@ ENV_KEY = "BULKHEAD_TLS_KEY"
 ENV_VARS = (ENV_CA, ENV_CERT, ENV_KEY)
 
 
+TLS_FROM_ENV = object()
+"""Default of serve()/make_channel()'s `tls`: read BULKHEAD_TLS_* from the process environment."""
+
+
 class TlsConfigError(ValueError):
     """The TLS environment is incomplete or names files that cannot be read."""
 
