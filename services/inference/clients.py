@@ -17,6 +17,7 @@ from bulkhead.metering.v1 import metering_pb2_grpc
 from services.inference.budget import BackendUnavailable, BudgetRefused, Grant, Tokens
 from services.inference.limits import Limits
 from services.inference.usage import UsageEvent, UsageRejected
+from shared import errors
 from shared.errors import error_details
 from shared.logs import register_secret
 from shared.tenancy import TenantContext
@@ -50,6 +51,7 @@ class MeteringClient:
                 details = error_details(exc)
                 raise BudgetRefused(exc.details() or "budget exhausted", details["quota"] or [("budget", "exhausted")],
                                     details["retry_after"]) from None
+            _refuse_if_denied(exc, "metering.budget.write")
             raise BackendUnavailable(f"metering LeaseBudget: {exc.code().name}") from None
         return Grant(resp.lease.lease_id, resp.lease.granted.tokens, float(self._lease_ttl))
 
@@ -74,8 +76,12 @@ class MeteringClient:
 
     # quota
     async def limits(self) -> Limits:
-        """The caller's rate limits from its Quota."""
-        resp = await self._call(self._stub.GetQuotaStatus, mpb.GetQuotaStatusRequest())
+        """The caller's rate limits from its Quota (PermissionDenied when the token may not read them)."""
+        try:
+            resp = await self._call(self._stub.GetQuotaStatus, mpb.GetQuotaStatusRequest())
+        except grpc.aio.AioRpcError as exc:
+            _refuse_if_denied(exc, "metering.quota.read")
+            raise BackendUnavailable(f"metering GetQuotaStatus: {exc.code().name}") from None
         q = resp.quota
         return Limits(int(q.requests_per_minute), int(q.tokens_per_minute), int(q.concurrent_calls))
 
@@ -86,6 +92,13 @@ class MeteringClient:
             if exc.code() in _DOWN:
                 raise BackendUnavailable(f"metering: {exc.code().name}") from None
             raise
+
+
+def _refuse_if_denied(exc: grpc.aio.AioRpcError, scope: str) -> None:
+    """A token that may not read its limits or hold budget must not get unlimited calls: refuse it."""
+    if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
+        raise errors.PermissionDenied(f"model calls need a token that also holds {scope}",
+                                      reason="METERING_SCOPE_REQUIRED") from None
 
 
 def _event(e: UsageEvent) -> mpb.UsageEvent:

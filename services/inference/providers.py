@@ -179,8 +179,9 @@ def _retry_after(exc: anthropic.APIStatusError) -> float | None:
 class OfflineProvider:
     """A deterministic stand-in for the embedded default and demos: no network, no key.
 
-    It answers "[offline <model>] <the last user text>", counts a token per whitespace word and
-    calls the first tool offered when tool_choice demands one, so agents can be exercised end to end.
+    It answers "[offline <model>] <the last user text>" and counts a token per whitespace word. Offered
+    tools, it calls each once in order (or the one tool_choice names), then answers with the last tool
+    result, so teams with hand-offs and tools can be exercised end to end without a model.
     """
 
     name = OFFLINE
@@ -232,13 +233,17 @@ def _offline_message(body: dict[str, Any]) -> dict[str, Any]:
                 b.get("text", "") for b in content or () if b.get("type") == "text")
             break
     words = f"[offline {body['model']}] {last}".split()[: max(1, body.get("max_tokens", 1))]
-    choice = (body.get("tool_choice") or {}).get("type")
+    choice = (body.get("tool_choice") or {}).get("type", "auto")
     tools = body.get("tools") or []
-    if tools and choice in ("any", "tool"):
-        name = body["tool_choice"].get("name") or tools[0]["name"]
-        content = [{"type": "tool_use", "id": "toolu_offline_" + _digest(body)[:12], "name": name, "input": {}}]
+    tool = _next_tool(body, tools, choice)
+    if tool is not None:
+        content = [{"type": "tool_use", "id": "toolu_offline_" + _digest(body)[:12], "name": tool["name"],
+                    "input": _example_input(tool.get("input_schema") or {})}]
         stop = "tool_use"
     else:
+        results = _tool_results(body)
+        if results:  # an agent that used its tools reports what they returned
+            words = f"[offline {body['model']}] done. {results[-1]}".split()[: max(1, body.get("max_tokens", 1))]
         content = [{"type": "text", "text": " ".join(words)}]
         stop = "end_turn" if len(words) < body.get("max_tokens", 1) else "max_tokens"
     return {"id": "msg_offline_" + _digest(body)[:20], "type": "message", "role": "assistant",
@@ -246,6 +251,45 @@ def _offline_message(body: dict[str, Any]) -> dict[str, Any]:
             "usage": {"input_tokens": max(1, _words([body.get("system"), body.get("messages"), body.get("tools")])),
                       "output_tokens": max(1, _words(content)),
                       "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+
+
+def _next_tool(body: dict[str, Any], tools: list[dict[str, Any]], choice: str) -> dict[str, Any] | None:
+    """The tool the offline model calls now: the forced one, or (auto) the first it has not called yet.
+
+    So an agent offered tools uses each once, in the order given, then answers: enough to drive
+    hand-offs and tool calls end to end without a model.
+    """
+    if not tools or choice == "none":
+        return None
+    if choice == "tool":
+        return next((t for t in tools if t["name"] == body["tool_choice"].get("name")), tools[0])
+    if choice == "any":
+        return tools[0]
+    used = {b.get("name") for m in body.get("messages", []) if m.get("role") == "assistant"
+            and isinstance(m.get("content"), list) for b in m["content"] if b.get("type") == "tool_use"}
+    return next((t for t in tools if t["name"] not in used), None)
+
+
+def _tool_results(body: dict[str, Any]) -> list[str]:
+    """Text of every tool_result the conversation holds, oldest first."""
+    out = []
+    for m in body.get("messages", []):
+        if m.get("role") == "user" and isinstance(m.get("content"), list):
+            for b in m["content"]:
+                if b.get("type") == "tool_result":
+                    c = b.get("content")
+                    out.append(c if isinstance(c, str) else " ".join(x.get("text", "") for x in c or ()
+                                                                        if isinstance(x, dict)))
+    return out
+
+
+def _example_input(schema: dict[str, Any]) -> dict[str, Any]:
+    """A deterministic input that satisfies a simple JSON schema: first enum value, else a typed placeholder."""
+    placeholder = {"string": "offline", "integer": 1, "number": 1, "boolean": True, "array": [], "object": {}}
+    out = {}
+    for name, prop in (schema.get("properties") or {}).items():
+        out[name] = (prop.get("enum") or [placeholder.get(prop.get("type"), "offline")])[0]
+    return out
 
 
 def _digest(body: dict[str, Any]) -> str:

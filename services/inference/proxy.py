@@ -107,7 +107,7 @@ class _TtlCache:
                        hit: tuple[float, Any] | None) -> Any:
         try:
             value = await load()
-        except Exception as exc:
+        except BackendUnavailable as exc:   # unreachable: last good value, else defaults; refusals propagate
             if hit is None and fallback is None:
                 raise
             log.warning("refresh failed (%s); using %s", type(exc).__name__, "last value" if hit else "defaults")

@@ -118,12 +118,14 @@ class UsageMeter:
     async def _run(self) -> None:
         last_retry = 0.0
         loop = asyncio.get_running_loop()
-        while True:
+        while not self._closing:
             try:
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
             except TimeoutError:
                 pass
             self._wake.clear()
+            if self._closing:
+                return
             retry = loop.time() - last_retry >= self._retry_interval
             if retry:
                 last_retry = loop.time()

@@ -74,15 +74,24 @@ class UsageLedger:
     async def _count(self, tenant_id: str, records: Sequence[UsageRecord]) -> None:
         """Add new events to the Prometheus counters, summed per model and outcome first (cheap for big batches)."""
         book = await self._prices.book()
-        sums: dict[tuple[str, str], list] = {}
+        # [calls, input, output, cache write, cache read, scaled cost] per model and outcome.
+        sums: dict[tuple[str, str], list[int]] = {}
         for rec in records:
-            acc = sums.setdefault((rec.model, _OUTCOMES.get(rec.outcome, "other")), [0, Tokens(), 0])
+            acc = sums.get((rec.model, rec.outcome))
+            if acc is None:
+                acc = sums[(rec.model, rec.outcome)] = [0, 0, 0, 0, 0, 0]
+            t = rec.tokens
             acc[0] += 1
-            acc[1] = acc[1] + rec.tokens
+            acc[1] += t.input
+            acc[2] += t.output
+            acc[3] += t.cache_write
+            acc[4] += t.cache_read
             price = book.price_at(rec.model, rec.occurred_us)
-            acc[2] += price.cost_scaled(rec.tokens) if price else 0
-        for (model, outcome), (count, tokens, scaled) in sums.items():
-            self._metrics.recorded(tenant_id, model, outcome, tokens, float(scaled_to_usd(scaled)), count=count)
+            if price is not None:
+                acc[5] += price.cost_scaled(t)
+        for (model, outcome), (count, i, o, cw, cr, scaled) in sums.items():
+            self._metrics.recorded(tenant_id, model, _OUTCOMES.get(outcome, "other"), Tokens(i, o, cw, cr),
+                                   float(scaled_to_usd(scaled)), count=count)
 
     @staticmethod
     def check(query: UsageQuery, *, prefix: str = "filter") -> None:

@@ -105,6 +105,3 @@ class PriceBook:
         """Versions by model, oldest first."""
         return self._by_model
 
-    def __len__(self) -> int:
-        return sum(len(v) for v in self._by_model.values())
-

@@ -18,8 +18,8 @@ from sqlalchemy import (
     String,
     and_,
     case,
-    or_,
     func,
+    insert,
     literal,
     select,
     text,
@@ -33,6 +33,7 @@ from services.metering import periods
 from services.metering.pricing import TOKENS_PER_PRICE_UNIT, Price, Tokens
 from services.metering.usage import AGENT, DAY, HOUR, PRINCIPAL, PartialSum, UsageQuery, UsageRecord
 from shared.db import Base, TenantOwned
+from shared.db.base import TENANT_COLUMN_INFO
 
 _NO_UPDATE_SYNC = {"synchronize_session": False}
 
@@ -50,6 +51,9 @@ class UsageEventRow(MeteringBase, TenantOwned):
         Index("ix_metering_usage_events_tenant_time", "tenant_id", "occurred_us"),
     )
 
+    # Declared here without the mixin's own index: the primary key already leads with tenant_id,
+    # and every extra index is paid for by each of the thousands of rows a batch inserts.
+    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False, info={TENANT_COLUMN_INFO: True})
     idempotency_key: Mapped[str] = mapped_column(String(200))
     principal_id: Mapped[str] = mapped_column(String(200), default="")
     agent_id: Mapped[str] = mapped_column(String(200), default="")
@@ -409,64 +413,53 @@ class CounterChange:
     """Amount to add to used."""
 
 
-def _per_unit(changes: Sequence[CounterChange], attr: str):
-    """A CASE giving each unit's value of attr (one statement moves both counters)."""
-    # Typed BIGINT: an untyped literal would be bound as a 32-bit integer on Postgres.
-    return case({c.unit: literal(getattr(c, attr), BigInteger) for c in changes}, value=CounterRow.unit,
-                else_=literal(0, BigInteger))
-
-
-def _counter_rows(tenant_id: str, changes: Sequence[CounterChange], *, limited: bool):
-    conditions = []
-    for c in changes:
-        cond = and_(CounterRow.unit == c.unit, CounterRow.period_us == c.period_us)
-        if limited and c.limit is not None:
-            cond = and_(cond, CounterRow.used + CounterRow.held + c.hold <= c.limit)
-        conditions.append(cond)
-    return and_(CounterRow.tenant_id == tenant_id, or_(*conditions))
+def _counter(tenant_id: str, change: CounterChange):
+    return and_(CounterRow.tenant_id == tenant_id, CounterRow.unit == change.unit,
+                CounterRow.period_us == change.period_us)
 
 
 async def try_hold(session: AsyncSession, tenant_id: str, changes: Sequence[CounterChange]
                    ) -> tuple[dict[str, CounterState], list[str]]:
     """Add each change's `hold` to its counter where its hard limit allows; returns (states, refused units).
 
-    One conditional UPDATE for all counters: atomic per row, so concurrent holds can never pass a
-    limit. When a unit is refused the caller must roll back (another unit may have been moved).
+    Each counter moves in one conditional UPDATE: atomic per row, so concurrent holds can never
+    pass a limit. Counters are always locked in the order given (one statement per row: a
+    multi-row UPDATE locks in heap order, which differs between transactions and deadlocks).
+    When a unit is refused the caller must roll back (an earlier unit may have been moved).
     """
-    pending = [c for c in changes if c.hold]
-    done: dict[str, CounterState] = {}
-    for attempt in range(2):
-        if not pending:
-            break
-        stmt = (update(CounterRow).where(_counter_rows(tenant_id, pending, limited=True))
-                .values(held=CounterRow.held + _per_unit(pending, "hold"))
-                .returning(CounterRow.unit, CounterRow.used, CounterRow.held)
+    states: dict[str, CounterState] = {}
+    for change in changes:
+        if not change.hold:
+            continue
+        stmt = (update(CounterRow).where(_counter(tenant_id, change))
+                .values(held=CounterRow.held + change.hold)
+                .returning(CounterRow.used, CounterRow.held)
                 .execution_options(**_NO_UPDATE_SYNC))
-        for unit, used, held in (await session.execute(stmt)).all():
-            done[unit] = CounterState(int(used), int(held))
-        pending = [c for c in pending if c.unit not in done]
-        if pending and attempt == 0:
-            # A counter is missing (first hold of its period) or its limit refused: create the
-            # missing ones and try those again; an existing one that refused stays refused.
-            created = 0
-            for c in pending:
-                result = await session.execute(_insert(session, CounterRow).values(
-                    tenant_id=tenant_id, unit=c.unit, period_us=c.period_us, used=0, held=0).on_conflict_do_nothing())
-                created += result.rowcount
-            if not created:
-                break
-    return done, [c.unit for c in pending]
+        if change.limit is not None:
+            stmt = stmt.where(CounterRow.used + CounterRow.held + change.hold <= change.limit)
+        row = (await session.execute(stmt)).one_or_none()
+        if row is None:
+            # Missing (the first hold of its period) or refused by the limit: create it if missing.
+            created = await session.execute(_insert(session, CounterRow).values(
+                tenant_id=tenant_id, unit=change.unit, period_us=change.period_us, used=0, held=0
+            ).on_conflict_do_nothing())
+            if created.rowcount == 1:
+                row = (await session.execute(stmt)).one_or_none()
+        if row is None:
+            return states, [change.unit]
+        states[change.unit] = CounterState(int(row[0]), int(row[1]))
+    return states, []
 
 
 async def settle_counters(session: AsyncSession, tenant_id: str, changes: Sequence[CounterChange]) -> None:
-    """Move settled holds out of held and their charges into used, in one UPDATE."""
-    moving = [c for c in changes if c.release or c.charge]
-    if not moving:
-        return
-    await session.execute(
-        update(CounterRow).where(_counter_rows(tenant_id, moving, limited=False))
-        .values(held=CounterRow.held - _per_unit(moving, "release"), used=CounterRow.used + _per_unit(moving, "charge"))
-        .execution_options(**_NO_UPDATE_SYNC))
+    """Move settled holds out of held and their charges into used (counters locked in the order given)."""
+    for change in changes:
+        if not (change.release or change.charge):
+            continue
+        await session.execute(
+            update(CounterRow).where(_counter(tenant_id, change))
+            .values(held=CounterRow.held - change.release, used=CounterRow.used + change.charge)
+            .execution_options(**_NO_UPDATE_SYNC))
 
 
 async def get_hold(session: AsyncSession, hold_id: str, kind: str) -> HoldRow | None:
@@ -481,9 +474,9 @@ async def get_hold_by_key(session: AsyncSession, key: str) -> HoldRow | None:
 
 
 async def add_hold(session: AsyncSession, row: HoldRow) -> None:
-    """Insert a new hold."""
-    session.add(row)
-    await session.flush()
+    """Insert a new hold (one INSERT statement: cheaper than a unit-of-work flush on the hot path)."""
+    values = {column.key: getattr(row, column.key) for column in HoldRow.__table__.columns}
+    await session.execute(insert(HoldRow).values(values))
 
 
 async def flag_over_budget(session: AsyncSession, hold_id: str) -> None:

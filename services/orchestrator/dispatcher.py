@@ -153,6 +153,7 @@ class Dispatcher:
         ctx = TenantContext(tenant_id=claim.tenant_id, principal_id=claim.principal_id, tier=claim.tier,
                             token=token, run_id=claim.run_id, request_id=claim.run_id)
         heartbeat: asyncio.Task | None = None
+        heartbeat_stop = asyncio.Event()
         try:
             with tenant_scope(ctx):
                 run = await self._runs.get(claim.run_id)
@@ -162,7 +163,7 @@ class Dispatcher:
                 if run.status != RunStatus.RUNNING:
                     await self._runs.update(claim.run_id, status=RunStatus.RUNNING)
                 me = asyncio.current_task()
-                heartbeat = asyncio.create_task(self._heartbeat(claim.run_id, me))
+                heartbeat = asyncio.create_task(self._heartbeat(claim.run_id, me, heartbeat_stop))
                 job = RunJob(run_id=run.run_id, tenant_id=claim.tenant_id, team=run.team_spec,
                              entry_agent=run.entry_agent, run_input=run.input)
                 recorder = _Recorder(self._runs, self._feed, run)
@@ -188,7 +189,9 @@ class Dispatcher:
             await self._fail(ctx, claim.run_id, "INTERNAL", "the run failed inside the orchestrator")
         finally:
             if heartbeat is not None:
-                heartbeat.cancel()
+                # Let a renewal in progress finish: cancelling it mid-query would upset the pool.
+                heartbeat_stop.set()
+                await asyncio.wait({heartbeat}, timeout=5)
             self._done(claim.run_id)
 
     def _done(self, run_id: str) -> None:
@@ -213,10 +216,14 @@ class Dispatcher:
             self._feed.publish(run_id, steps[-1], run)
         return on_load
 
-    async def _heartbeat(self, run_id: str, task: asyncio.Task | None) -> None:
+    async def _heartbeat(self, run_id: str, task: asyncio.Task | None, stop: asyncio.Event) -> None:
         interval = self._s.lease_seconds / 3
         while True:
-            await asyncio.sleep(interval)
+            try:
+                await asyncio.wait_for(stop.wait(), interval)
+                return
+            except TimeoutError:
+                pass
             try:
                 ours, cancel = await self._runs.renew(run_id, self.owner, ttl=self._s.lease_seconds, now=time.time())
             except Exception:  # noqa: BLE001 - keep trying until the lease would expire

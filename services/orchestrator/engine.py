@@ -14,6 +14,8 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from opentelemetry import trace
+
 from shared.errors import BulkheadError, ResourceExhausted, Unavailable
 from services.orchestrator.canary import fingerprint, foreign_markers, marker_for
 from services.orchestrator.history import RunView, replay
@@ -24,6 +26,7 @@ from services.orchestrator.steps import Step, StepKind, step_request_id
 from services.orchestrator.team import HANDOFF_TOOL, AgentSpec, TeamSpec
 
 log = logging.getLogger("bulkhead.orchestrator.engine")
+_tracer = trace.get_tracer("bulkhead.orchestrator")
 
 
 @dataclass(frozen=True)
@@ -89,12 +92,17 @@ class Engine:
         Raises StepConflict when another executor wrote to the log (this one lost the lease).
         """
         ex = _Execution(self, job, ports, on_step)
-        await ex.load(on_load)
-        while ex.view.finished is None:
-            if cancelled():
-                await ex.finish(RunStatus.CANCELLED, message="cancelled by request")
-            else:
-                await ex.advance()
+        attrs = {"tenant.id": job.tenant_id, "run.id": job.run_id, "team": job.team.name}
+        with _tracer.start_as_current_span("orchestrator.run", attributes=attrs):
+            await ex.load(on_load)
+            while ex.view.finished is None:
+                # One span per step: ids and kinds only, never content (it may be sensitive).
+                with _tracer.start_as_current_span("orchestrator.step", attributes={
+                        **attrs, "step.index": ex.view.last_index + 1, "agent": ex.view.current_agent}):
+                    if cancelled():
+                        await ex.finish(RunStatus.CANCELLED, message="cancelled by request")
+                    else:
+                        await ex.advance()
         return ex.view
 
     def system_prompt(self, tenant_id: str, team: TeamSpec, agent: AgentSpec) -> str:

@@ -11,6 +11,13 @@ uses the official ``anthropic`` SDK unchanged::
         ...
         assert fake.request_count == 2 and fake.usage_log[-1].usage["output_tokens"] == 7
 
+What it records: ``calls`` (model requests: method, path, headers, JSON body), ``replies`` (each
+message it answered with), ``sent_events`` (SSE events per stream, fewer when dropped) and
+``usage_log`` (the usage it reported per call, with ``user_id`` and the key used: what a
+provider would bill). Knobs: ``delay`` (latency before each reply), ``event_delay`` (between
+SSE events), faults ``Fault.http(status, retry_after=, message=)``, ``Fault.overloaded()``,
+``Fault.slow(s)``, ``Fault.disconnect(after_events=n)``; ``POST /v1/messages/count_tokens`` works.
+
 Replies are deterministic: without a script the fake echoes the last user text. Token counts
 are whitespace word counts (never more than the request's UTF-8 byte length), so a caller
 that estimates tokens by bytes never under-reserves.

@@ -55,7 +55,7 @@ def render(path: pathlib.Path) -> list[Obj]:
     mini_kustomize (checked against the real tool wherever both exist)."""
     if kustomize_command() is not None:
         return render_with_tool(path)
-    import mini_kustomize
+    from tests.deploy import mini_kustomize
 
     return mini_kustomize.build(path)
 

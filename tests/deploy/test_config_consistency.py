@@ -9,7 +9,7 @@ import urllib.parse
 
 import pytest
 import yaml
-from k8s_helpers import (
+from tests.deploy.k8s_helpers import (
     DEPLOY,
     K8S,
     OVERLAYS,

@@ -11,7 +11,7 @@ import sys
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from k8s_helpers import DEPLOY, ROOT
+from tests.deploy.k8s_helpers import DEPLOY, ROOT
 
 from bulkhead.cli.certs import write_dev_certs
 from shared.tls import TlsConfig, server_credentials

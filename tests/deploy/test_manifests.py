@@ -7,7 +7,7 @@ import pathlib
 
 import kubernetes_validate
 import pytest
-from k8s_helpers import (
+from tests.deploy.k8s_helpers import (
     DEPLOY,
     K8S,
     KUBERNETES_VERSION,

@@ -10,7 +10,7 @@ import urllib.parse
 
 import asyncpg
 import pytest
-from k8s_helpers import DEPLOY, ROOT
+from tests.deploy.k8s_helpers import DEPLOY, ROOT
 
 from shared.config import SERVICES
 from shared.db import Database

@@ -206,3 +206,13 @@ def test_private_endpoints_must_be_https_unless_allowed():
     assert check_private_model(plain, allow_http=True) == {}
     assert check_private_model(PrivateModel("m", "ft", base_url="https://models.example.com/v1")) == {}
     assert "model.base_url" in check_private_model(PrivateModel("m", "ft", base_url="https://user@evil.example"))
+
+
+@pytest.mark.parametrize("missing", ["metering.quota.read", "metering.budget.write"])
+async def test_token_that_cannot_be_held_to_its_limits_is_refused(mesh, missing):
+    """Without the scope to read its limits or hold budget, a call is refused, never run unlimited."""
+    scopes = {"inference.messages.create", "metering.budget.write", "metering.usage.write", "metering.quota.read"}
+    await _expect(mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()),
+                                          metadata=mesh.md("t_a", scopes=tuple(scopes - {missing}))),
+                  grpc.StatusCode.PERMISSION_DENIED, "METERING_SCOPE_REQUIRED")
+    assert mesh.fake.requests == []

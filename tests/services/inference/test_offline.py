@@ -46,3 +46,27 @@ async def test_offline_tool_choice_calls_the_tool(mesh):
     p = params("weather?", tools=[pb.Tool(name="get_weather")], tool_choice=pb.ToolChoice(type=pb.TOOL_CHOICE_TYPE_ANY))
     resp = await offline.stub.CreateMessage(pb.CreateMessageRequest(params=p), metadata=mesh.md("t_a"))
     assert resp.stop_reason == pb.STOP_REASON_TOOL_USE and resp.content[0].tool_use.name == "get_weather"
+
+
+def test_offline_agent_uses_each_offered_tool_once_then_answers():
+    """Offered tools (tool_choice auto), the offline model calls each once in order, then reports the last result."""
+    from services.inference.providers import _offline_message
+
+    tools = [{"name": "handoff", "input_schema": {"type": "object", "properties": {
+                 "agent": {"type": "string", "enum": ["specialist", "billing"]}, "reason": {"type": "string"}}}},
+             {"name": "lookup", "input_schema": {"type": "object", "properties": {"id": {"type": "integer"}}}}]
+    body = {"model": "m", "max_tokens": 50, "tools": tools, "messages": [{"role": "user", "content": "help"}]}
+    first = _offline_message(body)
+    assert first["stop_reason"] == "tool_use"
+    assert first["content"][0]["name"] == "handoff"
+    assert first["content"][0]["input"] == {"agent": "specialist", "reason": "offline"}
+    body["messages"] += [{"role": "assistant", "content": first["content"]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": "ok"}]}]
+    second = _offline_message(body)
+    assert second["content"][0]["name"] == "lookup" and second["content"][0]["input"] == {"id": 1}
+    body["messages"] += [{"role": "assistant", "content": second["content"]},
+                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "y",
+                                                       "content": "plan gold"}]}]
+    final = _offline_message(body)
+    assert final["stop_reason"] == "end_turn" and final["content"][0]["text"].endswith("done. plan gold")
+    assert _offline_message({**body, "tool_choice": {"type": "none"}})["stop_reason"] == "end_turn"

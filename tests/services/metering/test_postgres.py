@@ -26,14 +26,21 @@ async def _status(h, tenant=A):
 
 
 async def test_concurrent_reserve_commit_never_overspend(pg_metering):
-    """500 concurrent Reserve+Commit pairs from 5 clients: used <= budget and == the sum committed."""
+    """500 concurrent Reserve+Commit pairs from 5 clients: used <= budget and == the sum committed.
+
+    The model is priced and a money budget is set too, so every hold and settlement moves two
+    counter rows at once (the case that deadlocks if rows are locked in varying order).
+    """
     h = pg_metering
+    await h.stub.SetPrice(pb.SetPriceRequest(price=price(MODEL, T0 - 1, 3_000_000, 15_000_000)), metadata=h.op())
     await h.stub.SetQuota(pb.SetQuotaRequest(quota=pb.Quota(tenant_id=A, budgets=[
-        pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=BUDGET)])), metadata=h.op())
+        pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=BUDGET),
+        pb.Budget(unit=pb.BUDGET_UNIT_MICRO_USD, limit=10**9)])), metadata=h.op())
     channels = [make_channel(h.service.running.address) for _ in range(5)]
     stubs = [metering_pb2_grpc.MeteringServiceStub(c) for c in channels]
     md = h.md(A, scopes=("metering.budget.write",))
     committed: list[int] = []
+    charged_micros: list[int] = []
     rejected: list[dict] = []
 
     async def pair(i: int) -> None:
@@ -46,20 +53,25 @@ async def test_concurrent_reserve_commit_never_overspend(pg_metering):
             rejected.append(error_details(err))
             return
         actual = 40 + i % 61  # 40..100 tokens, never more than the 100 held
-        await stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=pb.TokenCounts(
+        done = await stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=pb.TokenCounts(
             input_tokens=30, output_tokens=actual - 30)), metadata=md)
         committed.append(actual)
+        charged_micros.append(done.charged.micro_usd)
 
     try:
         await asyncio.gather(*(pair(i) for i in range(500)))
     finally:
         for channel in channels:
             await channel.close()
-    status = (await _status(h))[pb.BUDGET_UNIT_TOKENS]
+    statuses = await _status(h)
+    status, money = statuses[pb.BUDGET_UNIT_TOKENS], statuses[pb.BUDGET_UNIT_MICRO_USD]
     assert len(committed) + len(rejected) == 500
     assert committed and rejected  # the budget allowed only part of them
     assert status.used == sum(committed) <= BUDGET
     assert status.held == 0
+    # 30 input tokens at 3 micro-USD each, the rest at 15: exactly what was charged.
+    assert money.used == sum(charged_micros) == sum(30 * 3 + (a - 30) * 15 for a in committed)
+    assert money.held == 0
     assert all(r["reason"] == "BUDGET_EXHAUSTED" and r["quota"][0][0] == "budget:tokens"
                and r["retry_after"] is not None for r in rejected)
 

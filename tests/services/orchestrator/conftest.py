@@ -14,8 +14,9 @@ from .mesh import running_mesh
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def bare_mesh(tmp_path_factory):
-    """The mesh without an inference proxy: runs queue and never get a model answer."""
+    """The mesh without an inference proxy and with dispatching stopped: runs stay queued."""
     async with running_mesh(tmp_path_factory.mktemp("bare"), with_inference=False) as mesh:
+        await mesh.orchestrator.dispatcher.stop()
         yield mesh
 
 

@@ -89,8 +89,8 @@ async def test_runs_are_invisible_across_tenants(bare_mesh):
             pass
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
     assert not (await stub.ListRuns(pb.ListRunsRequest(), metadata=b.metadata)).runs
-    assert (await stub.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=a.metadata)).run.status in (
-        pb.RUN_STATUS_QUEUED, pb.RUN_STATUS_RUNNING)
+    assert (await stub.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=a.metadata)).run.status == \
+        pb.RUN_STATUS_QUEUED
 
 
 async def test_start_run_validation_and_idempotency(bare_mesh):
@@ -133,14 +133,10 @@ async def test_cancel_queued_run(bare_mesh):
     stub, a = bare_mesh.stub, await bare_mesh.tenant()
     await stub.CreateTeam(pb.CreateTeamRequest(team=team_pb()), metadata=a.metadata)
     run = (await stub.StartRun(pb.StartRunRequest(team="support", input="x"), metadata=a.metadata)).run
-    await stub.CancelRun(pb.CancelRunRequest(run_id=run.run_id), metadata=a.metadata)
-    for _ in range(50):
-        got = (await stub.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=a.metadata)).run
-        if got.status == pb.RUN_STATUS_CANCELLED:
-            break
-        await stub.CancelRun(pb.CancelRunRequest(run_id=run.run_id), metadata=a.metadata)
-        import asyncio
-        await asyncio.sleep(0.1)
+    assert run.status == pb.RUN_STATUS_QUEUED
+    cancelled = (await stub.CancelRun(pb.CancelRunRequest(run_id=run.run_id), metadata=a.metadata)).run
+    assert cancelled.status == pb.RUN_STATUS_CANCELLED
+    got = (await stub.GetRun(pb.GetRunRequest(run_id=run.run_id), metadata=a.metadata)).run
     assert got.status == pb.RUN_STATUS_CANCELLED
     again = (await stub.CancelRun(pb.CancelRunRequest(run_id=run.run_id), metadata=a.metadata)).run
     assert again.status == pb.RUN_STATUS_CANCELLED

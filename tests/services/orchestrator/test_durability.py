@@ -50,6 +50,11 @@ async def until(check, timeout: float = 20.0):
 @pytest.mark.slow
 async def test_kill9_mid_run_then_restart_completes_without_repeats(tmp_path):
     """The run survives kill -9; completed steps are not redone; usage is counted once per call."""
+    async with asyncio.timeout(60):
+        await _scenario(tmp_path)
+
+
+async def _scenario(tmp_path: Path) -> None:
     tools = ToolServer(body='{"invoice": "INV-9", "status": "overdue"}')
     async with FakeAnthropic() as upstream, running_mesh(tmp_path, upstream_url=upstream.base_url,
                                                          start_orchestrator=False) as mesh:
@@ -98,11 +103,13 @@ async def test_kill9_mid_run_then_restart_completes_without_repeats(tmp_path):
             assert final.status == pb.RUN_STATUS_SUCCEEDED and final.output == "INV-9 is overdue."
 
             # Completed steps were not redone: one tool request, and each completed model call's
-            # request reached the upstream exactly once; only the in-flight one was sent again.
+            # request reached the upstream exactly once. The call in flight at the kill is retried
+            # with the same request id; the proxy may answer it from its own record (3 calls) or
+            # send it again (4, the last two identical).
             bodies = [json.dumps(c.body, sort_keys=True) for c in upstream.calls]
             assert len(tools.requests) == 1
             assert bodies.count(bodies[0]) == 1 and bodies.count(bodies[1]) == 1
-            assert len(bodies) == 4 and bodies[2] == bodies[3]
+            assert len(bodies) == 3 or (len(bodies) == 4 and bodies[2] == bodies[3])
 
             metering = metering_pb2_grpc.MeteringServiceStub(grpc.aio.insecure_channel(mesh.addr("metering")))
             window = metering_pb2.UsageFilter()

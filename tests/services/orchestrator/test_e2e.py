@@ -97,8 +97,17 @@ async def test_two_agent_team_runs_to_completion(mesh, upstream, tools, spans, c
     assert len(events) == 7 and all(SECRET.encode() not in e.payload for e in events)
     assert SECRET not in str(seen)
     assert SECRET not in caplog.text
-    for span in spans.get_finished_spans():
+    for _ in range(100):  # the last step's span closes just after the step is published
+        finished_spans = spans.get_finished_spans()
+        if any(sp.name == "orchestrator.run" and (sp.attributes or {}).get("run.id") == run.run_id
+               for sp in finished_spans):
+            break
+        await asyncio.sleep(0.02)
+    for span in finished_spans:
         assert SECRET not in json.dumps({k: str(v) for k, v in (span.attributes or {}).items()})
+    step_spans = [sp for sp in finished_spans if sp.name == "orchestrator.step"
+                  and (sp.attributes or {}).get("run.id") == run.run_id]
+    assert len(step_spans) == 5 and all(sp.attributes["tenant.id"] == a.tenant_id for sp in step_spans)
 
     # Metering counted each model call once, tagged with the agents.
     metering = metering_pb2_grpc.MeteringServiceStub(grpc.aio.insecure_channel(mesh.addr("metering")))
@@ -172,3 +181,46 @@ async def test_tenant_at_its_limit_queues_while_another_proceeds(mesh, upstream)
     # A's runs started in the order they were queued, one at a time.
     starts = [r.update_time.ToNanoseconds() for r in finished]
     assert starts == sorted(starts)
+
+
+async def test_cancel_running_run_stops_before_next_step(mesh, upstream):
+    """Cancelling mid-call lets the call finish, then the run stops CANCELLED without another step."""
+    a = await mesh.tenant()
+    await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(model=MODEL)), metadata=a.metadata)
+    upstream.fail_next(Fault.slow(1.0))
+    upstream.script(Reply.tool_use("handoff", {"agent": "billing", "note": "n"}))
+    run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="x"), metadata=a.metadata)).run
+    while upstream.request_count < 1:
+        await asyncio.sleep(0.02)
+    cancelled = (await mesh.stub.CancelRun(pb.CancelRunRequest(run_id=run.run_id), metadata=a.metadata)).run
+    assert cancelled.status == pb.RUN_STATUS_RUNNING
+    seen = await watch(mesh, a, run.run_id)
+    assert seen[-1].run.status == pb.RUN_STATUS_CANCELLED
+    assert pb.STEP_KIND_HANDOFF not in [m.step.kind for m in seen] and upstream.request_count == 1
+
+
+async def test_cli_apply_start_list_and_cancel(mesh, upstream, tmp_path, monkeypatch, capsys):
+    """`bulkhead teams apply -f`, `runs start` (live progress), `runs list`, `runs cancel` against the mesh."""
+    from bulkhead.cli import main
+
+    a = await mesh.tenant()
+    for key, value in mesh.env.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("BULKHEAD_ORCHESTRATOR_ADDR", mesh.orchestrator.address)
+    monkeypatch.setenv("BULKHEAD_API_KEY", a.api_key)
+    team_file = tmp_path / "team.yaml"
+    team_file.write_text(f"name: desk\nagents:\n  - name: solo\n    model: {MODEL}\n    system_prompt: Be brief.\n")
+    assert await asyncio.to_thread(main, ["teams", "apply", "-f", str(team_file)]) == 0
+    assert await asyncio.to_thread(main, ["teams", "apply", "-f", str(team_file)]) == 0
+    upstream.script(Reply.text("All done."))
+    assert await asyncio.to_thread(main, ["runs", "start", "desk", "hello there"]) == 0
+    out = capsys.readouterr().out
+    assert "team desk created" in out and "team desk updated" in out
+    assert "run_started" in out and "model_call" in out and "succeeded" in out and "All done." in out
+    assert await asyncio.to_thread(main, ["runs", "list", "--team", "desk"]) == 0
+    assert "succeeded" in capsys.readouterr().out
+    upstream.fail_next(Fault.slow(1.0))
+    assert await asyncio.to_thread(main, ["runs", "start", "desk", "again", "--detach"]) == 0
+    run_id = capsys.readouterr().out.split()[1]
+    assert await asyncio.to_thread(main, ["runs", "cancel", run_id]) == 0
+    assert run_id in capsys.readouterr().out

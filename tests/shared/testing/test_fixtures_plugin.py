@@ -122,3 +122,27 @@ def test_workdirs_of_killed_runs_are_swept_and_live_ones_kept() -> None:
     finally:
         for path in (left_by_dead, still_live, fresh):
             shutil.rmtree(path, ignore_errors=True)
+
+
+_STOPS_AND_FAILS = '''
+def test_a_stops_openbao_then_fails(openbao):
+    """Leaves OpenBao down."""
+    openbao.stop()
+    assert False
+
+def test_b_finds_openbao_up_again(openbao):
+    """The plugin restarted it after test_a."""
+    assert openbao.healthy()
+'''
+
+
+def test_openbao_left_stopped_by_a_failing_test_is_restarted(tmp_path: pathlib.Path) -> None:
+    """A test that stops OpenBao and dies before start() does not take later tests down."""
+    (tmp_path / "test_inner.py").write_text(_STOPS_AND_FAILS)
+    done = subprocess.run(
+        [sys.executable, "-m", "pytest", "-p", "shared.testing.fixtures", "-p", "no:cacheprovider",
+         "-q", "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path)],
+        capture_output=True, text=True, timeout=120, cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)})
+    out = done.stdout + done.stderr
+    assert "1 failed, 1 passed" in out, out
