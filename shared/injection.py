@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 
@@ -21,6 +22,11 @@ import grpc
 
 from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from shared.logs import REDACTED, register_secret
+
+
+_ATTEMPTS = 3
+_TRANSIENT = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)
+"""A read is safe to repeat: contention on the audit log or a restarting credentials service is retried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,13 +107,18 @@ class SecretInjector:
         return InjectedSecrets(dict(zip(normalized, values)))
 
     async def _fetch(self, env_name: str, ref: SecretRef) -> str:
-        try:
-            reply = await self._stub.GetSecret(credentials_pb2.GetSecretRequest(name=ref.name, version=ref.version),
-                                               timeout=self._timeout)
-        except grpc.aio.AioRpcError as err:
-            from shared.errors import error_details
+        for attempt in range(_ATTEMPTS):
+            try:
+                reply = await self._stub.GetSecret(
+                    credentials_pb2.GetSecretRequest(name=ref.name, version=ref.version), timeout=self._timeout)
+                break
+            except grpc.aio.AioRpcError as err:
+                if err.code() in _TRANSIENT and attempt + 1 < _ATTEMPTS:
+                    await asyncio.sleep(0.05 * 2 ** attempt * random.uniform(0.5, 1.5))
+                    continue
+                from shared.errors import error_details
 
-            raise SecretResolutionError(env_name, ref, err.code(), error_details(err).get("reason")) from None
+                raise SecretResolutionError(env_name, ref, err.code(), error_details(err).get("reason")) from None
         value = reply.value.decode()
         register_secret(value)
         return value

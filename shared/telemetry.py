@@ -1,7 +1,9 @@
 """OpenTelemetry tracing: one tracer provider per process, OTLP export when configured."""
 from __future__ import annotations
 
+from opentelemetry import context as otel_context
 from opentelemetry import trace
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
@@ -42,3 +44,29 @@ def server_interceptor():
 def client_interceptors() -> list:
     """The OpenTelemetry client interceptors (inject W3C traceparent on every call)."""
     return list(aio_client_interceptors())
+
+
+_W3C = TraceContextTextMapPropagator()
+
+
+def current_traceparent() -> str:
+    """The W3C traceparent of the current span ("" outside one), to store with work done later."""
+    carrier: dict[str, str] = {}
+    _W3C.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def attach_traceparent(traceparent: str):
+    """Make a stored traceparent the current context, so background work continues its request's trace.
+
+    Returns the token for opentelemetry.context.detach (None when there was nothing to attach).
+    """
+    if not traceparent:
+        return None
+    return otel_context.attach(_W3C.extract({"traceparent": traceparent}))
+
+
+def detach(token) -> None:
+    """Undo attach_traceparent."""
+    if token is not None:
+        otel_context.detach(token)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -167,6 +168,7 @@ class AuditLog:
                 return
             except (IntegrityError, _StaleHead):
                 self._heads.pop(tenant_id, None)
+                await asyncio.sleep(random.uniform(0.005, 0.03))  # let the other writer finish first
         raise errors.Aborted("could not append to the audit log; retry", reason="AUDIT_CONTENTION")
 
     async def page(self, *, after_seq: int, limit: int, secret_name: str = "") -> list[store.AuditRow]:

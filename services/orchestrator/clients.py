@@ -1,4 +1,4 @@
-"""gRPC implementations of the engine's ports: state, inference proxy, credentials, identity.
+"""gRPC implementations of the engine's ports: state, inference proxy, identity (secrets: shared.injection).
 
 Every call goes through a forwarding channel, so it carries the current TenantContext: the run's
 delegated token, its tenant, and the step's request id (the idempotency key downstream).
@@ -11,7 +11,6 @@ from typing import Any
 import grpc
 from google.protobuf import json_format, struct_pb2
 
-from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2, identity_pb2_grpc
 from bulkhead.inference.v1 import inference_pb2, inference_pb2_grpc
 from bulkhead.state.v1 import state_pb2, state_pb2_grpc
@@ -130,20 +129,6 @@ class InferenceModel:
         return ModelReply(content=[_block_out(b) for b in resp.content], stop_reason=_STOP.get(resp.stop_reason, ""),
                           model=resp.model, usage={"input_tokens": resp.usage.input_tokens,
                                                    "output_tokens": resp.usage.output_tokens})
-
-
-class CredentialsSecrets:
-    """Secret values from the credentials service, fetched at the moment a tool needs them."""
-
-    def __init__(self, channel: grpc.aio.Channel):
-        self._stub = credentials_pb2_grpc.CredentialsServiceStub(channel)
-
-    async def get(self, name: str) -> str:
-        try:
-            resp = await self._stub.GetSecret(credentials_pb2.GetSecretRequest(name=name))
-        except grpc.aio.AioRpcError as err:
-            raise translate(err) from None
-        return resp.value.decode()
 
 
 class IdentityDelegator:

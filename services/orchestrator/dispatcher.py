@@ -26,6 +26,7 @@ from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.store import Claim, RunRecord, RunStore
 from shared.errors import Unauthenticated, Unavailable
 from shared.tenancy import TenantContext, tenant_scope
+from shared.telemetry import attach_traceparent, detach
 
 log = logging.getLogger("bulkhead.orchestrator.dispatcher")
 
@@ -167,11 +168,13 @@ class Dispatcher:
                 job = RunJob(run_id=run.run_id, tenant_id=claim.tenant_id, team=run.team_spec,
                              entry_agent=run.entry_agent, run_input=run.input)
                 recorder = _Recorder(self._runs, self._feed, run)
+                trace_token = attach_traceparent(claim.traceparent)  # the run continues StartRun's trace
                 try:
                     await self._engine.execute(job, self._ports_for(),
                                                cancelled=lambda: claim.run_id in self._cancel,
                                                on_step=recorder.put, on_load=self._syncer(claim.run_id))
                 finally:
+                    detach(trace_token)
                     await recorder.close()
         except StepConflict:
             log.warning("run lease lost", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
@@ -225,13 +228,15 @@ class Dispatcher:
             except TimeoutError:
                 pass
             try:
-                ours, cancel = await self._runs.renew(run_id, self.owner, ttl=self._s.lease_seconds, now=time.time())
+                outcome = await self._runs.renew(run_id, self.owner, ttl=self._s.lease_seconds, now=time.time())
             except Exception:  # noqa: BLE001 - keep trying until the lease would expire
                 log.warning("lease renewal failed", extra={"run_id": run_id})
                 continue
-            if cancel:
+            if outcome == "cancel":
                 self._cancel.add(run_id)
-            if not ours and task is not None:
+            elif outcome == "gone":
+                return  # the run just finished
+            elif outcome == "lost" and task is not None:
                 log.warning("lease taken over, stopping", extra={"run_id": run_id})
                 task.cancel()
                 return

@@ -57,9 +57,12 @@ class HttpToolRunner:
         if wait is not None:
             return ToolResult(f"tool {tool.name}: rate limit reached, retry in {wait:.1f}s", True)
         try:
-            headers, values = await _inject(tool.headers, secrets)
+            resolved = await secrets.resolve({n: n for n in tool.secret_names()}) if tool.secret_names() else {}
         except Exception:  # noqa: BLE001 - which secret failed and why stays in the credentials audit
             return ToolResult(f"tool {tool.name}: a credential it needs is not available", True)
+        values = list(resolved.values())
+        headers = {name: SECRET_REF.sub(lambda m: resolved[m.group(1)], template)
+                   for name, template in dict(tool.headers).items()}
         try:
             if tool.method == "GET":
                 resp = await self._client.get(tool.url, params=_query(tool_input), headers=headers)
@@ -69,6 +72,11 @@ class HttpToolRunner:
             return ToolResult(f"tool {tool.name}: the upstream did not answer in time", True)
         except httpx.HTTPError:
             return ToolResult(f"tool {tool.name}: the upstream could not be reached", True)
+        finally:
+            headers.clear()
+            clear = getattr(resolved, "clear", None)
+            if clear is not None:
+                clear()  # the values live for this one call only
         body = _scrub(resp.text[: self._max_body * 2], values)[: self._max_body]
         if resp.is_redirect:
             return ToolResult(f"tool {tool.name}: the upstream answered with a redirect, not followed",
@@ -77,20 +85,6 @@ class HttpToolRunner:
             return ToolResult(f"tool {tool.name}: upstream returned HTTP {resp.status_code}: {body}",
                               True, resp.status_code)
         return ToolResult(body, False, resp.status_code)
-
-
-async def _inject(templates: dict[str, str] | Any, secrets: SecretSource) -> tuple[dict[str, str], list[str]]:
-    """Headers with ${secret:NAME} resolved, and the values used (to scrub them from replies)."""
-    headers: dict[str, str] = {}
-    values: list[str] = []
-    for name, template in dict(templates).items():
-        out = template
-        for ref in SECRET_REF.findall(template):
-            value = await secrets.get(ref)
-            values.append(value)
-            out = out.replace(f"${{secret:{ref}}}", value)
-        headers[name] = out
-    return headers, values
 
 
 def _query(tool_input: dict[str, Any]) -> dict[str, str]:

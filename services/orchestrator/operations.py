@@ -14,6 +14,7 @@ from services.orchestrator.store import Page, RunRecord, RunStore, TeamRecord, T
 from services.orchestrator.team import TeamSpec, validate_team
 from shared.errors import InvalidArgument
 from shared.tenancy import require_tenant
+from shared.telemetry import current_traceparent
 
 MAX_INPUT_CHARS = 32_000
 
@@ -104,14 +105,15 @@ class Orchestrator:
         run_id = new_run_id()
         scopes = list(RUN_SCOPES)
         if idempotency_key:
-            existing = await self._runs.create_if_absent_check(idempotency_key)
+            existing = await self._runs.by_idempotency_key(idempotency_key)
             if existing is not None:
                 return existing
         token = await self._delegator.delegate(scopes=scopes, run_id=run_id, ttl=self._ttl)
         run, _ = await self._runs.create(team=spec, entry_agent=entry, run_input=run_input,
                                          idempotency_key=idempotency_key, tenant_id=ctx.tenant_id,
                                          principal_id=ctx.principal_id, tier=ctx.tier,
-                                         grant=self._sealer.seal(token, run_id), run_id=run_id)
+                                         grant=self._sealer.seal(token, run_id), run_id=run_id,
+                                         traceparent=current_traceparent())
         self._dispatcher.wake()
         return run
 

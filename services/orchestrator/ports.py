@@ -6,6 +6,7 @@ Production implementations call the state, inference and credentials services ov
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from collections.abc import Mapping
 from typing import Any, Protocol
 
 from services.orchestrator.steps import Step
@@ -59,7 +60,7 @@ class ModelClient(Protocol):
 
 
 class SecretSource(Protocol):
-    """Secret values for tool injection (the credentials service)."""
+    """Secret values for tool injection (shared.injection.SecretInjector over the credentials service)."""
 
-    async def get(self, name: str) -> str:
-        """The current value of the named secret of the current tenant."""
+    async def resolve(self, refs: Mapping[str, str]) -> Mapping[str, str]:
+        """The current values of the current tenant's secrets, by the key each was asked under."""

@@ -9,8 +9,7 @@ import grpc
 import httpx
 
 from bulkhead.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from services.orchestrator.clients import (CredentialsSecrets, IdentityDelegator, InferenceModel, StateContext,
-                                           StateStepLog)
+from services.orchestrator.clients import IdentityDelegator, InferenceModel, StateContext, StateStepLog
 from services.orchestrator.config import OrchestratorConfig
 from services.orchestrator.dispatcher import DispatchSettings, Dispatcher, StepFeed
 from services.orchestrator.engine import Engine, Limits, Ports
@@ -22,6 +21,7 @@ from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.store import RunStore, TeamStore
 from shared.client import make_channel
 from shared.db import Database
+from shared.injection import SecretInjector
 from shared.server import Binding, RunningServer, run_until_signalled, serve
 from shared.tokens import TokenVerifier
 
@@ -84,7 +84,7 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
     http = httpx.AsyncClient(timeout=config.tool_timeout, follow_redirects=False, trust_env=False)
     tools = HttpToolRunner(client=http, limiter=RateLimiter(config.tool_rate, int(config.tool_rate * 4) or 1))
     ports = Ports(log=StateStepLog(state_ch), model=InferenceModel(inference_ch), context=StateContext(state_ch),
-                  secrets=CredentialsSecrets(credentials_ch), http=tools)
+                  secrets=SecretInjector(credentials_ch), http=tools)
     engine = Engine(canary_key=canary_key or _canary_key(config),
                     limits=Limits(max_steps_per_run=config.max_steps_per_run))
     runs, feed = RunStore(db), StepFeed()
@@ -113,11 +113,13 @@ async def main() -> None:
     """Run the orchestrator until SIGTERM/SIGINT."""
     from shared.keys import remote_verifier
     from shared.logs import setup_logging
+    from shared.metrics import serve_metrics
     from shared.telemetry import setup_telemetry
 
     config = OrchestratorConfig.from_env(os.environ)
     setup_logging("orchestrator", config.service.log_level)
     setup_telemetry("orchestrator", config.service.otlp_endpoint)
+    serve_metrics(config.service.metrics_port)
     identity = make_channel(config.service.peer("identity"))
     service = await start(config, remote_verifier(identity))
     service.channels.append(identity)

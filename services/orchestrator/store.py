@@ -92,6 +92,8 @@ class QueueRow(OrchestratorBase):
     lease_expires: Mapped[float] = mapped_column(Float, default=0.0)
     cancel_requested: Mapped[bool] = mapped_column(Boolean, default=False)
     grant: Mapped[bytes] = mapped_column(LargeBinary)
+    traceparent: Mapped[str] = mapped_column(String(64), default="")
+    """The W3C trace context of StartRun, so the run (and any resumption) continues that trace."""
 
 
 # --- records ----------------------------------------------------------------------------------
@@ -145,6 +147,7 @@ class Claim:
     tier: str
     grant: bytes = field(repr=False)
     cancel_requested: bool = False
+    traceparent: str = ""
 
 
 def _team(row: TeamRow) -> TeamRecord:
@@ -259,7 +262,7 @@ class RunStore:
 
     async def create(self, *, team: TeamSpec, entry_agent: str, run_input: str, idempotency_key: str,
                      tenant_id: str, principal_id: str, tier: str, grant: bytes,
-                     run_id: str | None = None) -> tuple[RunRecord, bool]:
+                     run_id: str | None = None, traceparent: str = "") -> tuple[RunRecord, bool]:
         """Insert a queued run and its queue entry in one transaction; (run, created).
 
         With an idempotency key already used by this tenant, returns that run and created=False.
@@ -279,7 +282,7 @@ class RunStore:
                 s.add(row)
                 s.add(QueueRow(run_id=run_id, tenant_id=tenant_id, principal_id=principal_id, tier=tier,
                                state="queued", enqueued_at=now, lease_owner=None, lease_expires=0.0,
-                               cancel_requested=False, grant=grant))
+                               cancel_requested=False, grant=grant, traceparent=traceparent))
         except IntegrityError:
             existing = await self._by_key(idempotency_key) if idempotency_key else None
             if existing is None:
@@ -287,7 +290,7 @@ class RunStore:
             return existing, False
         return _run(row), True
 
-    async def create_if_absent_check(self, key: str) -> RunRecord | None:
+    async def by_idempotency_key(self, key: str) -> RunRecord | None:
         """The run this tenant already started with idempotency key `key`, if any."""
         return await self._by_key(key)
 
@@ -415,19 +418,23 @@ class RunStore:
             if result.rowcount != 1:
                 return None
             row = await s.get(QueueRow, run_id)
-            return Claim(row.run_id, row.tenant_id, row.principal_id, row.tier, row.grant, row.cancel_requested)
+            return Claim(row.run_id, row.tenant_id, row.principal_id, row.tier, row.grant, row.cancel_requested,
+                         row.traceparent or "")
 
-    async def renew(self, run_id: str, owner: str, *, ttl: float, now: float) -> tuple[bool, bool]:
-        """Extend our lease; (still ours, cancel requested)."""
+    async def renew(self, run_id: str, owner: str, *, ttl: float, now: float) -> str:
+        """Extend our lease: "ok", "cancel" (ours, but cancel was asked), "gone" (the run finished)
+        or "lost" (another replica holds it now)."""
         async with self._db.system_session() as s:
             result = await s.execute(
                 update(QueueRow).where(QueueRow.run_id == run_id, QueueRow.lease_owner == owner,
                                        QueueRow.state == "running")
                 .values(lease_expires=now + ttl))
+            row = (await s.execute(select(QueueRow.cancel_requested).where(QueueRow.run_id == run_id))).first()
+            if row is None:
+                return "gone"
             if result.rowcount != 1:
-                return False, False
-            cancel = (await s.execute(select(QueueRow.cancel_requested).where(QueueRow.run_id == run_id))).scalar()
-            return True, bool(cancel)
+                return "lost"
+            return "cancel" if row[0] else "ok"
 
     async def release(self, run_id: str, owner: str) -> None:
         """Give a lease back without finishing (shutdown): the run waits for the next claim."""

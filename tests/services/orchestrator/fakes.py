@@ -61,9 +61,9 @@ class DictSecrets:
     def __init__(self, values: dict[str, str]) -> None:
         self.values, self.asked = values, []
 
-    async def get(self, name: str) -> str:
-        self.asked.append(name)
-        return self.values[name]
+    async def resolve(self, refs):
+        self.asked.extend(refs.values())
+        return {key: self.values[name] for key, name in refs.items()}
 
 
 def text(t: str) -> ModelReply:

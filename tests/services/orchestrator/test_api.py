@@ -150,3 +150,15 @@ async def test_scopes_are_enforced(bare_mesh):
     await expect(grpc.StatusCode.PERMISSION_DENIED,
                  stub.CreateTeam(pb.CreateTeamRequest(team=team_pb()), metadata=narrow.metadata))
     await stub.ListTeams(pb.ListTeamsRequest(), metadata=narrow.metadata)
+
+
+async def test_concurrent_starts_with_one_key_make_one_run(bare_mesh):
+    """Five simultaneous StartRun calls with the same idempotency key return one run."""
+    import asyncio
+
+    stub, a = bare_mesh.stub, await bare_mesh.tenant()
+    await stub.CreateTeam(pb.CreateTeamRequest(team=team_pb()), metadata=a.metadata)
+    runs = await asyncio.gather(*(stub.StartRun(pb.StartRunRequest(team="support", input="x", idempotency_key="same"),
+                                                metadata=a.metadata) for _ in range(5)))
+    assert len({r.run.run_id for r in runs}) == 1
+    assert len((await stub.ListRuns(pb.ListRunsRequest(), metadata=a.metadata)).runs) == 1
