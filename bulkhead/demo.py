@@ -137,7 +137,7 @@ async def _usage(tenant: TenantRun, addresses) -> list[list[str]]:
         window = mtr.UsageFilter(start_time=Timestamp(seconds=now - 3600), end_time=Timestamp(seconds=now + 60))
         resp = await bh.metering.QueryUsage(mtr.QueryUsageRequest(
             filter=window, group_by=[mtr.USAGE_GROUPING_AGENT, mtr.USAGE_GROUPING_MODEL]))
-    return [[tenant.name, r.agent_id, r.model, str(r.event_count), str(r.tokens.input), str(r.tokens.output),
+    return [[tenant.name, r.agent_id, r.model, str(r.event_count), str(r.tokens.input_tokens), str(r.tokens.output_tokens),
              r.cost_usd] for r in resp.rows]
 
 
@@ -175,11 +175,25 @@ class DemoResult:
     crm_calls: list[str]
 
 
-async def run_demo(operator_key: str, addresses: dict[str, str], *, say=print, table=None) -> DemoResult:
+DEMO_PRICES = {"claude-sonnet-4-5-20250929": (3_000_000, 15_000_000, 3_750_000, 300_000)}
+"""List prices (micro-USD per million tokens: input, output, cache write, cache read), so usage has a cost."""
+
+
+async def _ensure_prices(operator: Client) -> None:
+    for model, (inp, out, write, read) in DEMO_PRICES.items():
+        listed = await operator.metering.ListPrices(mtr.ListPricesRequest(model=model))
+        if not listed.prices:
+            await operator.metering.SetPrice(mtr.SetPriceRequest(price=mtr.Price(
+                model=model, effective_time=Timestamp(seconds=int(time.time()) - 86400), input_micros_per_mtok=inp,
+                output_micros_per_mtok=out, cache_write_micros_per_mtok=write, cache_read_micros_per_mtok=read)))
+
+
+async def run_demo(operator_key: str, addresses: dict[str, str], *, say=print) -> DemoResult:
     """The whole scenario; `say` prints progress lines."""
     suffix = secrets.token_hex(3)
     with CrmStub() as crm:
         async with await Client.connect(api_key=operator_key, addresses=addresses) as operator:
+            await _ensure_prices(operator)
             say("setting up two tenants, each with a support team and a CRM secret ...")
             tenants = [await _setup_tenant(operator, f"{n}-{suffix}", crm, addresses) for n in ("acme", "globex")]
         for t in tenants:
