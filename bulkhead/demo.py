@@ -129,6 +129,8 @@ async def _run_workflow(tenant: TenantRun, addresses, say) -> None:
             final = await bh.orchestrator.GetRun(orc.GetRunRequest(run_id=tenant.run_id))
             tenant.status = orc.RunStatus.Name(final.run.status).removeprefix("RUN_STATUS_").lower()
             tenant.output = final.run.output
+            if final.run.error_reason:
+                say(f"  [{tenant.name}] run {tenant.status}: {final.run.error_reason}: {final.run.error_message}")
 
 
 async def _usage(tenant: TenantRun, addresses) -> list[list[str]]:

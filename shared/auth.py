@@ -77,7 +77,7 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         token = auth[len(_BEARER):].strip()
         try:
             claims = await self._verifier.verify(token)
-        except errors.Unauthenticated as exc:
+        except (errors.Unauthenticated, errors.Unavailable) as exc:
             raise Denial(exc) from None
         if claims.tenant_id != tenant_id:
             raise Denial(errors.PermissionDenied("x-tenant-id does not match the token's tenant",

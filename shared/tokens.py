@@ -14,7 +14,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared.errors import Unauthenticated
+from shared.errors import Unauthenticated, Unavailable
 
 ISSUER = "bulkhead-identity"
 ALGORITHM = "EdDSA"
@@ -218,12 +218,19 @@ class RefreshingKeySource:
     async def get(self, kid: str) -> Ed25519PublicKey | None:
         self._ensure_poller()
         key = self._keys.get(kid)
-        if key is None and time.monotonic() - self._last_fetch >= self._min_refetch:
-            async with self._lock:
-                if kid not in self._keys and time.monotonic() - self._last_fetch >= self._min_refetch:
-                    self._last_fetch = time.monotonic()
-                    self._keys = dict(await self._loader.load_keys())
+        if key is not None:
+            return key
+        # Everyone missing a key waits for the one fetch in flight, then looks again.
+        async with self._lock:
             key = self._keys.get(kid)
+            if key is None and time.monotonic() - self._last_fetch >= self._min_refetch:
+                try:
+                    self._keys = dict(await self._loader.load_keys())
+                except Exception:
+                    raise Unavailable("cannot fetch signing keys from identity; retry shortly",
+                                      reason="KEYS_UNAVAILABLE", retry_after=1.0) from None
+                self._last_fetch = time.monotonic()
+                key = self._keys.get(kid)
         return key
 
     def is_revoked(self, jti: str) -> bool:

@@ -31,6 +31,13 @@ from shared.telemetry import attach_traceparent, detach
 log = logging.getLogger("bulkhead.orchestrator.dispatcher")
 
 
+_REFUSED_TOKEN = {
+    "TOKEN_EXPIRED": ("DELEGATION_EXPIRED", "the run's delegated token expired before it could finish"),
+    "TOKEN_REVOKED": ("DELEGATION_REVOKED", "the run's delegated token was revoked"),
+}
+"""How a refused delegated token ends a run, by the refusal's reason."""
+
+
 class StepFeed:
     """Live steps of the runs executing on this replica, for WatchRun streams on it (others poll the DB)."""
 
@@ -180,9 +187,10 @@ class Dispatcher:
             log.warning("run lease lost", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
         except asyncio.CancelledError:
             await asyncio.shield(self._runs.release(claim.run_id, self.owner))
-        except Unauthenticated:
-            await self._fail(ctx, claim.run_id, "DELEGATION_EXPIRED",
-                             "the run's delegated token expired before it could finish")
+        except Unauthenticated as exc:
+            reason, message = _REFUSED_TOKEN.get(exc.reason, (
+                "UNAUTHENTICATED", f"a service refused the run's delegated token ({exc.reason})"))
+            await self._fail(ctx, claim.run_id, reason, message)
         except Unavailable:
             log.warning("run paused: a dependency is unavailable", extra={"tenant_id": claim.tenant_id,
                                                                           "run_id": claim.run_id})

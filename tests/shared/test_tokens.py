@@ -79,3 +79,41 @@ async def test_unknown_kid_refetches_at_most_once_per_interval():
                                                                            scopes={"*"})[0])
     assert loader.loads == 1
     await source.close()
+
+
+class SlowLoader(CountingLoader):
+    async def load_keys(self):
+        import asyncio
+
+        await asyncio.sleep(0.05)
+        return await super().load_keys()
+
+
+async def test_concurrent_first_requests_all_wait_for_the_key_fetch():
+    """Requests that arrive together before the keys are known all pass: they wait for the one fetch."""
+    import asyncio
+
+    issuer, _, key = _pair()
+    loader = SlowLoader({key.kid: key.public_key})
+    source = RefreshingKeySource(loader, min_refetch=60)
+    verifier = TokenVerifier(source)
+    tokens = [issuer.issue(tenant_id="t_a", principal_id=f"p{i}", scopes={"*"})[0] for i in range(10)]
+    claims = await asyncio.gather(*(verifier.verify(t) for t in tokens))
+    assert {c.principal_id for c in claims} == {f"p{i}" for i in range(10)} and loader.loads == 1
+    await source.close()
+
+
+async def test_unreachable_identity_is_unavailable_not_unauthenticated():
+    """If keys cannot be fetched the caller is told to retry (UNAVAILABLE), not that its token is bad."""
+    from shared.errors import Unavailable
+
+    class Down(CountingLoader):
+        async def load_keys(self):
+            raise ConnectionError("identity down")
+
+    issuer, _, key = _pair()
+    source = RefreshingKeySource(Down({}), min_refetch=0)
+    with pytest.raises(Unavailable) as info:
+        await TokenVerifier(source).verify(issuer.issue(tenant_id="t_a", principal_id="p", scopes={"*"})[0])
+    assert info.value.reason == "KEYS_UNAVAILABLE"
+    await source.close()
