@@ -118,14 +118,13 @@ async def _run_workflow(tenant: TenantRun, addresses, say) -> None:
                 team="support", entry_agent="triage", input="My invoices look wrong; what plan am I on?",
                 idempotency_key=uuid.uuid4().hex))
             tenant.run_id = started.run.run_id
+            # The orchestrator ends the stream once the run is finished; reading to its end also ends its span.
             async for event in bh.orchestrator.WatchRun(orc.WatchRunRequest(run_id=tenant.run_id)):
                 if event.HasField("step"):
                     s = event.step
                     line = f"step {s.index:>2}  {s.agent:<10} {s.summary}"
                     tenant.steps.append(line)
                     say(f"  [{tenant.name}] {line}")
-                if event.HasField("run") and event.run.status >= orc.RUN_STATUS_SUCCEEDED:
-                    break
             final = await bh.orchestrator.GetRun(orc.GetRunRequest(run_id=tenant.run_id))
             tenant.status = orc.RunStatus.Name(final.run.status).removeprefix("RUN_STATUS_").lower()
             tenant.output = final.run.output
