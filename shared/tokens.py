@@ -163,6 +163,12 @@ class TokenVerifier:
             raise Unauthenticated("token revoked: request a new one with IssueToken", reason="TOKEN_REVOKED")
         return claims
 
+    async def close(self) -> None:
+        """Stop whatever background work the key source runs (its revocation poll)."""
+        close = getattr(self._keys, "close", None)
+        if close is not None:
+            await close()
+
     def _remember(self, token: str, claims: Claims) -> None:
         self._cache[token] = claims
         if len(self._cache) > self._cache_size:

@@ -15,7 +15,7 @@ from services.credentials.secret_manager import SecretManager
 from services.credentials.servicer import CredentialsServicer
 from services.credentials.vault_backend import VaultBackend
 from shared.db import Database
-from shared.server import Binding, RunningServer, run_until_signalled, serve
+from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
@@ -91,21 +91,7 @@ async def start(config: Config, verifier: TokenVerifier, *, address: str | None 
 
 async def main() -> None:
     """Run the credentials service until SIGTERM/SIGINT."""
-    from shared.client import make_channel
-    from shared.keys import remote_verifier
-    from shared.logs import register_secret, setup_logging
-    from shared.telemetry import setup_telemetry
+    from shared.service_main import run_service
 
     config = Config.from_env()
-    setup_logging("credentials", config.service.log_level)
-    if config.vault_token:
-        register_secret(config.vault_token)
-    setup_telemetry("credentials", config.service.otlp_endpoint)
-    identity = make_channel(config.service.peer("identity"))
-    service = await start(config, remote_verifier(identity))
-
-    async def close() -> None:
-        await service.close()
-        await identity.close()
-
-    await run_until_signalled(service.running, on_stop=close)
+    await run_service(config.service, lambda verifier: start(config, verifier), secrets=[config.vault_token] if config.vault_token else ())

@@ -17,7 +17,7 @@ from services.metering.prices import PriceCache
 from services.metering.servicer import MeteringServicer
 from services.metering.sweeper import ExpirySweeper
 from shared.db import Database
-from shared.server import Binding, RunningServer, run_until_signalled, serve
+from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
@@ -83,22 +83,8 @@ async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str
 
 
 async def main() -> None:
-    """Run the metering service until SIGTERM/SIGINT, with /metrics on its metrics port."""
-    from shared.client import make_channel
-    from shared.keys import remote_verifier
-    from shared.logs import setup_logging
-    from shared.metrics import serve_metrics
-    from shared.telemetry import setup_telemetry
+    """Run the metering service until SIGTERM/SIGINT."""
+    from shared.service_main import run_service
 
     config = MeteringConfig.from_env()
-    setup_logging("metering", config.service.log_level)
-    setup_telemetry("metering", config.service.otlp_endpoint)
-    serve_metrics(config.service.metrics_port)
-    identity = make_channel(config.service.peer("identity"))
-    service = await start(config, remote_verifier(identity))
-
-    async def close() -> None:
-        await service.close()
-        await identity.close()
-
-    await run_until_signalled(service.running, on_stop=close)
+    await run_service(config.service, lambda verifier: start(config, verifier))

@@ -22,7 +22,7 @@ from services.orchestrator.store import RunStore, TeamStore
 from shared.client import make_channel
 from shared.db import Database
 from shared.injection import SecretInjector
-from shared.server import Binding, RunningServer, run_until_signalled, serve
+from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
@@ -111,16 +111,7 @@ def _canary_key(config: OrchestratorConfig) -> bytes:
 
 async def main() -> None:
     """Run the orchestrator until SIGTERM/SIGINT."""
-    from shared.keys import remote_verifier
-    from shared.logs import setup_logging
-    from shared.metrics import serve_metrics
-    from shared.telemetry import setup_telemetry
+    from shared.service_main import run_service
 
     config = OrchestratorConfig.from_env(os.environ)
-    setup_logging("orchestrator", config.service.log_level)
-    setup_telemetry("orchestrator", config.service.otlp_endpoint)
-    serve_metrics(config.service.metrics_port)
-    identity = make_channel(config.service.peer("identity"))
-    service = await start(config, remote_verifier(identity))
-    service.channels.append(identity)
-    await run_until_signalled(service.running, on_stop=service.close)
+    await run_service(config.service, lambda verifier: start(config, verifier))

@@ -18,7 +18,7 @@ from services.state.store import DataKeyStore
 from services.state.threads import ThreadLog
 from shared.client import make_channel
 from shared.db import Database
-from shared.server import Binding, RunningServer, run_until_signalled, serve
+from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
@@ -87,17 +87,7 @@ async def start(config: StateConfig, verifier: TokenVerifier, *, address: str | 
 
 async def main() -> None:
     """Run the state service until SIGTERM/SIGINT."""
-    from shared.keys import remote_verifier
-    from shared.logs import setup_logging
-    from shared.metrics import serve_metrics
-    from shared.telemetry import setup_telemetry
+    from shared.service_main import run_service
 
     config = StateConfig.from_env()
-    setup_logging("state", config.service.log_level)
-    setup_telemetry("state", config.service.otlp_endpoint)
-    if config.service.metrics_port:
-        serve_metrics(config.service.metrics_port)
-    identity = make_channel(config.service.peer("identity"))
-    service = await start(config, remote_verifier(identity))
-    service.channels.append(identity)
-    await run_until_signalled(service.running, on_stop=service.close)
+    await run_service(config.service, lambda verifier: start(config, verifier))

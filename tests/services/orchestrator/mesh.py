@@ -7,7 +7,6 @@ keys, and the orchestrator gets its delegated run tokens from identity's Exchang
 from __future__ import annotations
 
 import contextlib
-import io
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
