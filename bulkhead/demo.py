@@ -142,6 +142,18 @@ async def _usage(tenant: TenantRun, addresses) -> list[list[str]]:
              r.cost_usd] for r in resp.rows]
 
 
+async def _settled_usage(tenants: list[TenantRun], addresses, *, timeout: float = 10.0) -> list[list[str]]:
+    """Usage once the ledger stops moving: the proxy delivers its last events a moment after a run ends."""
+    deadline = time.monotonic() + timeout
+    previous = None
+    while True:
+        rows = [row for t in tenants for row in await _usage(t, addresses)]
+        if rows == previous or time.monotonic() > deadline:
+            return rows
+        previous = rows
+        await asyncio.sleep(0.5)
+
+
 async def _cross_tenant_attempt(a: TenantRun, b: TenantRun, addresses) -> list[str]:
     """A reads B's run by id, then claims B's tenant id with A's token: both refused."""
     lines = []
@@ -202,6 +214,6 @@ async def run_demo(operator_key: str, addresses: dict[str, str], *, say=print) -
         say("\nrunning one workflow per tenant, concurrently (live steps):")
         await asyncio.gather(*(_run_workflow(t, addresses, say) for t in tenants))
         say("")
-        usage = [row for t in tenants for row in await _usage(t, addresses)]
+        usage = await _settled_usage(tenants, addresses)
         refusals = await _cross_tenant_attempt(tenants[0], tenants[1], addresses)
     return DemoResult(tenants, usage, refusals, list(crm.calls))
