@@ -5,6 +5,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -52,6 +53,10 @@ class Supervisor:
 
     async def start(self, timeout: float = 60.0) -> None:
         """Start identity first (every other service fetches its keys), then the rest; wait until all are healthy."""
+        taken = [p.address for p in self.procs.values() if not port_is_free(p.address)]
+        if taken:  # else a health check could be answered by someone else's server
+            raise RuntimeError(f"already in use: {', '.join(taken)}. Is another `bulkhead up` running? "
+                               "Stop it, or pass --port-base to use other ports.")
         order = [n for n in self.procs if n == "identity"] + [n for n in self.procs if n != "identity"]
         if order and order[0] == "identity":
             await self._spawn(self.procs["identity"])
@@ -138,6 +143,17 @@ class Supervisor:
         port = lambda n: self.env.get(f"BULKHEAD_{n.upper()}_METRICS_PORT")  # noqa: E731
         return [[p.name, p.address, f"http://127.0.0.1:{port(p.name)}/metrics" if port(p.name) not in (None, "0") else "off",
                  str(p.process.pid if p.process else ""), p.state, str(p.restarts)] for p in self.procs.values()]
+
+
+def port_is_free(address: str) -> bool:
+    """Whether host:port can be bound right now."""
+    host, _, port = address.rpartition(":")
+    with socket.socket() as sock:
+        try:
+            sock.bind((host or "127.0.0.1", int(port)))
+        except OSError:
+            return False
+    return True
 
 
 def _signal_group(pid: int, sig: int) -> None:

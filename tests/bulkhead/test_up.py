@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import random
 import re
 import signal
 import socket
@@ -15,7 +16,7 @@ import pytest
 def _free_port_base() -> int:
     """A base B such that B+51..B+56 and B+151..B+156 are free (gRPC and metrics ports of `up`)."""
     for _ in range(50):
-        base = 20000 + (os.getpid() * 7 + int(time.time() * 1000)) % 30000 // 200 * 200
+        base = random.SystemRandom().randrange(100, 250) * 200  # 20000..49800, apart from other runs
         ports = [base + p for p in (*range(51, 57), *range(151, 157))]
         socks = []
         try:
@@ -137,3 +138,15 @@ def test_metrics_endpoint_counts_rpcs_by_method_and_tenant(up_identity, tmp_path
     assert re.search(r'bulkhead_rpc_requests_total\{code="OK",method="/bulkhead.identity.v1.IdentityService/'
                      r'ListTenants",service="identity",tenant="t_platform"\} 1.0', body), body[:2000]
     assert "bulkhead_rpc_latency_seconds_bucket" in body
+
+
+@pytest.mark.slow
+def test_second_up_on_the_same_ports_refuses_clearly(up_identity, tmp_path):
+    """A second `up` on ports in use says so and exits, instead of reporting another mesh's health as its own."""
+    _, base, _, _ = up_identity
+    env = {**os.environ}
+    second = subprocess.run([sys.executable, "-m", "bulkhead.cli", "up", "--data-dir", str(tmp_path / "other"),
+                             "--only", "identity", "--port-base", str(base)], env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert second.returncode == 1
+    assert f"already in use: 127.0.0.1:{base + 51}" in second.stdout and "--port-base" in second.stdout
