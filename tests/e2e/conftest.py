@@ -28,6 +28,12 @@ class Mesh:
         return subprocess.run([sys.executable, "-m", "bulkhead.cli", *args, "--data-dir", str(self.data_dir)],
                               env=self.env, capture_output=True, text=True, timeout=timeout)
 
+    def service_pids(self) -> dict[str, int]:
+        """Service name -> pid, from the status table `up` printed."""
+        return {m.group(1): int(m.group(2)) for m in re.finditer(
+            r"^(identity|credentials|state|inference|orchestrator|metering)\s+\S+\s+\S+\s+(\d+)\s+healthy",
+            "".join(self.lines), re.M)}
+
     def stop(self) -> None:
         """Ctrl-C, and wait: services flush their spans on the way down."""
         if self.proc.poll() is None:

@@ -7,6 +7,7 @@ import time
 import pytest
 
 from shared.testing.otlp import OtlpReceiver
+from tests.bulkhead.test_up import _alive
 from tests.e2e.conftest import demo_trace_ids
 
 SERVICES = {"identity", "credentials", "state", "inference", "orchestrator", "metering"}
@@ -23,7 +24,12 @@ async def test_demo_is_one_trace_per_workflow_across_all_services(mesh_factory):
         assert demo.returncode == 0, demo.stdout + demo.stderr
         traces = demo_trace_ids(demo.stdout)
         assert len(traces) == 2, demo.stdout
-        await asyncio.to_thread(mesh.stop)  # services flush their span batches when they stop
+        pids = mesh.service_pids()
+        assert set(pids) == SERVICES
+        await asyncio.to_thread(mesh.stop)  # Ctrl-C; services flush their span batches when they stop
+        assert mesh.proc.returncode == 0
+        survivors = [name for name, pid in pids.items() if _alive(pid)]
+        assert not survivors, f"still running after Ctrl-C: {survivors}"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not all(
                 {s.service.removeprefix("bulkhead-") for s in receiver.trace(t)} >= SERVICES for t in traces.values()):
