@@ -13,6 +13,8 @@ import uuid
 
 import grpc
 from opentelemetry import trace
+from opentelemetry.propagate import extract
+from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import errors
 from shared.metrics import LATENCY, REQUESTS, tenant_label
@@ -22,6 +24,7 @@ from shared.tenancy import PLATFORM_TENANT, TenantContext, scope_matches, set_te
 from shared.tokens import TokenVerifier
 
 log = logging.getLogger("bulkhead.rpc")
+_tracer = trace.get_tracer("bulkhead.rpc")
 
 _BEARER = "bearer "
 
@@ -57,7 +60,8 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
             ctx = await self._authenticate(rule, metadata)
         except Denial as denial:
             return self._deny(handler, denial, method, metadata)
-        return _wrap(handler, lambda behavior, kind: _bind(behavior, kind, ctx, self._service, method))
+        parent = extract(metadata)  # W3C traceparent from the caller: this call joins its trace
+        return _wrap(handler, lambda behavior, kind: _bind(behavior, kind, ctx, self._service, method, parent))
 
     async def _authenticate(self, rule: MethodRule | None, md: dict[str, str]) -> TenantContext | None:
         if rule is None:
@@ -103,13 +107,19 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
             REQUESTS.labels(self._service, method, tenant_label(denial.tenant_id or "unauthenticated"),
                             error.code.name).inc()
 
+        parent = extract(md)
+
         async def abort(request_or_iterator, context):
-            record(context)
-            await context.abort(error.code, error.message, errors.trailing_metadata(error))
+            with _server_span(method, parent) as span:
+                record(context)
+                _finish_span(span, error.code)
+                await context.abort(error.code, error.message, errors.trailing_metadata(error))
 
         async def abort_stream(request_or_iterator, context):
-            record(context)
-            await context.abort(error.code, error.message, errors.trailing_metadata(error))
+            with _server_span(method, parent) as span:
+                record(context)
+                _finish_span(span, error.code)
+                await context.abort(error.code, error.message, errors.trailing_metadata(error))
             yield  # pragma: no cover - makes this an async generator for streaming handlers
 
         return _wrap(handler, lambda behavior, kind: abort_stream if kind.endswith("stream") else abort)
@@ -142,8 +152,22 @@ def _wrap(handler, make):
     return handler
 
 
-def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: str):
-    """Run behavior with the tenant bound; translate domain errors; count and time the call."""
+def _server_span(method: str, parent):
+    """The SERVER span of one call, child of the caller's span (the attribute names are OpenTelemetry's)."""
+    service, _, name = method.lstrip("/").partition("/")
+    return _tracer.start_as_current_span(
+        method, context=parent, kind=SpanKind.SERVER, record_exception=False, set_status_on_exception=False,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+
+
+def _finish_span(span, code: grpc.StatusCode) -> None:
+    span.set_attribute("rpc.grpc.status_code", code.value[0])
+    if code is not grpc.StatusCode.OK:
+        span.set_status(Status(StatusCode.ERROR, code.name))
+
+
+def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: str, parent):
+    """Run behavior in its server span with the tenant bound; translate domain errors; count and time the call."""
 
     def enter() -> str:
         set_tenant(ctx)
@@ -164,40 +188,42 @@ def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: 
         internal = errors.BulkheadError(f"internal error; quote request id {rid or 'n/a'} when reporting it")
         await context.abort(grpc.StatusCode.INTERNAL, internal.message, errors.trailing_metadata(internal))
 
-    def done(tenant: str, started: float, code: str) -> None:
-        REQUESTS.labels(service, method, tenant, code).inc()
+    def done(span, tenant: str, started: float, code: grpc.StatusCode) -> None:
+        _finish_span(span, code)
+        REQUESTS.labels(service, method, tenant, code.name).inc()
         LATENCY.labels(service, method).observe(time.perf_counter() - started)
 
     if not kind.endswith("stream"):
         async def unary_response(request, context):
-            tenant, started, code = enter(), time.perf_counter(), "OK"
-            try:
-                return await behavior(request, context)
-            except Exception as exc:
-                code = getattr(exc, "code", grpc.StatusCode.INTERNAL).name if isinstance(
-                    exc, errors.BulkheadError) else _aborted_code(context)
-                await fail(exc, context)
-            finally:
-                done(tenant, started, code)
+            with _server_span(method, parent) as span:
+                tenant, started, code = enter(), time.perf_counter(), grpc.StatusCode.OK
+                try:
+                    return await behavior(request, context)
+                except Exception as exc:
+                    code = exc.code if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
+                    await fail(exc, context)
+                finally:
+                    done(span, tenant, started, code)
         return unary_response
 
     async def stream_response(request, context):
-        tenant, started, code = enter(), time.perf_counter(), "OK"
-        try:
-            result = behavior(request, context)
-            if inspect.isasyncgen(result):
-                async for item in result:
-                    yield item
-            else:
-                await result
-        except Exception as exc:
-            code = exc.code.name if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
-            await fail(exc, context)
-        finally:
-            done(tenant, started, code)
+        with _server_span(method, parent) as span:
+            tenant, started, code = enter(), time.perf_counter(), grpc.StatusCode.OK
+            try:
+                result = behavior(request, context)
+                if inspect.isasyncgen(result):
+                    async for item in result:
+                        yield item
+                else:
+                    await result
+            except Exception as exc:
+                code = exc.code if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
+                await fail(exc, context)
+            finally:
+                done(span, tenant, started, code)
     return stream_response
 
 
-def _aborted_code(context) -> str:
+def _aborted_code(context) -> grpc.StatusCode:
     code = context.code() if hasattr(context, "code") else None
-    return code.name if isinstance(code, grpc.StatusCode) else "INTERNAL"
+    return code if isinstance(code, grpc.StatusCode) else grpc.StatusCode.INTERNAL

@@ -66,13 +66,13 @@ class RunningServer:
 async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifier, address: str = "127.0.0.1:0",
                 tls: TlsConfig | None | object = TLS_FROM_ENV,
                 options: Sequence[tuple[str, object]] = ()) -> RunningServer:
-    """Start a server with the production interceptor stack (OpenTelemetry outermost, then tenancy).
+    """Start a server with the production interceptor (tenancy, which also opens each call's server span).
 
     mTLS is on when BULKHEAD_TLS_CA/_CERT/_KEY are set (or `tls` is given); `tls=None` forces plaintext.
     """
     tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else tls
     tenancy = TenancyInterceptor(verifier, service=name)
-    server = grpc.aio.server(interceptors=[telemetry.server_interceptor(), tenancy],
+    server = grpc.aio.server(interceptors=[tenancy],
                              options=[("grpc.so_reuseport", 0), *options])
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)

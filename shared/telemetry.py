@@ -4,7 +4,7 @@ from __future__ import annotations
 from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
-from opentelemetry.instrumentation.grpc import aio_client_interceptors, aio_server_interceptor
+from opentelemetry.instrumentation.grpc import aio_client_interceptors
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import SpanProcessor, TracerProvider
 from opentelemetry.sdk.trace.export import BatchSpanProcessor
@@ -34,11 +34,6 @@ def shutdown_telemetry() -> None:
     """Flush spans still buffered (at shutdown)."""
     if _provider is not None:
         _provider.shutdown()
-
-
-def server_interceptor():
-    """The OpenTelemetry server interceptor (outermost, so our handler runs inside its span)."""
-    return aio_server_interceptor()
 
 
 def client_interceptors() -> list:
