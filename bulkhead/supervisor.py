@@ -17,6 +17,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.config import SERVICES, service_addr
 
+STOP_ORDER = (("orchestrator",), ("inference", "state"), ("metering", "credentials", "identity"))
+"""Stop waves: a service stops only after those that call it, so it can still take their last writes
+(the proxy returns unspent budget leases to metering on its way down)."""
+
 RESTART_BACKOFF = (0.5, 1, 2, 5, 10)
 """Seconds to wait before restarting a service that died: the nth restart in a row waits the nth value."""
 
@@ -119,20 +123,22 @@ class Supervisor:
                 self.echo(f"!! {proc.name} failed to come back: {exc}")
 
     async def stop(self, grace: float = 10.0) -> None:
-        """SIGTERM every service, wait up to grace seconds, SIGKILL what is left."""
+        """SIGTERM the services callers first (so they can flush to those they call), SIGKILL what outlives grace."""
         self._stopping = True
         for task in self._watchers:
             task.cancel()
-        live = [p for p in self.procs.values() if p.process and p.process.returncode is None]
-        for p in live:
-            _signal_group(p.process.pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
-        for p in live:
-            try:
-                await asyncio.wait_for(p.process.wait(), max(deadline - time.monotonic(), 0.1))
-            except asyncio.TimeoutError:
-                _signal_group(p.process.pid, signal.SIGKILL)
-                await p.process.wait()
+        for wave in (*STOP_ORDER, tuple(self.procs)):  # the last wave: anything not named above
+            live = [p for p in self.procs.values()
+                    if p.name in wave and p.process and p.process.returncode is None]
+            for p in live:
+                _signal_group(p.process.pid, signal.SIGTERM)
+            for p in live:
+                try:
+                    await asyncio.wait_for(p.process.wait(), max(deadline - time.monotonic(), 0.1))
+                except asyncio.TimeoutError:
+                    _signal_group(p.process.pid, signal.SIGKILL)
+                    await p.process.wait()
         for p in self.procs.values():
             if p.log_task:
                 p.log_task.cancel()
