@@ -10,7 +10,7 @@ from collections.abc import Iterable, Mapping
 
 import grpc
 from google.protobuf import duration_pb2
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "bulkhead.dev"
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -148,9 +148,6 @@ def _retry_info(seconds: float | None) -> list:
 def trailing_metadata(error: BulkheadError) -> tuple[tuple[str, bytes], ...]:
     """The trailer that carries the rich status (what grpc_status.rpc_status.to_status builds)."""
     return ((_DETAILS_KEY, error.to_status().SerializeToString()),)
-
-
-_INTERNAL = code_pb2.INTERNAL
 
 
 def error_details(rpc_error: grpc.RpcError) -> dict:
