@@ -4,6 +4,7 @@ from __future__ import annotations
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass, replace
+from datetime import datetime
 
 from sqlalchemy import select
 
@@ -108,10 +109,7 @@ class Directory:
         limit = page_size(size)
         after = decode_cursor(token)
         async with self._db.system_session() as s:
-            q = select(TenantRow).order_by(TenantRow.created_at, TenantRow.id).limit(limit + 1)
-            if after:
-                q = q.where((TenantRow.created_at > after["t"]) |
-                            ((TenantRow.created_at == after["t"]) & (TenantRow.id > after["id"])))
+            q = _after(select(TenantRow).order_by(TenantRow.created_at, TenantRow.id).limit(limit + 1), TenantRow, after)
             rows = list((await s.execute(q)).scalars())
         return _page(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
 
@@ -165,10 +163,8 @@ class Directory:
         limit, after = page_size(size), decode_cursor(token)
         with tenant_scope(pooled(require_tenant())):
             async with self._db.session() as s:
-                q = select(PrincipalRow).order_by(PrincipalRow.created_at, PrincipalRow.id).limit(limit + 1)
-                if after:
-                    q = q.where((PrincipalRow.created_at > after["t"]) |
-                                ((PrincipalRow.created_at == after["t"]) & (PrincipalRow.id > after["id"])))
+                q = _after(select(PrincipalRow).order_by(PrincipalRow.created_at, PrincipalRow.id).limit(limit + 1),
+                           PrincipalRow, after)
                 rows = list((await s.execute(q)).scalars())
         return _page(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
 
@@ -218,9 +214,7 @@ class Directory:
                 q = select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id).limit(limit + 1)
                 if principal_id:
                     q = q.where(ApiKeyRow.principal_id == principal_id)
-                if after:
-                    q = q.where((ApiKeyRow.created_at > after["t"]) |
-                                ((ApiKeyRow.created_at == after["t"]) & (ApiKeyRow.id > after["id"])))
+                q = _after(q, ApiKeyRow, after)
                 rows = list((await s.execute(q)).scalars())
         return _page(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
 
@@ -233,6 +227,16 @@ class Directory:
                     raise NotFound("API key not found", reason="API_KEY_NOT_FOUND")
                 row.revoked_at = row.revoked_at or utcnow()
         return row
+
+
+def _after(query, model, after: dict | None):
+    """Rows after a (created_at, id) keyset position, the order every listing here uses."""
+    if not after:
+        return query
+    if not isinstance(after.get("t"), datetime) or not isinstance(after.get("id"), str):
+        raise InvalidArgument("malformed page_token", violations={"page_token": "not a token this service issued"},
+                              reason="BAD_PAGE_TOKEN")
+    return query.where((model.created_at > after["t"]) | ((model.created_at == after["t"]) & (model.id > after["id"])))
 
 
 def _page(rows: list, limit: int, cursor_of) -> Page:

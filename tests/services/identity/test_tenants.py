@@ -67,6 +67,11 @@ async def test_bad_tenant_input_is_invalid_argument(identity):
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
     err = await _error(identity.stub.ListTenants(pb.ListTenantsRequest(page_token="%%%"), metadata=op))
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_details(err)["reason"] == "BAD_PAGE_TOKEN"
+    from shared.paging import encode_cursor
+
+    foreign = encode_cursor({"offset": 10})  # decodes, but is not a position this service made
+    err = await _error(identity.stub.ListTenants(pb.ListTenantsRequest(page_token=foreign), metadata=op))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_details(err)["reason"] == "BAD_PAGE_TOKEN"
     listed = await identity.stub.ListTenants(pb.ListTenantsRequest(page_size=500), metadata=op)
     assert [t.name for t in listed.tenants].count("dupe") == 1 and "Bad Name!" not in [t.name for t in listed.tenants]
 
