@@ -4,7 +4,6 @@ secrets and destroys superseded versions once their grace period is over.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets as _random
 from collections.abc import Awaitable, Callable
@@ -14,6 +13,7 @@ from typing import Protocol
 from services.credentials import store
 from shared import errors
 from shared.db import Database
+from shared.periodic import Periodic
 from shared.tenancy import TenantContext, tenant_scope
 
 log = logging.getLogger(__name__)
@@ -84,6 +84,7 @@ class RotationScheduler:
 
     def __init__(self, db: Database, run_job: JobRunner, *, interval: float = 30.0, batch: int = 100) -> None:
         self._db, self._run_job, self._interval, self._batch = db, run_job, interval, batch
+        self._periodic = Periodic("credentials-rotation", self.run_once, interval=interval, log=log, run_first=True)
         self._task: asyncio.Task | None = None
 
     async def run_once(self) -> int:
@@ -107,21 +108,9 @@ class RotationScheduler:
 
     def start(self) -> None:
         """Start polling in the background."""
-        self._task = asyncio.get_running_loop().create_task(self._loop(), name="credentials-rotation")
+        self._periodic.start()
 
     async def stop(self) -> None:
         """Stop polling."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
-
-    async def _loop(self) -> None:
-        while True:
-            try:
-                await self.run_once()
-            except Exception:  # keep the loop alive; the next pass retries
-                log.exception("rotation pass failed")
-            await asyncio.sleep(self._interval)
+        await self._periodic.stop()
 

@@ -1,8 +1,6 @@
 """Wiring of the inference proxy: database, metering and credentials clients, provider, server; and main()."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import pathlib
 from dataclasses import dataclass, field
@@ -27,6 +25,7 @@ from services.inference.usage import UsageMeter
 from shared.client import make_channel
 from shared.db import Database
 from shared.logs import register_secret
+from shared.periodic import Periodic
 from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
 
@@ -55,7 +54,7 @@ class InferenceService:
     db: Database
     provider: Provider
     channels: list[grpc.aio.Channel] = field(default_factory=list)
-    tasks: list[asyncio.Task] = field(default_factory=list)
+    tasks: list[Periodic] = field(default_factory=list)
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop serving, then settle leases and usage and close everything."""
@@ -66,9 +65,7 @@ class InferenceService:
         """Finish background calls, return leases, flush usage (outbox if metering is down), close."""
         await self.proxy.close()
         for task in self.tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+            await task.stop()
         await self.meter.close()
         await self.budget.close()
         if hasattr(self.provider, "close"):
@@ -76,15 +73,6 @@ class InferenceService:
         for channel in self.channels:
             await channel.close()
         await self.db.close()
-
-
-async def _maintain_leases(budget: BudgetLeases, every: float) -> None:
-    while True:
-        await asyncio.sleep(every)
-        try:
-            await budget.maintain()
-        except Exception:
-            log.exception("lease maintenance failed")
 
 
 async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: str | None = None,
@@ -119,7 +107,9 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
                       inference_pb2.DESCRIPTOR.services_by_name["InferenceService"])
     running = await serve(name="inference", bindings=[binding], verifier=verifier,
                           address=address or config.service.address)
-    tasks = [asyncio.create_task(_maintain_leases(budget, lease_maintenance), name="lease-maintenance")]
+    tasks = [Periodic("lease-maintenance", budget.maintain, interval=lease_maintenance, log=log)]
+    for task in tasks:
+        task.start()
     return InferenceService(running, proxy, budget, meter, outbox, db, provider, channels, tasks)
 
 

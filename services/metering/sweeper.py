@@ -1,12 +1,11 @@
 """The background task that returns expired reservations and leases to their budgets."""
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 
 from services.metering.budgets import BudgetLedger
 from services.metering.ledger import UsageLedger
+from shared.periodic import Periodic
 from shared.tenancy import TenantContext, tenant_scope
 
 log = logging.getLogger("bulkhead.metering.sweeper")
@@ -22,7 +21,7 @@ class ExpirySweeper:
         self._usage = usage
         self._budgets = budgets
         self._interval = interval
-        self._task: asyncio.Task | None = None
+        self._periodic = Periodic("metering-expiry-sweeper", self._sweep_and_report, interval=interval, log=log)
 
     async def run_once(self) -> int:
         """Sweep every tenant once; returns how many holds expired."""
@@ -34,21 +33,12 @@ class ExpirySweeper:
 
     def start(self) -> None:
         """Run in the background until stop()."""
-        self._task = asyncio.create_task(self._loop(), name="metering-expiry-sweeper")
+        self._periodic.start()
 
     async def stop(self) -> None:
         """Stop the background loop."""
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+        await self._periodic.stop()
 
-    async def _loop(self) -> None:
-        while True:
-            await asyncio.sleep(self._interval)
-            try:
-                if n := await self.run_once():
-                    log.info("returned %d expired holds to their budgets", n)
-            except Exception:  # keep sweeping: one bad round must not end the task
-                log.exception("expiry sweep failed")
+    async def _sweep_and_report(self) -> None:
+        if n := await self.run_once():
+            log.info("returned %d expired holds to their budgets", n)
