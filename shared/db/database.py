@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db.engine import is_sqlite, make_engine, normalize_url, sqlite_path
 from shared.db.migrations import upgrade
+from shared.db.raw import RawTransaction, raw_transaction
 from shared.db.router import Route, TenantRouter
 from shared.db.session import SEARCH_PATH_KEY, SYSTEM_KEY, TENANT_KEY, TenantSession
 from shared.tenancy import require_tenant
@@ -83,6 +84,15 @@ class Database:
         async with self._sessions(bind=route.bind, info=info) as session:
             yield session  # an error propagates from here: closing the session rolls back
             await session.commit()
+
+    @asynccontextmanager
+    async def raw(self, *, write: bool = False) -> AsyncIterator[RawTransaction]:
+        """A raw transaction for the current tenant's hot path (see shared.db.raw): no ORM, and
+        on Postgres still under RLS for this tenant. Raises NoTenantContext without a TenantContext."""
+        ctx = require_tenant()
+        route = await self._router.route(ctx.tenant_id, ctx.tier)
+        async with raw_transaction(route.bind, tenant_id=ctx.tenant_id, schema=route.schema, write=write) as tx:
+            yield tx
 
     @asynccontextmanager
     async def system_session(self) -> AsyncIterator[AsyncSession]:

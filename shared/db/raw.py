@@ -1,0 +1,125 @@
+"""Raw transactions on the driver connection, for hot paths where the ORM's cost per statement
+(about 0.2 ms of CPU each, and 0.8 ms for an empty tenant session) is most of the work.
+
+    async with db.raw() as tx:                      # needs a TenantContext
+        row = await tx.fetchrow("UPDATE t SET n = n + $2 WHERE tenant_id = $1 RETURNING n", tid, 1)
+
+One SQL text serves both dialects: `$1..$n` placeholders (rewritten to `?1..?n` for SQLite).
+Nothing filters these statements for you, so every one names `tenant_id` itself. On Postgres the
+transaction still starts with `app.tenant_id` set (and the bridge schema as search_path), so
+row-level security confines it as it confines the ORM: a forgotten filter returns nothing,
+never another tenant's rows. Keep raw SQL in a service's store module, next to its ORM twin.
+"""
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import AsyncIterator, Iterable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+from sqlalchemy.ext.asyncio import AsyncEngine
+
+_PLACEHOLDER = re.compile(r"\$(\d+)")
+_SAFE_TENANT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
+
+
+@functools.lru_cache(maxsize=512)
+def sqlite_sql(sql: str) -> str:
+    """`$n` placeholders as SQLite's numbered `?n`."""
+    return _PLACEHOLDER.sub(r"?\1", sql)
+
+
+def _literal(value: str) -> str:
+    # BEGIN and set_config travel in one simple-protocol round trip, which takes no parameters:
+    # the tenant id is checked against a strict pattern and quoted.
+    if not _SAFE_TENANT.match(value):
+        raise ValueError("tenant id has characters that are not allowed")
+    return "'" + value.replace("'", "''") + "'"
+
+
+class RawTransaction:
+    """The statements of one transaction; rows come back as tuples (asyncpg Records on Postgres)."""
+
+    def __init__(self, driver: Any, dialect: str) -> None:
+        self._driver, self.dialect = driver, dialect
+
+    async def fetch(self, sql: str, *args: Any) -> list[Sequence[Any]]:
+        """All rows of a statement."""
+        if self.dialect == "postgresql":
+            return await self._driver.fetch(sql, *args)
+        cursor = await self._driver.execute(sqlite_sql(sql), args)
+        try:
+            return await cursor.fetchall()
+        finally:
+            await cursor.close()
+
+    async def fetchrow(self, sql: str, *args: Any) -> Sequence[Any] | None:
+        """The first row of a statement, or None."""
+        if self.dialect == "postgresql":
+            return await self._driver.fetchrow(sql, *args)
+        rows = await self.fetch(sql, *args)
+        return rows[0] if rows else None
+
+    async def fetchval(self, sql: str, *args: Any) -> Any:
+        """The first column of the first row, or None."""
+        row = await self.fetchrow(sql, *args)
+        return row[0] if row is not None else None
+
+    async def execute(self, sql: str, *args: Any) -> int:
+        """Run a statement; returns the rows it changed."""
+        if self.dialect == "postgresql":
+            status = await self._driver.execute(sql, *args)
+            tail = status.rsplit(" ", 1)[-1]
+            return int(tail) if tail.isdigit() else 0
+        cursor = await self._driver.execute(sqlite_sql(sql), args)
+        try:
+            return cursor.rowcount
+        finally:
+            await cursor.close()
+
+    async def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        """Run a statement once per row of arguments."""
+        rows = list(rows)
+        if not rows:
+            return
+        if self.dialect == "postgresql":
+            await self._driver.executemany(sql, rows)
+        else:
+            await self._driver.executemany(sqlite_sql(sql), rows)
+
+
+@asynccontextmanager
+async def raw_transaction(engine: AsyncEngine, *, tenant_id: str | None, schema: str | None = None,
+                          write: bool = False) -> AsyncIterator[RawTransaction]:
+    """A transaction on a pooled driver connection: committed on exit, rolled back on error.
+
+    tenant_id None is a platform transaction (no RLS tenant: tenant rows stay invisible).
+    write=True takes SQLite's write lock up front, so a reader never fails upgrading to a writer.
+    """
+    dialect = engine.dialect.name
+    async with engine.connect() as conn:
+        fairy = await conn.get_raw_connection()
+        driver = fairy.driver_connection
+        if dialect == "postgresql":
+            begin = "BEGIN"
+            if tenant_id is not None:
+                begin += f"; SELECT set_config('app.tenant_id', {_literal(tenant_id)}, true)"
+            if schema:
+                begin += f"; SELECT set_config('search_path', {_literal(schema)}, true)"
+            await driver.execute(begin)
+        else:
+            await driver.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+        try:
+            yield RawTransaction(driver, dialect)
+        except BaseException:
+            try:
+                await (driver.execute("ROLLBACK") if dialect == "postgresql" else driver.rollback())
+            except BaseException:
+                await conn.invalidate()  # never hand the pool a connection stuck in a transaction
+            raise
+        try:
+            await (driver.execute("COMMIT") if dialect == "postgresql" else driver.commit())
+        except BaseException:
+            await conn.invalidate()
+            raise
