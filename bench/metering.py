@@ -7,8 +7,12 @@ throwaway Postgres from shared.testing), and the load in another, so the two do 
 the load builds its RecordUsage requests before timing starts (every key unique, so each event is
 really inserted). Reservations use a priced model, so they hold tokens and money.
 Baselines measured in the same run: a raw asyncpg multi-row insert of the same events (the
-database's own ceiling for ingest) and a health-check RPC (the gRPC floor for a round trip).
-`--quick` runs about a second per figure for a smoke test.
+database's own ceiling for ingest) and a health-check RPC (the gRPC floor for a round trip: no
+token, no database). Reserve+Commit is two RPCs, so that floor caps pairs/s at floor / 2; both are
+driven by `--loaders` load processes (2 by default: one Python client process cannot saturate the
+server), and each line shows the server's CPU per RPC and how busy the machine's cores were.
+`--quick` runs about a second per figure for a smoke test; `--profile FILE` writes a cProfile of
+the server process.
 Targets: >= 50,000 events/s at batch 1000; >= 2,000 pairs/s.
 """
 from __future__ import annotations
@@ -21,6 +25,7 @@ import os
 import sys
 import time
 import uuid
+from dataclasses import dataclass
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -29,8 +34,10 @@ MODEL = "claude-bench"
 T_START = 1_780_000_000_000_000
 
 
-def _serve(port_queue, url: str, owner_url: str, key_bytes: bytes, kid: str) -> None:
+def _serve(port_queue, url: str, owner_url: str, key_bytes: bytes, kid: str, profile_to: str | None) -> None:
     async def run() -> None:
+        import signal
+
         from services.metering.server import MIGRATIONS, serve_metering
         from shared.db import Database
         from shared.tokens import SigningKey, StaticKeySource, TokenVerifier
@@ -38,14 +45,42 @@ def _serve(port_queue, url: str, owner_url: str, key_bytes: bytes, kid: str) -> 
         key = SigningKey.from_private_bytes(kid, key_bytes)
         db = await Database.open(url, migrations=str(MIGRATIONS), owner_url=owner_url, pool_size=20, max_overflow=0)
         service = await serve_metering(db=db, verifier=TokenVerifier(StaticKeySource({kid: key.public_key})))
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        profiler = None
+        if profile_to:  # --profile: where the server's CPU goes, written when the bench stops it
+            import cProfile
+
+            profiler = cProfile.Profile()
+            profiler.enable()
         port_queue.put(service.running.port)
-        await service.running.wait()
+        await stop.wait()
+        if profiler is not None:
+            profiler.disable()
+            profiler.dump_stats(profile_to)
 
     asyncio.run(run())
 
 
-def _load(kind: str, address: str, metadata: list, seconds: float, concurrency: int, batch: int, out) -> None:
-    """Run one workload in this (child) process and report (operations, events, elapsed)."""
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_jiffies() -> tuple[int, int]:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks."""
+    values = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def _load(kind: str, address: str, metadata: list, seconds: float, concurrency: int, batch: int, out, warmed,
+          go) -> None:
+    """Run one workload in this (child) process and report (operations, events, elapsed).
+
+    Warms up, then signals `warmed` and waits for `go`, so several load processes run together.
+    """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -97,6 +132,8 @@ def _load(kind: str, address: str, metadata: list, seconds: float, concurrency: 
             await one(w)
         if kind == "price":
             return 1, 1, 0.0
+        warmed.release()
+        await asyncio.to_thread(go.wait)
         done = [0, 0]
         stop_at = time.perf_counter() + seconds
 
@@ -116,13 +153,48 @@ def _load(kind: str, address: str, metadata: list, seconds: float, concurrency: 
     out.put(asyncio.run(run()))
 
 
-def _run_load(ctx, *args) -> tuple[int, int, float]:
-    q = ctx.Queue()
-    p = ctx.Process(target=_load, args=(*args, q), daemon=True)
-    p.start()
-    result = q.get(timeout=300)
-    p.join()
-    return result
+@dataclass
+class Figure:
+    """One workload's result, summed over its load processes."""
+
+    ops: int
+    """Calls (or pairs) completed."""
+    events: int
+    """Usage events recorded (ingest)."""
+    rate: float
+    """ops per second."""
+    server_cpu_s: float
+    """CPU the server process used meanwhile."""
+    machine_busy: float
+    """Share of all cores' time that was busy meanwhile (0..1)."""
+
+
+def _run_load(ctx, server_pid: int, kind: str, address: str, metadata: list, seconds: float, concurrency: int,
+              batch: int, *, loaders: int = 1) -> Figure:
+    """Run a workload from `loaders` processes at once (concurrency split between them)."""
+    q, warmed, go = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
+    procs = [ctx.Process(target=_load, args=(kind, address, metadata, seconds, max(1, concurrency // loaders), batch,
+                                             q, warmed, go), daemon=True) for _ in range(loaders)]
+    for p in procs:
+        p.start()
+    if kind != "price":
+        for _ in procs:
+            if not warmed.acquire(timeout=300):
+                raise RuntimeError(f"a {kind} load process did not start")
+    cpu0, (busy0, total0) = _cpu_seconds(server_pid), _machine_jiffies()
+    go.set()
+    results = [q.get(timeout=300) for _ in procs]
+    cpu1, (busy1, total1) = _cpu_seconds(server_pid), _machine_jiffies()
+    for p in procs:
+        p.join()
+    ops = sum(r[0] for r in results)
+    rate = sum(r[0] / r[2] for r in results if r[2])
+    return Figure(ops, sum(r[1] for r in results), rate, cpu1 - cpu0, (busy1 - busy0) / max(1, total1 - total0))
+
+
+def _cpu_note(fig: Figure, rpcs_per_op: int = 1) -> str:
+    per_rpc_ms = 1000 * fig.server_cpu_s / max(1, fig.ops * rpcs_per_op)
+    return f"server {per_rpc_ms:.2f} ms CPU/RPC, cores {100 * fig.machine_busy:.0f}% busy"
 
 
 async def _raw_insert_baseline(dsn: str, tenant: str, seconds: float, batch: int = 1000) -> float:
@@ -152,6 +224,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seconds", type=float, default=5.0, help="per figure")
     parser.add_argument("--quick", action="store_true", help="about a second per figure (smoke test)")
+    parser.add_argument("--loaders", type=int, default=2, help="load processes for the RPC floor and the pairs")
+    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the server process to FILE")
+    parser.add_argument("--pairs-only", action="store_true", help="only the RPC floor and Reserve+Commit")
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
 
@@ -171,45 +246,51 @@ def main() -> None:
 
         ctx = multiprocessing.get_context("spawn")
         q = ctx.Queue()
-        server = ctx.Process(target=_serve, args=(q, urls.app_url, urls.owner_url, key.private_bytes(), key.kid),
-                             daemon=True)
+        server = ctx.Process(target=_serve, args=(q, urls.app_url, urls.owner_url, key.private_bytes(), key.kid,
+                                                  args.profile and str(Path(args.profile).resolve())), daemon=True)
         server.start()
         address = f"127.0.0.1:{q.get(timeout=120)}"
+        pid, loaders = server.pid, args.loaders
         rows = []
         try:
             # A priced model, as in production: reservations then hold money as well as tokens.
-            _run_load(ctx, "price", address, [md("t_platform", ["platform.operator"])], 0, 1, 0)
-            ops, _, el = _run_load(ctx, "health", address, [()], seconds, 32, 0)
-            rpc_floor = ops / el
-            rows.append(("health Check RPC (baseline)", f"{rpc_floor:,.0f} calls/s", ""))
-            raw = asyncio.run(_raw_insert_baseline(urls.app_dsn, "t_bench_raw", seconds))
-            rows.append(("raw asyncpg insert, batch 1000 (baseline)", f"{raw:,.0f} events/s", ""))
+            _run_load(ctx, pid, "price", address, [md("t_platform", ["platform.operator"])], 0, 1, 0)
+            floor = _run_load(ctx, pid, "health", address, [()], seconds, 32, 0, loaders=loaders)
+            rows.append((f"health Check RPC, {loaders} loaders (gRPC floor)", f"{floor.rate:,.0f} calls/s",
+                         _cpu_note(floor)))
             ingest = {}
-            for batch, conc in ((1, 32), (100, 16), (1000, 4)):
-                _, events, el = _run_load(ctx, "ingest", address, [md("t_bench_ingest", ["metering.usage.write"])],
-                                          seconds, conc, batch)
-                ingest[batch] = events / el
+            raw = 0.0 if args.pairs_only else asyncio.run(_raw_insert_baseline(urls.app_dsn, "t_bench_raw", seconds))
+            if raw:
+                rows.append(("raw asyncpg insert, batch 1000 (baseline)", f"{raw:,.0f} events/s", ""))
+            for batch, conc in () if args.pairs_only else ((1, 32), (100, 16), (1000, 4)):
+                fig = _run_load(ctx, pid, "ingest", address, [md("t_bench_ingest", ["metering.usage.write"])],
+                                seconds, conc, batch)
+                ingest[batch] = fig.events / fig.ops * fig.rate if fig.ops else 0.0
             for batch, rate in ingest.items():
-                note = f"{rate / raw:.2f}x raw insert" if batch == 1000 else f"{rate / rpc_floor:.2f}x health RPC/s"
+                note = f"{rate / raw:.2f}x raw insert" if batch == 1000 else f"{rate / floor.rate:.2f}x health RPC/s"
                 rows.append((f"RecordUsage batch {batch}", f"{rate:,.0f} events/s", note))
-            tenants = [md(f"t_bench_pairs_{i}", ["metering.budget.write"]) for i in range(8)]
-            ops, _, el = _run_load(ctx, "pairs", address, tenants, seconds, 32, 0)
-            rows.append(("Reserve+Commit, 8 tenants", f"{ops / el:,.0f} pairs/s",
-                         f"{2 * ops / el / rpc_floor:.2f}x health RPC/s (2 RPCs a pair)"))
-            ops, _, el = _run_load(ctx, "pairs", address, [md("t_bench_hot", ["metering.budget.write"])],
-                                   seconds, 32, 0)
-            rows.append(("Reserve+Commit, 1 tenant (one hot counter row)", f"{ops / el:,.0f} pairs/s",
-                         f"{2 * ops / el / rpc_floor:.2f}x health RPC/s"))
+            pairs = {}
+            for name, tenants in (("8 tenants", [md(f"t_bench_pairs_{i}", ["metering.budget.write"]) for i in range(8)]),
+                                  ("1 tenant (one hot counter row)", [md("t_bench_hot", ["metering.budget.write"])])):
+                fig = _run_load(ctx, pid, "pairs", address, tenants, seconds, 32, 0, loaders=loaders)
+                pairs[name] = fig.rate
+                rows.append((f"Reserve+Commit, {name}", f"{fig.rate:,.0f} pairs/s", _cpu_note(fig, 2)))
+            rows.append(("Reserve+Commit cap set by the gRPC floor", f"{floor.rate / 2:,.0f} pairs/s",
+                         "2 RPCs a pair: floor / 2"))
         finally:
             server.terminate()
+            server.join(timeout=60)
         print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
               "(other work on the machine depresses every figure alike; compare the ratios)")
         width = max(len(r[0]) for r in rows)
         for name, figure, note in rows:
             print(f"{name:<{width}}  {figure:>18}  {note}")
-        verdict = "met" if ingest[1000] >= 50_000 else "NOT met"
+        verdict = "not measured" if not ingest else "met" if ingest[1000] >= 50_000 else "NOT met"
+        best = max(pairs.values())
+        pair_verdict = "met" if best >= 2_000 else (
+            "NOT met" + (" (above the gRPC floor's cap on this machine)" if floor.rate / 2 < 2_000 else ""))
         print(f"targets: RecordUsage batch 1000 >= 50,000 events/s -> {verdict}; "
-              f"Reserve+Commit >= 2,000 pairs/s -> see the pairs lines above")
+              f"Reserve+Commit >= 2,000 pairs/s -> {pair_verdict}")
     finally:
         pg.stop()
 

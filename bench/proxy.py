@@ -5,7 +5,7 @@ Four processes: the fake upstream (20 ms per reply), metering + credentials, the
 load generator. The load is a closed loop of N workers sending the same Messages request, first
 with the official SDK straight to the fake, then through the proxy over gRPC (quotas, budget
 leases, usage metering all on). Printed: latency p50/p99 of each path, the added latency, the
-throughput ratio, and the proxy's RSS.
+throughput ratio, the CPU each process spent per call, and the proxy's RSS.
 
     python bench/proxy.py            # ~40 s: concurrency 1 and 32
     python bench/proxy.py --quick    # a few seconds: smoke run
@@ -17,6 +17,7 @@ import asyncio
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -75,9 +76,10 @@ async def _role_backends(tmp: str) -> None:
 
 async def _role_proxy() -> None:
     from services.inference.config import InferenceConfig
-    from services.inference.server import start
+    from services.inference.server import freeze_startup_heap, start
 
     service = await start(InferenceConfig.from_env(os.environ), _verifier(), address="127.0.0.1:0")
+    freeze_startup_heap()   # as main() does
     profile_to = os.environ.get("BENCH_PROFILE")
     if profile_to:   # --profile: where the proxy's CPU goes, written when the bench stops it
         import cProfile
@@ -116,6 +118,12 @@ async def _closed_loop(call, concurrency: int, seconds: float) -> tuple[list[flo
 def _pct(values: list[float], q: float) -> float:
     ordered = sorted(values)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU a process has used so far (all its threads)."""
+    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mb(pid: int) -> tuple[float, float]:
@@ -201,14 +209,25 @@ async def _bench(args: argparse.Namespace) -> None:
               f"quotas + leases + metering on; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"{'conc':>4} {'path':>6} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>8}")
         results = {}
+        # CPU per process while each path runs. At concurrency 32 each path is bound by one event
+        # loop (the load generator's SDK client on the direct path, the proxy on the other), so
+        # these say which process sets the limit and what the proxy spends per call.
+        pids = {"load": os.getpid(), "fake": fake.pid, "proxy": proxy.pid, "backends": backends.pid}
+        cpu: dict[tuple[int, str], dict[str, float]] = {}
+        samples_by: dict[tuple[int, str], list[float]] = {}
         for conc in args.concurrency:
             # Alternate short rounds of the two paths, so a change in background load hits both alike.
             samples: dict[str, tuple[list[float], float]] = {"direct": ([], 0.0), "proxy": ([], 0.0)}
             for _ in range(args.rounds):
                 for name, call in (("direct", direct), ("proxy", proxied)):
+                    before = {role: _cpu_seconds(pid) for role, pid in pids.items()}
                     lat, elapsed = await _closed_loop(call, conc, args.seconds / args.rounds)
                     samples[name] = (samples[name][0] + lat, samples[name][1] + elapsed)
+                    for role, pid in pids.items():
+                        spent = cpu.setdefault((conc, name), {})
+                        spent[role] = spent.get(role, 0.0) + _cpu_seconds(pid) - before[role]
             for name, (lat, elapsed) in samples.items():
+                samples_by[(conc, name)] = lat
                 results[(conc, name)] = (_pct(lat, 0.5), _pct(lat, 0.99), len(lat) / elapsed)
                 p50, p99, tput = results[(conc, name)]
                 print(f"{conc:>4} {name:>6} {len(lat):>6} {p50 * 1000:>8.2f} {p99 * 1000:>8.2f} {tput:>8.1f}")
@@ -217,18 +236,27 @@ async def _bench(args: argparse.Namespace) -> None:
             d, p = results[(conc, "direct")], results[(conc, "proxy")]
             print(f"concurrency {conc:>2}: added latency p50 {1000 * (p[0] - d[0]):+.2f} ms, "
                   f"p99 {1000 * (p[1] - d[1]):+.2f} ms, throughput ratio proxy/direct {p[2] / d[2]:.3f}")
+        print("CPU ms per call, by process: " + " ".join(pids))
+        for (conc, name), spent in cpu.items():
+            calls = len(samples_by[(conc, name)])
+            print(f"  c{conc:<3} {name:>6}: " + "  ".join(f"{role} {1000 * spent[role] / calls:5.2f}" for role in pids)
+                  + f"  = {1000 * sum(spent.values()) / calls:5.2f}")
         rss, peak = _rss_mb(proxy.pid)
         print(f"proxy RSS {rss:.0f} MB (peak {peak:.0f} MB)")
         await channel.close()
         await client.close()
         print(json.dumps({f"c{c}_{n}": {"p50_ms": round(v[0] * 1000, 3), "p99_ms": round(v[1] * 1000, 3),
-                                        "rps": round(v[2], 1)} for (c, n), v in results.items()}
+                                        "rps": round(v[2], 1),
+                                        "cpu_ms_per_call": {r: round(1000 * t / len(samples_by[(c, n)]), 3)
+                                                            for r, t in cpu[(c, n)].items()}}
+                         for (c, n), v in results.items()}
                          | {"proxy_rss_mb": round(rss, 1), "proxy_peak_rss_mb": round(peak, 1)}))
     finally:
         for proc in procs:
             proc.terminate()
         for proc in procs:
             proc.wait(timeout=10)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def main() -> None:

@@ -13,6 +13,7 @@
 | BULKHEAD_INFERENCE_PINNED_VERSIONS | sonnet/haiku/opus aliases -> dated versions | `alias=version,...` |
 | BULKHEAD_INFERENCE_MAX_TOKENS_CEILING | 8192 | platform max_tokens ceiling |
 | BULKHEAD_INFERENCE_LEASE_TOKENS | 20000 | budget slice a replica leases at a time |
+| BULKHEAD_INFERENCE_USAGE_FLUSH_SECONDS | 0.2 | longest a usage event waits in memory before it is sent to metering (a batch of 200 goes at once) |
 | BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET | anthropic-api-key | credentials secret that holds a tenant's own key |
 | BULKHEAD_INFERENCE_USER_ID_SALT | bulkhead | salt of the opaque per-tenant id sent upstream as metadata.user_id |
 | BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS | 0 | 1 lets private models name plain-http endpoints (tests, local gateways); else https only |
@@ -53,6 +54,8 @@ class InferenceConfig:
     """Defaults for every tenant's policy."""
     lease_tokens: int = 20_000
     """Budget slice leased at a time."""
+    usage_flush_seconds: float = 0.2
+    """Longest a usage event waits before delivery; longer means fewer, larger RecordUsage batches."""
     provider_key_secret: str = "anthropic-api-key"
     """Credentials secret name of a tenant's own key."""
     user_id_salt: str = field(default="bulkhead", repr=False)
@@ -84,6 +87,7 @@ class InferenceConfig:
                                    pinned_versions=pinned,
                                    max_tokens_ceiling=int(env.get("BULKHEAD_INFERENCE_MAX_TOKENS_CEILING", "8192"))),
             lease_tokens=int(env.get("BULKHEAD_INFERENCE_LEASE_TOKENS", "20000")),
+            usage_flush_seconds=float(env.get("BULKHEAD_INFERENCE_USAGE_FLUSH_SECONDS", "0.2")),
             provider_key_secret=env.get("BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET", "anthropic-api-key"),
             user_id_salt=env.get("BULKHEAD_INFERENCE_USER_ID_SALT", "bulkhead"),
             allow_http_endpoints=env.get("BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS", "0") == "1",

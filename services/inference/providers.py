@@ -16,6 +16,8 @@ from typing import Any, Protocol
 
 import anthropic
 
+from services.inference.upstream_http import make_http_client
+
 OFFLINE = "offline"
 ANTHROPIC = "anthropic"
 
@@ -86,7 +88,8 @@ class AnthropicProvider:
         client = self._clients.get(target)
         if client is None:
             client = anthropic.AsyncAnthropic(api_key=target.api_key, base_url=target.base_url or self._base_url,
-                                              max_retries=0, timeout=self._timeout)
+                                              max_retries=0, timeout=self._timeout,
+                                              http_client=make_http_client(timeout=self._timeout))
             self._clients[target] = client
             if len(self._clients) > self._max_clients:
                 _, old = self._clients.popitem(last=False)

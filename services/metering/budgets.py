@@ -1,10 +1,11 @@
-"""Exact budgets: quotas, reservations and leases (the domain rules; SQL lives in store.py).
+"""Exact budgets: quotas, reservations and leases (the domain rules; SQL lives in budget_sql.py and store.py).
 
-Every hold (a reservation or a lease) adds to a counter's `held` through one conditional UPDATE
-that refuses to pass a hard limit, and settling it moves `held` into `used` in the same
-transaction that marks the hold settled. A hold that is never settled expires: a sweep (run
-lazily when a reservation is refused, on status reads, and periodically) charges what a lease
-last reported and returns the rest, so a crashed caller cannot strand budget.
+Every hold (a reservation or a lease) adds to its counters' `held` through one conditional
+statement that refuses to pass a hard limit, and settling it moves `held` into `used` in the
+same statement that marks the hold settled (budget_sql.py says how, and in which lock order). A
+hold that is never settled expires: a sweep (run lazily when a reservation is refused, on status
+reads, and periodically) charges what a lease last reported and returns the rest, so a crashed
+caller cannot strand budget.
 """
 from __future__ import annotations
 
@@ -13,11 +14,11 @@ import contextlib
 import secrets
 from collections.abc import AsyncIterator, Callable
 
-from sqlalchemy.exc import IntegrityError
-
-from services.metering import periods, store
+from services.metering import budget_sql, periods, store
+from services.metering.budget_cache import BudgetSpecCache, Specs
+from services.metering.budget_sql import CounterState, NewHold, UnitHold
 from services.metering.prices import PriceCache
-from services.metering.pricing import Price, Tokens
+from services.metering.pricing import TOKENS_PER_PRICE_UNIT, Price, Tokens
 from services.metering.quotas import (
     MICRO_USD,
     TOKENS,
@@ -31,7 +32,15 @@ from services.metering.quotas import (
     Settlement,
     validate_quota,
 )
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound, ResourceExhausted
+from shared.db.raw import RawTransaction
+from shared.errors import (
+    BulkheadError,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+)
+from shared.tenancy import require_tenant
 
 RESERVATION = "reservation"
 LEASE = "lease"
@@ -55,12 +64,11 @@ class _Raced(Exception):
     """The counter moved between our read and our update: try again."""
 
 
-def _rates(price: Price | None) -> dict[str, int]:
+def _rates(price: Price | None) -> tuple[int, int, int, int]:
     """A hold's copy of its price's rates (zero for an unpriced model)."""
     if price is None:
-        return {"rate_input": 0, "rate_output": 0, "rate_cache_write": 0, "rate_cache_read": 0}
-    return {"rate_input": price.input, "rate_output": price.output, "rate_cache_write": price.cache_write,
-            "rate_cache_read": price.cache_read}
+        return 0, 0, 0, 0
+    return price.input, price.output, price.cache_write, price.cache_read
 
 
 def _ttl(value: int, default: int, field: str) -> int:
@@ -72,15 +80,29 @@ def _ttl(value: int, default: int, field: str) -> int:
     return value
 
 
+def _period_starts(specs: Specs, now_us: int) -> dict[str, int]:
+    """The current period start of each unit's counter (monthly where no budget says otherwise)."""
+    return {u: periods.bounds(specs[u].period if u in specs else periods.MONTH, now_us)[0] for u in UNITS}
+
+
+def _unit_holds(specs: Specs, starts: dict[str, int], amounts: Amounts) -> tuple[UnitHold, UnitHold]:
+    """What a hold adds to each counter, in lock order (tokens, then micro_usd), with its hard limit."""
+    def unit_hold(unit: str, amount: int) -> UnitHold:
+        spec = specs.get(unit)
+        return UnitHold(unit, starts[unit], amount, spec.limit if spec is not None and spec.hard else None)
+    return unit_hold(TOKENS, amounts.tokens), unit_hold(MICRO_USD, amounts.micro_usd)
+
+
 class BudgetLedger:
     """Quotas and holds of the tenant in the current TenantContext."""
 
     def __init__(self, db, prices: PriceCache, *, clock: Callable[[], int] = periods.now_us,
-                 on_reject: Callable[[str, str, str], None] | None = None):
+                 on_reject: Callable[[str, str, str], None] | None = None, specs: BudgetSpecCache | None = None):
         self._db = db
         self._prices = prices
         self._clock = clock
         self._on_reject = on_reject or (lambda tenant, model, reason: None)
+        self._specs = specs if specs is not None else BudgetSpecCache()
         # SQLite cannot upgrade a reading transaction to a writing one while another writer is
         # active ("database is locked"); the embedded single-process deployment queues them here.
         self._sqlite_writes = asyncio.Lock() if db.dialect == "sqlite" else None
@@ -94,6 +116,25 @@ class BudgetLedger:
         async with self._sqlite_writes, self._db.session() as s:
             yield s
 
+    @contextlib.asynccontextmanager
+    async def _write(self) -> AsyncIterator[RawTransaction]:
+        """A raw writing transaction (the hot path: no ORM)."""
+        if self._sqlite_writes is None:
+            async with self._db.raw(write=True) as tx:
+                yield tx
+            return
+        async with self._sqlite_writes, self._db.raw(write=True) as tx:
+            yield tx
+
+    async def _budget_specs(self, tx: RawTransaction, tenant_id: str) -> Specs:
+        """The tenant's budget specs: from the cache, else read in tx (and kept)."""
+        specs = self._specs.get(tenant_id)
+        if specs is None:
+            generation = self._specs.generation()
+            specs = await budget_sql.budgets(tx, tenant_id)
+            self._specs.put(tenant_id, specs, generation)
+        return specs
+
     # ------------------------------------------------------------ quotas
 
     async def set_quota(self, quota: Quota) -> Quota:
@@ -101,11 +142,14 @@ class BudgetLedger:
         if problems := validate_quota(quota):
             raise InvalidArgument("invalid quota", reason="INVALID_QUOTA", violations=problems)
         now = self._clock()
-        async with self._session() as s:
-            await store.replace_quota(
-                s, quota.tenant_id, rpm=quota.requests_per_minute, tpm=quota.tokens_per_minute,
-                concurrent=quota.concurrent_calls,
-                budgets=[(b.unit, b.limit, b.period, b.hard) for b in quota.budgets], now_us=now)
+        try:
+            async with self._session() as s:
+                await store.replace_quota(
+                    s, quota.tenant_id, rpm=quota.requests_per_minute, tpm=quota.tokens_per_minute,
+                    concurrent=quota.concurrent_calls,
+                    budgets=[(b.unit, b.limit, b.period, b.hard) for b in quota.budgets], now_us=now)
+        finally:
+            self._specs.invalidate(quota.tenant_id)  # after the commit: later reads see the new specs
         return await self.get_quota(quota.tenant_id)
 
     async def get_quota(self, tenant_id: str) -> Quota:
@@ -123,12 +167,14 @@ class BudgetLedger:
         await self.sweep()
         quota = await self.get_quota(tenant_id)
         now = self._clock()
+        bounds = {spec.unit: periods.bounds(spec.period, now) for spec in quota.budgets}
+        async with self._db.raw() as tx:
+            counters = await budget_sql.counters(tx, tenant_id, *(bounds.get(u, (0, 0))[0] for u in UNITS))
         states = []
-        async with self._session() as s:
-            for spec in quota.budgets:
-                start, end = periods.bounds(spec.period, now)
-                counter = await store.get_counter(s, spec.unit, start)
-                states.append(BudgetState(spec, start, end, counter.used, counter.held))
+        for spec in quota.budgets:
+            start, end = bounds[spec.unit]
+            counter = counters.get(spec.unit, CounterState(0, 0))
+            states.append(BudgetState(spec, start, end, counter.used, counter.held))
         return quota, states
 
     # ------------------------------------------------------------ reservations
@@ -160,63 +206,50 @@ class BudgetLedger:
                 if attempt == 0 and await self.sweep():
                     continue  # expired holds were returned: the budget may fit now
                 raise await self._exhausted(tenant_id, model, over) from None
-            except IntegrityError:
+            except budget_sql.DUPLICATE_KEY:
                 continue  # a concurrent retry with the same key won: read its reservation
         raise FailedPrecondition("reservation could not be made", reason="RESERVATION_CONFLICT")
 
     async def _reserve_once(self, tenant_id: str, model: str, amounts: Amounts, price: Price | None, ttl: int,
                             key: str) -> Reservation:
         now = self._clock()
-        async with self._session() as s:
-            if key and (existing := await store.get_hold_by_key(s, key)) is not None:
-                return Reservation(existing.hold_id, Amounts(existing.tokens_held, existing.micros_held),
-                                   existing.expires_us, existing.over_budget)
-            budgets = await store.get_budgets(s)
-            if budgets.get(MICRO_USD) is not None and price is None:
+        async with self._write() as tx:
+            if key and (found := await budget_sql.hold_by_key(tx, tenant_id, key)) is not None:
+                hold_id, existing = found
+                return Reservation(hold_id, Amounts(existing.tokens_held, existing.micros_held), existing.expires_us,
+                                   existing.over_budget)
+            specs = await self._budget_specs(tx, tenant_id)
+            if MICRO_USD in specs and price is None:
                 raise FailedPrecondition(f"model {model!r} has no price, so a money budget cannot hold it",
                                          reason="MODEL_NOT_PRICED")
-            specs = {u: BudgetSpec(r.unit, r.limit_amount, r.period, r.hard) for u, r in budgets.items()}
-            period_of = {u: periods.bounds(specs[u].period if u in specs else periods.MONTH, now)[0] for u in UNITS}
-            hold = store.HoldRow(
-                tenant_id=tenant_id, hold_id="res_" + secrets.token_urlsafe(16), kind=RESERVATION, model=model,
-                idempotency_key=key or None, tokens_held=amounts.tokens, micros_held=amounts.micro_usd,
-                tokens_period_us=period_of[TOKENS], micros_period_us=period_of[MICRO_USD],
-                priced_at_us=price.effective_us if price else 0, **_rates(price), state=OPEN, over_budget=False,
-                created_us=now, expires_us=now + ttl * periods.US_PER_SECOND, settled_us=0,
-                spent_input=0, spent_output=0, spent_cache_write=0, spent_cache_read=0,
-                charged_tokens=0, charged_micros=0)
-            # The hold row first, the counters last: the hot counter row stays locked only
-            # from its UPDATE to COMMIT, which is what bounds one tenant's reservation rate.
-            await store.add_hold(s, hold)
-            over_budget = await self._hold_counters(s, tenant_id, specs, period_of, amounts, _OverBudget)
-            if over_budget:
-                await store.flag_over_budget(s, hold.hold_id)
+            hold = NewHold(hold_id="res_" + secrets.token_urlsafe(16), kind=RESERVATION, model=model,
+                           idempotency_key=key or None, priced_at_us=price.effective_us if price else 0,
+                           rates=_rates(price), created_us=now, expires_us=now + ttl * periods.US_PER_SECOND)
+            over_budget = await self._place(tx, tenant_id, hold, specs, _unit_holds(specs, _period_starts(specs, now),
+                                                                                    amounts), _OverBudget)
         return Reservation(hold.hold_id, amounts, hold.expires_us, over_budget)
 
     @staticmethod
-    async def _hold_counters(s, tenant_id: str, specs: dict[str, BudgetSpec], period_of: dict[str, int],
-                             amounts: Amounts, refused: Callable[[BudgetSpec, int], Exception]) -> bool:
-        """Add amounts to each unit's counter within hard limits; True when a soft limit is passed.
+    async def _place(tx: RawTransaction, tenant_id: str, hold: NewHold, specs: Specs,
+                     units: tuple[UnitHold, UnitHold], refused: Callable[[BudgetSpec, int], Exception]) -> bool:
+        """Place a hold within the hard limits; True when it passed a soft limit (the hold is flagged).
 
         Raises refused(spec, amount) (rolling the transaction back) when a hard limit cannot hold it.
         """
-        wanted = {TOKENS: amounts.tokens, MICRO_USD: amounts.micro_usd}
-        changes = [store.CounterChange(unit, period_of[unit], hold=amount,
-                                       limit=specs[unit].limit if unit in specs and specs[unit].hard else None)
-                   for unit, amount in wanted.items()]
-        states, refused_units = await store.try_hold(s, tenant_id, changes)
-        if refused_units:
-            unit = refused_units[0]
-            raise refused(specs[unit], wanted[unit])
-        return any(not spec.hard and unit in states and states[unit].used + states[unit].held > spec.limit
-                   for unit, spec in specs.items())
+        placed = await budget_sql.place_hold(tx, tenant_id, hold, units)
+        if placed.refused is not None:
+            raise refused(specs[placed.refused], next(u.amount for u in units if u.unit == placed.refused))
+        over = any(not spec.hard and (state := placed.states.get(unit)) is not None
+                   and state.used + state.held > spec.limit for unit, spec in specs.items())
+        if over:
+            await budget_sql.flag_over_budget(tx, tenant_id, hold.hold_id)
+        return over
 
     async def _exhausted(self, tenant_id: str, model: str, over: _OverBudget) -> ResourceExhausted:
         now = self._clock()
         start, end = periods.bounds(over.spec.period, now)
-        async with self._session() as s:
-            counter = await store.get_counter(s, over.spec.unit, start)
-            soonest = await store.next_expiry(s)
+        async with self._db.raw() as tx:
+            counter, soonest = await budget_sql.refusal_facts(tx, tenant_id, over.spec.unit, start)
         remaining = max(0, over.spec.limit - counter.used - counter.held)
         # Held budget comes back when holds settle or expire; otherwise only the next period helps.
         wait_us = (soonest - now) if soonest is not None and soonest > now and counter.held else end - now
@@ -247,19 +280,19 @@ class BudgetLedger:
         if min(spent.parts()) < 0:
             raise InvalidArgument("token counts cannot be negative", reason="INVALID_USAGE",
                                   violations={field: "token counts cannot be negative"})
-        async with self._session() as s:
-            # The common case in one statement: claim the open hold and price its spend.
-            hold = await store.settle_open_hold(s, hold_id, kind, new_state, spent, self._clock())
-            if hold is None:
-                return await self._why_not_settled(s, hold_id, kind, spent, new_state, what, field)
-            charged = Amounts(hold.charged_tokens, hold.charged_micros)
-            await self._apply_settlement(s, hold, charged)
-        return Settlement(charged, Amounts(hold.tokens_held - charged.tokens, hold.micros_held - charged.micro_usd))
+        tenant_id = require_tenant().tenant_id
+        async with self._write() as tx:
+            # The common case in one statement: claim the open hold, price its spend, move its counters.
+            done = await budget_sql.settle(tx, tenant_id, hold_id, kind, new_state, spent, self._clock())
+            if done is None:
+                return await self._why_not_settled(tx, tenant_id, hold_id, kind, spent, new_state, what, field)
+        charged = Amounts(done.charged_tokens, done.charged_micros)
+        return Settlement(charged, Amounts(done.tokens_held - charged.tokens, done.micros_held - charged.micro_usd))
 
-    async def _why_not_settled(self, s, hold_id: str, kind: str, spent: Tokens, new_state: str, what: str,
-                               field: str) -> Settlement:
-        """A hold the settling UPDATE did not take: missing, already settled, or spent too much."""
-        hold = await store.get_hold(s, hold_id, kind)
+    async def _why_not_settled(self, tx: RawTransaction, tenant_id: str, hold_id: str, kind: str, spent: Tokens,
+                               new_state: str, what: str, field: str) -> Settlement:
+        """A hold the settling statement did not take: missing, already settled, or spent too much."""
+        hold = await budget_sql.get_hold(tx, tenant_id, hold_id, kind)
         if hold is None:
             raise NotFound(f"{what} not found", reason=f"{what.upper()}_NOT_FOUND")
         if hold.state != OPEN:
@@ -268,41 +301,19 @@ class BudgetLedger:
             f"{field} exceeds what was held ({hold.tokens_held} tokens, {hold.micros_held} micro-USD)",
             reason="EXCEEDS_HOLD", violations={field: "more than was held"})
 
-    def _settled_again(self, hold: store.HoldRow, spent: Tokens, new_state: str, what: str) -> Settlement:
+    @staticmethod
+    def _settled_again(hold: budget_sql.Hold, spent: Tokens, new_state: str, what: str) -> Settlement:
         """A repeated settle with the same outcome returns the first result; anything else is refused."""
         if hold.state == new_state and hold.spent == spent:
             charged = Amounts(hold.charged_tokens, hold.charged_micros)
             return Settlement(charged, Amounts(hold.tokens_held - charged.tokens, hold.micros_held - charged.micro_usd))
         raise FailedPrecondition(f"{what} is already {hold.state}", reason=f"{what.upper()}_{hold.state.upper()}")
 
-    @staticmethod
-    def _cost_micros(hold: store.HoldRow, spent: Tokens) -> int:
-        """Spend priced at the rates the hold was made with, rounded up to whole micro-USD."""
-        rates = Price(hold.model, hold.priced_at_us, hold.rate_input, hold.rate_output, hold.rate_cache_write,
-                      hold.rate_cache_read)
-        return rates.cost_micros_ceil(spent)
-
-    @staticmethod
-    def _check_within(hold: store.HoldRow, spent: Tokens, charged: Amounts, field: str) -> None:
-        if charged.tokens > hold.tokens_held or charged.micro_usd > hold.micros_held:
-            raise InvalidArgument(
-                f"{field} exceeds what was held ({hold.tokens_held} tokens, {hold.micros_held} micro-USD)",
-                reason="EXCEEDS_HOLD", violations={field: "more than was held"})
-
-    @staticmethod
-    async def _apply_settlement(s, hold: store.HoldRow, charged: Amounts) -> None:
-        await store.settle_counters(s, hold.tenant_id, [
-            store.CounterChange(TOKENS, hold.tokens_period_us, release=hold.tokens_held, charge=charged.tokens),
-            store.CounterChange(MICRO_USD, hold.micros_period_us, release=hold.micros_held,
-                                charge=charged.micro_usd)])
-
     async def sweep(self) -> int:
         """Expire the tenant's overdue holds: charge what leases reported, return the rest. Returns how many."""
-        async with self._session() as s:
-            expired = await store.expire_holds(s, self._clock())
-            for hold in expired:
-                await self._apply_settlement(s, hold, Amounts(hold.charged_tokens, hold.charged_micros))
-        return len(expired)
+        tenant_id = require_tenant().tenant_id
+        async with self._write() as tx:
+            return await budget_sql.expire(tx, tenant_id, self._clock())
 
     # ------------------------------------------------------------ leases
 
@@ -335,35 +346,30 @@ class BudgetLedger:
                           ttl: int) -> LeaseInfo:
         now = self._clock()
         rate = price.worst_rate() if price else 0
-        async with self._session() as s:
-            budgets = await store.get_budgets(s)
-            if budgets.get(MICRO_USD) is not None and price is None:
+        async with self._write() as tx:
+            specs = await self._budget_specs(tx, tenant_id)
+            if MICRO_USD in specs and price is None:
                 raise FailedPrecondition(f"model {model!r} has no price, so a money budget cannot lease it",
                                          reason="MODEL_NOT_PRICED")
-            specs = {u: BudgetSpec(r.unit, r.limit_amount, r.period, r.hard) for u, r in budgets.items()}
-            period_of = {u: periods.bounds(specs[u].period if u in specs else periods.MONTH, now)[0] for u in UNITS}
+            starts = _period_starts(specs, now)
             grant = wanted
-            for unit in UNITS:
-                spec = specs.get(unit)
-                if spec is None or not spec.hard:
-                    continue
-                counter = await store.get_counter(s, unit, period_of[unit])
+            hard = [unit for unit in UNITS if unit in specs and specs[unit].hard]
+            # Read without locking: the placing statement re-checks the limits, and a counter that
+            # moved in between makes it refuse (_Raced), so the grant is recomputed.
+            counters = await budget_sql.counters(tx, tenant_id, starts[TOKENS], starts[MICRO_USD]) if hard else {}
+            for unit in hard:
+                spec, counter = specs[unit], counters.get(unit, CounterState(0, 0))
                 left = max(0, spec.limit - counter.used - counter.held)
-                fits = left if unit == TOKENS else (left * 1_000_000 // rate if rate else wanted)
+                fits = left if unit == TOKENS else (left * TOKENS_PER_PRICE_UNIT // rate if rate else wanted)
                 if fits < least:
-                    raise _OverBudget(spec, least if unit == TOKENS else -(-least * rate // 1_000_000))
+                    raise _OverBudget(spec, least if unit == TOKENS else -(-least * rate // TOKENS_PER_PRICE_UNIT))
                 grant = min(grant, fits)
-            amounts = Amounts(grant, -(-grant * rate // 1_000_000))
-            hold = store.HoldRow(
-                tenant_id=tenant_id, hold_id="lease_" + secrets.token_urlsafe(16), kind=LEASE, model=model,
-                idempotency_key=None, tokens_held=amounts.tokens, micros_held=amounts.micro_usd,
-                tokens_period_us=period_of[TOKENS], micros_period_us=period_of[MICRO_USD],
-                priced_at_us=price.effective_us if price else 0, **_rates(price), state=OPEN, over_budget=False,
-                created_us=now,
-                expires_us=now + ttl * periods.US_PER_SECOND, settled_us=0, spent_input=0, spent_output=0,
-                spent_cache_write=0, spent_cache_read=0, charged_tokens=0, charged_micros=0)
-            await store.add_hold(s, hold)
-            await self._hold_counters(s, tenant_id, specs, period_of, amounts, lambda spec, amount: _Raced())
+            amounts = Amounts(grant, -(-grant * rate // TOKENS_PER_PRICE_UNIT))
+            hold = NewHold(hold_id="lease_" + secrets.token_urlsafe(16), kind=LEASE, model=model, idempotency_key=None,
+                           priced_at_us=price.effective_us if price else 0, rates=_rates(price), created_us=now,
+                           expires_us=now + ttl * periods.US_PER_SECOND)
+            await self._place(tx, tenant_id, hold, specs, _unit_holds(specs, starts, amounts),
+                              lambda spec, amount: _Raced())
         return LeaseInfo(hold.hold_id, model, amounts, Tokens(), hold.expires_us)
 
     async def renew_lease(self, lease_id: str, spent: Tokens, ttl_seconds: int = 0) -> LeaseInfo:
@@ -373,25 +379,33 @@ class BudgetLedger:
                                   violations={"lease_id": "required"})
         ttl = _ttl(ttl_seconds, DEFAULT_LEASE_TTL_S, "ttl_seconds")
         now = self._clock()
-        async with self._session() as s:
-            hold = await store.get_hold(s, lease_id, LEASE)
-            if hold is None:
-                raise NotFound("lease not found", reason="LEASE_NOT_FOUND")
-            if hold.state != OPEN or hold.expires_us < now:
-                state = hold.state if hold.state != OPEN else EXPIRED
-                raise FailedPrecondition(f"lease is {state}", reason=f"LEASE_{state.upper()}")
-            if any(now_ < then for now_, then in zip(spent.parts(), hold.spent.parts(), strict=True)):
-                raise InvalidArgument("spent is a running total and cannot go down", reason="SPEND_DECREASED",
-                                      violations={"spent": "less than already reported"})
-            charged = Amounts(spent.total, self._cost_micros(hold, spent))
-            self._check_within(hold, spent, charged, "spent")
-            expires = now + ttl * periods.US_PER_SECOND
-            if not await store.renew_hold(s, lease_id, {
-                    "expires_us": expires, "spent_input": spent.input, "spent_output": spent.output,
-                    "spent_cache_write": spent.cache_write, "spent_cache_read": spent.cache_read,
-                    "charged_tokens": charged.tokens, "charged_micros": charged.micro_usd}, now):
-                raise FailedPrecondition("lease was settled concurrently", reason="CONCURRENT_SETTLEMENT")
-        return LeaseInfo(lease_id, hold.model, Amounts(hold.tokens_held, hold.micros_held), spent, expires)
+        expires = now + ttl * periods.US_PER_SECOND
+        tenant_id = require_tenant().tenant_id
+        async with self._write() as tx:
+            renewed = await budget_sql.renew(tx, tenant_id, lease_id, spent, now, expires)
+            if renewed is None:
+                raise await self._why_not_renewed(tx, tenant_id, lease_id, spent, now)
+        model, tokens_held, micros_held = renewed
+        return LeaseInfo(lease_id, model, Amounts(tokens_held, micros_held), spent, expires)
+
+    @staticmethod
+    async def _why_not_renewed(tx: RawTransaction, tenant_id: str, lease_id: str, spent: Tokens,
+                               now: int) -> BulkheadError:
+        """Why the renewing statement did not take a lease: missing, settled, expired, or a bad spend."""
+        hold = await budget_sql.get_hold(tx, tenant_id, lease_id, LEASE)
+        if hold is None:
+            return NotFound("lease not found", reason="LEASE_NOT_FOUND")
+        if hold.state != OPEN or hold.expires_us < now:
+            state = hold.state if hold.state != OPEN else EXPIRED
+            return FailedPrecondition(f"lease is {state}", reason=f"LEASE_{state.upper()}")
+        if any(now_ < then for now_, then in zip(spent.parts(), hold.spent.parts(), strict=True)):
+            return InvalidArgument("spent is a running total and cannot go down", reason="SPEND_DECREASED",
+                                   violations={"spent": "less than already reported"})
+        if spent.total > hold.tokens_held or hold.cost_micros(spent) > hold.micros_held:
+            return InvalidArgument(
+                f"spent exceeds what was held ({hold.tokens_held} tokens, {hold.micros_held} micro-USD)",
+                reason="EXCEEDS_HOLD", violations={"spent": "more than was held"})
+        return FailedPrecondition("lease was changed concurrently", reason="CONCURRENT_SETTLEMENT")
 
     async def release_lease(self, lease_id: str, spent: Tokens) -> Settlement:
         """Charge a lease's final spend and return the rest."""

@@ -18,6 +18,9 @@ class MeteringConfig:
     """How often expired reservations and leases are returned to their budgets (0 = never in the background)."""
     price_cache_s: float = 2.0
     """How long a replica keeps the price table before reading it again."""
+    budget_cache_s: float = 2.0
+    """How long a replica keeps a tenant's budget specs (limits, periods, modes) before reading them again:
+    another replica's SetQuota takes up to this long to apply here (0 = read them on every hold)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> MeteringConfig:
@@ -26,4 +29,5 @@ class MeteringConfig:
             service=ServiceConfig.from_env("metering", env),
             sweep_interval_s=float(env.get("BULKHEAD_METERING_SWEEP_INTERVAL", "15")),
             price_cache_s=float(env.get("BULKHEAD_METERING_PRICE_CACHE_SECONDS", "2")),
+            budget_cache_s=float(env.get("BULKHEAD_METERING_BUDGET_CACHE_SECONDS", "2")),
         )

@@ -63,8 +63,8 @@ class UsageLedger:
             raise InvalidArgument("invalid usage batch", reason="INVALID_USAGE", violations=problems)
         ctx = require_tenant()
         unique = dedupe(records)
-        async with self._db.session() as s:
-            new_keys = await store.insert_usage(s, ctx.tenant_id, unique, self._clock(),
+        async with self._db.raw(write=True) as tx:
+            new_keys = await store.insert_usage(tx, ctx.tenant_id, unique, self._clock(),
                                                 default_principal=ctx.principal_id)
         await self.note_tenant(ctx.tenant_id, ctx.tier)
         if new_keys:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import time
 
 US_PER_SECOND = 1_000_000
@@ -35,7 +36,14 @@ def bounds(period: str, at_us: int) -> tuple[int, int]:
         return start, start + US_PER_DAY
     if period != MONTH:
         raise ValueError(f"unknown period {period!r}")
-    moment = to_datetime(at_us)
+    return _month_bounds(at_us // US_PER_DAY)
+
+
+@functools.lru_cache(maxsize=64)
+def _month_bounds(day: int) -> tuple[int, int]:
+    # Cached by UTC day number: every hold asks for its month, and the datetime arithmetic costs
+    # more than the rest of placing it in Python.
+    moment = to_datetime(day * US_PER_DAY)
     first = dt.datetime(moment.year, moment.month, 1, tzinfo=dt.UTC)
     following = dt.datetime(moment.year + moment.month // 12, moment.month % 12 + 1, 1, tzinfo=dt.UTC)
     return from_datetime(first), from_datetime(following)

@@ -9,6 +9,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from bulkhead.metering.v1 import metering_pb2, metering_pb2_grpc
 from services.metering import periods
+from services.metering.budget_cache import BudgetSpecCache
 from services.metering.budgets import BudgetLedger
 from services.metering.config import MeteringConfig
 from services.metering.ledger import UsageLedger
@@ -54,7 +55,8 @@ class MeteringService:
 
 async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str = "127.0.0.1:0",
                          clock: Callable[[], int] = periods.now_us, registry: CollectorRegistry | None = None,
-                         sweep_interval: float | None = None, price_cache_s: float = 2.0) -> MeteringService:
+                         sweep_interval: float | None = None, price_cache_s: float = 2.0,
+                         budget_cache_s: float = 2.0) -> MeteringService:
     """Start the metering server over an open database (tests: port 0, a fake clock, a fresh registry).
 
     sweep_interval=None leaves the background sweeper stopped (tests drive it with run_once()).
@@ -62,7 +64,8 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
     metrics = MeteringMetrics(registry if registry is not None else CollectorRegistry())
     prices = PriceCache(db, max_age_us=int(price_cache_s * periods.US_PER_SECOND), clock=clock)
     usage = UsageLedger(db, prices, metrics, clock=clock)
-    budgets = BudgetLedger(db, prices, clock=clock, on_reject=metrics.rejected)
+    budgets = BudgetLedger(db, prices, clock=clock, on_reject=metrics.rejected,
+                           specs=BudgetSpecCache(max_age_s=budget_cache_s))
     sweeper = ExpirySweeper(usage, budgets, interval=sweep_interval or 15.0)
     binding = Binding(metering_pb2_grpc.add_MeteringServiceServicer_to_server,
                       MeteringServicer(usage, budgets, prices),
@@ -79,7 +82,7 @@ async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str
                              owner_url=config.service.database_owner_url)
     return await serve_metering(db=db, verifier=verifier, address=address or config.service.address,
                                 registry=REGISTRY, sweep_interval=config.sweep_interval_s or None,
-                                price_cache_s=config.price_cache_s)
+                                price_cache_s=config.price_cache_s, budget_cache_s=config.budget_cache_s)
 
 
 async def main() -> None:

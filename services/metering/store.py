@@ -6,8 +6,8 @@ clause against the row's newest version after waiting for its lock, and SQLite s
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
-from dataclasses import dataclass
 
 from sqlalchemy import (
     BigInteger,
@@ -19,21 +19,28 @@ from sqlalchemy import (
     and_,
     case,
     func,
-    insert,
     literal,
     select,
     text,
-    update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from services.metering import periods
-from services.metering.pricing import TOKENS_PER_PRICE_UNIT, Price, Tokens
-from services.metering.usage import AGENT, DAY, HOUR, PRINCIPAL, PartialSum, UsageQuery, UsageRecord
+from services.metering.pricing import Price, Tokens
+from services.metering.usage import (
+    AGENT,
+    DAY,
+    HOUR,
+    PRINCIPAL,
+    PartialSum,
+    UsageQuery,
+    UsageRecord,
+)
 from shared.db import Base, TenantOwned
 from shared.db.base import TENANT_COLUMN_INFO
+from shared.db.raw import RawTransaction
 
 _NO_UPDATE_SYNC = {"synchronize_session": False}
 
@@ -199,61 +206,58 @@ def _insert(session: AsyncSession, model: type):
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
 
 
-def is_postgres(session: AsyncSession) -> bool:
-    """Whether the session talks to Postgres."""
-    return session.bind.dialect.name == "postgresql"
-
-
 # ---------------------------------------------------------------- usage
 
-_PG_UNNEST_INSERT = text("""
-INSERT INTO metering_usage_events (tenant_id, idempotency_key, principal_id, agent_id, run_id, trace_id, model,
-    input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, latency_ms, outcome, occurred_us,
-    hour, day, recorded_us)
-SELECT :tenant_id, k, p, a, r, t, m, i, o, cw, cr, l, oc, ts, ts / 3600000000, ts / 86400000000, :now
-FROM unnest(CAST(:keys AS text[]), CAST(:principals AS text[]), CAST(:agents AS text[]), CAST(:runs AS text[]),
-            CAST(:traces AS text[]), CAST(:models AS text[]), CAST(:inputs AS bigint[]), CAST(:outputs AS bigint[]),
-            CAST(:cws AS bigint[]), CAST(:crs AS bigint[]), CAST(:latencies AS bigint[]),
-            CAST(:outcomes AS smallint[]), CAST(:times AS bigint[]))
+_USAGE_COLUMNS = """tenant_id, idempotency_key, principal_id, agent_id, run_id, trace_id, model, input_tokens,
+    output_tokens, cache_write_tokens, cache_read_tokens, latency_ms, outcome, occurred_us, hour, day, recorded_us"""
+
+# Postgres: one statement with array parameters, far cheaper than a thousand VALUES tuples.
+_PG_UNNEST_INSERT = f"""
+INSERT INTO metering_usage_events ({_USAGE_COLUMNS})
+SELECT $1, k, p, a, r, t, m, i, o, cw, cr, l, oc, ts, ts / {periods.US_PER_HOUR}, ts / {periods.US_PER_DAY}, $2
+FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[],
+            $11::bigint[], $12::bigint[], $13::bigint[], $14::smallint[], $15::bigint[])
      AS e(k, p, a, r, t, m, i, o, cw, cr, l, oc, ts)
 ON CONFLICT DO NOTHING
-RETURNING idempotency_key
-""")
+RETURNING idempotency_key"""
+
+_SQLITE_ROWS_PER_INSERT = 500  # SQLite caps the parameters of one statement
 
 
-async def insert_usage(session: AsyncSession, tenant_id: str, records: Sequence[UsageRecord],
+@functools.lru_cache(maxsize=8)
+def _sqlite_usage_insert(rows: int) -> str:
+    """A multi-row insert of `rows` events (17 parameters each)."""
+    width = 17
+    values = ", ".join("(" + ", ".join(f"${row * width + col + 1}" for col in range(width)) + ")"
+                       for row in range(rows))
+    return (f"INSERT INTO metering_usage_events ({_USAGE_COLUMNS}) VALUES {values} "
+            "ON CONFLICT DO NOTHING RETURNING idempotency_key")
+
+
+async def insert_usage(tx: RawTransaction, tenant_id: str, records: Sequence[UsageRecord],
                        now_us: int, *, default_principal: str = "") -> set[str]:
-    """Insert events, skipping keys already stored; returns the keys that were new.
+    """Insert the tenant's events, skipping keys already stored; returns the keys that were new.
 
     Events without a principal are stored as default_principal's (the caller's).
     """
-    if is_postgres(session):
-        # One statement with array parameters: far cheaper than a thousand VALUES tuples.
-        result = await session.execute(_PG_UNNEST_INSERT, {
-            "tenant_id": tenant_id, "now": now_us,
-            "keys": [r.idempotency_key for r in records],
-            "principals": [r.principal_id or default_principal for r in records],
-            "agents": [r.agent_id for r in records], "runs": [r.run_id for r in records],
-            "traces": [r.trace_id for r in records], "models": [r.model for r in records],
-            "inputs": [r.tokens.input for r in records], "outputs": [r.tokens.output for r in records],
-            "cws": [r.tokens.cache_write for r in records], "crs": [r.tokens.cache_read for r in records],
-            "latencies": [r.latency_ms for r in records], "outcomes": [r.outcome for r in records],
-            "times": [r.occurred_us for r in records]})
-        return set(result.scalars())
-    rows = [{
-        "tenant_id": tenant_id, "idempotency_key": r.idempotency_key,
-        "principal_id": r.principal_id or default_principal,
-        "agent_id": r.agent_id, "run_id": r.run_id, "trace_id": r.trace_id, "model": r.model,
-        "input_tokens": r.tokens.input, "output_tokens": r.tokens.output,
-        "cache_write_tokens": r.tokens.cache_write, "cache_read_tokens": r.tokens.cache_read,
-        "latency_ms": r.latency_ms, "outcome": r.outcome, "occurred_us": r.occurred_us,
-        "hour": r.occurred_us // periods.US_PER_HOUR, "day": r.occurred_us // periods.US_PER_DAY,
-        "recorded_us": now_us} for r in records]
+    if tx.dialect == "postgresql":
+        rows = await tx.fetch(
+            _PG_UNNEST_INSERT, tenant_id, now_us,
+            [r.idempotency_key for r in records], [r.principal_id or default_principal for r in records],
+            [r.agent_id for r in records], [r.run_id for r in records], [r.trace_id for r in records],
+            [r.model for r in records], [r.tokens.input for r in records], [r.tokens.output for r in records],
+            [r.tokens.cache_write for r in records], [r.tokens.cache_read for r in records],
+            [r.latency_ms for r in records], [r.outcome for r in records], [r.occurred_us for r in records])
+        return {row[0] for row in rows}
     new: set[str] = set()
-    for start in range(0, len(rows), 500):  # SQLite caps bound parameters per statement
-        stmt = (_insert(session, UsageEventRow).values(rows[start:start + 500]).on_conflict_do_nothing()
-                .returning(UsageEventRow.idempotency_key))
-        new.update((await session.execute(stmt)).scalars())
+    for start in range(0, len(records), _SQLITE_ROWS_PER_INSERT):
+        chunk = records[start:start + _SQLITE_ROWS_PER_INSERT]
+        args = [value for r in chunk for value in (
+            tenant_id, r.idempotency_key, r.principal_id or default_principal, r.agent_id, r.run_id, r.trace_id,
+            r.model, r.tokens.input, r.tokens.output, r.tokens.cache_write, r.tokens.cache_read, r.latency_ms,
+            r.outcome, r.occurred_us, r.occurred_us // periods.US_PER_HOUR, r.occurred_us // periods.US_PER_DAY,
+            now_us)]
+        new.update(row[0] for row in await tx.fetch(_sqlite_usage_insert(len(chunk)), *args))
     return new
 
 
@@ -354,11 +358,6 @@ async def get_quota(session: AsyncSession) -> tuple[QuotaRow | None, list[Budget
     return quota, budgets
 
 
-async def get_budgets(session: AsyncSession) -> dict[str, BudgetRow]:
-    """The tenant's budgets by unit."""
-    return {b.unit: b for b in (await session.execute(select(BudgetRow))).scalars()}
-
-
 async def replace_quota(session: AsyncSession, tenant_id: str, *, rpm: int, tpm: int, concurrent: int,
                         budgets: Sequence[tuple[str, int, str, bool]], now_us: int) -> None:
     """Replace the tenant's quota and budgets ((unit, limit, period, hard) tuples)."""
@@ -374,176 +373,3 @@ async def replace_quota(session: AsyncSession, tenant_id: str, *, rpm: int, tpm:
     await session.flush()
     for unit, limit, period, hard in budgets:
         session.add(BudgetRow(tenant_id=tenant_id, unit=unit, limit_amount=limit, period=period, hard=hard))
-
-
-# ---------------------------------------------------------------- counters and holds
-
-@dataclass(frozen=True, slots=True)
-class CounterState:
-    """A counter after an update."""
-
-    used: int
-    """Charged this period."""
-    held: int
-    """Held by open reservations and leases."""
-
-
-async def get_counter(session: AsyncSession, unit: str, period_us: int) -> CounterState:
-    """A counter's state (zero when it has no row yet)."""
-    row = (await session.execute(select(CounterRow.used, CounterRow.held).where(
-        CounterRow.unit == unit, CounterRow.period_us == period_us))).one_or_none()
-    return CounterState(int(row[0]), int(row[1])) if row else CounterState(0, 0)
-
-
-@dataclass(frozen=True, slots=True)
-class CounterChange:
-    """One counter to move: add `hold` to held (within `limit`), or settle (release from held, charge to used)."""
-
-    unit: str
-    """The counter's unit."""
-    period_us: int
-    """The counter's period start."""
-    hold: int = 0
-    """Amount to add to held."""
-    limit: int | None = None
-    """When set, used + held + hold must stay within it (a hard budget)."""
-    release: int = 0
-    """Amount to take out of held."""
-    charge: int = 0
-    """Amount to add to used."""
-
-
-def _counter(tenant_id: str, change: CounterChange):
-    return and_(CounterRow.tenant_id == tenant_id, CounterRow.unit == change.unit,
-                CounterRow.period_us == change.period_us)
-
-
-async def try_hold(session: AsyncSession, tenant_id: str, changes: Sequence[CounterChange]
-                   ) -> tuple[dict[str, CounterState], list[str]]:
-    """Add each change's `hold` to its counter where its hard limit allows; returns (states, refused units).
-
-    Each counter moves in one conditional UPDATE: atomic per row, so concurrent holds can never
-    pass a limit. Counters are always locked in the order given (one statement per row: a
-    multi-row UPDATE locks in heap order, which differs between transactions and deadlocks).
-    When a unit is refused the caller must roll back (an earlier unit may have been moved).
-    """
-    states: dict[str, CounterState] = {}
-    for change in changes:
-        if not change.hold:
-            continue
-        stmt = (update(CounterRow).where(_counter(tenant_id, change))
-                .values(held=CounterRow.held + change.hold)
-                .returning(CounterRow.used, CounterRow.held)
-                .execution_options(**_NO_UPDATE_SYNC))
-        if change.limit is not None:
-            stmt = stmt.where(CounterRow.used + CounterRow.held + change.hold <= change.limit)
-        row = (await session.execute(stmt)).one_or_none()
-        if row is None:
-            # Missing (the first hold of its period) or refused by the limit: create it if missing.
-            created = await session.execute(_insert(session, CounterRow).values(
-                tenant_id=tenant_id, unit=change.unit, period_us=change.period_us, used=0, held=0
-            ).on_conflict_do_nothing())
-            if created.rowcount == 1:
-                row = (await session.execute(stmt)).one_or_none()
-        if row is None:
-            return states, [change.unit]
-        states[change.unit] = CounterState(int(row[0]), int(row[1]))
-    return states, []
-
-
-async def settle_counters(session: AsyncSession, tenant_id: str, changes: Sequence[CounterChange]) -> None:
-    """Move settled holds out of held and their charges into used (counters locked in the order given)."""
-    for change in changes:
-        if not (change.release or change.charge):
-            continue
-        await session.execute(
-            update(CounterRow).where(_counter(tenant_id, change))
-            .values(held=CounterRow.held - change.release, used=CounterRow.used + change.charge)
-            .execution_options(**_NO_UPDATE_SYNC))
-
-
-async def get_hold(session: AsyncSession, hold_id: str, kind: str) -> HoldRow | None:
-    """A hold of the tenant by id and kind (another tenant's id is simply not found)."""
-    return (await session.execute(select(HoldRow).where(HoldRow.hold_id == hold_id, HoldRow.kind == kind))
-            ).scalar_one_or_none()
-
-
-async def get_hold_by_key(session: AsyncSession, key: str) -> HoldRow | None:
-    """A reservation of the tenant by its idempotency key."""
-    return (await session.execute(select(HoldRow).where(HoldRow.idempotency_key == key))).scalar_one_or_none()
-
-
-async def add_hold(session: AsyncSession, row: HoldRow) -> None:
-    """Insert a new hold (one INSERT statement: cheaper than a unit-of-work flush on the hot path)."""
-    values = {column.key: getattr(row, column.key) for column in HoldRow.__table__.columns}
-    await session.execute(insert(HoldRow).values(values))
-
-
-async def flag_over_budget(session: AsyncSession, hold_id: str) -> None:
-    """Mark a hold as one that passed a soft budget."""
-    await session.execute(update(HoldRow).where(HoldRow.hold_id == hold_id).values(over_budget=True)
-                          .execution_options(**_NO_UPDATE_SYNC))
-
-
-async def claim_open_hold(session: AsyncSession, hold_id: str, new_state: str, values: dict) -> bool:
-    """Move an open hold to new_state with values; False when it is no longer open (lost a race)."""
-    result = await session.execute(
-        update(HoldRow).where(HoldRow.hold_id == hold_id, HoldRow.state == "open")
-        .values(state=new_state, **values).execution_options(**_NO_UPDATE_SYNC))
-    return result.rowcount == 1
-
-
-async def settle_open_hold(session: AsyncSession, hold_id: str, kind: str, new_state: str, spent: Tokens,
-                           now_us: int) -> HoldRow | None:
-    """Settle an open hold in one UPDATE: charge `spent` at the rates it was priced with.
-
-    Returns the settled row, or None when the hold is not this tenant's open `kind`, or when spent
-    exceeds what it holds (in tokens or money): the caller reads the hold to say which.
-    """
-    h = HoldRow
-    total = spent.total
-    scaled = (h.rate_input * spent.input + h.rate_output * spent.output + h.rate_cache_write * spent.cache_write
-              + h.rate_cache_read * spent.cache_read)
-    micros = (scaled + (TOKENS_PER_PRICE_UNIT - 1)) // TOKENS_PER_PRICE_UNIT  # rounded up, in SQL
-    stmt = (update(h)
-            .where(h.hold_id == hold_id, h.kind == kind, h.state == "open", h.tokens_held >= total,
-                   h.micros_held >= micros)
-            .values(state=new_state, settled_us=now_us, spent_input=spent.input, spent_output=spent.output,
-                    spent_cache_write=spent.cache_write, spent_cache_read=spent.cache_read,
-                    charged_tokens=total, charged_micros=micros)
-            .returning(h.tenant_id, h.tokens_held, h.micros_held, h.tokens_period_us, h.micros_period_us,
-                       h.charged_tokens, h.charged_micros)
-            .execution_options(**_NO_UPDATE_SYNC))
-    row = (await session.execute(stmt)).one_or_none()
-    if row is None:
-        return None
-    return HoldRow(hold_id=hold_id, kind=kind, tenant_id=row[0], tokens_held=int(row[1]), micros_held=int(row[2]),
-                   tokens_period_us=int(row[3]), micros_period_us=int(row[4]), charged_tokens=int(row[5]),
-                   charged_micros=int(row[6]))
-
-
-async def renew_hold(session: AsyncSession, hold_id: str, values: dict, now_us: int) -> bool:
-    """Update an open, unexpired hold; False when it is settled or expired."""
-    result = await session.execute(
-        update(HoldRow).where(HoldRow.hold_id == hold_id, HoldRow.state == "open", HoldRow.expires_us >= now_us)
-        .values(**values).execution_options(**_NO_UPDATE_SYNC))
-    return result.rowcount == 1
-
-
-async def expire_holds(session: AsyncSession, now_us: int) -> list[HoldRow]:
-    """Mark the tenant's open holds past their expiry as expired; returns them (each exactly once)."""
-    ids = list((await session.execute(select(HoldRow.hold_id).where(
-        HoldRow.state == "open", HoldRow.expires_us < now_us))).scalars())
-    expired = []
-    for hold_id in ids:
-        # The guarded UPDATE makes each expiry happen once even when sweepers race.
-        if await claim_open_hold(session, hold_id, "expired", {"settled_us": now_us}):
-            row = (await session.execute(select(HoldRow).where(HoldRow.hold_id == hold_id)
-                                         .execution_options(populate_existing=True))).scalar_one()
-            expired.append(row)
-    return expired
-
-
-async def next_expiry(session: AsyncSession) -> int | None:
-    """When the tenant's earliest open hold expires, if any."""
-    return (await session.execute(select(func.min(HoldRow.expires_us)).where(HoldRow.state == "open"))).scalar()

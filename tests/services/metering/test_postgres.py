@@ -161,3 +161,31 @@ async def test_concurrent_retries_of_one_reservation_hold_once(pg_metering):
     replies = await asyncio.gather(*(h.stub.ReserveBudget(request, metadata=h.md(A)) for _ in range(10)))
     assert len({r.reservation_id for r in replies}) == 1
     assert (await _status(h))[pb.BUDGET_UNIT_TOKENS].held == 20
+
+
+async def test_bridge_tenant_holds_live_in_its_own_schema(pg_metering):
+    """The raw hold SQL of a bridge-tier tenant lands in its schema (search_path), not in the pooled tables."""
+    from shared.db import bridge_schema
+
+    h, tenant = pg_metering, "t_bridgebudget"
+    md = h.md(tenant, tier="bridge")
+    await h.stub.ReserveBudget(pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=1), metadata=md)  # known as bridge
+    await h.stub.SetQuota(pb.SetQuotaRequest(quota=pb.Quota(tenant_id=tenant, budgets=[
+        pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=100)])), metadata=h.op())
+    res = await h.stub.ReserveBudget(pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=60), metadata=md)
+    await h.stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id,
+                                                     usage=pb.TokenCounts(input_tokens=50)), metadata=md)
+    with pytest.raises(grpc.aio.AioRpcError) as err:
+        await h.stub.ReserveBudget(pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=50), metadata=md)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED  # 1 held + 50 used + 50 > 100
+    conn = await asyncpg.connect(h.urls.app_dsn)
+    try:
+        schema = bridge_schema(tenant)
+        async with conn.transaction():
+            await conn.execute("SELECT set_config('app.tenant_id', $1, true)", tenant)
+            assert await conn.fetchval(f'SELECT count(*) FROM "{schema}".metering_holds') == 2
+            assert await conn.fetchval(f'SELECT used FROM "{schema}".metering_budget_counters '
+                                       "WHERE unit = 'tokens'") == 50
+            assert await conn.fetchval("SELECT count(*) FROM public.metering_holds") == 0
+    finally:
+        await conn.close()

@@ -1,0 +1,106 @@
+"""The upstream HTTP client: the SDK's stack with the cheap idle-connection probe, and its fallbacks."""
+from __future__ import annotations
+
+import asyncio
+import socket
+
+import anthropic
+import httpx2
+import pytest
+
+from services.inference import providers
+from services.inference.providers import AnthropicProvider, Target
+from services.inference.upstream_http import ProbedTransport, _readable, make_http_client
+from shared.testing.fake_anthropic import FakeAnthropic
+
+from .helpers import PINNED, PLATFORM_KEY
+
+_PROXY_VARS = ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "http_proxy", "https_proxy", "all_proxy")
+
+
+@pytest.fixture
+def no_proxy_env(monkeypatch):
+    """No HTTP proxy configured in the environment."""
+    for name in _PROXY_VARS:
+        monkeypatch.delenv(name, raising=False)
+
+
+def test_probe_reports_data_or_close_on_an_idle_socket():
+    """Readable (a server close or stray bytes) means expired; a quiet socket is fine; a closed one is expired."""
+    ours, theirs = socket.socketpair()
+    try:
+        assert _readable(ours) is False
+        theirs.close()
+        assert _readable(ours) is True
+    finally:
+        ours.close()
+    assert _readable(ours) is True          # fileno() is -1 once closed
+    assert _readable(None) is True
+
+
+async def test_sdk_calls_open_connections_through_the_probed_backend():
+    """Two calls through the official SDK reuse one kept-alive connection that the probed backend opened."""
+    transport = ProbedTransport(limits=anthropic.DEFAULT_CONNECTION_LIMITS)
+    async with FakeAnthropic() as fake:
+        client = anthropic.AsyncAnthropic(base_url=fake.base_url, api_key=PLATFORM_KEY, max_retries=0,
+                                          http_client=anthropic.DefaultAsyncHttpxClient(transport=transport))
+        for _ in range(2):
+            reply = await client.messages.create(model=PINNED, max_tokens=20,
+                                                 messages=[{"role": "user", "content": "hello there"}])
+            assert reply.content[0].text
+        await client.close()
+    assert transport.backend.connections == 1
+
+
+async def test_an_idle_connection_the_server_closed_is_replaced_not_reused():
+    """The server closes a kept-alive connection; the next request opens a new one instead of failing."""
+    closed = asyncio.Event()
+
+    async def serve_once_then_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok")
+        await writer.drain()
+        writer.close()            # idle keep-alive connection dropped by the server
+        await writer.wait_closed()
+        closed.set()
+
+    server = await asyncio.start_server(serve_once_then_close, "127.0.0.1", 0)
+    url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"
+    transport = ProbedTransport()
+    try:
+        async with httpx2.AsyncClient(transport=transport) as client:
+            assert (await client.get(url)).text == "ok"
+            await asyncio.wait_for(closed.wait(), 5)
+            await asyncio.sleep(0.05)    # the FIN reaches the client's socket
+            closed.clear()
+            assert (await client.get(url)).text == "ok"
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert transport.backend.connections == 2
+
+
+def test_an_http_proxy_in_the_environment_keeps_the_sdk_default_client(monkeypatch, no_proxy_env):
+    """Only the SDK's own transports route through HTTP(S)_PROXY, so with one set the stock client is used."""
+    assert isinstance(make_http_client(timeout=5.0), httpx2.AsyncClient)
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")
+    assert make_http_client(timeout=5.0) is None
+
+
+async def test_provider_builds_one_probed_client_per_key(monkeypatch, no_proxy_env):
+    """Each provider key gets its own SDK client with its own probed HTTP client; a key's client is reused."""
+    made: list[httpx2.AsyncClient | None] = []
+
+    def spy(*, timeout: float) -> httpx2.AsyncClient | None:
+        made.append(make_http_client(timeout=timeout))
+        return made[-1]
+
+    monkeypatch.setattr(providers, "make_http_client", spy)
+    async with FakeAnthropic() as fake:
+        provider = AnthropicProvider(base_url=fake.base_url, timeout=5.0)
+        body = {"model": PINNED, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+        for key in ("sk-a", "sk-b", "sk-a"):
+            assert (await provider.create(body, Target(api_key=key)))["type"] == "message"
+        await provider.close()
+    assert len(made) == 2 and all(isinstance(c, httpx2.AsyncClient) for c in made)
+    assert [c.api_key for c in fake.usage_log] == ["sk-a", "sk-b", "sk-a"]
