@@ -181,6 +181,9 @@ def main() -> None:
         print(f"{label:<22}{r['p50']:>10.3f}{r['p99']:>10.3f}{r['rps']:>12.0f}")
     ratio = results["vault"]["p50"] / results["raw hvac"]["p50"]
     print(f"\nvault GetSecret p50 / raw hvac p50 = {ratio:.2f}x (target <= 1.5x)")
+    floor = results["health"]["p50"] + results["raw hvac"]["p50"]
+    print(f"lower bound for any GetSecret that wraps the hvac read: health Check p50 + raw hvac p50 = "
+          f"{floor:.3f} ms = {floor / results['raw hvac']['p50']:.2f}x raw hvac (the gRPC round trip alone)")
     print(f"vault GetSecret reads/s / raw hvac reads/s = {results['vault']['rps'] / results['raw hvac']['rps']:.2f}")
     print(f"local GetSecret reads/s = {results['local']['rps']:.0f} (target >= 3000); "
           f"{results['local']['rps'] / results['health']['rps']:.2f}x of the interceptor-stack floor "

@@ -6,16 +6,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
-from sqlalchemy import func, insert, select, update
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy import func, select
 
 from services.credentials import store
+from services.credentials.sqlite_writer import SqliteWriter
 from shared import audit_chain, errors
 from shared.db import Database
+from shared.db.engine import sqlite_path
 from shared.tenancy import NoTenantContext, require_tenant
 
 ALLOWED, DENIED, NOT_FOUND, CONFLICT, INVALID, FAILED = "allowed", "denied", "not_found", "conflict", "invalid", "failed"
@@ -63,6 +65,7 @@ class AuditLog:
         """chain_key makes every link an HMAC: without it a forger cannot rebuild the chain."""
         self._db = db
         self._key = chain_key
+        self._sqlite = SqliteWriter()
         self._heads: dict[str, tuple[int, str]] = {}
         self._pending: dict[str, list[tuple[dict, asyncio.Future]]] = {}
         self._writers: dict[str, asyncio.Task] = {}
@@ -141,35 +144,56 @@ class AuditLog:
     async def _append(self, tenant_id: str, batch: list[dict]) -> None:
         """Insert a batch after the chain head in one transaction (optimistic on the head)."""
         for _ in range(5):  # another replica may have moved the head: reload and retry
-            head = self._heads.get(tenant_id)
+            head = self._heads.pop(tenant_id, None)  # back only after a commit: a failure rereads it
             try:
-                async with self._db.session() as s:
-                    if head is None:
-                        row = await store.audit_head(s)
-                        head = (row.seq, row.hash) if row else (0, audit_chain.GENESIS)
-                    seq, prev = head
-                    rows = []
-                    for fields in batch:
-                        seq += 1
-                        entry = {**fields, "seq": seq}
-                        digest = audit_chain.link(prev, entry, self._key)
-                        rows.append({**entry, "prev_hash": prev, "hash": digest})
-                        prev = digest
-                    await s.execute(insert(store.AuditRow.__table__), rows)  # Core: no RETURNING, stamped by the session
-                    if head[0] == 0:
-                        await s.execute(insert(store.AuditHeadRow), [{"seq": seq, "hash": prev}])
-                    else:
-                        moved = await s.execute(
-                            update(store.AuditHeadRow).where(store.AuditHeadRow.seq == head[0])
-                            .values(seq=seq, hash=prev).execution_options(synchronize_session=False))
-                        if moved.rowcount != 1:
-                            raise _StaleHead()
-                self._heads[tenant_id] = (seq, prev)
-                return
-            except (IntegrityError, _StaleHead):
-                self._heads.pop(tenant_id, None)
+                if self._db.dialect == "sqlite":
+                    path = str(sqlite_path((await self._db.route()).bind.url))
+                    head = await self._sqlite.run(path, functools.partial(self._append_sqlite, tenant_id=tenant_id,
+                                                                          head=head, batch=batch))
+                else:
+                    head = await self._append_raw(tenant_id, head, batch)
+            except Exception as exc:
+                if not (isinstance(exc, _StaleHead) or store.is_unique_violation(exc)):
+                    raise
                 await asyncio.sleep(random.uniform(0.005, 0.03))  # let the other writer finish first
+                continue
+            self._heads[tenant_id] = head
+            return
         raise errors.Aborted("could not append to the audit log; retry", reason="AUDIT_CONTENTION")
+
+    async def _append_raw(self, tenant_id: str, head: tuple[int, str] | None, batch: list[dict]) -> tuple[int, str]:
+        """The append as a raw transaction (Postgres: one round trip to begin, under RLS)."""
+        async with self._db.raw(write=True) as tx:
+            head = head or await store.raw_audit_head(tx, tenant_id) or (0, audit_chain.GENESIS)
+            rows, new_head = self._link(head, batch)
+            if not await store.raw_append_audit(tx, tenant_id, rows, head_seq=head[0]):
+                raise _StaleHead()
+        return new_head
+
+    def _append_sqlite(self, conn, *, tenant_id: str, head: tuple[int, str] | None, batch: list[dict]) -> tuple[int, str]:
+        """The append as one unit of work in the SqliteWriter's thread (inside its transaction)."""
+        head = head or store.sqlite_audit_head(conn, tenant_id) or (0, audit_chain.GENESIS)
+        rows, new_head = self._link(head, batch)
+        if not store.sqlite_append_audit(conn, tenant_id, rows, head_seq=head[0]):
+            raise _StaleHead()
+        return new_head
+
+    def _link(self, head: tuple[int, str], batch: list[dict]) -> tuple[list[tuple], tuple[int, str]]:
+        """The batch as chained rows (store.AUDIT_COLUMNS order) after head, and the new head."""
+        seq, prev = head
+        rows = []
+        for fields in batch:
+            seq += 1
+            entry = {**fields, "seq": seq}
+            digest = audit_chain.link(prev, entry, self._key)
+            row = {**entry, "prev_hash": prev, "hash": digest}
+            rows.append(tuple(row[c] for c in store.AUDIT_COLUMNS))
+            prev = digest
+        return rows, (seq, prev)
+
+    async def close(self) -> None:
+        """Release the SQLite writer (after the server stopped: no append is in flight)."""
+        await self._sqlite.close()
 
     async def page(self, *, after_seq: int, limit: int, secret_name: str = "") -> list[store.AuditRow]:
         """Events of the current tenant in sequence order."""

@@ -321,9 +321,12 @@ class SecretManager:
                 raise errors.NotFound("that secret version does not exist or has expired",
                                       reason="SECRET_VERSION_NOT_FOUND")
             note.version = want
-            self._audit.allow_early(note, "get")  # authorized: audit while the value is fetched
-            value = await self._read_value(ctx.tenant_id, TenantRef.of(ctx), name, want, created_us)
-        return want, value
+            key = (ctx.tenant_id, name, want, created_us)
+            hit, value = self._values.get(key) if self._values is not None else (False, None)
+            if not hit or value is None:
+                self._audit.allow_early(note, "get")  # authorized: audit while the value is fetched
+                value = await self._read_value(key, TenantRef.of(ctx))
+        return want, value  # audited() has committed the event by now
 
     async def _read_view(self, tenant_id: str, name: str) -> _ReadView | None:
         """The secret's readable versions (None if it does not exist or is deleted), cached briefly.
@@ -352,19 +355,14 @@ class SecretManager:
         self._views.put(key, view, generation)
         return view
 
-    async def _read_value(self, tenant_id: str, tenant: TenantRef, name: str, version: int, created_us: int) -> bytes:
-        """The value from the backend (or, for the local backend, from the short-lived value cache).
+    async def _read_value(self, key: tuple[str, str, int, int], tenant: TenantRef) -> bytes:
+        """The value from the backend, remembered in the value cache when there is one (local backend).
 
-        The cache key includes the version's creation time, so a destroyed and re-created
+        key is (tenant, name, version, the version's creation time): a destroyed and re-created
         secret never serves the old value.
         """
-        key = (tenant_id, name, version, created_us)
-        if self._values is not None:
-            hit, value = self._values.get(key)
-            if hit and value is not None:
-                return value
         generation = self._values.generation(key) if self._values is not None else 0
-        stored = await self._backend.read(tenant, name, version)
+        stored = await self._backend.read(tenant, key[1], key[2])
         _register(stored.value)
         if self._values is not None:
             self._values.put(key, stored.value, generation)

@@ -43,6 +43,7 @@ class CredentialsService:
         """Stop rotation, close the backend and the database (after the server stopped)."""
         await self.scheduler.stop()
         await self.backend.close()
+        await self.audit.close()
         await self.db.close()
 
 

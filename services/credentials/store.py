@@ -5,6 +5,7 @@ inside audit hashes. No table ever holds a secret value in plaintext.
 """
 from __future__ import annotations
 
+import sqlite3
 import time
 
 from sqlalchemy import (
@@ -16,10 +17,12 @@ from sqlalchemy import (
     delete,
     select,
 )
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, TenantOwned
+from shared.db.raw import RawTransaction, sqlite_sql
 
 
 def now_us() -> int:
@@ -191,3 +194,63 @@ async def audit_page(s: AsyncSession, *, after_seq: int, limit: int, secret_name
     if secret_name:
         q = q.where(AuditRow.secret_name == secret_name)
     return list((await s.execute(q)).scalars())
+
+
+# -- raw SQL for the audit append (the GetSecret hot path) ---------------------------------------
+# One short transaction instead of an ORM session: through db.raw on Postgres (row-level security
+# still applies as the app role), in the SqliteWriter's thread on SQLite. Every statement names
+# tenant_id itself (SQLite has no row-level security).
+
+AUDIT_COLUMNS = ("seq", "time_us", "principal_id", "actor_id", "agent_id", "run_id", "request_id", "secret_name",
+                 "version", "action", "outcome", "reason", "prev_hash", "hash")
+"""The columns of an audit row after tenant_id, in the order the append functions expect them."""
+
+_INSERT_AUDIT = (f"INSERT INTO cred_audit_events (tenant_id, {', '.join(AUDIT_COLUMNS)}) "
+                 f"VALUES ({', '.join(f'${i}' for i in range(1, len(AUDIT_COLUMNS) + 2))})")
+_AUDIT_HEAD = "SELECT seq, hash FROM cred_audit_heads WHERE tenant_id = $1"
+_FIRST_HEAD = "INSERT INTO cred_audit_heads (tenant_id, seq, hash) VALUES ($1, $2, $3)"
+_MOVE_HEAD = "UPDATE cred_audit_heads SET seq = $1, hash = $2 WHERE tenant_id = $3 AND seq = $4"
+# A racing first writer of a chain hits the unique constraint on tenant_id (_FIRST_HEAD) or on
+# (tenant_id, seq) (the events); a later one finds the head moved (_MOVE_HEAD changes no row).
+
+
+async def raw_audit_head(tx: RawTransaction, tenant_id: str) -> tuple[int, str] | None:
+    """The tenant's chain head as (seq, hash), or None before its first event."""
+    row = await tx.fetchrow(_AUDIT_HEAD, tenant_id)
+    return (int(row[0]), str(row[1])) if row is not None else None
+
+
+async def raw_append_audit(tx: RawTransaction, tenant_id: str, rows: list[tuple], *, head_seq: int) -> bool:
+    """Insert rows (AUDIT_COLUMNS order, contiguous after head_seq) and move the head onto the last one.
+
+    False when the head is no longer at head_seq (another writer appended): the caller rolls back.
+    """
+    await tx.executemany(_INSERT_AUDIT, [(tenant_id, *row) for row in rows])
+    seq, digest = rows[-1][0], rows[-1][-1]
+    if head_seq == 0:
+        await tx.execute(_FIRST_HEAD, tenant_id, seq, digest)
+        return True
+    return await tx.execute(_MOVE_HEAD, seq, digest, tenant_id, head_seq) == 1
+
+
+def sqlite_audit_head(conn: sqlite3.Connection, tenant_id: str) -> tuple[int, str] | None:
+    """raw_audit_head on a plain sqlite3 connection (the SqliteWriter's)."""
+    row = conn.execute(sqlite_sql(_AUDIT_HEAD), (tenant_id,)).fetchone()
+    return (int(row[0]), str(row[1])) if row is not None else None
+
+
+def sqlite_append_audit(conn: sqlite3.Connection, tenant_id: str, rows: list[tuple], *, head_seq: int) -> bool:
+    """raw_append_audit on a plain sqlite3 connection (the SqliteWriter's)."""
+    conn.executemany(sqlite_sql(_INSERT_AUDIT), [(tenant_id, *row) for row in rows])
+    seq, digest = rows[-1][0], rows[-1][-1]
+    if head_seq == 0:
+        conn.execute(sqlite_sql(_FIRST_HEAD), (tenant_id, seq, digest))
+        return True
+    return conn.execute(sqlite_sql(_MOVE_HEAD), (seq, digest, tenant_id, head_seq)).rowcount == 1
+
+
+def is_unique_violation(exc: BaseException) -> bool:
+    """Whether a driver error (sqlite3 or asyncpg, as raw transactions raise them) is a unique violation."""
+    if isinstance(exc, (IntegrityError, sqlite3.IntegrityError)):
+        return True
+    return getattr(exc, "sqlstate", None) == "23505"  # asyncpg's UniqueViolationError

@@ -35,6 +35,20 @@ def _unavailable() -> errors.Unavailable:
                               reason="SECRET_MANAGER_UNAVAILABLE", retry_after=1.0)
 
 
+def _session_for(url: str) -> requests.Session:
+    """A requests session for OpenBao with the environment's proxy and CA settings resolved once.
+
+    requests otherwise re-reads the environment (proxies, CA bundle, netrc) on every call, about
+    0.2 ms of CPU here.
+    """
+    session = requests.Session()
+    settings = session.merge_environment_settings(url, {}, None, None, None)
+    session.proxies.update(settings["proxies"])
+    session.verify = settings["verify"]
+    session.trust_env = False
+    return session
+
+
 def _key_version(ciphertext: bytes) -> int:
     match = _KEY_VERSION.match(ciphertext)
     return int(match.group(1)) if match else 0
@@ -47,7 +61,7 @@ class VaultBackend:
 
     def __init__(self, url: str, admin_token: str, *, layout: VaultLayout | None = None,
                  token_ttl_seconds: int = 900, timeout: float = 5.0) -> None:
-        self._session = requests.Session()
+        self._session = _session_for(url)
         self.layout = layout or VaultLayout()
         self.tokens = TenantTokens(url, admin_token, layout=self.layout, ttl_seconds=token_ttl_seconds,
                                    timeout=timeout, session=self._session)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pathlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -17,6 +17,8 @@ from services.metering.meters import MeteringMetrics
 from services.metering.prices import PriceCache
 from services.metering.servicer import MeteringServicer
 from services.metering.sweeper import ExpirySweeper
+from services.metering.tenant_tiers import IdentityTiers, TierLookup
+from shared.client import make_channel
 from shared.db import Database
 from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
@@ -47,19 +49,25 @@ class MeteringService:
         await self.running.stop(grace)
         await self.close()
 
+    channels: list = field(default_factory=list)
+    """Channels it opened to other services."""
+
     async def close(self) -> None:
-        """Stop the sweeper and close the database (after the server stopped)."""
+        """Stop the sweeper, close the database and channels (after the server stopped)."""
         await self.sweeper.stop()
         await self.db.close()
+        for channel in self.channels:
+            await channel.close()
 
 
 async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str = "127.0.0.1:0",
                          clock: Callable[[], int] = periods.now_us, registry: CollectorRegistry | None = None,
                          sweep_interval: float | None = None, price_cache_s: float = 2.0,
-                         budget_cache_s: float = 2.0) -> MeteringService:
+                         budget_cache_s: float = 2.0, tiers: TierLookup | None = None) -> MeteringService:
     """Start the metering server over an open database (tests: port 0, a fake clock, a fresh registry).
 
     sweep_interval=None leaves the background sweeper stopped (tests drive it with run_once()).
+    tiers answers operators' quota calls about tenants metering has not seen yet (identity, in production).
     """
     metrics = MeteringMetrics(registry if registry is not None else CollectorRegistry())
     prices = PriceCache(db, max_age_us=int(price_cache_s * periods.US_PER_SECOND), clock=clock)
@@ -68,7 +76,7 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
                            specs=BudgetSpecCache(max_age_s=budget_cache_s))
     sweeper = ExpirySweeper(usage, budgets, interval=sweep_interval or 15.0)
     binding = Binding(metering_pb2_grpc.add_MeteringServiceServicer_to_server,
-                      MeteringServicer(usage, budgets, prices),
+                      MeteringServicer(usage, budgets, prices, tiers),
                       metering_pb2.DESCRIPTOR.services_by_name["MeteringService"])
     running = await serve(name="metering", bindings=[binding], verifier=verifier, address=address)
     if sweep_interval:
@@ -80,9 +88,13 @@ async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str
     """Open the database (migrating it) and start serving and sweeping."""
     db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
                              owner_url=config.service.database_owner_url)
-    return await serve_metering(db=db, verifier=verifier, address=address or config.service.address,
-                                registry=REGISTRY, sweep_interval=config.sweep_interval_s or None,
-                                price_cache_s=config.price_cache_s, budget_cache_s=config.budget_cache_s)
+    identity = make_channel(config.service.peer("identity"), forward=True)
+    service = await serve_metering(db=db, verifier=verifier, address=address or config.service.address,
+                                   registry=REGISTRY, sweep_interval=config.sweep_interval_s or None,
+                                   price_cache_s=config.price_cache_s, budget_cache_s=config.budget_cache_s,
+                                   tiers=IdentityTiers(identity))
+    service.channels.append(identity)
+    return service
 
 
 async def main() -> None:

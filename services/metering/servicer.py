@@ -10,6 +10,7 @@ from services.metering.budgets import BudgetLedger
 from services.metering.ledger import UsageLedger, acting_for
 from services.metering.prices import PriceCache
 from services.metering.pricing import format_usd, scaled_to_usd
+from services.metering.tenant_tiers import TierLookup
 from shared.errors import InvalidArgument, PermissionDenied
 from shared.tenancy import TenantContext, require_tenant
 
@@ -36,10 +37,12 @@ def _target(tenant_id: str, field: str, *, required: bool) -> str:
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     """Thin handlers over UsageLedger, BudgetLedger and PriceCache."""
 
-    def __init__(self, usage: UsageLedger, budgets: BudgetLedger, prices: PriceCache):
+    def __init__(self, usage: UsageLedger, budgets: BudgetLedger, prices: PriceCache, tiers: TierLookup | None = None):
+        """tiers None: no identity to ask (a standalone metering), so an unseen tenant counts as pooled."""
         self._usage = usage
         self._budgets = budgets
         self._prices = prices
+        self._tiers = tiers
 
     # ---------------------------------------------------------------- usage
 
@@ -84,6 +87,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                         cost_usd=format_usd(scaled_to_usd(row.cost_scaled))))
         return pb.ExportChargebackResponse(lines=lines, total_cost_usd=format_usd(scaled_to_usd(total)))
 
+    async def _tier_of(self, tenant_id: str) -> str:
+        """The tier a tenant's own calls showed metering, else identity's word for it."""
+        known = (await self._usage.known_tenants()).get(tenant_id)
+        if known is not None or self._tiers is None:
+            return known or "pooled"
+        return await self._tiers.tier_of(tenant_id)
+
     async def _tenants(self, target: str) -> list[tuple[str, str]]:
         known = await self._usage.known_tenants()
         if target:
@@ -111,7 +121,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         _operator()
         target = _target(request.quota.tenant_id, "quota.tenant_id", required=True)
         await self._usage.audit("SetQuota", target)
-        tier = (await self._usage.known_tenants()).get(target, "pooled")
+        tier = await self._tier_of(target)
         with acting_for(target, tier):
             stored = await self._budgets.set_quota(wire.quota(request.quota))
         await self._usage.note_tenant(target, tier)
@@ -121,7 +131,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         _operator()
         target = _target(request.tenant_id, "tenant_id", required=True)
         await self._usage.audit("GetQuota", target)
-        tier = (await self._usage.known_tenants()).get(target, "pooled")
+        tier = await self._tier_of(target)
         with acting_for(target, tier):
             quota = await self._budgets.get_quota(target)
         return pb.GetQuotaResponse(quota=wire.quota_msg(quota))

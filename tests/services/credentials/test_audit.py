@@ -119,3 +119,85 @@ async def test_access_events_page_in_order(h):
     assert [e.sequence for e in first.events] == [1, 2, 3] and first.next_page_token
     assert [e.sequence for e in second.events] == [4] and not second.next_page_token
     assert [e.secret_name for e in await h.events(secret_name="s2")] == ["s2"]
+
+
+async def _chain_of(db, tenant: str, key: bytes):
+    from services.credentials.audit import AuditLog
+    from shared.tenancy import TenantContext, tenant_scope
+
+    log = AuditLog(db, key)
+    return log, tenant_scope(TenantContext(tenant, "p_test", request_id="r"))
+
+
+async def test_concurrent_events_are_group_committed_in_order(tmp_path, migrated_template):
+    """Many concurrent events share commits, each gets its own sequence, and the chain verifies."""
+    import asyncio
+
+    from tests.services.credentials.conftest import open_db
+
+    db = await open_db(tmp_path, migrated_template)
+    log, scope = await _chain_of(db, "t_group", b"k" * 32)
+    try:
+        with scope:
+            await asyncio.gather(*(log.record("get", "allowed", secret_name=f"s{i}") for i in range(40)))
+            rows = await log.page(after_seq=0, limit=100)
+            report = await log.verify()
+        assert [r.seq for r in rows] == list(range(1, 41))
+        assert sorted(r.secret_name for r in rows) == sorted(f"s{i}" for i in range(40))
+        assert report.intact and report.checked == 40
+    finally:
+        await log.close()
+        await db.close()
+
+
+async def test_two_replicas_appending_to_one_chain_keep_it_intact(tmp_path, migrated_template):
+    """Two AuditLogs on one database (two replicas) interleave: stale cached heads are detected and
+    retried, no sequence is used twice and the chain verifies."""
+    from tests.services.credentials.conftest import open_db
+
+    db = await open_db(tmp_path, migrated_template)
+    first, scope = await _chain_of(db, "t_replicas", b"k" * 32)
+    second, _ = await _chain_of(db, "t_replicas", b"k" * 32)
+    try:
+        with scope:
+            for i in range(6):
+                await (first if i % 2 else second).record("get", "allowed", secret_name=f"s{i}")
+            rows = await first.page(after_seq=0, limit=100)
+            report = await first.verify()
+        assert [(r.seq, r.secret_name) for r in rows] == [(i + 1, f"s{i}") for i in range(6)]
+        assert report.intact and report.checked == 6
+    finally:
+        await first.close()
+        await second.close()
+        await db.close()
+
+
+async def test_a_failed_append_fails_the_call_and_writes_nothing(tmp_path, migrated_template, monkeypatch):
+    """If the append breaks after its first insert, the caller gets the error and no row remains."""
+    import pytest
+
+    from services.credentials import store
+    from tests.services.credentials.conftest import open_db
+
+    db = await open_db(tmp_path, migrated_template)
+    log, scope = await _chain_of(db, "t_broken", b"k" * 32)
+    try:
+        with scope:
+            await log.record("get", "allowed", secret_name="before")
+
+            def broken(conn, tenant_id, rows, *, head_seq):
+                conn.executemany(store.sqlite_sql(store._INSERT_AUDIT), [(tenant_id, *row) for row in rows])
+                raise OSError("disk gone")
+
+            monkeypatch.setattr(store, "sqlite_append_audit", broken)
+            with pytest.raises(OSError):
+                await log.record("get", "allowed", secret_name="lost")
+            monkeypatch.undo()
+            await log.record("get", "allowed", secret_name="after")
+            rows = await log.page(after_seq=0, limit=100)
+            report = await log.verify()
+        assert [(r.seq, r.secret_name) for r in rows] == [(1, "before"), (2, "after")]
+        assert report.intact
+    finally:
+        await log.close()
+        await db.close()

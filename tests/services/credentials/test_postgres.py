@@ -65,3 +65,26 @@ async def test_raw_sql_as_the_app_role_sees_only_its_tenant(ph):
             await conn.execute(text("INSERT INTO cred_audit_heads (tenant_id, seq, hash) VALUES (:t, 1, 'x')"),
                                {"t": ph.beta})
         await conn.rollback()
+
+
+async def test_two_replicas_share_one_audit_chain_on_postgres(postgres):
+    """Raw appends as the app role under RLS: two AuditLogs (two replicas) interleave on one chain;
+    stale cached heads are retried and the chain verifies."""
+    from services.credentials.audit import AuditLog
+    from shared.tenancy import TenantContext, tenant_scope
+
+    urls = await postgres.create_database("credentials_replicas")
+    db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url)
+    first, second = AuditLog(db, b"k" * 32), AuditLog(db, b"k" * 32)
+    try:
+        with tenant_scope(TenantContext(new_tenant("r"), "p_test", request_id="r")):
+            for i in range(6):
+                await (first if i % 2 else second).record("get", "allowed", secret_name=f"s{i}")
+            rows = await first.page(after_seq=0, limit=100)
+            report = await first.verify()
+        assert [(r.seq, r.secret_name) for r in rows] == [(i + 1, f"s{i}") for i in range(6)]
+        assert report.intact and report.checked == 6
+    finally:
+        await first.close()
+        await second.close()
+        await db.close()

@@ -134,3 +134,14 @@ async def test_a_tenant_token_is_replaced_before_it_expires(vh):
     now[0] += 300 * 0.1
     assert (await vh.get("k")).value == b"first-value"
     assert tokens.minted_count == minted + 1 and await _token(vh, vh.alpha) != first
+
+
+async def test_a_revoked_tenant_token_is_replaced_on_the_next_read(vh, openbao):
+    """OpenBao refusing the cached token (revoked, or OpenBao restarted) sends the read down the hvac
+    path, which mints a new token once; the caller just gets the value."""
+    await vh.put("k", b"revoked-value")
+    old = await _token(vh, vh.alpha)
+    openbao.client().auth.token.revoke(old)
+    minted = vh.service.backend.tokens.minted_count
+    assert (await vh.get("k")).value == b"revoked-value"
+    assert vh.service.backend.tokens.minted_count == minted + 1 and await _token(vh, vh.alpha) != old
