@@ -8,6 +8,7 @@ import signal
 import socket
 import sys
 import time
+from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from importlib.util import find_spec
@@ -20,6 +21,9 @@ from shared.config import SERVICES, service_addr
 STOP_ORDER = (("orchestrator",), ("inference", "state"), ("metering", "credentials", "identity"))
 """Stop waves: a service stops only after those that call it, so it can still take their last writes
 (the proxy returns unspent budget leases to metering on its way down)."""
+
+RECENT_LINES = 20
+"""Log lines kept per service for the error shown when it fails to start."""
 
 RESTART_BACKOFF = (0.5, 1, 2, 5, 10)
 """Seconds to wait before restarting a service that died: the nth restart in a row waits the nth value."""
@@ -41,6 +45,8 @@ class ServiceProcess:
     state: str = "starting"
     started_at: float = 0.0
     log_task: asyncio.Task | None = field(default=None, repr=False)
+    recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_LINES), repr=False)
+    """Its last log lines, shown when it dies while starting (also with --quiet)."""
 
 
 class Supervisor:
@@ -81,8 +87,10 @@ class Supervisor:
     async def _pump_logs(self, proc: ServiceProcess) -> None:
         assert proc.process and proc.process.stdout
         async for raw in proc.process.stdout:
+            line = format_log_line(proc.name, raw.decode(errors="replace").rstrip("\n"))
+            proc.recent.append(line)
             if self.show_logs:
-                self.echo(format_log_line(proc.name, raw.decode(errors="replace").rstrip("\n")))
+                self.echo(line)
 
     async def wait_healthy(self, names: list[str], timeout: float) -> None:
         """Poll each service's gRPC health check until SERVING; raise with the laggards named on timeout."""
@@ -92,8 +100,11 @@ class Supervisor:
             for name in list(pending):
                 proc = self.procs[name]
                 if proc.process and proc.process.returncode is not None:
-                    raise RuntimeError(f"{name} exited with code {proc.process.returncode} while starting; "
-                                       f"its log lines above say why")
+                    if proc.log_task is not None:  # its last words may still be in the pipe
+                        await asyncio.wait([proc.log_task], timeout=2)
+                    said = "its log lines above say why" if self.show_logs else (
+                        "its last log lines:\n" + "\n".join(proc.recent) if proc.recent else "it logged nothing")
+                    raise RuntimeError(f"{name} exited with code {proc.process.returncode} while starting; {said}")
                 if await check_health(proc.address):
                     proc.state = "healthy"
                     pending.discard(name)

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from shared.config import ServiceConfig
 
+SERVICE_KEYS_DIR = "service-keys"
+
 
 @dataclass(frozen=True)
 class IdentityConfig:
@@ -19,10 +21,15 @@ class IdentityConfig:
     """The key-encryption key that seals signing keys (BULKHEAD_IDENTITY_KEK_FILE; default <data dir>/identity.kek)."""
     revocation_poll: float
     """Seconds between revocation polls (BULKHEAD_REVOCATION_POLL_SECONDS, default 2)."""
+    service_keys_dir: Path
+    """Where platform service keys are written on first start (BULKHEAD_IDENTITY_SERVICE_KEYS_DIR; default
+    <data dir>/service-keys): a folder of its own, so it can be shared with those services and nothing else."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> IdentityConfig:
         service = ServiceConfig.from_env("identity", env)
         return cls(service=service,
                    kek_path=Path(env.get("BULKHEAD_IDENTITY_KEK_FILE", service.data_dir / "identity.kek")),
-                   revocation_poll=float(env.get("BULKHEAD_REVOCATION_POLL_SECONDS", "2")))
+                   revocation_poll=float(env.get("BULKHEAD_REVOCATION_POLL_SECONDS", "2")),
+                   service_keys_dir=Path(env.get("BULKHEAD_IDENTITY_SERVICE_KEYS_DIR",
+                                                 service.data_dir / SERVICE_KEYS_DIR)))

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from bulkhead.identity.v1 import identity_pb2, identity_pb2_grpc
-from services.identity.bootstrap import ensure_platform_tenant
+from services.identity.bootstrap import ensure_platform_tenant, ensure_service_keys
 from services.identity.config import IdentityConfig
 from services.identity.directory import Directory
 from services.identity.issuance import Issuance
@@ -51,6 +51,7 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
     await keys.active()
     directory = Directory(db)
     operator_key = await ensure_platform_tenant(directory, svc.data_dir, announce=announce)
+    await ensure_service_keys(directory, config.service_keys_dir)
     key_source = RefreshingKeySource(StoreKeyLoader(keys, db), revocation_poll=config.revocation_poll,
                                      min_refetch=0.0)
     verifier = TokenVerifier(key_source)

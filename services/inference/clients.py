@@ -11,6 +11,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import timestamp_pb2
 
+from bulkhead.common.v1 import tenancy_pb2
 from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from bulkhead.metering.v1 import metering_pb2 as mpb
 from bulkhead.metering.v1 import metering_pb2_grpc
@@ -23,6 +24,7 @@ from shared.logs import register_secret
 from shared.tenancy import TenantContext
 
 _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+_TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "silo": tenancy_pb2.TIER_SILO}
 _OUTCOMES = {"success": mpb.OUTCOME_SUCCESS, "error": mpb.OUTCOME_ERROR,
              "rejected": mpb.OUTCOME_REJECTED, "cancelled": mpb.OUTCOME_CANCELLED}
 
@@ -91,6 +93,26 @@ class MeteringClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _DOWN:
                 raise BackendUnavailable(f"metering: {exc.code().name}") from None
+            raise
+
+
+class PlatformUsage:
+    """RecordTenantUsage with the proxy's own platform token (the channel adds it): the outbox's
+    way to metering when the tenant's token is gone (implements usage.PlatformDelivery)."""
+
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 3.0):
+        self._stub = metering_pb2_grpc.MeteringServiceStub(channel)
+        self._timeout = timeout
+
+    async def record_for(self, tenant_id: str, events: Sequence[UsageEvent]) -> None:
+        """One tenant's events, oldest first (idempotent by request id)."""
+        request = mpb.RecordTenantUsageRequest(tenant_id=tenant_id, tier=_TIERS.get(events[0].tier, 0),
+                                               events=[_event(e) for e in events])
+        try:
+            await self._stub.RecordTenantUsage(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
+                raise UsageRejected(exc.details()) from None
             raise
 
 

@@ -16,6 +16,7 @@
 | BULKHEAD_INFERENCE_USAGE_FLUSH_SECONDS | 0.2 | longest a usage event waits in memory before it is sent to metering (a batch of 200 goes at once) |
 | BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET | anthropic-api-key | credentials secret that holds a tenant's own key |
 | BULKHEAD_INFERENCE_USER_ID_SALT | bulkhead | salt of the opaque per-tenant id sent upstream as metadata.user_id |
+| BULKHEAD_INFERENCE_SERVICE_KEY_FILE | $BULKHEAD_DATA_DIR/service-keys/inference.key | the proxy's own platform key (identity writes it on first start): lets usage held in the outbox reach metering after its tenant's token is gone |
 | BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS | 0 | 1 lets private models name plain-http endpoints (tests, local gateways); else https only |
 """
 from __future__ import annotations
@@ -23,10 +24,11 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.inference.policy import Policy
 from services.inference.providers import ANTHROPIC, OFFLINE
-from shared.config import ServiceConfig
+from shared.config import ServiceConfig, data_dir
 
 _PINNED = "claude-sonnet-4-5=claude-sonnet-4-5-20250929,claude-haiku-4-5=claude-haiku-4-5-20251001," \
           "claude-opus-4-1=claude-opus-4-1-20250805"
@@ -62,6 +64,8 @@ class InferenceConfig:
     """Salt of the opaque tenant id sent upstream."""
     allow_http_endpoints: bool = False
     """Whether private models may name plain-http endpoints (a tenant's key would cross the wire in clear)."""
+    service_key_file: Path | None = None
+    """The proxy's platform service key (scope platform.metering.record), if identity made one."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> InferenceConfig:
@@ -91,4 +95,6 @@ class InferenceConfig:
             provider_key_secret=env.get("BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET", "anthropic-api-key"),
             user_id_salt=env.get("BULKHEAD_INFERENCE_USER_ID_SALT", "bulkhead"),
             allow_http_endpoints=env.get("BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS", "0") == "1",
+            service_key_file=Path(env.get("BULKHEAD_INFERENCE_SERVICE_KEY_FILE")
+                                  or data_dir(env) / "service-keys" / "inference.key"),
         )

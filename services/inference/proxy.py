@@ -382,7 +382,7 @@ class InferenceProxy:
                 tenant_id=ctx.tenant_id, idempotency_key=ctx.request_id, principal_id=ctx.principal_id,
                 agent_id=ctx.agent_id or "", run_id=ctx.run_id or "", model=served_model or call.info.resolved_model,
                 tokens=tokens, latency_ms=latency_ms, outcome=outcome, occurred_at=call.occurred_at,
-                trace_id=call.trace_id))
+                trace_id=call.trace_id, tier=ctx.tier or "pooled"))
         log.info("model call", extra={
             "principal_id": ctx.principal_id, "agent_id": ctx.agent_id or "", "run_id": ctx.run_id or "",
             "model": call.info.resolved_model, "served_model": served_model or "", "outcome": outcome,

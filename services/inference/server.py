@@ -8,9 +8,15 @@ from dataclasses import dataclass, field
 
 import grpc
 
+from bulkhead.client import RefreshingToken
 from bulkhead.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.budget import BudgetLeases
-from services.inference.clients import CredentialsKeys, MeteringClient, NoTenantKeys
+from services.inference.clients import (
+    CredentialsKeys,
+    MeteringClient,
+    NoTenantKeys,
+    PlatformUsage,
+)
 from services.inference.config import InferenceConfig
 from services.inference.limits import RateLimiter
 from services.inference.providers import (
@@ -96,7 +102,8 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
         keys = CredentialsKeys(credentials_channel, secret_name=config.provider_key_secret)
     provider = provider or make_provider(config)
     outbox = SqlOutbox(db)
-    meter = UsageMeter(metering, outbox, flush_interval=config.usage_flush_seconds)
+    platform = _platform_usage(config, channels)
+    meter = UsageMeter(metering, outbox, flush_interval=config.usage_flush_seconds, platform=platform)
     await meter.start()
     budget = BudgetLeases(metering, slice_tokens=config.lease_tokens)
     store = PolicyStore(db)
@@ -112,6 +119,21 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     for task in tasks:
         task.start()
     return InferenceService(running, proxy, budget, meter, outbox, db, provider, channels, tasks)
+
+
+def _platform_usage(config: InferenceConfig, channels: list) -> PlatformUsage | None:
+    """RecordTenantUsage with the proxy's own service key, when identity made one (see SERVICE_PRINCIPALS)."""
+    path = config.service_key_file
+    if path is None or not path.is_file():
+        log.warning("no service key at %s: usage held in the outbox reaches metering only when its tenant "
+                    "calls again (set BULKHEAD_INFERENCE_SERVICE_KEY_FILE)", path)
+        return None
+    key = path.read_text().strip()
+    register_secret(key)
+    identity = make_channel(config.service.peer("identity"))
+    platform = make_channel(config.service.peer("metering"), credentials=RefreshingToken(identity, key))
+    channels.extend((identity, platform))
+    return PlatformUsage(platform)
 
 
 def freeze_startup_heap() -> None:

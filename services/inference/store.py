@@ -173,7 +173,7 @@ def _dump(e: UsageEvent) -> str:
     return json.dumps({"tenant_id": e.tenant_id, "idempotency_key": e.idempotency_key, "principal_id": e.principal_id,
                        "agent_id": e.agent_id, "run_id": e.run_id, "model": e.model,
                        "tokens": [t.input, t.output, t.cache_write, t.cache_read], "latency_ms": e.latency_ms,
-                       "outcome": e.outcome, "occurred_at": e.occurred_at, "trace_id": e.trace_id})
+                       "outcome": e.outcome, "occurred_at": e.occurred_at, "trace_id": e.trace_id, "tier": e.tier})
 
 
 def _load(payload: str) -> UsageEvent:

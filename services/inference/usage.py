@@ -2,9 +2,10 @@
 
 Events are batched in memory and sent with RecordUsage (idempotent by request id). When
 metering cannot be reached, the batch goes to a durable outbox; while a tenant has events in
-the outbox, its new events queue behind them, so delivery stays in order. Delivery needs the
-tenant's credentials, so the outbox of a tenant drains once this replica has a live context
-for it (any call of that tenant after a restart). No grpc imports.
+the outbox, its new events queue behind them, so delivery stays in order. The outbox drains
+with the proxy's own platform credentials (RecordTenantUsage) when it has a service key, so a
+backlog is delivered even if its tenant never calls again; without one, it drains with the
+tenant's credentials once this replica has a live context for it. No grpc imports.
 """
 from __future__ import annotations
 
@@ -39,6 +40,8 @@ class UsageEvent:
     occurred_at: float
     """Unix seconds when the call was made."""
     trace_id: str = ""
+    tier: str = "pooled"
+    """The tenant's tier, from its signed token at call time (metering files the rows by it)."""
 
 
 class UsageRejected(Exception):
@@ -49,6 +52,13 @@ class UsageBackend(Protocol):
     """Metering's RecordUsage, called with the tenant's context bound."""
 
     async def record(self, events: Sequence[UsageEvent]) -> None: ...
+
+
+class PlatformDelivery(Protocol):
+    """Metering's RecordTenantUsage with this service's own platform credentials: delivery that
+    needs no tenant token, so a backlog drains even when its tenant never calls again."""
+
+    async def record_for(self, tenant_id: str, events: Sequence[UsageEvent]) -> None: ...
 
 
 class Outbox(Protocol):
@@ -67,8 +77,9 @@ class UsageMeter:
     """Batches usage per tenant and delivers it; falls back to the outbox when metering is down."""
 
     def __init__(self, backend: UsageBackend, outbox: Outbox, *, batch_size: int = 200,
-                 flush_interval: float = 0.05, retry_interval: float = 1.0):
+                 flush_interval: float = 0.05, retry_interval: float = 1.0, platform: PlatformDelivery | None = None):
         self._backend = backend
+        self._platform = platform
         self._outbox = outbox
         self._batch_size = batch_size
         self._flush_interval = flush_interval
@@ -147,7 +158,7 @@ class UsageMeter:
             if batch:
                 await self._outbox.append(batch)
                 self._backlogged.add(tenant_id)
-            if ctx is not None:
+            if ctx is not None or self._platform is not None:
                 await self._drain(tenant_id, ctx)
             return
         try:
@@ -162,7 +173,7 @@ class UsageMeter:
             await self._outbox.append(batch)
             self._backlogged.add(tenant_id)
 
-    async def _drain(self, tenant_id: str, ctx: TenantContext) -> None:
+    async def _drain(self, tenant_id: str, ctx: TenantContext | None) -> None:
         """Send the tenant's outbox oldest first; stop at the first failure (order is kept)."""
         while True:
             rows = await self._outbox.pending(tenant_id, self._batch_size)
@@ -170,8 +181,7 @@ class UsageMeter:
                 self._backlogged.discard(tenant_id)
                 return
             try:
-                with tenant_scope(ctx):
-                    await self._backend.record([event for _, event in rows])
+                await self._send_backlog(tenant_id, ctx, [event for _, event in rows])
             except UsageRejected as exc:
                 log.error("metering rejected %d outbox events of %s: %s", len(rows), tenant_id, exc)
             except Exception as exc:  # noqa: BLE001 - whatever failed, the rows stay for the next try
@@ -179,3 +189,11 @@ class UsageMeter:
                 return
             # A crash between record and delete re-sends the batch; metering drops the duplicates.
             await self._outbox.delete([row_id for row_id, _ in rows])
+
+    async def _send_backlog(self, tenant_id: str, ctx: TenantContext | None, events: list[UsageEvent]) -> None:
+        # The platform path first when there is one: a tenant's token may have expired long ago.
+        if self._platform is not None:
+            await self._platform.record_for(tenant_id, events)
+            return
+        with tenant_scope(ctx):
+            await self._backend.record(events)

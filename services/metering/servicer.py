@@ -10,9 +10,9 @@ from services.metering.budgets import BudgetLedger
 from services.metering.ledger import UsageLedger, acting_for
 from services.metering.prices import PriceCache
 from services.metering.pricing import format_usd, scaled_to_usd
-from services.metering.tenant_tiers import TierLookup
-from shared.errors import InvalidArgument, PermissionDenied
-from shared.tenancy import TenantContext, require_tenant
+from services.metering.tenant_tiers import TierLookup, tier_name
+from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from shared.tenancy import PLATFORM_TENANT, TenantContext, require_tenant
 
 _TENANT_ID = re.compile(r"^t_[A-Za-z0-9_-]{1,62}$")
 
@@ -49,6 +49,23 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def RecordUsage(self, request: pb.RecordUsageRequest, context) -> pb.RecordUsageResponse:
         recorded, duplicates = await self._usage.record([wire.record(e) for e in request.events])
         return pb.RecordUsageResponse(recorded_count=recorded, duplicate_count=duplicates)
+
+    async def RecordTenantUsage(self, request: pb.RecordTenantUsageRequest,
+                                context) -> pb.RecordTenantUsageResponse:
+        ctx = require_tenant()
+        if ctx.tenant_id != PLATFORM_TENANT:  # the interceptor already refuses platform.* elsewhere
+            raise PermissionDenied("only platform services may record another tenant's usage",
+                                   reason="PLATFORM_ONLY")
+        target = _target(request.tenant_id, "tenant_id", required=True)
+        tier = tier_name(request.tier)
+        known = (await self._usage.known_tenants()).get(target)
+        if known is not None and known != tier:
+            # The tier decides where the rows go: a wrong one would file them where nobody looks.
+            raise FailedPrecondition(f"tenant {target} is {known}-tier, not {tier}", reason="TIER_MISMATCH")
+        records = [wire.record(e) for e in request.events]
+        with acting_for(target, tier):
+            recorded, duplicates = await self._usage.record(records)
+        return pb.RecordTenantUsageResponse(recorded_count=recorded, duplicate_count=duplicates)
 
     async def QueryUsage(self, request: pb.QueryUsageRequest, context) -> pb.QueryUsageResponse:
         rows = await self._usage.query(wire.usage_query(request.filter, request.group_by))

@@ -18,6 +18,11 @@ from shared.errors import NotFound, Unavailable
 _TIERS = {tenancy_pb2.TIER_BRIDGE: "bridge", tenancy_pb2.TIER_SILO: "silo"}
 
 
+def tier_name(tier: int) -> str:
+    """A Tier enum value as the tier name shared.db routes by (unspecified is pooled)."""
+    return _TIERS.get(tier, "pooled")
+
+
 class TierLookup(Protocol):
     """Identity's answer to "what tier is this tenant"."""
 
@@ -40,4 +45,4 @@ class IdentityTiers:
             # Fail closed: a quota stored in the wrong place would not be enforced.
             raise Unavailable("identity could not confirm the tenant's tier; nothing was changed, retry",
                               reason="TENANT_TIER_UNAVAILABLE", retry_after=1.0) from None
-        return _TIERS.get(reply.tenant.tier, "pooled")
+        return tier_name(reply.tenant.tier)

@@ -62,6 +62,10 @@ def disable_tenant_rls(table: str) -> None:
     op.execute(f"ALTER TABLE {t} DISABLE ROW LEVEL SECURITY")
 
 
+_GRANT_LOCK = 0x6275_6C6B_6772_6E74
+"""Advisory lock key that serialises grants to the runtime role ("bulkgrnt")."""
+
+
 def grant_statements(role: str, schema: str) -> list[str]:
     """The SQL that lets `role` use every table and sequence of `schema` (DML only, no DDL)."""
     r, s = quote_ident(role), quote_ident(schema)
@@ -76,6 +80,9 @@ def grant_to(connection: Connection, role: str, *, exclude: tuple[str, ...] = ()
     """Grant DML on the connection's current schema to `role`, minus the `exclude`d tables."""
     if connection.dialect.name != "postgresql":
         return
+    # Services migrating one database at once (`bulkhead up` on a single Postgres) would update the
+    # schema's ACL row together and fail with "tuple concurrently updated": take turns, until commit.
+    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_GRANT_LOCK})")
     schema = connection.exec_driver_sql("SELECT current_schema()").scalar_one()
     for statement in grant_statements(role, schema):
         connection.exec_driver_sql(statement)

@@ -150,3 +150,22 @@ def test_second_up_on_the_same_ports_refuses_clearly(up_identity, tmp_path):
                             text=True, timeout=60)
     assert second.returncode == 1
     assert f"already in use: 127.0.0.1:{base + 51}" in second.stdout and "--port-base" in second.stdout
+
+
+async def test_a_service_failing_to_start_shows_its_last_log_lines_even_when_quiet(tmp_path):
+    """With --quiet the services' logs are hidden, so the start error carries the failing one's last lines."""
+    from bulkhead.supervisor import Supervisor
+
+    base = _free_port_base()
+    env = {**os.environ, "BULKHEAD_DATA_DIR": str(tmp_path), "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{base + 51}",
+           "BULKHEAD_IDENTITY_METRICS_PORT": "0", "BULKHEAD_IDENTITY_DATABASE_URL": "mysql://nowhere/identity"}
+    shown: list[str] = []
+    supervisor = Supervisor(["identity"], env, echo=shown.append, show_logs=False)
+    try:
+        with pytest.raises(RuntimeError) as failed:
+            await supervisor.start(timeout=60)
+    finally:
+        await supervisor.stop(grace=2)
+    message = str(failed.value)
+    assert "identity exited with code" in message and "its last log lines" in message
+    assert "unsupported database 'mysql'" in message and not shown

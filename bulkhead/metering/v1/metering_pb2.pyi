@@ -1,6 +1,7 @@
 import datetime
 
 from bulkhead.common.v1 import auth_pb2 as _auth_pb2
+from bulkhead.common.v1 import tenancy_pb2 as _tenancy_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
@@ -116,6 +117,24 @@ class RecordUsageRequest(_message.Message):
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[UsageEvent]
     def __init__(self, events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ...) -> None: ...
+
+class RecordTenantUsageRequest(_message.Message):
+    __slots__ = ("tenant_id", "tier", "events")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    EVENTS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    tier: _tenancy_pb2.Tier
+    events: _containers.RepeatedCompositeFieldContainer[UsageEvent]
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., events: _Optional[_Iterable[_Union[UsageEvent, _Mapping]]] = ...) -> None: ...
+
+class RecordTenantUsageResponse(_message.Message):
+    __slots__ = ("recorded_count", "duplicate_count")
+    RECORDED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    recorded_count: int
+    duplicate_count: int
+    def __init__(self, recorded_count: _Optional[int] = ..., duplicate_count: _Optional[int] = ...) -> None: ...
 
 class RecordUsageResponse(_message.Message):
     __slots__ = ("recorded_count", "duplicate_count")

@@ -47,6 +47,11 @@ class MeteringServiceStub:
                 request_serializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordUsageRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordUsageResponse.FromString,
                 _registered_method=True)
+        self.RecordTenantUsage = channel.unary_unary(
+                '/bulkhead.metering.v1.MeteringService/RecordTenantUsage',
+                request_serializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordTenantUsageRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordTenantUsageResponse.FromString,
+                _registered_method=True)
         self.QueryUsage = channel.unary_unary(
                 '/bulkhead.metering.v1.MeteringService/QueryUsage',
                 request_serializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.QueryUsageRequest.SerializeToString,
@@ -135,6 +140,15 @@ class MeteringServiceServicer:
         event whose key was already recorded for the tenant is accepted and not counted again.
         A batch with any invalid event is rejected whole (INVALID_ARGUMENT, nothing is written).
         Recording usage does not move budgets: budgets move through Commit and lease settlement.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RecordTenantUsage(self, request, context):
+        """RecordTenantUsage records a batch for a named tenant on a platform service's behalf (idempotent
+        like RecordUsage): how the inference proxy delivers usage held in its outbox after the calling
+        tenant's own token is gone. Only a platform service principal holds its scope.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -252,6 +266,11 @@ def add_MeteringServiceServicer_to_server(servicer, server):
                     request_deserializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordUsageRequest.FromString,
                     response_serializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordUsageResponse.SerializeToString,
             ),
+            'RecordTenantUsage': grpc.unary_unary_rpc_method_handler(
+                    servicer.RecordTenantUsage,
+                    request_deserializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordTenantUsageRequest.FromString,
+                    response_serializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordTenantUsageResponse.SerializeToString,
+            ),
             'QueryUsage': grpc.unary_unary_rpc_method_handler(
                     servicer.QueryUsage,
                     request_deserializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.QueryUsageRequest.FromString,
@@ -358,6 +377,33 @@ class MeteringService:
             '/bulkhead.metering.v1.MeteringService/RecordUsage',
             bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordUsageRequest.SerializeToString,
             bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordUsageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RecordTenantUsage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.metering.v1.MeteringService/RecordTenantUsage',
+            bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordTenantUsageRequest.SerializeToString,
+            bulkhead_dot_metering_dot_v1_dot_metering__pb2.RecordTenantUsageResponse.FromString,
             options,
             channel_credentials,
             insecure,

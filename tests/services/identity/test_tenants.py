@@ -170,3 +170,29 @@ async def test_ttl_bounds(identity):
     import time
 
     assert resp.expire_time.seconds - time.time() <= 61
+
+
+async def test_first_start_writes_a_narrow_service_key_for_the_proxy_once(sqlite_identity, tmp_path):
+    """identity makes the inference proxy's platform key: 0600, scope platform.metering.record and nothing
+    else (not even the operator's), kept across restarts, and a new key for the same principal if deleted."""
+    import jwt
+
+    from shared.testing.identity import running_identity
+
+    path = tmp_path / "service-keys" / "inference.key"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    key = path.read_text().strip()
+    service = await sqlite_identity.login(key)
+    claims = jwt.decode(service.token, options={"verify_signature": False})
+    assert (service.tenant_id, claims["scope"]) == ("t_platform", "platform.metering.record")
+    denied = await _error(sqlite_identity.stub.CreateTenant(pb.CreateTenantRequest(name="x"), metadata=service.metadata))
+    assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
+
+    await sqlite_identity.app.close(0)
+    async with running_identity(tmp_path):
+        assert path.read_text().strip() == key
+    path.unlink()
+    async with running_identity(tmp_path) as again:
+        assert path.read_text().strip() != key
+        principals = await again.stub.ListPrincipals(pb.ListPrincipalsRequest(), metadata=again.operator.metadata)
+        assert [p.display_name for p in principals.principals].count("svc-inference") == 1

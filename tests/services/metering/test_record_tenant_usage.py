@@ -1,0 +1,72 @@
+"""RecordTenantUsage: a platform service records a named tenant's usage (the proxy's outbox path).
+Only its platform scope opens it; the rows land in that tenant's data, once, filed by its tier."""
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from bulkhead.common.v1 import tenancy_pb2
+from bulkhead.metering.v1 import metering_pb2 as pb
+from shared.errors import error_details
+
+from .helpers import OPERATOR, day_range, event
+
+A, B = "t_alpha", "t_bravo"
+SERVICE_SCOPE = "platform.metering.record"
+
+
+def _service(metering) -> tuple[tuple[str, str], ...]:
+    return metering.tokens.metadata(OPERATOR, (SERVICE_SCOPE,), principal_id="p_svc_inference")
+
+
+def _batch(tenant: str, keys, tier=tenancy_pb2.TIER_POOLED) -> pb.RecordTenantUsageRequest:
+    return pb.RecordTenantUsageRequest(tenant_id=tenant, tier=tier, events=[event(k) for k in keys])
+
+
+async def _events(metering, tenant: str) -> int:
+    rows = (await metering.stub.QueryUsage(pb.QueryUsageRequest(filter=day_range()), metadata=metering.md(tenant))).rows
+    return sum(r.event_count for r in rows)
+
+
+async def test_a_platform_service_records_a_tenants_usage_once(metering):
+    first = await metering.stub.RecordTenantUsage(_batch(A, ["o1", "o2"]), metadata=_service(metering))
+    again = await metering.stub.RecordTenantUsage(_batch(A, ["o1", "o2"]), metadata=_service(metering))
+    assert (first.recorded_count, first.duplicate_count) == (2, 0)
+    assert (again.recorded_count, again.duplicate_count) == (0, 2)
+    # The tenant's own RecordUsage of the same request ids is a duplicate too: one ledger, one key space.
+    own = await metering.stub.RecordUsage(pb.RecordUsageRequest(events=[event("o1")]), metadata=metering.md(A))
+    assert own.duplicate_count == 1
+    assert await _events(metering, A) == 2
+    assert await _events(metering, B) == 0
+
+
+@pytest.mark.parametrize("who", ["tenant", "tenant_with_platform_scope", "operator"])
+async def test_only_the_platform_service_scope_may_record_for_a_tenant(metering, who):
+    md = {"tenant": metering.md(B),  # another tenant trying to bill (or pad) A's usage
+          "tenant_with_platform_scope": metering.md(B, (SERVICE_SCOPE,)),
+          "operator": metering.op()}[who]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await metering.stub.RecordTenantUsage(_batch(A, ["x1"]), metadata=md)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await _events(metering, A) == 0
+
+
+async def test_a_tier_other_than_the_tenants_own_is_refused(metering):
+    await metering.stub.RecordUsage(pb.RecordUsageRequest(events=[event("own")]), metadata=metering.md(A))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await metering.stub.RecordTenantUsage(_batch(A, ["b1"], tier=tenancy_pb2.TIER_BRIDGE),
+                                              metadata=_service(metering))
+    assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert error_details(refused.value)["reason"] == "TIER_MISMATCH"
+    assert await _events(metering, A) == 1
+
+
+async def test_bad_input_is_refused_whole(metering):
+    with pytest.raises(grpc.aio.AioRpcError) as no_tenant:
+        await metering.stub.RecordTenantUsage(_batch("", ["e1"]), metadata=_service(metering))
+    assert no_tenant.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    broken = _batch(A, ["ok", ""])  # an event without an idempotency key
+    with pytest.raises(grpc.aio.AioRpcError) as invalid:
+        await metering.stub.RecordTenantUsage(broken, metadata=_service(metering))
+    assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert await _events(metering, A) == 0
