@@ -160,16 +160,21 @@ async def test_two_replicas_appending_to_one_chain_keep_it_intact(tmp_path, migr
     second, _ = await _chain_of(db, "t_replicas", b"k" * 32)
     try:
         with scope:
-            for i in range(6):
-                await (first if i % 2 else second).record("get", "allowed", secret_name=f"s{i}")
-            rows = await first.page(after_seq=0, limit=100)
-            report = await first.verify()
-        assert [(r.seq, r.secret_name) for r in rows] == [(i + 1, f"s{i}") for i in range(6)]
-        assert report.intact and report.checked == 6
+            await alternate_appends_make_one_chain(first, second)
     finally:
         await first.close()
         await second.close()
         await db.close()
+
+
+async def alternate_appends_make_one_chain(first, second) -> None:
+    """Two AuditLogs (two replicas) append in turn for the current tenant: one gapless chain that verifies."""
+    for i in range(6):
+        await (first if i % 2 else second).record("get", "allowed", secret_name=f"s{i}")
+    rows = await first.page(after_seq=0, limit=100)
+    report = await first.verify()
+    assert [(r.seq, r.secret_name) for r in rows] == [(i + 1, f"s{i}") for i in range(6)]
+    assert report.intact and report.checked == 6
 
 
 async def test_a_failed_append_fails_the_call_and_writes_nothing(tmp_path, migrated_template, monkeypatch):

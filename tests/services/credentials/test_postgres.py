@@ -72,18 +72,14 @@ async def test_two_replicas_share_one_audit_chain_on_postgres(postgres):
     stale cached heads are retried and the chain verifies."""
     from services.credentials.audit import AuditLog
     from shared.tenancy import TenantContext, tenant_scope
+    from tests.services.credentials.test_audit import alternate_appends_make_one_chain
 
     urls = await postgres.create_database("credentials_replicas")
     db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url)
     first, second = AuditLog(db, b"k" * 32), AuditLog(db, b"k" * 32)
     try:
         with tenant_scope(TenantContext(new_tenant("r"), "p_test", request_id="r")):
-            for i in range(6):
-                await (first if i % 2 else second).record("get", "allowed", secret_name=f"s{i}")
-            rows = await first.page(after_seq=0, limit=100)
-            report = await first.verify()
-        assert [(r.seq, r.secret_name) for r in rows] == [(i + 1, f"s{i}") for i in range(6)]
-        assert report.intact and report.checked == 6
+            await alternate_appends_make_one_chain(first, second)
     finally:
         await first.close()
         await second.close()
