@@ -46,6 +46,25 @@ async def _serve_forever(announce: str) -> None:
     await asyncio.Event().wait()
 
 
+async def _role_bare(delay: float) -> None:
+    """A bare grpc.aio server (no interceptors, no proxy) whose one RPC waits `delay`: the latency a
+    gRPC hop alone adds in front of an upstream that takes that long, on this machine."""
+    import grpc
+
+    from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
+
+    class Wait(echo_pb2_grpc.EchoServiceServicer):
+        async def Echo(self, request, context):
+            await asyncio.sleep(delay)
+            return echo_pb2.EchoResponse(message=request.message)
+
+    server = grpc.aio.server()
+    echo_pb2_grpc.add_EchoServiceServicer_to_server(Wait(), server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    await _serve_forever(f"127.0.0.1:{port}")
+
+
 async def _role_fake(delay: float) -> None:
     from shared.testing.fake_anthropic import FakeAnthropic
 
@@ -113,6 +132,32 @@ async def _closed_loop(call, concurrency: int, seconds: float) -> tuple[list[flo
     start = time.perf_counter()
     await asyncio.gather(*(worker() for _ in range(concurrency)))
     return latencies, time.perf_counter() - start
+
+
+async def _bare_hop_floor(env: dict, args: argparse.Namespace) -> None:
+    """Print what one bare gRPC hop adds at concurrency 1 in front of the same upstream wait: no
+    proxy's added latency can be below it (the target asks for <= 1 ms)."""
+    import grpc
+
+    from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
+
+    bare, address = _spawn("bare", env, "--delay", str(args.delay))
+    try:
+        async with grpc.aio.insecure_channel(address) as channel:
+            stub = echo_pb2_grpc.EchoServiceStub(channel)
+
+            async def echo() -> None:
+                await stub.Echo(echo_pb2.EchoRequest(message="x"))
+
+            for _ in range(20):
+                await echo()
+            lat, _ = await _closed_loop(echo, 1, args.seconds / 2)
+    finally:
+        bare.terminate()
+        bare.wait(timeout=10)
+    print(f"gRPC floor at concurrency 1: a bare grpc.aio server (no interceptors) whose handler waits the same "
+          f"{args.delay * 1000:.0f} ms adds p50 {1000 * (_pct(lat, 0.5) - args.delay):+.2f} ms "
+          f"(the proxy's own added-latency target is <= 1 ms)")
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -243,6 +288,7 @@ async def _bench(args: argparse.Namespace) -> None:
                   + f"  = {1000 * sum(spent.values()) / calls:5.2f}")
         rss, peak = _rss_mb(proxy.pid)
         print(f"proxy RSS {rss:.0f} MB (peak {peak:.0f} MB)")
+        await _bare_hop_floor(env, args)
         await channel.close()
         await client.close()
         print(json.dumps({f"c{c}_{n}": {"p50_ms": round(v[0] * 1000, 3), "p99_ms": round(v[1] * 1000, 3),
@@ -266,12 +312,14 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per path and concurrency")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the seconds are split into")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the proxy process to FILE")
-    parser.add_argument("--role", choices=("fake", "backends", "proxy"), help=argparse.SUPPRESS)
+    parser.add_argument("--role", choices=("fake", "backends", "proxy", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     args = parser.parse_args()
     args.concurrency = (1, 32)
     if args.role == "fake":
         asyncio.run(_role_fake(args.delay))
+    elif args.role == "bare":
+        asyncio.run(_role_bare(args.delay))
     elif args.role == "backends":
         asyncio.run(_role_backends(args.tmp))
     elif args.role == "proxy":
