@@ -18,7 +18,7 @@ from services.credentials.backend import TenantRef
 from services.credentials.vault_layout import VaultLayout
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Minted:
     client: hvac.Client
     token: str

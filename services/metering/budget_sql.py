@@ -23,7 +23,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
-from services.metering.pricing import TOKENS_PER_PRICE_UNIT, Tokens
+from services.metering.pricing import TOKENS_PER_PRICE_UNIT, Price, Tokens
 from services.metering.quotas import MICRO_USD, TOKENS, BudgetSpec
 from shared.db.raw import RawTransaction
 
@@ -120,8 +120,7 @@ class Hold:
 
     def cost_micros(self, spent: Tokens) -> int:
         """Spend priced at the hold's rates, rounded up to whole micro-USD (as the settling SQL does)."""
-        scaled = sum(n * rate for n, rate in zip(spent.parts(), self.rates, strict=True))
-        return -(-scaled // TOKENS_PER_PRICE_UNIT)
+        return Price(self.model, 0, *self.rates).cost_micros_ceil(spent)
 
 
 # ---------------------------------------------------------------- budgets

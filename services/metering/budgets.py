@@ -93,6 +93,12 @@ def _unit_holds(specs: Specs, starts: dict[str, int], amounts: Amounts) -> tuple
     return unit_hold(TOKENS, amounts.tokens), unit_hold(MICRO_USD, amounts.micro_usd)
 
 
+def _exceeds(hold: budget_sql.Hold, field: str) -> InvalidArgument:
+    """A spend larger than what the hold holds, in tokens or money."""
+    return InvalidArgument(f"{field} exceeds what was held ({hold.tokens_held} tokens, {hold.micros_held} micro-USD)",
+                           reason="EXCEEDS_HOLD", violations={field: "more than was held"})
+
+
 class BudgetLedger:
     """Quotas and holds of the tenant in the current TenantContext."""
 
@@ -297,9 +303,7 @@ class BudgetLedger:
             raise NotFound(f"{what} not found", reason=f"{what.upper()}_NOT_FOUND")
         if hold.state != OPEN:
             return self._settled_again(hold, spent, new_state, what)
-        raise InvalidArgument(
-            f"{field} exceeds what was held ({hold.tokens_held} tokens, {hold.micros_held} micro-USD)",
-            reason="EXCEEDS_HOLD", violations={field: "more than was held"})
+        raise _exceeds(hold, field)
 
     @staticmethod
     def _settled_again(hold: budget_sql.Hold, spent: Tokens, new_state: str, what: str) -> Settlement:
@@ -402,9 +406,7 @@ class BudgetLedger:
             return InvalidArgument("spent is a running total and cannot go down", reason="SPEND_DECREASED",
                                    violations={"spent": "less than already reported"})
         if spent.total > hold.tokens_held or hold.cost_micros(spent) > hold.micros_held:
-            return InvalidArgument(
-                f"spent exceeds what was held ({hold.tokens_held} tokens, {hold.micros_held} micro-USD)",
-                reason="EXCEEDS_HOLD", violations={"spent": "more than was held"})
+            return _exceeds(hold, "spent")
         return FailedPrecondition("lease was changed concurrently", reason="CONCURRENT_SETTLEMENT")
 
     async def release_lease(self, lease_id: str, spent: Tokens) -> Settlement:
