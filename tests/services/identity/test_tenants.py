@@ -172,7 +172,7 @@ async def test_ttl_bounds(identity):
     assert resp.expire_time.seconds - time.time() <= 61
 
 
-async def test_first_start_writes_a_narrow_service_key_for_the_proxy_once(sqlite_identity, tmp_path):
+async def test_first_start_writes_a_narrow_service_key_for_the_proxy_once(sqlite_identity, tmp_path, caplog):
     """identity makes the inference proxy's platform key: 0600, scope platform.metering.record and nothing
     else (not even the operator's), kept across restarts, and a new key for the same principal if deleted."""
     import jwt
@@ -192,7 +192,10 @@ async def test_first_start_writes_a_narrow_service_key_for_the_proxy_once(sqlite
     async with running_identity(tmp_path):
         assert path.read_text().strip() == key
     path.unlink()
+    caplog.set_level("INFO", logger="bulkhead.identity")
     async with running_identity(tmp_path) as again:
-        assert path.read_text().strip() != key
+        new_key = path.read_text().strip()
+        assert new_key != key
+        assert "created the inference service key" in caplog.text and new_key not in caplog.text  # path, never key
         principals = await again.stub.ListPrincipals(pb.ListPrincipalsRequest(), metadata=again.operator.metadata)
         assert [p.display_name for p in principals.principals].count("svc-inference") == 1
