@@ -16,7 +16,10 @@ from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
+from google.protobuf.message import Message
+
 from shared import errors
+from shared.bounds import integer_violations
 from shared.metrics import LATENCY, REQUESTS, tenant_label
 from shared.scopes import MethodRule, RuleBook
 from shared.security import SecurityEvents
@@ -198,6 +201,7 @@ def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: 
             with _server_span(method, parent) as span:
                 tenant, started, code = enter(), time.perf_counter(), grpc.StatusCode.OK
                 try:
+                    _check_integers(request)
                     return await behavior(request, context)
                 except Exception as exc:
                     code = exc.code if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
@@ -210,6 +214,7 @@ def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: 
         with _server_span(method, parent) as span:
             tenant, started, code = enter(), time.perf_counter(), grpc.StatusCode.OK
             try:
+                _check_integers(request)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -222,6 +227,15 @@ def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: 
             finally:
                 done(span, tenant, started, code)
     return stream_response
+
+
+def _check_integers(request) -> None:
+    """Refuse integers no ledger can sum (see shared.bounds) before any handler sees them."""
+    if isinstance(request, Message):
+        problems = integer_violations(request)
+        if problems:
+            raise errors.InvalidArgument(f"integer out of range in {', '.join(sorted(problems))}",
+                                         reason="VALUE_OUT_OF_RANGE", violations=problems)
 
 
 def _aborted_code(context) -> grpc.StatusCode:

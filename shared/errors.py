@@ -14,6 +14,17 @@ from google.rpc import error_details_pb2, status_pb2
 
 ERROR_DOMAIN = "bulkhead.dev"
 _DETAILS_KEY = "grpc-status-details-bin"
+MAX_DETAILS_BYTES = 1024
+"""The most an error's serialized google.rpc.Status may take: errors echo input, and metadata is capped at 8 KB."""
+MAX_VIOLATIONS = 20
+"""The most field or quota violations one error lists (the first ones; the message says what is wrong)."""
+MAX_ECHO_CHARS = 200
+"""The most of any one string (message, metadata value, field, description) an error carries."""
+
+
+def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
+    """text cut to limit characters, marked when cut (so echoed input never grows an error without bound)."""
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
 
 
 class BulkheadError(Exception):
@@ -23,20 +34,31 @@ class BulkheadError(Exception):
     default_reason = "INTERNAL"
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
+        message = clip(message, 2 * MAX_ECHO_CHARS)
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason
-        self.metadata = dict(metadata or {})
+        self.metadata = {clip(k, 64): clip(str(v)) for k, v in (metadata or {}).items()}
 
     def details(self) -> list:
         """The google.rpc detail messages for this error (ErrorInfo first)."""
         return [error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN, metadata=self.metadata)]
 
     def to_status(self) -> status_pb2.Status:
-        """This error as a google.rpc.Status with packed details."""
+        """This error as a google.rpc.Status with packed details, never more than MAX_DETAILS_BYTES.
+
+        A detail that does not fit is left out (ErrorInfo, first, always stays; a small RetryInfo
+        after a large BadRequest still goes), so any request gets a precise, small answer.
+        """
         status = status_pb2.Status(code=self.code.value[0], message=self.message)
         for detail in self.details():
             status.details.add().Pack(detail)
+            if status.ByteSize() > MAX_DETAILS_BYTES and len(status.details) > 1:
+                del status.details[-1]
+        if status.ByteSize() > MAX_DETAILS_BYTES:  # only ErrorInfo left: shed its metadata
+            info = error_details_pb2.ErrorInfo(reason=self.reason, domain=ERROR_DOMAIN)
+            del status.details[:]
+            status.details.add().Pack(info)
         return status
 
 
@@ -48,7 +70,7 @@ class InvalidArgument(BulkheadError):
 
     def __init__(self, message: str, *, violations: Mapping[str, str] | None = None, **kw):
         super().__init__(message, **kw)
-        self.violations = dict(violations or {})
+        self.violations = {clip(f): clip(d) for f, d in list((violations or {}).items())[:MAX_VIOLATIONS]}
 
     def details(self) -> list:
         bad = error_details_pb2.BadRequest(field_violations=[
@@ -128,7 +150,7 @@ class ResourceExhausted(BulkheadError):
     def __init__(self, message: str, *, violations: Iterable[tuple[str, str]] = (),
                  retry_after: float | None = None, **kw):
         super().__init__(message, **kw)
-        self.violations = list(violations)
+        self.violations = [(clip(s), clip(d)) for s, d in list(violations)[:MAX_VIOLATIONS]]
         self.retry_after = retry_after
 
     def details(self) -> list:

@@ -18,7 +18,7 @@ from services.metering import budget_sql, periods, store
 from services.metering.budget_cache import BudgetSpecCache, Specs
 from services.metering.budget_sql import CounterState, NewHold, UnitHold
 from services.metering.prices import PriceCache
-from services.metering.pricing import TOKENS_PER_PRICE_UNIT, Price, Tokens
+from services.metering.pricing import MAX_TOKENS, TOKENS_PER_PRICE_UNIT, Price, Tokens, count_problems, tokens_problems
 from services.metering.quotas import (
     MICRO_USD,
     TOKENS,
@@ -191,10 +191,7 @@ class BudgetLedger:
         problems = {}
         if not model:
             problems["model"] = "required"
-        if prompt_tokens < 0:
-            problems["prompt_tokens"] = "cannot be negative"
-        if max_output_tokens < 0:
-            problems["max_output_tokens"] = "cannot be negative"
+        problems.update(count_problems("", prompt_tokens=prompt_tokens, max_output_tokens=max_output_tokens))
         if prompt_tokens + max_output_tokens <= 0 and not problems:
             problems["max_output_tokens"] = "a call must hold at least one token"
         if len(idempotency_key) > 200:
@@ -283,9 +280,7 @@ class BudgetLedger:
         if not hold_id:
             raise InvalidArgument(f"{what} id is required", reason="INVALID_ARGUMENT",
                                   violations={f"{what}_id": "required"})
-        if min(spent.parts()) < 0:
-            raise InvalidArgument("token counts cannot be negative", reason="INVALID_USAGE",
-                                  violations={field: "token counts cannot be negative"})
+        _check_counts(spent, field)
         tenant_id = require_tenant().tenant_id
         async with self._write() as tx:
             # The common case in one statement: claim the open hold, price its spend, move its counters.
@@ -329,6 +324,8 @@ class BudgetLedger:
             problems["model"] = "required"
         if tokens <= 0:
             problems["tokens"] = "must be positive"
+        elif tokens > MAX_TOKENS:
+            problems["tokens"] = f"at most {MAX_TOKENS:,}"
         if min_tokens < 0 or min_tokens > max(tokens, 0):
             problems["min_tokens"] = "between 0 and tokens"
         if problems:
@@ -381,6 +378,7 @@ class BudgetLedger:
         if not lease_id:
             raise InvalidArgument("lease id is required", reason="INVALID_ARGUMENT",
                                   violations={"lease_id": "required"})
+        _check_counts(spent, "spent")
         ttl = _ttl(ttl_seconds, DEFAULT_LEASE_TTL_S, "ttl_seconds")
         now = self._clock()
         expires = now + ttl * periods.US_PER_SECOND
@@ -412,3 +410,10 @@ class BudgetLedger:
     async def release_lease(self, lease_id: str, spent: Tokens) -> Settlement:
         """Charge a lease's final spend and return the rest."""
         return await self._settle(lease_id, LEASE, spent, RELEASED)
+
+
+def _check_counts(spent: Tokens, field: str) -> None:
+    """Refuse a reported spend that is negative or beyond MAX_TOKENS before any arithmetic on it."""
+    problems = tokens_problems(spent, field)
+    if problems:
+        raise InvalidArgument(f"invalid token counts in {field}", reason="INVALID_USAGE", violations=problems)

@@ -5,7 +5,7 @@ import asyncio
 from collections.abc import Callable
 
 from services.metering import periods, store
-from services.metering.pricing import Price, PriceBook
+from services.metering.pricing import MAX_RATE, Price, PriceBook
 from shared.errors import InvalidArgument
 
 MAX_TEXT = 200
@@ -21,8 +21,8 @@ def validate_price(price: Price) -> dict[str, str]:
     if price.effective_us <= 0:
         problems["price.effective_time"] = "required"
     for name in ("input", "output", "cache_write", "cache_read"):
-        if getattr(price, name) < 0:
-            problems[f"price.{name}_micros_per_mtok"] = "cannot be negative"
+        if not 0 <= getattr(price, name) <= MAX_RATE:
+            problems[f"price.{name}_micros_per_mtok"] = f"between 0 and {MAX_RATE:,} ($1,000 per million tokens)"
     return problems
 
 

@@ -7,6 +7,28 @@ from decimal import Decimal
 
 MICROS_PER_USD = 1_000_000
 TOKENS_PER_PRICE_UNIT = 1_000_000  # prices are per million tokens
+MAX_TOKENS = 1_000_000_000
+"""The most tokens one count may say (a call, a hold's spend, a lease): a thousand times the largest
+context window, and small enough that a rate times it, summed over four kinds, stays inside BIGINT."""
+MAX_RATE = 1_000_000_000
+"""The highest price, micro-USD per million tokens ($1,000): with MAX_TOKENS, every cost fits in BIGINT."""
+
+
+def count_problems(field: str, **counts: int) -> dict[str, str]:
+    """Field violations of token counts that are negative or above MAX_TOKENS (empty when all are fine)."""
+    problems = {}
+    for name, value in counts.items():
+        if value < 0:
+            problems[f"{field}.{name}" if field else name] = "cannot be negative"
+        elif value > MAX_TOKENS:
+            problems[f"{field}.{name}" if field else name] = f"at most {MAX_TOKENS:,}"
+    return problems
+
+
+def tokens_problems(tokens: Tokens, field: str) -> dict[str, str]:
+    """count_problems for the four kinds of a Tokens value, named as in TokenCounts."""
+    return count_problems(field, input_tokens=tokens.input, output_tokens=tokens.output,
+                          cache_write_tokens=tokens.cache_write, cache_read_tokens=tokens.cache_read)
 
 
 @dataclass(frozen=True, slots=True)

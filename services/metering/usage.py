@@ -5,9 +5,10 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from services.metering import periods
-from services.metering.pricing import PriceBook, Tokens
+from services.metering.pricing import PriceBook, Tokens, tokens_problems
 
 MAX_BATCH = 5000
+MAX_LATENCY_MS = 86_400_000
 MAX_TEXT = 200
 
 # Outcomes, as stored (the proto enum's numbers).
@@ -65,10 +66,9 @@ def validate_batch(records: Sequence[UsageRecord]) -> dict[str, str]:
                 problems[f"{where}.{name}"] = f"at most {MAX_TEXT} characters"
         if rec.occurred_us <= 0:
             problems[f"{where}.occur_time"] = "required"
-        if min(rec.tokens.parts()) < 0:
-            problems[f"{where}.tokens"] = "token counts cannot be negative"
-        if rec.latency_ms < 0:
-            problems[f"{where}.latency_ms"] = "cannot be negative"
+        problems.update(tokens_problems(rec.tokens, f"{where}.tokens"))
+        if not 0 <= rec.latency_ms <= MAX_LATENCY_MS:
+            problems[f"{where}.latency_ms"] = f"between 0 and {MAX_LATENCY_MS:,} (a day)"
     return problems
 
 

@@ -147,3 +147,18 @@ async def test_bad_input_is_refused_before_upstream(mesh, bad, field, reason):
 async def _first(stream):
     async for event in stream:
         return event
+
+
+async def test_long_input_is_not_echoed_into_error_metadata(mesh):
+    """StreamMessage with 5,000-character strings fails with a bounded error, not a metadata-size failure."""
+    long = "m" * 5000
+    bad = pb.StreamMessageRequest(params=pb.MessageParams(model=long, messages=[user(long)], max_tokens=10,
+                                                          system=[pb.TextBlock(text=long)]))
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        async for _ in mesh.stub.StreamMessage(bad, metadata=mesh.md("t_a")):
+            pass
+    # An unknown model is a policy refusal; what matters is that the reply says so within bounds.
+    assert caught.value.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
+    details = dict(caught.value.trailing_metadata() or ()).get("grpc-status-details-bin", b"")
+    assert 0 < len(details) <= 1024
+    assert len(caught.value.details()) <= 400

@@ -339,13 +339,15 @@ async def test_budget_rpcs_need_the_budget_scope(metering):
 
 @pytest.mark.parametrize("method, request_, field, reason", [
     ("CommitBudget", pb.CommitBudgetRequest(), "reservation_id", "INVALID_ARGUMENT"),
-    ("CommitBudget", pb.CommitBudgetRequest(reservation_id="res_x", usage=_usage(i=-1)), "usage", "INVALID_USAGE"),
+    ("CommitBudget", pb.CommitBudgetRequest(reservation_id="res_x", usage=_usage(i=-1)), "usage.input_tokens",
+     "INVALID_USAGE"),
     ("ReleaseBudget", pb.ReleaseBudgetRequest(), "reservation_id", "INVALID_ARGUMENT"),
     ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL), "tokens", "INVALID_LEASE"),
     ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL, tokens=5, min_tokens=6), "min_tokens", "INVALID_LEASE"),
     ("LeaseBudget", pb.LeaseBudgetRequest(tokens=5), "model", "INVALID_LEASE"),
     ("RenewLease", pb.RenewLeaseRequest(), "lease_id", "INVALID_ARGUMENT"),
-    ("ReleaseLease", pb.ReleaseLeaseRequest(lease_id="lease_x", spent=_usage(o=-2)), "spent", "INVALID_USAGE"),
+    ("ReleaseLease", pb.ReleaseLeaseRequest(lease_id="lease_x", spent=_usage(o=-2)), "spent.output_tokens",
+     "INVALID_USAGE"),
 ])
 async def test_bad_settlements_and_leases_are_refused_precisely(metering, method, request_, field, reason):
     """Malformed budget calls are INVALID_ARGUMENT naming the field."""

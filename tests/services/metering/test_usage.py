@@ -61,7 +61,7 @@ async def test_invalid_batch_writes_nothing(metering):
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     details = error_details(err.value)
     assert details["reason"] == "INVALID_USAGE"
-    assert set(details["bad_request"]) == {"events[1].tokens", "events[2].idempotency_key"}
+    assert set(details["bad_request"]) == {"events[1].tokens.output_tokens", "events[2].idempotency_key"}
     assert await _totals(metering) == []
 
 

@@ -1,0 +1,78 @@
+"""The one range every 64-bit integer of a request must lie in, checked at the edge of every RPC.
+
+Counts, limits and prices are summed and multiplied downstream (ledgers, budgets, chargeback);
+a value near 2**63 overflows the database's BIGINT before any domain check can say what is wrong.
+Services still check their own domains (no negative counts, a commit within its hold...): this
+is the floor under all of them, so no request can reach INTERNAL through an integer.
+"""
+from __future__ import annotations
+
+from functools import cache
+
+from google.protobuf.descriptor import Descriptor, FieldDescriptor
+from google.protobuf.message import Message
+
+MAX_SAFE_INTEGER = 2**53 - 1
+"""The largest integer every client language carries exactly (JavaScript's Number included)."""
+
+_WIDE = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_SFIXED64,
+         FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64}
+
+
+@cache
+def _plan(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, bool], ...]:
+    """The fields of a message type worth visiting: (field, is_message). Empty when no 64-bit integer is reachable."""
+    return tuple((f, f.type == FieldDescriptor.TYPE_MESSAGE) for f in descriptor.fields
+                 if f.type in _WIDE or (f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_wide(f.message_type)))
+
+
+@cache
+def _reaches_wide(descriptor: Descriptor, _seen: frozenset = frozenset()) -> bool:
+    if descriptor.full_name in _seen:
+        return False
+    seen = _seen | {descriptor.full_name}
+    return any(f.type in _WIDE or (f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_wide(f.message_type, seen))
+               for f in descriptor.fields)
+
+
+def integer_violations(message: Message, *, limit: int = MAX_SAFE_INTEGER) -> dict[str, str]:
+    """Field path -> problem for every 64-bit integer in message beyond ±limit; empty when all are in range."""
+    plan = _plan(message.DESCRIPTOR)
+    if not plan:
+        return {}
+    problems: dict[str, str] = {}
+    _visit(message, plan, "", limit, problems)
+    return problems
+
+
+def _visit(message: Message, plan, prefix: str, limit: int, problems: dict[str, str]) -> None:
+    for field, is_message in plan:
+        name = prefix + field.name
+        value = getattr(message, field.name)
+        if field.is_repeated:
+            if is_message and field.message_type.GetOptions().map_entry:
+                items = value.items()
+                value_field = field.message_type.fields_by_name["value"]
+                if value_field.type == FieldDescriptor.TYPE_MESSAGE:
+                    sub = _plan(value_field.message_type)
+                    for key, item in items:
+                        _visit(item, sub, f"{name}[{key}].", limit, problems)
+                else:
+                    for key, item in items:
+                        _check(item, f"{name}[{key}]", limit, problems)
+                continue
+            for i, item in enumerate(value):
+                if is_message:
+                    _visit(item, _plan(field.message_type), f"{name}[{i}].", limit, problems)
+                else:
+                    _check(item, f"{name}[{i}]", limit, problems)
+        elif is_message:
+            if message.HasField(field.name):
+                _visit(value, _plan(field.message_type), name + ".", limit, problems)
+        else:
+            _check(value, name, limit, problems)
+
+
+def _check(value: int, name: str, limit: int, problems: dict[str, str]) -> None:
+    if isinstance(value, int) and not -limit <= value <= limit:
+        problems[name] = f"out of range: must lie within \u00b1{limit} (2**53 - 1)"

@@ -1,0 +1,42 @@
+"""Errors stay small whatever input they echo: at most 1 KB of details, ErrorInfo always first."""
+from __future__ import annotations
+
+from google.rpc import error_details_pb2
+
+from shared import errors
+
+
+def _unpacked(status):
+    out = []
+    for any_msg in status.details:
+        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo,
+                    error_details_pb2.QuotaFailure):
+            if any_msg.Is(cls.DESCRIPTOR):
+                out.append(cls.__name__)
+    return out
+
+
+def test_thousands_of_long_violations_fit_in_one_kilobyte():
+    """A BadRequest echoing 1,000 fields of 5,000 characters is cut to fit; the reason survives."""
+    error = errors.InvalidArgument("x" * 5000, reason="INVALID_THING",
+                                   violations={f"field{i}" + "f" * 5000: "d" * 5000 for i in range(1000)},
+                                   metadata={"echo": "v" * 5000})
+    status = error.to_status()
+    assert status.ByteSize() <= errors.MAX_DETAILS_BYTES
+    assert _unpacked(status)[0] == "ErrorInfo"
+    assert len(error.message) <= 2 * errors.MAX_ECHO_CHARS and error.message.endswith("\u2026")
+
+
+def test_retry_info_survives_a_large_quota_failure():
+    """RESOURCE_EXHAUSTED keeps its RetryInfo even when the QuotaFailure had to be left out."""
+    error = errors.ResourceExhausted("over", violations=[("s" * 300, "d" * 300)] * 30, retry_after=2.5)
+    status = error.to_status()
+    assert status.ByteSize() <= errors.MAX_DETAILS_BYTES
+    assert "RetryInfo" in _unpacked(status) and _unpacked(status)[0] == "ErrorInfo"
+
+
+def test_small_errors_are_unchanged():
+    """An ordinary error keeps its message, metadata and every violation."""
+    error = errors.InvalidArgument("bad page_size", violations={"page_size": ">= 0"}, metadata={"k": "v"})
+    assert _unpacked(error.to_status()) == ["ErrorInfo", "BadRequest"]
+    assert error.message == "bad page_size" and error.metadata == {"k": "v"}
