@@ -18,9 +18,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.config import SERVICES, service_addr
 
-STOP_ORDER = (("orchestrator",), ("inference", "state"), ("metering", "credentials", "identity"))
+STOP_ORDER = (("console",), ("orchestrator",), ("inference", "state"), ("metering", "credentials", "identity"))
 """Stop waves: a service stops only after those that call it, so it can still take their last writes
-(the proxy returns unspent budget leases to metering on its way down)."""
+(the proxy returns unspent budget leases to metering on its way down; the console revokes its sessions' tokens)."""
 
 RECENT_LINES = 20
 """Log lines kept per service for the error shown when it fails to start."""
@@ -40,6 +40,10 @@ class ServiceProcess:
 
     name: str
     address: str
+    module: str = ""
+    """What `python -m` runs (default services.<name>)."""
+    http: bool = False
+    """Health-checked with GET /healthz instead of the gRPC health service (the console)."""
     process: asyncio.subprocess.Process | None = None
     restarts: int = 0
     state: str = "starting"
@@ -53,11 +57,14 @@ class Supervisor:
     """Starts, watches and stops the services."""
 
     def __init__(self, services: list[str], env: Mapping[str, str], *, echo: Callable[[str], None] = print,
-                 show_logs: bool = True):
+                 show_logs: bool = True, console: str | None = None):
         self.env = dict(env)
         self.echo = echo
         self.show_logs = show_logs
         self.procs = {name: ServiceProcess(name, service_addr(name, self.env)) for name in services}
+        if console:  # the web console: a client of the others, started last, stopped first
+            self.procs["console"] = ServiceProcess("console", console, module="console", http=True)
+            self.env["BULKHEAD_CONSOLE_ADDR"] = console
         self._stopping = False
         self._watchers: list[asyncio.Task] = []
 
@@ -78,7 +85,7 @@ class Supervisor:
 
     async def _spawn(self, proc: ServiceProcess) -> None:
         proc.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", f"services.{proc.name}", env=self.env,
+            sys.executable, "-m", proc.module or f"services.{proc.name}", env=self.env,
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         proc.started_at = time.monotonic()
         proc.state = "starting"
@@ -105,7 +112,7 @@ class Supervisor:
                     said = "its log lines above say why" if self.show_logs else (
                         "its last log lines:\n" + "\n".join(proc.recent) if proc.recent else "it logged nothing")
                     raise RuntimeError(f"{name} exited with code {proc.process.returncode} while starting; {said}")
-                if await check_health(proc.address):
+                if await (check_http_health(proc.address) if proc.http else check_health(proc.address)):
                     proc.state = "healthy"
                     pending.discard(name)
             if pending and time.monotonic() > deadline:
@@ -158,7 +165,8 @@ class Supervisor:
     def rows(self) -> list[list[str]]:
         """One row per service for the status table."""
         port = lambda n: self.env.get(f"BULKHEAD_{n.upper()}_METRICS_PORT")  # noqa: E731
-        return [[p.name, p.address, f"http://127.0.0.1:{port(p.name)}/metrics" if port(p.name) not in (None, "0") else "off",
+        return [[p.name, f"http://{p.address}/" if p.http else p.address,
+                 f"http://127.0.0.1:{port(p.name)}/metrics" if port(p.name) not in (None, "0") and not p.http else "off",
                  str(p.process.pid if p.process else ""), p.state, str(p.restarts)] for p in self.procs.values()]
 
 
@@ -188,6 +196,24 @@ async def check_health(address: str, timeout: float = 1.0) -> bool:
             return resp.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.aio.AioRpcError:
         return False
+
+
+async def check_http_health(address: str, timeout: float = 1.0) -> bool:
+    """Whether the HTTP server at address answers GET /healthz with 200."""
+    host, _, port = address.rpartition(":")
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(host or "127.0.0.1", int(port)), timeout)
+    except (OSError, asyncio.TimeoutError):
+        return False
+    try:
+        writer.write(f"GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
+        await writer.drain()
+        status = await asyncio.wait_for(reader.readline(), timeout)
+        return status.split(b" ")[1:2] == [b"200"]
+    except (OSError, asyncio.TimeoutError, IndexError):
+        return False
+    finally:
+        writer.close()
 
 
 _LEVEL_MARK = {"warning": "WARN", "error": "ERROR", "critical": "CRIT"}

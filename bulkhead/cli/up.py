@@ -11,6 +11,9 @@ from bulkhead.cli._common import fail, table
 from bulkhead.supervisor import Supervisor, available_services
 from shared.config import SERVICE_PORTS
 
+DEFAULT_CONSOLE_ADDR = "127.0.0.1:8080"
+"""Where `up` starts the web console unless told otherwise (console._config.DEFAULT_ADDR)."""
+
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("up", help="run all services on this machine (Ctrl-C stops them)")
@@ -22,7 +25,11 @@ def register(subparsers) -> None:
     parser.add_argument("--vault-token", default=os.environ.get("BULKHEAD_VAULT_TOKEN"),
                         help="token credentials uses to administer Vault (default $BULKHEAD_VAULT_TOKEN)")
     parser.add_argument("--otlp", metavar="ENDPOINT", help="export traces with OTLP/gRPC (e.g. http://localhost:4317)")
-    parser.add_argument("--only", nargs="+", choices=list(SERVICE_PORTS), help="run only these services")
+    parser.add_argument("--only", nargs="+", choices=[*SERVICE_PORTS, "console"], help="run only these services")
+    parser.add_argument("--console", metavar="ADDR", default=None,
+                        help="where the web console listens (default $BULKHEAD_CONSOLE_ADDR, else 127.0.0.1:8080, "
+                             "or PORT_BASE+80 with --port-base)")
+    parser.add_argument("--no-console", action="store_true", help="do not start the web console")
     parser.add_argument("--port-base", type=int, default=0,
                         help="listen on PORT_BASE+1..+6 instead of 50051..50056 (metrics on 9451.. moved alike)")
     parser.add_argument("--quiet", action="store_true", help="do not show the services' log lines")
@@ -57,19 +64,30 @@ def mesh_env(args: argparse.Namespace, base=os.environ) -> dict[str, str]:
 
 def _up(args: argparse.Namespace) -> int:
     services = [s for s in available_services() if not args.only or s in args.only]
-    if not services:
+    if not services and not (args.only and "console" in args.only):
         fail("no services found: run this from a Bulkhead checkout installed with `pip install -e .`")
     env = mesh_env(args)
-    return asyncio.run(_run(services, env, quiet=args.quiet))
+    return asyncio.run(_run(services, env, quiet=args.quiet, console=console_addr(args, env)))
 
 
-async def _run(services: list[str], env: dict[str, str], *, quiet: bool) -> int:
-    supervisor = Supervisor(services, env, show_logs=not quiet)
+def console_addr(args: argparse.Namespace, env: dict[str, str]) -> str | None:
+    """Where the console of this run listens, or None when it is not started."""
+    if args.no_console or (args.only and "console" not in args.only):
+        return None
+    if args.console:
+        return args.console
+    if args.port_base:
+        return f"127.0.0.1:{args.port_base + 80}"
+    return env.get("BULKHEAD_CONSOLE_ADDR") or DEFAULT_CONSOLE_ADDR
+
+
+async def _run(services: list[str], env: dict[str, str], *, quiet: bool, console: str | None = None) -> int:
+    supervisor = Supervisor(services, env, show_logs=not quiet, console=console)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"starting {len(services)} services (data in {env['BULKHEAD_DATA_DIR']}) ...", flush=True)
+    print(f"starting {len(services) + bool(console)} services (data in {env['BULKHEAD_DATA_DIR']}) ...", flush=True)
     try:
         starting = asyncio.create_task(supervisor.start())
         done, _ = await asyncio.wait({starting, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -87,6 +105,8 @@ async def _run(services: list[str], env: dict[str, str], *, quiet: bool) -> int:
         return 130
     print()
     table(supervisor.rows(), ["service", "grpc", "metrics", "pid", "state", "restarts"])
+    if console:
+        print(f"\nconsole: http://{console}/  (sign in with a tenant's API key)")
     key_file = Path(env["BULKHEAD_DATA_DIR"]) / "operator.key"
     if key_file.exists():
         print(f"\noperator API key: {key_file.read_text().strip()}\n  (kept in {key_file}, mode 0600)")

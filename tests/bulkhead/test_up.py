@@ -14,10 +14,10 @@ import pytest
 
 
 def _free_port_base() -> int:
-    """A base B such that B+51..B+56 and B+151..B+156 are free (gRPC and metrics ports of `up`)."""
+    """A base B such that B+51..B+56, B+151..B+156 and B+80 are free (gRPC, metrics and console ports of `up`)."""
     for _ in range(50):
         base = random.SystemRandom().randrange(100, 250) * 200  # 20000..49800, apart from other runs
-        ports = [base + p for p in (*range(51, 57), *range(151, 157))]
+        ports = [base + p for p in (*range(51, 57), *range(151, 157), 80)]
         socks = []
         try:
             for port in ports:

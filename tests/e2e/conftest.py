@@ -31,7 +31,7 @@ class Mesh:
     def service_pids(self) -> dict[str, int]:
         """Service name -> pid, from the status table `up` printed."""
         return {m.group(1): int(m.group(2)) for m in re.finditer(
-            r"^(identity|credentials|state|inference|orchestrator|metering)\s+\S+\s+\S+\s+(\d+)\s+healthy",
+            r"^(identity|credentials|state|inference|orchestrator|metering|console)\s+\S+\s+\S+\s+(\d+)\s+healthy",
             "".join(self.lines), re.M)}
 
     def stop(self) -> None:
@@ -55,6 +55,7 @@ def start_mesh(data_dir: Path, extra_env: dict[str, str] | None = None, up_args:
                        ("orchestrator", 55), ("metering", 56)):
         env[f"BULKHEAD_{name.upper()}_ADDR"] = f"127.0.0.1:{base + port}"
         env[f"BULKHEAD_{name.upper()}_METRICS_PORT"] = str(base + 100 + port)
+    env["BULKHEAD_CONSOLE_ADDR"] = f"127.0.0.1:{base + 80}"
     proc = subprocess.Popen([sys.executable, "-m", "bulkhead.cli", "up", "--data-dir", str(data_dir), "--quiet",
                              *up_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mesh = Mesh(proc, env, data_dir)
