@@ -1,0 +1,37 @@
+"""Overview figures from list/query RPC results."""
+from __future__ import annotations
+
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from bulkhead.metering.v1 import metering_pb2 as mtr
+from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc
+from console import _figures, usage_csv
+
+
+def test_percentile_nearest_rank():
+    """p50/p95 are nearest-rank over the sample; an empty sample has none."""
+    assert _figures.percentile([], 50) is None
+    assert _figures.percentile([10, 20, 30, 40], 50) == 20
+    assert _figures.percentile(list(range(1, 101)), 95) == 95
+
+
+def test_agent_figures_from_usage_runs_and_steps():
+    """Uptime and error rate come from QueryUsage counts; run success from ListRuns; latency from step times."""
+    usage = [mtr.UsageRow(agent_id="triage", event_count=4, error_count=1, cost_usd="0.5")]
+    runs = [orc.Run(entry_agent="triage", status=orc.RUN_STATUS_SUCCEEDED),
+            orc.Run(entry_agent="triage", status=orc.RUN_STATUS_FAILED, error_reason="BUDGET_EXHAUSTED")]
+    steps = [orc.Step(index=i, agent="triage", kind=orc.STEP_KIND_MODEL_CALL,
+                      create_time=Timestamp(seconds=100, nanos=i * 100_000_000)) for i in (1, 2, 3)]
+    (fig,) = _figures.agent_figures(usage, runs, _figures.step_latencies(steps))
+    assert (fig.uptime, fig.error_rate, fig.run_success) == (75.0, 25.0, 50.0)
+    assert round(fig.p50_ms) == 100 and fig.steps_sampled == 2
+    assert [r.error_reason for r in _figures.quota_refusals(runs)] == ["BUDGET_EXHAUSTED"]
+
+
+def test_usage_csv_matches_cli_writer(tmp_path):
+    """The console's CSV is the file `bulkhead usage query --csv` writes for the same rows."""
+    from bulkhead.cli.usage import QUERY_HEADERS, query_rows, write_csv
+
+    rows = query_rows([mtr.UsageRow(tenant_id="t_1", model="m", event_count=2, cost_usd="0.1")], hourly=False)
+    write_csv(str(tmp_path / "cli.csv"), QUERY_HEADERS, rows)
+    assert usage_csv(rows).encode() == (tmp_path / "cli.csv").read_bytes()
