@@ -135,3 +135,10 @@ ensure_npm_deps() {
   done < <(find clients -maxdepth 3 -name package.json -not -path '*/node_modules/*' 2>/dev/null | sort)
 }
 
+
+# --- Debian's chromium + chromedriver, for the console's browser tests (Playwright drives /usr/bin/chromium) ---
+ensure_chromium() {
+  if [ -x /usr/bin/chromium ]; then return 0; fi
+  say "installing chromium and chromium-driver (apt-get) for the console's browser tests"
+  apt_install chromium chromium-driver || warn "chromium is missing: the console's browser tests will fail (apt-get install -y chromium chromium-driver)"
+}
