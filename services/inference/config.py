@@ -18,6 +18,9 @@
 | BULKHEAD_INFERENCE_USER_ID_SALT | bulkhead | salt of the opaque per-tenant id sent upstream as metadata.user_id |
 | BULKHEAD_INFERENCE_SERVICE_KEY_FILE | $BULKHEAD_DATA_DIR/service-keys/inference.key | the proxy's own platform key (identity writes it on first start): lets usage held in the outbox reach metering after its tenant's token is gone |
 | BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS | 0 | 1 lets private models name plain-http endpoints (tests, local gateways); else https only |
+| BULKHEAD_INFERENCE_REPLICA_ID | host name and port | this replica's name in the attempt journal: a process restarted under the same name settles what its predecessor left at once |
+| BULKHEAD_INFERENCE_ATTEMPT_SWEEP_SECONDS | upstream timeout + 60 | age after which any replica settles another's unsettled attempts (at their reservation when their usage was never written) |
+| BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS | 0.5 | a budget lease with no call in flight for this long goes back to metering |
 """
 from __future__ import annotations
 
@@ -66,6 +69,12 @@ class InferenceConfig:
     """Whether private models may name plain-http endpoints (a tenant's key would cross the wire in clear)."""
     service_key_file: Path | None = None
     """The proxy's platform service key (scope platform.metering.record), if identity made one."""
+    replica_id: str = ""
+    """This replica's name in the attempt journal (empty: host name and port)."""
+    attempt_sweep_seconds: float = 660.0
+    """Age after which unsettled attempts of any replica are settled by whoever sweeps."""
+    lease_idle_seconds: float = 0.5
+    """A lease with nothing in flight for this long is returned, so other replicas can use its rest."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> InferenceConfig:
@@ -95,6 +104,10 @@ class InferenceConfig:
             provider_key_secret=env.get("BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET", "anthropic-api-key"),
             user_id_salt=env.get("BULKHEAD_INFERENCE_USER_ID_SALT", "bulkhead"),
             allow_http_endpoints=env.get("BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS", "0") == "1",
+            replica_id=env.get("BULKHEAD_INFERENCE_REPLICA_ID", ""),
+            attempt_sweep_seconds=float(env.get("BULKHEAD_INFERENCE_ATTEMPT_SWEEP_SECONDS",
+                                                str(float(env.get("BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT", "600")) + 60))),
+            lease_idle_seconds=float(env.get("BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS", "0.5")),
             service_key_file=Path(env.get("BULKHEAD_INFERENCE_SERVICE_KEY_FILE")
                                   or data_dir(env) / "service-keys" / "inference.key"),
         )

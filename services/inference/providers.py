@@ -7,6 +7,7 @@ UpstreamError with a kind the servicer maps to a status. No grpc imports.
 from __future__ import annotations
 
 import collections
+import contextvars
 import hashlib
 import inspect
 import json
@@ -26,11 +27,19 @@ ANTHROPIC = "anthropic"
 _SDK_FIELDS = frozenset(inspect.signature(anthropic.resources.messages.AsyncMessages.create).parameters) - {"self"}
 
 
+ATTEMPT_REF: contextvars.ContextVar[str] = contextvars.ContextVar("bulkhead_attempt_ref", default="")
+"""An opaque id of the upstream attempt being made (sent as x-bulkhead-attempt; set by the proxy)."""
+
+
 def _sdk_kwargs(body: dict[str, Any]) -> dict[str, Any]:
     kwargs = {k: v for k, v in body.items() if k in _SDK_FIELDS}
     extra = {k: v for k, v in body.items() if k not in _SDK_FIELDS}
     if extra:
         kwargs["extra_body"] = extra
+    ref = ATTEMPT_REF.get()
+    if ref:
+        # Lets a provider's (or the test fake's) billing records be matched to metered attempts.
+        kwargs["extra_headers"] = {"x-bulkhead-attempt": ref}
     return kwargs
 
 

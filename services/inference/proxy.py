@@ -26,6 +26,7 @@ from opentelemetry import trace
 
 from bulkhead.inference.v1 import inference_pb2 as pb
 from services.inference import wire
+from services.inference.attempts import Attempt, AttemptJournal, JournalUnavailable, context_json, event_id
 from services.inference.budget import (
     BackendUnavailable,
     BudgetLeases,
@@ -42,7 +43,7 @@ from services.inference.policy import (
     cap_max_tokens,
     resolve,
 )
-from services.inference.providers import Provider, Target, UpstreamError
+from services.inference.providers import ATTEMPT_REF, Provider, Target, UpstreamError
 from services.inference.usage import UsageEvent, UsageMeter
 from shared import errors
 from shared.tenancy import TenantContext, require_tenant
@@ -146,6 +147,8 @@ class _Call:
     started: float
     occurred_at: float
     trace_id: str
+    reserve: Tokens
+    """The call's reservation by kind (input estimate, max_tokens): what an attempt of unknown usage is charged."""
 
 
 class InferenceProxy:
@@ -154,7 +157,7 @@ class InferenceProxy:
     def __init__(self, *, provider: Provider, platform_key: str, policies: PolicySource, platform_policy: Policy,
                  limiter: RateLimiter, quotas: QuotaSource, budget: BudgetLeases, meter: UsageMeter,
                  keys: KeySource, max_attempts: int = 3, max_retry_wait: float = 5.0,
-                 user_id_salt: str = "bulkhead", cache_ttl: float = 5.0):
+                 user_id_salt: str = "bulkhead", cache_ttl: float = 5.0, journal: AttemptJournal | None = None):
         self._provider = provider
         self._platform_key = platform_key
         self._policies = policies
@@ -171,6 +174,7 @@ class InferenceProxy:
         self._limits_cache = _TtlCache(cache_ttl)
         self._tasks: set[asyncio.Task] = set()
         self._replays = _ReplayCache()
+        self._journal = journal
 
     # ----- policy -----
     async def effective_policy(self) -> tuple[Policy, dict[str, PrivateModel]]:
@@ -260,7 +264,8 @@ class InferenceProxy:
         ctx = require_tenant()
         started = time.perf_counter()
         model, body = await self.resolve(params)
-        estimate = wire.estimate_input_tokens(body) + body["max_tokens"]
+        reserve = Tokens(input=wire.estimate_input_tokens(body), output=body["max_tokens"])
+        estimate = reserve.total
         limits = await self._limits_cache.get(ctx.tenant_id, self._quotas.limits, fallback=Limits())
         try:
             admission = self._limiter.admit(ctx.tenant_id, limits, estimate)
@@ -279,7 +284,7 @@ class InferenceProxy:
         info = CallInfo(ctx.request_id, model.requested, model.upstream_model, self._provider.name,
                         target.api_key != self._platform_key)
         _tag_span(span, ctx, info)
-        return _Call(ctx, body, target, info, admission, hold, started, time.time(), trace_id)
+        return _Call(ctx, body, target, info, admission, hold, started, time.time(), trace_id, reserve)
 
     def opaque_user_id(self, tenant_id: str) -> str:
         """The stable id the upstream sees for a tenant: a keyed hash, never the tenant's id or name."""
@@ -310,24 +315,69 @@ class InferenceProxy:
 
     async def _complete(self, call: _Call) -> dict[str, Any]:
         message: dict[str, Any] | None = None
+        spent = Tokens()
         try:
-            message = await self._with_retries(lambda: self._provider.create(call.body, call.target))
-            return message
+            for n in range(1, self._max_attempts + 1):
+                attempt = await self._open_attempt(call, n)
+                try:
+                    message = await self._provider.create(call.body, call.target)
+                except UpstreamError as exc:
+                    spent.add(self._meter_attempt(call, attempt, None, None, "error", unknown=_maybe_billed(exc)))
+                    wait = self._retry_wait(exc, n)
+                    if wait is None:
+                        raise _status(exc) from None
+                    log.info("upstream %s (%s); retry %d in %.3fs", exc.kind, exc.status, n, wait)
+                    await asyncio.sleep(wait)
+                    continue
+                except BaseException:
+                    spent.add(self._meter_attempt(call, attempt, None, None, "cancelled", unknown=True))
+                    raise
+                spent.add(self._meter_attempt(call, attempt, message.get("usage"), message.get("model"), "success"))
+                return message
+            raise AssertionError("unreachable")
         finally:
-            self._finish(call, (message or {}).get("usage"), (message or {}).get("model"),
-                         "success" if message else "error")
+            self._finish(call, spent, (message or {}).get("model"), "success" if message else "error")
 
-    async def _with_retries(self, attempt: Callable[[], Awaitable[Any]]) -> Any:
-        for n in range(1, self._max_attempts + 1):
-            try:
-                return await attempt()
-            except UpstreamError as exc:
-                wait = self._retry_wait(exc, n)
-                if wait is None:
-                    raise _status(exc) from None
-                log.info("upstream %s (%s); retry %d in %.3fs", exc.kind, exc.status, n, wait)
-                await asyncio.sleep(wait)
-        raise AssertionError("unreachable")
+    async def _open_attempt(self, call: _Call, n: int) -> Attempt | int:
+        """Record the attempt before it goes upstream (write-ahead); its number when there is no journal."""
+        if self._journal is None:
+            ATTEMPT_REF.set(self._attempt_ref(call.ctx.tenant_id, event_id(call.ctx.request_id, n)))
+            return n
+        try:
+            attempt = await self._journal.open(call.ctx, model=call.info.resolved_model, reserve=call.reserve,
+                                               context=context_json(call.ctx, trace_id=call.trace_id,
+                                                                    occurred_at=call.occurred_at))
+        except JournalUnavailable as exc:
+            log.warning("%s", exc)
+            raise errors.Unavailable("the proxy could not record the call before sending it; nothing was sent",
+                                     reason="ATTEMPT_JOURNAL_UNAVAILABLE", retry_after=1.0) from None
+        ATTEMPT_REF.set(self._attempt_ref(call.ctx.tenant_id, attempt.event_id))
+        return attempt
+
+    def _attempt_ref(self, tenant_id: str, event: str) -> str:
+        """The opaque id an attempt is sent upstream with (x-bulkhead-attempt): no tenant or request id in clear."""
+        return attempt_ref(self._salt, tenant_id, event)
+
+    def _meter_attempt(self, call: _Call, attempt: Attempt | int, usage: dict[str, Any] | None,
+                       served_model: str | None, outcome: str, *, unknown: bool = False) -> Tokens:
+        """Meter one upstream attempt: its reported usage, else (when it may have been billed) its reservation."""
+        at_reservation = not usage and unknown
+        tokens = _tokens(usage) if usage else (Tokens(call.reserve.input, call.reserve.output) if unknown else Tokens())
+        ctx = call.ctx
+        number = attempt if isinstance(attempt, int) else attempt.number
+        event = UsageEvent(
+            tenant_id=ctx.tenant_id, idempotency_key=event_id(ctx.request_id, number), principal_id=ctx.principal_id,
+            agent_id=ctx.agent_id or "", run_id=ctx.run_id or "", model=served_model or call.info.resolved_model,
+            tokens=tokens, latency_ms=int((time.perf_counter() - call.started) * 1000), outcome=outcome,
+            occurred_at=call.occurred_at, trace_id=call.trace_id, tier=ctx.tier or "pooled", attempt=number,
+            at_reservation=at_reservation)
+        if not isinstance(attempt, int):
+            self._journal.settle(attempt, event)
+        if tokens.total:
+            self._meter.record(ctx, event)
+        elif not isinstance(attempt, int):
+            self._journal.delivered([event])     # nothing to bill: the row is done
+        return tokens
 
     def _retry_wait(self, exc: UpstreamError, attempt: int) -> float | None:
         """Seconds to wait before retrying, or None when the failure must go to the caller."""
@@ -342,9 +392,13 @@ class InferenceProxy:
         usage: dict[str, Any] = {}
         model: str | None = None
         outcome = "error"
+        spent = Tokens()
+        attempt: Attempt | int | None = None
         try:
             for n in range(1, self._max_attempts + 1):
                 started = False
+                usage = {}
+                attempt = await self._open_attempt(call, n)
                 try:
                     async for event in self._provider.stream(call.body, call.target):
                         started = True
@@ -356,33 +410,36 @@ class InferenceProxy:
                             usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
                         queue.put_nowait(event)
                     outcome = "success"
+                    spent.add(self._meter_attempt(call, attempt, usage or None, model, outcome))
+                    attempt = None
                     break
                 except UpstreamError as exc:
+                    # Cut mid-stream: settled from what the upstream reported before the cut.
+                    spent.add(self._meter_attempt(call, attempt, usage or None, model, "error",
+                                                  unknown=started or _maybe_billed(exc)))
+                    attempt = None
                     wait = None if started else self._retry_wait(exc, n)
                     if wait is None:
                         queue.put_nowait(_status(exc))
                         break
                     await asyncio.sleep(wait)
+        except errors.BulkheadError as exc:
+            queue.put_nowait(exc)
         except Exception as exc:  # never leave the reader hanging
             log.exception("stream pump failed")
             queue.put_nowait(errors.BulkheadError(f"stream failed: {type(exc).__name__}"))
         finally:
+            if attempt is not None:     # cancelled or broken mid-attempt: what was reported, else the reservation
+                spent.add(self._meter_attempt(call, attempt, usage or None, model, "cancelled", unknown=True))
             queue.put_nowait(_END)
-            self._finish(call, usage or None, model, outcome)
+            self._finish(call, spent, model, outcome)
 
-    def _finish(self, call: _Call, usage: dict[str, Any] | None, served_model: str | None, outcome: str) -> None:
-        """Settle limits and budget with the real usage; meter it when the upstream reported any."""
-        tokens = _tokens(usage) if usage else Tokens()
+    def _finish(self, call: _Call, tokens: Tokens, served_model: str | None, outcome: str) -> None:
+        """Settle limits and budget with what the call's attempts were metered at."""
         self._budget.settle(call.hold, tokens)
         call.admission.settle(tokens.total)
         latency_ms = int((time.perf_counter() - call.started) * 1000)
         ctx = call.ctx
-        if usage:
-            self._meter.record(ctx, UsageEvent(
-                tenant_id=ctx.tenant_id, idempotency_key=ctx.request_id, principal_id=ctx.principal_id,
-                agent_id=ctx.agent_id or "", run_id=ctx.run_id or "", model=served_model or call.info.resolved_model,
-                tokens=tokens, latency_ms=latency_ms, outcome=outcome, occurred_at=call.occurred_at,
-                trace_id=call.trace_id, tier=ctx.tier or "pooled"))
         log.info("model call", extra={
             "principal_id": ctx.principal_id, "agent_id": ctx.agent_id or "", "run_id": ctx.run_id or "",
             "model": call.info.resolved_model, "served_model": served_model or "", "outcome": outcome,
@@ -436,6 +493,16 @@ async def _drain_queue(queue: asyncio.Queue) -> AsyncIterator[dict[str, Any]]:
         if isinstance(item, BaseException):
             raise item
         yield item
+
+
+def attempt_ref(salt: bytes, tenant_id: str, event: str) -> str:
+    """The opaque id of one upstream attempt (a keyed hash of tenant and event id)."""
+    return "att_" + hmac.new(salt, f"{tenant_id}\0{event}".encode(), hashlib.sha256).hexdigest()[:32]
+
+
+def _maybe_billed(exc: UpstreamError) -> bool:
+    """Whether a failed attempt may still have been billed: no answer came back (timeout, a cut connection)."""
+    return not exc.retry_safe and not exc.status
 
 
 def _tokens(usage: dict[str, Any]) -> Tokens:

@@ -4,12 +4,15 @@ from __future__ import annotations
 import gc
 import logging
 import pathlib
+import socket
+import uuid
 from dataclasses import dataclass, field
 
 import grpc
 
 from bulkhead.client import RefreshingToken
 from bulkhead.inference.v1 import inference_pb2, inference_pb2_grpc
+from services.inference.attempts import AttemptJournal
 from services.inference.budget import BudgetLeases
 from services.inference.clients import (
     CredentialsKeys,
@@ -27,7 +30,7 @@ from services.inference.providers import (
 )
 from services.inference.proxy import InferenceProxy, KeySource
 from services.inference.servicer import InferenceServicer
-from services.inference.store import PolicyStore, SqlOutbox
+from services.inference.store import PolicyStore, SqlAttempts, SqlOutbox
 from services.inference.usage import UsageMeter
 from shared.client import make_channel
 from shared.db import Database
@@ -62,6 +65,7 @@ class InferenceService:
     provider: Provider
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     tasks: list[Periodic] = field(default_factory=list)
+    journal: AttemptJournal | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop serving, then settle leases and usage and close everything."""
@@ -74,6 +78,8 @@ class InferenceService:
         for task in self.tasks:
             await task.stop()
         await self.meter.close()
+        if self.journal is not None:
+            await self.journal.close()
         await self.budget.close()
         if hasattr(self.provider, "close"):
             await self.provider.close()
@@ -103,22 +109,37 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     provider = provider or make_provider(config)
     outbox = SqlOutbox(db)
     platform = _platform_usage(config, channels)
-    meter = UsageMeter(metering, outbox, flush_interval=config.usage_flush_seconds, platform=platform)
+    replica = config.replica_id or _replica_name(address or config.service.address)
+    journal = AttemptJournal(SqlAttempts(db), replica=replica, sweep_after=config.attempt_sweep_seconds)
+    meter = UsageMeter(metering, outbox, flush_interval=config.usage_flush_seconds, platform=platform,
+                       on_durable=journal.delivered)
+    # What a killed predecessor of this replica left goes to the outbox before the meter looks there.
+    await journal.start()
     await meter.start()
-    budget = BudgetLeases(metering, slice_tokens=config.lease_tokens)
+    budget = BudgetLeases(metering, slice_tokens=config.lease_tokens, idle_release=config.lease_idle_seconds)
     store = PolicyStore(db)
     proxy = InferenceProxy(provider=provider, platform_key=config.anthropic_api_key, policies=store,
                            platform_policy=config.platform_policy, limiter=RateLimiter(), quotas=metering,
                            budget=budget, meter=meter, keys=keys, max_attempts=config.max_attempts,
-                           max_retry_wait=config.max_retry_wait, user_id_salt=config.user_id_salt)
+                           max_retry_wait=config.max_retry_wait, user_id_salt=config.user_id_salt, journal=journal)
     binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(proxy, store, allow_http_endpoints=config.allow_http_endpoints),
                       inference_pb2.DESCRIPTOR.services_by_name["InferenceService"])
     running = await serve(name="inference", bindings=[binding], verifier=verifier,
                           address=address or config.service.address)
-    tasks = [Periodic("lease-maintenance", budget.maintain, interval=lease_maintenance, log=log)]
+    async def sweep() -> None:
+        meter.adopt_backlog(await journal.sweep())
+
+    tasks = [Periodic("lease-maintenance", budget.maintain, interval=lease_maintenance, log=log),
+             Periodic("attempt-sweeper", sweep, interval=min(30.0, max(0.2, config.attempt_sweep_seconds / 4)), log=log)]
     for task in tasks:
         task.start()
-    return InferenceService(running, proxy, budget, meter, outbox, db, provider, channels, tasks)
+    return InferenceService(running, proxy, budget, meter, outbox, db, provider, channels, tasks, journal)
+
+
+def _replica_name(address: str) -> str:
+    """Host and port; a random port (0) gets a random name, so only the sweeper settles what it leaves."""
+    port = address.rsplit(":", 1)[-1]
+    return f"{socket.gethostname()}:{port if port != '0' else uuid.uuid4().hex[:12]}"
 
 
 def _platform_usage(config: InferenceConfig, channels: list) -> PlatformUsage | None:

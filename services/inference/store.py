@@ -7,12 +7,15 @@ No grpc imports.
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Sequence
 
 from sqlalchemy import (
     BigInteger,
+    Index,
     Integer,
+    SmallInteger,
     String,
     Text,
     UniqueConstraint,
@@ -25,6 +28,7 @@ from services.inference.budget import Tokens
 from services.inference.policy import Policy, PrivateModel
 from services.inference.usage import UsageEvent
 from shared.db import Base, Database, TenantOwned
+from shared.db.raw import raw_transaction
 
 _ROW_ID = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -173,9 +177,111 @@ def _dump(e: UsageEvent) -> str:
     return json.dumps({"tenant_id": e.tenant_id, "idempotency_key": e.idempotency_key, "principal_id": e.principal_id,
                        "agent_id": e.agent_id, "run_id": e.run_id, "model": e.model,
                        "tokens": [t.input, t.output, t.cache_write, t.cache_read], "latency_ms": e.latency_ms,
-                       "outcome": e.outcome, "occurred_at": e.occurred_at, "trace_id": e.trace_id, "tier": e.tier})
+                       "outcome": e.outcome, "occurred_at": e.occurred_at, "trace_id": e.trace_id, "tier": e.tier,
+                       "attempt": e.attempt, "at_reservation": e.at_reservation})
 
 
 def _load(payload: str) -> UsageEvent:
     d = json.loads(payload)
     return UsageEvent(**{**d, "tokens": Tokens(*d["tokens"])})
+
+
+class AttemptRow(InferenceBase):
+    """One upstream attempt, written before it is sent (see services.inference.attempts)."""
+
+    __tablename__ = "inference_attempts"
+    __table_args__ = (UniqueConstraint("tenant_id", "request_id", "attempt", name="uq_inference_attempts_attempt"),
+                      Index("ix_inference_attempts_state_created", "state", "created_ms"))
+
+    id: Mapped[int] = mapped_column(_ROW_ID, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(String(64))
+    request_id: Mapped[str] = mapped_column(String(200))
+    attempt: Mapped[int] = mapped_column(Integer)
+    replica: Mapped[str] = mapped_column(String(200))
+    model: Mapped[str] = mapped_column(String(200))
+    reserve_input: Mapped[int] = mapped_column(BigInteger)
+    reserve_output: Mapped[int] = mapped_column(BigInteger)
+    state: Mapped[int] = mapped_column(SmallInteger)
+    at_reservation: Mapped[int] = mapped_column(SmallInteger, server_default="0")
+    input_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    output_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    outcome: Mapped[str] = mapped_column(String(16), server_default="")
+    latency_ms: Mapped[int] = mapped_column(BigInteger, server_default="0")
+    context: Mapped[str] = mapped_column(Text)
+    created_ms: Mapped[int] = mapped_column(BigInteger)
+
+
+# The next attempt number of the request id, taken in the insert itself (the unique constraint
+# catches two replicas taking the same one at once; the batch is then retried).
+_OPEN = ("INSERT INTO inference_attempts (tenant_id, request_id, attempt, replica, model, reserve_input, "
+         "reserve_output, state, at_reservation, context, created_ms) "
+         "SELECT $1, $2, COALESCE(MAX(attempt), 0) + 1, $3, $4, CAST($5 AS BIGINT), CAST($6 AS BIGINT), 0, 0, $7, "
+         "CAST($8 AS BIGINT) FROM inference_attempts WHERE tenant_id = $1 AND request_id = $2 RETURNING id, attempt")
+_SETTLE = ("UPDATE inference_attempts SET state = 1, input_tokens = $2, output_tokens = $3, cache_write_tokens = $4, "
+           "cache_read_tokens = $5, outcome = $6, latency_ms = $7, at_reservation = $8 WHERE id = $1 AND state = 0")
+_DELIVERED = "UPDATE inference_attempts SET state = 2 WHERE id = $1"
+_RECOVER = ("UPDATE inference_attempts SET state = 2 WHERE state < 2 AND (replica = $1 OR created_ms < $2) "
+            "RETURNING tenant_id, request_id, attempt, model, reserve_input, reserve_output, state, at_reservation, "
+            "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, outcome, latency_ms, context")
+_TO_OUTBOX = "INSERT INTO inference_usage_outbox (tenant_id, payload, created_at) VALUES ($1, $2, $3)"
+_PRUNE = "DELETE FROM inference_attempts WHERE state = 2 AND created_ms < $1"
+
+
+class SqlAttempts:
+    """The attempt journal's table on raw platform transactions (implements attempts.AttemptStore)."""
+
+    def __init__(self, db: Database):
+        self._db = db
+
+    async def apply(self, opens, settles, delivered, replica: str) -> list[tuple[int, int]]:
+        """Insert new attempts (returning row id and attempt number), settle and close others, in one transaction."""
+        for tries in range(5):  # noqa: RET503 - the last try raises
+            try:
+                async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+                    ids = []
+                    for o in opens:
+                        row = await tx.fetchrow(_OPEN, o.tenant_id, o.request_id, replica, o.model, o.reserve.input,
+                                                o.reserve.output, o.context, o.created_ms)
+                        ids.append((int(row[0]), int(row[1])))
+                    await tx.executemany(_SETTLE, settles)
+                    await tx.executemany(_DELIVERED, [(i,) for i in delivered])
+                return ids
+            except _unique_violations():  # another replica took the same attempt number
+                if tries == 4:
+                    raise
+        raise AssertionError("unreachable")
+
+    async def recover(self, *, replica: str, before_ms: int) -> list[UsageEvent]:
+        """Close the rows of `replica` and rows older than before_ms, turning them into outbox events atomically."""
+        from services.inference.attempts import recovered_event
+        now = int(time.time())
+        async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            rows = await tx.fetch(_RECOVER, replica, before_ms)
+            events = [recovered_event(tuple(r)) for r in rows]
+            await tx.executemany(_TO_OUTBOX, [(e.tenant_id, _dump(e), now) for e in events])
+        return events
+
+    async def prune(self, before_ms: int) -> int:
+        """Forget done rows older than before_ms (their request ids then number attempts from 1 again)."""
+        async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            return await tx.execute(_PRUNE, before_ms)
+
+    async def rows(self) -> list[tuple]:
+        """Every row (tests): request id, attempt, state, at_reservation, reservation, tokens."""
+        async with raw_transaction(self._db.engine, tenant_id=None) as tx:
+            return [tuple(r) for r in await tx.fetch(
+                "SELECT tenant_id, request_id, attempt, state, at_reservation, reserve_input, reserve_output, "
+                "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens FROM inference_attempts ORDER BY id")]
+
+
+def _unique_violations() -> tuple[type[BaseException], ...]:
+    """Unique violations as the two drivers raise them."""
+    types: list[type[BaseException]] = [sqlite3.IntegrityError]
+    try:
+        import asyncpg
+        types.append(asyncpg.UniqueViolationError)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(types)

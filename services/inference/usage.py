@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -42,6 +42,10 @@ class UsageEvent:
     trace_id: str = ""
     tier: str = "pooled"
     """The tenant's tier, from its signed token at call time (metering files the rows by it)."""
+    attempt: int = 1
+    """Which upstream attempt of the request id this is (idempotency_key names it too)."""
+    at_reservation: bool = False
+    """Charged at the attempt's reservation: its real usage was never known (a crash, a lost reply)."""
 
 
 class UsageRejected(Exception):
@@ -77,7 +81,8 @@ class UsageMeter:
     """Batches usage per tenant and delivers it; falls back to the outbox when metering is down."""
 
     def __init__(self, backend: UsageBackend, outbox: Outbox, *, batch_size: int = 200,
-                 flush_interval: float = 0.05, retry_interval: float = 1.0, platform: PlatformDelivery | None = None):
+                 flush_interval: float = 0.05, retry_interval: float = 1.0, platform: PlatformDelivery | None = None,
+                 on_durable: Callable[[Sequence[UsageEvent]], None] | None = None):
         self._backend = backend
         self._platform = platform
         self._outbox = outbox
@@ -91,6 +96,13 @@ class UsageMeter:
         self._task: asyncio.Task | None = None
         self._lock = asyncio.Lock()
         self._closing = False
+        self._on_durable = on_durable or (lambda events: None)
+
+    def adopt_backlog(self, tenant_ids: set[str]) -> None:
+        """Tenants whose events something else put in the outbox (recovered attempts): deliver them too."""
+        if tenant_ids:
+            self._backlogged |= tenant_ids
+            self._wake.set()
 
     async def start(self) -> None:
         """Find tenants with undelivered events from a previous run, then start delivering."""
@@ -158,6 +170,7 @@ class UsageMeter:
             if batch:
                 await self._outbox.append(batch)
                 self._backlogged.add(tenant_id)
+                self._on_durable(batch)
             if ctx is not None or self._platform is not None:
                 await self._drain(tenant_id, ctx)
             return
@@ -172,6 +185,7 @@ class UsageMeter:
                         type(exc).__name__, len(batch), tenant_id)
             await self._outbox.append(batch)
             self._backlogged.add(tenant_id)
+        self._on_durable(batch)
 
     async def _drain(self, tenant_id: str, ctx: TenantContext | None) -> None:
         """Send the tenant's outbox oldest first; stop at the first failure (order is kept)."""

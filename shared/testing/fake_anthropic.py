@@ -13,8 +13,9 @@ uses the official ``anthropic`` SDK unchanged::
 
 What it records: ``calls`` (model requests: method, path, headers, JSON body), ``replies`` (each
 message it answered with), ``sent_events`` (SSE events per stream, fewer when dropped) and
-``usage_log`` (the usage it reported per call, with ``user_id`` and the key used: what a
-provider would bill). Knobs: ``delay`` (latency before each reply), ``event_delay`` (between
+``usage_log`` (the usage it reported per call, with ``user_id``, the key used and the proxy's
+``x-bulkhead-attempt`` id: what a provider would bill, journalled per attempt; ``journal_path``
+also appends each record as a JSON line, flushed at once, for a fake in another process). Knobs: ``delay`` (latency before each reply), ``event_delay`` (between
 SSE events), faults ``Fault.http(status, retry_after=, message=)``, ``Fault.overloaded()``,
 ``Fault.slow(s)``, ``Fault.disconnect(after_events=n)``; ``POST /v1/messages/count_tokens`` works.
 
@@ -133,6 +134,8 @@ class UsageRecord:
     streamed: bool
     completed: bool
     """False when the fake dropped the stream before message_stop."""
+    attempt_ref: str | None = None
+    """The request's x-bulkhead-attempt header: which metered attempt this bill belongs to."""
 
 
 def count_words(value: Any) -> int:
@@ -149,7 +152,10 @@ def count_words(value: Any) -> int:
 class FakeAnthropic:
     """An HTTP/1.1 server on 127.0.0.1 that answers like api.anthropic.com."""
 
-    def __init__(self, *, delay: float = 0.0, event_delay: float = 0.0, chunk_words: int = 2) -> None:
+    def __init__(self, *, delay: float = 0.0, event_delay: float = 0.0, chunk_words: int = 2,
+                 journal_path: str | None = None) -> None:
+        self.journal_path = journal_path
+        """Where to append every usage record as a JSON line (None: memory only)."""
         self.delay = delay
         """Seconds every model reply waits before its first byte (the upstream's latency)."""
         self.event_delay = event_delay
@@ -223,6 +229,12 @@ class FakeAnthropic:
         self._scripts.clear()
         self._faults.clear()
 
+    def _bill(self, record: UsageRecord) -> None:
+        self.usage_log.append(record)
+        if self.journal_path:
+            with open(self.journal_path, "a") as f:
+                f.write(json.dumps(dataclasses.asdict(record)) + "\n")
+
     # ----- HTTP -----
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
@@ -278,9 +290,9 @@ class FakeAnthropic:
         self.replies.append(message)
         record = {"message_id": message["id"], "model": message["model"],
                   "user_id": (request.body.get("metadata") or {}).get("user_id"),
-                  "api_key": _api_key(request.headers)}
+                  "api_key": _api_key(request.headers), "attempt_ref": request.headers.get("x-bulkhead-attempt")}
         if not request.body.get("stream"):
-            self.usage_log.append(UsageRecord(**record, usage=dict(message["usage"]), streamed=False, completed=True))
+            self._bill(UsageRecord(**record, usage=dict(message["usage"]), streamed=False, completed=True))
             await self._send_json(writer, 200, message)
             return True
         drop_after = fault.after_events if fault is not None and fault.kind == "disconnect" else None
@@ -297,7 +309,7 @@ class FakeAnthropic:
         self.sent_events.append(sent)
         for n, event in enumerate(self._events(message)):
             if drop_after is not None and n >= drop_after:
-                self.usage_log.append(UsageRecord(**record, usage=reported, streamed=True, completed=False))
+                self._bill(UsageRecord(**record, usage=reported, streamed=True, completed=False))
                 writer.transport.abort()
                 return False
             if event["type"] == "message_delta":
@@ -310,7 +322,7 @@ class FakeAnthropic:
             await writer.drain()
         writer.write(b"0\r\n\r\n")
         await writer.drain()
-        self.usage_log.append(UsageRecord(**record, usage=reported, streamed=True, completed=True))
+        self._bill(UsageRecord(**record, usage=reported, streamed=True, completed=True))
         return True
 
     def _events(self, message: dict[str, Any]) -> list[dict[str, Any]]:
