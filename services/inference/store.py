@@ -214,11 +214,14 @@ class AttemptRow(InferenceBase):
 
 
 # The next attempt number of the request id, taken in the insert itself (the unique constraint
-# catches two replicas taking the same one at once; the batch is then retried).
+# catches two replicas taking the same one at once; the batch is then retried). Every parameter is
+# cast: Postgres cannot type a parameter used both in the select list and in the WHERE clause.
 _OPEN = ("INSERT INTO inference_attempts (tenant_id, request_id, attempt, replica, model, reserve_input, "
          "reserve_output, state, at_reservation, context, created_ms) "
-         "SELECT $1, $2, COALESCE(MAX(attempt), 0) + 1, $3, $4, CAST($5 AS BIGINT), CAST($6 AS BIGINT), 0, 0, $7, "
-         "CAST($8 AS BIGINT) FROM inference_attempts WHERE tenant_id = $1 AND request_id = $2 RETURNING id, attempt")
+         "SELECT CAST($1 AS VARCHAR), CAST($2 AS VARCHAR), COALESCE(MAX(attempt), 0) + 1, CAST($3 AS VARCHAR), "
+         "CAST($4 AS VARCHAR), CAST($5 AS BIGINT), CAST($6 AS BIGINT), 0, 0, CAST($7 AS TEXT), CAST($8 AS BIGINT) "
+         "FROM inference_attempts WHERE tenant_id = CAST($1 AS VARCHAR) AND request_id = CAST($2 AS VARCHAR) "
+         "RETURNING id, attempt")
 _SETTLE = ("UPDATE inference_attempts SET state = 1, input_tokens = $2, output_tokens = $3, cache_write_tokens = $4, "
            "cache_read_tokens = $5, outcome = $6, latency_ms = $7, at_reservation = $8 WHERE id = $1 AND state = 0")
 _DELIVERED = "UPDATE inference_attempts SET state = 2 WHERE id = $1"

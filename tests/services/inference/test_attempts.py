@@ -3,6 +3,9 @@ process leaves is settled into the outbox (real usage when it was written, else 
 from __future__ import annotations
 
 import time
+import uuid
+
+import pytest
 
 from bulkhead.inference.v1 import inference_pb2 as pb
 from services.inference.attempts import DELIVERED, OPEN, AttemptJournal, context_json
@@ -16,6 +19,18 @@ from shared.tenancy import TenantContext
 from .helpers import fake_totals, params
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def journal_db(request, tmp_path):
+    """The journal's database on both dialects (Postgres as the runtime role, past its stricter typing)."""
+    if request.param == "sqlite":
+        db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'i.db'}", migrations=str(MIGRATIONS))
+    else:
+        urls = await request.getfixturevalue("postgres").create_database(f"attempts_{uuid.uuid4().hex[:8]}")
+        db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url)
+    yield db
+    await db.close()
+
+
 async def _journal(db: Database, replica: str = "r1") -> AttemptJournal:
     journal = AttemptJournal(SqlAttempts(db), replica=replica, sweep_after=60)
     await journal.start()
@@ -27,51 +42,45 @@ def _event(ctx: TenantContext, attempt, tokens: Tokens) -> UsageEvent:
                       time.time(), attempt=attempt.number)
 
 
-async def test_restarted_replica_settles_what_its_predecessor_left(tmp_path):
+async def test_restarted_replica_settles_what_its_predecessor_left(journal_db):
     """Open rows become events at their reservation, settled rows keep their real usage, done rows are left."""
-    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'i.db'}", migrations=str(MIGRATIONS))
-    try:
-        ctx = TenantContext("t_a", "p", request_id="req-1")
-        journal = await _journal(db)
-        opened = [await journal.open(ctx, model="m", reserve=Tokens(10, 50), context=context_json(
-            ctx, trace_id="", occurred_at=time.time())) for _ in range(3)]
-        assert [a.number for a in opened] == [1, 2, 3]
-        assert [a.event_id for a in opened] == ["req-1", "req-1#2", "req-1#3"]
-        journal.settle(opened[1], _event(ctx, opened[1], Tokens(7, 9)))
-        journal.settle(opened[2], _event(ctx, opened[2], Tokens(3, 4)))
-        journal.delivered([_event(ctx, opened[2], Tokens(3, 4))])
-        await journal.flush()               # as a crash would leave it: no close()
+    db = journal_db
+    ctx = TenantContext("t_a", "p", request_id="req-1")
+    journal = await _journal(db)
+    opened = [await journal.open(ctx, model="m", reserve=Tokens(10, 50), context=context_json(
+        ctx, trace_id="", occurred_at=time.time())) for _ in range(3)]
+    assert [a.number for a in opened] == [1, 2, 3]
+    assert [a.event_id for a in opened] == ["req-1", "req-1#2", "req-1#3"]
+    journal.settle(opened[1], _event(ctx, opened[1], Tokens(7, 9)))
+    journal.settle(opened[2], _event(ctx, opened[2], Tokens(3, 4)))
+    journal.delivered([_event(ctx, opened[2], Tokens(3, 4))])
+    await journal.flush()               # as a crash would leave it: no close()
 
-        again = await _journal(db)           # same replica name, new process
-        pending = await SqlOutbox(db).pending("t_a", 10)
-        got = {e.idempotency_key: (e.tokens, e.at_reservation, e.attempt) for _, e in pending}
-        assert got == {"req-1": (Tokens(10, 50), True, 1), "req-1#2": (Tokens(7, 9), False, 2)}
-        states = [r[3] for r in await SqlAttempts(db).rows()]
-        assert states == [DELIVERED] * 3
-        # The request id keeps counting after recovery.
-        assert (await again.open(ctx, model="m", reserve=Tokens(1, 1), context="{}")).number == 4
-        await again.close()
-    finally:
-        await db.close()
+    again = await _journal(db)           # same replica name, new process
+    pending = await SqlOutbox(db).pending("t_a", 10)
+    got = {e.idempotency_key: (e.tokens, e.at_reservation, e.attempt) for _, e in pending}
+    assert got == {"req-1": (Tokens(10, 50), True, 1), "req-1#2": (Tokens(7, 9), False, 2)}
+    states = [r[3] for r in await SqlAttempts(db).rows()]
+    assert states == [DELIVERED] * 3
+    # The request id keeps counting after recovery.
+    assert (await again.open(ctx, model="m", reserve=Tokens(1, 1), context="{}")).number == 4
+    await again.close()
 
 
-async def test_sweeper_of_another_replica_takes_only_old_rows(tmp_path):
+async def test_sweeper_of_another_replica_takes_only_old_rows(journal_db):
     """A live replica's fresh attempt is left alone; once older than sweep_after, another replica settles it."""
-    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'i.db'}", migrations=str(MIGRATIONS))
-    try:
-        ctx = TenantContext("t_a", "p", request_id="req-2")
-        live = await _journal(db, "live")
-        await live.open(ctx, model="m", reserve=Tokens(4, 6), context=context_json(ctx, trace_id="", occurred_at=1.0))
-        other = AttemptJournal(SqlAttempts(db), replica="other", sweep_after=60)
-        assert await other.sweep() == set()
-        assert [r[3] for r in await SqlAttempts(db).rows()] == [OPEN]
-        other._sweep_after = -1.0
-        assert await other.sweep() == {"t_a"}
-        ((_, event),) = await SqlOutbox(db).pending("t_a", 10)
-        assert (event.tokens, event.at_reservation) == (Tokens(4, 6), True)
-        await live.close()
-    finally:
-        await db.close()
+    db = journal_db
+    ctx = TenantContext("t_a", "p", request_id="req-2")
+    live = await _journal(db, "live")
+    await live.open(ctx, model="m", reserve=Tokens(4, 6), context=context_json(ctx, trace_id="", occurred_at=1.0))
+    other = AttemptJournal(SqlAttempts(db), replica="other", sweep_after=60)
+    assert await other.sweep() == set()
+    assert [r[3] for r in await SqlAttempts(db).rows()] == [OPEN]
+    other._sweep_after = -1.0
+    assert await other.sweep() == {"t_a"}
+    ((_, event),) = await SqlOutbox(db).pending("t_a", 10)
+    assert (event.tokens, event.at_reservation) == (Tokens(4, 6), True)
+    await live.close()
 
 
 async def test_request_id_retried_on_another_replica_is_metered_per_attempt(mesh):
