@@ -84,7 +84,7 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         token = auth[len(_BEARER):].strip()
         try:
             claims = await self._verifier.verify(token)
-        except (errors.Unauthenticated, errors.Unavailable) as exc:
+        except (errors.Unauthenticated, errors.Unavailable, errors.PermissionDenied) as exc:  # TENANT_SUSPENDED
             raise Denial(exc) from None
         if claims.tenant_id != tenant_id:
             raise Denial(errors.PermissionDenied("x-tenant-id does not match the token's tenant",

@@ -10,6 +10,7 @@ Every variable, its default and meaning:
 | BULKHEAD_<SVC>_DATABASE_URL | sqlite+aiosqlite:///<data dir>/<svc>.db | the runtime (app role) database URL |
 | BULKHEAD_<SVC>_DATABASE_OWNER_URL | the runtime URL | URL of the table owner, used only for migrations |
 | BULKHEAD_DATABASE_URL / BULKHEAD_DATABASE_OWNER_URL | unset | defaults for every service's two URLs above |
+| BULKHEAD_<SVC>_SERVICE_KEY_FILE | <data dir>/service-keys/<svc>.key | the service's platform key (identity writes it on first start) |
 | BULKHEAD_OTLP_ENDPOINT | unset | OTLP/gRPC collector (Jaeger: http://jaeger:4317); unset = no export |
 | BULKHEAD_LOG_LEVEL | INFO | log level |
 | BULKHEAD_TLS_CA / _CERT / _KEY | unset | mTLS between services when all three are set |
@@ -64,6 +65,9 @@ class ServiceConfig:
     """OTLP/gRPC collector, or None for no export."""
     log_level: str
     """Log level name."""
+    service_key_file: Path | None = None
+    """This service's platform key (BULKHEAD_<SVC>_SERVICE_KEY_FILE; default <data dir>/service-keys/<svc>.key):
+    identity writes one per service on first start; the service polls revocations and suspensions with it."""
     peers: dict[str, str] = field(default_factory=dict)
     """Address of every service, by name."""
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -85,6 +89,8 @@ class ServiceConfig:
             data_dir=directory,
             otlp_endpoint=env.get("BULKHEAD_OTLP_ENDPOINT") or None,
             log_level=env.get("BULKHEAD_LOG_LEVEL", "INFO"),
+            service_key_file=Path(env.get(_key(name, "SERVICE_KEY_FILE"))
+                                  or directory / "service-keys" / f"{name}.key"),
             peers={svc: service_addr(svc, env) for svc in SERVICES},
             env=dict(env),
         )

@@ -32,7 +32,7 @@ async def run_service(service: ServiceConfig, start: Callable[[TokenVerifier], A
     setup_telemetry(service.name, service.otlp_endpoint)
     serve_metrics(service.metrics_port)
     identity = make_channel(service.peer("identity"))
-    verifier = remote_verifier(identity)
+    verifier = remote_verifier(identity, service.service_key_file)
     app = await start(verifier)
 
     async def close() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import secrets
 import time
 from collections import OrderedDict
@@ -14,7 +15,9 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared.errors import Unauthenticated, Unavailable
+from shared.errors import PermissionDenied, Unauthenticated, Unavailable
+
+_log = logging.getLogger("bulkhead.tokens")
 
 ISSUER = "bulkhead-identity"
 ALGORITHM = "EdDSA"
@@ -125,6 +128,9 @@ class KeySource(Protocol):
     def is_revoked(self, jti: str) -> bool:
         """Whether the token id was revoked (answered from memory: it is on the hot path)."""
 
+    def is_suspended(self, tenant_id: str) -> bool:
+        """Whether the tenant is suspended (or being deleted): its tokens are refused, however fresh."""
+
 
 class StaticKeySource:
     """A fixed set of keys and revocations held in memory (identity itself, tests)."""
@@ -132,12 +138,16 @@ class StaticKeySource:
     def __init__(self, keys: dict[str, Ed25519PublicKey] | None = None):
         self.keys = dict(keys or {})
         self.revoked: set[str] = set()
+        self.suspended: set[str] = set()
 
     async def get(self, kid: str) -> Ed25519PublicKey | None:
         return self.keys.get(kid)
 
     def is_revoked(self, jti: str) -> bool:
         return jti in self.revoked
+
+    def is_suspended(self, tenant_id: str) -> bool:
+        return tenant_id in self.suspended
 
 
 class TokenVerifier:
@@ -161,6 +171,9 @@ class TokenVerifier:
             raise Unauthenticated("token expired: request a new one with IssueToken", reason="TOKEN_EXPIRED")
         if self._keys.is_revoked(claims.jti):
             raise Unauthenticated("token revoked: request a new one with IssueToken", reason="TOKEN_REVOKED")
+        if self._keys.is_suspended(claims.tenant_id):
+            raise PermissionDenied("tenant suspended: an operator must resume it (bulkhead tenants resume)",
+                                   reason="TENANT_SUSPENDED")
         return claims
 
     async def close(self) -> None:
@@ -206,14 +219,16 @@ class RefreshingKeySource:
     """Keys and revocations fetched through a loader (identity's public RPCs), cached by kid.
 
     An unknown kid triggers one refetch, at most once per `min_refetch` seconds, so a flood of
-    forged kids cannot turn into a flood of calls to identity. Revocations are polled in the
-    background every `revocation_poll` seconds, which bounds how long a revoked token still works.
+    forged kids cannot turn into a flood of calls to identity. Revocations and suspended tenants
+    are polled in the background every `revocation_poll` seconds, which bounds how long a revoked
+    token, or a suspended tenant's token, still works (1 s: suspension holds everywhere within 2 s).
     """
 
-    def __init__(self, loader: KeyLoader, *, revocation_poll: float = 2.0, min_refetch: float = 1.0):
+    def __init__(self, loader: KeyLoader, *, revocation_poll: float = 1.0, min_refetch: float = 1.0):
         self._loader = loader
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._revoked: dict[str, int] = {}
+        self._suspended: frozenset[str] = frozenset()
         self._revision = 0
         self._poll = revocation_poll
         self._min_refetch = min_refetch
@@ -242,9 +257,13 @@ class RefreshingKeySource:
     def is_revoked(self, jti: str) -> bool:
         return jti in self._revoked
 
+    def is_suspended(self, tenant_id: str) -> bool:
+        return tenant_id in self._suspended
+
     async def refresh_revocations(self) -> None:
-        """Pull revocations made since the last poll; drop entries whose tokens have expired anyway."""
+        """Pull revocations made since the last poll and the suspended tenants; drop expired revocations."""
         revision, entries = await self._loader.load_revocations(self._revision)
+        self._suspended = frozenset(await self._loader.load_suspended())
         now = time.time()
         self._revoked.update(entries)
         self._revoked = {j: exp for j, exp in self._revoked.items() if exp + _LEEWAY_SECONDS >= now}
@@ -258,17 +277,31 @@ class RefreshingKeySource:
                 pass
 
     async def _poll_forever(self) -> None:
+        failing = ""
         while True:
             try:
                 await self.refresh_revocations()
-            except Exception:  # identity briefly down: keep the last list, try again
-                pass
+                if failing:
+                    _log.info("revocations and suspensions reach this service again")
+                failing = ""
+            except Exception as exc:  # identity briefly down: keep the last lists, try again
+                # Said once per kind of failure, not every second: a missing service key would flood the log.
+                if type(exc).__name__ != failing:
+                    _log.warning("cannot poll identity for revocations and suspensions (%s); keeping the last "
+                                 "lists and retrying every %.1f s", _describe(exc), self._poll)
+                failing = type(exc).__name__
             await asyncio.sleep(self._poll)
 
     async def close(self) -> None:
         """Stop the background poll."""
         if self._poller:
             self._poller.cancel()
+
+
+def _describe(exc: Exception) -> str:
+    details = getattr(exc, "details", None)
+    text = details() if callable(details) else str(exc)
+    return f"{type(exc).__name__}: {text}"[:300]
 
 
 class KeyLoader(Protocol):
@@ -279,3 +312,6 @@ class KeyLoader(Protocol):
 
     async def load_revocations(self, since: int) -> tuple[int, dict[str, int]]:
         """(new revision, {jti: expires_at}) revoked after revision `since`."""
+
+    async def load_suspended(self) -> frozenset[str]:
+        """Every tenant whose tokens must be refused now (called right after load_revocations)."""

@@ -15,9 +15,18 @@ from shared.tenancy import PLATFORM_TENANT, TenantContext, tenant_scope
 log = logging.getLogger("bulkhead.identity")
 
 OPERATOR_KEY_FILE = "operator.key"
-SERVICE_PRINCIPALS: dict[str, tuple[str, ...]] = {"inference": ("platform.metering.record",)}
+VERIFY_SCOPE = "platform.identity.verify"
+SERVICE_PRINCIPALS: dict[str, tuple[str, ...]] = {
+    "credentials": (VERIFY_SCOPE,),
+    "state": (VERIFY_SCOPE,),
+    "orchestrator": (VERIFY_SCOPE,),
+    "metering": (VERIFY_SCOPE,),
+    "inference": (VERIFY_SCOPE, "platform.metering.record"),
+}
 """Platform services that act without a tenant's token, and the only scopes each one's key holds:
-the inference proxy delivers usage from its outbox after the calling tenant's token is gone."""
+every verifier polls ListRevokedTokens (revocations and suspended tenants, which name every
+tenant); the inference proxy also delivers usage from its outbox after the calling tenant's token
+is gone."""
 
 
 def _write_private(path: Path, text: str) -> None:

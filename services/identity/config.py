@@ -20,7 +20,7 @@ class IdentityConfig:
     kek_path: Path
     """The key-encryption key that seals signing keys (BULKHEAD_IDENTITY_KEK_FILE; default <data dir>/identity.kek)."""
     revocation_poll: float
-    """Seconds between revocation polls (BULKHEAD_REVOCATION_POLL_SECONDS, default 2)."""
+    """Seconds between revocation and suspension polls (BULKHEAD_REVOCATION_POLL_SECONDS, default 1)."""
     service_keys_dir: Path
     """Where platform service keys are written on first start (BULKHEAD_IDENTITY_SERVICE_KEYS_DIR; default
     <data dir>/service-keys): a folder of its own, so it can be shared with those services and nothing else."""
@@ -30,6 +30,6 @@ class IdentityConfig:
         service = ServiceConfig.from_env("identity", env)
         return cls(service=service,
                    kek_path=Path(env.get("BULKHEAD_IDENTITY_KEK_FILE", service.data_dir / "identity.kek")),
-                   revocation_poll=float(env.get("BULKHEAD_REVOCATION_POLL_SECONDS", "2")),
+                   revocation_poll=float(env.get("BULKHEAD_REVOCATION_POLL_SECONDS", "1")),
                    service_keys_dir=Path(env.get("BULKHEAD_IDENTITY_SERVICE_KEYS_DIR",
                                                  service.data_dir / SERVICE_KEYS_DIR)))

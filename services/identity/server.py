@@ -36,6 +36,8 @@ class IdentityApp:
     key_source: RefreshingKeySource
     operator_key: str | None
     """The operator key made by this start, or None when the platform tenant already existed."""
+    service_keys_dir: Path | None = None
+    """Where the platform services' key files are (see bootstrap.SERVICE_PRINCIPALS)."""
 
     async def close(self, grace: float = 1.0) -> None:
         await self.running.stop(grace)
@@ -60,7 +62,7 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
         name="identity", verifier=verifier, address=address or svc.address, tls=TlsConfig.from_env(svc.env),
         bindings=[Binding(identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer,
                           identity_pb2.DESCRIPTOR.services_by_name["IdentityService"])])
-    return IdentityApp(running, db, keys, directory, key_source, operator_key)
+    return IdentityApp(running, db, keys, directory, key_source, operator_key, config.service_keys_dir)
 
 
 async def main(env: Mapping[str, str] = os.environ) -> None:

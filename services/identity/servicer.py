@@ -10,7 +10,7 @@ from bulkhead.identity.v1 import identity_pb2 as pb
 from bulkhead.identity.v1 import identity_pb2_grpc
 from services.identity.directory import Directory
 from services.identity.issuance import Issuance
-from services.identity.signing import SigningKeys, as_utc, revocations_since
+from services.identity.signing import SigningKeys, as_utc, revocations_since, suspended_tenants
 from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, TenantRow
 from shared.db import Database
 from shared.errors import InvalidArgument, NotFound
@@ -137,8 +137,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         if request.since_revision < 0:
             raise InvalidArgument("since_revision must not be negative", violations={"since_revision": ">= 0"})
         revision, entries = await revocations_since(self._db, request.since_revision)
+        suspended = await suspended_tenants(self._db)
         return pb.ListRevokedTokensResponse(
-            revoked=[pb.RevokedToken(jti=j, expire_time=_epoch(exp)) for j, exp in entries.items()], revision=revision)
+            revoked=[pb.RevokedToken(jti=j, expire_time=_epoch(exp)) for j, exp in entries.items()], revision=revision,
+            suspended_tenant_ids=sorted(suspended))
 
     async def ListSigningKeys(self, request, context):
         rows = await self._keys.published()

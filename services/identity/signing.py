@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select, update
 
-from services.identity.store import RevocationRow, SigningKeyRow
+from services.identity.store import RevocationRow, SigningKeyRow, TenantRow
 from shared.db import Database
 from shared.tokens import SigningKey, public_key_bytes
 
@@ -93,6 +93,15 @@ class StoreKeyLoader:
 
     async def load_revocations(self, since: int) -> tuple[int, dict[str, int]]:
         return await revocations_since(self._db, since)
+
+    async def load_suspended(self) -> frozenset[str]:
+        return await suspended_tenants(self._db)
+
+
+async def suspended_tenants(db: Database) -> frozenset[str]:
+    """The tenants that are not active (suspended, or being deleted): every verifier refuses their tokens."""
+    async with db.system_session() as s:
+        return frozenset((await s.execute(select(TenantRow.id).where(TenantRow.status != "active"))).scalars())
 
 
 async def revocations_since(db: Database, since: int) -> tuple[int, dict[str, int]]:

@@ -67,8 +67,6 @@ class InferenceConfig:
     """Salt of the opaque tenant id sent upstream."""
     allow_http_endpoints: bool = False
     """Whether private models may name plain-http endpoints (a tenant's key would cross the wire in clear)."""
-    service_key_file: Path | None = None
-    """The proxy's platform service key (scope platform.metering.record), if identity made one."""
     replica_id: str = ""
     """This replica's name in the attempt journal (empty: host name and port)."""
     attempt_sweep_seconds: float = 660.0
@@ -108,6 +106,4 @@ class InferenceConfig:
             attempt_sweep_seconds=float(env.get("BULKHEAD_INFERENCE_ATTEMPT_SWEEP_SECONDS",
                                                 str(float(env.get("BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT", "600")) + 60))),
             lease_idle_seconds=float(env.get("BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS", "0.5")),
-            service_key_file=Path(env.get("BULKHEAD_INFERENCE_SERVICE_KEY_FILE")
-                                  or data_dir(env) / "service-keys" / "inference.key"),
         )

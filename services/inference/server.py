@@ -144,7 +144,7 @@ def _replica_name(address: str) -> str:
 
 def _platform_usage(config: InferenceConfig, channels: list) -> PlatformUsage | None:
     """RecordTenantUsage with the proxy's own service key, when identity made one (see SERVICE_PRINCIPALS)."""
-    path = config.service_key_file
+    path = config.service.service_key_file
     if path is None or not path.is_file():
         log.warning("no service key at %s: usage held in the outbox reaches metering only when its tenant "
                     "calls again (set BULKHEAD_INFERENCE_SERVICE_KEY_FILE)", path)

@@ -42,6 +42,15 @@ class IdentityHarness:
     def address(self) -> str:
         return self.app.running.address
 
+    def service_key_file(self, service: str) -> Path:
+        """The key file identity wrote for a platform service (e.g. "state")."""
+        return self.app.service_keys_dir / f"{service}.key"
+
+    def verifier(self, channel: grpc.aio.Channel, *, service: str = "state", revocation_poll: float = 0.2):
+        """A verifier as `service` runs one: keys, revocations and suspensions from identity over `channel`."""
+        from shared.keys import remote_verifier
+        return remote_verifier(channel, self.service_key_file(service), revocation_poll=revocation_poll)
+
     async def login(self, api_key: str, scopes: tuple[str, ...] = (), ttl: int = 0) -> TenantHandle:
         """Trade an API key for a token."""
         resp = await self.stub.IssueToken(pb.IssueTokenRequest(api_key=api_key, scopes=scopes, ttl_seconds=ttl))

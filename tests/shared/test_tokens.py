@@ -63,6 +63,9 @@ class CountingLoader:
     async def load_revocations(self, since):
         return since, {}
 
+    async def load_suspended(self):
+        return frozenset()
+
 
 async def test_unknown_kid_refetches_at_most_once_per_interval():
     """A new kid triggers a refetch; a flood of forged kids does not become a flood of fetches."""

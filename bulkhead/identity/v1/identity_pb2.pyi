@@ -341,12 +341,14 @@ class ListRevokedTokensRequest(_message.Message):
     def __init__(self, since_revision: _Optional[int] = ...) -> None: ...
 
 class ListRevokedTokensResponse(_message.Message):
-    __slots__ = ("revoked", "revision")
+    __slots__ = ("revoked", "revision", "suspended_tenant_ids")
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
+    SUSPENDED_TENANT_IDS_FIELD_NUMBER: _ClassVar[int]
     revoked: _containers.RepeatedCompositeFieldContainer[RevokedToken]
     revision: int
-    def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ..., revision: _Optional[int] = ...) -> None: ...
+    suspended_tenant_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ..., revision: _Optional[int] = ..., suspended_tenant_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ListSigningKeysRequest(_message.Message):
     __slots__ = ()

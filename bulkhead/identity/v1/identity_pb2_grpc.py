@@ -225,7 +225,9 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def ListRevokedTokens(self, request, context):
-        """Lists revoked token ids that have not yet expired, after a revision (verifiers poll this).
+        """Lists revoked token ids that have not yet expired, after a revision, and the suspended tenants
+        (every service's verifier polls this with its platform service key). Not public: it names
+        every tenant's revocations and suspensions, which only verifiers need.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -173,8 +173,9 @@ async def test_ttl_bounds(identity):
 
 
 async def test_first_start_writes_a_narrow_service_key_for_the_proxy_once(sqlite_identity, tmp_path, caplog):
-    """identity makes the inference proxy's platform key: 0600, scope platform.metering.record and nothing
-    else (not even the operator's), kept across restarts, and a new key for the same principal if deleted."""
+    """identity makes the inference proxy's platform key: 0600, scopes platform.identity.verify and
+    platform.metering.record and nothing else (not even the operator's), kept across restarts, and a new key
+    for the same principal if deleted."""
     import jwt
 
     from shared.testing.identity import running_identity
@@ -184,7 +185,7 @@ async def test_first_start_writes_a_narrow_service_key_for_the_proxy_once(sqlite
     key = path.read_text().strip()
     service = await sqlite_identity.login(key)
     claims = jwt.decode(service.token, options={"verify_signature": False})
-    assert (service.tenant_id, claims["scope"]) == ("t_platform", "platform.metering.record")
+    assert (service.tenant_id, claims["scope"]) == ("t_platform", "platform.identity.verify platform.metering.record")
     denied = await _error(sqlite_identity.stub.CreateTenant(pb.CreateTenantRequest(name="x"), metadata=service.metadata))
     assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
 

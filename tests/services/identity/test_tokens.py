@@ -11,7 +11,6 @@ import pytest
 from bulkhead.identity.v1 import identity_pb2 as pb
 from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
 from shared.errors import error_details
-from shared.keys import remote_verifier
 from shared.server import serve
 from shared.testing.echo import echo_binding
 
@@ -26,7 +25,7 @@ async def _error(coro) -> grpc.aio.AioRpcError:
 async def downstream(sqlite_identity):
     """Another service (echo) whose interceptor learns keys and revocations from identity over gRPC."""
     channel = grpc.aio.insecure_channel(sqlite_identity.address)
-    verifier = remote_verifier(channel, revocation_poll=0.2)
+    verifier = sqlite_identity.verifier(channel)
     running = await serve(name="echo", bindings=[echo_binding()], verifier=verifier)
     client = grpc.aio.insecure_channel(running.address)
     yield echo_pb2_grpc.EchoServiceStub(client)
@@ -88,6 +87,72 @@ async def test_revocation_reaches_other_services_within_seconds(sqlite_identity,
             break
         assert time.monotonic() < deadline, "revoked token still accepted after 5 s"
         await asyncio.sleep(0.1)
+
+
+async def _until(call, accept, what: str, within: float = 2.0):
+    """Repeat `call` until `accept(result or error)` holds; fail after `within` seconds."""
+    deadline = time.monotonic() + within
+    while True:
+        try:
+            outcome = await call()
+        except grpc.aio.AioRpcError as err:
+            outcome = err
+        if accept(outcome):
+            return outcome
+        assert time.monotonic() < deadline, f"{what} after {within} s (last: {outcome!r})"
+        await asyncio.sleep(0.05)
+
+
+def _refused(reason: str):
+    return lambda o: isinstance(o, grpc.aio.AioRpcError) and error_details(o)["reason"] == reason
+
+
+async def _set_status(identity, tenant_id: str, status) -> None:
+    await identity.stub.UpdateTenantStatus(pb.UpdateTenantStatusRequest(tenant_id=tenant_id, status=status),
+                                           metadata=identity.operator.metadata)
+
+
+async def test_suspension_refuses_tokens_already_issued_within_two_seconds(sqlite_identity, downstream):
+    """A token issued before its tenant was suspended is refused downstream (PERMISSION_DENIED,
+    TENANT_SUSPENDED) within 2 s, other tenants are untouched, and resuming lets the same token in again."""
+    a, b = await sqlite_identity.tenant(), await sqlite_identity.tenant()
+    echo = lambda t: lambda: downstream.Echo(echo_pb2.EchoRequest(), metadata=t.metadata)  # noqa: E731
+    assert (await echo(a)()).seen.tenant_id == a.tenant_id  # cached as verified before the suspension
+
+    await _set_status(sqlite_identity, a.tenant_id, pb.TENANT_STATUS_SUSPENDED)
+    refused = await _until(echo(a), _refused("TENANT_SUSPENDED"), "suspended tenant's token still accepted")
+    assert refused.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert "resume" in refused.details()
+    assert (await echo(b)()).seen.tenant_id == b.tenant_id
+    # identity itself refuses the suspended tenant's token too (not only the services that poll it).
+    own = await _error(sqlite_identity.stub.ListPrincipals(pb.ListPrincipalsRequest(), metadata=a.metadata))
+    assert error_details(own)["reason"] == "TENANT_SUSPENDED"
+
+    await _set_status(sqlite_identity, a.tenant_id, pb.TENANT_STATUS_ACTIVE)
+    back = await _until(echo(a), lambda o: not isinstance(o, grpc.aio.AioRpcError), "resumed tenant still refused")
+    assert back.seen.tenant_id == a.tenant_id
+
+
+async def test_revocation_list_is_only_for_platform_services(sqlite_identity):
+    """ListRevokedTokens names every tenant's revocations and suspensions: no token is UNAUTHENTICATED,
+    a tenant admin's token is PERMISSION_DENIED, a platform service's key reads it."""
+    a = await sqlite_identity.tenant()
+    await sqlite_identity.stub.RevokeToken(pb.RevokeTokenRequest(jti=a.jti), metadata=a.metadata)
+    b = await sqlite_identity.tenant()
+    await _set_status(sqlite_identity, b.tenant_id, pb.TENANT_STATUS_SUSPENDED)
+    request = pb.ListRevokedTokensRequest()
+
+    anonymous = await _error(sqlite_identity.stub.ListRevokedTokens(request))
+    assert anonymous.code() == grpc.StatusCode.UNAUTHENTICATED
+    c = await sqlite_identity.tenant()
+    tenant = await _error(sqlite_identity.stub.ListRevokedTokens(request, metadata=c.metadata))
+    assert (tenant.code(), error_details(tenant)["reason"]) == (grpc.StatusCode.PERMISSION_DENIED, "MISSING_SCOPE")
+    assert a.jti not in str(tenant.trailing_metadata()) + tenant.details()
+
+    service = await sqlite_identity.login(sqlite_identity.service_key_file("credentials").read_text().strip())
+    listed = await sqlite_identity.stub.ListRevokedTokens(request, metadata=service.metadata)
+    assert a.jti in {r.jti for r in listed.revoked}
+    assert list(listed.suspended_tenant_ids) == [b.tenant_id]
 
 
 async def test_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_new_key(sqlite_identity, downstream):

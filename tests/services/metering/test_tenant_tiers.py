@@ -15,7 +15,6 @@ from services.metering.tenant_tiers import IdentityTiers
 from shared.client import make_channel
 from shared.db import Database
 from shared.errors import error_details
-from shared.keys import remote_verifier
 from shared.testing.identity import running_identity
 
 
@@ -29,7 +28,7 @@ async def test_quota_set_before_the_tenants_first_call_is_enforced(tmp_path: Pat
     async with running_identity(tmp_path / "identity") as identity:
         keys = make_channel(identity.address)
         lookups = make_channel(identity.address, forward=True)
-        verifier = remote_verifier(keys)
+        verifier = identity.verifier(keys, service="metering")
         db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'metering.db'}", migrations=str(MIGRATIONS))
         service = await serve_metering(db=db, verifier=verifier, tiers=IdentityTiers(lookups))
         channel = make_channel(service.running.address)

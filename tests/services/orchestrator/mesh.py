@@ -18,7 +18,6 @@ import grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
 from shared.client import make_channel
-from shared.keys import remote_verifier
 from shared.testing.identity import IdentityHarness, TenantHandle, running_identity
 
 
@@ -41,7 +40,7 @@ class Mesh:
         """A verifier over identity's keys, as every service but identity uses."""
         ch = make_channel(self.identity.address)
         self.channels.append(ch)
-        return remote_verifier(ch, revocation_poll=0.5)
+        return self.identity.verifier(ch, revocation_poll=0.5)
 
     def addr(self, name: str) -> str:
         """Where a service listens."""
