@@ -57,21 +57,28 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = details.method
-        metadata = _metadata_dict(details.invocation_metadata)
+        metadata, repeated = _metadata_dict(details.invocation_metadata)
         rule = self._rules.rule(method)
         try:
-            ctx = await self._authenticate(rule, metadata)
+            ctx = await self._authenticate(rule, metadata, repeated)
         except Denial as denial:
             return self._deny(handler, denial, method, metadata)
         parent = extract(metadata)  # W3C traceparent from the caller: this call joins its trace
         return _wrap(handler, lambda behavior, kind: _bind(behavior, kind, ctx, self._service, method, parent))
 
-    async def _authenticate(self, rule: MethodRule | None, md: dict[str, str]) -> TenantContext | None:
+    async def _authenticate(self, rule: MethodRule | None, md: dict[str, str],
+                            repeated: frozenset[str] = frozenset()) -> TenantContext | None:
         if rule is None:
             raise Denial(errors.PermissionDenied("this method declares no authorization rule and is refused",
                                                  reason="NO_AUTH_RULE"))
         if rule.public:
             return None
+        ambiguous = sorted(repeated & _IDENTITY_KEYS)
+        if ambiguous:
+            # A proxy that reads the first value and a service that reads the last would disagree
+            # about who is calling: refuse instead of picking one by position.
+            raise Denial(errors.Unauthenticated(f"metadata {', '.join(ambiguous)} sent more than once",
+                                                reason="AMBIGUOUS_METADATA", metadata={"keys": ",".join(ambiguous)}))
         auth = md.get("authorization", "")
         if not auth:
             raise Denial(errors.Unauthenticated("missing bearer token: send 'authorization: Bearer <token>'",
@@ -128,12 +135,25 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, lambda behavior, kind: abort_stream if kind.endswith("stream") else abort)
 
 
-def _metadata_dict(md) -> dict[str, str]:
+# Metadata that says who is calling: each must arrive at most once.
+_IDENTITY_KEYS = frozenset({"authorization", "x-tenant-id"})
+
+
+def _metadata_dict(md) -> tuple[dict[str, str], frozenset[str]]:
+    """The call's text metadata by key, and the keys that arrived more than once.
+
+    Keys are compared stripped and lower-cased: HTTP/2 forbids other spellings, but a gateway
+    that normalizes them must not turn two distinct-looking headers into one silent choice.
+    """
     out: dict[str, str] = {}
+    repeated: set[str] = set()
     for key, value in md or ():
         if isinstance(value, str):
+            key = key.strip().lower()
+            if key in out:
+                repeated.add(key)
             out[key] = value
-    return out
+    return out, frozenset(repeated)
 
 
 _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")

@@ -109,6 +109,54 @@ async def test_spoofed_tenant_is_permission_denied(echo, tokens, shape):
     assert B not in err.details()
 
 
+def _repeated(tokens, key: str, first: str, second: str) -> tuple[tuple[str, str], ...]:
+    """Metadata for tenant A's call in which key arrives twice: first, then second."""
+    values = {"authorization": lambda t: f"Bearer {tokens.mint(t)}", "x-tenant-id": lambda t: t}[key]
+    other = {"authorization": ("x-tenant-id", A), "x-tenant-id": ("authorization", f"Bearer {tokens.mint(A)}")}[key]
+    return (other, (key, values(first)), (key, values(second)))
+
+
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("key", ["authorization", "x-tenant-id"])
+@pytest.mark.parametrize("order", [(A, B), (B, A), (A, A)], ids=["A-then-B", "B-then-A", "A-twice"])
+async def test_repeated_identity_metadata_is_refused(echo, tokens, shape, key, order):
+    """Two authorization or x-tenant-id values, in either order or even equal: refused, never picked by position."""
+    _, stub = echo
+    err = await _status(_calls(stub, _repeated(tokens, key, *order), messages=0)[shape]())
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    details = error_details(err)
+    assert details["reason"] == "AMBIGUOUS_METADATA" and details["metadata"]["keys"] == key
+
+
+@pytest.mark.parametrize("key", ["authorization", "x-tenant-id"])
+async def test_repeated_identity_metadata_is_a_security_event(echo, tokens, key):
+    """The refusal is counted like any other denial (an attacker probing gateways shows up)."""
+    running, stub = echo
+    await _status(stub.Echo(echo_pb2.EchoRequest(), metadata=_repeated(tokens, key, A, B)))
+    assert running.security_events.counts[("unauthenticated", "AMBIGUOUS_METADATA")] == 1
+
+
+@pytest.mark.parametrize("variant", ["Authorization", "AUTHORIZATION", " authorization", "authorization "])
+async def test_key_spellings_count_as_the_same_key(tokens, variant):
+    """Gateways may hand over keys in other spellings: they still collide with the canonical key."""
+    from shared.auth import Denial, TenancyInterceptor, _metadata_dict
+    from shared.scopes import MethodRule
+
+    md, repeated = _metadata_dict((("authorization", f"Bearer {tokens.mint(A)}"), (variant, f"Bearer {tokens.mint(B)}"),
+                                   ("x-tenant-id", A)))
+    interceptor = TenancyInterceptor(tokens.verifier, service="echo")
+    with pytest.raises(Denial) as info:
+        await interceptor._authenticate(MethodRule(scope="testing.echo", public=False), md, repeated)
+    assert info.value.error.reason == "AMBIGUOUS_METADATA"
+
+
+async def test_public_method_ignores_repeated_identity_metadata(echo, tokens):
+    """Public methods read no identity, so there is nothing ambiguous to refuse."""
+    _, stub = echo
+    resp = await stub.PublicEcho(echo_pb2.PublicEchoRequest(message="hi"), metadata=_repeated(tokens, "x-tenant-id", A, B))
+    assert resp.message == "hi" and not resp.tenant_bound
+
+
 @pytest.mark.parametrize("shape", SHAPES)
 async def test_missing_scope_is_permission_denied(echo, tokens, shape):
     """A token without the scope the proto declares: PERMISSION_DENIED naming the scope."""
