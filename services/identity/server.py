@@ -57,7 +57,7 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
     key_source = RefreshingKeySource(StoreKeyLoader(keys, db), revocation_poll=config.revocation_poll,
                                      min_refetch=0.0)
     verifier = TokenVerifier(key_source)
-    servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys)
+    servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source)
     running = await serve(
         name="identity", verifier=verifier, address=address or svc.address, tls=TlsConfig.from_env(svc.env),
         bindings=[Binding(identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer,

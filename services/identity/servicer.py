@@ -14,6 +14,7 @@ from services.identity.signing import SigningKeys, as_utc, revocations_since, su
 from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, TenantRow
 from shared.db import Database
 from shared.errors import InvalidArgument, NotFound
+from shared.tokens import RefreshingKeySource
 from shared.tenancy import require_tenant
 
 _TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "silo": tenancy_pb2.TIER_SILO}
@@ -58,11 +59,13 @@ def revoked_pb(row: RevocationRow) -> pb.RevokedToken:
 class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     """Maps identity's RPCs onto the directory, issuance and signing-key ring."""
 
-    def __init__(self, db: Database, directory: Directory, issuance: Issuance, keys: SigningKeys):
+    def __init__(self, db: Database, directory: Directory, issuance: Issuance, keys: SigningKeys,
+                 key_source: RefreshingKeySource | None = None):
         self._db = db
         self._directory = directory
         self._issuance = issuance
         self._keys = keys
+        self._key_source = key_source
 
     async def CreateTenant(self, request, context):
         tier = _TIER_NAMES.get(request.tier)
@@ -86,6 +89,8 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     async def UpdateTenantStatus(self, request, context):
         status = {pb.TENANT_STATUS_ACTIVE: "active", pb.TENANT_STATUS_SUSPENDED: "suspended"}.get(request.status, "")
         row = await self._directory.set_tenant_status(request.tenant_id, status)
+        if self._key_source is not None:  # identity's own verifier knows at once; other services poll
+            await self._key_source.refresh_revocations()
         return pb.UpdateTenantStatusResponse(tenant=tenant_pb(row))
 
     async def CreatePrincipal(self, request, context):
