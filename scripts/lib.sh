@@ -56,6 +56,32 @@ ensure_postgres() {
   have_postgres || die "apt-get installed postgresql but no initdb was found"
 }
 
+# --- PgBouncer (the `pgbouncer` test fixture runs its own, in transaction pooling mode) ---------
+have_pgbouncer() {
+  command -v pgbouncer >/dev/null 2>&1 || [ -x /usr/sbin/pgbouncer ]
+}
+ensure_pgbouncer() {
+  if have_pgbouncer; then return 0; fi
+  say "installing PgBouncer (apt-get install pgbouncer)"
+  # Debian would start (and enable at boot) a system pgbouncer on port 6432: the tests bring
+  # their own. A policy-rc.d that answers 101 stops invoke-rc.d and deb-systemd-invoke from
+  # starting it; ours is removed afterwards, an existing one is left alone.
+  local policy=/usr/sbin/policy-rc.d made_policy=0
+  if [ ! -e "$policy" ] && [ "${AS_ROOT[0]:-}" != false ]; then
+    printf '#!/bin/sh\nexit 101\n' | "${AS_ROOT[@]}" tee "$policy" >/dev/null && "${AS_ROOT[@]}" chmod 755 "$policy" \
+      && made_policy=1
+  fi
+  local ok=0
+  apt_install pgbouncer && ok=1
+  if [ "$made_policy" = 1 ]; then "${AS_ROOT[@]}" rm -f "$policy"; fi
+  [ "$ok" = 1 ] || die "PgBouncer is missing and I can't install it.
+  Run as root: apt-get install -y --no-install-recommends pgbouncer"
+  if command -v systemctl >/dev/null 2>&1; then
+    "${AS_ROOT[@]}" systemctl disable pgbouncer.service >/dev/null 2>&1 || true
+  fi
+  have_pgbouncer || die "apt-get installed pgbouncer but no pgbouncer binary was found"
+}
+
 # --- Python 3.11+ and the virtualenv ----------------------------------------------------------
 pick_python() {
   local candidate
