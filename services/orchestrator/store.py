@@ -2,12 +2,15 @@
 
 Teams and runs are tenant-owned rows (ORM criteria + Postgres RLS). The run queue is a platform
 table holding only ids, timestamps, leases and the sealed delegated token: the dispatcher must
-see every tenant's queue to be fair, and never needs their data.
+see every tenant's queue to be fair, and never needs their data. It is only ever touched in a
+system session: a tenant session writes where the tenant's tier puts its rows (a schema, SQLite
+file or database of its own for bridge and silo), where no dispatcher would ever look.
 """
 from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
 import secrets
 import time
@@ -263,14 +266,18 @@ class RunStore:
     async def create(self, *, team: TeamSpec, entry_agent: str, run_input: str, idempotency_key: str,
                      tenant_id: str, principal_id: str, tier: str, grant: bytes,
                      run_id: str | None = None, traceparent: str = "") -> tuple[RunRecord, bool]:
-        """Insert a queued run and its queue entry in one transaction; (run, created).
+        """Insert a queued run, then its queue entry; (run, created).
 
-        With an idempotency key already used by this tenant, returns that run and created=False.
+        The run lives where the tenant's tier puts it and the queue entry in the platform database,
+        so they cannot share a transaction. The run goes first: the dispatcher never sees an entry
+        without its run. With an idempotency key already used by this tenant, returns that run and
+        created=False (re-queueing it if it is still queued but lost its entry in a crash).
         """
+        entry = dict(tenant_id=tenant_id, principal_id=principal_id, tier=tier, grant=grant, traceparent=traceparent)
         if idempotency_key:
             existing = await self._by_key(idempotency_key)
             if existing is not None:
-                return existing, False
+                return await self._requeued(existing, entry), False
         now = time.time()
         run_id = run_id or new_run_id()
         row = RunRow(run_id=run_id, team=team.name, team_spec=json.dumps(team.to_dict()), entry_agent=entry_agent,
@@ -280,15 +287,39 @@ class RunStore:
         try:
             async with self._db.session() as s:
                 s.add(row)
-                s.add(QueueRow(run_id=run_id, tenant_id=tenant_id, principal_id=principal_id, tier=tier,
-                               state="queued", enqueued_at=now, lease_owner=None, lease_expires=0.0,
-                               cancel_requested=False, grant=grant, traceparent=traceparent))
         except IntegrityError:
             existing = await self._by_key(idempotency_key) if idempotency_key else None
             if existing is None:
                 raise
-            return existing, False
+            return await self._requeued(existing, entry), False
+        try:
+            await self._enqueue(run_id, now, entry)
+        except BaseException:
+            # Unqueued, the run would wait forever: end it so the caller's retry starts afresh.
+            await self._unqueueable(run_id)
+            raise
         return _run(row), True
+
+    async def _enqueue(self, run_id: str, now: float, entry: dict[str, Any]) -> None:
+        async with self._db.system_session() as s:
+            if await s.get(QueueRow, run_id) is None:
+                s.add(QueueRow(run_id=run_id, state="queued", enqueued_at=now, lease_owner=None, lease_expires=0.0,
+                               cancel_requested=False, **entry))
+
+    async def _requeued(self, run: RunRecord, entry: dict[str, Any]) -> RunRecord:
+        if run.status == RunStatus.QUEUED:
+            try:
+                await self._enqueue(run.run_id, run.created_at, entry)
+            except IntegrityError:
+                pass  # a concurrent retry queued it
+        return run
+
+    async def _unqueueable(self, run_id: str) -> None:
+        with contextlib.suppress(Exception):
+            async with self._db.session() as s:
+                await s.execute(update(RunRow).where(RunRow.run_id == run_id).values(
+                    status=RunStatus.FAILED.value, error_reason="NOT_QUEUED", updated_at=time.time(),
+                    error_message="the run could not be queued; start it again"))
 
     async def by_idempotency_key(self, key: str) -> RunRecord | None:
         """The run this tenant already started with idempotency key `key`, if any."""
@@ -334,19 +365,20 @@ class RunStore:
             if status is not None:
                 check_transition(RunStatus(row.status), status)
                 row.status = status.value
-                if status.terminal:
-                    await s.execute(QueueRow.__table__.delete().where(QueueRow.run_id == run_id))
             for k, v in fields.items():
                 setattr(row, k, v)
             row.updated_at = time.time()
-            return _run(row)
+            run = _run(row)
+        if run.status.terminal:
+            await self.drop(run_id)
+        return run
 
     async def record_steps(self, run_id: str, steps: list[Step], *, current_agent: str,
                            finished: Finished | None, skip_existing: bool = False) -> RunRecord:
         """Keep steps (already durable in state) and the run's progress, in one transaction.
 
         skip_existing is for catching up after a crash, when some of the steps may be here already.
-        A finished run leaves the queue in the same transaction.
+        A finished run then leaves the queue (a leftover entry is dropped when next claimed).
         """
         async with self._db.session() as s:
             row = await s.get(RunRow, run_id)
@@ -366,9 +398,11 @@ class RunStore:
                 check_transition(RunStatus(row.status), status)
                 row.status, row.output = status.value, finished.output
                 row.error_reason, row.error_message = finished.reason, finished.message
-                await s.execute(QueueRow.__table__.delete().where(QueueRow.run_id == run_id))
             row.updated_at = time.time()
-            return _run(row)
+            run = _run(row)
+        if finished is not None and run.status.terminal:
+            await self.drop(run_id)
+        return run
 
     async def steps(self, run_id: str, after: int = 0) -> list[Step]:
         """Recorded steps of a run with index > after (the run must be the tenant's)."""
@@ -387,12 +421,16 @@ class RunStore:
             if status == RunStatus.QUEUED:
                 row.status, row.updated_at = RunStatus.CANCELLED.value, time.time()
                 row.error_message = "cancelled by request"
-                await s.execute(QueueRow.__table__.delete().where(QueueRow.run_id == run_id))
-            elif status == RunStatus.RUNNING:
+            run = _run(row)
+        if status == RunStatus.QUEUED:
+            await self.drop(run_id)
+        elif status == RunStatus.RUNNING:
+            async with self._db.system_session() as s:
                 await s.execute(update(QueueRow).where(QueueRow.run_id == run_id).values(cancel_requested=True))
-            return _run(row)
+        return run
 
-    # --- the platform-wide queue (system session: ids and leases only) --------------------------
+    # --- the platform-wide queue (system sessions only: it lives in the platform database, ----------
+    # --- while a bridge or silo tenant's runs live in a schema, file or database of their own) -----
 
     async def waiting(self, now: float) -> tuple[list[QueuedRun], Counter[str]]:
         """Runs waiting for a slot (queued, or running under an expired lease) and live leases per tenant."""

@@ -15,10 +15,15 @@ from typing import Any
 
 import grpc
 
+from bulkhead.common.v1 import tenancy_pb2
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
 from shared.client import make_channel
 from shared.testing.identity import IdentityHarness, TenantHandle, running_identity
+
+
+TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "silo": tenancy_pb2.TIER_SILO}
+"""Every isolation tier, by the name tests parametrize over."""
 
 
 @dataclass
@@ -32,9 +37,9 @@ class Mesh:
     services: dict[str, Any] = field(default_factory=dict)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
-    async def tenant(self) -> TenantHandle:
-        """A fresh tenant with an admin token."""
-        return await self.identity.tenant(f"t-{uuid.uuid4().hex[:8]}")
+    async def tenant(self, tier: str = "pooled") -> TenantHandle:
+        """A fresh tenant of `tier` (pooled, bridge or silo) with an admin token."""
+        return await self.identity.tenant(f"t-{uuid.uuid4().hex[:8]}", tier=TIERS[tier])
 
     def verifier(self):
         """A verifier over identity's keys, as every service but identity uses."""

@@ -21,9 +21,11 @@ from shared.testing.fake_anthropic import FakeAnthropic, Fault, Reply
 from shared.telemetry import setup_telemetry
 
 from .fakes import ToolServer
-from .mesh import team_pb
+from .mesh import TIERS, team_pb
 
-pytestmark = pytest.mark.asyncio(loop_scope="module")
+# Every workflow runs for a tenant of each isolation tier: a bridge or silo tenant's rows live in a
+# database (SQLite file) of its own, while the run queue must stay in the platform database.
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.parametrize("tier", list(TIERS))]
 
 SECRET = "inv-key-7Hq2xZ9vLmP4"
 MODEL = "claude-sonnet-4-5"
@@ -64,10 +66,10 @@ def script_support(upstream: FakeAnthropic) -> None:
                     Reply.text("Invoice INV-7 is paid."))
 
 
-async def test_two_agent_team_runs_to_completion(mesh, upstream, tools, spans, caplog):
+async def test_two_agent_team_runs_to_completion(tier, mesh, upstream, tools, spans, caplog):
     """triage hands off to billing; billing's HTTP tool gets the injected secret; WatchRun streams every step."""
     caplog.set_level(logging.DEBUG)
-    a = await mesh.tenant()
+    a = await mesh.tenant(tier)
     await put_secret(mesh, a, "billing_api_key", SECRET)
     await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata)
     script_support(upstream)
@@ -124,9 +126,9 @@ async def test_two_agent_team_runs_to_completion(mesh, upstream, tools, spans, c
     assert {r.agent_id: r.event_count for r in rows} == {"triage": 1, "billing": 2}
 
 
-async def test_cross_tenant_handoff_is_refused_and_recorded(mesh, upstream, tools):
+async def test_cross_tenant_handoff_is_refused_and_recorded(tier, mesh, upstream, tools):
     """A hand-off naming another tenant's team agent is refused, recorded, and moves no context."""
-    a, b = await mesh.tenant(), await mesh.tenant()
+    a, b = await mesh.tenant(tier), await mesh.tenant(tier)
     for t in (a, b):
         await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=t.metadata)
     upstream.script(Reply.tool_use("handoff", {"agent": f"{b.tenant_id}/support/billing", "note": "A's private notes"}),
@@ -143,11 +145,11 @@ async def test_cross_tenant_handoff_is_refused_and_recorded(mesh, upstream, tool
     assert b_threads == []
 
 
-async def test_foreign_canary_in_output_is_blocked(mesh, upstream, tools):
+async def test_foreign_canary_in_output_is_blocked(tier, mesh, upstream, tools):
     """An output holding tenant B's canary marker is withheld from tenant A and recorded."""
     from services.orchestrator.canary import marker_for
 
-    a, b = await mesh.tenant(), await mesh.tenant()
+    a, b = await mesh.tenant(tier), await mesh.tenant(tier)
     await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata)
     leak = marker_for(b.tenant_id, bytes.fromhex("ab" * 32))
     upstream.script(Reply.text(f"B's data: {leak}"))
@@ -158,9 +160,9 @@ async def test_foreign_canary_in_output_is_blocked(mesh, upstream, tools):
     assert leak not in str(seen) and seen[-1].run.output == ""
 
 
-async def test_tenant_at_its_limit_queues_while_another_proceeds(mesh, upstream):
+async def test_tenant_at_its_limit_queues_while_another_proceeds(tier, mesh, upstream):
     """A (limit 1) starts three runs, the first stuck on a slow model call; B's run finishes meanwhile."""
-    a, b = await mesh.tenant(), await mesh.tenant()
+    a, b = await mesh.tenant(tier), await mesh.tenant(tier)
     for t in (a, b):
         await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(model=MODEL)), metadata=t.metadata)
     upstream.fail_next(Fault.slow(2.0))  # A's first model call; unscripted replies echo and end the run
@@ -183,9 +185,9 @@ async def test_tenant_at_its_limit_queues_while_another_proceeds(mesh, upstream)
     assert starts == sorted(starts)
 
 
-async def test_cancel_running_run_stops_before_next_step(mesh, upstream):
+async def test_cancel_running_run_stops_before_next_step(tier, mesh, upstream):
     """Cancelling mid-call lets the call finish, then the run stops CANCELLED without another step."""
-    a = await mesh.tenant()
+    a = await mesh.tenant(tier)
     await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(model=MODEL)), metadata=a.metadata)
     upstream.fail_next(Fault.slow(1.0))
     upstream.script(Reply.tool_use("handoff", {"agent": "billing", "note": "n"}))
@@ -199,11 +201,11 @@ async def test_cancel_running_run_stops_before_next_step(mesh, upstream):
     assert pb.STEP_KIND_HANDOFF not in [m.step.kind for m in seen] and upstream.request_count == 1
 
 
-async def test_cli_apply_start_list_and_cancel(mesh, upstream, tmp_path, monkeypatch, capsys):
+async def test_cli_apply_start_list_and_cancel(tier, mesh, upstream, tmp_path, monkeypatch, capsys):
     """`bulkhead teams apply -f`, `runs start` (live progress), `runs list`, `runs cancel` against the mesh."""
     from bulkhead.cli import main
 
-    a = await mesh.tenant()
+    a = await mesh.tenant(tier)
     for key, value in mesh.env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.setenv("BULKHEAD_ORCHESTRATOR_ADDR", mesh.orchestrator.address)

@@ -1,16 +1,81 @@
-"""The run queue's leases, on SQLite through shared.db (Postgres is covered in test_postgres)."""
+"""The run queue's leases through shared.db, for tenants of every tier on SQLite and on Postgres.
+
+The queue is a platform table: whatever a tenant's tier puts its runs (shared tables, a schema,
+a SQLite file or a database of its own), the queue entry must be where the dispatcher looks.
+"""
 from __future__ import annotations
+
+import uuid
+
+import pytest
 
 from services.orchestrator.history import Finished
 from services.orchestrator.runs import RunStatus
 from services.orchestrator.server import MIGRATIONS
 from services.orchestrator.steps import Step, StepKind
-from services.orchestrator.store import RunStore
+from services.orchestrator.store import QueueRow, RunStore
 from services.orchestrator.team import AgentSpec, TeamSpec
 from shared.db import Database
 from shared.tenancy import TenantContext, tenant_scope
 
 TEAM = TeamSpec(name="t", agents=(AgentSpec("a"),))
+TIERS = ("pooled", "bridge", "silo")
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def db(request, tmp_path):
+    """The orchestrator's database on each backend, migrated."""
+    if request.param == "sqlite":
+        database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
+    else:
+        urls = await request.getfixturevalue("postgres").create_database(f"orch_store_{uuid.uuid4().hex[:6]}")
+        database = await Database.open(urls.app_url, owner_url=urls.owner_url, migrations=str(MIGRATIONS))
+    yield database
+    await database.close()
+
+
+async def _tenant_queue_rows(db: Database) -> int:
+    """Queue rows in the current tenant's own place (its schema, file or database)."""
+    from sqlalchemy import func, select
+
+    async with db.session() as s:
+        return (await s.execute(select(func.count()).select_from(QueueRow))).scalar_one()
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_queue_entry_is_platform_wide_whatever_the_tier(db, tier):
+    """A run of a bridge or silo tenant is queued where the dispatcher looks, and leaves it when it ends."""
+    runs = RunStore(db)
+    tid = f"t_{tier}_{uuid.uuid4().hex[:6]}"
+    ctx = TenantContext(tenant_id=tid, principal_id="p", scopes=frozenset({"*"}), tier=tier)
+    with tenant_scope(ctx):
+        run, created = await runs.create(team=TEAM, entry_agent="a", run_input="x", idempotency_key="k",
+                                          tenant_id=tid, principal_id="p", tier=tier, grant=b"g")
+        again, created_again = await runs.create(team=TEAM, entry_agent="a", run_input="x", idempotency_key="k",
+                                                  tenant_id=tid, principal_id="p", tier=tier, grant=b"g")
+    assert created and not created_again and again.run_id == run.run_id
+    waiting, _ = await runs.waiting(now=100)
+    assert [(w.tenant_id, w.run_id) for w in waiting] == [(tid, run.run_id)]
+    claim = await runs.claim(run.run_id, "one", ttl=10, now=100)
+    assert claim is not None and (claim.tenant_id, claim.tier) == (tid, tier)
+    with tenant_scope(ctx):
+        await runs.update(run.run_id, status=RunStatus.RUNNING)
+        assert (await runs.cancel(run.run_id)).status == RunStatus.RUNNING
+    assert await runs.renew(run.run_id, "one", ttl=10, now=101) == "cancel"  # the flag reached the platform row
+    with tenant_scope(ctx):
+        await runs.record_steps(run.run_id, [Step(1, StepKind.RUN_FINISHED, "a")], current_agent="a",
+                                finished=Finished(status="cancelled"))
+    assert await runs.renew(run.run_id, "one", ttl=10, now=102) == "gone"
+    assert await runs.waiting(now=102) == ([], {})
+
+    # A queued run cancelled before it starts leaves the queue too.
+    with tenant_scope(ctx):
+        queued, _ = await runs.create(team=TEAM, entry_agent="a", run_input="y", idempotency_key="", tenant_id=tid,
+                                      principal_id="p", tier=tier, grant=b"g")
+        assert (await runs.cancel(queued.run_id)).status == RunStatus.CANCELLED
+        if tier != "pooled":  # nothing was ever written to the tenant's copy of the platform table
+            assert await _tenant_queue_rows(db) == 0
+    assert await runs.waiting(now=103) == ([], {})
 
 
 async def test_lease_claim_expiry_takeover_and_finish(tmp_path):
