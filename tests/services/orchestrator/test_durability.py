@@ -22,7 +22,7 @@ from shared.testing.fake_anthropic import FakeAnthropic, Fault, Reply
 from shared.testing.procs import free_port
 
 from .fakes import ToolServer
-from .mesh import running_mesh, team_pb
+from .mesh import TIERS, running_mesh, team_pb
 
 ROOT = Path(__file__).resolve().parents[3]
 SECRET = "durable-key-Zx81Qp"
@@ -48,13 +48,14 @@ async def until(check, timeout: float = 20.0):
 
 
 @pytest.mark.slow
-async def test_kill9_mid_run_then_restart_completes_without_repeats(tmp_path):
-    """The run survives kill -9; completed steps are not redone; usage is counted once per call."""
+@pytest.mark.parametrize("tier", list(TIERS))
+async def test_kill9_mid_run_then_restart_completes_without_repeats(tier, tmp_path):
+    """A run of each tier survives kill -9; completed steps are not redone; usage is counted once per call."""
     async with asyncio.timeout(60):
-        await _scenario(tmp_path)
+        await _scenario(tmp_path, tier)
 
 
-async def _scenario(tmp_path: Path) -> None:
+async def _scenario(tmp_path: Path, tier: str) -> None:
     tools = ToolServer(body='{"invoice": "INV-9", "status": "overdue"}')
     async with FakeAnthropic() as upstream, running_mesh(tmp_path, upstream_url=upstream.base_url,
                                                          start_orchestrator=False) as mesh:
@@ -68,7 +69,7 @@ async def _scenario(tmp_path: Path) -> None:
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         try:
-            a = await mesh.tenant()
+            a = await mesh.tenant(tier)
             creds = credentials_pb2_grpc.CredentialsServiceStub(grpc.aio.insecure_channel(mesh.addr("credentials")))
             await creds.PutSecret(credentials_pb2.PutSecretRequest(name="billing_api_key", value=SECRET.encode()),
                                   metadata=a.metadata)

@@ -13,20 +13,23 @@ from services.orchestrator.grants import GrantSealer
 from services.orchestrator.operations import RUN_SCOPES
 from shared.testing.fake_anthropic import FakeAnthropic
 
-from .mesh import running_mesh, start_orchestrator_in, team_pb
+from .mesh import TIERS, running_mesh, start_orchestrator_in, team_pb
 
 pytestmark = pytest.mark.postgres
 
 
-async def test_orchestrator_on_postgres_with_rls_and_delegation(postgres, tmp_path):
-    """Runs complete on Postgres; raw SQL as the app role sees one tenant; the run token is narrow."""
+@pytest.mark.parametrize("tier", list(TIERS))
+async def test_orchestrator_on_postgres_with_rls_and_delegation(tier, postgres, tmp_path):
+    """Runs of every tier complete on Postgres, queued in the platform database; raw SQL as the app role
+    sees one tenant (and a bridge or silo tenant's rows not at all: they live in its schema or database);
+    the run token is narrow."""
     urls = await postgres.create_database(f"orch_{uuid.uuid4().hex[:6]}")
     async with FakeAnthropic() as upstream, running_mesh(tmp_path, upstream_url=upstream.base_url,
                                                          start_orchestrator=False) as mesh, \
             contextlib.AsyncExitStack() as stack:
         orch = await start_orchestrator_in(mesh, stack, BULKHEAD_ORCHESTRATOR_DATABASE_URL=urls.app_url,
                                            BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL=urls.owner_url)
-        a, b = await mesh.tenant(), await mesh.tenant()
+        a, b = await mesh.tenant(tier), await mesh.tenant(tier)
         for t in (a, b):
             await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(model="claude-sonnet-4-5")), metadata=t.metadata)
         # Hold the run in the queue long enough to read its sealed grant: stop dispatching first.
@@ -42,7 +45,7 @@ async def test_orchestrator_on_postgres_with_rls_and_delegation(postgres, tmp_pa
                 await conn.execute(text("SELECT set_config('app.tenant_id', :t, true)"), {"t": b.tenant_id})
                 names = (await conn.execute(text("SELECT tenant_id FROM orch_teams"))).scalars().all()
                 runs = (await conn.execute(text("SELECT count(*) FROM orch_runs"))).scalar_one()
-            assert names == [b.tenant_id] and runs == 0
+            assert names == ([b.tenant_id] if tier == "pooled" else []) and runs == 0
         key = (tmp_path / "orchestrator-grant.key").read_bytes()
         token = GrantSealer(key).open(grant, run.run_id)
         claims = jwt.decode(token, options={"verify_signature": False})
