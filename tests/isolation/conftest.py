@@ -1,0 +1,52 @@
+"""The attack matrix's rig (one mesh per module) and its printout in the CI log."""
+from __future__ import annotations
+
+import pytest_asyncio
+
+from .matrix import ATTACK_NAMES, Matrix
+from .rig import running_rig
+
+# The matrix each run produced, printed at the end of the session whatever -s says.
+PRINTED: list[Matrix] = []
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def rig(tmp_path_factory):
+    """Six services, tenants A, B and suspended C, every token minted once."""
+    async with running_rig(tmp_path_factory.mktemp("isolation")) as r:
+        yield r
+
+
+_SHORT = {"OK": "OK", "NOT_FOUND": "NF", "PERMISSION_DENIED": "PD", "UNAUTHENTICATED": "UA",
+          "INVALID_ARGUMENT": "IA", "FAILED_PRECONDITION": "FP", "ALREADY_EXISTS": "AE"}
+
+
+def render(matrix: Matrix) -> list[str]:
+    """method × attack -> status code (a trailing ! marks a wrong cell), then the counts."""
+    methods = sorted({rpc for rpc, _ in matrix.cells})
+    width = max(len(m.rsplit(".", 1)[-1]) for m in methods)
+    cols = [n for n in ATTACK_NAMES if any(a == n for _, a in matrix.cells)]
+    lines = ["attack matrix: method × attack -> status (UA unauthenticated, PD permission denied, NF not found, "
+             "- not applicable, ! wrong)",
+             " " * width + " " + " ".join(f"{i:>3}" for i in range(len(cols)))]
+    for m in methods:
+        row = []
+        for a in cols:
+            cell = matrix.cells.get((m, a))
+            mark = "-" if cell is None else _SHORT.get(cell.status.partition("/")[0], "??") + ("" if cell.ok else "!")
+            row.append(f"{mark:>3}")
+        lines.append(f"{m.rsplit('.', 1)[-1]:<{width}} " + " ".join(row))
+    lines.append("columns: " + ", ".join(f"{i}={a}" for i, a in enumerate(cols)))
+    lines.append(f"cells: {len(matrix.cells)} over {len(methods)} methods and {len(cols)} attacks; "
+                 f"right: {len(matrix.cells) - len(matrix.failures)}; wrong: {len(matrix.failures)}")
+    for (attack, status), n in sorted(matrix.counts().items()):
+        lines.append(f"  {attack:<18} {status:<40} {n}")
+    return lines
+
+
+def pytest_terminal_summary(terminalreporter) -> None:
+    """Print the matrix into the CI log."""
+    for matrix in PRINTED:
+        terminalreporter.section("isolation attack matrix")
+        for line in render(matrix):
+            terminalreporter.write_line(line)

@@ -1,0 +1,209 @@
+"""One small factory per resource type: tenant B's real resources, and requests that name them.
+
+FACTORIES maps every tenant-scoped RPC to a Target whose build(ids) makes a valid request naming
+the resource in ids. The matrix builds it twice: with B's real ids and with lookalike random ids,
+sends both as tenant A, and requires the two replies to be the same. A new tenant-scoped RPC with
+no entry here fails the matrix (see methods.require_factories).
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, fields
+
+from google.protobuf import timestamp_pb2
+
+from bulkhead.credentials.v1 import credentials_pb2 as cred
+from bulkhead.identity.v1 import identity_pb2 as idn
+from bulkhead.inference.v1 import inference_pb2 as inf
+from bulkhead.metering.v1 import metering_pb2 as met
+from bulkhead.orchestrator.v1 import orchestrator_pb2 as orch
+from bulkhead.state.v1 import state_pb2 as st
+from tests.services.orchestrator.mesh import team_pb
+
+MODEL = "claude-test"
+
+
+@dataclass(frozen=True)
+class Ids:
+    """The identifiers of one tenant's resources, every one a request may name."""
+
+    tenant_id: str
+    principal_id: str
+    principal_name: str
+    api_key_id: str
+    jti: str
+    secret_name: str
+    ciphertext: bytes
+    thread_id: str
+    context_key: str
+    model_name: str
+    team: str
+    run_id: str
+    usage_key: str
+    reservation_id: str
+    reserve_key: str
+    lease_id: str
+    run_key: str
+
+    def lookalike(self) -> Ids:
+        """Random ids of the same shapes: what a resource that exists nowhere is called."""
+        return Ids(**{f.name: _lookalike(getattr(self, f.name)) for f in fields(self)})
+
+    def markers(self) -> list[bytes]:
+        """Byte strings that must never appear in another tenant's reply."""
+        return [v if isinstance(v, bytes) else v.encode() for v in (getattr(self, f.name) for f in fields(self)) if v]
+
+
+def _lookalike(value):
+    if isinstance(value, bytes):  # same length and prefix, random tail: undecryptable by anyone
+        keep = max(len(value) - 24, 0)
+        return value[:keep] + secrets.token_hex(12).encode()[: len(value) - keep]
+    head, sep, tail = value.rpartition("_") if "_" in value else ("", "", value)
+    alphabet = "abcdefghijklmnopqrstuvwxyz234567" if tail.islower() or tail.isdigit() else "0123456789abcdef"
+    return head + sep + "".join(secrets.choice(alphabet) for _ in tail) if tail else value
+
+
+@dataclass(frozen=True)
+class Target:
+    """How to attack one RPC across tenants."""
+
+    kind: str
+    """The resource type the request names (for the matrix and failure messages)."""
+    build: Callable[[Ids], object]
+    """A valid request naming the resource in ids."""
+    absent: bool = False
+    """A's reply for B's resource must be NOT_FOUND or PERMISSION_DENIED (B's thing is invisible)."""
+    phase: int = 1
+    """When to attack: 0 reads A's own history (before A's attempts on B's ids fill it), 1 reads and
+    mutations that must find nothing, 2 creates something of A's (after every read, so A's own copies
+    never look like B's)."""
+    compare_reply: bool = True
+    """Compare successful replies too (off where two calls differ anyway: counters, fresh key versions)."""
+
+
+def _now(offset: int = 0) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromSeconds(int(time.time()) + offset)
+    return ts
+
+
+def _scope(i: Ids) -> st.ContextScope:
+    return st.ContextScope(kind=st.SCOPE_KIND_TEAM, id=i.team)
+
+
+def _params(model: str) -> inf.MessageParams:
+    return inf.MessageParams(model=model, max_tokens=16,
+                             messages=[inf.Message(role=inf.ROLE_USER, content=[inf.ContentBlock(text=inf.TextBlock(text="hi"))])])
+
+
+def _usage(key: str) -> met.UsageEvent:
+    return met.UsageEvent(idempotency_key=key, model=MODEL, tokens=met.TokenCounts(input_tokens=3, output_tokens=2),
+                          occur_time=_now())
+
+
+_I, _C, _S = "/bulkhead.identity.v1.IdentityService/", "/bulkhead.credentials.v1.CredentialsService/", \
+    "/bulkhead.state.v1.StateService/"
+_N, _O, _M = "/bulkhead.inference.v1.InferenceService/", "/bulkhead.orchestrator.v1.OrchestratorService/", \
+    "/bulkhead.metering.v1.MeteringService/"
+
+FACTORIES: dict[str, Target] = {
+    # identity
+    _I + "GetTenant": Target("tenant", lambda i: idn.GetTenantRequest(tenant_id=i.tenant_id), absent=True),
+    _I + "CreatePrincipal": Target("principals", lambda i: idn.CreatePrincipalRequest(
+        kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=i.principal_name, scopes=["state.*"]), phase=2),
+    _I + "GetPrincipal": Target("principal", lambda i: idn.GetPrincipalRequest(principal_id=i.principal_id), absent=True),
+    _I + "ListPrincipals": Target("principals", lambda i: idn.ListPrincipalsRequest()),
+    _I + "DisablePrincipal": Target("principal", lambda i: idn.DisablePrincipalRequest(principal_id=i.principal_id),
+                                    absent=True),
+    _I + "CreateApiKey": Target("principal", lambda i: idn.CreateApiKeyRequest(principal_id=i.principal_id,
+                                                                                display_name="matrix"), absent=True),
+    _I + "ListApiKeys": Target("principal", lambda i: idn.ListApiKeysRequest(principal_id=i.principal_id)),
+    _I + "RevokeApiKey": Target("api key", lambda i: idn.RevokeApiKeyRequest(api_key_id=i.api_key_id), absent=True),
+    _I + "ExchangeToken": Target("tokens", lambda i: idn.ExchangeTokenRequest(scopes=["state.threads.read"]),
+                                 phase=2, compare_reply=False),
+    _I + "RevokeToken": Target("token", lambda i: idn.RevokeTokenRequest(jti=i.jti), absent=True),
+    # credentials
+    _C + "PutSecret": Target("secret", lambda i: cred.PutSecretRequest(name=i.secret_name, value=b"matrix-a"),
+                             phase=2),
+    _C + "GetSecret": Target("secret", lambda i: cred.GetSecretRequest(name=i.secret_name), absent=True),
+    _C + "ListSecrets": Target("secrets", lambda i: cred.ListSecretsRequest(show_deleted=True)),
+    _C + "DescribeSecret": Target("secret", lambda i: cred.DescribeSecretRequest(name=i.secret_name), absent=True),
+    _C + "RotateSecret": Target("secret", lambda i: cred.RotateSecretRequest(name=i.secret_name), absent=True),
+    _C + "DeleteSecret": Target("secret", lambda i: cred.DeleteSecretRequest(name=i.secret_name), absent=True),
+    _C + "DestroySecret": Target("secret", lambda i: cred.DestroySecretRequest(name=i.secret_name), absent=True),
+    _C + "ListAccessEvents": Target("secret", lambda i: cred.ListAccessEventsRequest(secret_name=i.secret_name),
+                                    phase=0),
+    _C + "VerifyAccessEvents": Target("audit", lambda i: cred.VerifyAccessEventsRequest(), compare_reply=False),
+    _C + "Encrypt": Target("transit key", lambda i: cred.EncryptRequest(plaintext=b"matrix"), phase=2,
+                           compare_reply=False),
+    _C + "Decrypt": Target("ciphertext", lambda i: cred.DecryptRequest(ciphertext=i.ciphertext)),
+    _C + "GenerateDataKey": Target("transit key", lambda i: cred.GenerateDataKeyRequest(bits=256), phase=2,
+                                   compare_reply=False),
+    _C + "RotateKey": Target("transit key", lambda i: cred.RotateKeyRequest(), phase=2, compare_reply=False),
+    _C + "Rewrap": Target("ciphertext", lambda i: cred.RewrapRequest(ciphertext=i.ciphertext)),
+    # state
+    _S + "CreateThread": Target("thread", lambda i: st.CreateThreadRequest(thread_id=i.thread_id), phase=2),
+    _S + "GetThread": Target("thread", lambda i: st.GetThreadRequest(thread_id=i.thread_id), absent=True),
+    _S + "ListThreads": Target("thread", lambda i: st.ListThreadsRequest(run_id=i.run_id)),
+    _S + "DeleteThread": Target("thread", lambda i: st.DeleteThreadRequest(thread_id=i.thread_id), absent=True),
+    _S + "AppendEvents": Target("thread", lambda i: st.AppendEventsRequest(
+        thread_id=i.thread_id, expected_version=1, events=[st.NewEvent(type="matrix", payload=b"a")]), absent=True),
+    _S + "ReadEvents": Target("thread", lambda i: st.ReadEventsRequest(thread_id=i.thread_id), absent=True),
+    _S + "Replay": Target("thread", lambda i: st.ReplayRequest(thread_id=i.thread_id), absent=True),
+    _S + "CreateSnapshot": Target("thread", lambda i: st.CreateSnapshotRequest(thread_id=i.thread_id, version=1,
+                                                                                state=b"a"), absent=True),
+    _S + "GetSnapshot": Target("thread", lambda i: st.GetSnapshotRequest(thread_id=i.thread_id,
+                                                                          at_or_before_version=1), absent=True),
+    _S + "PutContext": Target("context", lambda i: st.PutContextRequest(scope=_scope(i), key=i.context_key,
+                                                                         value=b"a"), phase=2),
+    _S + "GetContext": Target("context", lambda i: st.GetContextRequest(scope=_scope(i), key=i.context_key),
+                              absent=True),
+    _S + "DeleteContext": Target("context", lambda i: st.DeleteContextRequest(scope=_scope(i), key=i.context_key),
+                                 absent=True),
+    # inference
+    _N + "CreateMessage": Target("private model", lambda i: inf.CreateMessageRequest(params=_params(i.model_name))),
+    _N + "StreamMessage": Target("private model", lambda i: inf.StreamMessageRequest(params=_params(i.model_name))),
+    _N + "CountTokens": Target("private model", lambda i: inf.CountTokensRequest(params=_params(i.model_name))),
+    _N + "GetModelPolicy": Target("policy", lambda i: inf.GetModelPolicyRequest()),
+    _N + "RegisterPrivateModel": Target("private model", lambda i: inf.RegisterPrivateModelRequest(
+        model=inf.PrivateModel(name=i.model_name, upstream_model="ft:claude-test:a:001")), phase=2),
+    _N + "ListPrivateModels": Target("private models", lambda i: inf.ListPrivateModelsRequest()),
+    # orchestrator
+    _O + "CreateTeam": Target("team", lambda i: orch.CreateTeamRequest(team=team_pb(i.team)), phase=2),
+    _O + "GetTeam": Target("team", lambda i: orch.GetTeamRequest(name=i.team), absent=True),
+    _O + "ListTeams": Target("teams", lambda i: orch.ListTeamsRequest()),
+    _O + "UpdateTeam": Target("team", lambda i: orch.UpdateTeamRequest(
+        team=replace_description(team_pb(i.team)), update_mask={"paths": ["description"]}), absent=True),
+    _O + "DeleteTeam": Target("team", lambda i: orch.DeleteTeamRequest(name=i.team), absent=True),
+    _O + "StartRun": Target("team", lambda i: orch.StartRunRequest(team=i.team, entry_agent="triage", input="hi",
+                                                                    idempotency_key=i.run_key), absent=True),
+    _O + "GetRun": Target("run", lambda i: orch.GetRunRequest(run_id=i.run_id), absent=True),
+    _O + "ListRuns": Target("team", lambda i: orch.ListRunsRequest(team=i.team)),
+    _O + "WatchRun": Target("run", lambda i: orch.WatchRunRequest(run_id=i.run_id), absent=True),
+    _O + "CancelRun": Target("run", lambda i: orch.CancelRunRequest(run_id=i.run_id), absent=True),
+    # metering
+    _M + "RecordUsage": Target("usage event", lambda i: met.RecordUsageRequest(events=[_usage(i.usage_key)]),
+                               phase=2),
+    _M + "QueryUsage": Target("usage", lambda i: met.QueryUsageRequest(filter=met.UsageFilter(
+        start_time=_now(-3600), end_time=_now(3600), principal_id=i.principal_id))),
+    _M + "ListPrices": Target("prices", lambda i: met.ListPricesRequest(model=MODEL)),
+    _M + "GetQuotaStatus": Target("quota", lambda i: met.GetQuotaStatusRequest()),
+    _M + "ReserveBudget": Target("reservation", lambda i: met.ReserveBudgetRequest(
+        model=MODEL, prompt_tokens=10, max_output_tokens=10, idempotency_key=i.reserve_key), phase=2),
+    _M + "CommitBudget": Target("reservation", lambda i: met.CommitBudgetRequest(
+        reservation_id=i.reservation_id, usage=met.TokenCounts(input_tokens=1)), absent=True),
+    _M + "ReleaseBudget": Target("reservation", lambda i: met.ReleaseBudgetRequest(reservation_id=i.reservation_id),
+                                 absent=True),
+    _M + "LeaseBudget": Target("lease", lambda i: met.LeaseBudgetRequest(model=MODEL, tokens=10), phase=2,
+                               compare_reply=False),
+    _M + "RenewLease": Target("lease", lambda i: met.RenewLeaseRequest(lease_id=i.lease_id), absent=True),
+    _M + "ReleaseLease": Target("lease", lambda i: met.ReleaseLeaseRequest(lease_id=i.lease_id), absent=True),
+}
+
+
+def replace_description(team):
+    """The same team with another description (a minimal valid update)."""
+    team.description = "changed by the attack matrix"
+    return team

@@ -1,0 +1,79 @@
+"""Every RPC of the six services, read from the generated descriptors: nothing here is hand-listed."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+
+from google.protobuf import message_factory
+from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
+
+from bulkhead.common.v1 import auth_pb2
+
+SERVICES = ("identity", "credentials", "state", "inference", "orchestrator", "metering")
+
+
+@dataclass(frozen=True)
+class Rpc:
+    """One method as the matrix sees it."""
+
+    service: str
+    """Folder name of the service that serves it (where to send the call)."""
+    path: str
+    """"/pkg.Service/Method", the gRPC path and the key of FACTORIES."""
+    scope: str
+    """The scope its AuthRule declares; empty for public methods and for methods with no rule."""
+    public: bool
+    descriptor: MethodDescriptor
+
+    @property
+    def platform(self) -> bool:
+        """Operator or platform-service only: no tenant may call it."""
+        return self.scope.startswith("platform.")
+
+    @property
+    def name(self) -> str:
+        return self.path.rsplit(".", 1)[-1]
+
+    @property
+    def shape(self) -> str:
+        d = self.descriptor
+        return f"{'stream' if d.client_streaming else 'unary'}_{'stream' if d.server_streaming else 'unary'}"
+
+    def request_class(self):
+        return message_factory.GetMessageClass(self.descriptor.input_type)
+
+    def response_class(self):
+        return message_factory.GetMessageClass(self.descriptor.output_type)
+
+
+def service_files() -> dict[str, FileDescriptor]:
+    """Service folder -> the generated file descriptor that declares its API."""
+    return {svc: importlib.import_module(f"bulkhead.{svc}.v1.{svc}_pb2").DESCRIPTOR for svc in SERVICES}
+
+
+def enumerate_rpcs(files: dict[str, FileDescriptor] | None = None) -> list[Rpc]:
+    """Every method of every service in files (default: the six), with its declared rule."""
+    out = []
+    for svc, file in (files or service_files()).items():
+        for service in file.services_by_name.values():
+            for method in service.methods:
+                options = method.GetOptions()
+                rule = options.Extensions[auth_pb2.auth] if options.HasExtension(auth_pb2.auth) else None
+                out.append(Rpc(svc, f"/{service.full_name}/{method.name}", rule.scope if rule else "",
+                               bool(rule and rule.public), method))
+    return out
+
+
+class MissingFactory(AssertionError):
+    """A tenant-scoped RPC the matrix cannot attack because no factory builds its resource."""
+
+
+def require_factories(rpcs: list[Rpc], factories: dict) -> None:
+    """Fail naming every tenant-scoped RPC without a factory, and saying what to add."""
+    missing = [r for r in rpcs if not r.public and not r.platform and r.path not in factories]
+    if missing:
+        lines = [f"  {r.path} (scope {r.scope or 'NONE'}): add FACTORIES[{r.path!r}] = Target(<resource kind>, "
+                 f"lambda b, rid: {r.descriptor.input_type.name}(...)) in tests/isolation/factories.py"
+                 for r in missing]
+        raise MissingFactory("tenant-scoped RPCs with no resource factory, so no cross-tenant proof:\n"
+                             + "\n".join(lines))
