@@ -10,6 +10,7 @@ import io
 import logging
 import secrets
 import time
+import urllib.parse
 import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
@@ -31,6 +32,7 @@ from bulkhead.credentials.v1 import credentials_pb2 as cred
 from bulkhead.identity.v1 import identity_pb2 as idp
 from bulkhead.metering.v1 import metering_pb2 as mtr
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc
+from bulkhead.state.v1 import state_pb2 as st
 from console import _charts, _figures
 from console._config import ConsoleConfig
 from console._mesh import Mesh
@@ -45,6 +47,10 @@ MAX_RUNS_SCANNED = 2000
 """Most runs the Overview reads per window (ListRuns pages, newest first)."""
 LATENCY_SAMPLE_RUNS = 20
 """Finished runs whose steps are read for the latency percentiles."""
+THREADS_PAGE = 100
+"""Threads listed per page."""
+THREAD_EVENTS = 500
+"""Events of one thread shown (the first ones, in version order)."""
 _NOT_FOUND_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
 _GROUPINGS = {"day": mtr.USAGE_GROUPING_DAY, "hour": mtr.USAGE_GROUPING_HOUR, "model": mtr.USAGE_GROUPING_MODEL,
               "agent": mtr.USAGE_GROUPING_AGENT, "principal": mtr.USAGE_GROUPING_PRINCIPAL}
@@ -152,6 +158,7 @@ class Console:
             Route("/runs", p(self.runs)), Route("/runs/table", p(self.runs_table)),
             Route("/runs/{run_id}", p(self.run)), Route("/runs/{run_id}/timeline", p(self.run_timeline)),
             Route("/runs/{run_id}/cancel", p(self.cancel_run), methods=["POST"]),
+            Route("/threads", p(self.threads)), Route("/threads/{thread_id}", p(self.thread)),
             Route("/usage", p(self.usage)), Route("/usage.csv", p(self.usage_csv)),
             Route("/secrets", p(self.secrets)), Route("/secrets/{name}", p(self.secret)),
             Route("/security", p(self.security)),
@@ -454,6 +461,27 @@ class Console:
                 raise
         return RedirectResponse(f"/runs/{run_id}", status_code=303)
 
+    # --- threads (state's event logs: metadata only, never payloads) ------------------------------
+
+    async def threads(self, request: Request, session: Session) -> Response:
+        run = request.query_params.get("run", "")[:100]
+        page = request.query_params.get("page", "")[:500]
+        resp = await self._call(session, self.mesh.state.ListThreads,
+                                st.ListThreadsRequest(run_id=run, page_size=THREADS_PAGE, page_token=page))
+        return self.render(request, "threads.html", threads=resp.threads, run=run, next_page=resp.next_page_token)
+
+    async def thread(self, request: Request, session: Session) -> Response:
+        thread_id = request.path_params["thread_id"]
+        thread = (await self._call(session, self.mesh.state.GetThread, st.GetThreadRequest(thread_id=thread_id),
+                                   ids=True)).thread
+        resp = await self._call(session, self.mesh.state.ReadEvents, st.ReadEventsRequest(
+            thread_id=thread_id, page_size=THREAD_EVENTS), ids=True)
+        # Sizes only: a payload is the tenant's own, but a page is easier to leak than an RPC answer.
+        events = [{"version": e.version, "type": e.type, "time": fmt_time(e.create_time), "size": len(e.payload)}
+                  for e in resp.events]
+        return self.render(request, "thread.html", nav="threads", thread=thread, events=events,
+                           more=bool(resp.next_page_token))
+
     # --- usage ------------------------------------------------------------------------------------
 
     def _usage_params(self, request: Request) -> tuple[dt.datetime, dt.datetime, list[str]]:
@@ -488,7 +516,8 @@ class Console:
                                                           for r in by_model], unit="$"),
             "agent": _charts.bars("Tokens per agent", [(r.agent_id or "(no agent)", tokens(r)) for r in by_agent]),
         }
-        csv_query = f"since={start.isoformat()}&until={end.isoformat()}&by={','.join(names)}"
+        # Encoded: a raw "+00:00" would arrive as " 00:00" and the download would fail.
+        csv_query = urllib.parse.urlencode({"since": start.isoformat(), "until": end.isoformat(), "by": ",".join(names)})
         return self.render(request, "usage.html", charts=charts, headers=QUERY_HEADERS,
                            lines=query_rows(rows, hourly="hour" in names), since=start.isoformat(),
                            until=end.isoformat(), by=",".join(names), csv_query=csv_query,

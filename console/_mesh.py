@@ -10,6 +10,7 @@ from bulkhead.credentials.v1 import credentials_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2_grpc
 from bulkhead.metering.v1 import metering_pb2_grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
+from bulkhead.state.v1 import state_pb2_grpc
 from shared.tls import TlsConfig, channel_credentials
 
 _STUBS = {
@@ -17,6 +18,7 @@ _STUBS = {
     "credentials": credentials_pb2_grpc.CredentialsServiceStub,
     "orchestrator": orchestrator_pb2_grpc.OrchestratorServiceStub,
     "metering": metering_pb2_grpc.MeteringServiceStub,
+    "state": state_pb2_grpc.StateServiceStub,
 }
 
 
@@ -30,6 +32,7 @@ class Mesh:
         self.credentials = _STUBS["credentials"](self._channels["credentials"])
         self.orchestrator = _STUBS["orchestrator"](self._channels["orchestrator"])
         self.metering = _STUBS["metering"](self._channels["metering"])
+        self.state = _STUBS["state"](self._channels["state"])
 
     async def close(self) -> None:
         for channel in self._channels.values():
