@@ -95,8 +95,12 @@ class TenantRun:
     output: str = ""
 
 
-async def _setup_tenant(operator: Client, name: str, crm: CrmStub, addresses) -> TenantRun:
-    created = await operator.identity.CreateTenant(idp.CreateTenantRequest(name=name, tier=tenancy_pb2.TIER_POOLED))
+TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "silo": tenancy_pb2.TIER_SILO}
+"""The isolation tiers a demo tenant may have, by name."""
+
+
+async def _setup_tenant(operator: Client, name: str, crm: CrmStub, addresses, tier: str) -> TenantRun:
+    created = await operator.identity.CreateTenant(idp.CreateTenantRequest(name=name, tier=TIERS[tier]))
     tenant = TenantRun(name=name, tenant_id=created.tenant.id, api_key=created.admin_api_key)
     await operator.metering.SetQuota(mtr.SetQuotaRequest(quota=mtr.Quota(
         tenant_id=tenant.tenant_id, requests_per_minute=600, tokens_per_minute=200_000)))
@@ -201,14 +205,14 @@ async def _ensure_prices(operator: Client) -> None:
                 output_micros_per_mtok=out, cache_write_micros_per_mtok=write, cache_read_micros_per_mtok=read)))
 
 
-async def run_demo(operator_key: str, addresses: dict[str, str], *, say=print) -> DemoResult:
-    """The whole scenario; `say` prints progress lines."""
+async def run_demo(operator_key: str, addresses: dict[str, str], *, say=print, tier: str = "pooled") -> DemoResult:
+    """The whole scenario, for two tenants of `tier`; `say` prints progress lines."""
     suffix = secrets.token_hex(3)
     with CrmStub() as crm:
         async with await Client.connect(api_key=operator_key, addresses=addresses) as operator:
             await _ensure_prices(operator)
-            say("setting up two tenants, each with a support team and a CRM secret ...")
-            tenants = [await _setup_tenant(operator, f"{n}-{suffix}", crm, addresses) for n in ("acme", "globex")]
+            say(f"setting up two {tier} tenants, each with a support team and a CRM secret ...")
+            tenants = [await _setup_tenant(operator, f"{n}-{suffix}", crm, addresses, tier) for n in ("acme", "globex")]
         for t in tenants:
             say(f"  {t.name:<14} {t.tenant_id}")
         say("\nrunning one workflow per tenant, concurrently (live steps):")

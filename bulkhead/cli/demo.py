@@ -11,6 +11,8 @@ from shared.telemetry import setup_telemetry, shutdown_telemetry
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("demo", help="two tenants, two concurrent workflows, usage, a refused cross-tenant call")
+    parser.add_argument("--tier", choices=("pooled", "bridge", "silo"), default="pooled",
+                        help="isolation tier of the two tenants (default: pooled)")
     add_connection_args(parser)
     parser.set_defaults(func=_demo)
 
@@ -26,7 +28,7 @@ async def _demo(args: argparse.Namespace) -> None:
     otlp = os.environ.get("BULKHEAD_OTLP_ENDPOINT")
     setup_telemetry("demo", otlp)
     addresses = {s: service_addr(s) for s in SERVICES}
-    result = await run_demo(key, addresses)
+    result = await run_demo(key, addresses, tier=args.tier)
     print("runs:")
     table([[t.name, t.run_id, t.status, len(t.steps), t.trace_id] for t in result.tenants],
           ["tenant", "run", "status", "steps", "trace id"])

@@ -11,19 +11,25 @@ from tests.bulkhead.test_up import _alive
 from tests.e2e.conftest import demo_trace_ids
 
 SERVICES = {"identity", "credentials", "state", "inference", "orchestrator", "metering"}
+TIERS = ("pooled", "bridge", "silo")
 
 
 @pytest.mark.slow
 async def test_demo_is_one_trace_per_workflow_across_all_services(mesh_factory):
-    """Spans reach an OTLP receiver; each workflow's trace spans all six services with tenant.id, and no secret."""
+    """The demo for pooled, bridge and silo tenants at once on one mesh (SQLite): every workflow succeeds;
+    spans reach an OTLP receiver; each workflow's trace spans all six services with tenant.id, and no secret."""
     receiver = await OtlpReceiver().start()
     try:
         env = {"BULKHEAD_OTLP_ENDPOINT": receiver.endpoint}
         mesh = await asyncio.to_thread(mesh_factory, env)
-        demo = await asyncio.to_thread(mesh.cli, "demo")
-        assert demo.returncode == 0, demo.stdout + demo.stderr
-        traces = demo_trace_ids(demo.stdout)
-        assert len(traces) == 2, demo.stdout
+        demos = await asyncio.gather(*(asyncio.to_thread(mesh.cli, "demo", "--tier", tier) for tier in TIERS))
+        traces = {}
+        for tier, demo in zip(TIERS, demos, strict=True):
+            assert demo.returncode == 0, f"{tier}: {demo.stdout}{demo.stderr}"
+            assert f"two {tier} tenants" in demo.stdout
+            assert len(demo_trace_ids(demo.stdout)) == 2, demo.stdout  # both workflows succeeded
+            traces.update(demo_trace_ids(demo.stdout))
+        assert len(traces) == 6
         pids = mesh.service_pids()
         assert set(pids) == SERVICES | {"console"}  # the console is a process of its own, outside the traces
         await asyncio.to_thread(mesh.stop)  # Ctrl-C; services flush their span batches when they stop
@@ -38,7 +44,7 @@ async def test_demo_is_one_trace_per_workflow_across_all_services(mesh_factory):
         await receiver.stop()
 
     tenant_ids = {}
-    for line in demo.stdout.splitlines():
+    for line in "".join(d.stdout for d in demos).splitlines():
         parts = line.split()
         if len(parts) == 2 and parts[0] in traces and parts[1].startswith("t_"):
             tenant_ids[parts[0]] = parts[1]
@@ -55,3 +61,5 @@ async def test_demo_is_one_trace_per_workflow_across_all_services(mesh_factory):
         assert server_spans and {s.attributes["tenant.id"] for s in server_spans} == {tenant_ids[name]}
         attrs = " ".join(f"{k}={v}" for s in spans for k, v in s.attributes.items())
         assert "crm-" not in attrs and "Bearer" not in attrs and "bk_t_" not in attrs
+    # The bridge and silo tenants' runs are in SQLite files of their own (the queue is not: they ran).
+    assert len(list(mesh.data_dir.glob("orchestrator.tenants/*.db"))) == 4
