@@ -1,13 +1,48 @@
-"""Engine factory: async Postgres (asyncpg) or embedded SQLite (aiosqlite) from one URL."""
+"""Engine factory: async Postgres (asyncpg) or embedded SQLite (aiosqlite) from one URL.
+
+`postgresql+pgbouncer://` is asyncpg behind a transaction-mode pooler (PgBouncer before 1.21,
+which cannot track prepared statements): consecutive transactions of one client may run on
+different server connections, so no prepared statement may outlive its transaction.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, event, make_url
+from sqlalchemy.dialects import registry
+from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 _ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "postgres": "postgresql+asyncpg", "sqlite": "sqlite+aiosqlite"}
+
+
+def _unnamed_statement() -> str:
+    return ""
+
+
+class PgBouncerDialect(PGDialect_asyncpg):
+    """asyncpg for a URL behind a transaction pooler: unnamed, uncached statements only.
+
+    A named statement stays on the server connection it was prepared on; the client's next
+    transaction may get another one ("prepared statement does not exist"), or a connection that
+    still holds a same-named statement of another process ("already exists"). With asyncpg's
+    cache off, an unnamed statement is parsed again in the same round trip as its execution.
+    """
+
+    supports_statement_cache = True  # SQL compilation is asyncpg's, unchanged: its cache is safe
+
+    def create_connect_args(self, url: URL) -> Any:
+        """asyncpg's connect arguments with both statement caches off and unnamed statements."""
+        args, opts = super().create_connect_args(url)
+        opts["statement_cache_size"] = 0  # asyncpg's own cache (and raw transactions' fetches)
+        opts["prepared_statement_cache_size"] = 0  # SQLAlchemy's cache of prepared statements
+        opts["prepared_statement_name_func"] = _unnamed_statement
+        return args, opts
+
+
+# Registered on import, so every engine made from such a URL (migrations, silo databases) gets it.
+registry.register("postgresql.pgbouncer", __name__, "PgBouncerDialect")
 
 
 def normalize_url(url: str | URL) -> URL:

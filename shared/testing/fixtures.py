@@ -4,6 +4,9 @@ Load it from tests/conftest.py with `pytest_plugins = ["shared.testing.fixtures"
 
 - `postgres` -> PostgresServer: `.admin_url`, `.admin_dsn`, `await .create_database(name)`.
 - `openbao`  -> OpenBaoServer: `.url`, `.root_token`, `.client()`, `.stop()`, `.start()`.
+- `pgbouncer` -> PgBouncer in transaction pooling mode in front of `postgres`: `.app_url(db)`,
+  `.app_dsn(db)`. With BULKHEAD_TEST_PGBOUNCER=1 every `create_database` hands out runtime URLs
+  through it, so the Postgres tests run through the pooler.
 
 A server starts only when the first test asks for it. When it cannot start (binary missing,
 no Docker engine) the tests that need it FAIL with a message saying what to install: they are
@@ -12,15 +15,17 @@ marker automatically, so `pytest -m "not postgres and not openbao"` runs the res
 """
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 
 import pytest
 
 from shared.testing.openbao import OpenBaoServer, start_openbao
+from shared.testing.pgbouncer import PgBouncer, start_pgbouncer
 from shared.testing.postgres import PostgresServer, start_postgres
 from shared.testing.procs import ServerStartError, free_port
 
-__all__ = ["free_port", "openbao", "postgres"]
+__all__ = ["free_port", "openbao", "pgbouncer", "postgres"]
 
 _started: list[str] = []
 _openbao: list[OpenBaoServer] = []
@@ -30,6 +35,7 @@ def pytest_configure(config: pytest.Config) -> None:
     """Register the markers (also declared in pyproject.toml; repeating them is harmless)."""
     config.addinivalue_line("markers", "postgres: needs the throwaway PostgreSQL server")
     config.addinivalue_line("markers", "openbao: needs the OpenBao dev server")
+    config.addinivalue_line("markers", "pgbouncer: needs PgBouncer in front of the PostgreSQL server")
     config.addinivalue_line("markers", "slow: takes more than a few seconds")
 
 
@@ -37,7 +43,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Mark every test that uses a server fixture, directly or through another fixture."""
     for item in items:
         names = getattr(item, "fixturenames", ())
-        for marker in ("postgres", "openbao"):
+        for marker in ("postgres", "openbao", "pgbouncer"):
             if marker in names:
                 item.add_marker(getattr(pytest.mark, marker))
 
@@ -64,9 +70,39 @@ def postgres() -> Iterator[PostgresServer]:
         pytest.fail(f"cannot start PostgreSQL for the tests: {exc}", pytrace=False)
     _started.append(f"postgres: {server.backend} server on {server.host}:{server.port}")
     try:
+        if os.environ.get("BULKHEAD_TEST_PGBOUNCER") == "1":
+            server.pooler = _start_pgbouncer(server)
         yield server
     finally:
+        if server.pooler is not None:
+            server.pooler.stop()
         server.stop()
+
+
+def _start_pgbouncer(server: PostgresServer) -> PgBouncer:
+    try:
+        bouncer = start_pgbouncer(server)
+    except ServerStartError as exc:
+        pytest.fail(f"cannot start PgBouncer for the tests: {exc}", pytrace=False)
+    _started.append(f"pgbouncer: {bouncer.version}, transaction pooling on {bouncer.host}:{bouncer.port}")
+    return bouncer
+
+
+@pytest.fixture(scope="session")
+def pgbouncer(postgres: PostgresServer) -> Iterator[PgBouncer]:
+    """PgBouncer (transaction pooling) in front of the session's Postgres, for the session.
+
+    The one create_database routes through under BULKHEAD_TEST_PGBOUNCER=1, else a private one
+    (so asking for it never reroutes other tests' databases).
+    """
+    if postgres.pooler is not None:
+        yield postgres.pooler
+        return
+    bouncer = _start_pgbouncer(postgres)
+    try:
+        yield bouncer
+    finally:
+        bouncer.stop()
 
 
 @pytest.fixture(scope="session")

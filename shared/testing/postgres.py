@@ -12,7 +12,9 @@ level security really applies to the service.
 
 Environment knobs: BULKHEAD_TEST_POSTGRES=auto|local|docker picks the backend (auto by default);
 BULKHEAD_TEST_PG_BINDIR=/path/to/bin picks the local binaries;
-BULKHEAD_TEST_POSTGRES_URL=postgresql://superuser:pw@host:port/postgres uses a server you run.
+BULKHEAD_TEST_POSTGRES_URL=postgresql://superuser:pw@host:port/postgres uses a server you run;
+BULKHEAD_TEST_PGBOUNCER=1 sends every database's runtime URL through PgBouncer (transaction
+pooling, shared.testing.pgbouncer).
 """
 from __future__ import annotations
 
@@ -29,6 +31,7 @@ import threading
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from shared.testing.procs import (
     RunAs,
@@ -58,11 +61,12 @@ class DatabaseUrls:
     owner_url: str
     """SQLAlchemy URL (postgresql+asyncpg) for the database's owner role: run migrations with it."""
     app_url: str
-    """SQLAlchemy URL for `bulkhead_app`: what the service uses at runtime (RLS applies)."""
+    """SQLAlchemy URL for `bulkhead_app`: what the service uses at runtime (RLS applies).
+    Through PgBouncer (postgresql+pgbouncer://) when the session runs with BULKHEAD_TEST_PGBOUNCER=1."""
     owner_dsn: str
     """Plain libpq DSN for the owner (asyncpg.connect)."""
     app_dsn: str
-    """Plain libpq DSN for `bulkhead_app`."""
+    """Plain libpq DSN for `bulkhead_app`, always straight to Postgres (tests' own inspection)."""
     name: str = ""
     """The database name (the requested one, with a suffix if it was already taken)."""
     owner_role: str = ""
@@ -139,6 +143,8 @@ class PostgresServer:
     """Directory of the unix socket (local clusters only)."""
     app_password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
     """Password of the cluster-wide runtime role `bulkhead_app`."""
+    pooler: Any = None
+    """A PgBouncer the runtime role's app_url goes through (BULKHEAD_TEST_PGBOUNCER=1), or None."""
     _stop: object = field(default=None, repr=False)
     _names: set[str] = field(default_factory=set, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -199,7 +205,8 @@ class PostgresServer:
             await conn.close()
         owner_dsn = _dsn(owner, owner_pw, self.host, self.port, db)
         app_dsn = _dsn(APP_ROLE, self.app_password, self.host, self.port, db)
-        return DatabaseUrls(owner_url=_sqlalchemy(owner_dsn), app_url=_sqlalchemy(app_dsn),
+        app_url = self.pooler.app_url(db) if self.pooler is not None else _sqlalchemy(app_dsn)
+        return DatabaseUrls(owner_url=_sqlalchemy(owner_dsn), app_url=app_url,
                             owner_dsn=owner_dsn, app_dsn=app_dsn, name=db, owner_role=owner)
 
     def create_database_sync(self, name: str) -> DatabaseUrls:
