@@ -100,6 +100,11 @@ class Dispatcher:
         self._cancel: set[str] = set()
         self._loop_task: asyncio.Task | None = None
 
+    @property
+    def runs_per_tenant(self) -> int:
+        """Concurrent runs per tenant (across replicas): the tenant's concurrency limit."""
+        return self._s.runs_per_tenant
+
     def start(self) -> None:
         """Begin dispatching in the background."""
         self._loop_task = asyncio.create_task(self._loop(), name="orchestrator-dispatch")

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import time
 from collections.abc import AsyncIterator
 from typing import Protocol
 
@@ -17,6 +18,18 @@ from shared.tenancy import require_tenant
 from shared.telemetry import current_traceparent
 
 MAX_INPUT_CHARS = 32_000
+
+
+@dataclasses.dataclass(frozen=True)
+class RunQueue:
+    """Why a queued run waits: its place in its tenant's queue, and the tenant's concurrency."""
+
+    position: int
+    """Its place among the tenant's queued runs, from 1."""
+    running: int
+    """The tenant's runs executing now."""
+    limit: int
+    """The most runs the tenant may execute at once."""
 
 RUN_SCOPES = (
     "state.threads.read", "state.threads.write", "state.context.read", "state.context.write",
@@ -121,6 +134,15 @@ class Orchestrator:
         """One run."""
         _require_name(run_id, "run_id")
         return await self._runs.get(run_id)
+
+    async def queue_of(self, run: RunRecord) -> RunQueue | None:
+        """Where the caller's run waits, when it is queued (the caller's tenant's entries only)."""
+        if run.status != RunStatus.QUEUED:
+            return None
+        place = await self._runs.place(run.run_id, require_tenant().tenant_id, time.time())
+        if place is None:  # claimed a moment ago
+            return None
+        return RunQueue(place.position, place.running, self._dispatcher.runs_per_tenant)
 
     async def list_runs(self, *, page_size: int, page_token: str, status: RunStatus | None, team: str) -> Page:
         """One page of runs."""

@@ -5,7 +5,7 @@ from google.protobuf import json_format, struct_pb2, timestamp_pb2
 
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
-from services.orchestrator.operations import Orchestrator
+from services.orchestrator.operations import Orchestrator, RunQueue
 from services.orchestrator.runs import RunStatus
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.store import RunRecord, TeamRecord
@@ -44,10 +44,11 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def StartRun(self, request, context):
         run = await self._o.start_run(team=request.team, entry_agent=request.entry_agent, run_input=request.input,
                                       idempotency_key=request.idempotency_key)
-        return pb.StartRunResponse(run=run_to_pb(run))
+        return pb.StartRunResponse(run=run_to_pb(run), queue=queue_to_pb(await self._o.queue_of(run)))
 
     async def GetRun(self, request, context):
-        return pb.GetRunResponse(run=run_to_pb(await self._o.get_run(request.run_id)))
+        run = await self._o.get_run(request.run_id)
+        return pb.GetRunResponse(run=run_to_pb(run), queue=queue_to_pb(await self._o.queue_of(run)))
 
     async def ListRuns(self, request, context):
         page = await self._o.list_runs(page_size=request.page_size, page_token=request.page_token,
@@ -107,6 +108,11 @@ def run_to_pb(r: RunRecord) -> pb.Run:
                   status=_STATUS_TO_PB[r.status], current_agent=r.current_agent, output=r.output,
                   step_count=r.step_count, error_reason=r.error_reason, error_message=r.error_message,
                   idempotency_key=r.idempotency_key, create_time=_ts(r.created_at), update_time=_ts(r.updated_at))
+
+
+def queue_to_pb(q: RunQueue | None) -> pb.RunQueue | None:
+    """Where a queued run waits, as proto (None leaves the field unset)."""
+    return pb.RunQueue(position=q.position, running=q.running, limit=q.limit) if q else None
 
 
 def step_to_pb(run_id: str, s: Step) -> pb.Step:

@@ -153,6 +153,16 @@ class Claim:
     traceparent: str = ""
 
 
+@dataclass(frozen=True)
+class QueuePlace:
+    """Why a queued run has not started yet, within its own tenant."""
+
+    position: int
+    """Its place among the tenant's waiting runs, from 1."""
+    running: int
+    """The tenant's runs holding a live lease."""
+
+
 def _team(row: TeamRow) -> TeamRecord:
     return TeamRecord(TeamSpec.from_dict(json.loads(row.spec)), row.etag, row.created_at, row.updated_at)
 
@@ -445,6 +455,18 @@ class RunStore:
             else:
                 waiting.append(QueuedRun(tenant_id, run_id, enqueued_at))
         return waiting, running
+
+    async def place(self, run_id: str, tenant_id: str, now: float) -> QueuePlace | None:
+        """Where a run of tenant_id waits; None when it is not waiting. Reads that tenant's entries only."""
+        async with self._db.system_session() as s:
+            rows = (await s.execute(select(QueueRow.run_id, QueueRow.state, QueueRow.enqueued_at,
+                                           QueueRow.lease_expires).where(QueueRow.tenant_id == tenant_id))).all()
+        live = [r for r in rows if r.state == "running" and r.lease_expires > now]
+        waiting = sorted((r for r in rows if r not in live), key=lambda r: (r.enqueued_at, r.run_id))
+        ids = [r.run_id for r in waiting]
+        if run_id not in ids:
+            return None
+        return QueuePlace(position=ids.index(run_id) + 1, running=len(live))
 
     async def claim(self, run_id: str, owner: str, *, ttl: float, now: float) -> Claim | None:
         """Take the lease of a waiting run; None when another replica got it first."""

@@ -233,10 +233,22 @@ class StartRunRequest(_message.Message):
     def __init__(self, team: _Optional[str] = ..., entry_agent: _Optional[str] = ..., input: _Optional[str] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class StartRunResponse(_message.Message):
-    __slots__ = ("run",)
+    __slots__ = ("run", "queue")
     RUN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
     run: Run
-    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+    queue: RunQueue
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., queue: _Optional[_Union[RunQueue, _Mapping]] = ...) -> None: ...
+
+class RunQueue(_message.Message):
+    __slots__ = ("position", "running", "limit")
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    LIMIT_FIELD_NUMBER: _ClassVar[int]
+    position: int
+    running: int
+    limit: int
+    def __init__(self, position: _Optional[int] = ..., running: _Optional[int] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class GetRunRequest(_message.Message):
     __slots__ = ("run_id",)
@@ -245,10 +257,12 @@ class GetRunRequest(_message.Message):
     def __init__(self, run_id: _Optional[str] = ...) -> None: ...
 
 class GetRunResponse(_message.Message):
-    __slots__ = ("run",)
+    __slots__ = ("run", "queue")
     RUN_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_FIELD_NUMBER: _ClassVar[int]
     run: Run
-    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+    queue: RunQueue
+    def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ..., queue: _Optional[_Union[RunQueue, _Mapping]] = ...) -> None: ...
 
 class ListRunsRequest(_message.Message):
     __slots__ = ("page_size", "page_token", "status", "team")

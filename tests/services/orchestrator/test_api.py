@@ -8,7 +8,7 @@ from google.protobuf import field_mask_pb2
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from shared.errors import error_details
 
-from .mesh import team_pb
+from .mesh import TIERS, team_pb
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -162,3 +162,39 @@ async def test_concurrent_starts_with_one_key_make_one_run(bare_mesh):
                                                 metadata=a.metadata) for _ in range(5)))
     assert len({r.run.run_id for r in runs}) == 1
     assert len((await stub.ListRuns(pb.ListRunsRequest(), metadata=a.metadata)).runs) == 1
+
+
+@pytest.mark.parametrize("tier", list(TIERS))
+async def test_queued_run_tells_its_place_in_its_own_tenants_queue(tier, bare_mesh):
+    """StartRun and GetRun say where a queued run waits and the tenant's limit; other tenants' runs never count."""
+    stub, a, b = bare_mesh.stub, await bare_mesh.tenant(tier), await bare_mesh.tenant(tier)
+    for t in (a, b):
+        await stub.CreateTeam(pb.CreateTeamRequest(team=team_pb()), metadata=t.metadata)
+    started = [await stub.StartRun(pb.StartRunRequest(team="support", input=f"a{i}"), metadata=a.metadata)
+               for i in range(3)]
+    assert [(s.queue.position, s.queue.running, s.queue.limit) for s in started] == [(1, 0, 4), (2, 0, 4), (3, 0, 4)]
+    # B's first run is first in B's queue, however long A's is.
+    b_run = await stub.StartRun(pb.StartRunRequest(team="support", input="b"), metadata=b.metadata)
+    assert b_run.queue.position == 1
+    got = await stub.GetRun(pb.GetRunRequest(run_id=started[2].run.run_id), metadata=a.metadata)
+    assert got.run.status == pb.RUN_STATUS_QUEUED and got.queue.position == 3
+    await stub.CancelRun(pb.CancelRunRequest(run_id=started[0].run.run_id), metadata=a.metadata)
+    assert (await stub.GetRun(pb.GetRunRequest(run_id=started[2].run.run_id), metadata=a.metadata)).queue.position == 2
+    # A run that no longer waits has no place.
+    cancelled = await stub.GetRun(pb.GetRunRequest(run_id=started[0].run.run_id), metadata=a.metadata)
+    assert cancelled.run.status == pb.RUN_STATUS_CANCELLED and not cancelled.HasField("queue")
+    # B asking about A's queued run learns nothing, not even that it waits.
+    d = await expect(grpc.StatusCode.NOT_FOUND, stub.GetRun(pb.GetRunRequest(run_id=started[1].run.run_id),
+                                                            metadata=b.metadata))
+    assert d["reason"] == "RUN_NOT_FOUND"
+
+
+async def test_get_run_bad_input_is_precise(bare_mesh):
+    """GetRun without a run id, or with an overlong one, is INVALID_ARGUMENT naming run_id."""
+    stub, a = bare_mesh.stub, await bare_mesh.tenant()
+    for run_id in ("", "r_" + "0" * 200):
+        d = await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.GetRun(pb.GetRunRequest(run_id=run_id),
+                                                                        metadata=a.metadata))
+        assert "run_id" in d["bad_request"]
+    d = await expect(grpc.StatusCode.NOT_FOUND, stub.GetRun(pb.GetRunRequest(run_id="r_missing"), metadata=a.metadata))
+    assert d["reason"] == "RUN_NOT_FOUND"
