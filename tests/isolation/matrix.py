@@ -209,7 +209,8 @@ async def cross_tenant(rig: Rig, rpc: Rpc, target: Target) -> Cell:
 
 
 async def run_matrix(rig: Rig, rpcs: list[Rpc], factories: dict[str, Target], *,
-                     attacks: tuple[Attack, ...] = ATTACKS, concurrency: int = 24) -> Matrix:
+                     attacks: tuple[Attack, ...] = ATTACKS, with_cross_tenant: bool = True,
+                     concurrency: int = 24) -> Matrix:
     """Every applicable attack on every method, the cross-tenant ones in their phases (see Target.phase)."""
     matrix, gate = Matrix(), asyncio.Semaphore(concurrency)
 
@@ -217,7 +218,7 @@ async def run_matrix(rig: Rig, rpcs: list[Rpc], factories: dict[str, Target], *,
         async with gate:
             matrix.add(await make())
 
-    tenant_rpcs = [r for r in rpcs if not r.public and not r.platform]
+    tenant_rpcs = [r for r in rpcs if not r.public and not r.platform] if with_cross_tenant else []
     phases = [[lambda r=r: cross_tenant(rig, r, factories[r.path]) for r in tenant_rpcs
                if factories[r.path].phase == n] for n in range(3)]
     refusals = [lambda r=r, a=a: refusal(rig, r, a) for r in rpcs for a in attacks if a.applies(r)]

@@ -43,3 +43,69 @@ async def test_matrix_covers_every_method_and_attack(matrix):
             continue
         expected = {a.name for a in ATTACKS if a.applies(rpc)} | ({CROSS_TENANT} if not rpc.platform else set())
         assert {a for r, a in matrix.cells if r == rpc.path} == expected, rpc.path
+
+
+def _rpc(path: str):
+    return next(r for r in RPCS if r.path == path)
+
+
+GET_THREAD = "/bulkhead.state.v1.StateService/GetThread"
+
+
+async def test_a_handler_without_its_tenant_check_fails_the_matrix(rig, monkeypatch):
+    """GetThread made to act as whichever tenant owns the thread: the matrix names that RPC and attack."""
+    from dataclasses import replace
+
+    from bulkhead.state.v1 import state_pb2, state_pb2_grpc
+    from services.state.threads import ThreadLog
+    from shared.tenancy import require_tenant, tenant_scope
+
+    fresh = f"b-fresh-{rig.b_ids.thread_id}"  # the full matrix left A a thread under B's first id
+    await state_pb2_grpc.StateServiceStub(rig.channels["state"]).CreateThread(
+        state_pb2.CreateThreadRequest(thread_id=fresh), metadata=rig.b.metadata)
+    probe = replace(rig, b_ids=replace(rig.b_ids, thread_id=fresh), markers=[*rig.markers, fresh.encode()])
+    honest = await run_matrix(probe, [_rpc(GET_THREAD)], FACTORIES, attacks=())
+    assert not honest.failures, honest.report()
+
+    original = ThreadLog.get
+
+    async def leaky_get(self, thread_id):
+        async with self._db.raw() as tx:  # no tenant in the WHERE: the bug under test
+            owner = await tx.fetchval("SELECT tenant_id FROM state_threads WHERE thread_id = $1", thread_id)
+        with tenant_scope(replace(require_tenant(), tenant_id=owner or require_tenant().tenant_id)):
+            return await original(self, thread_id)
+
+    monkeypatch.setattr(ThreadLog, "get", leaky_get)
+    leaky = await run_matrix(probe, [_rpc(GET_THREAD)], FACTORIES, attacks=())
+    assert [(c.rpc, c.attack) for c in leaky.failures] == [(GET_THREAD, CROSS_TENANT)]
+    assert f"{GET_THREAD} × {CROSS_TENANT}: got OK" in leaky.report()
+    assert "must be NOT_FOUND or PERMISSION_DENIED" in leaky.report()
+
+
+async def test_repeated_identity_metadata_resolved_by_position_fails_the_matrix(rig, monkeypatch):
+    """With the interceptor's old last-value-wins parsing, every duplicated-metadata cell is wrong."""
+    import shared.auth
+
+    def last_wins(md):
+        return {k: v for k, v in md or () if isinstance(v, str)}, frozenset()
+
+    monkeypatch.setattr(shared.auth, "_metadata_dict", last_wins)
+    dup = tuple(a for a in ATTACKS if a.name.startswith("dup_"))
+    m = await run_matrix(rig, [_rpc(GET_THREAD)], FACTORIES, attacks=dup, with_cross_tenant=False)
+    wrong = {c.attack for c in m.failures}
+    assert wrong == {"dup_tenant_AB", "dup_tenant_BA", "dup_auth_AB", "dup_auth_BA"}, m.report()
+
+
+async def test_an_rpc_without_a_factory_fails_saying_what_to_add():
+    """A new tenant-scoped RPC (a fake descriptor here) with no factory: the failure names it and the fix."""
+    from .methods import MissingFactory, service_files
+    from .fake_rpc import widget_file
+
+    rpcs = enumerate_rpcs({**service_files(), "state": widget_file()})
+    with pytest.raises(MissingFactory) as info:
+        require_factories(rpcs, FACTORIES)
+    message = str(info.value)
+    assert "/bulkhead.fake.v1.WidgetService/GetWidget (scope state.widgets.read)" in message
+    assert "add FACTORIES['/bulkhead.fake.v1.WidgetService/GetWidget'] = Target(" in message
+    assert "tests/isolation/factories.py" in message
+    assert "WidgetService/ListWidgets" not in message  # public: nothing to attack
