@@ -32,20 +32,37 @@ def pg_urls(postgres):
     return postgres.create_database_sync("dbtest")
 
 
-@pytest.fixture
-async def pg_db(pg_urls) -> AsyncIterator[Database]:
-    """The notes schema migrated as the owner, emptied, opened as the runtime role (RLS applies)."""
-    db = await Database.open(pg_urls.app_url, owner_url=pg_urls.owner_url, migrations=MIGRATIONS)
+async def _open_emptied(app_url: str, pg_urls) -> Database:
+    db = await Database.open(app_url, owner_url=pg_urls.owner_url, migrations=MIGRATIONS)
     conn = await asyncpg.connect(pg_urls.owner_dsn)
     try:  # TRUNCATE is not subject to RLS: a clean slate for every test
         await conn.execute("TRUNCATE notes, settings RESTART IDENTITY")
     finally:
         await conn.close()
+    return db
+
+
+@pytest.fixture
+async def pg_db(pg_urls) -> AsyncIterator[Database]:
+    """The notes schema migrated as the owner, emptied, opened as the runtime role (RLS applies)."""
+    db = await _open_emptied(pg_urls.app_url, pg_urls)
     yield db
     await db.close()
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture
+async def pgbouncer_db(pg_urls, pgbouncer) -> AsyncIterator[Database]:
+    """pg_db with the runtime role's connections going through PgBouncer in transaction pooling."""
+    db = await _open_emptied(pgbouncer.app_url(pg_urls.name), pg_urls)
+    yield db
+    await db.close()
+
+
+_FIXTURE = {"sqlite": "sqlite_db", "postgres": "pg_db", "pgbouncer": "pgbouncer_db"}
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
+                        pytest.param("pgbouncer", marks=[pytest.mark.postgres, pytest.mark.pgbouncer])])
 def db(request: pytest.FixtureRequest) -> Database:
-    """The notes database on each backend."""
-    return request.getfixturevalue("sqlite_db" if request.param == "sqlite" else "pg_db")
+    """The notes database on each backend, and on Postgres through PgBouncer."""
+    return request.getfixturevalue(_FIXTURE[request.param])
