@@ -11,6 +11,18 @@ from bulkhead.cli._common import add_connection_args, connect, fail, run_async, 
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 
 _STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+DEFAULT_WAIT = 60.0
+"""Seconds `runs start` waits for a queued run to start."""
+STILL_QUEUED = 3
+"""Exit code of `runs start` when its run was still queued after --wait."""
+_QUEUE_POLL = 0.5
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError("must be a positive number of seconds")
+    return value
 
 
 def register(subparsers) -> None:
@@ -22,6 +34,9 @@ def register(subparsers) -> None:
     start.add_argument("--agent", default="", help="entry agent (default: the team's first)")
     start.add_argument("--key", default="", help="idempotency key: the same key never starts a second run")
     start.add_argument("--detach", action="store_true", help="print the run id and return at once")
+    start.add_argument("--wait", type=_seconds, default=DEFAULT_WAIT, metavar="SECONDS",
+                       help=f"how long a queued run may wait to start before the command gives up, exit code "
+                            f"{STILL_QUEUED} (the run stays queued; default {DEFAULT_WAIT:g})")
     start.set_defaults(func=_start)
     watch = sub.add_parser("watch", help="follow a run's steps live until it ends")
     watch.add_argument("run_id")
@@ -84,6 +99,32 @@ async def follow(stub, run_id: str, after: int = 0, out=None) -> pb.Run | None:
     return run
 
 
+def queue_line(queue: pb.RunQueue) -> str:
+    """Where a queued run waits, and why, for people."""
+    why = ("waits for one of them to finish" if queue.running >= queue.limit
+           else "waits for the orchestrator to pick it up")
+    return (f"queued: position {queue.position} in this tenant's queue; {queue.running} of {queue.limit} "
+            f"concurrent runs in use, so it {why}")
+
+
+async def wait_to_start(stub, run_id: str, queue: pb.RunQueue | None, wait: float, out=None) -> bool:
+    """Poll a queued run until it leaves the queue (True) or `wait` seconds pass (False); says when its place moves."""
+    out = out or sys.stdout
+    deadline = asyncio.get_running_loop().time() + wait
+    shown = None
+    while True:
+        if queue is not None and queue != shown:
+            print(queue_line(queue), file=out, flush=True)
+            shown = queue
+        if asyncio.get_running_loop().time() >= deadline:
+            return False
+        await asyncio.sleep(_QUEUE_POLL)
+        got = await stub.GetRun(pb.GetRunRequest(run_id=run_id))
+        if got.run.status != pb.RUN_STATUS_QUEUED:
+            return True
+        queue = got.queue if got.HasField("queue") else queue
+
+
 def _exit_code(run: pb.Run | None) -> int:
     return 0 if run is not None and run.status == pb.RUN_STATUS_SUCCEEDED else 1
 
@@ -94,11 +135,21 @@ async def _start(args: argparse.Namespace) -> int:
     if not text.strip():
         fail("give the run's input as an argument or on stdin")
     async with await connect(args) as bh:
-        run = (await bh.orchestrator.StartRun(pb.StartRunRequest(team=args.team, entry_agent=args.agent, input=text,
-                                                                  idempotency_key=args.key))).run
+        started = await bh.orchestrator.StartRun(pb.StartRunRequest(team=args.team, entry_agent=args.agent, input=text,
+                                                                     idempotency_key=args.key))
+        run = started.run
         print(f"run {run.run_id} {status_name(run.status)} (team {run.team}, entry {run.entry_agent})", flush=True)
+        queue = started.queue if started.HasField("queue") else None
         if args.detach:
+            if queue is not None:
+                print(queue_line(queue))
             return 0
+        if run.status == pb.RUN_STATUS_QUEUED and not await wait_to_start(bh.orchestrator, run.run_id, queue,
+                                                                           args.wait):
+            fail(f"run {run.run_id} is still queued after {args.wait:g}s. It stays queued and starts when a slot "
+                 f"frees: follow it with `bulkhead runs watch {run.run_id}`, or cancel it with "
+                 f"`bulkhead runs cancel {run.run_id}`. If none of this tenant's runs is running, check that the "
+                 "orchestrator is up (`bulkhead up` shows its status).", STILL_QUEUED)
         return _exit_code(await follow(bh.orchestrator, run.run_id))
 
 
