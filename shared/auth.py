@@ -57,27 +57,27 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         if handler is None:
             return None
         method = details.method
-        metadata, repeated = _metadata_dict(details.invocation_metadata)
+        metadata, unclear = _metadata_dict(details.invocation_metadata)
         rule = self._rules.rule(method)
         try:
-            ctx = await self._authenticate(rule, metadata, repeated)
+            ctx = await self._authenticate(rule, metadata, unclear)
         except Denial as denial:
             return self._deny(handler, denial, method, metadata)
         parent = extract(metadata)  # W3C traceparent from the caller: this call joins its trace
         return _wrap(handler, lambda behavior, kind: _bind(behavior, kind, ctx, self._service, method, parent))
 
     async def _authenticate(self, rule: MethodRule | None, md: dict[str, str],
-                            repeated: frozenset[str] = frozenset()) -> TenantContext | None:
+                            unclear: frozenset[str] = frozenset()) -> TenantContext | None:
         if rule is None:
             raise Denial(errors.PermissionDenied("this method declares no authorization rule and is refused",
                                                  reason="NO_AUTH_RULE"))
         if rule.public:
             return None
-        ambiguous = sorted(repeated & _IDENTITY_KEYS)
+        ambiguous = sorted(unclear & _IDENTITY_KEYS)
         if ambiguous:
-            # A proxy that reads the first value and a service that reads the last would disagree
-            # about who is calling: refuse instead of picking one by position.
-            raise Denial(errors.Unauthenticated(f"metadata {', '.join(ambiguous)} sent more than once",
+            # A proxy that reads the first value (or only the canonical spelling) and a service that
+            # reads the last would disagree about who is calling: refuse instead of picking one.
+            raise Denial(errors.Unauthenticated(f"metadata {', '.join(ambiguous)} must be sent once, in lower case",
                                                 reason="AMBIGUOUS_METADATA", metadata={"keys": ",".join(ambiguous)}))
         auth = md.get("authorization", "")
         if not auth:
@@ -140,20 +140,22 @@ _IDENTITY_KEYS = frozenset({"authorization", "x-tenant-id"})
 
 
 def _metadata_dict(md) -> tuple[dict[str, str], frozenset[str]]:
-    """The call's text metadata by key, and the keys that arrived more than once.
+    """The call's text metadata by key, and the keys that arrived more than once or misspelled.
 
-    Keys are compared stripped and lower-cased: HTTP/2 forbids other spellings, but a gateway
-    that normalizes them must not turn two distinct-looking headers into one silent choice.
+    gRPC hands interceptors header names as a raw HTTP/2 client sent them ("Authorization",
+    "x-tenant-id "), and today fails such calls itself afterwards ("Illegal header key"). A gateway
+    that normalizes names would read them as the canonical key, so our verdict does not rely on
+    that: keys are compared stripped and lower-cased, and another spelling is ambiguous too.
     """
     out: dict[str, str] = {}
-    repeated: set[str] = set()
-    for key, value in md or ():
+    ambiguous: set[str] = set()
+    for raw, value in md or ():
         if isinstance(value, str):
-            key = key.strip().lower()
-            if key in out:
-                repeated.add(key)
+            key = raw.strip().lower()
+            if key in out or key != raw:
+                ambiguous.add(key)
             out[key] = value
-    return out, frozenset(repeated)
+    return out, frozenset(ambiguous)
 
 
 _KINDS = ("unary_unary", "unary_stream", "stream_unary", "stream_stream")

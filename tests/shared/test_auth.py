@@ -1,6 +1,7 @@
 """The tenancy server interceptor: every rule, for unary and streaming RPCs."""
 from __future__ import annotations
 
+import asyncio
 import time
 
 import grpc
@@ -136,18 +137,89 @@ async def test_repeated_identity_metadata_is_a_security_event(echo, tokens, key)
     assert running.security_events.counts[("unauthenticated", "AMBIGUOUS_METADATA")] == 1
 
 
-@pytest.mark.parametrize("variant", ["Authorization", "AUTHORIZATION", " authorization", "authorization "])
-async def test_key_spellings_count_as_the_same_key(tokens, variant):
-    """Gateways may hand over keys in other spellings: they still collide with the canonical key."""
+def _hpack_literal(name: str, value: str) -> bytes:
+    """One header as HPACK "literal without indexing, new name", no Huffman (RFC 7541 6.2.2)."""
+    def length(raw: bytes) -> bytes:
+        if len(raw) < 127:
+            return bytes([len(raw)])
+        out, rest = bytearray([127]), len(raw) - 127
+        while rest >= 128:
+            out.append(rest & 0x7F | 0x80)
+            rest >>= 7
+        return bytes(out + bytes([rest]))
+    n, v = name.encode(), value.encode()
+    return b"\x00" + length(n) + n + length(v) + v
+
+
+async def _raw_echo(address: str, headers: list[tuple[str, str]]) -> list[int]:
+    """One Echo call over hand-written HTTP/2, header names exactly as given (grpc clients refuse
+    other spellings; a raw client need not); the frame types the server answered with."""
+    def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+    host, port = address.rsplit(":", 1)
+    reader, writer = await asyncio.open_connection(host, int(port))
+    block = b"".join(_hpack_literal(k, v) for k, v in [
+        (":method", "POST"), (":scheme", "http"), (":path", "/bulkhead.testing.v1.EchoService/Echo"),
+        (":authority", "echo"), ("content-type", "application/grpc"), ("te", "trailers"), *headers])
+    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 0x4, 1, block)
+                 + frame(0, 0x1, 1, b"\x00" + len(b := echo_pb2.EchoRequest(message="x").SerializeToString())
+                         .to_bytes(4, "big") + b))
+    kinds: list[int] = []
+    try:
+        while True:  # until the stream ends: trailers (HEADERS with END_STREAM) or RST_STREAM
+            head = await asyncio.wait_for(reader.readexactly(9), 5)
+            size, kind, flags, stream = int.from_bytes(head[:3], "big"), head[3], head[4], head[5:]
+            await reader.readexactly(size)
+            if stream != bytes(4):
+                kinds.append(kind)
+                if kind == 3 or (kind == 1 and flags & 0x1):
+                    return kinds
+    finally:
+        writer.close()
+
+
+_DATA = 0
+
+
+@pytest.mark.parametrize("spelled", [
+    [("Authorization", "A")], [("authorization ", "A")], [(" authorization", "A")],
+    [("authorization", "A"), ("Authorization", "B")], [("authorization", "A"), ("X-Tenant-Id", "")],
+    [("authorization", "A"), ("x-tenant-id ", "")],
+], ids=lambda s: "+".join(repr(k) for k, _ in s))
+async def test_header_spellings_from_raw_http2_are_never_answered(echo, tokens, spelled):
+    """gRPC hands "Authorization" or "x-tenant-id " from a raw HTTP/2 client to the interceptor as
+    sent, then fails the call itself (INTERNAL "Illegal header key"): no handler ever answers it."""
+    running, _ = echo
+    bearer = {"A": f"Bearer {tokens.mint(A)}", "B": f"Bearer {tokens.mint(B)}"}
+    headers = [(k, bearer[v] if k.strip().lower() == "authorization" else A) for k, v in spelled]
+    if not any(k == "x-tenant-id" for k, _ in headers):
+        headers.append(("x-tenant-id", A))
+    kinds = await _raw_echo(running.address, headers)
+    assert kinds and _DATA not in kinds
+
+
+@pytest.mark.parametrize("keys", [("Authorization", "x-tenant-id"), (" authorization", "x-tenant-id"),
+                                  ("authorization", "AUTHORIZATION", "x-tenant-id"), ("authorization", "X-Tenant-Id")],
+                         ids="+".join)
+async def test_interceptor_refuses_other_spellings_itself(tokens, keys):
+    """Should gRPC ever pass such a call on, the interceptor's own verdict is already a refusal."""
     from shared.auth import Denial, TenancyInterceptor, _metadata_dict
     from shared.scopes import MethodRule
 
-    md, repeated = _metadata_dict((("authorization", f"Bearer {tokens.mint(A)}"), (variant, f"Bearer {tokens.mint(B)}"),
-                                   ("x-tenant-id", A)))
+    value = {"authorization": f"Bearer {tokens.mint(A)}", "x-tenant-id": A}
+    md = tuple((k, value[k.strip().lower()]) for k in keys)
     interceptor = TenancyInterceptor(tokens.verifier, service="echo")
     with pytest.raises(Denial) as info:
-        await interceptor._authenticate(MethodRule(scope="testing.echo", public=False), md, repeated)
+        await interceptor._authenticate(MethodRule(scope="testing.echo", public=False), *_metadata_dict(md))
     assert info.value.error.reason == "AMBIGUOUS_METADATA"
+
+
+async def test_raw_http2_call_with_canonical_headers_is_answered(echo, tokens):
+    """The raw client itself works: with lower-case names once each, the call is answered."""
+    running, _ = echo
+    kinds = await _raw_echo(running.address, [("authorization", f"Bearer {tokens.mint(A)}"), ("x-tenant-id", A)])
+    assert _DATA in kinds and not running.security_events.counts
 
 
 async def test_public_method_ignores_repeated_identity_metadata(echo, tokens):
