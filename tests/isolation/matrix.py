@@ -74,6 +74,12 @@ ATTACKS: tuple[Attack, ...] = (
                                                     ("x-tenant-id", r.a.tenant_id))),
     Attack("dup_auth_BA", _AMBIGUOUS, lambda r, _: (_bearer(r.b.token), _bearer(r.a.token),
                                                     ("x-tenant-id", r.a.tenant_id))),
+    # What a proxy may make of duplicates (joined with a comma) or of sloppy values: never a match.
+    Attack("tenant_joined", "PERMISSION_DENIED/TENANT_MISMATCH",
+           lambda r, _: md(r.a.token, f"{r.a.tenant_id},{r.b.tenant_id}")),
+    Attack("tenant_padded", "PERMISSION_DENIED/TENANT_MISMATCH", lambda r, _: md(r.a.token, f" {r.a.tenant_id} ")),
+    Attack("auth_joined", "UNAUTHENTICATED/TOKEN_MALFORMED",
+           lambda r, _: (("authorization", f"Bearer {r.a.token}, Bearer {r.b.token}"), ("x-tenant-id", r.a.tenant_id))),
     Attack("no_token", "UNAUTHENTICATED/MISSING_TOKEN", lambda r, _: (("x-tenant-id", r.a.tenant_id),)),
     Attack("expired", "UNAUTHENTICATED/TOKEN_EXPIRED", lambda r, _: md(r.tokens["expired"], r.a.tenant_id)),
     Attack("tampered_tid", "UNAUTHENTICATED/TOKEN_INVALID", lambda r, _: md(r.tokens["tampered"], r.b.tenant_id)),
@@ -156,6 +162,10 @@ async def refusal(rig: Rig, rpc: Rpc, attack: Attack) -> Cell:
     return Cell(rpc.path, attack.name, out.status, ok, "" if ok else f"expected {attack.expect} ({out.message!r})")
 
 
+# Refusals of the interceptor: a cross-tenant cell that ends in one of these never tested the handler.
+_INTERCEPTOR_REASONS = {"MISSING_TOKEN", "MISSING_TENANT", "TOKEN_MALFORMED", "TOKEN_EXPIRED", "TOKEN_REVOKED",
+                        "TOKEN_INVALID", "TOKEN_UNKNOWN_KEY", "TENANT_MISMATCH", "MISSING_SCOPE", "NO_AUTH_RULE",
+                        "AMBIGUOUS_METADATA", "TENANT_SUSPENDED", "KEYS_UNAVAILABLE"}
 _RID = re.compile(r"\b[0-9a-f]{32}\b")
 _VOLATILE = {"etag", "jti", "token", "ciphertext", "plaintext", "secret", "reservation_id", "lease_id", "id",
              "run_id", "prefix", "key_version"}
@@ -195,6 +205,8 @@ async def cross_tenant(rig: Rig, rpc: Rpc, target: Target) -> Cell:
     theirs = await invoke(channel, rpc, theirs_req, rig.a.metadata)
     unknown = await invoke(channel, rpc, random_req, rig.a.metadata)
     problems = []
+    if theirs.details.get("reason") in _INTERCEPTOR_REASONS:
+        problems.append(f"A's own valid call never reached the handler ({theirs.message!r}): this proves nothing")
     if theirs.code in ("INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED"):
         problems.append(f"not a well-defined answer ({theirs.message!r})")
     if target.absent and theirs.code not in ("NOT_FOUND", "PERMISSION_DENIED"):

@@ -53,6 +53,8 @@ class Rig:
     suspended: TenantHandle | None = None
     markers: list[bytes] = field(default_factory=list)
     """Everything of B's that must never reach A."""
+    propagation: dict[str, float] = field(default_factory=dict)
+    """Seconds until every service refused: "revoked" token, "suspended" tenant."""
 
 
 async def _channels(mesh: Mesh) -> dict[str, grpc.aio.Channel]:
@@ -167,8 +169,9 @@ async def running_rig(data_dir: Path) -> AsyncIterator[Rig]:
             await mesh.identity.stub.UpdateTenantStatus(idn.UpdateTenantStatusRequest(
                 tenant_id=c.tenant_id, status=idn.TENANT_STATUS_SUSPENDED), metadata=mesh.identity.operator.metadata)
             rig.suspended = c
-            await asyncio.gather(_refused_everywhere(ch, md(revoked.token, a.tenant_id), "TOKEN_REVOKED"),
-                                 _refused_everywhere(ch, c.metadata, "TENANT_SUSPENDED"))
+            took = await asyncio.gather(_refused_everywhere(ch, md(revoked.token, a.tenant_id), "TOKEN_REVOKED"),
+                                        _refused_everywhere(ch, c.metadata, "TENANT_SUSPENDED"))
+            rig.propagation = dict(zip(("revoked", "suspended"), took))
             yield rig
         finally:
             for channel in ch.values():
