@@ -23,6 +23,7 @@ class Rpc:
     scope: str
     """The scope its AuthRule declares; empty for public methods and for methods with no rule."""
     public: bool
+    """Needs no token (key discovery, token issuance): nothing to attack."""
     descriptor: MethodDescriptor
 
     @property
@@ -31,18 +32,17 @@ class Rpc:
         return self.scope.startswith("platform.")
 
     @property
-    def name(self) -> str:
-        return self.path.rsplit(".", 1)[-1]
-
-    @property
     def shape(self) -> str:
+        """unary_unary, unary_stream, stream_unary or stream_stream."""
         d = self.descriptor
         return f"{'stream' if d.client_streaming else 'unary'}_{'stream' if d.server_streaming else 'unary'}"
 
     def request_class(self):
+        """The generated class of its request message."""
         return message_factory.GetMessageClass(self.descriptor.input_type)
 
     def response_class(self):
+        """The generated class of its response message."""
         return message_factory.GetMessageClass(self.descriptor.output_type)
 
 
@@ -72,8 +72,9 @@ def require_factories(rpcs: list[Rpc], factories: dict) -> None:
     """Fail naming every tenant-scoped RPC without a factory, and saying what to add."""
     missing = [r for r in rpcs if not r.public and not r.platform and r.path not in factories]
     if missing:
-        lines = [f"  {r.path} (scope {r.scope or 'NONE'}): add FACTORIES[{r.path!r}] = Target(<resource kind>, "
-                 f"lambda b, rid: {r.descriptor.input_type.name}(...)) in tests/isolation/factories.py"
-                 for r in missing]
+        lines = [f"  {r.path} (scope {r.scope or 'NONE'}): add FACTORIES[{r.path!r}] = Target('<resource kind>', "
+                 f"lambda i: {r.descriptor.input_type.name}(<field>=i.<B's resource id>)) in "
+                 "tests/isolation/factories.py (a new resource type also needs a field in Ids, made for B in "
+                 "tests/isolation/rig.py _victim)" for r in missing]
         raise MissingFactory("tenant-scoped RPCs with no resource factory, so no cross-tenant proof:\n"
                              + "\n".join(lines))

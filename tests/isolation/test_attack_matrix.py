@@ -98,14 +98,15 @@ async def test_repeated_identity_metadata_resolved_by_position_fails_the_matrix(
 
 async def test_an_rpc_without_a_factory_fails_saying_what_to_add():
     """A new tenant-scoped RPC (a fake descriptor here) with no factory: the failure names it and the fix."""
-    from .methods import MissingFactory, service_files
     from .fake_rpc import widget_file
+    from .methods import MissingFactory, service_files
 
-    rpcs = enumerate_rpcs({**service_files(), "state": widget_file()})
+    rpcs = enumerate_rpcs({**service_files(), "widgets": widget_file()})
     with pytest.raises(MissingFactory) as info:
         require_factories(rpcs, FACTORIES)
     message = str(info.value)
     assert "/bulkhead.fake.v1.WidgetService/GetWidget (scope state.widgets.read)" in message
     assert "add FACTORIES['/bulkhead.fake.v1.WidgetService/GetWidget'] = Target(" in message
+    assert "lambda i: GetWidgetRequest(<field>=i.<B's resource id>)" in message
     assert "tests/isolation/factories.py" in message
     assert "WidgetService/ListWidgets" not in message  # public: nothing to attack
