@@ -1,9 +1,9 @@
-"""One small factory per resource type: tenant B's real resources, and requests that name them.
+"""For every tenant-scoped RPC, a valid request naming one of tenant B's resources.
 
 FACTORIES maps every tenant-scoped RPC to a Target whose build(ids) makes a valid request naming
-the resource in ids. The matrix builds it twice: with B's real ids and with lookalike random ids,
-sends both as tenant A, and requires the two replies to be the same. A new tenant-scoped RPC with
-no entry here fails the matrix (see methods.require_factories).
+the resource in ids (B's own are made by the factories in resources.py). The matrix builds it
+twice, with B's real ids and with random lookalikes, sends both as tenant A, and requires the same
+reply. A new tenant-scoped RPC with no entry here fails the matrix (see methods.require_factories).
 """
 from __future__ import annotations
 
@@ -69,8 +69,8 @@ def _lookalike(value):
 class Target:
     """How to attack one RPC across tenants."""
 
-    kind: str
-    """The resource type the request names (for the matrix and failure messages)."""
+    resource: str | None
+    """The resource type the request names (a key of resources.RESOURCES); None: tenant-wide, names none."""
     build: Callable[[Ids], object]
     """A valid request naming the resource in ids."""
     absent: bool = False
@@ -89,16 +89,19 @@ def _now(offset: int = 0) -> timestamp_pb2.Timestamp:
     return ts
 
 
-def _scope(i: Ids) -> st.ContextScope:
-    return st.ContextScope(kind=st.SCOPE_KIND_TEAM, id=i.team)
+def context_scope(team: str) -> st.ContextScope:
+    """The context shared by one team's agents."""
+    return st.ContextScope(kind=st.SCOPE_KIND_TEAM, id=team)
 
 
-def _params(model: str) -> inf.MessageParams:
+def message_params(model: str) -> inf.MessageParams:
+    """A one-line question to model."""
     return inf.MessageParams(model=model, max_tokens=16,
                              messages=[inf.Message(role=inf.ROLE_USER, content=[inf.ContentBlock(text=inf.TextBlock(text="hi"))])])
 
 
-def _usage(key: str) -> met.UsageEvent:
+def usage_event(key: str) -> met.UsageEvent:
+    """A small usage event with idempotency key."""
     return met.UsageEvent(idempotency_key=key, model=MODEL, tokens=met.TokenCounts(input_tokens=3, output_tokens=2),
                           occur_time=_now())
 
@@ -111,37 +114,37 @@ _N, _O, _M = "/bulkhead.inference.v1.InferenceService/", "/bulkhead.orchestrator
 FACTORIES: dict[str, Target] = {
     # identity
     _I + "GetTenant": Target("tenant", lambda i: idn.GetTenantRequest(tenant_id=i.tenant_id), absent=True),
-    _I + "CreatePrincipal": Target("principals", lambda i: idn.CreatePrincipalRequest(
+    _I + "CreatePrincipal": Target("principal", lambda i: idn.CreatePrincipalRequest(
         kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=i.principal_name, scopes=["state.*"]), phase=2),
     _I + "GetPrincipal": Target("principal", lambda i: idn.GetPrincipalRequest(principal_id=i.principal_id), absent=True),
-    _I + "ListPrincipals": Target("principals", lambda i: idn.ListPrincipalsRequest()),
+    _I + "ListPrincipals": Target(None, lambda i: idn.ListPrincipalsRequest()),
     _I + "DisablePrincipal": Target("principal", lambda i: idn.DisablePrincipalRequest(principal_id=i.principal_id),
                                     absent=True),
     _I + "CreateApiKey": Target("principal", lambda i: idn.CreateApiKeyRequest(principal_id=i.principal_id,
                                                                                 display_name="matrix"), absent=True),
     _I + "ListApiKeys": Target("principal", lambda i: idn.ListApiKeysRequest(principal_id=i.principal_id)),
     _I + "RevokeApiKey": Target("api key", lambda i: idn.RevokeApiKeyRequest(api_key_id=i.api_key_id), absent=True),
-    _I + "ExchangeToken": Target("tokens", lambda i: idn.ExchangeTokenRequest(scopes=["state.threads.read"]),
+    _I + "ExchangeToken": Target(None, lambda i: idn.ExchangeTokenRequest(scopes=["state.threads.read"]),
                                  phase=2, compare_reply=False),
     _I + "RevokeToken": Target("token", lambda i: idn.RevokeTokenRequest(jti=i.jti), absent=True),
     # credentials
     _C + "PutSecret": Target("secret", lambda i: cred.PutSecretRequest(name=i.secret_name, value=b"matrix-a"),
                              phase=2),
     _C + "GetSecret": Target("secret", lambda i: cred.GetSecretRequest(name=i.secret_name), absent=True),
-    _C + "ListSecrets": Target("secrets", lambda i: cred.ListSecretsRequest(show_deleted=True)),
+    _C + "ListSecrets": Target(None, lambda i: cred.ListSecretsRequest(show_deleted=True)),
     _C + "DescribeSecret": Target("secret", lambda i: cred.DescribeSecretRequest(name=i.secret_name), absent=True),
     _C + "RotateSecret": Target("secret", lambda i: cred.RotateSecretRequest(name=i.secret_name), absent=True),
     _C + "DeleteSecret": Target("secret", lambda i: cred.DeleteSecretRequest(name=i.secret_name), absent=True),
     _C + "DestroySecret": Target("secret", lambda i: cred.DestroySecretRequest(name=i.secret_name), absent=True),
     _C + "ListAccessEvents": Target("secret", lambda i: cred.ListAccessEventsRequest(secret_name=i.secret_name),
                                     phase=0),
-    _C + "VerifyAccessEvents": Target("audit", lambda i: cred.VerifyAccessEventsRequest(), compare_reply=False),
-    _C + "Encrypt": Target("transit key", lambda i: cred.EncryptRequest(plaintext=b"matrix"), phase=2,
+    _C + "VerifyAccessEvents": Target(None, lambda i: cred.VerifyAccessEventsRequest(), compare_reply=False),
+    _C + "Encrypt": Target(None, lambda i: cred.EncryptRequest(plaintext=b"matrix"), phase=2,
                            compare_reply=False),
     _C + "Decrypt": Target("ciphertext", lambda i: cred.DecryptRequest(ciphertext=i.ciphertext)),
-    _C + "GenerateDataKey": Target("transit key", lambda i: cred.GenerateDataKeyRequest(bits=256), phase=2,
+    _C + "GenerateDataKey": Target(None, lambda i: cred.GenerateDataKeyRequest(bits=256), phase=2,
                                    compare_reply=False),
-    _C + "RotateKey": Target("transit key", lambda i: cred.RotateKeyRequest(), phase=2, compare_reply=False),
+    _C + "RotateKey": Target(None, lambda i: cred.RotateKeyRequest(), phase=2, compare_reply=False),
     _C + "Rewrap": Target("ciphertext", lambda i: cred.RewrapRequest(ciphertext=i.ciphertext)),
     # state
     _S + "CreateThread": Target("thread", lambda i: st.CreateThreadRequest(thread_id=i.thread_id), phase=2),
@@ -156,24 +159,24 @@ FACTORIES: dict[str, Target] = {
                                                                                 state=b"a"), absent=True),
     _S + "GetSnapshot": Target("thread", lambda i: st.GetSnapshotRequest(thread_id=i.thread_id,
                                                                           at_or_before_version=1), absent=True),
-    _S + "PutContext": Target("context", lambda i: st.PutContextRequest(scope=_scope(i), key=i.context_key,
+    _S + "PutContext": Target("context", lambda i: st.PutContextRequest(scope=context_scope(i.team), key=i.context_key,
                                                                          value=b"a"), phase=2),
-    _S + "GetContext": Target("context", lambda i: st.GetContextRequest(scope=_scope(i), key=i.context_key),
+    _S + "GetContext": Target("context", lambda i: st.GetContextRequest(scope=context_scope(i.team), key=i.context_key),
                               absent=True),
-    _S + "DeleteContext": Target("context", lambda i: st.DeleteContextRequest(scope=_scope(i), key=i.context_key),
+    _S + "DeleteContext": Target("context", lambda i: st.DeleteContextRequest(scope=context_scope(i.team), key=i.context_key),
                                  absent=True),
     # inference
-    _N + "CreateMessage": Target("private model", lambda i: inf.CreateMessageRequest(params=_params(i.model_name))),
-    _N + "StreamMessage": Target("private model", lambda i: inf.StreamMessageRequest(params=_params(i.model_name))),
-    _N + "CountTokens": Target("private model", lambda i: inf.CountTokensRequest(params=_params(i.model_name))),
-    _N + "GetModelPolicy": Target("policy", lambda i: inf.GetModelPolicyRequest()),
+    _N + "CreateMessage": Target("private model", lambda i: inf.CreateMessageRequest(params=message_params(i.model_name))),
+    _N + "StreamMessage": Target("private model", lambda i: inf.StreamMessageRequest(params=message_params(i.model_name))),
+    _N + "CountTokens": Target("private model", lambda i: inf.CountTokensRequest(params=message_params(i.model_name))),
+    _N + "GetModelPolicy": Target(None, lambda i: inf.GetModelPolicyRequest()),
     _N + "RegisterPrivateModel": Target("private model", lambda i: inf.RegisterPrivateModelRequest(
         model=inf.PrivateModel(name=i.model_name, upstream_model="ft:claude-test:a:001")), phase=2),
-    _N + "ListPrivateModels": Target("private models", lambda i: inf.ListPrivateModelsRequest()),
+    _N + "ListPrivateModels": Target(None, lambda i: inf.ListPrivateModelsRequest()),
     # orchestrator
     _O + "CreateTeam": Target("team", lambda i: orch.CreateTeamRequest(team=team_pb(i.team)), phase=2),
     _O + "GetTeam": Target("team", lambda i: orch.GetTeamRequest(name=i.team), absent=True),
-    _O + "ListTeams": Target("teams", lambda i: orch.ListTeamsRequest()),
+    _O + "ListTeams": Target(None, lambda i: orch.ListTeamsRequest()),
     _O + "UpdateTeam": Target("team", lambda i: orch.UpdateTeamRequest(
         team=replace_description(team_pb(i.team)), update_mask={"paths": ["description"]}), absent=True),
     _O + "DeleteTeam": Target("team", lambda i: orch.DeleteTeamRequest(name=i.team), absent=True),
@@ -184,19 +187,19 @@ FACTORIES: dict[str, Target] = {
     _O + "WatchRun": Target("run", lambda i: orch.WatchRunRequest(run_id=i.run_id), absent=True),
     _O + "CancelRun": Target("run", lambda i: orch.CancelRunRequest(run_id=i.run_id), absent=True),
     # metering
-    _M + "RecordUsage": Target("usage event", lambda i: met.RecordUsageRequest(events=[_usage(i.usage_key)]),
+    _M + "RecordUsage": Target("usage event", lambda i: met.RecordUsageRequest(events=[usage_event(i.usage_key)]),
                                phase=2),
-    _M + "QueryUsage": Target("usage", lambda i: met.QueryUsageRequest(filter=met.UsageFilter(
+    _M + "QueryUsage": Target("principal", lambda i: met.QueryUsageRequest(filter=met.UsageFilter(
         start_time=_now(-3600), end_time=_now(3600), principal_id=i.principal_id))),
-    _M + "ListPrices": Target("prices", lambda i: met.ListPricesRequest(model=MODEL)),
-    _M + "GetQuotaStatus": Target("quota", lambda i: met.GetQuotaStatusRequest()),
+    _M + "ListPrices": Target(None, lambda i: met.ListPricesRequest(model=MODEL)),
+    _M + "GetQuotaStatus": Target(None, lambda i: met.GetQuotaStatusRequest()),
     _M + "ReserveBudget": Target("reservation", lambda i: met.ReserveBudgetRequest(
         model=MODEL, prompt_tokens=10, max_output_tokens=10, idempotency_key=i.reserve_key), phase=2),
     _M + "CommitBudget": Target("reservation", lambda i: met.CommitBudgetRequest(
         reservation_id=i.reservation_id, usage=met.TokenCounts(input_tokens=1)), absent=True),
     _M + "ReleaseBudget": Target("reservation", lambda i: met.ReleaseBudgetRequest(reservation_id=i.reservation_id),
                                  absent=True),
-    _M + "LeaseBudget": Target("lease", lambda i: met.LeaseBudgetRequest(model=MODEL, tokens=10), phase=2,
+    _M + "LeaseBudget": Target(None, lambda i: met.LeaseBudgetRequest(model=MODEL, tokens=10), phase=2,
                                compare_reply=False),
     _M + "RenewLease": Target("lease", lambda i: met.RenewLeaseRequest(lease_id=i.lease_id), absent=True),
     _M + "ReleaseLease": Target("lease", lambda i: met.ReleaseLeaseRequest(lease_id=i.lease_id), absent=True),

@@ -210,9 +210,9 @@ async def cross_tenant(rig: Rig, rpc: Rpc, target: Target) -> Cell:
     if theirs.code in ("INTERNAL", "UNKNOWN", "DEADLINE_EXCEEDED"):
         problems.append(f"not a well-defined answer ({theirs.message!r})")
     if target.absent and theirs.code not in ("NOT_FOUND", "PERMISSION_DENIED"):
-        problems.append(f"B's {target.kind} must be NOT_FOUND or PERMISSION_DENIED for A")
+        problems.append(f"B's {target.resource} must be NOT_FOUND or PERMISSION_DENIED for A")
     if _seen(theirs, rig.b_ids, target) != _seen(unknown, random_ids, target):
-        problems.append(f"A's reply for B's {target.kind} differs from a random one's: "
+        problems.append(f"A's reply naming B's {target.resource or 'ids'} differs from a random one's: "
                         f"B's -> {_seen(theirs, rig.b_ids, target)}; random -> {_seen(unknown, random_ids, target)}")
     leaked = _leaks(theirs, theirs_req, rig.markers)
     if leaked:

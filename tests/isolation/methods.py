@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib
+from collections.abc import Collection
 from dataclasses import dataclass
 
 from google.protobuf import message_factory
@@ -68,13 +69,18 @@ class MissingFactory(AssertionError):
     """A tenant-scoped RPC the matrix cannot attack because no factory builds its resource."""
 
 
-def require_factories(rpcs: list[Rpc], factories: dict) -> None:
-    """Fail naming every tenant-scoped RPC without a factory, and saying what to add."""
+def require_factories(rpcs: list[Rpc], factories: dict, resources: Collection[str]) -> None:
+    """Fail naming every tenant-scoped RPC without a factory (or whose resource has none), saying what to add."""
+    unmade = sorted({t.resource for t in factories.values() if t.resource is not None and t.resource not in resources})
+    if unmade:
+        raise MissingFactory("requests name resource types no factory makes for tenant B: " + ", ".join(unmade)
+                             + ": add RESOURCES['<type>'] = async def (victim) -> {<Ids field>: <id>} in "
+                             "tests/isolation/resources.py")
     missing = [r for r in rpcs if not r.public and not r.platform and r.path not in factories]
     if missing:
-        lines = [f"  {r.path} (scope {r.scope or 'NONE'}): add FACTORIES[{r.path!r}] = Target('<resource kind>', "
+        lines = [f"  {r.path} (scope {r.scope or 'NONE'}): add FACTORIES[{r.path!r}] = Target('<resource type>', "
                  f"lambda i: {r.descriptor.input_type.name}(<field>=i.<B's resource id>)) in "
-                 "tests/isolation/factories.py (a new resource type also needs a field in Ids, made for B in "
-                 "tests/isolation/rig.py _victim)" for r in missing]
+                 "tests/isolation/factories.py (a new resource type also needs a field in Ids and a factory in "
+                 "tests/isolation/resources.py)" for r in missing]
         raise MissingFactory("tenant-scoped RPCs with no resource factory, so no cross-tenant proof:\n"
                              + "\n".join(lines))

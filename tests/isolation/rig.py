@@ -14,28 +14,18 @@ from pathlib import Path
 
 import grpc
 
-from bulkhead.credentials.v1 import credentials_pb2 as cred
-from bulkhead.credentials.v1 import credentials_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2 as idn
-from bulkhead.inference.v1 import inference_pb2 as inf
-from bulkhead.inference.v1 import inference_pb2_grpc
-from bulkhead.metering.v1 import metering_pb2 as met
-from bulkhead.metering.v1 import metering_pb2_grpc
-from bulkhead.orchestrator.v1 import orchestrator_pb2 as orch
-from bulkhead.state.v1 import state_pb2 as st
-from bulkhead.state.v1 import state_pb2_grpc
 from shared.errors import error_details
 from shared.testing.fake_anthropic import FakeAnthropic
 from shared.testing.identity import TenantHandle
-from tests.services.orchestrator.mesh import Mesh, running_mesh, team_pb
+from tests.services.orchestrator.mesh import Mesh, running_mesh
 
 from . import forged
-from .factories import MODEL, Ids, _params, _scope, _usage
-
-SECRET_VALUE = b"b-secret-" + secrets.token_hex(8).encode()
-
+from .factories import Ids
+from .resources import SECRET_VALUE, make_victim
 
 def md(token: str, tenant_id: str) -> tuple[tuple[str, str], ...]:
+    """Call metadata: this bearer token, this x-tenant-id."""
     return (("authorization", f"Bearer {token}"), ("x-tenant-id", tenant_id))
 
 
@@ -58,56 +48,10 @@ class Rig:
 
 
 async def _channels(mesh: Mesh) -> dict[str, grpc.aio.Channel]:
+    """One plain channel per service: attackers send whatever metadata they like, nothing is forwarded."""
     addrs = {"identity": mesh.identity.address, "orchestrator": mesh.orchestrator.address,
              **{s: mesh.addr(s) for s in ("credentials", "state", "inference", "metering")}}
     return {name: grpc.aio.insecure_channel(addr) for name, addr in addrs.items()}
-
-
-async def _victim(mesh: Mesh, ch: dict[str, grpc.aio.Channel], b: TenantHandle) -> Ids:
-    """One resource of every type for B, made through the public APIs as B."""
-    m = b.metadata
-    tag = secrets.token_hex(4)
-    ident = mesh.identity.stub
-    principal = (await ident.CreatePrincipal(idn.CreatePrincipalRequest(
-        kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=f"b-bot-{tag}", scopes=["state.*"]), metadata=m)).principal
-    key = (await ident.CreateApiKey(idn.CreateApiKeyRequest(principal_id=principal.id, display_name="b"),
-                                    metadata=m)).api_key
-    spare = await mesh.identity.login(b.api_key)  # RevokeToken's target: never B's working token
-
-    creds = credentials_pb2_grpc.CredentialsServiceStub(ch["credentials"])
-    name = f"b-secret-{tag}"
-    await creds.PutSecret(cred.PutSecretRequest(name=name, value=SECRET_VALUE), metadata=m)
-    cipher = (await creds.Encrypt(cred.EncryptRequest(plaintext=SECRET_VALUE), metadata=m)).ciphertext
-
-    team = f"b-team-{tag}"
-    await mesh.stub.CreateTeam(orch.CreateTeamRequest(team=team_pb(team)), metadata=m)
-    run = (await mesh.stub.StartRun(orch.StartRunRequest(team=team, entry_agent="triage", input="b's question",
-                                                         idempotency_key=f"b-run-{tag}"), metadata=m)).run
-
-    state = state_pb2_grpc.StateServiceStub(ch["state"])
-    thread = f"b-thread-{tag}"
-    await state.CreateThread(st.CreateThreadRequest(thread_id=thread, run_id=run.run_id), metadata=m)
-    await state.AppendEvents(st.AppendEventsRequest(thread_id=thread, expected_version=0,
-                                                    events=[st.NewEvent(type="b", payload=SECRET_VALUE)]), metadata=m)
-    await state.CreateSnapshot(st.CreateSnapshotRequest(thread_id=thread, version=1, state=SECRET_VALUE), metadata=m)
-
-    ids = Ids(tenant_id=b.tenant_id, principal_id=principal.id, principal_name=principal.display_name, api_key_id=key.id, jti=spare.jti, secret_name=name,
-              ciphertext=cipher, thread_id=thread, context_key=f"b-ctx-{tag}", model_name=f"b-tuned-{tag}",
-              team=team, run_id=run.run_id, usage_key=f"b-usage-{tag}", reservation_id="", reserve_key=f"b-res-{tag}",
-              lease_id="", run_key=f"b-run-{tag}")
-    await state.PutContext(st.PutContextRequest(scope=_scope(ids), key=ids.context_key, value=SECRET_VALUE), metadata=m)
-
-    infer = inference_pb2_grpc.InferenceServiceStub(ch["inference"])
-    await infer.RegisterPrivateModel(inf.RegisterPrivateModelRequest(model=inf.PrivateModel(
-        name=ids.model_name, upstream_model=f"ft:claude-test:b:{tag}")), metadata=m)
-    await infer.CountTokens(inf.CountTokensRequest(params=_params(ids.model_name)), metadata=m)  # B may use it
-
-    meter = metering_pb2_grpc.MeteringServiceStub(ch["metering"])
-    await meter.RecordUsage(met.RecordUsageRequest(events=[_usage(ids.usage_key)]), metadata=m)
-    held = await meter.ReserveBudget(met.ReserveBudgetRequest(model=MODEL, prompt_tokens=10, max_output_tokens=10,
-                                                              idempotency_key=ids.reserve_key), metadata=m)
-    lease = (await meter.LeaseBudget(met.LeaseBudgetRequest(model=MODEL, tokens=10), metadata=m)).lease
-    return Ids(**{**ids.__dict__, "reservation_id": held.reservation_id, "lease_id": lease.lease_id})
 
 
 async def _narrowed(mesh: Mesh, a: TenantHandle) -> dict[str, str]:
@@ -152,7 +96,7 @@ async def running_rig(data_dir: Path) -> AsyncIterator[Rig]:
         ch = await _channels(mesh)
         try:
             a, b, c = await asyncio.gather(mesh.tenant(), mesh.tenant(), mesh.tenant())
-            rig = Rig(mesh, ch, a, b, await _victim(mesh, ch, b))
+            rig = Rig(mesh, ch, a, b, await make_victim(mesh, ch, b))
             rig.markers = [*rig.b_ids.markers(), SECRET_VALUE]
             rig.tokens.update(await _narrowed(mesh, a))
             key = await mesh.identity.app.keys.active()

@@ -8,6 +8,7 @@ from .conftest import PRINTED
 from .factories import FACTORIES
 from .matrix import ATTACKS, CROSS_TENANT, run_matrix
 from .methods import enumerate_rpcs, require_factories
+from .resources import RESOURCES
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -17,7 +18,7 @@ RPCS = enumerate_rpcs()
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def matrix(rig):
     """Every attack on every method, once per module."""
-    require_factories(RPCS, FACTORIES)
+    require_factories(RPCS, FACTORIES, RESOURCES)
     m = await run_matrix(rig, RPCS, FACTORIES)
     PRINTED.append(m)
     return m
@@ -27,7 +28,7 @@ async def test_every_rpc_of_the_six_services_is_enumerated():
     """The descriptors name all six services, and each tenant RPC has a factory (none left over)."""
     services = {r.service for r in RPCS}
     assert services == {"identity", "credentials", "state", "inference", "orchestrator", "metering"}
-    require_factories(RPCS, FACTORIES)
+    require_factories(RPCS, FACTORIES, RESOURCES)
     assert set(FACTORIES) <= {r.path for r in RPCS}, "a factory for an RPC that no longer exists"
 
 
@@ -103,10 +104,20 @@ async def test_an_rpc_without_a_factory_fails_saying_what_to_add():
 
     rpcs = enumerate_rpcs({**service_files(), "widgets": widget_file()})
     with pytest.raises(MissingFactory) as info:
-        require_factories(rpcs, FACTORIES)
+        require_factories(rpcs, FACTORIES, RESOURCES)
     message = str(info.value)
     assert "/bulkhead.fake.v1.WidgetService/GetWidget (scope state.widgets.read)" in message
     assert "add FACTORIES['/bulkhead.fake.v1.WidgetService/GetWidget'] = Target(" in message
     assert "lambda i: GetWidgetRequest(<field>=i.<B's resource id>)" in message
     assert "tests/isolation/factories.py" in message
     assert "WidgetService/ListWidgets" not in message  # public: nothing to attack
+
+
+async def test_a_request_naming_a_resource_nobody_makes_fails_saying_what_to_add():
+    """A factory for a request naming a new resource type, with no factory making B's one: named, and the fix."""
+    from .factories import Target
+    from .methods import MissingFactory
+
+    with pytest.raises(MissingFactory) as info:
+        require_factories(RPCS, {**FACTORIES, GET_THREAD: Target("widget", lambda i: None)}, RESOURCES)
+    assert "widget: add RESOURCES['<type>']" in str(info.value) and "tests/isolation/resources.py" in str(info.value)
