@@ -56,13 +56,27 @@ class Ids:
         return [v if isinstance(v, bytes) else v.encode() for v in (getattr(self, f.name) for f in fields(self)) if v]
 
 
+_HEX, _BASE32 = set("0123456789abcdef"), set("abcdefghijklmnopqrstuvwxyz234567")
+
+
 def _lookalike(value):
+    """value with its tail after the last "_" redrawn character by character from the same class
+    (hex stays hex, base32 stays base32, punctuation stays): it passes the same validation."""
     if isinstance(value, bytes):  # same length and prefix, random tail: undecryptable by anyone
         keep = max(len(value) - 24, 0)
         return value[:keep] + secrets.token_hex(12).encode()[: len(value) - keep]
-    head, sep, tail = value.rpartition("_") if "_" in value else ("", "", value)
-    alphabet = "abcdefghijklmnopqrstuvwxyz234567" if tail.islower() or tail.isdigit() else "0123456789abcdef"
-    return head + sep + "".join(secrets.choice(alphabet) for _ in tail) if tail else value
+    head, sep, tail = value.rpartition("_")
+    letters, digits = ("abcdef", "0123456789") if set(tail) <= _HEX else \
+        ("abcdefghijklmnopqrstuvwxyz", "234567") if set(tail) <= _BASE32 else ("abcdefghijklmnopqrstuvwxyz", "0123456789")
+
+    def redraw(c: str) -> str:
+        if c.isdigit():
+            return secrets.choice(digits)
+        if c.isalpha():
+            drawn = secrets.choice(letters)
+            return drawn.upper() if c.isupper() else drawn
+        return c
+    return head + sep + "".join(map(redraw, tail))
 
 
 @dataclass(frozen=True)
@@ -74,7 +88,10 @@ class Target:
     build: Callable[[Ids], object]
     """A valid request naming the resource in ids."""
     absent: bool = False
-    """A's reply for B's resource must be NOT_FOUND or PERMISSION_DENIED (B's thing is invisible)."""
+    """A's reply for B's resource must be NOT_FOUND or PERMISSION_DENIED (B's thing is invisible);
+    otherwise it must be OK (A's own namespace, listing or write) or exactly `refused`."""
+    refused: str = ""
+    """The CODE/REASON A gets for B's resource where that is neither of the above (undecryptable input)."""
     phase: int = 1
     """When to attack: 0 reads A's own history (before A's attempts on B's ids fill it), 1 reads and
     mutations that must find nothing, 2 creates something of A's (after every read, so A's own copies
@@ -141,11 +158,13 @@ FACTORIES: dict[str, Target] = {
     _C + "VerifyAccessEvents": Target(None, lambda i: cred.VerifyAccessEventsRequest(), compare_reply=False),
     _C + "Encrypt": Target(None, lambda i: cred.EncryptRequest(plaintext=b"matrix"), phase=2,
                            compare_reply=False),
-    _C + "Decrypt": Target("ciphertext", lambda i: cred.DecryptRequest(ciphertext=i.ciphertext)),
+    _C + "Decrypt": Target("ciphertext", lambda i: cred.DecryptRequest(ciphertext=i.ciphertext),
+                           refused="INVALID_ARGUMENT/DECRYPTION_FAILED"),
     _C + "GenerateDataKey": Target(None, lambda i: cred.GenerateDataKeyRequest(bits=256), phase=2,
                                    compare_reply=False),
     _C + "RotateKey": Target(None, lambda i: cred.RotateKeyRequest(), phase=2, compare_reply=False),
-    _C + "Rewrap": Target("ciphertext", lambda i: cred.RewrapRequest(ciphertext=i.ciphertext)),
+    _C + "Rewrap": Target("ciphertext", lambda i: cred.RewrapRequest(ciphertext=i.ciphertext),
+                          refused="INVALID_ARGUMENT/DECRYPTION_FAILED"),
     # state
     _S + "CreateThread": Target("thread", lambda i: st.CreateThreadRequest(thread_id=i.thread_id), phase=2),
     _S + "GetThread": Target("thread", lambda i: st.GetThreadRequest(thread_id=i.thread_id), absent=True),
@@ -166,9 +185,12 @@ FACTORIES: dict[str, Target] = {
     _S + "DeleteContext": Target("context", lambda i: st.DeleteContextRequest(scope=context_scope(i.team), key=i.context_key),
                                  absent=True),
     # inference
-    _N + "CreateMessage": Target("private model", lambda i: inf.CreateMessageRequest(params=message_params(i.model_name))),
-    _N + "StreamMessage": Target("private model", lambda i: inf.StreamMessageRequest(params=message_params(i.model_name))),
-    _N + "CountTokens": Target("private model", lambda i: inf.CountTokensRequest(params=message_params(i.model_name))),
+    _N + "CreateMessage": Target("private model", lambda i: inf.CreateMessageRequest(params=message_params(i.model_name)),
+                                 absent=True),
+    _N + "StreamMessage": Target("private model", lambda i: inf.StreamMessageRequest(params=message_params(i.model_name)),
+                                 absent=True),
+    _N + "CountTokens": Target("private model", lambda i: inf.CountTokensRequest(params=message_params(i.model_name)),
+                               absent=True),
     _N + "GetModelPolicy": Target(None, lambda i: inf.GetModelPolicyRequest()),
     _N + "RegisterPrivateModel": Target("private model", lambda i: inf.RegisterPrivateModelRequest(
         model=inf.PrivateModel(name=i.model_name, upstream_model="ft:claude-test:a:001")), phase=2),

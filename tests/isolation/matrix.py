@@ -211,6 +211,8 @@ async def cross_tenant(rig: Rig, rpc: Rpc, target: Target) -> Cell:
         problems.append(f"not a well-defined answer ({theirs.message!r})")
     if target.absent and theirs.code not in ("NOT_FOUND", "PERMISSION_DENIED"):
         problems.append(f"B's {target.resource} must be NOT_FOUND or PERMISSION_DENIED for A")
+    elif not target.absent and theirs.status != (target.refused or "OK"):
+        problems.append(f"expected {target.refused or 'OK'}: a request that fails for another reason proves nothing")
     if _seen(theirs, rig.b_ids, target) != _seen(unknown, random_ids, target):
         problems.append(f"A's reply naming B's {target.resource or 'ids'} differs from a random one's: "
                         f"B's -> {_seen(theirs, rig.b_ids, target)}; random -> {_seen(unknown, random_ids, target)}")
