@@ -12,10 +12,12 @@ so the tests see a session-level leak instead of having PgBouncer hide it.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import shutil
 import signal
 import subprocess
+import time
 import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -70,6 +72,27 @@ class PgBouncer:
     def admin_dsn(self, database: str = "postgres") -> str:
         """libpq DSN of `database` as the superuser, through PgBouncer."""
         return self.dsn(self.server.admin_user, self.server.admin_password, database)
+
+    async def add_user(self, user: str, password: str, database: str) -> None:
+        """Let `user` (e.g. a database's owner role) log in through PgBouncer too, once it really can."""
+        import asyncpg
+
+        with open(os.path.join(self._root, "userlist.txt"), "a") as f:
+            f.write(_userlist_line(user, password))
+        if self._proc is not None:
+            self._proc.send_signal(signal.SIGHUP)  # reloads the auth file, asynchronously
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                conn = await asyncpg.connect(self.dsn(user, password, database), statement_cache_size=0)
+            except (asyncpg.InvalidAuthorizationSpecificationError, asyncpg.ProtocolViolationError):
+                # Not reloaded yet: PgBouncer answers an unknown user with "SASL authentication failed".
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(0.05)
+                continue
+            await conn.close()
+            return
 
     def stop(self) -> None:
         """Stop PgBouncer (SIGTERM: immediate shutdown) and delete its directory."""

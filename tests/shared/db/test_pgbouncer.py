@@ -4,6 +4,7 @@ prepared statement behind on a server connection."""
 from __future__ import annotations
 
 import asyncio
+import urllib.parse
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -156,3 +157,29 @@ async def test_engine_leaves_no_prepared_statement_on_server_connections(pgbounc
     async with _through(pgbouncer, pg_urls, scheme="postgresql+asyncpg") as db:
         await work(db, 99)
     assert await leftovers() > 0
+
+
+async def _write_and_count(db: Database, tenant: str, tier: str) -> int:
+    with tenant_scope(as_tenant(tenant, tier)):
+        async with db.session() as s:
+            s.add(Note(body="x"))
+        async with db.session() as s:
+            return len((await s.scalars(select(Note))).all())
+
+
+async def test_migrations_and_silo_provisioning_run_through_pgbouncer(postgres, pgbouncer) -> None:
+    """A single-role deployment whose only URL is PgBouncer's: migrations (one transaction, Alembic's own
+    engine) and a silo tenant's CREATE DATABASE (autocommit) work through the pooler."""
+    urls = await postgres.create_database("pgb_single_role")
+    password = urllib.parse.unquote(urllib.parse.urlsplit(urls.owner_dsn).password or "")
+    await pgbouncer.add_user(urls.owner_role, password, urls.name)
+    url = "postgresql+pgbouncer://" + pgbouncer.dsn(urls.owner_role, password, urls.name).split("://", 1)[1]
+    db = await Database.open(url, migrations=MIGRATIONS)
+    try:
+        assert await _write_and_count(db, "t_single", "pooled") == 1
+        assert await _write_and_count(db, "t_single_silo", "silo") == 1
+        with tenant_scope(as_tenant("t_single_silo", "silo")):
+            assert (await db.route()).bind.url.drivername == "postgresql+pgbouncer"
+    finally:
+        await db.close()
+        await postgres.drop_database(urls.name)
