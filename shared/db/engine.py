@@ -46,7 +46,9 @@ registry.register("postgresql.pgbouncer", __name__, "PgBouncerDialect")
 
 
 def normalize_url(url: str | URL) -> URL:
-    """The async-driver form of a database URL (`postgresql://` → asyncpg, `sqlite://` → aiosqlite)."""
+    """The async-driver form of a database URL (`postgresql://` → asyncpg, `sqlite://` → aiosqlite).
+
+    A URL that names its driver (`postgresql+pgbouncer://`) is kept as it is."""
     parsed = make_url(url)
     backend = parsed.get_backend_name()
     if backend not in ("postgresql", "sqlite") and parsed.drivername not in _ASYNC_DRIVERS:
