@@ -45,7 +45,9 @@ PRE_COOKIE = "bk_signin"
 WINDOWS = {"24h": dt.timedelta(hours=24), "7d": dt.timedelta(days=7)}
 MAX_RUNS_SCANNED = 2000
 """Most runs the Overview reads per window (ListRuns pages, newest first)."""
-LATENCY_SAMPLE_RUNS = 20
+RUNS_PAGE = 500
+"""ListRuns page size asked for (the services' maximum: fewer round trips on big tenants)."""
+LATENCY_SAMPLE_RUNS = 10
 """Finished runs whose steps are read for the latency percentiles."""
 THREADS_PAGE = 100
 """Threads listed per page."""
@@ -285,7 +287,7 @@ class Console:
         token = ""
         while len(runs) < limit:
             resp = await self._call(session, self.mesh.orchestrator.ListRuns, orc.ListRunsRequest(
-                page_size=200, page_token=token, status=status, team=team))
+                page_size=min(RUNS_PAGE, limit - len(runs)), page_token=token, status=status, team=team))
             for r in resp.runs:
                 if since is not None and _dt(r.create_time) and _dt(r.create_time) < since:
                     return runs
@@ -325,20 +327,16 @@ class Console:
             raise
         return steps
 
-    async def overview_data(self, session: Session, window: str) -> dict:
-        """Every Overview figure for one window, from ListRuns, QueryUsage, GetQuotaStatus and WatchRun."""
-        now = dt.datetime.now(dt.UTC)
-        start = now - WINDOWS[window]
-        end = now + dt.timedelta(minutes=1)
-        runs, by_agent, by_model, quota, running, queued = await asyncio.gather(
-            self._list_runs(session, since=start),
-            self._query_usage(session, start, end, [mtr.USAGE_GROUPING_AGENT]),
-            self._query_usage(session, start, end, [mtr.USAGE_GROUPING_MODEL]),
-            self._call(session, self.mesh.metering.GetQuotaStatus, mtr.GetQuotaStatusRequest()),
-            self._list_runs(session, status=orc.RUN_STATUS_RUNNING),
-            self._list_runs(session, status=orc.RUN_STATUS_QUEUED))
-        finished = [r for r in runs if r.status in (orc.RUN_STATUS_SUCCEEDED, orc.RUN_STATUS_FAILED)]
-        sample = finished[:LATENCY_SAMPLE_RUNS]
+    async def _latency_sample(self, session: Session, since: dt.datetime) -> tuple[int, dict[str, list[float]]]:
+        """agent -> step latencies from the newest finished runs of the window (and how many runs that was).
+
+        Its own status-filtered ListRuns, so the steps are read while the window's runs are still paging in.
+        """
+        succeeded, failed = await asyncio.gather(
+            self._list_runs(session, since=since, status=orc.RUN_STATUS_SUCCEEDED, limit=LATENCY_SAMPLE_RUNS),
+            self._list_runs(session, since=since, status=orc.RUN_STATUS_FAILED, limit=LATENCY_SAMPLE_RUNS))
+        sample = sorted(succeeded + failed, key=lambda r: (r.create_time.seconds, r.create_time.nanos),
+                        reverse=True)[:LATENCY_SAMPLE_RUNS]
         limit = asyncio.Semaphore(5)
 
         async def steps_of(run_id: str) -> list[orc.Step]:
@@ -351,6 +349,21 @@ class Console:
         for steps in await asyncio.gather(*(steps_of(r.run_id) for r in sample)):
             for agent, values in _figures.step_latencies(steps).items():
                 latencies.setdefault(agent, []).extend(values)
+        return len(sample), latencies
+
+    async def overview_data(self, session: Session, window: str) -> dict:
+        """Every Overview figure for one window, from ListRuns, QueryUsage, GetQuotaStatus and WatchRun."""
+        now = dt.datetime.now(dt.UTC)
+        start = now - WINDOWS[window]
+        end = now + dt.timedelta(minutes=1)
+        runs, usage, quota, running, queued, (sampled, latencies) = await asyncio.gather(
+            self._list_runs(session, since=start),
+            self._query_usage(session, start, end, [mtr.USAGE_GROUPING_AGENT, mtr.USAGE_GROUPING_MODEL]),
+            self._call(session, self.mesh.metering.GetQuotaStatus, mtr.GetQuotaStatusRequest()),
+            self._list_runs(session, status=orc.RUN_STATUS_RUNNING),
+            self._list_runs(session, status=orc.RUN_STATUS_QUEUED),
+            self._latency_sample(session, start))
+        by_agent, by_model = _figures.roll_up(usage, "agent"), _figures.roll_up(usage, "model")
         agents = _figures.agent_figures(by_agent, runs, latencies)
         budgets = _figures.budget_figures(quota)
         label = lambda a: a.agent or "(no agent)"  # noqa: E731
@@ -372,10 +385,11 @@ class Console:
             "budgets": [_charts.meter(f"{b.unit} budget per {b.period} ({b.mode})", b.used, b.held, b.limit,
                                       unit="$" if b.unit == "usd" else "tokens") for b in budgets],
         }
-        return {"window": window, "runs": runs, "agents": agents, "budgets": budgets, "charts": charts,
+        return {"window": window, "runs": runs, "capped": len(runs) >= MAX_RUNS_SCANNED, "agents": agents,
+                "budgets": budgets, "charts": charts,
                 "running": len(running), "queued": len(queued), "refusals": _figures.quota_refusals(runs)[:20],
-                "spend": _figures.total_cost(by_model), "calls": sum(r.event_count for r in by_model),
-                "errors": sum(r.error_count for r in by_model), "sampled_runs": len(sample),
+                "spend": _figures.usd(_figures.total_cost(by_model)), "calls": sum(r.event_count for r in by_model),
+                "errors": sum(r.error_count for r in by_model), "sampled_runs": sampled,
                 "counts": _figures.status_counts(runs)}
 
     async def overview(self, request: Request, session: Session) -> Response:
@@ -499,11 +513,15 @@ class Console:
 
     async def usage(self, request: Request, session: Session) -> Response:
         start, end, names = self._usage_params(request)
-        by_day, by_model, by_agent, rows = await asyncio.gather(
-            self._query_usage(session, start, end, [mtr.USAGE_GROUPING_DAY]),
-            self._query_usage(session, start, end, [mtr.USAGE_GROUPING_MODEL]),
-            self._query_usage(session, start, end, [mtr.USAGE_GROUPING_AGENT]),
-            self._query_usage(session, start, end, [_GROUPINGS[n] for n in names]))
+        fine = [mtr.USAGE_GROUPING_DAY, mtr.USAGE_GROUPING_MODEL, mtr.USAGE_GROUPING_AGENT]
+        wanted = [_GROUPINGS[n] for n in names]
+        if wanted == fine:  # the default: one scan of the ledger serves the charts and the lines
+            rows = parts = await self._query_usage(session, start, end, fine)
+        else:
+            rows, parts = await asyncio.gather(self._query_usage(session, start, end, wanted),
+                                               self._query_usage(session, start, end, fine))
+        by_day, by_model, by_agent = (_figures.roll_up(parts, "day"), _figures.roll_up(parts, "model"),
+                                      _figures.roll_up(parts, "agent"))
         tokens = lambda r: r.tokens.input_tokens + r.tokens.output_tokens + r.tokens.cache_write_tokens \
             + r.tokens.cache_read_tokens  # noqa: E731
         charts = {
@@ -517,11 +535,13 @@ class Console:
             "agent": _charts.bars("Tokens per agent", [(r.agent_id or "(no agent)", tokens(r)) for r in by_agent]),
         }
         # Encoded: a raw "+00:00" would arrive as " 00:00" and the download would fail.
-        csv_query = urllib.parse.urlencode({"since": start.isoformat(), "until": end.isoformat(), "by": ",".join(names)})
+        csv_query = urllib.parse.urlencode({"since": start.isoformat(), "until": end.isoformat(),
+                                            "by": ",".join(names)})
         return self.render(request, "usage.html", charts=charts, headers=QUERY_HEADERS,
                            lines=query_rows(rows, hourly="hour" in names), since=start.isoformat(),
                            until=end.isoformat(), by=",".join(names), csv_query=csv_query,
-                           total=_figures.total_cost(by_model), calls=sum(r.event_count for r in by_model))
+                           total=_figures.usd(_figures.total_cost(by_model)),
+                           calls=sum(r.event_count for r in by_model))
 
     async def usage_csv(self, request: Request, session: Session) -> Response:
         start, end, names = self._usage_params(request)

@@ -149,3 +149,40 @@ def budget_figures(status: mtr.GetQuotaStatusResponse) -> list[BudgetFigures]:
             mode="soft" if b.budget.mode == mtr.BUDGET_MODE_SOFT else "hard",
             limit=b.budget.limit / scale, used=b.used / scale, held=b.held / scale, remaining=b.remaining / scale))
     return out
+
+
+_ROLL_KEYS = {"day": "period_start", "model": "model", "agent": "agent_id", "principal": "principal_id"}
+
+
+def roll_up(rows: Iterable[mtr.UsageRow], *by: str) -> list[mtr.UsageRow]:
+    """QueryUsage rows summed into coarser groups (by: day, model, agent, principal), ordered by group.
+
+    Exact: metering sums integer costs, so the parts' decimal costs add up to the whole's. One fine query
+    rolled up here costs the ledger one scan instead of one per chart.
+    """
+    fields = [_ROLL_KEYS[name] for name in by]
+    groups: dict[tuple, list] = {}
+    for r in rows:
+        key = tuple((r.period_start.seconds, r.period_start.nanos) if f == "period_start" else getattr(r, f)
+                    for f in fields)
+        if key not in groups:
+            out = mtr.UsageRow(tenant_id=r.tenant_id)
+            for f in fields:
+                (out.period_start.CopyFrom(r.period_start) if f == "period_start" else setattr(out, f, getattr(r, f)))
+            groups[key] = [out, Decimal(0)]
+        out = groups[key][0]
+        out.event_count += r.event_count
+        out.error_count += r.error_count
+        out.unpriced_tokens += r.unpriced_tokens
+        for t in ("input_tokens", "output_tokens", "cache_write_tokens", "cache_read_tokens"):
+            setattr(out.tokens, t, getattr(out.tokens, t) + getattr(r.tokens, t))
+        groups[key][1] += Decimal(r.cost_usd or "0")
+    for out, cost in groups.values():
+        out.cost_usd = usd(cost)
+    return [groups[key][0] for key in sorted(groups)]
+
+
+def usd(amount: Decimal) -> str:
+    """A plain decimal string without exponent or trailing zeros, as metering writes cost_usd."""
+    text = format(amount.normalize(), "f")
+    return text if "." not in text else text.rstrip("0").rstrip(".")
