@@ -21,6 +21,7 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
 """Screenshots of every page, kept by CI as an artifact."""
+_shots: list[Path] = []
 
 
 def run(coro):
@@ -129,11 +130,11 @@ def shot(page, name: str) -> Path:
     """Save a full-page screenshot as a CI artifact."""
     path = ARTIFACTS / f"{name}.png"
     page.screenshot(path=str(path), full_page=True)
+    _shots.append(path)
     return path
 
 
 def pytest_terminal_summary(terminalreporter):
     """Say where the screenshots are (CI uploads this folder)."""
-    shots = sorted(ARTIFACTS.glob("*.png")) if ARTIFACTS.is_dir() else []
-    if shots:
-        terminalreporter.write_line(f"console screenshots ({len(shots)} pages): {ARTIFACTS}")
+    if _shots:
+        terminalreporter.write_line(f"console screenshots ({len(_shots)} pages): {ARTIFACTS}")

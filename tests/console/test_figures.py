@@ -35,3 +35,24 @@ def test_usage_csv_matches_cli_writer(tmp_path):
     rows = query_rows([mtr.UsageRow(tenant_id="t_1", model="m", event_count=2, cost_usd="0.1")], hourly=False)
     write_csv(str(tmp_path / "cli.csv"), QUERY_HEADERS, rows)
     assert usage_csv(rows).encode() == (tmp_path / "cli.csv").read_bytes()
+
+
+def _row(day: int, model: str, agent: str, calls: int, cost: str) -> mtr.UsageRow:
+    return mtr.UsageRow(tenant_id="t_1", period_start=Timestamp(seconds=day * 86400), model=model, agent_id=agent,
+                        event_count=calls, error_count=calls // 2, cost_usd=cost,
+                        tokens=mtr.TokenCounts(input_tokens=calls * 10, output_tokens=calls))
+
+
+def test_roll_up_sums_fine_rows_exactly():
+    """Day x model x agent rows summed per model, per agent and per day: counts, tokens and decimal cost exact."""
+    fine = [_row(2, "m2", "a", 1, "0.1"), _row(1, "m1", "a", 2, "0.2"), _row(1, "m2", "b", 3, "0.0000001"),
+            _row(2, "m1", "b", 4, "0.7")]
+    by_model = _figures.roll_up(fine, "model")
+    assert [(r.model, r.event_count, r.error_count, r.cost_usd) for r in by_model] == [
+        ("m1", 6, 3, "0.9"), ("m2", 4, 1, "0.1000001")]
+    assert by_model[0].tokens.input_tokens == 60 and by_model[0].agent_id == ""
+    by_day = _figures.roll_up(fine, "day")
+    assert [(r.period_start.seconds, r.event_count, r.cost_usd) for r in by_day] == [
+        (86400, 5, "0.2000001"), (172800, 5, "0.8")]
+    assert [r.agent_id for r in _figures.roll_up(fine, "agent")] == ["a", "b"]
+    assert _figures.usd(_figures.total_cost(fine)) == "1.0000001" and _figures.roll_up([], "model") == []
