@@ -14,7 +14,7 @@ from shared.db.engine import is_sqlite, make_engine, normalize_url, sqlite_path
 from shared.db.migrations import upgrade
 from shared.db.raw import RawTransaction, raw_transaction
 from shared.db.router import Route, TenantRouter
-from shared.db.session import SEARCH_PATH_KEY, SYSTEM_KEY, TENANT_KEY, TenantSession
+from shared.db.session import PLATFORM_BIND_KEY, SEARCH_PATH_KEY, SYSTEM_KEY, TENANT_KEY, TenantSession
 from shared.tenancy import require_tenant
 
 
@@ -74,13 +74,16 @@ class Database:
         """A transaction confined to the current tenant; commits on exit, rolls back on error.
 
         Raises NoTenantContext without a TenantContext. On Postgres every transaction of the
-        session starts with `set_config('app.tenant_id', <tenant>, true)` for RLS.
+        session starts with `set_config('app.tenant_id', <tenant>, true)` for RLS. Platform tables
+        go to the platform database whatever the tenant's tier (see TenantSession.get_bind).
         """
         ctx = require_tenant()
         route = await self._router.route(ctx.tenant_id, ctx.tier)
         info: dict[str, Any] = {TENANT_KEY: ctx.tenant_id}
         if route.schema:
             info[SEARCH_PATH_KEY] = route.schema
+        if route.bind is not self._engine:
+            info[PLATFORM_BIND_KEY] = self._engine.sync_engine
         async with self._sessions(bind=route.bind, info=info) as session:
             yield session  # an error propagates from here: closing the session rolls back
             await session.commit()

@@ -36,6 +36,8 @@ SYSTEM_KEY = "bulkhead.system"
 """Session.info key: a platform session that may touch no tenant-owned table."""
 SEARCH_PATH_KEY = "bulkhead.search_path"
 """Session.info key: the tenant's own schema (bridge tier on Postgres), made the search_path."""
+PLATFORM_BIND_KEY = "bulkhead.platform_bind"
+"""Session.info key: the platform (main) engine, when the tenant's rows live elsewhere (bridge, silo)."""
 
 _TENANT_ATTR = "tenant_id"
 
@@ -51,6 +53,19 @@ class TenantSession(Session):
     `Database.session()`), else the current TenantContext. The legacy bulk methods skip both
     the execute and the flush hooks, so they are refused for tenant-owned classes.
     """
+
+    def get_bind(self, mapper: Any = None, *, clause: Any = None, **kw: Any) -> Any:
+        """The tenant's engine, except for statements and flushes that touch platform tables only.
+
+        A bridge or silo tenant's schema, file or database holds copies of the platform tables (its
+        migrations build every table), where nothing else ever looks: platform rows always go to
+        the platform database. For such a tenant that is a second transaction, committed apart from
+        the tenant's, so where the order of the two matters use system_session() explicitly.
+        """
+        platform = self.info.get(PLATFORM_BIND_KEY)
+        if platform is not None and _platform_only(mapper, clause):
+            return platform
+        return super().get_bind(mapper, clause=clause, **kw)
 
     def bulk_save_objects(self, objects: Iterable[object], *args: Any, **kw: Any) -> None:
         """Session.bulk_save_objects, refused for tenant-owned objects."""
@@ -68,6 +83,17 @@ class TenantSession(Session):
         """Session.bulk_update_mappings, refused for tenant-owned classes."""
         _refuse_legacy_bulk(mapper, "bulk_update_mappings", "session.execute(update(Model).where(...))")
         super().bulk_update_mappings(mapper, mappings)
+
+
+def _platform_only(mapper: Any, clause: Any) -> bool:
+    """Whether a statement (or a flush of mapper's rows) names tables and none of them is tenant-owned."""
+    tables: list[Any] = []
+    info = inspect(mapper, raiseerr=False) if mapper is not None else None
+    if getattr(info, "mapper", None) is not None:
+        tables.extend(info.mapper.tables)
+    if clause is not None:
+        tables.extend(e for e in visitors.iterate(clause) if isinstance(e, TableClause))
+    return bool(tables) and not any(_is_tenant_table(t) for t in tables)
 
 
 def _refuse_legacy_bulk(mapper: Any, method: str, instead: str) -> None:
@@ -271,7 +297,8 @@ def _bind_transaction(session: Session, transaction: SessionTransaction, connect
     if tid is None:
         return
     schema = session.info.get(SEARCH_PATH_KEY)
-    if schema:
+    # A bridge tenant's schema would shadow the platform tables on the platform connection.
+    if schema and connection.engine is not session.info.get(PLATFORM_BIND_KEY):
         connection.execute(_SET_TENANT_AND_SCHEMA, {"tid": tid, "sp": schema})
     else:
         connection.execute(_SET_TENANT, {"tid": tid})

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from sqlalchemy import select, text
+from sqlalchemy import func, select, text, update
 
 from shared.db import Database, bridge_schema, silo_database, upgrade
 from shared.db import router as router_module
@@ -14,7 +14,7 @@ from shared.db.router import tenant_slug
 from shared.tenancy import tenant_scope
 
 from .conftest import MIGRATIONS, as_tenant
-from .notes import Note
+from .notes import Note, Setting
 
 
 async def _write_and_read(db: Database, tenant: str, tier: str, body: str) -> list[tuple[str, str]]:
@@ -126,3 +126,33 @@ async def test_postgres_silo_tenant_gets_its_own_database(postgres, pg_urls) -> 
 async def _route_of(db: Database, tenant: str):
     with tenant_scope(as_tenant(tenant, "silo")):
         return await db.route()
+
+
+async def _platform_rows_go_to_the_platform_database(db: Database, tenant: str, tier: str) -> None:
+    key = f"k-{tenant}"
+    with tenant_scope(as_tenant(tenant, tier)):
+        async with db.session() as s:  # a tenant row and a platform row in one tenant session
+            s.add(Note(body="n"))
+            s.add(Setting(key=key, value="v"))
+        async with db.session() as s:
+            assert (await s.get(Setting, key)).value == "v"
+            await s.execute(update(Setting).where(Setting.key == key).values(value="w"))
+            assert [n.body for n in (await s.scalars(select(Note))).all()] == ["n"]
+        route = await db.route()
+    async with db.system_session() as s:
+        assert (await s.get(Setting, key)).value == "w"
+    async with route.bind.connect() as conn:  # the tenant's own copy of the platform table stays empty
+        assert (await conn.execute(select(func.count()).select_from(Setting.__table__))).scalar_one() == 0
+
+
+@pytest.mark.parametrize("tier", ["bridge", "silo"])
+async def test_sqlite_platform_rows_of_bridge_and_silo_sessions_go_to_the_main_file(sqlite_db: Database,
+                                                                                   tier: str) -> None:
+    """A platform table touched in a bridge or silo tenant's session is the main file's, not the tenant's copy."""
+    await _platform_rows_go_to_the_platform_database(sqlite_db, f"t_{tier}", tier)
+
+
+@pytest.mark.postgres
+async def test_postgres_platform_rows_of_a_bridge_session_go_to_the_main_schema(pg_db: Database) -> None:
+    """A platform table touched in a bridge tenant's session is public's, not the tenant schema's copy."""
+    await _platform_rows_go_to_the_platform_database(pg_db, "t_brg_platform", "bridge")
