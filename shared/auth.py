@@ -135,8 +135,10 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         return _wrap(handler, lambda behavior, kind: abort_stream if kind.endswith("stream") else abort)
 
 
-# Metadata that says who is calling: each must arrive at most once.
-_IDENTITY_KEYS = frozenset({"authorization", "x-tenant-id"})
+# Metadata that says who is calling, or which request this is (idempotency keys derive from
+# x-request-id; agent and run tags reach metering): each must arrive at most once, since a gateway
+# reading the first value and a service reading the last would disagree about it.
+_IDENTITY_KEYS = frozenset({"authorization", "x-tenant-id", "x-request-id", "x-agent-id", "x-run-id"})
 
 
 def _metadata_dict(md) -> tuple[dict[str, str], frozenset[str]]:

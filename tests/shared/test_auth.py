@@ -137,6 +137,19 @@ async def test_repeated_identity_metadata_is_a_security_event(echo, tokens, key)
     assert running.security_events.counts[("unauthenticated", "AMBIGUOUS_METADATA")] == 1
 
 
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("key", ["x-request-id", "x-agent-id", "x-run-id"])
+@pytest.mark.parametrize("values", [("r-1", "r-2"), ("r-1", "r-1")], ids=["different", "equal"])
+async def test_repeated_request_tags_are_refused(echo, tokens, shape, key, values):
+    """Two x-request-id (idempotency keys derive from it), x-agent-id or x-run-id values: refused, not last-wins."""
+    _, stub = echo
+    md = (*tokens.metadata(A), *((key, v) for v in values))
+    err = await _status(_calls(stub, md, messages=0)[shape]())
+    assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+    details = error_details(err)
+    assert details["reason"] == "AMBIGUOUS_METADATA" and details["metadata"]["keys"] == key
+
+
 def _hpack_literal(name: str, value: str) -> bytes:
     """One header as HPACK "literal without indexing, new name", no Huffman (RFC 7541 6.2.2)."""
     def length(raw: bytes) -> bytes:
