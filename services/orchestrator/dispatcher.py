@@ -24,7 +24,7 @@ from services.orchestrator.runs import RunStatus
 from services.orchestrator.scheduler import pick_runs
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.store import Claim, RunRecord, RunStore
-from shared.errors import Unauthenticated, Unavailable
+from shared.errors import NotFound, Unauthenticated, Unavailable
 from shared.tenancy import TenantContext, tenant_scope
 from shared.telemetry import attach_traceparent, detach
 
@@ -169,7 +169,12 @@ class Dispatcher:
         heartbeat_stop = asyncio.Event()
         try:
             with tenant_scope(ctx):
-                run = await self._runs.get(claim.run_id)
+                try:
+                    run = await self._runs.get(claim.run_id)
+                except NotFound:  # an entry left without its run (a crash while queueing): never runnable
+                    log.warning("queued run not found", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
+                    await self._runs.drop(claim.run_id)
+                    return
                 if run.status.terminal:
                     await self._runs.drop(claim.run_id)
                     return

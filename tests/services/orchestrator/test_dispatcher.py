@@ -1,0 +1,32 @@
+"""The dispatcher against a real queue (SQLite through shared.db), without the rest of the mesh."""
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+
+from services.orchestrator.dispatcher import Dispatcher, DispatchSettings, StepFeed
+from services.orchestrator.grants import GrantSealer
+from services.orchestrator.server import MIGRATIONS
+from services.orchestrator.store import QueueRow, RunStore
+from shared.db import Database
+
+
+async def test_queue_entry_without_its_run_is_dropped_not_retried_forever(tmp_path):
+    """An entry whose run was never written (a crash while queueing) leaves the queue at its first claim."""
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
+    runs, sealer = RunStore(db), GrantSealer(os.urandom(32))
+    async with db.system_session() as s:
+        s.add(QueueRow(run_id="r_orphan", tenant_id="t_a", principal_id="p", tier="bridge", state="queued",
+                       enqueued_at=time.time(), lease_owner=None, lease_expires=0.0, cancel_requested=False,
+                       grant=sealer.seal("token", "r_orphan"), traceparent=""))
+    dispatcher = Dispatcher(runs=runs, engine=None, ports_for=lambda: None, sealer=sealer, feed=StepFeed(),
+                            settings=DispatchSettings(lease_seconds=60, poll_seconds=0.05))
+    dispatcher.start()
+    try:
+        async with asyncio.timeout(5):
+            while (await runs.waiting(time.time()))[0] or (await runs.waiting(time.time()))[1]:
+                await asyncio.sleep(0.05)
+    finally:
+        await dispatcher.stop()
+        await db.close()
