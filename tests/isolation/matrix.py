@@ -74,6 +74,9 @@ ATTACKS: tuple[Attack, ...] = (
                                                     ("x-tenant-id", r.a.tenant_id))),
     Attack("dup_auth_BA", _AMBIGUOUS, lambda r, _: (_bearer(r.b.token), _bearer(r.a.token),
                                                     ("x-tenant-id", r.a.tenant_id))),
+    # A's own valid identity, but two request ids: idempotency keys derive from it, so no pick by position.
+    Attack("dup_request_id", _AMBIGUOUS, lambda r, _: (*md(r.a.token, r.a.tenant_id), ("x-request-id", "r-first"),
+                                                       ("x-request-id", "r-second"))),
     # What a proxy may make of duplicates (joined with a comma) or of sloppy values: never a match.
     Attack("tenant_joined", "PERMISSION_DENIED/TENANT_MISMATCH",
            lambda r, _: md(r.a.token, f"{r.a.tenant_id},{r.b.tenant_id}")),

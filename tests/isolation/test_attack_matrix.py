@@ -94,7 +94,7 @@ async def test_repeated_identity_metadata_resolved_by_position_fails_the_matrix(
     dup = tuple(a for a in ATTACKS if a.name.startswith("dup_"))
     m = await run_matrix(rig, [_rpc(GET_THREAD)], FACTORIES, attacks=dup, with_cross_tenant=False)
     wrong = {c.attack for c in m.failures}
-    assert wrong == {"dup_tenant_AB", "dup_tenant_BA", "dup_auth_AB", "dup_auth_BA"}, m.report()
+    assert wrong == {"dup_tenant_AB", "dup_tenant_BA", "dup_auth_AB", "dup_auth_BA", "dup_request_id"}, m.report()
 
 
 async def test_an_rpc_without_a_factory_fails_saying_what_to_add():
