@@ -135,7 +135,8 @@ pool_mode = transaction
 default_pool_size = 4
 max_client_conn = 500
 server_reset_query_always = 0
-server_check_delay = 0
+; a client stuck behind an exhausted pool fails in 30 s, saying so, rather than hanging the test run
+query_wait_timeout = 30
 log_connections = 0
 log_disconnections = 0
 """
