@@ -107,3 +107,21 @@ async def test_lease_claim_expiry_takeover_and_finish(tmp_path):
     with tenant_scope(TenantContext(tenant_id="t_b", principal_id="p")):
         assert await runs.steps(run.run_id) == []
     await db.close()
+
+
+async def test_retry_with_the_same_key_requeues_a_run_that_lost_its_entry(tmp_path):
+    """A crash between writing a run and queueing it is healed by the client's retry with the same key."""
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
+    runs = RunStore(db)
+    ctx = TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}), tier="silo")
+    start = dict(team=TEAM, entry_agent="a", run_input="x", idempotency_key="k", tenant_id="t_a", principal_id="p",
+                 tier="silo", grant=b"g")
+    with tenant_scope(ctx):
+        run, _ = await runs.create(**start)
+    await runs.drop(run.run_id)  # as if the process died before the queue entry was written
+    assert await runs.waiting(now=100) == ([], {})
+    with tenant_scope(ctx):
+        again, created = await runs.create(**start)
+    assert not created and again.run_id == run.run_id
+    assert [w.run_id for w in (await runs.waiting(now=100))[0]] == [run.run_id]
+    await db.close()
