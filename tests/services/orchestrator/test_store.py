@@ -125,3 +125,21 @@ async def test_retry_with_the_same_key_requeues_a_run_that_lost_its_entry(tmp_pa
     assert not created and again.run_id == run.run_id
     assert [w.run_id for w in (await runs.waiting(now=100))[0]] == [run.run_id]
     await db.close()
+
+
+async def test_a_run_that_cannot_be_queued_fails_instead_of_waiting(tmp_path, monkeypatch):
+    """When the queue entry cannot be written, the run is marked failed (NOT_QUEUED), not left queued forever."""
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
+    runs = RunStore(db)
+
+    async def platform_database_away(*args, **kwargs):
+        raise ConnectionError("platform database away")
+
+    monkeypatch.setattr(runs, "_enqueue", platform_database_away)
+    with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", tier="bridge")):
+        with pytest.raises(ConnectionError):
+            await runs.create(team=TEAM, entry_agent="a", run_input="x", idempotency_key="", tenant_id="t_a",
+                              principal_id="p", tier="bridge", grant=b"g", run_id="r_lost")
+        failed = await runs.get("r_lost")
+    assert failed.status == RunStatus.FAILED and failed.error_reason == "NOT_QUEUED"
+    await db.close()
