@@ -6,13 +6,16 @@ import contextvars
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+from shared.tiers import Tier
+
 PLATFORM_TENANT = "t_platform"
 """The tenant whose principals are platform operators."""
 
 OPERATOR_SCOPE = "platform.operator"
 """The scope that admin RPCs acting across tenants require."""
 
-TIERS = ("pooled", "bridge", "silo")
+TIERS = tuple(t.value for t in Tier)
+"""The tier names, for validating input (shared.tiers.Tier is the type)."""
 
 
 class NoTenantContext(RuntimeError):
@@ -105,3 +108,21 @@ def tenant_scope(ctx: TenantContext) -> Iterator[TenantContext]:
         yield ctx
     finally:
         _tenant.reset(token)
+
+
+@contextlib.contextmanager
+def acting_for(tenant_id: str, *, tier: Tier | str) -> Iterator[TenantContext]:
+    """Run a block in another tenant's data context on the current caller's behalf (an operator, a platform service).
+
+    The tier is required, never defaulted: it picks where the tenant's rows live, and a wrong one
+    writes where the tenant's own calls never read. Ask identity for it (shared.tiers.IdentityTiers)
+    when the tenant's own token is not at hand. The block gets no scopes and no token to forward.
+    """
+    if not tenant_id:
+        raise ValueError("acting_for needs a tenant id")
+    checked = Tier.parse(tier)
+    caller = require_tenant()
+    ctx = TenantContext(tenant_id=tenant_id, principal_id=caller.principal_id, tier=checked.value,
+                        request_id=caller.request_id, actor_id=caller.principal_id)
+    with tenant_scope(ctx):
+        yield ctx
