@@ -11,7 +11,6 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import timestamp_pb2
 
-from bulkhead.common.v1 import tenancy_pb2
 from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from bulkhead.metering.v1 import metering_pb2 as mpb
 from bulkhead.metering.v1 import metering_pb2_grpc
@@ -22,9 +21,9 @@ from shared import errors
 from shared.errors import error_details
 from shared.logs import register_secret
 from shared.tenancy import TenantContext
+from shared.tiers import UnknownTier, tier_to_proto
 
 _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
-_TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "silo": tenancy_pb2.TIER_SILO}
 _OUTCOMES = {"success": mpb.OUTCOME_SUCCESS, "error": mpb.OUTCOME_ERROR,
              "rejected": mpb.OUTCOME_REJECTED, "cancelled": mpb.OUTCOME_CANCELLED}
 
@@ -106,8 +105,11 @@ class PlatformUsage:
 
     async def record_for(self, tenant_id: str, events: Sequence[UsageEvent]) -> None:
         """One tenant's events, oldest first (idempotent by request id)."""
-        request = mpb.RecordTenantUsageRequest(tenant_id=tenant_id, tier=_TIERS.get(events[0].tier, 0),
-                                               events=[_event(e) for e in events])
+        try:
+            tier = tier_to_proto(events[0].tier)
+        except UnknownTier as exc:   # metering could never file these: rejected, not retried forever
+            raise UsageRejected(str(exc)) from None
+        request = mpb.RecordTenantUsageRequest(tenant_id=tenant_id, tier=tier, events=[_event(e) for e in events])
         try:
             await self._stub.RecordTenantUsage(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:

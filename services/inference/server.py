@@ -37,6 +37,7 @@ from shared.db import Database
 from shared.logs import register_secret
 from shared.periodic import Periodic
 from shared.server import Binding, RunningServer, serve
+from shared.tiers import IdentityTiers, TierLookup
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
@@ -90,8 +91,11 @@ class InferenceService:
 
 async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: str | None = None,
                 provider: Provider | None = None, db: Database | None = None,
-                lease_maintenance: float = 1.0) -> InferenceService:
-    """Open the database (migrating it), connect to metering and credentials, start serving."""
+                lease_maintenance: float = 1.0, tiers: TierLookup | None = None) -> InferenceService:
+    """Open the database (migrating it), connect to metering and credentials, start serving.
+
+    tiers answers operators' calls about another tenant (identity, over the operator's token, unless given).
+    """
     if db is None:
         db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
                                  owner_url=config.service.database_owner_url)
@@ -99,6 +103,10 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     metering_channel = make_channel(config.service.peer("metering"), forward=True)
     channels = [metering_channel]
     metering = MeteringClient(metering_channel)
+    if tiers is None:
+        identity_channel = make_channel(config.service.peer("identity"), forward=True)
+        channels.append(identity_channel)
+        tiers = IdentityTiers(identity_channel)
     keys: KeySource
     if config.provider == OFFLINE:
         keys = NoTenantKeys()
@@ -122,7 +130,8 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
                            platform_policy=config.platform_policy, limiter=RateLimiter(), quotas=metering,
                            budget=budget, meter=meter, keys=keys, max_attempts=config.max_attempts,
                            max_retry_wait=config.max_retry_wait, user_id_salt=config.user_id_salt, journal=journal)
-    binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, InferenceServicer(proxy, store, allow_http_endpoints=config.allow_http_endpoints),
+    servicer = InferenceServicer(proxy, store, tiers=tiers, allow_http_endpoints=config.allow_http_endpoints)
+    binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer,
                       inference_pb2.DESCRIPTOR.services_by_name["InferenceService"])
     running = await serve(name="inference", bindings=[binding], verifier=verifier,
                           address=address or config.service.address)

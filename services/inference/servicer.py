@@ -16,7 +16,8 @@ from services.inference.policy import (
 from services.inference.proxy import InferenceProxy
 from services.inference.store import PolicyStore
 from shared import errors
-from shared.tenancy import TenantContext, require_tenant, tenant_scope
+from shared.tenancy import acting_for, require_tenant
+from shared.tiers import TierLookup
 
 log = logging.getLogger("bulkhead.inference")
 audit = logging.getLogger("bulkhead.audit")
@@ -27,9 +28,12 @@ _TENANT_ID_MAX = 64
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """The InferenceService RPCs."""
 
-    def __init__(self, proxy: InferenceProxy, store: PolicyStore, *, allow_http_endpoints: bool = False):
+    def __init__(self, proxy: InferenceProxy, store: PolicyStore, *, tiers: TierLookup,
+                 allow_http_endpoints: bool = False):
+        """tiers: identity's word on a tenant's tier, for operator calls about another tenant."""
         self._proxy = proxy
         self._store = store
+        self._tiers = tiers
         self._allow_http = allow_http_endpoints
 
     async def CreateMessage(self, request: pb.CreateMessageRequest, context) -> pb.CreateMessageResponse:
@@ -72,9 +76,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         problems = check_policy(policy)
         if problems:
             raise errors.InvalidArgument("invalid policy", reason="POLICY_INVALID", violations=problems)
-        target = TenantContext(tenant_id=tenant_id, principal_id=operator.principal_id, scopes=frozenset(),
-                               request_id=operator.request_id, actor_id=operator.principal_id)
-        with tenant_scope(target):
+        # The tenant's tier says where its own calls read the policy; only identity knows it here.
+        tier = await self._tiers.tier_of(tenant_id)
+        with acting_for(tenant_id, tier=tier):
             await self._store.put_policy(policy)
             self._proxy.forget_policy(tenant_id)
             effective, _ = await self._proxy.effective_policy()

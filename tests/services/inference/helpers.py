@@ -25,9 +25,11 @@ from services.inference.server import InferenceService, start
 from services.metering.server import MIGRATIONS as METERING_MIGRATIONS
 from services.metering.server import MeteringService, serve_metering
 from shared.client import make_channel
-from shared.db import Database, upgrade
+from shared.db import Database, TenantRouter, make_engine, normalize_url, upgrade
 from shared.testing.fake_anthropic import FakeAnthropic
 from shared.testing.tokens import TestTokens
+from shared.tiers import Tier, TierLookup
+from shared.tokens import TokenVerifier
 
 PLATFORM_KEY = "sk-ant-platform-0123456789abcdef"
 MODEL = "claude-test"
@@ -43,6 +45,13 @@ def user(text: str) -> pb.Message:
 def params(text: str = "hello there", *, model: str = MODEL, max_tokens: int = 50, **kw) -> pb.MessageParams:
     """Simple MessageParams."""
     return pb.MessageParams(model=model, messages=[user(text)], max_tokens=max_tokens, **kw)
+
+
+class PooledTiers:
+    """Identity's answer about the tenants TestTokens mints (all pooled), for meshes run without an identity."""
+
+    async def tier_of(self, tenant_id: str) -> Tier:
+        return Tier.POOLED
 
 
 @dataclasses.dataclass
@@ -74,6 +83,10 @@ class Mesh:
     proxies: list[Proxy] = dataclasses.field(default_factory=list)
     env_overrides: dict = dataclasses.field(default_factory=dict)
     templates: Path | None = None
+    verifier: TokenVerifier | None = None
+    """What the services verify tokens with (None: tokens.verifier)."""
+    tiers: TierLookup | None = dataclasses.field(default_factory=PooledTiers)
+    """What the proxies ask a tenant's tier (None: identity at BULKHEAD_IDENTITY_ADDR, as in production)."""
 
     @property
     def stub(self) -> inference_pb2_grpc.InferenceServiceStub:
@@ -109,9 +122,11 @@ class Mesh:
     async def start_proxy(self, database: str = "inference.db", **kw) -> Proxy:
         """Start another proxy replica (on its own or a shared database file)."""
         config = InferenceConfig.from_env(self.env(database))
+        if self.tiers is not None:
+            kw.setdefault("tiers", self.tiers)
         if "db" not in kw:
             kw["db"] = await _open(self.tmp / database, INFERENCE_MIGRATIONS, self.templates)
-        service = await start(config, self.tokens.verifier, address="127.0.0.1:0", **kw)
+        service = await start(config, self.verifier or self.tokens.verifier, address="127.0.0.1:0", **kw)
         channel = make_channel(service.running.address)
         proxy = Proxy(service, inference_pb2_grpc.InferenceServiceStub(channel), channel)
         self.proxies.append(proxy)
@@ -178,27 +193,40 @@ def make_templates(directory: Path) -> Path:
 
 
 async def _open(path: Path, migrations: Path, templates: Path | None) -> Database:
-    """A database at path: a copy of the migrated template when there is one, else migrated now."""
+    """A database at path: a copy of the migrated template when there is one, else migrated now.
+
+    Either way the router knows the migrations, as in production: a bridge or silo tenant's own
+    file is built with them on first use.
+    """
     template = templates / (migrations.parent.name + ".db") if templates else None
+    url = normalize_url(f"sqlite+aiosqlite:///{path}")
     if template is not None and template.exists() and not path.exists():
         shutil.copyfile(template, path)
-        return await Database.open(f"sqlite+aiosqlite:///{path}")
-    return await Database.open(f"sqlite+aiosqlite:///{path}", migrations=str(migrations))
+        engine = make_engine(url)
+        return Database(engine, router=TenantRouter(engine, url=url, owner_url=None, migrations=migrations,
+                                                    app_role=None))
+    return await Database.open(url, migrations=str(migrations))
 
 
-async def start_mesh(tmp: Path, *, proxies: int = 1, delay: float = 0.0, templates: Path | None = None) -> Mesh:
-    """Start everything; close with stop_mesh."""
+async def start_mesh(tmp: Path, *, proxies: int = 1, delay: float = 0.0, templates: Path | None = None,
+                     verifier: TokenVerifier | None = None) -> Mesh:
+    """Start everything; close with stop_mesh.
+
+    verifier: what every service verifies tokens with (one over a real identity, say); by default
+    the mesh's TestTokens, which then mint every token the tests send.
+    """
     tokens = TestTokens()
+    verifier = verifier or tokens.verifier
     fake = await FakeAnthropic(delay=delay).start()
     mdb = await _open(tmp / "metering.db", METERING_MIGRATIONS, templates)
-    metering = await serve_metering(db=mdb, verifier=tokens.verifier, registry=CollectorRegistry(), price_cache_s=0)
+    metering = await serve_metering(db=mdb, verifier=verifier, registry=CollectorRegistry(), price_cache_s=0)
     cdb = await _open(tmp / "credentials.db", CREDENTIALS_MIGRATIONS, templates)
     backend = LocalBackend(cdb, load_or_create_master_key(tmp / "master.key"))
-    credentials = await serve_credentials(db=cdb, backend=backend, verifier=tokens.verifier)
+    credentials = await serve_credentials(db=cdb, backend=backend, verifier=verifier)
     mch = make_channel(metering.running.address)
     cch = make_channel(credentials.running.address)
     mesh = Mesh(tmp, tokens, fake, metering, credentials, metering_pb2_grpc.MeteringServiceStub(mch),
-                credentials_pb2_grpc.CredentialsServiceStub(cch), [mch, cch], templates=templates)
+                credentials_pb2_grpc.CredentialsServiceStub(cch), [mch, cch], templates=templates, verifier=verifier)
     for _ in range(proxies):
         await mesh.start_proxy()
     return mesh

@@ -6,10 +6,12 @@ import asyncio
 import dataclasses
 from collections.abc import Sequence
 
+import pytest
+
 from bulkhead.inference.v1 import inference_pb2 as pb
 from services.inference.clients import MeteringClient, PlatformUsage
 from services.inference.store import SqlOutbox
-from services.inference.usage import UsageEvent, UsageMeter
+from services.inference.usage import UsageEvent, UsageMeter, UsageRejected
 from services.metering.server import MIGRATIONS as METERING_MIGRATIONS
 from services.metering.server import serve_metering
 from shared.client import StaticCredentials, make_channel
@@ -115,3 +117,13 @@ async def test_outage_usage_reaches_metering_with_the_proxys_own_token(mesh):
     calls, fake_in, fake_out = fake_totals(mesh.fake, opaque_user)
     rows = await mesh.metered("t_a")
     assert calls == 4 and [(m, n, i, o) for m, n, i, o, _ in rows] == [(PINNED, calls, fake_in, fake_out)]
+
+
+async def test_events_of_an_unknown_tier_are_rejected_not_retried_forever():
+    """A tier metering could never file is UsageRejected before any send (the channel leads nowhere)."""
+    channel = make_channel("127.0.0.1:1")
+    try:
+        with pytest.raises(UsageRejected, match="unknown tenant tier"):
+            await PlatformUsage(channel, timeout=0.5).record_for(TENANT, [dataclasses.replace(_event(1), tier="shared")])
+    finally:
+        await channel.close()
