@@ -1,9 +1,8 @@
 """The usage ledger: idempotent recording, priced reports, and operator reads across tenants."""
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 from services.metering import periods, store
 from services.metering.meters import MeteringMetrics
@@ -22,20 +21,12 @@ from services.metering.usage import (
     validate_query,
 )
 from shared.errors import InvalidArgument
-from shared.tenancy import TenantContext, require_tenant, tenant_scope
+from shared.tenancy import require_tenant
+from shared.tiers import Tier
 
 log = logging.getLogger("bulkhead.metering")
 
 _OUTCOMES = {0: "success", 1: "success", 2: "error", 3: "rejected", 4: "cancelled"}
-
-
-@contextlib.contextmanager
-def acting_for(tenant_id: str, tier: str = "pooled") -> Iterator[TenantContext]:
-    """Run a block in `tenant_id`'s data context on an operator's behalf (no scopes, no token)."""
-    operator = require_tenant()
-    with tenant_scope(TenantContext(tenant_id=tenant_id, principal_id=operator.principal_id, tier=tier,
-                                    request_id=operator.request_id, actor_id=operator.principal_id)) as ctx:
-        yield ctx
 
 
 class UsageLedger:
@@ -49,12 +40,12 @@ class UsageLedger:
         self._clock = clock
         self._noted: set[str] = set()
 
-    async def note_tenant(self, tenant_id: str, tier: str = "pooled") -> None:
-        """Remember a tenant so operators' all-tenant reports include it (once per process)."""
+    async def note_tenant(self, tenant_id: str, *, tier: Tier | str) -> None:
+        """Remember a tenant and its tier so operators' reports find its rows (once per process)."""
         if tenant_id in self._noted:
             return
         async with self._db.system_session() as s:
-            await store.note_tenant(s, tenant_id, tier, self._clock())
+            await store.note_tenant(s, tenant_id, Tier.parse(tier).value, self._clock())
         self._noted.add(tenant_id)
 
     async def record(self, records: Sequence[UsageRecord]) -> tuple[int, int]:
@@ -66,7 +57,7 @@ class UsageLedger:
         async with self._db.raw(write=True) as tx:
             new_keys = await store.insert_usage(tx, ctx.tenant_id, unique, self._clock(),
                                                 default_principal=ctx.principal_id)
-        await self.note_tenant(ctx.tenant_id, ctx.tier)
+        await self.note_tenant(ctx.tenant_id, tier=ctx.tier)
         if new_keys:
             await self._count(ctx.tenant_id, [r for r in unique if r.idempotency_key in new_keys])
         return len(new_keys), len(records) - len(new_keys)

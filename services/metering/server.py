@@ -17,10 +17,10 @@ from services.metering.meters import MeteringMetrics
 from services.metering.prices import PriceCache
 from services.metering.servicer import MeteringServicer
 from services.metering.sweeper import ExpirySweeper
-from services.metering.tenant_tiers import IdentityTiers, TierLookup
 from shared.client import make_channel
 from shared.db import Database
 from shared.server import Binding, RunningServer, serve
+from shared.tiers import IdentityTiers, TierLookup
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"

@@ -7,12 +7,12 @@ from bulkhead.metering.v1 import metering_pb2 as pb
 from bulkhead.metering.v1 import metering_pb2_grpc
 from services.metering import periods, wire
 from services.metering.budgets import BudgetLedger
-from services.metering.ledger import UsageLedger, acting_for
+from services.metering.ledger import UsageLedger
 from services.metering.prices import PriceCache
 from services.metering.pricing import format_usd, scaled_to_usd
-from services.metering.tenant_tiers import TierLookup, tier_name
 from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied
-from shared.tenancy import PLATFORM_TENANT, TenantContext, require_tenant
+from shared.tenancy import PLATFORM_TENANT, TenantContext, acting_for, require_tenant
+from shared.tiers import Tier, TierLookup, UnknownTier, tier_from_proto
 
 _TENANT_ID = re.compile(r"^t_[A-Za-z0-9_-]{1,62}$")
 
@@ -57,13 +57,17 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             raise PermissionDenied("only platform services may record another tenant's usage",
                                    reason="PLATFORM_ONLY")
         target = _target(request.tenant_id, "tenant_id", required=True)
-        tier = tier_name(request.tier)
+        try:
+            tier = tier_from_proto(request.tier)
+        except UnknownTier:
+            raise InvalidArgument("unknown tier", reason="INVALID_TIER",
+                                  violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
         known = (await self._usage.known_tenants()).get(target)
         if known is not None and known != tier:
             # The tier decides where the rows go: a wrong one would file them where nobody looks.
             raise FailedPrecondition(f"tenant {target} is {known}-tier, not {tier}", reason="TIER_MISMATCH")
         records = [wire.record(e) for e in request.events]
-        with acting_for(target, tier):
+        with acting_for(target, tier=tier):
             recorded, duplicates = await self._usage.record(records)
         return pb.RecordTenantUsageResponse(recorded_count=recorded, duplicate_count=duplicates)
 
@@ -80,7 +84,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         await self._usage.audit("QueryTenantUsage", target)
         rows = []
         for tenant_id, tier in await self._tenants(target):
-            with acting_for(tenant_id, tier):
+            with acting_for(tenant_id, tier=tier):
                 rows += await self._usage.query(query)
         chunk, token = wire.page(rows, request.page_size, request.page_token)
         return pb.QueryTenantUsageResponse(rows=[wire.usage_row(r) for r in chunk], next_page_token=token)
@@ -95,7 +99,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         await self._usage.audit("ExportChargeback", target)
         lines, total = [], 0
         for tenant_id, tier in await self._tenants(target):
-            with acting_for(tenant_id, tier):
+            with acting_for(tenant_id, tier=tier):
                 for row in await self._usage.chargeback(start, end, period):
                     total += row.cost_scaled
                     lines.append(pb.ChargebackLine(
@@ -104,17 +108,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
                         cost_usd=format_usd(scaled_to_usd(row.cost_scaled))))
         return pb.ExportChargebackResponse(lines=lines, total_cost_usd=format_usd(scaled_to_usd(total)))
 
-    async def _tier_of(self, tenant_id: str) -> str:
+    async def _tier_of(self, tenant_id: str) -> Tier:
         """The tier a tenant's own calls showed metering, else identity's word for it."""
         known = (await self._usage.known_tenants()).get(tenant_id)
-        if known is not None or self._tiers is None:
-            return known or "pooled"
+        if known is not None:
+            return Tier.parse(known)
+        if self._tiers is None:   # a standalone metering: no identity to ask
+            return Tier.POOLED
         return await self._tiers.tier_of(tenant_id)
 
     async def _tenants(self, target: str) -> list[tuple[str, str]]:
+        """(tenant, tier) of the tenants a report covers; an unseen target has no rows, so pooled reads none."""
         known = await self._usage.known_tenants()
         if target:
-            return [(target, known.get(target, "pooled"))]
+            return [(target, known.get(target, Tier.POOLED))]
         return list(known.items())
 
     # ---------------------------------------------------------------- prices
@@ -139,9 +146,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         target = _target(request.quota.tenant_id, "quota.tenant_id", required=True)
         await self._usage.audit("SetQuota", target)
         tier = await self._tier_of(target)
-        with acting_for(target, tier):
+        with acting_for(target, tier=tier):
             stored = await self._budgets.set_quota(wire.quota(request.quota))
-        await self._usage.note_tenant(target, tier)
+        await self._usage.note_tenant(target, tier=tier)
         return pb.SetQuotaResponse(quota=wire.quota_msg(stored))
 
     async def GetQuota(self, request: pb.GetQuotaRequest, context) -> pb.GetQuotaResponse:
@@ -149,7 +156,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         target = _target(request.tenant_id, "tenant_id", required=True)
         await self._usage.audit("GetQuota", target)
         tier = await self._tier_of(target)
-        with acting_for(target, tier):
+        with acting_for(target, tier=tier):
             quota = await self._budgets.get_quota(target)
         return pb.GetQuotaResponse(quota=wire.quota_msg(quota))
 
@@ -163,7 +170,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     async def ReserveBudget(self, request: pb.ReserveBudgetRequest, context) -> pb.ReserveBudgetResponse:
         ctx = require_tenant()
-        await self._usage.note_tenant(ctx.tenant_id, ctx.tier)
+        await self._usage.note_tenant(ctx.tenant_id, tier=ctx.tier)
         res = await self._budgets.reserve(
             ctx.tenant_id, model=request.model, prompt_tokens=request.prompt_tokens,
             max_output_tokens=request.max_output_tokens, ttl_seconds=request.ttl_seconds,
@@ -181,7 +188,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     async def LeaseBudget(self, request: pb.LeaseBudgetRequest, context) -> pb.LeaseBudgetResponse:
         ctx = require_tenant()
-        await self._usage.note_tenant(ctx.tenant_id, ctx.tier)
+        await self._usage.note_tenant(ctx.tenant_id, tier=ctx.tier)
         info = await self._budgets.lease(ctx.tenant_id, model=request.model, tokens=request.tokens,
                                          min_tokens=request.min_tokens, ttl_seconds=request.ttl_seconds)
         return pb.LeaseBudgetResponse(lease=wire.lease(info))

@@ -70,3 +70,13 @@ async def test_bad_input_is_refused_whole(metering):
         await metering.stub.RecordTenantUsage(broken, metadata=_service(metering))
     assert invalid.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert await _events(metering, A) == 0
+
+
+async def test_an_unknown_tier_value_is_refused_not_filed_as_pooled(metering):
+    """A tier enum value metering does not know is INVALID_TIER (it used to be filed as pooled)."""
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await metering.stub.RecordTenantUsage(_batch(A, ["u1"], tier=7), metadata=_service(metering))
+    assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error_details(refused.value)["reason"] == "INVALID_TIER"
+    assert error_details(refused.value)["bad_request"] == {"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}
+    assert await _events(metering, A) == 0

@@ -11,11 +11,11 @@ from bulkhead.common.v1 import tenancy_pb2
 from bulkhead.metering.v1 import metering_pb2 as pb
 from bulkhead.metering.v1 import metering_pb2_grpc
 from services.metering.server import MIGRATIONS, serve_metering
-from services.metering.tenant_tiers import IdentityTiers
 from shared.client import make_channel
 from shared.db import Database
 from shared.errors import error_details
 from shared.testing.identity import running_identity
+from shared.tiers import IdentityTiers
 
 
 def _hard_tokens(tenant_id: str, limit: int) -> pb.SetQuotaRequest:
