@@ -30,6 +30,9 @@ class CredentialsServiceStub:
     from the caller's token, never from a request field; another tenant's secret is NOT_FOUND.
     Values live in OpenBao/Vault (per-tenant path, policy and short-lived token) or in the local
     AES-GCM backend; every access, allowed or not, is appended to a hash-chained audit log.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def __init__(self, channel):
@@ -115,6 +118,9 @@ class CredentialsServiceServicer:
     from the caller's token, never from a request field; another tenant's secret is NOT_FOUND.
     Values live in OpenBao/Vault (per-tenant path, policy and short-lived token) or in the local
     AES-GCM backend; every access, allowed or not, is appended to a hash-chained audit log.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def PutSecret(self, request, context):
@@ -181,7 +187,8 @@ class CredentialsServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Encrypt(self, request, context):
-        """Encrypt encrypts data with the tenant's own key.
+        """Encrypt encrypts data with the tenant's own key. Encrypt, Decrypt, GenerateDataKey and Rewrap store
+        nothing, so a repeat is as good as the first answer; GetSecret's repeat is one more audited read.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -301,6 +308,9 @@ class CredentialsService:
     from the caller's token, never from a request field; another tenant's secret is NOT_FOUND.
     Values live in OpenBao/Vault (per-tenant path, policy and short-lived token) or in the local
     AES-GCM backend; every access, allowed or not, is appended to a hash-chained audit log.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     @staticmethod

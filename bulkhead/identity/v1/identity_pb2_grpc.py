@@ -27,6 +27,9 @@ if _version_not_supported:
 
 class IdentityServiceStub:
     """IdentityService owns tenants, principals, API keys and the keys that sign every token.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def __init__(self, channel):
@@ -124,6 +127,9 @@ class IdentityServiceStub:
 
 class IdentityServiceServicer:
     """IdentityService owns tenants, principals, API keys and the keys that sign every token.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def CreateTenant(self, request, context):
@@ -204,7 +210,8 @@ class IdentityServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def IssueToken(self, request, context):
-        """Trades an API key for a short-lived signed token.
+        """Trades an API key for a short-lived signed token. Retried as idempotent: a lost reply's token
+        is never used and expires on its own.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -345,6 +352,9 @@ def add_IdentityServiceServicer_to_server(servicer, server):
  # This class is part of an EXPERIMENTAL API.
 class IdentityService:
     """IdentityService owns tenants, principals, API keys and the keys that sign every token.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     @staticmethod

@@ -30,6 +30,9 @@ class InferenceServiceStub:
     Messages API, applies the calling tenant's model policy and quotas before any upstream
     request, and meters every call against the tenant's budget. The tenant always comes from
     the caller's token, never from a request field.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def __init__(self, channel):
@@ -80,6 +83,9 @@ class InferenceServiceServicer:
     Messages API, applies the calling tenant's model policy and quotas before any upstream
     request, and meters every call against the tenant's budget. The tenant always comes from
     the caller's token, never from a request field.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def CreateMessage(self, request, context):
@@ -182,6 +188,9 @@ class InferenceService:
     Messages API, applies the calling tenant's model policy and quotas before any upstream
     request, and meters every call against the tenant's budget. The tenant always comes from
     the caller's token, never from a request field.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     @staticmethod

@@ -34,6 +34,9 @@ class MeteringServiceStub:
 
     Money is counted in micro-USD (1 USD = 1,000,000). Prices are micro-USD per million tokens.
     Token budgets count every token of a call: input + output + cache write + cache read.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def __init__(self, channel):
@@ -133,6 +136,9 @@ class MeteringServiceServicer:
 
     Money is counted in micro-USD (1 USD = 1,000,000). Prices are micro-USD per million tokens.
     Token budgets count every token of a call: input + output + cache write + cache read.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def RecordUsage(self, request, context):
@@ -358,6 +364,9 @@ class MeteringService:
 
     Money is counted in micro-USD (1 USD = 1,000,000). Prices are micro-USD per million tokens.
     Token budgets count every token of a call: input + output + cache write + cache read.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     @staticmethod

@@ -29,6 +29,9 @@ class OrchestratorServiceStub:
     """OrchestratorService runs teams of agents for one tenant at a time. The tenant always
     comes from the caller's token: no request carries a tenant id, and a tenant only ever
     sees, starts, watches or cancels its own teams and runs.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def __init__(self, channel):
@@ -93,6 +96,9 @@ class OrchestratorServiceServicer:
     """OrchestratorService runs teams of agents for one tenant at a time. The tenant always
     comes from the caller's token: no request carries a tenant id, and a tenant only ever
     sees, starts, watches or cancels its own teams and runs.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def CreateTeam(self, request, context):
@@ -233,6 +239,9 @@ class OrchestratorService:
     """OrchestratorService runs teams of agents for one tenant at a time. The tenant always
     comes from the caller's token: no request carries a tenant id, and a tenant only ever
     sees, starts, watches or cancels its own teams and runs.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     @staticmethod

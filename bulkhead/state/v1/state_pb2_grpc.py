@@ -30,6 +30,9 @@ class StateServiceStub:
     append-only event logs, snapshots of materialised state, and shared key-value context.
     Every call acts on the caller's own tenant, taken from the token; payloads and values are
     encrypted at rest with the tenant's own data key.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def __init__(self, channel):
@@ -105,6 +108,9 @@ class StateServiceServicer:
     append-only event logs, snapshots of materialised state, and shared key-value context.
     Every call acts on the caller's own tenant, taken from the token; payloads and values are
     encrypted at rest with the tenant's own data key.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     def CreateThread(self, request, context):
@@ -269,6 +275,9 @@ class StateService:
     append-only event logs, snapshots of materialised state, and shared key-value context.
     Every call acts on the caller's own tenant, taken from the token; payloads and values are
     encrypted at rest with the tenant's own data key.
+    idempotency_level marks the methods a client may send again when a replica dies mid-call:
+    NO_SIDE_EFFECTS reads, and IDEMPOTENT writes whose repeat returns the first outcome. make_channel
+    (shared/client.py) retries exactly these on UNAVAILABLE, from the descriptors; the rest never.
     """
 
     @staticmethod
