@@ -107,22 +107,23 @@ def queue_line(queue: pb.RunQueue) -> str:
             f"concurrent runs in use, so it {why}")
 
 
-async def wait_to_start(stub, run_id: str, queue: pb.RunQueue | None, wait: float, out=None) -> bool:
-    """Poll a queued run until it leaves the queue (True) or `wait` seconds pass (False); says when its place moves."""
+async def wait_to_start(stub, run_id: str, wait: float, out=None) -> bool:
+    """Poll a queued run until it leaves the queue (True) or `wait` seconds pass (False).
+
+    Says where the run waits, and again when that changes, but not for a run picked up at once.
+    """
     out = out or sys.stdout
     deadline = asyncio.get_running_loop().time() + wait
     shown = None
-    while True:
-        if queue is not None and queue != shown:
-            print(queue_line(queue), file=out, flush=True)
-            shown = queue
-        if asyncio.get_running_loop().time() >= deadline:
-            return False
+    while asyncio.get_running_loop().time() < deadline:
         await asyncio.sleep(_QUEUE_POLL)
         got = await stub.GetRun(pb.GetRunRequest(run_id=run_id))
         if got.run.status != pb.RUN_STATUS_QUEUED:
             return True
-        queue = got.queue if got.HasField("queue") else queue
+        if got.HasField("queue") and got.queue != shown:
+            print(queue_line(got.queue), file=out, flush=True)
+            shown = got.queue
+    return False
 
 
 def _exit_code(run: pb.Run | None) -> int:
@@ -139,13 +140,9 @@ async def _start(args: argparse.Namespace) -> int:
                                                                      idempotency_key=args.key))
         run = started.run
         print(f"run {run.run_id} {status_name(run.status)} (team {run.team}, entry {run.entry_agent})", flush=True)
-        queue = started.queue if started.HasField("queue") else None
         if args.detach:
-            if queue is not None:
-                print(queue_line(queue))
             return 0
-        if run.status == pb.RUN_STATUS_QUEUED and not await wait_to_start(bh.orchestrator, run.run_id, queue,
-                                                                           args.wait):
+        if run.status == pb.RUN_STATUS_QUEUED and not await wait_to_start(bh.orchestrator, run.run_id, args.wait):
             fail(f"run {run.run_id} is still queued after {args.wait:g}s. It stays queued and starts when a slot "
                  f"frees: follow it with `bulkhead runs watch {run.run_id}`, or cancel it with "
                  f"`bulkhead runs cancel {run.run_id}`. If none of this tenant's runs is running, check that the "
