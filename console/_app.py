@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import csv
 import datetime as dt
 import functools
@@ -37,6 +38,7 @@ from console import _charts, _figures
 from console._config import ConsoleConfig
 from console._mesh import Mesh
 from console._sessions import Session, Sessions, SignInFailed
+from shared.tenancy import PLATFORM_TENANT
 
 log = logging.getLogger("bulkhead.console")
 HERE = Path(__file__).parent
@@ -58,8 +60,16 @@ _GROUPINGS = {"day": mtr.USAGE_GROUPING_DAY, "hour": mtr.USAGE_GROUPING_HOUR, "m
               "agent": mtr.USAGE_GROUPING_AGENT, "principal": mtr.USAGE_GROUPING_PRINCIPAL}
 
 
+_request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("console_request_id", default=None)
+"""The page request being served (each request runs in its own task), sent as x-request-id on its RPCs."""
+
+
 class NotFound(Exception):
     """Render the one 404 page (unknown, foreign and malformed ids all end here)."""
+
+
+class PickTenant(Exception):
+    """An operator asked for a tenant's page before picking a tenant."""
 
 
 class SignedOut(Exception):
@@ -151,17 +161,22 @@ class Console:
     def app(self) -> Starlette:
         """The ASGI application."""
         p = self._page
+
+        def op(handler):  # also open to an operator who picked a tenant (through audited operator RPCs)
+            return self._page(handler, operator=True)
         routes = [
             Route("/", self.home), Route("/healthz", self.healthz),
             Route("/favicon.ico", lambda request: Response(status_code=204)),
             Route("/signin", self.signin_form, methods=["GET"]), Route("/signin", self.signin, methods=["POST"]),
-            Route("/signout", p(self.signout), methods=["POST"]),
+            Route("/signout", op(self.signout), methods=["POST"]),
             Route("/overview", p(self.overview)), Route("/overview/live", p(self.overview_live)),
             Route("/runs", p(self.runs)), Route("/runs/table", p(self.runs_table)),
             Route("/runs/{run_id}", p(self.run)), Route("/runs/{run_id}/timeline", p(self.run_timeline)),
             Route("/runs/{run_id}/cancel", p(self.cancel_run), methods=["POST"]),
             Route("/threads", p(self.threads)), Route("/threads/{thread_id}", p(self.thread)),
-            Route("/usage", p(self.usage)), Route("/usage.csv", p(self.usage_csv)),
+            Route("/usage", op(self.usage)), Route("/usage.csv", op(self.usage_csv)),
+            Route("/tenants", op(self.tenants), methods=["GET"]),
+            Route("/tenants/pick", op(self.pick_tenant), methods=["POST"]),
             Route("/secrets", p(self.secrets)), Route("/secrets/{name}", p(self.secret)),
             Route("/security", p(self.security)),
             Route("/keys", p(self.keys), methods=["GET"]), Route("/keys", p(self.create_key), methods=["POST"]),
@@ -194,22 +209,30 @@ class Console:
         request.scope["console.session"] = session
         return await self.not_found(request)
 
-    def _page(self, handler: Callable[..., Awaitable[Response]]):
-        """Require a live session (else sign in), a CSRF token on POST, and map RPC failures to pages."""
+    def _page(self, handler: Callable[..., Awaitable[Response]], *, operator: bool = False):
+        """Require a live session (else sign in), a CSRF token on POST, and map RPC failures to pages.
+
+        operator: the page also serves operator sessions (all others tell an operator what they can see).
+        """
         @functools.wraps(handler)
         async def endpoint(request: Request) -> Response:
             session = self.sessions.get(request.cookies.get(COOKIE))
             if session is None:
                 return _to_signin(request)
             request.scope["console.session"] = session
+            _request_id.set(request.state.request_id)
             if request.method == "POST":
                 form = await request.form()
                 if not session.check_csrf(str(form.get("csrf") or request.headers.get("x-csrf-token") or "")):
                     return PlainTextResponse("refused: missing or wrong CSRF token", status_code=403)
+            if session.operator and not operator:
+                return self.render(request, "operator_only.html", status=403, nav="")
             try:
                 return await handler(request, session)
             except NotFound:
                 return await self.not_found(request)
+            except PickTenant:
+                return RedirectResponse("/tenants", status_code=303)
             except SignedOut:
                 await self.sessions.sign_out(session)
                 return _to_signin(request)
@@ -227,7 +250,8 @@ class Console:
     async def _call(self, session: Session, method, request, *, timeout: float = 15, ids: bool = False):
         """One RPC as the session's tenant; with ids=True, a refusal about an id is the 404 page."""
         try:
-            return await method(request, metadata=await self.sessions.metadata(session), timeout=timeout)
+            return await method(request, metadata=await self.sessions.metadata(session, _request_id.get()),
+                                timeout=timeout)
         except grpc.aio.AioRpcError as err:
             if ids and err.code() in _NOT_FOUND_CODES:
                 raise NotFound from None
@@ -236,14 +260,15 @@ class Console:
     # --- sign-in ----------------------------------------------------------------------------------
 
     async def home(self, request: Request) -> Response:
-        return RedirectResponse("/overview", status_code=303)
+        session = self.sessions.get(request.cookies.get(COOKIE))
+        return RedirectResponse(_landing(session), status_code=303)
 
     async def healthz(self, request: Request) -> Response:
         return PlainTextResponse("ok")
 
     async def signin_form(self, request: Request, error: str = "", status: int = 200) -> Response:
-        if error == "" and self.sessions.get(request.cookies.get(COOKIE)):
-            return RedirectResponse("/overview", status_code=303)
+        if error == "" and (session := self.sessions.get(request.cookies.get(COOKIE))):
+            return RedirectResponse(_landing(session), status_code=303)
         # Login CSRF: the form must echo the cookie's value. Reuse a cookie already set, so a second load
         # (another tab, a favicon fetch redirected here) does not invalidate the first form.
         pre = request.cookies.get(PRE_COOKIE) or secrets.token_urlsafe(24)
@@ -267,7 +292,7 @@ class Console:
             return await self.signin_form(request, error=str(exc), status=401)
         except grpc.aio.AioRpcError as err:
             return await self.signin_form(request, error=describe_error(err), status=502)
-        resp = RedirectResponse("/overview", status_code=303)
+        resp = RedirectResponse(_landing(session), status_code=303)
         resp.set_cookie(COOKIE, session.sid, httponly=True, samesite="strict", secure=_https(request), path="/")
         resp.delete_cookie(PRE_COOKIE, path="/signin")
         return resp
@@ -302,9 +327,15 @@ class Console:
         rows: list[mtr.UsageRow] = []
         token = ""
         flt = mtr.UsageFilter(start_time=_ts(start), end_time=_ts(end), model=model, agent_id=agent)
+        if session.operator and not session.acting_for:
+            raise PickTenant
         while True:
-            resp = await self._call(session, self.mesh.metering.QueryUsage, mtr.QueryUsageRequest(
-                filter=flt, group_by=group_by, page_size=1000, page_token=token))
+            if session.operator:  # metering audits every call, under the page's request id
+                resp = await self._call(session, self.mesh.metering.QueryTenantUsage, mtr.QueryTenantUsageRequest(
+                    tenant_id=session.acting_for, filter=flt, group_by=group_by, page_size=1000, page_token=token))
+            else:
+                resp = await self._call(session, self.mesh.metering.QueryUsage, mtr.QueryUsageRequest(
+                    filter=flt, group_by=group_by, page_size=1000, page_token=token))
             rows += resp.rows
             token = resp.next_page_token
             if not token:
@@ -314,7 +345,7 @@ class Console:
         """A run's steps from WatchRun: a finished run's stream ends by itself; a live one is read for a moment."""
         steps: list[orc.Step] = []
         call = self.mesh.orchestrator.WatchRun(orc.WatchRunRequest(run_id=run_id),
-                                               metadata=await self.sessions.metadata(session),
+                                               metadata=await self.sessions.metadata(session, _request_id.get()),
                                                timeout=0.8 if live else 15)
         try:
             async for msg in call:
@@ -495,6 +526,34 @@ class Console:
                   for e in resp.events]
         return self.render(request, "thread.html", nav="threads", thread=thread, events=events,
                            more=bool(resp.next_page_token))
+
+    # --- operators: pick a tenant (usage only, through audited operator RPCs) -------------------------
+
+    async def _tenant_list(self, session: Session) -> list[idp.Tenant]:
+        tenants: list[idp.Tenant] = []
+        token = ""
+        while True:
+            resp = await self._call(session, self.mesh.identity.ListTenants,
+                                    idp.ListTenantsRequest(page_size=500, page_token=token))
+            tenants += [t for t in resp.tenants if t.id != PLATFORM_TENANT]
+            token = resp.next_page_token
+            if not token:
+                return tenants
+
+    async def tenants(self, request: Request, session: Session) -> Response:
+        if not session.operator:
+            raise NotFound
+        return self.render(request, "tenants.html", tenants=await self._tenant_list(session))
+
+    async def pick_tenant(self, request: Request, session: Session) -> Response:
+        if not session.operator:
+            raise NotFound
+        wanted = str((await request.form()).get("tenant_id") or "")
+        match = [t for t in await self._tenant_list(session) if t.id == wanted]
+        if not match:
+            raise ValueError("pick one of the listed tenants")
+        session.acting_for, session.acting_for_name = match[0].id, match[0].name
+        return RedirectResponse("/usage", status_code=303)
 
     # --- usage ------------------------------------------------------------------------------------
 
@@ -683,6 +742,13 @@ def _cost(price: mtr.Price | None, usage: dict) -> Decimal | None:
               + int(usage.get("cache_creation_input_tokens") or 0) * price.cache_write_micros_per_mtok
               + int(usage.get("cache_read_input_tokens") or 0) * price.cache_read_micros_per_mtok)
     return Decimal(micros) / Decimal(10**12)
+
+
+def _landing(session: Session | None) -> str:
+    """Where a signed-in browser starts: a tenant's Overview, or an operator's tenant picker."""
+    if session is not None and session.operator:
+        return "/usage" if session.acting_for else "/tenants"
+    return "/overview"
 
 
 def _https(request: Request) -> bool:

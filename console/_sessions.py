@@ -14,6 +14,7 @@ import jwt
 
 from bulkhead.identity.v1 import identity_pb2 as idp
 from console._mesh import Mesh, call_metadata
+from shared.tenancy import PLATFORM_TENANT
 
 log = logging.getLogger("bulkhead.console")
 
@@ -51,7 +52,16 @@ class Session:
     """When the browser last used it (monotonic)."""
     renewals: int = 0
     """How often the token was renewed."""
+    acting_for: str = ""
+    """For an operator: the tenant picked to look at (its usage, through the audited operator RPCs)."""
+    acting_for_name: str = ""
+    """That tenant's name, for the header."""
     lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+    @property
+    def operator(self) -> bool:
+        """Signed in with a platform key: sees other tenants only through audited operator RPCs."""
+        return self.tenant_id == PLATFORM_TENANT
 
     def check_csrf(self, offered: str | None) -> bool:
         """Whether a request carries this session's CSRF token."""
@@ -110,13 +120,16 @@ class Sessions:
         self._by_id.move_to_end(session.sid)
         return session
 
-    async def metadata(self, session: Session) -> tuple[tuple[str, str], ...]:
-        """Call metadata for the session, renewing its token first when it is about to expire."""
+    async def metadata(self, session: Session, request_id: str | None = None) -> tuple[tuple[str, str], ...]:
+        """Call metadata for the session, renewing its token first when it is about to expire.
+
+        request_id: the page's, so a service's log or audit line names the page view that caused it.
+        """
         if session.expires_at - self._clock() < RENEW_MARGIN:
             async with session.lock:
                 if session.expires_at - self._clock() < RENEW_MARGIN:
                     await self._renew(session)
-        return call_metadata(session.token, session.tenant_id)
+        return call_metadata(session.token, session.tenant_id, request_id)
 
     async def _renew(self, session: Session) -> None:
         old_jti, old_md = session.jti, call_metadata(session.token, session.tenant_id)
