@@ -52,6 +52,8 @@ class Rig:
     addresses: dict[str, str]
     a: Tenant
     b: Tenant
+    operator_key: str = field(repr=False)
+    """The platform operator's key (`up` writes it to operator.key)."""
     verifier_key: str = field(repr=False)
     """A platform service's own key (scope platform.identity.verify: it may list revoked tokens)."""
 
@@ -89,7 +91,7 @@ def rig(tmp_path_factory):
         run(_plant(addresses, a, "a-only-token"))
         run(_plant(addresses, b, "b-only-token"))
         verifier_key = next(data_dir.rglob("orchestrator.key")).read_text().strip()
-        yield Rig(mesh, f"http://{mesh.env['BULKHEAD_CONSOLE_ADDR']}", addresses, a, b, verifier_key)
+        yield Rig(mesh, f"http://{mesh.env['BULKHEAD_CONSOLE_ADDR']}", addresses, a, b, operator_key, verifier_key)
     finally:
         mesh.stop()
 
@@ -107,13 +109,13 @@ def browser():
         chromium.close()
 
 
-def sign_in(context, url: str, api_key: str):
+def sign_in(context, url: str, api_key: str, landing: str = "/overview"):
     """A page of `context` signed in with api_key through the sign-in form, as a person would."""
     page = context.new_page()
     page.goto(f"{url}/signin")
     page.get_by_label("API key").fill(api_key)
     page.get_by_role("button", name="Sign in").click()
-    page.wait_for_url(f"{url}/overview")
+    page.wait_for_url(f"{url}{landing}")
     return page
 
 

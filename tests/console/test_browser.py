@@ -4,6 +4,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 import secrets
+import sqlite3
 import subprocess
 import sys
 import time
@@ -380,3 +381,56 @@ def test_sign_out_revokes_the_token_and_ends_the_session(rig, browser):
             assert page.url == f"{rig.url}/signin", path
     finally:
         context.close()
+
+
+def test_operator_picks_a_tenant_and_every_view_is_audited(rig, browser, signed_in):
+    """The operator key opens a tenant picker; A's usage then shows A's ledger, and metering's operator audit
+    holds every RPC of that page view under the page's request id. Tenant pages stay closed to operators,
+    and the picker stays closed to tenants."""
+    context = browser.new_context(base_url=rig.url, viewport={"width": 1280, "height": 900})
+    try:
+        page = sign_in(context, rig.url, rig.operator_key, landing="/tenants")
+        options = page.get_by_label("Tenant").locator("option").evaluate_all("os => os.map(o => o.value)")
+        assert {rig.a.tenant_id, rig.b.tenant_id} <= set(options) and "t_platform" not in options
+        assert not [c for c in _accessible_controls(page) if not c["name"]]
+        shot(page, "operator-tenants")
+        for path in ("/overview", f"/runs/{rig.a.run_id}", f"/threads/{rig.a.run_id}", "/secrets", "/keys"):
+            response = page.goto(path)
+            assert response.status == 403 and page.get_by_role("heading").first.inner_text() == \
+                "Not available to operators", path
+            assert rig.a.secret_name not in page.content() and "Its event log" not in page.content(), path
+        page.goto("/tenants")
+        page.get_by_label("Tenant").select_option(rig.a.tenant_id)
+        page.get_by_role("button", name="View usage").click()
+        page.wait_for_url(f"{rig.url}/usage")
+
+        now = dt.datetime.now(dt.UTC)
+        since, until = (now - dt.timedelta(days=2)).replace(microsecond=0), (now + dt.timedelta(minutes=1)).replace(
+            microsecond=0)
+        query = urllib.parse.urlencode({"since": since.isoformat(), "until": until.isoformat(),
+                                        "by": "day,model,agent"})
+        page.goto(f"/usage?{query}")
+        assert page.locator("#tenant-id").inner_text() == rig.a.tenant_id
+        lines = _settled(lambda: _ledger(rig, since, until, [mtr.USAGE_GROUPING_DAY, mtr.USAGE_GROUPING_MODEL,
+                                                             mtr.USAGE_GROUPING_AGENT]))
+        page.goto(f"/usage?{query}")  # again, now that the ledger is known to be still
+        shown = [row.locator("td").all_inner_texts() for row in page.locator("#usage-lines tbody tr").all()]
+        assert [[c.strip() for c in row] for row in shown] == query_rows(lines, hourly=False) != []
+        assert rig.operator_key not in page.content() and rig.a.api_key not in page.content()
+        shot(page, "operator-usage")
+        request_id = page.locator("footer .request-id").inner_text()
+        with sqlite3.connect(rig.mesh.data_dir / "metering.db") as db:
+            audited = db.execute("SELECT method, target_tenant FROM metering_operator_audit WHERE request_id = ?",
+                                 (request_id,)).fetchall()
+        assert audited and set(audited) == {("QueryTenantUsage", rig.a.tenant_id)}, audited
+    finally:
+        context.close()
+    # A tenant's session has no picker: the same 404 as any unknown page, and picking changes nothing.
+    response = signed_in.goto("/tenants")
+    assert response.status == 404 and signed_in.get_by_role("heading").first.inner_text() == "Not found"
+    csrf = signed_in.locator('form.signout input[name="csrf"]').get_attribute("value")
+    refused = signed_in.request.post("/tenants/pick", form={"csrf": csrf, "tenant_id": rig.b.tenant_id},
+                                     max_redirects=0)
+    assert refused.status == 404
+    signed_in.goto("/overview")
+    assert signed_in.locator("#tenant-id").inner_text() == rig.a.tenant_id
