@@ -1,4 +1,8 @@
-"""Channels to other services, with identity forwarded (service to service) or fixed (CLI, clients)."""
+"""Channels to other services, with identity forwarded (service to service) or fixed (CLI, clients).
+
+Every channel spreads calls over all of a service's replicas (round_robin) and resends the calls the
+protos mark idempotent when a replica dies (shared/service_config.py): callers hold no retry loops.
+"""
 from __future__ import annotations
 
 import uuid
@@ -7,6 +11,7 @@ from dataclasses import dataclass, field
 import grpc
 
 from shared import telemetry
+from shared.service_config import channel_options, channel_target
 from shared.tenancy import current_tenant
 from shared.tls import TLS_FROM_ENV, TlsConfig, channel_credentials
 
@@ -87,7 +92,8 @@ class StaticCredentials(MetadataSource):
 
 def make_channel(address: str, *, forward: bool = False, credentials: MetadataSource | None = None,
                  tls: TlsConfig | None | object = TLS_FROM_ENV, options: tuple = ()) -> grpc.aio.Channel:
-    """A channel to address; forward=True carries the current tenant's identity on every call.
+    """A channel to address (one host:port, a comma-separated list of replicas, or a URI such as
+    dns:///svc:port); forward=True carries the current tenant's identity on every call.
 
     mTLS (with this process's certificate) when BULKHEAD_TLS_* are set or `tls` is given; `tls=None` forces plaintext.
     """
@@ -97,6 +103,7 @@ def make_channel(address: str, *, forward: bool = False, credentials: MetadataSo
         interceptors += ForwardIdentity().interceptors()
     if credentials is not None:
         interceptors += credentials.interceptors()
+    target, options = channel_target(address), (*channel_options(address), *options)
     if tls is not None:
-        return grpc.aio.secure_channel(address, channel_credentials(tls), options=options, interceptors=interceptors)
-    return grpc.aio.insecure_channel(address, options=options, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, channel_credentials(tls), options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

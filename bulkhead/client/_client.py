@@ -11,6 +11,7 @@ from bulkhead.client._credentials import RefreshingToken
 from shared import telemetry
 from shared.config import SERVICES, service_addr
 from shared.errors import error_details
+from shared.service_config import channel_options, channel_target
 from shared.tls import TlsConfig, channel_credentials
 
 _STUBS = {
@@ -90,6 +91,8 @@ class Client:
 
 
 def _channel(address: str, tls: TlsConfig | None, interceptors: list) -> grpc.aio.Channel:
+    # The same service config as the services' own channels: round_robin over replicas, idempotent calls resent.
+    target, options = channel_target(address), channel_options(address)
     if tls is not None:
-        return grpc.aio.secure_channel(address, channel_credentials(tls), interceptors=interceptors)
-    return grpc.aio.insecure_channel(address, interceptors=interceptors)
+        return grpc.aio.secure_channel(target, channel_credentials(tls), options=options, interceptors=interceptors)
+    return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)
