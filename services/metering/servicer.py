@@ -92,8 +92,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def ExportChargeback(self, request: pb.ExportChargebackRequest, context) -> pb.ExportChargebackResponse:
         _operator()
         target = _target(request.tenant_id, "tenant_id", required=False)
-        start = wire.micros(request.start_time, request.HasField("start_time"))
-        end = wire.micros(request.end_time, request.HasField("end_time"))
+        start = wire.micros(request.start_time, request.HasField("start_time"), "start_time")
+        end = wire.micros(request.end_time, request.HasField("end_time"), "end_time")
         period = periods.DAY if request.period == pb.CHARGEBACK_PERIOD_DAY else periods.MONTH
         self._usage.check(self._usage.chargeback_query(start, end), prefix="")
         await self._usage.audit("ExportChargeback", target)

@@ -22,9 +22,15 @@ PERIOD_ENUMS = {periods.DAY: pb.BUDGET_PERIOD_DAY, periods.MONTH: pb.BUDGET_PERI
 DEFAULT_PAGE, MAX_PAGE = 100, 1000
 
 
-def micros(ts: timestamp_pb2.Timestamp, present: bool) -> int:
-    """A Timestamp as epoch microseconds (0 when absent)."""
-    return ts.ToMicroseconds() if present else 0
+def micros(ts: timestamp_pb2.Timestamp, present: bool, field: str = "time") -> int:
+    """A Timestamp as epoch microseconds (0 when absent); InvalidArgument naming field when out of range."""
+    if not present:
+        return 0
+    try:
+        return ts.ToMicroseconds()
+    except ValueError:  # seconds outside years 1-9999 or nanos outside 0-999999999 (found by fuzzing)
+        raise InvalidArgument(f"{field} is not a valid timestamp", reason="INVALID_TIMESTAMP",
+                              violations={field: "years 0001 to 9999, nanos 0 to 999999999"}) from None
 
 
 def timestamp(us: int) -> timestamp_pb2.Timestamp:
@@ -59,8 +65,8 @@ def record(event: pb.UsageEvent) -> UsageRecord:
 def usage_query(flt: pb.UsageFilter, group_by) -> UsageQuery:
     """A filter and grouping as a UsageQuery (unknown dimensions fail validation)."""
     return UsageQuery(
-        start_us=micros(flt.start_time, flt.HasField("start_time")),
-        end_us=micros(flt.end_time, flt.HasField("end_time")),
+        start_us=micros(flt.start_time, flt.HasField("start_time"), "filter.start_time"),
+        end_us=micros(flt.end_time, flt.HasField("end_time"), "filter.end_time"),
         group_by=tuple(GROUPINGS.get(g, f"unknown:{g}") for g in group_by),
         model=flt.model, agent_id=flt.agent_id, principal_id=flt.principal_id)
 
@@ -102,8 +108,9 @@ def page(items: list, page_size: int, page_token: str) -> tuple[list, str]:
 
 def price(msg: pb.Price) -> Price:
     """A Price message as a Price."""
-    return Price(msg.model, micros(msg.effective_time, msg.HasField("effective_time")), msg.input_micros_per_mtok,
-                 msg.output_micros_per_mtok, msg.cache_write_micros_per_mtok, msg.cache_read_micros_per_mtok)
+    return Price(msg.model, micros(msg.effective_time, msg.HasField("effective_time"), "price.effective_time"),
+                 msg.input_micros_per_mtok, msg.output_micros_per_mtok, msg.cache_write_micros_per_mtok,
+                 msg.cache_read_micros_per_mtok)
 
 
 def price_msg(value: Price) -> pb.Price:
