@@ -4,10 +4,8 @@ from __future__ import annotations
 import argparse
 
 from bulkhead.cli._common import add_connection_args, connect, run_async, table
-from bulkhead.common.v1 import tenancy_pb2
 from bulkhead.identity.v1 import identity_pb2 as pb
-
-_TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "silo": tenancy_pb2.TIER_SILO}
+from shared.tiers import Tier, UnknownTier, tier_from_proto, tier_to_proto
 
 
 def register(subparsers) -> None:
@@ -15,7 +13,7 @@ def register(subparsers) -> None:
     sub = parser.add_subparsers(dest="action", required=True)
     create = sub.add_parser("create", help="create a tenant and print its admin API key once")
     create.add_argument("name")
-    create.add_argument("--tier", choices=sorted(_TIERS), default="pooled")
+    create.add_argument("--tier", choices=[t.value for t in Tier], default=Tier.POOLED.value)
     create.add_argument("--region", default="local")
     create.set_defaults(func=_create)
     listing = sub.add_parser("list", help="list tenants")
@@ -30,7 +28,10 @@ def register(subparsers) -> None:
 
 
 def _tier_name(value: int) -> str:
-    return {v: k for k, v in _TIERS.items()}.get(value, "pooled")
+    try:
+        return tier_from_proto(value).value
+    except UnknownTier:  # a newer server's tier: show it rather than guess
+        return f"tier {value}"
 
 
 def _status_name(value: int) -> str:
@@ -40,7 +41,7 @@ def _status_name(value: int) -> str:
 @run_async
 async def _create(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
-        resp = await bh.identity.CreateTenant(pb.CreateTenantRequest(name=args.name, tier=_TIERS[args.tier],
+        resp = await bh.identity.CreateTenant(pb.CreateTenantRequest(name=args.name, tier=tier_to_proto(args.tier),
                                                                      region=args.region))
     t = resp.tenant
     table([[t.id, t.name, _tier_name(t.tier), t.region, _status_name(t.status)]],

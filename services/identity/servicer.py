@@ -5,7 +5,6 @@ from datetime import datetime, timezone
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bulkhead.common.v1 import tenancy_pb2
 from bulkhead.identity.v1 import identity_pb2 as pb
 from bulkhead.identity.v1 import identity_pb2_grpc
 from services.identity.directory import Directory
@@ -14,11 +13,10 @@ from services.identity.signing import SigningKeys, as_utc, revocations_since, su
 from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, TenantRow
 from shared.db import Database
 from shared.errors import InvalidArgument, NotFound
+from shared.tiers import UnknownTier, tier_from_proto, tier_to_proto
 from shared.tokens import RefreshingKeySource
 from shared.tenancy import require_tenant
 
-_TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "silo": tenancy_pb2.TIER_SILO}
-_TIER_NAMES = {v: k for k, v in _TIERS.items()} | {tenancy_pb2.TIER_UNSPECIFIED: "pooled"}
 _STATUS = {"active": pb.TENANT_STATUS_ACTIVE, "suspended": pb.TENANT_STATUS_SUSPENDED}
 _KINDS = {"user": pb.PRINCIPAL_KIND_USER, "service_account": pb.PRINCIPAL_KIND_SERVICE_ACCOUNT,
           "agent": pb.PRINCIPAL_KIND_AGENT}
@@ -37,7 +35,7 @@ def _epoch(seconds: int) -> Timestamp:
 
 
 def tenant_pb(row: TenantRow) -> pb.Tenant:
-    return pb.Tenant(id=row.id, name=row.name, tier=_TIERS[row.tier], region=row.region, status=_STATUS[row.status],
+    return pb.Tenant(id=row.id, name=row.name, tier=tier_to_proto(row.tier), region=row.region, status=_STATUS[row.status],
                      create_time=_ts(row.created_at))
 
 
@@ -68,9 +66,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         self._key_source = key_source
 
     async def CreateTenant(self, request, context):
-        tier = _TIER_NAMES.get(request.tier)
-        if tier is None:
-            raise InvalidArgument("unknown tier", violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"})
+        try:
+            tier = tier_from_proto(request.tier)
+        except UnknownTier:
+            raise InvalidArgument("unknown tier", violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
         created = await self._directory.create_tenant(request.name, tier, request.region)
         return pb.CreateTenantResponse(tenant=tenant_pb(created.tenant), admin=principal_pb(created.admin),
                                        admin_api_key=created.admin_api_key)
