@@ -176,6 +176,10 @@ class TokenVerifier:
                                    reason="TENANT_SUSPENDED")
         return claims
 
+    def tenant_suspended(self, tenant_id: str) -> bool:
+        """Whether the tenant's tokens are refused now (answered from memory, as on every call)."""
+        return self._keys.is_suspended(tenant_id)
+
     async def close(self) -> None:
         """Stop whatever background work the key source runs (its revocation poll)."""
         close = getattr(self._keys, "close", None)

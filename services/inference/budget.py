@@ -73,6 +73,16 @@ class BudgetBackend(Protocol):
     async def release(self, lease_id: str, spent: Tokens) -> None: ...
 
 
+class PlatformLeases(Protocol):
+    """Settles a tenant's lease with the proxy's own platform key (ReleaseTenantLease)."""
+
+    async def release_for(self, ctx: TenantContext, lease_id: str, spent: Tokens) -> None: ...
+
+
+def _never(tenant_id: str) -> bool:
+    return False
+
+
 @dataclass
 class _Lease:
     lease_id: str
@@ -102,8 +112,12 @@ class BudgetLeases:
     """Leases per (tenant, model) on this replica; the hot path makes no RPC while a lease has room."""
 
     def __init__(self, backend: BudgetBackend, *, slice_tokens: int = 20_000, ttl: float = 60.0,
-                 idle_release: float = 2.0, clock: Callable[[], float] = time.monotonic):
+                 idle_release: float = 2.0, clock: Callable[[], float] = time.monotonic,
+                 platform: PlatformLeases | None = None, suspended: Callable[[str], bool] = _never):
+        """platform and suspended: how a suspended tenant's leases go back (its own token is refused)."""
         self._backend = backend
+        self._platform = platform
+        self._suspended = suspended
         self._slice = slice_tokens
         self._ttl = ttl
         self._idle_release = idle_release
@@ -158,6 +172,11 @@ class BudgetLeases:
             ctx = self._contexts.get(key[0])
             if ctx is None:
                 continue
+            if self._suspended(key[0]):
+                await self._hand_back(ctx, leases)
+                if not leases:
+                    self._leases.pop(key, None)
+                continue
             for lease in list(leases):
                 idle = lease.held == 0 and now - lease.last_used > self._idle_release
                 try:
@@ -175,6 +194,24 @@ class BudgetLeases:
                     log.exception("lease %s maintenance failed", lease.lease_id)
             if not leases:
                 self._leases.pop(key, None)
+
+    async def _hand_back(self, ctx: TenantContext, leases: list[_Lease]) -> None:
+        """Return a suspended tenant's idle leases with the platform key, so its budget is not held
+        here while it cannot call; without that key they expire at metering instead."""
+        if self._platform is None:
+            return
+        for lease in list(leases):
+            if lease.held:  # a call still in flight settles first
+                continue
+            try:
+                await self._platform.release_for(ctx, lease.lease_id, self._reportable(lease))
+            except BackendUnavailable:
+                log.warning("metering unreachable; suspended tenant's lease %s kept", lease.lease_id)
+                continue
+            except Exception:
+                log.exception("returning suspended tenant's lease %s failed", lease.lease_id)
+                continue
+            leases.remove(lease)
 
     async def close(self) -> None:
         """Return every lease with its final spend (shutdown)."""

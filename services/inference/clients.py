@@ -96,8 +96,9 @@ class MeteringClient:
 
 
 class PlatformUsage:
-    """RecordTenantUsage with the proxy's own platform token (the channel adds it): the outbox's
-    way to metering when the tenant's token is gone (implements usage.PlatformDelivery)."""
+    """Metering calls with the proxy's own platform token (the channel adds it), for when the
+    tenant's own token is gone or refused: the outbox's RecordTenantUsage (usage.PlatformDelivery)
+    and a suspended tenant's ReleaseTenantLease (budget.PlatformLeases)."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 3.0):
         self._stub = metering_pb2_grpc.MeteringServiceStub(channel)
@@ -115,6 +116,17 @@ class PlatformUsage:
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise UsageRejected(exc.details()) from None
+            raise
+
+    async def release_for(self, ctx: TenantContext, lease_id: str, spent: Tokens) -> None:
+        """Settle one of the tenant's leases with its final spend (idempotent: a settled lease stays settled)."""
+        request = mpb.ReleaseTenantLeaseRequest(tenant_id=ctx.tenant_id, tier=tier_to_proto(ctx.tier),
+                                                lease_id=lease_id, spent=_counts(spent))
+        try:
+            await self._stub.ReleaseTenantLease(request, timeout=self._timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in _DOWN:
+                raise BackendUnavailable(f"metering ReleaseTenantLease: {exc.code().name}") from None
             raise
 
 

@@ -91,10 +91,12 @@ class InferenceService:
 
 async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: str | None = None,
                 provider: Provider | None = None, db: Database | None = None,
-                lease_maintenance: float = 1.0, tiers: TierLookup | None = None) -> InferenceService:
+                lease_maintenance: float = 1.0, tiers: TierLookup | None = None,
+                platform: PlatformUsage | None = None) -> InferenceService:
     """Open the database (migrating it), connect to metering and credentials, start serving.
 
     tiers answers operators' calls about another tenant (identity, over the operator's token, unless given).
+    platform is metering with the proxy's own service key (from its key file, unless given).
     """
     if db is None:
         db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
@@ -116,7 +118,7 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
         keys = CredentialsKeys(credentials_channel, secret_name=config.provider_key_secret)
     provider = provider or make_provider(config)
     outbox = SqlOutbox(db)
-    platform = _platform_usage(config, channels)
+    platform = platform or _platform_usage(config, channels)
     replica = config.replica_id or _replica_name(address or config.service.address)
     journal = AttemptJournal(SqlAttempts(db), replica=replica, sweep_after=config.attempt_sweep_seconds)
     meter = UsageMeter(metering, outbox, flush_interval=config.usage_flush_seconds, platform=platform,
@@ -124,7 +126,8 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     # What a killed predecessor of this replica left goes to the outbox before the meter looks there.
     await journal.start()
     await meter.start()
-    budget = BudgetLeases(metering, slice_tokens=config.lease_tokens, idle_release=config.lease_idle_seconds)
+    budget = BudgetLeases(metering, slice_tokens=config.lease_tokens, idle_release=config.lease_idle_seconds,
+                          platform=platform, suspended=verifier.tenant_suspended)
     store = PolicyStore(db)
     proxy = InferenceProxy(provider=provider, platform_key=config.anthropic_api_key, policies=store,
                            platform_policy=config.platform_policy, limiter=RateLimiter(), quotas=metering,

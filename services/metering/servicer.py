@@ -52,13 +52,20 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     async def RecordTenantUsage(self, request: pb.RecordTenantUsageRequest,
                                 context) -> pb.RecordTenantUsageResponse:
+        target, tier = await self._platform_target(request.tenant_id, request.tier)
+        records = [wire.record(e) for e in request.events]
+        with acting_for(target, tier=tier):
+            recorded, duplicates = await self._usage.record(records)
+        return pb.RecordTenantUsageResponse(recorded_count=recorded, duplicate_count=duplicates)
+
+    async def _platform_target(self, tenant_id: str, tier_value: int) -> tuple[str, Tier]:
+        """The tenant a platform service acts for, and its tier (checked against the one already known)."""
         ctx = require_tenant()
         if ctx.tenant_id != PLATFORM_TENANT:  # the interceptor already refuses platform.* elsewhere
-            raise PermissionDenied("only platform services may record another tenant's usage",
-                                   reason="PLATFORM_ONLY")
-        target = _target(request.tenant_id, "tenant_id", required=True)
+            raise PermissionDenied("only platform services may act for another tenant", reason="PLATFORM_ONLY")
+        target = _target(tenant_id, "tenant_id", required=True)
         try:
-            tier = tier_from_proto(request.tier)
+            tier = tier_from_proto(tier_value)
         except UnknownTier:
             raise InvalidArgument("unknown tier", reason="INVALID_TIER",
                                   violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
@@ -66,10 +73,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         if known is not None and known != tier:
             # The tier decides where the rows go: a wrong one would file them where nobody looks.
             raise FailedPrecondition(f"tenant {target} is {known}-tier, not {tier}", reason="TIER_MISMATCH")
-        records = [wire.record(e) for e in request.events]
-        with acting_for(target, tier=tier):
-            recorded, duplicates = await self._usage.record(records)
-        return pb.RecordTenantUsageResponse(recorded_count=recorded, duplicate_count=duplicates)
+        return target, tier
 
     async def QueryUsage(self, request: pb.QueryUsageRequest, context) -> pb.QueryUsageResponse:
         rows = await self._usage.query(wire.usage_query(request.filter, request.group_by))
@@ -200,3 +204,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context) -> pb.ReleaseLeaseResponse:
         done = await self._budgets.release_lease(request.lease_id, wire.tokens(request.spent))
         return pb.ReleaseLeaseResponse(charged=wire.hold(done.charged), released=wire.hold(done.released))
+
+    async def ReleaseTenantLease(self, request: pb.ReleaseTenantLeaseRequest,
+                                 context) -> pb.ReleaseTenantLeaseResponse:
+        target, tier = await self._platform_target(request.tenant_id, request.tier)
+        with acting_for(target, tier=tier):
+            done = await self._budgets.release_lease(request.lease_id, wire.tokens(request.spent))
+        return pb.ReleaseTenantLeaseResponse(charged=wire.hold(done.charged), released=wire.hold(done.released))

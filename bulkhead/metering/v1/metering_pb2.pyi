@@ -511,3 +511,23 @@ class ReleaseLeaseResponse(_message.Message):
     charged: Hold
     released: Hold
     def __init__(self, charged: _Optional[_Union[Hold, _Mapping]] = ..., released: _Optional[_Union[Hold, _Mapping]] = ...) -> None: ...
+
+class ReleaseTenantLeaseRequest(_message.Message):
+    __slots__ = ("tenant_id", "tier", "lease_id", "spent")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    LEASE_ID_FIELD_NUMBER: _ClassVar[int]
+    SPENT_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    tier: _tenancy_pb2.Tier
+    lease_id: str
+    spent: TokenCounts
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., lease_id: _Optional[str] = ..., spent: _Optional[_Union[TokenCounts, _Mapping]] = ...) -> None: ...
+
+class ReleaseTenantLeaseResponse(_message.Message):
+    __slots__ = ("charged", "released")
+    CHARGED_FIELD_NUMBER: _ClassVar[int]
+    RELEASED_FIELD_NUMBER: _ClassVar[int]
+    charged: Hold
+    released: Hold
+    def __init__(self, charged: _Optional[_Union[Hold, _Mapping]] = ..., released: _Optional[_Union[Hold, _Mapping]] = ...) -> None: ...

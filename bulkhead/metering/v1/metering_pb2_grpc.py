@@ -125,6 +125,11 @@ class MeteringServiceStub:
                 request_serializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseLeaseRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseLeaseResponse.FromString,
                 _registered_method=True)
+        self.ReleaseTenantLease = channel.unary_unary(
+                '/bulkhead.metering.v1.MeteringService/ReleaseTenantLease',
+                request_serializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseTenantLeaseRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseTenantLeaseResponse.FromString,
+                _registered_method=True)
 
 
 class MeteringServiceServicer:
@@ -264,6 +269,16 @@ class MeteringServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReleaseTenantLease(self, request, context):
+        """ReleaseTenantLease is ReleaseLease for a named tenant, on a platform service's behalf: how the
+        inference proxy hands back what it holds for a suspended tenant, whose own token every service
+        refuses. It only settles a lease that tenant already holds; it grants nothing. Only a platform
+        service principal holds its scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_MeteringServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -346,6 +361,11 @@ def add_MeteringServiceServicer_to_server(servicer, server):
                     servicer.ReleaseLease,
                     request_deserializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseLeaseRequest.FromString,
                     response_serializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseLeaseResponse.SerializeToString,
+            ),
+            'ReleaseTenantLease': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseTenantLease,
+                    request_deserializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseTenantLeaseRequest.FromString,
+                    response_serializer=bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseTenantLeaseResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -791,6 +811,33 @@ class MeteringService:
             '/bulkhead.metering.v1.MeteringService/ReleaseLease',
             bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseLeaseRequest.SerializeToString,
             bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseLeaseResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseTenantLease(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.metering.v1.MeteringService/ReleaseTenantLease',
+            bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseTenantLeaseRequest.SerializeToString,
+            bulkhead_dot_metering_dot_v1_dot_metering__pb2.ReleaseTenantLeaseResponse.FromString,
             options,
             channel_credentials,
             insecure,

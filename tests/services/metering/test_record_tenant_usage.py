@@ -80,3 +80,72 @@ async def test_an_unknown_tier_value_is_refused_not_filed_as_pooled(metering):
     assert error_details(refused.value)["reason"] == "INVALID_TIER"
     assert error_details(refused.value)["bad_request"] == {"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}
     assert await _events(metering, A) == 0
+
+
+# ------------------------------------------------ ReleaseTenantLease (a suspended tenant's lease)
+
+def _settle(tenant: str, lease_id: str, spent: int, tier=tenancy_pb2.TIER_POOLED) -> pb.ReleaseTenantLeaseRequest:
+    return pb.ReleaseTenantLeaseRequest(tenant_id=tenant, tier=tier, lease_id=lease_id,
+                                        spent=pb.TokenCounts(input_tokens=spent))
+
+
+async def _leased(metering, tenant: str, limit: int = 1000, tokens: int = 600) -> str:
+    quota = pb.Quota(tenant_id=tenant, budgets=[pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=limit,
+                                                          mode=pb.BUDGET_MODE_HARD, period=pb.BUDGET_PERIOD_MONTH)])
+    await metering.stub.SetQuota(pb.SetQuotaRequest(quota=quota), metadata=metering.op())
+    lease = await metering.stub.LeaseBudget(pb.LeaseBudgetRequest(model="claude-test", tokens=tokens),
+                                            metadata=metering.md(tenant))
+    return lease.lease.lease_id
+
+
+async def _budget(metering, tenant: str) -> tuple[int, int]:
+    status = await metering.stub.GetQuotaStatus(pb.GetQuotaStatusRequest(), metadata=metering.md(tenant))
+    return status.budgets[0].used, status.budgets[0].held
+
+
+async def test_a_platform_service_settles_a_tenants_lease_once(metering):
+    """The spend is charged, the rest returned; settling again changes nothing."""
+    lease_id = await _leased(metering, A)
+    done = await metering.stub.ReleaseTenantLease(_settle(A, lease_id, 250), metadata=_service(metering))
+    assert (done.charged.tokens, done.released.tokens) == (250, 350)
+    await metering.stub.ReleaseTenantLease(_settle(A, lease_id, 250), metadata=_service(metering))
+    assert await _budget(metering, A) == (250, 0)
+
+
+async def test_another_tenants_lease_id_is_not_found_and_untouched(metering):
+    """Naming B's lease under tenant A answers like a random id, and B's lease stays held."""
+    lease_b = await _leased(metering, B)
+    await _leased(metering, A)
+    replies = []
+    for lease_id in (lease_b, "lease_doesnotexist000000000"):
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await metering.stub.ReleaseTenantLease(_settle(A, lease_id, 1), metadata=_service(metering))
+        replies.append((refused.value.code(), error_details(refused.value)["reason"]))
+    assert replies[0] == replies[1] and replies[0][0] == grpc.StatusCode.NOT_FOUND
+    assert await _budget(metering, B) == (0, 600)
+
+
+@pytest.mark.parametrize("who", ["tenant", "tenant_with_platform_scope", "operator"])
+async def test_only_the_platform_service_scope_may_settle_a_tenants_lease(metering, who):
+    lease_id = await _leased(metering, A)
+    md = {"tenant": metering.md(A), "tenant_with_platform_scope": metering.md(B, (SERVICE_SCOPE,)),
+          "operator": metering.op()}[who]
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await metering.stub.ReleaseTenantLease(_settle(A, lease_id, 1), metadata=md)
+    assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    assert await _budget(metering, A) == (0, 600)
+
+
+@pytest.mark.parametrize(("tenant", "tier", "code", "reason"), [
+    ("", tenancy_pb2.TIER_POOLED, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TENANT_ID"),
+    ("not-a-tenant", tenancy_pb2.TIER_POOLED, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TENANT_ID"),
+    (A, 7, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TIER"),
+    (A, tenancy_pb2.TIER_SILO, grpc.StatusCode.FAILED_PRECONDITION, "TIER_MISMATCH"),
+])
+async def test_bad_settlement_input_is_refused_and_leaves_the_lease_held(metering, tenant, tier, code, reason):
+    lease_id = await _leased(metering, A)
+    await metering.stub.RecordUsage(pb.RecordUsageRequest(events=[event("known")]), metadata=metering.md(A))
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await metering.stub.ReleaseTenantLease(_settle(tenant, lease_id, 1, tier=tier), metadata=_service(metering))
+    assert (refused.value.code(), error_details(refused.value)["reason"]) == (code, reason)
+    assert await _budget(metering, A) == (0, 600)
