@@ -7,6 +7,8 @@ Load it from tests/conftest.py with `pytest_plugins = ["shared.testing.fixtures"
 - `pgbouncer` -> PgBouncer in transaction pooling mode in front of `postgres`: `.app_url(db)`,
   `.app_dsn(db)`. With BULKHEAD_TEST_PGBOUNCER=1 every `create_database` hands out runtime URLs
   through it, so the Postgres tests run through the pooler.
+- `openbao_raft` -> OpenBaoRaftCluster: 3 OpenBao nodes on Raft, fresh for each test (failover
+  tests kill nodes): `.urls`, `.wait_for_leader()`, `.restart(node)`, `.client()`.
 
 A server starts only when the first test asks for it. When it cannot start (binary missing,
 no Docker engine) the tests that need it FAIL with a message saying what to install: they are
@@ -21,11 +23,12 @@ from collections.abc import Iterator
 import pytest
 
 from shared.testing.openbao import OpenBaoServer, start_openbao
+from shared.testing.openbao_raft import OpenBaoRaftCluster, start_openbao_raft
 from shared.testing.pgbouncer import PgBouncer, start_pgbouncer
 from shared.testing.postgres import PostgresServer, start_postgres
 from shared.testing.procs import ServerStartError, free_port
 
-__all__ = ["free_port", "openbao", "pgbouncer", "postgres"]
+__all__ = ["free_port", "openbao", "openbao_raft", "pgbouncer", "postgres"]
 
 _started: list[str] = []
 _openbao: list[OpenBaoServer] = []
@@ -119,3 +122,17 @@ def openbao() -> Iterator[OpenBaoServer]:
     finally:
         _openbao.remove(server)
         server.close()
+
+
+@pytest.fixture
+def openbao_raft() -> Iterator[OpenBaoRaftCluster]:
+    """A fresh 3-node OpenBao Raft cluster for one test (about 10 s to start), stopped after it."""
+    try:
+        cluster = start_openbao_raft()
+    except ServerStartError as exc:
+        pytest.fail(f"cannot start the OpenBao Raft cluster for the tests: {exc}", pytrace=False)
+    _started.append(f"openbao_raft: 3 nodes on {', '.join(cluster.urls)}")
+    try:
+        yield cluster
+    finally:
+        cluster.close()
