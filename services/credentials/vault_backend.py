@@ -1,17 +1,24 @@
 """The `vault` backend: KV v2 values and Transit keys in OpenBao/Vault, each call made with the
 tenant's own short-lived token (see vault_tokens). hvac is synchronous, so calls run in threads.
+
+The address may list several nodes of one OpenBao Raft cluster (`http://a:8200,http://b:8200`).
+Any unsealed node serves every request (a standby forwards it to the active node), so the
+backend sticks to one node and moves to the next only when a request provably did nothing there
+(see _FailoverSession); everything else surfaces as UNAVAILABLE for the caller to retry.
 """
 from __future__ import annotations
 
 import asyncio
 import base64
 import re
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Sequence
 from typing import TypeVar
 
 import hvac
 import hvac.exceptions as vx
 import requests
+import urllib3.exceptions
 
 from services.credentials.backend import (
     DataKey,
@@ -35,14 +42,92 @@ def _unavailable() -> errors.Unavailable:
                               reason="SECRET_MANAGER_UNAVAILABLE", retry_after=1.0)
 
 
-def _session_for(url: str) -> requests.Session:
+def split_addresses(addresses: str | Sequence[str]) -> list[str]:
+    """The node URLs of a comma-separated address list (or a list), without trailing slashes."""
+    items = addresses.split(",") if isinstance(addresses, str) else list(addresses)
+    urls = [u.strip().rstrip("/") for u in items if u.strip()]
+    if not urls:
+        raise ValueError("no OpenBao address given")
+    return urls
+
+
+def _not_processed(exc: requests.exceptions.RequestException) -> bool:
+    """Whether the request failed before any node could act on it, so another node may get it.
+
+    A refused or timed-out connect sent nothing. A standby whose leader just died answers 307
+    towards that leader; following it fails to connect as well, and the standby did nothing.
+    A read timeout or a reset after sending may hide a write that happened: not retried here.
+    """
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return True
+    if isinstance(exc, requests.exceptions.ConnectionError) and exc.args:
+        reason = getattr(exc.args[0], "reason", exc.args[0])
+        return isinstance(reason, urllib3.exceptions.ConnectTimeoutError)  # NewConnectionError too
+    return False
+
+
+class _FailoverSession(requests.Session):
+    """A requests session that sends each request to the node that last answered, and to the
+    next node only when the request provably did nothing (connect refused, sealed: 503).
+
+    hvac builds URLs on the first address; this session swaps in the node in use. Redirects are
+    still followed (requests keeps the method, body and X-Vault-Token on a 307).
+    """
+
+    def __init__(self, urls: list[str]) -> None:
+        super().__init__()
+        self.urls = urls
+        self._current = 0
+        self._lock = threading.Lock()
+
+    @property
+    def current(self) -> str:
+        """The node requests go to first."""
+        return self.urls[self._current]
+
+    def request(self, method, url, *args, **kwargs):  # noqa: D102 - requests' signature
+        base = next((u for u in self.urls if url == u or url.startswith(u + "/")), None)
+        if base is None or len(self.urls) == 1:
+            return super().request(method, url, *args, **kwargs)
+        start = self._current
+        last: requests.Response | Exception | None = None
+        for step in range(len(self.urls)):
+            index = (start + step) % len(self.urls)
+            try:
+                resp = super().request(method, self.urls[index] + url[len(base):], *args, **kwargs)
+            except requests.exceptions.RequestException as exc:
+                if not _not_processed(exc):
+                    self._move_from(index)  # the next call tries elsewhere; this one fails
+                    raise
+                last = exc
+                continue
+            if resp.status_code == 503:  # sealed, or no active node: nothing was done there
+                last = resp
+                continue
+            self._stick(index)
+            return resp
+        if isinstance(last, requests.Response):
+            return last
+        raise last  # type: ignore[misc]  # every node refused: ConnectionError -> UNAVAILABLE
+
+    def _stick(self, index: int) -> None:
+        with self._lock:
+            self._current = index
+
+    def _move_from(self, index: int) -> None:
+        with self._lock:
+            if self._current == index:
+                self._current = (index + 1) % len(self.urls)
+
+
+def _session_for(urls: list[str]) -> requests.Session:
     """A requests session for OpenBao with the environment's proxy and CA settings resolved once.
 
     requests otherwise re-reads the environment (proxies, CA bundle, netrc) on every call, about
     0.2 ms of CPU here.
     """
-    session = requests.Session()
-    settings = session.merge_environment_settings(url, {}, None, None, None)
+    session = _FailoverSession(urls)
+    settings = session.merge_environment_settings(urls[0], {}, None, None, None)
     session.proxies.update(settings["proxies"])
     session.verify = settings["verify"]
     session.trust_env = False
@@ -59,12 +144,19 @@ class VaultBackend:
 
     name = "vault"
 
-    def __init__(self, url: str, admin_token: str, *, layout: VaultLayout | None = None,
+    def __init__(self, url: str | Sequence[str], admin_token: str, *, layout: VaultLayout | None = None,
                  token_ttl_seconds: int = 900, timeout: float = 5.0) -> None:
-        self._session = _session_for(url)
+        """url: one OpenBao address, or several nodes of one cluster (comma-separated or a list)."""
+        urls = split_addresses(url)
+        self._session = _session_for(urls)
         self.layout = layout or VaultLayout()
-        self.tokens = TenantTokens(url, admin_token, layout=self.layout, ttl_seconds=token_ttl_seconds,
+        self.tokens = TenantTokens(urls[0], admin_token, layout=self.layout, ttl_seconds=token_ttl_seconds,
                                    timeout=timeout, session=self._session)
+
+    @property
+    def current_address(self) -> str:
+        """The OpenBao node requests go to first (the one that answered last)."""
+        return self._session.current
 
     async def close(self) -> None:
         """Close the HTTP connection pool."""
