@@ -35,6 +35,8 @@ class Outcome:
     message: str = ""
     details: dict = field(default_factory=dict)
     replies: tuple = ()
+    details_bytes: int = 0
+    """Size of the google.rpc.Status trailer (grpc-status-details-bin) as sent."""
 
     @property
     def status(self) -> str:
@@ -132,7 +134,8 @@ class Matrix:
         return "\n".join(f"{c.rpc} × {c.attack}: got {c.status}; {c.why}" for c in self.failures)
 
 
-async def invoke(channel: grpc.aio.Channel, rpc: Rpc, request, metadata, *, send: bool = True) -> Outcome:
+async def invoke(channel: grpc.aio.Channel, rpc: Rpc, request, metadata, *, send: bool = True,
+                 timeout: float = _TIMEOUT) -> Outcome:
     """Call rpc in its own shape; stream requests carry one message, or none when send is False
     (a client write racing the server's early status is reported as INTERNAL: grpc/grpc#36066)."""
     ser, de = (lambda m: m.SerializeToString()), rpc.response_class().FromString
@@ -144,17 +147,18 @@ async def invoke(channel: grpc.aio.Channel, rpc: Rpc, request, metadata, *, send
 
     try:
         if rpc.shape == "unary_unary":
-            replies = [await channel.unary_unary(rpc.path, ser, de)(request, metadata=metadata, timeout=_TIMEOUT)]
+            replies = [await channel.unary_unary(rpc.path, ser, de)(request, metadata=metadata, timeout=timeout)]
         elif rpc.shape == "unary_stream":
             replies = [r async for r in channel.unary_stream(rpc.path, ser, de)(request, metadata=metadata,
-                                                                                 timeout=_TIMEOUT)]
+                                                                                 timeout=timeout)]
         elif rpc.shape == "stream_unary":
-            replies = [await channel.stream_unary(rpc.path, ser, de)(requests(), metadata=metadata, timeout=_TIMEOUT)]
+            replies = [await channel.stream_unary(rpc.path, ser, de)(requests(), metadata=metadata, timeout=timeout)]
         else:
             replies = [r async for r in channel.stream_stream(rpc.path, ser, de)(requests(), metadata=metadata,
-                                                                                  timeout=_TIMEOUT)]
+                                                                                  timeout=timeout)]
     except grpc.aio.AioRpcError as err:
-        return Outcome(err.code().name, err.details() or "", error_details(err))
+        trailer = next((v for k, v in err.trailing_metadata() or () if k == "grpc-status-details-bin"), b"")
+        return Outcome(err.code().name, err.details() or "", error_details(err), details_bytes=len(trailer))
     return Outcome("OK", replies=tuple(replies))
 
 
