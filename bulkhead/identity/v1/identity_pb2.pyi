@@ -17,6 +17,15 @@ class TenantStatus(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     TENANT_STATUS_UNSPECIFIED: _ClassVar[TenantStatus]
     TENANT_STATUS_ACTIVE: _ClassVar[TenantStatus]
     TENANT_STATUS_SUSPENDED: _ClassVar[TenantStatus]
+    TENANT_STATUS_DELETING: _ClassVar[TenantStatus]
+    TENANT_STATUS_DELETED: _ClassVar[TenantStatus]
+
+class DeletionState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    DELETION_STATE_UNSPECIFIED: _ClassVar[DeletionState]
+    DELETION_STATE_SCHEDULED: _ClassVar[DeletionState]
+    DELETION_STATE_RUNNING: _ClassVar[DeletionState]
+    DELETION_STATE_DONE: _ClassVar[DeletionState]
 
 class PrincipalKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     __slots__ = ()
@@ -27,10 +36,56 @@ class PrincipalKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
 TENANT_STATUS_UNSPECIFIED: TenantStatus
 TENANT_STATUS_ACTIVE: TenantStatus
 TENANT_STATUS_SUSPENDED: TenantStatus
+TENANT_STATUS_DELETING: TenantStatus
+TENANT_STATUS_DELETED: TenantStatus
+DELETION_STATE_UNSPECIFIED: DeletionState
+DELETION_STATE_SCHEDULED: DeletionState
+DELETION_STATE_RUNNING: DeletionState
+DELETION_STATE_DONE: DeletionState
 PRINCIPAL_KIND_UNSPECIFIED: PrincipalKind
 PRINCIPAL_KIND_USER: PrincipalKind
 PRINCIPAL_KIND_SERVICE_ACCOUNT: PrincipalKind
 PRINCIPAL_KIND_AGENT: PrincipalKind
+
+class DeletionStep(_message.Message):
+    __slots__ = ("service", "done", "attempts", "last_error")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    done: bool
+    attempts: int
+    last_error: str
+    def __init__(self, service: _Optional[str] = ..., done: _Optional[bool] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ...) -> None: ...
+
+class TenantDeletion(_message.Message):
+    __slots__ = ("tenant_id", "state", "delete_after_time", "request_time", "complete_time", "steps")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    DELETE_AFTER_TIME_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_TIME_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    state: DeletionState
+    delete_after_time: _timestamp_pb2.Timestamp
+    request_time: _timestamp_pb2.Timestamp
+    complete_time: _timestamp_pb2.Timestamp
+    steps: _containers.RepeatedCompositeFieldContainer[DeletionStep]
+    def __init__(self, tenant_id: _Optional[str] = ..., state: _Optional[_Union[DeletionState, str]] = ..., delete_after_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., steps: _Optional[_Iterable[_Union[DeletionStep, _Mapping]]] = ...) -> None: ...
+
+class DeletionReceipt(_message.Message):
+    __slots__ = ("body", "signature", "kid", "public_key")
+    BODY_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    KID_FIELD_NUMBER: _ClassVar[int]
+    PUBLIC_KEY_FIELD_NUMBER: _ClassVar[int]
+    body: bytes
+    signature: bytes
+    kid: str
+    public_key: bytes
+    def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., kid: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class Tenant(_message.Message):
     __slots__ = ("id", "name", "tier", "region", "status", "create_time")
@@ -349,6 +404,36 @@ class ListRevokedTokensResponse(_message.Message):
     revision: int
     suspended_tenant_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ..., revision: _Optional[int] = ..., suspended_tenant_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class DeleteTenantRequest(_message.Message):
+    __slots__ = ("tenant_id", "grace_seconds", "now")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    GRACE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    NOW_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    grace_seconds: int
+    now: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., grace_seconds: _Optional[int] = ..., now: _Optional[bool] = ...) -> None: ...
+
+class DeleteTenantResponse(_message.Message):
+    __slots__ = ("deletion",)
+    DELETION_FIELD_NUMBER: _ClassVar[int]
+    deletion: TenantDeletion
+    def __init__(self, deletion: _Optional[_Union[TenantDeletion, _Mapping]] = ...) -> None: ...
+
+class GetDeletionReceiptRequest(_message.Message):
+    __slots__ = ("tenant_id",)
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
+
+class GetDeletionReceiptResponse(_message.Message):
+    __slots__ = ("deletion", "receipt")
+    DELETION_FIELD_NUMBER: _ClassVar[int]
+    RECEIPT_FIELD_NUMBER: _ClassVar[int]
+    deletion: TenantDeletion
+    receipt: DeletionReceipt
+    def __init__(self, deletion: _Optional[_Union[TenantDeletion, _Mapping]] = ..., receipt: _Optional[_Union[DeletionReceipt, _Mapping]] = ...) -> None: ...
 
 class ListSigningKeysRequest(_message.Message):
     __slots__ = ()

@@ -123,6 +123,16 @@ class IdentityServiceStub:
                 request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.RotateSigningKeyRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.RotateSigningKeyResponse.FromString,
                 _registered_method=True)
+        self.DeleteTenant = channel.unary_unary(
+                '/bulkhead.identity.v1.IdentityService/DeleteTenant',
+                request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.DeleteTenantRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.DeleteTenantResponse.FromString,
+                _registered_method=True)
+        self.GetDeletionReceipt = channel.unary_unary(
+                '/bulkhead.identity.v1.IdentityService/GetDeletionReceipt',
+                request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -254,6 +264,25 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteTenant(self, request, context):
+        """Deletes a tenant by crypto-shredding (operators only): the tenant is suspended at once and,
+        after the grace period (or now), identity runs a durable plan of TenantLifecycleService.PurgeTenant
+        calls (orchestrator, credentials with its keys first, state, inference, metering, then
+        identity's own rows) and signs a deletion receipt. During the grace period
+        UpdateTenantStatus(ACTIVE) restores the tenant. A repeat returns the deletion already planned.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDeletionReceipt(self, request, context):
+        """Returns a tenant's deletion: its progress per service and, once done, the signed receipt
+        (operators only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -341,6 +370,16 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.RotateSigningKey,
                     request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.RotateSigningKeyRequest.FromString,
                     response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.RotateSigningKeyResponse.SerializeToString,
+            ),
+            'DeleteTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteTenant,
+                    request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.DeleteTenantRequest.FromString,
+                    response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.DeleteTenantResponse.SerializeToString,
+            ),
+            'GetDeletionReceipt': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDeletionReceipt,
+                    request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptRequest.FromString,
+                    response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -806,6 +845,60 @@ class IdentityService:
             '/bulkhead.identity.v1.IdentityService/RotateSigningKey',
             bulkhead_dot_identity_dot_v1_dot_identity__pb2.RotateSigningKeyRequest.SerializeToString,
             bulkhead_dot_identity_dot_v1_dot_identity__pb2.RotateSigningKeyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.identity.v1.IdentityService/DeleteTenant',
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.DeleteTenantRequest.SerializeToString,
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.DeleteTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDeletionReceipt(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.identity.v1.IdentityService/GetDeletionReceipt',
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptRequest.SerializeToString,
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptResponse.FromString,
             options,
             channel_credentials,
             insecure,
