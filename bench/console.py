@@ -230,7 +230,8 @@ def main() -> int:
             operator_key = (data_dir / "operator.key").read_text().strip()
             now = time.time()
             tenant_id, key = asyncio.run(_tenant(operator_key, addresses))
-            real = asyncio.run(_real_runs(key, addresses))  # before the bulk usage, which would fill rate windows
+            # Before the bulk usage: once, runs started after it did not finish within 120 s (cause not pinned down).
+            real = asyncio.run(_real_runs(key, addresses))
             t_usage = asyncio.run(_usage(key, addresses, args.events, now))
             t_runs = _bulk_runs(data_dir / "orchestrator.db", tenant_id, args.runs, now)
             print(f"tenant {tenant_id}: {args.events:,} usage events via RecordUsage in {t_usage:.1f} s, "
