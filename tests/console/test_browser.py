@@ -317,7 +317,7 @@ def test_every_page_has_labelled_controls_and_keyboard_reach(rig, signed_in):
     """Every control has an accessible name (Chromium's own computation) and Tab reaches the nav and the controls."""
     page = signed_in
     nav = ["Overview", "Runs", "Threads", "Usage", "Secrets", "Security", "Keys"]
-    for name, path in {"signin": None, **_pages(rig)}.items():
+    for name, path in {"signin": None, **_pages(rig), "not-found": f"/runs/{_random_like(rig.a.run_id)}"}.items():
         if path is None:
             context = page.context.browser.new_context(base_url=rig.url)
             target = context.new_page()
