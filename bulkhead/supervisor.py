@@ -1,4 +1,5 @@
-"""Runs the mesh on one machine: each service its own process, health-checked, restarted when it dies."""
+"""Runs the mesh on one machine: each service its own process (or N replicas of it), health-checked,
+restarted when it dies."""
 from __future__ import annotations
 
 import asyncio
@@ -17,6 +18,7 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared.config import SERVICES, service_addr
+from shared.service_config import channel_target
 
 STOP_ORDER = (("console",), ("orchestrator",), ("inference", "state"), ("metering", "credentials", "identity"))
 """Stop waves: a service stops only after those that call it, so it can still take their last writes
@@ -27,6 +29,12 @@ RECENT_LINES = 20
 
 RESTART_BACKOFF = (0.5, 1, 2, 5, 10)
 """Seconds to wait before restarting a service that died: the nth restart in a row waits the nth value."""
+
+REPLICA_STRIDE = 10
+"""Replica i (from 0) of a service listens on its port + i * REPLICA_STRIDE, metrics alike (50053, 50063, ...):
+the ports of `up` (base+51..56, +80 the console, +151..156 metrics) never collide up to MAX_REPLICAS."""
+
+MAX_REPLICAS = 8
 
 
 def available_services() -> list[str]:
@@ -39,7 +47,15 @@ class ServiceProcess:
     """One supervised service."""
 
     name: str
+    """The service (identity, state, ...): what stop order and `python -m services.<name>` go by."""
     address: str
+    """Where this process listens."""
+    replica: int = 0
+    """Which replica of the service this is, from 0."""
+    label: str = ""
+    """How logs and the status table name it: the service, or `state#2` when there are several."""
+    env: dict[str, str] = field(default_factory=dict, repr=False)
+    """Variables only this replica gets (its own listen address, metrics port, replica id)."""
     module: str = ""
     """What `python -m` runs (default services.<name>)."""
     http: bool = False
@@ -52,40 +68,54 @@ class ServiceProcess:
     recent: deque[str] = field(default_factory=lambda: deque(maxlen=RECENT_LINES), repr=False)
     """Its last log lines, shown when it dies while starting (also with --quiet)."""
 
+    def __post_init__(self) -> None:
+        self.label = self.label or self.name
+
 
 class Supervisor:
     """Starts, watches and stops the services."""
 
     def __init__(self, services: list[str], env: Mapping[str, str], *, echo: Callable[[str], None] = print,
-                 show_logs: bool = True, console: str | None = None):
+                 show_logs: bool = True, console: str | None = None, replicas: int = 1):
+        if not 1 <= replicas <= MAX_REPLICAS:
+            raise ValueError(f"replicas must be 1..{MAX_REPLICAS}, got {replicas}")
         self.env = dict(env)
         self.echo = echo
         self.show_logs = show_logs
-        self.procs = {name: ServiceProcess(name, service_addr(name, self.env)) for name in services}
+        self.procs: dict[str, ServiceProcess] = {}
+        for name in services:
+            for proc in replica_processes(name, self.env, replicas):
+                self.procs[proc.label] = proc
+            if replicas > 1:  # every caller (services, console, CLI) dials all of them
+                self.env[f"BULKHEAD_{name.upper()}_ADDR"] = channel_target(
+                    ",".join(p.address for p in self.procs.values() if p.name == name))
         if console:  # the web console: a client of the others, started last, stopped first
-            self.procs["console"] = ServiceProcess("console", console, module="console", http=True)
+            self.procs["console"] = ServiceProcess("console", console, label="console", module="console", http=True)
             self.env["BULKHEAD_CONSOLE_ADDR"] = console
         self._stopping = False
         self._watchers: list[asyncio.Task] = []
 
     async def start(self, timeout: float = 60.0) -> None:
-        """Start identity first (every other service fetches its keys), then the rest; wait until all are healthy."""
+        """Start identity first (every other service fetches its keys), then the first replica of the others,
+        then their other replicas; wait until all are healthy."""
         taken = [p.address for p in self.procs.values() if not port_is_free(p.address)]
         if taken:  # else a health check could be answered by someone else's server
             raise RuntimeError(f"already in use: {', '.join(taken)}. Is another `bulkhead up` running? "
                                "Stop it, or pass --port-base to use other ports.")
-        order = [n for n in self.procs if n == "identity"] + [n for n in self.procs if n != "identity"]
-        if order and order[0] == "identity":
-            await self._spawn(self.procs["identity"])
-            await self.wait_healthy(["identity"], timeout)
-        for name in order[1:]:
-            await self._spawn(self.procs[name])
-        await self.wait_healthy(order[1:], timeout)
+        # A first start migrates the database and makes keys; a second process doing so at the same time
+        # would race it. So one replica of each service starts alone, and its siblings once it is healthy.
+        first = [label for label, p in self.procs.items() if p.name == "identity" and p.replica == 0]
+        firsts = [label for label, p in self.procs.items() if p.replica == 0 and label not in first]
+        others = [label for label, p in self.procs.items() if p.replica > 0]
+        for wave in (first, firsts, others):
+            for label in wave:
+                await self._spawn(self.procs[label])
+            await self.wait_healthy(wave, timeout)
         self._watchers = [asyncio.create_task(self._watch(p)) for p in self.procs.values()]
 
     async def _spawn(self, proc: ServiceProcess) -> None:
         proc.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", proc.module or f"services.{proc.name}", env=self.env,
+            sys.executable, "-m", proc.module or f"services.{proc.name}", env={**self.env, **proc.env},
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
         proc.started_at = time.monotonic()
         proc.state = "starting"
@@ -94,7 +124,7 @@ class Supervisor:
     async def _pump_logs(self, proc: ServiceProcess) -> None:
         assert proc.process and proc.process.stdout
         async for raw in proc.process.stdout:
-            line = format_log_line(proc.name, raw.decode(errors="replace").rstrip("\n"))
+            line = format_log_line(proc.label, raw.decode(errors="replace").rstrip("\n"))
             proc.recent.append(line)
             if self.show_logs:
                 self.echo(line)
@@ -129,16 +159,16 @@ class Supervisor:
                 return
             proc.state = "restarting"
             delay = RESTART_BACKOFF[min(proc.restarts, len(RESTART_BACKOFF) - 1)]
-            self.echo(f"!! {proc.name} exited with code {code}; restarting in {delay}s "
+            self.echo(f"!! {proc.label} exited with code {code}; restarting in {delay}s "
                       f"(restart #{proc.restarts + 1})")
             await asyncio.sleep(delay)
             proc.restarts += 1
             await self._spawn(proc)
             try:
-                await self.wait_healthy([proc.name], 60)
-                self.echo(f"!! {proc.name} is healthy again (pid {proc.process.pid})")
+                await self.wait_healthy([proc.label], 60)
+                self.echo(f"!! {proc.label} is healthy again (pid {proc.process.pid})")
             except (RuntimeError, TimeoutError) as exc:
-                self.echo(f"!! {proc.name} failed to come back: {exc}")
+                self.echo(f"!! {proc.label} failed to come back: {exc}")
 
     async def stop(self, grace: float = 10.0) -> None:
         """SIGTERM the services callers first (so they can flush to those they call), SIGKILL what outlives grace."""
@@ -146,7 +176,7 @@ class Supervisor:
         for task in self._watchers:
             task.cancel()
         deadline = time.monotonic() + grace
-        for wave in (*STOP_ORDER, tuple(self.procs)):  # the last wave: anything not named above
+        for wave in (*STOP_ORDER, tuple(p.name for p in self.procs.values())):  # last: anything not named above
             live = [p for p in self.procs.values()
                     if p.name in wave and p.process and p.process.returncode is None]
             for p in live:
@@ -163,11 +193,34 @@ class Supervisor:
             p.state = "stopped"
 
     def rows(self) -> list[list[str]]:
-        """One row per service for the status table."""
-        port = lambda n: self.env.get(f"BULKHEAD_{n.upper()}_METRICS_PORT")  # noqa: E731
-        return [[p.name, f"http://{p.address}/" if p.http else p.address,
-                 f"http://127.0.0.1:{port(p.name)}/metrics" if port(p.name) not in (None, "0") and not p.http else "off",
+        """One row per process (every replica) for the status table."""
+        def metrics(p: ServiceProcess) -> str:
+            port = p.env.get(f"BULKHEAD_{p.name.upper()}_METRICS_PORT") or self.env.get(
+                f"BULKHEAD_{p.name.upper()}_METRICS_PORT")
+            return f"http://127.0.0.1:{port}/metrics" if port not in (None, "0") and not p.http else "off"
+        return [[p.label, f"http://{p.address}/" if p.http else p.address, metrics(p),
                  str(p.process.pid if p.process else ""), p.state, str(p.restarts)] for p in self.procs.values()]
+
+
+def replica_processes(name: str, env: Mapping[str, str], replicas: int) -> list[ServiceProcess]:
+    """The processes of one service: one at BULKHEAD_<SVC>_ADDR, or `replicas` on ports REPLICA_STRIDE apart."""
+    address = service_addr(name, env)
+    if replicas == 1:
+        return [ServiceProcess(name, address, label=name)]
+    host, _, port = address.rpartition(":")
+    if not port.isdigit() or "," in address:
+        raise ValueError(f"BULKHEAD_{name.upper()}_ADDR must be one host:port to place {replicas} replicas, "
+                         f"got {address!r}")
+    metrics = env.get(f"BULKHEAD_{name.upper()}_METRICS_PORT", "0")
+    procs = []
+    for i in range(replicas):
+        own = {f"BULKHEAD_{name.upper()}_LISTEN_ADDR": f"{host}:{int(port) + i * REPLICA_STRIDE}",
+               f"BULKHEAD_{name.upper()}_METRICS_PORT": str(int(metrics) + i * REPLICA_STRIDE) if metrics != "0" else "0"}
+        if name == "inference":  # a restarted replica keeps its name, so it settles its predecessor's attempts at once
+            own["BULKHEAD_INFERENCE_REPLICA_ID"] = f"{env.get('BULKHEAD_INFERENCE_REPLICA_ID') or 'inference'}-{i + 1}"
+        procs.append(ServiceProcess(name, own[f"BULKHEAD_{name.upper()}_LISTEN_ADDR"], replica=i,
+                                    label=f"{name}#{i + 1}", env=own))
+    return procs
 
 
 def port_is_free(address: str) -> bool:

@@ -5,7 +5,8 @@ Every variable, its default and meaning:
 | variable | default | meaning |
 |---|---|---|
 | BULKHEAD_DATA_DIR | ./.bulkhead | where embedded SQLite files, keys and the master key live |
-| BULKHEAD_<SVC>_ADDR | 127.0.0.1:5005x | gRPC listen/dial address of each service (see SERVICE_PORTS) |
+| BULKHEAD_<SVC>_ADDR | 127.0.0.1:5005x | where others dial each service (see SERVICE_PORTS): one host:port, a comma-separated list of replicas' IP:port, or dns:///name:port; also where it listens when it is one address |
+| BULKHEAD_<SVC>_LISTEN_ADDR | BULKHEAD_<SVC>_ADDR | where this replica listens, when the dial address names several (`bulkhead up --replicas`) |
 | BULKHEAD_<SVC>_METRICS_PORT | 945x | Prometheus /metrics port; 0 turns it off |
 | BULKHEAD_<SVC>_DATABASE_URL | sqlite+aiosqlite:///<data dir>/<svc>.db | the runtime (app role) database URL |
 | BULKHEAD_<SVC>_DATABASE_OWNER_URL | the runtime URL | URL of the table owner, used only for migrations |
@@ -40,6 +41,18 @@ def service_addr(service: str, env: Mapping[str, str] = os.environ) -> str:
     return env.get(_key(service, "ADDR"), f"127.0.0.1:{SERVICE_PORTS[service]}")
 
 
+def listen_addr(service: str, env: Mapping[str, str] = os.environ) -> str:
+    """Where this process of `service` listens: its own LISTEN_ADDR, else the one dial address."""
+    own = env.get(_key(service, "LISTEN_ADDR"))
+    if own:
+        return own
+    address = service_addr(service, env)
+    if "," in address or ":/" in address or address.startswith(("ipv4:", "ipv6:")):
+        raise ValueError(f"{_key(service, 'ADDR')}={address!r} names several replicas or a URI: "
+                         f"set {_key(service, 'LISTEN_ADDR')} to where this one listens")
+    return address
+
+
 def data_dir(env: Mapping[str, str] = os.environ) -> Path:
     """The directory for embedded databases and key files."""
     return Path(env.get("BULKHEAD_DATA_DIR", ".bulkhead")).expanduser().resolve()
@@ -52,7 +65,7 @@ class ServiceConfig:
     name: str
     """The service's name (identity, credentials, ...)."""
     address: str
-    """host:port to listen on."""
+    """host:port to listen on (BULKHEAD_<SVC>_LISTEN_ADDR, else BULKHEAD_<SVC>_ADDR)."""
     metrics_port: int
     """Prometheus port; 0 turns it off."""
     database_url: str
@@ -82,7 +95,7 @@ class ServiceConfig:
         owner = env.get(_key(name, "DATABASE_OWNER_URL")) or env.get("BULKHEAD_DATABASE_OWNER_URL") or url
         return cls(
             name=name,
-            address=service_addr(name, env),
+            address=listen_addr(name, env),
             metrics_port=int(env.get(_key(name, "METRICS_PORT"), 9400 + SERVICE_PORTS[name] % 100)),
             database_url=url,
             database_owner_url=owner,

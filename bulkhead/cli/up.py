@@ -8,7 +8,7 @@ import signal
 from pathlib import Path
 
 from bulkhead.cli._common import fail, table
-from bulkhead.supervisor import Supervisor, available_services
+from bulkhead.supervisor import MAX_REPLICAS, REPLICA_STRIDE, Supervisor, available_services
 from shared.config import SERVICE_PORTS
 
 DEFAULT_CONSOLE_ADDR = "127.0.0.1:8080"
@@ -32,6 +32,9 @@ def register(subparsers) -> None:
     parser.add_argument("--no-console", action="store_true", help="do not start the web console")
     parser.add_argument("--port-base", type=int, default=0,
                         help="listen on PORT_BASE+1..+6 instead of 50051..50056 (metrics on 9451.. moved alike)")
+    parser.add_argument("--replicas", type=int, default=1, metavar="N",
+                        help=f"run N processes of every service (1..{MAX_REPLICAS}; replica i on its port "
+                             f"+{REPLICA_STRIDE}*i); callers spread calls over them and resend idempotent ones")
     parser.add_argument("--quiet", action="store_true", help="do not show the services' log lines")
     parser.set_defaults(func=_up)
 
@@ -66,8 +69,10 @@ def _up(args: argparse.Namespace) -> int:
     services = [s for s in available_services() if not args.only or s in args.only]
     if not services and not (args.only and "console" in args.only):
         fail("no services found: run this from a Bulkhead checkout installed with `pip install -e .`")
+    if not 1 <= args.replicas <= MAX_REPLICAS:
+        fail(f"--replicas must be 1..{MAX_REPLICAS}")
     env = mesh_env(args)
-    return asyncio.run(_run(services, env, quiet=args.quiet, console=console_addr(args, env)))
+    return asyncio.run(_run(services, env, quiet=args.quiet, console=console_addr(args, env), replicas=args.replicas))
 
 
 def console_addr(args: argparse.Namespace, env: dict[str, str]) -> str | None:
@@ -81,13 +86,20 @@ def console_addr(args: argparse.Namespace, env: dict[str, str]) -> str | None:
     return env.get("BULKHEAD_CONSOLE_ADDR") or DEFAULT_CONSOLE_ADDR
 
 
-async def _run(services: list[str], env: dict[str, str], *, quiet: bool, console: str | None = None) -> int:
-    supervisor = Supervisor(services, env, show_logs=not quiet, console=console)
+async def _run(services: list[str], env: dict[str, str], *, quiet: bool, console: str | None = None,
+               replicas: int = 1) -> int:
+    try:
+        supervisor = Supervisor(services, env, show_logs=not quiet, console=console, replicas=replicas)
+    except ValueError as exc:
+        print(f"error: {exc}", flush=True)
+        return 1
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    print(f"starting {len(services) + bool(console)} services (data in {env['BULKHEAD_DATA_DIR']}) ...", flush=True)
+    each = f" x {replicas} replicas" if replicas > 1 else ""
+    print(f"starting {len(services) + bool(console)} services{each} (data in {env['BULKHEAD_DATA_DIR']}) ...",
+          flush=True)
     try:
         starting = asyncio.create_task(supervisor.start())
         done, _ = await asyncio.wait({starting, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -112,6 +124,11 @@ async def _run(services: list[str], env: dict[str, str], *, quiet: bool, console
         print(f"\noperator API key: {key_file.read_text().strip()}\n  (kept in {key_file}, mode 0600)")
     print(f"provider: {env['BULKHEAD_MODEL_PROVIDER']}   secrets: {env['BULKHEAD_SECRETS_BACKEND']}   "
           f"database: {'postgres' if env.get('BULKHEAD_DATABASE_URL') else 'sqlite'}")
+    if replicas > 1:
+        # The CLI in another terminal reaches the first replica of each by default; these reach them all.
+        print("\nto spread your own calls over every replica:")
+        for name in services:
+            print(f"  export BULKHEAD_{name.upper()}_ADDR={supervisor.env[f'BULKHEAD_{name.upper()}_ADDR']}")
     print("\nall services healthy. try `bulkhead demo` in another terminal; Ctrl-C stops everything.\n", flush=True)
     await stop.wait()
     print("\nstopping ...", flush=True)
