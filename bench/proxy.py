@@ -7,8 +7,15 @@ with the official SDK straight to the fake, then through the proxy over gRPC (qu
 leases, usage metering all on). Printed: latency p50/p99 of each path, the added latency, the
 throughput ratio, the CPU each process spent per call, and the proxy's RSS.
 
-    python bench/proxy.py            # ~40 s: concurrency 1 and 32
-    python bench/proxy.py --quick    # a few seconds: smoke run
+With `--peer litellm` a third path runs in the same rounds: the LiteLLM proxy (1 worker, no
+database: its cheapest set-up) in a throwaway virtualenv, its Anthropic /v1/messages endpoint
+pointed at the same fake upstream, called with the same SDK request. Each server's CPU per call
+comes from /proc (Bulkhead: proxy + metering/credentials; LiteLLM: its process tree), and the
+ratios Bulkhead/LiteLLM are printed.
+
+    python bench/proxy.py                  # ~40 s: concurrency 1 and 32
+    python bench/proxy.py --quick          # a few seconds: smoke run
+    python bench/proxy.py --peer litellm   # + LiteLLM (installs it on first use, a few minutes)
 """
 from __future__ import annotations
 
@@ -25,6 +32,9 @@ import time
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from bench import _litellm  # noqa: E402
+from bench._figures import add_json_option, write_json  # noqa: E402
 
 TENANT = "t_bench"
 MODEL = "claude-bench"
@@ -134,7 +144,7 @@ async def _closed_loop(call, concurrency: int, seconds: float) -> tuple[list[flo
     return latencies, time.perf_counter() - start
 
 
-async def _bare_hop_floor(env: dict, args: argparse.Namespace) -> None:
+async def _bare_hop_floor(env: dict, args: argparse.Namespace) -> float:
     """Print what one bare gRPC hop adds at concurrency 1 in front of the same upstream wait: no
     proxy's added latency can be below it (the target asks for <= 1 ms)."""
     import grpc
@@ -155,9 +165,11 @@ async def _bare_hop_floor(env: dict, args: argparse.Namespace) -> None:
     finally:
         bare.terminate()
         bare.wait(timeout=10)
+    added_ms = 1000 * (_pct(lat, 0.5) - args.delay)
     print(f"gRPC floor at concurrency 1: a bare grpc.aio server (no interceptors) whose handler waits the same "
-          f"{args.delay * 1000:.0f} ms adds p50 {1000 * (_pct(lat, 0.5) - args.delay):+.2f} ms "
-          f"(the proxy's own added-latency target is <= 1 ms)")
+          f"{args.delay * 1000:.0f} ms adds p50 {added_ms:+.2f} ms "
+          f"(the proxy's added-latency target is this + 0.2 ms)")
+    return added_ms
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -165,10 +177,13 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def _cpu_seconds(pid: int) -> float:
-    """User + system CPU a process has used so far (all its threads)."""
-    fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+def _cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU the processes have used so far (all their threads)."""
+    total = 0
+    for pid in pids:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _rss_mb(pid: int) -> tuple[float, float]:
@@ -187,6 +202,46 @@ def _spawn(role: str, env: dict[str, str], *args: str) -> tuple[subprocess.Popen
     return proc, line[len("READY "):]
 
 
+def _start_litellm(python: pathlib.Path, tmp: str, fake_url: str, master_key: str) -> tuple[subprocess.Popen, str]:
+    config = pathlib.Path(tmp) / "litellm.yaml"
+    config.write_text(_litellm.config_yaml(fake_url, PINNED, PLATFORM_KEY, master_key))
+    print(f"starting LiteLLM {_litellm.VERSION} (1 worker, no database); its log: {tmp}/litellm.log", flush=True)
+    return _litellm.start(python, config, log_to=pathlib.Path(tmp) / "litellm.log")
+
+
+RATIOS = {"c1_added_p50": "c1_added_p50_ms", "c32_calls": "c32_calls_per_s",
+          "c32_server_cpu": "c32_server_cpu_ms_per_call"}
+"""Figures compared Bulkhead/LiteLLM, by the short name of the ratio."""
+SERVERS = {"proxy": ("proxy", "backends"), "litellm": ("litellm",)}
+"""The server processes whose CPU each path's calls cost (direct has none between load and upstream)."""
+
+
+def _figures(results: dict, cpu: dict, calls: dict, hop_ms: float, peak_mb: float) -> dict[str, float]:
+    """The run's headline figures, by the names bench/all.py and the targets use."""
+    def added(conc: int, path: str) -> float:
+        return 1000 * (results[(conc, path)][0] - results[(conc, "direct")][0])
+
+    def server_cpu(conc: int, path: str) -> float:
+        return 1000 * sum(cpu[(conc, path)][role] for role in SERVERS[path]) / calls[(conc, path)]
+
+    out = {"bare_hop_added_p50_ms": hop_ms, "proxy_peak_rss_mb": peak_mb}
+    for path, name in (("proxy", "bulkhead"), ("litellm", "litellm")):
+        if (1, path) in results:
+            out[f"{name}_c1_added_p50_ms"] = added(1, path)
+        if (32, path) in results:
+            out[f"{name}_c32_calls_per_s"] = results[(32, path)][2]
+            out[f"{name}_c32_server_cpu_ms_per_call"] = server_cpu(32, path)
+            out[f"{name}_c32_throughput_ratio"] = results[(32, path)][2] / results[(32, "direct")][2]
+    if (32, "proxy") in results:
+        out["bulkhead_c32_proxy_only_cpu_ms_per_call"] = 1000 * cpu[(32, "proxy")]["proxy"] / calls[(32, "proxy")]
+        out["direct_c32_calls_per_s"] = results[(32, "direct")][2]
+    if "litellm_c32_calls_per_s" in out and "bulkhead_c32_calls_per_s" in out:
+        for short, what in RATIOS.items():
+            out[f"bulkhead_over_litellm_{short}_ratio"] = (
+                out[f"bulkhead_{what}"] / out[f"litellm_{what}"] if out[f"litellm_{what}"] else float("nan"))
+    return out
+
+
 async def _bench(args: argparse.Namespace) -> None:
     import anthropic
     import grpc
@@ -197,6 +252,7 @@ async def _bench(args: argparse.Namespace) -> None:
     from bulkhead.metering.v1 import metering_pb2_grpc
     from shared.tokens import SigningKey, TokenIssuer
 
+    litellm_python = _litellm.ensure_venv(log=lambda line: print(line, flush=True)) if args.peer else None
     key = SigningKey.generate()
     issuer = TokenIssuer(key)
     tmp = tempfile.mkdtemp(prefix="bench-proxy-")
@@ -217,6 +273,14 @@ async def _bench(args: argparse.Namespace) -> None:
             proxy_env["BENCH_PROFILE"] = args.profile
         proxy, proxy_addr = _spawn("proxy", proxy_env)
         procs.append(proxy)
+        pids = {"load": [os.getpid()], "fake": [fake.pid], "proxy": [proxy.pid], "backends": [backends.pid]}
+        clients = {}
+        if litellm_python:
+            master_key = "sk-" + os.urandom(16).hex()
+            peer, peer_url = _start_litellm(litellm_python, tmp, fake_url, master_key)
+            procs.append(peer)
+            pids["litellm"] = _litellm.tree_pids(peer.pid)
+            clients["litellm"] = anthropic.AsyncAnthropic(base_url=peer_url, api_key=master_key, max_retries=0)
 
         def md(tenant: str, scopes=("*",)):
             token, _ = issuer.issue(tenant_id=tenant, principal_id="p_bench", scopes=frozenset(scopes), ttl=3600)
@@ -231,7 +295,7 @@ async def _bench(args: argparse.Namespace) -> None:
                 metadata=md("t_platform", ("platform.operator",)))
 
         text = "Summarise the quarterly numbers in one line please"
-        client = anthropic.AsyncAnthropic(base_url=fake_url, api_key=PLATFORM_KEY, max_retries=0)
+        clients["direct"] = anthropic.AsyncAnthropic(base_url=fake_url, api_key=PLATFORM_KEY, max_retries=0)
         channel = grpc.aio.insecure_channel(proxy_addr)
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         tenant_md = md(TENANT)
@@ -239,64 +303,74 @@ async def _bench(args: argparse.Namespace) -> None:
             model=MODEL, max_tokens=64, messages=[pb.Message(role=pb.ROLE_USER, content=[
                 pb.ContentBlock(text=pb.TextBlock(text=text))])]))
 
-        async def direct() -> None:
-            await client.messages.create(model=PINNED, max_tokens=64, messages=[{"role": "user", "content": text}],
-                                         metadata={"user_id": "bh_bench"})
+        def via_sdk(client, model: str):
+            async def call() -> None:
+                await client.messages.create(model=model, max_tokens=64, messages=[{"role": "user", "content": text}],
+                                             metadata={"user_id": "bh_bench"})
+            return call
 
         async def proxied() -> None:
             await stub.CreateMessage(request, metadata=tenant_md)
 
-        for warm in (direct, proxied):      # connections, caches, the first lease
+        paths = {"direct": via_sdk(clients["direct"], PINNED), "proxy": proxied}
+        if "litellm" in clients:
+            paths["litellm"] = via_sdk(clients["litellm"], _litellm.MODEL_ALIAS)
+        for warm in paths.values():      # connections, caches, the first lease
             for _ in range(20):
                 await warm()
 
         print(f"upstream delay {args.delay * 1000:.0f} ms, {args.seconds:.1f} s per path in {args.rounds} rounds, "
               f"quotas + leases + metering on; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
-        print(f"{'conc':>4} {'path':>6} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>8}")
+        print(f"{'conc':>4} {'path':>7} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>8}")
         results = {}
         # CPU per process while each path runs. At concurrency 32 each path is bound by one event
-        # loop (the load generator's SDK client on the direct path, the proxy on the other), so
-        # these say which process sets the limit and what the proxy spends per call.
-        pids = {"load": os.getpid(), "fake": fake.pid, "proxy": proxy.pid, "backends": backends.pid}
+        # loop (the load generator's SDK client on the direct path, the server on the others), so
+        # these say which process sets the limit and what each server spends per call.
         cpu: dict[tuple[int, str], dict[str, float]] = {}
-        samples_by: dict[tuple[int, str], list[float]] = {}
+        calls: dict[tuple[int, str], int] = {}
         for conc in args.concurrency:
-            # Alternate short rounds of the two paths, so a change in background load hits both alike.
-            samples: dict[str, tuple[list[float], float]] = {"direct": ([], 0.0), "proxy": ([], 0.0)}
+            # Alternate short rounds of the paths, so a change in background load hits all alike.
+            samples: dict[str, tuple[list[float], float]] = {name: ([], 0.0) for name in paths}
             for _ in range(args.rounds):
-                for name, call in (("direct", direct), ("proxy", proxied)):
-                    before = {role: _cpu_seconds(pid) for role, pid in pids.items()}
+                for name, call in paths.items():
+                    before = {role: _cpu_seconds(ps) for role, ps in pids.items()}
                     lat, elapsed = await _closed_loop(call, conc, args.seconds / args.rounds)
                     samples[name] = (samples[name][0] + lat, samples[name][1] + elapsed)
-                    for role, pid in pids.items():
-                        spent = cpu.setdefault((conc, name), {})
-                        spent[role] = spent.get(role, 0.0) + _cpu_seconds(pid) - before[role]
+                    spent = cpu.setdefault((conc, name), {})
+                    for role, ps in pids.items():
+                        spent[role] = spent.get(role, 0.0) + _cpu_seconds(ps) - before[role]
             for name, (lat, elapsed) in samples.items():
-                samples_by[(conc, name)] = lat
+                calls[(conc, name)] = len(lat)
                 results[(conc, name)] = (_pct(lat, 0.5), _pct(lat, 0.99), len(lat) / elapsed)
                 p50, p99, tput = results[(conc, name)]
-                print(f"{conc:>4} {name:>6} {len(lat):>6} {p50 * 1000:>8.2f} {p99 * 1000:>8.2f} {tput:>8.1f}")
+                print(f"{conc:>4} {name:>7} {len(lat):>6} {p50 * 1000:>8.2f} {p99 * 1000:>8.2f} {tput:>8.1f}")
         print()
         for conc in args.concurrency:
-            d, p = results[(conc, "direct")], results[(conc, "proxy")]
-            print(f"concurrency {conc:>2}: added latency p50 {1000 * (p[0] - d[0]):+.2f} ms, "
-                  f"p99 {1000 * (p[1] - d[1]):+.2f} ms, throughput ratio proxy/direct {p[2] / d[2]:.3f}")
+            d = results[(conc, "direct")]
+            for name in list(paths)[1:]:
+                p = results[(conc, name)]
+                print(f"concurrency {conc:>2} {name:>7}: added latency p50 {1000 * (p[0] - d[0]):+.2f} ms, "
+                      f"p99 {1000 * (p[1] - d[1]):+.2f} ms, throughput ratio {name}/direct {p[2] / d[2]:.3f}")
         print("CPU ms per call, by process: " + " ".join(pids))
         for (conc, name), spent in cpu.items():
-            calls = len(samples_by[(conc, name)])
-            print(f"  c{conc:<3} {name:>6}: " + "  ".join(f"{role} {1000 * spent[role] / calls:5.2f}" for role in pids)
-                  + f"  = {1000 * sum(spent.values()) / calls:5.2f}")
+            n = calls[(conc, name)]
+            print(f"  c{conc:<3} {name:>7}: " + "  ".join(f"{role} {1000 * spent[role] / n:5.2f}" for role in pids)
+                  + f"  = {1000 * sum(spent.values()) / n:5.2f}")
         rss, peak = _rss_mb(proxy.pid)
         print(f"proxy RSS {rss:.0f} MB (peak {peak:.0f} MB)")
-        await _bare_hop_floor(env, args)
+        hop_ms = await _bare_hop_floor(env, args)
         await channel.close()
-        await client.close()
-        print(json.dumps({f"c{c}_{n}": {"p50_ms": round(v[0] * 1000, 3), "p99_ms": round(v[1] * 1000, 3),
-                                        "rps": round(v[2], 1),
-                                        "cpu_ms_per_call": {r: round(1000 * t / len(samples_by[(c, n)]), 3)
-                                                            for r, t in cpu[(c, n)].items()}}
-                         for (c, n), v in results.items()}
-                         | {"proxy_rss_mb": round(rss, 1), "proxy_peak_rss_mb": round(peak, 1)}))
+        for client in clients.values():
+            await client.close()
+        figures = _figures(results, cpu, calls, hop_ms, peak)
+        if "litellm" in paths:
+            print(f"\nBulkhead / LiteLLM ({_litellm.VERSION}, 1 worker, no database), same run, same upstream:")
+            for what, label in (("c1_added_p50", "added p50 at concurrency 1"),
+                                ("c32_calls", "calls/s at concurrency 32"),
+                                ("c32_server_cpu", "server CPU per call at concurrency 32")):
+                print(f"  {label:<38} {figures[f'bulkhead_over_litellm_{what}_ratio']:8.3f}")
+        print(json.dumps(figures, sort_keys=True))
+        write_json(args.json, figures)
     finally:
         for proc in procs:
             proc.terminate()
@@ -312,6 +386,8 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per path and concurrency")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the seconds are split into")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the proxy process to FILE")
+    parser.add_argument("--peer", choices=("litellm",), help="also run this proxy against the same upstream")
+    add_json_option(parser)
     parser.add_argument("--role", choices=("fake", "backends", "proxy", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     args = parser.parse_args()
