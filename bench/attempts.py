@@ -1,24 +1,29 @@
 """CPU per write-ahead attempt record (open + settle + delivered, group-committed) on SQLite.
 
-    .venv/bin/python bench/attempts.py [calls] [concurrency]
+    .venv/bin/python bench/attempts.py [calls] [concurrency] [--json FILE]
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
+import pathlib
 import sys
 import tempfile
 import time
 
-from services.inference.attempts import AttemptJournal, context_json
-from services.inference.budget import Tokens
-from services.inference.server import MIGRATIONS
-from services.inference.store import SqlAttempts
-from services.inference.usage import UsageEvent
-from shared.db import Database
-from shared.tenancy import TenantContext
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
+
+from bench._figures import add_json_option, write_json  # noqa: E402
+from services.inference.attempts import AttemptJournal, context_json  # noqa: E402
+from services.inference.budget import Tokens  # noqa: E402
+from services.inference.server import MIGRATIONS  # noqa: E402
+from services.inference.store import SqlAttempts  # noqa: E402
+from services.inference.usage import UsageEvent  # noqa: E402
+from shared.db import Database  # noqa: E402
+from shared.tenancy import TenantContext  # noqa: E402
 
 
-async def main(calls: int, concurrency: int) -> None:
+async def main(calls: int, concurrency: int, json_to: str | None = None) -> None:
     db = await Database.open(f"sqlite+aiosqlite:///{tempfile.mkdtemp()}/bench.db", migrations=str(MIGRATIONS))
     journal = AttemptJournal(SqlAttempts(db), replica="bench")
     await journal.start()
@@ -40,9 +45,15 @@ async def main(calls: int, concurrency: int) -> None:
     cpu, wall = time.process_time() - cpu, time.perf_counter() - wall
     print(f"write-ahead attempt record: {cpu / calls * 1e3:.3f} ms CPU per call "
           f"({calls} calls, concurrency {concurrency}, {calls / wall:.0f} calls/s wall; target <= 0.1 ms)")
+    write_json(json_to, {"cpu_ms_per_call": cpu / calls * 1e3, "calls_per_s": calls / wall})
     await journal.close()
     await db.close()
 
 
 if __name__ == "__main__":
-    asyncio.run(main(int(sys.argv[1]) if len(sys.argv) > 1 else 5000, int(sys.argv[2]) if len(sys.argv) > 2 else 64))
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("calls", type=int, nargs="?", default=5000)
+    parser.add_argument("concurrency", type=int, nargs="?", default=64)
+    add_json_option(parser)
+    cli = parser.parse_args()
+    asyncio.run(main(cli.calls, cli.concurrency, cli.json))

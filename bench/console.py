@@ -46,6 +46,8 @@ from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc  # noqa: E402
 from shared.config import SERVICES, service_addr  # noqa: E402
 from tests.e2e.conftest import start_mesh  # noqa: E402
 
+from bench._figures import add_json_option, write_json  # noqa: E402
+
 TARGET_MS = 300.0
 MODELS = {"claude-sonnet-4-5-20250929": (3_000_000, 15_000_000), "claude-haiku-4-5": (1_000_000, 5_000_000)}
 AGENTS = ("triage", "specialist", "billing", "research")
@@ -218,6 +220,7 @@ def main() -> int:
     parser.add_argument("--events", type=int, default=100_000)
     parser.add_argument("--samples", type=int, default=30, help="timed requests per page")
     parser.add_argument("--quick", action="store_true", help="1k runs, 10k events, 8 samples")
+    add_json_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.runs, args.events, args.samples = 1_000, 10_000, 8
@@ -268,6 +271,9 @@ def main() -> int:
         print(f"{name:<44} p50 {statistics.median(values):>7.1f} ms  p95 {p95(values):>7.1f} ms")
     print(f"\nworst page p95 {worst:.1f} ms ({args.samples} requests per page, sequential, one signed-in session; "
           f"{args.runs:,} runs, {args.events:,} usage events)")
+    write_json(args.json, {"worst_page_p95_ms": worst, "healthz_p95_ms": base_p95,
+                           **{f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_p95_ms": p95(values)
+                              for name, (values, _) in results.items()}})
     return 0
 
 

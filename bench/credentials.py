@@ -32,6 +32,8 @@ import hvac
 from bulkhead.credentials.v1 import credentials_pb2 as pb
 from bulkhead.credentials.v1 import credentials_pb2_grpc
 
+from bench._figures import add_json_option, write_json
+
 TENANT = "t_bench"
 SECRET = "bench-secret"
 VALUE = b"bench-value-0123456789abcdef"
@@ -139,6 +141,7 @@ def _hvac_figures(url: str, token: str, *, calls: int, seconds: float, concurren
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke testing")
+    add_json_option(parser)
     args = parser.parse_args()
     calls, seconds, concurrency = (200, 1.0, 16) if args.quick else (1000, 5.0, 32)
 
@@ -188,6 +191,9 @@ def main() -> None:
     print(f"local GetSecret reads/s = {results['local']['rps']:.0f} (target >= 3000); "
           f"{results['local']['rps'] / results['health']['rps']:.2f}x of the interceptor-stack floor "
           f"({results['health']['rps']:.0f}/s for a health Check through the same server)")
+    write_json(args.json, {"local_reads_per_s": results["local"]["rps"], "vault_over_hvac_p50_ratio": ratio,
+                           "vault_p50_ms": results["vault"]["p50"], "raw_hvac_p50_ms": results["raw hvac"]["p50"],
+                           "health_floor_calls_per_s": results["health"]["rps"]})
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ The baseline is a bare Python process importing grpcio only, measured in the sam
 """
 from __future__ import annotations
 
+import argparse
 import asyncio
 import os
 import socket
@@ -17,6 +18,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench._figures import add_json_option, write_json  # noqa: E402
 from bulkhead.supervisor import check_health  # noqa: E402
 
 
@@ -35,6 +37,9 @@ def free_port() -> int:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    add_json_option(parser)
+    args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
         env = {**os.environ, "BULKHEAD_DATA_DIR": data, "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{port}",
@@ -56,6 +61,7 @@ def main() -> None:
             baseline.terminate()
     print(f"identity idle RSS: {ident:.1f} MB (target <= 100 MB)")
     print(f"baseline (python + grpcio): {base:.1f} MB; identity/baseline = {ident / base:.2f}x")
+    write_json(args.json, {"identity_idle_rss_mb": ident, "python_grpcio_baseline_rss_mb": base})
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc  # noqa: E402
 
+from bench._figures import add_json_option, write_json  # noqa: E402
 from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc  # noqa: E402
 
 
@@ -101,6 +102,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per measurement")
     parser.add_argument("--rounds", type=int, default=3, help="alternating rounds; medians are reported")
     parser.add_argument("--quick", action="store_true", help="1 s x 1 round")
+    add_json_option(parser)
     args = parser.parse_args()
     if args.quick:
         args.seconds, args.rounds = 1.0, 1
@@ -139,12 +141,17 @@ def main() -> None:
         rps = statistics.median(r[2] for r in runs)
         summary[(kind, concurrency)] = (p50, p99, rps)
         print(f"{kind:<7} {concurrency:>4} {rps:>9.0f} {p50:>8.0f} {p99:>8.0f}")
+    figures = {}
     for concurrency in (1, 16):
         bare = summary[("bare", concurrency)]
         for kind in KINDS[1:]:
             other = summary[(kind, concurrency)]
             print(f"concurrency {concurrency:>2}: {kind:>7}/bare  p50 {other[0] / bare[0]:.2f}x   "
                   f"p99 {other[1] / bare[1]:.2f}x   throughput {other[2] / bare[2]:.2f}x")
+        full = summary[("full", concurrency)]
+        figures[f"full_c{concurrency}_added_p50_ms"] = (full[0] - bare[0]) / 1000
+        figures[f"full_over_bare_c{concurrency}_throughput_ratio"] = full[2] / bare[2]
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":

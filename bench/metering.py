@@ -30,6 +30,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._figures import add_json_option, write_json  # noqa: E402
+
 MODEL = "claude-bench"
 T_START = 1_780_000_000_000_000
 
@@ -227,6 +229,7 @@ def main() -> None:
     parser.add_argument("--loaders", type=int, default=2, help="load processes for the RPC floor and the pairs")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the server process to FILE")
     parser.add_argument("--pairs-only", action="store_true", help="only the RPC floor and Reserve+Commit")
+    add_json_option(parser)
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
 
@@ -291,6 +294,9 @@ def main() -> None:
             "NOT met" + (" (above the gRPC floor's cap on this machine)" if floor.rate / 2 < 2_000 else ""))
         print(f"targets: RecordUsage batch 1000 >= 50,000 events/s -> {verdict}; "
               f"Reserve+Commit >= 2,000 pairs/s -> {pair_verdict}")
+        write_json(args.json, {"reserve_commit_pairs_per_s": best, "grpc_floor_calls_per_s": floor.rate,
+                               "ingest_batch1000_events_per_s": ingest.get(1000),
+                               "raw_insert_events_per_s": raw or None})
     finally:
         pg.stop()
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._figures import add_json_option, write_json  # noqa: E402
+
 TENANT = "t_bench"
 
 
@@ -126,6 +128,7 @@ def _run_mode(pki: str | None, token: str, key_pem: bytes, **sizes: int) -> dict
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke testing")
+    add_json_option(parser)
     args = parser.parse_args()
     sizes = ({"calls": 300, "concurrency": 8, "connects": 20} if args.quick
              else {"calls": 4000, "concurrency": 32, "connects": 200})
@@ -143,6 +146,8 @@ def main() -> None:
             (f"throughput (calls/s, {sizes['concurrency']} callers)", "rps"), ("new channel + call (ms)", "connect_ms")]
     for label, key in rows:
         print(f"{label:36}{plain[key]:>12.2f}{mtls[key]:>12.2f}{mtls[key] / plain[key]:>12.2f}")
+    write_json(args.json, {f"mtls_over_plain_{key.removesuffix('_ms')}_ratio": mtls[key] / plain[key]
+                           for _, key in rows})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Self
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench._figures import add_json_option, write_json
 from services.state.datakeys import LocalDataKeyProvider
 from services.state.records import Limits, NewEventRecord
 from services.state.server import MIGRATIONS, make_envelope
@@ -159,22 +160,25 @@ async def bench_grpc(db: Database, args) -> tuple[float, float]:
         await running.stop(0)
 
 
-def report(name: str, results: dict, args) -> None:
+def report(name: str, results: dict, args) -> dict[str, float]:
     """Best round per mode (other load on the machine only ever slows a round down, as in timeit),
-    and the cost of encryption as plaintext/encrypted throughput and CPU ratios."""
+    and the cost of encryption as plaintext/encrypted throughput and CPU ratios; returns the cost per op."""
     print(f"\n{name}: {args.events:,} events per mode per round, batches of {args.batch}, "
           f"{args.writers} writers, {args.payload}-byte payloads, {args.rounds} interleaved rounds (best of)")
     print(f"  {'op':<8}{'plain ev/s':>12}{'enc ev/s':>12}{'cost ×':>8}   "
           f"{'plain CPU µs/ev':>16}{'enc CPU µs/ev':>15}{'CPU ×':>8}")
+    costs = {}
     for op in ("append", "read", "replay"):
         plain_rate = max(r for r, _ in results["plaintext"][op])
         enc_rate = max(r for r, _ in results["encrypted"][op])
         plain_cpu = min(c for _, c in results["plaintext"][op])
         enc_cpu = min(c for _, c in results["encrypted"][op])
+        costs[op] = plain_rate / enc_rate
         print(f"  {op:<8}{plain_rate:>12,.0f}{enc_rate:>12,.0f}{plain_rate / enc_rate:>8.2f}   "
               f"{plain_cpu:>16.1f}{enc_cpu:>15.1f}{enc_cpu / plain_cpu:>8.2f}")
     print("  cost × = plaintext events/s ÷ encrypted events/s (target ≤ 1.25); "
           "CPU = this process only (on Postgres the server's CPU is not included)")
+    return costs
 
 
 async def main() -> None:
@@ -186,6 +190,7 @@ async def main() -> None:
     parser.add_argument("--payload", type=int, default=256, help="payload bytes per event")
     parser.add_argument("--rounds", type=int, default=None)
     parser.add_argument("--no-postgres", action="store_true")
+    add_json_option(parser)
     args = parser.parse_args()
     args.events = args.events or (2_000 if args.quick else 6_000)
     args.rounds = args.rounds or (2 if args.quick else 5)
@@ -194,12 +199,19 @@ async def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         db = await Database.open(f"sqlite+aiosqlite:///{tmp}/state.db", migrations=str(MIGRATIONS))
         try:
-            report("SQLite", await bench_backend(db, args), args)
+            costs = report("SQLite", await bench_backend(db, args), args)
         finally:
             await db.close()
+    figures = {f"sqlite_{op}_encryption_cost_ratio": cost for op, cost in costs.items()}
+    try:
+        if not (args.quick or args.no_postgres):
+            figures |= await _postgres(args)
+    finally:
+        write_json(args.json, figures)
 
-    if args.quick or args.no_postgres:
-        return
+
+async def _postgres(args) -> dict[str, float]:
+    """The same on a throwaway Postgres, then appends and reads over gRPC; {} without Postgres binaries."""
     from shared.testing.postgres import start_postgres
     from shared.testing.procs import ServerStartError
 
@@ -207,16 +219,18 @@ async def main() -> None:
         server = start_postgres()
     except ServerStartError as exc:
         print(f"\nPostgreSQL: not measured ({exc})")
-        return
+        return {}
     try:
         urls = await server.create_database("state_bench")
         db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url,
                                  pool_size=args.writers + 2)
         try:
-            report("PostgreSQL (runtime role, RLS on)", await bench_backend(db, args), args)
+            costs = report("PostgreSQL (runtime role, RLS on)", await bench_backend(db, args), args)
             append, read = await bench_grpc(db, args)
             print(f"\nPostgreSQL over gRPC (production interceptors, encrypted, client in the same process): "
                   f"append {append:,.0f} ev/s, ReadEvents {read:,.0f} ev/s (target: batched appends ≥ 5,000)")
+            return ({f"postgres_{op}_encryption_cost_ratio": cost for op, cost in costs.items()}
+                    | {"postgres_grpc_append_events_per_s": append, "postgres_grpc_read_events_per_s": read})
         finally:
             await db.close()
     finally:
