@@ -45,6 +45,8 @@ class Rig:
     """Everything of B's that must never reach A."""
     propagation: dict[str, float] = field(default_factory=dict)
     """Seconds until every service refused: "revoked" token, "suspended" tenant."""
+    upstream: FakeAnthropic | None = None
+    """The fake provider every model call reaches (what it was sent, with which key)."""
 
 
 async def _channels(mesh: Mesh) -> dict[str, grpc.aio.Channel]:
@@ -96,7 +98,7 @@ async def running_rig(data_dir: Path) -> AsyncIterator[Rig]:
         ch = await _channels(mesh)
         try:
             a, b, c = await asyncio.gather(mesh.tenant(), mesh.tenant(), mesh.tenant())
-            rig = Rig(mesh, ch, a, b, await make_victim(mesh, ch, b))
+            rig = Rig(mesh, ch, a, b, await make_victim(mesh, ch, b), upstream=upstream)
             rig.markers = [*rig.b_ids.markers(), SECRET_VALUE]
             rig.tokens.update(await _narrowed(mesh, a))
             key = await mesh.identity.app.keys.active()

@@ -154,7 +154,8 @@ def odd_bearers(token: str) -> st.SearchStrategy[str]:
         st.sampled_from(["", "Bearer", "Bearer ", "bearer", "Basic dXNlcjpwYXNz", "Bearer .", "Bearer ..",
                          f"Bearer {token}x", f"Bearer {token[:-4]}", f"Token {token}", f"Bearer {token} {token}",
                          f"Bearer {head}", f"Bearer {token}.x"]),
-        _VALUES, _VALUES.map(lambda v: "Bearer " + v), st.from_regex(r"\ABearer [A-Za-z0-9_-]{0,60}(\.[A-Za-z0-9_-]{0,60}){2}\Z"),
+        _VALUES, _VALUES.map(lambda v: "Bearer " + v),
+        st.from_regex(r"\ABearer [A-Za-z0-9_-]{0,60}(\.[A-Za-z0-9_-]{0,60}){2}\Z"),  # JWT-shaped, unsigned
     )
 
 

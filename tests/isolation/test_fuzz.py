@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import grpc
 import pytest
 import pytest_asyncio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -91,8 +90,8 @@ def _metadata_cases(tenant):
         lambda b, e: (("authorization", b), ("x-tenant-id", tenant.tenant_id), *e), odd_bearers(tenant.token),
         extra_metadata()))
     bad_tenant = st.tuples(st.just({"UNAUTHENTICATED", "PERMISSION_DENIED"}), st.builds(
-        lambda t, e: (("authorization", f"Bearer {tenant.token}"), ("x-tenant-id", t), *e), odd_tenants(tenant.tenant_id),
-        extra_metadata()))
+        lambda t, e: (("authorization", f"Bearer {tenant.token}"), ("x-tenant-id", t), *e),
+        odd_tenants(tenant.tenant_id), extra_metadata()))
     return st.one_of(ok, bad_bearer, bad_tenant)
 
 
