@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """identity's idle memory: start it on embedded defaults, wait until healthy and settled, print its RSS.
 
-The baseline is a bare Python process importing grpcio only, measured in the same run.
+The baseline is a bare Python process importing grpcio only, measured in the same run. With
+`--mesh`, also every service of a `bulkhead up` (SQLite, as the e2e tests start it), idle after
+settling (target: each <= 100 MB).
 """
 from __future__ import annotations
 
@@ -36,8 +38,22 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def mesh_idle_rss() -> dict[str, float]:
+    """RSS of each process `bulkhead up` starts, once all are healthy and have settled."""
+    from tests.e2e.conftest import start_mesh
+
+    with tempfile.TemporaryDirectory() as data:
+        mesh = start_mesh(Path(data) / "mesh")
+        try:
+            time.sleep(5)  # settle: migrations done, background loops started
+            return {name: rss_mb(pid) for name, pid in sorted(mesh.service_pids().items())}
+        finally:
+            mesh.stop()
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--mesh", action="store_true", help="also every service of `bulkhead up`, idle")
     add_json_option(parser)
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data:
@@ -61,7 +77,14 @@ def main() -> None:
             baseline.terminate()
     print(f"identity idle RSS: {ident:.1f} MB (target <= 100 MB)")
     print(f"baseline (python + grpcio): {base:.1f} MB; identity/baseline = {ident / base:.2f}x")
-    write_json(args.json, {"identity_idle_rss_mb": ident, "python_grpcio_baseline_rss_mb": base})
+    figures = {"identity_idle_rss_mb": ident, "python_grpcio_baseline_rss_mb": base}
+    if args.mesh:
+        services = mesh_idle_rss()
+        for name, mb in services.items():
+            print(f"bulkhead up, idle: {name:<13} {mb:6.1f} MB")
+        figures |= {f"mesh_{name}_idle_rss_mb": mb for name, mb in services.items()}
+        figures["mesh_max_service_idle_rss_mb"] = max(services.values())
+    write_json(args.json, figures)
 
 
 if __name__ == "__main__":
