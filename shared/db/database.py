@@ -60,6 +60,11 @@ class Database:
         return self._engine
 
     @property
+    def router(self) -> TenantRouter:
+        """The tier router (the tenant lifecycle finds and drops tenants' own stores through it)."""
+        return self._router
+
+    @property
     def dialect(self) -> str:
         """`postgresql` or `sqlite`."""
         return self._engine.dialect.name

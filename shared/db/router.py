@@ -7,7 +7,8 @@
   use); a file of its own on SQLite.
 
 A bridge schema or silo database is created and migrated the first time its tenant opens a
-session; the result is cached for the life of the process.
+session; the result is cached for the life of the process. `existing` and `drop` serve the
+tenant lifecycle (shared/lifecycle.py): they never create a store.
 """
 from __future__ import annotations
 
@@ -98,6 +99,73 @@ class TenantRouter:
                 self._routes[key] = route
         return route
 
+    def store_name(self, tenant_id: str, tier: str) -> str | None:
+        """The tenant's own store ("schema:x", "database:x", "file:x"), None for a pooled tenant."""
+        if tier == "pooled" or not tier:
+            return None
+        if tier not in TIERS:
+            raise ValueError(f"unknown tenant tier {tier!r}")
+        if is_sqlite(self._url):
+            return f"file:{self._sqlite_file(tenant_id).name}"
+        if tier == "bridge":
+            return f"schema:{bridge_schema(tenant_id)}"
+        return f"database:{silo_database(self._url.database or 'bulkhead', tenant_id)}"
+
+    async def existing(self, tenant_id: str, tier: str) -> Route | None:
+        """The tenant's Route if its store exists already, else None: counting or purging never creates one."""
+        name = self.store_name(tenant_id, tier)
+        if name is None:
+            return self._pooled
+        if (tier, tenant_id) in self._routes:
+            return self._routes[(tier, tenant_id)]
+        if not await self._store_exists(tenant_id, tier):
+            return None
+        return await self.route(tenant_id, tier)
+
+    async def drop(self, tenant_id: str, tier: str) -> str | None:
+        """Drop the tenant's own store (bridge schema, silo database, SQLite file); its name, or None
+        when there was none. Idempotent; the pooled tier has no store of its own."""
+        name = self.store_name(tenant_id, tier)
+        if name is None or not await self._store_exists(tenant_id, tier):
+            return None
+        # Forget and close this process's engine first: no pooled connection may outlive the store.
+        for key in [k for k in self._routes if k[1] == tenant_id]:
+            route = self._routes.pop(key)
+            if route.bind in self._own_engines:
+                self._own_engines.remove(route.bind)
+                await route.bind.dispose()
+        if is_sqlite(self._url):
+            path = self._sqlite_file(tenant_id)
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                path.with_name(path.name + suffix).unlink(missing_ok=True)
+            return name
+        kind, _, ident = name.partition(":")
+        # FORCE ends other replicas' connections to the silo database (Postgres 13+).
+        sql = (f"DROP SCHEMA IF EXISTS {quote_ident(ident)} CASCADE" if kind == "schema"
+               else f"DROP DATABASE IF EXISTS {quote_ident(ident)} WITH (FORCE)")
+        admin = create_async_engine(self._owner_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        try:
+            async with admin.connect() as conn:
+                await conn.exec_driver_sql(sql)
+        finally:
+            await admin.dispose()
+        return name
+
+    async def _store_exists(self, tenant_id: str, tier: str) -> bool:
+        if is_sqlite(self._url):
+            return self._sqlite_file(tenant_id).exists()
+        if tier == "bridge":
+            sql, name = "SELECT 1 FROM pg_namespace WHERE nspname = :name", bridge_schema(tenant_id)
+        else:
+            sql, name = ("SELECT 1 FROM pg_database WHERE datname = :name",
+                         silo_database(self._url.database or "bulkhead", tenant_id))
+        async with self._engine.connect() as conn:
+            return bool(await conn.scalar(text(sql), {"name": name}))
+
+    def _sqlite_file(self, tenant_id: str) -> Path:
+        main = sqlite_path(self._url)
+        return main.parent / f"{main.stem}.tenants" / f"{tenant_slug(tenant_id)}.db"
+
     async def _provision(self, tenant_id: str, tier: str) -> Route:
         if self._migrations is None:
             raise RuntimeError(f"the {tier} tier needs migrations to build the tenant's tables")
@@ -110,8 +178,7 @@ class TenantRouter:
         return await self._own_postgres_database(tenant_id)
 
     async def _own_sqlite_file(self, tenant_id: str) -> Route:
-        main = sqlite_path(self._url)
-        path = main.parent / f"{main.stem}.tenants" / f"{tenant_slug(tenant_id)}.db"
+        path = self._sqlite_file(tenant_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         url = self._url.set(database=str(path))
         await asyncio.to_thread(upgrade, url, self._migrations)
