@@ -58,6 +58,11 @@ class LocalBackend:
         """Forget the unwrapped keys."""
         self._rings.clear()
 
+    def forget_tenant(self, tenant_id: str) -> None:
+        """Forget one tenant's unwrapped keys (its key rows were just destroyed: see purge.py)."""
+        for key in [k for k in self._rings if k[0] == tenant_id]:
+            del self._rings[key]
+
     # -- key rings ------------------------------------------------------------------------------
 
     def _wrap_aad(self, tenant: TenantRef, purpose: str, version: int) -> bytes:

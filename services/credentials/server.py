@@ -10,11 +10,14 @@ from services.credentials.config import Config
 from services.credentials.key_manager import KeyManager
 from services.credentials.local_backend import LocalBackend
 from services.credentials.master_key import load_or_create_master_key
+from services.credentials.purge import CredentialsShredder
 from services.credentials.rotation import RotationScheduler, RotatorRegistry
 from services.credentials.secret_manager import SecretManager
 from services.credentials.servicer import CredentialsServicer
+from services.credentials.store import CredentialsBase
 from services.credentials.vault_backend import VaultBackend
 from shared.db import Database
+from shared.lifecycle import lifecycle_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
 
@@ -74,7 +77,8 @@ async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBacken
     binding = Binding(credentials_pb2_grpc.add_CredentialsServiceServicer_to_server,
                       CredentialsServicer(secrets, keys, audit),
                       credentials_pb2.DESCRIPTOR.services_by_name["CredentialsService"])
-    running = await serve(name="credentials", bindings=[binding], verifier=verifier, address=address)
+    lifecycle = lifecycle_binding("credentials", db, CredentialsBase.metadata, hooks=[CredentialsShredder(db, backend)])
+    running = await serve(name="credentials", bindings=[binding, lifecycle], verifier=verifier, address=address)
     if rotation_interval is not None:
         scheduler.start()
     return CredentialsService(running, db, backend, secrets, keys, audit, scheduler)

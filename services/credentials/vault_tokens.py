@@ -66,6 +66,10 @@ class TenantTokens:
             self._minted[tenant.tenant_id] = minted
             return minted
 
+    def admin(self, namespace: str | None) -> hvac.Client:
+        """A client with the service's privileged token (tenant deletion only: see purge.py)."""
+        return self._admin(namespace)
+
     def _admin(self, namespace: str | None) -> hvac.Client:
         return hvac.Client(url=self._url, token=self._admin_token, namespace=namespace,
                            timeout=self._timeout, session=self._session)

@@ -30,10 +30,11 @@ from services.inference.providers import (
 )
 from services.inference.proxy import InferenceProxy, KeySource
 from services.inference.servicer import InferenceServicer
-from services.inference.store import PolicyStore, SqlAttempts, SqlOutbox
+from services.inference.store import InferenceBase, PolicyStore, SqlAttempts, SqlOutbox
 from services.inference.usage import UsageMeter
 from shared.client import make_channel
 from shared.db import Database
+from shared.lifecycle import lifecycle_binding
 from shared.logs import register_secret
 from shared.periodic import Periodic
 from shared.server import Binding, RunningServer, serve
@@ -136,7 +137,8 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     servicer = InferenceServicer(proxy, store, tiers=tiers, allow_http_endpoints=config.allow_http_endpoints)
     binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer,
                       inference_pb2.DESCRIPTOR.services_by_name["InferenceService"])
-    running = await serve(name="inference", bindings=[binding], verifier=verifier,
+    running = await serve(name="inference", bindings=[binding, lifecycle_binding("inference", db, InferenceBase.metadata)],
+                          verifier=verifier,
                           address=address or config.service.address)
     async def sweep() -> None:
         meter.adopt_backlog(await journal.sweep())

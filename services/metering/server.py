@@ -13,12 +13,15 @@ from services.metering.budget_cache import BudgetSpecCache
 from services.metering.budgets import BudgetLedger
 from services.metering.config import MeteringConfig
 from services.metering.ledger import UsageLedger
+from services.metering.lifecycle import KEPT
 from services.metering.meters import MeteringMetrics
 from services.metering.prices import PriceCache
 from services.metering.servicer import MeteringServicer
+from services.metering.store import MeteringBase
 from services.metering.sweeper import ExpirySweeper
 from shared.client import make_channel
 from shared.db import Database
+from shared.lifecycle import lifecycle_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tiers import IdentityTiers, TierLookup
 from shared.tokens import TokenVerifier
@@ -78,7 +81,8 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
     binding = Binding(metering_pb2_grpc.add_MeteringServiceServicer_to_server,
                       MeteringServicer(usage, budgets, prices, tiers),
                       metering_pb2.DESCRIPTOR.services_by_name["MeteringService"])
-    running = await serve(name="metering", bindings=[binding], verifier=verifier, address=address)
+    lifecycle = lifecycle_binding("metering", db, MeteringBase.metadata, keep=KEPT)
+    running = await serve(name="metering", bindings=[binding, lifecycle], verifier=verifier, address=address)
     if sweep_interval:
         sweeper.start()
     return MeteringService(running, db, usage, budgets, metrics, sweeper)

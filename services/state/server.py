@@ -12,12 +12,14 @@ from services.state.context_kv import ContextStore
 from services.state.credentials_keys import CredentialsDataKeyProvider
 from services.state.datakeys import DataKeyProvider, LocalDataKeyProvider
 from services.state.envelope import Envelope, PlaintextEnvelope
+from services.state.lifecycle import ForgetDataKeys
 from services.state.records import Limits
 from services.state.servicer import StateServicer
-from services.state.store import DataKeyStore
+from services.state.store import DataKeyStore, StateBase
 from services.state.threads import ThreadLog
 from shared.client import make_channel
 from shared.db import Database
+from shared.lifecycle import lifecycle_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
 
@@ -40,7 +42,8 @@ async def serve_state(*, db: Database, envelope: Envelope | PlaintextEnvelope, v
     servicer = StateServicer(ThreadLog(db, envelope, limits), ContextStore(db, envelope, limits))
     binding = Binding(state_pb2_grpc.add_StateServiceServicer_to_server, servicer,
                       state_pb2.DESCRIPTOR.services_by_name["StateService"])
-    return await serve(name="state", bindings=[binding], verifier=verifier, address=address)
+    lifecycle = lifecycle_binding("state", db, StateBase.metadata, hooks=[ForgetDataKeys(envelope)])
+    return await serve(name="state", bindings=[binding, lifecycle], verifier=verifier, address=address)
 
 
 @dataclass
