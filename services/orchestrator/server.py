@@ -15,13 +15,15 @@ from services.orchestrator.dispatcher import DispatchSettings, Dispatcher, StepF
 from services.orchestrator.engine import Engine, Limits, Ports
 from services.orchestrator.grants import GrantSealer, load_or_create_key
 from services.orchestrator.http_tools import HttpToolRunner
+from services.orchestrator.lifecycle import CancelRuns
 from services.orchestrator.operations import Delegator, Orchestrator
 from services.orchestrator.ratelimit import RateLimiter
 from services.orchestrator.servicer import OrchestratorServicer
-from services.orchestrator.store import RunStore, TeamStore
+from services.orchestrator.store import OrchestratorBase, RunStore, TeamStore
 from shared.client import make_channel
 from shared.db import Database
 from shared.injection import SecretInjector
+from shared.lifecycle import lifecycle_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
 
@@ -99,7 +101,9 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
                                 delegation_ttl=config.delegation_ttl, watch_poll=poll_seconds)
     binding = Binding(orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server, OrchestratorServicer(orchestrator),
                       orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"])
-    running = await serve(name="orchestrator", bindings=[binding], verifier=verifier, address=address or svc.address)
+    lifecycle = lifecycle_binding("orchestrator", db, OrchestratorBase.metadata, hooks=[CancelRuns(db)])
+    running = await serve(name="orchestrator", bindings=[binding, lifecycle], verifier=verifier,
+                          address=address or svc.address)
     dispatcher.start()
     return OrchestratorService(running, db, dispatcher, http, channels)
 
