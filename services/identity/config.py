@@ -24,6 +24,8 @@ class IdentityConfig:
     service_keys_dir: Path
     """Where platform service keys are written on first start (BULKHEAD_IDENTITY_SERVICE_KEYS_DIR; default
     <data dir>/service-keys): a folder of its own, so it can be shared with those services and nothing else."""
+    deletion_interval: float = 10.0
+    """Seconds between passes over due tenant deletions (BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> IdentityConfig:
@@ -32,4 +34,5 @@ class IdentityConfig:
                    kek_path=Path(env.get("BULKHEAD_IDENTITY_KEK_FILE", service.data_dir / "identity.kek")),
                    revocation_poll=float(env.get("BULKHEAD_REVOCATION_POLL_SECONDS", "1")),
                    service_keys_dir=Path(env.get("BULKHEAD_IDENTITY_SERVICE_KEYS_DIR",
-                                                 service.data_dir / SERVICE_KEYS_DIR)))
+                                                 service.data_dir / SERVICE_KEYS_DIR)),
+                   deletion_interval=float(env.get("BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS", "10")))

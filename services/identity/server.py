@@ -1,28 +1,39 @@
 """identity's wiring: database, signing keys, verifier over its own tables, the gRPC server."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from bulkhead.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.bootstrap import ensure_platform_tenant, ensure_service_keys
 from services.identity.config import IdentityConfig
+from services.identity.deletion import STEPS, Deletions
 from services.identity.directory import Directory
 from services.identity.issuance import Issuance
 from services.identity.servicer import IdentityServicer
 from services.identity.signing import SigningKeys, StoreKeyLoader, load_or_create_kek
+from services.identity.store import DeletionRow, DeletionStepRow, IdentityBase
+from shared.client import make_channel
 from shared.db import Database
+from shared.lifecycle import TenantLifecycle, lifecycle_binding
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
+from shared.periodic import Periodic
 from shared.server import Binding, RunningServer, run_until_signalled, serve
 from shared.telemetry import setup_telemetry
+from shared.tiers import Tier
 from shared.tls import TlsConfig
 from shared.tokens import RefreshingKeySource, TokenVerifier
 
 MIGRATIONS = Path(__file__).parent / "migrations"
+KEPT = {DeletionRow.__tablename__: "the deletion plan and its signed receipt (ids, counts, times)",
+        DeletionStepRow.__tablename__: "each service's inventory and purge result, the receipt's source (counts only)"}
+"""identity's rows a deletion keeps (besides the tenant's tombstone in `tenants`)."""
+log = logging.getLogger("bulkhead.identity")
 
 
 @dataclass
@@ -38,11 +49,16 @@ class IdentityApp:
     """The operator key made by this start, or None when the platform tenant already existed."""
     service_keys_dir: Path | None = None
     """Where the platform services' key files are (see bootstrap.SERVICE_PRINCIPALS)."""
+    deletions: Deletions | None = None
+    """Tenant deletions (tests set deletions.peers once the other services listen)."""
+    sweeper: Periodic | None = None
+    """Runs due deletions and retries failed steps."""
+    channels: dict = field(default_factory=dict)
+    """Channels to the other services, by address."""
 
     async def close(self, grace: float = 1.0) -> None:
         await self.running.stop(grace)
-        await self.key_source.close()
-        await self.db.close()
+        await _close_rest(self)
 
 
 async def start(config: IdentityConfig, *, address: str | None = None, announce=sys.stdout) -> IdentityApp:
@@ -57,12 +73,23 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
     key_source = RefreshingKeySource(StoreKeyLoader(keys, db), revocation_poll=config.revocation_poll,
                                      min_refetch=0.0)
     verifier = TokenVerifier(key_source)
-    servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source)
+    # identity's own rows stay pooled whatever the tenant's tier (see directory.pooled).
+    own = TenantLifecycle("identity", db, IdentityBase.metadata, keep=KEPT, rows_tier=Tier.POOLED)
+    channels: dict = {}
+    deletions = Deletions(db, keys, own, peers={s: svc.peers[s] for s in STEPS if s in svc.peers},
+                          channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
+                          on_status_change=key_source.refresh_revocations)
+    servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source, deletions)
+    lifecycle = lifecycle_binding("identity", db, IdentityBase.metadata, keep=KEPT, rows_tier=Tier.POOLED)
     running = await serve(
         name="identity", verifier=verifier, address=address or svc.address, tls=TlsConfig.from_env(svc.env),
         bindings=[Binding(identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer,
-                          identity_pb2.DESCRIPTOR.services_by_name["IdentityService"])])
-    return IdentityApp(running, db, keys, directory, key_source, operator_key, config.service_keys_dir)
+                          identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]), lifecycle])
+    sweeper = Periodic("tenant-deletions", deletions.run_due, interval=config.deletion_interval, log=log,
+                       run_first=True)
+    sweeper.start()
+    return IdentityApp(running, db, keys, directory, key_source, operator_key, config.service_keys_dir,
+                       deletions, sweeper, channels)
 
 
 async def main(env: Mapping[str, str] = os.environ) -> None:
@@ -76,5 +103,11 @@ async def main(env: Mapping[str, str] = os.environ) -> None:
 
 
 async def _close_rest(app: IdentityApp) -> None:
+    if app.sweeper is not None:
+        await app.sweeper.stop()
+    if app.deletions is not None:
+        await app.deletions.close()
+    for channel in app.channels.values():
+        await channel.close()
     await app.key_source.close()
     await app.db.close()

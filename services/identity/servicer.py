@@ -7,17 +7,21 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bulkhead.identity.v1 import identity_pb2 as pb
 from bulkhead.identity.v1 import identity_pb2_grpc
+from services.identity.deletion import Deletions, DeletionView
 from services.identity.directory import Directory
 from services.identity.issuance import Issuance
 from services.identity.signing import SigningKeys, as_utc, revocations_since, suspended_tenants
-from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, TenantRow
+from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, SigningKeyRow, TenantRow
 from shared.db import Database
-from shared.errors import InvalidArgument, NotFound
+from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.tiers import UnknownTier, tier_from_proto, tier_to_proto
 from shared.tokens import RefreshingKeySource
 from shared.tenancy import require_tenant
 
-_STATUS = {"active": pb.TENANT_STATUS_ACTIVE, "suspended": pb.TENANT_STATUS_SUSPENDED}
+_STATUS = {"active": pb.TENANT_STATUS_ACTIVE, "suspended": pb.TENANT_STATUS_SUSPENDED,
+           "deleting": pb.TENANT_STATUS_DELETING, "deleted": pb.TENANT_STATUS_DELETED}
+_DELETION_STATE = {"scheduled": pb.DELETION_STATE_SCHEDULED, "running": pb.DELETION_STATE_RUNNING,
+                   "done": pb.DELETION_STATE_DONE}
 _KINDS = {"user": pb.PRINCIPAL_KIND_USER, "service_account": pb.PRINCIPAL_KIND_SERVICE_ACCOUNT,
           "agent": pb.PRINCIPAL_KIND_AGENT}
 
@@ -50,6 +54,15 @@ def api_key_pb(row: ApiKeyRow) -> pb.ApiKey:
                      revoke_time=_ts(row.revoked_at), last_used_time=_ts(row.last_used_at))
 
 
+def deletion_pb(view: DeletionView) -> pb.TenantDeletion:
+    row = view.row
+    return pb.TenantDeletion(
+        tenant_id=row.tenant_id, state=_DELETION_STATE[row.state], delete_after_time=_ts(row.delete_after),
+        request_time=_ts(row.requested_at), complete_time=_ts(row.completed_at),
+        steps=[pb.DeletionStep(service=s.service, done=s.done, attempts=s.attempts, last_error=s.last_error)
+               for s in view.steps])
+
+
 def revoked_pb(row: RevocationRow) -> pb.RevokedToken:
     return pb.RevokedToken(jti=row.jti, expire_time=_ts(row.expires_at))
 
@@ -58,8 +71,9 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     """Maps identity's RPCs onto the directory, issuance and signing-key ring."""
 
     def __init__(self, db: Database, directory: Directory, issuance: Issuance, keys: SigningKeys,
-                 key_source: RefreshingKeySource | None = None):
+                 key_source: RefreshingKeySource | None = None, deletions: Deletions | None = None):
         self._db = db
+        self._deletions = deletions
         self._directory = directory
         self._issuance = issuance
         self._keys = keys
@@ -87,6 +101,14 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     async def UpdateTenantStatus(self, request, context):
         status = {pb.TENANT_STATUS_ACTIVE: "active", pb.TENANT_STATUS_SUSPENDED: "suspended"}.get(request.status, "")
+        current = await self._directory.get_tenant(request.tenant_id) if request.tenant_id else None
+        if current is not None and current.status == "deleted":
+            raise FailedPrecondition("the tenant was deleted", reason="TENANT_DELETED")
+        if current is not None and current.status == "deleting" and status:
+            if status != "active" or self._deletions is None:
+                raise FailedPrecondition("the tenant is being deleted: resume it (ACTIVE) to cancel the deletion",
+                                         reason="TENANT_DELETING")
+            await self._deletions.restore(request.tenant_id)  # raises DELETION_STARTED once purging began
         row = await self._directory.set_tenant_status(request.tenant_id, status)
         if self._key_source is not None:  # identity's own verifier knows at once; other services poll
             await self._key_source.refresh_revocations()
@@ -158,3 +180,24 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         row = rows[key.kid]
         return pb.RotateSigningKeyResponse(key=pb.SigningKey(kid=row.kid, algorithm="EdDSA", public_key=row.public_key,
                                                              active=True, create_time=_ts(row.created_at)))
+
+    async def DeleteTenant(self, request, context):
+        view = await self._deletions_or_fail().schedule(request.tenant_id, request.grace_seconds, request.now)
+        return pb.DeleteTenantResponse(deletion=deletion_pb(view))
+
+    async def GetDeletionReceipt(self, request, context):
+        if not request.tenant_id:
+            raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the deleted tenant"})
+        view = await self._deletions_or_fail().get(request.tenant_id)
+        reply = pb.GetDeletionReceiptResponse(deletion=deletion_pb(view))
+        if view.row.receipt_body:
+            async with self._db.system_session() as s:
+                key = await s.get(SigningKeyRow, view.row.receipt_kid)
+            reply.receipt.CopyFrom(pb.DeletionReceipt(body=view.row.receipt_body, signature=view.row.receipt_signature,
+                                                      kid=view.row.receipt_kid, public_key=key.public_key))
+        return reply
+
+    def _deletions_or_fail(self) -> Deletions:
+        if self._deletions is None:
+            raise FailedPrecondition("tenant deletion is not configured on this identity", reason="NO_DELETIONS")
+        return self._deletions

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, UniqueConstraint
+from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, UniqueConstraint
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, TenantOwned
@@ -83,3 +83,35 @@ class SigningKeyRow(IdentityBase):
     active: Mapped[bool] = mapped_column(Boolean, default=False)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
     retired_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class DeletionRow(IdentityBase):
+    """A tenant's deletion plan (a platform table): kept after it is done, with the signed receipt."""
+
+    __tablename__ = "tenant_deletions"
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tier: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))  # scheduled | running | done
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    delete_after: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    receipt_body: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    receipt_signature: Mapped[bytes | None] = mapped_column(LargeBinary, nullable=True)
+    receipt_kid: Mapped[str | None] = mapped_column(String(64), nullable=True)
+
+
+class DeletionStepRow(IdentityBase):
+    """One service's step of a deletion: what it held before (inventory) and what its purge returned."""
+
+    __tablename__ = "tenant_deletion_steps"
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    service: Mapped[str] = mapped_column(String(32), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    done: Mapped[bool] = mapped_column(Boolean, default=False)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(String(300), default="")
+    inventory: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """JSON of InventoryTenantResponse, written once before the first purge attempt (counts only)."""
+    result: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """JSON of the PurgeTenantResponse that completed the step."""
