@@ -1,9 +1,14 @@
-"""`bulkhead tenants create|list|suspend|resume` (operator commands)."""
+"""`bulkhead tenants create|list|suspend|resume|delete` (operator commands)."""
 from __future__ import annotations
 
 import argparse
+import asyncio
+import json
+import re
+from pathlib import Path
 
-from bulkhead.cli._common import add_connection_args, connect, run_async, table
+from bulkhead.cli._common import add_connection_args, connect, fail, run_async, table
+from bulkhead.cli.receipts import receipt_document
 from bulkhead.identity.v1 import identity_pb2 as pb
 from shared.tiers import Tier, UnknownTier, tier_from_proto, tier_to_proto
 
@@ -22,6 +27,15 @@ def register(subparsers) -> None:
         cmd = sub.add_parser(name, help=f"{name} a tenant")
         cmd.add_argument("tenant_id")
         cmd.set_defaults(func=_set_status, status=status)
+    delete = sub.add_parser("delete", help="delete a tenant by crypto-shredding, after a grace period or now")
+    delete.add_argument("tenant_id")
+    when = delete.add_mutually_exclusive_group(required=True)
+    when.add_argument("--grace", help="suspend now, purge after this long (e.g. 7d, 12h, 30m); resume cancels")
+    when.add_argument("--now", action="store_true", help="purge at once (needs --yes)")
+    delete.add_argument("--yes", action="store_true", help="confirm --now: keys and data are gone for good")
+    delete.add_argument("--receipt", default=None, help="write the signed receipt to this file")
+    delete.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for --now to finish")
+    delete.set_defaults(func=_delete)
     for cmd in (create, listing, *sub.choices.values()):
         if not any(a.dest == "api_key" for a in cmd._actions):
             add_connection_args(cmd)
@@ -70,3 +84,74 @@ async def _set_status(args: argparse.Namespace) -> None:
         resp = await bh.identity.UpdateTenantStatus(pb.UpdateTenantStatusRequest(tenant_id=args.tenant_id,
                                                                                  status=args.status))
     print(f"{resp.tenant.id} is now {_status_name(resp.tenant.status)}")
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNIT = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in "7d", "12h", "30m" or "45s"; ValueError otherwise."""
+    match = _DURATION.match(text.strip())
+    if not match or int(match.group(1)) == 0:
+        raise ValueError(f"bad duration {text!r}: use e.g. 7d, 12h, 30m")
+    return int(match.group(1)) * _UNIT[match.group(2)]
+
+
+@run_async
+async def _delete(args: argparse.Namespace) -> None:
+    if args.now and not args.yes:
+        fail(f"--now destroys {args.tenant_id}'s keys and data for good: add --yes to confirm, "
+             "or use --grace 7d to keep it restorable for a while")
+    try:
+        grace = 0 if args.now else parse_duration(args.grace)
+    except ValueError as exc:
+        fail(str(exc))
+    async with await connect(args) as bh:
+        resp = await bh.identity.DeleteTenant(pb.DeleteTenantRequest(tenant_id=args.tenant_id, grace_seconds=grace,
+                                                                     now=args.now))
+        deletion = resp.deletion
+        if not args.now and deletion.state == pb.DELETION_STATE_SCHEDULED:
+            at = deletion.delete_after_time.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
+            print(f"{args.tenant_id} is suspended and will be deleted after {at}.\n"
+                  f"to cancel: bulkhead tenants resume {args.tenant_id}")
+            return
+        receipt = await _follow(bh, args.tenant_id, args.timeout)
+    doc = receipt_document(receipt.body, receipt.signature, receipt.kid, receipt.public_key)
+    _print_receipt(doc)
+    if args.receipt:
+        Path(args.receipt).write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
+        print(f"receipt saved to {args.receipt}; check it any time with: bulkhead receipts verify {args.receipt}")
+
+
+async def _follow(bh, tenant_id: str, timeout: float):
+    """Print each service's step as it completes; the receipt once signed."""
+    shown: dict[str, str] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        resp = await bh.identity.GetDeletionReceipt(pb.GetDeletionReceiptRequest(tenant_id=tenant_id))
+        for step in resp.deletion.steps:
+            line = "done" if step.done else (f"retrying ({step.attempts} failed: {step.last_error})"
+                                             if step.attempts else "")
+            if line and shown.get(step.service) != line:
+                print(f"  {step.service:<13} {line}", flush=True)
+                shown[step.service] = line
+        if resp.deletion.state == pb.DELETION_STATE_DONE:
+            return resp.receipt
+        if loop.time() > deadline:
+            fail(f"the deletion of {tenant_id} is still running (identity retries failed steps on its own); "
+                 f"see progress with: bulkhead tenants delete {tenant_id} --now --yes  (it resumes, never repeats)")
+        await asyncio.sleep(0.5)
+
+
+def _print_receipt(doc: dict) -> None:
+    body = doc["receipt"]
+    print(f"\ndeletion receipt for {body['tenant_id']} ({body['tier']}), completed {body['completed_at']}")
+    rows = []
+    for svc in body["services"]:
+        keys = ", ".join(k["key_id"] for k in svc["destroyed_keys"]) or "-"
+        kept = ", ".join(f"{k['table']} ({k['rows']})" for k in svc["kept"] if k["rows"]) or "-"
+        rows.append([svc["service"], str(svc["rows_deleted"]), ", ".join(svc["dropped_stores"]) or "-", keys, kept])
+    table(rows, ["service", "rows deleted", "stores dropped", "keys destroyed", "kept"])
+    print(f"signed by identity key {doc['kid']}")
