@@ -1,6 +1,8 @@
 """The attack matrix's rig (one mesh per module) and its printout in the CI log."""
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest_asyncio
 
 from .matrix import ATTACK_NAMES, Matrix
@@ -9,6 +11,9 @@ from .rig import running_rig
 # The matrix each run produced, printed at the end of the session whatever -s says.
 PRINTED: list[Matrix] = []
 NOTES: list[str] = []
+FUZZED: Counter = Counter()
+"""(kind, status) -> how many fuzz examples got it; kind is "request" or "metadata"."""
+FUZZED_RPCS: dict[str, set[str]] = {"request": set(), "metadata": set()}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
@@ -48,8 +53,16 @@ def render(matrix: Matrix) -> list[str]:
 
 
 def pytest_terminal_summary(terminalreporter) -> None:
-    """Print the matrix into the CI log."""
+    """Print the matrix, and what the fuzzer sent, into the CI log."""
     for matrix in PRINTED:
         terminalreporter.section("isolation attack matrix")
         for line in [*render(matrix), *NOTES]:
             terminalreporter.write_line(line)
+    if FUZZED:
+        terminalreporter.section("isolation fuzzing")
+        for kind in ("request", "metadata"):
+            total = sum(n for (k, _), n in FUZZED.items() if k == kind)
+            terminalreporter.write_line(f"{kind}: {total} examples over {len(FUZZED_RPCS[kind])} RPCs")
+            for (k, status), n in sorted(FUZZED.items()):
+                if k == kind:
+                    terminalreporter.write_line(f"  {status:<48} {n}")

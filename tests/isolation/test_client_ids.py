@@ -157,3 +157,14 @@ async def test_a_reply_replayed_across_tenants_fails_the_check(rig, monkeypatch)
     problems = " ".join(await reuse_check(rig, _CREATE_MESSAGE, KEYED[_CREATE_MESSAGE]))
     assert "A's reply carries values B's call made" in problems
 
+
+
+async def test_a_new_keyed_write_without_a_reuse_fails_saying_what_to_add():
+    """A write RPC not listed (CreateThread's request under a new name): named, with its id fields and the fix."""
+    from dataclasses import replace
+
+    create = _BY_PATH["/bulkhead.state.v1.StateService/CreateThread"]
+    new = replace(create, path="/bulkhead.state.v1.StateService/CreateThing")
+    missing = unclassified([*RPCS, new])
+    assert len(missing) == 1 and missing[0].startswith("/bulkhead.state.v1.StateService/CreateThing (fields thread_id")
+    assert "add KEYED['/bulkhead.state.v1.StateService/CreateThing'] = Reuse(...)" in missing[0]

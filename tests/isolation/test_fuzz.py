@@ -17,6 +17,7 @@ from hypothesis import strategies as st
 
 from shared.errors import MAX_DETAILS_BYTES
 
+from .conftest import FUZZED, FUZZED_RPCS
 from .matrix import Outcome, invoke
 from .methods import enumerate_rpcs
 from .observe import is_write, snapshot
@@ -47,6 +48,11 @@ async def tenant(rig):
     return await rig.mesh.tenant()
 
 
+def _count(kind: str, rpc, out: Outcome) -> None:
+    FUZZED[(kind, out.status)] += 1
+    FUZZED_RPCS[kind].add(rpc.path)
+
+
 def check_answer(rpc, out: Outcome) -> None:
     """A well-defined status, details that fit the trailer limit."""
     assert out.code in WELL_DEFINED, f"{rpc.path} answered {out.status}: {out.message!r}"
@@ -73,6 +79,7 @@ async def fuzz_one(rig, tenant, rpc, request) -> Outcome:
     before = await snapshot(rig.channels, rpc.service, metadata) if write else None
     out = await invoke(rig.channels[rpc.service], rpc, request, () if rpc.public else metadata, timeout=5)
     check_answer(rpc, out)
+    _count("request", rpc, out)
     if write and out.code != "OK":
         after = await snapshot(rig.channels, rpc.service, metadata)
         assert after == before, f"{rpc.path} refused ({out.status}) yet changed the tenant's data"
@@ -103,6 +110,7 @@ async def test_fuzzed_metadata_gets_well_defined_answers(rig, tenant, rpc, data)
     expect, metadata = data.draw(_metadata_cases(tenant), label="metadata")
     out = await invoke(rig.channels[rpc.service], rpc, rpc.request_class()(), metadata, timeout=5)
     check_answer(rpc, out)
+    _count("metadata", rpc, out)
     if expect is not None:
         assert out.code in expect, f"{rpc.path} with {metadata!r}: {out.status}, expected one of {expect}"
 
