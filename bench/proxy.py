@@ -16,6 +16,7 @@ ratios Bulkhead/LiteLLM are printed.
     python bench/proxy.py                  # ~40 s: concurrency 1 and 32
     python bench/proxy.py --quick          # a few seconds: smoke run
     python bench/proxy.py --peer litellm   # + LiteLLM (installs it on first use, a few minutes)
+    python bench/proxy.py --replicas       # + an exact budget across 2 proxy replicas vs no budget
 """
 from __future__ import annotations
 
@@ -202,6 +203,54 @@ def _spawn(role: str, env: dict[str, str], *args: str) -> tuple[subprocess.Popen
     return proc, line[len("READY "):]
 
 
+async def _budget_across_replicas(args, env: dict, proxy_env: dict, first_addr: str, set_quota, md,
+                                  request, procs: list, tmp: str) -> float:
+    """calls/s at concurrency 32 spread over 2 proxy replicas, for a tenant under a hard token budget
+    (leases from metering shared by both) / a tenant with the same limits and no budget; same rounds."""
+    import grpc
+
+    from bulkhead.inference.v1 import inference_pb2_grpc
+    from bulkhead.metering.v1 import metering_pb2 as mpb
+
+    second_env = {**proxy_env, "BULKHEAD_DATA_DIR": f"{tmp}/replica-b", "BULKHEAD_INFERENCE_REPLICA_ID": "b"}
+    os.makedirs(second_env["BULKHEAD_DATA_DIR"], exist_ok=True)
+    second_env.pop("BENCH_PROFILE", None)
+    second, second_addr = _spawn("proxy", second_env)
+    procs.append(second)
+    budget = mpb.Budget(unit=mpb.BUDGET_UNIT_TOKENS, limit=10_000_000_000, period=mpb.BUDGET_PERIOD_MONTH,
+                        mode=mpb.BUDGET_MODE_HARD)
+    tenants = {"budget": "t_bench_budget", "none": "t_bench_nobudget"}
+    await set_quota(tenants["budget"], [budget])
+    await set_quota(tenants["none"], [])
+    channels = [grpc.aio.insecure_channel(a) for a in (first_addr, second_addr)]
+    stubs = [inference_pb2_grpc.InferenceServiceStub(c) for c in channels]
+    calls = {}
+    for name, tenant in tenants.items():
+        metadata, turn = md(tenant), [0]
+
+        async def call(metadata=metadata, turn=turn) -> None:
+            turn[0] += 1   # alternate replicas, as a round-robin channel over both would
+            await stubs[turn[0] % 2].CreateMessage(request, metadata=metadata)
+        calls[name] = call
+    try:
+        for call in calls.values():
+            for _ in range(20):
+                await call()
+        done = {name: [0, 0.0] for name in calls}
+        for _ in range(args.rounds):
+            for name, call in calls.items():
+                lat, elapsed = await _closed_loop(call, 32, args.seconds / args.rounds)
+                done[name][0] += len(lat)
+                done[name][1] += elapsed
+    finally:
+        for c in channels:
+            await c.close()
+    rates = {name: n / t for name, (n, t) in done.items()}
+    print(f"2 replicas, concurrency 32: hard token budget {rates['budget']:.1f} calls/s, no budget "
+          f"{rates['none']:.1f} calls/s, ratio {rates['budget'] / rates['none']:.3f} (target >= 0.9)")
+    return rates["budget"] / rates["none"]
+
+
 def _start_litellm(python: pathlib.Path, tmp: str, fake_url: str, master_key: str) -> tuple[subprocess.Popen, str]:
     config = pathlib.Path(tmp) / "litellm.yaml"
     config.write_text(_litellm.config_yaml(fake_url, PINNED, PLATFORM_KEY, master_key))
@@ -286,13 +335,15 @@ async def _bench(args: argparse.Namespace) -> None:
             token, _ = issuer.issue(tenant_id=tenant, principal_id="p_bench", scopes=frozenset(scopes), ttl=3600)
             return (("authorization", f"Bearer {token}"), ("x-tenant-id", tenant))
 
+        async def set_quota(tenant: str, budgets: list) -> None:
+            async with grpc.aio.insecure_channel(metering_addr) as ch:
+                await metering_pb2_grpc.MeteringServiceStub(ch).SetQuota(mpb.SetQuotaRequest(quota=mpb.Quota(
+                    tenant_id=tenant, requests_per_minute=10_000_000, tokens_per_minute=10_000_000_000,
+                    concurrent_calls=1000, budgets=budgets)), metadata=md("t_platform", ("platform.operator",)))
+
         # Quotas and a budget large enough for the run, so every limit is checked on every call.
-        async with grpc.aio.insecure_channel(metering_addr) as ch:
-            await metering_pb2_grpc.MeteringServiceStub(ch).SetQuota(mpb.SetQuotaRequest(quota=mpb.Quota(
-                tenant_id=TENANT, requests_per_minute=10_000_000, tokens_per_minute=10_000_000_000,
-                concurrent_calls=1000, budgets=[mpb.Budget(unit=mpb.BUDGET_UNIT_TOKENS, limit=10_000_000_000,
-                                                           period=mpb.BUDGET_PERIOD_MONTH)])),
-                metadata=md("t_platform", ("platform.operator",)))
+        await set_quota(TENANT, [mpb.Budget(unit=mpb.BUDGET_UNIT_TOKENS, limit=10_000_000_000,
+                                            period=mpb.BUDGET_PERIOD_MONTH)])
 
         text = "Summarise the quarterly numbers in one line please"
         clients["direct"] = anthropic.AsyncAnthropic(base_url=fake_url, api_key=PLATFORM_KEY, max_retries=0)
@@ -359,10 +410,14 @@ async def _bench(args: argparse.Namespace) -> None:
         rss, peak = _rss_mb(proxy.pid)
         print(f"proxy RSS {rss:.0f} MB (peak {peak:.0f} MB)")
         hop_ms = await _bare_hop_floor(env, args)
+        replicas_ratio = (await _budget_across_replicas(args, env, proxy_env, proxy_addr, set_quota, md, request,
+                                                        procs, tmp) if args.replicas else None)
         await channel.close()
         for client in clients.values():
             await client.close()
         figures = _figures(results, cpu, calls, hop_ms, peak)
+        if replicas_ratio is not None:
+            figures["budget_2_replicas_over_no_budget_ratio"] = replicas_ratio
         if "litellm" in paths:
             print(f"\nBulkhead / LiteLLM ({_litellm.VERSION}, 1 worker, no database), same run, same upstream:")
             for what, label in (("c1_added_p50", "added p50 at concurrency 1"),
@@ -387,6 +442,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the seconds are split into")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the proxy process to FILE")
     parser.add_argument("--peer", choices=("litellm",), help="also run this proxy against the same upstream")
+    parser.add_argument("--replicas", action="store_true",
+                        help="also: calls/s over 2 proxy replicas with a hard budget / with none")
     add_json_option(parser)
     parser.add_argument("--role", choices=("fake", "backends", "proxy", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
