@@ -62,6 +62,8 @@ def pytest_terminal_summary(terminalreporter) -> None:
         terminalreporter.section("isolation fuzzing")
         for kind in ("request", "metadata"):
             total = sum(n for (k, _), n in FUZZED.items() if k == kind)
+            if not total:
+                continue
             terminalreporter.write_line(f"{kind}: {total} examples over {len(FUZZED_RPCS[kind])} RPCs")
             for (k, status), n in sorted(FUZZED.items()):
                 if k == kind:

@@ -124,6 +124,22 @@ def messages(descriptor: Descriptor, depth: int = 0) -> st.SearchStrategy:
     return _fill(descriptor, depth)
 
 
+@st.composite
+def _mutated(draw, valid):
+    msg = type(valid)()
+    msg.CopyFrom(valid)
+    fields = list(valid.DESCRIPTOR.fields)
+    for field in draw(st.lists(st.sampled_from(fields), min_size=1, max_size=2, unique_by=lambda f: f.name)):
+        msg.ClearField(field.name)
+        _draw_field(draw, msg, field, 1, always=True)
+    return msg
+
+
+def mutations(valid) -> st.SearchStrategy:
+    """A valid request with one or two of its fields redrawn: past the first checks, into the handler."""
+    return _mutated(valid) if valid.DESCRIPTOR.fields else st.just(valid)
+
+
 # Metadata. Keys stay lower-case ASCII: for any other spelling gRPC itself answers INTERNAL
 # "Illegal header key" to a raw HTTP/2 client, and the Python client refuses to send them
 # (tests/shared/test_auth.py pins both), so no service could answer them differently.
