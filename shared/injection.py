@@ -25,8 +25,9 @@ from shared.logs import REDACTED, register_secret
 
 
 _ATTEMPTS = 3
-_TRANSIENT = (grpc.StatusCode.ABORTED, grpc.StatusCode.UNAVAILABLE)
-"""A read is safe to repeat: contention on the audit log or a restarting credentials service is retried."""
+_TRANSIENT = (grpc.StatusCode.ABORTED,)
+"""A read is safe to repeat: contention on the audit log is retried here. UNAVAILABLE (a credentials replica
+restarting) is not: the channel from make_channel already resent GetSecret (IDEMPOTENT in the proto)."""
 
 
 @dataclass(frozen=True, slots=True)
