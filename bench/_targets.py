@@ -44,13 +44,13 @@ class Target:
 
     def describe(self, figures: Figures) -> str:
         """The bound as the table shows it, e.g. `<= 0.8 ms` or `<= 1.45 ms (baseline 1.25 + 0.2)`."""
-        unit = unit_of(self.figure)
+        unit, limit = unit_of(self.figure), f"{self.limit:,g}"   # limits are round: print them as written
         if self.plus is None:
-            return f"{self.op} {number(self.limit)}{unit}"
+            return f"{self.op} {limit}{unit}"
         bound = self.bound(figures)
         if bound is None:
-            return f"{self.op} {self.plus} + {number(self.limit)}{unit}"
-        return f"{self.op} {number(bound)}{unit} ({number(bound - self.limit)} + {number(self.limit)})"
+            return f"{self.op} {self.plus} + {limit}{unit}"
+        return f"{self.op} {number(bound)}{unit} ({number(bound - self.limit)} + {limit})"
 
 
 def unit_of(figure: str) -> str:
@@ -82,18 +82,18 @@ TARGETS: tuple[Target, ...] = (
     Target("proxy.proxy_peak_rss_mb", "inference peak RSS under load", "<=", 150),
     Target("proxy.budget_2_replicas_over_no_budget_ratio", "c32 over 2 replicas: hard budget / no budget calls/s",
            ">=", 0.9),
-    Target("orchestrator.fixed_per_run_ms", "orchestrator fixed overhead per run", "<=", 10),
-    Target("orchestrator.per_step_ms", "orchestrator overhead per step", "<=", 1),
+    Target("orchestrator.fixed_per_run_ms", "fixed overhead per run", "<=", 10),
+    Target("orchestrator.per_step_ms", "overhead per step", "<=", 1),
     Target("orchestrator.concurrent_vs_direct_ratio", "concurrent runs / the direct calls' rate", ">=", 0.8),
     Target("orchestrator.step_wait_max_over_min_ratio", "fairness: median step wait, max / min tenant", "<=", 2),
     Target("credentials.local_reads_per_s", "GetSecret, local backend (with audit)", ">=", 3000),
     Target("credentials.vault_over_hvac_p50_ratio", "GetSecret on OpenBao p50 / raw hvac read", "<=", 1.5),
     Target("metering.reserve_commit_pairs_per_s", "Reserve+Commit pairs", ">=", 1500),
     Target("metering.ingest_batch1000_events_per_s", "RecordUsage ingest, batch 1000", ">=", 50_000),
-    Target("state.sqlite_append_encryption_cost_ratio", "state append plaintext / encrypted (SQLite)", "<=", 1.25),
-    Target("state.postgres_grpc_append_events_per_s", "state batched appends over gRPC (Postgres)", ">=", 5000),
+    Target("state.sqlite_append_encryption_cost_ratio", "append events/s plaintext / encrypted (SQLite)", "<=", 1.25),
+    Target("state.postgres_grpc_append_events_per_s", "batched appends over gRPC (Postgres)", ">=", 5000),
     Target("identity_rss.identity_idle_rss_mb", "identity idle RSS", "<=", 100),
     Target("identity_rss.mesh_max_service_idle_rss_mb", "largest idle RSS of any service (bulkhead up)", "<=", 100),
     Target("attempts.cpu_ms_per_call", "write-ahead attempt record CPU/call", "<=", 0.1),
-    Target("console.worst_page_p95_ms", "console worst page p95 (big tenant)", "<=", 300),
+    Target("console.worst_page_p95_ms", "worst page p95 (big tenant)", "<=", 300),
 )

@@ -45,7 +45,8 @@ def test_relative_bound_adds_the_baseline_measured_in_the_same_run():
     assert t.verdict({"p.added_ms": 1.40, "p.hop_ms": 1.25}) == "met"
     assert t.verdict({"p.added_ms": 1.50, "p.hop_ms": 1.25}) == "missed"
     assert t.verdict({"p.added_ms": 1.40}) == "n/a"
-    assert t.describe({"p.hop_ms": 1.25}) == "<= 1.45 ms (1.25 + 0.200)"
+    assert t.describe({"p.hop_ms": 1.25}) == "<= 1.45 ms (1.25 + 0.2)"
+    assert t.describe({}) == "<= p.hop_ms + 0.2 ms"
 
 
 def test_unknown_operator_is_refused():
@@ -62,6 +63,7 @@ def test_rows_put_each_benchs_targets_before_its_other_figures():
     assert [(r.key, r.verdict) for r in table] == [
         ("a.rate_per_s", "missed"), ("a.extra_mb", "n/a"), ("b.lat_ms", "met")]
     assert table[0] == Row("a.rate_per_s", "a: rate", "50.0/s", ">= 100/s", "missed")
+    assert rows(figures, ["b"], (Target("b.lat_ms", "latency", "<=", 1500),))[0].target == "<= 1,500 ms"
     assert table[1].target == "-" and table[1].value == "12.0 MB"
 
 
