@@ -9,6 +9,9 @@ Load it from tests/conftest.py with `pytest_plugins = ["shared.testing.fixtures"
   through it, so the Postgres tests run through the pooler.
 - `openbao_raft` -> OpenBaoRaftCluster: 3 OpenBao nodes on Raft, fresh for each test (failover
   tests kill nodes): `.urls`, `.wait_for_leader()`, `.restart(node)`, `.client()`.
+- `postgres_replica` -> PostgresPair: a primary of its own with a synchronous streaming standby,
+  fresh for each test (failover tests stop the primary): `.primary.create_database(name)`,
+  `.multi_host_url(url)`, `.stop_primary()`, `.promote()`.
 
 A server starts only when the first test asks for it. When it cannot start (binary missing,
 no Docker engine) the tests that need it FAIL with a message saying what to install: they are
@@ -26,9 +29,10 @@ from shared.testing.openbao import OpenBaoServer, start_openbao
 from shared.testing.openbao_raft import OpenBaoRaftCluster, start_openbao_raft
 from shared.testing.pgbouncer import PgBouncer, start_pgbouncer
 from shared.testing.postgres import PostgresServer, start_postgres
+from shared.testing.postgres_replica import PostgresPair, start_postgres_pair
 from shared.testing.procs import ServerStartError, free_port
 
-__all__ = ["free_port", "openbao", "openbao_raft", "pgbouncer", "postgres"]
+__all__ = ["free_port", "openbao", "openbao_raft", "pgbouncer", "postgres", "postgres_replica"]
 
 _started: list[str] = []
 _openbao: list[OpenBaoServer] = []
@@ -136,3 +140,18 @@ def openbao_raft() -> Iterator[OpenBaoRaftCluster]:
         yield cluster
     finally:
         cluster.close()
+
+
+@pytest.fixture
+def postgres_replica() -> Iterator[PostgresPair]:
+    """A fresh primary + synchronous streaming standby for one test (a few seconds), stopped after it."""
+    try:
+        pair = start_postgres_pair()
+    except ServerStartError as exc:
+        pytest.fail(f"cannot start the Postgres primary and standby for the tests: {exc}", pytrace=False)
+    _started.append(f"postgres_replica: primary on 127.0.0.1:{pair.primary_port}, "
+                    f"standby on 127.0.0.1:{pair.standby_port}")
+    try:
+        yield pair
+    finally:
+        pair.close()
