@@ -3,6 +3,13 @@
 `postgresql+pgbouncer://` is asyncpg behind a transaction-mode pooler (PgBouncer before 1.21,
 which cannot track prepared statements): consecutive transactions of one client may run on
 different server connections, so no prepared statement may outlive its transaction.
+
+Failover: a URL may name several servers (`postgresql://u:pw@/db?host=a:5432&host=b:5432&
+target_session_attrs=read-write`); asyncpg connects to the first that accepts writes. After the
+primary dies every pooled connection is dead, so such engines ping a connection before handing it
+out (pool_pre_ping) and a dead one is replaced instead of failing a call. On every Postgres engine,
+a lost connection or a failed connect is raised as UNAVAILABLE (retry later), not as an internal
+error: the gRPC retry policy then retries idempotent calls by itself.
 """
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import URL, event, make_url
+from sqlalchemy.engine import ExceptionContext
 from sqlalchemy.dialects import registry
 from sqlalchemy.dialects.postgresql.asyncpg import PGDialect_asyncpg
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
@@ -80,8 +88,43 @@ def make_engine(url: str | URL, **options: Any) -> AsyncEngine:
         engine = create_async_engine(parsed, **options)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
         return engine
-    options.setdefault("pool_pre_ping", False)
-    return create_async_engine(parsed, **options)
+    options.setdefault("pool_pre_ping", names_several_hosts(parsed))
+    engine = create_async_engine(parsed, **options)
+    event.listen(engine.sync_engine, "do_connect", _connect_or_unavailable)
+    event.listen(engine.sync_engine, "handle_error", _unavailable_when_disconnected)
+    return engine
+
+
+def names_several_hosts(url: URL) -> bool:
+    """Whether a Postgres URL lists several servers (`?host=a:1&host=b:2` or `?host=a:1,b:2`)."""
+    hosts = url.query.get("host")
+    if isinstance(hosts, tuple):
+        return len(hosts) > 1 or any("," in h for h in hosts)
+    return isinstance(hosts, str) and "," in hosts
+
+
+def _database_unavailable():
+    from shared.errors import Unavailable
+
+    return Unavailable("lost the connection to the database (a failover?); retry later",
+                       reason="DATABASE_UNAVAILABLE", retry_after=1.0)
+
+
+def _connect_or_unavailable(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:
+    """Connect as SQLAlchemy would; a refused or timed-out socket (which the asyncpg dialect passes
+    on untranslated, past handle_error) becomes Unavailable."""
+    try:
+        return dialect.connect(*cargs, **cparams)
+    except (OSError, TimeoutError) as exc:
+        raise _database_unavailable() from exc
+
+
+def _unavailable_when_disconnected(ctx: ExceptionContext) -> None:
+    """Raise a lost or refused database connection as Unavailable (the pool has already
+    invalidated it). A failed pre-ping is left alone: the pool replaces the connection itself."""
+    if ctx.is_pre_ping or not (ctx.is_disconnect or ctx.connection is None):
+        return
+    raise _database_unavailable() from ctx.original_exception
 
 
 def _sqlite_pragmas(dbapi_connection: Any, connection_record: Any) -> None:
