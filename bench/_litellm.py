@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import signal
 import socket
 import subprocess
 import sys
@@ -102,6 +103,18 @@ def start(python: pathlib.Path, config: pathlib.Path, *, log_to: pathlib.Path,
             time.sleep(0.3)
     proc.kill()
     raise SystemExit(f"litellm did not answer on {url} within {timeout:.0f} s; see {log_to}")
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """Stop the proxy and any worker it forked (it runs in a session of its own)."""
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=10)
+    except ProcessLookupError:
+        pass
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def tree_pids(pid: int) -> list[int]:

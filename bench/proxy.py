@@ -203,8 +203,8 @@ def _spawn(role: str, env: dict[str, str], *args: str) -> tuple[subprocess.Popen
     return proc, line[len("READY "):]
 
 
-async def _budget_across_replicas(args, env: dict, proxy_env: dict, first_addr: str, set_quota, md,
-                                  request, procs: list, tmp: str) -> float:
+async def _budget_across_replicas(args, proxy_env: dict, first_addr: str, set_quota, md, request, procs: list,
+                                  tmp: str) -> float:
     """calls/s at concurrency 32 spread over 2 proxy replicas, for a tenant under a hard token budget
     (leases from metering shared by both) / a tenant with the same limits and no budget; same rounds."""
     import grpc
@@ -306,7 +306,7 @@ async def _bench(args: argparse.Namespace) -> None:
     issuer = TokenIssuer(key)
     tmp = tempfile.mkdtemp(prefix="bench-proxy-")
     env = {**os.environ, "BENCH_KID": key.kid, "BENCH_KEY": key.private_bytes().hex(), "PYTHONPATH": str(ROOT)}
-    procs = []
+    procs, peer = [], None
     try:
         fake, fake_url = _spawn("fake", env, "--delay", str(args.delay))
         procs.append(fake)
@@ -327,7 +327,6 @@ async def _bench(args: argparse.Namespace) -> None:
         if litellm_python:
             master_key = "sk-" + os.urandom(16).hex()
             peer, peer_url = _start_litellm(litellm_python, tmp, fake_url, master_key)
-            procs.append(peer)
             pids["litellm"] = _litellm.tree_pids(peer.pid)
             clients["litellm"] = anthropic.AsyncAnthropic(base_url=peer_url, api_key=master_key, max_retries=0)
 
@@ -410,8 +409,8 @@ async def _bench(args: argparse.Namespace) -> None:
         rss, peak = _rss_mb(proxy.pid)
         print(f"proxy RSS {rss:.0f} MB (peak {peak:.0f} MB)")
         hop_ms = await _bare_hop_floor(env, args)
-        replicas_ratio = (await _budget_across_replicas(args, env, proxy_env, proxy_addr, set_quota, md, request,
-                                                        procs, tmp) if args.replicas else None)
+        replicas_ratio = (await _budget_across_replicas(args, proxy_env, proxy_addr, set_quota, md, request, procs,
+                                                        tmp) if args.replicas else None)
         await channel.close()
         for client in clients.values():
             await client.close()
@@ -427,6 +426,8 @@ async def _bench(args: argparse.Namespace) -> None:
         print(json.dumps(figures, sort_keys=True))
         write_json(args.json, figures)
     finally:
+        if peer is not None:
+            _litellm.stop(peer)
         for proc in procs:
             proc.terminate()
         for proc in procs:
