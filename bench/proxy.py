@@ -147,7 +147,7 @@ async def _closed_loop(call, concurrency: int, seconds: float) -> tuple[list[flo
 
 async def _bare_hop_floor(env: dict, args: argparse.Namespace) -> float:
     """Print what one bare gRPC hop adds at concurrency 1 in front of the same upstream wait: no
-    proxy's added latency can be below it (the target asks for <= 1 ms)."""
+    proxy's added latency can be below it (the target is this + 0.2 ms)."""
     import grpc
 
     from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
