@@ -31,6 +31,9 @@ RETRY_THROTTLING = {"maxTokens": 100, "tokenRatio": 0.1}
 """Per channel: retries stop while failures outnumber successes ~10:1 (a service down everywhere), so
 retries never multiply an outage's load; a single replica's death costs far fewer tokens than 50."""
 
+MAX_RECONNECT_BACKOFF_MS = 5000
+"""Longest wait between a channel's attempts to reconnect to a replica that went away."""
+
 RETRYABLE = (MethodOptions.NO_SIDE_EFFECTS, MethodOptions.IDEMPOTENT)
 
 
@@ -83,9 +86,13 @@ def _ip_family(host_port: str) -> str | None:
 
 
 def channel_options(address: str) -> tuple[tuple[str, object], ...]:
-    """Channel options for address: our service config, and for a list of replicas the first one as
-    authority (the name TLS checks the certificate against; a list is no host name)."""
-    options: tuple[tuple[str, object], ...] = (("grpc.service_config", service_config_json()),)
+    """Channel options for address: our service config, a short reconnect backoff, and for a list of replicas
+    the first one as authority (the name TLS checks the certificate against; a list is no host name)."""
+    options: tuple[tuple[str, object], ...] = (
+        ("grpc.service_config", service_config_json()),
+        # A restarted replica rejoins round_robin within seconds, not after gRPC's default 120 s reconnect backoff.
+        ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+    )
     target = channel_target(address)
     if target != address.strip() and target.startswith(("ipv4:", "ipv6:")):
         options += (("grpc.default_authority", target.split(":", 1)[1].split(",")[0]),)
