@@ -176,3 +176,23 @@ async def test_two_leaders_killed_in_turn_with_the_first_back_in_between(tmp_pat
         stop.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         await stop_harness(h)
+
+
+async def test_a_sealed_node_listed_first_is_passed_over(tmp_path, migrated_template, openbao_raft):
+    """A node that restarted and is still sealed answers 503 to everything: credentials moves to
+    the next address for that request and stays there, instead of failing every call."""
+    cluster = openbao_raft
+    sealed = next(n for n in cluster.nodes if n is not cluster.wait_for_leader())
+    sealed.kill()
+    sealed.start()  # comes back sealed: nobody unseals it
+    assert sealed.health()["sealed"]
+    urls = [sealed.url] + [u for u in cluster.urls if u != sealed.url]
+    h = await start_harness("vault", tmp_path, migrated_template,
+                            SimpleNamespace(url=",".join(urls), root_token=cluster.root_token))
+    try:
+        for i in range(3):
+            await h.put("k", f"value-{i}".encode())
+            assert (await h.get("k")).value == f"value-{i}".encode()
+        assert h.service.backend.current_address != sealed.url
+    finally:
+        await stop_harness(h)
