@@ -82,9 +82,13 @@ class PurgeResult:
     """What one PurgeTenant destroyed and kept."""
 
     hooks: HookResult
+    """What the service's hooks destroyed or did first."""
     deleted: list[TableCount]
+    """Rows removed per table (for a dropped store: what it held)."""
     dropped: list[str]
+    """Stores dropped whole."""
     kept: list[tuple[TableCount, str]]
+    """Rows left in place on purpose, each with its reason."""
 
 
 def check_request(tenant_id: str, tier_value: int) -> Tier:

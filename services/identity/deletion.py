@@ -13,9 +13,9 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-from collections.abc import Callable, Mapping, MutableMapping
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import timedelta
 
 import grpc
 from google.protobuf.json_format import MessageToDict
@@ -38,6 +38,10 @@ log = logging.getLogger("bulkhead.identity.deletion")
 STEPS = ("orchestrator", "credentials", "state", "inference", "metering", "identity")
 """The order of a deletion: runs stop first, keys go before rows, identity's own rows go last."""
 MAX_GRACE = timedelta(days=90)
+SETTLE = timedelta(seconds=3)
+"""Even `now` waits this long after the tenant turns `deleting`: every verifier polls the suspended
+list about once a second, so by then no service still serves the tenant (or resumes its runs)
+while its rows go."""
 _TOKEN_TTL = 300
 _CALL_TIMEOUT = 120.0
 
@@ -106,7 +110,7 @@ class Deletions:
             if existing is None:
                 Tier.parse(tenant.tier)
                 s.add(DeletionRow(tenant_id=tenant_id, tier=tenant.tier, state="scheduled", requested_at=at,
-                                  delete_after=at + timedelta(seconds=grace_seconds)))
+                                  delete_after=at + max(timedelta(seconds=grace_seconds), SETTLE)))
                 s.add_all(DeletionStepRow(tenant_id=tenant_id, service=svc, position=i, done=False, attempts=0,
                                           last_error="") for i, svc in enumerate(STEPS))
                 tenant.status = "deleting"
@@ -146,8 +150,13 @@ class Deletions:
 
     # -- execution ------------------------------------------------------------------------------
     def kick(self, tenant_id: str) -> None:
-        """Run a due deletion now in the background (the Periodic would, a pass later)."""
-        task = asyncio.get_running_loop().create_task(self.run(tenant_id), name=f"delete-{tenant_id}")
+        """Run a deletion in the background as soon as it is due (the Periodic would, a pass later)."""
+        async def when_due() -> None:
+            view = await self.get(tenant_id)
+            await asyncio.sleep(max(0.0, (as_utc(view.row.delete_after) - utcnow()).total_seconds()))
+            await self.run(tenant_id)
+
+        task = asyncio.get_running_loop().create_task(when_due(), name=f"delete-{tenant_id}")
         self._kicks.add(task)
         task.add_done_callback(self._kicks.discard)
 
@@ -168,7 +177,10 @@ class Deletions:
                 view = await self.get(tenant_id)
                 tier = Tier.parse(view.row.tier)
                 for step in view.steps:
-                    if not step.done and not await self._run_step(tenant_id, tier, step):
+                    if step.done:
+                        continue
+                    await self._renew(tenant_id)  # a long purge must not let another replica in
+                    if not await self._run_step(tenant_id, tier, step):
                         return False
                 await self._finish(tenant_id)
                 return True
@@ -190,6 +202,11 @@ class Deletions:
                 (DeletionRow.lease_until.is_(None)) | (DeletionRow.lease_until < now))
                 .values(lease_until=now + self._lease, state="running"))
         return result.rowcount == 1
+
+    async def _renew(self, tenant_id: str) -> None:
+        async with self._db.system_session() as s:
+            await s.execute(update(DeletionRow).where(DeletionRow.tenant_id == tenant_id)
+                            .values(lease_until=utcnow() + self._lease))
 
     async def _release(self, tenant_id: str) -> None:
         async with self._db.system_session() as s:
@@ -264,12 +281,3 @@ class Deletions:
         if self._on_change is not None:
             await self._on_change()
 
-
-def steps_view(steps: list[DeletionStepRow]) -> Mapping[str, bool]:
-    """service -> done (for logs and tests)."""
-    return {s.service: s.done for s in steps}
-
-
-def delete_after(view: DeletionView) -> datetime:
-    """When the purge may start, as an aware UTC datetime."""
-    return as_utc(view.row.delete_after)

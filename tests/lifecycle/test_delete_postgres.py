@@ -7,7 +7,6 @@ inventories are unchanged in every service.
 """
 from __future__ import annotations
 
-import asyncio
 import secrets
 
 import grpc

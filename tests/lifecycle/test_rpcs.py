@@ -48,6 +48,11 @@ async def test_only_identitys_platform_token_may_call_the_lifecycle(mesh):
         got = await stub.InventoryTenant(lpb.InventoryTenantRequest(tenant_id=b.tenant_id, tier=tenancy_pb2.TIER_POOLED),
                                          metadata=platform)
         assert got.service == "state" and got.tables
+    async with grpc.aio.insecure_channel(mesh.identity.address) as ch:  # identity serves the same contract
+        got = await lifecycle_pb2_grpc.TenantLifecycleServiceStub(ch).InventoryTenant(
+            lpb.InventoryTenantRequest(tenant_id=b.tenant_id, tier=tenancy_pb2.TIER_BRIDGE), metadata=platform)
+        rows = {t.table: t.rows for t in got.tables}
+        assert rows["principals"] == 1 and rows["api_keys"] == 1 and {t.store for t in got.tables} == {"main"}
 
 
 async def test_lifecycle_bad_input_is_precise(mesh):
