@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+from collections import defaultdict
 
 import pytest
 
 from .methods import enumerate_rpcs
 from .observe import snapshot
-from .reuse import KEYED, NAMES_EXISTING, Reuse, call, keyed_rpcs, made_values, request_id_only, skeleton, strings, \
-    unclassified
+from .reuse import KEYED, NAMES_EXISTING, Reuse, call, id_fields, keyed_rpcs, made_values, request_id_only, \
+    skeleton, strings, unclassified
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -78,10 +79,11 @@ async def reuse_check(rig, path: str, case: Reuse) -> list[str]:
     control_rid = f"rid-{secrets.token_hex(8)}"
     control = await call(rig, rpc, control_req, rig.a, control_rid)
 
-    problems = []
     if a_out.code != "OK":
-        problems.append(f"A's use of a key B used first failed: {a_out.status} {a_out.message!r}")
-        return problems
+        return [f"A's use of a key B used first failed: {a_out.status} {a_out.message!r}"]
+    if control.code != "OK":
+        return [f"A's call with a fresh key failed: {control.status} {control.message!r}"]
+    problems = []
     a_sent, b_sent = strings(a_req), strings(b_req)
     mine = skeleton(a_out.replies[0], a_sent, case.vary, (key, rid))
     fresh = skeleton(control.replies[0], strings(control_req), case.vary, (fresh_key, control_rid))
@@ -111,6 +113,15 @@ async def test_every_keyed_write_is_classified():
     assert not missing, "\n".join(missing)
     assert set(KEYED) | set(NAMES_EXISTING) <= {r.path for r in keyed_rpcs(RPCS)} | set(KEYED), \
         "an entry for an RPC that no longer exists or carries no id"
+    for path, case in KEYED.items():  # the key lands in the field the descriptors name as the client's id
+        request = case.build("the-key", defaultdict(lambda: "x"))
+        if case.key_field:
+            assert case.key_field in id_fields(request.DESCRIPTOR), (path, case.key_field)
+            value = request
+            for part in case.key_field.split("."):
+                value = getattr(value, part)
+                value = value[0] if hasattr(value, "add") else value  # repeated messages: the first
+            assert value == "the-key", (path, case.key_field, value)
 
 
 @pytest.mark.parametrize("path", sorted(CASES), ids=_name)
