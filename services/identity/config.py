@@ -26,6 +26,9 @@ class IdentityConfig:
     <data dir>/service-keys): a folder of its own, so it can be shared with those services and nothing else."""
     deletion_interval: float = 10.0
     """Seconds between passes over due tenant deletions (BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS)."""
+    deletion_lease: float = 180.0
+    """Seconds a replica holds a deletion it works on (BULKHEAD_IDENTITY_DELETION_LEASE_SECONDS): renewed before
+    each step, so it must outlast the slowest step; a killed replica's deletion waits this long for another."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> IdentityConfig:
@@ -35,4 +38,5 @@ class IdentityConfig:
                    revocation_poll=float(env.get("BULKHEAD_REVOCATION_POLL_SECONDS", "1")),
                    service_keys_dir=Path(env.get("BULKHEAD_IDENTITY_SERVICE_KEYS_DIR",
                                                  service.data_dir / SERVICE_KEYS_DIR)),
-                   deletion_interval=float(env.get("BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS", "10")))
+                   deletion_interval=float(env.get("BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS", "10")),
+                   deletion_lease=float(env.get("BULKHEAD_IDENTITY_DELETION_LEASE_SECONDS", "180")))

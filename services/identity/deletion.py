@@ -75,7 +75,7 @@ class Deletions:
 
     def __init__(self, db: Database, keys: SigningKeys, own: TenantLifecycle, *,
                  peers: MutableMapping[str, str], channel_for: Callable[[str], grpc.aio.Channel],
-                 on_status_change: Callable[[], object] | None = None, lease_seconds: float = 120.0) -> None:
+                 on_status_change: Callable[[], object] | None = None, lease_seconds: float = 180.0) -> None:
         """peers: service name -> address (a mutable map: tests fill it once the services listen)."""
         self._db = db
         self._keys = keys

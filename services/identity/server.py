@@ -78,7 +78,7 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
     channels: dict = {}
     deletions = Deletions(db, keys, own, peers={s: svc.peers[s] for s in STEPS if s in svc.peers},
                           channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
-                          on_status_change=key_source.refresh_revocations)
+                          on_status_change=key_source.refresh_revocations, lease_seconds=config.deletion_lease)
     servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source, deletions)
     lifecycle = lifecycle_binding("identity", db, IdentityBase.metadata, keep=KEPT, rows_tier=Tier.POOLED)
     running = await serve(
