@@ -12,8 +12,9 @@ Settings chosen for tests, and why:
   through another. With it, standbys forward every request to the active node.
 - `performance_multiplier = 1`: Raft's tightest timings (the default 5 is meant for slow
   disks), so a new leader is elected in about a second instead of about ten.
-- Autopilot's server stabilisation time is cut to 1 s, or a joined node stays a non-voter for
-  10 s and killing the leader meanwhile leaves no quorum.
+- Autopilot's server stabilisation time is cut to 1 s and it reconciles every second, or a
+  joined node stays a non-voter for 10 s or more and killing the leader meanwhile leaves no
+  quorum. Starting still takes ~10 s: retry_join tries every 2 s and the nodes join one by one.
 (`disable_mlock` is not set: OpenBao 2.x no longer locks memory and warns about the field.)
 """
 from __future__ import annotations
@@ -56,6 +57,8 @@ storage "raft" {{
   path = "{data}"
   node_id = "{node_id}"
   performance_multiplier = 1
+  autopilot_reconcile_interval = "1s"
+  autopilot_update_interval = "1s"
 {joins}}}
 """
 
