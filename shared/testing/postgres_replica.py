@@ -84,14 +84,17 @@ class PostgresPair:
         """The data directory of `primary` or `standby`."""
         return os.path.join(self.root, which, "data")
 
-    def multi_host_url(self, url: str) -> str:
+    def multi_host_url(self, url: str, *, standby_first: bool = False) -> str:
         """`url` (one of create_database's SQLAlchemy URLs) rewritten to name both servers, with
-        `target_session_attrs=read-write`: asyncpg tries them in order and keeps the writable one."""
+        `target_session_attrs=read-write`: asyncpg tries them in order and keeps the writable one
+        (standby_first lists the read-only standby first, so that choice is really made)."""
         parts = urllib.parse.urlsplit(url)
         userinfo = parts.netloc.rpartition("@")[0]
-        query = urllib.parse.urlencode([("host", f"127.0.0.1:{self.primary_port}"),
-                                        ("host", f"127.0.0.1:{self.standby_port}"),
-                                        ("target_session_attrs", "read-write")], safe=":")
+        hosts = [f"127.0.0.1:{self.primary_port}", f"127.0.0.1:{self.standby_port}"]
+        if standby_first:
+            hosts.reverse()
+        query = urllib.parse.urlencode([*(("host", h) for h in hosts), ("target_session_attrs", "read-write")],
+                                       safe=":")
         return urllib.parse.urlunsplit((parts.scheme, f"{userinfo}@", parts.path, query, ""))
 
     def stop_primary(self) -> None:
@@ -130,6 +133,26 @@ class PostgresPair:
         finally:
             await conn.close()
         return [dict(r) for r in rows]
+
+    async def wait_replayed(self, *, timeout: float = 30.0) -> None:
+        """Wait until the standby has REPLAYED everything the primary wrote so far (a synchronous
+        commit only waits until the standby has the WAL on disk, not until it is visible there)."""
+        import asyncpg
+
+        primary = await asyncpg.connect(self.primary.admin_dsn)
+        try:
+            target = await primary.fetchval("SELECT pg_current_wal_lsn()")
+        finally:
+            await primary.close()
+        standby = await asyncpg.connect(self.standby_admin_dsn())
+        try:
+            deadline = time.monotonic() + timeout
+            while not await standby.fetchval("SELECT pg_last_wal_replay_lsn() >= $1::pg_lsn", target):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"the standby has not replayed {target} after {timeout:.0f}s")
+                await asyncio.sleep(0.02)
+        finally:
+            await standby.close()
 
     def standby_admin_dsn(self) -> str:
         """The superuser's DSN on the standby (read-only until promoted)."""

@@ -65,13 +65,18 @@ async def _worker(h, w: int, work: Workload, stop: asyncio.Event) -> None:
         n += 1
 
 
-async def test_metering_survives_a_primary_crash_and_promotion(postgres_replica):
+@pytest.mark.parametrize("standby_first", [False, True], ids=["primary-first", "standby-first"])
+async def test_metering_survives_a_primary_crash_and_promotion(postgres_replica, standby_first: bool):
     """Primary stopped (immediate) + standby promoted: writes resume through the multi-host URL,
-    no acknowledged event is missing from the ledger and none is stored or counted twice."""
+    no acknowledged event is missing from the ledger and none is stored or counted twice.
+    With the standby listed first, target_session_attrs=read-write is what keeps the service off
+    the read-only standby until it is promoted."""
     pair = postgres_replica
     urls = await pair.primary.create_database("metering")
-    db = await Database.open(pair.multi_host_url(urls.app_url), migrations=str(MIGRATIONS),
-                             owner_url=pair.multi_host_url(urls.owner_url), pool_size=5)
+    await pair.wait_replayed()  # asyncpg gives up on a server that lacks the database
+    db = await Database.open(pair.multi_host_url(urls.app_url, standby_first=standby_first),
+                             migrations=str(MIGRATIONS), pool_size=5,
+                             owner_url=pair.multi_host_url(urls.owner_url, standby_first=standby_first))
     h, channel = await start_harness(db)
     work, stop = Workload(), asyncio.Event()
     try:
