@@ -35,6 +35,7 @@ REPLICA_STRIDE = 10
 the ports of `up` (base+51..56, +80 the console, +151..156 metrics) never collide up to MAX_REPLICAS."""
 
 MAX_REPLICAS = 8
+"""Most processes per service `up` runs; beyond it replica ports would reach the metrics range (base+151..)."""
 
 
 def available_services() -> list[str]:
