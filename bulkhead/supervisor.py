@@ -35,7 +35,8 @@ REPLICA_STRIDE = 10
 the ports of `up` (base+51..56, +80 the console, +151..156 metrics) never collide up to MAX_REPLICAS."""
 
 MAX_REPLICAS = 8
-"""Most processes per service `up` runs; beyond it replica ports would reach the metrics range (base+151..)."""
+"""Most processes per service `up` runs: 6 x 8 already crowds one machine, and from 10 on a replica's gRPC
+port would reach the metrics ports (base+151..)."""
 
 
 def available_services() -> list[str]:
