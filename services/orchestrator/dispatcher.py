@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from services.orchestrator.engine import Engine, Ports, RunJob
+from services.orchestrator.engine import TENANT_SUSPENDED, Engine, Ports, RunJob, TenantSuspended
 from services.orchestrator.grants import GrantSealer
 from services.orchestrator.history import RunView
 from services.orchestrator.ports import StepConflict
@@ -91,8 +91,11 @@ class Dispatcher:
     """Admits, leases and executes runs."""
 
     def __init__(self, *, runs: RunStore, engine: Engine, ports_for: Callable[[], Ports], sealer: GrantSealer,
-                 feed: StepFeed, settings: DispatchSettings = DispatchSettings(), owner: str | None = None):
+                 feed: StepFeed, settings: DispatchSettings = DispatchSettings(), owner: str | None = None,
+                 suspended: Callable[[str], bool] = lambda tenant_id: False):
+        """suspended: whether a tenant is suspended now (the verifier's view): its runs pause, unclaimed."""
         self._runs, self._engine, self._ports_for, self._sealer = runs, engine, ports_for, sealer
+        self._suspended = suspended
         self._feed, self._s = feed, settings
         self.owner = owner or f"orch-{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
@@ -147,7 +150,7 @@ class Dispatcher:
             return
         now = time.time()
         waiting, running = await self._runs.waiting(now)
-        waiting = [w for w in waiting if w.run_id not in self._tasks]
+        waiting = [w for w in waiting if w.run_id not in self._tasks and not self._suspended(w.tenant_id)]
         for pick in pick_runs(waiting, running, per_tenant_limit=self._s.runs_per_tenant, free_slots=free):
             claim = await self._runs.claim(pick.run_id, self.owner, ttl=self._s.lease_seconds, now=time.time())
             if claim is not None:
@@ -189,6 +192,7 @@ class Dispatcher:
                 try:
                     await self._engine.execute(job, self._ports_for(),
                                                cancelled=lambda: claim.run_id in self._cancel,
+                                               suspended=lambda: self._suspended(claim.tenant_id),
                                                on_step=recorder.put, on_load=self._syncer(claim.run_id))
                 finally:
                     detach(trace_token)
@@ -205,7 +209,13 @@ class Dispatcher:
             log.warning("run paused: a dependency is unavailable", extra={"tenant_id": claim.tenant_id,
                                                                           "run_id": claim.run_id})
             await self._runs.release(claim.run_id, self.owner)
-        except Exception:  # noqa: BLE001 - record the failure on the run rather than retry forever
+        except Exception as exc:  # noqa: BLE001 - record the failure on the run rather than retry forever
+            if isinstance(exc, TenantSuspended) or getattr(exc, "reason", None) == TENANT_SUSPENDED:
+                # Back in the queue where it stopped; not claimed again until the tenant is resumed.
+                log.info("run paused: tenant suspended", extra={"tenant_id": claim.tenant_id,
+                                                                "run_id": claim.run_id})
+                await self._runs.release(claim.run_id, self.owner)
+                return
             log.exception("run failed", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
             await self._fail(ctx, claim.run_id, "INTERNAL", "the run failed inside the orchestrator")
         finally:

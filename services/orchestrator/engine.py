@@ -28,6 +28,12 @@ from services.orchestrator.team import HANDOFF_TOOL, AgentSpec, TeamSpec
 log = logging.getLogger("bulkhead.orchestrator.engine")
 _tracer = trace.get_tracer("bulkhead.orchestrator")
 
+TENANT_SUSPENDED = "TENANT_SUSPENDED"
+
+
+class TenantSuspended(Exception):
+    """The run's tenant was suspended: stop at this step boundary; the run resumes here after resume."""
+
 
 @dataclass(frozen=True)
 class Limits:
@@ -86,10 +92,12 @@ class Engine:
         self._canary_key, self._limits = canary_key, limits
 
     async def execute(self, job: RunJob, ports: Ports, *, cancelled: Callable[[], bool] = lambda: False,
+                      suspended: Callable[[], bool] = lambda: False,
                       on_step: OnStep | None = None, on_load: OnLoad | None = None) -> RunView:
         """Run job from wherever its log ends until it finishes; returns the final view.
 
-        Raises StepConflict when another executor wrote to the log (this one lost the lease).
+        Raises StepConflict when another executor wrote to the log (this one lost the lease), and
+        TenantSuspended before a step when the tenant is suspended (nothing of that step was done).
         """
         ex = _Execution(self, job, ports, on_step)
         attrs = {"tenant.id": job.tenant_id, "run.id": job.run_id, "team": job.team.name}
@@ -101,8 +109,18 @@ class Engine:
                         **attrs, "step.index": ex.view.last_index + 1, "agent": ex.view.current_agent}):
                     if cancelled():
                         await ex.finish(RunStatus.CANCELLED, message="cancelled by request")
+                    elif suspended():
+                        raise TenantSuspended(job.tenant_id)
                     else:
-                        await ex.advance()
+                        try:
+                            await ex.advance()
+                        except BulkheadError as err:
+                            # Suspended mid-step (state or credentials refused the run's token): the
+                            # step was not appended, so it runs again after resume. A model call made
+                            # meanwhile is answered from the proxy's replay cache by its request id.
+                            if err.reason == TENANT_SUSPENDED:
+                                raise TenantSuspended(job.tenant_id) from None
+                            raise
         return ex.view
 
     def system_prompt(self, tenant_id: str, team: TeamSpec, agent: AgentSpec) -> str:
@@ -166,6 +184,8 @@ class _Execution:
         except Unavailable:
             raise  # transient: the dispatcher gives the run back and it resumes at this very step
         except BulkheadError as err:
+            if err.reason == TENANT_SUSPENDED:  # suspended mid-step: the proxy refused before any upstream call
+                raise TenantSuspended(self.job.tenant_id) from None
             reason = err.reason if isinstance(err, ResourceExhausted) else FailReason.MODEL_ERROR
             await self.finish(RunStatus.FAILED, reason=reason, message=f"model call failed: {err.message}")
             return

@@ -95,7 +95,8 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
                             settings=DispatchSettings(runs_per_tenant=config.runs_per_tenant,
                                                       max_concurrent=config.max_concurrent,
                                                       lease_seconds=config.lease_seconds,
-                                                      poll_seconds=poll_seconds))
+                                                      poll_seconds=poll_seconds),
+                            suspended=verifier.tenant_suspended)
     orchestrator = Orchestrator(teams=TeamStore(db), runs=runs, dispatcher=dispatcher, feed=feed,
                                 delegator=delegator or IdentityDelegator(identity_ch), sealer=sealer,
                                 delegation_ttl=config.delegation_ttl, watch_poll=poll_seconds)
