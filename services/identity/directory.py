@@ -12,7 +12,7 @@ from services.identity.credentials import make_api_key, new_id
 from services.identity.signing import utcnow
 from services.identity.store import ApiKeyRow, PrincipalRow, TenantRow
 from shared.db import Database
-from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, clip
 from shared.paging import Page, decode_cursor, encode_cursor, page_size
 from shared.tenancy import (OPERATOR_SCOPE, PLATFORM_TENANT, TIERS, TenantContext, require_tenant, scope_matches,
                             tenant_scope)
@@ -35,7 +35,9 @@ def validate_scopes(scopes: Iterable[str], *, field: str, tenant_id: str) -> lis
     out = []
     for scope in scopes:
         if not _SCOPE_RE.match(scope):
-            raise InvalidArgument(f"malformed scope {scope!r}", violations={field: "scopes look like 'service.resource.verb'"})
+            # Clipped after repr: a long or unprintable scope echoed whole overflowed the 1 KB error details.
+            raise InvalidArgument(f"malformed scope {clip(repr(scope), 100)}",
+                                  violations={field: "scopes look like 'service.resource.verb'"})
         if scope.startswith("platform.") and tenant_id != PLATFORM_TENANT:
             raise PermissionDenied("platform scopes are only for platform operators", reason="PLATFORM_SCOPE")
         out.append(scope)
