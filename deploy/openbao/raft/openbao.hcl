@@ -1,7 +1,9 @@
 # OpenBao server config for the 3-node Raft cluster in openbao.yaml. BAO_API_ADDR and
 # BAO_CLUSTER_ADDR come from the pod's environment (its own stable DNS name).
 ui            = false
-disable_mlock = true
+# Standbys forward reads to the leader: since OpenBao 2.5 a standby may answer a read itself, from
+# state that can lag the leader, so a GetSecret right after a PutSecret could miss the new version.
+disable_standby_reads = true
 
 listener "tcp" {
   address         = "0.0.0.0:8200"
