@@ -70,7 +70,8 @@ class RotatorRegistry:
         """The rotator called `name`; InvalidArgument when unknown."""
         rotator = self._by_name.get(name)
         if rotator is None:
-            raise errors.InvalidArgument(f"no rotator called {name!r}", reason="ROTATOR_UNKNOWN",
+            # Echo clipped: 400 characters of 3-byte text overflowed the 1 KB error details (fuzzer).
+            raise errors.InvalidArgument(f"no rotator called {errors.clip(repr(name), 100)}", reason="ROTATOR_UNKNOWN",
                                          violations={"rotator": f"known rotators: {', '.join(sorted(self._by_name))}"})
         return rotator
 

@@ -7,6 +7,8 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass, field
 
+from shared.errors import clip
+
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._:-]{0,99}$")
 
 
@@ -82,7 +84,8 @@ def resolve(requested: str, policy: Policy, private: dict[str, PrivateModel]) ->
         model = private[name]
         return ResolvedModel(name, model.upstream_model, model.base_url, private=True)
     if name not in policy.allowed_models:
-        raise PolicyViolation("params.model", f"model {name!r} is not allowed for this tenant",
+        # Echo clipped: 400 characters of 3-byte text overflowed the 1 KB error details (fuzzer).
+        raise PolicyViolation("params.model", f"model {clip(repr(name), 100)} is not allowed for this tenant",
                               reason="MODEL_NOT_ALLOWED")
     return ResolvedModel(name, policy.pinned_versions.get(name, name))
 

@@ -29,7 +29,7 @@ from services.orchestrator.scheduler import QueuedRun
 from services.orchestrator.steps import Step
 from services.orchestrator.team import TeamSpec
 from shared.db import Base, Database, TenantOwned
-from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
+from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, clip
 
 
 class OrchestratorBase(Base):
@@ -229,7 +229,7 @@ class TeamStore:
         async with self._db.session() as s:
             row = (await s.execute(select(TeamRow).where(TeamRow.name == name))).scalar_one_or_none()
             if row is None:
-                raise NotFound(f"team {name!r} not found", reason="TEAM_NOT_FOUND")
+                raise NotFound(f"team {clip(repr(name), 100)} not found", reason="TEAM_NOT_FOUND")
             return _team(row)
 
     async def list(self, page_size: int, page_token: str) -> Page:
@@ -249,7 +249,7 @@ class TeamStore:
         async with self._db.session() as s:
             row = (await s.execute(select(TeamRow).where(TeamRow.name == spec.name))).scalar_one_or_none()
             if row is None:
-                raise NotFound(f"team {spec.name!r} not found", reason="TEAM_NOT_FOUND")
+                raise NotFound(f"team {clip(repr(spec.name), 100)} not found", reason="TEAM_NOT_FOUND")
             if etag and etag != row.etag:
                 raise Aborted("team changed since it was read", reason="ETAG_MISMATCH", metadata={"etag": row.etag})
             row.spec, row.etag, row.updated_at = json.dumps(spec.to_dict()), uuid.uuid4().hex, time.time()
@@ -260,7 +260,7 @@ class TeamStore:
         async with self._db.session() as s:
             row = (await s.execute(select(TeamRow).where(TeamRow.name == name))).scalar_one_or_none()
             if row is None:
-                raise NotFound(f"team {name!r} not found", reason="TEAM_NOT_FOUND")
+                raise NotFound(f"team {clip(repr(name), 100)} not found", reason="TEAM_NOT_FOUND")
             await s.delete(row)
 
 
