@@ -21,6 +21,7 @@ from services.inference.clients import (
     PlatformUsage,
 )
 from services.inference.config import InferenceConfig
+from services.inference.lifecycle import DeliverUsage
 from services.inference.limits import RateLimiter
 from services.inference.providers import (
     OFFLINE,
@@ -137,8 +138,8 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     servicer = InferenceServicer(proxy, store, tiers=tiers, allow_http_endpoints=config.allow_http_endpoints)
     binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer,
                       inference_pb2.DESCRIPTOR.services_by_name["InferenceService"])
-    running = await serve(name="inference", bindings=[binding, lifecycle_binding("inference", db, InferenceBase.metadata)],
-                          verifier=verifier,
+    lifecycle = lifecycle_binding("inference", db, InferenceBase.metadata, hooks=[DeliverUsage(meter, outbox)])
+    running = await serve(name="inference", bindings=[binding, lifecycle], verifier=verifier,
                           address=address or config.service.address)
     async def sweep() -> None:
         meter.adopt_backlog(await journal.sweep())
