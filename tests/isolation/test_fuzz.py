@@ -199,21 +199,21 @@ async def test_a_service_accepting_odd_bearers_fails_the_metadata_check(rig, ten
 
 
 def _string_paths(message, prefix: str = "", depth: int = 0):
-    """(path, setter) for every singular string field of message, nested messages too."""
+    """(path, parent getter, name) for every string field of message (repeated too), nested messages too."""
     for field in message.DESCRIPTOR.fields:
-        if field.type == field.TYPE_STRING and not field.is_repeated:
-            yield prefix + field.name, (lambda m, f=field.name: m), field.name
+        if field.type == field.TYPE_STRING:
+            yield prefix + field.name, (lambda m: m), field.name
         elif field.type == field.TYPE_MESSAGE and not field.is_repeated and depth < 3 \
                 and not field.message_type.full_name.startswith("google."):
             for path, get, name in _string_paths(getattr(message, field.name), f"{prefix}{field.name}.", depth + 1):
                 yield path, (lambda m, g=get, f=field.name: g(getattr(m, f))), name
 
 
-_WIDE = "\u0ae0" * 1500  # 3-byte characters: the error message is clipped by characters, the trailer by bytes
+_WIDE = "\U0001F600" * 1500  # 4-byte characters: the error message is clipped by characters, the trailer by bytes
 
 
 async def test_every_string_field_long_and_multibyte_keeps_error_details_small(rig, tenant):
-    """Deterministic sweep: each string field of each valid request set to 1500 three-byte characters."""
+    """Deterministic sweep: each string field of each valid request set to 1500 four-byte characters."""
     problems = []
     for rpc in TENANT_RPCS:
         if rpc.path not in FACTORIES:
@@ -222,7 +222,13 @@ async def test_every_string_field_long_and_multibyte_keeps_error_details_small(r
         for path, get, name in list(_string_paths(base)):
             request = type(base)()
             request.CopyFrom(base)
-            setattr(get(request), name, _WIDE)
+            parent = get(request)
+            if isinstance(getattr(parent, name), str):
+                setattr(parent, name, _WIDE)
+            else:  # repeated: one wide element first, the valid ones after
+                values = [_WIDE, *getattr(parent, name)]
+                del getattr(parent, name)[:]
+                getattr(parent, name).extend(values)
             out = await invoke(rig.channels[rpc.service], rpc, request, tenant.metadata, timeout=5)
             if out.code not in WELL_DEFINED or out.details_bytes > MAX_DETAILS_BYTES:
                 problems.append(f"{rpc.path} {path}: {out.status}, {out.details_bytes} B of details")
