@@ -20,6 +20,8 @@ from typing import Any
 
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from shared.db.engine import _database_unavailable
+
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _SAFE_TENANT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
 
@@ -112,14 +114,36 @@ async def raw_transaction(engine: AsyncEngine, *, tenant_id: str | None, schema:
             await driver.execute("BEGIN IMMEDIATE" if write else "BEGIN")
         try:
             yield RawTransaction(driver, dialect)
-        except BaseException:
+        except BaseException as exc:
             try:
                 await (driver.execute("ROLLBACK") if dialect == "postgresql" else driver.rollback())
             except BaseException:
                 await conn.invalidate()  # never hand the pool a connection stuck in a transaction
+            if _connection_lost(exc, driver):
+                raise _database_unavailable() from exc
             raise
         try:
             await (driver.execute("COMMIT") if dialect == "postgresql" else driver.commit())
-        except BaseException:
+        except BaseException as exc:
             await conn.invalidate()
+            if _connection_lost(exc, driver):  # the outcome is unknown: only an idempotent call may be retried
+                raise _database_unavailable() from exc
             raise
+
+
+def _connection_lost(exc: BaseException, driver: Any) -> bool:
+    """Whether the driver lost its server (a failover, a restart), as opposed to a failing statement.
+
+    The ORM's errors pass SQLAlchemy's disconnect handling (shared.db.engine); the driver's own, on a
+    raw transaction, do not, and would otherwise reach the caller as INTERNAL instead of UNAVAILABLE.
+    """
+    if isinstance(exc, (ConnectionError, TimeoutError)):
+        return True
+    try:
+        import asyncpg
+    except ImportError:  # an embedded (SQLite-only) install
+        return False
+    if isinstance(exc, asyncpg.InterfaceError):  # "connection is closed": the server went away
+        return bool(getattr(driver, "is_closed", lambda: False)())
+    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError,
+                            asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError))

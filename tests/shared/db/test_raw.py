@@ -86,3 +86,24 @@ async def test_postgres_bridge_tenant_raw_sql_lands_in_its_schema(pg_db: Databas
             assert await conn.fetchval("SELECT count(*) FROM public.notes") == 0
     finally:
         await conn.close()
+
+
+@pytest.mark.postgres
+async def test_a_connection_lost_mid_transaction_is_unavailable_not_internal(pg_db: Database, postgres) -> None:
+    """A server that drops the connection (a failover, a restart) surfaces as UNAVAILABLE with a retry
+    hint, so callers retry idempotent work, and the pool carries on with a fresh connection."""
+    from shared.errors import Unavailable
+
+    with tenant_scope(as_tenant(A)):
+        with pytest.raises(Unavailable) as lost:
+            async with pg_db.raw() as tx:
+                pid = await tx.fetchval("SELECT pg_backend_pid()")
+                admin = await asyncpg.connect(postgres.admin_dsn)
+                try:
+                    await admin.execute("SELECT pg_terminate_backend($1)", pid)
+                finally:
+                    await admin.close()
+                await tx.execute("INSERT INTO notes (tenant_id, body) VALUES ($1, $2)", A, "lost")
+        assert lost.value.reason == "DATABASE_UNAVAILABLE" and lost.value.retry_after
+        async with pg_db.raw() as tx:
+            assert await tx.fetchval("SELECT count(*) FROM notes") == 0
