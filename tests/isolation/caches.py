@@ -108,6 +108,7 @@ CACHES: dict[str, Entry] = {
     "shared/db/router.py::_routes": Entry(TENANT, "(tier, tenant) -> engine and schema",
                                          "tests/shared/db/test_tiers.py"),
     "shared/db/router.py::_engine_options": Entry(PLATFORM, "engine options from configuration"),
+    "shared/lifecycle.py::_keep": Entry(PLATFORM, "table -> why its rows outlive a purge, from the service's wiring"),
     "shared/logs.py::_secrets": Entry(PLATFORM, "every registered secret value, scrubbed from every log line "
                                                 "(deliberately not per tenant: no tenant's secret may reach any log)"),
     "shared/metrics.py::_seen": Entry(PLATFORM, "tenant ids used as metric labels (bounded), returns only a label"),

@@ -17,10 +17,10 @@ FUZZED_RPCS: dict[str, set[str]] = {"request": set(), "metadata": set()}
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def rig(tmp_path_factory):
+async def rig(request, tmp_path_factory):
     """Six services, tenants A, B and suspended C, every token minted once."""
     async with running_rig(tmp_path_factory.mktemp("isolation")) as r:
-        NOTES.append("refused by all six services after: " + ", ".join(
+        NOTES.append(f"{request.module.__name__.rsplit('.', 1)[-1]}: refused by all six services after: " + ", ".join(
             f"{what} {seconds:.2f} s" for what, seconds in r.propagation.items()))
         yield r
 
