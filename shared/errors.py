@@ -167,9 +167,18 @@ def _retry_info(seconds: float | None) -> list:
     return [error_details_pb2.RetryInfo(retry_delay=delay)]
 
 
-def trailing_metadata(error: BulkheadError) -> tuple[tuple[str, bytes], ...]:
-    """The trailer that carries the rich status (what grpc_status.rpc_status.to_status builds)."""
-    return ((_DETAILS_KEY, error.to_status().SerializeToString()),)
+def trailing_metadata(error: BulkheadError) -> tuple[tuple[str, str | bytes], ...]:
+    """The trailer that carries the rich status (what grpc_status.rpc_status.to_status builds).
+
+    An UNAVAILABLE with a retry delay also carries it as gRPC's retry pushback, so a channel that
+    resends idempotent calls (shared.service_config) waits as long as the server asked instead of
+    hammering a dependency that is down (gRFC A6).
+    """
+    trailer: tuple[tuple[str, str | bytes], ...] = ((_DETAILS_KEY, error.to_status().SerializeToString()),)
+    retry_after = getattr(error, "retry_after", None)
+    if error.code == grpc.StatusCode.UNAVAILABLE and retry_after:
+        trailer += (("grpc-retry-pushback-ms", str(int(retry_after * 1000))),)
+    return trailer
 
 
 def error_details(rpc_error: grpc.RpcError) -> dict:

@@ -40,3 +40,11 @@ def test_small_errors_are_unchanged():
     error = errors.InvalidArgument("bad page_size", violations={"page_size": ">= 0"}, metadata={"k": "v"})
     assert _unpacked(error.to_status()) == ["ErrorInfo", "BadRequest"]
     assert error.message == "bad page_size" and error.metadata == {"k": "v"}
+
+
+def test_unavailable_with_a_retry_delay_carries_it_as_retry_pushback():
+    """A channel's retry policy waits as long as the server asked (gRFC A6), and only for UNAVAILABLE."""
+    pushback = lambda err: dict(errors.trailing_metadata(err)).get("grpc-retry-pushback-ms")  # noqa: E731
+    assert pushback(errors.Unavailable("database away", retry_after=1.5)) == "1500"
+    assert pushback(errors.Unavailable("down")) is None
+    assert pushback(errors.ResourceExhausted("budget", retry_after=2.0)) is None
