@@ -90,7 +90,8 @@ class Deletions:
 
     # -- operator requests ----------------------------------------------------------------------
     async def schedule(self, tenant_id: str, grace_seconds: int, now: bool) -> DeletionView:
-        """Suspend the tenant as `deleting` and plan its purge; a repeat returns the existing plan."""
+        """Suspend the tenant as `deleting` and plan its purge; a repeat returns the existing plan
+        (with `now`, brought forward)."""
         if not tenant_id:
             raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant to delete"})
         if grace_seconds < 0 or (now and grace_seconds) or (not now and grace_seconds == 0):
@@ -114,6 +115,8 @@ class Deletions:
                 s.add_all(DeletionStepRow(tenant_id=tenant_id, service=svc, position=i, done=False, attempts=0,
                                           last_error="") for i, svc in enumerate(STEPS))
                 tenant.status = "deleting"
+            elif now and existing.state == "scheduled":  # the operator no longer wants to wait
+                existing.delete_after = min(as_utc(existing.delete_after), at + SETTLE)
         await self._changed()
         if existing is None:
             log.info("tenant %s scheduled for deletion (grace %ds)", tenant_id, grace_seconds)

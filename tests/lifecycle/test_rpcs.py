@@ -143,6 +143,23 @@ async def test_grace_period_suspends_and_resume_restores(mesh):
         raise AssertionError("a restored tenant stayed refused")
 
 
+async def test_now_brings_a_scheduled_deletion_forward(tmp_path):
+    """A tenant scheduled with a week's grace is deleted at once when the operator repeats with now."""
+    async with FakeAnthropic() as upstream, running_mesh(tmp_path, upstream_url=upstream.base_url) as mesh:
+        peers = {s: mesh.addr(s) for s in ("credentials", "state", "inference", "metering")}
+        mesh.identity.app.deletions.peers.update({**peers, "orchestrator": mesh.orchestrator.address})
+        t = await mesh.tenant()
+        ident, op = mesh.identity.stub, mesh.identity.operator.metadata
+        await ident.DeleteTenant(idn.DeleteTenantRequest(tenant_id=t.tenant_id, grace_seconds=7 * 86400), metadata=op)
+        await ident.DeleteTenant(idn.DeleteTenantRequest(tenant_id=t.tenant_id, now=True), metadata=op)
+        for _ in range(100):
+            got = await ident.GetDeletionReceipt(idn.GetDeletionReceiptRequest(tenant_id=t.tenant_id), metadata=op)
+            if got.deletion.state == idn.DELETION_STATE_DONE:
+                break
+            await asyncio.sleep(0.1)
+        assert got.deletion.state == idn.DELETION_STATE_DONE and got.receipt.signature
+
+
 async def test_deletion_resumes_after_identity_stops_midway(tmp_path):
     """State unreachable: orchestrator and credentials are done, state fails; identity stops. A new identity
     on the same database, with state reachable, completes the plan from where it stopped."""

@@ -269,7 +269,9 @@ class IdentityServiceServicer:
         after the grace period (or now), identity runs a durable plan of TenantLifecycleService.PurgeTenant
         calls (orchestrator, credentials with its keys first, state, inference, metering, then
         identity's own rows) and signs a deletion receipt. During the grace period
-        UpdateTenantStatus(ACTIVE) restores the tenant. A repeat returns the deletion already planned.
+        UpdateTenantStatus(ACTIVE) restores the tenant. A repeat returns the deletion already planned
+        (a repeat with now brings a scheduled one forward). Even now waits 3 s for every service to refuse
+        the tenant first.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
