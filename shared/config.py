@@ -11,6 +11,8 @@ Every variable, its default and meaning:
 | BULKHEAD_<SVC>_DATABASE_URL | sqlite+aiosqlite:///<data dir>/<svc>.db | the runtime (app role) database URL |
 | BULKHEAD_<SVC>_DATABASE_OWNER_URL | the runtime URL | URL of the table owner, used only for migrations |
 | BULKHEAD_DATABASE_URL / BULKHEAD_DATABASE_OWNER_URL | unset | defaults for every service's two URLs above |
+| BULKHEAD_<SVC>_DATABASE_READ_URL | unset (reads on the primary) | a streaming replica of the service's Postgres, as the runtime role: list/query RPCs read there (read-your-writes by LSN, docs/CONTRACT.md) |
+| BULKHEAD_DATABASE_READ_URL | unset | the replica URL for services that use BULKHEAD_DATABASE_URL (not for one with its own URL: that would read another database) |
 | BULKHEAD_<SVC>_SERVICE_KEY_FILE | <data dir>/service-keys/<svc>.key | the service's platform key (identity writes it on first start) |
 | BULKHEAD_OTLP_ENDPOINT | unset | OTLP/gRPC collector (Jaeger: http://jaeger:4317); unset = no export |
 | BULKHEAD_LOG_LEVEL | INFO | log level |
@@ -78,6 +80,8 @@ class ServiceConfig:
     """OTLP/gRPC collector, or None for no export."""
     log_level: str
     """Log level name."""
+    database_read_url: str | None = None
+    """A streaming replica's runtime URL for reads, or None: every read on the primary."""
     service_key_file: Path | None = None
     """This service's platform key (BULKHEAD_<SVC>_SERVICE_KEY_FILE; default <data dir>/service-keys/<svc>.key):
     identity writes one per service on first start; the service polls revocations and suspensions with it."""
@@ -93,12 +97,16 @@ class ServiceConfig:
         default_url = env.get("BULKHEAD_DATABASE_URL") or f"sqlite+aiosqlite:///{directory / (name + '.db')}"
         url = env.get(_key(name, "DATABASE_URL"), default_url)
         owner = env.get(_key(name, "DATABASE_OWNER_URL")) or env.get("BULKHEAD_DATABASE_OWNER_URL") or url
+        read = env.get(_key(name, "DATABASE_READ_URL")) or None
+        if read is None and url == env.get("BULKHEAD_DATABASE_URL"):
+            read = env.get("BULKHEAD_DATABASE_READ_URL") or None
         return cls(
             name=name,
             address=listen_addr(name, env),
             metrics_port=int(env.get(_key(name, "METRICS_PORT"), 9400 + SERVICE_PORTS[name] % 100)),
             database_url=url,
             database_owner_url=owner,
+            database_read_url=read,
             data_dir=directory,
             otlp_endpoint=env.get("BULKHEAD_OTLP_ENDPOINT") or None,
             log_level=env.get("BULKHEAD_LOG_LEVEL", "INFO"),

@@ -12,6 +12,7 @@ from shared.db.base import NAMING_CONVENTION, Base, TenantOwned, is_tenant_owned
 from shared.db.database import Database
 from shared.db.engine import make_engine, normalize_url
 from shared.db.migrations import run_env, upgrade
+from shared.db.replica import LSN_HEADER, lsn_from, reading_after
 from shared.db.rls import enable_tenant_rls, grant_app_role
 from shared.db.router import Route, TenantRouter, bridge_schema, silo_database
 from shared.db.session import TenantIsolationError, TenantSession
@@ -21,6 +22,7 @@ __all__ = [
     "NAMING_CONVENTION",
     "Base",
     "Database",
+    "LSN_HEADER",
     "NoTenantContext",
     "Route",
     "TenantIsolationError",
@@ -31,8 +33,10 @@ __all__ = [
     "enable_tenant_rls",
     "grant_app_role",
     "is_tenant_owned",
+    "lsn_from",
     "make_engine",
     "normalize_url",
+    "reading_after",
     "run_env",
     "silo_database",
     "upgrade",

@@ -2,20 +2,30 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import URL
+from sqlalchemy import URL, text
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
 from shared.db.engine import is_sqlite, make_engine, normalize_url, sqlite_path
 from shared.db.migrations import upgrade
 from shared.db.raw import RawTransaction, raw_transaction
+from shared.db.replica import INSERT_LSN, ReplicaRoutes, format_lsn, required_lsn
 from shared.db.router import Route, TenantRouter
 from shared.db.session import PLATFORM_BIND_KEY, SEARCH_PATH_KEY, SYSTEM_KEY, TENANT_KEY, TenantSession
 from shared.tenancy import require_tenant
+
+log = logging.getLogger("bulkhead.db")
+
+# One round trip on the replica: replayed far enough, and the bridge schema (if any) is there.
+_REPLICA_READY = text(
+    "SELECT COALESCE(pg_last_wal_replay_lsn() >= CAST(CAST(:lsn AS text) AS pg_lsn), NOT pg_is_in_recovery()) "
+    "AND (CAST(:schema AS text) IS NULL OR to_regnamespace(CAST(:schema AS text)) IS NOT NULL)")
 
 
 class Database:
@@ -24,24 +34,34 @@ class Database:
     Build it with `await Database.open(...)`; the constructor is for tests that bring an engine.
     """
 
-    def __init__(self, engine: AsyncEngine, *, router: TenantRouter | None = None) -> None:
+    def __init__(self, engine: AsyncEngine, *, router: TenantRouter | None = None,
+                 replica: ReplicaRoutes | None = None, read_wait: float = 0.05) -> None:
         self._engine = engine
+        self._replica = replica
+        self._read_wait = read_wait
         self._router = router or TenantRouter(engine, url=engine.url, owner_url=None, migrations=None,
                                               app_role=None)
         self._sessions = async_sessionmaker(sync_session_class=TenantSession, expire_on_commit=False)
 
     @classmethod
     async def open(cls, url: str | URL, *, migrations: str | Path | None = None, owner_url: str | URL | None = None,
-                   app_role: str | None = None, **engine_options: Any) -> Database:
+                   app_role: str | None = None, read_url: str | URL | None = None, read_wait: float = 0.05,
+                   **engine_options: Any) -> Database:
         """Connect to `url`, migrating it to head first when `migrations` names an Alembic folder.
 
         `owner_url` (Postgres) is the role that owns the tables: migrations run as it, and it
         creates silo databases. `url` is then the runtime role, which is granted DML only
         (`app_role` overrides the role granted to; it defaults to `url`'s user).
+        `read_url` (Postgres) is a streaming replica of the same cluster, as the runtime role:
+        read_session() reads there (shared.db.replica), waiting at most `read_wait` seconds for
+        it to catch up with a write the caller must see before reading on the primary instead.
         Extra keyword arguments go to create_async_engine (pool_size, echo, ...).
         """
         runtime = normalize_url(url)
         owner = normalize_url(owner_url) if owner_url is not None else None
+        read = normalize_url(read_url) if read_url is not None else None
+        if read is not None and (is_sqlite(runtime) or is_sqlite(read)):
+            raise ValueError("a read replica needs Postgres for both the database and the replica URL")
         if is_sqlite(runtime):
             sqlite_path(runtime).parent.mkdir(parents=True, exist_ok=True)
         elif app_role is None and owner is not None and owner.username != runtime.username:
@@ -52,7 +72,8 @@ class Database:
         engine = make_engine(runtime, **engine_options)
         router = TenantRouter(engine, url=runtime, owner_url=owner, migrations=folder, app_role=app_role,
                               engine_options=engine_options)
-        return cls(engine, router=router)
+        replica = ReplicaRoutes(make_engine(read, **engine_options), read, engine_options) if read else None
+        return cls(engine, router=router, replica=replica, read_wait=read_wait)
 
     @property
     def engine(self) -> AsyncEngine:
@@ -93,6 +114,64 @@ class Database:
             yield session  # an error propagates from here: closing the session rolls back
             await session.commit()
 
+    @property
+    def has_replica(self) -> bool:
+        """Whether reads may go to a streaming replica (a read URL was given)."""
+        return self._replica is not None
+
+    @asynccontextmanager
+    async def read_session(self) -> AsyncIterator[AsyncSession]:
+        """A tenant session for reads only: on the replica when there is one and it has replayed the
+        LSN the caller asked for (shared.db.replica.reading_after), else exactly session().
+
+        Nothing may be written through it (a standby refuses writes). The replica's transaction
+        sets app.tenant_id like any other, so RLS confines it the same way.
+        """
+        ctx = require_tenant()
+        primary = await self._router.route(ctx.tenant_id, ctx.tier)
+        session = None
+        if self._replica is not None:
+            route = self._replica.route(primary, self._engine)
+            info: dict[str, Any] = {TENANT_KEY: ctx.tenant_id}
+            if route.schema:
+                info[SEARCH_PATH_KEY] = route.schema
+            if route.bind is not self._replica.engine:
+                info[PLATFORM_BIND_KEY] = self._replica.engine.sync_engine
+            session = self._sessions(bind=route.bind, info=info)
+            if not await self._replica_ready(session, route.schema):
+                await session.close()
+                session = None
+        if session is None:
+            async with self.session() as primary_session:
+                yield primary_session
+            return
+        async with session:
+            yield session  # an error propagates from here: closing the session rolls back
+            await session.commit()
+
+    async def _replica_ready(self, session: AsyncSession, schema: str | None) -> bool:
+        """Whether the replica may serve this read: caught up within read_wait, and reachable."""
+        lsn = required_lsn()
+        params = {"lsn": format_lsn(lsn or 0), "schema": schema}
+        deadline = time.monotonic() + self._read_wait
+        try:
+            while not await session.scalar(_REPLICA_READY, params):
+                if time.monotonic() >= deadline:
+                    return False
+                await asyncio.sleep(0.002)
+        except Exception:  # a replica that is down or lacks a silo database: the primary answers
+            log.warning("read replica unusable; reading on the primary", exc_info=True)
+            return False
+        return True
+
+    async def written_lsn(self) -> str | None:
+        """After a write committed: a WAL position at or past it, for the caller's next read
+        (None without a replica, where every read is on the primary anyway)."""
+        if self._replica is None:
+            return None
+        async with self._engine.connect() as conn:
+            return (await conn.exec_driver_sql(INSERT_LSN)).scalar()
+
     @asynccontextmanager
     async def raw(self, *, write: bool = False) -> AsyncIterator[RawTransaction]:
         """A raw transaction for the current tenant's hot path (see shared.db.raw): no ORM, and
@@ -112,4 +191,6 @@ class Database:
     async def close(self) -> None:
         """Dispose of every engine (main, and those opened for silo tenants)."""
         await self._router.close()
+        if self._replica is not None:
+            await self._replica.close()
         await self._engine.dispose()
