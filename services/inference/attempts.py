@@ -5,7 +5,9 @@
     delivered (queued, once metering or the outbox holds the event) -> the row is done
 
 The writes of all calls in flight share one transaction (group commit), so the hot path pays for
-one row of an executemany, not one commit. A process that dies leaves its rows open or settled;
+one row of an executemany, not one commit. Only opens wake the writer: settles and deliveries
+ride along with the next group, or go on their own after `linger` seconds (a crash before then
+settles those rows at their reservation: conservative, never under the bill). A process that dies leaves its rows open or settled;
 the replica that restarts under the same name (at once), or any replica's sweeper (once a row is
 older than the longest an attempt can be in flight), turns them into usage events in the outbox,
 in the same transaction that closes them: settled rows with their real usage, open ones at
@@ -92,11 +94,13 @@ class AttemptJournal:
     """Group-committed write-ahead records of upstream attempts for one replica."""
 
     def __init__(self, store: AttemptStore, *, replica: str, sweep_after: float = 660.0,
-                 retention: float = 3600.0):
+                 retention: float = 3600.0, linger: float = 0.05, max_queued: int = 512):
         self._store = store
         self.replica = replica
         self._sweep_after = sweep_after
         self._retention = retention
+        self._linger = linger
+        self._max_queued = max_queued
         self._opens: list[tuple[NewAttempt, asyncio.Future]] = []
         self._settles: list[tuple] = []
         self._delivered: list[int] = []
@@ -127,7 +131,8 @@ class AttemptJournal:
         self._settles.append((attempt.row_id, t.input, t.output, t.cache_write, t.cache_read, event.outcome,
                               event.latency_ms, 1 if event.at_reservation else 0))
         self._rows[(event.tenant_id, event.idempotency_key)] = attempt.row_id
-        self._wake.set()
+        if len(self._settles) >= self._max_queued:
+            self._wake.set()
 
     def delivered(self, events: Sequence[UsageEvent]) -> None:
         """Metering or the outbox now holds these events: their rows are done."""
@@ -135,7 +140,7 @@ class AttemptJournal:
             row_id = self._rows.pop((e.tenant_id, e.idempotency_key), None)
             if row_id is not None:
                 self._delivered.append(row_id)
-        if self._delivered:
+        if len(self._delivered) >= self._max_queued:
             self._wake.set()
 
     async def sweep(self) -> set[str]:
@@ -164,7 +169,14 @@ class AttemptJournal:
 
     async def _run(self) -> None:
         while not self._closing:
-            await self._wake.wait()
+            if self._settles or self._delivered:
+                # Lazy work waits for the next open (one transaction for both) or the linger.
+                try:
+                    await asyncio.wait_for(self._wake.wait(), self._linger)
+                except TimeoutError:
+                    pass
+            else:
+                await self._wake.wait()
             self._wake.clear()
             try:
                 await self._write_once()
@@ -179,9 +191,11 @@ class AttemptJournal:
     async def _write_once(self) -> None:
         async with self._lock:
             await self._write_locked()
+            while self._opens:          # repeats of a request id deferred from the group just written
+                await self._write_locked()
 
     async def _write_locked(self) -> None:
-        opens, self._opens = self._opens, []
+        opens, self._opens = _first_of_each(self._opens)
         settles, self._settles = self._settles, []
         delivered, self._delivered = self._delivered, []
         if not (opens or settles or delivered):
@@ -198,6 +212,19 @@ class AttemptJournal:
         for (_, future), result in zip(opens, ids, strict=True):
             if not future.done():
                 future.set_result(result)
+
+
+def _first_of_each(opens: list[tuple[NewAttempt, asyncio.Future]]
+                   ) -> tuple[list[tuple[NewAttempt, asyncio.Future]], list[tuple[NewAttempt, asyncio.Future]]]:
+    """Split a group so it holds each request id once (its attempt number is taken in one statement);
+    the repeats wait for the next group."""
+    seen: set[tuple[str, str]] = set()
+    first, later = [], []
+    for item in opens:
+        key = (item[0].tenant_id, item[0].request_id)
+        (later if key in seen else first).append(item)
+        seen.add(key)
+    return first, later
 
 
 def context_json(ctx: TenantContext, *, trace_id: str, occurred_at: float) -> str:

@@ -213,15 +213,24 @@ class AttemptRow(InferenceBase):
     created_ms: Mapped[int] = mapped_column(BigInteger)
 
 
-# The next attempt number of the request id, taken in the insert itself (the unique constraint
-# catches two replicas taking the same one at once; the batch is then retried). Every parameter is
-# cast: Postgres cannot type a parameter used both in the select list and in the WHERE clause.
-_OPEN = ("INSERT INTO inference_attempts (tenant_id, request_id, attempt, replica, model, reserve_input, "
-         "reserve_output, state, at_reservation, context, created_ms) "
-         "SELECT CAST($1 AS VARCHAR), CAST($2 AS VARCHAR), COALESCE(MAX(attempt), 0) + 1, CAST($3 AS VARCHAR), "
-         "CAST($4 AS VARCHAR), CAST($5 AS BIGINT), CAST($6 AS BIGINT), 0, 0, CAST($7 AS TEXT), CAST($8 AS BIGINT) "
-         "FROM inference_attempts WHERE tenant_id = CAST($1 AS VARCHAR) AND request_id = CAST($2 AS VARCHAR) "
-         "RETURNING id, attempt")
+# A group's opens in one statement: each row's attempt number is the next for its request id,
+# taken in the insert itself (the unique constraint catches two replicas taking the same one at
+# once; the group is then retried). A group holds a request id at most once (the journal defers
+# repeats), and rows come back keyed by (tenant, request id), not by position.
+_OPEN_COLUMNS = ("INSERT INTO inference_attempts (tenant_id, request_id, attempt, replica, model, reserve_input, "
+                 "reserve_output, state, at_reservation, context, created_ms) ")
+_NEXT = ("COALESCE((SELECT MAX(a.attempt) FROM inference_attempts AS a WHERE a.tenant_id = v.t "
+         "AND a.request_id = v.r), 0) + 1")
+_PG_OPEN = (_OPEN_COLUMNS + f"SELECT v.t, v.r, {_NEXT}, CAST($1 AS VARCHAR), v.m, v.ri, v.ro, 0, 0, v.c, v.cm "
+            "FROM unnest(CAST($2 AS VARCHAR[]), CAST($3 AS VARCHAR[]), CAST($4 AS VARCHAR[]), CAST($5 AS BIGINT[]), "
+            "CAST($6 AS BIGINT[]), CAST($7 AS TEXT[]), CAST($8 AS BIGINT[])) AS v(t, r, m, ri, ro, c, cm) "
+            "RETURNING tenant_id, request_id, id, attempt")
+# SQLite has no arrays: the group travels as one JSON array of rows.
+_SQLITE_OPEN = (_OPEN_COLUMNS + f"SELECT v.t, v.r, {_NEXT}, $1, v.m, v.ri, v.ro, 0, 0, v.c, v.cm FROM ("
+                "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS r, "
+                "json_extract(value, '$[2]') AS m, json_extract(value, '$[3]') AS ri, json_extract(value, '$[4]') AS ro, "
+                "json_extract(value, '$[5]') AS c, json_extract(value, '$[6]') AS cm FROM json_each($2)) AS v "
+                "RETURNING tenant_id, request_id, id, attempt")
 _SETTLE = ("UPDATE inference_attempts SET state = 1, input_tokens = $2, output_tokens = $3, cache_write_tokens = $4, "
            "cache_read_tokens = $5, outcome = $6, latency_ms = $7, at_reservation = $8 WHERE id = $1 AND state = 0")
 _DELIVERED = "UPDATE inference_attempts SET state = 2 WHERE id = $1"
@@ -243,11 +252,7 @@ class SqlAttempts:
         for tries in range(5):  # noqa: RET503 - the last try raises
             try:
                 async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
-                    ids = []
-                    for o in opens:
-                        row = await tx.fetchrow(_OPEN, o.tenant_id, o.request_id, replica, o.model, o.reserve.input,
-                                                o.reserve.output, o.context, o.created_ms)
-                        ids.append((int(row[0]), int(row[1])))
+                    ids = await _open(tx, opens, replica) if opens else []
                     await tx.executemany(_SETTLE, settles)
                     await tx.executemany(_DELIVERED, [(i,) for i in delivered])
                 return ids
@@ -277,6 +282,21 @@ class SqlAttempts:
             return [tuple(r) for r in await tx.fetch(
                 "SELECT tenant_id, request_id, attempt, state, at_reservation, reserve_input, reserve_output, "
                 "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens FROM inference_attempts ORDER BY id")]
+
+
+async def _open(tx, opens, replica: str) -> list[tuple[int, int]]:
+    """Insert a group's attempts in one statement; (row id, attempt number) of each, in order."""
+    if tx.dialect == "postgresql":
+        rows = await tx.fetch(_PG_OPEN, replica, [o.tenant_id for o in opens], [o.request_id for o in opens],
+                              [o.model for o in opens], [o.reserve.input for o in opens],
+                              [o.reserve.output for o in opens], [o.context for o in opens],
+                              [o.created_ms for o in opens])
+    else:
+        rows = await tx.fetch(_SQLITE_OPEN, replica, json.dumps(
+            [(o.tenant_id, o.request_id, o.model, o.reserve.input, o.reserve.output, o.context, o.created_ms)
+             for o in opens]))
+    by_key = {(r[0], r[1]): (int(r[2]), int(r[3])) for r in rows}
+    return [by_key[(o.tenant_id, o.request_id)] for o in opens]
 
 
 def _unique_violations() -> tuple[type[BaseException], ...]:

@@ -2,6 +2,7 @@
 process leaves is settled into the outbox (real usage when it was written, else the reservation)."""
 from __future__ import annotations
 
+import asyncio
 import time
 import uuid
 
@@ -65,6 +66,21 @@ async def test_restarted_replica_settles_what_its_predecessor_left(journal_db):
     # The request id keeps counting after recovery.
     assert (await again.open(ctx, model="m", reserve=Tokens(1, 1), context="{}")).number == 4
     await again.close()
+
+
+async def test_one_group_numbers_each_request_id_and_defers_repeats(journal_db):
+    """Opens written in one statement each get their own row and the next number of their request id;
+    a request id twice in one group still gets 1 and 2 (the repeat goes in the next group)."""
+    journal = await _journal(journal_db)
+    ctxs = [TenantContext(t, "p", request_id=r) for t in ("t_a", "t_b") for r in ("x", "y", "x", "z")]
+    opened = await asyncio.gather(*(journal.open(c, model="m", reserve=Tokens(i, 1), context="{}")
+                                    for i, c in enumerate(ctxs)))
+    assert [(a.tenant_id, a.request_id, a.number) for a in opened] == [
+        (t, r, n) for t in ("t_a", "t_b") for r, n in (("x", 1), ("y", 1), ("x", 2), ("z", 1))]
+    rows = {r[0:3]: r[5] for r in await SqlAttempts(journal_db).rows()}
+    assert rows == {(a.tenant_id, a.request_id, a.number): a.reserve.input for a in opened}
+    assert len({a.row_id for a in opened}) == len(opened)
+    await journal.close()
 
 
 async def test_sweeper_of_another_replica_takes_only_old_rows(journal_db):
