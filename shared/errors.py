@@ -18,13 +18,20 @@ MAX_DETAILS_BYTES = 1024
 """The most an error's serialized google.rpc.Status may take: errors echo input, and metadata is capped at 8 KB."""
 MAX_VIOLATIONS = 20
 """The most field or quota violations one error lists (the first ones; the message says what is wrong)."""
-MAX_ECHO_CHARS = 200
-"""The most of any one string (message, metadata value, field, description) an error carries."""
+MAX_ECHO_BYTES = 200
+"""The most of any one string (message, metadata value, field, description) an error carries, in UTF-8
+bytes: counting characters let a 4-byte-per-character echo quadruple an error's size."""
+_MARK = "\u2026"  # 3 bytes in UTF-8
 
 
-def clip(text: str, limit: int = MAX_ECHO_CHARS) -> str:
-    """text cut to limit characters, marked when cut (so echoed input never grows an error without bound)."""
-    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+def clip(text: str, limit: int = MAX_ECHO_BYTES) -> str:
+    """text cut to at most `limit` UTF-8 bytes, marked when cut (echoed input never grows an error without bound)."""
+    if len(text) * 4 <= limit:  # cannot be over, whatever the characters
+        return text
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return text
+    return data[: limit - len(_MARK.encode())].decode("utf-8", "ignore") + _MARK
 
 
 class BulkheadError(Exception):
@@ -34,7 +41,7 @@ class BulkheadError(Exception):
     default_reason = "INTERNAL"
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
-        message = clip(message, 2 * MAX_ECHO_CHARS)
+        message = clip(message, 2 * MAX_ECHO_BYTES)
         super().__init__(message)
         self.message = message
         self.reason = reason or self.default_reason

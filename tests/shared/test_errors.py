@@ -24,7 +24,7 @@ def test_thousands_of_long_violations_fit_in_one_kilobyte():
     status = error.to_status()
     assert status.ByteSize() <= errors.MAX_DETAILS_BYTES
     assert _unpacked(status)[0] == "ErrorInfo"
-    assert len(error.message) <= 2 * errors.MAX_ECHO_CHARS and error.message.endswith("\u2026")
+    assert len(error.message.encode()) <= 2 * errors.MAX_ECHO_BYTES and error.message.endswith("\u2026")
 
 
 def test_retry_info_survives_a_large_quota_failure():
@@ -48,3 +48,13 @@ def test_unavailable_with_a_retry_delay_carries_it_as_retry_pushback():
     assert pushback(errors.Unavailable("database away", retry_after=1.5)) == "1500"
     assert pushback(errors.Unavailable("down")) is None
     assert pushback(errors.ResourceExhausted("budget", retry_after=2.0)) is None
+
+
+def test_echoes_are_clipped_by_bytes_not_characters():
+    """1,500 four-byte characters echoed into a message and a field violation still fit in 1 KB."""
+    wide = "\U0001F600" * 1500
+    error = errors.InvalidArgument(f"bad name {wide}", violations={"name": wide, wide: "bad"})
+    assert len(error.message.encode()) <= 2 * errors.MAX_ECHO_BYTES
+    assert all(len(v.encode()) <= errors.MAX_ECHO_BYTES for kv in error.violations.items() for v in kv)
+    assert error.to_status().ByteSize() <= errors.MAX_DETAILS_BYTES
+    assert errors.clip("short") == "short" and errors.clip("é" * 150).endswith("\u2026")
