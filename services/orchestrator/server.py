@@ -19,6 +19,7 @@ from services.orchestrator.lifecycle import CancelRuns
 from services.orchestrator.operations import Delegator, Orchestrator
 from services.orchestrator.ratelimit import RateLimiter
 from services.orchestrator.servicer import OrchestratorServicer
+from services.orchestrator.stats import RunStats
 from services.orchestrator.store import OrchestratorBase, RunStore, TeamStore
 from shared.client import make_channel
 from shared.db import Database
@@ -100,7 +101,8 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
     orchestrator = Orchestrator(teams=TeamStore(db), runs=runs, dispatcher=dispatcher, feed=feed,
                                 delegator=delegator or IdentityDelegator(identity_ch), sealer=sealer,
                                 delegation_ttl=config.delegation_ttl, watch_poll=poll_seconds)
-    binding = Binding(orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server, OrchestratorServicer(orchestrator),
+    servicer = OrchestratorServicer(orchestrator, RunStats(db))
+    binding = Binding(orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server, servicer,
                       orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"])
     lifecycle = lifecycle_binding("orchestrator", db, OrchestratorBase.metadata, hooks=[CancelRuns(db)])
     running = await serve(name="orchestrator", bindings=[binding, lifecycle], verifier=verifier,

@@ -7,6 +7,7 @@ from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
 from services.orchestrator.operations import Orchestrator, RunQueue
 from services.orchestrator.runs import RunStatus
+from services.orchestrator.stats import RunStats
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.store import RunRecord, TeamRecord
 from services.orchestrator.team import AgentSpec, HttpToolSpec, TeamSpec
@@ -19,8 +20,8 @@ _KIND_TO_PB = {k: getattr(pb, f"STEP_KIND_{k.name}") for k in StepKind}
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     """Thin translation between bulkhead.orchestrator.v1 messages and Orchestrator."""
 
-    def __init__(self, orchestrator: Orchestrator):
-        self._o = orchestrator
+    def __init__(self, orchestrator: Orchestrator, stats: RunStats):
+        self._o, self._stats = orchestrator, stats
 
     async def CreateTeam(self, request, context):
         return pb.CreateTeamResponse(team=team_to_pb(await self._o.create_team(team_from_pb(request.team))))
@@ -62,11 +63,24 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     async def CancelRun(self, request, context):
         return pb.CancelRunResponse(run=run_to_pb(await self._o.cancel_run(request.run_id)))
 
+    async def GetRunStats(self, request, context):
+        start = _seconds(request.start_time) if request.HasField("start_time") else None
+        end = _seconds(request.end_time) if request.HasField("end_time") else None
+        agents = await self._stats.per_agent(start, end)
+        return pb.GetRunStatsResponse(agents=[pb.AgentRunStats(
+            agent=a.agent, succeeded=a.succeeded, failed=a.failed, cancelled=a.cancelled, queued=a.queued,
+            running=a.running, running_now=a.running_now, queued_now=a.queued_now, latency_steps=a.latency_steps,
+            step_latency_p50_ms=a.p50_ms, step_latency_p95_ms=a.p95_ms) for a in agents])
+
 
 def _ts(seconds: float) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromNanoseconds(int(seconds * 1e9))
     return ts
+
+
+def _seconds(ts: timestamp_pb2.Timestamp) -> float:
+    return ts.seconds + ts.nanos / 1e9
 
 
 def _struct(d: dict) -> struct_pb2.Struct:
@@ -107,7 +121,8 @@ def run_to_pb(r: RunRecord) -> pb.Run:
     return pb.Run(run_id=r.run_id, team=r.team, entry_agent=r.entry_agent, input=r.input,
                   status=_STATUS_TO_PB[r.status], current_agent=r.current_agent, output=r.output,
                   step_count=r.step_count, error_reason=r.error_reason, error_message=r.error_message,
-                  idempotency_key=r.idempotency_key, create_time=_ts(r.created_at), update_time=_ts(r.updated_at))
+                  idempotency_key=r.idempotency_key, create_time=_ts(r.created_at), update_time=_ts(r.updated_at),
+                  trace_id=r.trace_id)
 
 
 def queue_to_pb(q: RunQueue | None) -> pb.RunQueue | None:

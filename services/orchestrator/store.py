@@ -26,7 +26,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 from services.orchestrator.history import Finished
 from services.orchestrator.runs import RunStatus, check_transition
 from services.orchestrator.scheduler import QueuedRun
-from services.orchestrator.steps import Step
+from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.team import TeamSpec
 from shared.db import Base, Database, TenantOwned
 from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, clip
@@ -69,15 +69,24 @@ class RunRow(OrchestratorBase, TenantOwned):
     idempotency_key: Mapped[str | None] = mapped_column(String(128), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
+    trace_id: Mapped[str] = mapped_column(String(32), default="")
+    """StartRun's W3C trace id: the queue entry that holds its traceparent goes when the run ends."""
 
 
 class StepRow(OrchestratorBase, TenantOwned):
     """A copy of a run's step as appended to state, for GetRun/WatchRun without a trip to state."""
 
     __tablename__ = "orch_steps"
+    __table_args__ = (Index("ix_orch_steps_tenant_created", "tenant_id", "created_at"),)
     run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     payload: Mapped[str] = mapped_column(Text)
+    agent: Mapped[str] = mapped_column(String(64), default="")
+    """The agent that acted (copied out of payload so GetRunStats can group in SQL)."""
+    created_at: Mapped[float] = mapped_column(Float, default=0.0)
+    """When the step was recorded."""
+    latency_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    """Time since the run's step before; None for a run's first step and its RUN_FINISHED."""
 
 
 class QueueRow(OrchestratorBase):
@@ -130,6 +139,8 @@ class RunRecord:
     idempotency_key: str
     created_at: float
     updated_at: float
+    trace_id: str = ""
+    """StartRun's W3C trace id ("" when it was not traced)."""
 
 
 @dataclass(frozen=True)
@@ -170,7 +181,23 @@ def _team(row: TeamRow) -> TeamRecord:
 def _run(row: RunRow) -> RunRecord:
     return RunRecord(row.run_id, row.team, TeamSpec.from_dict(json.loads(row.team_spec)), row.entry_agent, row.input,
                      RunStatus(row.status), row.current_agent, row.output, row.error_reason, row.error_message,
-                     row.step_count, row.idempotency_key or "", row.created_at, row.updated_at)
+                     row.step_count, row.idempotency_key or "", row.created_at, row.updated_at, row.trace_id or "")
+
+
+def trace_id_of(traceparent: str) -> str:
+    """The trace id of a W3C traceparent ("00-<32 hex>-<16 hex>-<2 hex>"), "" when it is not one."""
+    parts = traceparent.split("-")
+    if len(parts) == 4 and len(parts[1]) == 32 and all(c in "0123456789abcdef" for c in parts[1]):
+        return "" if parts[1] == "0" * 32 else parts[1]
+    return ""
+
+
+def step_latency_ms(step: Step, previous_at: float | None) -> float | None:
+    """How long a step took: since the run's step before. None for the first step and RUN_FINISHED
+    (which only records the end, as the console has always counted it)."""
+    if previous_at is None or step.kind == StepKind.RUN_FINISHED:
+        return None
+    return max(0.0, (step.created_at - previous_at) * 1000.0)
 
 
 def _page_size(size: int) -> int:
@@ -293,7 +320,7 @@ class RunStore:
         row = RunRow(run_id=run_id, team=team.name, team_spec=json.dumps(team.to_dict()), entry_agent=entry_agent,
                      input=run_input, status=RunStatus.QUEUED.value, current_agent=entry_agent, output="",
                      error_reason="", error_message="", step_count=0, idempotency_key=idempotency_key or None,
-                     created_at=now, updated_at=now)
+                     created_at=now, updated_at=now, trace_id=trace_id_of(traceparent))
         try:
             async with self._db.session() as s:
                 s.add(row)
@@ -397,9 +424,13 @@ class RunStore:
             have: set[int] = set()
             if skip_existing:
                 have = set((await s.execute(select(StepRow.idx).where(StepRow.run_id == run_id))).scalars())
+            times = await self._times_before(s, run_id, steps)
             for step in steps:
+                times[step.index] = step.created_at
                 if step.index not in have:
-                    s.add(StepRow(run_id=run_id, idx=step.index, payload=step.to_json().decode()))
+                    latency = step_latency_ms(step, times.get(step.index - 1))
+                    s.add(StepRow(run_id=run_id, idx=step.index, payload=step.to_json().decode(), agent=step.agent,
+                                  created_at=step.created_at, latency_ms=latency))
             if steps:
                 row.step_count = max(row.step_count, steps[-1].index)
             row.current_agent = current_agent
@@ -413,6 +444,16 @@ class RunStore:
         if finished is not None and run.status.terminal:
             await self.drop(run_id)
         return run
+
+    @staticmethod
+    async def _times_before(s: Any, run_id: str, steps: list[Step]) -> dict[int, float]:
+        """{index: created_at} of the stored step just before the batch, for the first one's latency."""
+        if not steps or steps[0].index <= 1:
+            return {}
+        prev = steps[0].index - 1
+        at = (await s.execute(select(StepRow.created_at).where(StepRow.run_id == run_id, StepRow.idx == prev)))
+        value = at.scalar_one_or_none()
+        return {prev: value} if value else {}
 
     async def steps(self, run_id: str, after: int = 0) -> list[Step]:
         """Recorded steps of a run with index > after (the run must be the tenant's)."""

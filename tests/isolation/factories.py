@@ -208,6 +208,7 @@ FACTORIES: dict[str, Target] = {
     _O + "ListRuns": Target("team", lambda i: orch.ListRunsRequest(team=i.team)),
     _O + "WatchRun": Target("run", lambda i: orch.WatchRunRequest(run_id=i.run_id), absent=True),
     _O + "CancelRun": Target("run", lambda i: orch.CancelRunRequest(run_id=i.run_id), absent=True),
+    _O + "GetRunStats": Target(None, lambda i: orch.GetRunStatsRequest(start_time=_now(-3600), end_time=_now(3600))),
     # metering
     _M + "RecordUsage": Target("usage event", lambda i: met.RecordUsageRequest(events=[usage_event(i.usage_key)]),
                                phase=2),

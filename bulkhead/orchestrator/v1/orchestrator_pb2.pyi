@@ -109,7 +109,7 @@ class Team(_message.Message):
     def __init__(self, name: _Optional[str] = ..., description: _Optional[str] = ..., agents: _Optional[_Iterable[_Union[Agent, _Mapping]]] = ..., http_tools: _Optional[_Iterable[_Union[HttpTool, _Mapping]]] = ..., allowed_hosts: _Optional[_Iterable[str]] = ..., etag: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
 
 class Run(_message.Message):
-    __slots__ = ("run_id", "team", "entry_agent", "input", "status", "current_agent", "output", "step_count", "error_reason", "error_message", "idempotency_key", "create_time", "update_time")
+    __slots__ = ("run_id", "team", "entry_agent", "input", "status", "current_agent", "output", "step_count", "error_reason", "error_message", "idempotency_key", "create_time", "update_time", "trace_id")
     RUN_ID_FIELD_NUMBER: _ClassVar[int]
     TEAM_FIELD_NUMBER: _ClassVar[int]
     ENTRY_AGENT_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class Run(_message.Message):
     IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
     UPDATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    TRACE_ID_FIELD_NUMBER: _ClassVar[int]
     run_id: str
     team: str
     entry_agent: str
@@ -136,7 +137,8 @@ class Run(_message.Message):
     idempotency_key: str
     create_time: _timestamp_pb2.Timestamp
     update_time: _timestamp_pb2.Timestamp
-    def __init__(self, run_id: _Optional[str] = ..., team: _Optional[str] = ..., entry_agent: _Optional[str] = ..., input: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., current_agent: _Optional[str] = ..., output: _Optional[str] = ..., step_count: _Optional[int] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    trace_id: str
+    def __init__(self, run_id: _Optional[str] = ..., team: _Optional[str] = ..., entry_agent: _Optional[str] = ..., input: _Optional[str] = ..., status: _Optional[_Union[RunStatus, str]] = ..., current_agent: _Optional[str] = ..., output: _Optional[str] = ..., step_count: _Optional[int] = ..., error_reason: _Optional[str] = ..., error_message: _Optional[str] = ..., idempotency_key: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., trace_id: _Optional[str] = ...) -> None: ...
 
 class Step(_message.Message):
     __slots__ = ("run_id", "index", "kind", "agent", "summary", "detail", "create_time")
@@ -311,3 +313,43 @@ class CancelRunResponse(_message.Message):
     RUN_FIELD_NUMBER: _ClassVar[int]
     run: Run
     def __init__(self, run: _Optional[_Union[Run, _Mapping]] = ...) -> None: ...
+
+class GetRunStatsRequest(_message.Message):
+    __slots__ = ("start_time", "end_time")
+    START_TIME_FIELD_NUMBER: _ClassVar[int]
+    END_TIME_FIELD_NUMBER: _ClassVar[int]
+    start_time: _timestamp_pb2.Timestamp
+    end_time: _timestamp_pb2.Timestamp
+    def __init__(self, start_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., end_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class AgentRunStats(_message.Message):
+    __slots__ = ("agent", "succeeded", "failed", "cancelled", "queued", "running", "running_now", "queued_now", "latency_steps", "step_latency_p50_ms", "step_latency_p95_ms")
+    AGENT_FIELD_NUMBER: _ClassVar[int]
+    SUCCEEDED_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    CANCELLED_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_FIELD_NUMBER: _ClassVar[int]
+    RUNNING_NOW_FIELD_NUMBER: _ClassVar[int]
+    QUEUED_NOW_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_STEPS_FIELD_NUMBER: _ClassVar[int]
+    STEP_LATENCY_P50_MS_FIELD_NUMBER: _ClassVar[int]
+    STEP_LATENCY_P95_MS_FIELD_NUMBER: _ClassVar[int]
+    agent: str
+    succeeded: int
+    failed: int
+    cancelled: int
+    queued: int
+    running: int
+    running_now: int
+    queued_now: int
+    latency_steps: int
+    step_latency_p50_ms: float
+    step_latency_p95_ms: float
+    def __init__(self, agent: _Optional[str] = ..., succeeded: _Optional[int] = ..., failed: _Optional[int] = ..., cancelled: _Optional[int] = ..., queued: _Optional[int] = ..., running: _Optional[int] = ..., running_now: _Optional[int] = ..., queued_now: _Optional[int] = ..., latency_steps: _Optional[int] = ..., step_latency_p50_ms: _Optional[float] = ..., step_latency_p95_ms: _Optional[float] = ...) -> None: ...
+
+class GetRunStatsResponse(_message.Message):
+    __slots__ = ("agents",)
+    AGENTS_FIELD_NUMBER: _ClassVar[int]
+    agents: _containers.RepeatedCompositeFieldContainer[AgentRunStats]
+    def __init__(self, agents: _Optional[_Iterable[_Union[AgentRunStats, _Mapping]]] = ...) -> None: ...

@@ -90,6 +90,11 @@ class OrchestratorServiceStub:
                 request_serializer=bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelRunRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelRunResponse.FromString,
                 _registered_method=True)
+        self.GetRunStats = channel.unary_unary(
+                '/bulkhead.orchestrator.v1.OrchestratorService/GetRunStats',
+                request_serializer=bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetRunStatsRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetRunStatsResponse.FromString,
+                _registered_method=True)
 
 
 class OrchestratorServiceServicer:
@@ -174,6 +179,16 @@ class OrchestratorServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetRunStats(self, request, context):
+        """GetRunStats returns, per agent of the caller's tenant, its runs over a window by status, its
+        runs queued and running now, and step-latency percentiles, all computed from the stored runs
+        and steps (so every replica answers the same). INVALID_ARGUMENT names a missing, inverted or
+        longer-than-31-days window.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_OrchestratorServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -226,6 +241,11 @@ def add_OrchestratorServiceServicer_to_server(servicer, server):
                     servicer.CancelRun,
                     request_deserializer=bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelRunRequest.FromString,
                     response_serializer=bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelRunResponse.SerializeToString,
+            ),
+            'GetRunStats': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRunStats,
+                    request_deserializer=bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetRunStatsRequest.FromString,
+                    response_serializer=bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetRunStatsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -504,6 +524,33 @@ class OrchestratorService:
             '/bulkhead.orchestrator.v1.OrchestratorService/CancelRun',
             bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelRunRequest.SerializeToString,
             bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.CancelRunResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRunStats(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.orchestrator.v1.OrchestratorService/GetRunStats',
+            bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetRunStatsRequest.SerializeToString,
+            bulkhead_dot_orchestrator_dot_v1_dot_orchestrator__pb2.GetRunStatsResponse.FromString,
             options,
             channel_credentials,
             insecure,
