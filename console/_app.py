@@ -46,11 +46,11 @@ COOKIE = "bk_session"
 PRE_COOKIE = "bk_signin"
 WINDOWS = {"24h": dt.timedelta(hours=24), "7d": dt.timedelta(days=7)}
 MAX_RUNS_SCANNED = 2000
-"""Most runs the Overview reads per window (ListRuns pages, newest first)."""
+"""Most runs a listing reads (ListRuns pages, newest first)."""
+REFUSALS_SCANNED = 500
+"""Newest failed runs of a window the quota refusals are picked from."""
 RUNS_PAGE = 500
 """ListRuns page size asked for (the services' maximum: fewer round trips on big tenants)."""
-LATENCY_SAMPLE_RUNS = 10
-"""Finished runs whose steps are read for the latency percentiles."""
 THREADS_PAGE = 100
 """Threads listed per page."""
 THREAD_EVENTS = 500
@@ -358,44 +358,24 @@ class Console:
             raise
         return steps
 
-    async def _latency_sample(self, session: Session, since: dt.datetime) -> tuple[int, dict[str, list[float]]]:
-        """agent -> step latencies from the newest finished runs of the window (and how many runs that was).
-
-        Its own status-filtered ListRuns, so the steps are read while the window's runs are still paging in.
-        """
-        succeeded, failed = await asyncio.gather(
-            self._list_runs(session, since=since, status=orc.RUN_STATUS_SUCCEEDED, limit=LATENCY_SAMPLE_RUNS),
-            self._list_runs(session, since=since, status=orc.RUN_STATUS_FAILED, limit=LATENCY_SAMPLE_RUNS))
-        sample = sorted(succeeded + failed, key=lambda r: (r.create_time.seconds, r.create_time.nanos),
-                        reverse=True)[:LATENCY_SAMPLE_RUNS]
-        limit = asyncio.Semaphore(5)
-
-        async def steps_of(run_id: str) -> list[orc.Step]:
-            async with limit:
-                try:
-                    return await self._steps(session, run_id)
-                except NotFound:
-                    return []
-        latencies: dict[str, list[float]] = {}
-        for steps in await asyncio.gather(*(steps_of(r.run_id) for r in sample)):
-            for agent, values in _figures.step_latencies(steps).items():
-                latencies.setdefault(agent, []).extend(values)
-        return len(sample), latencies
+    async def _run_stats(self, session: Session, start: dt.datetime, end: dt.datetime) -> list[orc.AgentRunStats]:
+        """Per-agent run counts and exact step-latency percentiles, computed by the orchestrator."""
+        return list((await self._call(session, self.mesh.orchestrator.GetRunStats, orc.GetRunStatsRequest(
+            start_time=_ts(start), end_time=_ts(end)))).agents)
 
     async def overview_data(self, session: Session, window: str) -> dict:
-        """Every Overview figure for one window, from ListRuns, QueryUsage, GetQuotaStatus and WatchRun."""
+        """Every Overview figure for one window, from GetRunStats, QueryUsage, GetQuotaStatus and ListRuns (failed)."""
         now = dt.datetime.now(dt.UTC)
         start = now - WINDOWS[window]
         end = now + dt.timedelta(minutes=1)
-        runs, usage, quota, running, queued, (sampled, latencies) = await asyncio.gather(
-            self._list_runs(session, since=start),
+        stats, usage, quota, failed = await asyncio.gather(
+            self._run_stats(session, start, end),
             self._query_usage(session, start, end, [mtr.USAGE_GROUPING_AGENT, mtr.USAGE_GROUPING_MODEL]),
             self._call(session, self.mesh.metering.GetQuotaStatus, mtr.GetQuotaStatusRequest()),
-            self._list_runs(session, status=orc.RUN_STATUS_RUNNING),
-            self._list_runs(session, status=orc.RUN_STATUS_QUEUED),
-            self._latency_sample(session, start))
+            self._list_runs(session, since=start, status=orc.RUN_STATUS_FAILED, limit=REFUSALS_SCANNED))
         by_agent, by_model = _figures.roll_up(usage, "agent"), _figures.roll_up(usage, "model")
-        agents = _figures.agent_figures(by_agent, runs, latencies)
+        agents = _figures.agent_figures(by_agent, stats)
+        counts = _figures.stats_status_counts(stats)
         budgets = _figures.budget_figures(quota)
         label = lambda a: a.agent or "(no agent)"  # noqa: E731
         charts = {
@@ -406,22 +386,20 @@ class Console:
                                    [(label(a), a.error_rate or 0.0) for a in agents if a.calls], unit="%",
                                    max_value=100),
             "latency": _charts.bars(f"Step latency per agent (p50 and p95), last {window}",
-                                    [(label(a), 0) for a in agents if a.steps_sampled], unit="ms",
+                                    [(label(a), 0) for a in agents if a.latency_steps], unit="ms",
                                     series=("p50", "p95"),
-                                    values=[[a.p50_ms or 0, a.p95_ms or 0] for a in agents if a.steps_sampled]),
-            "runs": _charts.bars(f"Runs by status, last {window}",
-                                 list(_figures.status_counts(runs).items())),
+                                    values=[[a.p50_ms or 0, a.p95_ms or 0] for a in agents if a.latency_steps]),
+            "runs": _charts.bars(f"Runs by status, last {window}", list(counts.items())),
             "spend": _charts.bars(f"Spend per model, last {window}",
                                   [(r.model, float(Decimal(r.cost_usd or "0"))) for r in by_model], unit="$"),
             "budgets": [_charts.meter(f"{b.unit} budget per {b.period} ({b.mode})", b.used, b.held, b.limit,
                                       unit="$" if b.unit == "usd" else "tokens") for b in budgets],
         }
-        return {"window": window, "runs": runs, "capped": len(runs) >= MAX_RUNS_SCANNED, "agents": agents,
-                "budgets": budgets, "charts": charts,
-                "running": len(running), "queued": len(queued), "refusals": _figures.quota_refusals(runs)[:20],
+        return {"window": window, "runs": sum(counts.values()), "agents": agents, "budgets": budgets, "charts": charts,
+                "running": sum(s.running_now for s in stats), "queued": sum(s.queued_now for s in stats),
+                "refusals": _figures.quota_refusals(failed)[:20], "latency_steps": sum(a.latency_steps for a in agents),
                 "spend": _figures.usd(_figures.total_cost(by_model)), "calls": sum(r.event_count for r in by_model),
-                "errors": sum(r.error_count for r in by_model), "sampled_runs": sampled,
-                "counts": _figures.status_counts(runs)}
+                "errors": sum(r.error_count for r in by_model), "counts": counts}
 
     async def overview(self, request: Request, session: Session) -> Response:
         window = request.query_params.get("window", "24h")
@@ -430,9 +408,10 @@ class Console:
         return self.render(request, "overview.html", **await self.overview_data(session, window))
 
     async def overview_live(self, request: Request, session: Session) -> Response:
-        running, queued = await asyncio.gather(self._list_runs(session, status=orc.RUN_STATUS_RUNNING),
-                                               self._list_runs(session, status=orc.RUN_STATUS_QUEUED))
-        return self.render(request, "_live.html", running=len(running), queued=len(queued))
+        now = dt.datetime.now(dt.UTC)  # running_now/queued_now count runs started at any time; the window is moot
+        stats = await self._run_stats(session, now - dt.timedelta(minutes=1), now)
+        return self.render(request, "_live.html", running=sum(s.running_now for s in stats),
+                           queued=sum(s.queued_now for s in stats))
 
     # --- runs -------------------------------------------------------------------------------------
 
@@ -492,7 +471,8 @@ class Console:
         return best
 
     async def run(self, request: Request, session: Session) -> Response:
-        return self.render(request, "run.html", nav="runs", **await self._timeline(session, request.path_params["run_id"]))
+        return self.render(request, "run.html", nav="runs", jaeger_url=self.config.jaeger_url,
+                           **await self._timeline(session, request.path_params["run_id"]))
 
     async def run_timeline(self, request: Request, session: Session) -> Response:
         return self.render(request, "_timeline.html", **await self._timeline(session, request.path_params["run_id"]))
@@ -653,9 +633,10 @@ class Console:
     async def security(self, request: Request, session: Session) -> Response:
         now = dt.datetime.now(dt.UTC)
         events, runs = await asyncio.gather(self._events(session, limit=2000),
-                                            self._list_runs(session, since=now - WINDOWS["7d"]))
+                                            self._list_runs(session, since=now - WINDOWS["7d"],
+                                                            status=orc.RUN_STATUS_FAILED, limit=REFUSALS_SCANNED))
         refused = [_event_row(e) for e in events if e.outcome == cred.ACCESS_OUTCOME_DENIED]
-        blocked = [r for r in runs if r.status == orc.RUN_STATUS_FAILED and r.error_reason in (
+        blocked = [r for r in runs if r.error_reason in (
             "OUTPUT_BLOCKED", "UNAUTHENTICATED", "PERMISSION_DENIED", "TOKEN_REVOKED")]
         return self.render(request, "security.html", refused=refused[:100], quota=_figures.quota_refusals(runs)[:50],
                            blocked=blocked[:50])

@@ -27,6 +27,9 @@ class ConsoleConfig:
     """Lifetime asked of IssueToken for a session's token, in seconds (BULKHEAD_CONSOLE_TOKEN_TTL)."""
     session_idle: int = 8 * 3600
     """A session unused this long is forgotten and its token revoked (BULKHEAD_CONSOLE_SESSION_IDLE)."""
+    jaeger_url: str = ""
+    """Jaeger UI base URL (BULKHEAD_CONSOLE_JAEGER_URL): a run's trace id links to <url>/trace/<id>;
+    empty shows the id as text."""
     max_sessions: int = 10_000
     """Sessions kept in memory at most; the least recently used goes first."""
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -39,7 +42,8 @@ class ConsoleConfig:
                    peers={svc: service_addr(svc, env) for svc in SERVICES},
                    tls_cert=env.get("BULKHEAD_CONSOLE_TLS_CERT", ""), tls_key=env.get("BULKHEAD_CONSOLE_TLS_KEY", ""),
                    token_ttl=int(env.get("BULKHEAD_CONSOLE_TOKEN_TTL") or 900),
-                   session_idle=int(env.get("BULKHEAD_CONSOLE_SESSION_IDLE") or 8 * 3600), env=dict(env))
+                   session_idle=int(env.get("BULKHEAD_CONSOLE_SESSION_IDLE") or 8 * 3600),
+                   jaeger_url=(env.get("BULKHEAD_CONSOLE_JAEGER_URL") or "").rstrip("/"), env=dict(env))
 
     @property
     def host(self) -> str:

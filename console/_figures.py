@@ -1,8 +1,6 @@
-"""Overview figures computed from what the list/query RPCs return (no new RPC needed; pure functions)."""
+"""Overview figures from what QueryUsage, GetRunStats and GetQuotaStatus return (pure functions)."""
 from __future__ import annotations
 
-import math
-from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
@@ -31,10 +29,10 @@ class AgentFigures:
     runs_succeeded: int
     """Of those, how many succeeded."""
     p50_ms: float | None
-    """Median step latency, from the sampled runs' step times."""
+    """Median step latency over every step of the window (GetRunStats, computed by the orchestrator)."""
     p95_ms: float | None
     """95th percentile step latency."""
-    steps_sampled: int
+    latency_steps: int
     """How many step latencies the percentiles are from."""
 
     @property
@@ -53,45 +51,21 @@ class AgentFigures:
         return 100.0 * self.runs_succeeded / self.runs if self.runs else None
 
 
-def percentile(values: Sequence[float], q: float) -> float | None:
-    """Nearest-rank percentile (q in 0..100) of values, None when empty."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = max(1, math.ceil(q / 100 * len(ordered)))
-    return ordered[rank - 1]
-
-
-def _ms(ts) -> float:
-    return ts.seconds * 1000.0 + ts.nanos / 1e6
-
-
-def step_latencies(steps: Iterable[orc.Step]) -> dict[str, list[float]]:
-    """agent -> milliseconds each of its steps took (time since the step before it, in the same run)."""
-    out: dict[str, list[float]] = defaultdict(list)
-    ordered = sorted(steps, key=lambda s: s.index)
-    for prev, step in zip(ordered, ordered[1:]):
-        if step.kind == orc.STEP_KIND_RUN_FINISHED:
-            continue
-        out[step.agent].append(max(0.0, _ms(step.create_time) - _ms(prev.create_time)))
-    return out
-
-
-def agent_figures(usage_by_agent: Sequence[mtr.UsageRow], runs: Sequence[orc.Run],
-                  latencies: dict[str, list[float]]) -> list[AgentFigures]:
-    """Per agent: usage counts from QueryUsage, run outcomes from ListRuns, latency from sampled steps."""
-    names = {r.agent_id for r in usage_by_agent} | {r.entry_agent for r in runs} | set(latencies)
+def agent_figures(usage_by_agent: Sequence[mtr.UsageRow], stats: Sequence[orc.AgentRunStats]) -> list[AgentFigures]:
+    """Per agent: usage counts from QueryUsage, run outcomes and step latency from GetRunStats."""
     usage = {r.agent_id: r for r in usage_by_agent}
+    runs = {s.agent: s for s in stats}
     figures = []
-    for name in sorted(names):
-        row = usage.get(name)
-        started = [r for r in runs if r.entry_agent == name]
-        lat = latencies.get(name, [])
+    for name in sorted(set(usage) | set(runs)):
+        row, st = usage.get(name), runs.get(name)
+        started = st.succeeded + st.failed + st.cancelled + st.queued + st.running if st else 0
+        latency = bool(st and st.latency_steps)
         figures.append(AgentFigures(
             agent=name, calls=row.event_count if row else 0, call_errors=row.error_count if row else 0,
-            cost_usd=Decimal(row.cost_usd or "0") if row else Decimal(0), runs=len(started),
-            runs_succeeded=sum(r.status == orc.RUN_STATUS_SUCCEEDED for r in started),
-            p50_ms=percentile(lat, 50), p95_ms=percentile(lat, 95), steps_sampled=len(lat)))
+            cost_usd=Decimal(row.cost_usd or "0") if row else Decimal(0), runs=started,
+            runs_succeeded=st.succeeded if st else 0,
+            p50_ms=st.step_latency_p50_ms if latency else None, p95_ms=st.step_latency_p95_ms if latency else None,
+            latency_steps=st.latency_steps if st else 0))
     return figures
 
 
@@ -100,11 +74,24 @@ def quota_refusals(runs: Iterable[orc.Run]) -> list[orc.Run]:
     return [r for r in runs if r.status == orc.RUN_STATUS_FAILED and r.error_reason in QUOTA_REASONS]
 
 
+STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
+"""Run status names, in the order the Overview shows them."""
+
+
 def status_counts(runs: Iterable[orc.Run]) -> dict[str, int]:
     """Runs by status name (queued, running, succeeded, failed, cancelled)."""
-    counts = {name: 0 for name in ("queued", "running", "succeeded", "failed", "cancelled")}
+    counts = dict.fromkeys(STATUSES, 0)
     for r in runs:
         counts[status_name(r.status)] = counts.get(status_name(r.status), 0) + 1
+    return counts
+
+
+def stats_status_counts(stats: Iterable[orc.AgentRunStats]) -> dict[str, int]:
+    """Runs started in the window by status, summed over GetRunStats' agents."""
+    counts = dict.fromkeys(STATUSES, 0)
+    for s in stats:
+        for name in STATUSES:
+            counts[name] += getattr(s, name)
     return counts
 
 

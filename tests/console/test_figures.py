@@ -8,23 +8,25 @@ from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc
 from console import _figures, usage_csv
 
 
-def test_percentile_nearest_rank():
-    """p50/p95 are nearest-rank over the sample; an empty sample has none."""
-    assert _figures.percentile([], 50) is None
-    assert _figures.percentile([10, 20, 30, 40], 50) == 20
-    assert _figures.percentile(list(range(1, 101)), 95) == 95
-
-
-def test_agent_figures_from_usage_runs_and_steps():
-    """Uptime and error rate come from QueryUsage counts; run success from ListRuns; latency from step times."""
+def test_agent_figures_from_usage_and_run_stats():
+    """Uptime and error rate come from QueryUsage counts; run success and latency from GetRunStats."""
     usage = [mtr.UsageRow(agent_id="triage", event_count=4, error_count=1, cost_usd="0.5")]
-    runs = [orc.Run(entry_agent="triage", status=orc.RUN_STATUS_SUCCEEDED),
-            orc.Run(entry_agent="triage", status=orc.RUN_STATUS_FAILED, error_reason="BUDGET_EXHAUSTED")]
-    steps = [orc.Step(index=i, agent="triage", kind=orc.STEP_KIND_MODEL_CALL,
-                      create_time=Timestamp(seconds=100, nanos=i * 100_000_000)) for i in (1, 2, 3)]
-    (fig,) = _figures.agent_figures(usage, runs, _figures.step_latencies(steps))
-    assert (fig.uptime, fig.error_rate, fig.run_success) == (75.0, 25.0, 50.0)
-    assert round(fig.p50_ms) == 100 and fig.steps_sampled == 2
+    stats = [orc.AgentRunStats(agent="triage", succeeded=1, failed=1, running=2, latency_steps=2,
+                               step_latency_p50_ms=100, step_latency_p95_ms=250),
+             orc.AgentRunStats(agent="billing", queued=1)]
+    billing, triage = _figures.agent_figures(usage, stats)
+    assert (triage.uptime, triage.error_rate, triage.run_success, triage.runs) == (75.0, 25.0, 25.0, 4)
+    assert (triage.p50_ms, triage.p95_ms, triage.latency_steps) == (100, 250, 2)
+    assert (billing.calls, billing.runs, billing.p50_ms, billing.uptime) == (0, 1, None, None)
+    assert _figures.stats_status_counts(stats) == {"queued": 1, "running": 2, "succeeded": 1, "failed": 1,
+                                                   "cancelled": 0}
+
+
+def test_quota_refusals_pick_quota_reasons():
+    """Only failed runs refused by a quota, rate limit or budget are listed."""
+    runs = [orc.Run(status=orc.RUN_STATUS_FAILED, error_reason="BUDGET_EXHAUSTED"),
+            orc.Run(status=orc.RUN_STATUS_FAILED, error_reason="MAX_STEPS"),
+            orc.Run(status=orc.RUN_STATUS_SUCCEEDED)]
     assert [r.error_reason for r in _figures.quota_refusals(runs)] == ["BUDGET_EXHAUSTED"]
 
 
