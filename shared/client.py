@@ -6,11 +6,13 @@ protos mark idempotent when a replica dies (shared/service_config.py): callers h
 from __future__ import annotations
 
 import uuid
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import grpc
 
 from shared import telemetry
+from shared.db.replica import LSN_HEADER, format_lsn, lsn_from
 from shared.service_config import channel_options, channel_target
 from shared.tenancy import current_tenant
 from shared.tls import TLS_FROM_ENV, TlsConfig, channel_credentials
@@ -90,10 +92,70 @@ class StaticCredentials(MetadataSource):
                 ("x-request-id", uuid.uuid4().hex), *self.extra)
 
 
+class ReadYourWrites:
+    """Read-your-writes against a service that reads on a replica (docs/CONTRACT.md): remembers the
+    highest WAL position (`x-bulkhead-lsn`) each tenant's calls were answered with on this channel,
+    and sends it on that tenant's later calls, so a read never shows less than the tenant wrote."""
+
+    def __init__(self, max_tenants: int = 10_000) -> None:
+        self._seen: OrderedDict[str, int] = OrderedDict()
+        self._max = max_tenants
+
+    def lsn(self, tenant_id: str) -> int | None:
+        """The highest position seen for a tenant, or None."""
+        return self._seen.get(tenant_id)
+
+    def note(self, tenant_id: str, metadata) -> None:
+        """Keep the position a response carried, if higher than the one held."""
+        lsn = lsn_from(metadata)
+        if lsn is None:
+            return
+        held = self._seen.pop(tenant_id, None)
+        self._seen[tenant_id] = lsn if held is None else max(held, lsn)
+        if len(self._seen) > self._max:  # forgetting an old tenant costs it only a stale read
+            self._seen.popitem(last=False)
+
+    def outgoing(self, details):
+        """details with the tenant's position added (unchanged when none is held)."""
+        tenant = _tenant_of(details)
+        lsn = self._seen.get(tenant) if tenant else None
+        return details if lsn is None else _with_metadata(details, ((LSN_HEADER, format_lsn(lsn)),))
+
+    def interceptors(self) -> list:
+        """Place after the identity interceptors: they put the x-tenant-id this keys by."""
+        return [_TrackUnary(self), _SendUnaryStream(self)]
+
+
+def _tenant_of(details) -> str | None:
+    return next((v for k, v in (details.metadata or ()) if k == "x-tenant-id"), None)
+
+
+class _TrackUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    def __init__(self, tracker: ReadYourWrites):
+        self.tracker = tracker
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        details = self.tracker.outgoing(details)
+        call = await continuation(details, request)
+        tenant = _tenant_of(details)
+        if tenant:  # writes are unary: their position comes in the trailers
+            self.tracker.note(tenant, await call.trailing_metadata())
+        return call
+
+
+class _SendUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
+    def __init__(self, tracker: ReadYourWrites):
+        self.tracker = tracker
+
+    async def intercept_unary_stream(self, continuation, details, request):
+        return await continuation(self.tracker.outgoing(details), request)
+
+
 def make_channel(address: str, *, forward: bool = False, credentials: MetadataSource | None = None,
                  tls: TlsConfig | None | object = TLS_FROM_ENV, options: tuple = ()) -> grpc.aio.Channel:
     """A channel to address (one host:port, a comma-separated list of replicas, or a URI such as
     dns:///svc:port); forward=True carries the current tenant's identity on every call.
+    A channel with an identity (forwarded or given) also keeps each tenant's read-your-writes position.
 
     mTLS (with this process's certificate) when BULKHEAD_TLS_* are set or `tls` is given; `tls=None` forces plaintext.
     """
@@ -103,6 +165,8 @@ def make_channel(address: str, *, forward: bool = False, credentials: MetadataSo
         interceptors += ForwardIdentity().interceptors()
     if credentials is not None:
         interceptors += credentials.interceptors()
+    if forward or credentials is not None:
+        interceptors += ReadYourWrites().interceptors()
     target, options = channel_target(address), (*channel_options(address), *options)
     if tls is not None:
         return grpc.aio.secure_channel(target, channel_credentials(tls), options=options, interceptors=interceptors)

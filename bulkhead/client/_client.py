@@ -9,6 +9,7 @@ import grpc
 
 from bulkhead.client._credentials import RefreshingToken
 from shared import telemetry
+from shared.client import ReadYourWrites
 from shared.config import SERVICES, service_addr
 from shared.errors import error_details
 from shared.service_config import channel_options, channel_target
@@ -63,7 +64,9 @@ class Client:
         bootstrap = _channel(addresses["identity"], tls, [])
         creds = RefreshingToken(bootstrap, api_key, token=token, tenant_id=tenant_id, ttl_seconds=ttl_seconds)
         interceptors = [*telemetry.client_interceptors(), *creds.interceptors()]
-        channels = {svc: _channel(addr, tls, interceptors) for svc, addr in addresses.items()}
+        # A tracker per service: WAL positions of one service's database mean nothing to another's.
+        channels = {svc: _channel(addr, tls, [*interceptors, *ReadYourWrites().interceptors()])
+                    for svc, addr in addresses.items()}
         channels["_bootstrap"] = bootstrap
         return cls(creds, channels)
 

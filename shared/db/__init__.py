@@ -12,7 +12,7 @@ from shared.db.base import NAMING_CONVENTION, Base, TenantOwned, is_tenant_owned
 from shared.db.database import Database
 from shared.db.engine import make_engine, normalize_url
 from shared.db.migrations import run_env, upgrade
-from shared.db.replica import LSN_HEADER, lsn_from, reading_after
+from shared.db.replica import LSN_HEADER, answer_with_lsn, lsn_from, reading_after, reads_after_caller
 from shared.db.rls import enable_tenant_rls, grant_app_role
 from shared.db.router import Route, TenantRouter, bridge_schema, silo_database
 from shared.db.session import TenantIsolationError, TenantSession
@@ -29,6 +29,7 @@ __all__ = [
     "TenantOwned",
     "TenantRouter",
     "TenantSession",
+    "answer_with_lsn",
     "bridge_schema",
     "enable_tenant_rls",
     "grant_app_role",
@@ -37,6 +38,7 @@ __all__ = [
     "make_engine",
     "normalize_url",
     "reading_after",
+    "reads_after_caller",
     "run_env",
     "silo_database",
     "upgrade",

@@ -91,3 +91,16 @@ class ReplicaRoutes:
         for engine in silos:
             await engine.dispose()
         await self.engine.dispose()
+
+
+def reads_after_caller(context: Any) -> Any:
+    """In a read RPC: `with reads_after_caller(context):` makes its reads reflect the LSN the caller sent."""
+    return reading_after(lsn_from(context.invocation_metadata()))
+
+
+async def answer_with_lsn(db: Any, context: Any) -> None:
+    """In a write RPC, after its commit: the WAL position goes back in trailing metadata, so the
+    caller's next read can ask for it (nothing without a replica)."""
+    lsn = await db.written_lsn()
+    if lsn is not None:
+        context.set_trailing_metadata(((LSN_HEADER, lsn),))
