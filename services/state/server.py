@@ -39,7 +39,7 @@ async def serve_state(*, db: Database, envelope: Envelope | PlaintextEnvelope, v
                       limits: Limits | None = None, address: str = "127.0.0.1:0") -> RunningServer:
     """Start the state gRPC server over an open database (tests call this with port 0)."""
     limits = limits or Limits()
-    servicer = StateServicer(ThreadLog(db, envelope, limits), ContextStore(db, envelope, limits))
+    servicer = StateServicer(ThreadLog(db, envelope, limits), ContextStore(db, envelope, limits), db)
     binding = Binding(state_pb2_grpc.add_StateServiceServicer_to_server, servicer,
                       state_pb2.DESCRIPTOR.services_by_name["StateService"])
     lifecycle = lifecycle_binding("state", db, StateBase.metadata, hooks=[ForgetDataKeys(envelope)])
@@ -71,7 +71,8 @@ class StateService:
 async def start(config: StateConfig, verifier: TokenVerifier, *, address: str | None = None) -> StateService:
     """Open the database (migrating it), choose the key provider from config, start serving."""
     db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
-                             owner_url=config.service.database_owner_url)
+                             owner_url=config.service.database_owner_url,
+                             read_url=config.service.database_read_url)
     channels: list[grpc.aio.Channel] = []
     provider: DataKeyProvider | None
     if config.encryption == "credentials":

@@ -13,44 +13,59 @@ from services.state.records import (
     ThreadRecord,
 )
 from services.state.threads import ThreadLog
+from shared.db import Database, answer_with_lsn, reads_after_caller
 
 
 class StateServicer(state_pb2_grpc.StateServiceServicer):
-    """Thin translation between bulkhead.state.v1 messages and ThreadLog / ContextStore."""
+    """Thin translation between bulkhead.state.v1 messages and ThreadLog / ContextStore.
 
-    def __init__(self, threads: ThreadLog, context_store: ContextStore):
+    ListThreads and ReadEvents may read on a replica; the writes they would show (CreateThread,
+    DeleteThread, AppendEvents) answer with their WAL position for read-your-writes (shared.db.replica).
+    """
+
+    def __init__(self, threads: ThreadLog, context_store: ContextStore, db: Database | None = None):
         self._threads = threads
         self._context = context_store
+        self._db = db
+
+    async def _written(self, context) -> None:
+        if self._db is not None:
+            await answer_with_lsn(self._db, context)
 
     async def CreateThread(self, request, context):
         thread = await self._threads.create(thread_id=request.thread_id, run_id=request.run_id,
                                             agent_id=request.agent_id, labels=dict(request.labels))
+        await self._written(context)
         return state_pb2.CreateThreadResponse(thread=_thread(thread))
 
     async def GetThread(self, request, context):
         return state_pb2.GetThreadResponse(thread=_thread(await self._threads.get(request.thread_id)))
 
     async def ListThreads(self, request, context):
-        page = await self._threads.list(run_id=request.run_id, agent_id=request.agent_id,
-                                        labels=dict(request.labels), page_size=request.page_size,
-                                        page_token=request.page_token)
+        with reads_after_caller(context):
+            page = await self._threads.list(run_id=request.run_id, agent_id=request.agent_id,
+                                            labels=dict(request.labels), page_size=request.page_size,
+                                            page_token=request.page_token)
         return state_pb2.ListThreadsResponse(threads=[_thread(t) for t in page.items],
                                              next_page_token=page.next_page_token)
 
     async def DeleteThread(self, request, context):
         expected = request.expected_version if request.HasField("expected_version") else None
         await self._threads.delete(request.thread_id, expected)
+        await self._written(context)
         return state_pb2.DeleteThreadResponse()
 
     async def AppendEvents(self, request, context):
         expected = request.expected_version if request.HasField("expected_version") else None
         events = [NewEventRecord(e.type, e.payload) for e in request.events]
         first, last = await self._threads.append(request.thread_id, events, expected)
+        await self._written(context)
         return state_pb2.AppendEventsResponse(version=last, first_version=first)
 
     async def ReadEvents(self, request, context):
-        page = await self._threads.read(request.thread_id, after_version=request.after_version,
-                                        page_size=request.page_size, page_token=request.page_token)
+        with reads_after_caller(context):
+            page = await self._threads.read(request.thread_id, after_version=request.after_version,
+                                            page_size=request.page_size, page_token=request.page_token)
         return state_pb2.ReadEventsResponse(events=[_event(e) for e in page.items],
                                             next_page_token=page.next_page_token,
                                             thread_version=page.thread_version)

@@ -81,7 +81,7 @@ class ThreadLog:
         size = validation.page_size(page_size, self._limits)
         query = pagetokens.query_fingerprint("threads", run_id, agent_id, sorted(labels.items()))
         after = str(pagetokens.decode(page_token, query, kind=str)) if page_token else ""
-        async with self._db.session() as s:
+        async with self._db.read_session() as s:  # a replica, when configured
             rows = await store.list_threads(s, run_id=run_id, agent_id=agent_id, labels=labels,
                                             after_thread_id=after, limit=size + 1)
         more = len(rows) > size
@@ -134,7 +134,7 @@ class ThreadLog:
         query = pagetokens.query_fingerprint("events", thread_id)
         if page_token:
             after = int(pagetokens.decode(page_token, query, kind=int))
-        async with self._db.session() as s:
+        async with self._db.read_session() as s:  # a replica, when configured
             version = await store.current_version(s, thread_id)
             if version is None:
                 raise thread_not_found(thread_id)
