@@ -94,7 +94,7 @@ class UsageLedger:
         """The tenant's usage rows, each event priced at its own time."""
         self.check(query, prefix=prefix)
         book = await self._prices.book(fresh=True)
-        async with self._db.session() as s:
+        async with self._db.read_session() as s:  # a replica, when configured
             partials = await store.sum_usage(s, query, book.versions())
         return total(partials, tenant_id=require_tenant().tenant_id, group_by=query.group_by, book=book)
 

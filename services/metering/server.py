@@ -79,7 +79,7 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
                            specs=BudgetSpecCache(max_age_s=budget_cache_s))
     sweeper = ExpirySweeper(usage, budgets, interval=sweep_interval or 15.0)
     binding = Binding(metering_pb2_grpc.add_MeteringServiceServicer_to_server,
-                      MeteringServicer(usage, budgets, prices, tiers),
+                      MeteringServicer(usage, budgets, prices, tiers, db=db),
                       metering_pb2.DESCRIPTOR.services_by_name["MeteringService"])
     lifecycle = lifecycle_binding("metering", db, MeteringBase.metadata, keep=KEPT)
     running = await serve(name="metering", bindings=[binding, lifecycle], verifier=verifier, address=address)
@@ -91,7 +91,8 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
 async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str | None = None) -> MeteringService:
     """Open the database (migrating it) and start serving and sweeping."""
     db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
-                             owner_url=config.service.database_owner_url)
+                             owner_url=config.service.database_owner_url,
+                             read_url=config.service.database_read_url)
     identity = make_channel(config.service.peer("identity"), forward=True)
     service = await serve_metering(db=db, verifier=verifier, address=address or config.service.address,
                                    registry=REGISTRY, sweep_interval=config.sweep_interval_s or None,

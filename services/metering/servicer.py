@@ -10,6 +10,7 @@ from services.metering.budgets import BudgetLedger
 from services.metering.ledger import UsageLedger
 from services.metering.prices import PriceCache
 from services.metering.pricing import format_usd, scaled_to_usd
+from shared.db import Database, answer_with_lsn, reads_after_caller
 from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shared.tenancy import PLATFORM_TENANT, TenantContext, acting_for, require_tenant
 from shared.tiers import Tier, TierLookup, UnknownTier, tier_from_proto
@@ -37,8 +38,11 @@ def _target(tenant_id: str, field: str, *, required: bool) -> str:
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     """Thin handlers over UsageLedger, BudgetLedger and PriceCache."""
 
-    def __init__(self, usage: UsageLedger, budgets: BudgetLedger, prices: PriceCache, tiers: TierLookup | None = None):
-        """tiers None: no identity to ask (a standalone metering), so an unseen tenant counts as pooled."""
+    def __init__(self, usage: UsageLedger, budgets: BudgetLedger, prices: PriceCache, tiers: TierLookup | None = None,
+                 db: Database | None = None):
+        """tiers None: no identity to ask (a standalone metering), so an unseen tenant counts as pooled.
+        db: where RecordUsage's WAL position comes from, for QueryUsage on a replica (read-your-writes)."""
+        self._db = db
         self._usage = usage
         self._budgets = budgets
         self._prices = prices
@@ -48,6 +52,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     async def RecordUsage(self, request: pb.RecordUsageRequest, context) -> pb.RecordUsageResponse:
         recorded, duplicates = await self._usage.record([wire.record(e) for e in request.events])
+        if self._db is not None:
+            await answer_with_lsn(self._db, context)
         return pb.RecordUsageResponse(recorded_count=recorded, duplicate_count=duplicates)
 
     async def RecordTenantUsage(self, request: pb.RecordTenantUsageRequest,
@@ -76,7 +82,8 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         return target, tier
 
     async def QueryUsage(self, request: pb.QueryUsageRequest, context) -> pb.QueryUsageResponse:
-        rows = await self._usage.query(wire.usage_query(request.filter, request.group_by))
+        with reads_after_caller(context):
+            rows = await self._usage.query(wire.usage_query(request.filter, request.group_by))
         chunk, token = wire.page(rows, request.page_size, request.page_token)
         return pb.QueryUsageResponse(rows=[wire.usage_row(r) for r in chunk], next_page_token=token)
 
