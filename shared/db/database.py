@@ -18,9 +18,13 @@ from shared.db.raw import RawTransaction, raw_transaction
 from shared.db.replica import INSERT_LSN, ReplicaRoutes, format_lsn, required_lsn
 from shared.db.router import Route, TenantRouter
 from shared.db.session import PLATFORM_BIND_KEY, SEARCH_PATH_KEY, SYSTEM_KEY, TENANT_KEY, TenantSession
+from shared.errors import Unavailable
 from shared.tenancy import require_tenant
 
 log = logging.getLogger("bulkhead.db")
+
+REPLICA_RETRY_S = 5.0
+"""After the replica could not be reached, reads go to the primary for this long before it is tried again."""
 
 # One round trip on the replica: replayed far enough, and the bridge schema (if any) is there.
 _REPLICA_READY = text(
@@ -39,6 +43,7 @@ class Database:
         self._engine = engine
         self._replica = replica
         self._read_wait = read_wait
+        self._replica_down_until = 0.0
         self._router = router or TenantRouter(engine, url=engine.url, owner_url=None, migrations=None,
                                               app_role=None)
         self._sessions = async_sessionmaker(sync_session_class=TenantSession, expire_on_commit=False)
@@ -130,7 +135,7 @@ class Database:
         ctx = require_tenant()
         primary = await self._router.route(ctx.tenant_id, ctx.tier)
         session = None
-        if self._replica is not None:
+        if self._replica is not None and time.monotonic() >= self._replica_down_until:
             route = self._replica.route(primary, self._engine)
             info: dict[str, Any] = {TENANT_KEY: ctx.tenant_id}
             if route.schema:
@@ -159,8 +164,12 @@ class Database:
                 if time.monotonic() >= deadline:
                     return False
                 await asyncio.sleep(0.002)
-        except Exception:  # a replica that is down or lacks a silo database: the primary answers
-            log.warning("read replica unusable; reading on the primary", exc_info=True)
+        except Unavailable:  # down: leave it alone for a while rather than wait on it at every read
+            self._replica_down_until = time.monotonic() + REPLICA_RETRY_S
+            log.warning("read replica unreachable; reading on the primary for %.0f s", REPLICA_RETRY_S, exc_info=True)
+            return False
+        except Exception:  # e.g. a silo database the standby lacks: the primary answers this read
+            log.warning("read replica cannot serve this read; reading on the primary", exc_info=True)
             return False
         return True
 

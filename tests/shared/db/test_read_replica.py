@@ -13,6 +13,7 @@ from sqlalchemy import select, text
 from shared.config import ServiceConfig
 from shared.db import Database, reading_after
 from shared.db.replica import format_lsn, lsn_from, parse_lsn
+from shared.testing.procs import free_port
 from shared.tenancy import tenant_scope
 
 from .conftest import MIGRATIONS, as_tenant
@@ -161,3 +162,16 @@ def test_config_read_url_per_service_or_shared_only_with_the_shared_database():
     assert ServiceConfig.from_env("state", own).database_read_url is None
     own["BULKHEAD_STATE_DATABASE_READ_URL"] = "postgresql://a@r/state"
     assert ServiceConfig.from_env("state", own).database_read_url == "postgresql://a@r/state"
+
+
+@pytest.mark.postgres
+async def test_an_unreachable_replica_leaves_reads_to_the_primary(pg_urls):
+    """A read URL nobody answers on: reads run on the primary instead of failing."""
+    db = await Database.open(pg_urls.app_url, owner_url=pg_urls.owner_url, migrations=MIGRATIONS,
+                             read_url=f"postgresql://bulkhead_app:x@127.0.0.1:{free_port()}/nowhere")
+    try:
+        await _write(db, "t_a", "kept")
+        for _ in range(2):  # the second one skips the replica for a while
+            assert await _read(db, "t_a") == (["kept"], False)
+    finally:
+        await db.close()
