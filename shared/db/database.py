@@ -143,7 +143,12 @@ class Database:
             if route.bind is not self._replica.engine:
                 info[PLATFORM_BIND_KEY] = self._replica.engine.sync_engine
             session = self._sessions(bind=route.bind, info=info)
-            if not await self._replica_ready(session, route.schema):
+            try:
+                ready = await self._replica_ready(session, route.schema)
+            except BaseException:  # cancelled: hand the connection back all the same
+                await session.close()
+                raise
+            if not ready:
                 await session.close()
                 session = None
         if session is None:

@@ -10,6 +10,7 @@ databases are read there too; one the standby has not replayed yet is read on th
 """
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -21,6 +22,8 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from shared.db.engine import make_engine
 from shared.db.router import Route
+
+log = logging.getLogger("bulkhead.db")
 
 LSN_HEADER = "x-bulkhead-lsn"
 """Metadata key: a WAL position, `X/Y` hex as Postgres prints a pg_lsn."""
@@ -101,6 +104,10 @@ def reads_after_caller(context: Any) -> Any:
 async def answer_with_lsn(db: Any, context: Any) -> None:
     """In a write RPC, after its commit: the WAL position goes back in trailing metadata, so the
     caller's next read can ask for it (nothing without a replica)."""
-    lsn = await db.written_lsn()
+    try:
+        lsn = await db.written_lsn()
+    except Exception:  # the write is committed: never report it failed; the next read may be stale
+        log.warning("could not read the WAL position after a write", exc_info=True)
+        return
     if lsn is not None:
         context.set_trailing_metadata(((LSN_HEADER, lsn),))
