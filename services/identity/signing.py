@@ -9,7 +9,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select, update
 
-from services.identity.store import RevocationRow, SigningKeyRow, TenantRow
+from services.identity.store import DeletionRow, RevocationRow, SigningKeyRow, TenantRow
 from shared.db import Database
 from shared.tokens import SigningKey, public_key_bytes
 
@@ -99,9 +99,16 @@ class StoreKeyLoader:
 
 
 async def suspended_tenants(db: Database) -> frozenset[str]:
-    """The tenants that are not active (suspended, or being deleted): every verifier refuses their tokens."""
+    """The tenants that are not active (suspended, being deleted, or deleted within the longest token
+    lifetime): every verifier refuses their tokens. Later no token of a deleted tenant can be live,
+    so the list verifiers poll every second does not grow with every tenant ever deleted."""
+    cutoff = utcnow() - timedelta(seconds=MAX_TOKEN_TTL) - _PUBLISH_SLACK
     async with db.system_session() as s:
-        return frozenset((await s.execute(select(TenantRow.id).where(TenantRow.status != "active"))).scalars())
+        rows = (await s.execute(select(TenantRow.id, TenantRow.status, DeletionRow.completed_at)
+                                .outerjoin(DeletionRow, DeletionRow.tenant_id == TenantRow.id)
+                                .where(TenantRow.status != "active"))).all()
+    return frozenset(tid for tid, status, done in rows
+                     if status != "deleted" or done is None or as_utc(done) > cutoff)
 
 
 async def revocations_since(db: Database, since: int) -> tuple[int, dict[str, int]]:

@@ -201,3 +201,22 @@ async def test_deletion_resumes_after_identity_stops_midway(tmp_path):
             assert view.row.receipt_signature
         finally:
             await again.close(0)
+
+
+async def test_deleted_tenants_leave_the_suspended_list_once_no_token_can_be_live(tmp_path):
+    """Listed while deleting and for the longest token lifetime after; not forever."""
+    from datetime import timedelta
+
+    from services.identity.signing import MAX_TOKEN_TTL, suspended_tenants, utcnow
+    from services.identity.store import DeletionRow, TenantRow
+
+    async with running_mesh(tmp_path, with_inference=False) as mesh:
+        db = mesh.identity.app.db
+        fresh, old = await mesh.tenant(), await mesh.tenant()
+        async with db.system_session() as s:
+            for t, ago in ((fresh, 600), (old, MAX_TOKEN_TTL + 600)):
+                (await s.get(TenantRow, t.tenant_id)).status = "deleted"
+                s.add(DeletionRow(tenant_id=t.tenant_id, tier="pooled", state="done", requested_at=utcnow(),
+                                  delete_after=utcnow(), completed_at=utcnow() - timedelta(seconds=ago)))
+        listed = await suspended_tenants(db)
+        assert fresh.tenant_id in listed and old.tenant_id not in listed
