@@ -4,7 +4,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 
-from services.metering import periods, store
+from services.metering import periods, rollup, store
 from services.metering.meters import MeteringMetrics
 from services.metering.prices import PriceCache
 from services.metering.pricing import Tokens, scaled_to_usd
@@ -57,9 +57,11 @@ class UsageLedger:
         async with self._db.raw(write=True) as tx:
             new_keys = await store.insert_usage(tx, ctx.tenant_id, unique, self._clock(),
                                                 default_principal=ctx.principal_id)
+            new = [r for r in unique if r.idempotency_key in new_keys]
+            await rollup.add(tx, ctx.tenant_id, new, default_principal=ctx.principal_id)
         await self.note_tenant(ctx.tenant_id, tier=ctx.tier)
-        if new_keys:
-            await self._count(ctx.tenant_id, [r for r in unique if r.idempotency_key in new_keys])
+        if new:
+            await self._count(ctx.tenant_id, new)
         return len(new_keys), len(records) - len(new_keys)
 
     async def _count(self, tenant_id: str, records: Sequence[UsageRecord]) -> None:
@@ -95,7 +97,7 @@ class UsageLedger:
         self.check(query, prefix=prefix)
         book = await self._prices.book(fresh=True)
         async with self._db.read_session() as s:  # a replica, when configured
-            partials = await store.sum_usage(s, query, book.versions())
+            partials = await rollup.sum_usage(s, query, book.versions())
         return total(partials, tenant_id=require_tenant().tenant_id, group_by=query.group_by, book=book)
 
     @staticmethod

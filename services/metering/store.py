@@ -18,8 +18,11 @@ from sqlalchemy import (
     String,
     and_,
     case,
+    cast,
     func,
     literal,
+    not_,
+    or_,
     select,
     text,
 )
@@ -78,6 +81,30 @@ class UsageEventRow(MeteringBase, TenantOwned):
     hour: Mapped[int] = mapped_column(Integer)
     day: Mapped[int] = mapped_column(Integer)
     recorded_us: Mapped[int] = mapped_column(BigInteger)
+
+
+class UsageHourRow(MeteringBase, TenantOwned):
+    """The tenant's events summed per hour, model, agent, principal and outcome (see rollup.py).
+
+    Kept in the transaction that inserts the events, from the newly inserted ones only, so it always
+    equals a GROUP BY over metering_usage_events. No cost: reports price tokens at query time, with
+    the price versions in force then, exactly as they price events.
+    """
+
+    __tablename__ = "metering_usage_hours"
+    __table_args__ = (PrimaryKeyConstraint("tenant_id", "hour", "model", "agent_id", "principal_id", "outcome"),)
+
+    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False, info={TENANT_COLUMN_INFO: True})
+    hour: Mapped[int] = mapped_column(Integer)
+    model: Mapped[str] = mapped_column(String(200))
+    agent_id: Mapped[str] = mapped_column(String(200))
+    principal_id: Mapped[str] = mapped_column(String(200))
+    outcome: Mapped[int] = mapped_column(SmallInteger)
+    event_count: Mapped[int] = mapped_column(BigInteger, default=0)
+    input_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    output_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_write_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
+    cache_read_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
 class PriceRow(MeteringBase):
@@ -261,32 +288,63 @@ async def insert_usage(tx: RawTransaction, tenant_id: str, records: Sequence[Usa
     return new
 
 
-async def sum_usage(session: AsyncSession, query: UsageQuery, prices: dict[str, list[Price]]) -> list[PartialSum]:
-    """Sums of the tenant's events grouped by the query's dimensions, model and price version."""
+def _source(hourly: bool) -> dict:
+    """The columns one usage sum reads: the events themselves, or their hourly roll-up."""
+    if hourly:
+        h = UsageHourRow
+        # "at" is the hour's start: callers skip hours in which a price version starts.
+        at = cast(h.hour, BigInteger) * literal(periods.US_PER_HOUR, BigInteger)
+        return {"model": h.model, "agent": h.agent_id, "principal": h.principal_id, "day": h.hour // 24,
+                "hour": h.hour, "at": at, "count": func.sum(h.event_count),
+                "errors": func.sum(case((h.outcome != 1, h.event_count), else_=0)),
+                "tokens": [func.sum(h.input_tokens), func.sum(h.output_tokens), func.sum(h.cache_write_tokens),
+                           func.sum(h.cache_read_tokens)]}
     e = UsageEventRow
-    whens = [(and_(e.model == model, e.occurred_us >= p.effective_us), p.effective_us)
+    return {"model": e.model, "agent": e.agent_id, "principal": e.principal_id, "day": e.day, "hour": e.hour,
+            "at": e.occurred_us, "count": func.count(), "errors": func.sum(case((e.outcome != 1, 1), else_=0)),
+            "tokens": [func.sum(e.input_tokens), func.sum(e.output_tokens), func.sum(e.cache_write_tokens),
+                       func.sum(e.cache_read_tokens)]}
+
+
+async def sum_usage(session: AsyncSession, query: UsageQuery, prices: dict[str, list[Price]], *,
+                    hourly: bool = False, only: frozenset[tuple[str, int]] = frozenset(),
+                    skip: frozenset[tuple[str, int]] = frozenset()) -> list[PartialSum]:
+    """Sums of the tenant's events grouped by the query's dimensions, model and price version.
+
+    hourly reads the roll-up instead (the query's bounds must then be whole hours, and no price
+    version may start inside an hour it reads: pass those (model, hour) pairs as skip). only and skip
+    keep or drop the (model, hour) pairs given.
+    """
+    c = _source(hourly)
+    whens = [(and_(c["model"] == model, c["at"] >= p.effective_us), p.effective_us)
              for model, versions in prices.items() for p in reversed(versions)]
     version = case(*whens, else_=-1) if whens else literal(-1)
-    keys = [e.model, version]
+    keys = [c["model"], version]
     if AGENT in query.group_by:
-        keys.append(e.agent_id)
+        keys.append(c["agent"])
     if PRINCIPAL in query.group_by:
-        keys.append(e.principal_id)
+        keys.append(c["principal"])
     if DAY in query.group_by:
-        keys.append(e.day)
+        keys.append(c["day"])
     elif HOUR in query.group_by:
-        keys.append(e.hour)
-    stmt = select(
-        *keys, func.count(), func.sum(case((e.outcome != 1, 1), else_=0)),
-        func.sum(e.input_tokens), func.sum(e.output_tokens), func.sum(e.cache_write_tokens),
-        func.sum(e.cache_read_tokens),
-    ).where(e.occurred_us >= query.start_us, e.occurred_us < query.end_us)
+        keys.append(c["hour"])
+    stmt = select(*keys, c["count"], c["errors"], *c["tokens"])
+    if hourly:
+        h = periods.US_PER_HOUR
+        stmt = stmt.where(UsageHourRow.hour >= query.start_us // h, UsageHourRow.hour < query.end_us // h)
+    else:
+        stmt = stmt.where(UsageEventRow.occurred_us >= query.start_us, UsageEventRow.occurred_us < query.end_us)
+    pairs = [and_(c["model"] == m, c["hour"] == hour) for m, hour in sorted(only | skip)]
+    if only:
+        stmt = stmt.where(or_(*pairs))
+    elif skip:
+        stmt = stmt.where(not_(or_(*pairs)))
     if query.model:
-        stmt = stmt.where(e.model == query.model)
+        stmt = stmt.where(c["model"] == query.model)
     if query.agent_id:
-        stmt = stmt.where(e.agent_id == query.agent_id)
+        stmt = stmt.where(c["agent"] == query.agent_id)
     if query.principal_id:
-        stmt = stmt.where(e.principal_id == query.principal_id)
+        stmt = stmt.where(c["principal"] == query.principal_id)
     # Group by position: a bound CASE repeated in GROUP BY would not match the SELECT on Postgres.
     stmt = stmt.group_by(*(text(str(i + 1)) for i in range(len(keys))))
     out = []
