@@ -4,11 +4,23 @@ Metering grants leases atomically, so the leases of all replicas never add up to
 the budget; this module makes sure a replica never spends more than it holds. Each call
 holds its worst case (input estimate + max_tokens) before the upstream request and settles
 its real usage after. No grpc imports: metering is reached through a BudgetBackend.
+
+So that a call is refused only when used + in flight + its own hold exceed the budget:
+- a hold may span the room left in several leases (no slice is stranded by fragmentation),
+  and a replica out of room borrows from the pool only what its leases lack (metering grants
+  a smaller lease, down to that);
+- a lease goes back when no call has held it for `idle_release` seconds (a timer, not the
+  maintenance tick), and one metering granted short of the slice asked (the pool is nearly
+  spoken for) as soon as no call holds it, so other replicas can borrow it;
+- when metering refuses, the replica retries for up to `borrow_wait` seconds (other replicas'
+  calls finish and their leases come back) before refusing (calls refused in one episode share
+  its deadline), unless nothing is held anywhere that could come back.
 """
 from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -17,6 +29,9 @@ from typing import Protocol
 from shared.tenancy import TenantContext, tenant_scope
 
 log = logging.getLogger("bulkhead.inference.budget")
+
+_HELD = re.compile(r"\bheld (\d+)")
+"""Metering's refusal names what is held ("used U, held H, limit L"): leases and reservations of every replica."""
 
 
 @dataclass
@@ -92,6 +107,10 @@ class _Lease:
     held: int = 0
     reported: int = 0
     last_used: float = 0.0
+    short: bool = False
+    """Granted less than the slice asked: the pool is tight, so it goes back as soon as it is idle."""
+    timer: asyncio.TimerHandle | None = None
+    """The pending idle check."""
 
     @property
     def available(self) -> int:
@@ -103,7 +122,8 @@ class Hold:
     """Budget held for one call; settle it exactly once."""
 
     key: tuple[str, str]
-    lease: _Lease
+    parts: list[tuple[_Lease, int]]
+    """The leases it holds in, and how much of each."""
     amount: int
     settled: bool = False
 
@@ -113,7 +133,8 @@ class BudgetLeases:
 
     def __init__(self, backend: BudgetBackend, *, slice_tokens: int = 20_000, ttl: float = 60.0,
                  idle_release: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 platform: PlatformLeases | None = None, suspended: Callable[[str], bool] = _never):
+                 platform: PlatformLeases | None = None, suspended: Callable[[str], bool] = _never,
+                 borrow_wait: float = 1.0):
         """platform and suspended: how a suspended tenant's leases go back (its own token is refused)."""
         self._backend = backend
         self._platform = platform
@@ -125,6 +146,9 @@ class BudgetLeases:
         self._leases: dict[tuple[str, str], list[_Lease]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._contexts: dict[str, TenantContext] = {}
+        self._borrow_wait = borrow_wait
+        self._waiting_since: dict[tuple[str, str], float] = {}
+        self._returning: set[asyncio.Task] = set()
 
     async def hold(self, ctx: TenantContext, model: str, amount: int) -> Hold:
         """Hold `amount` tokens of the tenant's budget for one call (BudgetRefused / BackendUnavailable)."""
@@ -135,27 +159,102 @@ class BudgetLeases:
             return held
         lock = self._locks.setdefault(key, asyncio.Lock())
         async with lock:
-            held = self._take(key, amount)          # another call may have leased meanwhile
+            return await self._borrow(key, model, amount)
+
+    async def _borrow(self, key: tuple[str, str], model: str, amount: int) -> Hold:
+        """Lease what this replica lacks for the call, retrying a refusal while room may come back."""
+        # Calls refused in one episode share its deadline, so a queue of them is not waited out one by one.
+        now = time.monotonic()
+        start = self._waiting_since.get(key)
+        if start is None or now - start > 2 * self._borrow_wait:
+            start = self._waiting_since[key] = now
+        deadline = start + self._borrow_wait
+        while True:
+            held = self._take(key, amount)          # another call may have leased, or settled, meanwhile
             if held is not None:
                 return held
             await self._release_spent(key)
-            grant = await self._backend.lease(model, max(amount, self._slice), amount)
-            lease = _Lease(grant.lease_id, grant.tokens, self._clock() + grant.ttl)
+            lacking = amount - self._room(key)
+            try:
+                grant = await self._backend.lease(model, max(amount, self._slice), lacking)
+            except BudgetRefused as refused:
+                if time.monotonic() < deadline and self._may_come_back(key, refused):
+                    await asyncio.sleep(0.05)
+                    continue
+                raise self._refusal(key, amount, refused) from None
+            self._waiting_since.pop(key, None)
+            lease = _Lease(grant.lease_id, grant.tokens, self._clock() + grant.ttl,
+                           short=grant.tokens < max(amount, self._slice))
             self._leases.setdefault(key, []).append(lease)
-            held = self._take(key, amount)
-            if held is None:                        # granted less than min_tokens: metering broke its promise
+            if grant.tokens < lacking:              # metering broke its promise
                 raise BudgetRefused("budget lease too small", [("budget", "lease smaller than the call")], None)
-            return held
+            # Calls outside the lock may have taken the older leases' room meanwhile: then lease again.
+
+    def _may_come_back(self, key: tuple[str, str], refused: BudgetRefused) -> bool:
+        """Whether waiting can help: calls in flight here, or holds elsewhere (metering's `held` above our leases)."""
+        leases = self._leases.get(key, ())
+        if any(lease.held for lease in leases):
+            return True
+        held = next((int(m.group(1)) for _, text in refused.violations if (m := _HELD.search(text))), None)
+        return held is None or held > sum(lease.granted - lease.spent.total for lease in leases)
+
+    def _refusal(self, key: tuple[str, str], amount: int, refused: BudgetRefused) -> BudgetRefused:
+        """Metering's refusal (used, held, limit) with what this replica adds: its calls in flight and its free room."""
+        leases = self._leases.get(key, ())
+        in_flight = sum(lease.held for lease in leases)
+        figures = (f"this replica: needs {amount}, holds {in_flight} for calls in flight, "
+                   f"{self._room(key)} free in its leases")
+        return BudgetRefused(f"{refused}; {figures}", [*refused.violations, ("budget:replica", figures)],
+                             refused.retry_after)
 
     def settle(self, hold: Hold, used: Tokens) -> None:
-        """Charge the call's real usage to its lease and free the rest of the hold."""
+        """Charge the call's real usage to its leases and free the rest of the hold."""
         if hold.settled:
             return
         hold.settled = True
-        hold.lease.held -= hold.amount
-        hold.lease.spent.add(used)
+        caps = [part for _, part in hold.parts]
+        for (lease, part), share in zip(hold.parts, _split(used, caps), strict=True):
+            lease.held -= part
+            lease.spent.add(share)
+            if lease.held == 0:
+                self._when_idle(hold.key, lease)
         if used.total > hold.amount:
             log.warning("call used %d tokens, more than the %d held", used.total, hold.amount)
+
+    def _when_idle(self, key: tuple[str, str], lease: _Lease) -> None:
+        """A lease no call holds goes back: a short one at once, others after idle_release unless used again."""
+        if lease.short:
+            self._return_now(key, lease)
+            return
+        if lease.timer is not None:
+            lease.timer.cancel()
+
+        def check() -> None:
+            lease.timer = None
+            if lease.held == 0 and self._clock() - lease.last_used >= self._idle_release * 0.9:
+                self._return_now(key, lease)
+
+        lease.timer = asyncio.get_running_loop().call_later(max(self._idle_release, 0.0), check)
+
+    def _return_now(self, key: tuple[str, str], lease: _Lease) -> None:
+        """Give an idle short lease back at once (out of the list first, so no call takes from it meanwhile)."""
+        leases = self._leases.get(key)
+        ctx = self._contexts.get(key[0])
+        if not leases or lease not in leases or ctx is None or self._suspended(key[0]):
+            return
+        leases.remove(lease)
+
+        async def give_back() -> None:
+            try:
+                with tenant_scope(ctx):
+                    await self._backend.release(lease.lease_id, self._reportable(lease))
+            except Exception as exc:  # noqa: BLE001 - kept: maintenance returns it later
+                log.warning("returning lease %s failed (%s); kept", lease.lease_id, type(exc).__name__)
+                self._leases.setdefault(key, []).append(lease)
+
+        task = asyncio.get_running_loop().create_task(give_back())
+        self._returning.add(task)
+        task.add_done_callback(self._returning.discard)
 
     def release_unused(self, hold: Hold) -> None:
         """Free a hold whose call never reached the upstream."""
@@ -215,17 +314,34 @@ class BudgetLeases:
 
     async def close(self) -> None:
         """Return every lease with its final spend (shutdown)."""
+        if self._returning:
+            await asyncio.gather(*self._returning, return_exceptions=True)
         self._idle_release = -1.0
         await self.maintain()
 
-    def _take(self, key: tuple[str, str], amount: int) -> Hold | None:
+    def _usable(self, key: tuple[str, str]) -> list[_Lease]:
+        """Leases with room that will not expire under a call."""
         now = self._clock()
-        for lease in self._leases.get(key, ()):
-            if lease.available >= amount and lease.expires_at > now + 1.0:
-                lease.held += amount
-                lease.last_used = now
-                return Hold(key, lease, amount)
-        return None
+        return [lease for lease in self._leases.get(key, ()) if lease.available > 0 and lease.expires_at > now + 1.0]
+
+    def _room(self, key: tuple[str, str]) -> int:
+        """Free room in this replica's usable leases."""
+        return sum(lease.available for lease in self._usable(key))
+
+    def _take(self, key: tuple[str, str], amount: int) -> Hold | None:
+        usable = self._usable(key)
+        if sum(lease.available for lease in usable) < amount:
+            return None
+        now, rest, parts = self._clock(), amount, []
+        for lease in usable:
+            part = min(rest, lease.available)
+            lease.held += part
+            lease.last_used = now
+            parts.append((lease, part))
+            rest -= part
+            if rest == 0:
+                break
+        return Hold(key, parts, amount)
 
     async def _release_spent(self, key: tuple[str, str]) -> None:
         """Return leases that cannot hold another call, so their rest is free for other replicas."""
@@ -250,3 +366,19 @@ class BudgetLeases:
             setattr(capped, name, getattr(capped, name) - cut)
             over -= cut
         return capped
+
+
+def _split(used: Tokens, caps: list[int]) -> list[Tokens]:
+    """Usage split over a hold's parts: each part up to its amount, in order; any excess to the last."""
+    left = {"input": used.input, "output": used.output, "cache_write": used.cache_write,
+            "cache_read": used.cache_read}
+    shares = []
+    for n, cap in enumerate(caps):
+        share = Tokens()
+        for name in left:
+            take = left[name] if n == len(caps) - 1 else min(cap, left[name])
+            setattr(share, name, take)
+            left[name] -= take
+            cap -= take
+        shares.append(share)
+    return shares

@@ -79,18 +79,22 @@ class FakeMetering:
 
 
 async def test_leases_never_hold_more_than_granted():
-    """Holds beyond a lease need a new one; when the budget is gone the call is refused, not overspent."""
+    """Holds beyond a lease borrow only what the leases lack (a hold may span leases); when the budget
+    is gone the call is refused, not overspent."""
     ctx = TenantContext("t_a", "p")
     metering = FakeMetering(budget=250)
-    leases = BudgetLeases(metering, slice_tokens=100, clock=Clock())
+    leases = BudgetLeases(metering, slice_tokens=100, clock=Clock(), borrow_wait=0.1)
     holds = [await leases.hold(ctx, "m", 80) for _ in range(2)]
     assert metering.leases == 2 and metering.left == 50
-    with pytest.raises(BudgetRefused):             # 50 left in metering: less than the call's worst case
+    holds.append(await leases.hold(ctx, "m", 80))  # 20 + 20 free in the leases, 40 borrowed of the 50 left
+    assert metering.leases == 3 and metering.left == 0
+    with pytest.raises(BudgetRefused) as refused:  # 10 free here, nothing in metering: 240 + 80 > 250
         await leases.hold(ctx, "m", 80)
+    assert "holds 240 for calls in flight, 10 free" in str(refused.value)
     for h in holds:
         leases.settle(h, Tokens(input=30, output=20))
     await leases.close()
-    assert metering.left == 250 - 2 * 50
+    assert metering.left == 250 - 3 * 50
 
 
 async def test_cache_loads_once_for_concurrent_misses():
