@@ -1,6 +1,7 @@
 """GetRunStats and Run.trace_id: per-agent figures computed in SQL, exact, and confined to the caller's tenant."""
 from __future__ import annotations
 
+import asyncio
 import math
 import random
 import time
@@ -9,6 +10,7 @@ import uuid
 import grpc
 import pytest
 from google.protobuf import timestamp_pb2
+from sqlalchemy import make_url
 
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from services.orchestrator.history import Finished
@@ -19,6 +21,7 @@ from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.store import RunStore, trace_id_of
 from services.orchestrator.team import AgentSpec, TeamSpec
 from shared.db import Database
+from shared.db.migrations import upgrade
 from shared.errors import error_details
 from shared.tenancy import TenantContext, tenant_scope
 
@@ -166,3 +169,43 @@ async def test_run_carries_the_trace_id_of_its_start_run(bare_mesh):
     got = (await stub.GetRun(pb.GetRunRequest(run_id=traced.run_id), metadata=a.metadata)).run
     listed = (await stub.ListRuns(pb.ListRunsRequest(), metadata=a.metadata)).runs
     assert got.trace_id == listed[0].trace_id == trace
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def urls_at_0002(request, tmp_path):
+    """(runtime url, owner url, runtime role) of an orchestrator database migrated to 0002."""
+    if request.param == "sqlite":
+        url = owner = f"sqlite+aiosqlite:///{tmp_path / 'o.db'}"
+        role = None
+    else:
+        urls = await request.getfixturevalue("postgres").create_database(f"orch_backfill_{uuid.uuid4().hex[:6]}")
+        url, owner, role = urls.app_url, urls.owner_url, make_url(str(urls.app_url)).username
+    await asyncio.to_thread(upgrade, owner, MIGRATIONS, app_role=role, revision="0002")
+    return url, owner, role
+
+
+async def test_migration_backfills_step_latency_from_stored_steps(urls_at_0002):
+    """Steps stored before 0003 get their agent, time and latency from their payloads (under FORCE'd RLS)."""
+    url, owner, role = urls_at_0002
+    tid, at = f"t_{uuid.uuid4().hex[:6]}", time.time() - 60
+    steps = [Step(1, StepKind.RUN_STARTED, "triage", created_at=at), Step(2, StepKind.MODEL_CALL, "triage",
+             created_at=at + 0.25), Step(3, StepKind.MODEL_CALL, "billing", created_at=at + 1.25),
+             Step(4, StepKind.RUN_FINISHED, "billing", created_at=at + 9)]
+    db = await Database.open(url)
+    try:
+        with tenant_scope(_ctx(tid)):
+            async with db.raw(write=True) as tx:
+                for s in steps:
+                    await tx.execute("INSERT INTO orch_steps (tenant_id, run_id, idx, payload) VALUES ($1, $2, $3, $4)",
+                                     tid, "r_old", s.index, s.to_json().decode())
+    finally:
+        await db.close()
+    await asyncio.to_thread(upgrade, owner, MIGRATIONS, app_role=role)
+    db = await Database.open(url)
+    try:
+        with tenant_scope(_ctx(tid)):
+            got = await RunStats(db).per_agent(at - 1, time.time() + 1)
+    finally:
+        await db.close()
+    assert [(s.agent, s.latency_steps, round(s.p50_ms), round(s.p95_ms)) for s in got] == [
+        ("billing", 1, 1000, 1000), ("triage", 1, 250, 250)]
