@@ -1,0 +1,175 @@
+"""issue 19: kill -9 of a proxy replica mid-burst (2 replicas of everything, real Postgres): afterwards
+the ledger holds exactly what the fake upstream billed, attempt by attempt, and never more than the budget
+was spent.
+
+An attempt's bill and its ledger event are matched by the opaque id the proxy sends upstream
+(x-bulkhead-attempt, a keyed hash of tenant and event id) and recorded in the fake's journal. The fake
+bills a reply before it sends it, so an attempt whose reply was lost with the killed replica is billed
+as a provider would bill it; the ledger holds it either exactly (its usage reached the journal or the
+outbox first) or at its reservation (settled by the restarted replica, never below the bill).
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import time
+import uuid
+
+import asyncpg
+import grpc
+import pytest
+
+from bulkhead.client import Client
+from bulkhead.identity.v1 import identity_pb2 as idp
+from bulkhead.inference.v1 import inference_pb2 as inf
+from bulkhead.metering.v1 import metering_pb2 as mtr
+from services.inference.attempts import event_id
+from services.inference.proxy import attempt_ref
+from shared.testing.fake_anthropic import FakeAnthropic
+from tests.e2e.test_replicas import replica_pids, start_replicated, wait_for_line
+
+MODEL = "claude-sonnet-4-5"
+BUDGET = 3000
+WORKERS = 12
+CALL_TIMEOUT = 20.0
+
+
+class Burst:
+    """Workers sending model calls, each resent with its request id after UNAVAILABLE (a retried step)."""
+
+    def __init__(self, bh: Client):
+        self.bh = bh
+        self.stop = asyncio.Event()
+        self.served = self.refused = self.resent = 0
+        self.unexpected: list[str] = []
+
+    async def worker(self) -> None:
+        while not self.stop.is_set():
+            rid = uuid.uuid4().hex
+            for _ in range(40):
+                try:
+                    await self.bh.inference.CreateMessage(inf.CreateMessageRequest(params=inf.MessageParams(
+                        model=MODEL, max_tokens=20, messages=[inf.Message(role=inf.ROLE_USER, content=[
+                            inf.ContentBlock(text=inf.TextBlock(text="hello exact ledger"))])])),
+                        metadata=(("x-request-id", rid),), timeout=CALL_TIMEOUT)
+                    self.served += 1
+                    break
+                except grpc.aio.AioRpcError as err:
+                    if err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        self.refused += 1
+                        await asyncio.sleep(0.2)
+                        break
+                    if err.code() != grpc.StatusCode.UNAVAILABLE:
+                        self.unexpected.append(f"{err.code().name}: {err.details()}")
+                        break
+                    self.resent += 1
+                    await asyncio.sleep(0.2)
+
+
+async def _tenant(data_dir, addresses) -> tuple[str, str]:
+    """A new tenant with a hard token budget; (tenant id, its admin API key)."""
+    operator_key = (data_dir / "operator.key").read_text().strip()
+    async with await Client.connect(api_key=operator_key, addresses=addresses) as operator:
+        created = await operator.identity.CreateTenant(idp.CreateTenantRequest(name=f"exact-{uuid.uuid4().hex[:6]}"))
+        await operator.metering.SetQuota(mtr.SetQuotaRequest(quota=mtr.Quota(
+            tenant_id=created.tenant.id, requests_per_minute=100_000, tokens_per_minute=10_000_000,
+            budgets=[mtr.Budget(unit=mtr.BUDGET_UNIT_TOKENS, limit=BUDGET, period=mtr.BUDGET_PERIOD_MONTH,
+                                mode=mtr.BUDGET_MODE_HARD)])))
+    return created.tenant.id, created.admin_api_key
+
+
+async def _books(owner_url: str, tenant_id: str) -> tuple[dict[str, int], list[tuple]]:
+    """The tenant's ledger (event key -> tokens) and the proxies' attempt journal rows."""
+    conn = await asyncpg.connect(owner_url.replace("postgresql+asyncpg://", "postgresql://"))
+    try:
+        await conn.execute("SELECT set_config('app.tenant_id', $1, false)", tenant_id)
+        ledger = {r[0]: int(r[1]) for r in await conn.fetch(
+            "SELECT idempotency_key, input_tokens + output_tokens + cache_write_tokens + cache_read_tokens "
+            "FROM metering_usage_events WHERE tenant_id = $1", tenant_id)}
+        attempts = [tuple(r) for r in await conn.fetch(
+            "SELECT request_id, attempt, reserve_input + reserve_output, state, outcome, at_reservation "
+            "FROM inference_attempts WHERE tenant_id = $1", tenant_id)]
+    finally:
+        await conn.close()
+    return ledger, attempts
+
+
+def reconcile(tenant_id: str, ledger: dict[str, int], attempts: list[tuple], billed: dict[str, int]) -> dict:
+    """Match every attempt's ledger event with its bill; what does not match is listed under `problems`."""
+    problems: list[str] = []
+    by_ref = {}
+    for request_id, number, reserve, state, outcome, at_reservation in attempts:
+        key = event_id(request_id, number)
+        by_ref[attempt_ref(b"bulkhead", tenant_id, key)] = (key, reserve, state, outcome, at_reservation)
+    expected = at_reservation_count = 0
+    for ref, (key, reserve, state, outcome, flagged) in by_ref.items():
+        got, bill = ledger.get(key), billed.get(ref)
+        if bill is not None and got == bill:
+            expected += bill                       # metered exactly as billed
+        elif got == reserve and (flagged or not outcome) and (bill is None or bill <= reserve):
+            expected += reserve                    # settled at its reservation: counted as billed at it
+            at_reservation_count += 1
+        elif bill is None and got is None and outcome:
+            pass                                   # answered without usage (an error before any work): nothing to bill
+        else:
+            problems.append(f"{key}: ledger {got}, billed {bill}, reserved {reserve}, state {state} {outcome!r}")
+    problems += [f"billed attempt {ref} never journalled" for ref in billed if ref not in by_ref]
+    journalled = {key for key, *_ in by_ref.values()}
+    problems += [f"ledger event {key} has no attempt" for key in ledger if key not in journalled]
+    return {"ledger": sum(ledger.values()), "billed": sum(billed.values()), "expected": expected,
+            "at_reservation": at_reservation_count, "attempts": len(by_ref), "problems": problems}
+
+
+@pytest.mark.slow
+@pytest.mark.postgres
+async def test_kill_9_of_a_proxy_replica_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tmp_path):
+    """kill -9 of inference#1 with calls in flight; once the restarted replica has settled what it left,
+    every billed attempt is in the ledger exactly once (exactly as billed, or at its reservation), nothing
+    unbilled is metered except at its reservation, and used + held never passed the budget."""
+    started = time.monotonic()
+    urls = await postgres.create_database(f"exact_{uuid.uuid4().hex[:8]}")
+    async with FakeAnthropic(delay=1.0) as fake:    # ~6 calls upstream per replica at any time
+        mesh, addresses = await asyncio.to_thread(start_replicated, tmp_path / "mesh", {
+            "ANTHROPIC_API_KEY": "sk-ant-fake", "ANTHROPIC_BASE_URL": fake.base_url,
+            "BULKHEAD_MODEL_PROVIDER": "anthropic",
+            # Slices well under the budget, so both replicas hold leases and serve (the default 20,000
+            # would put the whole budget on one replica until it idles).
+            "BULKHEAD_INFERENCE_LEASE_TOKENS": "500"}, ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url))
+        try:
+            tenant_id, api_key = await _tenant(mesh.data_dir, addresses)
+            async with await Client.connect(api_key=api_key, addresses=addresses) as bh:
+                burst = Burst(bh)
+                workers = [asyncio.create_task(burst.worker()) for _ in range(WORKERS)]
+                await asyncio.sleep(3)
+                in_flight = len(fake.calls) - len(fake.usage_log)
+                os.kill(replica_pids(mesh)["inference#1"], signal.SIGKILL)
+                await wait_for_line(mesh, r"!! inference#1 is healthy again", 90)
+                await asyncio.sleep(2)
+                burst.stop.set()
+                await asyncio.gather(*workers)
+                status = (await bh.metering.GetQuotaStatus(mtr.GetQuotaStatusRequest())).budgets[0]
+            # The restarted replica settles its predecessor's rows at once; outboxes deliver within seconds.
+            deadline = time.monotonic() + 60
+            while True:
+                billed = {r.attempt_ref: sum(r.usage.values()) for r in fake.usage_log}
+                report = reconcile(tenant_id, *await _books(urls.owner_url, tenant_id), billed)
+                if not report["problems"] or time.monotonic() > deadline:
+                    break
+                await asyncio.sleep(1)
+        finally:
+            await asyncio.to_thread(mesh.stop)
+    print(f"\n[exact] {burst.served} served, {burst.refused} refused, {burst.resent} resent after UNAVAILABLE; "
+          f"{in_flight} upstream calls in flight at the kill; whole test {time.monotonic() - started:.0f}s")
+    print(f"[exact] fake: {len(fake.calls)} requests received, {len(fake.usage_log)} billed")
+    print(f"[exact] billed {report['billed']} tokens over {len(billed)} attempts; ledger {report['ledger']} "
+          f"= billed with {report['at_reservation']} attempt(s) counted at their reservation: {report['expected']}; "
+          f"budget {BUDGET}: used {status.used}, held {status.held}")
+    assert re.findall(r"!! (\w+#\d) exited with code -9", "".join(mesh.lines)) == ["inference#1"]
+    assert not burst.unexpected, burst.unexpected
+    assert in_flight > 0 and burst.served >= 10 and burst.resent >= 1, "the kill must land mid-burst"
+    assert report["problems"] == []
+    assert report["at_reservation"] >= 1, "the killed replica's calls in flight are settled at their reservation"
+    assert report["ledger"] == report["expected"]
+    assert report["billed"] <= BUDGET and status.used + status.held <= BUDGET
