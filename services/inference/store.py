@@ -228,7 +228,8 @@ _PG_OPEN = (_OPEN_COLUMNS + f"SELECT v.t, v.r, {_NEXT}, CAST($1 AS VARCHAR), v.m
 # SQLite has no arrays: the group travels as one JSON array of rows.
 _SQLITE_OPEN = (_OPEN_COLUMNS + f"SELECT v.t, v.r, {_NEXT}, $1, v.m, v.ri, v.ro, 0, 0, v.c, v.cm FROM ("
                 "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS r, "
-                "json_extract(value, '$[2]') AS m, json_extract(value, '$[3]') AS ri, json_extract(value, '$[4]') AS ro, "
+                "json_extract(value, '$[2]') AS m, json_extract(value, '$[3]') AS ri, "
+                "json_extract(value, '$[4]') AS ro, "
                 "json_extract(value, '$[5]') AS c, json_extract(value, '$[6]') AS cm FROM json_each($2)) AS v "
                 "RETURNING tenant_id, request_id, id, attempt")
 _SETTLE = ("UPDATE inference_attempts SET state = 1, input_tokens = $2, output_tokens = $3, cache_write_tokens = $4, "
