@@ -331,6 +331,8 @@ class RunStore:
             return await self._requeued(existing, entry), False
         try:
             await self._enqueue(run_id, now, entry)
+        except IntegrityError:
+            pass  # a concurrent retry with the same key found this run and queued it first: it is queued
         except BaseException:
             # Unqueued, the run would wait forever: end it so the caller's retry starts afresh.
             await self._unqueueable(run_id)

@@ -143,3 +143,25 @@ async def test_a_run_that_cannot_be_queued_fails_instead_of_waiting(tmp_path, mo
         failed = await runs.get("r_lost")
     assert failed.status == RunStatus.FAILED and failed.error_reason == "NOT_QUEUED"
     await db.close()
+
+
+async def test_a_concurrent_retry_queueing_the_run_first_leaves_it_queued(tmp_path, monkeypatch):
+    """Two StartRuns with one key: when the retry queues the new run before its creator does, the creator's
+    queue insert hits the entry that is already there, and the run stays queued (it used to fail NOT_QUEUED)."""
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
+    runs = RunStore(db)
+    enqueue = runs._enqueue
+
+    async def retry_won_the_race(run_id, now, entry):
+        await enqueue(run_id, now, entry)  # the concurrent retry's entry, written between our check and insert
+        async with db.system_session() as s:
+            s.add(QueueRow(run_id=run_id, state="queued", enqueued_at=now, lease_owner=None, lease_expires=0.0,
+                           cancel_requested=False, **entry))
+
+    monkeypatch.setattr(runs, "_enqueue", retry_won_the_race)
+    with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", tier="pooled")):
+        run, created = await runs.create(team=TEAM, entry_agent="a", run_input="x", idempotency_key="k",
+                                         tenant_id="t_a", principal_id="p", tier="pooled", grant=b"g")
+        assert created and (await runs.get(run.run_id)).status == RunStatus.QUEUED
+    assert [w.run_id for w in (await runs.waiting(now=100))[0]] == [run.run_id]
+    await db.close()
