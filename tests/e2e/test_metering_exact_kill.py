@@ -11,6 +11,7 @@ outbox first) or at its reservation (settled by the restarted replica, never bel
 from __future__ import annotations
 
 import asyncio
+import collections
 import os
 import re
 import signal
@@ -25,6 +26,7 @@ from bulkhead.client import Client
 from bulkhead.identity.v1 import identity_pb2 as idp
 from bulkhead.inference.v1 import inference_pb2 as inf
 from bulkhead.metering.v1 import metering_pb2 as mtr
+from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc
 from services.inference.attempts import event_id
 from services.inference.proxy import attempt_ref
 from shared.testing.fake_anthropic import FakeAnthropic
@@ -44,6 +46,42 @@ class Burst:
         self.stop = asyncio.Event()
         self.served = self.refused = self.resent = 0
         self.unexpected: list[str] = []
+        self.runs: list[str] = []
+
+    async def runs_worker(self) -> None:
+        """Runs of a one-agent team: each step's model call goes through the proxies too."""
+        while not self.stop.is_set():
+            key = uuid.uuid4().hex      # the same key on every resend: one run
+            for _ in range(40):
+                try:
+                    started = await self.bh.orchestrator.StartRun(orc.StartRunRequest(
+                        team="exact", entry_agent="solo", input=f"ping {key}", idempotency_key=key),
+                        timeout=CALL_TIMEOUT)
+                    self.runs.append(started.run.run_id)
+                    break
+                except grpc.aio.AioRpcError as err:
+                    if err.code() != grpc.StatusCode.UNAVAILABLE:
+                        self.unexpected.append(f"StartRun {err.code().name}: {err.details()}")
+                        break
+                    await asyncio.sleep(0.3)
+            await asyncio.sleep(0.5)
+
+    async def finished_runs(self, timeout: float) -> dict[str, int]:
+        """Wait until every run started is terminal; their count by status."""
+        deadline, done = time.monotonic() + timeout, {}
+        while len(done) < len(self.runs) and time.monotonic() < deadline:
+            for run_id in [r for r in self.runs if r not in done]:
+                try:
+                    got = await self.bh.orchestrator.GetRun(orc.GetRunRequest(run_id=run_id), timeout=CALL_TIMEOUT)
+                except grpc.aio.AioRpcError:
+                    continue
+                name = orc.RunStatus.Name(got.run.status)
+                if name == "RUN_STATUS_FAILED":
+                    name += f" {got.run.error_reason}: {got.run.error_message[:120]}"
+                if name.startswith(("RUN_STATUS_SUCCEEDED", "RUN_STATUS_FAILED", "RUN_STATUS_CANCELLED")):
+                    done[run_id] = name
+            await asyncio.sleep(0.5)
+        return dict(collections.Counter(done.get(r, "not finished") for r in self.runs))
 
     async def worker(self) -> None:
         while not self.stop.is_set():
@@ -77,6 +115,11 @@ async def _tenant(data_dir, addresses) -> tuple[str, str]:
             tenant_id=created.tenant.id, requests_per_minute=100_000, tokens_per_minute=10_000_000,
             budgets=[mtr.Budget(unit=mtr.BUDGET_UNIT_TOKENS, limit=BUDGET, period=mtr.BUDGET_PERIOD_MONTH,
                                 mode=mtr.BUDGET_MODE_HARD)])))
+    async with await Client.connect(api_key=created.admin_api_key, addresses=addresses) as bh:
+        await bh.orchestrator.CreateTeam(orc.CreateTeamRequest(team=orc.Team(
+            name="exact", description="one agent, one model call per run",
+            agents=[orc.Agent(name="solo", system_prompt="Answer briefly.", model=MODEL, max_steps=2,
+                             max_tokens=20)])))
     return created.tenant.id, created.admin_api_key
 
 
@@ -124,10 +167,10 @@ def reconcile(tenant_id: str, ledger: dict[str, int], attempts: list[tuple], bil
 
 @pytest.mark.slow
 @pytest.mark.postgres
-@pytest.mark.parametrize("victim", ["inference#1", "metering#1"])
+@pytest.mark.parametrize("victim", ["inference#1", "metering#1", "orchestrator#1"])
 async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tmp_path, victim):
-    """kill -9 of a proxy replica (calls in flight) or a metering replica (usage and leases in flight)
-    mid-burst; once restarts and outboxes have settled, every billed attempt is in the ledger exactly once
+    """kill -9 of a proxy replica (calls in flight), a metering replica (usage and leases in flight) or an
+    orchestrator replica (run steps in flight) mid-burst; once restarts and outboxes have settled, every billed attempt is in the ledger exactly once
     (exactly as billed, or at its reservation), nothing unbilled is metered except at its reservation,
     and used + held never passed the budget."""
     started = time.monotonic()
@@ -136,6 +179,7 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
         mesh, addresses = await asyncio.to_thread(start_replicated, tmp_path / "mesh", {
             "ANTHROPIC_API_KEY": "sk-ant-fake", "ANTHROPIC_BASE_URL": fake.base_url,
             "BULKHEAD_MODEL_PROVIDER": "anthropic",
+            "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "5",  # a killed holder's runs move on after 5 s, not 15
             # Slices well under the budget, so both replicas hold leases and serve (the default 20,000
             # would put the whole budget on one replica until it idles).
             "BULKHEAD_INFERENCE_LEASE_TOKENS": "500"}, ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url))
@@ -144,6 +188,7 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
             async with await Client.connect(api_key=api_key, addresses=addresses) as bh:
                 burst = Burst(bh)
                 workers = [asyncio.create_task(burst.worker()) for _ in range(WORKERS)]
+                workers += [asyncio.create_task(burst.runs_worker()) for _ in range(2)]
                 await asyncio.sleep(3)
                 in_flight = len(fake.calls) - len(fake.usage_log)
                 os.kill(replica_pids(mesh)[victim], signal.SIGKILL)
@@ -151,6 +196,7 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
                 await asyncio.sleep(2)
                 burst.stop.set()
                 await asyncio.gather(*workers)
+                runs = await burst.finished_runs(90)    # every step's model call made before reconciling
                 status = (await bh.metering.GetQuotaStatus(mtr.GetQuotaStatusRequest())).budgets[0]
             # The restarted replica settles its predecessor's rows at once; outboxes deliver within seconds.
             deadline = time.monotonic() + 60
@@ -165,12 +211,17 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
     print(f"\n[exact] kill -9 {victim}: {burst.served} served, {burst.refused} refused, "
           f"{burst.resent} resent after UNAVAILABLE; "
           f"{in_flight} upstream calls in flight at the kill; whole test {time.monotonic() - started:.0f}s")
+    print(f"[exact] runs: {runs}")
     print(f"[exact] fake: {len(fake.calls)} requests received, {len(fake.usage_log)} billed")
     print(f"[exact] billed {report['billed']} tokens over {len(billed)} attempts; ledger {report['ledger']} "
           f"= billed with {report['at_reservation']} attempt(s) counted at their reservation: {report['expected']}; "
           f"budget {BUDGET}: used {status.used}, held {status.held}")
     assert re.findall(r"!! (\w+#\d) exited with code -9", "".join(mesh.lines)) == [victim]
     assert not burst.unexpected, burst.unexpected
+    # Known gap: the killed proxy's leases stay held at metering until their TTL, so after an inference kill
+    # the budget can look spent while it is not; a run may then fail BUDGET_EXHAUSTED, never otherwise.
+    stranded = "RUN_STATUS_FAILED BUDGET_EXHAUSTED" if victim.startswith("inference") else "RUN_STATUS_SUCCEEDED"
+    assert runs and all(r == "RUN_STATUS_SUCCEEDED" or r.startswith(stranded) for r in runs), runs
     assert in_flight > 0 and burst.served >= 10, "the kill must land mid-burst"
     assert report["problems"] == []
     if victim.startswith("inference"):
