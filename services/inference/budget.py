@@ -248,8 +248,11 @@ class BudgetLeases:
             try:
                 with tenant_scope(ctx):
                     await self._backend.release(lease.lease_id, self._reportable(lease))
-            except Exception as exc:  # noqa: BLE001 - kept: maintenance returns it later
-                log.warning("returning lease %s failed (%s); kept", lease.lease_id, type(exc).__name__)
+            except BackendUnavailable:
+                log.warning("metering unreachable; lease %s kept (maintenance returns it later)", lease.lease_id)
+                self._leases.setdefault(key, []).append(lease)
+            except Exception:
+                log.exception("returning lease %s failed; kept", lease.lease_id)
                 self._leases.setdefault(key, []).append(lease)
 
         task = asyncio.get_running_loop().create_task(give_back())
@@ -278,19 +281,28 @@ class BudgetLeases:
                 continue
             for lease in list(leases):
                 idle = lease.held == 0 and now - lease.last_used > self._idle_release
+                if lease not in leases:     # returned meanwhile (an idle timer)
+                    continue
+                returning = idle or (lease.held == 0 and lease.available <= 0)
+                if returning:
+                    leases.remove(lease)    # before the await: no call may take from a lease being returned
                 try:
                     with tenant_scope(ctx):
-                        if idle or (lease.held == 0 and lease.available <= 0):
+                        if returning:
                             await self._backend.release(lease.lease_id, self._reportable(lease))
-                            leases.remove(lease)
                         elif lease.expires_at - now < self._ttl / 2 or lease.spent.total != lease.reported:
-                            await self._backend.renew(lease.lease_id, self._reportable(lease))
-                            lease.reported = lease.spent.total
+                            spent = self._reportable(lease)
+                            await self._backend.renew(lease.lease_id, spent)
+                            lease.reported = spent.total
                             lease.expires_at = now + self._ttl
                 except BackendUnavailable:
                     log.warning("metering unreachable; lease %s kept", lease.lease_id)
+                    if returning:
+                        leases.append(lease)
                 except Exception:
                     log.exception("lease %s maintenance failed", lease.lease_id)
+                    if returning:
+                        leases.append(lease)
             if not leases:
                 self._leases.pop(key, None)
 
@@ -300,17 +312,17 @@ class BudgetLeases:
         if self._platform is None:
             return
         for lease in list(leases):
-            if lease.held:  # a call still in flight settles first
+            if lease.held or lease not in leases:  # a call still in flight settles first
                 continue
+            leases.remove(lease)
             try:
                 await self._platform.release_for(ctx, lease.lease_id, self._reportable(lease))
             except BackendUnavailable:
                 log.warning("metering unreachable; suspended tenant's lease %s kept", lease.lease_id)
-                continue
+                leases.append(lease)
             except Exception:
                 log.exception("returning suspended tenant's lease %s failed", lease.lease_id)
-                continue
-            leases.remove(lease)
+                leases.append(lease)
 
     async def close(self) -> None:
         """Return every lease with its final spend (shutdown)."""
@@ -345,13 +357,14 @@ class BudgetLeases:
 
     async def _release_spent(self, key: tuple[str, str]) -> None:
         """Return leases that cannot hold another call, so their rest is free for other replicas."""
-        for lease in list(self._leases.get(key, ())):
-            if lease.held == 0:
+        leases = self._leases.get(key, [])
+        for lease in list(leases):
+            if lease.held == 0 and lease in leases:
+                leases.remove(lease)        # before the await: no call may take from a lease being returned
                 try:
                     await self._backend.release(lease.lease_id, self._reportable(lease))
                 except BackendUnavailable:
-                    continue
-                self._leases[key].remove(lease)
+                    leases.append(lease)
 
     @staticmethod
     def _reportable(lease: _Lease) -> Tokens:

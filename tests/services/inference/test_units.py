@@ -97,6 +97,40 @@ async def test_leases_never_hold_more_than_granted():
     assert metering.left == 250 - 3 * 50
 
 
+class SlowMetering(FakeMetering):
+    """Releases take a while and are counted per lease."""
+
+    def __init__(self, budget: int):
+        super().__init__(budget)
+        self.releases: list[str] = []
+
+    async def release(self, lease_id: str, spent: Tokens) -> None:
+        self.releases.append(lease_id)
+        await asyncio.sleep(0.05)
+        await super().release(lease_id, spent)
+
+
+async def test_a_lease_being_returned_takes_no_call_and_goes_back_once():
+    """While an idle lease's release is in flight, a new call does not hold on it (its spend would go
+    uncharged) but borrows anew; the idle timer and maintenance never release one lease twice."""
+    ctx = TenantContext("t_a", "p")
+    metering = SlowMetering(budget=1000)
+    clock = Clock()
+    leases = BudgetLeases(metering, slice_tokens=100, clock=clock, idle_release=0.01)
+    leases.settle(await leases.hold(ctx, "m", 80), Tokens(input=10, output=10))   # idle from now
+    clock.now += 1.0
+    returning = asyncio.create_task(leases.maintain())
+    await asyncio.sleep(0.01)                       # the release is in flight
+    late = await leases.hold(ctx, "m", 10)
+    await returning
+    assert metering.leases == 2 and metering.releases == ["l1"]
+    leases.settle(late, Tokens(input=5, output=5))
+    await asyncio.sleep(0.1)                        # the idle timer fires for l2 alone
+    await leases.close()
+    assert sorted(metering.releases) == ["l1", "l2"]
+    assert metering.left == 1000 - 20 - 10
+
+
 async def test_cache_loads_once_for_concurrent_misses():
     """Concurrent misses of one tenant share one load."""
     loads = 0
