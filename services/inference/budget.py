@@ -251,9 +251,8 @@ class BudgetLeases:
             except BackendUnavailable:
                 log.warning("metering unreachable; lease %s kept (maintenance returns it later)", lease.lease_id)
                 self._leases.setdefault(key, []).append(lease)
-            except Exception:
-                log.exception("returning lease %s failed; kept", lease.lease_id)
-                self._leases.setdefault(key, []).append(lease)
+            except Exception:  # refused (released or expired at metering): never spend on it again
+                log.exception("returning lease %s failed", lease.lease_id)
 
         task = asyncio.get_running_loop().create_task(give_back())
         self._returning.add(task)
@@ -299,10 +298,8 @@ class BudgetLeases:
                     log.warning("metering unreachable; lease %s kept", lease.lease_id)
                     if returning:
                         leases.append(lease)
-                except Exception:
+                except Exception:  # refused (released or expired at metering): never spend on it again
                     log.exception("lease %s maintenance failed", lease.lease_id)
-                    if returning:
-                        leases.append(lease)
             if not leases:
                 self._leases.pop(key, None)
 
@@ -320,9 +317,8 @@ class BudgetLeases:
             except BackendUnavailable:
                 log.warning("metering unreachable; suspended tenant's lease %s kept", lease.lease_id)
                 leases.append(lease)
-            except Exception:
+            except Exception:  # refused (released or expired at metering): never spend on it again
                 log.exception("returning suspended tenant's lease %s failed", lease.lease_id)
-                leases.append(lease)
 
     async def close(self) -> None:
         """Return every lease with its final spend (shutdown)."""
