@@ -239,6 +239,7 @@ class RefreshingKeySource:
         self._last_fetch = 0.0
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
+        self._closed = False
 
     async def get(self, kid: str) -> Ed25519PublicKey | None:
         self._ensure_poller()
@@ -274,6 +275,8 @@ class RefreshingKeySource:
         self._revision = revision
 
     def _ensure_poller(self) -> None:
+        if self._closed:
+            return
         if self._poller is None or self._poller.done():
             try:
                 self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
@@ -282,7 +285,11 @@ class RefreshingKeySource:
 
     async def _poll_forever(self) -> None:
         failing = ""
-        while True:
+        me = asyncio.current_task()
+        # A cancel that lands while grpc.aio finishes a call can be absorbed by grpc's own task (the
+        # call then fails as an ordinary error): the request still counts in cancelling(), so stop on
+        # it, or loop shutdown would wait for this task forever.
+        while not self._closed and not (me is not None and me.cancelling()):
             try:
                 await self.refresh_revocations()
                 if failing:
@@ -297,9 +304,11 @@ class RefreshingKeySource:
             await asyncio.sleep(self._poll)
 
     async def close(self) -> None:
-        """Stop the background poll."""
-        if self._poller:
+        """Stop the background poll (and never start it again)."""
+        self._closed = True
+        if self._poller and not self._poller.done():
             self._poller.cancel()
+            await asyncio.wait({self._poller}, timeout=5)
 
 
 def _describe(exc: Exception) -> str:

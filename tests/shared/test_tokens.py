@@ -120,3 +120,36 @@ async def test_unreachable_identity_is_unavailable_not_unauthenticated():
         await TokenVerifier(source).verify(issuer.issue(tenant_id="t_a", principal_id="p", scopes={"*"})[0])
     assert info.value.reason == "KEYS_UNAVAILABLE"
     await source.close()
+
+
+async def test_revocation_poller_stops_when_a_call_absorbs_its_cancellation():
+    """grpc.aio can turn a cancel that lands mid-call into an ordinary error; the poller must still stop
+    (it used to loop on, and the event loop's shutdown waited for it forever)."""
+    import asyncio
+
+    started = asyncio.Event()
+
+    class AbsorbingLoader:
+        async def load_keys(self):
+            return {}
+
+        async def load_revocations(self, since):
+            started.set()
+            try:
+                await asyncio.sleep(10)
+            except asyncio.CancelledError:  # what grpc's invocation task does with a cancel
+                pass
+            raise RuntimeError("call cancelled")
+
+        async def load_suspended(self):
+            return frozenset()
+
+    source = RefreshingKeySource(AbsorbingLoader(), revocation_poll=0.01)
+    try:
+        await source.get("kid")
+        await started.wait()
+        source._poller.cancel()
+        await asyncio.wait({source._poller}, timeout=2)
+        assert source._poller.done(), "the poller went on after its cancel was absorbed"
+    finally:
+        await source.close()
