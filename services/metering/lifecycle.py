@@ -9,6 +9,9 @@ from __future__ import annotations
 KEPT = {
     "metering_usage_events": "usage ledger for billing and statutory retention (ids, model, token counts, "
                              "times; no content, no secrets)",
+    "metering_usage_hours": "hourly sums of the kept ledger (token counts per model, agent, principal, "
+                            "outcome), which usage queries read for whole hours: dropping them would "
+                            "under-count the ledger that stays",
     "metering_tenants": "the tenant's tier, so the kept ledger still prices and exports correctly",
 }
 """Tables a purge leaves in place, each with its reason (metering_operator_audit, which names the
