@@ -16,7 +16,7 @@ from services.identity.directory import Directory
 from services.identity.issuance import Issuance
 from services.identity.servicer import IdentityServicer
 from services.identity.signing import SigningKeys, StoreKeyLoader, load_or_create_kek
-from services.identity.store import DeletionRow, DeletionStepRow, IdentityBase
+from services.identity.store import IdentityBase
 from shared.client import make_channel
 from shared.db import Database
 from shared.lifecycle import TenantLifecycle, lifecycle_binding
@@ -30,9 +30,10 @@ from shared.tls import TlsConfig
 from shared.tokens import RefreshingKeySource, TokenVerifier
 
 MIGRATIONS = Path(__file__).parent / "migrations"
-KEPT = {DeletionRow.__tablename__: "the deletion plan and its signed receipt (ids, counts, times)",
-        DeletionStepRow.__tablename__: "each service's inventory and purge result, the receipt's source (counts only)"}
-"""identity's rows a deletion keeps (besides the tenant's tombstone in `tenants`)."""
+KEPT: dict[str, str] = {}
+"""identity's tenant rows a deletion keeps: none. What stays is platform records about the tenant:
+its tombstone in `tenants` and the deletion plan with its receipt (DeletionRow, DeletionStepRow),
+whose target_tenant column is not a tenant_id (docs/CONTRACT.md, "What deletion keeps")."""
 log = logging.getLogger("bulkhead.identity")
 
 

@@ -89,7 +89,7 @@ class DeletionRow(IdentityBase):
     """A tenant's deletion plan (a platform table): kept after it is done, with the signed receipt."""
 
     __tablename__ = "tenant_deletions"
-    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column("target_tenant", String(64), primary_key=True)
     tier: Mapped[str] = mapped_column(String(16))
     state: Mapped[str] = mapped_column(String(16))  # scheduled | running | done
     requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
@@ -105,7 +105,7 @@ class DeletionStepRow(IdentityBase):
     """One service's step of a deletion: what it held before (inventory) and what its purge returned."""
 
     __tablename__ = "tenant_deletion_steps"
-    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    tenant_id: Mapped[str] = mapped_column("target_tenant", String(64), primary_key=True)
     service: Mapped[str] = mapped_column(String(32), primary_key=True)
     position: Mapped[int] = mapped_column(Integer)
     done: Mapped[bool] = mapped_column(Boolean, default=False)

@@ -25,12 +25,12 @@ pytestmark = pytest.mark.slow
 def _steps(db, tenant_id: str) -> dict[str, tuple[int, int]]:
     with sqlite3.connect(db) as conn:
         return {s: (d, a) for s, d, a in conn.execute(
-            "SELECT service, done, attempts FROM tenant_deletion_steps WHERE tenant_id = ?", (tenant_id,))}
+            "SELECT service, done, attempts FROM tenant_deletion_steps WHERE target_tenant = ?", (tenant_id,))}
 
 
 def _state(db, tenant_id: str) -> str | None:
     with sqlite3.connect(db) as conn:
-        row = conn.execute("SELECT state FROM tenant_deletions WHERE tenant_id = ?", (tenant_id,)).fetchone()
+        row = conn.execute("SELECT state FROM tenant_deletions WHERE target_tenant = ?", (tenant_id,)).fetchone()
     return row[0] if row else None
 
 

@@ -23,6 +23,9 @@ PLATFORM_TABLES: dict[str, dict[str, str]] = {
         "tenants": "the tenant registry itself: operators list every tenant (keyed by the tenant's own id)",
         "signing_keys": "the platform's token-signing keys (private halves encrypted), not any tenant's",
         "revocations": "the public revocation feed: opaque token ids, no tenant",
+        "tenant_deletions": "deletion plans and signed receipts (target_tenant names the tenant): the "
+                            "control plane's record, read by the coordinator and operators only",
+        "tenant_deletion_steps": "each service's step of a deletion plan (counts only), same as above",
     },
     "credentials": {
         "alembic_version_credentials": "Alembic's migration revision",

@@ -18,7 +18,9 @@ _TS = sa.DateTime(timezone=True)
 def upgrade() -> None:
     op.create_table(
         "tenant_deletions",
-        sa.Column("tenant_id", sa.String(64), primary_key=True),
+        # target_tenant, not tenant_id: a platform record about a tenant (the coordinator reads every
+        # tenant's plan), like metering's operator audit, not a row the tenant owns under RLS.
+        sa.Column("target_tenant", sa.String(64), primary_key=True),
         sa.Column("tier", sa.String(16), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
         sa.Column("requested_at", _TS, nullable=False),
@@ -31,7 +33,7 @@ def upgrade() -> None:
     )
     op.create_table(
         "tenant_deletion_steps",
-        sa.Column("tenant_id", sa.String(64), primary_key=True),
+        sa.Column("target_tenant", sa.String(64), primary_key=True),
         sa.Column("service", sa.String(32), primary_key=True),
         sa.Column("position", sa.Integer, nullable=False),
         sa.Column("done", sa.Boolean, nullable=False),
