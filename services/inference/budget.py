@@ -251,8 +251,9 @@ class BudgetLeases:
             except BackendUnavailable:
                 log.warning("metering unreachable; lease %s kept (maintenance returns it later)", lease.lease_id)
                 self._leases.setdefault(key, []).append(lease)
-            except Exception:  # refused (released or expired at metering): never spend on it again
-                log.exception("returning lease %s failed", lease.lease_id)
+            except Exception:
+                log.exception("returning lease %s failed; kept for maintenance", lease.lease_id)
+                self._leases.setdefault(key, []).append(lease)
 
         task = asyncio.get_running_loop().create_task(give_back())
         self._returning.add(task)
@@ -298,8 +299,10 @@ class BudgetLeases:
                     log.warning("metering unreachable; lease %s kept", lease.lease_id)
                     if returning:
                         leases.append(lease)
-                except Exception:  # refused (released or expired at metering): never spend on it again
+                except Exception:
                     log.exception("lease %s maintenance failed", lease.lease_id)
+                    if returning:           # retried next round (an expired one takes no call: its local expiry)
+                        leases.append(lease)
             if not leases:
                 self._leases.pop(key, None)
 
@@ -317,8 +320,9 @@ class BudgetLeases:
             except BackendUnavailable:
                 log.warning("metering unreachable; suspended tenant's lease %s kept", lease.lease_id)
                 leases.append(lease)
-            except Exception:  # refused (released or expired at metering): never spend on it again
+            except Exception:
                 log.exception("returning suspended tenant's lease %s failed", lease.lease_id)
+                leases.append(lease)
 
     async def close(self) -> None:
         """Return every lease with its final spend (shutdown)."""

@@ -162,30 +162,41 @@ class UsageMeter:
                             await self._flush_tenant(tenant_id)
             except Exception:
                 log.exception("usage delivery failed; will retry")
+                await asyncio.sleep(self._retry_interval / 4)
 
     async def _flush_tenant(self, tenant_id: str) -> None:
         batch = self._queues.pop(tenant_id, [])
-        ctx = self._contexts.get(tenant_id)
-        if tenant_id in self._backlogged or ctx is None:
-            if batch:
+        kept = False            # metering or the outbox holds the batch
+        try:
+            ctx = self._contexts.get(tenant_id)
+            if tenant_id in self._backlogged or ctx is None:
+                if batch:
+                    await self._outbox.append(batch)
+                    kept = True
+                    self._backlogged.add(tenant_id)
+                    self._on_durable(batch)
+                if ctx is not None or self._platform is not None:
+                    await self._drain(tenant_id, ctx)
+                return
+            try:
+                with tenant_scope(ctx):
+                    await self._backend.record(batch)
+            except UsageRejected as exc:
+                # Kept, it would block every later event of the tenant; logged loudly for an operator.
+                log.error("metering rejected %d usage events of %s: %s", len(batch), tenant_id, exc)
+            except Exception as exc:  # noqa: BLE001 - unreachable, or refused (an expired token): keep, never drop
+                log.warning("usage not delivered (%s): %d events of %s kept in the outbox",
+                            type(exc).__name__, len(batch), tenant_id)
                 await self._outbox.append(batch)
                 self._backlogged.add(tenant_id)
-                self._on_durable(batch)
-            if ctx is not None or self._platform is not None:
-                await self._drain(tenant_id, ctx)
-            return
-        try:
-            with tenant_scope(ctx):
-                await self._backend.record(batch)
-        except UsageRejected as exc:
-            # Kept, it would block every later event of the tenant; logged loudly for an operator.
-            log.error("metering rejected %d usage events of %s: %s", len(batch), tenant_id, exc)
-        except Exception as exc:  # noqa: BLE001 - unreachable, or refused (an expired token): keep, never drop
-            log.warning("usage not delivered (%s): %d events of %s kept in the outbox",
-                        type(exc).__name__, len(batch), tenant_id)
-            await self._outbox.append(batch)
-            self._backlogged.add(tenant_id)
-        self._on_durable(batch)
+            kept = True
+            self._on_durable(batch)
+        except BaseException:
+            # Neither metering nor the outbox took it (the database is down as well): back in the
+            # queue, ahead of what came meanwhile, and retried; never dropped.
+            if batch and not kept:
+                self._queues[tenant_id] = batch + self._queues.get(tenant_id, [])
+            raise
 
     async def _drain(self, tenant_id: str, ctx: TenantContext | None) -> None:
         """Send the tenant's outbox oldest first; stop at the first failure (order is kept)."""
