@@ -4,6 +4,8 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Sequence
 
+import pytest
+
 from services.inference.budget import Tokens
 from services.inference.config import InferenceConfig
 from services.inference.usage import UsageEvent, UsageMeter
@@ -109,6 +111,40 @@ async def test_an_outage_keeps_batches_in_the_outbox_and_later_events_queue_behi
     await meter.close()
     assert [key for batch in metering.batches for key in batch] == ["r1", "r2", "r3"]
     assert outbox.rows == [] and meter.backlogged_tenants == frozenset()
+
+
+class DownOutbox(MemoryOutbox):
+    """An outbox whose database can be down."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.down = False
+
+    async def append(self, events: Sequence[UsageEvent]) -> None:
+        if self.down:
+            raise ConnectionError("database down")
+        await super().append(events)
+
+
+async def test_a_batch_neither_metering_nor_the_outbox_takes_is_kept_and_retried():
+    """Metering and the outbox's database both down: the batch stays queued (ahead of later events)
+    and arrives once, in order, when they are back; nothing is reported durable before that."""
+    metering, outbox = Metering(), DownOutbox()
+    durable: list[str] = []
+    meter = UsageMeter(metering, outbox, flush_interval=30.0,
+                       on_durable=lambda events: durable.extend(e.idempotency_key for e in events))
+    await meter.start()
+    metering.down = outbox.down = True
+    meter.record(CTX, _event(1))
+    meter.record(CTX, _event(2))
+    with pytest.raises(ConnectionError):
+        await meter.flush()
+    meter.record(CTX, _event(3))
+    assert durable == [] and outbox.rows == []
+    metering.down = outbox.down = False
+    await meter.close()
+    assert [key for batch in metering.batches for key in batch] == ["r1", "r2", "r3"]
+    assert durable == ["r1", "r2", "r3"]
 
 
 def test_flush_interval_comes_from_the_environment():
