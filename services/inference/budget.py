@@ -13,8 +13,8 @@ So that a call is refused only when used + in flight + its own hold exceed the b
   maintenance tick), and one metering granted short of the slice asked (the pool is nearly
   spoken for) as soon as no call holds it, so other replicas can borrow it;
 - when metering refuses, the replica retries for up to `borrow_wait` seconds (other replicas'
-  calls finish and their leases come back) before refusing (calls refused in one episode share
-  its deadline), unless nothing is held anywhere that could come back.
+  calls finish and their leases come back) before refusing (the calls of one episode without
+  budget share its deadline), unless nothing is held anywhere that could come back.
 """
 from __future__ import annotations
 
@@ -30,8 +30,8 @@ from shared.tenancy import TenantContext, tenant_scope
 
 log = logging.getLogger("bulkhead.inference.budget")
 
-_HELD = re.compile(r"\bheld (\d+)")
-"""Metering's refusal names what is held ("used U, held H, limit L"): leases and reservations of every replica."""
+_FIGURES = re.compile(r"needs (\d+); used (\d+), held (\d+), limit (\d+)")
+"""Metering's refusal figures; `held` counts the leases and reservations of every replica."""
 
 
 @dataclass
@@ -163,7 +163,8 @@ class BudgetLeases:
 
     async def _borrow(self, key: tuple[str, str], model: str, amount: int) -> Hold:
         """Lease what this replica lacks for the call, retrying a refusal while room may come back."""
-        # Calls refused in one episode share its deadline, so a queue of them is not waited out one by one.
+        # An episode lasts while no call here gets budget; its calls share one deadline, so a queue of
+        # them is not waited out one by one, and a refusal means nothing came back for borrow_wait.
         now = time.monotonic()
         start = self._waiting_since.get(key)
         if start is None or now - start > 2 * self._borrow_wait:
@@ -172,6 +173,7 @@ class BudgetLeases:
         while True:
             held = self._take(key, amount)          # another call may have leased, or settled, meanwhile
             if held is not None:
+                self._waiting_since.pop(key, None)  # budget came back: the episode is over
                 return held
             await self._release_spent(key)
             lacking = amount - self._room(key)
@@ -191,12 +193,16 @@ class BudgetLeases:
             # Calls outside the lock may have taken the older leases' room meanwhile: then lease again.
 
     def _may_come_back(self, key: tuple[str, str], refused: BudgetRefused) -> bool:
-        """Whether waiting can help: calls in flight here, or holds elsewhere (metering's `held` above our leases)."""
+        """Whether waiting can help: calls in flight here, holds elsewhere (metering's `held` above our
+        leases), or room that came back between metering's check and its figures (a lease returned)."""
         leases = self._leases.get(key, ())
         if any(lease.held for lease in leases):
             return True
-        held = next((int(m.group(1)) for _, text in refused.violations if (m := _HELD.search(text))), None)
-        return held is None or held > sum(lease.granted - lease.spent.total for lease in leases)
+        figures = next((m for _, text in refused.violations if (m := _FIGURES.search(text))), None)
+        if figures is None:
+            return True
+        needs, used, held, limit = (int(figures.group(n)) for n in range(1, 5))
+        return limit - used - held >= needs or held > sum(lease.granted - lease.spent.total for lease in leases)
 
     def _refusal(self, key: tuple[str, str], amount: int, refused: BudgetRefused) -> BudgetRefused:
         """Metering's refusal (used, held, limit) with what this replica adds: its calls in flight and its free room."""
