@@ -65,6 +65,8 @@ CACHES: dict[str, Entry] = {
     "services/inference/budget.py::_leases": Entry(TENANT, "(tenant, model) -> budget leases held locally",
                                                   _CACHES + "test_limits_cache_is_per_tenant"),
     "services/inference/budget.py::_contexts": Entry(TENANT, "tenant -> context to renew its leases with"),
+    "services/inference/budget.py::_waiting_since": Entry(TENANT, "(tenant, model) -> when its calls began waiting "
+                                                                 "for budget (a time, no data)"),
     "services/inference/usage.py::_contexts": Entry(TENANT, "tenant -> context to deliver its usage with"),
     "services/inference/usage.py::_backlogged": Entry(TENANT, "tenants with undelivered usage"),
     "services/inference/attempts.py::_rows": Entry(TENANT, "(tenant, event id) -> attempt row"),
@@ -78,6 +80,7 @@ CACHES: dict[str, Entry] = {
     "services/metering/pricing.py::_by_model": Entry(PLATFORM, "the platform price table by model"),
     "services/metering/periods.py::_month_bounds()": Entry(PLATFORM, "UTC day -> month bounds"),
     "services/metering/store.py::_sqlite_usage_insert()": Entry(PLATFORM, "row count -> SQL text"),
+    "services/metering/rollup.py::_sqlite_upsert()": Entry(PLATFORM, "row count -> SQL text"),
     # orchestrator
     "services/orchestrator/dispatcher.py::_backlog": Entry(UNIQUE, "server-made run id -> steps; WatchRun reads the "
                                                           "run in the caller's tenant before subscribing", _MATRIX),
@@ -108,6 +111,11 @@ CACHES: dict[str, Entry] = {
     "shared/db/router.py::_routes": Entry(TENANT, "(tier, tenant) -> engine and schema",
                                          "tests/shared/db/test_tiers.py"),
     "shared/db/router.py::_engine_options": Entry(PLATFORM, "engine options from configuration"),
+    "shared/db/replica.py::_silos": Entry(UNIQUE, "silo database name -> replica engine: a silo database is one "
+                                                   "tenant's, and RLS still binds every session on it",
+                                          "tests/shared/db/test_read_replica.py"),
+    "shared/client.py::_seen": Entry(TENANT, "tenant -> highest WAL position its calls were answered with, sent "
+                                             "only on that tenant's calls", "tests/services/state/test_read_replica.py"),
     "shared/lifecycle.py::_keep": Entry(PLATFORM, "table -> why its rows outlive a purge, from the service's wiring"),
     "shared/logs.py::_secrets": Entry(PLATFORM, "every registered secret value, scrubbed from every log line "
                                                 "(deliberately not per tenant: no tenant's secret may reach any log)"),
