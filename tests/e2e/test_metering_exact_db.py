@@ -22,7 +22,7 @@ from bulkhead.client import Client
 from bulkhead.metering.v1 import metering_pb2 as mtr
 from shared.testing.fake_anthropic import FakeAnthropic
 from shared.testing.postgres import ADMIN_ROLE, PostgresServer, _initdb, _launch, find_bindir
-from shared.testing.procs import free_port, make_workdir, stop_process, unprivileged_account
+from shared.testing.procs import ServerStartError, free_port, make_workdir, stop_process, unprivileged_account
 from tests.e2e.test_metering_exact_kill import BUDGET, WORKERS, Burst, _books, _tenant, reconcile
 from tests.e2e.test_replicas import start_replicated
 
@@ -54,7 +54,14 @@ class CrashablePostgres:
 
     def start(self) -> None:
         """Start again on the same data and port (crash recovery replays the WAL)."""
-        self.proc = _launch(self.bindir, self.root, self.port, self.account)
+        for attempt in range(5):
+            try:
+                self.proc = _launch(self.bindir, self.root, self.port, self.account)
+                return
+            except ServerStartError:    # the crashed server's backends may still hold its shared memory
+                if attempt == 4:
+                    raise
+                time.sleep(1)
 
     def close(self) -> None:
         stop_process(self.proc, signal.SIGQUIT)
