@@ -289,8 +289,7 @@ async def test_kill_one_replica_of_each_service_in_turn(postgres, tmp_path):
     print(f"[replicas] other calls failed once (then resent): {dict(tally.other_failures)}")
     print(f"[replicas] runs: {Counter(runs.values())}; {figures}")
     print(f"[replicas] RPCs each replica handled since it (re)started: {served}")
-    print(f"[replicas] model calls metered: {metered}; fake upstream billed calls: {billed} "
-          "(equal totals: another engineer's part of issue 17, not asserted here)")
+    print(f"[replicas] model calls metered: {metered}; fake upstream billed calls: {billed}")
 
     assert re.findall(r"!! (\w+)#\d exited with code -9", "".join(mesh.lines)) == list(KILL_ORDER)
     assert len(served) == 12 and all(served.values()), served  # round_robin reaches every replica, restarted too
@@ -298,6 +297,9 @@ async def test_kill_one_replica_of_each_service_in_turn(postgres, tmp_path):
     assert not tally.idempotent_failures, tally.idempotent_failures
     assert {code for _, code in tally.other_failures} <= {"UNAVAILABLE"}, tally.other_failures
     assert not tally.gave_up, tally.gave_up
+    # Nothing the provider billed is missing from the ledger. It may hold more: an attempt journaled on
+    # the killed proxy whose request may or may not have left is metered at its reservation (issue 19).
+    assert billed > 0 and metered >= billed, (metered, billed)
     assert runs and set(runs.values()) == {"RUN_STATUS_SUCCEEDED"}, runs
 
 
