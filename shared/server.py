@@ -63,6 +63,12 @@ class RunningServer:
         await self.server.wait_for_termination()
 
 
+MAX_CONNECTION_AGE_MS = 300_000
+"""After this long a server asks each client connection to go away (GOAWAY; calls in flight finish,
+with no grace limit): callers then reconnect and re-resolve, so a replica the autoscaler adds gets
+its share of round_robin traffic within minutes instead of never (long-lived channels never dial)."""
+
+
 async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifier, address: str = "127.0.0.1:0",
                 tls: TlsConfig | None | object = TLS_FROM_ENV,
                 options: Sequence[tuple[str, object]] = ()) -> RunningServer:
@@ -72,8 +78,9 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
     """
     tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else tls
     tenancy = TenancyInterceptor(verifier, service=name)
-    server = grpc.aio.server(interceptors=[tenancy],
-                             options=[("grpc.so_reuseport", 0), *options])
+    # gRPC takes the first of repeated channel args: the caller's options replace these defaults.
+    settings = {"grpc.so_reuseport": 0, "grpc.max_connection_age_ms": MAX_CONNECTION_AGE_MS, **dict(options)}
+    server = grpc.aio.server(interceptors=[tenancy], options=list(settings.items()))
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
     health_servicer = health.aio.HealthServicer()
