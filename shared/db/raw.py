@@ -115,27 +115,30 @@ async def raw_transaction(engine: AsyncEngine, *, tenant_id: str | None, schema:
         try:
             yield RawTransaction(driver, dialect)
         except BaseException as exc:
+            rolled_back = True
             try:
                 await (driver.execute("ROLLBACK") if dialect == "postgresql" else driver.rollback())
             except BaseException:
+                rolled_back = False
                 await conn.invalidate()  # never hand the pool a connection stuck in a transaction
-            if _connection_lost(exc, driver):
+            if _connection_lost(exc, usable=rolled_back):
                 raise _database_unavailable() from exc
             raise
         try:
             await (driver.execute("COMMIT") if dialect == "postgresql" else driver.commit())
         except BaseException as exc:
             await conn.invalidate()
-            if _connection_lost(exc, driver):  # the outcome is unknown: only an idempotent call may be retried
+            if _connection_lost(exc, usable=False):  # the outcome is unknown: only idempotent calls are retried
                 raise _database_unavailable() from exc
             raise
 
 
-def _connection_lost(exc: BaseException, driver: Any) -> bool:
+def _connection_lost(exc: BaseException, *, usable: bool) -> bool:
     """Whether the driver lost its server (a failover, a restart), as opposed to a failing statement.
 
-    The ORM's errors pass SQLAlchemy's disconnect handling (shared.db.engine); the driver's own, on a
-    raw transaction, do not, and would otherwise reach the caller as INTERNAL instead of UNAVAILABLE.
+    usable: the connection still answered (a ROLLBACK went through). The ORM's errors pass SQLAlchemy's
+    disconnect handling (shared.db.engine); the driver's own, on a raw transaction, do not, and would
+    otherwise reach the caller as INTERNAL instead of UNAVAILABLE.
     """
     if isinstance(exc, (ConnectionError, TimeoutError)):
         return True
@@ -143,7 +146,9 @@ def _connection_lost(exc: BaseException, driver: Any) -> bool:
         import asyncpg
     except ImportError:  # an embedded (SQLite-only) install
         return False
-    if isinstance(exc, asyncpg.InterfaceError):  # "connection is closed": the server went away
-        return bool(getattr(driver, "is_closed", lambda: False)())
+    if isinstance(exc, (asyncpg.InterfaceError, asyncpg.InternalClientError)):
+        # "connection is closed", or the driver's state machine caught mid-way by the server's goodbye:
+        # a driver error counts as a lost server only when the connection no longer answers either.
+        return not usable
     return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError,
                             asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError))
