@@ -7,6 +7,7 @@ An attempt's bill and its ledger event are matched by the opaque id the proxy se
 bills a reply before it sends it, so an attempt whose reply was lost with the killed replica is billed
 as a provider would bill it; the ledger holds it either exactly (its usage reached the journal or the
 outbox first) or at its reservation (settled by the restarted replica, never below the bill).
+A third of the workers stream: a stream the kill cuts is settled the same way.
 """
 from __future__ import annotations
 
@@ -35,6 +36,8 @@ from tests.e2e.test_replicas import replica_pids, start_replicated, wait_for_lin
 MODEL = "claude-sonnet-4-5"
 BUDGET = 3000
 WORKERS = 12
+STREAMERS = 4
+"""Of the workers, how many stream their calls (StreamMessage read to the end)."""
 CALL_TIMEOUT = 20.0
 
 
@@ -44,7 +47,7 @@ class Burst:
     def __init__(self, bh: Client):
         self.bh = bh
         self.stop = asyncio.Event()
-        self.served = self.refused = self.resent = 0
+        self.served = self.refused = self.resent = self.streamed = 0
         self.unexpected: list[str] = []
         self.runs: list[str] = []
 
@@ -83,15 +86,24 @@ class Burst:
             await asyncio.sleep(0.5)
         return dict(collections.Counter(done.get(r, "not finished") for r in self.runs))
 
-    async def worker(self) -> None:
+    async def worker(self, *, stream: bool = False) -> None:
+        """Unary calls, or streams read to their end: a stream the kill cuts is an attempt like any other."""
         while not self.stop.is_set():
             rid = uuid.uuid4().hex
             for _ in range(40):
+                params = inf.MessageParams(model=MODEL, max_tokens=20, messages=[inf.Message(
+                    role=inf.ROLE_USER, content=[inf.ContentBlock(text=inf.TextBlock(text="hello exact ledger"))])])
+                md = (("x-request-id", rid),)
                 try:
-                    await self.bh.inference.CreateMessage(inf.CreateMessageRequest(params=inf.MessageParams(
-                        model=MODEL, max_tokens=20, messages=[inf.Message(role=inf.ROLE_USER, content=[
-                            inf.ContentBlock(text=inf.TextBlock(text="hello exact ledger"))])])),
-                        metadata=(("x-request-id", rid),), timeout=CALL_TIMEOUT)
+                    if stream:
+                        events = self.bh.inference.StreamMessage(inf.StreamMessageRequest(params=params),
+                                                                 metadata=md, timeout=CALL_TIMEOUT)
+                        async for _ in events:
+                            pass
+                        self.streamed += 1
+                    else:
+                        await self.bh.inference.CreateMessage(inf.CreateMessageRequest(params=params), metadata=md,
+                                                              timeout=CALL_TIMEOUT)
                     self.served += 1
                     break
                 except grpc.aio.AioRpcError as err:
@@ -187,7 +199,8 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
             tenant_id, api_key = await _tenant(mesh.data_dir, addresses)
             async with await Client.connect(api_key=api_key, addresses=addresses) as bh:
                 burst = Burst(bh)
-                workers = [asyncio.create_task(burst.worker()) for _ in range(WORKERS)]
+                workers = [asyncio.create_task(burst.worker()) for _ in range(WORKERS - STREAMERS)]
+                workers += [asyncio.create_task(burst.worker(stream=True)) for _ in range(STREAMERS)]
                 workers += [asyncio.create_task(burst.runs_worker()) for _ in range(2)]
                 await asyncio.sleep(3)
                 in_flight = len(fake.calls) - len(fake.usage_log)
@@ -208,7 +221,7 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
                 await asyncio.sleep(1)
         finally:
             await asyncio.to_thread(mesh.stop)
-    print(f"\n[exact] kill -9 {victim}: {burst.served} served, {burst.refused} refused, "
+    print(f"\n[exact] kill -9 {victim}: {burst.served} served ({burst.streamed} streamed), {burst.refused} refused, "
           f"{burst.resent} resent after UNAVAILABLE; "
           f"{in_flight} upstream calls in flight at the kill; whole test {time.monotonic() - started:.0f}s")
     print(f"[exact] runs: {runs}")
@@ -223,6 +236,7 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
     stranded = "RUN_STATUS_FAILED BUDGET_EXHAUSTED" if victim.startswith("inference") else "RUN_STATUS_SUCCEEDED"
     assert runs and all(r == "RUN_STATUS_SUCCEEDED" or r.startswith(stranded) for r in runs), runs
     assert in_flight > 0 and burst.served >= 10, "the kill must land mid-burst"
+    assert burst.streamed >= 1, "streams were metered too"
     assert report["problems"] == []
     if victim.startswith("inference"):
         assert burst.resent >= 1, "calls on the killed proxy fail UNAVAILABLE and are resent"
