@@ -31,7 +31,11 @@ from tests.services.orchestrator.mesh import TIERS
 
 pytestmark = [pytest.mark.postgres, pytest.mark.openbao]
 TOKENS = TestTokens()
-PLATFORM = TOKENS.metadata("t_platform", scopes=("platform.lifecycle",))
+
+
+def platform_md():
+    """identity's platform call metadata, minted per call (a module-level token expires mid-suite)."""
+    return TOKENS.metadata("t_platform", scopes=("platform.lifecycle",))
 
 
 async def superuser_hits(admin_url: str, needles: list[str]) -> list[str]:
@@ -61,7 +65,7 @@ async def superuser_hits(admin_url: str, needles: list[str]) -> list[str]:
 
 async def inventory(stub, tenant_id: str, tier: str) -> dict:
     resp = await stub.InventoryTenant(lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=TIERS[tier]),
-                                      metadata=PLATFORM)
+                                      metadata=platform_md())
     return {(t.store, t.table): (t.rows, t.checksum) for t in resp.tables}
 
 
@@ -94,7 +98,7 @@ async def test_purge_on_postgres_and_openbao_leaves_nothing_of_the_tenant(postgr
         assert await superuser_hits(postgres.admin_url, list(victims.values()))  # the scan can find them
 
         for tier, tid in victims.items():
-            out = await life.PurgeTenant(lpb.PurgeTenantRequest(tenant_id=tid, tier=TIERS[tier]), metadata=PLATFORM)
+            out = await life.PurgeTenant(lpb.PurgeTenantRequest(tenant_id=tid, tier=TIERS[tier]), metadata=platform_md())
             assert [k.key_id for k in out.destroyed_keys] == [f"transit:{layout.key_name(TenantRef(tid, tier))}"]
             assert {a.name: a.count for a in out.actions} == {"secrets_destroyed": 1}
             assert not out.kept
@@ -103,7 +107,7 @@ async def test_purge_on_postgres_and_openbao_leaves_nothing_of_the_tenant(postgr
             else:
                 assert out.dropped_stores == [f"schema:{bridge_schema(tid)}" if tier == "bridge" else
                                               f"database:{silo_database(db.engine.url.database, tid)}"]
-            again = await life.PurgeTenant(lpb.PurgeTenantRequest(tenant_id=tid, tier=TIERS[tier]), metadata=PLATFORM)
+            again = await life.PurgeTenant(lpb.PurgeTenantRequest(tenant_id=tid, tier=TIERS[tier]), metadata=platform_md())
             assert sum(d.rows for d in again.deleted) == 0 and not again.dropped_stores  # idempotent
 
         assert await superuser_hits(postgres.admin_url, [*victims.values(), *(canary[t] for t in victims.values())]) == []
