@@ -27,11 +27,10 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from services.inference.policy import Policy
 from services.inference.providers import ANTHROPIC, OFFLINE
-from shared.config import ServiceConfig, data_dir
+from shared.config import ServiceConfig
 
 _PINNED = "claude-sonnet-4-5=claude-sonnet-4-5-20250929,claude-haiku-4-5=claude-haiku-4-5-20251001," \
           "claude-opus-4-1=claude-opus-4-1-20250805"

@@ -41,7 +41,6 @@ from shared.testing.procs import (
     stop_process,
     tail,
     unprivileged_account,
-    wait_until,
 )
 
 STANDBY_NAME = "standby1"
