@@ -449,30 +449,36 @@ class ReleaseBudgetResponse(_message.Message):
     def __init__(self, released: _Optional[_Union[Hold, _Mapping]] = ...) -> None: ...
 
 class LeaseBudgetRequest(_message.Message):
-    __slots__ = ("model", "tokens", "min_tokens", "ttl_seconds")
+    __slots__ = ("model", "tokens", "min_tokens", "ttl_seconds", "holder")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     TOKENS_FIELD_NUMBER: _ClassVar[int]
     MIN_TOKENS_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
     model: str
     tokens: int
     min_tokens: int
     ttl_seconds: int
-    def __init__(self, model: _Optional[str] = ..., tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    holder: str
+    def __init__(self, model: _Optional[str] = ..., tokens: _Optional[int] = ..., min_tokens: _Optional[int] = ..., ttl_seconds: _Optional[int] = ..., holder: _Optional[str] = ...) -> None: ...
 
 class Lease(_message.Message):
-    __slots__ = ("lease_id", "model", "granted", "spent", "expire_time")
+    __slots__ = ("lease_id", "model", "granted", "spent", "expire_time", "holder", "in_flight_tokens")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
     GRANTED_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
     EXPIRE_TIME_FIELD_NUMBER: _ClassVar[int]
+    HOLDER_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     model: str
     granted: Hold
     spent: TokenCounts
     expire_time: _timestamp_pb2.Timestamp
-    def __init__(self, lease_id: _Optional[str] = ..., model: _Optional[str] = ..., granted: _Optional[_Union[Hold, _Mapping]] = ..., spent: _Optional[_Union[TokenCounts, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    holder: str
+    in_flight_tokens: int
+    def __init__(self, lease_id: _Optional[str] = ..., model: _Optional[str] = ..., granted: _Optional[_Union[Hold, _Mapping]] = ..., spent: _Optional[_Union[TokenCounts, _Mapping]] = ..., expire_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., holder: _Optional[str] = ..., in_flight_tokens: _Optional[int] = ...) -> None: ...
 
 class LeaseBudgetResponse(_message.Message):
     __slots__ = ("lease",)
@@ -481,14 +487,16 @@ class LeaseBudgetResponse(_message.Message):
     def __init__(self, lease: _Optional[_Union[Lease, _Mapping]] = ...) -> None: ...
 
 class RenewLeaseRequest(_message.Message):
-    __slots__ = ("lease_id", "spent", "ttl_seconds")
+    __slots__ = ("lease_id", "spent", "ttl_seconds", "in_flight_tokens")
     LEASE_ID_FIELD_NUMBER: _ClassVar[int]
     SPENT_FIELD_NUMBER: _ClassVar[int]
     TTL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    IN_FLIGHT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     lease_id: str
     spent: TokenCounts
     ttl_seconds: int
-    def __init__(self, lease_id: _Optional[str] = ..., spent: _Optional[_Union[TokenCounts, _Mapping]] = ..., ttl_seconds: _Optional[int] = ...) -> None: ...
+    in_flight_tokens: int
+    def __init__(self, lease_id: _Optional[str] = ..., spent: _Optional[_Union[TokenCounts, _Mapping]] = ..., ttl_seconds: _Optional[int] = ..., in_flight_tokens: _Optional[int] = ...) -> None: ...
 
 class RenewLeaseResponse(_message.Message):
     __slots__ = ("lease",)

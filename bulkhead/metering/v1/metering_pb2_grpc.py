@@ -255,8 +255,10 @@ class MeteringServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def RenewLease(self, request, context):
-        """RenewLease reports what a lease has spent so far and extends its expiry. On expiry the
-        last reported spend is charged and the rest returns to the budget.
+        """RenewLease reports what a lease has spent so far and extends its expiry: the holder's heartbeat.
+        Leases are meant to be short (a proxy takes 6 s and renews every 2 s while it holds one), so a
+        dead holder's lease comes back within its TTL. On expiry the last reported spend plus what the
+        holder last reported in flight (capped at the grant) is charged and the rest returns to the budget.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
