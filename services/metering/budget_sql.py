@@ -67,6 +67,8 @@ class NewHold:
     """When it was made."""
     expires_us: int
     """When it expires unless settled (or renewed)."""
+    holder: str = ""
+    """A lease's holder (the process spending it); empty for reservations."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,10 @@ class Hold:
     """It passed a soft budget."""
     rates: tuple[int, int, int, int]
     """The rates it was priced with (input, output, cache write, cache read), micro-USD per million tokens."""
+    holder: str = ""
+    """A lease's holder."""
+    in_flight_tokens: int = 0
+    """What a lease's holder last reported in flight."""
 
     def cost_micros(self, spent: Tokens) -> int:
         """Spend priced at the hold's rates, rounded up to whole micro-USD (as the settling SQL does)."""
@@ -155,18 +161,18 @@ RETURNING unit, used, held"""
 _HOLD_COLUMNS = """tenant_id, hold_id, kind, model, idempotency_key, tokens_held, micros_held, tokens_period_us,
     micros_period_us, priced_at_us, rate_input, rate_output, rate_cache_write, rate_cache_read, state, over_budget,
     created_us, expires_us, settled_us, spent_input, spent_output, spent_cache_write, spent_cache_read,
-    charged_tokens, charged_micros"""
+    charged_tokens, charged_micros, holder, in_flight_tokens"""
 
-# $8 hold id, $9 kind, $10 model, $11 key, $12 priced at, $13-$16 rates, $17 created, $18 expires.
+# $8 hold id, $9 kind, $10 model, $11 key, $12 priced at, $13-$16 rates, $17 created, $18 expires, $19 holder.
 _HOLD_VALUES = """$1, $8, $9, $10, $11, $3, $6, $2, $5, $12, $13, $14, $15, $16, 'open', FALSE, $17, $18,
-    0, 0, 0, 0, 0, 0, 0"""
+    0, 0, 0, 0, 0, 0, 0, $19, 0"""
 
 # Postgres: the counters and the hold in one statement; the hold goes in only when every counter
-# asked for ($19 of them) took its amount, and fewer counter rows back means refused.
+# asked for ($20 of them) took its amount, and fewer counter rows back means refused.
 _PG_PLACE_HOLD = f"""
 WITH c AS ({_HOLD_COUNTERS}),
 h AS (INSERT INTO metering_holds ({_HOLD_COLUMNS})
-      SELECT {_HOLD_VALUES} WHERE (SELECT count(*) FROM c) = $19
+      SELECT {_HOLD_VALUES} WHERE (SELECT count(*) FROM c) = $20
       RETURNING hold_id)
 SELECT c.unit, c.used, c.held FROM c"""
 
@@ -188,7 +194,7 @@ async def place_hold(tx: RawTransaction, tenant_id: str, hold: NewHold, units: t
     wanted = [u.unit for u in units if u.amount > 0]
     args = (tenant_id, tok.period_us, tok.amount, tok.hard_limit, mic.period_us, mic.amount, mic.hard_limit,
             hold.hold_id, hold.kind, hold.model, hold.idempotency_key, hold.priced_at_us, *hold.rates,
-            hold.created_us, hold.expires_us)
+            hold.created_us, hold.expires_us, hold.holder)
     if tx.dialect == _POSTGRES:
         rows = await tx.fetch(_PG_PLACE_HOLD, *args, len(wanted))
     else:
@@ -217,7 +223,7 @@ LEFT JOIN metering_budget_counters AS c ON c.tenant_id = $1 AND c.unit = $2 AND 
 
 _HOLD_FIELDS = """model, state, tokens_held, micros_held, tokens_period_us, micros_period_us, charged_tokens,
     charged_micros, spent_input, spent_output, spent_cache_write, spent_cache_read, expires_us, over_budget,
-    rate_input, rate_output, rate_cache_write, rate_cache_read"""
+    rate_input, rate_output, rate_cache_write, rate_cache_read, holder, in_flight_tokens"""
 
 _GET_HOLD = f"SELECT {_HOLD_FIELDS} FROM metering_holds WHERE tenant_id = $1 AND hold_id = $2 AND kind = $3"
 
@@ -229,7 +235,8 @@ def _hold(row: Sequence) -> Hold:
                 tokens_period_us=int(row[4]), micros_period_us=int(row[5]), charged_tokens=int(row[6]),
                 charged_micros=int(row[7]), spent=Tokens(int(row[8]), int(row[9]), int(row[10]), int(row[11])),
                 expires_us=int(row[12]), over_budget=bool(row[13]),
-                rates=(int(row[14]), int(row[15]), int(row[16]), int(row[17])))
+                rates=(int(row[14]), int(row[15]), int(row[16]), int(row[17])), holder=row[18],
+                in_flight_tokens=int(row[19]))
 
 
 async def counters(tx: RawTransaction, tenant_id: str, tokens_period_us: int, micros_period_us: int
@@ -340,35 +347,68 @@ async def move_counters(tx: RawTransaction, tenant_id: str, moves: Sequence[tupl
 # ---------------------------------------------------------------- leases and expiry
 
 # $1 tenant, $2 lease id, $3 now, $4 new expiry, $5-$8 spend (a running total: never lower than
-# reported before), $9 its token total. Only an open, unexpired lease is renewed.
+# reported before), $9 its token total, $10 tokens in flight (replaces the last report). Only an
+# open, unexpired lease is renewed.
 _RENEW = f"""
 UPDATE metering_holds SET expires_us = $4, spent_input = $5, spent_output = $6, spent_cache_write = $7,
-    spent_cache_read = $8, charged_tokens = $9, charged_micros = {_cost(5)}
+    spent_cache_read = $8, charged_tokens = $9, charged_micros = {_cost(5)}, in_flight_tokens = $10
 WHERE tenant_id = $1 AND hold_id = $2 AND kind = 'lease' AND state = 'open' AND expires_us >= $3
     AND spent_input <= $5 AND spent_output <= $6 AND spent_cache_write <= $7 AND spent_cache_read <= $8
     AND tokens_held >= $9 AND micros_held >= {_cost(5)}
-RETURNING model, tokens_held, micros_held"""
+RETURNING model, tokens_held, micros_held, holder"""
 
 
-async def renew(tx: RawTransaction, tenant_id: str, lease_id: str, spent: Tokens, now_us: int, expires_us: int
-                ) -> tuple[str, int, int] | None:
-    """Record a lease's running spend (charged at its rates) and extend it: (model, tokens held, micro-USD held).
+@dataclass(frozen=True, slots=True)
+class Renewed:
+    """A renewed lease."""
+
+    model: str
+    """The model it is for."""
+    tokens_held: int
+    """Tokens it holds."""
+    micros_held: int
+    """Micro-USD it holds."""
+    holder: str
+    """Who holds it."""
+
+
+async def renew(tx: RawTransaction, tenant_id: str, lease_id: str, spent: Tokens, in_flight_tokens: int, now_us: int,
+                expires_us: int) -> Renewed | None:
+    """Record a lease's running spend (charged at its rates) and its holder's tokens in flight, and extend it.
 
     None when it is not this tenant's open, unexpired lease, or the spend went down or past the
     grant: nothing changed, and get_hold says which.
     """
-    row = await tx.fetchrow(_RENEW, tenant_id, lease_id, now_us, expires_us, *spent.parts(), spent.total)
-    return (row[0], int(row[1]), int(row[2])) if row is not None else None
+    row = await tx.fetchrow(_RENEW, tenant_id, lease_id, now_us, expires_us, *spent.parts(), spent.total,
+                            in_flight_tokens)
+    return Renewed(row[0], int(row[1]), int(row[2]), row[3]) if row is not None else None
 
 
-_EXPIRE = """
-UPDATE metering_holds SET state = 'expired', settled_us = $2
+def _least(a: str, b: str) -> str:
+    """SQL for the smaller of two expressions (SQLite has no LEAST)."""
+    return f"CASE WHEN {a} < {b} THEN {a} ELSE {b} END"
+
+
+_WORST_RATE = ("CASE WHEN rate_input >= rate_output AND rate_input >= rate_cache_write AND rate_input >= rate_cache_read"
+               " THEN rate_input WHEN rate_output >= rate_cache_write AND rate_output >= rate_cache_read THEN rate_output"
+               " WHEN rate_cache_write >= rate_cache_read THEN rate_cache_write ELSE rate_cache_read END")
+"""A hold's highest rate: what its calls in flight are priced at (their kinds are unknown), as a lease's grant is."""
+
+# An expiring hold charges what it last reported plus what its holder last reported in flight
+# (a dead proxy's calls in flight may have been billed: the ledger meters them at their
+# reservation), never more than it holds. Reservations have nothing in flight.
+_EXPIRE = f"""
+UPDATE metering_holds SET state = 'expired', settled_us = $2,
+    charged_tokens = {_least("charged_tokens + in_flight_tokens", "tokens_held")},
+    charged_micros = {_least(f"charged_micros + (in_flight_tokens * {_WORST_RATE} + {TOKENS_PER_PRICE_UNIT - 1})"
+                             f" / {TOKENS_PER_PRICE_UNIT}", "micros_held")}
 WHERE tenant_id = $1 AND state = 'open' AND expires_us < $2
 RETURNING tokens_held, micros_held, tokens_period_us, micros_period_us, charged_tokens, charged_micros"""
 
 
 async def expire(tx: RawTransaction, tenant_id: str, now_us: int) -> int:
-    """Expire the tenant's overdue holds: charge what each last reported, return the rest. Returns how many.
+    """Expire the tenant's overdue holds: charge what each last reported (a lease: with its calls in flight,
+    up to its grant), return the rest. Returns how many.
 
     The guarded UPDATE expires each hold once even when sweepers race; their counter moves are
     summed per counter and applied in lock order.

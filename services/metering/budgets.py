@@ -6,12 +6,21 @@ same statement that marks the hold settled (budget_sql.py says how, and in which
 hold that is never settled expires: a sweep (run lazily when a reservation is refused, on status
 reads, and periodically) charges what a lease last reported and returns the rest, so a crashed
 caller cannot strand budget.
+
+Leases are meant to be short and renewed by a heartbeat while their holder lives (the proxy takes
+them for 6 s and renews every 2 s), so a killed holder's leases come back within seconds rather
+than stranding budget that calls elsewhere are refused for. Each renewal also reports the tokens
+the holder's calls in flight hold; an expiring lease charges them on top of its spend (up to the
+grant), as those calls may have been billed: `used` errs high, never low, like the proxy's
+write-ahead attempts that settle at their reservation. A lease names its holder (the process)
+for operators; the name grants nothing, the lease id does.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import secrets
+import string
 from collections.abc import AsyncIterator, Callable
 
 from services.metering import budget_sql, periods, store
@@ -49,6 +58,8 @@ OPEN, COMMITTED, RELEASED, EXPIRED = "open", "committed", "released", "expired"
 DEFAULT_RESERVATION_TTL_S = 300
 DEFAULT_LEASE_TTL_S = 60
 MAX_TTL_S = 3600
+MAX_HOLDER = 200
+_HOLDER_CHARS = frozenset(string.printable) - frozenset(string.whitespace) | {" "}
 
 
 class _OverBudget(Exception):
@@ -317,8 +328,11 @@ class BudgetLedger:
     # ------------------------------------------------------------ leases
 
     async def lease(self, tenant_id: str, *, model: str, tokens: int, min_tokens: int = 0,
-                    ttl_seconds: int = 0) -> LeaseInfo:
-        """Grant up to `tokens` (at least min_tokens) for local spending, or raise ResourceExhausted."""
+                    ttl_seconds: int = 0, holder: str = "") -> LeaseInfo:
+        """Grant up to `tokens` (at least min_tokens) for local spending, or raise ResourceExhausted.
+
+        holder names the process that will spend and renew it (recorded, grants nothing).
+        """
         problems = {}
         if not model:
             problems["model"] = "required"
@@ -328,13 +342,17 @@ class BudgetLedger:
             problems["tokens"] = f"at most {MAX_TOKENS:,}"
         if min_tokens < 0 or min_tokens > max(tokens, 0):
             problems["min_tokens"] = "between 0 and tokens"
+        if len(holder) > MAX_HOLDER:
+            problems["holder"] = f"at most {MAX_HOLDER} characters"
+        elif not set(holder) <= _HOLDER_CHARS:
+            problems["holder"] = "printable ASCII only"
         if problems:
             raise InvalidArgument("invalid lease", reason="INVALID_LEASE", violations=problems)
         ttl = _ttl(ttl_seconds, DEFAULT_LEASE_TTL_S, "ttl_seconds")
         price = await self._prices.current(model)
         for attempt in range(8):
             try:
-                return await self._lease_once(tenant_id, model, tokens, min_tokens or tokens, price, ttl)
+                return await self._lease_once(tenant_id, model, tokens, min_tokens or tokens, price, ttl, holder)
             except _Raced:
                 continue
             except _OverBudget as over:
@@ -344,7 +362,7 @@ class BudgetLedger:
         raise FailedPrecondition("budget is too contended to lease right now", reason="LEASE_CONTENDED")
 
     async def _lease_once(self, tenant_id: str, model: str, wanted: int, least: int, price: Price | None,
-                          ttl: int) -> LeaseInfo:
+                          ttl: int, holder: str) -> LeaseInfo:
         now = self._clock()
         rate = price.worst_rate() if price else 0
         async with self._write() as tx:
@@ -368,27 +386,31 @@ class BudgetLedger:
             amounts = Amounts(grant, -(-grant * rate // TOKENS_PER_PRICE_UNIT))
             hold = NewHold(hold_id="lease_" + secrets.token_urlsafe(16), kind=LEASE, model=model, idempotency_key=None,
                            priced_at_us=price.effective_us if price else 0, rates=_rates(price), created_us=now,
-                           expires_us=now + ttl * periods.US_PER_SECOND)
+                           expires_us=now + ttl * periods.US_PER_SECOND, holder=holder)
             await self._place(tx, tenant_id, hold, specs, _unit_holds(specs, starts, amounts),
                               lambda spec, amount: _Raced())
-        return LeaseInfo(hold.hold_id, model, amounts, Tokens(), hold.expires_us)
+        return LeaseInfo(hold.hold_id, model, amounts, Tokens(), hold.expires_us, holder)
 
-    async def renew_lease(self, lease_id: str, spent: Tokens, ttl_seconds: int = 0) -> LeaseInfo:
-        """Record a lease's running spend and extend it."""
+    async def renew_lease(self, lease_id: str, spent: Tokens, ttl_seconds: int = 0, *,
+                          in_flight_tokens: int = 0) -> LeaseInfo:
+        """Record a lease's running spend and its holder's tokens in flight, and extend it (the heartbeat)."""
         if not lease_id:
             raise InvalidArgument("lease id is required", reason="INVALID_ARGUMENT",
                                   violations={"lease_id": "required"})
         _check_counts(spent, "spent")
+        if not 0 <= in_flight_tokens <= MAX_TOKENS:
+            raise InvalidArgument("invalid in_flight_tokens", reason="INVALID_USAGE",
+                                  violations={"in_flight_tokens": f"between 0 and {MAX_TOKENS:,}"})
         ttl = _ttl(ttl_seconds, DEFAULT_LEASE_TTL_S, "ttl_seconds")
         now = self._clock()
         expires = now + ttl * periods.US_PER_SECOND
         tenant_id = require_tenant().tenant_id
         async with self._write() as tx:
-            renewed = await budget_sql.renew(tx, tenant_id, lease_id, spent, now, expires)
+            renewed = await budget_sql.renew(tx, tenant_id, lease_id, spent, in_flight_tokens, now, expires)
             if renewed is None:
                 raise await self._why_not_renewed(tx, tenant_id, lease_id, spent, now)
-        model, tokens_held, micros_held = renewed
-        return LeaseInfo(lease_id, model, Amounts(tokens_held, micros_held), spent, expires)
+        return LeaseInfo(lease_id, renewed.model, Amounts(renewed.tokens_held, renewed.micros_held), spent, expires,
+                         renewed.holder, in_flight_tokens)
 
     @staticmethod
     async def _why_not_renewed(tx: RawTransaction, tenant_id: str, lease_id: str, spent: Tokens,

@@ -112,6 +112,10 @@ class LeaseInfo:
     """Spend reported so far."""
     expires_us: int
     """When it expires unless renewed."""
+    holder: str = ""
+    """Who holds it (the process spending it), as given when it was leased."""
+    in_flight_tokens: int = 0
+    """Tokens its holder last reported held by calls in flight (charged on expiry, up to the grant)."""
 
 
 def validate_quota(quota: Quota) -> dict[str, str]:

@@ -201,11 +201,13 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         ctx = require_tenant()
         await self._usage.note_tenant(ctx.tenant_id, tier=ctx.tier)
         info = await self._budgets.lease(ctx.tenant_id, model=request.model, tokens=request.tokens,
-                                         min_tokens=request.min_tokens, ttl_seconds=request.ttl_seconds)
+                                         min_tokens=request.min_tokens, ttl_seconds=request.ttl_seconds,
+                                         holder=request.holder)
         return pb.LeaseBudgetResponse(lease=wire.lease(info))
 
     async def RenewLease(self, request: pb.RenewLeaseRequest, context) -> pb.RenewLeaseResponse:
-        info = await self._budgets.renew_lease(request.lease_id, wire.tokens(request.spent), request.ttl_seconds)
+        info = await self._budgets.renew_lease(request.lease_id, wire.tokens(request.spent), request.ttl_seconds,
+                                               in_flight_tokens=request.in_flight_tokens)
         return pb.RenewLeaseResponse(lease=wire.lease(info))
 
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context) -> pb.ReleaseLeaseResponse:

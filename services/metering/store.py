@@ -193,6 +193,10 @@ class HoldRow(MeteringBase, TenantOwned):
     spent_cache_read: Mapped[int] = mapped_column(BigInteger, default=0)
     charged_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
     charged_micros: Mapped[int] = mapped_column(BigInteger, default=0)
+    # A lease's holder (the process spending it) and the tokens its calls in flight held at its
+    # last renewal: an expired lease charges them on top of its spend, up to the grant.
+    holder: Mapped[str] = mapped_column(String(200), default="")
+    in_flight_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
     @property
     def spent(self) -> Tokens:

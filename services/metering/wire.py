@@ -160,4 +160,5 @@ def hold(amounts: Amounts) -> pb.Hold:
 def lease(info: LeaseInfo) -> pb.Lease:
     """A LeaseInfo as a Lease message."""
     return pb.Lease(lease_id=info.lease_id, model=info.model, granted=hold(info.granted),
-                    spent=token_counts(info.spent), expire_time=timestamp(info.expires_us))
+                    spent=token_counts(info.spent), expire_time=timestamp(info.expires_us), holder=info.holder,
+                    in_flight_tokens=info.in_flight_tokens)
