@@ -14,7 +14,15 @@ So that a call is refused only when used + in flight + its own hold exceed the b
   spoken for) as soon as no call holds it, so other replicas can borrow it;
 - when metering refuses, the replica retries for up to `borrow_wait` seconds (other replicas'
   calls finish and their leases come back) before refusing (the calls of one episode without
-  budget share its deadline), unless nothing is held anywhere that could come back.
+  budget share its deadline), unless nothing is held anywhere that could come back; when other
+  holders hold budget that expires within `stranded_wait` (a killed replica's leases), it waits
+  up to that long instead, so the budget such a crash leaves held is served, not refused.
+
+Leases are short (the grant's TTL, 6 s from the metering client) and kept alive by a heartbeat:
+maintenance renews each lease once a third of its TTL has gone (and whenever its spend or its
+calls in flight changed), reporting the tokens its calls in flight hold. A replica killed with
+kill -9 stops renewing, so its leases come back within one TTL, charged at metering with their
+spend and those calls in flight (the attempt journal meters the same calls at their reservation).
 """
 from __future__ import annotations
 
@@ -78,12 +86,17 @@ class BackendUnavailable(Exception):
     """Metering could not be reached."""
 
 
+class LeaseGone(Exception):
+    """Metering no longer holds the lease open (it expired there, or was settled): nothing more can be
+    charged on it, so it is dropped, never retried."""
+
+
 class BudgetBackend(Protocol):
     """Metering's lease RPCs, called with the tenant's context bound."""
 
     async def lease(self, model: str, tokens: int, min_tokens: int) -> Grant: ...
 
-    async def renew(self, lease_id: str, spent: Tokens) -> None: ...
+    async def renew(self, lease_id: str, spent: Tokens, in_flight: int = 0) -> None: ...
 
     async def release(self, lease_id: str, spent: Tokens) -> None: ...
 
@@ -103,9 +116,13 @@ class _Lease:
     lease_id: str
     granted: int
     expires_at: float
+    ttl: float = 60.0
+    """Its time to live at metering; a renewal extends it by that much."""
     spent: Tokens = field(default_factory=Tokens)
     held: int = 0
     reported: int = 0
+    reported_in_flight: int = 0
+    """The calls in flight last reported to metering (charged there if the lease expires)."""
     last_used: float = 0.0
     short: bool = False
     """Granted less than the slice asked: the pool is tight, so it goes back as soon as it is idle."""
@@ -131,23 +148,29 @@ class Hold:
 class BudgetLeases:
     """Leases per (tenant, model) on this replica; the hot path makes no RPC while a lease has room."""
 
-    def __init__(self, backend: BudgetBackend, *, slice_tokens: int = 20_000, ttl: float = 60.0,
+    def __init__(self, backend: BudgetBackend, *, slice_tokens: int = 20_000,
                  idle_release: float = 2.0, clock: Callable[[], float] = time.monotonic,
                  platform: PlatformLeases | None = None, suspended: Callable[[str], bool] = _never,
-                 borrow_wait: float = 1.0):
-        """platform and suspended: how a suspended tenant's leases go back (its own token is refused)."""
+                 borrow_wait: float = 1.0, stranded_wait: float = 7.5):
+        """platform and suspended: how a suspended tenant's leases go back (its own token is refused).
+
+        stranded_wait: how long a call waits for budget other holders hold when metering says a hold
+        expires within that time (a dead replica's leases come back within their TTL); longer than
+        the leases' TTL.
+        """
         self._backend = backend
         self._platform = platform
         self._suspended = suspended
         self._slice = slice_tokens
-        self._ttl = ttl
         self._idle_release = idle_release
         self._clock = clock
         self._leases: dict[tuple[str, str], list[_Lease]] = {}
         self._locks: dict[tuple[str, str], asyncio.Lock] = {}
         self._contexts: dict[str, TenantContext] = {}
         self._borrow_wait = borrow_wait
-        self._waiting_since: dict[tuple[str, str], float] = {}
+        self._stranded_wait = stranded_wait
+        self._episodes: dict[tuple[str, str], list[float]] = {}
+        """Per key, the episode without budget in progress: [start, deadline] (monotonic)."""
         self._returning: set[asyncio.Task] = set()
 
     async def hold(self, ctx: TenantContext, model: str, amount: int) -> Hold:
@@ -164,28 +187,31 @@ class BudgetLeases:
     async def _borrow(self, key: tuple[str, str], model: str, amount: int) -> Hold:
         """Lease what this replica lacks for the call, retrying a refusal while room may come back."""
         # An episode lasts while no call here gets budget; its calls share one deadline, so a queue of
-        # them is not waited out one by one, and a refusal means nothing came back for borrow_wait.
+        # them is not waited out one by one, and a refusal means nothing came back for borrow_wait
+        # (or, for budget other holders hold that expires soon, for stranded_wait).
         now = time.monotonic()
-        start = self._waiting_since.get(key)
-        if start is None or now - start > 2 * self._borrow_wait:
-            start = self._waiting_since[key] = now
-        deadline = start + self._borrow_wait
+        episode = self._episodes.get(key)
+        if episode is None or now > episode[1] + self._borrow_wait:
+            episode = self._episodes[key] = [now, now + self._borrow_wait]
         while True:
             held = self._take(key, amount)          # another call may have leased, or settled, meanwhile
             if held is not None:
-                self._waiting_since.pop(key, None)  # budget came back: the episode is over
+                self._episodes.pop(key, None)       # budget came back: the episode is over
                 return held
             await self._release_spent(key)
             lacking = amount - self._room(key)
             try:
                 grant = await self._backend.lease(model, max(amount, self._slice), lacking)
             except BudgetRefused as refused:
-                if time.monotonic() < deadline and self._may_come_back(key, refused):
-                    await asyncio.sleep(0.05)
+                now = time.monotonic()
+                if self._expires_elsewhere(key, refused):
+                    episode[1] = max(episode[1], episode[0] + self._stranded_wait)
+                if now < episode[1] and self._may_come_back(key, refused):
+                    await asyncio.sleep(0.05 if now - episode[0] < self._borrow_wait else 0.2)
                     continue
                 raise self._refusal(key, amount, refused) from None
-            self._waiting_since.pop(key, None)
-            lease = _Lease(grant.lease_id, grant.tokens, self._clock() + grant.ttl,
+            self._episodes.pop(key, None)
+            lease = _Lease(grant.lease_id, grant.tokens, self._clock() + grant.ttl, ttl=grant.ttl,
                            short=grant.tokens < max(amount, self._slice))
             self._leases.setdefault(key, []).append(lease)
             if grant.tokens < lacking:              # metering broke its promise
@@ -203,6 +229,17 @@ class BudgetLeases:
             return True
         needs, used, held, limit = (int(figures.group(n)) for n in range(1, 5))
         return limit - used - held >= needs or held > sum(lease.granted - lease.spent.total for lease in leases)
+
+    def _expires_elsewhere(self, key: tuple[str, str], refused: BudgetRefused) -> bool:
+        """Whether other holders hold budget and metering says a hold expires within stranded_wait: a killed
+        replica's leases, which come back within their TTL (live holders' leases go back when idle)."""
+        if refused.retry_after is None or refused.retry_after > self._stranded_wait:
+            return False
+        figures = next((m for _, text in refused.violations if (m := _FIGURES.search(text))), None)
+        if figures is None:
+            return False
+        held = int(figures.group(3))
+        return held > sum(lease.granted - lease.spent.total for lease in self._leases.get(key, ()))
 
     def _refusal(self, key: tuple[str, str], amount: int, refused: BudgetRefused) -> BudgetRefused:
         """Metering's refusal (used, held, limit) with what this replica adds: its calls in flight and its free room."""
@@ -249,19 +286,7 @@ class BudgetLeases:
         if not leases or lease not in leases or ctx is None or self._suspended(key[0]):
             return
         leases.remove(lease)
-
-        async def give_back() -> None:
-            try:
-                with tenant_scope(ctx):
-                    await self._backend.release(lease.lease_id, self._reportable(lease))
-            except BackendUnavailable:
-                log.warning("metering unreachable; lease %s kept (maintenance returns it later)", lease.lease_id)
-                self._leases.setdefault(key, []).append(lease)
-            except Exception:
-                log.exception("returning lease %s failed; kept for maintenance", lease.lease_id)
-                self._leases.setdefault(key, []).append(lease)
-
-        task = asyncio.get_running_loop().create_task(give_back())
+        task = asyncio.get_running_loop().create_task(self._give_back(key, ctx, lease))
         self._returning.add(task)
         task.add_done_callback(self._returning.discard)
 
@@ -274,8 +299,11 @@ class BudgetLeases:
         return sum(l.granted for (t, _), ls in self._leases.items() if t == tenant_id for l in ls)
 
     async def maintain(self) -> None:
-        """Renew leases near expiry, report spend, and return idle or spent leases (run periodically)."""
+        """Return idle or spent leases, and renew the rest (the heartbeat) once a third of their TTL
+        has gone or their spend or calls in flight changed (run every second). The RPCs of one round
+        run concurrently, so one slow answer does not let other leases expire."""
         now = self._clock()
+        work = []
         for key, leases in list(self._leases.items()):
             ctx = self._contexts.get(key[0])
             if ctx is None:
@@ -287,30 +315,55 @@ class BudgetLeases:
                 continue
             for lease in list(leases):
                 idle = lease.held == 0 and now - lease.last_used > self._idle_release
-                if lease not in leases:     # returned meanwhile (an idle timer)
-                    continue
-                returning = idle or (lease.held == 0 and lease.available <= 0)
-                if returning:
+                if lease.held == 0 and (idle or lease.available <= 0):
                     leases.remove(lease)    # before the await: no call may take from a lease being returned
-                try:
-                    with tenant_scope(ctx):
-                        if returning:
-                            await self._backend.release(lease.lease_id, self._reportable(lease))
-                        elif lease.expires_at - now < self._ttl / 2 or lease.spent.total != lease.reported:
-                            spent = self._reportable(lease)
-                            await self._backend.renew(lease.lease_id, spent)
-                            lease.reported = spent.total
-                            lease.expires_at = now + self._ttl
-                except BackendUnavailable:
-                    log.warning("metering unreachable; lease %s kept", lease.lease_id)
-                    if returning:
-                        leases.append(lease)
-                except Exception:
-                    log.exception("lease %s maintenance failed", lease.lease_id)
-                    if returning:           # retried next round (an expired one takes no call: its local expiry)
-                        leases.append(lease)
+                    work.append(self._give_back(key, ctx, lease))
+                elif (lease.expires_at - now < lease.ttl * 2 / 3 or lease.spent.total != lease.reported
+                      or self._in_flight(lease) != lease.reported_in_flight):
+                    work.append(self._heartbeat(key, ctx, lease, now))
+        if work:
+            await asyncio.gather(*work)
+        for key, leases in list(self._leases.items()):
             if not leases:
                 self._leases.pop(key, None)
+
+    async def _heartbeat(self, key: tuple[str, str], ctx: TenantContext, lease: _Lease, now: float) -> None:
+        """Renew a lease with its spend and calls in flight; one metering no longer holds is dropped."""
+        spent, in_flight = self._reportable(lease), self._in_flight(lease)
+        try:
+            with tenant_scope(ctx):
+                await self._backend.renew(lease.lease_id, spent, in_flight)
+        except LeaseGone:
+            log.warning("lease %s expired or settled at metering; no call takes from it any more", lease.lease_id)
+            self._drop(key, lease)
+            return
+        except BackendUnavailable:
+            log.warning("metering unreachable; lease %s kept (usable until its local expiry)", lease.lease_id)
+            return
+        except Exception:
+            log.exception("renewing lease %s failed", lease.lease_id)
+            return
+        lease.reported, lease.reported_in_flight = spent.total, in_flight
+        lease.expires_at = now + lease.ttl      # `now` is before the RPC: never later than metering's expiry
+
+    async def _give_back(self, key: tuple[str, str], ctx: TenantContext, lease: _Lease) -> None:
+        """Release a lease already out of the list; put it back for the next round unless metering settled it."""
+        try:
+            with tenant_scope(ctx):
+                await self._backend.release(lease.lease_id, self._reportable(lease))
+        except LeaseGone:
+            log.warning("lease %s expired or settled at metering before its release; dropped", lease.lease_id)
+        except BackendUnavailable:
+            log.warning("metering unreachable; lease %s kept (maintenance returns it later)", lease.lease_id)
+            self._leases.setdefault(key, []).append(lease)
+        except Exception:
+            log.exception("returning lease %s failed; kept for maintenance", lease.lease_id)
+            self._leases.setdefault(key, []).append(lease)
+
+    def _drop(self, key: tuple[str, str], lease: _Lease) -> None:
+        leases = self._leases.get(key)
+        if leases and lease in leases:
+            leases.remove(lease)
 
     async def _hand_back(self, ctx: TenantContext, leases: list[_Lease]) -> None:
         """Return a suspended tenant's idle leases with the platform key, so its budget is not held
@@ -323,6 +376,8 @@ class BudgetLeases:
             leases.remove(lease)
             try:
                 await self._platform.release_for(ctx, lease.lease_id, self._reportable(lease))
+            except LeaseGone:
+                log.warning("suspended tenant's lease %s expired or settled at metering; dropped", lease.lease_id)
             except BackendUnavailable:
                 log.warning("metering unreachable; suspended tenant's lease %s kept", lease.lease_id)
                 leases.append(lease)
@@ -369,8 +424,16 @@ class BudgetLeases:
                 leases.remove(lease)        # before the await: no call may take from a lease being returned
                 try:
                     await self._backend.release(lease.lease_id, self._reportable(lease))
+                except LeaseGone:
+                    log.warning("lease %s expired or settled at metering before its release; dropped",
+                                lease.lease_id)
                 except BackendUnavailable:
-                    leases.append(lease)
+                    self._leases.setdefault(key, []).append(lease)
+
+    @staticmethod
+    def _in_flight(lease: _Lease) -> int:
+        """What the lease's calls in flight hold, within what is left of the grant (metering caps there too)."""
+        return max(0, min(lease.held, lease.granted - lease.spent.total))
 
     @staticmethod
     def _reportable(lease: _Lease) -> Tokens:

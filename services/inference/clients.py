@@ -5,6 +5,9 @@ made with forward=True), so metering and credentials check the tenant themselves
 """
 from __future__ import annotations
 
+import os
+import secrets
+import socket
 import time
 from collections.abc import Sequence
 
@@ -14,7 +17,13 @@ from google.protobuf import timestamp_pb2
 from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from bulkhead.metering.v1 import metering_pb2 as mpb
 from bulkhead.metering.v1 import metering_pb2_grpc
-from services.inference.budget import BackendUnavailable, BudgetRefused, Grant, Tokens
+from services.inference.budget import (
+    BackendUnavailable,
+    BudgetRefused,
+    Grant,
+    LeaseGone,
+    Tokens,
+)
 from services.inference.limits import Limits
 from services.inference.usage import UsageEvent, UsageRejected
 from shared import errors
@@ -24,6 +33,12 @@ from shared.tenancy import TenantContext
 from shared.tiers import UnknownTier, tier_to_proto
 
 _DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
+
+HOLDER = f"{socket.gethostname()[:120]}:{os.getpid()}:{secrets.token_hex(4)}"
+"""This process as a lease holder at metering: host, pid and a nonce drawn at start (a restart is a new holder)."""
+LEASE_TTL_S = 6
+"""Budget leases live 6 s unless renewed; maintenance renews them every 2 s while held, so a killed
+replica's leases come back within seconds (a 60 s TTL left them refusing calls for a minute)."""
 _OUTCOMES = {"success": mpb.OUTCOME_SUCCESS, "error": mpb.OUTCOME_ERROR,
              "rejected": mpb.OUTCOME_REJECTED, "cancelled": mpb.OUTCOME_CANCELLED}
 
@@ -36,17 +51,20 @@ def _counts(t: Tokens) -> mpb.TokenCounts:
 class MeteringClient:
     """Budget leases, usage recording and quota lookup on metering."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 3.0, lease_ttl: int = 60):
+    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 3.0, lease_ttl: int = LEASE_TTL_S,
+                 holder: str = HOLDER):
         self._stub = metering_pb2_grpc.MeteringServiceStub(channel)
         self._timeout = timeout
         self._lease_ttl = lease_ttl
+        self._holder = holder
 
     # BudgetBackend
     async def lease(self, model: str, tokens: int, min_tokens: int) -> Grant:
         """LeaseBudget; BudgetRefused when the budget cannot cover min_tokens."""
         try:
             resp = await self._stub.LeaseBudget(mpb.LeaseBudgetRequest(
-                model=model, tokens=tokens, min_tokens=min_tokens, ttl_seconds=self._lease_ttl), timeout=self._timeout)
+                model=model, tokens=tokens, min_tokens=min_tokens, ttl_seconds=self._lease_ttl, holder=self._holder),
+                timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 details = error_details(exc)
@@ -56,14 +74,23 @@ class MeteringClient:
             raise BackendUnavailable(f"metering LeaseBudget: {exc.code().name}") from None
         return Grant(resp.lease.lease_id, resp.lease.granted.tokens, float(self._lease_ttl))
 
-    async def renew(self, lease_id: str, spent: Tokens) -> None:
-        """RenewLease with the total spent so far."""
-        await self._call(self._stub.RenewLease, mpb.RenewLeaseRequest(
-            lease_id=lease_id, spent=_counts(spent), ttl_seconds=self._lease_ttl))
+    async def renew(self, lease_id: str, spent: Tokens, in_flight: int = 0) -> None:
+        """RenewLease (the heartbeat) with the total spent so far and the tokens calls in flight hold."""
+        try:
+            await self._call(self._stub.RenewLease, mpb.RenewLeaseRequest(
+                lease_id=lease_id, spent=_counts(spent), ttl_seconds=self._lease_ttl, in_flight_tokens=in_flight))
+        except grpc.aio.AioRpcError as exc:
+            _gone_if_settled(exc)
+            raise
 
     async def release(self, lease_id: str, spent: Tokens) -> None:
         """ReleaseLease with the final spend."""
-        await self._call(self._stub.ReleaseLease, mpb.ReleaseLeaseRequest(lease_id=lease_id, spent=_counts(spent)))
+        try:
+            await self._call(self._stub.ReleaseLease,
+                             mpb.ReleaseLeaseRequest(lease_id=lease_id, spent=_counts(spent)))
+        except grpc.aio.AioRpcError as exc:
+            _gone_if_settled(exc)
+            raise
 
     # UsageBackend
     async def record(self, events: Sequence[UsageEvent]) -> None:
@@ -127,7 +154,18 @@ class PlatformUsage:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in _DOWN:
                 raise BackendUnavailable(f"metering ReleaseTenantLease: {exc.code().name}") from None
+            _gone_if_settled(exc)
             raise
+
+
+_GONE = {"LEASE_EXPIRED", "LEASE_RELEASED", "LEASE_NOT_FOUND"}
+
+
+def _gone_if_settled(exc: grpc.aio.AioRpcError) -> None:
+    """Raise LeaseGone when metering says the lease is no longer open there (expired, settled, unknown)."""
+    if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND) and \
+            error_details(exc).get("reason") in _GONE:
+        raise LeaseGone(f"metering: {error_details(exc).get('reason')}") from None
 
 
 def _refuse_if_denied(exc: grpc.aio.AioRpcError, scope: str) -> None:

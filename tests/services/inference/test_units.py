@@ -58,6 +58,7 @@ class FakeMetering:
         self.left = budget
         self.spent: dict[str, int] = {}
         self.leases = 0
+        self.renewals: list[tuple[str, int, int]] = []
 
     async def lease(self, model: str, tokens: int, min_tokens: int) -> Grant:
         if self.left < min_tokens:
@@ -69,8 +70,8 @@ class FakeMetering:
         self.spent[lease_id] = -granted
         return Grant(lease_id, granted, 60.0)
 
-    async def renew(self, lease_id: str, spent: Tokens) -> None:
-        pass
+    async def renew(self, lease_id: str, spent: Tokens, in_flight: int = 0) -> None:
+        self.renewals.append((lease_id, spent.total, in_flight))
 
     async def release(self, lease_id: str, spent: Tokens) -> None:
         granted = -self.spent[lease_id]
