@@ -13,6 +13,9 @@ Every variable, its default and meaning:
 | BULKHEAD_DATABASE_URL / BULKHEAD_DATABASE_OWNER_URL | unset | defaults for every service's two URLs above |
 | BULKHEAD_<SVC>_DATABASE_READ_URL | unset (reads on the primary) | a streaming replica of the service's Postgres, as the runtime role: list/query RPCs read there (read-your-writes by LSN, docs/CONTRACT.md) |
 | BULKHEAD_DATABASE_READ_URL | unset | the replica URL for services that use BULKHEAD_DATABASE_URL (not for one with its own URL: that would read another database) |
+| BULKHEAD_REGIONS | the default region alone | comma-separated data-residency regions (`us,eu`); identity refuses a tenant in any other |
+| BULKHEAD_DEFAULT_REGION | the first of BULKHEAD_REGIONS, else `local` | the region of a tenant created without one; its databases are the URLs above |
+| BULKHEAD_<SVC>_DATABASE_URL_<REGION> / _DATABASE_OWNER_URL_<REGION> | BULKHEAD_DATABASE_URL_<REGION> / _OWNER_URL_<REGION>; embedded: <data dir>/regions/<region>/<svc>.db | the database of each other region: its tenants' rows (every tier) live there and nowhere else |
 | BULKHEAD_<SVC>_SERVICE_KEY_FILE | <data dir>/service-keys/<svc>.key | the service's platform key (identity writes it on first start) |
 | BULKHEAD_OTLP_ENDPOINT | unset | OTLP/gRPC collector (Jaeger: http://jaeger:4317); unset = no export |
 | BULKHEAD_LOG_LEVEL | INFO | log level |
@@ -21,6 +24,7 @@ Every variable, its default and meaning:
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +57,61 @@ def listen_addr(service: str, env: Mapping[str, str] = os.environ) -> str:
         raise ValueError(f"{_key(service, 'ADDR')}={address!r} names several replicas or a URI: "
                          f"set {_key(service, 'LISTEN_ADDR')} to where this one listens")
     return address
+
+
+DEFAULT_REGION = "local"
+"""The region of a single-region deployment (and of tenants created before regions were configured)."""
+
+_REGION_RE = re.compile(r"^[a-z][a-z0-9-]{0,30}$")
+
+
+def regions(env: Mapping[str, str] = os.environ) -> tuple[str, ...]:
+    """The configured data-residency regions (BULKHEAD_REGIONS), the default one first.
+
+    Unset: the default region alone, so a single-region deployment configures nothing."""
+    default = default_region(env)
+    listed = _region_list(env)
+    if listed and default not in listed:
+        raise ValueError(f"BULKHEAD_DEFAULT_REGION={default!r} is not one of BULKHEAD_REGIONS ({', '.join(listed)})")
+    return (default, *(r for r in listed if r != default))
+
+
+def default_region(env: Mapping[str, str] = os.environ) -> str:
+    """The region of tenants created without one (BULKHEAD_DEFAULT_REGION, else the first listed, else `local`)."""
+    named = env.get("BULKHEAD_DEFAULT_REGION", "").strip()
+    if named:
+        return _checked_region(named, "BULKHEAD_DEFAULT_REGION")
+    listed = _region_list(env)
+    return listed[0] if listed else DEFAULT_REGION
+
+
+def _region_list(env: Mapping[str, str]) -> tuple[str, ...]:
+    out: list[str] = []
+    for part in env.get("BULKHEAD_REGIONS", "").split(","):
+        name = part.strip()
+        if name and name not in out:
+            out.append(_checked_region(name, "BULKHEAD_REGIONS"))
+    return tuple(out)
+
+
+def _checked_region(name: str, variable: str) -> str:
+    if not _REGION_RE.match(name):
+        raise ValueError(f"{variable}: region {name!r} must be 1-31 of [a-z0-9-], starting with a letter")
+    return name
+
+
+def _region_suffix(region: str) -> str:
+    return region.upper().replace("-", "_")
+
+
+@dataclass(frozen=True)
+class RegionDatabase:
+    """One region's database for one service."""
+
+    url: str
+    """Runtime (app role) URL."""
+    owner_url: str
+    """Table owner's URL (migrations; creates bridge schemas and silo databases in that region)."""
 
 
 def data_dir(env: Mapping[str, str] = os.environ) -> Path:
@@ -89,6 +148,10 @@ class ServiceConfig:
     """Address of every service, by name."""
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
     """The environment this was read from, for service-specific settings."""
+    default_region: str = DEFAULT_REGION
+    """The region whose database is database_url (BULKHEAD_DEFAULT_REGION): also where platform tables live."""
+    regions: tuple[str, ...] = (DEFAULT_REGION,)
+    """Every configured region, default first (BULKHEAD_REGIONS)."""
 
     @classmethod
     def from_env(cls, name: str, env: Mapping[str, str] = os.environ) -> ServiceConfig:
@@ -114,7 +177,32 @@ class ServiceConfig:
                                   or directory / "service-keys" / f"{name}.key"),
             peers={svc: service_addr(svc, env) for svc in SERVICES},
             env=dict(env),
+            default_region=default_region(env),
+            regions=regions(env),
         )
+
+    def region_databases(self) -> dict[str, RegionDatabase]:
+        """This service's database in every region, default first (its URLs are database_url/_owner_url).
+
+        Another region's URL is BULKHEAD_<SVC>_DATABASE_URL_<REGION>, else BULKHEAD_DATABASE_URL_<REGION>;
+        on embedded defaults (no URL configured at all) an SQLite file under <data dir>/regions/<region>/.
+        A region with neither is a configuration error, raised here at start, never at a tenant's first call.
+        """
+        env = self.env
+        out = {self.default_region: RegionDatabase(self.database_url, self.database_owner_url)}
+        embedded = not (env.get(_key(self.name, "DATABASE_URL")) or env.get("BULKHEAD_DATABASE_URL"))
+        for region in self.regions[1:]:
+            suffix = _region_suffix(region)
+            url = env.get(_key(self.name, f"DATABASE_URL_{suffix}")) or env.get(f"BULKHEAD_DATABASE_URL_{suffix}")
+            if not url and embedded:
+                url = f"sqlite+aiosqlite:///{self.data_dir / 'regions' / region / (self.name + '.db')}"
+            if not url:
+                raise ValueError(f"region {region!r} has no {self.name} database: set "
+                                 f"{_key(self.name, 'DATABASE_URL_' + suffix)} or BULKHEAD_DATABASE_URL_{suffix}")
+            owner = (env.get(_key(self.name, f"DATABASE_OWNER_URL_{suffix}"))
+                     or env.get(f"BULKHEAD_DATABASE_OWNER_URL_{suffix}") or url)
+            out[region] = RegionDatabase(url, owner)
+        return out
 
     def peer(self, service: str) -> str:
         """Address of another service."""

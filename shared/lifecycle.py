@@ -138,9 +138,15 @@ class TenantLifecycle:
         own = [t for t in self._tables if self._own(t)]
         platform = [t for t in self._tables if not self._own(t)]
         out: list[tuple[str, Route | None, list[Table]]] = []
-        name = router.store_name(tenant_id, tier.value)
-        if name is None:
+        # Data residency: the tenant's region's main database holds its pooled rows; platform tables
+        # stay in the default region's (shared/db/router.py).
+        home = await router.main_route(tenant_id) if self._rows_tier is None else Route(self._db.engine)
+        name = router.store_name(tenant_id, tier.value, home.region or None)
+        if name is None and home.bind is self._db.engine:
             out.append((MAIN_STORE, Route(self._db.engine), platform + own))
+        elif name is None:
+            out.append((MAIN_STORE, Route(self._db.engine), platform))
+            out.append((f"{home.region}/{MAIN_STORE}", home, own))
         else:
             out.append((MAIN_STORE, Route(self._db.engine), platform))
             out.append((name, await router.existing(tenant_id, tier.value), own))
@@ -173,7 +179,8 @@ class TenantLifecycle:
                 continue
             async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema, write=True) as tx:
                 counts = {t.name: await _count(tx, store, t, tenant_id) for t in tables}
-                drop_whole = store != MAIN_STORE and not any(t.name in self._keep for t in tables)
+                main = store == MAIN_STORE or store.endswith(f"/{MAIN_STORE}")  # another region's main
+                drop_whole = not main and not any(t.name in self._keep for t in tables)
                 for table in reversed(tables):  # children before parents
                     if table.name in self._keep:
                         kept.append((counts[table.name], self._keep[table.name]))

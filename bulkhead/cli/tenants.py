@@ -19,7 +19,7 @@ def register(subparsers) -> None:
     create = sub.add_parser("create", help="create a tenant and print its admin API key once")
     create.add_argument("name")
     create.add_argument("--tier", choices=[t.value for t in Tier], default=Tier.POOLED.value)
-    create.add_argument("--region", default="local")
+    create.add_argument("--region", default="", help="data-residency region (one of the deployment's BULKHEAD_REGIONS; default: its default region)")
     create.set_defaults(func=_create)
     listing = sub.add_parser("list", help="list tenants")
     listing.set_defaults(func=_list)

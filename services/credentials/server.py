@@ -16,6 +16,7 @@ from services.credentials.secret_manager import SecretManager
 from services.credentials.servicer import CredentialsServicer
 from services.credentials.store import CredentialsBase
 from services.credentials.vault_backend import VaultBackend
+from shared.placement import open_service_database
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
 from shared.server import Binding, RunningServer, serve
@@ -86,8 +87,7 @@ async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBacken
 
 async def start(config: Config, verifier: TokenVerifier, *, address: str | None = None) -> CredentialsService:
     """Open the database (migrating it), build the configured backend, start serving and rotating."""
-    db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
-                             owner_url=config.service.database_owner_url)
+    db = await open_service_database(config.service, migrations=str(MIGRATIONS))  # every region's
     return await serve_credentials(db=db, backend=make_backend(config, db), verifier=verifier,
                                    address=address or config.service.address, grace_seconds=config.grace_seconds,
                                    rotation_interval=config.rotation_interval, cache_seconds=config.cache_seconds,

@@ -44,7 +44,7 @@ async def ensure_platform_tenant(directory: Directory, data_dir: Path, *, announ
         return None
     except NotFound:
         pass
-    created = await directory.create_tenant("platform", "pooled", "local", tenant_id=PLATFORM_TENANT,
+    created = await directory.create_tenant("platform", "pooled", "", tenant_id=PLATFORM_TENANT,
                                             admin_scopes=OPERATOR_SCOPES)
     path = data_dir / OPERATOR_KEY_FILE
     _write_private(path, created.admin_api_key)

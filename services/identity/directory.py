@@ -11,6 +11,7 @@ from sqlalchemy import select
 from services.identity.credentials import make_api_key, new_id
 from services.identity.signing import utcnow
 from services.identity.store import ApiKeyRow, PrincipalRow, TenantRow
+from shared.config import DEFAULT_REGION
 from shared.db import Database
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, clip
 from shared.paging import Page, decode_cursor, encode_cursor, page_size
@@ -66,8 +67,10 @@ class NewTenant:
 class Directory:
     """Tenants, principals and API keys in identity's database."""
 
-    def __init__(self, db: Database):
+    def __init__(self, db: Database, *, regions: tuple[str, ...] = (DEFAULT_REGION,)):
+        """regions: the deployment's data-residency regions, the default first (shared.config.regions)."""
         self._db = db
+        self._regions = tuple(regions) or (DEFAULT_REGION,)
 
     # Tenants -------------------------------------------------------------------------------
     async def create_tenant(self, name: str, tier: str, region: str, *, tenant_id: str | None = None,
@@ -78,6 +81,13 @@ class Directory:
                                   violations={"name": "3-63 of [a-z0-9-], starting and ending alphanumeric"})
         if tier not in TIERS:
             raise InvalidArgument(f"unknown tier {tier!r}", violations={"tier": "pooled, bridge or silo"})
+        region = region or self._regions[0]
+        if region not in self._regions:
+            # Where a tenant's rows may live is a legal promise: never file them under a region no
+            # database serves (or a default the customer did not ask for).
+            known = ", ".join(self._regions)
+            raise InvalidArgument(f"unknown region {clip(repr(region), 40)}: this deployment's regions are {known}",
+                                  reason="UNKNOWN_REGION", violations={"region": f"one of: {known}"})
         tid = tenant_id or new_id("t")
         async with self._db.system_session() as s:
             if (await s.execute(select(TenantRow.id).where(TenantRow.name == name))).first():
@@ -85,7 +95,7 @@ class Directory:
         with tenant_scope(acting_as(tid)):
             async with self._db.session() as s:
                 now = utcnow()
-                tenant = TenantRow(id=tid, name=name, tier=tier, region=region or "local", status="active",
+                tenant = TenantRow(id=tid, name=name, tier=tier, region=region, status="active",
                                    created_at=now)
                 admin = PrincipalRow(id=new_id("p"), kind="user", display_name="admin", scopes=list(admin_scopes),
                                      disabled=False, created_at=now)

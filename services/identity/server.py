@@ -68,7 +68,7 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
     db = await Database.open(svc.database_url, owner_url=svc.database_owner_url, migrations=MIGRATIONS)
     keys = SigningKeys(db, load_or_create_kek(config.kek_path))
     await keys.active()
-    directory = Directory(db)
+    directory = Directory(db, regions=svc.regions)
     operator_key = await ensure_platform_tenant(directory, svc.data_dir, announce=announce)
     await ensure_service_keys(directory, config.service_keys_dir)
     key_source = RefreshingKeySource(StoreKeyLoader(keys, db), revocation_poll=config.revocation_poll,

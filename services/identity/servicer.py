@@ -95,6 +95,12 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             raise NotFound("tenant not found", reason="TENANT_NOT_FOUND")  # no existence leak to other tenants
         return pb.GetTenantResponse(tenant=tenant_pb(await self._directory.get_tenant(wanted)))
 
+    async def GetTenantPlacement(self, request, context):
+        if not request.tenant_id:
+            raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant to place"})
+        row = await self._directory.get_tenant(request.tenant_id)
+        return pb.GetTenantPlacementResponse(tenant_id=row.id, tier=tier_to_proto(row.tier), region=row.region)
+
     async def ListTenants(self, request, context):
         page = await self._directory.list_tenants(request.page_size, request.page_token)
         return pb.ListTenantsResponse(tenants=[tenant_pb(t) for t in page.items], next_page_token=page.next_page_token)

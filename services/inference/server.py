@@ -33,6 +33,7 @@ from services.inference.proxy import InferenceProxy, KeySource
 from services.inference.servicer import InferenceServicer
 from services.inference.store import InferenceBase, PolicyStore, SqlAttempts, SqlOutbox
 from services.inference.usage import UsageMeter
+from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
@@ -101,8 +102,7 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     platform is metering with the proxy's own service key (from its key file, unless given).
     """
     if db is None:
-        db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
-                                 owner_url=config.service.database_owner_url)
+        db = await open_service_database(config.service, migrations=str(MIGRATIONS))  # every region's
     register_secret(config.anthropic_api_key)
     metering_channel = make_channel(config.service.peer("metering"), forward=True)
     channels = [metering_channel]

@@ -19,6 +19,7 @@ from services.metering.prices import PriceCache
 from services.metering.servicer import MeteringServicer
 from services.metering.store import MeteringBase
 from services.metering.sweeper import ExpirySweeper
+from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
@@ -90,9 +91,8 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
 
 async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str | None = None) -> MeteringService:
     """Open the database (migrating it) and start serving and sweeping."""
-    db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
-                             owner_url=config.service.database_owner_url,
-                             read_url=config.service.database_read_url)
+    db = await open_service_database(config.service, migrations=str(MIGRATIONS),  # every region's
+                                     read_url=config.service.database_read_url)
     identity = make_channel(config.service.peer("identity"), forward=True)
     service = await serve_metering(db=db, verifier=verifier, address=address or config.service.address,
                                    registry=REGISTRY, sweep_interval=config.sweep_interval_s or None,

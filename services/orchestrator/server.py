@@ -21,6 +21,7 @@ from services.orchestrator.ratelimit import RateLimiter
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.stats import RunStats
 from services.orchestrator.store import OrchestratorBase, RunStore, TeamStore
+from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
 from shared.injection import SecretInjector
@@ -78,7 +79,7 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
     svc = config.service
     peers = peers or Peers(identity=svc.peer("identity"), state=svc.peer("state"), inference=svc.peer("inference"),
                            credentials=svc.peer("credentials"))
-    db = await Database.open(svc.database_url, migrations=str(MIGRATIONS), owner_url=svc.database_owner_url)
+    db = await open_service_database(svc, migrations=str(MIGRATIONS))  # every region's (data residency)
     state_ch = make_channel(peers.state, forward=True)
     inference_ch = make_channel(peers.inference, forward=True)
     credentials_ch = make_channel(peers.credentials, forward=True)

@@ -17,6 +17,7 @@ from services.state.records import Limits
 from services.state.servicer import StateServicer
 from services.state.store import DataKeyStore, StateBase
 from services.state.threads import ThreadLog
+from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
@@ -70,9 +71,8 @@ class StateService:
 
 async def start(config: StateConfig, verifier: TokenVerifier, *, address: str | None = None) -> StateService:
     """Open the database (migrating it), choose the key provider from config, start serving."""
-    db = await Database.open(config.service.database_url, migrations=str(MIGRATIONS),
-                             owner_url=config.service.database_owner_url,
-                             read_url=config.service.database_read_url)
+    db = await open_service_database(config.service, migrations=str(MIGRATIONS),  # every region's
+                                     read_url=config.service.database_read_url)
     channels: list[grpc.aio.Channel] = []
     provider: DataKeyProvider | None
     if config.encryption == "credentials":

@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,7 @@ from shared.db.engine import is_sqlite, make_engine, normalize_url, sqlite_path
 from shared.db.migrations import upgrade
 from shared.db.raw import RawTransaction, raw_transaction
 from shared.db.replica import INSERT_LSN, ReplicaRoutes, format_lsn, required_lsn
-from shared.db.router import Route, TenantRouter
+from shared.db.router import RegionLookup, RegionStore, Route, TenantRouter
 from shared.db.session import PLATFORM_BIND_KEY, SEARCH_PATH_KEY, SYSTEM_KEY, TENANT_KEY, TenantSession
 from shared.errors import Unavailable
 from shared.tenancy import require_tenant
@@ -30,6 +30,20 @@ REPLICA_RETRY_S = 5.0
 _REPLICA_READY = text(
     "SELECT COALESCE(pg_last_wal_replay_lsn() >= CAST(CAST(:lsn AS text) AS pg_lsn), NOT pg_is_in_recovery()) "
     "AND (CAST(:schema AS text) IS NULL OR to_regnamespace(CAST(:schema AS text)) IS NOT NULL)")
+
+
+async def _open_region(database: Any, folder: Path | None, engine_options: dict[str, Any]) -> RegionStore:
+    """Another region's database: migrated to head (as its owner), and an engine as the runtime role."""
+    runtime = normalize_url(database.url)
+    owner = normalize_url(database.owner_url) if getattr(database, "owner_url", None) else None
+    app_role = None
+    if is_sqlite(runtime):
+        sqlite_path(runtime).parent.mkdir(parents=True, exist_ok=True)
+    elif owner is not None and owner.username != runtime.username:
+        app_role = runtime.username
+    if folder is not None:
+        await asyncio.to_thread(upgrade, owner or runtime, folder, app_role=app_role)
+    return RegionStore(make_engine(runtime, **engine_options), runtime, owner, app_role)
 
 
 class Database:
@@ -47,10 +61,12 @@ class Database:
         self._router = router or TenantRouter(engine, url=engine.url, owner_url=None, migrations=None,
                                               app_role=None)
         self._sessions = async_sessionmaker(sync_session_class=TenantSession, expire_on_commit=False)
+        self._closers: list[Any] = []
 
     @classmethod
     async def open(cls, url: str | URL, *, migrations: str | Path | None = None, owner_url: str | URL | None = None,
                    app_role: str | None = None, read_url: str | URL | None = None, read_wait: float = 0.05,
+                   regions: Mapping[str, Any] | None = None, region_of: RegionLookup | None = None,
                    **engine_options: Any) -> Database:
         """Connect to `url`, migrating it to head first when `migrations` names an Alembic folder.
 
@@ -60,6 +76,11 @@ class Database:
         `read_url` (Postgres) is a streaming replica of the same cluster, as the runtime role:
         read_session() reads there (shared.db.replica), waiting at most `read_wait` seconds for
         it to catch up with a write the caller must see before reading on the primary instead.
+        `regions` (data residency) maps every region, the default first, to its database (objects
+        with `url` and `owner_url`, shared.config.RegionDatabase): `url` is the default region's
+        (its entry there is not used again); each other region's database is migrated here too, and
+        a tenant's rows go to its region's, asked of `region_of` (identity's placement). The
+        replica serves the default region only; platform tables live in the default region's.
         Extra keyword arguments go to create_async_engine (pool_size, echo, ...).
         """
         runtime = normalize_url(url)
@@ -74,9 +95,19 @@ class Database:
         folder = Path(migrations) if migrations is not None else None
         if folder is not None:
             await asyncio.to_thread(upgrade, owner or runtime, folder, app_role=app_role)
-        engine = make_engine(runtime, **engine_options)
+        names = list(regions or ())
+        others: dict[str, RegionStore] = {}
+        try:
+            for name in names[1:]:
+                others[name] = await _open_region(regions[name], folder, engine_options)
+            engine = make_engine(runtime, **engine_options)
+        except BaseException:
+            for store in others.values():
+                await store.engine.dispose()
+            raise
         router = TenantRouter(engine, url=runtime, owner_url=owner, migrations=folder, app_role=app_role,
-                              engine_options=engine_options)
+                              engine_options=engine_options, region=names[0] if names else "", others=others,
+                              region_of=region_of)
         replica = ReplicaRoutes(make_engine(read, **engine_options), read, engine_options) if read else None
         return cls(engine, router=router, replica=replica, read_wait=read_wait)
 
@@ -89,6 +120,11 @@ class Database:
     def router(self) -> TenantRouter:
         """The tier router (the tenant lifecycle finds and drops tenants' own stores through it)."""
         return self._router
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """The regions this service has a database for, default first (one for a single-region deployment)."""
+        return self._router.regions
 
     @property
     def dialect(self) -> str:
@@ -135,7 +171,8 @@ class Database:
         ctx = require_tenant()
         primary = await self._router.route(ctx.tenant_id, ctx.tier)
         session = None
-        if self._replica is not None and time.monotonic() >= self._replica_down_until:
+        home = primary.region in ("", self._router.default_region)  # the replica is the default region's
+        if self._replica is not None and home and time.monotonic() >= self._replica_down_until:
             route = self._replica.route(primary, self._engine)
             info: dict[str, Any] = {TENANT_KEY: ctx.tenant_id}
             if route.schema:
@@ -202,8 +239,15 @@ class Database:
             yield session  # an error propagates from here: closing the session rolls back
             await session.commit()
 
+    def on_close(self, closer: Any) -> None:
+        """Await `closer()` when the database closes (what was opened with it, e.g. the placement lookup's channel)."""
+        self._closers.append(closer)
+
     async def close(self) -> None:
-        """Dispose of every engine (main, and those opened for silo tenants)."""
+        """Dispose of every engine (main, other regions', those opened for silo tenants)."""
+        closers, self._closers = self._closers, []
+        for closer in closers:
+            await closer()
         await self._router.close()
         if self._replica is not None:
             await self._replica.close()

@@ -1,4 +1,10 @@
-"""The tenant router: which engine (and schema) holds a tenant's rows, by isolation tier.
+"""The tenant router: which engine (and schema) holds a tenant's rows, by region and isolation tier.
+
+Region (data residency): each configured region has a database of its own (RegionStore); a tenant's
+rows of every tier live only in its region's: pooled rows in that region's main database, its bridge
+schema and silo database on that region's server. The region is the control plane's word, never
+the caller's: identity's placement of the tenant (a RegionLookup, cached per tenant; one region
+needs no lookup). Platform tables stay in the default region's database (see Database.session).
 
 - pooled: the shared tables of the main database (ORM filter + RLS keep tenants apart).
 - bridge: a schema of its own on Postgres (`tenant_<id>`, via schema_translate_map and a
@@ -15,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+from collections import OrderedDict
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +35,8 @@ from sqlalchemy.pool import NullPool
 from shared.db.engine import is_sqlite, make_engine, sqlite_path
 from shared.db.migrations import upgrade
 from shared.db.rls import quote_ident
+from shared.errors import FailedPrecondition
+from shared.tenancy import PLATFORM_TENANT
 
 TIERS = ("pooled", "bridge", "silo")
 _SAFE = re.compile(r"^[a-z0-9_]+$")
@@ -41,6 +51,29 @@ class Route:
     """The engine a tenant session binds to (may carry a schema_translate_map)."""
     schema: str | None = None
     """The tenant's own schema (bridge on Postgres), made the search_path of its transactions."""
+    region: str = ""
+    """The region whose database this is ("" when the router has one region only)."""
+
+
+@dataclass(frozen=True)
+class RegionStore:
+    """One region's database as a router needs it."""
+
+    engine: AsyncEngine
+    """Runtime engine of the region's main database (its pooled tables)."""
+    url: URL
+    """Runtime URL: silo databases are its siblings on the same server."""
+    owner_url: URL | None = None
+    """Table owner (migrations, bridge schemas, silo databases); None: the runtime URL."""
+    app_role: str | None = None
+    """The role granted DML in what the owner creates."""
+
+
+RegionLookup = Callable[[str], Awaitable[str]]
+"""tenant id -> its region, as the control plane (identity) placed it; raises when unsure."""
+
+REGION_CACHE_SIZE = 100_000
+"""Tenants whose region a router remembers (a region changes only by a migration, which forgets it)."""
 
 
 def tenant_slug(tenant_id: str) -> str:
@@ -69,25 +102,77 @@ class TenantRouter:
     """Maps (tenant, tier) to a Route, provisioning bridge schemas and silo databases on first use."""
 
     def __init__(self, engine: AsyncEngine, *, url: URL, owner_url: URL | None, migrations: Path | None,
-                 app_role: str | None, engine_options: dict[str, Any] | None = None) -> None:
+                 app_role: str | None, engine_options: dict[str, Any] | None = None,
+                 region: str = "", others: Mapping[str, RegionStore] | None = None,
+                 region_of: RegionLookup | None = None) -> None:
+        """`engine`/`url` are the default region's (`region`), which also holds the platform tables;
+        `others` the databases of the other regions; `region_of` is asked a tenant's region when
+        there are several (once per tenant and process)."""
         self._engine = engine
-        self._url = url
-        self._owner_url = owner_url or url
         self._migrations = migrations
-        self._app_role = app_role
         self._engine_options = dict(engine_options or {})
-        self._pooled = Route(engine)
-        self._routes: dict[tuple[str, str], Route] = {}
+        self._default_region = region
+        self._regions: dict[str, RegionStore] = {region: RegionStore(engine, url, owner_url, app_role)}
+        for name, store in (others or {}).items():
+            if name == region:
+                raise ValueError(f"region {name!r} is the default region: its database is the main one")
+            self._regions[name] = store
+        if len(self._regions) > 1 and region_of is None:
+            raise ValueError("several regions need a region lookup (identity's placement of each tenant)")
+        self._region_of = region_of
+        self._tenant_regions: OrderedDict[str, str] = OrderedDict()
+        self._pooled = {name: Route(store.engine, None, name if len(self._regions) > 1 else "")
+                        for name, store in self._regions.items()}
+        self._routes: dict[tuple[str, str, str], Route] = {}
         self._own_engines: list[AsyncEngine] = []
-        self._locks: dict[tuple[str, str], asyncio.Lock] = {}
+        self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """The regions this router has a database for, default first."""
+        return tuple(self._regions)
+
+    @property
+    def default_region(self) -> str:
+        """The region of the main engine (and of the platform tables)."""
+        return self._default_region
+
+    async def region_of(self, tenant_id: str) -> str:
+        """The tenant's region: the default with one region (no lookup), else identity's placement.
+
+        FailedPrecondition when this service has no database for it (a region missing from its config)."""
+        if len(self._regions) == 1 or tenant_id == PLATFORM_TENANT:
+            return self._default_region
+        region = self._tenant_regions.get(tenant_id)
+        if region is None:
+            assert self._region_of is not None
+            region = await self._region_of(tenant_id)
+            if region not in self._regions:
+                raise FailedPrecondition(
+                    f"the tenant's region {region!r} has no database in this service (configured: "
+                    f"{', '.join(self._regions)}); set BULKHEAD_REGIONS and its database URLs",
+                    reason="REGION_NOT_CONFIGURED")
+            self._tenant_regions[tenant_id] = region
+            if len(self._tenant_regions) > REGION_CACHE_SIZE:
+                self._tenant_regions.popitem(last=False)
+        return region
+
+    def forget_region(self, tenant_id: str) -> None:
+        """Drop the cached region of a tenant (after a move to another region: the next call asks again)."""
+        self._tenant_regions.pop(tenant_id, None)
+
+    async def main_route(self, tenant_id: str) -> Route:
+        """The main database of the tenant's region (its pooled rows), whatever its tier."""
+        return self._pooled[await self.region_of(tenant_id)]
 
     async def route(self, tenant_id: str, tier: str) -> Route:
-        """The Route for a tenant of `tier` (pooled unless the token says otherwise)."""
-        if tier == "pooled" or not tier:
-            return self._pooled
-        if tier not in TIERS:
+        """The Route for a tenant of `tier` in its region (pooled unless the token says otherwise)."""
+        if tier not in TIERS and tier:
             raise ValueError(f"unknown tenant tier {tier!r}")
-        key = (tier, tenant_id)
+        region = await self.region_of(tenant_id)
+        if tier == "pooled" or not tier:
+            return self._pooled[region]
+        key = (region, tier, tenant_id)
         route = self._routes.get(key)
         if route is not None:
             return route
@@ -95,55 +180,62 @@ class TenantRouter:
         async with lock:
             route = self._routes.get(key)
             if route is None:
-                route = await self._provision(tenant_id, tier)
+                route = await self._provision(self._regions[region], tenant_id, tier)
+                route = Route(route.bind, route.schema, self._pooled[region].region)
                 self._routes[key] = route
         return route
 
-    def store_name(self, tenant_id: str, tier: str) -> str | None:
-        """The tenant's own store ("schema:x", "database:x", "file:x"), None for a pooled tenant."""
+    def store_name(self, tenant_id: str, tier: str, region: str | None = None) -> str | None:
+        """The tenant's own store ("schema:x", "database:x", "file:x") in `region` (default: the default
+        region), None for a pooled tenant. Another region's store is prefixed with it ("eu/schema:x")."""
         if tier == "pooled" or not tier:
             return None
         if tier not in TIERS:
             raise ValueError(f"unknown tenant tier {tier!r}")
-        if is_sqlite(self._url):
-            return f"file:{self._sqlite_file(tenant_id).name}"
+        store = self._regions[region or self._default_region]
+        prefix = f"{region}/" if region and region != self._default_region else ""
+        if is_sqlite(store.url):
+            return f"{prefix}file:{self._sqlite_file(store, tenant_id).name}"
         if tier == "bridge":
-            return f"schema:{bridge_schema(tenant_id)}"
-        return f"database:{silo_database(self._url.database or 'bulkhead', tenant_id)}"
+            return f"{prefix}schema:{bridge_schema(tenant_id)}"
+        return f"{prefix}database:{silo_database(store.url.database or 'bulkhead', tenant_id)}"
 
     async def existing(self, tenant_id: str, tier: str) -> Route | None:
         """The tenant's Route if its store exists already, else None: counting or purging never creates one."""
-        name = self.store_name(tenant_id, tier)
+        region = await self.region_of(tenant_id)
+        name = self.store_name(tenant_id, tier, region)
         if name is None:
-            return self._pooled
-        if (tier, tenant_id) in self._routes:
-            return self._routes[(tier, tenant_id)]
-        if not await self._store_exists(tenant_id, tier):
+            return self._pooled[region]
+        if (region, tier, tenant_id) in self._routes:
+            return self._routes[(region, tier, tenant_id)]
+        if not await self._store_exists(self._regions[region], tenant_id, tier):
             return None
         return await self.route(tenant_id, tier)
 
     async def drop(self, tenant_id: str, tier: str) -> str | None:
         """Drop the tenant's own store (bridge schema, silo database, SQLite file); its name, or None
         when there was none. Idempotent; the pooled tier has no store of its own."""
-        name = self.store_name(tenant_id, tier)
-        if name is None or not await self._store_exists(tenant_id, tier):
+        region = await self.region_of(tenant_id)
+        store = self._regions[region]
+        name = self.store_name(tenant_id, tier, region)
+        if name is None or not await self._store_exists(store, tenant_id, tier):
             return None
         # Forget and close this process's engine first: no pooled connection may outlive the store.
-        for key in [k for k in self._routes if k[1] == tenant_id]:
+        for key in [k for k in self._routes if k[2] == tenant_id]:
             route = self._routes.pop(key)
             if route.bind in self._own_engines:
                 self._own_engines.remove(route.bind)
                 await route.bind.dispose()
-        if is_sqlite(self._url):
-            path = self._sqlite_file(tenant_id)
+        if is_sqlite(store.url):
+            path = self._sqlite_file(store, tenant_id)
             for suffix in ("", "-wal", "-shm", "-journal"):
                 path.with_name(path.name + suffix).unlink(missing_ok=True)
             return name
-        kind, _, ident = name.partition(":")
+        kind, _, ident = name.rpartition("/")[2].partition(":")
         # FORCE ends other replicas' connections to the silo database (Postgres 13+).
         sql = (f"DROP SCHEMA IF EXISTS {quote_ident(ident)} CASCADE" if kind == "schema"
                else f"DROP DATABASE IF EXISTS {quote_ident(ident)} WITH (FORCE)")
-        admin = create_async_engine(self._owner_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        admin = create_async_engine(store.owner_url or store.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
         try:
             async with admin.connect() as conn:
                 await conn.exec_driver_sql(sql)
@@ -151,48 +243,51 @@ class TenantRouter:
             await admin.dispose()
         return name
 
-    async def _store_exists(self, tenant_id: str, tier: str) -> bool:
-        if is_sqlite(self._url):
-            return self._sqlite_file(tenant_id).exists()
+    async def _store_exists(self, store: RegionStore, tenant_id: str, tier: str) -> bool:
+        if is_sqlite(store.url):
+            return self._sqlite_file(store, tenant_id).exists()
         if tier == "bridge":
             sql, name = "SELECT 1 FROM pg_namespace WHERE nspname = :name", bridge_schema(tenant_id)
         else:
             sql, name = ("SELECT 1 FROM pg_database WHERE datname = :name",
-                         silo_database(self._url.database or "bulkhead", tenant_id))
-        async with self._engine.connect() as conn:
+                         silo_database(store.url.database or "bulkhead", tenant_id))
+        async with store.engine.connect() as conn:
             return bool(await conn.scalar(text(sql), {"name": name}))
 
-    def _sqlite_file(self, tenant_id: str) -> Path:
-        main = sqlite_path(self._url)
+    @staticmethod
+    def _sqlite_file(store: RegionStore, tenant_id: str) -> Path:
+        main = sqlite_path(store.url)
         return main.parent / f"{main.stem}.tenants" / f"{tenant_slug(tenant_id)}.db"
 
-    async def _provision(self, tenant_id: str, tier: str) -> Route:
+    async def _provision(self, store: RegionStore, tenant_id: str, tier: str) -> Route:
         if self._migrations is None:
             raise RuntimeError(f"the {tier} tier needs migrations to build the tenant's tables")
-        if is_sqlite(self._url):
-            return await self._own_sqlite_file(tenant_id)
+        if is_sqlite(store.url):
+            return await self._own_sqlite_file(store, tenant_id)
+        owner = store.owner_url or store.url
         if tier == "bridge":
             schema = bridge_schema(tenant_id)
-            await asyncio.to_thread(upgrade, self._owner_url, self._migrations, schema, app_role=self._app_role)
-            return Route(self._engine.execution_options(schema_translate_map={None: schema}), schema)
-        return await self._own_postgres_database(tenant_id)
+            await asyncio.to_thread(upgrade, owner, self._migrations, schema, app_role=store.app_role)
+            return Route(store.engine.execution_options(schema_translate_map={None: schema}), schema)
+        return await self._own_postgres_database(store, tenant_id)
 
-    async def _own_sqlite_file(self, tenant_id: str) -> Route:
-        path = self._sqlite_file(tenant_id)
+    async def _own_sqlite_file(self, store: RegionStore, tenant_id: str) -> Route:
+        path = self._sqlite_file(store, tenant_id)
         path.parent.mkdir(parents=True, exist_ok=True)
-        url = self._url.set(database=str(path))
+        url = store.url.set(database=str(path))
         await asyncio.to_thread(upgrade, url, self._migrations)
         return Route(self._own(make_engine(url, **self._engine_options)))
 
-    async def _own_postgres_database(self, tenant_id: str) -> Route:
-        name = silo_database(self._url.database or "bulkhead", tenant_id)
-        await self._create_database(name)
-        await asyncio.to_thread(upgrade, self._owner_url.set(database=name), self._migrations,
-                                app_role=self._app_role)
-        return Route(self._own(make_engine(self._url.set(database=name), **self._engine_options)))
+    async def _own_postgres_database(self, store: RegionStore, tenant_id: str) -> Route:
+        name = silo_database(store.url.database or "bulkhead", tenant_id)
+        owner = store.owner_url or store.url
+        await self._create_database(owner, store.app_role, name)
+        await asyncio.to_thread(upgrade, owner.set(database=name), self._migrations, app_role=store.app_role)
+        return Route(self._own(make_engine(store.url.set(database=name), **self._engine_options)))
 
-    async def _create_database(self, name: str) -> None:
-        admin = create_async_engine(self._owner_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+    @staticmethod
+    async def _create_database(owner_url: URL, app_role: str | None, name: str) -> None:
+        admin = create_async_engine(owner_url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
         try:
             async with admin.connect() as conn:
                 exists = await conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": name})
@@ -204,11 +299,11 @@ class TenantRouter:
                     if getattr(exc.orig, "pgcode", None) != _DUPLICATE_DATABASE:
                         raise
                     return
-                if self._app_role:
+                if app_role:
                     # Only the runtime role may connect, not every role on the cluster.
                     await conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {quote_ident(name)} FROM PUBLIC")
                     await conn.exec_driver_sql(
-                        f"GRANT CONNECT, TEMPORARY ON DATABASE {quote_ident(name)} TO {quote_ident(self._app_role)}")
+                        f"GRANT CONNECT, TEMPORARY ON DATABASE {quote_ident(name)} TO {quote_ident(app_role)}")
         finally:
             await admin.dispose()
 
@@ -217,8 +312,9 @@ class TenantRouter:
         return engine
 
     async def close(self) -> None:
-        """Dispose of the engines opened for silo (and SQLite bridge) tenants."""
+        """Dispose of the engines opened for silo (and SQLite bridge) tenants and other regions' main engines."""
         engines, self._own_engines = self._own_engines, []
+        engines += [store.engine for name, store in self._regions.items() if name != self._default_region]
         self._routes.clear()
         for engine in engines:
             await engine.dispose()

@@ -66,12 +66,14 @@ class IdentityHarness:
 
 @asynccontextmanager
 async def running_identity(data_dir: Path, *, database_url: str | None = None, owner_url: str | None = None,
-                           revocation_poll: float = 0.2):
-    """Start identity on a free port (SQLite in data_dir unless database URLs are given)."""
+                           revocation_poll: float = 0.2, env: dict[str, str] | None = None):
+    """Start identity on a free port (SQLite in data_dir unless database URLs are given); `env` adds
+    settings (e.g. BULKHEAD_REGIONS)."""
     from services.identity.config import IdentityConfig
     from services.identity.server import start
 
-    env = {"BULKHEAD_DATA_DIR": str(data_dir), "BULKHEAD_REVOCATION_POLL_SECONDS": str(revocation_poll)}
+    env = {**(env or {}), "BULKHEAD_DATA_DIR": str(data_dir),
+           "BULKHEAD_REVOCATION_POLL_SECONDS": str(revocation_poll)}
     if database_url:
         env["BULKHEAD_IDENTITY_DATABASE_URL"] = database_url
         env["BULKHEAD_IDENTITY_DATABASE_OWNER_URL"] = owner_url or database_url

@@ -108,8 +108,11 @@ CACHES: dict[str, Entry] = {
     "shared/db/raw.py::sqlite_sql()": Entry(PLATFORM, "SQL text -> its SQLite spelling"),
     "shared/db/session.py::_criteria()": Entry(TENANT, "tenant id -> the loader criteria naming that tenant",
                                               "tests/shared/db/test_session.py"),
-    "shared/db/router.py::_routes": Entry(TENANT, "(tier, tenant) -> engine and schema",
+    "shared/db/router.py::_routes": Entry(TENANT, "(region, tier, tenant) -> engine and schema",
                                          "tests/shared/db/test_tiers.py"),
+    "shared/db/router.py::_regions": Entry(PLATFORM, "region name -> its database, from configuration"),
+    "shared/db/router.py::_tenant_regions": Entry(TENANT, "tenant id -> its region, as identity placed it",
+                                                  "tests/shared/db/test_regions.py"),
     "shared/db/router.py::_engine_options": Entry(PLATFORM, "engine options from configuration"),
     "shared/db/replica.py::_silos": Entry(UNIQUE, "silo database name -> replica engine: a silo database is one "
                                                    "tenant's, and RLS still binds every session on it",

@@ -405,6 +405,22 @@ class ListRevokedTokensResponse(_message.Message):
     suspended_tenant_ids: _containers.RepeatedScalarFieldContainer[str]
     def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ..., revision: _Optional[int] = ..., suspended_tenant_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
+class GetTenantPlacementRequest(_message.Message):
+    __slots__ = ("tenant_id",)
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
+
+class GetTenantPlacementResponse(_message.Message):
+    __slots__ = ("tenant_id", "tier", "region")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    tier: _tenancy_pb2.Tier
+    region: str
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., region: _Optional[str] = ...) -> None: ...
+
 class DeleteTenantRequest(_message.Message):
     __slots__ = ("tenant_id", "grace_seconds", "now")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]

@@ -113,6 +113,11 @@ class IdentityServiceStub:
                 request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRevokedTokensRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRevokedTokensResponse.FromString,
                 _registered_method=True)
+        self.GetTenantPlacement = channel.unary_unary(
+                '/bulkhead.identity.v1.IdentityService/GetTenantPlacement',
+                request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementResponse.FromString,
+                _registered_method=True)
         self.ListSigningKeys = channel.unary_unary(
                 '/bulkhead.identity.v1.IdentityService/ListSigningKeys',
                 request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListSigningKeysRequest.SerializeToString,
@@ -250,6 +255,15 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetTenantPlacement(self, request, context):
+        """Returns where a tenant's data lives (its tier and region), as the control plane placed it:
+        services route the tenant's rows by it (data residency), never by what a caller says. For
+        platform services' keys only (platform.identity.verify): it answers for any tenant.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSigningKeys(self, request, context):
         """Lists the public keys that verify tokens (a JWKS).
         """
@@ -362,6 +376,11 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.ListRevokedTokens,
                     request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRevokedTokensRequest.FromString,
                     response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRevokedTokensResponse.SerializeToString,
+            ),
+            'GetTenantPlacement': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTenantPlacement,
+                    request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementRequest.FromString,
+                    response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementResponse.SerializeToString,
             ),
             'ListSigningKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSigningKeys,
@@ -793,6 +812,33 @@ class IdentityService:
             '/bulkhead.identity.v1.IdentityService/ListRevokedTokens',
             bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRevokedTokensRequest.SerializeToString,
             bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRevokedTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTenantPlacement(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.identity.v1.IdentityService/GetTenantPlacement',
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementRequest.SerializeToString,
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementResponse.FromString,
             options,
             channel_credentials,
             insecure,

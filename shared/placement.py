@@ -1,0 +1,85 @@
+"""Where a tenant's data lives, as the control plane says: identity's placement (tier, region).
+
+Data residency: every data-plane service has a database per configured region (shared.config,
+BULKHEAD_REGIONS) and writes a tenant's rows only to its region's (shared.db.router). The region is
+never the caller's to choose, not even through a signed token: identity records it at CreateTenant
+and answers GetTenantPlacement to platform services' keys; the router asks once per tenant and
+process and keeps the answer (only a migration moves a tenant, and it makes routers forget).
+
+A single-region deployment asks nothing: `open_service_database` wires no lookup at all then.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from bulkhead.identity.v1 import identity_pb2, identity_pb2_grpc
+from shared.config import ServiceConfig
+from shared.db import Database
+from shared.errors import NotFound, Unavailable
+
+log = logging.getLogger("bulkhead.placement")
+
+
+class IdentityPlacements:
+    """A tenant's region from identity's GetTenantPlacement, asked with the service's platform key."""
+
+    def __init__(self, channel: grpc.aio.Channel, credentials: Any, *, timeout: float = 3.0,
+                 owns_channel: bool = False) -> None:
+        self._stub = identity_pb2_grpc.IdentityServiceStub(channel)
+        self._channel = channel
+        self._credentials = credentials
+        self._timeout = timeout
+        self._owns_channel = owns_channel
+
+    async def region_of(self, tenant_id: str) -> str:
+        """The tenant's region; NotFound for no such tenant; Unavailable when identity cannot say (fail
+        closed: a guessed region writes the tenant's rows where the law says they must not be)."""
+        try:
+            reply = await self._stub.GetTenantPlacement(identity_pb2.GetTenantPlacementRequest(tenant_id=tenant_id),
+                                                        timeout=self._timeout,
+                                                        metadata=await self._credentials.metadata())
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() == grpc.StatusCode.NOT_FOUND:
+                raise NotFound("tenant not found", reason="TENANT_NOT_FOUND") from None
+            log.warning("identity could not place tenant %s: %s", tenant_id, exc.code().name)
+            raise Unavailable("identity could not confirm the tenant's region; nothing was changed, retry",
+                              reason="TENANT_REGION_UNAVAILABLE", retry_after=1.0) from None
+        if not reply.region:
+            raise Unavailable("identity returned no region for the tenant; retry",
+                              reason="TENANT_REGION_UNAVAILABLE", retry_after=1.0)
+        return reply.region
+
+    async def close(self) -> None:
+        """Close the channel if this object opened it."""
+        if self._owns_channel:
+            await self._channel.close()
+
+
+async def open_service_database(service: ServiceConfig, *, migrations: str | Path | None,
+                                read_url: str | None = None, **engine_options: Any) -> Database:
+    """A data-plane service's Database: its default region's URLs, every other configured region's
+    database, and (with several regions) identity's placement of each tenant to route by."""
+    from shared.client import make_channel
+    from shared.keys import ServiceKeyCredentials
+
+    regions = service.region_databases()
+    placements = None
+    if len(regions) > 1:
+        channel = make_channel(service.peer("identity"))
+        placements = IdentityPlacements(channel, ServiceKeyCredentials(channel, service.service_key_file),
+                                        owns_channel=True)
+    try:
+        db = await Database.open(service.database_url, migrations=migrations, owner_url=service.database_owner_url,
+                                 read_url=read_url, regions=regions,
+                                 region_of=placements.region_of if placements else None, **engine_options)
+    except BaseException:
+        if placements is not None:
+            await placements.close()
+        raise
+    if placements is not None:
+        db.on_close(placements.close)
+    return db
