@@ -19,6 +19,7 @@ from services.identity.signing import SigningKeys, StoreKeyLoader, load_or_creat
 from services.identity.store import IdentityBase
 from shared.client import make_channel
 from shared.db import Database
+from shared.config_audit import ConfigAudit, load_chain_key
 from shared.lifecycle import TenantLifecycle, lifecycle_binding
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
@@ -75,17 +76,19 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
                                      min_refetch=0.0)
     verifier = TokenVerifier(key_source)
     # identity's own rows stay pooled whatever the tenant's tier (see directory.pooled).
-    own = TenantLifecycle("identity", db, IdentityBase.metadata, keep=KEPT, rows_tier=Tier.POOLED)
+    audit = ConfigAudit("identity", db, rows_tier=Tier.POOLED, key=load_chain_key("identity", svc.env))
+    own = TenantLifecycle("identity", db, [IdentityBase.metadata, audit.metadata], keep=KEPT, rows_tier=Tier.POOLED)
     channels: dict = {}
     deletions = Deletions(db, keys, own, peers={s: svc.peers[s] for s in STEPS if s in svc.peers},
                           channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
                           on_status_change=key_source.refresh_revocations, lease_seconds=config.deletion_lease)
-    servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source, deletions)
-    lifecycle = lifecycle_binding("identity", db, IdentityBase.metadata, keep=KEPT, rows_tier=Tier.POOLED)
+    servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source, deletions, audit=audit)
+    lifecycle = lifecycle_binding("identity", db, [IdentityBase.metadata, audit.metadata], keep=KEPT,
+                                  rows_tier=Tier.POOLED)
     running = await serve(
         name="identity", verifier=verifier, address=address or svc.address, tls=TlsConfig.from_env(svc.env),
         bindings=[Binding(identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer,
-                          identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]), lifecycle])
+                          identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]), lifecycle, audit.binding()])
     sweeper = Periodic("tenant-deletions", deletions.run_due, interval=config.deletion_interval, log=log,
                        run_first=True)
     sweeper.start()

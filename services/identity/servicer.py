@@ -12,6 +12,7 @@ from services.identity.directory import Directory
 from services.identity.issuance import Issuance
 from services.identity.signing import SigningKeys, as_utc, revocations_since, suspended_tenants
 from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, SigningKeyRow, TenantRow
+from shared.config_audit import ConfigAudit, new_of
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.tiers import UnknownTier, tier_from_proto, tier_to_proto
@@ -22,6 +23,7 @@ _STATUS = {"active": pb.TENANT_STATUS_ACTIVE, "suspended": pb.TENANT_STATUS_SUSP
            "deleting": pb.TENANT_STATUS_DELETING, "deleted": pb.TENANT_STATUS_DELETED}
 _DELETION_STATE = {"scheduled": pb.DELETION_STATE_SCHEDULED, "running": pb.DELETION_STATE_RUNNING,
                    "done": pb.DELETION_STATE_DONE}
+_VERB = {"active": "resume", "suspended": "suspend"}
 _KINDS = {"user": pb.PRINCIPAL_KIND_USER, "service_account": pb.PRINCIPAL_KIND_SERVICE_ACCOUNT,
           "agent": pb.PRINCIPAL_KIND_AGENT}
 
@@ -71,8 +73,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
     """Maps identity's RPCs onto the directory, issuance and signing-key ring."""
 
     def __init__(self, db: Database, directory: Directory, issuance: Issuance, keys: SigningKeys,
-                 key_source: RefreshingKeySource | None = None, deletions: Deletions | None = None):
+                 key_source: RefreshingKeySource | None = None, deletions: Deletions | None = None, *,
+                 audit: ConfigAudit):
         self._db = db
+        self._audit = audit
         self._deletions = deletions
         self._directory = directory
         self._issuance = issuance
@@ -84,7 +88,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             tier = tier_from_proto(request.tier)
         except UnknownTier:
             raise InvalidArgument("unknown tier", violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
-        created = await self._directory.create_tenant(request.name, tier, request.region)
+        async with self._audit.change("tenant.create", tenant_id=None, tables={"tenants"},
+                                      describe=new_of(TenantRow, "tenant/{id}", name="{name}", tier="{tier}",
+                                                      region="{region}")):
+            created = await self._directory.create_tenant(request.name, tier, request.region)
         return pb.CreateTenantResponse(tenant=tenant_pb(created.tenant), admin=principal_pb(created.admin),
                                        admin_api_key=created.admin_api_key)
 
@@ -114,15 +121,22 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             if status != "active" or self._deletions is None:
                 raise FailedPrecondition("the tenant is being deleted: resume it (ACTIVE) to cancel the deletion",
                                          reason="TENANT_DELETING")
-            await self._deletions.restore(request.tenant_id)  # raises DELETION_STARTED once purging began
-        row = await self._directory.set_tenant_status(request.tenant_id, status)
+        async with self._audit.change(f"tenant.{_VERB.get(status, 'status')}", tenant_id=request.tenant_id,
+                                      target=f"tenant/{request.tenant_id}", tables={"tenants"},
+                                      detail={"status": status}):
+            if current is not None and current.status == "deleting" and status:
+                await self._deletions.restore(request.tenant_id)  # raises DELETION_STARTED once purging began
+            row = await self._directory.set_tenant_status(request.tenant_id, status)
         if self._key_source is not None:  # identity's own verifier knows at once; other services poll
             await self._key_source.refresh_revocations()
         return pb.UpdateTenantStatusResponse(tenant=tenant_pb(row))
 
     async def CreatePrincipal(self, request, context):
         kind = {v: k for k, v in _KINDS.items()}.get(request.kind, "")
-        row = await self._directory.create_principal(kind, request.display_name, list(request.scopes))
+        async with self._audit.change_own("principal.create", target="", tables={"principals"},
+                                          describe=new_of(PrincipalRow, "principal/{id}", kind="{kind}",
+                                                          display_name="{display_name}", scopes="{scopes}")):
+            row = await self._directory.create_principal(kind, request.display_name, list(request.scopes))
         return pb.CreatePrincipalResponse(principal=principal_pb(row))
 
     async def GetPrincipal(self, request, context):
@@ -134,12 +148,17 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                                          next_page_token=page.next_page_token)
 
     async def DisablePrincipal(self, request, context):
-        row = await self._directory.disable_principal(request.principal_id)
+        async with self._audit.change_own("principal.disable", target=f"principal/{request.principal_id}",
+                                          tables={"principals"}):
+            row = await self._directory.disable_principal(request.principal_id)
         return pb.DisablePrincipalResponse(principal=principal_pb(row))
 
     async def CreateApiKey(self, request, context):
-        row, secret = await self._directory.create_api_key(request.principal_id, list(request.scopes),
-                                                           request.display_name)
+        async with self._audit.change_own("api_key.create", target="", tables={"api_keys"},
+                                          describe=new_of(ApiKeyRow, "api_key/{id}", principal_id="{principal_id}",
+                                                          scopes="{scopes}", display_name="{display_name}")):
+            row, secret = await self._directory.create_api_key(request.principal_id, list(request.scopes),
+                                                               request.display_name)
         return pb.CreateApiKeyResponse(api_key=api_key_pb(row), secret=secret)
 
     async def ListApiKeys(self, request, context):
@@ -147,7 +166,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
         return pb.ListApiKeysResponse(api_keys=[api_key_pb(k) for k in page.items], next_page_token=page.next_page_token)
 
     async def RevokeApiKey(self, request, context):
-        return pb.RevokeApiKeyResponse(api_key=api_key_pb(await self._directory.revoke_api_key(request.api_key_id)))
+        async with self._audit.change_own("api_key.revoke", target=f"api_key/{request.api_key_id}",
+                                          tables={"api_keys"}):
+            row = await self._directory.revoke_api_key(request.api_key_id)
+        return pb.RevokeApiKeyResponse(api_key=api_key_pb(row))
 
     async def IssueToken(self, request, context):
         issued = await self._issuance.issue(request.api_key, list(request.scopes), request.ttl_seconds)
@@ -188,7 +210,11 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                                                              active=True, create_time=_ts(row.created_at)))
 
     async def DeleteTenant(self, request, context):
-        view = await self._deletions_or_fail().schedule(request.tenant_id, request.grace_seconds, request.now)
+        deletions = self._deletions_or_fail()
+        async with self._audit.change("tenant.delete", tenant_id=request.tenant_id, target=f"tenant/{request.tenant_id}",
+                                      tables={"tenant_deletions", "tenants"},
+                                      detail={"grace_seconds": request.grace_seconds, "now": request.now}):
+            view = await deletions.schedule(request.tenant_id, request.grace_seconds, request.now)
         return pb.DeleteTenantResponse(deletion=deletion_pb(view))
 
     async def GetDeletionReceipt(self, request, context):

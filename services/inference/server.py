@@ -36,6 +36,7 @@ from services.inference.usage import UsageMeter
 from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
+from shared.config_audit import ConfigAudit
 from shared.lifecycle import lifecycle_binding
 from shared.logs import register_secret
 from shared.periodic import Periodic
@@ -135,11 +136,14 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
                            platform_policy=config.platform_policy, limiter=RateLimiter(), quotas=metering,
                            budget=budget, meter=meter, keys=keys, max_attempts=config.max_attempts,
                            max_retry_wait=config.max_retry_wait, user_id_salt=config.user_id_salt, journal=journal)
-    servicer = InferenceServicer(proxy, store, tiers=tiers, allow_http_endpoints=config.allow_http_endpoints)
+    audit = ConfigAudit("inference", db, tiers=tiers)
+    servicer = InferenceServicer(proxy, store, tiers=tiers, audit=audit,
+                                 allow_http_endpoints=config.allow_http_endpoints)
     binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer,
                       inference_pb2.DESCRIPTOR.services_by_name["InferenceService"])
-    lifecycle = lifecycle_binding("inference", db, InferenceBase.metadata, hooks=[DeliverUsage(meter, outbox)])
-    running = await serve(name="inference", bindings=[binding, lifecycle], verifier=verifier,
+    lifecycle = lifecycle_binding("inference", db, [InferenceBase.metadata, audit.metadata],
+                                  hooks=[DeliverUsage(meter, outbox)])
+    running = await serve(name="inference", bindings=[binding, lifecycle, audit.binding()], verifier=verifier,
                           address=address or config.service.address)
     async def sweep() -> None:
         meter.adopt_backlog(await journal.sweep())

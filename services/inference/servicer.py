@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
+from urllib.parse import urlsplit
 
 from bulkhead.inference.v1 import inference_pb2 as pb
 from bulkhead.inference.v1 import inference_pb2_grpc
@@ -16,6 +17,7 @@ from services.inference.policy import (
 from services.inference.proxy import InferenceProxy
 from services.inference.store import PolicyStore
 from shared import errors
+from shared.config_audit import ConfigAudit
 from shared.tenancy import acting_for, require_tenant
 from shared.tiers import TierLookup
 
@@ -28,12 +30,13 @@ _TENANT_ID_MAX = 64
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     """The InferenceService RPCs."""
 
-    def __init__(self, proxy: InferenceProxy, store: PolicyStore, *, tiers: TierLookup,
+    def __init__(self, proxy: InferenceProxy, store: PolicyStore, *, tiers: TierLookup, audit: ConfigAudit,
                  allow_http_endpoints: bool = False):
         """tiers: identity's word on a tenant's tier, for operator calls about another tenant."""
         self._proxy = proxy
         self._store = store
         self._tiers = tiers
+        self._audit = audit
         self._allow_http = allow_http_endpoints
 
     async def CreateMessage(self, request: pb.CreateMessageRequest, context) -> pb.CreateMessageResponse:
@@ -78,8 +81,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
             raise errors.InvalidArgument("invalid policy", reason="POLICY_INVALID", violations=problems)
         # The tenant's tier says where its own calls read the policy; only identity knows it here.
         tier = await self._tiers.tier_of(tenant_id)
+        async with self._audit.change("model_policy.set", tenant_id=tenant_id, tier=tier,
+                                      target=f"model_policy/{tenant_id}", tables={"inference_policies"},
+                                      detail={"allowed_models": p.allowed_models, "default_model": p.default_model,
+                                              "pinned_versions": [f"{k}={v}" for k, v in p.pinned_versions.items()],
+                                              "max_tokens_ceiling": p.max_tokens_ceiling}):
+            with acting_for(tenant_id, tier=tier):
+                await self._store.put_policy(policy)
         with acting_for(tenant_id, tier=tier):
-            await self._store.put_policy(policy)
             self._proxy.forget_policy(tenant_id)
             effective, _ = await self._proxy.effective_policy()
         audit.info("model policy set", extra={"target_tenant": tenant_id, "operator": operator.principal_id})
@@ -92,9 +101,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         problems = check_private_model(model, allow_http=self._allow_http)
         if problems:
             raise errors.InvalidArgument("invalid private model", reason="PRIVATE_MODEL_INVALID", violations=problems)
-        stored = await self._store.add_private_model(model)
-        if stored is None:
-            raise errors.AlreadyExists(f"a private model named {model.name!r} exists", reason="PRIVATE_MODEL_EXISTS")
+        endpoint = urlsplit(model.base_url)
+        async with self._audit.change_own("private_model.register", target=f"private_model/{model.name}",
+                                          tables={"inference_private_models"},
+                                          detail={"upstream_model": model.upstream_model, "lineage": model.lineage,
+                                                  "endpoint": f"{endpoint.scheme}://{endpoint.hostname or ''}"}):
+            stored = await self._store.add_private_model(model)
+            if stored is None:
+                raise errors.AlreadyExists(f"a private model named {model.name!r} exists",
+                                           reason="PRIVATE_MODEL_EXISTS")
         self._proxy.forget_policy(require_tenant().tenant_id)
         return pb.RegisterPrivateModelResponse(model=_private_proto(stored))
 

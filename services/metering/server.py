@@ -16,12 +16,13 @@ from services.metering.ledger import UsageLedger
 from services.metering.lifecycle import KEPT
 from services.metering.meters import MeteringMetrics
 from services.metering.prices import PriceCache
-from services.metering.servicer import MeteringServicer
+from services.metering.servicer import MeteringServicer, MeteringTiers
 from services.metering.store import MeteringBase
 from services.metering.sweeper import ExpirySweeper
 from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
+from shared.config_audit import ConfigAudit
 from shared.lifecycle import lifecycle_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tiers import IdentityTiers, TierLookup
@@ -79,11 +80,13 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
     budgets = BudgetLedger(db, prices, clock=clock, on_reject=metrics.rejected,
                            specs=BudgetSpecCache(max_age_s=budget_cache_s))
     sweeper = ExpirySweeper(usage, budgets, interval=sweep_interval or 15.0)
+    audit = ConfigAudit("metering", db, tiers=MeteringTiers(usage, tiers))
     binding = Binding(metering_pb2_grpc.add_MeteringServiceServicer_to_server,
-                      MeteringServicer(usage, budgets, prices, tiers, db=db),
+                      MeteringServicer(usage, budgets, prices, tiers, db=db, audit=audit),
                       metering_pb2.DESCRIPTOR.services_by_name["MeteringService"])
-    lifecycle = lifecycle_binding("metering", db, MeteringBase.metadata, keep=KEPT)
-    running = await serve(name="metering", bindings=[binding, lifecycle], verifier=verifier, address=address)
+    lifecycle = lifecycle_binding("metering", db, [MeteringBase.metadata, audit.metadata], keep=KEPT)
+    running = await serve(name="metering", bindings=[binding, lifecycle, audit.binding()], verifier=verifier,
+                          address=address)
     if sweep_interval:
         sweeper.start()
     return MeteringService(running, db, usage, budgets, metrics, sweeper)

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import re
 
+from google.protobuf import json_format
+
 from bulkhead.metering.v1 import metering_pb2 as pb
 from bulkhead.metering.v1 import metering_pb2_grpc
 from services.metering import periods, wire
@@ -10,12 +12,14 @@ from services.metering.budgets import BudgetLedger
 from services.metering.ledger import UsageLedger
 from services.metering.prices import PriceCache
 from services.metering.pricing import format_usd, scaled_to_usd
+from shared.config_audit import ConfigAudit
 from shared.db import Database, answer_with_lsn, reads_after_caller
 from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied
 from shared.tenancy import PLATFORM_TENANT, TenantContext, acting_for, require_tenant
 from shared.tiers import Tier, TierLookup, UnknownTier, tier_from_proto
 
 _TENANT_ID = re.compile(r"^t_[A-Za-z0-9_-]{1,62}$")
+_QUOTA_TABLES = {"metering_quotas", "metering_budgets"}
 
 
 def _operator() -> TenantContext:
@@ -35,11 +39,33 @@ def _target(tenant_id: str, field: str, *, required: bool) -> str:
     return tenant_id
 
 
+class MeteringTiers:
+    """TierLookup for reads about another tenant: the tier its own calls showed metering, else identity's
+    word, else pooled (a standalone metering, with no identity to ask)."""
+
+    def __init__(self, usage: UsageLedger, tiers: TierLookup | None) -> None:
+        self._usage, self._tiers = usage, tiers
+
+    async def tier_of(self, tenant_id: str) -> Tier:
+        known = (await self._usage.known_tenants()).get(tenant_id)
+        if known is not None:
+            return Tier.parse(known)
+        return Tier.POOLED if self._tiers is None else await self._tiers.tier_of(tenant_id)
+
+
+def _quota_detail(quota: pb.Quota) -> dict[str, object]:
+    d = json_format.MessageToDict(quota, preserving_proto_field_name=True)
+    d.pop("tenant_id", None)
+    budgets = d.pop("budgets", [])
+    d["budgets"] = [";".join(f"{k}={v}" for k, v in sorted(b.items())) for b in budgets]
+    return d
+
+
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     """Thin handlers over UsageLedger, BudgetLedger and PriceCache."""
 
     def __init__(self, usage: UsageLedger, budgets: BudgetLedger, prices: PriceCache, tiers: TierLookup | None = None,
-                 db: Database | None = None):
+                 db: Database | None = None, *, audit: ConfigAudit):
         """tiers None: no identity to ask (a standalone metering), so an unseen tenant counts as pooled.
         db: where RecordUsage's WAL position comes from, for QueryUsage on a replica (read-your-writes)."""
         self._db = db
@@ -47,6 +73,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         self._budgets = budgets
         self._prices = prices
         self._tiers = tiers
+        self._audit = audit
 
     # ---------------------------------------------------------------- usage
 
@@ -139,7 +166,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     async def SetPrice(self, request: pb.SetPriceRequest, context) -> pb.SetPriceResponse:
         _operator()
-        stored = await self._prices.set(wire.price(request.price))
+        # Prices are the platform's: their changes go to the platform tenant's chain.
+        async with self._audit.change("price.set", tenant_id=PLATFORM_TENANT, tier=Tier.POOLED,
+                                      target=f"price/{request.price.model}", tables={"metering_prices"},
+                                      detail=json_format.MessageToDict(request.price,
+                                                                       preserving_proto_field_name=True)):
+            stored = await self._prices.set(wire.price(request.price))
         await self._usage.audit("SetPrice", "", f"model={stored.model}")
         return pb.SetPriceResponse(price=wire.price_msg(stored))
 
@@ -157,8 +189,10 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         target = _target(request.quota.tenant_id, "quota.tenant_id", required=True)
         await self._usage.audit("SetQuota", target)
         tier = await self._tier_of(target)
-        with acting_for(target, tier=tier):
-            stored = await self._budgets.set_quota(wire.quota(request.quota))
+        async with self._audit.change("quota.set", tenant_id=target, tier=tier, target=f"quota/{target}",
+                                      tables=_QUOTA_TABLES, detail=_quota_detail(request.quota)):
+            with acting_for(target, tier=tier):
+                stored = await self._budgets.set_quota(wire.quota(request.quota))
         await self._usage.note_tenant(target, tier=tier)
         return pb.SetQuotaResponse(quota=wire.quota_msg(stored))
 

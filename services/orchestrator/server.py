@@ -25,8 +25,10 @@ from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
 from shared.injection import SecretInjector
+from shared.config_audit import ConfigAudit
 from shared.lifecycle import lifecycle_binding
 from shared.server import Binding, RunningServer, serve
+from shared.tiers import IdentityTiers
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
@@ -102,11 +104,13 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
     orchestrator = Orchestrator(teams=TeamStore(db), runs=runs, dispatcher=dispatcher, feed=feed,
                                 delegator=delegator or IdentityDelegator(identity_ch), sealer=sealer,
                                 delegation_ttl=config.delegation_ttl, watch_poll=poll_seconds)
-    servicer = OrchestratorServicer(orchestrator, RunStats(db))
+    audit = ConfigAudit("orchestrator", db, tiers=IdentityTiers(identity_ch))
+    servicer = OrchestratorServicer(orchestrator, RunStats(db), audit=audit)
     binding = Binding(orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server, servicer,
                       orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"])
-    lifecycle = lifecycle_binding("orchestrator", db, OrchestratorBase.metadata, hooks=[CancelRuns(db)])
-    running = await serve(name="orchestrator", bindings=[binding, lifecycle], verifier=verifier,
+    lifecycle = lifecycle_binding("orchestrator", db, [OrchestratorBase.metadata, audit.metadata],
+                                  hooks=[CancelRuns(db)])
+    running = await serve(name="orchestrator", bindings=[binding, lifecycle, audit.binding()], verifier=verifier,
                           address=address or svc.address)
     dispatcher.start()
     return OrchestratorService(running, db, dispatcher, http, channels)

@@ -11,20 +11,25 @@ from services.orchestrator.stats import RunStats
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.store import RunRecord, TeamRecord
 from services.orchestrator.team import AgentSpec, HttpToolSpec, TeamSpec
+from shared.config_audit import ConfigAudit
 
 _STATUS_TO_PB = {s: getattr(pb, f"RUN_STATUS_{s.name}") for s in RunStatus}
 _STATUS_FROM_PB = {v: k for k, v in _STATUS_TO_PB.items()}
 _KIND_TO_PB = {k: getattr(pb, f"STEP_KIND_{k.name}") for k in StepKind}
+_TEAMS = {"orch_teams"}
 
 
 class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
     """Thin translation between bulkhead.orchestrator.v1 messages and Orchestrator."""
 
-    def __init__(self, orchestrator: Orchestrator, stats: RunStats):
-        self._o, self._stats = orchestrator, stats
+    def __init__(self, orchestrator: Orchestrator, stats: RunStats, *, audit: ConfigAudit):
+        self._o, self._stats, self._audit = orchestrator, stats, audit
 
     async def CreateTeam(self, request, context):
-        return pb.CreateTeamResponse(team=team_to_pb(await self._o.create_team(team_from_pb(request.team))))
+        async with self._audit.change_own("team.create", target=f"team/{request.team.name}", tables=_TEAMS,
+                                          detail=_team_detail(request.team)):
+            record = await self._o.create_team(team_from_pb(request.team))
+        return pb.CreateTeamResponse(team=team_to_pb(record))
 
     async def GetTeam(self, request, context):
         return pb.GetTeamResponse(team=team_to_pb(await self._o.get_team(request.name)))
@@ -34,12 +39,16 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.ListTeamsResponse(teams=[team_to_pb(t) for t in page.items], next_page_token=page.next_page_token)
 
     async def UpdateTeam(self, request, context):
-        record = await self._o.update_team(team_from_pb(request.team), request.team.etag,
-                                           list(request.update_mask.paths))
+        async with self._audit.change_own("team.update", target=f"team/{request.team.name}", tables=_TEAMS,
+                                          detail={**_team_detail(request.team),
+                                                  "update_mask": list(request.update_mask.paths)}):
+            record = await self._o.update_team(team_from_pb(request.team), request.team.etag,
+                                               list(request.update_mask.paths))
         return pb.UpdateTeamResponse(team=team_to_pb(record))
 
     async def DeleteTeam(self, request, context):
-        await self._o.delete_team(request.name)
+        async with self._audit.change_own("team.delete", target=f"team/{request.name}", tables=_TEAMS):
+            await self._o.delete_team(request.name)
         return pb.DeleteTeamResponse()
 
     async def StartRun(self, request, context):
@@ -71,6 +80,12 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
             agent=a.agent, succeeded=a.succeeded, failed=a.failed, cancelled=a.cancelled, queued=a.queued,
             running=a.running, running_now=a.running_now, queued_now=a.queued_now, latency_steps=a.latency_steps,
             step_latency_p50_ms=a.p50_ms, step_latency_p95_ms=a.p95_ms) for a in agents])
+
+
+def _team_detail(t: pb.Team) -> dict[str, object]:
+    # Names and models only: prompts are content and tool headers may carry credentials.
+    return {"agents": [a.name for a in t.agents], "models": sorted({a.model for a in t.agents if a.model}),
+            "tools": [h.name for h in t.http_tools], "allowed_hosts": list(t.allowed_hosts)}
 
 
 def _ts(seconds: float) -> timestamp_pb2.Timestamp:

@@ -1,0 +1,506 @@
+"""The configuration audit, once: every configuration change appended to a per-tenant hash chain
+(shared.audit_chain) in the same transaction as the change, and ConfigAuditService to read and
+verify it.
+
+A configuration-owning service (identity, orchestrator, metering, inference) adds it with one line
+in its server.py::
+
+    audit = ConfigAudit("orchestrator", db, tiers=tiers)
+    bindings=[binding, lifecycle_binding("orchestrator", db, [OrchestratorBase.metadata, audit.metadata]),
+              audit.binding()]
+
+and wraps each configuration-changing handler::
+
+    async with self._audit.change("team.update", tenant_id=ctx.tenant_id, tier=ctx.tier,
+                                  target=f"team/{name}", tables={"orch_teams"}):
+        record = await self._o.update_team(...)
+
+The event is written by a `before_commit` hook of the first transaction that writes one of
+`tables` for that tenant in the chain's store, so the change and its event commit together or not
+at all. A call that wrote nothing there (a repeat that changed nothing) adds no event; a change
+must therefore go through Database.session() (the ORM session), which every audited call site does.
+
+Events hold ids, names, scopes, limits and statuses; `change` refuses a detail that looks like a
+secret (an API key, a token) rather than store it.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+from google.protobuf.timestamp_pb2 import Timestamp
+from sqlalchemy import event, inspect, text
+from sqlalchemy.orm import ORMExecuteState, Session
+
+from bulkhead.common.v1 import audit_pb2 as pb
+from bulkhead.common.v1 import audit_pb2_grpc
+from shared import audit_chain
+from shared.db import Database
+from shared.db.base import NAMING_CONVENTION, TENANT_COLUMN_INFO
+from shared.db.router import Route
+from shared.db.session import SEARCH_PATH_KEY, SYSTEM_KEY, TENANT_KEY, TenantSession
+from shared.errors import InvalidArgument, PermissionDenied
+from shared.paging import decode_cursor, encode_cursor, page_size
+from shared.server import Binding
+from shared.tenancy import PLATFORM_TENANT, require_tenant
+from shared.tiers import Tier, TierLookup
+
+log = logging.getLogger("bulkhead.config_audit")
+
+READ_SCOPE = "audit.config.read"
+"""The scope of ListAuditEvents and VerifyAuditEvents."""
+
+_TENANT_ID = re.compile(r"^t_[A-Za-z0-9_-]{1,62}$")
+_HASHED = ("tenant_id", "seq", "time_us", "principal_id", "operator_id", "delegator_id", "agent_id", "request_id",
+           "action", "target", "detail")
+_SECRET_KEYS = frozenset({"secret", "secret_hash", "api_key", "token", "access_token", "password", "private_key",
+                          "value", "headers"})
+_SECRET_VALUE = re.compile(r"(^|\W)(bk_t_\w+|eyJ[\w-]{8,}\.[\w-]+|sk-[\w-]{8,})", re.IGNORECASE)
+_WRITTEN = "bulkhead.config_audit.written"
+_NEW = "bulkhead.config_audit.new"
+
+
+def table_names(service: str) -> tuple[str, str]:
+    """(events table, heads table) of a service: named per service, so services may share a database."""
+    return f"{service}_config_audit_events", f"{service}_config_audit_heads"
+
+
+def build_metadata(service: str) -> sa.MetaData:
+    """The service's two audit tables as Core tables (for the lifecycle's inventory and purge)."""
+    events, heads = table_names(service)
+    md = sa.MetaData(naming_convention=NAMING_CONVENTION)
+    sa.Table(events, md, *_event_columns(), sa.PrimaryKeyConstraint("tenant_id", "seq"))
+    sa.Table(heads, md, *_head_columns(), sa.PrimaryKeyConstraint("tenant_id"))
+    return md
+
+
+def _tenant_column() -> sa.Column:
+    return sa.Column("tenant_id", sa.String(64), nullable=False, info={TENANT_COLUMN_INFO: True})
+
+
+def _event_columns() -> list[sa.Column]:
+    return [_tenant_column(), sa.Column("seq", sa.BigInteger, nullable=False),
+            sa.Column("time_us", sa.BigInteger, nullable=False),
+            *(sa.Column(name, sa.String(200), nullable=False)
+              for name in ("principal_id", "operator_id", "delegator_id", "agent_id", "request_id")),
+            sa.Column("action", sa.String(64), nullable=False), sa.Column("target", sa.String(300), nullable=False),
+            sa.Column("detail", sa.Text, nullable=False),
+            sa.Column("prev_hash", sa.String(64), nullable=False), sa.Column("hash", sa.String(64), nullable=False)]
+
+
+def _head_columns() -> list[sa.Column]:
+    return [_tenant_column(), sa.Column("seq", sa.BigInteger, nullable=False),
+            sa.Column("hash", sa.String(64), nullable=False)]
+
+
+def create_tables(service: str) -> None:
+    """Migration step: the service's audit tables, with tenant row-level security (upgrade() grants them to the runtime role)."""
+    from alembic import op
+
+    from shared.db.rls import enable_tenant_rls
+
+    events, heads = table_names(service)
+    op.create_table(events, *_event_columns(), sa.PrimaryKeyConstraint("tenant_id", "seq", name=f"pk_{events}"))
+    op.create_table(heads, *_head_columns(), sa.PrimaryKeyConstraint("tenant_id", name=f"pk_{heads}"))
+    enable_tenant_rls(events)
+    enable_tenant_rls(heads)
+
+
+def drop_tables(service: str) -> None:
+    """Migration step (downgrade)."""
+    from alembic import op
+
+    for name in table_names(service):
+        op.drop_table(name)
+
+
+def load_chain_key(service: str, env: Mapping[str, str]) -> bytes:
+    """The HMAC key of the service's chains: the file BULKHEAD_<SVC>_CONFIG_AUDIT_KEY names, else none.
+
+    With a key, someone who can write the tables but does not hold it cannot rebuild a consistent
+    chain; every replica of a service must then read the same file."""
+    path = env.get(f"BULKHEAD_{service.upper()}_CONFIG_AUDIT_KEY")
+    return Path(path).read_bytes().strip() if path else b""
+
+
+def secret_free(detail: Mapping[str, object]) -> dict[str, str]:
+    """The detail as strings; ValueError when a key or value looks like a secret (a bug at the call site)."""
+    out: dict[str, str] = {}
+    for key, value in detail.items():
+        if isinstance(value, (list, tuple, set, frozenset)):
+            value = ",".join(sorted(str(v) for v in value))
+        value = "" if value is None else str(value)
+        if str(key).lower() in _SECRET_KEYS or _SECRET_VALUE.search(value):
+            raise ValueError(f"audit detail {key!r} looks like a secret: events never hold one")
+        out[str(key)] = value[:500]
+    return out
+
+
+Describe = Callable[[Sequence[object]], tuple[str, Mapping[str, object]]]
+"""Names the target (and adds detail) from the objects the change's transaction inserted, for
+changes whose ids are made inside the domain call (a new principal, API key, tenant)."""
+
+
+@dataclass
+class _Pending:
+    """A change in progress: its event is written by the first transaction that makes the change."""
+
+    audit: ConfigAudit
+    tenant_id: str | None
+    """The chain's tenant; None: the tenant the writing session is bound to (a tenant created here)."""
+    route: Route | None
+    tier: str
+    """Where the chain lives (the rows tier of the service, else the tenant's)."""
+    tables: frozenset[str]
+    fields: dict[str, Any]
+    describe: Describe | None = None
+    written: bool = False
+    sequence: int = 0
+    session_id: int = 0
+    """id() of the session whose transaction carries the event."""
+
+
+_pending: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar("bulkhead_config_audit", default=None)
+
+
+class ConfigAudit:
+    """One service's configuration audit: appends (through `change`), pages and verifies chains."""
+
+    def __init__(self, service: str, db: Database, *, tiers: TierLookup | None = None, rows_tier: Tier | None = None,
+                 key: bytes | None = None) -> None:
+        """tiers: identity's word on another tenant's tier (for operators' reads); rows_tier: where the
+        service keeps every tenant's rows whatever its tier (identity: pooled); key: HMAC links (None:
+        load_chain_key from the process environment)."""
+        self.service = service
+        self._db = db
+        self._tiers = tiers
+        self._rows_tier = rows_tier
+        self._key = load_chain_key(service, os.environ) if key is None else key
+        self.events_table, self.heads_table = table_names(service)
+        self.metadata = build_metadata(service)
+
+    # ---------------------------------------------------------------- appending
+
+    @contextlib.asynccontextmanager
+    async def change(self, action: str, *, target: str = "", tenant_id: str | None = None,
+                     tier: Tier | str | None = None, tables: Iterable[str], detail: Mapping[str, object] | None = None,
+                     describe: Describe | None = None) -> AsyncIterator[None]:
+        """Audit the block's configuration change: one event on tenant_id's chain (None: the tenant the
+        change's own session is bound to), committed with the first transaction that writes one of
+        `tables` there. None when the block raises or wrote nothing there."""
+        caller = require_tenant()
+        chain_tenant = tenant_id
+        operator = caller.tenant_id == PLATFORM_TENANT and chain_tenant != PLATFORM_TENANT
+        fields = {"time_us": 0, "principal_id": caller.principal_id,
+                  "operator_id": caller.principal_id if operator else "",
+                  "delegator_id": "" if operator else (caller.actor_id or ""), "agent_id": caller.agent_id or "",
+                  "request_id": caller.request_id, "action": action, "target": target,
+                  "detail": secret_free(detail or {})}
+        chain_tier = (self._rows_tier or (Tier.parse(tier) if tier else Tier.POOLED)).value
+        route = await self._db.router.route(chain_tenant, chain_tier) if chain_tenant is not None else None
+        pending = _Pending(self, chain_tenant, route, chain_tier, frozenset(tables), fields, describe)
+        token = _pending.set(pending)
+        try:
+            yield
+        finally:
+            _pending.reset(token)
+        if not pending.written:  # a repeat that changed nothing: no change, no event
+            log.debug("%s: %s wrote nothing, so no event", self.service, action)
+
+    def change_own(self, action: str, *, target: str, tables: Iterable[str],
+                   detail: Mapping[str, object] | None = None, describe: Describe | None = None):
+        """change() on the caller's own chain (a tenant changing its own configuration)."""
+        ctx = require_tenant()
+        return self.change(action, target=target, tenant_id=ctx.tenant_id, tier=ctx.tier, tables=tables,
+                           detail=detail, describe=describe)
+
+    def _append_sync(self, session: Session, pending: _Pending, tenant_id: str) -> None:
+        """Insert the event after the chain head, inside the session's transaction (head row locked)."""
+        conn = session.connection()
+        postgres = conn.dialect.name == "postgresql"
+        if postgres and session.info.get(SYSTEM_KEY):  # a platform session: RLS needs the chain's tenant
+            conn.execute(text("SELECT set_config('app.tenant_id', :t, true)"), {"t": tenant_id})
+        conn.execute(text(f"INSERT INTO {self.heads_table} (tenant_id, seq, hash) VALUES (:t, 0, :g) "
+                          "ON CONFLICT (tenant_id) DO NOTHING"), {"t": tenant_id, "g": audit_chain.GENESIS})
+        head = conn.execute(text(f"SELECT seq, hash FROM {self.heads_table} WHERE tenant_id = :t"
+                                 + (" FOR UPDATE" if postgres else "")), {"t": tenant_id}).one()
+        fields = dict(pending.fields)
+        if pending.describe is not None:
+            target, extra = pending.describe(session.info.get(_NEW, ()))
+            fields["target"] = target
+            fields["detail"] = {**fields["detail"], **secret_free(extra)}
+        seq = int(head[0]) + 1
+        fields.update(tenant_id=tenant_id, seq=seq, time_us=time.time_ns() // 1000)
+        digest = audit_chain.link(str(head[1]), _hashed(fields), self._key)
+        row = {**fields, "detail": _detail_json(fields["detail"]), "prev_hash": str(head[1]), "hash": digest}
+        columns = [c.name for c in _event_columns()]
+        conn.execute(text(f"INSERT INTO {self.events_table} ({', '.join(columns)}) "
+                          f"VALUES ({', '.join(':' + c for c in columns)})"), {c: row[c] for c in columns})
+        conn.execute(text(f"UPDATE {self.heads_table} SET seq = :s, hash = :h WHERE tenant_id = :t"),
+                     {"s": seq, "h": digest, "t": tenant_id})
+        pending.written, pending.sequence, pending.session_id = True, seq, id(session)
+
+    def _matches(self, session: Session, pending: _Pending) -> str | None:
+        """The chain tenant when this committing session is where the pending change's event belongs."""
+        written = session.info.get(_WRITTEN) or set()
+        if not (written & pending.tables):
+            return None
+        bound = session.info.get(TENANT_KEY)
+        tenant = pending.tenant_id if pending.tenant_id is not None else bound
+        if tenant is None:
+            return None
+        if session.info.get(SYSTEM_KEY):
+            # A platform session writes the main database: only a chain kept there may ride on it.
+            if pending.route is None or pending.route.schema or pending.route.bind is not self._db.engine:
+                return None
+            return tenant
+        if bound != tenant:
+            return None
+        if pending.route is not None and (session.bind is not pending.route.bind.sync_engine
+                                          or session.info.get(SEARCH_PATH_KEY) != pending.route.schema):
+            return None
+        return tenant
+
+    # ---------------------------------------------------------------- reading
+
+    async def _target(self, requested: str) -> tuple[str, str]:
+        """(tenant, tier) whose chain a caller may read: its own, or any for an operator."""
+        caller = require_tenant()
+        if not requested or requested == caller.tenant_id:
+            return caller.tenant_id, (self._rows_tier or Tier.parse(caller.tier)).value
+        if not _TENANT_ID.match(requested):
+            raise InvalidArgument("tenant_id is malformed", reason="TENANT_ID_INVALID",
+                                  violations={"tenant_id": "a tenant id such as t_8k2f..., or empty for your own"})
+        if not caller.is_operator:
+            # The same answer for a real tenant and a made-up id: nothing says which exists.
+            raise PermissionDenied("only platform operators may read another tenant's audit", reason="OPERATOR_ONLY")
+        if self._rows_tier is not None:
+            return requested, self._rows_tier.value
+        if requested == PLATFORM_TENANT or self._tiers is None:
+            return requested, Tier.POOLED.value
+        return requested, (await self._tiers.tier_of(requested)).value
+
+    async def _rows(self, tenant_id: str, tier: str, sql: str, *args: Any) -> list[Sequence[Any]]:
+        route = await self._db.router.existing(tenant_id, tier)
+        if route is None:  # never stored anything: an empty chain, and no store created by reading
+            return []
+        from shared.db.raw import raw_transaction
+
+        async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema) as tx:
+            return list(await tx.fetch(sql, tenant_id, *args))
+
+    async def head(self, tenant_id: str, tier: str) -> tuple[int, str]:
+        """The recorded head of a chain ((0, GENESIS) when empty)."""
+        rows = await self._rows(tenant_id, tier, f"SELECT seq, hash FROM {self.heads_table} WHERE tenant_id = $1")
+        return (int(rows[0][0]), str(rows[0][1])) if rows else (0, audit_chain.GENESIS)
+
+    async def events(self, tenant_id: str, tier: str, *, after: int | None, limit: int, newest_first: bool,
+                     action: str = "", target: str = "") -> list[dict[str, Any]]:
+        """A page of events as dicts (detail decoded), in the order asked."""
+        columns = [c.name for c in _event_columns()]
+        where, args = ["tenant_id = $1"], []
+        if after is not None:
+            args.append(after)
+            where.append(f"seq {'<' if newest_first else '>'} ${len(args) + 1}")
+        if action:
+            args += [action, action + ".%"]
+            where.append(f"(action = ${len(args)} OR action LIKE ${len(args) + 1})")
+        if target:
+            args.append(target)
+            where.append(f"target = ${len(args) + 1}")
+        args.append(limit)
+        sql = (f"SELECT {', '.join(columns)} FROM {self.events_table} WHERE {' AND '.join(where)} "
+               f"ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ${len(args) + 1}")
+        rows = await self._rows(tenant_id, tier, sql, *args)
+        out = []
+        for r in rows:
+            d = dict(zip(columns, r, strict=True))
+            d["detail"] = json.loads(d["detail"])
+            out.append(d)
+        return out
+
+    async def verify(self, tenant_id: str, tier: str, *, batch: int = 1000) -> tuple[audit_chain.ChainReport,
+                                                                                     tuple[int, str]]:
+        """Recompute a chain against its head."""
+        head = await self.head(tenant_id, tier)
+        entries: list[audit_chain.ChainEntry] = []
+        after = 0
+        while True:
+            rows = await self.events(tenant_id, tier, after=after, limit=batch, newest_first=False)
+            if not rows:
+                break
+            entries += [audit_chain.ChainEntry(int(r["seq"]), _hashed(r), r["prev_hash"], r["hash"]) for r in rows]
+            after = int(rows[-1]["seq"])
+        report = audit_chain.verify(entries, head_sequence=head[0], head_hash=head[1], key=self._key)
+        return report, head
+
+    def binding(self) -> Binding:
+        """The ConfigAuditService binding the service adds to its server."""
+        return Binding(audit_pb2_grpc.add_ConfigAuditServiceServicer_to_server, ConfigAuditServicer(self),
+                       pb.DESCRIPTOR.services_by_name["ConfigAuditService"])
+
+
+def _hashed(fields: Mapping[str, Any]) -> dict[str, Any]:
+    out = {name: fields[name] for name in _HASHED}
+    out["seq"], out["time_us"] = int(out["seq"]), int(out["time_us"])
+    return out
+
+
+def _detail_json(detail: Mapping[str, str]) -> str:
+    return json.dumps(dict(detail), sort_keys=True, separators=(",", ":"))
+
+
+# ---------------------------------------------------------------- session hooks
+
+
+@event.listens_for(TenantSession, "do_orm_execute")
+def _note_statement(state: ORMExecuteState) -> None:
+    """Remember the tables an UPDATE/INSERT/DELETE statement writes (while a change is audited)."""
+    if _pending.get() is None or not (state.is_insert or state.is_update or state.is_delete):
+        return
+    table = getattr(state.statement, "table", None)
+    name = getattr(table, "name", None)
+    if name:
+        state.session.info.setdefault(_WRITTEN, set()).add(name)
+
+
+@event.listens_for(TenantSession, "after_flush")
+def _note_flush(session: Session, flush_context: Any) -> None:
+    """Remember the tables a flush wrote and the objects it inserted (while a change is audited)."""
+    if _pending.get() is None:
+        return
+    written = session.info.setdefault(_WRITTEN, set())
+    new = session.info.setdefault(_NEW, [])
+    for obj in session.new:
+        written.update(t.name for t in inspect(obj).mapper.tables)
+        new.append(obj)
+    for obj in (*session.dirty, *session.deleted):
+        if obj in session.deleted or session.is_modified(obj):
+            written.update(t.name for t in inspect(obj).mapper.tables)
+
+
+@event.listens_for(TenantSession, "before_commit")
+def _append_with_change(session: Session) -> None:
+    """Write the pending change's event in the transaction that makes the change."""
+    pending = _pending.get()
+    if pending is None or pending.written:
+        return
+    session.flush()  # commit flushes after this hook: see what this transaction writes first
+    tenant = pending.audit._matches(session, pending)
+    if tenant is None:
+        return
+    pending.audit._append_sync(session, pending, tenant)
+    if pending.tenant_id is None:
+        pending.tenant_id = tenant
+
+
+@event.listens_for(TenantSession, "after_rollback")
+def _rolled_back(session: Session) -> None:
+    """An event written in a transaction that rolled back was not written."""
+    pending = _pending.get()
+    if pending is not None and pending.written and pending.session_id == id(session):
+        pending.written = False
+    session.info.pop(_WRITTEN, None)
+    session.info.pop(_NEW, None)
+
+
+@event.listens_for(TenantSession, "after_commit")
+def _committed(session: Session) -> None:
+    session.info.pop(_WRITTEN, None)
+    session.info.pop(_NEW, None)
+
+
+# ---------------------------------------------------------------- the service
+
+
+def _ts(time_us: int) -> Timestamp:
+    ts = Timestamp()
+    ts.FromMicroseconds(int(time_us))
+    return ts
+
+
+def event_pb(row: Mapping[str, Any]) -> pb.AuditEvent:
+    """A stored event as proto."""
+    return pb.AuditEvent(
+        sequence=int(row["seq"]), prev_hash=row["prev_hash"], hash=row["hash"],
+        actor=pb.AuditActor(principal_id=row["principal_id"], operator_id=row["operator_id"],
+                            delegator_id=row["delegator_id"], agent_id=row["agent_id"]),
+        action=row["action"], target=row["target"], detail=dict(row["detail"]), time=_ts(row["time_us"]),
+        request_id=row["request_id"])
+
+
+class ConfigAuditServicer(audit_pb2_grpc.ConfigAuditServiceServicer):
+    """ConfigAuditService over a ConfigAudit: proto in, chain read, proto out."""
+
+    def __init__(self, audit: ConfigAudit) -> None:
+        self._audit = audit
+
+    async def ListAuditEvents(self, request, context):
+        size = page_size(request.page_size)
+        tenant_id, tier = await self._audit._target(request.tenant_id)
+        cursor = decode_cursor(request.page_token)
+        after = None
+        if cursor is not None:
+            if not isinstance(cursor.get("s"), int) or cursor.get("o") != bool(request.oldest_first):
+                raise InvalidArgument("malformed page_token", reason="BAD_PAGE_TOKEN",
+                                      violations={"page_token": "not a token this service issued for this order"})
+            after = cursor["s"]
+        if len(request.action) > 64 or len(request.target) > 300:
+            raise InvalidArgument("filter too long", reason="FILTER_INVALID",
+                                  violations={"action": "at most 64 characters", "target": "at most 300 characters"})
+        head = await self._audit.head(tenant_id, tier)
+        rows = await self._audit.events(tenant_id, tier, after=after, limit=size + 1,
+                                        newest_first=not request.oldest_first, action=request.action,
+                                        target=request.target)
+        more = len(rows) > size
+        rows = rows[:size]
+        token = encode_cursor({"s": int(rows[-1]["seq"]), "o": bool(request.oldest_first)}) if more else ""
+        return pb.ListAuditEventsResponse(service=self._audit.service, events=[event_pb(r) for r in rows],
+                                          next_page_token=token, head=pb.ChainHead(sequence=head[0], hash=head[1]))
+
+    async def VerifyAuditEvents(self, request, context):
+        tenant_id, tier = await self._audit._target(request.tenant_id)
+        report, head = await self._audit.verify(tenant_id, tier)
+        return pb.VerifyAuditEventsResponse(service=self._audit.service, intact=report.intact,
+                                            events_checked=report.checked,
+                                            first_bad_sequence=report.first_bad_sequence, problem=report.problem,
+                                            head=pb.ChainHead(sequence=head[0], hash=head[1]))
+
+
+def new_of(cls: type, target: str, **detail: str) -> Describe:
+    """A Describe naming the first inserted `cls` object: target and detail values are format strings
+    over its attributes, e.g. new_of(PrincipalRow, "principal/{id}", kind="{kind}")."""
+    def describe(objects: Sequence[object]) -> tuple[str, Mapping[str, object]]:
+        for obj in objects:
+            if isinstance(obj, cls):
+                attrs = _Attrs(obj)
+                return target.format_map(attrs), {k: v.format_map(attrs) for k, v in detail.items()}
+        return target.format_map(_Missing()), {}
+    return describe
+
+
+class _Attrs(dict):
+    """format_map over an object's attributes."""
+
+    def __init__(self, obj: object) -> None:
+        super().__init__()
+        self._obj = obj
+
+    def __missing__(self, key: str) -> str:
+        value = getattr(self._obj, key)
+        return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+
+
+class _Missing(dict):
+    def __missing__(self, key: str) -> str:
+        return "?"
