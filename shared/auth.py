@@ -22,7 +22,7 @@ from shared import errors
 from shared.bounds import integer_violations
 from shared.metrics import LATENCY, REQUESTS, tenant_label
 from shared.scopes import MethodRule, RuleBook
-from shared.security import SecurityEvents
+from shared.security import EXPIRED_ATTRIBUTED_S, SecurityEvents
 from shared.tenancy import PLATFORM_TENANT, TenantContext, scope_matches, set_tenant
 from shared.tokens import TokenVerifier
 
@@ -50,7 +50,7 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         self._verifier = verifier
         self._service = service
         self._rules = rules or RuleBook()
-        self.events = events or SecurityEvents(service)
+        self.events = events or SecurityEvents(service, suspended=getattr(verifier, "tenant_suspended", None))
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -92,7 +92,8 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         try:
             claims = await self._verifier.verify(token)
         except (errors.Unauthenticated, errors.Unavailable, errors.PermissionDenied) as exc:  # TENANT_SUSPENDED
-            raise Denial(exc) from None
+            owner = _genuine_owner(exc)
+            raise Denial(exc, tenant_id=owner and owner.tenant_id, principal_id=owner and owner.principal_id) from None
         if claims.tenant_id != tenant_id:
             raise Denial(errors.PermissionDenied("x-tenant-id does not match the token's tenant",
                                                  reason="TENANT_MISMATCH"),
@@ -133,6 +134,17 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
             yield  # pragma: no cover - makes this an async generator for streaming handlers
 
         return _wrap(handler, lambda behavior, kind: abort_stream if kind.endswith("stream") else abort)
+
+
+def _genuine_owner(exc: Exception):
+    """The claims of a refused token whose signature verified (revoked, suspended, recently expired), else
+    None: only then is the refusal that tenant's security event (shared.security)."""
+    claims = getattr(exc, "verified_claims", None)
+    if claims is None:
+        return None
+    if getattr(exc, "reason", "") == "TOKEN_EXPIRED" and claims.issued_at < time.time() - EXPIRED_ATTRIBUTED_S:
+        return None
+    return claims
 
 
 # Metadata that says who is calling, or which request this is (idempotency keys derive from

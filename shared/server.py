@@ -6,6 +6,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -31,6 +32,19 @@ class Binding:
     """The servicer instance."""
     descriptor: ServiceDescriptor
     """The service's descriptor (for health and reflection)."""
+    background: Background | None = None
+    """Work beside the servicer (e.g. the security-events flush): started before the server listens,
+    stopped after it stops."""
+
+
+class Background(Protocol):
+    """A binding's background work, tied to the server's life."""
+
+    async def start(self, events: SecurityEvents) -> None:
+        """Prepare (e.g. migrate its table) and start; events are the server's refusals."""
+
+    async def stop(self) -> None:
+        """Stop, finishing what is pending (called once the server stopped taking calls)."""
 
 
 @dataclass
@@ -43,6 +57,7 @@ class RunningServer:
     health: health.aio.HealthServicer
     interceptor: TenancyInterceptor
     service_names: tuple[str, ...]
+    background: tuple[Background, ...] = ()
 
     @property
     def address(self) -> str:
@@ -57,6 +72,8 @@ class RunningServer:
         """Report NOT_SERVING, finish in-flight calls for up to grace seconds, then stop."""
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
+        for work in self.background:
+            await work.stop()
 
     async def wait(self) -> None:
         """Block until the server terminates."""
@@ -95,12 +112,15 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
         bound = server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"{name}: cannot listen on {address} (is the port in use? set BULKHEAD_{name.upper()}_ADDR)")
+    background = tuple(b.background for b in bindings if b.background is not None)
+    for work in background:
+        await work.start(tenancy.events)
     await server.start()
     for service_name in (*names, ""):
         await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s listening on %s:%d", name, host, bound)
     return RunningServer(server=server, port=bound, host=host or "127.0.0.1", health=health_servicer,
-                         interceptor=tenancy, service_names=names)
+                         interceptor=tenancy, service_names=names, background=background)
 
 
 async def run_until_signalled(running: RunningServer, *, grace: float = 5.0, on_stop=None) -> None:

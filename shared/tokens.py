@@ -15,7 +15,7 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared.errors import PermissionDenied, Unauthenticated, Unavailable
+from shared.errors import BulkheadError, PermissionDenied, Unauthenticated, Unavailable
 
 _log = logging.getLogger("bulkhead.tokens")
 
@@ -168,12 +168,14 @@ class TokenVerifier:
             self._remember(token, claims)
         if claims.expires_at + _LEEWAY_SECONDS < now:
             self._cache.pop(token, None)
-            raise Unauthenticated("token expired: request a new one with IssueToken", reason="TOKEN_EXPIRED")
+            raise _signed_by(Unauthenticated("token expired: request a new one with IssueToken",
+                                             reason="TOKEN_EXPIRED"), claims)
         if self._keys.is_revoked(claims.jti):
-            raise Unauthenticated("token revoked: request a new one with IssueToken", reason="TOKEN_REVOKED")
+            raise _signed_by(Unauthenticated("token revoked: request a new one with IssueToken",
+                                             reason="TOKEN_REVOKED"), claims)
         if self._keys.is_suspended(claims.tenant_id):
-            raise PermissionDenied("tenant suspended: an operator must resume it (bulkhead tenants resume)",
-                                   reason="TENANT_SUSPENDED")
+            raise _signed_by(PermissionDenied("tenant suspended: an operator must resume it (bulkhead tenants resume)",
+                                              reason="TENANT_SUSPENDED"), claims)
         return claims
 
     def tenant_suspended(self, tenant_id: str) -> bool:
@@ -206,17 +208,38 @@ class TokenVerifier:
             payload = jwt.decode(token, key, algorithms=[ALGORITHM], issuer=ISSUER, leeway=_LEEWAY_SECONDS,
                                  options={"require": ["exp", "iat", "sub", "jti", "iss"]})
         except jwt.ExpiredSignatureError:
-            raise Unauthenticated("token expired: request a new one with IssueToken", reason="TOKEN_EXPIRED") from None
+            # PyJWT checks the signature before the claims: this token is genuine, only late.
+            expired = Unauthenticated("token expired: request a new one with IssueToken", reason="TOKEN_EXPIRED")
+            try:
+                late = _claims(jwt.decode(token, options={"verify_signature": False}), kid)
+            except (jwt.PyJWTError, Unauthenticated, KeyError, TypeError, ValueError):
+                late = None
+            raise _signed_by(expired, late) from None
         except jwt.PyJWTError:
             raise Unauthenticated("token signature or claims invalid", reason="TOKEN_INVALID") from None
-        tid = payload.get("tid")
-        if not isinstance(tid, str) or not tid:
-            raise Unauthenticated("token names no tenant", reason="TOKEN_INVALID")
-        act = payload.get("act") or {}
-        return Claims(tenant_id=tid, principal_id=payload["sub"], scopes=frozenset(payload.get("scope", "").split()),
-                      tier=payload.get("tier", "pooled"), jti=payload["jti"], issued_at=int(payload["iat"]),
-                      expires_at=int(payload["exp"]), kid=kid, actor_id=act.get("sub"),
-                      agent_id=payload.get("agent"), run_id=payload.get("run"))
+        return _claims(payload, kid)
+
+
+def _claims(payload: dict, kid: str) -> Claims:
+    """The Claims of a decoded payload (Unauthenticated when it names no tenant)."""
+    tid = payload.get("tid")
+    if not isinstance(tid, str) or not tid:
+        raise Unauthenticated("token names no tenant", reason="TOKEN_INVALID")
+    act = payload.get("act") or {}
+    return Claims(tenant_id=tid, principal_id=payload["sub"], scopes=frozenset(payload.get("scope", "").split()),
+                  tier=payload.get("tier", "pooled"), jti=payload["jti"], issued_at=int(payload["iat"]),
+                  expires_at=int(payload["exp"]), kid=kid, actor_id=act.get("sub"),
+                  agent_id=payload.get("agent"), run_id=payload.get("run"))
+
+
+def _signed_by(error: BulkheadError, claims: Claims | None) -> BulkheadError:
+    """error, remembering the claims of the genuine (signature-checked) token it refuses.
+
+    The interceptor files the refusal under that token's tenant (shared.security); never sent to
+    the caller, never logged.
+    """
+    error.verified_claims = claims  # type: ignore[attr-defined]
+    return error
 
 
 class RefreshingKeySource:

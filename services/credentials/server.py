@@ -19,6 +19,7 @@ from services.credentials.vault_backend import VaultBackend
 from shared.placement import open_service_database
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
+from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
 
@@ -78,8 +79,11 @@ async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBacken
     binding = Binding(credentials_pb2_grpc.add_CredentialsServiceServicer_to_server,
                       CredentialsServicer(secrets, keys, audit),
                       credentials_pb2.DESCRIPTOR.services_by_name["CredentialsService"])
-    lifecycle = lifecycle_binding("credentials", db, CredentialsBase.metadata, hooks=[CredentialsShredder(db, backend)])
-    running = await serve(name="credentials", bindings=[binding, lifecycle], verifier=verifier, address=address)
+    lifecycle = lifecycle_binding("credentials", db, [CredentialsBase.metadata, SECURITY_EVENTS_METADATA],
+                                  hooks=[CredentialsShredder(db, backend)])
+    security = security_events_binding("credentials", db)
+    running = await serve(name="credentials", bindings=[binding, lifecycle, security],
+                          verifier=verifier, address=address)
     if rotation_interval is not None:
         scheduler.start()
     return CredentialsService(running, db, backend, secrets, keys, audit, scheduler)

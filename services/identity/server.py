@@ -24,6 +24,7 @@ from shared.lifecycle import TenantLifecycle, lifecycle_binding
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
 from shared.periodic import Periodic
+from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, run_until_signalled, serve
 from shared.telemetry import setup_telemetry
 from shared.tiers import Tier
@@ -77,18 +78,21 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
     verifier = TokenVerifier(key_source)
     # identity's own rows stay pooled whatever the tenant's tier (see directory.pooled).
     audit = ConfigAudit("identity", db, rows_tier=Tier.POOLED, key=load_chain_key("identity", svc.env))
-    own = TenantLifecycle("identity", db, [IdentityBase.metadata, audit.metadata], keep=KEPT, rows_tier=Tier.POOLED)
+    own = TenantLifecycle("identity", db, [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
+                          keep=KEPT, rows_tier=Tier.POOLED)
     channels: dict = {}
     deletions = Deletions(db, keys, own, peers={s: svc.peers[s] for s in STEPS if s in svc.peers},
                           channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
                           on_status_change=key_source.refresh_revocations, lease_seconds=config.deletion_lease)
     servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source, deletions, audit=audit)
-    lifecycle = lifecycle_binding("identity", db, [IdentityBase.metadata, audit.metadata], keep=KEPT,
+    lifecycle = lifecycle_binding("identity", db, [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
+                                  keep=KEPT,
                                   rows_tier=Tier.POOLED)
     running = await serve(
         name="identity", verifier=verifier, address=address or svc.address, tls=TlsConfig.from_env(svc.env),
         bindings=[Binding(identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer,
-                          identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]), lifecycle, audit.binding()])
+                          identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]), lifecycle,
+                  security_events_binding("identity", db), audit.binding()])
     sweeper = Periodic("tenant-deletions", deletions.run_due, interval=config.deletion_interval, log=log,
                        run_first=True)
     sweeper.start()

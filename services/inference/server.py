@@ -40,6 +40,7 @@ from shared.config_audit import ConfigAudit
 from shared.lifecycle import lifecycle_binding
 from shared.logs import register_secret
 from shared.periodic import Periodic
+from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tiers import IdentityTiers, TierLookup
 from shared.tokens import TokenVerifier
@@ -141,9 +142,10 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
                                  allow_http_endpoints=config.allow_http_endpoints)
     binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer,
                       inference_pb2.DESCRIPTOR.services_by_name["InferenceService"])
-    lifecycle = lifecycle_binding("inference", db, [InferenceBase.metadata, audit.metadata],
+    lifecycle = lifecycle_binding("inference", db, [InferenceBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
                                   hooks=[DeliverUsage(meter, outbox)])
-    running = await serve(name="inference", bindings=[binding, lifecycle, audit.binding()], verifier=verifier,
+    security = security_events_binding("inference", db)
+    running = await serve(name="inference", bindings=[binding, lifecycle, audit.binding(), security], verifier=verifier,
                           address=address or config.service.address)
     async def sweep() -> None:
         meter.adopt_backlog(await journal.sweep())

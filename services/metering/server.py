@@ -24,6 +24,7 @@ from shared.client import make_channel
 from shared.db import Database
 from shared.config_audit import ConfigAudit
 from shared.lifecycle import lifecycle_binding
+from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tiers import IdentityTiers, TierLookup
 from shared.tokens import TokenVerifier
@@ -84,8 +85,10 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
     binding = Binding(metering_pb2_grpc.add_MeteringServiceServicer_to_server,
                       MeteringServicer(usage, budgets, prices, tiers, db=db, audit=audit),
                       metering_pb2.DESCRIPTOR.services_by_name["MeteringService"])
-    lifecycle = lifecycle_binding("metering", db, [MeteringBase.metadata, audit.metadata], keep=KEPT)
-    running = await serve(name="metering", bindings=[binding, lifecycle, audit.binding()], verifier=verifier,
+    lifecycle = lifecycle_binding("metering", db, [MeteringBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
+                                  keep=KEPT)
+    security = security_events_binding("metering", db)
+    running = await serve(name="metering", bindings=[binding, lifecycle, audit.binding(), security], verifier=verifier,
                           address=address)
     if sweep_interval:
         sweeper.start()

@@ -27,6 +27,7 @@ from shared.db import Database
 from shared.injection import SecretInjector
 from shared.config_audit import ConfigAudit
 from shared.lifecycle import lifecycle_binding
+from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tiers import IdentityTiers
 from shared.tokens import TokenVerifier
@@ -108,9 +109,12 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
     servicer = OrchestratorServicer(orchestrator, RunStats(db), audit=audit)
     binding = Binding(orchestrator_pb2_grpc.add_OrchestratorServiceServicer_to_server, servicer,
                       orchestrator_pb2.DESCRIPTOR.services_by_name["OrchestratorService"])
-    lifecycle = lifecycle_binding("orchestrator", db, [OrchestratorBase.metadata, audit.metadata],
+    lifecycle = lifecycle_binding("orchestrator", db,
+                                  [OrchestratorBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
                                   hooks=[CancelRuns(db)])
-    running = await serve(name="orchestrator", bindings=[binding, lifecycle, audit.binding()], verifier=verifier,
+    security = security_events_binding("orchestrator", db)
+    running = await serve(name="orchestrator", bindings=[binding, lifecycle, audit.binding(), security],
+                          verifier=verifier,
                           address=address or svc.address)
     dispatcher.start()
     return OrchestratorService(running, db, dispatcher, http, channels)

@@ -21,6 +21,7 @@ from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
+from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
 
@@ -43,8 +44,10 @@ async def serve_state(*, db: Database, envelope: Envelope | PlaintextEnvelope, v
     servicer = StateServicer(ThreadLog(db, envelope, limits), ContextStore(db, envelope, limits), db)
     binding = Binding(state_pb2_grpc.add_StateServiceServicer_to_server, servicer,
                       state_pb2.DESCRIPTOR.services_by_name["StateService"])
-    lifecycle = lifecycle_binding("state", db, StateBase.metadata, hooks=[ForgetDataKeys(envelope)])
-    return await serve(name="state", bindings=[binding, lifecycle], verifier=verifier, address=address)
+    lifecycle = lifecycle_binding("state", db, [StateBase.metadata, SECURITY_EVENTS_METADATA],
+                                  hooks=[ForgetDataKeys(envelope)])
+    security = security_events_binding("state", db)
+    return await serve(name="state", bindings=[binding, lifecycle, security], verifier=verifier, address=address)
 
 
 @dataclass
