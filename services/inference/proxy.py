@@ -93,7 +93,7 @@ class _TtlCache:
         future = asyncio.get_running_loop().create_future()
         self._loading[tenant_id] = future
         try:
-            value = await self._refresh(tenant_id, load, fallback, hit)
+            value = await self._refresh(tenant_id, load, fallback, hit, future)
         except BaseException as exc:
             future.set_exception(exc)
             future.exception()        # retrieved: only the waiters care
@@ -102,10 +102,11 @@ class _TtlCache:
             future.set_result(value)
             return value
         finally:
-            del self._loading[tenant_id]
+            if self._loading.get(tenant_id) is future:
+                del self._loading[tenant_id]
 
     async def _refresh(self, tenant_id: str, load: Callable[[], Awaitable[Any]], fallback: Any,
-                       hit: tuple[float, Any] | None) -> Any:
+                       hit: tuple[float, Any] | None, future: asyncio.Future) -> Any:
         try:
             value = await load()
         except BackendUnavailable as exc:   # unreachable: last good value, else defaults; refusals propagate
@@ -113,11 +114,14 @@ class _TtlCache:
                 raise
             log.warning("refresh failed (%s); using %s", type(exc).__name__, "last value" if hit else "defaults")
             value = hit[1] if hit is not None else fallback
-        self._values[tenant_id] = (time.monotonic() + self._ttl, value)
+        if self._loading.get(tenant_id) is future:  # else forgotten meanwhile: what it read may be stale
+            self._values[tenant_id] = (time.monotonic() + self._ttl, value)
         return value
 
     def forget(self, tenant_id: str) -> None:
+        """Drop the tenant's value, and the load in flight (begun before the change: neither joined nor kept)."""
         self._values.pop(tenant_id, None)
+        self._loading.pop(tenant_id, None)
 
 
 @dataclass(frozen=True)
