@@ -65,8 +65,8 @@ CACHES: dict[str, Entry] = {
     "services/inference/budget.py::_leases": Entry(TENANT, "(tenant, model) -> budget leases held locally",
                                                   _CACHES + "test_limits_cache_is_per_tenant"),
     "services/inference/budget.py::_contexts": Entry(TENANT, "tenant -> context to renew its leases with"),
-    "services/inference/budget.py::_waiting_since": Entry(TENANT, "(tenant, model) -> when its calls began waiting "
-                                                                 "for budget (a time, no data)"),
+    "services/inference/budget.py::_episodes": Entry(TENANT, "(tenant, model) -> when its calls began waiting "
+                                                            "for budget and until when they wait (times, no data)"),
     "services/inference/usage.py::_contexts": Entry(TENANT, "tenant -> context to deliver its usage with"),
     "services/inference/usage.py::_backlogged": Entry(TENANT, "tenants with undelivered usage"),
     "services/inference/attempts.py::_rows": Entry(TENANT, "(tenant, event id) -> attempt row"),
