@@ -57,6 +57,10 @@ from shared.tiers import Tier, TierLookup
 
 log = logging.getLogger("bulkhead.config_audit")
 
+SERVED_BY = ("identity", "orchestrator", "metering", "inference")
+"""The services that keep a configuration chain and serve ConfigAuditService (the isolation matrix
+attacks it on each; a test checks the other services do not serve it)."""
+
 READ_SCOPE = "audit.config.read"
 """The scope of ListAuditEvents and VerifyAuditEvents."""
 
@@ -455,9 +459,10 @@ class ConfigAuditServicer(audit_pb2_grpc.ConfigAuditServiceServicer):
                 raise InvalidArgument("malformed page_token", reason="BAD_PAGE_TOKEN",
                                       violations={"page_token": "not a token this service issued for this order"})
             after = cursor["s"]
-        if len(request.action) > 64 or len(request.target) > 300:
-            raise InvalidArgument("filter too long", reason="FILTER_INVALID",
-                                  violations={"action": "at most 64 characters", "target": "at most 300 characters"})
+        for name, value, most in (("action", request.action, 64), ("target", request.target, 300)):
+            if len(value) > most or not value.isprintable():
+                raise InvalidArgument(f"{name} filter is too long or not printable", reason="FILTER_INVALID",
+                                      violations={name: f"at most {most} printable characters"})
         head = await self._audit.head(tenant_id, tier)
         rows = await self._audit.events(tenant_id, tier, after=after, limit=size + 1,
                                         newest_first=not request.oldest_first, action=request.action,

@@ -29,10 +29,16 @@ _SHORT = {"OK": "OK", "NOT_FOUND": "NF", "PERMISSION_DENIED": "PD", "UNAUTHENTIC
           "INVALID_ARGUMENT": "IA", "FAILED_PRECONDITION": "FP", "ALREADY_EXISTS": "AE"}
 
 
+def _label(key: str) -> str:
+    """Service.Method, after the serving service for a common contract ("orchestrator:/bulkhead.common...")."""
+    served_by, _, path = key.partition(":/")
+    return f"{served_by} {path.rsplit('.', 1)[-1]}" if path else key.rsplit(".", 1)[-1]
+
+
 def render(matrix: Matrix) -> list[str]:
     """method × attack -> status code (a trailing ! marks a wrong cell), then the counts."""
     methods = sorted({rpc for rpc, _ in matrix.cells})
-    width = max(len(m.rsplit(".", 1)[-1]) for m in methods)
+    width = max(len(_label(m)) for m in methods)
     cols = [n for n in ATTACK_NAMES if any(a == n for _, a in matrix.cells)]
     lines = ["attack matrix: method × attack -> status (UA unauthenticated, PD permission denied, NF not found, "
              "- not applicable, ! wrong)",
@@ -43,7 +49,7 @@ def render(matrix: Matrix) -> list[str]:
             cell = matrix.cells.get((m, a))
             mark = "-" if cell is None else _SHORT.get(cell.status.partition("/")[0], "??") + ("" if cell.ok else "!")
             row.append(f"{mark:>3}")
-        lines.append(f"{m.rsplit('.', 1)[-1]:<{width}} " + " ".join(row))
+        lines.append(f"{_label(m):<{width}} " + " ".join(row))
     lines.append("columns: " + ", ".join(f"{i}={a}" for i, a in enumerate(cols)))
     lines.append(f"cells: {len(matrix.cells)} over {len(methods)} methods and {len(cols)} attacks; "
                  f"right: {len(matrix.cells) - len(matrix.failures)}; wrong: {len(matrix.failures)}")

@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields
 
 from google.protobuf import timestamp_pb2
 
+from bulkhead.common.v1 import audit_pb2 as aud
 from bulkhead.credentials.v1 import credentials_pb2 as cred
 from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.inference.v1 import inference_pb2 as inf
@@ -125,12 +126,18 @@ def usage_event(key: str) -> met.UsageEvent:
 
 _I, _C, _S = "/bulkhead.identity.v1.IdentityService/", "/bulkhead.credentials.v1.CredentialsService/", \
     "/bulkhead.state.v1.StateService/"
+_A = "/bulkhead.common.v1.ConfigAuditService/"
 _N, _O, _M = "/bulkhead.inference.v1.InferenceService/", "/bulkhead.orchestrator.v1.OrchestratorService/", \
     "/bulkhead.metering.v1.MeteringService/"
 
 FACTORIES: dict[str, Target] = {
     # identity
     _I + "GetTenant": Target("tenant", lambda i: idn.GetTenantRequest(tenant_id=i.tenant_id), absent=True),
+    # Served by every service that keeps a configuration chain (methods.COMMON_CONTRACTS).
+    _A + "ListAuditEvents": Target("tenant", lambda i: aud.ListAuditEventsRequest(tenant_id=i.tenant_id),
+                                   absent=True),
+    _A + "VerifyAuditEvents": Target("tenant", lambda i: aud.VerifyAuditEventsRequest(tenant_id=i.tenant_id),
+                                     absent=True),
     _I + "CreatePrincipal": Target("principal", lambda i: idn.CreatePrincipalRequest(
         kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=i.principal_name, scopes=["state.*"]), phase=2),
     _I + "GetPrincipal": Target("principal", lambda i: idn.GetPrincipalRequest(principal_id=i.principal_id), absent=True),

@@ -166,7 +166,7 @@ async def refusal(rig: Rig, rpc: Rpc, attack: Attack) -> Cell:
     """One identity attack on one method: the exact status, or a failing cell that says what came back."""
     out = await invoke(rig.channels[rpc.service], rpc, rpc.request_class()(), attack.metadata(rig, rpc), send=False)
     ok = out.status == attack.expect
-    return Cell(rpc.path, attack.name, out.status, ok, "" if ok else f"expected {attack.expect} ({out.message!r})")
+    return Cell(rpc.key, attack.name, out.status, ok, "" if ok else f"expected {attack.expect} ({out.message!r})")
 
 
 # Refusals of the interceptor: a cross-tenant cell that ends in one of these never tested the handler.
@@ -226,7 +226,7 @@ async def cross_tenant(rig: Rig, rpc: Rpc, target: Target) -> Cell:
     leaked = _leaks(theirs, theirs_req, rig.markers)
     if leaked:
         problems.append(f"A's reply carries B's data {leaked}")
-    return Cell(rpc.path, CROSS_TENANT, theirs.status, not problems, "; ".join(problems))
+    return Cell(rpc.key, CROSS_TENANT, theirs.status, not problems, "; ".join(problems))
 
 
 async def run_matrix(rig: Rig, rpcs: list[Rpc], factories: dict[str, Target], *,

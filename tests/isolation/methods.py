@@ -1,4 +1,7 @@
-"""Every RPC of the six services, read from the generated descriptors: nothing here is hand-listed."""
+"""Every RPC of the six services, read from the generated descriptors: nothing here is hand-listed.
+
+Common contracts (bulkhead.common.v1) that several services serve are enumerated once per serving
+service, from the list their shared module keeps (COMMON_CONTRACTS)."""
 from __future__ import annotations
 
 import importlib
@@ -9,8 +12,12 @@ from google.protobuf import message_factory
 from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
 
 from bulkhead.common.v1 import auth_pb2
+from shared.config_audit import SERVED_BY as CONFIG_AUDIT_SERVERS
 
 SERVICES = ("identity", "credentials", "state", "inference", "orchestrator", "metering")
+COMMON_CONTRACTS = {"bulkhead.common.v1.audit_pb2": CONFIG_AUDIT_SERVERS}
+"""Generated module of a common contract -> the services that serve it (tenant-scoped ones only: the
+platform-only TenantLifecycleService is refused to every tenant before any handler)."""
 
 
 @dataclass(frozen=True)
@@ -31,6 +38,11 @@ class Rpc:
     def platform(self) -> bool:
         """Operator or platform-service only: no tenant may call it."""
         return self.scope.startswith("platform.")
+
+    @property
+    def key(self) -> str:
+        """How the matrix names it: the path, prefixed by the serving service for a common contract."""
+        return self.path if self.path.startswith(f"/bulkhead.{self.service}.") else f"{self.service}:{self.path}"
 
     @property
     def shape(self) -> str:
@@ -55,7 +67,11 @@ def service_files() -> dict[str, FileDescriptor]:
 def enumerate_rpcs(files: dict[str, FileDescriptor] | None = None) -> list[Rpc]:
     """Every method of every service in files (default: the six), with its declared rule."""
     out = []
-    for svc, file in (files or service_files()).items():
+    pairs = list((files or service_files()).items())
+    if files is None:
+        pairs += [(svc, importlib.import_module(module).DESCRIPTOR) for module, servers in COMMON_CONTRACTS.items()
+                  for svc in servers]
+    for svc, file in pairs:
         for service in file.services_by_name.values():
             for method in service.methods:
                 options = method.GetOptions()

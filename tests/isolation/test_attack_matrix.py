@@ -43,7 +43,7 @@ async def test_matrix_covers_every_method_and_attack(matrix):
         if rpc.public:
             continue
         expected = {a.name for a in ATTACKS if a.applies(rpc)} | ({CROSS_TENANT} if not rpc.platform else set())
-        assert {a for r, a in matrix.cells if r == rpc.path} == expected, rpc.path
+        assert {a for r, a in matrix.cells if r == rpc.key} == expected, rpc.key
 
 
 def _rpc(path: str):

@@ -438,3 +438,23 @@ async def test_cli_list_shows_newest_first_with_filters(world: World, cli) -> No
     assert code == 0 and "tenant.create" in out and "(operator)" in out and "team." not in out
     code, _, err = await cli(t, "audit", "list", "--tenant", "t_someoneelse", "--service", "orchestrator")
     assert code == 1 and "OPERATOR_ONLY" in err
+
+
+async def test_exactly_the_listed_services_serve_the_configuration_audit(world: World) -> None:
+    """SERVED_BY (what the attack matrix attacks) is true: those four answer, credentials and state do not serve it."""
+    from shared.config_audit import SERVED_BY
+
+    t = await tenant_of(world, "pooled")
+    for service in ("identity", "orchestrator", "metering", "inference", "credentials", "state"):
+        address = world.mesh.identity.address if service == "identity" else (
+            world.mesh.orchestrator.address if service == "orchestrator" else world.mesh.addr(service))
+        async with grpc.aio.insecure_channel(address) as channel:
+            call = audit_pb2_grpc.ConfigAuditServiceStub(channel).ListAuditEvents(apb.ListAuditEventsRequest(),
+                                                                                 metadata=t.metadata)
+            if service in SERVED_BY:
+                assert (await call).service == service
+            else:
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await call
+                assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, service
+    assert set(SERVED_BY) == set(AUDITED)
