@@ -134,3 +134,59 @@ async def test_tampering_as_superuser_is_caught(backend: Backend, tamper: str) -
     report, _ = await audit.verify(ctx.tenant_id, "pooled")
     assert not report.intact
     assert report.first_bad_sequence == expected and words in report.problem, report
+
+
+async def test_concurrent_changes_of_one_tenant_chain_in_order(backend: Backend) -> None:
+    """Twelve changes at once: twelve events 1..12, one chain, intact (the head row serialises appends)."""
+    import asyncio
+
+    from services.inference.policy import PrivateModel
+
+    audit, store = ConfigAudit("inference", backend.db), PolicyStore(backend.db)
+    ctx = _tenant()
+
+    async def register(n: int) -> None:
+        with tenant_scope(ctx):
+            async with audit.change_own("private_model.register", target=f"private_model/m{n}",
+                                        tables={"inference_private_models"}):
+                await store.add_private_model(PrivateModel(f"m{n}", "llama", "https://models.example/v1", "x"))
+
+    await asyncio.gather(*(register(n) for n in range(12)))
+    rows = await audit.events(ctx.tenant_id, "pooled", after=None, limit=50, newest_first=False)
+    assert [r["seq"] for r in rows] == list(range(1, 13))
+    assert sorted(r["target"] for r in rows) == sorted(f"private_model/m{n}" for n in range(12))
+    report, head = await audit.verify(ctx.tenant_id, "pooled")
+    assert report.intact and head[0] == 12
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def identity_db(request, tmp_path) -> AsyncIterator[Database]:
+    from services.identity.server import MIGRATIONS as IDENTITY_MIGRATIONS
+
+    if request.param == "sqlite":
+        db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'identity.db'}", migrations=IDENTITY_MIGRATIONS)
+    else:
+        urls = await request.getfixturevalue("postgres").create_database(f"cfg_id_{uuid.uuid4().hex[:8]}")
+        db = await Database.open(urls.app_url, migrations=IDENTITY_MIGRATIONS, owner_url=urls.owner_url)
+    yield db
+    await db.close()
+
+
+async def test_a_change_in_a_platform_session_goes_to_the_named_tenants_chain(identity_db: Database) -> None:
+    """identity's tenant status lives in a platform table written by a system session: its event still lands
+    on that tenant's chain (under RLS on Postgres), with the operator as actor."""
+    from services.identity.directory import Directory
+    from shared.tiers import Tier
+
+    audit = ConfigAudit("identity", identity_db, rows_tier=Tier.POOLED)
+    directory = Directory(identity_db)
+    operator = TenantContext("t_platform", "p_operator", scopes=frozenset({"platform.operator", "*"}))
+    with tenant_scope(operator):
+        created = await directory.create_tenant(f"acme-{uuid.uuid4().hex[:6]}", "bridge", "")
+        tid = created.tenant.id
+        async with audit.change("tenant.suspend", tenant_id=tid, target=f"tenant/{tid}", tables={"tenants"},
+                                detail={"status": "suspended"}):
+            await directory.set_tenant_status(tid, "suspended")
+    rows = await audit.events(tid, "pooled", after=None, limit=10, newest_first=False)
+    assert [(r["action"], r["operator_id"]) for r in rows] == [("tenant.suspend", "p_operator")]
+    assert (await audit.verify(tid, "pooled"))[0].intact
