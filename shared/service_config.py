@@ -92,6 +92,10 @@ def channel_options(address: str) -> tuple[tuple[str, object], ...]:
         ("grpc.service_config", service_config_json()),
         # A restarted replica rejoins round_robin within seconds, not after gRPC's default 120 s reconnect backoff.
         ("grpc.max_reconnect_backoff_ms", MAX_RECONNECT_BACKOFF_MS),
+        # Each channel its own connections: by default gRPC shares one subchannel per address across a
+        # process's channels, so a new channel to a server now listening on a port where another one died
+        # fails at once with the old "connection refused" while any channel to the dead one is still open.
+        ("grpc.use_local_subchannel_pool", 1),
     )
     target = channel_target(address)
     if target != address.strip() and target.startswith(("ipv4:", "ipv6:")):

@@ -9,6 +9,7 @@ import signal
 import socket
 import subprocess
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -20,11 +21,91 @@ class ServerStartError(RuntimeError):
     """A throwaway test server could not be started; the message says what to install or read."""
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that was free a moment ago on `host` (callers retry if someone takes it)."""
+_EPHEMERAL_RANGE_FILE = "/proc/sys/net/ipv4/ip_local_port_range"
+_LOWEST_PORT = 10_000
+"""free_port() stays above this: below are the usual fixed ports (PostgreSQL 5432, PgBouncer 6432, OpenBao 8200)."""
+_MIN_POOL = 1_000
+"""Fewest ports worth a range of its own outside the kernel's ephemeral range."""
+
+
+def ephemeral_range(path: str = _EPHEMERAL_RANGE_FILE) -> tuple[int, int]:
+    """The kernel's ephemeral port range (what a bind to port 0 or an outgoing connect gets), inclusive."""
+    try:
+        with open(path) as f:
+            low, high = (int(p) for p in f.read().split())
+        return low, high
+    except (OSError, ValueError):
+        return 32768, 60999  # Linux's default
+
+
+def port_pool(ephemeral: tuple[int, int]) -> range | None:
+    """The ports free_port() hands out: a range the kernel never gives a port-0 bind, or None when
+    the ephemeral range leaves no room (then free_port() falls back to asking the kernel)."""
+    low, high = ephemeral
+    # Above first: tests/bulkhead's `up` port bases sit below the (default) ephemeral range.
+    for pool in (range(high + 1, 65536), range(_LOWEST_PORT, low)):
+        if len(pool) >= _MIN_POOL:
+            return pool
+    return None
+
+
+class _PortCursor:
+    """Walks the pool from a per-process offset, never handing the same port out twice."""
+
+    def __init__(self, pool: range | None, pid: int) -> None:
+        self.pool = pool
+        # Spread concurrent test processes over the pool; 7919 (prime) apart per pid.
+        self._next = (pid * 7919) % len(pool) if pool else 0
+        self._given = 0
+        self._lock = threading.Lock()
+
+    def take(self, host: str) -> int:
+        with self._lock:
+            if self.pool is None or self._given >= len(self.pool):
+                return _kernel_port(host)
+            for _ in range(len(self.pool) - self._given):
+                port = self.pool[self._next]
+                self._next = (self._next + 1) % len(self.pool)
+                self._given += 1
+                if _bindable(host, port):
+                    return port
+            return _kernel_port(host)
+
+
+def _bindable(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+        return True
+
+
+def _kernel_port(host: str) -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind((host, 0))
         return s.getsockname()[1]
+
+
+_cursor: _PortCursor | None = None
+_cursor_pid = 0
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port that was free a moment ago on `host`, for a server started later (callers retry if
+    someone takes it), from outside the kernel's ephemeral range and never the same twice per process.
+
+    Why not bind port 0 and release it: the kernel hands the same range to every port-0 bind and
+    outgoing connection, so an in-process gRPC server (or a client socket) could take the port before
+    the subprocess binds it; and a port this process used for a server it killed could go to a new
+    in-process server while a channel to the dead one still reports "connection refused" for that
+    address (gRPC shares a subchannel's state between channels to the same address).
+    """
+    global _cursor, _cursor_pid
+    pid = os.getpid()
+    if _cursor is None or _cursor_pid != pid:  # a forked child gets its own walk
+        _cursor, _cursor_pid = _PortCursor(port_pool(ephemeral_range()), pid), pid
+    return _cursor.take(host)
 
 
 _OWNER_FILE = ".owner-pid"

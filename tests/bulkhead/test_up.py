@@ -16,7 +16,9 @@ import pytest
 def _free_port_base() -> int:
     """A base B such that B+51..B+56, B+151..B+156 and B+80 are free (gRPC, metrics and console ports of `up`)."""
     for _ in range(50):
-        base = random.SystemRandom().randrange(100, 250) * 200  # 20000..49800, apart from other runs
+        # 20000..31600 (+180): apart from other runs, below the kernel's ephemeral range (32768+), so no
+        # port-0 bind or client socket takes one before `up` binds it, and clear of free_port()'s pool.
+        base = random.SystemRandom().randrange(100, 159) * 200
         ports = [base + p for p in (*range(51, 57), *range(151, 157), 80)]
         socks = []
         try:
