@@ -100,7 +100,8 @@ def _checked_region(name: str, variable: str) -> str:
     return name
 
 
-def _region_suffix(region: str) -> str:
+def region_suffix(region: str) -> str:
+    """A region's name as an environment variable suffix (`eu-west` -> `EU_WEST`)."""
     return region.upper().replace("-", "_")
 
 
@@ -192,7 +193,7 @@ class ServiceConfig:
         out = {self.default_region: RegionDatabase(self.database_url, self.database_owner_url)}
         embedded = not (env.get(_key(self.name, "DATABASE_URL")) or env.get("BULKHEAD_DATABASE_URL"))
         for region in self.regions[1:]:
-            suffix = _region_suffix(region)
+            suffix = region_suffix(region)
             url = env.get(_key(self.name, f"DATABASE_URL_{suffix}")) or env.get(f"BULKHEAD_DATABASE_URL_{suffix}")
             if not url and embedded:
                 url = f"sqlite+aiosqlite:///{self.data_dir / 'regions' / region / (self.name + '.db')}"

@@ -5,6 +5,7 @@
 | BULKHEAD_SECRETS_BACKEND | local | `local` (AES-GCM, master key file) or `vault` (OpenBao/Vault) |
 | BULKHEAD_VAULT_ADDR | http://127.0.0.1:8200 | OpenBao/Vault address (vault backend) |
 | BULKHEAD_VAULT_TOKEN | (required for vault) | the service's privileged token: used only to provision tenants and mint their tokens |
+| BULKHEAD_VAULT_ADDR_<REGION> / BULKHEAD_VAULT_TOKEN_<REGION> | (required per other region with the vault backend) / BULKHEAD_VAULT_TOKEN | the OpenBao of each region but the default one (BULKHEAD_REGIONS): a tenant's secrets and keys live only in its region's |
 | BULKHEAD_VAULT_TENANT_TOKEN_TTL | 900 | lifetime in seconds of each per-tenant token (reused until 3/4 of it has passed) |
 | BULKHEAD_CREDENTIALS_MASTER_KEY | <data dir>/credentials/master.key | the local backend's master key file (created 0600) |
 | BULKHEAD_CREDENTIALS_AUDIT_KEY | <data dir>/credentials/audit.key | HMAC key of the audit chain (created 0600; shared by replicas) |
@@ -19,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import ServiceConfig
+from shared.config import ServiceConfig, region_suffix
 from shared.errors import FailedPrecondition
 
 
@@ -47,6 +48,13 @@ class Config:
     """Seconds between rotation passes."""
     cache_seconds: float = 1.0
     """Lifetime of GetSecret's metadata cache (changes made by this process invalidate it at once)."""
+    vault_regions: dict[str, tuple[str, str]] = field(default_factory=dict, repr=False)
+    """Region -> (OpenBao address, privileged token) for every region but the default (whose are
+    vault_addr/vault_token); empty for a single region or the local backend. Tokens never logged."""
+
+    def vault_tokens(self) -> list[str]:
+        """Every privileged OpenBao token this service holds (to redact from logs)."""
+        return [t for t in [self.vault_token, *(tok for _, tok in self.vault_regions.values())] if t]
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
@@ -59,8 +67,17 @@ class Config:
         token = env.get("BULKHEAD_VAULT_TOKEN", "")
         if backend == "vault" and not token:
             raise FailedPrecondition("the vault backend needs BULKHEAD_VAULT_TOKEN", reason="CONFIG_INVALID")
+        vault_regions: dict[str, tuple[str, str]] = {}
+        if backend == "vault":
+            for region in service.regions[1:]:
+                suffix = region_suffix(region)
+                addr = env.get(f"BULKHEAD_VAULT_ADDR_{suffix}", "")
+                if not addr:  # never the default region's: a tenant's secrets must stay in its region
+                    raise FailedPrecondition(f"region {region!r} has no OpenBao: set BULKHEAD_VAULT_ADDR_{suffix}",
+                                             reason="CONFIG_INVALID")
+                vault_regions[region] = (addr, env.get(f"BULKHEAD_VAULT_TOKEN_{suffix}") or token)
         return cls(
-            service=service, backend=backend,
+            service=service, backend=backend, vault_regions=vault_regions,
             vault_addr=env.get("BULKHEAD_VAULT_ADDR", "http://127.0.0.1:8200"), vault_token=token,
             tenant_token_ttl=int(env.get("BULKHEAD_VAULT_TENANT_TOKEN_TTL", "900")),
             master_key_path=Path(env.get("BULKHEAD_CREDENTIALS_MASTER_KEY")

@@ -16,6 +16,7 @@ import hvac.exceptions as vx
 
 from services.credentials.backend import TenantRef
 from services.credentials.local_backend import LocalBackend
+from services.credentials.regional import RegionalVault
 from services.credentials.vault_backend import VaultBackend
 from shared.db import Database
 from shared.db.raw import raw_transaction
@@ -28,12 +29,14 @@ log = logging.getLogger("bulkhead.credentials.purge")
 class CredentialsShredder:
     """The credentials service's PurgeHook: destroy the tenant's keys and secret values first."""
 
-    def __init__(self, db: Database, backend: LocalBackend | VaultBackend) -> None:
+    def __init__(self, db: Database, backend: LocalBackend | VaultBackend | RegionalVault) -> None:
         self._db = db
         self._backend = backend
 
     async def before_rows(self, tenant_id: str, tier: Tier) -> HookResult:
         ref = TenantRef(tenant_id, tier.value)
+        if isinstance(self._backend, RegionalVault):  # the tenant's region's OpenBao
+            return await asyncio.to_thread(_shred_vault, await self._backend.backend_for(ref), ref)
         if isinstance(self._backend, VaultBackend):
             return await asyncio.to_thread(_shred_vault, self._backend, ref)
         return await self._shred_local(ref)

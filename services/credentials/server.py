@@ -10,6 +10,7 @@ from services.credentials.config import Config
 from services.credentials.key_manager import KeyManager
 from services.credentials.local_backend import LocalBackend
 from services.credentials.master_key import load_or_create_master_key
+from services.credentials.regional import make_vault
 from services.credentials.purge import CredentialsShredder
 from services.credentials.rotation import RotationScheduler, RotatorRegistry
 from services.credentials.secret_manager import SecretManager
@@ -55,7 +56,7 @@ class CredentialsService:
 def make_backend(config: Config, db: Database) -> LocalBackend | VaultBackend:
     """The backend the configuration selects."""
     if config.backend == "vault":
-        return VaultBackend(config.vault_addr, config.vault_token, token_ttl_seconds=config.tenant_token_ttl)
+        return make_vault(config, db)  # an OpenBao per region when there are several (data residency)
     return LocalBackend(db, load_or_create_master_key(config.master_key_path))
 
 
@@ -103,4 +104,4 @@ async def main() -> None:
     from shared.service_main import run_service
 
     config = Config.from_env()
-    await run_service(config.service, lambda verifier: start(config, verifier), secrets=[config.vault_token] if config.vault_token else ())
+    await run_service(config.service, lambda verifier: start(config, verifier), secrets=config.vault_tokens())

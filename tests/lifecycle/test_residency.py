@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import grpc
+import hvac
 import pytest
+from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
@@ -26,7 +28,10 @@ from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.metering.v1 import metering_pb2 as met
 from bulkhead.metering.v1 import metering_pb2_grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orch
+from services.credentials.backend import TenantRef
+from services.credentials.vault_layout import VaultLayout
 from shared.testing.fake_anthropic import FakeAnthropic
+from shared.testing.openbao import OpenBaoServer, start_openbao
 from shared.testing.identity import running_identity
 from tests.isolation.resources import make_victim
 from tests.services.orchestrator.mesh import (
@@ -56,21 +61,26 @@ tenant owns (every tenant_id table under RLS) is in its region only."""
 
 
 @contextlib.asynccontextmanager
-async def running_regional_mesh(data_dir: Path, postgres, upstream_url: str) -> AsyncIterator[Mesh]:
+async def running_regional_mesh(data_dir: Path, postgres, upstream_url: str,
+                                vaults: dict[str, OpenBaoServer] | None = None) -> AsyncIterator[Mesh]:
     """identity (the control plane, one database) and the five data-plane services with a database
-    in each region, configured as an operator would (BULKHEAD_REGIONS, ..._DATABASE_URL_EU)."""
+    in each region, configured as an operator would (BULKHEAD_REGIONS, ..._DATABASE_URL_EU); with
+    `vaults`, credentials keeps secrets and keys in each region's OpenBao (else sealed in its database)."""
     regions = {"BULKHEAD_REGIONS": ",".join(REGIONS), "BULKHEAD_DEFAULT_REGION": "us"}
     identity_db = await postgres.create_database("rs_identity")
     async with running_identity(data_dir / "identity", database_url=identity_db.app_url,
                                 owner_url=identity_db.owner_url, env=regions) as identity, \
             contextlib.AsyncExitStack() as stack:
         env = {**regions, "BULKHEAD_DATA_DIR": str(data_dir), "BULKHEAD_IDENTITY_ADDR": identity.address,
-               "BULKHEAD_STATE_ENCRYPTION": "credentials", "BULKHEAD_SECRETS_BACKEND": "local",
+               "BULKHEAD_STATE_ENCRYPTION": "credentials", "BULKHEAD_SECRETS_BACKEND": "vault" if vaults else "local",
                "BULKHEAD_LOG_LEVEL": "WARNING", "BULKHEAD_MODEL_PROVIDER": "anthropic",
                "ANTHROPIC_BASE_URL": upstream_url, "ANTHROPIC_API_KEY": "sk-platform-test",
                "BULKHEAD_INFERENCE_ALLOWED_MODELS": "claude-test"}
         for svc in ("identity", *SERVICES):
             env[f"BULKHEAD_{svc.upper()}_METRICS_PORT"] = "0"
+        if vaults:
+            env.update({"BULKHEAD_VAULT_ADDR": vaults["us"].url, "BULKHEAD_VAULT_TOKEN": vaults["us"].root_token,
+                        "BULKHEAD_VAULT_ADDR_EU": vaults["eu"].url, "BULKHEAD_VAULT_TOKEN_EU": vaults["eu"].root_token})
         for svc in SERVICES:
             us, eu = [await postgres.create_database(f"rs_{r}_{svc}") for r in REGIONS]
             env[f"BULKHEAD_{svc.upper()}_DATABASE_URL"] = us.app_url
@@ -181,8 +191,43 @@ async def wait_runs_done(mesh: Mesh, tenants: dict, runs: dict, timeout: float =
             await asyncio.sleep(0.3)
 
 
-async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(tmp_path, postgres):
-    async with FakeAnthropic() as upstream, running_regional_mesh(tmp_path, postgres, upstream.base_url) as mesh:
+def openbao_holds(server: OpenBaoServer, tenant_id: str, tier: str) -> tuple[bool, bool]:
+    """(its Transit key exists, its KV folder has secrets) in this OpenBao, read with the root token."""
+    layout, ref = VaultLayout(), TenantRef(tenant_id, tier)
+    client = hvac.Client(url=server.url, token=server.root_token, namespace=layout.namespace(ref))
+    try:
+        client.secrets.transit.read_key(layout.key_name(ref), mount_point=layout.transit_mount)
+        key = True
+    except (hvac.exceptions.InvalidPath, hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden):
+        key = False
+    try:
+        listed = client.secrets.kv.v2.list_secrets(path=layout.prefix(ref), mount_point=layout.kv_mount)
+        values = bool(listed["data"]["keys"])
+    except (hvac.exceptions.InvalidPath, hvac.exceptions.InvalidRequest, hvac.exceptions.Forbidden):
+        values = False
+    return key, values
+
+
+@pytest.fixture
+def second_openbao():
+    """Another OpenBao dev server: the EU region's (a cluster of its own, as in production)."""
+    server = start_openbao()
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+@pytest.mark.parametrize("secrets_backend", ["local", pytest.param("vault", marks=pytest.mark.openbao)])
+async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(tmp_path, postgres, request,
+                                                                              secrets_backend, monkeypatch):
+    # metering's start() registers its metrics in the process registry: one per mesh in this process.
+    monkeypatch.setattr("services.metering.server.REGISTRY", CollectorRegistry())
+    vaults = None
+    if secrets_backend == "vault":
+        vaults = {"us": request.getfixturevalue("openbao"), "eu": request.getfixturevalue("second_openbao")}
+    async with FakeAnthropic() as upstream, \
+            running_regional_mesh(tmp_path, postgres, upstream.base_url, vaults) as mesh:
         named = {s: mesh.addr(s) for s in ("credentials", "state", "inference", "metering")}
         named["identity"] = mesh.identity.address
         channels = {s: grpc.aio.insecure_channel(a) for s, a in named.items()}
@@ -249,6 +294,10 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
                 if tier == "bridge":
                     schemas = {h.split(".")[0] for h in where if h.split(".")[1].startswith("tenant_")}
                     assert schemas and all(name.startswith(f"rs_{region}_") for name in schemas), schemas
+                if vaults:  # its Transit key (state's data keys) and secret values: its region's OpenBao only
+                    other = "eu" if region == "us" else "us"
+                    assert openbao_holds(vaults[region], tenant_id, tier) == (True, True), (region, tier)
+                    assert openbao_holds(vaults[other], tenant_id, tier) == (False, False), (region, tier)
         finally:
             for ch in channels.values():
                 await ch.close()
