@@ -31,8 +31,8 @@ from bulkhead.orchestrator.v1 import orchestrator_pb2 as orch
 from services.credentials.backend import TenantRef
 from services.credentials.vault_layout import VaultLayout
 from shared.testing.fake_anthropic import FakeAnthropic
-from shared.testing.openbao import OpenBaoServer, start_openbao
 from shared.testing.identity import running_identity
+from shared.testing.openbao import OpenBaoServer, start_openbao
 from tests.isolation.resources import make_victim
 from tests.services.orchestrator.mesh import (
     TIERS,

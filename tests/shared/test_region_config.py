@@ -3,7 +3,13 @@ from __future__ import annotations
 
 import pytest
 
-from shared.config import DEFAULT_REGION, RegionDatabase, ServiceConfig, default_region, regions
+from shared.config import (
+    DEFAULT_REGION,
+    RegionDatabase,
+    ServiceConfig,
+    default_region,
+    regions,
+)
 
 
 def test_unset_is_one_region_with_todays_urls(tmp_path):
