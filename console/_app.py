@@ -29,6 +29,7 @@ from starlette.templating import Jinja2Templates
 
 from bulkhead.cli.usage import QUERY_HEADERS, query_rows
 from bulkhead.client import describe_error
+from bulkhead.common.v1 import security_events_pb2 as sec
 from bulkhead.credentials.v1 import credentials_pb2 as cred
 from bulkhead.identity.v1 import identity_pb2 as idp
 from bulkhead.metering.v1 import metering_pb2 as mtr
@@ -53,6 +54,10 @@ RUNS_PAGE = 500
 """ListRuns page size asked for (the services' maximum: fewer round trips on big tenants)."""
 THREADS_PAGE = 100
 """Threads listed per page."""
+SECURITY_PAGES = 20
+"""ListSecurityEvents pages read per service at most (500 minute-rows each)."""
+SECURITY_ROWS = 200
+"""Lines of the refused-calls table (the largest counts of the window)."""
 THREAD_EVENTS = 500
 """Events of one thread shown (the first ones, in version order)."""
 _NOT_FOUND_CODES = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INVALID_ARGUMENT)
@@ -630,16 +635,53 @@ class Console:
         return self.render(request, "secret.html", nav="secrets", secret=_secret_row(s), versions=versions,
                            events=[_event_row(e) for e in events])
 
+    async def _security_events(self, session: Session, start: dt.datetime, end: dt.datetime
+                               ) -> tuple[list[sec.SecurityEvent], list[str]]:
+        """The tenant's refused calls from every service's own ledger (ListSecurityEvents), and the services
+        that could not answer (the page shows the others and names those)."""
+        async def one(service: str, stub) -> list[sec.SecurityEvent]:
+            events: list[sec.SecurityEvent] = []
+            token = ""
+            for _ in range(SECURITY_PAGES):
+                resp = await self._call(session, stub.ListSecurityEvents, sec.ListSecurityEventsRequest(
+                    start_time=_ts(start), end_time=_ts(end), page_size=500, page_token=token))
+                events += resp.events
+                token = resp.next_page_token
+                if not token:
+                    break
+            return events
+        stubs = self.mesh.security_events
+        answers = await asyncio.gather(*(one(svc, stub) for svc, stub in stubs.items()), return_exceptions=True)
+        events: list[sec.SecurityEvent] = []
+        missing: list[str] = []
+        for svc, answer in zip(stubs, answers):
+            if isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.UNAUTHENTICATED:
+                raise answer  # the session's token is gone: sign in again
+            if isinstance(answer, BaseException):
+                if not isinstance(answer, grpc.aio.AioRpcError):
+                    raise answer
+                log.warning("security events unavailable", extra={"service": svc, "reason": answer.code().name,
+                                                                  "request_id": _request_id.get()})
+                missing.append(svc)
+                continue
+            events += answer
+        return events, missing
+
     async def security(self, request: Request, session: Session) -> Response:
+        window = request.query_params.get("window", "24h")
+        if window not in WINDOWS:
+            window = "24h"
         now = dt.datetime.now(dt.UTC)
-        events, runs = await asyncio.gather(self._events(session, limit=2000),
-                                            self._list_runs(session, since=now - WINDOWS["7d"],
-                                                            status=orc.RUN_STATUS_FAILED, limit=REFUSALS_SCANNED))
+        week = now - WINDOWS["7d"]
+        (refusals, missing), events, runs = await asyncio.gather(
+            self._security_events(session, week, now + dt.timedelta(minutes=1)), self._events(session, limit=2000),
+            self._list_runs(session, since=week, status=orc.RUN_STATUS_FAILED, limit=REFUSALS_SCANNED))
         refused = [_event_row(e) for e in events if e.outcome == cred.ACCESS_OUTCOME_DENIED]
         blocked = [r for r in runs if r.error_reason in (
             "OUTPUT_BLOCKED", "UNAUTHENTICATED", "PERMISSION_DENIED", "TOKEN_REVOKED")]
+        figures = _security_figures(refusals, now, window)
         return self.render(request, "security.html", refused=refused[:100], quota=_figures.quota_refusals(runs)[:50],
-                           blocked=blocked[:50])
+                           blocked=blocked[:50], window=window, missing=missing, **figures)
 
     # --- keys -------------------------------------------------------------------------------------
 
@@ -685,6 +727,47 @@ def usage_csv(rows: list[list[str]]) -> str:
     writer.writerow(QUERY_HEADERS)
     writer.writerows(rows)
     return buf.getvalue()
+
+
+def _security_figures(events: list[sec.SecurityEvent], now: dt.datetime, window: str) -> dict:
+    """The Security page's figures from the services' refused-call ledgers: totals, charts and table lines."""
+    day_ago, start = (now - WINDOWS["24h"]).timestamp(), (now - WINDOWS[window]).timestamp()
+    by_reason: dict[str, list[int]] = {}
+    slot_s = 3600 if window == "24h" else 86400
+    first_slot = int(start // slot_s) * slot_s
+    slots = {first_slot + i * slot_s: 0 for i in range(int((now.timestamp() - first_slot) // slot_s) + 1)}
+    lines: dict[tuple[str, str, str, str], list[int]] = {}
+    for e in events:
+        at = e.bucket_start_time.seconds
+        counts = by_reason.setdefault(e.reason, [0, 0])
+        counts[1] += e.count
+        if at >= day_ago:
+            counts[0] += e.count
+        if at < start:
+            continue
+        slot = int(at // slot_s) * slot_s
+        if slot in slots:
+            slots[slot] += e.count
+        line = lines.setdefault((e.service, e.method, e.reason, e.principal_id), [0, 0])
+        line[0] += e.count
+        line[1] = max(line[1], e.last_seen_time.seconds)
+    reasons = sorted(by_reason, key=lambda r: (-by_reason[r][1], r))
+    fmt = "%H:00" if window == "24h" else "%m-%d"
+    charts = {
+        "reasons": _charts.bars("Refused calls by reason, last 24 h and last 7 d", [(r, 0) for r in reasons],
+                                series=("last 24 h", "last 7 d"), values=[by_reason[r] for r in reasons]),
+        "timeline": _charts.columns(f"Refused calls per {'hour' if window == '24h' else 'day'}, last {window}",
+                                    [(dt.datetime.fromtimestamp(t, dt.UTC).strftime(fmt), n) for t, n in slots.items()]
+                                    if any(slots.values()) else []),
+    }
+    rows = sorted(lines.items(), key=lambda kv: (-kv[1][0], -kv[1][1], kv[0]))[:SECURITY_ROWS]
+    table = [{"service": svc, "method": method.rsplit("/", 1)[-1], "path": method, "reason": reason,
+              "principal": principal, "count": count,
+              "last_seen": dt.datetime.fromtimestamp(last, dt.UTC).strftime("%Y-%m-%d %H:%M:%S")}
+             for (svc, method, reason, principal), (count, last) in rows]
+    return {"charts": charts, "lines": table, "more_lines": max(0, len(lines) - len(table)),
+            "total": sum(n for _, n in slots.items()), "total_24h": sum(c[0] for c in by_reason.values()),
+            "total_7d": sum(c[1] for c in by_reason.values())}
 
 
 def _secret_row(s: cred.Secret) -> dict:

@@ -6,8 +6,10 @@ from collections.abc import Mapping
 
 import grpc
 
+from bulkhead.common.v1 import security_events_pb2_grpc
 from bulkhead.credentials.v1 import credentials_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2_grpc
+from bulkhead.inference.v1 import inference_pb2_grpc
 from bulkhead.metering.v1 import metering_pb2_grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
 from bulkhead.state.v1 import state_pb2_grpc
@@ -19,6 +21,7 @@ _STUBS = {
     "orchestrator": orchestrator_pb2_grpc.OrchestratorServiceStub,
     "metering": metering_pb2_grpc.MeteringServiceStub,
     "state": state_pb2_grpc.StateServiceStub,
+    "inference": inference_pb2_grpc.InferenceServiceStub,
 }
 
 
@@ -33,6 +36,9 @@ class Mesh:
         self.orchestrator = _STUBS["orchestrator"](self._channels["orchestrator"])
         self.metering = _STUBS["metering"](self._channels["metering"])
         self.state = _STUBS["state"](self._channels["state"])
+        self.security_events = {svc: security_events_pb2_grpc.SecurityEventsServiceStub(ch)
+                                for svc, ch in self._channels.items()}
+        """Every service's SecurityEventsService (each answers with its own ledger)."""
 
     async def close(self) -> None:
         for channel in self._channels.values():

@@ -296,6 +296,61 @@ def test_overview_and_usage_equal_the_ledgers(rig, signed_in, tmp_path):
     assert got == (tmp_path / "c.csv").read_bytes()
 
 
+async def _refuse_calls(rig) -> tuple[str, str]:
+    """As tenant A with genuine tokens: claim B's tenant at state (TENANT_MISMATCH, twice) and call credentials
+    with a token narrowed to one scope (MISSING_SCOPE). Returns the principals that were refused."""
+    import grpc
+
+    from bulkhead.credentials.v1 import credentials_pb2 as cred
+    from bulkhead.credentials.v1 import credentials_pb2_grpc
+    from bulkhead.state.v1 import state_pb2 as st
+    from bulkhead.state.v1 import state_pb2_grpc
+
+    async with await rig.client(None) as anyone:
+        full = await anyone.identity.IssueToken(idp.IssueTokenRequest(api_key=rig.a.api_key))
+        narrow = await anyone.identity.IssueToken(idp.IssueTokenRequest(api_key=rig.a.api_key,
+                                                                         scopes=["state.threads.read"]))
+    async with grpc.aio.insecure_channel(rig.addresses["state"]) as state_ch, \
+            grpc.aio.insecure_channel(rig.addresses["credentials"]) as cred_ch:
+        for _ in range(2):
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await state_pb2_grpc.StateServiceStub(state_ch).ListThreads(st.ListThreadsRequest(), metadata=(
+                    ("authorization", f"Bearer {full.token}"), ("x-tenant-id", rig.b.tenant_id)))
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await credentials_pb2_grpc.CredentialsServiceStub(cred_ch).ListSecrets(cred.ListSecretsRequest(), metadata=(
+                ("authorization", f"Bearer {narrow.token}"), ("x-tenant-id", rig.a.tenant_id)))
+        assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    return full.tenant_id, narrow.tenant_id
+
+
+def test_security_page_shows_the_tenants_own_refused_calls(rig, signed_in):
+    """A's refused calls at two services (a claimed tenant that is not the token's, a missing scope) appear on
+    A's Security page, from the services' ledgers, within a flush interval; B's name appears nowhere on it."""
+    page = signed_in
+    assert run(_refuse_calls(rig)) == (rig.a.tenant_id, rig.a.tenant_id)
+    deadline = time.monotonic() + 30  # the services flush every few seconds
+    while True:
+        page.goto("/security")
+        rows = {(r.get_attribute("data-service"), r.get_attribute("data-reason")): int(
+            r.locator('[data-figure="count"]').inner_text()) for r in page.locator("#security-events tbody tr[data-service]").all()}
+        if rows.get(("state", "TENANT_MISMATCH"), 0) >= 2 and rows.get(("credentials", "MISSING_SCOPE"), 0) >= 1:
+            break
+        assert time.monotonic() < deadline, rows
+        time.sleep(1.0)
+    assert "ListThreads" in page.locator("#security-events").inner_text()
+    assert int(_figure(page, "refused-24h")) >= 3 and int(_figure(page, "refused-7d")) >= 3
+    assert page.locator("svg.chart title").first.text_content().startswith("Refused calls by reason")
+    assert page.locator("#security-missing").count() == 0  # every service answered
+    html = page.content()
+    assert rig.b.tenant_id not in html and rig.a.api_key not in html and not re.search(r"eyJ[\w-]{10,}\.", html)
+    page.get_by_label("Window").select_option("7d")
+    page.get_by_role("button", name="Show").click()
+    page.wait_for_url(f"{rig.url}/security?window=7d")
+    assert page.locator('#security-events tr[data-reason="TENANT_MISMATCH"]').count() >= 1
+    shot(page, "security-refused-calls")
+
+
 def _accessible_controls(page) -> list[dict]:
     """Chromium's own accessibility tree: role and computed name of every focusable control."""
     cdp = page.context.new_cdp_session(page)
