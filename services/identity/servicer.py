@@ -17,7 +17,7 @@ from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.tiers import UnknownTier, tier_from_proto, tier_to_proto
 from shared.tokens import RefreshingKeySource
-from shared.tenancy import require_tenant
+from shared.tenancy import PLATFORM_TENANT, require_tenant
 
 _STATUS = {"active": pb.TENANT_STATUS_ACTIVE, "suspended": pb.TENANT_STATUS_SUSPENDED,
            "deleting": pb.TENANT_STATUS_DELETING, "deleted": pb.TENANT_STATUS_DELETED}
@@ -185,7 +185,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                                         jti=c.jti)
 
     async def RevokeToken(self, request, context):
-        return pb.RevokeTokenResponse(revoked=revoked_pb(await self._issuance.revoke(request.jti)))
+        async with self._audit.change_own("token.revoke", target=f"token/{request.jti}",
+                                          tables={"issued_tokens", "revocations"}):
+            row = await self._issuance.revoke(request.jti)
+        return pb.RevokeTokenResponse(revoked=revoked_pb(row))
 
     async def ListRevokedTokens(self, request, context):
         if request.since_revision < 0:
@@ -203,7 +206,10 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
                           create_time=_ts(r.created_at), retire_time=_ts(r.retired_at)) for r in rows])
 
     async def RotateSigningKey(self, request, context):
-        key = await self._keys.rotate()
+        # The platform's signing keys: on t_platform's chain (the new key id only, never key material).
+        async with self._audit.change("signing_key.rotate", tenant_id=PLATFORM_TENANT, tables={"signing_keys"},
+                                      describe=new_of(SigningKeyRow, "signing_key/{kid}")):
+            key = await self._keys.rotate()
         rows = {r.kid: r for r in await self._keys.published()}
         row = rows[key.kid]
         return pb.RotateSigningKeyResponse(key=pb.SigningKey(kid=row.kid, algorithm="EdDSA", public_key=row.public_key,

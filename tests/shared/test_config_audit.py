@@ -203,11 +203,22 @@ async def _register_model(w: World, t: TenantHandle):
     return lambda: w.inference.RegisterPrivateModel(ipb.RegisterPrivateModelRequest(model=model), metadata=t.metadata)
 
 
+async def _revoke_token(w: World, t: TenantHandle):
+    fresh = await w.mesh.identity.login(t.api_key)
+    return lambda: w.mesh.identity.stub.RevokeToken(idn.RevokeTokenRequest(jti=fresh.jti), metadata=t.metadata)
+
+
+async def _rotate_signing_key(w: World, t: TenantHandle):
+    return lambda: w.mesh.identity.stub.RotateSigningKey(idn.RotateSigningKeyRequest(), metadata=w.operator.metadata)
+
+
 CHANGES = {
     "principal.create": Change("identity", "principal.create", "tenant", False, _create_principal),
     "principal.disable": Change("identity", "principal.disable", "tenant", False, _disable_principal),
     "api_key.create": Change("identity", "api_key.create", "tenant", False, _create_key),
     "api_key.revoke": Change("identity", "api_key.revoke", "tenant", False, _revoke_key),
+    "token.revoke": Change("identity", "token.revoke", "tenant", False, _revoke_token),
+    "signing_key.rotate": Change("identity", "signing_key.rotate", "platform", True, _rotate_signing_key),
     "tenant.suspend": Change("identity", "tenant.suspend", "tenant", True, _status(idn.TENANT_STATUS_SUSPENDED), fresh=True),
     "tenant.resume": Change("identity", "tenant.resume", "tenant", True, _status(idn.TENANT_STATUS_ACTIVE), fresh=True),
     "tenant.delete": Change("identity", "tenant.delete", "tenant", True, _delete_tenant, fresh=True),
@@ -246,7 +257,7 @@ async def test_each_configuration_change_appends_exactly_one_event(world: World,
     assert event.actor.principal_id == (await _principal_of(world, actor))
     assert event.actor.operator_id == (event.actor.principal_id if change.by_operator and change.chain == "tenant"
                                        else "")
-    assert event.target and not event.target.endswith("/")
+    assert event.target and not event.target.endswith("/") and "?" not in event.target
     text = str(event) + str(reply.SerializeToString())
     for secret in (t.api_key, t.token, world.operator.token):
         assert secret not in str(event)
