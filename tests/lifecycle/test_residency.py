@@ -13,7 +13,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import sqlite3
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
@@ -30,6 +32,7 @@ from bulkhead.metering.v1 import metering_pb2_grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orch
 from services.credentials.backend import TenantRef
 from services.credentials.vault_layout import VaultLayout
+from shared.db.router import tenant_slug
 from shared.testing.fake_anthropic import FakeAnthropic
 from shared.testing.identity import running_identity
 from shared.testing.openbao import OpenBaoServer, start_openbao
@@ -41,7 +44,7 @@ from tests.services.orchestrator.mesh import (
     start_orchestrator_in,
 )
 
-pytestmark = [pytest.mark.postgres, pytest.mark.slow]
+pytestmark = [pytest.mark.slow]
 
 SERVICES = ("credentials", "state", "metering", "inference", "orchestrator")
 REGIONS = ("us", "eu")
@@ -67,9 +70,9 @@ async def running_regional_mesh(data_dir: Path, postgres, upstream_url: str,
     in each region, configured as an operator would (BULKHEAD_REGIONS, ..._DATABASE_URL_EU); with
     `vaults`, credentials keeps secrets and keys in each region's OpenBao (else sealed in its database)."""
     regions = {"BULKHEAD_REGIONS": ",".join(REGIONS), "BULKHEAD_DEFAULT_REGION": "us"}
-    identity_db = await postgres.create_database("rs_identity")
-    async with running_identity(data_dir / "identity", database_url=identity_db.app_url,
-                                owner_url=identity_db.owner_url, env=regions) as identity, \
+    identity_db = await postgres.create_database("rs_identity") if postgres else None
+    async with running_identity(data_dir / "identity", database_url=identity_db and identity_db.app_url,
+                                owner_url=identity_db and identity_db.owner_url, env=regions) as identity, \
             contextlib.AsyncExitStack() as stack:
         env = {**regions, "BULKHEAD_DATA_DIR": str(data_dir), "BULKHEAD_IDENTITY_ADDR": identity.address,
                "BULKHEAD_STATE_ENCRYPTION": "credentials", "BULKHEAD_SECRETS_BACKEND": "vault" if vaults else "local",
@@ -82,12 +85,14 @@ async def running_regional_mesh(data_dir: Path, postgres, upstream_url: str,
             env.update({"BULKHEAD_VAULT_ADDR": vaults["us"].url, "BULKHEAD_VAULT_TOKEN": vaults["us"].root_token,
                         "BULKHEAD_VAULT_ADDR_EU": vaults["eu"].url, "BULKHEAD_VAULT_TOKEN_EU": vaults["eu"].root_token})
         for svc in SERVICES:
+            env[f"BULKHEAD_{svc.upper()}_SERVICE_KEY_FILE"] = str(identity.service_key_file(svc))
+            if postgres is None:  # embedded: <data dir>/<svc>.db, and <data dir>/regions/eu/<svc>.db
+                continue
             us, eu = [await postgres.create_database(f"rs_{r}_{svc}") for r in REGIONS]
             env[f"BULKHEAD_{svc.upper()}_DATABASE_URL"] = us.app_url
             env[f"BULKHEAD_{svc.upper()}_DATABASE_OWNER_URL"] = us.owner_url
             env[f"BULKHEAD_{svc.upper()}_DATABASE_URL_EU"] = eu.app_url
             env[f"BULKHEAD_{svc.upper()}_DATABASE_OWNER_URL_EU"] = eu.owner_url
-            env[f"BULKHEAD_{svc.upper()}_SERVICE_KEY_FILE"] = str(identity.service_key_file(svc))
         mesh = Mesh(identity, env)
         stack.push_async_callback(_close_channels, mesh)
 
@@ -116,9 +121,34 @@ async def running_regional_mesh(data_dir: Path, postgres, upstream_url: str,
         yield mesh
 
 
-async def superuser_tables(admin_url: str, needles: list[str]) -> dict[str, set[str]]:
-    """needle -> every database.schema.table (of every database on the cluster) with a row holding it."""
-    hits: dict[str, set[str]] = {n: set() for n in needles}
+@dataclass(frozen=True)
+class Hit:
+    """One table, somewhere, with a row holding the tenant's id."""
+
+    region: str
+    """us / eu (the data plane's databases and files, the tenants' own ones included), control
+    (identity's), other (anything else on the cluster)."""
+    store: str
+    """database.schema (Postgres) or the file's path under the data dir (SQLite)."""
+    table: str
+
+
+def region_of_store(store: str) -> str:
+    """The region a database or file belongs to, by the names the mesh gave them."""
+    if store.startswith(("rs_identity", "identity/")):
+        return "control"
+    if store.startswith("regions/eu/"):
+        return "eu"
+    if "/" in store or store.endswith(".db"):
+        return "us"  # the embedded default region's files: <data dir>/<svc>.db and <svc>.tenants/
+    for region in REGIONS:
+        if store.startswith(f"rs_{region}_"):
+            return region
+    return "other"
+
+
+async def postgres_tables(admin_url: str) -> AsyncIterator[tuple[str, str, list[str]]]:
+    """(database.schema, table, each row as text) of every table of every database on the cluster, as superuser."""
     admin = create_async_engine(admin_url, poolclass=NullPool)
     try:
         async with admin.connect() as conn:
@@ -133,26 +163,59 @@ async def superuser_tables(admin_url: str, needles: list[str]) -> dict[str, set[
                     "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
                     "AND table_schema NOT IN ('pg_catalog', 'information_schema')"))).all()
                 for schema, table in tables:
-                    for (row,) in await conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t')):
-                        for needle in needles:
-                            if needle in row:
-                                hits[needle].add(f"{name}.{schema}.{table}")
+                    rows = (await conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t'))).scalars().all()
+                    yield f"{name}.{schema}", table, list(rows)
         finally:
             await engine.dispose()
+
+
+async def sqlite_tables(data_dir: Path) -> AsyncIterator[tuple[str, str, list[str]]]:
+    """The same over every SQLite file under the data dir."""
+    for path in sorted(data_dir.rglob("*.db")):
+        conn = sqlite3.connect(path)
+        try:
+            tables = [r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")]
+            for table in tables:
+                rows = ["|".join(map(str, row)) for row in conn.execute(f'SELECT * FROM "{table}"')]
+                yield path.relative_to(data_dir).as_posix(), table, rows
+        finally:
+            conn.close()
+
+
+async def scan(where, needles: list[str]) -> dict[str, list[Hit]]:
+    """needle -> every table (of every database or file) with a row holding it."""
+    hits: dict[str, list[Hit]] = {n: [] for n in needles}
+    async for store, table, rows in where:
+        for needle in needles:
+            if any(needle in row for row in rows):
+                hits[needle].append(Hit(region_of_store(store), store, table))
     return hits
 
 
-async def ledger(admin_url: str, tenant_id: str) -> tuple[int, int, int]:
-    """(events, input tokens, output tokens) of the tenant in metering's ledger, summed over every
-    database and schema as superuser: what a complete chargeback must show."""
-    admin = create_async_engine(admin_url, poolclass=NullPool)
+_LEDGER = ("SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) "
+           "FROM {table} WHERE tenant_id = {param}")
+
+
+async def ledger(postgres, data_dir: Path, tenant_id: str) -> list[int]:
+    """[events, input tokens, output tokens] of the tenant in metering's ledger, summed over every
+    database, schema and file (as superuser): what a complete chargeback must show."""
+    total = [0, 0, 0]
+    if postgres is None:
+        for path in [*data_dir.rglob("metering.db"), *data_dir.rglob("metering.tenants/*.db")]:
+            conn = sqlite3.connect(path)
+            try:
+                row = conn.execute(_LEDGER.format(table="metering_usage_events", param="?"), (tenant_id,)).fetchone()
+            finally:
+                conn.close()
+            total = [a + int(b) for a, b in zip(total, row, strict=True)]
+        return total
+    admin = create_async_engine(postgres.admin_url, poolclass=NullPool)
     try:
         async with admin.connect() as conn:
             names = (await conn.execute(text(
                 "SELECT datname FROM pg_database WHERE datname LIKE 'rs\\_%\\_metering%'"))).scalars().all()
     finally:
         await admin.dispose()
-    total = [0, 0, 0]
     for name in names:
         engine = create_async_engine(admin.url.set(database=name), poolclass=NullPool)
         try:
@@ -160,23 +223,12 @@ async def ledger(admin_url: str, tenant_id: str) -> tuple[int, int, int]:
                 schemas = (await conn.execute(text("SELECT table_schema FROM information_schema.tables "
                                                    "WHERE table_name = 'metering_usage_events'"))).scalars().all()
                 for schema in schemas:
-                    row = (await conn.execute(text(
-                        f'SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) '
-                        f'FROM "{schema}".metering_usage_events WHERE tenant_id = :t'), {"t": tenant_id})).one()
-                    total = [a + int(b) for a, b in zip(total, row)]
+                    sql = _LEDGER.format(table=f'"{schema}".metering_usage_events', param=":t")
+                    row = (await conn.execute(text(sql), {"t": tenant_id})).one()
+                    total = [a + int(b) for a, b in zip(total, row, strict=True)]
         finally:
             await engine.dispose()
-    return total[0], total[1], total[2]
-
-
-def region_of_database(name: str) -> str:
-    """us / eu for the data plane's databases (silo ones included), control for identity's, other otherwise."""
-    if name.startswith("rs_identity"):
-        return "control"
-    for region in REGIONS:
-        if name.startswith(f"rs_{region}_"):
-            return region
-    return "other"
+    return total
 
 
 async def wait_runs_done(mesh: Mesh, tenants: dict, runs: dict, timeout: float = 90.0) -> None:
@@ -218,11 +270,16 @@ def second_openbao():
         server.close()
 
 
-@pytest.mark.parametrize("secrets_backend", ["local", pytest.param("vault", marks=pytest.mark.openbao)])
-async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(tmp_path, postgres, request,
+@pytest.mark.parametrize("database, secrets_backend", [
+    ("sqlite", "local"),
+    pytest.param("postgres", "local", marks=pytest.mark.postgres),
+    pytest.param("postgres", "vault", marks=[pytest.mark.postgres, pytest.mark.openbao]),
+])
+async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(tmp_path, request, database,
                                                                               secrets_backend, monkeypatch):
     # metering's start() registers its metrics in the process registry: one per mesh in this process.
     monkeypatch.setattr("services.metering.server.REGISTRY", CollectorRegistry())
+    postgres = request.getfixturevalue("postgres") if database == "postgres" else None
     vaults = None
     if secrets_backend == "vault":
         vaults = {"us": request.getfixturevalue("openbao"), "eu": request.getfixturevalue("second_openbao")}
@@ -258,7 +315,7 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
             request = met.ExportChargebackRequest(period=met.CHARGEBACK_PERIOD_DAY)
             request.start_time.FromDatetime(start)
             request.end_time.FromDatetime(dt.datetime.now(dt.UTC) + dt.timedelta(hours=1))
-            for attempt in range(60):
+            for _ in range(60):
                 report = await metering.ExportChargeback(request, metadata=op)
                 billed = {}
                 for line in report.lines:
@@ -266,34 +323,28 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
                     acc[0] += line.event_count
                     acc[1] += line.tokens.input_tokens
                     acc[2] += line.tokens.output_tokens
-                expected = {h.tenant_id: list(await ledger(postgres.admin_url, h.tenant_id)) for h in tenants.values()}
+                expected = {h.tenant_id: await ledger(postgres, tmp_path, h.tenant_id) for h in tenants.values()}
                 if all(billed.get(t) == e for t, e in expected.items()):
                     break
                 await asyncio.sleep(0.5)
             assert {t: billed.get(t) for t in expected} == expected
-            for (region, tier), handle in tenants.items():
+            for key, handle in tenants.items():
                 events, _, _ = expected[handle.tenant_id]
-                assert events >= 2, (region, tier, events)  # RecordUsage's event and the run's model calls
+                assert events >= 2, (key, events)  # RecordUsage's event and the run's model calls
 
-            # Residency: a superuser reads every table of every database on the cluster.
+            # Residency: a superuser reads every table of every database on the cluster (every file).
             ids = {key: h.tenant_id for key, h in tenants.items()}
-            hits = await superuser_tables(postgres.admin_url, list(ids.values()))
+            where = postgres_tables(postgres.admin_url) if postgres else sqlite_tables(tmp_path)
+            hits = await scan(where, list(ids.values()))
             for (region, tier), tenant_id in ids.items():
-                where = hits[tenant_id]
-                regions = {region_of_database(h.split(".")[0]) for h in where}
-                assert region in regions, (region, tier)  # the scan does see the tenant's rows
-                misplaced = sorted(h for h in where if region_of_database(h.split(".")[0]) not in (region, "control")
-                                   and not (region_of_database(h.split(".")[0]) == "us"
-                                            and h.split(".")[2] in HOME_PLATFORM_TABLES))
+                found = hits[tenant_id]
+                assert any(h.region == region for h in found), (region, tier)  # the scan sees its rows
+                misplaced = sorted(f"{h.store}.{h.table}" for h in found if h.region not in (region, "control")
+                                   and not (h.region == "us" and h.table in HOME_PLATFORM_TABLES))
                 assert misplaced == [], f"{region} {tier} tenant's id outside its region: {misplaced}"
-                if region == "eu":  # no tenant-owned table of the US databases names it
-                    assert {h.split(".")[2] for h in where if h.startswith("rs_us_")} <= set(HOME_PLATFORM_TABLES)
-                if tier == "silo":  # its own databases, on its region's side
-                    own = {h.split(".")[0] for h in where if tenant_id.lower() in h.split(".")[0]}
-                    assert own and all(name.startswith(f"rs_{region}_") for name in own), own
-                if tier == "bridge":
-                    schemas = {h.split(".")[0] for h in where if h.split(".")[1].startswith("tenant_")}
-                    assert schemas and all(name.startswith(f"rs_{region}_") for name in schemas), schemas
+                if tier != "pooled":  # its own schema, database or file: on its region's side only
+                    own = {h.store for h in found if tenant_slug(tenant_id) in h.store}
+                    assert own and {region_of_store(store) for store in own} == {region}, own
                 if vaults:  # its Transit key (state's data keys) and secret values: its region's OpenBao only
                     other = "eu" if region == "us" else "us"
                     assert openbao_holds(vaults[region], tenant_id, tier) == (True, True), (region, tier)
