@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from shared.security_events._service import (
     FLUSH_SECONDS,
+    SERVED_BY,
     SCOPE,
     SecurityEventsFlush,
     SecurityEventsServicer,
@@ -25,6 +26,7 @@ __all__ = [
     "RETENTION_S",
     "SCOPE",
     "SECURITY_EVENTS_METADATA",
+    "SERVED_BY",
     "TABLE",
     "EventRow",
     "Refusal",

@@ -22,6 +22,8 @@ from shared.tenancy import require_tenant
 
 log = logging.getLogger("bulkhead.security")
 
+SERVED_BY = ("identity", "credentials", "state", "inference", "orchestrator", "metering")
+"""Every service serves SecurityEventsService (the isolation matrix attacks it on each)."""
 SCOPE = "security.events.read"
 """The scope ListSecurityEvents declares (a tenant's admin key, `*`, holds it)."""
 FLUSH_SECONDS = 5.0

@@ -15,6 +15,7 @@ from dataclasses import dataclass, fields
 from google.protobuf import timestamp_pb2
 
 from bulkhead.common.v1 import audit_pb2 as aud
+from bulkhead.common.v1 import security_events_pb2 as sec
 from bulkhead.credentials.v1 import credentials_pb2 as cred
 from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.inference.v1 import inference_pb2 as inf
@@ -47,6 +48,8 @@ class Ids:
     reserve_key: str
     lease_id: str
     run_key: str
+    refused_principal: str
+    """B's admin principal, whose refused calls every service's security-events ledger holds."""
 
     def lookalike(self) -> Ids:
         """Random ids of the same shapes: what a resource that exists nowhere is called."""
@@ -127,6 +130,7 @@ def usage_event(key: str) -> met.UsageEvent:
 _I, _C, _S = "/bulkhead.identity.v1.IdentityService/", "/bulkhead.credentials.v1.CredentialsService/", \
     "/bulkhead.state.v1.StateService/"
 _A = "/bulkhead.common.v1.ConfigAuditService/"
+_E = "/bulkhead.common.v1.SecurityEventsService/"
 _N, _O, _M = "/bulkhead.inference.v1.InferenceService/", "/bulkhead.orchestrator.v1.OrchestratorService/", \
     "/bulkhead.metering.v1.MeteringService/"
 
@@ -138,6 +142,10 @@ FACTORIES: dict[str, Target] = {
                                    absent=True),
     _A + "VerifyAuditEvents": Target("tenant", lambda i: aud.VerifyAuditEventsRequest(tenant_id=i.tenant_id),
                                      absent=True),
+    # Served by every service (methods.COMMON_CONTRACTS). Phase 0: A has no TENANT_MISMATCH of its own yet
+    # (the spoofed_tenant attack makes some), while B's are in every ledger: A must see an empty list.
+    _E + "ListSecurityEvents": Target("security event", lambda i: sec.ListSecurityEventsRequest(
+        reasons=["TENANT_MISMATCH"]), phase=0),
     _I + "CreatePrincipal": Target("principal", lambda i: idn.CreatePrincipalRequest(
         kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=i.principal_name, scopes=["state.*"]), phase=2),
     _I + "GetPrincipal": Target("principal", lambda i: idn.GetPrincipalRequest(principal_id=i.principal_id), absent=True),

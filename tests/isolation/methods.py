@@ -13,9 +13,11 @@ from google.protobuf.descriptor import FileDescriptor, MethodDescriptor
 
 from bulkhead.common.v1 import auth_pb2
 from shared.config_audit import SERVED_BY as CONFIG_AUDIT_SERVERS
+from shared.security_events import SERVED_BY as SECURITY_EVENTS_SERVERS
 
 SERVICES = ("identity", "credentials", "state", "inference", "orchestrator", "metering")
-COMMON_CONTRACTS = {"bulkhead.common.v1.audit_pb2": CONFIG_AUDIT_SERVERS}
+COMMON_CONTRACTS = {"bulkhead.common.v1.audit_pb2": CONFIG_AUDIT_SERVERS,
+                    "bulkhead.common.v1.security_events_pb2": SECURITY_EVENTS_SERVERS}
 """Generated module of a common contract -> the services that serve it (tenant-scoped ones only: the
 platform-only TenantLifecycleService is refused to every tenant before any handler)."""
 

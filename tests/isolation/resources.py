@@ -144,10 +144,37 @@ async def _lease(v: Victim) -> dict:
     return {"lease_id": lease.lease_id}
 
 
+async def _security_event(v: Victim) -> dict:
+    """B's own token claiming another tenant at every service (TENANT_MISMATCH, B's event), flushed to each ledger."""
+    import jwt
+
+    from bulkhead.common.v1 import security_events_pb2 as sec
+    from bulkhead.common.v1 import security_events_pb2_grpc
+
+    principal = jwt.decode(v.tenant.token, options={"verify_signature": False})["sub"]
+    claimed = (("authorization", f"Bearer {v.tenant.token}"), ("x-tenant-id", "t_claimed" + v.tag))
+    for channel in v.channels.values():
+        try:
+            await security_events_pb2_grpc.SecurityEventsServiceStub(channel).ListSecurityEvents(
+                sec.ListSecurityEventsRequest(), metadata=claimed)
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
+    servers = [s.running for s in v.mesh.services.values()] + [v.mesh.orchestrator.running, v.mesh.identity.app.running]
+    for running in servers:
+        for work in running.background:
+            await work.flush()
+    for name, channel in v.channels.items():  # stored: A's attempts must find them, and leave them out
+        listed = await security_events_pb2_grpc.SecurityEventsServiceStub(channel).ListSecurityEvents(
+            sec.ListSecurityEventsRequest(reasons=["TENANT_MISMATCH"]), metadata=v.md)
+        assert [e.principal_id for e in listed.events] == [principal], name
+    return {"refused_principal": principal}
+
+
 RESOURCES: dict[str, Callable[[Victim], Awaitable[dict]]] = {
     "tenant": _tenant, "principal": _principal, "api key": _api_key, "token": _token, "secret": _secret,
     "ciphertext": _ciphertext, "team": _team, "run": _run, "thread": _thread, "context": _context,
     "private model": _private_model, "usage event": _usage_event, "reservation": _reservation, "lease": _lease,
+    "security event": _security_event,
 }
 
 
