@@ -43,7 +43,7 @@ from services.inference.policy import (
     cap_max_tokens,
     resolve,
 )
-from services.inference.providers import ATTEMPT_REF, Provider, Target, UpstreamError
+from services.inference.providers import ATTEMPT_REF, OFFLINE, Provider, Target, UpstreamError
 from services.inference.usage import UsageEvent, UsageMeter
 from shared import errors
 from shared.tenancy import TenantContext, require_tenant
@@ -287,12 +287,26 @@ class InferenceProxy:
         trace_id = format(span.get_span_context().trace_id, "032x") if span.get_span_context().is_valid else ""
         info = CallInfo(ctx.request_id, model.requested, model.upstream_model, self._provider.name,
                         target.api_key != self._platform_key)
+        if not info.tenant_key and self._provider.name != OFFLINE:
+            # The platform key's prompt cache is shared by every tenant: a hit (its latency, its
+            # cache_read count) would tell one tenant another's prompt. Each tenant's cached prefixes
+            # pass through its own marker, so they never match another's. Not counted in the
+            # reservation above; the upstream's usage (which includes its few tokens) is what is metered.
+            body = wire.partition_prompt_cache(body, self.cache_partition(ctx.tenant_id))
         _tag_span(span, ctx, info)
         return _Call(ctx, body, target, info, admission, hold, started, time.time(), trace_id, reserve)
 
     def opaque_user_id(self, tenant_id: str) -> str:
         """The stable id the upstream sees for a tenant: a keyed hash, never the tenant's id or name."""
         return "bh_" + hmac.new(self._salt, tenant_id.encode(), hashlib.sha256).hexdigest()[:32]
+
+    def cache_partition(self, tenant_id: str) -> str:
+        """The text that starts a tenant's cached prompt prefixes on the platform key: a keyed hash of
+        the tenant id (under the same platform secret as opaque_user_id, in a domain of its own), so
+        it names no tenant and two tenants' never collide. A tenant that copied another's into its own
+        prompt gains nothing: its own marker still comes first."""
+        digest = hmac.new(self._salt, b"prompt-cache-partition\0" + tenant_id.encode(), hashlib.sha256)
+        return "cache-partition:" + digest.hexdigest()[:32]
 
     async def _target(self, ctx: TenantContext, model: ResolvedModel) -> Target:
         try:

@@ -146,6 +146,56 @@ def _tool_choice(tc: pb.ToolChoice) -> dict[str, Any]:
     return out
 
 
+# ----- prompt-cache partition -----
+
+_TTL_RANK = {"5m": 0, "1h": 1}
+
+
+def has_cache_control(body: dict[str, Any]) -> bool:
+    """Whether the request asks the upstream to cache a prefix (any block, tool, or the top level)."""
+    if body.get("cache_control"):
+        return True
+    for tool in body.get("tools") or ():
+        if tool.get("cache_control"):
+            return True
+    return _any_cache_control(body.get("system")) or any(
+        _any_cache_control(m.get("content")) for m in body.get("messages") or ())
+
+
+def _any_cache_control(value: Any) -> bool:
+    if isinstance(value, list):
+        return any(_any_cache_control(v) for v in value)
+    if isinstance(value, dict):
+        return bool(value.get("cache_control")) or _any_cache_control(value.get("content"))
+    return False
+
+
+def partition_prompt_cache(body: dict[str, Any], marker: str) -> dict[str, Any]:
+    """body with `marker` (a text unique to the caller) where every cached prefix must pass through it.
+
+    The upstream renders a cache prefix as tools, then system, then messages, and a cache hit needs
+    the prefix byte for byte. The marker becomes the first system block, right after the tools, so
+    every breakpoint in system or messages (and the top-level automatic one, which lands on the last
+    block) covers it. A breakpoint on a tool would cache the tools alone, before any system block:
+    those breakpoints move onto the marker instead (with the longest TTL among them, so the rule that
+    longer TTLs come first still holds), which still caches the tools, now with the marker. The number
+    of breakpoints never grows. No change when the request caches nothing. Returns a new dict.
+    """
+    if not has_cache_control(body):
+        return body
+    out = dict(body)
+    block: dict[str, Any] = {"type": "text", "text": marker}
+    moved = [t["cache_control"] for t in out.get("tools") or () if t.get("cache_control")]
+    if moved:
+        out["tools"] = [{k: v for k, v in t.items() if k != "cache_control"} for t in out["tools"]]
+        block["cache_control"] = max(moved, key=lambda cc: _TTL_RANK.get(cc.get("ttl", "5m"), 0))
+    system = out.get("system")
+    if isinstance(system, str):
+        system = [{"type": "text", "text": system}] if system else []
+    out["system"] = [block, *(system or ())]
+    return out
+
+
 # ----- replies: JSON -> proto -----
 
 def stop_reason(value: str | None) -> int:

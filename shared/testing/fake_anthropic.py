@@ -19,6 +19,12 @@ also appends each record as a JSON line, flushed at once, for a fake in another 
 SSE events), faults ``Fault.http(status, retry_after=, message=)``, ``Fault.overloaded()``,
 ``Fault.slow(s)``, ``Fault.disconnect(after_events=n)``; ``POST /v1/messages/count_tokens`` works.
 
+Prompt caching is simulated per API key, as the real API caches per organisation: the prefix up to
+each ``cache_control`` breakpoint (tools, then system, then messages; or the last block with a
+top-level ``cache_control``) is stored by its digest (``cache_prefixes(body)``), and a later call
+whose breakpoint prefix is stored reports those tokens as ``cache_read_input_tokens`` (the rest up
+to its last breakpoint as ``cache_creation_input_tokens``). A scripted reply's usage overrides it.
+
 Replies are deterministic: without a script the fake echoes the last user text. Token counts
 are whitespace word counts (never more than the request's UTF-8 byte length), so a caller
 that estimates tokens by bytes never under-reserves.
@@ -28,11 +34,12 @@ from __future__ import annotations
 import asyncio
 import collections
 import dataclasses
+import hashlib
 import itertools
 import json
 from typing import Any, Self
 
-__all__ = ["FakeAnthropic", "Fault", "RecordedRequest", "Reply", "UsageRecord", "count_words"]
+__all__ = ["FakeAnthropic", "Fault", "RecordedRequest", "Reply", "UsageRecord", "cache_prefixes", "count_words"]
 
 _STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
                 429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
@@ -149,6 +156,46 @@ def count_words(value: Any) -> int:
     return 0
 
 
+def _cache_segments(body: dict[str, Any]) -> list[tuple[Any, bool]]:
+    """The request's pieces in the order the API renders a cache prefix (tools, system, messages),
+    each without its cache_control and with whether it is a breakpoint."""
+    pieces: list[tuple[Any, bool]] = []
+
+    def add(kind: str, item: Any, role: str | None = None) -> None:
+        if isinstance(item, dict):
+            bare = {k: v for k, v in item.items() if k != "cache_control"}
+            pieces.append(((kind, role, bare), bool(item.get("cache_control"))))
+        else:
+            pieces.append(((kind, role, item), False))
+
+    for tool in body.get("tools") or ():
+        add("tool", tool)
+    system = body.get("system")
+    for block in ([{"type": "text", "text": system}] if isinstance(system, str) else system or ()):
+        add("system", block)
+    for message in body.get("messages") or ():
+        content = message.get("content")
+        for block in ([{"type": "text", "text": content}] if isinstance(content, str) else content or ()):
+            add("message", block, message.get("role"))
+    if body.get("cache_control") and pieces:   # automatic caching: the breakpoint is the last block
+        pieces[-1] = (pieces[-1][0], True)
+    return pieces
+
+
+def cache_prefixes(body: dict[str, Any]) -> list[tuple[str, int]]:
+    """For each cache_control breakpoint of a request, in order: the digest of the prefix up to and
+    including it (what the upstream's prompt cache is keyed by) and that prefix's token count."""
+    out = []
+    digest = hashlib.sha256()
+    tokens = 0
+    for piece, breakpoint in _cache_segments(body):
+        digest.update(json.dumps(piece, sort_keys=True).encode() + b"\0")
+        tokens += count_words(piece[2])
+        if breakpoint:
+            out.append((digest.copy().hexdigest(), tokens))
+    return out
+
+
 class FakeAnthropic:
     """An HTTP/1.1 server on 127.0.0.1 that answers like api.anthropic.com."""
 
@@ -170,6 +217,8 @@ class FakeAnthropic:
         self._scripts: collections.deque[Reply] = collections.deque()
         self._faults: collections.deque[Fault] = collections.deque()
         self._ids = itertools.count(1)
+        self.prompt_cache: set[tuple[str | None, str]] = set()
+        """Cached prefixes as (API key, prefix digest): a key's calls hit only what that key cached."""
         self._server: asyncio.base_events.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self.port = 0
@@ -226,6 +275,7 @@ class FakeAnthropic:
         self.usage_log.clear()
         self.replies.clear()
         self.sent_events.clear()
+        self.prompt_cache.clear()
         self._scripts.clear()
         self._faults.clear()
 
@@ -286,7 +336,7 @@ class FakeAnthropic:
         delay = self.delay + (fault.seconds if fault is not None and fault.kind == "slow" else 0.0)
         if delay:
             await asyncio.sleep(delay)
-        message = self._build_message(request.body)
+        message = self._build_message(request.body, _api_key(request.headers))
         self.replies.append(message)
         record = {"message_id": message["id"], "model": message["model"],
                   "user_id": (request.body.get("metadata") or {}).get("user_id"),
@@ -368,16 +418,28 @@ class FakeAnthropic:
         return [" ".join(words[i:i + size]) + (" " if i + size < len(words) else "")
                 for i in range(0, len(words), size)] or [""]
 
-    def _build_message(self, body: dict[str, Any]) -> dict[str, Any]:
+    def _build_message(self, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
         reply = self._scripts.popleft() if self._scripts else Reply.text("Echo: " + _last_user_text(body))
         input_tokens = self._input_tokens(body)
-        usage = {"input_tokens": input_tokens, "output_tokens": max(1, count_words(list(reply.content))),
-                 "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
+        read, written = self._use_prompt_cache(body, api_key)
+        usage = {"input_tokens": max(0, input_tokens - read - written),
+                 "output_tokens": max(1, count_words(list(reply.content))),
+                 "cache_creation_input_tokens": written, "cache_read_input_tokens": read}
         if reply.usage:
             usage.update(reply.usage)
         return {"id": f"msg_fake_{next(self._ids):06d}", "type": "message", "role": "assistant",
                 "model": reply.model or body["model"], "content": [dict(b) for b in reply.content],
                 "stop_reason": reply.stop_reason, "stop_sequence": reply.stop_sequence, "usage": usage}
+
+    def _use_prompt_cache(self, body: dict[str, Any], api_key: str | None) -> tuple[int, int]:
+        """Tokens read from and written to this key's prompt cache by a call: the longest stored
+        breakpoint prefix is read, the rest up to the last breakpoint written (and every breakpoint stored)."""
+        prefixes = cache_prefixes(body)
+        if not prefixes:
+            return 0, 0
+        read = max((tokens for digest, tokens in prefixes if (api_key, digest) in self.prompt_cache), default=0)
+        self.prompt_cache.update((api_key, digest) for digest, _ in prefixes)
+        return read, prefixes[-1][1] - read
 
     @staticmethod
     def _input_tokens(body: dict[str, Any]) -> int:

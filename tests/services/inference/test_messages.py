@@ -64,7 +64,9 @@ async def test_request_reaches_upstream_faithfully(mesh):
     assert body["model"] == PINNED and body["max_tokens"] == 200
     assert body["temperature"] == 0.2 and body["top_p"] == 0.9 and body["top_k"] == 5
     assert body["stop_sequences"] == ["STOP"]
-    assert body["system"] == [{"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}]
+    # On the platform key a cached prompt starts with the tenant's cache partition (test_prompt_cache.py).
+    assert body["system"] == [{"type": "text", "text": mesh.proxy.proxy.cache_partition("t_a")},
+                              {"type": "text", "text": "You are terse.", "cache_control": {"type": "ephemeral"}}]
     assert body["tools"][0]["input_schema"]["required"] == ["city"]
     assert body["tool_choice"] == {"type": "auto", "disable_parallel_tool_use": True}
     assert body["messages"][1]["content"][0] == {"type": "tool_use", "id": "toolu_00", "name": "get_weather",
