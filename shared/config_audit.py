@@ -20,8 +20,8 @@ The event is written by a `before_commit` hook of the first transaction that wri
 at all. A call that wrote nothing there (a repeat that changed nothing) adds no event; a change
 must therefore go through Database.session() (the ORM session), which every audited call site does.
 
-Events hold ids, names, scopes, limits and statuses; `change` refuses a detail that looks like a
-secret (an API key, a token) rather than store it.
+Events hold ids, names, scopes, limits and statuses; a detail value that looks like a secret (an
+API key, a token) is stored as "[redacted]".
 """
 from __future__ import annotations
 
@@ -137,15 +137,19 @@ def load_chain_key(service: str, env: Mapping[str, str]) -> bytes:
     return Path(path).read_bytes().strip() if path else b""
 
 
+REDACTED = "[redacted]"
+
+
 def secret_free(detail: Mapping[str, object]) -> dict[str, str]:
-    """The detail as strings; ValueError when a key or value looks like a secret (a bug at the call site)."""
+    """The detail as strings, with any value that is or looks like a secret (a key named like one, an API
+    key, a JWT, a provider key) replaced by REDACTED: call sites pass none, and names users choose may."""
     out: dict[str, str] = {}
     for key, value in detail.items():
         if isinstance(value, (list, tuple, set, frozenset)):
             value = ",".join(sorted(str(v) for v in value))
         value = "" if value is None else str(value)
         if str(key).lower() in _SECRET_KEYS or _SECRET_VALUE.search(value):
-            raise ValueError(f"audit detail {key!r} looks like a secret: events never hold one")
+            value = REDACTED
         out[str(key)] = value[:500]
     return out
 

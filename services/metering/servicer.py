@@ -1,9 +1,8 @@
 """MeteringService handlers: proto in, domain call, proto out. Tenant comes only from the context."""
 from __future__ import annotations
 
+import dataclasses
 import re
-
-from google.protobuf import json_format
 
 from bulkhead.metering.v1 import metering_pb2 as pb
 from bulkhead.metering.v1 import metering_pb2_grpc
@@ -53,12 +52,11 @@ class MeteringTiers:
         return Tier.POOLED if self._tiers is None else await self._tiers.tier_of(tenant_id)
 
 
-def _quota_detail(quota: pb.Quota) -> dict[str, object]:
-    d = json_format.MessageToDict(quota, preserving_proto_field_name=True)
-    d.pop("tenant_id", None)
-    budgets = d.pop("budgets", [])
-    d["budgets"] = [";".join(f"{k}={v}" for k, v in sorted(b.items())) for b in budgets]
-    return d
+def _quota_detail(quota) -> dict[str, object]:
+    """A Quota's limits for the audit (after wire.quota: nothing unparsed reaches it)."""
+    return {"requests_per_minute": quota.requests_per_minute, "tokens_per_minute": quota.tokens_per_minute,
+            "concurrent_calls": quota.concurrent_calls,
+            "budgets": [f"{b.unit}:{b.limit}/{b.period}:{'hard' if b.hard else 'soft'}" for b in quota.budgets]}
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
@@ -166,12 +164,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
 
     async def SetPrice(self, request: pb.SetPriceRequest, context) -> pb.SetPriceResponse:
         _operator()
+        price = wire.price(request.price)
         # Prices are the platform's: their changes go to the platform tenant's chain.
         async with self._audit.change("price.set", tenant_id=PLATFORM_TENANT, tier=Tier.POOLED,
-                                      target=f"price/{request.price.model}", tables={"metering_prices"},
-                                      detail=json_format.MessageToDict(request.price,
-                                                                       preserving_proto_field_name=True)):
-            stored = await self._prices.set(wire.price(request.price))
+                                      target=f"price/{price.model}", tables={"metering_prices"},
+                                      detail=dataclasses.asdict(price)):
+            stored = await self._prices.set(price)
         await self._usage.audit("SetPrice", "", f"model={stored.model}")
         return pb.SetPriceResponse(price=wire.price_msg(stored))
 
@@ -189,10 +187,11 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         target = _target(request.quota.tenant_id, "quota.tenant_id", required=True)
         await self._usage.audit("SetQuota", target)
         tier = await self._tier_of(target)
+        quota = wire.quota(request.quota)
         async with self._audit.change("quota.set", tenant_id=target, tier=tier, target=f"quota/{target}",
-                                      tables=_QUOTA_TABLES, detail=_quota_detail(request.quota)):
+                                      tables=_QUOTA_TABLES, detail=_quota_detail(quota)):
             with acting_for(target, tier=tier):
-                stored = await self._budgets.set_quota(wire.quota(request.quota))
+                stored = await self._budgets.set_quota(quota)
         await self._usage.note_tenant(target, tier=tier)
         return pb.SetQuotaResponse(quota=wire.quota_msg(stored))
 

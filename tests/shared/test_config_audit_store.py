@@ -190,3 +190,13 @@ async def test_a_change_in_a_platform_session_goes_to_the_named_tenants_chain(id
     rows = await audit.events(tid, "pooled", after=None, limit=10, newest_first=False)
     assert [(r["action"], r["operator_id"]) for r in rows] == [("tenant.suspend", "p_operator")]
     assert (await audit.verify(tid, "pooled"))[0].intact
+
+
+def test_details_never_carry_a_secret() -> None:
+    """A key named like a secret, an API key, a JWT or a provider key in a value is stored redacted."""
+    from shared.config_audit import REDACTED, secret_free
+
+    detail = secret_free({"secret": "x", "display_name": "bk_t_abc_k_def_s3cr3t", "note": "eyJhbGciOiJFZERTQSJ9.e30",
+                          "provider": "sk-ant-0123456789", "scopes": ["state.*", "credentials.*"], "limit": 5})
+    assert detail == {"secret": REDACTED, "display_name": REDACTED, "note": REDACTED, "provider": REDACTED,
+                      "scopes": "credentials.*,state.*", "limit": "5"}
