@@ -352,3 +352,52 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
         finally:
             for ch in channels.values():
                 await ch.close()
+
+
+@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+async def test_deleting_a_tenant_purges_it_in_its_region(tmp_path, request, database, monkeypatch):
+    """DeleteTenant --now of EU tenants of each tier: their rows, schema, database or file go from the
+    EU databases (only the documented kept ledger stays, in the EU); the US bystanders are untouched."""
+    from tests.lifecycle.test_delete_mesh import KEPT_TABLES, addresses, wait_done
+
+    monkeypatch.setattr("services.metering.server.REGISTRY", CollectorRegistry())
+    postgres = request.getfixturevalue("postgres") if database == "postgres" else None
+    async with FakeAnthropic() as upstream, running_regional_mesh(tmp_path, postgres, upstream.base_url) as mesh:
+        await mesh.orchestrator.dispatcher.stop()  # runs stay queued: the purge must cancel them
+        mesh.identity.app.deletions.peers.update(addresses(mesh))
+        named = {s: mesh.addr(s) for s in ("credentials", "state", "inference", "metering")}
+        named["identity"] = mesh.identity.address
+        channels = {s: grpc.aio.insecure_channel(a) for s, a in named.items()}
+        op = mesh.identity.operator.metadata
+        try:
+            victims, bystanders = {}, {}
+            for region, group in (("eu", victims), ("us", bystanders)):
+                for tier in TIERS:
+                    created = await mesh.identity.stub.CreateTenant(idn.CreateTenantRequest(
+                        name=f"del-{region}-{tier}", tier=TIERS[tier], region=region), metadata=op)
+                    group[tier] = await mesh.identity.login(created.admin_api_key)
+                    await make_victim(mesh, channels, group[tier])
+            where = (lambda: postgres_tables(postgres.admin_url)) if postgres else (lambda: sqlite_tables(tmp_path))
+            ids = [t.tenant_id for t in [*victims.values(), *bystanders.values()]]
+            before = await scan(where(), ids)
+            assert all(any(h.region == "eu" for h in before[t.tenant_id]) for t in victims.values())
+
+            for t in victims.values():
+                await mesh.identity.stub.DeleteTenant(idn.DeleteTenantRequest(tenant_id=t.tenant_id, now=True),
+                                                      metadata=op)
+            for t in victims.values():
+                await wait_done(mesh, t.tenant_id, timeout=120)
+
+            after = await scan(where(), ids)
+            for tier, t in victims.items():
+                left = sorted(f"{h.store}.{h.table}" for h in after[t.tenant_id] if h.table not in KEPT_TABLES)
+                assert left == [], (tier, left)
+                assert {h.region for h in after[t.tenant_id] if h.table.startswith("metering_usage")} <= {"eu"}
+                if tier != "pooled":  # its own schema, database or file is gone (the kept ledger's aside)
+                    own = {h.store for h in after[t.tenant_id] if tenant_slug(t.tenant_id) in h.store}
+                    assert all("metering" in store for store in own), own
+            for t in bystanders.values():  # the other region's tenants: every table as before
+                assert after[t.tenant_id] == before[t.tenant_id]
+        finally:
+            for ch in channels.values():
+                await ch.close()
