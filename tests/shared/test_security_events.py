@@ -2,7 +2,6 @@
 read back only by their tenant through the one SecurityEventsService contract."""
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
@@ -263,7 +262,7 @@ async def test_a_flood_of_refusals_is_a_bounded_number_of_writes(mesh):
     assert events.overflow == 400 - 24 + 2  # B's 376 refusals beyond its budget and A's last 2
 
 
-def test_the_aggregator_never_holds_more_than_its_budget():
+async def test_the_aggregator_never_holds_more_than_its_budget():
     """The in-memory side alone: any number of refusals, at most max_keys keys; repeats of a key only count."""
     events = SecurityEvents("unit", max_keys=5, max_keys_per_tenant=3, clock=lambda: 1_000_000.0)
     written: list = []
@@ -277,7 +276,7 @@ def test_the_aggregator_never_holds_more_than_its_budget():
     events.denied(reason="TOKEN_INVALID", method="/m", peer="", tenant_id=None, principal_id=None,
                   claimed_tenant=None, message="garbage")
     assert events.pending == 5
-    asyncio.run(events.flush())
+    await events.flush()
     assert len(written) == 5 and events.pending == 0
     assert sum(w.count for w in written) + events.overflow == 1000  # every refusal counted, 5 keys stored
     assert max(sum(1 for w in written if w.key.tenant_id == t) for t in ("t_0", "t_1", "t_2", "t_3")) <= 3
