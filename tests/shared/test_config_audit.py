@@ -469,3 +469,20 @@ async def test_exactly_the_listed_services_serve_the_configuration_audit(world: 
                     await call
                 assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, service
     assert set(SERVED_BY) == set(AUDITED)
+
+
+async def test_cli_verify_all_tenants_names_each_broken_chain(world: World, cli) -> None:
+    """An operator's `audit verify --all-tenants` checks every tenant's four chains and names the broken one."""
+    intact, broken = await world.mesh.tenant("pooled"), await world.mesh.tenant("pooled")
+    for t in (intact, broken):
+        for _ in range(2):
+            await world.mesh.stub.CreateTeam(opb.CreateTeamRequest(team=team_pb(_name())), metadata=t.metadata)
+    with sqlite3.connect(_orchestrator_db(world)) as conn:
+        conn.execute("UPDATE orchestrator_config_audit_events SET principal_id = 'p_forged' "
+                     "WHERE tenant_id = ? AND seq = 1", (broken.tenant_id,))
+    code, out, err = await cli(world.operator, "audit", "verify", "--all-tenants")
+    assert code == 1
+    assert f"BROKEN at event 1 in orchestrator (configuration, tenant {broken.tenant_id})" in err
+    rows = {(line.split()[0], line.split()[1]): line for line in out.splitlines()[2:] if line.strip()}
+    assert all(rows[(intact.tenant_id, s)].rstrip().endswith("intact") for s in AUDITED)
+    assert "intact" in rows[(broken.tenant_id, "identity")] and "BROKEN" in rows[(broken.tenant_id, "orchestrator")]
