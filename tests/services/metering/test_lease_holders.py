@@ -10,7 +10,7 @@ from bulkhead.metering.v1 import metering_pb2 as pb
 from shared.errors import error_details
 
 from .helpers import T0, price
-from .test_budgets import A, B, MODEL, _quota, _status, _tokens, _usage
+from .test_budgets import MODEL, A, B, _quota, _status, _tokens, _usage
 
 HOLDER = "proxy-7f9c:4242:3b1e0c2a"
 
