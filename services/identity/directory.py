@@ -138,6 +138,23 @@ class Directory:
             row.status = status
         return row
 
+    async def tenants_after(self, after_id: str, limit: int) -> list[TenantRow]:
+        """Tenants not deleted, by id, after after_id (the retention sweepers' listing)."""
+        async with self._db.system_session() as s:
+            q = (select(TenantRow).where(TenantRow.id > after_id, TenantRow.status != "deleted")
+                 .order_by(TenantRow.id).limit(limit))
+            return list((await s.execute(q)).scalars())
+
+    async def set_retention(self, tenant_id: str, audit_days: int | None, usage_detail_days: int | None) -> TenantRow:
+        """Set a tenant's retention (None: the default); the caller checked the bounds."""
+        async with self._db.system_session() as s:
+            row = await s.get(TenantRow, tenant_id)
+            if row is None or row.status == "deleted":
+                raise NotFound("tenant not found", reason="TENANT_NOT_FOUND")
+            if (row.audit_retention_days, row.usage_detail_retention_days) != (audit_days, usage_detail_days):
+                row.audit_retention_days, row.usage_detail_retention_days = audit_days, usage_detail_days
+        return row
+
     # Principals ----------------------------------------------------------------------------
     async def create_principal(self, kind: str, display_name: str, scopes: list[str]) -> PrincipalRow:
         """A principal of the caller's tenant with at most the caller's scopes."""

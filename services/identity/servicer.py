@@ -15,6 +15,8 @@ from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, Sign
 from shared.config_audit import ConfigAudit, new_of
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.paging import decode_cursor, encode_cursor, page_size
+from shared.retention import checked_days, effective
 from shared.tiers import UnknownTier, tier_from_proto, tier_to_proto
 from shared.tokens import RefreshingKeySource
 from shared.tenancy import PLATFORM_TENANT, require_tenant
@@ -40,9 +42,16 @@ def _epoch(seconds: int) -> Timestamp:
     return Timestamp(seconds=seconds)
 
 
+def retention_pb(row: TenantRow) -> pb.RetentionPolicy:
+    audit_days, usage_days = effective(row.audit_retention_days, row.usage_detail_retention_days)
+    return pb.RetentionPolicy(audit_days=audit_days, usage_detail_days=usage_days,
+                              audit_days_default=row.audit_retention_days is None,
+                              usage_detail_days_default=row.usage_detail_retention_days is None)
+
+
 def tenant_pb(row: TenantRow) -> pb.Tenant:
     return pb.Tenant(id=row.id, name=row.name, tier=tier_to_proto(row.tier), region=row.region, status=_STATUS[row.status],
-                     create_time=_ts(row.created_at))
+                     create_time=_ts(row.created_at), retention=retention_pb(row))
 
 
 def principal_pb(row: PrincipalRow) -> pb.Principal:
@@ -107,6 +116,40 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
             raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant to place"})
         row = await self._directory.get_tenant(request.tenant_id)
         return pb.GetTenantPlacementResponse(tenant_id=row.id, tier=tier_to_proto(row.tier), region=row.region)
+
+    async def SetRetentionPolicy(self, request, context):
+        if not request.tenant_id:
+            raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant whose retention to set"})
+        audit_days = checked_days("audit_days", request.audit_days)
+        usage_days = checked_days("usage_detail_days", request.usage_detail_days)
+        in_force = effective(audit_days, usage_days)
+        async with self._audit.change("tenant.retention", tenant_id=request.tenant_id,
+                                      target=f"tenant/{request.tenant_id}", tables={"tenants"},
+                                      detail={"audit_days": in_force[0], "usage_detail_days": in_force[1]}):
+            row = await self._directory.set_retention(request.tenant_id, audit_days, usage_days)
+        return pb.SetRetentionPolicyResponse(tenant_id=row.id, retention=retention_pb(row))
+
+    async def GetRetentionPolicy(self, request, context):
+        ctx = require_tenant()
+        wanted = request.tenant_id or ctx.tenant_id
+        if wanted != ctx.tenant_id and not ctx.is_operator:
+            raise NotFound("tenant not found", reason="TENANT_NOT_FOUND")  # no existence leak to other tenants
+        row = await self._directory.get_tenant(wanted)
+        return pb.GetRetentionPolicyResponse(tenant_id=row.id, retention=retention_pb(row))
+
+    async def ListRetentionPolicies(self, request, context):
+        size = page_size(request.page_size)
+        cursor = decode_cursor(request.page_token)
+        if cursor is not None and not isinstance(cursor.get("id"), str):
+            raise InvalidArgument("malformed page_token", reason="BAD_PAGE_TOKEN",
+                                  violations={"page_token": "not a token this service issued"})
+        rows = await self._directory.tenants_after(cursor["id"] if cursor else "", size + 1)
+        more = len(rows) > size
+        rows = rows[:size]
+        return pb.ListRetentionPoliciesResponse(
+            tenants=[pb.TenantRetention(tenant_id=r.id, tier=tier_to_proto(r.tier), retention=retention_pb(r))
+                     for r in rows],
+            next_page_token=encode_cursor({"id": rows[-1].id}) if more else "")
 
     async def ListTenants(self, request, context):
         page = await self._directory.list_tenants(request.page_size, request.page_token)

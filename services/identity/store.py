@@ -24,6 +24,10 @@ class TenantRow(IdentityBase):
     region: Mapped[str] = mapped_column(String(32))
     status: Mapped[str] = mapped_column(String(16), default="active")
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    audit_retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    """Days audit events are kept (shared.retention); None: the default."""
+    usage_detail_retention_days: Mapped[int | None] = mapped_column(Integer, nullable=True, default=None)
+    """Days per-event usage detail is kept; None: the default."""
 
 
 class PrincipalRow(IdentityBase, TenantOwned):

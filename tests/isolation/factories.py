@@ -137,6 +137,8 @@ _N, _O, _M = "/bulkhead.inference.v1.InferenceService/", "/bulkhead.orchestrator
 FACTORIES: dict[str, Target] = {
     # identity
     _I + "GetTenant": Target("tenant", lambda i: idn.GetTenantRequest(tenant_id=i.tenant_id), absent=True),
+    _I + "GetRetentionPolicy": Target("tenant", lambda i: idn.GetRetentionPolicyRequest(tenant_id=i.tenant_id),
+                                      absent=True),
     # Served by every service that keeps a configuration chain (methods.COMMON_CONTRACTS).
     _A + "ListAuditEvents": Target("tenant", lambda i: aud.ListAuditEventsRequest(tenant_id=i.tenant_id),
                                    absent=True),

@@ -26,7 +26,7 @@ from bulkhead.common.v1 import auth_pb2 as bulkhead_dot_common_dot_v1_dot_auth__
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62ulkhead/common/v1/audit.proto\x12\x12\x62ulkhead.common.v1\x1a\x1d\x62ulkhead/common/v1/auth.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"_\n\nAuditActor\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65legator_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\"\xb7\x02\n\nAuditEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x11\n\tprev_hash\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12-\n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x1e.bulkhead.common.v1.AuditActor\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12:\n\x06\x64\x65tail\x18\x07 \x03(\x0b\x32*.bulkhead.common.v1.AuditEvent.DetailEntry\x12(\n\x04time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\t \x01(\t\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\tChainHead\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0c\n\x04hash\x18\x02 \x01(\t\"\x88\x01\n\x16ListAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\x12\x14\n\x0coldest_first\x18\x06 \x01(\x08\"\xa0\x01\n\x17ListAuditEventsResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12.\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1e.bulkhead.common.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12+\n\x04head\x18\x04 \x01(\x0b\x32\x1d.bulkhead.common.v1.ChainHead\"-\n\x18VerifyAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xae\x01\n\x19VerifyAuditEventsResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06intact\x18\x02 \x01(\x08\x12\x16\n\x0e\x65vents_checked\x18\x03 \x01(\x03\x12\x1a\n\x12\x66irst_bad_sequence\x18\x04 \x01(\x03\x12\x0f\n\x07problem\x18\x05 \x01(\t\x12+\n\x04head\x18\x06 \x01(\x0b\x32\x1d.bulkhead.common.v1.ChainHead2\xac\x02\n\x12\x43onfigAuditService\x12\x86\x01\n\x0fListAuditEvents\x12*.bulkhead.common.v1.ListAuditEventsRequest\x1a+.bulkhead.common.v1.ListAuditEventsResponse\"\x1a\x90\x02\x01\xca\xf3\x18\x13\n\x11\x61udit.config.read\x12\x8c\x01\n\x11VerifyAuditEvents\x12,.bulkhead.common.v1.VerifyAuditEventsRequest\x1a-.bulkhead.common.v1.VerifyAuditEventsResponse\"\x1a\x90\x02\x01\xca\xf3\x18\x13\n\x11\x61udit.config.readb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x62ulkhead/common/v1/audit.proto\x12\x12\x62ulkhead.common.v1\x1a\x1d\x62ulkhead/common/v1/auth.proto\x1a\x1fgoogle/protobuf/timestamp.proto\"_\n\nAuditActor\x12\x14\n\x0cprincipal_id\x18\x01 \x01(\t\x12\x13\n\x0boperator_id\x18\x02 \x01(\t\x12\x14\n\x0c\x64\x65legator_id\x18\x03 \x01(\t\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\"\xb7\x02\n\nAuditEvent\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x11\n\tprev_hash\x18\x02 \x01(\t\x12\x0c\n\x04hash\x18\x03 \x01(\t\x12-\n\x05\x61\x63tor\x18\x04 \x01(\x0b\x32\x1e.bulkhead.common.v1.AuditActor\x12\x0e\n\x06\x61\x63tion\x18\x05 \x01(\t\x12\x0e\n\x06target\x18\x06 \x01(\t\x12:\n\x06\x64\x65tail\x18\x07 \x03(\x0b\x32*.bulkhead.common.v1.AuditEvent.DetailEntry\x12(\n\x04time\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nrequest_id\x18\t \x01(\t\x1a-\n\x0b\x44\x65tailEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"+\n\tChainHead\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0c\n\x04hash\x18\x02 \x01(\t\"W\n\x0b\x43hainAnchor\x12\x10\n\x08sequence\x18\x01 \x01(\x03\x12\x0c\n\x04hash\x18\x02 \x01(\t\x12(\n\x04time\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x88\x01\n\x16ListAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12\x11\n\tpage_size\x18\x02 \x01(\x05\x12\x12\n\npage_token\x18\x03 \x01(\t\x12\x0e\n\x06\x61\x63tion\x18\x04 \x01(\t\x12\x0e\n\x06target\x18\x05 \x01(\t\x12\x14\n\x0coldest_first\x18\x06 \x01(\x08\"\xd1\x01\n\x17ListAuditEventsResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12.\n\x06\x65vents\x18\x02 \x03(\x0b\x32\x1e.bulkhead.common.v1.AuditEvent\x12\x17\n\x0fnext_page_token\x18\x03 \x01(\t\x12+\n\x04head\x18\x04 \x01(\x0b\x32\x1d.bulkhead.common.v1.ChainHead\x12/\n\x06\x61nchor\x18\x05 \x01(\x0b\x32\x1f.bulkhead.common.v1.ChainAnchor\"-\n\x18VerifyAuditEventsRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\"\xdf\x01\n\x19VerifyAuditEventsResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x0e\n\x06intact\x18\x02 \x01(\x08\x12\x16\n\x0e\x65vents_checked\x18\x03 \x01(\x03\x12\x1a\n\x12\x66irst_bad_sequence\x18\x04 \x01(\x03\x12\x0f\n\x07problem\x18\x05 \x01(\t\x12+\n\x04head\x18\x06 \x01(\x0b\x32\x1d.bulkhead.common.v1.ChainHead\x12/\n\x06\x61nchor\x18\x07 \x01(\x0b\x32\x1f.bulkhead.common.v1.ChainAnchor2\xac\x02\n\x12\x43onfigAuditService\x12\x86\x01\n\x0fListAuditEvents\x12*.bulkhead.common.v1.ListAuditEventsRequest\x1a+.bulkhead.common.v1.ListAuditEventsResponse\"\x1a\x90\x02\x01\xca\xf3\x18\x13\n\x11\x61udit.config.read\x12\x8c\x01\n\x11VerifyAuditEvents\x12,.bulkhead.common.v1.VerifyAuditEventsRequest\x1a-.bulkhead.common.v1.VerifyAuditEventsResponse\"\x1a\x90\x02\x01\xca\xf3\x18\x13\n\x11\x61udit.config.readb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -47,14 +47,16 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AUDITEVENT_DETAILENTRY']._serialized_end=527
   _globals['_CHAINHEAD']._serialized_start=529
   _globals['_CHAINHEAD']._serialized_end=572
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=575
-  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=711
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=714
-  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=874
-  _globals['_VERIFYAUDITEVENTSREQUEST']._serialized_start=876
-  _globals['_VERIFYAUDITEVENTSREQUEST']._serialized_end=921
-  _globals['_VERIFYAUDITEVENTSRESPONSE']._serialized_start=924
-  _globals['_VERIFYAUDITEVENTSRESPONSE']._serialized_end=1098
-  _globals['_CONFIGAUDITSERVICE']._serialized_start=1101
-  _globals['_CONFIGAUDITSERVICE']._serialized_end=1401
+  _globals['_CHAINANCHOR']._serialized_start=574
+  _globals['_CHAINANCHOR']._serialized_end=661
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_start=664
+  _globals['_LISTAUDITEVENTSREQUEST']._serialized_end=800
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_start=803
+  _globals['_LISTAUDITEVENTSRESPONSE']._serialized_end=1012
+  _globals['_VERIFYAUDITEVENTSREQUEST']._serialized_start=1014
+  _globals['_VERIFYAUDITEVENTSREQUEST']._serialized_end=1059
+  _globals['_VERIFYAUDITEVENTSRESPONSE']._serialized_start=1062
+  _globals['_VERIFYAUDITEVENTSRESPONSE']._serialized_end=1285
+  _globals['_CONFIGAUDITSERVICE']._serialized_start=1288
+  _globals['_CONFIGAUDITSERVICE']._serialized_end=1588
 # @@protoc_insertion_point(module_scope)

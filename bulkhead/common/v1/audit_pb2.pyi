@@ -59,6 +59,16 @@ class ChainHead(_message.Message):
     hash: str
     def __init__(self, sequence: _Optional[int] = ..., hash: _Optional[str] = ...) -> None: ...
 
+class ChainAnchor(_message.Message):
+    __slots__ = ("sequence", "hash", "time")
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    HASH_FIELD_NUMBER: _ClassVar[int]
+    TIME_FIELD_NUMBER: _ClassVar[int]
+    sequence: int
+    hash: str
+    time: _timestamp_pb2.Timestamp
+    def __init__(self, sequence: _Optional[int] = ..., hash: _Optional[str] = ..., time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
 class ListAuditEventsRequest(_message.Message):
     __slots__ = ("tenant_id", "page_size", "page_token", "action", "target", "oldest_first")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
@@ -76,16 +86,18 @@ class ListAuditEventsRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ..., page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., action: _Optional[str] = ..., target: _Optional[str] = ..., oldest_first: _Optional[bool] = ...) -> None: ...
 
 class ListAuditEventsResponse(_message.Message):
-    __slots__ = ("service", "events", "next_page_token", "head")
+    __slots__ = ("service", "events", "next_page_token", "head", "anchor")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
     service: str
     events: _containers.RepeatedCompositeFieldContainer[AuditEvent]
     next_page_token: str
     head: ChainHead
-    def __init__(self, service: _Optional[str] = ..., events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., head: _Optional[_Union[ChainHead, _Mapping]] = ...) -> None: ...
+    anchor: ChainAnchor
+    def __init__(self, service: _Optional[str] = ..., events: _Optional[_Iterable[_Union[AuditEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., head: _Optional[_Union[ChainHead, _Mapping]] = ..., anchor: _Optional[_Union[ChainAnchor, _Mapping]] = ...) -> None: ...
 
 class VerifyAuditEventsRequest(_message.Message):
     __slots__ = ("tenant_id",)
@@ -94,17 +106,19 @@ class VerifyAuditEventsRequest(_message.Message):
     def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
 
 class VerifyAuditEventsResponse(_message.Message):
-    __slots__ = ("service", "intact", "events_checked", "first_bad_sequence", "problem", "head")
+    __slots__ = ("service", "intact", "events_checked", "first_bad_sequence", "problem", "head", "anchor")
     SERVICE_FIELD_NUMBER: _ClassVar[int]
     INTACT_FIELD_NUMBER: _ClassVar[int]
     EVENTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     FIRST_BAD_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
     service: str
     intact: bool
     events_checked: int
     first_bad_sequence: int
     problem: str
     head: ChainHead
-    def __init__(self, service: _Optional[str] = ..., intact: _Optional[bool] = ..., events_checked: _Optional[int] = ..., first_bad_sequence: _Optional[int] = ..., problem: _Optional[str] = ..., head: _Optional[_Union[ChainHead, _Mapping]] = ...) -> None: ...
+    anchor: ChainAnchor
+    def __init__(self, service: _Optional[str] = ..., intact: _Optional[bool] = ..., events_checked: _Optional[int] = ..., first_bad_sequence: _Optional[int] = ..., problem: _Optional[str] = ..., head: _Optional[_Union[ChainHead, _Mapping]] = ..., anchor: _Optional[_Union[ChainAnchor, _Mapping]] = ...) -> None: ...

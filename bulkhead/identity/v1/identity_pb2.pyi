@@ -88,20 +88,22 @@ class DeletionReceipt(_message.Message):
     def __init__(self, body: _Optional[bytes] = ..., signature: _Optional[bytes] = ..., kid: _Optional[str] = ..., public_key: _Optional[bytes] = ...) -> None: ...
 
 class Tenant(_message.Message):
-    __slots__ = ("id", "name", "tier", "region", "status", "create_time")
+    __slots__ = ("id", "name", "tier", "region", "status", "create_time", "retention")
     ID_FIELD_NUMBER: _ClassVar[int]
     NAME_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     REGION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     CREATE_TIME_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_FIELD_NUMBER: _ClassVar[int]
     id: str
     name: str
     tier: _tenancy_pb2.Tier
     region: str
     status: TenantStatus
     create_time: _timestamp_pb2.Timestamp
-    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., region: _Optional[str] = ..., status: _Optional[_Union[TenantStatus, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    retention: RetentionPolicy
+    def __init__(self, id: _Optional[str] = ..., name: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., region: _Optional[str] = ..., status: _Optional[_Union[TenantStatus, str]] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ...) -> None: ...
 
 class Principal(_message.Message):
     __slots__ = ("id", "kind", "display_name", "scopes", "disabled", "create_time")
@@ -470,3 +472,73 @@ class RotateSigningKeyResponse(_message.Message):
     KEY_FIELD_NUMBER: _ClassVar[int]
     key: SigningKey
     def __init__(self, key: _Optional[_Union[SigningKey, _Mapping]] = ...) -> None: ...
+
+class RetentionPolicy(_message.Message):
+    __slots__ = ("audit_days", "usage_detail_days", "audit_days_default", "usage_detail_days_default")
+    AUDIT_DAYS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_DETAIL_DAYS_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_DAYS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    USAGE_DETAIL_DAYS_DEFAULT_FIELD_NUMBER: _ClassVar[int]
+    audit_days: int
+    usage_detail_days: int
+    audit_days_default: bool
+    usage_detail_days_default: bool
+    def __init__(self, audit_days: _Optional[int] = ..., usage_detail_days: _Optional[int] = ..., audit_days_default: _Optional[bool] = ..., usage_detail_days_default: _Optional[bool] = ...) -> None: ...
+
+class SetRetentionPolicyRequest(_message.Message):
+    __slots__ = ("tenant_id", "audit_days", "usage_detail_days")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_DAYS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_DETAIL_DAYS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    audit_days: int
+    usage_detail_days: int
+    def __init__(self, tenant_id: _Optional[str] = ..., audit_days: _Optional[int] = ..., usage_detail_days: _Optional[int] = ...) -> None: ...
+
+class SetRetentionPolicyResponse(_message.Message):
+    __slots__ = ("tenant_id", "retention")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    retention: RetentionPolicy
+    def __init__(self, tenant_id: _Optional[str] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ...) -> None: ...
+
+class GetRetentionPolicyRequest(_message.Message):
+    __slots__ = ("tenant_id",)
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
+
+class GetRetentionPolicyResponse(_message.Message):
+    __slots__ = ("tenant_id", "retention")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    retention: RetentionPolicy
+    def __init__(self, tenant_id: _Optional[str] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ...) -> None: ...
+
+class ListRetentionPoliciesRequest(_message.Message):
+    __slots__ = ("page_size", "page_token")
+    PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
+    PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    page_size: int
+    page_token: str
+    def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ...) -> None: ...
+
+class TenantRetention(_message.Message):
+    __slots__ = ("tenant_id", "tier", "retention")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    RETENTION_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    tier: _tenancy_pb2.Tier
+    retention: RetentionPolicy
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., retention: _Optional[_Union[RetentionPolicy, _Mapping]] = ...) -> None: ...
+
+class ListRetentionPoliciesResponse(_message.Message):
+    __slots__ = ("tenants", "next_page_token")
+    TENANTS_FIELD_NUMBER: _ClassVar[int]
+    NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    tenants: _containers.RepeatedCompositeFieldContainer[TenantRetention]
+    next_page_token: str
+    def __init__(self, tenants: _Optional[_Iterable[_Union[TenantRetention, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...

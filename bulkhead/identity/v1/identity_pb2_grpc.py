@@ -118,6 +118,21 @@ class IdentityServiceStub:
                 request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementResponse.FromString,
                 _registered_method=True)
+        self.SetRetentionPolicy = channel.unary_unary(
+                '/bulkhead.identity.v1.IdentityService/SetRetentionPolicy',
+                request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.SetRetentionPolicyRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.SetRetentionPolicyResponse.FromString,
+                _registered_method=True)
+        self.GetRetentionPolicy = channel.unary_unary(
+                '/bulkhead.identity.v1.IdentityService/GetRetentionPolicy',
+                request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetRetentionPolicyRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetRetentionPolicyResponse.FromString,
+                _registered_method=True)
+        self.ListRetentionPolicies = channel.unary_unary(
+                '/bulkhead.identity.v1.IdentityService/ListRetentionPolicies',
+                request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRetentionPoliciesRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRetentionPoliciesResponse.FromString,
+                _registered_method=True)
         self.ListSigningKeys = channel.unary_unary(
                 '/bulkhead.identity.v1.IdentityService/ListSigningKeys',
                 request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListSigningKeysRequest.SerializeToString,
@@ -264,6 +279,33 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetRetentionPolicy(self, request, context):
+        """Sets how long a tenant's configuration and access audit events and its per-event usage detail
+        are kept (operators only). Each field is whole days from 1 to 3653 (10 years); 0 puts that
+        field back to its default (audit 2557 days, about 7 years; usage detail 400 days). A sweeper in
+        every service holding such records deletes what is older, keeping hourly usage roll-ups and
+        re-anchoring the audit hash chains. Recorded in the tenant's configuration audit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRetentionPolicy(self, request, context):
+        """Returns a tenant's retention policy: the caller's own, or any tenant's for an operator. Another
+        tenant's id answers like an id nobody has (NOT_FOUND).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRetentionPolicies(self, request, context):
+        """Lists every tenant's retention policy and tier, a page at a time, for the services' retention
+        sweepers (platform services' keys only: it names every tenant).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def ListSigningKeys(self, request, context):
         """Lists the public keys that verify tokens (a JWKS).
         """
@@ -381,6 +423,21 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.GetTenantPlacement,
                     request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementRequest.FromString,
                     response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementResponse.SerializeToString,
+            ),
+            'SetRetentionPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetRetentionPolicy,
+                    request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.SetRetentionPolicyRequest.FromString,
+                    response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.SetRetentionPolicyResponse.SerializeToString,
+            ),
+            'GetRetentionPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRetentionPolicy,
+                    request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetRetentionPolicyRequest.FromString,
+                    response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetRetentionPolicyResponse.SerializeToString,
+            ),
+            'ListRetentionPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRetentionPolicies,
+                    request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRetentionPoliciesRequest.FromString,
+                    response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRetentionPoliciesResponse.SerializeToString,
             ),
             'ListSigningKeys': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSigningKeys,
@@ -839,6 +896,87 @@ class IdentityService:
             '/bulkhead.identity.v1.IdentityService/GetTenantPlacement',
             bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementRequest.SerializeToString,
             bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetTenantPlacementResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetRetentionPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.identity.v1.IdentityService/SetRetentionPolicy',
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.SetRetentionPolicyRequest.SerializeToString,
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.SetRetentionPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRetentionPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.identity.v1.IdentityService/GetRetentionPolicy',
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetRetentionPolicyRequest.SerializeToString,
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetRetentionPolicyResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRetentionPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.identity.v1.IdentityService/ListRetentionPolicies',
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRetentionPoliciesRequest.SerializeToString,
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.ListRetentionPoliciesResponse.FromString,
             options,
             channel_credentials,
             insecure,
