@@ -55,13 +55,22 @@ class ChainReport:
     """What is wrong, in words."""
 
 
-def verify(entries: Iterable[ChainEntry], *, head_sequence: int, head_hash: str, key: bytes = b"") -> ChainReport:
+def verify(entries: Iterable[ChainEntry], *, head_sequence: int, head_hash: str, key: bytes = b"",
+           anchor_sequence: int = 0, anchor_hash: str = GENESIS) -> ChainReport:
     """Check entries (in sequence order) against each other and against the recorded head.
 
     A changed entry fails its own hash; a removed one leaves a gap in the sequence (or, at the
     end, a chain shorter than the head says); a reordered one fails the link.
+
+    After retention pruned the oldest entries, the chain starts at its anchor: the last pruned
+    entry's sequence and hash, recorded apart from the entries. The first kept entry must then be
+    anchor_sequence + 1 and link to anchor_hash, so removing the oldest kept entries, or moving
+    the anchor without pruning exactly up to it, is caught like any other gap or broken link.
     """
-    prev, expected_seq, checked = GENESIS, 1, 0
+    if anchor_sequence < 0 or anchor_sequence > head_sequence:
+        return ChainReport(False, 0, max(anchor_sequence, 1),
+                           f"the anchor (entry {anchor_sequence}) is not within the chain (head {head_sequence})")
+    prev, expected_seq, checked = (anchor_hash or GENESIS), anchor_sequence + 1, 0
     for entry in entries:
         checked += 1
         if entry.sequence != expected_seq:

@@ -44,7 +44,7 @@ from sqlalchemy.orm import ORMExecuteState, Session
 
 from bulkhead.common.v1 import audit_pb2 as pb
 from bulkhead.common.v1 import audit_pb2_grpc
-from shared import audit_chain
+from shared import audit_chain, retention
 from shared.db import Database
 from shared.db.base import NAMING_CONVENTION, TENANT_COLUMN_INFO
 from shared.db.router import Route
@@ -103,8 +103,21 @@ def _event_columns() -> list[sa.Column]:
 
 
 def _head_columns() -> list[sa.Column]:
+    return [*_first_head_columns(), *_anchor_columns()]
+
+
+def _first_head_columns() -> list[sa.Column]:
+    """The heads table as create_tables made it (migrations then add_anchor)."""
     return [_tenant_column(), sa.Column("seq", sa.BigInteger, nullable=False),
             sa.Column("hash", sa.String(64), nullable=False)]
+
+
+def _anchor_columns() -> list[sa.Column]:
+    """Where the chain starts once retention pruned its oldest events (shared.retention): the last
+    pruned event's sequence, hash and time; 0/GENESIS/0 while nothing was pruned."""
+    return [sa.Column("anchor_seq", sa.BigInteger, nullable=False, server_default="0"),
+            sa.Column("anchor_hash", sa.String(64), nullable=False, server_default=audit_chain.GENESIS),
+            sa.Column("anchor_time_us", sa.BigInteger, nullable=False, server_default="0")]
 
 
 def create_tables(service: str) -> None:
@@ -115,9 +128,26 @@ def create_tables(service: str) -> None:
 
     events, heads = table_names(service)
     op.create_table(events, *_event_columns(), sa.PrimaryKeyConstraint("tenant_id", "seq", name=f"pk_{events}"))
-    op.create_table(heads, *_head_columns(), sa.PrimaryKeyConstraint("tenant_id", name=f"pk_{heads}"))
+    op.create_table(heads, *_first_head_columns(), sa.PrimaryKeyConstraint("tenant_id", name=f"pk_{heads}"))
     enable_tenant_rls(events)
     enable_tenant_rls(heads)
+
+
+def add_anchor(service: str) -> None:
+    """Migration step: the heads table's retention anchor (shared.retention)."""
+    from alembic import op
+
+    for column in _anchor_columns():
+        op.add_column(table_names(service)[1], column)
+
+
+def drop_anchor(service: str) -> None:
+    """Migration step (downgrade of add_anchor)."""
+    from alembic import op
+
+    with op.batch_alter_table(table_names(service)[1]) as batch:
+        for column in reversed(_anchor_columns()):
+            batch.drop_column(column.name)
 
 
 def drop_tables(service: str) -> None:
@@ -176,6 +206,19 @@ class _Pending:
     sequence: int = 0
     session_id: int = 0
     """id() of the session whose transaction carries the event."""
+
+
+@dataclass(frozen=True)
+class Anchor:
+    """Where a chain starts after retention pruning: the last pruned event (0: none pruned)."""
+
+    sequence: int = 0
+    hash: str = audit_chain.GENESIS
+    time_us: int = 0
+
+    def as_pb(self) -> pb.ChainAnchor:
+        return pb.ChainAnchor(sequence=self.sequence, hash=self.hash,
+                              time=_ts(self.time_us) if self.time_us else None)
 
 
 _pending: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar("bulkhead_config_audit", default=None)
@@ -309,8 +352,62 @@ class ConfigAudit:
 
     async def head(self, tenant_id: str, tier: str) -> tuple[int, str]:
         """The recorded head of a chain ((0, GENESIS) when empty)."""
-        rows = await self._rows(tenant_id, tier, f"SELECT seq, hash FROM {self.heads_table} WHERE tenant_id = $1")
-        return (int(rows[0][0]), str(rows[0][1])) if rows else (0, audit_chain.GENESIS)
+        return (await self.head_and_anchor(tenant_id, tier))[0]
+
+    async def head_and_anchor(self, tenant_id: str, tier: str) -> tuple[tuple[int, str], Anchor]:
+        """The recorded head and retention anchor of a chain, read together."""
+        rows = await self._rows(tenant_id, tier, f"SELECT seq, hash, anchor_seq, anchor_hash, anchor_time_us "
+                                                 f"FROM {self.heads_table} WHERE tenant_id = $1")
+        if not rows:
+            return (0, audit_chain.GENESIS), Anchor()
+        r = rows[0]
+        return (int(r[0]), str(r[1])), Anchor(int(r[2]), str(r[3]), int(r[4]))
+
+    async def prune(self, policy: retention.Policy, now_us: int, *, batch: int = retention.BATCH) -> int:
+        """Delete the tenant's events older than its audit retention, oldest first, `batch` per
+        transaction, and move the chain's anchor to the last one deleted (a retention sweeper step).
+
+        Only a contiguous prefix is pruned: pruning stops at the first event young enough to keep and
+        at any gap (a missing event stays visible to verify). The head row is locked while the anchor
+        moves, so replicas sweeping at once serialize and a repeat finds nothing to do; the anchor only
+        moves forward."""
+        tier = (self._rows_tier or Tier.parse(policy.tier)).value
+        route = await self._db.router.existing(policy.tenant_id, tier)
+        if route is None:
+            return 0
+        cutoff, total = policy.audit_cutoff_us(now_us), 0
+        while True:
+            pruned = await self._prune_batch(route, policy.tenant_id, cutoff, batch)
+            total += pruned
+            if pruned < batch:
+                return total
+
+    async def _prune_batch(self, route: Route, tenant_id: str, cutoff_us: int, batch: int) -> int:
+        from shared.db.raw import raw_transaction
+
+        async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema, write=True) as tx:
+            lock = " FOR UPDATE" if tx.dialect == "postgresql" else ""
+            head = await tx.fetchrow(f"SELECT seq, anchor_seq FROM {self.heads_table} WHERE tenant_id = $1{lock}",
+                                     tenant_id)
+            if head is None:
+                return 0
+            anchor = int(head[1])
+            rows = await tx.fetch(f"SELECT seq, time_us, hash FROM {self.events_table} WHERE tenant_id = $1 "
+                                  f"AND seq > $2 ORDER BY seq LIMIT $3", tenant_id, anchor, batch)
+            last = None
+            for seq, time_us, digest in rows:
+                if int(seq) != anchor + 1 or int(time_us) >= cutoff_us:
+                    break
+                anchor, last = int(seq), (str(digest), int(time_us))
+            if last is None:
+                return 0
+            old = int(head[1])
+            await tx.execute(f"DELETE FROM {self.events_table} WHERE tenant_id = $1 AND seq > $2 AND seq <= $3",
+                             tenant_id, old, anchor)
+            await tx.execute(f"UPDATE {self.heads_table} SET anchor_seq = $2, anchor_hash = $3, anchor_time_us = $4 "
+                             f"WHERE tenant_id = $1 AND anchor_seq < $2", tenant_id, anchor, last[0], last[1])
+        log.info("%s: retention pruned %s's configuration events %d..%d", self.service, tenant_id, old + 1, anchor)
+        return anchor - old
 
     async def events(self, tenant_id: str, tier: str, *, after: int | None, limit: int, newest_first: bool,
                      action: str = "", target: str = "") -> list[dict[str, Any]]:
@@ -339,18 +436,29 @@ class ConfigAudit:
 
     async def verify(self, tenant_id: str, tier: str, *, batch: int = 1000) -> tuple[audit_chain.ChainReport,
                                                                                      tuple[int, str]]:
-        """Recompute a chain against its head."""
-        head = await self.head(tenant_id, tier)
-        entries: list[audit_chain.ChainEntry] = []
-        after = 0
-        while True:
-            rows = await self.events(tenant_id, tier, after=after, limit=batch, newest_first=False)
-            if not rows:
-                break
-            entries += [audit_chain.ChainEntry(int(r["seq"]), _hashed(r), r["prev_hash"], r["hash"]) for r in rows]
-            after = int(rows[-1]["seq"])
-        report = audit_chain.verify(entries, head_sequence=head[0], head_hash=head[1], key=self._key)
+        """Recompute a chain against its head, from its retention anchor."""
+        report, head, _ = await self.verify_anchored(tenant_id, tier, batch=batch)
         return report, head
+
+    async def verify_anchored(self, tenant_id: str, tier: str, *,
+                              batch: int = 1000) -> tuple[audit_chain.ChainReport, tuple[int, str], Anchor]:
+        """verify(), with the anchor it started from. A sweeper pruning meanwhile moves the anchor:
+        then the check is redone from the new one (a break that stays is reported)."""
+        for _ in range(3):
+            head, anchor = await self.head_and_anchor(tenant_id, tier)
+            entries: list[audit_chain.ChainEntry] = []
+            after = anchor.sequence
+            while True:
+                rows = await self.events(tenant_id, tier, after=after, limit=batch, newest_first=False)
+                if not rows:
+                    break
+                entries += [audit_chain.ChainEntry(int(r["seq"]), _hashed(r), r["prev_hash"], r["hash"]) for r in rows]
+                after = int(rows[-1]["seq"])
+            report = audit_chain.verify(entries, head_sequence=head[0], head_hash=head[1], key=self._key,
+                                        anchor_sequence=anchor.sequence, anchor_hash=anchor.hash)
+            if report.intact or (await self.head_and_anchor(tenant_id, tier))[1] == anchor:
+                break
+        return report, head, anchor
 
     def binding(self) -> Binding:
         """The ConfigAuditService binding the service adds to its server."""
@@ -467,7 +575,7 @@ class ConfigAuditServicer(audit_pb2_grpc.ConfigAuditServiceServicer):
             if len(value) > most or not value.isprintable():
                 raise InvalidArgument(f"{name} filter is too long or not printable", reason="FILTER_INVALID",
                                       violations={name: f"at most {most} printable characters"})
-        head = await self._audit.head(tenant_id, tier)
+        head, anchor = await self._audit.head_and_anchor(tenant_id, tier)
         rows = await self._audit.events(tenant_id, tier, after=after, limit=size + 1,
                                         newest_first=not request.oldest_first, action=request.action,
                                         target=request.target)
@@ -475,15 +583,16 @@ class ConfigAuditServicer(audit_pb2_grpc.ConfigAuditServiceServicer):
         rows = rows[:size]
         token = encode_cursor({"s": int(rows[-1]["seq"]), "o": bool(request.oldest_first)}) if more else ""
         return pb.ListAuditEventsResponse(service=self._audit.service, events=[event_pb(r) for r in rows],
-                                          next_page_token=token, head=pb.ChainHead(sequence=head[0], hash=head[1]))
+                                          next_page_token=token, head=pb.ChainHead(sequence=head[0], hash=head[1]),
+                                          anchor=anchor.as_pb())
 
     async def VerifyAuditEvents(self, request, context):
         tenant_id, tier = await self._audit._target(request.tenant_id)
-        report, head = await self._audit.verify(tenant_id, tier)
+        report, head, anchor = await self._audit.verify_anchored(tenant_id, tier)
         return pb.VerifyAuditEventsResponse(service=self._audit.service, intact=report.intact,
                                             events_checked=report.checked,
                                             first_bad_sequence=report.first_bad_sequence, problem=report.problem,
-                                            head=pb.ChainHead(sequence=head[0], hash=head[1]))
+                                            head=pb.ChainHead(sequence=head[0], hash=head[1]), anchor=anchor.as_pb())
 
 
 def new_of(cls: type, target: str, **detail: str) -> Describe:
