@@ -119,12 +119,16 @@ class IdentityRetention:
 
 
 class RetentionSweeper:
-    """One pass: every tenant's policy, each prune step for it. A failing tenant is logged and skipped."""
+    """One pass: every tenant's policy, each prune step for it. A failing tenant is logged and skipped.
+    start()/stop() run passes every `interval` seconds in the background (shared.periodic)."""
 
-    def __init__(self, service: str, source: Source, steps: Sequence[Prune]) -> None:
+    def __init__(self, service: str, source: Source, steps: Sequence[Prune], *,
+                 close: Callable[[], Awaitable[None]] | None = None) -> None:
         self.service = service
         self._source = source
         self._steps = list(steps)
+        self._close = close
+        self._periodic: Periodic | None = None
 
     async def run_once(self, now_us: int | None = None) -> int:
         """Prune everything due now; returns the rows pruned (0 on a repeat)."""
@@ -136,35 +140,41 @@ class RetentionSweeper:
             for step in self._steps:
                 try:
                     total += await step(policy, now_us)
-                except Exception:  # noqa: BLE001 - one tenant's trouble must not stop the others'
+                except Exception:  # one tenant's trouble must not stop the others'
                     log.exception("%s: retention for tenant %s failed; the next pass retries", self.service,
                                   policy.tenant_id)
         if total:
             log.info("%s: retention pruned %d rows", self.service, total)
         return total
 
+    def start(self, *, interval: float = SWEEP_INTERVAL, log: logging.Logger = log) -> None:
+        """Run a pass every `interval` seconds (the first after one interval) until stop()."""
+        self._periodic = Periodic(f"{self.service}-retention", self.run_once, interval=interval, log=log)
+        self._periodic.start()
 
-def retention_sweeper(service: str, config: Any, steps: Sequence[Prune], *, log: logging.Logger,
-                      interval: float | None = None) -> Periodic:
-    """The service's sweeper as a Periodic (start()/stop()), reading policies from identity with the
-    service's platform key; stop() also closes its channel."""
+    async def stop(self) -> None:
+        """Stop the background passes and release the policy source."""
+        if self._periodic is not None:
+            await self._periodic.stop()
+            self._periodic = None
+        if self._close is not None:
+            await self._close()
+            self._close = None
+
+
+def sweep_interval(env: Any) -> float:
+    """Seconds between passes: BULKHEAD_RETENTION_SWEEP_SECONDS, else SWEEP_INTERVAL."""
+    return float(env.get("BULKHEAD_RETENTION_SWEEP_SECONDS", SWEEP_INTERVAL))
+
+
+def retention_sweeper(service: str, config: Any, steps: Sequence[Prune], *,
+                      identity: str | None = None) -> RetentionSweeper:
+    """A data-plane service's sweeper, reading policies from identity (at `identity`, else the configured
+    peer) with the service's platform key (config: its shared.config.ServiceConfig); stop() also closes
+    its channel."""
     from shared.client import make_channel
     from shared.keys import ServiceKeyCredentials
 
-    channel = make_channel(config.peer("identity"))
+    channel = make_channel(identity or config.peer("identity"))
     source = IdentityRetention(channel, ServiceKeyCredentials(channel, config.service_key_file), owns_channel=True)
-    sweeper = RetentionSweeper(service, source.policies, steps)
-    every = interval or float(config.env.get("BULKHEAD_RETENTION_SWEEP_SECONDS", SWEEP_INTERVAL))
-    periodic = _ClosingPeriodic(f"{service}-retention", sweeper.run_once, interval=every, log=log)
-    periodic.closing = source.close
-    return periodic
-
-
-class _ClosingPeriodic(Periodic):
-    closing: Callable[[], Awaitable[None]] | None = None
-
-    async def stop(self) -> None:
-        await super().stop()
-        if self.closing is not None:
-            await self.closing()
-            self.closing = None
+    return RetentionSweeper(service, source.policies, steps, close=source.close)

@@ -66,6 +66,8 @@ class _Check:
     chain: str
     checked: int = 0
     head: int = 0
+    anchor: int = 0
+    """Events up to this were pruned by the tenant's retention: verified from anchor + 1."""
     broken_at: int = 0
     problem: str = ""
     unreachable: str = ""
@@ -77,7 +79,11 @@ class _Check:
             return f"skipped: {self.skipped}"
         if self.unreachable:
             return f"NOT VERIFIED: {self.unreachable}"
-        return f"BROKEN at event {self.broken_at}: {self.problem}" if self.broken_at else "intact"
+        if self.broken_at:
+            return f"BROKEN at event {self.broken_at}: {self.problem}"
+        if self.anchor:
+            return f"intact: verified from event {self.anchor + 1}, {self.anchor} pruned by retention"
+        return "intact"
 
 
 def _why(err: grpc.aio.AioRpcError) -> str:
@@ -92,7 +98,7 @@ async def _check_config(bh: Client, service: str, tenant: str) -> _Check:
     except grpc.aio.AioRpcError as err:
         check.unreachable = _why(err)
         return check
-    check.checked, check.head = r.events_checked, r.head.sequence
+    check.checked, check.head, check.anchor = r.events_checked, r.head.sequence, r.anchor.sequence
     if not r.intact:
         check.broken_at, check.problem = r.first_bad_sequence or 1, r.problem
     return check
@@ -137,8 +143,8 @@ async def _verify(args: argparse.Namespace) -> int:
             checks += await asyncio.gather(*(_check_config(bh, s, tenant) for s in CONFIG_SERVICES))
         if not args.all_tenants:
             checks.append(await _check_access(bh, args.tenant))
-    table([[c.tenant, c.service, c.chain, c.checked, c.head, c.status] for c in checks],
-          ["tenant", "service", "chain", "events", "head", "status"])
+    table([[c.tenant, c.service, c.chain, c.checked, c.head, c.anchor, c.status] for c in checks],
+          ["tenant", "service", "chain", "events", "head", "pruned", "status"])
     broken = [c for c in checks if c.broken_at]
     for c in broken:
         print(f"error: audit chain BROKEN at event {c.broken_at} in {c.service} ({c.chain}, tenant {c.tenant}): "
@@ -150,7 +156,9 @@ async def _verify(args: argparse.Namespace) -> int:
     if not done:
         print("error: no audit chain could be verified (see the table)", file=sys.stderr)
         return 2
+    pruned = sum(c.anchor for c in done)
     print(f"audit chains intact: {sum(c.checked for c in done)} events verified in {len(done)} chains"
+          + (f" ({pruned} older events pruned by retention; each chain verified from its anchor)" if pruned else "")
           + (f"; {len(unverified)} not verified" if unverified else ""))
     return 2 if unverified and args.strict else 0
 
@@ -182,6 +190,9 @@ async def _list(args: argparse.Namespace) -> int:
 async def _config_rows(bh: Client, service: str, args: argparse.Namespace) -> list[tuple[float, list[object]]]:
     page = await _config_stub(bh, service).ListAuditEvents(apb.ListAuditEventsRequest(
         tenant_id=args.tenant, page_size=args.limit, action=args.action, target=args.target), timeout=CALL_TIMEOUT)
+    if page.anchor.sequence:
+        print(f"note: {service}: events 1..{page.anchor.sequence} were pruned by the tenant's retention "
+              f"(the chain is anchored at event {page.anchor.sequence})", file=sys.stderr)
     out = []
     for e in page.events:
         actor = e.actor.principal_id + (" (operator)" if e.actor.operator_id else "")

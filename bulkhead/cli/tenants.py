@@ -27,6 +27,15 @@ def register(subparsers) -> None:
         cmd = sub.add_parser(name, help=f"{name} a tenant")
         cmd.add_argument("tenant_id")
         cmd.set_defaults(func=_set_status, status=status)
+    retention = sub.add_parser("retention", help="show or set how long a tenant's audit events and usage detail "
+                                                  "are kept (setting: operators)")
+    retention.add_argument("tenant", nargs="?", default="", help="tenant id or name (default: your own)")
+    retention.add_argument("--audit-days", type=int, default=None,
+                           help="days to keep audit events, 1..3653 (0: the default, 2557)")
+    retention.add_argument("--usage-days", type=int, default=None,
+                           help="days to keep per-event usage detail, 1..3653 (0: the default, 400); "
+                                "hourly totals and chargeback are kept regardless")
+    retention.set_defaults(func=_retention)
     delete = sub.add_parser("delete", help="delete a tenant by crypto-shredding, after a grace period or now")
     delete.add_argument("tenant_id")
     when = delete.add_mutually_exclusive_group(required=True)
@@ -71,11 +80,56 @@ async def _list(args: argparse.Namespace) -> None:
         while True:
             resp = await bh.identity.ListTenants(pb.ListTenantsRequest(page_size=200, page_token=token))
             rows += [[t.id, t.name, _tier_name(t.tier), t.region, _status_name(t.status),
-                      t.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M")] for t in resp.tenants]
+                      t.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M"), _retention_text(t.retention)]
+                     for t in resp.tenants]
             token = resp.next_page_token
             if not token:
                 break
-    table(rows, ["tenant", "name", "tier", "region", "status", "created (utc)"])
+    table(rows, ["tenant", "name", "tier", "region", "status", "created (utc)", "retention audit/usage"])
+
+
+def _retention_text(policy: pb.RetentionPolicy) -> str:
+    if not policy.audit_days:  # an older server that does not say
+        return "-"
+    return f"{policy.audit_days}d / {policy.usage_detail_days}d"
+
+
+async def _tenant_id(bh, tenant: str) -> str:
+    """An id as given; a name looked up among the tenants (operators)."""
+    if not tenant or re.match(r"^t_[A-Za-z0-9_-]+$", tenant):
+        return tenant
+    token = ""
+    while True:
+        resp = await bh.identity.ListTenants(pb.ListTenantsRequest(page_size=200, page_token=token))
+        for t in resp.tenants:
+            if t.name == tenant:
+                return t.id
+        token = resp.next_page_token
+        if not token:
+            fail(f"no tenant named {tenant!r}")
+
+
+@run_async
+async def _retention(args: argparse.Namespace) -> None:
+    async with await connect(args) as bh:
+        tenant_id = await _tenant_id(bh, args.tenant)
+        if args.audit_days is None and args.usage_days is None:
+            resp = await bh.identity.GetRetentionPolicy(pb.GetRetentionPolicyRequest(tenant_id=tenant_id))
+        else:
+            if args.audit_days is None or args.usage_days is None:  # keep the other field as it is
+                now = (await bh.identity.GetRetentionPolicy(pb.GetRetentionPolicyRequest(tenant_id=tenant_id))).retention
+                if args.audit_days is None:
+                    args.audit_days = 0 if now.audit_days_default else now.audit_days
+                if args.usage_days is None:
+                    args.usage_days = 0 if now.usage_detail_days_default else now.usage_detail_days
+            resp = await bh.identity.SetRetentionPolicy(pb.SetRetentionPolicyRequest(
+                tenant_id=tenant_id, audit_days=args.audit_days, usage_detail_days=args.usage_days))
+    r = resp.retention
+    table([[resp.tenant_id, f"{r.audit_days}" + (" (default)" if r.audit_days_default else ""),
+            f"{r.usage_detail_days}" + (" (default)" if r.usage_detail_days_default else "")]],
+          ["tenant", "audit days", "usage detail days"])
+    print("older audit events are pruned (each chain verified from its oldest kept event); older usage detail is "
+          "pruned, hourly totals and chargeback are kept")
 
 
 @run_async

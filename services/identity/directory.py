@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable
+from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass, replace
 from datetime import datetime
 
@@ -15,6 +15,7 @@ from shared.config import DEFAULT_REGION
 from shared.db import Database
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, clip
 from shared.paging import Page, decode_cursor, encode_cursor, page_size
+from shared.retention import Policy, effective
 from shared.tenancy import (OPERATOR_SCOPE, PLATFORM_TENANT, TIERS, TenantContext, require_tenant, scope_matches,
                             tenant_scope)
 
@@ -144,6 +145,14 @@ class Directory:
             q = (select(TenantRow).where(TenantRow.id > after_id, TenantRow.status != "deleted")
                  .order_by(TenantRow.id).limit(limit))
             return list((await s.execute(q)).scalars())
+
+    async def retention_policies(self) -> AsyncIterator[Policy]:
+        """Every tenant's retention (identity's own sweeper's source; others ask ListRetentionPolicies)."""
+        after = ""
+        while rows := await self.tenants_after(after, 500):
+            for r in rows:
+                yield Policy(r.id, r.tier, *effective(r.audit_retention_days, r.usage_detail_retention_days))
+            after = rows[-1].id
 
     async def set_retention(self, tenant_id: str, audit_days: int | None, usage_detail_days: int | None) -> TenantRow:
         """Set a tenant's retention (None: the default); the caller checked the bounds."""

@@ -24,6 +24,7 @@ from shared.lifecycle import TenantLifecycle, lifecycle_binding
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics
 from shared.periodic import Periodic
+from shared.retention import RetentionSweeper, sweep_interval
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, run_until_signalled, serve
 from shared.telemetry import setup_telemetry
@@ -58,6 +59,8 @@ class IdentityApp:
     """Runs due deletions and retries failed steps."""
     channels: dict = field(default_factory=dict)
     """Channels to the other services, by address."""
+    retention: RetentionSweeper | None = None
+    """Prunes configuration audit events past each tenant's retention (shared.retention)."""
 
     async def close(self, grace: float = 1.0) -> None:
         await self.running.stop(grace)
@@ -96,8 +99,10 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
     sweeper = Periodic("tenant-deletions", deletions.run_due, interval=config.deletion_interval, log=log,
                        run_first=True)
     sweeper.start()
+    retention = RetentionSweeper("identity", directory.retention_policies, [audit.prune])
+    retention.start(interval=sweep_interval(svc.env))
     return IdentityApp(running, db, keys, directory, key_source, operator_key, config.service_keys_dir,
-                       deletions, sweeper, channels)
+                       deletions, sweeper, channels, retention)
 
 
 async def main(env: Mapping[str, str] = os.environ) -> None:
@@ -113,6 +118,8 @@ async def main(env: Mapping[str, str] = os.environ) -> None:
 async def _close_rest(app: IdentityApp) -> None:
     if app.sweeper is not None:
         await app.sweeper.stop()
+    if app.retention is not None:
+        await app.retention.stop()
     if app.deletions is not None:
         await app.deletions.close()
     for channel in app.channels.values():

@@ -37,6 +37,7 @@ from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
 from shared.config_audit import ConfigAudit
+from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.lifecycle import lifecycle_binding
 from shared.logs import register_secret
 from shared.periodic import Periodic
@@ -70,7 +71,7 @@ class InferenceService:
     db: Database
     provider: Provider
     channels: list[grpc.aio.Channel] = field(default_factory=list)
-    tasks: list[Periodic] = field(default_factory=list)
+    tasks: list[Periodic | RetentionSweeper] = field(default_factory=list)
     journal: AttemptJournal | None = None
 
     async def stop(self, grace: float = 5.0) -> None:
@@ -154,6 +155,9 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
              Periodic("attempt-sweeper", sweep, interval=min(30.0, max(0.2, config.attempt_sweep_seconds / 4)), log=log)]
     for task in tasks:
         task.start()
+    retention = retention_sweeper("inference", config.service, [audit.prune])  # configuration audit events
+    retention.start(interval=sweep_interval(config.service.env))
+    tasks.append(retention)  # stopped with the others
     return InferenceService(running, proxy, budget, meter, outbox, db, provider, channels, tasks, journal)
 
 

@@ -23,6 +23,8 @@ from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
 from shared.config_audit import ConfigAudit
+from shared.retention import RetentionSweeper, retention_sweeper
+from shared.retention import sweep_interval as retention_interval
 from shared.lifecycle import lifecycle_binding
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
@@ -57,10 +59,20 @@ class MeteringService:
 
     channels: list = field(default_factory=list)
     """Channels it opened to other services."""
+    audit: ConfigAudit | None = None
+    """Its configuration audit."""
+    retention: RetentionSweeper | None = None
+    """Prunes audit events and usage detail past each tenant's retention (shared.retention)."""
+
+    def retention_steps(self) -> list:
+        """What retention prunes here: configuration audit events and per-event usage detail."""
+        return [self.audit.prune]
 
     async def close(self) -> None:
         """Stop the sweeper, close the database and channels (after the server stopped)."""
         await self.sweeper.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         await self.db.close()
         for channel in self.channels:
             await channel.close()
@@ -92,7 +104,7 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
                           address=address)
     if sweep_interval:
         sweeper.start()
-    return MeteringService(running, db, usage, budgets, metrics, sweeper)
+    return MeteringService(running, db, usage, budgets, metrics, sweeper, audit=audit)
 
 
 async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str | None = None) -> MeteringService:
@@ -105,6 +117,8 @@ async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str
                                    price_cache_s=config.price_cache_s, budget_cache_s=config.budget_cache_s,
                                    tiers=IdentityTiers(identity))
     service.channels.append(identity)
+    service.retention = retention_sweeper("metering", config.service, service.retention_steps())
+    service.retention.start(interval=retention_interval(config.service.env))
     return service
 
 

@@ -26,6 +26,7 @@ from shared.client import make_channel
 from shared.db import Database
 from shared.injection import SecretInjector
 from shared.config_audit import ConfigAudit
+from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.lifecycle import lifecycle_binding
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
@@ -55,6 +56,8 @@ class OrchestratorService:
     dispatcher: Dispatcher
     http: httpx.AsyncClient
     channels: list[grpc.aio.Channel] = field(default_factory=list)
+    retention: RetentionSweeper | None = None
+    """Prunes configuration audit events past each tenant's retention (shared.retention)."""
 
     @property
     def address(self) -> str:
@@ -69,6 +72,8 @@ class OrchestratorService:
     async def close(self) -> None:
         """Stop dispatching and close clients and the database (after the server stopped)."""
         await self.dispatcher.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         await self.http.aclose()
         for channel in self.channels:
             await channel.close()
@@ -117,7 +122,9 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
                           verifier=verifier,
                           address=address or svc.address)
     dispatcher.start()
-    return OrchestratorService(running, db, dispatcher, http, channels)
+    retention = retention_sweeper("orchestrator", svc, [audit.prune], identity=peers.identity)
+    retention.start(interval=sweep_interval(svc.env))
+    return OrchestratorService(running, db, dispatcher, http, channels, retention)
 
 
 def _canary_key(config: OrchestratorConfig) -> bytes:

@@ -66,10 +66,10 @@ async def _backdate(audit: ConfigAudit, ctx: TenantContext, up_to: int, days: in
         if row["seq"] <= up_to:
             row["time_us"] = then + row["seq"]
         digest = link(prev, _hashed(row), audit._key)
-        await _sql(db, ctx, f"UPDATE {EVENTS} SET time_us = $2, prev_hash = $3, hash = $4 WHERE tenant_id = $1 "
-                            "AND seq = $5", row["time_us"], prev, digest, row["seq"])
+        await _sql(db, ctx, f"UPDATE {audit.events_table} SET time_us = $2, prev_hash = $3, hash = $4 "
+                            "WHERE tenant_id = $1 AND seq = $5", row["time_us"], prev, digest, row["seq"])
         prev = digest
-    assert await _sql(db, ctx, f"UPDATE {HEADS} SET hash = $2 WHERE tenant_id = $1", prev) == 1
+    assert await _sql(db, ctx, f"UPDATE {audit.heads_table} SET hash = $2 WHERE tenant_id = $1", prev) == 1
     assert (await audit.verify(ctx.tenant_id, ctx.tier))[0].intact
 
 

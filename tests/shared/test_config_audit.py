@@ -208,6 +208,13 @@ async def _revoke_token(w: World, t: TenantHandle):
     return lambda: w.mesh.identity.stub.RevokeToken(idn.RevokeTokenRequest(jti=fresh.jti), metadata=t.metadata)
 
 
+async def _set_retention(w: World, t: TenantHandle):
+    import random
+
+    return lambda: w.mesh.identity.stub.SetRetentionPolicy(idn.SetRetentionPolicyRequest(
+        tenant_id=t.tenant_id, audit_days=random.randint(1, 3653), usage_detail_days=30), metadata=w.operator.metadata)
+
+
 async def _rotate_signing_key(w: World, t: TenantHandle):
     return lambda: w.mesh.identity.stub.RotateSigningKey(idn.RotateSigningKeyRequest(), metadata=w.operator.metadata)
 
@@ -221,6 +228,7 @@ CHANGES = {
     "signing_key.rotate": Change("identity", "signing_key.rotate", "platform", True, _rotate_signing_key),
     "tenant.suspend": Change("identity", "tenant.suspend", "tenant", True, _status(idn.TENANT_STATUS_SUSPENDED), fresh=True),
     "tenant.resume": Change("identity", "tenant.resume", "tenant", True, _status(idn.TENANT_STATUS_ACTIVE), fresh=True),
+    "tenant.retention": Change("identity", "tenant.retention", "tenant", True, _set_retention),
     "tenant.delete": Change("identity", "tenant.delete", "tenant", True, _delete_tenant, fresh=True),
     "team.create": Change("orchestrator", "team.create", "tenant", False, _create_team),
     "team.update": Change("orchestrator", "team.update", "tenant", False, _update_team),
