@@ -97,7 +97,8 @@ class UsageLedger:
         self.check(query, prefix=prefix)
         book = await self._prices.book(fresh=True)
         async with self._db.read_session() as s:  # a replica, when configured
-            partials = await rollup.sum_usage(s, query, book.versions())
+            partials = await rollup.sum_usage(s, query, book.versions(),
+                                              pruned_before_hour=await store.pruned_before_hour(s))
         return total(partials, tenant_id=require_tenant().tenant_id, group_by=query.group_by, book=book)
 
     @staticmethod

@@ -13,6 +13,8 @@ KEPT = {
                             "outcome), which usage queries read for whole hours: dropping them would "
                             "under-count the ledger that stays",
     "metering_tenants": "the tenant's tier, so the kept ledger still prices and exports correctly",
+    "metering_usage_retention": "where the kept ledger's per-event detail ends (retention pruned the rest), so "
+                                "reports read those hours from the roll-up",
 }
 """Tables a purge leaves in place, each with its reason (metering_operator_audit, which names the
 tenant as target_tenant, has no tenant_id column and is kept as the operators' own audit)."""

@@ -79,8 +79,39 @@ def split_hours(prices: dict[str, list[Price]]) -> frozenset[tuple[str, int]]:
                      for p in versions if p.effective_us % _H)
 
 
-async def sum_usage(session: AsyncSession, query: UsageQuery, prices: dict[str, list[Price]]) -> list[PartialSum]:
-    """The same partial sums as store.sum_usage over the events, reading whole hours from the roll-up."""
+async def sum_usage(session: AsyncSession, query: UsageQuery, prices: dict[str, list[Price]], *,
+                    pruned_before_hour: int = 0) -> list[PartialSum]:
+    """The same partial sums as store.sum_usage over the events, reading whole hours from the roll-up.
+
+    Hours before pruned_before_hour lost their per-event detail to the tenant's retention
+    (services/metering/retention.py): they are read from the roll-up only, each hour counted in the
+    window when its start is (hour granularity, so day and month totals and chargeback are unchanged)."""
+    edge = pruned_before_hour * _H
+    if query.start_us >= edge:
+        return await _sum_detailed(session, query, prices)
+    out = []
+    first, last = -(-query.start_us // _H), min(pruned_before_hour, -(-query.end_us // _H))
+    if first < last:
+        out += await _sum_pruned(session, replace(query, start_us=first * _H, end_us=last * _H), prices)
+    if query.end_us > edge:
+        out += await _sum_detailed(session, replace(query, start_us=edge), prices)
+    return out
+
+
+async def _sum_pruned(session: AsyncSession, query: UsageQuery, prices: dict[str, list[Price]]) -> list[PartialSum]:
+    """Whole pruned hours: the roll-up, except the (model, hour) pairs in which a price version starts
+    whose events retention kept in full (they are read and priced one by one, as before pruning)."""
+    first, last = query.start_us // _H, query.end_us // _H
+    split = frozenset((m, h) for m, h in split_hours(prices)
+                      if first <= h < last and (not query.model or m == query.model))
+    exact = await store.complete_pairs(session, split) if split else frozenset()
+    out = await store.sum_usage(session, query, prices, hourly=True, skip=exact)
+    if exact:
+        out += await store.sum_usage(session, query, prices, only=exact)
+    return out
+
+
+async def _sum_detailed(session: AsyncSession, query: UsageQuery, prices: dict[str, list[Price]]) -> list[PartialSum]:
     first, last = -(-query.start_us // _H), query.end_us // _H  # the whole hours inside the window
     if first >= last:
         return await store.sum_usage(session, query, prices)

@@ -16,6 +16,7 @@ from services.metering.ledger import UsageLedger
 from services.metering.lifecycle import KEPT
 from services.metering.meters import MeteringMetrics
 from services.metering.prices import PriceCache
+from services.metering.retention import UsageDetailRetention
 from services.metering.servicer import MeteringServicer, MeteringTiers
 from services.metering.store import MeteringBase
 from services.metering.sweeper import ExpirySweeper
@@ -61,12 +62,14 @@ class MeteringService:
     """Channels it opened to other services."""
     audit: ConfigAudit | None = None
     """Its configuration audit."""
+    usage_retention: UsageDetailRetention | None = None
+    """Prunes per-event usage detail past each tenant's retention (the roll-up stays)."""
     retention: RetentionSweeper | None = None
     """Prunes audit events and usage detail past each tenant's retention (shared.retention)."""
 
     def retention_steps(self) -> list:
         """What retention prunes here: configuration audit events and per-event usage detail."""
-        return [self.audit.prune]
+        return [self.audit.prune, self.usage_retention.prune]
 
     async def close(self) -> None:
         """Stop the sweeper, close the database and channels (after the server stopped)."""
@@ -104,7 +107,8 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
                           address=address)
     if sweep_interval:
         sweeper.start()
-    return MeteringService(running, db, usage, budgets, metrics, sweeper, audit=audit)
+    return MeteringService(running, db, usage, budgets, metrics, sweeper, audit=audit,
+                           usage_retention=UsageDetailRetention(db, prices))
 
 
 async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str | None = None) -> MeteringService:

@@ -107,6 +107,20 @@ class UsageHourRow(MeteringBase, TenantOwned):
     cache_read_tokens: Mapped[int] = mapped_column(BigInteger, default=0)
 
 
+class UsageRetentionRow(MeteringBase, TenantOwned):
+    """Where the tenant's per-event usage detail ends (services/metering/retention.py): events before
+    hour pruned_before_hour were pruned by its retention, except those of hours in which a price
+    version starts (kept so those hours stay priced exactly). Reports read those hours from the roll-up."""
+
+    __tablename__ = "metering_usage_retention"
+    __table_args__ = (PrimaryKeyConstraint("tenant_id"),)
+
+    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False, info={TENANT_COLUMN_INFO: True})
+    pruned_before_hour: Mapped[int] = mapped_column(Integer)
+    pruned_events: Mapped[int] = mapped_column(BigInteger, default=0)
+    """Events pruned so far (for operators; the roll-up still counts them)."""
+
+
 class PriceRow(MeteringBase):
     """A price version (platform-wide, not tenant data)."""
 
@@ -365,6 +379,25 @@ async def sum_usage(session: AsyncSession, query: UsageQuery, prices: dict[str, 
             event_count=int(count), error_count=int(errors or 0),
             tokens=Tokens(int(i or 0), int(o or 0), int(cw or 0), int(cr or 0))))
     return out
+
+
+async def complete_pairs(session: AsyncSession, pairs: frozenset[tuple[str, int]]) -> frozenset[tuple[str, int]]:
+    """The (model, hour) pairs whose events are all still stored (as many as the roll-up counts)."""
+    if not pairs:
+        return frozenset()
+    e, h = UsageEventRow, UsageHourRow
+    wanted_e = or_(*(and_(e.model == m, e.hour == hour) for m, hour in sorted(pairs)))
+    wanted_h = or_(*(and_(h.model == m, h.hour == hour) for m, hour in sorted(pairs)))
+    events = {(m, int(hr)): int(n) for m, hr, n in (await session.execute(
+        select(e.model, e.hour, func.count()).where(wanted_e).group_by(e.model, e.hour))).all()}
+    rolled = {(m, int(hr)): int(n or 0) for m, hr, n in (await session.execute(
+        select(h.model, h.hour, func.sum(h.event_count)).where(wanted_h).group_by(h.model, h.hour))).all()}
+    return frozenset(p for p in pairs if events.get(p, 0) == rolled.get(p, 0))
+
+
+async def pruned_before_hour(session: AsyncSession) -> int:
+    """Where the current tenant's per-event detail starts (0: nothing pruned)."""
+    return int((await session.execute(select(UsageRetentionRow.pruned_before_hour))).scalar() or 0)
 
 
 # ---------------------------------------------------------------- prices, tenants, audit
