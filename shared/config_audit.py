@@ -383,31 +383,12 @@ class ConfigAudit:
                 return total
 
     async def _prune_batch(self, route: Route, tenant_id: str, cutoff_us: int, batch: int) -> int:
-        from shared.db.raw import raw_transaction
-
-        async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema, write=True) as tx:
-            lock = " FOR UPDATE" if tx.dialect == "postgresql" else ""
-            head = await tx.fetchrow(f"SELECT seq, anchor_seq FROM {self.heads_table} WHERE tenant_id = $1{lock}",
-                                     tenant_id)
-            if head is None:
-                return 0
-            anchor = int(head[1])
-            rows = await tx.fetch(f"SELECT seq, time_us, hash FROM {self.events_table} WHERE tenant_id = $1 "
-                                  f"AND seq > $2 ORDER BY seq LIMIT $3", tenant_id, anchor, batch)
-            last = None
-            for seq, time_us, digest in rows:
-                if int(seq) != anchor + 1 or int(time_us) >= cutoff_us:
-                    break
-                anchor, last = int(seq), (str(digest), int(time_us))
-            if last is None:
-                return 0
-            old = int(head[1])
-            await tx.execute(f"DELETE FROM {self.events_table} WHERE tenant_id = $1 AND seq > $2 AND seq <= $3",
-                             tenant_id, old, anchor)
-            await tx.execute(f"UPDATE {self.heads_table} SET anchor_seq = $2, anchor_hash = $3, anchor_time_us = $4 "
-                             f"WHERE tenant_id = $1 AND anchor_seq < $2", tenant_id, anchor, last[0], last[1])
-        log.info("%s: retention pruned %s's configuration events %d..%d", self.service, tenant_id, old + 1, anchor)
-        return anchor - old
+        pruned, anchor = await retention.prune_chain_prefix(route, tenant_id, events=self.events_table,
+                                                            heads=self.heads_table, cutoff_us=cutoff_us, batch=batch)
+        if pruned:
+            log.info("%s: retention pruned %s's configuration events %d..%d", self.service, tenant_id,
+                     anchor - pruned + 1, anchor)
+        return pruned
 
     async def events(self, tenant_id: str, tier: str, *, after: int | None, limit: int, newest_first: bool,
                      action: str = "", target: str = "") -> list[dict[str, Any]]:

@@ -61,6 +61,39 @@ class Policy:
         return now_us - self.usage_detail_days * DAY_US
 
 
+async def prune_chain_prefix(route: Any, tenant_id: str, *, events: str, heads: str, cutoff_us: int,
+                             batch: int = BATCH) -> tuple[int, int]:
+    """One batch of a hash chain's retention: delete the oldest events (by sequence, from the anchor
+    on) written before cutoff_us, at most `batch`, and move the chain's anchor (anchor_seq,
+    anchor_hash, anchor_time_us on the heads row) to the last one deleted; returns (deleted, anchor).
+
+    Only a contiguous prefix goes: pruning stops at the first event young enough to keep and at any
+    gap (a missing event stays for verify to report). The heads row is locked (Postgres FOR UPDATE,
+    SQLite's write lock), so concurrent sweepers serialize and a repeat finds nothing; the anchor
+    only moves forward. Tables: `events` (tenant_id, seq, time_us, hash), `heads` (tenant_id, ...)."""
+    from shared.db.raw import raw_transaction
+
+    async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema, write=True) as tx:
+        lock = " FOR UPDATE" if tx.dialect == "postgresql" else ""
+        head = await tx.fetchrow(f"SELECT anchor_seq FROM {heads} WHERE tenant_id = $1{lock}", tenant_id)
+        if head is None:
+            return 0, 0
+        old = anchor = int(head[0])
+        rows = await tx.fetch(f"SELECT seq, time_us, hash FROM {events} WHERE tenant_id = $1 AND seq > $2 "
+                              "ORDER BY seq LIMIT $3", tenant_id, anchor, batch)
+        last = None
+        for seq, time_us, digest in rows:
+            if int(seq) != anchor + 1 or int(time_us) >= cutoff_us:
+                break
+            anchor, last = int(seq), (str(digest), int(time_us))
+        if last is None:
+            return 0, old
+        await tx.execute(f"DELETE FROM {events} WHERE tenant_id = $1 AND seq > $2 AND seq <= $3", tenant_id, old, anchor)
+        await tx.execute(f"UPDATE {heads} SET anchor_seq = $2, anchor_hash = $3, anchor_time_us = $4 "
+                         "WHERE tenant_id = $1 AND anchor_seq < $2", tenant_id, anchor, last[0], last[1])
+    return anchor - old, anchor
+
+
 def checked_days(field: str, value: int) -> int | None:
     """A requested number of days: None for 0 (the default), else within MIN_DAYS..MAX_DAYS."""
     if value == 0:

@@ -114,7 +114,8 @@ async def _check_access(bh: Client, tenant: str) -> _Check:
     except grpc.aio.AioRpcError as err:
         check.unreachable = _why(err)
         return check
-    check.checked = check.head = r.events_checked
+    check.anchor = r.anchor.sequence
+    check.checked, check.head = r.events_checked, r.events_checked + r.anchor.sequence
     if not r.intact:
         check.broken_at, check.problem = r.first_bad_sequence or 1, r.problem
     return check

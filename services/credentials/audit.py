@@ -16,8 +16,10 @@ from sqlalchemy import func, select
 from services.credentials import store
 from services.credentials.sqlite_writer import SqliteWriter
 from shared import audit_chain, errors
+from shared.config_audit import Anchor
 from shared.db import Database
 from shared.db.engine import sqlite_path
+from shared.retention import BATCH, Policy, prune_chain_prefix
 from shared.tenancy import NoTenantContext, require_tenant
 
 ALLOWED, DENIED, NOT_FOUND, CONFLICT, INVALID, FAILED = "allowed", "denied", "not_found", "conflict", "invalid", "failed"
@@ -210,16 +212,51 @@ class AuditLog:
                 store.AuditRow.outcome == ALLOWED))).scalar()
 
     async def verify(self, *, batch: int = 1000) -> audit_chain.ChainReport:
-        """Recompute the current tenant's chain against its head."""
+        """Recompute the current tenant's chain against its head, from its retention anchor."""
+        return (await self.verify_anchored(batch=batch))[0]
+
+    async def anchor(self) -> Anchor:
+        """The current tenant's retention anchor (Anchor() while nothing was pruned)."""
         async with self._db.session() as s:
             head = await store.audit_head(s)
+        return _anchor_of(head)
+
+    async def verify_anchored(self, *, batch: int = 1000) -> tuple[audit_chain.ChainReport, Anchor]:
+        """verify() and the anchor it started from (in one transaction: a sweeper pruning meanwhile is
+        either wholly seen or not at all on Postgres; on SQLite the read holds the file's snapshot)."""
+        async with self._db.session() as s:
+            head = await store.audit_head(s)
+            anchor = _anchor_of(head)
             entries: list[audit_chain.ChainEntry] = []
-            after = 0
+            after = anchor.sequence
             while True:
                 rows = await store.audit_page(s, after_seq=after, limit=batch)
                 if not rows:
                     break
                 entries.extend(audit_chain.ChainEntry(r.seq, hashed_fields(r), r.prev_hash, r.hash) for r in rows)
                 after = rows[-1].seq
-        return audit_chain.verify(entries, head_sequence=head.seq if head else 0,
-                                  head_hash=head.hash if head else audit_chain.GENESIS, key=self._key)
+        report = audit_chain.verify(entries, head_sequence=head.seq if head else 0,
+                                    head_hash=head.hash if head else audit_chain.GENESIS, key=self._key,
+                                    anchor_sequence=anchor.sequence, anchor_hash=anchor.hash)
+        return report, anchor
+
+    async def prune(self, policy: Policy, now_us: int, *, batch: int = BATCH) -> int:
+        """Retention (a shared.retention sweeper step): delete the tenant's access events older than its
+        audit_days, oldest first, and move its chain's anchor to the last one deleted."""
+        route = await self._db.router.existing(policy.tenant_id, policy.tier)
+        if route is None:
+            return 0
+        total = 0
+        while True:
+            pruned, _ = await prune_chain_prefix(route, policy.tenant_id, events="cred_audit_events",
+                                                 heads="cred_audit_heads", cutoff_us=policy.audit_cutoff_us(now_us),
+                                                 batch=batch)
+            total += pruned
+            if pruned < batch:
+                return total
+
+
+def _anchor_of(head: store.AuditHeadRow | None) -> Anchor:
+    if head is None or not head.anchor_seq:
+        return Anchor()
+    return Anchor(int(head.anchor_seq), str(head.anchor_hash), int(head.anchor_time_us))

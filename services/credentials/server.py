@@ -20,6 +20,7 @@ from services.credentials.vault_backend import VaultBackend
 from shared.placement import open_service_database
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
+from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.tokens import TokenVerifier
@@ -39,6 +40,8 @@ class CredentialsService:
     keys: KeyManager
     audit: AuditLog
     scheduler: RotationScheduler
+    retention: RetentionSweeper | None = None
+    """Prunes access audit events past each tenant's retention (shared.retention)."""
 
     async def stop(self, grace: float = 5.0) -> None:
         """Stop serving, then close everything."""
@@ -48,6 +51,8 @@ class CredentialsService:
     async def close(self) -> None:
         """Stop rotation, close the backend and the database (after the server stopped)."""
         await self.scheduler.stop()
+        if self.retention is not None:
+            await self.retention.stop()
         await self.backend.close()
         await self.audit.close()
         await self.db.close()
@@ -93,10 +98,13 @@ async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBacken
 async def start(config: Config, verifier: TokenVerifier, *, address: str | None = None) -> CredentialsService:
     """Open the database (migrating it), build the configured backend, start serving and rotating."""
     db = await open_service_database(config.service, migrations=str(MIGRATIONS))  # every region's
-    return await serve_credentials(db=db, backend=make_backend(config, db), verifier=verifier,
-                                   address=address or config.service.address, grace_seconds=config.grace_seconds,
-                                   rotation_interval=config.rotation_interval, cache_seconds=config.cache_seconds,
-                                   audit_key=load_or_create_master_key(config.audit_key_path))
+    service = await serve_credentials(db=db, backend=make_backend(config, db), verifier=verifier,
+                                      address=address or config.service.address, grace_seconds=config.grace_seconds,
+                                      rotation_interval=config.rotation_interval, cache_seconds=config.cache_seconds,
+                                      audit_key=load_or_create_master_key(config.audit_key_path))
+    service.retention = retention_sweeper("credentials", config.service, [service.audit.prune])
+    service.retention.start(interval=sweep_interval(config.service.env))
+    return service
 
 
 async def main() -> None:

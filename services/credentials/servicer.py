@@ -116,12 +116,14 @@ class CredentialsServicer(credentials_pb2_grpc.CredentialsServiceServicer):
                                   violations={"page_token": "not a token this service issued"})
         rows = await self._audit.page(after_seq=after, limit=size + 1, secret_name=request.secret_name)
         token = paging.encode_cursor({"seq": rows[size - 1].seq}) if len(rows) > size else ""
-        return pb.ListAccessEventsResponse(events=[event_proto(r) for r in rows[:size]], next_page_token=token)
+        return pb.ListAccessEventsResponse(events=[event_proto(r) for r in rows[:size]], next_page_token=token,
+                                           anchor=(await self._audit.anchor()).as_pb())
 
     async def VerifyAccessEvents(self, request: pb.VerifyAccessEventsRequest, context) -> pb.VerifyAccessEventsResponse:
-        report = await self._audit.verify()
+        report, anchor = await self._audit.verify_anchored()
         return pb.VerifyAccessEventsResponse(intact=report.intact, events_checked=report.checked,
-                                             first_bad_sequence=report.first_bad_sequence, problem=report.problem)
+                                             first_bad_sequence=report.first_bad_sequence, problem=report.problem,
+                                             anchor=anchor.as_pb())
 
     async def Encrypt(self, request: pb.EncryptRequest, context) -> pb.EncryptResponse:
         ciphertext, version = await self._keys.encrypt(request.plaintext)

@@ -97,6 +97,12 @@ class AuditHeadRow(CredentialsBase, TenantOwned):
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
+    anchor_seq: Mapped[int] = mapped_column(BigInteger, server_default="0", default=0)
+    """Retention anchor (shared.retention): events up to this sequence were pruned; 0: none."""
+    anchor_hash: Mapped[str] = mapped_column(String(64), server_default="0" * 64, default="0" * 64)
+    """The last pruned event's hash: the oldest kept event's prev_hash."""
+    anchor_time_us: Mapped[int] = mapped_column(BigInteger, server_default="0", default=0)
+    """When the last pruned event was written."""
 
 
 class LocalKeyRow(CredentialsBase, TenantOwned):

@@ -1,5 +1,6 @@
 import datetime
 
+from bulkhead.common.v1 import audit_pb2 as _audit_pb2
 from bulkhead.common.v1 import auth_pb2 as _auth_pb2
 from google.protobuf import duration_pb2 as _duration_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
@@ -266,28 +267,32 @@ class ListAccessEventsRequest(_message.Message):
     def __init__(self, page_size: _Optional[int] = ..., page_token: _Optional[str] = ..., secret_name: _Optional[str] = ...) -> None: ...
 
 class ListAccessEventsResponse(_message.Message):
-    __slots__ = ("events", "next_page_token")
+    __slots__ = ("events", "next_page_token", "anchor")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[AccessEvent]
     next_page_token: str
-    def __init__(self, events: _Optional[_Iterable[_Union[AccessEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+    anchor: _audit_pb2.ChainAnchor
+    def __init__(self, events: _Optional[_Iterable[_Union[AccessEvent, _Mapping]]] = ..., next_page_token: _Optional[str] = ..., anchor: _Optional[_Union[_audit_pb2.ChainAnchor, _Mapping]] = ...) -> None: ...
 
 class VerifyAccessEventsRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class VerifyAccessEventsResponse(_message.Message):
-    __slots__ = ("intact", "events_checked", "first_bad_sequence", "problem")
+    __slots__ = ("intact", "events_checked", "first_bad_sequence", "problem", "anchor")
     INTACT_FIELD_NUMBER: _ClassVar[int]
     EVENTS_CHECKED_FIELD_NUMBER: _ClassVar[int]
     FIRST_BAD_SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     PROBLEM_FIELD_NUMBER: _ClassVar[int]
+    ANCHOR_FIELD_NUMBER: _ClassVar[int]
     intact: bool
     events_checked: int
     first_bad_sequence: int
     problem: str
-    def __init__(self, intact: _Optional[bool] = ..., events_checked: _Optional[int] = ..., first_bad_sequence: _Optional[int] = ..., problem: _Optional[str] = ...) -> None: ...
+    anchor: _audit_pb2.ChainAnchor
+    def __init__(self, intact: _Optional[bool] = ..., events_checked: _Optional[int] = ..., first_bad_sequence: _Optional[int] = ..., problem: _Optional[str] = ..., anchor: _Optional[_Union[_audit_pb2.ChainAnchor, _Mapping]] = ...) -> None: ...
 
 class EncryptRequest(_message.Message):
     __slots__ = ("plaintext",)
