@@ -140,10 +140,10 @@ class Directory:
         return row
 
     async def tenants_after(self, after_id: str, limit: int) -> list[TenantRow]:
-        """Tenants not deleted, by id, after after_id (the retention sweepers' listing)."""
+        """Tenants by id after after_id, deleted ones too (the retention sweepers' listing: what deletion
+        keeps is pruned by the policy the tenant had)."""
         async with self._db.system_session() as s:
-            q = (select(TenantRow).where(TenantRow.id > after_id, TenantRow.status != "deleted")
-                 .order_by(TenantRow.id).limit(limit))
+            q = select(TenantRow).where(TenantRow.id > after_id).order_by(TenantRow.id).limit(limit)
             return list((await s.execute(q)).scalars())
 
     async def retention_policies(self) -> AsyncIterator[Policy]:

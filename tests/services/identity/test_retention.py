@@ -132,3 +132,29 @@ async def test_platform_services_list_every_tenant_with_tier_in_pages(identity):
     bad = await _error(identity.stub.ListRetentionPolicies(pb.ListRetentionPoliciesRequest(page_token="!!"),
                                                            metadata=service.metadata))
     assert bad.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_identitys_own_sweeper_prunes_its_configuration_chain_from_the_directory(identity):
+    """identity's sweeper (wired in its server, policies from its own directory) prunes the tenant's old
+    configuration events and ListAuditEvents/VerifyAuditEvents report the anchor."""
+    from shared.config_audit import ConfigAudit
+    from shared.tenancy import TenantContext
+    from tests.retention.test_config_audit_retention import _backdate
+
+    op = identity.operator.metadata
+    acme = await identity.tenant("acme")
+    await identity.stub.SetRetentionPolicy(pb.SetRetentionPolicyRequest(tenant_id=acme.tenant_id, audit_days=1),
+                                           metadata=op)
+    for name in ("bot-a", "bot-b"):
+        await identity.stub.CreatePrincipal(pb.CreatePrincipalRequest(
+            kind=pb.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=name, scopes=["state.*"]), metadata=acme.metadata)
+    audit = ConfigAudit("identity", identity.app.db, key=b"")
+    await _backdate(audit, TenantContext(acme.tenant_id, "p", tier="pooled"), 2, days=2)
+    assert await identity.app.retention.run_once() == 2
+    stub = audit_pb2_grpc.ConfigAuditServiceStub(identity.channel)
+    check = await stub.VerifyAuditEvents(aud.VerifyAuditEventsRequest(), metadata=acme.metadata)
+    assert check.intact and check.events_checked == 2 and check.anchor.sequence == 2, check
+    listed = await stub.ListAuditEvents(aud.ListAuditEventsRequest(oldest_first=True), metadata=acme.metadata)
+    assert [e.action for e in listed.events] == ["principal.create", "principal.create"]
+    assert listed.anchor.hash == listed.events[0].prev_hash and listed.anchor.time.seconds > 0
+    assert await identity.app.retention.run_once() == 0
