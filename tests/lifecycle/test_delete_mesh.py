@@ -29,7 +29,7 @@ from tests.isolation.resources import make_victim
 from tests.services.orchestrator.mesh import TIERS, running_mesh
 
 KEPT_TABLES = {"metering_usage_events", "metering_usage_hours", "metering_tenants", "metering_operator_audit",
-               "tenants", "tenant_deletions", "tenant_deletion_steps"}
+               "metering_usage_retention", "tenants", "tenant_deletions", "tenant_deletion_steps"}
 """Tables that may still name a deleted tenant (docs/CONTRACT.md, "What deletion keeps")."""
 
 
@@ -130,7 +130,7 @@ async def test_delete_now_shreds_every_service_and_signs_a_receipt(tmp_path, mon
             assert by_service["credentials"]["destroyed_keys"]
             assert by_service["orchestrator"]["actions"] == [{"name": "runs_cancelled", "count": 1}]
             assert {k["table"] for k in by_service["metering"]["kept"]} == {"metering_usage_events", "metering_usage_hours",
-                                                                              "metering_tenants"}
+                                                                              "metering_tenants", "metering_usage_retention"}
             assert canary.decode() not in r.body.decode()
             if tier != "pooled":
                 assert any(by_service[s]["dropped_stores"] for s in ("state", "credentials", "orchestrator"))
