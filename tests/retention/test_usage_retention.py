@@ -19,7 +19,15 @@ from services.metering.prices import PriceCache
 from services.metering.pricing import Price, Tokens
 from services.metering.retention import UsageDetailRetention
 from services.metering.server import MIGRATIONS
-from services.metering.usage import AGENT, DAY, HOUR, MODEL, PRINCIPAL, UsageQuery, UsageRecord
+from services.metering.usage import (
+    AGENT,
+    DAY,
+    HOUR,
+    MODEL,
+    PRINCIPAL,
+    UsageQuery,
+    UsageRecord,
+)
 from shared.db import Database
 from shared.db.raw import raw_transaction
 from shared.retention import Policy
