@@ -73,6 +73,10 @@ async def test_operator_sets_short_retention_sweeper_prunes_verify_passes_and_ca
     assert code == 0 and " 1 " in f" {out} " and "2555" in out, out
     code, _, err = await cli(short, "tenants", "retention", keep.tenant_id, "--audit-days", "5")
     assert code != 0  # setting is the operator's
+    code, out, err = await cli(op, "tenants", "list")
+    row = next(line for line in out.splitlines() if short.tenant_id in line)
+    assert code == 0 and "1d / 2555d" in row and "2557d / 400d" in next(
+        line for line in out.splitlines() if keep.tenant_id in line), out
 
     for who in (short, keep):
         for _ in range(6):
