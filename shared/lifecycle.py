@@ -40,6 +40,9 @@ from shared.tiers import Tier, UnknownTier, tier_from_proto
 
 log = logging.getLogger("bulkhead.lifecycle")
 
+REGION_MAIN = "bulkhead_region_main"
+"""Table.info key of tables whose tenant rows live in the main database of the tenant's region, whatever
+its tier (shared.security_events)."""
 LIFECYCLE_SCOPE = "platform.lifecycle"
 """The scope of every TenantLifecycleService method; only identity's own platform token holds it."""
 MAIN_STORE = "main"
@@ -135,20 +138,26 @@ class TenantLifecycle:
         """(store name, route or None when it does not exist, its tables) in a stable order."""
         tier = self._rows_tier or tier
         router = self._db.router
-        own = [t for t in self._tables if self._own(t)]
-        platform = [t for t in self._tables if not self._own(t)]
+        # Tables marked REGION_MAIN (the security-events ledger) hold a tenant's rows in its region's main
+        # database whatever its tier; other tenant-owned ones go where the tier router puts it.
+        regional = [t for t in self._tables if t.info.get(REGION_MAIN)]
+        own = [t for t in self._tables if self._own(t) and t not in regional]
+        platform = [t for t in self._tables if not self._own(t) and t not in regional]
         out: list[tuple[str, Route | None, list[Table]]] = []
         # Data residency: the tenant's region's main database holds its pooled rows; platform tables
         # stay in the default region's (shared/db/router.py).
         home = await router.main_route(tenant_id) if self._rows_tier is None else Route(self._db.engine)
         name = router.store_name(tenant_id, tier.value, home.region or None)
-        if name is None and home.bind is self._db.engine:
-            out.append((MAIN_STORE, Route(self._db.engine), platform + own))
+        at_home = home.bind is self._db.engine
+        if name is None and at_home:
+            out.append((MAIN_STORE, Route(self._db.engine), platform + regional + own))
         elif name is None:
             out.append((MAIN_STORE, Route(self._db.engine), platform))
-            out.append((f"{home.region}/{MAIN_STORE}", home, own))
+            out.append((f"{home.region}/{MAIN_STORE}", home, regional + own))
         else:
-            out.append((MAIN_STORE, Route(self._db.engine), platform))
+            out.append((MAIN_STORE, Route(self._db.engine), platform + (regional if at_home else [])))
+            if not at_home and regional:
+                out.append((f"{home.region}/{MAIN_STORE}", home, regional))
             out.append((name, await router.existing(tenant_id, tier.value), own))
         return out
 
