@@ -145,10 +145,30 @@ async def test_b_refusals_on_two_services_show_in_bs_ledgers_never_in_as(backend
         assert event.bucket_start_time.seconds <= event.last_seen_time.seconds <= now + 1
         for service in ("state", "credentials"):
             assert await m.listed(service, A) == []  # B named A's tenant: still B's event, never A's
-        # Read back through another service's replica of the same ledger: the same figures (no process memory).
         again = await m.listed("credentials", B, reasons=["MISSING_SCOPE"])
         assert again == at_credentials
         assert await m.listed("credentials", B, reasons=["TENANT_MISMATCH"]) == []
+
+
+async def test_every_replica_answers_with_the_same_figures(mesh):
+    """Refusals taken by one state replica are read back, equal, from a second replica over the same database,
+    which never saw them (the figures come from the ledger, not from process memory)."""
+    second = await serve_state(db=mesh.dbs["state"], envelope=PlaintextEnvelope(), verifier=mesh.tokens.verifier)
+    channel = grpc.aio.insecure_channel(second.address)
+    try:
+        state = state_pb2_grpc.StateServiceStub(mesh.channels["state"])
+        for _ in range(4):
+            await _refused(state.ListThreads, st.ListThreadsRequest(), metadata=mesh.md(B, claimed=A))
+        await mesh.flush()
+        assert second.security_events.counts == {}  # the second replica refused nothing itself
+        other = security_events_pb2_grpc.SecurityEventsServiceStub(channel)
+        here = (await mesh.events("state").ListSecurityEvents(pb.ListSecurityEventsRequest(),
+                                                               metadata=mesh.md(B))).events
+        there = (await other.ListSecurityEvents(pb.ListSecurityEventsRequest(), metadata=mesh.md(B))).events
+        assert [e.count for e in there] == [4] and list(there) == list(here)
+    finally:
+        await channel.close()
+        await second.stop(0)
 
 
 async def test_only_verified_tokens_are_attributed(mesh):
