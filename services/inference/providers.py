@@ -1,8 +1,12 @@
-"""Model providers: the Anthropic Messages API through the official SDK, and a deterministic offline one.
+"""Model providers: the Anthropic Messages API, and a deterministic offline one.
 
 A provider takes a Messages API request body (a dict) and returns the upstream's reply as
 JSON-shaped dicts, so the proxy can return it field for field. Upstream failures become
 UpstreamError with a kind the servicer maps to a status. No grpc imports.
+
+Unary calls go through upstream_http.UpstreamPool (the request written and the reply read
+without the SDK's per-call models: the proxy's hot path); streams and token counts through the
+official SDK, imported on their first use, so an idle proxy does not carry it (about 50 MB).
 """
 from __future__ import annotations
 
@@ -13,18 +17,38 @@ import inspect
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-import anthropic
+from services.inference import upstream_http
+from services.inference.upstream_http import UpstreamPool, make_http_client, proxies_configured
 
-from services.inference.upstream_http import make_http_client
+if TYPE_CHECKING:
+    import anthropic
 
 OFFLINE = "offline"
 ANTHROPIC = "anthropic"
+DEFAULT_BASE_URL = "https://api.anthropic.com"
+"""The SDK's default upstream."""
+API_VERSION = "2026-10-21"
+"""The anthropic-version header unary calls send: the one the SDK in use sends (a test compares them)."""
 
-# Fields this SDK version names as keyword arguments; the rest of the Messages API (temperature,
-# top_p, top_k in SDKs that dropped them) still goes upstream, as extra_body.
-_SDK_FIELDS = frozenset(inspect.signature(anthropic.resources.messages.AsyncMessages.create).parameters) - {"self"}
+_sdk_fields: frozenset | None = None
+"""The SDK's keyword fields once it is imported: a constant of the SDK, no request's data."""
+
+
+def _sdk() -> Any:
+    """The anthropic SDK, imported on first use (streams, token counts, an HTTP proxy in the environment)."""
+    import anthropic
+    return anthropic
+
+
+def _fields() -> frozenset[str]:
+    """Fields this SDK version names as keyword arguments; the rest of the Messages API (temperature,
+    top_p, top_k in SDKs that dropped them) still goes upstream, as extra_body."""
+    global _sdk_fields
+    if _sdk_fields is None:
+        _sdk_fields = frozenset(inspect.signature(_sdk().resources.messages.AsyncMessages.create).parameters) - {"self"}
+    return _sdk_fields
 
 
 ATTEMPT_REF: contextvars.ContextVar[str] = contextvars.ContextVar("bulkhead_attempt_ref", default="")
@@ -32,8 +56,9 @@ ATTEMPT_REF: contextvars.ContextVar[str] = contextvars.ContextVar("bulkhead_atte
 
 
 def _sdk_kwargs(body: dict[str, Any]) -> dict[str, Any]:
-    kwargs = {k: v for k, v in body.items() if k in _SDK_FIELDS}
-    extra = {k: v for k, v in body.items() if k not in _SDK_FIELDS}
+    fields = _fields()
+    kwargs = {k: v for k, v in body.items() if k in fields}
+    extra = {k: v for k, v in body.items() if k not in fields}
     if extra:
         kwargs["extra_body"] = extra
     ref = ATTEMPT_REF.get()
@@ -80,8 +105,22 @@ class Provider(Protocol):
     async def count_tokens(self, body: dict[str, Any], target: Target) -> int: ...
 
 
+class _Upstream:
+    """What the provider keeps per key and endpoint: the lean pool for unary calls, the SDK client for the rest."""
+
+    __slots__ = ("http", "pool", "sdk", "head")
+
+    def __init__(self, http: Any, pool: UpstreamPool | None, head: bytes):
+        self.http = http
+        self.pool = pool
+        self.sdk: anthropic.AsyncAnthropic | None = None
+        self.head = head
+        """The request line and headers every unary call to this key and endpoint starts with."""
+
+
 class AnthropicProvider:
-    """Calls the Messages API with the official async SDK (its own retries off: the proxy decides)."""
+    """Calls the Messages API: unary calls on its own kept-alive connections, streams and token counts
+    with the official async SDK (its own retries off: the proxy decides)."""
 
     name = ANTHROPIC
 
@@ -89,27 +128,74 @@ class AnthropicProvider:
         self._base_url = base_url or None
         self._timeout = timeout
         self._max_clients = max_clients
-        self._clients: collections.OrderedDict[Target, anthropic.AsyncAnthropic] = collections.OrderedDict()
+        self._clients: collections.OrderedDict[Target, _Upstream] = collections.OrderedDict()
 
-    def _client(self, target: Target) -> anthropic.AsyncAnthropic:
+    def _upstream(self, target: Target) -> _Upstream:
         # One client (and connection pool) per key and endpoint: tenants never share a client
         # that carries another tenant's key.
-        client = self._clients.get(target)
-        if client is None:
-            client = anthropic.AsyncAnthropic(api_key=target.api_key, base_url=target.base_url or self._base_url,
-                                              max_retries=0, timeout=self._timeout,
-                                              http_client=make_http_client(timeout=self._timeout))
-            self._clients[target] = client
+        entry = self._clients.get(target)
+        if entry is None:
+            base_url = (target.base_url or self._base_url or DEFAULT_BASE_URL).rstrip("/")
+            http = make_http_client(timeout=self._timeout)
+            # With an HTTP proxy configured only the SDK's own transports reach the upstream.
+            pool = None if proxies_configured() else UpstreamPool(base_url, timeout=self._timeout)
+            head = b""
+            if pool is not None:
+                head = pool.request_head("/v1/messages") + (
+                    f"authorization: Bearer {target.api_key}\r\nanthropic-version: {API_VERSION}\r\n"
+                    "content-type: application/json\r\naccept: application/json\r\n"
+                    "user-agent: bulkhead-inference\r\n").encode("latin-1")
+            entry = self._clients[target] = _Upstream(http, pool, head)
             if len(self._clients) > self._max_clients:
                 _, old = self._clients.popitem(last=False)
-                # Closing would cut calls still using it; its pool is collected with it.
+                # Closing would cut calls still using it; its pools are collected with it.
                 del old
         else:
             self._clients.move_to_end(target)
-        return client
+        return entry
+
+    def _client(self, target: Target) -> anthropic.AsyncAnthropic:
+        entry = self._upstream(target)
+        if entry.sdk is None:
+            entry.sdk = _sdk().AsyncAnthropic(api_key=target.api_key,
+                                              base_url=target.base_url or self._base_url, max_retries=0,
+                                              timeout=self._timeout, http_client=entry.http)
+        return entry.sdk
 
     async def create(self, body: dict[str, Any], target: Target) -> dict[str, Any]:
         """One unary call; the reply exactly as the upstream sent it."""
+        if not upstream_http.header_safe(target.api_key):   # a tenant's key must not add header lines
+            raise UpstreamError("key_rejected", "the provider key is not a valid header value")
+        try:
+            entry = self._upstream(target)
+        except ValueError:   # an endpoint that is no http(s) URL (policy checks private models' URLs)
+            raise UpstreamError("invalid", "the model's endpoint is not an http(s) URL") from None
+        if entry.pool is None:
+            return await self._create_with_sdk(body, target)
+        ref = ATTEMPT_REF.get()
+        # Lets a provider's (or the test fake's) billing records be matched to metered attempts.
+        head = entry.head + b"x-bulkhead-attempt: %s\r\n" % ref.encode() if ref else entry.head
+        try:
+            reply = await entry.pool.post(head, json.dumps(body, separators=(",", ":")).encode())
+        except upstream_http.UpstreamConnectError:
+            # Not even connected: the upstream cannot have done any work, so a retry is safe.
+            raise UpstreamError("unavailable", "upstream unreachable", retry_safe=True) from None
+        except upstream_http.UpstreamTimeout:
+            raise UpstreamError("unavailable", "upstream timed out") from None
+        except upstream_http.UpstreamBroken:
+            raise UpstreamError("unavailable", "upstream unreachable") from None
+        if reply.status >= 300:
+            raise _status_error(reply.status, _reply_error_message(reply), reply.headers, target)
+        try:
+            message = json.loads(reply.body)
+        except ValueError:
+            raise UpstreamError("unavailable", "upstream sent a reply that is not JSON", status=reply.status) from None
+        if not isinstance(message, dict):
+            raise UpstreamError("unavailable", "upstream sent a reply that is not a message", status=reply.status)
+        return message
+
+    async def _create_with_sdk(self, body: dict[str, Any], target: Target) -> dict[str, Any]:
+        anthropic = _sdk()
         try:
             raw = await self._client(target).messages.with_raw_response.create(**_sdk_kwargs(body))
             return json.loads(raw.http_response.content)
@@ -118,6 +204,7 @@ class AnthropicProvider:
 
     async def stream(self, body: dict[str, Any], target: Target) -> AsyncIterator[dict[str, Any]]:
         """The streaming events of one call, as dicts."""
+        anthropic = _sdk()
         started = False
         try:
             events = await self._client(target).messages.create(**_sdk_kwargs(body), stream=True)
@@ -134,6 +221,7 @@ class AnthropicProvider:
 
     async def count_tokens(self, body: dict[str, Any], target: Target) -> int:
         """The upstream's input token count of a request."""
+        anthropic = _sdk()
         body = {k: v for k, v in body.items() if k in ("model", "messages", "system", "tools", "tool_choice")}
         try:
             return (await self._client(target).messages.count_tokens(**body)).input_tokens
@@ -142,25 +230,21 @@ class AnthropicProvider:
 
     async def close(self) -> None:
         """Close every client's connection pool."""
-        for client in self._clients.values():
-            await client.close()
+        for entry in self._clients.values():
+            if entry.sdk is not None:
+                await entry.sdk.close()
+            elif entry.http is not None:
+                await entry.http.aclose()
+            if entry.pool is not None:
+                await entry.pool.close()
         self._clients.clear()
 
 
 def _upstream_error(exc: anthropic.AnthropicError, target: Target) -> UpstreamError:
     """Map an SDK error to UpstreamError, never echoing the key."""
+    anthropic = _sdk()
     if isinstance(exc, anthropic.APIStatusError):
-        status = exc.status_code
-        detail = _error_message(exc).replace(target.api_key, "[redacted]") if target.api_key else _error_message(exc)
-        if status == 429:
-            return UpstreamError("rate_limited", f"upstream rate limit: {detail}", status=status,
-                                 retry_after=_retry_after(exc), retry_safe=True)
-        if status in (401, 403):
-            return UpstreamError("key_rejected", "the upstream rejected the provider key", status=status)
-        if status >= 500:
-            return UpstreamError("unavailable", f"upstream error {status}: {detail}", status=status,
-                                 retry_after=_retry_after(exc), retry_safe=True)
-        return UpstreamError("invalid", f"upstream refused the request: {detail}", status=status)
+        return _status_error(exc.status_code, _error_message(exc), exc.response.headers, target)
     if isinstance(exc, anthropic.APITimeoutError):
         return UpstreamError("unavailable", "upstream timed out")
     if isinstance(exc, anthropic.APIConnectionError):
@@ -170,14 +254,39 @@ def _upstream_error(exc: anthropic.AnthropicError, target: Target) -> UpstreamEr
     return UpstreamError("unavailable", f"upstream call failed: {type(exc).__name__}")
 
 
+def _status_error(status: int, message: str, headers: Any, target: Target) -> UpstreamError:
+    """The UpstreamError of an HTTP error reply, never echoing the key."""
+    detail = message.replace(target.api_key, "[redacted]") if target.api_key else message
+    if status == 429:
+        return UpstreamError("rate_limited", f"upstream rate limit: {detail}", status=status,
+                             retry_after=_retry_after(headers), retry_safe=True)
+    if status in (401, 403):
+        return UpstreamError("key_rejected", "the upstream rejected the provider key", status=status)
+    if status >= 500:
+        return UpstreamError("unavailable", f"upstream error {status}: {detail}", status=status,
+                             retry_after=_retry_after(headers), retry_safe=True)
+    return UpstreamError("invalid", f"upstream refused the request: {detail}", status=status)
+
+
+def _reply_error_message(reply: upstream_http.UpstreamReply) -> str:
+    """The error message of an error reply (the API's error.message), as the SDK would report it."""
+    try:
+        body = json.loads(reply.body)
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
+    message = error.get("message") or (reply.body.decode("utf-8", "replace") if reply.body else
+                                       f"Error code: {reply.status}")
+    return str(message)[:500]
+
+
 def _error_message(exc: anthropic.APIStatusError) -> str:
     body = exc.body if isinstance(exc.body, dict) else {}
     error = body.get("error") if isinstance(body.get("error"), dict) else {}
     return str(error.get("message") or exc.message)[:500]
 
 
-def _retry_after(exc: anthropic.APIStatusError) -> float | None:
-    headers = exc.response.headers
+def _retry_after(headers: Any) -> float | None:
     for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
         value = headers.get(name)
         if value:
