@@ -10,7 +10,6 @@ names no tenant, may delete only rows the database itself finds past retention (
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import logging
 import time
 from collections.abc import Sequence
@@ -25,7 +24,7 @@ from sqlalchemy.pool import NullPool
 from shared.db import Database, upgrade
 from shared.db.base import NAMING_CONVENTION
 from shared.db.raw import raw_transaction
-from shared.db.rls import quote_ident
+from shared.db.rls import _GRANT_LOCK, quote_ident
 from shared.errors import NotFound
 from shared.lifecycle import REGION_MAIN
 
@@ -116,7 +115,8 @@ class SecurityLedger:
             admin = create_async_engine(owner, poolclass=NullPool)
             try:
                 async with admin.begin() as conn:
-                    # Six services may share one database: grant one at a time ("tuple concurrently updated").
+                    # Six services may share one database and grant there too (shared.db.rls.grant_to): take
+                    # the same lock, one at a time ("tuple concurrently updated").
                     await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_GRANT_LOCK})")
                     await conn.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE} TO "
                                                f"{quote_ident(app_role)}")
@@ -185,9 +185,6 @@ class SecurityLedger:
         if gone:
             log.info("%s: swept %d security-event rows past %d days", self.service, gone, RETENTION_S // 86400)
         return gone
-
-
-_GRANT_LOCK = int.from_bytes(hashlib.sha256(b"bulkhead-security-events-grant").digest()[:7], "big")
 
 
 def _region_stores(db: Database) -> list[tuple[AsyncEngine, URL, str | None]]:
