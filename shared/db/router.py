@@ -133,6 +133,12 @@ class TenantRouter:
         return tuple(self._regions)
 
     @property
+    def stores(self) -> dict[str, RegionStore]:
+        """Every region's main database (engine, URLs, runtime role), default first: for code that keeps
+        tenant rows in the region's main database whatever the tier, and migrates it there."""
+        return dict(self._regions)
+
+    @property
     def default_region(self) -> str:
         """The region of the main engine (and of the platform tables)."""
         return self._default_region

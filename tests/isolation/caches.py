@@ -111,6 +111,8 @@ CACHES: dict[str, Entry] = {
     "shared/db/router.py::_routes": Entry(TENANT, "(region, tier, tenant) -> engine and schema",
                                          "tests/shared/db/test_tiers.py"),
     "shared/db/router.py::_regions": Entry(PLATFORM, "region name -> its database, from configuration"),
+    "services/credentials/regional.py::_backends": Entry(PLATFORM, "region name -> its OpenBao backend, from "
+                                                                   "configuration"),
     "shared/db/router.py::_tenant_regions": Entry(TENANT, "tenant id -> its region, as identity placed it",
                                                   "tests/shared/db/test_regions.py"),
     "shared/db/router.py::_engine_options": Entry(PLATFORM, "engine options from configuration"),

@@ -58,6 +58,9 @@ async def test_sqlite_regions_keep_each_tenants_rows_in_its_own(tmp_path: Path) 
                              region_of=placements.region_of)
     try:
         assert db.regions == ("us", "eu")
+        stores = db.router.stores
+        assert list(stores) == ["us", "eu"] and stores["us"].engine is db.engine
+        assert stores["eu"].url.database == f"{tmp_path}/eu/notes.db"
         await _workload(db)
         await _workload(db, 1)  # again: routes and regions come from the caches
         assert sorted(placements.asked) == sorted(PLACED)  # once per tenant
