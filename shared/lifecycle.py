@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import re
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -27,13 +28,12 @@ from typing import Any, Protocol
 from sqlalchemy import MetaData, Table
 
 from bulkhead.common.v1 import lifecycle_pb2 as pb
-from bulkhead.common.v1 import lifecycle_pb2_grpc
-from bulkhead.common.v1 import tenancy_pb2
+from bulkhead.common.v1 import lifecycle_pb2_grpc, tenancy_pb2
 from shared.db import Database
 from shared.db.base import TENANT_COLUMN_INFO
 from shared.db.raw import raw_transaction
 from shared.db.router import Route
-from shared.errors import FailedPrecondition, InvalidArgument
+from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
 from shared.server import Binding
 from shared.tenancy import PLATFORM_TENANT
 from shared.tiers import Tier, UnknownTier, tier_from_proto
@@ -206,6 +206,160 @@ class TenantLifecycle:
         return PurgeResult(hooks, deleted, dropped, kept)
 
 
+    # --- live tier migration ------------------------------------------------------------------
+
+    def _moving(self) -> list[Table]:
+        """The tables a tier migration moves: tenant-owned, outside the main database's fixed places
+        (platform tables and REGION_MAIN ledgers stay where they are whatever the tier)."""
+        return [t for t in self._tables if self._own(t) and not t.info.get(REGION_MAIN)]
+
+    async def _tier_store(self, tenant_id: str, tier: Tier, *, create: bool) -> tuple[str, Route | None]:
+        """(store name, route) of the tenant's moving tables at `tier`; route None when the store does
+        not exist (and `create` is False)."""
+        router = self._db.router
+        home = await router.main_route(tenant_id)
+        name = router.store_name(tenant_id, tier.value, home.region or None)
+        if name is None:
+            return (f"{home.region}/{MAIN_STORE}" if home.bind is not self._db.engine else MAIN_STORE), home
+        if create:
+            return name, await router.route(tenant_id, tier.value)
+        return name, await router.existing(tenant_id, tier.value)
+
+    def _check_move(self, source: Tier, target: Tier) -> None:
+        if source == target:
+            raise InvalidArgument("target_tier is the tier the tenant is in", reason="SAME_TIER",
+                                  violations={"target_tier": "a tier other than tier"})
+
+    async def copy(self, tenant_id: str, source: Tier, target: Tier, *, pause_seconds: float) -> CopyResult:
+        """Pause the tenant's requests in this process, wait for its transactions in flight, then make the
+        target store hold exactly the source's rows of every moving table (its earlier rows there, e.g. of
+        an aborted attempt, are replaced): a re-run after a crash ends in the same state."""
+        self._check_move(source, target)
+        router = self._db.router
+        started = time.monotonic()
+        router.pause(tenant_id, pause_seconds)
+        if not await router.drain(tenant_id, timeout=min(pause_seconds, DRAIN_TIMEOUT_S)):
+            router.resume(tenant_id)
+            raise Unavailable("the tenant's requests in flight did not finish; nothing was copied, retry",
+                              reason="TENANT_BUSY", retry_after=1.0)
+        if self._rows_tier is not None:  # identity: its rows stay where they are
+            return CopyResult([], time.monotonic() - started)
+        src_name, src = await self._tier_store(tenant_id, source, create=False)
+        dst_name, dst = await self._tier_store(tenant_id, target, create=True)
+        tables = self._moving()
+        if src_name == dst_name:  # SQLite: bridge and silo are the same file of the tenant's own
+            return CopyResult(await self._counts(dst_name, dst, tables, tenant_id), time.monotonic() - started)
+        rows: dict[str, list[Sequence[Any]]] = {}
+        if src is not None:
+            async with raw_transaction(src.bind, tenant_id=tenant_id, schema=src.schema) as tx:
+                for table in tables:
+                    rows[table.name] = await tx.fetch(f"SELECT {_columns(table)} FROM {_quote(table.name)} "
+                                                      f"WHERE tenant_id = $1", tenant_id)
+        assert dst is not None
+        async with raw_transaction(dst.bind, tenant_id=tenant_id, schema=dst.schema, write=True) as tx:
+            for table in reversed(tables):  # children before parents
+                await tx.execute(f"DELETE FROM {_quote(table.name)} WHERE tenant_id = $1", tenant_id)
+            for table in tables:
+                batch = rows.get(table.name, [])
+                if not batch:
+                    continue
+                marks = ", ".join(f"${i + 1}" for i in range(len(table.columns)))
+                try:
+                    await tx.executemany(f"INSERT INTO {_quote(table.name)} ({_columns(table)}) VALUES ({marks})",
+                                         [tuple(r) for r in batch])
+                except Exception as exc:
+                    if "unique" in str(exc).lower() or "duplicate" in str(exc).lower():
+                        raise FailedPrecondition(
+                            f"{self.service}: a row id of the tenant's {table.name} is taken in the target store "
+                            "by another tenant; nothing was copied", reason="ROW_ID_CONFLICT") from None
+                    raise
+                if tx.dialect == "postgresql":
+                    await _advance_sequences(tx, table)
+        copied = await self._counts(dst_name, dst, tables, tenant_id)
+        log.info("%s: copied tenant %s %s -> %s (%d rows)", self.service, tenant_id, source.value, target.value,
+                 sum(c.rows for c in copied))
+        return CopyResult(copied, time.monotonic() - started)
+
+    async def _counts(self, store: str, route: Route | None, tables: list[Table], tenant_id: str) -> list[TableCount]:
+        if route is None:
+            return [TableCount(store, t.name, 0) for t in tables]
+        async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema) as tx:
+            return [await _count(tx, store, t, tenant_id) for t in tables]
+
+    async def verify(self, tenant_id: str, source: Tier, target: Tier) -> tuple[list[TableCount], list[TableCount]]:
+        """The moving tables' rows and checksums in the source store and in the target store (creates nothing)."""
+        self._check_move(source, target)
+        tables = [] if self._rows_tier is not None else self._moving()
+        out = []
+        for tier in (source, target):
+            name, route = await self._tier_store(tenant_id, tier, create=False)
+            out.append(await self._counts(name, route, tables, tenant_id))
+        return out[0], out[1]
+
+    def switch(self, tenant_id: str, tier: Tier) -> None:
+        """Route the tenant to `tier` in this process from now on (the token's claim no longer routes it) and
+        serve its requests again: the migration's switch, or its abort (back to the source tier)."""
+        self._db.router.place(tenant_id, tier.value)
+        self._db.router.resume(tenant_id)
+
+    async def release(self, tenant_id: str, tier: Tier, current: Tier) -> list[TableCount]:
+        """Delete the tenant's moving rows at `tier` (the tier it left), or drop that store whole; refused
+        while this process still routes the tenant there. Idempotent."""
+        self._check_move(tier, current)
+        router = self._db.router
+        if router.placed_tier(tenant_id, "") != current.value:
+            raise FailedPrecondition("the tenant is not switched to current_tier in this service; switch first",
+                                     reason="NOT_SWITCHED")
+        if self._rows_tier is not None:
+            return []
+        name, route = await self._tier_store(tenant_id, tier, create=False)
+        here, _ = await self._tier_store(tenant_id, current, create=False)
+        if route is None or name == here:
+            return []
+        tables = self._moving()
+        counts = await self._counts(name, route, tables, tenant_id)
+        if name.rpartition("/")[2] == MAIN_STORE:
+            async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema, write=True) as tx:
+                for table in reversed(tables):
+                    await tx.execute(f"DELETE FROM {_quote(table.name)} WHERE tenant_id = $1", tenant_id)
+        else:
+            await router.drop(tenant_id, tier.value)
+        return [c for c in counts if c.rows]
+
+
+DRAIN_TIMEOUT_S = 10.0
+"""How long a copy waits for the tenant's transactions in flight before giving up (UNAVAILABLE)."""
+
+
+@dataclass
+class CopyResult:
+    """What one CopyTenant left in the target store."""
+
+    copied: list[TableCount]
+    """The target's rows and checksums per moving table after the copy."""
+    paused_seconds: float
+    """How long the tenant's requests have been paused in this process so far."""
+
+
+def _columns(table: Table) -> str:
+    return ", ".join(_quote(c.name) for c in table.columns)
+
+
+async def _advance_sequences(tx, table: Table) -> None:
+    """Move a serial primary key's sequence past the copied ids (the app role may call nextval, not setval)."""
+    for column in table.primary_key.columns:
+        if not column.autoincrement or column.name == "tenant_id":
+            continue
+        seq = await tx.fetchval("SELECT pg_get_serial_sequence($1, $2)", _quote(table.name), column.name)
+        if not seq:
+            continue
+        top = await tx.fetchval(f"SELECT max({_quote(column.name)}) FROM {_quote(table.name)}")
+        last = await tx.fetchval(f"SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {seq}")
+        if top is not None and top > last:
+            await tx.fetchval("SELECT count(nextval($1::regclass)) FROM generate_series(1, $2::bigint)",
+                              seq, top - last)
+
+
 async def _count(tx, store: str, table: Table, tenant_id: str) -> TableCount:
     order = [c.name for c in table.primary_key.columns] or [c.name for c in table.columns]
     cols = ", ".join(_quote(c.name) for c in table.columns)
@@ -255,6 +409,53 @@ class TenantLifecycleServicer(lifecycle_pb2_grpc.TenantLifecycleServiceServicer)
     async def PurgeTenant(self, request, context):
         tier = check_request(request.tenant_id, request.tier)
         return purge_pb(self._lifecycle.service, await self._lifecycle.purge(request.tenant_id, tier))
+
+    async def CopyTenant(self, request, context):
+        source = check_request(request.tenant_id, request.tier)
+        target = check_tier(request.target_tier, "target_tier")
+        if not 0 <= request.pause_seconds <= MAX_PAUSE_S:
+            raise InvalidArgument(f"pause_seconds must be 0..{MAX_PAUSE_S}", reason="PAUSE_OUT_OF_RANGE",
+                                  violations={"pause_seconds": f"0 (= {DEFAULT_PAUSE_S}) to {MAX_PAUSE_S}"})
+        done = await self._lifecycle.copy(request.tenant_id, source, target,
+                                          pause_seconds=request.pause_seconds or DEFAULT_PAUSE_S)
+        return pb.CopyTenantResponse(service=self._lifecycle.service, copied=[_table_pb(t) for t in done.copied],
+                                     paused_seconds=done.paused_seconds)
+
+    async def VerifyTenant(self, request, context):
+        source = check_request(request.tenant_id, request.tier)
+        target = check_tier(request.target_tier, "target_tier")
+        left, right = await self._lifecycle.verify(request.tenant_id, source, target)
+        bad = [a.table for a, b in zip(left, right, strict=True) if (a.rows, a.checksum) != (b.rows, b.checksum)]
+        return pb.VerifyTenantResponse(service=self._lifecycle.service, source=[_table_pb(t) for t in left],
+                                       target=[_table_pb(t) for t in right], equal=not bad, mismatched_tables=bad)
+
+    async def SwitchTenant(self, request, context):
+        tier = check_request(request.tenant_id, request.tier)
+        self._lifecycle.switch(request.tenant_id, tier)
+        return pb.SwitchTenantResponse(service=self._lifecycle.service, tier=request.tier)
+
+    async def ReleaseTenant(self, request, context):
+        tier = check_request(request.tenant_id, request.tier)
+        current = check_tier(request.current_tier, "current_tier")
+        deleted = await self._lifecycle.release(request.tenant_id, tier, current)
+        return pb.ReleaseTenantResponse(service=self._lifecycle.service, deleted=[_table_pb(t) for t in deleted])
+
+
+DEFAULT_PAUSE_S = 30
+"""How long a CopyTenant pauses the tenant at most when the request does not say."""
+MAX_PAUSE_S = 120
+"""The longest pause a CopyTenant may ask for."""
+
+
+def check_tier(value: int, name: str) -> Tier:
+    """A second tier field of a lifecycle request (target_tier, current_tier): set and known."""
+    try:
+        if value == tenancy_pb2.TIER_UNSPECIFIED:
+            raise UnknownTier(value)
+        return tier_from_proto(value)
+    except UnknownTier:
+        raise InvalidArgument(f"{name} must be set to a known tier", reason="INVALID_TIER",
+                              violations={name: "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
 
 
 def purge_pb(service: str, result: PurgeResult) -> pb.PurgeTenantResponse:

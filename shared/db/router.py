@@ -21,8 +21,10 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
-from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Mapping
+import time
+from collections import Counter, OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,7 @@ from sqlalchemy.pool import NullPool
 from shared.db.engine import is_sqlite, make_engine, sqlite_path
 from shared.db.migrations import upgrade
 from shared.db.rls import quote_ident
-from shared.errors import FailedPrecondition
+from shared.errors import FailedPrecondition, Unavailable
 from shared.tenancy import PLATFORM_TENANT
 
 TIERS = ("pooled", "bridge", "silo")
@@ -71,6 +73,9 @@ class RegionStore:
 
 RegionLookup = Callable[[str], Awaitable[str]]
 """tenant id -> its region, as the control plane (identity) placed it; raises when unsure."""
+
+MIGRATION_PAUSE_RETRY_S = 0.2
+"""The retry delay a request refused during a tenant's final migration copy is told to wait."""
 
 REGION_CACHE_SIZE = 100_000
 """Tenants whose region a router remembers (a region changes only by a migration, which forgets it)."""
@@ -126,6 +131,80 @@ class TenantRouter:
         self._routes: dict[tuple[str, str, str], Route] = {}
         self._own_engines: list[AsyncEngine] = []
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
+        # Live tier migration (shared/lifecycle.py): where a moved tenant lives now, whatever its
+        # token's tier claim says; which tenants are paused (until a monotonic deadline, so a
+        # coordinator that died never leaves one paused); requests in flight per tenant.
+        self._placed: dict[str, str] = {}
+        self._paused: dict[str, float] = {}
+        self._in_flight: Counter[str] = Counter()
+        self._idle: dict[str, asyncio.Event] = {}
+
+    def placed_tier(self, tenant_id: str, claimed: str) -> str:
+        """The tier that routes the tenant: the migration's placement when one switched it, else `claimed`."""
+        return self._placed.get(tenant_id, claimed)
+
+    def place(self, tenant_id: str, tier: str) -> None:
+        """Route the tenant to `tier` from now on, whatever tier its tokens claim (a migration's switch)."""
+        if tier not in TIERS:
+            raise ValueError(f"unknown tenant tier {tier!r}")
+        self._placed[tenant_id] = tier
+
+    def pause(self, tenant_id: str, seconds: float) -> None:
+        """Refuse the tenant's requests (UNAVAILABLE, TENANT_MIGRATING) for up to `seconds`."""
+        self._paused[tenant_id] = time.monotonic() + seconds
+
+    def resume(self, tenant_id: str) -> None:
+        """Serve the tenant's requests again."""
+        self._paused.pop(tenant_id, None)
+
+    def paused(self, tenant_id: str) -> bool:
+        """Whether the tenant's requests are refused now."""
+        until = self._paused.get(tenant_id)
+        if until is None:
+            return False
+        if time.monotonic() >= until:
+            self._paused.pop(tenant_id, None)
+            return False
+        return True
+
+    async def drain(self, tenant_id: str, timeout: float) -> bool:
+        """Wait until none of the tenant's transactions is in flight; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._in_flight[tenant_id] > 0:
+            event = self._idle.setdefault(tenant_id, asyncio.Event())
+            event.clear()
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return False
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return False
+        self._in_flight.pop(tenant_id, None)
+        return True
+
+    def _admit(self, tenant_id: str) -> None:
+        if self.paused(tenant_id):
+            raise Unavailable("the tenant is moving to another isolation tier; retry shortly",
+                              reason="TENANT_MIGRATING", retry_after=MIGRATION_PAUSE_RETRY_S)
+
+    @asynccontextmanager
+    async def using(self, tenant_id: str, tier: str) -> AsyncIterator[Route]:
+        """The tenant's Route for one transaction: refused while a migration pauses the tenant, routed by
+        the migration's placement over the token's claim, and counted in flight until it ends."""
+        self._admit(tenant_id)
+        route = await self.route(tenant_id, self.placed_tier(tenant_id, tier))
+        self._admit(tenant_id)  # paused while the route was being resolved
+        self._in_flight[tenant_id] += 1
+        try:
+            yield route
+        finally:
+            self._in_flight[tenant_id] -= 1
+            if self._in_flight[tenant_id] <= 0:
+                self._in_flight.pop(tenant_id, None)
+                event = self._idle.get(tenant_id)
+                if event is not None:
+                    event.set()
 
     @property
     def regions(self) -> tuple[str, ...]:

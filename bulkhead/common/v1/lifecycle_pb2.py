@@ -26,7 +26,7 @@ from bulkhead.common.v1 import auth_pb2 as bulkhead_dot_common_dot_v1_dot_auth__
 from bulkhead.common.v1 import tenancy_pb2 as bulkhead_dot_common_dot_v1_dot_tenancy__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"bulkhead/common/v1/lifecycle.proto\x12\x12\x62ulkhead.common.v1\x1a\x1d\x62ulkhead/common/v1/auth.proto\x1a bulkhead/common/v1/tenancy.proto\"N\n\x0eTableInventory\x12\r\n\x05store\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\"/\n\x0c\x44\x65stroyedKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\"F\n\x08KeptData\x12\r\n\x05store\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"*\n\x0bPurgeAction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"S\n\x16InventoryTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\"^\n\x17InventoryTenantResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x32\n\x06tables\x18\x02 \x03(\x0b\x32\".bulkhead.common.v1.TableInventory\"O\n\x12PurgeTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\"\x8b\x02\n\x13PurgeTenantResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x38\n\x0e\x64\x65stroyed_keys\x18\x02 \x03(\x0b\x32 .bulkhead.common.v1.DestroyedKey\x12\x33\n\x07\x64\x65leted\x18\x03 \x03(\x0b\x32\".bulkhead.common.v1.TableInventory\x12\x16\n\x0e\x64ropped_stores\x18\x04 \x03(\t\x12*\n\x04kept\x18\x05 \x03(\x0b\x32\x1c.bulkhead.common.v1.KeptData\x12\x30\n\x07\x61\x63tions\x18\x06 \x03(\x0b\x32\x1f.bulkhead.common.v1.PurgeAction2\x9f\x02\n\x16TenantLifecycleService\x12\x87\x01\n\x0fInventoryTenant\x12*.bulkhead.common.v1.InventoryTenantRequest\x1a+.bulkhead.common.v1.InventoryTenantResponse\"\x1b\x90\x02\x01\xca\xf3\x18\x14\n\x12platform.lifecycle\x12{\n\x0bPurgeTenant\x12&.bulkhead.common.v1.PurgeTenantRequest\x1a\'.bulkhead.common.v1.PurgeTenantResponse\"\x1b\x90\x02\x02\xca\xf3\x18\x14\n\x12platform.lifecycleb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"bulkhead/common/v1/lifecycle.proto\x12\x12\x62ulkhead.common.v1\x1a\x1d\x62ulkhead/common/v1/auth.proto\x1a bulkhead/common/v1/tenancy.proto\"N\n\x0eTableInventory\x12\r\n\x05store\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\t\"/\n\x0c\x44\x65stroyedKey\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\"F\n\x08KeptData\x12\r\n\x05store\x18\x01 \x01(\t\x12\r\n\x05table\x18\x02 \x01(\t\x12\x0c\n\x04rows\x18\x03 \x01(\x03\x12\x0e\n\x06reason\x18\x04 \x01(\t\"*\n\x0bPurgeAction\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05\x63ount\x18\x02 \x01(\x03\"S\n\x16InventoryTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\"^\n\x17InventoryTenantResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x32\n\x06tables\x18\x02 \x03(\x0b\x32\".bulkhead.common.v1.TableInventory\"O\n\x12PurgeTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\"\x8b\x02\n\x13PurgeTenantResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x38\n\x0e\x64\x65stroyed_keys\x18\x02 \x03(\x0b\x32 .bulkhead.common.v1.DestroyedKey\x12\x33\n\x07\x64\x65leted\x18\x03 \x03(\x0b\x32\".bulkhead.common.v1.TableInventory\x12\x16\n\x0e\x64ropped_stores\x18\x04 \x03(\t\x12*\n\x04kept\x18\x05 \x03(\x0b\x32\x1c.bulkhead.common.v1.KeptData\x12\x30\n\x07\x61\x63tions\x18\x06 \x03(\x0b\x32\x1f.bulkhead.common.v1.PurgeAction\"\x94\x01\n\x11\x43opyTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\x12-\n\x0btarget_tier\x18\x03 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\x12\x15\n\rpause_seconds\x18\x04 \x01(\x05\"q\n\x12\x43opyTenantResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x32\n\x06\x63opied\x18\x02 \x03(\x0b\x32\".bulkhead.common.v1.TableInventory\x12\x16\n\x0epaused_seconds\x18\x03 \x01(\x01\"\x7f\n\x13VerifyTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\x12-\n\x0btarget_tier\x18\x03 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\"\xb9\x01\n\x14VerifyTenantResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x32\n\x06source\x18\x02 \x03(\x0b\x32\".bulkhead.common.v1.TableInventory\x12\x32\n\x06target\x18\x03 \x03(\x0b\x32\".bulkhead.common.v1.TableInventory\x12\r\n\x05\x65qual\x18\x04 \x01(\x08\x12\x19\n\x11mismatched_tables\x18\x05 \x03(\t\"P\n\x13SwitchTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\"O\n\x14SwitchTenantResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\"\x81\x01\n\x14ReleaseTenantRequest\x12\x11\n\ttenant_id\x18\x01 \x01(\t\x12&\n\x04tier\x18\x02 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\x12.\n\x0c\x63urrent_tier\x18\x03 \x01(\x0e\x32\x18.bulkhead.common.v1.Tier\"]\n\x15ReleaseTenantResponse\x12\x0f\n\x07service\x18\x01 \x01(\t\x12\x33\n\x07\x64\x65leted\x18\x02 \x03(\x0b\x32\".bulkhead.common.v1.TableInventory2\x9d\x06\n\x16TenantLifecycleService\x12\x87\x01\n\x0fInventoryTenant\x12*.bulkhead.common.v1.InventoryTenantRequest\x1a+.bulkhead.common.v1.InventoryTenantResponse\"\x1b\x90\x02\x01\xca\xf3\x18\x14\n\x12platform.lifecycle\x12{\n\x0bPurgeTenant\x12&.bulkhead.common.v1.PurgeTenantRequest\x1a\'.bulkhead.common.v1.PurgeTenantResponse\"\x1b\x90\x02\x02\xca\xf3\x18\x14\n\x12platform.lifecycle\x12x\n\nCopyTenant\x12%.bulkhead.common.v1.CopyTenantRequest\x1a&.bulkhead.common.v1.CopyTenantResponse\"\x1b\x90\x02\x02\xca\xf3\x18\x14\n\x12platform.lifecycle\x12~\n\x0cVerifyTenant\x12\'.bulkhead.common.v1.VerifyTenantRequest\x1a(.bulkhead.common.v1.VerifyTenantResponse\"\x1b\x90\x02\x01\xca\xf3\x18\x14\n\x12platform.lifecycle\x12~\n\x0cSwitchTenant\x12\'.bulkhead.common.v1.SwitchTenantRequest\x1a(.bulkhead.common.v1.SwitchTenantResponse\"\x1b\x90\x02\x02\xca\xf3\x18\x14\n\x12platform.lifecycle\x12\x81\x01\n\rReleaseTenant\x12(.bulkhead.common.v1.ReleaseTenantRequest\x1a).bulkhead.common.v1.ReleaseTenantResponse\"\x1b\x90\x02\x02\xca\xf3\x18\x14\n\x12platform.lifecycleb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -37,6 +37,14 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['InventoryTenant']._serialized_options = b'\220\002\001\312\363\030\024\n\022platform.lifecycle'
   _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['PurgeTenant']._loaded_options = None
   _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['PurgeTenant']._serialized_options = b'\220\002\002\312\363\030\024\n\022platform.lifecycle'
+  _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['CopyTenant']._loaded_options = None
+  _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['CopyTenant']._serialized_options = b'\220\002\002\312\363\030\024\n\022platform.lifecycle'
+  _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['VerifyTenant']._loaded_options = None
+  _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['VerifyTenant']._serialized_options = b'\220\002\001\312\363\030\024\n\022platform.lifecycle'
+  _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['SwitchTenant']._loaded_options = None
+  _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['SwitchTenant']._serialized_options = b'\220\002\002\312\363\030\024\n\022platform.lifecycle'
+  _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['ReleaseTenant']._loaded_options = None
+  _globals['_TENANTLIFECYCLESERVICE'].methods_by_name['ReleaseTenant']._serialized_options = b'\220\002\002\312\363\030\024\n\022platform.lifecycle'
   _globals['_TABLEINVENTORY']._serialized_start=123
   _globals['_TABLEINVENTORY']._serialized_end=201
   _globals['_DESTROYEDKEY']._serialized_start=203
@@ -53,6 +61,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PURGETENANTREQUEST']._serialized_end=628
   _globals['_PURGETENANTRESPONSE']._serialized_start=631
   _globals['_PURGETENANTRESPONSE']._serialized_end=898
-  _globals['_TENANTLIFECYCLESERVICE']._serialized_start=901
-  _globals['_TENANTLIFECYCLESERVICE']._serialized_end=1188
+  _globals['_COPYTENANTREQUEST']._serialized_start=901
+  _globals['_COPYTENANTREQUEST']._serialized_end=1049
+  _globals['_COPYTENANTRESPONSE']._serialized_start=1051
+  _globals['_COPYTENANTRESPONSE']._serialized_end=1164
+  _globals['_VERIFYTENANTREQUEST']._serialized_start=1166
+  _globals['_VERIFYTENANTREQUEST']._serialized_end=1293
+  _globals['_VERIFYTENANTRESPONSE']._serialized_start=1296
+  _globals['_VERIFYTENANTRESPONSE']._serialized_end=1481
+  _globals['_SWITCHTENANTREQUEST']._serialized_start=1483
+  _globals['_SWITCHTENANTREQUEST']._serialized_end=1563
+  _globals['_SWITCHTENANTRESPONSE']._serialized_start=1565
+  _globals['_SWITCHTENANTRESPONSE']._serialized_end=1644
+  _globals['_RELEASETENANTREQUEST']._serialized_start=1647
+  _globals['_RELEASETENANTREQUEST']._serialized_end=1776
+  _globals['_RELEASETENANTRESPONSE']._serialized_start=1778
+  _globals['_RELEASETENANTRESPONSE']._serialized_end=1871
+  _globals['_TENANTLIFECYCLESERVICE']._serialized_start=1874
+  _globals['_TENANTLIFECYCLESERVICE']._serialized_end=2671
 # @@protoc_insertion_point(module_scope)

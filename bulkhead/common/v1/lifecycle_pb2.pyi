@@ -87,3 +87,83 @@ class PurgeTenantResponse(_message.Message):
     kept: _containers.RepeatedCompositeFieldContainer[KeptData]
     actions: _containers.RepeatedCompositeFieldContainer[PurgeAction]
     def __init__(self, service: _Optional[str] = ..., destroyed_keys: _Optional[_Iterable[_Union[DestroyedKey, _Mapping]]] = ..., deleted: _Optional[_Iterable[_Union[TableInventory, _Mapping]]] = ..., dropped_stores: _Optional[_Iterable[str]] = ..., kept: _Optional[_Iterable[_Union[KeptData, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[PurgeAction, _Mapping]]] = ...) -> None: ...
+
+class CopyTenantRequest(_message.Message):
+    __slots__ = ("tenant_id", "tier", "target_tier", "pause_seconds")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    tier: _tenancy_pb2.Tier
+    target_tier: _tenancy_pb2.Tier
+    pause_seconds: int
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., pause_seconds: _Optional[int] = ...) -> None: ...
+
+class CopyTenantResponse(_message.Message):
+    __slots__ = ("service", "copied", "paused_seconds")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    COPIED_FIELD_NUMBER: _ClassVar[int]
+    PAUSED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    copied: _containers.RepeatedCompositeFieldContainer[TableInventory]
+    paused_seconds: float
+    def __init__(self, service: _Optional[str] = ..., copied: _Optional[_Iterable[_Union[TableInventory, _Mapping]]] = ..., paused_seconds: _Optional[float] = ...) -> None: ...
+
+class VerifyTenantRequest(_message.Message):
+    __slots__ = ("tenant_id", "tier", "target_tier")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    tier: _tenancy_pb2.Tier
+    target_tier: _tenancy_pb2.Tier
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ...) -> None: ...
+
+class VerifyTenantResponse(_message.Message):
+    __slots__ = ("service", "source", "target", "equal", "mismatched_tables")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_FIELD_NUMBER: _ClassVar[int]
+    EQUAL_FIELD_NUMBER: _ClassVar[int]
+    MISMATCHED_TABLES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    source: _containers.RepeatedCompositeFieldContainer[TableInventory]
+    target: _containers.RepeatedCompositeFieldContainer[TableInventory]
+    equal: bool
+    mismatched_tables: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, service: _Optional[str] = ..., source: _Optional[_Iterable[_Union[TableInventory, _Mapping]]] = ..., target: _Optional[_Iterable[_Union[TableInventory, _Mapping]]] = ..., equal: _Optional[bool] = ..., mismatched_tables: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class SwitchTenantRequest(_message.Message):
+    __slots__ = ("tenant_id", "tier")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    tier: _tenancy_pb2.Tier
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ...) -> None: ...
+
+class SwitchTenantResponse(_message.Message):
+    __slots__ = ("service", "tier")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    tier: _tenancy_pb2.Tier
+    def __init__(self, service: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ...) -> None: ...
+
+class ReleaseTenantRequest(_message.Message):
+    __slots__ = ("tenant_id", "tier", "current_tier")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_TIER_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    tier: _tenancy_pb2.Tier
+    current_tier: _tenancy_pb2.Tier
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., current_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ...) -> None: ...
+
+class ReleaseTenantResponse(_message.Message):
+    __slots__ = ("service", "deleted")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    deleted: _containers.RepeatedCompositeFieldContainer[TableInventory]
+    def __init__(self, service: _Optional[str] = ..., deleted: _Optional[_Iterable[_Union[TableInventory, _Mapping]]] = ...) -> None: ...

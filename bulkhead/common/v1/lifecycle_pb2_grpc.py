@@ -32,8 +32,10 @@ class TenantLifecycleServiceStub:
     the request, is idempotent, and needs platform.lifecycle, a scope only identity's own platform
     token holds.
 
-    The tier-migration work adds ExportTenant, ImportTenant, VerifyTenant and SwitchTenant here,
-    with the same tenant_id + tier request shape; VerifyTenant compares InventoryTenant answers.
+    A live tier migration is, per service: CopyTenant (pause the tenant's requests, copy its rows from
+    the store of `tier` to the store of `target_tier`, both the service's own), VerifyTenant (rows and
+    checksums on both sides), SwitchTenant (route the tenant to a tier whatever its tokens claim, and
+    serve it again; also the abort), ReleaseTenant (delete what the tenant left behind at the old tier).
     """
 
     def __init__(self, channel):
@@ -52,6 +54,26 @@ class TenantLifecycleServiceStub:
                 request_serializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.PurgeTenantRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.PurgeTenantResponse.FromString,
                 _registered_method=True)
+        self.CopyTenant = channel.unary_unary(
+                '/bulkhead.common.v1.TenantLifecycleService/CopyTenant',
+                request_serializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.CopyTenantRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.CopyTenantResponse.FromString,
+                _registered_method=True)
+        self.VerifyTenant = channel.unary_unary(
+                '/bulkhead.common.v1.TenantLifecycleService/VerifyTenant',
+                request_serializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.VerifyTenantRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.VerifyTenantResponse.FromString,
+                _registered_method=True)
+        self.SwitchTenant = channel.unary_unary(
+                '/bulkhead.common.v1.TenantLifecycleService/SwitchTenant',
+                request_serializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.SwitchTenantRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.SwitchTenantResponse.FromString,
+                _registered_method=True)
+        self.ReleaseTenant = channel.unary_unary(
+                '/bulkhead.common.v1.TenantLifecycleService/ReleaseTenant',
+                request_serializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.ReleaseTenantRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.ReleaseTenantResponse.FromString,
+                _registered_method=True)
 
 
 class TenantLifecycleServiceServicer:
@@ -61,8 +83,10 @@ class TenantLifecycleServiceServicer:
     the request, is idempotent, and needs platform.lifecycle, a scope only identity's own platform
     token holds.
 
-    The tier-migration work adds ExportTenant, ImportTenant, VerifyTenant and SwitchTenant here,
-    with the same tenant_id + tier request shape; VerifyTenant compares InventoryTenant answers.
+    A live tier migration is, per service: CopyTenant (pause the tenant's requests, copy its rows from
+    the store of `tier` to the store of `target_tier`, both the service's own), VerifyTenant (rows and
+    checksums on both sides), SwitchTenant (route the tenant to a tier whatever its tokens claim, and
+    serve it again; also the abort), ReleaseTenant (delete what the tenant left behind at the old tier).
     """
 
     def InventoryTenant(self, request, context):
@@ -83,6 +107,41 @@ class TenantLifecycleServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CopyTenant(self, request, context):
+        """Pauses the tenant's requests in this service (UNAVAILABLE, reason TENANT_MIGRATING, with retry
+        info; the pause ends at SwitchTenant or after pause_seconds), waits for its transactions in
+        flight, then makes the store of target_tier hold exactly the tenant's rows of the store of tier
+        (rows already there, e.g. from an aborted attempt, are replaced). Calling it again ends the same.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def VerifyTenant(self, request, context):
+        """Rows and checksums of the tenant's moving tables in the store of tier and of target_tier, and
+        whether they are equal. Creates nothing.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SwitchTenant(self, request, context):
+        """Routes the tenant to tier in this service from now on, whatever tier its tokens claim, and ends
+        a CopyTenant's pause: the migration's switch (tier = the target) or its abort (the source).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReleaseTenant(self, request, context):
+        """Deletes the tenant's rows left in the store of tier after it moved to current_tier (pooled rows
+        deleted, a bridge schema or silo database dropped); refused (FAILED_PRECONDITION, NOT_SWITCHED)
+        unless this service routes the tenant to current_tier. Calling it again deletes nothing more.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TenantLifecycleServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -95,6 +154,26 @@ def add_TenantLifecycleServiceServicer_to_server(servicer, server):
                     servicer.PurgeTenant,
                     request_deserializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.PurgeTenantRequest.FromString,
                     response_serializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.PurgeTenantResponse.SerializeToString,
+            ),
+            'CopyTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CopyTenant,
+                    request_deserializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.CopyTenantRequest.FromString,
+                    response_serializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.CopyTenantResponse.SerializeToString,
+            ),
+            'VerifyTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.VerifyTenant,
+                    request_deserializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.VerifyTenantRequest.FromString,
+                    response_serializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.VerifyTenantResponse.SerializeToString,
+            ),
+            'SwitchTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.SwitchTenant,
+                    request_deserializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.SwitchTenantRequest.FromString,
+                    response_serializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.SwitchTenantResponse.SerializeToString,
+            ),
+            'ReleaseTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReleaseTenant,
+                    request_deserializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.ReleaseTenantRequest.FromString,
+                    response_serializer=bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.ReleaseTenantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -111,8 +190,10 @@ class TenantLifecycleService:
     the request, is idempotent, and needs platform.lifecycle, a scope only identity's own platform
     token holds.
 
-    The tier-migration work adds ExportTenant, ImportTenant, VerifyTenant and SwitchTenant here,
-    with the same tenant_id + tier request shape; VerifyTenant compares InventoryTenant answers.
+    A live tier migration is, per service: CopyTenant (pause the tenant's requests, copy its rows from
+    the store of `tier` to the store of `target_tier`, both the service's own), VerifyTenant (rows and
+    checksums on both sides), SwitchTenant (route the tenant to a tier whatever its tokens claim, and
+    serve it again; also the abort), ReleaseTenant (delete what the tenant left behind at the old tier).
     """
 
     @staticmethod
@@ -159,6 +240,114 @@ class TenantLifecycleService:
             '/bulkhead.common.v1.TenantLifecycleService/PurgeTenant',
             bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.PurgeTenantRequest.SerializeToString,
             bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.PurgeTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CopyTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.common.v1.TenantLifecycleService/CopyTenant',
+            bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.CopyTenantRequest.SerializeToString,
+            bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.CopyTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def VerifyTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.common.v1.TenantLifecycleService/VerifyTenant',
+            bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.VerifyTenantRequest.SerializeToString,
+            bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.VerifyTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SwitchTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.common.v1.TenantLifecycleService/SwitchTenant',
+            bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.SwitchTenantRequest.SerializeToString,
+            bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.SwitchTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReleaseTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.common.v1.TenantLifecycleService/ReleaseTenant',
+            bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.ReleaseTenantRequest.SerializeToString,
+            bulkhead_dot_common_dot_v1_dot_lifecycle__pb2.ReleaseTenantResponse.FromString,
             options,
             channel_credentials,
             insecure,
