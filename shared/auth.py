@@ -18,7 +18,7 @@ from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from google.protobuf.message import Message
 
-from shared import errors
+from shared import errors, paging
 from shared.bounds import integer_violations
 from shared.metrics import LATENCY, REQUESTS, tenant_label
 from shared.scopes import MethodRule, RuleBook
@@ -51,6 +51,9 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         self._service = service
         self._rules = rules or RuleBook()
         self.events = events or SecurityEvents(service, suspended=getattr(verifier, "tenant_suspended", None))
+        self.page_key: bytes | None = None
+        """The service's page-token key (shared.settings.load_page_key), bound for every call; None until
+        set, then tokens hold only within this process."""
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
@@ -64,7 +67,8 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         except Denial as denial:
             return self._deny(handler, denial, method, metadata)
         parent = extract(metadata)  # W3C traceparent from the caller: this call joins its trace
-        return _wrap(handler, lambda behavior, kind: _bind(behavior, kind, ctx, self._service, method, parent))
+        return _wrap(handler, lambda behavior, kind: _bind(behavior, kind, ctx, self._service, method, parent,
+                                                                     self.page_key))
 
     async def _authenticate(self, rule: MethodRule | None, md: dict[str, str],
                             unclear: frozenset[str] = frozenset()) -> TenantContext | None:
@@ -205,11 +209,13 @@ def _finish_span(span, code: grpc.StatusCode) -> None:
         span.set_status(Status(StatusCode.ERROR, code.name))
 
 
-def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: str, parent):
+def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: str, parent,
+          page_key: bytes | None = None):
     """Run behavior in its server span with the tenant bound; translate domain errors; count and time the call."""
 
     def enter() -> str:
         set_tenant(ctx)
+        paging.bind(method, page_key)
         if ctx is not None:
             span = trace.get_current_span()
             if span.is_recording():

@@ -44,13 +44,13 @@ from sqlalchemy.orm import ORMExecuteState, Session
 
 from bulkhead.common.v1 import audit_pb2 as pb
 from bulkhead.common.v1 import audit_pb2_grpc
-from shared import audit_chain, retention
+from shared import audit_chain, paging, retention
 from shared.db import Database
 from shared.db.base import NAMING_CONVENTION, TENANT_COLUMN_INFO
 from shared.db.router import Route
 from shared.db.session import SEARCH_PATH_KEY, SYSTEM_KEY, TENANT_KEY, TenantSession
 from shared.errors import InvalidArgument, PermissionDenied
-from shared.paging import decode_cursor, encode_cursor, page_size
+from shared.paging import page_size
 from shared.server import Binding
 from shared.tenancy import PLATFORM_TENANT, require_tenant
 from shared.tiers import Tier, TierLookup
@@ -545,13 +545,10 @@ class ConfigAuditServicer(audit_pb2_grpc.ConfigAuditServiceServicer):
     async def ListAuditEvents(self, request, context):
         size = page_size(request.page_size)
         tenant_id, tier = await self._audit._target(request.tenant_id)
-        cursor = decode_cursor(request.page_token)
-        after = None
-        if cursor is not None:
-            if not isinstance(cursor.get("s"), int) or cursor.get("o") != bool(request.oldest_first):
-                raise InvalidArgument("malformed page_token", reason="BAD_PAGE_TOKEN",
-                                      violations={"page_token": "not a token this service issued for this order"})
-            after = cursor["s"]
+        filters = (request.tenant_id, bool(request.oldest_first), request.action, request.target)
+        after = paging.decode(request.page_token, filters=filters)
+        if after is not None and type(after) is not int:
+            raise paging.invalid_token()
         for name, value, most in (("action", request.action, 64), ("target", request.target, 300)):
             if len(value) > most or not value.isprintable():
                 raise InvalidArgument(f"{name} filter is too long or not printable", reason="FILTER_INVALID",
@@ -560,11 +557,9 @@ class ConfigAuditServicer(audit_pb2_grpc.ConfigAuditServiceServicer):
         rows = await self._audit.events(tenant_id, tier, after=after, limit=size + 1,
                                         newest_first=not request.oldest_first, action=request.action,
                                         target=request.target)
-        more = len(rows) > size
-        rows = rows[:size]
-        token = encode_cursor({"s": int(rows[-1]["seq"]), "o": bool(request.oldest_first)}) if more else ""
-        return pb.ListAuditEventsResponse(service=self._audit.service, events=[event_pb(r) for r in rows],
-                                          next_page_token=token, head=pb.ChainHead(sequence=head[0], hash=head[1]),
+        page = paging.keyset(rows, size, lambda r: int(r["seq"]), filters=filters)
+        return pb.ListAuditEventsResponse(service=self._audit.service, events=[event_pb(r) for r in page.items],
+                                          next_page_token=page.next_page_token, head=pb.ChainHead(sequence=head[0], hash=head[1]),
                                           anchor=anchor.as_pb())
 
     async def VerifyAuditEvents(self, request, context):

@@ -88,13 +88,16 @@ its share of round_robin traffic within minutes instead of never (long-lived cha
 
 async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifier, address: str = "127.0.0.1:0",
                 tls: TlsConfig | None | object = TLS_FROM_ENV,
-                options: Sequence[tuple[str, object]] = ()) -> RunningServer:
+                options: Sequence[tuple[str, object]] = (), page_key: bytes | None = None) -> RunningServer:
     """Start a server with the production interceptor (tenancy, which also opens each call's server span).
+
+    `page_key` signs page tokens (shared.settings.load_page_key); without one they hold in this process only.
 
     mTLS is on when BULKHEAD_TLS_CA/_CERT/_KEY are set (or `tls` is given); `tls=None` forces plaintext.
     """
     tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else tls
     tenancy = TenancyInterceptor(verifier, service=name)
+    tenancy.page_key = page_key
     # gRPC takes the first of repeated channel args: the caller's options replace these defaults.
     settings = {"grpc.so_reuseport": 0, "grpc.max_connection_age_ms": MAX_CONNECTION_AGE_MS, **dict(options)}
     server = grpc.aio.server(interceptors=[tenancy], options=list(settings.items()))

@@ -23,6 +23,7 @@ from shared.lifecycle import lifecycle_binding
 from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
+from shared.settings import load_page_key
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
@@ -89,7 +90,7 @@ async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBacken
                                   hooks=[CredentialsShredder(db, backend)])
     security = security_events_binding("credentials", db)
     running = await serve(name="credentials", bindings=[binding, lifecycle, security],
-                          verifier=verifier, address=address)
+                          verifier=verifier, address=address, page_key=await load_page_key(db, "credentials"))
     if rotation_interval is not None:
         scheduler.start()
     return CredentialsService(running, db, backend, secrets, keys, audit, scheduler)

@@ -88,10 +88,14 @@ class CredentialsServicer(credentials_pb2_grpc.CredentialsServiceServicer):
 
     async def ListSecrets(self, request: pb.ListSecretsRequest, context) -> pb.ListSecretsResponse:
         size = paging.page_size(request.page_size)
-        after = (paging.decode_cursor(request.page_token) or {}).get("after", "")
-        infos = await self._secrets.list(after=str(after), limit=size + 1, show_deleted=request.show_deleted)
-        token = paging.encode_cursor({"after": infos[size - 1].name}) if len(infos) > size else ""
-        return pb.ListSecretsResponse(secrets=[secret_proto(i) for i in infos[:size]], next_page_token=token)
+        filters = bool(request.show_deleted)
+        after = paging.decode(request.page_token, filters=filters) or ""
+        if not isinstance(after, str):
+            raise paging.invalid_token()
+        infos = await self._secrets.list(after=after, limit=size + 1, show_deleted=request.show_deleted)
+        page = paging.keyset(infos, size, lambda i: i.name, filters=filters)
+        return pb.ListSecretsResponse(secrets=[secret_proto(i) for i in page.items],
+                                      next_page_token=page.next_page_token)
 
     async def DescribeSecret(self, request: pb.DescribeSecretRequest, context) -> pb.DescribeSecretResponse:
         return pb.DescribeSecretResponse(secret=secret_proto(await self._secrets.describe(request.name)))
@@ -106,17 +110,14 @@ class CredentialsServicer(credentials_pb2_grpc.CredentialsServiceServicer):
         return pb.DestroySecretResponse(destroyed_versions=await self._secrets.destroy(request.name))
 
     async def ListAccessEvents(self, request: pb.ListAccessEventsRequest, context) -> pb.ListAccessEventsResponse:
-        if request.page_size < 0:
-            raise InvalidArgument("page_size must not be negative", reason="PAGE_SIZE_INVALID",
-                                  violations={"page_size": "0 to 1000"})
-        size = min(request.page_size or 100, 1000)
-        after = (paging.decode_cursor(request.page_token) or {}).get("seq", 0)
-        if not isinstance(after, int):
-            raise InvalidArgument("malformed page_token", reason="BAD_PAGE_TOKEN",
-                                  violations={"page_token": "not a token this service issued"})
+        size = paging.page_size(request.page_size, default=100, maximum=1000)
+        after = paging.decode(request.page_token, filters=request.secret_name) or 0
+        if type(after) is not int:
+            raise paging.invalid_token()
         rows = await self._audit.page(after_seq=after, limit=size + 1, secret_name=request.secret_name)
-        token = paging.encode_cursor({"seq": rows[size - 1].seq}) if len(rows) > size else ""
-        return pb.ListAccessEventsResponse(events=[event_proto(r) for r in rows[:size]], next_page_token=token,
+        page = paging.keyset(rows, size, lambda r: r.seq, filters=request.secret_name)
+        return pb.ListAccessEventsResponse(events=[event_proto(r) for r in page.items],
+                                           next_page_token=page.next_page_token,
                                            anchor=(await self._audit.anchor()).as_pb())
 
     async def VerifyAccessEvents(self, request: pb.VerifyAccessEventsRequest, context) -> pb.VerifyAccessEventsResponse:

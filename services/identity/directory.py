@@ -11,10 +11,11 @@ from sqlalchemy import select
 from services.identity.credentials import make_api_key, new_id
 from services.identity.signing import utcnow
 from services.identity.store import ApiKeyRow, PrincipalRow, TenantRow
+from shared import paging
 from shared.config import DEFAULT_REGION
 from shared.db import Database
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, clip
-from shared.paging import Page, decode_cursor, encode_cursor, page_size
+from shared.paging import Page, page_size
 from shared.retention import Policy, effective
 from shared.tenancy import (OPERATOR_SCOPE, PLATFORM_TENANT, TIERS, TenantContext, require_tenant, scope_matches,
                             tenant_scope)
@@ -120,11 +121,11 @@ class Directory:
     async def list_tenants(self, size: int, token: str) -> Page[TenantRow]:
         """Tenants oldest first, a page at a time."""
         limit = page_size(size)
-        after = decode_cursor(token)
+        after = paging.decode(token)
         async with self._db.system_session() as s:
             q = _after(select(TenantRow).order_by(TenantRow.created_at, TenantRow.id).limit(limit + 1), TenantRow, after)
             rows = list((await s.execute(q)).scalars())
-        return _page(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
+        return paging.keyset(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
 
     async def set_tenant_status(self, tenant_id: str, status: str) -> TenantRow:
         """Suspend or reactivate a tenant (the platform tenant cannot be suspended)."""
@@ -198,13 +199,13 @@ class Directory:
 
     async def list_principals(self, size: int, token: str) -> Page[PrincipalRow]:
         """The caller's principals, oldest first."""
-        limit, after = page_size(size), decode_cursor(token)
+        limit, after = page_size(size), paging.decode(token)
         with tenant_scope(pooled(require_tenant())):
             async with self._db.session() as s:
                 q = _after(select(PrincipalRow).order_by(PrincipalRow.created_at, PrincipalRow.id).limit(limit + 1),
                            PrincipalRow, after)
                 rows = list((await s.execute(q)).scalars())
-        return _page(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
+        return paging.keyset(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
 
     async def disable_principal(self, principal_id: str) -> PrincipalRow:
         """Disable a principal of the caller's tenant: its keys stop issuing tokens."""
@@ -246,7 +247,7 @@ class Directory:
 
     async def list_api_keys(self, principal_id: str, size: int, token: str) -> Page[ApiKeyRow]:
         """The caller's keys (metadata only), optionally one principal's."""
-        limit, after = page_size(size), decode_cursor(token)
+        limit, after = page_size(size), paging.decode(token, filters=principal_id)
         with tenant_scope(pooled(require_tenant())):
             async with self._db.session() as s:
                 q = select(ApiKeyRow).order_by(ApiKeyRow.created_at, ApiKeyRow.id).limit(limit + 1)
@@ -254,7 +255,7 @@ class Directory:
                     q = q.where(ApiKeyRow.principal_id == principal_id)
                 q = _after(q, ApiKeyRow, after)
                 rows = list((await s.execute(q)).scalars())
-        return _page(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
+        return paging.keyset(rows, limit, lambda r: {"t": r.created_at, "id": r.id}, filters=principal_id)
 
     async def revoke_api_key(self, key_id: str) -> ApiKeyRow:
         """Revoke a key of the caller's tenant (idempotent)."""
@@ -271,13 +272,7 @@ def _after(query, model, after: dict | None):
     """Rows after a (created_at, id) keyset position, the order every listing here uses."""
     if not after:
         return query
-    if not isinstance(after.get("t"), datetime) or not isinstance(after.get("id"), str):
-        raise InvalidArgument("malformed page_token", violations={"page_token": "not a token this service issued"},
-                              reason="BAD_PAGE_TOKEN")
+    if not isinstance(after, dict) or not isinstance(after.get("t"), datetime) or not isinstance(after.get("id"), str):
+        raise paging.invalid_token()  # signed by us, so only a token of another version of this code
     return query.where((model.created_at > after["t"]) | ((model.created_at == after["t"]) & (model.id > after["id"])))
 
-
-def _page(rows: list, limit: int, cursor_of) -> Page:
-    more = len(rows) > limit
-    rows = rows[:limit]
-    return Page(items=rows, next_page_token=encode_cursor(cursor_of(rows[-1])) if more else "")

@@ -27,6 +27,7 @@ from shared.periodic import Periodic
 from shared.retention import RetentionSweeper, sweep_interval
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, run_until_signalled, serve
+from shared.settings import load_page_key
 from shared.telemetry import setup_telemetry
 from shared.tiers import Tier
 from shared.tls import TlsConfig
@@ -95,7 +96,8 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
         name="identity", verifier=verifier, address=address or svc.address, tls=TlsConfig.from_env(svc.env),
         bindings=[Binding(identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer,
                           identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]), lifecycle,
-                  security_events_binding("identity", db), audit.binding()])
+                  security_events_binding("identity", db), audit.binding()],
+        page_key=await load_page_key(db, "identity"))
     sweeper = Periodic("tenant-deletions", deletions.run_due, interval=config.deletion_interval, log=log,
                        run_first=True)
     sweeper.start()

@@ -12,10 +12,11 @@ from services.identity.directory import Directory
 from services.identity.issuance import Issuance
 from services.identity.signing import SigningKeys, as_utc, revocations_since, suspended_tenants
 from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, SigningKeyRow, TenantRow
+from shared import paging
 from shared.config_audit import ConfigAudit, new_of
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
-from shared.paging import decode_cursor, encode_cursor, page_size
+from shared.paging import page_size
 from shared.retention import checked_days, effective
 from shared.tiers import UnknownTier, tier_from_proto, tier_to_proto
 from shared.tokens import RefreshingKeySource
@@ -139,17 +140,14 @@ class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
 
     async def ListRetentionPolicies(self, request, context):
         size = page_size(request.page_size)
-        cursor = decode_cursor(request.page_token)
-        if cursor is not None and not isinstance(cursor.get("id"), str):
-            raise InvalidArgument("malformed page_token", reason="BAD_PAGE_TOKEN",
-                                  violations={"page_token": "not a token this service issued"})
-        rows = await self._directory.tenants_after(cursor["id"] if cursor else "", size + 1)
-        more = len(rows) > size
-        rows = rows[:size]
+        after = paging.decode(request.page_token) or ""
+        if not isinstance(after, str):
+            raise paging.invalid_token()
+        page = paging.keyset(await self._directory.tenants_after(after, size + 1), size, lambda r: r.id)
         return pb.ListRetentionPoliciesResponse(
             tenants=[pb.TenantRetention(tenant_id=r.id, tier=tier_to_proto(r.tier), retention=retention_pb(r))
-                     for r in rows],
-            next_page_token=encode_cursor({"id": rows[-1].id}) if more else "")
+                     for r in page.items],
+            next_page_token=page.next_page_token)
 
     async def ListTenants(self, request, context):
         page = await self._directory.list_tenants(request.page_size, request.page_token)

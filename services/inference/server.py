@@ -43,6 +43,7 @@ from shared.logs import register_secret
 from shared.periodic import Periodic
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
+from shared.settings import load_page_key
 from shared.tiers import IdentityTiers, TierLookup
 from shared.tokens import TokenVerifier
 
@@ -147,7 +148,8 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
                                   hooks=[DeliverUsage(meter, outbox)])
     security = security_events_binding("inference", db)
     running = await serve(name="inference", bindings=[binding, lifecycle, audit.binding(), security], verifier=verifier,
-                          address=address or config.service.address)
+                          address=address or config.service.address,
+                          page_key=await load_page_key(db, "inference"))
     async def sweep() -> None:
         meter.adopt_backlog(await journal.sweep())
 

@@ -16,7 +16,7 @@ from services.inference.policy import (
 )
 from services.inference.proxy import InferenceProxy
 from services.inference.store import PolicyStore
-from shared import errors
+from shared import errors, paging
 from shared.config_audit import ConfigAudit
 from shared.tenancy import acting_for, require_tenant
 from shared.tiers import TierLookup
@@ -114,15 +114,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
         return pb.RegisterPrivateModelResponse(model=_private_proto(stored))
 
     async def ListPrivateModels(self, request: pb.ListPrivateModelsRequest, context) -> pb.ListPrivateModelsResponse:
-        if request.page_size < 0:
-            raise errors.InvalidArgument("page_size must not be negative", reason="PAGE_SIZE_INVALID",
-                                         violations={"page_size": "must not be negative"})
-        size = min(request.page_size or 50, 500)
-        models = await self._store.list_private_models(after=request.page_token, limit=size + 1)
-        more = len(models) > size
-        models = models[:size]
-        return pb.ListPrivateModelsResponse(models=[_private_proto(m) for m in models],
-                                            next_page_token=models[-1].name if more else "")
+        size = paging.page_size(request.page_size)
+        after = paging.decode(request.page_token) or ""
+        if not isinstance(after, str):
+            raise paging.invalid_token()
+        page = paging.keyset(await self._store.list_private_models(after=after, limit=size + 1), size,
+                             lambda m: m.name)
+        return pb.ListPrivateModelsResponse(models=[_private_proto(m) for m in page.items],
+                                            next_page_token=page.next_page_token)
 
 
 def _policy_proto(p: Policy) -> pb.ModelPolicy:

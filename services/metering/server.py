@@ -29,6 +29,7 @@ from shared.retention import sweep_interval as retention_interval
 from shared.lifecycle import lifecycle_binding
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
+from shared.settings import load_page_key
 from shared.tiers import IdentityTiers, TierLookup
 from shared.tokens import TokenVerifier
 
@@ -104,7 +105,7 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
                                   keep=KEPT)
     security = security_events_binding("metering", db)
     running = await serve(name="metering", bindings=[binding, lifecycle, audit.binding(), security], verifier=verifier,
-                          address=address)
+                          address=address, page_key=await load_page_key(db, "metering"))
     if sweep_interval:
         sweeper.start()
     return MeteringService(running, db, usage, budgets, metrics, sweeper, audit=audit,

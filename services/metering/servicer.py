@@ -109,7 +109,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def QueryUsage(self, request: pb.QueryUsageRequest, context) -> pb.QueryUsageResponse:
         with reads_after_caller(context):
             rows = await self._usage.query(wire.usage_query(request.filter, request.group_by))
-        chunk, token = wire.page(rows, request.page_size, request.page_token)
+        chunk, token = wire.page(rows, request.page_size, request.page_token, filters=_filters(request))
         return pb.QueryUsageResponse(rows=[wire.usage_row(r) for r in chunk], next_page_token=token)
 
     async def QueryTenantUsage(self, request: pb.QueryTenantUsageRequest, context) -> pb.QueryTenantUsageResponse:
@@ -122,7 +122,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         for tenant_id, tier in await self._tenants(target):
             with acting_for(tenant_id, tier=tier):
                 rows += await self._usage.query(query)
-        chunk, token = wire.page(rows, request.page_size, request.page_token)
+        chunk, token = wire.page(rows, request.page_size, request.page_token, filters=_filters(request))
         return pb.QueryTenantUsageResponse(rows=[wire.usage_row(r) for r in chunk], next_page_token=token)
 
     async def ExportChargeback(self, request: pb.ExportChargebackRequest, context) -> pb.ExportChargebackResponse:
@@ -177,7 +177,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         book = await self._prices.book(fresh=True)
         prices = [p for model, versions in sorted(book.versions().items()) for p in versions
                   if not request.model or model == request.model]
-        chunk, token = wire.page(prices, request.page_size, request.page_token)
+        chunk, token = wire.page(prices, request.page_size, request.page_token, filters=request.model)
         return pb.ListPricesResponse(prices=[wire.price_msg(p) for p in chunk], next_page_token=token)
 
     # ---------------------------------------------------------------- quotas
@@ -253,3 +253,12 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         with acting_for(target, tier=tier):
             done = await self._budgets.release_lease(request.lease_id, wire.tokens(request.spent))
         return pb.ReleaseTenantLeaseResponse(charged=wire.hold(done.charged), released=wire.hold(done.released))
+
+
+def _filters(request) -> str:
+    """What a usage query's page token is bound to: the request without its paging fields."""
+    bare = type(request)()
+    bare.CopyFrom(request)
+    bare.ClearField("page_size")
+    bare.ClearField("page_token")
+    return bare.SerializeToString(deterministic=True).hex()

@@ -1,8 +1,6 @@
 """Conversions between metering protos and domain values (no handlers here)."""
 from __future__ import annotations
 
-import base64
-
 from google.protobuf import timestamp_pb2
 
 from bulkhead.metering.v1 import metering_pb2 as pb
@@ -10,6 +8,7 @@ from services.metering import periods
 from services.metering.pricing import Price, Tokens, format_usd, scaled_to_usd
 from services.metering.quotas import MICRO_USD, TOKENS, Amounts, BudgetSpec, BudgetState, LeaseInfo, Quota
 from services.metering.usage import AGENT, DAY, HOUR, MODEL, PRINCIPAL, UsageQuery, UsageRecord, UsageTotal
+from shared import paging
 from shared.errors import InvalidArgument
 
 GROUPINGS = {pb.USAGE_GROUPING_MODEL: MODEL, pb.USAGE_GROUPING_AGENT: AGENT, pb.USAGE_GROUPING_PRINCIPAL: PRINCIPAL,
@@ -82,28 +81,11 @@ def usage_row(row: UsageTotal) -> pb.UsageRow:
     return msg
 
 
-def page(items: list, page_size: int, page_token: str) -> tuple[list, str]:
-    """One page of items and the token of the next ("" at the end)."""
-    if page_size < 0:
-        raise InvalidArgument("page_size cannot be negative", reason="INVALID_PAGE_SIZE",
-                              violations={"page_size": "cannot be negative"})
-    size = min(page_size or DEFAULT_PAGE, MAX_PAGE)
-    offset = 0
-    if page_token:
-        try:
-            text = base64.urlsafe_b64decode(page_token.encode()).decode()
-            if not text.startswith("o:"):
-                raise ValueError(text)
-            offset = int(text[2:])
-            if offset < 0:
-                raise ValueError(text)
-        except ValueError:
-            raise InvalidArgument("page_token is not one this service issued", reason="INVALID_PAGE_TOKEN",
-                                  violations={"page_token": "not a token from a previous response"}) from None
-    chunk = items[offset:offset + size]
-    following = offset + size
-    token = base64.urlsafe_b64encode(f"o:{following}".encode()).decode() if following < len(items) else ""
-    return chunk, token
+def page(items: list, page_size: int, page_token: str, *, filters: object) -> tuple[list, str]:
+    """One page of a listing computed whole, and the token of the next ("" at the end)."""
+    size = paging.page_size(page_size, default=DEFAULT_PAGE, maximum=MAX_PAGE)
+    chunk = paging.offset_page(items, size, page_token, filters=filters)
+    return chunk.items, chunk.next_page_token
 
 
 def price(msg: pb.Price) -> Price:

@@ -11,9 +11,10 @@ from services.orchestrator.dispatcher import Dispatcher, StepFeed
 from services.orchestrator.grants import GrantSealer
 from services.orchestrator.runs import RunStatus
 from services.orchestrator.steps import Step
-from services.orchestrator.store import Page, RunRecord, RunStore, TeamRecord, TeamStore, new_run_id
+from services.orchestrator.store import RunRecord, RunStore, TeamRecord, TeamStore, new_run_id
 from services.orchestrator.team import TeamSpec, validate_team
 from shared.errors import InvalidArgument
+from shared.paging import Page
 from shared.tenancy import require_tenant
 from shared.telemetry import current_traceparent
 

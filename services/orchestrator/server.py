@@ -30,6 +30,7 @@ from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.lifecycle import lifecycle_binding
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
+from shared.settings import load_page_key
 from shared.tiers import IdentityTiers
 from shared.tokens import TokenVerifier
 
@@ -120,7 +121,7 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
     security = security_events_binding("orchestrator", db)
     running = await serve(name="orchestrator", bindings=[binding, lifecycle, audit.binding(), security],
                           verifier=verifier,
-                          address=address or svc.address)
+                          address=address or svc.address, page_key=await load_page_key(db, "orchestrator"))
     dispatcher.start()
     retention = retention_sweeper("orchestrator", svc, [audit.prune], identity=peers.identity)
     retention.start(interval=sweep_interval(svc.env))

@@ -8,8 +8,6 @@ file or database of its own for bridge and silo), where no dispatcher would ever
 """
 from __future__ import annotations
 
-import base64
-import binascii
 import contextlib
 import json
 import secrets
@@ -28,8 +26,10 @@ from services.orchestrator.runs import RunStatus, check_transition
 from services.orchestrator.scheduler import QueuedRun
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.team import TeamSpec
+from shared import paging
 from shared.db import Base, Database, TenantOwned
-from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound, clip
+from shared.errors import Aborted, AlreadyExists, NotFound, clip
+from shared.paging import Page
 
 
 class OrchestratorBase(Base):
@@ -144,14 +144,6 @@ class RunRecord:
 
 
 @dataclass(frozen=True)
-class Page:
-    """One page of a listing."""
-
-    items: list[Any]
-    next_page_token: str = ""
-
-
-@dataclass(frozen=True)
 class Claim:
     """A run this replica now holds the lease of."""
 
@@ -200,31 +192,6 @@ def step_latency_ms(step: Step, previous_at: float | None) -> float | None:
     return max(0.0, (step.created_at - previous_at) * 1000.0)
 
 
-def _page_size(size: int) -> int:
-    if size < 0:
-        raise InvalidArgument("page_size must not be negative", violations={"page_size": "must be >= 0"})
-    return min(size or 50, 200)
-
-
-def encode_token(d: dict[str, Any]) -> str:
-    """An opaque page token."""
-    return base64.urlsafe_b64encode(json.dumps(d, separators=(",", ":")).encode()).decode()
-
-
-def decode_token(token: str, keys: tuple[str, ...]) -> dict[str, Any] | None:
-    """The fields of a page token; InvalidArgument when it was not made by encode_token."""
-    if not token:
-        return None
-    try:
-        d = json.loads(base64.urlsafe_b64decode(token.encode()))
-        if not isinstance(d, dict) or set(d) != set(keys):
-            raise ValueError
-        return d
-    except (ValueError, binascii.Error, UnicodeDecodeError):
-        raise InvalidArgument("malformed page token", reason="INVALID_PAGE_TOKEN",
-                              violations={"page_token": "not a token this service issued"}) from None
-
-
 def new_run_id() -> str:
     """A fresh run id: r_ + 24 lower-case hex characters (valid as a state thread id)."""
     return "r_" + secrets.token_hex(12)
@@ -261,15 +228,17 @@ class TeamStore:
 
     async def list(self, page_size: int, page_token: str) -> Page:
         """Teams in name order, one page."""
-        size = _page_size(page_size)
-        after = decode_token(page_token, ("n",))
+        size = paging.page_size(page_size, maximum=200)
+        after = paging.decode(page_token)
+        if after is not None and not isinstance(after, str):
+            raise paging.invalid_token()
         async with self._db.session() as s:
             q = select(TeamRow).order_by(TeamRow.name).limit(size + 1)
             if after:
-                q = q.where(TeamRow.name > after["n"])
+                q = q.where(TeamRow.name > after)
             rows = list((await s.execute(q)).scalars())
-        items = [_team(r) for r in rows[:size]]
-        return Page(items, encode_token({"n": rows[size - 1].name}) if len(rows) > size else "")
+        page = paging.keyset(rows, size, lambda r: r.name)
+        return Page([_team(r) for r in page.items], page.next_page_token)
 
     async def replace(self, spec: TeamSpec, etag: str) -> TeamRecord:
         """Store spec over the team of that name; Aborted when etag is set and stale."""
@@ -379,8 +348,11 @@ class RunStore:
 
     async def list(self, *, page_size: int, page_token: str, status: RunStatus | None, team: str) -> Page:
         """Runs newest first, filtered, one page."""
-        size = _page_size(page_size)
-        after = decode_token(page_token, ("c", "r"))
+        size = paging.page_size(page_size, maximum=200)
+        filters = (status.value if status is not None else "", team)
+        after = paging.decode(page_token, filters=filters)
+        if after is not None and not (isinstance(after, list) and len(after) == 2):
+            raise paging.invalid_token()
         async with self._db.session() as s:
             q = select(RunRow).order_by(RunRow.created_at.desc(), RunRow.run_id.desc()).limit(size + 1)
             if status is not None:
@@ -388,12 +360,11 @@ class RunStore:
             if team:
                 q = q.where(RunRow.team == team)
             if after:
-                q = q.where((RunRow.created_at < after["c"]) |
-                            ((RunRow.created_at == after["c"]) & (RunRow.run_id < after["r"])))
+                q = q.where((RunRow.created_at < after[0]) |
+                            ((RunRow.created_at == after[0]) & (RunRow.run_id < after[1])))
             rows = list((await s.execute(q)).scalars())
-        items = [_run(r) for r in rows[:size]]
-        last = rows[size - 1] if len(rows) > size else None
-        return Page(items, encode_token({"c": last.created_at, "r": last.run_id}) if last else "")
+        page = paging.keyset(rows, size, lambda r: [r.created_at, r.run_id], filters=filters)
+        return Page([_run(r) for r in page.items], page.next_page_token)
 
     async def update(self, run_id: str, *, status: RunStatus | None = None, **fields: Any) -> RunRecord:
         """Change a run (checking the status transition); the queue entry goes when it finishes."""

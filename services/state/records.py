@@ -67,15 +67,6 @@ class ContextRecord:
 
 
 @dataclass(frozen=True, slots=True)
-class Page:
-    """A page of results and the token for the next one ('' at the end)."""
-
-    items: list
-    next_page_token: str = ""
-    thread_version: int = 0
-
-
-@dataclass(frozen=True, slots=True)
 class Limits:
     """Size limits; a request over one fails with INVALID_ARGUMENT naming the limit."""
 

@@ -23,6 +23,7 @@ from shared.db import Database
 from shared.lifecycle import lifecycle_binding
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
+from shared.settings import load_page_key
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
@@ -47,7 +48,8 @@ async def serve_state(*, db: Database, envelope: Envelope | PlaintextEnvelope, v
     lifecycle = lifecycle_binding("state", db, [StateBase.metadata, SECURITY_EVENTS_METADATA],
                                   hooks=[ForgetDataKeys(envelope)])
     security = security_events_binding("state", db)
-    return await serve(name="state", bindings=[binding, lifecycle, security], verifier=verifier, address=address)
+    return await serve(name="state", bindings=[binding, lifecycle, security], verifier=verifier, address=address,
+                       page_key=await load_page_key(db, "state"))
 
 
 @dataclass

@@ -64,11 +64,10 @@ class StateServicer(state_pb2_grpc.StateServiceServicer):
 
     async def ReadEvents(self, request, context):
         with reads_after_caller(context):
-            page = await self._threads.read(request.thread_id, after_version=request.after_version,
-                                            page_size=request.page_size, page_token=request.page_token)
+            page, version = await self._threads.read(request.thread_id, after_version=request.after_version,
+                                                     page_size=request.page_size, page_token=request.page_token)
         return state_pb2.ReadEventsResponse(events=[_event(e) for e in page.items],
-                                            next_page_token=page.next_page_token,
-                                            thread_version=page.thread_version)
+                                            next_page_token=page.next_page_token, thread_version=version)
 
     async def Replay(self, request, context):
         items = await self._threads.replay(request.thread_id, up_to_version=request.up_to_version,

@@ -6,16 +6,16 @@ import os
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
 
-from services.state import pagetokens, store, validation
+from services.state import store, validation
 from services.state.envelope import Envelope, PlaintextEnvelope, TenantKey
 from services.state.records import (
     EventRecord,
     Limits,
     NewEventRecord,
-    Page,
     SnapshotRecord,
     ThreadRecord,
 )
+from shared import paging
 from shared.db import Database
 from shared.errors import Aborted, AlreadyExists, InvalidArgument, NotFound
 from shared.tenancy import require_tenant
@@ -73,21 +73,21 @@ class ThreadLog:
             return _thread(row)
 
     async def list(self, *, run_id: str, agent_id: str, labels: Mapping[str, str], page_size: int,
-                   page_token: str) -> Page:
+                   page_token: str) -> paging.Page[ThreadRecord]:
         """Threads matching the filters, in thread_id order, one page at a time."""
         run_id = validation.reference(run_id, "run_id")
         agent_id = validation.reference(agent_id, "agent_id")
         labels = validation.labels(labels, self._limits)
         size = validation.page_size(page_size, self._limits)
-        query = pagetokens.query_fingerprint("threads", run_id, agent_id, sorted(labels.items()))
-        after = str(pagetokens.decode(page_token, query, kind=str)) if page_token else ""
+        filters = (run_id, agent_id, sorted(labels.items()))
+        after = paging.decode(page_token, filters=filters) or ""
+        if not isinstance(after, str):
+            raise paging.invalid_token()
         async with self._db.read_session() as s:  # a replica, when configured
             rows = await store.list_threads(s, run_id=run_id, agent_id=agent_id, labels=labels,
                                             after_thread_id=after, limit=size + 1)
-        more = len(rows) > size
-        rows = rows[:size]
-        token = pagetokens.encode(query, rows[-1].thread_id) if more else ""
-        return Page([_thread(r) for r in rows], token)
+        page = paging.keyset(rows, size, lambda r: r.thread_id, filters=filters)
+        return paging.Page([_thread(r) for r in page.items], page.next_page_token)
 
     async def delete(self, thread_id: str, expected_version: int | None) -> None:
         """Remove a thread, its events and snapshots (only at expected_version when given)."""
@@ -126,14 +126,16 @@ class ThreadLog:
             store.audit(s, "thread.append", thread_id, last)
         return first, last
 
-    async def read(self, thread_id: str, *, after_version: int, page_size: int, page_token: str) -> Page:
-        """A page of events after a version, decrypted, in version order."""
+    async def read(self, thread_id: str, *, after_version: int, page_size: int,
+                   page_token: str) -> tuple[paging.Page[EventRecord], int]:
+        """A page of events after a version, decrypted, in version order, and the thread's version."""
         validation.thread_id(thread_id)
         after = validation.version(after_version, "after_version")
         size = validation.page_size(page_size, self._limits)
-        query = pagetokens.query_fingerprint("events", thread_id)
         if page_token:
-            after = int(pagetokens.decode(page_token, query, kind=int))
+            after = paging.decode(page_token, filters=thread_id)
+            if type(after) is not int or after < 0:
+                raise paging.invalid_token()
         async with self._db.read_session() as s:  # a replica, when configured
             version = await store.current_version(s, thread_id)
             if version is None:
@@ -141,8 +143,8 @@ class ThreadLog:
             rows = await store.read_events(s, thread_id, after, None, size)
         events = await self._open_events(thread_id, rows)
         more = bool(events) and events[-1].version < version
-        token = pagetokens.encode(query, events[-1].version) if more else ""
-        return Page(events, token, version)
+        token = paging.encode(events[-1].version, filters=thread_id) if more else ""
+        return paging.Page(events, token), version
 
     async def replay(self, thread_id: str, *, up_to_version: int,
                      from_snapshot: bool) -> AsyncIterator[SnapshotRecord | EventRecord]:

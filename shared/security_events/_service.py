@@ -11,9 +11,10 @@ from google.protobuf import timestamp_pb2
 
 from bulkhead.common.v1 import security_events_pb2 as pb
 from bulkhead.common.v1 import security_events_pb2_grpc
+from shared import paging
 from shared.db import Database
 from shared.errors import InvalidArgument
-from shared.paging import decode_cursor, encode_cursor, page_size
+from shared.paging import page_size
 from shared.periodic import Periodic
 from shared.security import Pending, SecurityEvents
 from shared.security_events._store import Refusal, SecurityLedger
@@ -51,17 +52,12 @@ class SecurityEventsServicer(security_events_pb2_grpc.SecurityEventsServiceServi
         given = _filter_key(request, reasons)
         after = _cursor(request.page_token, given)
         rows = await self._ledger.read(tenant_id, start=start, end=end, reasons=reasons, after=after, limit=size + 1)
-        more = len(rows) > size
-        rows = rows[:size]
-        token = ""
-        if more:
-            last = rows[-1]
-            token = encode_cursor({"b": last.bucket_start, "m": last.method, "r": last.reason, "p": last.principal_id,
-                                   "f": given})
+        page = paging.keyset(rows, size, lambda r: [r.bucket_start, r.method, r.reason, r.principal_id],
+                             filters=given)
         return pb.ListSecurityEventsResponse(events=[pb.SecurityEvent(
             service=r.service, method=r.method, reason=r.reason, principal_id=r.principal_id,
             bucket_start_time=_ts(r.bucket_start * 1_000_000), count=r.count, last_seen_time=_ts(r.last_seen_us))
-            for r in rows], next_page_token=token)
+            for r in page.items], next_page_token=page.next_page_token)
 
     def _window(self, request: pb.ListSecurityEventsRequest) -> tuple[int, int]:
         violations = {}
@@ -97,20 +93,14 @@ def _filter_key(request: pb.ListSecurityEventsRequest, reasons: Sequence[str]) -
 
 
 def _cursor(token: str, given: str) -> tuple | None:
-    position = decode_cursor(token)
+    position = paging.decode(token, filters=given)
     if position is None:
         return None
-    bad = InvalidArgument("malformed page_token: pass back the next_page_token of a previous response with the "
-                          "same filter", reason="BAD_PAGE_TOKEN",
-                          violations={"page_token": "not a token this service issued for this filter"})
     try:
-        after = (int(position["b"]), str(position["m"]), str(position["r"]), str(position["p"]))
-        same = position["f"] == given
-    except (KeyError, TypeError, ValueError):
-        raise bad from None
-    if not same:
-        raise bad
-    return after
+        b, m, r, p = position
+        return int(b), str(m), str(r), str(p)
+    except (TypeError, ValueError):
+        raise paging.invalid_token() from None
 
 
 def _ts(micros: int) -> timestamp_pb2.Timestamp:

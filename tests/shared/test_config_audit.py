@@ -331,7 +331,7 @@ async def test_bad_input_is_refused_precisely(world: World) -> None:
     """A malformed tenant id or page token: INVALID_ARGUMENT with its reason."""
     t = await tenant_of(world, "pooled")
     for request, reason in ((apb.ListAuditEventsRequest(tenant_id="not a tenant"), "TENANT_ID_INVALID"),
-                            (apb.ListAuditEventsRequest(page_token="!!"), "BAD_PAGE_TOKEN"),
+                            (apb.ListAuditEventsRequest(page_token="!!"), "INVALID_PAGE_TOKEN"),
                             (apb.ListAuditEventsRequest(page_size=-1), None)):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await world.audit["orchestrator"].ListAuditEvents(request, metadata=t.metadata)

@@ -214,7 +214,7 @@ async def test_bad_input_gets_precise_reasons(mesh):
         (pb.ListSecurityEventsRequest(reasons=["missing_scope"]), "INVALID_REASON", "reasons[0]"),
         (pb.ListSecurityEventsRequest(reasons=["OK"] * 21), "INVALID_REASON", "reasons"),
         (pb.ListSecurityEventsRequest(page_size=-1), None, "page_size"),
-        (pb.ListSecurityEventsRequest(page_token="%%%"), "BAD_PAGE_TOKEN", "page_token"),
+        (pb.ListSecurityEventsRequest(page_token="%%%"), "INVALID_PAGE_TOKEN", "page_token"),
     ]
     for request, reason, field in cases:
         got = await _refused(stub.ListSecurityEvents, request, metadata=md)
@@ -245,7 +245,7 @@ async def test_pages_walk_every_event_once_and_a_token_keeps_its_filter(mesh):
     assert [e.bucket_start_time.seconds for e in walked] == sorted((r.bucket_start for r in rows), reverse=True)
     got = await _refused(mesh.events("state").ListSecurityEvents, pb.ListSecurityEventsRequest(
         page_size=1, page_token=first_token, reasons=["TENANT_MISMATCH"]), metadata=mesh.md(B))
-    assert got["reason"] == "BAD_PAGE_TOKEN"
+    assert got["reason"] == "INVALID_PAGE_TOKEN"
     assert await mesh.listed("state", A) == []
 
 

@@ -61,13 +61,13 @@ async def test_malformed_page_tokens_are_refused(h):
     """Page tokens this service did not issue are INVALID_ARGUMENT."""
     details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListSecrets(
         pb.ListSecretsRequest(page_token="%%%not-a-token"), metadata=h.md()))
-    assert details["reason"] == "BAD_PAGE_TOKEN"
+    assert details["reason"] == "INVALID_PAGE_TOKEN"
     details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListAccessEvents(
         pb.ListAccessEventsRequest(page_token="%%%"), metadata=h.md()))
-    assert details["reason"] == "BAD_PAGE_TOKEN"
+    assert details["reason"] == "INVALID_PAGE_TOKEN"
     details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListSecrets(
         pb.ListSecretsRequest(page_size=-1), metadata=h.md()))
     assert "page_size" in details["bad_request"]
     details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListAccessEvents(
         pb.ListAccessEventsRequest(page_size=-5), metadata=h.md()))
-    assert details["reason"] == "PAGE_SIZE_INVALID" and "page_size" in details["bad_request"]
+    assert details["reason"] == "INVALID_PAGE_SIZE" and "page_size" in details["bad_request"]

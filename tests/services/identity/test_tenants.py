@@ -66,12 +66,13 @@ async def test_bad_tenant_input_is_invalid_argument(identity):
     err = await _error(identity.stub.CreateTenant(pb.CreateTenantRequest(name="dupe"), metadata=op))
     assert err.code() == grpc.StatusCode.ALREADY_EXISTS
     err = await _error(identity.stub.ListTenants(pb.ListTenantsRequest(page_token="%%%"), metadata=op))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_details(err)["reason"] == "BAD_PAGE_TOKEN"
-    from shared.paging import encode_cursor
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_details(err)["reason"] == "INVALID_PAGE_TOKEN"
+    import base64
+    import json
 
-    foreign = encode_cursor({"offset": 10})  # decodes, but is not a position this service made
+    foreign = base64.urlsafe_b64encode(json.dumps({"offset": 10}).encode()).decode()  # an unsigned position
     err = await _error(identity.stub.ListTenants(pb.ListTenantsRequest(page_token=foreign), metadata=op))
-    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_details(err)["reason"] == "BAD_PAGE_TOKEN"
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and error_details(err)["reason"] == "INVALID_PAGE_TOKEN"
     listed = await identity.stub.ListTenants(pb.ListTenantsRequest(page_size=500), metadata=op)
     assert [t.name for t in listed.tenants].count("dupe") == 1 and "Bad Name!" not in [t.name for t in listed.tenants]
 

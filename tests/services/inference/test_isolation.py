@@ -122,7 +122,7 @@ async def test_list_private_models_pages(mesh):
     assert [m.name for m in first.models] == ["m1", "m2"] and [m.name for m in second.models] == ["m3"]
     assert second.next_page_token == ""
     await _expect(mesh.stub.ListPrivateModels(pb.ListPrivateModelsRequest(page_size=-1), metadata=mesh.md("t_a")),
-                  grpc.StatusCode.INVALID_ARGUMENT, "PAGE_SIZE_INVALID")
+                  grpc.StatusCode.INVALID_ARGUMENT, "INVALID_PAGE_SIZE")
 
 
 async def test_policy_set_by_operator_applies_to_that_tenant_only(mesh):

@@ -133,7 +133,7 @@ async def test_list_prices_is_open_to_tenants_and_paged(metering):
         await metering.stub.SetPrice(pb.SetPriceRequest(price=price("m", T0 + i, i, i)), metadata=metering.op())
     first = await metering.stub.ListPrices(pb.ListPricesRequest(page_size=2), metadata=metering.md(A))
     rest = await metering.stub.ListPrices(pb.ListPricesRequest(page_size=2, page_token=first.next_page_token),
-                                          metadata=metering.md(B))
+                                          metadata=metering.md(A))  # a token is the tenant's it was issued to
     assert [p.input_micros_per_mtok for p in (*first.prices, *rest.prices)] == [0, 1, 2]
     assert rest.next_page_token == ""
 

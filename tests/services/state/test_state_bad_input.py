@@ -136,14 +136,14 @@ def _token(obj) -> str:
                                    _token({"q": "x", "a": "3"}), _token({"q": "x", "a": -1}),
                                    _token({"q": "x", "a": True})])
 async def test_malformed_page_tokens_are_invalid(state: StateHarness, token: str):
-    """Garbage, wrong-shaped or forged page tokens → INVALID_ARGUMENT BAD_PAGE_TOKEN on both paged RPCs."""
+    """Garbage, wrong-shaped or forged page tokens → INVALID_ARGUMENT INVALID_PAGE_TOKEN on both paged RPCs."""
     thread = await state.new_thread()
     await state.append(thread.thread_id, b"1")
     for call in (state.stub.ReadEvents(state_pb2.ReadEventsRequest(thread_id=thread.thread_id, page_token=token),
                                        metadata=state.md()),
                  state.stub.ListThreads(state_pb2.ListThreadsRequest(page_token=token), metadata=state.md())):
         details = await expect_error(INVALID, call)
-        assert details["reason"] == "BAD_PAGE_TOKEN"
+        assert details["reason"] == "INVALID_PAGE_TOKEN"
         assert "page_token" in details["bad_request"]
 
 
@@ -156,7 +156,7 @@ async def test_page_token_of_another_thread_is_refused(state: StateHarness):
     details = await expect_error(INVALID, state.stub.ReadEvents(
         state_pb2.ReadEventsRequest(thread_id=second.thread_id, page_token=page.next_page_token),
         metadata=state.md()))
-    assert details["reason"] == "BAD_PAGE_TOKEN"
+    assert details["reason"] == "INVALID_PAGE_TOKEN"
 
 
 async def test_negative_page_size_is_invalid(state: StateHarness):

@@ -151,7 +151,7 @@ async def test_list_token_from_other_filters_is_refused(state: StateHarness):
     assert page.next_page_token
     details = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, state.stub.ListThreads(
         state_pb2.ListThreadsRequest(page_size=1, run_id="r2", page_token=page.next_page_token), metadata=state.md()))
-    assert details["reason"] == "BAD_PAGE_TOKEN"
+    assert details["reason"] == "INVALID_PAGE_TOKEN"
 
 
 async def test_delete_thread_removes_events_and_snapshots(state: StateHarness):
