@@ -49,7 +49,8 @@ from shared.db import Database
 from shared.db.base import NAMING_CONVENTION, TENANT_COLUMN_INFO
 from shared.db.router import Route
 from shared.db.session import SEARCH_PATH_KEY, SYSTEM_KEY, TENANT_KEY, TenantSession
-from shared.errors import InvalidArgument, PermissionDenied
+from shared.errors import InvalidArgument, PermissionDenied, Reason
+from shared.ids import TENANT_ID_HINT, is_tenant_id
 from shared.paging import page_size
 from shared.server import Binding
 from shared.tenancy import PLATFORM_TENANT, require_tenant
@@ -64,7 +65,6 @@ attacks it on each; a test checks the other services do not serve it)."""
 READ_SCOPE = "audit.config.read"
 """The scope of ListAuditEvents and VerifyAuditEvents."""
 
-_TENANT_ID = re.compile(r"^t_[A-Za-z0-9_-]{1,62}$")
 _HASHED = ("tenant_id", "seq", "time_us", "principal_id", "operator_id", "delegator_id", "agent_id", "request_id",
            "action", "target", "detail")
 _SECRET_KEYS = frozenset({"secret", "secret_hash", "api_key", "token", "access_token", "password", "private_key",
@@ -329,9 +329,9 @@ class ConfigAudit:
         caller = require_tenant()
         if not requested or requested == caller.tenant_id:
             return caller.tenant_id, (self._rows_tier or Tier.parse(caller.tier)).value
-        if not _TENANT_ID.match(requested):
-            raise InvalidArgument("tenant_id is malformed", reason="TENANT_ID_INVALID",
-                                  violations={"tenant_id": "a tenant id such as t_8k2f..., or empty for your own"})
+        if not is_tenant_id(requested):
+            raise InvalidArgument("tenant_id is malformed", reason=Reason.INVALID_TENANT_ID,
+                                  violations={"tenant_id": f"{TENANT_ID_HINT}, or empty for your own"})
         if not caller.is_operator:
             # The same answer for a real tenant and a made-up id: nothing says which exists.
             raise PermissionDenied("only platform operators may read another tenant's audit", reason="OPERATOR_ONLY")

@@ -3,14 +3,22 @@
 Handlers never set status codes by hand: they raise one of these, and the server's error
 interceptor turns it into a status carrying google.rpc details (always an ErrorInfo with a
 machine-readable reason, plus BadRequest / QuotaFailure / RetryInfo where they apply).
+
+Every reason comes from one catalog, the `bulkhead.common.v1.ErrorReason` enum
+(protos/bulkhead/common/v1/errors.proto), which every client language sees: `Reason.TENANT_NOT_FOUND`
+here, and ErrorInfo.reason carries the value's name. An error built with any other reason raises
+ValueError at once, so a typo fails the first test that reaches it.
 """
 from __future__ import annotations
 
+import enum
 from collections.abc import Iterable, Mapping
 
 import grpc
 from google.protobuf import duration_pb2
 from google.rpc import error_details_pb2, status_pb2
+
+from bulkhead.common.v1 import errors_pb2
 
 ERROR_DOMAIN = "bulkhead.dev"
 _DETAILS_KEY = "grpc-status-details-bin"
@@ -22,6 +30,23 @@ MAX_ECHO_BYTES = 200
 """The most of any one string (message, metadata value, field, description) an error carries, in UTF-8
 bytes: counting characters let a 4-byte-per-character echo quadruple an error's size."""
 _MARK = "\u2026"  # 3 bytes in UTF-8
+
+Reason = enum.StrEnum("Reason", [(name, name) for name, number in errors_pb2.ErrorReason.items() if number])
+"""The reason catalog as str members (`Reason.INVALID_TENANT_ID == "INVALID_TENANT_ID"`), from the proto enum."""
+REASONS: frozenset[str] = frozenset(Reason)
+"""Every reason a service may send (deprecated ones included while they are still sent)."""
+
+
+def catalog_reason(reason: str | None) -> str | None:
+    """reason if the catalog has it, else None (for reasons read off the wire, e.g. a peer's)."""
+    return reason if reason in REASONS else None
+
+
+def _checked(reason: str) -> str:
+    if reason not in REASONS:
+        raise ValueError(f"unknown error reason {reason!r}: add it to ErrorReason in "
+                         "protos/bulkhead/common/v1/errors.proto (or use a name that is there)")
+    return str(reason)
 
 
 def clip(text: str, limit: int = MAX_ECHO_BYTES) -> str:
@@ -44,7 +69,7 @@ class BulkheadError(Exception):
         message = clip(message, 2 * MAX_ECHO_BYTES)
         super().__init__(message)
         self.message = message
-        self.reason = reason or self.default_reason
+        self.reason = _checked(reason or self.default_reason)
         self.metadata = {clip(k, 64): clip(str(v)) for k, v in (metadata or {}).items()}
 
     def details(self) -> list:

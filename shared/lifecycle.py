@@ -17,7 +17,6 @@ import base64
 import hashlib
 import json
 import logging
-import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from shared.db.base import TENANT_COLUMN_INFO
 from shared.db.raw import raw_transaction
 from shared.db.router import Route
 from shared.errors import FailedPrecondition, InvalidArgument, Unavailable
+from shared.ids import check_tenant_id
 from shared.server import Binding
 from shared.tenancy import PLATFORM_TENANT
 from shared.tiers import Tier, UnknownTier, tier_from_proto
@@ -46,7 +46,6 @@ its tier (shared.security_events)."""
 LIFECYCLE_SCOPE = "platform.lifecycle"
 """The scope of every TenantLifecycleService method; only identity's own platform token holds it."""
 MAIN_STORE = "main"
-_TENANT_ID = re.compile(r"^t_[A-Za-z0-9_]{1,60}$")
 
 
 @dataclass(frozen=True)
@@ -96,9 +95,7 @@ class PurgeResult:
 
 def check_request(tenant_id: str, tier_value: int) -> Tier:
     """The tier of a lifecycle request, after checking the tenant id and refusing the platform tenant."""
-    if not _TENANT_ID.match(tenant_id or ""):
-        raise InvalidArgument("tenant_id is missing or malformed", reason="TENANT_ID_INVALID",
-                              violations={"tenant_id": "a tenant id such as t_8k2f..."})
+    check_tenant_id(tenant_id)
     if tenant_id == PLATFORM_TENANT:
         raise FailedPrecondition("the platform tenant is never purged", reason="PLATFORM_TENANT")
     if tier_value == tenancy_pb2.TIER_UNSPECIFIED:

@@ -10,6 +10,7 @@ from pathlib import Path
 from bulkhead.cli._common import add_connection_args, connect, fail, run_async, table
 from bulkhead.cli.receipts import receipt_document
 from bulkhead.identity.v1 import identity_pb2 as pb
+from shared.ids import is_tenant_id
 from shared.tiers import Tier, UnknownTier, tier_from_proto, tier_to_proto
 
 
@@ -96,7 +97,7 @@ def _retention_text(policy: pb.RetentionPolicy) -> str:
 
 async def _tenant_id(bh, tenant: str) -> str:
     """An id as given; a name looked up among the tenants (operators)."""
-    if not tenant or re.match(r"^t_[A-Za-z0-9_-]+$", tenant):
+    if not tenant or is_tenant_id(tenant):
         return tenant
     token = ""
     while True:

@@ -5,14 +5,12 @@ raise shared.errors exceptions with precise reasons, and never put a value in a 
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from typing import Protocol
 
 from shared import errors
+from shared.ids import is_tenant_id
 from shared.tenancy import TenantContext
-
-_TENANT_ID = re.compile(r"^t_[A-Za-z0-9_]{1,60}$")
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,8 +25,8 @@ class TenantRef:
     @classmethod
     def of(cls, ctx: TenantContext) -> TenantRef:
         """The ref of the request's verified tenant."""
-        if not _TENANT_ID.match(ctx.tenant_id):
-            raise errors.InvalidArgument("tenant id has an unexpected shape", reason="TENANT_ID_INVALID")
+        if not is_tenant_id(ctx.tenant_id):
+            raise errors.InvalidArgument("tenant id has an unexpected shape", reason=errors.Reason.INVALID_TENANT_ID)
         return cls(ctx.tenant_id, ctx.tier or "pooled")
 
 

@@ -9,12 +9,14 @@ import re
 import secrets
 from dataclasses import dataclass
 
-_KEY_RE = re.compile(r"^bk_(t_[a-z0-9]+)_(k_[a-z0-9]+)_([a-f0-9]{48})$")
+from shared.ids import TENANT_ID_PATTERN
+
+_KEY_RE = re.compile(rf"^bk_({TENANT_ID_PATTERN})_(k_[a-z0-9]+)_([a-f0-9]{{48}})$")
 PREFIX_SECRET_CHARS = 4
 
 
 def new_id(kind: str) -> str:
-    """A random id such as t_3kq9v2m5x1cz8hba (lower-case base32, no underscores inside)."""
+    """A random id such as t_3kq7v2m5x4cz6hba (16 lower-case base32 characters; shared.ids checks tenant ids)."""
     return f"{kind}_" + base64.b32encode(secrets.token_bytes(10)).decode().lower()
 
 

@@ -18,13 +18,13 @@ from services.inference.proxy import InferenceProxy
 from services.inference.store import PolicyStore
 from shared import errors, paging
 from shared.config_audit import ConfigAudit
+from shared.ids import check_tenant_id
 from shared.tenancy import acting_for, require_tenant
 from shared.tiers import TierLookup
 
 log = logging.getLogger("bulkhead.inference")
 audit = logging.getLogger("bulkhead.audit")
 
-_TENANT_ID_MAX = 64
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
@@ -69,11 +69,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServiceServicer):
     async def SetModelPolicy(self, request: pb.SetModelPolicyRequest, context) -> pb.SetModelPolicyResponse:
         operator = require_tenant()
         if not operator.is_operator:   # the interceptor checked the scope; this is defence in depth
-            raise errors.PermissionDenied("operators only", reason="OPERATOR_REQUIRED")
-        tenant_id = request.tenant_id
-        if not tenant_id.startswith("t_") or len(tenant_id) > _TENANT_ID_MAX:
-            raise errors.InvalidArgument("tenant_id is required", reason="TENANT_ID_INVALID",
-                                         violations={"tenant_id": "a tenant id like t_abc"})
+            raise errors.PermissionDenied("operators only", reason="OPERATOR_ONLY")
+        tenant_id = check_tenant_id(request.tenant_id)
         p = request.policy
         policy = Policy(tuple(p.allowed_models), p.default_model, dict(p.pinned_versions), p.max_tokens_ceiling)
         problems = check_policy(policy)

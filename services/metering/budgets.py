@@ -47,6 +47,7 @@ from shared.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    Reason,
     ResourceExhausted,
 )
 from shared.tenancy import require_tenant
@@ -54,6 +55,12 @@ from shared.tenancy import require_tenant
 RESERVATION = "reservation"
 LEASE = "lease"
 OPEN, COMMITTED, RELEASED, EXPIRED = "open", "committed", "released", "expired"
+_NOT_FOUND = {RESERVATION: Reason.RESERVATION_NOT_FOUND, LEASE: Reason.LEASE_NOT_FOUND}
+_SETTLED = {(RESERVATION, COMMITTED): Reason.RESERVATION_COMMITTED,
+            (RESERVATION, RELEASED): Reason.RESERVATION_RELEASED,
+            (RESERVATION, EXPIRED): Reason.RESERVATION_EXPIRED,
+            (LEASE, RELEASED): Reason.LEASE_RELEASED, (LEASE, EXPIRED): Reason.LEASE_EXPIRED}
+"""(kind, state) of a hold no longer open -> the reason a settle or renew of it is refused with."""
 
 DEFAULT_RESERVATION_TTL_S = 300
 DEFAULT_LEASE_TTL_S = 60
@@ -306,7 +313,7 @@ class BudgetLedger:
         """A hold the settling statement did not take: missing, already settled, or spent too much."""
         hold = await budget_sql.get_hold(tx, tenant_id, hold_id, kind)
         if hold is None:
-            raise NotFound(f"{what} not found", reason=f"{what.upper()}_NOT_FOUND")
+            raise NotFound(f"{what} not found", reason=_NOT_FOUND[kind])
         if hold.state != OPEN:
             return self._settled_again(hold, spent, new_state, what)
         raise _exceeds(hold, field)
@@ -317,7 +324,8 @@ class BudgetLedger:
         if hold.state == new_state and hold.spent == spent:
             charged = Amounts(hold.charged_tokens, hold.charged_micros)
             return Settlement(charged, Amounts(hold.tokens_held - charged.tokens, hold.micros_held - charged.micro_usd))
-        raise FailedPrecondition(f"{what} is already {hold.state}", reason=f"{what.upper()}_{hold.state.upper()}")
+        raise FailedPrecondition(f"{what} is already {hold.state}",
+                                 reason=_SETTLED.get((what, hold.state), Reason.FAILED_PRECONDITION))
 
     async def sweep(self) -> int:
         """Expire the tenant's overdue holds: charge what leases reported, return the rest. Returns how many."""
@@ -421,7 +429,8 @@ class BudgetLedger:
             return NotFound("lease not found", reason="LEASE_NOT_FOUND")
         if hold.state != OPEN or hold.expires_us < now:
             state = hold.state if hold.state != OPEN else EXPIRED
-            return FailedPrecondition(f"lease is {state}", reason=f"LEASE_{state.upper()}")
+            return FailedPrecondition(f"lease is {state}",
+                                      reason=_SETTLED.get((LEASE, state), Reason.FAILED_PRECONDITION))
         if any(now_ < then for now_, then in zip(spent.parts(), hold.spent.parts(), strict=True)):
             return InvalidArgument("spent is a running total and cannot go down", reason="SPEND_DECREASED",
                                    violations={"spent": "less than already reported"})

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import dataclasses
-import re
 
 from bulkhead.metering.v1 import metering_pb2 as pb
 from bulkhead.metering.v1 import metering_pb2_grpc
@@ -14,10 +13,10 @@ from services.metering.pricing import format_usd, scaled_to_usd
 from shared.config_audit import ConfigAudit
 from shared.db import Database, answer_with_lsn, reads_after_caller
 from shared.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from shared.ids import check_tenant_id
 from shared.tenancy import PLATFORM_TENANT, TenantContext, acting_for, require_tenant
 from shared.tiers import Tier, TierLookup, UnknownTier, tier_from_proto
 
-_TENANT_ID = re.compile(r"^t_[A-Za-z0-9_-]{1,62}$")
 _QUOTA_TABLES = {"metering_quotas", "metering_budgets"}
 
 
@@ -32,10 +31,7 @@ def _operator() -> TenantContext:
 def _target(tenant_id: str, field: str, *, required: bool) -> str:
     if not tenant_id and not required:
         return ""
-    if not _TENANT_ID.match(tenant_id):
-        raise InvalidArgument("invalid tenant id", reason="INVALID_TENANT_ID",
-                              violations={field: "required, like t_abc123" if not tenant_id else "not a tenant id"})
-    return tenant_id
+    return check_tenant_id(tenant_id, field)
 
 
 class MeteringTiers:

@@ -26,7 +26,8 @@ def translate(err: grpc.aio.AioRpcError) -> errors.BulkheadError:
     """A downstream failure as our own error (message kept; it is the other service's sanitised text)."""
     from shared.errors import error_details
 
-    reason = error_details(err).get("reason") or err.code().name
+    # A peer's reason when the catalog has it (an older or foreign peer's is not ours to repeat), else the default.
+    reason = errors.catalog_reason(error_details(err).get("reason"))
     cls = {grpc.StatusCode.NOT_FOUND: errors.NotFound, grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
            grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
            grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,

@@ -22,6 +22,7 @@ from bulkhead.inference.v1 import inference_pb2 as inf
 from bulkhead.metering.v1 import metering_pb2 as met
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orch
 from bulkhead.state.v1 import state_pb2 as st
+from shared.ids import is_tenant_id
 from tests.services.orchestrator.mesh import team_pb
 
 MODEL = "claude-test"
@@ -53,7 +54,10 @@ class Ids:
 
     def lookalike(self) -> Ids:
         """Random ids of the same shapes: what a resource that exists nowhere is called."""
-        return Ids(**{f.name: _lookalike(getattr(self, f.name)) for f in fields(self)})
+        ids = Ids(**{f.name: _lookalike(getattr(self, f.name)) for f in fields(self)})
+        # The one tenant-id rule (shared.ids): a made-up tenant passes it, so a refusal is never "malformed".
+        assert is_tenant_id(self.tenant_id) and is_tenant_id(ids.tenant_id), (self.tenant_id, ids.tenant_id)
+        return ids
 
     def markers(self) -> list[bytes]:
         """Byte strings that must never appear in another tenant's reply."""

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import grpc
 from google.protobuf.json_format import MessageToDict
 
-from shared.errors import error_details
+from shared.errors import REASONS, error_details
 from shared.tenancy import scope_matches
 
 from .factories import Ids, Target
@@ -158,7 +158,12 @@ async def invoke(channel: grpc.aio.Channel, rpc: Rpc, request, metadata, *, send
                                                                                   timeout=timeout)]
     except grpc.aio.AioRpcError as err:
         trailer = next((v for k, v in err.trailing_metadata() or () if k == "grpc-status-details-bin"), b"")
-        return Outcome(err.code().name, err.details() or "", error_details(err), details_bytes=len(trailer))
+        details = error_details(err)
+        # Every reason a service sends comes from the catalog (bulkhead.common.v1.ErrorReason), in every cell
+        # of the matrix and every fuzzed call (tests/test_error_reasons.py scans the code for the rest).
+        assert details["reason"] is None or details["reason"] in REASONS, \
+            f"{rpc.path} answered {err.code().name} with reason {details['reason']!r}, not in the catalog"
+        return Outcome(err.code().name, err.details() or "", details, details_bytes=len(trailer))
     return Outcome("OK", replies=tuple(replies))
 
 

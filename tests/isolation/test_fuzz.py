@@ -179,7 +179,7 @@ async def test_a_write_that_fails_after_writing_fails_the_fuzz_check(rig, tenant
 
     async def put_then_refuse(self, *args, **kwargs):
         await original(self, *args, **kwargs)
-        raise InvalidArgument("refused after writing", reason="TEST")
+        raise InvalidArgument("refused after writing", reason="INVALID_ARGUMENT")
 
     monkeypatch.setattr(SecretManager, "put", put_then_refuse)
     with pytest.raises(AssertionError, match="yet changed the tenant's data"):

@@ -252,7 +252,7 @@ async def test_migration_calls_refuse_bad_input_and_tenants(postgres):
             (life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=99), "INVALID_TIER"),
             (life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=B, pause_seconds=121),
              "PAUSE_OUT_OF_RANGE"),
-            (life.CopyTenant, lpb.CopyTenantRequest(tenant_id="x; drop", tier=P, target_tier=B), "TENANT_ID_INVALID"),
+            (life.CopyTenant, lpb.CopyTenantRequest(tenant_id="x; drop", tier=P, target_tier=B), "INVALID_TENANT_ID"),
             (life.VerifyTenant, lpb.VerifyTenantRequest(tenant_id=tid, tier=B, target_tier=B), "SAME_TIER"),
             (life.VerifyTenant, lpb.VerifyTenantRequest(tenant_id=tid, target_tier=B), "INVALID_TIER"),
             (life.SwitchTenant, lpb.SwitchTenantRequest(tenant_id=tid), "INVALID_TIER"),

@@ -67,7 +67,7 @@ async def test_lifecycle_bad_input_is_precise(mesh):
         for bad in ("", "t_x'; DROP TABLE cred_secrets; --", "acme"):
             await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.InventoryTenant(
                 lpb.InventoryTenantRequest(tenant_id=bad, tier=tenancy_pb2.TIER_POOLED), metadata=platform),
-                "TENANT_ID_INVALID")
+                "INVALID_TENANT_ID")
         await expect(grpc.StatusCode.FAILED_PRECONDITION, stub.PurgeTenant(
             lpb.PurgeTenantRequest(tenant_id="t_platform", tier=tenancy_pb2.TIER_POOLED), metadata=platform),
             "PLATFORM_TENANT")

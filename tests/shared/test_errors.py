@@ -18,7 +18,7 @@ def _unpacked(status):
 
 def test_thousands_of_long_violations_fit_in_one_kilobyte():
     """A BadRequest echoing 1,000 fields of 5,000 characters is cut to fit; the reason survives."""
-    error = errors.InvalidArgument("x" * 5000, reason="INVALID_THING",
+    error = errors.InvalidArgument("x" * 5000, reason="INVALID_QUERY",
                                    violations={f"field{i}" + "f" * 5000: "d" * 5000 for i in range(1000)},
                                    metadata={"echo": "v" * 5000})
     status = error.to_status()

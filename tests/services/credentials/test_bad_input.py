@@ -43,7 +43,7 @@ async def test_negative_version_and_duration_are_refused(h):
     """A negative version or grace period is INVALID_ARGUMENT."""
     await h.put("v", b"some-value")
     details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.get("v", version=-1))
-    assert details["reason"] == "VERSION_INVALID"
+    assert details["reason"] == "INVALID_VERSION"
     details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT,
                                     h.put("v", b"other-value", grace_period=duration_pb2.Duration(seconds=-1)))
     assert details["reason"] == "DURATION_INVALID"

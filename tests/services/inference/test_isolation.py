@@ -160,7 +160,7 @@ async def test_set_model_policy_is_operator_only_and_validated(mesh):
     assert set(error_details(err)["bad_request"]) == {"policy.allowed_models[0]", "policy.default_model",
                                                       "policy.max_tokens_ceiling"}
     await _expect(mesh.stub.SetModelPolicy(pb.SetModelPolicyRequest(tenant_id="", policy=policy), metadata=mesh.op()),
-                  grpc.StatusCode.INVALID_ARGUMENT, "TENANT_ID_INVALID")
+                  grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TENANT_ID")
     for tenant in ("t_a", "t_b"):   # nothing half-written: both keep the platform policy
         got = await mesh.stub.GetModelPolicy(pb.GetModelPolicyRequest(), metadata=mesh.md(tenant))
         assert MODEL in got.policy.allowed_models and got.policy.max_tokens_ceiling == 1000

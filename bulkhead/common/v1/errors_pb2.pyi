@@ -1,0 +1,348 @@
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from typing import ClassVar as _ClassVar
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ERROR_REASON_UNSPECIFIED: _ClassVar[ErrorReason]
+    INTERNAL: _ClassVar[ErrorReason]
+    INVALID_ARGUMENT: _ClassVar[ErrorReason]
+    NOT_FOUND: _ClassVar[ErrorReason]
+    ALREADY_EXISTS: _ClassVar[ErrorReason]
+    UNAUTHENTICATED: _ClassVar[ErrorReason]
+    PERMISSION_DENIED: _ClassVar[ErrorReason]
+    FAILED_PRECONDITION: _ClassVar[ErrorReason]
+    ABORTED: _ClassVar[ErrorReason]
+    UNAVAILABLE: _ClassVar[ErrorReason]
+    DEADLINE_EXCEEDED: _ClassVar[ErrorReason]
+    QUOTA_EXCEEDED: _ClassVar[ErrorReason]
+    AMBIGUOUS_METADATA: _ClassVar[ErrorReason]
+    MISSING_TOKEN: _ClassVar[ErrorReason]
+    MISSING_TENANT: _ClassVar[ErrorReason]
+    TOKEN_MALFORMED: _ClassVar[ErrorReason]
+    TOKEN_INVALID: _ClassVar[ErrorReason]
+    TOKEN_EXPIRED: _ClassVar[ErrorReason]
+    TOKEN_REVOKED: _ClassVar[ErrorReason]
+    TOKEN_UNKNOWN_KEY: _ClassVar[ErrorReason]
+    KEYS_UNAVAILABLE: _ClassVar[ErrorReason]
+    INVALID_API_KEY: _ClassVar[ErrorReason]
+    API_KEY_REVOKED: _ClassVar[ErrorReason]
+    NO_AUTH_RULE: _ClassVar[ErrorReason]
+    MISSING_SCOPE: _ClassVar[ErrorReason]
+    TENANT_MISMATCH: _ClassVar[ErrorReason]
+    TENANT_SUSPENDED: _ClassVar[ErrorReason]
+    PRINCIPAL_DISABLED: _ClassVar[ErrorReason]
+    SCOPE_ESCALATION: _ClassVar[ErrorReason]
+    PLATFORM_SCOPE: _ClassVar[ErrorReason]
+    OPERATOR_ONLY: _ClassVar[ErrorReason]
+    PLATFORM_ONLY: _ClassVar[ErrorReason]
+    METERING_SCOPE_REQUIRED: _ClassVar[ErrorReason]
+    VALUE_OUT_OF_RANGE: _ClassVar[ErrorReason]
+    INVALID_TENANT_ID: _ClassVar[ErrorReason]
+    TENANT_NOT_FOUND: _ClassVar[ErrorReason]
+    TENANT_EXISTS: _ClassVar[ErrorReason]
+    TENANT_DELETED: _ClassVar[ErrorReason]
+    TENANT_DELETING: _ClassVar[ErrorReason]
+    PLATFORM_TENANT: _ClassVar[ErrorReason]
+    UNKNOWN_REGION: _ClassVar[ErrorReason]
+    PRINCIPAL_NOT_FOUND: _ClassVar[ErrorReason]
+    PRINCIPAL_EXISTS: _ClassVar[ErrorReason]
+    SELF_DISABLE: _ClassVar[ErrorReason]
+    API_KEY_NOT_FOUND: _ClassVar[ErrorReason]
+    TOKEN_NOT_FOUND: _ClassVar[ErrorReason]
+    DELETION_NOT_FOUND: _ClassVar[ErrorReason]
+    DELETION_STARTED: _ClassVar[ErrorReason]
+    NO_DELETIONS: _ClassVar[ErrorReason]
+    BAD_GRACE: _ClassVar[ErrorReason]
+    RETENTION_OUT_OF_RANGE: _ClassVar[ErrorReason]
+    INVALID_TIER: _ClassVar[ErrorReason]
+    TIER_MISMATCH: _ClassVar[ErrorReason]
+    SAME_TIER: _ClassVar[ErrorReason]
+    NOT_SWITCHED: _ClassVar[ErrorReason]
+    MIGRATION_IN_PROGRESS: _ClassVar[ErrorReason]
+    MIGRATION_SWITCHED: _ClassVar[ErrorReason]
+    NO_MIGRATION: _ClassVar[ErrorReason]
+    NO_MIGRATIONS: _ClassVar[ErrorReason]
+    MIGRATION_NOT_FOUND: _ClassVar[ErrorReason]
+    ROW_ID_CONFLICT: _ClassVar[ErrorReason]
+    TENANT_BUSY: _ClassVar[ErrorReason]
+    TENANT_MIGRATING: _ClassVar[ErrorReason]
+    TENANT_TIER_UNAVAILABLE: _ClassVar[ErrorReason]
+    TENANT_REGION_UNAVAILABLE: _ClassVar[ErrorReason]
+    REGION_NOT_CONFIGURED: _ClassVar[ErrorReason]
+    PAUSE_OUT_OF_RANGE: _ClassVar[ErrorReason]
+    USAGE_UNDELIVERED: _ClassVar[ErrorReason]
+    DATABASE_UNAVAILABLE: _ClassVar[ErrorReason]
+    INVALID_PAGE_SIZE: _ClassVar[ErrorReason]
+    INVALID_PAGE_TOKEN: _ClassVar[ErrorReason]
+    FILTER_INVALID: _ClassVar[ErrorReason]
+    INVALID_REASON: _ClassVar[ErrorReason]
+    INVALID_TIME_RANGE: _ClassVar[ErrorReason]
+    INVALID_TIMESTAMP: _ClassVar[ErrorReason]
+    SECRET_NAME_INVALID: _ClassVar[ErrorReason]
+    SECRET_INVALID: _ClassVar[ErrorReason]
+    SECRET_NOT_FOUND: _ClassVar[ErrorReason]
+    SECRET_DELETED: _ClassVar[ErrorReason]
+    SECRET_VERSION_NOT_FOUND: _ClassVar[ErrorReason]
+    INVALID_VERSION: _ClassVar[ErrorReason]
+    DURATION_INVALID: _ClassVar[ErrorReason]
+    CAS_MISMATCH: _ClassVar[ErrorReason]
+    CONCURRENT_UPDATE: _ClassVar[ErrorReason]
+    KEY_ROTATION_CONFLICT: _ClassVar[ErrorReason]
+    AUDIT_CONTENTION: _ClassVar[ErrorReason]
+    CIPHERTEXT_MISSING: _ClassVar[ErrorReason]
+    PLAINTEXT_MISSING: _ClassVar[ErrorReason]
+    DECRYPTION_FAILED: _ClassVar[ErrorReason]
+    PLAINTEXT_TOO_LARGE: _ClassVar[ErrorReason]
+    KEY_BITS_INVALID: _ClassVar[ErrorReason]
+    ROTATOR_UNKNOWN: _ClassVar[ErrorReason]
+    SECRET_MANAGER_UNAVAILABLE: _ClassVar[ErrorReason]
+    SECRET_MANAGER_DENIED: _ClassVar[ErrorReason]
+    MASTER_KEY_MISMATCH: _ClassVar[ErrorReason]
+    MASTER_KEY_INSECURE: _ClassVar[ErrorReason]
+    MASTER_KEY_INVALID: _ClassVar[ErrorReason]
+    VALUE_INTEGRITY: _ClassVar[ErrorReason]
+    CONFIG_INVALID: _ClassVar[ErrorReason]
+    INVALID_THREAD_ID: _ClassVar[ErrorReason]
+    INVALID_KEY: _ClassVar[ErrorReason]
+    INVALID_LABEL: _ClassVar[ErrorReason]
+    INVALID_REFERENCE: _ClassVar[ErrorReason]
+    INVALID_SCOPE: _ClassVar[ErrorReason]
+    INVALID_TTL: _ClassVar[ErrorReason]
+    INVALID_EVENT_TYPE: _ClassVar[ErrorReason]
+    INVALID_REVISION: _ClassVar[ErrorReason]
+    TOO_MANY_LABELS: _ClassVar[ErrorReason]
+    TOO_MANY_EVENTS: _ClassVar[ErrorReason]
+    EVENT_TOO_LARGE: _ClassVar[ErrorReason]
+    SNAPSHOT_TOO_LARGE: _ClassVar[ErrorReason]
+    VALUE_TOO_LARGE: _ClassVar[ErrorReason]
+    NO_EVENTS: _ClassVar[ErrorReason]
+    THREAD_NOT_FOUND: _ClassVar[ErrorReason]
+    THREAD_EXISTS: _ClassVar[ErrorReason]
+    VERSION_CONFLICT: _ClassVar[ErrorReason]
+    VERSION_OUT_OF_RANGE: _ClassVar[ErrorReason]
+    SNAPSHOT_EXISTS: _ClassVar[ErrorReason]
+    SNAPSHOT_NOT_FOUND: _ClassVar[ErrorReason]
+    CONTEXT_NOT_FOUND: _ClassVar[ErrorReason]
+    REVISION_CONFLICT: _ClassVar[ErrorReason]
+    UNDECRYPTABLE_DATA: _ClassVar[ErrorReason]
+    DATA_KEY_UNAVAILABLE: _ClassVar[ErrorReason]
+    DATA_KEY_DENIED: _ClassVar[ErrorReason]
+    MODEL_REQUIRED: _ClassVar[ErrorReason]
+    MODEL_NOT_ALLOWED: _ClassVar[ErrorReason]
+    INVALID_MAX_TOKENS: _ClassVar[ErrorReason]
+    MAX_TOKENS_ABOVE_CEILING: _ClassVar[ErrorReason]
+    MESSAGES_REQUIRED: _ClassVar[ErrorReason]
+    INVALID_MESSAGE: _ClassVar[ErrorReason]
+    REQUEST_ID_REUSED: _ClassVar[ErrorReason]
+    POLICY_INVALID: _ClassVar[ErrorReason]
+    PRIVATE_MODEL_INVALID: _ClassVar[ErrorReason]
+    PRIVATE_MODEL_EXISTS: _ClassVar[ErrorReason]
+    TENANT_KEY_REQUIRED: _ClassVar[ErrorReason]
+    PROVIDER_KEY_REJECTED: _ClassVar[ErrorReason]
+    CREDENTIALS_UNAVAILABLE: _ClassVar[ErrorReason]
+    METERING_UNAVAILABLE: _ClassVar[ErrorReason]
+    ATTEMPT_JOURNAL_UNAVAILABLE: _ClassVar[ErrorReason]
+    RATE_LIMITED: _ClassVar[ErrorReason]
+    BUDGET_EXHAUSTED: _ClassVar[ErrorReason]
+    UPSTREAM_RATE_LIMITED: _ClassVar[ErrorReason]
+    UPSTREAM_INVALID_REQUEST: _ClassVar[ErrorReason]
+    UPSTREAM_UNAVAILABLE: _ClassVar[ErrorReason]
+    INVALID_USAGE: _ClassVar[ErrorReason]
+    INVALID_QUERY: _ClassVar[ErrorReason]
+    INVALID_PRICE: _ClassVar[ErrorReason]
+    INVALID_QUOTA: _ClassVar[ErrorReason]
+    INVALID_RESERVATION: _ClassVar[ErrorReason]
+    INVALID_LEASE: _ClassVar[ErrorReason]
+    EXCEEDS_HOLD: _ClassVar[ErrorReason]
+    SPEND_DECREASED: _ClassVar[ErrorReason]
+    MODEL_NOT_PRICED: _ClassVar[ErrorReason]
+    RESERVATION_CONFLICT: _ClassVar[ErrorReason]
+    RESERVATION_NOT_FOUND: _ClassVar[ErrorReason]
+    RESERVATION_COMMITTED: _ClassVar[ErrorReason]
+    RESERVATION_RELEASED: _ClassVar[ErrorReason]
+    RESERVATION_EXPIRED: _ClassVar[ErrorReason]
+    LEASE_NOT_FOUND: _ClassVar[ErrorReason]
+    LEASE_RELEASED: _ClassVar[ErrorReason]
+    LEASE_EXPIRED: _ClassVar[ErrorReason]
+    LEASE_CONTENDED: _ClassVar[ErrorReason]
+    CONCURRENT_SETTLEMENT: _ClassVar[ErrorReason]
+    RUN_NOT_FOUND: _ClassVar[ErrorReason]
+    TEAM_NOT_FOUND: _ClassVar[ErrorReason]
+    TEAM_EXISTS: _ClassVar[ErrorReason]
+    ETAG_MISMATCH: _ClassVar[ErrorReason]
+    INVALID_TEAM: _ClassVar[ErrorReason]
+    UNKNOWN_AGENT: _ClassVar[ErrorReason]
+    BAD_PAGE_TOKEN: _ClassVar[ErrorReason]
+ERROR_REASON_UNSPECIFIED: ErrorReason
+INTERNAL: ErrorReason
+INVALID_ARGUMENT: ErrorReason
+NOT_FOUND: ErrorReason
+ALREADY_EXISTS: ErrorReason
+UNAUTHENTICATED: ErrorReason
+PERMISSION_DENIED: ErrorReason
+FAILED_PRECONDITION: ErrorReason
+ABORTED: ErrorReason
+UNAVAILABLE: ErrorReason
+DEADLINE_EXCEEDED: ErrorReason
+QUOTA_EXCEEDED: ErrorReason
+AMBIGUOUS_METADATA: ErrorReason
+MISSING_TOKEN: ErrorReason
+MISSING_TENANT: ErrorReason
+TOKEN_MALFORMED: ErrorReason
+TOKEN_INVALID: ErrorReason
+TOKEN_EXPIRED: ErrorReason
+TOKEN_REVOKED: ErrorReason
+TOKEN_UNKNOWN_KEY: ErrorReason
+KEYS_UNAVAILABLE: ErrorReason
+INVALID_API_KEY: ErrorReason
+API_KEY_REVOKED: ErrorReason
+NO_AUTH_RULE: ErrorReason
+MISSING_SCOPE: ErrorReason
+TENANT_MISMATCH: ErrorReason
+TENANT_SUSPENDED: ErrorReason
+PRINCIPAL_DISABLED: ErrorReason
+SCOPE_ESCALATION: ErrorReason
+PLATFORM_SCOPE: ErrorReason
+OPERATOR_ONLY: ErrorReason
+PLATFORM_ONLY: ErrorReason
+METERING_SCOPE_REQUIRED: ErrorReason
+VALUE_OUT_OF_RANGE: ErrorReason
+INVALID_TENANT_ID: ErrorReason
+TENANT_NOT_FOUND: ErrorReason
+TENANT_EXISTS: ErrorReason
+TENANT_DELETED: ErrorReason
+TENANT_DELETING: ErrorReason
+PLATFORM_TENANT: ErrorReason
+UNKNOWN_REGION: ErrorReason
+PRINCIPAL_NOT_FOUND: ErrorReason
+PRINCIPAL_EXISTS: ErrorReason
+SELF_DISABLE: ErrorReason
+API_KEY_NOT_FOUND: ErrorReason
+TOKEN_NOT_FOUND: ErrorReason
+DELETION_NOT_FOUND: ErrorReason
+DELETION_STARTED: ErrorReason
+NO_DELETIONS: ErrorReason
+BAD_GRACE: ErrorReason
+RETENTION_OUT_OF_RANGE: ErrorReason
+INVALID_TIER: ErrorReason
+TIER_MISMATCH: ErrorReason
+SAME_TIER: ErrorReason
+NOT_SWITCHED: ErrorReason
+MIGRATION_IN_PROGRESS: ErrorReason
+MIGRATION_SWITCHED: ErrorReason
+NO_MIGRATION: ErrorReason
+NO_MIGRATIONS: ErrorReason
+MIGRATION_NOT_FOUND: ErrorReason
+ROW_ID_CONFLICT: ErrorReason
+TENANT_BUSY: ErrorReason
+TENANT_MIGRATING: ErrorReason
+TENANT_TIER_UNAVAILABLE: ErrorReason
+TENANT_REGION_UNAVAILABLE: ErrorReason
+REGION_NOT_CONFIGURED: ErrorReason
+PAUSE_OUT_OF_RANGE: ErrorReason
+USAGE_UNDELIVERED: ErrorReason
+DATABASE_UNAVAILABLE: ErrorReason
+INVALID_PAGE_SIZE: ErrorReason
+INVALID_PAGE_TOKEN: ErrorReason
+FILTER_INVALID: ErrorReason
+INVALID_REASON: ErrorReason
+INVALID_TIME_RANGE: ErrorReason
+INVALID_TIMESTAMP: ErrorReason
+SECRET_NAME_INVALID: ErrorReason
+SECRET_INVALID: ErrorReason
+SECRET_NOT_FOUND: ErrorReason
+SECRET_DELETED: ErrorReason
+SECRET_VERSION_NOT_FOUND: ErrorReason
+INVALID_VERSION: ErrorReason
+DURATION_INVALID: ErrorReason
+CAS_MISMATCH: ErrorReason
+CONCURRENT_UPDATE: ErrorReason
+KEY_ROTATION_CONFLICT: ErrorReason
+AUDIT_CONTENTION: ErrorReason
+CIPHERTEXT_MISSING: ErrorReason
+PLAINTEXT_MISSING: ErrorReason
+DECRYPTION_FAILED: ErrorReason
+PLAINTEXT_TOO_LARGE: ErrorReason
+KEY_BITS_INVALID: ErrorReason
+ROTATOR_UNKNOWN: ErrorReason
+SECRET_MANAGER_UNAVAILABLE: ErrorReason
+SECRET_MANAGER_DENIED: ErrorReason
+MASTER_KEY_MISMATCH: ErrorReason
+MASTER_KEY_INSECURE: ErrorReason
+MASTER_KEY_INVALID: ErrorReason
+VALUE_INTEGRITY: ErrorReason
+CONFIG_INVALID: ErrorReason
+INVALID_THREAD_ID: ErrorReason
+INVALID_KEY: ErrorReason
+INVALID_LABEL: ErrorReason
+INVALID_REFERENCE: ErrorReason
+INVALID_SCOPE: ErrorReason
+INVALID_TTL: ErrorReason
+INVALID_EVENT_TYPE: ErrorReason
+INVALID_REVISION: ErrorReason
+TOO_MANY_LABELS: ErrorReason
+TOO_MANY_EVENTS: ErrorReason
+EVENT_TOO_LARGE: ErrorReason
+SNAPSHOT_TOO_LARGE: ErrorReason
+VALUE_TOO_LARGE: ErrorReason
+NO_EVENTS: ErrorReason
+THREAD_NOT_FOUND: ErrorReason
+THREAD_EXISTS: ErrorReason
+VERSION_CONFLICT: ErrorReason
+VERSION_OUT_OF_RANGE: ErrorReason
+SNAPSHOT_EXISTS: ErrorReason
+SNAPSHOT_NOT_FOUND: ErrorReason
+CONTEXT_NOT_FOUND: ErrorReason
+REVISION_CONFLICT: ErrorReason
+UNDECRYPTABLE_DATA: ErrorReason
+DATA_KEY_UNAVAILABLE: ErrorReason
+DATA_KEY_DENIED: ErrorReason
+MODEL_REQUIRED: ErrorReason
+MODEL_NOT_ALLOWED: ErrorReason
+INVALID_MAX_TOKENS: ErrorReason
+MAX_TOKENS_ABOVE_CEILING: ErrorReason
+MESSAGES_REQUIRED: ErrorReason
+INVALID_MESSAGE: ErrorReason
+REQUEST_ID_REUSED: ErrorReason
+POLICY_INVALID: ErrorReason
+PRIVATE_MODEL_INVALID: ErrorReason
+PRIVATE_MODEL_EXISTS: ErrorReason
+TENANT_KEY_REQUIRED: ErrorReason
+PROVIDER_KEY_REJECTED: ErrorReason
+CREDENTIALS_UNAVAILABLE: ErrorReason
+METERING_UNAVAILABLE: ErrorReason
+ATTEMPT_JOURNAL_UNAVAILABLE: ErrorReason
+RATE_LIMITED: ErrorReason
+BUDGET_EXHAUSTED: ErrorReason
+UPSTREAM_RATE_LIMITED: ErrorReason
+UPSTREAM_INVALID_REQUEST: ErrorReason
+UPSTREAM_UNAVAILABLE: ErrorReason
+INVALID_USAGE: ErrorReason
+INVALID_QUERY: ErrorReason
+INVALID_PRICE: ErrorReason
+INVALID_QUOTA: ErrorReason
+INVALID_RESERVATION: ErrorReason
+INVALID_LEASE: ErrorReason
+EXCEEDS_HOLD: ErrorReason
+SPEND_DECREASED: ErrorReason
+MODEL_NOT_PRICED: ErrorReason
+RESERVATION_CONFLICT: ErrorReason
+RESERVATION_NOT_FOUND: ErrorReason
+RESERVATION_COMMITTED: ErrorReason
+RESERVATION_RELEASED: ErrorReason
+RESERVATION_EXPIRED: ErrorReason
+LEASE_NOT_FOUND: ErrorReason
+LEASE_RELEASED: ErrorReason
+LEASE_EXPIRED: ErrorReason
+LEASE_CONTENDED: ErrorReason
+CONCURRENT_SETTLEMENT: ErrorReason
+RUN_NOT_FOUND: ErrorReason
+TEAM_NOT_FOUND: ErrorReason
+TEAM_EXISTS: ErrorReason
+ETAG_MISMATCH: ErrorReason
+INVALID_TEAM: ErrorReason
+UNKNOWN_AGENT: ErrorReason
+BAD_PAGE_TOKEN: ErrorReason
