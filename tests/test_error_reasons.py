@@ -232,3 +232,38 @@ def test_every_catalog_value_says_when_it_is_used():
         m = re.match(r"\s+([A-Z][A-Z0-9_]*) = \d+", line)
         if m:
             assert text[i - 1].strip().startswith("//"), f"ErrorReason {m.group(1)} has no comment"
+
+
+@pytest.mark.parametrize(("reason", "caught"), [("THREAD_NOT_FOUND", False), ("THREAD_GONE", True)])
+async def test_the_isolation_matrix_refuses_a_reason_outside_the_catalog(reason: str, caught: bool):
+    """matrix.invoke (every attack-matrix cell and fuzzed call) checks the reason each reply carries, so a
+    reason that bypassed shared.errors (a hand-built status) fails those suites, naming the RPC."""
+    import grpc
+    from google.rpc import error_details_pb2, status_pb2
+
+    from tests.isolation.matrix import invoke
+    from tests.isolation.methods import enumerate_rpcs
+
+    rpc = next(r for r in enumerate_rpcs() if r.path == "/bulkhead.state.v1.StateService/GetThread")
+    status = status_pb2.Status(code=grpc.StatusCode.NOT_FOUND.value[0], message="gone")
+    status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=errors.ERROR_DOMAIN))
+
+    async def handler(request, context):
+        await context.abort(grpc.StatusCode.NOT_FOUND, "gone",
+                            trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
+
+    server = grpc.aio.server()
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bulkhead.state.v1.StateService", {
+        "GetThread": grpc.unary_unary_rpc_method_handler(handler)}),))
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+            request = rpc.request_class()()
+            if caught:
+                with pytest.raises(AssertionError, match=f"GetThread answered NOT_FOUND with reason '{reason}'"):
+                    await invoke(channel, rpc, request, ())
+            else:
+                assert (await invoke(channel, rpc, request, ())).status == f"NOT_FOUND/{reason}"
+    finally:
+        await server.stop(None)

@@ -22,8 +22,8 @@ from shared.testing.procs import free_port
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "ts"
 MESH_SUITE = ("smoke.test.js", "mesh.test.js")
-MESH_TESTS = 5
-"""The descriptor smoke test and the four mesh tests."""
+MESH_TESTS = 6
+"""The two descriptor smoke tests (auth rules, the error-reason catalog) and the four mesh tests."""
 MTLS_TESTS = 2
 
 pytestmark = [

@@ -4,6 +4,7 @@ import { readFileSync } from "node:fs";
 import { createClient, type Client, type Interceptor, type Transport } from "@connectrpc/connect";
 import { createGrpcTransport } from "@connectrpc/connect-node";
 import type { DescService } from "@bufbuild/protobuf";
+import { ErrorReason } from "../gen/bulkhead/common/v1/errors_pb.js";
 
 /** Who the calls act for: the token's tenant must equal tenantId or the server refuses. */
 export interface Credentials {
@@ -66,4 +67,17 @@ export function serviceClient<T extends DescService>(
   options: ConnectOptions = {},
 ): Client<T> {
   return createClient(service, bulkheadTransport(address, options));
+}
+
+/** The error-reason catalog (protos/bulkhead/common/v1/errors.proto), shared with every service. */
+export { ErrorReason };
+
+/**
+ * The catalog member a google.rpc.ErrorInfo reason string names (ErrorInfo.reason is the ErrorReason
+ * value's name, e.g. "INVALID_TENANT_ID"), or undefined for a reason outside the catalog.
+ */
+export function errorReason(reason: string): ErrorReason | undefined {
+  const value = (ErrorReason as unknown as Record<string, number | string>)[reason];
+  const known = typeof value === "number" && value !== ErrorReason.ERROR_REASON_UNSPECIFIED;
+  return known ? (value as ErrorReason) : undefined;
 }

@@ -15,3 +15,11 @@ test("generated methods carry their auth rule from the proto", () => {
     assert.ok(rule.public || rule.scope.startsWith("state."), `${m.name}: ${rule.scope}`);
   }
 });
+
+test("the error-reason catalog is generated and names ErrorInfo reasons", async () => {
+  const { ErrorReason, errorReason } = await import("../src/index.js");
+  assert.equal(ErrorReason[ErrorReason.INVALID_TENANT_ID], "INVALID_TENANT_ID");
+  assert.equal(errorReason("TENANT_NOT_FOUND"), ErrorReason.TENANT_NOT_FOUND);
+  assert.equal(errorReason("TENANT_ID_INVALID"), undefined); // folded into INVALID_TENANT_ID
+  assert.equal(errorReason("ERROR_REASON_UNSPECIFIED"), undefined);
+});
