@@ -17,6 +17,9 @@ ratios Bulkhead/LiteLLM are printed.
     python bench/proxy.py --quick          # a few seconds: smoke run
     python bench/proxy.py --peer litellm   # + LiteLLM (installs it on first use, a few minutes)
     python bench/proxy.py --replicas       # + an exact budget across 2 proxy replicas vs no budget
+
+After the rounds, calls/s through a proxy of 1 and of 2 worker processes on one port
+(BULKHEAD_INFERENCE_WORKERS, SO_REUSEPORT) are printed with their ratio (--no-workers skips it).
 """
 from __future__ import annotations
 
@@ -108,7 +111,11 @@ async def _role_proxy() -> None:
     from services.inference.config import InferenceConfig
     from services.inference.server import freeze_startup_heap, start
 
-    service = await start(InferenceConfig.from_env(os.environ), _verifier(), address="127.0.0.1:0")
+    from services.inference.server import WORKER_ENV
+
+    # A worker of --workers serves the address its parent drew (BULKHEAD_INFERENCE_LISTEN_ADDR).
+    address = None if os.environ.get(WORKER_ENV) else "127.0.0.1:0"
+    service = await start(InferenceConfig.from_env(os.environ), _verifier(), address=address)
     freeze_startup_heap()   # as main() does
     profile_to = os.environ.get("BENCH_PROFILE")
     if profile_to:   # --profile: where the proxy's CPU goes, written when the bench stops it
@@ -251,6 +258,54 @@ async def _budget_across_replicas(args, proxy_env: dict, first_addr: str, set_qu
     return rates["budget"] / rates["none"]
 
 
+async def _worker_scaling(args, proxy_env: dict, metadata, request, procs: list, tmp: str) -> dict[int, float]:
+    """calls/s at concurrency 32 through proxies of 1 and 2 worker processes on one port (SO_REUSEPORT),
+    in alternating rounds; the load spreads over 8 channels (one connection each), as many clients would."""
+    import grpc
+
+    from bulkhead.inference.v1 import inference_pb2_grpc
+
+    counts = (1, 2)
+    addresses = {}
+    for n in counts:
+        env = {**proxy_env, "BULKHEAD_INFERENCE_WORKERS": str(n), "BULKHEAD_INFERENCE_LISTEN_ADDR": "127.0.0.1:0",
+               "BULKHEAD_DATA_DIR": f"{tmp}/workers-{n}"}
+        env.pop("BENCH_PROFILE", None)
+        os.makedirs(env["BULKHEAD_DATA_DIR"], exist_ok=True)
+        proc, addresses[n] = _spawn("proxy", env)
+        procs.append(proc)
+    channels, calls = [], {}
+    for n in counts:
+        # A channel of its own subchannel pool: a connection of its own, so the kernel can hand it to any worker.
+        own = [grpc.aio.insecure_channel(addresses[n], options=[("grpc.use_local_subchannel_pool", 1)])
+               for _ in range(8)]
+        channels += own
+        stubs, turn = [inference_pb2_grpc.InferenceServiceStub(c) for c in own], [0]
+
+        async def call(stubs=stubs, turn=turn) -> None:
+            turn[0] += 1
+            await stubs[turn[0] % len(stubs)].CreateMessage(request, metadata=metadata)
+        calls[n] = call
+    done = {n: [0, 0.0] for n in counts}
+    try:
+        for call in calls.values():
+            for _ in range(40):
+                await call()
+        for _ in range(args.rounds):
+            for n, call in calls.items():
+                lat, elapsed = await _closed_loop(call, 32, args.seconds / args.rounds / 2)
+                done[n][0] += len(lat)
+                done[n][1] += elapsed
+    finally:
+        for c in channels:
+            await c.close()
+    rates = {n: count / spent for n, (count, spent) in done.items()}
+    print(f"workers on one port (SO_REUSEPORT), concurrency 32 over 8 connections: 1 worker {rates[1]:.1f} calls/s, "
+          f"2 workers {rates[2]:.1f} calls/s, scaling 1->2 {rates[2] / rates[1]:.2f}x on {os.cpu_count()} cores "
+          f"(shared with the load generator, the fake upstream and metering)")
+    return rates
+
+
 def _start_litellm(python: pathlib.Path, tmp: str, fake_url: str, master_key: str) -> tuple[subprocess.Popen, str]:
     config = pathlib.Path(tmp) / "litellm.yaml"
     config.write_text(_litellm.config_yaml(fake_url, PINNED, PLATFORM_KEY, master_key))
@@ -322,6 +377,8 @@ async def _bench(args: argparse.Namespace) -> None:
             proxy_env["BENCH_PROFILE"] = args.profile
         proxy, proxy_addr = _spawn("proxy", proxy_env)
         procs.append(proxy)
+        await asyncio.sleep(1.0)          # started, no call yet: what an idle proxy holds
+        idle_mb = _rss_mb(proxy.pid)[0]
         pids = {"load": [os.getpid()], "fake": [fake.pid], "proxy": [proxy.pid], "backends": [backends.pid]}
         clients = {}
         if litellm_python:
@@ -407,16 +464,23 @@ async def _bench(args: argparse.Namespace) -> None:
             print(f"  c{conc:<3} {name:>7}: " + "  ".join(f"{role} {1000 * spent[role] / n:5.2f}" for role in pids)
                   + f"  = {1000 * sum(spent.values()) / n:5.2f}")
         rss, peak = _rss_mb(proxy.pid)
-        print(f"proxy RSS {rss:.0f} MB (peak {peak:.0f} MB)")
+        print(f"proxy RSS idle {idle_mb:.0f} MB (target <= 100), after the load {rss:.0f} MB, peak {peak:.0f} MB "
+              f"(target <= 150)")
         hop_ms = await _bare_hop_floor(env, args)
+        scaling = await _worker_scaling(args, proxy_env, tenant_md, request, procs, tmp) if args.workers else None
         replicas_ratio = (await _budget_across_replicas(args, proxy_env, proxy_addr, set_quota, md, request, procs,
                                                         tmp) if args.replicas else None)
         await channel.close()
         for client in clients.values():
             await client.close()
         figures = _figures(results, cpu, calls, hop_ms, peak)
+        figures["proxy_idle_rss_mb"] = idle_mb
         if replicas_ratio is not None:
             figures["budget_2_replicas_over_no_budget_ratio"] = replicas_ratio
+        if scaling is not None:
+            figures["workers_1_c32_calls_per_s"] = scaling[1]
+            figures["workers_2_c32_calls_per_s"] = scaling[2]
+            figures["workers_2_over_1_ratio"] = scaling[2] / scaling[1]
         if "litellm" in paths:
             print(f"\nBulkhead / LiteLLM ({_litellm.VERSION}, 1 worker, no database), same run, same upstream:")
             for what, label in (("c1_added_p50", "added p50 at concurrency 1"),
@@ -443,6 +507,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the seconds are split into")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the proxy process to FILE")
     parser.add_argument("--peer", choices=("litellm",), help="also run this proxy against the same upstream")
+    parser.add_argument("--no-workers", dest="workers", action="store_false",
+                        help="skip calls/s through 1 vs 2 worker processes on one port")
     parser.add_argument("--replicas", action="store_true",
                         help="also: calls/s over 2 proxy replicas with a hard budget / with none")
     add_json_option(parser)
@@ -457,7 +523,17 @@ def main() -> None:
     elif args.role == "backends":
         asyncio.run(_role_backends(args.tmp))
     elif args.role == "proxy":
-        asyncio.run(_role_proxy())
+        from services.inference.config import InferenceConfig
+        from services.inference.server import WORKER_ENV, run_loop, serve_workers
+
+        config = InferenceConfig.from_env(os.environ)
+        if config.workers > 1 and WORKER_ENV not in os.environ:   # the parent of --workers: as main() runs them
+            def ready(proc: subprocess.Popen) -> bool:
+                return proc.stdout.readline().startswith(b"READY ")
+
+            sys.exit(serve_workers(config, [sys.executable, __file__, "--role", "proxy"], stdout=subprocess.PIPE,
+                                   ready=ready, on_ready=lambda address: print("READY " + address, flush=True)))
+        run_loop(_role_proxy)   # the event loop main() runs on
     else:
         if args.quick:
             args.seconds, args.rounds = 1.0, 1

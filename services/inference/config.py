@@ -15,18 +15,21 @@
 | BULKHEAD_INFERENCE_LEASE_TOKENS | 20000 | budget slice a replica leases at a time |
 | BULKHEAD_INFERENCE_USAGE_FLUSH_SECONDS | 0.2 | longest a usage event waits in memory before it is sent to metering (a batch of 200 goes at once) |
 | BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET | anthropic-api-key | credentials secret that holds a tenant's own key |
-| BULKHEAD_INFERENCE_USER_ID_SALT | bulkhead | salt of the opaque per-tenant id sent upstream as metadata.user_id |
+| BULKHEAD_INFERENCE_USER_ID_SALT | a random secret made once and kept in `$BULKHEAD_DATA_DIR/inference-user-id.salt` (0600) | key of the opaque per-tenant id sent upstream as metadata.user_id, of the prompt-cache partition marker and of attempt ids; never a public value. Replicas that do not share a data dir should all get the same value from a secret store, so a tenant's cached prompts and upstream id stay the same whichever replica serves it |
 | BULKHEAD_INFERENCE_SERVICE_KEY_FILE | $BULKHEAD_DATA_DIR/service-keys/inference.key | the proxy's own platform key (identity writes it on first start): lets usage held in the outbox reach metering after its tenant's token is gone |
 | BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS | 0 | 1 lets private models name plain-http endpoints (tests, local gateways); else https only |
 | BULKHEAD_INFERENCE_REPLICA_ID | host name and port | this replica's name in the attempt journal: a process restarted under the same name settles what its predecessor left at once |
 | BULKHEAD_INFERENCE_ATTEMPT_SWEEP_SECONDS | upstream timeout + 60 | age after which any replica settles another's unsettled attempts (at their reservation when their usage was never written) |
+| BULKHEAD_INFERENCE_WORKERS | 1 | proxy processes serving the one address (SO_REUSEPORT; the kernel spreads connections over them): throughput grows with cores. Each has its own leases, holder name and attempt-journal replica (`<replica id>-w<i>`); only the first serves metrics |
 | BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS | 0.5 | a budget lease with no call in flight for this long goes back to metering |
 """
 from __future__ import annotations
 
 import os
+import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from services.inference.policy import Policy
 from services.inference.providers import ANTHROPIC, OFFLINE
@@ -62,8 +65,9 @@ class InferenceConfig:
     """Longest a usage event waits before delivery; longer means fewer, larger RecordUsage batches."""
     provider_key_secret: str = "anthropic-api-key"
     """Credentials secret name of a tenant's own key."""
-    user_id_salt: str = field(default="bulkhead", repr=False)
-    """Salt of the opaque tenant id sent upstream."""
+    user_id_salt: str | None = field(default=None, repr=False)
+    """Key of the opaque tenant id sent upstream (and of the prompt-cache partition); None: the
+    deployment's own secret, made once in the data dir (load_or_create_salt)."""
     allow_http_endpoints: bool = False
     """Whether private models may name plain-http endpoints (a tenant's key would cross the wire in clear)."""
     replica_id: str = ""
@@ -72,6 +76,8 @@ class InferenceConfig:
     """Age after which unsettled attempts of any replica are settled by whoever sweeps."""
     lease_idle_seconds: float = 0.5
     """A lease with nothing in flight for this long is returned, so other replicas can use its rest."""
+    workers: int = 1
+    """Processes serving the one address (SO_REUSEPORT when more than one)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> InferenceConfig:
@@ -99,10 +105,51 @@ class InferenceConfig:
             lease_tokens=int(env.get("BULKHEAD_INFERENCE_LEASE_TOKENS", "20000")),
             usage_flush_seconds=float(env.get("BULKHEAD_INFERENCE_USAGE_FLUSH_SECONDS", "0.2")),
             provider_key_secret=env.get("BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET", "anthropic-api-key"),
-            user_id_salt=env.get("BULKHEAD_INFERENCE_USER_ID_SALT", "bulkhead"),
+            user_id_salt=env.get("BULKHEAD_INFERENCE_USER_ID_SALT") or None,
             allow_http_endpoints=env.get("BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS", "0") == "1",
             replica_id=env.get("BULKHEAD_INFERENCE_REPLICA_ID", ""),
             attempt_sweep_seconds=float(env.get("BULKHEAD_INFERENCE_ATTEMPT_SWEEP_SECONDS",
                                                 str(float(env.get("BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT", "600")) + 60))),
             lease_idle_seconds=float(env.get("BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS", "0.5")),
+            workers=_workers(env.get("BULKHEAD_INFERENCE_WORKERS", "1")),
         )
+
+
+SALT_FILE = "inference-user-id.salt"
+"""The deployment's user-id salt in the data dir, when none is configured."""
+
+
+def load_or_create_salt(data_dir: Path) -> str:
+    """The salt kept in data_dir, made (32 random bytes, hex, mode 0600) the first time.
+
+    Made under a temporary name and linked into place, so processes starting together (workers)
+    all end up with the one that was linked first, never with a half-written file."""
+    path = data_dir / SALT_FILE
+    try:
+        salt = path.read_text().strip()
+    except FileNotFoundError:
+        salt = ""
+    if salt:
+        return salt
+    data_dir.mkdir(parents=True, exist_ok=True)
+    temp = data_dir / f".{SALT_FILE}.{os.getpid()}.{secrets.token_hex(4)}"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, (secrets.token_hex(32) + "\n").encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(temp, path)
+    except FileExistsError:
+        pass
+    finally:
+        temp.unlink()
+    return path.read_text().strip()
+
+
+def _workers(value: str) -> int:
+    workers = int(value)
+    if not 1 <= workers <= 64:
+        raise ValueError(f"BULKHEAD_INFERENCE_WORKERS must be 1..64, not {workers}")
+    return workers

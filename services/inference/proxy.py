@@ -161,7 +161,7 @@ class InferenceProxy:
     def __init__(self, *, provider: Provider, platform_key: str, policies: PolicySource, platform_policy: Policy,
                  limiter: RateLimiter, quotas: QuotaSource, budget: BudgetLeases, meter: UsageMeter,
                  keys: KeySource, max_attempts: int = 3, max_retry_wait: float = 5.0,
-                 user_id_salt: str = "bulkhead", cache_ttl: float = 5.0, journal: AttemptJournal | None = None):
+                 user_id_salt: str, cache_ttl: float = 5.0, journal: AttemptJournal | None = None):
         self._provider = provider
         self._platform_key = platform_key
         self._policies = policies
@@ -233,9 +233,9 @@ class InferenceProxy:
                                              violations={"x-request-id": "send a new request id for a new request"})
             return await asyncio.shield(earlier[1])
         call = await self._prepare(params)
-        task = asyncio.create_task(self._complete(call))
-        self._keep(task)
-        reply: asyncio.Future = asyncio.ensure_future(_with_info(task, call.info))
+        # One task per call: it answers this caller and any retry of the same request id.
+        reply = asyncio.create_task(self._complete_with_info(call))
+        self._keep(reply)
         self._replays.put(key, (fingerprint, reply))
         reply.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._replays.drop(key))
         # shield: a caller that goes away does not cancel the upstream call; it finishes and is metered.
@@ -330,6 +330,9 @@ class InferenceProxy:
         except BackendUnavailable:
             raise errors.Unavailable("metering unreachable and no budget lease held", retry_after=1.0,
                                      reason="METERING_UNAVAILABLE") from None
+
+    async def _complete_with_info(self, call: _Call) -> tuple[dict[str, Any], CallInfo]:
+        return await self._complete(call), call.info
 
     async def _complete(self, call: _Call) -> dict[str, Any]:
         message: dict[str, Any] | None = None
@@ -456,6 +459,8 @@ class InferenceProxy:
         """Settle limits and budget with what the call's attempts were metered at."""
         self._budget.settle(call.hold, tokens)
         call.admission.settle(tokens.total)
+        if not log.isEnabledFor(logging.INFO):
+            return
         latency_ms = int((time.perf_counter() - call.started) * 1000)
         ctx = call.ctx
         log.info("model call", extra={
@@ -472,10 +477,6 @@ class InferenceProxy:
 
 
 _END = object()
-
-
-async def _with_info(task: asyncio.Task, info: CallInfo) -> tuple[dict[str, Any], CallInfo]:
-    return await task, info
 
 
 class _ReplayCache:
