@@ -241,6 +241,7 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
         mesh, addresses = await asyncio.to_thread(start_replicated, tmp_path / "mesh", {
             "ANTHROPIC_API_KEY": "sk-ant-fake", "ANTHROPIC_BASE_URL": fake.base_url,
             "BULKHEAD_MODEL_PROVIDER": "anthropic",
+            "BULKHEAD_INFERENCE_USER_ID_SALT": "bulkhead",   # so attempt ids can be computed here (attempt_ref)
             "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "5",  # a killed holder's runs move on after 5 s, not 15
             # Slices well under the budget, so both replicas hold leases and serve (the default 20,000
             # would put the whole budget on one replica until it idles).
