@@ -80,6 +80,7 @@ TARGETS: tuple[Target, ...] = (
     Target("proxy.bulkhead_over_litellm_c32_server_cpu_ratio", "CPU/call Bulkhead / LiteLLM at c32 (>= 20x leaner)",
            "<=", 0.05),
     Target("proxy.proxy_peak_rss_mb", "inference peak RSS under load", "<=", 150),
+    Target("proxy.proxy_idle_rss_mb", "inference idle RSS (started, no call yet)", "<=", 100),
     Target("proxy.budget_2_replicas_over_no_budget_ratio", "c32 over 2 replicas: hard budget / no budget calls/s",
            ">=", 0.9),
     Target("orchestrator.fixed_per_run_ms", "fixed overhead per run", "<=", 10),
