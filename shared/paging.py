@@ -21,13 +21,13 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Generic, TypeVar
 
-from shared.errors import InvalidArgument
+from shared.errors import InvalidArgument, Reason
 from shared.tenancy import current_tenant
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
-REASON = "INVALID_PAGE_TOKEN"
+REASON = Reason.INVALID_PAGE_TOKEN
 """The ErrorInfo reason of every page token that is refused, whatever is wrong with it."""
 
 MESSAGE = ("page_token is not valid for this call (issued by another method, to another tenant, for other "
@@ -53,7 +53,7 @@ class Page(Generic[T]):
 def page_size(requested: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
     """The page size to use: the default for 0, capped at the maximum; negative is refused."""
     if requested < 0:
-        raise InvalidArgument("page_size must not be negative", reason="INVALID_PAGE_SIZE",
+        raise InvalidArgument("page_size must not be negative", reason=Reason.INVALID_PAGE_SIZE,
                               violations={"page_size": f"0 to {maximum}"})
     return min(requested or default, maximum)
 
@@ -133,7 +133,7 @@ def decode(token: str, *, filters: object = ()) -> Any:
 
 def invalid_token() -> InvalidArgument:
     """The one error of a refused page token."""
-    return InvalidArgument(MESSAGE, reason=REASON, violations={"page_token": MESSAGE})
+    return InvalidArgument(MESSAGE, reason=Reason.INVALID_PAGE_TOKEN, violations={"page_token": MESSAGE})
 
 
 def keyset(rows: Sequence[T], size: int, cursor_of, *, filters: object = ()) -> Page[T]:
