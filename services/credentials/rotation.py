@@ -90,17 +90,19 @@ class RotationScheduler:
 
     async def run_once(self) -> int:
         """Run every job due now; returns how many ran (failures are logged and retried later)."""
-        async with self._db.system_session() as s:
-            jobs = [(j.tenant_id, j.tier, j.kind, j.secret_name) for j in
-                    await store.due_jobs(s, now=store.now_us(), limit=self._batch)]
-        for tenant_id, tier, kind, name in jobs:
+        jobs = []
+        for region in self._db.regions:  # each region's schedule holds its own tenants' jobs
+            async with self._db.system_session(region) as s:
+                jobs += [(region, j.tenant_id, j.tier, j.kind, j.secret_name) for j in
+                         await store.due_jobs(s, now=store.now_us(), limit=self._batch)]
+        for region, tenant_id, tier, kind, name in jobs:
             ctx = TenantContext(tenant_id=tenant_id, principal_id=ROTATOR_PRINCIPAL, tier=tier,
                                 request_id=f"rotation-{_random.token_hex(8)}")
             with tenant_scope(ctx):
                 try:
                     await self._run_job(kind, name)
                 except errors.NotFound:  # the secret is gone: its job is stale
-                    async with self._db.system_session() as s:
+                    async with self._db.system_session(region) as s:
                         await store.set_schedule(s, tenant_id=tenant_id, tier=tier, name=name, kind=kind, due_us=None)
                 except errors.BulkheadError as exc:
                     log.warning("scheduled %s of a secret failed: %s", kind, exc.reason,

@@ -217,9 +217,9 @@ class SecretManager:
         return row.next_rotation_us, min(expiries) if expiries else None
 
     async def _schedule(self, name: str, due: tuple[int | None, int | None]) -> None:
-        """Record the background work in the platform schedule (the main database, whatever the tier)."""
+        """Record the background work in the platform schedule (its region's main database, whatever the tier)."""
         ctx = require_tenant()
-        async with self._db.system_session() as s:
+        async with self._db.system_session(await self._db.region_of(ctx.tenant_id)) as s:
             for kind, due_us in zip(("rotate", "expire"), due):
                 await store.set_schedule(s, tenant_id=ctx.tenant_id, tier=ctx.tier, name=name, kind=kind, due_us=due_us)
 
@@ -309,7 +309,7 @@ class SecretManager:
         async with self._audit.audited("get", name) as note:
             check_name(name)
             if version < 0:
-                raise errors.InvalidArgument("invalid version", reason="INVALID_VERSION",
+                raise errors.InvalidArgument("invalid version", reason="VERSION_INVALID",
                                              violations={"version": "0 (current) or a version number"})
             ctx = require_tenant()
             view = await self._read_view(ctx.tenant_id, name)

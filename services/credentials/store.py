@@ -23,6 +23,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, TenantOwned
 from shared.db.raw import RawTransaction, sqlite_sql
+from shared.lifecycle import REGION_MAIN
 
 
 def now_us() -> int:
@@ -134,7 +135,9 @@ class ScheduleRow(CredentialsBase):
     """Background work due for a tenant's secret (platform table: no values, read by the scheduler)."""
 
     __tablename__ = "cred_schedule"
-    __table_args__ = (UniqueConstraint("tenant_id", "secret_name", "kind"),)
+    # Data residency: a tenant's jobs (secret names) live in its region's main database, whatever its tier;
+    # the scheduler reads every region's, and deletion purges them there (shared.lifecycle.REGION_MAIN).
+    __table_args__ = (UniqueConstraint("tenant_id", "secret_name", "kind"), {"info": {REGION_MAIN: True}})
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(String(64))
     tier: Mapped[str] = mapped_column(String(16), default="pooled")

@@ -131,10 +131,14 @@ class Database:
         """`postgresql` or `sqlite`."""
         return self._engine.dialect.name
 
+    async def region_of(self, tenant_id: str) -> str:
+        """The tenant's region (identity's placement; the default region when there is only one)."""
+        return await self._router.region_of(tenant_id)
+
     async def route(self) -> Route:
         """Where the current tenant's rows live (provisioning its schema/database on first use)."""
         ctx = require_tenant()
-        return await self._router.route(ctx.tenant_id, self._router.placed_tier(ctx.tenant_id, ctx.tier))
+        return await self._router.route(ctx.tenant_id, ctx.tier)
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -145,15 +149,15 @@ class Database:
         go to the platform database whatever the tenant's tier (see TenantSession.get_bind).
         """
         ctx = require_tenant()
-        async with self._router.using(ctx.tenant_id, ctx.tier) as route:  # paused / moved by a tier migration
-            info: dict[str, Any] = {TENANT_KEY: ctx.tenant_id}
-            if route.schema:
-                info[SEARCH_PATH_KEY] = route.schema
-            if route.bind is not self._engine:
-                info[PLATFORM_BIND_KEY] = self._engine.sync_engine
-            async with self._sessions(bind=route.bind, info=info) as session:
-                yield session  # an error propagates from here: closing the session rolls back
-                await session.commit()
+        route = await self._router.route(ctx.tenant_id, ctx.tier)
+        info: dict[str, Any] = {TENANT_KEY: ctx.tenant_id}
+        if route.schema:
+            info[SEARCH_PATH_KEY] = route.schema
+        if route.bind is not self._engine:
+            info[PLATFORM_BIND_KEY] = self._engine.sync_engine
+        async with self._sessions(bind=route.bind, info=info) as session:
+            yield session  # an error propagates from here: closing the session rolls back
+            await session.commit()
 
     @property
     def has_replica(self) -> bool:
@@ -169,8 +173,7 @@ class Database:
         sets app.tenant_id like any other, so RLS confines it the same way.
         """
         ctx = require_tenant()
-        async with self._router.using(ctx.tenant_id, ctx.tier) as primary:  # paused / moved by a tier migration
-            pass
+        primary = await self._router.route(ctx.tenant_id, ctx.tier)
         session = None
         home = primary.region in ("", self._router.default_region)  # the replica is the default region's
         if self._replica is not None and home and time.monotonic() >= self._replica_down_until:
@@ -229,15 +232,20 @@ class Database:
         """A raw transaction for the current tenant's hot path (see shared.db.raw): no ORM, and
         on Postgres still under RLS for this tenant. Raises NoTenantContext without a TenantContext."""
         ctx = require_tenant()
-        # Paused / moved by a tier migration, like session().
-        async with (self._router.using(ctx.tenant_id, ctx.tier) as route,
-                    raw_transaction(route.bind, tenant_id=ctx.tenant_id, schema=route.schema, write=write) as tx):
+        route = await self._router.route(ctx.tenant_id, ctx.tier)
+        async with raw_transaction(route.bind, tenant_id=ctx.tenant_id, schema=route.schema, write=write) as tx:
             yield tx
 
     @asynccontextmanager
-    async def system_session(self) -> AsyncIterator[AsyncSession]:
-        """A transaction for platform tables; touching any tenant-owned table raises NoTenantContext."""
-        async with self._sessions(bind=self._engine, info={SYSTEM_KEY: True}) as session:
+    async def system_session(self, region: str | None = None) -> AsyncIterator[AsyncSession]:
+        """A transaction for platform tables; touching any tenant-owned table raises NoTenantContext.
+
+        `region`: in that region's main database instead of the default one's (a platform table that keeps
+        tenants' metadata in their own region, e.g. credentials' schedule; a worker reads each of db.regions)."""
+        bind = self._engine
+        if region and region != self._router.default_region:
+            bind = self._router.stores[region].engine  # KeyError: a region this service has no database for
+        async with self._sessions(bind=bind, info={SYSTEM_KEY: True}) as session:
             yield session  # an error propagates from here: closing the session rolls back
             await session.commit()
 

@@ -21,11 +21,14 @@ from pathlib import Path
 import grpc
 import hvac
 import pytest
+from google.protobuf import duration_pb2
 from prometheus_client import CollectorRegistry
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
+from bulkhead.credentials.v1 import credentials_pb2 as cred
+from bulkhead.credentials.v1 import credentials_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.metering.v1 import metering_pb2 as met
 from bulkhead.metering.v1 import metering_pb2_grpc
@@ -53,7 +56,6 @@ HOME_PLATFORM_TABLES = {
     "metering_tenants": "the registry operators' all-tenant reports walk (tenant id and tier)",
     "metering_operator_audit": "operators' actions, naming the tenant they were about",
     "orch_run_queue": "the run scheduler's queue and leases (ids only, gone when the run ends)",
-    "cred_schedule": "the rotation/expiry scheduler's queue (secret names and due times, no values)",
     "inference_usage_outbox": "usage not yet acknowledged by metering (gone once delivered)",
     "inference_attempts": "the write-ahead attempt journal (model and token counts; done rows pruned after "
                           "its retention)",
@@ -119,6 +121,15 @@ async def running_regional_mesh(data_dir: Path, postgres, upstream_url: str,
             mesh.services[name] = service
         await start_orchestrator_in(mesh, stack)
         yield mesh
+
+
+async def rotating_secret(channels, handle) -> None:
+    """A secret with a rotation period and a superseded version: jobs in credentials' schedule."""
+    stub = credentials_pb2_grpc.CredentialsServiceStub(channels["credentials"])
+    for value in (b"v1", b"v2"):
+        await stub.PutSecret(cred.PutSecretRequest(name="rotating", value=value,
+                                                   rotation_period=duration_pb2.Duration(seconds=3600)),
+                             metadata=handle.metadata)
 
 
 @dataclass(frozen=True)
@@ -301,6 +312,7 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
                     tenants[(region, tier)] = handle
                     ids = await make_victim(mesh, channels, handle)
                     runs[(region, tier)] = ids.run_id
+                    await rotating_secret(channels, handle)
             await wait_runs_done(mesh, tenants, runs)
 
             # Unknown region: refused, nothing created.
@@ -339,6 +351,7 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
             for (region, tier), tenant_id in ids.items():
                 found = hits[tenant_id]
                 assert any(h.region == region for h in found), (region, tier)  # the scan sees its rows
+                assert {h.region for h in found if h.table == "cred_schedule"} == {region}, (region, tier)
                 misplaced = sorted(f"{h.store}.{h.table}" for h in found if h.region not in (region, "control")
                                    and not (h.region == "us" and h.table in HOME_PLATFORM_TABLES))
                 assert misplaced == [], f"{region} {tier} tenant's id outside its region: {misplaced}"
@@ -377,6 +390,7 @@ async def test_deleting_a_tenant_purges_it_in_its_region(tmp_path, request, data
                         name=f"del-{region}-{tier}", tier=TIERS[tier], region=region), metadata=op)
                     group[tier] = await mesh.identity.login(created.admin_api_key)
                     await make_victim(mesh, channels, group[tier])
+                    await rotating_secret(channels, group[tier])
             where = (lambda: postgres_tables(postgres.admin_url)) if postgres else (lambda: sqlite_tables(tmp_path))
             ids = [t.tenant_id for t in [*victims.values(), *bystanders.values()]]
             before = await scan(where(), ids)
