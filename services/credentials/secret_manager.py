@@ -309,7 +309,7 @@ class SecretManager:
         async with self._audit.audited("get", name) as note:
             check_name(name)
             if version < 0:
-                raise errors.InvalidArgument("invalid version", reason="VERSION_INVALID",
+                raise errors.InvalidArgument("invalid version", reason="INVALID_VERSION",
                                              violations={"version": "0 (current) or a version number"})
             ctx = require_tenant()
             view = await self._read_view(ctx.tenant_id, name)

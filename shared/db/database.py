@@ -138,7 +138,7 @@ class Database:
     async def route(self) -> Route:
         """Where the current tenant's rows live (provisioning its schema/database on first use)."""
         ctx = require_tenant()
-        return await self._router.route(ctx.tenant_id, ctx.tier)
+        return await self._router.route(ctx.tenant_id, self._router.placed_tier(ctx.tenant_id, ctx.tier))
 
     @asynccontextmanager
     async def session(self) -> AsyncIterator[AsyncSession]:
@@ -149,15 +149,15 @@ class Database:
         go to the platform database whatever the tenant's tier (see TenantSession.get_bind).
         """
         ctx = require_tenant()
-        route = await self._router.route(ctx.tenant_id, ctx.tier)
-        info: dict[str, Any] = {TENANT_KEY: ctx.tenant_id}
-        if route.schema:
-            info[SEARCH_PATH_KEY] = route.schema
-        if route.bind is not self._engine:
-            info[PLATFORM_BIND_KEY] = self._engine.sync_engine
-        async with self._sessions(bind=route.bind, info=info) as session:
-            yield session  # an error propagates from here: closing the session rolls back
-            await session.commit()
+        async with self._router.using(ctx.tenant_id, ctx.tier) as route:  # paused / moved by a tier migration
+            info: dict[str, Any] = {TENANT_KEY: ctx.tenant_id}
+            if route.schema:
+                info[SEARCH_PATH_KEY] = route.schema
+            if route.bind is not self._engine:
+                info[PLATFORM_BIND_KEY] = self._engine.sync_engine
+            async with self._sessions(bind=route.bind, info=info) as session:
+                yield session  # an error propagates from here: closing the session rolls back
+                await session.commit()
 
     @property
     def has_replica(self) -> bool:
@@ -173,7 +173,8 @@ class Database:
         sets app.tenant_id like any other, so RLS confines it the same way.
         """
         ctx = require_tenant()
-        primary = await self._router.route(ctx.tenant_id, ctx.tier)
+        async with self._router.using(ctx.tenant_id, ctx.tier) as primary:  # paused / moved by a tier migration
+            pass
         session = None
         home = primary.region in ("", self._router.default_region)  # the replica is the default region's
         if self._replica is not None and home and time.monotonic() >= self._replica_down_until:
@@ -232,8 +233,9 @@ class Database:
         """A raw transaction for the current tenant's hot path (see shared.db.raw): no ORM, and
         on Postgres still under RLS for this tenant. Raises NoTenantContext without a TenantContext."""
         ctx = require_tenant()
-        route = await self._router.route(ctx.tenant_id, ctx.tier)
-        async with raw_transaction(route.bind, tenant_id=ctx.tenant_id, schema=route.schema, write=write) as tx:
+        # Paused / moved by a tier migration, like session().
+        async with (self._router.using(ctx.tenant_id, ctx.tier) as route,
+                    raw_transaction(route.bind, tenant_id=ctx.tenant_id, schema=route.schema, write=write) as tx):
             yield tx
 
     @asynccontextmanager
