@@ -109,9 +109,7 @@ async def _role_backends(tmp: str) -> None:
 
 async def _role_proxy() -> None:
     from services.inference.config import InferenceConfig
-    from services.inference.server import freeze_startup_heap, start
-
-    from services.inference.server import WORKER_ENV
+    from services.inference.server import WORKER_ENV, freeze_startup_heap, start
 
     # A worker of --workers serves the address its parent drew (BULKHEAD_INFERENCE_LISTEN_ADDR).
     address = None if os.environ.get(WORKER_ENV) else "127.0.0.1:0"

@@ -108,7 +108,7 @@ class Provider(Protocol):
 class _Upstream:
     """What the provider keeps per key and endpoint: the lean pool for unary calls, the SDK client for the rest."""
 
-    __slots__ = ("http", "pool", "sdk", "head")
+    __slots__ = ("head", "http", "pool", "sdk")
 
     def __init__(self, http: Any, pool: UpstreamPool | None, head: bytes):
         self.http = http

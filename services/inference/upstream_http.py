@@ -7,7 +7,8 @@ Messages API needs: one POST with a JSON body, a reply with content-length or ch
 identity; TLS with the same trust store as httpx; no HTTP proxy (with one configured, the SDK
 serves every call, see proxies_configured).
 
-make_http_client is the SDK's HTTP client (streams, token counts) with a cheap idle probe:
+make_http_client is the SDK's HTTP client (streams, token counts) with a cheap idle probe (sdk_http,
+imported on first use):
 
 Before it sends a request (and again when a response is closed), httpx's connection pool asks
 every idle keep-alive connection whether the server has closed it. The stock answer goes through
@@ -27,11 +28,21 @@ import urllib.parse
 import urllib.request
 import zlib
 from collections import deque
-from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import httpcore2
-import httpx2
+if TYPE_CHECKING:
+    import httpx2
+
+_SDK_HTTP = ("ProbedTransport", "ProbedBackend", "CONNECTION_LIMITS")
+"""What sdk_http defines, importable from here too (loaded on first use: httpx is 3.6 MB an idle proxy
+does not need)."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SDK_HTTP:
+        from services.inference import sdk_http
+        return getattr(sdk_http, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 log = logging.getLogger("bulkhead.inference.upstream")
 
@@ -55,73 +66,6 @@ def _readable(sock: socket.socket | None) -> bool:
     return bool(poller.poll(0))
 
 
-class _ProbedStream(httpcore2.AsyncNetworkStream):
-    """A network stream that answers "is_readable" from the socket it was connected on."""
-
-    def __init__(self, inner: httpcore2.AsyncNetworkStream, sock: socket.socket | None):
-        self._inner = inner
-        self._sock = sock
-
-    async def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return await self._inner.read(max_bytes, timeout)
-
-    async def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        await self._inner.write(buffer, timeout)
-
-    async def aclose(self) -> None:
-        await self._inner.aclose()
-
-    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore2.AsyncNetworkStream:
-        # TLS runs over the same socket, so the probe stays what httpcore's is.
-        return _ProbedStream(await self._inner.start_tls(ssl_context, server_hostname, timeout), self._sock)
-
-    def get_extra_info(self, info: str) -> Any:
-        if info == "is_readable":
-            return _readable(self._sock)
-        return self._inner.get_extra_info(info)
-
-
-class ProbedBackend(httpcore2.AsyncNetworkBackend):
-    """httpcore's network backend, handing out streams with the cheap idle probe."""
-
-    def __init__(self, inner: httpcore2.AsyncNetworkBackend):
-        self._inner = inner
-        self.connections = 0
-        """Connections opened (tests check that the pool really uses this backend)."""
-
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                          socket_options: Iterable[Any] | None = None) -> httpcore2.AsyncNetworkStream:
-        stream = await self._inner.connect_tcp(host, port, timeout=timeout, local_address=local_address,
-                                               socket_options=socket_options)
-        self.connections += 1
-        return _ProbedStream(stream, stream.get_extra_info("socket"))
-
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[Any] | None = None) -> httpcore2.AsyncNetworkStream:
-        stream = await self._inner.connect_unix_socket(path, timeout=timeout, socket_options=socket_options)
-        self.connections += 1
-        return _ProbedStream(stream, stream.get_extra_info("socket"))
-
-    async def sleep(self, seconds: float) -> None:
-        await self._inner.sleep(seconds)
-
-
-class ProbedTransport(httpx2.AsyncHTTPTransport):
-    """httpx's transport whose connection pool opens its connections through ProbedBackend."""
-
-    def __init__(self, **kwargs: Any):
-        super().__init__(**kwargs)
-        # httpx offers no public way to pass a network backend; its pool keeps the one it was built with here.
-        pool = self._pool
-        self.backend = ProbedBackend(pool._network_backend)
-        pool._network_backend = self.backend
-
-
-CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
-"""The SDK's default pool limits (anthropic.DEFAULT_CONNECTION_LIMITS), without importing the SDK."""
-
-
 def proxies_configured() -> bool:
     """Whether an HTTP(S) proxy is configured in the environment (only the SDK's own transports honour it)."""
     return any(k in ("http", "https", "all") for k in urllib.request.getproxies())
@@ -134,6 +78,9 @@ def make_http_client(*, timeout: float) -> httpx2.AsyncClient | None:
     importing the SDK: an idle proxy, and one serving only unary calls, never loads it."""
     if proxies_configured():
         return None   # the SDK routes through the proxy only with the transports it builds itself
+    import httpx2
+
+    from services.inference.sdk_http import CONNECTION_LIMITS, ProbedTransport
     try:
         transport = ProbedTransport(limits=CONNECTION_LIMITS, socket_options=_keepalive_options())
     except AttributeError:   # an httpx without the pool this hooks into: the stock client still works
@@ -165,7 +112,7 @@ class UpstreamBroken(Exception):
 class UpstreamReply:
     """A whole HTTP reply: status, headers (lower-case names; the last of repeats) and the decoded body."""
 
-    __slots__ = ("status", "headers", "body")
+    __slots__ = ("body", "headers", "status")
 
     def __init__(self, status: int, headers: dict[str, str], body: bytes):
         self.status = status
@@ -397,7 +344,7 @@ class UpstreamPool:
             ctx = self._ssl
         try:
             async with asyncio.timeout(self._connect_timeout):
-                sock_transport, conn = await loop.create_connection(
+                _, conn = await loop.create_connection(
                     _Connection, self._host, self._port, ssl=ctx, server_hostname=self._host if ctx else None)
         except TimeoutError:
             raise UpstreamTimeout("connect timed out") from None
@@ -445,6 +392,8 @@ def _expire(conn: _Connection, waiter: asyncio.Future) -> None:
 
 def _ssl_context() -> ssl.SSLContext:
     """The trust store and settings httpx uses (certifi, SSL_CERT_FILE/SSL_CERT_DIR honoured), HTTP/1.1 only."""
+    import httpx2
+
     ctx = httpx2.create_ssl_context(trust_env=True)
     ctx.set_alpn_protocols(["http/1.1"])
     return ctx
