@@ -14,6 +14,7 @@ from services.identity.config import IdentityConfig
 from services.identity.deletion import STEPS, Deletions
 from services.identity.directory import Directory
 from services.identity.issuance import Issuance
+from services.identity.migration import Migrations
 from services.identity.servicer import IdentityServicer
 from services.identity.signing import SigningKeys, StoreKeyLoader, load_or_create_kek
 from services.identity.store import IdentityBase
@@ -62,6 +63,10 @@ class IdentityApp:
     """Channels to the other services, by address."""
     retention: RetentionSweeper | None = None
     """Prunes configuration audit events past each tenant's retention (shared.retention)."""
+    migrations: Migrations | None = None
+    """Live tier migrations (shares deletions.peers)."""
+    migration_sweeper: Periodic | None = None
+    """Resumes unfinished migrations and retries failed steps."""
 
     async def close(self, grace: float = 1.0) -> None:
         await self.running.stop(grace)
@@ -89,6 +94,9 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
                           channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
                           on_status_change=key_source.refresh_revocations, lease_seconds=config.deletion_lease)
     servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source, deletions, audit=audit)
+    servicer.migrations = Migrations(db, keys, peers=deletions.peers,
+                                     channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
+                                     lease_seconds=config.deletion_lease)
     lifecycle = lifecycle_binding("identity", db, [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
                                   keep=KEPT,
                                   rows_tier=Tier.POOLED)
@@ -103,8 +111,11 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
     sweeper.start()
     retention = RetentionSweeper("identity", directory.retention_policies, [audit.prune])
     retention.start(interval=sweep_interval(svc.env))
+    migration_sweeper = Periodic("tenant-migrations", servicer.migrations.run_due, interval=config.deletion_interval,
+                                 log=log, run_first=True)
+    migration_sweeper.start()
     return IdentityApp(running, db, keys, directory, key_source, operator_key, config.service_keys_dir,
-                       deletions, sweeper, channels, retention)
+                       deletions, sweeper, channels, retention, servicer.migrations, migration_sweeper)
 
 
 async def main(env: Mapping[str, str] = os.environ) -> None:
@@ -122,6 +133,10 @@ async def _close_rest(app: IdentityApp) -> None:
         await app.sweeper.stop()
     if app.retention is not None:
         await app.retention.stop()
+    if app.migration_sweeper is not None:
+        await app.migration_sweeper.stop()
+    if app.migrations is not None:
+        await app.migrations.close()
     if app.deletions is not None:
         await app.deletions.close()
     for channel in app.channels.values():

@@ -10,6 +10,7 @@ from bulkhead.identity.v1 import identity_pb2_grpc
 from services.identity.deletion import Deletions, DeletionView
 from services.identity.directory import Directory
 from services.identity.issuance import Issuance
+from services.identity.migration import MigrationRpcs
 from services.identity.signing import SigningKeys, as_utc, revocations_since, suspended_tenants
 from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, SigningKeyRow, TenantRow
 from shared import paging
@@ -79,7 +80,7 @@ def revoked_pb(row: RevocationRow) -> pb.RevokedToken:
     return pb.RevokedToken(jti=row.jti, expire_time=_ts(row.expires_at))
 
 
-class IdentityServicer(identity_pb2_grpc.IdentityServiceServicer):
+class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer):
     """Maps identity's RPCs onto the directory, issuance and signing-key ring."""
 
     def __init__(self, db: Database, directory: Directory, issuance: Issuance, keys: SigningKeys,

@@ -119,3 +119,41 @@ class DeletionStepRow(IdentityBase):
     """JSON of InventoryTenantResponse, written once before the first purge attempt (counts only)."""
     result: Mapped[str | None] = mapped_column(Text, nullable=True)
     """JSON of the PurgeTenantResponse that completed the step."""
+
+
+class MigrationRow(IdentityBase):
+    """A tenant's live tier migration (a platform table: the coordinator's durable record, one per tenant;
+    a new migration of the same tenant replaces a finished one)."""
+
+    __tablename__ = "tenant_migrations"
+    tenant_id: Mapped[str] = mapped_column("target_tenant", String(64), primary_key=True)
+    source_tier: Mapped[str] = mapped_column(String(16))
+    target_tier: Mapped[str] = mapped_column(String(16))
+    state: Mapped[str] = mapped_column(String(16))
+    """copying | releasing | done | aborting | aborted (the tenant's tier in `tenants` changes between
+    copying and releasing, in the transaction that ends copying)."""
+    generation: Mapped[int] = mapped_column(Integer, default=0)
+    """The tenant's placement generation after this migration's switch (0 before it)."""
+    requested_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    lease_until: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    completed_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    pause_ms: Mapped[int] = mapped_column(Integer, default=0)
+    """How long the tenant's requests were paused: first copy to last switch (the last attempt's)."""
+    last_error: Mapped[str] = mapped_column(String(300), default="")
+
+
+class MigrationStepRow(IdentityBase):
+    """One service's part of a migration: its copy (with the verified inventories), switch and release."""
+
+    __tablename__ = "tenant_migration_steps"
+    tenant_id: Mapped[str] = mapped_column("target_tenant", String(64), primary_key=True)
+    service: Mapped[str] = mapped_column(String(32), primary_key=True)
+    position: Mapped[int] = mapped_column(Integer)
+    phase: Mapped[str] = mapped_column(String(16), default="pending")
+    """pending | copied | switched | released (or, aborting: reverted | released)."""
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    last_error: Mapped[str] = mapped_column(String(300), default="")
+    verify: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """JSON of the VerifyTenantResponse that let the copy count (rows and checksums, both sides)."""
+    released: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """JSON of the ReleaseTenantResponse."""

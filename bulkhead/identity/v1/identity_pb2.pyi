@@ -33,6 +33,15 @@ class PrincipalKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PRINCIPAL_KIND_USER: _ClassVar[PrincipalKind]
     PRINCIPAL_KIND_SERVICE_ACCOUNT: _ClassVar[PrincipalKind]
     PRINCIPAL_KIND_AGENT: _ClassVar[PrincipalKind]
+
+class MigrationState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MIGRATION_STATE_UNSPECIFIED: _ClassVar[MigrationState]
+    MIGRATION_STATE_COPYING: _ClassVar[MigrationState]
+    MIGRATION_STATE_RELEASING: _ClassVar[MigrationState]
+    MIGRATION_STATE_DONE: _ClassVar[MigrationState]
+    MIGRATION_STATE_ABORTING: _ClassVar[MigrationState]
+    MIGRATION_STATE_ABORTED: _ClassVar[MigrationState]
 TENANT_STATUS_UNSPECIFIED: TenantStatus
 TENANT_STATUS_ACTIVE: TenantStatus
 TENANT_STATUS_SUSPENDED: TenantStatus
@@ -46,6 +55,12 @@ PRINCIPAL_KIND_UNSPECIFIED: PrincipalKind
 PRINCIPAL_KIND_USER: PrincipalKind
 PRINCIPAL_KIND_SERVICE_ACCOUNT: PrincipalKind
 PRINCIPAL_KIND_AGENT: PrincipalKind
+MIGRATION_STATE_UNSPECIFIED: MigrationState
+MIGRATION_STATE_COPYING: MigrationState
+MIGRATION_STATE_RELEASING: MigrationState
+MIGRATION_STATE_DONE: MigrationState
+MIGRATION_STATE_ABORTING: MigrationState
+MIGRATION_STATE_ABORTED: MigrationState
 
 class DeletionStep(_message.Message):
     __slots__ = ("service", "done", "attempts", "last_error")
@@ -542,3 +557,79 @@ class ListRetentionPoliciesResponse(_message.Message):
     tenants: _containers.RepeatedCompositeFieldContainer[TenantRetention]
     next_page_token: str
     def __init__(self, tenants: _Optional[_Iterable[_Union[TenantRetention, _Mapping]]] = ..., next_page_token: _Optional[str] = ...) -> None: ...
+
+class TableProgress(_message.Message):
+    __slots__ = ("table", "rows", "equal")
+    TABLE_FIELD_NUMBER: _ClassVar[int]
+    ROWS_FIELD_NUMBER: _ClassVar[int]
+    EQUAL_FIELD_NUMBER: _ClassVar[int]
+    table: str
+    rows: int
+    equal: bool
+    def __init__(self, table: _Optional[str] = ..., rows: _Optional[int] = ..., equal: _Optional[bool] = ...) -> None: ...
+
+class MigrationStep(_message.Message):
+    __slots__ = ("service", "phase", "attempts", "last_error", "tables")
+    SERVICE_FIELD_NUMBER: _ClassVar[int]
+    PHASE_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    TABLES_FIELD_NUMBER: _ClassVar[int]
+    service: str
+    phase: str
+    attempts: int
+    last_error: str
+    tables: _containers.RepeatedCompositeFieldContainer[TableProgress]
+    def __init__(self, service: _Optional[str] = ..., phase: _Optional[str] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableProgress, _Mapping]]] = ...) -> None: ...
+
+class TenantMigration(_message.Message):
+    __slots__ = ("tenant_id", "source_tier", "target_tier", "state", "generation", "pause_ms", "request_time", "complete_time", "last_error", "steps")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TIER_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    PAUSE_MS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    COMPLETE_TIME_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    STEPS_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    source_tier: _tenancy_pb2.Tier
+    target_tier: _tenancy_pb2.Tier
+    state: MigrationState
+    generation: int
+    pause_ms: int
+    request_time: _timestamp_pb2.Timestamp
+    complete_time: _timestamp_pb2.Timestamp
+    last_error: str
+    steps: _containers.RepeatedCompositeFieldContainer[MigrationStep]
+    def __init__(self, tenant_id: _Optional[str] = ..., source_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., state: _Optional[_Union[MigrationState, str]] = ..., generation: _Optional[int] = ..., pause_ms: _Optional[int] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[MigrationStep, _Mapping]]] = ...) -> None: ...
+
+class MigrateTenantRequest(_message.Message):
+    __slots__ = ("tenant_id", "target_tier", "abort")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
+    ABORT_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    target_tier: _tenancy_pb2.Tier
+    abort: bool
+    def __init__(self, tenant_id: _Optional[str] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., abort: _Optional[bool] = ...) -> None: ...
+
+class MigrateTenantResponse(_message.Message):
+    __slots__ = ("migration",)
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    migration: TenantMigration
+    def __init__(self, migration: _Optional[_Union[TenantMigration, _Mapping]] = ...) -> None: ...
+
+class GetMigrationRequest(_message.Message):
+    __slots__ = ("tenant_id",)
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    def __init__(self, tenant_id: _Optional[str] = ...) -> None: ...
+
+class GetMigrationResponse(_message.Message):
+    __slots__ = ("migration",)
+    MIGRATION_FIELD_NUMBER: _ClassVar[int]
+    migration: TenantMigration
+    def __init__(self, migration: _Optional[_Union[TenantMigration, _Mapping]] = ...) -> None: ...

@@ -153,6 +153,16 @@ class IdentityServiceStub:
                 request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptRequest.SerializeToString,
                 response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptResponse.FromString,
                 _registered_method=True)
+        self.MigrateTenant = channel.unary_unary(
+                '/bulkhead.identity.v1.IdentityService/MigrateTenant',
+                request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.MigrateTenantRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.MigrateTenantResponse.FromString,
+                _registered_method=True)
+        self.GetMigration = channel.unary_unary(
+                '/bulkhead.identity.v1.IdentityService/GetMigration',
+                request_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetMigrationRequest.SerializeToString,
+                response_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetMigrationResponse.FromString,
+                _registered_method=True)
 
 
 class IdentityServiceServicer:
@@ -341,6 +351,25 @@ class IdentityServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def MigrateTenant(self, request, context):
+        """Moves a tenant to another tier live (operators only): every service copies the tenant's rows
+        to the target store while pausing its requests (UNAVAILABLE, TENANT_MIGRATING, with retry
+        info), verifies rows and checksums, then the tenant's tier changes and every service routes it
+        there (tokens issued before stay valid), and the source rows are deleted. Runs in the
+        background from a durable record: a repeat returns it; a killed identity resumes it. abort
+        (before the switch) rolls back. Recorded as tenant.tier in the tenant's configuration audit.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetMigration(self, request, context):
+        """Returns a tenant's latest migration and its progress per service (operators only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_IdentityServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -458,6 +487,16 @@ def add_IdentityServiceServicer_to_server(servicer, server):
                     servicer.GetDeletionReceipt,
                     request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptRequest.FromString,
                     response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptResponse.SerializeToString,
+            ),
+            'MigrateTenant': grpc.unary_unary_rpc_method_handler(
+                    servicer.MigrateTenant,
+                    request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.MigrateTenantRequest.FromString,
+                    response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.MigrateTenantResponse.SerializeToString,
+            ),
+            'GetMigration': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetMigration,
+                    request_deserializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetMigrationRequest.FromString,
+                    response_serializer=bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetMigrationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1085,6 +1124,60 @@ class IdentityService:
             '/bulkhead.identity.v1.IdentityService/GetDeletionReceipt',
             bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptRequest.SerializeToString,
             bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetDeletionReceiptResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def MigrateTenant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.identity.v1.IdentityService/MigrateTenant',
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.MigrateTenantRequest.SerializeToString,
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.MigrateTenantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetMigration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/bulkhead.identity.v1.IdentityService/GetMigration',
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetMigrationRequest.SerializeToString,
+            bulkhead_dot_identity_dot_v1_dot_identity__pb2.GetMigrationResponse.FromString,
             options,
             channel_credentials,
             insecure,
