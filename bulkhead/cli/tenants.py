@@ -1,4 +1,4 @@
-"""`bulkhead tenants create|list|suspend|resume|delete` (operator commands)."""
+"""`bulkhead tenants create|list|suspend|resume|delete|migrate` (operator commands)."""
 from __future__ import annotations
 
 import argparse
@@ -46,6 +46,14 @@ def register(subparsers) -> None:
     delete.add_argument("--receipt", default=None, help="write the signed receipt to this file")
     delete.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for --now to finish")
     delete.set_defaults(func=_delete)
+    migrate = sub.add_parser("migrate", help="move a tenant to another tier live (its requests pause briefly "
+                                             "while each service copies, verifies and switches)")
+    migrate.add_argument("tenant", help="tenant id or name")
+    target = migrate.add_mutually_exclusive_group(required=True)
+    target.add_argument("--tier", choices=[t.value for t in Tier], help="the tier to move to")
+    target.add_argument("--abort", action="store_true", help="roll back the tenant's unfinished migration")
+    migrate.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it to finish")
+    migrate.set_defaults(func=_migrate)
     for cmd in (create, listing, *sub.choices.values()):
         if not any(a.dest == "api_key" for a in cmd._actions):
             add_connection_args(cmd)
@@ -210,3 +218,56 @@ def _print_receipt(doc: dict) -> None:
         rows.append([svc["service"], str(svc["rows_deleted"]), ", ".join(svc["dropped_stores"]) or "-", keys, kept])
     table(rows, ["service", "rows deleted", "stores dropped", "keys destroyed", "kept"])
     print(f"signed by identity key {doc['kid']}")
+
+
+_FINISHED = (pb.MIGRATION_STATE_DONE, pb.MIGRATION_STATE_ABORTED)
+
+
+@run_async
+async def _migrate(args: argparse.Namespace) -> None:
+    async with await connect(args) as bh:
+        tenant_id = await _tenant_id(bh, args.tenant)
+        request = pb.MigrateTenantRequest(tenant_id=tenant_id, abort=args.abort)
+        if args.tier:
+            request.target_tier = tier_to_proto(args.tier)
+        resp = await bh.identity.MigrateTenant(request)
+        m = resp.migration
+        print(f"{'aborting' if args.abort else 'migrating'} {args.tenant} ({tenant_id}): "
+              f"{_tier_name(m.source_tier)} -> {_tier_name(m.target_tier)}", flush=True)
+        m = await _follow_migration(bh, tenant_id, args.timeout)
+    rows = [[s.service, str(len(s.tables)), str(sum(t.rows for t in s.tables)),
+             "yes" if all(t.equal for t in s.tables) else "NO", s.phase] for s in m.steps]
+    table(rows, ["service", "tables", "rows", "checksums equal", "phase"])
+    for step in m.steps:
+        if step.tables:
+            print(f"  {step.service}: " + ", ".join(f"{t.table} {t.rows}{'' if t.equal else ' (DIFFERS)'}"
+                                                   for t in step.tables))
+    if m.state == pb.MIGRATION_STATE_DONE:
+        print(f"{args.tenant} is {_tier_name(m.target_tier)} now (placement generation {m.generation}); "
+              f"its requests were paused {m.pause_ms} ms")
+    else:
+        print(f"aborted: {args.tenant} stays {_tier_name(m.source_tier)}")
+
+
+async def _follow_migration(bh, tenant_id: str, timeout: float) -> pb.TenantMigration:
+    """Print each service's phase and tables as they change; the migration once finished."""
+    shown: dict[str, str] = {}
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while True:
+        m = (await bh.identity.GetMigration(pb.GetMigrationRequest(tenant_id=tenant_id))).migration
+        for step in m.steps:
+            line = step.phase
+            if step.tables and step.phase == "copied":
+                line += ": " + ", ".join(f"{t.table} {t.rows}{'' if t.equal else ' (differs)'}" for t in step.tables)
+            if step.last_error:
+                line += f" (retrying after {step.attempts} failed: {step.last_error})"
+            if shown.get(step.service) != line:
+                print(f"  {step.service:<13} {line}", flush=True)
+                shown[step.service] = line
+        if m.state in _FINISHED:
+            return m
+        if loop.time() > deadline:
+            fail(f"the migration of {tenant_id} is still running (identity retries failed steps on its own); "
+                 f"follow it again with: bulkhead tenants migrate {tenant_id} --tier {_tier_name(m.target_tier)}")
+        await asyncio.sleep(0.3)

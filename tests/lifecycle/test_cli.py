@@ -8,6 +8,7 @@ import pytest
 
 from bulkhead.cli import main
 from bulkhead.cli.tenants import parse_duration
+from bulkhead.identity.v1 import identity_pb2 as idn
 from shared.testing.fake_anthropic import FakeAnthropic
 from tests.lifecycle.test_delete_mesh import addresses
 from tests.services.orchestrator.mesh import running_mesh
@@ -79,3 +80,21 @@ def test_durations():
     for bad in ("0d", "7", "d", "-1h", "1w"):
         with pytest.raises(ValueError):
             parse_duration(bad)
+
+
+async def test_migrate_prints_progress_per_service_and_table(cli_mesh):
+    """migrate by name to silo and back: every service's phase and tables, the pause; abort with none under way."""
+    mesh, run = cli_mesh
+    t = await mesh.tenant("pooled")
+    name = (await mesh.identity.stub.GetTenant(idn.GetTenantRequest(tenant_id=t.tenant_id),
+                                               metadata=mesh.identity.operator.metadata)).tenant.name
+    code, out, err = await run("tenants", "migrate", name, "--tier", "silo")
+    assert code == 0, err
+    assert "pooled -> silo" in out and "is silo now" in out and "paused" in out
+    for service in ("orchestrator", "credentials", "state", "inference", "metering"):
+        assert f"  {service}" in out
+    assert "state: " in out and "state_events" in out and "DIFFERS" not in out and "  NO" not in out
+    code, out, err = await run("tenants", "migrate", t.tenant_id, "--tier", "pooled")
+    assert code == 0 and "is pooled now" in out, err
+    code, _, err = await run("tenants", "migrate", t.tenant_id, "--abort")
+    assert code != 0 and "no migration in progress" in err
