@@ -262,19 +262,19 @@ def main() -> None:
             rows.append((f"health Check RPC, {loaders} loaders (gRPC floor)", f"{floor.rate:,.0f} calls/s",
                          _cpu_note(floor)))
             ingest = {}
-            raw = 0.0 if args.pairs_only else asyncio.run(_raw_insert_baseline(urls.app_dsn, "t_bench_raw", seconds))
+            raw = 0.0 if args.pairs_only else asyncio.run(_raw_insert_baseline(urls.app_dsn, "t_benchraw", seconds))
             if raw:
                 rows.append(("raw asyncpg insert, batch 1000 (baseline)", f"{raw:,.0f} events/s", ""))
             for batch, conc in () if args.pairs_only else ((1, 32), (100, 16), (1000, 4)):
-                fig = _run_load(ctx, pid, "ingest", address, [md("t_bench_ingest", ["metering.usage.write"])],
+                fig = _run_load(ctx, pid, "ingest", address, [md("t_benchingest", ["metering.usage.write"])],
                                 seconds, conc, batch)
                 ingest[batch] = fig.events / fig.ops * fig.rate if fig.ops else 0.0
             for batch, rate in ingest.items():
                 note = f"{rate / raw:.2f}x raw insert" if batch == 1000 else f"{rate / floor.rate:.2f}x health RPC/s"
                 rows.append((f"RecordUsage batch {batch}", f"{rate:,.0f} events/s", note))
             pairs = {}
-            for name, tenants in (("8 tenants", [md(f"t_bench_pairs_{i}", ["metering.budget.write"]) for i in range(8)]),
-                                  ("1 tenant (one hot counter row)", [md("t_bench_hot", ["metering.budget.write"])])):
+            for name, tenants in (("8 tenants", [md(f"t_benchpairs{i}", ["metering.budget.write"]) for i in range(8)]),
+                                  ("1 tenant (one hot counter row)", [md("t_benchhot", ["metering.budget.write"])])):
                 fig = _run_load(ctx, pid, "pairs", address, tenants, seconds, 32, 0, loaders=loaders)
                 pairs[name] = fig.rate
                 rows.append((f"Reserve+Commit, {name}", f"{fig.rate:,.0f} pairs/s", _cpu_note(fig, 2)))

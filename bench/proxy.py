@@ -224,7 +224,7 @@ async def _budget_across_replicas(args, proxy_env: dict, first_addr: str, set_qu
     procs.append(second)
     budget = mpb.Budget(unit=mpb.BUDGET_UNIT_TOKENS, limit=10_000_000_000, period=mpb.BUDGET_PERIOD_MONTH,
                         mode=mpb.BUDGET_MODE_HARD)
-    tenants = {"budget": "t_bench_budget", "none": "t_bench_nobudget"}
+    tenants = {"budget": "t_benchbudget", "none": "t_benchnobudget"}
     await set_quota(tenants["budget"], [budget])
     await set_quota(tenants["none"], [])
     channels = [grpc.aio.insecure_channel(a) for a in (first_addr, second_addr)]

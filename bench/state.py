@@ -127,7 +127,7 @@ async def bench_grpc(db: Database, args) -> tuple[float, float]:
     running = await serve_state(db=db, envelope=envelope, verifier=tokens.verifier, limits=LIMITS)
     channel = grpc.aio.insecure_channel(running.address, options=[("grpc.max_receive_message_length", 64 << 20)])
     stub = state_pb2_grpc.StateServiceStub(channel)
-    md = tokens.metadata("t_bench_grpc")
+    md = tokens.metadata("t_benchgrpc")
     payload = os.urandom(args.payload)
     events = [state_pb2.NewEvent(type="message", payload=payload)] * args.batch
     try:

@@ -15,7 +15,8 @@ import jwt
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from shared.errors import BulkheadError, PermissionDenied, Unauthenticated, Unavailable
+from shared.errors import BulkheadError, PermissionDenied, Reason, Unauthenticated, Unavailable
+from shared.ids import is_tenant_id
 
 _log = logging.getLogger("bulkhead.tokens")
 
@@ -221,10 +222,11 @@ class TokenVerifier:
 
 
 def _claims(payload: dict, kid: str) -> Claims:
-    """The Claims of a decoded payload (Unauthenticated when it names no tenant)."""
+    """The Claims of a decoded payload (Unauthenticated when it names no tenant, or not a well-formed one:
+    the interceptor then binds only tenant ids that pass shared.ids' one rule)."""
     tid = payload.get("tid")
-    if not isinstance(tid, str) or not tid:
-        raise Unauthenticated("token names no tenant", reason="TOKEN_INVALID")
+    if not isinstance(tid, str) or not is_tenant_id(tid):
+        raise Unauthenticated("token names no tenant, or a malformed one", reason=Reason.TOKEN_INVALID)
     act = payload.get("act") or {}
     return Claims(tenant_id=tid, principal_id=payload["sub"], scopes=frozenset(payload.get("scope", "").split()),
                   tier=payload.get("tier", "pooled"), jti=payload["jti"], issued_at=int(payload["iat"]),

@@ -34,7 +34,7 @@ from shared.server import RunningServer
 from shared.testing.tokens import TestTokens
 from shared.tiers import Tier
 
-A, B = "t_sec_alpha", "t_sec_beta"
+A, B = "t_secalpha", "t_secbeta"
 LIST_THREADS = "/bulkhead.state.v1.StateService/ListThreads"
 LIST_SECRETS = "/bulkhead.credentials.v1.CredentialsService/ListSecrets"
 

@@ -39,6 +39,16 @@ async def test_tampered_payload_is_refused():
     assert info.value.reason == "TOKEN_INVALID"
 
 
+@pytest.mark.parametrize("tid", ["t_a_b", "t_A", "T_a", "tenant", "t_", "t_a b"])
+async def test_a_signed_token_for_a_malformed_tenant_id_is_refused(tid: str):
+    """Verification binds only tenant ids that pass shared.ids' one rule, whoever signed the token."""
+    issuer, verifier, _ = _pair()
+    token, _ = issuer.issue(tenant_id=tid, principal_id="p", scopes={"*"})
+    with pytest.raises(Unauthenticated) as info:
+        await verifier.verify(token)
+    assert info.value.reason == "TOKEN_INVALID"
+
+
 async def test_cached_token_still_expires():
     """A verified token is cached, yet refused once its expiry passes."""
     issuer, _, key = _pair()
