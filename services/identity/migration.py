@@ -40,6 +40,7 @@ from services.identity.signing import SigningKeys, utcnow
 from services.identity.store import MigrationRow, MigrationStepRow, TenantRow
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.ids import check_tenant_id
 from shared.tenancy import PLATFORM_TENANT
 from shared.tiers import Tier, UnknownTier, tier_from_proto, tier_to_proto
 
@@ -372,8 +373,7 @@ class MigrationRpcs:
 
     async def MigrateTenant(self, request, context):
         migrations = self._migrations_or_fail()
-        if not request.tenant_id:
-            raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant to move"})
+        check_tenant_id(request.tenant_id)
         target = ""
         if not request.abort:
             try:
@@ -390,7 +390,6 @@ class MigrationRpcs:
         return pb.MigrateTenantResponse(migration=migration_pb(view))
 
     async def GetMigration(self, request, context):
-        if not request.tenant_id:
-            raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant"})
+        check_tenant_id(request.tenant_id)
         view = await self._migrations_or_fail().get(request.tenant_id)
         return pb.GetMigrationResponse(migration=migration_pb(view))

@@ -17,6 +17,7 @@ from shared import paging
 from shared.config_audit import ConfigAudit, new_of
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.ids import check_tenant_id
 from shared.paging import page_size
 from shared.retention import checked_days, effective
 from shared.tiers import UnknownTier, tier_from_proto, tier_to_proto
@@ -108,20 +109,18 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
 
     async def GetTenant(self, request, context):
         ctx = require_tenant()
-        wanted = request.tenant_id or ctx.tenant_id
+        wanted = check_tenant_id(request.tenant_id) if request.tenant_id else ctx.tenant_id
         if wanted != ctx.tenant_id and not ctx.is_operator:
             raise NotFound("tenant not found", reason="TENANT_NOT_FOUND")  # no existence leak to other tenants
         return pb.GetTenantResponse(tenant=tenant_pb(await self._directory.get_tenant(wanted)))
 
     async def GetTenantPlacement(self, request, context):
-        if not request.tenant_id:
-            raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant to place"})
+        check_tenant_id(request.tenant_id)
         row = await self._directory.get_tenant(request.tenant_id)
         return pb.GetTenantPlacementResponse(tenant_id=row.id, tier=tier_to_proto(row.tier), region=row.region)
 
     async def SetRetentionPolicy(self, request, context):
-        if not request.tenant_id:
-            raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant whose retention to set"})
+        check_tenant_id(request.tenant_id)
         audit_days = checked_days("audit_days", request.audit_days)
         usage_days = checked_days("usage_detail_days", request.usage_detail_days)
         in_force = effective(audit_days, usage_days)
@@ -133,7 +132,7 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
 
     async def GetRetentionPolicy(self, request, context):
         ctx = require_tenant()
-        wanted = request.tenant_id or ctx.tenant_id
+        wanted = check_tenant_id(request.tenant_id) if request.tenant_id else ctx.tenant_id
         if wanted != ctx.tenant_id and not ctx.is_operator:
             raise NotFound("tenant not found", reason="TENANT_NOT_FOUND")  # no existence leak to other tenants
         row = await self._directory.get_tenant(wanted)
@@ -156,7 +155,7 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
 
     async def UpdateTenantStatus(self, request, context):
         status = {pb.TENANT_STATUS_ACTIVE: "active", pb.TENANT_STATUS_SUSPENDED: "suspended"}.get(request.status, "")
-        current = await self._directory.get_tenant(request.tenant_id) if request.tenant_id else None
+        current = await self._directory.get_tenant(check_tenant_id(request.tenant_id))
         if current is not None and current.status == "deleted":
             raise FailedPrecondition("the tenant was deleted", reason="TENANT_DELETED")
         if current is not None and current.status == "deleting" and status:
@@ -259,6 +258,7 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
 
     async def DeleteTenant(self, request, context):
         deletions = self._deletions_or_fail()
+        check_tenant_id(request.tenant_id)
         async with self._audit.change("tenant.delete", tenant_id=request.tenant_id, target=f"tenant/{request.tenant_id}",
                                       tables={"tenant_deletions", "tenants"},
                                       detail={"grace_seconds": request.grace_seconds, "now": request.now}):
@@ -266,8 +266,7 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
         return pb.DeleteTenantResponse(deletion=deletion_pb(view))
 
     async def GetDeletionReceipt(self, request, context):
-        if not request.tenant_id:
-            raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the deleted tenant"})
+        check_tenant_id(request.tenant_id)
         view = await self._deletions_or_fail().get(request.tenant_id)
         reply = pb.GetDeletionReceiptResponse(deletion=deletion_pb(view))
         if view.row.receipt_body:
