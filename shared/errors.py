@@ -31,10 +31,12 @@ MAX_ECHO_BYTES = 200
 bytes: counting characters let a 4-byte-per-character echo quadruple an error's size."""
 _MARK = "\u2026"  # 3 bytes in UTF-8
 
-Reason = enum.StrEnum("Reason", [(name, name) for name, number in errors_pb2.ErrorReason.items() if number])
-"""The reason catalog as str members (`Reason.INVALID_TENANT_ID == "INVALID_TENANT_ID"`), from the proto enum."""
+Reason = enum.StrEnum("Reason", [(v.name, v.name) for v in errors_pb2.ErrorReason.DESCRIPTOR.values
+                                 if v.number and not v.GetOptions().deprecated])
+"""The reason catalog as str members (`Reason.INVALID_TENANT_ID == "INVALID_TENANT_ID"`), from the proto enum
+(deprecated values, kept there for compatibility, are no longer sent and are not members)."""
 REASONS: frozenset[str] = frozenset(Reason)
-"""Every reason a service may send (deprecated ones included while they are still sent)."""
+"""Every reason a service may send."""
 
 
 def catalog_reason(reason: str | None) -> str | None:

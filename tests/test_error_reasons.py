@@ -213,8 +213,10 @@ def test_the_scan_names_file_and_line_of_an_unknown_reason(tmp_path, monkeypatch
 
 
 def test_the_catalog_is_the_proto_enum_and_constructors_refuse_anything_else():
-    names = {n for n, v in errors_pb2.ErrorReason.items() if v}
-    assert set(errors.REASONS) == names
+    values = errors_pb2.ErrorReason.DESCRIPTOR.values
+    assert set(errors.REASONS) == {v.name for v in values if v.number and not v.GetOptions().deprecated}
+    with pytest.raises(ValueError):
+        errors.InvalidArgument("x", reason="BAD_PAGE_TOKEN")  # deprecated: INVALID_PAGE_TOKEN replaced it
     assert errors_pb2.ErrorReason.Name(0) == "ERROR_REASON_UNSPECIFIED"
     assert errors.NotFound("x", reason=errors.Reason.THREAD_NOT_FOUND).reason == "THREAD_NOT_FOUND"
     assert errors.NotFound("x", reason="THREAD_NOT_FOUND").reason == "THREAD_NOT_FOUND"
