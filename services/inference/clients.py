@@ -172,7 +172,7 @@ def _refuse_if_denied(exc: grpc.aio.AioRpcError, scope: str) -> None:
     """A token that may not read its limits or hold budget must not get unlimited calls: refuse it."""
     if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
         raise errors.PermissionDenied(f"model calls need a token that also holds {scope}",
-                                      reason="METERING_SCOPE_REQUIRED") from None
+                                      reason=errors.Reason.MISSING_SCOPE, metadata={"scope": scope}) from None
 
 
 def _event(e: UsageEvent) -> mpb.UsageEvent:

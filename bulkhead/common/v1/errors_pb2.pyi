@@ -38,7 +38,6 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     PLATFORM_SCOPE: _ClassVar[ErrorReason]
     OPERATOR_ONLY: _ClassVar[ErrorReason]
     PLATFORM_ONLY: _ClassVar[ErrorReason]
-    METERING_SCOPE_REQUIRED: _ClassVar[ErrorReason]
     VALUE_OUT_OF_RANGE: _ClassVar[ErrorReason]
     INVALID_TENANT_ID: _ClassVar[ErrorReason]
     TENANT_NOT_FOUND: _ClassVar[ErrorReason]
@@ -176,6 +175,7 @@ class ErrorReason(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     INVALID_TEAM: _ClassVar[ErrorReason]
     UNKNOWN_AGENT: _ClassVar[ErrorReason]
     BAD_PAGE_TOKEN: _ClassVar[ErrorReason]
+    METERING_SCOPE_REQUIRED: _ClassVar[ErrorReason]
 ERROR_REASON_UNSPECIFIED: ErrorReason
 INTERNAL: ErrorReason
 INVALID_ARGUMENT: ErrorReason
@@ -208,7 +208,6 @@ SCOPE_ESCALATION: ErrorReason
 PLATFORM_SCOPE: ErrorReason
 OPERATOR_ONLY: ErrorReason
 PLATFORM_ONLY: ErrorReason
-METERING_SCOPE_REQUIRED: ErrorReason
 VALUE_OUT_OF_RANGE: ErrorReason
 INVALID_TENANT_ID: ErrorReason
 TENANT_NOT_FOUND: ErrorReason
@@ -346,3 +345,4 @@ ETAG_MISMATCH: ErrorReason
 INVALID_TEAM: ErrorReason
 UNKNOWN_AGENT: ErrorReason
 BAD_PAGE_TOKEN: ErrorReason
+METERING_SCOPE_REQUIRED: ErrorReason

@@ -214,5 +214,5 @@ async def test_token_that_cannot_be_held_to_its_limits_is_refused(mesh, missing)
     scopes = {"inference.messages.create", "metering.budget.write", "metering.usage.write", "metering.quota.read"}
     await _expect(mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()),
                                           metadata=mesh.md("t_a", scopes=tuple(scopes - {missing}))),
-                  grpc.StatusCode.PERMISSION_DENIED, "METERING_SCOPE_REQUIRED")
+                  grpc.StatusCode.PERMISSION_DENIED, "MISSING_SCOPE")
     assert mesh.fake.requests == []
