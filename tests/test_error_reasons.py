@@ -269,3 +269,12 @@ async def test_the_isolation_matrix_refuses_a_reason_outside_the_catalog(reason:
                 assert (await invoke(channel, rpc, request, ())).status == f"NOT_FOUND/{reason}"
     finally:
         await server.stop(None)
+
+
+def test_the_contract_names_only_catalog_reasons():
+    """docs/CONTRACT.md's reasons (upper-case names in backticks) are catalog members, so a renamed or
+    folded reason cannot live on in the docs."""
+    not_reasons = {"DELETED", "DELETING", "IDEMPOTENT", "REGION_MAIN", "SECURITY_EVENTS_METADATA", "SERVICE_PRINCIPALS"}
+    named = set(re.findall(r"`([A-Z][A-Z0-9_]{3,})`", (ROOT / "docs" / "CONTRACT.md").read_text()))
+    reasons = {n for n in named if not n.startswith("BULKHEAD_") and n not in not_reasons}
+    assert len(reasons) > 10 and reasons <= errors.REASONS, sorted(reasons - errors.REASONS)
