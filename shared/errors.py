@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from google.protobuf import duration_pb2
@@ -31,8 +32,11 @@ MAX_ECHO_BYTES = 200
 bytes: counting characters let a 4-byte-per-character echo quadruple an error's size."""
 _MARK = "\u2026"  # 3 bytes in UTF-8
 
-Reason = enum.StrEnum("Reason", [(v.name, v.name) for v in errors_pb2.ErrorReason.DESCRIPTOR.values
-                                 if v.number and not v.GetOptions().deprecated])
+if TYPE_CHECKING:  # members come from the proto at run time; tests/test_error_reasons.py checks every use by name
+    Reason: Any
+else:
+    Reason = enum.StrEnum("Reason", [(v.name, v.name) for v in errors_pb2.ErrorReason.DESCRIPTOR.values
+                                     if v.number and not v.GetOptions().deprecated])
 """The reason catalog as str members (`Reason.INVALID_TENANT_ID == "INVALID_TENANT_ID"`), from the proto enum
 (deprecated values, kept there for compatibility, are no longer sent and are not members)."""
 REASONS: frozenset[str] = frozenset(Reason)
