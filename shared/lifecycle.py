@@ -24,7 +24,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from typing import Any, Protocol
 
-from sqlalchemy import MetaData, Table
+from sqlalchemy import Column, Integer, MetaData, Table
 
 from bulkhead.common.v1 import lifecycle_pb2 as pb
 from bulkhead.common.v1 import lifecycle_pb2_grpc, tenancy_pb2
@@ -59,7 +59,8 @@ class TableCount:
     rows: int
     """The tenant's rows."""
     checksum: str = ""
-    """Hex SHA-256 over those rows in primary-key order ("" when there are none)."""
+    """Hex SHA-256 over those rows in primary-key order ("" when there are none), leaving out a surrogate
+    id (surrogate_key): a tier migration renumbers it in the target store."""
 
 
 @dataclass
@@ -250,8 +251,10 @@ class TenantLifecycle:
         if src is not None:
             async with raw_transaction(src.bind, tenant_id=tenant_id, schema=src.schema) as tx:
                 for table in tables:
+                    # A surrogate id is left to the target's sequence (another tenant may hold the same
+                    # number there); copying in its order keeps the rows' order.
                     rows[table.name] = await tx.fetch(f"SELECT {_columns(table)} FROM {_quote(table.name)} "
-                                                      f"WHERE tenant_id = $1", tenant_id)
+                                                      f"WHERE tenant_id = $1 ORDER BY {_order(table)}", tenant_id)
         assert dst is not None
         async with raw_transaction(dst.bind, tenant_id=tenant_id, schema=dst.schema, write=True) as tx:
             for table in reversed(tables):  # children before parents
@@ -260,7 +263,7 @@ class TenantLifecycle:
                 batch = rows.get(table.name, [])
                 if not batch:
                     continue
-                marks = ", ".join(f"${i + 1}" for i in range(len(table.columns)))
+                marks = ", ".join(f"${i + 1}" for i in range(len(_kept_columns(table))))
                 try:
                     await tx.executemany(f"INSERT INTO {_quote(table.name)} ({_columns(table)}) VALUES ({marks})",
                                          [tuple(r) for r in batch])
@@ -338,8 +341,28 @@ class CopyResult:
     """How long the tenant's requests have been paused in this process so far."""
 
 
+def surrogate_key(table: Table) -> Column | None:
+    """The table's surrogate id: a lone auto-incrementing integer primary key (its number means nothing
+    outside its store: a copy gets a new one, and checksums leave it out), else None."""
+    pk = list(table.primary_key.columns)
+    if len(pk) != 1 or pk[0].name == "tenant_id" or not isinstance(pk[0].type, Integer):
+        return None
+    return pk[0] if pk[0].autoincrement in (True, "auto") else None
+
+
+def _kept_columns(table: Table) -> list[Column]:
+    """The columns a copy carries and a checksum covers: all but a surrogate id."""
+    skip = surrogate_key(table)
+    return [c for c in table.columns if c is not skip]
+
+
 def _columns(table: Table) -> str:
-    return ", ".join(_quote(c.name) for c in table.columns)
+    return ", ".join(_quote(c.name) for c in _kept_columns(table))
+
+
+def _order(table: Table) -> str:
+    order = [c.name for c in table.primary_key.columns] or [c.name for c in table.columns]
+    return ", ".join(_quote(c) for c in order)
 
 
 async def _advance_sequences(tx, table: Table) -> None:
@@ -358,10 +381,8 @@ async def _advance_sequences(tx, table: Table) -> None:
 
 
 async def _count(tx, store: str, table: Table, tenant_id: str) -> TableCount:
-    order = [c.name for c in table.primary_key.columns] or [c.name for c in table.columns]
-    cols = ", ".join(_quote(c.name) for c in table.columns)
-    rows = await tx.fetch(f"SELECT {cols} FROM {_quote(table.name)} WHERE tenant_id = $1 "
-                          f"ORDER BY {', '.join(_quote(c) for c in order)}", tenant_id)
+    rows = await tx.fetch(f"SELECT {_columns(table)} FROM {_quote(table.name)} WHERE tenant_id = $1 "
+                          f"ORDER BY {_order(table)}", tenant_id)
     if not rows:
         return TableCount(store, table.name, 0)
     digest = hashlib.sha256()
