@@ -148,8 +148,10 @@ class AnthropicProvider:
             entry = self._clients[target] = _Upstream(http, pool, head)
             if len(self._clients) > self._max_clients:
                 _, old = self._clients.popitem(last=False)
-                # Closing would cut calls still using it; its pools are collected with it.
-                del old
+                # Closing would cut calls still using it: only its idle connections go now, the
+                # rest with the calls that use them (the SDK client's pool is collected with it).
+                if old.pool is not None:
+                    old.pool.close_idle()
         else:
             self._clients.move_to_end(target)
         return entry

@@ -231,15 +231,27 @@ class InferenceProxy:
                 raise errors.InvalidArgument("this request id was already used for a different request",
                                              reason="REQUEST_ID_REUSED",
                                              violations={"x-request-id": "send a new request id for a new request"})
+            if isinstance(earlier[1], tuple):      # finished: its reply is kept, not its task
+                return earlier[1]
             return await asyncio.shield(earlier[1])
         call = await self._prepare(params)
         # One task per call: it answers this caller and any retry of the same request id.
         reply = asyncio.create_task(self._complete_with_info(call))
         self._keep(reply)
         self._replays.put(key, (fingerprint, reply))
-        reply.add_done_callback(lambda f: f.cancelled() or f.exception() is None or self._replays.drop(key))
+        reply.add_done_callback(lambda f: self._replied(key, fingerprint, f))
         # shield: a caller that goes away does not cancel the upstream call; it finishes and is metered.
         return await asyncio.shield(reply)
+
+    def _replied(self, key: tuple[str, str], fingerprint: bytes, reply: asyncio.Task) -> None:
+        """A unary call ended: keep just its reply for retries (a task and its context weigh several KB more,
+        times the 10,000 kept), or forget a failed one so its retry reaches the upstream again."""
+        if reply.cancelled():
+            return
+        if reply.exception() is not None:
+            self._replays.drop(key)
+        else:
+            self._replays.replace(key, (fingerprint, reply.result()))
 
     async def open_stream(self, params: pb.MessageParams) -> tuple[CallInfo, AsyncIterator[dict[str, Any]]]:
         """Start a streamed call; refusals raise here, before any upstream request."""
@@ -498,6 +510,12 @@ class _ReplayCache:
         self._entries.move_to_end(key)
         while len(self._entries) > self._size:
             self._entries.popitem(last=False)
+
+    def replace(self, key: tuple[str, str], value: Any) -> None:
+        """Swap the value of a key still kept (same expiry and place); nothing when it is gone."""
+        entry = self._entries.get(key)
+        if entry is not None:
+            self._entries[key] = (entry[0], value)
 
     def drop(self, key: tuple[str, str]) -> None:
         """Forget a failed call: a retry of it must reach the upstream again."""

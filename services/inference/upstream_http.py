@@ -135,7 +135,6 @@ class _Connection(asyncio.Protocol):
         self._head: tuple | None = None   # (status, headers) of the reply being read
         self._length = -1          # content-length; -1 chunked, -2 until close
         self._chunks = bytearray()
-        self._chunk_pos = 0
         self.reusable = True
         self.sock: socket.socket | None = None
 
@@ -164,6 +163,8 @@ class _Connection(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self.reusable = False
+        if exc is None and self._waiter is not None and self._head is not None and self._length == -2:
+            self._finish(bytes(self._buf))       # a reply that ends with the connection (no eof_received over TLS)
         self._fail(UpstreamBroken("the upstream closed the connection"))
 
     # one exchange
@@ -210,7 +211,7 @@ class _Connection(asyncio.Protocol):
             if headers.get("connection", "").lower() == "close" or version == "HTTP/1.0":
                 self.reusable = False
             if "chunked" in headers.get("transfer-encoding", "").lower():
-                self._length, self._chunks, self._chunk_pos = -1, bytearray(), 0
+                self._length, self._chunks = -1, bytearray()
             elif "content-length" in headers:
                 self._length = int(headers["content-length"])
             else:
@@ -376,12 +377,16 @@ class UpstreamPool:
                 slot.set_result(None)
                 return
 
-    async def close(self) -> None:
+    def close_idle(self) -> None:
         """Close the idle connections (those in use close when their call ends)."""
         while self._idle:
             conn = self._idle.pop()
             self._open -= 1
             conn.transport.close()
+
+    async def close(self) -> None:
+        """Close the idle connections (those in use close when their call ends)."""
+        self.close_idle()
 
 
 def _expire(conn: _Connection, waiter: asyncio.Future) -> None:
