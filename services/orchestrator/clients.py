@@ -26,8 +26,9 @@ def translate(err: grpc.aio.AioRpcError) -> errors.BulkheadError:
     """A downstream failure as our own error (message kept; it is the other service's sanitised text)."""
     from shared.errors import error_details
 
-    # A peer's reason when the catalog has it (an older or foreign peer's is not ours to repeat), else the default.
-    reason = errors.catalog_reason(error_details(err).get("reason"))
+    # A peer's reason when the catalog has it (an older or foreign peer's is not ours to repeat), else the
+    # status code's name when that is a catalog reason (DEADLINE_EXCEEDED, ...), else the class default.
+    reason = errors.catalog_reason(error_details(err).get("reason")) or errors.catalog_reason(err.code().name)
     cls = {grpc.StatusCode.NOT_FOUND: errors.NotFound, grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
            grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
            grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
