@@ -205,15 +205,26 @@ class AnthropicProvider:
             raise _upstream_error(exc, target) from None
 
     async def stream(self, body: dict[str, Any], target: Target) -> AsyncIterator[dict[str, Any]]:
-        """The streaming events of one call, as dicts."""
+        """The streaming events of one call, as dicts: the upstream's JSON of each event as it sent it
+        (read from the SDK's raw streaming response, no event models built), minus pings, as the SDK's
+        own stream yields them."""
         anthropic = _sdk()
         started = False
         try:
-            events = await self._client(target).messages.create(**_sdk_kwargs(body), stream=True)
-            async with events:
-                async for event in events:
+            async with self._client(target).messages.with_streaming_response.create(
+                    **_sdk_kwargs(body), stream=True) as response:
+                http = response.http_response
+                async for kind, data in _server_sent_events(http.aiter_lines()):
+                    if kind == "ping":
+                        continue
+                    if kind == "error":     # what the SDK raises for it: a status error of the 200 reply
+                        raise _status_error(http.status_code, _sse_error_message(data, http.status_code),
+                                            http.headers, target)
                     started = True
-                    yield event.model_dump(mode="json")
+                    yield json.loads(data)
+        except UpstreamError as error:
+            error.retry_safe = error.retry_safe and not started
+            raise
         except anthropic.AnthropicError as exc:
             error = _upstream_error(exc, target)
             error.retry_safe = error.retry_safe and not started
@@ -268,6 +279,38 @@ def _status_error(status: int, message: str, headers: Any, target: Target) -> Up
         return UpstreamError("unavailable", f"upstream error {status}: {detail}", status=status,
                              retry_after=_retry_after(headers), retry_safe=True)
     return UpstreamError("invalid", f"upstream refused the request: {detail}", status=status)
+
+
+async def _server_sent_events(lines: AsyncIterator[str]) -> AsyncIterator[tuple[str, str]]:
+    """(event, data) of each server-sent event that names its event and carries data."""
+    kind: str | None = None
+    data: list[str] = []
+    async for line in lines:
+        if not line:
+            if kind is not None and data:
+                yield kind, "\n".join(data)
+            kind, data = None, []
+            continue
+        if line.startswith(":"):
+            continue
+        name, _, value = line.partition(":")
+        value = value.removeprefix(" ")
+        if name == "event":
+            kind = value
+        elif name == "data":
+            data.append(value)
+    if kind is not None and data:
+        yield kind, "\n".join(data)
+
+
+def _sse_error_message(data: str, status: int) -> str:
+    """The message of a stream's error event (its error.message), as the SDK reports it."""
+    try:
+        body = json.loads(data)
+    except ValueError:
+        body = None
+    error = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
+    return str(error.get("message") or data or f"Error code: {status}")[:500]
 
 
 def _reply_error_message(reply: upstream_http.UpstreamReply) -> str:
