@@ -78,7 +78,8 @@ class ThreadLog:
         run_id = validation.reference(run_id, "run_id")
         agent_id = validation.reference(agent_id, "agent_id")
         labels = validation.labels(labels, self._limits)
-        size = validation.page_size(page_size, self._limits)
+        size = paging.page_size(page_size, default=self._limits.default_page_size,
+                                 maximum=self._limits.max_page_size)
         filters = (run_id, agent_id, sorted(labels.items()))
         after = paging.decode(page_token, filters=filters) or ""
         if not isinstance(after, str):
@@ -131,7 +132,8 @@ class ThreadLog:
         """A page of events after a version, decrypted, in version order, and the thread's version."""
         validation.thread_id(thread_id)
         after = validation.version(after_version, "after_version")
-        size = validation.page_size(page_size, self._limits)
+        size = paging.page_size(page_size, default=self._limits.default_page_size,
+                                 maximum=self._limits.max_page_size)
         if page_token:
             after = paging.decode(page_token, filters=thread_id)
             if type(after) is not int or after < 0:

@@ -52,13 +52,6 @@ def version(value: int, field: str) -> int:
     return value
 
 
-def page_size(value: int, limits: Limits) -> int:
-    """The page size to use: the default for 0, capped at the maximum."""
-    if value < 0:
-        raise invalid("page_size", "page_size must not be negative", "INVALID_PAGE_SIZE")
-    return min(value or limits.default_page_size, limits.max_page_size)
-
-
 def new_events(events: Sequence[NewEventRecord], limits: Limits) -> Sequence[NewEventRecord]:
     """The events of one append: at least one, within the count and size limits."""
     if not events:
