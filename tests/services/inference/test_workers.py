@@ -14,7 +14,8 @@ import pytest
 from bulkhead.inference.v1 import inference_pb2 as pb
 from bulkhead.inference.v1 import inference_pb2_grpc
 from services.inference.config import InferenceConfig
-from services.inference.server import WORKER_ENV, serve_workers, start
+from services.inference.server import start
+from services.inference.workers import WORKER_ENV, serve_workers
 
 from .helpers import INFERENCE_MIGRATIONS, MODEL, _open
 
