@@ -104,7 +104,7 @@ PAGING: dict[str, Listing] = {
 RPCS = [r for r in enumerate_rpcs() if "page_token" in r.descriptor.input_type.fields_by_name]
 
 
-def test_every_paging_rpc_has_a_listing():
+async def test_every_paging_rpc_has_a_listing():
     """A paging RPC added to a proto fails here until PAGING says how to list with it."""
     missing = [r for r in RPCS if r.key not in PAGING]
     assert not missing, "\n".join(
