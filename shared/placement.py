@@ -20,6 +20,7 @@ from bulkhead.identity.v1 import identity_pb2, identity_pb2_grpc
 from shared.config import ServiceConfig
 from shared.db import Database
 from shared.errors import NotFound, Unavailable
+from shared.tiers import UnknownTier, tier_from_proto
 
 log = logging.getLogger("bulkhead.placement")
 
@@ -35,9 +36,10 @@ class IdentityPlacements:
         self._timeout = timeout
         self._owns_channel = owns_channel
 
-    async def region_of(self, tenant_id: str) -> str:
-        """The tenant's region; NotFound for no such tenant; Unavailable when identity cannot say (fail
-        closed: a guessed region writes the tenant's rows where the law says they must not be)."""
+    async def region_of(self, tenant_id: str) -> tuple[str, str]:
+        """The tenant's (region, tier); NotFound for no such tenant; Unavailable when identity cannot say (fail
+        closed: a guessed region writes the tenant's rows where the law says they must not be). The tier
+        routes the tenant over its token's claim, so a restarted service follows a finished tier migration."""
         try:
             reply = await self._stub.GetTenantPlacement(identity_pb2.GetTenantPlacementRequest(tenant_id=tenant_id),
                                                         timeout=self._timeout,
@@ -51,7 +53,11 @@ class IdentityPlacements:
         if not reply.region:
             raise Unavailable("identity returned no region for the tenant; retry",
                               reason="TENANT_REGION_UNAVAILABLE", retry_after=1.0)
-        return reply.region
+        try:
+            tier = tier_from_proto(reply.tier).value if reply.tier else ""
+        except UnknownTier:  # a newer identity's tier: route by the token's claim
+            tier = ""
+        return reply.region, tier
 
     async def close(self) -> None:
         """Close the channel if this object opened it."""

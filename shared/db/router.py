@@ -71,8 +71,9 @@ class RegionStore:
     """The role granted DML in what the owner creates."""
 
 
-RegionLookup = Callable[[str], Awaitable[str]]
-"""tenant id -> its region, as the control plane (identity) placed it; raises when unsure."""
+RegionLookup = Callable[[str], Awaitable[str | tuple[str, str]]]
+"""tenant id -> its region, or (region, tier), as the control plane (identity) placed it; raises when unsure.
+A tier in the answer routes the tenant's requests over its token's claim (a tier migration changed it)."""
 
 MIGRATION_PAUSE_RETRY_S = 0.2
 """The retry delay a request refused during a tenant's final migration copy is told to wait."""
@@ -126,6 +127,7 @@ class TenantRouter:
             raise ValueError("several regions need a region lookup (identity's placement of each tenant)")
         self._region_of = region_of
         self._tenant_regions: OrderedDict[str, str] = OrderedDict()
+        self._tenant_tiers: dict[str, str] = {}
         self._pooled = {name: Route(store.engine, None, name if len(self._regions) > 1 else "")
                         for name, store in self._regions.items()}
         self._routes: dict[tuple[str, str, str], Route] = {}
@@ -140,8 +142,9 @@ class TenantRouter:
         self._idle: dict[str, asyncio.Event] = {}
 
     def placed_tier(self, tenant_id: str, claimed: str) -> str:
-        """The tier that routes the tenant: the migration's placement when one switched it, else `claimed`."""
-        return self._placed.get(tenant_id, claimed)
+        """The tier that routes the tenant: the migration's placement when one switched it in this process,
+        else identity's placement when the region lookup told it, else `claimed` (the token's tier)."""
+        return self._placed.get(tenant_id) or self._tenant_tiers.get(tenant_id) or claimed
 
     def place(self, tenant_id: str, tier: str) -> None:
         """Route the tenant to `tier` from now on, whatever tier its tokens claim (a migration's switch)."""
@@ -193,6 +196,7 @@ class TenantRouter:
         """The tenant's Route for one transaction: refused while a migration pauses the tenant, routed by
         the migration's placement over the token's claim, and counted in flight until it ends."""
         self._admit(tenant_id)
+        await self.region_of(tenant_id)  # with several regions: also identity's tier of the tenant
         route = await self.route(tenant_id, self.placed_tier(tenant_id, tier))
         self._admit(tenant_id)  # paused while the route was being resolved
         self._in_flight[tenant_id] += 1
@@ -231,20 +235,25 @@ class TenantRouter:
         region = self._tenant_regions.get(tenant_id)
         if region is None:
             assert self._region_of is not None
-            region = await self._region_of(tenant_id)
+            answer = await self._region_of(tenant_id)
+            region, tier = answer if isinstance(answer, tuple) else (answer, "")
             if region not in self._regions:
                 raise FailedPrecondition(
                     f"the tenant's region {region!r} has no database in this service (configured: "
                     f"{', '.join(self._regions)}); set BULKHEAD_REGIONS and its database URLs",
                     reason="REGION_NOT_CONFIGURED")
             self._tenant_regions[tenant_id] = region
+            if tier in TIERS:
+                self._tenant_tiers[tenant_id] = tier
             if len(self._tenant_regions) > REGION_CACHE_SIZE:
-                self._tenant_regions.popitem(last=False)
+                forgotten, _ = self._tenant_regions.popitem(last=False)
+                self._tenant_tiers.pop(forgotten, None)
         return region
 
     def forget_region(self, tenant_id: str) -> None:
         """Drop the cached region of a tenant (after a move to another region: the next call asks again)."""
         self._tenant_regions.pop(tenant_id, None)
+        self._tenant_tiers.pop(tenant_id, None)
 
     async def main_route(self, tenant_id: str) -> Route:
         """The main database of the tenant's region (its pooled rows), whatever its tier."""

@@ -116,6 +116,8 @@ CACHES: dict[str, Entry] = {
     "shared/db/router.py::_tenant_regions": Entry(TENANT, "tenant id -> its region, as identity placed it",
                                                   "tests/shared/db/test_regions.py"),
     "shared/db/router.py::_engine_options": Entry(PLATFORM, "engine options from configuration"),
+    "shared/db/router.py::_tenant_tiers": Entry(TENANT, "tenant id -> its tier, as identity placed it",
+                                               "tests/lifecycle/test_migrate_placement.py"),
     "shared/db/router.py::_placed": Entry(TENANT, "tenant id -> the tier a live migration switched it to",
                                          "tests/lifecycle/test_migrate_postgres.py"),
     "shared/db/router.py::_paused": Entry(TENANT, "tenant id -> end of its migration pause",
