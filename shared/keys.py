@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from bulkhead.identity.v1 import identity_pb2, identity_pb2_grpc
 from shared.errors import Unavailable
 from shared.logs import register_secret
+from shared.tiers import tier_from_proto
 from shared.tokens import RefreshingKeySource, TokenVerifier
 
 
@@ -51,6 +52,7 @@ class IdentityKeyLoader:
         self._credentials = credentials
         self._timeout = timeout
         self._suspended: frozenset[str] = frozenset()
+        self._migrations: tuple[frozenset[str], dict[str, tuple[str, int]]] = (frozenset(), {})
 
     async def load_keys(self) -> dict[str, Ed25519PublicKey]:
         resp = await self._stub.ListSigningKeys(identity_pb2.ListSigningKeysRequest(), timeout=self._timeout)
@@ -60,10 +62,15 @@ class IdentityKeyLoader:
         resp = await self._stub.ListRevokedTokens(identity_pb2.ListRevokedTokensRequest(since_revision=since),
                                                   timeout=self._timeout, metadata=await self._credentials.metadata())
         self._suspended = frozenset(resp.suspended_tenant_ids)
+        self._migrations = (frozenset(resp.migrating_tenant_ids),
+                            {p.tenant_id: (tier_from_proto(p.tier).value, p.generation) for p in resp.placements})
         return resp.revision, {r.jti: r.expire_time.seconds for r in resp.revoked}
 
     async def load_suspended(self) -> frozenset[str]:
         return self._suspended  # came with the last ListRevokedTokens answer
+
+    async def load_migrations(self) -> tuple[frozenset[str], dict[str, tuple[str, int]]]:
+        return self._migrations  # so did these (shared.tokens.MigrationFeed)
 
 
 def remote_verifier(identity_channel: grpc.aio.Channel, key_file: Path | None, *, revocation_poll: float = 1.0) -> TokenVerifier:

@@ -419,6 +419,12 @@ class TenantLifecycleServicer(lifecycle_pb2_grpc.TenantLifecycleServiceServicer)
     def __init__(self, lifecycle: TenantLifecycle) -> None:
         self._lifecycle = lifecycle
 
+    def follow_migration_feed(self, feed) -> None:
+        """Let identity's published migration pauses and placements route this service's tenants on this
+        replica too (shared.server.serve calls it; identity's own rows stay where they are)."""
+        if self._lifecycle._rows_tier is None:
+            self._lifecycle._db.router.follow(feed)
+
     async def InventoryTenant(self, request, context):
         tier = check_request(request.tenant_id, request.tier)
         tables = await self._lifecycle.inventory(request.tenant_id, tier)

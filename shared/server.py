@@ -101,8 +101,12 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
     # gRPC takes the first of repeated channel args: the caller's options replace these defaults.
     settings = {"grpc.so_reuseport": 0, "grpc.max_connection_age_ms": MAX_CONNECTION_AGE_MS, **dict(options)}
     server = grpc.aio.server(interceptors=[tenancy], options=list(settings.items()))
+    feed = getattr(verifier, "migration_feed", None)  # identity's migration pauses and placements
     for binding in bindings:
         binding.add_to_server(binding.servicer, server)
+        follow = getattr(binding.servicer, "follow_migration_feed", None)
+        if follow is not None and feed is not None:
+            follow(feed)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(b.descriptor.full_name for b in bindings)

@@ -8,6 +8,7 @@ import logging
 import secrets
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -151,6 +152,50 @@ class StaticKeySource:
         return tenant_id in self.suspended
 
 
+class MigrationFeed:
+    """The tier-migration part of identity's feed, as this process last heard it (ListRevokedTokens).
+
+    `paused`: tenants a migration pauses now; `placements`: {tenant: (tier, generation)} of every tenant a
+    migration ever planned for. Replaced whole on every poll; `version` changes only when either did, so a
+    router applies a change once (shared/db/router.py), never per request.
+    """
+
+    def __init__(self) -> None:
+        self.version = 0
+        self.paused: frozenset[str] = frozenset()
+        self.placements: Mapping[str, tuple[str, int]] = {}
+        self.refreshed_at = float("-inf")
+        """time.monotonic() of the last answer identity gave."""
+        self._loaded = asyncio.Event()
+
+    @property
+    def loaded(self) -> bool:
+        """Whether identity answered at least once since this process started."""
+        return self._loaded.is_set()
+
+    def publish(self, paused: frozenset[str], placements: Mapping[str, tuple[str, int]]) -> None:
+        """Take one answer of identity's (the poller calls this)."""
+        if paused != self.paused or placements != self.placements:
+            self.paused, self.placements = frozenset(paused), dict(placements)
+            self.version += 1
+        self.refreshed_at = time.monotonic()
+        self._loaded.set()
+
+    def age(self) -> float:
+        """Seconds since identity last answered (inf before it ever did)."""
+        return time.monotonic() - self.refreshed_at
+
+    async def wait_loaded(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for identity's first answer; whether it came."""
+        if self.loaded:
+            return True
+        try:
+            await asyncio.wait_for(self._loaded.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+
 class TokenVerifier:
     """Verifies bearer tokens; caches verified ones until expiry (revocation is still checked every call)."""
 
@@ -182,6 +227,13 @@ class TokenVerifier:
     def tenant_suspended(self, tenant_id: str) -> bool:
         """Whether the tenant's tokens are refused now (answered from memory, as on every call)."""
         return self._keys.is_suspended(tenant_id)
+
+    @property
+    def migration_feed(self) -> MigrationFeed | None:
+        """Identity's published migration pauses and placements, when the key source polls them (every
+        service but identity); None otherwise. Starts the poll if it is not running yet."""
+        feed = getattr(self._keys, "migration_feed", None)
+        return feed() if callable(feed) else None
 
     async def close(self) -> None:
         """Stop whatever background work the key source runs (its revocation poll)."""
@@ -265,6 +317,13 @@ class RefreshingKeySource:
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
         self._closed = False
+        self._feed = MigrationFeed() if hasattr(loader, "load_migrations") else None
+
+    def migration_feed(self) -> MigrationFeed | None:
+        """The migration feed polled with the revocations (None when the loader has none); starts the poll."""
+        if self._feed is not None:
+            self._ensure_poller()
+        return self._feed
 
     async def get(self, kid: str) -> Ed25519PublicKey | None:
         self._ensure_poller()
@@ -294,6 +353,8 @@ class RefreshingKeySource:
         """Pull revocations made since the last poll and the suspended tenants; drop expired revocations."""
         revision, entries = await self._loader.load_revocations(self._revision)
         self._suspended = frozenset(await self._loader.load_suspended())
+        if self._feed is not None:  # from the same answer of identity's as the suspensions
+            self._feed.publish(*await self._loader.load_migrations())  # type: ignore[attr-defined]
         now = time.time()
         self._revoked.update(entries)
         self._revoked = {j: exp for j, exp in self._revoked.items() if exp + _LEEWAY_SECONDS >= now}
@@ -353,3 +414,7 @@ class KeyLoader(Protocol):
 
     async def load_suspended(self) -> frozenset[str]:
         """Every tenant whose tokens must be refused now (called right after load_revocations)."""
+
+    # Optional: `async def load_migrations(self) -> tuple[frozenset[str], dict[str, tuple[str, int]]]`, the
+    # tenants a tier migration pauses and every migrated tenant's (tier, generation), from the same answer
+    # (called right after load_suspended). A loader that has it gives its key source a MigrationFeed.

@@ -16,12 +16,20 @@ releasing: every service drops what the tenant left at the source tier (ReleaseT
            source store is still the one it served from).
 aborting:  (only before the switch) every service is switched back to the source tier and the
            partial copies are released.
+
+Every replica of every service learns the plan from the feed it polls anyway (ListRevokedTokens,
+`migration_feed`): a tenant is published paused from the plan's creation until its last service is
+switched (or reverted), and its placement (tier + generation) is published in the transaction that
+switches it. The coordinator waits `feed_wait` (the feed's staleness bound: poll interval + margin)
+before its first copy, so no replica identity never called writes to the source during the copy;
+the pause ends only through a later feed answer than the one that carries the new placement.
 """
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
@@ -52,6 +60,11 @@ UNFINISHED = ("copying", "releasing", "aborting")
 PAUSE_SECONDS = 30
 """The pause lease each CopyTenant asks for: the longest a dead coordinator leaves a tenant paused."""
 _CALL_TIMEOUT = 120.0
+FEED_WAIT_SECONDS = float(os.environ.get("BULKHEAD_MIGRATION_FEED_WAIT_SECONDS", "3.0"))
+"""The feed's staleness bound: every replica polls it every second (shared.tokens, 1 s) and a poll
+answers within well under a second; 1 s of margin on top of both. The coordinator waits this long
+after publishing a pause before it copies anything."""
+_PAUSED_PHASES = ("pending", "copied")
 
 
 @dataclass(frozen=True)
@@ -71,13 +84,15 @@ class Migrations:
 
     def __init__(self, db: Database, keys: SigningKeys, *, peers: MutableMapping[str, str],
                  channel_for: Callable[[str], grpc.aio.Channel], lease_seconds: float = 180.0,
-                 pause_seconds: int = PAUSE_SECONDS) -> None:
-        """peers: service name -> address (a mutable map: tests fill it once the services listen)."""
+                 pause_seconds: int = PAUSE_SECONDS, feed_wait: float = FEED_WAIT_SECONDS) -> None:
+        """peers: service name -> address (a mutable map: tests fill it once the services listen);
+        feed_wait: how long every replica may take to see a published pause (see the module docstring)."""
         self._db = db
         self.peers = peers
         self._channel_for = channel_for
         self._lease = timedelta(seconds=lease_seconds)
         self._pause = pause_seconds
+        self._feed_wait = feed_wait
         self._caller = PlatformCaller(keys)
         self._busy = asyncio.Lock()
         self._kicks: set[asyncio.Task] = set()
@@ -187,6 +202,10 @@ class Migrations:
     async def _copy_and_switch(self, tenant_id: str, source: Tier, target: Tier,
                                steps: list[MigrationStepRow]) -> None:
         started = time.monotonic()
+        # The pause is published (this plan is `copying`); every replica refuses the tenant within the
+        # feed's staleness bound. Waited on every run: replicas that lost identity meanwhile let it lapse.
+        await self._renew(tenant_id)
+        await asyncio.sleep(self._feed_wait)
         for step in steps:  # every service again: see the module docstring
             await self._renew(tenant_id)
             await self._copy(tenant_id, step.service, source, target)
@@ -303,6 +322,22 @@ class Migrations:
     async def _unclaim(self, tenant_id: str) -> None:
         async with self._db.system_session() as s:
             await s.execute(update(MigrationRow).where(MigrationRow.tenant_id == tenant_id).values(lease_until=None))
+
+
+async def migration_feed(db: Database) -> tuple[frozenset[str], dict[str, tuple[str, int]]]:
+    """What every replica applies (published with ListRevokedTokens): the tenants a migration pauses now,
+    and {tenant: (tier, generation)} of every tenant a migration was ever planned for (a bounded list:
+    one row per migrated tenant). Paused: a plan still copying, or one switched (or aborted) whose
+    services are not all switched (reverted) yet."""
+    async with db.system_session() as s:
+        rows = (await s.execute(select(MigrationRow.tenant_id, MigrationRow.state, MigrationRow.generation,
+                                       TenantRow.tier)
+                                .join(TenantRow, TenantRow.id == MigrationRow.tenant_id))).all()
+        unswitched = set((await s.execute(select(MigrationStepRow.tenant_id).distinct().where(
+            MigrationStepRow.phase.in_(_PAUSED_PHASES)))).scalars())
+    paused = frozenset(tid for tid, state, _, _ in rows
+                       if state == "copying" or (state in UNFINISHED and tid in unswitched))
+    return paused, {tid: (tier, generation) for tid, _, generation, tier in rows}
 
 
 class _Step:

@@ -39,6 +39,7 @@ from shared.db.migrations import upgrade
 from shared.db.rls import quote_ident
 from shared.errors import FailedPrecondition, Unavailable
 from shared.tenancy import PLATFORM_TENANT
+from shared.tokens import MigrationFeed
 
 TIERS = ("pooled", "bridge", "silo")
 _SAFE = re.compile(r"^[a-z0-9_]+$")
@@ -77,6 +78,14 @@ A tier in the answer routes the tenant's requests over its token's claim (a tier
 
 MIGRATION_PAUSE_RETRY_S = 0.2
 """The retry delay a request refused during a tenant's final migration copy is told to wait."""
+
+FEED_PAUSE_LEASE_S = 30.0
+"""How long a pause published in identity's feed holds after identity last answered (a coordinator's
+CopyTenant pause lease is as long): a replica cut off from identity does not stay paused for ever."""
+
+FEED_FIRST_WAIT_S = 5.0
+"""How long a request waits for identity's first feed answer after this process started; then UNAVAILABLE
+(the tenant may have been moved: routing it by its token's tier claim could write to the store it left)."""
 
 REGION_CACHE_SIZE = 100_000
 """Tenants whose region a router remembers (a region changes only by a migration, which forgets it)."""
@@ -140,11 +149,42 @@ class TenantRouter:
         self._paused: dict[str, float] = {}
         self._in_flight: Counter[str] = Counter()
         self._idle: dict[str, asyncio.Event] = {}
+        # Identity's feed (every replica polls it, shared.tokens.MigrationFeed): published pauses and
+        # placements, applied when the feed's version changes (once per change, not per request).
+        self._feed: MigrationFeed | None = None
+        self._feed_version = -1
+        self._feed_tiers: dict[str, str] = {}
+        self._feed_generations: dict[str, int] = {}
+
+    def follow(self, feed: MigrationFeed | None) -> None:
+        """Apply identity's published migration pauses and placements (on every replica): a paused tenant
+        is refused here too, a placed tenant is routed by its placement whatever its token claims, and no
+        tenant is served before the feed's first answer (see FEED_FIRST_WAIT_S)."""
+        self._feed = feed
+        self._feed_version = -1
+
+    def _sync_feed(self) -> None:
+        feed = self._feed
+        if feed is None or feed.version == self._feed_version:
+            return
+        placements = feed.placements
+        for tenant_id, (_, generation) in placements.items():
+            if self._feed_generations.get(tenant_id) != generation:
+                # Switched (or planned again) since this process heard: identity's word replaces a local
+                # SwitchTenant of an earlier generation and a cached region-lookup tier.
+                self._placed.pop(tenant_id, None)
+                self._tenant_tiers.pop(tenant_id, None)
+        self._feed_tiers = {t: tier for t, (tier, _) in placements.items() if tier in TIERS}
+        self._feed_generations = {t: generation for t, (_, generation) in placements.items()}
+        self._feed_version = feed.version
 
     def placed_tier(self, tenant_id: str, claimed: str) -> str:
-        """The tier that routes the tenant: the migration's placement when one switched it in this process,
+        """The tier that routes the tenant: the migration's placement when one switched it in this process
+        (since identity's feed last changed the tenant's generation), else identity's published placement,
         else identity's placement when the region lookup told it, else `claimed` (the token's tier)."""
-        return self._placed.get(tenant_id) or self._tenant_tiers.get(tenant_id) or claimed
+        self._sync_feed()
+        return (self._placed.get(tenant_id) or self._feed_tiers.get(tenant_id) or self._tenant_tiers.get(tenant_id)
+                or claimed)
 
     def place(self, tenant_id: str, tier: str) -> None:
         """Route the tenant to `tier` from now on, whatever tier its tokens claim (a migration's switch)."""
@@ -161,7 +201,11 @@ class TenantRouter:
         self._paused.pop(tenant_id, None)
 
     def paused(self, tenant_id: str) -> bool:
-        """Whether the tenant's requests are refused now."""
+        """Whether the tenant's requests are refused now: paused in this process (CopyTenant), or published
+        paused in identity's feed (heard within FEED_PAUSE_LEASE_S)."""
+        feed = self._feed
+        if feed is not None and tenant_id in feed.paused and feed.age() < FEED_PAUSE_LEASE_S:
+            return True
         until = self._paused.get(tenant_id)
         if until is None:
             return False
@@ -195,6 +239,9 @@ class TenantRouter:
     async def using(self, tenant_id: str, tier: str) -> AsyncIterator[Route]:
         """The tenant's Route for one transaction: refused while a migration pauses the tenant, routed by
         the migration's placement over the token's claim, and counted in flight until it ends."""
+        if self._feed is not None and not self._feed.loaded and not await self._feed.wait_loaded(FEED_FIRST_WAIT_S):
+            raise Unavailable("this replica has not heard identity's tenant placements yet; retry shortly",
+                              reason="TENANT_TIER_UNAVAILABLE", retry_after=1.0)
         self._admit(tenant_id)
         await self.region_of(tenant_id)  # with several regions: also identity's tier of the tenant
         route = await self.route(tenant_id, self.placed_tier(tenant_id, tier))

@@ -413,14 +413,28 @@ class ListRevokedTokensRequest(_message.Message):
     def __init__(self, since_revision: _Optional[int] = ...) -> None: ...
 
 class ListRevokedTokensResponse(_message.Message):
-    __slots__ = ("revoked", "revision", "suspended_tenant_ids")
+    __slots__ = ("revoked", "revision", "suspended_tenant_ids", "migrating_tenant_ids", "placements")
     REVOKED_FIELD_NUMBER: _ClassVar[int]
     REVISION_FIELD_NUMBER: _ClassVar[int]
     SUSPENDED_TENANT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MIGRATING_TENANT_IDS_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENTS_FIELD_NUMBER: _ClassVar[int]
     revoked: _containers.RepeatedCompositeFieldContainer[RevokedToken]
     revision: int
     suspended_tenant_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ..., revision: _Optional[int] = ..., suspended_tenant_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    migrating_tenant_ids: _containers.RepeatedScalarFieldContainer[str]
+    placements: _containers.RepeatedCompositeFieldContainer[TenantTierPlacement]
+    def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ..., revision: _Optional[int] = ..., suspended_tenant_ids: _Optional[_Iterable[str]] = ..., migrating_tenant_ids: _Optional[_Iterable[str]] = ..., placements: _Optional[_Iterable[_Union[TenantTierPlacement, _Mapping]]] = ...) -> None: ...
+
+class TenantTierPlacement(_message.Message):
+    __slots__ = ("tenant_id", "tier", "generation")
+    TENANT_ID_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    GENERATION_FIELD_NUMBER: _ClassVar[int]
+    tenant_id: str
+    tier: _tenancy_pb2.Tier
+    generation: int
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., generation: _Optional[int] = ...) -> None: ...
 
 class GetTenantPlacementRequest(_message.Message):
     __slots__ = ("tenant_id",)
