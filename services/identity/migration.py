@@ -60,10 +60,10 @@ UNFINISHED = ("copying", "releasing", "aborting")
 PAUSE_SECONDS = 30
 """The pause lease each CopyTenant asks for: the longest a dead coordinator leaves a tenant paused."""
 _CALL_TIMEOUT = 120.0
-FEED_WAIT_SECONDS = float(os.environ.get("BULKHEAD_MIGRATION_FEED_WAIT_SECONDS", "3.0"))
-"""The feed's staleness bound: every replica polls it every second (shared.tokens, 1 s) and a poll
-answers within well under a second; 1 s of margin on top of both. The coordinator waits this long
-after publishing a pause before it copies anything."""
+FEED_WAIT_SECONDS = float(os.environ.get("BULKHEAD_MIGRATION_FEED_WAIT_SECONDS", "2.5"))
+"""The feed's staleness bound: every replica polls it every second (shared.keys, 1 s), plus 1.5 s of margin
+(the poll call itself, the transactions a replica admitted just before it heard). The coordinator waits
+this long after publishing a pause before it copies anything."""
 _PAUSED_PHASES = ("pending", "copied")
 
 
