@@ -44,7 +44,7 @@ from bulkhead.common.v1 import lifecycle_pb2 as lpb
 from bulkhead.common.v1 import lifecycle_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2 as pb
 from services.identity.deletion import PlatformCaller
-from services.identity.signing import SigningKeys, utcnow
+from services.identity.signing import MAX_TOKEN_TTL, SigningKeys, as_utc, utcnow
 from services.identity.store import MigrationRow, MigrationStepRow, TenantRow
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -326,18 +326,21 @@ class Migrations:
 
 async def migration_feed(db: Database) -> tuple[frozenset[str], dict[str, tuple[str, int]]]:
     """What every replica applies (published with ListRevokedTokens): the tenants a migration pauses now,
-    and {tenant: (tier, generation)} of every tenant a migration was ever planned for (a bounded list:
-    one row per migrated tenant). Paused: a plan still copying, or one switched (or aborted) whose
+    and {tenant: (tier, generation)} of every tenant whose migration is unfinished or ended within the
+    longest token lifetime (later every live token claims its tier: delegated tokens die with their
+    parent), so the list stays small. Paused: a plan still copying, or one switched (or aborted) whose
     services are not all switched (reverted) yet."""
+    cutoff = utcnow() - timedelta(seconds=MAX_TOKEN_TTL + 60)
     async with db.system_session() as s:
         rows = (await s.execute(select(MigrationRow.tenant_id, MigrationRow.state, MigrationRow.generation,
-                                       TenantRow.tier)
+                                       TenantRow.tier, MigrationRow.completed_at)
                                 .join(TenantRow, TenantRow.id == MigrationRow.tenant_id))).all()
         unswitched = set((await s.execute(select(MigrationStepRow.tenant_id).distinct().where(
             MigrationStepRow.phase.in_(_PAUSED_PHASES)))).scalars())
-    paused = frozenset(tid for tid, state, _, _ in rows
+    paused = frozenset(tid for tid, state, _, _, _ in rows
                        if state == "copying" or (state in UNFINISHED and tid in unswitched))
-    return paused, {tid: (tier, generation) for tid, _, generation, tier in rows}
+    return paused, {tid: (tier, generation) for tid, _, generation, tier, completed in rows
+                    if completed is None or as_utc(completed) >= cutoff}
 
 
 class _Step:
