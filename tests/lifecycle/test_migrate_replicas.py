@@ -16,11 +16,13 @@ import itertools
 
 import grpc
 import pytest
+from prometheus_client import CollectorRegistry
 
 from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
 from services.identity.deletion import PlatformCaller
+from services.metering import server as metering_server
 from shared.testing.fake_anthropic import FakeAnthropic
 from tests.lifecycle.pg_mesh import running_pg_mesh
 from tests.lifecycle.test_delete_mesh import addresses, inventories
@@ -51,7 +53,10 @@ async def start_state_replica(mesh, stack):
     return replica
 
 
-async def test_two_state_replicas_pooled_bridge_pooled(tmp_path, postgres, openbao):
+async def test_two_state_replicas_pooled_bridge_pooled(tmp_path, postgres, openbao, monkeypatch):
+    # metering's start() registers its counters in the process-wide registry: a fresh one, so another
+    # whole mesh in this process (tests/lifecycle/test_migrate_pg_mesh.py) does not collide with it.
+    monkeypatch.setattr(metering_server, "REGISTRY", CollectorRegistry())
     async with FakeAnthropic() as upstream, running_pg_mesh(tmp_path, postgres, openbao, upstream.base_url) as mesh, \
             contextlib.AsyncExitStack() as stack:
         await mesh.orchestrator.dispatcher.stop()
