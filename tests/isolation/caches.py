@@ -122,6 +122,13 @@ CACHES: dict[str, Entry] = {
                                          "tests/lifecycle/test_migrate_postgres.py"),
     "shared/db/router.py::_paused": Entry(TENANT, "tenant id -> end of its migration pause",
                                          "tests/lifecycle/test_migrate_postgres.py"),
+    "shared/db/router.py::_feed_tiers": Entry(TENANT, "tenant id -> its tier, as identity's migration feed "
+                                                     "published it", "tests/shared/db/test_migration_feed.py"),
+    "shared/db/router.py::_feed_generations": Entry(TENANT, "tenant id -> its placement generation, from the same "
+                                                           "feed", "tests/shared/db/test_migration_feed.py"),
+    "shared/tokens.py::paused": Entry(PLATFORM, "MigrationFeed: tenant ids a migration pauses, published by "
+                                                "identity"),
+    "shared/keys.py::_migrations": Entry(PLATFORM, "paused tenant ids and placements, published by identity"),
     "shared/db/replica.py::_silos": Entry(UNIQUE, "silo database name -> replica engine: a silo database is one "
                                                    "tenant's, and RLS still binds every session on it",
                                           "tests/shared/db/test_read_replica.py"),
