@@ -226,6 +226,8 @@ class Migrations:
             row.pause_ms = int((time.monotonic() - started) * 1000)
 
     async def _release(self, tenant_id: str, source: Tier, target: Tier, steps: list[MigrationStepRow]) -> None:
+        if any(step.phase in _PAUSED_PHASES for step in steps):  # still published paused: see _copy_and_switch
+            await asyncio.sleep(self._feed_wait)
         for step in steps:
             if step.phase in ("pending", "copied"):  # identity stopped before this service switched
                 await self._copy(tenant_id, step.service, source, target)
