@@ -26,6 +26,11 @@ PLATFORM_TABLES: dict[str, dict[str, str]] = {
         "tenant_deletions": "deletion plans and signed receipts (target_tenant names the tenant): the "
                             "control plane's record, read by the coordinator and operators only",
         "tenant_deletion_steps": "each service's step of a deletion plan (counts only), same as above",
+        "tenant_migrations": "tier-migration plans (target_tenant names the tenant; tiers, state, generation, "
+                             "pause): the control plane's record, read by the coordinator, the migration "
+                             "feed and operators only, as deletion plans",
+        "tenant_migration_steps": "each service's step of a tier migration (phase, verify digest, release "
+                                  "counts), same as above",
     },
     "credentials": {
         "alembic_version_credentials": "Alembic's migration revision",
