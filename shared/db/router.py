@@ -155,6 +155,7 @@ class TenantRouter:
         self._feed_version = -1
         self._feed_tiers: dict[str, str] = {}
         self._feed_generations: dict[str, int] = {}
+        self._feed_paused: frozenset[str] = frozenset()
 
     def follow(self, feed: MigrationFeed | None) -> None:
         """Apply identity's published migration pauses and placements (on every replica): a paused tenant
@@ -176,6 +177,10 @@ class TenantRouter:
                 self._tenant_tiers.pop(tenant_id, None)
         self._feed_tiers = {t: tier for t, (tier, _) in placements.items() if tier in TIERS}
         self._feed_generations = {t: generation for t, (_, generation) in placements.items()}
+        for tenant_id in self._feed_paused - feed.paused:
+            # identity lifted the pause: so does this replica, though its SwitchTenant went to another one
+            self._paused.pop(tenant_id, None)
+        self._feed_paused = feed.paused
         self._feed_version = feed.version
 
     def placed_tier(self, tenant_id: str, claimed: str) -> str:
@@ -193,7 +198,9 @@ class TenantRouter:
         self._placed[tenant_id] = tier
 
     def pause(self, tenant_id: str, seconds: float) -> None:
-        """Refuse the tenant's requests (UNAVAILABLE, TENANT_MIGRATING) for up to `seconds`."""
+        """Refuse the tenant's requests (UNAVAILABLE, TENANT_MIGRATING) for up to `seconds` (or until identity's
+        feed, when followed, lifts the pause it published)."""
+        self._sync_feed()
         self._paused[tenant_id] = time.monotonic() + seconds
 
     def resume(self, tenant_id: str) -> None:
@@ -242,6 +249,7 @@ class TenantRouter:
         if self._feed is not None and not self._feed.loaded and not await self._feed.wait_loaded(FEED_FIRST_WAIT_S):
             raise Unavailable("this replica has not heard identity's tenant placements yet; retry shortly",
                               reason="TENANT_TIER_UNAVAILABLE", retry_after=1.0)
+        self._sync_feed()
         self._admit(tenant_id)
         await self.region_of(tenant_id)  # with several regions: also identity's tier of the tenant
         route = await self.route(tenant_id, self.placed_tier(tenant_id, tier))

@@ -126,6 +126,8 @@ CACHES: dict[str, Entry] = {
                                                      "published it", "tests/shared/db/test_migration_feed.py"),
     "shared/db/router.py::_feed_generations": Entry(TENANT, "tenant id -> its placement generation, from the same "
                                                            "feed", "tests/shared/db/test_migration_feed.py"),
+    "shared/db/router.py::_feed_paused": Entry(TENANT, "tenant ids the feed paused when this router last applied "
+                                                      "it", "tests/shared/db/test_migration_feed.py"),
     "shared/tokens.py::paused": Entry(PLATFORM, "MigrationFeed: tenant ids a migration pauses, published by "
                                                 "identity"),
     "shared/keys.py::_migrations": Entry(PLATFORM, "paused tenant ids and placements, published by identity"),

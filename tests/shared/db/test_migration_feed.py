@@ -124,3 +124,18 @@ async def test_the_feed_is_applied_once_per_change(router, monkeypatch):
     feed.publish(frozenset(), {"t_a": ("bridge", 1)})  # same answer again: no new version
     router.placed_tier("t_a", "pooled")
     assert applied == [1]
+
+
+async def test_the_feed_lifting_a_pause_ends_a_local_copy_pause_too(router):
+    """CopyTenant paused the tenant on this replica, SwitchTenant went to another: identity's feed lifting
+    the pause lifts it here too (not the 30 s lease)."""
+    feed = MigrationFeed()
+    router.follow(feed)
+    feed.publish(frozenset({"t_a", "t_b"}), {})
+    router.pause("t_a", 30)
+    router.pause("t_b", 30)
+    router.pause("t_c", 30)  # a copy identity did not publish: only its lease or SwitchTenant ends it
+    feed.publish(frozenset({"t_b"}), {"t_a": ("pooled", 1)})
+    async with router.using("t_a", "bridge"):  # served (placed pooled), not refused by the copy's pause
+        pass
+    assert router.paused("t_b") and router.paused("t_c")
