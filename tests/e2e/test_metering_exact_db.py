@@ -23,7 +23,7 @@ from bulkhead.metering.v1 import metering_pb2 as mtr
 from shared.testing.fake_anthropic import FakeAnthropic
 from shared.testing.postgres import ADMIN_ROLE, PostgresServer, _initdb, _launch, find_bindir
 from shared.testing.procs import ServerStartError, free_port, make_workdir, stop_process, unprivileged_account
-from tests.e2e.test_metering_exact_kill import BUDGET, WORKERS, Burst, _books, _tenant, reconcile
+from tests.e2e.test_metering_exact_kill import BUDGET, WORKERS, Burst, _books, _tenant, mesh_env, reconcile
 from tests.e2e.test_replicas import start_replicated
 
 
@@ -79,11 +79,8 @@ async def test_database_crash_and_restart_mid_burst_leaves_the_ledger_equal_to_t
     try:
         urls = await pg.server.create_database(f"exactdb_{uuid.uuid4().hex[:8]}")
         async with FakeAnthropic(delay=1.0) as fake:
-            mesh, addresses = await asyncio.to_thread(start_replicated, tmp_path / "mesh", {
-                "ANTHROPIC_API_KEY": "sk-ant-fake", "ANTHROPIC_BASE_URL": fake.base_url,
-                "BULKHEAD_MODEL_PROVIDER": "anthropic", "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "5",
-                "BULKHEAD_INFERENCE_LEASE_TOKENS": "500"},
-                ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url))
+            mesh, addresses = await asyncio.to_thread(
+                start_replicated, tmp_path / "mesh", mesh_env(fake), ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url))
             try:
                 tenant_id, api_key = await _tenant(mesh.data_dir, addresses)
                 async with await Client.connect(api_key=api_key, addresses=addresses) as bh:

@@ -45,6 +45,21 @@ WORKERS = 12
 STREAMERS = 4
 """Of the workers, how many stream their calls (StreamMessage read to the end)."""
 CALL_TIMEOUT = 20.0
+ATTEMPT_SALT = "bulkhead"
+"""The inference salt the exact-ledger tests give the mesh, so `reconcile` can compute attempt ids itself."""
+
+
+def mesh_env(fake: FakeAnthropic) -> dict[str, str]:
+    """The mesh environment every exact-ledger test starts with: the fake upstream, the known attempt salt
+    (the salt no longer defaults to a public value) and slices/leases that make a kill or crash bite."""
+    return {
+        "ANTHROPIC_API_KEY": "sk-ant-fake", "ANTHROPIC_BASE_URL": fake.base_url,
+        "BULKHEAD_MODEL_PROVIDER": "anthropic",
+        "BULKHEAD_INFERENCE_USER_ID_SALT": ATTEMPT_SALT,   # reconcile computes attempt ids (attempt_ref) with it
+        "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "5",  # a killed holder's runs move on after 5 s, not 15
+        # Slices well under the budget, so both replicas hold leases and serve (the default 20,000
+        # would put the whole budget on one replica until it idles).
+        "BULKHEAD_INFERENCE_LEASE_TOKENS": "500"}
 
 
 class Burst:
@@ -207,7 +222,7 @@ def reconcile(tenant_id: str, ledger: dict[str, int], attempts: list[tuple], bil
     by_ref = {}
     for request_id, number, reserve, state, outcome, at_reservation in attempts:
         key = event_id(request_id, number)
-        by_ref[attempt_ref(b"bulkhead", tenant_id, key)] = (key, reserve, state, outcome, at_reservation)
+        by_ref[attempt_ref(ATTEMPT_SALT.encode(), tenant_id, key)] = (key, reserve, state, outcome, at_reservation)
     expected = at_reservation_count = 0
     for ref, (key, reserve, state, outcome, flagged) in by_ref.items():
         got, bill = ledger.get(key), billed.get(ref)
@@ -238,14 +253,8 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
     started = time.monotonic()
     urls = await postgres.create_database(f"exact_{uuid.uuid4().hex[:8]}")
     async with FakeAnthropic(delay=1.0) as fake:    # ~6 calls upstream per replica at any time
-        mesh, addresses = await asyncio.to_thread(start_replicated, tmp_path / "mesh", {
-            "ANTHROPIC_API_KEY": "sk-ant-fake", "ANTHROPIC_BASE_URL": fake.base_url,
-            "BULKHEAD_MODEL_PROVIDER": "anthropic",
-            "BULKHEAD_INFERENCE_USER_ID_SALT": "bulkhead",   # so attempt ids can be computed here (attempt_ref)
-            "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "5",  # a killed holder's runs move on after 5 s, not 15
-            # Slices well under the budget, so both replicas hold leases and serve (the default 20,000
-            # would put the whole budget on one replica until it idles).
-            "BULKHEAD_INFERENCE_LEASE_TOKENS": "500"}, ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url))
+        mesh, addresses = await asyncio.to_thread(
+            start_replicated, tmp_path / "mesh", mesh_env(fake), ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url))
         try:
             tenant_id, api_key = await _tenant(mesh.data_dir, addresses)
             async with await Client.connect(api_key=api_key, addresses=addresses) as bh:
