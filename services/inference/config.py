@@ -78,6 +78,10 @@ class InferenceConfig:
     """A lease with nothing in flight for this long is returned, so other replicas can use its rest."""
     workers: int = 1
     """Processes serving the one address (SO_REUSEPORT when more than one)."""
+    upstream_transport: str = "sdk"
+    """How unary calls reach the upstream: "sdk" (the official anthropic SDK, the default: its
+    transport, errors and headers are the provider's own) or "direct" (upstream_http.UpstreamPool,
+    measured at about 0.8 ms less CPU per call; opt-in, since it bypasses the SDK)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> InferenceConfig:
@@ -112,7 +116,14 @@ class InferenceConfig:
                                                 str(float(env.get("BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT", "600")) + 60))),
             lease_idle_seconds=float(env.get("BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS", "0.5")),
             workers=_workers(env.get("BULKHEAD_INFERENCE_WORKERS", "1")),
+            upstream_transport=_transport(env.get("BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT", "sdk")),
         )
+
+
+def _transport(value: str) -> str:
+    if value not in ("sdk", "direct"):
+        raise ValueError(f"BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT must be sdk or direct, not {value!r}")
+    return value
 
 
 SALT_FILE = "inference-user-id.salt"

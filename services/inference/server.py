@@ -59,7 +59,8 @@ def make_provider(config: InferenceConfig) -> Provider:
     """The provider the config names."""
     if config.provider == OFFLINE:
         return OfflineProvider()
-    return AnthropicProvider(base_url=config.anthropic_base_url, timeout=config.upstream_timeout)
+    return AnthropicProvider(base_url=config.anthropic_base_url, timeout=config.upstream_timeout,
+                             direct=config.upstream_transport == "direct")
 
 
 @dataclass

@@ -75,7 +75,7 @@ def test_unary_calls_send_the_api_version_the_sdk_sends():
 async def test_replies_by_length_and_chunked_gzip_reuse_one_connection():
     """A content-length reply then a chunked, gzipped one: both read whole, over one kept-alive connection."""
     async with Upstream(_json_reply(REPLY), _chunked_gzip_reply({**REPLY, "id": "msg_2"})) as up:
-        provider = AnthropicProvider(base_url=up.url + "/prefix/", timeout=5.0)
+        provider = AnthropicProvider(base_url=up.url + "/prefix/", timeout=5.0, direct=True)
         assert (await provider.create(BODY, Target(api_key="sk-a")))["id"] == "msg_1"
         assert (await provider.create(BODY, Target(api_key="sk-a")))["id"] == "msg_2"
         await provider.close()
@@ -88,7 +88,7 @@ async def test_replies_by_length_and_chunked_gzip_reuse_one_connection():
 async def test_each_key_gets_its_own_connections():
     """Two provider keys never share a connection (nor a pool)."""
     async with Upstream(*[_json_reply(REPLY)] * 3) as up:
-        provider = AnthropicProvider(base_url=up.url, timeout=5.0)
+        provider = AnthropicProvider(base_url=up.url, timeout=5.0, direct=True)
         for key in ("sk-a", "sk-b", "sk-a"):
             await provider.create(BODY, Target(api_key=key))
         await provider.close()
@@ -102,7 +102,7 @@ async def test_error_replies_map_like_the_sdk_errors_and_never_echo_the_key():
     error = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad key sk-secret here"}}
     async with Upstream(_json_reply(error, "429 Too Many Requests", "retry-after: 2\r\n"),
                         _json_reply(error, "400 Bad Request")) as up:
-        provider = AnthropicProvider(base_url=up.url, timeout=5.0)
+        provider = AnthropicProvider(base_url=up.url, timeout=5.0, direct=True)
         with pytest.raises(UpstreamError) as limited:
             await provider.create(BODY, Target(api_key="sk-secret"))
         with pytest.raises(UpstreamError) as invalid:
@@ -118,12 +118,12 @@ async def test_a_refused_connection_is_retry_safe_a_dropped_one_is_not():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         closed_port = probe.getsockname()[1]
-    provider = AnthropicProvider(base_url=f"http://127.0.0.1:{closed_port}", timeout=5.0)
+    provider = AnthropicProvider(base_url=f"http://127.0.0.1:{closed_port}", timeout=5.0, direct=True)
     with pytest.raises(UpstreamError) as refused:
         await provider.create(BODY, Target(api_key="sk-a"))
     assert refused.value.retry_safe and refused.value.status == 0
     async with Upstream(b"") as up:
-        provider = AnthropicProvider(base_url=up.url, timeout=5.0)
+        provider = AnthropicProvider(base_url=up.url, timeout=5.0, direct=True)
         with pytest.raises(UpstreamError) as dropped:
             await provider.create(BODY, Target(api_key="sk-a"))
         await provider.close()
@@ -138,7 +138,7 @@ async def test_a_silent_upstream_times_out_and_its_connection_is_not_reused():
 
     server = await asyncio.start_server(silent, "127.0.0.1", 0)
     pool = UpstreamPool(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=0.2)
-    provider = AnthropicProvider(base_url="http://unused.invalid", timeout=0.2)
+    provider = AnthropicProvider(base_url="http://unused.invalid", timeout=0.2, direct=True)
     try:
         for _ in range(2):
             with pytest.raises(Exception) as timed_out:
@@ -157,7 +157,7 @@ async def test_a_silent_upstream_times_out_and_its_connection_is_not_reused():
 async def test_a_key_with_a_line_break_is_refused_before_anything_is_sent():
     """A tenant's stored key cannot add header lines to the upstream request."""
     async with Upstream(_json_reply(REPLY)) as up:
-        provider = AnthropicProvider(base_url=up.url, timeout=5.0)
+        provider = AnthropicProvider(base_url=up.url, timeout=5.0, direct=True)
         with pytest.raises(UpstreamError) as refused:
             await provider.create(BODY, Target(api_key="sk-a\r\nx-evil: 1"))
         await provider.close()

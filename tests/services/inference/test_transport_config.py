@@ -1,0 +1,29 @@
+"""Which transport carries unary calls: the official SDK unless a deployment opts into the direct pool."""
+import pytest
+
+from services.inference.config import InferenceConfig
+from services.inference.providers import AnthropicProvider, Target
+from services.inference.server import make_provider
+from tests.services.inference.test_upstream_http import no_proxy_env  # noqa: F401 (fixture)
+
+ENV = {"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"}
+
+
+def _upstream(provider: AnthropicProvider):
+    return provider._upstream(Target(api_key="sk-test"))
+
+
+def test_the_sdk_is_the_default_unary_path(no_proxy_env):
+    config = InferenceConfig.from_env(ENV)
+    assert config.upstream_transport == "sdk"
+    assert _upstream(make_provider(config)).pool is None
+
+
+def test_direct_is_opt_in(no_proxy_env):
+    config = InferenceConfig.from_env({**ENV, "BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT": "direct"})
+    assert _upstream(make_provider(config)).pool is not None
+
+
+def test_an_unknown_transport_is_refused_naming_the_choices():
+    with pytest.raises(ValueError, match="sdk or direct"):
+        InferenceConfig.from_env({**ENV, "BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT": "curl"})
