@@ -1,6 +1,8 @@
 """Prometheus metrics of metering: tokens, requests, cost and rejections by tenant and model."""
 from __future__ import annotations
 
+from weakref import WeakKeyDictionary
+
 from prometheus_client import REGISTRY, CollectorRegistry, Counter
 
 from services.metering.pricing import Tokens
@@ -11,10 +13,10 @@ MAX_MODEL_LABELS = 100
 """Distinct model label values; model names come from callers, so further ones count as "other"."""
 
 
-class MeteringMetrics:
-    """The counters; pass a fresh CollectorRegistry in tests, the default one in production."""
+class _Counters:
+    """The counters registered in one registry (a registry takes each name once)."""
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY):
+    def __init__(self, registry: CollectorRegistry):
         self.tokens = Counter("bulkhead_metering_tokens_total", "Tokens recorded",
                               ["tenant", "model", "kind"], registry=registry)
         self.requests = Counter("bulkhead_metering_requests_total", "Model calls recorded",
@@ -23,7 +25,26 @@ class MeteringMetrics:
                             ["tenant", "model"], registry=registry)
         self.rejections = Counter("bulkhead_metering_rejections_total", "Budget reservations and leases refused",
                                   ["tenant", "model", "reason"], registry=registry)
-        self._models: set[str] = set()
+        self.models: set[str] = set()
+
+
+_REGISTERED: WeakKeyDictionary[CollectorRegistry, _Counters] = WeakKeyDictionary()
+"""Counters by registry: a second metering in one process (tests, several meshes) counts into the same ones."""
+
+
+class MeteringMetrics:
+    """The counters; pass a fresh CollectorRegistry in tests, the default one in production.
+
+    Registered once per registry: every MeteringMetrics of one registry shares them (and the model label cap).
+    """
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY):
+        counters = _REGISTERED.get(registry)
+        if counters is None:
+            counters = _REGISTERED[registry] = _Counters(registry)
+        self.tokens, self.requests = counters.tokens, counters.requests
+        self.cost, self.rejections = counters.cost, counters.rejections
+        self._models = counters.models
 
     def _model(self, model: str) -> str:
         if model not in self._models and len(self._models) >= MAX_MODEL_LABELS:

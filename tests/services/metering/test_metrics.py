@@ -38,3 +38,24 @@ async def test_rejections_are_counted(metering):
     with pytest.raises(grpc.aio.AioRpcError):
         await metering.stub.ReserveBudget(pb.ReserveBudgetRequest(model="m", prompt_tokens=6), metadata=metering.md(A))
     assert _value(metering, "bulkhead_metering_rejections_total", tenant=A, model="m", reason="budget_tokens") == 1
+
+
+def test_a_second_metering_in_one_registry_shares_its_counters():
+    """Two meterings in one process (two meshes in one test run) register the counters once and count
+    into the same ones; a fresh registry gets its own."""
+    from prometheus_client import CollectorRegistry
+
+    from services.metering.meters import MeteringMetrics
+    from services.metering.pricing import Tokens
+    from shared.metrics import tenant_label
+
+    registry = CollectorRegistry()
+    first, second = MeteringMetrics(registry), MeteringMetrics(registry)   # no DuplicateTimeseries
+    first.recorded(A, "m", "success", Tokens(input=10), 0.0)
+    second.recorded(A, "m", "success", Tokens(input=5), 0.0)
+    assert registry.get_sample_value("bulkhead_metering_tokens_total",
+                                     {"tenant": tenant_label(A), "model": "m", "kind": "input"}) == 15
+    other = CollectorRegistry()
+    MeteringMetrics(other).recorded(A, "m", "success", Tokens(input=1), 0.0)
+    assert other.get_sample_value("bulkhead_metering_tokens_total",
+                                  {"tenant": tenant_label(A), "model": "m", "kind": "input"}) == 1
