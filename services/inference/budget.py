@@ -30,7 +30,8 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -172,6 +173,8 @@ class BudgetLeases:
         self._episodes: dict[tuple[str, str], list[float]] = {}
         """Per key, the episode without budget in progress: [start, deadline] (monotonic)."""
         self._returning: set[asyncio.Task] = set()
+        self._going_back: list[tuple[str, _Lease]] = []
+        """(tenant, lease) out of the list whose release metering has not answered yet: still held."""
 
     async def hold(self, ctx: TenantContext, model: str, amount: int) -> Hold:
         """Hold `amount` tokens of the tenant's budget for one call (BudgetRefused / BackendUnavailable)."""
@@ -295,8 +298,20 @@ class BudgetLeases:
         self.settle(hold, Tokens())
 
     def held_tokens(self, tenant_id: str) -> int:
-        """Tokens this replica holds in leases for a tenant (granted, any model)."""
-        return sum(l.granted for (t, _), ls in self._leases.items() if t == tenant_id for l in ls)
+        """Tokens this replica holds in leases for a tenant (granted, any model), counting leases out of
+        the list whose release metering has not answered yet (they are still held there)."""
+        return (sum(l.granted for (t, _), ls in self._leases.items() if t == tenant_id for l in ls)
+                + sum(l.granted for t, l in self._going_back if t == tenant_id))
+
+    @contextmanager
+    def _releasing(self, tenant_id: str, lease: _Lease) -> Iterator[None]:
+        """While a lease's release RPC runs: counted as held (held_tokens) until metering answers."""
+        entry = (tenant_id, lease)
+        self._going_back.append(entry)
+        try:
+            yield
+        finally:
+            self._going_back = [e for e in self._going_back if e[1] is not lease]
 
     async def maintain(self) -> None:
         """Return idle or spent leases, and renew the rest (the heartbeat) once a third of their TTL
@@ -347,10 +362,15 @@ class BudgetLeases:
         lease.expires_at = now + lease.ttl      # `now` is before the RPC: never later than metering's expiry
 
     async def _give_back(self, key: tuple[str, str], ctx: TenantContext, lease: _Lease) -> None:
-        """Release a lease already out of the list; put it back for the next round unless metering settled it."""
+        """Release a lease already out of the list; put it back for the next round unless metering settled it.
+        A tenant suspended meanwhile (its own token is refused) gets it back with the platform key."""
         try:
-            with tenant_scope(ctx):
-                await self._backend.release(lease.lease_id, self._reportable(lease))
+            with self._releasing(key[0], lease):
+                if self._suspended(key[0]) and self._platform is not None:
+                    await self._platform.release_for(ctx, lease.lease_id, self._reportable(lease))
+                else:
+                    with tenant_scope(ctx):
+                        await self._backend.release(lease.lease_id, self._reportable(lease))
         except LeaseGone:
             log.warning("lease %s expired or settled at metering before its release; dropped", lease.lease_id)
         except BackendUnavailable:
@@ -375,7 +395,8 @@ class BudgetLeases:
                 continue
             leases.remove(lease)
             try:
-                await self._platform.release_for(ctx, lease.lease_id, self._reportable(lease))
+                with self._releasing(ctx.tenant_id, lease):
+                    await self._platform.release_for(ctx, lease.lease_id, self._reportable(lease))
             except LeaseGone:
                 log.warning("suspended tenant's lease %s expired or settled at metering; dropped", lease.lease_id)
             except BackendUnavailable:
@@ -423,7 +444,8 @@ class BudgetLeases:
             if lease.held == 0 and lease in leases:
                 leases.remove(lease)        # before the await: no call may take from a lease being returned
                 try:
-                    await self._backend.release(lease.lease_id, self._reportable(lease))
+                    with self._releasing(key[0], lease):
+                        await self._backend.release(lease.lease_id, self._reportable(lease))
                 except LeaseGone:
                     log.warning("lease %s expired or settled at metering before its release; dropped",
                                 lease.lease_id)

@@ -153,3 +153,66 @@ async def test_queued_calls_share_one_wait_for_a_dead_replicas_leases():
     for hold in holds:
         leases.settle(hold, Tokens(output=1))
     await leases.close()
+
+
+class SlowPlatform:
+    """The proxy's platform key at metering (ReleaseTenantLease), answering only when `answer` is set."""
+
+    def __init__(self, metering: FakeMetering):
+        self.metering, self.answer, self.released = metering, asyncio.Event(), []
+
+    async def release_for(self, ctx: TenantContext, lease_id: str, spent: Tokens) -> None:
+        await self.answer.wait()
+        await ShortLeases.release(self.metering, lease_id, spent)   # the platform key is not refused
+        self.released.append(lease_id)
+
+
+class RefusesSuspended(ShortLeases):
+    """Metering that refuses the tenant's own token once it is suspended."""
+
+    def __init__(self, budget: int, suspended: set[str]):
+        super().__init__(budget)
+        self.suspended = suspended
+
+    async def release(self, lease_id: str, spent: Tokens) -> None:
+        if CTX.tenant_id in self.suspended:
+            raise PermissionError("TENANT_SUSPENDED")
+        await super().release(lease_id, spent)
+
+
+async def test_a_suspended_tenants_lease_counts_as_held_until_metering_took_it_back():
+    """Suspended: the lease goes back with the platform key, and this replica counts it as held until
+    metering answered (out of the list is not yet back at metering)."""
+    suspended: set[str] = set()
+    metering = RefusesSuspended(budget=1000, suspended=suspended)
+    platform = SlowPlatform(metering)
+    leases = BudgetLeases(metering, slice_tokens=300, idle_release=5.0, platform=platform,
+                          suspended=suspended.__contains__)
+    leases.settle(await leases.hold(CTX, "m", 100), Tokens(output=40))
+    suspended.add(CTX.tenant_id)
+    round_ = asyncio.create_task(leases.maintain())
+    await asyncio.sleep(0.05)
+    assert leases.held_tokens("t_a") == 300            # the release is in flight: still held
+    platform.answer.set()
+    await round_
+    assert leases.held_tokens("t_a") == 0 and platform.released == ["l1"]
+    assert metering.left == 1000 - 40                   # back at metering, its spend charged
+
+
+async def test_a_lease_going_back_when_the_tenant_is_suspended_goes_with_the_platform_key():
+    """An idle lease whose return starts after the tenant was suspended (its own token refused) is
+    released with the platform key at once, not refused and left for a later round."""
+    suspended: set[str] = set()
+    metering = RefusesSuspended(budget=1000, suspended=suspended)
+    platform = SlowPlatform(metering)
+    platform.answer.set()
+    leases = BudgetLeases(metering, slice_tokens=300, idle_release=0.05, platform=platform,
+                          suspended=suspended.__contains__)
+    hold = await leases.hold(CTX, "m", 100)
+    lease = leases._leases[(CTX.tenant_id, "m")][0]
+    leases.settle(hold, Tokens(output=10))
+    suspended.add(CTX.tenant_id)
+    leases._leases[(CTX.tenant_id, "m")].remove(lease)   # as the idle path does, just before its RPC
+    await leases._give_back((CTX.tenant_id, "m"), CTX, lease)
+    assert platform.released == ["l1"] and leases.held_tokens("t_a") == 0
+    assert metering.left == 1000 - 10
