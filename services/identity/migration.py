@@ -27,6 +27,7 @@ the pause ends only through a later feed answer than the one that carries the ne
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 import os
@@ -160,7 +161,10 @@ class Migrations:
     # -- execution ------------------------------------------------------------------------------
     def kick(self, tenant_id: str) -> None:
         """Run the tenant's migration in the background now (the Periodic would, a pass later)."""
-        task = asyncio.get_running_loop().create_task(self.run(tenant_id), name=f"migrate-{tenant_id}")
+        # A fresh context: the task must not inherit the request's configuration-audit change, or its
+        # own writes (claims, steps) would each be audited as another tier change.
+        task = asyncio.get_running_loop().create_task(self.run(tenant_id), name=f"migrate-{tenant_id}",
+                                                      context=contextvars.Context())
         self._kicks.add(task)
         task.add_done_callback(self._kicks.discard)
 

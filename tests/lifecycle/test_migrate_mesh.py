@@ -14,6 +14,7 @@ import time
 import grpc
 import pytest
 
+from bulkhead.common.v1 import audit_pb2, audit_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
@@ -106,6 +107,12 @@ async def test_migrate_pooled_silo_pooled_with_a_live_writer(mesh):
         assert writer.errors == []
         assert await read_all(state, t.metadata, "live") == writer.acked and len(writer.acked) > 20
         assert await inventories(mesh, by_addr, caller, other.tenant_id, "pooled") == theirs
+        # Each move is one tier change in the tenant's configuration audit (the repeats added none).
+        audit = audit_pb2_grpc.ConfigAuditServiceStub(channels["identity"])
+        events = (await audit.ListAuditEvents(audit_pb2.ListAuditEventsRequest(
+            tenant_id=t.tenant_id, action="tenant.tier", oldest_first=True), metadata=op)).events
+        assert [(e.action, e.target) for e in events] == [("tenant.tier", f"tenant/{t.tenant_id}")] * 2, events
+        assert all(e.actor.operator_id or e.actor.principal_id for e in events)
         print(f"\nidentity-measured pauses (ms): {pauses}; writer's retried pauses (s): "
               f"{[round(p, 3) for p in writer.pauses]}")
     finally:
