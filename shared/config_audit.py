@@ -203,6 +203,9 @@ class _Pending:
     fields: dict[str, Any]
     describe: Describe | None = None
     written: bool = False
+    closed: bool = False
+    """The change's block has ended: a task that copied the context (a background run it started)
+    must not write the event later."""
     sequence: int = 0
     session_id: int = 0
     """id() of the session whose transaction carries the event."""
@@ -264,6 +267,7 @@ class ConfigAudit:
         try:
             yield
         finally:
+            pending.closed = True
             _pending.reset(token)
         if not pending.written:  # a repeat that changed nothing: no change, no event
             log.debug("%s: %s wrote nothing, so no event", self.service, action)
@@ -490,7 +494,7 @@ def _note_flush(session: Session, flush_context: Any) -> None:
 def _append_with_change(session: Session) -> None:
     """Write the pending change's event in the transaction that makes the change."""
     pending = _pending.get()
-    if pending is None or pending.written:
+    if pending is None or pending.written or pending.closed:
         return
     session.flush()  # commit flushes after this hook: see what this transaction writes first
     tenant = pending.audit._matches(session, pending)

@@ -11,6 +11,7 @@ killed mid-way simply runs the unfinished step again. The tenant row ends as a t
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import json
 import logging
 from collections.abc import Callable, MutableMapping
@@ -159,7 +160,9 @@ class Deletions:
             await asyncio.sleep(max(0.0, (as_utc(view.row.delete_after) - utcnow()).total_seconds()))
             await self.run(tenant_id)
 
-        task = asyncio.get_running_loop().create_task(when_due(), name=f"delete-{tenant_id}")
+        # A fresh context: the request's configuration-audit change must not ride on the run's writes.
+        task = asyncio.get_running_loop().create_task(when_due(), name=f"delete-{tenant_id}",
+                                                      context=contextvars.Context())
         self._kicks.add(task)
         task.add_done_callback(self._kicks.discard)
 

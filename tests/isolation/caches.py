@@ -76,7 +76,7 @@ CACHES: dict[str, Entry] = {
     "services/metering/budgets.py::_specs": Entry(TENANT, "the BudgetSpecCache above",
                                                  _CACHES + "test_budget_spec_cache_is_per_tenant"),
     "services/metering/ledger.py::_noted": Entry(TENANT, "tenants already noted with their tier"),
-    "services/metering/meters.py::_models": Entry(PLATFORM, "model names seen, to bound metric labels"),
+    "services/metering/meters.py::models": Entry(PLATFORM, "model names seen per metrics registry, to bound labels"),
     "services/metering/pricing.py::_by_model": Entry(PLATFORM, "the platform price table by model"),
     "services/metering/periods.py::_month_bounds()": Entry(PLATFORM, "UTC day -> month bounds"),
     "services/metering/store.py::_sqlite_usage_insert()": Entry(PLATFORM, "row count -> SQL text"),

@@ -159,8 +159,17 @@ async def test_migration_resumes_after_identity_stops_midway(mesh, tmp_path):
             await asyncio.sleep(0.2)
         assert view.row.state == "done", [(s.service, s.phase, s.last_error) for s in view.steps]
         assert all(s.phase == "released" for s in view.steps)
-        # The old token (tier claim pooled) reads its event from the bridge store now.
-        got = await state.ReadEvents(st.ReadEventsRequest(thread_id="x"), metadata=t.metadata)
+        # The old token (tier claim pooled) reads its event from the bridge store now, once state has
+        # seen identity's feed lift the pause (a bounded wait a client's retry policy rides out).
+        for _ in range(50):
+            try:
+                got = await state.ReadEvents(st.ReadEventsRequest(thread_id="x"), metadata=t.metadata)
+                break
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.UNAVAILABLE:
+                    raise
+                assert error_details(exc)["reason"] == "TENANT_MIGRATING", exc
+                await asyncio.sleep(0.1)
         assert [e.payload for e in got.events] == [b"a"]
     finally:
         await again.close(0)
