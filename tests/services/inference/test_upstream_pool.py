@@ -144,7 +144,9 @@ async def test_a_silent_upstream_times_out_and_its_connection_is_not_reused():
             with pytest.raises(Exception) as timed_out:
                 await pool.post(pool.request_head("/v1/messages"), b"{}")
             assert type(timed_out.value).__name__ == "UpstreamTimeout"
-        assert pool.connections == 2
+            assert not pool._idle  # a timed-out connection is never offered for reuse
+        # Each call opened its own (one fewer if a loaded machine timed a call out while connecting).
+        assert pool.connections in (1, 2)
         with pytest.raises(UpstreamError) as raised:
             await provider.create(BODY, Target(api_key="sk-a", base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"))
         assert raised.value.message == "upstream timed out" and not raised.value.retry_safe

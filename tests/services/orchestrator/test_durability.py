@@ -63,7 +63,10 @@ async def _scenario(tmp_path: Path, tier: str) -> None:
         env = {**os.environ, **mesh.env, "BULKHEAD_ORCHESTRATOR_ADDR": f"127.0.0.1:{port}",
                "BULKHEAD_ORCHESTRATOR_DATA_DIR": str(tmp_path / "orch"), "BULKHEAD_DATA_DIR": str(tmp_path / "orch"),
                "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "1.5", "BULKHEAD_ORCHESTRATOR_CANARY_KEY": "cd" * 32,
-               "BULKHEAD_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT)}
+               "BULKHEAD_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT),
+               # Its own data dir, but the platform key identity wrote for the mesh's orchestrator: without
+               # it the process never hears identity's revocation feed and refuses every tenant (fail closed).
+               "BULKHEAD_ORCHESTRATOR_SERVICE_KEY_FILE": str(mesh.identity.service_key_file("orchestrator"))}
         log = tmp_path / "orchestrator.log"
         proc = spawn(env, log)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
