@@ -16,25 +16,22 @@ from typing import Any
 
 import grpc
 
-from bulkhead.identity.v1 import identity_pb2, identity_pb2_grpc
+from bulkhead.identity.v1 import identity_pb2
 from shared.config import ServiceConfig
 from shared.db import Database
 from shared.errors import NotFound, Unavailable
+from shared.identity_peer import IdentityPeer
 from shared.tiers import UnknownTier, tier_from_proto
 
 log = logging.getLogger("bulkhead.placement")
 
 
-class IdentityPlacements:
+class IdentityPlacements(IdentityPeer):
     """A tenant's region from identity's GetTenantPlacement, asked with the service's platform key."""
 
     def __init__(self, channel: grpc.aio.Channel, credentials: Any, *, timeout: float = 3.0,
                  owns_channel: bool = False) -> None:
-        self._stub = identity_pb2_grpc.IdentityServiceStub(channel)
-        self._channel = channel
-        self._credentials = credentials
-        self._timeout = timeout
-        self._owns_channel = owns_channel
+        super().__init__(channel, credentials, timeout=timeout, owns_channel=owns_channel)
 
     async def region_of(self, tenant_id: str) -> tuple[str, str]:
         """The tenant's (region, tier); NotFound for no such tenant; Unavailable when identity cannot say (fail
@@ -58,11 +55,6 @@ class IdentityPlacements:
         except UnknownTier:  # a newer identity's tier: route by the token's claim
             tier = ""
         return reply.region, tier
-
-    async def close(self) -> None:
-        """Close the channel if this object opened it."""
-        if self._owns_channel:
-            await self._channel.close()
 
 
 async def open_service_database(service: ServiceConfig, *, migrations: str | Path | None,

@@ -24,6 +24,7 @@ from typing import Any
 import grpc
 
 from shared.errors import InvalidArgument
+from shared.identity_peer import IdentityPeer
 from shared.periodic import Periodic
 
 log = logging.getLogger("bulkhead.retention")
@@ -116,19 +117,13 @@ Prune = Callable[[Policy, int], Awaitable[int]]
 """One sweeper step: (policy, now_us) -> rows pruned."""
 
 
-class IdentityRetention:
+class IdentityRetention(IdentityPeer):
     """Every tenant's policy from identity's ListRetentionPolicies, asked with the service's platform key
     (fresh each pass: an operator's change applies at the next pass, no cache to invalidate)."""
 
     def __init__(self, channel: grpc.aio.Channel, credentials: Any, *, timeout: float = 10.0,
                  owns_channel: bool = False) -> None:
-        from bulkhead.identity.v1 import identity_pb2_grpc
-
-        self._stub = identity_pb2_grpc.IdentityServiceStub(channel)
-        self._channel = channel
-        self._credentials = credentials
-        self._timeout = timeout
-        self._owns_channel = owns_channel
+        super().__init__(channel, credentials, timeout=timeout, owns_channel=owns_channel)
 
     async def policies(self) -> AsyncIterator[Policy]:
         from bulkhead.identity.v1 import identity_pb2
@@ -145,10 +140,6 @@ class IdentityRetention:
             token = reply.next_page_token
             if not token:
                 return
-
-    async def close(self) -> None:
-        if self._owns_channel:
-            await self._channel.close()
 
 
 class RetentionSweeper:
