@@ -89,16 +89,20 @@ class PurgeTenantResponse(_message.Message):
     def __init__(self, service: _Optional[str] = ..., destroyed_keys: _Optional[_Iterable[_Union[DestroyedKey, _Mapping]]] = ..., deleted: _Optional[_Iterable[_Union[TableInventory, _Mapping]]] = ..., dropped_stores: _Optional[_Iterable[str]] = ..., kept: _Optional[_Iterable[_Union[KeptData, _Mapping]]] = ..., actions: _Optional[_Iterable[_Union[PurgeAction, _Mapping]]] = ...) -> None: ...
 
 class CopyTenantRequest(_message.Message):
-    __slots__ = ("tenant_id", "tier", "target_tier", "pause_seconds")
+    __slots__ = ("tenant_id", "tier", "target_tier", "pause_seconds", "region", "target_region")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
     PAUSE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REGION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     tier: _tenancy_pb2.Tier
     target_tier: _tenancy_pb2.Tier
     pause_seconds: int
-    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., pause_seconds: _Optional[int] = ...) -> None: ...
+    region: str
+    target_region: str
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., pause_seconds: _Optional[int] = ..., region: _Optional[str] = ..., target_region: _Optional[str] = ...) -> None: ...
 
 class CopyTenantResponse(_message.Message):
     __slots__ = ("service", "copied", "paused_seconds")
@@ -111,14 +115,18 @@ class CopyTenantResponse(_message.Message):
     def __init__(self, service: _Optional[str] = ..., copied: _Optional[_Iterable[_Union[TableInventory, _Mapping]]] = ..., paused_seconds: _Optional[float] = ...) -> None: ...
 
 class VerifyTenantRequest(_message.Message):
-    __slots__ = ("tenant_id", "tier", "target_tier")
+    __slots__ = ("tenant_id", "tier", "target_tier", "region", "target_region")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REGION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     tier: _tenancy_pb2.Tier
     target_tier: _tenancy_pb2.Tier
-    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ...) -> None: ...
+    region: str
+    target_region: str
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., region: _Optional[str] = ..., target_region: _Optional[str] = ...) -> None: ...
 
 class VerifyTenantResponse(_message.Message):
     __slots__ = ("service", "source", "target", "equal", "mismatched_tables")
@@ -135,12 +143,14 @@ class VerifyTenantResponse(_message.Message):
     def __init__(self, service: _Optional[str] = ..., source: _Optional[_Iterable[_Union[TableInventory, _Mapping]]] = ..., target: _Optional[_Iterable[_Union[TableInventory, _Mapping]]] = ..., equal: _Optional[bool] = ..., mismatched_tables: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class SwitchTenantRequest(_message.Message):
-    __slots__ = ("tenant_id", "tier")
+    __slots__ = ("tenant_id", "tier", "region")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     tier: _tenancy_pb2.Tier
-    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ...) -> None: ...
+    region: str
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., region: _Optional[str] = ...) -> None: ...
 
 class SwitchTenantResponse(_message.Message):
     __slots__ = ("service", "tier")
@@ -151,14 +161,18 @@ class SwitchTenantResponse(_message.Message):
     def __init__(self, service: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ...) -> None: ...
 
 class ReleaseTenantRequest(_message.Message):
-    __slots__ = ("tenant_id", "tier", "current_tier")
+    __slots__ = ("tenant_id", "tier", "current_tier", "region", "current_region")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     CURRENT_TIER_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
+    CURRENT_REGION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     tier: _tenancy_pb2.Tier
     current_tier: _tenancy_pb2.Tier
-    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., current_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ...) -> None: ...
+    region: str
+    current_region: str
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., current_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., region: _Optional[str] = ..., current_region: _Optional[str] = ...) -> None: ...
 
 class ReleaseTenantResponse(_message.Message):
     __slots__ = ("service", "deleted")
