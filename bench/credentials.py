@@ -39,8 +39,10 @@ SECRET = "bench-secret"
 VALUE = b"bench-value-0123456789abcdef"
 
 
-def _serve(kind: str, bao_url: str, bao_token: str, key_bytes: bytes, kid: str, queue, stop) -> None:
-    """Child process: a credentials server on `kind`, with one secret written for TENANT."""
+def _serve(kind: str, bao_url: str, bao_token: str, key_bytes: bytes, kid: str, queue, stop,
+           profile: str = "") -> None:
+    """Child process: a credentials server on `kind`, with one secret written for TENANT (under
+    cProfile, its stats written to `profile`, when given)."""
     async def run() -> None:
         from services.credentials.backend import TenantRef
         from services.credentials.local_backend import LocalBackend
@@ -67,7 +69,20 @@ def _serve(kind: str, bao_url: str, bao_token: str, key_bytes: bytes, kid: str, 
         await asyncio.to_thread(stop.wait)
         await service.stop(grace=0.5)
 
-    asyncio.run(run())
+    if not profile:
+        asyncio.run(run())
+        return
+    import cProfile
+
+    profiler = cProfile.Profile()
+    profiler.runcall(asyncio.run, run())
+    profiler.dump_stats(profile)
+
+
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU a process (all its threads) has used so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _pcts(samples: list[float]) -> tuple[float, float]:
@@ -75,7 +90,8 @@ def _pcts(samples: list[float]) -> tuple[float, float]:
     return ordered[len(ordered) // 2] * 1e3, ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))] * 1e3
 
 
-async def _grpc_figures(port: int, md, *, calls: int, seconds: float, concurrency: int, health: bool = False) -> dict:
+async def _grpc_figures(port: int, md, *, calls: int, seconds: float, concurrency: int, health: bool = False,
+                        server_pid: int) -> dict:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         if health:
             from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -101,11 +117,13 @@ async def _grpc_figures(port: int, md, *, calls: int, seconds: float, concurrenc
                 await method(request, metadata=md)
                 done += 1
 
-        start = time.perf_counter()
+        cpu, client_cpu, start = _cpu_seconds(server_pid), time.process_time(), time.perf_counter()
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
+        cpu, client_cpu = _cpu_seconds(server_pid) - cpu, time.process_time() - client_cpu
     p50, p99 = _pcts(lat)
-    return {"p50": p50, "p99": p99, "rps": done / elapsed}
+    return {"p50": p50, "p99": p99, "rps": done / elapsed, "cpu_ms": cpu / done * 1e3,
+            "client_cpu_ms": client_cpu / done * 1e3}
 
 
 def _hvac_figures(url: str, token: str, *, calls: int, seconds: float, concurrency: int) -> dict:
@@ -131,16 +149,20 @@ def _hvac_figures(url: str, token: str, *, calls: int, seconds: float, concurren
             n += 1
         return n
 
-    start = time.perf_counter()
+    cpu, start = time.process_time(), time.perf_counter()
     with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
         done = sum(pool.map(lambda _: worker(), range(concurrency)))
     p50, p99 = _pcts(lat)
-    return {"p50": p50, "p99": p99, "rps": done / (time.perf_counter() - start)}
+    return {"p50": p50, "p99": p99, "rps": done / (time.perf_counter() - start),
+            "cpu_ms": (time.process_time() - cpu) / done * 1e3}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke testing")
+    parser.add_argument("--only", choices=("vault", "local"), help="measure one backend (no ratios printed)")
+    parser.add_argument("--profile", metavar="DIR", help="run each server under cProfile, writing DIR/<backend>.prof "
+                                                         "(slower: for finding hot spots, not for figures)")
     add_json_option(parser)
     args = parser.parse_args()
     calls, seconds, concurrency = (200, 1.0, 16) if args.quick else (1000, 5.0, 32)
@@ -154,34 +176,41 @@ def main() -> None:
     ctx = multiprocessing.get_context("spawn")
     results: dict[str, dict] = {}
     try:
-        for kind in ("vault", "local"):
+        for kind in (args.only,) if args.only else ("vault", "local"):
             queue, stop = ctx.Queue(), ctx.Event()
+            profile = str(Path(args.profile) / f"{kind}.prof") if args.profile else ""
             child = ctx.Process(target=_serve, args=(kind, bao.url, bao.root_token, tokens.key.private_bytes(),
-                                                     tokens.key.kid, queue, stop), daemon=True)
+                                                     tokens.key.kid, queue, stop, profile), daemon=True)
             child.start()
             try:
                 port, vault_token = queue.get(timeout=60)
                 results[kind] = asyncio.run(_grpc_figures(port, md, calls=calls, seconds=seconds,
-                                                          concurrency=concurrency))
+                                                          concurrency=concurrency, server_pid=child.pid))
                 if kind == "vault":
                     results["raw hvac"] = _hvac_figures(bao.url, vault_token, calls=calls, seconds=seconds,
                                                         concurrency=concurrency)
                 else:
                     results["health"] = asyncio.run(_grpc_figures(port, md, calls=calls, seconds=seconds,
-                                                                  concurrency=concurrency, health=True))
+                                                                  concurrency=concurrency, health=True,
+                                                                  server_pid=child.pid))
             finally:
                 stop.set()
-                child.join(10)
+                child.join(30)
     finally:
         bao.close()
+    if args.only:
+        for name, r in results.items():
+            print(f"{name:<22}{r['p50']:>10.3f}{r['p99']:>10.3f}{r['rps']:>12.0f}{r['cpu_ms']:>12.3f}")
+        return
 
     print(f"GetSecret, {calls} sequential calls for latency, {concurrency} concurrent callers for "
           f"{seconds:.0f}s for throughput")
-    print(f"{'path':<22}{'p50 ms':>10}{'p99 ms':>10}{'reads/s':>12}")
+    print(f"{'path':<22}{'p50 ms':>10}{'p99 ms':>10}{'reads/s':>12}{'CPU ms/read':>12}  (server process; raw hvac: "
+          f"the client's)")
     for name, label in (("raw hvac", "raw hvac read"), ("vault", "GetSecret vault"), ("local", "GetSecret local"),
                         ("health", "health Check (floor)")):
         r = results[name]
-        print(f"{label:<22}{r['p50']:>10.3f}{r['p99']:>10.3f}{r['rps']:>12.0f}")
+        print(f"{label:<22}{r['p50']:>10.3f}{r['p99']:>10.3f}{r['rps']:>12.0f}{r['cpu_ms']:>12.3f}")
     ratio = results["vault"]["p50"] / results["raw hvac"]["p50"]
     print(f"\nvault GetSecret p50 / raw hvac p50 = {ratio:.2f}x (target <= 1.5x)")
     floor = results["health"]["p50"] + results["raw hvac"]["p50"]
@@ -193,7 +222,10 @@ def main() -> None:
           f"({results['health']['rps']:.0f}/s for a health Check through the same server)")
     write_json(args.json, {"local_reads_per_s": results["local"]["rps"], "vault_over_hvac_p50_ratio": ratio,
                            "vault_p50_ms": results["vault"]["p50"], "raw_hvac_p50_ms": results["raw hvac"]["p50"],
-                           "health_floor_calls_per_s": results["health"]["rps"]})
+                           "health_floor_calls_per_s": results["health"]["rps"],
+                           "local_server_cpu_ms_per_call": results["local"]["cpu_ms"],
+                           "health_server_cpu_ms_per_call": results["health"]["cpu_ms"],
+                           "vault_server_cpu_ms_per_call": results["vault"]["cpu_ms"]})
 
 
 if __name__ == "__main__":
