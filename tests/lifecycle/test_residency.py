@@ -23,7 +23,8 @@ import hvac
 import pytest
 from google.protobuf import duration_pb2
 from prometheus_client import CollectorRegistry
-from sqlalchemy import text
+from sqlalchemy import make_url, text
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.pool import NullPool
 
@@ -51,6 +52,7 @@ pytestmark = [pytest.mark.slow]
 
 SERVICES = ("credentials", "state", "metering", "inference", "orchestrator")
 REGIONS = ("us", "eu")
+LOCK_WAIT = "20s"
 
 HOME_PLATFORM_TABLES = {
     "metering_tenants": "the registry operators' all-tenant reports walk (tenant id and tier)",
@@ -158,23 +160,41 @@ def region_of_store(store: str) -> str:
     return "other"
 
 
-async def postgres_tables(admin_url: str) -> AsyncIterator[tuple[str, str, list[str]]]:
-    """(database.schema, table, each row as text) of every table of every database on the cluster, as superuser."""
+async def database_names(admin_url: str) -> set[str]:
+    """Every database on the cluster now."""
     admin = create_async_engine(admin_url, poolclass=NullPool)
     try:
         async with admin.connect() as conn:
-            names = (await conn.execute(text("SELECT datname FROM pg_database WHERE NOT datistemplate"))).scalars().all()
+            return set((await conn.execute(text("SELECT datname FROM pg_database WHERE NOT datistemplate"))).scalars())
     finally:
         await admin.dispose()
-    for name in names:
-        engine = create_async_engine(admin.url.set(database=name), poolclass=NullPool)
+
+
+async def postgres_tables(admin_url: str, existing: set[str]) -> AsyncIterator[tuple[str, str, list[str]]]:
+    """(database.schema, table, each row as text) of every table of every database made on the cluster
+    since `existing` was taken (the mesh's own and any it made anywhere), as superuser.
+
+    Other tests' databases are left out: a session one of them leaked may hold a lock there. Each
+    read commits at once (the services are live and may make tables meanwhile) and waits for a lock
+    at most LOCK_WAIT, then fails naming the table and who holds it, never hangs."""
+    for name in sorted(await database_names(admin_url) - existing):
+        engine = create_async_engine(make_url(admin_url).set(database=name), poolclass=NullPool,
+                                     isolation_level="AUTOCOMMIT")
         try:
             async with engine.connect() as conn:
+                await conn.execute(text(f"SET lock_timeout = '{LOCK_WAIT}'"))
                 tables = (await conn.execute(text(
                     "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
                     "AND table_schema NOT IN ('pg_catalog', 'information_schema')"))).all()
                 for schema, table in tables:
-                    rows = (await conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t'))).scalars().all()
+                    try:
+                        rows = (await conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t'))).scalars().all()
+                    except DBAPIError as err:
+                        holders = (await conn.execute(text(
+                            "SELECT a.pid, a.state, a.application_name, left(a.query, 120) FROM pg_locks l "
+                            "JOIN pg_stat_activity a USING (pid) WHERE l.relation = CAST(:t AS regclass) "
+                            "AND l.granted AND a.pid <> pg_backend_pid()"), {"t": f'"{schema}"."{table}"'})).all()
+                        raise AssertionError(f"cannot read {name}.{schema}.{table}: {err.orig}; held by {holders}") from err
                     yield f"{name}.{schema}", table, list(rows)
         finally:
             await engine.dispose()
@@ -294,6 +314,7 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
     vaults = None
     if secrets_backend == "vault":
         vaults = {"us": request.getfixturevalue("openbao"), "eu": request.getfixturevalue("second_openbao")}
+    existing = await database_names(postgres.admin_url) if postgres else set()
     async with FakeAnthropic() as upstream, \
             running_regional_mesh(tmp_path, postgres, upstream.base_url, vaults) as mesh:
         named = {s: mesh.addr(s) for s in ("credentials", "state", "inference", "metering")}
@@ -347,7 +368,7 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
 
             # Residency: a superuser reads every table of every database on the cluster (every file).
             ids = {key: h.tenant_id for key, h in tenants.items()}
-            where = postgres_tables(postgres.admin_url) if postgres else sqlite_tables(tmp_path)
+            where = postgres_tables(postgres.admin_url, existing) if postgres else sqlite_tables(tmp_path)
             hits = await scan(where, list(ids.values()))
             for (region, tier), tenant_id in ids.items():
                 found = hits[tenant_id]
@@ -376,6 +397,7 @@ async def test_deleting_a_tenant_purges_it_in_its_region(tmp_path, request, data
 
     monkeypatch.setattr("services.metering.server.REGISTRY", CollectorRegistry())
     postgres = request.getfixturevalue("postgres") if database == "postgres" else None
+    existing = await database_names(postgres.admin_url) if postgres else set()
     async with FakeAnthropic() as upstream, running_regional_mesh(tmp_path, postgres, upstream.base_url) as mesh:
         await mesh.orchestrator.dispatcher.stop()  # runs stay queued: the purge must cancel them
         mesh.identity.app.deletions.peers.update(addresses(mesh))
@@ -392,7 +414,7 @@ async def test_deleting_a_tenant_purges_it_in_its_region(tmp_path, request, data
                     group[tier] = await mesh.identity.login(created.admin_api_key)
                     await make_victim(mesh, channels, group[tier])
                     await rotating_secret(channels, group[tier])
-            where = (lambda: postgres_tables(postgres.admin_url)) if postgres else (lambda: sqlite_tables(tmp_path))
+            where = (lambda: postgres_tables(postgres.admin_url, existing)) if postgres else (lambda: sqlite_tables(tmp_path))
             ids = [t.tenant_id for t in [*victims.values(), *bystanders.values()]]
             before = await scan(where(), ids)
             assert all(any(h.region == "eu" for h in before[t.tenant_id]) for t in victims.values())
