@@ -121,6 +121,10 @@ async def _role_proxy() -> None:
         import cProfile
         import signal
 
+        if os.environ.get("ANTHROPIC_BASE_URL"):   # loaded on the first call otherwise: keep imports out of the profile
+            import anthropic  # noqa: F401
+
+            from services.inference import sdk_http  # noqa: F401
         profiler = cProfile.Profile()
         profiler.enable()
         loop = asyncio.get_running_loop()

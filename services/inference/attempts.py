@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol
 
+import orjson
+
 from services.inference.budget import Tokens
 from services.inference.usage import UsageEvent
 from shared.tenancy import TenantContext
@@ -229,8 +231,8 @@ def _first_of_each(opens: list[tuple[NewAttempt, asyncio.Future]]
 
 def context_json(ctx: TenantContext, *, trace_id: str, occurred_at: float) -> str:
     """What a recovered event needs besides usage, as the row's context column."""
-    return json.dumps({"p": ctx.principal_id, "a": ctx.agent_id or "", "r": ctx.run_id or "", "t": trace_id,
-                       "tier": ctx.tier or "pooled", "at": occurred_at})
+    return orjson.dumps({"p": ctx.principal_id, "a": ctx.agent_id or "", "r": ctx.run_id or "", "t": trace_id,
+                         "tier": ctx.tier or "pooled", "at": occurred_at}).decode()
 
 
 def recovered_event(row: Sequence[Any]) -> UsageEvent:

@@ -21,6 +21,7 @@
 | BULKHEAD_INFERENCE_REPLICA_ID | host name and port | this replica's name in the attempt journal: a process restarted under the same name settles what its predecessor left at once |
 | BULKHEAD_INFERENCE_ATTEMPT_SWEEP_SECONDS | upstream timeout + 60 | age after which any replica settles another's unsettled attempts (at their reservation when their usage was never written) |
 | BULKHEAD_INFERENCE_WORKERS | 1 | proxy processes serving the one address (SO_REUSEPORT; the kernel spreads connections over them): throughput grows with cores. Each has its own leases, holder name and attempt-journal replica (`<replica id>-w<i>`); only the first serves metrics |
+| BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT | sdk | `sdk`: the anthropic SDK, through its aiohttp transport (`anthropic[aiohttp]`; its httpx one when aiohttp is missing); `sdk-httpx`: the SDK on its httpx stack; `direct`: unary calls on the proxy's own kept-alive HTTP/1.1 pool (opt-in) |
 | BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS | 0.5 | a budget lease with no call in flight for this long goes back to metering |
 """
 from __future__ import annotations
@@ -80,8 +81,10 @@ class InferenceConfig:
     """Processes serving the one address (SO_REUSEPORT when more than one)."""
     upstream_transport: str = "sdk"
     """How unary calls reach the upstream: "sdk" (the official anthropic SDK, the default: its
-    transport, errors and headers are the provider's own) or "direct" (upstream_http.UpstreamPool,
-    measured at about 0.8 ms less CPU per call; opt-in, since it bypasses the SDK)."""
+    requests, errors and headers are the provider's own; sent through the SDK's aiohttp transport,
+    anthropic.DefaultAioHttpClient, when aiohttp is installed), "sdk-httpx" (the SDK on its default
+    httpx stack: about twice the CPU per call) or "direct" (upstream_http.UpstreamPool, less CPU
+    again; opt-in, since it bypasses the SDK)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> InferenceConfig:
@@ -120,9 +123,13 @@ class InferenceConfig:
         )
 
 
+TRANSPORTS = ("sdk", "sdk-httpx", "direct")
+"""The values of BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT."""
+
+
 def _transport(value: str) -> str:
-    if value not in ("sdk", "direct"):
-        raise ValueError(f"BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT must be sdk or direct, not {value!r}")
+    if value not in TRANSPORTS:
+        raise ValueError(f"BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT must be sdk, sdk-httpx or direct, not {value!r}")
     return value
 
 

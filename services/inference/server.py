@@ -60,7 +60,8 @@ def make_provider(config: InferenceConfig) -> Provider:
     if config.provider == OFFLINE:
         return OfflineProvider()
     return AnthropicProvider(base_url=config.anthropic_base_url, timeout=config.upstream_timeout,
-                             direct=config.upstream_transport == "direct")
+                             direct=config.upstream_transport == "direct",
+                             http="httpx" if config.upstream_transport == "sdk-httpx" else "aiohttp")
 
 
 @dataclass

@@ -11,6 +11,7 @@ import sqlite3
 import time
 from collections.abc import Sequence
 
+import orjson
 from sqlalchemy import (
     BigInteger,
     Index,
@@ -293,9 +294,9 @@ async def _open(tx, opens, replica: str) -> list[tuple[int, int]]:
                               [o.reserve.output for o in opens], [o.context for o in opens],
                               [o.created_ms for o in opens])
     else:
-        rows = await tx.fetch(_SQLITE_OPEN, replica, json.dumps(
+        rows = await tx.fetch(_SQLITE_OPEN, replica, orjson.dumps(
             [(o.tenant_id, o.request_id, o.model, o.reserve.input, o.reserve.output, o.context, o.created_ms)
-             for o in opens]))
+             for o in opens]).decode())
     by_key = {(r[0], r[1]): (int(r[2]), int(r[3])) for r in rows}
     return [by_key[(o.tenant_id, o.request_id)] for o in opens]
 

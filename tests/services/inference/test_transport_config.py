@@ -25,5 +25,17 @@ def test_direct_is_opt_in(no_proxy_env):
 
 
 def test_an_unknown_transport_is_refused_naming_the_choices():
-    with pytest.raises(ValueError, match="sdk or direct"):
+    with pytest.raises(ValueError, match="sdk, sdk-httpx or direct"):
         InferenceConfig.from_env({**ENV, "BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT": "curl"})
+
+
+def test_sdk_httpx_keeps_the_sdk_on_its_httpx_stack(no_proxy_env):
+    import anthropic
+    import httpx2
+
+    default = _upstream(make_provider(InferenceConfig.from_env(ENV))).http
+    assert isinstance(default, anthropic.DefaultAioHttpClient)
+    config = InferenceConfig.from_env({**ENV, "BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT": "sdk-httpx"})
+    entry = _upstream(make_provider(config))
+    assert entry.pool is None
+    assert isinstance(entry.http, httpx2.AsyncClient) and not isinstance(entry.http, anthropic.DefaultAioHttpClient)

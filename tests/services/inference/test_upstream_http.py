@@ -10,7 +10,11 @@ import pytest
 
 from services.inference import providers
 from services.inference.providers import AnthropicProvider, Target
-from services.inference.upstream_http import ProbedTransport, _readable, make_http_client
+from services.inference.upstream_http import (
+    ProbedTransport,
+    _readable,
+    make_http_client,
+)
 from shared.testing.fake_anthropic import FakeAnthropic
 
 from .helpers import PINNED, PLATFORM_KEY
@@ -91,16 +95,60 @@ async def test_provider_builds_one_probed_client_per_key(monkeypatch, no_proxy_e
     """Each provider key gets its own SDK client with its own probed HTTP client; a key's client is reused."""
     made: list[httpx2.AsyncClient | None] = []
 
-    def spy(*, timeout: float) -> httpx2.AsyncClient | None:
-        made.append(make_http_client(timeout=timeout))
+    def spy(*, timeout: float, transport: str) -> httpx2.AsyncClient | None:
+        made.append(make_http_client(timeout=timeout, transport=transport))
         return made[-1]
 
     monkeypatch.setattr(providers, "make_http_client", spy)
     async with FakeAnthropic() as fake:
-        provider = AnthropicProvider(base_url=fake.base_url, timeout=5.0)
+        provider = AnthropicProvider(base_url=fake.base_url, timeout=5.0, http="httpx")
         body = {"model": PINNED, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
         for key in ("sk-a", "sk-b", "sk-a"):
             assert (await provider.create(body, Target(api_key=key)))["type"] == "message"
         await provider.close()
     assert len(made) == 2 and all(isinstance(c, httpx2.AsyncClient) for c in made)
+    assert all(isinstance(c._transport, ProbedTransport) for c in made)
     assert [c.api_key for c in fake.usage_log] == ["sk-a", "sk-b", "sk-a"]
+
+
+async def test_the_default_transport_is_the_sdks_aiohttp_one(no_proxy_env):
+    """By default the SDK sends through its own aiohttp transport (anthropic.DefaultAioHttpClient): unary
+    calls, streams and token counts all work through it, one kept-alive connection reused."""
+    async with FakeAnthropic() as fake:
+        provider = AnthropicProvider(base_url=fake.base_url, timeout=5.0)
+        target = Target(api_key=PLATFORM_KEY)
+        body = {"model": PINNED, "max_tokens": 20, "messages": [{"role": "user", "content": "hello there"}]}
+        for _ in range(2):
+            assert (await provider.create(body, target))["content"][0]["text"]
+        events = [e["type"] async for e in provider.stream(body, target)]
+        assert events[0] == "message_start" and events[-1] == "message_stop"
+        assert await provider.count_tokens(body, target) == 2
+        http = provider._upstream(target).http
+        assert isinstance(http, anthropic.DefaultAioHttpClient)
+        session = http._transport.client
+        await provider.close()
+    assert session.closed
+    assert [c.api_key for c in fake.usage_log] == [PLATFORM_KEY] * 3
+
+
+async def test_an_evicted_client_closes_once_its_last_call_ended(no_proxy_env):
+    """A key's client pushed out of the provider's bounded set keeps serving the call that uses it and is
+    closed when that call ends (an aiohttp session must be closed, not collected)."""
+    async with FakeAnthropic(delay=0.3) as fake:
+        provider = AnthropicProvider(base_url=fake.base_url, timeout=5.0, max_clients=1)
+        body = {"model": PINNED, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+        slow = asyncio.create_task(provider.create(body, Target(api_key="sk-a")))
+        await asyncio.sleep(0.1)
+        first = provider._upstream(Target(api_key="sk-a"))
+        assert first.in_flight == 1
+        other = asyncio.create_task(provider.create(body, Target(api_key="sk-b")))   # evicts sk-a's entry
+        await asyncio.sleep(0.05)
+        assert first.evicted and not first.http.is_closed and not slow.done()
+        assert (await slow)["type"] == "message"                  # the call it carried finished
+        assert (await other)["type"] == "message"
+        for _ in range(50):
+            if first.http.is_closed:
+                break
+            await asyncio.sleep(0.01)
+        assert first.http.is_closed
+        await provider.close()
