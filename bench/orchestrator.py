@@ -47,8 +47,8 @@ STEPS_PER_RUN = 7
 class ThreeStepUpstream(FakeAnthropic):
     """Instant replies that ask for read_context twice, then answer: the same for every run, at any concurrency."""
 
-    def _build_message(self, body: dict[str, Any]) -> dict[str, Any]:
-        message = super()._build_message(body)
+    def _build_message(self, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
+        message = super()._build_message(body, api_key)
         turns = sum(1 for m in body["messages"] if m["role"] == "assistant")
         if turns < 2:
             message["content"] = [{"type": "tool_use", "id": f"toolu_{turns}", "name": "read_context",

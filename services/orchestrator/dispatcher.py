@@ -173,7 +173,7 @@ class Dispatcher:
         try:
             with tenant_scope(ctx):
                 try:
-                    run = await self._runs.get(claim.run_id)
+                    run, fresh = await self._runs.begin(claim.run_id)  # RUNNING now, in one transaction
                 except NotFound:  # an entry left without its run (a crash while queueing): never runnable
                     log.warning("queued run not found", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
                     await self._runs.drop(claim.run_id)
@@ -181,8 +181,6 @@ class Dispatcher:
                 if run.status.terminal:
                     await self._runs.drop(claim.run_id)
                     return
-                if run.status != RunStatus.RUNNING:
-                    await self._runs.update(claim.run_id, status=RunStatus.RUNNING)
                 me = asyncio.current_task()
                 heartbeat = asyncio.create_task(self._heartbeat(claim.run_id, me, heartbeat_stop))
                 job = RunJob(run_id=run.run_id, tenant_id=claim.tenant_id, team=run.team_spec,
@@ -190,7 +188,7 @@ class Dispatcher:
                 recorder = _Recorder(self._runs, self._feed, run)
                 trace_token = attach_traceparent(claim.traceparent)  # the run continues StartRun's trace
                 try:
-                    await self._engine.execute(job, self._ports_for(),
+                    await self._engine.execute(job, self._ports_for(), fresh=fresh,
                                                cancelled=lambda: claim.run_id in self._cancel,
                                                suspended=lambda: self._suspended(claim.tenant_id),
                                                on_step=recorder.put, on_load=self._syncer(claim.run_id))
@@ -283,6 +281,8 @@ class _Recorder:
     def __init__(self, runs: RunStore, feed: StepFeed, run: RunRecord, *, batch_window: float = 0.05):
         self._runs, self._feed, self._run, self._window = runs, feed, run, batch_window
         self._pending: list[tuple[Step, str]] = []
+        self._last_at: float | None = None
+        """When the last step recorded by this recorder was made (the next batch's first latency)."""
         self._wake = asyncio.Event()
         self._closing = False
         self._lock = asyncio.Lock()
@@ -323,9 +323,12 @@ class _Recorder:
             if not batch and finished is None:
                 return None
             try:
-                return await self._runs.record_steps(self._run.run_id, [b[0] for b in batch],
-                                                     current_agent=batch[-1][1] if batch else self._run.current_agent,
-                                                     finished=finished)
+                run = await self._runs.record_steps(self._run.run_id, [b[0] for b in batch],
+                                                    current_agent=batch[-1][1] if batch else self._run.current_agent,
+                                                    finished=finished, previous_at=self._last_at)
+                if batch:
+                    self._last_at = batch[-1][0].created_at
+                return run
             except Exception:  # noqa: BLE001 - state has the steps; the next execution catches up
                 log.exception("recording steps failed", extra={"run_id": self._run.run_id})
                 return None

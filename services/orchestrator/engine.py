@@ -91,18 +91,20 @@ class Engine:
     def __init__(self, *, canary_key: bytes, limits: Limits = Limits()):
         self._canary_key, self._limits = canary_key, limits
 
-    async def execute(self, job: RunJob, ports: Ports, *, cancelled: Callable[[], bool] = lambda: False,
+    async def execute(self, job: RunJob, ports: Ports, *, fresh: bool = False,
+                      cancelled: Callable[[], bool] = lambda: False,
                       suspended: Callable[[], bool] = lambda: False,
                       on_step: OnStep | None = None, on_load: OnLoad | None = None) -> RunView:
         """Run job from wherever its log ends until it finishes; returns the final view.
 
+        fresh: the run never executed before, so its log is empty and is not read.
         Raises StepConflict when another executor wrote to the log (this one lost the lease), and
         TenantSuspended before a step when the tenant is suspended (nothing of that step was done).
         """
         ex = _Execution(self, job, ports, on_step)
         attrs = {"tenant.id": job.tenant_id, "run.id": job.run_id, "team": job.team.name}
         with _tracer.start_as_current_span("orchestrator.run", attributes=attrs):
-            await ex.load(on_load)
+            await ex.load(on_load, fresh)
             while ex.view.finished is None:
                 # One span per step: ids and kinds only, never content (it may be sensitive).
                 with _tracer.start_as_current_span("orchestrator.step", attributes={
@@ -136,9 +138,20 @@ class _Execution:
     def __init__(self, engine: Engine, job: RunJob, ports: Ports, on_step: OnStep | None):
         self.e, self.job, self.p, self.on_step = engine, job, ports, on_step
         self.view = RunView()
+        self.marker = marker_for(job.tenant_id, engine._canary_key)
+        self._prompts: dict[str, tuple[str, list[dict[str, Any]]]] = {}
+        """Per agent: its system prompt and tool definitions, made once per run (they never change in one)."""
 
-    async def load(self, on_load: OnLoad | None) -> None:
-        steps = await self.p.log.read(self.job.run_id)
+    def prompt(self, agent: AgentSpec) -> tuple[str, list[dict[str, Any]]]:
+        """The agent's system prompt and tool definitions for this run."""
+        made = self._prompts.get(agent.name)
+        if made is None:
+            made = self._prompts[agent.name] = (self.e.system_prompt(self.job.tenant_id, self.job.team, agent),
+                                                self.tool_definitions(agent))
+        return made
+
+    async def load(self, on_load: OnLoad | None, fresh: bool = False) -> None:
+        steps = [] if fresh else await self.p.log.read(self.job.run_id)
         self.view = replay(steps)
         if on_load is not None and steps:
             await on_load(steps, self.view)
@@ -192,7 +205,7 @@ class _Execution:
         text = "".join(b.get("text", "") for b in reply.content if b.get("type") == "text")
         foreign = foreign_markers(text + json.dumps([b.get("input") for b in reply.content
                                                       if b.get("type") == "tool_use"]),
-                                  marker_for(self.job.tenant_id, self.e._canary_key))
+                                  self.marker)
         if foreign:
             log.warning("agent output blocked", extra={"tenant_id": self.job.tenant_id, "run_id": self.job.run_id,
                                                        "agent": agent.name, "outcome": "output_blocked"})
@@ -211,11 +224,11 @@ class _Execution:
 
     async def call_model(self, agent: AgentSpec, request_id: str) -> ModelReply:
         attempt = 0
+        system, tools = self.prompt(agent)
         while True:
             try:
                 return await self.p.model.create_message(
-                    model=agent.model, system=self.e.system_prompt(self.job.tenant_id, self.job.team, agent),
-                    messages=self.view.messages, tools=self.tool_definitions(agent),
+                    model=agent.model, system=system, messages=self.view.messages, tools=tools,
                     max_tokens=agent.max_tokens or self.e._limits.max_tokens, request_id=request_id,
                     agent=agent.name, run_id=self.job.run_id)
             except Unavailable:

@@ -110,19 +110,29 @@ class Orchestrator:
             v["idempotency_key"] = "at most 128 characters"
         if v:
             raise InvalidArgument("invalid run request", violations=v)
-        spec = (await self._teams.get(team)).spec
-        entry = entry_agent or spec.agents[0].name
-        if spec.agent(entry) is None:
-            raise InvalidArgument(f"team {team!r} has no agent {entry!r}", reason="UNKNOWN_AGENT",
-                                  violations={"entry_agent": "not an agent of this team"})
         ctx = require_tenant()
         run_id = new_run_id()
-        scopes = list(RUN_SCOPES)
-        if idempotency_key:
+        # Without an idempotency key the delegation (a round trip to identity) overlaps reading the
+        # team; it is dropped if the team or its entry agent turns out not to exist. With one, a
+        # retry must find its run before anything is delegated.
+        delegation = None if idempotency_key else asyncio.ensure_future(self._delegate(run_id))
+        try:
+            spec = (await self._teams.get(team)).spec
+            entry = entry_agent or spec.agents[0].name
+            if spec.agent(entry) is None:
+                raise InvalidArgument(f"team {team!r} has no agent {entry!r}", reason="UNKNOWN_AGENT",
+                                      violations={"entry_agent": "not an agent of this team"})
+        except BaseException:
+            if delegation is not None:
+                delegation.cancel()
+                await asyncio.gather(delegation, return_exceptions=True)
+            raise
+        if delegation is None:
             existing = await self._runs.by_idempotency_key(idempotency_key)
             if existing is not None:
                 return existing
-        token = await self._delegator.delegate(scopes=scopes, run_id=run_id, ttl=self._ttl)
+            delegation = asyncio.ensure_future(self._delegate(run_id))
+        token = await delegation
         run, _ = await self._runs.create(team=spec, entry_agent=entry, run_input=run_input,
                                          idempotency_key=idempotency_key, tenant_id=ctx.tenant_id,
                                          principal_id=ctx.principal_id, tier=ctx.tier,
@@ -130,6 +140,9 @@ class Orchestrator:
                                          traceparent=current_traceparent())
         self._dispatcher.wake()
         return run
+
+    async def _delegate(self, run_id: str) -> str:
+        return await self._delegator.delegate(scopes=list(RUN_SCOPES), run_id=run_id, ttl=self._ttl)
 
     async def get_run(self, run_id: str) -> RunRecord:
         """One run."""
@@ -162,15 +175,12 @@ class Orchestrator:
         if after_step < 0:
             raise InvalidArgument("after_step must not be negative", violations={"after_step": "must be >= 0"})
         with self._feed.subscribe(run_id) as live:
-            await self._runs.get(run_id)  # NotFound for another tenant's run, before anything is streamed
             while True:
-                # Catch up from the database (steps recorded by any replica) ...
-                steps = await self._runs.steps(run_id, after_step)
-                run = await self._runs.get(run_id)
-                # A run turns terminal in the same transaction as its last step, so after a
-                # terminal read, one more read of the steps is complete.
-                if run.status.terminal:
-                    steps += await self._runs.steps(run_id, steps[-1].index if steps else after_step)
+                # Catch up from the database (steps recorded by any replica): NotFound for another
+                # tenant's run, before anything is streamed. A run turns terminal in the same
+                # transaction as its last step, and the snapshot reads the run before the steps, so
+                # after a terminal read the steps are complete.
+                run, steps = await self._runs.snapshot(run_id, after_step)
                 for step in steps:
                     yield step, run
                     after_step = step.index

@@ -21,6 +21,7 @@ from services.orchestrator.ratelimit import RateLimiter
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.stats import RunStats
 from services.orchestrator.store import OrchestratorBase, RunStore, TeamStore
+from services.orchestrator.wakeups import QueueListener
 from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
@@ -59,6 +60,8 @@ class OrchestratorService:
     channels: list[grpc.aio.Channel] = field(default_factory=list)
     retention: RetentionSweeper | None = None
     """Prunes configuration audit events past each tenant's retention (shared.retention)."""
+    listener: QueueListener | None = None
+    """Wakes the dispatcher when another replica changes the queue (Postgres LISTEN/NOTIFY)."""
 
     @property
     def address(self) -> str:
@@ -72,6 +75,8 @@ class OrchestratorService:
 
     async def close(self) -> None:
         """Stop dispatching and close clients and the database (after the server stopped)."""
+        if self.listener is not None:
+            await self.listener.stop()
         await self.dispatcher.stop()
         if self.retention is not None:
             await self.retention.stop()
@@ -123,9 +128,11 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
                           verifier=verifier,
                           address=address or svc.address, page_key=await load_page_key(db, "orchestrator"))
     dispatcher.start()
+    listener = QueueListener(db.engine, dispatcher.wake)
+    listener.start()
     retention = retention_sweeper("orchestrator", svc, [audit.prune], identity=peers.identity)
     retention.start(interval=sweep_interval(svc.env))
-    return OrchestratorService(running, db, dispatcher, http, channels, retention)
+    return OrchestratorService(running, db, dispatcher, http, channels, retention, listener)
 
 
 def _canary_key(config: OrchestratorConfig) -> bytes:

@@ -9,6 +9,7 @@ file or database of its own for bridge and silo), where no dispatcher would ever
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import secrets
 import time
@@ -26,10 +27,13 @@ from services.orchestrator.runs import RunStatus, check_transition
 from services.orchestrator.scheduler import QueuedRun
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.team import TeamSpec
+from services.orchestrator.wakeups import NOTIFY_SQL
 from shared import paging
 from shared.db import Base, Database, TenantOwned
+from shared.db.raw import raw_transaction
 from shared.errors import Aborted, AlreadyExists, NotFound, clip
 from shared.paging import Page
+from shared.tenancy import require_tenant
 
 
 class OrchestratorBase(Base):
@@ -176,6 +180,22 @@ def _run(row: RunRow) -> RunRecord:
                      row.step_count, row.idempotency_key or "", row.created_at, row.updated_at, row.trace_id or "")
 
 
+_RUN_COLUMNS = ("run_id, team, team_spec, entry_agent, input, status, current_agent, output, error_reason, "
+                "error_message, step_count, idempotency_key, created_at, updated_at, trace_id")
+"""orch_runs' columns in RunRecord's order, for the raw hot paths."""
+
+
+def _run_raw(r: Any) -> RunRecord:
+    return RunRecord(r[0], r[1], TeamSpec.from_dict(json.loads(r[2])), r[3], r[4], RunStatus(r[5]), r[6], r[7] or "",
+                     r[8] or "", r[9] or "", r[10] or 0, r[11] or "", r[12], r[13], r[14] or "")
+
+
+async def _notify(tx: Any) -> None:
+    """Tell every replica listening (Postgres) that the queue changed, when this transaction commits."""
+    if tx.dialect == "postgresql":
+        await tx.execute(NOTIFY_SQL)
+
+
 def trace_id_of(traceparent: str) -> str:
     """The trace id of a W3C traceparent ("00-<32 hex>-<16 hex>-<2 hex>"), "" when it is not one."""
     parts = traceparent.split("-")
@@ -220,11 +240,12 @@ class TeamStore:
 
     async def get(self, name: str) -> TeamRecord:
         """The team called name; NotFound otherwise (also for other tenants' teams)."""
-        async with self._db.session() as s:
-            row = (await s.execute(select(TeamRow).where(TeamRow.name == name))).scalar_one_or_none()
-            if row is None:
-                raise NotFound(f"team {clip(repr(name), 100)} not found", reason="TEAM_NOT_FOUND")
-            return _team(row)
+        async with self._db.raw() as tx:  # every StartRun reads its team: no ORM on this path
+            row = await tx.fetchrow("SELECT spec, etag, created_at, updated_at FROM orch_teams "
+                                    "WHERE tenant_id = $1 AND name = $2", require_tenant().tenant_id, name)
+        if row is None:
+            raise NotFound(f"team {clip(repr(name), 100)} not found", reason="TEAM_NOT_FOUND")
+        return TeamRecord(TeamSpec.from_dict(json.loads(row[0])), row[1], row[2], row[3])
 
     async def list(self, page_size: int, page_token: str) -> Page:
         """Teams in name order, one page."""
@@ -286,17 +307,20 @@ class RunStore:
                 return await self._requeued(existing, entry), False
         now = time.time()
         run_id = run_id or new_run_id()
-        row = RunRow(run_id=run_id, team=team.name, team_spec=json.dumps(team.to_dict()), entry_agent=entry_agent,
-                     input=run_input, status=RunStatus.QUEUED.value, current_agent=entry_agent, output="",
-                     error_reason="", error_message="", step_count=0, idempotency_key=idempotency_key or None,
-                     created_at=now, updated_at=now, trace_id=trace_id_of(traceparent))
-        try:
-            async with self._db.session() as s:
-                s.add(row)
-        except IntegrityError:
+        run = RunRecord(run_id, team.name, team, entry_agent, run_input, RunStatus.QUEUED, entry_agent, "", "", "", 0,
+                        idempotency_key, now, now, trace_id_of(traceparent))
+        # Raw statements (StartRun's path); the idempotency key's unique index settles a race with a retry.
+        async with self._db.raw(write=True) as tx:
+            inserted = await tx.execute(
+                f"INSERT INTO orch_runs ({_RUN_COLUMNS}, tenant_id) VALUES "
+                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) "
+                "ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+                run_id, team.name, json.dumps(team.to_dict()), entry_agent, run_input, RunStatus.QUEUED.value,
+                entry_agent, "", "", "", 0, idempotency_key or None, now, now, run.trace_id, tenant_id)
+        if inserted != 1:
             existing = await self._by_key(idempotency_key) if idempotency_key else None
             if existing is None:
-                raise
+                raise AlreadyExists(f"run {run_id!r} already exists", reason="RUN_EXISTS")
             return await self._requeued(existing, entry), False
         try:
             await self._enqueue(run_id, now, entry)
@@ -306,20 +330,22 @@ class RunStore:
             # Unqueued, the run would wait forever: end it so the caller's retry starts afresh.
             await self._unqueueable(run_id)
             raise
-        return _run(row), True
+        return run, True
 
     async def _enqueue(self, run_id: str, now: float, entry: dict[str, Any]) -> None:
-        async with self._db.system_session() as s:
-            if await s.get(QueueRow, run_id) is None:
-                s.add(QueueRow(run_id=run_id, state="queued", enqueued_at=now, lease_owner=None, lease_expires=0.0,
-                               cancel_requested=False, **entry))
+        """Queue a run unless it is queued already (a concurrent retry queued it first)."""
+        async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            await tx.execute(
+                "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
+                "lease_expires, cancel_requested, \"grant\", traceparent) "
+                "VALUES ($1, $2, $3, $4, 'queued', $5, NULL, 0.0, $6, $7, $8) ON CONFLICT (run_id) DO NOTHING",
+                run_id, entry["tenant_id"], entry["principal_id"], entry["tier"], now, False, entry["grant"],
+                entry["traceparent"])
+            await _notify(tx)
 
     async def _requeued(self, run: RunRecord, entry: dict[str, Any]) -> RunRecord:
         if run.status == RunStatus.QUEUED:
-            try:
-                await self._enqueue(run.run_id, run.created_at, entry)
-            except IntegrityError:
-                pass  # a concurrent retry queued it
+            await self._enqueue(run.run_id, run.created_at, entry)
         return run
 
     async def _unqueueable(self, run_id: str) -> None:
@@ -383,50 +409,87 @@ class RunStore:
             await self.drop(run_id)
         return run
 
+    async def begin(self, run_id: str) -> tuple[RunRecord, bool]:
+        """Mark a claimed run RUNNING, in one transaction; (run, fresh). fresh: it was still QUEUED, so it never
+        executed and its log in state is empty (nothing sets a run back to QUEUED). A finished run is returned
+        as it is. NotFound when there is no such run of the current tenant."""
+        tid = require_tenant().tenant_id
+        async with self._db.raw(write=True) as tx:
+            row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
+                                    run_id, tid)
+            if row is None:
+                raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
+            run = _run_raw(row)
+            if run.status.terminal or run.status == RunStatus.RUNNING:
+                return run, False
+            now = time.time()
+            await tx.execute("UPDATE orch_runs SET status = $3, updated_at = $4 WHERE run_id = $1 AND tenant_id = $2",
+                             run_id, tid, RunStatus.RUNNING.value, now)
+        return dataclasses.replace(run, status=RunStatus.RUNNING, updated_at=now), True
+
     async def record_steps(self, run_id: str, steps: list[Step], *, current_agent: str,
-                           finished: Finished | None, skip_existing: bool = False) -> RunRecord:
+                           finished: Finished | None, skip_existing: bool = False,
+                           previous_at: float | None = None) -> RunRecord:
         """Keep steps (already durable in state) and the run's progress, in one transaction.
 
         skip_existing is for catching up after a crash, when some of the steps may be here already.
+        previous_at: when the step before the batch was made, if the caller knows (saves a read).
         A finished run then leaves the queue (a leftover entry is dropped when next claimed).
+        One raw transaction (this is every step's path): the run's row, the steps, the new progress.
         """
-        async with self._db.session() as s:
-            row = await s.get(RunRow, run_id)
+        tid = require_tenant().tenant_id
+        async with self._db.raw(write=True) as tx:
+            row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
+                                    run_id, tid)
             if row is None:
                 raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
-            have: set[int] = set()
-            if skip_existing:
-                have = set((await s.execute(select(StepRow.idx).where(StepRow.run_id == run_id))).scalars())
-            times = await self._times_before(s, run_id, steps)
+            run = _run_raw(row)
+            times: dict[int, float] = {}
+            if steps and steps[0].index > 1:
+                prev = steps[0].index - 1
+                if previous_at is None:
+                    previous_at = await tx.fetchval(
+                        "SELECT created_at FROM orch_steps WHERE run_id = $1 AND tenant_id = $2 AND idx = $3",
+                        run_id, tid, prev)
+                if previous_at:
+                    times[prev] = previous_at
+            values = []
             for step in steps:
+                latency = step_latency_ms(step, times.get(step.index - 1))
                 times[step.index] = step.created_at
-                if step.index not in have:
-                    latency = step_latency_ms(step, times.get(step.index - 1))
-                    s.add(StepRow(run_id=run_id, idx=step.index, payload=step.to_json().decode(), agent=step.agent,
-                                  created_at=step.created_at, latency_ms=latency))
+                values.append((run_id, tid, step.index, step.to_json().decode(), step.agent, step.created_at, latency))
+            conflict = " ON CONFLICT (run_id, idx) DO NOTHING" if skip_existing else ""
+            await tx.executemany("INSERT INTO orch_steps (run_id, tenant_id, idx, payload, agent, created_at, latency_ms)"
+                                 f" VALUES ($1, $2, $3, $4, $5, $6, $7){conflict}", values)
+            changes: dict[str, Any] = {"current_agent": current_agent, "updated_at": time.time()}
             if steps:
-                row.step_count = max(row.step_count, steps[-1].index)
-            row.current_agent = current_agent
-            if finished is not None and not RunStatus(row.status).terminal:
+                changes["step_count"] = max(run.step_count, steps[-1].index)
+            if finished is not None and not run.status.terminal:
                 status = RunStatus(finished.status)
-                check_transition(RunStatus(row.status), status)
-                row.status, row.output = status.value, finished.output
-                row.error_reason, row.error_message = finished.reason, finished.message
-            row.updated_at = time.time()
-            run = _run(row)
+                check_transition(run.status, status)
+                changes.update(status=status, output=finished.output, error_reason=finished.reason,
+                               error_message=finished.message)
+            names = list(changes)
+            await tx.execute(f"UPDATE orch_runs SET {', '.join(f'{n} = ${i + 3}' for i, n in enumerate(names))} "
+                             "WHERE run_id = $1 AND tenant_id = $2",
+                             run_id, tid, *(v.value if isinstance(v, RunStatus) else v for v in changes.values()))
+            run = dataclasses.replace(run, **changes)
         if finished is not None and run.status.terminal:
             await self.drop(run_id)
         return run
 
-    @staticmethod
-    async def _times_before(s: Any, run_id: str, steps: list[Step]) -> dict[int, float]:
-        """{index: created_at} of the stored step just before the batch, for the first one's latency."""
-        if not steps or steps[0].index <= 1:
-            return {}
-        prev = steps[0].index - 1
-        at = (await s.execute(select(StepRow.created_at).where(StepRow.run_id == run_id, StepRow.idx == prev)))
-        value = at.scalar_one_or_none()
-        return {prev: value} if value else {}
+    async def snapshot(self, run_id: str, after: int = 0) -> tuple[RunRecord, list[Step]]:
+        """The run and its recorded steps with index > after, in one transaction (the run read first: when
+        it is finished, the steps read after it are complete). NotFound for a run not the tenant's."""
+        tid = require_tenant().tenant_id
+        async with self._db.raw() as tx:
+            row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
+                                    run_id, tid)
+            if row is None:
+                raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
+            rows = await tx.fetch("SELECT payload FROM orch_steps WHERE run_id = $1 AND tenant_id = $2 AND idx > $3 "
+                                  "ORDER BY idx", run_id, tid, after)
+        return _run_raw(row), [Step.from_json(r[0]) for r in rows]
 
     async def steps(self, run_id: str, after: int = 0) -> list[Step]:
         """Recorded steps of a run with index > after (the run must be the tenant's)."""
@@ -458,9 +521,8 @@ class RunStore:
 
     async def waiting(self, now: float) -> tuple[list[QueuedRun], Counter[str]]:
         """Runs waiting for a slot (queued, or running under an expired lease) and live leases per tenant."""
-        async with self._db.system_session() as s:
-            rows = list((await s.execute(select(QueueRow.run_id, QueueRow.tenant_id, QueueRow.state,
-                                                QueueRow.enqueued_at, QueueRow.lease_expires))).all())
+        async with raw_transaction(self._db.engine, tenant_id=None) as tx:
+            rows = await tx.fetch("SELECT run_id, tenant_id, state, enqueued_at, lease_expires FROM orch_run_queue")
         running: Counter[str] = Counter()
         waiting: list[QueuedRun] = []
         for run_id, tenant_id, state, enqueued_at, expires in rows:
@@ -472,28 +534,27 @@ class RunStore:
 
     async def place(self, run_id: str, tenant_id: str, now: float) -> QueuePlace | None:
         """Where a run of tenant_id waits; None when it is not waiting. Reads that tenant's entries only."""
-        async with self._db.system_session() as s:
-            rows = (await s.execute(select(QueueRow.run_id, QueueRow.state, QueueRow.enqueued_at,
-                                           QueueRow.lease_expires).where(QueueRow.tenant_id == tenant_id))).all()
-        live = [r for r in rows if r.state == "running" and r.lease_expires > now]
-        waiting = sorted((r for r in rows if r not in live), key=lambda r: (r.enqueued_at, r.run_id))
-        ids = [r.run_id for r in waiting]
+        async with raw_transaction(self._db.engine, tenant_id=None) as tx:
+            rows = await tx.fetch("SELECT run_id, state, enqueued_at, lease_expires FROM orch_run_queue "
+                                  "WHERE tenant_id = $1", tenant_id)
+        live = [r for r in rows if r[1] == "running" and r[3] > now]
+        waiting = sorted((r for r in rows if not (r[1] == "running" and r[3] > now)), key=lambda r: (r[2], r[0]))
+        ids = [r[0] for r in waiting]
         if run_id not in ids:
             return None
         return QueuePlace(position=ids.index(run_id) + 1, running=len(live))
 
     async def claim(self, run_id: str, owner: str, *, ttl: float, now: float) -> Claim | None:
-        """Take the lease of a waiting run; None when another replica got it first."""
-        async with self._db.system_session() as s:
-            result = await s.execute(
-                update(QueueRow).where(QueueRow.run_id == run_id)
-                .where((QueueRow.state == "queued") | (QueueRow.lease_expires <= now))
-                .values(state="running", lease_owner=owner, lease_expires=now + ttl))
-            if result.rowcount != 1:
-                return None
-            row = await s.get(QueueRow, run_id)
-            return Claim(row.run_id, row.tenant_id, row.principal_id, row.tier, row.grant, row.cancel_requested,
-                         row.traceparent or "")
+        """Take the lease of a waiting run; None when another replica got it first (one statement)."""
+        async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            row = await tx.fetchrow(
+                "UPDATE orch_run_queue SET state = 'running', lease_owner = $2, lease_expires = $3 "
+                "WHERE run_id = $1 AND (state = 'queued' OR lease_expires <= $4) "
+                "RETURNING run_id, tenant_id, principal_id, tier, \"grant\", cancel_requested, traceparent",
+                run_id, owner, now + ttl, now)
+        if row is None:
+            return None
+        return Claim(row[0], row[1], row[2], row[3], bytes(row[4]), bool(row[5]), row[6] or "")
 
     async def renew(self, run_id: str, owner: str, *, ttl: float, now: float) -> str:
         """Extend our lease: "ok", "cancel" (ours, but cancel was asked), "gone" (the run finished)
@@ -512,11 +573,13 @@ class RunStore:
 
     async def release(self, run_id: str, owner: str) -> None:
         """Give a lease back without finishing (shutdown): the run waits for the next claim."""
-        async with self._db.system_session() as s:
-            await s.execute(update(QueueRow).where(QueueRow.run_id == run_id, QueueRow.lease_owner == owner)
-                            .values(state="queued", lease_owner=None, lease_expires=0.0))
+        async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            await tx.execute("UPDATE orch_run_queue SET state = 'queued', lease_owner = NULL, lease_expires = 0.0 "
+                             "WHERE run_id = $1 AND lease_owner = $2", run_id, owner)
+            await _notify(tx)
 
     async def drop(self, run_id: str) -> None:
         """Remove a queue entry whose run can no longer be executed."""
-        async with self._db.system_session() as s:
-            await s.execute(QueueRow.__table__.delete().where(QueueRow.run_id == run_id))
+        async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            if await tx.execute("DELETE FROM orch_run_queue WHERE run_id = $1", run_id):
+                await _notify(tx)  # a slot of its tenant is free: another replica may start a waiting run

@@ -106,14 +106,17 @@ async def running_mesh(data_dir: Path, *, with_inference: bool = True, upstream_
         yield mesh
 
 
-async def start_orchestrator_in(mesh: Mesh, stack: contextlib.AsyncExitStack, **overrides: str) -> Any:
-    """Start (another) orchestrator replica in this process on port 0."""
+async def start_orchestrator_in(mesh: Mesh, stack: contextlib.AsyncExitStack, *, poll_seconds: float = 0.2,
+                                **overrides: str) -> Any:
+    """Start (another) orchestrator replica in this process on port 0 (its dispatcher and WatchRun poll every
+    poll_seconds)."""
     from services.orchestrator.config import OrchestratorConfig
     from services.orchestrator.server import start
 
     env = {"BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "3", "BULKHEAD_ORCHESTRATOR_CANARY_KEY": "ab" * 32,
            **mesh.env, **overrides}
-    orch = await start(OrchestratorConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0", poll_seconds=0.2)
+    orch = await start(OrchestratorConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0",
+                       poll_seconds=poll_seconds)
     stack.push_async_callback(orch.stop, 0)
     channel = grpc.aio.insecure_channel(orch.address)
     mesh.channels.append(channel)
