@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select
 
 from services.credentials import store
+from services.credentials.sqlite_inline import Busy, InlineSqlite
 from services.credentials.sqlite_writer import SqliteWriter
 from shared import audit_chain, errors
 from shared.config_audit import Anchor
@@ -68,9 +69,11 @@ class AuditLog:
         self._db = db
         self._key = chain_key
         self._sqlite = SqliteWriter()
+        self._inline = InlineSqlite()
         self._heads: dict[str, tuple[int, str]] = {}
         self._pending: dict[str, list[tuple[dict, asyncio.Future]]] = {}
         self._writers: dict[str, asyncio.Task] = {}
+        self._paths: dict[object, str] = {}  # SQLite engine -> its file
 
     @contextlib.asynccontextmanager
     async def audited(self, action: str, secret_name: str = "") -> AsyncIterator[AuditNote]:
@@ -124,10 +127,15 @@ class AuditLog:
         if ctx.tenant_id not in self._writers:
             # The task copies this context, so its sessions are bound to the same tenant.
             self._writers[ctx.tenant_id] = asyncio.ensure_future(self._drain(ctx.tenant_id))
-        await asyncio.shield(done)
+        # Not shielded: a caller cancelled while waiting cancels only its wait; the writer still
+        # commits its event (it skips futures already done).
+        await done
 
     async def _drain(self, tenant_id: str) -> None:
         try:
+            # One more turn of the loop before taking the first batch: the calls that arrived in the
+            # same turn as this one add their events, and the lot shares one commit.
+            await asyncio.sleep(0)
             while self._pending.get(tenant_id):
                 batch = self._pending.pop(tenant_id)
                 try:
@@ -144,14 +152,21 @@ class AuditLog:
             self._writers.pop(tenant_id, None)
 
     async def _append(self, tenant_id: str, batch: list[dict]) -> None:
-        """Insert a batch after the chain head in one transaction (optimistic on the head)."""
+        """Insert a batch after the chain head in one transaction (optimistic on the head).
+
+        On SQLite the transaction runs on the loop's own thread when the file's write lock is free
+        (sqlite_inline: no thread hop), else on the writer thread, which waits for the lock."""
         for _ in range(5):  # another replica may have moved the head: reload and retry
             head = self._heads.pop(tenant_id, None)  # back only after a commit: a failure rereads it
             try:
                 if self._db.dialect == "sqlite":
-                    path = str(sqlite_path((await self._db.route()).bind.url))
-                    head = await self._sqlite.run(path, functools.partial(self._append_sqlite, tenant_id=tenant_id,
-                                                                          head=head, batch=batch))
+                    bind = (await self._db.route()).bind
+                    path = self._paths.get(bind) or self._paths.setdefault(bind, str(sqlite_path(bind.url)))
+                    work = functools.partial(self._append_sqlite, tenant_id=tenant_id, head=head, batch=batch)
+                    try:
+                        head = self._inline.run(path, work)  # the lock is free: commit here, no thread hop
+                    except Busy:
+                        head = await self._sqlite.run(path, work)
                 else:
                     head = await self._append_raw(tenant_id, head, batch)
             except Exception as exc:
@@ -194,7 +209,8 @@ class AuditLog:
         return rows, (seq, prev)
 
     async def close(self) -> None:
-        """Release the SQLite writer (after the server stopped: no append is in flight)."""
+        """Release the SQLite writers (after the server stopped: no append is in flight)."""
+        await self._inline.close()
         await self._sqlite.close()
 
     async def page(self, *, after_seq: int, limit: int, secret_name: str = "") -> list[store.AuditRow]:
