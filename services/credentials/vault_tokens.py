@@ -48,6 +48,12 @@ class TenantTokens:
         """The tenant's current token (for isolation tests that call OpenBao directly)."""
         return self._get(tenant).token
 
+    def cached_token(self, tenant: TenantRef) -> str | None:
+        """The tenant's token if one is minted and not yet due for refresh; never provisions or
+        waits (the event loop's read path calls it; None sends the read through client_for)."""
+        minted = self._minted.get(tenant.tenant_id)
+        return minted.token if minted is not None and self._clock() < minted.refresh_at else None
+
     def forget(self, tenant: TenantRef) -> None:
         """Drop the tenant's token and provisioning state (after OpenBao refused it, e.g. a restart)."""
         with self._lock:

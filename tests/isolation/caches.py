@@ -39,6 +39,11 @@ CACHES: dict[str, Entry] = {
                                                           _CACHES + "test_transit_key_rings_are_per_tenant"),
     "services/credentials/audit.py::_heads": Entry(TENANT, "tenant -> head of its access-audit chain",
                                                   "tests/services/credentials/test_audit.py"),
+    "services/credentials/audit.py::_paths": Entry(PLATFORM, "SQLite engine -> its file's path (no rows, no values)"),
+    "services/credentials/sqlite_inline.py::_commits": Entry(PLATFORM, "SQLite file -> commits since its last checkpoint"),
+    "services/credentials/vault_read.py::_idle": Entry(PLATFORM, "OpenBao node -> idle kept-alive HTTP connections; "
+                                                                "each request carries its own tenant's token, "
+                                                                "nothing of an answer is kept"),
     "services/credentials/vault_tokens.py::_minted": Entry(TENANT, "tenant -> its OpenBao token (OpenBao only)",
                                                           "tests/services/credentials/test_vault_backend.py"),
     "services/credentials/vault_tokens.py::_ready_tenants": Entry(TENANT, "tenants whose OpenBao policy exists"),
