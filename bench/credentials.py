@@ -5,7 +5,8 @@ One run starts an OpenBao dev server, then, one at a time, a credentials server 
 child process (real interceptors, SQLite, audit on). This process is the client. It measures:
 
 - GetSecret latency (sequential calls: p50/p99) and throughput (concurrent callers) per backend;
-- the raw hvac KV v2 read of the same secret with the same per-tenant token (the baseline);
+- the raw hvac KV v2 read of the same secret with the same per-tenant token (the baseline), for the
+  latency ratio taken in turns with GetSecret's sequential calls so that both see the same load;
 - grpc.health.v1 Check on the same local server: the floor of the production interceptor stack
   (OpenTelemetry + tenancy) on this machine, which no RPC of ours can beat.
 
@@ -91,7 +92,10 @@ def _pcts(samples: list[float]) -> tuple[float, float]:
 
 
 async def _grpc_figures(port: int, md, *, calls: int, seconds: float, concurrency: int, health: bool = False,
-                        server_pid: int) -> dict:
+                        server_pid: int, paired=None) -> dict:
+    """Latency of sequential calls and throughput of concurrent ones. With `paired` (a blocking
+    baseline call), each sequential call is followed by one baseline call, timed apart: both see
+    the same moments of a shared machine's load, so their ratio holds up under noise."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
         if health:
             from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -103,11 +107,15 @@ async def _grpc_figures(port: int, md, *, calls: int, seconds: float, concurrenc
         for _ in range(50):  # warm up: connection, token cache, per-tenant Vault token
             reply = await method(request, metadata=md)
             assert health or reply.value == VALUE
-        lat = []
+        lat, paired_lat = [], []
         for _ in range(calls):
             start = time.perf_counter()
             await method(request, metadata=md)
             lat.append(time.perf_counter() - start)
+            if paired is not None:
+                start = time.perf_counter()
+                paired()
+                paired_lat.append(time.perf_counter() - start)
         done = 0
         deadline = time.perf_counter() + seconds
 
@@ -123,7 +131,18 @@ async def _grpc_figures(port: int, md, *, calls: int, seconds: float, concurrenc
         cpu, client_cpu = _cpu_seconds(server_pid) - cpu, time.process_time() - client_cpu
     p50, p99 = _pcts(lat)
     return {"p50": p50, "p99": p99, "rps": done / elapsed, "cpu_ms": cpu / done * 1e3,
-            "client_cpu_ms": client_cpu / done * 1e3}
+            "client_cpu_ms": client_cpu / done * 1e3, "paired_p50": _pcts(paired_lat)[0] if paired_lat else None}
+
+
+def _raw_read(url: str, token: str):
+    """The baseline: hvac's KV v2 read of the bench secret with the tenant's own token."""
+    client = hvac.Client(url=url, token=token)
+    path = f"tenants/{TENANT}/{SECRET}"
+
+    def read() -> None:
+        client.secrets.kv.v2.read_secret_version(path, version=1, mount_point="bulkhead-kv",
+                                                 raise_on_deleted_version=True)
+    return read
 
 
 def _hvac_figures(url: str, token: str, *, calls: int, seconds: float, concurrency: int) -> dict:
@@ -184,8 +203,10 @@ def main() -> None:
             child.start()
             try:
                 port, vault_token = queue.get(timeout=60)
+                paired = _raw_read(bao.url, vault_token) if kind == "vault" else None
                 results[kind] = asyncio.run(_grpc_figures(port, md, calls=calls, seconds=seconds,
-                                                          concurrency=concurrency, server_pid=child.pid))
+                                                          concurrency=concurrency, server_pid=child.pid,
+                                                          paired=paired))
                 if kind == "vault":
                     results["raw hvac"] = _hvac_figures(bao.url, vault_token, calls=calls, seconds=seconds,
                                                         concurrency=concurrency)
@@ -211,17 +232,19 @@ def main() -> None:
                         ("health", "health Check (floor)")):
         r = results[name]
         print(f"{label:<22}{r['p50']:>10.3f}{r['p99']:>10.3f}{r['rps']:>12.0f}{r['cpu_ms']:>12.3f}")
-    ratio = results["vault"]["p50"] / results["raw hvac"]["p50"]
-    print(f"\nvault GetSecret p50 / raw hvac p50 = {ratio:.2f}x (target <= 1.5x)")
-    floor = results["health"]["p50"] + results["raw hvac"]["p50"]
-    print(f"lower bound for any GetSecret that wraps the hvac read: health Check p50 + raw hvac p50 = "
-          f"{floor:.3f} ms = {floor / results['raw hvac']['p50']:.2f}x raw hvac (the gRPC round trip alone)")
+    ratio = results["vault"]["p50"] / results["vault"]["paired_p50"]
+    print(f"\nvault GetSecret p50 / raw hvac p50 = {ratio:.2f}x (target <= 1.5x), the two calls taken in turns "
+          f"({results['vault']['p50']:.3f} / {results['vault']['paired_p50']:.3f} ms); against the raw hvac "
+          f"row above, measured after: {results['vault']['p50'] / results['raw hvac']['p50']:.2f}x")
+    floor = results["health"]["p50"] + results["vault"]["paired_p50"]
+    print(f"a GetSecret that wrapped the hvac read itself would cost at least health Check p50 + raw hvac p50 = "
+          f"{floor:.3f} ms = {floor / results['vault']['paired_p50']:.2f}x raw hvac (the gRPC round trip alone)")
     print(f"vault GetSecret reads/s / raw hvac reads/s = {results['vault']['rps'] / results['raw hvac']['rps']:.2f}")
     print(f"local GetSecret reads/s = {results['local']['rps']:.0f} (target >= 3000); "
           f"{results['local']['rps'] / results['health']['rps']:.2f}x of the interceptor-stack floor "
           f"({results['health']['rps']:.0f}/s for a health Check through the same server)")
     write_json(args.json, {"local_reads_per_s": results["local"]["rps"], "vault_over_hvac_p50_ratio": ratio,
-                           "vault_p50_ms": results["vault"]["p50"], "raw_hvac_p50_ms": results["raw hvac"]["p50"],
+                           "vault_p50_ms": results["vault"]["p50"], "raw_hvac_p50_ms": results["vault"]["paired_p50"],
                            "health_floor_calls_per_s": results["health"]["rps"],
                            "local_server_cpu_ms_per_call": results["local"]["cpu_ms"],
                            "health_server_cpu_ms_per_call": results["health"]["cpu_ms"],
