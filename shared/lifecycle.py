@@ -17,6 +17,7 @@ import base64
 import hashlib
 import json
 import logging
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -122,6 +123,8 @@ class TenantLifecycle:
         self._db = db
         metadatas = [metadata] if isinstance(metadata, MetaData) else list(metadata)
         self._tables = [t for md in metadatas for t in md.sorted_tables if "tenant_id" in t.c]
+        # What this service's migrations make in a tenant's own store (which other services may share).
+        self._store_tables = [t.name for md in metadatas for t in md.sorted_tables if not t.info.get(REGION_MAIN)]
         self._hooks = tuple(hooks)
         self._keep = dict(keep or {})
         self._rows_tier = rows_tier
@@ -196,7 +199,8 @@ class TenantLifecycle:
                         deleted.append(TableCount(store, table.name, rows, counts[table.name].checksum))
             if drop_whole:
                 deleted.extend(counts[t.name] for t in reversed(tables))
-                name = await self._db.router.drop(tenant_id, (self._rows_tier or tier).value)
+                name = await self._db.router.drop(tenant_id, (self._rows_tier or tier).value,
+                                                  tables=self._store_tables)
                 if name:
                     dropped.append(name)
         log.info("%s: purged tenant %s (%d rows, %d stores dropped, %d keys destroyed)", self.service, tenant_id,
@@ -204,35 +208,54 @@ class TenantLifecycle:
         return PurgeResult(hooks, deleted, dropped, kept)
 
 
-    # --- live tier migration ------------------------------------------------------------------
+    # --- live migration (tier, region or both) ------------------------------------------------
 
     def _moving(self) -> list[Table]:
         """The tables a tier migration moves: tenant-owned, outside the main database's fixed places
         (platform tables and REGION_MAIN ledgers stay where they are whatever the tier)."""
         return [t for t in self._tables if self._own(t) and not t.info.get(REGION_MAIN)]
 
-    async def _tier_store(self, tenant_id: str, tier: Tier, *, create: bool) -> tuple[str, Route | None]:
-        """(store name, route) of the tenant's moving tables at `tier`; route None when the store does
-        not exist (and `create` is False)."""
+    def _regional(self) -> list[Table]:
+        """The REGION_MAIN tables (the tenant's rows in its region's main database whatever its tier): they
+        move too when the region changes."""
+        return [t for t in self._tables if t.info.get(REGION_MAIN)]
+
+    async def _groups(self, tenant_id: str, at: Placement, *, create: bool,
+                      region_move: bool) -> list[tuple[str, Route | None, list[Table]]]:
+        """(store name, route or None when it does not exist and `create` is False, tables) of what a move
+        carries at one side `at`: the moving tables in the tier's store, and on a move between regions the
+        REGION_MAIN tables in the region's main database."""
         router = self._db.router
-        home = await router.main_route(tenant_id)
-        name = router.store_name(tenant_id, tier.value, home.region or None)
+        home = await router.main_route(tenant_id, at.region or None)
+        main_name = f"{home.region}/{MAIN_STORE}" if home.bind is not self._db.engine else MAIN_STORE
+        name = router.store_name(tenant_id, at.tier.value, home.region or None)
         if name is None:
-            return (f"{home.region}/{MAIN_STORE}" if home.bind is not self._db.engine else MAIN_STORE), home
-        if create:
-            return name, await router.route(tenant_id, tier.value)
-        return name, await router.existing(tenant_id, tier.value)
+            out = [(main_name, home, self._moving())]
+        elif create:
+            out = [(name, await router.route(tenant_id, at.tier.value, at.region or None), self._moving())]
+        else:
+            out = [(name, await router.existing(tenant_id, at.tier.value, at.region or None), self._moving())]
+        if region_move and self._regional():
+            out.append((main_name, home, self._regional()))
+        return out
 
-    def _check_move(self, source: Tier, target: Tier) -> None:
-        if source == target:
-            raise InvalidArgument("target_tier is the tier the tenant is in", reason="SAME_TIER",
-                                  violations={"target_tier": "a tier other than tier"})
+    async def _sides(self, tenant_id: str, source: Placement, target: Placement) -> tuple[Placement, Placement]:
+        """Both sides with their regions filled in (empty = the tenant's region now) and checked to differ."""
+        router = self._db.router
+        here = await router.region_of(tenant_id)
+        src = Placement(source.tier, router.check_region(source.region) if source.region else here)
+        dst = Placement(target.tier, router.check_region(target.region) if target.region else src.region)
+        if src == dst:
+            raise InvalidArgument("target_tier and target_region are where the tenant is", reason="SAME_TIER",
+                                  violations={"target_tier": "a tier or region other than tier and region"})
+        return src, dst
 
-    async def copy(self, tenant_id: str, source: Tier, target: Tier, *, pause_seconds: float) -> CopyResult:
+    async def copy(self, tenant_id: str, source: Tier | Placement, target: Tier | Placement, *,
+                   pause_seconds: float) -> CopyResult:
         """Pause the tenant's requests in this process, wait for its transactions in flight, then make the
         target store hold exactly the source's rows of every moving table (its earlier rows there, e.g. of
         an aborted attempt, are replaced): a re-run after a crash ends in the same state."""
-        self._check_move(source, target)
+        source, target = await self._sides(tenant_id, Placement.of(source), Placement.of(target))
         router = self._db.router
         started = time.monotonic()
         router.pause(tenant_id, pause_seconds)
@@ -242,11 +265,19 @@ class TenantLifecycle:
                               reason="TENANT_BUSY", retry_after=1.0)
         if self._rows_tier is not None:  # identity: its rows stay where they are
             return CopyResult([], time.monotonic() - started)
-        src_name, src = await self._tier_store(tenant_id, source, create=False)
-        dst_name, dst = await self._tier_store(tenant_id, target, create=True)
-        tables = self._moving()
-        if src_name == dst_name:  # SQLite: bridge and silo are the same file of the tenant's own
-            return CopyResult(await self._counts(dst_name, dst, tables, tenant_id), time.monotonic() - started)
+        moves = source.region != target.region
+        copied: list[TableCount] = []
+        for (src_name, src, tables), (dst_name, dst, _) in zip(
+                await self._groups(tenant_id, source, create=False, region_move=moves),
+                await self._groups(tenant_id, target, create=True, region_move=moves), strict=True):
+            if src_name != dst_name:  # the same on SQLite's bridge and silo: one file of the tenant's own
+                await self._copy_rows(tenant_id, src, dst, tables)
+            copied += await self._counts(dst_name, dst, tables, tenant_id)
+        log.info("%s: copied tenant %s %s -> %s (%d rows)", self.service, tenant_id, source, target,
+                 sum(c.rows for c in copied))
+        return CopyResult(copied, time.monotonic() - started)
+
+    async def _copy_rows(self, tenant_id: str, src: Route | None, dst: Route | None, tables: list[Table]) -> None:
         rows: dict[str, list[Sequence[Any]]] = {}
         if src is not None:
             async with raw_transaction(src.bind, tenant_id=tenant_id, schema=src.schema) as tx:
@@ -275,10 +306,6 @@ class TenantLifecycle:
                     raise
                 if tx.dialect == "postgresql":
                     await _advance_sequences(tx, table)
-        copied = await self._counts(dst_name, dst, tables, tenant_id)
-        log.info("%s: copied tenant %s %s -> %s (%d rows)", self.service, tenant_id, source.value, target.value,
-                 sum(c.rows for c in copied))
-        return CopyResult(copied, time.monotonic() - started)
 
     async def _counts(self, store: str, route: Route | None, tables: list[Table], tenant_id: str) -> list[TableCount]:
         if route is None:
@@ -286,45 +313,77 @@ class TenantLifecycle:
         async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema) as tx:
             return [await _count(tx, store, t, tenant_id) for t in tables]
 
-    async def verify(self, tenant_id: str, source: Tier, target: Tier) -> tuple[list[TableCount], list[TableCount]]:
+    async def verify(self, tenant_id: str, source: Tier | Placement,
+                     target: Tier | Placement) -> tuple[list[TableCount], list[TableCount]]:
         """The moving tables' rows and checksums in the source store and in the target store (creates nothing)."""
-        self._check_move(source, target)
-        tables = [] if self._rows_tier is not None else self._moving()
+        source, target = await self._sides(tenant_id, Placement.of(source), Placement.of(target))
+        if self._rows_tier is not None:
+            return [], []
+        moves = source.region != target.region
         out = []
-        for tier in (source, target):
-            name, route = await self._tier_store(tenant_id, tier, create=False)
-            out.append(await self._counts(name, route, tables, tenant_id))
+        for side in (source, target):
+            counts: list[TableCount] = []
+            for name, route, tables in await self._groups(tenant_id, side, create=False, region_move=moves):
+                counts += await self._counts(name, route, tables, tenant_id)
+            out.append(counts)
         return out[0], out[1]
 
-    def switch(self, tenant_id: str, tier: Tier) -> None:
-        """Route the tenant to `tier` in this process from now on (the token's claim no longer routes it) and
-        serve its requests again: the migration's switch, or its abort (back to the source tier)."""
-        self._db.router.place(tenant_id, tier.value)
+    def switch(self, tenant_id: str, tier: Tier, region: str = "") -> None:
+        """Route the tenant to `tier` (and `region`, when given) in this process from now on (the token's claim
+        no longer routes it) and serve its requests again: the migration's switch, or its abort (back to the
+        source)."""
+        self._db.router.place(tenant_id, tier.value, region)
         self._db.router.resume(tenant_id)
 
-    async def release(self, tenant_id: str, tier: Tier, current: Tier) -> list[TableCount]:
-        """Delete the tenant's moving rows at `tier` (the tier it left), or drop that store whole; refused
+    async def release(self, tenant_id: str, tier: Tier | Placement, current: Tier | Placement) -> list[TableCount]:
+        """Delete the tenant's moving rows at `tier` (where it left), or drop that store whole; refused
         while this process still routes the tenant there. Idempotent."""
-        self._check_move(tier, current)
         router = self._db.router
-        if router.placed_tier(tenant_id, "") != current.value:
-            raise FailedPrecondition("the tenant is not switched to current_tier in this service; switch first",
-                                     reason="NOT_SWITCHED")
+        here = await router.region_of(tenant_id)
+        left, now = Placement.of(tier), Placement.of(current)
+        now = Placement(now.tier, router.check_region(now.region) if now.region else here)
+        left = Placement(left.tier, router.check_region(left.region) if left.region else now.region)
+        if left == now:
+            raise InvalidArgument("current_tier and current_region are what the tenant left", reason="SAME_TIER",
+                                  violations={"current_tier": "a tier or region other than tier and region"})
+        if router.placed_tier(tenant_id, "") != now.tier.value or here != now.region:
+            raise FailedPrecondition("the tenant is not switched to current_tier (current_region) in this service; "
+                                     "switch first", reason="NOT_SWITCHED")
         if self._rows_tier is not None:
             return []
-        name, route = await self._tier_store(tenant_id, tier, create=False)
-        here, _ = await self._tier_store(tenant_id, current, create=False)
-        if route is None or name == here:
-            return []
-        tables = self._moving()
-        counts = await self._counts(name, route, tables, tenant_id)
-        if name.rpartition("/")[2] == MAIN_STORE:
-            async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema, write=True) as tx:
-                for table in reversed(tables):
-                    await tx.execute(f"DELETE FROM {_quote(table.name)} WHERE tenant_id = $1", tenant_id)
-        else:
-            await router.drop(tenant_id, tier.value)
-        return [c for c in counts if c.rows]
+        moves = left.region != now.region
+        kept = {name for name, _, _ in await self._groups(tenant_id, now, create=False, region_move=moves)}
+        deleted: list[TableCount] = []
+        for name, route, tables in await self._groups(tenant_id, left, create=False, region_move=moves):
+            if route is None or name in kept:
+                continue
+            counts = await self._counts(name, route, tables, tenant_id)
+            if name.rpartition("/")[2] == MAIN_STORE:
+                async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema, write=True) as tx:
+                    for table in reversed(tables):
+                        await tx.execute(f"DELETE FROM {_quote(table.name)} WHERE tenant_id = $1", tenant_id)
+            else:
+                await router.drop(tenant_id, left.tier.value, left.region, tables=self._store_tables)
+            deleted += [c for c in counts if c.rows]
+        return deleted
+
+
+@dataclass(frozen=True)
+class Placement:
+    """One side of a migration: a tier in a region ("" = the tenant's region now)."""
+
+    tier: Tier
+    """The isolation tier."""
+    region: str = ""
+    """The data-residency region."""
+
+    @classmethod
+    def of(cls, value: Tier | Placement) -> Placement:
+        """A Placement of a bare tier (in the tenant's region now) or of a Placement."""
+        return value if isinstance(value, Placement) else cls(value)
+
+    def __str__(self) -> str:
+        return f"{self.tier.value}@{self.region}" if self.region else self.tier.value
 
 
 DRAIN_TIMEOUT_S = 10.0
@@ -435,8 +494,9 @@ class TenantLifecycleServicer(lifecycle_pb2_grpc.TenantLifecycleServiceServicer)
         return purge_pb(self._lifecycle.service, await self._lifecycle.purge(request.tenant_id, tier))
 
     async def CopyTenant(self, request, context):
-        source = check_request(request.tenant_id, request.tier)
-        target = check_tier(request.target_tier, "target_tier")
+        source = Placement(check_request(request.tenant_id, request.tier), check_region(request.region, "region"))
+        target = Placement(check_tier(request.target_tier, "target_tier"),
+                           check_region(request.target_region, "target_region"))
         if not 0 <= request.pause_seconds <= MAX_PAUSE_S:
             raise InvalidArgument(f"pause_seconds must be 0..{MAX_PAUSE_S}", reason="PAUSE_OUT_OF_RANGE",
                                   violations={"pause_seconds": f"0 (= {DEFAULT_PAUSE_S}) to {MAX_PAUSE_S}"})
@@ -446,8 +506,9 @@ class TenantLifecycleServicer(lifecycle_pb2_grpc.TenantLifecycleServiceServicer)
                                      paused_seconds=done.paused_seconds)
 
     async def VerifyTenant(self, request, context):
-        source = check_request(request.tenant_id, request.tier)
-        target = check_tier(request.target_tier, "target_tier")
+        source = Placement(check_request(request.tenant_id, request.tier), check_region(request.region, "region"))
+        target = Placement(check_tier(request.target_tier, "target_tier"),
+                           check_region(request.target_region, "target_region"))
         left, right = await self._lifecycle.verify(request.tenant_id, source, target)
         bad = [a.table for a, b in zip(left, right, strict=True) if (a.rows, a.checksum) != (b.rows, b.checksum)]
         return pb.VerifyTenantResponse(service=self._lifecycle.service, source=[_table_pb(t) for t in left],
@@ -455,13 +516,14 @@ class TenantLifecycleServicer(lifecycle_pb2_grpc.TenantLifecycleServiceServicer)
 
     async def SwitchTenant(self, request, context):
         tier = check_request(request.tenant_id, request.tier)
-        self._lifecycle.switch(request.tenant_id, tier)
+        self._lifecycle.switch(request.tenant_id, tier, check_region(request.region, "region"))
         return pb.SwitchTenantResponse(service=self._lifecycle.service, tier=request.tier)
 
     async def ReleaseTenant(self, request, context):
-        tier = check_request(request.tenant_id, request.tier)
-        current = check_tier(request.current_tier, "current_tier")
-        deleted = await self._lifecycle.release(request.tenant_id, tier, current)
+        left = Placement(check_request(request.tenant_id, request.tier), check_region(request.region, "region"))
+        current = Placement(check_tier(request.current_tier, "current_tier"),
+                            check_region(request.current_region, "current_region"))
+        deleted = await self._lifecycle.release(request.tenant_id, left, current)
         return pb.ReleaseTenantResponse(service=self._lifecycle.service, deleted=[_table_pb(t) for t in deleted])
 
 
@@ -480,6 +542,18 @@ def check_tier(value: int, name: str) -> Tier:
     except UnknownTier:
         raise InvalidArgument(f"{name} must be set to a known tier", reason="INVALID_TIER",
                               violations={name: "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
+
+
+_REGION = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+
+
+def check_region(value: str, name: str) -> str:
+    """A region field of a lifecycle request: empty (the tenant's region now) or a region-shaped name (whether
+    this service has a database for it is the router's to say: REGION_NOT_CONFIGURED)."""
+    if value and not _REGION.match(value):
+        raise InvalidArgument(f"{name} is not a region name", reason="INVALID_REGION",
+                              violations={name: "empty, or a region of BULKHEAD_REGIONS such as eu"})
+    return value
 
 
 def purge_pb(service: str, result: PurgeResult) -> pb.PurgeTenantResponse:

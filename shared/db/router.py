@@ -23,7 +23,7 @@ import hashlib
 import re
 import time
 from collections import Counter, OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +35,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
 from shared.db.engine import is_sqlite, make_engine, sqlite_path
-from shared.db.migrations import upgrade
+from shared.db.migrations import upgrade, version_table_for
 from shared.db.rls import quote_ident
 from shared.errors import FailedPrecondition, Unavailable
 from shared.tenancy import PLATFORM_TENANT
@@ -146,6 +146,7 @@ class TenantRouter:
         # token's tier claim says; which tenants are paused (until a monotonic deadline, so a
         # coordinator that died never leaves one paused); requests in flight per tenant.
         self._placed: dict[str, str] = {}
+        self._placed_regions: dict[str, str] = {}
         self._paused: dict[str, float] = {}
         self._in_flight: Counter[str] = Counter()
         self._idle: dict[str, asyncio.Event] = {}
@@ -174,7 +175,8 @@ class TenantRouter:
                 # Switched (or planned again) since this process heard: identity's word replaces a local
                 # SwitchTenant of an earlier generation and a cached region-lookup tier.
                 self._placed.pop(tenant_id, None)
-                self._tenant_tiers.pop(tenant_id, None)
+                self._placed_regions.pop(tenant_id, None)
+                self.forget_region(tenant_id)  # a move to another region changes identity's answer too
         self._feed_tiers = {t: tier for t, (tier, _) in placements.items() if tier in TIERS}
         self._feed_generations = {t: generation for t, (_, generation) in placements.items()}
         for tenant_id in self._feed_paused - feed.paused:
@@ -191,11 +193,24 @@ class TenantRouter:
         return (self._placed.get(tenant_id) or self._feed_tiers.get(tenant_id) or self._tenant_tiers.get(tenant_id)
                 or claimed)
 
-    def place(self, tenant_id: str, tier: str) -> None:
-        """Route the tenant to `tier` from now on, whatever tier its tokens claim (a migration's switch)."""
+    def place(self, tenant_id: str, tier: str, region: str = "") -> None:
+        """Route the tenant to `tier` (and `region`, when given) from now on, whatever tier its tokens claim
+        (a migration's switch)."""
         if tier not in TIERS:
             raise ValueError(f"unknown tenant tier {tier!r}")
+        if region:
+            self.check_region(region)
+            self._placed_regions[tenant_id] = region
+            self._tenant_regions.pop(tenant_id, None)
         self._placed[tenant_id] = tier
+
+    def check_region(self, region: str) -> str:
+        """`region`, if this router has a database for it; else FailedPrecondition (REGION_NOT_CONFIGURED)."""
+        if region not in self._regions:
+            raise FailedPrecondition(
+                f"region {region!r} has no database in this service (configured: {', '.join(self._regions)}); "
+                "set BULKHEAD_REGIONS and its database URLs", reason="REGION_NOT_CONFIGURED")
+        return region
 
     def pause(self, tenant_id: str, seconds: float) -> None:
         """Refuse the tenant's requests (UNAVAILABLE, TENANT_MIGRATING) for up to `seconds` (or until identity's
@@ -282,12 +297,15 @@ class TenantRouter:
         return self._default_region
 
     async def region_of(self, tenant_id: str) -> str:
-        """The tenant's region: the default with one region (no lookup), else identity's placement.
+        """The tenant's region: the default with one region (no lookup), else the region a migration switched
+        it to in this process, else identity's placement (asked again once identity's feed says the tenant
+        was switched: a move to another region).
 
         FailedPrecondition when this service has no database for it (a region missing from its config)."""
         if len(self._regions) == 1 or tenant_id == PLATFORM_TENANT:
             return self._default_region
-        region = self._tenant_regions.get(tenant_id)
+        self._sync_feed()
+        region = self._placed_regions.get(tenant_id) or self._tenant_regions.get(tenant_id)
         if region is None:
             assert self._region_of is not None
             answer = await self._region_of(tenant_id)
@@ -310,15 +328,19 @@ class TenantRouter:
         self._tenant_regions.pop(tenant_id, None)
         self._tenant_tiers.pop(tenant_id, None)
 
-    async def main_route(self, tenant_id: str) -> Route:
-        """The main database of the tenant's region (its pooled rows), whatever its tier."""
-        return self._pooled[await self.region_of(tenant_id)]
+    async def _region(self, tenant_id: str, region: str | None) -> str:
+        return self.check_region(region) if region else await self.region_of(tenant_id)
 
-    async def route(self, tenant_id: str, tier: str) -> Route:
-        """The Route for a tenant of `tier` in its region (pooled unless the token says otherwise)."""
+    async def main_route(self, tenant_id: str, region: str | None = None) -> Route:
+        """The main database of the tenant's region (its pooled rows), whatever its tier; `region` names
+        another region's (a migration to or from there)."""
+        return self._pooled[await self._region(tenant_id, region)]
+
+    async def route(self, tenant_id: str, tier: str, region: str | None = None) -> Route:
+        """The Route for a tenant of `tier` in its region, or in `region` (a migration's other side)."""
         if tier not in TIERS and tier:
             raise ValueError(f"unknown tenant tier {tier!r}")
-        region = await self.region_of(tenant_id)
+        region = await self._region(tenant_id, region)
         if tier == "pooled" or not tier:
             return self._pooled[region]
         key = (region, tier, tenant_id)
@@ -349,9 +371,10 @@ class TenantRouter:
             return f"{prefix}schema:{bridge_schema(tenant_id)}"
         return f"{prefix}database:{silo_database(store.url.database or 'bulkhead', tenant_id)}"
 
-    async def existing(self, tenant_id: str, tier: str) -> Route | None:
-        """The tenant's Route if its store exists already, else None: counting or purging never creates one."""
-        region = await self.region_of(tenant_id)
+    async def existing(self, tenant_id: str, tier: str, region: str | None = None) -> Route | None:
+        """The tenant's Route (in its region, or in `region`) if its store exists already, else None: counting
+        or purging never creates one."""
+        region = await self._region(tenant_id, region)
         name = self.store_name(tenant_id, tier, region)
         if name is None:
             return self._pooled[region]
@@ -359,32 +382,48 @@ class TenantRouter:
             return self._routes[(region, tier, tenant_id)]
         if not await self._store_exists(self._regions[region], tenant_id, tier):
             return None
-        return await self.route(tenant_id, tier)
+        return await self.route(tenant_id, tier, region)
 
-    async def drop(self, tenant_id: str, tier: str) -> str | None:
-        """Drop the tenant's own store (bridge schema, silo database, SQLite file); its name, or None
-        when there was none. Idempotent; the pooled tier has no store of its own."""
-        region = await self.region_of(tenant_id)
+    async def drop(self, tenant_id: str, tier: str, region: str | None = None, *,
+                   tables: Sequence[str] = ()) -> str | None:
+        """Drop this service's part of the tenant's own store (bridge schema, silo database, SQLite file) in its
+        region, or in `region`; the store's name, or None when this service had nothing there. Idempotent;
+        the pooled tier has no store of its own.
+
+        Services may share one database (`bulkhead up --postgres`: one URL, per-service tables and version
+        tables), and then a tenant's bridge schema or silo database holds every service's tables. So on
+        Postgres only `tables` (this service's) and its migrations' version table are dropped, and the schema
+        or database itself only once no other service's table is left in it (without `tables`: the whole
+        store, as when every service has a database of its own)."""
+        region = await self._region(tenant_id, region)
         store = self._regions[region]
         name = self.store_name(tenant_id, tier, region)
         if name is None or not await self._store_exists(store, tenant_id, tier):
             return None
         # Forget and close this process's engine first: no pooled connection may outlive the store.
-        for key in [k for k in self._routes if k[2] == tenant_id]:
+        for key in [k for k in self._routes if k[2] == tenant_id and k[0] == region]:
             route = self._routes.pop(key)
             if route.bind in self._own_engines:
                 self._own_engines.remove(route.bind)
                 await route.bind.dispose()
-        if is_sqlite(store.url):
+        if is_sqlite(store.url):  # a file per service and tenant: <service db>.tenants/<tenant>.db
             path = self._sqlite_file(store, tenant_id)
             for suffix in ("", "-wal", "-shm", "-journal"):
                 path.with_name(path.name + suffix).unlink(missing_ok=True)
             return name
         kind, _, ident = name.rpartition("/")[2].partition(":")
+        owner = store.owner_url or store.url
+        mine = [*tables, *([version_table_for(self._migrations)] if self._migrations and tables else [])]
+        # The tables of this service: in the bridge schema, or in the silo database's own (default) schema.
+        inside = owner if kind == "schema" else owner.set(database=ident)
+        schema = ident if kind == "schema" else None
+        left = await self._drop_tables(inside, schema, mine) if mine else 0
+        if left:
+            return name  # another service's part is still there: the store stays theirs (its last one drops it)
         # FORCE ends other replicas' connections to the silo database (Postgres 13+).
         sql = (f"DROP SCHEMA IF EXISTS {quote_ident(ident)} CASCADE" if kind == "schema"
                else f"DROP DATABASE IF EXISTS {quote_ident(ident)} WITH (FORCE)")
-        admin = create_async_engine(store.owner_url or store.url, poolclass=NullPool, isolation_level="AUTOCOMMIT")
+        admin = create_async_engine(owner, poolclass=NullPool, isolation_level="AUTOCOMMIT")
         try:
             async with admin.connect() as conn:
                 await conn.exec_driver_sql(sql)
@@ -392,16 +431,51 @@ class TenantRouter:
             await admin.dispose()
         return name
 
+    @staticmethod
+    async def _drop_tables(url: URL, schema: str | None, tables: Sequence[str]) -> int:
+        """Drop `tables` in `schema` (None: the database's own) of `url`'s database in one transaction; how many
+        other services' parts are left there (their migrations' version tables)."""
+        engine = create_async_engine(url, poolclass=NullPool)
+        try:
+            async with engine.begin() as conn:
+                where = quote_ident(schema) + "." if schema else ""
+                for table in tables:
+                    await conn.exec_driver_sql(f"DROP TABLE IF EXISTS {where}{quote_ident(table)} CASCADE")
+                return int(await conn.scalar(text(
+                    "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                    "WHERE c.relkind = 'r' AND c.relname LIKE 'alembic\\_version\\_%' "
+                    "AND (n.nspname = :s OR (:s = '' AND n.nspname NOT IN ('pg_catalog', 'information_schema')))"),
+                    {"s": schema or ""}) or 0)
+        finally:
+            await engine.dispose()
+
     async def _store_exists(self, store: RegionStore, tenant_id: str, tier: str) -> bool:
+        """Whether this service has its part of the tenant's store: the file; on Postgres, its migrations'
+        version table in the bridge schema or the silo database (which other services may share)."""
         if is_sqlite(store.url):
             return self._sqlite_file(store, tenant_id).exists()
+        version = version_table_for(self._migrations) if self._migrations else None
         if tier == "bridge":
-            sql, name = "SELECT 1 FROM pg_namespace WHERE nspname = :name", bridge_schema(tenant_id)
-        else:
-            sql, name = ("SELECT 1 FROM pg_database WHERE datname = :name",
-                         silo_database(store.url.database or "bulkhead", tenant_id))
+            schema = bridge_schema(tenant_id)
+            async with store.engine.connect() as conn:
+                if version is None:
+                    return bool(await conn.scalar(text("SELECT 1 FROM pg_namespace WHERE nspname = :n"), {"n": schema}))
+                return bool(await conn.scalar(text("SELECT to_regclass(:t) IS NOT NULL"),
+                                              {"t": f"{quote_ident(schema)}.{quote_ident(version)}"}))
+        name = silo_database(store.url.database or "bulkhead", tenant_id)
         async with store.engine.connect() as conn:
-            return bool(await conn.scalar(text(sql), {"name": name}))
+            if not await conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}):
+                return False
+        if version is None:
+            return True
+        engine = create_async_engine((store.owner_url or store.url).set(database=name), poolclass=NullPool)
+        try:
+            async with engine.connect() as conn:
+                return bool(await conn.scalar(text("SELECT to_regclass(:t) IS NOT NULL"), {"t": quote_ident(version)}))
+        except DBAPIError:  # dropped meanwhile
+            return False
+        finally:
+            await engine.dispose()
 
     @staticmethod
     def _sqlite_file(store: RegionStore, tenant_id: str) -> Path:

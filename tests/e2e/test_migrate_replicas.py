@@ -1,8 +1,10 @@
 """Tier migration under `bulkhead up --replicas 2` on Postgres (real processes): a writer sends each append
 to the other state replica in turn (a token issued before the move: its tier claim says pooled) through
-pooled -> bridge; then state#2 is SIGKILLed and the supervisor restarts it.
-(The way back, bridge -> pooled, is not in here yet: under two replicas of everything, credentials
-failed that migration INTERNAL, cause not found yet.)
+pooled -> bridge; then state#2 is SIGKILLed and the supervisor restarts it; then bridge -> pooled.
+
+`bulkhead up --postgres` gives every service the same database, so a bridge tenant's schema holds every
+service's tables: the way back ends with the schema gone, released service by service (the first service's
+release used to drop it whole, and every later service's ReleaseTenant failed INTERNAL: stuck "releasing").
 
 Every acknowledged write is there exactly once, read through either replica; the writer saw only retried
 TENANT_MIGRATING pauses; the restarted replica routes the old token to the bridge schema from its first
@@ -20,12 +22,16 @@ import time
 
 import grpc
 import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.pool import NullPool
 
 from bulkhead.client import Client
 from bulkhead.client._credentials import RefreshingToken
 from bulkhead.identity.v1 import identity_pb2 as idp
 from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
+from shared.db import bridge_schema
 from shared.testing.fake_anthropic import FakeAnthropic
 from tests.e2e.test_replicas import replica_pids, start_replicated
 from tests.lifecycle.test_migrate_mesh import read_all
@@ -54,6 +60,15 @@ async def _migrate(operator, tenant_id: str, target: str) -> idp.TenantMigration
         await asyncio.sleep(0.2)
 
 
+async def _schema_exists(url: str, schema: str) -> bool:
+    engine = create_async_engine(url, poolclass=NullPool)
+    try:
+        async with engine.connect() as conn:
+            return bool(await conn.scalar(text("SELECT 1 FROM pg_namespace WHERE nspname = :n"), {"n": schema}))
+    finally:
+        await engine.dispose()
+
+
 async def _read_when_up(stub, md) -> list[bytes]:
     deadline = time.monotonic() + 60
     while True:
@@ -65,7 +80,7 @@ async def _read_when_up(stub, md) -> list[bytes]:
             await asyncio.sleep(0.3)
 
 
-async def test_two_replicas_of_everything_pooled_to_bridge_then_a_restart(tmp_path, postgres):
+async def test_two_replicas_of_everything_pooled_to_bridge_a_restart_and_back(tmp_path, postgres):
     urls = await postgres.create_database("mig_replicas")
     async with FakeAnthropic() as fake:
         mesh, addresses = await asyncio.to_thread(start_replicated, tmp_path / "mesh", {
@@ -90,12 +105,13 @@ async def test_two_replicas_of_everything_pooled_to_bridge_then_a_restart(tmp_pa
                     stubs.append(state_pb2_grpc.StateServiceStub(ch))
                 await stubs[0].CreateThread(st.CreateThreadRequest(thread_id="live"), metadata=md)
                 pauses, acked, retried = [], [], []
-                for target in ("bridge",):
+                for target in ("bridge", "pooled"):
                     writer = Writer(RoundRobin(*stubs), md, "live")
                     task = asyncio.create_task(writer.run())
                     try:
                         await asyncio.sleep(1)
-                        pauses.append((await _migrate(operator, tenant_id, target)).pause_ms)
+                        done = await _migrate(operator, tenant_id, target)
+                        pauses.append(done.pause_ms)
                         await asyncio.sleep(1)
                     finally:
                         writer.stop()
@@ -109,6 +125,7 @@ async def test_two_replicas_of_everything_pooled_to_bridge_then_a_restart(tmp_pa
                         assert await _read_when_up(stubs[1], md) == acked
                 assert await read_all(stubs[0], md, "live") == acked
                 assert await read_all(stubs[1], md, "live") == acked
+                assert not await _schema_exists(urls.owner_url, bridge_schema(tenant_id))  # every service released
                 print(f"\nreplicas under bulkhead up: pauses (ms) {pauses}; writer's retried pauses (s) "
                       f"{[round(p, 3) for p in retried]}; {len(acked)} events")
         finally:
