@@ -7,6 +7,10 @@ So the commit runs inline, and only when the lock is free at once: the inline co
 for nothing (busy_timeout 0) and a busy file sends the work to the writer thread, which waits
 for its turn as before. The loop therefore never blocks on another writer.
 
+A commit that held the loop longer than SLOW_SECONDS (a disk stalling under other writers, a
+descheduled process) sends the next BACKOFF_SECONDS of appends to the writer thread, so a slow disk
+stalls the audit only, not every call the loop serves.
+
 The inline connection does not checkpoint on commit (a checkpoint syncs the database file): every
 CHECKPOINT_EVERY inline commits, one passive checkpoint runs in a worker thread instead.
 """
@@ -15,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 import threading
+import time
 from collections.abc import Callable
 from typing import TypeVar
 
@@ -22,6 +27,11 @@ T = TypeVar("T")
 
 CHECKPOINT_EVERY = 500
 """Inline commits between two checkpoints of a file (a WAL of a few hundred small commits)."""
+
+SLOW_SECONDS = 0.005
+"""An inline transaction taking longer than this held the loop too long..."""
+BACKOFF_SECONDS = 1.0
+"""...and the appends of the next second go to the writer thread."""
 
 
 class Busy(Exception):
@@ -36,14 +46,17 @@ class InlineSqlite:
         self._commits: dict[str, int] = {}
         self._checkpoints: dict[str, asyncio.Future] = {}
         self._lock = threading.Lock()  # one transaction at a time, whichever thread calls
+        self._inline_after = 0.0  # time.monotonic() before which every run is Busy (after a slow one)
 
     def run(self, path: str, work: Callable[[sqlite3.Connection], T]) -> T:
         """work(connection) in one write transaction, committed when it returns, rolled back when it
-        raises (re-raised). Raises Busy, having done nothing, when the lock is not free at once."""
-        if not self._lock.acquire(blocking=False):
+        raises (re-raised). Raises Busy, having done nothing, when the lock is not free at once or
+        a recent inline transaction was slow."""
+        if time.monotonic() < self._inline_after or not self._lock.acquire(blocking=False):
             raise Busy()
         try:
             conn = self._connections.get(path) or self._open(path)
+            start = time.monotonic()  # opening the file the first time is not the loop's per-call cost
             try:
                 conn.execute("BEGIN IMMEDIATE")
             except sqlite3.OperationalError as exc:
@@ -57,6 +70,8 @@ class InlineSqlite:
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
+            if time.monotonic() - start > SLOW_SECONDS:
+                self._inline_after = time.monotonic() + BACKOFF_SECONDS
         finally:
             self._lock.release()
         self._after_commit(path)

@@ -78,6 +78,29 @@ async def test_a_busy_file_goes_to_the_writer_thread_without_blocking_the_loop(t
         await db.close()
 
 
+async def test_after_a_slow_inline_commit_appends_go_to_the_writer_thread(tmp_path, migrated_template, monkeypatch):
+    """A commit that held the loop too long (a stalling disk) sends the next appends to the writer
+    thread for a while; the chain stays one gapless chain."""
+    from services.credentials.sqlite_writer import SqliteWriter
+
+    monkeypatch.setattr(sqlite_inline, "SLOW_SECONDS", 0.0)  # every inline commit counts as slow
+    db = await open_db(tmp_path, migrated_template)
+    log = AuditLog(db, KEY)
+    inline = _counting(monkeypatch, sqlite_inline.InlineSqlite, "run")
+    threaded = _counting(monkeypatch, SqliteWriter, "run")
+    try:
+        with tenant_scope(TenantContext("t_slowdisk", "p_test", request_id="r")):
+            for i in range(3):
+                await log.record("get", "allowed", secret_name=f"s{i}")
+            rows = await log.page(after_seq=0, limit=10)
+            assert (await log.verify()).intact
+        assert [(r.seq, r.secret_name) for r in rows] == [(1, "s0"), (2, "s1"), (3, "s2")]
+        assert len(inline) == 3 and len(threaded) == 2  # the 2nd and 3rd were refused inline
+    finally:
+        await log.close()
+        await db.close()
+
+
 async def test_a_cancelled_caller_still_gets_its_event_committed(tmp_path, migrated_template):
     """A caller that stops waiting (deadline, cancel) does not take its event out of the chain."""
     db = await open_db(tmp_path, migrated_template)
