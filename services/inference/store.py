@@ -29,7 +29,7 @@ from services.inference.budget import Tokens
 from services.inference.policy import Policy, PrivateModel
 from services.inference.usage import UsageEvent
 from shared.db import Base, Database, TenantOwned
-from shared.db.raw import raw_transaction
+from shared.db.raw import raw_transaction, sqlite_sql
 
 _ROW_ID = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -254,6 +254,12 @@ class SqlAttempts:
         for tries in range(5):  # noqa: RET503 - the last try raises
             try:
                 async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+                    if tx.dialect != "postgresql" and hasattr(tx._driver, "_execute"):
+                        # SQLite: the group's statements in one trip to the driver's thread, not one
+                        # trip per statement, cursor and fetch (that was most of a call's journal time).
+                        rows = await tx._driver._execute(_sqlite_apply, tx._driver._conn, opens, settles,
+                                                         delivered, replica)
+                        return _ids(opens, rows)
                     ids = await _open(tx, opens, replica) if opens else []
                     await tx.executemany(_SETTLE, settles)
                     await tx.executemany(_DELIVERED, [(i,) for i in delivered])
@@ -286,6 +292,30 @@ class SqlAttempts:
                 "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens FROM inference_attempts ORDER BY id")]
 
 
+def _sqlite_apply(conn: sqlite3.Connection, opens, settles, delivered, replica: str) -> list:
+    """The statements of SqlAttempts.apply on SQLite, run in the driver's thread inside its transaction."""
+    rows = []
+    if opens:
+        rows = conn.execute(sqlite_sql(_SQLITE_OPEN), (replica, _open_rows(opens))).fetchall()
+    if settles:
+        conn.executemany(sqlite_sql(_SETTLE), settles)
+    if delivered:
+        conn.executemany(sqlite_sql(_DELIVERED), [(i,) for i in delivered])
+    return rows
+
+
+def _open_rows(opens) -> str:
+    """A group's opens as the JSON array _SQLITE_OPEN reads."""
+    return orjson.dumps([(o.tenant_id, o.request_id, o.model, o.reserve.input, o.reserve.output, o.context,
+                          o.created_ms) for o in opens]).decode()
+
+
+def _ids(opens, rows) -> list[tuple[int, int]]:
+    """(row id, attempt number) of each open, in order, from the rows the insert returned."""
+    by_key = {(r[0], r[1]): (int(r[2]), int(r[3])) for r in rows}
+    return [by_key[(o.tenant_id, o.request_id)] for o in opens]
+
+
 async def _open(tx, opens, replica: str) -> list[tuple[int, int]]:
     """Insert a group's attempts in one statement; (row id, attempt number) of each, in order."""
     if tx.dialect == "postgresql":
@@ -294,11 +324,8 @@ async def _open(tx, opens, replica: str) -> list[tuple[int, int]]:
                               [o.reserve.output for o in opens], [o.context for o in opens],
                               [o.created_ms for o in opens])
     else:
-        rows = await tx.fetch(_SQLITE_OPEN, replica, orjson.dumps(
-            [(o.tenant_id, o.request_id, o.model, o.reserve.input, o.reserve.output, o.context, o.created_ms)
-             for o in opens]).decode())
-    by_key = {(r[0], r[1]): (int(r[2]), int(r[3])) for r in rows}
-    return [by_key[(o.tenant_id, o.request_id)] for o in opens]
+        rows = await tx.fetch(_SQLITE_OPEN, replica, _open_rows(opens))
+    return _ids(opens, rows)
 
 
 def _unique_violations() -> tuple[type[BaseException], ...]:
