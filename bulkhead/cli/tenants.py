@@ -46,12 +46,12 @@ def register(subparsers) -> None:
     delete.add_argument("--receipt", default=None, help="write the signed receipt to this file")
     delete.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for --now to finish")
     delete.set_defaults(func=_delete)
-    migrate = sub.add_parser("migrate", help="move a tenant to another tier live (its requests pause briefly "
-                                             "while each service copies, verifies and switches)")
+    migrate = sub.add_parser("migrate", help="move a tenant to another tier or region live (its requests pause "
+                                             "briefly while each service copies, verifies and switches)")
     migrate.add_argument("tenant", help="tenant id or name")
-    target = migrate.add_mutually_exclusive_group(required=True)
-    target.add_argument("--tier", choices=[t.value for t in Tier], help="the tier to move to")
-    target.add_argument("--abort", action="store_true", help="roll back the tenant's unfinished migration")
+    migrate.add_argument("--tier", choices=[t.value for t in Tier], help="the tier to move to (default: its tier)")
+    migrate.add_argument("--region", help="the data-residency region to move to, e.g. eu (default: its region)")
+    migrate.add_argument("--abort", action="store_true", help="roll back the tenant's unfinished migration")
     migrate.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for it to finish")
     migrate.set_defaults(func=_migrate)
     for cmd in (create, listing, *sub.choices.values()):
@@ -225,15 +225,18 @@ _FINISHED = (pb.MIGRATION_STATE_DONE, pb.MIGRATION_STATE_ABORTED)
 
 @run_async
 async def _migrate(args: argparse.Namespace) -> None:
+    if args.abort == bool(args.tier or args.region):
+        fail("say where to move the tenant (--tier, --region or both), or --abort")
     async with await connect(args) as bh:
         tenant_id = await _tenant_id(bh, args.tenant)
-        request = pb.MigrateTenantRequest(tenant_id=tenant_id, abort=args.abort)
+        request = pb.MigrateTenantRequest(tenant_id=tenant_id, abort=args.abort, target_region=args.region or "")
         if args.tier:
             request.target_tier = tier_to_proto(args.tier)
         resp = await bh.identity.MigrateTenant(request)
         m = resp.migration
         print(f"{'aborting' if args.abort else 'migrating'} {args.tenant} ({tenant_id}): "
-              f"{_tier_name(m.source_tier)} -> {_tier_name(m.target_tier)}", flush=True)
+              f"{_placement(m.source_tier, m.source_region, m)} -> {_placement(m.target_tier, m.target_region, m)}",
+              flush=True)
         m = await _follow_migration(bh, tenant_id, args.timeout)
     rows = [[s.service, str(len(s.tables)), str(sum(t.rows for t in s.tables)),
              "yes" if all(t.equal for t in s.tables) else "NO", s.phase] for s in m.steps]
@@ -243,10 +246,15 @@ async def _migrate(args: argparse.Namespace) -> None:
             print(f"  {step.service}: " + ", ".join(f"{t.table} {t.rows}{'' if t.equal else ' (DIFFERS)'}"
                                                    for t in step.tables))
     if m.state == pb.MIGRATION_STATE_DONE:
-        print(f"{args.tenant} is {_tier_name(m.target_tier)} now (placement generation {m.generation}); "
-              f"its requests were paused {m.pause_ms} ms")
+        print(f"{args.tenant} is {_placement(m.target_tier, m.target_region, m)} now (placement generation "
+              f"{m.generation}); its requests were paused {m.pause_ms} ms")
     else:
-        print(f"aborted: {args.tenant} stays {_tier_name(m.source_tier)}")
+        print(f"aborted: {args.tenant} stays {_placement(m.source_tier, m.source_region, m)}")
+
+
+def _placement(tier: int, region: str, m: pb.TenantMigration) -> str:
+    """A side of a migration: its tier, and its region when the move changes it ("silo in eu")."""
+    return f"{_tier_name(tier)} in {region}" if region and m.source_region != m.target_region else _tier_name(tier)
 
 
 async def _follow_migration(bh, tenant_id: str, timeout: float) -> pb.TenantMigration:
@@ -269,5 +277,6 @@ async def _follow_migration(bh, tenant_id: str, timeout: float) -> pb.TenantMigr
             return m
         if loop.time() > deadline:
             fail(f"the migration of {tenant_id} is still running (identity retries failed steps on its own); "
-                 f"follow it again with: bulkhead tenants migrate {tenant_id} --tier {_tier_name(m.target_tier)}")
+                 f"follow it again with: bulkhead tenants migrate {tenant_id} --tier {_tier_name(m.target_tier)}"
+                 + (f" --region {m.target_region}" if m.target_region and m.target_region != m.source_region else ""))
         await asyncio.sleep(0.3)

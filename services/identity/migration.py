@@ -50,6 +50,7 @@ from services.identity.store import MigrationRow, MigrationStepRow, TenantRow
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import check_tenant_id
+from shared.lifecycle import Placement
 from shared.tenancy import PLATFORM_TENANT
 from shared.tiers import Tier, UnknownTier, tier_from_proto, tier_to_proto
 
@@ -85,10 +86,13 @@ class Migrations:
 
     def __init__(self, db: Database, keys: SigningKeys, *, peers: MutableMapping[str, str],
                  channel_for: Callable[[str], grpc.aio.Channel], lease_seconds: float = 180.0,
-                 pause_seconds: int = PAUSE_SECONDS, feed_wait: float = FEED_WAIT_SECONDS) -> None:
+                 pause_seconds: int = PAUSE_SECONDS, feed_wait: float = FEED_WAIT_SECONDS,
+                 regions: tuple[str, ...] = ()) -> None:
         """peers: service name -> address (a mutable map: tests fill it once the services listen);
-        feed_wait: how long every replica may take to see a published pause (see the module docstring)."""
+        feed_wait: how long every replica may take to see a published pause (see the module docstring);
+        regions: the deployment's data-residency regions (a tenant may be moved to any of them)."""
         self._db = db
+        self._regions = tuple(regions)
         self.peers = peers
         self._channel_for = channel_for
         self._lease = timedelta(seconds=lease_seconds)
@@ -99,8 +103,13 @@ class Migrations:
         self._kicks: set[asyncio.Task] = set()
 
     # -- operator requests ----------------------------------------------------------------------
-    async def start(self, tenant_id: str, target: str, abort: bool) -> MigrationView:
-        """Plan the tenant's move to `target` (a repeat returns the plan), or abort the unfinished one."""
+    async def start(self, tenant_id: str, target: str, abort: bool, target_region: str = "") -> MigrationView:
+        """Plan the tenant's move to `target` (its tier now when empty) in `target_region` (its region now when
+        empty); a repeat returns the plan. Or abort the unfinished one."""
+        if target_region and target_region not in self._regions:
+            known = ", ".join(self._regions)
+            raise InvalidArgument(f"unknown region {target_region[:40]!r}: this deployment's regions are {known}",
+                                  reason="UNKNOWN_REGION", violations={"target_region": f"one of: {known}"})
         if not tenant_id:
             raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant to move"})
         if tenant_id == PLATFORM_TENANT:
@@ -126,25 +135,32 @@ class Migrations:
                 if tenant.status == "deleting":
                     raise FailedPrecondition("the tenant is being deleted", reason="TENANT_DELETING")
                 if row is not None and row.state in UNFINISHED:
-                    if row.target_tier != target or row.state == "aborting":
+                    target = target or row.target_tier
+                    target_region = target_region or row.target_region or tenant.region
+                    if (row.target_tier, row.target_region or tenant.region) != (target, target_region) \
+                            or row.state == "aborting":
                         raise FailedPrecondition(
                             f"the tenant's migration to {row.target_tier} is {row.state}; wait for it or abort it",
                             reason="MIGRATION_IN_PROGRESS")
-                elif tenant.tier == target:
-                    if row is None or row.state != "done" or row.target_tier != target:
-                        raise InvalidArgument(f"the tenant is {target} already", reason="SAME_TIER",
-                                              violations={"target_tier": "a tier other than the tenant's"})
+                elif (tenant.tier, tenant.region) == (target or tenant.tier, target_region or tenant.region):
+                    target, target_region = tenant.tier, tenant.region
+                    if row is None or row.state != "done" or row.target_tier != target \
+                            or (row.target_region or tenant.region) != target_region:
+                        raise InvalidArgument(f"the tenant is {target} in {target_region} already", reason="SAME_TIER",
+                                              violations={"target_tier": "a tier or region other than the tenant's"})
                 else:
                     if row is not None:
                         await s.execute(delete(MigrationStepRow).where(MigrationStepRow.tenant_id == tenant_id))
                         await s.delete(row)
                         await s.flush()
+                    target, target_region = target or tenant.tier, target_region or tenant.region
                     s.add(MigrationRow(tenant_id=tenant_id, source_tier=tenant.tier, target_tier=target,
-                                       state="copying", generation=0, requested_at=utcnow(), pause_ms=0,
+                                       source_region=tenant.region, target_region=target_region, state="copying", generation=0, requested_at=utcnow(), pause_ms=0,
                                        last_error=""))
                     s.add_all(MigrationStepRow(tenant_id=tenant_id, service=svc, position=i, phase="pending",
                                                attempts=0, last_error="") for i, svc in enumerate(SERVICES))
-                    log.info("tenant %s: migration %s -> %s planned", tenant_id, tenant.tier, target)
+                    log.info("tenant %s: migration %s@%s -> %s@%s planned", tenant_id, tenant.tier, tenant.region,
+                             target, target_region)
         self.kick(tenant_id)
         return await self.get(tenant_id)
 
@@ -183,7 +199,11 @@ class Migrations:
                 return False
             try:
                 view = await self.get(tenant_id)
-                source, target = Tier.parse(view.row.source_tier), Tier.parse(view.row.target_tier)
+                # Regions are named to the services only when they change (empty: the tenant's region now,
+                # which a single-region service knows by no name).
+                moves = view.row.source_region != view.row.target_region
+                source = Placement(Tier.parse(view.row.source_tier), view.row.source_region if moves else "")
+                target = Placement(Tier.parse(view.row.target_tier), view.row.target_region if moves else "")
                 if view.row.state == "copying":
                     await self._copy_and_switch(tenant_id, source, target, view.steps)
                     view = await self.get(tenant_id)
@@ -203,7 +223,7 @@ class Migrations:
             task.cancel()
         await asyncio.gather(*self._kicks, return_exceptions=True)
 
-    async def _copy_and_switch(self, tenant_id: str, source: Tier, target: Tier,
+    async def _copy_and_switch(self, tenant_id: str, source: Placement, target: Placement,
                                steps: list[MigrationStepRow]) -> None:
         started = time.monotonic()
         # The pause is published (this plan is `copying`); every replica refuses the tenant within the
@@ -221,15 +241,17 @@ class Migrations:
             top = await s.scalar(select(func.max(MigrationRow.generation)))
             row.generation = (top or 0) + 1
             row.state = "releasing"
-            tenant.tier = target.value
-        log.info("tenant %s: switched to %s in identity", tenant_id, target.value)
+            tenant.tier = target.tier.value
+            if target.region:  # new tokens claim the tier; GetTenantPlacement and the feed say the region
+                tenant.region = target.region
+        log.info("tenant %s: switched to %s in identity", tenant_id, target)
         for step in steps:
             await self._switch(tenant_id, step.service, target, "switched")
         async with self._db.system_session() as s:
             row = await s.get(MigrationRow, tenant_id)
             row.pause_ms = int((time.monotonic() - started) * 1000)
 
-    async def _release(self, tenant_id: str, source: Tier, target: Tier, steps: list[MigrationStepRow]) -> None:
+    async def _release(self, tenant_id: str, source: Placement, target: Placement, steps: list[MigrationStepRow]) -> None:
         if any(step.phase in _PAUSED_PHASES for step in steps):  # still published paused: see _copy_and_switch
             await asyncio.sleep(self._feed_wait)
         for step in steps:
@@ -242,7 +264,7 @@ class Migrations:
                 await self._release_one(tenant_id, step.service, source, target)
         await self._finish(tenant_id, "done")
 
-    async def _abort(self, tenant_id: str, source: Tier, target: Tier, steps: list[MigrationStepRow]) -> None:
+    async def _abort(self, tenant_id: str, source: Placement, target: Placement, steps: list[MigrationStepRow]) -> None:
         for step in steps:
             if step.phase == "pending":
                 await self._switch(tenant_id, step.service, source, "reverted")
@@ -252,10 +274,11 @@ class Migrations:
         await self._finish(tenant_id, "aborted")
 
     # -- one service's calls ------------------------------------------------------------------------
-    async def _copy(self, tenant_id: str, service: str, source: Tier, target: Tier) -> None:
+    async def _copy(self, tenant_id: str, service: str, source: Placement, target: Placement) -> None:
         stub = self._stub(service)
         md = await self._caller.metadata()
-        pair = {"tenant_id": tenant_id, "tier": tier_to_proto(source.value), "target_tier": tier_to_proto(target.value)}
+        pair = {"tenant_id": tenant_id, "tier": tier_to_proto(source.tier.value), "region": source.region,
+                "target_tier": tier_to_proto(target.tier.value), "target_region": target.region}
         async with self._step(tenant_id, service):
             await stub.CopyTenant(lpb.CopyTenantRequest(**pair, pause_seconds=self._pause), timeout=_CALL_TIMEOUT,
                                   metadata=md)
@@ -264,18 +287,19 @@ class Migrations:
                 raise StepFailed(f"verify: {', '.join(verified.mismatched_tables)} differ")
         await self._record(tenant_id, service, phase="copied", verify=json.dumps(MessageToDict(verified)))
 
-    async def _switch(self, tenant_id: str, service: str, tier: Tier, phase: str) -> None:
+    async def _switch(self, tenant_id: str, service: str, to: Placement, phase: str) -> None:
         async with self._step(tenant_id, service):
             await self._stub(service).SwitchTenant(
-                lpb.SwitchTenantRequest(tenant_id=tenant_id, tier=tier_to_proto(tier.value)), timeout=_CALL_TIMEOUT,
-                metadata=await self._caller.metadata())
+                lpb.SwitchTenantRequest(tenant_id=tenant_id, tier=tier_to_proto(to.tier.value), region=to.region),
+                timeout=_CALL_TIMEOUT, metadata=await self._caller.metadata())
         await self._record(tenant_id, service, phase=phase)
 
-    async def _release_one(self, tenant_id: str, service: str, left: Tier, current: Tier) -> None:
+    async def _release_one(self, tenant_id: str, service: str, left: Placement, current: Placement) -> None:
         async with self._step(tenant_id, service):
             out = await self._stub(service).ReleaseTenant(
-                lpb.ReleaseTenantRequest(tenant_id=tenant_id, tier=tier_to_proto(left.value),
-                                         current_tier=tier_to_proto(current.value)),
+                lpb.ReleaseTenantRequest(tenant_id=tenant_id, tier=tier_to_proto(left.tier.value), region=left.region,
+                                         current_tier=tier_to_proto(current.tier.value),
+                                         current_region=current.region),
                 timeout=_CALL_TIMEOUT, metadata=await self._caller.metadata())
         await self._record(tenant_id, service, phase="released", released=json.dumps(MessageToDict(out)))
 
@@ -401,6 +425,7 @@ def migration_pb(view: MigrationView):
     row = view.row
     return pb.TenantMigration(
         tenant_id=row.tenant_id, source_tier=tier_to_proto(row.source_tier), target_tier=tier_to_proto(row.target_tier),
+        source_region=row.source_region, target_region=row.target_region,
         state=_STATE_PB[row.state], generation=row.generation, pause_ms=row.pause_ms, request_time=ts(row.requested_at),
         complete_time=ts(row.completed_at), last_error=row.last_error, steps=steps)
 
@@ -421,16 +446,19 @@ class MigrationRpcs:
         target = ""
         if not request.abort:
             try:
-                if request.target_tier == 0:
+                if request.target_tier == 0 and not request.target_region:  # a region move keeps the tier
                     raise UnknownTier("unset")
-                target = tier_from_proto(request.target_tier).value
+                target = tier_from_proto(request.target_tier).value if request.target_tier else ""
             except UnknownTier:
                 raise InvalidArgument("target_tier must be set to a known tier", reason="INVALID_TIER",
                                       violations={"target_tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
         async with self._audit.change("tenant.tier", tenant_id=request.tenant_id, target=f"tenant/{request.tenant_id}",
                                       tables={"tenant_migrations"},
-                                      detail={"target_tier": target, "abort": request.abort}):
-            view = await migrations.start(request.tenant_id, target, request.abort)
+                                      detail={"target_tier": target, "abort": request.abort,
+                                              **({"target_region": request.target_region}
+                                                 if request.target_region and not request.abort else {})}):
+            view = await migrations.start(request.tenant_id, target, request.abort,
+                                          "" if request.abort else request.target_region)
         return pb.MigrateTenantResponse(migration=migration_pb(view))
 
     async def GetMigration(self, request, context):

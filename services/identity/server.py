@@ -96,7 +96,7 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
     servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source, deletions, audit=audit)
     servicer.migrations = Migrations(db, keys, peers=deletions.peers,
                                      channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
-                                     lease_seconds=config.deletion_lease)
+                                     lease_seconds=config.deletion_lease, regions=svc.regions)
     lifecycle = lifecycle_binding("identity", db, [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
                                   keep=KEPT,
                                   rows_tier=Tier.POOLED)

@@ -129,6 +129,10 @@ class MigrationRow(IdentityBase):
     tenant_id: Mapped[str] = mapped_column("target_tenant", String(64), primary_key=True)
     source_tier: Mapped[str] = mapped_column(String(16))
     target_tier: Mapped[str] = mapped_column(String(16))
+    source_region: Mapped[str] = mapped_column(String(32), default="")
+    """The tenant's region when the migration was planned ("" in plans made before regions could move)."""
+    target_region: Mapped[str] = mapped_column(String(32), default="")
+    """The region it moves to (the source region when only the tier changes; "" as source_region)."""
     state: Mapped[str] = mapped_column(String(16))
     """copying | releasing | done | aborting | aborted (the tenant's tier in `tenants` changes between
     copying and releasing, in the transaction that ends copying)."""

@@ -597,7 +597,7 @@ class MigrationStep(_message.Message):
     def __init__(self, service: _Optional[str] = ..., phase: _Optional[str] = ..., attempts: _Optional[int] = ..., last_error: _Optional[str] = ..., tables: _Optional[_Iterable[_Union[TableProgress, _Mapping]]] = ...) -> None: ...
 
 class TenantMigration(_message.Message):
-    __slots__ = ("tenant_id", "source_tier", "target_tier", "state", "generation", "pause_ms", "request_time", "complete_time", "last_error", "steps")
+    __slots__ = ("tenant_id", "source_tier", "target_tier", "state", "generation", "pause_ms", "request_time", "complete_time", "last_error", "steps", "source_region", "target_region")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     SOURCE_TIER_FIELD_NUMBER: _ClassVar[int]
     TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
@@ -608,6 +608,8 @@ class TenantMigration(_message.Message):
     COMPLETE_TIME_FIELD_NUMBER: _ClassVar[int]
     LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
     STEPS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_REGION_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REGION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     source_tier: _tenancy_pb2.Tier
     target_tier: _tenancy_pb2.Tier
@@ -618,17 +620,21 @@ class TenantMigration(_message.Message):
     complete_time: _timestamp_pb2.Timestamp
     last_error: str
     steps: _containers.RepeatedCompositeFieldContainer[MigrationStep]
-    def __init__(self, tenant_id: _Optional[str] = ..., source_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., state: _Optional[_Union[MigrationState, str]] = ..., generation: _Optional[int] = ..., pause_ms: _Optional[int] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[MigrationStep, _Mapping]]] = ...) -> None: ...
+    source_region: str
+    target_region: str
+    def __init__(self, tenant_id: _Optional[str] = ..., source_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., state: _Optional[_Union[MigrationState, str]] = ..., generation: _Optional[int] = ..., pause_ms: _Optional[int] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., complete_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., steps: _Optional[_Iterable[_Union[MigrationStep, _Mapping]]] = ..., source_region: _Optional[str] = ..., target_region: _Optional[str] = ...) -> None: ...
 
 class MigrateTenantRequest(_message.Message):
-    __slots__ = ("tenant_id", "target_tier", "abort")
+    __slots__ = ("tenant_id", "target_tier", "abort", "target_region")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     TARGET_TIER_FIELD_NUMBER: _ClassVar[int]
     ABORT_FIELD_NUMBER: _ClassVar[int]
+    TARGET_REGION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     target_tier: _tenancy_pb2.Tier
     abort: bool
-    def __init__(self, tenant_id: _Optional[str] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., abort: _Optional[bool] = ...) -> None: ...
+    target_region: str
+    def __init__(self, tenant_id: _Optional[str] = ..., target_tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., abort: _Optional[bool] = ..., target_region: _Optional[str] = ...) -> None: ...
 
 class MigrateTenantResponse(_message.Message):
     __slots__ = ("migration",)
