@@ -98,7 +98,8 @@ class KvReader:
                 writer.close()
 
     async def _exchange(self, conn, request: bytes, node: str):
-        """One request and its answer: the value, None (answered, but not a value) or _DROPPED."""
+        """One request and its answer: the value, None (answered, but not as a value read here: the
+        caller asks hvac) or _DROPPED (the connection failed: another connection may be tried)."""
         reader, writer = conn
         keep = False
         try:
@@ -106,8 +107,9 @@ class KvReader:
                 writer.write(request)
                 head = await reader.readuntil(b"\r\n\r\n")
                 status, length, keep = _parse_head(head)
-                if length is None:
-                    return _DROPPED  # chunked or unknown length: not read here
+                if length is None:  # chunked or unknown length (a large value): answered, not read here
+                    writer.close()
+                    return None
                 body = await reader.readexactly(length)
         except BaseException as exc:
             writer.close()

@@ -77,3 +77,17 @@ async def test_no_token_yet_goes_through_hvac_which_mints_it(vh):
     minted = tokens.minted_count
     assert (await vh.get("fresh")).value == b"fresh-value"
     assert tokens.minted_count == minted + 1 and tokens.cached_token(TenantRef(vh.alpha)) is not None
+
+
+async def test_a_large_value_reads_whole_whichever_path_answers(vh):
+    """A value near the 64 KiB limit (OpenBao may answer it chunked, which only hvac reads) comes back
+    whole, and the next small read still takes the lean path."""
+    big = bytes(range(256)) * 250
+    await vh.put("big", big)
+    await vh.put("small", b"small-value")
+    await vh.get("small")
+    assert (await vh.get("big")).value == big
+    reader = vh.service.backend._reader
+    before = reader.reads
+    assert (await vh.get("small")).value == b"small-value"
+    assert reader.reads == before + 1
