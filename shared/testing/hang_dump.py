@@ -26,15 +26,39 @@ def _timeout_of(item: pytest.Item) -> float:
         return 0.0
 
 
+def await_chain(awaitable) -> list[str]:
+    """Where a suspended coroutine waits: each frame down its chain of awaits, then what it awaits last.
+
+    Task.print_stack() shows only the task's own frame; the await that hangs is usually deeper."""
+    lines = []
+    for _ in range(50):
+        frame = next((getattr(awaitable, a) for a in ("cr_frame", "gi_frame", "ag_frame")
+                      if getattr(awaitable, a, None) is not None), None)
+        if frame is not None:
+            lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
+        inner = next((getattr(awaitable, a) for a in ("cr_await", "gi_yieldfrom", "ag_await")
+                      if getattr(awaitable, a, None) is not None), None)
+        if inner is None:
+            if frame is None:
+                lines.append(f"  awaiting {awaitable!r}"[:300])
+            break
+        awaitable = inner
+    return lines
+
+
 def dump_pending_tasks(file=None) -> int:
-    """Print the stack of every asyncio task not done, in any thread's loop; how many."""
+    """Print the await chain of every asyncio task not done, in any thread's loop (tests first); how many."""
     file = file or sys.stderr
     # asyncio.all_tasks() needs the loop; the registry behind it holds every loop's tasks.
     tasks = [t for t in list(asyncio.tasks._all_tasks) if not t.done()]  # noqa: SLF001
+    tasks.sort(key=lambda t: "test_" not in getattr(t.get_coro(), "__qualname__", ""))
     print(f"\n+++ {len(tasks)} asyncio task(s) pending {MARGIN:.0f} s before the timeout +++", file=file)
     for task in tasks:
-        print(f"--- {task.get_name()}: {task.get_coro()!r}", file=file)
-        task.print_stack(limit=12, file=file)
+        try:
+            print(f"--- {task.get_name()}: {getattr(task.get_coro(), '__qualname__', task.get_coro())}", file=file)
+            print("\n".join(await_chain(task.get_coro())), file=file)
+        except Exception as exc:  # noqa: BLE001 - a diagnostic must not stop at one odd task
+            print(f"  (cannot walk it: {exc!r})", file=file)
     return len(tasks)
 
 

@@ -9,6 +9,9 @@ from shared.testing.hang_dump import dump_pending_tasks
 
 async def test_a_pending_task_is_printed_with_the_line_it_waits_on():
     async def waits_for_ever_on_an_event():
+        await one_level_down()
+
+    async def one_level_down():
         await asyncio.Event().wait()
 
     task = asyncio.create_task(waits_for_ever_on_an_event(), name="stuck-one")
@@ -19,4 +22,6 @@ async def test_a_pending_task_is_printed_with_the_line_it_waits_on():
     finally:
         task.cancel()
     text = out.getvalue()
-    assert "stuck-one" in text and "waits_for_ever_on_an_event" in text and "await asyncio.Event().wait()" in text
+    assert "stuck-one" in text and "waits_for_ever_on_an_event" in text
+    # the chain goes down to the await that blocks, not just the task's own frame
+    assert "in one_level_down" in text and "locks.py" in text and "in wait" in text
