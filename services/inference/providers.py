@@ -15,6 +15,7 @@ connections, less CPU again, at the price of bypassing the SDK's transport.
 """
 from __future__ import annotations
 
+import asyncio
 import collections
 import contextvars
 import hashlib
@@ -55,6 +56,19 @@ def _sdk() -> Any:
     """The anthropic SDK, imported on first use (streams, token counts, an HTTP proxy in the environment)."""
     import anthropic
     return anthropic
+
+
+_sdk_ready = False
+
+
+async def _load_sdk() -> None:
+    """Import the SDK on first use in a worker thread: the import takes from half a second to seconds on a
+    busy machine, and the event loop keeps serving the calls in flight meanwhile (callers that come during
+    it wait for the same import: Python's import lock)."""
+    global _sdk_ready
+    if not _sdk_ready:
+        await asyncio.to_thread(_sdk)
+        _sdk_ready = True
 
 
 def _fields() -> frozenset[str]:
@@ -192,9 +206,10 @@ class AnthropicProvider:
         entry = self._clients.get(target)
         if entry is None:
             base_url = (target.base_url or self._base_url or DEFAULT_BASE_URL).rstrip("/")
-            http = make_http_client(timeout=self._timeout, transport=self._http)
             # With an HTTP proxy configured only the SDK's own transports reach the upstream.
             pool = UpstreamPool(base_url, timeout=self._timeout) if self._direct and not proxies_configured() else None
+            # The SDK's HTTP client is made with its SDK client (_client); a direct pool may never need it.
+            http = None if pool is not None else make_http_client(timeout=self._timeout, transport=self._http)
             head = b""
             if pool is not None:
                 head = pool.request_head("/v1/messages") + (
@@ -215,6 +230,8 @@ class AnthropicProvider:
     def _client(self, target: Target) -> anthropic.AsyncAnthropic:
         entry = self._upstream(target)
         if entry.sdk is None:
+            if entry.http is None:
+                entry.http = make_http_client(timeout=self._timeout, transport=self._http)
             # open_telemetry=False: no SDK span per call. The proxy's own span of the call (tenant, request
             # id, model, provider) is the trace; the SDK's built its attributes on every call (about 0.4 ms
             # of CPU with a recording tracer) and would send the trace context to the upstream.
@@ -234,6 +251,7 @@ class AnthropicProvider:
         entry.enter()
         try:
             if entry.pool is None:
+                await _load_sdk()
                 return await self._create_with_sdk(body, target)
             return await self._create_direct(body, entry, target)
         finally:
@@ -274,6 +292,7 @@ class AnthropicProvider:
         """The streaming events of one call, as dicts: the upstream's JSON of each event as it sent it
         (read from the SDK's raw streaming response, no event models built), minus pings, as the SDK's
         own stream yields them."""
+        await _load_sdk()
         anthropic = _sdk()
         started = False
         try:
@@ -307,6 +326,7 @@ class AnthropicProvider:
 
     async def count_tokens(self, body: dict[str, Any], target: Target) -> int:
         """The upstream's input token count of a request."""
+        await _load_sdk()
         anthropic = _sdk()
         body = {k: v for k, v in body.items() if k in ("model", "messages", "system", "tools", "tool_choice")}
         entry = self._upstream(target)
