@@ -81,6 +81,21 @@ class PurgeHook(Protocol):
         """Runs before any row is deleted; must be idempotent."""
 
 
+class MoveHook(Protocol):
+    """What a service keeps of a tenant outside its database and moves with it (credentials: its secrets and
+    Transit key in OpenBao). Sides come with their regions filled in; each method is idempotent."""
+
+    async def copy(self, tenant_id: str, source: Placement, target: Placement) -> list[TableCount]:
+        """Make the target hold exactly what the source holds; what it holds now, per kind."""
+
+    async def verify(self, tenant_id: str, source: Placement,
+                     target: Placement) -> tuple[list[TableCount], list[TableCount]]:
+        """Both sides, per kind, in the same order."""
+
+    async def release(self, tenant_id: str, left: Placement, current: Placement) -> list[TableCount]:
+        """Destroy what the tenant left at `left`; what was there."""
+
+
 @dataclass
 class PurgeResult:
     """What one PurgeTenant destroyed and kept."""
@@ -116,9 +131,10 @@ class TenantLifecycle:
 
     def __init__(self, service: str, db: Database, metadata: MetaData | Sequence[MetaData], *,
                  hooks: Sequence[PurgeHook] = (), keep: Mapping[str, str] | None = None,
-                 rows_tier: Tier | None = None) -> None:
+                 rows_tier: Tier | None = None, movers: Sequence[MoveHook] = ()) -> None:
         """keep: table -> why it is kept. rows_tier: where the rows live whatever the tenant's tier
-        (identity keeps its own rows pooled)."""
+        (identity keeps its own rows pooled). movers: what moves with the rows in a migration."""
+        self._movers = tuple(movers)
         self.service = service
         self._db = db
         metadatas = [metadata] if isinstance(metadata, MetaData) else list(metadata)
@@ -273,6 +289,8 @@ class TenantLifecycle:
             if src_name != dst_name:  # the same on SQLite's bridge and silo: one file of the tenant's own
                 await self._copy_rows(tenant_id, src, dst, tables)
             copied += await self._counts(dst_name, dst, tables, tenant_id)
+        for mover in self._movers:
+            copied += await mover.copy(tenant_id, source, target)
         log.info("%s: copied tenant %s %s -> %s (%d rows)", self.service, tenant_id, source, target,
                  sum(c.rows for c in copied))
         return CopyResult(copied, time.monotonic() - started)
@@ -326,6 +344,10 @@ class TenantLifecycle:
             for name, route, tables in await self._groups(tenant_id, side, create=False, region_move=moves):
                 counts += await self._counts(name, route, tables, tenant_id)
             out.append(counts)
+        for mover in self._movers:
+            left, right = await mover.verify(tenant_id, source, target)
+            out[0] += left
+            out[1] += right
         return out[0], out[1]
 
     def switch(self, tenant_id: str, tier: Tier, region: str = "") -> None:
@@ -365,6 +387,8 @@ class TenantLifecycle:
             else:
                 await router.drop(tenant_id, left.tier.value, left.region, tables=self._store_tables)
             deleted += [c for c in counts if c.rows]
+        for mover in self._movers:
+            deleted += await mover.release(tenant_id, left, now)
         return deleted
 
 
@@ -568,8 +592,8 @@ def purge_pb(service: str, result: PurgeResult) -> pb.PurgeTenantResponse:
 
 def lifecycle_binding(service: str, db: Database, metadata: MetaData | Sequence[MetaData], *,
                       hooks: Sequence[PurgeHook] = (), keep: Mapping[str, str] | None = None,
-                      rows_tier: Tier | None = None) -> Binding:
+                      rows_tier: Tier | None = None, movers: Sequence[MoveHook] = ()) -> Binding:
     """The TenantLifecycleService binding a service adds to its server (one line in server.py)."""
-    lifecycle = TenantLifecycle(service, db, metadata, hooks=hooks, keep=keep, rows_tier=rows_tier)
+    lifecycle = TenantLifecycle(service, db, metadata, hooks=hooks, keep=keep, rows_tier=rows_tier, movers=movers)
     return Binding(lifecycle_pb2_grpc.add_TenantLifecycleServiceServicer_to_server,
                    TenantLifecycleServicer(lifecycle), pb.DESCRIPTOR.services_by_name["TenantLifecycleService"])

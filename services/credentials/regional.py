@@ -24,6 +24,11 @@ class RegionalVault:
         self._region_of = region_of
 
     @property
+    def backends(self) -> dict[str, VaultBackend]:
+        """Each region's backend (a tenant's move between regions reads one and writes the other)."""
+        return dict(self._backends)
+
+    @property
     def regions(self) -> tuple[str, ...]:
         """The regions with an OpenBao, default first."""
         return tuple(self._backends)
@@ -71,12 +76,15 @@ def make_vault(config, db: Database) -> VaultBackend | RegionalVault:
     """The vault backend of a credentials Config: one VaultBackend, or one per region routed by `db`'s
     placement of each tenant (the regions must be the database's: a tenant with no OpenBao in its
     region would have its secrets written elsewhere)."""
-    default = VaultBackend(config.vault_addr, config.vault_token, token_ttl_seconds=config.tenant_token_ttl)
+    # The tier picks a silo tenant's namespace: the router's (a migration's placement), never the token's claim.
+    default = VaultBackend(config.vault_addr, config.vault_token, token_ttl_seconds=config.tenant_token_ttl,
+                           placed_tier=db.router.placed_tier)
     if not config.vault_regions:
         return default
     backends = {db.regions[0]: default}
     for region, (addr, token) in config.vault_regions.items():
-        backends[region] = VaultBackend(addr, token, token_ttl_seconds=config.tenant_token_ttl)
+        backends[region] = VaultBackend(addr, token, token_ttl_seconds=config.tenant_token_ttl,
+                                        placed_tier=db.router.placed_tier)
     if set(backends) != set(db.regions):
         raise ValueError(f"OpenBao regions {sorted(backends)} differ from the database's {sorted(db.regions)}")
     return RegionalVault(backends, db.router.region_of)

@@ -17,6 +17,7 @@ from services.credentials.secret_manager import SecretManager
 from services.credentials.servicer import CredentialsServicer
 from services.credentials.store import CredentialsBase
 from services.credentials.vault_backend import VaultBackend
+from services.credentials.vault_move import VaultMover
 from shared.placement import open_service_database
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
@@ -87,7 +88,8 @@ async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBacken
                       CredentialsServicer(secrets, keys, audit),
                       credentials_pb2.DESCRIPTOR.services_by_name["CredentialsService"])
     lifecycle = lifecycle_binding("credentials", db, [CredentialsBase.metadata, SECURITY_EVENTS_METADATA],
-                                  hooks=[CredentialsShredder(db, backend)])
+                                  hooks=[CredentialsShredder(db, backend)],
+                                  movers=[] if isinstance(backend, LocalBackend) else [VaultMover(backend)])
     security = security_events_binding("credentials", db)
     running = await serve(name="credentials", bindings=[binding, lifecycle, security],
                           verifier=verifier, address=address, page_key=await load_page_key(db, "credentials"))

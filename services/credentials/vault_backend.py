@@ -146,8 +146,12 @@ class VaultBackend:
     name = "vault"
 
     def __init__(self, url: str | Sequence[str], admin_token: str, *, layout: VaultLayout | None = None,
-                 token_ttl_seconds: int = 900, timeout: float = 5.0) -> None:
-        """url: one OpenBao address, or several nodes of one cluster (comma-separated or a list)."""
+                 token_ttl_seconds: int = 900, timeout: float = 5.0,
+                 placed_tier: Callable[[str, str], str] | None = None) -> None:
+        """url: one OpenBao address, or several nodes of one cluster (comma-separated or a list).
+        placed_tier: (tenant id, its token's tier claim) -> the tier that routes it (the database router's,
+        which follows tier migrations): a silo tenant's namespace is picked by it, never by the claim."""
+        self._placed_tier = placed_tier
         urls = split_addresses(url)
         self._session = _session_for(urls)
         self.layout = layout or VaultLayout()
@@ -167,8 +171,14 @@ class VaultBackend:
 
     # -- plumbing -------------------------------------------------------------------------------
 
+    def _placed(self, tenant: TenantRef) -> TenantRef:
+        if self._placed_tier is None:
+            return tenant
+        tier = self._placed_tier(tenant.tenant_id, tenant.tier) or tenant.tier
+        return tenant if tier == tenant.tier else TenantRef(tenant.tenant_id, tier)
+
     async def _run(self, tenant: TenantRef, op: Callable[[hvac.Client], T]) -> T:
-        return await asyncio.to_thread(self._call, tenant, op)
+        return await asyncio.to_thread(self._call, self._placed(tenant), op)
 
     def _call(self, tenant: TenantRef, op: Callable[[hvac.Client], T]) -> T:
         """Run op with the tenant's client; on 403 re-provision once (OpenBao restarted or token
@@ -218,7 +228,7 @@ class VaultBackend:
             return StoredValue(int(data["metadata"]["version"]), base64.b64decode(data["data"]["value"]))
 
         # The lean read on the loop (vault_read); anything but a plain 200 goes through hvac.
-        return await self._reader.read(tenant, path, version) or await self._run(tenant, op)
+        return await self._reader.read(self._placed(tenant), path, version) or await self._run(tenant, op)
 
     async def delete(self, tenant: TenantRef, name: str, versions: list[int]) -> None:
         """Soft-delete versions in KV v2."""

@@ -34,9 +34,10 @@ class TenantTokens:
         self._layout, self._ttl, self._timeout, self._session = layout, ttl_seconds, timeout, session
         self._clock = clock
         self._lock = threading.Lock()
-        self._minted: dict[str, _Minted] = {}
+        # Per tenant and namespace: a migration into or out of silo changes the namespace of its calls.
+        self._minted: dict[tuple[str, str | None], _Minted] = {}
         self._ready_namespaces: set[str | None] = set()
-        self._ready_tenants: set[str] = set()
+        self._ready_tenants: set[tuple[str, str | None]] = set()
         self.minted_count = 0
         """How many tokens were minted (tests check that tokens are reused)."""
 
@@ -51,25 +52,33 @@ class TenantTokens:
     def cached_token(self, tenant: TenantRef) -> str | None:
         """The tenant's token if one is minted and not yet due for refresh; never provisions or
         waits (the event loop's read path calls it; None sends the read through client_for)."""
-        minted = self._minted.get(tenant.tenant_id)
+        minted = self._minted.get(self._key(tenant))
         return minted.token if minted is not None and self._clock() < minted.refresh_at else None
 
     def forget(self, tenant: TenantRef) -> None:
         """Drop the tenant's token and provisioning state (after OpenBao refused it, e.g. a restart)."""
         with self._lock:
-            self._minted.pop(tenant.tenant_id, None)
-            self._ready_tenants.discard(tenant.tenant_id)
+            self._minted.pop(self._key(tenant), None)
+            self._ready_tenants.discard(self._key(tenant))
             self._ready_namespaces.discard(self._layout.namespace(tenant))
             self._ready_namespaces.discard(None)
 
+    def _key(self, tenant: TenantRef) -> tuple[str, str | None]:
+        return tenant.tenant_id, self._layout.namespace(tenant)
+
+    def provision(self, tenant: TenantRef) -> None:
+        """Make the tenant's namespace (silo), mounts, Transit key and policy exist (a migration's target)."""
+        with self._lock:
+            self._provision(tenant)
+
     def _get(self, tenant: TenantRef) -> _Minted:
         with self._lock:
-            minted = self._minted.get(tenant.tenant_id)
+            minted = self._minted.get(self._key(tenant))
             if minted is not None and self._clock() < minted.refresh_at:
                 return minted
             self._provision(tenant)
             minted = self._mint(tenant)
-            self._minted[tenant.tenant_id] = minted
+            self._minted[self._key(tenant)] = minted
             return minted
 
     def admin(self, namespace: str | None) -> hvac.Client:
@@ -93,11 +102,11 @@ class TenantTokens:
             if f"{self._layout.transit_mount}/" not in mounts:
                 admin.sys.enable_secrets_engine("transit", path=self._layout.transit_mount)
             self._ready_namespaces.add(ns)
-        if tenant.tenant_id not in self._ready_tenants:
+        if self._key(tenant) not in self._ready_tenants:
             admin.secrets.transit.create_key(self._layout.key_name(tenant), key_type="aes256-gcm96",
                                              mount_point=self._layout.transit_mount)
             admin.sys.create_or_update_policy(self._layout.policy_name(tenant), self._layout.policy(tenant))
-            self._ready_tenants.add(tenant.tenant_id)
+            self._ready_tenants.add(self._key(tenant))
 
     def _mint(self, tenant: TenantRef) -> _Minted:
         ns = self._layout.namespace(tenant)
