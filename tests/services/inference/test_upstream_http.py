@@ -152,3 +152,37 @@ async def test_an_evicted_client_closes_once_its_last_call_ended(no_proxy_env):
             await asyncio.sleep(0.01)
         assert first.http.is_closed
         await provider.close()
+
+
+async def test_through_aiohttp_only_a_failed_connect_is_retry_safe(no_proxy_env):
+    """aiohttp's connection errors all reach the SDK as ConnectError: a port nobody listens on (nothing was
+    sent) is retry-safe, a connection the upstream drops after reading the request (it may have done the
+    work) is not."""
+    from services.inference.providers import UpstreamError
+
+    body = {"model": PINNED, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()                     # a free port: connecting is refused
+    provider = AnthropicProvider(base_url=f"http://127.0.0.1:{port}", timeout=5.0)
+    with pytest.raises(UpstreamError) as refused:
+        await provider.create(body, Target(api_key=PLATFORM_KEY))
+    await provider.close()
+    assert (refused.value.kind, refused.value.retry_safe) == ("unavailable", True)
+
+    async def read_then_drop(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.transport.abort()
+
+    server = await asyncio.start_server(read_then_drop, "127.0.0.1", 0)
+    provider = AnthropicProvider(base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=5.0)
+    try:
+        with pytest.raises(UpstreamError) as dropped:
+            await provider.create(body, Target(api_key=PLATFORM_KEY))
+    finally:
+        await provider.close()
+        server.close()
+        await server.wait_closed()
+    assert (dropped.value.kind, dropped.value.retry_safe, dropped.value.status) == ("unavailable", False, 0)
+    assert provider._http == "aiohttp"      # the transport these errors came through
