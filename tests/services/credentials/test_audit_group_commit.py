@@ -6,6 +6,8 @@ from __future__ import annotations
 import asyncio
 import sqlite3
 
+import pytest
+
 from bulkhead.credentials.v1 import credentials_pb2 as pb
 from services.credentials import sqlite_inline
 from services.credentials.audit import AuditLog
@@ -13,6 +15,13 @@ from shared.tenancy import TenantContext, tenant_scope
 from tests.services.credentials.conftest import open_db
 
 KEY = b"k" * 32
+
+
+@pytest.fixture(autouse=True)
+def _no_slow_backoff(monkeypatch):
+    """A loaded test machine can make any commit "slow"; the tests that count which path ran say
+    when they want the back-off (test_after_a_slow_inline_commit_...)."""
+    monkeypatch.setattr(sqlite_inline, "SLOW_SECONDS", 60.0)
 
 
 def _counting(monkeypatch, cls, name: str) -> list[int]:
