@@ -1,11 +1,12 @@
 """Moving a tenant to another region is a migration: MigrateTenant(target_region="eu") on the regional mesh
 (us, the default, and eu, each with its own databases). A pooled, a bridge and a silo tenant of us, each with
 one resource of every kind (secret, ciphertext, team, run, thread, context, private model, usage, holds,
-security events, a rotating secret's schedule), move to eu.
+security events, a rotating secret's schedule), move to eu: on SQLite with secrets sealed in the database,
+and on Postgres with each region's OpenBao (where the Transit key and the values move too).
 
 Afterwards a superuser scan of every table of every database (every SQLite file) finds each mover's id in
 eu's stores only (apart from identity's directory and the documented platform tables of the default
-region), its schema / database / file on the eu side only; identity places it in eu; a token issued before
+region), its schema / database / file on the eu side only, its key and values in eu's OpenBao only; identity places it in eu; a token issued before
 the move still reads its secret, decrypts a ciphertext made before it, reads its events; a us bystander's
 rows are exactly as before. The bridge tenant moves through `bulkhead tenants migrate NAME --region eu`.
 """
@@ -31,11 +32,13 @@ from tests.lifecycle.test_migrate_mesh import wait_migration
 from tests.lifecycle.test_residency import (
     HOME_PLATFORM_TABLES,
     database_names,
+    openbao_holds,
     postgres_tables,
     region_of_store,
     rotating_secret,
     running_regional_mesh,
     scan,
+    second_openbao,  # noqa: F401 - the fixture
     sqlite_tables,
 )
 from tests.services.orchestrator.mesh import TIERS
@@ -43,13 +46,20 @@ from tests.services.orchestrator.mesh import TIERS
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.mark.parametrize("database", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(tmp_path, request, database, monkeypatch,
-                                                                     capsys):
+@pytest.mark.parametrize("database, secrets_backend", [
+    ("sqlite", "local"),
+    pytest.param("postgres", "vault", marks=[pytest.mark.postgres, pytest.mark.openbao]),
+])
+async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(tmp_path, request, database, secrets_backend,
+                                                                     monkeypatch, capsys):
     monkeypatch.setattr("services.metering.server.REGISTRY", CollectorRegistry())
     postgres = request.getfixturevalue("postgres") if database == "postgres" else None
+    vaults = None
+    if secrets_backend == "vault":
+        vaults = {"us": request.getfixturevalue("openbao"), "eu": request.getfixturevalue("second_openbao")}
     existing = await database_names(postgres.admin_url) if postgres else set()
-    async with FakeAnthropic() as upstream, running_regional_mesh(tmp_path, postgres, upstream.base_url) as mesh:
+    async with FakeAnthropic() as upstream, \
+            running_regional_mesh(tmp_path, postgres, upstream.base_url, vaults) as mesh:
         await mesh.orchestrator.dispatcher.stop()  # runs stay queued (and in the orchestrator's rows) while moving
         mesh.identity.app.deletions.peers.update(addresses(mesh))  # the coordinators' peers
         mesh.identity.app.migrations._feed_wait = 1.2  # one process: every service polls the feed each second
@@ -65,7 +75,8 @@ async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(tmp_path, re
         where = (lambda: postgres_tables(postgres.admin_url, existing)) if postgres else (lambda: sqlite_tables(tmp_path))
         try:
             movers, made = {}, {}
-            for tier in TIERS:
+            # On Postgres + OpenBao the silo and pooled movers (a bridge one moves on SQLite, through the CLI).
+            for tier in (TIERS if vaults is None else ("pooled", "silo")):
                 created = await mesh.identity.stub.CreateTenant(idn.CreateTenantRequest(
                     name=f"mv-{tier}", tier=TIERS[tier], region="us"), metadata=op)
                 movers[tier] = await mesh.identity.login(created.admin_api_key)
@@ -118,6 +129,9 @@ async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(tmp_path, re
                 if tier != "pooled":  # its own schema, database or file: on eu's side only
                     own = {h.store for h in found if tenant_slug(t.tenant_id) in h.store}
                     assert own and {region_of_store(store) for store in own} == {"eu"}, own
+                if vaults:  # its Transit key and secret values: in eu's OpenBao only
+                    assert openbao_holds(vaults["eu"], t.tenant_id, tier) == (True, True), tier
+                    assert openbao_holds(vaults["us"], t.tenant_id, tier) == (False, False), tier
                 # The token issued before the move: secret, old ciphertext and events, now served from eu.
                 creds = credentials_pb2_grpc.CredentialsServiceStub(channels["credentials"])
                 got = await creds.GetSecret(cred.GetSecretRequest(name=made[tier].secret_name), metadata=t.metadata)
