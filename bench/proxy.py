@@ -39,6 +39,7 @@ sys.path.insert(0, str(ROOT))
 
 from bench import _litellm  # noqa: E402
 from bench._figures import add_json_option, write_json  # noqa: E402
+from services.inference.config import TRANSPORTS  # noqa: E402
 
 TENANT = "t_bench"
 MODEL = "claude-bench"
@@ -378,6 +379,9 @@ async def _bench(args: argparse.Namespace) -> None:
                      "BULKHEAD_INFERENCE_LEASE_TOKENS": "50000", "BULKHEAD_LOG_LEVEL": "WARNING"}
         if args.profile:
             proxy_env["BENCH_PROFILE"] = args.profile
+        if args.transport:
+            proxy_env["BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT"] = args.transport
+        transport = proxy_env.get("BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT", "sdk")
         proxy, proxy_addr = _spawn("proxy", proxy_env)
         procs.append(proxy)
         await asyncio.sleep(1.0)          # started, no call yet: what an idle proxy holds
@@ -430,7 +434,8 @@ async def _bench(args: argparse.Namespace) -> None:
                 await warm()
 
         print(f"upstream delay {args.delay * 1000:.0f} ms, {args.seconds:.1f} s per path in {args.rounds} rounds, "
-              f"quotas + leases + metering on; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+              f"quotas + leases + metering on, upstream transport {transport}; "
+              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
         print(f"{'conc':>4} {'path':>7} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>8}")
         results = {}
         # CPU per process while each path runs. At concurrency 32 each path is bound by one event
@@ -509,6 +514,9 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per path and concurrency")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the seconds are split into")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the proxy process to FILE")
+    parser.add_argument("--transport", choices=TRANSPORTS,
+                        help="the proxy's upstream transport (BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT; default: "
+                             "the environment's, else sdk)")
     parser.add_argument("--peer", choices=("litellm",), help="also run this proxy against the same upstream")
     parser.add_argument("--no-workers", dest="workers", action="store_false",
                         help="skip calls/s through 1 vs 2 worker processes on one port")
