@@ -11,8 +11,10 @@ One run = 3 model calls (two of them ask for read_context, so 2 tool steps) = 7 
 and prints per-run latency (median, sequential), the overhead per step, and runs/s for many
 concurrent runs across tenants with each tenant's median step wait (the fairness figure).
 
-    python bench/orchestrator.py            # < 60 s
-    python bench/orchestrator.py --quick    # a few seconds
+    python bench/orchestrator.py              # < 60 s
+    python bench/orchestrator.py --quick      # a few seconds
+    python bench/orchestrator.py --postgres   # the orchestrator's and state's databases on Postgres
+                                              # (started for the run as the tests do; SQLite otherwise)
 """
 from __future__ import annotations
 
@@ -116,13 +118,33 @@ async def orchestrated_run(stub, md) -> tuple[float, list[pb.WatchRunResponse]]:
     return elapsed, msgs
 
 
-async def main(quick: bool, json_to: str | None = None) -> None:
+async def main(quick: bool, json_to: str | None = None, postgres: bool = False) -> None:
     sequential = 5 if quick else 30
     tenants_n, per_tenant = (4, 5) if quick else (10, 10)
+    env, orch_env, server = {}, {"BULKHEAD_ORCHESTRATOR_MAX_CONCURRENT": "100"}, None
+    if postgres:
+        from shared.testing.postgres import start_postgres
+
+        server = start_postgres()
+        suffix = f"{os.getpid()}_{time.monotonic_ns() % 10**6}"
+        state_db, orch_db = (await server.create_database(f"bench_state_{suffix}"),
+                             await server.create_database(f"bench_orch_{suffix}"))
+        env = {"BULKHEAD_STATE_DATABASE_URL": state_db.app_url, "BULKHEAD_STATE_DATABASE_OWNER_URL": state_db.owner_url}
+        orch_env.update({"BULKHEAD_ORCHESTRATOR_DATABASE_URL": orch_db.app_url,
+                         "BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL": orch_db.owner_url})
+    try:
+        await _measure(sequential, tenants_n, per_tenant, json_to, env, orch_env, postgres)
+    finally:
+        if server is not None:
+            server.stop()
+
+
+async def _measure(sequential: int, tenants_n: int, per_tenant: int, json_to: str | None, env: dict[str, str],
+                   orch_env: dict[str, str], postgres: bool) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         async with ThreeStepUpstream() as upstream, running_mesh(
-                Path(tmp), upstream_url=upstream.base_url,
-                orchestrator_env={"BULKHEAD_ORCHESTRATOR_MAX_CONCURRENT": "100"}) as mesh:
+                Path(tmp), upstream_url=upstream.base_url, env=env, orchestrator_env=orch_env) as mesh:
+            print(f"databases of state and the orchestrator: {'Postgres' if postgres else 'SQLite'}")
             tenants = [await mesh.tenant() for _ in range(tenants_n)]
             for t in tenants:
                 await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team()), metadata=t.metadata)
@@ -184,6 +206,8 @@ async def main(quick: bool, json_to: str | None = None) -> None:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few-second smoke run")
+    parser.add_argument("--postgres", action="store_true",
+                        help="state and the orchestrator on Postgres (a local server started for the run)")
     add_json_option(parser)
     cli = parser.parse_args()
-    asyncio.run(main(cli.quick, cli.json))
+    asyncio.run(main(cli.quick, cli.json, cli.postgres))

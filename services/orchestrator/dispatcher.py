@@ -278,13 +278,15 @@ class _Recorder:
     first, the next execution catches up from state (Dispatcher._syncer).
     """
 
-    def __init__(self, runs: RunStore, feed: StepFeed, run: RunRecord, *, batch_window: float = 0.05):
+    def __init__(self, runs: RunStore, feed: StepFeed, run: RunRecord, *, batch_window: float = 0.25):
         self._runs, self._feed, self._run, self._window = runs, feed, run, batch_window
         self._pending: list[tuple[Step, str]] = []
         self._last_at: float | None = None
         """When the last step recorded by this recorder was made (the next batch's first latency)."""
         self._wake = asyncio.Event()
         self._closing = False
+        self._closed = asyncio.Event()
+        """Set by close(): ends the batching wait at once (the run's slot waits on it)."""
         self._lock = asyncio.Lock()
         self._task = asyncio.create_task(self._loop(), name=f"record-{run.run_id}")
 
@@ -304,6 +306,7 @@ class _Recorder:
     async def close(self) -> None:
         """Write what is pending, then stop."""
         self._closing = True
+        self._closed.set()
         self._wake.set()
         await asyncio.shield(self._task)
         await self._flush(None)
@@ -313,8 +316,9 @@ class _Recorder:
         while not self._closing:
             await self._wake.wait()
             self._wake.clear()
-            if not self._closing:
-                await asyncio.sleep(self._window)  # gather a few steps into one transaction
+            if not self._closing:  # gather a few steps into one transaction
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closed.wait(), self._window)
             await self._flush(None)
 
     async def _flush(self, finished) -> RunRecord | None:

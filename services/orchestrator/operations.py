@@ -176,10 +176,9 @@ class Orchestrator:
             raise InvalidArgument("after_step must not be negative", violations={"after_step": "must be >= 0"})
         with self._feed.subscribe(run_id) as live:
             while True:
-                # Catch up from the database (steps recorded by any replica): NotFound for another
-                # tenant's run, before anything is streamed. A run turns terminal in the same
-                # transaction as its last step, and the snapshot reads the run before the steps, so
-                # after a terminal read the steps are complete.
+                # Catch up from the database (steps recorded by any replica), with the run as of the
+                # last of them (complete once the run is finished: RunStore.snapshot); NotFound for
+                # another tenant's run, before anything is streamed.
                 run, steps = await self._runs.snapshot(run_id, after_step)
                 for step in steps:
                     yield step, run

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import uuid
 from dataclasses import dataclass, field
 
 import grpc
@@ -105,14 +106,15 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
                   secrets=SecretInjector(credentials_ch), http=tools)
     engine = Engine(canary_key=canary_key or _canary_key(config),
                     limits=Limits(max_steps_per_run=config.max_steps_per_run))
-    runs, feed = RunStore(db), StepFeed()
+    owner = f"orch-{uuid.uuid4().hex[:12]}"  # this replica: its leases, and the origin of its queue notices
+    runs, feed = RunStore(db, origin=owner), StepFeed()
     sealer = GrantSealer(load_or_create_key(config.grant_key_path))
     dispatcher = Dispatcher(runs=runs, engine=engine, ports_for=lambda: ports, sealer=sealer, feed=feed,
                             settings=DispatchSettings(runs_per_tenant=config.runs_per_tenant,
                                                       max_concurrent=config.max_concurrent,
                                                       lease_seconds=config.lease_seconds,
                                                       poll_seconds=poll_seconds),
-                            suspended=verifier.tenant_suspended)
+                            suspended=verifier.tenant_suspended, owner=owner)
     orchestrator = Orchestrator(teams=TeamStore(db), runs=runs, dispatcher=dispatcher, feed=feed,
                                 delegator=delegator or IdentityDelegator(identity_ch), sealer=sealer,
                                 delegation_ttl=config.delegation_ttl, watch_poll=poll_seconds)
@@ -128,7 +130,7 @@ async def start(config: OrchestratorConfig, verifier: TokenVerifier, *, peers: P
                           verifier=verifier,
                           address=address or svc.address, page_key=await load_page_key(db, "orchestrator"))
     dispatcher.start()
-    listener = QueueListener(db.engine, dispatcher.wake)
+    listener = QueueListener(db.engine, dispatcher.wake, origin=owner)
     listener.start()
     retention = retention_sweeper("orchestrator", svc, [audit.prune], identity=peers.identity)
     retention.start(interval=sweep_interval(svc.env))

@@ -190,10 +190,10 @@ def _run_raw(r: Any) -> RunRecord:
                      r[8] or "", r[9] or "", r[10] or 0, r[11] or "", r[12], r[13], r[14] or "")
 
 
-async def _notify(tx: Any) -> None:
+async def _notify(tx: Any, origin: str) -> None:
     """Tell every replica listening (Postgres) that the queue changed, when this transaction commits."""
     if tx.dialect == "postgresql":
-        await tx.execute(NOTIFY_SQL)
+        await tx.execute(NOTIFY_SQL, origin)
 
 
 def trace_id_of(traceparent: str) -> str:
@@ -287,8 +287,9 @@ class TeamStore:
 class RunStore:
     """Runs of the current tenant, and the platform-wide run queue."""
 
-    def __init__(self, db: Database):
-        self._db = db
+    def __init__(self, db: Database, *, origin: str = ""):
+        """origin: the replica's id, sent with its queue notices (services.orchestrator.wakeups)."""
+        self._db, self._origin = db, origin
 
     async def create(self, *, team: TeamSpec, entry_agent: str, run_input: str, idempotency_key: str,
                      tenant_id: str, principal_id: str, tier: str, grant: bytes,
@@ -341,7 +342,7 @@ class RunStore:
                 "VALUES ($1, $2, $3, $4, 'queued', $5, NULL, 0.0, $6, $7, $8) ON CONFLICT (run_id) DO NOTHING",
                 run_id, entry["tenant_id"], entry["principal_id"], entry["tier"], now, False, entry["grant"],
                 entry["traceparent"])
-            await _notify(tx)
+            await _notify(tx, self._origin)
 
     async def _requeued(self, run: RunRecord, entry: dict[str, Any]) -> RunRecord:
         if run.status == RunStatus.QUEUED:
@@ -410,22 +411,23 @@ class RunStore:
         return run
 
     async def begin(self, run_id: str) -> tuple[RunRecord, bool]:
-        """Mark a claimed run RUNNING, in one transaction; (run, fresh). fresh: it was still QUEUED, so it never
-        executed and its log in state is empty (nothing sets a run back to QUEUED). A finished run is returned
-        as it is. NotFound when there is no such run of the current tenant."""
+        """Mark a claimed run RUNNING; (run, fresh). fresh: it was still QUEUED, so it never executed and its
+        log in state is empty (nothing sets a run back to QUEUED). QUEUED -> RUNNING is one conditional
+        statement (see cancel). A run already running or finished is returned as it is. NotFound when
+        there is no such run of the current tenant."""
         tid = require_tenant().tenant_id
         async with self._db.raw(write=True) as tx:
+            row = await tx.fetchrow(
+                f"UPDATE orch_runs SET status = $3, updated_at = $4 WHERE run_id = $1 AND tenant_id = $2 "
+                f"AND status = $5 RETURNING {_RUN_COLUMNS}",
+                run_id, tid, RunStatus.RUNNING.value, time.time(), RunStatus.QUEUED.value)
+            if row is not None:
+                return _run_raw(row), True
             row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
                                     run_id, tid)
-            if row is None:
-                raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
-            run = _run_raw(row)
-            if run.status.terminal or run.status == RunStatus.RUNNING:
-                return run, False
-            now = time.time()
-            await tx.execute("UPDATE orch_runs SET status = $3, updated_at = $4 WHERE run_id = $1 AND tenant_id = $2",
-                             run_id, tid, RunStatus.RUNNING.value, now)
-        return dataclasses.replace(run, status=RunStatus.RUNNING, updated_at=now), True
+        if row is None:
+            raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
+        return _run_raw(row), False
 
     async def record_steps(self, run_id: str, steps: list[Step], *, current_agent: str,
                            finished: Finished | None, skip_existing: bool = False,
@@ -439,8 +441,15 @@ class RunStore:
         """
         tid = require_tenant().tenant_id
         async with self._db.raw(write=True) as tx:
-            row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
-                                    run_id, tid)
+            if finished is None:  # progress only: one statement for the run, no transition to check
+                row = await tx.fetchrow(
+                    "UPDATE orch_runs SET current_agent = $3, updated_at = $4, "
+                    "step_count = CASE WHEN step_count < $5 THEN $5 ELSE step_count END "
+                    f"WHERE run_id = $1 AND tenant_id = $2 RETURNING {_RUN_COLUMNS}",
+                    run_id, tid, current_agent, time.time(), steps[-1].index if steps else 0)
+            else:
+                row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
+                                        run_id, tid)
             if row is None:
                 raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
             run = _run_raw(row)
@@ -461,35 +470,44 @@ class RunStore:
             conflict = " ON CONFLICT (run_id, idx) DO NOTHING" if skip_existing else ""
             await tx.executemany("INSERT INTO orch_steps (run_id, tenant_id, idx, payload, agent, created_at, latency_ms)"
                                  f" VALUES ($1, $2, $3, $4, $5, $6, $7){conflict}", values)
-            changes: dict[str, Any] = {"current_agent": current_agent, "updated_at": time.time()}
-            if steps:
-                changes["step_count"] = max(run.step_count, steps[-1].index)
-            if finished is not None and not run.status.terminal:
-                status = RunStatus(finished.status)
-                check_transition(run.status, status)
-                changes.update(status=status, output=finished.output, error_reason=finished.reason,
-                               error_message=finished.message)
-            names = list(changes)
-            await tx.execute(f"UPDATE orch_runs SET {', '.join(f'{n} = ${i + 3}' for i, n in enumerate(names))} "
-                             "WHERE run_id = $1 AND tenant_id = $2",
-                             run_id, tid, *(v.value if isinstance(v, RunStatus) else v for v in changes.values()))
-            run = dataclasses.replace(run, **changes)
+            if finished is not None:
+                changes: dict[str, Any] = {"current_agent": current_agent, "updated_at": time.time()}
+                if steps:
+                    changes["step_count"] = max(run.step_count, steps[-1].index)
+                if not run.status.terminal:
+                    status = RunStatus(finished.status)
+                    check_transition(run.status, status)
+                    changes.update(status=status, output=finished.output, error_reason=finished.reason,
+                                   error_message=finished.message)
+                names = list(changes)
+                await tx.execute(f"UPDATE orch_runs SET {', '.join(f'{n} = ${i + 3}' for i, n in enumerate(names))} "
+                                 "WHERE run_id = $1 AND tenant_id = $2",
+                                 run_id, tid, *(v.value if isinstance(v, RunStatus) else v for v in changes.values()))
+                run = dataclasses.replace(run, **changes)
         if finished is not None and run.status.terminal:
             await self.drop(run_id)
         return run
 
     async def snapshot(self, run_id: str, after: int = 0) -> tuple[RunRecord, list[Step]]:
-        """The run and its recorded steps with index > after, in one transaction (the run read first: when
-        it is finished, the steps read after it are complete). NotFound for a run not the tenant's."""
+        """The recorded steps of a run with index > after and the run as of the last of them, in one transaction.
+
+        The steps are read before the run: a run turns terminal in the same transaction as its last step, so
+        the run read after a step is at least as new as that step. When the run is finished, the steps are
+        read once more (a finishing batch may have committed in between), and then they are complete.
+        NotFound for a run that is not the tenant's.
+        """
         tid = require_tenant().tenant_id
+        sql = "SELECT idx, payload FROM orch_steps WHERE run_id = $1 AND tenant_id = $2 AND idx > $3 ORDER BY idx"
         async with self._db.raw() as tx:
+            rows = list(await tx.fetch(sql, run_id, tid, after))
             row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
                                     run_id, tid)
             if row is None:
                 raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
-            rows = await tx.fetch("SELECT payload FROM orch_steps WHERE run_id = $1 AND tenant_id = $2 AND idx > $3 "
-                                  "ORDER BY idx", run_id, tid, after)
-        return _run_raw(row), [Step.from_json(r[0]) for r in rows]
+            run = _run_raw(row)
+            if run.status.terminal:
+                rows += await tx.fetch(sql, run_id, tid, rows[-1][0] if rows else after)
+        return run, [Step.from_json(r[1]) for r in rows]
 
     async def steps(self, run_id: str, after: int = 0) -> list[Step]:
         """Recorded steps of a run with index > after (the run must be the tenant's)."""
@@ -499,19 +517,26 @@ class RunStore:
             return [Step.from_json(p) for p in rows]
 
     async def cancel(self, run_id: str) -> RunRecord:
-        """Cancel now if queued; flag for the executor if running; no-op if finished."""
-        async with self._db.session() as s:
-            row = await s.get(RunRow, run_id)
+        """Cancel now if queued; flag for the executor if running; no-op if finished.
+
+        Queued -> cancelled is one conditional statement: a dispatcher starting the run at the same moment
+        (begin) either finds it cancelled or has made it RUNNING first, and then it is flagged instead."""
+        tid = require_tenant().tenant_id
+        async with self._db.raw(write=True) as tx:
+            row = await tx.fetchrow(
+                "UPDATE orch_runs SET status = $3, updated_at = $4, error_message = $5 "
+                f"WHERE run_id = $1 AND tenant_id = $2 AND status = $6 RETURNING {_RUN_COLUMNS}",
+                run_id, tid, RunStatus.CANCELLED.value, time.time(), "cancelled by request", RunStatus.QUEUED.value)
+            cancelled = row is not None
+            if row is None:
+                row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
+                                        run_id, tid)
             if row is None:
                 raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
-            status = RunStatus(row.status)
-            if status == RunStatus.QUEUED:
-                row.status, row.updated_at = RunStatus.CANCELLED.value, time.time()
-                row.error_message = "cancelled by request"
-            run = _run(row)
-        if status == RunStatus.QUEUED:
+        run = _run_raw(row)
+        if cancelled:
             await self.drop(run_id)
-        elif status == RunStatus.RUNNING:
+        elif run.status == RunStatus.RUNNING:
             async with self._db.system_session() as s:
                 await s.execute(update(QueueRow).where(QueueRow.run_id == run_id).values(cancel_requested=True))
         return run
@@ -576,10 +601,10 @@ class RunStore:
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
             await tx.execute("UPDATE orch_run_queue SET state = 'queued', lease_owner = NULL, lease_expires = 0.0 "
                              "WHERE run_id = $1 AND lease_owner = $2", run_id, owner)
-            await _notify(tx)
+            await _notify(tx, self._origin)
 
     async def drop(self, run_id: str) -> None:
         """Remove a queue entry whose run can no longer be executed."""
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
             if await tx.execute("DELETE FROM orch_run_queue WHERE run_id = $1", run_id):
-                await _notify(tx)  # a slot of its tenant is free: another replica may start a waiting run
+                await _notify(tx, self._origin)  # a slot of its tenant is free: another replica may start a waiting run

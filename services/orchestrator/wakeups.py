@@ -21,10 +21,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 log = logging.getLogger("bulkhead.orchestrator.wakeups")
 
 QUEUE_CHANNEL = "bulkhead_orch_queue"
-"""The NOTIFY channel of the run queue (the payload is empty: a notice only says "look")."""
+"""The NOTIFY channel of the run queue (a notice only says "look"; its payload is the sender's replica id)."""
 
-NOTIFY_SQL = f"SELECT pg_notify('{QUEUE_CHANNEL}', '')"
-"""Sent inside a queue-changing transaction on Postgres (delivered at its commit)."""
+NOTIFY_SQL = f"SELECT pg_notify('{QUEUE_CHANNEL}', $1)"
+"""Sent inside a queue-changing transaction on Postgres (delivered at its commit); $1 names the
+replica that sent it, which has woken its own dispatcher already and ignores its own notice."""
 
 
 def listens(engine: AsyncEngine) -> bool:
@@ -35,8 +36,9 @@ def listens(engine: AsyncEngine) -> bool:
 class QueueListener:
     """LISTEN on QUEUE_CHANNEL and call `wake` on every notice; reconnects while running."""
 
-    def __init__(self, engine: AsyncEngine, wake: Callable[[], None], *, retry_seconds: float = 1.0):
-        self._engine, self._wake, self._retry = engine, wake, retry_seconds
+    def __init__(self, engine: AsyncEngine, wake: Callable[[], None], *, origin: str = "", retry_seconds: float = 1.0):
+        """origin: this replica's id; its own notices are ignored (its changes wake it in-process)."""
+        self._engine, self._wake, self._origin, self._retry = engine, wake, origin, retry_seconds
         self._task: asyncio.Task | None = None
         self._conn: Any = None
         self.connected = asyncio.Event()
@@ -78,8 +80,9 @@ class QueueListener:
                 await self._close()
             await asyncio.sleep(self._retry)
 
-    def _notified(self, *_args: Any) -> None:
-        self._wake()
+    def _notified(self, _conn: Any, _pid: int, _channel: str, payload: str) -> None:
+        if not (self._origin and payload == self._origin):
+            self._wake()
 
     async def _close(self) -> None:
         conn, self._conn = self._conn, None

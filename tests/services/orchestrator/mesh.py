@@ -55,12 +55,14 @@ class Mesh:
 @contextlib.asynccontextmanager
 async def running_mesh(data_dir: Path, *, with_inference: bool = True, upstream_url: str = "",
                        orchestrator_env: dict[str, str] | None = None,
-                       start_orchestrator: bool = True) -> AsyncIterator[Mesh]:
-    """Start the services in dependency order, each told where the earlier ones listen."""
+                       start_orchestrator: bool = True, env: dict[str, str] | None = None) -> AsyncIterator[Mesh]:
+    """Start the services in dependency order, each told where the earlier ones listen (env: more settings
+    every service reads, e.g. BULKHEAD_STATE_DATABASE_URL)."""
+    extra = env or {}
     async with running_identity(data_dir / "identity") as identity, contextlib.AsyncExitStack() as stack:
         env = {"BULKHEAD_DATA_DIR": str(data_dir), "BULKHEAD_IDENTITY_ADDR": identity.address,
                "BULKHEAD_STATE_ENCRYPTION": "local", "BULKHEAD_SECRETS_BACKEND": "local",
-               "BULKHEAD_LOG_LEVEL": "WARNING"}
+               "BULKHEAD_LOG_LEVEL": "WARNING", **extra}
         for svc in ("identity", "credentials", "state", "inference", "orchestrator", "metering"):
             env[f"BULKHEAD_{svc.upper()}_METRICS_PORT"] = "0"
         mesh = Mesh(identity, env)
