@@ -6,6 +6,8 @@ done prints where it is suspended (to stderr, shown with the failure)."""
 from __future__ import annotations
 
 import asyncio
+import gc
+import inspect
 import sys
 import threading
 from collections.abc import Iterator
@@ -38,9 +40,16 @@ def await_chain(awaitable) -> list[str]:
             lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
         inner = next((getattr(awaitable, a) for a in ("cr_await", "gi_yieldfrom", "ag_await")
                       if getattr(awaitable, a, None) is not None), None)
-        if inner is None:
-            if frame is None:
-                lines.append(f"  awaiting {awaitable!r}"[:300])
+        if inner is None and frame is None:
+            # An async generator's asend(), a Future's iterator, a Cython coroutine: no frame of their
+            # own, but the generator or future they drive is among their referents.
+            inner = next((r for r in gc.get_referents(awaitable)
+                          if inspect.isasyncgen(r) or inspect.iscoroutine(r) or inspect.isgenerator(r)
+                          or isinstance(r, asyncio.Future)), None)
+            if inner is None or isinstance(inner, asyncio.Future):
+                lines.append(f"  awaiting {inner if inner is not None else awaitable!r}"[:400])
+                break
+        elif inner is None:
             break
         awaitable = inner
     return lines
