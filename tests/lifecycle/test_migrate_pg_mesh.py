@@ -1,6 +1,7 @@
 """MigrateTenant over the whole mesh on real Postgres (a database per service, app role under RLS) with
-credentials on OpenBao and state's data keys from credentials' Transit keys: pooled -> bridge -> pooled
-with a live writer.
+credentials on OpenBao and state's data keys from credentials' Transit keys: pooled -> bridge -> silo ->
+pooled with a live writer (into silo and back, credentials moves the tenant's secrets and Transit key into its
+own OpenBao namespace and back: the writer's events, encrypted with data keys that key wrapped, keep decrypting).
 
 At each hop every service's moving tables verify equal, the tenant's inventories (outside the writer's
 state tables) are what they were, the bridge schema exists only while the tenant is bridge, the writer (a
@@ -27,12 +28,13 @@ from tests.lifecycle.pg_mesh import running_pg_mesh
 from tests.lifecycle.test_delete_mesh import addresses, inventories
 from tests.lifecycle.test_migrate_mesh import comparable, read_all, wait_migration
 from tests.lifecycle.test_migrate_postgres import Writer
+from tests.lifecycle.test_residency import openbao_holds
 from tests.services.orchestrator.mesh import TIERS
 
 pytestmark = [pytest.mark.postgres, pytest.mark.openbao, pytest.mark.slow]
 
 
-async def test_pooled_bridge_pooled_on_postgres_and_openbao(tmp_path, postgres, openbao, monkeypatch):
+async def test_pooled_bridge_silo_pooled_on_postgres_and_openbao(tmp_path, postgres, openbao, monkeypatch):
     async with FakeAnthropic() as upstream, running_pg_mesh(tmp_path, postgres, openbao, upstream.base_url) as mesh:
         await mesh.orchestrator.dispatcher.stop()
         mesh.identity.app.deletions.peers.update(addresses(mesh))
@@ -57,7 +59,7 @@ async def test_pooled_bridge_pooled_on_postgres_and_openbao(tmp_path, postgres, 
             task = asyncio.create_task(writer.run())
             pauses = []
             try:
-                for target in ("bridge", "pooled"):
+                for target in ("bridge", "silo", "pooled"):
                     await asyncio.sleep(0.5)
                     await mesh.identity.stub.MigrateTenant(
                         idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_tier=TIERS[target]), metadata=op)
@@ -74,6 +76,10 @@ async def test_pooled_bridge_pooled_on_postgres_and_openbao(tmp_path, postgres, 
             # Read last: the read is audited, which adds a row to credentials' access audit.
             secret = await creds.GetSecret(cr.GetSecretRequest(name=ids.secret_name), metadata=t.metadata)
             assert secret.value == b"canary-migrating"
+            ciphertext = await creds.Decrypt(cr.DecryptRequest(ciphertext=ids.ciphertext), metadata=t.metadata)
+            assert ciphertext.plaintext == b"canary-migrating"  # made before the first move
+            assert openbao_holds(openbao, t.tenant_id, "pooled") == (True, True)  # back in the root namespace
+            assert openbao_holds(openbao, t.tenant_id, "silo") == (False, False)  # its namespace released
             assert await read_all(state, t.metadata, "live") == writer.acked
             for tier, o in others.items():
                 assert await inventories(mesh, by_addr, caller, o.tenant_id, tier) == theirs[tier]
