@@ -168,6 +168,6 @@ def make_channel(address: str, *, forward: bool = False, credentials: MetadataSo
     if forward or credentials is not None:
         interceptors += ReadYourWrites().interceptors()
     target, options = channel_target(address), (*channel_options(address), *options)
-    if tls is not None:
+    if isinstance(tls, TlsConfig):  # what is left of the TLS_FROM_ENV sentinel: a config or None
         return grpc.aio.secure_channel(target, channel_credentials(tls), options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -398,7 +398,8 @@ class ConfigAudit:
                      action: str = "", target: str = "") -> list[dict[str, Any]]:
         """A page of events as dicts (detail decoded), in the order asked."""
         columns = [c.name for c in _event_columns()]
-        where, args = ["tenant_id = $1"], []
+        where: list[str] = ["tenant_id = $1"]
+        args: list[int | str] = []
         if after is not None:
             args.append(after)
             where.append(f"seq {'<' if newest_first else '>'} ${len(args) + 1}")

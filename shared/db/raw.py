@@ -103,6 +103,8 @@ async def raw_transaction(engine: AsyncEngine, *, tenant_id: str | None, schema:
     async with engine.connect() as conn:
         fairy = await conn.get_raw_connection()
         driver = fairy.driver_connection
+        if driver is None:  # only a connection already handed back to the pool has none
+            raise RuntimeError("the pooled connection has no driver connection")
         if dialect == "postgresql":
             begin = "BEGIN"
             if tenant_id is not None:

@@ -224,7 +224,7 @@ class FakeAnthropic:
         self.port = 0
 
     # ----- lifecycle -----
-    async def start(self) -> FakeAnthropic:
+    async def start(self) -> Self:
         """Listen on a free loopback port."""
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -29,8 +29,8 @@ def _timeout_of(item: pytest.Item) -> float:
 def dump_pending_tasks(file=None) -> int:
     """Print the stack of every asyncio task not done, in any thread's loop; how many."""
     file = file or sys.stderr
-    # asyncio.all_tasks() needs the loop; the registry behind it holds every loop's tasks.
-    tasks = [t for t in list(asyncio.tasks._all_tasks) if not t.done()]  # noqa: SLF001
+    # asyncio.all_tasks() needs the loop; the registry behind it holds every loop's tasks (private: no stub).
+    tasks = [t for t in list(asyncio.tasks._all_tasks) if not t.done()]  # type: ignore[attr-defined]
     print(f"\n+++ {len(tasks)} asyncio task(s) pending {MARGIN:.0f} s before the timeout +++", file=file)
     for task in tasks:
         print(f"--- {task.get_name()}: {task.get_coro()!r}", file=file)
