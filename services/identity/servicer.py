@@ -166,7 +166,7 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
                                       target=f"tenant/{request.tenant_id}", tables={"tenants"},
                                       detail={"status": status}):
             if current is not None and current.status == "deleting" and status:
-                await self._deletions.restore(request.tenant_id)  # raises DELETION_STARTED once purging began
+                await self._deletions_or_fail().restore(request.tenant_id)  # DELETION_STARTED once purging began
             row = await self._directory.set_tenant_status(request.tenant_id, status)
         if self._key_source is not None:  # identity's own verifier knows at once; other services poll
             await self._key_source.refresh_revocations()
@@ -274,7 +274,7 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
         reply = pb.GetDeletionReceiptResponse(deletion=deletion_pb(view))
         if view.row.receipt_body:
             async with self._db.system_session() as s:
-                key = await s.get(SigningKeyRow, view.row.receipt_kid)
+                key = await s.get_one(SigningKeyRow, view.row.receipt_kid)
             reply.receipt.CopyFrom(pb.DeletionReceipt(body=view.row.receipt_body, signature=view.row.receipt_signature,
                                                       kid=view.row.receipt_kid, public_key=key.public_key))
         return reply
