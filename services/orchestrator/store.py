@@ -8,6 +8,7 @@ file or database of its own for bridge and silo), where no dispatcher would ever
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import json
 import secrets
@@ -15,9 +16,10 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Boolean, Float, Index, Integer, LargeBinary, String, Text, UniqueConstraint, select, update
+from sqlalchemy import (Boolean, CursorResult, Float, Index, Integer, LargeBinary, String, Table, Text, UniqueConstraint,
+                        select, update)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -383,7 +385,7 @@ class RunStore:
             await self.drop(run_id)
         return run
 
-    async def record_steps(self, run_id: str, steps: list[Step], *, current_agent: str,
+    async def record_steps(self, run_id: str, steps: builtins.list[Step], *, current_agent: str,
                            finished: Finished | None, skip_existing: bool = False) -> RunRecord:
         """Keep steps (already durable in state) and the run's progress, in one transaction.
 
@@ -419,7 +421,7 @@ class RunStore:
         return run
 
     @staticmethod
-    async def _times_before(s: Any, run_id: str, steps: list[Step]) -> dict[int, float]:
+    async def _times_before(s: Any, run_id: str, steps: builtins.list[Step]) -> dict[int, float]:
         """{index: created_at} of the stored step just before the batch, for the first one's latency."""
         if not steps or steps[0].index <= 1:
             return {}
@@ -428,7 +430,7 @@ class RunStore:
         value = at.scalar_one_or_none()
         return {prev: value} if value else {}
 
-    async def steps(self, run_id: str, after: int = 0) -> list[Step]:
+    async def steps(self, run_id: str, after: int = 0) -> builtins.list[Step]:
         """Recorded steps of a run with index > after (the run must be the tenant's)."""
         async with self._db.session() as s:
             rows = (await s.execute(select(StepRow.payload).where(StepRow.run_id == run_id, StepRow.idx > after)
@@ -456,13 +458,13 @@ class RunStore:
     # --- the platform-wide queue (system sessions only: it lives in the platform database, ----------
     # --- while a bridge or silo tenant's runs live in a schema, file or database of their own) -----
 
-    async def waiting(self, now: float) -> tuple[list[QueuedRun], Counter[str]]:
+    async def waiting(self, now: float) -> tuple[builtins.list[QueuedRun], Counter[str]]:
         """Runs waiting for a slot (queued, or running under an expired lease) and live leases per tenant."""
         async with self._db.system_session() as s:
             rows = list((await s.execute(select(QueueRow.run_id, QueueRow.tenant_id, QueueRow.state,
                                                 QueueRow.enqueued_at, QueueRow.lease_expires))).all())
         running: Counter[str] = Counter()
-        waiting: list[QueuedRun] = []
+        waiting: builtins.list[QueuedRun] = []
         for run_id, tenant_id, state, enqueued_at, expires in rows:
             if state == "running" and expires > now:
                 running[tenant_id] += 1
@@ -489,9 +491,9 @@ class RunStore:
                 update(QueueRow).where(QueueRow.run_id == run_id)
                 .where((QueueRow.state == "queued") | (QueueRow.lease_expires <= now))
                 .values(state="running", lease_owner=owner, lease_expires=now + ttl))
-            if result.rowcount != 1:
+            if cast("CursorResult[Any]", result).rowcount != 1:  # an UPDATE's result is a CursorResult
                 return None
-            row = await s.get(QueueRow, run_id)
+            row = await s.get_one(QueueRow, run_id)
             return Claim(row.run_id, row.tenant_id, row.principal_id, row.tier, row.grant, row.cancel_requested,
                          row.traceparent or "")
 
@@ -506,7 +508,7 @@ class RunStore:
             row = (await s.execute(select(QueueRow.cancel_requested).where(QueueRow.run_id == run_id))).first()
             if row is None:
                 return "gone"
-            if result.rowcount != 1:
+            if cast("CursorResult[Any]", result).rowcount != 1:
                 return "lost"
             return "cancel" if row[0] else "ok"
 
@@ -519,4 +521,4 @@ class RunStore:
     async def drop(self, run_id: str) -> None:
         """Remove a queue entry whose run can no longer be executed."""
         async with self._db.system_session() as s:
-            await s.execute(QueueRow.__table__.delete().where(QueueRow.run_id == run_id))
+            await s.execute(cast(Table, QueueRow.__table__).delete().where(QueueRow.run_id == run_id))
