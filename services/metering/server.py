@@ -70,6 +70,8 @@ class MeteringService:
 
     def retention_steps(self) -> list:
         """What retention prunes here: configuration audit events and per-event usage detail."""
+        if self.audit is None or self.usage_retention is None:
+            raise RuntimeError("retention_steps() before the audit and the usage retention were built")
         return [self.audit.prune, self.usage_retention.prune]
 
     async def close(self) -> None:

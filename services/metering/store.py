@@ -247,7 +247,7 @@ class OperatorAuditRow(MeteringBase):
 
 def _insert(session: AsyncSession, model: type):
     """A dialect insert that supports ON CONFLICT DO NOTHING."""
-    dialect = session.bind.dialect.name
+    dialect = session.get_bind().dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
 
 
