@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.exc import IntegrityError
@@ -66,7 +67,8 @@ class SecretInfo:
     versions: tuple[VersionInfo, ...] = field(default=())
 
     @classmethod
-    def of(cls, row: store.SecretRow, versions: list[store.VersionRow] = (), last_access_us: int | None = None) -> SecretInfo:
+    def of(cls, row: store.SecretRow, versions: Sequence[store.VersionRow] = (), last_access_us: int | None = None,
+           ) -> SecretInfo:
         """Snapshot a row (inside its session)."""
         return cls(row.name, row.description, row.current_version, row.rotation_period_s, row.rotator,
                    row.next_rotation_us, row.grace_period_s, row.created_us, row.updated_us, row.deleted_us,

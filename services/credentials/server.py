@@ -10,7 +10,7 @@ from services.credentials.config import Config
 from services.credentials.key_manager import KeyManager
 from services.credentials.local_backend import LocalBackend
 from services.credentials.master_key import load_or_create_master_key
-from services.credentials.regional import make_vault
+from services.credentials.regional import RegionalVault, make_vault
 from services.credentials.purge import CredentialsShredder
 from services.credentials.rotation import RotationScheduler, RotatorRegistry
 from services.credentials.secret_manager import SecretManager
@@ -36,7 +36,7 @@ class CredentialsService:
 
     running: RunningServer
     db: Database
-    backend: LocalBackend | VaultBackend
+    backend: LocalBackend | VaultBackend | RegionalVault
     secrets: SecretManager
     keys: KeyManager
     audit: AuditLog
@@ -59,14 +59,15 @@ class CredentialsService:
         await self.db.close()
 
 
-def make_backend(config: Config, db: Database) -> LocalBackend | VaultBackend:
+def make_backend(config: Config, db: Database) -> LocalBackend | VaultBackend | RegionalVault:
     """The backend the configuration selects."""
     if config.backend == "vault":
         return make_vault(config, db)  # an OpenBao per region when there are several (data residency)
     return LocalBackend(db, load_or_create_master_key(config.master_key_path))
 
 
-async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBackend, verifier: TokenVerifier,
+async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBackend | RegionalVault,
+                            verifier: TokenVerifier,
                             address: str = "127.0.0.1:0", grace_seconds: int = 86400,
                             rotators: RotatorRegistry | None = None, rotation_interval: float | None = None,
                             cache_seconds: float = 1.0, audit_key: bytes = b"") -> CredentialsService:

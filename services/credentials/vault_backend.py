@@ -120,7 +120,7 @@ class _FailoverSession(requests.Session):
                 self._current = (index + 1) % len(self.urls)
 
 
-def _session_for(urls: list[str]) -> requests.Session:
+def _session_for(urls: list[str]) -> _FailoverSession:
     """A requests session for OpenBao with the environment's proxy and CA settings resolved once.
 
     requests otherwise re-reads the environment (proxies, CA bundle, netrc) on every call, about
@@ -238,7 +238,8 @@ class VaultBackend:
 
     # -- KeyBackend -----------------------------------------------------------------------------
 
-    def _transit(self, tenant: TenantRef, fn: Callable[..., dict], **kw) -> Callable[[hvac.Client], dict]:
+    def _transit(self, tenant: TenantRef, fn: Callable[..., Callable[..., dict]],
+                 **kw) -> Callable[[hvac.Client], dict]:
         key = self.layout.key_name(tenant)
 
         def op(client: hvac.Client) -> dict:
