@@ -219,7 +219,8 @@ def _first_of_each(opens: list[tuple[NewAttempt, asyncio.Future]]
     """Split a group so it holds each request id once (its attempt number is taken in one statement);
     the repeats wait for the next group."""
     seen: set[tuple[str, str]] = set()
-    first, later = [], []
+    first: list[tuple[NewAttempt, asyncio.Future]] = []
+    later: list[tuple[NewAttempt, asyncio.Future]] = []
     for item in opens:
         key = (item[0].tenant_id, item[0].request_id)
         (later if key in seen else first).append(item)

@@ -162,6 +162,7 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     async def sweep() -> None:
         meter.adopt_backlog(await journal.sweep())
 
+    tasks: list[Periodic | RetentionSweeper]
     tasks = [Periodic("lease-maintenance", budget.maintain, interval=lease_maintenance, log=log),
              Periodic("attempt-sweeper", sweep, interval=min(30.0, max(0.2, config.attempt_sweep_seconds / 4)), log=log)]
     for task in tasks:

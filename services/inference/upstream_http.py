@@ -28,7 +28,7 @@ import urllib.parse
 import urllib.request
 import zlib
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import httpx2
@@ -127,8 +127,9 @@ _MAX_BODY = 64 * 1024 * 1024
 class _Connection(asyncio.Protocol):
     """One kept-alive HTTP/1.1 connection; one request at a time."""
 
+    transport: asyncio.Transport  # set by connection_made, before loop.create_connection returns
+
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
         self.closed = False
         self._buf = bytearray()
         self._waiter: asyncio.Future | None = None
@@ -140,7 +141,7 @@ class _Connection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's
         self.sock = transport.get_extra_info("socket")
 
     def data_received(self, data: bytes) -> None:
@@ -181,6 +182,8 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(exc)
 
     def _finish(self, body: bytes) -> None:
+        if self._head is None:  # every caller has read the head first
+            raise UpstreamBroken("a reply body before its head")
         status, headers = self._head
         waiter, self._waiter = self._waiter, None
         if headers.get("content-encoding", "identity") not in ("identity", ""):

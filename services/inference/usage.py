@@ -220,5 +220,7 @@ class UsageMeter:
         if self._platform is not None:
             await self._platform.record_for(tenant_id, events)
             return
+        if ctx is None:  # _drain counts this like any failed send: the rows stay for the next try
+            raise RuntimeError(f"no platform path and no caller context to send {tenant_id}'s backlog with")
         with tenant_scope(ctx):
             await self._backend.record(events)
