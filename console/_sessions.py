@@ -65,7 +65,9 @@ class Session:
 
     def check_csrf(self, offered: str | None) -> bool:
         """Whether a request carries this session's CSRF token."""
-        return bool(offered) and hmac.compare_digest(offered, self.csrf)
+        if not offered:
+            return False
+        return hmac.compare_digest(offered, self.csrf)
 
 
 class Sessions:
