@@ -137,7 +137,10 @@ def _bulk_runs(db: Path, tenant_id: str, count: int, now: float) -> float:
 
 def _sign_in(http: httpx.Client, api_key: str) -> None:
     form = http.get("/signin")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+    found = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    if found is None:
+        raise RuntimeError("the sign-in page has no CSRF field")
+    csrf = found.group(1)
     done = http.post("/signin", data={"csrf": csrf, "api_key": api_key})
     assert done.status_code == 303 and done.headers["location"] == "/overview", done.text[:500]
 
@@ -187,7 +190,7 @@ async def _ledger_floors(key: str, addresses: dict[str, str], samples: int, now:
     return out
 
 
-async def _query(bh, start: float, end: float, group_by: list[int]) -> None:
+async def _query(bh, start: float, end: float, group_by: list[mtr.UsageGrouping]) -> None:
     flt = mtr.UsageFilter(start_time=Timestamp(seconds=int(start)), end_time=Timestamp(seconds=int(end)))
     token = ""
     while True:

@@ -22,6 +22,7 @@ import os
 import sys
 import tempfile
 import time
+from typing import Any
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -61,7 +62,7 @@ def _serve(kind: str, bao_url: str, bao_token: str, key_bytes: bytes, kid: str, 
         with tenant_scope(TenantContext(TENANT, "p_bench")):
             await service.secrets.put(SECRET, VALUE)
         token = ""
-        if kind == "vault":
+        if isinstance(backend, VaultBackend):
             token = await asyncio.to_thread(backend.tokens.token_for, TenantRef(TENANT))
         queue.put((service.running.port, token))
         await asyncio.to_thread(stop.wait)
@@ -77,10 +78,14 @@ def _pcts(samples: list[float]) -> tuple[float, float]:
 
 async def _grpc_figures(port: int, md, *, calls: int, seconds: float, concurrency: int, health: bool = False) -> dict:
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        method: Any
+        request: Any
         if health:
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            method, request = health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest()
+            # types-grpcio-health-checking's HealthStub lists no RPCs
+            method = health_pb2_grpc.HealthStub(channel).Check  # type: ignore[attr-defined]
+            request = health_pb2.HealthCheckRequest()
         else:
             method = credentials_pb2_grpc.CredentialsServiceStub(channel).GetSecret
             request = pb.GetSecretRequest(name=SECRET)

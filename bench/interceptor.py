@@ -46,7 +46,7 @@ def _serve(kind: str, port_queue, key_bytes: bytes, kid: str) -> None:
                 interceptors = [TenancyInterceptor(TokenVerifier(StaticKeySource({kid: key.public_key})),
                                                    service="bench")]
             server = grpc.aio.server(interceptors=interceptors)
-            echo_pb2_grpc.add_EchoServiceServicer_to_server(Noop(), server)
+            echo_pb2_grpc.add_EchoServiceServicer_to_server(Noop(), server)  # type: ignore[abstract]  # Echo only
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()
         else:
@@ -64,7 +64,7 @@ def _serve(kind: str, port_queue, key_bytes: bytes, kid: str) -> None:
             key = SigningKey.from_private_bytes(kid, key_bytes)
             verifier = TokenVerifier(StaticKeySource({kid: key.public_key}))
             running = await serve(name="bench", verifier=verifier, bindings=[Binding(
-                echo_pb2_grpc.add_EchoServiceServicer_to_server, Noop(),
+                echo_pb2_grpc.add_EchoServiceServicer_to_server, Noop(),  # type: ignore[abstract]  # Echo only
                 echo_pb2.DESCRIPTOR.services_by_name["EchoService"])])
             server, port = running.server, running.port
         port_queue.put(port)

@@ -47,8 +47,8 @@ STEPS_PER_RUN = 7
 class ThreeStepUpstream(FakeAnthropic):
     """Instant replies that ask for read_context twice, then answer: the same for every run, at any concurrency."""
 
-    def _build_message(self, body: dict[str, Any]) -> dict[str, Any]:
-        message = super()._build_message(body)
+    def _build_message(self, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
+        message = super()._build_message(body, api_key)
         turns = sum(1 for m in body["messages"] if m["role"] == "assistant")
         if turns < 2:
             message["content"] = [{"type": "tool_use", "id": f"toolu_{turns}", "name": "read_context",
@@ -68,7 +68,7 @@ async def direct_run(state, proxy, md, i: int) -> tuple[float, float]:
     payload = b'{"index":1,"kind":"model_call","agent":"solo","summary":"x","detail":{}}' * 3
     messages = [inference_pb2.Message(role=inference_pb2.ROLE_USER, content=[
         inference_pb2.ContentBlock(text=inference_pb2.TextBlock(text="What is in my notes?"))])]
-    params = dict(model=MODEL, max_tokens=64, system=[inference_pb2.TextBlock(text="Answer briefly.")],
+    params: dict[str, Any] = dict(model=MODEL, max_tokens=64, system=[inference_pb2.TextBlock(text="Answer briefly.")],
                   tools=[inference_pb2.Tool(name="read_context", description="read")])
     t0 = time.perf_counter()
     await state.CreateThread(state_pb2.CreateThreadRequest(thread_id=thread), metadata=md)
@@ -124,8 +124,11 @@ async def main(quick: bool, json_to: str | None = None) -> None:
                 Path(tmp), upstream_url=upstream.base_url,
                 orchestrator_env={"BULKHEAD_ORCHESTRATOR_MAX_CONCURRENT": "100"}) as mesh:
             tenants = [await mesh.tenant() for _ in range(tenants_n)]
+            stub = mesh.stub
+            if stub is None:
+                raise RuntimeError("the mesh started without an orchestrator")
             for t in tenants:
-                await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team()), metadata=t.metadata)
+                await stub.CreateTeam(pb.CreateTeamRequest(team=team()), metadata=t.metadata)
             state = state_pb2_grpc.StateServiceStub(grpc.aio.insecure_channel(mesh.addr("state")))
             proxy = inference_pb2_grpc.InferenceServiceStub(grpc.aio.insecure_channel(mesh.addr("inference")))
             md = tenants[0].metadata

@@ -70,7 +70,7 @@ async def _read(log: ThreadLog, threads: list[str], *, page_size: int) -> Timer:
         for thread_id in threads:
             token = ""
             while True:
-                page = await log.read(thread_id, after_version=0, page_size=page_size, page_token=token)
+                page, _ = await log.read(thread_id, after_version=0, page_size=page_size, page_token=token)
                 token = page.next_page_token
                 if not token:
                     break

@@ -33,7 +33,7 @@ class Mesh:
     identity: IdentityHarness
     env: dict[str, str]
     orchestrator: Any = None
-    stub: orchestrator_pb2_grpc.OrchestratorServiceStub | None = None
+    stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub | None = None
     services: dict[str, Any] = field(default_factory=dict)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 
