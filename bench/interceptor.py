@@ -17,10 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
+import grpc
 
-from bench._figures import add_json_option, write_json  # noqa: E402
-from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc  # noqa: E402
+from bench._figures import add_json_option, write_json
+from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
 
 
 KINDS = ("bare", "tenancy", "full")

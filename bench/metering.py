@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._figures import add_json_option, write_json  # noqa: E402
+from bench._figures import add_json_option, write_json
 
 MODEL = "claude-bench"
 T_START = 1_780_000_000_000_000

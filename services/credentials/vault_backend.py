@@ -85,7 +85,7 @@ class _FailoverSession(requests.Session):
         """The node requests go to first."""
         return self.urls[self._current]
 
-    def request(self, method, url, *args, **kwargs):  # noqa: D102 - requests' signature
+    def request(self, method, url, *args, **kwargs):  # requests' signature
         base = next((u for u in self.urls if url == u or url.startswith(u + "/")), None)
         if base is None or len(self.urls) == 1:
             return super().request(method, url, *args, **kwargs)

@@ -180,7 +180,7 @@ class AttemptJournal:
             self._wake.clear()
             try:
                 await self._write_once()
-            except Exception:  # noqa: BLE001 - settles and deliveries were put back; opens were refused
+            except Exception:  # settles and deliveries were put back; opens were refused
                 log.exception("attempt journal write failed; retrying")
                 await asyncio.sleep(0.1)
 

@@ -250,7 +250,7 @@ class SqlAttempts:
 
     async def apply(self, opens, settles, delivered, replica: str) -> list[tuple[int, int]]:
         """Insert new attempts (returning row id and attempt number), settle and close others, in one transaction."""
-        for tries in range(5):  # noqa: RET503 - the last try raises
+        for tries in range(5):  # the last try raises
             try:
                 async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
                     ids = await _open(tx, opens, replica) if opens else []

@@ -136,7 +136,7 @@ class Dispatcher:
                 await self._admit()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the database may be briefly away; try again next tick
+            except Exception:  # the database may be briefly away; try again next tick
                 log.exception("dispatch round failed")
             try:
                 await asyncio.wait_for(self._wake.wait(), self._s.poll_seconds)
@@ -209,7 +209,7 @@ class Dispatcher:
             log.warning("run paused: a dependency is unavailable", extra={"tenant_id": claim.tenant_id,
                                                                           "run_id": claim.run_id})
             await self._runs.release(claim.run_id, self.owner)
-        except Exception as exc:  # noqa: BLE001 - record the failure on the run rather than retry forever
+        except Exception as exc:  # record the failure on the run rather than retry forever
             if isinstance(exc, TenantSuspended) or getattr(exc, "reason", None) == TENANT_SUSPENDED:
                 # Back in the queue where it stopped; not claimed again until the tenant is resumed.
                 log.info("run paused: tenant suspended", extra={"tenant_id": claim.tenant_id,
@@ -234,7 +234,7 @@ class Dispatcher:
         with tenant_scope(ctx):
             try:
                 await self._runs.update(run_id, status=RunStatus.FAILED, error_reason=reason, error_message=message)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("could not record run failure", extra={"run_id": run_id})
         self._feed.publish(run_id, Step(0, StepKind.RUN_FINISHED, ""), None)
 
@@ -326,6 +326,6 @@ class _Recorder:
                 return await self._runs.record_steps(self._run.run_id, [b[0] for b in batch],
                                                      current_agent=batch[-1][1] if batch else self._run.current_agent,
                                                      finished=finished)
-            except Exception:  # noqa: BLE001 - state has the steps; the next execution catches up
+            except Exception:  # state has the steps; the next execution catches up
                 log.exception("recording steps failed", extra={"run_id": self._run.run_id})
                 return None
