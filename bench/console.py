@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
+from bench._figures import add_json_option, write_json  # noqa: E402
 from bulkhead.client import Client  # noqa: E402
 from bulkhead.common.v1 import tenancy_pb2  # noqa: E402
 from bulkhead.identity.v1 import identity_pb2 as idp  # noqa: E402
@@ -45,8 +46,6 @@ from bulkhead.metering.v1 import metering_pb2 as mtr  # noqa: E402
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc  # noqa: E402
 from shared.config import SERVICES, service_addr  # noqa: E402
 from tests.e2e.conftest import start_mesh  # noqa: E402
-
-from bench._figures import add_json_option, write_json  # noqa: E402
 
 TARGET_MS = 300.0
 MODELS = {"claude-sonnet-4-5-20250929": (3_000_000, 15_000_000), "claude-haiku-4-5": (1_000_000, 5_000_000)}

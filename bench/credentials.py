@@ -22,18 +22,17 @@ import os
 import sys
 import tempfile
 import time
-from typing import Any
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
 import hvac
 
+from bench._figures import add_json_option, write_json
 from bulkhead.credentials.v1 import credentials_pb2 as pb
 from bulkhead.credentials.v1 import credentials_pb2_grpc
-
-from bench._figures import add_json_option, write_json
 
 TENANT = "t_bench"
 SECRET = "bench-secret"

@@ -22,7 +22,6 @@ import grpc
 from bench._figures import add_json_option, write_json
 from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
 
-
 KINDS = ("bare", "tenancy", "full")
 """bare grpc.aio; our interceptor with tracing off (no tracer provider); the production stack, spans recorded."""
 

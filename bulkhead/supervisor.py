@@ -186,7 +186,7 @@ class Supervisor:
             for proc in live:
                 try:
                     await asyncio.wait_for(proc.wait(), max(deadline - time.monotonic(), 0.1))
-                except asyncio.TimeoutError:
+                except TimeoutError:
                     _signal_group(proc.pid, signal.SIGKILL)
                     await proc.wait()
         for p in self.procs.values():
@@ -260,14 +260,14 @@ async def check_http_health(address: str, timeout: float = 1.0) -> bool:
     host, _, port = address.rpartition(":")
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host or "127.0.0.1", int(port)), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     try:
         writer.write(f"GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         status = await asyncio.wait_for(reader.readline(), timeout)
         return status.split(b" ")[1:2] == [b"200"]
-    except (OSError, asyncio.TimeoutError, IndexError):
+    except (TimeoutError, OSError, IndexError):
         return False
     finally:
         writer.close()

@@ -12,11 +12,10 @@ import time
 import uuid
 
 import grpc
+from google.protobuf.message import Message
 from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
-
-from google.protobuf.message import Message
 
 from shared import errors, paging
 from shared.bounds import integer_violations

@@ -152,7 +152,7 @@ class _SendUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
 
 
 def make_channel(address: str, *, forward: bool = False, credentials: MetadataSource | None = None,
-                 tls: TlsConfig | None | object = TLS_FROM_ENV, options: tuple = ()) -> grpc.aio.Channel:
+                 tls: TlsConfig | object | None = TLS_FROM_ENV, options: tuple = ()) -> grpc.aio.Channel:
     """A channel to address (one host:port, a comma-separated list of replicas, or a URI such as
     dns:///svc:port); forward=True carries the current tenant's identity on every call.
     A channel with an identity (forwarded or given) also keeps each tenant's read-your-writes position.

@@ -23,7 +23,6 @@ import grpc
 from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from shared.logs import REDACTED, register_secret
 
-
 _ATTEMPTS = 3
 _TRANSIENT = (grpc.StatusCode.ABORTED,)
 """A read is safe to repeat: contention on the audit log is retried here. UNAVAILABLE (a credentials replica

@@ -87,7 +87,7 @@ its share of round_robin traffic within minutes instead of never (long-lived cha
 
 
 async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifier, address: str = "127.0.0.1:0",
-                tls: TlsConfig | None | object = TLS_FROM_ENV,
+                tls: TlsConfig | object | None = TLS_FROM_ENV,
                 options: Sequence[tuple[str, object]] = (), page_key: bytes | None = None) -> RunningServer:
     """Start a server with the production interceptor (tenancy, which also opens each call's server span).
 

@@ -10,16 +10,16 @@ from services.credentials.config import Config
 from services.credentials.key_manager import KeyManager
 from services.credentials.local_backend import LocalBackend
 from services.credentials.master_key import load_or_create_master_key
-from services.credentials.regional import RegionalVault, make_vault
 from services.credentials.purge import CredentialsShredder
+from services.credentials.regional import RegionalVault, make_vault
 from services.credentials.rotation import RotationScheduler, RotatorRegistry
 from services.credentials.secret_manager import SecretManager
 from services.credentials.servicer import CredentialsServicer
 from services.credentials.store import CredentialsBase
 from services.credentials.vault_backend import VaultBackend
-from shared.placement import open_service_database
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
+from shared.placement import open_service_database
 from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve

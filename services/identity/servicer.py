@@ -1,7 +1,7 @@
 """identity's RPC handlers: proto in, domain call, proto out. Errors are raised, never set by hand."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -20,9 +20,9 @@ from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import check_tenant_id
 from shared.paging import page_size
 from shared.retention import checked_days, effective
+from shared.tenancy import PLATFORM_TENANT, require_tenant
 from shared.tiers import UnknownTier, tier_from_proto, tier_to_proto
 from shared.tokens import RefreshingKeySource
-from shared.tenancy import PLATFORM_TENANT, require_tenant
 
 _STATUS = {"active": pb.TENANT_STATUS_ACTIVE, "suspended": pb.TENANT_STATUS_SUSPENDED,
            "deleting": pb.TENANT_STATUS_DELETING, "deleted": pb.TENANT_STATUS_DELETED}
@@ -37,7 +37,7 @@ def _ts(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
     ts = Timestamp()
-    ts.FromDatetime(as_utc(value).astimezone(timezone.utc).replace(tzinfo=None))
+    ts.FromDatetime(as_utc(value).astimezone(UTC).replace(tzinfo=None))
     return ts
 
 

@@ -20,13 +20,13 @@ from services.metering.retention import UsageDetailRetention
 from services.metering.servicer import MeteringServicer, MeteringTiers
 from services.metering.store import MeteringBase
 from services.metering.sweeper import ExpirySweeper
-from shared.placement import open_service_database
 from shared.client import make_channel
-from shared.db import Database
 from shared.config_audit import ConfigAudit
+from shared.db import Database
+from shared.lifecycle import lifecycle_binding
+from shared.placement import open_service_database
 from shared.retention import RetentionSweeper, retention_sweeper
 from shared.retention import sweep_interval as retention_interval
-from shared.lifecycle import lifecycle_binding
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.settings import load_page_key

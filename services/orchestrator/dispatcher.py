@@ -25,8 +25,8 @@ from services.orchestrator.scheduler import pick_runs
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.store import Claim, RunRecord, RunStore
 from shared.errors import NotFound, Unauthenticated, Unavailable
-from shared.tenancy import TenantContext, tenant_scope
 from shared.telemetry import attach_traceparent, detach
+from shared.tenancy import TenantContext, tenant_scope
 
 log = logging.getLogger("bulkhead.orchestrator.dispatcher")
 

@@ -18,8 +18,20 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-from sqlalchemy import (Boolean, CursorResult, Float, Index, Integer, LargeBinary, String, Table, Text, UniqueConstraint,
-                        select, update)
+from sqlalchemy import (
+    Boolean,
+    CursorResult,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 

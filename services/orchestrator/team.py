@@ -156,7 +156,7 @@ def validate_team(team: TeamSpec) -> dict[str, str]:
         tool_names.add(tool.name)
         if tool.method not in ("GET", "POST"):
             v[f"{p}.method"] = "must be GET or POST"
-        if not urlsplit(tool.url).scheme in ("http", "https") or not urlsplit(tool.url).hostname:
+        if urlsplit(tool.url).scheme not in ("http", "https") or not urlsplit(tool.url).hostname:
             v[f"{p}.url"] = "must be an absolute http(s) URL"
         elif not host_allowed(tool.url, team.allowed_hosts):
             v[f"{p}.url"] = f"host {host_of(tool.url)!r} is not in allowed_hosts"

@@ -24,6 +24,7 @@ from . import forged
 from .factories import Ids
 from .resources import SECRET_VALUE, make_victim
 
+
 def md(token: str, tenant_id: str) -> tuple[tuple[str, str], ...]:
     """Call metadata: this bearer token, this x-tenant-id."""
     return (("authorization", f"Bearer {token}"), ("x-tenant-id", tenant_id))

@@ -18,7 +18,7 @@ from shared.client import StaticCredentials, make_channel
 from shared.db import Database
 
 from .helpers import PINNED, fake_totals, params
-from .test_usage_batching import TENANT, Metering, MemoryOutbox, _event
+from .test_usage_batching import TENANT, MemoryOutbox, Metering, _event
 
 
 class Platform:
