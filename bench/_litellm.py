@@ -5,6 +5,7 @@ LiteLLM is never a project dependency: it lives in its own virtualenv under the 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -125,8 +126,6 @@ def tree_pids(pid: int) -> list[int]:
         p = todo.pop()
         out.append(p)
         for task in pathlib.Path(f"/proc/{p}/task").glob("*/children"):
-            try:
+            with contextlib.suppress(OSError):
                 todo.extend(int(c) for c in task.read_text().split())
-            except OSError:
-                pass
     return out

@@ -29,6 +29,9 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+import contextlib
+import itertools
+
 import grpc  # noqa: E402
 
 from bench._figures import add_json_option, write_json  # noqa: E402
@@ -88,11 +91,9 @@ async def direct_run(state, proxy, md, i: int) -> tuple[float, float]:
         await append()
         messages.append(inference_pb2.Message(role=inference_pb2.ROLE_ASSISTANT, content=resp.content))
         if call < 2:
-            try:
+            with contextlib.suppress(grpc.aio.AioRpcError):
                 await state.GetContext(state_pb2.GetContextRequest(
                     scope=state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_RUN, id=thread), key="notes"), metadata=md)
-            except grpc.aio.AioRpcError:
-                pass
             await append()
             use = resp.content[0].tool_use
             messages.append(inference_pb2.Message(role=inference_pb2.ROLE_USER, content=[inference_pb2.ContentBlock(
@@ -173,7 +174,7 @@ async def main(quick: bool, json_to: str | None = None) -> None:
             waits: dict[int, list[float]] = {}
             for i, (_, msgs) in enumerate(results):
                 times = [m.step.create_time.ToNanoseconds() / 1e9 for m in msgs]
-                waits.setdefault(i % tenants_n, []).extend(b - a for a, b in zip(times, times[1:]))
+                waits.setdefault(i % tenants_n, []).extend(b - a for a, b in itertools.pairwise(times))
             medians = [statistics.median(w) * 1000 for w in waits.values()]
             print(f"  median step wait per tenant: min {min(medians):.1f} ms  max {max(medians):.1f} ms  "
                   f"max/min {max(medians) / min(medians):.2f}   (target <= 2.00)")

@@ -3,6 +3,7 @@ restarted when it dies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -237,10 +238,8 @@ def port_is_free(address: str) -> bool:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 async def check_health(address: str, timeout: float = 1.0) -> bool:

@@ -112,7 +112,7 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
     names = tuple(b.descriptor.full_name for b in bindings)
     reflection.enable_server_reflection((*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME), server)
-    host, _, port = address.rpartition(":")
+    host, _, _port = address.rpartition(":")
     if isinstance(tls, TlsConfig):  # what is left of the TLS_FROM_ENV sentinel: a config or None
         bound = server.add_secure_port(address, server_credentials(tls))
     else:

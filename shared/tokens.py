@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -364,10 +365,8 @@ class RefreshingKeySource:
         if self._closed:
             return
         if self._poller is None or self._poller.done():
-            try:
+            with contextlib.suppress(RuntimeError):
                 self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
-            except RuntimeError:
-                pass
 
     async def _poll_forever(self) -> None:
         failing = ""

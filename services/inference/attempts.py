@@ -22,6 +22,7 @@ No grpc imports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -171,10 +172,8 @@ class AttemptJournal:
         while not self._closing:
             if self._settles or self._delivered:
                 # Lazy work waits for the next open (one transaction for both) or the linger.
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._linger)
-                except TimeoutError:
-                    pass
             else:
                 await self._wake.wait()
             self._wake.clear()

@@ -20,6 +20,7 @@ limits, exceptions) is httpx's and httpcore's, unchanged. No grpc imports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import select
 import socket
@@ -356,11 +357,9 @@ class UpstreamPool:
             raise UpstreamConnectError(f"{type(exc).__name__}") from None
         sock = conn.sock
         if sock is not None:
-            for level, option, value in _keepalive_options() + [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]:
-                try:
+            for level, option, value in [*_keepalive_options(), (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]:
+                with contextlib.suppress(OSError):
                     sock.setsockopt(level, option, value)
-                except OSError:
-                    pass
         self.connections += 1
         return conn
 

@@ -10,6 +10,7 @@ tenant's credentials once this replica has a live context for it. No grpc import
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -142,10 +143,8 @@ class UsageMeter:
         last_retry = 0.0
         loop = asyncio.get_running_loop()
         while not self._closing:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
             if self._closing:
                 return

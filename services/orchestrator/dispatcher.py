@@ -138,10 +138,8 @@ class Dispatcher:
                 raise
             except Exception:  # the database may be briefly away; try again next tick
                 log.exception("dispatch round failed")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._s.poll_seconds)
-            except TimeoutError:
-                pass
             self._wake.clear()
 
     async def _admit(self) -> None:

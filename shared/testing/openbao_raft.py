@@ -19,6 +19,7 @@ Settings chosen for tests, and why:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -252,10 +253,8 @@ def _bootstrap(cluster: OpenBaoRaftCluster, timeout: float) -> None:
             if not body.get("sealed", True):
                 pending.remove(node)
                 continue
-            try:
+            with contextlib.suppress(urllib.error.URLError, OSError):
                 cluster.unseal(node)
-            except (urllib.error.URLError, OSError):
-                pass
         return not pending
 
     wait_until(joined, timeout=timeout, interval=0.2, what="OpenBao standbys joined")

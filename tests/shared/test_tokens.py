@@ -124,7 +124,7 @@ async def test_unreachable_identity_is_unavailable_not_unauthenticated():
         async def load_keys(self):
             raise ConnectionError("identity down")
 
-    issuer, _, key = _pair()
+    issuer, _, _key = _pair()
     source = RefreshingKeySource(Down({}), min_refetch=0)
     with pytest.raises(Unavailable) as info:
         await TokenVerifier(source).verify(issuer.issue(tenant_id="t_a", principal_id="p", scopes={"*"})[0])
