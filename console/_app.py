@@ -659,7 +659,7 @@ class Console:
         answers = await asyncio.gather(*(one(svc, stub) for svc, stub in stubs.items()), return_exceptions=True)
         events: list[sec.SecurityEvent] = []
         missing: list[str] = []
-        for svc, answer in zip(stubs, answers):
+        for svc, answer in zip(stubs, answers, strict=True):
             if isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise answer  # the session's token is gone: sign in again
             if isinstance(answer, BaseException):

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
@@ -141,10 +142,8 @@ class Sessions:
         session.expires_at = float(resp.expire_time.seconds)
         session.renewals += 1
         if old_jti and session.expires_at > self._clock():  # the old token is no longer needed by anyone
-            try:
+            with contextlib.suppress(grpc.aio.AioRpcError):  # already expired or revoked: nothing to take back
                 await self._mesh.identity.RevokeToken(idp.RevokeTokenRequest(jti=old_jti), metadata=old_md, timeout=5)
-            except grpc.aio.AioRpcError:
-                pass  # already expired or revoked: nothing to take back
 
     async def sign_out(self, session: Session) -> None:
         """Forget the session and revoke its token."""

@@ -104,7 +104,7 @@ class SecretInjector:
         """Fetch every reference (in parallel) as the current tenant; all or nothing."""
         normalized = {env: ref if isinstance(ref, SecretRef) else SecretRef(ref) for env, ref in refs.items()}
         values = await asyncio.gather(*(self._fetch(env, ref) for env, ref in normalized.items()))
-        return InjectedSecrets(dict(zip(normalized, values)))
+        return InjectedSecrets(dict(zip(normalized, values, strict=True)))
 
     async def _fetch(self, env_name: str, ref: SecretRef) -> str:
         for attempt in range(_ATTEMPTS):

@@ -67,9 +67,10 @@ def table(rows: Iterable[Sequence[object]], headers: Sequence[str], out=None) ->
     """A plain-text table with aligned columns (printed, and returned for tests)."""
     cells = [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip(),
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in cells]
+    # A row shorter than the headers leaves the last columns empty; a longer one is cut to them.
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
     text = "\n".join(lines)
     print(text, file=out or sys.stdout)
     return text

@@ -222,7 +222,7 @@ class SecretManager:
         """Record the background work in the platform schedule (its region's main database, whatever the tier)."""
         ctx = require_tenant()
         async with self._db.system_session(await self._db.region_of(ctx.tenant_id)) as s:
-            for kind, due_us in zip(("rotate", "expire"), due):
+            for kind, due_us in zip(("rotate", "expire"), due, strict=True):
                 await store.set_schedule(s, tenant_id=ctx.tenant_id, tier=ctx.tier, name=name, kind=kind, due_us=due_us)
 
     async def rotate(self, name: str) -> SecretInfo:

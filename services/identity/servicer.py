@@ -158,10 +158,10 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
         current = await self._directory.get_tenant(check_tenant_id(request.tenant_id))
         if current is not None and current.status == "deleted":
             raise FailedPrecondition("the tenant was deleted", reason="TENANT_DELETED")
-        if current is not None and current.status == "deleting" and status:
-            if status != "active" or self._deletions is None:
-                raise FailedPrecondition("the tenant is being deleted: resume it (ACTIVE) to cancel the deletion",
-                                         reason="TENANT_DELETING")
+        if (current is not None and current.status == "deleting" and status
+                and (status != "active" or self._deletions is None)):
+            raise FailedPrecondition("the tenant is being deleted: resume it (ACTIVE) to cancel the deletion",
+                                     reason="TENANT_DELETING")
         async with self._audit.change(f"tenant.{_VERB.get(status, 'status')}", tenant_id=request.tenant_id,
                                       target=f"tenant/{request.tenant_id}", tables={"tenants"},
                                       detail={"status": status}):

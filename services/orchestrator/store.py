@@ -330,10 +330,8 @@ class RunStore:
 
     async def _requeued(self, run: RunRecord, entry: dict[str, Any]) -> RunRecord:
         if run.status == RunStatus.QUEUED:
-            try:
+            with contextlib.suppress(IntegrityError):  # a concurrent retry queued it
                 await self._enqueue(run.run_id, run.created_at, entry)
-            except IntegrityError:
-                pass  # a concurrent retry queued it
         return run
 
     async def _unqueueable(self, run_id: str) -> None:

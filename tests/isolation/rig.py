@@ -118,7 +118,7 @@ async def running_rig(data_dir: Path) -> AsyncIterator[Rig]:
             rig.suspended = c
             took = await asyncio.gather(_refused_everywhere(ch, md(revoked.token, a.tenant_id), "TOKEN_REVOKED"),
                                         _refused_everywhere(ch, c.metadata, "TENANT_SUSPENDED"))
-            rig.propagation = dict(zip(("revoked", "suspended"), took))
+            rig.propagation = dict(zip(("revoked", "suspended"), took, strict=True))
             yield rig
         finally:
             for channel in ch.values():
