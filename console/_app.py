@@ -571,8 +571,10 @@ class Console:
                                                self._query_usage(session, start, end, fine))
         by_day, by_model, by_agent = (_figures.roll_up(parts, "day"), _figures.roll_up(parts, "model"),
                                       _figures.roll_up(parts, "agent"))
-        tokens = lambda r: r.tokens.input_tokens + r.tokens.output_tokens + r.tokens.cache_write_tokens \
-            + r.tokens.cache_read_tokens  # noqa: E731
+        def tokens(r: mtr.UsageRow) -> int:
+            t = r.tokens
+            return t.input_tokens + t.output_tokens + t.cache_write_tokens + t.cache_read_tokens
+
         charts = {
             "day_cost": _charts.columns("Cost per day (USD)", [(fmt_time(r.period_start)[:10],
                                                                 float(Decimal(r.cost_usd or "0"))) for r in by_day],

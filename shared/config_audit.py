@@ -121,7 +121,8 @@ def _anchor_columns() -> list[sa.Column]:
 
 
 def create_tables(service: str) -> None:
-    """Migration step: the service's audit tables, with tenant row-level security (upgrade() grants them to the runtime role)."""
+    """Migration step: the service's audit tables, with tenant row-level security (upgrade() grants them
+    to the runtime role)."""
     from alembic import op
 
     from shared.db.rls import enable_tenant_rls

@@ -282,7 +282,8 @@ class SqlAttempts:
         async with raw_transaction(self._db.engine, tenant_id=None) as tx:
             return [tuple(r) for r in await tx.fetch(
                 "SELECT tenant_id, request_id, attempt, state, at_reservation, reserve_input, reserve_output, "
-                "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens FROM inference_attempts ORDER BY id")]
+                "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens "
+                "FROM inference_attempts ORDER BY id")]
 
 
 async def _open(tx, opens, replica: str) -> list[tuple[int, int]]:

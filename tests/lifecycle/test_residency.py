@@ -171,7 +171,8 @@ async def postgres_tables(admin_url: str) -> AsyncIterator[tuple[str, str, list[
         try:
             async with engine.connect() as conn:
                 tables = (await conn.execute(text(
-                    "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+                    "SELECT table_schema, table_name FROM information_schema.tables "
+                    "WHERE table_type = 'BASE TABLE' "
                     "AND table_schema NOT IN ('pg_catalog', 'information_schema')"))).all()
                 for schema, table in tables:
                     rows = (await conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t'))).scalars().all()
