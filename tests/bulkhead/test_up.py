@@ -49,6 +49,7 @@ def _alive(pid: int) -> bool:
 
 def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float, lines: list[str]) -> None:
     deadline = time.monotonic() + timeout
+    assert proc.stdout is not None, "started with stdout=PIPE"
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:

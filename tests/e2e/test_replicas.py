@@ -104,9 +104,11 @@ def start_replicated(data_dir: Path, extra_env: dict[str, str], up_args: tuple[s
                              "--no-console", "--port-base", str(base), "--replicas", "2", *up_args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mesh = Mesh(proc, env, data_dir)
+    out = proc.stdout
+    assert out is not None, "started with stdout=PIPE"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not any("all services healthy" in line for line in mesh.lines):
-        line = proc.stdout.readline()
+        line = out.readline()
         if not line and proc.poll() is not None:
             break
         mesh.lines.append(line)
@@ -114,7 +116,11 @@ def start_replicated(data_dir: Path, extra_env: dict[str, str], up_args: tuple[s
         mesh.stop()
         raise AssertionError("mesh did not come up:\n" + "".join(mesh.lines))
     # Keep reading: the supervisor reports kills and restarts as they happen.
-    threading.Thread(target=lambda: [mesh.lines.append(line) for line in proc.stdout], daemon=True).start()
+    def follow() -> None:
+        for line in out:
+            mesh.lines.append(line)
+
+    threading.Thread(target=follow, daemon=True).start()
     addresses = dict(re.findall(r"export BULKHEAD_([A-Z]+)_ADDR=(\S+)", "".join(mesh.lines)))
     return mesh, {svc.lower(): addr for svc, addr in addresses.items()}
 
