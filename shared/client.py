@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 
@@ -159,7 +160,8 @@ def make_channel(address: str, *, forward: bool = False, credentials: MetadataSo
 
     mTLS (with this process's certificate) when BULKHEAD_TLS_* are set or `tls` is given; `tls=None` forces plaintext.
     """
-    tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else tls
+    # Past the sentinel `tls` is a TlsConfig or None; anything else fails in *_credentials (never plaintext).
+    tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else cast("TlsConfig | None", tls)
     interceptors: list = telemetry.client_interceptors()
     if forward:
         interceptors += ForwardIdentity().interceptors()
@@ -168,6 +170,6 @@ def make_channel(address: str, *, forward: bool = False, credentials: MetadataSo
     if forward or credentials is not None:
         interceptors += ReadYourWrites().interceptors()
     target, options = channel_target(address), (*channel_options(address), *options)
-    if isinstance(tls, TlsConfig):  # what is left of the TLS_FROM_ENV sentinel: a config or None
+    if tls is not None:
         return grpc.aio.secure_channel(target, channel_credentials(tls), options=options, interceptors=interceptors)
     return grpc.aio.insecure_channel(target, options=options, interceptors=interceptors)

@@ -6,7 +6,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -95,7 +95,8 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
 
     mTLS is on when BULKHEAD_TLS_CA/_CERT/_KEY are set (or `tls` is given); `tls=None` forces plaintext.
     """
-    tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else tls
+    # Past the sentinel `tls` is a TlsConfig or None; anything else fails in *_credentials (never plaintext).
+    tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else cast("TlsConfig | None", tls)
     tenancy = TenancyInterceptor(verifier, service=name)
     tenancy.page_key = page_key
     # gRPC takes the first of repeated channel args: the caller's options replace these defaults.
@@ -113,7 +114,7 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
     reflection.enable_server_reflection((*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME), server)
     host, _, _port = address.rpartition(":")
-    if isinstance(tls, TlsConfig):  # what is left of the TLS_FROM_ENV sentinel: a config or None
+    if tls is not None:
         bound = server.add_secure_port(address, server_credentials(tls))
     else:
         bound = server.add_insecure_port(address)

@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.engine import Connection
@@ -212,8 +212,8 @@ def _stamp_insert(state: ORMExecuteState, tid: str) -> None:
     params = state.parameters
     if isinstance(params, list):
         state.parameters = [_stamp_row(row, tid) for row in params]
-    elif isinstance(params, Mapping) and params:
-        state.parameters = _stamp_row(params, tid)
+    elif params:  # one row; anything else that is not a Mapping fails in _stamp_row: closed, never unstamped
+        state.parameters = _stamp_row(cast("Mapping[str, Any]", params), tid)
     elif getattr(statement, "_multi_values", None):
         if not named_inline:
             raise TenantIsolationError("multi-row INSERT .values() into a tenant-owned table must name tenant_id")
