@@ -9,6 +9,7 @@ import argparse
 import json
 import math
 import pathlib
+from collections.abc import Mapping
 
 
 def add_json_option(parser: argparse.ArgumentParser) -> None:
@@ -16,7 +17,7 @@ def add_json_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", metavar="FILE", help="also write this run's figures to FILE (for bench/all.py)")
 
 
-def write_json(path: str | None, figures: dict[str, float | None]) -> None:
+def write_json(path: str | None, figures: Mapping[str, float | None]) -> None:
     """Write `figures` to `path` (no-op without --json); a NaN or missing figure is written as null."""
     if not path:
         return

@@ -5,6 +5,7 @@ LiteLLM is never a project dependency: it lives in its own virtualenv under the 
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import pathlib
 import signal
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Mapping
 
 VERSION = "1.106.12"
 """Pinned: one known release to compare against, and a pin keeps a bad upload out (newer ones want
@@ -21,10 +23,10 @@ MODEL_ALIAS = "claude-bench"
 """The model name the load asks LiteLLM for; the config maps it to anthropic/<pinned model>."""
 
 
-def venv_dir(env: dict[str, str] | None = None) -> pathlib.Path:
+def venv_dir(env: Mapping[str, str] | None = None) -> pathlib.Path:
     """Where the throwaway virtualenv lives (XDG cache, so `rm -r` of it is always safe)."""
-    env = os.environ if env is None else env
-    cache = pathlib.Path(env.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
+    environ = os.environ if env is None else env
+    cache = pathlib.Path(environ.get("XDG_CACHE_HOME") or pathlib.Path.home() / ".cache")
     return cache / "bulkhead-bench" / "litellm-venv"
 
 
@@ -44,7 +46,7 @@ def ensure_venv(version: str = VERSION, *, log=print) -> pathlib.Path:
     proc = subprocess.Popen([str(python), "-m", "pip", "install", "--progress-bar", "off",
                              f"litellm[proxy]=={version}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
-    for line in proc.stdout:
+    for line in proc.stdout or ():
         if line.startswith(("Collecting", "Installing", "Successfully", "ERROR")):
             log("  " + line.rstrip())
     if proc.wait():
@@ -124,8 +126,6 @@ def tree_pids(pid: int) -> list[int]:
         p = todo.pop()
         out.append(p)
         for task in pathlib.Path(f"/proc/{p}/task").glob("*/children"):
-            try:
+            with contextlib.suppress(OSError):
                 todo.extend(int(c) for c in task.read_text().split())
-            except OSError:
-                pass
     return out

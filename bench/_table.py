@@ -74,7 +74,7 @@ def render(table: list[Row], info: dict[str, object], *, note: str = "") -> str:
     lines = [machine_line(info)] + ([note] if note else [])
     for r in [head, *table]:
         cells = [getattr(r, name) for name in shown]
-        lines.append("  ".join(c.ljust(w) if i != 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+        lines.append("  ".join(c.ljust(w) if i != 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
                      .rstrip())
         if r is head:
             lines.append("  ".join("-" * w for w in widths))

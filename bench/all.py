@@ -75,7 +75,7 @@ def run_one(bench: Bench, *, quick: bool, peer: str | None, logs: pathlib.Path) 
     started = time.perf_counter()
     with open(log, "w") as out:
         try:
-            code = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
+            code: int | str = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
                                   timeout=bench.timeout / 3 if quick else bench.timeout).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"

@@ -17,14 +17,14 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-from bench._figures import add_json_option, write_json  # noqa: E402
-from services.inference.attempts import AttemptJournal, context_json  # noqa: E402
-from services.inference.budget import Tokens  # noqa: E402
-from services.inference.server import MIGRATIONS  # noqa: E402
-from services.inference.store import SqlAttempts  # noqa: E402
-from services.inference.usage import UsageEvent  # noqa: E402
-from shared.db import Database  # noqa: E402
-from shared.tenancy import TenantContext  # noqa: E402
+from bench._figures import add_json_option, write_json
+from services.inference.attempts import AttemptJournal, context_json
+from services.inference.budget import Tokens
+from services.inference.server import MIGRATIONS
+from services.inference.store import SqlAttempts
+from services.inference.usage import UsageEvent
+from shared.db import Database
+from shared.tenancy import TenantContext
 
 
 class _MemoryAttempts:

@@ -18,14 +18,14 @@ import time
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
+import grpc
 
-from bench._figures import add_json_option, write_json  # noqa: E402
-from bulkhead.inference.v1 import inference_pb2 as pb  # noqa: E402
-from services.inference import wire  # noqa: E402
-from services.inference.budget import BudgetRefused  # noqa: E402
-from shared.testing.fake_anthropic import Reply  # noqa: E402
-from tests.services.inference.helpers import PINNED, params, start_mesh, stop_mesh  # noqa: E402
+from bench._figures import add_json_option, write_json
+from bulkhead.inference.v1 import inference_pb2 as pb
+from services.inference import wire
+from services.inference.budget import BudgetRefused
+from shared.testing.fake_anthropic import Reply
+from tests.services.inference.helpers import PINNED, params, start_mesh, stop_mesh
 
 
 def _watch(budgets: list, refusals: list, returned: list) -> None:

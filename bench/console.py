@@ -38,6 +38,7 @@ sys.path.insert(0, str(ROOT))
 import httpx  # noqa: E402
 from google.protobuf.timestamp_pb2 import Timestamp  # noqa: E402
 
+from bench._figures import add_json_option, write_json  # noqa: E402
 from bulkhead.client import Client  # noqa: E402
 from bulkhead.common.v1 import tenancy_pb2  # noqa: E402
 from bulkhead.identity.v1 import identity_pb2 as idp  # noqa: E402
@@ -45,8 +46,6 @@ from bulkhead.metering.v1 import metering_pb2 as mtr  # noqa: E402
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc  # noqa: E402
 from shared.config import SERVICES, service_addr  # noqa: E402
 from tests.e2e.conftest import start_mesh  # noqa: E402
-
-from bench._figures import add_json_option, write_json  # noqa: E402
 
 TARGET_MS = 300.0
 MODELS = {"claude-sonnet-4-5-20250929": (3_000_000, 15_000_000), "claude-haiku-4-5": (1_000_000, 5_000_000)}
@@ -137,7 +136,10 @@ def _bulk_runs(db: Path, tenant_id: str, count: int, now: float) -> float:
 
 def _sign_in(http: httpx.Client, api_key: str) -> None:
     form = http.get("/signin")
-    csrf = re.search(r'name="csrf" value="([^"]+)"', form.text).group(1)
+    found = re.search(r'name="csrf" value="([^"]+)"', form.text)
+    if found is None:
+        raise RuntimeError("the sign-in page has no CSRF field")
+    csrf = found.group(1)
     done = http.post("/signin", data={"csrf": csrf, "api_key": api_key})
     assert done.status_code == 303 and done.headers["location"] == "/overview", done.text[:500]
 
@@ -187,7 +189,7 @@ async def _ledger_floors(key: str, addresses: dict[str, str], samples: int, now:
     return out
 
 
-async def _query(bh, start: float, end: float, group_by: list[int]) -> None:
+async def _query(bh, start: float, end: float, group_by: list[mtr.UsageGrouping]) -> None:
     flt = mtr.UsageFilter(start_time=Timestamp(seconds=int(start)), end_time=Timestamp(seconds=int(end)))
     token = ""
     while True:

@@ -24,16 +24,16 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import grpc
 import hvac
 
+from bench._figures import add_json_option, write_json
 from bulkhead.credentials.v1 import credentials_pb2 as pb
 from bulkhead.credentials.v1 import credentials_pb2_grpc
-
-from bench._figures import add_json_option, write_json
 
 TENANT = "t_bench"
 SECRET = "bench-secret"
@@ -64,7 +64,7 @@ def _serve(kind: str, bao_url: str, bao_token: str, key_bytes: bytes, kid: str, 
         with tenant_scope(TenantContext(TENANT, "p_bench")):
             await service.secrets.put(SECRET, VALUE)
         token = ""
-        if kind == "vault":
+        if isinstance(backend, VaultBackend):
             token = await asyncio.to_thread(backend.tokens.token_for, TenantRef(TENANT))
         queue.put((service.running.port, token))
         await asyncio.to_thread(stop.wait)
@@ -97,10 +97,14 @@ async def _grpc_figures(port: int, md, *, calls: int, seconds: float, concurrenc
     baseline call), each sequential call is followed by one baseline call, timed apart: both see
     the same moments of a shared machine's load, so their ratio holds up under noise."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        method: Any
+        request: Any
         if health:
             from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-            method, request = health_pb2_grpc.HealthStub(channel).Check, health_pb2.HealthCheckRequest()
+            # types-grpcio-health-checking's HealthStub lists no RPCs
+            method = health_pb2_grpc.HealthStub(channel).Check  # type: ignore[attr-defined]
+            request = health_pb2.HealthCheckRequest()
         else:
             method = credentials_pb2_grpc.CredentialsServiceStub(channel).GetSecret
             request = pb.GetSecretRequest(name=SECRET)

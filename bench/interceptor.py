@@ -17,11 +17,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-import grpc  # noqa: E402
+import grpc
 
-from bench._figures import add_json_option, write_json  # noqa: E402
-from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc  # noqa: E402
-
+from bench._figures import add_json_option, write_json
+from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
 
 KINDS = ("bare", "tenancy", "full")
 """bare grpc.aio; our interceptor with tracing off (no tracer provider); the production stack, spans recorded."""
@@ -46,7 +45,7 @@ def _serve(kind: str, port_queue, key_bytes: bytes, kid: str) -> None:
                 interceptors = [TenancyInterceptor(TokenVerifier(StaticKeySource({kid: key.public_key})),
                                                    service="bench")]
             server = grpc.aio.server(interceptors=interceptors)
-            echo_pb2_grpc.add_EchoServiceServicer_to_server(Noop(), server)
+            echo_pb2_grpc.add_EchoServiceServicer_to_server(Noop(), server)  # type: ignore[abstract]  # Echo only
             port = server.add_insecure_port("127.0.0.1:0")
             await server.start()
         else:
@@ -64,7 +63,7 @@ def _serve(kind: str, port_queue, key_bytes: bytes, kid: str) -> None:
             key = SigningKey.from_private_bytes(kid, key_bytes)
             verifier = TokenVerifier(StaticKeySource({kid: key.public_key}))
             running = await serve(name="bench", verifier=verifier, bindings=[Binding(
-                echo_pb2_grpc.add_EchoServiceServicer_to_server, Noop(),
+                echo_pb2_grpc.add_EchoServiceServicer_to_server, Noop(),  # type: ignore[abstract]  # Echo only
                 echo_pb2.DESCRIPTOR.services_by_name["EchoService"])])
             server, port = running.server, running.port
         port_queue.put(port)

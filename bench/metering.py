@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._figures import add_json_option, write_json  # noqa: E402
+from bench._figures import add_json_option, write_json
 
 MODEL = "claude-bench"
 T_START = 1_780_000_000_000_000
@@ -57,7 +57,7 @@ def _serve(port_queue, url: str, owner_url: str, key_bytes: bytes, kid: str, pro
             profiler.enable()
         port_queue.put(service.running.port)
         await stop.wait()
-        if profiler is not None:
+        if profiler is not None and profile_to:
             profiler.disable()
             profiler.dump_stats(profile_to)
 
@@ -127,7 +127,7 @@ def _load(kind: str, address: str, metadata: list, seconds: float, concurrency: 
                     output_micros_per_mtok=15_000_000, cache_write_micros_per_mtok=3_750_000,
                     cache_read_micros_per_mtok=300_000)), metadata=md)
                 return 1
-            await health.Check(health_pb2.HealthCheckRequest())
+            await health.Check(health_pb2.HealthCheckRequest())  # type: ignore[attr-defined]  # stub lists no RPCs
             return 1
 
         for w in range(min(concurrency, 8)):  # warm up connections, token cache, statement cache
@@ -253,6 +253,8 @@ def main() -> None:
                                                   args.profile and str(Path(args.profile).resolve())), daemon=True)
         server.start()
         address = f"127.0.0.1:{q.get(timeout=120)}"
+        if server.pid is None:
+            raise RuntimeError("the metering server process did not start")
         pid, loaders = server.pid, args.loaders
         rows = []
         try:

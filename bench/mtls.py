@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._figures import add_json_option, write_json  # noqa: E402
+from bench._figures import add_json_option, write_json
 
 TENANT = "t_bench"
 
@@ -32,6 +32,7 @@ TENANT = "t_bench"
 def _serve(pki: str | None, key_pem: bytes, queue, stop) -> None:
     """Child process: the echo service behind the production interceptors, TLS when pki is set."""
     async def run() -> None:
+        from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         from shared.server import serve
@@ -39,7 +40,10 @@ def _serve(pki: str | None, key_pem: bytes, queue, stop) -> None:
         from shared.tls import TlsConfig
         from shared.tokens import StaticKeySource, TokenVerifier
 
-        public = load_pem_private_key(key_pem, None).public_key()
+        private = load_pem_private_key(key_pem, None)
+        if not isinstance(private, Ed25519PrivateKey):
+            raise TypeError("the bench's signing key must be Ed25519")
+        public = private.public_key()
         verifier = TokenVerifier(StaticKeySource({"bench": public}))
         tls = TlsConfig.from_dir(pki, "identity") if pki else None
         running = await serve(name="echo", bindings=[echo_binding()], verifier=verifier,

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import itertools
 import os
 import statistics
 import sys
@@ -33,14 +35,13 @@ sys.path.insert(0, str(ROOT))
 
 import grpc  # noqa: E402
 
+from bench._figures import add_json_option, write_json  # noqa: E402
 from bulkhead.inference.v1 import inference_pb2, inference_pb2_grpc  # noqa: E402
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
 from bulkhead.state.v1 import state_pb2, state_pb2_grpc  # noqa: E402
 from services.orchestrator.steps import STEP_EVENT_TYPE  # noqa: E402
 from shared.testing.fake_anthropic import FakeAnthropic  # noqa: E402
 from tests.services.orchestrator.mesh import running_mesh  # noqa: E402
-
-from bench._figures import add_json_option, write_json  # noqa: E402
 
 MODEL = "claude-sonnet-4-5"
 STEPS_PER_RUN = 7
@@ -70,7 +71,7 @@ async def direct_run(state, proxy, md, i: int) -> tuple[float, float]:
     payload = b'{"index":1,"kind":"model_call","agent":"solo","summary":"x","detail":{}}' * 3
     messages = [inference_pb2.Message(role=inference_pb2.ROLE_USER, content=[
         inference_pb2.ContentBlock(text=inference_pb2.TextBlock(text="What is in my notes?"))])]
-    params = dict(model=MODEL, max_tokens=64, system=[inference_pb2.TextBlock(text="Answer briefly.")],
+    params: dict[str, Any] = dict(model=MODEL, max_tokens=64, system=[inference_pb2.TextBlock(text="Answer briefly.")],
                   tools=[inference_pb2.Tool(name="read_context", description="read")])
     t0 = time.perf_counter()
     await state.CreateThread(state_pb2.CreateThreadRequest(thread_id=thread), metadata=md)
@@ -91,11 +92,9 @@ async def direct_run(state, proxy, md, i: int) -> tuple[float, float]:
         await append()
         messages.append(inference_pb2.Message(role=inference_pb2.ROLE_ASSISTANT, content=resp.content))
         if call < 2:
-            try:
+            with contextlib.suppress(grpc.aio.AioRpcError):
                 await state.GetContext(state_pb2.GetContextRequest(
                     scope=state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_RUN, id=thread), key="notes"), metadata=md)
-            except grpc.aio.AioRpcError:
-                pass
             await append()
             use = resp.content[0].tool_use
             messages.append(inference_pb2.Message(role=inference_pb2.ROLE_USER, content=[inference_pb2.ContentBlock(
@@ -146,8 +145,11 @@ async def _measure(sequential: int, tenants_n: int, per_tenant: int, json_to: st
                 Path(tmp), upstream_url=upstream.base_url, env=env, orchestrator_env=orch_env) as mesh:
             print(f"databases of state and the orchestrator: {'Postgres' if postgres else 'SQLite'}")
             tenants = [await mesh.tenant() for _ in range(tenants_n)]
+            stub = mesh.stub
+            if stub is None:
+                raise RuntimeError("the mesh started without an orchestrator")
             for t in tenants:
-                await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team()), metadata=t.metadata)
+                await stub.CreateTeam(pb.CreateTeamRequest(team=team()), metadata=t.metadata)
             state = state_pb2_grpc.StateServiceStub(grpc.aio.insecure_channel(mesh.addr("state")))
             proxy = inference_pb2_grpc.InferenceServiceStub(grpc.aio.insecure_channel(mesh.addr("inference")))
             md = tenants[0].metadata
@@ -193,7 +195,7 @@ async def _measure(sequential: int, tenants_n: int, per_tenant: int, json_to: st
             waits: dict[int, list[float]] = {}
             for i, (_, msgs) in enumerate(results):
                 times = [m.step.create_time.ToNanoseconds() / 1e9 for m in msgs]
-                waits.setdefault(i % tenants_n, []).extend(b - a for a, b in zip(times, times[1:]))
+                waits.setdefault(i % tenants_n, []).extend(b - a for a, b in itertools.pairwise(times))
             medians = [statistics.median(w) * 1000 for w in waits.values()]
             print(f"  median step wait per tenant: min {min(medians):.1f} ms  max {max(medians):.1f} ms  "
                   f"max/min {max(medians) / min(medians):.2f}   (target <= 2.00)")

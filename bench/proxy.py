@@ -74,7 +74,7 @@ async def _role_bare(delay: float) -> None:
             return echo_pb2.EchoResponse(message=request.message)
 
     server = grpc.aio.server()
-    echo_pb2_grpc.add_EchoServiceServicer_to_server(Wait(), server)
+    echo_pb2_grpc.add_EchoServiceServicer_to_server(Wait(), server)  # type: ignore[abstract]  # Echo only
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     await _serve_forever(f"127.0.0.1:{port}")
@@ -207,6 +207,7 @@ def _rss_mb(pid: int) -> tuple[float, float]:
 def _spawn(role: str, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, str]:
     proc = subprocess.Popen([sys.executable, __file__, "--role", role, *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    assert proc.stdout is not None  # stdout=PIPE
     line = proc.stdout.readline().strip()
     if not line.startswith("READY "):
         proc.kill()
@@ -541,6 +542,7 @@ def main() -> None:
         config = InferenceConfig.from_env(os.environ)
         if config.workers > 1 and WORKER_ENV not in os.environ:   # the parent of --workers: as main() runs them
             def ready(proc: subprocess.Popen) -> bool:
+                assert proc.stdout is not None  # started with stdout=PIPE
                 return proc.stdout.readline().startswith(b"READY ")
 
             sys.exit(serve_workers(config, [sys.executable, __file__, "--role", "proxy"], stdout=subprocess.PIPE,

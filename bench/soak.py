@@ -87,7 +87,7 @@ def current_pids(mesh, start: dict[str, int]) -> dict[str, int]:
     return pids
 
 
-async def soak(minutes: float, interval: float, postgres: tuple[str, str] | None) -> dict[str, float]:
+async def soak(minutes: float, interval: float, postgres: tuple[str, str] | None) -> dict[str, float | None]:
     from shared.testing.fake_anthropic import FakeAnthropic
 
     up_args = ("--postgres", postgres[0], "--postgres-owner", postgres[1]) if postgres else ()

@@ -70,7 +70,7 @@ async def _read(log: ThreadLog, threads: list[str], *, page_size: int) -> Timer:
         for thread_id in threads:
             token = ""
             while True:
-                page = await log.read(thread_id, after_version=0, page_size=page_size, page_token=token)
+                page, _ = await log.read(thread_id, after_version=0, page_size=page_size, page_token=token)
                 token = page.next_page_token
                 if not token:
                     break
@@ -140,8 +140,7 @@ async def bench_grpc(db: Database, args) -> tuple[float, float]:
                     thread_id=thread_id, expected_version=version, events=events), metadata=md)
 
         await write(threads[0])  # warm-up (and the tenant's data key)
-        threads = threads[1:] + [(await stub.CreateThread(state_pb2.CreateThreadRequest(),
-                                                          metadata=md)).thread.thread_id]
+        threads = [*threads[1:], (await stub.CreateThread(state_pb2.CreateThreadRequest(), metadata=md)).thread.thread_id]
         with Timer() as t:
             await asyncio.gather(*(write(tid) for tid in threads))
         append = args.events / t.wall

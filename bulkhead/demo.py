@@ -35,7 +35,7 @@ class CrmStub:
         stub = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):  # http.server's name
                 auth = self.headers.get("Authorization", "").removeprefix("Bearer ")
                 tenant = stub.tokens.get(auth)
                 stub.calls.append(tenant or "refused")

@@ -3,6 +3,7 @@ restarted when it dies."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -179,16 +180,16 @@ class Supervisor:
             task.cancel()
         deadline = time.monotonic() + grace
         for wave in (*STOP_ORDER, tuple(p.name for p in self.procs.values())):  # last: anything not named above
-            live = [p for p in self.procs.values()
+            live = [p.process for p in self.procs.values()
                     if p.name in wave and p.process and p.process.returncode is None]
-            for p in live:
-                _signal_group(p.process.pid, signal.SIGTERM)
-            for p in live:
+            for proc in live:
+                _signal_group(proc.pid, signal.SIGTERM)
+            for proc in live:
                 try:
-                    await asyncio.wait_for(p.process.wait(), max(deadline - time.monotonic(), 0.1))
-                except asyncio.TimeoutError:
-                    _signal_group(p.process.pid, signal.SIGKILL)
-                    await p.process.wait()
+                    await asyncio.wait_for(proc.wait(), max(deadline - time.monotonic(), 0.1))
+                except TimeoutError:
+                    _signal_group(proc.pid, signal.SIGKILL)
+                    await proc.wait()
         for p in self.procs.values():
             if p.log_task:
                 p.log_task.cancel()
@@ -237,17 +238,17 @@ def port_is_free(address: str) -> bool:
 
 
 def _signal_group(pid: int, sig: int) -> None:
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 async def check_health(address: str, timeout: float = 1.0) -> bool:
     """Whether the server at address answers its gRPC health check with SERVING."""
     try:
         async with grpc.aio.insecure_channel(address) as channel:
-            resp = await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            stub = health_pb2_grpc.HealthStub(channel)
+            resp = await stub.Check(  # type: ignore[attr-defined]  # types-grpcio-health-checking lists no RPCs
+                health_pb2.HealthCheckRequest(), timeout=timeout)
             return resp.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.aio.AioRpcError:
         return False
@@ -258,14 +259,14 @@ async def check_http_health(address: str, timeout: float = 1.0) -> bool:
     host, _, port = address.rpartition(":")
     try:
         reader, writer = await asyncio.wait_for(asyncio.open_connection(host or "127.0.0.1", int(port)), timeout)
-    except (OSError, asyncio.TimeoutError):
+    except (TimeoutError, OSError):
         return False
     try:
         writer.write(f"GET /healthz HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n".encode())
         await writer.drain()
         status = await asyncio.wait_for(reader.readline(), timeout)
         return status.split(b" ")[1:2] == [b"200"]
-    except (OSError, asyncio.TimeoutError, IndexError):
+    except (TimeoutError, OSError, IndexError):
         return False
     finally:
         writer.close()

@@ -16,6 +16,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -204,7 +205,7 @@ class Console:
         """The one 404 page: it never echoes the id that was asked for."""
         return self.render(request, "not_found.html", status=404, nav="")
 
-    async def _not_found_handler(self, request: Request, exc) -> HTMLResponse:
+    async def _not_found_handler(self, request: Request, exc) -> Response:
         if not hasattr(request.state, "request_id"):
             request.state.request_id = uuid.uuid4().hex
         sid = request.cookies.get(COOKIE)
@@ -310,7 +311,8 @@ class Console:
 
     # --- overview ---------------------------------------------------------------------------------
 
-    async def _list_runs(self, session: Session, *, since: dt.datetime | None = None, status: int = 0,
+    async def _list_runs(self, session: Session, *, since: dt.datetime | None = None,
+                         status: orc.RunStatus = orc.RUN_STATUS_UNSPECIFIED,
                          team: str = "", limit: int = MAX_RUNS_SCANNED) -> list[orc.Run]:
         """Runs newest first, down to `since` (or `limit` runs)."""
         runs: list[orc.Run] = []
@@ -319,7 +321,8 @@ class Console:
             resp = await self._call(session, self.mesh.orchestrator.ListRuns, orc.ListRunsRequest(
                 page_size=min(RUNS_PAGE, limit - len(runs)), page_token=token, status=status, team=team))
             for r in resp.runs:
-                if since is not None and _dt(r.create_time) and _dt(r.create_time) < since:
+                created = _dt(r.create_time)
+                if since is not None and created is not None and created < since:
                     return runs
                 runs.append(r)
             token = resp.next_page_token
@@ -327,7 +330,8 @@ class Console:
                 break
         return runs[:limit]
 
-    async def _query_usage(self, session: Session, start: dt.datetime, end: dt.datetime, group_by: list[int],
+    async def _query_usage(self, session: Session, start: dt.datetime, end: dt.datetime,
+                           group_by: list[mtr.UsageGrouping],
                            *, model: str = "", agent: str = "") -> list[mtr.UsageRow]:
         rows: list[mtr.UsageRow] = []
         token = ""
@@ -446,11 +450,12 @@ class Console:
         live = run.status in (orc.RUN_STATUS_QUEUED, orc.RUN_STATUS_RUNNING)
         steps = await self._steps(session, run_id, live=live)
         prices = await self._prices(session)
-        rows, tokens_in, tokens_out, cost = [], 0, 0, Decimal(0)
+        rows: list[dict[str, Any]] = []
+        tokens_in, tokens_out, cost = 0, 0, Decimal(0)
         for step in steps:
             detail = _struct_dict(step.detail)
             usage = detail.get("usage") or {}
-            row = {"step": step, "detail": detail, "input": int(usage.get("input_tokens") or 0),
+            row: dict[str, Any] = {"step": step, "detail": detail, "input": int(usage.get("input_tokens") or 0),
                    "output": int(usage.get("output_tokens") or 0), "cost": None}
             if step.kind == orc.STEP_KIND_MODEL_CALL:
                 row["cost"] = _cost(prices.get(str(detail.get("model", ""))), usage)
@@ -566,8 +571,10 @@ class Console:
                                                self._query_usage(session, start, end, fine))
         by_day, by_model, by_agent = (_figures.roll_up(parts, "day"), _figures.roll_up(parts, "model"),
                                       _figures.roll_up(parts, "agent"))
-        tokens = lambda r: r.tokens.input_tokens + r.tokens.output_tokens + r.tokens.cache_write_tokens \
-            + r.tokens.cache_read_tokens  # noqa: E731
+        def tokens(r: mtr.UsageRow) -> int:
+            t = r.tokens
+            return t.input_tokens + t.output_tokens + t.cache_write_tokens + t.cache_read_tokens
+
         charts = {
             "day_cost": _charts.columns("Cost per day (USD)", [(fmt_time(r.period_start)[:10],
                                                                 float(Decimal(r.cost_usd or "0"))) for r in by_day],
@@ -654,7 +661,7 @@ class Console:
         answers = await asyncio.gather(*(one(svc, stub) for svc, stub in stubs.items()), return_exceptions=True)
         events: list[sec.SecurityEvent] = []
         missing: list[str] = []
-        for svc, answer in zip(stubs, answers):
+        for svc, answer in zip(stubs, answers, strict=True):
             if isinstance(answer, grpc.aio.AioRpcError) and answer.code() == grpc.StatusCode.UNAUTHENTICATED:
                 raise answer  # the session's token is gone: sign in again
             if isinstance(answer, BaseException):

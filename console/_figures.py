@@ -64,7 +64,8 @@ def agent_figures(usage_by_agent: Sequence[mtr.UsageRow], stats: Sequence[orc.Ag
             agent=name, calls=row.event_count if row else 0, call_errors=row.error_count if row else 0,
             cost_usd=Decimal(row.cost_usd or "0") if row else Decimal(0), runs=started,
             runs_succeeded=st.succeeded if st else 0,
-            p50_ms=st.step_latency_p50_ms if latency else None, p95_ms=st.step_latency_p95_ms if latency else None,
+            p50_ms=st.step_latency_p50_ms if st and latency else None,
+            p95_ms=st.step_latency_p95_ms if st and latency else None,
             latency_steps=st.latency_steps if st else 0))
     return figures
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
+from typing import Any
 
 import uvicorn
 
@@ -15,7 +16,7 @@ def serve(env: Mapping[str, str] = os.environ, *, address: str | None = None) ->
     config = ConsoleConfig.from_env(env)
     if address:
         config = ConsoleConfig(**{**config.__dict__, "address": address})
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if config.tls_cert and config.tls_key:
         kwargs.update(ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
     uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning", access_log=False,

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 import logging
 import secrets
@@ -65,7 +66,9 @@ class Session:
 
     def check_csrf(self, offered: str | None) -> bool:
         """Whether a request carries this session's CSRF token."""
-        return bool(offered) and hmac.compare_digest(offered, self.csrf)
+        if not offered:
+            return False
+        return hmac.compare_digest(offered, self.csrf)
 
 
 class Sessions:
@@ -139,10 +142,8 @@ class Sessions:
         session.expires_at = float(resp.expire_time.seconds)
         session.renewals += 1
         if old_jti and session.expires_at > self._clock():  # the old token is no longer needed by anyone
-            try:
+            with contextlib.suppress(grpc.aio.AioRpcError):  # already expired or revoked: nothing to take back
                 await self._mesh.identity.RevokeToken(idp.RevokeTokenRequest(jti=old_jti), metadata=old_md, timeout=5)
-            except grpc.aio.AioRpcError:
-                pass  # already expired or revoked: nothing to take back
 
     async def sign_out(self, session: Session) -> None:
         """Forget the session and revoke its token."""

@@ -33,7 +33,9 @@ def check(service: str, env: Mapping[str, str], *, timeout: float = 3.0) -> bool
                else grpc.insecure_channel(target))
     with channel:
         try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest(), timeout=timeout)
+            stub = health_pb2_grpc.HealthStub(channel)
+            reply = stub.Check(  # type: ignore[attr-defined]  # types-grpcio-health-checking lists no RPCs
+                health_pb2.HealthCheckRequest(), timeout=timeout)
         except grpc.RpcError as exc:
             print(f"{service}: {exc.code().name}", file=sys.stderr)
             return False

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import pathlib
+import shutil
 import sys
 
 import grpc_tools
@@ -29,12 +30,22 @@ def proto_files() -> list[pathlib.Path]:
     return sorted(PROTOS.rglob("*.proto"))
 
 
+def _mypy_grpc_plugin() -> str:
+    """mypy-protobuf's protoc plugin, which writes the typed *_pb2_grpc.pyi stubs (grpcio-tools writes none)."""
+    beside = pathlib.Path(sys.executable).parent / "protoc-gen-mypy_grpc"
+    found = str(beside) if beside.exists() else shutil.which("protoc-gen-mypy_grpc")
+    if found is None:
+        raise SystemExit("protoc-gen-mypy_grpc not found: pip install mypy-protobuf (part of '.[test]')")
+    return found
+
+
 def generate(out: pathlib.Path) -> None:
-    """Compile every proto into out/ (messages, gRPC stubs and .pyi type stubs)."""
+    """Compile every proto into out/ (messages, gRPC stubs and .pyi type stubs for both)."""
     out.mkdir(parents=True, exist_ok=True)
     files = [str(p.relative_to(PROTOS)) for p in proto_files()]
     args = ["protoc", *(f"-I{d}" for d in _include_dirs()),
-            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}", *files]
+            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}",
+            f"--plugin=protoc-gen-mypy_grpc={_mypy_grpc_plugin()}", f"--mypy_grpc_out=quiet:{out}", *files]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed: fix the proto errors above, then run this again")
     # Generated packages need __init__.py so that setuptools and mypy see them.
@@ -51,4 +62,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -8,6 +8,7 @@ from __future__ import annotations
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
+from typing import cast
 
 import grpc
 
@@ -152,14 +153,15 @@ class _SendUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
 
 
 def make_channel(address: str, *, forward: bool = False, credentials: MetadataSource | None = None,
-                 tls: TlsConfig | None | object = TLS_FROM_ENV, options: tuple = ()) -> grpc.aio.Channel:
+                 tls: TlsConfig | object | None = TLS_FROM_ENV, options: tuple = ()) -> grpc.aio.Channel:
     """A channel to address (one host:port, a comma-separated list of replicas, or a URI such as
     dns:///svc:port); forward=True carries the current tenant's identity on every call.
     A channel with an identity (forwarded or given) also keeps each tenant's read-your-writes position.
 
     mTLS (with this process's certificate) when BULKHEAD_TLS_* are set or `tls` is given; `tls=None` forces plaintext.
     """
-    tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else tls
+    # Past the sentinel `tls` is a TlsConfig or None; anything else fails in *_credentials (never plaintext).
+    tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else cast("TlsConfig | None", tls)
     interceptors: list = telemetry.client_interceptors()
     if forward:
         interceptors += ForwardIdentity().interceptors()

@@ -121,7 +121,8 @@ def _anchor_columns() -> list[sa.Column]:
 
 
 def create_tables(service: str) -> None:
-    """Migration step: the service's audit tables, with tenant row-level security (upgrade() grants them to the runtime role)."""
+    """Migration step: the service's audit tables, with tenant row-level security (upgrade() grants them
+    to the runtime role)."""
     from alembic import op
 
     from shared.db.rls import enable_tenant_rls
@@ -398,7 +399,8 @@ class ConfigAudit:
                      action: str = "", target: str = "") -> list[dict[str, Any]]:
         """A page of events as dicts (detail decoded), in the order asked."""
         columns = [c.name for c in _event_columns()]
-        where, args = ["tenant_id = $1"], []
+        where: list[str] = ["tenant_id = $1"]
+        args: list[int | str] = []
         if after is not None:
             args.append(after)
             where.append(f"seq {'<' if newest_first else '>'} ${len(args) + 1}")

@@ -221,7 +221,9 @@ def trailing_metadata(error: BulkheadError) -> tuple[tuple[str, str | bytes], ..
 
 def error_details(rpc_error: grpc.RpcError) -> dict:
     """Decode the google.rpc details of a failed call into a plain dict (for tests and clients)."""
-    trailers = rpc_error.trailing_metadata() or ()
+    # types-grpcio says _Metadatum objects; at run time they are (key, value) pairs (grpc.aio.Metadata's
+    # items, or the sync API's namedtuples).
+    trailers: Iterable[tuple[str, str | bytes]] = rpc_error.trailing_metadata() or ()  # type: ignore[assignment]
     raw = next((v for k, v in trailers if k == _DETAILS_KEY), None)
     out: dict = {"reason": None, "domain": None, "metadata": {}, "bad_request": {}, "quota": [], "retry_after": None}
     if raw is None:

@@ -23,7 +23,6 @@ import grpc
 from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from shared.logs import REDACTED, register_secret
 
-
 _ATTEMPTS = 3
 _TRANSIENT = (grpc.StatusCode.ABORTED,)
 """A read is safe to repeat: contention on the audit log is retried here. UNAVAILABLE (a credentials replica
@@ -105,7 +104,7 @@ class SecretInjector:
         """Fetch every reference (in parallel) as the current tenant; all or nothing."""
         normalized = {env: ref if isinstance(ref, SecretRef) else SecretRef(ref) for env, ref in refs.items()}
         values = await asyncio.gather(*(self._fetch(env, ref) for env, ref in normalized.items()))
-        return InjectedSecrets(dict(zip(normalized, values)))
+        return InjectedSecrets(dict(zip(normalized, values, strict=True)))
 
     async def _fetch(self, env_name: str, ref: SecretRef) -> str:
         for attempt in range(_ATTEMPTS):

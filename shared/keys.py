@@ -7,6 +7,7 @@ own platform service key, which identity writes on first start (see SERVICE_PRIN
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
@@ -16,6 +17,9 @@ from shared.errors import Unavailable
 from shared.logs import register_secret
 from shared.tiers import tier_from_proto
 from shared.tokens import RefreshingKeySource, TokenVerifier
+
+if TYPE_CHECKING:
+    from bulkhead.client import RefreshingToken
 
 
 class ServiceKeyCredentials:
@@ -28,7 +32,7 @@ class ServiceKeyCredentials:
     def __init__(self, identity_channel: grpc.aio.Channel, key_file: Path | None):
         self._channel = identity_channel
         self._path = key_file
-        self._token = None
+        self._token: RefreshingToken | None = None
 
     async def metadata(self) -> tuple[tuple[str, str], ...]:
         """authorization and x-tenant-id for one call with the service's platform token."""

@@ -180,7 +180,7 @@ class TenantLifecycle:
 
     async def inventory(self, tenant_id: str, tier: Tier) -> list[TableCount]:
         """Rows and checksum per table; a store that does not exist counts as empty (never created)."""
-        out = []
+        out: list[TableCount] = []
         for store, route, tables in await self._stores(tenant_id, tier):
             if route is None:
                 out.extend(TableCount(store, t.name, 0) for t in tables)

@@ -37,6 +37,6 @@ class Periodic:
         while True:
             try:
                 await self._work()
-            except Exception:  # keep going: one bad pass must not end the background work
+            except Exception:  # noqa: BLE001 - keep going: one bad pass must not end the background work
                 self._log.exception("%s: pass failed; the next one retries", self.name)
             await asyncio.sleep(self._interval)

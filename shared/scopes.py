@@ -46,9 +46,11 @@ class RuleBook:
         if method is None:
             return None
         options = method.GetOptions()
-        if not options.HasExtension(auth_pb2.auth):
+        # The generated auth_pb2.pyi types the extension as a plain FieldDescriptor, not the
+        # _ExtensionFieldDescriptor types-protobuf asks for.
+        if not options.HasExtension(auth_pb2.auth):  # type: ignore[arg-type]
             return None
-        rule = options.Extensions[auth_pb2.auth]
+        rule: auth_pb2.AuthRule = options.Extensions[auth_pb2.auth]  # type: ignore[index]
         if not rule.public and not rule.scope:
             return None
         return MethodRule(scope=rule.scope, public=rule.public)

@@ -15,6 +15,7 @@ import logging
 import time
 from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import NamedTuple
 
 from prometheus_client import Counter as PromCounter
@@ -52,7 +53,8 @@ class EventKey(NamedTuple):
     principal_id: str
 
 
-class Pending(NamedTuple):
+@dataclass(frozen=True, slots=True)  # not a NamedTuple: its `count` field would shadow tuple.count
+class Pending:
     """An aggregated key between two flushes."""
 
     key: EventKey

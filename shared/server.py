@@ -6,7 +6,7 @@ import logging
 import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 import grpc
 from google.protobuf.descriptor import ServiceDescriptor
@@ -87,7 +87,7 @@ its share of round_robin traffic within minutes instead of never (long-lived cha
 
 
 async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifier, address: str = "127.0.0.1:0",
-                tls: TlsConfig | None | object = TLS_FROM_ENV,
+                tls: TlsConfig | object | None = TLS_FROM_ENV,
                 options: Sequence[tuple[str, object]] = (), page_key: bytes | None = None) -> RunningServer:
     """Start a server with the production interceptor (tenancy, which also opens each call's server span).
 
@@ -95,7 +95,8 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
 
     mTLS is on when BULKHEAD_TLS_CA/_CERT/_KEY are set (or `tls` is given); `tls=None` forces plaintext.
     """
-    tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else tls
+    # Past the sentinel `tls` is a TlsConfig or None; anything else fails in *_credentials (never plaintext).
+    tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else cast("TlsConfig | None", tls)
     tenancy = TenancyInterceptor(verifier, service=name)
     tenancy.page_key = page_key
     # gRPC takes the first of repeated channel args: the caller's options replace these defaults.
@@ -112,7 +113,7 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
     names = tuple(b.descriptor.full_name for b in bindings)
     reflection.enable_server_reflection((*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
                                          reflection.SERVICE_NAME), server)
-    host, _, port = address.rpartition(":")
+    host, _, _port = address.rpartition(":")
     if tls is not None:
         bound = server.add_secure_port(address, server_credentials(tls))
     else:

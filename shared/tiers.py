@@ -39,13 +39,14 @@ class Tier(enum.StrEnum):
             raise UnknownTier(f"unknown tenant tier {value!r}: pooled, bridge or silo") from None
 
 
-_TO_PROTO = {Tier.POOLED: tenancy_pb2.TIER_POOLED, Tier.BRIDGE: tenancy_pb2.TIER_BRIDGE,
+_TO_PROTO: dict[Tier, tenancy_pb2.Tier] = {Tier.POOLED: tenancy_pb2.TIER_POOLED, Tier.BRIDGE: tenancy_pb2.TIER_BRIDGE,
              Tier.SILO: tenancy_pb2.TIER_SILO}
 # The proto says an unset tier is pooled (CreateTenant, RecordTenantUsage from old callers).
-_FROM_PROTO = {v: k for k, v in _TO_PROTO.items()} | {tenancy_pb2.TIER_UNSPECIFIED: Tier.POOLED}
+_FROM_PROTO: dict[int, Tier] = {v: k for k, v in _TO_PROTO.items()}
+_FROM_PROTO[tenancy_pb2.TIER_UNSPECIFIED] = Tier.POOLED
 
 
-def tier_to_proto(tier: str) -> int:
+def tier_to_proto(tier: str) -> tenancy_pb2.Tier:
     """The bulkhead.common.v1.Tier value of a tier name; UnknownTier for an unknown name."""
     return _TO_PROTO[Tier.parse(tier)]
 

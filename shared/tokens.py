@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import hashlib
 import logging
 import secrets
@@ -336,7 +337,7 @@ class RefreshingKeySource:
             if key is None and time.monotonic() - self._last_fetch >= self._min_refetch:
                 try:
                     self._keys = dict(await self._loader.load_keys())
-                except Exception:
+                except Exception:  # noqa: BLE001 - however the load failed, the caller gets UNAVAILABLE
                     raise Unavailable("cannot fetch signing keys from identity; retry shortly",
                                       reason="KEYS_UNAVAILABLE", retry_after=1.0) from None
                 self._last_fetch = time.monotonic()
@@ -364,10 +365,8 @@ class RefreshingKeySource:
         if self._closed:
             return
         if self._poller is None or self._poller.done():
-            try:
+            with contextlib.suppress(RuntimeError):
                 self._poller = asyncio.get_running_loop().create_task(self._poll_forever())
-            except RuntimeError:
-                pass
 
     async def _poll_forever(self) -> None:
         failing = ""
@@ -381,7 +380,7 @@ class RefreshingKeySource:
                 if failing:
                     _log.info("revocations and suspensions reach this service again")
                 failing = ""
-            except Exception as exc:  # identity briefly down: keep the last lists, try again
+            except Exception as exc:  # noqa: BLE001 - identity briefly down: keep the last lists, try again
                 # Said once per kind of failure, not every second: a missing service key would flood the log.
                 if type(exc).__name__ != failing:
                     _log.warning("cannot poll identity for revocations and suspensions (%s); keeping the last "

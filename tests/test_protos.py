@@ -11,7 +11,7 @@ import sys
 import pytest
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
-GENERATED = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py")
+GENERATED = ("*_pb2.py", "*_pb2.pyi", "*_pb2_grpc.py", "*_pb2_grpc.pyi")
 
 # Lines that record which protoc/grpcio-tools release generated a file, not what the protos say:
 # a fresh CI venv may resolve a newer grpcio-tools, and that alone must not count as stale.

@@ -8,6 +8,7 @@ import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import NoReturn
 
 import grpc
 
@@ -42,7 +43,7 @@ async def connect(args: argparse.Namespace, env=os.environ) -> Client:
                                 env=env)
 
 
-def fail(message: str, code: int = 1) -> None:
+def fail(message: str, code: int = 1) -> NoReturn:
     """Print an error that says what to do next, and exit."""
     print(f"error: {message}", file=sys.stderr)
     raise SystemExit(code)
@@ -64,11 +65,12 @@ def run_async(func: Callable) -> Callable[[argparse.Namespace], int]:
 
 def table(rows: Iterable[Sequence[object]], headers: Sequence[str], out=None) -> str:
     """A plain-text table with aligned columns (printed, and returned for tests)."""
-    rows = [["" if c is None else str(c) for c in row] for row in rows]
-    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths)).rstrip(),
+    cells = [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
+    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
              "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    # A row shorter than the headers leaves the last columns empty; a longer one is cut to them.
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
     text = "\n".join(lines)
     print(text, file=out or sys.stdout)
     return text

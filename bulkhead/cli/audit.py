@@ -53,7 +53,7 @@ def register(subparsers) -> None:
         add_connection_args(cmd)
 
 
-def _config_stub(bh: Client, service: str) -> audit_pb2_grpc.ConfigAuditServiceStub:
+def _config_stub(bh: Client, service: str) -> audit_pb2_grpc.ConfigAuditServiceAsyncStub:
     return audit_pb2_grpc.ConfigAuditServiceStub(bh.channel(service))
 
 
@@ -208,7 +208,8 @@ async def _config_rows(bh: Client, service: str, args: argparse.Namespace) -> li
 
 async def _access_rows(bh: Client, args: argparse.Namespace) -> list[tuple[float, list[object]]]:
     # The access chain pages oldest first: read to its end and keep the newest `limit`.
-    events, token = [], ""
+    events: list[pb.AccessEvent] = []
+    token = ""
     while True:
         resp = await bh.credentials.ListAccessEvents(pb.ListAccessEventsRequest(
             page_size=1000, page_token=token, secret_name=args.secret), timeout=CALL_TIMEOUT)

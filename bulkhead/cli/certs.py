@@ -143,7 +143,7 @@ def _run_dev(args: argparse.Namespace) -> int:
     return 0
 
 
-def register(subparsers: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``certs`` command group to the bulkhead CLI."""
     certs = subparsers.add_parser("certs", help="make TLS certificates for mTLS between services")
     sub = certs.add_subparsers(dest="certs_command", required=True)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import argparse
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from bulkhead.cli._common import add_connection_args, connect, run_async, table
 from bulkhead.identity.v1 import identity_pb2 as pb
@@ -82,7 +82,7 @@ async def _issue(args: argparse.Namespace) -> None:
         creds = bh.auth
         resp = await creds._stub.IssueToken(pb.IssueTokenRequest(api_key=creds._api_key or "", scopes=args.scopes,
                                                                  ttl_seconds=args.ttl))
-    expires = datetime.fromtimestamp(resp.expire_time.seconds, timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    expires = datetime.fromtimestamp(resp.expire_time.seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     table([[resp.tenant_id, resp.jti, " ".join(resp.scopes), expires]], ["tenant", "jti", "scopes", "expires"])
     print(f"\nexport BULKHEAD_TENANT={resp.tenant_id}\nexport BULKHEAD_TOKEN={resp.token}")
 

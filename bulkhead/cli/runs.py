@@ -159,7 +159,8 @@ async def _watch(args: argparse.Namespace) -> int:
 @run_async
 async def _list(args: argparse.Namespace) -> None:
     status = getattr(pb, f"RUN_STATUS_{args.status.upper()}") if args.status else pb.RUN_STATUS_UNSPECIFIED
-    rows, token = [], ""
+    rows: list[list[object]] = []
+    token = ""
     async with await connect(args) as bh:
         while len(rows) < args.limit:
             resp = await bh.orchestrator.ListRuns(pb.ListRunsRequest(

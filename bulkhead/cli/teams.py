@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import grpc
 import yaml
@@ -79,7 +80,7 @@ def team_yaml(team: pb.Team) -> str:
 
 @run_async
 async def _apply(args: argparse.Namespace) -> None:
-    text = sys.stdin.read() if args.file == "-" else open(args.file, encoding="utf-8").read()
+    text = sys.stdin.read() if args.file == "-" else Path(args.file).read_text(encoding="utf-8")
     team = load_team(text)
     async with await connect(args) as bh:
         try:

@@ -122,6 +122,7 @@ async def _tenant_id(bh, tenant: str) -> str:
 async def _retention(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
         tenant_id = await _tenant_id(bh, args.tenant)
+        resp: pb.GetRetentionPolicyResponse | pb.SetRetentionPolicyResponse
         if args.audit_days is None and args.usage_days is None:
             resp = await bh.identity.GetRetentionPolicy(pb.GetRetentionPolicyRequest(tenant_id=tenant_id))
         else:

@@ -132,6 +132,7 @@ async def _query(args: argparse.Namespace) -> None:
     group_by = [_GROUPINGS[n] for n in names]
     rows: list[pb.UsageRow] = []
     token = ""
+    resp: pb.QueryTenantUsageResponse | pb.QueryUsageResponse
     async with await connect(args) as bh:
         while True:
             if args.tenant:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib
 import os
 from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -14,6 +15,14 @@ from shared.config import SERVICES, service_addr
 from shared.errors import error_details
 from shared.service_config import channel_options, channel_target
 from shared.tls import TlsConfig, channel_credentials
+
+if TYPE_CHECKING:  # the *AsyncStub classes exist only in the generated .pyi stubs (mypy-protobuf)
+    from bulkhead.credentials.v1.credentials_pb2_grpc import CredentialsServiceAsyncStub
+    from bulkhead.identity.v1.identity_pb2_grpc import IdentityServiceAsyncStub
+    from bulkhead.inference.v1.inference_pb2_grpc import InferenceServiceAsyncStub
+    from bulkhead.metering.v1.metering_pb2_grpc import MeteringServiceAsyncStub
+    from bulkhead.orchestrator.v1.orchestrator_pb2_grpc import OrchestratorServiceAsyncStub
+    from bulkhead.state.v1.state_pb2_grpc import StateServiceAsyncStub
 
 _STUBS = {
     "identity": ("bulkhead.identity.v1.identity_pb2_grpc", "IdentityServiceStub"),
@@ -52,7 +61,7 @@ class Client:
     def __init__(self, credentials: RefreshingToken, channels: dict[str, grpc.aio.Channel]):
         self.auth = credentials
         self._channels = channels
-        self._stubs: dict[str, object] = {}
+        self._stubs: dict[str, Any] = {}
 
     @classmethod
     async def connect(cls, *, api_key: str | None = None, token: str | None = None, tenant_id: str | None = None,
@@ -70,9 +79,33 @@ class Client:
         channels["_bootstrap"] = bootstrap
         return cls(creds, channels)
 
-    def __getattr__(self, service: str):
-        if service not in _STUBS:
-            raise AttributeError(service)
+    # Typed as the generated async stubs, so mypy checks each call's request and reply types.
+    @property
+    def identity(self) -> IdentityServiceAsyncStub:
+        return self._stub("identity")
+
+    @property
+    def credentials(self) -> CredentialsServiceAsyncStub:
+        return self._stub("credentials")
+
+    @property
+    def state(self) -> StateServiceAsyncStub:
+        return self._stub("state")
+
+    @property
+    def inference(self) -> InferenceServiceAsyncStub:
+        return self._stub("inference")
+
+    @property
+    def orchestrator(self) -> OrchestratorServiceAsyncStub:
+        return self._stub("orchestrator")
+
+    @property
+    def metering(self) -> MeteringServiceAsyncStub:
+        return self._stub("metering")
+
+    def _stub(self, service: str) -> Any:
+        # Imported on first use: a CLI command that talks to one service loads one service's stubs.
         if service not in self._stubs:
             module, name = _STUBS[service]
             self._stubs[service] = getattr(importlib.import_module(module), name)(self._channels[service])
@@ -89,11 +122,11 @@ class Client:
     async def __aenter__(self) -> Client:
         return self
 
-    async def __aexit__(self, *exc) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         await self.close()
 
 
-def _channel(address: str, tls: TlsConfig | None, interceptors: list) -> grpc.aio.Channel:
+def _channel(address: str, tls: TlsConfig | None, interceptors: list[Any]) -> grpc.aio.Channel:
     # The same service config as the services' own channels: round_robin over replicas, idempotent calls resent.
     target, options = channel_target(address), channel_options(address)
     if tls is not None:

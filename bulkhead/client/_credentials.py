@@ -36,7 +36,9 @@ class RefreshingToken(MetadataSource):
             async with self._lock:
                 if self.token is None or self.expires_at - self._clock() < REFRESH_MARGIN:
                     await self._refresh()
-        return self.token, self.tenant_id
+        if self.token is None:  # _refresh raised already; this says so to the type checker
+            raise RuntimeError("no credentials")
+        return self.token, self.tenant_id or ""
 
     async def _refresh(self) -> None:
         if not self._api_key:

@@ -28,7 +28,7 @@ def load_or_create_master_key(path: pathlib.Path) -> bytes:
         key = path.read_bytes()
         if len(key) != KEY_BYTES:
             raise errors.FailedPrecondition(f"master key file {path} is not {KEY_BYTES} bytes",
-                                            reason="MASTER_KEY_INVALID")
+                                            reason="MASTER_KEY_INVALID") from None
         return key
     key = os.urandom(KEY_BYTES)
     with os.fdopen(fd, "wb") as f:

@@ -9,6 +9,7 @@ so a repeated purge after a crash completes and reports the same key ids.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 
 import hvac
@@ -39,9 +40,9 @@ class CredentialsShredder:
             return await asyncio.to_thread(_shred_vault, await self._backend.backend_for(ref), ref)
         if isinstance(self._backend, VaultBackend):
             return await asyncio.to_thread(_shred_vault, self._backend, ref)
-        return await self._shred_local(ref)
+        return await self._shred_local(ref, self._backend)
 
-    async def _shred_local(self, ref: TenantRef) -> HookResult:
+    async def _shred_local(self, ref: TenantRef, backend: LocalBackend) -> HookResult:
         """Delete the tenant's wrapped key rows in their own committed transaction, before the rest."""
         route = await self._db.router.existing(ref.tenant_id, ref.tier)
         if route is None:
@@ -51,7 +52,7 @@ class CredentialsShredder:
                                   "ORDER BY purpose, version", ref.tenant_id)
             await tx.execute("DELETE FROM cred_local_keys WHERE tenant_id = $1", ref.tenant_id)
             values = await tx.fetchval("SELECT COUNT(*) FROM cred_local_values WHERE tenant_id = $1", ref.tenant_id)
-        self._backend.forget_tenant(ref.tenant_id)
+        backend.forget_tenant(ref.tenant_id)
         return HookResult(destroyed_keys=[(f"local:{ref.tenant_id}:{p}:v{v}", "local") for p, v in rows],
                           actions=[("secret_versions_shredded", int(values or 0))])
 
@@ -88,7 +89,7 @@ def _kv_paths(admin: hvac.Client, mount: str, folder: str) -> list[str]:
         keys = admin.secrets.kv.v2.list_secrets(folder, mount_point=mount)["data"]["keys"]
     except vx.InvalidPath:
         return []
-    out = []
+    out: list[str] = []
     for key in keys:
         out.extend(_kv_paths(admin, mount, folder + key) if key.endswith("/") else [folder + key])
     return out
@@ -107,11 +108,7 @@ def _namespace_gone(backend: VaultBackend, ns: str | None) -> bool:
 def _delete_namespace(backend: VaultBackend, admin: hvac.Client, ns: str) -> None:
     """Unmount the tenant's engines (their storage goes with them), then delete the namespace."""
     for mount in (backend.layout.kv_mount, backend.layout.transit_mount):
-        try:
+        with contextlib.suppress(vx.InvalidPath):
             admin.sys.disable_secrets_engine(mount)
-        except vx.InvalidPath:
-            pass
-    try:
+    with contextlib.suppress(vx.InvalidPath):
         backend.tokens.admin(None).sys.delete_namespace(ns)
-    except vx.InvalidPath:
-        pass

@@ -6,12 +6,11 @@ VaultBackend, unchanged.
 """
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 
 from services.credentials.backend import DataKey, StoredValue, TenantRef
 from services.credentials.vault_backend import VaultBackend
 from shared.db import Database
-from shared.db.router import RegionLookup
 
 
 class RegionalVault:
@@ -19,7 +18,8 @@ class RegionalVault:
 
     name = "vault"
 
-    def __init__(self, backends: Mapping[str, VaultBackend], region_of: RegionLookup) -> None:
+    def __init__(self, backends: Mapping[str, VaultBackend], region_of: Callable[[str], Awaitable[str]]) -> None:
+        """region_of: the database router's (a region name, cached), not identity's raw RegionLookup."""
         self._backends = dict(backends)
         self._region_of = region_of
 

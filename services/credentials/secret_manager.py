@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sqlalchemy.exc import IntegrityError
@@ -66,7 +67,8 @@ class SecretInfo:
     versions: tuple[VersionInfo, ...] = field(default=())
 
     @classmethod
-    def of(cls, row: store.SecretRow, versions: list[store.VersionRow] = (), last_access_us: int | None = None) -> SecretInfo:
+    def of(cls, row: store.SecretRow, versions: Sequence[store.VersionRow] = (), last_access_us: int | None = None,
+           ) -> SecretInfo:
         """Snapshot a row (inside its session)."""
         return cls(row.name, row.description, row.current_version, row.rotation_period_s, row.rotator,
                    row.next_rotation_us, row.grace_period_s, row.created_us, row.updated_us, row.deleted_us,
@@ -220,7 +222,7 @@ class SecretManager:
         """Record the background work in the platform schedule (its region's main database, whatever the tier)."""
         ctx = require_tenant()
         async with self._db.system_session(await self._db.region_of(ctx.tenant_id)) as s:
-            for kind, due_us in zip(("rotate", "expire"), due):
+            for kind, due_us in zip(("rotate", "expire"), due, strict=True):
                 await store.set_schedule(s, tenant_id=ctx.tenant_id, tier=ctx.tier, name=name, kind=kind, due_us=due_us)
 
     async def rotate(self, name: str) -> SecretInfo:

@@ -10,8 +10,8 @@ from services.credentials.config import Config
 from services.credentials.key_manager import KeyManager
 from services.credentials.local_backend import LocalBackend
 from services.credentials.master_key import load_or_create_master_key
-from services.credentials.regional import make_vault
 from services.credentials.purge import CredentialsShredder
+from services.credentials.regional import RegionalVault, make_vault
 from services.credentials.rotation import RotationScheduler, RotatorRegistry
 from services.credentials.secret_manager import SecretManager
 from services.credentials.servicer import CredentialsServicer
@@ -21,6 +21,7 @@ from services.credentials.vault_move import VaultMover
 from shared.placement import open_service_database
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
+from shared.placement import open_service_database
 from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
@@ -37,7 +38,7 @@ class CredentialsService:
 
     running: RunningServer
     db: Database
-    backend: LocalBackend | VaultBackend
+    backend: LocalBackend | VaultBackend | RegionalVault
     secrets: SecretManager
     keys: KeyManager
     audit: AuditLog
@@ -60,14 +61,15 @@ class CredentialsService:
         await self.db.close()
 
 
-def make_backend(config: Config, db: Database) -> LocalBackend | VaultBackend:
+def make_backend(config: Config, db: Database) -> LocalBackend | VaultBackend | RegionalVault:
     """The backend the configuration selects."""
     if config.backend == "vault":
         return make_vault(config, db)  # an OpenBao per region when there are several (data residency)
     return LocalBackend(db, load_or_create_master_key(config.master_key_path))
 
 
-async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBackend, verifier: TokenVerifier,
+async def serve_credentials(*, db: Database, backend: LocalBackend | VaultBackend | RegionalVault,
+                            verifier: TokenVerifier,
                             address: str = "127.0.0.1:0", grace_seconds: int = 86400,
                             rotators: RotatorRegistry | None = None, rotation_interval: float | None = None,
                             cache_seconds: float = 1.0, audit_key: bytes = b"") -> CredentialsService:

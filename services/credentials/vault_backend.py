@@ -86,7 +86,7 @@ class _FailoverSession(requests.Session):
         """The node requests go to first."""
         return self.urls[self._current]
 
-    def request(self, method, url, *args, **kwargs):  # noqa: D102 - requests' signature
+    def request(self, method, url, *args, **kwargs):  # requests' signature
         base = next((u for u in self.urls if url == u or url.startswith(u + "/")), None)
         if base is None or len(self.urls) == 1:
             return super().request(method, url, *args, **kwargs)
@@ -121,7 +121,7 @@ class _FailoverSession(requests.Session):
                 self._current = (index + 1) % len(self.urls)
 
 
-def _session_for(urls: list[str]) -> requests.Session:
+def _session_for(urls: list[str]) -> _FailoverSession:
     """A requests session for OpenBao with the environment's proxy and CA settings resolved once.
 
     requests otherwise re-reads the environment (proxies, CA bundle, netrc) on every call, about
@@ -252,7 +252,8 @@ class VaultBackend:
 
     # -- KeyBackend -----------------------------------------------------------------------------
 
-    def _transit(self, tenant: TenantRef, fn: Callable[..., dict], **kw) -> Callable[[hvac.Client], dict]:
+    def _transit(self, tenant: TenantRef, fn: Callable[..., Callable[..., dict]],
+                 **kw) -> Callable[[hvac.Client], dict]:
         key = self.layout.key_name(tenant)
 
         def op(client: hvac.Client) -> dict:

@@ -87,7 +87,8 @@ class TenantTokens:
 
     def _admin(self, namespace: str | None) -> hvac.Client:
         return hvac.Client(url=self._url, token=self._admin_token, namespace=namespace,
-                           timeout=self._timeout, session=self._session)
+                           timeout=self._timeout,  # type: ignore[arg-type]  # types-hvac: int; requests: float
+                           session=self._session)
 
     def _provision(self, tenant: TenantRef) -> None:
         """Idempotently create namespace, mounts, Transit key and policy for the tenant."""
@@ -119,5 +120,6 @@ class TenantTokens:
         # Refresh with a quarter of the lifetime left, so a call never carries an expiring token.
         refresh_at = self._clock() + ttl * 0.75
         client = hvac.Client(url=self._url, token=auth["client_token"], namespace=ns,
-                             timeout=self._timeout, session=self._session)
+                             timeout=self._timeout,  # type: ignore[arg-type]  # types-hvac: int; requests: float
+                             session=self._session)
         return _Minted(client, auth["client_token"], refresh_at)

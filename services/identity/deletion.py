@@ -14,13 +14,14 @@ import asyncio
 import contextvars
 import json
 import logging
-from collections.abc import Callable, MutableMapping
+from collections.abc import Awaitable, Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, cast
 
 import grpc
 from google.protobuf.json_format import MessageToDict
-from sqlalchemy import select, update
+from sqlalchemy import CursorResult, select, update
 
 from bulkhead.common.v1 import lifecycle_pb2 as lpb
 from bulkhead.common.v1 import lifecycle_pb2_grpc
@@ -76,7 +77,7 @@ class Deletions:
 
     def __init__(self, db: Database, keys: SigningKeys, own: TenantLifecycle, *,
                  peers: MutableMapping[str, str], channel_for: Callable[[str], grpc.aio.Channel],
-                 on_status_change: Callable[[], object] | None = None, lease_seconds: float = 180.0) -> None:
+                 on_status_change: Callable[[], Awaitable[object]] | None = None, lease_seconds: float = 180.0) -> None:
         """peers: service name -> address (a mutable map: tests fill it once the services listen)."""
         self._db = db
         self._keys = keys
@@ -207,7 +208,7 @@ class Deletions:
                 DeletionRow.tenant_id == tenant_id, DeletionRow.state != "done", DeletionRow.delete_after <= now,
                 (DeletionRow.lease_until.is_(None)) | (DeletionRow.lease_until < now))
                 .values(lease_until=now + self._lease, state="running"))
-        return result.rowcount == 1
+        return cast("CursorResult[Any]", result).rowcount == 1  # an UPDATE's result is a CursorResult
 
     async def _renew(self, tenant_id: str) -> None:
         async with self._db.system_session() as s:
@@ -219,7 +220,7 @@ class Deletions:
             await s.execute(update(DeletionRow).where(DeletionRow.tenant_id == tenant_id).values(lease_until=None))
 
     async def _run_step(self, tenant_id: str, tier: Tier, step: DeletionStepRow) -> bool:
-        request = dict(tenant_id=tenant_id, tier=tier_to_proto(tier.value))
+        proto_tier = tier_to_proto(tier.value)
         try:
             if step.service == "identity":
                 inventory = lpb.InventoryTenantResponse(service="identity", tables=[
@@ -227,14 +228,14 @@ class Deletions:
                     for t in await self._own.inventory(tenant_id, tier)])
             else:
                 stub = self._stub(step.service)
-                inventory = await stub.InventoryTenant(lpb.InventoryTenantRequest(**request), timeout=_CALL_TIMEOUT,
-                                                       metadata=await self._caller.metadata())
+                inventory = await stub.InventoryTenant(lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=proto_tier),
+                                                       timeout=_CALL_TIMEOUT, metadata=await self._caller.metadata())
             await self._record(tenant_id, step.service, inventory=inventory)
             if step.service == "identity":
                 result = purge_pb("identity", await self._own.purge(tenant_id, tier))
             else:
-                result = await stub.PurgeTenant(lpb.PurgeTenantRequest(**request), timeout=_CALL_TIMEOUT,
-                                                metadata=await self._caller.metadata())
+                result = await stub.PurgeTenant(lpb.PurgeTenantRequest(tenant_id=tenant_id, tier=proto_tier),
+                                                timeout=_CALL_TIMEOUT, metadata=await self._caller.metadata())
         except grpc.aio.AioRpcError as exc:
             await self._record(tenant_id, step.service, error=f"{exc.code().name}: {exc.details()}"[:300])
             log.warning("deletion of %s: %s failed (%s); retried on the next pass", tenant_id, step.service,
@@ -248,7 +249,7 @@ class Deletions:
         log.info("deletion of %s: %s purged", tenant_id, step.service)
         return True
 
-    def _stub(self, service: str) -> lifecycle_pb2_grpc.TenantLifecycleServiceStub:
+    def _stub(self, service: str) -> lifecycle_pb2_grpc.TenantLifecycleServiceAsyncStub:
         address = self.peers.get(service)
         if not address:
             raise RuntimeError(f"no address for {service}")
@@ -256,7 +257,7 @@ class Deletions:
 
     async def _record(self, tenant_id: str, service: str, *, inventory=None, result=None, error: str = "") -> None:
         async with self._db.system_session() as s:
-            step = await s.get(DeletionStepRow, (tenant_id, service))
+            step = await s.get_one(DeletionStepRow, (tenant_id, service))
             if inventory is not None and step.inventory is None:  # the first count is what existed
                 step.inventory = json.dumps(MessageToDict(inventory))
             if result is not None:
@@ -271,7 +272,7 @@ class Deletions:
         view = await self.get(tenant_id)
         key = await self._keys.active()
         async with self._db.system_session() as s:
-            row = await s.get(DeletionRow, tenant_id)
+            row = await s.get_one(DeletionRow, tenant_id)
             tenant = await s.get(TenantRow, tenant_id)
             completed = utcnow()
             body = build_receipt(view.row, view.steps, completed_at=completed,

@@ -17,8 +17,15 @@ from shared.db import Database
 from shared.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, PermissionDenied, clip
 from shared.paging import Page, page_size
 from shared.retention import Policy, effective
-from shared.tenancy import (OPERATOR_SCOPE, PLATFORM_TENANT, TIERS, TenantContext, require_tenant, scope_matches,
-                            tenant_scope)
+from shared.tenancy import (
+    OPERATOR_SCOPE,
+    PLATFORM_TENANT,
+    TIERS,
+    TenantContext,
+    require_tenant,
+    scope_matches,
+    tenant_scope,
+)
 
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9-]{1,61}[a-z0-9]$")
 _SCOPE_RE = re.compile(r"^(\*|[a-z][a-z0-9_]*(\.[a-z0-9_]+)*(\.\*)?)$")

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from sqlalchemy import select
 
@@ -71,7 +71,7 @@ class Issuance:
                                              tier=tenant.tier, ttl=ttl)
                 key.last_used_at = utcnow()
                 s.add(IssuedTokenRow(jti=claims.jti, principal_id=principal.id,
-                                     expires_at=datetime.fromtimestamp(claims.expires_at, timezone.utc)))
+                                     expires_at=datetime.fromtimestamp(claims.expires_at, UTC)))
         return IssuedToken(token, claims)
 
     async def exchange(self, scopes: list[str], agent_id: str, run_id: str, ttl_seconds: int) -> IssuedToken:
@@ -93,7 +93,7 @@ class Issuance:
         with tenant_scope(pooled(ctx)):
             async with self._db.session() as s:
                 s.add(IssuedTokenRow(jti=claims.jti, principal_id=subject,
-                                     expires_at=datetime.fromtimestamp(claims.expires_at, timezone.utc)))
+                                     expires_at=datetime.fromtimestamp(claims.expires_at, UTC)))
         return IssuedToken(token, claims)
 
     async def revoke(self, jti: str) -> RevocationRow:

@@ -35,11 +35,12 @@ import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from datetime import timedelta
+from typing import Any, cast
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.timestamp_pb2 import Timestamp
-from sqlalchemy import delete, func, select, update
+from sqlalchemy import CursorResult, delete, func, select, update
 
 from bulkhead.common.v1 import lifecycle_pb2 as lpb
 from bulkhead.common.v1 import lifecycle_pb2_grpc
@@ -47,6 +48,7 @@ from bulkhead.identity.v1 import identity_pb2 as pb
 from services.identity.deletion import PlatformCaller
 from services.identity.signing import MAX_TOKEN_TTL, SigningKeys, as_utc, utcnow
 from services.identity.store import MigrationRow, MigrationStepRow, TenantRow
+from shared.config_audit import ConfigAudit
 from shared.db import Database
 from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import check_tenant_id
@@ -234,10 +236,10 @@ class Migrations:
             await self._renew(tenant_id)
             await self._copy(tenant_id, step.service, source, target)
         async with self._db.system_session() as s:
-            row = await s.get(MigrationRow, tenant_id, with_for_update=True)
+            row = await s.get_one(MigrationRow, tenant_id, with_for_update=True)
             if row.state != "copying":  # aborted meanwhile: the next pass rolls back
                 raise StepFailed(f"migration is {row.state}")
-            tenant = await s.get(TenantRow, tenant_id)
+            tenant = await s.get_one(TenantRow, tenant_id)
             top = await s.scalar(select(func.max(MigrationRow.generation)))
             row.generation = (top or 0) + 1
             row.state = "releasing"
@@ -248,7 +250,7 @@ class Migrations:
         for step in steps:
             await self._switch(tenant_id, step.service, target, "switched")
         async with self._db.system_session() as s:
-            row = await s.get(MigrationRow, tenant_id)
+            row = await s.get_one(MigrationRow, tenant_id)
             row.pause_ms = int((time.monotonic() - started) * 1000)
 
     async def _release(self, tenant_id: str, source: Placement, target: Placement, steps: list[MigrationStepRow]) -> None:
@@ -280,9 +282,11 @@ class Migrations:
         pair = {"tenant_id": tenant_id, "tier": tier_to_proto(source.tier.value), "region": source.region,
                 "target_tier": tier_to_proto(target.tier.value), "target_region": target.region}
         async with self._step(tenant_id, service):
-            await stub.CopyTenant(lpb.CopyTenantRequest(**pair, pause_seconds=self._pause), timeout=_CALL_TIMEOUT,
-                                  metadata=md)
-            verified = await stub.VerifyTenant(lpb.VerifyTenantRequest(**pair), timeout=_CALL_TIMEOUT, metadata=md)
+            await stub.CopyTenant(lpb.CopyTenantRequest(tenant_id=tenant_id, tier=tier, target_tier=target_tier,
+                                                        pause_seconds=self._pause), timeout=_CALL_TIMEOUT, metadata=md)
+            verified = await stub.VerifyTenant(
+                lpb.VerifyTenantRequest(tenant_id=tenant_id, tier=tier, target_tier=target_tier),
+                timeout=_CALL_TIMEOUT, metadata=md)
             if not verified.equal:
                 raise StepFailed(f"verify: {', '.join(verified.mismatched_tables)} differ")
         await self._record(tenant_id, service, phase="copied", verify=json.dumps(MessageToDict(verified)))
@@ -306,7 +310,7 @@ class Migrations:
     def _step(self, tenant_id: str, service: str):
         return _Step(self, tenant_id, service)
 
-    def _stub(self, service: str) -> lifecycle_pb2_grpc.TenantLifecycleServiceStub:
+    def _stub(self, service: str) -> lifecycle_pb2_grpc.TenantLifecycleServiceAsyncStub:
         address = self.peers.get(service)
         if not address:
             raise StepFailed(f"no address for {service}")
@@ -315,7 +319,7 @@ class Migrations:
     async def _record(self, tenant_id: str, service: str, *, phase: str | None = None, verify: str | None = None,
                       released: str | None = None, error: str = "") -> None:
         async with self._db.system_session() as s:
-            step = await s.get(MigrationStepRow, (tenant_id, service))
+            step = await s.get_one(MigrationStepRow, (tenant_id, service))
             if phase is not None:
                 step.phase, step.last_error = phase, ""
             if verify is not None:
@@ -325,12 +329,12 @@ class Migrations:
             if error:
                 step.attempts += 1
                 step.last_error = error[:300]
-                row = await s.get(MigrationRow, tenant_id)
+                row = await s.get_one(MigrationRow, tenant_id)
                 row.last_error = f"{service}: {error}"[:300]
 
     async def _finish(self, tenant_id: str, state: str) -> None:
         async with self._db.system_session() as s:
-            row = await s.get(MigrationRow, tenant_id)
+            row = await s.get_one(MigrationRow, tenant_id)
             row.state, row.completed_at, row.last_error = state, utcnow(), ""
         log.info("tenant %s: migration %s", tenant_id, state)
 
@@ -342,7 +346,7 @@ class Migrations:
                 MigrationRow.tenant_id == tenant_id, MigrationRow.state.in_(UNFINISHED),
                 (MigrationRow.lease_until.is_(None)) | (MigrationRow.lease_until < now))
                 .values(lease_until=now + self._lease))
-        return result.rowcount == 1
+        return cast("CursorResult[Any]", result).rowcount == 1  # an UPDATE's result is a CursorResult
 
     async def _renew(self, tenant_id: str) -> None:
         async with self._db.system_session() as s:
@@ -399,7 +403,9 @@ class _Step:
         raise StepFailed(error)
 
 
-_STATE_PB = {"copying": 1, "releasing": 2, "done": 3, "aborting": 4, "aborted": 5}
+_STATE_PB = {"copying": pb.MIGRATION_STATE_COPYING, "releasing": pb.MIGRATION_STATE_RELEASING,
+             "done": pb.MIGRATION_STATE_DONE, "aborting": pb.MIGRATION_STATE_ABORTING,
+             "aborted": pb.MIGRATION_STATE_ABORTED}
 
 
 def migration_pb(view: MigrationView):
@@ -434,6 +440,7 @@ class MigrationRpcs:
     """IdentityServicer's MigrateTenant and GetMigration, mixed in (server.py sets `migrations`)."""
 
     migrations: Migrations | None = None
+    _audit: ConfigAudit  # IdentityServicer's
 
     def _migrations_or_fail(self) -> Migrations:
         if self.migrations is None:

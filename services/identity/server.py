@@ -19,8 +19,8 @@ from services.identity.servicer import IdentityServicer
 from services.identity.signing import SigningKeys, StoreKeyLoader, load_or_create_kek
 from services.identity.store import IdentityBase
 from shared.client import make_channel
-from shared.db import Database
 from shared.config_audit import ConfigAudit, load_chain_key
+from shared.db import Database
 from shared.lifecycle import TenantLifecycle, lifecycle_binding
 from shared.logs import setup_logging
 from shared.metrics import serve_metrics

@@ -1,7 +1,7 @@
 """identity's RPC handlers: proto in, domain call, proto out. Errors are raised, never set by hand."""
 from __future__ import annotations
 
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -20,9 +20,9 @@ from shared.errors import FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import check_tenant_id
 from shared.paging import page_size
 from shared.retention import checked_days, effective
+from shared.tenancy import PLATFORM_TENANT, require_tenant
 from shared.tiers import UnknownTier, tier_from_proto, tier_to_proto
 from shared.tokens import RefreshingKeySource
-from shared.tenancy import PLATFORM_TENANT, require_tenant
 
 _STATUS = {"active": pb.TENANT_STATUS_ACTIVE, "suspended": pb.TENANT_STATUS_SUSPENDED,
            "deleting": pb.TENANT_STATUS_DELETING, "deleted": pb.TENANT_STATUS_DELETED}
@@ -37,7 +37,7 @@ def _ts(value: datetime | None) -> Timestamp | None:
     if value is None:
         return None
     ts = Timestamp()
-    ts.FromDatetime(as_utc(value).astimezone(timezone.utc).replace(tzinfo=None))
+    ts.FromDatetime(as_utc(value).astimezone(UTC).replace(tzinfo=None))
     return ts
 
 
@@ -158,15 +158,15 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
         current = await self._directory.get_tenant(check_tenant_id(request.tenant_id))
         if current is not None and current.status == "deleted":
             raise FailedPrecondition("the tenant was deleted", reason="TENANT_DELETED")
-        if current is not None and current.status == "deleting" and status:
-            if status != "active" or self._deletions is None:
-                raise FailedPrecondition("the tenant is being deleted: resume it (ACTIVE) to cancel the deletion",
-                                         reason="TENANT_DELETING")
+        if (current is not None and current.status == "deleting" and status
+                and (status != "active" or self._deletions is None)):
+            raise FailedPrecondition("the tenant is being deleted: resume it (ACTIVE) to cancel the deletion",
+                                     reason="TENANT_DELETING")
         async with self._audit.change(f"tenant.{_VERB.get(status, 'status')}", tenant_id=request.tenant_id,
                                       target=f"tenant/{request.tenant_id}", tables={"tenants"},
                                       detail={"status": status}):
             if current is not None and current.status == "deleting" and status:
-                await self._deletions.restore(request.tenant_id)  # raises DELETION_STARTED once purging began
+                await self._deletions_or_fail().restore(request.tenant_id)  # DELETION_STARTED once purging began
             row = await self._directory.set_tenant_status(request.tenant_id, status)
         if self._key_source is not None:  # identity's own verifier knows at once; other services poll
             await self._key_source.refresh_revocations()
@@ -274,7 +274,7 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
         reply = pb.GetDeletionReceiptResponse(deletion=deletion_pb(view))
         if view.row.receipt_body:
             async with self._db.system_session() as s:
-                key = await s.get(SigningKeyRow, view.row.receipt_kid)
+                key = await s.get_one(SigningKeyRow, view.row.receipt_kid)
             reply.receipt.CopyFrom(pb.DeletionReceipt(body=view.row.receipt_body, signature=view.row.receipt_signature,
                                                       kid=view.row.receipt_kid, public_key=key.public_key))
         return reply

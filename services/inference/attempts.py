@@ -4,14 +4,14 @@
     settle (queued, after the reply)               -> the row gets the provider's reported usage
     delivered (queued, once metering or the outbox holds the event) -> the row is done
 
-The writes of all calls in flight share one transaction (group commit), so the hot path pays for
-one row of an executemany, not one commit. Only opens wake the writer: settles and deliveries
-ride along with the next group, or go on their own after `linger` seconds (a crash before then
-settles those rows at their reservation: conservative, never under the bill). A process that dies leaves its rows open or settled;
-the replica that restarts under the same name (at once), or any replica's sweeper (once a row is
-older than the longest an attempt can be in flight), turns them into usage events in the outbox,
-in the same transaction that closes them: settled rows with their real usage, open ones at
-their reservation, flagged `at_reservation`. So the ledger never holds less than the provider
+The writes of all calls in flight share one transaction (group commit), so the hot path pays for one
+row of an executemany, not one commit. Only opens wake the writer: settles and deliveries ride along
+with the next group, or go on their own after `linger` seconds (a crash before then settles those
+rows at their reservation: conservative, never under the bill). A process that dies leaves its rows
+open or settled; the replica that restarts under the same name (at once), or any replica's sweeper
+(once a row is older than the longest an attempt can be in flight), turns them into usage events in
+the outbox, in the same transaction that closes them: settled rows with their real usage, open ones
+at their reservation, flagged `at_reservation`. So the ledger never holds less than the provider
 could have billed, and exactly what it billed for every attempt that settled.
 
 Attempt numbers come from the journal (the next number for the tenant's request id), so a
@@ -22,6 +22,7 @@ No grpc imports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import time
@@ -113,7 +114,8 @@ class AttemptJournal:
         self._closing = False
 
     async def start(self) -> set[str]:
-        """Settle what an earlier process of this replica left, then start writing; returns tenants with recovered usage."""
+        """Settle what an earlier process of this replica left, then start writing; returns tenants with
+        recovered usage."""
         tenants = await self._recover(self.replica, 0)
         self._task = asyncio.create_task(self._run(), name="attempt-journal")
         return tenants
@@ -173,16 +175,14 @@ class AttemptJournal:
         while not self._closing:
             if self._settles or self._delivered:
                 # Lazy work waits for the next open (one transaction for both) or the linger.
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self._linger)
-                except TimeoutError:
-                    pass
             else:
                 await self._wake.wait()
             self._wake.clear()
             try:
                 await self._write_once()
-            except Exception:  # noqa: BLE001 - settles and deliveries were put back; opens were refused
+            except Exception:  # settles and deliveries were put back; opens were refused
                 log.exception("attempt journal write failed; retrying")
                 await asyncio.sleep(0.1)
 
@@ -221,7 +221,8 @@ def _first_of_each(opens: list[tuple[NewAttempt, asyncio.Future]]
     """Split a group so it holds each request id once (its attempt number is taken in one statement);
     the repeats wait for the next group."""
     seen: set[tuple[str, str]] = set()
-    first, later = [], []
+    first: list[tuple[NewAttempt, asyncio.Future]] = []
+    later: list[tuple[NewAttempt, asyncio.Future]] = []
     for item in opens:
         key = (item[0].tenant_id, item[0].request_id)
         (later if key in seen else first).append(item)

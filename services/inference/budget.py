@@ -300,8 +300,8 @@ class BudgetLeases:
     def held_tokens(self, tenant_id: str) -> int:
         """Tokens this replica holds in leases for a tenant (granted, any model), counting leases out of
         the list whose release metering has not answered yet (they are still held there)."""
-        return (sum(l.granted for (t, _), ls in self._leases.items() if t == tenant_id for l in ls)
-                + sum(l.granted for t, l in self._going_back if t == tenant_id))
+        return (sum(lease.granted for (t, _), leases in self._leases.items() if t == tenant_id for lease in leases)
+                + sum(lease.granted for t, lease in self._going_back if t == tenant_id))
 
     @contextmanager
     def _releasing(self, tenant_id: str, lease: _Lease) -> Iterator[None]:

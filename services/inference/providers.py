@@ -316,9 +316,9 @@ class AnthropicProvider:
             error.retry_safe = error.retry_safe and not started
             raise
         except anthropic.AnthropicError as exc:
-            error = _upstream_error(exc, target)
-            error.retry_safe = error.retry_safe and not started
-            raise error from None
+            upstream = _upstream_error(exc, target)
+            upstream.retry_safe = upstream.retry_safe and not started
+            raise upstream from None
         except Exception as exc:  # noqa: BLE001 - the transport broke mid-stream (httpx errors are not wrapped)
             raise UpstreamError("unavailable", f"upstream stream broke: {type(exc).__name__}") from None
         finally:
@@ -423,7 +423,7 @@ def _sse_error_message(data: str, status: int) -> str:
         body = json.loads(data)
     except ValueError:
         body = None
-    error = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
+    error: dict = body["error"] if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
     return str(error.get("message") or data or f"Error code: {status}")[:500]
 
 
@@ -433,7 +433,7 @@ def _reply_error_message(reply: upstream_http.UpstreamReply) -> str:
         body = json.loads(reply.body)
     except ValueError:
         body = None
-    error = body.get("error") if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
+    error: dict = body["error"] if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
     message = error.get("message") or (reply.body.decode("utf-8", "replace") if reply.body else
                                        f"Error code: {reply.status}")
     return str(message)[:500]
@@ -441,7 +441,7 @@ def _reply_error_message(reply: upstream_http.UpstreamReply) -> str:
 
 def _error_message(exc: anthropic.APIStatusError) -> str:
     body = exc.body if isinstance(exc.body, dict) else {}
-    error = body.get("error") if isinstance(body.get("error"), dict) else {}
+    error: dict = body["error"] if isinstance(body.get("error"), dict) else {}
     return str(error.get("message") or exc.message)[:500]
 
 

@@ -419,12 +419,14 @@ class InferenceProxy:
             tokens=tokens, latency_ms=int((time.perf_counter() - call.started) * 1000), outcome=outcome,
             occurred_at=call.occurred_at, trace_id=call.trace_id, tier=ctx.tier or "pooled", attempt=number,
             at_reservation=at_reservation)
+        journal = self._journal
         if not isinstance(attempt, int):
-            self._journal.settle(attempt, event)
+            assert journal is not None, "an Attempt comes from the journal"
+            journal.settle(attempt, event)
         if tokens.total:
             self._meter.record(ctx, event)
-        elif not isinstance(attempt, int):
-            self._journal.delivered([event])     # nothing to bill: the row is done
+        elif journal is not None and not isinstance(attempt, int):
+            journal.delivered([event])     # nothing to bill: the row is done
         return tokens
 
     def _retry_wait(self, exc: UpstreamError, attempt: int) -> float | None:
@@ -446,7 +448,7 @@ class InferenceProxy:
             for n in range(1, self._max_attempts + 1):
                 started = False
                 usage = {}
-                attempt = await self._open_attempt(call, n)
+                current = attempt = await self._open_attempt(call, n)
                 try:
                     async for event in self._provider.stream(call.body, call.target):
                         started = True
@@ -458,12 +460,12 @@ class InferenceProxy:
                             usage.update({k: v for k, v in (event.get("usage") or {}).items() if v is not None})
                         queue.put_nowait(event)
                     outcome = "success"
-                    spent.add(self._meter_attempt(call, attempt, usage or None, model, outcome))
+                    spent.add(self._meter_attempt(call, current, usage or None, model, outcome))
                     attempt = None
                     break
                 except UpstreamError as exc:
                     # Cut mid-stream: settled from what the upstream reported before the cut.
-                    spent.add(self._meter_attempt(call, attempt, usage or None, model, "error",
+                    spent.add(self._meter_attempt(call, current, usage or None, model, "error",
                                                   unknown=started or _maybe_billed(exc)))
                     attempt = None
                     wait = None if started else self._retry_wait(exc, n)

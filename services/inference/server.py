@@ -35,14 +35,14 @@ from services.inference.servicer import InferenceServicer
 from services.inference.store import InferenceBase, PolicyStore, SqlAttempts, SqlOutbox
 from services.inference.usage import UsageMeter
 from services.inference.workers import replica_name as _replica_name
-from shared.placement import open_service_database
 from shared.client import make_channel
-from shared.db import Database
 from shared.config_audit import ConfigAudit
-from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
+from shared.db import Database
 from shared.lifecycle import lifecycle_binding
 from shared.logs import register_secret
 from shared.periodic import Periodic
+from shared.placement import open_service_database
+from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.settings import load_page_key
@@ -163,6 +163,7 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     async def sweep() -> None:
         meter.adopt_backlog(await journal.sweep())
 
+    tasks: list[Periodic | RetentionSweeper]
     tasks = [Periodic("lease-maintenance", budget.maintain, interval=lease_maintenance, log=log),
              Periodic("attempt-sweeper", sweep, interval=min(30.0, max(0.2, config.attempt_sweep_seconds / 4)), log=log)]
     for task in tasks:

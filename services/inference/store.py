@@ -251,7 +251,7 @@ class SqlAttempts:
 
     async def apply(self, opens, settles, delivered, replica: str) -> list[tuple[int, int]]:
         """Insert new attempts (returning row id and attempt number), settle and close others, in one transaction."""
-        for tries in range(5):  # noqa: RET503 - the last try raises
+        for tries in range(5):  # the last try raises
             try:
                 async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
                     if tx.dialect != "postgresql" and hasattr(tx._driver, "_execute"):
@@ -289,7 +289,8 @@ class SqlAttempts:
         async with raw_transaction(self._db.engine, tenant_id=None) as tx:
             return [tuple(r) for r in await tx.fetch(
                 "SELECT tenant_id, request_id, attempt, state, at_reservation, reserve_input, reserve_output, "
-                "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens FROM inference_attempts ORDER BY id")]
+                "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens "
+                "FROM inference_attempts ORDER BY id")]
 
 
 def _sqlite_apply(conn: sqlite3.Connection, opens, settles, delivered, replica: str) -> list:

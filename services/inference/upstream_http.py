@@ -20,6 +20,7 @@ limits, exceptions) is httpx's and httpcore's, unchanged. No grpc imports.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import select
 import socket
@@ -28,7 +29,7 @@ import urllib.parse
 import urllib.request
 import zlib
 from collections import deque
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 if TYPE_CHECKING:
     import httpx2
@@ -141,8 +142,9 @@ _MAX_BODY = 64 * 1024 * 1024
 class _Connection(asyncio.Protocol):
     """One kept-alive HTTP/1.1 connection; one request at a time."""
 
+    transport: asyncio.Transport  # set by connection_made, before loop.create_connection returns
+
     def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
         self.closed = False
         self._buf = bytearray()
         self._waiter: asyncio.Future | None = None
@@ -154,7 +156,7 @@ class _Connection(asyncio.Protocol):
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
+        self.transport = cast(asyncio.Transport, transport)  # a stream connection's
         self.sock = transport.get_extra_info("socket")
 
     def data_received(self, data: bytes) -> None:
@@ -195,6 +197,8 @@ class _Connection(asyncio.Protocol):
             waiter.set_exception(exc)
 
     def _finish(self, body: bytes) -> None:
+        if self._head is None:  # every caller has read the head first
+            raise UpstreamBroken("a reply body before its head")
         status, headers = self._head
         waiter, self._waiter = self._waiter, None
         if headers.get("content-encoding", "identity") not in ("identity", ""):
@@ -367,11 +371,9 @@ class UpstreamPool:
             raise UpstreamConnectError(f"{type(exc).__name__}") from None
         sock = conn.sock
         if sock is not None:
-            for level, option, value in _keepalive_options() + [(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]:
-                try:
+            for level, option, value in [*_keepalive_options(), (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)]:
+                with contextlib.suppress(OSError):
                     sock.setsockopt(level, option, value)
-                except OSError:
-                    pass
         self.connections += 1
         return conn
 

@@ -10,6 +10,7 @@ tenant's credentials once this replica has a live context for it. No grpc import
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -142,10 +143,8 @@ class UsageMeter:
         last_retry = 0.0
         loop = asyncio.get_running_loop()
         while not self._closing:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._flush_interval)
-            except TimeoutError:
-                pass
             self._wake.clear()
             if self._closing:
                 return
@@ -220,5 +219,7 @@ class UsageMeter:
         if self._platform is not None:
             await self._platform.record_for(tenant_id, events)
             return
+        if ctx is None:  # _drain counts this like any failed send: the rows stay for the next try
+            raise RuntimeError(f"no platform path and no caller context to send {tenant_id}'s backlog with")
         with tenant_scope(ctx):
             await self._backend.record(events)

@@ -198,7 +198,7 @@ def partition_prompt_cache(body: dict[str, Any], marker: str) -> dict[str, Any]:
 
 # ----- replies: JSON -> proto -----
 
-def stop_reason(value: str | None) -> int:
+def stop_reason(value: str | None) -> pb.StopReason:
     """The proto enum of a Messages API stop_reason (UNSPECIFIED for null or unknown)."""
     return _STOP_REASONS.get(value or "", pb.STOP_REASON_UNSPECIFIED)
 

@@ -249,7 +249,7 @@ async def counters(tx: RawTransaction, tenant_id: str, tokens_period_us: int, mi
 async def refusal_facts(tx: RawTransaction, tenant_id: str, unit: str, period_us: int
                         ) -> tuple[CounterState, int | None]:
     """What a refusal reports: the counter, and when the tenant's earliest open hold expires (if any)."""
-    used, held, soonest = await tx.fetchrow(_REFUSAL, tenant_id, unit, period_us)
+    used, held, soonest = await tx.fetchrow(_REFUSAL, tenant_id, unit, period_us) or (0, 0, None)  # aggregates: 1 row
     return CounterState(int(used or 0), int(held or 0)), (int(soonest) if soonest is not None else None)
 
 

@@ -68,7 +68,7 @@ class UsageLedger:
         """Add new events to the Prometheus counters, summed per model and outcome first (cheap for big batches)."""
         book = await self._prices.book()
         # [calls, input, output, cache write, cache read, scaled cost] per model and outcome.
-        sums: dict[tuple[str, str], list[int]] = {}
+        sums: dict[tuple[str, int], list[int]] = {}
         for rec in records:
             acc = sums.get((rec.model, rec.outcome))
             if acc is None:

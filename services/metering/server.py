@@ -20,13 +20,13 @@ from services.metering.retention import UsageDetailRetention
 from services.metering.servicer import MeteringServicer, MeteringTiers
 from services.metering.store import MeteringBase
 from services.metering.sweeper import ExpirySweeper
-from shared.placement import open_service_database
 from shared.client import make_channel
-from shared.db import Database
 from shared.config_audit import ConfigAudit
+from shared.db import Database
+from shared.lifecycle import lifecycle_binding
+from shared.placement import open_service_database
 from shared.retention import RetentionSweeper, retention_sweeper
 from shared.retention import sweep_interval as retention_interval
-from shared.lifecycle import lifecycle_binding
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.settings import load_page_key
@@ -70,6 +70,8 @@ class MeteringService:
 
     def retention_steps(self) -> list:
         """What retention prunes here: configuration audit events and per-event usage detail."""
+        if self.audit is None or self.usage_retention is None:
+            raise RuntimeError("retention_steps() before the audit and the usage retention were built")
         return [self.audit.prune, self.usage_retention.prune]
 
     async def close(self) -> None:

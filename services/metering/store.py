@@ -247,6 +247,8 @@ class OperatorAuditRow(MeteringBase):
 
 def _insert(session: AsyncSession, model: type):
     """A dialect insert that supports ON CONFLICT DO NOTHING."""
+    if session.bind is None:  # Database.session() always binds one
+        raise RuntimeError("an unbound session has no dialect to insert with")
     dialect = session.bind.dialect.name
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(model)
 

@@ -177,10 +177,10 @@ def total(partials: Iterable[PartialSum], *, tenant_id: str, group_by: Sequence[
     """Fold the store's partial sums into report rows, each event priced at its own time."""
     rows: dict[tuple, UsageTotal] = {}
     for part in partials:
-        period_start = None
-        if DAY in group_by:
+        period_start: int | None = None
+        if part.bucket is not None and DAY in group_by:  # the store sets bucket when grouping by time
             period_start = part.bucket * periods.US_PER_DAY
-        elif HOUR in group_by:
+        elif part.bucket is not None and HOUR in group_by:
             period_start = part.bucket * periods.US_PER_HOUR
         row_key = UsageTotal(
             tenant_id=tenant_id,

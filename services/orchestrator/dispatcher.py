@@ -25,8 +25,8 @@ from services.orchestrator.scheduler import pick_runs
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.store import Claim, RunRecord, RunStore
 from shared.errors import NotFound, Unauthenticated, Unavailable
-from shared.tenancy import TenantContext, tenant_scope
 from shared.telemetry import attach_traceparent, detach
+from shared.tenancy import TenantContext, tenant_scope
 
 log = logging.getLogger("bulkhead.orchestrator.dispatcher")
 
@@ -136,12 +136,10 @@ class Dispatcher:
                 await self._admit()
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the database may be briefly away; try again next tick
+            except Exception:  # the database may be briefly away; try again next tick
                 log.exception("dispatch round failed")
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), self._s.poll_seconds)
-            except TimeoutError:
-                pass
             self._wake.clear()
 
     async def _admit(self) -> None:
@@ -207,7 +205,7 @@ class Dispatcher:
             log.warning("run paused: a dependency is unavailable", extra={"tenant_id": claim.tenant_id,
                                                                           "run_id": claim.run_id})
             await self._runs.release(claim.run_id, self.owner)
-        except Exception as exc:  # noqa: BLE001 - record the failure on the run rather than retry forever
+        except Exception as exc:  # record the failure on the run rather than retry forever
             if isinstance(exc, TenantSuspended) or getattr(exc, "reason", None) == TENANT_SUSPENDED:
                 # Back in the queue where it stopped; not claimed again until the tenant is resumed.
                 log.info("run paused: tenant suspended", extra={"tenant_id": claim.tenant_id,
@@ -232,7 +230,7 @@ class Dispatcher:
         with tenant_scope(ctx):
             try:
                 await self._runs.update(run_id, status=RunStatus.FAILED, error_reason=reason, error_message=message)
-            except Exception:  # noqa: BLE001
+            except Exception:
                 log.exception("could not record run failure", extra={"run_id": run_id})
         self._feed.publish(run_id, Step(0, StepKind.RUN_FINISHED, ""), None)
 

@@ -16,7 +16,6 @@ from typing import Any
 
 from opentelemetry import trace
 
-from shared.errors import BulkheadError, ResourceExhausted, Unavailable
 from services.orchestrator.canary import fingerprint, foreign_markers, marker_for
 from services.orchestrator.history import RunView, replay
 from services.orchestrator.http_tools import HttpToolRunner
@@ -24,6 +23,7 @@ from services.orchestrator.ports import ContextStore, ModelClient, ModelReply, S
 from services.orchestrator.runs import FailReason, RunStatus
 from services.orchestrator.steps import Step, StepKind, step_request_id
 from services.orchestrator.team import HANDOFF_TOOL, AgentSpec, TeamSpec
+from shared.errors import BulkheadError, ResourceExhausted, Unavailable
 
 log = logging.getLogger("bulkhead.orchestrator.engine")
 _tracer = trace.get_tracer("bulkhead.orchestrator")

@@ -15,8 +15,8 @@ from services.orchestrator.store import RunRecord, RunStore, TeamRecord, TeamSto
 from services.orchestrator.team import TeamSpec, validate_team
 from shared.errors import InvalidArgument
 from shared.paging import Page
-from shared.tenancy import require_tenant
 from shared.telemetry import current_traceparent
+from shared.tenancy import require_tenant
 
 MAX_INPUT_CHARS = 32_000
 

@@ -5,8 +5,8 @@ Production implementations call the state, inference and credentials services ov
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from services.orchestrator.steps import Step

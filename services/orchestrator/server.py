@@ -12,7 +12,7 @@ import httpx
 from bulkhead.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.orchestrator.clients import IdentityDelegator, InferenceModel, StateContext, StateStepLog
 from services.orchestrator.config import OrchestratorConfig
-from services.orchestrator.dispatcher import DispatchSettings, Dispatcher, StepFeed
+from services.orchestrator.dispatcher import Dispatcher, DispatchSettings, StepFeed
 from services.orchestrator.engine import Engine, Limits, Ports
 from services.orchestrator.grants import GrantSealer, load_or_create_key
 from services.orchestrator.http_tools import HttpToolRunner
@@ -25,11 +25,12 @@ from services.orchestrator.store import OrchestratorBase, RunStore, TeamStore
 from services.orchestrator.wakeups import QueueListener
 from shared.placement import open_service_database
 from shared.client import make_channel
+from shared.config_audit import ConfigAudit
 from shared.db import Database
 from shared.injection import SecretInjector
-from shared.config_audit import ConfigAudit
-from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.lifecycle import lifecycle_binding
+from shared.placement import open_service_database
+from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.settings import load_page_key

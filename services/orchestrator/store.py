@@ -8,6 +8,7 @@ file or database of its own for bridge and silo), where no dispatcher would ever
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import dataclasses
 import json
@@ -16,9 +17,22 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import Boolean, Float, Index, Integer, LargeBinary, String, Text, UniqueConstraint, select, update
+from sqlalchemy import (
+    Boolean,
+    CursorResult,
+    Float,
+    Index,
+    Integer,
+    LargeBinary,
+    String,
+    Table,
+    Text,
+    UniqueConstraint,
+    select,
+    update,
+)
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Mapped, mapped_column
 
@@ -509,7 +523,7 @@ class RunStore:
                 rows += await tx.fetch(sql, run_id, tid, rows[-1][0] if rows else after)
         return run, [Step.from_json(r[1]) for r in rows]
 
-    async def steps(self, run_id: str, after: int = 0) -> list[Step]:
+    async def steps(self, run_id: str, after: int = 0) -> builtins.list[Step]:
         """Recorded steps of a run with index > after (the run must be the tenant's)."""
         async with self._db.session() as s:
             rows = (await s.execute(select(StepRow.payload).where(StepRow.run_id == run_id, StepRow.idx > after)
@@ -544,12 +558,12 @@ class RunStore:
     # --- the platform-wide queue (system sessions only: it lives in the platform database, ----------
     # --- while a bridge or silo tenant's runs live in a schema, file or database of their own) -----
 
-    async def waiting(self, now: float) -> tuple[list[QueuedRun], Counter[str]]:
+    async def waiting(self, now: float) -> tuple[builtins.list[QueuedRun], Counter[str]]:
         """Runs waiting for a slot (queued, or running under an expired lease) and live leases per tenant."""
         async with raw_transaction(self._db.engine, tenant_id=None) as tx:
             rows = await tx.fetch("SELECT run_id, tenant_id, state, enqueued_at, lease_expires FROM orch_run_queue")
         running: Counter[str] = Counter()
-        waiting: list[QueuedRun] = []
+        waiting: builtins.list[QueuedRun] = []
         for run_id, tenant_id, state, enqueued_at, expires in rows:
             if state == "running" and expires > now:
                 running[tenant_id] += 1
@@ -592,7 +606,7 @@ class RunStore:
             row = (await s.execute(select(QueueRow.cancel_requested).where(QueueRow.run_id == run_id))).first()
             if row is None:
                 return "gone"
-            if result.rowcount != 1:
+            if cast("CursorResult[Any]", result).rowcount != 1:
                 return "lost"
             return "cancel" if row[0] else "ok"
 

@@ -156,7 +156,7 @@ def validate_team(team: TeamSpec) -> dict[str, str]:
         tool_names.add(tool.name)
         if tool.method not in ("GET", "POST"):
             v[f"{p}.method"] = "must be GET or POST"
-        if not urlsplit(tool.url).scheme in ("http", "https") or not urlsplit(tool.url).hostname:
+        if urlsplit(tool.url).scheme not in ("http", "https") or not urlsplit(tool.url).hostname:
             v[f"{p}.url"] = "must be an absolute http(s) URL"
         elif not host_allowed(tool.url, team.allowed_hosts):
             v[f"{p}.url"] = f"host {host_of(tool.url)!r} is not in allowed_hosts"
@@ -179,9 +179,9 @@ def validate_team(team: TeamSpec) -> dict[str, str]:
             v[f"{p}.max_steps"] = f"must be between 0 and {MAX_STEPS_CEILING}"
         if not 0 <= agent.max_tokens <= 64_000:
             v[f"{p}.max_tokens"] = "must be between 0 and 64000"
-        for j, tool in enumerate(agent.tools):
-            if tool not in BUILTIN_TOOLS and tool not in tool_names:
-                v[f"{p}.tools[{j}]"] = f"unknown tool {tool!r}"
+        for j, tool_name in enumerate(agent.tools):
+            if tool_name not in BUILTIN_TOOLS and tool_name not in tool_names:
+                v[f"{p}.tools[{j}]"] = f"unknown tool {tool_name!r}"
     for i, agent in enumerate(team.agents):
         for j, target in enumerate(agent.handoffs):
             if target == agent.name or target not in agent_names:

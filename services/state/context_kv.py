@@ -64,9 +64,10 @@ class ContextStore:
                     raise revision_conflict(key, _live_revision(row, now))
                 # Revisions keep growing through expiry and deletion, so an old revision never matches again.
                 revision = 1 if row is None else row.revision + 1
+                expires_at_us = None if ttl_us is None else now + ttl_us
                 values = {"revision": revision, "key_id": sealer.key_id, "deleted": False,
                           "value": sealer.seal(context_aad(tenant, kind, scope_id, key, revision), value),
-                          "expires_at_us": None if ttl_us is None else now + ttl_us, "updated_at_us": now}
+                          "expires_at_us": expires_at_us, "updated_at_us": now}
                 if row is None:
                     s.add(store.ContextRow(tenant_id=tenant, scope_kind=kind, scope_id=scope_id, key=key, **values))
                     await s.flush()
@@ -76,7 +77,7 @@ class ContextStore:
         except IntegrityError:
             # A concurrent writer created the key first: a compare-and-set loser like any other.
             raise revision_conflict(key, 1) from None
-        return ContextRecord(ScopeKind(kind), scope_id, key, value, revision, values["expires_at_us"], now)
+        return ContextRecord(ScopeKind(kind), scope_id, key, value, revision, expires_at_us, now)
 
     async def get(self, kind: int, scope_id: str, key: str) -> ContextRecord:
         """A live value; NOT_FOUND when absent, deleted or expired."""
@@ -85,7 +86,7 @@ class ContextStore:
         validation.context_key(key)
         async with self._db.session() as s:
             row = await store.get_context(s, kind, scope_id, key)
-        if not _live_revision(row, store.now_us()):
+        if row is None or not _live_revision(row, store.now_us()):
             raise context_not_found(key)
         opener = await self._envelope.key(row.key_id)
         value = opener.open(context_aad(require_tenant().tenant_id, kind, scope_id, key, row.revision), row.value)
@@ -104,7 +105,7 @@ class ContextStore:
             now = store.now_us()
             row = await store.get_context(s, kind, scope_id, key, for_update=True)
             live = _live_revision(row, now)
-            if not live:
+            if row is None or not live:
                 raise context_not_found(key)
             if expected_revision is not None and expected_revision != live:
                 raise revision_conflict(key, live)

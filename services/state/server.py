@@ -17,10 +17,10 @@ from services.state.records import Limits
 from services.state.servicer import StateServicer
 from services.state.store import DataKeyStore, StateBase
 from services.state.threads import ThreadLog
-from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
+from shared.placement import open_service_database
 from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.settings import load_page_key

@@ -9,6 +9,7 @@ from services.state.records import (
     ContextRecord,
     EventRecord,
     NewEventRecord,
+    ScopeKind,
     SnapshotRecord,
     ThreadRecord,
 )
@@ -123,8 +124,11 @@ def _snapshot(s: SnapshotRecord) -> state_pb2.Snapshot:
                               create_time=_ts(s.created_at_us))
 
 
+_SCOPE_KIND_PB = {ScopeKind.TEAM: state_pb2.SCOPE_KIND_TEAM, ScopeKind.RUN: state_pb2.SCOPE_KIND_RUN}
+
+
 def _entry(e: ContextRecord) -> state_pb2.ContextEntry:
-    entry = state_pb2.ContextEntry(scope=state_pb2.ContextScope(kind=int(e.kind), id=e.scope_id), key=e.key,
+    entry = state_pb2.ContextEntry(scope=state_pb2.ContextScope(kind=_SCOPE_KIND_PB[e.kind], id=e.scope_id), key=e.key,
                                    value=e.value, revision=e.revision, update_time=_ts(e.updated_at_us))
     if e.expires_at_us is not None:
         entry.expire_time.CopyFrom(_ts(e.expires_at_us))

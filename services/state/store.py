@@ -12,6 +12,7 @@ import time
 import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
+from typing import cast
 
 from sqlalchemy import (
     BigInteger,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     LargeBinary,
     PrimaryKeyConstraint,
     String,
+    Table,
     Text,
     and_,
     delete,
@@ -223,7 +225,7 @@ async def current_version(s: AsyncSession, thread_id: str) -> int | None:
 
 async def insert_events(s: AsyncSession, rows: list[dict]) -> None:
     """Add events in one batched INSERT (rows carry tenant_id explicitly; RLS checks it)."""
-    await s.execute(EventRow.__table__.insert(), rows)
+    await s.execute(cast(Table, EventRow.__table__).insert(), rows)
 
 
 async def read_events(s: AsyncSession, thread_id: str, after: int, up_to: int | None,

@@ -1,6 +1,7 @@
 """Threads: append-only, encrypted event logs with optimistic concurrency, snapshots and replay."""
 from __future__ import annotations
 
+import builtins
 import json
 import os
 import time
@@ -233,7 +234,7 @@ class ThreadLog:
         return Aborted(f"thread {thread_id!r} is at version {current}, not {expected}",
                        reason="VERSION_CONFLICT", metadata={"current_version": str(current)})
 
-    async def _open_events(self, thread_id: str, rows: Sequence[store.EventRow]) -> list[EventRecord]:
+    async def _open_events(self, thread_id: str, rows: Sequence[store.EventRow]) -> builtins.list[EventRecord]:
         tenant = require_tenant().tenant_id
         keys: dict[str, TenantKey] = await self._envelope.keys({r.key_id for r in rows})
         return [EventRecord(r.version, r.event_type,

@@ -19,10 +19,10 @@ from shared.db.session import TenantIsolationError, TenantSession
 from shared.tenancy import NoTenantContext
 
 __all__ = [
+    "LSN_HEADER",
     "NAMING_CONVENTION",
     "Base",
     "Database",
-    "LSN_HEADER",
     "NoTenantContext",
     "Route",
     "TenantIsolationError",

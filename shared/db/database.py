@@ -95,7 +95,8 @@ class Database:
         folder = Path(migrations) if migrations is not None else None
         if folder is not None:
             await asyncio.to_thread(upgrade, owner or runtime, folder, app_role=app_role)
-        names = list(regions or ())
+        regions = regions or {}
+        names = list(regions)
         others: dict[str, RegionStore] = {}
         try:
             for name in names[1:]:

@@ -89,7 +89,7 @@ def _run_blocking(coro: Any) -> None:
         """Run the coroutine on this helper thread's own loop."""
         try:
             asyncio.run(coro)
-        except BaseException as exc:  # re-raised in the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             failure.append(exc)
 
     helper = threading.Thread(target=target, name="alembic-upgrade")

@@ -103,6 +103,8 @@ async def raw_transaction(engine: AsyncEngine, *, tenant_id: str | None, schema:
     async with engine.connect() as conn:
         fairy = await conn.get_raw_connection()
         driver = fairy.driver_connection
+        if driver is None:  # only a connection already handed back to the pool has none
+            raise RuntimeError("the pooled connection has no driver connection")
         if dialect == "postgresql":
             begin = "BEGIN"
             if tenant_id is not None:
@@ -118,7 +120,7 @@ async def raw_transaction(engine: AsyncEngine, *, tenant_id: str | None, schema:
             rolled_back = True
             try:
                 await (driver.execute("ROLLBACK") if dialect == "postgresql" else driver.rollback())
-            except BaseException:
+            except BaseException:  # noqa: BLE001 - whatever the rollback hit, the connection is thrown away
                 rolled_back = False
                 await conn.invalidate()  # never hand the pool a connection stuck in a transaction
             if _connection_lost(exc, usable=rolled_back):

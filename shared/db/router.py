@@ -486,26 +486,26 @@ class TenantRouter:
         if self._migrations is None:
             raise RuntimeError(f"the {tier} tier needs migrations to build the tenant's tables")
         if is_sqlite(store.url):
-            return await self._own_sqlite_file(store, tenant_id)
+            return await self._own_sqlite_file(store, tenant_id, self._migrations)
         owner = store.owner_url or store.url
         if tier == "bridge":
             schema = bridge_schema(tenant_id)
             await asyncio.to_thread(upgrade, owner, self._migrations, schema, app_role=store.app_role)
             return Route(store.engine.execution_options(schema_translate_map={None: schema}), schema)
-        return await self._own_postgres_database(store, tenant_id)
+        return await self._own_postgres_database(store, tenant_id, self._migrations)
 
-    async def _own_sqlite_file(self, store: RegionStore, tenant_id: str) -> Route:
+    async def _own_sqlite_file(self, store: RegionStore, tenant_id: str, migrations: str | Path) -> Route:
         path = self._sqlite_file(store, tenant_id)
         path.parent.mkdir(parents=True, exist_ok=True)
         url = store.url.set(database=str(path))
-        await asyncio.to_thread(upgrade, url, self._migrations)
+        await asyncio.to_thread(upgrade, url, migrations)
         return Route(self._own(make_engine(url, **self._engine_options)))
 
-    async def _own_postgres_database(self, store: RegionStore, tenant_id: str) -> Route:
+    async def _own_postgres_database(self, store: RegionStore, tenant_id: str, migrations: str | Path) -> Route:
         name = silo_database(store.url.database or "bulkhead", tenant_id)
         owner = store.owner_url or store.url
         await self._create_database(owner, store.app_role, name)
-        await asyncio.to_thread(upgrade, owner.set(database=name), self._migrations, app_role=store.app_role)
+        await asyncio.to_thread(upgrade, owner.set(database=name), migrations, app_role=store.app_role)
         return Route(self._own(make_engine(store.url.set(database=name), **self._engine_options)))
 
     @staticmethod

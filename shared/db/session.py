@@ -18,7 +18,7 @@ from __future__ import annotations
 import functools
 import weakref
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import event, func, inspect, select, text
 from sqlalchemy.engine import Connection
@@ -74,12 +74,12 @@ class TenantSession(Session):
             raise TenantIsolationError("bulk_save_objects bypasses tenant checks; use add_all() or insert()")
         super().bulk_save_objects(objects, *args, **kw)
 
-    def bulk_insert_mappings(self, mapper: Any, mappings: Iterable[Mapping[str, Any]], *args: Any, **kw: Any) -> None:
+    def bulk_insert_mappings(self, mapper: Any, mappings: Iterable[dict[str, Any]], *args: Any, **kw: Any) -> None:
         """Session.bulk_insert_mappings, refused for tenant-owned classes."""
         _refuse_legacy_bulk(mapper, "bulk_insert_mappings", "session.execute(insert(Model), rows)")
         super().bulk_insert_mappings(mapper, mappings, *args, **kw)
 
-    def bulk_update_mappings(self, mapper: Any, mappings: Iterable[Mapping[str, Any]]) -> None:
+    def bulk_update_mappings(self, mapper: Any, mappings: Iterable[dict[str, Any]]) -> None:
         """Session.bulk_update_mappings, refused for tenant-owned classes."""
         _refuse_legacy_bulk(mapper, "bulk_update_mappings", "session.execute(update(Model).where(...))")
         super().bulk_update_mappings(mapper, mappings)
@@ -89,8 +89,9 @@ def _platform_only(mapper: Any, clause: Any) -> bool:
     """Whether a statement (or a flush of mapper's rows) names tables and none of them is tenant-owned."""
     tables: list[Any] = []
     info = inspect(mapper, raiseerr=False) if mapper is not None else None
-    if getattr(info, "mapper", None) is not None:
-        tables.extend(info.mapper.tables)
+    mapped = getattr(info, "mapper", None)
+    if mapped is not None:
+        tables.extend(mapped.tables)
     if clause is not None:
         tables.extend(e for e in visitors.iterate(clause) if isinstance(e, TableClause))
     return bool(tables) and not any(_is_tenant_table(t) for t in tables)
@@ -154,9 +155,10 @@ def _confine_statement(state: ORMExecuteState) -> None:
     """Add the tenant filter to reads/updates/deletes and stamp inserts; fail closed."""
     if not (state.is_select or state.is_insert or state.is_update or state.is_delete):
         return
-    statement = state.statement
+    statement: Any = state.statement  # a Select, Update or Delete here: each has .where and .options
     tables = _tenant_tables(statement)
     kind = "INSERT" if state.is_insert else "UPDATE" if state.is_update else "DELETE" if state.is_delete else "SELECT"
+    tid: str | None
     if tables:
         tid = _require_tenant(state.session, f"{kind} on {', '.join(tables)}")
     else:
@@ -190,7 +192,7 @@ def _confine_statement(state: ORMExecuteState) -> None:
 
 def _stamp_insert(state: ORMExecuteState, tid: str) -> None:
     """Stamp an INSERT with the tenant; refuse one that names another tenant."""
-    statement = state.statement
+    statement: Any = state.statement  # an Insert: its private _values are read below
     if getattr(statement, "select", None) is not None:
         raise TenantIsolationError("INSERT ... FROM SELECT into a tenant-owned table is not supported")
     post = getattr(statement, "_post_values_clause", None)
@@ -210,8 +212,8 @@ def _stamp_insert(state: ORMExecuteState, tid: str) -> None:
     params = state.parameters
     if isinstance(params, list):
         state.parameters = [_stamp_row(row, tid) for row in params]
-    elif params:
-        state.parameters = _stamp_row(params, tid)
+    elif params:  # one row; anything else that is not a Mapping fails in _stamp_row: closed, never unstamped
+        state.parameters = _stamp_row(cast("Mapping[str, Any]", params), tid)
     elif getattr(statement, "_multi_values", None):
         if not named_inline:
             raise TenantIsolationError("multi-row INSERT .values() into a tenant-owned table must name tenant_id")

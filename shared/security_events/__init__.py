@@ -11,8 +11,8 @@ from __future__ import annotations
 
 from shared.security_events._service import (
     FLUSH_SECONDS,
-    SERVED_BY,
     SCOPE,
+    SERVED_BY,
     SecurityEventsFlush,
     SecurityEventsServicer,
     security_events_binding,

@@ -14,10 +14,11 @@ uses the official ``anthropic`` SDK unchanged::
 What it records: ``calls`` (model requests: method, path, headers, JSON body), ``replies`` (each
 message it answered with), ``sent_events`` (SSE events per stream, fewer when dropped) and
 ``usage_log`` (the usage it reported per call, with ``user_id``, the key used and the proxy's
-``x-bulkhead-attempt`` id: what a provider would bill, journalled per attempt; ``journal_path``
-also appends each record as a JSON line, flushed at once, for a fake in another process). Knobs: ``delay`` (latency before each reply), ``event_delay`` (between
-SSE events), faults ``Fault.http(status, retry_after=, message=)``, ``Fault.overloaded()``,
-``Fault.slow(s)``, ``Fault.disconnect(after_events=n)``; ``POST /v1/messages/count_tokens`` works.
+``x-bulkhead-attempt`` id: what a provider would bill, journalled per attempt; ``journal_path`` also
+appends each record as a JSON line, flushed at once, for a fake in another process). Knobs:
+``delay`` (latency before each reply), ``event_delay`` (between SSE events), faults
+``Fault.http(status, retry_after=, message=)``, ``Fault.overloaded()``, ``Fault.slow(s)``,
+``Fault.disconnect(after_events=n)``; ``POST /v1/messages/count_tokens`` works.
 
 Prompt caching is simulated per API key, as the real API caches per organisation: the prefix up to
 each ``cache_control`` breakpoint (tools, then system, then messages; or the last block with a
@@ -224,7 +225,7 @@ class FakeAnthropic:
         self.port = 0
 
     # ----- lifecycle -----
-    async def start(self) -> FakeAnthropic:
+    async def start(self) -> Self:
         """Listen on a free loopback port."""
         self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
         self.port = self._server.sockets[0].getsockname()[1]

@@ -59,7 +59,7 @@ def dump_pending_tasks(file=None) -> int:
     """Print the await chain of every asyncio task not done, in any thread's loop (tests first); how many."""
     file = file or sys.stderr
     # asyncio.all_tasks() needs the loop; the registry behind it holds every loop's tasks.
-    tasks = [t for t in list(asyncio.tasks._all_tasks) if not t.done()]  # noqa: SLF001
+    tasks = [t for t in list(asyncio.tasks._all_tasks) if not t.done()]  # type: ignore[attr-defined]
     tasks.sort(key=lambda t: "test_" not in getattr(t.get_coro(), "__qualname__", ""))
     print(f"\n+++ {len(tasks)} asyncio task(s) pending {MARGIN:.0f} s before the timeout +++", file=file)
     for task in tasks:

@@ -56,7 +56,7 @@ class IdentityHarness:
         resp = await self.stub.IssueToken(pb.IssueTokenRequest(api_key=api_key, scopes=scopes, ttl_seconds=ttl))
         return TenantHandle(resp.tenant_id, api_key, resp.token, resp.jti)
 
-    async def tenant(self, name: str | None = None, tier: int = tenancy_pb2.TIER_POOLED) -> TenantHandle:
+    async def tenant(self, name: str | None = None, tier: tenancy_pb2.Tier = tenancy_pb2.TIER_POOLED) -> TenantHandle:
         """A new tenant (operator call) and its admin's token."""
         assert self.operator is not None
         created = await self.stub.CreateTenant(

@@ -19,6 +19,7 @@ Settings chosen for tests, and why:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -96,7 +97,7 @@ class RaftNode:
     @property
     def pid(self) -> int | None:
         """The server's process id while it runs."""
-        return self._proc.pid if self.running else None
+        return self._proc.pid if self._proc is not None and self.running else None
 
     def write_config(self, peers: list[RaftNode]) -> str:
         """Write its config file (retry_join to every peer) and return its path."""
@@ -149,8 +150,8 @@ class RaftNode:
 
     def active(self) -> bool:
         """Whether this node is the unsealed active node (the Raft leader)."""
-        body = self.health()
-        return bool(body) and not body.get("sealed", True) and not body.get("standby", True)
+        body = self.health() or {}
+        return not body.get("sealed", True) and not body.get("standby", True)
 
 
 def _api(url: str, method: str, path: str, body: dict | None = None, token: str | None = None) -> dict:
@@ -208,7 +209,7 @@ class OpenBaoRaftCluster:
         """Start a stopped or killed node again on its data, unseal it, wait until it is a standby."""
         node.start()
         self.unseal(node)
-        wait_until(lambda: bool(node.health()) and not node.health().get("sealed", True),
+        wait_until(lambda: not (node.health() or {}).get("sealed", True),
                    timeout=timeout, what=f"OpenBao {node.node_id} unsealed")
 
     def voters(self) -> dict[str, bool]:
@@ -252,10 +253,8 @@ def _bootstrap(cluster: OpenBaoRaftCluster, timeout: float) -> None:
             if not body.get("sealed", True):
                 pending.remove(node)
                 continue
-            try:
+            with contextlib.suppress(urllib.error.URLError, OSError):
                 cluster.unseal(node)
-            except (urllib.error.URLError, OSError):
-                pass
         return not pending
 
     wait_until(joined, timeout=timeout, interval=0.2, what="OpenBao standbys joined")

@@ -121,7 +121,7 @@ def docker_engine_answers(timeout: float = 2.0) -> bool:
             return bool(client.ping())
         finally:
             client.close()
-    except Exception:  # no socket, no permission, wrong context: all mean "no engine"
+    except Exception:  # noqa: BLE001 - no socket, no permission, wrong context: all mean "no engine"
         return False
 
 
@@ -256,7 +256,7 @@ def _run_in_thread(coro):
     def _target() -> None:
         try:
             result["value"] = asyncio.run(coro)
-        except BaseException as exc:  # re-raised in the caller's thread
+        except BaseException as exc:  # noqa: BLE001 - re-raised in the caller's thread
             result["error"] = exc
 
     thread = threading.Thread(target=_target, name="postgres-admin")

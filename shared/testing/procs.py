@@ -205,7 +205,7 @@ class RunAs:
     def chown(self, path: str) -> None:
         """Give `path` to this account (no-op when not switching)."""
         if self.uid is not None:
-            os.chown(path, self.uid, self.gid)
+            os.chown(path, self.uid, -1 if self.gid is None else self.gid)  # -1: keep the group
 
 
 _UNPRIVILEGED_CANDIDATES = ("postgres", "bulkhead-pg")

@@ -49,6 +49,7 @@ def _alive(pid: int) -> bool:
 
 def _wait_for(proc: subprocess.Popen, pattern: str, timeout: float, lines: list[str]) -> None:
     deadline = time.monotonic() + timeout
+    assert proc.stdout is not None, "started with stdout=PIPE"
     while time.monotonic() < deadline:
         line = proc.stdout.readline()
         if not line:
@@ -136,7 +137,7 @@ def test_metrics_endpoint_counts_rpcs_by_method_and_tenant(up_identity, tmp_path
     """Each service serves Prometheus metrics; RPCs are counted by method and (bounded) tenant label."""
     import urllib.request
 
-    proc, base, lines, _ = up_identity
+    _proc, base, _lines, _ = up_identity
     assert _cli(["tenants", "list"], base, tmp_path).returncode == 0
     body = urllib.request.urlopen(f"http://127.0.0.1:{base + 151}/metrics", timeout=5).read().decode()
     assert re.search(r'bulkhead_rpc_requests_total\{code="OK",method="/bulkhead.identity.v1.IdentityService/'

@@ -30,13 +30,13 @@ class FakeIdentity:
     issued: int = 0
     revoked: list[tuple[str, str]] = dataclasses.field(default_factory=list)
 
-    async def IssueToken(self, request, timeout=None):  # noqa: N802 - the stub's name
+    async def IssueToken(self, request, timeout=None):  # the stub's name
         self.issued += 1
         token = jwt.encode({"sub": "p_1", "n": self.issued}, "a-key-the-console-never-checks-32b", algorithm="HS256")
         return idp.IssueTokenResponse(token=token, jti=f"j{self.issued}", tenant_id=self.tenant_id, scopes=["*"],
                                       expire_time=Timestamp(seconds=int(self.clock() + request.ttl_seconds)))
 
-    async def RevokeToken(self, request, metadata=None, timeout=None):  # noqa: N802
+    async def RevokeToken(self, request, metadata=None, timeout=None):
         self.revoked.append((request.jti, dict(metadata)["authorization"]))
         return idp.RevokeTokenResponse()
 

@@ -3,9 +3,9 @@ and headless Services so callers' round_robin sees every pod."""
 from __future__ import annotations
 
 import pytest
-from tests.deploy.k8s_helpers import K8S, OVERLAYS, find, one, render
 
 from shared.config import SERVICES
+from tests.deploy.k8s_helpers import K8S, OVERLAYS, find, one, render
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,11 @@ import urllib.parse
 
 import pytest
 import yaml
+
+from bulkhead.cli import certs
+from shared.config import SERVICE_PORTS, SERVICES, ServiceConfig
+from shared.db.rls import app_role_from_env
+from shared.tls import ENV_VARS as TLS_ENV
 from tests.deploy.k8s_helpers import (
     DEPLOY,
     K8S,
@@ -21,11 +26,6 @@ from tests.deploy.k8s_helpers import (
     one,
     render,
 )
-
-from bulkhead.cli import certs
-from shared.config import SERVICE_PORTS, SERVICES, ServiceConfig
-from shared.db.rls import app_role_from_env
-from shared.tls import ENV_VARS as TLS_ENV
 
 BACKING = {"postgres", "openbao", "jaeger"}
 LIBRARY_ENV = {"REQUESTS_CA_BUNDLE"}

@@ -7,6 +7,8 @@ import pathlib
 
 import kubernetes_validate
 import pytest
+
+from shared.config import SERVICE_PORTS, SERVICES
 from tests.deploy.k8s_helpers import (
     DEPLOY,
     K8S,
@@ -22,8 +24,6 @@ from tests.deploy.k8s_helpers import (
     pod_of,
     render,
 )
-
-from shared.config import SERVICE_PORTS, SERVICES
 
 CALLERS = {
     "identity": {"credentials", "state", "inference", "orchestrator", "metering"},

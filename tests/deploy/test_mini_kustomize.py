@@ -3,8 +3,9 @@ from __future__ import annotations
 
 import base64
 
-from tests.deploy import mini_kustomize
 import pytest
+
+from tests.deploy import mini_kustomize
 from tests.deploy.k8s_helpers import DEPLOY, K8S, OVERLAYS, kustomize_command, render_with_tool
 
 DIRS = {**{name: K8S / "overlays" / name for name in OVERLAYS}, "base": K8S / "base",

@@ -10,11 +10,11 @@ import urllib.parse
 
 import asyncpg
 import pytest
-from tests.deploy.k8s_helpers import DEPLOY, ROOT
 
 from shared.config import SERVICES
 from shared.db import Database
 from shared.testing.postgres import find_bindir
+from tests.deploy.k8s_helpers import DEPLOY, ROOT
 
 pytestmark = pytest.mark.postgres
 

@@ -247,7 +247,8 @@ def reconcile(tenant_id: str, ledger: dict[str, int], attempts: list[tuple], bil
 @pytest.mark.parametrize("victim", ["inference#1", "metering#1", "orchestrator#1"])
 async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tmp_path, victim):
     """kill -9 of a proxy replica (calls in flight), a metering replica (usage and leases in flight) or an
-    orchestrator replica (run steps in flight) mid-burst; once restarts and outboxes have settled, every billed attempt is in the ledger exactly once
+    orchestrator replica (run steps in flight) mid-burst; once restarts and outboxes have settled, every
+    billed attempt is in the ledger exactly once
     (exactly as billed, or at its reservation), nothing unbilled is metered except at its reservation,
     and used + held never passed the budget."""
     started = time.monotonic()

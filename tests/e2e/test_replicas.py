@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import re
 import signal
@@ -103,9 +104,11 @@ def start_replicated(data_dir: Path, extra_env: dict[str, str], up_args: tuple[s
                              "--no-console", "--port-base", str(base), "--replicas", "2", *up_args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mesh = Mesh(proc, env, data_dir)
+    out = proc.stdout
+    assert out is not None, "started with stdout=PIPE"
     deadline = time.monotonic() + 180
     while time.monotonic() < deadline and not any("all services healthy" in line for line in mesh.lines):
-        line = proc.stdout.readline()
+        line = out.readline()
         if not line and proc.poll() is not None:
             break
         mesh.lines.append(line)
@@ -113,7 +116,11 @@ def start_replicated(data_dir: Path, extra_env: dict[str, str], up_args: tuple[s
         mesh.stop()
         raise AssertionError("mesh did not come up:\n" + "".join(mesh.lines))
     # Keep reading: the supervisor reports kills and restarts as they happen.
-    threading.Thread(target=lambda: [mesh.lines.append(line) for line in proc.stdout], daemon=True).start()
+    def follow() -> None:
+        for line in out:
+            mesh.lines.append(line)
+
+    threading.Thread(target=follow, daemon=True).start()
     addresses = dict(re.findall(r"export BULKHEAD_([A-Z]+)_ADDR=(\S+)", "".join(mesh.lines)))
     return mesh, {svc.lower(): addr for svc, addr in addresses.items()}
 
@@ -167,8 +174,9 @@ class Workload:
     async def runs_loop(self) -> None:
         while not self.stop.is_set():
             key = uuid.uuid4().hex  # the same key on every resend: one run, however often it is sent
-            started = await self.t.until_done("StartRun", lambda: self.bh.orchestrator.StartRun(orc.StartRunRequest(
-                team="replicas", entry_agent="solo", input=f"ping {key}", idempotency_key=key),
+            started = await self.t.until_done("StartRun", functools.partial(
+                self.bh.orchestrator.StartRun, orc.StartRunRequest(
+                    team="replicas", entry_agent="solo", input=f"ping {key}", idempotency_key=key),
                 timeout=CALL_TIMEOUT))
             if started is not None:
                 self.runs.append(started.run.run_id)
@@ -177,8 +185,8 @@ class Workload:
     async def inference_loop(self) -> None:
         while not self.stop.is_set():
             rid = uuid.uuid4().hex  # the proxy meters (and journals) a request id once
-            await self.t.until_done("CreateMessage", lambda: self.bh.inference.CreateMessage(
-                inf.CreateMessageRequest(params=inf.MessageParams(
+            await self.t.until_done("CreateMessage", functools.partial(
+                self.bh.inference.CreateMessage, inf.CreateMessageRequest(params=inf.MessageParams(
                     model=MODEL, max_tokens=20, messages=[inf.Message(role=inf.ROLE_USER, content=[
                         inf.ContentBlock(text=inf.TextBlock(text="hello replicas"))])])),
                 metadata=(("x-request-id", rid),), timeout=CALL_TIMEOUT))
@@ -196,7 +204,8 @@ class Workload:
         version = 0
         while not self.stop.is_set():
             version = await self._append(thread_id, version)
-            await self.t.idempotent("ReadEvents", lambda: self.bh.state.ReadEvents(
+            await self.t.idempotent("ReadEvents", functools.partial(
+                self.bh.state.ReadEvents,
                 st.ReadEventsRequest(thread_id=thread_id, after_version=max(version - 5, 0)), timeout=CALL_TIMEOUT))
 
     async def _append(self, thread_id: str, version: int) -> int:
@@ -214,8 +223,8 @@ class Workload:
                 if err.code() != grpc.StatusCode.UNAVAILABLE:
                     self.t.gave_up.append(f"AppendEvents: {err.code().name} {err.details()}")
                     return version
-            got = await self.t.idempotent("GetThread", lambda: self.bh.state.GetThread(
-                st.GetThreadRequest(thread_id=thread_id), timeout=CALL_TIMEOUT))
+            got = await self.t.idempotent("GetThread", functools.partial(
+                self.bh.state.GetThread, st.GetThreadRequest(thread_id=thread_id), timeout=CALL_TIMEOUT))
             if got is not None and got.thread.version > version:  # the lost reply's write did land
                 self.appended += 1
                 return got.thread.version
@@ -228,8 +237,8 @@ class Workload:
             event = mtr.UsageEvent(idempotency_key=uuid.uuid4().hex, model=PINNED, agent_id="load",
                                    tokens=mtr.TokenCounts(input_tokens=3, output_tokens=4),
                                    outcome=mtr.OUTCOME_SUCCESS, occur_time=Timestamp(seconds=int(time.time())))
-            await self.t.idempotent("RecordUsage", lambda: self.bh.metering.RecordUsage(
-                mtr.RecordUsageRequest(events=[event]), timeout=CALL_TIMEOUT))
+            await self.t.idempotent("RecordUsage", functools.partial(
+                self.bh.metering.RecordUsage, mtr.RecordUsageRequest(events=[event]), timeout=CALL_TIMEOUT))
             await self.t.idempotent("GetQuotaStatus", lambda: self.bh.metering.GetQuotaStatus(
                 mtr.GetQuotaStatusRequest(), timeout=CALL_TIMEOUT))
             await asyncio.sleep(0.1)
@@ -250,8 +259,8 @@ class Workload:
         deadline, status = time.monotonic() + timeout, {}
         while time.monotonic() < deadline:
             for run_id in [r for r in self.runs if r not in status]:
-                got = await self.t.idempotent("GetRun", lambda: self.bh.orchestrator.GetRun(
-                    orc.GetRunRequest(run_id=run_id), timeout=CALL_TIMEOUT))
+                got = await self.t.idempotent("GetRun", functools.partial(
+                    self.bh.orchestrator.GetRun, orc.GetRunRequest(run_id=run_id), timeout=CALL_TIMEOUT))
                 name = orc.RunStatus.Name(got.run.status) if got else ""
                 if name in ("RUN_STATUS_SUCCEEDED", "RUN_STATUS_FAILED", "RUN_STATUS_CANCELLED"):
                     status[run_id] = name

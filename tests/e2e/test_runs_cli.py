@@ -21,7 +21,7 @@ class SlowTool:
         tool = self
 
         class Handler(BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802 - http.server's name
+            def do_GET(self):  # http.server's name
                 tool.requests += 1
                 tool.release.wait(25)
                 self.send_response(200)

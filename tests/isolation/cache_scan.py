@@ -77,7 +77,7 @@ def _caches_in(tree: ast.Module) -> set[str]:
                 name = _target(t)
                 if name and (isinstance(t, ast.Attribute) or (node.col_offset == 0 and not name.isupper())):
                     found.add(name)
-        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-            if any(_caching_decorator(d) for d in node.decorator_list):
-                found.add(f"{node.name}()")
+        elif (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+              and any(_caching_decorator(d) for d in node.decorator_list)):
+            found.add(f"{node.name}()")
     return found

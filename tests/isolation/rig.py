@@ -24,6 +24,7 @@ from . import forged
 from .factories import Ids
 from .resources import SECRET_VALUE, make_victim
 
+
 def md(token: str, tenant_id: str) -> tuple[tuple[str, str], ...]:
     """Call metadata: this bearer token, this x-tenant-id."""
     return (("authorization", f"Bearer {token}"), ("x-tenant-id", tenant_id))
@@ -117,7 +118,7 @@ async def running_rig(data_dir: Path) -> AsyncIterator[Rig]:
             rig.suspended = c
             took = await asyncio.gather(_refused_everywhere(ch, md(revoked.token, a.tenant_id), "TOKEN_REVOKED"),
                                         _refused_everywhere(ch, c.metadata, "TENANT_SUSPENDED"))
-            rig.propagation = dict(zip(("revoked", "suspended"), took))
+            rig.propagation = dict(zip(("revoked", "suspended"), took, strict=True))
             yield rig
         finally:
             for channel in ch.values():

@@ -15,8 +15,19 @@ import pytest
 
 from .methods import enumerate_rpcs
 from .observe import snapshot
-from .reuse import KEYED, NAMES_EXISTING, Reuse, call, id_fields, keyed_rpcs, made_values, request_id_only, \
-    skeleton, strings, unclassified
+from .reuse import (
+    KEYED,
+    NAMES_EXISTING,
+    Reuse,
+    call,
+    id_fields,
+    keyed_rpcs,
+    made_values,
+    request_id_only,
+    skeleton,
+    strings,
+    unclassified,
+)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 

@@ -8,6 +8,7 @@ every item once. A new paging RPC without an entry in PAGING fails here saying w
 """
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -139,12 +140,10 @@ async def seeded(rig: Rig):
     narrowed = await rig.mesh.identity.login(rig.b.api_key, scopes=("metering.prices.read",))
     from bulkhead.common.v1 import security_events_pb2_grpc
     for channel in rig.channels.values():  # a second kind of refusal for B at every service
-        try:
+        with contextlib.suppress(Exception):  # refused on purpose (MISSING_SCOPE)
             await security_events_pb2_grpc.SecurityEventsServiceStub(channel).ListSecurityEvents(
                 sec.ListSecurityEventsRequest(), metadata=(("authorization", f"Bearer {narrowed.token}"),
                                                            ("x-tenant-id", rig.b.tenant_id)))
-        except Exception:  # noqa: BLE001 - refused on purpose (MISSING_SCOPE)
-            pass
     servers = [s.running for s in rig.mesh.services.values()] + [rig.mesh.orchestrator.running,
                                                                   rig.mesh.identity.app.running]
     for running in servers:

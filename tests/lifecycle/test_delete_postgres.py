@@ -45,7 +45,8 @@ async def wrapped_data_key(postgres, tenant_id: str) -> bytes:
         try:
             async with engine.connect() as conn:
                 schemas = (await conn.execute(text(
-                    "SELECT table_schema FROM information_schema.tables WHERE table_name = 'state_data_keys'"))).scalars().all()
+                    "SELECT table_schema FROM information_schema.tables "
+                    "WHERE table_name = 'state_data_keys'"))).scalars().all()
                 for schema in schemas:
                     row = (await conn.execute(text(f'SELECT wrapped FROM "{schema}".state_data_keys WHERE tenant_id = :t'),
                                               {"t": tenant_id})).first()

@@ -52,7 +52,8 @@ async def superuser_hits(admin_url: str, needles: list[str]) -> list[str]:
         try:
             async with engine.connect() as conn:
                 tables = (await conn.execute(text(
-                    "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+                    "SELECT table_schema, table_name FROM information_schema.tables "
+                    "WHERE table_type = 'BASE TABLE' "
                     "AND table_schema NOT IN ('pg_catalog', 'information_schema')"))).all()
                 for schema, table in tables:
                     rows = await conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t'))

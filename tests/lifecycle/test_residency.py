@@ -184,7 +184,8 @@ async def postgres_tables(admin_url: str, existing: set[str]) -> AsyncIterator[t
             async with engine.connect() as conn:
                 await conn.execute(text(f"SET lock_timeout = '{LOCK_WAIT}'"))
                 tables = (await conn.execute(text(
-                    "SELECT table_schema, table_name FROM information_schema.tables WHERE table_type = 'BASE TABLE' "
+                    "SELECT table_schema, table_name FROM information_schema.tables "
+                    "WHERE table_type = 'BASE TABLE' "
                     "AND table_schema NOT IN ('pg_catalog', 'information_schema')"))).all()
                 for schema, table in tables:
                     try:

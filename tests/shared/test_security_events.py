@@ -29,7 +29,7 @@ from shared.db import Database
 from shared.errors import error_details
 from shared.lifecycle import TenantLifecycle
 from shared.security import SecurityEvents
-from shared.security_events import SECURITY_EVENTS_METADATA, RETENTION_S, TABLE, Refusal, SecurityLedger
+from shared.security_events import RETENTION_S, SECURITY_EVENTS_METADATA, TABLE, Refusal, SecurityLedger
 from shared.server import RunningServer
 from shared.testing.tokens import TestTokens
 from shared.tiers import Tier

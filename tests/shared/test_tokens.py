@@ -1,6 +1,7 @@
 """Token issuing and verification, and key discovery by kid."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -124,7 +125,7 @@ async def test_unreachable_identity_is_unavailable_not_unauthenticated():
         async def load_keys(self):
             raise ConnectionError("identity down")
 
-    issuer, _, key = _pair()
+    issuer, _, _key = _pair()
     source = RefreshingKeySource(Down({}), min_refetch=0)
     with pytest.raises(Unavailable) as info:
         await TokenVerifier(source).verify(issuer.issue(tenant_id="t_a", principal_id="p", scopes={"*"})[0])
@@ -145,10 +146,8 @@ async def test_revocation_poller_stops_when_a_call_absorbs_its_cancellation():
 
         async def load_revocations(self, since):
             started.set()
-            try:
+            with contextlib.suppress(asyncio.CancelledError):  # what grpc's invocation task does with a cancel
                 await asyncio.sleep(10)
-            except asyncio.CancelledError:  # what grpc's invocation task does with a cancel
-                pass
             raise RuntimeError("call cancelled")
 
         async def load_suspended(self):

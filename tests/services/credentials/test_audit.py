@@ -98,7 +98,7 @@ async def test_a_rebuilt_chain_without_the_key_is_detected(h):
                        {"t": h.alpha})
     prev = (await h.raw("SELECT hash FROM cred_audit_events WHERE tenant_id = :t AND seq = 1", {"t": h.alpha}))[0][0]
     for row in rows[1:]:
-        fields = dict(zip(names, row))
+        fields = dict(zip(names, row, strict=True))
         fields["outcome"] = "denied" if fields["seq"] == 2 else fields["outcome"]
         forged = audit_chain.link(prev, fields)  # the attacker has the table, not the key
         await h.raw("UPDATE cred_audit_events SET outcome = :o, prev_hash = :p, hash = :h WHERE tenant_id = :t "

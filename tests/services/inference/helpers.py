@@ -7,6 +7,7 @@ import datetime as dt
 import shutil
 from pathlib import Path
 
+import grpc
 from google.protobuf import timestamp_pb2
 from prometheus_client import CollectorRegistry
 
@@ -59,8 +60,8 @@ class Proxy:
     """One proxy replica and a stub to it."""
 
     service: InferenceService
-    stub: inference_pb2_grpc.InferenceServiceStub
-    channel: object
+    stub: inference_pb2_grpc.InferenceServiceAsyncStub
+    channel: grpc.aio.Channel
 
     async def stop(self) -> None:
         """Stop the replica (settling leases and usage) and close the stub's channel."""
@@ -77,8 +78,8 @@ class Mesh:
     fake: FakeAnthropic
     metering: MeteringService
     credentials: CredentialsService
-    metering_stub: metering_pb2_grpc.MeteringServiceStub
-    credentials_stub: credentials_pb2_grpc.CredentialsServiceStub
+    metering_stub: metering_pb2_grpc.MeteringServiceAsyncStub
+    credentials_stub: credentials_pb2_grpc.CredentialsServiceAsyncStub
     channels: list
     proxies: list[Proxy] = dataclasses.field(default_factory=list)
     env_overrides: dict = dataclasses.field(default_factory=dict)
@@ -89,7 +90,7 @@ class Mesh:
     """What the proxies ask a tenant's tier (None: identity at BULKHEAD_IDENTITY_ADDR, as in production)."""
 
     @property
-    def stub(self) -> inference_pb2_grpc.InferenceServiceStub:
+    def stub(self) -> inference_pb2_grpc.InferenceServiceAsyncStub:
         """The first proxy replica's stub."""
         return self.proxies[0].stub
 

@@ -103,7 +103,7 @@ async def test_request_id_retried_on_another_replica_is_metered_per_attempt(mesh
     """Two replicas sharing the journal: the same request id sent to each reaches the upstream twice
     and is metered twice (req, req#2), each attempt as the upstream billed it."""
     second = await mesh.start_proxy()       # same database file as the first
-    md = mesh.md("t_a") + (("x-request-id", "req-twice"),)
+    md = (*mesh.md("t_a"), ("x-request-id", "req-twice"))
     await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params("once here")), metadata=md)
     await second.stub.CreateMessage(pb.CreateMessageRequest(params=params("once here")), metadata=md)
     await mesh.settle()

@@ -100,7 +100,8 @@ async def test_200_concurrent_calls_on_two_replicas_are_refused_only_past_95_per
     used, in_flight, needed = books.refusals[0]
     utilisation = (used + in_flight) / BUDGET
     print(f"\n[slice {slice_tokens}] utilisation at first refusal: {utilisation:.1%} "
-          f"(used {used} + in flight {in_flight} of {BUDGET}, the refused call needed {needed}); served {served}/200, spent {status.used} ({status.used / BUDGET:.0%}) "
+          f"(used {used} + in flight {in_flight} of {BUDGET}, the refused call needed {needed}); "
+          f"served {served}/200, spent {status.used} ({status.used / BUDGET:.0%}) "
           f"in {elapsed:.2f}s")
     assert utilisation > 0.95
     # Every refusal, not only the first: the call really did not fit.

@@ -96,7 +96,7 @@ async def test_stream_events_equal_upstream_events(mesh):
     sent = [e for e in mesh.fake.sent_events[-1] if e["type"] != "ping"]
     got = [e for e in events if e.WhichOneof("event") != "ping"]
     assert [e.WhichOneof("event") for e in got] == [e["type"] for e in sent]
-    for mine, theirs in zip(got, sent):
+    for mine, theirs in zip(got, sent, strict=True):
         kind = theirs["type"]
         if kind == "content_block_delta":
             d = mine.content_block_delta

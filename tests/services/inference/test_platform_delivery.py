@@ -18,7 +18,7 @@ from shared.client import StaticCredentials, make_channel
 from shared.db import Database
 
 from .helpers import PINNED, fake_totals, params
-from .test_usage_batching import TENANT, Metering, MemoryOutbox, _event
+from .test_usage_batching import TENANT, MemoryOutbox, Metering, _event
 
 
 class Platform:
@@ -88,7 +88,7 @@ async def test_outage_usage_reaches_metering_with_the_proxys_own_token(mesh):
     await mesh.metering.stop(grace=0)
     for i in range(3):
         await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params(f"during outage {i}")),
-                                      metadata=mesh.md("t_a") + (("x-request-id", f"req-platform-{i}"),))
+                                      metadata=(*mesh.md("t_a"), ("x-request-id", f"req-platform-{i}")))
     opaque_user = mesh.proxy.proxy.opaque_user_id("t_a")
     await mesh.stop_proxy(mesh.proxies[0])
     mdb = await Database.open(f"sqlite+aiosqlite:///{mesh.tmp / 'metering.db'}", migrations=str(METERING_MIGRATIONS))

@@ -85,7 +85,8 @@ async def test_200_concurrent_calls_never_overspend_across_two_replicas(mesh):
 
 
 async def test_requests_per_minute_limit(mesh):
-    """Over requests/min: RESOURCE_EXHAUSTED with the violated limit and a retry delay; the upstream saw only the allowed."""
+    """Over requests/min: RESOURCE_EXHAUSTED with the violated limit and a retry delay; the upstream saw
+    only the allowed."""
     await mesh.set_limits("t_a", requests_per_minute=2)
     for _ in range(2):
         await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a"))

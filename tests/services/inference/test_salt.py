@@ -1,4 +1,5 @@
-"""The key of the opaque ids the upstream sees (metadata.user_id, cache partition, attempt ids) is the deployment's own."""
+"""The key of the opaque ids the upstream sees (metadata.user_id, cache partition, attempt ids) is the
+deployment's own."""
 from __future__ import annotations
 
 import hashlib

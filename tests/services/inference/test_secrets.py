@@ -46,7 +46,7 @@ def log_output():
         lg.setLevel(logging.DEBUG)
     yield stream
     root.removeHandler(handler)
-    for lg, level in zip(chatty, levels):
+    for lg, level in zip(chatty, levels, strict=True):
         lg.setLevel(level)
 
 

@@ -69,7 +69,7 @@ async def test_suspension_refuses_calls_and_returns_leases_then_resume_meters_ea
     await _call(mesh)
     await mesh.settle()
     calls, billed_in, billed_out = fake_totals(mesh.fake, mesh.proxy.proxy.opaque_user_id(TENANT))
-    [(model, events, metered_in, metered_out, _)] = await mesh.metered(TENANT)
+    [(_model, events, metered_in, metered_out, _)] = await mesh.metered(TENANT)
     assert (events, metered_in, metered_out) == (calls, billed_in, billed_out) == (2, billed_in, billed_out)
 
 

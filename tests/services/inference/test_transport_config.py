@@ -13,13 +13,13 @@ def _upstream(provider: AnthropicProvider):
     return provider._upstream(Target(api_key="sk-test"))
 
 
-def test_the_sdk_is_the_default_unary_path(no_proxy_env):
+def test_the_sdk_is_the_default_unary_path(no_proxy_env):  # noqa: F811 - the imported fixture
     config = InferenceConfig.from_env(ENV)
     assert config.upstream_transport == "sdk"
     assert _upstream(make_provider(config)).pool is None
 
 
-def test_direct_is_opt_in(no_proxy_env):
+def test_direct_is_opt_in(no_proxy_env):  # noqa: F811 - the imported fixture
     config = InferenceConfig.from_env({**ENV, "BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT": "direct"})
     assert _upstream(make_provider(config)).pool is not None
 

@@ -33,14 +33,14 @@ async def test_usage_recorded_once_after_upstream_retries(mesh):
     """A 429 and a 500 are retried; the one successful reply is metered once, under the request id."""
     mesh.fake.fail_next(Fault.http(429, retry_after=0.01), Fault.http(500))
     resp = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params("count me once")),
-                                         metadata=mesh.md("t_a") + (("x-request-id", "req-retry-1"),))
+                                         metadata=(*mesh.md("t_a"), ("x-request-id", "req-retry-1")))
     assert mesh.fake.request_count == 3 and resp.call.request_id == "req-retry-1"
     assert await _metered_equals_fake(mesh, "t_a") == (1, resp.usage.input_tokens, resp.usage.output_tokens)
 
 
 async def test_replayed_request_id_gets_the_first_reply_without_a_second_upstream_call(mesh):
     """A client retry with the same request id is answered from the first call: one upstream call, one event."""
-    md = mesh.md("t_a") + (("x-request-id", "req-dup"),)
+    md = (*mesh.md("t_a"), ("x-request-id", "req-dup"))
     first = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=md)
     again = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=md)
     assert again == first and mesh.fake.request_count == 1
@@ -49,14 +49,14 @@ async def test_replayed_request_id_gets_the_first_reply_without_a_second_upstrea
     assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert error_details(info.value)["reason"] == "REQUEST_ID_REUSED"
     other = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()),
-                                          metadata=mesh.md("t_b") + (("x-request-id", "req-dup"),))
+                                          metadata=(*mesh.md("t_b"), ("x-request-id", "req-dup")))
     assert other.id != first.id            # request ids are per tenant
     assert await _metered_equals_fake(mesh, "t_a") == (1, first.usage.input_tokens, first.usage.output_tokens)
 
 
 async def test_failed_call_can_be_retried_with_the_same_request_id(mesh):
     """A call that failed upstream is not remembered: its retry reaches the upstream."""
-    md = mesh.md("t_a") + (("x-request-id", "req-failed"),)
+    md = (*mesh.md("t_a"), ("x-request-id", "req-failed"))
     mesh.fake.fail_next(Fault.http(400))
     with pytest.raises(grpc.aio.AioRpcError):
         await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=md)
@@ -114,7 +114,7 @@ async def test_metering_outage_goes_to_outbox_and_drains_in_order_after_restart(
     await mesh.metering.stop(grace=0)
     for i in range(3):
         await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params(f"during outage {i}")),
-                                      metadata=mesh.md("t_a") + (("x-request-id", f"req-outage-{i}"),))
+                                      metadata=(*mesh.md("t_a"), ("x-request-id", f"req-outage-{i}")))
     await mesh.stop_proxy(mesh.proxies[0])        # restart: only the outbox remembers the three calls
     outbox_db = await Database.open(f"sqlite+aiosqlite:///{mesh.tmp / 'inference.db'}")
     kept = await SqlOutbox(outbox_db).pending("t_a", 10)
@@ -134,7 +134,7 @@ async def test_metering_outage_goes_to_outbox_and_drains_in_order_after_restart(
 async def test_outbox_redelivery_is_not_double_counted(mesh):
     """An event delivered but not yet deleted (a crash) is sent again from the outbox: metering counts it once."""
     resp = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()),
-                                         metadata=mesh.md("t_a") + (("x-request-id", "req-once"),))
+                                         metadata=(*mesh.md("t_a"), ("x-request-id", "req-once")))
     await mesh.settle()
     event = UsageEvent("t_a", "req-once", "p_test", "", "", PINNED,
                        Tokens(resp.usage.input_tokens, resp.usage.output_tokens), 1, "success", time.time())

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-
 from sqlalchemy import MetaData
 
 from services.metering.store import MeteringBase

@@ -21,7 +21,6 @@ from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
 from shared.client import make_channel
 from shared.testing.identity import IdentityHarness, TenantHandle, running_identity
 
-
 TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "silo": tenancy_pb2.TIER_SILO}
 """Every isolation tier, by the name tests parametrize over."""
 
@@ -33,7 +32,7 @@ class Mesh:
     identity: IdentityHarness
     env: dict[str, str]
     orchestrator: Any = None
-    stub: orchestrator_pb2_grpc.OrchestratorServiceStub | None = None
+    stub: orchestrator_pb2_grpc.OrchestratorServiceAsyncStub | None = None
     services: dict[str, Any] = field(default_factory=dict)
     channels: list[grpc.aio.Channel] = field(default_factory=list)
 

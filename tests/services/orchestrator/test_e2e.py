@@ -17,8 +17,8 @@ from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from bulkhead.metering.v1 import metering_pb2, metering_pb2_grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead.state.v1 import state_pb2, state_pb2_grpc
-from shared.testing.fake_anthropic import FakeAnthropic, Fault, Reply
 from shared.telemetry import setup_telemetry
+from shared.testing.fake_anthropic import FakeAnthropic, Fault, Reply
 
 from .fakes import ToolServer
 from .mesh import TIERS, team_pb
