@@ -24,7 +24,7 @@ from bench._figures import add_json_option, write_json  # noqa: E402
 from bulkhead.inference.v1 import inference_pb2 as pb  # noqa: E402
 from services.inference import wire  # noqa: E402
 from services.inference.budget import BudgetRefused  # noqa: E402
-from shared.testing.fake_anthropic import Reply  # noqa: E402
+from testkit.fake_anthropic import Reply  # noqa: E402
 from tests.services.inference.helpers import PINNED, params, start_mesh, stop_mesh  # noqa: E402
 
 

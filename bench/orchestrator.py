@@ -35,7 +35,7 @@ from bulkhead.inference.v1 import inference_pb2, inference_pb2_grpc  # noqa: E40
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
 from bulkhead.state.v1 import state_pb2, state_pb2_grpc  # noqa: E402
 from services.orchestrator.steps import STEP_EVENT_TYPE  # noqa: E402
-from shared.testing.fake_anthropic import FakeAnthropic  # noqa: E402
+from testkit.fake_anthropic import FakeAnthropic  # noqa: E402
 from tests.services.orchestrator.mesh import running_mesh  # noqa: E402
 
 from bench._figures import add_json_option, write_json  # noqa: E402

@@ -24,7 +24,7 @@ from services.orchestrator.store import OrchestratorBase, RunStore, TeamStore
 from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.db import Database
-from shared.injection import SecretInjector
+from services.orchestrator.injection import SecretInjector
 from shared.config_audit import ConfigAudit
 from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
 from shared.lifecycle import lifecycle_binding

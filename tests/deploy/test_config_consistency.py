@@ -22,7 +22,7 @@ from tests.deploy.k8s_helpers import (
     render,
 )
 
-from bulkhead.cli import certs
+from bulkhead_cli import certs
 from shared.config import SERVICE_PORTS, SERVICES, ServiceConfig
 from shared.db.rls import app_role_from_env
 from shared.tls import ENV_VARS as TLS_ENV

@@ -13,7 +13,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from tests.deploy.k8s_helpers import DEPLOY, ROOT
 
-from bulkhead.cli.certs import write_dev_certs
+from bulkhead_cli.certs import write_dev_certs
 from shared.tls import TlsConfig, server_credentials
 
 HEALTHCHECK = DEPLOY / "healthcheck.py"

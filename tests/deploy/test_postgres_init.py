@@ -14,7 +14,7 @@ from tests.deploy.k8s_helpers import DEPLOY, ROOT
 
 from shared.config import SERVICES
 from shared.db import Database
-from shared.testing.postgres import find_bindir
+from testkit.postgres import find_bindir
 
 pytestmark = pytest.mark.postgres
 

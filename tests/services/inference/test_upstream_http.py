@@ -11,7 +11,7 @@ import pytest
 from services.inference import providers
 from services.inference.providers import AnthropicProvider, Target
 from services.inference.upstream_http import ProbedTransport, _readable, make_http_client
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 
 from .helpers import PINNED, PLATFORM_KEY
 

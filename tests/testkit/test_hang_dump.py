@@ -4,7 +4,7 @@ from __future__ import annotations
 import asyncio
 import io
 
-from shared.testing.hang_dump import dump_pending_tasks
+from testkit.hang_dump import dump_pending_tasks
 
 
 async def test_a_pending_task_is_printed_with_the_line_it_waits_on():
