@@ -97,3 +97,14 @@ def test_each_rule_catches_its_breach(importer, module):
 def test_allowed_imports_pass(importer, module):
     assert forbidden(ROOT / importer, module) is None
 
+
+
+def test_the_wheel_ships_the_cli_but_not_the_test_kit():
+    import tomllib
+
+    from setuptools import find_packages
+
+    include = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    shipped = set(find_packages(where=str(ROOT), include=include))
+    assert {"bulkhead", "bulkhead.client", "bulkhead_cli", "shared", "services.state"} <= shipped
+    assert not any(p.split(".")[0] in ("testkit", "tests") for p in shipped), sorted(shipped)
