@@ -24,7 +24,7 @@ from bench._figures import add_json_option, write_json
 from bulkhead.inference.v1 import inference_pb2 as pb
 from services.inference import wire
 from services.inference.budget import BudgetRefused
-from shared.testing.fake_anthropic import Reply
+from testkit.fake_anthropic import Reply
 from tests.services.inference.helpers import PINNED, params, start_mesh, stop_mesh
 
 

@@ -190,8 +190,8 @@ def main() -> None:
     args = parser.parse_args()
     calls, seconds, concurrency = (200, 1.0, 16) if args.quick else (1000, 5.0, 32)
 
-    from shared.testing.openbao import start_openbao
-    from shared.testing.tokens import TestTokens
+    from testkit.openbao import start_openbao
+    from testkit.tokens import TestTokens
 
     tokens = TestTokens()
     md = tokens.metadata(TENANT, ("credentials.secrets.read",), ttl=3600)

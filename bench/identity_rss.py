@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from bench._figures import add_json_option, write_json  # noqa: E402
-from bulkhead.supervisor import check_health  # noqa: E402
+from bulkhead_cli.supervisor import check_health  # noqa: E402
 
 
 def rss_mb(pid: int) -> float:

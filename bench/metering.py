@@ -3,7 +3,7 @@
 and ReserveBudget+CommitBudget pairs/s, all in one run.
 
 The metering server runs in a child process (production interceptors, runtime role with RLS, a
-throwaway Postgres from shared.testing), and the load in another, so the two do not share a GIL;
+throwaway Postgres from testkit), and the load in another, so the two do not share a GIL;
 the load builds its RecordUsage requests before timing starts (every key unique, so each event is
 really inserted). Reservations use a priced model, so they hold tokens and money.
 Baselines measured in the same run: a raw asyncpg multi-row insert of the same events (the
@@ -233,7 +233,7 @@ def main() -> None:
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
 
-    from shared.testing.postgres import start_postgres
+    from testkit.postgres import start_postgres
     from shared.tokens import SigningKey, TokenIssuer
 
     load_before = f"{os.getloadavg()[0]:.1f}"

@@ -165,7 +165,7 @@ def main() -> None:
     add_json_option(parser)
     args = parser.parse_args()
     state_events, usage_events = (10_000, 1_000) if args.quick else (100_000, 10_000)
-    from shared.testing.postgres import start_postgres
+    from testkit.postgres import start_postgres
 
     pg = start_postgres()
     figures: dict[str, float] = {}

@@ -36,7 +36,7 @@ def _serve(pki: str | None, key_pem: bytes, queue, stop) -> None:
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         from shared.server import serve
-        from shared.testing.echo import echo_binding
+        from testkit.echo import echo_binding
         from shared.tls import TlsConfig
         from shared.tokens import StaticKeySource, TokenVerifier
 
@@ -137,7 +137,7 @@ def main() -> None:
     sizes = ({"calls": 300, "concurrency": 8, "connects": 20} if args.quick
              else {"calls": 4000, "concurrency": 32, "connects": 200})
 
-    from bulkhead.cli.certs import write_dev_certs
+    from bulkhead_cli.certs import write_dev_certs
 
     token, key_pem = _token()
     with tempfile.TemporaryDirectory(prefix="bench-mtls-") as tmp:

@@ -40,7 +40,7 @@ from bulkhead.inference.v1 import inference_pb2, inference_pb2_grpc  # noqa: E40
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb  # noqa: E402
 from bulkhead.state.v1 import state_pb2, state_pb2_grpc  # noqa: E402
 from services.orchestrator.steps import STEP_EVENT_TYPE  # noqa: E402
-from shared.testing.fake_anthropic import FakeAnthropic  # noqa: E402
+from testkit.fake_anthropic import FakeAnthropic  # noqa: E402
 from tests.services.orchestrator.mesh import running_mesh  # noqa: E402
 
 MODEL = "claude-sonnet-4-5"
@@ -122,7 +122,7 @@ async def main(quick: bool, json_to: str | None = None, postgres: bool = False) 
     tenants_n, per_tenant = (4, 5) if quick else (10, 10)
     env, orch_env, server = {}, {"BULKHEAD_ORCHESTRATOR_MAX_CONCURRENT": "100"}, None
     if postgres:
-        from shared.testing.postgres import start_postgres
+        from testkit.postgres import start_postgres
 
         server = start_postgres()
         suffix = f"{os.getpid()}_{time.monotonic_ns() % 10**6}"

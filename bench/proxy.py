@@ -81,7 +81,7 @@ async def _role_bare(delay: float) -> None:
 
 
 async def _role_fake(delay: float) -> None:
-    from shared.testing.fake_anthropic import FakeAnthropic
+    from testkit.fake_anthropic import FakeAnthropic
 
     fake = await FakeAnthropic(delay=delay).start()
     await _serve_forever(fake.base_url)

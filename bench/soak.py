@@ -88,7 +88,7 @@ def current_pids(mesh, start: dict[str, int]) -> dict[str, int]:
 
 
 async def soak(minutes: float, interval: float, postgres: tuple[str, str] | None) -> dict[str, float | None]:
-    from shared.testing.fake_anthropic import FakeAnthropic
+    from testkit.fake_anthropic import FakeAnthropic
 
     up_args = ("--postgres", postgres[0], "--postgres-owner", postgres[1]) if postgres else ()
     data = Path(tempfile.mkdtemp(prefix="bulkhead-soak-"))
@@ -166,7 +166,7 @@ def main() -> int:
     if args.sqlite:
         figures = asyncio.run(soak(args.minutes, args.interval, None))
     else:
-        from shared.testing.postgres import start_postgres
+        from testkit.postgres import start_postgres
 
         pg = start_postgres()
         try:

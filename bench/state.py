@@ -120,7 +120,7 @@ async def bench_grpc(db: Database, args) -> tuple[float, float]:
 
     from bulkhead.state.v1 import state_pb2, state_pb2_grpc
     from services.state.server import serve_state
-    from shared.testing.tokens import TestTokens
+    from testkit.tokens import TestTokens
 
     tokens = TestTokens()
     envelope = make_envelope(db, LocalDataKeyProvider(os.urandom(32)))
@@ -211,8 +211,8 @@ async def main() -> None:
 
 async def _postgres(args) -> dict[str, float]:
     """The same on a throwaway Postgres, then appends and reads over gRPC; {} without Postgres binaries."""
-    from shared.testing.postgres import start_postgres
-    from shared.testing.procs import ServerStartError
+    from testkit.postgres import start_postgres
+    from testkit.procs import ServerStartError
 
     try:
         server = start_postgres()

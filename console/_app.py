@@ -28,7 +28,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from bulkhead.cli.usage import QUERY_HEADERS, query_rows
+from bulkhead_cli.usage import QUERY_HEADERS, query_rows
 from bulkhead.client import describe_error
 from bulkhead.common.v1 import security_events_pb2 as sec
 from bulkhead.credentials.v1 import credentials_pb2 as cred

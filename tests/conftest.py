@@ -1,2 +1,2 @@
 """Root conftest: the real-server fixtures (postgres, openbao) for every test folder."""
-pytest_plugins = ["shared.testing.fixtures", "shared.testing.hang_dump"]
+pytest_plugins = ["testkit.fixtures", "testkit.hang_dump"]

@@ -2,7 +2,7 @@
 
 The body holds ids, counts, store names, key ids and reasons: never row data, checksums of row
 data (a hash of a short secret can be guessed) or secrets. `bulkhead receipts verify` checks it
-offline (bulkhead/cli/receipts.py): the canonical form is `json.dumps(body, sort_keys=True,
+offline (bulkhead_cli/receipts.py): the canonical form is `json.dumps(body, sort_keys=True,
 separators=(",", ":"))`, so a saved, re-read receipt verifies byte for byte.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""gRPC implementations of the engine's ports: state, inference proxy, identity (secrets: shared.injection).
+"""gRPC implementations of the engine's ports: state, inference proxy, identity (secrets: services.orchestrator.injection).
 
 Every call goes through a forwarding channel, so it carries the current TenantContext: the run's
 delegated token, its tenant, and the step's request id (the idempotency key downstream).

@@ -60,7 +60,7 @@ class ModelClient(Protocol):
 
 
 class SecretSource(Protocol):
-    """Secret values for tool injection (shared.injection.SecretInjector over the credentials service)."""
+    """Secret values for tool injection (services.orchestrator.injection.SecretInjector over the credentials service)."""
 
     async def resolve(self, refs: Mapping[str, str]) -> Mapping[str, str]:
         """The current values of the current tenant's secrets, by the key each was asked under."""

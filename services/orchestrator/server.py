@@ -27,7 +27,7 @@ from shared.placement import open_service_database
 from shared.client import make_channel
 from shared.config_audit import ConfigAudit
 from shared.db import Database
-from shared.injection import SecretInjector
+from services.orchestrator.injection import SecretInjector
 from shared.lifecycle import lifecycle_binding
 from shared.placement import open_service_database
 from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval

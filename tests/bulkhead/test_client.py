@@ -5,7 +5,7 @@ import asyncio
 
 from bulkhead.client import Client
 from bulkhead.identity.v1 import identity_pb2 as pb
-from shared.testing.identity import running_identity
+from testkit.identity import running_identity
 
 
 async def test_client_renews_token_before_expiry(tmp_path):

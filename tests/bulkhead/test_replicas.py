@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from bulkhead.supervisor import REPLICA_STRIDE, Supervisor
+from bulkhead_cli.supervisor import REPLICA_STRIDE, Supervisor
 from shared.config import ServiceConfig, listen_addr
 
 ENV = {"BULKHEAD_STATE_ADDR": "127.0.0.1:40053", "BULKHEAD_STATE_METRICS_PORT": "40153",

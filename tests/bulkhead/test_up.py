@@ -68,7 +68,7 @@ def up_identity(tmp_path):
     base = _free_port_base()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("BULKHEAD_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bulkhead.cli", "up", "--data-dir", str(tmp_path), "--only",
+    proc = subprocess.Popen([sys.executable, "-m", "bulkhead_cli", "up", "--data-dir", str(tmp_path), "--only",
                              "identity", "--port-base", str(base)], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
     lines: list[str] = []
@@ -90,7 +90,7 @@ def up_identity(tmp_path):
 def _cli(args: list[str], base: int, data_dir) -> subprocess.CompletedProcess:
     env = {**os.environ, "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{base + 51}"}
     env.pop("BULKHEAD_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", "bulkhead.cli", *args, "--data-dir", str(data_dir)], env=env,
+    return subprocess.run([sys.executable, "-m", "bulkhead_cli", *args, "--data-dir", str(data_dir)], env=env,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -150,7 +150,7 @@ def test_second_up_on_the_same_ports_refuses_clearly(up_identity, tmp_path):
     """A second `up` on ports in use says so and exits, instead of reporting another mesh's health as its own."""
     _, base, _, _ = up_identity
     env = {**os.environ}
-    second = subprocess.run([sys.executable, "-m", "bulkhead.cli", "up", "--data-dir", str(tmp_path / "other"),
+    second = subprocess.run([sys.executable, "-m", "bulkhead_cli", "up", "--data-dir", str(tmp_path / "other"),
                              "--only", "identity", "--port-base", str(base)], env=env, capture_output=True,
                             text=True, timeout=60)
     assert second.returncode == 1
@@ -159,7 +159,7 @@ def test_second_up_on_the_same_ports_refuses_clearly(up_identity, tmp_path):
 
 async def test_a_service_failing_to_start_shows_its_last_log_lines_even_when_quiet(tmp_path):
     """With --quiet the services' logs are hidden, so the start error carries the failing one's last lines."""
-    from bulkhead.supervisor import Supervisor
+    from bulkhead_cli.supervisor import Supervisor
 
     base = _free_port_base()
     env = {**os.environ, "BULKHEAD_DATA_DIR": str(tmp_path), "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{base + 51}",

@@ -15,9 +15,9 @@ import subprocess
 
 import pytest
 
-from bulkhead.supervisor import Supervisor, available_services
+from bulkhead_cli.supervisor import Supervisor, available_services
 from shared.config import SERVICES
-from shared.testing.procs import free_port
+from testkit.procs import free_port
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 CLIENT = ROOT / "clients" / "ts"
@@ -88,7 +88,7 @@ async def test_typescript_client_over_mtls(built_client: pathlib.Path, tmp_path:
     """Against identity serving mTLS: Node with a CA-signed cert is served, without one it is refused."""
     import io
 
-    from bulkhead.cli.certs import write_dev_certs
+    from bulkhead_cli.certs import write_dev_certs
     from services.identity.config import IdentityConfig
     from services.identity.server import start
     from shared.tls import TlsConfig

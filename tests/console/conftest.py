@@ -75,7 +75,7 @@ async def _plant(rig_addresses: dict[str, str], tenant: Tenant, secret_name: str
 @pytest.fixture(scope="module")
 def rig(tmp_path_factory):
     """`bulkhead up` on free ports, then `bulkhead demo`'s scenario: tenants acme (A) and globex (B), one run each."""
-    from bulkhead.demo import run_demo
+    from bulkhead_cli.tour import run_demo
     from tests.e2e.conftest import start_mesh
 
     if not os.access(CHROMIUM, os.X_OK):

@@ -15,7 +15,7 @@ from decimal import Decimal
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bulkhead.cli.usage import query_rows
+from bulkhead_cli.usage import query_rows
 from bulkhead.identity.v1 import identity_pb2 as idp
 from bulkhead.metering.v1 import metering_pb2 as mtr
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc
@@ -289,7 +289,7 @@ def test_overview_and_usage_equal_the_ledgers(rig, signed_in, tmp_path):
         page.get_by_role("link", name="Download CSV").click()
     got = download.value.path().read_bytes()
     assert got == usage_csv(query_rows(lines, hourly=False)).encode()
-    cli = subprocess.run([sys.executable, "-m", "bulkhead.cli", "usage", "query", "--by", "day,model,agent",
+    cli = subprocess.run([sys.executable, "-m", "bulkhead_cli", "usage", "query", "--by", "day,model,agent",
                           "--since", since.isoformat(), "--until", until.isoformat(), "--csv", str(tmp_path / "c.csv"),
                           "--api-key", rig.a.api_key], env=rig.mesh.env, capture_output=True, text=True, timeout=60)
     assert cli.returncode == 0, cli.stderr

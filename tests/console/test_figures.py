@@ -32,7 +32,7 @@ def test_quota_refusals_pick_quota_reasons():
 
 def test_usage_csv_matches_cli_writer(tmp_path):
     """The console's CSV is the file `bulkhead usage query --csv` writes for the same rows."""
-    from bulkhead.cli.usage import QUERY_HEADERS, query_rows, write_csv
+    from bulkhead_cli.usage import QUERY_HEADERS, query_rows, write_csv
 
     rows = query_rows([mtr.UsageRow(tenant_id="t_1", model="m", event_count=2, cost_usd="0.1")], hourly=False)
     write_csv(str(tmp_path / "cli.csv"), QUERY_HEADERS, rows)

@@ -10,7 +10,7 @@ import urllib.parse
 import pytest
 import yaml
 
-from bulkhead.cli import certs
+from bulkhead_cli import certs
 from shared.config import SERVICE_PORTS, SERVICES, ServiceConfig
 from shared.db.rls import app_role_from_env
 from shared.tls import ENV_VARS as TLS_ENV

@@ -9,7 +9,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from bulkhead.cli import certs
+from bulkhead_cli import certs
 
 
 def _load(path: pathlib.Path) -> x509.Certificate:

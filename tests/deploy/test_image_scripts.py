@@ -12,7 +12,7 @@ import sys
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bulkhead.cli.certs import write_dev_certs
+from bulkhead_cli.certs import write_dev_certs
 from shared.tls import TlsConfig, server_credentials
 from tests.deploy.k8s_helpers import DEPLOY, ROOT
 

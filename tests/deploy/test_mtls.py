@@ -7,7 +7,7 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from bulkhead.cli.certs import write_dev_certs
+from bulkhead_cli.certs import write_dev_certs
 from shared.tls import (
     TlsConfig,
     TlsConfigError,
@@ -132,8 +132,8 @@ async def test_production_server_with_mtls_serves_tenants_and_refuses_certless_c
     from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
     from shared.client import StaticCredentials, make_channel
     from shared.server import serve
-    from shared.testing.echo import echo_binding
-    from shared.testing.tokens import TestTokens
+    from testkit.echo import echo_binding
+    from testkit.tokens import TestTokens
 
     tokens = TestTokens()
     running = await serve(name="echo", bindings=[echo_binding()], verifier=tokens.verifier,

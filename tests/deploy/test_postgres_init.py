@@ -13,7 +13,7 @@ import pytest
 
 from shared.config import SERVICES
 from shared.db import Database
-from shared.testing.postgres import find_bindir
+from testkit.postgres import find_bindir
 from tests.deploy.k8s_helpers import DEPLOY, ROOT
 
 pytestmark = pytest.mark.postgres

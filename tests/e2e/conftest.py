@@ -25,7 +25,7 @@ class Mesh:
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run a `bulkhead` command against this mesh."""
-        return subprocess.run([sys.executable, "-m", "bulkhead.cli", *args, "--data-dir", str(self.data_dir)],
+        return subprocess.run([sys.executable, "-m", "bulkhead_cli", *args, "--data-dir", str(self.data_dir)],
                               env=self.env, capture_output=True, text=True, timeout=timeout)
 
     def service_pids(self) -> dict[str, int]:
@@ -56,7 +56,7 @@ def start_mesh(data_dir: Path, extra_env: dict[str, str] | None = None, up_args:
         env[f"BULKHEAD_{name.upper()}_ADDR"] = f"127.0.0.1:{base + port}"
         env[f"BULKHEAD_{name.upper()}_METRICS_PORT"] = str(base + 100 + port)
     env["BULKHEAD_CONSOLE_ADDR"] = f"127.0.0.1:{base + 80}"
-    proc = subprocess.Popen([sys.executable, "-m", "bulkhead.cli", "up", "--data-dir", str(data_dir), "--quiet",
+    proc = subprocess.Popen([sys.executable, "-m", "bulkhead_cli", "up", "--data-dir", str(data_dir), "--quiet",
                              *up_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mesh = Mesh(proc, env, data_dir)
     try:

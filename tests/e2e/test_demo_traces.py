@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from shared.testing.otlp import OtlpReceiver
+from testkit.otlp import OtlpReceiver
 from tests.bulkhead.test_up import _alive
 from tests.e2e.conftest import demo_trace_ids
 

@@ -20,9 +20,9 @@ import pytest
 
 from bulkhead.client import Client
 from bulkhead.metering.v1 import metering_pb2 as mtr
-from shared.testing.fake_anthropic import FakeAnthropic
-from shared.testing.postgres import ADMIN_ROLE, PostgresServer, _initdb, _launch, find_bindir
-from shared.testing.procs import ServerStartError, free_port, make_workdir, stop_process, unprivileged_account
+from testkit.fake_anthropic import FakeAnthropic
+from testkit.postgres import ADMIN_ROLE, PostgresServer, _initdb, _launch, find_bindir
+from testkit.procs import ServerStartError, free_port, make_workdir, stop_process, unprivileged_account
 from tests.e2e.test_metering_exact_kill import BUDGET, WORKERS, Burst, _books, _tenant, mesh_env, reconcile
 from tests.e2e.test_replicas import start_replicated
 

@@ -36,7 +36,7 @@ from bulkhead.metering.v1 import metering_pb2 as mtr
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc
 from services.inference.attempts import event_id
 from services.inference.proxy import attempt_ref
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.e2e.test_replicas import replica_pids, start_replicated, wait_for_line
 
 MODEL = "claude-sonnet-4-5"

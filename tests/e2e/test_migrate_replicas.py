@@ -32,7 +32,7 @@ from bulkhead.identity.v1 import identity_pb2 as idp
 from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
 from shared.db import bridge_schema
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.e2e.test_replicas import replica_pids, start_replicated
 from tests.lifecycle.test_migrate_mesh import read_all
 from tests.lifecycle.test_migrate_postgres import Writer

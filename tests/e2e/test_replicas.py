@@ -35,7 +35,7 @@ from bulkhead.inference.v1 import inference_pb2 as inf
 from bulkhead.metering.v1 import metering_pb2 as mtr
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc
 from bulkhead.state.v1 import state_pb2 as st
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.bulkhead.test_up import _free_port_base
 from tests.e2e.conftest import Mesh
 
@@ -100,7 +100,7 @@ def start_replicated(data_dir: Path, extra_env: dict[str, str], up_args: tuple[s
             break
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
     env.pop("BULKHEAD_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bulkhead.cli", "up", "--data-dir", str(data_dir), "--quiet",
+    proc = subprocess.Popen([sys.executable, "-m", "bulkhead_cli", "up", "--data-dir", str(data_dir), "--quiet",
                              "--no-console", "--port-base", str(base), "--replicas", "2", *up_args],
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     mesh = Mesh(proc, env, data_dir)

@@ -21,7 +21,7 @@ from bulkhead.metering.v1 import metering_pb2_grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orch
 from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
-from shared.testing.identity import TenantHandle
+from testkit.identity import TenantHandle
 from tests.services.orchestrator.mesh import Mesh, team_pb
 
 from .factories import MODEL, Ids, context_scope, message_params, usage_event

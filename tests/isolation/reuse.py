@@ -21,7 +21,7 @@ from bulkhead.inference.v1 import inference_pb2 as inf
 from bulkhead.metering.v1 import metering_pb2 as met
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orch
 from bulkhead.state.v1 import state_pb2 as st
-from shared.testing.identity import TenantHandle
+from testkit.identity import TenantHandle
 from tests.services.orchestrator.mesh import team_pb
 
 from .factories import FACTORIES, MODEL, message_params, usage_event

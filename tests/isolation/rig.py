@@ -16,8 +16,8 @@ import grpc
 
 from bulkhead.identity.v1 import identity_pb2 as idn
 from shared.errors import error_details
-from shared.testing.fake_anthropic import FakeAnthropic
-from shared.testing.identity import TenantHandle
+from testkit.fake_anthropic import FakeAnthropic
+from testkit.identity import TenantHandle
 from tests.services.orchestrator.mesh import Mesh, running_mesh
 
 from . import forged

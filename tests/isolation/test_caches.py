@@ -341,7 +341,7 @@ async def token_cache_check(verifier, tokens) -> list[str]:
 
 async def test_token_cache_is_keyed_by_the_whole_signed_token():
     """The verifier's cache of verified tokens cannot be reached by another payload with A's signature."""
-    from shared.testing.tokens import TestTokens
+    from testkit.tokens import TestTokens
 
     tokens = TestTokens()
     assert await token_cache_check(tokens.verifier, tokens) == []
@@ -351,7 +351,7 @@ async def test_a_token_cache_keyed_by_signature_alone_fails_its_check():
     """Cached by signature only, A's claims answer the tampered token: the check says so."""
     from collections import OrderedDict
 
-    from shared.testing.tokens import TestTokens
+    from testkit.tokens import TestTokens
 
     class BySignature(OrderedDict):
         def get(self, key, default=None):

@@ -7,7 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from pathlib import Path
 
-from shared.testing.identity import running_identity
+from testkit.identity import running_identity
 from tests.services.orchestrator.mesh import Mesh, _close_channels, start_orchestrator_in
 
 SERVICES = ("credentials", "state", "metering", "inference", "orchestrator")

@@ -6,10 +6,10 @@ import json
 
 import pytest
 
-from bulkhead.cli import main
-from bulkhead.cli.tenants import parse_duration
+from bulkhead_cli import main
+from bulkhead_cli.tenants import parse_duration
 from bulkhead.identity.v1 import identity_pb2 as idn
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.lifecycle.test_delete_mesh import addresses
 from tests.services.orchestrator.mesh import running_mesh
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bulkhead.cli.receipts import ReceiptError, receipt_document, verify_document
+from bulkhead_cli.receipts import ReceiptError, receipt_document, verify_document
 from bulkhead.common.v1 import lifecycle_pb2 as lpb
 from bulkhead.common.v1 import lifecycle_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2 as idn
@@ -23,7 +23,7 @@ from services.credentials.backend import TenantRef
 from services.identity.deletion import STEPS, PlatformCaller
 from shared.errors import InvalidArgument
 from shared.tenancy import TenantContext, tenant_scope
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.isolation import resources
 from tests.isolation.resources import make_victim
 from tests.services.orchestrator.mesh import TIERS, running_mesh

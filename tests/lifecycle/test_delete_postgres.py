@@ -13,12 +13,12 @@ import grpc
 import hvac
 import pytest
 
-from bulkhead.cli.receipts import ReceiptError, receipt_document, verify_document
+from bulkhead_cli.receipts import ReceiptError, receipt_document, verify_document
 from bulkhead.identity.v1 import identity_pb2 as idn
 from services.credentials.backend import TenantRef
 from services.credentials.vault_layout import VaultLayout
 from services.identity.deletion import PlatformCaller
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.isolation import resources
 from tests.isolation.resources import make_victim
 from tests.lifecycle.pg_mesh import running_pg_mesh

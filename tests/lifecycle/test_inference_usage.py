@@ -14,7 +14,7 @@ from services.inference.budget import Tokens
 from services.inference.usage import UsageEvent
 from shared.errors import error_details
 from shared.tenancy import TenantContext
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.services.orchestrator.mesh import running_mesh
 
 

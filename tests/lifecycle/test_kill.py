@@ -54,7 +54,7 @@ def test_kill_9_identity_mid_deletion_then_it_completes(tmp_path):
         assert created.returncode == 0, created.stderr
         tenant_id = re.search(r"(t_[a-z0-9]+)\s+doomed", created.stdout).group(1)
         key = re.search(r"bk_t_[a-z0-9]+_k_[a-z0-9]+_[0-9a-f]{48}", created.stdout).group(0)
-        put = subprocess.run([sys.executable, "-m", "bulkhead.cli", "secrets", "put", "db-password", "--api-key", key,
+        put = subprocess.run([sys.executable, "-m", "bulkhead_cli", "secrets", "put", "db-password", "--api-key", key,
                               "--data-dir", str(mesh.data_dir)], input="canary-kill-9\n", env=mesh.env,
                              capture_output=True, text=True, timeout=60)
         assert put.returncode == 0, put.stderr
@@ -76,7 +76,7 @@ def test_kill_9_identity_mid_deletion_then_it_completes(tmp_path):
         receipt = tmp_path / "receipt.json"
         again = mesh.cli("tenants", "delete", tenant_id, "--now", "--yes", "--receipt", str(receipt))
         assert again.returncode == 0, again.stderr
-        verify = subprocess.run([sys.executable, "-m", "bulkhead.cli", "receipts", "verify", str(receipt)],
+        verify = subprocess.run([sys.executable, "-m", "bulkhead_cli", "receipts", "verify", str(receipt)],
                                 env=mesh.env, capture_output=True, text=True, timeout=60)
         assert verify.returncode == 0, verify.stderr
         assert not list(mesh.data_dir.rglob(f"{tenant_id}.db")) or \

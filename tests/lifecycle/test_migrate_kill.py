@@ -46,7 +46,7 @@ def test_kill_9_identity_and_state_mid_migration_then_it_completes(tmp_path):
         key = re.search(r"bk_t_[a-z0-9]+_k_[a-z0-9]+_[0-9a-f]{48}", created.stdout).group(0)
 
         def secrets_cli(*args: str, value: str | None = None) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "bulkhead.cli", "secrets", *args, "--api-key", key,
+            return subprocess.run([sys.executable, "-m", "bulkhead_cli", "secrets", *args, "--api-key", key,
                                    "--data-dir", str(mesh.data_dir)], input=value, env=mesh.env,
                                   capture_output=True, text=True, timeout=60)
 

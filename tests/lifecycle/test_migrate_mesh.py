@@ -20,7 +20,7 @@ from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
 from services.identity.deletion import PlatformCaller
 from shared.errors import error_details
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.isolation.resources import make_victim
 from tests.lifecycle.test_delete_mesh import addresses, inventories
 from tests.lifecycle.test_migrate_postgres import Writer

@@ -21,7 +21,7 @@ from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
 from services.identity.deletion import PlatformCaller
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.isolation import resources
 from tests.isolation.resources import make_victim
 from tests.lifecycle.pg_mesh import running_pg_mesh

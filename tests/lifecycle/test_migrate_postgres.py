@@ -27,7 +27,7 @@ from services.state.datakeys import LocalDataKeyProvider
 from services.state.server import MIGRATIONS, make_envelope, serve_state
 from shared.db import Database, bridge_schema, silo_database
 from shared.errors import error_details
-from shared.testing.tokens import TestTokens
+from testkit.tokens import TestTokens
 from tests.services.orchestrator.mesh import TIERS
 
 pytestmark = [pytest.mark.postgres]

@@ -18,14 +18,14 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bulkhead.cli import main
+from bulkhead_cli import main
 from bulkhead.credentials.v1 import credentials_pb2 as cred
 from bulkhead.credentials.v1 import credentials_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
 from shared.db.router import tenant_slug
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.isolation.resources import SECRET_VALUE, make_victim
 from tests.lifecycle.test_delete_mesh import addresses
 from tests.lifecycle.test_migrate_mesh import wait_migration

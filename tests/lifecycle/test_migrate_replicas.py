@@ -23,7 +23,7 @@ from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
 from services.identity.deletion import PlatformCaller
 from services.metering import server as metering_server
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.lifecycle.pg_mesh import running_pg_mesh
 from tests.lifecycle.test_delete_mesh import addresses, inventories
 from tests.lifecycle.test_migrate_mesh import read_all, wait_migration

@@ -26,7 +26,7 @@ from services.credentials.vault_backend import VaultBackend
 from services.credentials.vault_layout import VaultLayout
 from shared.client import make_channel
 from shared.db import Database, bridge_schema, silo_database
-from shared.testing.tokens import TestTokens
+from testkit.tokens import TestTokens
 from tests.services.orchestrator.mesh import TIERS
 
 pytestmark = [pytest.mark.postgres, pytest.mark.openbao]

@@ -37,9 +37,9 @@ from bulkhead.orchestrator.v1 import orchestrator_pb2 as orch
 from services.credentials.backend import TenantRef
 from services.credentials.vault_layout import VaultLayout
 from shared.db.router import tenant_slug
-from shared.testing.fake_anthropic import FakeAnthropic
-from shared.testing.identity import running_identity
-from shared.testing.openbao import OpenBaoServer, start_openbao
+from testkit.fake_anthropic import FakeAnthropic
+from testkit.identity import running_identity
+from testkit.openbao import OpenBaoServer, start_openbao
 from tests.isolation.resources import make_victim
 from tests.services.orchestrator.mesh import (
     TIERS,

@@ -15,7 +15,7 @@ from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
 from services.identity.deletion import PlatformCaller
 from shared.errors import error_details
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 from tests.services.orchestrator.mesh import running_mesh
 
 

@@ -19,8 +19,8 @@ from shared.config_audit import ConfigAudit
 from shared.db.raw import raw_transaction
 from shared.keys import ServiceKeyCredentials
 from shared.retention import IdentityRetention, RetentionSweeper
-from shared.testing.fake_anthropic import FakeAnthropic
-from shared.testing.identity import TenantHandle
+from testkit.fake_anthropic import FakeAnthropic
+from testkit.identity import TenantHandle
 from tests.retention.test_config_audit_retention import _backdate
 from tests.services.orchestrator.mesh import running_mesh, team_pb
 
@@ -43,7 +43,7 @@ def cli(mesh, monkeypatch, capsys):
     monkeypatch.delenv("BULKHEAD_API_KEY", raising=False)
 
     async def run(who: TenantHandle, *argv: str) -> tuple[int, str, str]:
-        from bulkhead.cli import main
+        from bulkhead_cli import main
 
         monkeypatch.setenv("BULKHEAD_TOKEN", who.token)
         monkeypatch.setenv("BULKHEAD_TENANT", who.tenant_id)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from shared.db import Database, bridge_schema, silo_database
 from shared.tenancy import TenantContext, tenant_scope
-from shared.testing.postgres import APP_ROLE, PostgresServer
+from testkit.postgres import APP_ROLE, PostgresServer
 
 from .audit import Target
 

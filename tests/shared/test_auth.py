@@ -11,8 +11,8 @@ from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
 from shared.errors import error_details
 from shared.server import serve
 from shared.tenancy import PLATFORM_TENANT
-from shared.testing.echo import echo_binding
-from shared.testing.tokens import TestTokens
+from testkit.echo import echo_binding
+from testkit.tokens import TestTokens
 
 A, B = "t_alpha", "t_beta"
 

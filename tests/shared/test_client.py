@@ -8,8 +8,8 @@ from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
 from shared.client import NoIdentityToForward, StaticCredentials, make_channel
 from shared.server import serve
 from shared.tenancy import TenantContext, tenant_scope
-from shared.testing.echo import echo_binding
-from shared.testing.tokens import TestTokens
+from testkit.echo import echo_binding
+from testkit.tokens import TestTokens
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from bulkhead.metering.v1 import metering_pb2 as mpb
 from bulkhead.metering.v1 import metering_pb2_grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as opb
 from shared.errors import error_details
-from shared.testing.fake_anthropic import FakeAnthropic
-from shared.testing.identity import TenantHandle
+from testkit.fake_anthropic import FakeAnthropic
+from testkit.identity import TenantHandle
 from tests.services.orchestrator.mesh import Mesh, running_mesh, team_pb
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -406,7 +406,7 @@ def cli(world: World, monkeypatch, capsys):
     monkeypatch.delenv("BULKHEAD_API_KEY", raising=False)
 
     async def run(who: TenantHandle, *argv: str) -> tuple[int, str, str]:
-        from bulkhead.cli import main
+        from bulkhead_cli import main
 
         monkeypatch.setenv("BULKHEAD_TOKEN", who.token)
         monkeypatch.setenv("BULKHEAD_TENANT", who.tenant_id)

@@ -31,7 +31,7 @@ from shared.lifecycle import TenantLifecycle
 from shared.security import SecurityEvents
 from shared.security_events import RETENTION_S, SECURITY_EVENTS_METADATA, TABLE, Refusal, SecurityLedger
 from shared.server import RunningServer
-from shared.testing.tokens import TestTokens
+from testkit.tokens import TestTokens
 from shared.tiers import Tier
 
 A, B = "t_secalpha", "t_secbeta"

@@ -8,8 +8,8 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from shared import server as scaffold
 from shared.server import serve
-from shared.testing.echo import echo_binding
-from shared.testing.tokens import TestTokens
+from testkit.echo import echo_binding
+from testkit.tokens import TestTokens
 
 
 async def _idle_after_age(options) -> grpc.ChannelConnectivity:

@@ -10,8 +10,8 @@ from shared.client import make_channel
 from shared.server import Binding, serve
 from shared.telemetry import setup_telemetry
 from shared.tenancy import require_tenant
-from shared.testing.echo import echo_binding
-from shared.testing.tokens import TestTokens
+from testkit.echo import echo_binding
+from testkit.tokens import TestTokens
 
 
 @pytest.fixture

@@ -4,12 +4,12 @@ from __future__ import annotations
 import grpc
 import pytest
 
-from bulkhead.cli.certs import write_dev_certs
+from bulkhead_cli.certs import write_dev_certs
 from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
 from shared.client import make_channel
 from shared.server import serve
-from shared.testing.echo import echo_binding
-from shared.testing.tokens import TestTokens
+from testkit.echo import echo_binding
+from testkit.tokens import TestTokens
 
 
 async def test_default_server_and_channel_use_mtls_from_env(tmp_path, monkeypatch):

@@ -25,7 +25,7 @@ from services.credentials.vault_backend import VaultBackend
 from shared.client import make_channel
 from shared.db import Database, upgrade
 from shared.errors import error_details
-from shared.testing.tokens import TestTokens
+from testkit.tokens import TestTokens
 
 BACKENDS = ["local", "vault"]
 

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bulkhead.cli import main
+from bulkhead_cli import main
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""shared.injection: secrets resolved for one tool call, kept out of logs, reprs and exceptions."""
+"""services.orchestrator.injection: secrets resolved for one tool call, kept out of logs, reprs and exceptions."""
 from __future__ import annotations
 
 import traceback
@@ -7,7 +7,7 @@ import grpc
 import pytest
 
 from shared.client import make_channel
-from shared.injection import (
+from services.orchestrator.injection import (
     SecretInjector,
     SecretRef,
     SecretResolutionError,

@@ -5,7 +5,7 @@ import uuid
 
 import pytest
 
-from shared.testing.identity import running_identity
+from testkit.identity import running_identity
 
 REGIONS = {"BULKHEAD_REGIONS": "local,eu-west"}
 """Data-residency regions the identity under test accepts (the default, local, first)."""

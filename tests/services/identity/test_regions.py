@@ -8,7 +8,7 @@ import pytest
 from bulkhead.common.v1 import tenancy_pb2
 from bulkhead.identity.v1 import identity_pb2 as pb
 from shared.errors import error_details
-from shared.testing.identity import running_identity
+from testkit.identity import running_identity
 
 REGIONS = {"BULKHEAD_REGIONS": "us,eu", "BULKHEAD_DEFAULT_REGION": "us"}
 

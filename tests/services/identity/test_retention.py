@@ -10,7 +10,7 @@ from bulkhead.common.v1 import audit_pb2_grpc, tenancy_pb2
 from bulkhead.identity.v1 import identity_pb2 as pb
 from shared.errors import error_details
 from shared.retention import DEFAULT_AUDIT_DAYS, DEFAULT_USAGE_DETAIL_DAYS, MAX_DAYS
-from shared.testing.identity import running_identity
+from testkit.identity import running_identity
 
 
 async def _error(coro) -> grpc.aio.AioRpcError:

@@ -7,7 +7,7 @@ import pytest
 
 from bulkhead.identity.v1 import identity_pb2 as pb
 from shared.errors import error_details
-from shared.testing.identity import running_identity
+from testkit.identity import running_identity
 
 MALFORMED = ["t_a_b", "T_A", "t_", "x", "t_" + "a" * 61, "t_a\u00e9"]
 

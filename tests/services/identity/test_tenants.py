@@ -23,7 +23,7 @@ async def test_first_start_writes_operator_key_once(sqlite_identity, tmp_path):
     path = tmp_path / "operator.key"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
     assert sqlite_identity.app.operator_key == path.read_text().strip()
-    from shared.testing.identity import running_identity
+    from testkit.identity import running_identity
 
     await sqlite_identity.app.close(0)
     async with running_identity(tmp_path) as again:
@@ -179,7 +179,7 @@ async def test_first_start_writes_a_narrow_service_key_for_the_proxy_once(sqlite
     for the same principal if deleted."""
     import jwt
 
-    from shared.testing.identity import running_identity
+    from testkit.identity import running_identity
 
     path = tmp_path / "service-keys" / "inference.key"
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600

@@ -12,7 +12,7 @@ from bulkhead.identity.v1 import identity_pb2 as pb
 from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
 from shared.errors import error_details
 from shared.server import serve
-from shared.testing.echo import echo_binding
+from testkit.echo import echo_binding
 
 
 async def _error(coro) -> grpc.aio.AioRpcError:

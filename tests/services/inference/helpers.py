@@ -27,8 +27,8 @@ from services.metering.server import MIGRATIONS as METERING_MIGRATIONS
 from services.metering.server import MeteringService, serve_metering
 from shared.client import make_channel
 from shared.db import Database, TenantRouter, make_engine, normalize_url, upgrade
-from shared.testing.fake_anthropic import FakeAnthropic
-from shared.testing.tokens import TestTokens
+from testkit.fake_anthropic import FakeAnthropic
+from testkit.tokens import TestTokens
 from shared.tiers import Tier, TierLookup
 from shared.tokens import TokenVerifier
 

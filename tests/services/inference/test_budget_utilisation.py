@@ -11,7 +11,7 @@ from bulkhead.inference.v1 import inference_pb2 as pb
 from services.inference import wire
 from services.inference.budget import BudgetRefused
 from shared.errors import error_details
-from shared.testing.fake_anthropic import Reply
+from testkit.fake_anthropic import Reply
 
 from .helpers import PINNED, fake_totals, params
 

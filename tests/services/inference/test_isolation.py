@@ -6,7 +6,7 @@ import pytest
 
 from bulkhead.inference.v1 import inference_pb2 as pb
 from shared.errors import error_details
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 
 from .helpers import MODEL, PINNED, PLATFORM_KEY, params
 

@@ -9,7 +9,7 @@ from google.protobuf import json_format, struct_pb2
 
 from bulkhead.inference.v1 import inference_pb2 as pb
 from shared.errors import error_details
-from shared.testing.fake_anthropic import Reply
+from testkit.fake_anthropic import Reply
 
 from .helpers import MODEL, PINNED, PLATFORM_KEY, params, user
 

@@ -13,7 +13,7 @@ from google.protobuf import struct_pb2
 
 from bulkhead.inference.v1 import inference_pb2 as pb
 from services.inference import wire
-from shared.testing.fake_anthropic import cache_prefixes
+from testkit.fake_anthropic import cache_prefixes
 
 from .helpers import PLATFORM_KEY
 

@@ -9,7 +9,7 @@ import pytest
 from bulkhead.inference.v1 import inference_pb2 as pb
 from services.inference import wire
 from shared.errors import error_details
-from shared.testing.fake_anthropic import Fault, Reply
+from testkit.fake_anthropic import Fault, Reply
 
 from .helpers import PINNED, fake_totals, params
 

@@ -13,7 +13,7 @@ from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanE
 from bulkhead.inference.v1 import inference_pb2 as pb
 from shared.logs import JsonFormatter, ScrubFilter
 from shared.telemetry import setup_telemetry
-from shared.testing.fake_anthropic import Fault
+from testkit.fake_anthropic import Fault
 
 from .helpers import PLATFORM_KEY, params
 

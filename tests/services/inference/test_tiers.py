@@ -18,7 +18,7 @@ from services.inference.server import MIGRATIONS
 from shared.client import make_channel
 from shared.db import Database
 from shared.errors import error_details
-from shared.testing.identity import IdentityHarness, running_identity
+from testkit.identity import IdentityHarness, running_identity
 
 from .helpers import MODEL, Mesh, params, start_mesh, stop_mesh
 

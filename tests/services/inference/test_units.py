@@ -10,7 +10,7 @@ from services.inference.budget import BudgetLeases, BudgetRefused, Grant, Tokens
 from services.inference.limits import Limits, RateLimiter, Rejected
 from services.inference.proxy import _TtlCache
 from shared.tenancy import TenantContext
-from shared.testing.fake_anthropic import count_words
+from testkit.fake_anthropic import count_words
 
 from .helpers import params
 

@@ -6,7 +6,7 @@ import pytest
 
 from bulkhead.inference.v1 import inference_pb2 as pb
 from shared.errors import error_details
-from shared.testing.fake_anthropic import Fault
+from testkit.fake_anthropic import Fault
 
 from .helpers import params
 

@@ -15,7 +15,7 @@ from services.inference.upstream_http import (
     _readable,
     make_http_client,
 )
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 
 from .helpers import PINNED, PLATFORM_KEY
 

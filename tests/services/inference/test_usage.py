@@ -16,7 +16,7 @@ from services.metering.server import serve_metering
 from shared.db import Database
 from shared.errors import error_details
 from shared.tenancy import TenantContext
-from shared.testing.fake_anthropic import Fault, Reply
+from testkit.fake_anthropic import Fault, Reply
 
 from .helpers import PINNED, fake_totals, params
 

@@ -14,7 +14,7 @@ from bulkhead.metering.v1 import metering_pb2_grpc
 from services.metering.server import MIGRATIONS, MeteringService, serve_metering
 from shared.client import make_channel
 from shared.db import Database
-from shared.testing.tokens import TestTokens
+from testkit.tokens import TestTokens
 
 from .helpers import OPERATOR, FakeClock
 

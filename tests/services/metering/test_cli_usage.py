@@ -6,7 +6,7 @@ import csv
 
 import pytest
 
-from bulkhead.cli import main
+from bulkhead_cli import main
 from bulkhead.metering.v1 import metering_pb2 as pb
 
 from .helpers import T0, event, price

@@ -14,7 +14,7 @@ from services.metering.server import MIGRATIONS, serve_metering
 from shared.client import make_channel
 from shared.db import Database
 from shared.errors import error_details
-from shared.testing.identity import running_identity
+from testkit.identity import running_identity
 from shared.tiers import IdentityTiers
 
 

@@ -19,7 +19,7 @@ from bulkhead.common.v1 import tenancy_pb2
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
 from shared.client import make_channel
-from shared.testing.identity import IdentityHarness, TenantHandle, running_identity
+from testkit.identity import IdentityHarness, TenantHandle, running_identity
 
 TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "silo": tenancy_pb2.TIER_SILO}
 """Every isolation tier, by the name tests parametrize over."""

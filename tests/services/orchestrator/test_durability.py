@@ -18,8 +18,8 @@ from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from bulkhead.metering.v1 import metering_pb2, metering_pb2_grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
-from shared.testing.fake_anthropic import FakeAnthropic, Fault, Reply
-from shared.testing.procs import free_port
+from testkit.fake_anthropic import FakeAnthropic, Fault, Reply
+from testkit.procs import free_port
 
 from .fakes import ToolServer
 from .mesh import TIERS, running_mesh, team_pb

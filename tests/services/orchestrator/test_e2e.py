@@ -18,7 +18,7 @@ from bulkhead.metering.v1 import metering_pb2, metering_pb2_grpc
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead.state.v1 import state_pb2, state_pb2_grpc
 from shared.telemetry import setup_telemetry
-from shared.testing.fake_anthropic import FakeAnthropic, Fault, Reply
+from testkit.fake_anthropic import FakeAnthropic, Fault, Reply
 
 from .fakes import ToolServer
 from .mesh import TIERS, team_pb
@@ -203,7 +203,7 @@ async def test_cancel_running_run_stops_before_next_step(tier, mesh, upstream):
 
 async def test_cli_apply_start_list_and_cancel(tier, mesh, upstream, tmp_path, monkeypatch, capsys):
     """`bulkhead teams apply -f`, `runs start` (live progress), `runs list`, `runs cancel` against the mesh."""
-    from bulkhead.cli import main
+    from bulkhead_cli import main
 
     a = await mesh.tenant(tier)
     for key, value in mesh.env.items():

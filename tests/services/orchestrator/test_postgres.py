@@ -14,7 +14,7 @@ from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead.orchestrator.v1 import orchestrator_pb2_grpc
 from services.orchestrator.grants import GrantSealer
 from services.orchestrator.operations import RUN_SCOPES
-from shared.testing.fake_anthropic import FakeAnthropic
+from testkit.fake_anthropic import FakeAnthropic
 
 from .mesh import TIERS, running_mesh, start_orchestrator_in, team_pb
 

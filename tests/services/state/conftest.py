@@ -20,7 +20,7 @@ from services.state.server import MIGRATIONS, make_envelope, serve_state
 from shared.db import Database, upgrade
 from shared.errors import error_details
 from shared.server import RunningServer
-from shared.testing.tokens import TestTokens
+from testkit.tokens import TestTokens
 
 ALPHA = "t_alpha"
 BETA = "t_beta"

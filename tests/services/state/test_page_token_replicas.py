@@ -9,7 +9,7 @@ from bulkhead.state.v1 import state_pb2_grpc
 from services.state.envelope import PlaintextEnvelope
 from services.state.server import MIGRATIONS, serve_state
 from shared.db import Database
-from shared.testing.tokens import TestTokens
+from testkit.tokens import TestTokens
 
 
 async def _open(backend: str, request, tmp_path) -> tuple[str, str | None]:

@@ -15,7 +15,7 @@ from shared.client import StaticCredentials, make_channel
 from shared.db import LSN_HEADER, Database
 from shared.db.replica import parse_lsn
 from shared.tenancy import TenantContext, tenant_scope
-from shared.testing.tokens import TestTokens
+from testkit.tokens import TestTokens
 
 from .conftest import ALPHA, BETA, start_harness, stop_harness
 

@@ -14,7 +14,7 @@ from shared.config import ServiceConfig
 from shared.db import Database, reading_after
 from shared.db.replica import format_lsn, lsn_from, parse_lsn
 from shared.tenancy import tenant_scope
-from shared.testing.procs import free_port
+from testkit.procs import free_port
 
 from .conftest import MIGRATIONS, as_tenant
 from .notes import Note

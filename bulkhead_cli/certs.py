@@ -158,7 +158,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the certs commands on their own (``python -m bulkhead.cli.certs dev --out DIR``)."""
+    """Run the certs commands on their own (``python -m bulkhead_cli.certs dev --out DIR``)."""
     parser = argparse.ArgumentParser(prog="bulkhead")
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)

@@ -10,9 +10,9 @@ import sys
 
 import asyncpg
 
-from shared.testing.procs import port_accepts
+from testkit.procs import port_accepts
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 _INNER_TESTS = '''
 def test_wants_pgbouncer(pgbouncer):
@@ -32,7 +32,7 @@ def _run_inner(tmp_path: pathlib.Path, env_extra: dict[str, str]) -> subprocess.
     env = {**os.environ, **env_extra, "PYTHONPATH": str(ROOT)}
     env.pop("BULKHEAD_TEST_POSTGRES_URL", None)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "shared.testing.fixtures", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-p", "testkit.fixtures", "-p", "no:cacheprovider",
          "-q", "-rA", "-s", "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
 

@@ -10,7 +10,7 @@ import sys
 
 from google.protobuf import duration_pb2
 
-from bulkhead.cli._common import (
+from bulkhead_cli._common import (
     add_connection_args,
     connect,
     fail,

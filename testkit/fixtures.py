@@ -1,6 +1,6 @@
 """pytest plugin: real PostgreSQL and OpenBao servers, started lazily, once per test session.
 
-Load it from tests/conftest.py with `pytest_plugins = ["shared.testing.fixtures"]`.
+Load it from tests/conftest.py with `pytest_plugins = ["testkit.fixtures"]`.
 
 - `postgres` -> PostgresServer: `.admin_url`, `.admin_dsn`, `await .create_database(name)`.
 - `openbao`  -> OpenBaoServer: `.url`, `.root_token`, `.client()`, `.stop()`, `.start()`.
@@ -25,12 +25,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from shared.testing.openbao import OpenBaoServer, start_openbao
-from shared.testing.openbao_raft import OpenBaoRaftCluster, start_openbao_raft
-from shared.testing.pgbouncer import PgBouncer, start_pgbouncer
-from shared.testing.postgres import PostgresServer, start_postgres
-from shared.testing.postgres_replica import PostgresPair, start_postgres_pair
-from shared.testing.procs import ServerStartError, free_port
+from testkit.openbao import OpenBaoServer, start_openbao
+from testkit.openbao_raft import OpenBaoRaftCluster, start_openbao_raft
+from testkit.pgbouncer import PgBouncer, start_pgbouncer
+from testkit.postgres import PostgresServer, start_postgres
+from testkit.postgres_replica import PostgresPair, start_postgres_pair
+from testkit.procs import ServerStartError, free_port
 
 __all__ = ["free_port", "openbao", "openbao_raft", "pgbouncer", "postgres", "postgres_replica"]
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from bulkhead.cli._common import add_connection_args, connect, run_async, table
+from bulkhead_cli._common import add_connection_args, connect, run_async, table
 from bulkhead.client import Client, describe_error
 from bulkhead.common.v1 import audit_pb2 as apb
 from bulkhead.common.v1 import audit_pb2_grpc

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 from datetime import UTC, datetime
 
-from bulkhead.cli._common import add_connection_args, connect, run_async, table
+from bulkhead_cli._common import add_connection_args, connect, run_async, table
 from bulkhead.identity.v1 import identity_pb2 as pb
 
 

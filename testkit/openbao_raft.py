@@ -30,8 +30,8 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.testing.openbao import _INSTALL_HINT, find_bao
-from shared.testing.procs import (
+from testkit.openbao import _INSTALL_HINT, find_bao
+from testkit.procs import (
     ServerStartError,
     die_with_parent,
     free_port,

@@ -7,8 +7,8 @@ import os
 import signal
 from pathlib import Path
 
-from bulkhead.cli._common import fail, table
-from bulkhead.supervisor import MAX_REPLICAS, REPLICA_STRIDE, Supervisor, available_services
+from bulkhead_cli._common import fail, table
+from bulkhead_cli.supervisor import MAX_REPLICAS, REPLICA_STRIDE, Supervisor, available_services
 from shared.config import SERVICE_PORTS
 
 DEFAULT_CONSOLE_ADDR = "127.0.0.1:8080"

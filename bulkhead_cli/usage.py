@@ -13,7 +13,7 @@ from collections.abc import Sequence
 
 from google.protobuf import timestamp_pb2
 
-from bulkhead.cli._common import add_connection_args, connect, fail, run_async, table
+from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 from bulkhead.metering.v1 import metering_pb2 as pb
 
 _GROUPINGS = {"model": pb.USAGE_GROUPING_MODEL, "agent": pb.USAGE_GROUPING_AGENT,

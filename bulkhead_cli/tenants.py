@@ -7,8 +7,8 @@ import json
 import re
 from pathlib import Path
 
-from bulkhead.cli._common import add_connection_args, connect, fail, run_async, table
-from bulkhead.cli.receipts import receipt_document
+from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
+from bulkhead_cli.receipts import receipt_document
 from bulkhead.identity.v1 import identity_pb2 as pb
 from shared.ids import is_tenant_id
 from shared.tiers import Tier, UnknownTier, tier_from_proto, tier_to_proto

@@ -14,7 +14,7 @@ Environment knobs: BULKHEAD_TEST_POSTGRES=auto|local|docker picks the backend (a
 BULKHEAD_TEST_PG_BINDIR=/path/to/bin picks the local binaries;
 BULKHEAD_TEST_POSTGRES_URL=postgresql://superuser:pw@host:port/postgres uses a server you run;
 BULKHEAD_TEST_PGBOUNCER=1 sends every database's runtime URL through PgBouncer (transaction
-pooling, shared.testing.pgbouncer).
+pooling, testkit.pgbouncer).
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from shared.testing.procs import (
+from testkit.procs import (
     RunAs,
     ServerStartError,
     die_with_parent,

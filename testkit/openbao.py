@@ -23,7 +23,7 @@ import urllib.request
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.testing.procs import (
+from testkit.procs import (
     ServerStartError,
     die_with_parent,
     free_port,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import argparse
 import os
 
-from bulkhead.cli._common import add_connection_args, fail, resolve_api_key, run_async, table
+from bulkhead_cli._common import add_connection_args, fail, resolve_api_key, run_async, table
 from shared.config import SERVICES, service_addr
 from shared.telemetry import setup_telemetry, shutdown_telemetry
 
@@ -19,7 +19,7 @@ def register(subparsers) -> None:
 
 @run_async
 async def _demo(args: argparse.Namespace) -> None:
-    from bulkhead.demo import run_demo
+    from bulkhead_cli.tour import run_demo
 
     key = resolve_api_key(args)
     if not key or not key.startswith("bk_t_platform_"):

@@ -10,12 +10,12 @@ import time
 
 import pytest
 
-from shared.testing.fixtures import free_port
-from shared.testing.openbao import start_openbao
-from shared.testing.postgres import start_postgres
-from shared.testing.procs import ServerStartError, make_workdir, port_accepts
+from testkit.fixtures import free_port
+from testkit.openbao import start_openbao
+from testkit.postgres import start_postgres
+from testkit.procs import ServerStartError, make_workdir, port_accepts
 
-ROOT = pathlib.Path(__file__).resolve().parents[3]
+ROOT = pathlib.Path(__file__).resolve().parents[2]
 
 _INNER_TESTS = '''
 def test_wants_postgres(postgres):
@@ -35,7 +35,7 @@ def _run_inner(tmp_path: pathlib.Path, env_extra: dict[str, str], *args: str):
     env = {**os.environ, **env_extra, "PYTHONPATH": str(ROOT)}
     env.pop("BULKHEAD_TEST_POSTGRES_URL", None)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "shared.testing.fixtures", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-p", "testkit.fixtures", "-p", "no:cacheprovider",
          "-q", "-rA", "--rootdir", str(tmp_path), "-c", os.devnull, *args, str(tmp_path)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
 
@@ -81,8 +81,8 @@ def test_free_port_is_bindable() -> None:
 _ORPHAN_SCRIPT = '''
 import sys
 import time
-from shared.testing.postgres import start_postgres
-from shared.testing.openbao import start_openbao
+from testkit.postgres import start_postgres
+from testkit.openbao import start_openbao
 pg, bao = start_postgres(), start_openbao()
 print(pg.port, bao.port, flush=True)
 sys.stdin.read()  # wait to be killed
@@ -140,7 +140,7 @@ def test_openbao_left_stopped_by_a_failing_test_is_restarted(tmp_path: pathlib.P
     """A test that stops OpenBao and dies before start() does not take later tests down."""
     (tmp_path / "test_inner.py").write_text(_STOPS_AND_FAILS)
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "shared.testing.fixtures", "-p", "no:cacheprovider",
+        [sys.executable, "-m", "pytest", "-p", "testkit.fixtures", "-p", "no:cacheprovider",
          "-q", "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path)],
         capture_output=True, text=True, timeout=120, cwd=tmp_path,
         env={**os.environ, "PYTHONPATH": str(ROOT)})

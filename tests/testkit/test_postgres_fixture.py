@@ -6,7 +6,7 @@ import pytest
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from shared.testing.postgres import APP_ROLE, PostgresServer
+from testkit.postgres import APP_ROLE, PostgresServer
 
 
 async def _owner_creates_rls_table(dsn: str) -> None:
@@ -153,7 +153,7 @@ def test_sync_variant_and_sqlalchemy_urls_work(postgres: PostgresServer) -> None
         finally:
             await engine.dispose()
 
-    from shared.testing.postgres import _run_in_thread
+    from testkit.postgres import _run_in_thread
     assert _run_in_thread(whoami()) == APP_ROLE
 
 

@@ -11,7 +11,7 @@ import hvac.exceptions
 import pytest
 import requests
 
-from shared.testing.openbao import OpenBaoServer
+from testkit.openbao import OpenBaoServer
 
 
 def test_kv_v2_write_then_read(openbao: OpenBaoServer) -> None:

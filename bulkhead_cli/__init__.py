@@ -8,7 +8,7 @@ import sys
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The parser with every command group found in bulkhead.cli."""
+    """The parser with every command group found in bulkhead_cli."""
     parser = argparse.ArgumentParser(prog="bulkhead", description="Run and operate the Bulkhead mesh.")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):

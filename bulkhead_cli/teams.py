@@ -9,7 +9,7 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
-from bulkhead.cli._common import add_connection_args, connect, fail, run_async, table
+from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 
 EXAMPLE = """\

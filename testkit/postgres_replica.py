@@ -25,7 +25,7 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.testing.postgres import (
+from testkit.postgres import (
     _INSTALL_HINT,
     PostgresServer,
     _initdb,
@@ -33,7 +33,7 @@ from shared.testing.postgres import (
     _run_in_thread,
     find_bindir,
 )
-from shared.testing.procs import (
+from testkit.procs import (
     RunAs,
     ServerStartError,
     free_port,

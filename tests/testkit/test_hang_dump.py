@@ -5,7 +5,7 @@ import asyncio
 import contextlib
 import io
 
-from shared.testing.hang_dump import dump_pending_tasks
+from testkit.hang_dump import dump_pending_tasks
 
 
 async def test_a_pending_task_is_printed_with_the_line_it_waits_on():

@@ -22,8 +22,8 @@ import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-from shared.testing.postgres import APP_ROLE, PostgresServer
-from shared.testing.procs import (
+from testkit.postgres import APP_ROLE, PostgresServer
+from testkit.procs import (
     ServerStartError,
     die_with_parent,
     free_port,

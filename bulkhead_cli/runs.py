@@ -7,7 +7,7 @@ import sys
 
 import grpc
 
-from bulkhead.cli._common import add_connection_args, connect, fail, run_async, table
+from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 
 _STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")

@@ -1,5 +1,5 @@
 import sys
 
-from bulkhead.cli import main
+from bulkhead_cli import main
 
 sys.exit(main())

@@ -5,7 +5,7 @@ import socket
 
 import pytest
 
-from shared.testing.procs import _PortCursor, ephemeral_range, free_port, port_accepts, port_pool
+from testkit.procs import _PortCursor, ephemeral_range, free_port, port_accepts, port_pool
 
 
 def test_free_port_is_outside_the_ephemeral_range() -> None:
