@@ -3,6 +3,7 @@
 LiteLLM is never a project dependency: it lives in its own virtualenv under the user's cache
 (reused when present), and runs in its cheapest set-up: 1 worker, no database, no master key.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -43,9 +44,12 @@ def ensure_venv(version: str = VERSION, *, log=print) -> pathlib.Path:
         subprocess.run([sys.executable, "-m", "venv", str(where)], check=True)
     log(f"litellm {version}: pip install 'litellm[proxy]=={version}' (a few minutes the first time)")
     # pip's own progress goes to our stdout line by line, so a long install visibly moves.
-    proc = subprocess.Popen([str(python), "-m", "pip", "install", "--progress-bar", "off",
-                             f"litellm[proxy]=={version}"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    proc = subprocess.Popen(
+        [str(python), "-m", "pip", "install", "--progress-bar", "off", f"litellm[proxy]=={version}"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     for line in proc.stdout or ():
         if line.startswith(("Collecting", "Installing", "Successfully", "ERROR")):
             log("  " + line.rstrip())
@@ -64,12 +68,19 @@ def config_yaml(upstream_url: str, model: str, api_key: str, master_key: str) ->
     # JSON is YAML: no YAML library needed here, and every value is quoted safely.
     import json
 
-    return json.dumps({
-        "model_list": [{"model_name": MODEL_ALIAS, "litellm_params": {
-            "model": f"anthropic/{model}", "api_base": upstream_url, "api_key": api_key}}],
-        "litellm_settings": {"telemetry": False, "num_retries": 0, "request_timeout": 60},
-        "general_settings": {"master_key": master_key},
-    }, indent=2)
+    return json.dumps(
+        {
+            "model_list": [
+                {
+                    "model_name": MODEL_ALIAS,
+                    "litellm_params": {"model": f"anthropic/{model}", "api_base": upstream_url, "api_key": api_key},
+                }
+            ],
+            "litellm_settings": {"telemetry": False, "num_retries": 0, "request_timeout": 60},
+            "general_settings": {"master_key": master_key},
+        },
+        indent=2,
+    )
 
 
 def free_port() -> int:
@@ -78,19 +89,27 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(python: pathlib.Path, config: pathlib.Path, *, log_to: pathlib.Path,
-          timeout: float = 180.0) -> tuple[subprocess.Popen, str]:
+def start(
+    python: pathlib.Path, config: pathlib.Path, *, log_to: pathlib.Path, timeout: float = 180.0
+) -> tuple[subprocess.Popen, str]:
     """Start the LiteLLM proxy (1 worker) on a loopback port; returns the process and its base URL."""
     port = free_port()
-    env = {**os.environ,
-           "LITELLM_LOCAL_MODEL_COST_MAP": "True",   # no network here: skip fetching the price map
-           "LITELLM_LOG": "ERROR", "DISABLE_SCHEMA_UPDATE": "True"}
-    env.pop("DATABASE_URL", None)   # no database: its cheapest set-up
+    env = {
+        **os.environ,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no network here: skip fetching the price map
+        "LITELLM_LOG": "ERROR",
+        "DISABLE_SCHEMA_UPDATE": "True",
+    }
+    env.pop("DATABASE_URL", None)  # no database: its cheapest set-up
     litellm = python.parent / "litellm"
     with open(log_to, "w") as log:
-        proc = subprocess.Popen([str(litellm), "--config", str(config), "--host", "127.0.0.1",
-                                 "--port", str(port), "--num_workers", "1"],
-                                env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [str(litellm), "--config", str(config), "--host", "127.0.0.1", "--port", str(port), "--num_workers", "1"],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

@@ -1,4 +1,5 @@
 """bench/all.py's one table: every figure, its target and verdict, under a line naming the machine."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -30,16 +31,24 @@ def machine(cpuinfo: str | None = None) -> dict[str, object]:
     if cpuinfo is None:
         path = pathlib.Path("/proc/cpuinfo")
         cpuinfo = path.read_text() if path.exists() else ""
-    model = next((line.split(":", 1)[1].strip() for line in cpuinfo.splitlines()
-                  if line.startswith("model name")), platform.processor() or "unknown CPU")
-    return {"cores": os.cpu_count(), "cpu": model, "python": platform.python_version(),
-            "load_average": round(os.getloadavg()[0], 2)}
+    model = next(
+        (line.split(":", 1)[1].strip() for line in cpuinfo.splitlines() if line.startswith("model name")),
+        platform.processor() or "unknown CPU",
+    )
+    return {
+        "cores": os.cpu_count(),
+        "cpu": model,
+        "python": platform.python_version(),
+        "load_average": round(os.getloadavg()[0], 2),
+    }
 
 
 def machine_line(info: dict[str, object]) -> str:
     """The line above the table: figures mean little without the machine they ran on."""
-    return (f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}; "
-            f"load average {info['load_average']} at start")
+    return (
+        f"machine: {info['cores']} cores, {info['cpu']}, Python {info['python']}; "
+        f"load average {info['load_average']} at start"
+    )
 
 
 def collect(per_bench: dict[str, Figures]) -> Figures:
@@ -58,8 +67,9 @@ def rows(figures: Figures, benches: list[str], targets: tuple[Target, ...] = TAR
     for bench in benches:
         own = [t for t in targets if t.figure.startswith(bench + ".")]
         for t in own:
-            out.append(Row(t.figure, f"{bench}: {t.label}", _value(t.figure, figures), t.describe(figures),
-                           t.verdict(figures)))
+            out.append(
+                Row(t.figure, f"{bench}: {t.label}", _value(t.figure, figures), t.describe(figures), t.verdict(figures))
+            )
         judged = {t.figure for t in own}
         for name in sorted(f for f in figures if f.startswith(bench + ".") and f not in judged):
             out.append(Row(name, name, _value(name, figures), "-", "n/a"))
@@ -74,8 +84,11 @@ def render(table: list[Row], info: dict[str, object], *, note: str = "") -> str:
     lines = [machine_line(info)] + ([note] if note else [])
     for r in [head, *table]:
         cells = [getattr(r, name) for name in shown]
-        lines.append("  ".join(c.ljust(w) if i != 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True)))
-                     .rstrip())
+        lines.append(
+            "  ".join(
+                c.ljust(w) if i != 1 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+        )
         if r is head:
             lines.append("  ".join("-" * w for w in widths))
     judged = [r for r in table if r.target != "-"]

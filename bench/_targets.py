@@ -1,5 +1,6 @@
 """The performance targets bench/all.py judges figures against: issue 16's Goals and the targets
 earlier issues set, each tied to the figure (`<bench>.<name>`) that a bench script writes."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -36,7 +37,7 @@ class Target:
         return None if base is None or math.isnan(base) else base + self.limit
 
     def verdict(self, figures: Figures) -> str:
-        """"met" or "missed"; "n/a" when the figure or its baseline was not measured."""
+        """ "met" or "missed"; "n/a" when the figure or its baseline was not measured."""
         value, bound = figures.get(self.figure), self.bound(figures)
         if value is None or bound is None or math.isnan(value):
             return "n/a"
@@ -44,7 +45,7 @@ class Target:
 
     def describe(self, figures: Figures) -> str:
         """The bound as the table shows it, e.g. `<= 0.8 ms` or `<= 1.45 ms (baseline 1.25 + 0.2)`."""
-        unit, limit = unit_of(self.figure), f"{self.limit:,g}"   # limits are round: print them as written
+        unit, limit = unit_of(self.figure), f"{self.limit:,g}"  # limits are round: print them as written
         if self.plus is None:
             return f"{self.op} {limit}{unit}"
         bound = self.bound(figures)
@@ -55,8 +56,7 @@ class Target:
 
 def unit_of(figure: str) -> str:
     """The unit a figure's name ends in, as a suffix for its value."""
-    for suffix, unit in (("_ms", " ms"), ("_ms_per_call", " ms"), ("_per_s", "/s"), ("_mb", " MB"),
-                         ("_ratio", "x")):
+    for suffix, unit in (("_ms", " ms"), ("_ms_per_call", " ms"), ("_per_s", "/s"), ("_mb", " MB"), ("_ratio", "x")):
         if figure.endswith(suffix):
             return unit
     return ""
@@ -72,17 +72,34 @@ def number(value: float) -> str:
 
 
 TARGETS: tuple[Target, ...] = (
-    Target("proxy.bulkhead_c32_server_cpu_ms_per_call", "inference CPU/call, c32 (proxy + metering + credentials)",
-           "<=", 0.8),
+    Target(
+        "proxy.bulkhead_c32_server_cpu_ms_per_call",
+        "inference CPU/call, c32 (proxy + metering + credentials)",
+        "<=",
+        0.8,
+    ),
     Target("proxy.bulkhead_c32_throughput_ratio", "inference calls/s at c32 / direct", ">=", 0.9),
-    Target("proxy.bulkhead_c1_added_p50_ms", "inference added p50 at c1 (bound: bare gRPC hop + 0.2)", "<=", 0.2,
-           plus="proxy.bare_hop_added_p50_ms"),
-    Target("proxy.bulkhead_over_litellm_c32_server_cpu_ratio", "CPU/call Bulkhead / LiteLLM at c32 (>= 20x leaner)",
-           "<=", 0.05),
+    Target(
+        "proxy.bulkhead_c1_added_p50_ms",
+        "inference added p50 at c1 (bound: bare gRPC hop + 0.2)",
+        "<=",
+        0.2,
+        plus="proxy.bare_hop_added_p50_ms",
+    ),
+    Target(
+        "proxy.bulkhead_over_litellm_c32_server_cpu_ratio",
+        "CPU/call Bulkhead / LiteLLM at c32 (>= 20x leaner)",
+        "<=",
+        0.05,
+    ),
     Target("proxy.proxy_peak_rss_mb", "inference peak RSS under load", "<=", 150),
     Target("proxy.proxy_idle_rss_mb", "inference idle RSS (started, no call yet)", "<=", 100),
-    Target("proxy.budget_2_replicas_over_no_budget_ratio", "c32 over 2 replicas: hard budget / no budget calls/s",
-           ">=", 0.9),
+    Target(
+        "proxy.budget_2_replicas_over_no_budget_ratio",
+        "c32 over 2 replicas: hard budget / no budget calls/s",
+        ">=",
+        0.9,
+    ),
     Target("orchestrator.fixed_per_run_ms", "fixed overhead per run", "<=", 10),
     Target("orchestrator.per_step_ms", "overhead per step", "<=", 1),
     Target("orchestrator.concurrent_vs_direct_ratio", "concurrent runs / the direct calls' rate", ">=", 0.8),

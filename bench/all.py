@@ -9,6 +9,7 @@ output goes to a log file, whose folder is printed at the end. Not part of CI: m
     python bench/all.py --quick         # smoke run: every bench in its --quick mode, no LiteLLM
     python bench/all.py --only proxy,credentials
 """
+
 from __future__ import annotations
 
 import argparse
@@ -75,21 +76,33 @@ def run_one(bench: Bench, *, quick: bool, peer: str | None, logs: pathlib.Path) 
     started = time.perf_counter()
     with open(log, "w") as out:
         try:
-            code: int | str = subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env,
-                                  timeout=bench.timeout / 3 if quick else bench.timeout).returncode
+            code: int | str = subprocess.run(
+                cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=ROOT,
+                env=env,
+                timeout=bench.timeout / 3 if quick else bench.timeout,
+            ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     figures = json.loads(json_to.read_text()) if json_to.exists() else {}
-    return {"command": " ".join(cmd[1:]), "exit": code, "seconds": round(time.perf_counter() - started, 1),
-            "figures": figures, "log": str(log)}
+    return {
+        "command": " ".join(cmd[1:]),
+        "exit": code,
+        "seconds": round(time.perf_counter() - started, 1),
+        "figures": figures,
+        "log": str(log),
+    }
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="every bench in its smoke mode (a few minutes)")
     parser.add_argument("--only", help="comma-separated bench names, e.g. proxy,credentials")
-    parser.add_argument("--peer", choices=("litellm", "none"),
-                        help="proxy bench's peer (default: litellm, none with --quick)")
+    parser.add_argument(
+        "--peer", choices=("litellm", "none"), help="proxy bench's peer (default: litellm, none with --quick)"
+    )
     parser.add_argument("--out", type=pathlib.Path, default=RESULTS, help=f"default {RESULTS.relative_to(ROOT)}")
     args = parser.parse_args()
     chosen = [b for b in BENCHES if not args.only or b.name in args.only.split(",")]
@@ -113,9 +126,19 @@ def main() -> int:
     note = "quick: a smoke run, figures not for quoting" if args.quick else ""
     print()
     print(render(table, info, note=note))
-    args.out.write_text(json.dumps({
-        "started": started.isoformat(timespec="seconds"), "quick": args.quick, "machine": info,
-        "benches": records, "table": [dataclasses.asdict(r) for r in table]}, indent=2) + "\n")
+    args.out.write_text(
+        json.dumps(
+            {
+                "started": started.isoformat(timespec="seconds"),
+                "quick": args.quick,
+                "machine": info,
+                "benches": records,
+                "table": [dataclasses.asdict(r) for r in table],
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     print(f"\nwrote {args.out}; each bench's full output: {logs}")
     return 0 if all(r["exit"] == 0 for r in records.values()) else 1
 

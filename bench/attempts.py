@@ -6,6 +6,7 @@ The same calls also run against an in-memory journal table in the same process (
 the harness, futures and the event loop), so the figure is read next to what a call costs
 without any database; the record's own cost is the difference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,11 +50,20 @@ async def main(calls: int, concurrency: int, json_to: str | None = None) -> None
     base, _ = await _measure(AttemptJournal(_MemoryAttempts(), replica="bench"), calls, concurrency)
     cpu, wall = await _measure(AttemptJournal(SqlAttempts(db), replica="bench"), calls, concurrency)
     record = cpu - base
-    print(f"write-ahead attempt record: {cpu:.3f} ms CPU per call, {record:.3f} ms over the in-memory baseline "
-          f"of {base:.3f} ms (x{cpu / base:.1f}) ({calls} calls, concurrency {concurrency}, "
-          f"{calls / wall:.0f} calls/s wall; target <= 0.1 ms)")
-    write_json(json_to, {"cpu_ms_per_call": cpu, "baseline_cpu_ms_per_call": base, "record_cpu_ms": record,
-                         "calls_per_s": calls / wall})
+    print(
+        f"write-ahead attempt record: {cpu:.3f} ms CPU per call, {record:.3f} ms over the in-memory baseline "
+        f"of {base:.3f} ms (x{cpu / base:.1f}) ({calls} calls, concurrency {concurrency}, "
+        f"{calls / wall:.0f} calls/s wall; target <= 0.1 ms)"
+    )
+    write_json(
+        json_to,
+        {
+            "cpu_ms_per_call": cpu,
+            "baseline_cpu_ms_per_call": base,
+            "record_cpu_ms": record,
+            "calls_per_s": calls / wall,
+        },
+    )
     await db.close()
 
 
@@ -65,13 +75,14 @@ async def _measure(journal: AttemptJournal, calls: int, concurrency: int) -> tup
     async def one(i: int) -> None:
         async with sem:
             ctx = TenantContext("t_bench", "p", request_id=f"req-{i}")
-            a = await journal.open(ctx, model="m", reserve=Tokens(10, 50),
-                                   context=context_json(ctx, trace_id="", occurred_at=time.time()))
+            a = await journal.open(
+                ctx, model="m", reserve=Tokens(10, 50), context=context_json(ctx, trace_id="", occurred_at=time.time())
+            )
             event = UsageEvent("t_bench", a.event_id, "p", "", "", "m", Tokens(3, 4), 1, "success", time.time())
             journal.settle(a, event)
             journal.delivered([event])
 
-    await asyncio.gather(*(one(i) for i in range(200)))   # warm-up
+    await asyncio.gather(*(one(i) for i in range(200)))  # warm-up
     cpu, wall = time.process_time(), time.perf_counter()
     await asyncio.gather(*(one(i) for i in range(200, 200 + calls)))
     await journal.flush()

@@ -7,6 +7,7 @@ Metering, credentials, the fake upstream (50 ms per reply) and two proxy replica
 replicas had spent plus what calls in flight held when the first call was refused, as a share of the
 budget (issue 19's target: above 95 %), and the share of the budget spent in the end.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -30,6 +31,7 @@ from tests.services.inference.helpers import PINNED, params, start_mesh, stop_me
 
 def _watch(budgets: list, refusals: list, returned: list) -> None:
     """Record (used, in flight, needed) across all replicas at every refusal."""
+
     def snapshot() -> tuple[int, int]:
         leases = [lease for b in budgets for ls in b._leases.values() for lease in ls]
         return returned[0] + sum(lease.spent.total for lease in leases), sum(lease.held for lease in leases)
@@ -71,8 +73,9 @@ async def main(calls: int, budget: int, slice_tokens: int, json_to: str | None) 
 
             async def one(i: int) -> bool:
                 try:
-                    await mesh.proxies[i % 2].stub.CreateMessage(pb.CreateMessageRequest(params=p),
-                                                                 metadata=mesh.md("t_a"))
+                    await mesh.proxies[i % 2].stub.CreateMessage(
+                        pb.CreateMessageRequest(params=p), metadata=mesh.md("t_a")
+                    )
                     return True
                 except grpc.aio.AioRpcError:
                     return False
@@ -89,12 +92,16 @@ async def main(calls: int, budget: int, slice_tokens: int, json_to: str | None) 
     first = refusals[0] if refusals else None
     utilisation = (first[0] + first[1]) / budget if first else None
     if first:
-        print(f"budget utilisation at first refusal: {utilisation:.1%} (used {first[0]} + in flight {first[1]} "
-              f"of {budget}; the refused call needed {first[2]})")
+        print(
+            f"budget utilisation at first refusal: {utilisation:.1%} (used {first[0]} + in flight {first[1]} "
+            f"of {budget}; the refused call needed {first[2]})"
+        )
     else:
         print("no call was refused")
-    print(f"{served}/{calls} calls served in {elapsed:.2f}s, {spent} tokens spent ({spent / budget:.1%} of the budget); "
-          f"lease slice {slice_tokens}, 2 replicas")
+    print(
+        f"{served}/{calls} calls served in {elapsed:.2f}s, {spent} tokens spent ({spent / budget:.1%} of the budget); "
+        f"lease slice {slice_tokens}, 2 replicas"
+    )
     write_json(json_to, {"utilisation_at_first_refusal": utilisation, "served": served, "spent_share": spent / budget})
 
 

@@ -16,6 +16,7 @@ from a gRPC client: on 2 shared cores a page's wall time is about the sum of tha
     python bench/console.py               # about 2 minutes
     python bench/console.py --quick       # 1k runs, 10k events, fewer samples
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,13 +61,24 @@ async def _tenant(operator_key: str, addresses: dict[str, str]) -> tuple[str, st
     async with await Client.connect(api_key=operator_key, addresses=addresses) as op:
         for model, (inp, out) in MODELS.items():
             if not (await op.metering.ListPrices(mtr.ListPricesRequest(model=model))).prices:
-                await op.metering.SetPrice(mtr.SetPriceRequest(price=mtr.Price(
-                    model=model, effective_time=Timestamp(seconds=int(time.time()) - 30 * 86400),
-                    input_micros_per_mtok=inp, output_micros_per_mtok=out)))
-        created = await op.identity.CreateTenant(idp.CreateTenantRequest(name=f"bench-{uuid.uuid4().hex[:6]}",
-                                                                         tier=tenancy_pb2.TIER_POOLED))
-        await op.metering.SetQuota(mtr.SetQuotaRequest(quota=mtr.Quota(
-            tenant_id=created.tenant.id, requests_per_minute=100_000, tokens_per_minute=10_000_000)))
+                await op.metering.SetPrice(
+                    mtr.SetPriceRequest(
+                        price=mtr.Price(
+                            model=model,
+                            effective_time=Timestamp(seconds=int(time.time()) - 30 * 86400),
+                            input_micros_per_mtok=inp,
+                            output_micros_per_mtok=out,
+                        )
+                    )
+                )
+        created = await op.identity.CreateTenant(
+            idp.CreateTenantRequest(name=f"bench-{uuid.uuid4().hex[:6]}", tier=tenancy_pb2.TIER_POOLED)
+        )
+        await op.metering.SetQuota(
+            mtr.SetQuotaRequest(
+                quota=mtr.Quota(tenant_id=created.tenant.id, requests_per_minute=100_000, tokens_per_minute=10_000_000)
+            )
+        )
     return created.tenant.id, created.admin_api_key
 
 
@@ -78,11 +90,16 @@ async def _usage(key: str, addresses: dict[str, str], count: int, now: float) ->
     def event(i: int) -> mtr.UsageEvent:
         at = now - 120 - rng.random() * (WEEK - 3600)
         return mtr.UsageEvent(
-            idempotency_key=f"bench-{i}", agent_id=AGENTS[i % len(AGENTS)], model=models[1 if i % 3 == 0 else 0],
-            run_id=f"r_bench{i % 10_000:019x}", latency_ms=rng.randrange(50, 2000),
+            idempotency_key=f"bench-{i}",
+            agent_id=AGENTS[i % len(AGENTS)],
+            model=models[1 if i % 3 == 0 else 0],
+            run_id=f"r_bench{i % 10_000:019x}",
+            latency_ms=rng.randrange(50, 2000),
             outcome=mtr.OUTCOME_ERROR if i % 50 == 0 else mtr.OUTCOME_SUCCESS,
             tokens=mtr.TokenCounts(input_tokens=rng.randrange(50, 2000), output_tokens=rng.randrange(5, 400)),
-            occur_time=Timestamp(seconds=int(at), nanos=int(at % 1 * 1e9)))
+            occur_time=Timestamp(seconds=int(at), nanos=int(at % 1 * 1e9)),
+        )
+
     batches = [[event(i) for i in range(start, min(count, start + 2000))] for start in range(0, count, 2000)]
     started = time.perf_counter()
     async with await Client.connect(api_key=key, addresses=addresses) as bh:
@@ -92,23 +109,33 @@ async def _usage(key: str, addresses: dict[str, str], count: int, now: float) ->
             async with limit:
                 resp = await bh.metering.RecordUsage(mtr.RecordUsageRequest(events=batch), timeout=120)
                 assert resp.recorded_count == len(batch), resp
+
         await asyncio.gather(*(send(b) for b in batches))
     return time.perf_counter() - started
 
 
 async def _real_runs(key: str, addresses: dict[str, str]) -> list[str]:
     """REAL_RUNS runs of a one-agent team through the orchestrator, watched to their end."""
-    team = orc.Team(name="support", description="bench team", agents=[
-        orc.Agent(name="triage", system_prompt="Answer briefly.", max_steps=2)])
+    team = orc.Team(
+        name="support",
+        description="bench team",
+        agents=[orc.Agent(name="triage", system_prompt="Answer briefly.", max_steps=2)],
+    )
     async with await Client.connect(api_key=key, addresses=addresses) as bh:
         await bh.orchestrator.CreateTeam(orc.CreateTeamRequest(team=team))
 
         async def one(i: int) -> str:
-            run = (await bh.orchestrator.StartRun(orc.StartRunRequest(
-                team="support", entry_agent="triage", input=f"question {i}", idempotency_key=uuid.uuid4().hex))).run
+            run = (
+                await bh.orchestrator.StartRun(
+                    orc.StartRunRequest(
+                        team="support", entry_agent="triage", input=f"question {i}", idempotency_key=uuid.uuid4().hex
+                    )
+                )
+            ).run
             async for _ in bh.orchestrator.WatchRun(orc.WatchRunRequest(run_id=run.run_id), timeout=120):
                 pass
             return run.run_id
+
         return list(await asyncio.gather(*(one(i) for i in range(REAL_RUNS))))
 
 
@@ -120,17 +147,42 @@ def _bulk_runs(db: Path, tenant_id: str, count: int, now: float) -> float:
     for i in range(count):
         at = now - 600 - rng.random() * (WEEK - 3600)
         roll = rng.random()
-        status, reason = (("succeeded", "") if roll < 0.9 else ("failed", "BUDGET_EXHAUSTED") if roll < 0.95
-                          else ("failed", "UPSTREAM_ERROR") if roll < 0.98 else ("cancelled", ""))
-        rows.append((f"r_bench{i:019x}", tenant_id, "support", spec, AGENTS[i % 2], f"question {i}", status,
-                     AGENTS[i % 2], "done" if status == "succeeded" else "", reason,
-                     "refused" if reason else "", 5, None, at, at + rng.random() * 20))
+        status, reason = (
+            ("succeeded", "")
+            if roll < 0.9
+            else ("failed", "BUDGET_EXHAUSTED")
+            if roll < 0.95
+            else ("failed", "UPSTREAM_ERROR")
+            if roll < 0.98
+            else ("cancelled", "")
+        )
+        rows.append(
+            (
+                f"r_bench{i:019x}",
+                tenant_id,
+                "support",
+                spec,
+                AGENTS[i % 2],
+                f"question {i}",
+                status,
+                AGENTS[i % 2],
+                "done" if status == "succeeded" else "",
+                reason,
+                "refused" if reason else "",
+                5,
+                None,
+                at,
+                at + rng.random() * 20,
+            )
+        )
     started = time.perf_counter()
     with sqlite3.connect(db, timeout=30) as conn:
         conn.executemany(
             "INSERT INTO orch_runs (run_id, tenant_id, team, team_spec, entry_agent, input, status, current_agent, "
             "output, error_reason, error_message, step_count, idempotency_key, created_at, updated_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            rows,
+        )
     return time.perf_counter() - started
 
 
@@ -150,8 +202,9 @@ def _cpu_ms(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) * 1000 / os.sysconf("SC_CLK_TCK")
 
 
-def _time(http: httpx.Client, path: str, samples: int, pids: dict[str, int],
-          warmup: int = 2) -> tuple[list[float], dict[str, float]]:
+def _time(
+    http: httpx.Client, path: str, samples: int, pids: dict[str, int], warmup: int = 2
+) -> tuple[list[float], dict[str, float]]:
     """Wall ms of each request, and CPU ms per request of each process (console and services) meanwhile."""
     for _ in range(warmup):
         http.get(path)
@@ -171,10 +224,12 @@ async def _ledger_floors(key: str, addresses: dict[str, str], samples: int, now:
 
     month = dt.datetime.fromtimestamp(now, dt.UTC).replace(day=1, hour=0, minute=0, second=0, microsecond=0)
     reads = {
-        "QueryUsage day*model*agent, month (Usage)": lambda bh: _query(bh, month.timestamp(), now, [
-            mtr.USAGE_GROUPING_DAY, mtr.USAGE_GROUPING_MODEL, mtr.USAGE_GROUPING_AGENT]),
-        "QueryUsage agent*model, 7 days (Overview)": lambda bh: _query(bh, now - WEEK, now + 60, [
-            mtr.USAGE_GROUPING_AGENT, mtr.USAGE_GROUPING_MODEL]),
+        "QueryUsage day*model*agent, month (Usage)": lambda bh: _query(
+            bh, month.timestamp(), now, [mtr.USAGE_GROUPING_DAY, mtr.USAGE_GROUPING_MODEL, mtr.USAGE_GROUPING_AGENT]
+        ),
+        "QueryUsage agent*model, 7 days (Overview)": lambda bh: _query(
+            bh, now - WEEK, now + 60, [mtr.USAGE_GROUPING_AGENT, mtr.USAGE_GROUPING_MODEL]
+        ),
         "ListRuns newest 2,000 (Overview 7d)": _runs_2000,
     }
     out: dict[str, list[float]] = {}
@@ -193,8 +248,9 @@ async def _query(bh, start: float, end: float, group_by: list[mtr.UsageGrouping]
     flt = mtr.UsageFilter(start_time=Timestamp(seconds=int(start)), end_time=Timestamp(seconds=int(end)))
     token = ""
     while True:
-        resp = await bh.metering.QueryUsage(mtr.QueryUsageRequest(filter=flt, group_by=group_by, page_size=1000,
-                                                                  page_token=token))
+        resp = await bh.metering.QueryUsage(
+            mtr.QueryUsageRequest(filter=flt, group_by=group_by, page_size=1000, page_token=token)
+        )
         token = resp.next_page_token
         if not token:
             return
@@ -239,17 +295,32 @@ def main() -> int:
             real = asyncio.run(_real_runs(key, addresses))
             t_usage = asyncio.run(_usage(key, addresses, args.events, now))
             t_runs = _bulk_runs(data_dir / "orchestrator.db", tenant_id, args.runs, now)
-            print(f"tenant {tenant_id}: {args.events:,} usage events via RecordUsage in {t_usage:.1f} s, "
-                  f"{len(real)} real runs + {args.runs:,} finished runs inserted in {t_runs:.1f} s")
+            print(
+                f"tenant {tenant_id}: {args.events:,} usage events via RecordUsage in {t_usage:.1f} s, "
+                f"{len(real)} real runs + {args.runs:,} finished runs inserted in {t_runs:.1f} s"
+            )
 
-            pages = {"overview (24h)": "/overview", "overview (7d)": "/overview?window=7d", "runs": "/runs",
-                     "runs table (poll)": "/runs/table", "run": f"/runs/{real[0]}", "threads": "/threads",
-                     "thread": f"/threads/{real[0]}", "usage (month)": "/usage",
-                     "usage.csv": "/usage.csv", "secrets": "/secrets", "security": "/security", "keys": "/keys"}
+            pages = {
+                "overview (24h)": "/overview",
+                "overview (7d)": "/overview?window=7d",
+                "runs": "/runs",
+                "runs table (poll)": "/runs/table",
+                "run": f"/runs/{real[0]}",
+                "threads": "/threads",
+                "thread": f"/threads/{real[0]}",
+                "usage (month)": "/usage",
+                "usage.csv": "/usage.csv",
+                "secrets": "/secrets",
+                "security": "/security",
+                "keys": "/keys",
+            }
             with httpx.Client(base_url=f"http://{mesh.env['BULKHEAD_CONSOLE_ADDR']}", timeout=60) as http:
                 _sign_in(http, key)
-                pids = {name: pid for name, pid in mesh.service_pids().items()
-                        if name in ("console", "orchestrator", "metering", "credentials", "identity", "state")}
+                pids = {
+                    name: pid
+                    for name, pid in mesh.service_pids().items()
+                    if name in ("console", "orchestrator", "metering", "credentials", "identity", "state")
+                }
                 base, _ = _time(http, "/healthz", args.samples * 2, pids)
                 results = {name: _time(http, path, args.samples, pids) for name, path in pages.items()}
             floors = asyncio.run(_ledger_floors(key, addresses, args.samples, now))
@@ -257,25 +328,38 @@ def main() -> int:
             mesh.stop()
 
     base_p95 = p95(base)
-    print(f"\nbaseline /healthz: p50 {statistics.median(base):.1f} ms, p95 {base_p95:.1f} ms "
-          f"({len(base)} requests)\n")
-    print(f"{'page':<20} {'p50 ms':>8} {'p95 ms':>8} {'x baseline':>11}  {'target':<6}  CPU ms per page view "
-          f"(<= {TARGET_MS:.0f} ms p95)")
+    print(f"\nbaseline /healthz: p50 {statistics.median(base):.1f} ms, p95 {base_p95:.1f} ms ({len(base)} requests)\n")
+    print(
+        f"{'page':<20} {'p50 ms':>8} {'p95 ms':>8} {'x baseline':>11}  {'target':<6}  CPU ms per page view "
+        f"(<= {TARGET_MS:.0f} ms p95)"
+    )
     worst = 0.0
     for name, (values, cpu) in results.items():
         p = p95(values)
         worst = max(worst, p)
         spent = "  ".join(f"{svc} {ms:.0f}" for svc, ms in sorted(cpu.items(), key=lambda kv: -kv[1]) if ms >= 1)
-        print(f"{name:<20} {statistics.median(values):>8.1f} {p:>8.1f} {p / base_p95:>10.0f}x  "
-              f"{'ok' if p <= TARGET_MS else 'OVER':<6}  {spent}")
+        print(
+            f"{name:<20} {statistics.median(values):>8.1f} {p:>8.1f} {p / base_p95:>10.0f}x  "
+            f"{'ok' if p <= TARGET_MS else 'OVER':<6}  {spent}"
+        )
     print("\nledger reads behind the slowest pages (gRPC straight to the service, same samples):")
     for name, values in floors.items():
         print(f"{name:<44} p50 {statistics.median(values):>7.1f} ms  p95 {p95(values):>7.1f} ms")
-    print(f"\nworst page p95 {worst:.1f} ms ({args.samples} requests per page, sequential, one signed-in session; "
-          f"{args.runs:,} runs, {args.events:,} usage events)")
-    write_json(args.json, {"worst_page_p95_ms": worst, "healthz_p95_ms": base_p95,
-                           **{f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_p95_ms": p95(values)
-                              for name, (values, _) in results.items()}})
+    print(
+        f"\nworst page p95 {worst:.1f} ms ({args.samples} requests per page, sequential, one signed-in session; "
+        f"{args.runs:,} runs, {args.events:,} usage events)"
+    )
+    write_json(
+        args.json,
+        {
+            "worst_page_p95_ms": worst,
+            "healthz_p95_ms": base_p95,
+            **{
+                f"{re.sub(r'[^a-z0-9]+', '_', name).strip('_')}_p95_ms": p95(values)
+                for name, (values, _) in results.items()
+            },
+        },
+    )
     return 0
 
 

@@ -5,6 +5,7 @@ The baseline is a bare Python process importing grpcio only, measured in the sam
 `--mesh`, also every service of a `bulkhead up` (SQLite, as the e2e tests start it), idle after
 settling (target: each <= 100 MB).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -58,12 +59,22 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as data:
         port = free_port()
-        env = {**os.environ, "BULKHEAD_DATA_DIR": data, "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{port}",
-               "BULKHEAD_IDENTITY_METRICS_PORT": "0"}
-        identity = subprocess.Popen([sys.executable, "-m", "services.identity"], env=env, cwd=ROOT,
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        baseline = subprocess.Popen([sys.executable, "-c", "import grpc, time; time.sleep(60)"],
-                                    stdout=subprocess.DEVNULL)
+        env = {
+            **os.environ,
+            "BULKHEAD_DATA_DIR": data,
+            "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{port}",
+            "BULKHEAD_IDENTITY_METRICS_PORT": "0",
+        }
+        identity = subprocess.Popen(
+            [sys.executable, "-m", "services.identity"],
+            env=env,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        baseline = subprocess.Popen(
+            [sys.executable, "-c", "import grpc, time; time.sleep(60)"], stdout=subprocess.DEVNULL
+        )
         try:
             deadline = time.monotonic() + 60
             while not asyncio.run(check_health(f"127.0.0.1:{port}")):

@@ -5,6 +5,7 @@ through the full stack (server span, token verify, tenant match, scope check, co
 Both servers run in one child process each and are measured in the same run; prints requests/s,
 p50 and p99 for each and the overhead ratios. `--quick` runs a few seconds for smoke testing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,8 +43,9 @@ def _serve(kind: str, port_queue, key_bytes: bytes, kid: str) -> None:
                 from shared.tokens import SigningKey, StaticKeySource, TokenVerifier
 
                 key = SigningKey.from_private_bytes(kid, key_bytes)
-                interceptors = [TenancyInterceptor(TokenVerifier(StaticKeySource({kid: key.public_key})),
-                                                   service="bench")]
+                interceptors = [
+                    TenancyInterceptor(TokenVerifier(StaticKeySource({kid: key.public_key})), service="bench")
+                ]
             server = grpc.aio.server(interceptors=interceptors)
             echo_pb2_grpc.add_EchoServiceServicer_to_server(Noop(), server)  # type: ignore[abstract]  # Echo only
             port = server.add_insecure_port("127.0.0.1:0")
@@ -62,9 +64,17 @@ def _serve(kind: str, port_queue, key_bytes: bytes, kid: str) -> None:
             setup_telemetry("bench", extra_processors=(SimpleSpanProcessor(Discard()),))
             key = SigningKey.from_private_bytes(kid, key_bytes)
             verifier = TokenVerifier(StaticKeySource({kid: key.public_key}))
-            running = await serve(name="bench", verifier=verifier, bindings=[Binding(
-                echo_pb2_grpc.add_EchoServiceServicer_to_server, Noop(),  # type: ignore[abstract]  # Echo only
-                echo_pb2.DESCRIPTOR.services_by_name["EchoService"])])
+            running = await serve(
+                name="bench",
+                verifier=verifier,
+                bindings=[
+                    Binding(
+                        echo_pb2_grpc.add_EchoServiceServicer_to_server,
+                        Noop(),  # type: ignore[abstract]  # Echo only
+                        echo_pb2.DESCRIPTOR.services_by_name["EchoService"],
+                    )
+                ],
+            )
             server, port = running.server, running.port
         port_queue.put(port)
         await server.wait_for_termination()
@@ -125,8 +135,9 @@ def main() -> None:
         for _ in range(args.rounds):
             for concurrency in (1, 16):
                 for kind in KINDS:  # alternate so drift affects all alike
-                    lat, rps = asyncio.run(_measure(addresses[kind], md_full if kind != "bare" else (),
-                                                    args.seconds, concurrency))
+                    lat, rps = asyncio.run(
+                        _measure(addresses[kind], md_full if kind != "bare" else (), args.seconds, concurrency)
+                    )
                     results.setdefault((kind, concurrency), []).append((_pct(lat, 50), _pct(lat, 99), rps))
     finally:
         for p in procs:
@@ -145,8 +156,10 @@ def main() -> None:
         bare = summary[("bare", concurrency)]
         for kind in KINDS[1:]:
             other = summary[(kind, concurrency)]
-            print(f"concurrency {concurrency:>2}: {kind:>7}/bare  p50 {other[0] / bare[0]:.2f}x   "
-                  f"p99 {other[1] / bare[1]:.2f}x   throughput {other[2] / bare[2]:.2f}x")
+            print(
+                f"concurrency {concurrency:>2}: {kind:>7}/bare  p50 {other[0] / bare[0]:.2f}x   "
+                f"p99 {other[1] / bare[1]:.2f}x   throughput {other[2] / bare[2]:.2f}x"
+            )
         full = summary[("full", concurrency)]
         figures[f"full_c{concurrency}_added_p50_ms"] = (full[0] - bare[0]) / 1000
         figures[f"full_over_bare_c{concurrency}_throughput_ratio"] = full[2] / bare[2]

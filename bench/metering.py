@@ -15,6 +15,7 @@ server), and each line shows the server's CPU per RPC and how busy the machine's
 the server process.
 Targets: >= 50,000 events/s at batch 1000; >= 2,000 pairs/s.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -77,8 +78,9 @@ def _machine_jiffies() -> tuple[int, int]:
     return sum(values) - idle, sum(values)
 
 
-def _load(kind: str, address: str, metadata: list, seconds: float, concurrency: int, batch: int, out, warmed,
-          go) -> None:
+def _load(
+    kind: str, address: str, metadata: list, seconds: float, concurrency: int, batch: int, out, warmed, go
+) -> None:
     """Run one workload in this (child) process and report (operations, events, elapsed).
 
     Warms up, then signals `warmed` and waits for `go`, so several load processes run together.
@@ -98,10 +100,20 @@ def _load(kind: str, address: str, metadata: list, seconds: float, concurrency: 
 
         def events(n: int) -> pb.RecordUsageRequest:
             base = next(counter) * n
-            return pb.RecordUsageRequest(events=[pb.UsageEvent(
-                idempotency_key=f"{prefix}-{base + i}", model=MODEL, agent_id="agent", run_id="run",
-                tokens=pb.TokenCounts(input_tokens=1000, output_tokens=200), latency_ms=900,
-                occur_time={"seconds": T_START // 1_000_000 + (base + i) % 86400}) for i in range(n)])
+            return pb.RecordUsageRequest(
+                events=[
+                    pb.UsageEvent(
+                        idempotency_key=f"{prefix}-{base + i}",
+                        model=MODEL,
+                        agent_id="agent",
+                        run_id="run",
+                        tokens=pb.TokenCounts(input_tokens=1000, output_tokens=200),
+                        latency_ms=900,
+                        occur_time={"seconds": T_START // 1_000_000 + (base + i) % 86400},
+                    )
+                    for i in range(n)
+                ]
+            )
 
         # Ingest requests are built before the clock starts: building protos in Python is the load
         # generator's cost, not the server's, and would otherwise cap the figure on this machine.
@@ -116,16 +128,30 @@ def _load(kind: str, address: str, metadata: list, seconds: float, concurrency: 
                 resp = await stub.RecordUsage(next(ready_iter, None) or events(batch), metadata=md)
                 return resp.recorded_count
             if kind == "pairs":
-                res = await stub.ReserveBudget(pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=100,
-                                                                       max_output_tokens=100), metadata=md)
-                await stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=pb.TokenCounts(
-                    input_tokens=100, output_tokens=50)), metadata=md)
+                res = await stub.ReserveBudget(
+                    pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=100, max_output_tokens=100), metadata=md
+                )
+                await stub.CommitBudget(
+                    pb.CommitBudgetRequest(
+                        reservation_id=res.reservation_id, usage=pb.TokenCounts(input_tokens=100, output_tokens=50)
+                    ),
+                    metadata=md,
+                )
                 return 1
             if kind == "price":
-                await stub.SetPrice(pb.SetPriceRequest(price=pb.Price(
-                    model=MODEL, effective_time={"seconds": 1}, input_micros_per_mtok=3_000_000,
-                    output_micros_per_mtok=15_000_000, cache_write_micros_per_mtok=3_750_000,
-                    cache_read_micros_per_mtok=300_000)), metadata=md)
+                await stub.SetPrice(
+                    pb.SetPriceRequest(
+                        price=pb.Price(
+                            model=MODEL,
+                            effective_time={"seconds": 1},
+                            input_micros_per_mtok=3_000_000,
+                            output_micros_per_mtok=15_000_000,
+                            cache_write_micros_per_mtok=3_750_000,
+                            cache_read_micros_per_mtok=300_000,
+                        )
+                    ),
+                    metadata=md,
+                )
                 return 1
             await health.Check(health_pb2.HealthCheckRequest())  # type: ignore[attr-defined]  # stub lists no RPCs
             return 1
@@ -171,12 +197,28 @@ class Figure:
     """Share of all cores' time that was busy meanwhile (0..1)."""
 
 
-def _run_load(ctx, server_pid: int, kind: str, address: str, metadata: list, seconds: float, concurrency: int,
-              batch: int, *, loaders: int = 1) -> Figure:
+def _run_load(
+    ctx,
+    server_pid: int,
+    kind: str,
+    address: str,
+    metadata: list,
+    seconds: float,
+    concurrency: int,
+    batch: int,
+    *,
+    loaders: int = 1,
+) -> Figure:
     """Run a workload from `loaders` processes at once (concurrency split between them)."""
     q, warmed, go = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
-    procs = [ctx.Process(target=_load, args=(kind, address, metadata, seconds, max(1, concurrency // loaders), batch,
-                                             q, warmed, go), daemon=True) for _ in range(loaders)]
+    procs = [
+        ctx.Process(
+            target=_load,
+            args=(kind, address, metadata, seconds, max(1, concurrency // loaders), batch, q, warmed, go),
+            daemon=True,
+        )
+        for _ in range(loaders)
+    ]
     for p in procs:
         p.start()
     if kind != "price":
@@ -233,8 +275,8 @@ def main() -> None:
     args = parser.parse_args()
     seconds = 1.0 if args.quick else args.seconds
 
-    from testkit.postgres import start_postgres
     from shared.tokens import SigningKey, TokenIssuer
+    from testkit.postgres import start_postgres
 
     load_before = f"{os.getloadavg()[0]:.1f}"
     pg = start_postgres()
@@ -249,8 +291,18 @@ def main() -> None:
 
         ctx = multiprocessing.get_context("spawn")
         q = ctx.Queue()
-        server = ctx.Process(target=_serve, args=(q, urls.app_url, urls.owner_url, key.private_bytes(), key.kid,
-                                                  args.profile and str(Path(args.profile).resolve())), daemon=True)
+        server = ctx.Process(
+            target=_serve,
+            args=(
+                q,
+                urls.app_url,
+                urls.owner_url,
+                key.private_bytes(),
+                key.kid,
+                args.profile and str(Path(args.profile).resolve()),
+            ),
+            daemon=True,
+        )
         server.start()
         address = f"127.0.0.1:{q.get(timeout=120)}"
         if server.pid is None:
@@ -261,44 +313,66 @@ def main() -> None:
             # A priced model, as in production: reservations then hold money as well as tokens.
             _run_load(ctx, pid, "price", address, [md("t_platform", ["platform.operator"])], 0, 1, 0)
             floor = _run_load(ctx, pid, "health", address, [()], seconds, 32, 0, loaders=loaders)
-            rows.append((f"health Check RPC, {loaders} loaders (gRPC floor)", f"{floor.rate:,.0f} calls/s",
-                         _cpu_note(floor)))
+            rows.append(
+                (f"health Check RPC, {loaders} loaders (gRPC floor)", f"{floor.rate:,.0f} calls/s", _cpu_note(floor))
+            )
             ingest = {}
             raw = 0.0 if args.pairs_only else asyncio.run(_raw_insert_baseline(urls.app_dsn, "t_benchraw", seconds))
             if raw:
                 rows.append(("raw asyncpg insert, batch 1000 (baseline)", f"{raw:,.0f} events/s", ""))
             for batch, conc in () if args.pairs_only else ((1, 32), (100, 16), (1000, 4)):
-                fig = _run_load(ctx, pid, "ingest", address, [md("t_benchingest", ["metering.usage.write"])],
-                                seconds, conc, batch)
+                fig = _run_load(
+                    ctx, pid, "ingest", address, [md("t_benchingest", ["metering.usage.write"])], seconds, conc, batch
+                )
                 ingest[batch] = fig.events / fig.ops * fig.rate if fig.ops else 0.0
             for batch, rate in ingest.items():
                 note = f"{rate / raw:.2f}x raw insert" if batch == 1000 else f"{rate / floor.rate:.2f}x health RPC/s"
                 rows.append((f"RecordUsage batch {batch}", f"{rate:,.0f} events/s", note))
             pairs = {}
-            for name, tenants in (("8 tenants", [md(f"t_benchpairs{i}", ["metering.budget.write"]) for i in range(8)]),
-                                  ("1 tenant (one hot counter row)", [md("t_benchhot", ["metering.budget.write"])])):
+            for name, tenants in (
+                ("8 tenants", [md(f"t_benchpairs{i}", ["metering.budget.write"]) for i in range(8)]),
+                ("1 tenant (one hot counter row)", [md("t_benchhot", ["metering.budget.write"])]),
+            ):
                 fig = _run_load(ctx, pid, "pairs", address, tenants, seconds, 32, 0, loaders=loaders)
                 pairs[name] = fig.rate
                 rows.append((f"Reserve+Commit, {name}", f"{fig.rate:,.0f} pairs/s", _cpu_note(fig, 2)))
-            rows.append(("Reserve+Commit cap set by the gRPC floor", f"{floor.rate / 2:,.0f} pairs/s",
-                         "2 RPCs a pair: floor / 2"))
+            rows.append(
+                (
+                    "Reserve+Commit cap set by the gRPC floor",
+                    f"{floor.rate / 2:,.0f} pairs/s",
+                    "2 RPCs a pair: floor / 2",
+                )
+            )
         finally:
             server.terminate()
             server.join(timeout=60)
-        print(f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
-              "(other work on the machine depresses every figure alike; compare the ratios)")
+        print(
+            f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
+            "(other work on the machine depresses every figure alike; compare the ratios)"
+        )
         width = max(len(r[0]) for r in rows)
         for name, figure, note in rows:
             print(f"{name:<{width}}  {figure:>18}  {note}")
         verdict = "not measured" if not ingest else "met" if ingest[1000] >= 50_000 else "NOT met"
         best = max(pairs.values())
-        pair_verdict = "met" if best >= 2_000 else (
-            "NOT met" + (" (above the gRPC floor's cap on this machine)" if floor.rate / 2 < 2_000 else ""))
-        print(f"targets: RecordUsage batch 1000 >= 50,000 events/s -> {verdict}; "
-              f"Reserve+Commit >= 2,000 pairs/s -> {pair_verdict}")
-        write_json(args.json, {"reserve_commit_pairs_per_s": best, "grpc_floor_calls_per_s": floor.rate,
-                               "ingest_batch1000_events_per_s": ingest.get(1000),
-                               "raw_insert_events_per_s": raw or None})
+        pair_verdict = (
+            "met"
+            if best >= 2_000
+            else ("NOT met" + (" (above the gRPC floor's cap on this machine)" if floor.rate / 2 < 2_000 else ""))
+        )
+        print(
+            f"targets: RecordUsage batch 1000 >= 50,000 events/s -> {verdict}; "
+            f"Reserve+Commit >= 2,000 pairs/s -> {pair_verdict}"
+        )
+        write_json(
+            args.json,
+            {
+                "reserve_commit_pairs_per_s": best,
+                "grpc_floor_calls_per_s": floor.rate,
+                "ingest_batch1000_events_per_s": ingest.get(1000),
+                "raw_insert_events_per_s": raw or None,
+            },
+        )
     finally:
         pg.stop()
 

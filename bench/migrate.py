@@ -12,6 +12,7 @@ refusals as a client would; every write's latency (retries included) is recorded
     python bench/migrate.py            # 100k state events + 10k usage events
     python bench/migrate.py --quick    # 10k + 1k
 """
+
 from __future__ import annotations
 
 import argparse
@@ -57,8 +58,10 @@ async def fill(log: ThreadLog, metering: Database, state_events: int, usage_even
                 _, version = await log.append(thread, [NewEventRecord("message", payload)] * n, version)
         now = int(time.time() * 1_000_000)
         for start in range(0, usage_events, 1000):
-            records = [UsageRecord(idempotency_key=f"k{i}", model="claude-bench", occurred_us=now - i * 1000)
-                       for i in range(start, min(start + 1000, usage_events))]
+            records = [
+                UsageRecord(idempotency_key=f"k{i}", model="claude-bench", occurred_us=now - i * 1000)
+                for i in range(start, min(start + 1000, usage_events))
+            ]
             async with metering.raw(write=True) as tx:
                 await metering_store.insert_usage(tx, TENANT, records, now, default_principal="p_bench")
 
@@ -121,14 +124,17 @@ async def run(pg, state_events: int, usage_events: int, figures: dict) -> list[t
     state_urls = await pg.create_database("migrate_bench_state")
     metering_urls = await pg.create_database("migrate_bench_metering")
     state = await Database.open(state_urls.app_url, migrations=str(STATE_MIGRATIONS), owner_url=state_urls.owner_url)
-    metering = await Database.open(metering_urls.app_url, migrations=str(METERING_MIGRATIONS),
-                                   owner_url=metering_urls.owner_url)
+    metering = await Database.open(
+        metering_urls.app_url, migrations=str(METERING_MIGRATIONS), owner_url=metering_urls.owner_url
+    )
     envelope = make_envelope(state, LocalDataKeyProvider(secrets.token_bytes(32)))
     log = ThreadLog(state, envelope, LIMITS)
     try:
         await fill(log, metering, state_events, usage_events)
-        lifecycles = [TenantLifecycle("state", state, StateBase.metadata),
-                      TenantLifecycle("metering", metering, MeteringBase.metadata)]
+        lifecycles = [
+            TenantLifecycle("state", state, StateBase.metadata),
+            TenantLifecycle("metering", metering, MeteringBase.metadata),
+        ]
         writer = Writer(log)
         task = asyncio.create_task(writer.run())
         await asyncio.sleep(1.0)
@@ -137,21 +143,37 @@ async def run(pg, state_events: int, usage_events: int, figures: dict) -> list[t
             rows, paused = await hop(lifecycles, Tier.parse(source), Tier.parse(target))
             figures[f"{source}_to_{target}_rows_per_s"] = rows / paused
             figures[f"{source}_to_{target}_pause_ms"] = paused * 1000
-            rows_out.append((f"{source} -> {target}", f"{rows / paused:,.0f} rows/s",
-                             f"{rows:,} rows; paused {paused * 1000:,.0f} ms (copy+verify+switch)"))
+            rows_out.append(
+                (
+                    f"{source} -> {target}",
+                    f"{rows / paused:,.0f} rows/s",
+                    f"{rows:,} rows; paused {paused * 1000:,.0f} ms (copy+verify+switch)",
+                )
+            )
             await asyncio.sleep(1.0)
         writer.stop.set()
         await task
         lat = writer.latencies
-        figures.update(write_p50_ms=pct(lat, .5) * 1000, write_p99_ms=pct(lat, .99) * 1000,
-                       paused_write_p50_ms=pct(writer.pauses, .5) * 1000,
-                       paused_write_p99_ms=pct(writer.pauses, .99) * 1000)
-        rows_out.append(("live writer: write latency p50 / p99 / max",
-                         f"{pct(lat, .5) * 1000:.1f} / {pct(lat, .99) * 1000:.1f} / {max(lat) * 1000:.0f} ms",
-                         f"{len(lat):,} writes, every one acknowledged"))
-        rows_out.append(("live writer: paused writes p50 / p99",
-                         f"{pct(writer.pauses, .5) * 1000:,.0f} / {pct(writer.pauses, .99) * 1000:,.0f} ms",
-                         f"{len(writer.pauses)} writes waited on a pause (retried TENANT_MIGRATING)"))
+        figures.update(
+            write_p50_ms=pct(lat, 0.5) * 1000,
+            write_p99_ms=pct(lat, 0.99) * 1000,
+            paused_write_p50_ms=pct(writer.pauses, 0.5) * 1000,
+            paused_write_p99_ms=pct(writer.pauses, 0.99) * 1000,
+        )
+        rows_out.append(
+            (
+                "live writer: write latency p50 / p99 / max",
+                f"{pct(lat, 0.5) * 1000:.1f} / {pct(lat, 0.99) * 1000:.1f} / {max(lat) * 1000:.0f} ms",
+                f"{len(lat):,} writes, every one acknowledged",
+            )
+        )
+        rows_out.append(
+            (
+                "live writer: paused writes p50 / p99",
+                f"{pct(writer.pauses, 0.5) * 1000:,.0f} / {pct(writer.pauses, 0.99) * 1000:,.0f} ms",
+                f"{len(writer.pauses)} writes waited on a pause (retried TENANT_MIGRATING)",
+            )
+        )
         return rows_out
     finally:
         envelope.forget()

@@ -11,6 +11,7 @@ client (shared.client.make_channel, with and without TLS). Per mode it measures:
 
 Prints figures and the ratios mTLS / plaintext. `--quick` runs a few seconds for smoke testing.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,14 +32,15 @@ TENANT = "t_bench"
 
 def _serve(pki: str | None, key_pem: bytes, queue, stop) -> None:
     """Child process: the echo service behind the production interceptors, TLS when pki is set."""
+
     async def run() -> None:
         from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
         from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
         from shared.server import serve
-        from testkit.echo import echo_binding
         from shared.tls import TlsConfig
         from shared.tokens import StaticKeySource, TokenVerifier
+        from testkit.echo import echo_binding
 
         private = load_pem_private_key(key_pem, None)
         if not isinstance(private, Ed25519PrivateKey):
@@ -46,8 +48,7 @@ def _serve(pki: str | None, key_pem: bytes, queue, stop) -> None:
         public = private.public_key()
         verifier = TokenVerifier(StaticKeySource({"bench": public}))
         tls = TlsConfig.from_dir(pki, "identity") if pki else None
-        running = await serve(name="echo", bindings=[echo_binding()], verifier=verifier,
-                              address="127.0.0.1:0", tls=tls)
+        running = await serve(name="echo", bindings=[echo_binding()], verifier=verifier, address="127.0.0.1:0", tls=tls)
         queue.put(running.port)
         while not stop.is_set():
             await asyncio.sleep(0.05)
@@ -61,14 +62,25 @@ def _token() -> tuple[str, bytes]:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     key = Ed25519PrivateKey.generate()
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     import jwt
 
     now = int(time.time())
-    token = jwt.encode({"iss": "bulkhead-identity", "sub": "p_bench", "tid": TENANT, "tier": "pooled",
-                        "scope": "*", "iat": now, "exp": now + 3600, "jti": "bench"},
-                       key, algorithm="EdDSA", headers={"kid": "bench"})
+    token = jwt.encode(
+        {
+            "iss": "bulkhead-identity",
+            "sub": "p_bench",
+            "tid": TENANT,
+            "tier": "pooled",
+            "scope": "*",
+            "iat": now,
+            "exp": now + 3600,
+            "jti": "bench",
+        },
+        key,
+        algorithm="EdDSA",
+        headers={"kid": "bench"},
+    )
     return token, pem
 
 
@@ -134,8 +146,11 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="a few seconds, for smoke testing")
     add_json_option(parser)
     args = parser.parse_args()
-    sizes = ({"calls": 300, "concurrency": 8, "connects": 20} if args.quick
-             else {"calls": 4000, "concurrency": 32, "connects": 200})
+    sizes = (
+        {"calls": 300, "concurrency": 8, "connects": 20}
+        if args.quick
+        else {"calls": 4000, "concurrency": 32, "connects": 200}
+    )
 
     from bulkhead_cli.certs import write_dev_certs
 
@@ -146,12 +161,17 @@ def main() -> None:
         mtls = _run_mode(tmp, token, key_pem, **sizes)
 
     print(f"{'':36}{'plaintext':>12}{'mTLS':>12}{'mTLS/plain':>12}")
-    rows = [("unary p50 (ms)", "p50_ms"), ("unary p99 (ms)", "p99_ms"),
-            (f"throughput (calls/s, {sizes['concurrency']} callers)", "rps"), ("new channel + call (ms)", "connect_ms")]
+    rows = [
+        ("unary p50 (ms)", "p50_ms"),
+        ("unary p99 (ms)", "p99_ms"),
+        (f"throughput (calls/s, {sizes['concurrency']} callers)", "rps"),
+        ("new channel + call (ms)", "connect_ms"),
+    ]
     for label, key in rows:
         print(f"{label:36}{plain[key]:>12.2f}{mtls[key]:>12.2f}{mtls[key] / plain[key]:>12.2f}")
-    write_json(args.json, {f"mtls_over_plain_{key.removesuffix('_ms')}_ratio": mtls[key] / plain[key]
-                           for _, key in rows})
+    write_json(
+        args.json, {f"mtls_over_plain_{key.removesuffix('_ms')}_ratio": mtls[key] / plain[key] for _, key in rows}
+    )
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ concurrent runs across tenants with each tenant's median step wait (the fairness
     python bench/orchestrator.py --postgres   # the orchestrator's and state's databases on Postgres
                                               # (started for the run as the tests do; SQLite otherwise)
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,52 +55,86 @@ class ThreeStepUpstream(FakeAnthropic):
         message = super()._build_message(body, api_key)
         turns = sum(1 for m in body["messages"] if m["role"] == "assistant")
         if turns < 2:
-            message["content"] = [{"type": "tool_use", "id": f"toolu_{turns}", "name": "read_context",
-                                   "input": {"key": "notes"}}]
+            message["content"] = [
+                {"type": "tool_use", "id": f"toolu_{turns}", "name": "read_context", "input": {"key": "notes"}}
+            ]
             message["stop_reason"] = "tool_use"
         return message
 
 
 def team() -> pb.Team:
-    return pb.Team(name="bench", agents=[pb.Agent(name="solo", model=MODEL, system_prompt="Answer briefly.",
-                                                  tools=["read_context"], max_tokens=64)])
+    return pb.Team(
+        name="bench",
+        agents=[
+            pb.Agent(name="solo", model=MODEL, system_prompt="Answer briefly.", tools=["read_context"], max_tokens=64)
+        ],
+    )
 
 
 async def direct_run(state, proxy, md, i: int) -> tuple[float, float]:
     """The state and proxy calls of one run, made directly; returns (seconds in all, seconds after step 1)."""
     thread = f"bench-direct-{os.getpid()}-{i}-{time.monotonic_ns()}"
     payload = b'{"index":1,"kind":"model_call","agent":"solo","summary":"x","detail":{}}' * 3
-    messages = [inference_pb2.Message(role=inference_pb2.ROLE_USER, content=[
-        inference_pb2.ContentBlock(text=inference_pb2.TextBlock(text="What is in my notes?"))])]
-    params: dict[str, Any] = dict(model=MODEL, max_tokens=64, system=[inference_pb2.TextBlock(text="Answer briefly.")],
-                  tools=[inference_pb2.Tool(name="read_context", description="read")])
+    messages = [
+        inference_pb2.Message(
+            role=inference_pb2.ROLE_USER,
+            content=[inference_pb2.ContentBlock(text=inference_pb2.TextBlock(text="What is in my notes?"))],
+        )
+    ]
+    params: dict[str, Any] = dict(
+        model=MODEL,
+        max_tokens=64,
+        system=[inference_pb2.TextBlock(text="Answer briefly.")],
+        tools=[inference_pb2.Tool(name="read_context", description="read")],
+    )
     t0 = time.perf_counter()
     await state.CreateThread(state_pb2.CreateThreadRequest(thread_id=thread), metadata=md)
     version = 0
 
     async def append() -> None:
         nonlocal version
-        await state.AppendEvents(state_pb2.AppendEventsRequest(thread_id=thread, expected_version=version, events=[
-            state_pb2.NewEvent(type=STEP_EVENT_TYPE, payload=payload)]), metadata=md)
+        await state.AppendEvents(
+            state_pb2.AppendEventsRequest(
+                thread_id=thread,
+                expected_version=version,
+                events=[state_pb2.NewEvent(type=STEP_EVENT_TYPE, payload=payload)],
+            ),
+            metadata=md,
+        )
         version += 1
 
     await append()
     t1 = time.perf_counter()
     for call in range(3):
-        resp = await proxy.CreateMessage(inference_pb2.CreateMessageRequest(
-            params=inference_pb2.MessageParams(messages=messages, **params)),
-            metadata=(*md, ("x-request-id", f"{thread}-{call}")))
+        resp = await proxy.CreateMessage(
+            inference_pb2.CreateMessageRequest(params=inference_pb2.MessageParams(messages=messages, **params)),
+            metadata=(*md, ("x-request-id", f"{thread}-{call}")),
+        )
         await append()
         messages.append(inference_pb2.Message(role=inference_pb2.ROLE_ASSISTANT, content=resp.content))
         if call < 2:
             with contextlib.suppress(grpc.aio.AioRpcError):
-                await state.GetContext(state_pb2.GetContextRequest(
-                    scope=state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_RUN, id=thread), key="notes"), metadata=md)
+                await state.GetContext(
+                    state_pb2.GetContextRequest(
+                        scope=state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_RUN, id=thread), key="notes"
+                    ),
+                    metadata=md,
+                )
             await append()
             use = resp.content[0].tool_use
-            messages.append(inference_pb2.Message(role=inference_pb2.ROLE_USER, content=[inference_pb2.ContentBlock(
-                tool_result=inference_pb2.ToolResultBlock(tool_use_id=use.id, content=[inference_pb2.ContentBlock(
-                    text=inference_pb2.TextBlock(text="(no value)"))]))]))
+            messages.append(
+                inference_pb2.Message(
+                    role=inference_pb2.ROLE_USER,
+                    content=[
+                        inference_pb2.ContentBlock(
+                            tool_result=inference_pb2.ToolResultBlock(
+                                tool_use_id=use.id,
+                                content=[inference_pb2.ContentBlock(text=inference_pb2.TextBlock(text="(no value)"))],
+                            )
+                        )
+                    ],
+                )
+            )
     await append()
     end = time.perf_counter()
     return end - t0, end - t1
@@ -112,8 +147,10 @@ async def orchestrated_run(stub, md) -> tuple[float, list[pb.WatchRunResponse]]:
     msgs = [m async for m in stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), metadata=md)]
     elapsed = time.perf_counter() - t0
     if msgs[-1].run.status != pb.RUN_STATUS_SUCCEEDED or len(msgs) != STEPS_PER_RUN:
-        raise RuntimeError(f"run ended {pb.RunStatus.Name(msgs[-1].run.status)} after {len(msgs)} steps: "
-                           f"{msgs[-1].run.error_reason} {msgs[-1].run.error_message}")
+        raise RuntimeError(
+            f"run ended {pb.RunStatus.Name(msgs[-1].run.status)} after {len(msgs)} steps: "
+            f"{msgs[-1].run.error_reason} {msgs[-1].run.error_message}"
+        )
     return elapsed, msgs
 
 
@@ -126,11 +163,17 @@ async def main(quick: bool, json_to: str | None = None, postgres: bool = False) 
 
         server = start_postgres()
         suffix = f"{os.getpid()}_{time.monotonic_ns() % 10**6}"
-        state_db, orch_db = (await server.create_database(f"bench_state_{suffix}"),
-                             await server.create_database(f"bench_orch_{suffix}"))
+        state_db, orch_db = (
+            await server.create_database(f"bench_state_{suffix}"),
+            await server.create_database(f"bench_orch_{suffix}"),
+        )
         env = {"BULKHEAD_STATE_DATABASE_URL": state_db.app_url, "BULKHEAD_STATE_DATABASE_OWNER_URL": state_db.owner_url}
-        orch_env.update({"BULKHEAD_ORCHESTRATOR_DATABASE_URL": orch_db.app_url,
-                         "BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL": orch_db.owner_url})
+        orch_env.update(
+            {
+                "BULKHEAD_ORCHESTRATOR_DATABASE_URL": orch_db.app_url,
+                "BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL": orch_db.owner_url,
+            }
+        )
     try:
         await _measure(sequential, tenants_n, per_tenant, json_to, env, orch_env, postgres)
     finally:
@@ -138,11 +181,20 @@ async def main(quick: bool, json_to: str | None = None, postgres: bool = False) 
             server.stop()
 
 
-async def _measure(sequential: int, tenants_n: int, per_tenant: int, json_to: str | None, env: dict[str, str],
-                   orch_env: dict[str, str], postgres: bool) -> None:
+async def _measure(
+    sequential: int,
+    tenants_n: int,
+    per_tenant: int,
+    json_to: str | None,
+    env: dict[str, str],
+    orch_env: dict[str, str],
+    postgres: bool,
+) -> None:
     with tempfile.TemporaryDirectory() as tmp:
-        async with ThreeStepUpstream() as upstream, running_mesh(
-                Path(tmp), upstream_url=upstream.base_url, env=env, orchestrator_env=orch_env) as mesh:
+        async with (
+            ThreeStepUpstream() as upstream,
+            running_mesh(Path(tmp), upstream_url=upstream.base_url, env=env, orchestrator_env=orch_env) as mesh,
+        ):
             print(f"databases of state and the orchestrator: {'Postgres' if postgres else 'SQLite'}")
             tenants = [await mesh.tenant() for _ in range(tenants_n)]
             stub = mesh.stub
@@ -168,10 +220,14 @@ async def _measure(sequential: int, tenants_n: int, per_tenant: int, json_to: st
             ds, os_ = statistics.median(direct_steps), statistics.median(orch_steps)
             n = STEPS_PER_RUN - 1
             print(f"sequential runs: {sequential} each, {STEPS_PER_RUN} steps/run (3 model, 2 tool)")
-            print(f"  whole run   direct proxy+state calls {d * 1000:7.1f} ms   orchestrated (StartRun..WatchRun end) "
-                  f"{o * 1000:7.1f} ms   ratio {o / d:4.2f}x   per run +{(o - d) * 1000:5.1f} ms")
-            print(f"  steps 2..{STEPS_PER_RUN}  direct {ds * 1000:7.1f} ms   orchestrated {os_ * 1000:7.1f} ms   "
-                  f"overhead per step {(os_ - ds) / n * 1000:5.2f} ms   (targets: <= 10 ms per run, <= 1 ms per step)")
+            print(
+                f"  whole run   direct proxy+state calls {d * 1000:7.1f} ms   orchestrated (StartRun..WatchRun end) "
+                f"{o * 1000:7.1f} ms   ratio {o / d:4.2f}x   per run +{(o - d) * 1000:5.1f} ms"
+            )
+            print(
+                f"  steps 2..{STEPS_PER_RUN}  direct {ds * 1000:7.1f} ms   orchestrated {os_ * 1000:7.1f} ms   "
+                f"overhead per step {(os_ - ds) / n * 1000:5.2f} ms   (targets: <= 10 ms per run, <= 1 ms per step)"
+            )
 
             total = tenants_n * per_tenant
             gate = asyncio.Semaphore(4 * tenants_n)  # the direct baseline at the orchestrator's concurrency
@@ -184,32 +240,50 @@ async def _measure(sequential: int, tenants_n: int, per_tenant: int, json_to: st
             await asyncio.gather(*(gated_direct(t, i) for i in range(per_tenant) for t in tenants))
             direct_wall = time.perf_counter() - t0
             t0 = time.perf_counter()
-            results = await asyncio.gather(*(orchestrated_run(mesh.stub, t.metadata)
-                                             for _ in range(per_tenant) for t in tenants))
+            results = await asyncio.gather(
+                *(orchestrated_run(mesh.stub, t.metadata) for _ in range(per_tenant) for t in tenants)
+            )
             wall = time.perf_counter() - t0
             print(f"\nconcurrent: {total} runs across {tenants_n} tenants (limit 4 running per tenant)")
-            print(f"  direct calls   {total / direct_wall:8.1f} runs/s   wall {direct_wall:.2f} s   (same calls, "
-                  f"{4 * tenants_n} at a time)")
-            print(f"  orchestrated   {total / wall:8.1f} runs/s   {total * STEPS_PER_RUN / wall:8.1f} steps/s   "
-                  f"wall {wall:.2f} s   ratio {direct_wall / wall:4.2f}")
+            print(
+                f"  direct calls   {total / direct_wall:8.1f} runs/s   wall {direct_wall:.2f} s   (same calls, "
+                f"{4 * tenants_n} at a time)"
+            )
+            print(
+                f"  orchestrated   {total / wall:8.1f} runs/s   {total * STEPS_PER_RUN / wall:8.1f} steps/s   "
+                f"wall {wall:.2f} s   ratio {direct_wall / wall:4.2f}"
+            )
             waits: dict[int, list[float]] = {}
             for i, (_, msgs) in enumerate(results):
                 times = [m.step.create_time.ToNanoseconds() / 1e9 for m in msgs]
                 waits.setdefault(i % tenants_n, []).extend(b - a for a, b in itertools.pairwise(times))
             medians = [statistics.median(w) * 1000 for w in waits.values()]
-            print(f"  median step wait per tenant: min {min(medians):.1f} ms  max {max(medians):.1f} ms  "
-                  f"max/min {max(medians) / min(medians):.2f}   (target <= 2.00)")
-            write_json(json_to, {"fixed_per_run_ms": (o - d) * 1000, "per_step_ms": (os_ - ds) / n * 1000,
-                                 "whole_run_ratio": o / d, "concurrent_runs": total,
-                                 "concurrent_runs_per_s": total / wall, "concurrent_vs_direct_ratio": direct_wall / wall,
-                                 "step_wait_max_over_min_ratio": max(medians) / min(medians)})
+            print(
+                f"  median step wait per tenant: min {min(medians):.1f} ms  max {max(medians):.1f} ms  "
+                f"max/min {max(medians) / min(medians):.2f}   (target <= 2.00)"
+            )
+            write_json(
+                json_to,
+                {
+                    "fixed_per_run_ms": (o - d) * 1000,
+                    "per_step_ms": (os_ - ds) / n * 1000,
+                    "whole_run_ratio": o / d,
+                    "concurrent_runs": total,
+                    "concurrent_runs_per_s": total / wall,
+                    "concurrent_vs_direct_ratio": direct_wall / wall,
+                    "step_wait_max_over_min_ratio": max(medians) / min(medians),
+                },
+            )
 
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="a few-second smoke run")
-    parser.add_argument("--postgres", action="store_true",
-                        help="state and the orchestrator on Postgres (a local server started for the run)")
+    parser.add_argument(
+        "--postgres",
+        action="store_true",
+        help="state and the orchestrator on Postgres (a local server started for the run)",
+    )
     add_json_option(parser)
     cli = parser.parse_args()
     asyncio.run(main(cli.quick, cli.json, cli.postgres))

@@ -21,6 +21,7 @@ ratios Bulkhead/LiteLLM are printed.
 After the rounds, calls/s through a proxy of 1 and of 2 worker processes on one port
 (BULKHEAD_INFERENCE_WORKERS, SO_REUSEPORT) are printed with their ratio (--no-workers skips it).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,6 +49,7 @@ PLATFORM_KEY = "sk-ant-bench-platform-key"
 
 
 # ----- child processes -----
+
 
 def _verifier():
     from shared.tokens import SigningKey, StaticKeySource, TokenVerifier
@@ -102,9 +104,11 @@ async def _role_backends(tmp: str) -> None:
     mdb = await Database.open(f"sqlite+aiosqlite:///{tmp}/metering.db", migrations=str(METER_MIGRATIONS))
     metering = await serve_metering(db=mdb, verifier=verifier, registry=CollectorRegistry())
     cdb = await Database.open(f"sqlite+aiosqlite:///{tmp}/credentials.db", migrations=str(CRED_MIGRATIONS))
-    credentials = await serve_credentials(db=cdb, verifier=verifier,
-                                          backend=LocalBackend(cdb, load_or_create_master_key(
-                                              pathlib.Path(tmp) / "master.key")))
+    credentials = await serve_credentials(
+        db=cdb,
+        verifier=verifier,
+        backend=LocalBackend(cdb, load_or_create_master_key(pathlib.Path(tmp) / "master.key")),
+    )
     await _serve_forever(f"{metering.running.address} {credentials.running.address}")
 
 
@@ -116,13 +120,13 @@ async def _role_proxy() -> None:
     # A worker of --workers serves the address its parent drew (BULKHEAD_INFERENCE_LISTEN_ADDR).
     address = None if os.environ.get(WORKER_ENV) else "127.0.0.1:0"
     service = await start(InferenceConfig.from_env(os.environ), _verifier(), address=address)
-    freeze_startup_heap()   # as main() does
+    freeze_startup_heap()  # as main() does
     profile_to = os.environ.get("BENCH_PROFILE")
-    if profile_to:   # --profile: where the proxy's CPU goes, written when the bench stops it
+    if profile_to:  # --profile: where the proxy's CPU goes, written when the bench stops it
         import cProfile
         import signal
 
-        if os.environ.get("ANTHROPIC_BASE_URL"):   # loaded on the first call otherwise: keep imports out of the profile
+        if os.environ.get("ANTHROPIC_BASE_URL"):  # loaded on the first call otherwise: keep imports out of the profile
             import anthropic  # noqa: F401
 
             from services.inference import sdk_http  # noqa: F401
@@ -140,6 +144,7 @@ async def _role_proxy() -> None:
 
 
 # ----- load -----
+
 
 async def _closed_loop(call, concurrency: int, seconds: float) -> tuple[list[float], float]:
     latencies: list[float] = []
@@ -178,9 +183,11 @@ async def _bare_hop_floor(env: dict, args: argparse.Namespace) -> float:
         bare.terminate()
         bare.wait(timeout=10)
     added_ms = 1000 * (_pct(lat, 0.5) - args.delay)
-    print(f"gRPC floor at concurrency 1: a bare grpc.aio server (no interceptors) whose handler waits the same "
-          f"{args.delay * 1000:.0f} ms adds p50 {added_ms:+.2f} ms "
-          f"(the proxy's added-latency target is this + 0.2 ms)")
+    print(
+        f"gRPC floor at concurrency 1: a bare grpc.aio server (no interceptors) whose handler waits the same "
+        f"{args.delay * 1000:.0f} ms adds p50 {added_ms:+.2f} ms "
+        f"(the proxy's added-latency target is this + 0.2 ms)"
+    )
     return added_ms
 
 
@@ -199,24 +206,32 @@ def _cpu_seconds(pids: list[int]) -> float:
 
 
 def _rss_mb(pid: int) -> tuple[float, float]:
-    fields = dict(line.split(":", 1) for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines()
-                  if ":" in line)
+    fields = dict(
+        line.split(":", 1) for line in pathlib.Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line
+    )
     return int(fields["VmRSS"].split()[0]) / 1024, int(fields["VmHWM"].split()[0]) / 1024
 
 
 def _spawn(role: str, env: dict[str, str], *args: str) -> tuple[subprocess.Popen, str]:
-    proc = subprocess.Popen([sys.executable, __file__, "--role", role, *args], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.DEVNULL, text=True, cwd=ROOT)
+    proc = subprocess.Popen(
+        [sys.executable, __file__, "--role", role, *args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.stdout is not None  # stdout=PIPE
     line = proc.stdout.readline().strip()
     if not line.startswith("READY "):
         proc.kill()
         raise SystemExit(f"{role} did not start")
-    return proc, line[len("READY "):]
+    return proc, line[len("READY ") :]
 
 
-async def _budget_across_replicas(args, proxy_env: dict, first_addr: str, set_quota, md, request, procs: list,
-                                  tmp: str) -> float:
+async def _budget_across_replicas(
+    args, proxy_env: dict, first_addr: str, set_quota, md, request, procs: list, tmp: str
+) -> float:
     """calls/s at concurrency 32 spread over 2 proxy replicas, for a tenant under a hard token budget
     (leases from metering shared by both) / a tenant with the same limits and no budget; same rounds."""
     import grpc
@@ -229,8 +244,9 @@ async def _budget_across_replicas(args, proxy_env: dict, first_addr: str, set_qu
     second_env.pop("BENCH_PROFILE", None)
     second, second_addr = _spawn("proxy", second_env)
     procs.append(second)
-    budget = mpb.Budget(unit=mpb.BUDGET_UNIT_TOKENS, limit=10_000_000_000, period=mpb.BUDGET_PERIOD_MONTH,
-                        mode=mpb.BUDGET_MODE_HARD)
+    budget = mpb.Budget(
+        unit=mpb.BUDGET_UNIT_TOKENS, limit=10_000_000_000, period=mpb.BUDGET_PERIOD_MONTH, mode=mpb.BUDGET_MODE_HARD
+    )
     tenants = {"budget": "t_benchbudget", "none": "t_benchnobudget"}
     await set_quota(tenants["budget"], [budget])
     await set_quota(tenants["none"], [])
@@ -241,8 +257,9 @@ async def _budget_across_replicas(args, proxy_env: dict, first_addr: str, set_qu
         metadata, turn = md(tenant), [0]
 
         async def call(metadata=metadata, turn=turn) -> None:
-            turn[0] += 1   # alternate replicas, as a round-robin channel over both would
+            turn[0] += 1  # alternate replicas, as a round-robin channel over both would
             await stubs[turn[0] % 2].CreateMessage(request, metadata=metadata)
+
         calls[name] = call
     try:
         for call in calls.values():
@@ -258,8 +275,10 @@ async def _budget_across_replicas(args, proxy_env: dict, first_addr: str, set_qu
         for c in channels:
             await c.close()
     rates = {name: n / t for name, (n, t) in done.items()}
-    print(f"2 replicas, concurrency 32: hard token budget {rates['budget']:.1f} calls/s, no budget "
-          f"{rates['none']:.1f} calls/s, ratio {rates['budget'] / rates['none']:.3f} (target >= 0.9)")
+    print(
+        f"2 replicas, concurrency 32: hard token budget {rates['budget']:.1f} calls/s, no budget "
+        f"{rates['none']:.1f} calls/s, ratio {rates['budget'] / rates['none']:.3f} (target >= 0.9)"
+    )
     return rates["budget"] / rates["none"]
 
 
@@ -273,8 +292,12 @@ async def _worker_scaling(args, proxy_env: dict, metadata, request, procs: list,
     counts = (1, 2)
     addresses = {}
     for n in counts:
-        env = {**proxy_env, "BULKHEAD_INFERENCE_WORKERS": str(n), "BULKHEAD_INFERENCE_LISTEN_ADDR": "127.0.0.1:0",
-               "BULKHEAD_DATA_DIR": f"{tmp}/workers-{n}"}
+        env = {
+            **proxy_env,
+            "BULKHEAD_INFERENCE_WORKERS": str(n),
+            "BULKHEAD_INFERENCE_LISTEN_ADDR": "127.0.0.1:0",
+            "BULKHEAD_DATA_DIR": f"{tmp}/workers-{n}",
+        }
         env.pop("BENCH_PROFILE", None)
         os.makedirs(env["BULKHEAD_DATA_DIR"], exist_ok=True)
         proc, addresses[n] = _spawn("proxy", env)
@@ -282,14 +305,16 @@ async def _worker_scaling(args, proxy_env: dict, metadata, request, procs: list,
     channels, calls = [], {}
     for n in counts:
         # A channel of its own subchannel pool: a connection of its own, so the kernel can hand it to any worker.
-        own = [grpc.aio.insecure_channel(addresses[n], options=[("grpc.use_local_subchannel_pool", 1)])
-               for _ in range(8)]
+        own = [
+            grpc.aio.insecure_channel(addresses[n], options=[("grpc.use_local_subchannel_pool", 1)]) for _ in range(8)
+        ]
         channels += own
         stubs, turn = [inference_pb2_grpc.InferenceServiceStub(c) for c in own], [0]
 
         async def call(stubs=stubs, turn=turn) -> None:
             turn[0] += 1
             await stubs[turn[0] % len(stubs)].CreateMessage(request, metadata=metadata)
+
         calls[n] = call
     done = {n: [0, 0.0] for n in counts}
     try:
@@ -305,9 +330,11 @@ async def _worker_scaling(args, proxy_env: dict, metadata, request, procs: list,
         for c in channels:
             await c.close()
     rates = {n: count / spent for n, (count, spent) in done.items()}
-    print(f"workers on one port (SO_REUSEPORT), concurrency 32 over 8 connections: 1 worker {rates[1]:.1f} calls/s, "
-          f"2 workers {rates[2]:.1f} calls/s, scaling 1->2 {rates[2] / rates[1]:.2f}x on {os.cpu_count()} cores "
-          f"(shared with the load generator, the fake upstream and metering)")
+    print(
+        f"workers on one port (SO_REUSEPORT), concurrency 32 over 8 connections: 1 worker {rates[1]:.1f} calls/s, "
+        f"2 workers {rates[2]:.1f} calls/s, scaling 1->2 {rates[2] / rates[1]:.2f}x on {os.cpu_count()} cores "
+        f"(shared with the load generator, the fake upstream and metering)"
+    )
     return rates
 
 
@@ -318,8 +345,11 @@ def _start_litellm(python: pathlib.Path, tmp: str, fake_url: str, master_key: st
     return _litellm.start(python, config, log_to=pathlib.Path(tmp) / "litellm.log")
 
 
-RATIOS = {"c1_added_p50": "c1_added_p50_ms", "c32_calls": "c32_calls_per_s",
-          "c32_server_cpu": "c32_server_cpu_ms_per_call"}
+RATIOS = {
+    "c1_added_p50": "c1_added_p50_ms",
+    "c32_calls": "c32_calls_per_s",
+    "c32_server_cpu": "c32_server_cpu_ms_per_call",
+}
 """Figures compared Bulkhead/LiteLLM, by the short name of the ratio."""
 SERVERS = {"proxy": ("proxy", "backends"), "litellm": ("litellm",)}
 """The server processes whose CPU each path's calls cost (direct has none between load and upstream)."""
@@ -327,6 +357,7 @@ SERVERS = {"proxy": ("proxy", "backends"), "litellm": ("litellm",)}
 
 def _figures(results: dict, cpu: dict, calls: dict, hop_ms: float, peak_mb: float) -> dict[str, float]:
     """The run's headline figures, by the names bench/all.py and the targets use."""
+
     def added(conc: int, path: str) -> float:
         return 1000 * (results[(conc, path)][0] - results[(conc, "direct")][0])
 
@@ -347,7 +378,8 @@ def _figures(results: dict, cpu: dict, calls: dict, hop_ms: float, peak_mb: floa
     if "litellm_c32_calls_per_s" in out and "bulkhead_c32_calls_per_s" in out:
         for short, what in RATIOS.items():
             out[f"bulkhead_over_litellm_{short}_ratio"] = (
-                out[f"bulkhead_{what}"] / out[f"litellm_{what}"] if out[f"litellm_{what}"] else float("nan"))
+                out[f"bulkhead_{what}"] / out[f"litellm_{what}"] if out[f"litellm_{what}"] else float("nan")
+            )
     return out
 
 
@@ -373,11 +405,19 @@ async def _bench(args: argparse.Namespace) -> None:
         backends, addrs = _spawn("backends", env, "--tmp", tmp)
         procs.append(backends)
         metering_addr, credentials_addr = addrs.split()
-        proxy_env = {**env, "BULKHEAD_DATA_DIR": tmp, "BULKHEAD_METERING_ADDR": metering_addr,
-                     "BULKHEAD_CREDENTIALS_ADDR": credentials_addr, "BULKHEAD_MODEL_PROVIDER": "anthropic",
-                     "ANTHROPIC_API_KEY": PLATFORM_KEY, "ANTHROPIC_BASE_URL": fake_url,
-                     "BULKHEAD_INFERENCE_ALLOWED_MODELS": MODEL, "BULKHEAD_INFERENCE_PINNED_VERSIONS": f"{MODEL}={PINNED}",
-                     "BULKHEAD_INFERENCE_LEASE_TOKENS": "50000", "BULKHEAD_LOG_LEVEL": "WARNING"}
+        proxy_env = {
+            **env,
+            "BULKHEAD_DATA_DIR": tmp,
+            "BULKHEAD_METERING_ADDR": metering_addr,
+            "BULKHEAD_CREDENTIALS_ADDR": credentials_addr,
+            "BULKHEAD_MODEL_PROVIDER": "anthropic",
+            "ANTHROPIC_API_KEY": PLATFORM_KEY,
+            "ANTHROPIC_BASE_URL": fake_url,
+            "BULKHEAD_INFERENCE_ALLOWED_MODELS": MODEL,
+            "BULKHEAD_INFERENCE_PINNED_VERSIONS": f"{MODEL}={PINNED}",
+            "BULKHEAD_INFERENCE_LEASE_TOKENS": "50000",
+            "BULKHEAD_LOG_LEVEL": "WARNING",
+        }
         if args.profile:
             proxy_env["BENCH_PROFILE"] = args.profile
         if args.transport:
@@ -385,7 +425,7 @@ async def _bench(args: argparse.Namespace) -> None:
         transport = proxy_env.get("BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT", "sdk")
         proxy, proxy_addr = _spawn("proxy", proxy_env)
         procs.append(proxy)
-        await asyncio.sleep(1.0)          # started, no call yet: what an idle proxy holds
+        await asyncio.sleep(1.0)  # started, no call yet: what an idle proxy holds
         idle_mb = _rss_mb(proxy.pid)[0]
         pids = {"load": [os.getpid()], "fake": [fake.pid], "proxy": [proxy.pid], "backends": [backends.pid]}
         clients = {}
@@ -401,27 +441,46 @@ async def _bench(args: argparse.Namespace) -> None:
 
         async def set_quota(tenant: str, budgets: list) -> None:
             async with grpc.aio.insecure_channel(metering_addr) as ch:
-                await metering_pb2_grpc.MeteringServiceStub(ch).SetQuota(mpb.SetQuotaRequest(quota=mpb.Quota(
-                    tenant_id=tenant, requests_per_minute=10_000_000, tokens_per_minute=10_000_000_000,
-                    concurrent_calls=1000, budgets=budgets)), metadata=md("t_platform", ("platform.operator",)))
+                await metering_pb2_grpc.MeteringServiceStub(ch).SetQuota(
+                    mpb.SetQuotaRequest(
+                        quota=mpb.Quota(
+                            tenant_id=tenant,
+                            requests_per_minute=10_000_000,
+                            tokens_per_minute=10_000_000_000,
+                            concurrent_calls=1000,
+                            budgets=budgets,
+                        )
+                    ),
+                    metadata=md("t_platform", ("platform.operator",)),
+                )
 
         # Quotas and a budget large enough for the run, so every limit is checked on every call.
-        await set_quota(TENANT, [mpb.Budget(unit=mpb.BUDGET_UNIT_TOKENS, limit=10_000_000_000,
-                                            period=mpb.BUDGET_PERIOD_MONTH)])
+        await set_quota(
+            TENANT, [mpb.Budget(unit=mpb.BUDGET_UNIT_TOKENS, limit=10_000_000_000, period=mpb.BUDGET_PERIOD_MONTH)]
+        )
 
         text = "Summarise the quarterly numbers in one line please"
         clients["direct"] = anthropic.AsyncAnthropic(base_url=fake_url, api_key=PLATFORM_KEY, max_retries=0)
         channel = grpc.aio.insecure_channel(proxy_addr)
         stub = inference_pb2_grpc.InferenceServiceStub(channel)
         tenant_md = md(TENANT)
-        request = pb.CreateMessageRequest(params=pb.MessageParams(
-            model=MODEL, max_tokens=64, messages=[pb.Message(role=pb.ROLE_USER, content=[
-                pb.ContentBlock(text=pb.TextBlock(text=text))])]))
+        request = pb.CreateMessageRequest(
+            params=pb.MessageParams(
+                model=MODEL,
+                max_tokens=64,
+                messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=pb.TextBlock(text=text))])],
+            )
+        )
 
         def via_sdk(client, model: str):
             async def call() -> None:
-                await client.messages.create(model=model, max_tokens=64, messages=[{"role": "user", "content": text}],
-                                             metadata={"user_id": "bh_bench"})
+                await client.messages.create(
+                    model=model,
+                    max_tokens=64,
+                    messages=[{"role": "user", "content": text}],
+                    metadata={"user_id": "bh_bench"},
+                )
+
             return call
 
         async def proxied() -> None:
@@ -430,13 +489,15 @@ async def _bench(args: argparse.Namespace) -> None:
         paths = {"direct": via_sdk(clients["direct"], PINNED), "proxy": proxied}
         if "litellm" in clients:
             paths["litellm"] = via_sdk(clients["litellm"], _litellm.MODEL_ALIAS)
-        for warm in paths.values():      # connections, caches, the first lease
+        for warm in paths.values():  # connections, caches, the first lease
             for _ in range(20):
                 await warm()
 
-        print(f"upstream delay {args.delay * 1000:.0f} ms, {args.seconds:.1f} s per path in {args.rounds} rounds, "
-              f"quotas + leases + metering on, upstream transport {transport}; "
-              f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
+        print(
+            f"upstream delay {args.delay * 1000:.0f} ms, {args.seconds:.1f} s per path in {args.rounds} rounds, "
+            f"quotas + leases + metering on, upstream transport {transport}; "
+            f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+        )
         print(f"{'conc':>4} {'path':>7} {'calls':>6} {'p50 ms':>8} {'p99 ms':>8} {'calls/s':>8}")
         results = {}
         # CPU per process while each path runs. At concurrency 32 each path is bound by one event
@@ -465,20 +526,30 @@ async def _bench(args: argparse.Namespace) -> None:
             d = results[(conc, "direct")]
             for name in list(paths)[1:]:
                 p = results[(conc, name)]
-                print(f"concurrency {conc:>2} {name:>7}: added latency p50 {1000 * (p[0] - d[0]):+.2f} ms, "
-                      f"p99 {1000 * (p[1] - d[1]):+.2f} ms, throughput ratio {name}/direct {p[2] / d[2]:.3f}")
+                print(
+                    f"concurrency {conc:>2} {name:>7}: added latency p50 {1000 * (p[0] - d[0]):+.2f} ms, "
+                    f"p99 {1000 * (p[1] - d[1]):+.2f} ms, throughput ratio {name}/direct {p[2] / d[2]:.3f}"
+                )
         print("CPU ms per call, by process: " + " ".join(pids))
         for (conc, name), spent in cpu.items():
             n = calls[(conc, name)]
-            print(f"  c{conc:<3} {name:>7}: " + "  ".join(f"{role} {1000 * spent[role] / n:5.2f}" for role in pids)
-                  + f"  = {1000 * sum(spent.values()) / n:5.2f}")
+            print(
+                f"  c{conc:<3} {name:>7}: "
+                + "  ".join(f"{role} {1000 * spent[role] / n:5.2f}" for role in pids)
+                + f"  = {1000 * sum(spent.values()) / n:5.2f}"
+            )
         rss, peak = _rss_mb(proxy.pid)
-        print(f"proxy RSS idle {idle_mb:.0f} MB (target <= 100), after the load {rss:.0f} MB, peak {peak:.0f} MB "
-              f"(target <= 150)")
+        print(
+            f"proxy RSS idle {idle_mb:.0f} MB (target <= 100), after the load {rss:.0f} MB, peak {peak:.0f} MB "
+            f"(target <= 150)"
+        )
         hop_ms = await _bare_hop_floor(env, args)
         scaling = await _worker_scaling(args, proxy_env, tenant_md, request, procs, tmp) if args.workers else None
-        replicas_ratio = (await _budget_across_replicas(args, proxy_env, proxy_addr, set_quota, md, request, procs,
-                                                        tmp) if args.replicas else None)
+        replicas_ratio = (
+            await _budget_across_replicas(args, proxy_env, proxy_addr, set_quota, md, request, procs, tmp)
+            if args.replicas
+            else None
+        )
         await channel.close()
         for client in clients.values():
             await client.close()
@@ -492,9 +563,11 @@ async def _bench(args: argparse.Namespace) -> None:
             figures["workers_2_over_1_ratio"] = scaling[2] / scaling[1]
         if "litellm" in paths:
             print(f"\nBulkhead / LiteLLM ({_litellm.VERSION}, 1 worker, no database), same run, same upstream:")
-            for what, label in (("c1_added_p50", "added p50 at concurrency 1"),
-                                ("c32_calls", "calls/s at concurrency 32"),
-                                ("c32_server_cpu", "server CPU per call at concurrency 32")):
+            for what, label in (
+                ("c1_added_p50", "added p50 at concurrency 1"),
+                ("c32_calls", "calls/s at concurrency 32"),
+                ("c32_server_cpu", "server CPU per call at concurrency 32"),
+            ):
                 print(f"  {label:<38} {figures[f'bulkhead_over_litellm_{what}_ratio']:8.3f}")
         print(json.dumps(figures, sort_keys=True))
         write_json(args.json, figures)
@@ -515,14 +588,22 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per path and concurrency")
     parser.add_argument("--rounds", type=int, default=4, help="alternating rounds the seconds are split into")
     parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the proxy process to FILE")
-    parser.add_argument("--transport", choices=TRANSPORTS,
-                        help="the proxy's upstream transport (BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT; default: "
-                             "the environment's, else sdk)")
+    parser.add_argument(
+        "--transport",
+        choices=TRANSPORTS,
+        help="the proxy's upstream transport (BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT; default: "
+        "the environment's, else sdk)",
+    )
     parser.add_argument("--peer", choices=("litellm",), help="also run this proxy against the same upstream")
-    parser.add_argument("--no-workers", dest="workers", action="store_false",
-                        help="skip calls/s through 1 vs 2 worker processes on one port")
-    parser.add_argument("--replicas", action="store_true",
-                        help="also: calls/s over 2 proxy replicas with a hard budget / with none")
+    parser.add_argument(
+        "--no-workers",
+        dest="workers",
+        action="store_false",
+        help="skip calls/s through 1 vs 2 worker processes on one port",
+    )
+    parser.add_argument(
+        "--replicas", action="store_true", help="also: calls/s over 2 proxy replicas with a hard budget / with none"
+    )
     add_json_option(parser)
     parser.add_argument("--role", choices=("fake", "backends", "proxy", "bare"), help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
@@ -540,14 +621,22 @@ def main() -> None:
         from services.inference.workers import WORKER_ENV, serve_workers
 
         config = InferenceConfig.from_env(os.environ)
-        if config.workers > 1 and WORKER_ENV not in os.environ:   # the parent of --workers: as main() runs them
+        if config.workers > 1 and WORKER_ENV not in os.environ:  # the parent of --workers: as main() runs them
+
             def ready(proc: subprocess.Popen) -> bool:
                 assert proc.stdout is not None  # started with stdout=PIPE
                 return proc.stdout.readline().startswith(b"READY ")
 
-            sys.exit(serve_workers(config, [sys.executable, __file__, "--role", "proxy"], stdout=subprocess.PIPE,
-                                   ready=ready, on_ready=lambda address: print("READY " + address, flush=True)))
-        run_loop(_role_proxy)   # the event loop main() runs on
+            sys.exit(
+                serve_workers(
+                    config,
+                    [sys.executable, __file__, "--role", "proxy"],
+                    stdout=subprocess.PIPE,
+                    ready=ready,
+                    on_ready=lambda address: print("READY " + address, flush=True),
+                )
+            )
+        run_loop(_role_proxy)  # the event loop main() runs on
     else:
         if args.quick:
             args.seconds, args.rounds = 1.0, 1

@@ -12,6 +12,7 @@ upstream's billed count (the difference is lost or duplicated usage). Not part o
     python bench/soak.py                  # 10 minutes
     python bench/soak.py --minutes 2      # a short pass
 """
+
 from __future__ import annotations
 
 import argparse
@@ -93,9 +94,17 @@ async def soak(minutes: float, interval: float, postgres: tuple[str, str] | None
     up_args = ("--postgres", postgres[0], "--postgres-owner", postgres[1]) if postgres else ()
     data = Path(tempfile.mkdtemp(prefix="bulkhead-soak-"))
     async with FakeAnthropic(delay=0.05) as fake:
-        mesh, addresses = await asyncio.to_thread(start_replicated, data / "mesh", {
-            "ANTHROPIC_API_KEY": "sk-ant-fake", "ANTHROPIC_BASE_URL": fake.base_url,
-            "BULKHEAD_MODEL_PROVIDER": "anthropic", "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "5"}, up_args)
+        mesh, addresses = await asyncio.to_thread(
+            start_replicated,
+            data / "mesh",
+            {
+                "ANTHROPIC_API_KEY": "sk-ant-fake",
+                "ANTHROPIC_BASE_URL": fake.base_url,
+                "BULKHEAD_MODEL_PROVIDER": "anthropic",
+                "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "5",
+            },
+            up_args,
+        )
         tally, rss, kills = Tally(), RssLog(), 0
         start_pids = replica_pids(mesh)
         try:
@@ -114,8 +123,11 @@ async def soak(minutes: float, interval: float, postgres: tuple[str, str] | None
                             seen = matches(mesh, back)
                             os.kill(current_pids(mesh, start_pids)[label], signal.SIGKILL)
                             kills += 1
-                            print(f"  {time.strftime('%H:%M:%S')} kill -9 {label}; "
-                                  f"calls so far {sum(tally.calls.values())}", flush=True)
+                            print(
+                                f"  {time.strftime('%H:%M:%S')} kill -9 {label}; "
+                                f"calls so far {sum(tally.calls.values())}",
+                                flush=True,
+                            )
                             await wait_for_line(mesh, back, 120, seen=seen)
                             next_kill = time.monotonic() + interval
                         await asyncio.sleep(2)
@@ -131,24 +143,28 @@ async def soak(minutes: float, interval: float, postgres: tuple[str, str] | None
     calls = sum(tally.calls.values())
     print(f"\n{minutes:g} min, {kills} kills, {calls} calls ({calls / (minutes * 60):.0f}/s)")
     print("calls by method:  " + ", ".join(f"{m} {n}" for m, n in sorted(tally.calls.items())))
-    print(f"idempotent calls failed: {sum(tally.idempotent_failures.values())}  "
-          f"{dict(tally.idempotent_failures) or ''}")
-    print(f"other calls failed (then resent): {sum(tally.other_failures.values())}  "
-          f"{dict(tally.other_failures) or ''}")
+    print(
+        f"idempotent calls failed: {sum(tally.idempotent_failures.values())}  {dict(tally.idempotent_failures) or ''}"
+    )
+    print(f"other calls failed (then resent): {sum(tally.other_failures.values())}  {dict(tally.other_failures) or ''}")
     print(f"gave up: {len(tally.gave_up)}  {tally.gave_up[:5] or ''}")
     statuses = Counter(runs.values())
     print(f"runs: {dict(statuses)}")
-    print(f"model calls metered: {metered}; fake upstream billed: {billed}; "
-          f"difference (lost if >0 billed, duplicated if >0 metered): {metered - billed:+d}")
+    print(
+        f"model calls metered: {metered}; fake upstream billed: {billed}; "
+        f"difference (lost if >0 billed, duplicated if >0 metered): {metered - billed:+d}"
+    )
     print("\nRSS per process life (MiB):")
     print(f"  {'replica':<16}{'pid':>8}{'minutes':>9}{'first':>8}{'last':>8}{'drift':>8}")
     for label, pid, mins, first, last, drift in rss.rows():
         print(f"  {label:<16}{pid:>8}{mins:>9.1f}{first:>8.1f}{last:>8.1f}{drift:>+8.1f}")
     long_lives = [r for r in rss.rows() if r[2] >= minutes / 2]
     return {
-        "calls": calls, "kills": kills,
+        "calls": calls,
+        "kills": kills,
         "idempotent_failures": sum(tally.idempotent_failures.values()),
-        "other_failures": sum(tally.other_failures.values()), "gave_up": len(tally.gave_up),
+        "other_failures": sum(tally.other_failures.values()),
+        "gave_up": len(tally.gave_up),
         "runs_not_succeeded": sum(n for s, n in statuses.items() if s != "RUN_STATUS_SUCCEEDED"),
         "metered_minus_billed": metered - billed,
         "max_rss_drift_mb": max((r[5] for r in long_lives), default=None),

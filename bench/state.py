@@ -11,6 +11,7 @@ throwaway cluster runs with fsync off, so commits are cheaper than on a durable 
     python bench/state.py            # ~1 minute
     python bench/state.py --quick    # a few seconds
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,9 @@ class Timer:
 
 async def _append(log: ThreadLog, *, events: int, batch: int, writers: int, payload: bytes) -> tuple[Timer, list]:
     """Append `events` in batches from `writers` concurrent writers, each on a thread of its own."""
-    threads = [(await log.create(thread_id="", run_id="bench", agent_id="", labels={})).thread_id
-               for _ in range(writers)]
+    threads = [
+        (await log.create(thread_id="", run_id="bench", agent_id="", labels={})).thread_id for _ in range(writers)
+    ]
     batch_events = [NewEventRecord("message", payload)] * batch
 
     async def write(thread_id: str) -> None:
@@ -98,8 +100,9 @@ async def bench_backend(db: Database, args) -> dict[str, dict[str, list[tuple[fl
     with tenant_scope(TENANT):
         # Warm-up: connections, statement caches, the tenant's data key.
         for log in logs.values():
-            await _append(log, events=args.batch * args.writers, batch=args.batch, writers=args.writers,
-                          payload=payload)
+            await _append(
+                log, events=args.batch * args.writers, batch=args.batch, writers=args.writers, payload=payload
+            )
         for round_no in range(args.rounds):
             # ABBA order: a drift in machine load does not favour either mode.
             order = list(logs) if round_no % 2 == 0 else list(reversed(logs))
@@ -131,16 +134,23 @@ async def bench_grpc(db: Database, args) -> tuple[float, float]:
     payload = os.urandom(args.payload)
     events = [state_pb2.NewEvent(type="message", payload=payload)] * args.batch
     try:
-        threads = [(await stub.CreateThread(state_pb2.CreateThreadRequest(), metadata=md)).thread.thread_id
-                   for _ in range(args.writers)]
+        threads = [
+            (await stub.CreateThread(state_pb2.CreateThreadRequest(), metadata=md)).thread.thread_id
+            for _ in range(args.writers)
+        ]
 
         async def write(thread_id: str) -> None:
             for version in range(0, args.events // args.writers, args.batch):
-                await stub.AppendEvents(state_pb2.AppendEventsRequest(
-                    thread_id=thread_id, expected_version=version, events=events), metadata=md)
+                await stub.AppendEvents(
+                    state_pb2.AppendEventsRequest(thread_id=thread_id, expected_version=version, events=events),
+                    metadata=md,
+                )
 
         await write(threads[0])  # warm-up (and the tenant's data key)
-        threads = [*threads[1:], (await stub.CreateThread(state_pb2.CreateThreadRequest(), metadata=md)).thread.thread_id]
+        threads = [
+            *threads[1:],
+            (await stub.CreateThread(state_pb2.CreateThreadRequest(), metadata=md)).thread.thread_id,
+        ]
         with Timer() as t:
             await asyncio.gather(*(write(tid) for tid in threads))
         append = args.events / t.wall
@@ -148,8 +158,9 @@ async def bench_grpc(db: Database, args) -> tuple[float, float]:
             for thread_id in threads:
                 token = ""
                 while True:
-                    page = await stub.ReadEvents(state_pb2.ReadEventsRequest(
-                        thread_id=thread_id, page_size=1000, page_token=token), metadata=md)
+                    page = await stub.ReadEvents(
+                        state_pb2.ReadEventsRequest(thread_id=thread_id, page_size=1000, page_token=token), metadata=md
+                    )
                     token = page.next_page_token
                     if not token:
                         break
@@ -162,10 +173,14 @@ async def bench_grpc(db: Database, args) -> tuple[float, float]:
 def report(name: str, results: dict, args) -> dict[str, float]:
     """Best round per mode (other load on the machine only ever slows a round down, as in timeit),
     and the cost of encryption as plaintext/encrypted throughput and CPU ratios; returns the cost per op."""
-    print(f"\n{name}: {args.events:,} events per mode per round, batches of {args.batch}, "
-          f"{args.writers} writers, {args.payload}-byte payloads, {args.rounds} interleaved rounds (best of)")
-    print(f"  {'op':<8}{'plain ev/s':>12}{'enc ev/s':>12}{'cost ×':>8}   "
-          f"{'plain CPU µs/ev':>16}{'enc CPU µs/ev':>15}{'CPU ×':>8}")
+    print(
+        f"\n{name}: {args.events:,} events per mode per round, batches of {args.batch}, "
+        f"{args.writers} writers, {args.payload}-byte payloads, {args.rounds} interleaved rounds (best of)"
+    )
+    print(
+        f"  {'op':<8}{'plain ev/s':>12}{'enc ev/s':>12}{'cost ×':>8}   "
+        f"{'plain CPU µs/ev':>16}{'enc CPU µs/ev':>15}{'CPU ×':>8}"
+    )
     costs = {}
     for op in ("append", "read", "replay"):
         plain_rate = max(r for r, _ in results["plaintext"][op])
@@ -173,10 +188,14 @@ def report(name: str, results: dict, args) -> dict[str, float]:
         plain_cpu = min(c for _, c in results["plaintext"][op])
         enc_cpu = min(c for _, c in results["encrypted"][op])
         costs[op] = plain_rate / enc_rate
-        print(f"  {op:<8}{plain_rate:>12,.0f}{enc_rate:>12,.0f}{plain_rate / enc_rate:>8.2f}   "
-              f"{plain_cpu:>16.1f}{enc_cpu:>15.1f}{enc_cpu / plain_cpu:>8.2f}")
-    print("  cost × = plaintext events/s ÷ encrypted events/s (target ≤ 1.25); "
-          "CPU = this process only (on Postgres the server's CPU is not included)")
+        print(
+            f"  {op:<8}{plain_rate:>12,.0f}{enc_rate:>12,.0f}{plain_rate / enc_rate:>8.2f}   "
+            f"{plain_cpu:>16.1f}{enc_cpu:>15.1f}{enc_cpu / plain_cpu:>8.2f}"
+        )
+    print(
+        "  cost × = plaintext events/s ÷ encrypted events/s (target ≤ 1.25); "
+        "CPU = this process only (on Postgres the server's CPU is not included)"
+    )
     return costs
 
 
@@ -221,15 +240,20 @@ async def _postgres(args) -> dict[str, float]:
         return {}
     try:
         urls = await server.create_database("state_bench")
-        db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url,
-                                 pool_size=args.writers + 2)
+        db = await Database.open(
+            urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url, pool_size=args.writers + 2
+        )
         try:
             costs = report("PostgreSQL (runtime role, RLS on)", await bench_backend(db, args), args)
             append, read = await bench_grpc(db, args)
-            print(f"\nPostgreSQL over gRPC (production interceptors, encrypted, client in the same process): "
-                  f"append {append:,.0f} ev/s, ReadEvents {read:,.0f} ev/s (target: batched appends ≥ 5,000)")
-            return ({f"postgres_{op}_encryption_cost_ratio": cost for op, cost in costs.items()}
-                    | {"postgres_grpc_append_events_per_s": append, "postgres_grpc_read_events_per_s": read})
+            print(
+                f"\nPostgreSQL over gRPC (production interceptors, encrypted, client in the same process): "
+                f"append {append:,.0f} ev/s, ReadEvents {read:,.0f} ev/s (target: batched appends ≥ 5,000)"
+            )
+            return {f"postgres_{op}_encryption_cost_ratio": cost for op, cost in costs.items()} | {
+                "postgres_grpc_append_events_per_s": append,
+                "postgres_grpc_read_events_per_s": read,
+            }
         finally:
             await db.close()
     finally:

@@ -1,4 +1,5 @@
 """The `bulkhead` command. Each module in this package with a `register(subparsers)` adds a command group."""
+
 from __future__ import annotations
 
 import argparse

@@ -1,4 +1,5 @@
 """What every CLI command shares: connecting with the caller's credentials, tables, friendly errors."""
+
 from __future__ import annotations
 
 import argparse
@@ -18,8 +19,9 @@ from shared.config import data_dir
 
 def add_connection_args(parser: argparse.ArgumentParser) -> None:
     """--api-key / --data-dir: who the command acts as (defaults: BULKHEAD_API_KEY, then the local operator key)."""
-    parser.add_argument("--api-key", default=None,
-                        help="API key to act with (default: $BULKHEAD_API_KEY, else the local operator key)")
+    parser.add_argument(
+        "--api-key", default=None, help="API key to act with (default: $BULKHEAD_API_KEY, else the local operator key)"
+    )
     parser.add_argument("--data-dir", default=None, help="data directory of `bulkhead up` (default: ./.bulkhead)")
 
 
@@ -39,8 +41,9 @@ async def connect(args: argparse.Namespace, env=os.environ) -> Client:
     key = resolve_api_key(args, env)
     if key is None and not env.get("BULKHEAD_TOKEN"):
         fail("no credentials: pass --api-key, set BULKHEAD_API_KEY, or run `bulkhead up` here first")
-    return await Client.connect(api_key=key, token=env.get("BULKHEAD_TOKEN"), tenant_id=env.get("BULKHEAD_TENANT"),
-                                env=env)
+    return await Client.connect(
+        api_key=key, token=env.get("BULKHEAD_TOKEN"), tenant_id=env.get("BULKHEAD_TENANT"), env=env
+    )
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -51,6 +54,7 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def run_async(func: Callable) -> Callable[[argparse.Namespace], int]:
     """Wrap an async command: run it, and turn RPC errors into one readable line."""
+
     @functools.wraps(func)
     def wrapper(args: argparse.Namespace) -> int:
         try:
@@ -60,6 +64,7 @@ def run_async(func: Callable) -> Callable[[argparse.Namespace], int]:
         except KeyboardInterrupt:
             return 130
         return 0
+
     return wrapper
 
 
@@ -67,8 +72,10 @@ def table(rows: Iterable[Sequence[object]], headers: Sequence[str], out=None) ->
     """A plain-text table with aligned columns (printed, and returned for tests)."""
     cells = [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max([len(h), *(len(r[i]) for r in cells)]) for i, h in enumerate(headers)]
-    lines = ["  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
-             "  ".join("-" * w for w in widths)]
+    lines = [
+        "  ".join(h.upper().ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip(),
+        "  ".join("-" * w for w in widths),
+    ]
     # A row shorter than the headers leaves the last columns empty; a longer one is cut to them.
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths, strict=False)).rstrip() for r in cells]
     text = "\n".join(lines)

@@ -9,6 +9,7 @@ A tenant sees its own chains; an operator names a tenant with --tenant (prices a
 or checks every tenant with `verify --all-tenants`. The credentials access chain answers only its own
 tenant, so an operator's --tenant skips it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -18,12 +19,12 @@ from dataclasses import dataclass
 
 import grpc
 
-from bulkhead_cli._common import add_connection_args, connect, run_async, table
 from bulkhead.client import Client, describe_error
 from bulkhead.common.v1 import audit_pb2 as apb
 from bulkhead.common.v1 import audit_pb2_grpc
 from bulkhead.credentials.v1 import credentials_pb2 as pb
 from bulkhead.identity.v1 import identity_pb2 as idn
+from bulkhead_cli._common import add_connection_args, connect, run_async, table
 
 CONFIG_SERVICES = ("identity", "orchestrator", "metering", "inference")
 """The services that keep a configuration chain."""
@@ -42,9 +43,15 @@ def register(subparsers) -> None:
     verify.set_defaults(func=_verify)
     listing = sub.add_parser("list", help="list audit events, newest first")
     listing.add_argument("--tenant", default="", help="another tenant's configuration events (operators only)")
-    listing.add_argument("--service", action="append", choices=(*CONFIG_SERVICES, "credentials"),
-                         help="only this service's chain (repeatable; default: all)")
-    listing.add_argument("--action", default="", help="only this action, or actions under it (e.g. team, api_key.create)")
+    listing.add_argument(
+        "--service",
+        action="append",
+        choices=(*CONFIG_SERVICES, "credentials"),
+        help="only this service's chain (repeatable; default: all)",
+    )
+    listing.add_argument(
+        "--action", default="", help="only this action, or actions under it (e.g. team, api_key.create)"
+    )
     listing.add_argument("--target", default="", help="only events about this target (e.g. team/support)")
     listing.add_argument("--secret", default="", help="only access events about this secret (credentials chain)")
     listing.add_argument("--limit", type=int, default=50, help="events per chain (default 50)")
@@ -93,8 +100,9 @@ def _why(err: grpc.aio.AioRpcError) -> str:
 async def _check_config(bh: Client, service: str, tenant: str) -> _Check:
     check = _Check(tenant or "(you)", service, "configuration")
     try:
-        r = await _config_stub(bh, service).VerifyAuditEvents(apb.VerifyAuditEventsRequest(tenant_id=tenant),
-                                                             timeout=CALL_TIMEOUT)
+        r = await _config_stub(bh, service).VerifyAuditEvents(
+            apb.VerifyAuditEventsRequest(tenant_id=tenant), timeout=CALL_TIMEOUT
+        )
     except grpc.aio.AioRpcError as err:
         check.unreachable = _why(err)
         return check
@@ -124,8 +132,9 @@ async def _check_access(bh: Client, tenant: str) -> _Check:
 async def _all_tenants(bh: Client) -> list[str]:
     out, token = [], ""
     while True:
-        page = await bh.identity.ListTenants(idn.ListTenantsRequest(page_size=500, page_token=token),
-                                             timeout=CALL_TIMEOUT)
+        page = await bh.identity.ListTenants(
+            idn.ListTenantsRequest(page_size=500, page_token=token), timeout=CALL_TIMEOUT
+        )
         out += [t.id for t in page.tenants if t.status != idn.TENANT_STATUS_DELETED]
         token = page.next_page_token
         if not token:
@@ -144,12 +153,17 @@ async def _verify(args: argparse.Namespace) -> int:
             checks += await asyncio.gather(*(_check_config(bh, s, tenant) for s in CONFIG_SERVICES))
         if not args.all_tenants:
             checks.append(await _check_access(bh, args.tenant))
-    table([[c.tenant, c.service, c.chain, c.checked, c.head, c.anchor, c.status] for c in checks],
-          ["tenant", "service", "chain", "events", "head", "pruned", "status"])
+    table(
+        [[c.tenant, c.service, c.chain, c.checked, c.head, c.anchor, c.status] for c in checks],
+        ["tenant", "service", "chain", "events", "head", "pruned", "status"],
+    )
     broken = [c for c in checks if c.broken_at]
     for c in broken:
-        print(f"error: audit chain BROKEN at event {c.broken_at} in {c.service} ({c.chain}, tenant {c.tenant}): "
-              f"{c.problem}", file=sys.stderr)
+        print(
+            f"error: audit chain BROKEN at event {c.broken_at} in {c.service} ({c.chain}, tenant {c.tenant}): "
+            f"{c.problem}",
+            file=sys.stderr,
+        )
     if broken:
         return 1
     unverified = [c for c in checks if c.unreachable]
@@ -158,9 +172,11 @@ async def _verify(args: argparse.Namespace) -> int:
         print("error: no audit chain could be verified (see the table)", file=sys.stderr)
         return 2
     pruned = sum(c.anchor for c in done)
-    print(f"audit chains intact: {sum(c.checked for c in done)} events verified in {len(done)} chains"
-          + (f" ({pruned} older events pruned by retention; each chain verified from its anchor)" if pruned else "")
-          + (f"; {len(unverified)} not verified" if unverified else ""))
+    print(
+        f"audit chains intact: {sum(c.checked for c in done)} events verified in {len(done)} chains"
+        + (f" ({pruned} older events pruned by retention; each chain verified from its anchor)" if pruned else "")
+        + (f"; {len(unverified)} not verified" if unverified else "")
+    )
     return 2 if unverified and args.strict else 0
 
 
@@ -189,20 +205,36 @@ async def _list(args: argparse.Namespace) -> int:
 
 
 async def _config_rows(bh: Client, service: str, args: argparse.Namespace) -> list[tuple[float, list[object]]]:
-    page = await _config_stub(bh, service).ListAuditEvents(apb.ListAuditEventsRequest(
-        tenant_id=args.tenant, page_size=args.limit, action=args.action, target=args.target), timeout=CALL_TIMEOUT)
+    page = await _config_stub(bh, service).ListAuditEvents(
+        apb.ListAuditEventsRequest(tenant_id=args.tenant, page_size=args.limit, action=args.action, target=args.target),
+        timeout=CALL_TIMEOUT,
+    )
     if page.anchor.sequence:
-        print(f"note: {service}: events 1..{page.anchor.sequence} were pruned by the tenant's retention "
-              f"(the chain is anchored at event {page.anchor.sequence})", file=sys.stderr)
+        print(
+            f"note: {service}: events 1..{page.anchor.sequence} were pruned by the tenant's retention "
+            f"(the chain is anchored at event {page.anchor.sequence})",
+            file=sys.stderr,
+        )
     out = []
     for e in page.events:
         actor = e.actor.principal_id + (" (operator)" if e.actor.operator_id else "")
         if e.actor.delegator_id:
             actor += f" for {e.actor.delegator_id}"
         detail = " ".join(f"{k}={v}" for k, v in sorted(e.detail.items()))
-        out.append((e.time.ToMicroseconds() / 1e6,
-                    [e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"), service, e.sequence, actor, e.action,
-                     e.target, detail]))
+        out.append(
+            (
+                e.time.ToMicroseconds() / 1e6,
+                [
+                    e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+                    service,
+                    e.sequence,
+                    actor,
+                    e.action,
+                    e.target,
+                    detail,
+                ],
+            )
+        )
     return out
 
 
@@ -211,19 +243,39 @@ async def _access_rows(bh: Client, args: argparse.Namespace) -> list[tuple[float
     events: list[pb.AccessEvent] = []
     token = ""
     while True:
-        resp = await bh.credentials.ListAccessEvents(pb.ListAccessEventsRequest(
-            page_size=1000, page_token=token, secret_name=args.secret), timeout=CALL_TIMEOUT)
-        events = (events + list(resp.events))[-args.limit:]
+        resp = await bh.credentials.ListAccessEvents(
+            pb.ListAccessEventsRequest(page_size=1000, page_token=token, secret_name=args.secret), timeout=CALL_TIMEOUT
+        )
+        events = (events + list(resp.events))[-args.limit :]
         token = resp.next_page_token
         if not token:
             break
     out = []
     for e in events:
         outcome = pb.AccessOutcome.Name(e.outcome).removeprefix("ACCESS_OUTCOME_").lower()
-        detail = " ".join(f"{k}={v}" for k, v in (("outcome", outcome), ("version", e.version or ""),
-                                                   ("agent", e.agent_id), ("run", e.run_id), ("reason", e.reason))
-                          if v)
-        out.append((e.time.ToMicroseconds() / 1e6,
-                    [e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"), "credentials", e.sequence, e.principal_id,
-                     pb.AccessAction.Name(e.action).removeprefix("ACCESS_ACTION_").lower(), e.secret_name, detail]))
+        detail = " ".join(
+            f"{k}={v}"
+            for k, v in (
+                ("outcome", outcome),
+                ("version", e.version or ""),
+                ("agent", e.agent_id),
+                ("run", e.run_id),
+                ("reason", e.reason),
+            )
+            if v
+        )
+        out.append(
+            (
+                e.time.ToMicroseconds() / 1e6,
+                [
+                    e.time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+                    "credentials",
+                    e.sequence,
+                    e.principal_id,
+                    pb.AccessAction.Name(e.action).removeprefix("ACCESS_ACTION_").lower(),
+                    e.secret_name,
+                    detail,
+                ],
+            )
+        )
     return out

@@ -6,6 +6,7 @@ each other), and names the service the way every deployment here reaches it: ``l
 (Kubernetes). Files: ``ca.pem``, ``ca-key.pem``, ``<name>.pem``, ``<name>-key.pem``; keys are 0600.
 Point a service at them with ``shared.tls.TlsConfig.from_dir(DIR, name).as_env()``.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -50,8 +51,7 @@ def _new_key() -> ec.EllipticCurvePrivateKey:
 
 
 def _write_key(path: pathlib.Path, key: ec.EllipticCurvePrivateKey) -> None:
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as f:
         f.write(pem)
@@ -64,34 +64,57 @@ def _write_cert(path: pathlib.Path, cert: x509.Certificate) -> None:
 
 def dns_names(name: str, namespace: str = DEFAULT_NAMESPACE) -> list[str]:
     """The DNS names a service is reached by: loopback, compose and Kubernetes service names."""
-    return ["localhost", name, f"{name}.{namespace}", f"{name}.{namespace}.svc",
-            f"{name}.{namespace}.svc.cluster.local"]
+    return [
+        "localhost",
+        name,
+        f"{name}.{namespace}",
+        f"{name}.{namespace}.svc",
+        f"{name}.{namespace}.svc.cluster.local",
+    ]
 
 
 def make_ca(*, days: int = 365) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A self-signed CA that may sign leaf certificates only (path length 0)."""
     key = _new_key()
-    subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bulkhead dev"),
-                         x509.NameAttribute(NameOID.COMMON_NAME, "Bulkhead development CA")])
+    subject = x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bulkhead dev"),
+            x509.NameAttribute(NameOID.COMMON_NAME, "Bulkhead development CA"),
+        ]
+    )
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(subject).issuer_name(subject).public_key(key.public_key())
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                     content_commitment=False, key_encipherment=False,
-                                     data_encipherment=False, key_agreement=False,
-                                     encipher_only=False, decipher_only=False), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
         .sign(key, hashes.SHA256())
     )
     return cert, key
 
 
-def make_leaf(name: str, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, *,
-              dns: Iterable[str], days: int = 365) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def make_leaf(
+    name: str, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePrivateKey, *, dns: Iterable[str], days: int = 365
+) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     """A certificate for ``name`` signed by the CA, usable as TLS server and client."""
     key = _new_key()
     sans: list[x509.GeneralName] = [x509.DNSName(d) for d in dict.fromkeys(dns)]
@@ -99,24 +122,37 @@ def make_leaf(name: str, ca_cert: x509.Certificate, ca_key: ec.EllipticCurvePriv
     now = _now()
     cert = (
         x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bulkhead dev"),
-                                 x509.NameAttribute(NameOID.COMMON_NAME, name)]))
-        .issuer_name(ca_cert.subject).public_key(key.public_key())
+        .subject_name(
+            x509.Name(
+                [
+                    x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Bulkhead dev"),
+                    x509.NameAttribute(NameOID.COMMON_NAME, name),
+                ]
+            )
+        )
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5)).not_valid_after(now + dt.timedelta(days=days))
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
         .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH,
-                                              ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
+        .add_extension(
+            x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False
+        )
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
         .sign(ca_key, hashes.SHA256())
     )
     return cert, key
 
 
-def write_dev_certs(out: str | os.PathLike[str], *, names: Sequence[str] = SERVICES + CLIENTS,
-                    namespace: str = DEFAULT_NAMESPACE, days: int = 365) -> list[Issued]:
+def write_dev_certs(
+    out: str | os.PathLike[str],
+    *,
+    names: Sequence[str] = SERVICES + CLIENTS,
+    namespace: str = DEFAULT_NAMESPACE,
+    days: int = 365,
+) -> list[Issued]:
     """Write a fresh CA and one certificate per name into ``out``; returns what was written."""
     root = pathlib.Path(out)
     root.mkdir(parents=True, exist_ok=True)
@@ -134,8 +170,9 @@ def write_dev_certs(out: str | os.PathLike[str], *, names: Sequence[str] = SERVI
 
 
 def _run_dev(args: argparse.Namespace) -> int:
-    issued = write_dev_certs(args.out, names=tuple(args.name or SERVICES + CLIENTS),
-                             namespace=args.namespace, days=args.days)
+    issued = write_dev_certs(
+        args.out, names=tuple(args.name or SERVICES + CLIENTS), namespace=args.namespace, days=args.days
+    )
     print(f"CA:          {pathlib.Path(args.out) / 'ca.pem'}")
     for item in issued:
         print(f"{item.name + ':':<13}{item.cert}  (key {item.key.name})")
@@ -149,10 +186,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sub = certs.add_subparsers(dest="certs_command", required=True)
     dev = sub.add_parser("dev", help="a development CA and one certificate per service")
     dev.add_argument("--out", required=True, type=pathlib.Path, help="folder to write PEM files into")
-    dev.add_argument("--name", action="append",
-                     help="certificate to make (repeatable; default: the six services and 'client')")
-    dev.add_argument("--namespace", default=DEFAULT_NAMESPACE,
-                     help="Kubernetes namespace named in the certificates' DNS names")
+    dev.add_argument(
+        "--name", action="append", help="certificate to make (repeatable; default: the six services and 'client')"
+    )
+    dev.add_argument(
+        "--namespace", default=DEFAULT_NAMESPACE, help="Kubernetes namespace named in the certificates' DNS names"
+    )
     dev.add_argument("--days", type=int, default=365, help="validity in days")
     dev.set_defaults(func=_run_dev)
 

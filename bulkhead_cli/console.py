@@ -1,4 +1,5 @@
 """`bulkhead console`: the tenant web console alone, against a mesh already running (e.g. `bulkhead up`)."""
+
 from __future__ import annotations
 
 import argparse
@@ -8,8 +9,9 @@ import os
 def register(subparsers) -> None:
     """Add the `console` command."""
     parser = subparsers.add_parser("console", help="serve the tenant web console (sign in with an API key)")
-    parser.add_argument("--addr", default=None,
-                        help="host:port to listen on (default $BULKHEAD_CONSOLE_ADDR, else 127.0.0.1:8080)")
+    parser.add_argument(
+        "--addr", default=None, help="host:port to listen on (default $BULKHEAD_CONSOLE_ADDR, else 127.0.0.1:8080)"
+    )
     parser.set_defaults(func=_console)
 
 

@@ -1,11 +1,12 @@
 """`bulkhead keys create|list|revoke` and `bulkhead token issue|revoke`."""
+
 from __future__ import annotations
 
 import argparse
 from datetime import UTC, datetime
 
-from bulkhead_cli._common import add_connection_args, connect, run_async, table
 from bulkhead.identity.v1 import identity_pb2 as pb
+from bulkhead_cli._common import add_connection_args, connect, run_async, table
 
 
 def register(subparsers) -> None:
@@ -15,8 +16,13 @@ def register(subparsers) -> None:
     create.add_argument("--principal", help="principal id (default: a new principal named by --name)")
     create.add_argument("--name", default="cli", help="display name of the new principal / key")
     create.add_argument("--kind", choices=["user", "service_account", "agent"], default="service_account")
-    create.add_argument("--scope", action="append", default=[], dest="scopes",
-                        help="scope the key may hold (repeatable; default: all of the principal's)")
+    create.add_argument(
+        "--scope",
+        action="append",
+        default=[],
+        dest="scopes",
+        help="scope the key may hold (repeatable; default: all of the principal's)",
+    )
     create.set_defaults(func=_create)
     listing = sub.add_parser("list", help="list API keys (metadata only)")
     listing.set_defaults(func=_list)
@@ -37,8 +43,11 @@ def register(subparsers) -> None:
         add_connection_args(cmd)
 
 
-_KINDS = {"user": pb.PRINCIPAL_KIND_USER, "service_account": pb.PRINCIPAL_KIND_SERVICE_ACCOUNT,
-          "agent": pb.PRINCIPAL_KIND_AGENT}
+_KINDS = {
+    "user": pb.PRINCIPAL_KIND_USER,
+    "service_account": pb.PRINCIPAL_KIND_SERVICE_ACCOUNT,
+    "agent": pb.PRINCIPAL_KIND_AGENT,
+}
 
 
 def _when(ts) -> str:
@@ -50,11 +59,13 @@ async def _create(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
         principal_id = args.principal
         if not principal_id:
-            principal = await bh.identity.CreatePrincipal(pb.CreatePrincipalRequest(
-                kind=_KINDS[args.kind], display_name=args.name, scopes=args.scopes or ["*"]))
+            principal = await bh.identity.CreatePrincipal(
+                pb.CreatePrincipalRequest(kind=_KINDS[args.kind], display_name=args.name, scopes=args.scopes or ["*"])
+            )
             principal_id = principal.principal.id
-        resp = await bh.identity.CreateApiKey(pb.CreateApiKeyRequest(principal_id=principal_id, scopes=args.scopes,
-                                                                     display_name=args.name))
+        resp = await bh.identity.CreateApiKey(
+            pb.CreateApiKeyRequest(principal_id=principal_id, scopes=args.scopes, display_name=args.name)
+        )
     k = resp.api_key
     table([[k.id, k.principal_id, " ".join(k.scopes), k.prefix + "…"]], ["key", "principal", "scopes", "prefix"])
     print(f"\nAPI key (shown once, store it now):\n  {resp.secret}")
@@ -64,9 +75,22 @@ async def _create(args: argparse.Namespace) -> None:
 async def _list(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
         resp = await bh.identity.ListApiKeys(pb.ListApiKeysRequest(page_size=500))
-    table([[k.id, k.principal_id, k.display_name, " ".join(k.scopes), k.prefix + "…", _when(k.create_time),
-            _when(k.last_used_time), "revoked" if k.revoke_time.seconds else "active"] for k in resp.api_keys],
-          ["key", "principal", "name", "scopes", "prefix", "created", "last used", "state"])
+    table(
+        [
+            [
+                k.id,
+                k.principal_id,
+                k.display_name,
+                " ".join(k.scopes),
+                k.prefix + "…",
+                _when(k.create_time),
+                _when(k.last_used_time),
+                "revoked" if k.revoke_time.seconds else "active",
+            ]
+            for k in resp.api_keys
+        ],
+        ["key", "principal", "name", "scopes", "prefix", "created", "last used", "state"],
+    )
 
 
 @run_async
@@ -80,8 +104,9 @@ async def _revoke(args: argparse.Namespace) -> None:
 async def _issue(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
         creds = bh.auth
-        resp = await creds._stub.IssueToken(pb.IssueTokenRequest(api_key=creds._api_key or "", scopes=args.scopes,
-                                                                 ttl_seconds=args.ttl))
+        resp = await creds._stub.IssueToken(
+            pb.IssueTokenRequest(api_key=creds._api_key or "", scopes=args.scopes, ttl_seconds=args.ttl)
+        )
     expires = datetime.fromtimestamp(resp.expire_time.seconds, UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
     table([[resp.tenant_id, resp.jti, " ".join(resp.scopes), expires]], ["tenant", "jti", "scopes", "expires"])
     print(f"\nexport BULKHEAD_TENANT={resp.tenant_id}\nexport BULKHEAD_TOKEN={resp.token}")

@@ -6,6 +6,7 @@ the receipt's canonical JSON (sorted keys, no spaces). The embedded public key p
 the file is intact; trust in it comes from --public-key (pinned earlier) or, when identity is
 reachable, from its ListSigningKeys listing that kid with the same key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,8 +32,12 @@ def canonical(body: dict) -> bytes:
 
 def receipt_document(body: bytes, signature: bytes, kid: str, public_key: bytes) -> dict:
     """The file form of a receipt from GetDeletionReceipt's fields."""
-    return {"receipt": json.loads(body), "signature": base64.b64encode(signature).decode(), "kid": kid,
-            "public_key": base64.b64encode(public_key).decode()}
+    return {
+        "receipt": json.loads(body),
+        "signature": base64.b64encode(signature).decode(),
+        "kid": kid,
+        "public_key": base64.b64encode(public_key).decode(),
+    }
 
 
 def verify_document(doc: dict, *, trusted: dict[str, bytes] | None = None) -> dict:
@@ -56,12 +61,16 @@ def verify_document(doc: dict, *, trusted: dict[str, bytes] | None = None) -> di
 def register(subparsers) -> None:
     parser = subparsers.add_parser("receipts", help="verify tenant-deletion receipts")
     sub = parser.add_subparsers(dest="action", required=True)
-    verify = sub.add_parser("verify", help="check a deletion receipt's signature (exit 0 valid, 1 tampered, 2 untrusted)")
+    verify = sub.add_parser(
+        "verify", help="check a deletion receipt's signature (exit 0 valid, 1 tampered, 2 untrusted)"
+    )
     verify.add_argument("file")
-    verify.add_argument("--public-key", default=None,
-                        help="base64 Ed25519 key to trust (from ListSigningKeys); default: ask identity")
-    verify.add_argument("--offline", action="store_true",
-                        help="check integrity with the embedded key only, without asking identity")
+    verify.add_argument(
+        "--public-key", default=None, help="base64 Ed25519 key to trust (from ListSigningKeys); default: ask identity"
+    )
+    verify.add_argument(
+        "--offline", action="store_true", help="check integrity with the embedded key only, without asking identity"
+    )
     verify.set_defaults(func=_verify)
 
 
@@ -69,8 +78,10 @@ def _verify(args: argparse.Namespace) -> int:
     try:
         doc = json.loads(Path(args.file).read_text())
     except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.file}: {exc}; pass the file `bulkhead tenants delete --receipt` wrote",
-              file=sys.stderr)
+        print(
+            f"error: cannot read {args.file}: {exc}; pass the file `bulkhead tenants delete --receipt` wrote",
+            file=sys.stderr,
+        )
         return EXIT_INVALID
     trusted = None
     if args.public_key:
@@ -78,8 +89,11 @@ def _verify(args: argparse.Namespace) -> int:
     elif not args.offline:
         trusted = _identity_keys()
         if trusted is None:
-            print("error: identity is not reachable to vouch for the signing key; pass --public-key, "
-                  "or --offline to check integrity only", file=sys.stderr)
+            print(
+                "error: identity is not reachable to vouch for the signing key; pass --public-key, "
+                "or --offline to check integrity only",
+                file=sys.stderr,
+            )
             return EXIT_UNTRUSTED
     try:
         body = verify_document(doc, trusted=trusted)
@@ -87,8 +101,9 @@ def _verify(args: argparse.Namespace) -> int:
         print(f"INVALID: {exc}", file=sys.stderr)
         return EXIT_INVALID if "signature" in str(exc) or "not a receipt" in str(exc) else EXIT_UNTRUSTED
     services = ", ".join(s["service"] for s in body.get("services", []))
-    print(f"valid: tenant {body.get('tenant_id')} deleted {body.get('completed_at')}, signed by {doc['kid']} "
-          f"({services})")
+    print(
+        f"valid: tenant {body.get('tenant_id')} deleted {body.get('completed_at')}, signed by {doc['kid']} ({services})"
+    )
     return EXIT_VALID
 
 
@@ -104,7 +119,8 @@ def _identity_keys() -> dict[str, bytes] | None:
     async def fetch() -> dict[str, bytes]:
         async with grpc.aio.insecure_channel(ServiceConfig.from_env("identity").address) as channel:
             resp = await identity_pb2_grpc.IdentityServiceStub(channel).ListSigningKeys(
-                identity_pb2.ListSigningKeysRequest(), timeout=5)
+                identity_pb2.ListSigningKeysRequest(), timeout=5
+            )
         return {k.kid: k.public_key for k in resp.keys}
 
     try:

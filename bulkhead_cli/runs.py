@@ -1,4 +1,5 @@
 """`bulkhead runs start|watch|list|get|cancel`: run agent teams and follow them live."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,8 +8,8 @@ import sys
 
 import grpc
 
-from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
+from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 
 _STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 DEFAULT_WAIT = 60.0
@@ -34,9 +35,14 @@ def register(subparsers) -> None:
     start.add_argument("--agent", default="", help="entry agent (default: the team's first)")
     start.add_argument("--key", default="", help="idempotency key: the same key never starts a second run")
     start.add_argument("--detach", action="store_true", help="print the run id and return at once")
-    start.add_argument("--wait", type=_seconds, default=DEFAULT_WAIT, metavar="SECONDS",
-                       help=f"how long a queued run may wait to start before the command gives up, exit code "
-                            f"{STILL_QUEUED} (the run stays queued; default {DEFAULT_WAIT:g})")
+    start.add_argument(
+        "--wait",
+        type=_seconds,
+        default=DEFAULT_WAIT,
+        metavar="SECONDS",
+        help=f"how long a queued run may wait to start before the command gives up, exit code "
+        f"{STILL_QUEUED} (the run stays queued; default {DEFAULT_WAIT:g})",
+    )
     start.set_defaults(func=_start)
     watch = sub.add_parser("watch", help="follow a run's steps live until it ends")
     watch.add_argument("run_id")
@@ -92,7 +98,7 @@ async def follow(stub, run_id: str, after: int = 0, out=None) -> pb.Run | None:
             if err.code() != grpc.StatusCode.UNAVAILABLE or attempt == 19:
                 raise
             print(f"  ... connection lost, resuming after step {after}", file=out, flush=True)
-            await asyncio.sleep(min(0.5 * 2 ** attempt, 5))
+            await asyncio.sleep(min(0.5 * 2**attempt, 5))
     run = (await stub.GetRun(pb.GetRunRequest(run_id=run_id))).run
     for line in final_lines(run):
         print(line, file=out)
@@ -101,10 +107,15 @@ async def follow(stub, run_id: str, after: int = 0, out=None) -> pb.Run | None:
 
 def queue_line(queue: pb.RunQueue) -> str:
     """Where a queued run waits, and why, for people."""
-    why = ("waits for one of them to finish" if queue.running >= queue.limit
-           else "waits for the orchestrator to pick it up")
-    return (f"queued: position {queue.position} in this tenant's queue; {queue.running} of {queue.limit} "
-            f"concurrent runs in use, so it {why}")
+    why = (
+        "waits for one of them to finish"
+        if queue.running >= queue.limit
+        else "waits for the orchestrator to pick it up"
+    )
+    return (
+        f"queued: position {queue.position} in this tenant's queue; {queue.running} of {queue.limit} "
+        f"concurrent runs in use, so it {why}"
+    )
 
 
 async def wait_to_start(stub, run_id: str, wait: float, out=None) -> bool:
@@ -136,17 +147,21 @@ async def _start(args: argparse.Namespace) -> int:
     if not text.strip():
         fail("give the run's input as an argument or on stdin")
     async with await connect(args) as bh:
-        started = await bh.orchestrator.StartRun(pb.StartRunRequest(team=args.team, entry_agent=args.agent, input=text,
-                                                                     idempotency_key=args.key))
+        started = await bh.orchestrator.StartRun(
+            pb.StartRunRequest(team=args.team, entry_agent=args.agent, input=text, idempotency_key=args.key)
+        )
         run = started.run
         print(f"run {run.run_id} {status_name(run.status)} (team {run.team}, entry {run.entry_agent})", flush=True)
         if args.detach:
             return 0
         if run.status == pb.RUN_STATUS_QUEUED and not await wait_to_start(bh.orchestrator, run.run_id, args.wait):
-            fail(f"run {run.run_id} is still queued after {args.wait:g}s. It stays queued and starts when a slot "
-                 f"frees: follow it with `bulkhead runs watch {run.run_id}`, or cancel it with "
-                 f"`bulkhead runs cancel {run.run_id}`. If none of this tenant's runs is running, check that the "
-                 "orchestrator is up (`bulkhead up` shows its status).", STILL_QUEUED)
+            fail(
+                f"run {run.run_id} is still queued after {args.wait:g}s. It stays queued and starts when a slot "
+                f"frees: follow it with `bulkhead runs watch {run.run_id}`, or cancel it with "
+                f"`bulkhead runs cancel {run.run_id}`. If none of this tenant's runs is running, check that the "
+                "orchestrator is up (`bulkhead up` shows its status).",
+                STILL_QUEUED,
+            )
         return _exit_code(await follow(bh.orchestrator, run.run_id))
 
 
@@ -163,10 +178,22 @@ async def _list(args: argparse.Namespace) -> None:
     token = ""
     async with await connect(args) as bh:
         while len(rows) < args.limit:
-            resp = await bh.orchestrator.ListRuns(pb.ListRunsRequest(
-                page_size=min(200, args.limit - len(rows)), page_token=token, status=status, team=args.team))
-            rows += [[r.run_id, r.team, status_name(r.status), r.current_agent, r.step_count,
-                      r.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S")] for r in resp.runs]
+            resp = await bh.orchestrator.ListRuns(
+                pb.ListRunsRequest(
+                    page_size=min(200, args.limit - len(rows)), page_token=token, status=status, team=args.team
+                )
+            )
+            rows += [
+                [
+                    r.run_id,
+                    r.team,
+                    status_name(r.status),
+                    r.current_agent,
+                    r.step_count,
+                    r.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M:%S"),
+                ]
+                for r in resp.runs
+            ]
             token = resp.next_page_token
             if not token:
                 break
@@ -177,8 +204,10 @@ async def _list(args: argparse.Namespace) -> None:
 async def _get(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
         run = (await bh.orchestrator.GetRun(pb.GetRunRequest(run_id=args.run_id))).run
-    table([[run.run_id, run.team, status_name(run.status), run.current_agent, run.step_count]],
-          ["run", "team", "status", "agent", "steps"])
+    table(
+        [[run.run_id, run.team, status_name(run.status), run.current_agent, run.step_count]],
+        ["run", "team", "status", "agent", "steps"],
+    )
     for line in final_lines(run)[1:]:
         print(line)
 
@@ -187,5 +216,7 @@ async def _get(args: argparse.Namespace) -> None:
 async def _cancel(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
         run = (await bh.orchestrator.CancelRun(pb.CancelRunRequest(run_id=args.run_id))).run
-    print(f"run {run.run_id}: {status_name(run.status)}"
-          + (" (stops before its next step)" if run.status == pb.RUN_STATUS_RUNNING else ""))
+    print(
+        f"run {run.run_id}: {status_name(run.status)}"
+        + (" (stops before its next step)" if run.status == pb.RUN_STATUS_RUNNING else "")
+    )

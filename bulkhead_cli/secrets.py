@@ -3,6 +3,7 @@
 Values are read from stdin (when piped) or a no-echo prompt, never from the command line, where
 they would land in shell history and `ps`.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -10,6 +11,7 @@ import sys
 
 from google.protobuf import duration_pb2
 
+from bulkhead.credentials.v1 import credentials_pb2 as pb
 from bulkhead_cli._common import (
     add_connection_args,
     connect,
@@ -18,10 +20,13 @@ from bulkhead_cli._common import (
     run_async,
     table,
 )
-from bulkhead.credentials.v1 import credentials_pb2 as pb
 
-_STATES = {pb.SECRET_VERSION_STATE_CURRENT: "current", pb.SECRET_VERSION_STATE_PREVIOUS: "previous",
-           pb.SECRET_VERSION_STATE_DELETED: "deleted", pb.SECRET_VERSION_STATE_DESTROYED: "destroyed"}
+_STATES = {
+    pb.SECRET_VERSION_STATE_CURRENT: "current",
+    pb.SECRET_VERSION_STATE_PREVIOUS: "previous",
+    pb.SECRET_VERSION_STATE_DELETED: "deleted",
+    pb.SECRET_VERSION_STATE_DESTROYED: "destroyed",
+}
 
 
 def register(subparsers) -> None:
@@ -32,11 +37,17 @@ def register(subparsers) -> None:
     put.add_argument("name")
     put.add_argument("--cas", type=int, default=None, help="only write if the current version is this (0: new)")
     put.add_argument("--description", default="")
-    put.add_argument("--rotate-every", type=int, default=None, metavar="SECONDS",
-                     help="rotation period in seconds (0 turns rotation off)")
+    put.add_argument(
+        "--rotate-every",
+        type=int,
+        default=None,
+        metavar="SECONDS",
+        help="rotation period in seconds (0 turns rotation off)",
+    )
     put.add_argument("--rotator", default="", help="rotator for scheduled rotation (default: random)")
-    put.add_argument("--grace", type=int, default=None, metavar="SECONDS",
-                     help="how long superseded versions stay readable")
+    put.add_argument(
+        "--grace", type=int, default=None, metavar="SECONDS", help="how long superseded versions stay readable"
+    )
     put.set_defaults(func=_put)
     get = sub.add_parser("get", help="print a value to stdout")
     get.add_argument("name")
@@ -68,8 +79,9 @@ async def _put(args: argparse.Namespace) -> None:
     value = read_secret_value(f"value for {args.name}: ")
     if not value:
         fail("empty value: pipe the value on stdin or type it at the prompt")
-    request = pb.PutSecretRequest(name=args.name, value=value.encode(), description=args.description,
-                                  rotator=args.rotator)
+    request = pb.PutSecretRequest(
+        name=args.name, value=value.encode(), description=args.description, rotator=args.rotator
+    )
     if args.cas is not None:
         request.cas = args.cas
     if args.rotate_every is not None:
@@ -94,10 +106,20 @@ async def _list(args: argparse.Namespace) -> None:
     rows, token = [], ""
     async with await connect(args) as bh:
         while True:
-            resp = await bh.credentials.ListSecrets(pb.ListSecretsRequest(
-                page_size=500, page_token=token, show_deleted=args.show_deleted))
-            rows += [[s.name, s.current_version, s.rotation_period.seconds or "", _when(s.next_rotation_time),
-                      _when(s.update_time), "deleted" if s.delete_time.seconds else ""] for s in resp.secrets]
+            resp = await bh.credentials.ListSecrets(
+                pb.ListSecretsRequest(page_size=500, page_token=token, show_deleted=args.show_deleted)
+            )
+            rows += [
+                [
+                    s.name,
+                    s.current_version,
+                    s.rotation_period.seconds or "",
+                    _when(s.next_rotation_time),
+                    _when(s.update_time),
+                    "deleted" if s.delete_time.seconds else "",
+                ]
+                for s in resp.secrets
+            ]
             token = resp.next_page_token
             if not token:
                 break
@@ -108,10 +130,17 @@ async def _list(args: argparse.Namespace) -> None:
 async def _describe(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
         s = (await bh.credentials.DescribeSecret(pb.DescribeSecretRequest(name=args.name))).secret
-    print(f"{s.name}: version {s.current_version}, rotator {s.rotator}, "
-          f"rotate every {s.rotation_period.seconds or 'never'}, last read {_when(s.last_access_time) or 'never'}")
-    table([[v.version, _STATES.get(v.state, "?"), _when(v.create_time), _when(v.expire_time), v.created_by, v.origin]
-           for v in s.versions], ["version", "state", "created", "expires", "by", "origin"])
+    print(
+        f"{s.name}: version {s.current_version}, rotator {s.rotator}, "
+        f"rotate every {s.rotation_period.seconds or 'never'}, last read {_when(s.last_access_time) or 'never'}"
+    )
+    table(
+        [
+            [v.version, _STATES.get(v.state, "?"), _when(v.create_time), _when(v.expire_time), v.created_by, v.origin]
+            for v in s.versions
+        ],
+        ["version", "state", "created", "expires", "by", "origin"],
+    )
 
 
 @run_async

@@ -1,5 +1,6 @@
 """Runs the mesh on one machine: each service its own process (or N replicas of it), health-checked,
 restarted when it dies."""
+
 from __future__ import annotations
 
 import asyncio
@@ -78,8 +79,16 @@ class ServiceProcess:
 class Supervisor:
     """Starts, watches and stops the services."""
 
-    def __init__(self, services: list[str], env: Mapping[str, str], *, echo: Callable[[str], None] = print,
-                 show_logs: bool = True, console: str | None = None, replicas: int = 1):
+    def __init__(
+        self,
+        services: list[str],
+        env: Mapping[str, str],
+        *,
+        echo: Callable[[str], None] = print,
+        show_logs: bool = True,
+        console: str | None = None,
+        replicas: int = 1,
+    ):
         if not 1 <= replicas <= MAX_REPLICAS:
             raise ValueError(f"replicas must be 1..{MAX_REPLICAS}, got {replicas}")
         self.env = dict(env)
@@ -91,7 +100,8 @@ class Supervisor:
                 self.procs[proc.label] = proc
             if replicas > 1:  # every caller (services, console, CLI) dials all of them
                 self.env[f"BULKHEAD_{name.upper()}_ADDR"] = channel_target(
-                    ",".join(p.address for p in self.procs.values() if p.name == name))
+                    ",".join(p.address for p in self.procs.values() if p.name == name)
+                )
         if console:  # the web console: a client of the others, started last, stopped first
             self.procs["console"] = ServiceProcess("console", console, label="console", module="console", http=True)
             self.env["BULKHEAD_CONSOLE_ADDR"] = console
@@ -103,8 +113,10 @@ class Supervisor:
         then their other replicas; wait until all are healthy."""
         taken = [p.address for p in self.procs.values() if not port_is_free(p.address)]
         if taken:  # else a health check could be answered by someone else's server
-            raise RuntimeError(f"already in use: {', '.join(taken)}. Is another `bulkhead up` running? "
-                               "Stop it, or pass --port-base to use other ports.")
+            raise RuntimeError(
+                f"already in use: {', '.join(taken)}. Is another `bulkhead up` running? "
+                "Stop it, or pass --port-base to use other ports."
+            )
         # A first start migrates the database and makes keys; a second process doing so at the same time
         # would race it. So one replica of each service starts alone, and its siblings once it is healthy.
         first = [label for label, p in self.procs.items() if p.name == "identity" and p.replica == 0]
@@ -118,8 +130,14 @@ class Supervisor:
 
     async def _spawn(self, proc: ServiceProcess) -> None:
         proc.process = await asyncio.create_subprocess_exec(
-            sys.executable, "-m", proc.module or f"services.{proc.name}", env={**self.env, **proc.env},
-            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+            sys.executable,
+            "-m",
+            proc.module or f"services.{proc.name}",
+            env={**self.env, **proc.env},
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
         proc.started_at = time.monotonic()
         proc.state = "starting"
         proc.log_task = asyncio.create_task(self._pump_logs(proc))
@@ -142,8 +160,11 @@ class Supervisor:
                 if proc.process and proc.process.returncode is not None:
                     if proc.log_task is not None:  # its last words may still be in the pipe
                         await asyncio.wait([proc.log_task], timeout=2)
-                    said = "its log lines above say why" if self.show_logs else (
-                        "its last log lines:\n" + "\n".join(proc.recent) if proc.recent else "it logged nothing")
+                    said = (
+                        "its log lines above say why"
+                        if self.show_logs
+                        else ("its last log lines:\n" + "\n".join(proc.recent) if proc.recent else "it logged nothing")
+                    )
                     raise RuntimeError(f"{name} exited with code {proc.process.returncode} while starting; {said}")
                 if await (check_http_health(proc.address) if proc.http else check_health(proc.address)):
                     proc.state = "healthy"
@@ -162,8 +183,7 @@ class Supervisor:
                 return
             proc.state = "restarting"
             delay = RESTART_BACKOFF[min(proc.restarts, len(RESTART_BACKOFF) - 1)]
-            self.echo(f"!! {proc.label} exited with code {code}; restarting in {delay}s "
-                      f"(restart #{proc.restarts + 1})")
+            self.echo(f"!! {proc.label} exited with code {code}; restarting in {delay}s (restart #{proc.restarts + 1})")
             await asyncio.sleep(delay)
             proc.restarts += 1
             await self._spawn(proc)
@@ -180,8 +200,9 @@ class Supervisor:
             task.cancel()
         deadline = time.monotonic() + grace
         for wave in (*STOP_ORDER, tuple(p.name for p in self.procs.values())):  # last: anything not named above
-            live = [p.process for p in self.procs.values()
-                    if p.name in wave and p.process and p.process.returncode is None]
+            live = [
+                p.process for p in self.procs.values() if p.name in wave and p.process and p.process.returncode is None
+            ]
             for proc in live:
                 _signal_group(proc.pid, signal.SIGTERM)
             for proc in live:
@@ -197,12 +218,24 @@ class Supervisor:
 
     def rows(self) -> list[list[str]]:
         """One row per process (every replica) for the status table."""
+
         def metrics(p: ServiceProcess) -> str:
             port = p.env.get(f"BULKHEAD_{p.name.upper()}_METRICS_PORT") or self.env.get(
-                f"BULKHEAD_{p.name.upper()}_METRICS_PORT")
+                f"BULKHEAD_{p.name.upper()}_METRICS_PORT"
+            )
             return f"http://127.0.0.1:{port}/metrics" if port not in (None, "0") and not p.http else "off"
-        return [[p.label, f"http://{p.address}/" if p.http else p.address, metrics(p),
-                 str(p.process.pid if p.process else ""), p.state, str(p.restarts)] for p in self.procs.values()]
+
+        return [
+            [
+                p.label,
+                f"http://{p.address}/" if p.http else p.address,
+                metrics(p),
+                str(p.process.pid if p.process else ""),
+                p.state,
+                str(p.restarts),
+            ]
+            for p in self.procs.values()
+        ]
 
 
 def replica_processes(name: str, env: Mapping[str, str], replicas: int) -> list[ServiceProcess]:
@@ -212,17 +245,23 @@ def replica_processes(name: str, env: Mapping[str, str], replicas: int) -> list[
         return [ServiceProcess(name, address, label=name)]
     host, _, port = address.rpartition(":")
     if not port.isdigit() or "," in address:
-        raise ValueError(f"BULKHEAD_{name.upper()}_ADDR must be one host:port to place {replicas} replicas, "
-                         f"got {address!r}")
+        raise ValueError(
+            f"BULKHEAD_{name.upper()}_ADDR must be one host:port to place {replicas} replicas, got {address!r}"
+        )
     metrics = env.get(f"BULKHEAD_{name.upper()}_METRICS_PORT", "0")
     procs = []
     for i in range(replicas):
-        own = {f"BULKHEAD_{name.upper()}_LISTEN_ADDR": f"{host}:{int(port) + i * REPLICA_STRIDE}",
-               f"BULKHEAD_{name.upper()}_METRICS_PORT": str(int(metrics) + i * REPLICA_STRIDE) if metrics != "0" else "0"}
+        own = {
+            f"BULKHEAD_{name.upper()}_LISTEN_ADDR": f"{host}:{int(port) + i * REPLICA_STRIDE}",
+            f"BULKHEAD_{name.upper()}_METRICS_PORT": str(int(metrics) + i * REPLICA_STRIDE) if metrics != "0" else "0",
+        }
         if name == "inference":  # a restarted replica keeps its name, so it settles its predecessor's attempts at once
             own["BULKHEAD_INFERENCE_REPLICA_ID"] = f"{env.get('BULKHEAD_INFERENCE_REPLICA_ID') or 'inference'}-{i + 1}"
-        procs.append(ServiceProcess(name, own[f"BULKHEAD_{name.upper()}_LISTEN_ADDR"], replica=i,
-                                    label=f"{name}#{i + 1}", env=own))
+        procs.append(
+            ServiceProcess(
+                name, own[f"BULKHEAD_{name.upper()}_LISTEN_ADDR"], replica=i, label=f"{name}#{i + 1}", env=own
+            )
+        )
     return procs
 
 
@@ -248,7 +287,8 @@ async def check_health(address: str, timeout: float = 1.0) -> bool:
         async with grpc.aio.insecure_channel(address) as channel:
             stub = health_pb2_grpc.HealthStub(channel)
             resp = await stub.Check(  # type: ignore[attr-defined]  # types-grpcio-health-checking lists no RPCs
-                health_pb2.HealthCheckRequest(), timeout=timeout)
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
             return resp.status == health_pb2.HealthCheckResponse.SERVING
     except grpc.aio.AioRpcError:
         return False

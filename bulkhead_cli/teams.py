@@ -1,4 +1,5 @@
 """`bulkhead teams apply|list|get|delete`: a tenant's agent teams, defined in YAML files."""
+
 from __future__ import annotations
 
 import argparse
@@ -9,8 +10,8 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
-from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
+from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 
 EXAMPLE = """\
 name: support
@@ -36,9 +37,12 @@ http_tools:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("teams", help="define agent teams (apply a YAML file)",
-                                   epilog="team.yaml example:\n\n" + EXAMPLE,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = subparsers.add_parser(
+        "teams",
+        help="define agent teams (apply a YAML file)",
+        epilog="team.yaml example:\n\n" + EXAMPLE,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="action", required=True)
     apply = sub.add_parser("apply", help="create the team in a YAML file, or update it if it exists")
     apply.add_argument("-f", "--file", required=True, help="team definition (YAML); - reads stdin")
@@ -102,7 +106,9 @@ async def _list(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
         while True:
             resp = await bh.orchestrator.ListTeams(pb.ListTeamsRequest(page_size=200, page_token=token))
-            rows += [[t.name, ", ".join(a.name for a in t.agents), len(t.http_tools), t.description] for t in resp.teams]
+            rows += [
+                [t.name, ", ".join(a.name for a in t.agents), len(t.http_tools), t.description] for t in resp.teams
+            ]
             token = resp.next_page_token
             if not token:
                 break

@@ -1,4 +1,5 @@
 """`bulkhead tenants create|list|suspend|resume|delete|migrate` (operator commands)."""
+
 from __future__ import annotations
 
 import argparse
@@ -7,9 +8,9 @@ import json
 import re
 from pathlib import Path
 
+from bulkhead.identity.v1 import identity_pb2 as pb
 from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 from bulkhead_cli.receipts import receipt_document
-from bulkhead.identity.v1 import identity_pb2 as pb
 from shared.ids import is_tenant_id
 from shared.tiers import Tier, UnknownTier, tier_from_proto, tier_to_proto
 
@@ -20,7 +21,11 @@ def register(subparsers) -> None:
     create = sub.add_parser("create", help="create a tenant and print its admin API key once")
     create.add_argument("name")
     create.add_argument("--tier", choices=[t.value for t in Tier], default=Tier.POOLED.value)
-    create.add_argument("--region", default="", help="data-residency region (one of the deployment's BULKHEAD_REGIONS; default: its default region)")
+    create.add_argument(
+        "--region",
+        default="",
+        help="data-residency region (one of the deployment's BULKHEAD_REGIONS; default: its default region)",
+    )
     create.set_defaults(func=_create)
     listing = sub.add_parser("list", help="list tenants")
     listing.set_defaults(func=_list)
@@ -28,14 +33,20 @@ def register(subparsers) -> None:
         cmd = sub.add_parser(name, help=f"{name} a tenant")
         cmd.add_argument("tenant_id")
         cmd.set_defaults(func=_set_status, status=status)
-    retention = sub.add_parser("retention", help="show or set how long a tenant's audit events and usage detail "
-                                                  "are kept (setting: operators)")
+    retention = sub.add_parser(
+        "retention", help="show or set how long a tenant's audit events and usage detail are kept (setting: operators)"
+    )
     retention.add_argument("tenant", nargs="?", default="", help="tenant id or name (default: your own)")
-    retention.add_argument("--audit-days", type=int, default=None,
-                           help="days to keep audit events, 1..3653 (0: the default, 2557)")
-    retention.add_argument("--usage-days", type=int, default=None,
-                           help="days to keep per-event usage detail, 1..3653 (0: the default, 400); "
-                                "hourly totals and chargeback are kept regardless")
+    retention.add_argument(
+        "--audit-days", type=int, default=None, help="days to keep audit events, 1..3653 (0: the default, 2557)"
+    )
+    retention.add_argument(
+        "--usage-days",
+        type=int,
+        default=None,
+        help="days to keep per-event usage detail, 1..3653 (0: the default, 400); "
+        "hourly totals and chargeback are kept regardless",
+    )
     retention.set_defaults(func=_retention)
     delete = sub.add_parser("delete", help="delete a tenant by crypto-shredding, after a grace period or now")
     delete.add_argument("tenant_id")
@@ -46,8 +57,11 @@ def register(subparsers) -> None:
     delete.add_argument("--receipt", default=None, help="write the signed receipt to this file")
     delete.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for --now to finish")
     delete.set_defaults(func=_delete)
-    migrate = sub.add_parser("migrate", help="move a tenant to another tier or region live (its requests pause "
-                                             "briefly while each service copies, verifies and switches)")
+    migrate = sub.add_parser(
+        "migrate",
+        help="move a tenant to another tier or region live (its requests pause "
+        "briefly while each service copies, verifies and switches)",
+    )
     migrate.add_argument("tenant", help="tenant id or name")
     migrate.add_argument("--tier", choices=[t.value for t in Tier], help="the tier to move to (default: its tier)")
     migrate.add_argument("--region", help="the data-residency region to move to, e.g. eu (default: its region)")
@@ -73,11 +87,14 @@ def _status_name(value: int) -> str:
 @run_async
 async def _create(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
-        resp = await bh.identity.CreateTenant(pb.CreateTenantRequest(name=args.name, tier=tier_to_proto(args.tier),
-                                                                     region=args.region))
+        resp = await bh.identity.CreateTenant(
+            pb.CreateTenantRequest(name=args.name, tier=tier_to_proto(args.tier), region=args.region)
+        )
     t = resp.tenant
-    table([[t.id, t.name, _tier_name(t.tier), t.region, _status_name(t.status)]],
-          ["tenant", "name", "tier", "region", "status"])
+    table(
+        [[t.id, t.name, _tier_name(t.tier), t.region, _status_name(t.status)]],
+        ["tenant", "name", "tier", "region", "status"],
+    )
     print(f"\nadmin API key (shown once, store it now):\n  {resp.admin_api_key}")
     print(f"use it:  BULKHEAD_API_KEY={resp.admin_api_key[:24]}... bulkhead token issue")
 
@@ -88,9 +105,18 @@ async def _list(args: argparse.Namespace) -> None:
         rows, token = [], ""
         while True:
             resp = await bh.identity.ListTenants(pb.ListTenantsRequest(page_size=200, page_token=token))
-            rows += [[t.id, t.name, _tier_name(t.tier), t.region, _status_name(t.status),
-                      t.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M"), _retention_text(t.retention)]
-                     for t in resp.tenants]
+            rows += [
+                [
+                    t.id,
+                    t.name,
+                    _tier_name(t.tier),
+                    t.region,
+                    _status_name(t.status),
+                    t.create_time.ToDatetime().strftime("%Y-%m-%d %H:%M"),
+                    _retention_text(t.retention),
+                ]
+                for t in resp.tenants
+            ]
             token = resp.next_page_token
             if not token:
                 break
@@ -127,26 +153,41 @@ async def _retention(args: argparse.Namespace) -> None:
             resp = await bh.identity.GetRetentionPolicy(pb.GetRetentionPolicyRequest(tenant_id=tenant_id))
         else:
             if args.audit_days is None or args.usage_days is None:  # keep the other field as it is
-                now = (await bh.identity.GetRetentionPolicy(pb.GetRetentionPolicyRequest(tenant_id=tenant_id))).retention
+                now = (
+                    await bh.identity.GetRetentionPolicy(pb.GetRetentionPolicyRequest(tenant_id=tenant_id))
+                ).retention
                 if args.audit_days is None:
                     args.audit_days = 0 if now.audit_days_default else now.audit_days
                 if args.usage_days is None:
                     args.usage_days = 0 if now.usage_detail_days_default else now.usage_detail_days
-            resp = await bh.identity.SetRetentionPolicy(pb.SetRetentionPolicyRequest(
-                tenant_id=tenant_id, audit_days=args.audit_days, usage_detail_days=args.usage_days))
+            resp = await bh.identity.SetRetentionPolicy(
+                pb.SetRetentionPolicyRequest(
+                    tenant_id=tenant_id, audit_days=args.audit_days, usage_detail_days=args.usage_days
+                )
+            )
     r = resp.retention
-    table([[resp.tenant_id, f"{r.audit_days}" + (" (default)" if r.audit_days_default else ""),
-            f"{r.usage_detail_days}" + (" (default)" if r.usage_detail_days_default else "")]],
-          ["tenant", "audit days", "usage detail days"])
-    print("older audit events are pruned (each chain verified from its oldest kept event); older usage detail is "
-          "pruned, hourly totals and chargeback are kept")
+    table(
+        [
+            [
+                resp.tenant_id,
+                f"{r.audit_days}" + (" (default)" if r.audit_days_default else ""),
+                f"{r.usage_detail_days}" + (" (default)" if r.usage_detail_days_default else ""),
+            ]
+        ],
+        ["tenant", "audit days", "usage detail days"],
+    )
+    print(
+        "older audit events are pruned (each chain verified from its oldest kept event); older usage detail is "
+        "pruned, hourly totals and chargeback are kept"
+    )
 
 
 @run_async
 async def _set_status(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
-        resp = await bh.identity.UpdateTenantStatus(pb.UpdateTenantStatusRequest(tenant_id=args.tenant_id,
-                                                                                 status=args.status))
+        resp = await bh.identity.UpdateTenantStatus(
+            pb.UpdateTenantStatusRequest(tenant_id=args.tenant_id, status=args.status)
+        )
     print(f"{resp.tenant.id} is now {_status_name(resp.tenant.status)}")
 
 
@@ -165,20 +206,25 @@ def parse_duration(text: str) -> int:
 @run_async
 async def _delete(args: argparse.Namespace) -> None:
     if args.now and not args.yes:
-        fail(f"--now destroys {args.tenant_id}'s keys and data for good: add --yes to confirm, "
-             "or use --grace 7d to keep it restorable for a while")
+        fail(
+            f"--now destroys {args.tenant_id}'s keys and data for good: add --yes to confirm, "
+            "or use --grace 7d to keep it restorable for a while"
+        )
     try:
         grace = 0 if args.now else parse_duration(args.grace)
     except ValueError as exc:
         fail(str(exc))
     async with await connect(args) as bh:
-        resp = await bh.identity.DeleteTenant(pb.DeleteTenantRequest(tenant_id=args.tenant_id, grace_seconds=grace,
-                                                                     now=args.now))
+        resp = await bh.identity.DeleteTenant(
+            pb.DeleteTenantRequest(tenant_id=args.tenant_id, grace_seconds=grace, now=args.now)
+        )
         deletion = resp.deletion
         if not args.now and deletion.state == pb.DELETION_STATE_SCHEDULED:
             at = deletion.delete_after_time.ToDatetime().strftime("%Y-%m-%d %H:%M UTC")
-            print(f"{args.tenant_id} is suspended and will be deleted after {at}.\n"
-                  f"to cancel: bulkhead tenants resume {args.tenant_id}")
+            print(
+                f"{args.tenant_id} is suspended and will be deleted after {at}.\n"
+                f"to cancel: bulkhead tenants resume {args.tenant_id}"
+            )
             return
         receipt = await _follow(bh, args.tenant_id, args.timeout)
     doc = receipt_document(receipt.body, receipt.signature, receipt.kid, receipt.public_key)
@@ -196,16 +242,21 @@ async def _follow(bh, tenant_id: str, timeout: float):
     while True:
         resp = await bh.identity.GetDeletionReceipt(pb.GetDeletionReceiptRequest(tenant_id=tenant_id))
         for step in resp.deletion.steps:
-            line = "done" if step.done else (f"retrying ({step.attempts} failed: {step.last_error})"
-                                             if step.attempts else "")
+            line = (
+                "done"
+                if step.done
+                else (f"retrying ({step.attempts} failed: {step.last_error})" if step.attempts else "")
+            )
             if line and shown.get(step.service) != line:
                 print(f"  {step.service:<13} {line}", flush=True)
                 shown[step.service] = line
         if resp.deletion.state == pb.DELETION_STATE_DONE:
             return resp.receipt
         if loop.time() > deadline:
-            fail(f"the deletion of {tenant_id} is still running (identity retries failed steps on its own); "
-                 f"see progress with: bulkhead tenants delete {tenant_id} --now --yes  (it resumes, never repeats)")
+            fail(
+                f"the deletion of {tenant_id} is still running (identity retries failed steps on its own); "
+                f"see progress with: bulkhead tenants delete {tenant_id} --now --yes  (it resumes, never repeats)"
+            )
         await asyncio.sleep(0.5)
 
 
@@ -235,20 +286,34 @@ async def _migrate(args: argparse.Namespace) -> None:
             request.target_tier = tier_to_proto(args.tier)
         resp = await bh.identity.MigrateTenant(request)
         m = resp.migration
-        print(f"{'aborting' if args.abort else 'migrating'} {args.tenant} ({tenant_id}): "
-              f"{_placement(m.source_tier, m.source_region, m)} -> {_placement(m.target_tier, m.target_region, m)}",
-              flush=True)
+        print(
+            f"{'aborting' if args.abort else 'migrating'} {args.tenant} ({tenant_id}): "
+            f"{_placement(m.source_tier, m.source_region, m)} -> {_placement(m.target_tier, m.target_region, m)}",
+            flush=True,
+        )
         m = await _follow_migration(bh, tenant_id, args.timeout)
-    rows = [[s.service, str(len(s.tables)), str(sum(t.rows for t in s.tables)),
-             "yes" if all(t.equal for t in s.tables) else "NO", s.phase] for s in m.steps]
+    rows = [
+        [
+            s.service,
+            str(len(s.tables)),
+            str(sum(t.rows for t in s.tables)),
+            "yes" if all(t.equal for t in s.tables) else "NO",
+            s.phase,
+        ]
+        for s in m.steps
+    ]
     table(rows, ["service", "tables", "rows", "checksums equal", "phase"])
     for step in m.steps:
         if step.tables:
-            print(f"  {step.service}: " + ", ".join(f"{t.table} {t.rows}{'' if t.equal else ' (DIFFERS)'}"
-                                                   for t in step.tables))
+            print(
+                f"  {step.service}: "
+                + ", ".join(f"{t.table} {t.rows}{'' if t.equal else ' (DIFFERS)'}" for t in step.tables)
+            )
     if m.state == pb.MIGRATION_STATE_DONE:
-        print(f"{args.tenant} is {_placement(m.target_tier, m.target_region, m)} now (placement generation "
-              f"{m.generation}); its requests were paused {m.pause_ms} ms")
+        print(
+            f"{args.tenant} is {_placement(m.target_tier, m.target_region, m)} now (placement generation "
+            f"{m.generation}); its requests were paused {m.pause_ms} ms"
+        )
     else:
         print(f"aborted: {args.tenant} stays {_placement(m.source_tier, m.source_region, m)}")
 
@@ -277,7 +342,9 @@ async def _follow_migration(bh, tenant_id: str, timeout: float) -> pb.TenantMigr
         if m.state in _FINISHED:
             return m
         if loop.time() > deadline:
-            fail(f"the migration of {tenant_id} is still running (identity retries failed steps on its own); "
-                 f"follow it again with: bulkhead tenants migrate {tenant_id} --tier {_tier_name(m.target_tier)}"
-                 + (f" --region {m.target_region}" if m.target_region and m.target_region != m.source_region else ""))
+            fail(
+                f"the migration of {tenant_id} is still running (identity retries failed steps on its own); "
+                f"follow it again with: bulkhead tenants migrate {tenant_id} --tier {_tier_name(m.target_tier)}"
+                + (f" --region {m.target_region}" if m.target_region and m.target_region != m.source_region else "")
+            )
         await asyncio.sleep(0.3)

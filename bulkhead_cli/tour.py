@@ -1,5 +1,6 @@
 """`bulkhead demo`: two tenants, each with a team and a secret, run one workflow each, concurrently,
 then show each tenant's usage and a refused cross-tenant attempt, and say where to look next."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,7 +31,7 @@ class CrmStub:
     """A stand-in for a tenant's CRM on loopback: answers only with that tenant's own token."""
 
     def __init__(self) -> None:
-        self.tokens: dict[str, str] = {}   # bearer token -> tenant name
+        self.tokens: dict[str, str] = {}  # bearer token -> tenant name
         self.calls: list[str] = []
         stub = self
 
@@ -39,8 +40,11 @@ class CrmStub:
                 auth = self.headers.get("Authorization", "").removeprefix("Bearer ")
                 tenant = stub.tokens.get(auth)
                 stub.calls.append(tenant or "refused")
-                body = {"account": f"{tenant} account", "plan": "gold", "open_tickets": 2} if tenant else \
-                    {"error": "unauthorized"}
+                body = (
+                    {"account": f"{tenant} account", "plan": "gold", "open_tickets": 2}
+                    if tenant
+                    else {"error": "unauthorized"}
+                )
                 self.send_response(200 if tenant else 401)
                 self.send_header("Content-Type", "application/json")
                 self.end_headers()
@@ -68,17 +72,34 @@ def team_for(tenant_name: str, crm_url: str) -> orc.Team:
     """Triage hands off to a specialist, who looks the customer up in the CRM with the tenant's secret."""
     host = crm_url.split("/")[2]
     return orc.Team(
-        name="support", description=f"{tenant_name}'s support desk",
+        name="support",
+        description=f"{tenant_name}'s support desk",
         agents=[
-            orc.Agent(name="triage", system_prompt=f"You triage support requests for {tenant_name}. "
-                      "Hand anything about an account to the specialist.", handoffs=["specialist"], max_steps=4),
-            orc.Agent(name="specialist", system_prompt=f"You answer account questions for {tenant_name}, "
-                      "using the CRM lookup tool.", tools=["crm_lookup"], max_steps=4),
+            orc.Agent(
+                name="triage",
+                system_prompt=f"You triage support requests for {tenant_name}. "
+                "Hand anything about an account to the specialist.",
+                handoffs=["specialist"],
+                max_steps=4,
+            ),
+            orc.Agent(
+                name="specialist",
+                system_prompt=f"You answer account questions for {tenant_name}, using the CRM lookup tool.",
+                tools=["crm_lookup"],
+                max_steps=4,
+            ),
         ],
-        http_tools=[orc.HttpTool(name="crm_lookup", description="Look up the customer's account in the CRM",
-                                 method="GET", url=crm_url,
-                                 headers={"Authorization": "Bearer ${secret:" + SECRET_NAME + "}"})],
-        allowed_hosts=[host])
+        http_tools=[
+            orc.HttpTool(
+                name="crm_lookup",
+                description="Look up the customer's account in the CRM",
+                method="GET",
+                url=crm_url,
+                headers={"Authorization": "Bearer ${secret:" + SECRET_NAME + "}"},
+            )
+        ],
+        allowed_hosts=[host],
+    )
 
 
 @dataclass
@@ -102,13 +123,17 @@ TIERS = {"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE, "
 async def _setup_tenant(operator: Client, name: str, crm: CrmStub, addresses, tier: str) -> TenantRun:
     created = await operator.identity.CreateTenant(idp.CreateTenantRequest(name=name, tier=TIERS[tier]))
     tenant = TenantRun(name=name, tenant_id=created.tenant.id, api_key=created.admin_api_key)
-    await operator.metering.SetQuota(mtr.SetQuotaRequest(quota=mtr.Quota(
-        tenant_id=tenant.tenant_id, requests_per_minute=600, tokens_per_minute=200_000)))
+    await operator.metering.SetQuota(
+        mtr.SetQuotaRequest(
+            quota=mtr.Quota(tenant_id=tenant.tenant_id, requests_per_minute=600, tokens_per_minute=200_000)
+        )
+    )
     crm_token = "crm-" + secrets.token_hex(12)
     crm.tokens[crm_token] = name
     async with await Client.connect(api_key=tenant.api_key, addresses=addresses) as bh:
-        await bh.credentials.PutSecret(cred.PutSecretRequest(name=SECRET_NAME, value=crm_token.encode(),
-                                                             description="CRM API token"))
+        await bh.credentials.PutSecret(
+            cred.PutSecretRequest(name=SECRET_NAME, value=crm_token.encode(), description="CRM API token")
+        )
         await bh.orchestrator.CreateTeam(orc.CreateTeamRequest(team=team_for(name, crm.url)))
     return tenant
 
@@ -118,9 +143,14 @@ async def _run_workflow(tenant: TenantRun, addresses, say) -> None:
     async with await Client.connect(api_key=tenant.api_key, addresses=addresses) as bh:
         with tracer.start_as_current_span("demo.workflow", attributes={"tenant.id": tenant.tenant_id}) as span:
             tenant.trace_id = format(span.get_span_context().trace_id, "032x")
-            started = await bh.orchestrator.StartRun(orc.StartRunRequest(
-                team="support", entry_agent="triage", input="My invoices look wrong; what plan am I on?",
-                idempotency_key=uuid.uuid4().hex))
+            started = await bh.orchestrator.StartRun(
+                orc.StartRunRequest(
+                    team="support",
+                    entry_agent="triage",
+                    input="My invoices look wrong; what plan am I on?",
+                    idempotency_key=uuid.uuid4().hex,
+                )
+            )
             tenant.run_id = started.run.run_id
             # The orchestrator ends the stream once the run is finished; reading to its end also ends its span.
             async for event in bh.orchestrator.WatchRun(orc.WatchRunRequest(run_id=tenant.run_id)):
@@ -140,10 +170,21 @@ async def _usage(tenant: TenantRun, addresses) -> list[list[str]]:
     async with await Client.connect(api_key=tenant.api_key, addresses=addresses) as bh:
         now = int(time.time())
         window = mtr.UsageFilter(start_time=Timestamp(seconds=now - 3600), end_time=Timestamp(seconds=now + 60))
-        resp = await bh.metering.QueryUsage(mtr.QueryUsageRequest(
-            filter=window, group_by=[mtr.USAGE_GROUPING_AGENT, mtr.USAGE_GROUPING_MODEL]))
-    return [[tenant.name, r.agent_id, r.model, str(r.event_count), str(r.tokens.input_tokens), str(r.tokens.output_tokens),
-             r.cost_usd] for r in resp.rows]
+        resp = await bh.metering.QueryUsage(
+            mtr.QueryUsageRequest(filter=window, group_by=[mtr.USAGE_GROUPING_AGENT, mtr.USAGE_GROUPING_MODEL])
+        )
+    return [
+        [
+            tenant.name,
+            r.agent_id,
+            r.model,
+            str(r.event_count),
+            str(r.tokens.input_tokens),
+            str(r.tokens.output_tokens),
+            r.cost_usd,
+        ]
+        for r in resp.rows
+    ]
 
 
 async def _settled_usage(tenants: list[TenantRun], addresses, *, timeout: float = 10.0) -> list[list[str]]:
@@ -173,12 +214,15 @@ async def _cross_tenant_attempt(a: TenantRun, b: TenantRun, addresses) -> list[s
 
         stub = orchestrator_pb2_grpc.OrchestratorServiceStub(channel)
         try:
-            await stub.ListRuns(orc.ListRunsRequest(), metadata=(("authorization", f"Bearer {token}"),
-                                                                 ("x-tenant-id", b.tenant_id)))
+            await stub.ListRuns(
+                orc.ListRunsRequest(), metadata=(("authorization", f"Bearer {token}"), ("x-tenant-id", b.tenant_id))
+            )
             lines.append(f"!! {a.name}'s token listed {b.name}'s runs: isolation broken")
         except grpc.aio.AioRpcError as err:
-            lines.append(f"{a.name}'s token sent as x-tenant-id={b.tenant_id}: {err.code().name} "
-                         f"({error_details(err)['reason']}, refused by the interceptor)")
+            lines.append(
+                f"{a.name}'s token sent as x-tenant-id={b.tenant_id}: {err.code().name} "
+                f"({error_details(err)['reason']}, refused by the interceptor)"
+            )
     return lines
 
 
@@ -200,9 +244,18 @@ async def _ensure_prices(operator: Client) -> None:
     for model, (inp, out, write, read) in DEMO_PRICES.items():
         listed = await operator.metering.ListPrices(mtr.ListPricesRequest(model=model))
         if not listed.prices:
-            await operator.metering.SetPrice(mtr.SetPriceRequest(price=mtr.Price(
-                model=model, effective_time=Timestamp(seconds=int(time.time()) - 86400), input_micros_per_mtok=inp,
-                output_micros_per_mtok=out, cache_write_micros_per_mtok=write, cache_read_micros_per_mtok=read)))
+            await operator.metering.SetPrice(
+                mtr.SetPriceRequest(
+                    price=mtr.Price(
+                        model=model,
+                        effective_time=Timestamp(seconds=int(time.time()) - 86400),
+                        input_micros_per_mtok=inp,
+                        output_micros_per_mtok=out,
+                        cache_write_micros_per_mtok=write,
+                        cache_read_micros_per_mtok=read,
+                    )
+                )
+            )
 
 
 async def run_demo(operator_key: str, addresses: dict[str, str], *, say=print, tier: str = "pooled") -> DemoResult:

@@ -1,4 +1,5 @@
 """`bulkhead up`: the whole mesh on this machine, on embedded defaults unless told otherwise."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,24 +18,43 @@ DEFAULT_CONSOLE_ADDR = "127.0.0.1:8080"
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("up", help="run all services on this machine (Ctrl-C stops them)")
-    parser.add_argument("--data-dir", default=os.environ.get("BULKHEAD_DATA_DIR", ".bulkhead"),
-                        help="SQLite files, key files and the operator key (default ./.bulkhead)")
+    parser.add_argument(
+        "--data-dir",
+        default=os.environ.get("BULKHEAD_DATA_DIR", ".bulkhead"),
+        help="SQLite files, key files and the operator key (default ./.bulkhead)",
+    )
     parser.add_argument("--postgres", metavar="DSN", help="use Postgres (runtime role) instead of SQLite")
     parser.add_argument("--postgres-owner", metavar="DSN", help="Postgres URL of the table owner, for migrations")
     parser.add_argument("--vault", metavar="URL", help="keep secrets in Vault/OpenBao at URL instead of locally")
-    parser.add_argument("--vault-token", default=os.environ.get("BULKHEAD_VAULT_TOKEN"),
-                        help="token credentials uses to administer Vault (default $BULKHEAD_VAULT_TOKEN)")
+    parser.add_argument(
+        "--vault-token",
+        default=os.environ.get("BULKHEAD_VAULT_TOKEN"),
+        help="token credentials uses to administer Vault (default $BULKHEAD_VAULT_TOKEN)",
+    )
     parser.add_argument("--otlp", metavar="ENDPOINT", help="export traces with OTLP/gRPC (e.g. http://localhost:4317)")
     parser.add_argument("--only", nargs="+", choices=[*SERVICE_PORTS, "console"], help="run only these services")
-    parser.add_argument("--console", metavar="ADDR", default=None,
-                        help="where the web console listens (default $BULKHEAD_CONSOLE_ADDR, else 127.0.0.1:8080, "
-                             "or PORT_BASE+80 with --port-base)")
+    parser.add_argument(
+        "--console",
+        metavar="ADDR",
+        default=None,
+        help="where the web console listens (default $BULKHEAD_CONSOLE_ADDR, else 127.0.0.1:8080, "
+        "or PORT_BASE+80 with --port-base)",
+    )
     parser.add_argument("--no-console", action="store_true", help="do not start the web console")
-    parser.add_argument("--port-base", type=int, default=0,
-                        help="listen on PORT_BASE+1..+6 instead of 50051..50056 (metrics on 9451.. moved alike)")
-    parser.add_argument("--replicas", type=int, default=1, metavar="N",
-                        help=f"run N processes of every service (1..{MAX_REPLICAS}; replica i on its port "
-                             f"+{REPLICA_STRIDE}*i); callers spread calls over them and resend idempotent ones")
+    parser.add_argument(
+        "--port-base",
+        type=int,
+        default=0,
+        help="listen on PORT_BASE+1..+6 instead of 50051..50056 (metrics on 9451.. moved alike)",
+    )
+    parser.add_argument(
+        "--replicas",
+        type=int,
+        default=1,
+        metavar="N",
+        help=f"run N processes of every service (1..{MAX_REPLICAS}; replica i on its port "
+        f"+{REPLICA_STRIDE}*i); callers spread calls over them and resend idempotent ones",
+    )
     parser.add_argument("--quiet", action="store_true", help="do not show the services' log lines")
     parser.set_defaults(func=_up)
 
@@ -86,8 +106,9 @@ def console_addr(args: argparse.Namespace, env: dict[str, str]) -> str | None:
     return env.get("BULKHEAD_CONSOLE_ADDR") or DEFAULT_CONSOLE_ADDR
 
 
-async def _run(services: list[str], env: dict[str, str], *, quiet: bool, console: str | None = None,
-               replicas: int = 1) -> int:
+async def _run(
+    services: list[str], env: dict[str, str], *, quiet: bool, console: str | None = None, replicas: int = 1
+) -> int:
     try:
         supervisor = Supervisor(services, env, show_logs=not quiet, console=console, replicas=replicas)
     except ValueError as exc:
@@ -98,8 +119,9 @@ async def _run(services: list[str], env: dict[str, str], *, quiet: bool, console
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     each = f" x {replicas} replicas" if replicas > 1 else ""
-    print(f"starting {len(services) + bool(console)} services{each} (data in {env['BULKHEAD_DATA_DIR']}) ...",
-          flush=True)
+    print(
+        f"starting {len(services) + bool(console)} services{each} (data in {env['BULKHEAD_DATA_DIR']}) ...", flush=True
+    )
     try:
         starting = asyncio.create_task(supervisor.start())
         done, _ = await asyncio.wait({starting, asyncio.create_task(stop.wait())}, return_when=asyncio.FIRST_COMPLETED)
@@ -122,8 +144,10 @@ async def _run(services: list[str], env: dict[str, str], *, quiet: bool, console
     key_file = Path(env["BULKHEAD_DATA_DIR"]) / "operator.key"
     if key_file.exists():
         print(f"\noperator API key: {key_file.read_text().strip()}\n  (kept in {key_file}, mode 0600)")
-    print(f"provider: {env['BULKHEAD_MODEL_PROVIDER']}   secrets: {env['BULKHEAD_SECRETS_BACKEND']}   "
-          f"database: {'postgres' if env.get('BULKHEAD_DATABASE_URL') else 'sqlite'}")
+    print(
+        f"provider: {env['BULKHEAD_MODEL_PROVIDER']}   secrets: {env['BULKHEAD_SECRETS_BACKEND']}   "
+        f"database: {'postgres' if env.get('BULKHEAD_DATABASE_URL') else 'sqlite'}"
+    )
     if replicas > 1:
         # The CLI in another terminal reaches the first replica of each by default; these reach them all.
         print("\nto spread your own calls over every replica:")

@@ -1,9 +1,10 @@
 """`bulkhead usage`: chargeback lines (operators) and grouped usage, as a table and optionally CSV.
 
-    bulkhead usage --since 2026-03-01 --until 2026-04-01 --csv march.csv     # every tenant, per month and model
-    bulkhead usage --tenant t_abc --period day                              # one tenant, per day
-    bulkhead usage query --by model,agent --since 2026-03-01                # your own tenant's usage
+bulkhead usage --since 2026-03-01 --until 2026-04-01 --csv march.csv     # every tenant, per month and model
+bulkhead usage --tenant t_abc --period day                              # one tenant, per day
+bulkhead usage query --by model,agent --since 2026-03-01                # your own tenant's usage
 """
+
 from __future__ import annotations
 
 import argparse
@@ -13,14 +14,32 @@ from collections.abc import Sequence
 
 from google.protobuf import timestamp_pb2
 
-from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 from bulkhead.metering.v1 import metering_pb2 as pb
+from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 
-_GROUPINGS = {"model": pb.USAGE_GROUPING_MODEL, "agent": pb.USAGE_GROUPING_AGENT,
-              "principal": pb.USAGE_GROUPING_PRINCIPAL, "day": pb.USAGE_GROUPING_DAY, "hour": pb.USAGE_GROUPING_HOUR}
+_GROUPINGS = {
+    "model": pb.USAGE_GROUPING_MODEL,
+    "agent": pb.USAGE_GROUPING_AGENT,
+    "principal": pb.USAGE_GROUPING_PRINCIPAL,
+    "day": pb.USAGE_GROUPING_DAY,
+    "hour": pb.USAGE_GROUPING_HOUR,
+}
 CHARGEBACK_HEADERS = ("tenant", "period", "model", "calls", "input", "output", "cache_write", "cache_read", "cost_usd")
-QUERY_HEADERS = ("tenant", "period", "model", "agent", "principal", "calls", "errors", "input", "output",
-                 "cache_write", "cache_read", "cost_usd", "unpriced_tokens")
+QUERY_HEADERS = (
+    "tenant",
+    "period",
+    "model",
+    "agent",
+    "principal",
+    "calls",
+    "errors",
+    "input",
+    "output",
+    "cache_write",
+    "cache_read",
+    "cost_usd",
+    "unpriced_tokens",
+)
 
 
 def register(subparsers) -> None:
@@ -81,17 +100,42 @@ def _day(ts: timestamp_pb2.Timestamp, hourly: bool = False) -> str:
 
 def chargeback_rows(resp: pb.ExportChargebackResponse) -> list[list[str]]:
     """One row per chargeback line."""
-    return [[x.tenant_id, _day(x.period_start), x.model, str(x.event_count), str(x.tokens.input_tokens),
-             str(x.tokens.output_tokens), str(x.tokens.cache_write_tokens), str(x.tokens.cache_read_tokens),
-             x.cost_usd] for x in resp.lines]
+    return [
+        [
+            x.tenant_id,
+            _day(x.period_start),
+            x.model,
+            str(x.event_count),
+            str(x.tokens.input_tokens),
+            str(x.tokens.output_tokens),
+            str(x.tokens.cache_write_tokens),
+            str(x.tokens.cache_read_tokens),
+            x.cost_usd,
+        ]
+        for x in resp.lines
+    ]
 
 
 def query_rows(rows: Sequence[pb.UsageRow], hourly: bool) -> list[list[str]]:
     """One row per usage group."""
-    return [[r.tenant_id, _day(r.period_start, hourly), r.model, r.agent_id, r.principal_id, str(r.event_count),
-             str(r.error_count), str(r.tokens.input_tokens), str(r.tokens.output_tokens),
-             str(r.tokens.cache_write_tokens), str(r.tokens.cache_read_tokens), r.cost_usd, str(r.unpriced_tokens)]
-            for r in rows]
+    return [
+        [
+            r.tenant_id,
+            _day(r.period_start, hourly),
+            r.model,
+            r.agent_id,
+            r.principal_id,
+            str(r.event_count),
+            str(r.error_count),
+            str(r.tokens.input_tokens),
+            str(r.tokens.output_tokens),
+            str(r.tokens.cache_write_tokens),
+            str(r.tokens.cache_read_tokens),
+            r.cost_usd,
+            str(r.unpriced_tokens),
+        ]
+        for r in rows
+    ]
 
 
 def write_csv(path: str, headers: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
@@ -116,8 +160,9 @@ async def _chargeback(args: argparse.Namespace) -> None:
     start, end = time_range(args)
     period = pb.CHARGEBACK_PERIOD_DAY if args.period == "day" else pb.CHARGEBACK_PERIOD_MONTH
     async with await connect(args) as bh:
-        resp = await bh.metering.ExportChargeback(pb.ExportChargebackRequest(
-            tenant_id=args.tenant, start_time=_ts(start), end_time=_ts(end), period=period))
+        resp = await bh.metering.ExportChargeback(
+            pb.ExportChargebackRequest(tenant_id=args.tenant, start_time=_ts(start), end_time=_ts(end), period=period)
+        )
     _emit(args, CHARGEBACK_HEADERS, chargeback_rows(resp), f"total cost: {resp.total_cost_usd} USD")
 
 
@@ -136,11 +181,15 @@ async def _query(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
         while True:
             if args.tenant:
-                resp = await bh.metering.QueryTenantUsage(pb.QueryTenantUsageRequest(
-                    tenant_id=args.tenant, filter=flt, group_by=group_by, page_size=1000, page_token=token))
+                resp = await bh.metering.QueryTenantUsage(
+                    pb.QueryTenantUsageRequest(
+                        tenant_id=args.tenant, filter=flt, group_by=group_by, page_size=1000, page_token=token
+                    )
+                )
             else:
-                resp = await bh.metering.QueryUsage(pb.QueryUsageRequest(
-                    filter=flt, group_by=group_by, page_size=1000, page_token=token))
+                resp = await bh.metering.QueryUsage(
+                    pb.QueryUsageRequest(filter=flt, group_by=group_by, page_size=1000, page_token=token)
+                )
             rows += resp.rows
             token = resp.next_page_token
             if not token:

@@ -1,4 +1,5 @@
 """The console's settings, read from an environment that callers pass in (tests inject theirs)."""
+
 from __future__ import annotations
 
 import os
@@ -38,12 +39,16 @@ class ConsoleConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> ConsoleConfig:
         """Read the console's config from env."""
-        return cls(address=env.get("BULKHEAD_CONSOLE_ADDR") or DEFAULT_ADDR,
-                   peers={svc: service_addr(svc, env) for svc in SERVICES},
-                   tls_cert=env.get("BULKHEAD_CONSOLE_TLS_CERT", ""), tls_key=env.get("BULKHEAD_CONSOLE_TLS_KEY", ""),
-                   token_ttl=int(env.get("BULKHEAD_CONSOLE_TOKEN_TTL") or 900),
-                   session_idle=int(env.get("BULKHEAD_CONSOLE_SESSION_IDLE") or 8 * 3600),
-                   jaeger_url=(env.get("BULKHEAD_CONSOLE_JAEGER_URL") or "").rstrip("/"), env=dict(env))
+        return cls(
+            address=env.get("BULKHEAD_CONSOLE_ADDR") or DEFAULT_ADDR,
+            peers={svc: service_addr(svc, env) for svc in SERVICES},
+            tls_cert=env.get("BULKHEAD_CONSOLE_TLS_CERT", ""),
+            tls_key=env.get("BULKHEAD_CONSOLE_TLS_KEY", ""),
+            token_ttl=int(env.get("BULKHEAD_CONSOLE_TOKEN_TTL") or 900),
+            session_idle=int(env.get("BULKHEAD_CONSOLE_SESSION_IDLE") or 8 * 3600),
+            jaeger_url=(env.get("BULKHEAD_CONSOLE_JAEGER_URL") or "").rstrip("/"),
+            env=dict(env),
+        )
 
     @property
     def host(self) -> str:

@@ -1,4 +1,5 @@
 """Overview figures from what QueryUsage, GetRunStats and GetQuotaStatus return (pure functions)."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -60,13 +61,19 @@ def agent_figures(usage_by_agent: Sequence[mtr.UsageRow], stats: Sequence[orc.Ag
         row, st = usage.get(name), runs.get(name)
         started = st.succeeded + st.failed + st.cancelled + st.queued + st.running if st else 0
         latency = bool(st and st.latency_steps)
-        figures.append(AgentFigures(
-            agent=name, calls=row.event_count if row else 0, call_errors=row.error_count if row else 0,
-            cost_usd=Decimal(row.cost_usd or "0") if row else Decimal(0), runs=started,
-            runs_succeeded=st.succeeded if st else 0,
-            p50_ms=st.step_latency_p50_ms if st and latency else None,
-            p95_ms=st.step_latency_p95_ms if st and latency else None,
-            latency_steps=st.latency_steps if st else 0))
+        figures.append(
+            AgentFigures(
+                agent=name,
+                calls=row.event_count if row else 0,
+                call_errors=row.error_count if row else 0,
+                cost_usd=Decimal(row.cost_usd or "0") if row else Decimal(0),
+                runs=started,
+                runs_succeeded=st.succeeded if st else 0,
+                p50_ms=st.step_latency_p50_ms if st and latency else None,
+                p95_ms=st.step_latency_p95_ms if st and latency else None,
+                latency_steps=st.latency_steps if st else 0,
+            )
+        )
     return figures
 
 
@@ -131,11 +138,17 @@ def budget_figures(status: mtr.GetQuotaStatusResponse) -> list[BudgetFigures]:
     out = []
     for b in status.budgets:
         scale = 1e6 if b.budget.unit == mtr.BUDGET_UNIT_MICRO_USD else 1.0
-        out.append(BudgetFigures(
-            unit="usd" if scale != 1.0 else "tokens",
-            period="day" if b.budget.period == mtr.BUDGET_PERIOD_DAY else "month",
-            mode="soft" if b.budget.mode == mtr.BUDGET_MODE_SOFT else "hard",
-            limit=b.budget.limit / scale, used=b.used / scale, held=b.held / scale, remaining=b.remaining / scale))
+        out.append(
+            BudgetFigures(
+                unit="usd" if scale != 1.0 else "tokens",
+                period="day" if b.budget.period == mtr.BUDGET_PERIOD_DAY else "month",
+                mode="soft" if b.budget.mode == mtr.BUDGET_MODE_SOFT else "hard",
+                limit=b.budget.limit / scale,
+                used=b.used / scale,
+                held=b.held / scale,
+                remaining=b.remaining / scale,
+            )
+        )
     return out
 
 
@@ -151,8 +164,9 @@ def roll_up(rows: Iterable[mtr.UsageRow], *by: str) -> list[mtr.UsageRow]:
     fields = [_ROLL_KEYS[name] for name in by]
     groups: dict[tuple, list] = {}
     for r in rows:
-        key = tuple((r.period_start.seconds, r.period_start.nanos) if f == "period_start" else getattr(r, f)
-                    for f in fields)
+        key = tuple(
+            (r.period_start.seconds, r.period_start.nanos) if f == "period_start" else getattr(r, f) for f in fields
+        )
         if key not in groups:
             out = mtr.UsageRow(tenant_id=r.tenant_id)
             for f in fields:

@@ -1,4 +1,5 @@
 """The console's only way to the data: the public gRPC APIs, called with one signed-in tenant's token."""
+
 from __future__ import annotations
 
 import uuid
@@ -36,8 +37,9 @@ class Mesh:
         self.orchestrator = _STUBS["orchestrator"](self._channels["orchestrator"])
         self.metering = _STUBS["metering"](self._channels["metering"])
         self.state = _STUBS["state"](self._channels["state"])
-        self.security_events = {svc: security_events_pb2_grpc.SecurityEventsServiceStub(ch)
-                                for svc, ch in self._channels.items()}
+        self.security_events = {
+            svc: security_events_pb2_grpc.SecurityEventsServiceStub(ch) for svc, ch in self._channels.items()
+        }
         """Every service's SecurityEventsService (each answers with its own ledger)."""
 
     async def close(self) -> None:
@@ -47,8 +49,11 @@ class Mesh:
 
 def call_metadata(token: str, tenant_id: str, request_id: str | None = None) -> tuple[tuple[str, str], ...]:
     """authorization, x-tenant-id and x-request-id for one call made for a session."""
-    return (("authorization", f"Bearer {token}"), ("x-tenant-id", tenant_id),
-            ("x-request-id", request_id or uuid.uuid4().hex))
+    return (
+        ("authorization", f"Bearer {token}"),
+        ("x-tenant-id", tenant_id),
+        ("x-request-id", request_id or uuid.uuid4().hex),
+    )
 
 
 def _channel(address: str, tls: TlsConfig | None) -> grpc.aio.Channel:

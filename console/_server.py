@@ -1,4 +1,5 @@
 """Serve the console with uvicorn until SIGINT/SIGTERM."""
+
 from __future__ import annotations
 
 import os
@@ -19,6 +20,13 @@ def serve(env: Mapping[str, str] = os.environ, *, address: str | None = None) ->
     kwargs: dict[str, Any] = {}
     if config.tls_cert and config.tls_key:
         kwargs.update(ssl_certfile=config.tls_cert, ssl_keyfile=config.tls_key)
-    uvicorn.run(create_app(config), host=config.host, port=config.port, log_level="warning", access_log=False,
-                lifespan="on", **kwargs)
+    uvicorn.run(
+        create_app(config),
+        host=config.host,
+        port=config.port,
+        log_level="warning",
+        access_log=False,
+        lifespan="on",
+        **kwargs,
+    )
     return 0

@@ -1,4 +1,5 @@
 """Signed-in sessions, kept in this process's memory only: the cookie carries a random id, never a token."""
+
 from __future__ import annotations
 
 import asyncio
@@ -74,8 +75,16 @@ class Session:
 class Sessions:
     """Session id -> Session; signs in with IssueToken, renews before expiry, revokes on sign-out."""
 
-    def __init__(self, mesh: Mesh, *, token_ttl: int = 900, idle: float = 8 * 3600, max_sessions: int = 10_000,
-                 clock=time.time, monotonic=time.monotonic):
+    def __init__(
+        self,
+        mesh: Mesh,
+        *,
+        token_ttl: int = 900,
+        idle: float = 8 * 3600,
+        max_sessions: int = 10_000,
+        clock=time.time,
+        monotonic=time.monotonic,
+    ):
         self._mesh = mesh
         self._ttl = token_ttl
         self._idle = idle
@@ -90,19 +99,32 @@ class Sessions:
     async def sign_in(self, api_key: str) -> Session:
         """Trade an API key for a token and open a session for it."""
         try:
-            resp = await self._mesh.identity.IssueToken(idp.IssueTokenRequest(api_key=api_key, ttl_seconds=self._ttl),
-                                                        timeout=10)
+            resp = await self._mesh.identity.IssueToken(
+                idp.IssueTokenRequest(api_key=api_key, ttl_seconds=self._ttl), timeout=10
+            )
         except grpc.aio.AioRpcError as err:
-            if err.code() in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED,
-                              grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND,
-                              grpc.StatusCode.FAILED_PRECONDITION):
+            if err.code() in (
+                grpc.StatusCode.UNAUTHENTICATED,
+                grpc.StatusCode.PERMISSION_DENIED,
+                grpc.StatusCode.INVALID_ARGUMENT,
+                grpc.StatusCode.NOT_FOUND,
+                grpc.StatusCode.FAILED_PRECONDITION,
+            ):
                 raise SignInFailed("that API key was not accepted") from None
             raise
         claims = jwt.decode(resp.token, options={"verify_signature": False})  # display only; services verify
-        session = Session(sid=secrets.token_urlsafe(32), csrf=secrets.token_urlsafe(32), tenant_id=resp.tenant_id,
-                          principal_id=str(claims.get("sub", "")), token=resp.token, jti=resp.jti,
-                          expires_at=float(resp.expire_time.seconds), scopes=tuple(resp.scopes), api_key=api_key,
-                          last_seen=self._mono())
+        session = Session(
+            sid=secrets.token_urlsafe(32),
+            csrf=secrets.token_urlsafe(32),
+            tenant_id=resp.tenant_id,
+            principal_id=str(claims.get("sub", "")),
+            token=resp.token,
+            jti=resp.jti,
+            expires_at=float(resp.expire_time.seconds),
+            scopes=tuple(resp.scopes),
+            api_key=api_key,
+            last_seen=self._mono(),
+        )
         self._by_id[session.sid] = session
         while len(self._by_id) > self._max:
             _, oldest = self._by_id.popitem(last=False)
@@ -136,8 +158,9 @@ class Sessions:
 
     async def _renew(self, session: Session) -> None:
         old_jti, old_md = session.jti, call_metadata(session.token, session.tenant_id)
-        resp = await self._mesh.identity.IssueToken(idp.IssueTokenRequest(api_key=session.api_key,
-                                                                          ttl_seconds=self._ttl), timeout=10)
+        resp = await self._mesh.identity.IssueToken(
+            idp.IssueTokenRequest(api_key=session.api_key, ttl_seconds=self._ttl), timeout=10
+        )
         session.token, session.jti = resp.token, resp.jti
         session.expires_at = float(resp.expire_time.seconds)
         session.renewals += 1
@@ -154,11 +177,16 @@ class Sessions:
         if not session.jti or session.expires_at <= self._clock():
             return
         try:
-            await self._mesh.identity.RevokeToken(idp.RevokeTokenRequest(jti=session.jti),
-                                                  metadata=call_metadata(session.token, session.tenant_id), timeout=5)
+            await self._mesh.identity.RevokeToken(
+                idp.RevokeTokenRequest(jti=session.jti),
+                metadata=call_metadata(session.token, session.tenant_id),
+                timeout=5,
+            )
         except grpc.aio.AioRpcError as err:
-            log.warning("could not revoke a console session's token", extra={"tenant_id": session.tenant_id,
-                                                                              "reason": err.code().name})
+            log.warning(
+                "could not revoke a console session's token",
+                extra={"tenant_id": session.tenant_id, "reason": err.code().name},
+            )
         session.api_key = ""
 
     async def close(self) -> None:

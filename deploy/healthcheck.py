@@ -6,6 +6,7 @@ probes run this instead; it dials the container's own port with the container's 
 certificate (every service certificate is also a client certificate). Without TLS it is a
 plain gRPC health check, which is also what compose uses.
 """
+
 from __future__ import annotations
 
 import os
@@ -29,13 +30,15 @@ def check(service: str, env: Mapping[str, str], *, timeout: float = 3.0) -> bool
     """Whether the service's overall health status is SERVING."""
     tls = TlsConfig.from_env(env)
     target = probe_target(service, env)
-    channel = (grpc.secure_channel(target, channel_credentials(tls)) if tls is not None
-               else grpc.insecure_channel(target))
+    channel = (
+        grpc.secure_channel(target, channel_credentials(tls)) if tls is not None else grpc.insecure_channel(target)
+    )
     with channel:
         try:
             stub = health_pb2_grpc.HealthStub(channel)
             reply = stub.Check(  # type: ignore[attr-defined]  # types-grpcio-health-checking lists no RPCs
-                health_pb2.HealthCheckRequest(), timeout=timeout)
+                health_pb2.HealthCheckRequest(), timeout=timeout
+            )
         except grpc.RpcError as exc:
             print(f"{service}: {exc.code().name}", file=sys.stderr)
             return False

@@ -3,6 +3,7 @@
 
 With --out DIR it writes elsewhere, which the staleness test uses to compare against what is committed.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -43,9 +44,16 @@ def generate(out: pathlib.Path) -> None:
     """Compile every proto into out/ (messages, gRPC stubs and .pyi type stubs for both)."""
     out.mkdir(parents=True, exist_ok=True)
     files = [str(p.relative_to(PROTOS)) for p in proto_files()]
-    args = ["protoc", *(f"-I{d}" for d in _include_dirs()),
-            f"--python_out={out}", f"--pyi_out={out}", f"--grpc_python_out={out}",
-            f"--plugin=protoc-gen-mypy_grpc={_mypy_grpc_plugin()}", f"--mypy_grpc_out=quiet:{out}", *files]
+    args = [
+        "protoc",
+        *(f"-I{d}" for d in _include_dirs()),
+        f"--python_out={out}",
+        f"--pyi_out={out}",
+        f"--grpc_python_out={out}",
+        f"--plugin=protoc-gen-mypy_grpc={_mypy_grpc_plugin()}",
+        f"--mypy_grpc_out=quiet:{out}",
+        *files,
+    ]
     if protoc.main(args) != 0:
         raise SystemExit("protoc failed: fix the proto errors above, then run this again")
     # Generated packages need __init__.py so that setuptools and mypy see them.

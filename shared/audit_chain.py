@@ -5,6 +5,7 @@ Pure functions, no storage: a service keeps the entries and a chain head in its 
 calls `link` when appending and `verify` when checking. With a `key` the links are HMACs, so
 someone who can write the table but does not hold the key cannot rebuild a consistent chain.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -59,8 +60,15 @@ class ChainReport:
     """What is wrong, in words."""
 
 
-def verify(entries: Iterable[ChainEntry], *, head_sequence: int, head_hash: str, key: bytes = b"",
-           anchor_sequence: int = 0, anchor_hash: str = GENESIS) -> ChainReport:
+def verify(
+    entries: Iterable[ChainEntry],
+    *,
+    head_sequence: int,
+    head_hash: str,
+    key: bytes = b"",
+    anchor_sequence: int = 0,
+    anchor_hash: str = GENESIS,
+) -> ChainReport:
     """Check entries (in sequence order) against each other and against the recorded head.
 
     A changed entry fails its own hash; a removed one leaves a gap in the sequence (or, at the
@@ -72,22 +80,34 @@ def verify(entries: Iterable[ChainEntry], *, head_sequence: int, head_hash: str,
     the anchor without pruning exactly up to it, is caught like any other gap or broken link.
     """
     if anchor_sequence < 0 or anchor_sequence > head_sequence:
-        return ChainReport(False, 0, max(anchor_sequence, 1),
-                           f"the anchor (entry {anchor_sequence}) is not within the chain (head {head_sequence})")
+        return ChainReport(
+            False,
+            0,
+            max(anchor_sequence, 1),
+            f"the anchor (entry {anchor_sequence}) is not within the chain (head {head_sequence})",
+        )
     prev, expected_seq, checked = (anchor_hash or GENESIS), anchor_sequence + 1, 0
     for entry in entries:
         checked += 1
         if entry.sequence != expected_seq:
             return ChainReport(False, checked, expected_seq, f"entry {expected_seq} is missing")
         if entry.prev_hash != prev:
-            return ChainReport(False, checked, entry.sequence, f"entry {entry.sequence} does not link to the one before")
+            return ChainReport(
+                False, checked, entry.sequence, f"entry {entry.sequence} does not link to the one before"
+            )
         if not hmac.compare_digest(link(prev, entry.fields, key), entry.hash):
-            return ChainReport(False, checked, entry.sequence, f"entry {entry.sequence} was changed after it was written")
+            return ChainReport(
+                False, checked, entry.sequence, f"entry {entry.sequence} was changed after it was written"
+            )
         prev, expected_seq = entry.hash, expected_seq + 1
     last = expected_seq - 1
     if last != head_sequence:
-        return ChainReport(False, checked, min(last, head_sequence) + 1,
-                           f"the chain ends at entry {last} but the head records {head_sequence}")
+        return ChainReport(
+            False,
+            checked,
+            min(last, head_sequence) + 1,
+            f"the chain ends at entry {last} but the head records {head_sequence}",
+        )
     if prev != (head_hash or GENESIS):
         return ChainReport(False, checked, max(last, 1), f"entry {last} does not match the recorded head")
     return ChainReport(True, checked)

@@ -4,6 +4,7 @@ It verifies the bearer token, requires x-tenant-id to equal the token's tenant, 
 scope the method declares in its proto, then runs the handler with the TenantContext bound
 and turns the domain errors the handler raises into precise statuses.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -44,8 +45,14 @@ class Denial(Exception):
 class TenancyInterceptor(grpc.aio.ServerInterceptor):
     """Authenticates, authorizes and binds the tenant of every RPC; maps domain errors to statuses."""
 
-    def __init__(self, verifier: TokenVerifier, *, service: str, rules: RuleBook | None = None,
-                 events: SecurityEvents | None = None):
+    def __init__(
+        self,
+        verifier: TokenVerifier,
+        *,
+        service: str,
+        rules: RuleBook | None = None,
+        events: SecurityEvents | None = None,
+    ):
         self._verifier = verifier
         self._service = service
         self._rules = rules or RuleBook()
@@ -66,60 +73,96 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         except Denial as denial:
             return self._deny(handler, denial, method, metadata)
         parent = extract(metadata)  # W3C traceparent from the caller: this call joins its trace
-        return _wrap(handler, lambda behavior, kind: _bind(behavior, kind, ctx, self._service, method, parent,
-                                                                     self.page_key))
+        return _wrap(
+            handler, lambda behavior, kind: _bind(behavior, kind, ctx, self._service, method, parent, self.page_key)
+        )
 
-    async def _authenticate(self, rule: MethodRule | None, md: dict[str, str],
-                            unclear: frozenset[str] = frozenset()) -> TenantContext | None:
+    async def _authenticate(
+        self, rule: MethodRule | None, md: dict[str, str], unclear: frozenset[str] = frozenset()
+    ) -> TenantContext | None:
         if rule is None:
-            raise Denial(errors.PermissionDenied("this method declares no authorization rule and is refused",
-                                                 reason="NO_AUTH_RULE"))
+            raise Denial(
+                errors.PermissionDenied(
+                    "this method declares no authorization rule and is refused", reason="NO_AUTH_RULE"
+                )
+            )
         if rule.public:
             return None
         ambiguous = sorted(unclear & _IDENTITY_KEYS)
         if ambiguous:
             # A proxy that reads the first value (or only the canonical spelling) and a service that
             # reads the last would disagree about who is calling: refuse instead of picking one.
-            raise Denial(errors.Unauthenticated(f"metadata {', '.join(ambiguous)} must be sent once, in lower case",
-                                                reason="AMBIGUOUS_METADATA", metadata={"keys": ",".join(ambiguous)}))
+            raise Denial(
+                errors.Unauthenticated(
+                    f"metadata {', '.join(ambiguous)} must be sent once, in lower case",
+                    reason="AMBIGUOUS_METADATA",
+                    metadata={"keys": ",".join(ambiguous)},
+                )
+            )
         auth = md.get("authorization", "")
         if not auth:
-            raise Denial(errors.Unauthenticated("missing bearer token: send 'authorization: Bearer <token>'",
-                                                reason="MISSING_TOKEN"))
+            raise Denial(
+                errors.Unauthenticated(
+                    "missing bearer token: send 'authorization: Bearer <token>'", reason="MISSING_TOKEN"
+                )
+            )
         if not auth[: len(_BEARER)].lower() == _BEARER:
             raise Denial(errors.Unauthenticated("authorization must be 'Bearer <token>'", reason="TOKEN_MALFORMED"))
         tenant_id = md.get("x-tenant-id", "")
         if not tenant_id:
             raise Denial(errors.Unauthenticated("missing x-tenant-id metadata", reason="MISSING_TENANT"))
-        token = auth[len(_BEARER):].strip()
+        token = auth[len(_BEARER) :].strip()
         try:
             claims = await self._verifier.verify(token)
         except (errors.Unauthenticated, errors.Unavailable, errors.PermissionDenied) as exc:  # TENANT_SUSPENDED
             owner = _genuine_owner(exc)
             raise Denial(exc, tenant_id=owner and owner.tenant_id, principal_id=owner and owner.principal_id) from None
         if claims.tenant_id != tenant_id:
-            raise Denial(errors.PermissionDenied("x-tenant-id does not match the token's tenant",
-                                                 reason="TENANT_MISMATCH"),
-                         tenant_id=claims.tenant_id, principal_id=claims.principal_id)
+            raise Denial(
+                errors.PermissionDenied("x-tenant-id does not match the token's tenant", reason="TENANT_MISMATCH"),
+                tenant_id=claims.tenant_id,
+                principal_id=claims.principal_id,
+            )
         if not any(scope_matches(g, rule.scope) for g in claims.scopes) or (
-                rule.scope.startswith("platform.") and claims.tenant_id != PLATFORM_TENANT):
-            raise Denial(errors.PermissionDenied(f"token lacks the scope {rule.scope!r} this method needs",
-                                                 reason="MISSING_SCOPE", metadata={"scope": rule.scope}),
-                         tenant_id=claims.tenant_id, principal_id=claims.principal_id)
+            rule.scope.startswith("platform.") and claims.tenant_id != PLATFORM_TENANT
+        ):
+            raise Denial(
+                errors.PermissionDenied(
+                    f"token lacks the scope {rule.scope!r} this method needs",
+                    reason="MISSING_SCOPE",
+                    metadata={"scope": rule.scope},
+                ),
+                tenant_id=claims.tenant_id,
+                principal_id=claims.principal_id,
+            )
         return TenantContext(
-            tenant_id=claims.tenant_id, principal_id=claims.principal_id, scopes=claims.scopes, tier=claims.tier,
-            request_id=md.get("x-request-id") or uuid.uuid4().hex, token=token, actor_id=claims.actor_id,
-            agent_id=claims.agent_id or md.get("x-agent-id") or None, run_id=claims.run_id or md.get("x-run-id") or None)
+            tenant_id=claims.tenant_id,
+            principal_id=claims.principal_id,
+            scopes=claims.scopes,
+            tier=claims.tier,
+            request_id=md.get("x-request-id") or uuid.uuid4().hex,
+            token=token,
+            actor_id=claims.actor_id,
+            agent_id=claims.agent_id or md.get("x-agent-id") or None,
+            run_id=claims.run_id or md.get("x-run-id") or None,
+        )
 
     def _deny(self, handler, denial: Denial, method: str, md: dict[str, str]):
         error = denial.error
 
         def record(context) -> None:  # inside the handler: only the servicer context knows the peer
-            self.events.denied(reason=error.reason, method=method, peer=context.peer() or "",
-                               tenant_id=denial.tenant_id, principal_id=denial.principal_id,
-                               claimed_tenant=md.get("x-tenant-id"), message=error.message)
-            REQUESTS.labels(self._service, method, tenant_label(denial.tenant_id or "unauthenticated"),
-                            error.code.name).inc()
+            self.events.denied(
+                reason=error.reason,
+                method=method,
+                peer=context.peer() or "",
+                tenant_id=denial.tenant_id,
+                principal_id=denial.principal_id,
+                claimed_tenant=md.get("x-tenant-id"),
+                message=error.message,
+            )
+            REQUESTS.labels(
+                self._service, method, tenant_label(denial.tenant_id or "unauthenticated"), error.code.name
+            ).inc()
 
         parent = extract(md)
 
@@ -189,8 +232,11 @@ def _wrap(handler, make):
     for kind in _KINDS:
         behavior = getattr(handler, kind)
         if behavior is not None:
-            return _FACTORIES[kind](make(behavior, kind), request_deserializer=handler.request_deserializer,
-                                    response_serializer=handler.response_serializer)
+            return _FACTORIES[kind](
+                make(behavior, kind),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
     return handler
 
 
@@ -198,8 +244,13 @@ def _server_span(method: str, parent):
     """The SERVER span of one call, child of the caller's span (the attribute names are OpenTelemetry's)."""
     service, _, name = method.lstrip("/").partition("/")
     return _tracer.start_as_current_span(
-        method, context=parent, kind=SpanKind.SERVER, record_exception=False, set_status_on_exception=False,
-        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name})
+        method,
+        context=parent,
+        kind=SpanKind.SERVER,
+        record_exception=False,
+        set_status_on_exception=False,
+        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+    )
 
 
 def _finish_span(span, code: grpc.StatusCode) -> None:
@@ -208,8 +259,9 @@ def _finish_span(span, code: grpc.StatusCode) -> None:
         span.set_status(Status(StatusCode.ERROR, code.name))
 
 
-def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: str, parent,
-          page_key: bytes | None = None):
+def _bind(
+    behavior, kind: str, ctx: TenantContext | None, service: str, method: str, parent, page_key: bytes | None = None
+):
     """Run behavior in its server span with the tenant bound; translate domain errors; count and time the call."""
 
     def enter() -> str:
@@ -238,6 +290,7 @@ def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: 
         LATENCY.labels(service, method).observe(time.perf_counter() - started)
 
     if not kind.endswith("stream"):
+
         async def unary_response(request, context):
             with _server_span(method, parent) as span:
                 tenant, started, code = enter(), time.perf_counter(), grpc.StatusCode.OK
@@ -249,6 +302,7 @@ def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: 
                     await fail(exc, context)
                 finally:
                     done(span, tenant, started, code)
+
         return unary_response
 
     async def stream_response(request, context):
@@ -267,6 +321,7 @@ def _bind(behavior, kind: str, ctx: TenantContext | None, service: str, method: 
                 await fail(exc, context)
             finally:
                 done(span, tenant, started, code)
+
     return stream_response
 
 
@@ -275,8 +330,11 @@ def _check_integers(request) -> None:
     if isinstance(request, Message):
         problems = integer_violations(request)
         if problems:
-            raise errors.InvalidArgument(f"integer out of range in {', '.join(sorted(problems))}",
-                                         reason="VALUE_OUT_OF_RANGE", violations=problems)
+            raise errors.InvalidArgument(
+                f"integer out of range in {', '.join(sorted(problems))}",
+                reason="VALUE_OUT_OF_RANGE",
+                violations=problems,
+            )
 
 
 def _aborted_code(context) -> grpc.StatusCode:

@@ -5,6 +5,7 @@ a value near 2**63 overflows the database's BIGINT before any domain check can s
 Services still check their own domains (no negative counts, a commit within its hold...): this
 is the floor under all of them, so no request can reach INTERNAL through an integer.
 """
+
 from __future__ import annotations
 
 from functools import cache
@@ -15,15 +16,23 @@ from google.protobuf.message import Message
 MAX_SAFE_INTEGER = 2**53 - 1
 """The largest integer every client language carries exactly (JavaScript's Number included)."""
 
-_WIDE = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_SFIXED64,
-         FieldDescriptor.TYPE_UINT64, FieldDescriptor.TYPE_FIXED64}
+_WIDE = {
+    FieldDescriptor.TYPE_INT64,
+    FieldDescriptor.TYPE_SINT64,
+    FieldDescriptor.TYPE_SFIXED64,
+    FieldDescriptor.TYPE_UINT64,
+    FieldDescriptor.TYPE_FIXED64,
+}
 
 
 @cache
 def _plan(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, bool], ...]:
     """The fields of a message type worth visiting: (field, is_message). Empty when no 64-bit integer is reachable."""
-    return tuple((f, f.type == FieldDescriptor.TYPE_MESSAGE) for f in descriptor.fields
-                 if f.type in _WIDE or (f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_wide(f.message_type)))
+    return tuple(
+        (f, f.type == FieldDescriptor.TYPE_MESSAGE)
+        for f in descriptor.fields
+        if f.type in _WIDE or (f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_wide(f.message_type))
+    )
 
 
 @cache
@@ -31,8 +40,10 @@ def _reaches_wide(descriptor: Descriptor, _seen: frozenset = frozenset()) -> boo
     if descriptor.full_name in _seen:
         return False
     seen = _seen | {descriptor.full_name}
-    return any(f.type in _WIDE or (f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_wide(f.message_type, seen))
-               for f in descriptor.fields)
+    return any(
+        f.type in _WIDE or (f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_wide(f.message_type, seen))
+        for f in descriptor.fields
+    )
 
 
 def integer_violations(message: Message, *, limit: int = MAX_SAFE_INTEGER) -> dict[str, str]:

@@ -3,6 +3,7 @@
 Every channel spreads calls over all of a service's replicas (round_robin) and resends the calls the
 protos mark idempotent when a replica dies (shared/service_config.py): callers hold no retry loops.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -89,8 +90,12 @@ class StaticCredentials(MetadataSource):
     extra: tuple[tuple[str, str], ...] = field(default=())
 
     def metadata(self) -> tuple[tuple[str, str], ...]:
-        return (("authorization", f"Bearer {self.token}"), ("x-tenant-id", self.tenant_id),
-                ("x-request-id", uuid.uuid4().hex), *self.extra)
+        return (
+            ("authorization", f"Bearer {self.token}"),
+            ("x-tenant-id", self.tenant_id),
+            ("x-request-id", uuid.uuid4().hex),
+            *self.extra,
+        )
 
 
 class ReadYourWrites:
@@ -152,8 +157,14 @@ class _SendUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
         return await continuation(self.tracker.outgoing(details), request)
 
 
-def make_channel(address: str, *, forward: bool = False, credentials: MetadataSource | None = None,
-                 tls: TlsConfig | object | None = TLS_FROM_ENV, options: tuple = ()) -> grpc.aio.Channel:
+def make_channel(
+    address: str,
+    *,
+    forward: bool = False,
+    credentials: MetadataSource | None = None,
+    tls: TlsConfig | object | None = TLS_FROM_ENV,
+    options: tuple = (),
+) -> grpc.aio.Channel:
     """A channel to address (one host:port, a comma-separated list of replicas, or a URI such as
     dns:///svc:port); forward=True carries the current tenant's identity on every call.
     A channel with an identity (forwarded or given) also keeps each tenant's read-your-writes position.

@@ -21,6 +21,7 @@ Every variable, its default and meaning:
 | BULKHEAD_LOG_LEVEL | INFO | log level |
 | BULKHEAD_TLS_CA / _CERT / _KEY | unset | mTLS between services when all three are set |
 """
+
 from __future__ import annotations
 
 import os
@@ -30,8 +31,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 SERVICE_PORTS: dict[str, int] = {
-    "identity": 50051, "credentials": 50052, "state": 50053,
-    "inference": 50054, "orchestrator": 50055, "metering": 50056,
+    "identity": 50051,
+    "credentials": 50052,
+    "state": 50053,
+    "inference": 50054,
+    "orchestrator": 50055,
+    "metering": 50056,
 }
 """Default gRPC port of each service; metrics listen on 9400 + the last two digits (9451...)."""
 
@@ -54,8 +59,10 @@ def listen_addr(service: str, env: Mapping[str, str] = os.environ) -> str:
         return own
     address = service_addr(service, env)
     if "," in address or ":/" in address or address.startswith(("ipv4:", "ipv6:")):
-        raise ValueError(f"{_key(service, 'ADDR')}={address!r} names several replicas or a URI: "
-                         f"set {_key(service, 'LISTEN_ADDR')} to where this one listens")
+        raise ValueError(
+            f"{_key(service, 'ADDR')}={address!r} names several replicas or a URI: "
+            f"set {_key(service, 'LISTEN_ADDR')} to where this one listens"
+        )
     return address
 
 
@@ -174,8 +181,9 @@ class ServiceConfig:
             data_dir=directory,
             otlp_endpoint=env.get("BULKHEAD_OTLP_ENDPOINT") or None,
             log_level=env.get("BULKHEAD_LOG_LEVEL", "INFO"),
-            service_key_file=Path(env.get(_key(name, "SERVICE_KEY_FILE"))
-                                  or directory / "service-keys" / f"{name}.key"),
+            service_key_file=Path(
+                env.get(_key(name, "SERVICE_KEY_FILE")) or directory / "service-keys" / f"{name}.key"
+            ),
             peers={svc: service_addr(svc, env) for svc in SERVICES},
             env=dict(env),
             default_region=default_region(env),
@@ -198,10 +206,15 @@ class ServiceConfig:
             if not url and embedded:
                 url = f"sqlite+aiosqlite:///{self.data_dir / 'regions' / region / (self.name + '.db')}"
             if not url:
-                raise ValueError(f"region {region!r} has no {self.name} database: set "
-                                 f"{_key(self.name, 'DATABASE_URL_' + suffix)} or BULKHEAD_DATABASE_URL_{suffix}")
-            owner = (env.get(_key(self.name, f"DATABASE_OWNER_URL_{suffix}"))
-                     or env.get(f"BULKHEAD_DATABASE_OWNER_URL_{suffix}") or url)
+                raise ValueError(
+                    f"region {region!r} has no {self.name} database: set "
+                    f"{_key(self.name, 'DATABASE_URL_' + suffix)} or BULKHEAD_DATABASE_URL_{suffix}"
+                )
+            owner = (
+                env.get(_key(self.name, f"DATABASE_OWNER_URL_{suffix}"))
+                or env.get(f"BULKHEAD_DATABASE_OWNER_URL_{suffix}")
+                or url
+            )
             out[region] = RegionDatabase(url, owner)
         return out
 

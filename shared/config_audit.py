@@ -23,6 +23,7 @@ must therefore go through Database.session() (the ORM session), which every audi
 Events hold ids, names, scopes, limits and statuses; a detail value that looks like a secret (an
 API key, a token) is stored as "[redacted]".
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -65,10 +66,22 @@ attacks it on each; a test checks the other services do not serve it)."""
 READ_SCOPE = "audit.config.read"
 """The scope of ListAuditEvents and VerifyAuditEvents."""
 
-_HASHED = ("tenant_id", "seq", "time_us", "principal_id", "operator_id", "delegator_id", "agent_id", "request_id",
-           "action", "target", "detail")
-_SECRET_KEYS = frozenset({"secret", "secret_hash", "api_key", "token", "access_token", "password", "private_key",
-                          "value", "headers"})
+_HASHED = (
+    "tenant_id",
+    "seq",
+    "time_us",
+    "principal_id",
+    "operator_id",
+    "delegator_id",
+    "agent_id",
+    "request_id",
+    "action",
+    "target",
+    "detail",
+)
+_SECRET_KEYS = frozenset(
+    {"secret", "secret_hash", "api_key", "token", "access_token", "password", "private_key", "value", "headers"}
+)
 _SECRET_VALUE = re.compile(r"(^|\W)(bk_t_\w+|eyJ[\w-]{8,}\.[\w-]+|sk-[\w-]{8,})", re.IGNORECASE)
 _WRITTEN = "bulkhead.config_audit.written"
 _NEW = "bulkhead.config_audit.new"
@@ -93,13 +106,20 @@ def _tenant_column() -> sa.Column:
 
 
 def _event_columns() -> list[sa.Column]:
-    return [_tenant_column(), sa.Column("seq", sa.BigInteger, nullable=False),
-            sa.Column("time_us", sa.BigInteger, nullable=False),
-            *(sa.Column(name, sa.String(200), nullable=False)
-              for name in ("principal_id", "operator_id", "delegator_id", "agent_id", "request_id")),
-            sa.Column("action", sa.String(64), nullable=False), sa.Column("target", sa.String(300), nullable=False),
-            sa.Column("detail", sa.Text, nullable=False),
-            sa.Column("prev_hash", sa.String(64), nullable=False), sa.Column("hash", sa.String(64), nullable=False)]
+    return [
+        _tenant_column(),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("time_us", sa.BigInteger, nullable=False),
+        *(
+            sa.Column(name, sa.String(200), nullable=False)
+            for name in ("principal_id", "operator_id", "delegator_id", "agent_id", "request_id")
+        ),
+        sa.Column("action", sa.String(64), nullable=False),
+        sa.Column("target", sa.String(300), nullable=False),
+        sa.Column("detail", sa.Text, nullable=False),
+        sa.Column("prev_hash", sa.String(64), nullable=False),
+        sa.Column("hash", sa.String(64), nullable=False),
+    ]
 
 
 def _head_columns() -> list[sa.Column]:
@@ -108,16 +128,21 @@ def _head_columns() -> list[sa.Column]:
 
 def _first_head_columns() -> list[sa.Column]:
     """The heads table as create_tables made it (migrations then add_anchor)."""
-    return [_tenant_column(), sa.Column("seq", sa.BigInteger, nullable=False),
-            sa.Column("hash", sa.String(64), nullable=False)]
+    return [
+        _tenant_column(),
+        sa.Column("seq", sa.BigInteger, nullable=False),
+        sa.Column("hash", sa.String(64), nullable=False),
+    ]
 
 
 def _anchor_columns() -> list[sa.Column]:
     """Where the chain starts once retention pruned its oldest events (shared.retention): the last
     pruned event's sequence, hash and time; 0/GENESIS/0 while nothing was pruned."""
-    return [sa.Column("anchor_seq", sa.BigInteger, nullable=False, server_default="0"),
-            sa.Column("anchor_hash", sa.String(64), nullable=False, server_default=audit_chain.GENESIS),
-            sa.Column("anchor_time_us", sa.BigInteger, nullable=False, server_default="0")]
+    return [
+        sa.Column("anchor_seq", sa.BigInteger, nullable=False, server_default="0"),
+        sa.Column("anchor_hash", sa.String(64), nullable=False, server_default=audit_chain.GENESIS),
+        sa.Column("anchor_time_us", sa.BigInteger, nullable=False, server_default="0"),
+    ]
 
 
 def create_tables(service: str) -> None:
@@ -221,8 +246,7 @@ class Anchor:
     time_us: int = 0
 
     def as_pb(self) -> pb.ChainAnchor:
-        return pb.ChainAnchor(sequence=self.sequence, hash=self.hash,
-                              time=_ts(self.time_us) if self.time_us else None)
+        return pb.ChainAnchor(sequence=self.sequence, hash=self.hash, time=_ts(self.time_us) if self.time_us else None)
 
 
 _pending: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar("bulkhead_config_audit", default=None)
@@ -231,8 +255,15 @@ _pending: contextvars.ContextVar[_Pending | None] = contextvars.ContextVar("bulk
 class ConfigAudit:
     """One service's configuration audit: appends (through `change`), pages and verifies chains."""
 
-    def __init__(self, service: str, db: Database, *, tiers: TierLookup | None = None, rows_tier: Tier | None = None,
-                 key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        service: str,
+        db: Database,
+        *,
+        tiers: TierLookup | None = None,
+        rows_tier: Tier | None = None,
+        key: bytes | None = None,
+    ) -> None:
         """tiers: identity's word on another tenant's tier (for operators' reads); rows_tier: where the
         service keeps every tenant's rows whatever its tier (identity: pooled); key: HMAC links (None:
         load_chain_key from the process environment)."""
@@ -247,20 +278,34 @@ class ConfigAudit:
     # ---------------------------------------------------------------- appending
 
     @contextlib.asynccontextmanager
-    async def change(self, action: str, *, target: str = "", tenant_id: str | None = None,
-                     tier: Tier | str | None = None, tables: Iterable[str], detail: Mapping[str, object] | None = None,
-                     describe: Describe | None = None) -> AsyncIterator[None]:
+    async def change(
+        self,
+        action: str,
+        *,
+        target: str = "",
+        tenant_id: str | None = None,
+        tier: Tier | str | None = None,
+        tables: Iterable[str],
+        detail: Mapping[str, object] | None = None,
+        describe: Describe | None = None,
+    ) -> AsyncIterator[None]:
         """Audit the block's configuration change: one event on tenant_id's chain (None: the tenant the
         change's own session is bound to), committed with the first transaction that writes one of
         `tables` there. None when the block raises or wrote nothing there."""
         caller = require_tenant()
         chain_tenant = tenant_id
         operator = caller.tenant_id == PLATFORM_TENANT and chain_tenant != PLATFORM_TENANT
-        fields = {"time_us": 0, "principal_id": caller.principal_id,
-                  "operator_id": caller.principal_id if operator else "",
-                  "delegator_id": "" if operator else (caller.actor_id or ""), "agent_id": caller.agent_id or "",
-                  "request_id": caller.request_id, "action": action, "target": target,
-                  "detail": secret_free(detail or {})}
+        fields = {
+            "time_us": 0,
+            "principal_id": caller.principal_id,
+            "operator_id": caller.principal_id if operator else "",
+            "delegator_id": "" if operator else (caller.actor_id or ""),
+            "agent_id": caller.agent_id or "",
+            "request_id": caller.request_id,
+            "action": action,
+            "target": target,
+            "detail": secret_free(detail or {}),
+        }
         chain_tier = (self._rows_tier or (Tier.parse(tier) if tier else Tier.POOLED)).value
         route = await self._db.router.route(chain_tenant, chain_tier) if chain_tenant is not None else None
         pending = _Pending(self, chain_tenant, route, chain_tier, frozenset(tables), fields, describe)
@@ -273,12 +318,26 @@ class ConfigAudit:
         if not pending.written:  # a repeat that changed nothing: no change, no event
             log.debug("%s: %s wrote nothing, so no event", self.service, action)
 
-    def change_own(self, action: str, *, target: str, tables: Iterable[str],
-                   detail: Mapping[str, object] | None = None, describe: Describe | None = None):
+    def change_own(
+        self,
+        action: str,
+        *,
+        target: str,
+        tables: Iterable[str],
+        detail: Mapping[str, object] | None = None,
+        describe: Describe | None = None,
+    ):
         """change() on the caller's own chain (a tenant changing its own configuration)."""
         ctx = require_tenant()
-        return self.change(action, target=target, tenant_id=ctx.tenant_id, tier=ctx.tier, tables=tables,
-                           detail=detail, describe=describe)
+        return self.change(
+            action,
+            target=target,
+            tenant_id=ctx.tenant_id,
+            tier=ctx.tier,
+            tables=tables,
+            detail=detail,
+            describe=describe,
+        )
 
     def _append_sync(self, session: Session, pending: _Pending, tenant_id: str) -> None:
         """Insert the event after the chain head, inside the session's transaction (head row locked)."""
@@ -286,10 +345,19 @@ class ConfigAudit:
         postgres = conn.dialect.name == "postgresql"
         if postgres and session.info.get(SYSTEM_KEY):  # a platform session: RLS needs the chain's tenant
             conn.execute(text("SELECT set_config('app.tenant_id', :t, true)"), {"t": tenant_id})
-        conn.execute(text(f"INSERT INTO {self.heads_table} (tenant_id, seq, hash) VALUES (:t, 0, :g) "
-                          "ON CONFLICT (tenant_id) DO NOTHING"), {"t": tenant_id, "g": audit_chain.GENESIS})
-        head = conn.execute(text(f"SELECT seq, hash FROM {self.heads_table} WHERE tenant_id = :t"
-                                 + (" FOR UPDATE" if postgres else "")), {"t": tenant_id}).one()
+        conn.execute(
+            text(
+                f"INSERT INTO {self.heads_table} (tenant_id, seq, hash) VALUES (:t, 0, :g) "
+                "ON CONFLICT (tenant_id) DO NOTHING"
+            ),
+            {"t": tenant_id, "g": audit_chain.GENESIS},
+        )
+        head = conn.execute(
+            text(
+                f"SELECT seq, hash FROM {self.heads_table} WHERE tenant_id = :t" + (" FOR UPDATE" if postgres else "")
+            ),
+            {"t": tenant_id},
+        ).one()
         fields = dict(pending.fields)
         if pending.describe is not None:
             target, extra = pending.describe(session.info.get(_NEW, ()))
@@ -300,10 +368,16 @@ class ConfigAudit:
         digest = audit_chain.link(str(head[1]), _hashed(fields), self._key)
         row = {**fields, "detail": _detail_json(fields["detail"]), "prev_hash": str(head[1]), "hash": digest}
         columns = [c.name for c in _event_columns()]
-        conn.execute(text(f"INSERT INTO {self.events_table} ({', '.join(columns)}) "
-                          f"VALUES ({', '.join(':' + c for c in columns)})"), {c: row[c] for c in columns})
-        conn.execute(text(f"UPDATE {self.heads_table} SET seq = :s, hash = :h WHERE tenant_id = :t"),
-                     {"s": seq, "h": digest, "t": tenant_id})
+        conn.execute(
+            text(
+                f"INSERT INTO {self.events_table} ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})"
+            ),
+            {c: row[c] for c in columns},
+        )
+        conn.execute(
+            text(f"UPDATE {self.heads_table} SET seq = :s, hash = :h WHERE tenant_id = :t"),
+            {"s": seq, "h": digest, "t": tenant_id},
+        )
         pending.written, pending.sequence, pending.session_id = True, seq, id(session)
 
     def _matches(self, session: Session, pending: _Pending) -> str | None:
@@ -322,8 +396,10 @@ class ConfigAudit:
             return tenant
         if bound != tenant:
             return None
-        if pending.route is not None and (session.bind is not pending.route.bind.sync_engine
-                                          or session.info.get(SEARCH_PATH_KEY) != pending.route.schema):
+        if pending.route is not None and (
+            session.bind is not pending.route.bind.sync_engine
+            or session.info.get(SEARCH_PATH_KEY) != pending.route.schema
+        ):
             return None
         return tenant
 
@@ -335,8 +411,11 @@ class ConfigAudit:
         if not requested or requested == caller.tenant_id:
             return caller.tenant_id, (self._rows_tier or Tier.parse(caller.tier)).value
         if not is_tenant_id(requested):
-            raise InvalidArgument("tenant_id is malformed", reason=Reason.INVALID_TENANT_ID,
-                                  violations={"tenant_id": f"{TENANT_ID_HINT}, or empty for your own"})
+            raise InvalidArgument(
+                "tenant_id is malformed",
+                reason=Reason.INVALID_TENANT_ID,
+                violations={"tenant_id": f"{TENANT_ID_HINT}, or empty for your own"},
+            )
         if not caller.is_operator:
             # The same answer for a real tenant and a made-up id: nothing says which exists.
             raise PermissionDenied("only platform operators may read another tenant's audit", reason="OPERATOR_ONLY")
@@ -361,8 +440,11 @@ class ConfigAudit:
 
     async def head_and_anchor(self, tenant_id: str, tier: str) -> tuple[tuple[int, str], Anchor]:
         """The recorded head and retention anchor of a chain, read together."""
-        rows = await self._rows(tenant_id, tier, f"SELECT seq, hash, anchor_seq, anchor_hash, anchor_time_us "
-                                                 f"FROM {self.heads_table} WHERE tenant_id = $1")
+        rows = await self._rows(
+            tenant_id,
+            tier,
+            f"SELECT seq, hash, anchor_seq, anchor_hash, anchor_time_us FROM {self.heads_table} WHERE tenant_id = $1",
+        )
         if not rows:
             return (0, audit_chain.GENESIS), Anchor()
         r = rows[0]
@@ -388,15 +470,30 @@ class ConfigAudit:
                 return total
 
     async def _prune_batch(self, route: Route, tenant_id: str, cutoff_us: int, batch: int) -> int:
-        pruned, anchor = await retention.prune_chain_prefix(route, tenant_id, events=self.events_table,
-                                                            heads=self.heads_table, cutoff_us=cutoff_us, batch=batch)
+        pruned, anchor = await retention.prune_chain_prefix(
+            route, tenant_id, events=self.events_table, heads=self.heads_table, cutoff_us=cutoff_us, batch=batch
+        )
         if pruned:
-            log.info("%s: retention pruned %s's configuration events %d..%d", self.service, tenant_id,
-                     anchor - pruned + 1, anchor)
+            log.info(
+                "%s: retention pruned %s's configuration events %d..%d",
+                self.service,
+                tenant_id,
+                anchor - pruned + 1,
+                anchor,
+            )
         return pruned
 
-    async def events(self, tenant_id: str, tier: str, *, after: int | None, limit: int, newest_first: bool,
-                     action: str = "", target: str = "") -> list[dict[str, Any]]:
+    async def events(
+        self,
+        tenant_id: str,
+        tier: str,
+        *,
+        after: int | None,
+        limit: int,
+        newest_first: bool,
+        action: str = "",
+        target: str = "",
+    ) -> list[dict[str, Any]]:
         """A page of events as dicts (detail decoded), in the order asked."""
         columns = [c.name for c in _event_columns()]
         where: list[str] = ["tenant_id = $1"]
@@ -411,8 +508,10 @@ class ConfigAudit:
             args.append(target)
             where.append(f"target = ${len(args) + 1}")
         args.append(limit)
-        sql = (f"SELECT {', '.join(columns)} FROM {self.events_table} WHERE {' AND '.join(where)} "
-               f"ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ${len(args) + 1}")
+        sql = (
+            f"SELECT {', '.join(columns)} FROM {self.events_table} WHERE {' AND '.join(where)} "
+            f"ORDER BY seq {'DESC' if newest_first else 'ASC'} LIMIT ${len(args) + 1}"
+        )
         rows = await self._rows(tenant_id, tier, sql, *args)
         out = []
         for r in rows:
@@ -421,14 +520,16 @@ class ConfigAudit:
             out.append(d)
         return out
 
-    async def verify(self, tenant_id: str, tier: str, *, batch: int = 1000) -> tuple[audit_chain.ChainReport,
-                                                                                     tuple[int, str]]:
+    async def verify(
+        self, tenant_id: str, tier: str, *, batch: int = 1000
+    ) -> tuple[audit_chain.ChainReport, tuple[int, str]]:
         """Recompute a chain against its head, from its retention anchor."""
         report, head, _ = await self.verify_anchored(tenant_id, tier, batch=batch)
         return report, head
 
-    async def verify_anchored(self, tenant_id: str, tier: str, *,
-                              batch: int = 1000) -> tuple[audit_chain.ChainReport, tuple[int, str], Anchor]:
+    async def verify_anchored(
+        self, tenant_id: str, tier: str, *, batch: int = 1000
+    ) -> tuple[audit_chain.ChainReport, tuple[int, str], Anchor]:
         """verify(), with the anchor it started from. A sweeper pruning meanwhile moves the anchor:
         then the check is redone from the new one (a break that stays is reported)."""
         for _ in range(3):
@@ -441,16 +542,25 @@ class ConfigAudit:
                     break
                 entries += [audit_chain.ChainEntry(int(r["seq"]), _hashed(r), r["prev_hash"], r["hash"]) for r in rows]
                 after = int(rows[-1]["seq"])
-            report = audit_chain.verify(entries, head_sequence=head[0], head_hash=head[1], key=self._key,
-                                        anchor_sequence=anchor.sequence, anchor_hash=anchor.hash)
+            report = audit_chain.verify(
+                entries,
+                head_sequence=head[0],
+                head_hash=head[1],
+                key=self._key,
+                anchor_sequence=anchor.sequence,
+                anchor_hash=anchor.hash,
+            )
             if report.intact or (await self.head_and_anchor(tenant_id, tier))[1] == anchor:
                 break
         return report, head, anchor
 
     def binding(self) -> Binding:
         """The ConfigAuditService binding the service adds to its server."""
-        return Binding(audit_pb2_grpc.add_ConfigAuditServiceServicer_to_server, ConfigAuditServicer(self),
-                       pb.DESCRIPTOR.services_by_name["ConfigAuditService"])
+        return Binding(
+            audit_pb2_grpc.add_ConfigAuditServiceServicer_to_server,
+            ConfigAuditServicer(self),
+            pb.DESCRIPTOR.services_by_name["ConfigAuditService"],
+        )
 
 
 def _hashed(fields: Mapping[str, Any]) -> dict[str, Any]:
@@ -535,11 +645,21 @@ def _ts(time_us: int) -> Timestamp:
 def event_pb(row: Mapping[str, Any]) -> pb.AuditEvent:
     """A stored event as proto."""
     return pb.AuditEvent(
-        sequence=int(row["seq"]), prev_hash=row["prev_hash"], hash=row["hash"],
-        actor=pb.AuditActor(principal_id=row["principal_id"], operator_id=row["operator_id"],
-                            delegator_id=row["delegator_id"], agent_id=row["agent_id"]),
-        action=row["action"], target=row["target"], detail=dict(row["detail"]), time=_ts(row["time_us"]),
-        request_id=row["request_id"])
+        sequence=int(row["seq"]),
+        prev_hash=row["prev_hash"],
+        hash=row["hash"],
+        actor=pb.AuditActor(
+            principal_id=row["principal_id"],
+            operator_id=row["operator_id"],
+            delegator_id=row["delegator_id"],
+            agent_id=row["agent_id"],
+        ),
+        action=row["action"],
+        target=row["target"],
+        detail=dict(row["detail"]),
+        time=_ts(row["time_us"]),
+        request_id=row["request_id"],
+    )
 
 
 class ConfigAuditServicer(audit_pb2_grpc.ConfigAuditServiceServicer):
@@ -557,35 +677,55 @@ class ConfigAuditServicer(audit_pb2_grpc.ConfigAuditServiceServicer):
             raise paging.invalid_token()
         for name, value, most in (("action", request.action, 64), ("target", request.target, 300)):
             if len(value) > most or not value.isprintable():
-                raise InvalidArgument(f"{name} filter is too long or not printable", reason="FILTER_INVALID",
-                                      violations={name: f"at most {most} printable characters"})
+                raise InvalidArgument(
+                    f"{name} filter is too long or not printable",
+                    reason="FILTER_INVALID",
+                    violations={name: f"at most {most} printable characters"},
+                )
         head, anchor = await self._audit.head_and_anchor(tenant_id, tier)
-        rows = await self._audit.events(tenant_id, tier, after=after, limit=size + 1,
-                                        newest_first=not request.oldest_first, action=request.action,
-                                        target=request.target)
+        rows = await self._audit.events(
+            tenant_id,
+            tier,
+            after=after,
+            limit=size + 1,
+            newest_first=not request.oldest_first,
+            action=request.action,
+            target=request.target,
+        )
         page = paging.keyset(rows, size, lambda r: int(r["seq"]), filters=filters)
-        return pb.ListAuditEventsResponse(service=self._audit.service, events=[event_pb(r) for r in page.items],
-                                          next_page_token=page.next_page_token, head=pb.ChainHead(sequence=head[0], hash=head[1]),
-                                          anchor=anchor.as_pb())
+        return pb.ListAuditEventsResponse(
+            service=self._audit.service,
+            events=[event_pb(r) for r in page.items],
+            next_page_token=page.next_page_token,
+            head=pb.ChainHead(sequence=head[0], hash=head[1]),
+            anchor=anchor.as_pb(),
+        )
 
     async def VerifyAuditEvents(self, request, context):
         tenant_id, tier = await self._audit._target(request.tenant_id)
         report, head, anchor = await self._audit.verify_anchored(tenant_id, tier)
-        return pb.VerifyAuditEventsResponse(service=self._audit.service, intact=report.intact,
-                                            events_checked=report.checked,
-                                            first_bad_sequence=report.first_bad_sequence, problem=report.problem,
-                                            head=pb.ChainHead(sequence=head[0], hash=head[1]), anchor=anchor.as_pb())
+        return pb.VerifyAuditEventsResponse(
+            service=self._audit.service,
+            intact=report.intact,
+            events_checked=report.checked,
+            first_bad_sequence=report.first_bad_sequence,
+            problem=report.problem,
+            head=pb.ChainHead(sequence=head[0], hash=head[1]),
+            anchor=anchor.as_pb(),
+        )
 
 
 def new_of(cls: type, target: str, **detail: str) -> Describe:
     """A Describe naming the first inserted `cls` object: target and detail values are format strings
     over its attributes, e.g. new_of(PrincipalRow, "principal/{id}", kind="{kind}")."""
+
     def describe(objects: Sequence[object]) -> tuple[str, Mapping[str, object]]:
         for obj in objects:
             if isinstance(obj, cls):
                 attrs = _Attrs(obj)
                 return target.format_map(attrs), {k: v.format_map(attrs) for k, v in detail.items()}
         return target.format_map(_Missing()), {}
+
     return describe
 
 

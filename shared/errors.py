@@ -9,6 +9,7 @@ Every reason comes from one catalog, the `bulkhead.common.v1.ErrorReason` enum
 here, and ErrorInfo.reason carries the value's name. An error built with any other reason raises
 ValueError at once, so a typo fails the first test that reaches it.
 """
+
 from __future__ import annotations
 
 import enum
@@ -35,8 +36,14 @@ _MARK = "\u2026"  # 3 bytes in UTF-8
 if TYPE_CHECKING:  # members come from the proto at run time; tests/test_error_reasons.py checks every use by name
     Reason: Any
 else:
-    Reason = enum.StrEnum("Reason", [(v.name, v.name) for v in errors_pb2.ErrorReason.DESCRIPTOR.values
-                                     if v.number and not v.GetOptions().deprecated])
+    Reason = enum.StrEnum(
+        "Reason",
+        [
+            (v.name, v.name)
+            for v in errors_pb2.ErrorReason.DESCRIPTOR.values
+            if v.number and not v.GetOptions().deprecated
+        ],
+    )
 """The reason catalog as str members (`Reason.INVALID_TENANT_ID == "INVALID_TENANT_ID"`), from the proto enum
 (deprecated values, kept there for compatibility, are no longer sent and are not members)."""
 REASONS: frozenset[str] = frozenset(Reason)
@@ -50,8 +57,10 @@ def catalog_reason(reason: str | None) -> str | None:
 
 def _checked(reason: str) -> str:
     if reason not in REASONS:
-        raise ValueError(f"unknown error reason {reason!r}: add it to ErrorReason in "
-                         "protos/bulkhead/common/v1/errors.proto (or use a name that is there)")
+        raise ValueError(
+            f"unknown error reason {reason!r}: add it to ErrorReason in "
+            "protos/bulkhead/common/v1/errors.proto (or use a name that is there)"
+        )
     return str(reason)
 
 
@@ -111,8 +120,11 @@ class InvalidArgument(BulkheadError):
         self.violations = {clip(f): clip(d) for f, d in list((violations or {}).items())[:MAX_VIOLATIONS]}
 
     def details(self) -> list:
-        bad = error_details_pb2.BadRequest(field_violations=[
-            error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in self.violations.items()])
+        bad = error_details_pb2.BadRequest(
+            field_violations=[
+                error_details_pb2.BadRequest.FieldViolation(field=f, description=d) for f, d in self.violations.items()
+            ]
+        )
         return [*super().details(), bad] if self.violations else super().details()
 
 
@@ -185,15 +197,17 @@ class ResourceExhausted(BulkheadError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
     default_reason = "QUOTA_EXCEEDED"
 
-    def __init__(self, message: str, *, violations: Iterable[tuple[str, str]] = (),
-                 retry_after: float | None = None, **kw):
+    def __init__(
+        self, message: str, *, violations: Iterable[tuple[str, str]] = (), retry_after: float | None = None, **kw
+    ):
         super().__init__(message, **kw)
         self.violations = [(clip(s), clip(d)) for s, d in list(violations)[:MAX_VIOLATIONS]]
         self.retry_after = retry_after
 
     def details(self) -> list:
-        quota = error_details_pb2.QuotaFailure(violations=[
-            error_details_pb2.QuotaFailure.Violation(subject=s, description=d) for s, d in self.violations])
+        quota = error_details_pb2.QuotaFailure(
+            violations=[error_details_pb2.QuotaFailure.Violation(subject=s, description=d) for s, d in self.violations]
+        )
         return [*super().details(), quota, *_retry_info(self.retry_after)]
 
 
@@ -230,8 +244,12 @@ def error_details(rpc_error: grpc.RpcError) -> dict:
         return out
     status = status_pb2.Status.FromString(raw)
     for any_msg in status.details:
-        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest,
-                    error_details_pb2.QuotaFailure, error_details_pb2.RetryInfo):
+        for cls in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.QuotaFailure,
+            error_details_pb2.RetryInfo,
+        ):
             if any_msg.Is(cls.DESCRIPTOR):
                 msg = cls()
                 any_msg.Unpack(msg)

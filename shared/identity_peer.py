@@ -1,4 +1,5 @@
 """A platform service's client of identity, asking with the service's own platform key."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,8 +12,9 @@ from bulkhead.identity.v1 import identity_pb2_grpc
 class IdentityPeer:
     """Identity's stub, the credentials to call it with, a per-call timeout, and the channel to close if ours."""
 
-    def __init__(self, channel: grpc.aio.Channel, credentials: Any, *, timeout: float,
-                 owns_channel: bool = False) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, credentials: Any, *, timeout: float, owns_channel: bool = False
+    ) -> None:
         self._stub = identity_pb2_grpc.IdentityServiceStub(channel)
         self._channel = channel
         self._credentials = credentials

@@ -5,6 +5,7 @@ A tenant id is `t_` followed by 1 to 60 lower-case letters or digits. Identity m
 is `t_platform`. No underscore after the prefix: an API key `bk_<tenant id>_<key id>_<secret>` then
 splits one way only, and the id is safe as it is in schema, database, path and policy names.
 """
+
 from __future__ import annotations
 
 import re
@@ -26,6 +27,9 @@ def is_tenant_id(value: str | None) -> bool:
 def check_tenant_id(value: str | None, field: str = "tenant_id") -> str:
     """value, if it is a well-formed tenant id; else InvalidArgument INVALID_TENANT_ID naming field."""
     if not is_tenant_id(value):
-        raise InvalidArgument(f"{field} is missing or malformed" if value else f"{field} is required",
-                              reason=Reason.INVALID_TENANT_ID, violations={field: TENANT_ID_HINT})
+        raise InvalidArgument(
+            f"{field} is missing or malformed" if value else f"{field} is required",
+            reason=Reason.INVALID_TENANT_ID,
+            violations={field: TENANT_ID_HINT},
+        )
     return value  # type: ignore[return-value]

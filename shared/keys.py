@@ -4,6 +4,7 @@ Signing keys are public (ListSigningKeys). Revocations and suspensions name ever
 ListRevokedTokens needs the platform scope platform.identity.verify: each service asks with its
 own platform service key, which identity writes on first start (see SERVICE_PRINCIPALS).
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -38,9 +39,12 @@ class ServiceKeyCredentials:
         """authorization and x-tenant-id for one call with the service's platform token."""
         if self._token is None:
             from bulkhead.client import RefreshingToken  # the client's renewal logic, not a copy
+
             if self._path is None or not self._path.is_file():
-                raise Unavailable(f"no service key at {self._path}: identity writes it on first start "
-                                  "(or set BULKHEAD_<SERVICE>_SERVICE_KEY_FILE)")
+                raise Unavailable(
+                    f"no service key at {self._path}: identity writes it on first start "
+                    "(or set BULKHEAD_<SERVICE>_SERVICE_KEY_FILE)"
+                )
             key = self._path.read_text().strip()
             register_secret(key)
             self._token = RefreshingToken(self._channel, key)
@@ -63,11 +67,16 @@ class IdentityKeyLoader:
         return {k.kid: Ed25519PublicKey.from_public_bytes(k.public_key) for k in resp.keys}
 
     async def load_revocations(self, since: int) -> tuple[int, dict[str, int]]:
-        resp = await self._stub.ListRevokedTokens(identity_pb2.ListRevokedTokensRequest(since_revision=since),
-                                                  timeout=self._timeout, metadata=await self._credentials.metadata())
+        resp = await self._stub.ListRevokedTokens(
+            identity_pb2.ListRevokedTokensRequest(since_revision=since),
+            timeout=self._timeout,
+            metadata=await self._credentials.metadata(),
+        )
         self._suspended = frozenset(resp.suspended_tenant_ids)
-        self._migrations = (frozenset(resp.migrating_tenant_ids),
-                            {p.tenant_id: (tier_from_proto(p.tier).value, p.generation) for p in resp.placements})
+        self._migrations = (
+            frozenset(resp.migrating_tenant_ids),
+            {p.tenant_id: (tier_from_proto(p.tier).value, p.generation) for p in resp.placements},
+        )
         return resp.revision, {r.jti: r.expire_time.seconds for r in resp.revoked}
 
     async def load_suspended(self) -> frozenset[str]:
@@ -77,7 +86,9 @@ class IdentityKeyLoader:
         return self._migrations  # so did these (shared.tokens.MigrationFeed)
 
 
-def remote_verifier(identity_channel: grpc.aio.Channel, key_file: Path | None, *, revocation_poll: float = 1.0) -> TokenVerifier:
+def remote_verifier(
+    identity_channel: grpc.aio.Channel, key_file: Path | None, *, revocation_poll: float = 1.0
+) -> TokenVerifier:
     """A verifier whose keys, revocations and suspensions come from identity (every service but identity)."""
     loader = IdentityKeyLoader(identity_channel, ServiceKeyCredentials(identity_channel, key_file))
     return TokenVerifier(RefreshingKeySource(loader, revocation_poll=revocation_poll))

@@ -11,6 +11,7 @@ tenant (queues, schedules, outboxes) live in the main database. What is special 
 comes in as hooks (run first: keys are destroyed before any row goes) and a `keep` map of tables
 deletion leaves in place, each with its reason (docs/CONTRACT.md, "What deletion keeps").
 """
+
 from __future__ import annotations
 
 import base64
@@ -88,8 +89,9 @@ class MoveHook(Protocol):
     async def copy(self, tenant_id: str, source: Placement, target: Placement) -> list[TableCount]:
         """Make the target hold exactly what the source holds; what it holds now, per kind."""
 
-    async def verify(self, tenant_id: str, source: Placement,
-                     target: Placement) -> tuple[list[TableCount], list[TableCount]]:
+    async def verify(
+        self, tenant_id: str, source: Placement, target: Placement
+    ) -> tuple[list[TableCount], list[TableCount]]:
         """Both sides, per kind, in the same order."""
 
     async def release(self, tenant_id: str, left: Placement, current: Placement) -> list[TableCount]:
@@ -117,21 +119,31 @@ def check_request(tenant_id: str, tier_value: int) -> Tier:
         raise FailedPrecondition("the platform tenant is never purged", reason="PLATFORM_TENANT")
     if tier_value == tenancy_pb2.TIER_UNSPECIFIED:
         # A guessed tier would purge the wrong store and report success.
-        raise InvalidArgument("tier must be set", reason="INVALID_TIER",
-                              violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"})
+        raise InvalidArgument(
+            "tier must be set", reason="INVALID_TIER", violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}
+        )
     try:
         return tier_from_proto(tier_value)
     except UnknownTier:
-        raise InvalidArgument("unknown tier", reason="INVALID_TIER",
-                              violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
+        raise InvalidArgument(
+            "unknown tier", reason="INVALID_TIER", violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}
+        ) from None
 
 
 class TenantLifecycle:
     """Inventory and purge of one tenant's rows in one service's database."""
 
-    def __init__(self, service: str, db: Database, metadata: MetaData | Sequence[MetaData], *,
-                 hooks: Sequence[PurgeHook] = (), keep: Mapping[str, str] | None = None,
-                 rows_tier: Tier | None = None, movers: Sequence[MoveHook] = ()) -> None:
+    def __init__(
+        self,
+        service: str,
+        db: Database,
+        metadata: MetaData | Sequence[MetaData],
+        *,
+        hooks: Sequence[PurgeHook] = (),
+        keep: Mapping[str, str] | None = None,
+        rows_tier: Tier | None = None,
+        movers: Sequence[MoveHook] = (),
+    ) -> None:
         """keep: table -> why it is kept. rows_tier: where the rows live whatever the tenant's tier
         (identity keeps its own rows pooled). movers: what moves with the rows in a migration."""
         self._movers = tuple(movers)
@@ -215,14 +227,18 @@ class TenantLifecycle:
                         deleted.append(TableCount(store, table.name, rows, counts[table.name].checksum))
             if drop_whole:
                 deleted.extend(counts[t.name] for t in reversed(tables))
-                name = await self._db.router.drop(tenant_id, (self._rows_tier or tier).value,
-                                                  tables=self._store_tables)
+                name = await self._db.router.drop(tenant_id, (self._rows_tier or tier).value, tables=self._store_tables)
                 if name:
                     dropped.append(name)
-        log.info("%s: purged tenant %s (%d rows, %d stores dropped, %d keys destroyed)", self.service, tenant_id,
-                 sum(d.rows for d in deleted), len(dropped), len(hooks.destroyed_keys))
+        log.info(
+            "%s: purged tenant %s (%d rows, %d stores dropped, %d keys destroyed)",
+            self.service,
+            tenant_id,
+            sum(d.rows for d in deleted),
+            len(dropped),
+            len(hooks.destroyed_keys),
+        )
         return PurgeResult(hooks, deleted, dropped, kept)
-
 
     # --- live migration (tier, region or both) ------------------------------------------------
 
@@ -236,8 +252,9 @@ class TenantLifecycle:
         move too when the region changes."""
         return [t for t in self._tables if t.info.get(REGION_MAIN)]
 
-    async def _groups(self, tenant_id: str, at: Placement, *, create: bool,
-                      region_move: bool) -> list[tuple[str, Route | None, list[Table]]]:
+    async def _groups(
+        self, tenant_id: str, at: Placement, *, create: bool, region_move: bool
+    ) -> list[tuple[str, Route | None, list[Table]]]:
         """(store name, route or None when it does not exist and `create` is False, tables) of what a move
         carries at one side `at`: the moving tables in the tier's store, and on a move between regions the
         REGION_MAIN tables in the region's main database."""
@@ -245,6 +262,7 @@ class TenantLifecycle:
         home = await router.main_route(tenant_id, at.region or None)
         main_name = f"{home.region}/{MAIN_STORE}" if home.bind is not self._db.engine else MAIN_STORE
         name = router.store_name(tenant_id, at.tier.value, home.region or None)
+        out: list[tuple[str, Route | None, list[Table]]]
         if name is None:
             out = [(main_name, home, self._moving())]
         elif create:
@@ -262,12 +280,16 @@ class TenantLifecycle:
         src = Placement(source.tier, router.check_region(source.region) if source.region else here)
         dst = Placement(target.tier, router.check_region(target.region) if target.region else src.region)
         if src == dst:
-            raise InvalidArgument("target_tier and target_region are where the tenant is", reason="SAME_TIER",
-                                  violations={"target_tier": "a tier or region other than tier and region"})
+            raise InvalidArgument(
+                "target_tier and target_region are where the tenant is",
+                reason="SAME_TIER",
+                violations={"target_tier": "a tier or region other than tier and region"},
+            )
         return src, dst
 
-    async def copy(self, tenant_id: str, source: Tier | Placement, target: Tier | Placement, *,
-                   pause_seconds: float) -> CopyResult:
+    async def copy(
+        self, tenant_id: str, source: Tier | Placement, target: Tier | Placement, *, pause_seconds: float
+    ) -> CopyResult:
         """Pause the tenant's requests in this process, wait for its transactions in flight, then make the
         target store hold exactly the source's rows of every moving table (its earlier rows there, e.g. of
         an aborted attempt, are replaced): a re-run after a crash ends in the same state."""
@@ -277,22 +299,33 @@ class TenantLifecycle:
         router.pause(tenant_id, pause_seconds)
         if not await router.drain(tenant_id, timeout=min(pause_seconds, DRAIN_TIMEOUT_S)):
             router.resume(tenant_id)
-            raise Unavailable("the tenant's requests in flight did not finish; nothing was copied, retry",
-                              reason="TENANT_BUSY", retry_after=1.0)
+            raise Unavailable(
+                "the tenant's requests in flight did not finish; nothing was copied, retry",
+                reason="TENANT_BUSY",
+                retry_after=1.0,
+            )
         if self._rows_tier is not None:  # identity: its rows stay where they are
             return CopyResult([], time.monotonic() - started)
         moves = source.region != target.region
         copied: list[TableCount] = []
         for (src_name, src, tables), (dst_name, dst, _) in zip(
-                await self._groups(tenant_id, source, create=False, region_move=moves),
-                await self._groups(tenant_id, target, create=True, region_move=moves), strict=True):
+            await self._groups(tenant_id, source, create=False, region_move=moves),
+            await self._groups(tenant_id, target, create=True, region_move=moves),
+            strict=True,
+        ):
             if src_name != dst_name:  # the same on SQLite's bridge and silo: one file of the tenant's own
                 await self._copy_rows(tenant_id, src, dst, tables)
             copied += await self._counts(dst_name, dst, tables, tenant_id)
         for mover in self._movers:
             copied += await mover.copy(tenant_id, source, target)
-        log.info("%s: copied tenant %s %s -> %s (%d rows)", self.service, tenant_id, source, target,
-                 sum(c.rows for c in copied))
+        log.info(
+            "%s: copied tenant %s %s -> %s (%d rows)",
+            self.service,
+            tenant_id,
+            source,
+            target,
+            sum(c.rows for c in copied),
+        )
         return CopyResult(copied, time.monotonic() - started)
 
     async def _copy_rows(self, tenant_id: str, src: Route | None, dst: Route | None, tables: list[Table]) -> None:
@@ -302,8 +335,11 @@ class TenantLifecycle:
                 for table in tables:
                     # A surrogate id is left to the target's sequence (another tenant may hold the same
                     # number there); copying in its order keeps the rows' order.
-                    rows[table.name] = await tx.fetch(f"SELECT {_columns(table)} FROM {_quote(table.name)} "
-                                                      f"WHERE tenant_id = $1 ORDER BY {_order(table)}", tenant_id)
+                    rows[table.name] = await tx.fetch(
+                        f"SELECT {_columns(table)} FROM {_quote(table.name)} "
+                        f"WHERE tenant_id = $1 ORDER BY {_order(table)}",
+                        tenant_id,
+                    )
         assert dst is not None
         async with raw_transaction(dst.bind, tenant_id=tenant_id, schema=dst.schema, write=True) as tx:
             for table in reversed(tables):  # children before parents
@@ -314,13 +350,17 @@ class TenantLifecycle:
                     continue
                 marks = ", ".join(f"${i + 1}" for i in range(len(_kept_columns(table))))
                 try:
-                    await tx.executemany(f"INSERT INTO {_quote(table.name)} ({_columns(table)}) VALUES ({marks})",
-                                         [tuple(r) for r in batch])
+                    await tx.executemany(
+                        f"INSERT INTO {_quote(table.name)} ({_columns(table)}) VALUES ({marks})",
+                        [tuple(r) for r in batch],
+                    )
                 except Exception as exc:
                     if "unique" in str(exc).lower() or "duplicate" in str(exc).lower():
                         raise FailedPrecondition(
                             f"{self.service}: a row id of the tenant's {table.name} is taken in the target store "
-                            "by another tenant; nothing was copied", reason="ROW_ID_CONFLICT") from None
+                            "by another tenant; nothing was copied",
+                            reason="ROW_ID_CONFLICT",
+                        ) from None
                     raise
                 if tx.dialect == "postgresql":
                     await _advance_sequences(tx, table)
@@ -331,8 +371,9 @@ class TenantLifecycle:
         async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema) as tx:
             return [await _count(tx, store, t, tenant_id) for t in tables]
 
-    async def verify(self, tenant_id: str, source: Tier | Placement,
-                     target: Tier | Placement) -> tuple[list[TableCount], list[TableCount]]:
+    async def verify(
+        self, tenant_id: str, source: Tier | Placement, target: Tier | Placement
+    ) -> tuple[list[TableCount], list[TableCount]]:
         """The moving tables' rows and checksums in the source store and in the target store (creates nothing)."""
         source, target = await self._sides(tenant_id, Placement.of(source), Placement.of(target))
         if self._rows_tier is not None:
@@ -366,11 +407,16 @@ class TenantLifecycle:
         now = Placement(now.tier, router.check_region(now.region) if now.region else here)
         left = Placement(left.tier, router.check_region(left.region) if left.region else now.region)
         if left == now:
-            raise InvalidArgument("current_tier and current_region are what the tenant left", reason="SAME_TIER",
-                                  violations={"current_tier": "a tier or region other than tier and region"})
+            raise InvalidArgument(
+                "current_tier and current_region are what the tenant left",
+                reason="SAME_TIER",
+                violations={"current_tier": "a tier or region other than tier and region"},
+            )
         if router.placed_tier(tenant_id, "") != now.tier.value or here != now.region:
-            raise FailedPrecondition("the tenant is not switched to current_tier (current_region) in this service; "
-                                     "switch first", reason="NOT_SWITCHED")
+            raise FailedPrecondition(
+                "the tenant is not switched to current_tier (current_region) in this service; switch first",
+                reason="NOT_SWITCHED",
+            )
         if self._rows_tier is not None:
             return []
         moves = left.region != now.region
@@ -459,13 +505,15 @@ async def _advance_sequences(tx, table: Table) -> None:
         top = await tx.fetchval(f"SELECT max({_quote(column.name)}) FROM {_quote(table.name)}")
         last = await tx.fetchval(f"SELECT CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {seq}")
         if top is not None and top > last:
-            await tx.fetchval("SELECT count(nextval($1::regclass)) FROM generate_series(1, $2::bigint)",
-                              seq, top - last)
+            await tx.fetchval(
+                "SELECT count(nextval($1::regclass)) FROM generate_series(1, $2::bigint)", seq, top - last
+            )
 
 
 async def _count(tx, store: str, table: Table, tenant_id: str) -> TableCount:
-    rows = await tx.fetch(f"SELECT {_columns(table)} FROM {_quote(table.name)} WHERE tenant_id = $1 "
-                          f"ORDER BY {_order(table)}", tenant_id)
+    rows = await tx.fetch(
+        f"SELECT {_columns(table)} FROM {_quote(table.name)} WHERE tenant_id = $1 ORDER BY {_order(table)}", tenant_id
+    )
     if not rows:
         return TableCount(store, table.name, 0)
     digest = hashlib.sha256()
@@ -519,24 +567,38 @@ class TenantLifecycleServicer(lifecycle_pb2_grpc.TenantLifecycleServiceServicer)
 
     async def CopyTenant(self, request, context):
         source = Placement(check_request(request.tenant_id, request.tier), check_region(request.region, "region"))
-        target = Placement(check_tier(request.target_tier, "target_tier"),
-                           check_region(request.target_region, "target_region"))
+        target = Placement(
+            check_tier(request.target_tier, "target_tier"), check_region(request.target_region, "target_region")
+        )
         if not 0 <= request.pause_seconds <= MAX_PAUSE_S:
-            raise InvalidArgument(f"pause_seconds must be 0..{MAX_PAUSE_S}", reason="PAUSE_OUT_OF_RANGE",
-                                  violations={"pause_seconds": f"0 (= {DEFAULT_PAUSE_S}) to {MAX_PAUSE_S}"})
-        done = await self._lifecycle.copy(request.tenant_id, source, target,
-                                          pause_seconds=request.pause_seconds or DEFAULT_PAUSE_S)
-        return pb.CopyTenantResponse(service=self._lifecycle.service, copied=[_table_pb(t) for t in done.copied],
-                                     paused_seconds=done.paused_seconds)
+            raise InvalidArgument(
+                f"pause_seconds must be 0..{MAX_PAUSE_S}",
+                reason="PAUSE_OUT_OF_RANGE",
+                violations={"pause_seconds": f"0 (= {DEFAULT_PAUSE_S}) to {MAX_PAUSE_S}"},
+            )
+        done = await self._lifecycle.copy(
+            request.tenant_id, source, target, pause_seconds=request.pause_seconds or DEFAULT_PAUSE_S
+        )
+        return pb.CopyTenantResponse(
+            service=self._lifecycle.service,
+            copied=[_table_pb(t) for t in done.copied],
+            paused_seconds=done.paused_seconds,
+        )
 
     async def VerifyTenant(self, request, context):
         source = Placement(check_request(request.tenant_id, request.tier), check_region(request.region, "region"))
-        target = Placement(check_tier(request.target_tier, "target_tier"),
-                           check_region(request.target_region, "target_region"))
+        target = Placement(
+            check_tier(request.target_tier, "target_tier"), check_region(request.target_region, "target_region")
+        )
         left, right = await self._lifecycle.verify(request.tenant_id, source, target)
         bad = [a.table for a, b in zip(left, right, strict=True) if (a.rows, a.checksum) != (b.rows, b.checksum)]
-        return pb.VerifyTenantResponse(service=self._lifecycle.service, source=[_table_pb(t) for t in left],
-                                       target=[_table_pb(t) for t in right], equal=not bad, mismatched_tables=bad)
+        return pb.VerifyTenantResponse(
+            service=self._lifecycle.service,
+            source=[_table_pb(t) for t in left],
+            target=[_table_pb(t) for t in right],
+            equal=not bad,
+            mismatched_tables=bad,
+        )
 
     async def SwitchTenant(self, request, context):
         tier = check_request(request.tenant_id, request.tier)
@@ -545,8 +607,9 @@ class TenantLifecycleServicer(lifecycle_pb2_grpc.TenantLifecycleServiceServicer)
 
     async def ReleaseTenant(self, request, context):
         left = Placement(check_request(request.tenant_id, request.tier), check_region(request.region, "region"))
-        current = Placement(check_tier(request.current_tier, "current_tier"),
-                            check_region(request.current_region, "current_region"))
+        current = Placement(
+            check_tier(request.current_tier, "current_tier"), check_region(request.current_region, "current_region")
+        )
         deleted = await self._lifecycle.release(request.tenant_id, left, current)
         return pb.ReleaseTenantResponse(service=self._lifecycle.service, deleted=[_table_pb(t) for t in deleted])
 
@@ -564,8 +627,11 @@ def check_tier(value: int, name: str) -> Tier:
             raise UnknownTier(value)
         return tier_from_proto(value)
     except UnknownTier:
-        raise InvalidArgument(f"{name} must be set to a known tier", reason="INVALID_TIER",
-                              violations={name: "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
+        raise InvalidArgument(
+            f"{name} must be set to a known tier",
+            reason="INVALID_TIER",
+            violations={name: "TIER_POOLED, TIER_BRIDGE or TIER_SILO"},
+        ) from None
 
 
 _REGION = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
@@ -575,8 +641,11 @@ def check_region(value: str, name: str) -> str:
     """A region field of a lifecycle request: empty (the tenant's region now) or a region-shaped name (whether
     this service has a database for it is the router's to say: REGION_NOT_CONFIGURED)."""
     if value and not _REGION.match(value):
-        raise InvalidArgument(f"{name} is not a region name", reason="INVALID_REGION",
-                              violations={name: "empty, or a region of BULKHEAD_REGIONS such as eu"})
+        raise InvalidArgument(
+            f"{name} is not a region name",
+            reason="INVALID_REGION",
+            violations={name: "empty, or a region of BULKHEAD_REGIONS such as eu"},
+        )
     return value
 
 
@@ -585,15 +654,27 @@ def purge_pb(service: str, result: PurgeResult) -> pb.PurgeTenantResponse:
     return pb.PurgeTenantResponse(
         service=service,
         destroyed_keys=[pb.DestroyedKey(key_id=k, backend=b) for k, b in result.hooks.destroyed_keys],
-        deleted=[_table_pb(t) for t in result.deleted], dropped_stores=result.dropped,
+        deleted=[_table_pb(t) for t in result.deleted],
+        dropped_stores=result.dropped,
         kept=[pb.KeptData(store=c.store, table=c.table, rows=c.rows, reason=why) for c, why in result.kept],
-        actions=[pb.PurgeAction(name=n, count=c) for n, c in result.hooks.actions])
+        actions=[pb.PurgeAction(name=n, count=c) for n, c in result.hooks.actions],
+    )
 
 
-def lifecycle_binding(service: str, db: Database, metadata: MetaData | Sequence[MetaData], *,
-                      hooks: Sequence[PurgeHook] = (), keep: Mapping[str, str] | None = None,
-                      rows_tier: Tier | None = None, movers: Sequence[MoveHook] = ()) -> Binding:
+def lifecycle_binding(
+    service: str,
+    db: Database,
+    metadata: MetaData | Sequence[MetaData],
+    *,
+    hooks: Sequence[PurgeHook] = (),
+    keep: Mapping[str, str] | None = None,
+    rows_tier: Tier | None = None,
+    movers: Sequence[MoveHook] = (),
+) -> Binding:
     """The TenantLifecycleService binding a service adds to its server (one line in server.py)."""
     lifecycle = TenantLifecycle(service, db, metadata, hooks=hooks, keep=keep, rows_tier=rows_tier, movers=movers)
-    return Binding(lifecycle_pb2_grpc.add_TenantLifecycleServiceServicer_to_server,
-                   TenantLifecycleServicer(lifecycle), pb.DESCRIPTOR.services_by_name["TenantLifecycleService"])
+    return Binding(
+        lifecycle_pb2_grpc.add_TenantLifecycleServiceServicer_to_server,
+        TenantLifecycleServicer(lifecycle),
+        pb.DESCRIPTOR.services_by_name["TenantLifecycleService"],
+    )

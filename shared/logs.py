@@ -1,4 +1,5 @@
 """JSON log lines with service, tenant, request and trace ids, scrubbed of tokens and secret values."""
+
 from __future__ import annotations
 
 import json
@@ -17,9 +18,9 @@ REDACTED = "[REDACTED]"
 _PATTERNS = [
     re.compile(r"(?i)bearer\s+[A-Za-z0-9._~+/=-]+"),
     re.compile(r"eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+"),  # JWTs
-    re.compile(r"bk_t_[A-Za-z0-9]+_k_[A-Za-z0-9]+_[A-Za-z0-9_-]+"),          # Bulkhead API keys
-    re.compile(r"sk-ant-[A-Za-z0-9_-]+"),                                    # Anthropic keys
-    re.compile(r"\b(?:hvs|s)\.[A-Za-z0-9]{20,}"),                            # Vault/OpenBao tokens
+    re.compile(r"bk_t_[A-Za-z0-9]+_k_[A-Za-z0-9]+_[A-Za-z0-9_-]+"),  # Bulkhead API keys
+    re.compile(r"sk-ant-[A-Za-z0-9_-]+"),  # Anthropic keys
+    re.compile(r"\b(?:hvs|s)\.[A-Za-z0-9]{20,}"),  # Vault/OpenBao tokens
 ]
 _secrets: OrderedDict[str, None] = OrderedDict()
 _secrets_lock = threading.Lock()
@@ -75,9 +76,13 @@ class JsonFormatter(logging.Formatter):
         self.service = service
 
     def format(self, record: logging.LogRecord) -> str:
-        line: dict[str, object] = {"ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
-                "level": record.levelname.lower(), "service": self.service, "logger": record.name,
-                "message": record.getMessage()}
+        line: dict[str, object] = {
+            "ts": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+            "level": record.levelname.lower(),
+            "service": self.service,
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
         ctx = current_tenant()
         if ctx is not None:
             line["tenant_id"] = ctx.tenant_id

@@ -1,4 +1,5 @@
 """Prometheus metrics shared by every service, with a bounded tenant label."""
+
 from __future__ import annotations
 
 import threading
@@ -12,8 +13,12 @@ _seen: set[str] = set()
 _lock = threading.Lock()
 
 REQUESTS = Counter("bulkhead_rpc_requests_total", "RPCs handled", ["service", "method", "tenant", "code"])
-LATENCY = Histogram("bulkhead_rpc_latency_seconds", "RPC handling time", ["service", "method"],
-                    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+LATENCY = Histogram(
+    "bulkhead_rpc_latency_seconds",
+    "RPC handling time",
+    ["service", "method"],
+    buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
 
 
 def tenant_label(tenant_id: str) -> str:

@@ -7,6 +7,7 @@ issued it, for the same tenant and the same filters, unaltered; anything else is
 the one reason INVALID_PAGE_TOKEN. The server interceptor binds the RPC's method and the page key
 (shared.settings.load_page_key: one random key per service in its platform database) for each call.
 """
+
 from __future__ import annotations
 
 import base64
@@ -30,8 +31,10 @@ MAX_PAGE_SIZE = 500
 REASON = Reason.INVALID_PAGE_TOKEN
 """The ErrorInfo reason of every page token that is refused, whatever is wrong with it."""
 
-MESSAGE = ("page_token is not valid for this call (issued by another method, to another tenant, for other "
-           "filters, or altered): restart listing from the first page with an empty page_token")
+MESSAGE = (
+    "page_token is not valid for this call (issued by another method, to another tenant, for other "
+    "filters, or altered): restart listing from the first page with an empty page_token"
+)
 """The one message of a refused token: the caller's remedy is always the same."""
 
 _VERSION = 1
@@ -53,8 +56,11 @@ class Page(Generic[T]):
 def page_size(requested: int, *, default: int = DEFAULT_PAGE_SIZE, maximum: int = MAX_PAGE_SIZE) -> int:
     """The page size to use: the default for 0, capped at the maximum; negative is refused."""
     if requested < 0:
-        raise InvalidArgument("page_size must not be negative", reason=Reason.INVALID_PAGE_SIZE,
-                              violations={"page_size": f"0 to {maximum}"})
+        raise InvalidArgument(
+            "page_size must not be negative",
+            reason=Reason.INVALID_PAGE_SIZE,
+            violations={"page_size": f"0 to {maximum}"},
+        )
     return min(requested or default, maximum)
 
 
@@ -97,8 +103,7 @@ def _mac(key: bytes, method: str, tenant: str, filters: object, cursor: bytes) -
 def _context() -> tuple[bytes, str, str]:
     scope = _scope.get()
     tenant = current_tenant()
-    return (scope.key if scope else _EPHEMERAL, scope.method if scope else "",
-            tenant.tenant_id if tenant else "")
+    return (scope.key if scope else _EPHEMERAL, scope.method if scope else "", tenant.tenant_id if tenant else "")
 
 
 def encode(cursor: Any, *, filters: object = ()) -> str:
@@ -123,7 +128,7 @@ def decode(token: str, *, filters: object = ()) -> Any:
         # is an altered token too.
         if base64.urlsafe_b64encode(body).decode().rstrip("=") != token:
             raise ValueError("not canonical base64url")
-        version, mac, raw = body[0], body[1:1 + _MAC_BYTES], body[1 + _MAC_BYTES:]
+        version, mac, raw = body[0], body[1 : 1 + _MAC_BYTES], body[1 + _MAC_BYTES :]
         if version != _VERSION or not hmac.compare_digest(mac, _mac(key, method, tenant, filters, raw)):
             raise ValueError("wrong version or MAC")
         return json.loads(raw, object_hook=_hook)

@@ -1,4 +1,5 @@
 """Background work that repeats: rotation, expiry sweeps, lease upkeep. One mechanism for every service."""
+
 from __future__ import annotations
 
 import asyncio
@@ -10,8 +11,15 @@ from collections.abc import Awaitable, Callable
 class Periodic:
     """Runs `work` every `interval` seconds until stop(); a failed pass is logged and the next one retries."""
 
-    def __init__(self, name: str, work: Callable[[], Awaitable[object]], *, interval: float,
-                 log: logging.Logger, run_first: bool = False):
+    def __init__(
+        self,
+        name: str,
+        work: Callable[[], Awaitable[object]],
+        *,
+        interval: float,
+        log: logging.Logger,
+        run_first: bool = False,
+    ):
         self.name = name
         self._work = work
         self._interval = interval

@@ -8,6 +8,7 @@ process and keeps the answer (only a migration moves a tenant, and it makes rout
 
 A single-region deployment asks nothing: `open_service_database` wires no lookup at all then.
 """
+
 from __future__ import annotations
 
 import logging
@@ -29,8 +30,9 @@ log = logging.getLogger("bulkhead.placement")
 class IdentityPlacements(IdentityPeer):
     """A tenant's region from identity's GetTenantPlacement, asked with the service's platform key."""
 
-    def __init__(self, channel: grpc.aio.Channel, credentials: Any, *, timeout: float = 3.0,
-                 owns_channel: bool = False) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, credentials: Any, *, timeout: float = 3.0, owns_channel: bool = False
+    ) -> None:
         super().__init__(channel, credentials, timeout=timeout, owns_channel=owns_channel)
 
     async def region_of(self, tenant_id: str) -> tuple[str, str]:
@@ -38,18 +40,24 @@ class IdentityPlacements(IdentityPeer):
         closed: a guessed region writes the tenant's rows where the law says they must not be). The tier
         routes the tenant over its token's claim, so a restarted service follows a finished tier migration."""
         try:
-            reply = await self._stub.GetTenantPlacement(identity_pb2.GetTenantPlacementRequest(tenant_id=tenant_id),
-                                                        timeout=self._timeout,
-                                                        metadata=await self._credentials.metadata())
+            reply = await self._stub.GetTenantPlacement(
+                identity_pb2.GetTenantPlacementRequest(tenant_id=tenant_id),
+                timeout=self._timeout,
+                metadata=await self._credentials.metadata(),
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound("tenant not found", reason="TENANT_NOT_FOUND") from None
             log.warning("identity could not place tenant %s: %s", tenant_id, exc.code().name)
-            raise Unavailable("identity could not confirm the tenant's region; nothing was changed, retry",
-                              reason="TENANT_REGION_UNAVAILABLE", retry_after=1.0) from None
+            raise Unavailable(
+                "identity could not confirm the tenant's region; nothing was changed, retry",
+                reason="TENANT_REGION_UNAVAILABLE",
+                retry_after=1.0,
+            ) from None
         if not reply.region:
-            raise Unavailable("identity returned no region for the tenant; retry",
-                              reason="TENANT_REGION_UNAVAILABLE", retry_after=1.0)
+            raise Unavailable(
+                "identity returned no region for the tenant; retry", reason="TENANT_REGION_UNAVAILABLE", retry_after=1.0
+            )
         try:
             tier = tier_from_proto(reply.tier).value if reply.tier else ""
         except UnknownTier:  # a newer identity's tier: route by the token's claim
@@ -57,8 +65,9 @@ class IdentityPlacements(IdentityPeer):
         return reply.region, tier
 
 
-async def open_service_database(service: ServiceConfig, *, migrations: str | Path | None,
-                                read_url: str | None = None, **engine_options: Any) -> Database:
+async def open_service_database(
+    service: ServiceConfig, *, migrations: str | Path | None, read_url: str | None = None, **engine_options: Any
+) -> Database:
     """A data-plane service's Database: its default region's URLs, every other configured region's
     database, and (with several regions) identity's placement of each tenant to route by."""
     from shared.client import make_channel
@@ -68,12 +77,19 @@ async def open_service_database(service: ServiceConfig, *, migrations: str | Pat
     placements = None
     if len(regions) > 1:
         channel = make_channel(service.peer("identity"))
-        placements = IdentityPlacements(channel, ServiceKeyCredentials(channel, service.service_key_file),
-                                        owns_channel=True)
+        placements = IdentityPlacements(
+            channel, ServiceKeyCredentials(channel, service.service_key_file), owns_channel=True
+        )
     try:
-        db = await Database.open(service.database_url, migrations=migrations, owner_url=service.database_owner_url,
-                                 read_url=read_url, regions=regions,
-                                 region_of=placements.region_of if placements else None, **engine_options)
+        db = await Database.open(
+            service.database_url,
+            migrations=migrations,
+            owner_url=service.database_owner_url,
+            read_url=read_url,
+            regions=regions,
+            region_of=placements.region_of if placements else None,
+            **engine_options,
+        )
     except BaseException:
         if placements is not None:
             await placements.close()

@@ -14,6 +14,7 @@ allows; steps are idempotent and safe in every replica at once (a pass that find
 does nothing; concurrent passes serialize on the chain head). The audit chains keep an anchor (the
 last pruned event's sequence and hash) so they still verify from the oldest kept event.
 """
+
 from __future__ import annotations
 
 import logging
@@ -62,8 +63,9 @@ class Policy:
         return now_us - self.usage_detail_days * DAY_US
 
 
-async def prune_chain_prefix(route: Any, tenant_id: str, *, events: str, heads: str, cutoff_us: int,
-                             batch: int = BATCH) -> tuple[int, int]:
+async def prune_chain_prefix(
+    route: Any, tenant_id: str, *, events: str, heads: str, cutoff_us: int, batch: int = BATCH
+) -> tuple[int, int]:
     """One batch of a hash chain's retention: delete the oldest events (by sequence, from the anchor
     on) written before cutoff_us, at most `batch`, and move the chain's anchor (anchor_seq,
     anchor_hash, anchor_time_us on the heads row) to the last one deleted; returns (deleted, anchor).
@@ -80,8 +82,12 @@ async def prune_chain_prefix(route: Any, tenant_id: str, *, events: str, heads: 
         if head is None:
             return 0, 0
         old = anchor = int(head[0])
-        rows = await tx.fetch(f"SELECT seq, time_us, hash FROM {events} WHERE tenant_id = $1 AND seq > $2 "
-                              "ORDER BY seq LIMIT $3", tenant_id, anchor, batch)
+        rows = await tx.fetch(
+            f"SELECT seq, time_us, hash FROM {events} WHERE tenant_id = $1 AND seq > $2 ORDER BY seq LIMIT $3",
+            tenant_id,
+            anchor,
+            batch,
+        )
         last = None
         for seq, time_us, digest in rows:
             if int(seq) != anchor + 1 or int(time_us) >= cutoff_us:
@@ -89,9 +95,17 @@ async def prune_chain_prefix(route: Any, tenant_id: str, *, events: str, heads: 
             anchor, last = int(seq), (str(digest), int(time_us))
         if last is None:
             return 0, old
-        await tx.execute(f"DELETE FROM {events} WHERE tenant_id = $1 AND seq > $2 AND seq <= $3", tenant_id, old, anchor)
-        await tx.execute(f"UPDATE {heads} SET anchor_seq = $2, anchor_hash = $3, anchor_time_us = $4 "
-                         "WHERE tenant_id = $1 AND anchor_seq < $2", tenant_id, anchor, last[0], last[1])
+        await tx.execute(
+            f"DELETE FROM {events} WHERE tenant_id = $1 AND seq > $2 AND seq <= $3", tenant_id, old, anchor
+        )
+        await tx.execute(
+            f"UPDATE {heads} SET anchor_seq = $2, anchor_hash = $3, anchor_time_us = $4 "
+            "WHERE tenant_id = $1 AND anchor_seq < $2",
+            tenant_id,
+            anchor,
+            last[0],
+            last[1],
+        )
     return anchor - old, anchor
 
 
@@ -100,9 +114,11 @@ def checked_days(field: str, value: int) -> int | None:
     if value == 0:
         return None
     if not MIN_DAYS <= value <= MAX_DAYS:
-        raise InvalidArgument(f"{field} must be {MIN_DAYS}..{MAX_DAYS} days, or 0 for the default",
-                              reason="RETENTION_OUT_OF_RANGE",
-                              violations={field: f"whole days from {MIN_DAYS} to {MAX_DAYS} (10 years); 0: the default"})
+        raise InvalidArgument(
+            f"{field} must be {MIN_DAYS}..{MAX_DAYS} days, or 0 for the default",
+            reason="RETENTION_OUT_OF_RANGE",
+            violations={field: f"whole days from {MIN_DAYS} to {MAX_DAYS} (10 years); 0: the default"},
+        )
     return int(value)
 
 
@@ -121,8 +137,9 @@ class IdentityRetention(IdentityPeer):
     """Every tenant's policy from identity's ListRetentionPolicies, asked with the service's platform key
     (fresh each pass: an operator's change applies at the next pass, no cache to invalidate)."""
 
-    def __init__(self, channel: grpc.aio.Channel, credentials: Any, *, timeout: float = 10.0,
-                 owns_channel: bool = False) -> None:
+    def __init__(
+        self, channel: grpc.aio.Channel, credentials: Any, *, timeout: float = 10.0, owns_channel: bool = False
+    ) -> None:
         super().__init__(channel, credentials, timeout=timeout, owns_channel=owns_channel)
 
     async def policies(self) -> AsyncIterator[Policy]:
@@ -133,10 +150,13 @@ class IdentityRetention(IdentityPeer):
         while True:
             reply = await self._stub.ListRetentionPolicies(
                 identity_pb2.ListRetentionPoliciesRequest(page_size=500, page_token=token),
-                timeout=self._timeout, metadata=await self._credentials.metadata())
+                timeout=self._timeout,
+                metadata=await self._credentials.metadata(),
+            )
             for t in reply.tenants:
-                yield Policy(t.tenant_id, tier_from_proto(t.tier).value, t.retention.audit_days,
-                             t.retention.usage_detail_days)
+                yield Policy(
+                    t.tenant_id, tier_from_proto(t.tier).value, t.retention.audit_days, t.retention.usage_detail_days
+                )
             token = reply.next_page_token
             if not token:
                 return
@@ -146,8 +166,14 @@ class RetentionSweeper:
     """One pass: every tenant's policy, each prune step for it. A failing tenant is logged and skipped.
     start()/stop() run passes every `interval` seconds in the background (shared.periodic)."""
 
-    def __init__(self, service: str, source: Source, steps: Sequence[Prune], *,
-                 close: Callable[[], Awaitable[None]] | None = None) -> None:
+    def __init__(
+        self,
+        service: str,
+        source: Source,
+        steps: Sequence[Prune],
+        *,
+        close: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.service = service
         self._source = source
         self._steps = list(steps)
@@ -165,8 +191,9 @@ class RetentionSweeper:
                 try:
                     total += await step(policy, now_us)
                 except Exception:  # one tenant's trouble must not stop the others'
-                    log.exception("%s: retention for tenant %s failed; the next pass retries", self.service,
-                                  policy.tenant_id)
+                    log.exception(
+                        "%s: retention for tenant %s failed; the next pass retries", self.service, policy.tenant_id
+                    )
         if total:
             log.info("%s: retention pruned %d rows", self.service, total)
         return total
@@ -191,8 +218,9 @@ def sweep_interval(env: Any) -> float:
     return float(env.get("BULKHEAD_RETENTION_SWEEP_SECONDS", SWEEP_INTERVAL))
 
 
-def retention_sweeper(service: str, config: Any, steps: Sequence[Prune], *,
-                      identity: str | None = None) -> RetentionSweeper:
+def retention_sweeper(
+    service: str, config: Any, steps: Sequence[Prune], *, identity: str | None = None
+) -> RetentionSweeper:
     """A data-plane service's sweeper, reading policies from identity (at `identity`, else the configured
     peer) with the service's platform key (config: its shared.config.ServiceConfig); stop() also closes
     its channel."""

@@ -1,4 +1,5 @@
 """The authorization rule each RPC declares in its proto, read from the method descriptor."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -8,8 +9,11 @@ from google.protobuf import descriptor_pool
 from bulkhead.common.v1 import auth_pb2
 
 # Infrastructure services that must answer without a token (load balancers, grpcurl).
-OPEN_SERVICES = ("grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection",
-                 "grpc.reflection.v1.ServerReflection")
+OPEN_SERVICES = (
+    "grpc.health.v1.Health",
+    "grpc.reflection.v1alpha.ServerReflection",
+    "grpc.reflection.v1.ServerReflection",
+)
 
 
 @dataclass(frozen=True, slots=True)

@@ -9,6 +9,7 @@ again. At most `max_keys` distinct keys (and `max_keys_per_tenant` of one tenant
 flushes; refusals beyond that are counted in `bulkhead_security_events_overflow_total`, not stored, so
 a flood of refusals is a flood of counter increments, never of database writes.
 """
+
 from __future__ import annotations
 
 import logging
@@ -24,13 +25,19 @@ from shared.metrics import tenant_label
 
 log = logging.getLogger("bulkhead.security")
 
-DENIALS = PromCounter("bulkhead_security_denials_total", "Requests refused by the tenancy interceptor",
-                      ["service", "tenant", "reason"])
-OVERFLOW = PromCounter("bulkhead_security_events_overflow_total",
-                       "Attributed refusals counted but not stored: the flush interval's key budget was spent",
-                       ["service"])
-DROPPED = PromCounter("bulkhead_security_events_dropped_total",
-                      "Aggregated refusals a failed flush could not keep for the next one", ["service"])
+DENIALS = PromCounter(
+    "bulkhead_security_denials_total", "Requests refused by the tenancy interceptor", ["service", "tenant", "reason"]
+)
+OVERFLOW = PromCounter(
+    "bulkhead_security_events_overflow_total",
+    "Attributed refusals counted but not stored: the flush interval's key budget was spent",
+    ["service"],
+)
+DROPPED = PromCounter(
+    "bulkhead_security_events_dropped_total",
+    "Aggregated refusals a failed flush could not keep for the next one",
+    ["service"],
+)
 
 MAX_KEYS = 500
 """Distinct keys written per flush at most, per replica: with the default 5 s interval, 100 rows/s."""
@@ -68,8 +75,15 @@ Sink = Callable[[Sequence[Pending]], Awaitable[None]]
 class SecurityEvents:
     """Records every refusal so a principal probing outside its tenant shows up."""
 
-    def __init__(self, service: str, *, suspended: Callable[[str], bool] | None = None, max_keys: int = MAX_KEYS,
-                 max_keys_per_tenant: int = MAX_KEYS_PER_TENANT, clock: Callable[[], float] = time.time):
+    def __init__(
+        self,
+        service: str,
+        *,
+        suspended: Callable[[str], bool] | None = None,
+        max_keys: int = MAX_KEYS,
+        max_keys_per_tenant: int = MAX_KEYS_PER_TENANT,
+        clock: Callable[[], float] = time.time,
+    ):
         self.service = service
         self.counts: Counter[tuple[str, str]] = Counter()
         """(tenant, reason) -> denials since start; tenant is the token's, or "unauthenticated"."""
@@ -93,8 +107,17 @@ class SecurityEvents:
         """Distinct keys waiting for the next flush."""
         return len(self._pending)
 
-    def denied(self, *, reason: str, method: str, peer: str, tenant_id: str | None,
-               principal_id: str | None, claimed_tenant: str | None, message: str) -> None:
+    def denied(
+        self,
+        *,
+        reason: str,
+        method: str,
+        peer: str,
+        tenant_id: str | None,
+        principal_id: str | None,
+        claimed_tenant: str | None,
+        message: str,
+    ) -> None:
         """Count and log one refusal. Never pass the token here.
 
         tenant_id is the verified token's tenant, or None when no signature verified.
@@ -102,9 +125,19 @@ class SecurityEvents:
         tenant = tenant_id or "unauthenticated"
         self.counts[(tenant, reason)] += 1
         DENIALS.labels(self.service, tenant_label(tenant), reason).inc()
-        log.warning("request denied: %s", message, extra={
-            "event": "security.denied", "reason": reason, "method": method, "peer": peer,
-            "tenant_id": tenant, "principal_id": principal_id or "", "claimed_tenant": claimed_tenant or ""})
+        log.warning(
+            "request denied: %s",
+            message,
+            extra={
+                "event": "security.denied",
+                "reason": reason,
+                "method": method,
+                "peer": peer,
+                "tenant_id": tenant,
+                "principal_id": principal_id or "",
+                "claimed_tenant": claimed_tenant or "",
+            },
+        )
         if self._sink is not None and tenant_id and reason not in NOT_STORED and not self.suspended(tenant_id):
             self._add(tenant_id, method, reason, principal_id or "")
 

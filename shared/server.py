@@ -1,4 +1,5 @@
 """Builds every service's gRPC server the same way: interceptors, health, reflection, graceful stop."""
+
 from __future__ import annotations
 
 import asyncio
@@ -86,9 +87,16 @@ with no grace limit): callers then reconnect and re-resolve, so a replica the au
 its share of round_robin traffic within minutes instead of never (long-lived channels never dial)."""
 
 
-async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifier, address: str = "127.0.0.1:0",
-                tls: TlsConfig | object | None = TLS_FROM_ENV,
-                options: Sequence[tuple[str, object]] = (), page_key: bytes | None = None) -> RunningServer:
+async def serve(
+    *,
+    name: str,
+    bindings: Sequence[Binding],
+    verifier: TokenVerifier,
+    address: str = "127.0.0.1:0",
+    tls: TlsConfig | object | None = TLS_FROM_ENV,
+    options: Sequence[tuple[str, object]] = (),
+    page_key: bytes | None = None,
+) -> RunningServer:
     """Start a server with the production interceptor (tenancy, which also opens each call's server span).
 
     `page_key` signs page tokens (shared.settings.load_page_key); without one they hold in this process only.
@@ -111,8 +119,9 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = tuple(b.descriptor.full_name for b in bindings)
-    reflection.enable_server_reflection((*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-                                         reflection.SERVICE_NAME), server)
+    reflection.enable_server_reflection(
+        (*names, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server
+    )
     host, _, _port = address.rpartition(":")
     if tls is not None:
         bound = server.add_secure_port(address, server_credentials(tls))
@@ -127,8 +136,15 @@ async def serve(*, name: str, bindings: Sequence[Binding], verifier: TokenVerifi
     for service_name in (*names, ""):
         await health_servicer.set(service_name, health_pb2.HealthCheckResponse.SERVING)
     log.info("%s listening on %s:%d", name, host, bound)
-    return RunningServer(server=server, port=bound, host=host or "127.0.0.1", health=health_servicer,
-                         interceptor=tenancy, service_names=names, background=background)
+    return RunningServer(
+        server=server,
+        port=bound,
+        host=host or "127.0.0.1",
+        health=health_servicer,
+        interceptor=tenancy,
+        service_names=names,
+        background=background,
+    )
 
 
 async def run_until_signalled(running: RunningServer, *, grace: float = 5.0, on_stop=None) -> None:

@@ -4,6 +4,7 @@ retries on UNAVAILABLE for exactly the methods the protos mark idempotent.
 The retry list comes from `google.protobuf.MethodOptions.idempotency_level` in the descriptors, so a
 client in another language reads the same rule from the same protos; nothing here names a method.
 """
+
 from __future__ import annotations
 
 import functools
@@ -18,7 +19,7 @@ from google.protobuf.descriptor_pb2 import MethodOptions
 from shared.config import SERVICES
 
 RETRY_POLICY = {
-    "maxAttempts": 5,                 # gRPC caps attempts at 5 anyway
+    "maxAttempts": 5,  # gRPC caps attempts at 5 anyway
     "initialBackoff": "0.1s",
     "maxBackoff": "1s",
     "backoffMultiplier": 2,
@@ -43,9 +44,13 @@ def _service_files() -> list[FileDescriptor]:
 
 def retryable_methods(files: Iterable[FileDescriptor] | None = None) -> list[MethodDescriptor]:
     """The methods whose proto says a repeat is safe (NO_SIDE_EFFECTS or IDEMPOTENT)."""
-    return [method for file in (_service_files() if files is None else files)
-            for service in file.services_by_name.values() for method in service.methods
-            if method.GetOptions().idempotency_level in RETRYABLE]
+    return [
+        method
+        for file in (_service_files() if files is None else files)
+        for service in file.services_by_name.values()
+        for method in service.methods
+        if method.GetOptions().idempotency_level in RETRYABLE
+    ]
 
 
 def service_config(files: Iterable[FileDescriptor] | None = None) -> dict:
@@ -72,8 +77,10 @@ def channel_target(address: str) -> str:
         return parts[0] if len(parts) == 1 else address
     families = {_ip_family(p) for p in parts}
     if len(families) != 1 or None in families:
-        raise ValueError(f"several addresses must all be IPv4 or all IPv6 literals with ports, got {address!r}; "
-                         "for host names use one DNS name that resolves to every replica (dns:///name:port)")
+        raise ValueError(
+            f"several addresses must all be IPv4 or all IPv6 literals with ports, got {address!r}; "
+            "for host names use one DNS name that resolves to every replica (dns:///name:port)"
+        )
     return f"{families.pop()}:{','.join(parts)}"
 
 

@@ -1,4 +1,5 @@
 """The one main() every service but identity shares: logs, traces, metrics, identity's keys, serve until signalled."""
+
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
@@ -23,8 +24,9 @@ class ServiceApp(Protocol):
         """Release what the service holds (after the server stopped)."""
 
 
-async def run_service(service: ServiceConfig, start: Callable[[TokenVerifier], Awaitable[ServiceApp]], *,
-                      secrets: Iterable[str] = ()) -> None:
+async def run_service(
+    service: ServiceConfig, start: Callable[[TokenVerifier], Awaitable[ServiceApp]], *, secrets: Iterable[str] = ()
+) -> None:
     """Run one service until SIGTERM/SIGINT; `secrets` (e.g. its Vault token) are redacted from every log line."""
     setup_logging(service.name, service.log_level)
     for value in secrets:

@@ -1,4 +1,5 @@
 """OpenTelemetry tracing: one tracer provider per process, OTLP export when configured."""
+
 from __future__ import annotations
 
 from opentelemetry import context as otel_context
@@ -12,8 +13,9 @@ from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapProp
 _provider: TracerProvider | None = None
 
 
-def setup_telemetry(service: str, otlp_endpoint: str | None = None,
-                    extra_processors: tuple[SpanProcessor, ...] = ()) -> TracerProvider:
+def setup_telemetry(
+    service: str, otlp_endpoint: str | None = None, extra_processors: tuple[SpanProcessor, ...] = ()
+) -> TracerProvider:
     """Install the process's tracer provider; spans go to otlp_endpoint (Jaeger's OTLP intake) when given."""
     global _provider
     if _provider is not None:

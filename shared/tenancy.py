@@ -1,4 +1,5 @@
 """Who a request acts for: the TenantContext, carried in a contextvar for the life of one RPC."""
+
 from __future__ import annotations
 
 import contextlib
@@ -122,7 +123,12 @@ def acting_for(tenant_id: str, *, tier: Tier | str) -> Iterator[TenantContext]:
         raise ValueError("acting_for needs a tenant id")
     checked = Tier.parse(tier)
     caller = require_tenant()
-    ctx = TenantContext(tenant_id=tenant_id, principal_id=caller.principal_id, tier=checked.value,
-                        request_id=caller.request_id, actor_id=caller.principal_id)
+    ctx = TenantContext(
+        tenant_id=tenant_id,
+        principal_id=caller.principal_id,
+        tier=checked.value,
+        request_id=caller.request_id,
+        actor_id=caller.principal_id,
+    )
     with tenant_scope(ctx):
         yield ctx

@@ -4,6 +4,7 @@ A tier decides where a tenant's rows live (shared/db routes by it). Guessing one
 unsure) files a bridge or silo tenant's data where its own calls never look, so nothing here
 guesses: an unknown name or enum value raises, and a lookup that cannot reach identity fails.
 """
+
 from __future__ import annotations
 
 import enum
@@ -39,8 +40,11 @@ class Tier(enum.StrEnum):
             raise UnknownTier(f"unknown tenant tier {value!r}: pooled, bridge or silo") from None
 
 
-_TO_PROTO: dict[Tier, tenancy_pb2.Tier] = {Tier.POOLED: tenancy_pb2.TIER_POOLED, Tier.BRIDGE: tenancy_pb2.TIER_BRIDGE,
-             Tier.SILO: tenancy_pb2.TIER_SILO}
+_TO_PROTO: dict[Tier, tenancy_pb2.Tier] = {
+    Tier.POOLED: tenancy_pb2.TIER_POOLED,
+    Tier.BRIDGE: tenancy_pb2.TIER_BRIDGE,
+    Tier.SILO: tenancy_pb2.TIER_SILO,
+}
 # The proto says an unset tier is pooled (CreateTenant, RecordTenantUsage from old callers).
 _FROM_PROTO: dict[int, Tier] = {v: k for k, v in _TO_PROTO.items()}
 _FROM_PROTO[tenancy_pb2.TIER_UNSPECIFIED] = Tier.POOLED
@@ -75,12 +79,16 @@ class IdentityTiers:
 
     async def tier_of(self, tenant_id: str) -> Tier:
         try:
-            reply = await self._stub.GetTenant(identity_pb2.GetTenantRequest(tenant_id=tenant_id),
-                                               timeout=self._timeout)
+            reply = await self._stub.GetTenant(
+                identity_pb2.GetTenantRequest(tenant_id=tenant_id), timeout=self._timeout
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.NOT_FOUND:
                 raise NotFound("tenant not found", reason="TENANT_NOT_FOUND") from None
             # Fail closed: data written under a guessed tier lands where the tenant never reads it.
-            raise Unavailable("identity could not confirm the tenant's tier; nothing was changed, retry",
-                              reason="TENANT_TIER_UNAVAILABLE", retry_after=1.0) from None
+            raise Unavailable(
+                "identity could not confirm the tenant's tier; nothing was changed, retry",
+                reason="TENANT_TIER_UNAVAILABLE",
+                retry_after=1.0,
+            ) from None
         return tier_from_proto(reply.tenant.tier)

@@ -13,6 +13,7 @@ returns a config::
         server.add_secure_port(address, server_credentials(tls))
         channel = grpc.aio.secure_channel(target, channel_credentials(tls))
 """
+
 from __future__ import annotations
 
 import os
@@ -58,8 +59,9 @@ class TlsConfig:
         if len(present) != len(ENV_VARS):
             missing = ", ".join(name for name in ENV_VARS if name not in present)
             raise TlsConfigError(f"TLS is half-configured: also set {missing}")
-        return cls(ca=pathlib.Path(values[ENV_CA]), cert=pathlib.Path(values[ENV_CERT]),
-                   key=pathlib.Path(values[ENV_KEY]))
+        return cls(
+            ca=pathlib.Path(values[ENV_CA]), cert=pathlib.Path(values[ENV_CERT]), key=pathlib.Path(values[ENV_KEY])
+        )
 
     @classmethod
     def from_dir(cls, directory: str | os.PathLike[str], name: str) -> TlsConfig:

@@ -1,4 +1,5 @@
 """Short-lived EdDSA (Ed25519) tokens: issuing (identity) and verifying (every service's interceptor)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -60,7 +61,8 @@ class SigningKey:
     def private_bytes(self) -> bytes:
         """The raw private key, for identity's own storage."""
         return self.private_key.private_bytes(
-            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption())
+            serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
+        )
 
     @property
     def public_key(self) -> Ed25519PublicKey:
@@ -101,17 +103,44 @@ class TokenIssuer:
     def __init__(self, key: SigningKey):
         self.key = key
 
-    def issue(self, *, tenant_id: str, principal_id: str, scopes: frozenset[str] | set[str] | tuple[str, ...],
-              tier: str = "pooled", ttl: int = 900, actor_id: str | None = None,
-              agent_id: str | None = None, run_id: str | None = None, now: float | None = None) -> tuple[str, Claims]:
+    def issue(
+        self,
+        *,
+        tenant_id: str,
+        principal_id: str,
+        scopes: frozenset[str] | set[str] | tuple[str, ...],
+        tier: str = "pooled",
+        ttl: int = 900,
+        actor_id: str | None = None,
+        agent_id: str | None = None,
+        run_id: str | None = None,
+        now: float | None = None,
+    ) -> tuple[str, Claims]:
         """A signed token and the claims it carries."""
         iat = int(now if now is not None else time.time())
-        claims = Claims(tenant_id=tenant_id, principal_id=principal_id, scopes=frozenset(scopes), tier=tier,
-                        jti="j" + secrets.token_hex(12), issued_at=iat, expires_at=iat + ttl, kid=self.key.kid,
-                        actor_id=actor_id, agent_id=agent_id, run_id=run_id)
-        payload: dict = {"iss": ISSUER, "sub": principal_id, "tid": tenant_id, "tier": tier,
-                         "scope": " ".join(sorted(claims.scopes)), "iat": iat, "exp": claims.expires_at,
-                         "jti": claims.jti}
+        claims = Claims(
+            tenant_id=tenant_id,
+            principal_id=principal_id,
+            scopes=frozenset(scopes),
+            tier=tier,
+            jti="j" + secrets.token_hex(12),
+            issued_at=iat,
+            expires_at=iat + ttl,
+            kid=self.key.kid,
+            actor_id=actor_id,
+            agent_id=agent_id,
+            run_id=run_id,
+        )
+        payload: dict = {
+            "iss": ISSUER,
+            "sub": principal_id,
+            "tid": tenant_id,
+            "tier": tier,
+            "scope": " ".join(sorted(claims.scopes)),
+            "iat": iat,
+            "exp": claims.expires_at,
+            "jti": claims.jti,
+        }
         if actor_id:
             payload["act"] = {"sub": actor_id}
         if agent_id:
@@ -215,14 +244,20 @@ class TokenVerifier:
             self._remember(token, claims)
         if claims.expires_at + _LEEWAY_SECONDS < now:
             self._cache.pop(token, None)
-            raise _signed_by(Unauthenticated("token expired: request a new one with IssueToken",
-                                             reason="TOKEN_EXPIRED"), claims)
+            raise _signed_by(
+                Unauthenticated("token expired: request a new one with IssueToken", reason="TOKEN_EXPIRED"), claims
+            )
         if self._keys.is_revoked(claims.jti):
-            raise _signed_by(Unauthenticated("token revoked: request a new one with IssueToken",
-                                             reason="TOKEN_REVOKED"), claims)
+            raise _signed_by(
+                Unauthenticated("token revoked: request a new one with IssueToken", reason="TOKEN_REVOKED"), claims
+            )
         if self._keys.is_suspended(claims.tenant_id):
-            raise _signed_by(PermissionDenied("tenant suspended: an operator must resume it (bulkhead tenants resume)",
-                                              reason="TENANT_SUSPENDED"), claims)
+            raise _signed_by(
+                PermissionDenied(
+                    "tenant suspended: an operator must resume it (bulkhead tenants resume)", reason="TENANT_SUSPENDED"
+                ),
+                claims,
+            )
         return claims
 
     def tenant_suspended(self, tenant_id: str) -> bool:
@@ -259,8 +294,14 @@ class TokenVerifier:
         if key is None:
             raise Unauthenticated("token signed by an unknown key", reason="TOKEN_UNKNOWN_KEY")
         try:
-            payload = jwt.decode(token, key, algorithms=[ALGORITHM], issuer=ISSUER, leeway=_LEEWAY_SECONDS,
-                                 options={"require": ["exp", "iat", "sub", "jti", "iss"]})
+            payload = jwt.decode(
+                token,
+                key,
+                algorithms=[ALGORITHM],
+                issuer=ISSUER,
+                leeway=_LEEWAY_SECONDS,
+                options={"require": ["exp", "iat", "sub", "jti", "iss"]},
+            )
         except jwt.ExpiredSignatureError:
             # PyJWT checks the signature before the claims: this token is genuine, only late.
             expired = Unauthenticated("token expired: request a new one with IssueToken", reason="TOKEN_EXPIRED")
@@ -281,10 +322,19 @@ def _claims(payload: dict, kid: str) -> Claims:
     if not isinstance(tid, str) or not is_tenant_id(tid):
         raise Unauthenticated("token names no tenant, or a malformed one", reason=Reason.TOKEN_INVALID)
     act = payload.get("act") or {}
-    return Claims(tenant_id=tid, principal_id=payload["sub"], scopes=frozenset(payload.get("scope", "").split()),
-                  tier=payload.get("tier", "pooled"), jti=payload["jti"], issued_at=int(payload["iat"]),
-                  expires_at=int(payload["exp"]), kid=kid, actor_id=act.get("sub"),
-                  agent_id=payload.get("agent"), run_id=payload.get("run"))
+    return Claims(
+        tenant_id=tid,
+        principal_id=payload["sub"],
+        scopes=frozenset(payload.get("scope", "").split()),
+        tier=payload.get("tier", "pooled"),
+        jti=payload["jti"],
+        issued_at=int(payload["iat"]),
+        expires_at=int(payload["exp"]),
+        kid=kid,
+        actor_id=act.get("sub"),
+        agent_id=payload.get("agent"),
+        run_id=payload.get("run"),
+    )
 
 
 def _signed_by(error: BulkheadError, claims: Claims | None) -> BulkheadError:
@@ -338,8 +388,11 @@ class RefreshingKeySource:
                 try:
                     self._keys = dict(await self._loader.load_keys())
                 except Exception:  # noqa: BLE001 - however the load failed, the caller gets UNAVAILABLE
-                    raise Unavailable("cannot fetch signing keys from identity; retry shortly",
-                                      reason="KEYS_UNAVAILABLE", retry_after=1.0) from None
+                    raise Unavailable(
+                        "cannot fetch signing keys from identity; retry shortly",
+                        reason="KEYS_UNAVAILABLE",
+                        retry_after=1.0,
+                    ) from None
                 self._last_fetch = time.monotonic()
                 key = self._keys.get(kid)
         return key
@@ -383,8 +436,12 @@ class RefreshingKeySource:
             except Exception as exc:  # noqa: BLE001 - identity briefly down: keep the last lists, try again
                 # Said once per kind of failure, not every second: a missing service key would flood the log.
                 if type(exc).__name__ != failing:
-                    _log.warning("cannot poll identity for revocations and suspensions (%s); keeping the last "
-                                 "lists and retrying every %.1f s", _describe(exc), self._poll)
+                    _log.warning(
+                        "cannot poll identity for revocations and suspensions (%s); keeping the last "
+                        "lists and retrying every %.1f s",
+                        _describe(exc),
+                        self._poll,
+                    )
                 failing = type(exc).__name__
             await asyncio.sleep(self._poll)
 

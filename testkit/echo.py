@@ -1,4 +1,5 @@
 """A servicer of every RPC shape, to test and benchmark the tenancy interceptors."""
+
 from __future__ import annotations
 
 from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
@@ -53,5 +54,8 @@ class EchoServicer(echo_pb2_grpc.EchoServiceServicer):
 
 def echo_binding() -> Binding:
     """The echo servicer, ready for shared.server.serve."""
-    return Binding(echo_pb2_grpc.add_EchoServiceServicer_to_server, EchoServicer(),
-                   echo_pb2.DESCRIPTOR.services_by_name["EchoService"])
+    return Binding(
+        echo_pb2_grpc.add_EchoServiceServicer_to_server,
+        EchoServicer(),
+        echo_pb2.DESCRIPTOR.services_by_name["EchoService"],
+    )

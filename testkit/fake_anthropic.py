@@ -30,6 +30,7 @@ Replies are deterministic: without a script the fake echoes the last user text. 
 are whitespace word counts (never more than the request's UTF-8 byte length), so a caller
 that estimates tokens by bytes never under-reserves.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,11 +43,25 @@ from typing import Any, Self
 
 __all__ = ["FakeAnthropic", "Fault", "RecordedRequest", "Reply", "UsageRecord", "cache_prefixes", "count_words"]
 
-_STATUS_TEXT = {200: "OK", 400: "Bad Request", 401: "Unauthorized", 404: "Not Found",
-                429: "Too Many Requests", 500: "Internal Server Error", 503: "Service Unavailable",
-                529: "Overloaded"}
-_ERROR_TYPE = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
-               404: "not_found_error", 429: "rate_limit_error", 500: "api_error", 529: "overloaded_error"}
+_STATUS_TEXT = {
+    200: "OK",
+    400: "Bad Request",
+    401: "Unauthorized",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+    529: "Overloaded",
+}
+_ERROR_TYPE = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    429: "rate_limit_error",
+    500: "api_error",
+    529: "overloaded_error",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +85,15 @@ class Reply:
         return cls(content=({"type": "text", "text": text},), **kw)
 
     @classmethod
-    def tool_use(cls, name: str, tool_input: dict[str, Any], *, tool_id: str = "toolu_fake_1",
-                 preamble: str | None = None, **kw: Any) -> Reply:
+    def tool_use(
+        cls,
+        name: str,
+        tool_input: dict[str, Any],
+        *,
+        tool_id: str = "toolu_fake_1",
+        preamble: str | None = None,
+        **kw: Any,
+    ) -> Reply:
         """A reply that calls one tool, optionally after some text."""
         blocks: list[dict[str, Any]] = []
         if preamble:
@@ -172,13 +194,13 @@ def _cache_segments(body: dict[str, Any]) -> list[tuple[Any, bool]]:
     for tool in body.get("tools") or ():
         add("tool", tool)
     system = body.get("system")
-    for block in ([{"type": "text", "text": system}] if isinstance(system, str) else system or ()):
+    for block in [{"type": "text", "text": system}] if isinstance(system, str) else system or ():
         add("system", block)
     for message in body.get("messages") or ():
         content = message.get("content")
-        for block in ([{"type": "text", "text": content}] if isinstance(content, str) else content or ()):
+        for block in [{"type": "text", "text": content}] if isinstance(content, str) else content or ():
             add("message", block, message.get("role"))
-    if body.get("cache_control") and pieces:   # automatic caching: the breakpoint is the last block
+    if body.get("cache_control") and pieces:  # automatic caching: the breakpoint is the last block
         pieces[-1] = (pieces[-1][0], True)
     return pieces
 
@@ -200,8 +222,9 @@ def cache_prefixes(body: dict[str, Any]) -> list[tuple[str, int]]:
 class FakeAnthropic:
     """An HTTP/1.1 server on 127.0.0.1 that answers like api.anthropic.com."""
 
-    def __init__(self, *, delay: float = 0.0, event_delay: float = 0.0, chunk_words: int = 2,
-                 journal_path: str | None = None) -> None:
+    def __init__(
+        self, *, delay: float = 0.0, event_delay: float = 0.0, chunk_words: int = 2, journal_path: str | None = None
+    ) -> None:
         self.journal_path = journal_path
         """Where to append every usage record as a JSON line (None: memory only)."""
         self.delay = delay
@@ -339,9 +362,13 @@ class FakeAnthropic:
             await asyncio.sleep(delay)
         message = self._build_message(request.body, _api_key(request.headers))
         self.replies.append(message)
-        record = {"message_id": message["id"], "model": message["model"],
-                  "user_id": (request.body.get("metadata") or {}).get("user_id"),
-                  "api_key": _api_key(request.headers), "attempt_ref": request.headers.get("x-bulkhead-attempt")}
+        record = {
+            "message_id": message["id"],
+            "model": message["model"],
+            "user_id": (request.body.get("metadata") or {}).get("user_id"),
+            "api_key": _api_key(request.headers),
+            "attempt_ref": request.headers.get("x-bulkhead-attempt"),
+        }
         if not request.body.get("stream"):
             self._bill(UsageRecord(**record, usage=dict(message["usage"]), streamed=False, completed=True))
             await self._send_json(writer, 200, message)
@@ -349,13 +376,19 @@ class FakeAnthropic:
         drop_after = fault.after_events if fault is not None and fault.kind == "disconnect" else None
         return await self._send_stream(writer, message, record, drop_after)
 
-    async def _send_stream(self, writer: asyncio.StreamWriter, message: dict[str, Any],
-                           record: dict[str, Any], drop_after: int | None) -> bool:
-        writer.write(b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
-                     b"request-id: req_fake\r\ntransfer-encoding: chunked\r\n\r\n")
-        reported = {"input_tokens": message["usage"]["input_tokens"], "output_tokens": 1,
-                    "cache_creation_input_tokens": message["usage"]["cache_creation_input_tokens"],
-                    "cache_read_input_tokens": message["usage"]["cache_read_input_tokens"]}
+    async def _send_stream(
+        self, writer: asyncio.StreamWriter, message: dict[str, Any], record: dict[str, Any], drop_after: int | None
+    ) -> bool:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\ncache-control: no-cache\r\n"
+            b"request-id: req_fake\r\ntransfer-encoding: chunked\r\n\r\n"
+        )
+        reported = {
+            "input_tokens": message["usage"]["input_tokens"],
+            "output_tokens": 1,
+            "cache_creation_input_tokens": message["usage"]["cache_creation_input_tokens"],
+            "cache_read_input_tokens": message["usage"]["cache_read_input_tokens"],
+        }
         sent: list[dict[str, Any]] = []
         self.sent_events.append(sent)
         for n, event in enumerate(self._events(message)):
@@ -378,59 +411,100 @@ class FakeAnthropic:
 
     def _events(self, message: dict[str, Any]) -> list[dict[str, Any]]:
         """The SSE events of a message, as the real API orders them."""
-        start = {**message, "content": [], "stop_reason": None, "stop_sequence": None,
-                 "usage": {**message["usage"], "output_tokens": 1}}
+        start = {
+            **message,
+            "content": [],
+            "stop_reason": None,
+            "stop_sequence": None,
+            "usage": {**message["usage"], "output_tokens": 1},
+        }
         events: list[dict[str, Any]] = [{"type": "message_start", "message": start}]
         for index, block in enumerate(message["content"]):
             if block["type"] == "text":
-                events.append({"type": "content_block_start", "index": index,
-                               "content_block": {"type": "text", "text": ""}})
+                events.append(
+                    {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}
+                )
                 for piece in self._chunks(block["text"]):
-                    events.append({"type": "content_block_delta", "index": index,
-                                   "delta": {"type": "text_delta", "text": piece}})
+                    events.append(
+                        {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": piece}}
+                    )
             elif block["type"] == "tool_use":
-                events.append({"type": "content_block_start", "index": index,
-                               "content_block": {**block, "input": {}}})
+                events.append({"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}})
                 text = json.dumps(block["input"])
                 for i in range(0, len(text), 12):
-                    events.append({"type": "content_block_delta", "index": index,
-                                   "delta": {"type": "input_json_delta", "partial_json": text[i:i + 12]}})
+                    events.append(
+                        {
+                            "type": "content_block_delta",
+                            "index": index,
+                            "delta": {"type": "input_json_delta", "partial_json": text[i : i + 12]},
+                        }
+                    )
             elif block["type"] == "thinking":
-                events.append({"type": "content_block_start", "index": index,
-                               "content_block": {"type": "thinking", "thinking": "", "signature": ""}})
-                events.append({"type": "content_block_delta", "index": index,
-                               "delta": {"type": "thinking_delta", "thinking": block["thinking"]}})
-                events.append({"type": "content_block_delta", "index": index,
-                               "delta": {"type": "signature_delta", "signature": block["signature"]}})
+                events.append(
+                    {
+                        "type": "content_block_start",
+                        "index": index,
+                        "content_block": {"type": "thinking", "thinking": "", "signature": ""},
+                    }
+                )
+                events.append(
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "thinking_delta", "thinking": block["thinking"]},
+                    }
+                )
+                events.append(
+                    {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "signature_delta", "signature": block["signature"]},
+                    }
+                )
             else:
                 events.append({"type": "content_block_start", "index": index, "content_block": block})
             events.append({"type": "content_block_stop", "index": index})
             if index == 0:
                 events.append({"type": "ping"})
-        events.append({"type": "message_delta",
-                       "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
-                       "usage": {"output_tokens": message["usage"]["output_tokens"]}})
+        events.append(
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": message["stop_reason"], "stop_sequence": message["stop_sequence"]},
+                "usage": {"output_tokens": message["usage"]["output_tokens"]},
+            }
+        )
         events.append({"type": "message_stop"})
         return events
 
     def _chunks(self, text: str) -> list[str]:
         words = text.split(" ")
         size = max(1, self.chunk_words)
-        return [" ".join(words[i:i + size]) + (" " if i + size < len(words) else "")
-                for i in range(0, len(words), size)] or [""]
+        return [
+            " ".join(words[i : i + size]) + (" " if i + size < len(words) else "") for i in range(0, len(words), size)
+        ] or [""]
 
     def _build_message(self, body: dict[str, Any], api_key: str | None = None) -> dict[str, Any]:
         reply = self._scripts.popleft() if self._scripts else Reply.text("Echo: " + _last_user_text(body))
         input_tokens = self._input_tokens(body)
         read, written = self._use_prompt_cache(body, api_key)
-        usage = {"input_tokens": max(0, input_tokens - read - written),
-                 "output_tokens": max(1, count_words(list(reply.content))),
-                 "cache_creation_input_tokens": written, "cache_read_input_tokens": read}
+        usage = {
+            "input_tokens": max(0, input_tokens - read - written),
+            "output_tokens": max(1, count_words(list(reply.content))),
+            "cache_creation_input_tokens": written,
+            "cache_read_input_tokens": read,
+        }
         if reply.usage:
             usage.update(reply.usage)
-        return {"id": f"msg_fake_{next(self._ids):06d}", "type": "message", "role": "assistant",
-                "model": reply.model or body["model"], "content": [dict(b) for b in reply.content],
-                "stop_reason": reply.stop_reason, "stop_sequence": reply.stop_sequence, "usage": usage}
+        return {
+            "id": f"msg_fake_{next(self._ids):06d}",
+            "type": "message",
+            "role": "assistant",
+            "model": reply.model or body["model"],
+            "content": [dict(b) for b in reply.content],
+            "stop_reason": reply.stop_reason,
+            "stop_sequence": reply.stop_sequence,
+            "usage": usage,
+        }
 
     def _use_prompt_cache(self, body: dict[str, Any], api_key: str | None) -> tuple[int, int]:
         """Tokens read from and written to this key's prompt cache by a call: the longest stored
@@ -446,21 +520,30 @@ class FakeAnthropic:
     def _input_tokens(body: dict[str, Any]) -> int:
         return max(1, count_words([body.get("system", ""), body.get("messages", []), body.get("tools", [])]))
 
-    async def _send_json(self, writer: asyncio.StreamWriter, status: int, payload: dict[str, Any],
-                         extra: dict[str, str] | None = None) -> None:
+    async def _send_json(
+        self, writer: asyncio.StreamWriter, status: int, payload: dict[str, Any], extra: dict[str, str] | None = None
+    ) -> None:
         data = json.dumps(payload).encode()
-        head = [f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}", "content-type: application/json",
-                f"content-length: {len(data)}", "request-id: req_fake"]
+        head = [
+            f"HTTP/1.1 {status} {_STATUS_TEXT.get(status, 'Error')}",
+            "content-type: application/json",
+            f"content-length: {len(data)}",
+            "request-id: req_fake",
+        ]
         head += [f"{k}: {v}" for k, v in (extra or {}).items()]
         writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + data)
         await writer.drain()
 
-    async def _send_error(self, writer: asyncio.StreamWriter, status: int, message: str,
-                          extra: dict[str, str] | None = None) -> None:
+    async def _send_error(
+        self, writer: asyncio.StreamWriter, status: int, message: str, extra: dict[str, str] | None = None
+    ) -> None:
         error_type = _ERROR_TYPE.get(status, "api_error" if status >= 500 else "invalid_request_error")
-        await self._send_json(writer, status, {"type": "error", "error": {"type": error_type, "message": message}},
-                              {"x-should-retry": "true" if status in (429, 529) or status >= 500 else "false",
-                               **(extra or {})})
+        await self._send_json(
+            writer,
+            status,
+            {"type": "error", "error": {"type": error_type, "message": message}},
+            {"x-should-retry": "true" if status in (429, 529) or status >= 500 else "false", **(extra or {})},
+        )
 
 
 def _api_key(headers: dict[str, str]) -> str | None:

@@ -18,6 +18,7 @@ no Docker engine) the tests that need it FAIL with a message saying what to inst
 never skipped, so CI cannot go green without them. Tests using a fixture get the matching
 marker automatically, so `pytest -m "not postgres and not openbao"` runs the rest.
 """
+
 from __future__ import annotations
 
 import os
@@ -149,8 +150,9 @@ def postgres_replica() -> Iterator[PostgresPair]:
         pair = start_postgres_pair()
     except ServerStartError as exc:
         pytest.fail(f"cannot start the Postgres primary and standby for the tests: {exc}", pytrace=False)
-    _started.append(f"postgres_replica: primary on 127.0.0.1:{pair.primary_port}, "
-                    f"standby on 127.0.0.1:{pair.standby_port}")
+    _started.append(
+        f"postgres_replica: primary on 127.0.0.1:{pair.primary_port}, standby on 127.0.0.1:{pair.standby_port}"
+    )
     try:
         yield pair
     finally:

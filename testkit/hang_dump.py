@@ -3,6 +3,7 @@
 pytest-timeout dumps the threads, and an async test's thread only shows the event loop waiting in
 select(): the await that hangs is in a task. So shortly before the timeout fires, every task not
 done prints where it is suspended (to stderr, shown with the failure)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,18 +35,38 @@ def await_chain(awaitable) -> list[str]:
     Task.print_stack() shows only the task's own frame; the await that hangs is usually deeper."""
     lines = []
     for _ in range(50):
-        frame = next((getattr(awaitable, a) for a in ("cr_frame", "gi_frame", "ag_frame")
-                      if getattr(awaitable, a, None) is not None), None)
+        frame = next(
+            (
+                getattr(awaitable, a)
+                for a in ("cr_frame", "gi_frame", "ag_frame")
+                if getattr(awaitable, a, None) is not None
+            ),
+            None,
+        )
         if frame is not None:
             lines.append(f"  {frame.f_code.co_filename}:{frame.f_lineno} in {frame.f_code.co_name}")
-        inner = next((getattr(awaitable, a) for a in ("cr_await", "gi_yieldfrom", "ag_await")
-                      if getattr(awaitable, a, None) is not None), None)
+        inner = next(
+            (
+                getattr(awaitable, a)
+                for a in ("cr_await", "gi_yieldfrom", "ag_await")
+                if getattr(awaitable, a, None) is not None
+            ),
+            None,
+        )
         if inner is None and frame is None:
             # An async generator's asend(), a Future's iterator, a Cython coroutine: no frame of their
             # own, but the generator or future they drive is among their referents.
-            inner = next((r for r in gc.get_referents(awaitable)
-                          if inspect.isasyncgen(r) or inspect.iscoroutine(r) or inspect.isgenerator(r)
-                          or isinstance(r, asyncio.Future)), None)
+            inner = next(
+                (
+                    r
+                    for r in gc.get_referents(awaitable)
+                    if inspect.isasyncgen(r)
+                    or inspect.iscoroutine(r)
+                    or inspect.isgenerator(r)
+                    or isinstance(r, asyncio.Future)
+                ),
+                None,
+            )
             if inner is None or isinstance(inner, asyncio.Future):
                 lines.append(f"  awaiting {inner if inner is not None else awaitable!r}"[:400])
                 break

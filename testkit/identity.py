@@ -1,4 +1,5 @@
 """A real identity service for tests, and tenants made through its public API."""
+
 from __future__ import annotations
 
 import io
@@ -49,6 +50,7 @@ class IdentityHarness:
     def verifier(self, channel: grpc.aio.Channel, *, service: str = "state", revocation_poll: float = 0.2):
         """A verifier as `service` runs one: keys, revocations and suspensions from identity over `channel`."""
         from shared.keys import remote_verifier
+
         return remote_verifier(channel, self.service_key_file(service), revocation_poll=revocation_poll)
 
     async def login(self, api_key: str, scopes: tuple[str, ...] = (), ttl: int = 0) -> TenantHandle:
@@ -60,20 +62,27 @@ class IdentityHarness:
         """A new tenant (operator call) and its admin's token."""
         assert self.operator is not None
         created = await self.stub.CreateTenant(
-            pb.CreateTenantRequest(name=name or f"t-{uuid.uuid4().hex[:10]}", tier=tier), metadata=self.operator.metadata)
+            pb.CreateTenantRequest(name=name or f"t-{uuid.uuid4().hex[:10]}", tier=tier),
+            metadata=self.operator.metadata,
+        )
         return await self.login(created.admin_api_key)
 
 
 @asynccontextmanager
-async def running_identity(data_dir: Path, *, database_url: str | None = None, owner_url: str | None = None,
-                           revocation_poll: float = 0.2, env: dict[str, str] | None = None):
+async def running_identity(
+    data_dir: Path,
+    *,
+    database_url: str | None = None,
+    owner_url: str | None = None,
+    revocation_poll: float = 0.2,
+    env: dict[str, str] | None = None,
+):
     """Start identity on a free port (SQLite in data_dir unless database URLs are given); `env` adds
     settings (e.g. BULKHEAD_REGIONS)."""
     from services.identity.config import IdentityConfig
     from services.identity.server import start
 
-    env = {**(env or {}), "BULKHEAD_DATA_DIR": str(data_dir),
-           "BULKHEAD_REVOCATION_POLL_SECONDS": str(revocation_poll)}
+    env = {**(env or {}), "BULKHEAD_DATA_DIR": str(data_dir), "BULKHEAD_REVOCATION_POLL_SECONDS": str(revocation_poll)}
     if database_url:
         env["BULKHEAD_IDENTITY_DATABASE_URL"] = database_url
         env["BULKHEAD_IDENTITY_DATABASE_OWNER_URL"] = owner_url or database_url

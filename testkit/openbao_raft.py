@@ -17,6 +17,7 @@ Settings chosen for tests, and why:
   quorum. Starting still takes ~10 s: retry_join tries every 2 s and the nodes join one by one.
 (`disable_mlock` is not set: OpenBao 2.x no longer locks memory and warns about the field.)
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -106,25 +107,37 @@ class RaftNode:
         joins = "".join(f'  retry_join {{\n    leader_api_addr = "{p.url}"\n  }}\n' for p in peers)
         path = os.path.join(self.workdir, "config.hcl")
         with open(path, "w") as f:
-            f.write(_CONFIG.format(api=self.api_port, cluster=self.cluster_port, data=data,
-                                   node_id=self.node_id, joins=joins))
+            f.write(
+                _CONFIG.format(
+                    api=self.api_port, cluster=self.cluster_port, data=data, node_id=self.node_id, joins=joins
+                )
+            )
         return path
 
     def start(self) -> None:
         """Start the server process (it comes up sealed; the cluster unseals it)."""
         if self.running:
             return
-        env = {k: v for k, v in os.environ.items()
-               if k not in ("BAO_TOKEN", "VAULT_TOKEN", "BAO_ADDR", "VAULT_ADDR", "BAO_NAMESPACE")}
+        env = {
+            k: v
+            for k, v in os.environ.items()
+            if k not in ("BAO_TOKEN", "VAULT_TOKEN", "BAO_ADDR", "VAULT_ADDR", "BAO_NAMESPACE")
+        }
         env["HOME"] = self.workdir
         with open(self.log_path, "ab") as log:
             self._proc = subprocess.Popen(
                 [self.binary, "server", f"-config={os.path.join(self.workdir, 'config.hcl')}"],
-                cwd=self.workdir, env=env, stdin=subprocess.DEVNULL, stdout=log,
-                stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGKILL),
-                start_new_session=True)
-        wait_until(lambda: self.health() is not None, timeout=20, what=f"OpenBao {self.node_id}",
-                   alive=lambda: self.running)
+                cwd=self.workdir,
+                env=env,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent(signal.SIGKILL),
+                start_new_session=True,
+            )
+        wait_until(
+            lambda: self.health() is not None, timeout=20, what=f"OpenBao {self.node_id}", alive=lambda: self.running
+        )
 
     def kill(self) -> None:
         """SIGKILL: no graceful step-down, as when a machine dies."""
@@ -142,8 +155,9 @@ class RaftNode:
     def health(self) -> dict | None:
         """/v1/sys/health (200 active, 429 standby, 503 sealed all answer), or None when unreachable."""
         try:
-            with _NO_PROXY.open(f"{self.url}/v1/sys/health?standbyok=true&sealedcode=200"
-                                f"&uninitcode=200", timeout=1) as resp:
+            with _NO_PROXY.open(
+                f"{self.url}/v1/sys/health?standbyok=true&sealedcode=200&uninitcode=200", timeout=1
+            ) as resp:
                 return json.load(resp)
         except (urllib.error.URLError, OSError, ValueError):
             return None
@@ -209,8 +223,11 @@ class OpenBaoRaftCluster:
         """Start a stopped or killed node again on its data, unseal it, wait until it is a standby."""
         node.start()
         self.unseal(node)
-        wait_until(lambda: not (node.health() or {}).get("sealed", True),
-                   timeout=timeout, what=f"OpenBao {node.node_id} unsealed")
+        wait_until(
+            lambda: not (node.health() or {}).get("sealed", True),
+            timeout=timeout,
+            what=f"OpenBao {node.node_id} unsealed",
+        )
 
     def voters(self) -> dict[str, bool]:
         """node id -> whether Raft counts it as a voter, as the leader sees it."""
@@ -241,8 +258,13 @@ def _bootstrap(cluster: OpenBaoRaftCluster, timeout: float) -> None:
     cluster.root_token, cluster.unseal_key = out["root_token"], out["keys_base64"][0]
     cluster.unseal(first)
     wait_until(first.active, timeout=timeout, what="OpenBao n1 active")
-    _api(first.url, "POST", "sys/storage/raft/autopilot/configuration",
-         {"server_stabilization_time": "1s", "cleanup_dead_servers": False}, token=cluster.root_token)
+    _api(
+        first.url,
+        "POST",
+        "sys/storage/raft/autopilot/configuration",
+        {"server_stabilization_time": "1s", "cleanup_dead_servers": False},
+        token=cluster.root_token,
+    )
     pending = list(rest)
 
     def joined() -> bool:
@@ -265,12 +287,12 @@ def _bootstrap(cluster: OpenBaoRaftCluster, timeout: float) -> None:
 
     wait_until(all_voters, timeout=timeout, interval=0.2, what="every OpenBao node a Raft voter")
     for path, kind, options in (("secret", "kv", {"version": "2"}), ("transit", "transit", {})):
-        _api(first.url, "POST", f"sys/mounts/{path}", {"type": kind, "options": options},
-             token=cluster.root_token)
+        _api(first.url, "POST", f"sys/mounts/{path}", {"type": kind, "options": options}, token=cluster.root_token)
 
 
-def start_openbao_raft(env: Mapping[str, str] = os.environ, *, size: int = 3,
-                       timeout: float = 60.0) -> OpenBaoRaftCluster:
+def start_openbao_raft(
+    env: Mapping[str, str] = os.environ, *, size: int = 3, timeout: float = 60.0
+) -> OpenBaoRaftCluster:
     """Start, initialise and unseal a `size`-node Raft cluster on free loopback ports."""
     binary = find_bao(env)
     if binary is None:
@@ -294,4 +316,3 @@ def start_openbao_raft(env: Mapping[str, str] = os.environ, *, size: int = 3,
             raise ServerStartError(f"OpenBao Raft cluster did not start: {exc}\n{logs}") from None
         raise
     return cluster
-

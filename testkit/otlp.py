@@ -1,4 +1,5 @@
 """An OTLP/gRPC trace receiver (what Jaeger ingests) for tests: collects every exported span."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -37,11 +38,18 @@ class _Collector(trace_service_pb2_grpc.TraceServiceServicer):
             service = str(attrs.get("service.name", ""))
             for scope_spans in resource_spans.scope_spans:
                 for s in scope_spans.spans:
-                    self.sink.append(ReceivedSpan(
-                        service=service, name=s.name, trace_id=s.trace_id.hex(), span_id=s.span_id.hex(),
-                        parent_span_id=s.parent_span_id.hex(), kind=s.kind,
-                        attributes={a.key: _value(a.value) for a in s.attributes},
-                        links=tuple(link.trace_id.hex() for link in s.links)))
+                    self.sink.append(
+                        ReceivedSpan(
+                            service=service,
+                            name=s.name,
+                            trace_id=s.trace_id.hex(),
+                            span_id=s.span_id.hex(),
+                            parent_span_id=s.parent_span_id.hex(),
+                            kind=s.kind,
+                            attributes={a.key: _value(a.value) for a in s.attributes},
+                            links=tuple(link.trace_id.hex() for link in s.links),
+                        )
+                    )
         return trace_service_pb2.ExportTraceServiceResponse()
 
 

@@ -10,6 +10,7 @@ No reset query runs between transactions (`server_reset_query_always = 0`, the d
 server connection reaches the next client with whatever the previous one left in the session,
 so the tests see a session-level leak instead of having PgBouncer hide it.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -37,8 +38,10 @@ from testkit.procs import (
 
 SCHEME = "postgresql+pgbouncer"
 """SQLAlchemy scheme of an engine behind a transaction pooler (see shared.db.engine)."""
-_INSTALL_HINT = ("pgbouncer not found. Install it: `apt-get install -y --no-install-recommends pgbouncer` "
-                 "(Debian/Ubuntu; scripts/test does this), or set BULKHEAD_TEST_PGBOUNCER_BIN.")
+_INSTALL_HINT = (
+    "pgbouncer not found. Install it: `apt-get install -y --no-install-recommends pgbouncer` "
+    "(Debian/Ubuntu; scripts/test does this), or set BULKHEAD_TEST_PGBOUNCER_BIN."
+)
 
 
 @dataclass
@@ -142,14 +145,12 @@ log_disconnections = 0
 """
 
 
-def start_pgbouncer(server: PostgresServer, env: Mapping[str, str] = os.environ,
-                    attempts: int = 3) -> PgBouncer:
+def start_pgbouncer(server: PostgresServer, env: Mapping[str, str] = os.environ, attempts: int = 3) -> PgBouncer:
     """Start PgBouncer in transaction mode on a free loopback port in front of `server`."""
     binary = find_pgbouncer(env)
     if binary is None:
         raise ServerStartError(_INSTALL_HINT)
-    version = subprocess.run([binary, "--version"], capture_output=True, text=True,
-                             timeout=10).stdout.splitlines()[:1]
+    version = subprocess.run([binary, "--version"], capture_output=True, text=True, timeout=10).stdout.splitlines()[:1]
     account = unprivileged_account()  # pgbouncer refuses to run as root
     root = make_workdir("bulkhead-pgb-")
     try:
@@ -169,8 +170,14 @@ def start_pgbouncer(server: PostgresServer, env: Mapping[str, str] = os.environ,
             except ServerStartError as exc:  # most likely someone took the port: try another
                 last = exc
                 continue
-            return PgBouncer(host="127.0.0.1", port=port, server=server,
-                             version=version[0] if version else "", _proc=proc, _root=root)
+            return PgBouncer(
+                host="127.0.0.1",
+                port=port,
+                server=server,
+                version=version[0] if version else "",
+                _proc=proc,
+                _root=root,
+            )
         raise last or ServerStartError("pgbouncer did not start")
     except BaseException:
         shutil.rmtree(root, ignore_errors=True)
@@ -185,12 +192,24 @@ def _launch(binary: str, root: str, port: int, server: PostgresServer, account) 
     log = os.path.join(root, "pgbouncer.log")
     with open(log, "a") as f:
         account.chown(log)
-        proc = subprocess.Popen([binary, ini], cwd=root, stdin=subprocess.DEVNULL, stdout=f,
-                                stderr=subprocess.STDOUT, preexec_fn=die_with_parent(signal.SIGTERM),
-                                start_new_session=True, **account.popen_kwargs())
+        proc = subprocess.Popen(
+            [binary, ini],
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(signal.SIGTERM),
+            start_new_session=True,
+            **account.popen_kwargs(),
+        )
     try:
-        wait_until(lambda: port_accepts("127.0.0.1", port), timeout=30, interval=0.05,
-                   what=f"pgbouncer on port {port}", alive=lambda: proc.poll() is None)
+        wait_until(
+            lambda: port_accepts("127.0.0.1", port),
+            timeout=30,
+            interval=0.05,
+            what=f"pgbouncer on port {port}",
+            alive=lambda: proc.poll() is None,
+        )
     except ServerStartError as exc:
         stop_process(proc, signal.SIGTERM)
         raise ServerStartError(f"{exc}\n{tail(log)}") from None

@@ -16,6 +16,7 @@ BULKHEAD_TEST_POSTGRES_URL=postgresql://superuser:pw@host:port/postgres uses a s
 BULKHEAD_TEST_PGBOUNCER=1 sends every database's runtime URL through PgBouncer (transaction
 pooling, testkit.pgbouncer).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,10 +49,12 @@ from testkit.procs import (
 APP_ROLE = "bulkhead_app"
 ADMIN_ROLE = "bulkhead_admin"
 _IDENT = re.compile(r"^[a-z_][a-z0-9_]{0,39}$")
-_INSTALL_HINT = ("PostgreSQL server binaries not found. Install them: "
-                 "`apt-get install -y postgresql` (Debian/Ubuntu), or run a Docker engine so "
-                 "testcontainers can start postgres:15, or point BULKHEAD_TEST_POSTGRES_URL "
-                 "at a server you run.")
+_INSTALL_HINT = (
+    "PostgreSQL server binaries not found. Install them: "
+    "`apt-get install -y postgresql` (Debian/Ubuntu), or run a Docker engine so "
+    "testcontainers can start postgres:15, or point BULKHEAD_TEST_POSTGRES_URL "
+    "at a server you run."
+)
 
 
 @dataclass(frozen=True)
@@ -95,8 +98,7 @@ def find_bindir(env: Mapping[str, str] = os.environ) -> str | None:
     pg_config = shutil.which("pg_config")
     if pg_config:
         try:
-            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True,
-                                 timeout=10).stdout.strip()
+            out = subprocess.run([pg_config, "--bindir"], capture_output=True, text=True, timeout=10).stdout.strip()
         except (OSError, subprocess.SubprocessError):
             out = ""
         if out and os.path.exists(os.path.join(out, "initdb")):
@@ -194,8 +196,9 @@ class PostgresServer:
             await self._ensure_app_role(conn)
             # A leftover from an earlier run against an external server must not leak in.
             await _drop(conn, db, owner)
-            await conn.execute(f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER NOBYPASSRLS CREATEDB '
-                               f"PASSWORD {_quote_literal(owner_pw)}")
+            await conn.execute(
+                f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER NOBYPASSRLS CREATEDB PASSWORD {_quote_literal(owner_pw)}'
+            )
             # The superuser must be a member to CREATE DATABASE ... OWNER on managed servers.
             await conn.execute(f'GRANT "{owner}" TO CURRENT_USER')
             await conn.execute(f'CREATE DATABASE "{db}" OWNER "{owner}"')
@@ -206,8 +209,14 @@ class PostgresServer:
         owner_dsn = _dsn(owner, owner_pw, self.host, self.port, db)
         app_dsn = _dsn(APP_ROLE, self.app_password, self.host, self.port, db)
         app_url = self.pooler.app_url(db) if self.pooler is not None else _sqlalchemy(app_dsn)
-        return DatabaseUrls(owner_url=_sqlalchemy(owner_dsn), app_url=app_url,
-                            owner_dsn=owner_dsn, app_dsn=app_dsn, name=db, owner_role=owner)
+        return DatabaseUrls(
+            owner_url=_sqlalchemy(owner_dsn),
+            app_url=app_url,
+            owner_dsn=owner_dsn,
+            app_dsn=app_dsn,
+            name=db,
+            owner_role=owner,
+        )
 
     def create_database_sync(self, name: str) -> DatabaseUrls:
         """create_database for sync code (sync fixtures): runs it on a private event loop."""
@@ -229,8 +238,9 @@ class PostgresServer:
         pw = _quote_literal(self.app_password)
         exists = await conn.fetchval("SELECT 1 FROM pg_roles WHERE rolname = $1", APP_ROLE)
         verb = "ALTER" if exists else "CREATE"
-        await conn.execute(f'{verb} ROLE "{APP_ROLE}" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE '
-                           f"NOBYPASSRLS NOINHERIT PASSWORD {pw}")
+        await conn.execute(
+            f'{verb} ROLE "{APP_ROLE}" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS NOINHERIT PASSWORD {pw}'
+        )
         self._app_role_ready = True
 
     def stop(self) -> None:
@@ -242,8 +252,9 @@ class PostgresServer:
 
 async def _drop(conn, database: str, owner: str) -> None:
     """Drop `database` and every database `owner` created (silo tenants), then `owner` itself."""
-    owned = await conn.fetch("SELECT d.datname FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba "
-                             "WHERE r.rolname = $1", owner)
+    owned = await conn.fetch(
+        "SELECT d.datname FROM pg_database d JOIN pg_roles r ON r.oid = d.datdba WHERE r.rolname = $1", owner
+    )
     for name in {database, *(row["datname"] for row in owned)}:
         await conn.execute(f'DROP DATABASE IF EXISTS "{name.replace(chr(34), chr(34) * 2)}" WITH (FORCE)')
     await conn.execute(f'DROP ROLE IF EXISTS "{owner}"')
@@ -285,10 +296,13 @@ def start_postgres(env: Mapping[str, str] = os.environ) -> PostgresServer:
 
 def _external(url: str) -> PostgresServer:
     parts = urllib.parse.urlsplit(url)
-    return PostgresServer(host=parts.hostname or "127.0.0.1", port=parts.port or 5432,
-                          admin_user=urllib.parse.unquote(parts.username or "postgres"),
-                          admin_password=urllib.parse.unquote(parts.password or ""),
-                          backend="external")
+    return PostgresServer(
+        host=parts.hostname or "127.0.0.1",
+        port=parts.port or 5432,
+        admin_user=urllib.parse.unquote(parts.username or "postgres"),
+        admin_password=urllib.parse.unquote(parts.password or ""),
+        backend="external",
+    )
 
 
 def _start_container() -> PostgresServer:
@@ -299,17 +313,20 @@ def _start_container() -> PostgresServer:
     if not docker_engine_answers():
         raise ServerStartError("BULKHEAD_TEST_POSTGRES=docker but no Docker engine answers")
     password = secrets.token_urlsafe(18)
-    container = (PostgresContainer("postgres:15-alpine", username=ADMIN_ROLE, password=password,
-                                   dbname="postgres", driver=None)
-                 .with_command("postgres -c fsync=off -c synchronous_commit=off "
-                               "-c full_page_writes=off -c max_connections=300"))
+    container = PostgresContainer(
+        "postgres:15-alpine", username=ADMIN_ROLE, password=password, dbname="postgres", driver=None
+    ).with_command("postgres -c fsync=off -c synchronous_commit=off -c full_page_writes=off -c max_connections=300")
     try:
         container.start()
     except Exception as exc:  # pull/run failures surface as many docker exception types
         raise ServerStartError(f"testcontainers could not start postgres:15: {exc}") from exc
-    server = PostgresServer(host=container.get_container_host_ip(),
-                            port=int(container.get_exposed_port(5432)),
-                            admin_user=ADMIN_ROLE, admin_password=password, backend="docker")
+    server = PostgresServer(
+        host=container.get_container_host_ip(),
+        port=int(container.get_exposed_port(5432)),
+        admin_user=ADMIN_ROLE,
+        admin_password=password,
+        backend="docker",
+    )
     server._stop = container.stop
     return server
 
@@ -344,8 +361,14 @@ def _start_local(bindir: str, attempts: int = 3) -> PostgresServer:
             except ServerStartError as exc:  # most likely someone took the port: try another
                 last = exc
                 continue
-            server = PostgresServer(host="127.0.0.1", port=port, admin_user=ADMIN_ROLE,
-                                    admin_password=password, backend="local", socket_dir=root)
+            server = PostgresServer(
+                host="127.0.0.1",
+                port=port,
+                admin_user=ADMIN_ROLE,
+                admin_password=password,
+                backend="local",
+                socket_dir=root,
+            )
             server._stop = functools.partial(_stop_local, proc, root)
             return server
         raise last or ServerStartError("postgres did not start")
@@ -365,11 +388,20 @@ def _initdb(bindir: str, root: str, password: str, account: RunAs) -> None:
     with open(pwfile, "w") as f:
         f.write(password + "\n")
     account.chown(pwfile)
-    cmd = [os.path.join(bindir, "initdb"), "-D", os.path.join(root, "data"), "-U", ADMIN_ROLE,
-           f"--pwfile={pwfile}", "--auth=scram-sha-256", "--encoding=UTF8",
-           "--locale=C", "--no-sync", "--no-instructions"]
-    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120,
-                          **account.popen_kwargs())
+    cmd = [
+        os.path.join(bindir, "initdb"),
+        "-D",
+        os.path.join(root, "data"),
+        "-U",
+        ADMIN_ROLE,
+        f"--pwfile={pwfile}",
+        "--auth=scram-sha-256",
+        "--encoding=UTF8",
+        "--locale=C",
+        "--no-sync",
+        "--no-instructions",
+    ]
+    done = subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120, **account.popen_kwargs())
     os.unlink(pwfile)
     if done.returncode != 0:
         raise ServerStartError(f"initdb failed (as {account.name}):\n{done.stdout}{done.stderr}")
@@ -387,18 +419,26 @@ def _launch(bindir: str, root: str, port: int, account: RunAs) -> subprocess.Pop
         account.chown(log)
         proc = subprocess.Popen(
             [os.path.join(bindir, "postgres"), "-D", os.path.join(root, "data"), "-p", str(port)],
-            cwd=root, stdin=subprocess.DEVNULL, stdout=f, stderr=subprocess.STDOUT,
-            preexec_fn=die_with_parent(signal.SIGQUIT), start_new_session=True,
-            **account.popen_kwargs())
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            preexec_fn=die_with_parent(signal.SIGQUIT),
+            start_new_session=True,
+            **account.popen_kwargs(),
+        )
     isready = os.path.join(bindir, "pg_isready")
 
     def ready() -> bool:
-        return subprocess.run([isready, "-q", "-h", "127.0.0.1", "-p", str(port), "-t", "1"],
-                              capture_output=True).returncode == 0
+        return (
+            subprocess.run(
+                [isready, "-q", "-h", "127.0.0.1", "-p", str(port), "-t", "1"], capture_output=True
+            ).returncode
+            == 0
+        )
 
     try:
-        wait_until(ready, timeout=60, interval=0.1, what=f"postgres on port {port}",
-                   alive=lambda: proc.poll() is None)
+        wait_until(ready, timeout=60, interval=0.1, what=f"postgres on port {port}", alive=lambda: proc.poll() is None)
     except ServerStartError as exc:
         stop_process(proc, signal.SIGQUIT)
         raise ServerStartError(f"{exc}\n{tail(log)}") from None

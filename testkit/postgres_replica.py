@@ -13,6 +13,7 @@ done without forking pg_ctl (see stop_primary).
 Clients reach whichever is primary through a multi-host URL with
 `target_session_attrs=read-write` (`multi_host_url`).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -92,8 +93,9 @@ class PostgresPair:
         hosts = [f"127.0.0.1:{self.primary_port}", f"127.0.0.1:{self.standby_port}"]
         if standby_first:
             hosts.reverse()
-        query = urllib.parse.urlencode([*(("host", h) for h in hosts), ("target_session_attrs", "read-write")],
-                                       safe=":")
+        query = urllib.parse.urlencode(
+            [*(("host", h) for h in hosts), ("target_session_attrs", "read-write")], safe=":"
+        )
         return urllib.parse.urlunsplit((parts.scheme, f"{userinfo}@", parts.path, query, ""))
 
     def stop_primary(self) -> None:
@@ -182,11 +184,23 @@ def _configure(path: str, settings: Mapping[str, str]) -> None:
 def _basebackup(pair: PostgresPair, standby_dir: str) -> None:
     """Copy the primary with pg_basebackup -R (writes standby.signal and primary_conninfo)."""
     env = {**os.environ, "PGPASSWORD": pair.primary.admin_password}
-    cmd = [os.path.join(pair.bindir, "pg_basebackup"), "-h", "127.0.0.1", "-p", str(pair.primary_port),
-           "-U", pair.primary.admin_user, "-D", os.path.join(standby_dir, "data"), "-R", "-X", "stream",
-           "--checkpoint=fast", "--no-sync"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env,
-                          **pair.account.popen_kwargs())
+    cmd = [
+        os.path.join(pair.bindir, "pg_basebackup"),
+        "-h",
+        "127.0.0.1",
+        "-p",
+        str(pair.primary_port),
+        "-U",
+        pair.primary.admin_user,
+        "-D",
+        os.path.join(standby_dir, "data"),
+        "-R",
+        "-X",
+        "stream",
+        "--checkpoint=fast",
+        "--no-sync",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, **pair.account.popen_kwargs())
     if done.returncode != 0:
         raise ServerStartError(f"pg_basebackup failed:\n{done.stdout}{done.stderr}")
 
@@ -196,8 +210,9 @@ async def _make_synchronous(pair: PostgresPair, timeout: float) -> None:
     import asyncpg
 
     deadline = time.monotonic() + timeout
-    while not any(r["application_name"] == STANDBY_NAME and r["state"] == "streaming"
-                  for r in await pair.replication_state()):
+    while not any(
+        r["application_name"] == STANDBY_NAME and r["state"] == "streaming" for r in await pair.replication_state()
+    ):
         if time.monotonic() > deadline:
             raise ServerStartError(f"the standby does not stream after {timeout:.0f}s\n{pair.logs()}")
         await asyncio.sleep(0.1)
@@ -238,13 +253,21 @@ def start_postgres_pair(env: Mapping[str, str] = os.environ, *, timeout: float =
         _configure(os.path.join(primary_dir, "data", "postgresql.conf"), _PRIMARY_SETTINGS)
         primary_port, standby_port = free_port(), free_port()
         procs["primary"] = _launch(bindir, primary_dir, primary_port, account)
-        server = PostgresServer(host="127.0.0.1", port=primary_port, admin_user="bulkhead_admin",
-                                admin_password=password, backend="local", socket_dir=primary_dir)
+        server = PostgresServer(
+            host="127.0.0.1",
+            port=primary_port,
+            admin_user="bulkhead_admin",
+            admin_password=password,
+            backend="local",
+            socket_dir=primary_dir,
+        )
         pair = PostgresPair(server, standby_port, bindir, root, account, procs)
         _basebackup(pair, standby_dir)
         # The copied postgresql.conf names the primary's socket dir; later lines win.
-        _configure(os.path.join(standby_dir, "data", "postgresql.conf"),
-                   {"unix_socket_directories": f"'{standby_dir}'", "cluster_name": f"'{STANDBY_NAME}'"})
+        _configure(
+            os.path.join(standby_dir, "data", "postgresql.conf"),
+            {"unix_socket_directories": f"'{standby_dir}'", "cluster_name": f"'{STANDBY_NAME}'"},
+        )
         procs["standby"] = _launch(bindir, standby_dir, standby_port, account)
         _run_in_thread(_make_synchronous(pair, timeout))
         return pair
@@ -256,4 +279,3 @@ def start_postgres_pair(env: Mapping[str, str] = os.environ, *, timeout: float =
                 stop_process(proc, signal.SIGQUIT)
             shutil.rmtree(root, ignore_errors=True)
         raise
-

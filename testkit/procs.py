@@ -1,4 +1,5 @@
 """Process helpers for the throwaway test servers: free ports, dropping root, dying with pytest."""
+
 from __future__ import annotations
 
 import ctypes
@@ -152,8 +153,14 @@ def port_accepts(host: str, port: int, timeout: float = 0.2) -> bool:
         return False
 
 
-def wait_until(check: Callable[[], bool], *, timeout: float, interval: float = 0.05,
-               what: str, alive: Callable[[], bool] = lambda: True) -> None:
+def wait_until(
+    check: Callable[[], bool],
+    *,
+    timeout: float,
+    interval: float = 0.05,
+    what: str,
+    alive: Callable[[], bool] = lambda: True,
+) -> None:
     """Poll `check` until it is true; raise ServerStartError on timeout or when `alive` turns false."""
     deadline = time.monotonic() + timeout
     while True:
@@ -182,6 +189,7 @@ def die_with_parent(sig: int = signal.SIGTERM) -> Callable[[], None] | None:
 
     def _preexec() -> None:
         prctl(_PR_SET_PDEATHSIG, signum, 0, 0, 0)
+
     return _preexec
 
 
@@ -226,10 +234,14 @@ def unprivileged_account() -> RunAs:
         return RunAs(entry.pw_uid, entry.pw_gid, name)
     useradd = shutil.which("useradd")
     if useradd is None:
-        raise ServerStartError("running as root and no unprivileged account exists: "
-                               "create one with `useradd --system postgres`")
-    subprocess.run([useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin",
-                    "bulkhead-pg"], check=True, capture_output=True)
+        raise ServerStartError(
+            "running as root and no unprivileged account exists: create one with `useradd --system postgres`"
+        )
+    subprocess.run(
+        [useradd, "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", "bulkhead-pg"],
+        check=True,
+        capture_output=True,
+    )
     entry = pwd.getpwnam("bulkhead-pg")
     return RunAs(entry.pw_uid, entry.pw_gid, "bulkhead-pg")
 

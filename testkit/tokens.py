@@ -1,4 +1,5 @@
 """Tokens for tests: a real signing key in memory and the production verifier over it."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -17,11 +18,20 @@ class TestTokens:
         self.keys = StaticKeySource({self.key.kid: self.key.public_key})
         self.verifier = TokenVerifier(self.keys)
 
-    def mint(self, tenant_id: str, scopes: Iterable[str] = ("*",), *, principal_id: str = "p_test",
-             tier: str = "pooled", ttl: int = 300, **claims) -> str:
+    def mint(
+        self,
+        tenant_id: str,
+        scopes: Iterable[str] = ("*",),
+        *,
+        principal_id: str = "p_test",
+        tier: str = "pooled",
+        ttl: int = 300,
+        **claims,
+    ) -> str:
         """A signed token for tenant_id with scopes."""
-        token, _ = self.issuer.issue(tenant_id=tenant_id, principal_id=principal_id, scopes=frozenset(scopes),
-                                     tier=tier, ttl=ttl, **claims)
+        token, _ = self.issuer.issue(
+            tenant_id=tenant_id, principal_id=principal_id, scopes=frozenset(scopes), tier=tier, ttl=ttl, **claims
+        )
         return token
 
     def metadata(self, tenant_id: str, scopes: Iterable[str] = ("*",), **kw) -> tuple[tuple[str, str], ...]:

@@ -7,6 +7,7 @@ A reason outside the catalog, or one the scan cannot resolve, fails naming file:
 shared.errors refuses to build an error with an unknown reason, and the isolation matrix and fuzz
 (tests/isolation/matrix.invoke) check every reason they receive.
 """
+
 from __future__ import annotations
 
 import ast
@@ -22,15 +23,30 @@ from shared import errors
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 SCANNED = ("services", "shared", "console")
-_BASES = {"BulkheadError", "InvalidArgument", "NotFound", "AlreadyExists", "Unauthenticated", "PermissionDenied",
-          "FailedPrecondition", "Aborted", "Unavailable", "DeadlineExceeded", "ResourceExhausted"}
+_BASES = {
+    "BulkheadError",
+    "InvalidArgument",
+    "NotFound",
+    "AlreadyExists",
+    "Unauthenticated",
+    "PermissionDenied",
+    "FailedPrecondition",
+    "Aborted",
+    "Unavailable",
+    "DeadlineExceeded",
+    "ResourceExhausted",
+}
 _UPPER = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 PASS_THROUGH: dict[tuple[str, str], str] = {
-    ("services/orchestrator/clients.py", "translate"):
-        "a peer's reason, kept only when the catalog has it (errors.catalog_reason), else the class default",
-    ("services/inference/proxy.py", "*"):
-        "PolicyViolation.reason, itself built from literals this scan checks (services/inference/policy.py)",
+    (
+        "services/orchestrator/clients.py",
+        "translate",
+    ): "a peer's reason, kept only when the catalog has it (errors.catalog_reason), else the class default",
+    (
+        "services/inference/proxy.py",
+        "*",
+    ): "PolicyViolation.reason, itself built from literals this scan checks (services/inference/policy.py)",
 }
 """(file, function) -> why a reason there is not a literal: sites that forward a reason checked elsewhere."""
 
@@ -49,8 +65,9 @@ class Finding:
 
 
 def _files() -> list[pathlib.Path]:
-    return sorted(p for d in SCANNED for p in (ROOT / d).rglob("*.py")
-                  if not p.name.endswith(("_pb2.py", "_pb2_grpc.py")))
+    return sorted(
+        p for d in SCANNED for p in (ROOT / d).rglob("*.py") if not p.name.endswith(("_pb2.py", "_pb2_grpc.py"))
+    )
 
 
 def _name(func: ast.expr) -> str:
@@ -62,17 +79,34 @@ class _Module:
         self.path = path
         self.rel = path.relative_to(ROOT).as_posix()
         self.tree = ast.parse(path.read_text(), str(path))
-        self.constants = {t.id: n.value.value for n in self.tree.body if isinstance(n, ast.Assign)
-                          and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
-                          for t in n.targets if isinstance(t, ast.Name)}
-        self.tables = {t.id: n.value.values for n in self.tree.body if isinstance(n, ast.Assign)
-                       and isinstance(n.value, ast.Dict) for t in n.targets if isinstance(t, ast.Name)}
-        self.imports = {a.asname or a.name: (n.module, a.name) for n in ast.walk(self.tree)
-                        if isinstance(n, ast.ImportFrom) and n.module for a in n.names}
+        self.constants = {
+            t.id: n.value.value
+            for n in self.tree.body
+            if isinstance(n, ast.Assign) and isinstance(n.value, ast.Constant) and isinstance(n.value.value, str)
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
+        self.tables = {
+            t.id: n.value.values
+            for n in self.tree.body
+            if isinstance(n, ast.Assign) and isinstance(n.value, ast.Dict)
+            for t in n.targets
+            if isinstance(t, ast.Name)
+        }
+        self.imports = {
+            a.asname or a.name: (n.module, a.name)
+            for n in ast.walk(self.tree)
+            if isinstance(n, ast.ImportFrom) and n.module
+            for a in n.names
+        }
 
     def function_of(self, node: ast.AST) -> str:
-        inner = [fn for fn in ast.walk(self.tree) if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
-                 and fn.lineno <= node.lineno <= (fn.end_lineno or fn.lineno)]
+        inner = [
+            fn
+            for fn in ast.walk(self.tree)
+            if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef)
+            and fn.lineno <= node.lineno <= (fn.end_lineno or fn.lineno)
+        ]
         return inner[-1].name if inner else "<module>"
 
 
@@ -100,11 +134,19 @@ def _forwarders(modules: list[_Module], classes: set[str]) -> dict[str, int | No
             kwonly = [a.arg for a in fn.args.kwonlyargs]
             if "reason" not in params and "reason" not in kwonly:
                 continue
-            if any(isinstance(c, ast.Call) and _name(c.func) in classes and any(
-                    k.arg == "reason" and isinstance(k.value, ast.Name) and k.value.id == "reason" for k in c.keywords)
-                   for c in ast.walk(fn)):
-                out[fn.name] = params.index("reason") - (1 if params and params[0] in ("self", "cls") else 0) \
-                    if "reason" in params else None
+            if any(
+                isinstance(c, ast.Call)
+                and _name(c.func) in classes
+                and any(
+                    k.arg == "reason" and isinstance(k.value, ast.Name) and k.value.id == "reason" for k in c.keywords
+                )
+                for c in ast.walk(fn)
+            ):
+                out[fn.name] = (
+                    params.index("reason") - (1 if params and params[0] in ("self", "cls") else 0)
+                    if "reason" in params
+                    else None
+                )
     return out
 
 
@@ -137,9 +179,13 @@ def scan() -> tuple[list[Finding], set[str]]:
             check(m, node, value.body, forwarded_param=forwarded_param)
             check(m, node, value.orelse, forwarded_param=forwarded_param)
             return
-        table = value.value if isinstance(value, ast.Subscript) else value.func.value \
-            if isinstance(value, ast.Call) and _name(value.func) == "get" and isinstance(value.func, ast.Attribute) \
+        table = (
+            value.value
+            if isinstance(value, ast.Subscript)
+            else value.func.value
+            if isinstance(value, ast.Call) and _name(value.func) == "get" and isinstance(value.func, ast.Attribute)
             else None
+        )
         if isinstance(table, ast.Name) and table.id in m.tables:  # _REASONS[key] / _REASONS.get(key, default)
             for option in [*m.tables[table.id], *(value.args[1:] if isinstance(value, ast.Call) else [])]:
                 check(m, node, option, forwarded_param=False)
@@ -152,13 +198,22 @@ def scan() -> tuple[list[Finding], set[str]]:
             fn = m.function_of(node)
             if (m.rel, fn) in PASS_THROUGH or (m.rel, "*") in PASS_THROUGH:
                 return
-            problems.append(Finding(where, f"reason {ast.unparse(value)!r} is not a catalog name this scan can "
-                                           "resolve: use Reason.X (shared.errors) or a literal from the catalog"))
+            problems.append(
+                Finding(
+                    where,
+                    f"reason {ast.unparse(value)!r} is not a catalog name this scan can "
+                    "resolve: use Reason.X (shared.errors) or a literal from the catalog",
+                )
+            )
             return
         seen.add(reason)
         if reason not in errors.REASONS:
-            problems.append(Finding(where, f"reason {reason!r} is not in the catalog "
-                                           "(protos/bulkhead/common/v1/errors.proto ErrorReason)"))
+            problems.append(
+                Finding(
+                    where,
+                    f"reason {reason!r} is not in the catalog (protos/bulkhead/common/v1/errors.proto ErrorReason)",
+                )
+            )
 
     for m in modules:
         for node in ast.walk(m.tree):
@@ -175,12 +230,21 @@ def scan() -> tuple[list[Finding], set[str]]:
                     check(m, node, reason_kw, forwarded_param=True)
             elif name in forwarders:
                 position = forwarders[name]
-                value = reason_kw if reason_kw is not None else \
-                    node.args[position] if position is not None and position < len(node.args) else None
+                value = (
+                    reason_kw
+                    if reason_kw is not None
+                    else node.args[position]
+                    if position is not None and position < len(node.args)
+                    else None
+                )
                 if value is not None:
                     check(m, node, value, forwarded_param=True)
-            elif name not in NOT_ERRORS and isinstance(reason_kw, ast.Constant) and isinstance(reason_kw.value, str) \
-                    and _UPPER.match(reason_kw.value):
+            elif (
+                name not in NOT_ERRORS
+                and isinstance(reason_kw, ast.Constant)
+                and isinstance(reason_kw.value, str)
+                and _UPPER.match(reason_kw.value)
+            ):
                 check(m, node, reason_kw, forwarded_param=False)  # e.g. PolicyViolation(reason="MODEL_NOT_ALLOWED")
     return problems, seen
 
@@ -202,13 +266,18 @@ def test_the_scan_names_file_and_line_of_an_unknown_reason(tmp_path, monkeypatch
         "def c(what):\n    raise NotFound('x', reason=f'{what}_MISSING')\n"
         "def d():\n    raise NotFound('x', reason=Reason.NOPE)\n"
         "def bad(field, reason):\n    return NotFound('x', reason=reason)\n"
-        "def e():\n    raise bad('f', 'ALSO_UNKNOWN')\n")
+        "def e():\n    raise bad('f', 'ALSO_UNKNOWN')\n"
+    )
     for d in ("shared", "console"):
         (tmp_path / d).mkdir()
     monkeypatch.setattr(sys.modules[__name__], "ROOT", tmp_path)
     problems, seen = scan()
-    assert sorted(p.where for p in problems) == ["services/fake/handler.py:13", "services/fake/handler.py:5",
-                                                  "services/fake/handler.py:7", "services/fake/handler.py:9"]
+    assert sorted(p.where for p in problems) == [
+        "services/fake/handler.py:13",
+        "services/fake/handler.py:5",
+        "services/fake/handler.py:7",
+        "services/fake/handler.py:9",
+    ]
     assert "THREAD_NOT_FOUND" in seen
 
 
@@ -251,12 +320,20 @@ async def test_the_isolation_matrix_refuses_a_reason_outside_the_catalog(reason:
     status.details.add().Pack(error_details_pb2.ErrorInfo(reason=reason, domain=errors.ERROR_DOMAIN))
 
     async def handler(request, context):
-        await context.abort(grpc.StatusCode.NOT_FOUND, "gone",
-                            trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),))
+        await context.abort(
+            grpc.StatusCode.NOT_FOUND,
+            "gone",
+            trailing_metadata=(("grpc-status-details-bin", status.SerializeToString()),),
+        )
 
     server = grpc.aio.server()
-    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler("bulkhead.state.v1.StateService", {
-        "GetThread": grpc.unary_unary_rpc_method_handler(handler)}),))
+    server.add_generic_rpc_handlers(
+        (
+            grpc.method_handlers_generic_handler(
+                "bulkhead.state.v1.StateService", {"GetThread": grpc.unary_unary_rpc_method_handler(handler)}
+            ),
+        )
+    )
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
     try:

@@ -5,6 +5,7 @@
 - A service never imports another service (peers are called over gRPC), the CLI or the console.
 - Nothing the wheel ships imports the test kit (`testkit/`, not packaged) or `tests/`.
 """
+
 from __future__ import annotations
 
 import ast
@@ -37,8 +38,11 @@ def imports_of(path: Path) -> list[tuple[int, str]]:
 
 def hand_written(top: str) -> list[Path]:
     """The package's .py files, generated stubs left out."""
-    return [p for p in sorted((ROOT / top).rglob("*.py"))
-            if not p.name.endswith(("_pb2.py", "_pb2_grpc.py")) and "node_modules" not in p.parts]
+    return [
+        p
+        for p in sorted((ROOT / top).rglob("*.py"))
+        if not p.name.endswith(("_pb2.py", "_pb2_grpc.py")) and "node_modules" not in p.parts
+    ]
 
 
 def forbidden(importer: Path, module: str) -> str | None:
@@ -76,27 +80,32 @@ def test_no_import_crosses_a_package_boundary():
     assert violations() == []
 
 
-@pytest.mark.parametrize("importer, module", [
-    ("shared/tokens.py", "services.identity.signing"),
-    ("shared/db/router.py", "bulkhead_cli.up"),
-    ("bulkhead/client/_client.py", "testkit.postgres"),
-    ("services/state/server.py", "services.credentials.backend"),
-    ("services/metering/servicer.py", "console._app"),
-    ("console/_app.py", "services.metering.store"),
-])
+@pytest.mark.parametrize(
+    "importer, module",
+    [
+        ("shared/tokens.py", "services.identity.signing"),
+        ("shared/db/router.py", "bulkhead_cli.up"),
+        ("bulkhead/client/_client.py", "testkit.postgres"),
+        ("services/state/server.py", "services.credentials.backend"),
+        ("services/metering/servicer.py", "console._app"),
+        ("console/_app.py", "services.metering.store"),
+    ],
+)
 def test_each_rule_catches_its_breach(importer, module):
     assert forbidden(ROOT / importer, module) is not None
 
 
-@pytest.mark.parametrize("importer, module", [
-    ("services/state/server.py", "services.state.store"),
-    ("services/state/server.py", "shared.tokens"),
-    ("bulkhead_cli/up.py", "services.identity.server"),
-    ("shared/keys.py", "bulkhead.client"),
-])
+@pytest.mark.parametrize(
+    "importer, module",
+    [
+        ("services/state/server.py", "services.state.store"),
+        ("services/state/server.py", "shared.tokens"),
+        ("bulkhead_cli/up.py", "services.identity.server"),
+        ("shared/keys.py", "bulkhead.client"),
+    ],
+)
 def test_allowed_imports_pass(importer, module):
     assert forbidden(ROOT / importer, module) is None
-
 
 
 def test_the_wheel_ships_the_cli_but_not_the_test_kit():

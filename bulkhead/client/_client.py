@@ -1,4 +1,5 @@
 """Client: channels to every service with credentials and tracing applied, stubs by service name."""
+
 from __future__ import annotations
 
 import importlib
@@ -64,9 +65,16 @@ class Client:
         self._stubs: dict[str, Any] = {}
 
     @classmethod
-    async def connect(cls, *, api_key: str | None = None, token: str | None = None, tenant_id: str | None = None,
-                      addresses: Mapping[str, str] | None = None, env: Mapping[str, str] = os.environ,
-                      ttl_seconds: int = 0) -> Client:
+    async def connect(
+        cls,
+        *,
+        api_key: str | None = None,
+        token: str | None = None,
+        tenant_id: str | None = None,
+        addresses: Mapping[str, str] | None = None,
+        env: Mapping[str, str] = os.environ,
+        ttl_seconds: int = 0,
+    ) -> Client:
         """Channels to every service (addresses default to BULKHEAD_<SVC>_ADDR) with credentials applied."""
         addresses = {svc: (addresses or {}).get(svc) or service_addr(svc, env) for svc in SERVICES}
         tls = TlsConfig.from_env(env)
@@ -74,8 +82,10 @@ class Client:
         creds = RefreshingToken(bootstrap, api_key, token=token, tenant_id=tenant_id, ttl_seconds=ttl_seconds)
         interceptors = [*telemetry.client_interceptors(), *creds.interceptors()]
         # A tracker per service: WAL positions of one service's database mean nothing to another's.
-        channels = {svc: _channel(addr, tls, [*interceptors, *ReadYourWrites().interceptors()])
-                    for svc, addr in addresses.items()}
+        channels = {
+            svc: _channel(addr, tls, [*interceptors, *ReadYourWrites().interceptors()])
+            for svc, addr in addresses.items()
+        }
         channels["_bootstrap"] = bootstrap
         return cls(creds, channels)
 

@@ -1,4 +1,5 @@
 """A token that renews itself from an API key shortly before it expires."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,9 +18,17 @@ REFRESH_MARGIN = 60.0
 class RefreshingToken(MetadataSource):
     """Adds authorization and x-tenant-id to every call, renewing the token from the API key when due."""
 
-    def __init__(self, identity_channel: grpc.aio.Channel, api_key: str | None = None, *,
-                 token: str | None = None, tenant_id: str | None = None, expires_at: float = float("inf"),
-                 ttl_seconds: int = 0, clock=time.time):
+    def __init__(
+        self,
+        identity_channel: grpc.aio.Channel,
+        api_key: str | None = None,
+        *,
+        token: str | None = None,
+        tenant_id: str | None = None,
+        expires_at: float = float("inf"),
+        ttl_seconds: int = 0,
+        clock=time.time,
+    ):
         self._stub = identity_pb2_grpc.IdentityServiceStub(identity_channel)
         self._api_key = api_key
         self.token = token
@@ -45,8 +54,9 @@ class RefreshingToken(MetadataSource):
             if self.token is None:
                 raise RuntimeError("no credentials: set BULKHEAD_API_KEY (or BULKHEAD_TOKEN and BULKHEAD_TENANT)")
             return  # a fixed token cannot be renewed; let the server say when it expires
-        resp = await self._stub.IssueToken(identity_pb2.IssueTokenRequest(api_key=self._api_key,
-                                                                          ttl_seconds=self._ttl), timeout=10)
+        resp = await self._stub.IssueToken(
+            identity_pb2.IssueTokenRequest(api_key=self._api_key, ttl_seconds=self._ttl), timeout=10
+        )
         self.token, self.tenant_id, self.expires_at = resp.token, resp.tenant_id, float(resp.expire_time.seconds)
         self.refreshes += 1
 
@@ -55,5 +65,6 @@ class RefreshingToken(MetadataSource):
         md = [kv for kv in (details.metadata or ()) if kv[0] not in ("authorization", "x-tenant-id")]
         if not any(k == "x-request-id" for k, _ in md):
             md.append(("x-request-id", uuid.uuid4().hex))
-        return details._replace(metadata=grpc.aio.Metadata(
-            *md, ("authorization", f"Bearer {token}"), ("x-tenant-id", tenant)))
+        return details._replace(
+            metadata=grpc.aio.Metadata(*md, ("authorization", f"Bearer {token}"), ("x-tenant-id", tenant))
+        )

@@ -1,4 +1,5 @@
 """Run the credentials service: `python -m services.credentials`."""
+
 import asyncio
 
 from services.credentials.server import main

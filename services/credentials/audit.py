@@ -2,6 +2,7 @@
 hash chain (shared.audit_chain). It records who, tenant, agent, run, secret, version, action,
 outcome and time, never a value.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -23,10 +24,29 @@ from shared.db.engine import sqlite_path
 from shared.retention import BATCH, Policy, prune_chain_prefix
 from shared.tenancy import NoTenantContext, require_tenant
 
-ALLOWED, DENIED, NOT_FOUND, CONFLICT, INVALID, FAILED = "allowed", "denied", "not_found", "conflict", "invalid", "failed"
+ALLOWED, DENIED, NOT_FOUND, CONFLICT, INVALID, FAILED = (
+    "allowed",
+    "denied",
+    "not_found",
+    "conflict",
+    "invalid",
+    "failed",
+)
 
-_HASHED = ("seq", "time_us", "principal_id", "actor_id", "agent_id", "run_id", "request_id",
-           "secret_name", "version", "action", "outcome", "reason")
+_HASHED = (
+    "seq",
+    "time_us",
+    "principal_id",
+    "actor_id",
+    "agent_id",
+    "run_id",
+    "request_id",
+    "secret_name",
+    "version",
+    "action",
+    "outcome",
+    "reason",
+)
 
 
 def outcome_of(exc: BaseException) -> str:
@@ -90,8 +110,9 @@ class AuditLog:
         except errors.BulkheadError as exc:
             if note.authorized is not None:
                 await note.authorized
-            await self.record(action, outcome_of(exc), secret_name=note.secret_name, version=note.version,
-                              reason=exc.reason)
+            await self.record(
+                action, outcome_of(exc), secret_name=note.secret_name, version=note.version, reason=exc.reason
+            )
             raise
         except Exception:
             if note.authorized is not None:
@@ -108,9 +129,12 @@ class AuditLog:
         the backend fetch (like Vault's request-then-response audit entries). The call still waits
         for it before returning; if the fetch then fails, a second event records the failure."""
         note.authorized = asyncio.ensure_future(
-            self.record(action, ALLOWED, secret_name=note.secret_name, version=note.version))
+            self.record(action, ALLOWED, secret_name=note.secret_name, version=note.version)
+        )
 
-    async def record(self, action: str, outcome: str, *, secret_name: str = "", version: int = 0, reason: str = "") -> None:
+    async def record(
+        self, action: str, outcome: str, *, secret_name: str = "", version: int = 0, reason: str = ""
+    ) -> None:
         """Append one event to the current tenant's chain; returns once it is committed.
 
         Group commit: events of one tenant that arrive while a write is in flight go into the
@@ -118,10 +142,19 @@ class AuditLog:
         for its own event to be durable).
         """
         ctx = require_tenant()
-        fields = {"time_us": store.now_us(), "principal_id": ctx.principal_id, "actor_id": ctx.actor_id or "",
-                  "agent_id": ctx.agent_id or "", "run_id": ctx.run_id or "", "request_id": ctx.request_id,
-                  "secret_name": secret_name, "version": int(version), "action": action, "outcome": outcome,
-                  "reason": reason}
+        fields = {
+            "time_us": store.now_us(),
+            "principal_id": ctx.principal_id,
+            "actor_id": ctx.actor_id or "",
+            "agent_id": ctx.agent_id or "",
+            "run_id": ctx.run_id or "",
+            "request_id": ctx.request_id,
+            "secret_name": secret_name,
+            "version": int(version),
+            "action": action,
+            "outcome": outcome,
+            "reason": reason,
+        }
         done = asyncio.get_running_loop().create_future()
         self._pending.setdefault(ctx.tenant_id, []).append((fields, done))
         if ctx.tenant_id not in self._writers:
@@ -187,7 +220,9 @@ class AuditLog:
                 raise _StaleHead()
         return new_head
 
-    def _append_sqlite(self, conn, *, tenant_id: str, head: tuple[int, str] | None, batch: list[dict]) -> tuple[int, str]:
+    def _append_sqlite(
+        self, conn, *, tenant_id: str, head: tuple[int, str] | None, batch: list[dict]
+    ) -> tuple[int, str]:
         """The append as one unit of work in the SqliteWriter's thread (inside its transaction)."""
         head = head or store.sqlite_audit_head(conn, tenant_id) or (0, audit_chain.GENESIS)
         rows, new_head = self._link(head, batch)
@@ -223,9 +258,15 @@ class AuditLog:
     async def last_access_us(self, secret_name: str) -> int | None:
         """When the secret's value was last read (from the audit itself: reads write no metadata)."""
         async with self._db.session() as s:
-            return (await s.execute(select(func.max(store.AuditRow.time_us)).where(
-                store.AuditRow.secret_name == secret_name, store.AuditRow.action == "get",
-                store.AuditRow.outcome == ALLOWED))).scalar()
+            return (
+                await s.execute(
+                    select(func.max(store.AuditRow.time_us)).where(
+                        store.AuditRow.secret_name == secret_name,
+                        store.AuditRow.action == "get",
+                        store.AuditRow.outcome == ALLOWED,
+                    )
+                )
+            ).scalar()
 
     async def verify(self, *, batch: int = 1000) -> audit_chain.ChainReport:
         """Recompute the current tenant's chain against its head, from its retention anchor."""
@@ -251,9 +292,14 @@ class AuditLog:
                     break
                 entries.extend(audit_chain.ChainEntry(r.seq, hashed_fields(r), r.prev_hash, r.hash) for r in rows)
                 after = rows[-1].seq
-        report = audit_chain.verify(entries, head_sequence=head.seq if head else 0,
-                                    head_hash=head.hash if head else audit_chain.GENESIS, key=self._key,
-                                    anchor_sequence=anchor.sequence, anchor_hash=anchor.hash)
+        report = audit_chain.verify(
+            entries,
+            head_sequence=head.seq if head else 0,
+            head_hash=head.hash if head else audit_chain.GENESIS,
+            key=self._key,
+            anchor_sequence=anchor.sequence,
+            anchor_hash=anchor.hash,
+        )
         return report, anchor
 
     async def prune(self, policy: Policy, now_us: int, *, batch: int = BATCH) -> int:
@@ -264,9 +310,14 @@ class AuditLog:
             return 0
         total = 0
         while True:
-            pruned, _ = await prune_chain_prefix(route, policy.tenant_id, events="cred_audit_events",
-                                                 heads="cred_audit_heads", cutoff_us=policy.audit_cutoff_us(now_us),
-                                                 batch=batch)
+            pruned, _ = await prune_chain_prefix(
+                route,
+                policy.tenant_id,
+                events="cred_audit_events",
+                heads="cred_audit_heads",
+                cutoff_us=policy.audit_cutoff_us(now_us),
+                batch=batch,
+            )
             total += pruned
             if pruned < batch:
                 return total

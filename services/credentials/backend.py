@@ -3,6 +3,7 @@
 Backends hold values and keys only; metadata and audit live in the service's own tables. They
 raise shared.errors exceptions with precise reasons, and never put a value in a message.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -109,12 +110,18 @@ class KeyBackend(Protocol):
 
 def decryption_failed() -> errors.InvalidArgument:
     """The one error for a ciphertext this tenant cannot open: garbage and foreign data look alike."""
-    return errors.InvalidArgument("the ciphertext cannot be decrypted with this tenant's key",
-                                  reason="DECRYPTION_FAILED", violations={"ciphertext": "not decryptable by this tenant"})
+    return errors.InvalidArgument(
+        "the ciphertext cannot be decrypted with this tenant's key",
+        reason="DECRYPTION_FAILED",
+        violations={"ciphertext": "not decryptable by this tenant"},
+    )
 
 
 def cas_mismatch(expected: int, current: int | None = None) -> errors.Aborted:
     """The error for a failed check-and-set."""
     where = "does not exist yet" if current == 0 else (f"is at version {current}" if current else "changed")
-    return errors.Aborted(f"check-and-set failed: expected version {expected} but the secret {where}",
-                          reason="CAS_MISMATCH", metadata={"expected_version": str(expected)})
+    return errors.Aborted(
+        f"check-and-set failed: expected version {expected} but the secret {where}",
+        reason="CAS_MISMATCH",
+        metadata={"expected_version": str(expected)},
+    )

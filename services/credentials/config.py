@@ -13,6 +13,7 @@
 | BULKHEAD_ROTATION_INTERVAL | 30 | seconds between passes of the rotation task |
 | BULKHEAD_SECRETS_CACHE_SECONDS | 1.0 | how long other replicas may serve a secret's metadata after a change (0: no cache) |
 """
+
 from __future__ import annotations
 
 import os
@@ -62,8 +63,9 @@ class Config:
         service = ServiceConfig.from_env("credentials", env)
         backend = env.get("BULKHEAD_SECRETS_BACKEND", "local")
         if backend not in ("local", "vault"):
-            raise FailedPrecondition(f"BULKHEAD_SECRETS_BACKEND must be local or vault, not {backend!r}",
-                                     reason="CONFIG_INVALID")
+            raise FailedPrecondition(
+                f"BULKHEAD_SECRETS_BACKEND must be local or vault, not {backend!r}", reason="CONFIG_INVALID"
+            )
         token = env.get("BULKHEAD_VAULT_TOKEN", "")
         if backend == "vault" and not token:
             raise FailedPrecondition("the vault backend needs BULKHEAD_VAULT_TOKEN", reason="CONFIG_INVALID")
@@ -73,17 +75,23 @@ class Config:
                 suffix = region_suffix(region)
                 addr = env.get(f"BULKHEAD_VAULT_ADDR_{suffix}", "")
                 if not addr:  # never the default region's: a tenant's secrets must stay in its region
-                    raise FailedPrecondition(f"region {region!r} has no OpenBao: set BULKHEAD_VAULT_ADDR_{suffix}",
-                                             reason="CONFIG_INVALID")
+                    raise FailedPrecondition(
+                        f"region {region!r} has no OpenBao: set BULKHEAD_VAULT_ADDR_{suffix}", reason="CONFIG_INVALID"
+                    )
                 vault_regions[region] = (addr, env.get(f"BULKHEAD_VAULT_TOKEN_{suffix}") or token)
         return cls(
-            service=service, backend=backend, vault_regions=vault_regions,
-            vault_addr=env.get("BULKHEAD_VAULT_ADDR", "http://127.0.0.1:8200"), vault_token=token,
+            service=service,
+            backend=backend,
+            vault_regions=vault_regions,
+            vault_addr=env.get("BULKHEAD_VAULT_ADDR", "http://127.0.0.1:8200"),
+            vault_token=token,
             tenant_token_ttl=int(env.get("BULKHEAD_VAULT_TENANT_TOKEN_TTL", "900")),
-            master_key_path=Path(env.get("BULKHEAD_CREDENTIALS_MASTER_KEY")
-                                 or service.data_dir / "credentials" / "master.key"),
-            audit_key_path=Path(env.get("BULKHEAD_CREDENTIALS_AUDIT_KEY")
-                                or service.data_dir / "credentials" / "audit.key"),
+            master_key_path=Path(
+                env.get("BULKHEAD_CREDENTIALS_MASTER_KEY") or service.data_dir / "credentials" / "master.key"
+            ),
+            audit_key_path=Path(
+                env.get("BULKHEAD_CREDENTIALS_AUDIT_KEY") or service.data_dir / "credentials" / "audit.key"
+            ),
             grace_seconds=int(env.get("BULKHEAD_SECRETS_GRACE_SECONDS", "86400")),
             rotation_interval=float(env.get("BULKHEAD_ROTATION_INTERVAL", "30")),
             cache_seconds=float(env.get("BULKHEAD_SECRETS_CACHE_SECONDS", "1.0")),

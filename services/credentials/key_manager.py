@@ -1,4 +1,5 @@
 """Encryption with the tenant's own key: Encrypt/Decrypt/GenerateDataKey/RotateKey/Rewrap, audited."""
+
 from __future__ import annotations
 
 from services.credentials.audit import AuditLog
@@ -15,8 +16,11 @@ def _tenant() -> TenantRef:
 
 def _check_present(field: str, data: bytes) -> None:
     if not data:
-        raise errors.InvalidArgument(f"{field} is required", reason="CIPHERTEXT_MISSING" if field == "ciphertext"
-                                     else "PLAINTEXT_MISSING", violations={field: "must not be empty"})
+        raise errors.InvalidArgument(
+            f"{field} is required",
+            reason="CIPHERTEXT_MISSING" if field == "ciphertext" else "PLAINTEXT_MISSING",
+            violations={field: "must not be empty"},
+        )
 
 
 class KeyManager:
@@ -30,8 +34,11 @@ class KeyManager:
         async with self._audit.audited("encrypt") as note:
             _check_present("plaintext", plaintext)
             if len(plaintext) > MAX_PLAINTEXT_BYTES:
-                raise errors.InvalidArgument("plaintext too large", reason="PLAINTEXT_TOO_LARGE",
-                                             violations={"plaintext": f"at most {MAX_PLAINTEXT_BYTES} bytes"})
+                raise errors.InvalidArgument(
+                    "plaintext too large",
+                    reason="PLAINTEXT_TOO_LARGE",
+                    violations={"plaintext": f"at most {MAX_PLAINTEXT_BYTES} bytes"},
+                )
             ciphertext, note.version = await self._backend.encrypt(_tenant(), plaintext)
         return ciphertext, note.version
 
@@ -47,8 +54,9 @@ class KeyManager:
         async with self._audit.audited("generate_data_key") as note:
             bits = bits or 256
             if bits not in (128, 256):
-                raise errors.InvalidArgument("unsupported key size", reason="KEY_BITS_INVALID",
-                                             violations={"bits": "128 or 256"})
+                raise errors.InvalidArgument(
+                    "unsupported key size", reason="KEY_BITS_INVALID", violations={"bits": "128 or 256"}
+                )
             key = await self._backend.generate_data_key(_tenant(), bits)
             note.version = key.key_version
         return key

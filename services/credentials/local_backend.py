@@ -5,6 +5,7 @@ wrapped by the master key and stored in the service's database. Associated data 
 ciphertext to its tenant (and, for values, to the secret name and version), so a row or a
 ciphertext moved to another tenant does not decrypt.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -76,22 +77,37 @@ class LocalBackend:
             return ring
         async with self._locks.setdefault(key, asyncio.Lock()):
             async with self._db.session() as s:
-                rows = (await s.execute(select(store.LocalKeyRow).where(store.LocalKeyRow.purpose == purpose))).scalars().all()
+                rows = (
+                    (await s.execute(select(store.LocalKeyRow).where(store.LocalKeyRow.purpose == purpose)))
+                    .scalars()
+                    .all()
+                )
                 if not rows:
                     rows = [self._new_key_row(tenant, purpose, 1)]
                     s.add(rows[0])
             try:
-                ring = _KeyRing({r.version: AESGCM(self._master.decrypt(
-                    r.wrapped[:_NONCE], r.wrapped[_NONCE:], self._wrap_aad(tenant, purpose, r.version))) for r in rows})
+                ring = _KeyRing(
+                    {
+                        r.version: AESGCM(
+                            self._master.decrypt(
+                                r.wrapped[:_NONCE], r.wrapped[_NONCE:], self._wrap_aad(tenant, purpose, r.version)
+                            )
+                        )
+                        for r in rows
+                    }
+                )
             except InvalidTag:
-                raise errors.BulkheadError("the master key does not open this tenant's keys (wrong key file?)",
-                                           reason="MASTER_KEY_MISMATCH") from None
+                raise errors.BulkheadError(
+                    "the master key does not open this tenant's keys (wrong key file?)", reason="MASTER_KEY_MISMATCH"
+                ) from None
             self._rings[key] = ring
             return ring
 
     def _new_key_row(self, tenant: TenantRef, purpose: str, version: int) -> store.LocalKeyRow:
         nonce = os.urandom(_NONCE)
-        wrapped = nonce + self._master.encrypt(nonce, AESGCM.generate_key(256), self._wrap_aad(tenant, purpose, version))
+        wrapped = nonce + self._master.encrypt(
+            nonce, AESGCM.generate_key(256), self._wrap_aad(tenant, purpose, version)
+        )
         return store.LocalKeyRow(purpose=purpose, version=version, wrapped=wrapped, created_us=store.now_us())
 
     # -- SecretBackend --------------------------------------------------------------------------
@@ -105,8 +121,11 @@ class LocalBackend:
         ring = await self._ring(tenant, "kv")
         try:
             async with self._db.session() as s:
-                current = (await s.execute(select(func.max(store.LocalValueRow.version))
-                                           .where(store.LocalValueRow.name == name))).scalar() or 0
+                current = (
+                    await s.execute(
+                        select(func.max(store.LocalValueRow.version)).where(store.LocalValueRow.name == name)
+                    )
+                ).scalar() or 0
                 if cas is not None and cas != current:
                     raise cas_mismatch(cas, current)
                 version, nonce = current + 1, os.urandom(_NONCE)
@@ -120,8 +139,11 @@ class LocalBackend:
         """Open a version (None: the latest); deleted or destroyed versions are NotFound."""
         async with self._db.session() as s:
             q = select(store.LocalValueRow).where(store.LocalValueRow.name == name)
-            q = (q.where(store.LocalValueRow.version == version) if version
-                 else q.order_by(store.LocalValueRow.version.desc()).limit(1))
+            q = (
+                q.where(store.LocalValueRow.version == version)
+                if version
+                else q.order_by(store.LocalValueRow.version.desc()).limit(1)
+            )
             row = (await s.execute(q)).scalar_one_or_none()
         if row is None or row.state != "live" or row.sealed is None:
             raise errors.NotFound("that secret version does not exist", reason="SECRET_VERSION_NOT_FOUND")
@@ -142,9 +164,15 @@ class LocalBackend:
         if not versions:
             return
         async with self._db.session() as s:
-            await s.execute(update(store.LocalValueRow).where(
-                store.LocalValueRow.name == name, store.LocalValueRow.version.in_(versions),
-                store.LocalValueRow.state != "destroyed").values(state=state, **values))
+            await s.execute(
+                update(store.LocalValueRow)
+                .where(
+                    store.LocalValueRow.name == name,
+                    store.LocalValueRow.version.in_(versions),
+                    store.LocalValueRow.state != "destroyed",
+                )
+                .values(state=state, **values)
+            )
 
     async def delete(self, tenant: TenantRef, name: str, versions: list[int]) -> None:
         """Soft-delete versions."""

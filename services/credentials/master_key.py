@@ -1,5 +1,6 @@
 """Key files: 32 random bytes only the service user can read (the local backend's master key,
 and the audit chain's HMAC key)."""
+
 from __future__ import annotations
 
 import os
@@ -23,12 +24,14 @@ def load_or_create_master_key(path: pathlib.Path) -> bytes:
     except FileExistsError:
         mode = stat.S_IMODE(path.stat().st_mode)
         if mode & 0o077:
-            raise errors.FailedPrecondition(f"master key file {path} has mode {mode:o}; it must be 0600",
-                                            reason="MASTER_KEY_INSECURE") from None
+            raise errors.FailedPrecondition(
+                f"master key file {path} has mode {mode:o}; it must be 0600", reason="MASTER_KEY_INSECURE"
+            ) from None
         key = path.read_bytes()
         if len(key) != KEY_BYTES:
-            raise errors.FailedPrecondition(f"master key file {path} is not {KEY_BYTES} bytes",
-                                            reason="MASTER_KEY_INVALID") from None
+            raise errors.FailedPrecondition(
+                f"master key file {path} is not {KEY_BYTES} bytes", reason="MASTER_KEY_INVALID"
+            ) from None
         return key
     key = os.urandom(KEY_BYTES)
     with os.fdopen(fd, "wb") as f:

@@ -6,6 +6,7 @@ lives (state's data keys are wrapped by it, backups hold the same bytes). Then t
 policy, and for a silo tenant its whole OpenBao namespace. Every step tolerates "already gone",
 so a repeated purge after a crash completes and reports the same key ids.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,13 +49,17 @@ class CredentialsShredder:
         if route is None:
             return HookResult()
         async with raw_transaction(route.bind, tenant_id=ref.tenant_id, schema=route.schema, write=True) as tx:
-            rows = await tx.fetch("SELECT purpose, version FROM cred_local_keys WHERE tenant_id = $1 "
-                                  "ORDER BY purpose, version", ref.tenant_id)
+            rows = await tx.fetch(
+                "SELECT purpose, version FROM cred_local_keys WHERE tenant_id = $1 ORDER BY purpose, version",
+                ref.tenant_id,
+            )
             await tx.execute("DELETE FROM cred_local_keys WHERE tenant_id = $1", ref.tenant_id)
             values = await tx.fetchval("SELECT COUNT(*) FROM cred_local_values WHERE tenant_id = $1", ref.tenant_id)
         backend.forget_tenant(ref.tenant_id)
-        return HookResult(destroyed_keys=[(f"local:{ref.tenant_id}:{p}:v{v}", "local") for p, v in rows],
-                          actions=[("secret_versions_shredded", int(values or 0))])
+        return HookResult(
+            destroyed_keys=[(f"local:{ref.tenant_id}:{p}:v{v}", "local") for p, v in rows],
+            actions=[("secret_versions_shredded", int(values or 0))],
+        )
 
 
 def _shred_vault(backend: VaultBackend, ref: TenantRef) -> HookResult:
@@ -68,8 +73,7 @@ def _shred_vault(backend: VaultBackend, ref: TenantRef) -> HookResult:
     if _namespace_gone(backend, ns):
         return HookResult(destroyed_keys=[(f"transit:{key}", where)], actions=[("secrets_destroyed", 0)])
     try:
-        admin.secrets.transit.update_key_configuration(key, deletion_allowed=True,
-                                                       mount_point=layout.transit_mount)
+        admin.secrets.transit.update_key_configuration(key, deletion_allowed=True, mount_point=layout.transit_mount)
         admin.secrets.transit.delete_key(key, mount_point=layout.transit_mount)
     except (vx.InvalidPath, vx.InvalidRequest):
         pass  # no such key (never used, or destroyed by an earlier attempt)

@@ -4,6 +4,7 @@ Reads must not cost a database round trip each (the local backend's target is th
 a second on SQLite). Writes in this process invalidate at once; a generation counter stops a read
 that started before a write from caching what it saw. Other replicas see changes after `ttl`.
 """
+
 from __future__ import annotations
 
 import time

@@ -4,6 +4,7 @@ The region is the one the database router uses (identity's placement of the tena
 tenant's secret values and Transit keys live in the same region as its rows. One region: the plain
 VaultBackend, unchanged.
 """
+
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Mapping
@@ -77,14 +78,19 @@ def make_vault(config, db: Database) -> VaultBackend | RegionalVault:
     placement of each tenant (the regions must be the database's: a tenant with no OpenBao in its
     region would have its secrets written elsewhere)."""
     # The tier picks a silo tenant's namespace: the router's (a migration's placement), never the token's claim.
-    default = VaultBackend(config.vault_addr, config.vault_token, token_ttl_seconds=config.tenant_token_ttl,
-                           placed_tier=db.router.placed_tier)
+    default = VaultBackend(
+        config.vault_addr,
+        config.vault_token,
+        token_ttl_seconds=config.tenant_token_ttl,
+        placed_tier=db.router.placed_tier,
+    )
     if not config.vault_regions:
         return default
     backends = {db.regions[0]: default}
     for region, (addr, token) in config.vault_regions.items():
-        backends[region] = VaultBackend(addr, token, token_ttl_seconds=config.tenant_token_ttl,
-                                        placed_tier=db.router.placed_tier)
+        backends[region] = VaultBackend(
+            addr, token, token_ttl_seconds=config.tenant_token_ttl, placed_tier=db.router.placed_tier
+        )
     if set(backends) != set(db.regions):
         raise ValueError(f"OpenBao regions {sorted(backends)} differ from the database's {sorted(db.regions)}")
     return RegionalVault(backends, db.router.region_of)

@@ -1,6 +1,7 @@
 """Rotation: pluggable rotators that make new values, and the background task that rotates due
 secrets and destroys superseded versions once their grace period is over.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -71,8 +72,11 @@ class RotatorRegistry:
         rotator = self._by_name.get(name)
         if rotator is None:
             # Echo clipped: 400 characters of 3-byte text overflowed the 1 KB error details (fuzzer).
-            raise errors.InvalidArgument(f"no rotator called {errors.clip(repr(name), 100)}", reason="ROTATOR_UNKNOWN",
-                                         violations={"rotator": f"known rotators: {', '.join(sorted(self._by_name))}"})
+            raise errors.InvalidArgument(
+                f"no rotator called {errors.clip(repr(name), 100)}",
+                reason="ROTATOR_UNKNOWN",
+                violations={"rotator": f"known rotators: {', '.join(sorted(self._by_name))}"},
+            )
         return rotator
 
 
@@ -93,11 +97,17 @@ class RotationScheduler:
         jobs = []
         for region in self._db.regions:  # each region's schedule holds its own tenants' jobs
             async with self._db.system_session(region) as s:
-                jobs += [(region, j.tenant_id, j.tier, j.kind, j.secret_name) for j in
-                         await store.due_jobs(s, now=store.now_us(), limit=self._batch)]
+                jobs += [
+                    (region, j.tenant_id, j.tier, j.kind, j.secret_name)
+                    for j in await store.due_jobs(s, now=store.now_us(), limit=self._batch)
+                ]
         for region, tenant_id, tier, kind, name in jobs:
-            ctx = TenantContext(tenant_id=tenant_id, principal_id=ROTATOR_PRINCIPAL, tier=tier,
-                                request_id=f"rotation-{_random.token_hex(8)}")
+            ctx = TenantContext(
+                tenant_id=tenant_id,
+                principal_id=ROTATOR_PRINCIPAL,
+                tier=tier,
+                request_id=f"rotation-{_random.token_hex(8)}",
+            )
             with tenant_scope(ctx):
                 try:
                     await self._run_job(kind, name)
@@ -105,8 +115,12 @@ class RotationScheduler:
                     async with self._db.system_session(region) as s:
                         await store.set_schedule(s, tenant_id=tenant_id, tier=tier, name=name, kind=kind, due_us=None)
                 except errors.BulkheadError as exc:
-                    log.warning("scheduled %s of a secret failed: %s", kind, exc.reason,
-                                extra={"tenant_id": tenant_id, "secret_name": name})
+                    log.warning(
+                        "scheduled %s of a secret failed: %s",
+                        kind,
+                        exc.reason,
+                        extra={"tenant_id": tenant_id, "secret_name": name},
+                    )
         return len(jobs)
 
     def start(self) -> None:
@@ -116,4 +130,3 @@ class RotationScheduler:
     async def stop(self) -> None:
         """Stop polling."""
         await self._periodic.stop()
-

@@ -4,6 +4,7 @@ Order of work is chosen so that a failing backend leaves nothing half-written: t
 written first and metadata only after it succeeded; deletions touch the backend before the
 metadata. Every call is audited, including refusals.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,20 +68,37 @@ class SecretInfo:
     versions: tuple[VersionInfo, ...] = field(default=())
 
     @classmethod
-    def of(cls, row: store.SecretRow, versions: Sequence[store.VersionRow] = (), last_access_us: int | None = None,
-           ) -> SecretInfo:
+    def of(
+        cls,
+        row: store.SecretRow,
+        versions: Sequence[store.VersionRow] = (),
+        last_access_us: int | None = None,
+    ) -> SecretInfo:
         """Snapshot a row (inside its session)."""
-        return cls(row.name, row.description, row.current_version, row.rotation_period_s, row.rotator,
-                   row.next_rotation_us, row.grace_period_s, row.created_us, row.updated_us, row.deleted_us,
-                   last_access_us, tuple(VersionInfo(v.version, v.state, v.created_us, v.expire_us, v.created_by,
-                                                     v.origin) for v in versions))
+        return cls(
+            row.name,
+            row.description,
+            row.current_version,
+            row.rotation_period_s,
+            row.rotator,
+            row.next_rotation_us,
+            row.grace_period_s,
+            row.created_us,
+            row.updated_us,
+            row.deleted_us,
+            last_access_us,
+            tuple(VersionInfo(v.version, v.state, v.created_us, v.expire_us, v.created_by, v.origin) for v in versions),
+        )
 
 
 def check_name(name: str) -> None:
     """Secret names become backend paths: a strict pattern keeps them from escaping the tenant's prefix."""
     if not _NAME.match(name or ""):
-        raise errors.InvalidArgument("invalid secret name", reason="SECRET_NAME_INVALID", violations={
-            "name": "1-128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"})
+        raise errors.InvalidArgument(
+            "invalid secret name",
+            reason="SECRET_NAME_INVALID",
+            violations={"name": "1-128 characters: letters, digits, '.', '_' and '-', starting with a letter or digit"},
+        )
 
 
 def _not_found() -> errors.NotFound:
@@ -101,8 +119,17 @@ def _register(value: bytes) -> None:
 class SecretManager:
     """The secrets half of the credentials service."""
 
-    def __init__(self, db: Database, backend: SecretBackend, audit: AuditLog, rotators: RotatorRegistry, *,
-                 default_grace_seconds: int = 86400, cache_seconds: float = 1.0, cache_values: bool = False) -> None:
+    def __init__(
+        self,
+        db: Database,
+        backend: SecretBackend,
+        audit: AuditLog,
+        rotators: RotatorRegistry,
+        *,
+        default_grace_seconds: int = 86400,
+        cache_seconds: float = 1.0,
+        cache_values: bool = False,
+    ) -> None:
         """cache_seconds bounds how stale another replica's change can look; cache_values also keeps
         decrypted values in memory (local backend only: the vault backend reads through OpenBao every
         time, so OpenBao's policy is always applied). A cached value is keyed by version and creation
@@ -111,7 +138,8 @@ class SecretManager:
         self._default_grace = default_grace_seconds
         self._views: ReadCache[tuple[str, str], _ReadView | None] = ReadCache(cache_seconds)
         self._values: ReadCache[tuple[str, str, int, int], bytes] | None = (
-            ReadCache(cache_seconds * 30) if cache_values else None)
+            ReadCache(cache_seconds * 30) if cache_values else None
+        )
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
 
     def _forget(self, name: str) -> None:
@@ -123,8 +151,17 @@ class SecretManager:
 
     # -- writes ---------------------------------------------------------------------------------
 
-    async def put(self, name: str, value: bytes, *, cas: int | None = None, description: str = "",
-                  rotation_period_s: int | None = None, rotator: str = "", grace_period_s: int | None = None) -> SecretInfo:
+    async def put(
+        self,
+        name: str,
+        value: bytes,
+        *,
+        cas: int | None = None,
+        description: str = "",
+        rotation_period_s: int | None = None,
+        rotator: str = "",
+        grace_period_s: int | None = None,
+    ) -> SecretInfo:
         """Write a new version (creating the secret on first write)."""
         async with self._audit.audited("put", name) as note:
             check_name(name)
@@ -147,17 +184,32 @@ class SecretManager:
             async with self._db.session() as s:
                 existing = await store.get_secret(s, name)
                 if existing is not None and existing.deleted_us is not None:
-                    raise errors.FailedPrecondition("the secret is deleted; destroy it before reusing its name",
-                                                    reason="SECRET_DELETED")
+                    raise errors.FailedPrecondition(
+                        "the secret is deleted; destroy it before reusing its name", reason="SECRET_DELETED"
+                    )
             version = await self._backend.write(TenantRef.of(require_tenant()), name, value, cas=cas)
             note.version = version
-            return await self._record_version(name, version, origin="put", description=description,
-                                              rotation_period_s=rotation_period_s, rotator=rotator,
-                                              grace_period_s=grace_period_s)
+            return await self._record_version(
+                name,
+                version,
+                origin="put",
+                description=description,
+                rotation_period_s=rotation_period_s,
+                rotator=rotator,
+                grace_period_s=grace_period_s,
+            )
 
-    async def _record_version(self, name: str, version: int, *, origin: str, description: str = "",
-                              rotation_period_s: int | None = None, rotator: str = "",
-                              grace_period_s: int | None = None) -> SecretInfo:
+    async def _record_version(
+        self,
+        name: str,
+        version: int,
+        *,
+        origin: str,
+        description: str = "",
+        rotation_period_s: int | None = None,
+        rotator: str = "",
+        grace_period_s: int | None = None,
+    ) -> SecretInfo:
         """Metadata for a version the backend has just written (retried once on a create race)."""
         ctx = require_tenant()
         self._forget(name)
@@ -167,9 +219,16 @@ class SecretManager:
                     now = store.now_us()
                     row = await store.get_secret(s, name)
                     if row is None:
-                        row = store.SecretRow(name=name, description="", current_version=0, rotation_period_s=None,
-                                              rotator="random", grace_period_s=self._default_grace,
-                                              created_us=now, updated_us=now)
+                        row = store.SecretRow(
+                            name=name,
+                            description="",
+                            current_version=0,
+                            rotation_period_s=None,
+                            rotator="random",
+                            grace_period_s=self._default_grace,
+                            created_us=now,
+                            updated_us=now,
+                        )
                         s.add(row)
                     if description:
                         row.description = description
@@ -193,9 +252,15 @@ class SecretManager:
                             if v.state == "current":
                                 v.state, v.expire_us = "previous", expire
                         row.current_version = version
-                    new = store.VersionRow(name=name, version=version, created_us=now, created_by=ctx.principal_id,
-                                           origin=origin, expire_us=None,
-                                           state="current" if row.current_version == version else "previous")
+                    new = store.VersionRow(
+                        name=name,
+                        version=version,
+                        created_us=now,
+                        created_by=ctx.principal_id,
+                        origin=origin,
+                        expire_us=None,
+                        state="current" if row.current_version == version else "previous",
+                    )
                     s.add(new)
                     versions.append(new)
                     row.updated_us = now
@@ -287,8 +352,11 @@ class SecretManager:
         async with self._audit.audited("expire", name) as note:
             now = store.now_us()
             async with self._db.session() as s:
-                due = [v.version for v in await store.versions_of(s, name)
-                       if v.state == "previous" and v.expire_us is not None and v.expire_us <= now]
+                due = [
+                    v.version
+                    for v in await store.versions_of(s, name)
+                    if v.state == "previous" and v.expire_us is not None and v.expire_us <= now
+                ]
             if due:
                 note.version = max(due)
                 self._forget(name)
@@ -311,8 +379,11 @@ class SecretManager:
         async with self._audit.audited("get", name) as note:
             check_name(name)
             if version < 0:
-                raise errors.InvalidArgument("invalid version", reason="INVALID_VERSION",
-                                             violations={"version": "0 (current) or a version number"})
+                raise errors.InvalidArgument(
+                    "invalid version",
+                    reason="INVALID_VERSION",
+                    violations={"version": "0 (current) or a version number"},
+                )
             ctx = require_tenant()
             view = await self._read_view(ctx.tenant_id, name)
             if view is None:
@@ -320,8 +391,9 @@ class SecretManager:
             want = version or view.current_version
             state, expire_us, created_us = view.versions.get(want, ("missing", None, 0))
             if not (state == "current" or (state == "previous" and (expire_us is None or expire_us > store.now_us()))):
-                raise errors.NotFound("that secret version does not exist or has expired",
-                                      reason="SECRET_VERSION_NOT_FOUND")
+                raise errors.NotFound(
+                    "that secret version does not exist or has expired", reason="SECRET_VERSION_NOT_FOUND"
+                )
             note.version = want
             key = (ctx.tenant_id, name, want, created_us)
             hit, value = self._values.get(key) if self._values is not None else (False, None)
@@ -343,7 +415,9 @@ class SecretManager:
         if loading is None:
             loading = asyncio.ensure_future(self._load_view(key))
             self._loading[key] = loading
-            loading.add_done_callback(lambda done: self._loading.pop(key, None) if self._loading.get(key) is done else None)
+            loading.add_done_callback(
+                lambda done: self._loading.pop(key, None) if self._loading.get(key) is done else None
+            )
         return await asyncio.shield(loading)
 
     async def _load_view(self, key: tuple[str, str]) -> _ReadView | None:
@@ -352,8 +426,10 @@ class SecretManager:
             row = await store.get_secret(s, key[1])
             view = None
             if row is not None and row.deleted_us is None:
-                view = _ReadView(row.current_version, {v.version: (v.state, v.expire_us, v.created_us)
-                                                       for v in await store.versions_of(s, key[1])})
+                view = _ReadView(
+                    row.current_version,
+                    {v.version: (v.state, v.expire_us, v.created_us) for v in await store.versions_of(s, key[1])},
+                )
         self._views.put(key, view, generation)
         return view
 
@@ -385,5 +461,7 @@ class SecretManager:
         """A page of metadata, by name."""
         async with self._audit.audited("list"):
             async with self._db.session() as s:
-                return [SecretInfo.of(r) for r in await store.list_secrets(s, after=after, limit=limit,
-                                                                         show_deleted=show_deleted)]
+                return [
+                    SecretInfo.of(r)
+                    for r in await store.list_secrets(s, after=after, limit=limit, show_deleted=show_deleted)
+                ]

@@ -14,6 +14,7 @@ stalls the audit only, not every call the loop serves.
 The inline connection does not checkpoint on commit (a checkpoint syncs the database file): every
 CHECKPOINT_EVERY inline commits, one passive checkpoint runs in a worker thread instead.
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -7,6 +7,7 @@ the transaction is one function run on the writer's own connection in its own th
 about 0.3 ms. SQLite admits one writer at a time anyway, so one thread loses no parallelism.
 Statements still name tenant_id themselves, as they must on SQLite (no row-level security).
 """
+
 from __future__ import annotations
 
 import asyncio

@@ -3,6 +3,7 @@
 Times are integer microseconds since the epoch: identical on SQLite and Postgres, and stable
 inside audit hashes. No table ever holds a secret value in plaintext.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -148,6 +149,7 @@ class ScheduleRow(CredentialsBase):
 
 # -- queries ----------------------------------------------------------------------------------
 
+
 async def get_secret(s: AsyncSession, name: str) -> SecretRow | None:
     """The tenant's secret by name (the session filters by tenant)."""
     return (await s.execute(select(SecretRow).where(SecretRow.name == name))).scalar_one_or_none()
@@ -175,8 +177,13 @@ async def delete_secret_rows(s: AsyncSession, name: str) -> None:
 
 async def set_schedule(s: AsyncSession, *, tenant_id: str, tier: str, name: str, kind: str, due_us: int | None) -> None:
     """Create, move or clear (due_us=None) one background job for a secret."""
-    row = (await s.execute(select(ScheduleRow).where(
-        ScheduleRow.tenant_id == tenant_id, ScheduleRow.secret_name == name, ScheduleRow.kind == kind))).scalar_one_or_none()
+    row = (
+        await s.execute(
+            select(ScheduleRow).where(
+                ScheduleRow.tenant_id == tenant_id, ScheduleRow.secret_name == name, ScheduleRow.kind == kind
+            )
+        )
+    ).scalar_one_or_none()
     if due_us is None:
         if row is not None:
             await s.delete(row)
@@ -210,12 +217,28 @@ async def audit_page(s: AsyncSession, *, after_seq: int, limit: int, secret_name
 # still applies as the app role), in the SqliteWriter's thread on SQLite. Every statement names
 # tenant_id itself (SQLite has no row-level security).
 
-AUDIT_COLUMNS = ("seq", "time_us", "principal_id", "actor_id", "agent_id", "run_id", "request_id", "secret_name",
-                 "version", "action", "outcome", "reason", "prev_hash", "hash")
+AUDIT_COLUMNS = (
+    "seq",
+    "time_us",
+    "principal_id",
+    "actor_id",
+    "agent_id",
+    "run_id",
+    "request_id",
+    "secret_name",
+    "version",
+    "action",
+    "outcome",
+    "reason",
+    "prev_hash",
+    "hash",
+)
 """The columns of an audit row after tenant_id, in the order the append functions expect them."""
 
-_INSERT_AUDIT = (f"INSERT INTO cred_audit_events (tenant_id, {', '.join(AUDIT_COLUMNS)}) "
-                 f"VALUES ({', '.join(f'${i}' for i in range(1, len(AUDIT_COLUMNS) + 2))})")
+_INSERT_AUDIT = (
+    f"INSERT INTO cred_audit_events (tenant_id, {', '.join(AUDIT_COLUMNS)}) "
+    f"VALUES ({', '.join(f'${i}' for i in range(1, len(AUDIT_COLUMNS) + 2))})"
+)
 _AUDIT_HEAD = "SELECT seq, hash FROM cred_audit_heads WHERE tenant_id = $1"
 _FIRST_HEAD = "INSERT INTO cred_audit_heads (tenant_id, seq, hash) VALUES ($1, $2, $3)"
 _MOVE_HEAD = "UPDATE cred_audit_heads SET seq = $1, hash = $2 WHERE tenant_id = $3 AND seq = $4"

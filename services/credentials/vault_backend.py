@@ -6,6 +6,7 @@ Any unsealed node serves every request (a standby forwards it to the active node
 backend sticks to one node and moves to the next only when a request provably did nothing there
 (see _FailoverSession); everything else surfaces as UNAVAILABLE for the caller to retry.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -33,14 +34,22 @@ from services.credentials.vault_tokens import TenantTokens
 from shared import errors
 
 T = TypeVar("T")
-_DOWN = (requests.exceptions.ConnectionError, requests.exceptions.Timeout, vx.VaultDown,
-         vx.InternalServerError, vx.BadGateway)
+_DOWN = (
+    requests.exceptions.ConnectionError,
+    requests.exceptions.Timeout,
+    vx.VaultDown,
+    vx.InternalServerError,
+    vx.BadGateway,
+)
 _KEY_VERSION = re.compile(rb"^vault:v(\d+):")
 
 
 def _unavailable() -> errors.Unavailable:
-    return errors.Unavailable("the secret manager (OpenBao) is unreachable or sealed; nothing was changed, retry later",
-                              reason="SECRET_MANAGER_UNAVAILABLE", retry_after=1.0)
+    return errors.Unavailable(
+        "the secret manager (OpenBao) is unreachable or sealed; nothing was changed, retry later",
+        reason="SECRET_MANAGER_UNAVAILABLE",
+        retry_after=1.0,
+    )
 
 
 def split_addresses(addresses: str | Sequence[str]) -> list[str]:
@@ -95,7 +104,7 @@ class _FailoverSession(requests.Session):
         for step in range(len(self.urls)):
             index = (start + step) % len(self.urls)
             try:
-                resp = super().request(method, self.urls[index] + url[len(base):], *args, **kwargs)
+                resp = super().request(method, self.urls[index] + url[len(base) :], *args, **kwargs)
             except requests.exceptions.RequestException as exc:
                 if not _not_processed(exc):
                     self._move_from(index)  # the next call tries elsewhere; this one fails
@@ -145,9 +154,16 @@ class VaultBackend:
 
     name = "vault"
 
-    def __init__(self, url: str | Sequence[str], admin_token: str, *, layout: VaultLayout | None = None,
-                 token_ttl_seconds: int = 900, timeout: float = 5.0,
-                 placed_tier: Callable[[str, str], str] | None = None) -> None:
+    def __init__(
+        self,
+        url: str | Sequence[str],
+        admin_token: str,
+        *,
+        layout: VaultLayout | None = None,
+        token_ttl_seconds: int = 900,
+        timeout: float = 5.0,
+        placed_tier: Callable[[str, str], str] | None = None,
+    ) -> None:
         """url: one OpenBao address, or several nodes of one cluster (comma-separated or a list).
         placed_tier: (tenant id, its token's tier claim) -> the tier that routes it (the database router's,
         which follows tier migrations): a silo tenant's namespace is picked by it, never by the claim."""
@@ -155,8 +171,14 @@ class VaultBackend:
         urls = split_addresses(url)
         self._session = _session_for(urls)
         self.layout = layout or VaultLayout()
-        self.tokens = TenantTokens(urls[0], admin_token, layout=self.layout, ttl_seconds=token_ttl_seconds,
-                                   timeout=timeout, session=self._session)
+        self.tokens = TenantTokens(
+            urls[0],
+            admin_token,
+            layout=self.layout,
+            ttl_seconds=token_ttl_seconds,
+            timeout=timeout,
+            session=self._session,
+        )
         self._reader = KvReader(self._session, self.tokens, self.layout, timeout=timeout)
 
     @property
@@ -188,8 +210,9 @@ class VaultBackend:
                 return op(self.tokens.client_for(tenant))
             except vx.Forbidden:
                 if attempt == 2:
-                    raise errors.PermissionDenied("the secret manager refused this tenant's token",
-                                                  reason="SECRET_MANAGER_DENIED") from None
+                    raise errors.PermissionDenied(
+                        "the secret manager refused this tenant's token", reason="SECRET_MANAGER_DENIED"
+                    ) from None
                 self.tokens.forget(tenant)
             except _DOWN:
                 raise _unavailable() from None
@@ -204,8 +227,8 @@ class VaultBackend:
         def op(client: hvac.Client) -> int:
             try:
                 out = client.secrets.kv.v2.create_or_update_secret(
-                    path, secret={"value": base64.b64encode(value).decode()}, cas=cas,
-                    mount_point=self.layout.kv_mount)
+                    path, secret={"value": base64.b64encode(value).decode()}, cas=cas, mount_point=self.layout.kv_mount
+                )
             except vx.InvalidRequest as exc:
                 if "check-and-set" in str(exc):
                     raise cas_mismatch(cas if cas is not None else -1) from None
@@ -221,39 +244,51 @@ class VaultBackend:
         def op(client: hvac.Client) -> StoredValue:
             try:
                 out = client.secrets.kv.v2.read_secret_version(
-                    path, version=version, mount_point=self.layout.kv_mount, raise_on_deleted_version=True)
+                    path, version=version, mount_point=self.layout.kv_mount, raise_on_deleted_version=True
+                )
             except vx.InvalidPath:
                 raise errors.NotFound("that secret version does not exist", reason="SECRET_VERSION_NOT_FOUND") from None
             data = out["data"]
             return StoredValue(int(data["metadata"]["version"]), base64.b64decode(data["data"]["value"]))
 
         # The lean read on the loop (vault_read); anything but a plain 200 goes through hvac.
-        return await self._reader.read(self._placed(tenant), path, version) or await self._run(tenant, op)
+        fast = await self._reader.read(self._placed(tenant), path, version)
+        return fast if fast is not None else await self._run(tenant, op)
 
     async def delete(self, tenant: TenantRef, name: str, versions: list[int]) -> None:
         """Soft-delete versions in KV v2."""
         if versions:
             path = self.layout.secret_path(tenant, name)
-            await self._run(tenant, lambda c: c.secrets.kv.v2.delete_secret_versions(
-                path, versions=versions, mount_point=self.layout.kv_mount))
+            await self._run(
+                tenant,
+                lambda c: c.secrets.kv.v2.delete_secret_versions(
+                    path, versions=versions, mount_point=self.layout.kv_mount
+                ),
+            )
 
     async def destroy(self, tenant: TenantRef, name: str, versions: list[int]) -> None:
         """Destroy versions in KV v2 (their data is removed)."""
         if versions:
             path = self.layout.secret_path(tenant, name)
-            await self._run(tenant, lambda c: c.secrets.kv.v2.destroy_secret_versions(
-                path, versions=versions, mount_point=self.layout.kv_mount))
+            await self._run(
+                tenant,
+                lambda c: c.secrets.kv.v2.destroy_secret_versions(
+                    path, versions=versions, mount_point=self.layout.kv_mount
+                ),
+            )
 
     async def purge(self, tenant: TenantRef, name: str) -> None:
         """Delete the KV v2 metadata and every version."""
         path = self.layout.secret_path(tenant, name)
-        await self._run(tenant, lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(
-            path, mount_point=self.layout.kv_mount))
+        await self._run(
+            tenant, lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(path, mount_point=self.layout.kv_mount)
+        )
 
     # -- KeyBackend -----------------------------------------------------------------------------
 
-    def _transit(self, tenant: TenantRef, fn: Callable[..., Callable[..., dict]],
-                 **kw) -> Callable[[hvac.Client], dict]:
+    def _transit(
+        self, tenant: TenantRef, fn: Callable[..., Callable[..., dict]], **kw
+    ) -> Callable[[hvac.Client], dict]:
         key = self.layout.key_name(tenant)
 
         def op(client: hvac.Client) -> dict:
@@ -261,12 +296,14 @@ class VaultBackend:
                 return fn(client.secrets.transit)(key, mount_point=self.layout.transit_mount, **kw)
             except vx.InvalidRequest:
                 raise decryption_failed() from None
+
         return op
 
     async def encrypt(self, tenant: TenantRef, plaintext: bytes) -> tuple[bytes, int]:
         """Transit encrypt with the tenant's key."""
-        out = await self._run(tenant, self._transit(tenant, lambda t: t.encrypt_data,
-                                                    plaintext=base64.b64encode(plaintext).decode()))
+        out = await self._run(
+            tenant, self._transit(tenant, lambda t: t.encrypt_data, plaintext=base64.b64encode(plaintext).decode())
+        )
         ct = out["data"]["ciphertext"].encode()
         return ct, _key_version(ct)
 
@@ -281,8 +318,9 @@ class VaultBackend:
 
     async def generate_data_key(self, tenant: TenantRef, bits: int) -> DataKey:
         """Transit datakey/plaintext: the key and its wrapped form."""
-        out = await self._run(tenant, self._transit(tenant, lambda t: t.generate_data_key,
-                                                    key_type="plaintext", bits=bits))
+        out = await self._run(
+            tenant, self._transit(tenant, lambda t: t.generate_data_key, key_type="plaintext", bits=bits)
+        )
         wrapped = out["data"]["ciphertext"].encode()
         return DataKey(base64.b64decode(out["data"]["plaintext"]), wrapped, _key_version(wrapped))
 
@@ -292,7 +330,9 @@ class VaultBackend:
 
         def op(client: hvac.Client) -> int:
             client.secrets.transit.rotate_key(key, mount_point=self.layout.transit_mount)
-            return int(client.secrets.transit.read_key(key, mount_point=self.layout.transit_mount)["data"]["latest_version"])
+            return int(
+                client.secrets.transit.read_key(key, mount_point=self.layout.transit_mount)["data"]["latest_version"]
+            )
 
         return await self._run(tenant, op)
 

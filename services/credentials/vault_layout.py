@@ -1,4 +1,5 @@
 """Where a tenant's secrets and key live in OpenBao/Vault, and the policy that confines its token."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -18,9 +18,11 @@ destroys the source, each with the service's admin token, never the tenant's.
 - Release: the source's key, values and policy are destroyed as a deletion destroys them (purge.py),
   and a silo namespace the tenant left is deleted.
 """
+
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -49,14 +51,14 @@ class VaultMover:
 
     def _at(self, tenant_id: str, side: Placement) -> tuple[VaultBackend, TenantRef, str]:
         """The backend, the ref (its tier picks the namespace) and the store name of one side."""
-        if isinstance(self._backend, RegionalVault):
-            backend = self._backend.backends[side.region]
-        else:
-            backend = self._backend
+        backend = self._backend.backends[side.region] if isinstance(self._backend, RegionalVault) else self._backend
         ref = TenantRef(tenant_id, side.tier.value)
         ns = backend.layout.namespace(ref)
-        return backend, ref, f"openbao:{side.region + '/' if isinstance(self._backend, RegionalVault) else ''}" \
-                             f"{ns or 'root'}"
+        return (
+            backend,
+            ref,
+            f"openbao:{side.region + '/' if isinstance(self._backend, RegionalVault) else ''}{ns or 'root'}",
+        )
 
     def _same_place(self, tenant_id: str, source: Placement, target: Placement) -> bool:
         (a, ra, _), (b, rb, _) = self._at(tenant_id, source), self._at(tenant_id, target)
@@ -71,8 +73,9 @@ class VaultMover:
         log.info("moved tenant %s's secrets and Transit key in OpenBao (%s -> %s)", tenant_id, source, target)
         return await asyncio.to_thread(_inventory, dst, dst_ref, name)
 
-    async def verify(self, tenant_id: str, source: Placement,
-                     target: Placement) -> tuple[list[TableCount], list[TableCount]]:
+    async def verify(
+        self, tenant_id: str, source: Placement, target: Placement
+    ) -> tuple[list[TableCount], list[TableCount]]:
         if self._same_place(tenant_id, source, target):
             return [], []
         out = []
@@ -102,8 +105,9 @@ def _copy(src: VaultBackend, src_ref: TenantRef, dst: VaultBackend, dst_ref: Ten
     except (vx.InvalidPath, vx.InvalidRequest):
         found = False  # never used at the source: the target's fresh key is all there is
     if found:
-        s_admin.secrets.transit.update_key_configuration(key, exportable=True, allow_plaintext_backup=True,
-                                                         mount_point=transit)
+        s_admin.secrets.transit.update_key_configuration(
+            key, exportable=True, allow_plaintext_backup=True, mount_point=transit
+        )
         backup = s_admin.secrets.transit.backup_key(key, mount_point=transit)["data"]["backup"]
         d_admin.secrets.transit.restore_key(backup, name=key, force=True, mount_point=transit)
     dst.tokens.forget(dst_ref)  # its token is minted again against the restored key's policy
@@ -114,18 +118,17 @@ def _copy(src: VaultBackend, src_ref: TenantRef, dst: VaultBackend, dst_ref: Ten
         d_admin.secrets.kv.v2.delete_metadata_and_all_versions(stale, mount_point=kv)
     for path in paths:
         meta = s_admin.secrets.kv.v2.read_secret_metadata(path, mount_point=kv)["data"]
-        try:
+        with contextlib.suppress(vx.InvalidPath):
             d_admin.secrets.kv.v2.delete_metadata_and_all_versions(path, mount_point=kv)
-        except vx.InvalidPath:
-            pass
         for version in range(1, int(meta["current_version"]) + 1):
             info = meta["versions"].get(str(version))
             gone = info is None or info["destroyed"]
             deleted = not gone and bool(info["deletion_time"])
             data = {"value": ""}
             if not gone and not deleted:
-                data = s_admin.secrets.kv.v2.read_secret_version(path, version=version, mount_point=kv,
-                                                                 raise_on_deleted_version=True)["data"]["data"]
+                data = s_admin.secrets.kv.v2.read_secret_version(
+                    path, version=version, mount_point=kv, raise_on_deleted_version=True
+                )["data"]["data"]
             d_admin.secrets.kv.v2.create_or_update_secret(path, secret=data, mount_point=kv)
             if gone:
                 d_admin.secrets.kv.v2.destroy_secret_versions(path, versions=[version], mount_point=kv)
@@ -160,16 +163,24 @@ def _inventory(backend: VaultBackend, ref: TenantRef, store: str) -> list[TableC
             elif info["deletion_time"]:
                 rows.append([path, version, "deleted", ""])
             else:
-                value = admin.secrets.kv.v2.read_secret_version(path, version=version, mount_point=kv,
-                                                                raise_on_deleted_version=True)["data"]["data"]
-                rows.append([path, version, "live", hashlib.sha256(json.dumps(value, sort_keys=True).encode())
-                             .hexdigest()])
+                value = admin.secrets.kv.v2.read_secret_version(
+                    path, version=version, mount_point=kv, raise_on_deleted_version=True
+                )["data"]["data"]
+                rows.append(
+                    [path, version, "live", hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()]
+                )
     out = [_table(store, KV_TABLE, rows)]
     try:
         data = admin.secrets.transit.read_key(layout.key_name(ref), mount_point=layout.transit_mount)["data"]
         versions = [[v, str(t)] for v, t in sorted(data["keys"].items(), key=lambda kv_: int(kv_[0]))]
-        out.append(_table(store, KEY_TABLE, [*versions, ["min_decryption_version", data["min_decryption_version"]]],
-                          count=len(versions)))
+        out.append(
+            _table(
+                store,
+                KEY_TABLE,
+                [*versions, ["min_decryption_version", data["min_decryption_version"]]],
+                count=len(versions),
+            )
+        )
     except (vx.InvalidPath, vx.InvalidRequest, vx.Forbidden):
         out.append(TableCount(store, KEY_TABLE, 0))
     return out

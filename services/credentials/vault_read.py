@@ -12,6 +12,7 @@ a proxy or client certificate) returns None, and the caller makes the read throu
 error handling, token re-provisioning and node failover stay the one place those rules live.
 Nothing read here is logged or put in an exception.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +39,9 @@ class _Tokens(Protocol):
 class _Session(Protocol):
     proxies: dict
     verify: bool | str
-    cert: object
+
+    @property
+    def cert(self) -> object: ...
 
     @property
     def current(self) -> str: ...
@@ -63,12 +66,18 @@ class KvReader:
         url = urllib.parse.urlsplit(node)
         if token is None or self._closed or not self._supported(url):
             return None
-        target = (f"{url.path.rstrip('/')}/v1/{urllib.parse.quote(self._layout.kv_mount)}/data/"
-                  f"{urllib.parse.quote(path)}")
+        target = (
+            f"{url.path.rstrip('/')}/v1/{urllib.parse.quote(self._layout.kv_mount)}/data/{urllib.parse.quote(path)}"
+        )
         if version is not None:
             target += f"?version={int(version)}"
-        lines = [f"GET {target} HTTP/1.1", f"Host: {url.netloc}", f"X-Vault-Token: {token}",
-                 "X-Vault-Request: true", "Accept: application/json"]
+        lines = [
+            f"GET {target} HTTP/1.1",
+            f"Host: {url.netloc}",
+            f"X-Vault-Token: {token}",
+            "X-Vault-Request: true",
+            "Accept: application/json",
+        ]
         namespace = self._layout.namespace(tenant)
         if namespace:
             lines.append(f"X-Vault-Namespace: {namespace}")
@@ -82,8 +91,11 @@ class KvReader:
                     return answer
         try:
             async with asyncio.timeout(self._timeout):
-                conn = await asyncio.open_connection(url.hostname, url.port or (443 if url.scheme == "https" else 80),
-                                                     ssl=self._ssl_context() if url.scheme == "https" else None)
+                conn = await asyncio.open_connection(
+                    url.hostname,
+                    url.port or (443 if url.scheme == "https" else 80),
+                    ssl=self._ssl_context() if url.scheme == "https" else None,
+                )
         except Exception:  # noqa: BLE001 - unreachable: the full path fails over or reports it
             return None
         answer = await self._exchange(conn, request, node)
@@ -133,8 +145,13 @@ class KvReader:
     def _supported(self, url: urllib.parse.SplitResult) -> bool:
         """Plain or TLS connections to the node; proxies and client certificates only on the full path."""
         proxies = self._session.proxies
-        return (url.scheme in ("http", "https") and bool(url.hostname) and not proxies.get(url.scheme)
-                and not proxies.get("all") and not self._session.cert)
+        return (
+            url.scheme in ("http", "https")
+            and bool(url.hostname)
+            and not proxies.get(url.scheme)
+            and not proxies.get("all")
+            and not self._session.cert
+        )
 
     def _ssl_context(self) -> ssl.SSLContext:
         if self._ssl is None:
@@ -144,8 +161,11 @@ class KvReader:
                 context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
             else:
                 where = verify if isinstance(verify, str) else requests.certs.where()
-                context = (ssl.create_default_context(capath=where) if os.path.isdir(where)
-                           else ssl.create_default_context(cafile=where))
+                context = (
+                    ssl.create_default_context(capath=where)
+                    if os.path.isdir(where)
+                    else ssl.create_default_context(cafile=where)
+                )
             self._ssl = context
         return self._ssl
 

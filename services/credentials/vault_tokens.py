@@ -5,6 +5,7 @@ cannot read another tenant's path: OpenBao itself refuses.
 
 Runs in worker threads (hvac is synchronous); a lock guards the cache.
 """
+
 from __future__ import annotations
 
 import threading
@@ -28,8 +29,17 @@ class _Minted:
 class TenantTokens:
     """Mints, caches and refreshes one token per tenant (silo tenants: inside their namespace)."""
 
-    def __init__(self, url: str, admin_token: str, *, layout: VaultLayout, ttl_seconds: int,
-                 timeout: float, session: requests.Session, clock=time.monotonic) -> None:
+    def __init__(
+        self,
+        url: str,
+        admin_token: str,
+        *,
+        layout: VaultLayout,
+        ttl_seconds: int,
+        timeout: float,
+        session: requests.Session,
+        clock=time.monotonic,
+    ) -> None:
         self._url, self._admin_token = url, admin_token
         self._layout, self._ttl, self._timeout, self._session = layout, ttl_seconds, timeout, session
         self._clock = clock
@@ -86,9 +96,13 @@ class TenantTokens:
         return self._admin(namespace)
 
     def _admin(self, namespace: str | None) -> hvac.Client:
-        return hvac.Client(url=self._url, token=self._admin_token, namespace=namespace,
-                           timeout=self._timeout,  # type: ignore[arg-type]  # types-hvac: int; requests: float
-                           session=self._session)
+        return hvac.Client(
+            url=self._url,
+            token=self._admin_token,
+            namespace=namespace,
+            timeout=self._timeout,  # type: ignore[arg-type]  # types-hvac: int; requests: float
+            session=self._session,
+        )
 
     def _provision(self, tenant: TenantRef) -> None:
         """Idempotently create namespace, mounts, Transit key and policy for the tenant."""
@@ -104,22 +118,31 @@ class TenantTokens:
                 admin.sys.enable_secrets_engine("transit", path=self._layout.transit_mount)
             self._ready_namespaces.add(ns)
         if self._key(tenant) not in self._ready_tenants:
-            admin.secrets.transit.create_key(self._layout.key_name(tenant), key_type="aes256-gcm96",
-                                             mount_point=self._layout.transit_mount)
+            admin.secrets.transit.create_key(
+                self._layout.key_name(tenant), key_type="aes256-gcm96", mount_point=self._layout.transit_mount
+            )
             admin.sys.create_or_update_policy(self._layout.policy_name(tenant), self._layout.policy(tenant))
             self._ready_tenants.add(self._key(tenant))
 
     def _mint(self, tenant: TenantRef) -> _Minted:
         ns = self._layout.namespace(tenant)
         auth = self._admin(ns).auth.token.create(
-            policies=[self._layout.policy_name(tenant)], ttl=f"{self._ttl}s", renewable=False,
-            no_default_policy=True, display_name=f"tenant-{tenant.tenant_id}",
-            meta={"tenant": tenant.tenant_id})["auth"]
+            policies=[self._layout.policy_name(tenant)],
+            ttl=f"{self._ttl}s",
+            renewable=False,
+            no_default_policy=True,
+            display_name=f"tenant-{tenant.tenant_id}",
+            meta={"tenant": tenant.tenant_id},
+        )["auth"]
         self.minted_count += 1
         ttl = float(auth["lease_duration"] or self._ttl)
         # Refresh with a quarter of the lifetime left, so a call never carries an expiring token.
         refresh_at = self._clock() + ttl * 0.75
-        client = hvac.Client(url=self._url, token=auth["client_token"], namespace=ns,
-                             timeout=self._timeout,  # type: ignore[arg-type]  # types-hvac: int; requests: float
-                             session=self._session)
+        client = hvac.Client(
+            url=self._url,
+            token=auth["client_token"],
+            namespace=ns,
+            timeout=self._timeout,  # type: ignore[arg-type]  # types-hvac: int; requests: float
+            session=self._session,
+        )
         return _Minted(client, auth["client_token"], refresh_at)

@@ -1,6 +1,7 @@
 """First start: the platform tenant and its operator key, written once to a 0600 file and printed once;
 and a key file for each platform service principal (their keys are never printed).
 """
+
 from __future__ import annotations
 
 import logging
@@ -44,13 +45,18 @@ async def ensure_platform_tenant(directory: Directory, data_dir: Path, *, announ
         return None
     except NotFound:
         pass
-    created = await directory.create_tenant("platform", "pooled", "", tenant_id=PLATFORM_TENANT,
-                                            admin_scopes=OPERATOR_SCOPES)
+    created = await directory.create_tenant(
+        "platform", "pooled", "", tenant_id=PLATFORM_TENANT, admin_scopes=OPERATOR_SCOPES
+    )
     path = data_dir / OPERATOR_KEY_FILE
     _write_private(path, created.admin_api_key)
     # Printed straight to the terminal, never through logging (whose scrubber would redact it).
-    print(f"bulkhead identity: created the platform operator key (shown once; also in {path}, mode 0600):\n"
-          f"  {created.admin_api_key}", file=announce, flush=True)
+    print(
+        f"bulkhead identity: created the platform operator key (shown once; also in {path}, mode 0600):\n"
+        f"  {created.admin_api_key}",
+        file=announce,
+        flush=True,
+    )
     return created.admin_api_key
 
 

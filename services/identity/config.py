@@ -1,4 +1,5 @@
 """identity's configuration."""
+
 from __future__ import annotations
 
 import os
@@ -33,10 +34,11 @@ class IdentityConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> IdentityConfig:
         service = ServiceConfig.from_env("identity", env)
-        return cls(service=service,
-                   kek_path=Path(env.get("BULKHEAD_IDENTITY_KEK_FILE", service.data_dir / "identity.kek")),
-                   revocation_poll=float(env.get("BULKHEAD_REVOCATION_POLL_SECONDS", "1")),
-                   service_keys_dir=Path(env.get("BULKHEAD_IDENTITY_SERVICE_KEYS_DIR",
-                                                 service.data_dir / SERVICE_KEYS_DIR)),
-                   deletion_interval=float(env.get("BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS", "10")),
-                   deletion_lease=float(env.get("BULKHEAD_IDENTITY_DELETION_LEASE_SECONDS", "180")))
+        return cls(
+            service=service,
+            kek_path=Path(env.get("BULKHEAD_IDENTITY_KEK_FILE", service.data_dir / "identity.kek")),
+            revocation_poll=float(env.get("BULKHEAD_REVOCATION_POLL_SECONDS", "1")),
+            service_keys_dir=Path(env.get("BULKHEAD_IDENTITY_SERVICE_KEYS_DIR", service.data_dir / SERVICE_KEYS_DIR)),
+            deletion_interval=float(env.get("BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS", "10")),
+            deletion_lease=float(env.get("BULKHEAD_IDENTITY_DELETION_LEASE_SECONDS", "180")),
+        )

@@ -1,5 +1,6 @@
 """API key format, ids and hashing. A key is `bk_<tenant id>_<key id>_<secret>`: the tenant and key id
 let identity find the key's row inside that tenant's rows; only a hash of the secret is stored."""
+
 from __future__ import annotations
 
 import base64

@@ -8,6 +8,7 @@ the service's inventory once before its first purge attempt and its purge result
 step is retried on the next pass and nothing after it runs. Purges are idempotent, so a process
 killed mid-way simply runs the unfinished step again. The tenant row ends as a tombstone.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -67,7 +68,8 @@ class PlatformCaller:
         now = utcnow().timestamp()
         if self._token is None or self._token[1] - now < _TOKEN_TTL / 3:
             token, claims = TokenIssuer(await self._keys.active()).issue(
-                tenant_id=PLATFORM_TENANT, principal_id="identity", scopes=frozenset({LIFECYCLE_SCOPE}), ttl=_TOKEN_TTL)
+                tenant_id=PLATFORM_TENANT, principal_id="identity", scopes=frozenset({LIFECYCLE_SCOPE}), ttl=_TOKEN_TTL
+            )
             self._token = (token, float(claims.expires_at))
         return ("authorization", f"Bearer {self._token[0]}"), ("x-tenant-id", PLATFORM_TENANT)
 
@@ -75,9 +77,17 @@ class PlatformCaller:
 class Deletions:
     """Schedules, restores and executes tenant deletions in identity's database."""
 
-    def __init__(self, db: Database, keys: SigningKeys, own: TenantLifecycle, *,
-                 peers: MutableMapping[str, str], channel_for: Callable[[str], grpc.aio.Channel],
-                 on_status_change: Callable[[], Awaitable[object]] | None = None, lease_seconds: float = 180.0) -> None:
+    def __init__(
+        self,
+        db: Database,
+        keys: SigningKeys,
+        own: TenantLifecycle,
+        *,
+        peers: MutableMapping[str, str],
+        channel_for: Callable[[str], grpc.aio.Channel],
+        on_status_change: Callable[[], Awaitable[object]] | None = None,
+        lease_seconds: float = 180.0,
+    ) -> None:
         """peers: service name -> address (a mutable map: tests fill it once the services listen)."""
         self._db = db
         self._keys = keys
@@ -97,11 +107,15 @@ class Deletions:
         if not tenant_id:
             raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant to delete"})
         if grace_seconds < 0 or (now and grace_seconds) or (not now and grace_seconds == 0):
-            raise InvalidArgument("give either a grace period or now, not both or neither",
-                                  violations={"grace_seconds": "> 0 without now; 0 with now"}, reason="BAD_GRACE")
+            raise InvalidArgument(
+                "give either a grace period or now, not both or neither",
+                violations={"grace_seconds": "> 0 without now; 0 with now"},
+                reason="BAD_GRACE",
+            )
         if timedelta(seconds=grace_seconds) > MAX_GRACE:
-            raise InvalidArgument("grace period longer than 90 days", violations={"grace_seconds": "at most 90 days"},
-                                  reason="BAD_GRACE")
+            raise InvalidArgument(
+                "grace period longer than 90 days", violations={"grace_seconds": "at most 90 days"}, reason="BAD_GRACE"
+            )
         if tenant_id == PLATFORM_TENANT:
             raise FailedPrecondition("the platform tenant cannot be deleted", reason="PLATFORM_TENANT")
         at = utcnow()
@@ -112,10 +126,19 @@ class Deletions:
             existing = await s.get(DeletionRow, tenant_id)
             if existing is None:
                 Tier.parse(tenant.tier)
-                s.add(DeletionRow(tenant_id=tenant_id, tier=tenant.tier, state="scheduled", requested_at=at,
-                                  delete_after=at + max(timedelta(seconds=grace_seconds), SETTLE)))
-                s.add_all(DeletionStepRow(tenant_id=tenant_id, service=svc, position=i, done=False, attempts=0,
-                                          last_error="") for i, svc in enumerate(STEPS))
+                s.add(
+                    DeletionRow(
+                        tenant_id=tenant_id,
+                        tier=tenant.tier,
+                        state="scheduled",
+                        requested_at=at,
+                        delete_after=at + max(timedelta(seconds=grace_seconds), SETTLE),
+                    )
+                )
+                s.add_all(
+                    DeletionStepRow(tenant_id=tenant_id, service=svc, position=i, done=False, attempts=0, last_error="")
+                    for i, svc in enumerate(STEPS)
+                )
                 tenant.status = "deleting"
             elif now and existing.state == "scheduled":  # the operator no longer wants to wait
                 existing.delete_after = min(as_utc(existing.delete_after), at + SETTLE)
@@ -132,11 +155,13 @@ class Deletions:
             row = await s.get(DeletionRow, tenant_id)
             tenant = await s.get(TenantRow, tenant_id)
             if row is not None and row.state != "scheduled":
-                raise FailedPrecondition("the tenant's deletion has started and cannot be undone",
-                                         reason="DELETION_STARTED")
+                raise FailedPrecondition(
+                    "the tenant's deletion has started and cannot be undone", reason="DELETION_STARTED"
+                )
             if row is not None:
-                for step in (await s.execute(select(DeletionStepRow).where(
-                        DeletionStepRow.tenant_id == tenant_id))).scalars():
+                for step in (
+                    await s.execute(select(DeletionStepRow).where(DeletionStepRow.tenant_id == tenant_id))
+                ).scalars():
                     await s.delete(step)
                 await s.delete(row)
             if tenant is not None:
@@ -149,29 +174,45 @@ class Deletions:
             row = await s.get(DeletionRow, tenant_id)
             if row is None:
                 raise NotFound("no deletion for that tenant", reason="DELETION_NOT_FOUND")
-            steps = list((await s.execute(select(DeletionStepRow).where(DeletionStepRow.tenant_id == tenant_id)
-                                          .order_by(DeletionStepRow.position))).scalars())
+            steps = list(
+                (
+                    await s.execute(
+                        select(DeletionStepRow)
+                        .where(DeletionStepRow.tenant_id == tenant_id)
+                        .order_by(DeletionStepRow.position)
+                    )
+                ).scalars()
+            )
         return DeletionView(row, steps)
 
     # -- execution ------------------------------------------------------------------------------
     def kick(self, tenant_id: str) -> None:
         """Run a deletion in the background as soon as it is due (the Periodic would, a pass later)."""
+
         async def when_due() -> None:
             view = await self.get(tenant_id)
             await asyncio.sleep(max(0.0, (as_utc(view.row.delete_after) - utcnow()).total_seconds()))
             await self.run(tenant_id)
 
         # A fresh context: the request's configuration-audit change must not ride on the run's writes.
-        task = asyncio.get_running_loop().create_task(when_due(), name=f"delete-{tenant_id}",
-                                                      context=contextvars.Context())
+        task = asyncio.get_running_loop().create_task(
+            when_due(), name=f"delete-{tenant_id}", context=contextvars.Context()
+        )
         self._kicks.add(task)
         task.add_done_callback(self._kicks.discard)
 
     async def run_due(self) -> None:
         """One pass of the Periodic: every deletion that is due and not finished."""
         async with self._db.system_session() as s:
-            due = list((await s.execute(select(DeletionRow.tenant_id).where(
-                DeletionRow.state != "done", DeletionRow.delete_after <= utcnow()))).scalars())
+            due = list(
+                (
+                    await s.execute(
+                        select(DeletionRow.tenant_id).where(
+                            DeletionRow.state != "done", DeletionRow.delete_after <= utcnow()
+                        )
+                    )
+                ).scalars()
+            )
         for tenant_id in due:
             await self.run(tenant_id)
 
@@ -204,16 +245,23 @@ class Deletions:
         """Take the deletion's lease, so two identity replicas never run it at once."""
         now = utcnow()
         async with self._db.system_session() as s:
-            result = await s.execute(update(DeletionRow).where(
-                DeletionRow.tenant_id == tenant_id, DeletionRow.state != "done", DeletionRow.delete_after <= now,
-                (DeletionRow.lease_until.is_(None)) | (DeletionRow.lease_until < now))
-                .values(lease_until=now + self._lease, state="running"))
+            result = await s.execute(
+                update(DeletionRow)
+                .where(
+                    DeletionRow.tenant_id == tenant_id,
+                    DeletionRow.state != "done",
+                    DeletionRow.delete_after <= now,
+                    (DeletionRow.lease_until.is_(None)) | (DeletionRow.lease_until < now),
+                )
+                .values(lease_until=now + self._lease, state="running")
+            )
         return cast("CursorResult[Any]", result).rowcount == 1  # an UPDATE's result is a CursorResult
 
     async def _renew(self, tenant_id: str) -> None:
         async with self._db.system_session() as s:
-            await s.execute(update(DeletionRow).where(DeletionRow.tenant_id == tenant_id)
-                            .values(lease_until=utcnow() + self._lease))
+            await s.execute(
+                update(DeletionRow).where(DeletionRow.tenant_id == tenant_id).values(lease_until=utcnow() + self._lease)
+            )
 
     async def _release(self, tenant_id: str) -> None:
         async with self._db.system_session() as s:
@@ -223,23 +271,34 @@ class Deletions:
         proto_tier = tier_to_proto(tier.value)
         try:
             if step.service == "identity":
-                inventory = lpb.InventoryTenantResponse(service="identity", tables=[
-                    lpb.TableInventory(store=t.store, table=t.table, rows=t.rows, checksum=t.checksum)
-                    for t in await self._own.inventory(tenant_id, tier)])
+                inventory = lpb.InventoryTenantResponse(
+                    service="identity",
+                    tables=[
+                        lpb.TableInventory(store=t.store, table=t.table, rows=t.rows, checksum=t.checksum)
+                        for t in await self._own.inventory(tenant_id, tier)
+                    ],
+                )
             else:
                 stub = self._stub(step.service)
-                inventory = await stub.InventoryTenant(lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=proto_tier),
-                                                       timeout=_CALL_TIMEOUT, metadata=await self._caller.metadata())
+                inventory = await stub.InventoryTenant(
+                    lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=proto_tier),
+                    timeout=_CALL_TIMEOUT,
+                    metadata=await self._caller.metadata(),
+                )
             await self._record(tenant_id, step.service, inventory=inventory)
             if step.service == "identity":
                 result = purge_pb("identity", await self._own.purge(tenant_id, tier))
             else:
-                result = await stub.PurgeTenant(lpb.PurgeTenantRequest(tenant_id=tenant_id, tier=proto_tier),
-                                                timeout=_CALL_TIMEOUT, metadata=await self._caller.metadata())
+                result = await stub.PurgeTenant(
+                    lpb.PurgeTenantRequest(tenant_id=tenant_id, tier=proto_tier),
+                    timeout=_CALL_TIMEOUT,
+                    metadata=await self._caller.metadata(),
+                )
         except grpc.aio.AioRpcError as exc:
             await self._record(tenant_id, step.service, error=f"{exc.code().name}: {exc.details()}"[:300])
-            log.warning("deletion of %s: %s failed (%s); retried on the next pass", tenant_id, step.service,
-                        exc.code().name)
+            log.warning(
+                "deletion of %s: %s failed (%s); retried on the next pass", tenant_id, step.service, exc.code().name
+            )
             return False
         except Exception as exc:  # a step must fail visibly and be retried, never end the plan
             await self._record(tenant_id, step.service, error=f"{type(exc).__name__}"[:300])
@@ -275,8 +334,7 @@ class Deletions:
             row = await s.get_one(DeletionRow, tenant_id)
             tenant = await s.get(TenantRow, tenant_id)
             completed = utcnow()
-            body = build_receipt(view.row, view.steps, completed_at=completed,
-                                 region=tenant.region if tenant else "")
+            body = build_receipt(view.row, view.steps, completed_at=completed, region=tenant.region if tenant else "")
             row.receipt_body, row.receipt_signature = body, sign_receipt(key, body)
             row.receipt_kid, row.completed_at, row.state = key.kid, completed, "done"
             if tenant is not None:  # the tombstone: id, tier, region, times; the name is freed
@@ -287,4 +345,3 @@ class Deletions:
     async def _changed(self) -> None:
         if self._on_change is not None:
             await self._on_change()
-

@@ -1,4 +1,5 @@
 """Tenants, principals and API keys: who exists, and what each may be granted."""
+
 from __future__ import annotations
 
 import re
@@ -46,8 +47,10 @@ def validate_scopes(scopes: Iterable[str], *, field: str, tenant_id: str) -> lis
     for scope in scopes:
         if not _SCOPE_RE.match(scope):
             # Clipped after repr: a long or unprintable scope echoed whole overflowed the 1 KB error details.
-            raise InvalidArgument(f"malformed scope {clip(repr(scope), 100)}",
-                                  violations={field: "scopes look like 'service.resource.verb'"})
+            raise InvalidArgument(
+                f"malformed scope {clip(repr(scope), 100)}",
+                violations={field: "scopes look like 'service.resource.verb'"},
+            )
         if scope.startswith("platform.") and tenant_id != PLATFORM_TENANT:
             raise PermissionDenied("platform scopes are only for platform operators", reason="PLATFORM_SCOPE")
         out.append(scope)
@@ -82,12 +85,21 @@ class Directory:
         self._regions = tuple(regions) or (DEFAULT_REGION,)
 
     # Tenants -------------------------------------------------------------------------------
-    async def create_tenant(self, name: str, tier: str, region: str, *, tenant_id: str | None = None,
-                            admin_scopes: tuple[str, ...] = ADMIN_SCOPES) -> NewTenant:
+    async def create_tenant(
+        self,
+        name: str,
+        tier: str,
+        region: str,
+        *,
+        tenant_id: str | None = None,
+        admin_scopes: tuple[str, ...] = ADMIN_SCOPES,
+    ) -> NewTenant:
         """A tenant, its admin principal and the admin's first API key, in one transaction."""
         if not _NAME_RE.match(name or ""):
-            raise InvalidArgument("tenant name must be 3-63 lower-case letters, digits or '-'",
-                                  violations={"name": "3-63 of [a-z0-9-], starting and ending alphanumeric"})
+            raise InvalidArgument(
+                "tenant name must be 3-63 lower-case letters, digits or '-'",
+                violations={"name": "3-63 of [a-z0-9-], starting and ending alphanumeric"},
+            )
         if tier not in TIERS:
             raise InvalidArgument(f"unknown tier {tier!r}", violations={"tier": "pooled, bridge or silo"})
         region = region or self._regions[0]
@@ -95,8 +107,11 @@ class Directory:
             # Where a tenant's rows may live is a legal promise: never file them under a region no
             # database serves (or a default the customer did not ask for).
             known = ", ".join(self._regions)
-            raise InvalidArgument(f"unknown region {clip(repr(region), 40)}: this deployment's regions are {known}",
-                                  reason="UNKNOWN_REGION", violations={"region": f"one of: {known}"})
+            raise InvalidArgument(
+                f"unknown region {clip(repr(region), 40)}: this deployment's regions are {known}",
+                reason="UNKNOWN_REGION",
+                violations={"region": f"one of: {known}"},
+            )
         tid = tenant_id or new_id("t")
         async with self._db.system_session() as s:
             if (await s.execute(select(TenantRow.id).where(TenantRow.name == name))).first():
@@ -104,14 +119,26 @@ class Directory:
         with tenant_scope(acting_as(tid)):
             async with self._db.session() as s:
                 now = utcnow()
-                tenant = TenantRow(id=tid, name=name, tier=tier, region=region, status="active",
-                                   created_at=now)
-                admin = PrincipalRow(id=new_id("p"), kind="user", display_name="admin", scopes=list(admin_scopes),
-                                     disabled=False, created_at=now)
+                tenant = TenantRow(id=tid, name=name, tier=tier, region=region, status="active", created_at=now)
+                admin = PrincipalRow(
+                    id=new_id("p"),
+                    kind="user",
+                    display_name="admin",
+                    scopes=list(admin_scopes),
+                    disabled=False,
+                    created_at=now,
+                )
                 key_id = new_id("k")
                 whole, prefix, digest = make_api_key(tid, key_id)
-                key = ApiKeyRow(id=key_id, principal_id=admin.id, prefix=prefix, secret_hash=digest,
-                                scopes=list(admin_scopes), display_name="admin (created with tenant)", created_at=now)
+                key = ApiKeyRow(
+                    id=key_id,
+                    principal_id=admin.id,
+                    prefix=prefix,
+                    secret_hash=digest,
+                    scopes=list(admin_scopes),
+                    display_name="admin (created with tenant)",
+                    created_at=now,
+                )
                 s.add(tenant)
                 await s.flush()
                 s.add_all([admin, key])
@@ -130,7 +157,9 @@ class Directory:
         limit = page_size(size)
         after = paging.decode(token)
         async with self._db.system_session() as s:
-            q = _after(select(TenantRow).order_by(TenantRow.created_at, TenantRow.id).limit(limit + 1), TenantRow, after)
+            q = _after(
+                select(TenantRow).order_by(TenantRow.created_at, TenantRow.id).limit(limit + 1), TenantRow, after
+            )
             rows = list((await s.execute(q)).scalars())
         return paging.keyset(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
 
@@ -179,19 +208,29 @@ class Directory:
         if kind not in PRINCIPAL_KINDS:
             raise InvalidArgument("unknown principal kind", violations={"kind": "USER, SERVICE_ACCOUNT or AGENT"})
         if not display_name or len(display_name) > 128:
-            raise InvalidArgument("display_name is required (at most 128 characters)",
-                                  violations={"display_name": "1-128 characters"})
+            raise InvalidArgument(
+                "display_name is required (at most 128 characters)", violations={"display_name": "1-128 characters"}
+            )
         scopes = validate_scopes(scopes, field="scopes", tenant_id=ctx.tenant_id)
         if not covered(scopes, ctx.scopes):
-            raise PermissionDenied("a principal cannot be granted scopes its creator does not hold",
-                                   reason="SCOPE_ESCALATION")
+            raise PermissionDenied(
+                "a principal cannot be granted scopes its creator does not hold", reason="SCOPE_ESCALATION"
+            )
         with tenant_scope(pooled(ctx)):
             async with self._db.session() as s:
-                exists = (await s.execute(select(PrincipalRow.id).where(PrincipalRow.display_name == display_name))).first()
+                exists = (
+                    await s.execute(select(PrincipalRow.id).where(PrincipalRow.display_name == display_name))
+                ).first()
                 if exists:
                     raise AlreadyExists(f"a principal named {display_name!r} exists", reason="PRINCIPAL_EXISTS")
-                row = PrincipalRow(id=new_id("p"), kind=kind, display_name=display_name, scopes=scopes,
-                                   disabled=False, created_at=utcnow())
+                row = PrincipalRow(
+                    id=new_id("p"),
+                    kind=kind,
+                    display_name=display_name,
+                    scopes=scopes,
+                    disabled=False,
+                    created_at=utcnow(),
+                )
                 s.add(row)
         return row
 
@@ -199,7 +238,9 @@ class Directory:
         """A principal of the caller's tenant (NOT_FOUND for everyone else's)."""
         with tenant_scope(pooled(require_tenant())):
             async with self._db.session() as s:
-                row = (await s.execute(select(PrincipalRow).where(PrincipalRow.id == principal_id))).scalar_one_or_none()
+                row = (
+                    await s.execute(select(PrincipalRow).where(PrincipalRow.id == principal_id))
+                ).scalar_one_or_none()
         if row is None:
             raise NotFound("principal not found", reason="PRINCIPAL_NOT_FOUND")
         return row
@@ -209,8 +250,11 @@ class Directory:
         limit, after = page_size(size), paging.decode(token)
         with tenant_scope(pooled(require_tenant())):
             async with self._db.session() as s:
-                q = _after(select(PrincipalRow).order_by(PrincipalRow.created_at, PrincipalRow.id).limit(limit + 1),
-                           PrincipalRow, after)
+                q = _after(
+                    select(PrincipalRow).order_by(PrincipalRow.created_at, PrincipalRow.id).limit(limit + 1),
+                    PrincipalRow,
+                    after,
+                )
                 rows = list((await s.execute(q)).scalars())
         return paging.keyset(rows, limit, lambda r: {"t": r.created_at, "id": r.id})
 
@@ -221,7 +265,9 @@ class Directory:
             raise FailedPrecondition("a principal cannot disable itself", reason="SELF_DISABLE")
         with tenant_scope(pooled(ctx)):
             async with self._db.session() as s:
-                row = (await s.execute(select(PrincipalRow).where(PrincipalRow.id == principal_id))).scalar_one_or_none()
+                row = (
+                    await s.execute(select(PrincipalRow).where(PrincipalRow.id == principal_id))
+                ).scalar_one_or_none()
                 if row is None:
                     raise NotFound("principal not found", reason="PRINCIPAL_NOT_FOUND")
                 row.disabled = True
@@ -234,21 +280,33 @@ class Directory:
         scopes = validate_scopes(scopes, field="scopes", tenant_id=ctx.tenant_id)
         with tenant_scope(pooled(ctx)):
             async with self._db.session() as s:
-                principal = (await s.execute(select(PrincipalRow).where(PrincipalRow.id == principal_id))).scalar_one_or_none()
+                principal = (
+                    await s.execute(select(PrincipalRow).where(PrincipalRow.id == principal_id))
+                ).scalar_one_or_none()
                 if principal is None:
                     raise NotFound("principal not found", reason="PRINCIPAL_NOT_FOUND")
                 if principal.disabled:
                     raise FailedPrecondition("principal is disabled", reason="PRINCIPAL_DISABLED")
                 scopes = scopes or list(principal.scopes)
                 if not covered(scopes, principal.scopes):
-                    raise PermissionDenied("key scopes must be within the principal's scopes", reason="SCOPE_ESCALATION")
+                    raise PermissionDenied(
+                        "key scopes must be within the principal's scopes", reason="SCOPE_ESCALATION"
+                    )
                 if not covered(scopes, ctx.scopes):
-                    raise PermissionDenied("a key cannot be granted scopes its creator does not hold",
-                                           reason="SCOPE_ESCALATION")
+                    raise PermissionDenied(
+                        "a key cannot be granted scopes its creator does not hold", reason="SCOPE_ESCALATION"
+                    )
                 key_id = new_id("k")
                 whole, prefix, digest = make_api_key(ctx.tenant_id, key_id)
-                row = ApiKeyRow(id=key_id, principal_id=principal_id, prefix=prefix, secret_hash=digest,
-                                scopes=scopes, display_name=display_name[:128], created_at=utcnow())
+                row = ApiKeyRow(
+                    id=key_id,
+                    principal_id=principal_id,
+                    prefix=prefix,
+                    secret_hash=digest,
+                    scopes=scopes,
+                    display_name=display_name[:128],
+                    created_at=utcnow(),
+                )
                 s.add(row)
         return row, whole
 
@@ -282,4 +340,3 @@ def _after(query, model, after: dict | None):
     if not isinstance(after, dict) or not isinstance(after.get("t"), datetime) or not isinstance(after.get("id"), str):
         raise paging.invalid_token()  # signed by us, so only a token of another version of this code
     return query.where((model.created_at > after["t"]) | ((model.created_at == after["t"]) & (model.id > after["id"])))
-

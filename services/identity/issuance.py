@@ -1,4 +1,5 @@
 """Tokens: issued for API keys, exchanged for narrower agent tokens, revoked before expiry."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -31,7 +32,9 @@ def _ttl(requested: int, ceiling: int) -> int:
     if requested < 0:
         raise InvalidArgument("ttl_seconds must not be negative", violations={"ttl_seconds": f"0 to {MAX_TOKEN_TTL}"})
     if requested > MAX_TOKEN_TTL:
-        raise InvalidArgument(f"ttl_seconds is at most {MAX_TOKEN_TTL}", violations={"ttl_seconds": f"0 to {MAX_TOKEN_TTL}"})
+        raise InvalidArgument(
+            f"ttl_seconds is at most {MAX_TOKEN_TTL}", violations={"ttl_seconds": f"0 to {MAX_TOKEN_TTL}"}
+        )
     return min(requested or DEFAULT_TTL, ceiling)
 
 
@@ -55,23 +58,34 @@ class Issuance:
                 if key is None or not secret_matches(parsed.secret, key.secret_hash):
                     raise Unauthenticated(_BAD_KEY, reason="INVALID_API_KEY")
                 if key.revoked_at is not None:
-                    raise Unauthenticated("API key revoked: create a new one with `bulkhead keys create`",
-                                          reason="API_KEY_REVOKED")
+                    raise Unauthenticated(
+                        "API key revoked: create a new one with `bulkhead keys create`", reason="API_KEY_REVOKED"
+                    )
                 tenant = await s.get(TenantRow, parsed.tenant_id)
-                principal = (await s.execute(select(PrincipalRow).where(PrincipalRow.id == key.principal_id))).scalar_one()
+                principal = (
+                    await s.execute(select(PrincipalRow).where(PrincipalRow.id == key.principal_id))
+                ).scalar_one()
                 if tenant is None or tenant.status != "active":
-                    raise PermissionDenied("tenant is suspended: contact the platform operator", reason="TENANT_SUSPENDED")
+                    raise PermissionDenied(
+                        "tenant is suspended: contact the platform operator", reason="TENANT_SUSPENDED"
+                    )
                 if principal.disabled:
                     raise PermissionDenied("principal is disabled", reason="PRINCIPAL_DISABLED")
                 wanted = validate_scopes(scopes, field="scopes", tenant_id=parsed.tenant_id) or list(key.scopes)
                 if not covered(wanted, key.scopes) or not covered(wanted, principal.scopes):
                     raise PermissionDenied("requested scopes exceed the key's scopes", reason="SCOPE_ESCALATION")
                 signer = TokenIssuer(await self._keys.active())
-                token, claims = signer.issue(tenant_id=tenant.id, principal_id=principal.id, scopes=frozenset(wanted),
-                                             tier=tenant.tier, ttl=ttl)
+                token, claims = signer.issue(
+                    tenant_id=tenant.id, principal_id=principal.id, scopes=frozenset(wanted), tier=tenant.tier, ttl=ttl
+                )
                 key.last_used_at = utcnow()
-                s.add(IssuedTokenRow(jti=claims.jti, principal_id=principal.id,
-                                     expires_at=datetime.fromtimestamp(claims.expires_at, UTC)))
+                s.add(
+                    IssuedTokenRow(
+                        jti=claims.jti,
+                        principal_id=principal.id,
+                        expires_at=datetime.fromtimestamp(claims.expires_at, UTC),
+                    )
+                )
         return IssuedToken(token, claims)
 
     async def exchange(self, scopes: list[str], agent_id: str, run_id: str, ttl_seconds: int) -> IssuedToken:
@@ -87,13 +101,23 @@ class Issuance:
         ttl = _ttl(ttl_seconds, max(remaining, 1))
         signer = TokenIssuer(await self._keys.active())
         subject = f"agent:{agent_id}" if agent_id else ctx.principal_id
-        token, claims = signer.issue(tenant_id=ctx.tenant_id, principal_id=subject, scopes=frozenset(wanted),
-                                     tier=ctx.tier, ttl=ttl, actor_id=ctx.principal_id, agent_id=agent_id or None,
-                                     run_id=run_id or None)
+        token, claims = signer.issue(
+            tenant_id=ctx.tenant_id,
+            principal_id=subject,
+            scopes=frozenset(wanted),
+            tier=ctx.tier,
+            ttl=ttl,
+            actor_id=ctx.principal_id,
+            agent_id=agent_id or None,
+            run_id=run_id or None,
+        )
         with tenant_scope(pooled(ctx)):
             async with self._db.session() as s:
-                s.add(IssuedTokenRow(jti=claims.jti, principal_id=subject,
-                                     expires_at=datetime.fromtimestamp(claims.expires_at, UTC)))
+                s.add(
+                    IssuedTokenRow(
+                        jti=claims.jti, principal_id=subject, expires_at=datetime.fromtimestamp(claims.expires_at, UTC)
+                    )
+                )
         return IssuedToken(token, claims)
 
     async def revoke(self, jti: str) -> RevocationRow:

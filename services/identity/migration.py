@@ -24,6 +24,7 @@ switches it. The coordinator waits `feed_wait` (the feed's staleness bound: poll
 before its first copy, so no replica identity never called writes to the source during the copy;
 the pause ends only through a later feed answer than the one that carries the new placement.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -86,10 +87,18 @@ class StepFailed(Exception):
 class Migrations:
     """Starts, aborts, reports and runs tenants' tier migrations from identity's database."""
 
-    def __init__(self, db: Database, keys: SigningKeys, *, peers: MutableMapping[str, str],
-                 channel_for: Callable[[str], grpc.aio.Channel], lease_seconds: float = 180.0,
-                 pause_seconds: int = PAUSE_SECONDS, feed_wait: float = FEED_WAIT_SECONDS,
-                 regions: tuple[str, ...] = ()) -> None:
+    def __init__(
+        self,
+        db: Database,
+        keys: SigningKeys,
+        *,
+        peers: MutableMapping[str, str],
+        channel_for: Callable[[str], grpc.aio.Channel],
+        lease_seconds: float = 180.0,
+        pause_seconds: int = PAUSE_SECONDS,
+        feed_wait: float = FEED_WAIT_SECONDS,
+        regions: tuple[str, ...] = (),
+    ) -> None:
         """peers: service name -> address (a mutable map: tests fill it once the services listen);
         feed_wait: how long every replica may take to see a published pause (see the module docstring);
         regions: the deployment's data-residency regions (a tenant may be moved to any of them)."""
@@ -110,8 +119,11 @@ class Migrations:
         empty); a repeat returns the plan. Or abort the unfinished one."""
         if target_region and target_region not in self._regions:
             known = ", ".join(self._regions)
-            raise InvalidArgument(f"unknown region {target_region[:40]!r}: this deployment's regions are {known}",
-                                  reason="UNKNOWN_REGION", violations={"target_region": f"one of: {known}"})
+            raise InvalidArgument(
+                f"unknown region {target_region[:40]!r}: this deployment's regions are {known}",
+                reason="UNKNOWN_REGION",
+                violations={"target_region": f"one of: {known}"},
+            )
         if not tenant_id:
             raise InvalidArgument("tenant_id is required", violations={"tenant_id": "the tenant to move"})
         if tenant_id == PLATFORM_TENANT:
@@ -124,45 +136,81 @@ class Migrations:
             if abort:
                 if row is None or row.state in ("done", "aborted"):
                     if row is None or row.state == "done":
-                        raise FailedPrecondition("the tenant has no migration in progress to abort",
-                                                 reason="NO_MIGRATION")
+                        raise FailedPrecondition(
+                            "the tenant has no migration in progress to abort", reason="NO_MIGRATION"
+                        )
                 elif row.state == "releasing":
-                    raise FailedPrecondition("the tenant is switched already; migrate it back instead",
-                                             reason="MIGRATION_SWITCHED")
+                    raise FailedPrecondition(
+                        "the tenant is switched already; migrate it back instead", reason="MIGRATION_SWITCHED"
+                    )
                 elif row.state == "copying":
                     row.state, row.last_error = "aborting", ""
-                    await s.execute(update(MigrationStepRow).where(MigrationStepRow.tenant_id == tenant_id)
-                                    .values(phase="pending", last_error=""))
+                    await s.execute(
+                        update(MigrationStepRow)
+                        .where(MigrationStepRow.tenant_id == tenant_id)
+                        .values(phase="pending", last_error="")
+                    )
             else:
                 if tenant.status == "deleting":
                     raise FailedPrecondition("the tenant is being deleted", reason="TENANT_DELETING")
                 if row is not None and row.state in UNFINISHED:
                     target = target or row.target_tier
                     target_region = target_region or row.target_region or tenant.region
-                    if (row.target_tier, row.target_region or tenant.region) != (target, target_region) \
-                            or row.state == "aborting":
+                    if (row.target_tier, row.target_region or tenant.region) != (
+                        target,
+                        target_region,
+                    ) or row.state == "aborting":
                         raise FailedPrecondition(
                             f"the tenant's migration to {row.target_tier} is {row.state}; wait for it or abort it",
-                            reason="MIGRATION_IN_PROGRESS")
+                            reason="MIGRATION_IN_PROGRESS",
+                        )
                 elif (tenant.tier, tenant.region) == (target or tenant.tier, target_region or tenant.region):
                     target, target_region = tenant.tier, tenant.region
-                    if row is None or row.state != "done" or row.target_tier != target \
-                            or (row.target_region or tenant.region) != target_region:
-                        raise InvalidArgument(f"the tenant is {target} in {target_region} already", reason="SAME_TIER",
-                                              violations={"target_tier": "a tier or region other than the tenant's"})
+                    if (
+                        row is None
+                        or row.state != "done"
+                        or row.target_tier != target
+                        or (row.target_region or tenant.region) != target_region
+                    ):
+                        raise InvalidArgument(
+                            f"the tenant is {target} in {target_region} already",
+                            reason="SAME_TIER",
+                            violations={"target_tier": "a tier or region other than the tenant's"},
+                        )
                 else:
                     if row is not None:
                         await s.execute(delete(MigrationStepRow).where(MigrationStepRow.tenant_id == tenant_id))
                         await s.delete(row)
                         await s.flush()
                     target, target_region = target or tenant.tier, target_region or tenant.region
-                    s.add(MigrationRow(tenant_id=tenant_id, source_tier=tenant.tier, target_tier=target,
-                                       source_region=tenant.region, target_region=target_region, state="copying", generation=0, requested_at=utcnow(), pause_ms=0,
-                                       last_error=""))
-                    s.add_all(MigrationStepRow(tenant_id=tenant_id, service=svc, position=i, phase="pending",
-                                               attempts=0, last_error="") for i, svc in enumerate(SERVICES))
-                    log.info("tenant %s: migration %s@%s -> %s@%s planned", tenant_id, tenant.tier, tenant.region,
-                             target, target_region)
+                    s.add(
+                        MigrationRow(
+                            tenant_id=tenant_id,
+                            source_tier=tenant.tier,
+                            target_tier=target,
+                            source_region=tenant.region,
+                            target_region=target_region,
+                            state="copying",
+                            generation=0,
+                            requested_at=utcnow(),
+                            pause_ms=0,
+                            last_error="",
+                        )
+                    )
+                    s.add_all(
+                        MigrationStepRow(
+                            tenant_id=tenant_id, service=svc, position=i, phase="pending", attempts=0, last_error=""
+                        )
+                        for i, svc in enumerate(SERVICES)
+                    )
+                    log.info(
+                        "tenant %s: migration %s@%s -> %s@%s planned",
+                        tenant_id,
+                        tenant.tier,
+                        tenant.region,
+                        target,
+                        target_region,
+                    )
         self.kick(tenant_id)
         return await self.get(tenant_id)
 
@@ -172,8 +220,15 @@ class Migrations:
             row = await s.get(MigrationRow, tenant_id)
             if row is None:
                 raise NotFound("no migration for that tenant", reason="MIGRATION_NOT_FOUND")
-            steps = list((await s.execute(select(MigrationStepRow).where(MigrationStepRow.tenant_id == tenant_id)
-                                          .order_by(MigrationStepRow.position))).scalars())
+            steps = list(
+                (
+                    await s.execute(
+                        select(MigrationStepRow)
+                        .where(MigrationStepRow.tenant_id == tenant_id)
+                        .order_by(MigrationStepRow.position)
+                    )
+                ).scalars()
+            )
         return MigrationView(row, steps)
 
     # -- execution ------------------------------------------------------------------------------
@@ -181,16 +236,18 @@ class Migrations:
         """Run the tenant's migration in the background now (the Periodic would, a pass later)."""
         # A fresh context: the task must not inherit the request's configuration-audit change, or its
         # own writes (claims, steps) would each be audited as another tier change.
-        task = asyncio.get_running_loop().create_task(self.run(tenant_id), name=f"migrate-{tenant_id}",
-                                                      context=contextvars.Context())
+        task = asyncio.get_running_loop().create_task(
+            self.run(tenant_id), name=f"migrate-{tenant_id}", context=contextvars.Context()
+        )
         self._kicks.add(task)
         task.add_done_callback(self._kicks.discard)
 
     async def run_due(self) -> None:
         """One pass of the Periodic: every unfinished migration."""
         async with self._db.system_session() as s:
-            due = list((await s.execute(select(MigrationRow.tenant_id).where(
-                MigrationRow.state.in_(UNFINISHED)))).scalars())
+            due = list(
+                (await s.execute(select(MigrationRow.tenant_id).where(MigrationRow.state.in_(UNFINISHED)))).scalars()
+            )
         for tenant_id in due:
             await self.run(tenant_id)
 
@@ -225,8 +282,9 @@ class Migrations:
             task.cancel()
         await asyncio.gather(*self._kicks, return_exceptions=True)
 
-    async def _copy_and_switch(self, tenant_id: str, source: Placement, target: Placement,
-                               steps: list[MigrationStepRow]) -> None:
+    async def _copy_and_switch(
+        self, tenant_id: str, source: Placement, target: Placement, steps: list[MigrationStepRow]
+    ) -> None:
         started = time.monotonic()
         # The pause is published (this plan is `copying`); every replica refuses the tenant within the
         # feed's staleness bound. Waited on every run: replicas that lost identity meanwhile let it lapse.
@@ -253,7 +311,9 @@ class Migrations:
             row = await s.get_one(MigrationRow, tenant_id)
             row.pause_ms = int((time.monotonic() - started) * 1000)
 
-    async def _release(self, tenant_id: str, source: Placement, target: Placement, steps: list[MigrationStepRow]) -> None:
+    async def _release(
+        self, tenant_id: str, source: Placement, target: Placement, steps: list[MigrationStepRow]
+    ) -> None:
         if any(step.phase in _PAUSED_PHASES for step in steps):  # still published paused: see _copy_and_switch
             await asyncio.sleep(self._feed_wait)
         for step in steps:
@@ -279,14 +339,31 @@ class Migrations:
     async def _copy(self, tenant_id: str, service: str, source: Placement, target: Placement) -> None:
         stub = self._stub(service)
         md = await self._caller.metadata()
-        pair = {"tenant_id": tenant_id, "tier": tier_to_proto(source.tier.value), "region": source.region,
-                "target_tier": tier_to_proto(target.tier.value), "target_region": target.region}
+        tier, target_tier = tier_to_proto(source.tier.value), tier_to_proto(target.tier.value)
         async with self._step(tenant_id, service):
-            await stub.CopyTenant(lpb.CopyTenantRequest(tenant_id=tenant_id, tier=tier, target_tier=target_tier,
-                                                        pause_seconds=self._pause), timeout=_CALL_TIMEOUT, metadata=md)
+            await stub.CopyTenant(
+                lpb.CopyTenantRequest(
+                    tenant_id=tenant_id,
+                    tier=tier,
+                    region=source.region,
+                    target_tier=target_tier,
+                    target_region=target.region,
+                    pause_seconds=self._pause,
+                ),
+                timeout=_CALL_TIMEOUT,
+                metadata=md,
+            )
             verified = await stub.VerifyTenant(
-                lpb.VerifyTenantRequest(tenant_id=tenant_id, tier=tier, target_tier=target_tier),
-                timeout=_CALL_TIMEOUT, metadata=md)
+                lpb.VerifyTenantRequest(
+                    tenant_id=tenant_id,
+                    tier=tier,
+                    region=source.region,
+                    target_tier=target_tier,
+                    target_region=target.region,
+                ),
+                timeout=_CALL_TIMEOUT,
+                metadata=md,
+            )
             if not verified.equal:
                 raise StepFailed(f"verify: {', '.join(verified.mismatched_tables)} differ")
         await self._record(tenant_id, service, phase="copied", verify=json.dumps(MessageToDict(verified)))
@@ -295,16 +372,24 @@ class Migrations:
         async with self._step(tenant_id, service):
             await self._stub(service).SwitchTenant(
                 lpb.SwitchTenantRequest(tenant_id=tenant_id, tier=tier_to_proto(to.tier.value), region=to.region),
-                timeout=_CALL_TIMEOUT, metadata=await self._caller.metadata())
+                timeout=_CALL_TIMEOUT,
+                metadata=await self._caller.metadata(),
+            )
         await self._record(tenant_id, service, phase=phase)
 
     async def _release_one(self, tenant_id: str, service: str, left: Placement, current: Placement) -> None:
         async with self._step(tenant_id, service):
             out = await self._stub(service).ReleaseTenant(
-                lpb.ReleaseTenantRequest(tenant_id=tenant_id, tier=tier_to_proto(left.tier.value), region=left.region,
-                                         current_tier=tier_to_proto(current.tier.value),
-                                         current_region=current.region),
-                timeout=_CALL_TIMEOUT, metadata=await self._caller.metadata())
+                lpb.ReleaseTenantRequest(
+                    tenant_id=tenant_id,
+                    tier=tier_to_proto(left.tier.value),
+                    region=left.region,
+                    current_tier=tier_to_proto(current.tier.value),
+                    current_region=current.region,
+                ),
+                timeout=_CALL_TIMEOUT,
+                metadata=await self._caller.metadata(),
+            )
         await self._record(tenant_id, service, phase="released", released=json.dumps(MessageToDict(out)))
 
     def _step(self, tenant_id: str, service: str):
@@ -316,8 +401,16 @@ class Migrations:
             raise StepFailed(f"no address for {service}")
         return lifecycle_pb2_grpc.TenantLifecycleServiceStub(self._channel_for(address))
 
-    async def _record(self, tenant_id: str, service: str, *, phase: str | None = None, verify: str | None = None,
-                      released: str | None = None, error: str = "") -> None:
+    async def _record(
+        self,
+        tenant_id: str,
+        service: str,
+        *,
+        phase: str | None = None,
+        verify: str | None = None,
+        released: str | None = None,
+        error: str = "",
+    ) -> None:
         async with self._db.system_session() as s:
             step = await s.get_one(MigrationStepRow, (tenant_id, service))
             if phase is not None:
@@ -342,16 +435,24 @@ class Migrations:
     async def _claim(self, tenant_id: str) -> bool:
         now = utcnow()
         async with self._db.system_session() as s:
-            result = await s.execute(update(MigrationRow).where(
-                MigrationRow.tenant_id == tenant_id, MigrationRow.state.in_(UNFINISHED),
-                (MigrationRow.lease_until.is_(None)) | (MigrationRow.lease_until < now))
-                .values(lease_until=now + self._lease))
+            result = await s.execute(
+                update(MigrationRow)
+                .where(
+                    MigrationRow.tenant_id == tenant_id,
+                    MigrationRow.state.in_(UNFINISHED),
+                    (MigrationRow.lease_until.is_(None)) | (MigrationRow.lease_until < now),
+                )
+                .values(lease_until=now + self._lease)
+            )
         return cast("CursorResult[Any]", result).rowcount == 1  # an UPDATE's result is a CursorResult
 
     async def _renew(self, tenant_id: str) -> None:
         async with self._db.system_session() as s:
-            await s.execute(update(MigrationRow).where(MigrationRow.tenant_id == tenant_id)
-                            .values(lease_until=utcnow() + self._lease))
+            await s.execute(
+                update(MigrationRow)
+                .where(MigrationRow.tenant_id == tenant_id)
+                .values(lease_until=utcnow() + self._lease)
+            )
 
     async def _unclaim(self, tenant_id: str) -> None:
         async with self._db.system_session() as s:
@@ -366,15 +467,32 @@ async def migration_feed(db: Database) -> tuple[frozenset[str], dict[str, tuple[
     services are not all switched (reverted) yet."""
     cutoff = utcnow() - timedelta(seconds=MAX_TOKEN_TTL + 60)
     async with db.system_session() as s:
-        rows = (await s.execute(select(MigrationRow.tenant_id, MigrationRow.state, MigrationRow.generation,
-                                       TenantRow.tier, MigrationRow.completed_at)
-                                .join(TenantRow, TenantRow.id == MigrationRow.tenant_id))).all()
-        unswitched = set((await s.execute(select(MigrationStepRow.tenant_id).distinct().where(
-            MigrationStepRow.phase.in_(_PAUSED_PHASES)))).scalars())
-    paused = frozenset(tid for tid, state, _, _, _ in rows
-                       if state == "copying" or (state in UNFINISHED and tid in unswitched))
-    return paused, {tid: (tier, generation) for tid, _, generation, tier, completed in rows
-                    if completed is None or as_utc(completed) >= cutoff}
+        rows = (
+            await s.execute(
+                select(
+                    MigrationRow.tenant_id,
+                    MigrationRow.state,
+                    MigrationRow.generation,
+                    TenantRow.tier,
+                    MigrationRow.completed_at,
+                ).join(TenantRow, TenantRow.id == MigrationRow.tenant_id)
+            )
+        ).all()
+        unswitched = set(
+            (
+                await s.execute(
+                    select(MigrationStepRow.tenant_id).distinct().where(MigrationStepRow.phase.in_(_PAUSED_PHASES))
+                )
+            ).scalars()
+        )
+    paused = frozenset(
+        tid for tid, state, _, _, _ in rows if state == "copying" or (state in UNFINISHED and tid in unswitched)
+    )
+    return paused, {
+        tid: (tier, generation)
+        for tid, _, generation, tier, completed in rows
+        if completed is None or as_utc(completed) >= cutoff
+    }
 
 
 class _Step:
@@ -403,13 +521,18 @@ class _Step:
         raise StepFailed(error)
 
 
-_STATE_PB = {"copying": pb.MIGRATION_STATE_COPYING, "releasing": pb.MIGRATION_STATE_RELEASING,
-             "done": pb.MIGRATION_STATE_DONE, "aborting": pb.MIGRATION_STATE_ABORTING,
-             "aborted": pb.MIGRATION_STATE_ABORTED}
+_STATE_PB = {
+    "copying": pb.MIGRATION_STATE_COPYING,
+    "releasing": pb.MIGRATION_STATE_RELEASING,
+    "done": pb.MIGRATION_STATE_DONE,
+    "aborting": pb.MIGRATION_STATE_ABORTING,
+    "aborted": pb.MIGRATION_STATE_ABORTED,
+}
 
 
 def migration_pb(view: MigrationView):
     """The TenantMigration message of a migration (tables from each step's last verification)."""
+
     def ts(value) -> Timestamp | None:
         if value is None:
             return None
@@ -423,17 +546,37 @@ def migration_pb(view: MigrationView):
         if step.verify:
             verified = json.loads(step.verify)
             for src, dst in zip(verified.get("source", []), verified.get("target", []), strict=False):
-                tables.append(pb.TableProgress(table=src.get("table", ""), rows=int(src.get("rows", 0)),
-                                               equal=(src.get("rows"), src.get("checksum")) ==
-                                                     (dst.get("rows"), dst.get("checksum"))))
-        steps.append(pb.MigrationStep(service=step.service, phase=step.phase, attempts=step.attempts,
-                                      last_error=step.last_error, tables=tables))
+                tables.append(
+                    pb.TableProgress(
+                        table=src.get("table", ""),
+                        rows=int(src.get("rows", 0)),
+                        equal=(src.get("rows"), src.get("checksum")) == (dst.get("rows"), dst.get("checksum")),
+                    )
+                )
+        steps.append(
+            pb.MigrationStep(
+                service=step.service,
+                phase=step.phase,
+                attempts=step.attempts,
+                last_error=step.last_error,
+                tables=tables,
+            )
+        )
     row = view.row
     return pb.TenantMigration(
-        tenant_id=row.tenant_id, source_tier=tier_to_proto(row.source_tier), target_tier=tier_to_proto(row.target_tier),
-        source_region=row.source_region, target_region=row.target_region,
-        state=_STATE_PB[row.state], generation=row.generation, pause_ms=row.pause_ms, request_time=ts(row.requested_at),
-        complete_time=ts(row.completed_at), last_error=row.last_error, steps=steps)
+        tenant_id=row.tenant_id,
+        source_tier=tier_to_proto(row.source_tier),
+        target_tier=tier_to_proto(row.target_tier),
+        source_region=row.source_region,
+        target_region=row.target_region,
+        state=_STATE_PB[row.state],
+        generation=row.generation,
+        pause_ms=row.pause_ms,
+        request_time=ts(row.requested_at),
+        complete_time=ts(row.completed_at),
+        last_error=row.last_error,
+        steps=steps,
+    )
 
 
 class MigrationRpcs:
@@ -457,15 +600,25 @@ class MigrationRpcs:
                     raise UnknownTier("unset")
                 target = tier_from_proto(request.target_tier).value if request.target_tier else ""
             except UnknownTier:
-                raise InvalidArgument("target_tier must be set to a known tier", reason="INVALID_TIER",
-                                      violations={"target_tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
-        async with self._audit.change("tenant.tier", tenant_id=request.tenant_id, target=f"tenant/{request.tenant_id}",
-                                      tables={"tenant_migrations"},
-                                      detail={"target_tier": target, "abort": request.abort,
-                                              **({"target_region": request.target_region}
-                                                 if request.target_region and not request.abort else {})}):
-            view = await migrations.start(request.tenant_id, target, request.abort,
-                                          "" if request.abort else request.target_region)
+                raise InvalidArgument(
+                    "target_tier must be set to a known tier",
+                    reason="INVALID_TIER",
+                    violations={"target_tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"},
+                ) from None
+        async with self._audit.change(
+            "tenant.tier",
+            tenant_id=request.tenant_id,
+            target=f"tenant/{request.tenant_id}",
+            tables={"tenant_migrations"},
+            detail={
+                "target_tier": target,
+                "abort": request.abort,
+                **({"target_region": request.target_region} if request.target_region and not request.abort else {}),
+            },
+        ):
+            view = await migrations.start(
+                request.tenant_id, target, request.abort, "" if request.abort else request.target_region
+            )
         return pb.MigrateTenantResponse(migration=migration_pb(view))
 
     async def GetMigration(self, request, context):

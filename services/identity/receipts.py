@@ -5,6 +5,7 @@ data (a hash of a short secret can be guessed) or secrets. `bulkhead receipts ve
 offline (bulkhead_cli/receipts.py): the canonical form is `json.dumps(body, sort_keys=True,
 separators=(",", ":"))`, so a saved, re-read receipt verifies byte for byte.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,17 +26,28 @@ def canonical(body: dict) -> bytes:
 def _service(step: DeletionStepRow) -> dict:
     inventory = json.loads(step.inventory or "{}")
     result = json.loads(step.result or "{}")
-    held = [{"store": t.get("store", ""), "table": t["table"], "rows": int(t.get("rows", 0))}
-            for t in inventory.get("tables", []) if int(t.get("rows", 0))]
+    held = [
+        {"store": t.get("store", ""), "table": t["table"], "rows": int(t.get("rows", 0))}
+        for t in inventory.get("tables", [])
+        if int(t.get("rows", 0))
+    ]
     return {
         "service": step.service,
         "rows_before": held,
         "rows_deleted": sum(int(t.get("rows", 0)) for t in result.get("deleted", [])),
         "dropped_stores": list(result.get("droppedStores", [])),
-        "destroyed_keys": [{"key_id": k["keyId"], "backend": k.get("backend", "")}
-                           for k in result.get("destroyedKeys", [])],
-        "kept": [{"store": k.get("store", ""), "table": k["table"], "rows": int(k.get("rows", 0)),
-                  "reason": k.get("reason", "")} for k in result.get("kept", [])],
+        "destroyed_keys": [
+            {"key_id": k["keyId"], "backend": k.get("backend", "")} for k in result.get("destroyedKeys", [])
+        ],
+        "kept": [
+            {
+                "store": k.get("store", ""),
+                "table": k["table"],
+                "rows": int(k.get("rows", 0)),
+                "reason": k.get("reason", ""),
+            }
+            for k in result.get("kept", [])
+        ],
         "actions": [{"name": a["name"], "count": int(a.get("count", 0))} for a in result.get("actions", [])],
     }
 

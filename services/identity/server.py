@@ -1,4 +1,5 @@
 """identity's wiring: database, signing keys, verifier over its own tables, the gRPC server."""
+
 from __future__ import annotations
 
 import logging
@@ -82,40 +83,85 @@ async def start(config: IdentityConfig, *, address: str | None = None, announce=
     directory = Directory(db, regions=svc.regions)
     operator_key = await ensure_platform_tenant(directory, svc.data_dir, announce=announce)
     await ensure_service_keys(directory, config.service_keys_dir)
-    key_source = RefreshingKeySource(StoreKeyLoader(keys, db), revocation_poll=config.revocation_poll,
-                                     min_refetch=0.0)
+    key_source = RefreshingKeySource(StoreKeyLoader(keys, db), revocation_poll=config.revocation_poll, min_refetch=0.0)
     verifier = TokenVerifier(key_source)
     # identity's own rows stay pooled whatever the tenant's tier (see directory.pooled).
     audit = ConfigAudit("identity", db, rows_tier=Tier.POOLED, key=load_chain_key("identity", svc.env))
-    own = TenantLifecycle("identity", db, [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
-                          keep=KEPT, rows_tier=Tier.POOLED)
+    own = TenantLifecycle(
+        "identity",
+        db,
+        [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
+        keep=KEPT,
+        rows_tier=Tier.POOLED,
+    )
     channels: dict = {}
-    deletions = Deletions(db, keys, own, peers={s: svc.peers[s] for s in STEPS if s in svc.peers},
-                          channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
-                          on_status_change=key_source.refresh_revocations, lease_seconds=config.deletion_lease)
+    deletions = Deletions(
+        db,
+        keys,
+        own,
+        peers={s: svc.peers[s] for s in STEPS if s in svc.peers},
+        channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
+        on_status_change=key_source.refresh_revocations,
+        lease_seconds=config.deletion_lease,
+    )
     servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source, deletions, audit=audit)
-    servicer.migrations = Migrations(db, keys, peers=deletions.peers,
-                                     channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
-                                     lease_seconds=config.deletion_lease, regions=svc.regions)
-    lifecycle = lifecycle_binding("identity", db, [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
-                                  keep=KEPT,
-                                  rows_tier=Tier.POOLED)
+    servicer.migrations = Migrations(
+        db,
+        keys,
+        peers=deletions.peers,
+        channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
+        lease_seconds=config.deletion_lease,
+        regions=svc.regions,
+    )
+    lifecycle = lifecycle_binding(
+        "identity",
+        db,
+        [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
+        keep=KEPT,
+        rows_tier=Tier.POOLED,
+    )
     running = await serve(
-        name="identity", verifier=verifier, address=address or svc.address, tls=TlsConfig.from_env(svc.env),
-        bindings=[Binding(identity_pb2_grpc.add_IdentityServiceServicer_to_server, servicer,
-                          identity_pb2.DESCRIPTOR.services_by_name["IdentityService"]), lifecycle,
-                  security_events_binding("identity", db), audit.binding()],
-        page_key=await load_page_key(db, "identity"))
-    sweeper = Periodic("tenant-deletions", deletions.run_due, interval=config.deletion_interval, log=log,
-                       run_first=True)
+        name="identity",
+        verifier=verifier,
+        address=address or svc.address,
+        tls=TlsConfig.from_env(svc.env),
+        bindings=[
+            Binding(
+                identity_pb2_grpc.add_IdentityServiceServicer_to_server,
+                servicer,
+                identity_pb2.DESCRIPTOR.services_by_name["IdentityService"],
+            ),
+            lifecycle,
+            security_events_binding("identity", db),
+            audit.binding(),
+        ],
+        page_key=await load_page_key(db, "identity"),
+    )
+    sweeper = Periodic(
+        "tenant-deletions", deletions.run_due, interval=config.deletion_interval, log=log, run_first=True
+    )
     sweeper.start()
     retention = RetentionSweeper("identity", directory.retention_policies, [audit.prune])
     retention.start(interval=sweep_interval(svc.env))
-    migration_sweeper = Periodic("tenant-migrations", servicer.migrations.run_due, interval=config.deletion_interval,
-                                 log=log, run_first=True)
+    migration_sweeper = Periodic(
+        "tenant-migrations", servicer.migrations.run_due, interval=config.deletion_interval, log=log, run_first=True
+    )
     migration_sweeper.start()
-    return IdentityApp(running, db, keys, directory, key_source, operator_key, config.service_keys_dir,
-                       deletions, sweeper, channels, retention, servicer.migrations, migration_sweeper)
+    return IdentityApp(
+        running,
+        db,
+        keys,
+        directory,
+        key_source,
+        operator_key,
+        config.service_keys_dir,
+        deletions,
+        sweeper,
+        channels,
+        retention,
+        servicer.migrations,
+        migration_sweeper,
+    )
 
 
 async def main(env: Mapping[str, str] = os.environ) -> None:

@@ -1,4 +1,5 @@
 """Signing keys: created, rotated, stored encrypted under a key-encryption key, published as a JWKS."""
+
 from __future__ import annotations
 
 import os
@@ -67,10 +68,18 @@ class SigningKeys:
         key = SigningKey.generate()
         now = utcnow()
         async with self._db.system_session() as s:
-            await s.execute(update(SigningKeyRow).where(SigningKeyRow.active.is_(True))
-                            .values(active=False, retired_at=now))
-            s.add(SigningKeyRow(kid=key.kid, public_key=public_key_bytes(key.public_key),
-                                encrypted_private_key=self._seal(key), active=True, created_at=now))
+            await s.execute(
+                update(SigningKeyRow).where(SigningKeyRow.active.is_(True)).values(active=False, retired_at=now)
+            )
+            s.add(
+                SigningKeyRow(
+                    kid=key.kid,
+                    public_key=public_key_bytes(key.public_key),
+                    encrypted_private_key=self._seal(key),
+                    active=True,
+                    created_at=now,
+                )
+            )
         return key
 
     async def published(self) -> list[SigningKeyRow]:
@@ -104,18 +113,28 @@ async def suspended_tenants(db: Database) -> frozenset[str]:
     so the list verifiers poll every second does not grow with every tenant ever deleted."""
     cutoff = utcnow() - timedelta(seconds=MAX_TOKEN_TTL) - _PUBLISH_SLACK
     async with db.system_session() as s:
-        rows = (await s.execute(select(TenantRow.id, TenantRow.status, DeletionRow.completed_at)
-                                .outerjoin(DeletionRow, DeletionRow.tenant_id == TenantRow.id)
-                                .where(TenantRow.status != "active"))).all()
-    return frozenset(tid for tid, status, done in rows
-                     if status != "deleted" or done is None or as_utc(done) > cutoff)
+        rows = (
+            await s.execute(
+                select(TenantRow.id, TenantRow.status, DeletionRow.completed_at)
+                .outerjoin(DeletionRow, DeletionRow.tenant_id == TenantRow.id)
+                .where(TenantRow.status != "active")
+            )
+        ).all()
+    return frozenset(tid for tid, status, done in rows if status != "deleted" or done is None or as_utc(done) > cutoff)
 
 
 async def revocations_since(db: Database, since: int) -> tuple[int, dict[str, int]]:
     """(latest revision, {jti: expiry}) of unexpired revocations after revision `since`."""
     now = utcnow()
     async with db.system_session() as s:
-        rows = (await s.execute(select(RevocationRow).where(RevocationRow.revision > since)
-                                .order_by(RevocationRow.revision))).scalars().all()
+        rows = (
+            (
+                await s.execute(
+                    select(RevocationRow).where(RevocationRow.revision > since).order_by(RevocationRow.revision)
+                )
+            )
+            .scalars()
+            .all()
+        )
     revision = max((r.revision for r in rows), default=since)
     return revision, {r.jti: int(as_utc(r.expires_at).timestamp()) for r in rows if as_utc(r.expires_at) > now}

@@ -1,5 +1,6 @@
 """identity's tables. Tenants, signing keys and the revocation feed are platform tables;
 principals, API keys and issued tokens belong to one tenant each."""
+
 from __future__ import annotations
 
 from datetime import datetime

@@ -1,4 +1,5 @@
 """Run the inference proxy: python -m services.inference (BULKHEAD_INFERENCE_WORKERS > 1: that many, on one port)."""
+
 from __future__ import annotations
 
 import os

@@ -19,6 +19,7 @@ request id retried on another replica that shares the database is a new, separat
 event (`<request id>#<n>`), while a redelivery of one attempt's event is still deduplicated.
 No grpc imports.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -81,8 +82,9 @@ class Attempt:
 class AttemptStore(Protocol):
     """The journal's table (store.SqlAttempts)."""
 
-    async def apply(self, opens: Sequence[NewAttempt], settles: Sequence[tuple], delivered: Sequence[int],
-                    replica: str) -> list[tuple[int, int]]: ...
+    async def apply(
+        self, opens: Sequence[NewAttempt], settles: Sequence[tuple], delivered: Sequence[int], replica: str
+    ) -> list[tuple[int, int]]: ...
 
     async def recover(self, *, replica: str, before_ms: int) -> list[UsageEvent]: ...
 
@@ -96,8 +98,16 @@ class JournalUnavailable(Exception):
 class AttemptJournal:
     """Group-committed write-ahead records of upstream attempts for one replica."""
 
-    def __init__(self, store: AttemptStore, *, replica: str, sweep_after: float = 660.0,
-                 retention: float = 3600.0, linger: float = 0.05, max_queued: int = 512):
+    def __init__(
+        self,
+        store: AttemptStore,
+        *,
+        replica: str,
+        sweep_after: float = 660.0,
+        retention: float = 3600.0,
+        linger: float = 0.05,
+        max_queued: int = 512,
+    ):
         self._store = store
         self.replica = replica
         self._sweep_after = sweep_after
@@ -132,8 +142,18 @@ class AttemptJournal:
     def settle(self, attempt: Attempt, event: UsageEvent) -> None:
         """Record the attempt's usage (queued: a crash before it is written settles at the reservation)."""
         t = event.tokens
-        self._settles.append((attempt.row_id, t.input, t.output, t.cache_write, t.cache_read, event.outcome,
-                              event.latency_ms, 1 if event.at_reservation else 0))
+        self._settles.append(
+            (
+                attempt.row_id,
+                t.input,
+                t.output,
+                t.cache_write,
+                t.cache_read,
+                event.outcome,
+                event.latency_ms,
+                1 if event.at_reservation else 0,
+            )
+        )
         self._rows[(event.tenant_id, event.idempotency_key)] = attempt.row_id
         if len(self._settles) >= self._max_queued:
             self._wake.set()
@@ -167,8 +187,9 @@ class AttemptJournal:
         events = await self._store.recover(replica=replica, before_ms=before_ms)
         if events:
             reserved = sum(1 for e in events if e.at_reservation)
-            log.warning("settled %d attempts left unsettled (%d at their reservation) into the outbox",
-                        len(events), reserved)
+            log.warning(
+                "settled %d attempts left unsettled (%d at their reservation) into the outbox", len(events), reserved
+            )
         return {e.tenant_id for e in events}
 
     async def _run(self) -> None:
@@ -193,7 +214,7 @@ class AttemptJournal:
     async def _write_once(self) -> None:
         async with self._lock:
             await self._write_locked()
-            while self._opens:          # repeats of a request id deferred from the group just written
+            while self._opens:  # repeats of a request id deferred from the group just written
                 await self._write_locked()
 
     async def _write_locked(self) -> None:
@@ -216,8 +237,9 @@ class AttemptJournal:
                 future.set_result(result)
 
 
-def _first_of_each(opens: list[tuple[NewAttempt, asyncio.Future]]
-                   ) -> tuple[list[tuple[NewAttempt, asyncio.Future]], list[tuple[NewAttempt, asyncio.Future]]]:
+def _first_of_each(
+    opens: list[tuple[NewAttempt, asyncio.Future]],
+) -> tuple[list[tuple[NewAttempt, asyncio.Future]], list[tuple[NewAttempt, asyncio.Future]]]:
     """Split a group so it holds each request id once (its attempt number is taken in one statement);
     the repeats wait for the next group."""
     seen: set[tuple[str, str]] = set()
@@ -232,14 +254,37 @@ def _first_of_each(opens: list[tuple[NewAttempt, asyncio.Future]]
 
 def context_json(ctx: TenantContext, *, trace_id: str, occurred_at: float) -> str:
     """What a recovered event needs besides usage, as the row's context column."""
-    return orjson.dumps({"p": ctx.principal_id, "a": ctx.agent_id or "", "r": ctx.run_id or "", "t": trace_id,
-                         "tier": ctx.tier or "pooled", "at": occurred_at}).decode()
+    return orjson.dumps(
+        {
+            "p": ctx.principal_id,
+            "a": ctx.agent_id or "",
+            "r": ctx.run_id or "",
+            "t": trace_id,
+            "tier": ctx.tier or "pooled",
+            "at": occurred_at,
+        }
+    ).decode()
 
 
 def recovered_event(row: Sequence[Any]) -> UsageEvent:
     """The usage event of a row left behind: its settled usage, else its reservation (flagged)."""
-    (tenant_id, request_id, attempt, model, reserve_input, reserve_output, state, at_reservation,
-     input_tokens, output_tokens, cache_write, cache_read, outcome, latency_ms, context) = row
+    (
+        tenant_id,
+        request_id,
+        attempt,
+        model,
+        reserve_input,
+        reserve_output,
+        state,
+        at_reservation,
+        input_tokens,
+        output_tokens,
+        cache_write,
+        cache_read,
+        outcome,
+        latency_ms,
+        context,
+    ) = row
     c = json.loads(context)
     # RETURNING shows the row as closed (state 2); a settled row is the one whose outcome was written.
     if state == SETTLED or outcome:
@@ -247,7 +292,19 @@ def recovered_event(row: Sequence[Any]) -> UsageEvent:
         flagged = bool(at_reservation)
     else:
         tokens, flagged, outcome = Tokens(int(reserve_input), int(reserve_output)), True, "error"
-    return UsageEvent(tenant_id=tenant_id, idempotency_key=event_id(request_id, attempt), principal_id=c["p"],
-                      agent_id=c["a"], run_id=c["r"], model=model, tokens=tokens, latency_ms=int(latency_ms),
-                      outcome=outcome or "error", occurred_at=c["at"], trace_id=c["t"], tier=c["tier"],
-                      attempt=int(attempt), at_reservation=flagged)
+    return UsageEvent(
+        tenant_id=tenant_id,
+        idempotency_key=event_id(request_id, attempt),
+        principal_id=c["p"],
+        agent_id=c["a"],
+        run_id=c["r"],
+        model=model,
+        tokens=tokens,
+        latency_ms=int(latency_ms),
+        outcome=outcome or "error",
+        occurred_at=c["at"],
+        trace_id=c["t"],
+        tier=c["tier"],
+        attempt=int(attempt),
+        at_reservation=flagged,
+    )

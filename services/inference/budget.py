@@ -24,6 +24,7 @@ calls in flight changed), reporting the tokens its calls in flight hold. A repli
 kill -9 stops renewing, so its leases come back within one TTL, charged at metering with their
 spend and those calls in flight (the attempt journal meters the same calls at their reservation).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -149,10 +150,18 @@ class Hold:
 class BudgetLeases:
     """Leases per (tenant, model) on this replica; the hot path makes no RPC while a lease has room."""
 
-    def __init__(self, backend: BudgetBackend, *, slice_tokens: int = 20_000,
-                 idle_release: float = 2.0, clock: Callable[[], float] = time.monotonic,
-                 platform: PlatformLeases | None = None, suspended: Callable[[str], bool] = _never,
-                 borrow_wait: float = 1.0, stranded_wait: float = 7.5):
+    def __init__(
+        self,
+        backend: BudgetBackend,
+        *,
+        slice_tokens: int = 20_000,
+        idle_release: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+        platform: PlatformLeases | None = None,
+        suspended: Callable[[str], bool] = _never,
+        borrow_wait: float = 1.0,
+        stranded_wait: float = 7.5,
+    ):
         """platform and suspended: how a suspended tenant's leases go back (its own token is refused).
 
         stranded_wait: how long a call waits for budget other holders hold when metering says a hold
@@ -197,9 +206,9 @@ class BudgetLeases:
         if episode is None or now > episode[1] + self._borrow_wait:
             episode = self._episodes[key] = [now, now + self._borrow_wait]
         while True:
-            held = self._take(key, amount)          # another call may have leased, or settled, meanwhile
+            held = self._take(key, amount)  # another call may have leased, or settled, meanwhile
             if held is not None:
-                self._episodes.pop(key, None)       # budget came back: the episode is over
+                self._episodes.pop(key, None)  # budget came back: the episode is over
                 return held
             await self._release_spent(key)
             lacking = amount - self._room(key)
@@ -214,10 +223,15 @@ class BudgetLeases:
                     continue
                 raise self._refusal(key, amount, refused) from None
             self._episodes.pop(key, None)
-            lease = _Lease(grant.lease_id, grant.tokens, self._clock() + grant.ttl, ttl=grant.ttl,
-                           short=grant.tokens < max(amount, self._slice))
+            lease = _Lease(
+                grant.lease_id,
+                grant.tokens,
+                self._clock() + grant.ttl,
+                ttl=grant.ttl,
+                short=grant.tokens < max(amount, self._slice),
+            )
             self._leases.setdefault(key, []).append(lease)
-            if grant.tokens < lacking:              # metering broke its promise
+            if grant.tokens < lacking:  # metering broke its promise
                 raise BudgetRefused("budget lease too small", [("budget", "lease smaller than the call")], None)
             # Calls outside the lock may have taken the older leases' room meanwhile: then lease again.
 
@@ -248,10 +262,12 @@ class BudgetLeases:
         """Metering's refusal (used, held, limit) with what this replica adds: its calls in flight and its free room."""
         leases = self._leases.get(key, ())
         in_flight = sum(lease.held for lease in leases)
-        figures = (f"this replica: needs {amount}, holds {in_flight} for calls in flight, "
-                   f"{self._room(key)} free in its leases")
-        return BudgetRefused(f"{refused}; {figures}", [*refused.violations, ("budget:replica", figures)],
-                             refused.retry_after)
+        figures = (
+            f"this replica: needs {amount}, holds {in_flight} for calls in flight, {self._room(key)} free in its leases"
+        )
+        return BudgetRefused(
+            f"{refused}; {figures}", [*refused.violations, ("budget:replica", figures)], refused.retry_after
+        )
 
     def settle(self, hold: Hold, used: Tokens) -> None:
         """Charge the call's real usage to its leases and free the rest of the hold."""
@@ -300,8 +316,9 @@ class BudgetLeases:
     def held_tokens(self, tenant_id: str) -> int:
         """Tokens this replica holds in leases for a tenant (granted, any model), counting leases out of
         the list whose release metering has not answered yet (they are still held there)."""
-        return (sum(lease.granted for (t, _), leases in self._leases.items() if t == tenant_id for lease in leases)
-                + sum(lease.granted for t, lease in self._going_back if t == tenant_id))
+        return sum(
+            lease.granted for (t, _), leases in self._leases.items() if t == tenant_id for lease in leases
+        ) + sum(lease.granted for t, lease in self._going_back if t == tenant_id)
 
     @contextmanager
     def _releasing(self, tenant_id: str, lease: _Lease) -> Iterator[None]:
@@ -331,10 +348,13 @@ class BudgetLeases:
             for lease in list(leases):
                 idle = lease.held == 0 and now - lease.last_used > self._idle_release
                 if lease.held == 0 and (idle or lease.available <= 0):
-                    leases.remove(lease)    # before the await: no call may take from a lease being returned
+                    leases.remove(lease)  # before the await: no call may take from a lease being returned
                     work.append(self._give_back(key, ctx, lease))
-                elif (lease.expires_at - now < lease.ttl * 2 / 3 or lease.spent.total != lease.reported
-                      or self._in_flight(lease) != lease.reported_in_flight):
+                elif (
+                    lease.expires_at - now < lease.ttl * 2 / 3
+                    or lease.spent.total != lease.reported
+                    or self._in_flight(lease) != lease.reported_in_flight
+                ):
                     work.append(self._heartbeat(key, ctx, lease, now))
         if work:
             await asyncio.gather(*work)
@@ -359,7 +379,7 @@ class BudgetLeases:
             log.exception("renewing lease %s failed", lease.lease_id)
             return
         lease.reported, lease.reported_in_flight = spent.total, in_flight
-        lease.expires_at = now + lease.ttl      # `now` is before the RPC: never later than metering's expiry
+        lease.expires_at = now + lease.ttl  # `now` is before the RPC: never later than metering's expiry
 
     async def _give_back(self, key: tuple[str, str], ctx: TenantContext, lease: _Lease) -> None:
         """Release a lease already out of the list; put it back for the next round unless metering settled it.
@@ -442,13 +462,12 @@ class BudgetLeases:
         leases = self._leases.get(key, [])
         for lease in list(leases):
             if lease.held == 0 and lease in leases:
-                leases.remove(lease)        # before the await: no call may take from a lease being returned
+                leases.remove(lease)  # before the await: no call may take from a lease being returned
                 try:
                     with self._releasing(key[0], lease):
                         await self._backend.release(lease.lease_id, self._reportable(lease))
                 except LeaseGone:
-                    log.warning("lease %s expired or settled at metering before its release; dropped",
-                                lease.lease_id)
+                    log.warning("lease %s expired or settled at metering before its release; dropped", lease.lease_id)
                 except BackendUnavailable:
                     self._leases.setdefault(key, []).append(lease)
 
@@ -474,8 +493,7 @@ class BudgetLeases:
 
 def _split(used: Tokens, caps: list[int]) -> list[Tokens]:
     """Usage split over a hold's parts: each part up to its amount, in order; any excess to the last."""
-    left = {"input": used.input, "output": used.output, "cache_write": used.cache_write,
-            "cache_read": used.cache_read}
+    left = {"input": used.input, "output": used.output, "cache_write": used.cache_write, "cache_read": used.cache_read}
     shares = []
     for n, cap in enumerate(caps):
         share = Tokens()

@@ -3,6 +3,7 @@
 Every call runs with the tenant's context bound and forwards its identity (the channel is
 made with forward=True), so metering and credentials check the tenant themselves.
 """
+
 from __future__ import annotations
 
 import os
@@ -39,20 +40,26 @@ HOLDER = f"{socket.gethostname()[:120]}:{os.getpid()}:{secrets.token_hex(4)}"
 LEASE_TTL_S = 6
 """Budget leases live 6 s unless renewed; maintenance renews them every 2 s while held, so a killed
 replica's leases come back within seconds (a 60 s TTL left them refusing calls for a minute)."""
-_OUTCOMES = {"success": mpb.OUTCOME_SUCCESS, "error": mpb.OUTCOME_ERROR,
-             "rejected": mpb.OUTCOME_REJECTED, "cancelled": mpb.OUTCOME_CANCELLED}
+_OUTCOMES = {
+    "success": mpb.OUTCOME_SUCCESS,
+    "error": mpb.OUTCOME_ERROR,
+    "rejected": mpb.OUTCOME_REJECTED,
+    "cancelled": mpb.OUTCOME_CANCELLED,
+}
 
 
 def _counts(t: Tokens) -> mpb.TokenCounts:
-    return mpb.TokenCounts(input_tokens=t.input, output_tokens=t.output,
-                           cache_write_tokens=t.cache_write, cache_read_tokens=t.cache_read)
+    return mpb.TokenCounts(
+        input_tokens=t.input, output_tokens=t.output, cache_write_tokens=t.cache_write, cache_read_tokens=t.cache_read
+    )
 
 
 class MeteringClient:
     """Budget leases, usage recording and quota lookup on metering."""
 
-    def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 3.0, lease_ttl: int = LEASE_TTL_S,
-                 holder: str = HOLDER):
+    def __init__(
+        self, channel: grpc.aio.Channel, *, timeout: float = 3.0, lease_ttl: int = LEASE_TTL_S, holder: str = HOLDER
+    ):
         self._stub = metering_pb2_grpc.MeteringServiceStub(channel)
         self._timeout = timeout
         self._lease_ttl = lease_ttl
@@ -62,14 +69,20 @@ class MeteringClient:
     async def lease(self, model: str, tokens: int, min_tokens: int) -> Grant:
         """LeaseBudget; BudgetRefused when the budget cannot cover min_tokens."""
         try:
-            resp = await self._stub.LeaseBudget(mpb.LeaseBudgetRequest(
-                model=model, tokens=tokens, min_tokens=min_tokens, ttl_seconds=self._lease_ttl, holder=self._holder),
-                timeout=self._timeout)
+            resp = await self._stub.LeaseBudget(
+                mpb.LeaseBudgetRequest(
+                    model=model, tokens=tokens, min_tokens=min_tokens, ttl_seconds=self._lease_ttl, holder=self._holder
+                ),
+                timeout=self._timeout,
+            )
         except grpc.aio.AioRpcError as exc:
             if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
                 details = error_details(exc)
-                raise BudgetRefused(exc.details() or "budget exhausted", details["quota"] or [("budget", "exhausted")],
-                                    details["retry_after"]) from None
+                raise BudgetRefused(
+                    exc.details() or "budget exhausted",
+                    details["quota"] or [("budget", "exhausted")],
+                    details["retry_after"],
+                ) from None
             _refuse_if_denied(exc, "metering.budget.write")
             raise BackendUnavailable(f"metering LeaseBudget: {exc.code().name}") from None
         return Grant(resp.lease.lease_id, resp.lease.granted.tokens, float(self._lease_ttl))
@@ -77,8 +90,12 @@ class MeteringClient:
     async def renew(self, lease_id: str, spent: Tokens, in_flight: int = 0) -> None:
         """RenewLease (the heartbeat) with the total spent so far and the tokens calls in flight hold."""
         try:
-            await self._call(self._stub.RenewLease, mpb.RenewLeaseRequest(
-                lease_id=lease_id, spent=_counts(spent), ttl_seconds=self._lease_ttl, in_flight_tokens=in_flight))
+            await self._call(
+                self._stub.RenewLease,
+                mpb.RenewLeaseRequest(
+                    lease_id=lease_id, spent=_counts(spent), ttl_seconds=self._lease_ttl, in_flight_tokens=in_flight
+                ),
+            )
         except grpc.aio.AioRpcError as exc:
             _gone_if_settled(exc)
             raise
@@ -86,8 +103,7 @@ class MeteringClient:
     async def release(self, lease_id: str, spent: Tokens) -> None:
         """ReleaseLease with the final spend."""
         try:
-            await self._call(self._stub.ReleaseLease,
-                             mpb.ReleaseLeaseRequest(lease_id=lease_id, spent=_counts(spent)))
+            await self._call(self._stub.ReleaseLease, mpb.ReleaseLeaseRequest(lease_id=lease_id, spent=_counts(spent)))
         except grpc.aio.AioRpcError as exc:
             _gone_if_settled(exc)
             raise
@@ -135,7 +151,7 @@ class PlatformUsage:
         """One tenant's events, oldest first (idempotent by request id)."""
         try:
             tier = tier_to_proto(events[0].tier)
-        except UnknownTier as exc:   # metering could never file these: rejected, not retried forever
+        except UnknownTier as exc:  # metering could never file these: rejected, not retried forever
             raise UsageRejected(str(exc)) from None
         request = mpb.RecordTenantUsageRequest(tenant_id=tenant_id, tier=tier, events=[_event(e) for e in events])
         try:
@@ -147,8 +163,9 @@ class PlatformUsage:
 
     async def release_for(self, ctx: TenantContext, lease_id: str, spent: Tokens) -> None:
         """Settle one of the tenant's leases with its final spend (idempotent: a settled lease stays settled)."""
-        request = mpb.ReleaseTenantLeaseRequest(tenant_id=ctx.tenant_id, tier=tier_to_proto(ctx.tier),
-                                                lease_id=lease_id, spent=_counts(spent))
+        request = mpb.ReleaseTenantLeaseRequest(
+            tenant_id=ctx.tenant_id, tier=tier_to_proto(ctx.tier), lease_id=lease_id, spent=_counts(spent)
+        )
         try:
             await self._stub.ReleaseTenantLease(request, timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
@@ -163,25 +180,38 @@ _GONE = {"LEASE_EXPIRED", "LEASE_RELEASED", "LEASE_NOT_FOUND"}
 
 def _gone_if_settled(exc: grpc.aio.AioRpcError) -> None:
     """Raise LeaseGone when metering says the lease is no longer open there (expired, settled, unknown)."""
-    if exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND) and \
-            error_details(exc).get("reason") in _GONE:
+    if (
+        exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
+        and error_details(exc).get("reason") in _GONE
+    ):
         raise LeaseGone(f"metering: {error_details(exc).get('reason')}") from None
 
 
 def _refuse_if_denied(exc: grpc.aio.AioRpcError, scope: str) -> None:
     """A token that may not read its limits or hold budget must not get unlimited calls: refuse it."""
     if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-        raise errors.PermissionDenied(f"model calls need a token that also holds {scope}",
-                                      reason=errors.Reason.MISSING_SCOPE, metadata={"scope": scope}) from None
+        raise errors.PermissionDenied(
+            f"model calls need a token that also holds {scope}",
+            reason=errors.Reason.MISSING_SCOPE,
+            metadata={"scope": scope},
+        ) from None
 
 
 def _event(e: UsageEvent) -> mpb.UsageEvent:
     occur = timestamp_pb2.Timestamp()
     occur.FromNanoseconds(int(e.occurred_at * 1e9))
-    return mpb.UsageEvent(idempotency_key=e.idempotency_key, principal_id=e.principal_id, agent_id=e.agent_id,
-                          run_id=e.run_id, model=e.model, tokens=_counts(e.tokens), latency_ms=e.latency_ms,
-                          outcome=_OUTCOMES.get(e.outcome, mpb.OUTCOME_UNSPECIFIED), occur_time=occur,
-                          trace_id=e.trace_id)
+    return mpb.UsageEvent(
+        idempotency_key=e.idempotency_key,
+        principal_id=e.principal_id,
+        agent_id=e.agent_id,
+        run_id=e.run_id,
+        model=e.model,
+        tokens=_counts(e.tokens),
+        latency_ms=e.latency_ms,
+        outcome=_OUTCOMES.get(e.outcome, mpb.OUTCOME_UNSPECIFIED),
+        occur_time=occur,
+        trace_id=e.trace_id,
+    )
 
 
 class CredentialsKeys:
@@ -207,8 +237,9 @@ class CredentialsKeys:
     async def _fetch(self, attempts: int = 3) -> str | None:
         for attempt in range(attempts):
             try:
-                resp = await self._stub.GetSecret(credentials_pb2.GetSecretRequest(name=self._secret_name),
-                                                  timeout=self._timeout)
+                resp = await self._stub.GetSecret(
+                    credentials_pb2.GetSecretRequest(name=self._secret_name), timeout=self._timeout
+                )
             except grpc.aio.AioRpcError as exc:
                 # NOT_FOUND: no key of its own. PERMISSION_DENIED: this caller may not read it; the
                 # platform key serves (never another tenant's: credentials only answers for the caller's).

@@ -24,6 +24,7 @@
 | BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT | sdk | `sdk`: the anthropic SDK, through its aiohttp transport (`anthropic[aiohttp]`; its httpx one when aiohttp is missing); `sdk-httpx`: the SDK on its httpx stack; `direct`: unary calls on the proxy's own kept-alive HTTP/1.1 pool (opt-in) |
 | BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS | 0.5 | a budget lease with no call in flight for this long goes back to metering |
 """
+
 from __future__ import annotations
 
 import os
@@ -36,8 +37,10 @@ from services.inference.policy import Policy
 from services.inference.providers import ANTHROPIC, OFFLINE
 from shared.config import ServiceConfig
 
-_PINNED = "claude-sonnet-4-5=claude-sonnet-4-5-20250929,claude-haiku-4-5=claude-haiku-4-5-20251001," \
-          "claude-opus-4-1=claude-opus-4-1-20250805"
+_PINNED = (
+    "claude-sonnet-4-5=claude-sonnet-4-5-20250929,claude-haiku-4-5=claude-haiku-4-5-20251001,"
+    "claude-opus-4-1=claude-opus-4-1-20250805"
+)
 
 
 @dataclass(frozen=True)
@@ -93,10 +96,16 @@ class InferenceConfig:
         provider = env.get("BULKHEAD_MODEL_PROVIDER") or (ANTHROPIC if key else OFFLINE)
         if provider not in (ANTHROPIC, OFFLINE):
             raise ValueError(f"BULKHEAD_MODEL_PROVIDER must be {ANTHROPIC} or {OFFLINE}, not {provider!r}")
-        pinned = dict(pair.split("=", 1) for pair in
-                      env.get("BULKHEAD_INFERENCE_PINNED_VERSIONS", _PINNED).split(",") if "=" in pair)
-        allowed = tuple(m for m in env.get("BULKHEAD_INFERENCE_ALLOWED_MODELS",
-                                           ",".join(pinned) or "claude-sonnet-4-5").split(",") if m)
+        pinned = dict(
+            pair.split("=", 1)
+            for pair in env.get("BULKHEAD_INFERENCE_PINNED_VERSIONS", _PINNED).split(",")
+            if "=" in pair
+        )
+        allowed = tuple(
+            m
+            for m in env.get("BULKHEAD_INFERENCE_ALLOWED_MODELS", ",".join(pinned) or "claude-sonnet-4-5").split(",")
+            if m
+        )
         return cls(
             service=ServiceConfig.from_env("inference", env),
             provider=provider,
@@ -105,18 +114,24 @@ class InferenceConfig:
             upstream_timeout=float(env.get("BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT", "600")),
             max_attempts=int(env.get("BULKHEAD_INFERENCE_MAX_ATTEMPTS", "3")),
             max_retry_wait=float(env.get("BULKHEAD_INFERENCE_MAX_RETRY_WAIT", "5")),
-            platform_policy=Policy(allowed_models=allowed,
-                                   default_model=env.get("BULKHEAD_INFERENCE_DEFAULT_MODEL", allowed[0] if allowed else ""),
-                                   pinned_versions=pinned,
-                                   max_tokens_ceiling=int(env.get("BULKHEAD_INFERENCE_MAX_TOKENS_CEILING", "8192"))),
+            platform_policy=Policy(
+                allowed_models=allowed,
+                default_model=env.get("BULKHEAD_INFERENCE_DEFAULT_MODEL", allowed[0] if allowed else ""),
+                pinned_versions=pinned,
+                max_tokens_ceiling=int(env.get("BULKHEAD_INFERENCE_MAX_TOKENS_CEILING", "8192")),
+            ),
             lease_tokens=int(env.get("BULKHEAD_INFERENCE_LEASE_TOKENS", "20000")),
             usage_flush_seconds=float(env.get("BULKHEAD_INFERENCE_USAGE_FLUSH_SECONDS", "0.2")),
             provider_key_secret=env.get("BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET", "anthropic-api-key"),
             user_id_salt=env.get("BULKHEAD_INFERENCE_USER_ID_SALT") or None,
             allow_http_endpoints=env.get("BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS", "0") == "1",
             replica_id=env.get("BULKHEAD_INFERENCE_REPLICA_ID", ""),
-            attempt_sweep_seconds=float(env.get("BULKHEAD_INFERENCE_ATTEMPT_SWEEP_SECONDS",
-                                                str(float(env.get("BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT", "600")) + 60))),
+            attempt_sweep_seconds=float(
+                env.get(
+                    "BULKHEAD_INFERENCE_ATTEMPT_SWEEP_SECONDS",
+                    str(float(env.get("BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT", "600")) + 60),
+                )
+            ),
             lease_idle_seconds=float(env.get("BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS", "0.5")),
             workers=_workers(env.get("BULKHEAD_INFERENCE_WORKERS", "1")),
             upstream_transport=_transport(env.get("BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT", "sdk")),

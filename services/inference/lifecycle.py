@@ -5,6 +5,7 @@ out of the ledger that deletion keeps for billing, so the purge delivers them (w
 platform key) and refuses to go on while any remain: the step fails UNAVAILABLE and identity
 retries it.
 """
+
 from __future__ import annotations
 
 from services.inference.store import SqlOutbox
@@ -28,7 +29,10 @@ class DeliverUsage:
         self._meter.adopt_backlog({tenant_id})  # rows another replica left count too
         await self._meter.flush()
         if await self._outbox.pending(tenant_id, 1):
-            raise Unavailable("the tenant's usage has not reached metering yet; the purge is retried "
-                              "(the proxy needs its service key: BULKHEAD_INFERENCE_SERVICE_KEY_FILE)",
-                              reason="USAGE_UNDELIVERED", retry_after=5.0)
+            raise Unavailable(
+                "the tenant's usage has not reached metering yet; the purge is retried "
+                "(the proxy needs its service key: BULKHEAD_INFERENCE_SERVICE_KEY_FILE)",
+                reason="USAGE_UNDELIVERED",
+                retry_after=5.0,
+            )
         return HookResult(actions=[("usage_delivered", waiting)])

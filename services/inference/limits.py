@@ -4,6 +4,7 @@ The limits themselves are metering's Quota (looked up per tenant); this module o
 Buckets are per replica, so N replicas admit up to N times a tenant's rate: budgets, not
 rates, are the exact cross-replica guarantee.
 """
+
 from __future__ import annotations
 
 import time
@@ -118,8 +119,9 @@ class RateLimiter:
             violations.append(("tokens_per_minute", f"limit of {limits.tokens_per_minute} tokens/min reached"))
             waits.append(w)
         if violations:
-            raise Rejected("rate limit reached: " + "; ".join(d for _, d in violations), violations,
-                           round(max(waits), 3))
+            raise Rejected(
+                "rate limit reached: " + "; ".join(d for _, d in violations), violations, round(max(waits), 3)
+            )
         if state.requests is not None:
             state.requests.take(1)
         if state.tokens is not None:

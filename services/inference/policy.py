@@ -2,6 +2,7 @@
 
 No grpc imports. The store loads a tenant's Policy and PrivateModels; `resolve` decides.
 """
+
 from __future__ import annotations
 
 import re
@@ -36,10 +37,12 @@ class Policy:
 
     def with_defaults(self, platform: Policy) -> Policy:
         """This policy with every unset field taken from the platform's."""
-        return Policy(allowed_models=self.allowed_models or platform.allowed_models,
-                      default_model=self.default_model or platform.default_model,
-                      pinned_versions={**platform.pinned_versions, **self.pinned_versions},
-                      max_tokens_ceiling=self.max_tokens_ceiling or platform.max_tokens_ceiling)
+        return Policy(
+            allowed_models=self.allowed_models or platform.allowed_models,
+            default_model=self.default_model or platform.default_model,
+            pinned_versions={**platform.pinned_versions, **self.pinned_versions},
+            max_tokens_ceiling=self.max_tokens_ceiling or platform.max_tokens_ceiling,
+        )
 
 
 @dataclass(frozen=True)
@@ -78,15 +81,17 @@ def resolve(requested: str, policy: Policy, private: dict[str, PrivateModel]) ->
     """
     name = requested or policy.default_model
     if not name:
-        raise PolicyViolation("params.model", "no model given and the tenant has no default model",
-                              reason="MODEL_REQUIRED")
+        raise PolicyViolation(
+            "params.model", "no model given and the tenant has no default model", reason="MODEL_REQUIRED"
+        )
     if name in private:
         model = private[name]
         return ResolvedModel(name, model.upstream_model, model.base_url, private=True)
     if name not in policy.allowed_models:
         # Echo clipped: 400 characters of 3-byte text overflowed the 1 KB error details (fuzzer).
-        raise PolicyViolation("params.model", f"model {clip(repr(name), 100)} is not allowed for this tenant",
-                              reason="MODEL_NOT_ALLOWED")
+        raise PolicyViolation(
+            "params.model", f"model {clip(repr(name), 100)} is not allowed for this tenant", reason="MODEL_NOT_ALLOWED"
+        )
     return ResolvedModel(name, policy.pinned_versions.get(name, name))
 
 
@@ -95,9 +100,11 @@ def cap_max_tokens(max_tokens: int, policy: Policy) -> int:
     if max_tokens <= 0:
         raise PolicyViolation("params.max_tokens", "must be positive", reason="INVALID_MAX_TOKENS")
     if policy.max_tokens_ceiling and max_tokens > policy.max_tokens_ceiling:
-        raise PolicyViolation("params.max_tokens",
-                              f"max_tokens {max_tokens} is above this tenant's ceiling of {policy.max_tokens_ceiling}",
-                              reason="MAX_TOKENS_ABOVE_CEILING")
+        raise PolicyViolation(
+            "params.max_tokens",
+            f"max_tokens {max_tokens} is above this tenant's ceiling of {policy.max_tokens_ceiling}",
+            reason="MAX_TOKENS_ABOVE_CEILING",
+        )
     return max_tokens
 
 

@@ -13,6 +13,7 @@ direct=True (BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT=direct, opt-in) unary calls g
 upstream_http.UpstreamPool instead: the request written and the reply read on kept-alive
 connections, less CPU again, at the price of bypassing the SDK's transport.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,6 +56,7 @@ _sdk_fields: frozenset | None = None
 def _sdk() -> Any:
     """The anthropic SDK, imported on first use (streams, token counts, an HTTP proxy in the environment)."""
     import anthropic
+
     return anthropic
 
 
@@ -104,8 +106,9 @@ class UpstreamError(Exception):
     the request), "key_rejected" (401/403). retry_safe: the request certainly did no work upstream.
     """
 
-    def __init__(self, kind: str, message: str, *, status: int = 0, retry_after: float | None = None,
-                 retry_safe: bool = False):
+    def __init__(
+        self, kind: str, message: str, *, status: int = 0, retry_after: float | None = None, retry_safe: bool = False
+    ):
         super().__init__(message)
         self.kind = kind
         self.message = message
@@ -190,8 +193,15 @@ class AnthropicProvider:
 
     name = ANTHROPIC
 
-    def __init__(self, *, base_url: str | None, timeout: float = 600.0, max_clients: int = 256,
-                 direct: bool = False, http: str = "aiohttp"):
+    def __init__(
+        self,
+        *,
+        base_url: str | None,
+        timeout: float = 600.0,
+        max_clients: int = 256,
+        direct: bool = False,
+        http: str = "aiohttp",
+    ):
         """http: the SDK's transport, "aiohttp" (when installed; else "httpx") or "httpx"."""
         self._base_url = base_url or None
         self._direct = direct
@@ -215,7 +225,8 @@ class AnthropicProvider:
                 head = pool.request_head("/v1/messages") + (
                     f"authorization: Bearer {target.api_key}\r\nanthropic-version: {API_VERSION}\r\n"
                     "content-type: application/json\r\naccept: application/json\r\n"
-                    "user-agent: bulkhead-inference\r\n").encode("latin-1")
+                    "user-agent: bulkhead-inference\r\n"
+                ).encode("latin-1")
             entry = self._clients[target] = _Upstream(http, pool, head)
             if len(self._clients) > self._max_clients:
                 _, old = self._clients.popitem(last=False)
@@ -235,18 +246,23 @@ class AnthropicProvider:
             # open_telemetry=False: no SDK span per call. The proxy's own span of the call (tenant, request
             # id, model, provider) is the trace; the SDK's built its attributes on every call (about 0.4 ms
             # of CPU with a recording tracer) and would send the trace context to the upstream.
-            entry.sdk = _sdk().AsyncAnthropic(api_key=target.api_key,
-                                              base_url=target.base_url or self._base_url, max_retries=0,
-                                              timeout=self._timeout, http_client=entry.http, open_telemetry=False)
+            entry.sdk = _sdk().AsyncAnthropic(
+                api_key=target.api_key,
+                base_url=target.base_url or self._base_url,
+                max_retries=0,
+                timeout=self._timeout,
+                http_client=entry.http,
+                open_telemetry=False,
+            )
         return entry.sdk
 
     async def create(self, body: dict[str, Any], target: Target) -> dict[str, Any]:
         """One unary call; the reply exactly as the upstream sent it."""
-        if not upstream_http.header_safe(target.api_key):   # a tenant's key must not add header lines
+        if not upstream_http.header_safe(target.api_key):  # a tenant's key must not add header lines
             raise UpstreamError("key_rejected", "the provider key is not a valid header value")
         try:
             entry = self._upstream(target)
-        except ValueError:   # an endpoint that is no http(s) URL (policy checks private models' URLs)
+        except ValueError:  # an endpoint that is no http(s) URL (policy checks private models' URLs)
             raise UpstreamError("invalid", "the model's endpoint is not an http(s) URL") from None
         entry.enter()
         try:
@@ -261,6 +277,7 @@ class AnthropicProvider:
         ref = ATTEMPT_REF.get()
         # Lets a provider's (or the test fake's) billing records be matched to metered attempts.
         head = entry.head + b"x-bulkhead-attempt: %s\r\n" % ref.encode() if ref else entry.head
+        assert entry.pool is not None, "the direct transport's entries have a pool"
         try:
             reply = await entry.pool.post(head, orjson.dumps(body))
         except upstream_http.UpstreamConnectError:
@@ -297,19 +314,21 @@ class AnthropicProvider:
         started = False
         try:
             entry = self._upstream(target)
-        except ValueError:   # an endpoint that is no http(s) URL (policy checks private models' URLs)
+        except ValueError:  # an endpoint that is no http(s) URL (policy checks private models' URLs)
             raise UpstreamError("invalid", "the model's endpoint is not an http(s) URL") from None
         entry.enter()
         try:
             async with self._client(target).messages.with_streaming_response.create(
-                    **_sdk_kwargs(body), stream=True) as response:
+                **_sdk_kwargs(body), stream=True
+            ) as response:
                 http = response.http_response
                 async for kind, data in _server_sent_events(http.aiter_lines()):
                     if kind == "ping":
                         continue
-                    if kind == "error":     # what the SDK raises for it: a status error of the 200 reply
-                        raise _status_error(http.status_code, _sse_error_message(data, http.status_code),
-                                            http.headers, target)
+                    if kind == "error":  # what the SDK raises for it: a status error of the 200 reply
+                        raise _status_error(
+                            http.status_code, _sse_error_message(data, http.status_code), http.headers, target
+                        )
                     started = True
                     yield orjson.loads(data)
         except UpstreamError as error:
@@ -385,13 +404,23 @@ def _status_error(status: int, message: str, headers: Any, target: Target) -> Up
     """The UpstreamError of an HTTP error reply, never echoing the key."""
     detail = message.replace(target.api_key, "[redacted]") if target.api_key else message
     if status == 429:
-        return UpstreamError("rate_limited", f"upstream rate limit: {detail}", status=status,
-                             retry_after=_retry_after(headers), retry_safe=True)
+        return UpstreamError(
+            "rate_limited",
+            f"upstream rate limit: {detail}",
+            status=status,
+            retry_after=_retry_after(headers),
+            retry_safe=True,
+        )
     if status in (401, 403):
         return UpstreamError("key_rejected", "the upstream rejected the provider key", status=status)
     if status >= 500:
-        return UpstreamError("unavailable", f"upstream error {status}: {detail}", status=status,
-                             retry_after=_retry_after(headers), retry_safe=True)
+        return UpstreamError(
+            "unavailable",
+            f"upstream error {status}: {detail}",
+            status=status,
+            retry_after=_retry_after(headers),
+            retry_safe=True,
+        )
     return UpstreamError("invalid", f"upstream refused the request: {detail}", status=status)
 
 
@@ -434,8 +463,9 @@ def _reply_error_message(reply: upstream_http.UpstreamReply) -> str:
     except ValueError:
         body = None
     error: dict = body["error"] if isinstance(body, dict) and isinstance(body.get("error"), dict) else {}
-    message = error.get("message") or (reply.body.decode("utf-8", "replace") if reply.body else
-                                       f"Error code: {reply.status}")
+    message = error.get("message") or (
+        reply.body.decode("utf-8", "replace") if reply.body else f"Error code: {reply.status}"
+    )
     return str(message)[:500]
 
 
@@ -473,20 +503,37 @@ class OfflineProvider:
     async def stream(self, body: dict[str, Any], target: Target) -> AsyncIterator[dict[str, Any]]:
         """The same reply as create, as streaming events."""
         message = _offline_message(body)
-        yield {"type": "message_start", "message": {**message, "content": [], "stop_reason": None,
-                                                    "usage": {**message["usage"], "output_tokens": 1}}}
+        yield {
+            "type": "message_start",
+            "message": {
+                **message,
+                "content": [],
+                "stop_reason": None,
+                "usage": {**message["usage"], "output_tokens": 1},
+            },
+        }
         for index, block in enumerate(message["content"]):
             if block["type"] == "text":
                 yield {"type": "content_block_start", "index": index, "content_block": {"type": "text", "text": ""}}
                 for word in block["text"].split(" "):
-                    yield {"type": "content_block_delta", "index": index, "delta": {"type": "text_delta", "text": word + " "}}
+                    yield {
+                        "type": "content_block_delta",
+                        "index": index,
+                        "delta": {"type": "text_delta", "text": word + " "},
+                    }
             else:
                 yield {"type": "content_block_start", "index": index, "content_block": {**block, "input": {}}}
-                yield {"type": "content_block_delta", "index": index,
-                       "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])}}
+                yield {
+                    "type": "content_block_delta",
+                    "index": index,
+                    "delta": {"type": "input_json_delta", "partial_json": json.dumps(block["input"])},
+                }
             yield {"type": "content_block_stop", "index": index}
-        yield {"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
-               "usage": {"output_tokens": message["usage"]["output_tokens"]}}
+        yield {
+            "type": "message_delta",
+            "delta": {"stop_reason": message["stop_reason"], "stop_sequence": None},
+            "usage": {"output_tokens": message["usage"]["output_tokens"]},
+        }
         yield {"type": "message_stop"}
 
     async def count_tokens(self, body: dict[str, Any], target: Target) -> int:
@@ -509,16 +556,25 @@ def _offline_message(body: dict[str, Any]) -> dict[str, Any]:
     for m in reversed(body.get("messages", [])):
         if m.get("role") == "user":
             content = m.get("content")
-            last = content if isinstance(content, str) else " ".join(
-                b.get("text", "") for b in content or () if b.get("type") == "text")
+            last = (
+                content
+                if isinstance(content, str)
+                else " ".join(b.get("text", "") for b in content or () if b.get("type") == "text")
+            )
             break
     words = f"[offline {body['model']}] {last}".split()[: max(1, body.get("max_tokens", 1))]
     choice = (body.get("tool_choice") or {}).get("type", "auto")
     tools = body.get("tools") or []
     tool = _next_tool(body, tools, choice)
     if tool is not None:
-        content = [{"type": "tool_use", "id": "toolu_offline_" + _digest(body)[:12], "name": tool["name"],
-                    "input": _example_input(tool.get("input_schema") or {})}]
+        content = [
+            {
+                "type": "tool_use",
+                "id": "toolu_offline_" + _digest(body)[:12],
+                "name": tool["name"],
+                "input": _example_input(tool.get("input_schema") or {}),
+            }
+        ]
         stop = "tool_use"
     else:
         results = _tool_results(body)
@@ -526,11 +582,21 @@ def _offline_message(body: dict[str, Any]) -> dict[str, Any]:
             words = f"[offline {body['model']}] done. {results[-1]}".split()[: max(1, body.get("max_tokens", 1))]
         content = [{"type": "text", "text": " ".join(words)}]
         stop = "end_turn" if len(words) < body.get("max_tokens", 1) else "max_tokens"
-    return {"id": "msg_offline_" + _digest(body)[:20], "type": "message", "role": "assistant",
-            "model": body["model"], "content": content, "stop_reason": stop, "stop_sequence": None,
-            "usage": {"input_tokens": max(1, _words([body.get("system"), body.get("messages"), body.get("tools")])),
-                      "output_tokens": max(1, _words(content)),
-                      "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}}
+    return {
+        "id": "msg_offline_" + _digest(body)[:20],
+        "type": "message",
+        "role": "assistant",
+        "model": body["model"],
+        "content": content,
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {
+            "input_tokens": max(1, _words([body.get("system"), body.get("messages"), body.get("tools")])),
+            "output_tokens": max(1, _words(content)),
+            "cache_creation_input_tokens": 0,
+            "cache_read_input_tokens": 0,
+        },
+    }
 
 
 def _next_tool(body: dict[str, Any], tools: list[dict[str, Any]], choice: str) -> dict[str, Any] | None:
@@ -545,8 +611,13 @@ def _next_tool(body: dict[str, Any], tools: list[dict[str, Any]], choice: str) -
         return next((t for t in tools if t["name"] == body["tool_choice"].get("name")), tools[0])
     if choice == "any":
         return tools[0]
-    used = {b.get("name") for m in body.get("messages", []) if m.get("role") == "assistant"
-            and isinstance(m.get("content"), list) for b in m["content"] if b.get("type") == "tool_use"}
+    used = {
+        b.get("name")
+        for m in body.get("messages", [])
+        if m.get("role") == "assistant" and isinstance(m.get("content"), list)
+        for b in m["content"]
+        if b.get("type") == "tool_use"
+    }
     return next((t for t in tools if t["name"] not in used), None)
 
 
@@ -558,8 +629,9 @@ def _tool_results(body: dict[str, Any]) -> list[str]:
             for b in m["content"]:
                 if b.get("type") == "tool_result":
                     c = b.get("content")
-                    out.append(c if isinstance(c, str) else " ".join(x.get("text", "") for x in c or ()
-                                                                        if isinstance(x, dict)))
+                    out.append(
+                        c if isinstance(c, str) else " ".join(x.get("text", "") for x in c or () if isinstance(x, dict))
+                    )
     return out
 
 

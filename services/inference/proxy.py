@@ -9,6 +9,7 @@ Everything before the upstream call can refuse it, so a refused call never reach
 upstream. The upstream part runs in a task of its own: when the caller goes away mid-call
 the task still finishes, settles and meters what the upstream reported. No grpc imports.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -109,7 +110,7 @@ class _TtlCache:
             value = await self._refresh(tenant_id, load, fallback, hit, future)
         except BaseException as exc:
             future.set_exception(exc)
-            future.exception()        # retrieved: only the waiters care
+            future.exception()  # retrieved: only the waiters care
             raise
         else:
             future.set_result(value)
@@ -118,11 +119,17 @@ class _TtlCache:
             if self._loading.get(tenant_id) is future:
                 del self._loading[tenant_id]
 
-    async def _refresh(self, tenant_id: str, load: Callable[[], Awaitable[Any]], fallback: Any,
-                       hit: tuple[float, Any] | None, future: asyncio.Future) -> Any:
+    async def _refresh(
+        self,
+        tenant_id: str,
+        load: Callable[[], Awaitable[Any]],
+        fallback: Any,
+        hit: tuple[float, Any] | None,
+        future: asyncio.Future,
+    ) -> Any:
         try:
             value = await load()
-        except BackendUnavailable as exc:   # unreachable: last good value, else defaults; refusals propagate
+        except BackendUnavailable as exc:  # unreachable: last good value, else defaults; refusals propagate
             if hit is None and fallback is None:
                 raise
             log.warning("refresh failed (%s); using %s", type(exc).__name__, "last value" if hit else "defaults")
@@ -149,8 +156,13 @@ class CallInfo:
 
     def to_proto(self) -> pb.CallInfo:
         """As the proto message."""
-        return pb.CallInfo(request_id=self.request_id, requested_model=self.requested_model,
-                           resolved_model=self.resolved_model, provider=self.provider, tenant_key=self.tenant_key)
+        return pb.CallInfo(
+            request_id=self.request_id,
+            requested_model=self.requested_model,
+            resolved_model=self.resolved_model,
+            provider=self.provider,
+            tenant_key=self.tenant_key,
+        )
 
 
 @dataclass
@@ -171,10 +183,24 @@ class _Call:
 class InferenceProxy:
     """Runs model calls for the tenant of the current context."""
 
-    def __init__(self, *, provider: Provider, platform_key: str, policies: PolicySource, platform_policy: Policy,
-                 limiter: RateLimiter, quotas: QuotaSource, budget: BudgetLeases, meter: UsageMeter,
-                 keys: KeySource, max_attempts: int = 3, max_retry_wait: float = 5.0,
-                 user_id_salt: str, cache_ttl: float = 5.0, journal: AttemptJournal | None = None):
+    def __init__(
+        self,
+        *,
+        provider: Provider,
+        platform_key: str,
+        policies: PolicySource,
+        platform_policy: Policy,
+        limiter: RateLimiter,
+        quotas: QuotaSource,
+        budget: BudgetLeases,
+        meter: UsageMeter,
+        keys: KeySource,
+        max_attempts: int = 3,
+        max_retry_wait: float = 5.0,
+        user_id_salt: str,
+        cache_ttl: float = 5.0,
+        journal: AttemptJournal | None = None,
+    ):
         self._provider = provider
         self._platform_key = platform_key
         self._policies = policies
@@ -199,8 +225,9 @@ class InferenceProxy:
         ctx = require_tenant()
 
         async def load() -> tuple[Policy, dict[str, PrivateModel]]:
-            return (await self._policies.policy()).with_defaults(self._platform_policy), \
-                await self._policies.private_models()
+            return (await self._policies.policy()).with_defaults(
+                self._platform_policy
+            ), await self._policies.private_models()
 
         return await self._policy_cache.get(ctx.tenant_id, load)
 
@@ -219,13 +246,17 @@ class InferenceProxy:
                 raise errors.PermissionDenied(str(v), reason=v.reason) from None
             raise errors.InvalidArgument(str(v), reason=v.reason, violations={v.field: str(v)}) from None
         if not params.messages:
-            raise errors.InvalidArgument("at least one message is required", reason="MESSAGES_REQUIRED",
-                                         violations={"params.messages": "at least one message is required"})
+            raise errors.InvalidArgument(
+                "at least one message is required",
+                reason="MESSAGES_REQUIRED",
+                violations={"params.messages": "at least one message is required"},
+            )
         try:
             body = wire.params_to_json(params, model=model.upstream_model, max_tokens=max_tokens)
         except wire.WireError as exc:
-            raise errors.InvalidArgument(str(exc), reason="INVALID_MESSAGE",
-                                         violations={exc.field: exc.problem}) from None
+            raise errors.InvalidArgument(
+                str(exc), reason="INVALID_MESSAGE", violations={exc.field: exc.problem}
+            ) from None
         return model, body
 
     # ----- calls -----
@@ -241,10 +272,12 @@ class InferenceProxy:
         earlier = self._replays.get(key)
         if earlier is not None:
             if earlier[0] != fingerprint:
-                raise errors.InvalidArgument("this request id was already used for a different request",
-                                             reason="REQUEST_ID_REUSED",
-                                             violations={"x-request-id": "send a new request id for a new request"})
-            if isinstance(earlier[1], tuple):      # finished: its reply is kept (as JSON text), not its task
+                raise errors.InvalidArgument(
+                    "this request id was already used for a different request",
+                    reason="REQUEST_ID_REUSED",
+                    violations={"x-request-id": "send a new request id for a new request"},
+                )
+            if isinstance(earlier[1], tuple):  # finished: its reply is kept (as JSON text), not its task
                 return orjson.loads(earlier[1][0]), earlier[1][1]
             return await asyncio.shield(earlier[1])
         call = await self._prepare(params)
@@ -301,8 +334,9 @@ class InferenceProxy:
         try:
             admission = self._limiter.admit(ctx.tenant_id, limits, estimate)
         except Rejected as r:
-            raise errors.ResourceExhausted(str(r), violations=r.violations, retry_after=r.retry_after,
-                                           reason="RATE_LIMITED") from None
+            raise errors.ResourceExhausted(
+                str(r), violations=r.violations, retry_after=r.retry_after, reason="RATE_LIMITED"
+            ) from None
         try:
             target = await self._target(ctx, model)
             hold = await self._hold_budget(ctx, model.upstream_model, estimate)
@@ -312,8 +346,13 @@ class InferenceProxy:
         body["metadata"] = {"user_id": self.opaque_user_id(ctx.tenant_id)}
         span = trace.get_current_span()
         trace_id = format(span.get_span_context().trace_id, "032x") if span.get_span_context().is_valid else ""
-        info = CallInfo(ctx.request_id, model.requested, model.upstream_model, self._provider.name,
-                        target.api_key != self._platform_key)
+        info = CallInfo(
+            ctx.request_id,
+            model.requested,
+            model.upstream_model,
+            self._provider.name,
+            target.api_key != self._platform_key,
+        )
         if not info.tenant_key and self._provider.name != OFFLINE:
             # The platform key's prompt cache is shared by every tenant: a hit (its latency, its
             # cache_read count) would tell one tenant another's prompt. Each tenant's cached prefixes
@@ -340,23 +379,29 @@ class InferenceProxy:
             own = await self._keys.tenant_key(ctx)
         except BackendUnavailable as exc:
             log.warning("provider key lookup failed: %s", exc)
-            raise errors.Unavailable("credentials unreachable: cannot tell which provider key to use",
-                                     reason="CREDENTIALS_UNAVAILABLE", retry_after=1.0) from None
+            raise errors.Unavailable(
+                "credentials unreachable: cannot tell which provider key to use",
+                reason="CREDENTIALS_UNAVAILABLE",
+                retry_after=1.0,
+            ) from None
         if model.private and model.base_url and not own:
             # A tenant's own endpoint is only ever called with the tenant's own key.
-            raise errors.FailedPrecondition("this private model's endpoint needs the tenant's own provider key",
-                                            reason="TENANT_KEY_REQUIRED")
+            raise errors.FailedPrecondition(
+                "this private model's endpoint needs the tenant's own provider key", reason="TENANT_KEY_REQUIRED"
+            )
         return Target(api_key=own or self._platform_key, base_url=model.base_url)
 
     async def _hold_budget(self, ctx: TenantContext, model: str, amount: int) -> Hold:
         try:
             return await self._budget.hold(ctx, model, amount)
         except BudgetRefused as r:
-            raise errors.ResourceExhausted(f"budget exhausted: {r}", violations=r.violations,
-                                           retry_after=r.retry_after, reason="BUDGET_EXHAUSTED") from None
+            raise errors.ResourceExhausted(
+                f"budget exhausted: {r}", violations=r.violations, retry_after=r.retry_after, reason="BUDGET_EXHAUSTED"
+            ) from None
         except BackendUnavailable:
-            raise errors.Unavailable("metering unreachable and no budget lease held", retry_after=1.0,
-                                     reason="METERING_UNAVAILABLE") from None
+            raise errors.Unavailable(
+                "metering unreachable and no budget lease held", retry_after=1.0, reason="METERING_UNAVAILABLE"
+            ) from None
 
     async def _complete_with_info(self, call: _Call) -> tuple[dict[str, Any], CallInfo]:
         return await self._complete(call), call.info
@@ -392,13 +437,19 @@ class InferenceProxy:
             ATTEMPT_REF.set(self._attempt_ref(call.ctx.tenant_id, event_id(call.ctx.request_id, n)))
             return n
         try:
-            attempt = await self._journal.open(call.ctx, model=call.info.resolved_model, reserve=call.reserve,
-                                               context=context_json(call.ctx, trace_id=call.trace_id,
-                                                                    occurred_at=call.occurred_at))
+            attempt = await self._journal.open(
+                call.ctx,
+                model=call.info.resolved_model,
+                reserve=call.reserve,
+                context=context_json(call.ctx, trace_id=call.trace_id, occurred_at=call.occurred_at),
+            )
         except JournalUnavailable as exc:
             log.warning("%s", exc)
-            raise errors.Unavailable("the proxy could not record the call before sending it; nothing was sent",
-                                     reason="ATTEMPT_JOURNAL_UNAVAILABLE", retry_after=1.0) from None
+            raise errors.Unavailable(
+                "the proxy could not record the call before sending it; nothing was sent",
+                reason="ATTEMPT_JOURNAL_UNAVAILABLE",
+                retry_after=1.0,
+            ) from None
         ATTEMPT_REF.set(self._attempt_ref(call.ctx.tenant_id, attempt.event_id))
         return attempt
 
@@ -406,19 +457,37 @@ class InferenceProxy:
         """The opaque id an attempt is sent upstream with (x-bulkhead-attempt): no tenant or request id in clear."""
         return attempt_ref(self._salt, tenant_id, event)
 
-    def _meter_attempt(self, call: _Call, attempt: Attempt | int, usage: dict[str, Any] | None,
-                       served_model: str | None, outcome: str, *, unknown: bool = False) -> Tokens:
+    def _meter_attempt(
+        self,
+        call: _Call,
+        attempt: Attempt | int,
+        usage: dict[str, Any] | None,
+        served_model: str | None,
+        outcome: str,
+        *,
+        unknown: bool = False,
+    ) -> Tokens:
         """Meter one upstream attempt: its reported usage, else (when it may have been billed) its reservation."""
         at_reservation = not usage and unknown
         tokens = _tokens(usage) if usage else (Tokens(call.reserve.input, call.reserve.output) if unknown else Tokens())
         ctx = call.ctx
         number = attempt if isinstance(attempt, int) else attempt.number
         event = UsageEvent(
-            tenant_id=ctx.tenant_id, idempotency_key=event_id(ctx.request_id, number), principal_id=ctx.principal_id,
-            agent_id=ctx.agent_id or "", run_id=ctx.run_id or "", model=served_model or call.info.resolved_model,
-            tokens=tokens, latency_ms=int((time.perf_counter() - call.started) * 1000), outcome=outcome,
-            occurred_at=call.occurred_at, trace_id=call.trace_id, tier=ctx.tier or "pooled", attempt=number,
-            at_reservation=at_reservation)
+            tenant_id=ctx.tenant_id,
+            idempotency_key=event_id(ctx.request_id, number),
+            principal_id=ctx.principal_id,
+            agent_id=ctx.agent_id or "",
+            run_id=ctx.run_id or "",
+            model=served_model or call.info.resolved_model,
+            tokens=tokens,
+            latency_ms=int((time.perf_counter() - call.started) * 1000),
+            outcome=outcome,
+            occurred_at=call.occurred_at,
+            trace_id=call.trace_id,
+            tier=ctx.tier or "pooled",
+            attempt=number,
+            at_reservation=at_reservation,
+        )
         journal = self._journal
         if not isinstance(attempt, int):
             assert journal is not None, "an Attempt comes from the journal"
@@ -426,7 +495,7 @@ class InferenceProxy:
         if tokens.total:
             self._meter.record(ctx, event)
         elif journal is not None and not isinstance(attempt, int):
-            journal.delivered([event])     # nothing to bill: the row is done
+            journal.delivered([event])  # nothing to bill: the row is done
         return tokens
 
     def _retry_wait(self, exc: UpstreamError, attempt: int) -> float | None:
@@ -465,8 +534,11 @@ class InferenceProxy:
                     break
                 except UpstreamError as exc:
                     # Cut mid-stream: settled from what the upstream reported before the cut.
-                    spent.add(self._meter_attempt(call, current, usage or None, model, "error",
-                                                  unknown=started or _maybe_billed(exc)))
+                    spent.add(
+                        self._meter_attempt(
+                            call, current, usage or None, model, "error", unknown=started or _maybe_billed(exc)
+                        )
+                    )
                     attempt = None
                     wait = None if started else self._retry_wait(exc, n)
                     if wait is None:
@@ -479,7 +551,7 @@ class InferenceProxy:
             log.exception("stream pump failed")
             queue.put_nowait(errors.BulkheadError(f"stream failed: {type(exc).__name__}"))
         finally:
-            if attempt is not None:     # cancelled or broken mid-attempt: what was reported, else the reservation
+            if attempt is not None:  # cancelled or broken mid-attempt: what was reported, else the reservation
                 spent.add(self._meter_attempt(call, attempt, usage or None, model, "cancelled", unknown=True))
             queue.put_nowait(_END)
             self._finish(call, spent, model, outcome)
@@ -492,11 +564,21 @@ class InferenceProxy:
             return
         latency_ms = int((time.perf_counter() - call.started) * 1000)
         ctx = call.ctx
-        log.info("model call", extra={
-            "principal_id": ctx.principal_id, "agent_id": ctx.agent_id or "", "run_id": ctx.run_id or "",
-            "model": call.info.resolved_model, "served_model": served_model or "", "outcome": outcome,
-            "input_tokens": tokens.input, "output_tokens": tokens.output, "latency_ms": latency_ms,
-            "tenant_key": call.info.tenant_key})
+        log.info(
+            "model call",
+            extra={
+                "principal_id": ctx.principal_id,
+                "agent_id": ctx.agent_id or "",
+                "run_id": ctx.run_id or "",
+                "model": call.info.resolved_model,
+                "served_model": served_model or "",
+                "outcome": outcome,
+                "input_tokens": tokens.input,
+                "output_tokens": tokens.output,
+                "latency_ms": latency_ms,
+                "tenant_key": call.info.tenant_key,
+            },
+        )
 
     def _keep(self, task: asyncio.Task) -> None:
         self._tasks.add(task)
@@ -560,9 +642,12 @@ def _maybe_billed(exc: UpstreamError) -> bool:
 
 
 def _tokens(usage: dict[str, Any]) -> Tokens:
-    return Tokens(input=usage.get("input_tokens") or 0, output=usage.get("output_tokens") or 0,
-                  cache_write=usage.get("cache_creation_input_tokens") or 0,
-                  cache_read=usage.get("cache_read_input_tokens") or 0)
+    return Tokens(
+        input=usage.get("input_tokens") or 0,
+        output=usage.get("output_tokens") or 0,
+        cache_write=usage.get("cache_creation_input_tokens") or 0,
+        cache_read=usage.get("cache_read_input_tokens") or 0,
+    )
 
 
 def _tag_span(span: trace.Span, ctx: TenantContext, info: CallInfo) -> None:
@@ -582,9 +667,12 @@ def _tag_span(span: trace.Span, ctx: TenantContext, info: CallInfo) -> None:
 def _status(exc: UpstreamError) -> errors.BulkheadError:
     """The status an upstream failure becomes."""
     if exc.kind == "rate_limited":
-        return errors.ResourceExhausted(exc.message, violations=[("upstream", "the model provider's rate limit")],
-                                        retry_after=exc.retry_after if exc.retry_after is not None else 1.0,
-                                        reason="UPSTREAM_RATE_LIMITED")
+        return errors.ResourceExhausted(
+            exc.message,
+            violations=[("upstream", "the model provider's rate limit")],
+            retry_after=exc.retry_after if exc.retry_after is not None else 1.0,
+            reason="UPSTREAM_RATE_LIMITED",
+        )
     if exc.kind == "invalid":
         return errors.InvalidArgument(exc.message, reason="UPSTREAM_INVALID_REQUEST")
     if exc.kind == "key_rejected":

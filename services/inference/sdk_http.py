@@ -2,6 +2,7 @@
 
 Imported on first use: an idle proxy does not carry httpx (3.6 MB). No grpc imports.
 """
+
 from __future__ import annotations
 
 import socket
@@ -33,8 +34,9 @@ class _ProbedStream(httpcore2.AsyncNetworkStream):
     async def aclose(self) -> None:
         await self._inner.aclose()
 
-    async def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
-                        timeout: float | None = None) -> httpcore2.AsyncNetworkStream:
+    async def start_tls(
+        self, ssl_context: Any, server_hostname: str | None = None, timeout: float | None = None
+    ) -> httpcore2.AsyncNetworkStream:
         # TLS runs over the same socket, so the probe stays what httpcore's is.
         return _ProbedStream(await self._inner.start_tls(ssl_context, server_hostname, timeout), self._sock)
 
@@ -52,15 +54,23 @@ class ProbedBackend(httpcore2.AsyncNetworkBackend):
         self.connections = 0
         """Connections opened (tests check that the pool really uses this backend)."""
 
-    async def connect_tcp(self, host: str, port: int, timeout: float | None = None, local_address: str | None = None,
-                          socket_options: Iterable[Any] | None = None) -> httpcore2.AsyncNetworkStream:
-        stream = await self._inner.connect_tcp(host, port, timeout=timeout, local_address=local_address,
-                                               socket_options=socket_options)
+    async def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Iterable[Any] | None = None,
+    ) -> httpcore2.AsyncNetworkStream:
+        stream = await self._inner.connect_tcp(
+            host, port, timeout=timeout, local_address=local_address, socket_options=socket_options
+        )
         self.connections += 1
         return _ProbedStream(stream, stream.get_extra_info("socket"))
 
-    async def connect_unix_socket(self, path: str, timeout: float | None = None,
-                                  socket_options: Iterable[Any] | None = None) -> httpcore2.AsyncNetworkStream:
+    async def connect_unix_socket(
+        self, path: str, timeout: float | None = None, socket_options: Iterable[Any] | None = None
+    ) -> httpcore2.AsyncNetworkStream:
         stream = await self._inner.connect_unix_socket(path, timeout=timeout, socket_options=socket_options)
         self.connections += 1
         return _ProbedStream(stream, stream.get_extra_info("socket"))

@@ -1,4 +1,5 @@
 """Wiring of the inference proxy: database, metering and credentials clients, provider, server; and main()."""
+
 from __future__ import annotations
 
 import asyncio
@@ -59,9 +60,12 @@ def make_provider(config: InferenceConfig) -> Provider:
     """The provider the config names."""
     if config.provider == OFFLINE:
         return OfflineProvider()
-    return AnthropicProvider(base_url=config.anthropic_base_url, timeout=config.upstream_timeout,
-                             direct=config.upstream_transport == "direct",
-                             http="httpx" if config.upstream_transport == "sdk-httpx" else "aiohttp")
+    return AnthropicProvider(
+        base_url=config.anthropic_base_url,
+        timeout=config.upstream_timeout,
+        direct=config.upstream_transport == "direct",
+        http="httpx" if config.upstream_transport == "sdk-httpx" else "aiohttp",
+    )
 
 
 @dataclass
@@ -100,10 +104,17 @@ class InferenceService:
         await self.db.close()
 
 
-async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: str | None = None,
-                provider: Provider | None = None, db: Database | None = None,
-                lease_maintenance: float = 1.0, tiers: TierLookup | None = None,
-                platform: PlatformUsage | None = None) -> InferenceService:
+async def start(
+    config: InferenceConfig,
+    verifier: TokenVerifier,
+    *,
+    address: str | None = None,
+    provider: Provider | None = None,
+    db: Database | None = None,
+    lease_maintenance: float = 1.0,
+    tiers: TierLookup | None = None,
+    platform: PlatformUsage | None = None,
+) -> InferenceService:
     """Open the database (migrating it), connect to metering and credentials, start serving.
 
     tiers answers operators' calls about another tenant (identity, over the operator's token, unless given).
@@ -112,7 +123,7 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     if db is None:
         db = await open_service_database(config.service, migrations=str(MIGRATIONS))  # every region's
     register_secret(config.anthropic_api_key)
-    salt = config.user_id_salt or load_or_create_salt(config.service.data_dir)   # never a public constant
+    salt = config.user_id_salt or load_or_create_salt(config.service.data_dir)  # never a public constant
     register_secret(salt)
     metering_channel = make_channel(config.service.peer("metering"), forward=True)
     channels = [metering_channel]
@@ -133,39 +144,71 @@ async def start(config: InferenceConfig, verifier: TokenVerifier, *, address: st
     platform = platform or _platform_usage(config, channels)
     replica = config.replica_id or _replica_name(address or config.service.address)
     journal = AttemptJournal(SqlAttempts(db), replica=replica, sweep_after=config.attempt_sweep_seconds)
-    meter = UsageMeter(metering, outbox, flush_interval=config.usage_flush_seconds, platform=platform,
-                       on_durable=journal.delivered)
+    meter = UsageMeter(
+        metering, outbox, flush_interval=config.usage_flush_seconds, platform=platform, on_durable=journal.delivered
+    )
     # What a killed predecessor of this replica left goes to the outbox before the meter looks there.
     await journal.start()
     await meter.start()
-    budget = BudgetLeases(metering, slice_tokens=config.lease_tokens, idle_release=config.lease_idle_seconds,
-                          platform=platform, suspended=verifier.tenant_suspended)
+    budget = BudgetLeases(
+        metering,
+        slice_tokens=config.lease_tokens,
+        idle_release=config.lease_idle_seconds,
+        platform=platform,
+        suspended=verifier.tenant_suspended,
+    )
     store = PolicyStore(db)
-    proxy = InferenceProxy(provider=provider, platform_key=config.anthropic_api_key, policies=store,
-                           platform_policy=config.platform_policy, limiter=RateLimiter(), quotas=metering,
-                           budget=budget, meter=meter, keys=keys, max_attempts=config.max_attempts,
-                           max_retry_wait=config.max_retry_wait, journal=journal,
-                           user_id_salt=salt)
+    proxy = InferenceProxy(
+        provider=provider,
+        platform_key=config.anthropic_api_key,
+        policies=store,
+        platform_policy=config.platform_policy,
+        limiter=RateLimiter(),
+        quotas=metering,
+        budget=budget,
+        meter=meter,
+        keys=keys,
+        max_attempts=config.max_attempts,
+        max_retry_wait=config.max_retry_wait,
+        journal=journal,
+        user_id_salt=salt,
+    )
     audit = ConfigAudit("inference", db, tiers=tiers)
-    servicer = InferenceServicer(proxy, store, tiers=tiers, audit=audit,
-                                 allow_http_endpoints=config.allow_http_endpoints)
-    binding = Binding(inference_pb2_grpc.add_InferenceServiceServicer_to_server, servicer,
-                      inference_pb2.DESCRIPTOR.services_by_name["InferenceService"])
-    lifecycle = lifecycle_binding("inference", db, [InferenceBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
-                                  hooks=[DeliverUsage(meter, outbox)])
+    servicer = InferenceServicer(
+        proxy, store, tiers=tiers, audit=audit, allow_http_endpoints=config.allow_http_endpoints
+    )
+    binding = Binding(
+        inference_pb2_grpc.add_InferenceServiceServicer_to_server,
+        servicer,
+        inference_pb2.DESCRIPTOR.services_by_name["InferenceService"],
+    )
+    lifecycle = lifecycle_binding(
+        "inference",
+        db,
+        [InferenceBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
+        hooks=[DeliverUsage(meter, outbox)],
+    )
     security = security_events_binding("inference", db)
     # Worker processes share one port (SO_REUSEPORT: the kernel spreads connections over them); a lone
     # process keeps gRPC's default of refusing a port another process holds.
     options = (("grpc.so_reuseport", 1),) if config.workers > 1 else ()
-    running = await serve(name="inference", bindings=[binding, lifecycle, audit.binding(), security], verifier=verifier,
-                          address=address or config.service.address,
-                          page_key=await load_page_key(db, "inference"), options=options)
+    running = await serve(
+        name="inference",
+        bindings=[binding, lifecycle, audit.binding(), security],
+        verifier=verifier,
+        address=address or config.service.address,
+        page_key=await load_page_key(db, "inference"),
+        options=options,
+    )
+
     async def sweep() -> None:
         meter.adopt_backlog(await journal.sweep())
 
     tasks: list[Periodic | RetentionSweeper]
-    tasks = [Periodic("lease-maintenance", budget.maintain, interval=lease_maintenance, log=log),
-             Periodic("attempt-sweeper", sweep, interval=min(30.0, max(0.2, config.attempt_sweep_seconds / 4)), log=log)]
+    tasks = [
+        Periodic("lease-maintenance", budget.maintain, interval=lease_maintenance, log=log),
+        Periodic("attempt-sweeper", sweep, interval=min(30.0, max(0.2, config.attempt_sweep_seconds / 4)), log=log),
+    ]
     for task in tasks:
         task.start()
     retention = retention_sweeper("inference", config.service, [audit.prune])  # configuration audit events
@@ -178,8 +221,11 @@ def _platform_usage(config: InferenceConfig, channels: list) -> PlatformUsage | 
     """RecordTenantUsage with the proxy's own service key, when identity made one (see SERVICE_PRINCIPALS)."""
     path = config.service.service_key_file
     if path is None or not path.is_file():
-        log.warning("no service key at %s: usage held in the outbox reaches metering only when its tenant "
-                    "calls again (set BULKHEAD_INFERENCE_SERVICE_KEY_FILE)", path)
+        log.warning(
+            "no service key at %s: usage held in the outbox reaches metering only when its tenant "
+            "calls again (set BULKHEAD_INFERENCE_SERVICE_KEY_FILE)",
+            path,
+        )
         return None
     key = path.read_text().strip()
     register_secret(key)

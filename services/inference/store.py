@@ -4,6 +4,7 @@ Policies and private models are tenant-owned (ORM criteria + RLS). The outbox is
 table: the proxy alone reads it, to deliver usage to metering in order; no RPC exposes it.
 No grpc imports.
 """
+
 from __future__ import annotations
 
 import json
@@ -93,8 +94,12 @@ class PolicyStore:
             row = (await s.execute(select(PolicyRow))).scalar_one_or_none()
         if row is None:
             return Policy()
-        return Policy(tuple(json.loads(row.allowed_models)), row.default_model, json.loads(row.pinned_versions),
-                      row.max_tokens_ceiling)
+        return Policy(
+            tuple(json.loads(row.allowed_models)),
+            row.default_model,
+            json.loads(row.pinned_versions),
+            row.max_tokens_ceiling,
+        )
 
     async def put_policy(self, policy: Policy) -> None:
         """Replace the current tenant's policy."""
@@ -121,16 +126,31 @@ class PolicyStore:
             taken = (await s.execute(select(PrivateModelRow.id).where(PrivateModelRow.name == model.name))).first()
             if taken is not None:
                 return None
-            row = PrivateModelRow(name=model.name, upstream_model=model.upstream_model, base_url=model.base_url,
-                                  lineage=model.lineage, created_at=int(time.time()))
+            row = PrivateModelRow(
+                name=model.name,
+                upstream_model=model.upstream_model,
+                base_url=model.base_url,
+                lineage=model.lineage,
+                created_at=int(time.time()),
+            )
             s.add(row)
         return _private(row)
 
     async def list_private_models(self, *, after: str, limit: int) -> list[PrivateModel]:
         """A page of the current tenant's private models with names after `after`."""
         async with self._db.session() as s:
-            rows = (await s.execute(select(PrivateModelRow).where(PrivateModelRow.name > after)
-                                    .order_by(PrivateModelRow.name).limit(limit))).scalars().all()
+            rows = (
+                (
+                    await s.execute(
+                        select(PrivateModelRow)
+                        .where(PrivateModelRow.name > after)
+                        .order_by(PrivateModelRow.name)
+                        .limit(limit)
+                    )
+                )
+                .scalars()
+                .all()
+            )
         return [_private(r) for r in rows]
 
 
@@ -153,8 +173,15 @@ class SqlOutbox:
     async def pending(self, tenant_id: str, limit: int) -> list[tuple[int, UsageEvent]]:
         """The tenant's oldest undelivered events."""
         async with self._db.system_session() as s:
-            rows = (await s.execute(select(OutboxRow).where(OutboxRow.tenant_id == tenant_id)
-                                    .order_by(OutboxRow.id).limit(limit))).scalars().all()
+            rows = (
+                (
+                    await s.execute(
+                        select(OutboxRow).where(OutboxRow.tenant_id == tenant_id).order_by(OutboxRow.id).limit(limit)
+                    )
+                )
+                .scalars()
+                .all()
+            )
         return [(r.id, _load(r.payload)) for r in rows]
 
     async def delete(self, ids: Sequence[int]) -> None:
@@ -175,11 +202,24 @@ class SqlOutbox:
 
 def _dump(e: UsageEvent) -> str:
     t = e.tokens
-    return json.dumps({"tenant_id": e.tenant_id, "idempotency_key": e.idempotency_key, "principal_id": e.principal_id,
-                       "agent_id": e.agent_id, "run_id": e.run_id, "model": e.model,
-                       "tokens": [t.input, t.output, t.cache_write, t.cache_read], "latency_ms": e.latency_ms,
-                       "outcome": e.outcome, "occurred_at": e.occurred_at, "trace_id": e.trace_id, "tier": e.tier,
-                       "attempt": e.attempt, "at_reservation": e.at_reservation})
+    return json.dumps(
+        {
+            "tenant_id": e.tenant_id,
+            "idempotency_key": e.idempotency_key,
+            "principal_id": e.principal_id,
+            "agent_id": e.agent_id,
+            "run_id": e.run_id,
+            "model": e.model,
+            "tokens": [t.input, t.output, t.cache_write, t.cache_read],
+            "latency_ms": e.latency_ms,
+            "outcome": e.outcome,
+            "occurred_at": e.occurred_at,
+            "trace_id": e.trace_id,
+            "tier": e.tier,
+            "attempt": e.attempt,
+            "at_reservation": e.at_reservation,
+        }
+    )
 
 
 def _load(payload: str) -> UsageEvent:
@@ -191,8 +231,10 @@ class AttemptRow(InferenceBase):
     """One upstream attempt, written before it is sent (see services.inference.attempts)."""
 
     __tablename__ = "inference_attempts"
-    __table_args__ = (UniqueConstraint("tenant_id", "request_id", "attempt", name="uq_inference_attempts_attempt"),
-                      Index("ix_inference_attempts_state_created", "state", "created_ms"))
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "request_id", "attempt", name="uq_inference_attempts_attempt"),
+        Index("ix_inference_attempts_state_created", "state", "created_ms"),
+    )
 
     id: Mapped[int] = mapped_column(_ROW_ID, primary_key=True, autoincrement=True)
     tenant_id: Mapped[str] = mapped_column(String(64))
@@ -218,27 +260,39 @@ class AttemptRow(InferenceBase):
 # taken in the insert itself (the unique constraint catches two replicas taking the same one at
 # once; the group is then retried). A group holds a request id at most once (the journal defers
 # repeats), and rows come back keyed by (tenant, request id), not by position.
-_OPEN_COLUMNS = ("INSERT INTO inference_attempts (tenant_id, request_id, attempt, replica, model, reserve_input, "
-                 "reserve_output, state, at_reservation, context, created_ms) ")
-_NEXT = ("COALESCE((SELECT MAX(a.attempt) FROM inference_attempts AS a WHERE a.tenant_id = v.t "
-         "AND a.request_id = v.r), 0) + 1")
-_PG_OPEN = (_OPEN_COLUMNS + f"SELECT v.t, v.r, {_NEXT}, CAST($1 AS VARCHAR), v.m, v.ri, v.ro, 0, 0, v.c, v.cm "
-            "FROM unnest(CAST($2 AS VARCHAR[]), CAST($3 AS VARCHAR[]), CAST($4 AS VARCHAR[]), CAST($5 AS BIGINT[]), "
-            "CAST($6 AS BIGINT[]), CAST($7 AS TEXT[]), CAST($8 AS BIGINT[])) AS v(t, r, m, ri, ro, c, cm) "
-            "RETURNING tenant_id, request_id, id, attempt")
+_OPEN_COLUMNS = (
+    "INSERT INTO inference_attempts (tenant_id, request_id, attempt, replica, model, reserve_input, "
+    "reserve_output, state, at_reservation, context, created_ms) "
+)
+_NEXT = (
+    "COALESCE((SELECT MAX(a.attempt) FROM inference_attempts AS a WHERE a.tenant_id = v.t "
+    "AND a.request_id = v.r), 0) + 1"
+)
+_PG_OPEN = (
+    _OPEN_COLUMNS + f"SELECT v.t, v.r, {_NEXT}, CAST($1 AS VARCHAR), v.m, v.ri, v.ro, 0, 0, v.c, v.cm "
+    "FROM unnest(CAST($2 AS VARCHAR[]), CAST($3 AS VARCHAR[]), CAST($4 AS VARCHAR[]), CAST($5 AS BIGINT[]), "
+    "CAST($6 AS BIGINT[]), CAST($7 AS TEXT[]), CAST($8 AS BIGINT[])) AS v(t, r, m, ri, ro, c, cm) "
+    "RETURNING tenant_id, request_id, id, attempt"
+)
 # SQLite has no arrays: the group travels as one JSON array of rows.
-_SQLITE_OPEN = (_OPEN_COLUMNS + f"SELECT v.t, v.r, {_NEXT}, $1, v.m, v.ri, v.ro, 0, 0, v.c, v.cm FROM ("
-                "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS r, "
-                "json_extract(value, '$[2]') AS m, json_extract(value, '$[3]') AS ri, "
-                "json_extract(value, '$[4]') AS ro, "
-                "json_extract(value, '$[5]') AS c, json_extract(value, '$[6]') AS cm FROM json_each($2)) AS v "
-                "RETURNING tenant_id, request_id, id, attempt")
-_SETTLE = ("UPDATE inference_attempts SET state = 1, input_tokens = $2, output_tokens = $3, cache_write_tokens = $4, "
-           "cache_read_tokens = $5, outcome = $6, latency_ms = $7, at_reservation = $8 WHERE id = $1 AND state = 0")
+_SQLITE_OPEN = (
+    _OPEN_COLUMNS + f"SELECT v.t, v.r, {_NEXT}, $1, v.m, v.ri, v.ro, 0, 0, v.c, v.cm FROM ("
+    "SELECT json_extract(value, '$[0]') AS t, json_extract(value, '$[1]') AS r, "
+    "json_extract(value, '$[2]') AS m, json_extract(value, '$[3]') AS ri, "
+    "json_extract(value, '$[4]') AS ro, "
+    "json_extract(value, '$[5]') AS c, json_extract(value, '$[6]') AS cm FROM json_each($2)) AS v "
+    "RETURNING tenant_id, request_id, id, attempt"
+)
+_SETTLE = (
+    "UPDATE inference_attempts SET state = 1, input_tokens = $2, output_tokens = $3, cache_write_tokens = $4, "
+    "cache_read_tokens = $5, outcome = $6, latency_ms = $7, at_reservation = $8 WHERE id = $1 AND state = 0"
+)
 _DELIVERED = "UPDATE inference_attempts SET state = 2 WHERE id = $1"
-_RECOVER = ("UPDATE inference_attempts SET state = 2 WHERE state < 2 AND (replica = $1 OR created_ms < $2) "
-            "RETURNING tenant_id, request_id, attempt, model, reserve_input, reserve_output, state, at_reservation, "
-            "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, outcome, latency_ms, context")
+_RECOVER = (
+    "UPDATE inference_attempts SET state = 2 WHERE state < 2 AND (replica = $1 OR created_ms < $2) "
+    "RETURNING tenant_id, request_id, attempt, model, reserve_input, reserve_output, state, at_reservation, "
+    "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens, outcome, latency_ms, context"
+)
 _TO_OUTBOX = "INSERT INTO inference_usage_outbox (tenant_id, payload, created_at) VALUES ($1, $2, $3)"
 _PRUNE = "DELETE FROM inference_attempts WHERE state = 2 AND created_ms < $1"
 
@@ -257,8 +311,9 @@ class SqlAttempts:
                     if tx.dialect != "postgresql" and hasattr(tx._driver, "_execute"):
                         # SQLite: the group's statements in one trip to the driver's thread, not one
                         # trip per statement, cursor and fetch (that was most of a call's journal time).
-                        rows = await tx._driver._execute(_sqlite_apply, tx._driver._conn, opens, settles,
-                                                         delivered, replica)
+                        rows = await tx._driver._execute(
+                            _sqlite_apply, tx._driver._conn, opens, settles, delivered, replica
+                        )
                         return _ids(opens, rows)
                     ids = await _open(tx, opens, replica) if opens else []
                     await tx.executemany(_SETTLE, settles)
@@ -272,6 +327,7 @@ class SqlAttempts:
     async def recover(self, *, replica: str, before_ms: int) -> list[UsageEvent]:
         """Close the rows of `replica` and rows older than before_ms, turning them into outbox events atomically."""
         from services.inference.attempts import recovered_event
+
         now = int(time.time())
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
             rows = await tx.fetch(_RECOVER, replica, before_ms)
@@ -287,10 +343,14 @@ class SqlAttempts:
     async def rows(self) -> list[tuple]:
         """Every row (tests): request id, attempt, state, at_reservation, reservation, tokens."""
         async with raw_transaction(self._db.engine, tenant_id=None) as tx:
-            return [tuple(r) for r in await tx.fetch(
-                "SELECT tenant_id, request_id, attempt, state, at_reservation, reserve_input, reserve_output, "
-                "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens "
-                "FROM inference_attempts ORDER BY id")]
+            return [
+                tuple(r)
+                for r in await tx.fetch(
+                    "SELECT tenant_id, request_id, attempt, state, at_reservation, reserve_input, reserve_output, "
+                    "input_tokens, output_tokens, cache_write_tokens, cache_read_tokens "
+                    "FROM inference_attempts ORDER BY id"
+                )
+            ]
 
 
 def _sqlite_apply(conn: sqlite3.Connection, opens, settles, delivered, replica: str) -> list:
@@ -307,8 +367,12 @@ def _sqlite_apply(conn: sqlite3.Connection, opens, settles, delivered, replica: 
 
 def _open_rows(opens) -> str:
     """A group's opens as the JSON array _SQLITE_OPEN reads."""
-    return orjson.dumps([(o.tenant_id, o.request_id, o.model, o.reserve.input, o.reserve.output, o.context,
-                          o.created_ms) for o in opens]).decode()
+    return orjson.dumps(
+        [
+            (o.tenant_id, o.request_id, o.model, o.reserve.input, o.reserve.output, o.context, o.created_ms)
+            for o in opens
+        ]
+    ).decode()
 
 
 def _ids(opens, rows) -> list[tuple[int, int]]:
@@ -320,10 +384,17 @@ def _ids(opens, rows) -> list[tuple[int, int]]:
 async def _open(tx, opens, replica: str) -> list[tuple[int, int]]:
     """Insert a group's attempts in one statement; (row id, attempt number) of each, in order."""
     if tx.dialect == "postgresql":
-        rows = await tx.fetch(_PG_OPEN, replica, [o.tenant_id for o in opens], [o.request_id for o in opens],
-                              [o.model for o in opens], [o.reserve.input for o in opens],
-                              [o.reserve.output for o in opens], [o.context for o in opens],
-                              [o.created_ms for o in opens])
+        rows = await tx.fetch(
+            _PG_OPEN,
+            replica,
+            [o.tenant_id for o in opens],
+            [o.request_id for o in opens],
+            [o.model for o in opens],
+            [o.reserve.input for o in opens],
+            [o.reserve.output for o in opens],
+            [o.context for o in opens],
+            [o.created_ms for o in opens],
+        )
     else:
         rows = await tx.fetch(_SQLITE_OPEN, replica, _open_rows(opens))
     return _ids(opens, rows)
@@ -334,6 +405,7 @@ def _unique_violations() -> tuple[type[BaseException], ...]:
     types: list[type[BaseException]] = [sqlite3.IntegrityError]
     try:
         import asyncpg
+
         types.append(asyncpg.UniqueViolationError)
     except ImportError:  # pragma: no cover
         pass

@@ -17,6 +17,7 @@ that was a third of the proxy's CPU. ProbedBackend gives the same answer (one po
 connection's socket) with the socket looked up once, at connect. Everything else (TLS, timeouts,
 limits, exceptions) is httpx's and httpcore's, unchanged. No grpc imports.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,8 +43,10 @@ does not need)."""
 def __getattr__(name: str) -> Any:
     if name in _SDK_HTTP:
         from services.inference import sdk_http
+
         return getattr(sdk_http, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
 
 log = logging.getLogger("bulkhead.inference.upstream")
 
@@ -75,6 +78,7 @@ def proxies_configured() -> bool:
 def aiohttp_available() -> bool:
     """Whether the SDK's aiohttp transport can be used (the `anthropic[aiohttp]` extra is installed)."""
     import importlib.util
+
     return importlib.util.find_spec("aiohttp") is not None
 
 
@@ -90,22 +94,26 @@ def make_http_client(*, timeout: float, transport: str = "httpx") -> httpx2.Asyn
         import anthropic
 
         from services.inference.sdk_http import CONNECTION_LIMITS
+
         return anthropic.DefaultAioHttpClient(timeout=timeout, limits=CONNECTION_LIMITS)
     if proxies_configured():
-        return None   # the SDK routes through the proxy only with the transports it builds itself
+        return None  # the SDK routes through the proxy only with the transports it builds itself
     import httpx2
 
     from services.inference.sdk_http import CONNECTION_LIMITS, ProbedTransport
+
     try:
         transport_ = ProbedTransport(limits=CONNECTION_LIMITS, socket_options=_keepalive_options())
-    except AttributeError:   # an httpx without the pool this hooks into: the stock client still works
+    except AttributeError:  # an httpx without the pool this hooks into: the stock client still works
         log.warning("httpx changed: upstream calls use the stock connection probe")
         return None
-    return httpx2.AsyncClient(transport=transport_, timeout=httpx2.Timeout(timeout), limits=CONNECTION_LIMITS,
-                              follow_redirects=True)
+    return httpx2.AsyncClient(
+        transport=transport_, timeout=httpx2.Timeout(timeout), limits=CONNECTION_LIMITS, follow_redirects=True
+    )
 
 
 # ----- the lean unary client -----
+
 
 def header_safe(value: str) -> bool:
     """Whether value can be sent as one header value as is: visible ASCII and spaces, no CR or LF."""
@@ -148,8 +156,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._buf = bytearray()
         self._waiter: asyncio.Future | None = None
-        self._head: tuple | None = None   # (status, headers) of the reply being read
-        self._length = -1          # content-length; -1 chunked, -2 until close
+        self._head: tuple | None = None  # (status, headers) of the reply being read
+        self._length = -1  # content-length; -1 chunked, -2 until close
         self._chunks = bytearray()
         self.reusable = True
         self.sock: socket.socket | None = None
@@ -166,7 +174,7 @@ class _Connection(asyncio.Protocol):
                 self._parse()
             except Exception as exc:  # noqa: BLE001 - a reply we cannot read: the connection is done
                 self._fail(UpstreamBroken(f"unreadable reply: {exc}"))
-        elif self._buf:                  # bytes on an idle connection: its state is unknown, drop it
+        elif self._buf:  # bytes on an idle connection: its state is unknown, drop it
             self.reusable = False
             self.transport.close()
 
@@ -180,7 +188,7 @@ class _Connection(asyncio.Protocol):
         self.closed = True
         self.reusable = False
         if exc is None and self._waiter is not None and self._head is not None and self._length == -2:
-            self._finish(bytes(self._buf))       # a reply that ends with the connection (no eof_received over TLS)
+            self._finish(bytes(self._buf))  # a reply that ends with the connection (no eof_received over TLS)
         self._fail(UpstreamBroken("the upstream closed the connection"))
 
     # one exchange
@@ -215,14 +223,14 @@ class _Connection(asyncio.Protocol):
                     raise ValueError("header too long")
                 return
             lines = bytes(buf[:end]).decode("latin-1").split("\r\n")
-            del buf[:end + 4]
+            del buf[: end + 4]
             version, _, rest = lines[0].partition(" ")
             status = int(rest[:3])
             headers: dict[str, str] = {}
             for line in lines[1:]:
                 name, _, value = line.partition(":")
                 headers[name.strip().lower()] = value.strip()
-            if 100 <= status < 200:            # an interim reply: the real one follows
+            if 100 <= status < 200:  # an interim reply: the real one follows
                 self._parse()
                 return
             self._head = (status, headers)
@@ -237,8 +245,8 @@ class _Connection(asyncio.Protocol):
                 self.reusable = False
         if self._length >= 0:
             if len(buf) >= self._length:
-                body = bytes(buf[:self._length])
-                del buf[:self._length]
+                body = bytes(buf[: self._length])
+                del buf[: self._length]
                 if buf:
                     self.reusable = False
                 self._finish(body)
@@ -266,10 +274,10 @@ class _Connection(asyncio.Protocol):
                 return
             if len(buf) < line_end + 2 + size + 2:
                 return
-            self._chunks += buf[line_end + 2:line_end + 2 + size]
+            self._chunks += buf[line_end + 2 : line_end + 2 + size]
             if len(self._chunks) > _MAX_BODY:
                 raise ValueError("reply too long")
-            del buf[:line_end + 2 + size + 2]
+            del buf[: line_end + 2 + size + 2]
 
 
 def _decode(body: bytes, encoding: str) -> bytes:
@@ -286,8 +294,15 @@ def _decode(body: bytes, encoding: str) -> bytes:
 class UpstreamPool:
     """Kept-alive HTTP/1.1 connections to one upstream origin, for one provider key (never shared across keys)."""
 
-    def __init__(self, base_url: str, *, timeout: float, connect_timeout: float | None = None,
-                 max_idle: int = 100, max_connections: int = 1000):
+    def __init__(
+        self,
+        base_url: str,
+        *,
+        timeout: float,
+        connect_timeout: float | None = None,
+        max_idle: int = 100,
+        max_connections: int = 1000,
+    ):
         url = urllib.parse.urlsplit(base_url)
         if url.scheme not in ("http", "https") or not url.hostname:
             raise ValueError(f"not an http(s) URL: {base_url!r}")
@@ -295,8 +310,9 @@ class UpstreamPool:
         self._host = url.hostname
         self._port = url.port or (443 if self._tls else 80)
         default_port = self._port == (443 if self._tls else 80)
-        self._host_header = (f"[{self._host}]" if ":" in self._host else self._host) + \
-            ("" if default_port else f":{self._port}")
+        self._host_header = (f"[{self._host}]" if ":" in self._host else self._host) + (
+            "" if default_port else f":{self._port}"
+        )
         self._prefix = url.path.rstrip("/")
         self._timeout = timeout
         self._connect_timeout = connect_timeout if connect_timeout is not None else timeout
@@ -364,7 +380,8 @@ class UpstreamPool:
         try:
             async with asyncio.timeout(self._connect_timeout):
                 _, conn = await loop.create_connection(
-                    _Connection, self._host, self._port, ssl=ctx, server_hostname=self._host if ctx else None)
+                    _Connection, self._host, self._port, ssl=ctx, server_hostname=self._host if ctx else None
+                )
         except TimeoutError:
             raise UpstreamTimeout("connect timed out") from None
         except OSError as exc:

@@ -7,6 +7,7 @@ with the proxy's own platform credentials (RecordTenantUsage) when it has a serv
 backlog is delivered even if its tenant never calls again; without one, it drains with the
 tenant's credentials once this replica has a live context for it. No grpc imports.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -81,9 +82,17 @@ class Outbox(Protocol):
 class UsageMeter:
     """Batches usage per tenant and delivers it; falls back to the outbox when metering is down."""
 
-    def __init__(self, backend: UsageBackend, outbox: Outbox, *, batch_size: int = 200,
-                 flush_interval: float = 0.05, retry_interval: float = 1.0, platform: PlatformDelivery | None = None,
-                 on_durable: Callable[[Sequence[UsageEvent]], None] | None = None):
+    def __init__(
+        self,
+        backend: UsageBackend,
+        outbox: Outbox,
+        *,
+        batch_size: int = 200,
+        flush_interval: float = 0.05,
+        retry_interval: float = 1.0,
+        platform: PlatformDelivery | None = None,
+        on_durable: Callable[[Sequence[UsageEvent]], None] | None = None,
+    ):
         self._backend = backend
         self._platform = platform
         self._outbox = outbox
@@ -165,7 +174,7 @@ class UsageMeter:
 
     async def _flush_tenant(self, tenant_id: str) -> None:
         batch = self._queues.pop(tenant_id, [])
-        kept = False            # metering or the outbox holds the batch
+        kept = False  # metering or the outbox holds the batch
         try:
             ctx = self._contexts.get(tenant_id)
             if tenant_id in self._backlogged or ctx is None:
@@ -184,8 +193,12 @@ class UsageMeter:
                 # Kept, it would block every later event of the tenant; logged loudly for an operator.
                 log.error("metering rejected %d usage events of %s: %s", len(batch), tenant_id, exc)
             except Exception as exc:  # noqa: BLE001 - unreachable, or refused (an expired token): keep, never drop
-                log.warning("usage not delivered (%s): %d events of %s kept in the outbox",
-                            type(exc).__name__, len(batch), tenant_id)
+                log.warning(
+                    "usage not delivered (%s): %d events of %s kept in the outbox",
+                    type(exc).__name__,
+                    len(batch),
+                    tenant_id,
+                )
                 await self._outbox.append(batch)
                 self._backlogged.add(tenant_id)
             kept = True

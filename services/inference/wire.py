@@ -3,6 +3,7 @@
 Requests go proto -> JSON dict (what the SDK sends); replies and stream events go JSON dict
 (what the upstream sent) -> proto, field for field. No grpc imports: protobuf messages only.
 """
+
 from __future__ import annotations
 
 import base64
@@ -15,13 +16,20 @@ from bulkhead.inference.v1 import inference_pb2 as pb
 
 ROLE_NAMES = {pb.ROLE_USER: "user", pb.ROLE_ASSISTANT: "assistant"}
 _STOP_REASONS = {
-    "end_turn": pb.STOP_REASON_END_TURN, "max_tokens": pb.STOP_REASON_MAX_TOKENS,
-    "stop_sequence": pb.STOP_REASON_STOP_SEQUENCE, "tool_use": pb.STOP_REASON_TOOL_USE,
-    "pause_turn": pb.STOP_REASON_PAUSE_TURN, "refusal": pb.STOP_REASON_REFUSAL,
+    "end_turn": pb.STOP_REASON_END_TURN,
+    "max_tokens": pb.STOP_REASON_MAX_TOKENS,
+    "stop_sequence": pb.STOP_REASON_STOP_SEQUENCE,
+    "tool_use": pb.STOP_REASON_TOOL_USE,
+    "pause_turn": pb.STOP_REASON_PAUSE_TURN,
+    "refusal": pb.STOP_REASON_REFUSAL,
     "model_context_window_exceeded": pb.STOP_REASON_MODEL_CONTEXT_WINDOW_EXCEEDED,
 }
-_TOOL_CHOICE = {pb.TOOL_CHOICE_TYPE_AUTO: "auto", pb.TOOL_CHOICE_TYPE_ANY: "any",
-                pb.TOOL_CHOICE_TYPE_TOOL: "tool", pb.TOOL_CHOICE_TYPE_NONE: "none"}
+_TOOL_CHOICE = {
+    pb.TOOL_CHOICE_TYPE_AUTO: "auto",
+    pb.TOOL_CHOICE_TYPE_ANY: "any",
+    pb.TOOL_CHOICE_TYPE_TOOL: "tool",
+    pb.TOOL_CHOICE_TYPE_NONE: "none",
+}
 
 
 class WireError(ValueError):
@@ -35,10 +43,13 @@ class WireError(ValueError):
 
 # ----- requests: proto -> JSON -----
 
+
 def params_to_json(params: pb.MessageParams, *, model: str, max_tokens: int | None) -> dict[str, Any]:
     """The Messages API request body for params, with the resolved model and capped max_tokens."""
-    body: dict[str, Any] = {"model": model, "messages": [_message(m, f"params.messages[{i}]")
-                                                          for i, m in enumerate(params.messages)]}
+    body: dict[str, Any] = {
+        "model": model,
+        "messages": [_message(m, f"params.messages[{i}]") for i, m in enumerate(params.messages)],
+    }
     if max_tokens is not None:
         body["max_tokens"] = max_tokens
     if params.system:
@@ -87,14 +98,21 @@ def _block(b: pb.ContentBlock, path: str) -> dict[str, Any]:
     if kind == "image":
         return _image(b.image, f"{path}.image")
     if kind == "tool_use":
-        return {"type": "tool_use", "id": b.tool_use.id, "name": b.tool_use.name,
-                "input": json_format.MessageToDict(b.tool_use.input)}
+        return {
+            "type": "tool_use",
+            "id": b.tool_use.id,
+            "name": b.tool_use.name,
+            "input": json_format.MessageToDict(b.tool_use.input),
+        }
     if kind == "tool_result":
         r = b.tool_result
         if not r.tool_use_id:
             raise WireError(f"{path}.tool_result.tool_use_id", "is required")
-        out: dict[str, Any] = {"type": "tool_result", "tool_use_id": r.tool_use_id,
-                               "content": [_block(c, f"{path}.tool_result.content[{i}]") for i, c in enumerate(r.content)]}
+        out: dict[str, Any] = {
+            "type": "tool_result",
+            "tool_use_id": r.tool_use_id,
+            "content": [_block(c, f"{path}.tool_result.content[{i}]") for i, c in enumerate(r.content)],
+        }
         if r.is_error:
             out["is_error"] = True
         if r.HasField("cache_control"):
@@ -159,7 +177,8 @@ def has_cache_control(body: dict[str, Any]) -> bool:
         if tool.get("cache_control"):
             return True
     return _any_cache_control(body.get("system")) or any(
-        _any_cache_control(m.get("content")) for m in body.get("messages") or ())
+        _any_cache_control(m.get("content")) for m in body.get("messages") or ()
+    )
 
 
 def _any_cache_control(value: Any) -> bool:
@@ -198,6 +217,7 @@ def partition_prompt_cache(body: dict[str, Any], marker: str) -> dict[str, Any]:
 
 # ----- replies: JSON -> proto -----
 
+
 def stop_reason(value: str | None) -> pb.StopReason:
     """The proto enum of a Messages API stop_reason (UNSPECIFIED for null or unknown)."""
     return _STOP_REASONS.get(value or "", pb.STOP_REASON_UNSPECIFIED)
@@ -205,9 +225,12 @@ def stop_reason(value: str | None) -> pb.StopReason:
 
 def usage_to_proto(u: dict[str, Any]) -> pb.Usage:
     """Usage JSON (nulls allowed) to proto."""
-    return pb.Usage(input_tokens=u.get("input_tokens") or 0, output_tokens=u.get("output_tokens") or 0,
-                    cache_creation_input_tokens=u.get("cache_creation_input_tokens") or 0,
-                    cache_read_input_tokens=u.get("cache_read_input_tokens") or 0)
+    return pb.Usage(
+        input_tokens=u.get("input_tokens") or 0,
+        output_tokens=u.get("output_tokens") or 0,
+        cache_creation_input_tokens=u.get("cache_creation_input_tokens") or 0,
+        cache_read_input_tokens=u.get("cache_read_input_tokens") or 0,
+    )
 
 
 def block_to_proto(b: dict[str, Any]) -> pb.ContentBlock:
@@ -220,7 +243,9 @@ def block_to_proto(b: dict[str, Any]) -> pb.ContentBlock:
         args.update(b.get("input") or {})
         return pb.ContentBlock(tool_use=pb.ToolUseBlock(id=b["id"], name=b["name"], input=args))
     if kind == "thinking":
-        return pb.ContentBlock(thinking=pb.ThinkingBlock(thinking=b.get("thinking", ""), signature=b.get("signature", "")))
+        return pb.ContentBlock(
+            thinking=pb.ThinkingBlock(thinking=b.get("thinking", ""), signature=b.get("signature", ""))
+        )
     if kind == "redacted_thinking":
         return pb.ContentBlock(redacted_thinking=pb.RedactedThinkingBlock(data=b.get("data", "")))
     return pb.ContentBlock(text=pb.TextBlock(text=json.dumps(b, sort_keys=True)))
@@ -229,10 +254,14 @@ def block_to_proto(b: dict[str, Any]) -> pb.ContentBlock:
 def message_to_proto(m: dict[str, Any]) -> pb.CreateMessageResponse:
     """A Messages API reply to CreateMessageResponse (CallInfo is added by the caller)."""
     return pb.CreateMessageResponse(
-        id=m.get("id", ""), model=m.get("model", ""), role=pb.ROLE_ASSISTANT,
+        id=m.get("id", ""),
+        model=m.get("model", ""),
+        role=pb.ROLE_ASSISTANT,
         content=[block_to_proto(b) for b in m.get("content") or ()],
-        stop_reason=stop_reason(m.get("stop_reason")), stop_sequence=m.get("stop_sequence") or "",
-        usage=usage_to_proto(m.get("usage") or {}))
+        stop_reason=stop_reason(m.get("stop_reason")),
+        stop_sequence=m.get("stop_sequence") or "",
+        usage=usage_to_proto(m.get("usage") or {}),
+    )
 
 
 def event_to_proto(e: dict[str, Any]) -> pb.StreamMessageResponse | None:
@@ -241,13 +270,18 @@ def event_to_proto(e: dict[str, Any]) -> pb.StreamMessageResponse | None:
     if kind == "message_start":
         return pb.StreamMessageResponse(message_start=pb.MessageStart(message=message_to_proto(e["message"])))
     if kind == "content_block_start":
-        return pb.StreamMessageResponse(content_block_start=pb.ContentBlockStart(
-            index=e["index"], content_block=block_to_proto(e["content_block"])))
+        return pb.StreamMessageResponse(
+            content_block_start=pb.ContentBlockStart(index=e["index"], content_block=block_to_proto(e["content_block"]))
+        )
     if kind == "content_block_delta":
         d = e["delta"]
         delta = pb.ContentBlockDelta(index=e["index"])
-        field = {"text_delta": "text", "input_json_delta": "partial_json",
-                 "thinking_delta": "thinking", "signature_delta": "signature"}.get(d.get("type"))
+        field = {
+            "text_delta": "text",
+            "input_json_delta": "partial_json",
+            "thinking_delta": "thinking",
+            "signature_delta": "signature",
+        }.get(d.get("type"))
         if field is None:
             return None
         setattr(delta, field, d.get(field, ""))
@@ -256,9 +290,13 @@ def event_to_proto(e: dict[str, Any]) -> pb.StreamMessageResponse | None:
         return pb.StreamMessageResponse(content_block_stop=pb.ContentBlockStop(index=e["index"]))
     if kind == "message_delta":
         d = e.get("delta") or {}
-        return pb.StreamMessageResponse(message_delta=pb.MessageDelta(
-            stop_reason=stop_reason(d.get("stop_reason")), stop_sequence=d.get("stop_sequence") or "",
-            usage=usage_to_proto(e.get("usage") or {})))
+        return pb.StreamMessageResponse(
+            message_delta=pb.MessageDelta(
+                stop_reason=stop_reason(d.get("stop_reason")),
+                stop_sequence=d.get("stop_sequence") or "",
+                usage=usage_to_proto(e.get("usage") or {}),
+            )
+        )
     if kind == "message_stop":
         return pb.StreamMessageResponse(message_stop=pb.MessageStop())
     if kind == "ping":
@@ -268,8 +306,8 @@ def event_to_proto(e: dict[str, Any]) -> pb.StreamMessageResponse | None:
 
 # ----- token estimate -----
 
-_IMAGE_TOKENS = 1600      # the upstream's ceiling for one image
-_PER_MESSAGE = 8          # role markers and separators
+_IMAGE_TOKENS = 1600  # the upstream's ceiling for one image
+_PER_MESSAGE = 8  # role markers and separators
 
 
 def estimate_input_tokens(body: dict[str, Any]) -> int:

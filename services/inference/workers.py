@@ -2,6 +2,7 @@
 
 Light on purpose: the parent that runs the workers imports this and the config only, not the proxy.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,9 +20,15 @@ WORKER_ENV = "BULKHEAD_INFERENCE_WORKER"
 """Set (1..N) in the environment of each worker process that serve_workers starts."""
 
 
-def serve_workers(config: InferenceConfig, command: Sequence[str], *, env: Mapping[str, str] = os.environ,
-                  on_ready: Callable[[str], None] | None = None, ready: Callable[[subprocess.Popen], bool] | None = None,
-                  stdout: int | None = None) -> int:
+def serve_workers(
+    config: InferenceConfig,
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str] = os.environ,
+    on_ready: Callable[[str], None] | None = None,
+    ready: Callable[[subprocess.Popen], bool] | None = None,
+    stdout: int | None = None,
+) -> int:
     """Run config.workers processes of `command` serving one port, until SIGTERM/SIGINT or one of them exits.
 
     Each worker is a whole proxy (its own event loop, leases, holder name, attempt journal replica
@@ -47,8 +54,12 @@ def serve_workers(config: InferenceConfig, command: Sequence[str], *, env: Mappi
     previous = {sig: signal.signal(sig, lambda *_: stop.set()) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         for i in range(1, config.workers + 1):
-            own = {**env, WORKER_ENV: str(i), "BULKHEAD_INFERENCE_LISTEN_ADDR": address,
-                   "BULKHEAD_INFERENCE_REPLICA_ID": f"{replica}-w{i}"}
+            own = {
+                **env,
+                WORKER_ENV: str(i),
+                "BULKHEAD_INFERENCE_LISTEN_ADDR": address,
+                "BULKHEAD_INFERENCE_REPLICA_ID": f"{replica}-w{i}",
+            }
             if i > 1:
                 own["BULKHEAD_INFERENCE_METRICS_PORT"] = "0"
             procs.append(subprocess.Popen(list(command), env=own, stdout=stdout))
@@ -80,7 +91,6 @@ def serve_workers(config: InferenceConfig, command: Sequence[str], *, env: Mappi
         if holder is not None:
             holder.close()
     return 0 if stop.is_set() else (ended or 1)
-
 
 
 def _wait_listening(proc: subprocess.Popen, address: str, stop: threading.Event, timeout: float = 120.0) -> bool:

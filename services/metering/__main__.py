@@ -1,4 +1,5 @@
 """Run the metering service: `python -m services.metering`."""
+
 import asyncio
 
 from services.metering.server import main

@@ -5,6 +5,7 @@ read and moved in the database by every hold. A SetQuota on this replica drops i
 entry at once. Staleness bound across replicas: another replica's SetQuota is seen here within
 max_age, so for that long this replica may still hold against the old limits and periods.
 """
+
 from __future__ import annotations
 
 import time
@@ -19,8 +20,9 @@ Specs = dict[str, BudgetSpec]
 class BudgetSpecCache:
     """Budget specs by tenant, each kept for max_age seconds (0 keeps nothing)."""
 
-    def __init__(self, *, max_age_s: float = 2.0, max_tenants: int = 10_000,
-                 clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, *, max_age_s: float = 2.0, max_tenants: int = 10_000, clock: Callable[[], float] = time.monotonic
+    ):
         self._max_age_s = max_age_s
         self._max_tenants = max_tenants
         self._clock = clock

@@ -15,6 +15,7 @@ data-modifying CTE that reads another's output runs after it.
 On Postgres a hold or a settlement is one statement (data-modifying CTEs); SQLite has no
 data-modifying CTEs, so it runs the same pieces as separate statements in the same transaction.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -192,9 +193,24 @@ async def place_hold(tx: RawTransaction, tenant_id: str, hold: NewHold, units: t
     if (tok.unit, mic.unit) != (TOKENS, MICRO_USD):
         raise ValueError("counters are locked tokens first, then micro_usd")
     wanted = [u.unit for u in units if u.amount > 0]
-    args = (tenant_id, tok.period_us, tok.amount, tok.hard_limit, mic.period_us, mic.amount, mic.hard_limit,
-            hold.hold_id, hold.kind, hold.model, hold.idempotency_key, hold.priced_at_us, *hold.rates,
-            hold.created_us, hold.expires_us, hold.holder)
+    args = (
+        tenant_id,
+        tok.period_us,
+        tok.amount,
+        tok.hard_limit,
+        mic.period_us,
+        mic.amount,
+        mic.hard_limit,
+        hold.hold_id,
+        hold.kind,
+        hold.model,
+        hold.idempotency_key,
+        hold.priced_at_us,
+        *hold.rates,
+        hold.created_us,
+        hold.expires_us,
+        hold.holder,
+    )
     if tx.dialect == _POSTGRES:
         rows = await tx.fetch(_PG_PLACE_HOLD, *args, len(wanted))
     else:
@@ -231,23 +247,35 @@ _HOLD_BY_KEY = f"SELECT hold_id, {_HOLD_FIELDS} FROM metering_holds WHERE tenant
 
 
 def _hold(row: Sequence) -> Hold:
-    return Hold(model=row[0], state=row[1], tokens_held=int(row[2]), micros_held=int(row[3]),
-                tokens_period_us=int(row[4]), micros_period_us=int(row[5]), charged_tokens=int(row[6]),
-                charged_micros=int(row[7]), spent=Tokens(int(row[8]), int(row[9]), int(row[10]), int(row[11])),
-                expires_us=int(row[12]), over_budget=bool(row[13]),
-                rates=(int(row[14]), int(row[15]), int(row[16]), int(row[17])), holder=row[18],
-                in_flight_tokens=int(row[19]))
+    return Hold(
+        model=row[0],
+        state=row[1],
+        tokens_held=int(row[2]),
+        micros_held=int(row[3]),
+        tokens_period_us=int(row[4]),
+        micros_period_us=int(row[5]),
+        charged_tokens=int(row[6]),
+        charged_micros=int(row[7]),
+        spent=Tokens(int(row[8]), int(row[9]), int(row[10]), int(row[11])),
+        expires_us=int(row[12]),
+        over_budget=bool(row[13]),
+        rates=(int(row[14]), int(row[15]), int(row[16]), int(row[17])),
+        holder=row[18],
+        in_flight_tokens=int(row[19]),
+    )
 
 
-async def counters(tx: RawTransaction, tenant_id: str, tokens_period_us: int, micros_period_us: int
-                   ) -> dict[str, CounterState]:
+async def counters(
+    tx: RawTransaction, tenant_id: str, tokens_period_us: int, micros_period_us: int
+) -> dict[str, CounterState]:
     """The tenant's tokens and micro_usd counters in the given periods (absent when never held in)."""
     rows = await tx.fetch(_COUNTERS, tenant_id, tokens_period_us, micros_period_us)
     return {r[0]: CounterState(int(r[1]), int(r[2])) for r in rows}
 
 
-async def refusal_facts(tx: RawTransaction, tenant_id: str, unit: str, period_us: int
-                        ) -> tuple[CounterState, int | None]:
+async def refusal_facts(
+    tx: RawTransaction, tenant_id: str, unit: str, period_us: int
+) -> tuple[CounterState, int | None]:
     """What a refusal reports: the counter, and when the tenant's earliest open hold expires (if any)."""
     used, held, soonest = await tx.fetchrow(_REFUSAL, tenant_id, unit, period_us) or (0, 0, None)  # aggregates: 1 row
     return CounterState(int(used or 0), int(held or 0)), (int(soonest) if soonest is not None else None)
@@ -271,8 +299,10 @@ async def hold_by_key(tx: RawTransaction, tenant_id: str, key: str) -> tuple[str
 def _cost(first: int) -> str:
     """SQL for a spend (parameters $first..$first+3) priced at the hold's own rates, rounded up to whole micro-USD."""
     i, o, cw, cr = (f"${n}" for n in range(first, first + 4))
-    return (f"(rate_input * {i} + rate_output * {o} + rate_cache_write * {cw} + rate_cache_read * {cr} + "
-            f"{TOKENS_PER_PRICE_UNIT - 1}) / {TOKENS_PER_PRICE_UNIT}")
+    return (
+        f"(rate_input * {i} + rate_output * {o} + rate_cache_write * {cw} + rate_cache_read * {cr} + "
+        f"{TOKENS_PER_PRICE_UNIT - 1}) / {TOKENS_PER_PRICE_UNIT}"
+    )
 
 
 # $1 tenant, $2 hold id, $3 kind, $4 new state, $5 now, $6-$9 spend, $10 its token total.
@@ -317,8 +347,9 @@ class Settled:
     """Micro-USD moved into used."""
 
 
-async def settle(tx: RawTransaction, tenant_id: str, hold_id: str, kind: str, new_state: str, spent: Tokens,
-                 now_us: int) -> Settled | None:
+async def settle(
+    tx: RawTransaction, tenant_id: str, hold_id: str, kind: str, new_state: str, spent: Tokens, now_us: int
+) -> Settled | None:
     """Settle an open hold: charge `spent` at its rates, release the rest from held into used.
 
     None when the hold is not this tenant's open `kind`, or `spent` exceeds what it holds (in
@@ -330,8 +361,11 @@ async def settle(tx: RawTransaction, tenant_id: str, hold_id: str, kind: str, ne
     else:
         row = await tx.fetchrow(_SETTLE_HOLD, *args)
         if row is not None:
-            await move_counters(tx, tenant_id, [(TOKENS, int(row[2]), int(row[0]), int(row[4])),
-                                                (MICRO_USD, int(row[3]), int(row[1]), int(row[5]))])
+            await move_counters(
+                tx,
+                tenant_id,
+                [(TOKENS, int(row[2]), int(row[0]), int(row[4])), (MICRO_USD, int(row[3]), int(row[1]), int(row[5]))],
+            )
     if row is None:
         return None
     return Settled(int(row[0]), int(row[1]), int(row[4]), int(row[5]))
@@ -372,15 +406,23 @@ class Renewed:
     """Who holds it."""
 
 
-async def renew(tx: RawTransaction, tenant_id: str, lease_id: str, spent: Tokens, in_flight_tokens: int, now_us: int,
-                expires_us: int) -> Renewed | None:
+async def renew(
+    tx: RawTransaction,
+    tenant_id: str,
+    lease_id: str,
+    spent: Tokens,
+    in_flight_tokens: int,
+    now_us: int,
+    expires_us: int,
+) -> Renewed | None:
     """Record a lease's running spend (charged at its rates) and its holder's tokens in flight, and extend it.
 
     None when it is not this tenant's open, unexpired lease, or the spend went down or past the
     grant: nothing changed, and get_hold says which.
     """
-    row = await tx.fetchrow(_RENEW, tenant_id, lease_id, now_us, expires_us, *spent.parts(), spent.total,
-                            in_flight_tokens)
+    row = await tx.fetchrow(
+        _RENEW, tenant_id, lease_id, now_us, expires_us, *spent.parts(), spent.total, in_flight_tokens
+    )
     return Renewed(row[0], int(row[1]), int(row[2]), row[3]) if row is not None else None
 
 
@@ -389,9 +431,11 @@ def _least(a: str, b: str) -> str:
     return f"CASE WHEN {a} < {b} THEN {a} ELSE {b} END"
 
 
-_WORST_RATE = ("CASE WHEN rate_input >= rate_output AND rate_input >= rate_cache_write AND rate_input >= rate_cache_read"
-               " THEN rate_input WHEN rate_output >= rate_cache_write AND rate_output >= rate_cache_read THEN rate_output"
-               " WHEN rate_cache_write >= rate_cache_read THEN rate_cache_write ELSE rate_cache_read END")
+_WORST_RATE = (
+    "CASE WHEN rate_input >= rate_output AND rate_input >= rate_cache_write AND rate_input >= rate_cache_read"
+    " THEN rate_input WHEN rate_output >= rate_cache_write AND rate_output >= rate_cache_read THEN rate_output"
+    " WHEN rate_cache_write >= rate_cache_read THEN rate_cache_write ELSE rate_cache_read END"
+)
 """A hold's highest rate: what its calls in flight are priced at (their kinds are unknown), as a lease's grant is."""
 
 # An expiring hold charges what it last reported plus what its holder last reported in flight
@@ -400,8 +444,12 @@ _WORST_RATE = ("CASE WHEN rate_input >= rate_output AND rate_input >= rate_cache
 _EXPIRE = f"""
 UPDATE metering_holds SET state = 'expired', settled_us = $2,
     charged_tokens = {_least("charged_tokens + in_flight_tokens", "tokens_held")},
-    charged_micros = {_least(f"charged_micros + (in_flight_tokens * {_WORST_RATE} + {TOKENS_PER_PRICE_UNIT - 1})"
-                             f" / {TOKENS_PER_PRICE_UNIT}", "micros_held")}
+    charged_micros = {
+    _least(
+        f"charged_micros + (in_flight_tokens * {_WORST_RATE} + {TOKENS_PER_PRICE_UNIT - 1}) / {TOKENS_PER_PRICE_UNIT}",
+        "micros_held",
+    )
+}
 WHERE tenant_id = $1 AND state = 'open' AND expires_us < $2
 RETURNING tokens_held, micros_held, tokens_period_us, micros_period_us, charged_tokens, charged_micros"""
 
@@ -416,11 +464,19 @@ async def expire(tx: RawTransaction, tenant_id: str, now_us: int) -> int:
     rows = await tx.fetch(_EXPIRE, tenant_id, now_us)
     moves: dict[tuple[int, int], list[int]] = {}
     for tokens_held, micros_held, tokens_period, micros_period, charged_tokens, charged_micros in rows:
-        for key, release, charge in (((0, int(tokens_period)), tokens_held, charged_tokens),
-                                     ((1, int(micros_period)), micros_held, charged_micros)):
+        for key, release, charge in (
+            ((0, int(tokens_period)), tokens_held, charged_tokens),
+            ((1, int(micros_period)), micros_held, charged_micros),
+        ):
             acc = moves.setdefault(key, [0, 0])
             acc[0] += int(release)
             acc[1] += int(charge)
-    await move_counters(tx, tenant_id, [((TOKENS, MICRO_USD)[unit], period, release, charge)
-                                        for (unit, period), (release, charge) in sorted(moves.items())])
+    await move_counters(
+        tx,
+        tenant_id,
+        [
+            ((TOKENS, MICRO_USD)[unit], period, release, charge)
+            for (unit, period), (release, charge) in sorted(moves.items())
+        ],
+    )
     return len(rows)

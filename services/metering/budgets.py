@@ -15,6 +15,7 @@ grant), as those calls may have been billed: `used` errs high, never low, like t
 write-ahead attempts that settle at their reservation. A lease names its holder (the process)
 for operators; the name grants nothing, the lease id does.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -56,10 +57,13 @@ RESERVATION = "reservation"
 LEASE = "lease"
 OPEN, COMMITTED, RELEASED, EXPIRED = "open", "committed", "released", "expired"
 _NOT_FOUND = {RESERVATION: Reason.RESERVATION_NOT_FOUND, LEASE: Reason.LEASE_NOT_FOUND}
-_SETTLED = {(RESERVATION, COMMITTED): Reason.RESERVATION_COMMITTED,
-            (RESERVATION, RELEASED): Reason.RESERVATION_RELEASED,
-            (RESERVATION, EXPIRED): Reason.RESERVATION_EXPIRED,
-            (LEASE, RELEASED): Reason.LEASE_RELEASED, (LEASE, EXPIRED): Reason.LEASE_EXPIRED}
+_SETTLED = {
+    (RESERVATION, COMMITTED): Reason.RESERVATION_COMMITTED,
+    (RESERVATION, RELEASED): Reason.RESERVATION_RELEASED,
+    (RESERVATION, EXPIRED): Reason.RESERVATION_EXPIRED,
+    (LEASE, RELEASED): Reason.LEASE_RELEASED,
+    (LEASE, EXPIRED): Reason.LEASE_EXPIRED,
+}
 """(kind, state) of a hold no longer open -> the reason a settle or renew of it is refused with."""
 
 DEFAULT_RESERVATION_TTL_S = 300
@@ -93,8 +97,11 @@ def _ttl(value: int, default: int, field: str) -> int:
     if value == 0:
         return default
     if not 0 < value <= MAX_TTL_S:
-        raise InvalidArgument(f"{field} must be between 1 and {MAX_TTL_S}", reason="INVALID_TTL",
-                              violations={field: f"between 1 and {MAX_TTL_S} seconds"})
+        raise InvalidArgument(
+            f"{field} must be between 1 and {MAX_TTL_S}",
+            reason="INVALID_TTL",
+            violations={field: f"between 1 and {MAX_TTL_S} seconds"},
+        )
     return value
 
 
@@ -105,23 +112,35 @@ def _period_starts(specs: Specs, now_us: int) -> dict[str, int]:
 
 def _unit_holds(specs: Specs, starts: dict[str, int], amounts: Amounts) -> tuple[UnitHold, UnitHold]:
     """What a hold adds to each counter, in lock order (tokens, then micro_usd), with its hard limit."""
+
     def unit_hold(unit: str, amount: int) -> UnitHold:
         spec = specs.get(unit)
         return UnitHold(unit, starts[unit], amount, spec.limit if spec is not None and spec.hard else None)
+
     return unit_hold(TOKENS, amounts.tokens), unit_hold(MICRO_USD, amounts.micro_usd)
 
 
 def _exceeds(hold: budget_sql.Hold, field: str) -> InvalidArgument:
     """A spend larger than what the hold holds, in tokens or money."""
-    return InvalidArgument(f"{field} exceeds what was held ({hold.tokens_held} tokens, {hold.micros_held} micro-USD)",
-                           reason="EXCEEDS_HOLD", violations={field: "more than was held"})
+    return InvalidArgument(
+        f"{field} exceeds what was held ({hold.tokens_held} tokens, {hold.micros_held} micro-USD)",
+        reason="EXCEEDS_HOLD",
+        violations={field: "more than was held"},
+    )
 
 
 class BudgetLedger:
     """Quotas and holds of the tenant in the current TenantContext."""
 
-    def __init__(self, db, prices: PriceCache, *, clock: Callable[[], int] = periods.now_us,
-                 on_reject: Callable[[str, str, str], None] | None = None, specs: BudgetSpecCache | None = None):
+    def __init__(
+        self,
+        db,
+        prices: PriceCache,
+        *,
+        clock: Callable[[], int] = periods.now_us,
+        on_reject: Callable[[str, str, str], None] | None = None,
+        specs: BudgetSpecCache | None = None,
+    ):
         self._db = db
         self._prices = prices
         self._clock = clock
@@ -169,9 +188,14 @@ class BudgetLedger:
         try:
             async with self._session() as s:
                 await store.replace_quota(
-                    s, quota.tenant_id, rpm=quota.requests_per_minute, tpm=quota.tokens_per_minute,
+                    s,
+                    quota.tenant_id,
+                    rpm=quota.requests_per_minute,
+                    tpm=quota.tokens_per_minute,
                     concurrent=quota.concurrent_calls,
-                    budgets=[(b.unit, b.limit, b.period, b.hard) for b in quota.budgets], now_us=now)
+                    budgets=[(b.unit, b.limit, b.period, b.hard) for b in quota.budgets],
+                    now_us=now,
+                )
         finally:
             self._specs.invalidate(quota.tenant_id)  # after the commit: later reads see the new specs
         return await self.get_quota(quota.tenant_id)
@@ -183,8 +207,9 @@ class BudgetLedger:
         specs = tuple(BudgetSpec(b.unit, b.limit_amount, b.period, b.hard) for b in budgets)
         if row is None:
             return Quota(tenant_id=tenant_id, budgets=specs)
-        return Quota(tenant_id, row.requests_per_minute, row.tokens_per_minute, row.concurrent_calls, specs,
-                     row.updated_us)
+        return Quota(
+            tenant_id, row.requests_per_minute, row.tokens_per_minute, row.concurrent_calls, specs, row.updated_us
+        )
 
     async def status(self, tenant_id: str) -> tuple[Quota, list[BudgetState]]:
         """The quota with each budget's used, held and remaining in the current period."""
@@ -203,8 +228,16 @@ class BudgetLedger:
 
     # ------------------------------------------------------------ reservations
 
-    async def reserve(self, tenant_id: str, *, model: str, prompt_tokens: int, max_output_tokens: int,
-                      ttl_seconds: int = 0, idempotency_key: str = "") -> Reservation:
+    async def reserve(
+        self,
+        tenant_id: str,
+        *,
+        model: str,
+        prompt_tokens: int,
+        max_output_tokens: int,
+        ttl_seconds: int = 0,
+        idempotency_key: str = "",
+    ) -> Reservation:
         """Hold the worst case of a call, or raise ResourceExhausted when a hard budget cannot hold it."""
         problems = {}
         if not model:
@@ -218,8 +251,9 @@ class BudgetLedger:
             raise InvalidArgument("invalid reservation", reason="INVALID_RESERVATION", violations=problems)
         ttl = _ttl(ttl_seconds, DEFAULT_RESERVATION_TTL_S, "ttl_seconds")
         price = await self._prices.current(model)
-        amounts = Amounts(prompt_tokens + max_output_tokens,
-                          price.worst_case_micros(prompt_tokens, max_output_tokens) if price else 0)
+        amounts = Amounts(
+            prompt_tokens + max_output_tokens, price.worst_case_micros(prompt_tokens, max_output_tokens) if price else 0
+        )
         for attempt in range(3):
             try:
                 return await self._reserve_once(tenant_id, model, amounts, price, ttl, idempotency_key)
@@ -231,28 +265,48 @@ class BudgetLedger:
                 continue  # a concurrent retry with the same key won: read its reservation
         raise FailedPrecondition("reservation could not be made", reason="RESERVATION_CONFLICT")
 
-    async def _reserve_once(self, tenant_id: str, model: str, amounts: Amounts, price: Price | None, ttl: int,
-                            key: str) -> Reservation:
+    async def _reserve_once(
+        self, tenant_id: str, model: str, amounts: Amounts, price: Price | None, ttl: int, key: str
+    ) -> Reservation:
         now = self._clock()
         async with self._write() as tx:
             if key and (found := await budget_sql.hold_by_key(tx, tenant_id, key)) is not None:
                 hold_id, existing = found
-                return Reservation(hold_id, Amounts(existing.tokens_held, existing.micros_held), existing.expires_us,
-                                   existing.over_budget)
+                return Reservation(
+                    hold_id,
+                    Amounts(existing.tokens_held, existing.micros_held),
+                    existing.expires_us,
+                    existing.over_budget,
+                )
             specs = await self._budget_specs(tx, tenant_id)
             if MICRO_USD in specs and price is None:
-                raise FailedPrecondition(f"model {model!r} has no price, so a money budget cannot hold it",
-                                         reason="MODEL_NOT_PRICED")
-            hold = NewHold(hold_id="res_" + secrets.token_urlsafe(16), kind=RESERVATION, model=model,
-                           idempotency_key=key or None, priced_at_us=price.effective_us if price else 0,
-                           rates=_rates(price), created_us=now, expires_us=now + ttl * periods.US_PER_SECOND)
-            over_budget = await self._place(tx, tenant_id, hold, specs, _unit_holds(specs, _period_starts(specs, now),
-                                                                                    amounts), _OverBudget)
+                raise FailedPrecondition(
+                    f"model {model!r} has no price, so a money budget cannot hold it", reason="MODEL_NOT_PRICED"
+                )
+            hold = NewHold(
+                hold_id="res_" + secrets.token_urlsafe(16),
+                kind=RESERVATION,
+                model=model,
+                idempotency_key=key or None,
+                priced_at_us=price.effective_us if price else 0,
+                rates=_rates(price),
+                created_us=now,
+                expires_us=now + ttl * periods.US_PER_SECOND,
+            )
+            over_budget = await self._place(
+                tx, tenant_id, hold, specs, _unit_holds(specs, _period_starts(specs, now), amounts), _OverBudget
+            )
         return Reservation(hold.hold_id, amounts, hold.expires_us, over_budget)
 
     @staticmethod
-    async def _place(tx: RawTransaction, tenant_id: str, hold: NewHold, specs: Specs,
-                     units: tuple[UnitHold, UnitHold], refused: Callable[[BudgetSpec, int], Exception]) -> bool:
+    async def _place(
+        tx: RawTransaction,
+        tenant_id: str,
+        hold: NewHold,
+        specs: Specs,
+        units: tuple[UnitHold, UnitHold],
+        refused: Callable[[BudgetSpec, int], Exception],
+    ) -> bool:
         """Place a hold within the hard limits; True when it passed a soft limit (the hold is flagged).
 
         Raises refused(spec, amount) (rolling the transaction back) when a hard limit cannot hold it.
@@ -260,8 +314,10 @@ class BudgetLedger:
         placed = await budget_sql.place_hold(tx, tenant_id, hold, units)
         if placed.refused is not None:
             raise refused(specs[placed.refused], next(u.amount for u in units if u.unit == placed.refused))
-        over = any(not spec.hard and (state := placed.states.get(unit)) is not None
-                   and state.used + state.held > spec.limit for unit, spec in specs.items())
+        over = any(
+            not spec.hard and (state := placed.states.get(unit)) is not None and state.used + state.held > spec.limit
+            for unit, spec in specs.items()
+        )
         if over:
             await budget_sql.flag_over_budget(tx, tenant_id, hold.hold_id)
         return over
@@ -280,9 +336,14 @@ class BudgetLedger:
             f"this {over.spec.period}",
             reason="BUDGET_EXHAUSTED",
             metadata={"unit": over.spec.unit, "limit": str(over.spec.limit), "remaining": str(remaining)},
-            violations=[(f"budget:{over.spec.unit}",
-                         f"needs {over.needed}; used {counter.used}, held {counter.held}, limit {over.spec.limit}")],
-            retry_after=max(wait_us, 0) / periods.US_PER_SECOND)
+            violations=[
+                (
+                    f"budget:{over.spec.unit}",
+                    f"needs {over.needed}; used {counter.used}, held {counter.held}, limit {over.spec.limit}",
+                )
+            ],
+            retry_after=max(wait_us, 0) / periods.US_PER_SECOND,
+        )
 
     async def commit(self, reservation_id: str, usage: Tokens) -> Settlement:
         """Charge a reservation's real usage and release the rest."""
@@ -296,8 +357,9 @@ class BudgetLedger:
         what = "reservation" if kind == RESERVATION else "lease"
         field = "usage" if kind == RESERVATION else "spent"
         if not hold_id:
-            raise InvalidArgument(f"{what} id is required", reason="INVALID_ARGUMENT",
-                                  violations={f"{what}_id": "required"})
+            raise InvalidArgument(
+                f"{what} id is required", reason="INVALID_ARGUMENT", violations={f"{what}_id": "required"}
+            )
         _check_counts(spent, field)
         tenant_id = require_tenant().tenant_id
         async with self._write() as tx:
@@ -308,8 +370,17 @@ class BudgetLedger:
         charged = Amounts(done.charged_tokens, done.charged_micros)
         return Settlement(charged, Amounts(done.tokens_held - charged.tokens, done.micros_held - charged.micro_usd))
 
-    async def _why_not_settled(self, tx: RawTransaction, tenant_id: str, hold_id: str, kind: str, spent: Tokens,
-                               new_state: str, what: str, field: str) -> Settlement:
+    async def _why_not_settled(
+        self,
+        tx: RawTransaction,
+        tenant_id: str,
+        hold_id: str,
+        kind: str,
+        spent: Tokens,
+        new_state: str,
+        what: str,
+        field: str,
+    ) -> Settlement:
         """A hold the settling statement did not take: missing, already settled, or spent too much."""
         hold = await budget_sql.get_hold(tx, tenant_id, hold_id, kind)
         if hold is None:
@@ -324,8 +395,9 @@ class BudgetLedger:
         if hold.state == new_state and hold.spent == spent:
             charged = Amounts(hold.charged_tokens, hold.charged_micros)
             return Settlement(charged, Amounts(hold.tokens_held - charged.tokens, hold.micros_held - charged.micro_usd))
-        raise FailedPrecondition(f"{what} is already {hold.state}",
-                                 reason=_SETTLED.get((what, hold.state), Reason.FAILED_PRECONDITION))
+        raise FailedPrecondition(
+            f"{what} is already {hold.state}", reason=_SETTLED.get((what, hold.state), Reason.FAILED_PRECONDITION)
+        )
 
     async def sweep(self) -> int:
         """Expire the tenant's overdue holds: charge what leases reported, return the rest. Returns how many."""
@@ -335,8 +407,9 @@ class BudgetLedger:
 
     # ------------------------------------------------------------ leases
 
-    async def lease(self, tenant_id: str, *, model: str, tokens: int, min_tokens: int = 0,
-                    ttl_seconds: int = 0, holder: str = "") -> LeaseInfo:
+    async def lease(
+        self, tenant_id: str, *, model: str, tokens: int, min_tokens: int = 0, ttl_seconds: int = 0, holder: str = ""
+    ) -> LeaseInfo:
         """Grant up to `tokens` (at least min_tokens) for local spending, or raise ResourceExhausted.
 
         holder names the process that will spend and renew it (recorded, grants nothing).
@@ -369,15 +442,17 @@ class BudgetLedger:
                 raise await self._exhausted(tenant_id, model, over) from None
         raise FailedPrecondition("budget is too contended to lease right now", reason="LEASE_CONTENDED")
 
-    async def _lease_once(self, tenant_id: str, model: str, wanted: int, least: int, price: Price | None,
-                          ttl: int, holder: str) -> LeaseInfo:
+    async def _lease_once(
+        self, tenant_id: str, model: str, wanted: int, least: int, price: Price | None, ttl: int, holder: str
+    ) -> LeaseInfo:
         now = self._clock()
         rate = price.worst_rate() if price else 0
         async with self._write() as tx:
             specs = await self._budget_specs(tx, tenant_id)
             if MICRO_USD in specs and price is None:
-                raise FailedPrecondition(f"model {model!r} has no price, so a money budget cannot lease it",
-                                         reason="MODEL_NOT_PRICED")
+                raise FailedPrecondition(
+                    f"model {model!r} has no price, so a money budget cannot lease it", reason="MODEL_NOT_PRICED"
+                )
             starts = _period_starts(specs, now)
             grant = wanted
             hard = [unit for unit in UNITS if unit in specs and specs[unit].hard]
@@ -392,23 +467,37 @@ class BudgetLedger:
                     raise _OverBudget(spec, least if unit == TOKENS else -(-least * rate // TOKENS_PER_PRICE_UNIT))
                 grant = min(grant, fits)
             amounts = Amounts(grant, -(-grant * rate // TOKENS_PER_PRICE_UNIT))
-            hold = NewHold(hold_id="lease_" + secrets.token_urlsafe(16), kind=LEASE, model=model, idempotency_key=None,
-                           priced_at_us=price.effective_us if price else 0, rates=_rates(price), created_us=now,
-                           expires_us=now + ttl * periods.US_PER_SECOND, holder=holder)
-            await self._place(tx, tenant_id, hold, specs, _unit_holds(specs, starts, amounts),
-                              lambda spec, amount: _Raced())
+            hold = NewHold(
+                hold_id="lease_" + secrets.token_urlsafe(16),
+                kind=LEASE,
+                model=model,
+                idempotency_key=None,
+                priced_at_us=price.effective_us if price else 0,
+                rates=_rates(price),
+                created_us=now,
+                expires_us=now + ttl * periods.US_PER_SECOND,
+                holder=holder,
+            )
+            await self._place(
+                tx, tenant_id, hold, specs, _unit_holds(specs, starts, amounts), lambda spec, amount: _Raced()
+            )
         return LeaseInfo(hold.hold_id, model, amounts, Tokens(), hold.expires_us, holder)
 
-    async def renew_lease(self, lease_id: str, spent: Tokens, ttl_seconds: int = 0, *,
-                          in_flight_tokens: int = 0) -> LeaseInfo:
+    async def renew_lease(
+        self, lease_id: str, spent: Tokens, ttl_seconds: int = 0, *, in_flight_tokens: int = 0
+    ) -> LeaseInfo:
         """Record a lease's running spend and its holder's tokens in flight, and extend it (the heartbeat)."""
         if not lease_id:
-            raise InvalidArgument("lease id is required", reason="INVALID_ARGUMENT",
-                                  violations={"lease_id": "required"})
+            raise InvalidArgument(
+                "lease id is required", reason="INVALID_ARGUMENT", violations={"lease_id": "required"}
+            )
         _check_counts(spent, "spent")
         if not 0 <= in_flight_tokens <= MAX_TOKENS:
-            raise InvalidArgument("invalid in_flight_tokens", reason="INVALID_USAGE",
-                                  violations={"in_flight_tokens": f"between 0 and {MAX_TOKENS:,}"})
+            raise InvalidArgument(
+                "invalid in_flight_tokens",
+                reason="INVALID_USAGE",
+                violations={"in_flight_tokens": f"between 0 and {MAX_TOKENS:,}"},
+            )
         ttl = _ttl(ttl_seconds, DEFAULT_LEASE_TTL_S, "ttl_seconds")
         now = self._clock()
         expires = now + ttl * periods.US_PER_SECOND
@@ -417,23 +506,35 @@ class BudgetLedger:
             renewed = await budget_sql.renew(tx, tenant_id, lease_id, spent, in_flight_tokens, now, expires)
             if renewed is None:
                 raise await self._why_not_renewed(tx, tenant_id, lease_id, spent, now)
-        return LeaseInfo(lease_id, renewed.model, Amounts(renewed.tokens_held, renewed.micros_held), spent, expires,
-                         renewed.holder, in_flight_tokens)
+        return LeaseInfo(
+            lease_id,
+            renewed.model,
+            Amounts(renewed.tokens_held, renewed.micros_held),
+            spent,
+            expires,
+            renewed.holder,
+            in_flight_tokens,
+        )
 
     @staticmethod
-    async def _why_not_renewed(tx: RawTransaction, tenant_id: str, lease_id: str, spent: Tokens,
-                               now: int) -> BulkheadError:
+    async def _why_not_renewed(
+        tx: RawTransaction, tenant_id: str, lease_id: str, spent: Tokens, now: int
+    ) -> BulkheadError:
         """Why the renewing statement did not take a lease: missing, settled, expired, or a bad spend."""
         hold = await budget_sql.get_hold(tx, tenant_id, lease_id, LEASE)
         if hold is None:
             return NotFound("lease not found", reason="LEASE_NOT_FOUND")
         if hold.state != OPEN or hold.expires_us < now:
             state = hold.state if hold.state != OPEN else EXPIRED
-            return FailedPrecondition(f"lease is {state}",
-                                      reason=_SETTLED.get((LEASE, state), Reason.FAILED_PRECONDITION))
+            return FailedPrecondition(
+                f"lease is {state}", reason=_SETTLED.get((LEASE, state), Reason.FAILED_PRECONDITION)
+            )
         if any(now_ < then for now_, then in zip(spent.parts(), hold.spent.parts(), strict=True)):
-            return InvalidArgument("spent is a running total and cannot go down", reason="SPEND_DECREASED",
-                                   violations={"spent": "less than already reported"})
+            return InvalidArgument(
+                "spent is a running total and cannot go down",
+                reason="SPEND_DECREASED",
+                violations={"spent": "less than already reported"},
+            )
         if spent.total > hold.tokens_held or hold.cost_micros(spent) > hold.micros_held:
             return _exceeds(hold, "spent")
         return FailedPrecondition("lease was changed concurrently", reason="CONCURRENT_SETTLEMENT")

@@ -1,4 +1,5 @@
 """Metering's settings, read from the environment (passed in, so tests inject their own)."""
+
 from __future__ import annotations
 
 import os

@@ -1,4 +1,5 @@
 """The usage ledger: idempotent recording, priced reports, and operator reads across tenants."""
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,7 @@ _OUTCOMES = {0: "success", 1: "success", 2: "error", 3: "rejected", 4: "cancelle
 class UsageLedger:
     """Records and reports the usage of the tenant in the current TenantContext."""
 
-    def __init__(self, db, prices: PriceCache, metrics: MeteringMetrics, *,
-                 clock: Callable[[], int] = periods.now_us):
+    def __init__(self, db, prices: PriceCache, metrics: MeteringMetrics, *, clock: Callable[[], int] = periods.now_us):
         self._db = db
         self._prices = prices
         self._metrics = metrics
@@ -55,8 +55,9 @@ class UsageLedger:
         ctx = require_tenant()
         unique = dedupe(records)
         async with self._db.raw(write=True) as tx:
-            new_keys = await store.insert_usage(tx, ctx.tenant_id, unique, self._clock(),
-                                                default_principal=ctx.principal_id)
+            new_keys = await store.insert_usage(
+                tx, ctx.tenant_id, unique, self._clock(), default_principal=ctx.principal_id
+            )
             new = [r for r in unique if r.idempotency_key in new_keys]
             await rollup.add(tx, ctx.tenant_id, new, default_principal=ctx.principal_id)
         await self.note_tenant(ctx.tenant_id, tier=ctx.tier)
@@ -83,8 +84,14 @@ class UsageLedger:
             if price is not None:
                 acc[5] += price.cost_scaled(t)
         for (model, outcome), (count, i, o, cw, cr, scaled) in sums.items():
-            self._metrics.recorded(tenant_id, model, _OUTCOMES.get(outcome, "other"), Tokens(i, o, cw, cr),
-                                   float(scaled_to_usd(scaled)), count=count)
+            self._metrics.recorded(
+                tenant_id,
+                model,
+                _OUTCOMES.get(outcome, "other"),
+                Tokens(i, o, cw, cr),
+                float(scaled_to_usd(scaled)),
+                count=count,
+            )
 
     @staticmethod
     def check(query: UsageQuery, *, prefix: str = "filter") -> None:
@@ -97,8 +104,9 @@ class UsageLedger:
         self.check(query, prefix=prefix)
         book = await self._prices.book(fresh=True)
         async with self._db.read_session() as s:  # a replica, when configured
-            partials = await rollup.sum_usage(s, query, book.versions(),
-                                              pruned_before_hour=await store.pruned_before_hour(s))
+            partials = await rollup.sum_usage(
+                s, query, book.versions(), pruned_before_hour=await store.pruned_before_hour(s)
+            )
         return total(partials, tenant_id=require_tenant().tenant_id, group_by=query.group_by, book=book)
 
     @staticmethod
@@ -120,8 +128,19 @@ class UsageLedger:
         """Record an operator action on tenant data (and log it; no secrets here, only ids)."""
         operator = require_tenant()
         async with self._db.system_session() as s:
-            await store.add_audit(s, operator_id=operator.principal_id, request_id=operator.request_id,
-                                  method=method, target_tenant=target_tenant or "*", detail=detail,
-                                  now_us=self._clock())
-        log.info("operator %s called %s on tenant %s", operator.principal_id, method, target_tenant or "*",
-                 extra={"audit": True, "target_tenant": target_tenant or "*"})
+            await store.add_audit(
+                s,
+                operator_id=operator.principal_id,
+                request_id=operator.request_id,
+                method=method,
+                target_tenant=target_tenant or "*",
+                detail=detail,
+                now_us=self._clock(),
+            )
+        log.info(
+            "operator %s called %s on tenant %s",
+            operator.principal_id,
+            method,
+            target_tenant or "*",
+            extra={"audit": True, "target_tenant": target_tenant or "*"},
+        )

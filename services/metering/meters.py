@@ -1,4 +1,5 @@
 """Prometheus metrics of metering: tokens, requests, cost and rejections by tenant and model."""
+
 from __future__ import annotations
 
 from weakref import WeakKeyDictionary
@@ -17,14 +18,24 @@ class _Counters:
     """The counters registered in one registry (a registry takes each name once)."""
 
     def __init__(self, registry: CollectorRegistry):
-        self.tokens = Counter("bulkhead_metering_tokens_total", "Tokens recorded",
-                              ["tenant", "model", "kind"], registry=registry)
-        self.requests = Counter("bulkhead_metering_requests_total", "Model calls recorded",
-                                ["tenant", "model", "outcome"], registry=registry)
-        self.cost = Counter("bulkhead_metering_cost_usd_total", "Cost recorded, USD",
-                            ["tenant", "model"], registry=registry)
-        self.rejections = Counter("bulkhead_metering_rejections_total", "Budget reservations and leases refused",
-                                  ["tenant", "model", "reason"], registry=registry)
+        self.tokens = Counter(
+            "bulkhead_metering_tokens_total", "Tokens recorded", ["tenant", "model", "kind"], registry=registry
+        )
+        self.requests = Counter(
+            "bulkhead_metering_requests_total",
+            "Model calls recorded",
+            ["tenant", "model", "outcome"],
+            registry=registry,
+        )
+        self.cost = Counter(
+            "bulkhead_metering_cost_usd_total", "Cost recorded, USD", ["tenant", "model"], registry=registry
+        )
+        self.rejections = Counter(
+            "bulkhead_metering_rejections_total",
+            "Budget reservations and leases refused",
+            ["tenant", "model", "reason"],
+            registry=registry,
+        )
         self.models: set[str] = set()
 
 
@@ -52,8 +63,9 @@ class MeteringMetrics:
         self._models.add(model)
         return model
 
-    def recorded(self, tenant_id: str, model: str, outcome: str, tokens: Tokens, cost_usd: float, *,
-                 count: int = 1) -> None:
+    def recorded(
+        self, tenant_id: str, model: str, outcome: str, tokens: Tokens, cost_usd: float, *, count: int = 1
+    ) -> None:
         """Count newly recorded events of one model and outcome (tokens and cost summed over them)."""
         tenant, model = tenant_label(tenant_id), self._model(model)
         self.requests.labels(tenant, model, outcome).inc(count)

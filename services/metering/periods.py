@@ -1,4 +1,5 @@
 """Time as epoch microseconds (portable across SQLite and Postgres) and budget/chargeback periods."""
+
 from __future__ import annotations
 
 import datetime as dt

@@ -1,4 +1,5 @@
 """The price table: versions stored platform-wide, cached briefly in memory for the hot path."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,8 +33,7 @@ class PriceCache:
     A replica sees another replica's SetPrice within max_age; its own at once.
     """
 
-    def __init__(self, db, *, max_age_us: int = 2 * periods.US_PER_SECOND,
-                 clock: Callable[[], int] = periods.now_us):
+    def __init__(self, db, *, max_age_us: int = 2 * periods.US_PER_SECOND, clock: Callable[[], int] = periods.now_us):
         self._db = db
         self._max_age_us = max_age_us
         self._clock = clock

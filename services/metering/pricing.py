@@ -1,4 +1,5 @@
 """Prices per model, versioned by effective time, and the exact cost of token counts."""
+
 from __future__ import annotations
 
 import bisect
@@ -27,8 +28,13 @@ def count_problems(field: str, **counts: int) -> dict[str, str]:
 
 def tokens_problems(tokens: Tokens, field: str) -> dict[str, str]:
     """count_problems for the four kinds of a Tokens value, named as in TokenCounts."""
-    return count_problems(field, input_tokens=tokens.input, output_tokens=tokens.output,
-                          cache_write_tokens=tokens.cache_write, cache_read_tokens=tokens.cache_read)
+    return count_problems(
+        field,
+        input_tokens=tokens.input,
+        output_tokens=tokens.output,
+        cache_write_tokens=tokens.cache_write,
+        cache_read_tokens=tokens.cache_read,
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,8 +60,12 @@ class Tokens:
         return self.input, self.output, self.cache_write, self.cache_read
 
     def __add__(self, other: Tokens) -> Tokens:
-        return Tokens(self.input + other.input, self.output + other.output,
-                      self.cache_write + other.cache_write, self.cache_read + other.cache_read)
+        return Tokens(
+            self.input + other.input,
+            self.output + other.output,
+            self.cache_write + other.cache_write,
+            self.cache_read + other.cache_read,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -77,8 +87,12 @@ class Price:
 
     def cost_scaled(self, tokens: Tokens) -> int:
         """Cost in micro-USD times one million: an integer, so sums stay exact."""
-        return (tokens.input * self.input + tokens.output * self.output
-                + tokens.cache_write * self.cache_write + tokens.cache_read * self.cache_read)
+        return (
+            tokens.input * self.input
+            + tokens.output * self.output
+            + tokens.cache_write * self.cache_write
+            + tokens.cache_read * self.cache_read
+        )
 
     def cost_micros_ceil(self, tokens: Tokens) -> int:
         """Cost in whole micro-USD, rounded up (what a money budget is charged)."""
@@ -126,4 +140,3 @@ class PriceBook:
     def versions(self) -> dict[str, list[Price]]:
         """Versions by model, oldest first."""
         return self._by_model
-

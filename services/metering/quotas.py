@@ -1,4 +1,5 @@
 """Quota and budget values: what a tenant may use, and what reservations and leases hold (no I/O)."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass

@@ -9,6 +9,7 @@ roll-up (rollup._sum_pruned); a window edge inside a pruned hour counts the hour
 the window. Idempotent and safe in every replica: each batch deletes what is still there, and the
 tenant's horizon (metering_usage_retention) only moves forward.
 """
+
 from __future__ import annotations
 
 import logging
@@ -41,8 +42,7 @@ class UsageDetailRetention:
         split = sorted(rollup.split_hours((await self._prices.book(fresh=True)).versions()))
         total = 0
         while True:
-            async with raw_transaction(route.bind, tenant_id=policy.tenant_id, schema=route.schema,
-                                       write=True) as tx:
+            async with raw_transaction(route.bind, tenant_id=policy.tenant_id, schema=route.schema, write=True) as tx:
                 deleted = await _delete_batch(tx, policy.tenant_id, before_hour, split, batch)
                 if deleted:
                     await _move_horizon(tx, policy.tenant_id, before_hour, deleted)
@@ -50,13 +50,15 @@ class UsageDetailRetention:
             if deleted < batch:
                 break
         if total:
-            log.info("retention pruned %d usage events of tenant %s before hour %d", total, policy.tenant_id,
-                     before_hour)
+            log.info(
+                "retention pruned %d usage events of tenant %s before hour %d", total, policy.tenant_id, before_hour
+            )
         return total
 
 
-async def _delete_batch(tx: RawTransaction, tenant_id: str, before_hour: int, split: list[tuple[str, int]],
-                        batch: int) -> int:
+async def _delete_batch(
+    tx: RawTransaction, tenant_id: str, before_hour: int, split: list[tuple[str, int]], batch: int
+) -> int:
     args: list[object] = [tenant_id, before_hour, batch]
     keep = ""
     pairs = [(m, h) for m, h in split if h < before_hour]
@@ -67,16 +69,23 @@ async def _delete_batch(tx: RawTransaction, tenant_id: str, before_hour: int, sp
             conds.append(f"(model = ${len(args) - 1} AND hour = ${len(args)})")
         keep = f" AND NOT ({' OR '.join(conds)})"
     # Oldest first through the (tenant, occurred_us) index; hours are whole, so occurred_us < edge.
-    chosen = (f"SELECT idempotency_key FROM metering_usage_events WHERE tenant_id = $1 AND hour < $2{keep} "
-              "ORDER BY occurred_us LIMIT $3")
-    return await tx.execute(f"DELETE FROM metering_usage_events WHERE tenant_id = $1 AND idempotency_key IN "
-                            f"({chosen})", *args)
+    chosen = (
+        f"SELECT idempotency_key FROM metering_usage_events WHERE tenant_id = $1 AND hour < $2{keep} "
+        "ORDER BY occurred_us LIMIT $3"
+    )
+    return await tx.execute(
+        f"DELETE FROM metering_usage_events WHERE tenant_id = $1 AND idempotency_key IN ({chosen})", *args
+    )
 
 
 async def _move_horizon(tx: RawTransaction, tenant_id: str, before_hour: int, deleted: int) -> None:
-    await tx.execute("INSERT INTO metering_usage_retention (tenant_id, pruned_before_hour, pruned_events) "
-                     "VALUES ($1, $2, $3) ON CONFLICT (tenant_id) DO UPDATE SET "
-                     "pruned_before_hour = CASE WHEN metering_usage_retention.pruned_before_hour > excluded.pruned_before_hour "
-                     "THEN metering_usage_retention.pruned_before_hour ELSE excluded.pruned_before_hour END, "
-                     "pruned_events = metering_usage_retention.pruned_events + excluded.pruned_events",
-                     tenant_id, before_hour, deleted)
+    await tx.execute(
+        "INSERT INTO metering_usage_retention (tenant_id, pruned_before_hour, pruned_events) "
+        "VALUES ($1, $2, $3) ON CONFLICT (tenant_id) DO UPDATE SET "
+        "pruned_before_hour = CASE WHEN metering_usage_retention.pruned_before_hour > excluded.pruned_before_hour "
+        "THEN metering_usage_retention.pruned_before_hour ELSE excluded.pruned_before_hour END, "
+        "pruned_events = metering_usage_retention.pruned_events + excluded.pruned_events",
+        tenant_id,
+        before_hour,
+        deleted,
+    )

@@ -7,6 +7,7 @@ their own time, and it stays exact when a price version is added or replaced lat
 in which a price version starts (not on the hour) are read from the events, as are the partial
 hours at either end of the window, so the answer always equals the events' answer.
 """
+
 from __future__ import annotations
 
 import functools
@@ -39,8 +40,10 @@ _SQLITE_ROWS_PER_UPSERT = 500  # SQLite caps the parameters of one statement
 def _sqlite_upsert(rows: int) -> str:
     width = 11
     values = ", ".join("(" + ", ".join(f"${r * width + c + 1}" for c in range(width)) + ")" for r in range(rows))
-    return (f"INSERT INTO metering_usage_hours ({_KEY}, {', '.join(_SUMS)}) VALUES {values} "
-            f"ON CONFLICT ({_KEY}) DO UPDATE SET {_ADD}")
+    return (
+        f"INSERT INTO metering_usage_hours ({_KEY}, {', '.join(_SUMS)}) VALUES {values} "
+        f"ON CONFLICT ({_KEY}) DO UPDATE SET {_ADD}"
+    )
 
 
 def hour_sums(records: Sequence[UsageRecord], default_principal: str) -> list[tuple]:
@@ -58,8 +61,9 @@ def hour_sums(records: Sequence[UsageRecord], default_principal: str) -> list[tu
     return [(*key, *acc) for key, acc in sorted(sums.items())]
 
 
-async def add(tx: RawTransaction, tenant_id: str, new_records: Sequence[UsageRecord], *,
-              default_principal: str) -> None:
+async def add(
+    tx: RawTransaction, tenant_id: str, new_records: Sequence[UsageRecord], *, default_principal: str
+) -> None:
     """Add events just inserted (never repeats: the caller passes only the new keys' records) to the roll-up,
     in the transaction that inserted them."""
     rows = hour_sums(new_records, default_principal)
@@ -69,18 +73,20 @@ async def add(tx: RawTransaction, tenant_id: str, new_records: Sequence[UsageRec
         await tx.execute(_PG_UPSERT, tenant_id, *([row[i] for row in rows] for i in range(10)))
         return
     for start in range(0, len(rows), _SQLITE_ROWS_PER_UPSERT):
-        chunk = rows[start:start + _SQLITE_ROWS_PER_UPSERT]
+        chunk = rows[start : start + _SQLITE_ROWS_PER_UPSERT]
         await tx.execute(_sqlite_upsert(len(chunk)), *(v for row in chunk for v in (tenant_id, *row)))
 
 
 def split_hours(prices: dict[str, list[Price]]) -> frozenset[tuple[str, int]]:
     """(model, hour) pairs in which a price version starts after the hour did: their events have two prices."""
-    return frozenset((model, p.effective_us // _H) for model, versions in prices.items()
-                     for p in versions if p.effective_us % _H)
+    return frozenset(
+        (model, p.effective_us // _H) for model, versions in prices.items() for p in versions if p.effective_us % _H
+    )
 
 
-async def sum_usage(session: AsyncSession, query: UsageQuery, prices: dict[str, list[Price]], *,
-                    pruned_before_hour: int = 0) -> list[PartialSum]:
+async def sum_usage(
+    session: AsyncSession, query: UsageQuery, prices: dict[str, list[Price]], *, pruned_before_hour: int = 0
+) -> list[PartialSum]:
     """The same partial sums as store.sum_usage over the events, reading whole hours from the roll-up.
 
     Hours before pruned_before_hour lost their per-event detail to the tenant's retention
@@ -102,8 +108,9 @@ async def _sum_pruned(session: AsyncSession, query: UsageQuery, prices: dict[str
     """Whole pruned hours: the roll-up, except the (model, hour) pairs in which a price version starts
     whose events retention kept in full (they are read and priced one by one, as before pruning)."""
     first, last = query.start_us // _H, query.end_us // _H
-    split = frozenset((m, h) for m, h in split_hours(prices)
-                      if first <= h < last and (not query.model or m == query.model))
+    split = frozenset(
+        (m, h) for m, h in split_hours(prices) if first <= h < last and (not query.model or m == query.model)
+    )
     exact = await store.complete_pairs(session, split) if split else frozenset()
     out = await store.sum_usage(session, query, prices, hourly=True, skip=exact)
     if exact:
@@ -116,8 +123,9 @@ async def _sum_detailed(session: AsyncSession, query: UsageQuery, prices: dict[s
     if first >= last:
         return await store.sum_usage(session, query, prices)
     middle = replace(query, start_us=first * _H, end_us=last * _H)
-    split = frozenset((m, h) for m, h in split_hours(prices)
-                      if first <= h < last and (not query.model or m == query.model))
+    split = frozenset(
+        (m, h) for m, h in split_hours(prices) if first <= h < last and (not query.model or m == query.model)
+    )
     out = await store.sum_usage(session, middle, prices, hourly=True, skip=split)
     if split:
         out += await store.sum_usage(session, middle, prices, only=split)

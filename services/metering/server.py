@@ -1,4 +1,5 @@
 """Wiring of the metering service: database, price cache, ledgers, sweeper, server; and main()."""
+
 from __future__ import annotations
 
 import pathlib
@@ -84,10 +85,18 @@ class MeteringService:
             await channel.close()
 
 
-async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str = "127.0.0.1:0",
-                         clock: Callable[[], int] = periods.now_us, registry: CollectorRegistry | None = None,
-                         sweep_interval: float | None = None, price_cache_s: float = 2.0,
-                         budget_cache_s: float = 2.0, tiers: TierLookup | None = None) -> MeteringService:
+async def serve_metering(
+    *,
+    db: Database,
+    verifier: TokenVerifier,
+    address: str = "127.0.0.1:0",
+    clock: Callable[[], int] = periods.now_us,
+    registry: CollectorRegistry | None = None,
+    sweep_interval: float | None = None,
+    price_cache_s: float = 2.0,
+    budget_cache_s: float = 2.0,
+    tiers: TierLookup | None = None,
+) -> MeteringService:
     """Start the metering server over an open database (tests: port 0, a fake clock, a fresh registry).
 
     sweep_interval=None leaves the background sweeper stopped (tests drive it with run_once()).
@@ -96,33 +105,52 @@ async def serve_metering(*, db: Database, verifier: TokenVerifier, address: str 
     metrics = MeteringMetrics(registry if registry is not None else CollectorRegistry())
     prices = PriceCache(db, max_age_us=int(price_cache_s * periods.US_PER_SECOND), clock=clock)
     usage = UsageLedger(db, prices, metrics, clock=clock)
-    budgets = BudgetLedger(db, prices, clock=clock, on_reject=metrics.rejected,
-                           specs=BudgetSpecCache(max_age_s=budget_cache_s))
+    budgets = BudgetLedger(
+        db, prices, clock=clock, on_reject=metrics.rejected, specs=BudgetSpecCache(max_age_s=budget_cache_s)
+    )
     sweeper = ExpirySweeper(usage, budgets, interval=sweep_interval or 15.0)
     audit = ConfigAudit("metering", db, tiers=MeteringTiers(usage, tiers))
-    binding = Binding(metering_pb2_grpc.add_MeteringServiceServicer_to_server,
-                      MeteringServicer(usage, budgets, prices, tiers, db=db, audit=audit),
-                      metering_pb2.DESCRIPTOR.services_by_name["MeteringService"])
-    lifecycle = lifecycle_binding("metering", db, [MeteringBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
-                                  keep=KEPT)
+    binding = Binding(
+        metering_pb2_grpc.add_MeteringServiceServicer_to_server,
+        MeteringServicer(usage, budgets, prices, tiers, db=db, audit=audit),
+        metering_pb2.DESCRIPTOR.services_by_name["MeteringService"],
+    )
+    lifecycle = lifecycle_binding(
+        "metering", db, [MeteringBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA], keep=KEPT
+    )
     security = security_events_binding("metering", db)
-    running = await serve(name="metering", bindings=[binding, lifecycle, audit.binding(), security], verifier=verifier,
-                          address=address, page_key=await load_page_key(db, "metering"))
+    running = await serve(
+        name="metering",
+        bindings=[binding, lifecycle, audit.binding(), security],
+        verifier=verifier,
+        address=address,
+        page_key=await load_page_key(db, "metering"),
+    )
     if sweep_interval:
         sweeper.start()
-    return MeteringService(running, db, usage, budgets, metrics, sweeper, audit=audit,
-                           usage_retention=UsageDetailRetention(db, prices))
+    return MeteringService(
+        running, db, usage, budgets, metrics, sweeper, audit=audit, usage_retention=UsageDetailRetention(db, prices)
+    )
 
 
 async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str | None = None) -> MeteringService:
     """Open the database (migrating it) and start serving and sweeping."""
-    db = await open_service_database(config.service, migrations=str(MIGRATIONS),  # every region's
-                                     read_url=config.service.database_read_url)
+    db = await open_service_database(
+        config.service,
+        migrations=str(MIGRATIONS),  # every region's
+        read_url=config.service.database_read_url,
+    )
     identity = make_channel(config.service.peer("identity"), forward=True)
-    service = await serve_metering(db=db, verifier=verifier, address=address or config.service.address,
-                                   registry=REGISTRY, sweep_interval=config.sweep_interval_s or None,
-                                   price_cache_s=config.price_cache_s, budget_cache_s=config.budget_cache_s,
-                                   tiers=IdentityTiers(identity))
+    service = await serve_metering(
+        db=db,
+        verifier=verifier,
+        address=address or config.service.address,
+        registry=REGISTRY,
+        sweep_interval=config.sweep_interval_s or None,
+        price_cache_s=config.price_cache_s,
+        budget_cache_s=config.budget_cache_s,
+        tiers=IdentityTiers(identity),
+    )
     service.channels.append(identity)
     service.retention = retention_sweeper("metering", config.service, service.retention_steps())
     service.retention.start(interval=retention_interval(config.service.env))

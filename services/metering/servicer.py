@@ -1,4 +1,5 @@
 """MeteringService handlers: proto in, domain call, proto out. Tenant comes only from the context."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,16 +51,27 @@ class MeteringTiers:
 
 def _quota_detail(quota) -> dict[str, object]:
     """A Quota's limits for the audit (after wire.quota: nothing unparsed reaches it)."""
-    return {"requests_per_minute": quota.requests_per_minute, "tokens_per_minute": quota.tokens_per_minute,
-            "concurrent_calls": quota.concurrent_calls,
-            "budgets": [f"{b.unit}:{b.limit}/{b.period}:{'hard' if b.hard else 'soft'}" for b in quota.budgets]}
+    return {
+        "requests_per_minute": quota.requests_per_minute,
+        "tokens_per_minute": quota.tokens_per_minute,
+        "concurrent_calls": quota.concurrent_calls,
+        "budgets": [f"{b.unit}:{b.limit}/{b.period}:{'hard' if b.hard else 'soft'}" for b in quota.budgets],
+    }
 
 
 class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     """Thin handlers over UsageLedger, BudgetLedger and PriceCache."""
 
-    def __init__(self, usage: UsageLedger, budgets: BudgetLedger, prices: PriceCache, tiers: TierLookup | None = None,
-                 db: Database | None = None, *, audit: ConfigAudit):
+    def __init__(
+        self,
+        usage: UsageLedger,
+        budgets: BudgetLedger,
+        prices: PriceCache,
+        tiers: TierLookup | None = None,
+        db: Database | None = None,
+        *,
+        audit: ConfigAudit,
+    ):
         """tiers None: no identity to ask (a standalone metering), so an unseen tenant counts as pooled.
         db: where RecordUsage's WAL position comes from, for QueryUsage on a replica (read-your-writes)."""
         self._db = db
@@ -77,8 +89,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             await answer_with_lsn(self._db, context)
         return pb.RecordUsageResponse(recorded_count=recorded, duplicate_count=duplicates)
 
-    async def RecordTenantUsage(self, request: pb.RecordTenantUsageRequest,
-                                context) -> pb.RecordTenantUsageResponse:
+    async def RecordTenantUsage(self, request: pb.RecordTenantUsageRequest, context) -> pb.RecordTenantUsageResponse:
         target, tier = await self._platform_target(request.tenant_id, request.tier)
         records = [wire.record(e) for e in request.events]
         with acting_for(target, tier=tier):
@@ -94,8 +105,9 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         try:
             tier = tier_from_proto(tier_value)
         except UnknownTier:
-            raise InvalidArgument("unknown tier", reason="INVALID_TIER",
-                                  violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}) from None
+            raise InvalidArgument(
+                "unknown tier", reason="INVALID_TIER", violations={"tier": "TIER_POOLED, TIER_BRIDGE or TIER_SILO"}
+            ) from None
         known = (await self._usage.known_tenants()).get(target)
         if known is not None and known != tier:
             # The tier decides where the rows go: a wrong one would file them where nobody looks.
@@ -134,10 +146,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
             with acting_for(tenant_id, tier=tier):
                 for row in await self._usage.chargeback(start, end, period):
                     total += row.cost_scaled
-                    lines.append(pb.ChargebackLine(
-                        tenant_id=row.tenant_id, period_start=wire.timestamp(row.period_start_us or 0),
-                        model=row.model, event_count=row.event_count, tokens=wire.token_counts(row.tokens),
-                        cost_usd=format_usd(scaled_to_usd(row.cost_scaled))))
+                    lines.append(
+                        pb.ChargebackLine(
+                            tenant_id=row.tenant_id,
+                            period_start=wire.timestamp(row.period_start_us or 0),
+                            model=row.model,
+                            event_count=row.event_count,
+                            tokens=wire.token_counts(row.tokens),
+                            cost_usd=format_usd(scaled_to_usd(row.cost_scaled)),
+                        )
+                    )
         return pb.ExportChargebackResponse(lines=lines, total_cost_usd=format_usd(scaled_to_usd(total)))
 
     async def _tier_of(self, tenant_id: str) -> Tier:
@@ -145,7 +163,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         known = (await self._usage.known_tenants()).get(tenant_id)
         if known is not None:
             return Tier.parse(known)
-        if self._tiers is None:   # a standalone metering: no identity to ask
+        if self._tiers is None:  # a standalone metering: no identity to ask
             return Tier.POOLED
         return await self._tiers.tier_of(tenant_id)
 
@@ -162,17 +180,26 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         _operator()
         price = wire.price(request.price)
         # Prices are the platform's: their changes go to the platform tenant's chain.
-        async with self._audit.change("price.set", tenant_id=PLATFORM_TENANT, tier=Tier.POOLED,
-                                      target=f"price/{price.model}", tables={"metering_prices"},
-                                      detail=dataclasses.asdict(price)):
+        async with self._audit.change(
+            "price.set",
+            tenant_id=PLATFORM_TENANT,
+            tier=Tier.POOLED,
+            target=f"price/{price.model}",
+            tables={"metering_prices"},
+            detail=dataclasses.asdict(price),
+        ):
             stored = await self._prices.set(price)
         await self._usage.audit("SetPrice", "", f"model={stored.model}")
         return pb.SetPriceResponse(price=wire.price_msg(stored))
 
     async def ListPrices(self, request: pb.ListPricesRequest, context) -> pb.ListPricesResponse:
         book = await self._prices.book(fresh=True)
-        prices = [p for model, versions in sorted(book.versions().items()) for p in versions
-                  if not request.model or model == request.model]
+        prices = [
+            p
+            for model, versions in sorted(book.versions().items())
+            for p in versions
+            if not request.model or model == request.model
+        ]
         chunk, token = wire.page(prices, request.page_size, request.page_token, filters=request.model)
         return pb.ListPricesResponse(prices=[wire.price_msg(p) for p in chunk], next_page_token=token)
 
@@ -184,8 +211,14 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         await self._usage.audit("SetQuota", target)
         tier = await self._tier_of(target)
         quota = wire.quota(request.quota)
-        async with self._audit.change("quota.set", tenant_id=target, tier=tier, target=f"quota/{target}",
-                                      tables=_QUOTA_TABLES, detail=_quota_detail(quota)):
+        async with self._audit.change(
+            "quota.set",
+            tenant_id=target,
+            tier=tier,
+            target=f"quota/{target}",
+            tables=_QUOTA_TABLES,
+            detail=_quota_detail(quota),
+        ):
             with acting_for(target, tier=tier):
                 stored = await self._budgets.set_quota(quota)
         await self._usage.note_tenant(target, tier=tier)
@@ -203,8 +236,7 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def GetQuotaStatus(self, request: pb.GetQuotaStatusRequest, context) -> pb.GetQuotaStatusResponse:
         ctx = require_tenant()
         quota, states = await self._budgets.status(ctx.tenant_id)
-        return pb.GetQuotaStatusResponse(quota=wire.quota_msg(quota),
-                                         budgets=[wire.budget_status(s) for s in states])
+        return pb.GetQuotaStatusResponse(quota=wire.quota_msg(quota), budgets=[wire.budget_status(s) for s in states])
 
     # ---------------------------------------------------------------- reservations and leases
 
@@ -212,11 +244,19 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
         ctx = require_tenant()
         await self._usage.note_tenant(ctx.tenant_id, tier=ctx.tier)
         res = await self._budgets.reserve(
-            ctx.tenant_id, model=request.model, prompt_tokens=request.prompt_tokens,
-            max_output_tokens=request.max_output_tokens, ttl_seconds=request.ttl_seconds,
-            idempotency_key=request.idempotency_key)
-        return pb.ReserveBudgetResponse(reservation_id=res.reservation_id, held=wire.hold(res.held),
-                                        expire_time=wire.timestamp(res.expires_us), over_budget=res.over_budget)
+            ctx.tenant_id,
+            model=request.model,
+            prompt_tokens=request.prompt_tokens,
+            max_output_tokens=request.max_output_tokens,
+            ttl_seconds=request.ttl_seconds,
+            idempotency_key=request.idempotency_key,
+        )
+        return pb.ReserveBudgetResponse(
+            reservation_id=res.reservation_id,
+            held=wire.hold(res.held),
+            expire_time=wire.timestamp(res.expires_us),
+            over_budget=res.over_budget,
+        )
 
     async def CommitBudget(self, request: pb.CommitBudgetRequest, context) -> pb.CommitBudgetResponse:
         done = await self._budgets.commit(request.reservation_id, wire.tokens(request.usage))
@@ -229,22 +269,27 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     async def LeaseBudget(self, request: pb.LeaseBudgetRequest, context) -> pb.LeaseBudgetResponse:
         ctx = require_tenant()
         await self._usage.note_tenant(ctx.tenant_id, tier=ctx.tier)
-        info = await self._budgets.lease(ctx.tenant_id, model=request.model, tokens=request.tokens,
-                                         min_tokens=request.min_tokens, ttl_seconds=request.ttl_seconds,
-                                         holder=request.holder)
+        info = await self._budgets.lease(
+            ctx.tenant_id,
+            model=request.model,
+            tokens=request.tokens,
+            min_tokens=request.min_tokens,
+            ttl_seconds=request.ttl_seconds,
+            holder=request.holder,
+        )
         return pb.LeaseBudgetResponse(lease=wire.lease(info))
 
     async def RenewLease(self, request: pb.RenewLeaseRequest, context) -> pb.RenewLeaseResponse:
-        info = await self._budgets.renew_lease(request.lease_id, wire.tokens(request.spent), request.ttl_seconds,
-                                               in_flight_tokens=request.in_flight_tokens)
+        info = await self._budgets.renew_lease(
+            request.lease_id, wire.tokens(request.spent), request.ttl_seconds, in_flight_tokens=request.in_flight_tokens
+        )
         return pb.RenewLeaseResponse(lease=wire.lease(info))
 
     async def ReleaseLease(self, request: pb.ReleaseLeaseRequest, context) -> pb.ReleaseLeaseResponse:
         done = await self._budgets.release_lease(request.lease_id, wire.tokens(request.spent))
         return pb.ReleaseLeaseResponse(charged=wire.hold(done.charged), released=wire.hold(done.released))
 
-    async def ReleaseTenantLease(self, request: pb.ReleaseTenantLeaseRequest,
-                                 context) -> pb.ReleaseTenantLeaseResponse:
+    async def ReleaseTenantLease(self, request: pb.ReleaseTenantLeaseRequest, context) -> pb.ReleaseTenantLeaseResponse:
         target, tier = await self._platform_target(request.tenant_id, request.tier)
         with acting_for(target, tier=tier):
             done = await self._budgets.release_lease(request.lease_id, wire.tokens(request.spent))

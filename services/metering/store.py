@@ -4,6 +4,7 @@ Budget counters move only through single conditional UPDATEs, so concurrent rese
 number of replicas can never push `used + held` past a hard limit: Postgres re-checks the WHERE
 clause against the row's newest version after waiting for its lock, and SQLite serialises writers.
 """
+
 from __future__ import annotations
 
 import functools
@@ -245,6 +246,7 @@ class OperatorAuditRow(MeteringBase):
 
 # ---------------------------------------------------------------- helpers
 
+
 def _insert(session: AsyncSession, model: type):
     """A dialect insert that supports ON CONFLICT DO NOTHING."""
     if session.bind is None:  # Database.session() always binds one
@@ -275,35 +277,68 @@ _SQLITE_ROWS_PER_INSERT = 500  # SQLite caps the parameters of one statement
 def _sqlite_usage_insert(rows: int) -> str:
     """A multi-row insert of `rows` events (17 parameters each)."""
     width = 17
-    values = ", ".join("(" + ", ".join(f"${row * width + col + 1}" for col in range(width)) + ")"
-                       for row in range(rows))
-    return (f"INSERT INTO metering_usage_events ({_USAGE_COLUMNS}) VALUES {values} "
-            "ON CONFLICT DO NOTHING RETURNING idempotency_key")
+    values = ", ".join(
+        "(" + ", ".join(f"${row * width + col + 1}" for col in range(width)) + ")" for row in range(rows)
+    )
+    return (
+        f"INSERT INTO metering_usage_events ({_USAGE_COLUMNS}) VALUES {values} "
+        "ON CONFLICT DO NOTHING RETURNING idempotency_key"
+    )
 
 
-async def insert_usage(tx: RawTransaction, tenant_id: str, records: Sequence[UsageRecord],
-                       now_us: int, *, default_principal: str = "") -> set[str]:
+async def insert_usage(
+    tx: RawTransaction, tenant_id: str, records: Sequence[UsageRecord], now_us: int, *, default_principal: str = ""
+) -> set[str]:
     """Insert the tenant's events, skipping keys already stored; returns the keys that were new.
 
     Events without a principal are stored as default_principal's (the caller's).
     """
     if tx.dialect == "postgresql":
         rows = await tx.fetch(
-            _PG_UNNEST_INSERT, tenant_id, now_us,
-            [r.idempotency_key for r in records], [r.principal_id or default_principal for r in records],
-            [r.agent_id for r in records], [r.run_id for r in records], [r.trace_id for r in records],
-            [r.model for r in records], [r.tokens.input for r in records], [r.tokens.output for r in records],
-            [r.tokens.cache_write for r in records], [r.tokens.cache_read for r in records],
-            [r.latency_ms for r in records], [r.outcome for r in records], [r.occurred_us for r in records])
+            _PG_UNNEST_INSERT,
+            tenant_id,
+            now_us,
+            [r.idempotency_key for r in records],
+            [r.principal_id or default_principal for r in records],
+            [r.agent_id for r in records],
+            [r.run_id for r in records],
+            [r.trace_id for r in records],
+            [r.model for r in records],
+            [r.tokens.input for r in records],
+            [r.tokens.output for r in records],
+            [r.tokens.cache_write for r in records],
+            [r.tokens.cache_read for r in records],
+            [r.latency_ms for r in records],
+            [r.outcome for r in records],
+            [r.occurred_us for r in records],
+        )
         return {row[0] for row in rows}
     new: set[str] = set()
     for start in range(0, len(records), _SQLITE_ROWS_PER_INSERT):
-        chunk = records[start:start + _SQLITE_ROWS_PER_INSERT]
-        args = [value for r in chunk for value in (
-            tenant_id, r.idempotency_key, r.principal_id or default_principal, r.agent_id, r.run_id, r.trace_id,
-            r.model, r.tokens.input, r.tokens.output, r.tokens.cache_write, r.tokens.cache_read, r.latency_ms,
-            r.outcome, r.occurred_us, r.occurred_us // periods.US_PER_HOUR, r.occurred_us // periods.US_PER_DAY,
-            now_us)]
+        chunk = records[start : start + _SQLITE_ROWS_PER_INSERT]
+        args = [
+            value
+            for r in chunk
+            for value in (
+                tenant_id,
+                r.idempotency_key,
+                r.principal_id or default_principal,
+                r.agent_id,
+                r.run_id,
+                r.trace_id,
+                r.model,
+                r.tokens.input,
+                r.tokens.output,
+                r.tokens.cache_write,
+                r.tokens.cache_read,
+                r.latency_ms,
+                r.outcome,
+                r.occurred_us,
+                r.occurred_us // periods.US_PER_HOUR,
+                r.occurred_us // periods.US_PER_DAY,
+                now_us,
+            )
+        ]
         new.update(row[0] for row in await tx.fetch(_sqlite_usage_insert(len(chunk)), *args))
     return new
 
@@ -314,21 +349,50 @@ def _source(hourly: bool) -> dict:
         h = UsageHourRow
         # "at" is the hour's start: callers skip hours in which a price version starts.
         at = cast(h.hour, BigInteger) * literal(periods.US_PER_HOUR, BigInteger)
-        return {"model": h.model, "agent": h.agent_id, "principal": h.principal_id, "day": h.hour // 24,
-                "hour": h.hour, "at": at, "count": func.sum(h.event_count),
-                "errors": func.sum(case((h.outcome != 1, h.event_count), else_=0)),
-                "tokens": [func.sum(h.input_tokens), func.sum(h.output_tokens), func.sum(h.cache_write_tokens),
-                           func.sum(h.cache_read_tokens)]}
+        return {
+            "model": h.model,
+            "agent": h.agent_id,
+            "principal": h.principal_id,
+            "day": h.hour // 24,
+            "hour": h.hour,
+            "at": at,
+            "count": func.sum(h.event_count),
+            "errors": func.sum(case((h.outcome != 1, h.event_count), else_=0)),
+            "tokens": [
+                func.sum(h.input_tokens),
+                func.sum(h.output_tokens),
+                func.sum(h.cache_write_tokens),
+                func.sum(h.cache_read_tokens),
+            ],
+        }
     e = UsageEventRow
-    return {"model": e.model, "agent": e.agent_id, "principal": e.principal_id, "day": e.day, "hour": e.hour,
-            "at": e.occurred_us, "count": func.count(), "errors": func.sum(case((e.outcome != 1, 1), else_=0)),
-            "tokens": [func.sum(e.input_tokens), func.sum(e.output_tokens), func.sum(e.cache_write_tokens),
-                       func.sum(e.cache_read_tokens)]}
+    return {
+        "model": e.model,
+        "agent": e.agent_id,
+        "principal": e.principal_id,
+        "day": e.day,
+        "hour": e.hour,
+        "at": e.occurred_us,
+        "count": func.count(),
+        "errors": func.sum(case((e.outcome != 1, 1), else_=0)),
+        "tokens": [
+            func.sum(e.input_tokens),
+            func.sum(e.output_tokens),
+            func.sum(e.cache_write_tokens),
+            func.sum(e.cache_read_tokens),
+        ],
+    }
 
 
-async def sum_usage(session: AsyncSession, query: UsageQuery, prices: dict[str, list[Price]], *,
-                    hourly: bool = False, only: frozenset[tuple[str, int]] = frozenset(),
-                    skip: frozenset[tuple[str, int]] = frozenset()) -> list[PartialSum]:
+async def sum_usage(
+    session: AsyncSession,
+    query: UsageQuery,
+    prices: dict[str, list[Price]],
+    *,
+    hourly: bool = False,
+    only: frozenset[tuple[str, int]] = frozenset(),
+    skip: frozenset[tuple[str, int]] = frozenset(),
+) -> list[PartialSum]:
     """Sums of the tenant's events grouped by the query's dimensions, model and price version.
 
     hourly reads the roll-up instead (the query's bounds must then be whole hours, and no price
@@ -336,8 +400,11 @@ async def sum_usage(session: AsyncSession, query: UsageQuery, prices: dict[str, 
     keep or drop the (model, hour) pairs given.
     """
     c = _source(hourly)
-    whens = [(and_(c["model"] == model, c["at"] >= p.effective_us), p.effective_us)
-             for model, versions in prices.items() for p in reversed(versions)]
+    whens = [
+        (and_(c["model"] == model, c["at"] >= p.effective_us), p.effective_us)
+        for model, versions in prices.items()
+        for p in reversed(versions)
+    ]
     version = case(*whens, else_=-1) if whens else literal(-1)
     keys = [c["model"], version]
     if AGENT in query.group_by:
@@ -373,13 +440,18 @@ async def sum_usage(session: AsyncSession, query: UsageQuery, prices: dict[str, 
         n = len(keys) - 2
         dims, (count, errors, i, o, cw, cr) = rest[:n], rest[n:]
         it = iter(dims)
-        out.append(PartialSum(
-            model=model, price_effective_us=None if eff == -1 else int(eff),
-            agent_id=next(it) if AGENT in query.group_by else "",
-            principal_id=next(it) if PRINCIPAL in query.group_by else "",
-            bucket=int(next(it)) if (DAY in query.group_by or HOUR in query.group_by) else None,
-            event_count=int(count), error_count=int(errors or 0),
-            tokens=Tokens(int(i or 0), int(o or 0), int(cw or 0), int(cr or 0))))
+        out.append(
+            PartialSum(
+                model=model,
+                price_effective_us=None if eff == -1 else int(eff),
+                agent_id=next(it) if AGENT in query.group_by else "",
+                principal_id=next(it) if PRINCIPAL in query.group_by else "",
+                bucket=int(next(it)) if (DAY in query.group_by or HOUR in query.group_by) else None,
+                event_count=int(count),
+                error_count=int(errors or 0),
+                tokens=Tokens(int(i or 0), int(o or 0), int(cw or 0), int(cr or 0)),
+            )
+        )
     return out
 
 
@@ -390,10 +462,20 @@ async def complete_pairs(session: AsyncSession, pairs: frozenset[tuple[str, int]
     e, h = UsageEventRow, UsageHourRow
     wanted_e = or_(*(and_(e.model == m, e.hour == hour) for m, hour in sorted(pairs)))
     wanted_h = or_(*(and_(h.model == m, h.hour == hour) for m, hour in sorted(pairs)))
-    events = {(m, int(hr)): int(n) for m, hr, n in (await session.execute(
-        select(e.model, e.hour, func.count()).where(wanted_e).group_by(e.model, e.hour))).all()}
-    rolled = {(m, int(hr)): int(n or 0) for m, hr, n in (await session.execute(
-        select(h.model, h.hour, func.sum(h.event_count)).where(wanted_h).group_by(h.model, h.hour))).all()}
+    events = {
+        (m, int(hr)): int(n)
+        for m, hr, n in (
+            await session.execute(select(e.model, e.hour, func.count()).where(wanted_e).group_by(e.model, e.hour))
+        ).all()
+    }
+    rolled = {
+        (m, int(hr)): int(n or 0)
+        for m, hr, n in (
+            await session.execute(
+                select(h.model, h.hour, func.sum(h.event_count)).where(wanted_h).group_by(h.model, h.hour)
+            )
+        ).all()
+    }
     return frozenset(p for p in pairs if events.get(p, 0) == rolled.get(p, 0))
 
 
@@ -404,28 +486,41 @@ async def pruned_before_hour(session: AsyncSession) -> int:
 
 # ---------------------------------------------------------------- prices, tenants, audit
 
+
 async def upsert_price(session: AsyncSession, price: Price) -> None:
     """Store a price version, replacing one with the same model and effective time."""
-    values = {"model": price.model, "effective_us": price.effective_us, "input_micros": price.input,
-              "output_micros": price.output, "cache_write_micros": price.cache_write,
-              "cache_read_micros": price.cache_read}
+    values = {
+        "model": price.model,
+        "effective_us": price.effective_us,
+        "input_micros": price.input,
+        "output_micros": price.output,
+        "cache_write_micros": price.cache_write,
+        "cache_read_micros": price.cache_read,
+    }
     stmt = _insert(session, PriceRow).values(values)
-    stmt = stmt.on_conflict_do_update(index_elements=["model", "effective_us"], set_={
-        k: v for k, v in values.items() if k not in ("model", "effective_us")})
+    stmt = stmt.on_conflict_do_update(
+        index_elements=["model", "effective_us"],
+        set_={k: v for k, v in values.items() if k not in ("model", "effective_us")},
+    )
     await session.execute(stmt)
 
 
 async def all_prices(session: AsyncSession) -> list[Price]:
     """Every price version."""
     rows = (await session.execute(select(PriceRow))).scalars().all()
-    return [Price(r.model, r.effective_us, r.input_micros, r.output_micros, r.cache_write_micros,
-                  r.cache_read_micros) for r in rows]
+    return [
+        Price(r.model, r.effective_us, r.input_micros, r.output_micros, r.cache_write_micros, r.cache_read_micros)
+        for r in rows
+    ]
 
 
 async def note_tenant(session: AsyncSession, tenant_id: str, tier: str, now_us: int) -> None:
     """Remember that a tenant has metering data, and its tier (where its rows live)."""
-    await session.execute(_insert(session, TenantSeenRow).values(
-        tenant_id=tenant_id, tier=tier, first_seen_us=now_us).on_conflict_do_nothing())
+    await session.execute(
+        _insert(session, TenantSeenRow)
+        .values(tenant_id=tenant_id, tier=tier, first_seen_us=now_us)
+        .on_conflict_do_nothing()
+    )
 
 
 async def known_tenants(session: AsyncSession) -> dict[str, str]:
@@ -434,11 +529,27 @@ async def known_tenants(session: AsyncSession) -> dict[str, str]:
     return {tid: tier for tid, tier in rows.all()}
 
 
-async def add_audit(session: AsyncSession, *, operator_id: str, request_id: str, method: str,
-                    target_tenant: str, detail: str, now_us: int) -> None:
+async def add_audit(
+    session: AsyncSession,
+    *,
+    operator_id: str,
+    request_id: str,
+    method: str,
+    target_tenant: str,
+    detail: str,
+    now_us: int,
+) -> None:
     """Record an operator action."""
-    session.add(OperatorAuditRow(at_us=now_us, operator_id=operator_id, request_id=request_id, method=method,
-                                 target_tenant=target_tenant, detail=detail[:500]))
+    session.add(
+        OperatorAuditRow(
+            at_us=now_us,
+            operator_id=operator_id,
+            request_id=request_id,
+            method=method,
+            target_tenant=target_tenant,
+            detail=detail[:500],
+        )
+    )
 
 
 async def audit_entries(session: AsyncSession) -> list[OperatorAuditRow]:
@@ -448,6 +559,7 @@ async def audit_entries(session: AsyncSession) -> list[OperatorAuditRow]:
 
 # ---------------------------------------------------------------- quotas
 
+
 async def get_quota(session: AsyncSession) -> tuple[QuotaRow | None, list[BudgetRow]]:
     """The tenant's quota row and budgets."""
     quota = (await session.execute(select(QuotaRow))).scalar_one_or_none()
@@ -455,15 +567,30 @@ async def get_quota(session: AsyncSession) -> tuple[QuotaRow | None, list[Budget
     return quota, budgets
 
 
-async def replace_quota(session: AsyncSession, tenant_id: str, *, rpm: int, tpm: int, concurrent: int,
-                        budgets: Sequence[tuple[str, int, str, bool]], now_us: int) -> None:
+async def replace_quota(
+    session: AsyncSession,
+    tenant_id: str,
+    *,
+    rpm: int,
+    tpm: int,
+    concurrent: int,
+    budgets: Sequence[tuple[str, int, str, bool]],
+    now_us: int,
+) -> None:
     """Replace the tenant's quota and budgets ((unit, limit, period, hard) tuples)."""
     existing, old = await get_quota(session)
     for row in old:
         await session.delete(row)
     if existing is None:
-        session.add(QuotaRow(tenant_id=tenant_id, requests_per_minute=rpm, tokens_per_minute=tpm,
-                             concurrent_calls=concurrent, updated_us=now_us))
+        session.add(
+            QuotaRow(
+                tenant_id=tenant_id,
+                requests_per_minute=rpm,
+                tokens_per_minute=tpm,
+                concurrent_calls=concurrent,
+                updated_us=now_us,
+            )
+        )
     else:
         existing.requests_per_minute, existing.tokens_per_minute = rpm, tpm
         existing.concurrent_calls, existing.updated_us = concurrent, now_us

@@ -1,4 +1,5 @@
 """The background task that returns expired reservations and leases to their budgets."""
+
 from __future__ import annotations
 
 import logging

@@ -1,4 +1,5 @@
 """Usage events, their validation, and sums of them priced at each event's own time."""
+
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
@@ -172,8 +173,9 @@ class UsageTotal:
         return (self.tenant_id, self.period_start_us or 0, self.model, self.agent_id, self.principal_id)
 
 
-def total(partials: Iterable[PartialSum], *, tenant_id: str, group_by: Sequence[str],
-          book: PriceBook) -> list[UsageTotal]:
+def total(
+    partials: Iterable[PartialSum], *, tenant_id: str, group_by: Sequence[str], book: PriceBook
+) -> list[UsageTotal]:
     """Fold the store's partial sums into report rows, each event priced at its own time."""
     rows: dict[tuple, UsageTotal] = {}
     for part in partials:
@@ -187,7 +189,8 @@ def total(partials: Iterable[PartialSum], *, tenant_id: str, group_by: Sequence[
             model=part.model if MODEL in group_by else "",
             agent_id=part.agent_id if AGENT in group_by else "",
             principal_id=part.principal_id if PRINCIPAL in group_by else "",
-            period_start_us=period_start)
+            period_start_us=period_start,
+        )
         row = rows.setdefault(row_key.sort_key(), row_key)
         row.event_count += part.event_count
         row.error_count += part.error_count
@@ -211,8 +214,15 @@ def fold_into_months(rows: Iterable[UsageTotal]) -> list[UsageTotal]:
     """Day rows (grouped by model and day) merged into month rows."""
     months: dict[tuple, UsageTotal] = {}
     for row in rows:
-        month = replace(row, period_start_us=month_of(row.period_start_us or 0), event_count=0,
-                        error_count=0, tokens=Tokens(), cost_scaled=0, unpriced_tokens=0)
+        month = replace(
+            row,
+            period_start_us=month_of(row.period_start_us or 0),
+            event_count=0,
+            error_count=0,
+            tokens=Tokens(),
+            cost_scaled=0,
+            unpriced_tokens=0,
+        )
         acc = months.setdefault(month.sort_key(), month)
         acc.event_count += row.event_count
         acc.error_count += row.error_count

@@ -1,4 +1,5 @@
 """python -m services.orchestrator"""
+
 import asyncio
 
 from services.orchestrator.server import main

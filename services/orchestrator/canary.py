@@ -4,6 +4,7 @@ A marker is an HMAC of the tenant id under the service's canary key, so it canno
 from the tenant id and needs no table. Any marker-shaped string that is not the run's own
 tenant marker counts as foreign: it could only have come from another tenant's data.
 """
+
 from __future__ import annotations
 
 import hashlib

@@ -1,8 +1,9 @@
-"""gRPC implementations of the engine's ports: state, inference proxy, identity (secrets: services.orchestrator.injection).
+"""gRPC implementations of the engine's ports: state, inference proxy, identity (secrets: the injection module).
 
 Every call goes through a forwarding channel, so it carries the current TenantContext: the run's
 delegated token, its tenant, and the step's request id (the idempotency key downstream).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -29,12 +30,15 @@ def translate(err: grpc.aio.AioRpcError) -> errors.BulkheadError:
     # A peer's reason when the catalog has it (an older or foreign peer's is not ours to repeat), else the
     # status code's name when that is a catalog reason (DEADLINE_EXCEEDED, ...), else the class default.
     reason = errors.catalog_reason(error_details(err).get("reason")) or errors.catalog_reason(err.code().name)
-    cls = {grpc.StatusCode.NOT_FOUND: errors.NotFound, grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-           grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-           grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
-           grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-           grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-           grpc.StatusCode.ABORTED: errors.Aborted}.get(err.code(), errors.Unavailable)
+    cls = {
+        grpc.StatusCode.NOT_FOUND: errors.NotFound,
+        grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
+        grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
+        grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
+        grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
+        grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
+        grpc.StatusCode.ABORTED: errors.Aborted,
+    }.get(err.code(), errors.Unavailable)
     return cls(err.details() or err.code().name, reason=reason)
 
 
@@ -53,9 +57,13 @@ class StateStepLog:
                 if err.code() != grpc.StatusCode.ALREADY_EXISTS:
                     raise translate(err) from None
         try:
-            await self._stub.AppendEvents(state_pb2.AppendEventsRequest(
-                thread_id=run_id, expected_version=step.index - 1,
-                events=[state_pb2.NewEvent(type=STEP_EVENT_TYPE, payload=step.to_json())]))
+            await self._stub.AppendEvents(
+                state_pb2.AppendEventsRequest(
+                    thread_id=run_id,
+                    expected_version=step.index - 1,
+                    events=[state_pb2.NewEvent(type=STEP_EVENT_TYPE, payload=step.to_json())],
+                )
+            )
         except grpc.aio.AioRpcError as err:
             if err.code() == grpc.StatusCode.ABORTED:
                 raise StepConflict(f"run {run_id} log moved past step {step.index - 1}") from None
@@ -67,8 +75,9 @@ class StateStepLog:
         token = ""
         while True:
             try:
-                resp = await self._stub.ReadEvents(state_pb2.ReadEventsRequest(
-                    thread_id=run_id, after_version=after, page_size=1000, page_token=token))
+                resp = await self._stub.ReadEvents(
+                    state_pb2.ReadEventsRequest(thread_id=run_id, after_version=after, page_size=1000, page_token=token)
+                )
             except grpc.aio.AioRpcError as err:
                 if err.code() == grpc.StatusCode.NOT_FOUND and not steps:
                     return []
@@ -88,8 +97,9 @@ class StateContext:
     @staticmethod
     def _scope(scope: str) -> state_pb2.ContextScope:
         kind, _, ident = scope.partition(":")
-        return state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_TEAM if kind == "team" else state_pb2.SCOPE_KIND_RUN,
-                                      id=ident)
+        return state_pb2.ContextScope(
+            kind=state_pb2.SCOPE_KIND_TEAM if kind == "team" else state_pb2.SCOPE_KIND_RUN, id=ident
+        )
 
     async def get(self, scope: str, key: str) -> str | None:
         try:
@@ -102,8 +112,9 @@ class StateContext:
 
     async def put(self, scope: str, key: str, value: str) -> None:
         try:
-            await self._stub.PutContext(state_pb2.PutContextRequest(scope=self._scope(scope), key=key,
-                                                                    value=value.encode()))
+            await self._stub.PutContext(
+                state_pb2.PutContextRequest(scope=self._scope(scope), key=key, value=value.encode())
+            )
         except grpc.aio.AioRpcError as err:
             raise translate(err) from None
 
@@ -114,23 +125,44 @@ class InferenceModel:
     def __init__(self, channel: grpc.aio.Channel):
         self._stub = inference_pb2_grpc.InferenceServiceStub(channel)
 
-    async def create_message(self, *, model: str, system: str, messages: list[dict[str, Any]],
-                             tools: list[dict[str, Any]], max_tokens: int, request_id: str,
-                             agent: str, run_id: str) -> ModelReply:
+    async def create_message(
+        self,
+        *,
+        model: str,
+        system: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        max_tokens: int,
+        request_id: str,
+        agent: str,
+        run_id: str,
+    ) -> ModelReply:
         params = inference_pb2.MessageParams(
-            model=model, system=[inference_pb2.TextBlock(text=system)] if system else [],
-            messages=[_message(m) for m in messages], max_tokens=max_tokens,
-            tools=[inference_pb2.Tool(name=t["name"], description=t.get("description", ""),
-                                      input_schema=_struct(t.get("input_schema") or {})) for t in tools])
+            model=model,
+            system=[inference_pb2.TextBlock(text=system)] if system else [],
+            messages=[_message(m) for m in messages],
+            max_tokens=max_tokens,
+            tools=[
+                inference_pb2.Tool(
+                    name=t["name"],
+                    description=t.get("description", ""),
+                    input_schema=_struct(t.get("input_schema") or {}),
+                )
+                for t in tools
+            ],
+        )
         ctx = dataclasses.replace(require_tenant(), request_id=request_id, agent_id=agent, run_id=run_id)
         with tenant_scope(ctx):
             try:
                 resp = await self._stub.CreateMessage(inference_pb2.CreateMessageRequest(params=params))
             except grpc.aio.AioRpcError as err:
                 raise translate(err) from None
-        return ModelReply(content=[_block_out(b) for b in resp.content], stop_reason=_STOP.get(resp.stop_reason, ""),
-                          model=resp.model, usage={"input_tokens": resp.usage.input_tokens,
-                                                   "output_tokens": resp.usage.output_tokens})
+        return ModelReply(
+            content=[_block_out(b) for b in resp.content],
+            stop_reason=_STOP.get(resp.stop_reason, ""),
+            model=resp.model,
+            usage={"input_tokens": resp.usage.input_tokens, "output_tokens": resp.usage.output_tokens},
+        )
 
 
 class IdentityDelegator:
@@ -142,8 +174,9 @@ class IdentityDelegator:
     async def delegate(self, *, scopes: list[str], run_id: str, ttl: int) -> str:
         """The delegated token (the current tenant's request is the delegator)."""
         try:
-            resp = await self._stub.ExchangeToken(identity_pb2.ExchangeTokenRequest(
-                scopes=scopes, run_id=run_id, ttl_seconds=ttl))
+            resp = await self._stub.ExchangeToken(
+                identity_pb2.ExchangeTokenRequest(scopes=scopes, run_id=run_id, ttl_seconds=ttl)
+            )
         except grpc.aio.AioRpcError as err:
             raise translate(err) from None
         return resp.token
@@ -159,8 +192,9 @@ def _message(m: dict[str, Any]) -> inference_pb2.Message:
     role = inference_pb2.ROLE_USER if m["role"] == "user" else inference_pb2.ROLE_ASSISTANT
     content = m["content"]
     if isinstance(content, str):
-        return inference_pb2.Message(role=role, content=[inference_pb2.ContentBlock(
-            text=inference_pb2.TextBlock(text=content))])
+        return inference_pb2.Message(
+            role=role, content=[inference_pb2.ContentBlock(text=inference_pb2.TextBlock(text=content))]
+        )
     return inference_pb2.Message(role=role, content=[_block_in(b) for b in content])
 
 
@@ -169,14 +203,21 @@ def _block_in(b: dict[str, Any]) -> inference_pb2.ContentBlock:
     if kind == "text":
         return inference_pb2.ContentBlock(text=inference_pb2.TextBlock(text=b.get("text", "")))
     if kind == "tool_use":
-        return inference_pb2.ContentBlock(tool_use=inference_pb2.ToolUseBlock(
-            id=b["id"], name=b["name"], input=_struct(b.get("input") or {})))
+        return inference_pb2.ContentBlock(
+            tool_use=inference_pb2.ToolUseBlock(id=b["id"], name=b["name"], input=_struct(b.get("input") or {}))
+        )
     if kind == "tool_result":
         content = b.get("content", "")
-        blocks = [inference_pb2.ContentBlock(text=inference_pb2.TextBlock(text=content))] if isinstance(content, str) \
+        blocks = (
+            [inference_pb2.ContentBlock(text=inference_pb2.TextBlock(text=content))]
+            if isinstance(content, str)
             else [_block_in(c) for c in content]
-        return inference_pb2.ContentBlock(tool_result=inference_pb2.ToolResultBlock(
-            tool_use_id=b["tool_use_id"], content=blocks, is_error=bool(b.get("is_error"))))
+        )
+        return inference_pb2.ContentBlock(
+            tool_result=inference_pb2.ToolResultBlock(
+                tool_use_id=b["tool_use_id"], content=blocks, is_error=bool(b.get("is_error"))
+            )
+        )
     raise ValueError(f"unsupported content block {kind!r}")
 
 
@@ -185,6 +226,10 @@ def _block_out(b: inference_pb2.ContentBlock) -> dict[str, Any]:
     if which == "text":
         return {"type": "text", "text": b.text.text}
     if which == "tool_use":
-        return {"type": "tool_use", "id": b.tool_use.id, "name": b.tool_use.name,
-                "input": json_format.MessageToDict(b.tool_use.input)}
+        return {
+            "type": "tool_use",
+            "id": b.tool_use.id,
+            "name": b.tool_use.name,
+            "input": json_format.MessageToDict(b.tool_use.input),
+        }
     return {"type": which or "unknown"}

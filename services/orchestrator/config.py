@@ -14,6 +14,7 @@ Keys live in the data dir: `orchestrator-grant.key` (seals delegated tokens of q
 `orchestrator-canary.key` (derives tenant canary markers; replicas must share it).
 Plus everything shared.config.ServiceConfig reads (address, database URLs, data dir, peers).
 """
+
 from __future__ import annotations
 
 import os

@@ -5,6 +5,7 @@ queue (so limits hold across replicas), takes each run's lease, and executes it 
 own delegated token bound as the TenantContext. A heartbeat renews the lease; if the lease is
 lost the execution stops, and a run whose holder died is claimed again once its lease expires.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -90,9 +91,18 @@ class DispatchSettings:
 class Dispatcher:
     """Admits, leases and executes runs."""
 
-    def __init__(self, *, runs: RunStore, engine: Engine, ports_for: Callable[[], Ports], sealer: GrantSealer,
-                 feed: StepFeed, settings: DispatchSettings = DispatchSettings(), owner: str | None = None,
-                 suspended: Callable[[str], bool] = lambda tenant_id: False):
+    def __init__(
+        self,
+        *,
+        runs: RunStore,
+        engine: Engine,
+        ports_for: Callable[[], Ports],
+        sealer: GrantSealer,
+        feed: StepFeed,
+        settings: DispatchSettings = DispatchSettings(),
+        owner: str | None = None,
+        suspended: Callable[[str], bool] = lambda tenant_id: False,
+    ):
         """suspended: whether a tenant is suspended now (the verifier's view): its runs pause, unclaimed."""
         self._runs, self._engine, self._ports_for, self._sealer = runs, engine, ports_for, sealer
         self._suspended = suspended
@@ -127,8 +137,9 @@ class Dispatcher:
             self._loop_task.cancel()
         for task in list(self._tasks.values()):
             task.cancel()
-        await asyncio.gather(*self._tasks.values(), *( [self._loop_task] if self._loop_task else []),
-                             return_exceptions=True)
+        await asyncio.gather(
+            *self._tasks.values(), *([self._loop_task] if self._loop_task else []), return_exceptions=True
+        )
 
     async def _loop(self) -> None:
         while True:
@@ -164,8 +175,14 @@ class Dispatcher:
             await self._runs.drop(claim.run_id)
             self._done(claim.run_id)
             return
-        ctx = TenantContext(tenant_id=claim.tenant_id, principal_id=claim.principal_id, tier=claim.tier,
-                            token=token, run_id=claim.run_id, request_id=claim.run_id)
+        ctx = TenantContext(
+            tenant_id=claim.tenant_id,
+            principal_id=claim.principal_id,
+            tier=claim.tier,
+            token=token,
+            run_id=claim.run_id,
+            request_id=claim.run_id,
+        )
         heartbeat: asyncio.Task | None = None
         heartbeat_stop = asyncio.Event()
         try:
@@ -181,15 +198,25 @@ class Dispatcher:
                     return
                 me = asyncio.current_task()
                 heartbeat = asyncio.create_task(self._heartbeat(claim.run_id, me, heartbeat_stop))
-                job = RunJob(run_id=run.run_id, tenant_id=claim.tenant_id, team=run.team_spec,
-                             entry_agent=run.entry_agent, run_input=run.input)
+                job = RunJob(
+                    run_id=run.run_id,
+                    tenant_id=claim.tenant_id,
+                    team=run.team_spec,
+                    entry_agent=run.entry_agent,
+                    run_input=run.input,
+                )
                 recorder = _Recorder(self._runs, self._feed, run)
                 trace_token = attach_traceparent(claim.traceparent)  # the run continues StartRun's trace
                 try:
-                    await self._engine.execute(job, self._ports_for(), fresh=fresh,
-                                               cancelled=lambda: claim.run_id in self._cancel,
-                                               suspended=lambda: self._suspended(claim.tenant_id),
-                                               on_step=recorder.put, on_load=self._syncer(claim.run_id))
+                    await self._engine.execute(
+                        job,
+                        self._ports_for(),
+                        fresh=fresh,
+                        cancelled=lambda: claim.run_id in self._cancel,
+                        suspended=lambda: self._suspended(claim.tenant_id),
+                        on_step=recorder.put,
+                        on_load=self._syncer(claim.run_id),
+                    )
                 finally:
                     detach(trace_token)
                     await recorder.close()
@@ -198,18 +225,19 @@ class Dispatcher:
         except asyncio.CancelledError:
             await asyncio.shield(self._runs.release(claim.run_id, self.owner))
         except Unauthenticated as exc:
-            reason, message = _REFUSED_TOKEN.get(exc.reason, (
-                "UNAUTHENTICATED", f"a service refused the run's delegated token ({exc.reason})"))
+            reason, message = _REFUSED_TOKEN.get(
+                exc.reason, ("UNAUTHENTICATED", f"a service refused the run's delegated token ({exc.reason})")
+            )
             await self._fail(ctx, claim.run_id, reason, message)
         except Unavailable:
-            log.warning("run paused: a dependency is unavailable", extra={"tenant_id": claim.tenant_id,
-                                                                          "run_id": claim.run_id})
+            log.warning(
+                "run paused: a dependency is unavailable", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id}
+            )
             await self._runs.release(claim.run_id, self.owner)
         except Exception as exc:  # record the failure on the run rather than retry forever
             if isinstance(exc, TenantSuspended) or getattr(exc, "reason", None) == TENANT_SUSPENDED:
                 # Back in the queue where it stopped; not claimed again until the tenant is resumed.
-                log.info("run paused: tenant suspended", extra={"tenant_id": claim.tenant_id,
-                                                                "run_id": claim.run_id})
+                log.info("run paused: tenant suspended", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
                 await self._runs.release(claim.run_id, self.owner)
                 return
             log.exception("run failed", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
@@ -238,9 +266,11 @@ class Dispatcher:
         async def on_load(steps: list[Step], view: RunView) -> None:
             # Steps a dead replica appended to state but never recorded here (killed in between),
             # including, possibly, the run's end.
-            run = await self._runs.record_steps(run_id, steps, current_agent=view.current_agent,
-                                                finished=view.finished, skip_existing=True)
+            run = await self._runs.record_steps(
+                run_id, steps, current_agent=view.current_agent, finished=view.finished, skip_existing=True
+            )
             self._feed.publish(run_id, steps[-1], run)
+
         return on_load
 
     async def _heartbeat(self, run_id: str, task: asyncio.Task | None, stop: asyncio.Event) -> None:
@@ -291,8 +321,9 @@ class _Recorder:
     async def put(self, step: Step, view: RunView) -> None:
         """Take a step just appended to state (the engine's on_step)."""
         self._pending.append((step, view.current_agent))
-        self._run = dataclasses.replace(self._run, step_count=step.index, current_agent=view.current_agent,
-                                        status=RunStatus.RUNNING)
+        self._run = dataclasses.replace(
+            self._run, step_count=step.index, current_agent=view.current_agent, status=RunStatus.RUNNING
+        )
         if step.kind == StepKind.RUN_FINISHED and view.finished is not None:
             run = await self._flush(view.finished)
             if run is not None:
@@ -325,12 +356,16 @@ class _Recorder:
             if not batch and finished is None:
                 return None
             try:
-                run = await self._runs.record_steps(self._run.run_id, [b[0] for b in batch],
-                                                    current_agent=batch[-1][1] if batch else self._run.current_agent,
-                                                    finished=finished, previous_at=self._last_at)
+                run = await self._runs.record_steps(
+                    self._run.run_id,
+                    [b[0] for b in batch],
+                    current_agent=batch[-1][1] if batch else self._run.current_agent,
+                    finished=finished,
+                    previous_at=self._last_at,
+                )
                 if batch:
                     self._last_at = batch[-1][0].created_at
                 return run
-            except Exception:  # noqa: BLE001 - state has the steps; the next execution catches up
+            except Exception:
                 log.exception("recording steps failed", extra={"run_id": self._run.run_id})
                 return None

@@ -5,6 +5,7 @@ call, a tool call, a hand-off) and appends it. Killed at any point, the next exe
 the same log and continues; a step that was appended is never repeated, and a step that was
 not gets the same idempotency key when it is retried, so the proxy and metering count it once.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -91,10 +92,17 @@ class Engine:
     def __init__(self, *, canary_key: bytes, limits: Limits = Limits()):
         self._canary_key, self._limits = canary_key, limits
 
-    async def execute(self, job: RunJob, ports: Ports, *, fresh: bool = False,
-                      cancelled: Callable[[], bool] = lambda: False,
-                      suspended: Callable[[], bool] = lambda: False,
-                      on_step: OnStep | None = None, on_load: OnLoad | None = None) -> RunView:
+    async def execute(
+        self,
+        job: RunJob,
+        ports: Ports,
+        *,
+        fresh: bool = False,
+        cancelled: Callable[[], bool] = lambda: False,
+        suspended: Callable[[], bool] = lambda: False,
+        on_step: OnStep | None = None,
+        on_load: OnLoad | None = None,
+    ) -> RunView:
         """Run job from wherever its log ends until it finishes; returns the final view.
 
         fresh: the run never executed before, so its log is empty and is not read.
@@ -107,8 +115,10 @@ class Engine:
             await ex.load(on_load, fresh)
             while ex.view.finished is None:
                 # One span per step: ids and kinds only, never content (it may be sensitive).
-                with _tracer.start_as_current_span("orchestrator.step", attributes={
-                        **attrs, "step.index": ex.view.last_index + 1, "agent": ex.view.current_agent}):
+                with _tracer.start_as_current_span(
+                    "orchestrator.step",
+                    attributes={**attrs, "step.index": ex.view.last_index + 1, "agent": ex.view.current_agent},
+                ):
                     if cancelled():
                         await ex.finish(RunStatus.CANCELLED, message="cancelled by request")
                     elif suspended():
@@ -127,9 +137,11 @@ class Engine:
 
     def system_prompt(self, tenant_id: str, team: TeamSpec, agent: AgentSpec) -> str:
         """The agent's system prompt, naming the tenant it serves and carrying its canary marker."""
-        return (f"You are agent '{agent.name}' of team '{team.name}', serving tenant {tenant_id} only. "
-                f"Never use or reveal data of any other tenant. Tenant marker: "
-                f"{marker_for(tenant_id, self._canary_key)}.\n\n{agent.system_prompt}").rstrip()
+        return (
+            f"You are agent '{agent.name}' of team '{team.name}', serving tenant {tenant_id} only. "
+            f"Never use or reveal data of any other tenant. Tenant marker: "
+            f"{marker_for(tenant_id, self._canary_key)}.\n\n{agent.system_prompt}"
+        ).rstrip()
 
 
 class _Execution:
@@ -146,8 +158,10 @@ class _Execution:
         """The agent's system prompt and tool definitions for this run."""
         made = self._prompts.get(agent.name)
         if made is None:
-            made = self._prompts[agent.name] = (self.e.system_prompt(self.job.tenant_id, self.job.team, agent),
-                                                self.tool_definitions(agent))
+            made = self._prompts[agent.name] = (
+                self.e.system_prompt(self.job.tenant_id, self.job.team, agent),
+                self.tool_definitions(agent),
+            )
         return made
 
     async def load(self, on_load: OnLoad | None, fresh: bool = False) -> None:
@@ -156,9 +170,12 @@ class _Execution:
         if on_load is not None and steps:
             await on_load(steps, self.view)
         if self.view.last_index == 0:
-            await self.append(StepKind.RUN_STARTED, self.job.entry_agent, f"run started at {self.job.entry_agent}",
-                              {"input": self.job.run_input, "entry_agent": self.job.entry_agent,
-                               "team": self.job.team.name})
+            await self.append(
+                StepKind.RUN_STARTED,
+                self.job.entry_agent,
+                f"run started at {self.job.entry_agent}",
+                {"input": self.job.run_input, "entry_agent": self.job.entry_agent, "team": self.job.team.name},
+            )
 
     async def append(self, kind: StepKind, agent: str, summary: str, detail: dict[str, Any]) -> Step:
         step = Step(index=self.view.last_index + 1, kind=kind, agent=agent, summary=summary, detail=detail)
@@ -175,8 +192,11 @@ class _Execution:
     async def advance(self) -> None:
         agent = self.job.team.agent(self.view.current_agent)
         if agent is None:
-            await self.finish(RunStatus.FAILED, reason=FailReason.AGENT_MISSING,
-                              message=f"agent {self.view.current_agent!r} is not in team {self.job.team.name!r}")
+            await self.finish(
+                RunStatus.FAILED,
+                reason=FailReason.AGENT_MISSING,
+                message=f"agent {self.view.current_agent!r} is not in team {self.job.team.name!r}",
+            )
         elif self.view.pending_tool_uses:
             await self.tool_step(agent, self.view.pending_tool_uses[0])
         else:
@@ -188,8 +208,11 @@ class _Execution:
         limits = self.e._limits
         agent_limit = agent.max_steps or limits.max_steps_per_agent
         if self.view.model_calls[agent.name] >= agent_limit or self.view.total_model_calls >= limits.max_steps_per_run:
-            await self.finish(RunStatus.FAILED, reason=FailReason.MAX_STEPS,
-                              message=f"step limit reached ({agent.name}: {agent_limit} model calls)")
+            await self.finish(
+                RunStatus.FAILED,
+                reason=FailReason.MAX_STEPS,
+                message=f"step limit reached ({agent.name}: {agent_limit} model calls)",
+            )
             return
         request_id = step_request_id(self.job.run_id, self.view.last_index + 1)
         try:
@@ -203,22 +226,44 @@ class _Execution:
             await self.finish(RunStatus.FAILED, reason=reason, message=f"model call failed: {err.message}")
             return
         text = "".join(b.get("text", "") for b in reply.content if b.get("type") == "text")
-        foreign = foreign_markers(text + json.dumps([b.get("input") for b in reply.content
-                                                      if b.get("type") == "tool_use"]),
-                                  self.marker)
+        foreign = foreign_markers(
+            text + json.dumps([b.get("input") for b in reply.content if b.get("type") == "tool_use"]), self.marker
+        )
         if foreign:
-            log.warning("agent output blocked", extra={"tenant_id": self.job.tenant_id, "run_id": self.job.run_id,
-                                                       "agent": agent.name, "outcome": "output_blocked"})
-            await self.append(StepKind.OUTPUT_BLOCKED, agent.name, "output withheld: foreign canary marker",
-                              {"markers": [fingerprint(m) for m in foreign], "request_id": request_id})
-            await self.finish(RunStatus.FAILED, reason=FailReason.OUTPUT_BLOCKED,
-                              message="an agent output held another tenant's data and was withheld")
+            log.warning(
+                "agent output blocked",
+                extra={
+                    "tenant_id": self.job.tenant_id,
+                    "run_id": self.job.run_id,
+                    "agent": agent.name,
+                    "outcome": "output_blocked",
+                },
+            )
+            await self.append(
+                StepKind.OUTPUT_BLOCKED,
+                agent.name,
+                "output withheld: foreign canary marker",
+                {"markers": [fingerprint(m) for m in foreign], "request_id": request_id},
+            )
+            await self.finish(
+                RunStatus.FAILED,
+                reason=FailReason.OUTPUT_BLOCKED,
+                message="an agent output held another tenant's data and was withheld",
+            )
             return
         uses = [b for b in reply.content if b.get("type") == "tool_use"]
-        await self.append(StepKind.MODEL_CALL, agent.name,
-                          f"{agent.name}: {reply.stop_reason}" + (f" ({', '.join(u['name'] for u in uses)})" if uses else ""),
-                          {"content": reply.content, "stop_reason": reply.stop_reason, "model": reply.model,
-                           "usage": reply.usage, "request_id": request_id})
+        await self.append(
+            StepKind.MODEL_CALL,
+            agent.name,
+            f"{agent.name}: {reply.stop_reason}" + (f" ({', '.join(u['name'] for u in uses)})" if uses else ""),
+            {
+                "content": reply.content,
+                "stop_reason": reply.stop_reason,
+                "model": reply.model,
+                "usage": reply.usage,
+                "request_id": request_id,
+            },
+        )
         if not uses:
             await self.finish(RunStatus.SUCCEEDED, output=text)
 
@@ -228,36 +273,71 @@ class _Execution:
         while True:
             try:
                 return await self.p.model.create_message(
-                    model=agent.model, system=system, messages=self.view.messages, tools=tools,
-                    max_tokens=agent.max_tokens or self.e._limits.max_tokens, request_id=request_id,
-                    agent=agent.name, run_id=self.job.run_id)
+                    model=agent.model,
+                    system=system,
+                    messages=self.view.messages,
+                    tools=tools,
+                    max_tokens=agent.max_tokens or self.e._limits.max_tokens,
+                    request_id=request_id,
+                    agent=agent.name,
+                    run_id=self.job.run_id,
+                )
             except Unavailable:
                 attempt += 1
                 if attempt > self.e._limits.model_retries:
                     raise
-                await asyncio.sleep(0.2 * 2 ** attempt)
+                await asyncio.sleep(0.2 * 2**attempt)
 
     def tool_definitions(self, agent: AgentSpec) -> list[dict[str, Any]]:
         tools: list[dict[str, Any]] = []
         for name in agent.tools:
             if name == "read_context":
-                tools.append({"name": name, "description": "Read a value from the run's shared context.",
-                              "input_schema": {"type": "object", "properties": {"key": {"type": "string"}},
-                                               "required": ["key"]}})
+                tools.append(
+                    {
+                        "name": name,
+                        "description": "Read a value from the run's shared context.",
+                        "input_schema": {
+                            "type": "object",
+                            "properties": {"key": {"type": "string"}},
+                            "required": ["key"],
+                        },
+                    }
+                )
             elif name == "write_context":
-                tools.append({"name": name, "description": "Write a value to the run's shared context.",
-                              "input_schema": {"type": "object", "properties": {
-                                  "key": {"type": "string"}, "value": {"type": "string"}},
-                                  "required": ["key", "value"]}})
+                tools.append(
+                    {
+                        "name": name,
+                        "description": "Write a value to the run's shared context.",
+                        "input_schema": {
+                            "type": "object",
+                            "properties": {"key": {"type": "string"}, "value": {"type": "string"}},
+                            "required": ["key", "value"],
+                        },
+                    }
+                )
             elif (http := self.job.team.http_tool(name)) is not None:
-                tools.append({"name": http.name, "description": http.description or http.name,
-                              "input_schema": dict(http.input_schema) or {"type": "object"}})
+                tools.append(
+                    {
+                        "name": http.name,
+                        "description": http.description or http.name,
+                        "input_schema": dict(http.input_schema) or {"type": "object"},
+                    }
+                )
         if agent.handoffs:
-            tools.append({"name": HANDOFF_TOOL,
-                          "description": "Hand the run to another agent of your team: " + ", ".join(agent.handoffs),
-                          "input_schema": {"type": "object", "properties": {
-                              "agent": {"type": "string", "enum": list(agent.handoffs)},
-                              "note": {"type": "string"}}, "required": ["agent"]}})
+            tools.append(
+                {
+                    "name": HANDOFF_TOOL,
+                    "description": "Hand the run to another agent of your team: " + ", ".join(agent.handoffs),
+                    "input_schema": {
+                        "type": "object",
+                        "properties": {
+                            "agent": {"type": "string", "enum": list(agent.handoffs)},
+                            "note": {"type": "string"},
+                        },
+                        "required": ["agent"],
+                    },
+                }
+            )
         return tools
 
     # --- tool calls --------------------------------------------------------------------------
@@ -268,10 +348,19 @@ class _Execution:
             await self.handoff(agent, use_id, tool_input)
             return
         result, is_error, status = await self.run_tool(agent, name, tool_input)
-        await self.append(StepKind.TOOL_CALL, agent.name,
-                          f"{name}: {'error' if is_error else 'ok'}" + (f" (HTTP {status})" if status else ""),
-                          {"tool_use_id": use_id, "name": name, "input": tool_input, "result": result,
-                           "is_error": is_error, "status": status})
+        await self.append(
+            StepKind.TOOL_CALL,
+            agent.name,
+            f"{name}: {'error' if is_error else 'ok'}" + (f" (HTTP {status})" if status else ""),
+            {
+                "tool_use_id": use_id,
+                "name": name,
+                "input": tool_input,
+                "result": result,
+                "is_error": is_error,
+                "status": status,
+            },
+        )
 
     async def run_tool(self, agent: AgentSpec, name: str, tool_input: dict[str, Any]) -> tuple[str, bool, int]:
         scope = f"run:{self.job.run_id}"
@@ -286,8 +375,14 @@ class _Execution:
         http = self.job.team.http_tool(name)
         if http is None:
             return f"tool {name!r} is not defined by this team", True, 0
-        res = await self.p.http.call(http, tool_input, allowed_hosts=self.job.team.allowed_hosts,
-                                     secrets=self.p.secrets, tenant_id=self.job.tenant_id, run_id=self.job.run_id)
+        res = await self.p.http.call(
+            http,
+            tool_input,
+            allowed_hosts=self.job.team.allowed_hosts,
+            secrets=self.p.secrets,
+            tenant_id=self.job.tenant_id,
+            run_id=self.job.run_id,
+        )
         return res.text, res.is_error, res.status
 
     async def handoff(self, agent: AgentSpec, use_id: str, tool_input: dict[str, Any]) -> None:
@@ -295,16 +390,32 @@ class _Execution:
         note = str(tool_input.get("note", ""))[:4000]
         reason = self.refusal(agent, target)
         if reason:
-            log.warning("hand-off refused", extra={"tenant_id": self.job.tenant_id, "run_id": self.job.run_id,
-                                                   "agent": agent.name, "outcome": "handoff_refused"})
-            await self.append(StepKind.HANDOFF_REFUSED, agent.name, f"{agent.name} -> {target}: refused",
-                              {"tool_use_id": use_id, "source": agent.name, "target": target, "reason": reason})
+            log.warning(
+                "hand-off refused",
+                extra={
+                    "tenant_id": self.job.tenant_id,
+                    "run_id": self.job.run_id,
+                    "agent": agent.name,
+                    "outcome": "handoff_refused",
+                },
+            )
+            await self.append(
+                StepKind.HANDOFF_REFUSED,
+                agent.name,
+                f"{agent.name} -> {target}: refused",
+                {"tool_use_id": use_id, "source": agent.name, "target": target, "reason": reason},
+            )
             return
         # The note travels through state (the run's context), never through this process's memory.
-        await self.p.context.put(f"run:{self.job.run_id}", "handoff",
-                                 json.dumps({"source": agent.name, "target": target, "note": note}))
-        await self.append(StepKind.HANDOFF, agent.name, f"{agent.name} -> {target}",
-                          {"tool_use_id": use_id, "source": agent.name, "target": target, "note": note})
+        await self.p.context.put(
+            f"run:{self.job.run_id}", "handoff", json.dumps({"source": agent.name, "target": target, "note": note})
+        )
+        await self.append(
+            StepKind.HANDOFF,
+            agent.name,
+            f"{agent.name} -> {target}",
+            {"tool_use_id": use_id, "source": agent.name, "target": target, "note": note},
+        )
 
     def refusal(self, agent: AgentSpec, target: str) -> str:
         """Why a hand-off from agent to target is refused, or '' when it is allowed."""

@@ -4,6 +4,7 @@ The token is narrow (only the scopes the run needs), expires on its own, and is 
 run's queue entry, encrypted under the orchestrator's key and bound to the run id: a copied blob
 opens for no other run, and it is deleted when the run finishes.
 """
+
 from __future__ import annotations
 
 import os

@@ -3,6 +3,7 @@
 The engine never keeps a run's progress anywhere but the step log, so a restarted or different
 replica continues exactly where the log ends, and a completed step is never done twice.
 """
+
 from __future__ import annotations
 
 from collections import Counter
@@ -83,14 +84,19 @@ class RunView:
                 self._answer(d.get("tool_use_id", ""), f"hand-off refused: {d.get('reason', '')}", True)
             case StepKind.HANDOFF:
                 self.current_agent = d["target"]
-                self.messages = [{"role": "user",
-                                  "content": handoff_message(self.run_input, d.get("source", ""), d.get("note", ""))}]
+                self.messages = [
+                    {"role": "user", "content": handoff_message(self.run_input, d.get("source", ""), d.get("note", ""))}
+                ]
                 self.pending_tool_uses, self._results = [], []
             case StepKind.OUTPUT_BLOCKED:
                 pass
             case StepKind.RUN_FINISHED:
-                self.finished = Finished(status=d.get("status", ""), output=d.get("output", ""),
-                                         reason=d.get("reason", ""), message=d.get("message", ""))
+                self.finished = Finished(
+                    status=d.get("status", ""),
+                    output=d.get("output", ""),
+                    reason=d.get("reason", ""),
+                    message=d.get("message", ""),
+                )
 
     def _answer(self, tool_use_id: str, result: str, is_error: bool) -> None:
         self.pending_tool_uses = [t for t in self.pending_tool_uses if t.get("id") != tool_use_id]

@@ -4,6 +4,7 @@ What comes back to the model (and into the step log) is sanitised: a status and 
 with every injected secret value scrubbed; never request headers, exception text or anything
 about other tenants.
 """
+
 from __future__ import annotations
 
 import logging
@@ -40,17 +41,39 @@ class HttpToolRunner:
     def __init__(self, *, client: httpx.AsyncClient, limiter: RateLimiter, max_body_chars: int = 4000):
         self._client, self._limiter, self._max_body = client, limiter, max_body_chars
 
-    async def call(self, tool: HttpToolSpec, tool_input: dict[str, Any], *, allowed_hosts: tuple[str, ...],
-                   secrets: SecretSource, tenant_id: str, run_id: str) -> ToolResult:
+    async def call(
+        self,
+        tool: HttpToolSpec,
+        tool_input: dict[str, Any],
+        *,
+        allowed_hosts: tuple[str, ...],
+        secrets: SecretSource,
+        tenant_id: str,
+        run_id: str,
+    ) -> ToolResult:
         """Call the tool and return a sanitised result; never raises for upstream failures."""
         result = await self._call(tool, tool_input, allowed_hosts, secrets, tenant_id)
-        log.info("http tool call", extra={"tenant_id": tenant_id, "run_id": run_id, "tool": tool.name,
-                                          "host": host_of(tool.url), "status": result.status,
-                                          "outcome": "error" if result.is_error else "ok"})
+        log.info(
+            "http tool call",
+            extra={
+                "tenant_id": tenant_id,
+                "run_id": run_id,
+                "tool": tool.name,
+                "host": host_of(tool.url),
+                "status": result.status,
+                "outcome": "error" if result.is_error else "ok",
+            },
+        )
         return result
 
-    async def _call(self, tool: HttpToolSpec, tool_input: dict[str, Any], allowed_hosts: tuple[str, ...],
-                    secrets: SecretSource, tenant_id: str) -> ToolResult:
+    async def _call(
+        self,
+        tool: HttpToolSpec,
+        tool_input: dict[str, Any],
+        allowed_hosts: tuple[str, ...],
+        secrets: SecretSource,
+        tenant_id: str,
+    ) -> ToolResult:
         if not host_allowed(tool.url, allowed_hosts):
             return ToolResult(f"tool {tool.name}: host {host_of(tool.url)} is not allowed for this team", True)
         wait = self._limiter.try_acquire(tenant_id)
@@ -61,8 +84,10 @@ class HttpToolRunner:
         except Exception:  # noqa: BLE001 - which secret failed and why stays in the credentials audit
             return ToolResult(f"tool {tool.name}: a credential it needs is not available", True)
         values = list(resolved.values())
-        headers = {name: SECRET_REF.sub(lambda m: resolved[m.group(1)], template)
-                   for name, template in dict(tool.headers).items()}
+        headers = {
+            name: SECRET_REF.sub(lambda m: resolved[m.group(1)], template)
+            for name, template in dict(tool.headers).items()
+        }
         try:
             if tool.method == "GET":
                 resp = await self._client.get(tool.url, params=_query(tool_input), headers=headers)
@@ -79,11 +104,13 @@ class HttpToolRunner:
                 clear()  # the values live for this one call only
         body = _scrub(resp.text[: self._max_body * 2], values)[: self._max_body]
         if resp.is_redirect:
-            return ToolResult(f"tool {tool.name}: the upstream answered with a redirect, not followed",
-                              True, resp.status_code)
+            return ToolResult(
+                f"tool {tool.name}: the upstream answered with a redirect, not followed", True, resp.status_code
+            )
         if resp.status_code >= 400:
-            return ToolResult(f"tool {tool.name}: upstream returned HTTP {resp.status_code}: {body}",
-                              True, resp.status_code)
+            return ToolResult(
+                f"tool {tool.name}: upstream returned HTTP {resp.status_code}: {body}", True, resp.status_code
+            )
         return ToolResult(body, False, resp.status_code)
 
 

@@ -10,6 +10,7 @@ value. If the tool raises, the exception that leaves the block is a ToolFailed w
 has every value redacted; the original is suppressed and stripped of its message and frames
 (tracebacks and span events would print them). Values never go into state, spans or the model context from here.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -43,8 +44,10 @@ class SecretResolutionError(Exception):
     """A referenced secret could not be fetched; the message names the reference, never a value."""
 
     def __init__(self, env_name: str, ref: SecretRef, code: grpc.StatusCode, reason: str | None):
-        super().__init__(f"secret {ref.name!r} (for {env_name}) could not be resolved: {code.name}"
-                         + (f" ({reason})" if reason else ""))
+        super().__init__(
+            f"secret {ref.name!r} (for {env_name}) could not be resolved: {code.name}"
+            + (f" ({reason})" if reason else "")
+        )
         self.env_name, self.ref, self.code, self.reason = env_name, ref, code, reason
 
 
@@ -110,11 +113,12 @@ class SecretInjector:
         for attempt in range(_ATTEMPTS):
             try:
                 reply = await self._stub.GetSecret(
-                    credentials_pb2.GetSecretRequest(name=ref.name, version=ref.version), timeout=self._timeout)
+                    credentials_pb2.GetSecretRequest(name=ref.name, version=ref.version), timeout=self._timeout
+                )
                 break
             except grpc.aio.AioRpcError as err:
                 if err.code() in _TRANSIENT and attempt + 1 < _ATTEMPTS:
-                    await asyncio.sleep(0.05 * 2 ** attempt * random.uniform(0.5, 1.5))
+                    await asyncio.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.5))
                     continue
                 from shared.errors import error_details
 

@@ -4,6 +4,7 @@ Queue entries go first, in their own transaction, so no replica claims (or resum
 tenant's runs while its rows are being deleted; a run already executing fails at its next step,
 since the tenant is suspended and its tokens are refused everywhere.
 """
+
 from __future__ import annotations
 
 from shared.db import Database

@@ -1,4 +1,5 @@
 """What each RPC does, in domain terms: teams CRUD, starting, reading, watching and cancelling runs."""
+
 from __future__ import annotations
 
 import asyncio
@@ -32,12 +33,19 @@ class RunQueue:
     limit: int
     """The most runs the tenant may execute at once."""
 
+
 RUN_SCOPES = (
-    "state.threads.read", "state.threads.write", "state.context.read", "state.context.write",
+    "state.threads.read",
+    "state.threads.write",
+    "state.context.read",
+    "state.context.write",
     "inference.messages.create",
     # What the proxy and state do with the forwarded token on the run's behalf.
-    "metering.usage.write", "metering.budget.write", "metering.quota.read",
-    "credentials.keys.encrypt", "credentials.keys.decrypt",
+    "metering.usage.write",
+    "metering.budget.write",
+    "metering.quota.read",
+    "credentials.keys.encrypt",
+    "credentials.keys.decrypt",
     # Tool secrets, and the tenant's own provider key if it brought one (read by the proxy).
     "credentials.secrets.read",
 )
@@ -56,8 +64,18 @@ class Delegator(Protocol):
 class Orchestrator:
     """The service's operations; every one acts for the tenant of the current request."""
 
-    def __init__(self, *, teams: TeamStore, runs: RunStore, dispatcher: Dispatcher, feed: StepFeed,
-                 delegator: Delegator, sealer: GrantSealer, delegation_ttl: int = 3600, watch_poll: float = 1.0):
+    def __init__(
+        self,
+        *,
+        teams: TeamStore,
+        runs: RunStore,
+        dispatcher: Dispatcher,
+        feed: StepFeed,
+        delegator: Delegator,
+        sealer: GrantSealer,
+        delegation_ttl: int = 3600,
+        watch_poll: float = 1.0,
+    ):
         self._teams, self._runs, self._dispatcher, self._feed = teams, runs, dispatcher, feed
         self._delegator, self._sealer, self._ttl, self._poll = delegator, sealer, delegation_ttl, watch_poll
 
@@ -82,8 +100,10 @@ class Orchestrator:
         _require_name(spec.name, "team.name")
         unknown = [p for p in mask if p not in TEAM_FIELDS]
         if unknown:
-            raise InvalidArgument("update_mask names fields that cannot be updated",
-                                  violations={"update_mask": f"unknown or read-only: {', '.join(unknown)}"})
+            raise InvalidArgument(
+                "update_mask names fields that cannot be updated",
+                violations={"update_mask": f"unknown or read-only: {', '.join(unknown)}"},
+            )
         current = await self._teams.get(spec.name)
         if mask:
             spec = dataclasses.replace(current.spec, **{f: getattr(spec, f) for f in mask})
@@ -120,8 +140,11 @@ class Orchestrator:
             spec = (await self._teams.get(team)).spec
             entry = entry_agent or spec.agents[0].name
             if spec.agent(entry) is None:
-                raise InvalidArgument(f"team {team!r} has no agent {entry!r}", reason="UNKNOWN_AGENT",
-                                      violations={"entry_agent": "not an agent of this team"})
+                raise InvalidArgument(
+                    f"team {team!r} has no agent {entry!r}",
+                    reason="UNKNOWN_AGENT",
+                    violations={"entry_agent": "not an agent of this team"},
+                )
         except BaseException:
             if delegation is not None:
                 delegation.cancel()
@@ -133,11 +156,18 @@ class Orchestrator:
                 return existing
             delegation = asyncio.ensure_future(self._delegate(run_id))
         token = await delegation
-        run, _ = await self._runs.create(team=spec, entry_agent=entry, run_input=run_input,
-                                         idempotency_key=idempotency_key, tenant_id=ctx.tenant_id,
-                                         principal_id=ctx.principal_id, tier=ctx.tier,
-                                         grant=self._sealer.seal(token, run_id), run_id=run_id,
-                                         traceparent=current_traceparent())
+        run, _ = await self._runs.create(
+            team=spec,
+            entry_agent=entry,
+            run_input=run_input,
+            idempotency_key=idempotency_key,
+            tenant_id=ctx.tenant_id,
+            principal_id=ctx.principal_id,
+            tier=ctx.tier,
+            grant=self._sealer.seal(token, run_id),
+            run_id=run_id,
+            traceparent=current_traceparent(),
+        )
         self._dispatcher.wake()
         return run
 

@@ -3,6 +3,7 @@
 Production implementations call the state, inference and credentials services over gRPC
 (services/orchestrator/clients.py); the engine only sees these shapes.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -53,14 +54,23 @@ class ContextStore(Protocol):
 class ModelClient(Protocol):
     """The inference proxy's CreateMessage."""
 
-    async def create_message(self, *, model: str, system: str, messages: list[dict[str, Any]],
-                             tools: list[dict[str, Any]], max_tokens: int, request_id: str,
-                             agent: str, run_id: str) -> ModelReply:
+    async def create_message(
+        self,
+        *,
+        model: str,
+        system: str,
+        messages: list[dict[str, Any]],
+        tools: list[dict[str, Any]],
+        max_tokens: int,
+        request_id: str,
+        agent: str,
+        run_id: str,
+    ) -> ModelReply:
         """One model call; request_id is its idempotency key."""
 
 
 class SecretSource(Protocol):
-    """Secret values for tool injection (services.orchestrator.injection.SecretInjector over the credentials service)."""
+    """Secret values for tool injection (injection.SecretInjector over the credentials service)."""
 
     async def resolve(self, refs: Mapping[str, str]) -> Mapping[str, str]:
         """The current values of the current tenant's secrets, by the key each was asked under."""

@@ -1,4 +1,5 @@
 """A per-key token bucket (HTTP tool calls per tenant). The clock is injected for tests."""
+
 from __future__ import annotations
 
 import time

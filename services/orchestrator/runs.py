@@ -1,4 +1,5 @@
 """The run life cycle: statuses and the transitions allowed between them. No grpc here."""
+
 from __future__ import annotations
 
 import enum

@@ -3,6 +3,7 @@
 Pure and deterministic so it can be tested without a database: the dispatcher feeds it the
 queue and the running counts it reads, and claims what it returns.
 """
+
 from __future__ import annotations
 
 from collections import Counter, defaultdict
@@ -22,8 +23,9 @@ class QueuedRun:
     """When it was queued (FIFO within a tenant)."""
 
 
-def pick_runs(queued: Iterable[QueuedRun], running: Mapping[str, int], *,
-              per_tenant_limit: int, free_slots: int) -> list[QueuedRun]:
+def pick_runs(
+    queued: Iterable[QueuedRun], running: Mapping[str, int], *, per_tenant_limit: int, free_slots: int
+) -> list[QueuedRun]:
     """The runs to start now, in start order.
 
     Each pick goes to the tenant with the fewest running runs (ties: the oldest waiting run),

@@ -3,6 +3,7 @@
 Figures come from the ledger, never from process memory, so every replica answers the same; the
 percentiles are exact (nearest rank over every step of the window), not sampled.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -85,14 +86,16 @@ class RunStats:
             windowed = await s.execute(
                 select(RunRow.entry_agent, RunRow.status, func.count())
                 .where(RunRow.tenant_id == tid, RunRow.created_at >= start, RunRow.created_at < end)
-                .group_by(RunRow.entry_agent, RunRow.status))
+                .group_by(RunRow.entry_agent, RunRow.status)
+            )
             for agent, status, n in windowed:
                 add(agent, **{status: n})
             live = (RunStatus.QUEUED.value, RunStatus.RUNNING.value)
             now = await s.execute(
                 select(RunRow.entry_agent, RunRow.status, func.count())
                 .where(RunRow.tenant_id == tid, RunRow.status.in_(live))
-                .group_by(RunRow.entry_agent, RunRow.status))
+                .group_by(RunRow.entry_agent, RunRow.status)
+            )
             for agent, status, n in now:
                 add(agent, **{f"{status}_now": n})
             for agent, n, p50, p95 in await s.execute(_percentiles(tid, start, end)):
@@ -103,16 +106,26 @@ class RunStats:
 def _percentiles(tid: str, start: float, end: float):
     """agent, n, p50, p95 of the window's step latencies: nearest rank is row ceil(q*n/100) in order,
     which window functions give on SQLite and Postgres alike (neither needs percentile_disc)."""
-    ranked = (select(StepRow.agent, StepRow.latency_ms,
-                     func.row_number().over(partition_by=StepRow.agent, order_by=StepRow.latency_ms).label("rn"),
-                     func.count().over(partition_by=StepRow.agent).label("n"))
-              .where(StepRow.tenant_id == tid, StepRow.created_at >= start, StepRow.created_at < end,
-                     StepRow.latency_ms.is_not(None))
-              .subquery())
+    ranked = (
+        select(
+            StepRow.agent,
+            StepRow.latency_ms,
+            func.row_number().over(partition_by=StepRow.agent, order_by=StepRow.latency_ms).label("rn"),
+            func.count().over(partition_by=StepRow.agent).label("n"),
+        )
+        .where(
+            StepRow.tenant_id == tid,
+            StepRow.created_at >= start,
+            StepRow.created_at < end,
+            StepRow.latency_ms.is_not(None),
+        )
+        .subquery()
+    )
     rank50, rank95 = (50 * ranked.c.n + 99) // 100, (95 * ranked.c.n + 99) // 100
     p50 = func.max(case((ranked.c.rn == rank50, ranked.c.latency_ms), else_=None))
     p95 = func.max(case((ranked.c.rn == rank95, ranked.c.latency_ms), else_=None))
-    return (select(ranked.c.agent, func.max(ranked.c.n), p50, p95)
-            .where((ranked.c.rn == rank50) | (ranked.c.rn == rank95))
-            .group_by(ranked.c.agent))
-
+    return (
+        select(ranked.c.agent, func.max(ranked.c.n), p50, p95)
+        .where((ranked.c.rn == rank50) | (ranked.c.rn == rank95))
+        .group_by(ranked.c.agent)
+    )

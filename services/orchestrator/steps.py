@@ -1,4 +1,5 @@
 """Steps: the durable entries of a run's history, as appended to the state service."""
+
 from __future__ import annotations
 
 import enum
@@ -43,17 +44,30 @@ class Step:
 
     def to_json(self) -> bytes:
         """The event payload written to state."""
-        return json.dumps({"index": self.index, "kind": self.kind.value, "agent": self.agent,
-                           "summary": self.summary, "detail": self.detail,
-                           "created_at": self.created_at}, separators=(",", ":")).encode()
+        return json.dumps(
+            {
+                "index": self.index,
+                "kind": self.kind.value,
+                "agent": self.agent,
+                "summary": self.summary,
+                "detail": self.detail,
+                "created_at": self.created_at,
+            },
+            separators=(",", ":"),
+        ).encode()
 
     @classmethod
     def from_json(cls, payload: bytes | str) -> Step:
         """Parse an event payload written by to_json."""
         d = json.loads(payload)
-        return cls(index=int(d["index"]), kind=StepKind(d["kind"]), agent=d.get("agent", ""),
-                   summary=d.get("summary", ""), detail=d.get("detail") or {},
-                   created_at=float(d.get("created_at") or 0.0))
+        return cls(
+            index=int(d["index"]),
+            kind=StepKind(d["kind"]),
+            agent=d.get("agent", ""),
+            summary=d.get("summary", ""),
+            detail=d.get("detail") or {},
+            created_at=float(d.get("created_at") or 0.0),
+        )
 
 
 def step_request_id(run_id: str, index: int) -> str:

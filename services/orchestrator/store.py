@@ -6,6 +6,7 @@ see every tenant's queue to be fair, and never needs their data. It is only ever
 system session: a tenant session writes where the tenant's tier puts its rows (a schema, SQLite
 file or database of its own for bridge and silo), where no dispatcher would ever look.
 """
+
 from __future__ import annotations
 
 import builtins
@@ -27,7 +28,6 @@ from sqlalchemy import (
     Integer,
     LargeBinary,
     String,
-    Table,
     Text,
     UniqueConstraint,
     select,
@@ -71,8 +71,10 @@ class RunRow(OrchestratorBase, TenantOwned):
     """A run of one tenant, with a snapshot of the team it started with."""
 
     __tablename__ = "orch_runs"
-    __table_args__ = (UniqueConstraint("tenant_id", "idempotency_key", name="uq_orch_runs_tenant_idem"),
-                      Index("ix_orch_runs_tenant_created", "tenant_id", "created_at"))
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key", name="uq_orch_runs_tenant_idem"),
+        Index("ix_orch_runs_tenant_created", "tenant_id", "created_at"),
+    )
     run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     team: Mapped[str] = mapped_column(String(64))
     team_spec: Mapped[str] = mapped_column(Text)
@@ -189,19 +191,50 @@ def _team(row: TeamRow) -> TeamRecord:
 
 
 def _run(row: RunRow) -> RunRecord:
-    return RunRecord(row.run_id, row.team, TeamSpec.from_dict(json.loads(row.team_spec)), row.entry_agent, row.input,
-                     RunStatus(row.status), row.current_agent, row.output, row.error_reason, row.error_message,
-                     row.step_count, row.idempotency_key or "", row.created_at, row.updated_at, row.trace_id or "")
+    return RunRecord(
+        row.run_id,
+        row.team,
+        TeamSpec.from_dict(json.loads(row.team_spec)),
+        row.entry_agent,
+        row.input,
+        RunStatus(row.status),
+        row.current_agent,
+        row.output,
+        row.error_reason,
+        row.error_message,
+        row.step_count,
+        row.idempotency_key or "",
+        row.created_at,
+        row.updated_at,
+        row.trace_id or "",
+    )
 
 
-_RUN_COLUMNS = ("run_id, team, team_spec, entry_agent, input, status, current_agent, output, error_reason, "
-                "error_message, step_count, idempotency_key, created_at, updated_at, trace_id")
+_RUN_COLUMNS = (
+    "run_id, team, team_spec, entry_agent, input, status, current_agent, output, error_reason, "
+    "error_message, step_count, idempotency_key, created_at, updated_at, trace_id"
+)
 """orch_runs' columns in RunRecord's order, for the raw hot paths."""
 
 
 def _run_raw(r: Any) -> RunRecord:
-    return RunRecord(r[0], r[1], TeamSpec.from_dict(json.loads(r[2])), r[3], r[4], RunStatus(r[5]), r[6], r[7] or "",
-                     r[8] or "", r[9] or "", r[10] or 0, r[11] or "", r[12], r[13], r[14] or "")
+    return RunRecord(
+        r[0],
+        r[1],
+        TeamSpec.from_dict(json.loads(r[2])),
+        r[3],
+        r[4],
+        RunStatus(r[5]),
+        r[6],
+        r[7] or "",
+        r[8] or "",
+        r[9] or "",
+        r[10] or 0,
+        r[11] or "",
+        r[12],
+        r[13],
+        r[14] or "",
+    )
 
 
 async def _notify(tx: Any, origin: str) -> None:
@@ -243,8 +276,14 @@ class TeamStore:
     async def create(self, spec: TeamSpec) -> TeamRecord:
         """Store a new team; AlreadyExists if the name is taken."""
         now = time.time()
-        row = TeamRow(id=uuid.uuid4().hex, name=spec.name, spec=json.dumps(spec.to_dict()), etag=uuid.uuid4().hex,
-                      created_at=now, updated_at=now)
+        row = TeamRow(
+            id=uuid.uuid4().hex,
+            name=spec.name,
+            spec=json.dumps(spec.to_dict()),
+            etag=uuid.uuid4().hex,
+            created_at=now,
+            updated_at=now,
+        )
         try:
             async with self._db.session() as s:
                 s.add(row)
@@ -255,8 +294,11 @@ class TeamStore:
     async def get(self, name: str) -> TeamRecord:
         """The team called name; NotFound otherwise (also for other tenants' teams)."""
         async with self._db.raw() as tx:  # every StartRun reads its team: no ORM on this path
-            row = await tx.fetchrow("SELECT spec, etag, created_at, updated_at FROM orch_teams "
-                                    "WHERE tenant_id = $1 AND name = $2", require_tenant().tenant_id, name)
+            row = await tx.fetchrow(
+                "SELECT spec, etag, created_at, updated_at FROM orch_teams WHERE tenant_id = $1 AND name = $2",
+                require_tenant().tenant_id,
+                name,
+            )
         if row is None:
             raise NotFound(f"team {clip(repr(name), 100)} not found", reason="TEAM_NOT_FOUND")
         return TeamRecord(TeamSpec.from_dict(json.loads(row[0])), row[1], row[2], row[3])
@@ -305,9 +347,20 @@ class RunStore:
         """origin: the replica's id, sent with its queue notices (services.orchestrator.wakeups)."""
         self._db, self._origin = db, origin
 
-    async def create(self, *, team: TeamSpec, entry_agent: str, run_input: str, idempotency_key: str,
-                     tenant_id: str, principal_id: str, tier: str, grant: bytes,
-                     run_id: str | None = None, traceparent: str = "") -> tuple[RunRecord, bool]:
+    async def create(
+        self,
+        *,
+        team: TeamSpec,
+        entry_agent: str,
+        run_input: str,
+        idempotency_key: str,
+        tenant_id: str,
+        principal_id: str,
+        tier: str,
+        grant: bytes,
+        run_id: str | None = None,
+        traceparent: str = "",
+    ) -> tuple[RunRecord, bool]:
         """Insert a queued run, then its queue entry; (run, created).
 
         The run lives where the tenant's tier puts it and the queue entry in the platform database,
@@ -322,16 +375,46 @@ class RunStore:
                 return await self._requeued(existing, entry), False
         now = time.time()
         run_id = run_id or new_run_id()
-        run = RunRecord(run_id, team.name, team, entry_agent, run_input, RunStatus.QUEUED, entry_agent, "", "", "", 0,
-                        idempotency_key, now, now, trace_id_of(traceparent))
+        run = RunRecord(
+            run_id,
+            team.name,
+            team,
+            entry_agent,
+            run_input,
+            RunStatus.QUEUED,
+            entry_agent,
+            "",
+            "",
+            "",
+            0,
+            idempotency_key,
+            now,
+            now,
+            trace_id_of(traceparent),
+        )
         # Raw statements (StartRun's path); the idempotency key's unique index settles a race with a retry.
         async with self._db.raw(write=True) as tx:
             inserted = await tx.execute(
                 f"INSERT INTO orch_runs ({_RUN_COLUMNS}, tenant_id) VALUES "
                 "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) "
                 "ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
-                run_id, team.name, json.dumps(team.to_dict()), entry_agent, run_input, RunStatus.QUEUED.value,
-                entry_agent, "", "", "", 0, idempotency_key or None, now, now, run.trace_id, tenant_id)
+                run_id,
+                team.name,
+                json.dumps(team.to_dict()),
+                entry_agent,
+                run_input,
+                RunStatus.QUEUED.value,
+                entry_agent,
+                "",
+                "",
+                "",
+                0,
+                idempotency_key or None,
+                now,
+                now,
+                run.trace_id,
+                tenant_id,
+            )
         if inserted != 1:
             existing = await self._by_key(idempotency_key) if idempotency_key else None
             if existing is None:
@@ -352,10 +435,17 @@ class RunStore:
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
             await tx.execute(
                 "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
-                "lease_expires, cancel_requested, \"grant\", traceparent) "
+                'lease_expires, cancel_requested, "grant", traceparent) '
                 "VALUES ($1, $2, $3, $4, 'queued', $5, NULL, 0.0, $6, $7, $8) ON CONFLICT (run_id) DO NOTHING",
-                run_id, entry["tenant_id"], entry["principal_id"], entry["tier"], now, False, entry["grant"],
-                entry["traceparent"])
+                run_id,
+                entry["tenant_id"],
+                entry["principal_id"],
+                entry["tier"],
+                now,
+                False,
+                entry["grant"],
+                entry["traceparent"],
+            )
             await _notify(tx, self._origin)
 
     async def _requeued(self, run: RunRecord, entry: dict[str, Any]) -> RunRecord:
@@ -366,9 +456,16 @@ class RunStore:
     async def _unqueueable(self, run_id: str) -> None:
         with contextlib.suppress(Exception):
             async with self._db.session() as s:
-                await s.execute(update(RunRow).where(RunRow.run_id == run_id).values(
-                    status=RunStatus.FAILED.value, error_reason="NOT_QUEUED", updated_at=time.time(),
-                    error_message="the run could not be queued; start it again"))
+                await s.execute(
+                    update(RunRow)
+                    .where(RunRow.run_id == run_id)
+                    .values(
+                        status=RunStatus.FAILED.value,
+                        error_reason="NOT_QUEUED",
+                        updated_at=time.time(),
+                        error_message="the run could not be queued; start it again",
+                    )
+                )
 
     async def by_idempotency_key(self, key: str) -> RunRecord | None:
         """The run this tenant already started with idempotency key `key`, if any."""
@@ -401,8 +498,9 @@ class RunStore:
             if team:
                 q = q.where(RunRow.team == team)
             if after:
-                q = q.where((RunRow.created_at < after[0]) |
-                            ((RunRow.created_at == after[0]) & (RunRow.run_id < after[1])))
+                q = q.where(
+                    (RunRow.created_at < after[0]) | ((RunRow.created_at == after[0]) & (RunRow.run_id < after[1]))
+                )
             rows = list((await s.execute(q)).scalars())
         page = paging.keyset(rows, size, lambda r: [r.created_at, r.run_id], filters=filters)
         return Page([_run(r) for r in page.items], page.next_page_token)
@@ -434,18 +532,31 @@ class RunStore:
             row = await tx.fetchrow(
                 f"UPDATE orch_runs SET status = $3, updated_at = $4 WHERE run_id = $1 AND tenant_id = $2 "
                 f"AND status = $5 RETURNING {_RUN_COLUMNS}",
-                run_id, tid, RunStatus.RUNNING.value, time.time(), RunStatus.QUEUED.value)
+                run_id,
+                tid,
+                RunStatus.RUNNING.value,
+                time.time(),
+                RunStatus.QUEUED.value,
+            )
             if row is not None:
                 return _run_raw(row), True
-            row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
-                                    run_id, tid)
+            row = await tx.fetchrow(
+                f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2", run_id, tid
+            )
         if row is None:
             raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
         return _run_raw(row), False
 
-    async def record_steps(self, run_id: str, steps: list[Step], *, current_agent: str,
-                           finished: Finished | None, skip_existing: bool = False,
-                           previous_at: float | None = None) -> RunRecord:
+    async def record_steps(
+        self,
+        run_id: str,
+        steps: builtins.list[Step],
+        *,
+        current_agent: str,
+        finished: Finished | None,
+        skip_existing: bool = False,
+        previous_at: float | None = None,
+    ) -> RunRecord:
         """Keep steps (already durable in state) and the run's progress, in one transaction.
 
         skip_existing is for catching up after a crash, when some of the steps may be here already.
@@ -460,10 +571,16 @@ class RunStore:
                     "UPDATE orch_runs SET current_agent = $3, updated_at = $4, "
                     "step_count = CASE WHEN step_count < $5 THEN $5 ELSE step_count END "
                     f"WHERE run_id = $1 AND tenant_id = $2 RETURNING {_RUN_COLUMNS}",
-                    run_id, tid, current_agent, time.time(), steps[-1].index if steps else 0)
+                    run_id,
+                    tid,
+                    current_agent,
+                    time.time(),
+                    steps[-1].index if steps else 0,
+                )
             else:
-                row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
-                                        run_id, tid)
+                row = await tx.fetchrow(
+                    f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2", run_id, tid
+                )
             if row is None:
                 raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
             run = _run_raw(row)
@@ -473,7 +590,10 @@ class RunStore:
                 if previous_at is None:
                     previous_at = await tx.fetchval(
                         "SELECT created_at FROM orch_steps WHERE run_id = $1 AND tenant_id = $2 AND idx = $3",
-                        run_id, tid, prev)
+                        run_id,
+                        tid,
+                        prev,
+                    )
                 if previous_at:
                     times[prev] = previous_at
             values = []
@@ -482,8 +602,11 @@ class RunStore:
                 times[step.index] = step.created_at
                 values.append((run_id, tid, step.index, step.to_json().decode(), step.agent, step.created_at, latency))
             conflict = " ON CONFLICT (run_id, idx) DO NOTHING" if skip_existing else ""
-            await tx.executemany("INSERT INTO orch_steps (run_id, tenant_id, idx, payload, agent, created_at, latency_ms)"
-                                 f" VALUES ($1, $2, $3, $4, $5, $6, $7){conflict}", values)
+            await tx.executemany(
+                "INSERT INTO orch_steps (run_id, tenant_id, idx, payload, agent, created_at, latency_ms)"
+                f" VALUES ($1, $2, $3, $4, $5, $6, $7){conflict}",
+                values,
+            )
             if finished is not None:
                 changes: dict[str, Any] = {"current_agent": current_agent, "updated_at": time.time()}
                 if steps:
@@ -491,18 +614,26 @@ class RunStore:
                 if not run.status.terminal:
                     status = RunStatus(finished.status)
                     check_transition(run.status, status)
-                    changes.update(status=status, output=finished.output, error_reason=finished.reason,
-                                   error_message=finished.message)
+                    changes.update(
+                        status=status,
+                        output=finished.output,
+                        error_reason=finished.reason,
+                        error_message=finished.message,
+                    )
                 names = list(changes)
-                await tx.execute(f"UPDATE orch_runs SET {', '.join(f'{n} = ${i + 3}' for i, n in enumerate(names))} "
-                                 "WHERE run_id = $1 AND tenant_id = $2",
-                                 run_id, tid, *(v.value if isinstance(v, RunStatus) else v for v in changes.values()))
+                await tx.execute(
+                    f"UPDATE orch_runs SET {', '.join(f'{n} = ${i + 3}' for i, n in enumerate(names))} "
+                    "WHERE run_id = $1 AND tenant_id = $2",
+                    run_id,
+                    tid,
+                    *(v.value if isinstance(v, RunStatus) else v for v in changes.values()),
+                )
                 run = dataclasses.replace(run, **changes)
         if finished is not None and run.status.terminal:
             await self.drop(run_id)
         return run
 
-    async def snapshot(self, run_id: str, after: int = 0) -> tuple[RunRecord, list[Step]]:
+    async def snapshot(self, run_id: str, after: int = 0) -> tuple[RunRecord, builtins.list[Step]]:
         """The recorded steps of a run with index > after and the run as of the last of them, in one transaction.
 
         The steps are read before the run: a run turns terminal in the same transaction as its last step, so
@@ -514,8 +645,9 @@ class RunStore:
         sql = "SELECT idx, payload FROM orch_steps WHERE run_id = $1 AND tenant_id = $2 AND idx > $3 ORDER BY idx"
         async with self._db.raw() as tx:
             rows = list(await tx.fetch(sql, run_id, tid, after))
-            row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
-                                    run_id, tid)
+            row = await tx.fetchrow(
+                f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2", run_id, tid
+            )
             if row is None:
                 raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
             run = _run_raw(row)
@@ -526,8 +658,11 @@ class RunStore:
     async def steps(self, run_id: str, after: int = 0) -> builtins.list[Step]:
         """Recorded steps of a run with index > after (the run must be the tenant's)."""
         async with self._db.session() as s:
-            rows = (await s.execute(select(StepRow.payload).where(StepRow.run_id == run_id, StepRow.idx > after)
-                                    .order_by(StepRow.idx))).scalars()
+            rows = (
+                await s.execute(
+                    select(StepRow.payload).where(StepRow.run_id == run_id, StepRow.idx > after).order_by(StepRow.idx)
+                )
+            ).scalars()
             return [Step.from_json(p) for p in rows]
 
     async def cancel(self, run_id: str) -> RunRecord:
@@ -540,11 +675,18 @@ class RunStore:
             row = await tx.fetchrow(
                 "UPDATE orch_runs SET status = $3, updated_at = $4, error_message = $5 "
                 f"WHERE run_id = $1 AND tenant_id = $2 AND status = $6 RETURNING {_RUN_COLUMNS}",
-                run_id, tid, RunStatus.CANCELLED.value, time.time(), "cancelled by request", RunStatus.QUEUED.value)
+                run_id,
+                tid,
+                RunStatus.CANCELLED.value,
+                time.time(),
+                "cancelled by request",
+                RunStatus.QUEUED.value,
+            )
             cancelled = row is not None
             if row is None:
-                row = await tx.fetchrow(f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2",
-                                        run_id, tid)
+                row = await tx.fetchrow(
+                    f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2", run_id, tid
+                )
             if row is None:
                 raise NotFound(f"run {run_id!r} not found", reason="RUN_NOT_FOUND")
         run = _run_raw(row)
@@ -574,8 +716,9 @@ class RunStore:
     async def place(self, run_id: str, tenant_id: str, now: float) -> QueuePlace | None:
         """Where a run of tenant_id waits; None when it is not waiting. Reads that tenant's entries only."""
         async with raw_transaction(self._db.engine, tenant_id=None) as tx:
-            rows = await tx.fetch("SELECT run_id, state, enqueued_at, lease_expires FROM orch_run_queue "
-                                  "WHERE tenant_id = $1", tenant_id)
+            rows = await tx.fetch(
+                "SELECT run_id, state, enqueued_at, lease_expires FROM orch_run_queue WHERE tenant_id = $1", tenant_id
+            )
         live = [r for r in rows if r[1] == "running" and r[3] > now]
         waiting = sorted((r for r in rows if not (r[1] == "running" and r[3] > now)), key=lambda r: (r[2], r[0]))
         ids = [r[0] for r in waiting]
@@ -589,8 +732,12 @@ class RunStore:
             row = await tx.fetchrow(
                 "UPDATE orch_run_queue SET state = 'running', lease_owner = $2, lease_expires = $3 "
                 "WHERE run_id = $1 AND (state = 'queued' OR lease_expires <= $4) "
-                "RETURNING run_id, tenant_id, principal_id, tier, \"grant\", cancel_requested, traceparent",
-                run_id, owner, now + ttl, now)
+                'RETURNING run_id, tenant_id, principal_id, tier, "grant", cancel_requested, traceparent',
+                run_id,
+                owner,
+                now + ttl,
+                now,
+            )
         if row is None:
             return None
         return Claim(row[0], row[1], row[2], row[3], bytes(row[4]), bool(row[5]), row[6] or "")
@@ -600,9 +747,10 @@ class RunStore:
         or "lost" (another replica holds it now)."""
         async with self._db.system_session() as s:
             result = await s.execute(
-                update(QueueRow).where(QueueRow.run_id == run_id, QueueRow.lease_owner == owner,
-                                       QueueRow.state == "running")
-                .values(lease_expires=now + ttl))
+                update(QueueRow)
+                .where(QueueRow.run_id == run_id, QueueRow.lease_owner == owner, QueueRow.state == "running")
+                .values(lease_expires=now + ttl)
+            )
             row = (await s.execute(select(QueueRow.cancel_requested).where(QueueRow.run_id == run_id))).first()
             if row is None:
                 return "gone"
@@ -613,8 +761,12 @@ class RunStore:
     async def release(self, run_id: str, owner: str) -> None:
         """Give a lease back without finishing (shutdown): the run waits for the next claim."""
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
-            await tx.execute("UPDATE orch_run_queue SET state = 'queued', lease_owner = NULL, lease_expires = 0.0 "
-                             "WHERE run_id = $1 AND lease_owner = $2", run_id, owner)
+            await tx.execute(
+                "UPDATE orch_run_queue SET state = 'queued', lease_owner = NULL, lease_expires = 0.0 "
+                "WHERE run_id = $1 AND lease_owner = $2",
+                run_id,
+                owner,
+            )
             await _notify(tx, self._origin)
 
     async def drop(self, run_id: str) -> None:

@@ -1,4 +1,5 @@
 """Teams: the agents of a tenant, their tools and who may hand off to whom. No grpc here."""
+
 from __future__ import annotations
 
 import re
@@ -90,13 +91,31 @@ class TeamSpec:
     def to_dict(self) -> dict[str, Any]:
         """A JSON-safe form for storage and run snapshots."""
         return {
-            "name": self.name, "description": self.description,
-            "agents": [{"name": a.name, "system_prompt": a.system_prompt, "model": a.model,
-                        "tools": list(a.tools), "handoffs": list(a.handoffs),
-                        "max_steps": a.max_steps, "max_tokens": a.max_tokens} for a in self.agents],
-            "http_tools": [{"name": t.name, "url": t.url, "method": t.method, "description": t.description,
-                            "headers": dict(t.headers), "input_schema": dict(t.input_schema)}
-                           for t in self.http_tools],
+            "name": self.name,
+            "description": self.description,
+            "agents": [
+                {
+                    "name": a.name,
+                    "system_prompt": a.system_prompt,
+                    "model": a.model,
+                    "tools": list(a.tools),
+                    "handoffs": list(a.handoffs),
+                    "max_steps": a.max_steps,
+                    "max_tokens": a.max_tokens,
+                }
+                for a in self.agents
+            ],
+            "http_tools": [
+                {
+                    "name": t.name,
+                    "url": t.url,
+                    "method": t.method,
+                    "description": t.description,
+                    "headers": dict(t.headers),
+                    "input_schema": dict(t.input_schema),
+                }
+                for t in self.http_tools
+            ],
             "allowed_hosts": list(self.allowed_hosts),
         }
 
@@ -104,16 +123,31 @@ class TeamSpec:
     def from_dict(cls, d: Mapping[str, Any]) -> TeamSpec:
         """Inverse of to_dict (also accepts the shape of a team.yaml file)."""
         return cls(
-            name=str(d.get("name", "")), description=str(d.get("description", "") or ""),
-            agents=tuple(AgentSpec(
-                name=str(a.get("name", "")), system_prompt=str(a.get("system_prompt", "") or ""),
-                model=str(a.get("model", "") or ""), tools=tuple(a.get("tools") or ()),
-                handoffs=tuple(a.get("handoffs") or ()), max_steps=int(a.get("max_steps") or 0),
-                max_tokens=int(a.get("max_tokens") or 0)) for a in d.get("agents") or ()),
-            http_tools=tuple(HttpToolSpec(
-                name=str(t.get("name", "")), url=str(t.get("url", "")), method=str(t.get("method") or "GET").upper(),
-                description=str(t.get("description", "") or ""), headers=dict(t.get("headers") or {}),
-                input_schema=dict(t.get("input_schema") or {})) for t in d.get("http_tools") or ()),
+            name=str(d.get("name", "")),
+            description=str(d.get("description", "") or ""),
+            agents=tuple(
+                AgentSpec(
+                    name=str(a.get("name", "")),
+                    system_prompt=str(a.get("system_prompt", "") or ""),
+                    model=str(a.get("model", "") or ""),
+                    tools=tuple(a.get("tools") or ()),
+                    handoffs=tuple(a.get("handoffs") or ()),
+                    max_steps=int(a.get("max_steps") or 0),
+                    max_tokens=int(a.get("max_tokens") or 0),
+                )
+                for a in d.get("agents") or ()
+            ),
+            http_tools=tuple(
+                HttpToolSpec(
+                    name=str(t.get("name", "")),
+                    url=str(t.get("url", "")),
+                    method=str(t.get("method") or "GET").upper(),
+                    description=str(t.get("description", "") or ""),
+                    headers=dict(t.get("headers") or {}),
+                    input_schema=dict(t.get("input_schema") or {}),
+                )
+                for t in d.get("http_tools") or ()
+            ),
             allowed_hosts=tuple(d.get("allowed_hosts") or ()),
         )
 

@@ -8,6 +8,7 @@ lost while the connection was down only costs one poll interval, and expired lea
 notice at all. On SQLite (one process) and behind a transaction pooler (PgBouncer does not carry
 LISTEN) there is no listener; the in-process wake() does the job there.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -65,7 +66,7 @@ class QueueListener:
             lost = asyncio.Event()
             try:
                 self._conn = await asyncpg.connect(**params)
-                self._conn.add_termination_listener(lambda _conn: lost.set())
+                self._conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await self._conn.add_listener(QUEUE_CHANNEL, self._notified)
                 self.connected.set()
                 self._wake()  # anything queued while we were not listening
@@ -73,7 +74,7 @@ class QueueListener:
                 log.warning("queue listener connection lost; reconnecting")
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the database may be away: polling covers until it is back
+            except Exception:
                 log.warning("queue listener could not connect; retrying", exc_info=True)
             finally:
                 self.connected.clear()

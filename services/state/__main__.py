@@ -1,4 +1,5 @@
 """Run the state service: python -m services.state."""
+
 from __future__ import annotations
 
 import asyncio

@@ -11,6 +11,7 @@
 
 Plus everything shared.config.ServiceConfig reads (address, database URLs, data dir, peers).
 """
+
 from __future__ import annotations
 
 import os
@@ -61,17 +62,25 @@ class StateConfig:
         if encryption not in ENCRYPTION_MODES:
             raise ConfigError(f"BULKHEAD_STATE_ENCRYPTION must be one of {', '.join(ENCRYPTION_MODES)}")
         if production and encryption != "credentials":
-            raise ConfigError("in production, state must be encrypted with keys from the credentials service "
-                              "(BULKHEAD_STATE_ENCRYPTION=credentials)")
+            raise ConfigError(
+                "in production, state must be encrypted with keys from the credentials service "
+                "(BULKHEAD_STATE_ENCRYPTION=credentials)"
+            )
         defaults = Limits()
         limits = Limits(
             max_event_bytes=_positive(env, "BULKHEAD_STATE_MAX_EVENT_BYTES", defaults.max_event_bytes),
-            max_events_per_append=_positive(env, "BULKHEAD_STATE_MAX_EVENTS_PER_APPEND",
-                                            defaults.max_events_per_append),
+            max_events_per_append=_positive(
+                env, "BULKHEAD_STATE_MAX_EVENTS_PER_APPEND", defaults.max_events_per_append
+            ),
             max_value_bytes=_positive(env, "BULKHEAD_STATE_MAX_VALUE_BYTES", defaults.max_value_bytes),
         )
-        return cls(service=ServiceConfig.from_env("state", env), production=production, encryption=encryption,
-                   key_cache_seconds=float(_positive(env, "BULKHEAD_STATE_KEY_CACHE_SECONDS", 300)), limits=limits)
+        return cls(
+            service=ServiceConfig.from_env("state", env),
+            production=production,
+            encryption=encryption,
+            key_cache_seconds=float(_positive(env, "BULKHEAD_STATE_KEY_CACHE_SECONDS", 300)),
+            limits=limits,
+        )
 
 
 def _positive(env: Mapping[str, str], name: str, default: int) -> int:

@@ -1,4 +1,5 @@
 """Shared context: an encrypted key-value space per team or run, with compare-and-set and TTL."""
+
 from __future__ import annotations
 
 from sqlalchemy.exc import IntegrityError
@@ -23,8 +24,11 @@ def context_not_found(key: str) -> NotFound:
 
 def revision_conflict(key: str, current: int) -> Aborted:
     """A compare-and-set that lost: carries the revision to read again from."""
-    return Aborted(f"context key {key!r} is at revision {current}", reason="REVISION_CONFLICT",
-                   metadata={"current_revision": str(current)})
+    return Aborted(
+        f"context key {key!r} is at revision {current}",
+        reason="REVISION_CONFLICT",
+        metadata={"current_revision": str(current)},
+    )
 
 
 def _live_revision(row: store.ContextRow | None, now: int) -> int:
@@ -42,16 +46,16 @@ class ContextStore:
         self._envelope = envelope
         self._limits = limits
 
-    async def put(self, kind: int, scope_id: str, key: str, value: bytes, *, expected_revision: int | None,
-                  ttl_us: int | None) -> ContextRecord:
+    async def put(
+        self, kind: int, scope_id: str, key: str, value: bytes, *, expected_revision: int | None, ttl_us: int | None
+    ) -> ContextRecord:
         """Write a value; with expected_revision, only if the visible revision is that (0 = absent)."""
         kind = _scope_kind(kind)
         validation.scope_id(scope_id)
         validation.context_key(key)
         validation.context_value(value, self._limits)
         if expected_revision is not None and expected_revision < 0:
-            raise validation.invalid("expected_revision", "expected_revision must not be negative",
-                                     "INVALID_REVISION")
+            raise validation.invalid("expected_revision", "expected_revision must not be negative", "INVALID_REVISION")
         if ttl_us is not None and ttl_us <= 0:
             raise validation.invalid("ttl", "ttl must be positive", "INVALID_TTL")
         sealer = await self._envelope.current_key()
@@ -65,9 +69,14 @@ class ContextStore:
                 # Revisions keep growing through expiry and deletion, so an old revision never matches again.
                 revision = 1 if row is None else row.revision + 1
                 expires_at_us = None if ttl_us is None else now + ttl_us
-                values = {"revision": revision, "key_id": sealer.key_id, "deleted": False,
-                          "value": sealer.seal(context_aad(tenant, kind, scope_id, key, revision), value),
-                          "expires_at_us": expires_at_us, "updated_at_us": now}
+                values = {
+                    "revision": revision,
+                    "key_id": sealer.key_id,
+                    "deleted": False,
+                    "value": sealer.seal(context_aad(tenant, kind, scope_id, key, revision), value),
+                    "expires_at_us": expires_at_us,
+                    "updated_at_us": now,
+                }
                 if row is None:
                     s.add(store.ContextRow(tenant_id=tenant, scope_kind=kind, scope_id=scope_id, key=key, **values))
                     await s.flush()
@@ -90,8 +99,7 @@ class ContextStore:
             raise context_not_found(key)
         opener = await self._envelope.key(row.key_id)
         value = opener.open(context_aad(require_tenant().tenant_id, kind, scope_id, key, row.revision), row.value)
-        return ContextRecord(ScopeKind(kind), scope_id, key, value, row.revision, row.expires_at_us,
-                             row.updated_at_us)
+        return ContextRecord(ScopeKind(kind), scope_id, key, value, row.revision, row.expires_at_us, row.updated_at_us)
 
     async def delete(self, kind: int, scope_id: str, key: str, *, expected_revision: int | None) -> None:
         """Delete a live value (leaving a tombstone that keeps its revision)."""
@@ -99,8 +107,7 @@ class ContextStore:
         validation.scope_id(scope_id)
         validation.context_key(key)
         if expected_revision is not None and expected_revision < 0:
-            raise validation.invalid("expected_revision", "expected_revision must not be negative",
-                                     "INVALID_REVISION")
+            raise validation.invalid("expected_revision", "expected_revision must not be negative", "INVALID_REVISION")
         async with store.write_session(self._db) as s:
             now = store.now_us()
             row = await store.get_context(s, kind, scope_id, key, for_update=True)
@@ -109,8 +116,14 @@ class ContextStore:
                 raise context_not_found(key)
             if expected_revision is not None and expected_revision != live:
                 raise revision_conflict(key, live)
-            tombstone = {"revision": row.revision + 1, "deleted": True, "value": b"", "key_id": "",
-                         "expires_at_us": None, "updated_at_us": now}
+            tombstone = {
+                "revision": row.revision + 1,
+                "deleted": True,
+                "value": b"",
+                "key_id": "",
+                "expires_at_us": None,
+                "updated_at_us": now,
+            }
             if not await store.replace_context(s, kind, scope_id, key, row.revision, tombstone):
                 raise revision_conflict(key, row.revision + 1)
             store.audit(s, "context.delete", _target(kind, scope_id, key), row.revision + 1)

@@ -5,6 +5,7 @@ service wraps and unwraps with the key of the tenant in that token and no other,
 the tenant's key there makes everything state stored for it unreadable (crypto-shredding).
 The caller's token therefore needs the scopes credentials.keys.encrypt and .decrypt.
 """
+
 from __future__ import annotations
 
 import grpc
@@ -25,16 +26,16 @@ class CredentialsDataKeyProvider:
 
     async def generate_data_key(self) -> DataKey:
         try:
-            reply = await self._stub.GenerateDataKey(credentials_pb2.GenerateDataKeyRequest(bits=256),
-                                                     timeout=self._timeout)
+            reply = await self._stub.GenerateDataKey(
+                credentials_pb2.GenerateDataKeyRequest(bits=256), timeout=self._timeout
+            )
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from None
         return DataKey(reply.plaintext_key, reply.wrapped_key)
 
     async def unwrap_data_key(self, wrapped: bytes) -> bytes:
         try:
-            reply = await self._stub.Decrypt(credentials_pb2.DecryptRequest(ciphertext=wrapped),
-                                             timeout=self._timeout)
+            reply = await self._stub.Decrypt(credentials_pb2.DecryptRequest(ciphertext=wrapped), timeout=self._timeout)
         except grpc.aio.AioRpcError as exc:
             raise _translate(exc) from None
         return reply.plaintext
@@ -43,9 +44,11 @@ class CredentialsDataKeyProvider:
 def _translate(exc: grpc.aio.AioRpcError) -> Exception:
     code = exc.code()
     if code in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-        return PermissionDenied("the caller's token may not use the tenant's data key "
-                                "(needs credentials.keys.encrypt and credentials.keys.decrypt)",
-                                reason="DATA_KEY_DENIED")
+        return PermissionDenied(
+            "the caller's token may not use the tenant's data key "
+            "(needs credentials.keys.encrypt and credentials.keys.decrypt)",
+            reason="DATA_KEY_DENIED",
+        )
     if code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.NOT_FOUND, grpc.StatusCode.FAILED_PRECONDITION):
         return DataKeyRejected(f"the credentials service refused the wrapped key ({code.name})")
     return DataKeyUnavailable(f"the credentials service failed ({code.name})")

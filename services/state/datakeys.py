@@ -5,6 +5,7 @@ A data key is a 256-bit AES key. The provider hands out a fresh one together wit
 calls act for the tenant of the current request: a key wrapped for one tenant cannot be
 unwrapped for another.
 """
+
 from __future__ import annotations
 
 import os

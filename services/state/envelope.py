@@ -5,6 +5,7 @@ process's memory, for `cache_ttl` seconds at most. Each ciphertext is bound by a
 to the tenant and the row it belongs to, so ciphertext moved to another row or tenant does not
 decrypt.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -72,7 +73,7 @@ class TenantKey:
         encrypt = self._aead.encrypt
         out = []
         for i, (aad, plaintext) in enumerate(items):
-            nonce = nonces[i * _NONCE:(i + 1) * _NONCE]
+            nonce = nonces[i * _NONCE : (i + 1) * _NONCE]
             out.append(b"".join((_FORMAT, nonce, encrypt(nonce, plaintext, aad))))
         return out
 
@@ -83,7 +84,7 @@ class TenantKey:
         if blob[:1] != _FORMAT:
             raise UndecryptableData("stored data could not be decrypted")
         try:
-            return self._aead.decrypt(blob[1:1 + _NONCE], blob[1 + _NONCE:], aad)
+            return self._aead.decrypt(blob[1 : 1 + _NONCE], blob[1 + _NONCE :], aad)
         except InvalidTag:
             raise UndecryptableData("stored data could not be decrypted") from None
 
@@ -95,8 +96,15 @@ PLAINTEXT = TenantKey("", None)
 class Envelope:
     """Hands out the current tenant's data keys, caching plain keys briefly in memory."""
 
-    def __init__(self, provider: DataKeyProvider, keys: WrappedKeyStore, *, cache_ttl: float = 300.0,
-                 max_cached: int = 1024, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self,
+        provider: DataKeyProvider,
+        keys: WrappedKeyStore,
+        *,
+        cache_ttl: float = 300.0,
+        max_cached: int = 1024,
+        clock: Callable[[], float] = time.monotonic,
+    ):
         self._provider = provider
         self._keys = keys
         self._ttl = cache_ttl
@@ -181,8 +189,9 @@ class Envelope:
         try:
             return await awaitable
         except DataKeyUnavailable as exc:
-            raise Unavailable("the tenant's data key is unavailable", reason="DATA_KEY_UNAVAILABLE",
-                              retry_after=1.0) from exc
+            raise Unavailable(
+                "the tenant's data key is unavailable", reason="DATA_KEY_UNAVAILABLE", retry_after=1.0
+            ) from exc
         except DataKeyRejected as exc:
             raise UndecryptableData("stored data names a data key that does not unwrap") from exc
 

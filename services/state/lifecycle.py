@@ -4,6 +4,7 @@ Events, snapshots and context are sealed under data keys that credentials' Trans
 local master key) wraps; the generic purge deletes them with their wrapped data keys. A plain data
 key cached in this replica would outlive both, so the cache is emptied first.
 """
+
 from __future__ import annotations
 
 from services.state.envelope import Envelope, PlaintextEnvelope

@@ -1,4 +1,5 @@
 """What the state service's domain returns: plain records with decrypted contents, no grpc, no ORM."""
+
 from __future__ import annotations
 
 import enum

@@ -1,4 +1,5 @@
 """Wiring of the state service: database, envelope encryption, servicer, server; and main()."""
+
 from __future__ import annotations
 
 import pathlib
@@ -30,26 +31,42 @@ MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
 """The state service's Alembic migrations."""
 
 
-def make_envelope(db: Database, provider: DataKeyProvider | None, *,
-                  cache_ttl: float = 300.0) -> Envelope | PlaintextEnvelope:
+def make_envelope(
+    db: Database, provider: DataKeyProvider | None, *, cache_ttl: float = 300.0
+) -> Envelope | PlaintextEnvelope:
     """Envelope encryption with keys from `provider`; None means no encryption (never in production)."""
     if provider is None:
         return PlaintextEnvelope()
     return Envelope(provider, DataKeyStore(db), cache_ttl=cache_ttl)
 
 
-async def serve_state(*, db: Database, envelope: Envelope | PlaintextEnvelope, verifier: TokenVerifier,
-                      limits: Limits | None = None, address: str = "127.0.0.1:0") -> RunningServer:
+async def serve_state(
+    *,
+    db: Database,
+    envelope: Envelope | PlaintextEnvelope,
+    verifier: TokenVerifier,
+    limits: Limits | None = None,
+    address: str = "127.0.0.1:0",
+) -> RunningServer:
     """Start the state gRPC server over an open database (tests call this with port 0)."""
     limits = limits or Limits()
     servicer = StateServicer(ThreadLog(db, envelope, limits), ContextStore(db, envelope, limits), db)
-    binding = Binding(state_pb2_grpc.add_StateServiceServicer_to_server, servicer,
-                      state_pb2.DESCRIPTOR.services_by_name["StateService"])
-    lifecycle = lifecycle_binding("state", db, [StateBase.metadata, SECURITY_EVENTS_METADATA],
-                                  hooks=[ForgetDataKeys(envelope)])
+    binding = Binding(
+        state_pb2_grpc.add_StateServiceServicer_to_server,
+        servicer,
+        state_pb2.DESCRIPTOR.services_by_name["StateService"],
+    )
+    lifecycle = lifecycle_binding(
+        "state", db, [StateBase.metadata, SECURITY_EVENTS_METADATA], hooks=[ForgetDataKeys(envelope)]
+    )
     security = security_events_binding("state", db)
-    return await serve(name="state", bindings=[binding, lifecycle, security], verifier=verifier, address=address,
-                       page_key=await load_page_key(db, "state"))
+    return await serve(
+        name="state",
+        bindings=[binding, lifecycle, security],
+        verifier=verifier,
+        address=address,
+        page_key=await load_page_key(db, "state"),
+    )
 
 
 @dataclass
@@ -76,8 +93,11 @@ class StateService:
 
 async def start(config: StateConfig, verifier: TokenVerifier, *, address: str | None = None) -> StateService:
     """Open the database (migrating it), choose the key provider from config, start serving."""
-    db = await open_service_database(config.service, migrations=str(MIGRATIONS),  # every region's
-                                     read_url=config.service.database_read_url)
+    db = await open_service_database(
+        config.service,
+        migrations=str(MIGRATIONS),  # every region's
+        read_url=config.service.database_read_url,
+    )
     channels: list[grpc.aio.Channel] = []
     provider: DataKeyProvider | None
     if config.encryption == "credentials":
@@ -89,8 +109,9 @@ async def start(config: StateConfig, verifier: TokenVerifier, *, address: str | 
     else:
         provider = None
     envelope = make_envelope(db, provider, cache_ttl=config.key_cache_seconds)
-    running = await serve_state(db=db, envelope=envelope, verifier=verifier, limits=config.limits,
-                                address=address or config.service.address)
+    running = await serve_state(
+        db=db, envelope=envelope, verifier=verifier, limits=config.limits, address=address or config.service.address
+    )
     return StateService(running, db, envelope, channels)
 
 

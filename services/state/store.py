@@ -4,6 +4,7 @@ Every table is tenant-owned: shared.db adds the tenant criteria to every ORM sta
 Postgres row-level security backs it up. Keys lead with tenant_id, so each query the RPCs make is
 an index range scan.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -69,10 +70,12 @@ class ThreadRow(StateBase, TenantOwned):
     """A thread: its version is the number of events appended."""
 
     __tablename__ = "state_threads"
-    __table_args__ = (PrimaryKeyConstraint("tenant_id", "thread_id"),
-                      # ListThreads filtered by run or agent, in thread_id order.
-                      Index("ix_state_threads_run", "tenant_id", "run_id", "thread_id"),
-                      Index("ix_state_threads_agent", "tenant_id", "agent_id", "thread_id"))
+    __table_args__ = (
+        PrimaryKeyConstraint("tenant_id", "thread_id"),
+        # ListThreads filtered by run or agent, in thread_id order.
+        Index("ix_state_threads_run", "tenant_id", "run_id", "thread_id"),
+        Index("ix_state_threads_agent", "tenant_id", "agent_id", "thread_id"),
+    )
 
     thread_id: Mapped[str] = mapped_column(String(64))
     run_id: Mapped[str] = mapped_column(String(128), default="")
@@ -87,9 +90,11 @@ class LabelRow(StateBase, TenantOwned):
     """One label of a thread, kept apart so label filters use an index."""
 
     __tablename__ = "state_thread_labels"
-    __table_args__ = (PrimaryKeyConstraint("tenant_id", "thread_id", "key"),
-                      # The EXISTS of a label filter.
-                      Index("ix_state_thread_labels_kv", "tenant_id", "key", "value", "thread_id"))
+    __table_args__ = (
+        PrimaryKeyConstraint("tenant_id", "thread_id", "key"),
+        # The EXISTS of a label filter.
+        Index("ix_state_thread_labels_kv", "tenant_id", "key", "value", "thread_id"),
+    )
 
     thread_id: Mapped[str] = mapped_column(String(64))
     key: Mapped[str] = mapped_column(String(63))
@@ -157,8 +162,7 @@ class AuditRow(StateBase, TenantOwned):
     __tablename__ = "state_audit"
     __table_args__ = (Index("ix_state_audit_at", "tenant_id", "at_us"),)
 
-    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True,
-                                    autoincrement=True)
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     principal_id: Mapped[str] = mapped_column(String(128))
     actor_id: Mapped[str] = mapped_column(String(128), default="")
     request_id: Mapped[str] = mapped_column(String(128), default="")
@@ -170,26 +174,36 @@ class AuditRow(StateBase, TenantOwned):
 
 # --- threads ---------------------------------------------------------------------------------
 
+
 async def get_thread(s: AsyncSession, thread_id: str) -> ThreadRow | None:
     """The thread, if the current tenant has it."""
     return (await s.execute(select(ThreadRow).where(ThreadRow.thread_id == thread_id))).scalar_one_or_none()
 
 
-async def insert_thread(s: AsyncSession, thread_id: str, run_id: str, agent_id: str,
-                        labels: dict[str, str]) -> ThreadRow:
+async def insert_thread(
+    s: AsyncSession, thread_id: str, run_id: str, agent_id: str, labels: dict[str, str]
+) -> ThreadRow:
     """Add a thread at version 0 with its labels."""
     at, tenant = now_us(), require_tenant().tenant_id
-    row = ThreadRow(tenant_id=tenant, thread_id=thread_id, run_id=run_id, agent_id=agent_id,
-                    labels_json=json.dumps(labels, sort_keys=True), version=0,
-                    created_at_us=at, updated_at_us=at)
+    row = ThreadRow(
+        tenant_id=tenant,
+        thread_id=thread_id,
+        run_id=run_id,
+        agent_id=agent_id,
+        labels_json=json.dumps(labels, sort_keys=True),
+        version=0,
+        created_at_us=at,
+        updated_at_us=at,
+    )
     s.add(row)
     s.add_all(LabelRow(tenant_id=tenant, thread_id=thread_id, key=k, value=v) for k, v in labels.items())
     await s.flush()
     return row
 
 
-async def list_threads(s: AsyncSession, *, run_id: str, agent_id: str, labels: dict[str, str],
-                       after_thread_id: str, limit: int) -> Sequence[ThreadRow]:
+async def list_threads(
+    s: AsyncSession, *, run_id: str, agent_id: str, labels: dict[str, str], after_thread_id: str, limit: int
+) -> Sequence[ThreadRow]:
     """Threads matching every given filter, in thread_id order, after a position."""
     q = select(ThreadRow).where(ThreadRow.thread_id > after_thread_id)
     if run_id:
@@ -197,9 +211,16 @@ async def list_threads(s: AsyncSession, *, run_id: str, agent_id: str, labels: d
     if agent_id:
         q = q.where(ThreadRow.agent_id == agent_id)
     for key, value in labels.items():
-        q = q.where(exists().where(and_(LabelRow.tenant_id == ThreadRow.tenant_id,
-                                        LabelRow.thread_id == ThreadRow.thread_id,
-                                        LabelRow.key == key, LabelRow.value == value)))
+        q = q.where(
+            exists().where(
+                and_(
+                    LabelRow.tenant_id == ThreadRow.tenant_id,
+                    LabelRow.thread_id == ThreadRow.thread_id,
+                    LabelRow.key == key,
+                    LabelRow.value == value,
+                )
+            )
+        )
     return (await s.execute(q.order_by(ThreadRow.thread_id).limit(limit))).scalars().all()
 
 
@@ -228,8 +249,7 @@ async def insert_events(s: AsyncSession, rows: list[dict]) -> None:
     await s.execute(cast(Table, EventRow.__table__).insert(), rows)
 
 
-async def read_events(s: AsyncSession, thread_id: str, after: int, up_to: int | None,
-                      limit: int) -> Sequence[EventRow]:
+async def read_events(s: AsyncSession, thread_id: str, after: int, up_to: int | None, limit: int) -> Sequence[EventRow]:
     """Events after a version (up to another, when given), in version order."""
     q = select(EventRow).where(EventRow.thread_id == thread_id, EventRow.version > after)
     if up_to is not None:
@@ -240,11 +260,13 @@ async def read_events(s: AsyncSession, thread_id: str, after: int, up_to: int | 
 async def delete_thread(s: AsyncSession, thread_id: str) -> None:
     """Remove a thread with its labels, events and snapshots."""
     for model in (EventRow, SnapshotRow, LabelRow, ThreadRow):
-        await s.execute(delete(model).where(model.thread_id == thread_id),
-                        execution_options={"synchronize_session": False})
+        await s.execute(
+            delete(model).where(model.thread_id == thread_id), execution_options={"synchronize_session": False}
+        )
 
 
 # --- snapshots -------------------------------------------------------------------------------
+
 
 async def get_snapshot(s: AsyncSession, thread_id: str, at_or_before: int | None) -> SnapshotRow | None:
     """The newest snapshot of a thread, at or before a version when given."""
@@ -256,43 +278,67 @@ async def get_snapshot(s: AsyncSession, thread_id: str, at_or_before: int | None
 
 async def snapshot_exists(s: AsyncSession, thread_id: str, version: int) -> bool:
     """Whether a snapshot at exactly this version is stored."""
-    q = select(func.count()).select_from(SnapshotRow).where(
-        SnapshotRow.thread_id == thread_id, SnapshotRow.version == version)
+    q = (
+        select(func.count())
+        .select_from(SnapshotRow)
+        .where(SnapshotRow.thread_id == thread_id, SnapshotRow.version == version)
+    )
     return bool((await s.execute(q)).scalar_one())
 
 
 # --- context ---------------------------------------------------------------------------------
 
-async def get_context(s: AsyncSession, kind: int, scope_id: str, key: str, *,
-                      for_update: bool = False) -> ContextRow | None:
+
+async def get_context(
+    s: AsyncSession, kind: int, scope_id: str, key: str, *, for_update: bool = False
+) -> ContextRow | None:
     """The context row (live, expired or deleted), if any."""
-    q = select(ContextRow).where(ContextRow.scope_kind == kind, ContextRow.scope_id == scope_id,
-                                 ContextRow.key == key)
+    q = select(ContextRow).where(ContextRow.scope_kind == kind, ContextRow.scope_id == scope_id, ContextRow.key == key)
     if for_update:
         q = q.with_for_update()
     return (await s.execute(q)).scalar_one_or_none()
 
 
-async def replace_context(s: AsyncSession, kind: int, scope_id: str, key: str, seen_revision: int,
-                          values: dict) -> bool:
+async def replace_context(
+    s: AsyncSession, kind: int, scope_id: str, key: str, seen_revision: int, values: dict
+) -> bool:
     """Overwrite a context row only if it is still at `seen_revision`; False when it moved on."""
-    q = (update(ContextRow)
-         .where(ContextRow.scope_kind == kind, ContextRow.scope_id == scope_id, ContextRow.key == key,
-                ContextRow.revision == seen_revision)
-         .values(**values).returning(ContextRow.revision))
+    q = (
+        update(ContextRow)
+        .where(
+            ContextRow.scope_kind == kind,
+            ContextRow.scope_id == scope_id,
+            ContextRow.key == key,
+            ContextRow.revision == seen_revision,
+        )
+        .values(**values)
+        .returning(ContextRow.revision)
+    )
     return (await s.execute(q, execution_options={"synchronize_session": False})).scalar_one_or_none() is not None
 
 
 # --- audit -----------------------------------------------------------------------------------
 
+
 def audit(s: AsyncSession, action: str, target: str, version: int = 0) -> None:
     """Record who did `action` on `target` in the session's transaction."""
     ctx = require_tenant()
-    s.add(AuditRow(tenant_id=ctx.tenant_id, principal_id=ctx.principal_id, actor_id=ctx.actor_id or "",
-                   request_id=ctx.request_id, action=action, target=target, version=version, at_us=now_us()))
+    s.add(
+        AuditRow(
+            tenant_id=ctx.tenant_id,
+            principal_id=ctx.principal_id,
+            actor_id=ctx.actor_id or "",
+            request_id=ctx.request_id,
+            action=action,
+            target=target,
+            version=version,
+            at_us=now_us(),
+        )
+    )
 
 
 # --- data keys -------------------------------------------------------------------------------
+
 
 class DataKeyStore:
     """The current tenant's wrapped data keys (envelope.WrappedKeyStore), each call its own transaction."""
@@ -313,6 +359,7 @@ class DataKeyStore:
 
     async def add_key(self, key_id: str, wrapped: bytes) -> None:
         async with write_session(self._db) as s:
-            s.add(DataKeyRow(tenant_id=require_tenant().tenant_id, key_id=key_id, wrapped=wrapped,
-                             created_at_us=now_us()))
+            s.add(
+                DataKeyRow(tenant_id=require_tenant().tenant_id, key_id=key_id, wrapped=wrapped, created_at_us=now_us())
+            )
             audit(s, "datakey.create", key_id)

@@ -1,4 +1,5 @@
 """Input checks for the state service: each failure is an InvalidArgument with a precise reason."""
+
 from __future__ import annotations
 
 import re
@@ -36,8 +37,13 @@ def reference(value: str, field: str) -> str:
 def labels(values: Mapping[str, str], limits: Limits, field: str = "labels") -> dict[str, str]:
     """Thread labels (or a label filter)."""
     if len(values) > limits.max_labels:
-        raise invalid(field, f"at most {limits.max_labels} labels (limit max_labels)", "TOO_MANY_LABELS",
-                      limit="max_labels", max=str(limits.max_labels))
+        raise invalid(
+            field,
+            f"at most {limits.max_labels} labels (limit max_labels)",
+            "TOO_MANY_LABELS",
+            limit="max_labels",
+            max=str(limits.max_labels),
+        )
     for key, value in values.items():
         if not _LABEL_KEY.fullmatch(key):
             raise invalid(f"{field}[{key!r}]", "label keys are 1-63 characters of [a-z0-9_./-]", "INVALID_LABEL")
@@ -57,26 +63,37 @@ def new_events(events: Sequence[NewEventRecord], limits: Limits) -> Sequence[New
     if not events:
         raise invalid("events", "at least one event is required", "NO_EVENTS")
     if len(events) > limits.max_events_per_append:
-        raise invalid("events", f"{len(events)} events exceed the limit max_events_per_append "
-                      f"({limits.max_events_per_append})", "TOO_MANY_EVENTS",
-                      limit="max_events_per_append", max=str(limits.max_events_per_append))
+        raise invalid(
+            "events",
+            f"{len(events)} events exceed the limit max_events_per_append ({limits.max_events_per_append})",
+            "TOO_MANY_EVENTS",
+            limit="max_events_per_append",
+            max=str(limits.max_events_per_append),
+        )
     for i, event in enumerate(events):
         if not _EVENT_TYPE.fullmatch(event.type):
-            raise invalid(f"events[{i}].type", "type must be 1-64 characters of [A-Za-z0-9_.:/-]",
-                          "INVALID_EVENT_TYPE")
+            raise invalid(f"events[{i}].type", "type must be 1-64 characters of [A-Za-z0-9_.:/-]", "INVALID_EVENT_TYPE")
         if len(event.payload) > limits.max_event_bytes:
-            raise invalid(f"events[{i}].payload", f"payload of {len(event.payload)} bytes exceeds the limit "
-                          f"max_event_bytes ({limits.max_event_bytes})", "EVENT_TOO_LARGE",
-                          limit="max_event_bytes", max=str(limits.max_event_bytes))
+            raise invalid(
+                f"events[{i}].payload",
+                f"payload of {len(event.payload)} bytes exceeds the limit max_event_bytes ({limits.max_event_bytes})",
+                "EVENT_TOO_LARGE",
+                limit="max_event_bytes",
+                max=str(limits.max_event_bytes),
+            )
     return events
 
 
 def snapshot_state(state: bytes, limits: Limits) -> bytes:
     """A snapshot's state, within the size limit."""
     if len(state) > limits.max_snapshot_bytes:
-        raise invalid("state", f"state of {len(state)} bytes exceeds the limit max_snapshot_bytes "
-                      f"({limits.max_snapshot_bytes})", "SNAPSHOT_TOO_LARGE",
-                      limit="max_snapshot_bytes", max=str(limits.max_snapshot_bytes))
+        raise invalid(
+            "state",
+            f"state of {len(state)} bytes exceeds the limit max_snapshot_bytes ({limits.max_snapshot_bytes})",
+            "SNAPSHOT_TOO_LARGE",
+            limit="max_snapshot_bytes",
+            max=str(limits.max_snapshot_bytes),
+        )
     return state
 
 
@@ -97,7 +114,11 @@ def scope_id(value: str) -> str:
 def context_value(value: bytes, limits: Limits) -> bytes:
     """A context value, within the size limit."""
     if len(value) > limits.max_value_bytes:
-        raise invalid("value", f"value of {len(value)} bytes exceeds the limit max_value_bytes "
-                      f"({limits.max_value_bytes})", "VALUE_TOO_LARGE",
-                      limit="max_value_bytes", max=str(limits.max_value_bytes))
+        raise invalid(
+            "value",
+            f"value of {len(value)} bytes exceeds the limit max_value_bytes ({limits.max_value_bytes})",
+            "VALUE_TOO_LARGE",
+            limit="max_value_bytes",
+            max=str(limits.max_value_bytes),
+        )
     return value

@@ -1,11 +1,12 @@
 """The async DB layer of the tenancy library (DESIGN §3): tenant-confined sessions, RLS, tiers.
 
-    db = await Database.open(url, migrations="services/state/migrations", owner_url=owner)
-    async with db.session() as s:          # needs a TenantContext; confined to that tenant
-        s.add(Thread(...))
-    async with db.system_session() as s:   # platform tables only
-        ...
+db = await Database.open(url, migrations="services/state/migrations", owner_url=owner)
+async with db.session() as s:          # needs a TenantContext; confined to that tenant
+    s.add(Thread(...))
+async with db.system_session() as s:   # platform tables only
+    ...
 """
+
 from __future__ import annotations
 
 from shared.db.base import NAMING_CONVENTION, Base, TenantOwned, is_tenant_owned

@@ -1,4 +1,5 @@
 """Declarative bases: one metadata per service, and the TenantOwned mixin every tenant table uses."""
+
 from __future__ import annotations
 
 from typing import Any

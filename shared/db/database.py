@@ -1,4 +1,5 @@
 """Database: the one object a service holds for persistence (engine, migrations, sessions)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,7 +30,8 @@ REPLICA_RETRY_S = 5.0
 # One round trip on the replica: replayed far enough, and the bridge schema (if any) is there.
 _REPLICA_READY = text(
     "SELECT COALESCE(pg_last_wal_replay_lsn() >= CAST(CAST(:lsn AS text) AS pg_lsn), NOT pg_is_in_recovery()) "
-    "AND (CAST(:schema AS text) IS NULL OR to_regnamespace(CAST(:schema AS text)) IS NOT NULL)")
+    "AND (CAST(:schema AS text) IS NULL OR to_regnamespace(CAST(:schema AS text)) IS NOT NULL)"
+)
 
 
 async def _open_region(database: Any, folder: Path | None, engine_options: dict[str, Any]) -> RegionStore:
@@ -52,22 +54,36 @@ class Database:
     Build it with `await Database.open(...)`; the constructor is for tests that bring an engine.
     """
 
-    def __init__(self, engine: AsyncEngine, *, router: TenantRouter | None = None,
-                 replica: ReplicaRoutes | None = None, read_wait: float = 0.05) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        router: TenantRouter | None = None,
+        replica: ReplicaRoutes | None = None,
+        read_wait: float = 0.05,
+    ) -> None:
         self._engine = engine
         self._replica = replica
         self._read_wait = read_wait
         self._replica_down_until = 0.0
-        self._router = router or TenantRouter(engine, url=engine.url, owner_url=None, migrations=None,
-                                              app_role=None)
+        self._router = router or TenantRouter(engine, url=engine.url, owner_url=None, migrations=None, app_role=None)
         self._sessions = async_sessionmaker(sync_session_class=TenantSession, expire_on_commit=False)
         self._closers: list[Any] = []
 
     @classmethod
-    async def open(cls, url: str | URL, *, migrations: str | Path | None = None, owner_url: str | URL | None = None,
-                   app_role: str | None = None, read_url: str | URL | None = None, read_wait: float = 0.05,
-                   regions: Mapping[str, Any] | None = None, region_of: RegionLookup | None = None,
-                   **engine_options: Any) -> Database:
+    async def open(
+        cls,
+        url: str | URL,
+        *,
+        migrations: str | Path | None = None,
+        owner_url: str | URL | None = None,
+        app_role: str | None = None,
+        read_url: str | URL | None = None,
+        read_wait: float = 0.05,
+        regions: Mapping[str, Any] | None = None,
+        region_of: RegionLookup | None = None,
+        **engine_options: Any,
+    ) -> Database:
         """Connect to `url`, migrating it to head first when `migrations` names an Alembic folder.
 
         `owner_url` (Postgres) is the role that owns the tables: migrations run as it, and it
@@ -106,9 +122,17 @@ class Database:
             for store in others.values():
                 await store.engine.dispose()
             raise
-        router = TenantRouter(engine, url=runtime, owner_url=owner, migrations=folder, app_role=app_role,
-                              engine_options=engine_options, region=names[0] if names else "", others=others,
-                              region_of=region_of)
+        router = TenantRouter(
+            engine,
+            url=runtime,
+            owner_url=owner,
+            migrations=folder,
+            app_role=app_role,
+            engine_options=engine_options,
+            region=names[0] if names else "",
+            others=others,
+            region_of=region_of,
+        )
         replica = ReplicaRoutes(make_engine(read, **engine_options), read, engine_options) if read else None
         return cls(engine, router=router, replica=replica, read_wait=read_wait)
 
@@ -235,8 +259,10 @@ class Database:
         on Postgres still under RLS for this tenant. Raises NoTenantContext without a TenantContext."""
         ctx = require_tenant()
         # Paused / moved by a tier migration, like session().
-        async with (self._router.using(ctx.tenant_id, ctx.tier) as route,
-                    raw_transaction(route.bind, tenant_id=ctx.tenant_id, schema=route.schema, write=write) as tx):
+        async with (
+            self._router.using(ctx.tenant_id, ctx.tier) as route,
+            raw_transaction(route.bind, tenant_id=ctx.tenant_id, schema=route.schema, write=write) as tx,
+        ):
             yield tx
 
     @asynccontextmanager

@@ -11,6 +11,7 @@ out (pool_pre_ping) and a dead one is replaced instead of failing a call. On eve
 a lost connection or a failed connect is raised as UNAVAILABLE (retry later), not as an internal
 error: the gRPC retry policy then retries idempotent calls by itself.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -106,8 +107,9 @@ def names_several_hosts(url: URL) -> bool:
 def _database_unavailable():
     from shared.errors import Unavailable
 
-    return Unavailable("lost the connection to the database (a failover?); retry later",
-                       reason="DATABASE_UNAVAILABLE", retry_after=1.0)
+    return Unavailable(
+        "lost the connection to the database (a failover?); retry later", reason="DATABASE_UNAVAILABLE", retry_after=1.0
+    )
 
 
 def _connect_or_unavailable(dialect: Any, conn_rec: Any, cargs: Any, cparams: Any) -> Any:

@@ -11,6 +11,7 @@ Each service keeps its own version table (`alembic_version_<service>`), so servi
 one database. `upgrade()` runs a migration set to head; Database.open calls it in a worker
 thread, and the tenant router calls it for every bridge schema and silo database.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -40,8 +41,14 @@ def version_table_for(migrations_dir: str | Path) -> str:
     return "alembic_version_" + re.sub(r"[^a-z0-9_]", "_", service.lower())
 
 
-def upgrade(url: str | URL, migrations_dir: str | Path, schema: str | None = None, *,
-            app_role: str | None = None, revision: str = "head") -> None:
+def upgrade(
+    url: str | URL,
+    migrations_dir: str | Path,
+    schema: str | None = None,
+    *,
+    app_role: str | None = None,
+    revision: str = "head",
+) -> None:
     """Run the migrations in `migrations_dir` against `url` up to `revision` (blocking).
 
     `schema` (Postgres) migrates into that schema, creating it first: the bridge tier.
@@ -56,8 +63,9 @@ def upgrade(url: str | URL, migrations_dir: str | Path, schema: str | None = Non
     config = Config()
     config.set_main_option("script_location", str(directory))
     # attributes, not main options: ini interpolation would mangle '%' in passwords.
-    config.attributes.update(url=normalize_url(url), schema=schema, app_role=app_role,
-                             version_table=version_table_for(directory))
+    config.attributes.update(
+        url=normalize_url(url), schema=schema, app_role=app_role, version_table=version_table_for(directory)
+    )
     with _ALEMBIC_LOCK:
         command.upgrade(config, revision)
 
@@ -65,11 +73,13 @@ def upgrade(url: str | URL, migrations_dir: str | Path, schema: str | None = Non
 def run_env(target_metadata: MetaData | None, *, version_table: str | None = None) -> None:
     """The whole body of a service's migrations/env.py."""
     config = context.config
-    table = version_table or config.attributes.get("version_table") or version_table_for(
-        config.get_main_option("script_location") or ".")
+    table = (
+        version_table
+        or config.attributes.get("version_table")
+        or version_table_for(config.get_main_option("script_location") or ".")
+    )
     if context.is_offline_mode():
-        context.configure(url=_url_of(config), target_metadata=target_metadata, version_table=table,
-                          literal_binds=True)
+        context.configure(url=_url_of(config), target_metadata=target_metadata, version_table=table, literal_binds=True)
         with context.begin_transaction():
             context.run_migrations()
         return
@@ -122,14 +132,20 @@ def _migrate(connection: Connection, config: Config, metadata: MetaData | None, 
     options: dict[str, Any] = {}
     if postgres:
         # Two replicas starting together must not both run the same migration.
-        connection.execute(text("SELECT pg_advisory_xact_lock(hashtext(:key))"),
-                           {"key": f"{schema or ''}.{version_table}"})
+        connection.execute(
+            text("SELECT pg_advisory_xact_lock(hashtext(:key))"), {"key": f"{schema or ''}.{version_table}"}
+        )
         if schema:
             connection.exec_driver_sql(f"CREATE SCHEMA IF NOT EXISTS {quote_ident(schema)}")
             connection.execute(text("SELECT set_config('search_path', :schema, true)"), {"schema": schema})
             options["version_table_schema"] = schema
-    context.configure(connection=connection, target_metadata=metadata, version_table=version_table,
-                      render_as_batch=not postgres, **options)
+    context.configure(
+        connection=connection,
+        target_metadata=metadata,
+        version_table=version_table,
+        render_as_batch=not postgres,
+        **options,
+    )
     with context.begin_transaction():
         context.run_migrations()
     app_role = config.attributes.get("app_role")

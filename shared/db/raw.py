@@ -10,6 +10,7 @@ transaction still starts with `app.tenant_id` set (and the bridge schema as sear
 row-level security confines it as it confines the ORM: a forgotten filter returns nothing,
 never another tenant's rows. Keep raw SQL in a service's store module, next to its ORM twin.
 """
+
 from __future__ import annotations
 
 import functools
@@ -92,8 +93,9 @@ class RawTransaction:
 
 
 @asynccontextmanager
-async def raw_transaction(engine: AsyncEngine, *, tenant_id: str | None, schema: str | None = None,
-                          write: bool = False) -> AsyncIterator[RawTransaction]:
+async def raw_transaction(
+    engine: AsyncEngine, *, tenant_id: str | None, schema: str | None = None, write: bool = False
+) -> AsyncIterator[RawTransaction]:
     """A transaction on a pooled driver connection: committed on exit, rolled back on error.
 
     tenant_id None is a platform transaction (no RLS tenant: tenant rows stay invisible).
@@ -152,5 +154,12 @@ def _connection_lost(exc: BaseException, *, usable: bool) -> bool:
         # "connection is closed", or the driver's state machine caught mid-way by the server's goodbye:
         # a driver error counts as a lost server only when the connection no longer answers either.
         return not usable
-    return isinstance(exc, (asyncpg.PostgresConnectionError, asyncpg.AdminShutdownError,
-                            asyncpg.CrashShutdownError, asyncpg.CannotConnectNowError))
+    return isinstance(
+        exc,
+        (
+            asyncpg.PostgresConnectionError,
+            asyncpg.AdminShutdownError,
+            asyncpg.CrashShutdownError,
+            asyncpg.CannotConnectNowError,
+        ),
+    )

@@ -8,6 +8,7 @@ read then runs on the replica only once the replica has replayed that far (polle
 The standby of a cluster holds every database and schema of it, so bridge schemas and silo
 databases are read there too; one the standby has not replayed yet is read on the primary.
 """
+
 from __future__ import annotations
 
 import logging

@@ -8,6 +8,7 @@ the policy apply to the table owner too; the runtime role owns nothing and has n
         op.create_table("notes", ...)
         enable_tenant_rls("notes")
 """
+
 from __future__ import annotations
 
 import os

@@ -16,6 +16,7 @@ A bridge schema or silo database is created and migrated the first time its tena
 session; the result is cached for the life of the process. `existing` and `drop` serve the
 tenant lifecycle (shared/lifecycle.py): they never create a store.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -116,10 +117,19 @@ def silo_database(main_database: str, tenant_id: str) -> str:
 class TenantRouter:
     """Maps (tenant, tier) to a Route, provisioning bridge schemas and silo databases on first use."""
 
-    def __init__(self, engine: AsyncEngine, *, url: URL, owner_url: URL | None, migrations: Path | None,
-                 app_role: str | None, engine_options: dict[str, Any] | None = None,
-                 region: str = "", others: Mapping[str, RegionStore] | None = None,
-                 region_of: RegionLookup | None = None) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        *,
+        url: URL,
+        owner_url: URL | None,
+        migrations: Path | None,
+        app_role: str | None,
+        engine_options: dict[str, Any] | None = None,
+        region: str = "",
+        others: Mapping[str, RegionStore] | None = None,
+        region_of: RegionLookup | None = None,
+    ) -> None:
         """`engine`/`url` are the default region's (`region`), which also holds the platform tables;
         `others` the databases of the other regions; `region_of` is asked a tenant's region when
         there are several (once per tenant and process)."""
@@ -137,8 +147,10 @@ class TenantRouter:
         self._region_of = region_of
         self._tenant_regions: OrderedDict[str, str] = OrderedDict()
         self._tenant_tiers: dict[str, str] = {}
-        self._pooled = {name: Route(store.engine, None, name if len(self._regions) > 1 else "")
-                        for name, store in self._regions.items()}
+        self._pooled = {
+            name: Route(store.engine, None, name if len(self._regions) > 1 else "")
+            for name, store in self._regions.items()
+        }
         self._routes: dict[tuple[str, str, str], Route] = {}
         self._own_engines: list[AsyncEngine] = []
         self._locks: dict[tuple[str, str, str], asyncio.Lock] = {}
@@ -190,8 +202,12 @@ class TenantRouter:
         (since identity's feed last changed the tenant's generation), else identity's published placement,
         else identity's placement when the region lookup told it, else `claimed` (the token's tier)."""
         self._sync_feed()
-        return (self._placed.get(tenant_id) or self._feed_tiers.get(tenant_id) or self._tenant_tiers.get(tenant_id)
-                or claimed)
+        return (
+            self._placed.get(tenant_id)
+            or self._feed_tiers.get(tenant_id)
+            or self._tenant_tiers.get(tenant_id)
+            or claimed
+        )
 
     def place(self, tenant_id: str, tier: str, region: str = "") -> None:
         """Route the tenant to `tier` (and `region`, when given) from now on, whatever tier its tokens claim
@@ -209,7 +225,9 @@ class TenantRouter:
         if region not in self._regions:
             raise FailedPrecondition(
                 f"region {region!r} has no database in this service (configured: {', '.join(self._regions)}); "
-                "set BULKHEAD_REGIONS and its database URLs", reason="REGION_NOT_CONFIGURED")
+                "set BULKHEAD_REGIONS and its database URLs",
+                reason="REGION_NOT_CONFIGURED",
+            )
         return region
 
     def pause(self, tenant_id: str, seconds: float) -> None:
@@ -254,16 +272,22 @@ class TenantRouter:
 
     def _admit(self, tenant_id: str) -> None:
         if self.paused(tenant_id):
-            raise Unavailable("the tenant is moving to another isolation tier; retry shortly",
-                              reason="TENANT_MIGRATING", retry_after=MIGRATION_PAUSE_RETRY_S)
+            raise Unavailable(
+                "the tenant is moving to another isolation tier; retry shortly",
+                reason="TENANT_MIGRATING",
+                retry_after=MIGRATION_PAUSE_RETRY_S,
+            )
 
     @asynccontextmanager
     async def using(self, tenant_id: str, tier: str) -> AsyncIterator[Route]:
         """The tenant's Route for one transaction: refused while a migration pauses the tenant, routed by
         the migration's placement over the token's claim, and counted in flight until it ends."""
         if self._feed is not None and not self._feed.loaded and not await self._feed.wait_loaded(FEED_FIRST_WAIT_S):
-            raise Unavailable("this replica has not heard identity's tenant placements yet; retry shortly",
-                              reason="TENANT_TIER_UNAVAILABLE", retry_after=1.0)
+            raise Unavailable(
+                "this replica has not heard identity's tenant placements yet; retry shortly",
+                reason="TENANT_TIER_UNAVAILABLE",
+                retry_after=1.0,
+            )
         self._sync_feed()
         self._admit(tenant_id)
         await self.region_of(tenant_id)  # with several regions: also identity's tier of the tenant
@@ -314,7 +338,8 @@ class TenantRouter:
                 raise FailedPrecondition(
                     f"the tenant's region {region!r} has no database in this service (configured: "
                     f"{', '.join(self._regions)}); set BULKHEAD_REGIONS and its database URLs",
-                    reason="REGION_NOT_CONFIGURED")
+                    reason="REGION_NOT_CONFIGURED",
+                )
             self._tenant_regions[tenant_id] = region
             if tier in TIERS:
                 self._tenant_tiers[tenant_id] = tier
@@ -384,8 +409,9 @@ class TenantRouter:
             return None
         return await self.route(tenant_id, tier, region)
 
-    async def drop(self, tenant_id: str, tier: str, region: str | None = None, *,
-                   tables: Sequence[str] = ()) -> str | None:
+    async def drop(
+        self, tenant_id: str, tier: str, region: str | None = None, *, tables: Sequence[str] = ()
+    ) -> str | None:
         """Drop this service's part of the tenant's own store (bridge schema, silo database, SQLite file) in its
         region, or in `region`; the store's name, or None when this service had nothing there. Idempotent;
         the pooled tier has no store of its own.
@@ -421,8 +447,11 @@ class TenantRouter:
         if left:
             return name  # another service's part is still there: the store stays theirs (its last one drops it)
         # FORCE ends other replicas' connections to the silo database (Postgres 13+).
-        sql = (f"DROP SCHEMA IF EXISTS {quote_ident(ident)} CASCADE" if kind == "schema"
-               else f"DROP DATABASE IF EXISTS {quote_ident(ident)} WITH (FORCE)")
+        sql = (
+            f"DROP SCHEMA IF EXISTS {quote_ident(ident)} CASCADE"
+            if kind == "schema"
+            else f"DROP DATABASE IF EXISTS {quote_ident(ident)} WITH (FORCE)"
+        )
         admin = create_async_engine(owner, poolclass=NullPool, isolation_level="AUTOCOMMIT")
         try:
             async with admin.connect() as conn:
@@ -441,11 +470,18 @@ class TenantRouter:
                 where = quote_ident(schema) + "." if schema else ""
                 for table in tables:
                     await conn.exec_driver_sql(f"DROP TABLE IF EXISTS {where}{quote_ident(table)} CASCADE")
-                return int(await conn.scalar(text(
-                    "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE c.relkind = 'r' AND c.relname LIKE 'alembic\\_version\\_%' "
-                    "AND (n.nspname = :s OR (:s = '' AND n.nspname NOT IN ('pg_catalog', 'information_schema')))"),
-                    {"s": schema or ""}) or 0)
+                return int(
+                    await conn.scalar(
+                        text(
+                            "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
+                            "WHERE c.relkind = 'r' AND c.relname LIKE 'alembic\\_version\\_%' "
+                            "AND (n.nspname = :s "
+                            "OR (:s = '' AND n.nspname NOT IN ('pg_catalog', 'information_schema')))"
+                        ),
+                        {"s": schema or ""},
+                    )
+                    or 0
+                )
         finally:
             await engine.dispose()
 
@@ -460,8 +496,12 @@ class TenantRouter:
             async with store.engine.connect() as conn:
                 if version is None:
                     return bool(await conn.scalar(text("SELECT 1 FROM pg_namespace WHERE nspname = :n"), {"n": schema}))
-                return bool(await conn.scalar(text("SELECT to_regclass(:t) IS NOT NULL"),
-                                              {"t": f"{quote_ident(schema)}.{quote_ident(version)}"}))
+                return bool(
+                    await conn.scalar(
+                        text("SELECT to_regclass(:t) IS NOT NULL"),
+                        {"t": f"{quote_ident(schema)}.{quote_ident(version)}"},
+                    )
+                )
         name = silo_database(store.url.database or "bulkhead", tenant_id)
         async with store.engine.connect() as conn:
             if not await conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}):
@@ -526,7 +566,8 @@ class TenantRouter:
                     # Only the runtime role may connect, not every role on the cluster.
                     await conn.exec_driver_sql(f"REVOKE ALL ON DATABASE {quote_ident(name)} FROM PUBLIC")
                     await conn.exec_driver_sql(
-                        f"GRANT CONNECT, TEMPORARY ON DATABASE {quote_ident(name)} TO {quote_ident(app_role)}")
+                        f"GRANT CONNECT, TEMPORARY ON DATABASE {quote_ident(name)} TO {quote_ident(app_role)}"
+                    )
         finally:
             await admin.dispose()
 

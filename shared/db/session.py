@@ -13,6 +13,7 @@ changes to an object attached without loading whose row is not this tenant's.
 `text()` is not inspected. Keep raw SQL in store.py: on Postgres, row-level security (layer 2,
 shared.db.rls) still confines it; on SQLite nothing does.
 """
+
 from __future__ import annotations
 
 import functools
@@ -172,7 +173,8 @@ def _confine_statement(state: ORMExecuteState) -> None:
     if not state.is_orm_statement:
         if tables:
             raise TenantIsolationError(
-                f"Core {kind} on tenant-owned table {tables[0]!r} has no tenant filter; use the mapped class")
+                f"Core {kind} on tenant-owned table {tables[0]!r} has no tenant filter; use the mapped class"
+            )
         return
     if state.is_update and state.is_executemany and tables:
         # ORM "bulk UPDATE by primary key" ignores loader criteria: refuse it.

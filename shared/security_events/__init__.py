@@ -7,6 +7,7 @@ A service registers it with one line in its server.py::
 and names the ledger's table to its lifecycle (`lifecycle_binding(..., [StateBase.metadata,
 SECURITY_EVENTS_METADATA])`) so that a deletion inventories and purges it.
 """
+
 from __future__ import annotations
 
 from shared.security_events._service import (

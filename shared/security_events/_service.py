@@ -1,4 +1,5 @@
 """SecurityEventsService, once for every service: the binding, its servicer and its background flush."""
+
 from __future__ import annotations
 
 import logging
@@ -52,12 +53,22 @@ class SecurityEventsServicer(security_events_pb2_grpc.SecurityEventsServiceServi
         given = _filter_key(request, reasons)
         after = _cursor(request.page_token, given)
         rows = await self._ledger.read(tenant_id, start=start, end=end, reasons=reasons, after=after, limit=size + 1)
-        page = paging.keyset(rows, size, lambda r: [r.bucket_start, r.method, r.reason, r.principal_id],
-                             filters=given)
-        return pb.ListSecurityEventsResponse(events=[pb.SecurityEvent(
-            service=r.service, method=r.method, reason=r.reason, principal_id=r.principal_id,
-            bucket_start_time=_ts(r.bucket_start * 1_000_000), count=r.count, last_seen_time=_ts(r.last_seen_us))
-            for r in page.items], next_page_token=page.next_page_token)
+        page = paging.keyset(rows, size, lambda r: [r.bucket_start, r.method, r.reason, r.principal_id], filters=given)
+        return pb.ListSecurityEventsResponse(
+            events=[
+                pb.SecurityEvent(
+                    service=r.service,
+                    method=r.method,
+                    reason=r.reason,
+                    principal_id=r.principal_id,
+                    bucket_start_time=_ts(r.bucket_start * 1_000_000),
+                    count=r.count,
+                    last_seen_time=_ts(r.last_seen_us),
+                )
+                for r in page.items
+            ],
+            next_page_token=page.next_page_token,
+        )
 
     def _window(self, request: pb.ListSecurityEventsRequest) -> tuple[int, int]:
         violations = {}
@@ -70,19 +81,26 @@ class SecurityEventsServicer(security_events_pb2_grpc.SecurityEventsServiceServi
         end = request.end_time.seconds if request.HasField("end_time") else int(self._clock()) + 60
         start = request.start_time.seconds if request.HasField("start_time") else end - DEFAULT_WINDOW_S
         if start >= end:
-            raise InvalidArgument("start_time must be before end_time", reason="INVALID_TIME_RANGE",
-                                  violations={"start_time": "before end_time"})
+            raise InvalidArgument(
+                "start_time must be before end_time",
+                reason="INVALID_TIME_RANGE",
+                violations={"start_time": "before end_time"},
+            )
         return start, end
 
 
 def _reasons(values: Sequence[str]) -> list[str]:
     if len(values) > MAX_REASONS:
-        raise InvalidArgument(f"at most {MAX_REASONS} reasons", reason="INVALID_REASON",
-                              violations={"reasons": f"at most {MAX_REASONS}"})
+        raise InvalidArgument(
+            f"at most {MAX_REASONS} reasons", reason="INVALID_REASON", violations={"reasons": f"at most {MAX_REASONS}"}
+        )
     bad = [i for i, v in enumerate(values) if not _REASON.match(v)]
     if bad:
-        raise InvalidArgument("reasons are upper-case ErrorInfo reasons such as MISSING_SCOPE", reason="INVALID_REASON",
-                              violations={f"reasons[{bad[0]}]": "upper-case letters, digits and _, like MISSING_SCOPE"})
+        raise InvalidArgument(
+            "reasons are upper-case ErrorInfo reasons such as MISSING_SCOPE",
+            reason="INVALID_REASON",
+            violations={f"reasons[{bad[0]}]": "upper-case letters, digits and _, like MISSING_SCOPE"},
+        )
     return sorted(set(values))
 
 
@@ -115,12 +133,25 @@ class SecurityEventsFlush:
         self.interval = interval
         self.events: SecurityEvents | None = None
         self._flusher: Periodic | None = None
-        self._sweeper = Periodic(f"{ledger.service}-security-events-sweep", ledger.sweep, interval=sweep_interval,
-                                 log=log, run_first=True)
+        self._sweeper = Periodic(
+            f"{ledger.service}-security-events-sweep", ledger.sweep, interval=sweep_interval, log=log, run_first=True
+        )
 
     async def _write(self, items: Sequence[Pending]) -> None:
-        await self.ledger.write([Refusal(p.key.tenant_id, p.key.bucket_start, p.key.method, p.key.reason,
-                                         p.key.principal_id, p.count, p.last_seen_us) for p in items])
+        await self.ledger.write(
+            [
+                Refusal(
+                    p.key.tenant_id,
+                    p.key.bucket_start,
+                    p.key.method,
+                    p.key.reason,
+                    p.key.principal_id,
+                    p.count,
+                    p.last_seen_us,
+                )
+                for p in items
+            ]
+        )
 
     async def flush(self) -> int:
         """Write what the server refused since the last flush (tests call it rather than wait)."""
@@ -130,8 +161,9 @@ class SecurityEventsFlush:
         await self.ledger.migrate()
         self.events = events
         events.attach(self._write)
-        self._flusher = Periodic(f"{self.ledger.service}-security-events-flush", self.flush, interval=self.interval,
-                                 log=log)
+        self._flusher = Periodic(
+            f"{self.ledger.service}-security-events-flush", self.flush, interval=self.interval, log=log
+        )
         self._flusher.start()
         self._sweeper.start()
 
@@ -146,16 +178,21 @@ class SecurityEventsFlush:
             log.warning("%s: last security-events flush failed", self.ledger.service, exc_info=True)
 
 
-def security_events_binding(service: str, db: Database, *, env: Mapping[str, str] = os.environ,
-                            interval: float | None = None) -> Binding:
+def security_events_binding(
+    service: str, db: Database, *, env: Mapping[str, str] = os.environ, interval: float | None = None
+) -> Binding:
     """The SecurityEventsService binding a service adds to its server (one line in server.py).
 
     Its background work writes the server's refusals to `db`'s main database every `interval`
     seconds (BULKHEAD_SECURITY_EVENTS_FLUSH_SECONDS, default 5).
     """
     ledger = SecurityLedger(service, db)
-    every = interval if interval is not None else float(env.get("BULKHEAD_SECURITY_EVENTS_FLUSH_SECONDS")
-                                                        or FLUSH_SECONDS)
-    return Binding(security_events_pb2_grpc.add_SecurityEventsServiceServicer_to_server,
-                   SecurityEventsServicer(ledger), pb.DESCRIPTOR.services_by_name["SecurityEventsService"],
-                   background=SecurityEventsFlush(ledger, interval=every))
+    every = (
+        interval if interval is not None else float(env.get("BULKHEAD_SECURITY_EVENTS_FLUSH_SECONDS") or FLUSH_SECONDS)
+    )
+    return Binding(
+        security_events_pb2_grpc.add_SecurityEventsServiceServicer_to_server,
+        SecurityEventsServicer(ledger),
+        pb.DESCRIPTOR.services_by_name["SecurityEventsService"],
+        background=SecurityEventsFlush(ledger, interval=every),
+    )

@@ -7,6 +7,7 @@ count and the last time seen; nothing about the call's content, and never a toke
 written and read under row-level security (app.tenant_id set per tenant); the retention sweep, which
 names no tenant, may delete only rows the database itself finds past retention (a policy of its own).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -42,7 +43,8 @@ RETENTION_SWEEPER = "security-events-retention"
 METADATA = MetaData(naming_convention=NAMING_CONVENTION)
 """The ledger's table, for the tenant lifecycle (inventory, purge) of every service."""
 EVENTS = Table(
-    TABLE, METADATA,
+    TABLE,
+    METADATA,
     Column("tenant_id", String(64), nullable=False),
     Column("service", String(32), nullable=False),
     Column("bucket_start", BigInteger, nullable=False),
@@ -90,11 +92,13 @@ class EventRow:
     last_seen_us: int
 
 
-_UPSERT = (f"INSERT INTO {TABLE} (tenant_id, service, bucket_start, method, reason, principal_id, count, "
-           "last_seen_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
-           "ON CONFLICT (tenant_id, service, bucket_start, method, reason, principal_id) DO UPDATE SET "
-           f"count = {TABLE}.count + excluded.count, last_seen_us = {{larger}}({TABLE}.last_seen_us, "
-           "excluded.last_seen_us)")
+_UPSERT = (
+    f"INSERT INTO {TABLE} (tenant_id, service, bucket_start, method, reason, principal_id, count, "
+    "last_seen_us) VALUES ($1, $2, $3, $4, $5, $6, $7, $8) "
+    "ON CONFLICT (tenant_id, service, bucket_start, method, reason, principal_id) DO UPDATE SET "
+    f"count = {TABLE}.count + excluded.count, last_seen_us = {{larger}}({TABLE}.last_seen_us, "
+    "excluded.last_seen_us)"
+)
 _LARGER = {"postgresql": "GREATEST", "sqlite": "MAX"}
 
 
@@ -118,8 +122,9 @@ class SecurityLedger:
                     # Six services may share one database and grant there too (shared.db.rls.grant_to): take
                     # the same lock, one at a time ("tuple concurrently updated").
                     await conn.exec_driver_sql(f"SELECT pg_advisory_xact_lock({_GRANT_LOCK})")
-                    await conn.exec_driver_sql(f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE} TO "
-                                               f"{quote_ident(app_role)}")
+                    await conn.exec_driver_sql(
+                        f"GRANT SELECT, INSERT, UPDATE, DELETE ON {TABLE} TO {quote_ident(app_role)}"
+                    )
             finally:
                 await admin.dispose()
 
@@ -149,11 +154,26 @@ class SecurityLedger:
                 for tenant_id, rows in sorted(by_tenant.items()):
                     if tx.dialect == "postgresql":
                         await tx.execute("SELECT set_config('app.tenant_id', $1, true)", tenant_id)
-                    await tx.executemany(sql, [(r.tenant_id, self.service, r.bucket_start, r.method, r.reason,
-                                                r.principal_id, r.count, r.last_seen_us) for r in rows])
+                    await tx.executemany(
+                        sql,
+                        [
+                            (
+                                r.tenant_id,
+                                self.service,
+                                r.bucket_start,
+                                r.method,
+                                r.reason,
+                                r.principal_id,
+                                r.count,
+                                r.last_seen_us,
+                            )
+                            for r in rows
+                        ],
+                    )
 
-    async def read(self, tenant_id: str, *, start: int, end: int, reasons: Sequence[str], after: tuple | None,
-                   limit: int) -> list[EventRow]:
+    async def read(
+        self, tenant_id: str, *, start: int, end: int, reasons: Sequence[str], after: tuple | None, limit: int
+    ) -> list[EventRow]:
         """The tenant's rows of this service with start <= minute < end, newest minute first, after a cursor."""
         start = max(start, int(self._clock()) - RETENTION_S)
         args: list = [tenant_id, self.service, start, end]
@@ -165,11 +185,15 @@ class SecurityLedger:
         if after is not None:
             n = len(args)
             # Keyset: bucket descending, then method, reason, principal ascending.
-            where += (f" AND (bucket_start < ${n + 1} OR (bucket_start = ${n + 1} AND (method, reason, principal_id)"
-                      f" > (${n + 2}, ${n + 3}, ${n + 4})))")
+            where += (
+                f" AND (bucket_start < ${n + 1} OR (bucket_start = ${n + 1} AND (method, reason, principal_id)"
+                f" > (${n + 2}, ${n + 3}, ${n + 4})))"
+            )
             args += list(after)
-        sql = (f"SELECT service, method, reason, principal_id, bucket_start, count, last_seen_us FROM {TABLE} "
-               f"WHERE {where} ORDER BY bucket_start DESC, method, reason, principal_id LIMIT {int(limit)}")
+        sql = (
+            f"SELECT service, method, reason, principal_id, bucket_start, count, last_seen_us FROM {TABLE} "
+            f"WHERE {where} ORDER BY bucket_start DESC, method, reason, principal_id LIMIT {int(limit)}"
+        )
         async with raw_transaction(await self._home(tenant_id), tenant_id=tenant_id) as tx:
             rows = await tx.fetch(sql, *args)
         return [EventRow(*row) for row in rows]
@@ -180,8 +204,9 @@ class SecurityLedger:
         gone = 0
         for engine, _owner, _role in _region_stores(self._db):
             async with raw_transaction(engine, tenant_id=RETENTION_SWEEPER, write=True) as tx:
-                gone += await tx.execute(f"DELETE FROM {TABLE} WHERE service = $1 AND bucket_start < $2",
-                                         self.service, cutoff)
+                gone += await tx.execute(
+                    f"DELETE FROM {TABLE} WHERE service = $1 AND bucket_start < $2", self.service, cutoff
+                )
         if gone:
             log.info("%s: swept %d security-event rows past %d days", self.service, gone, RETENTION_S // 86400)
         return gone

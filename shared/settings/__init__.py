@@ -5,6 +5,7 @@ database of its default region; six services may share that database, so rows ar
 It holds no tenant data. The first use of a setting writes a random value; every later start and
 every other replica reads that same value.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -25,7 +26,8 @@ MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 METADATA = MetaData(naming_convention=NAMING_CONVENTION)
 
 SETTINGS = Table(
-    "bulkhead_settings", METADATA,
+    "bulkhead_settings",
+    METADATA,
     Column("service", String(32), nullable=False),
     Column("name", String(64), nullable=False),
     Column("value", Text, nullable=False),
@@ -54,8 +56,9 @@ async def random_setting(db: Database, service: str, name: str, *, nbytes: int =
                 return value
         try:
             async with engine.begin() as conn:
-                await conn.execute(SETTINGS.insert().values(service=service, name=name,
-                                                            value=secrets.token_hex(nbytes)))
+                await conn.execute(
+                    SETTINGS.insert().values(service=service, name=name, value=secrets.token_hex(nbytes))
+                )
         except IntegrityError:
             pass  # another replica made it first: use that one
         async with engine.begin() as conn:

@@ -2,6 +2,7 @@
 
 Running the benches themselves is minutes long and not for CI; this covers the logic around them.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,7 +62,10 @@ def test_rows_put_each_benchs_targets_before_its_other_figures():
     figures = collect({"a": {"rate_per_s": 50.0, "extra_mb": 12.0}, "b": {"lat_ms": 5.0}})
     table = rows(figures, ["a", "b"], targets)
     assert [(r.key, r.verdict) for r in table] == [
-        ("a.rate_per_s", "missed"), ("a.extra_mb", "n/a"), ("b.lat_ms", "met")]
+        ("a.rate_per_s", "missed"),
+        ("a.extra_mb", "n/a"),
+        ("b.lat_ms", "met"),
+    ]
     assert table[0] == Row("a.rate_per_s", "a: rate", "50.0/s", ">= 100/s", "missed")
     assert rows(figures, ["b"], (Target("b.lat_ms", "latency", "<=", 1500),))[0].target == "<= 1,500 ms"
     assert table[1].target == "-" and table[1].value == "12.0 MB"
@@ -76,8 +80,12 @@ def test_target_a_failed_bench_left_unmeasured_stays_in_the_table():
 
 def test_render_puts_the_machine_on_top_and_tallies_verdicts():
     """The machine line comes first, then the header; the last line counts verdicts of targets only."""
-    table = [Row("a.x_ms", "a: x", "1.00 ms", "<= 2 ms", "met"), Row("a.y_ms", "a: y", "3.00 ms", "<= 2 ms", "missed"),
-             Row("a.z_ms", "a: z", "-", "<= 2 ms", "n/a"), Row("a.w", "a.w", "4.00", "-", "n/a")]
+    table = [
+        Row("a.x_ms", "a: x", "1.00 ms", "<= 2 ms", "met"),
+        Row("a.y_ms", "a: y", "3.00 ms", "<= 2 ms", "missed"),
+        Row("a.z_ms", "a: z", "-", "<= 2 ms", "n/a"),
+        Row("a.w", "a.w", "4.00", "-", "n/a"),
+    ]
     lines = render(table, INFO, note="quick").splitlines()
     assert lines[0] == "machine: 2 cores, Test CPU @ 2.0GHz, Python 3.11.7; load average 0.5 at start"
     assert lines[1] == "quick"

@@ -1,4 +1,5 @@
 """The typed Python client: stubs by service, and tokens renewed before they expire."""
+
 from __future__ import annotations
 
 import asyncio
@@ -12,8 +13,7 @@ async def test_client_renews_token_before_expiry(tmp_path):
     """With a token close to expiry the client fetches a new one before the call, transparently."""
     async with running_identity(tmp_path) as identity:
         tenant = await identity.tenant()
-        client = await Client.connect(api_key=tenant.api_key, ttl_seconds=61,
-                                      addresses={"identity": identity.address})
+        client = await Client.connect(api_key=tenant.api_key, ttl_seconds=61, addresses={"identity": identity.address})
         async with client:
             first = await client.identity.GetTenant(pb.GetTenantRequest())
             assert first.tenant.id == tenant.tenant_id and client.auth.refreshes == 1

@@ -1,4 +1,5 @@
 """`bulkhead up --replicas N`: where each replica listens, what callers dial, what each replica is told."""
+
 from __future__ import annotations
 
 import pytest
@@ -6,8 +7,12 @@ import pytest
 from bulkhead_cli.supervisor import REPLICA_STRIDE, Supervisor
 from shared.config import ServiceConfig, listen_addr
 
-ENV = {"BULKHEAD_STATE_ADDR": "127.0.0.1:40053", "BULKHEAD_STATE_METRICS_PORT": "40153",
-       "BULKHEAD_INFERENCE_ADDR": "127.0.0.1:40054", "BULKHEAD_INFERENCE_METRICS_PORT": "0"}
+ENV = {
+    "BULKHEAD_STATE_ADDR": "127.0.0.1:40053",
+    "BULKHEAD_STATE_METRICS_PORT": "40153",
+    "BULKHEAD_INFERENCE_ADDR": "127.0.0.1:40054",
+    "BULKHEAD_INFERENCE_METRICS_PORT": "0",
+}
 
 
 def test_each_replica_gets_its_own_ports_and_callers_dial_them_all():
@@ -24,8 +29,7 @@ def test_each_replica_gets_its_own_ports_and_callers_dial_them_all():
     # Metrics off stays off for every replica; inference replicas keep distinct, stable journal names.
     inference = [p for p in sup.procs.values() if p.name == "inference"]
     assert {p.env["BULKHEAD_INFERENCE_METRICS_PORT"] for p in inference} == {"0"}
-    assert [p.env["BULKHEAD_INFERENCE_REPLICA_ID"] for p in inference] == [
-        "inference-1", "inference-2", "inference-3"]
+    assert [p.env["BULKHEAD_INFERENCE_REPLICA_ID"] for p in inference] == ["inference-1", "inference-2", "inference-3"]
     assert [row[0] for row in sup.rows()] == [p.label for p in sup.procs.values()]
 
 

@@ -1,4 +1,5 @@
 """The client's stub properties carry the generated async stubs' types, so mypy checks every call made through them."""
+
 from __future__ import annotations
 
 import pathlib
@@ -12,7 +13,7 @@ from bulkhead.client import Client
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent.parent
 
-SAMPLE = '''
+SAMPLE = """
 from bulkhead.client import Client
 from bulkhead.identity.v1 import identity_pb2
 from bulkhead.state.v1 import state_pb2
@@ -35,7 +36,7 @@ async def no_such_rpc(bh: Client) -> None:
 async def wrong_reply_field(bh: Client) -> str:
     reply = await bh.metering.GetQuotaStatus(None)  # error: a request is required
     return reply.no_such_field  # error: the reply has no such field
-'''
+"""
 
 
 def test_every_service_has_a_typed_stub_property() -> None:
@@ -52,9 +53,22 @@ def test_mypy_rejects_wrong_calls_through_the_client(tmp_path: pathlib.Path) -> 
     sample = tmp_path / "sample.py"
     sample.write_text(textwrap.dedent(SAMPLE))
     done = subprocess.run(
-        [sys.executable, "-m", "mypy", "--config-file", str(ROOT / "pyproject.toml"),
-         "--cache-dir", str(ROOT / ".cache" / "mypy"), "--no-error-summary", str(sample)],
-        cwd=ROOT, capture_output=True, text=True, timeout=300)
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(ROOT / "pyproject.toml"),
+            "--cache-dir",
+            str(ROOT / ".cache" / "mypy"),
+            "--no-error-summary",
+            str(sample),
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     expected = [n for n, line in enumerate(sample.read_text().splitlines(), 1) if "# error" in line]
     errors = [line for line in done.stdout.splitlines() if ": error:" in line]
     assert sorted({int(line.split(":")[1]) for line in errors}) == expected, done.stdout + done.stderr

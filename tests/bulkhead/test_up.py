@@ -1,4 +1,5 @@
 """`bulkhead up` brings services up healthy, the CLI works against them, and Ctrl-C leaves nothing behind."""
+
 from __future__ import annotations
 
 import os
@@ -68,9 +69,24 @@ def up_identity(tmp_path):
     base = _free_port_base()
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     env.pop("BULKHEAD_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bulkhead_cli", "up", "--data-dir", str(tmp_path), "--only",
-                             "identity", "--port-base", str(base)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bulkhead_cli",
+            "up",
+            "--data-dir",
+            str(tmp_path),
+            "--only",
+            "identity",
+            "--port-base",
+            str(base),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     lines: list[str] = []
     try:
         _wait_for(proc, r"all services healthy", 60, lines)
@@ -90,8 +106,13 @@ def up_identity(tmp_path):
 def _cli(args: list[str], base: int, data_dir) -> subprocess.CompletedProcess:
     env = {**os.environ, "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{base + 51}"}
     env.pop("BULKHEAD_API_KEY", None)
-    return subprocess.run([sys.executable, "-m", "bulkhead_cli", *args, "--data-dir", str(data_dir)], env=env,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "bulkhead_cli", *args, "--data-dir", str(data_dir)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 @pytest.mark.slow
@@ -140,8 +161,11 @@ def test_metrics_endpoint_counts_rpcs_by_method_and_tenant(up_identity, tmp_path
     _proc, base, _lines, _ = up_identity
     assert _cli(["tenants", "list"], base, tmp_path).returncode == 0
     body = urllib.request.urlopen(f"http://127.0.0.1:{base + 151}/metrics", timeout=5).read().decode()
-    assert re.search(r'bulkhead_rpc_requests_total\{code="OK",method="/bulkhead.identity.v1.IdentityService/'
-                     r'ListTenants",service="identity",tenant="t_platform"\} 1.0', body), body[:2000]
+    assert re.search(
+        r'bulkhead_rpc_requests_total\{code="OK",method="/bulkhead.identity.v1.IdentityService/'
+        r'ListTenants",service="identity",tenant="t_platform"\} 1.0',
+        body,
+    ), body[:2000]
     assert "bulkhead_rpc_latency_seconds_bucket" in body
 
 
@@ -150,9 +174,24 @@ def test_second_up_on_the_same_ports_refuses_clearly(up_identity, tmp_path):
     """A second `up` on ports in use says so and exits, instead of reporting another mesh's health as its own."""
     _, base, _, _ = up_identity
     env = {**os.environ}
-    second = subprocess.run([sys.executable, "-m", "bulkhead_cli", "up", "--data-dir", str(tmp_path / "other"),
-                             "--only", "identity", "--port-base", str(base)], env=env, capture_output=True,
-                            text=True, timeout=60)
+    second = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bulkhead_cli",
+            "up",
+            "--data-dir",
+            str(tmp_path / "other"),
+            "--only",
+            "identity",
+            "--port-base",
+            str(base),
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert second.returncode == 1
     assert f"already in use: 127.0.0.1:{base + 51}" in second.stdout and "--port-base" in second.stdout
 
@@ -162,8 +201,13 @@ async def test_a_service_failing_to_start_shows_its_last_log_lines_even_when_qui
     from bulkhead_cli.supervisor import Supervisor
 
     base = _free_port_base()
-    env = {**os.environ, "BULKHEAD_DATA_DIR": str(tmp_path), "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{base + 51}",
-           "BULKHEAD_IDENTITY_METRICS_PORT": "0", "BULKHEAD_IDENTITY_DATABASE_URL": "mysql://nowhere/identity"}
+    env = {
+        **os.environ,
+        "BULKHEAD_DATA_DIR": str(tmp_path),
+        "BULKHEAD_IDENTITY_ADDR": f"127.0.0.1:{base + 51}",
+        "BULKHEAD_IDENTITY_METRICS_PORT": "0",
+        "BULKHEAD_IDENTITY_DATABASE_URL": "mysql://nowhere/identity",
+    }
     shown: list[str] = []
     supervisor = Supervisor(["identity"], env, echo=shown.append, show_logs=False)
     try:

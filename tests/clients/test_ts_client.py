@@ -4,6 +4,7 @@ Builds clients/ts (npm ci when needed, `buf generate`, tsc), starts all six serv
 separate processes on free ports (embedded defaults: SQLite, local secrets, offline model),
 then runs the Node test suite (node:test) with their addresses and the operator key.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -49,10 +50,13 @@ def built_client() -> pathlib.Path:
 
 
 def _mesh_env(data_dir: pathlib.Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("BULKHEAD_", "ANTHROPIC_", "BAO_", "VAULT_"))}
-    env.update(BULKHEAD_DATA_DIR=str(data_dir), BULKHEAD_SECRETS_BACKEND="local",
-               BULKHEAD_MODEL_PROVIDER="offline", BULKHEAD_LOG_LEVEL="WARNING")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("BULKHEAD_", "ANTHROPIC_", "BAO_", "VAULT_"))}
+    env.update(
+        BULKHEAD_DATA_DIR=str(data_dir),
+        BULKHEAD_SECRETS_BACKEND="local",
+        BULKHEAD_MODEL_PROVIDER="offline",
+        BULKHEAD_LOG_LEVEL="WARNING",
+    )
     for svc in SERVICES:
         env[f"BULKHEAD_{svc.upper()}_ADDR"] = f"127.0.0.1:{free_port()}"
         env[f"BULKHEAD_{svc.upper()}_METRICS_PORT"] = "0"
@@ -95,16 +99,24 @@ async def test_typescript_client_over_mtls(built_client: pathlib.Path, tmp_path:
 
     write_dev_certs(tmp_path / "pki", names=("identity", "client"))
     address = f"127.0.0.1:{free_port()}"
-    env = {**_mesh_env(tmp_path / "data"), "BULKHEAD_IDENTITY_ADDR": address,
-           **TlsConfig.from_dir(tmp_path / "pki", "identity").as_env()}
+    env = {
+        **_mesh_env(tmp_path / "data"),
+        "BULKHEAD_IDENTITY_ADDR": address,
+        **TlsConfig.from_dir(tmp_path / "pki", "identity").as_env(),
+    }
     announced = io.StringIO()
     app = await start(IdentityConfig.from_env(env), announce=announced)
     try:
         operator_key = (tmp_path / "data" / "operator.key").read_text().strip()
         client = TlsConfig.from_dir(tmp_path / "pki", "client")
-        node_env = {**_mesh_env(tmp_path / "unused"), "BULKHEAD_IDENTITY_ADDR": f"localhost:{address.rpartition(':')[2]}",
-                    "BULKHEAD_OPERATOR_KEY": operator_key, "BULKHEAD_TEST_TLS_CA": str(client.ca),
-                    "BULKHEAD_TEST_TLS_CERT": str(client.cert), "BULKHEAD_TEST_TLS_KEY": str(client.key)}
+        node_env = {
+            **_mesh_env(tmp_path / "unused"),
+            "BULKHEAD_IDENTITY_ADDR": f"localhost:{address.rpartition(':')[2]}",
+            "BULKHEAD_OPERATOR_KEY": operator_key,
+            "BULKHEAD_TEST_TLS_CA": str(client.ca),
+            "BULKHEAD_TEST_TLS_CERT": str(client.cert),
+            "BULKHEAD_TEST_TLS_KEY": str(client.key),
+        }
         returncode, output = await _node(built_client, ("mtls.test.js",), node_env)
     finally:
         await app.close()
@@ -113,8 +125,15 @@ async def test_typescript_client_over_mtls(built_client: pathlib.Path, tmp_path:
 
 async def _node(tests_dir: pathlib.Path, files: tuple[str, ...], env: dict[str, str]) -> tuple[int, str]:
     node = await asyncio.create_subprocess_exec(
-        "node", "--test", "--test-reporter=tap", *(str(tests_dir / f) for f in files),
-        cwd=CLIENT, env=env, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+        "node",
+        "--test",
+        "--test-reporter=tap",
+        *(str(tests_dir / f) for f in files),
+        cwd=CLIENT,
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
     raw, _ = await asyncio.wait_for(node.communicate(), timeout=120)
     assert node.returncode is not None
     return node.returncode, raw.decode(errors="replace")

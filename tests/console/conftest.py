@@ -1,4 +1,5 @@
 """One mesh (`bulkhead up`, console included), the demo's two tenants, and one headless Chromium for the module."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,8 +18,15 @@ from bulkhead.identity.v1 import identity_pb2 as idp
 from shared.config import SERVICES, service_addr
 
 CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts" / "console"
 """Screenshots of every page, kept by CI as an artifact."""
 _shots: list[Path] = []
@@ -66,8 +74,11 @@ async def _plant(rig_addresses: dict[str, str], tenant: Tenant, secret_name: str
     """A secret only this tenant has (its value must never reach a page) and the id of its admin key."""
     tenant.secret_name, tenant.secret_value = secret_name, "canary-" + secrets.token_hex(12)
     async with await Client.connect(api_key=tenant.api_key, addresses=rig_addresses) as bh:
-        await bh.credentials.PutSecret(cred.PutSecretRequest(name=secret_name, value=tenant.secret_value.encode(),
-                                                             description="planted by the console tests"))
+        await bh.credentials.PutSecret(
+            cred.PutSecretRequest(
+                name=secret_name, value=tenant.secret_value.encode(), description="planted by the console tests"
+            )
+        )
         keys = await bh.identity.ListApiKeys(idp.ListApiKeysRequest(page_size=50))
         tenant.key_id = keys.api_keys[0].id
 

@@ -1,4 +1,5 @@
 """issue 14 in a real browser: Debian's Chromium, driven by Playwright, against `bulkhead up` with its console."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -15,10 +16,10 @@ from decimal import Decimal
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from bulkhead_cli.usage import query_rows
 from bulkhead.identity.v1 import identity_pb2 as idp
 from bulkhead.metering.v1 import metering_pb2 as mtr
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc
+from bulkhead_cli.usage import query_rows
 from console import usage_csv
 from console._figures import status_counts, total_cost
 from tests.console.conftest import run, shot, sign_in
@@ -27,9 +28,19 @@ pytestmark = [pytest.mark.slow]
 
 REQUEST_ID = re.compile(rb'<code class="request-id">[0-9a-f]{32}</code>')
 # Every page a signed-in tenant can open, by screenshot name; {run} and {secret} are tenant A's own.
-PAGES = {"overview": "/overview", "overview-7d": "/overview?window=7d", "runs": "/runs", "run": "/runs/{run}",
-         "threads": "/threads", "thread": "/threads/{run}", "usage": "/usage", "secrets": "/secrets",
-         "secret": "/secrets/{secret}", "security": "/security", "keys": "/keys"}
+PAGES = {
+    "overview": "/overview",
+    "overview-7d": "/overview?window=7d",
+    "runs": "/runs",
+    "run": "/runs/{run}",
+    "threads": "/threads",
+    "thread": "/threads/{run}",
+    "usage": "/usage",
+    "secrets": "/secrets",
+    "secret": "/secrets/{secret}",
+    "security": "/security",
+    "keys": "/keys",
+}
 CONTROLS = "input:not([type=hidden]), select, textarea, button"
 
 
@@ -50,13 +61,21 @@ def _figure(page, name: str, scope: str = "") -> str:
 
 # --- signed out ---------------------------------------------------------------------------------------
 
+
 def test_signed_out_browser_reaches_no_page(rig, browser):
     """Every page, fragment, download and POST sends a browser without a session to the sign-in form."""
     context = browser.new_context(base_url=rig.url)
     page = context.new_page()
     try:
-        paths = [*_pages(rig).values(), "/runs/table", f"/runs/{rig.a.run_id}/timeline", "/overview/live",
-                 "/usage.csv", f"/runs/{rig.b.run_id}", "/no/such/page"]
+        paths = [
+            *_pages(rig).values(),
+            "/runs/table",
+            f"/runs/{rig.a.run_id}/timeline",
+            "/overview/live",
+            "/usage.csv",
+            f"/runs/{rig.b.run_id}",
+            "/no/such/page",
+        ]
         for path in paths:
             response = page.goto(path)
             assert page.url == f"{rig.url}/signin", path
@@ -95,6 +114,7 @@ def test_wrong_api_key_is_refused_without_echo(rig, browser):
 
 # --- signed in as A ------------------------------------------------------------------------------------
 
+
 def test_session_cookie_is_httponly_and_strict(rig, signed_in):
     """The cookie carries a random session id only: HttpOnly, SameSite=Strict, no token in it."""
     (cookie,) = [c for c in signed_in.context.cookies() if c["name"] == "bk_session"]
@@ -112,8 +132,15 @@ def test_every_page_renders_a_only_and_no_secret(rig, signed_in):
         page.wait_for_load_state("networkidle")
         html = page.content()
         assert page.locator("#tenant-id").inner_text() == rig.a.tenant_id, path
-        for leaked in (rig.a.secret_value, rig.b.secret_value, rig.a.api_key, rig.b.api_key, rig.b.tenant_id,
-                       rig.b.run_id, rig.b.secret_name):
+        for leaked in (
+            rig.a.secret_value,
+            rig.b.secret_value,
+            rig.a.api_key,
+            rig.b.api_key,
+            rig.b.tenant_id,
+            rig.b.run_id,
+            rig.b.secret_name,
+        ):
             assert leaked not in html, (path, "leaks")
         assert not re.search(r"eyJ[\w-]{10,}\.", html), f"{path} shows a token"
         shot(page, name)
@@ -134,10 +161,12 @@ def test_b_ids_get_the_same_404_as_random_ids(rig, signed_in):
     """URLs built from B's run, thread and secret ids return the random-id 404 page, byte for byte."""
     page = signed_in
     b, a = rig.b, rig.a
-    pairs = [(f"/runs/{b.run_id}", f"/runs/{_random_like(b.run_id)}"),
-             (f"/runs/{b.run_id}/timeline", f"/runs/{_random_like(b.run_id)}/timeline"),
-             (f"/threads/{b.run_id}", f"/threads/{_random_like(b.run_id)}"),
-             (f"/secrets/{b.secret_name}", f"/secrets/{_random_like(b.secret_name)}")]
+    pairs = [
+        (f"/runs/{b.run_id}", f"/runs/{_random_like(b.run_id)}"),
+        (f"/runs/{b.run_id}/timeline", f"/runs/{_random_like(b.run_id)}/timeline"),
+        (f"/threads/{b.run_id}", f"/threads/{_random_like(b.run_id)}"),
+        (f"/secrets/{b.secret_name}", f"/secrets/{_random_like(b.secret_name)}"),
+    ]
     reference = None
     for foreign, random in pairs:
         bodies = []
@@ -152,8 +181,10 @@ def test_b_ids_get_the_same_404_as_random_ids(rig, signed_in):
     shot(page, "not-found")
     # State-changing requests with B's ids (and a valid CSRF token) get the same page and change nothing.
     csrf = page.locator('form.signout input[name="csrf"]').get_attribute("value")
-    for foreign, random in ((f"/runs/{b.run_id}/cancel", f"/runs/{_random_like(b.run_id)}/cancel"),
-                            (f"/keys/{b.key_id}/revoke", f"/keys/{_random_like(b.key_id)}/revoke")):
+    for foreign, random in (
+        (f"/runs/{b.run_id}/cancel", f"/runs/{_random_like(b.run_id)}/cancel"),
+        (f"/keys/{b.key_id}/revoke", f"/keys/{_random_like(b.key_id)}/revoke"),
+    ):
         got = [page.request.post(path, form={"csrf": csrf}, max_redirects=0) for path in (foreign, random)]
         assert [r.status for r in got] == [404, 404], foreign
         assert REQUEST_ID.sub(b"", got[0].body()) == REQUEST_ID.sub(b"", got[1].body()) == reference
@@ -161,6 +192,7 @@ def test_b_ids_get_the_same_404_as_random_ids(rig, signed_in):
     async def b_untouched():
         async with await rig.client(b) as bh:  # B's key still works and B's run is as it was
             return (await bh.orchestrator.GetRun(orc.GetRunRequest(run_id=b.run_id))).run.status
+
     assert run(b_untouched()) == orc.RUN_STATUS_SUCCEEDED
     assert a.tenant_id != b.tenant_id
 
@@ -190,8 +222,11 @@ def test_post_without_csrf_token_is_refused(rig, signed_in):
 async def _start_and_finish(rig) -> tuple[orc.Run, float]:
     """One more run of A's support team, watched to its end; returns it and when it ended (monotonic)."""
     async with await rig.client(rig.a) as bh:
-        started = await bh.orchestrator.StartRun(orc.StartRunRequest(
-            team="support", entry_agent="triage", input="What plan am I on?", idempotency_key=uuid.uuid4().hex))
+        started = await bh.orchestrator.StartRun(
+            orc.StartRunRequest(
+                team="support", entry_agent="triage", input="What plan am I on?", idempotency_key=uuid.uuid4().hex
+            )
+        )
         async for _ in bh.orchestrator.WatchRun(orc.WatchRunRequest(run_id=started.run.run_id)):
             pass
         final = (await bh.orchestrator.GetRun(orc.GetRunRequest(run_id=started.run.run_id))).run
@@ -215,8 +250,11 @@ def test_finished_run_appears_on_runs_page_without_reload(rig, signed_in):
 
 async def _ledger(rig, start: dt.datetime, end: dt.datetime, group_by: list[int]) -> list[mtr.UsageRow]:
     async with await rig.client(rig.a) as bh:
-        resp = await bh.metering.QueryUsage(mtr.QueryUsageRequest(
-            filter=mtr.UsageFilter(start_time=_ts(start), end_time=_ts(end)), group_by=group_by, page_size=1000))
+        resp = await bh.metering.QueryUsage(
+            mtr.QueryUsageRequest(
+                filter=mtr.UsageFilter(start_time=_ts(start), end_time=_ts(end)), group_by=group_by, page_size=1000
+            )
+        )
         assert not resp.next_page_token
         return list(resp.rows)
 
@@ -272,14 +310,16 @@ def test_overview_and_usage_equal_the_ledgers(rig, signed_in, tmp_path):
         assert int(_figure(page, "calls", scope)) == row.event_count, row.agent_id
         assert Decimal(_figure(page, "cost", scope)) == Decimal(row.cost_usd), row.agent_id
         assert int(_figure(page, "runs", scope)) == sum(r.entry_agent == row.agent_id for r in runs)
-    assert page.locator("#agents tbody tr[data-agent]").count() == len({r.agent_id for r in by_agent}
-                                                                      | {r.entry_agent for r in runs})
+    assert page.locator("#agents tbody tr[data-agent]").count() == len(
+        {r.agent_id for r in by_agent} | {r.entry_agent for r in runs}
+    )
 
     since, until = (now - dt.timedelta(days=2)).replace(microsecond=0), soon.replace(microsecond=0)
     query = urllib.parse.urlencode({"since": since.isoformat(), "until": until.isoformat(), "by": "day,model,agent"})
     page.goto(f"/usage?{query}")
-    lines = run(_ledger(rig, since, until, [mtr.USAGE_GROUPING_DAY, mtr.USAGE_GROUPING_MODEL,
-                                            mtr.USAGE_GROUPING_AGENT]))
+    lines = run(
+        _ledger(rig, since, until, [mtr.USAGE_GROUPING_DAY, mtr.USAGE_GROUPING_MODEL, mtr.USAGE_GROUPING_AGENT])
+    )
     assert int(_figure(page, "calls")) == sum(r.event_count for r in lines)
     assert Decimal(_figure(page, "total").removeprefix("$")) == total_cost(lines)
     shown = [row.locator("td").all_inner_texts() for row in page.locator("#usage-lines tbody tr").all()]
@@ -289,9 +329,29 @@ def test_overview_and_usage_equal_the_ledgers(rig, signed_in, tmp_path):
         page.get_by_role("link", name="Download CSV").click()
     got = download.value.path().read_bytes()
     assert got == usage_csv(query_rows(lines, hourly=False)).encode()
-    cli = subprocess.run([sys.executable, "-m", "bulkhead_cli", "usage", "query", "--by", "day,model,agent",
-                          "--since", since.isoformat(), "--until", until.isoformat(), "--csv", str(tmp_path / "c.csv"),
-                          "--api-key", rig.a.api_key], env=rig.mesh.env, capture_output=True, text=True, timeout=60)
+    cli = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "bulkhead_cli",
+            "usage",
+            "query",
+            "--by",
+            "day,model,agent",
+            "--since",
+            since.isoformat(),
+            "--until",
+            until.isoformat(),
+            "--csv",
+            str(tmp_path / "c.csv"),
+            "--api-key",
+            rig.a.api_key,
+        ],
+        env=rig.mesh.env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert cli.returncode == 0, cli.stderr
     assert got == (tmp_path / "c.csv").read_bytes()
 
@@ -308,18 +368,25 @@ async def _refuse_calls(rig) -> tuple[str, str]:
 
     async with await rig.client(None) as anyone:
         full = await anyone.identity.IssueToken(idp.IssueTokenRequest(api_key=rig.a.api_key))
-        narrow = await anyone.identity.IssueToken(idp.IssueTokenRequest(api_key=rig.a.api_key,
-                                                                         scopes=["state.threads.read"]))
-    async with grpc.aio.insecure_channel(rig.addresses["state"]) as state_ch, \
-            grpc.aio.insecure_channel(rig.addresses["credentials"]) as cred_ch:
+        narrow = await anyone.identity.IssueToken(
+            idp.IssueTokenRequest(api_key=rig.a.api_key, scopes=["state.threads.read"])
+        )
+    async with (
+        grpc.aio.insecure_channel(rig.addresses["state"]) as state_ch,
+        grpc.aio.insecure_channel(rig.addresses["credentials"]) as cred_ch,
+    ):
         for _ in range(2):
             with pytest.raises(grpc.aio.AioRpcError) as info:
-                await state_pb2_grpc.StateServiceStub(state_ch).ListThreads(st.ListThreadsRequest(), metadata=(
-                    ("authorization", f"Bearer {full.token}"), ("x-tenant-id", rig.b.tenant_id)))
+                await state_pb2_grpc.StateServiceStub(state_ch).ListThreads(
+                    st.ListThreadsRequest(),
+                    metadata=(("authorization", f"Bearer {full.token}"), ("x-tenant-id", rig.b.tenant_id)),
+                )
             assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
         with pytest.raises(grpc.aio.AioRpcError) as info:
-            await credentials_pb2_grpc.CredentialsServiceStub(cred_ch).ListSecrets(cred.ListSecretsRequest(), metadata=(
-                ("authorization", f"Bearer {narrow.token}"), ("x-tenant-id", rig.a.tenant_id)))
+            await credentials_pb2_grpc.CredentialsServiceStub(cred_ch).ListSecrets(
+                cred.ListSecretsRequest(),
+                metadata=(("authorization", f"Bearer {narrow.token}"), ("x-tenant-id", rig.a.tenant_id)),
+            )
         assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     return full.tenant_id, narrow.tenant_id
 
@@ -332,8 +399,12 @@ def test_security_page_shows_the_tenants_own_refused_calls(rig, signed_in):
     deadline = time.monotonic() + 30  # the services flush every few seconds
     while True:
         page.goto("/security")
-        rows = {(r.get_attribute("data-service"), r.get_attribute("data-reason")): int(
-            r.locator('[data-figure="count"]').inner_text()) for r in page.locator("#security-events tbody tr[data-service]").all()}
+        rows = {
+            (r.get_attribute("data-service"), r.get_attribute("data-reason")): int(
+                r.locator('[data-figure="count"]').inner_text()
+            )
+            for r in page.locator("#security-events tbody tr[data-service]").all()
+        }
         if rows.get(("state", "TENANT_MISMATCH"), 0) >= 2 and rows.get(("credentials", "MISSING_SCOPE"), 0) >= 1:
             break
         assert time.monotonic() < deadline, rows
@@ -361,8 +432,17 @@ def _accessible_controls(page) -> list[dict]:
     out = []
     for node in nodes:
         role = node.get("role", {}).get("value")
-        if node.get("ignored") or role not in ("button", "textbox", "combobox", "checkbox", "radio", "searchbox",
-                                               "spinbutton", "listbox", "link"):
+        if node.get("ignored") or role not in (
+            "button",
+            "textbox",
+            "combobox",
+            "checkbox",
+            "radio",
+            "searchbox",
+            "spinbutton",
+            "listbox",
+            "link",
+        ):
             continue
         out.append({"role": role, "name": (node.get("name") or {}).get("value", "").strip()})
     return out
@@ -451,8 +531,10 @@ def test_operator_picks_a_tenant_and_every_view_is_audited(rig, browser, signed_
         shot(page, "operator-tenants")
         for path in ("/overview", f"/runs/{rig.a.run_id}", f"/threads/{rig.a.run_id}", "/secrets", "/keys"):
             response = page.goto(path)
-            assert response.status == 403 and page.get_by_role("heading").first.inner_text() == \
-                "Not available to operators", path
+            assert (
+                response.status == 403
+                and page.get_by_role("heading").first.inner_text() == "Not available to operators"
+            ), path
             assert rig.a.secret_name not in page.content() and "Its event log" not in page.content(), path
         page.goto("/tenants")
         page.get_by_label("Tenant").select_option(rig.a.tenant_id)
@@ -460,14 +542,20 @@ def test_operator_picks_a_tenant_and_every_view_is_audited(rig, browser, signed_
         page.wait_for_url(f"{rig.url}/usage")
 
         now = dt.datetime.now(dt.UTC)
-        since, until = (now - dt.timedelta(days=2)).replace(microsecond=0), (now + dt.timedelta(minutes=1)).replace(
-            microsecond=0)
-        query = urllib.parse.urlencode({"since": since.isoformat(), "until": until.isoformat(),
-                                        "by": "day,model,agent"})
+        since, until = (
+            (now - dt.timedelta(days=2)).replace(microsecond=0),
+            (now + dt.timedelta(minutes=1)).replace(microsecond=0),
+        )
+        query = urllib.parse.urlencode(
+            {"since": since.isoformat(), "until": until.isoformat(), "by": "day,model,agent"}
+        )
         page.goto(f"/usage?{query}")
         assert page.locator("#tenant-id").inner_text() == rig.a.tenant_id
-        lines = _settled(lambda: _ledger(rig, since, until, [mtr.USAGE_GROUPING_DAY, mtr.USAGE_GROUPING_MODEL,
-                                                             mtr.USAGE_GROUPING_AGENT]))
+        lines = _settled(
+            lambda: _ledger(
+                rig, since, until, [mtr.USAGE_GROUPING_DAY, mtr.USAGE_GROUPING_MODEL, mtr.USAGE_GROUPING_AGENT]
+            )
+        )
         page.goto(f"/usage?{query}")  # again, now that the ledger is known to be still
         shown = [row.locator("td").all_inner_texts() for row in page.locator("#usage-lines tbody tr").all()]
         assert [[c.strip() for c in row] for row in shown] == query_rows(lines, hourly=False) != []
@@ -475,8 +563,9 @@ def test_operator_picks_a_tenant_and_every_view_is_audited(rig, browser, signed_
         shot(page, "operator-usage")
         request_id = page.locator("footer .request-id").inner_text()
         with sqlite3.connect(rig.mesh.data_dir / "metering.db") as db:
-            audited = db.execute("SELECT method, target_tenant FROM metering_operator_audit WHERE request_id = ?",
-                                 (request_id,)).fetchall()
+            audited = db.execute(
+                "SELECT method, target_tenant FROM metering_operator_audit WHERE request_id = ?", (request_id,)
+            ).fetchall()
         assert audited and set(audited) == {("QueryTenantUsage", rig.a.tenant_id)}, audited
     finally:
         context.close()
@@ -484,8 +573,9 @@ def test_operator_picks_a_tenant_and_every_view_is_audited(rig, browser, signed_
     response = signed_in.goto("/tenants")
     assert response.status == 404 and signed_in.get_by_role("heading").first.inner_text() == "Not found"
     csrf = signed_in.locator('form.signout input[name="csrf"]').get_attribute("value")
-    refused = signed_in.request.post("/tenants/pick", form={"csrf": csrf, "tenant_id": rig.b.tenant_id},
-                                     max_redirects=0)
+    refused = signed_in.request.post(
+        "/tenants/pick", form={"csrf": csrf, "tenant_id": rig.b.tenant_id}, max_redirects=0
+    )
     assert refused.status == 404
     signed_in.goto("/overview")
     assert signed_in.locator("#tenant-id").inner_text() == rig.a.tenant_id

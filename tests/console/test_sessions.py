@@ -1,4 +1,5 @@
 """Console sessions: token renewal before expiry, revocation on sign-out and idle expiry, operator sessions."""
+
 from __future__ import annotations
 
 import asyncio
@@ -33,8 +34,13 @@ class FakeIdentity:
     async def IssueToken(self, request, timeout=None):  # the stub's name
         self.issued += 1
         token = jwt.encode({"sub": "p_1", "n": self.issued}, "a-key-the-console-never-checks-32b", algorithm="HS256")
-        return idp.IssueTokenResponse(token=token, jti=f"j{self.issued}", tenant_id=self.tenant_id, scopes=["*"],
-                                      expire_time=Timestamp(seconds=int(self.clock() + request.ttl_seconds)))
+        return idp.IssueTokenResponse(
+            token=token,
+            jti=f"j{self.issued}",
+            tenant_id=self.tenant_id,
+            scopes=["*"],
+            expire_time=Timestamp(seconds=int(self.clock() + request.ttl_seconds)),
+        )
 
     async def RevokeToken(self, request, metadata=None, timeout=None):
         self.revoked.append((request.jti, dict(metadata)["authorization"]))

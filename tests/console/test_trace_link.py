@@ -1,4 +1,5 @@
 """The Run page's trace id: a Jaeger link when the console knows Jaeger's URL, plain text otherwise."""
+
 from __future__ import annotations
 
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as orc

@@ -5,6 +5,7 @@ build`), NetworkPolicies are evaluated by the rules of the Kubernetes API, and c
 environments are rebuilt the way the kubelet would (envFrom, then env, secrets resolved from
 the rendered Secrets when the overlay generates them).
 """
+
 from __future__ import annotations
 
 import base64
@@ -88,6 +89,7 @@ def namespace_of(objs: list[Obj]) -> str:
 
 # -- selectors and network policies ----------------------------------------------------------
 
+
 def selector_matches(selector: Mapping[str, Any] | None, labels: Mapping[str, str]) -> bool:
     """A LabelSelector against a label set (an empty selector matches everything)."""
     selector = selector or {}
@@ -135,10 +137,13 @@ def _port_admits(ports: list[Mapping[str, Any]] | None, port: int) -> bool:
 
 def ingress_allowed(policies: list[Obj], dst: Pod, src: Pod, port: int) -> bool:
     """Whether the NetworkPolicies let src open a TCP connection to dst:port."""
-    selecting = [p for p in policies
-                 if p["metadata"].get("namespace", dst.namespace) == dst.namespace
-                 and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
-                 and selector_matches(p["spec"].get("podSelector"), dst.labels)]
+    selecting = [
+        p
+        for p in policies
+        if p["metadata"].get("namespace", dst.namespace) == dst.namespace
+        and "Ingress" in p["spec"].get("policyTypes", ["Ingress"])
+        and selector_matches(p["spec"].get("podSelector"), dst.labels)
+    ]
     if not selecting:
         return True
     for policy in selecting:
@@ -161,6 +166,7 @@ def pod_of(objs: list[Obj], workload_kind: str, name: str) -> Pod:
 
 
 # -- container environments ---------------------------------------------------------------
+
 
 def secret_value(objs: list[Obj], name: str, key: str) -> str | None:
     """A rendered Secret's value, or None when the overlay does not create that Secret."""

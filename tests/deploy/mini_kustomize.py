@@ -8,6 +8,7 @@ generatorOptions.disableNameSuffixHash, and patches (inline or file; JSON 6902 w
 of kind/name/labelSelector, or strategic merge incl. `$patch: delete`). Anything else is an
 error, so a new kustomize feature in deploy/ cannot be silently ignored here.
 """
+
 from __future__ import annotations
 
 import base64
@@ -19,8 +20,20 @@ from typing import Any
 import yaml
 
 Obj = dict[str, Any]
-_KNOWN = {"apiVersion", "kind", "resources", "components", "namespace", "labels", "replicas", "images",
-          "configMapGenerator", "secretGenerator", "generatorOptions", "patches"}
+_KNOWN = {
+    "apiVersion",
+    "kind",
+    "resources",
+    "components",
+    "namespace",
+    "labels",
+    "replicas",
+    "images",
+    "configMapGenerator",
+    "secretGenerator",
+    "generatorOptions",
+    "patches",
+}
 _CLUSTER_SCOPED = {"Namespace"}
 _WORKLOADS = {"Deployment", "StatefulSet", "DaemonSet", "ReplicaSet", "Job"}
 
@@ -103,12 +116,14 @@ def _generated(spec: Obj, root: pathlib.Path) -> list[Obj]:
         for literal in gen.get("literals", ()):
             key, _, value = literal.partition("=")
             data[key] = base64.b64encode(value.encode()).decode()
-        out.append({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": gen["name"]},
-                    "type": "Opaque", "data": data})
+        out.append(
+            {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": gen["name"]}, "type": "Opaque", "data": data}
+        )
     return out
 
 
 # -- patches ----------------------------------------------------------------------------------
+
 
 def _selected(obj: Obj, target: Obj) -> bool:
     if "kind" in target and obj["kind"] != target["kind"]:
@@ -168,8 +183,11 @@ def _merge(base: Obj, patch: Obj) -> None:
     for key, value in patch.items():
         if isinstance(value, dict) and isinstance(base.get(key), dict):
             _merge(base[key], value)
-        elif isinstance(value, list) and isinstance(base.get(key), list) and all(
-                isinstance(i, dict) and "name" in i for i in value + base[key]):
+        elif (
+            isinstance(value, list)
+            and isinstance(base.get(key), list)
+            and all(isinstance(i, dict) and "name" in i for i in value + base[key])
+        ):
             by_name = {item["name"]: item for item in base[key]}
             merged = []
             for item in value:

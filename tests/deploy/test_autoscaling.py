@@ -1,5 +1,6 @@
 """Scale-out in Kubernetes (issue 17): an autoscaler per service, replicas spread over nodes and zones,
 and headless Services so callers' round_robin sees every pod."""
+
 from __future__ import annotations
 
 import pytest

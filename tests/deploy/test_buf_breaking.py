@@ -1,4 +1,5 @@
 """`.ci/buf-breaking`: buf breaking against an earlier commit's protos, in a throwaway git repo."""
+
 from __future__ import annotations
 
 import os
@@ -11,8 +12,9 @@ import pytest
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SCRIPT = ROOT / ".ci" / "buf-breaking"
 
-pytestmark = pytest.mark.skipif(shutil.which("buf") is None or shutil.which("git") is None,
-                                reason="needs buf and git on PATH")
+pytestmark = pytest.mark.skipif(
+    shutil.which("buf") is None or shutil.which("git") is None, reason="needs buf and git on PATH"
+)
 
 PROTO_V1 = """syntax = "proto3";
 package demo.v1;
@@ -27,8 +29,9 @@ message Widget {
 
 
 def _git(repo: pathlib.Path, *args: str) -> None:
-    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args],
-                   cwd=repo, check=True, capture_output=True)
+    subprocess.run(
+        ["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], cwd=repo, check=True, capture_output=True
+    )
 
 
 def _commit(repo: pathlib.Path, proto: str, message: str) -> None:
@@ -38,8 +41,15 @@ def _commit(repo: pathlib.Path, proto: str, message: str) -> None:
 
 
 def _run(repo: pathlib.Path, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", str(SCRIPT)], cwd=repo, check=False, text=True, capture_output=True,
-                          env={**os.environ, **env}, timeout=60)
+    return subprocess.run(
+        ["bash", str(SCRIPT)],
+        cwd=repo,
+        check=False,
+        text=True,
+        capture_output=True,
+        env={**os.environ, **env},
+        timeout=60,
+    )
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """Compose and the Kubernetes manifests name the same services, ports and environment variables
 as the code's configuration (shared.config and each services.<svc>.config)."""
+
 from __future__ import annotations
 
 import importlib
@@ -154,6 +155,7 @@ def _check_database_urls(cfg: ServiceConfig, svc: str, *, host: str | None) -> N
 
 # -- Kubernetes -----------------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def overlays() -> dict[str, list[dict]]:
     """The rendered overlays."""
@@ -227,7 +229,7 @@ def _calls(source: str, name: str) -> list[str]:
         while depth and i < len(source):
             depth += {"(": 1, ")": -1}.get(source[i], 0)
             i += 1
-        found.append(source[match.end():i - 1])
+        found.append(source[match.end() : i - 1])
     return found
 
 
@@ -237,14 +239,21 @@ def tls_gaps(svc: str) -> list[str]:
     for path in sorted((ROOT / "services" / svc).glob("*.py")):
         source = path.read_text()
         gaps += [f"{path.name}: serve(tls=None)" for args in _calls(source, "serve") if "tls=None" in args]
-        gaps += [f"{path.name}: make_channel(tls=None)" for args in _calls(source, "make_channel")
-                 if "tls=None" in args]
+        gaps += [
+            f"{path.name}: make_channel(tls=None)" for args in _calls(source, "make_channel") if "tls=None" in args
+        ]
     return gaps
 
 
-@pytest.mark.parametrize("svc", [
-    pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="service does not wire TLS yet (TLS_PENDING)"))
-    if s in TLS_PENDING else s for s in SERVICES])
+@pytest.mark.parametrize(
+    "svc",
+    [
+        pytest.param(s, marks=pytest.mark.xfail(strict=True, reason="service does not wire TLS yet (TLS_PENDING)"))
+        if s in TLS_PENDING
+        else s
+        for s in SERVICES
+    ],
+)
 def test_services_given_certificates_serve_and_dial_with_them(overlays, svc: str) -> None:
     """Where prod turns mTLS on, the service serves TLS and dials its peers with its certificate."""
     container = one(overlays["prod"], "Deployment", svc)["spec"]["template"]["spec"]["containers"][0]
@@ -263,7 +272,9 @@ def test_credentials_trusts_the_openbao_cluster_ca(overlays, overlay: str) -> No
     vault = urllib.parse.urlsplit(env["BULKHEAD_VAULT_ADDR"])
     assert vault.scheme == "https" and vault.port == 8200
     host = vault.hostname.split(".")
-    assert host[0] == "openbao" and (len(host) == 1 or host[1:] == [namespace_of(overlays["prod"]), "svc", "cluster", "local"])
+    assert host[0] == "openbao" and (
+        len(host) == 1 or host[1:] == [namespace_of(overlays["prod"]), "svc", "cluster", "local"]
+    )
     mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
     volumes = {v["name"]: v for v in spec["volumes"]}
     assert env["REQUESTS_CA_BUNDLE"] == f"{mounts['openbao-ca']}/ca.crt"

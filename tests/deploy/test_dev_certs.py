@@ -1,4 +1,5 @@
 """`bulkhead certs dev`: the CA and service certificates it writes."""
+
 from __future__ import annotations
 
 import ipaddress
@@ -38,8 +39,11 @@ def test_service_cert_names_and_usages(tmp_path: pathlib.Path) -> None:
     cert = _load(tmp_path / "credentials.pem")
     san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     assert set(san.get_values_for_type(x509.DNSName)) >= {
-        "localhost", "credentials", "credentials.tenant-acme.svc",
-        "credentials.tenant-acme.svc.cluster.local"}
+        "localhost",
+        "credentials",
+        "credentials.tenant-acme.svc",
+        "credentials.tenant-acme.svc.cluster.local",
+    }
     assert ipaddress.ip_address("127.0.0.1") in san.get_values_for_type(x509.IPAddress)
     usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH} <= set(usages)

@@ -1,5 +1,6 @@
 """The image's scripts: the entrypoint that picks a service and the health probe compose and the
 mTLS probes run, against real gRPC servers."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,13 @@ HEALTHCHECK = DEPLOY / "healthcheck.py"
 
 async def _probe(service: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(HEALTHCHECK), service, env={**os.environ, **env},
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+        sys.executable,
+        str(HEALTHCHECK),
+        service,
+        env={**os.environ, **env},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
     out, err = await asyncio.wait_for(proc.communicate(), timeout=30)
     return subprocess.CompletedProcess(service, proc.returncode, out.decode(), err.decode())
 
@@ -31,8 +37,11 @@ async def _health_server(tls: TlsConfig | None) -> tuple[grpc.aio.Server, health
     server = grpc.aio.server()
     servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    port = (server.add_secure_port("127.0.0.1:0", server_credentials(tls)) if tls
-            else server.add_insecure_port("127.0.0.1:0"))
+    port = (
+        server.add_secure_port("127.0.0.1:0", server_credentials(tls))
+        if tls
+        else server.add_insecure_port("127.0.0.1:0")
+    )
     await server.start()
     return server, servicer, port
 
@@ -83,8 +92,13 @@ def test_dockerfile_copies_only_what_exists_and_is_not_ignored() -> None:
     dockerfile = (DEPLOY / "Dockerfile").read_text()
     ignore = (DEPLOY / "Dockerfile.dockerignore").read_text().split()
     allowed = {line[1:].rstrip("/") for line in ignore if line.startswith("!")}
-    sources = [src for line in dockerfile.splitlines() if line.startswith("COPY ")
-               for src in line.split()[1:-1] if not src.startswith("--")]
+    sources = [
+        src
+        for line in dockerfile.splitlines()
+        if line.startswith("COPY ")
+        for src in line.split()[1:-1]
+        if not src.startswith("--")
+    ]
     assert sources
     for src in sources:
         assert (ROOT / src).exists(), f"COPY {src}: not in the repository"

@@ -1,5 +1,6 @@
 """Kubernetes manifests: schema-valid offline, complete per service, and network policies that admit
 exactly the callers each service needs."""
+
 from __future__ import annotations
 
 import copy
@@ -46,8 +47,12 @@ def _validate(obj: Obj) -> None:
 def rendered() -> dict[str, list[Obj]]:
     """Every overlay (and the base and the backing stores) rendered once for this module."""
     dirs = {name: K8S / "overlays" / name for name in OVERLAYS}
-    dirs |= {"base": K8S / "base", "postgres": DEPLOY / "postgres",
-             "openbao-dev": DEPLOY / "openbao" / "dev", "openbao-raft": DEPLOY / "openbao" / "raft"}
+    dirs |= {
+        "base": K8S / "base",
+        "postgres": DEPLOY / "postgres",
+        "openbao-dev": DEPLOY / "openbao" / "dev",
+        "openbao-raft": DEPLOY / "openbao" / "raft",
+    }
     return {name: render(path) for name, path in dirs.items()}
 
 
@@ -60,8 +65,12 @@ def test_every_plain_manifest_file_is_schema_valid() -> None:
     """Each Kubernetes object written in deploy/ validates on its own (no renderer needed)."""
     import yaml
 
-    patch_files = {(k.parent / p["path"]).resolve() for k in DEPLOY.rglob("kustomization.yaml")
-                   for p in yaml.safe_load(k.read_text()).get("patches", ()) if "path" in p}
+    patch_files = {
+        (k.parent / p["path"]).resolve()
+        for k in DEPLOY.rglob("kustomization.yaml")
+        for p in yaml.safe_load(k.read_text()).get("patches", ())
+        if "path" in p
+    }
     checked = 0
     for path, doc in load_yaml_files(DEPLOY):
         if path.name in ("compose.yaml", "kustomization.yaml") or path.resolve() in patch_files:
@@ -106,8 +115,10 @@ def test_each_service_has_deployment_service_probes_resources_pdb(rendered, over
         assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": port, "metrics": metrics}
         for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
             handler = container[probe]
-            assert handler.get("grpc", {}).get("port") == port or \
-                handler.get("exec", {}).get("command") == ["bulkhead-healthcheck", svc], (svc, probe)
+            assert handler.get("grpc", {}).get("port") == port or handler.get("exec", {}).get("command") == [
+                "bulkhead-healthcheck",
+                svc,
+            ], (svc, probe)
         assert {"cpu", "memory"} <= set(container["resources"]["requests"])
         assert "memory" in container["resources"]["limits"]
         assert container["securityContext"]["readOnlyRootFilesystem"] is True
@@ -152,7 +163,9 @@ def test_outsiders_reach_only_the_edge_services(rendered, overlay: str) -> None:
     objs = rendered[overlay]
     policies = find(objs, "NetworkPolicy")
     gateway = _ns_pod("ingress", {"bulkhead.dev/gateway": "true"}, app="gateway")
-    stranger = _ns_pod("other-team", {"kubernetes.io/metadata.name": "other-team"}, **{"app.kubernetes.io/name": "state"})
+    stranger = _ns_pod(
+        "other-team", {"kubernetes.io/metadata.name": "other-team"}, **{"app.kubernetes.io/name": "state"}
+    )
     for svc in _services_in(overlay):
         dst = pod_of(objs, "Deployment", svc)
         assert ingress_allowed(policies, dst, gateway, SERVICE_PORTS[svc]) == (svc in EDGE), svc
@@ -188,9 +201,14 @@ def test_silo_namespace_reaches_shared_identity_but_nothing_else_central(rendere
         assert src.namespace != namespace_of(central)
         assert ingress_allowed(policies, pod_of(central, "Deployment", "identity"), src, SERVICE_PORTS["identity"])
         for dst in ("credentials", "state", "inference", "orchestrator", "metering"):
-            assert not ingress_allowed(policies, pod_of(central, "Deployment", dst), src, SERVICE_PORTS[dst]), (svc, dst)
+            assert not ingress_allowed(policies, pod_of(central, "Deployment", dst), src, SERVICE_PORTS[dst]), (
+                svc,
+                dst,
+            )
     # ... except credentials, which reaches the shared OpenBao cluster (its tenant has a namespace there).
-    openbao = pod_of(rendered["openbao-raft"] + [one(central, "Namespace", namespace_of(central))], "StatefulSet", "openbao")
+    openbao = pod_of(
+        rendered["openbao-raft"] + [one(central, "Namespace", namespace_of(central))], "StatefulSet", "openbao"
+    )
     for svc in _services_in("silo-tenant"):
         src = pod_of(silo, "Deployment", svc)
         assert ingress_allowed(policies, openbao, src, 8200) == (svc == "credentials"), svc
@@ -211,7 +229,11 @@ def test_mtls_overlays_mount_a_certificate_per_service(rendered, overlay: str) -
         mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert volumes["tls"]["secret"]["secretName"] == f"bulkhead-{svc}-tls"
-        for var, file in (("BULKHEAD_TLS_CA", "ca.crt"), ("BULKHEAD_TLS_CERT", "tls.crt"), ("BULKHEAD_TLS_KEY", "tls.key")):
+        for var, file in (
+            ("BULKHEAD_TLS_CA", "ca.crt"),
+            ("BULKHEAD_TLS_CERT", "tls.crt"),
+            ("BULKHEAD_TLS_KEY", "tls.key"),
+        ):
             assert env[var] == f"{mounts['tls']}/{file}"
     for svc in SERVICES:
         (container,) = one(rendered["dev"], "Deployment", svc)["spec"]["template"]["spec"]["containers"]
@@ -252,8 +274,11 @@ def test_kustomizations_name_only_existing_files() -> None:
     for path in sorted(DEPLOY.rglob("kustomization.yaml")):
         spec = yaml.safe_load(path.read_text())
         names = [*spec.get("resources", ()), *spec.get("components", ())]
-        names += [f.split("=", 1)[-1] for gen in (*spec.get("configMapGenerator", ()), *spec.get("secretGenerator", ()))
-                  for f in gen.get("files", ())]
+        names += [
+            f.split("=", 1)[-1]
+            for gen in (*spec.get("configMapGenerator", ()), *spec.get("secretGenerator", ()))
+            for f in gen.get("files", ())
+        ]
         names += [p["path"] for p in spec.get("patches", ()) if "path" in p]
         for name in names:
             assert (path.parent / name).exists(), f"{path.relative_to(DEPLOY)} names missing {name}"

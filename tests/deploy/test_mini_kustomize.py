@@ -1,4 +1,5 @@
 """The fallback renderer (mini_kustomize) renders deploy/ exactly as `kubectl kustomize` does."""
+
 from __future__ import annotations
 
 import base64
@@ -8,9 +9,13 @@ import pytest
 from tests.deploy import mini_kustomize
 from tests.deploy.k8s_helpers import DEPLOY, K8S, OVERLAYS, kustomize_command, render_with_tool
 
-DIRS = {**{name: K8S / "overlays" / name for name in OVERLAYS}, "base": K8S / "base",
-        "postgres": DEPLOY / "postgres", "openbao-dev": DEPLOY / "openbao" / "dev",
-        "openbao-raft": DEPLOY / "openbao" / "raft"}
+DIRS = {
+    **{name: K8S / "overlays" / name for name in OVERLAYS},
+    "base": K8S / "base",
+    "postgres": DEPLOY / "postgres",
+    "openbao-dev": DEPLOY / "openbao" / "dev",
+    "openbao-raft": DEPLOY / "openbao" / "raft",
+}
 
 
 def _keyed(objs: list[dict]) -> dict[tuple[str, str, str], dict]:

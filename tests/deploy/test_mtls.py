@@ -1,4 +1,5 @@
 """mTLS between services: a real grpc.aio server on port 0 that requires CA-signed client certs."""
+
 from __future__ import annotations
 
 import pathlib
@@ -60,8 +61,9 @@ async def test_client_without_certificate_is_refused(tls_server: int, pki: pathl
 
 async def test_client_with_cert_from_another_ca_is_refused(tls_server: int, pki: pathlib.Path) -> None:
     """A certificate signed by a different CA is not accepted, even with a matching name."""
-    rogue = TlsConfig(ca=pki / "good" / "ca.pem", cert=pki / "rogue" / "client.pem",
-                      key=pki / "rogue" / "client-key.pem")
+    rogue = TlsConfig(
+        ca=pki / "good" / "ca.pem", cert=pki / "rogue" / "client.pem", key=pki / "rogue" / "client-key.pem"
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _check(grpc.aio.secure_channel(f"localhost:{tls_server}", channel_credentials(rogue)))
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -78,9 +80,14 @@ async def test_client_refuses_server_from_another_ca(pki: pathlib.Path) -> None:
     """The client side verifies the server too: a server with a rogue certificate is rejected."""
     server = grpc.aio.server()
     health_pb2_grpc.add_HealthServicer_to_server(health.aio.HealthServicer(), server)
-    port = server.add_secure_port("127.0.0.1:0", server_credentials(
-        TlsConfig(ca=pki / "good" / "ca.pem", cert=pki / "rogue" / "identity.pem",
-                  key=pki / "rogue" / "identity-key.pem")))
+    port = server.add_secure_port(
+        "127.0.0.1:0",
+        server_credentials(
+            TlsConfig(
+                ca=pki / "good" / "ca.pem", cert=pki / "rogue" / "identity.pem", key=pki / "rogue" / "identity-key.pem"
+            )
+        ),
+    )
     await server.start()
     try:
         creds = channel_credentials(TlsConfig.from_dir(pki / "good", "client"))
@@ -136,12 +143,18 @@ async def test_production_server_with_mtls_serves_tenants_and_refuses_certless_c
     from testkit.tokens import TestTokens
 
     tokens = TestTokens()
-    running = await serve(name="echo", bindings=[echo_binding()], verifier=tokens.verifier,
-                          address="127.0.0.1:0", tls=TlsConfig.from_dir(pki / "good", "identity"))
+    running = await serve(
+        name="echo",
+        bindings=[echo_binding()],
+        verifier=tokens.verifier,
+        address="127.0.0.1:0",
+        tls=TlsConfig.from_dir(pki / "good", "identity"),
+    )
     try:
         creds = StaticCredentials(tokens.mint("t_alpha"), "t_alpha")
-        async with make_channel(f"localhost:{running.port}", credentials=creds,
-                                tls=TlsConfig.from_dir(pki / "good", "client")) as channel:
+        async with make_channel(
+            f"localhost:{running.port}", credentials=creds, tls=TlsConfig.from_dir(pki / "good", "client")
+        ) as channel:
             reply = await echo_pb2_grpc.EchoServiceStub(channel).Echo(echo_pb2.EchoRequest(message="hi"), timeout=5)
         assert reply.seen.tenant_id == "t_alpha"
         async with make_channel(f"127.0.0.1:{running.port}", credentials=creds) as plaintext:
@@ -152,7 +165,8 @@ async def test_production_server_with_mtls_serves_tenants_and_refuses_certless_c
         async with grpc.aio.secure_channel(f"localhost:{running.port}", no_cert) as anonymous:
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await echo_pb2_grpc.EchoServiceStub(anonymous).Echo(
-                    echo_pb2.EchoRequest(message="hi"), metadata=tokens.metadata("t_alpha"), timeout=5)
+                    echo_pb2.EchoRequest(message="hi"), metadata=tokens.metadata("t_alpha"), timeout=5
+                )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         await running.stop(0)

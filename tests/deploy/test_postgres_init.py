@@ -1,5 +1,6 @@
 """deploy/postgres/init-databases.sh on a real Postgres: the roles and databases compose and the
 dev overlay rely on let every service migrate and run, with row level security in force."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,7 +31,9 @@ async def _drop_everything(server) -> None:
     conn = await asyncpg.connect(server.admin_dsn)
     try:
         for svc in SERVICES:
-            for (name,) in await conn.fetch("SELECT datname FROM pg_database WHERE datname LIKE $1", f"bulkhead_{svc}%"):
+            for (name,) in await conn.fetch(
+                "SELECT datname FROM pg_database WHERE datname LIKE $1", f"bulkhead_{svc}%"
+            ):
                 await conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
             for role in (f"bulkhead_{svc}_app", f"bulkhead_{svc}"):
                 await conn.execute(f'DROP ROLE IF EXISTS "{role}"')
@@ -46,12 +49,24 @@ def initialised(postgres):
     if not psql or not os.path.exists(psql):
         pytest.skip("psql not found")
     asyncio.run(_drop_everything(postgres))
-    env = {**os.environ, "POSTGRES_USER": postgres.admin_user, "PGHOST": postgres.host,
-           "PGPORT": str(postgres.port), "PGPASSWORD": postgres.admin_password,
-           "BULKHEAD_PG_OWNER_PASSWORD": OWNER_PW, "BULKHEAD_PG_APP_PASSWORD": APP_PW,
-           "PATH": f"{os.path.dirname(psql)}:{os.environ.get('PATH', '')}"}
-    result = subprocess.run(["sh", str(DEPLOY / "postgres" / "init-databases.sh")], check=False, env=env,
-                            capture_output=True, text=True, timeout=60)
+    env = {
+        **os.environ,
+        "POSTGRES_USER": postgres.admin_user,
+        "PGHOST": postgres.host,
+        "PGPORT": str(postgres.port),
+        "PGPASSWORD": postgres.admin_password,
+        "BULKHEAD_PG_OWNER_PASSWORD": OWNER_PW,
+        "BULKHEAD_PG_APP_PASSWORD": APP_PW,
+        "PATH": f"{os.path.dirname(psql)}:{os.environ.get('PATH', '')}",
+    }
+    result = subprocess.run(
+        ["sh", str(DEPLOY / "postgres" / "init-databases.sh")],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert result.returncode == 0, result.stderr
     yield postgres
     asyncio.run(_drop_everything(postgres))
@@ -71,10 +86,13 @@ async def test_every_service_migrates_as_owner_and_runs_as_app_role(initialised,
             role = await conn.fetchrow("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user")
             assert (role["rolsuper"], role["rolbypassrls"]) == (False, False)
             owned = await conn.fetchval(
-                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tableowner = current_user")
+                "SELECT count(*) FROM pg_tables WHERE schemaname = 'public' AND tableowner = current_user"
+            )
             assert owned == 0  # the app role owns nothing, so FORCE'd row level security binds it
-            tables = await conn.fetch("SELECT tablename, rowsecurity FROM pg_tables WHERE schemaname = 'public' "
-                                      "AND tablename <> 'alembic_version'")
+            tables = await conn.fetch(
+                "SELECT tablename, rowsecurity FROM pg_tables WHERE schemaname = 'public' "
+                "AND tablename <> 'alembic_version'"
+            )
             assert tables, f"{svc}: no tables after migration"
             with pytest.raises(asyncpg.InsufficientPrivilegeError):
                 await conn.execute("CREATE TABLE sneaky (x int)")

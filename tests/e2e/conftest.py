@@ -1,4 +1,5 @@
 """The whole mesh under `bulkhead up` (separate processes), driven by `bulkhead demo`."""
+
 from __future__ import annotations
 
 import os
@@ -25,14 +26,24 @@ class Mesh:
 
     def cli(self, *args: str, timeout: float = 120) -> subprocess.CompletedProcess:
         """Run a `bulkhead` command against this mesh."""
-        return subprocess.run([sys.executable, "-m", "bulkhead_cli", *args, "--data-dir", str(self.data_dir)],
-                              env=self.env, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(
+            [sys.executable, "-m", "bulkhead_cli", *args, "--data-dir", str(self.data_dir)],
+            env=self.env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
 
     def service_pids(self) -> dict[str, int]:
         """Service name -> pid, from the status table `up` printed."""
-        return {m.group(1): int(m.group(2)) for m in re.finditer(
-            r"^(identity|credentials|state|inference|orchestrator|metering|console)\s+\S+\s+\S+\s+(\d+)\s+healthy",
-            "".join(self.lines), re.M)}
+        return {
+            m.group(1): int(m.group(2))
+            for m in re.finditer(
+                r"^(identity|credentials|state|inference|orchestrator|metering|console)\s+\S+\s+\S+\s+(\d+)\s+healthy",
+                "".join(self.lines),
+                re.M,
+            )
+        }
 
     def stop(self) -> None:
         """Ctrl-C, and wait: services flush their spans on the way down."""
@@ -51,13 +62,24 @@ def start_mesh(data_dir: Path, extra_env: dict[str, str] | None = None, up_args:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **(extra_env or {})}
     env.pop("BULKHEAD_API_KEY", None)
     env.pop("ANTHROPIC_API_KEY", None)
-    for name, port in (("identity", 51), ("credentials", 52), ("state", 53), ("inference", 54),
-                       ("orchestrator", 55), ("metering", 56)):
+    for name, port in (
+        ("identity", 51),
+        ("credentials", 52),
+        ("state", 53),
+        ("inference", 54),
+        ("orchestrator", 55),
+        ("metering", 56),
+    ):
         env[f"BULKHEAD_{name.upper()}_ADDR"] = f"127.0.0.1:{base + port}"
         env[f"BULKHEAD_{name.upper()}_METRICS_PORT"] = str(base + 100 + port)
     env["BULKHEAD_CONSOLE_ADDR"] = f"127.0.0.1:{base + 80}"
-    proc = subprocess.Popen([sys.executable, "-m", "bulkhead_cli", "up", "--data-dir", str(data_dir), "--quiet",
-                             *up_args], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "bulkhead_cli", "up", "--data-dir", str(data_dir), "--quiet", *up_args],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     mesh = Mesh(proc, env, data_dir)
     try:
         _wait_for(proc, r"all services healthy", 120, mesh.lines)
@@ -69,8 +91,10 @@ def start_mesh(data_dir: Path, extra_env: dict[str, str] | None = None, up_args:
 
 def demo_trace_ids(output: str) -> dict[str, str]:
     """tenant name -> trace id, from the demo's runs table."""
-    return {m.group(1): m.group(2) for m in re.finditer(
-        r"^((?:acme|globex)-[0-9a-f]+)\s+\S+\s+succeeded\s+\d+\s+([0-9a-f]{32})\s*$", output, re.M)}
+    return {
+        m.group(1): m.group(2)
+        for m in re.finditer(r"^((?:acme|globex)-[0-9a-f]+)\s+\S+\s+succeeded\s+\d+\s+([0-9a-f]{32})\s*$", output, re.M)
+    }
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """issue 8: the demo scenario through all six services on real Postgres (RLS, app role) and OpenBao,
 for pooled, bridge and silo tenants side by side on one mesh (one start: it is the slow part)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -28,8 +29,10 @@ async def test_demo_on_postgres_and_openbao(mesh_factory, postgres, openbao):
     database (silo); secrets live in OpenBao, not in any of our tables."""
     urls = await postgres.create_database(f"mesh_{uuid.uuid4().hex[:8]}")
     mesh = await asyncio.to_thread(
-        mesh_factory, {"BULKHEAD_VAULT_TOKEN": openbao.root_token},
-        ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url, "--vault", openbao.url))
+        mesh_factory,
+        {"BULKHEAD_VAULT_TOKEN": openbao.root_token},
+        ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url, "--vault", openbao.url),
+    )
     demos = await asyncio.gather(*(asyncio.to_thread(mesh.cli, "demo", "--tier", tier) for tier in TIERS))
     tenants: dict[str, list[str]] = {}
     for tier, demo in zip(TIERS, demos, strict=True):
@@ -77,7 +80,8 @@ async def _no_crm_token(admin: asyncpg.Connection, *, required_table: str) -> No
     columns = await admin.fetch(
         "SELECT table_schema, table_name, column_name, data_type FROM information_schema.columns "
         "WHERE table_schema NOT IN ('pg_catalog', 'information_schema') AND data_type IN "
-        "('text', 'character varying', 'bytea', 'json', 'jsonb')")
+        "('text', 'character varying', 'bytea', 'json', 'jsonb')"
+    )
     assert any(c["table_name"] == required_table for c in columns)
     for c in columns:
         column = f'"{c["column_name"]}"' if c["data_type"] == "bytea" else f'"{c["column_name"]}"::text'

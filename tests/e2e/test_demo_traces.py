@@ -1,4 +1,5 @@
 """issue 8: the demo runs through all six services; one workflow is one trace across all of them."""
+
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +39,8 @@ async def test_demo_is_one_trace_per_workflow_across_all_services(mesh_factory):
         assert not survivors, f"still running after Ctrl-C: {survivors}"
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline and not all(
-                {s.service.removeprefix("bulkhead-") for s in receiver.trace(t)} >= SERVICES for t in traces.values()):
+            {s.service.removeprefix("bulkhead-") for s in receiver.trace(t)} >= SERVICES for t in traces.values()
+        ):
             await asyncio.sleep(0.5)
     finally:
         await receiver.stop()

@@ -5,6 +5,7 @@ billed, attempt by attempt (see test_metering_exact_kill for how they are matche
 The cluster is this test's own (stopping the session's server would disturb other tests), with
 synchronous commits: an acknowledged commit must survive the crash, as on a production server.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -41,11 +42,17 @@ class CrashablePostgres:
         password = secrets.token_urlsafe(18)
         _initdb(self.bindir, self.root, password, self.account)
         with open(os.path.join(self.root, "data", "postgresql.conf"), "a") as conf:
-            conf.write("\nsynchronous_commit = on\n")   # later lines win over the test cluster's `off`
+            conf.write("\nsynchronous_commit = on\n")  # later lines win over the test cluster's `off`
         self.port = free_port()
         self.proc = _launch(self.bindir, self.root, self.port, self.account)
-        self.server = PostgresServer(host="127.0.0.1", port=self.port, admin_user=ADMIN_ROLE,
-                                     admin_password=password, backend="local", socket_dir=self.root)
+        self.server = PostgresServer(
+            host="127.0.0.1",
+            port=self.port,
+            admin_user=ADMIN_ROLE,
+            admin_password=password,
+            backend="local",
+            socket_dir=self.root,
+        )
 
     def crash(self) -> None:
         """SIGQUIT to the postmaster: what `pg_ctl stop -m immediate` sends (no shutdown checkpoint)."""
@@ -58,7 +65,7 @@ class CrashablePostgres:
             try:
                 self.proc = _launch(self.bindir, self.root, self.port, self.account)
                 return
-            except ServerStartError:    # the crashed server's backends may still hold its shared memory
+            except ServerStartError:  # the crashed server's backends may still hold its shared memory
                 if attempt == 4:
                     raise
                 time.sleep(1)
@@ -80,7 +87,11 @@ async def test_database_crash_and_restart_mid_burst_leaves_the_ledger_equal_to_t
         urls = await pg.server.create_database(f"exactdb_{uuid.uuid4().hex[:8]}")
         async with FakeAnthropic(delay=1.0) as fake:
             mesh, addresses = await asyncio.to_thread(
-                start_replicated, tmp_path / "mesh", mesh_env(fake), ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url))
+                start_replicated,
+                tmp_path / "mesh",
+                mesh_env(fake),
+                ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url),
+            )
             try:
                 tenant_id, api_key = await _tenant(mesh.data_dir, addresses)
                 async with await Client.connect(api_key=api_key, addresses=addresses) as bh:
@@ -108,12 +119,16 @@ async def test_database_crash_and_restart_mid_burst_leaves_the_ledger_equal_to_t
                 await asyncio.to_thread(mesh.stop)
     finally:
         pg.close()
-    print(f"\n[exact-db] {burst.served} served, {burst.refused} refused, {burst.resent} resent after UNAVAILABLE; "
-          f"{in_flight} upstream calls in flight at the crash; whole test {time.monotonic() - started:.0f}s")
+    print(
+        f"\n[exact-db] {burst.served} served, {burst.refused} refused, {burst.resent} resent after UNAVAILABLE; "
+        f"{in_flight} upstream calls in flight at the crash; whole test {time.monotonic() - started:.0f}s"
+    )
     print(f"[exact-db] runs: {runs}")
-    print(f"[exact-db] billed {report['billed']} tokens over {len(billed)} attempts; ledger {report['ledger']} "
-          f"= billed with {report['at_reservation']} attempt(s) counted at their reservation: {report['expected']}; "
-          f"budget {BUDGET}: used {status.used}, held {status.held}")
+    print(
+        f"[exact-db] billed {report['billed']} tokens over {len(billed)} attempts; ledger {report['ledger']} "
+        f"= billed with {report['at_reservation']} attempt(s) counted at their reservation: {report['expected']}; "
+        f"budget {BUDGET}: used {status.used}, held {status.held}"
+    )
     assert not re.findall(r"exited with code", "".join(mesh.lines)), "no service may die with its database"
     assert not burst.unexpected, burst.unexpected
     assert in_flight > 0 and burst.resent >= 1, "the crash must land mid-burst"
@@ -121,5 +136,6 @@ async def test_database_crash_and_restart_mid_burst_leaves_the_ledger_equal_to_t
     assert report["ledger"] == report["expected"]
     assert report["billed"] <= BUDGET and status.used + status.held <= BUDGET
     # The budget is tight on purpose: a run may fail BUDGET_EXHAUSTED when it runs out, never otherwise.
-    assert runs and all(r == "RUN_STATUS_SUCCEEDED" or r.startswith("RUN_STATUS_FAILED BUDGET_EXHAUSTED")
-                        for r in runs), runs
+    assert runs and all(
+        r == "RUN_STATUS_SUCCEEDED" or r.startswith("RUN_STATUS_FAILED BUDGET_EXHAUSTED") for r in runs
+    ), runs

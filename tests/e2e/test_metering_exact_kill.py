@@ -15,6 +15,7 @@ holder's leases held (its refusal figures show the call would have fit without t
 the kill are served, and those leases (found by the pid in their holder name) are gone from metering
 within 10 s. The budget is tight on purpose: refusals when it is really spent are allowed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -53,13 +54,15 @@ def mesh_env(fake: FakeAnthropic) -> dict[str, str]:
     """The mesh environment every exact-ledger test starts with: the fake upstream, the known attempt salt
     (the salt no longer defaults to a public value) and slices/leases that make a kill or crash bite."""
     return {
-        "ANTHROPIC_API_KEY": "sk-ant-fake", "ANTHROPIC_BASE_URL": fake.base_url,
+        "ANTHROPIC_API_KEY": "sk-ant-fake",
+        "ANTHROPIC_BASE_URL": fake.base_url,
         "BULKHEAD_MODEL_PROVIDER": "anthropic",
-        "BULKHEAD_INFERENCE_USER_ID_SALT": ATTEMPT_SALT,   # reconcile computes attempt ids (attempt_ref) with it
+        "BULKHEAD_INFERENCE_USER_ID_SALT": ATTEMPT_SALT,  # reconcile computes attempt ids (attempt_ref) with it
         "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "5",  # a killed holder's runs move on after 5 s, not 15
         # Slices well under the budget, so both replicas hold leases and serve (the default 20,000
         # would put the whole budget on one replica until it idles).
-        "BULKHEAD_INFERENCE_LEASE_TOKENS": "500"}
+        "BULKHEAD_INFERENCE_LEASE_TOKENS": "500",
+    }
 
 
 class Burst:
@@ -78,12 +81,13 @@ class Burst:
     async def runs_worker(self) -> None:
         """Runs of a one-agent team: each step's model call goes through the proxies too."""
         while not self.stop.is_set():
-            key = uuid.uuid4().hex      # the same key on every resend: one run
+            key = uuid.uuid4().hex  # the same key on every resend: one run
             for _ in range(40):
                 try:
-                    started = await self.bh.orchestrator.StartRun(orc.StartRunRequest(
-                        team="exact", entry_agent="solo", input=f"ping {key}", idempotency_key=key),
-                        timeout=CALL_TIMEOUT)
+                    started = await self.bh.orchestrator.StartRun(
+                        orc.StartRunRequest(team="exact", entry_agent="solo", input=f"ping {key}", idempotency_key=key),
+                        timeout=CALL_TIMEOUT,
+                    )
                     self.runs.append(started.run.run_id)
                     break
                 except grpc.aio.AioRpcError as err:
@@ -118,19 +122,29 @@ class Burst:
         while not self.stop.is_set():
             rid = uuid.uuid4().hex
             for _ in range(40):
-                params = inf.MessageParams(model=MODEL, max_tokens=20, messages=[inf.Message(
-                    role=inf.ROLE_USER, content=[inf.ContentBlock(text=inf.TextBlock(text="hello exact ledger"))])])
+                params = inf.MessageParams(
+                    model=MODEL,
+                    max_tokens=20,
+                    messages=[
+                        inf.Message(
+                            role=inf.ROLE_USER,
+                            content=[inf.ContentBlock(text=inf.TextBlock(text="hello exact ledger"))],
+                        )
+                    ],
+                )
                 md = (("x-request-id", rid),)
                 try:
                     if stream:
-                        events = self.bh.inference.StreamMessage(inf.StreamMessageRequest(params=params),
-                                                                 metadata=md, timeout=CALL_TIMEOUT)
+                        events = self.bh.inference.StreamMessage(
+                            inf.StreamMessageRequest(params=params), metadata=md, timeout=CALL_TIMEOUT
+                        )
                         async for _ in events:
                             pass
                         self.streamed += 1
                     else:
-                        await self.bh.inference.CreateMessage(inf.CreateMessageRequest(params=params), metadata=md,
-                                                              timeout=CALL_TIMEOUT)
+                        await self.bh.inference.CreateMessage(
+                            inf.CreateMessageRequest(params=params), metadata=md, timeout=CALL_TIMEOUT
+                        )
                     self.served += 1
                     self.served_at.append(time.time())
                     break
@@ -152,15 +166,35 @@ async def _tenant(data_dir, addresses) -> tuple[str, str]:
     operator_key = (data_dir / "operator.key").read_text().strip()
     async with await Client.connect(api_key=operator_key, addresses=addresses) as operator:
         created = await operator.identity.CreateTenant(idp.CreateTenantRequest(name=f"exact-{uuid.uuid4().hex[:6]}"))
-        await operator.metering.SetQuota(mtr.SetQuotaRequest(quota=mtr.Quota(
-            tenant_id=created.tenant.id, requests_per_minute=100_000, tokens_per_minute=10_000_000,
-            budgets=[mtr.Budget(unit=mtr.BUDGET_UNIT_TOKENS, limit=BUDGET, period=mtr.BUDGET_PERIOD_MONTH,
-                                mode=mtr.BUDGET_MODE_HARD)])))
+        await operator.metering.SetQuota(
+            mtr.SetQuotaRequest(
+                quota=mtr.Quota(
+                    tenant_id=created.tenant.id,
+                    requests_per_minute=100_000,
+                    tokens_per_minute=10_000_000,
+                    budgets=[
+                        mtr.Budget(
+                            unit=mtr.BUDGET_UNIT_TOKENS,
+                            limit=BUDGET,
+                            period=mtr.BUDGET_PERIOD_MONTH,
+                            mode=mtr.BUDGET_MODE_HARD,
+                        )
+                    ],
+                )
+            )
+        )
     async with await Client.connect(api_key=created.admin_api_key, addresses=addresses) as bh:
-        await bh.orchestrator.CreateTeam(orc.CreateTeamRequest(team=orc.Team(
-            name="exact", description="one agent, one model call per run",
-            agents=[orc.Agent(name="solo", system_prompt="Answer briefly.", model=MODEL, max_steps=2,
-                             max_tokens=20)])))
+        await bh.orchestrator.CreateTeam(
+            orc.CreateTeamRequest(
+                team=orc.Team(
+                    name="exact",
+                    description="one agent, one model call per run",
+                    agents=[
+                        orc.Agent(name="solo", system_prompt="Answer briefly.", model=MODEL, max_steps=2, max_tokens=20)
+                    ],
+                )
+            )
+        )
     return created.tenant.id, created.admin_api_key
 
 
@@ -169,19 +203,35 @@ async def _books(owner_url: str, tenant_id: str) -> tuple[dict[str, int], list[t
     conn = await asyncpg.connect(owner_url.replace("postgresql+asyncpg://", "postgresql://"))
     try:
         await conn.execute("SELECT set_config('app.tenant_id', $1, false)", tenant_id)
-        ledger = {r[0]: int(r[1]) for r in await conn.fetch(
-            "SELECT idempotency_key, input_tokens + output_tokens + cache_write_tokens + cache_read_tokens "
-            "FROM metering_usage_events WHERE tenant_id = $1", tenant_id)}
-        attempts = [tuple(r) for r in await conn.fetch(
-            "SELECT request_id, attempt, reserve_input + reserve_output, state, outcome, at_reservation "
-            "FROM inference_attempts WHERE tenant_id = $1", tenant_id)]
+        ledger = {
+            r[0]: int(r[1])
+            for r in await conn.fetch(
+                "SELECT idempotency_key, input_tokens + output_tokens + cache_write_tokens + cache_read_tokens "
+                "FROM metering_usage_events WHERE tenant_id = $1",
+                tenant_id,
+            )
+        }
+        attempts = [
+            tuple(r)
+            for r in await conn.fetch(
+                "SELECT request_id, attempt, reserve_input + reserve_output, state, outcome, at_reservation "
+                "FROM inference_attempts WHERE tenant_id = $1",
+                tenant_id,
+            )
+        ]
     finally:
         await conn.close()
     return ledger, attempts
 
 
-async def _held_over_time(bh: Client, owner_url: str, tenant_id: str, dead_pid: int, stop: asyncio.Event,
-                          samples: list[tuple[float, int, int, int]]) -> None:
+async def _held_over_time(
+    bh: Client,
+    owner_url: str,
+    tenant_id: str,
+    dead_pid: int,
+    stop: asyncio.Event,
+    samples: list[tuple[float, int, int, int]],
+) -> None:
     """Every 0.5 s: (wall time, used, held, held by the dead process's leases) of the tenant's token budget.
     GetQuotaStatus sweeps expired holds first; the dead holder's share is read by its holder name."""
     conn = await asyncpg.connect(owner_url.replace("postgresql+asyncpg://", "postgresql://"))
@@ -195,7 +245,10 @@ async def _held_over_time(bh: Client, owner_url: str, tenant_id: str, dead_pid: 
                 continue
             dead = await conn.fetchval(
                 "SELECT COALESCE(sum(tokens_held), 0) FROM metering_holds WHERE tenant_id = $1 AND kind = 'lease' "
-                "AND state = 'open' AND split_part(holder, ':', 2) = $2", tenant_id, str(dead_pid))
+                "AND state = 'open' AND split_part(holder, ':', 2) = $2",
+                tenant_id,
+                str(dead_pid),
+            )
             samples.append((time.time(), status.used, status.held, int(dead)))
             await asyncio.sleep(0.5)
     finally:
@@ -210,7 +263,7 @@ def stranded(refusal: str, at: float, samples: list[tuple[float, int, int, int]]
     have fit had they come back (its `needs`, at most what remained plus their share around then)."""
     found = _REMAIN.search(refusal)
     if found is None:
-        return True     # not metering's figures: not explained by a spent budget
+        return True  # not metering's figures: not explained by a spent budget
     needs, remaining = int(found.group(1)), int(found.group(2))
     dead = max((d for t, _, _, d in samples if abs(t - at) <= 1.0), default=0)
     return dead > 0 and needs <= remaining + dead
@@ -227,19 +280,25 @@ def reconcile(tenant_id: str, ledger: dict[str, int], attempts: list[tuple], bil
     for ref, (key, reserve, state, outcome, flagged) in by_ref.items():
         got, bill = ledger.get(key), billed.get(ref)
         if bill is not None and got == bill:
-            expected += bill                       # metered exactly as billed
+            expected += bill  # metered exactly as billed
         elif got == reserve and (flagged or not outcome) and (bill is None or bill <= reserve):
-            expected += reserve                    # settled at its reservation: counted as billed at it
+            expected += reserve  # settled at its reservation: counted as billed at it
             at_reservation_count += 1
         elif bill is None and got is None and outcome:
-            pass                                   # answered without usage (an error before any work): nothing to bill
+            pass  # answered without usage (an error before any work): nothing to bill
         else:
             problems.append(f"{key}: ledger {got}, billed {bill}, reserved {reserve}, state {state} {outcome!r}")
     problems += [f"billed attempt {ref} never journalled" for ref in billed if ref not in by_ref]
     journalled = {key for key, *_ in by_ref.values()}
     problems += [f"ledger event {key} has no attempt" for key in ledger if key not in journalled]
-    return {"ledger": sum(ledger.values()), "billed": sum(billed.values()), "expected": expected,
-            "at_reservation": at_reservation_count, "attempts": len(by_ref), "problems": problems}
+    return {
+        "ledger": sum(ledger.values()),
+        "billed": sum(billed.values()),
+        "expected": expected,
+        "at_reservation": at_reservation_count,
+        "attempts": len(by_ref),
+        "problems": problems,
+    }
 
 
 @pytest.mark.slow
@@ -253,9 +312,13 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
     and used + held never passed the budget."""
     started = time.monotonic()
     urls = await postgres.create_database(f"exact_{uuid.uuid4().hex[:8]}")
-    async with FakeAnthropic(delay=1.0) as fake:    # ~6 calls upstream per replica at any time
+    async with FakeAnthropic(delay=1.0) as fake:  # ~6 calls upstream per replica at any time
         mesh, addresses = await asyncio.to_thread(
-            start_replicated, tmp_path / "mesh", mesh_env(fake), ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url))
+            start_replicated,
+            tmp_path / "mesh",
+            mesh_env(fake),
+            ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url),
+        )
         try:
             tenant_id, api_key = await _tenant(mesh.data_dir, addresses)
             async with await Client.connect(api_key=api_key, addresses=addresses) as bh:
@@ -268,7 +331,7 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
                 pid = replica_pids(mesh)[victim]
                 watching, samples = asyncio.Event(), []
                 monitor = asyncio.create_task(_held_over_time(bh, urls.owner_url, tenant_id, pid, watching, samples))
-                await asyncio.sleep(0.6)    # one sample before the kill
+                await asyncio.sleep(0.6)  # one sample before the kill
                 os.kill(pid, signal.SIGKILL)
                 killed_at = time.time()
                 await wait_for_line(mesh, rf"!! {re.escape(victim)} is healthy again", 90)
@@ -278,7 +341,7 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
                 await asyncio.gather(*workers)
                 watching.set()
                 await monitor
-                runs = await burst.finished_runs(90)    # every step's model call made before reconciling
+                runs = await burst.finished_runs(90)  # every step's model call made before reconciling
                 status = (await bh.metering.GetQuotaStatus(mtr.GetQuotaStatusRequest())).budgets[0]
             # The restarted replica settles its predecessor's rows at once; outboxes deliver within seconds.
             deadline = time.monotonic() + 60
@@ -290,24 +353,32 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
                 await asyncio.sleep(1)
         finally:
             await asyncio.to_thread(mesh.stop)
-    print(f"\n[exact] kill -9 {victim}: {burst.served} served ({burst.streamed} streamed), {burst.refused} refused, "
-          f"{burst.resent} resent after UNAVAILABLE; "
-          f"{in_flight} upstream calls in flight at the kill; whole test {time.monotonic() - started:.0f}s")
+    print(
+        f"\n[exact] kill -9 {victim}: {burst.served} served ({burst.streamed} streamed), {burst.refused} refused, "
+        f"{burst.resent} resent after UNAVAILABLE; "
+        f"{in_flight} upstream calls in flight at the kill; whole test {time.monotonic() - started:.0f}s"
+    )
     print(f"[exact] runs: {runs}")
-    print("[exact] token budget after the kill (s: used / held, of which the killed process's leases): " + ", ".join(
-        f"{t - killed_at:+.1f}s: {used}/{held} ({dead})" for t, used, held, dead in samples))
+    print(
+        "[exact] token budget after the kill (s: used / held, of which the killed process's leases): "
+        + ", ".join(f"{t - killed_at:+.1f}s: {used}/{held} ({dead})" for t, used, held, dead in samples)
+    )
     after = [(t, text) for t, text in burst.refusals if t >= killed_at]
     served_after = sum(1 for t in burst.served_at if t >= killed_at)
     failed_after = [(t, text) for t, text in burst.failed if t >= killed_at]
     wrongly = [(round(t - killed_at, 1), text[:200]) for t, text in after + failed_after if stranded(text, t, samples)]
-    print(f"[exact] after the kill: {served_after} calls served, {len(after)} refused "
-          f"(first at {min((round(t - killed_at, 1) for t, _ in after), default=None)} s); "
-          f"{len(failed_after)} runs failed; refused for the dead holder's leases: {len(wrongly)}; first refusal: "
-          f"{min(after + failed_after, default=(0, ''))[1][-160:]!r}")
+    print(
+        f"[exact] after the kill: {served_after} calls served, {len(after)} refused "
+        f"(first at {min((round(t - killed_at, 1) for t, _ in after), default=None)} s); "
+        f"{len(failed_after)} runs failed; refused for the dead holder's leases: {len(wrongly)}; first refusal: "
+        f"{min(after + failed_after, default=(0, ''))[1][-160:]!r}"
+    )
     print(f"[exact] fake: {len(fake.calls)} requests received, {len(fake.usage_log)} billed")
-    print(f"[exact] billed {report['billed']} tokens over {len(billed)} attempts; ledger {report['ledger']} "
-          f"= billed with {report['at_reservation']} attempt(s) counted at their reservation: {report['expected']}; "
-          f"budget {BUDGET}: used {status.used}, held {status.held}")
+    print(
+        f"[exact] billed {report['billed']} tokens over {len(billed)} attempts; ledger {report['ledger']} "
+        f"= billed with {report['at_reservation']} attempt(s) counted at their reservation: {report['expected']}; "
+        f"budget {BUDGET}: used {status.used}, held {status.held}"
+    )
     assert re.findall(r"!! (\w+#\d) exited with code -9", "".join(mesh.lines)) == [victim]
     assert not burst.unexpected, burst.unexpected
     # Calls go on after the kill; a refusal or a failed run only when the budget is really spent, never
@@ -319,8 +390,10 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
         dead_at_kill = max(dead for t, _, _, dead in samples if t < killed_at + 0.5)
         assert dead_at_kill > 0, "the killed proxy held leases"
         back = next((t - killed_at for t, _, _, dead in samples if t > killed_at and dead == 0), None)
-        print(f"[exact] the killed proxy held {dead_at_kill} tokens in leases; back at metering after "
-              f"{back if back is None else round(back, 1)} s")
+        print(
+            f"[exact] the killed proxy held {dead_at_kill} tokens in leases; back at metering after "
+            f"{back if back is None else round(back, 1)} s"
+        )
         assert back is not None and back < 10, "a dead holder's leases come back within seconds (6 s TTL + sweep)"
     assert in_flight > 0 and burst.served >= 10, "the kill must land mid-burst"
     assert burst.streamed >= 1, "streams were metered too"

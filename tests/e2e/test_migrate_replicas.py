@@ -12,6 +12,7 @@ answer (the pooled rows are released: routed by the claim it would read nothing)
 around the kill, so no write is in flight on the killed replica (an unacknowledged write that committed
 would count twice).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -83,9 +84,16 @@ async def _read_when_up(stub, md) -> list[bytes]:
 async def test_two_replicas_of_everything_pooled_to_bridge_a_restart_and_back(tmp_path, postgres):
     urls = await postgres.create_database("mig_replicas")
     async with FakeAnthropic() as fake:
-        mesh, addresses = await asyncio.to_thread(start_replicated, tmp_path / "mesh", {
-            "ANTHROPIC_API_KEY": "sk-ant-fake", "ANTHROPIC_BASE_URL": fake.base_url,
-            "BULKHEAD_MODEL_PROVIDER": "anthropic"}, ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url))
+        mesh, addresses = await asyncio.to_thread(
+            start_replicated,
+            tmp_path / "mesh",
+            {
+                "ANTHROPIC_API_KEY": "sk-ant-fake",
+                "ANTHROPIC_BASE_URL": fake.base_url,
+                "BULKHEAD_MODEL_PROVIDER": "anthropic",
+            },
+            ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url),
+        )
         channels = []
         try:
             state_addrs = addresses["state"].removeprefix("ipv4:").split(",")
@@ -126,8 +134,10 @@ async def test_two_replicas_of_everything_pooled_to_bridge_a_restart_and_back(tm
                 assert await read_all(stubs[0], md, "live") == acked
                 assert await read_all(stubs[1], md, "live") == acked
                 assert not await _schema_exists(urls.owner_url, bridge_schema(tenant_id))  # every service released
-                print(f"\nreplicas under bulkhead up: pauses (ms) {pauses}; writer's retried pauses (s) "
-                      f"{[round(p, 3) for p in retried]}; {len(acked)} events")
+                print(
+                    f"\nreplicas under bulkhead up: pauses (ms) {pauses}; writer's retried pauses (s) "
+                    f"{[round(p, 3) for p in retried]}; {len(acked)} events"
+                )
         finally:
             for ch in channels:
                 await ch.close()

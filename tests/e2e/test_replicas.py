@@ -5,6 +5,7 @@ other replica); any other call may fail, but only as UNAVAILABLE, and succeeds w
 again (with its idempotency key: StartRun's key, CreateMessage's request id, AppendEvents' expected
 version); every run completes. Bounded: about two minutes on two cores.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -92,7 +93,9 @@ def _ports_free(ports) -> bool:
     return True
 
 
-def start_replicated(data_dir: Path, extra_env: dict[str, str], up_args: tuple[str, ...]) -> tuple[Mesh, dict[str, str]]:
+def start_replicated(
+    data_dir: Path, extra_env: dict[str, str], up_args: tuple[str, ...]
+) -> tuple[Mesh, dict[str, str]]:
     """`bulkhead up --replicas 2` on free ports; returns the mesh and the addresses listing both replicas."""
     for _ in range(20):
         base = _free_port_base()
@@ -100,9 +103,27 @@ def start_replicated(data_dir: Path, extra_env: dict[str, str], up_args: tuple[s
             break
     env = {**os.environ, "PYTHONUNBUFFERED": "1", **extra_env}
     env.pop("BULKHEAD_API_KEY", None)
-    proc = subprocess.Popen([sys.executable, "-m", "bulkhead_cli", "up", "--data-dir", str(data_dir), "--quiet",
-                             "--no-console", "--port-base", str(base), "--replicas", "2", *up_args],
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "bulkhead_cli",
+            "up",
+            "--data-dir",
+            str(data_dir),
+            "--quiet",
+            "--no-console",
+            "--port-base",
+            str(base),
+            "--replicas",
+            "2",
+            *up_args,
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     mesh = Mesh(proc, env, data_dir)
     out = proc.stdout
     assert out is not None, "started with stdout=PIPE"
@@ -115,6 +136,7 @@ def start_replicated(data_dir: Path, extra_env: dict[str, str], up_args: tuple[s
     if not any("all services healthy" in line for line in mesh.lines):
         mesh.stop()
         raise AssertionError("mesh did not come up:\n" + "".join(mesh.lines))
+
     # Keep reading: the supervisor reports kills and restarts as they happen.
     def follow() -> None:
         for line in out:
@@ -127,8 +149,10 @@ def start_replicated(data_dir: Path, extra_env: dict[str, str], up_args: tuple[s
 
 def replica_pids(mesh: Mesh) -> dict[str, int]:
     """Replica label (state#1) -> pid, from the status table `up` printed."""
-    return {m.group(1): int(m.group(2)) for m in re.finditer(
-        r"^(\w+#\d)\s+\S+\s+\S+\s+(\d+)\s+healthy", "".join(mesh.lines), re.M)}
+    return {
+        m.group(1): int(m.group(2))
+        for m in re.finditer(r"^(\w+#\d)\s+\S+\s+\S+\s+(\d+)\s+healthy", "".join(mesh.lines), re.M)
+    }
 
 
 def matches(mesh: Mesh, pattern: str) -> int:
@@ -139,8 +163,14 @@ def matches(mesh: Mesh, pattern: str) -> int:
 def rpcs_served(metrics_url: str) -> int:
     """RPCs of our services (not health checks) a process has handled since it started, from its /metrics."""
     body = urllib.request.urlopen(metrics_url, timeout=5).read().decode()
-    return int(sum(float(v) for v in re.findall(
-        r'^bulkhead_rpc_requests_total\{[^}]*method="/bulkhead\.[^"]*"[^}]*\} (\S+)$', body, re.M)))
+    return int(
+        sum(
+            float(v)
+            for v in re.findall(
+                r'^bulkhead_rpc_requests_total\{[^}]*method="/bulkhead\.[^"]*"[^}]*\} (\S+)$', body, re.M
+            )
+        )
+    )
 
 
 async def every_replica_serves(mesh: Mesh, timeout: float) -> dict[str, int]:
@@ -174,10 +204,14 @@ class Workload:
     async def runs_loop(self) -> None:
         while not self.stop.is_set():
             key = uuid.uuid4().hex  # the same key on every resend: one run, however often it is sent
-            started = await self.t.until_done("StartRun", functools.partial(
-                self.bh.orchestrator.StartRun, orc.StartRunRequest(
-                    team="replicas", entry_agent="solo", input=f"ping {key}", idempotency_key=key),
-                timeout=CALL_TIMEOUT))
+            started = await self.t.until_done(
+                "StartRun",
+                functools.partial(
+                    self.bh.orchestrator.StartRun,
+                    orc.StartRunRequest(team="replicas", entry_agent="solo", input=f"ping {key}", idempotency_key=key),
+                    timeout=CALL_TIMEOUT,
+                ),
+            )
             if started is not None:
                 self.runs.append(started.run.run_id)
             await asyncio.sleep(0.5)
@@ -185,33 +219,59 @@ class Workload:
     async def inference_loop(self) -> None:
         while not self.stop.is_set():
             rid = uuid.uuid4().hex  # the proxy meters (and journals) a request id once
-            await self.t.until_done("CreateMessage", functools.partial(
-                self.bh.inference.CreateMessage, inf.CreateMessageRequest(params=inf.MessageParams(
-                    model=MODEL, max_tokens=20, messages=[inf.Message(role=inf.ROLE_USER, content=[
-                        inf.ContentBlock(text=inf.TextBlock(text="hello replicas"))])])),
-                metadata=(("x-request-id", rid),), timeout=CALL_TIMEOUT))
-            await self.t.idempotent("GetModelPolicy", lambda: self.bh.inference.GetModelPolicy(
-                inf.GetModelPolicyRequest(), timeout=CALL_TIMEOUT))
+            await self.t.until_done(
+                "CreateMessage",
+                functools.partial(
+                    self.bh.inference.CreateMessage,
+                    inf.CreateMessageRequest(
+                        params=inf.MessageParams(
+                            model=MODEL,
+                            max_tokens=20,
+                            messages=[
+                                inf.Message(
+                                    role=inf.ROLE_USER,
+                                    content=[inf.ContentBlock(text=inf.TextBlock(text="hello replicas"))],
+                                )
+                            ],
+                        )
+                    ),
+                    metadata=(("x-request-id", rid),),
+                    timeout=CALL_TIMEOUT,
+                ),
+            )
+            await self.t.idempotent(
+                "GetModelPolicy",
+                lambda: self.bh.inference.GetModelPolicy(inf.GetModelPolicyRequest(), timeout=CALL_TIMEOUT),
+            )
 
     async def secrets_loop(self) -> None:
         while not self.stop.is_set():
-            await self.t.idempotent("GetSecret", lambda: self.bh.credentials.GetSecret(
-                cred.GetSecretRequest(name="crm"), timeout=CALL_TIMEOUT))
-            await self.t.idempotent("ListSecrets", lambda: self.bh.credentials.ListSecrets(
-                cred.ListSecretsRequest(), timeout=CALL_TIMEOUT))
+            await self.t.idempotent(
+                "GetSecret",
+                lambda: self.bh.credentials.GetSecret(cred.GetSecretRequest(name="crm"), timeout=CALL_TIMEOUT),
+            )
+            await self.t.idempotent(
+                "ListSecrets", lambda: self.bh.credentials.ListSecrets(cred.ListSecretsRequest(), timeout=CALL_TIMEOUT)
+            )
 
     async def state_loop(self, thread_id: str) -> None:
         version = 0
         while not self.stop.is_set():
             version = await self._append(thread_id, version)
-            await self.t.idempotent("ReadEvents", functools.partial(
-                self.bh.state.ReadEvents,
-                st.ReadEventsRequest(thread_id=thread_id, after_version=max(version - 5, 0)), timeout=CALL_TIMEOUT))
+            await self.t.idempotent(
+                "ReadEvents",
+                functools.partial(
+                    self.bh.state.ReadEvents,
+                    st.ReadEventsRequest(thread_id=thread_id, after_version=max(version - 5, 0)),
+                    timeout=CALL_TIMEOUT,
+                ),
+            )
 
     async def _append(self, thread_id: str, version: int) -> int:
         """Append one event at `version`; after UNAVAILABLE, read the thread to learn whether it landed."""
-        request = st.AppendEventsRequest(thread_id=thread_id, expected_version=version,
-                                         events=[st.NewEvent(type="tick", payload=b"x")])
+        request = st.AppendEventsRequest(
+            thread_id=thread_id, expected_version=version, events=[st.NewEvent(type="tick", payload=b"x")]
+        )
         for _ in range(30):
             self.t.calls["AppendEvents"] += 1
             try:
@@ -223,8 +283,12 @@ class Workload:
                 if err.code() != grpc.StatusCode.UNAVAILABLE:
                     self.t.gave_up.append(f"AppendEvents: {err.code().name} {err.details()}")
                     return version
-            got = await self.t.idempotent("GetThread", functools.partial(
-                self.bh.state.GetThread, st.GetThreadRequest(thread_id=thread_id), timeout=CALL_TIMEOUT))
+            got = await self.t.idempotent(
+                "GetThread",
+                functools.partial(
+                    self.bh.state.GetThread, st.GetThreadRequest(thread_id=thread_id), timeout=CALL_TIMEOUT
+                ),
+            )
             if got is not None and got.thread.version > version:  # the lost reply's write did land
                 self.appended += 1
                 return got.thread.version
@@ -234,20 +298,39 @@ class Workload:
 
     async def metering_loop(self) -> None:
         while not self.stop.is_set():
-            event = mtr.UsageEvent(idempotency_key=uuid.uuid4().hex, model=PINNED, agent_id="load",
-                                   tokens=mtr.TokenCounts(input_tokens=3, output_tokens=4),
-                                   outcome=mtr.OUTCOME_SUCCESS, occur_time=Timestamp(seconds=int(time.time())))
-            await self.t.idempotent("RecordUsage", functools.partial(
-                self.bh.metering.RecordUsage, mtr.RecordUsageRequest(events=[event]), timeout=CALL_TIMEOUT))
-            await self.t.idempotent("GetQuotaStatus", lambda: self.bh.metering.GetQuotaStatus(
-                mtr.GetQuotaStatusRequest(), timeout=CALL_TIMEOUT))
+            event = mtr.UsageEvent(
+                idempotency_key=uuid.uuid4().hex,
+                model=PINNED,
+                agent_id="load",
+                tokens=mtr.TokenCounts(input_tokens=3, output_tokens=4),
+                outcome=mtr.OUTCOME_SUCCESS,
+                occur_time=Timestamp(seconds=int(time.time())),
+            )
+            await self.t.idempotent(
+                "RecordUsage",
+                functools.partial(
+                    self.bh.metering.RecordUsage, mtr.RecordUsageRequest(events=[event]), timeout=CALL_TIMEOUT
+                ),
+            )
+            await self.t.idempotent(
+                "GetQuotaStatus",
+                lambda: self.bh.metering.GetQuotaStatus(mtr.GetQuotaStatusRequest(), timeout=CALL_TIMEOUT),
+            )
             await asyncio.sleep(0.1)
 
     def start(self, thread_id: str) -> list[asyncio.Task]:
         """Every loop as a task: two starting runs, one each for inference, secrets, state and metering."""
-        return [asyncio.create_task(w) for w in (
-            self.runs_loop(), self.runs_loop(), self.inference_loop(), self.secrets_loop(),
-            self.state_loop(thread_id), self.metering_loop())]
+        return [
+            asyncio.create_task(w)
+            for w in (
+                self.runs_loop(),
+                self.runs_loop(),
+                self.inference_loop(),
+                self.secrets_loop(),
+                self.state_loop(thread_id),
+                self.metering_loop(),
+            )
+        ]
 
     async def finish(self, workers: list[asyncio.Task]) -> None:
         """Stop the loops after their current call."""
@@ -259,8 +342,12 @@ class Workload:
         deadline, status = time.monotonic() + timeout, {}
         while time.monotonic() < deadline:
             for run_id in [r for r in self.runs if r not in status]:
-                got = await self.t.idempotent("GetRun", functools.partial(
-                    self.bh.orchestrator.GetRun, orc.GetRunRequest(run_id=run_id), timeout=CALL_TIMEOUT))
+                got = await self.t.idempotent(
+                    "GetRun",
+                    functools.partial(
+                        self.bh.orchestrator.GetRun, orc.GetRunRequest(run_id=run_id), timeout=CALL_TIMEOUT
+                    ),
+                )
                 name = orc.RunStatus.Name(got.run.status) if got else ""
                 if name in ("RUN_STATUS_SUCCEEDED", "RUN_STATUS_FAILED", "RUN_STATUS_CANCELLED"):
                     status[run_id] = name
@@ -278,11 +365,17 @@ async def test_kill_one_replica_of_each_service_in_turn(postgres, tmp_path):
     started = time.monotonic()
     urls = await postgres.create_database(f"replicas_{uuid.uuid4().hex[:8]}")
     async with FakeAnthropic(delay=0.05) as fake:
-        mesh, addresses = await asyncio.to_thread(start_replicated, tmp_path / "mesh", {
-            "ANTHROPIC_API_KEY": "sk-ant-fake", "ANTHROPIC_BASE_URL": fake.base_url,
-            "BULKHEAD_MODEL_PROVIDER": "anthropic",
-            "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "5",  # a killed holder's runs move on after 5 s, not 15
-        }, ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url))
+        mesh, addresses = await asyncio.to_thread(
+            start_replicated,
+            tmp_path / "mesh",
+            {
+                "ANTHROPIC_API_KEY": "sk-ant-fake",
+                "ANTHROPIC_BASE_URL": fake.base_url,
+                "BULKHEAD_MODEL_PROVIDER": "anthropic",
+                "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "5",  # a killed holder's runs move on after 5 s, not 15
+            },
+            ("--postgres", urls.app_url, "--postgres-owner", urls.owner_url),
+        )
         try:
             assert set(addresses) == set(KILL_ORDER), addresses
             pids = replica_pids(mesh)
@@ -318,13 +411,22 @@ async def prepare_tenant(mesh: Mesh, addresses: dict[str, str]):
     operator_key = (mesh.data_dir / "operator.key").read_text().strip()
     async with await Client.connect(api_key=operator_key, addresses=addresses) as operator:
         created = await operator.identity.CreateTenant(idp.CreateTenantRequest(name=f"rep-{uuid.uuid4().hex[:6]}"))
-        await operator.metering.SetQuota(mtr.SetQuotaRequest(quota=mtr.Quota(
-            tenant_id=created.tenant.id, requests_per_minute=100_000, tokens_per_minute=10_000_000)))
+        await operator.metering.SetQuota(
+            mtr.SetQuotaRequest(
+                quota=mtr.Quota(tenant_id=created.tenant.id, requests_per_minute=100_000, tokens_per_minute=10_000_000)
+            )
+        )
     async with await Client.connect(api_key=created.admin_api_key, addresses=addresses) as bh:
         await bh.credentials.PutSecret(cred.PutSecretRequest(name="crm", value=b"crm-token"))
-        await bh.orchestrator.CreateTeam(orc.CreateTeamRequest(team=orc.Team(
-            name="replicas", description="one agent, one model call per run",
-            agents=[orc.Agent(name="solo", system_prompt="Answer briefly.", model=MODEL, max_steps=2)])))
+        await bh.orchestrator.CreateTeam(
+            orc.CreateTeamRequest(
+                team=orc.Team(
+                    name="replicas",
+                    description="one agent, one model call per run",
+                    agents=[orc.Agent(name="solo", system_prompt="Answer briefly.", model=MODEL, max_steps=2)],
+                )
+            )
+        )
         thread = await bh.state.CreateThread(st.CreateThreadRequest())
         yield bh, thread.thread.thread_id
 
@@ -333,9 +435,17 @@ async def settled_usage(bh: Client, tally: Tally) -> int:
     """Model calls metering counted for the tenant (after the proxies' outboxes had a moment), or -1."""
     await asyncio.sleep(3)  # the proxies' outboxes deliver what metering missed while it was down
     now = int(time.time())
-    usage = await tally.idempotent("QueryUsage", lambda: bh.metering.QueryUsage(mtr.QueryUsageRequest(
-        filter=mtr.UsageFilter(start_time=Timestamp(seconds=now - 3600), end_time=Timestamp(seconds=now + 60)),
-        group_by=[mtr.USAGE_GROUPING_AGENT], page_size=100), timeout=CALL_TIMEOUT))
+    usage = await tally.idempotent(
+        "QueryUsage",
+        lambda: bh.metering.QueryUsage(
+            mtr.QueryUsageRequest(
+                filter=mtr.UsageFilter(start_time=Timestamp(seconds=now - 3600), end_time=Timestamp(seconds=now + 60)),
+                group_by=[mtr.USAGE_GROUPING_AGENT],
+                page_size=100,
+            ),
+            timeout=CALL_TIMEOUT,
+        ),
+    )
     # Model calls only: the workload's own RecordUsage events carry agent "load".
     return sum(row.event_count for row in usage.rows if row.agent_id != "load") if usage else -1
 

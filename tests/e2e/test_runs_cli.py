@@ -1,5 +1,6 @@
 """issue 13: the README's tour on the embedded defaults (`bulkhead up`, SQLite) for a tenant of every tier,
 and `bulkhead runs start` on a run that has to wait in the queue."""
+
 from __future__ import annotations
 
 import asyncio
@@ -45,10 +46,12 @@ class SlowTool:
 
 
 def _team_yaml(tool_host: str) -> str:
-    return (f"name: desk\nallowed_hosts: ['{tool_host}']\nagents:\n  - name: solo\n    model: claude-sonnet-4-5\n"
-            f"    system_prompt: Check, then answer.\n    tools: [check]\n"
-            f"http_tools:\n  - name: check\n    description: Check something\n    method: GET\n"
-            f"    url: http://{tool_host}/check\n")
+    return (
+        f"name: desk\nallowed_hosts: ['{tool_host}']\nagents:\n  - name: solo\n    model: claude-sonnet-4-5\n"
+        f"    system_prompt: Check, then answer.\n    tools: [check]\n"
+        f"http_tools:\n  - name: check\n    description: Check something\n    method: GET\n"
+        f"    url: http://{tool_host}/check\n"
+    )
 
 
 @pytest.mark.slow
@@ -57,8 +60,9 @@ async def test_tour_for_every_tier_and_a_queued_run_gives_up_with_advice(mesh_fa
     waits behind the tenant's limit is reported queued (position, limit) and the command gives up after --wait."""
     tool = SlowTool()
     try:
-        mesh = await asyncio.to_thread(mesh_factory, {"BULKHEAD_ORCHESTRATOR_RUNS_PER_TENANT": "1",
-                                                      "BULKHEAD_ORCHESTRATOR_TOOL_TIMEOUT": "30"})
+        mesh = await asyncio.to_thread(
+            mesh_factory, {"BULKHEAD_ORCHESTRATOR_RUNS_PER_TENANT": "1", "BULKHEAD_ORCHESTRATOR_TOOL_TIMEOUT": "30"}
+        )
         team_file = tmp_path / "team.yaml"
         team_file.write_text(_team_yaml(tool.host))
         tool.release.set()  # the tour's runs go straight through
@@ -85,8 +89,10 @@ async def test_tour_for_every_tier_and_a_queued_run_gives_up_with_advice(mesh_fa
         second = await asyncio.to_thread(mesh.cli, "runs", "start", "desk", "second", "--wait", "2", *as_bridge)
         assert second.returncode == 3, second.stdout + second.stderr
         run_id = re.search(r"^run (r_[0-9a-f]+) queued", second.stdout, re.M).group(1)
-        assert ("queued: position 1 in this tenant's queue; 1 of 1 concurrent runs in use, so it waits for one "
-                "of them to finish") in second.stdout
+        assert (
+            "queued: position 1 in this tenant's queue; 1 of 1 concurrent runs in use, so it waits for one "
+            "of them to finish"
+        ) in second.stdout
         assert f"run {run_id} is still queued after 2s" in second.stderr
         assert f"bulkhead runs watch {run_id}" in second.stderr and f"bulkhead runs cancel {run_id}" in second.stderr
         assert "Traceback" not in second.stderr

@@ -5,6 +5,7 @@ OrderedDict, a set or a *Cache object, or a function under functools.cache / lru
 tasks, futures and queues are left out: they coordinate, they never answer a caller with data;
 so are UPPER_CASE module constants.
 """
+
 from __future__ import annotations
 
 import ast
@@ -49,14 +50,18 @@ def _sources(root: Path) -> list[str]:
     """The .py files under services/ and shared/: the committed ones in a git checkout (so a colleague's
     unfinished file does not fail this run; CI sees it once committed), else all of them."""
     if (root / ".git").exists():
-        out = subprocess.run(["git", "-C", str(root), "ls-files", "--", "services/*.py", "shared/*.py"],
-                             capture_output=True, text=True, check=True).stdout
+        out = subprocess.run(
+            ["git", "-C", str(root), "ls-files", "--", "services/*.py", "shared/*.py"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         return sorted(out.split())
     return sorted(p.relative_to(root).as_posix() for top in ("services", "shared") for p in (root / top).rglob("*.py"))
 
 
 def find_caches(root: Path = ROOT) -> set[str]:
-    """"path::name" of every cache in services/ and shared/ (tests, test kits and migrations excluded)."""
+    """ "path::name" of every cache in services/ and shared/ (tests, test kits and migrations excluded)."""
     found: set[str] = set()
     for rel in _sources(root):
         if "/testing/" not in rel and "/migrations/" not in rel and (root / rel).exists():
@@ -77,7 +82,8 @@ def _caches_in(tree: ast.Module) -> set[str]:
                 name = _target(t)
                 if name and (isinstance(t, ast.Attribute) or (node.col_offset == 0 and not name.isupper())):
                     found.add(name)
-        elif (isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-              and any(_caching_decorator(d) for d in node.decorator_list)):
+        elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and any(
+            _caching_decorator(d) for d in node.decorator_list
+        ):
             found.add(f"{node.name}()")
     return found

@@ -4,6 +4,7 @@ Each entry says what the cache is keyed by and which test tries to poison it acr
 why it holds nothing of any tenant's. A cache the scan finds that is not listed here fails
 test_caches.py, saying what to add.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -27,59 +28,84 @@ _MATRIX = "tests/isolation/test_attack_matrix.py::test_matrix_has_no_wrong_cell"
 
 CACHES: dict[str, Entry] = {
     # credentials
-    "services/credentials/secret_manager.py::_views": Entry(TENANT, "(tenant, secret name) -> readable versions",
-                                                           _CACHES + "test_secret_read_caches_are_per_tenant"),
-    "services/credentials/secret_manager.py::_values": Entry(TENANT, "(tenant, name, version, created) -> value",
-                                                            _CACHES + "test_secret_read_caches_are_per_tenant"),
-    "services/credentials/read_cache.py::_entries": Entry(TENANT, "ReadCache storage; keys are SecretManager's",
-                                                         _CACHES + "test_secret_read_caches_are_per_tenant"),
-    "services/credentials/read_cache.py::_generations": Entry(TENANT, "ReadCache invalidations, same keys",
-                                                             _CACHES + "test_secret_read_caches_are_per_tenant"),
-    "services/credentials/local_backend.py::_rings": Entry(TENANT, "(tenant, purpose) -> Transit key ring",
-                                                          _CACHES + "test_transit_key_rings_are_per_tenant"),
-    "services/credentials/audit.py::_heads": Entry(TENANT, "tenant -> head of its access-audit chain",
-                                                  "tests/services/credentials/test_audit.py"),
+    "services/credentials/secret_manager.py::_views": Entry(
+        TENANT, "(tenant, secret name) -> readable versions", _CACHES + "test_secret_read_caches_are_per_tenant"
+    ),
+    "services/credentials/secret_manager.py::_values": Entry(
+        TENANT, "(tenant, name, version, created) -> value", _CACHES + "test_secret_read_caches_are_per_tenant"
+    ),
+    "services/credentials/read_cache.py::_entries": Entry(
+        TENANT, "ReadCache storage; keys are SecretManager's", _CACHES + "test_secret_read_caches_are_per_tenant"
+    ),
+    "services/credentials/read_cache.py::_generations": Entry(
+        TENANT, "ReadCache invalidations, same keys", _CACHES + "test_secret_read_caches_are_per_tenant"
+    ),
+    "services/credentials/local_backend.py::_rings": Entry(
+        TENANT, "(tenant, purpose) -> Transit key ring", _CACHES + "test_transit_key_rings_are_per_tenant"
+    ),
+    "services/credentials/audit.py::_heads": Entry(
+        TENANT, "tenant -> head of its access-audit chain", "tests/services/credentials/test_audit.py"
+    ),
     "services/credentials/audit.py::_paths": Entry(PLATFORM, "SQLite engine -> its file's path (no rows, no values)"),
-    "services/credentials/sqlite_inline.py::_commits": Entry(PLATFORM, "SQLite file -> commits since its last checkpoint"),
-    "services/credentials/vault_read.py::_idle": Entry(PLATFORM, "OpenBao node -> idle kept-alive HTTP connections; "
-                                                                "each request carries its own tenant's token, "
-                                                                "nothing of an answer is kept"),
-    "services/credentials/vault_tokens.py::_minted": Entry(TENANT, "tenant -> its OpenBao token (OpenBao only)",
-                                                          "tests/services/credentials/test_vault_backend.py"),
+    "services/credentials/sqlite_inline.py::_commits": Entry(
+        PLATFORM, "SQLite file -> commits since its last checkpoint"
+    ),
+    "services/credentials/vault_read.py::_idle": Entry(
+        PLATFORM,
+        "OpenBao node -> idle kept-alive HTTP connections; "
+        "each request carries its own tenant's token, "
+        "nothing of an answer is kept",
+    ),
+    "services/credentials/vault_tokens.py::_minted": Entry(
+        TENANT, "tenant -> its OpenBao token (OpenBao only)", "tests/services/credentials/test_vault_backend.py"
+    ),
     "services/credentials/vault_tokens.py::_ready_tenants": Entry(TENANT, "tenants whose OpenBao policy exists"),
     "services/credentials/vault_tokens.py::_ready_namespaces": Entry(TENANT, "silo namespaces already made"),
     "services/credentials/rotation.py::_by_name": Entry(PLATFORM, "rotator plugins by name, from configuration"),
     # inference
-    "services/inference/proxy.py::_policy_cache": Entry(TENANT, "tenant -> model policy and private models",
-                                                       _CACHES + "test_model_policy_cache_is_per_tenant"),
-    "services/inference/proxy.py::_limits_cache": Entry(TENANT, "tenant -> its quota limits",
-                                                       _CACHES + "test_limits_cache_is_per_tenant"),
-    "services/inference/proxy.py::_values": Entry(TENANT, "_TtlCache storage: tenant -> value",
-                                                 _CACHES + "test_model_policy_cache_is_per_tenant"),
-    "services/inference/proxy.py::_replays": Entry(TENANT, "(tenant, x-request-id) -> earlier reply",
-                                                  _IDS + "test_a_reply_replayed_across_tenants_fails_the_check"),
-    "services/inference/proxy.py::_entries": Entry(TENANT, "_ReplayCache storage, same keys",
-                                                  _IDS + "test_a_reply_replayed_across_tenants_fails_the_check"),
-    "services/inference/clients.py::_cache": Entry(TENANT, "tenant -> its own provider key",
-                                                  _CACHES + "test_provider_key_cache_is_per_tenant"),
-    "services/inference/providers.py::_clients": Entry(UNIQUE, "(provider key, base url) -> SDK client: a tenant's "
-                                                      "own key is its own client", _CACHES +
-                                                      "test_provider_key_cache_is_per_tenant"),
-    "services/inference/limits.py::_tenants": Entry(TENANT, "tenant -> its rate and concurrency state",
-                                                   _CACHES + "test_limits_cache_is_per_tenant"),
-    "services/inference/budget.py::_leases": Entry(TENANT, "(tenant, model) -> budget leases held locally",
-                                                  _CACHES + "test_limits_cache_is_per_tenant"),
+    "services/inference/proxy.py::_policy_cache": Entry(
+        TENANT, "tenant -> model policy and private models", _CACHES + "test_model_policy_cache_is_per_tenant"
+    ),
+    "services/inference/proxy.py::_limits_cache": Entry(
+        TENANT, "tenant -> its quota limits", _CACHES + "test_limits_cache_is_per_tenant"
+    ),
+    "services/inference/proxy.py::_values": Entry(
+        TENANT, "_TtlCache storage: tenant -> value", _CACHES + "test_model_policy_cache_is_per_tenant"
+    ),
+    "services/inference/proxy.py::_replays": Entry(
+        TENANT, "(tenant, x-request-id) -> earlier reply", _IDS + "test_a_reply_replayed_across_tenants_fails_the_check"
+    ),
+    "services/inference/proxy.py::_entries": Entry(
+        TENANT, "_ReplayCache storage, same keys", _IDS + "test_a_reply_replayed_across_tenants_fails_the_check"
+    ),
+    "services/inference/clients.py::_cache": Entry(
+        TENANT, "tenant -> its own provider key", _CACHES + "test_provider_key_cache_is_per_tenant"
+    ),
+    "services/inference/providers.py::_clients": Entry(
+        UNIQUE,
+        "(provider key, base url) -> SDK client: a tenant's own key is its own client",
+        _CACHES + "test_provider_key_cache_is_per_tenant",
+    ),
+    "services/inference/limits.py::_tenants": Entry(
+        TENANT, "tenant -> its rate and concurrency state", _CACHES + "test_limits_cache_is_per_tenant"
+    ),
+    "services/inference/budget.py::_leases": Entry(
+        TENANT, "(tenant, model) -> budget leases held locally", _CACHES + "test_limits_cache_is_per_tenant"
+    ),
     "services/inference/budget.py::_contexts": Entry(TENANT, "tenant -> context to renew its leases with"),
-    "services/inference/budget.py::_episodes": Entry(TENANT, "(tenant, model) -> when its calls began waiting "
-                                                            "for budget and until when they wait (times, no data)"),
+    "services/inference/budget.py::_episodes": Entry(
+        TENANT, "(tenant, model) -> when its calls began waiting for budget and until when they wait (times, no data)"
+    ),
     "services/inference/usage.py::_contexts": Entry(TENANT, "tenant -> context to deliver its usage with"),
     "services/inference/usage.py::_backlogged": Entry(TENANT, "tenants with undelivered usage"),
     "services/inference/attempts.py::_rows": Entry(TENANT, "(tenant, event id) -> attempt row"),
     # metering
-    "services/metering/budget_cache.py::_entries": Entry(TENANT, "tenant -> budget specs",
-                                                        _CACHES + "test_budget_spec_cache_is_per_tenant"),
-    "services/metering/budgets.py::_specs": Entry(TENANT, "the BudgetSpecCache above",
-                                                 _CACHES + "test_budget_spec_cache_is_per_tenant"),
+    "services/metering/budget_cache.py::_entries": Entry(
+        TENANT, "tenant -> budget specs", _CACHES + "test_budget_spec_cache_is_per_tenant"
+    ),
+    "services/metering/budgets.py::_specs": Entry(
+        TENANT, "the BudgetSpecCache above", _CACHES + "test_budget_spec_cache_is_per_tenant"
+    ),
     "services/metering/ledger.py::_noted": Entry(TENANT, "tenants already noted with their tier"),
     "services/metering/meters.py::models": Entry(PLATFORM, "model names seen per metrics registry, to bound labels"),
     "services/metering/pricing.py::_by_model": Entry(PLATFORM, "the platform price table by model"),
@@ -87,19 +113,26 @@ CACHES: dict[str, Entry] = {
     "services/metering/store.py::_sqlite_usage_insert()": Entry(PLATFORM, "row count -> SQL text"),
     "services/metering/rollup.py::_sqlite_upsert()": Entry(PLATFORM, "row count -> SQL text"),
     # orchestrator
-    "services/orchestrator/dispatcher.py::_backlog": Entry(UNIQUE, "server-made run id -> steps; WatchRun reads the "
-                                                          "run in the caller's tenant before subscribing", _MATRIX),
+    "services/orchestrator/dispatcher.py::_backlog": Entry(
+        UNIQUE, "server-made run id -> steps; WatchRun reads the run in the caller's tenant before subscribing", _MATRIX
+    ),
     "services/orchestrator/dispatcher.py::_cancel": Entry(UNIQUE, "server-made run ids to cancel", _MATRIX),
-    "services/orchestrator/ratelimit.py::_buckets": Entry(TENANT, "tenant -> HTTP tool rate bucket",
-                                                         "tests/services/orchestrator/test_canary_ratelimit.py"),
+    "services/orchestrator/ratelimit.py::_buckets": Entry(
+        TENANT, "tenant -> HTTP tool rate bucket", "tests/services/orchestrator/test_canary_ratelimit.py"
+    ),
     # state
-    "services/state/envelope.py::_cache": Entry(TENANT, "(tenant, key id) -> unwrapped data key",
-                                               _CACHES + "test_envelope_key_cache_is_per_tenant"),
-    "services/state/envelope.py::_current": Entry(TENANT, "tenant -> its current data key id",
-                                                 _CACHES + "test_envelope_key_cache_is_per_tenant"),
+    "services/state/envelope.py::_cache": Entry(
+        TENANT, "(tenant, key id) -> unwrapped data key", _CACHES + "test_envelope_key_cache_is_per_tenant"
+    ),
+    "services/state/envelope.py::_current": Entry(
+        TENANT, "tenant -> its current data key id", _CACHES + "test_envelope_key_cache_is_per_tenant"
+    ),
     # shared
-    "shared/tokens.py::_cache": Entry(UNIQUE, "the whole signed token -> its claims (the tenant is inside)",
-                                      _CACHES + "test_token_cache_is_keyed_by_the_whole_signed_token"),
+    "shared/tokens.py::_cache": Entry(
+        UNIQUE,
+        "the whole signed token -> its claims (the tenant is inside)",
+        _CACHES + "test_token_cache_is_keyed_by_the_whole_signed_token",
+    ),
     "shared/tokens.py::_keys": Entry(PLATFORM, "kid -> identity's public signing key"),
     "shared/tokens.py::_revoked": Entry(UNIQUE, "revoked jti -> expiry (jti unique per token)"),
     "shared/tokens.py::_suspended": Entry(PLATFORM, "suspended tenant ids, published by identity"),
@@ -111,39 +144,59 @@ CACHES: dict[str, Entry] = {
     "shared/bounds.py::_plan()": Entry(PLATFORM, "message descriptor -> integer fields to check"),
     "shared/bounds.py::_reaches_wide()": Entry(PLATFORM, "message descriptor -> has wide integers"),
     "shared/db/raw.py::sqlite_sql()": Entry(PLATFORM, "SQL text -> its SQLite spelling"),
-    "shared/db/session.py::_criteria()": Entry(TENANT, "tenant id -> the loader criteria naming that tenant",
-                                              "tests/shared/db/test_session.py"),
-    "shared/db/router.py::_routes": Entry(TENANT, "(region, tier, tenant) -> engine and schema",
-                                         "tests/shared/db/test_tiers.py"),
+    "shared/db/session.py::_criteria()": Entry(
+        TENANT, "tenant id -> the loader criteria naming that tenant", "tests/shared/db/test_session.py"
+    ),
+    "shared/db/router.py::_routes": Entry(
+        TENANT, "(region, tier, tenant) -> engine and schema", "tests/shared/db/test_tiers.py"
+    ),
     "shared/db/router.py::_regions": Entry(PLATFORM, "region name -> its database, from configuration"),
-    "services/credentials/regional.py::_backends": Entry(PLATFORM, "region name -> its OpenBao backend, from "
-                                                                   "configuration"),
-    "shared/db/router.py::_tenant_regions": Entry(TENANT, "tenant id -> its region, as identity placed it",
-                                                  "tests/shared/db/test_regions.py"),
+    "services/credentials/regional.py::_backends": Entry(
+        PLATFORM, "region name -> its OpenBao backend, from configuration"
+    ),
+    "shared/db/router.py::_tenant_regions": Entry(
+        TENANT, "tenant id -> its region, as identity placed it", "tests/shared/db/test_regions.py"
+    ),
     "shared/db/router.py::_engine_options": Entry(PLATFORM, "engine options from configuration"),
-    "shared/db/router.py::_tenant_tiers": Entry(TENANT, "tenant id -> its tier, as identity placed it",
-                                               "tests/lifecycle/test_migrate_placement.py"),
-    "shared/db/router.py::_placed": Entry(TENANT, "tenant id -> the tier a live migration switched it to",
-                                         "tests/lifecycle/test_migrate_postgres.py"),
-    "shared/db/router.py::_paused": Entry(TENANT, "tenant id -> end of its migration pause",
-                                         "tests/lifecycle/test_migrate_postgres.py"),
-    "shared/db/router.py::_feed_tiers": Entry(TENANT, "tenant id -> its tier, as identity's migration feed "
-                                                     "published it", "tests/shared/db/test_migration_feed.py"),
-    "shared/db/router.py::_feed_generations": Entry(TENANT, "tenant id -> its placement generation, from the same "
-                                                           "feed", "tests/shared/db/test_migration_feed.py"),
-    "shared/db/router.py::_feed_paused": Entry(TENANT, "tenant ids the feed paused when this router last applied "
-                                                      "it", "tests/shared/db/test_migration_feed.py"),
-    "shared/tokens.py::paused": Entry(PLATFORM, "MigrationFeed: tenant ids a migration pauses, published by "
-                                                "identity"),
+    "shared/db/router.py::_tenant_tiers": Entry(
+        TENANT, "tenant id -> its tier, as identity placed it", "tests/lifecycle/test_migrate_placement.py"
+    ),
+    "shared/db/router.py::_placed": Entry(
+        TENANT, "tenant id -> the tier a live migration switched it to", "tests/lifecycle/test_migrate_postgres.py"
+    ),
+    "shared/db/router.py::_paused": Entry(
+        TENANT, "tenant id -> end of its migration pause", "tests/lifecycle/test_migrate_postgres.py"
+    ),
+    "shared/db/router.py::_feed_tiers": Entry(
+        TENANT,
+        "tenant id -> its tier, as identity's migration feed published it",
+        "tests/shared/db/test_migration_feed.py",
+    ),
+    "shared/db/router.py::_feed_generations": Entry(
+        TENANT, "tenant id -> its placement generation, from the same feed", "tests/shared/db/test_migration_feed.py"
+    ),
+    "shared/db/router.py::_feed_paused": Entry(
+        TENANT, "tenant ids the feed paused when this router last applied it", "tests/shared/db/test_migration_feed.py"
+    ),
+    "shared/tokens.py::paused": Entry(PLATFORM, "MigrationFeed: tenant ids a migration pauses, published by identity"),
     "shared/keys.py::_migrations": Entry(PLATFORM, "paused tenant ids and placements, published by identity"),
-    "shared/db/replica.py::_silos": Entry(UNIQUE, "silo database name -> replica engine: a silo database is one "
-                                                   "tenant's, and RLS still binds every session on it",
-                                          "tests/shared/db/test_read_replica.py"),
-    "shared/client.py::_seen": Entry(TENANT, "tenant -> highest WAL position its calls were answered with, sent "
-                                             "only on that tenant's calls", "tests/services/state/test_read_replica.py"),
+    "shared/db/replica.py::_silos": Entry(
+        UNIQUE,
+        "silo database name -> replica engine: a silo database is one "
+        "tenant's, and RLS still binds every session on it",
+        "tests/shared/db/test_read_replica.py",
+    ),
+    "shared/client.py::_seen": Entry(
+        TENANT,
+        "tenant -> highest WAL position its calls were answered with, sent only on that tenant's calls",
+        "tests/services/state/test_read_replica.py",
+    ),
     "shared/lifecycle.py::_keep": Entry(PLATFORM, "table -> why its rows outlive a purge, from the service's wiring"),
-    "shared/logs.py::_secrets": Entry(PLATFORM, "every registered secret value, scrubbed from every log line "
-                                                "(deliberately not per tenant: no tenant's secret may reach any log)"),
+    "shared/logs.py::_secrets": Entry(
+        PLATFORM,
+        "every registered secret value, scrubbed from every log line "
+        "(deliberately not per tenant: no tenant's secret may reach any log)",
+    ),
     "shared/metrics.py::_seen": Entry(PLATFORM, "tenant ids used as metric labels (bounded), returns only a label"),
     "shared/service_config.py::service_config_json()": Entry(PLATFORM, "the channels' retry policy JSON"),
 }

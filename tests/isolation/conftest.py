@@ -1,4 +1,5 @@
 """The attack matrix's rig (one mesh per module) and its printout in the CI log."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -20,13 +21,22 @@ FUZZED_RPCS: dict[str, set[str]] = {"request": set(), "metadata": set()}
 async def rig(request, tmp_path_factory):
     """Six services, tenants A, B and suspended C, every token minted once."""
     async with running_rig(tmp_path_factory.mktemp("isolation")) as r:
-        NOTES.append(f"{request.module.__name__.rsplit('.', 1)[-1]}: refused by all six services after: " + ", ".join(
-            f"{what} {seconds:.2f} s" for what, seconds in r.propagation.items()))
+        NOTES.append(
+            f"{request.module.__name__.rsplit('.', 1)[-1]}: refused by all six services after: "
+            + ", ".join(f"{what} {seconds:.2f} s" for what, seconds in r.propagation.items())
+        )
         yield r
 
 
-_SHORT = {"OK": "OK", "NOT_FOUND": "NF", "PERMISSION_DENIED": "PD", "UNAUTHENTICATED": "UA",
-          "INVALID_ARGUMENT": "IA", "FAILED_PRECONDITION": "FP", "ALREADY_EXISTS": "AE"}
+_SHORT = {
+    "OK": "OK",
+    "NOT_FOUND": "NF",
+    "PERMISSION_DENIED": "PD",
+    "UNAUTHENTICATED": "UA",
+    "INVALID_ARGUMENT": "IA",
+    "FAILED_PRECONDITION": "FP",
+    "ALREADY_EXISTS": "AE",
+}
 
 
 def _label(key: str) -> str:
@@ -40,9 +50,11 @@ def render(matrix: Matrix) -> list[str]:
     methods = sorted({rpc for rpc, _ in matrix.cells})
     width = max(len(_label(m)) for m in methods)
     cols = [n for n in ATTACK_NAMES if any(a == n for _, a in matrix.cells)]
-    lines = ["attack matrix: method × attack -> status (UA unauthenticated, PD permission denied, NF not found, "
-             "- not applicable, ! wrong)",
-             " " * width + " " + " ".join(f"{i:>3}" for i in range(len(cols)))]
+    lines = [
+        "attack matrix: method × attack -> status (UA unauthenticated, PD permission denied, NF not found, "
+        "- not applicable, ! wrong)",
+        " " * width + " " + " ".join(f"{i:>3}" for i in range(len(cols))),
+    ]
     for m in methods:
         row = []
         for a in cols:
@@ -51,8 +63,10 @@ def render(matrix: Matrix) -> list[str]:
             row.append(f"{mark:>3}")
         lines.append(f"{_label(m):<{width}} " + " ".join(row))
     lines.append("columns: " + ", ".join(f"{i}={a}" for i, a in enumerate(cols)))
-    lines.append(f"cells: {len(matrix.cells)} over {len(methods)} methods and {len(cols)} attacks; "
-                 f"right: {len(matrix.cells) - len(matrix.failures)}; wrong: {len(matrix.failures)}")
+    lines.append(
+        f"cells: {len(matrix.cells)} over {len(methods)} methods and {len(cols)} attacks; "
+        f"right: {len(matrix.cells) - len(matrix.failures)}; wrong: {len(matrix.failures)}"
+    )
     for (attack, status), n in sorted(matrix.counts().items()):
         lines.append(f"  {attack:<18} {status:<40} {n}")
     return lines

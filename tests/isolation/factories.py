@@ -5,6 +5,7 @@ the resource in ids (B's own are made by the factories in resources.py). The mat
 twice, with B's real ids and with random lookalikes, sends both as tenant A, and requires the same
 reply. A new tenant-scoped RPC with no entry here fails the matrix (see methods.require_factories).
 """
+
 from __future__ import annotations
 
 import secrets
@@ -74,8 +75,13 @@ def _lookalike(value):
         keep = max(len(value) - 24, 0)
         return value[:keep] + secrets.token_hex(12).encode()[: len(value) - keep]
     head, sep, tail = value.rpartition("_")
-    letters, digits = ("abcdef", "0123456789") if set(tail) <= _HEX else \
-        ("abcdefghijklmnopqrstuvwxyz", "234567") if set(tail) <= _BASE32 else ("abcdefghijklmnopqrstuvwxyz", "0123456789")
+    letters, digits = (
+        ("abcdef", "0123456789")
+        if set(tail) <= _HEX
+        else ("abcdefghijklmnopqrstuvwxyz", "234567")
+        if set(tail) <= _BASE32
+        else ("abcdefghijklmnopqrstuvwxyz", "0123456789")
+    )
 
     def redraw(c: str) -> str:
         if c.isdigit():
@@ -84,6 +90,7 @@ def _lookalike(value):
             drawn = secrets.choice(letters)
             return drawn.upper() if c.isupper() else drawn
         return c
+
     return head + sep + "".join(map(redraw, tail))
 
 
@@ -121,130 +128,197 @@ def context_scope(team: str) -> st.ContextScope:
 
 def message_params(model: str) -> inf.MessageParams:
     """A one-line question to model."""
-    return inf.MessageParams(model=model, max_tokens=16,
-                             messages=[inf.Message(role=inf.ROLE_USER, content=[inf.ContentBlock(text=inf.TextBlock(text="hi"))])])
+    return inf.MessageParams(
+        model=model,
+        max_tokens=16,
+        messages=[inf.Message(role=inf.ROLE_USER, content=[inf.ContentBlock(text=inf.TextBlock(text="hi"))])],
+    )
 
 
 def usage_event(key: str) -> met.UsageEvent:
     """A small usage event with idempotency key."""
-    return met.UsageEvent(idempotency_key=key, model=MODEL, tokens=met.TokenCounts(input_tokens=3, output_tokens=2),
-                          occur_time=_now())
+    return met.UsageEvent(
+        idempotency_key=key, model=MODEL, tokens=met.TokenCounts(input_tokens=3, output_tokens=2), occur_time=_now()
+    )
 
 
-_I, _C, _S = "/bulkhead.identity.v1.IdentityService/", "/bulkhead.credentials.v1.CredentialsService/", \
-    "/bulkhead.state.v1.StateService/"
+_I, _C, _S = (
+    "/bulkhead.identity.v1.IdentityService/",
+    "/bulkhead.credentials.v1.CredentialsService/",
+    "/bulkhead.state.v1.StateService/",
+)
 _A = "/bulkhead.common.v1.ConfigAuditService/"
 _E = "/bulkhead.common.v1.SecurityEventsService/"
-_N, _O, _M = "/bulkhead.inference.v1.InferenceService/", "/bulkhead.orchestrator.v1.OrchestratorService/", \
-    "/bulkhead.metering.v1.MeteringService/"
+_N, _O, _M = (
+    "/bulkhead.inference.v1.InferenceService/",
+    "/bulkhead.orchestrator.v1.OrchestratorService/",
+    "/bulkhead.metering.v1.MeteringService/",
+)
 
 FACTORIES: dict[str, Target] = {
     # identity
     _I + "GetTenant": Target("tenant", lambda i: idn.GetTenantRequest(tenant_id=i.tenant_id), absent=True),
-    _I + "GetRetentionPolicy": Target("tenant", lambda i: idn.GetRetentionPolicyRequest(tenant_id=i.tenant_id),
-                                      absent=True),
+    _I + "GetRetentionPolicy": Target(
+        "tenant", lambda i: idn.GetRetentionPolicyRequest(tenant_id=i.tenant_id), absent=True
+    ),
     # Served by every service that keeps a configuration chain (methods.COMMON_CONTRACTS).
-    _A + "ListAuditEvents": Target("tenant", lambda i: aud.ListAuditEventsRequest(tenant_id=i.tenant_id),
-                                   absent=True),
-    _A + "VerifyAuditEvents": Target("tenant", lambda i: aud.VerifyAuditEventsRequest(tenant_id=i.tenant_id),
-                                     absent=True),
+    _A + "ListAuditEvents": Target("tenant", lambda i: aud.ListAuditEventsRequest(tenant_id=i.tenant_id), absent=True),
+    _A + "VerifyAuditEvents": Target(
+        "tenant", lambda i: aud.VerifyAuditEventsRequest(tenant_id=i.tenant_id), absent=True
+    ),
     # Served by every service (methods.COMMON_CONTRACTS). Phase 0: A has no TENANT_MISMATCH of its own yet
     # (the spoofed_tenant attack makes some), while B's are in every ledger: A must see an empty list.
-    _E + "ListSecurityEvents": Target("security event", lambda i: sec.ListSecurityEventsRequest(
-        reasons=["TENANT_MISMATCH"]), phase=0),
-    _I + "CreatePrincipal": Target("principal", lambda i: idn.CreatePrincipalRequest(
-        kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=i.principal_name, scopes=["state.*"]), phase=2),
-    _I + "GetPrincipal": Target("principal", lambda i: idn.GetPrincipalRequest(principal_id=i.principal_id), absent=True),
+    _E + "ListSecurityEvents": Target(
+        "security event", lambda i: sec.ListSecurityEventsRequest(reasons=["TENANT_MISMATCH"]), phase=0
+    ),
+    _I + "CreatePrincipal": Target(
+        "principal",
+        lambda i: idn.CreatePrincipalRequest(
+            kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=i.principal_name, scopes=["state.*"]
+        ),
+        phase=2,
+    ),
+    _I + "GetPrincipal": Target(
+        "principal", lambda i: idn.GetPrincipalRequest(principal_id=i.principal_id), absent=True
+    ),
     _I + "ListPrincipals": Target(None, lambda i: idn.ListPrincipalsRequest()),
-    _I + "DisablePrincipal": Target("principal", lambda i: idn.DisablePrincipalRequest(principal_id=i.principal_id),
-                                    absent=True),
-    _I + "CreateApiKey": Target("principal", lambda i: idn.CreateApiKeyRequest(principal_id=i.principal_id,
-                                                                                display_name="matrix"), absent=True),
+    _I + "DisablePrincipal": Target(
+        "principal", lambda i: idn.DisablePrincipalRequest(principal_id=i.principal_id), absent=True
+    ),
+    _I + "CreateApiKey": Target(
+        "principal", lambda i: idn.CreateApiKeyRequest(principal_id=i.principal_id, display_name="matrix"), absent=True
+    ),
     _I + "ListApiKeys": Target("principal", lambda i: idn.ListApiKeysRequest(principal_id=i.principal_id)),
     _I + "RevokeApiKey": Target("api key", lambda i: idn.RevokeApiKeyRequest(api_key_id=i.api_key_id), absent=True),
-    _I + "ExchangeToken": Target(None, lambda i: idn.ExchangeTokenRequest(scopes=["state.threads.read"]),
-                                 phase=2, compare_reply=False),
+    _I + "ExchangeToken": Target(
+        None, lambda i: idn.ExchangeTokenRequest(scopes=["state.threads.read"]), phase=2, compare_reply=False
+    ),
     _I + "RevokeToken": Target("token", lambda i: idn.RevokeTokenRequest(jti=i.jti), absent=True),
     # credentials
-    _C + "PutSecret": Target("secret", lambda i: cred.PutSecretRequest(name=i.secret_name, value=b"matrix-a"),
-                             phase=2),
+    _C + "PutSecret": Target("secret", lambda i: cred.PutSecretRequest(name=i.secret_name, value=b"matrix-a"), phase=2),
     _C + "GetSecret": Target("secret", lambda i: cred.GetSecretRequest(name=i.secret_name), absent=True),
     _C + "ListSecrets": Target(None, lambda i: cred.ListSecretsRequest(show_deleted=True)),
     _C + "DescribeSecret": Target("secret", lambda i: cred.DescribeSecretRequest(name=i.secret_name), absent=True),
     _C + "RotateSecret": Target("secret", lambda i: cred.RotateSecretRequest(name=i.secret_name), absent=True),
     _C + "DeleteSecret": Target("secret", lambda i: cred.DeleteSecretRequest(name=i.secret_name), absent=True),
     _C + "DestroySecret": Target("secret", lambda i: cred.DestroySecretRequest(name=i.secret_name), absent=True),
-    _C + "ListAccessEvents": Target("secret", lambda i: cred.ListAccessEventsRequest(secret_name=i.secret_name),
-                                    phase=0),
+    _C + "ListAccessEvents": Target(
+        "secret", lambda i: cred.ListAccessEventsRequest(secret_name=i.secret_name), phase=0
+    ),
     _C + "VerifyAccessEvents": Target(None, lambda i: cred.VerifyAccessEventsRequest(), compare_reply=False),
-    _C + "Encrypt": Target(None, lambda i: cred.EncryptRequest(plaintext=b"matrix"), phase=2,
-                           compare_reply=False),
-    _C + "Decrypt": Target("ciphertext", lambda i: cred.DecryptRequest(ciphertext=i.ciphertext),
-                           refused="INVALID_ARGUMENT/DECRYPTION_FAILED"),
-    _C + "GenerateDataKey": Target(None, lambda i: cred.GenerateDataKeyRequest(bits=256), phase=2,
-                                   compare_reply=False),
+    _C + "Encrypt": Target(None, lambda i: cred.EncryptRequest(plaintext=b"matrix"), phase=2, compare_reply=False),
+    _C + "Decrypt": Target(
+        "ciphertext",
+        lambda i: cred.DecryptRequest(ciphertext=i.ciphertext),
+        refused="INVALID_ARGUMENT/DECRYPTION_FAILED",
+    ),
+    _C + "GenerateDataKey": Target(None, lambda i: cred.GenerateDataKeyRequest(bits=256), phase=2, compare_reply=False),
     _C + "RotateKey": Target(None, lambda i: cred.RotateKeyRequest(), phase=2, compare_reply=False),
-    _C + "Rewrap": Target("ciphertext", lambda i: cred.RewrapRequest(ciphertext=i.ciphertext),
-                          refused="INVALID_ARGUMENT/DECRYPTION_FAILED"),
+    _C + "Rewrap": Target(
+        "ciphertext",
+        lambda i: cred.RewrapRequest(ciphertext=i.ciphertext),
+        refused="INVALID_ARGUMENT/DECRYPTION_FAILED",
+    ),
     # state
     _S + "CreateThread": Target("thread", lambda i: st.CreateThreadRequest(thread_id=i.thread_id), phase=2),
     _S + "GetThread": Target("thread", lambda i: st.GetThreadRequest(thread_id=i.thread_id), absent=True),
     _S + "ListThreads": Target("thread", lambda i: st.ListThreadsRequest(run_id=i.run_id)),
     _S + "DeleteThread": Target("thread", lambda i: st.DeleteThreadRequest(thread_id=i.thread_id), absent=True),
-    _S + "AppendEvents": Target("thread", lambda i: st.AppendEventsRequest(
-        thread_id=i.thread_id, expected_version=1, events=[st.NewEvent(type="matrix", payload=b"a")]), absent=True),
+    _S + "AppendEvents": Target(
+        "thread",
+        lambda i: st.AppendEventsRequest(
+            thread_id=i.thread_id, expected_version=1, events=[st.NewEvent(type="matrix", payload=b"a")]
+        ),
+        absent=True,
+    ),
     _S + "ReadEvents": Target("thread", lambda i: st.ReadEventsRequest(thread_id=i.thread_id), absent=True),
     _S + "Replay": Target("thread", lambda i: st.ReplayRequest(thread_id=i.thread_id), absent=True),
-    _S + "CreateSnapshot": Target("thread", lambda i: st.CreateSnapshotRequest(thread_id=i.thread_id, version=1,
-                                                                                state=b"a"), absent=True),
-    _S + "GetSnapshot": Target("thread", lambda i: st.GetSnapshotRequest(thread_id=i.thread_id,
-                                                                          at_or_before_version=1), absent=True),
-    _S + "PutContext": Target("context", lambda i: st.PutContextRequest(scope=context_scope(i.team), key=i.context_key,
-                                                                         value=b"a"), phase=2),
-    _S + "GetContext": Target("context", lambda i: st.GetContextRequest(scope=context_scope(i.team), key=i.context_key),
-                              absent=True),
-    _S + "DeleteContext": Target("context", lambda i: st.DeleteContextRequest(scope=context_scope(i.team), key=i.context_key),
-                                 absent=True),
+    _S + "CreateSnapshot": Target(
+        "thread", lambda i: st.CreateSnapshotRequest(thread_id=i.thread_id, version=1, state=b"a"), absent=True
+    ),
+    _S + "GetSnapshot": Target(
+        "thread", lambda i: st.GetSnapshotRequest(thread_id=i.thread_id, at_or_before_version=1), absent=True
+    ),
+    _S + "PutContext": Target(
+        "context", lambda i: st.PutContextRequest(scope=context_scope(i.team), key=i.context_key, value=b"a"), phase=2
+    ),
+    _S + "GetContext": Target(
+        "context", lambda i: st.GetContextRequest(scope=context_scope(i.team), key=i.context_key), absent=True
+    ),
+    _S + "DeleteContext": Target(
+        "context", lambda i: st.DeleteContextRequest(scope=context_scope(i.team), key=i.context_key), absent=True
+    ),
     # inference
-    _N + "CreateMessage": Target("private model", lambda i: inf.CreateMessageRequest(params=message_params(i.model_name)),
-                                 absent=True),
-    _N + "StreamMessage": Target("private model", lambda i: inf.StreamMessageRequest(params=message_params(i.model_name)),
-                                 absent=True),
-    _N + "CountTokens": Target("private model", lambda i: inf.CountTokensRequest(params=message_params(i.model_name)),
-                               absent=True),
+    _N + "CreateMessage": Target(
+        "private model", lambda i: inf.CreateMessageRequest(params=message_params(i.model_name)), absent=True
+    ),
+    _N + "StreamMessage": Target(
+        "private model", lambda i: inf.StreamMessageRequest(params=message_params(i.model_name)), absent=True
+    ),
+    _N + "CountTokens": Target(
+        "private model", lambda i: inf.CountTokensRequest(params=message_params(i.model_name)), absent=True
+    ),
     _N + "GetModelPolicy": Target(None, lambda i: inf.GetModelPolicyRequest()),
-    _N + "RegisterPrivateModel": Target("private model", lambda i: inf.RegisterPrivateModelRequest(
-        model=inf.PrivateModel(name=i.model_name, upstream_model="ft:claude-test:a:001")), phase=2),
+    _N + "RegisterPrivateModel": Target(
+        "private model",
+        lambda i: inf.RegisterPrivateModelRequest(
+            model=inf.PrivateModel(name=i.model_name, upstream_model="ft:claude-test:a:001")
+        ),
+        phase=2,
+    ),
     _N + "ListPrivateModels": Target(None, lambda i: inf.ListPrivateModelsRequest()),
     # orchestrator
     _O + "CreateTeam": Target("team", lambda i: orch.CreateTeamRequest(team=team_pb(i.team)), phase=2),
     _O + "GetTeam": Target("team", lambda i: orch.GetTeamRequest(name=i.team), absent=True),
     _O + "ListTeams": Target(None, lambda i: orch.ListTeamsRequest()),
-    _O + "UpdateTeam": Target("team", lambda i: orch.UpdateTeamRequest(
-        team=replace_description(team_pb(i.team)), update_mask={"paths": ["description"]}), absent=True),
+    _O + "UpdateTeam": Target(
+        "team",
+        lambda i: orch.UpdateTeamRequest(
+            team=replace_description(team_pb(i.team)), update_mask={"paths": ["description"]}
+        ),
+        absent=True,
+    ),
     _O + "DeleteTeam": Target("team", lambda i: orch.DeleteTeamRequest(name=i.team), absent=True),
-    _O + "StartRun": Target("team", lambda i: orch.StartRunRequest(team=i.team, entry_agent="triage", input="hi",
-                                                                    idempotency_key=i.run_key), absent=True),
+    _O + "StartRun": Target(
+        "team",
+        lambda i: orch.StartRunRequest(team=i.team, entry_agent="triage", input="hi", idempotency_key=i.run_key),
+        absent=True,
+    ),
     _O + "GetRun": Target("run", lambda i: orch.GetRunRequest(run_id=i.run_id), absent=True),
     _O + "ListRuns": Target("team", lambda i: orch.ListRunsRequest(team=i.team)),
     _O + "WatchRun": Target("run", lambda i: orch.WatchRunRequest(run_id=i.run_id), absent=True),
     _O + "CancelRun": Target("run", lambda i: orch.CancelRunRequest(run_id=i.run_id), absent=True),
     _O + "GetRunStats": Target(None, lambda i: orch.GetRunStatsRequest(start_time=_now(-3600), end_time=_now(3600))),
     # metering
-    _M + "RecordUsage": Target("usage event", lambda i: met.RecordUsageRequest(events=[usage_event(i.usage_key)]),
-                               phase=2),
-    _M + "QueryUsage": Target("principal", lambda i: met.QueryUsageRequest(filter=met.UsageFilter(
-        start_time=_now(-3600), end_time=_now(3600), principal_id=i.principal_id))),
+    _M + "RecordUsage": Target(
+        "usage event", lambda i: met.RecordUsageRequest(events=[usage_event(i.usage_key)]), phase=2
+    ),
+    _M + "QueryUsage": Target(
+        "principal",
+        lambda i: met.QueryUsageRequest(
+            filter=met.UsageFilter(start_time=_now(-3600), end_time=_now(3600), principal_id=i.principal_id)
+        ),
+    ),
     _M + "ListPrices": Target(None, lambda i: met.ListPricesRequest(model=MODEL)),
     _M + "GetQuotaStatus": Target(None, lambda i: met.GetQuotaStatusRequest()),
-    _M + "ReserveBudget": Target("reservation", lambda i: met.ReserveBudgetRequest(
-        model=MODEL, prompt_tokens=10, max_output_tokens=10, idempotency_key=i.reserve_key), phase=2),
-    _M + "CommitBudget": Target("reservation", lambda i: met.CommitBudgetRequest(
-        reservation_id=i.reservation_id, usage=met.TokenCounts(input_tokens=1)), absent=True),
-    _M + "ReleaseBudget": Target("reservation", lambda i: met.ReleaseBudgetRequest(reservation_id=i.reservation_id),
-                                 absent=True),
-    _M + "LeaseBudget": Target(None, lambda i: met.LeaseBudgetRequest(model=MODEL, tokens=10), phase=2,
-                               compare_reply=False),
+    _M + "ReserveBudget": Target(
+        "reservation",
+        lambda i: met.ReserveBudgetRequest(
+            model=MODEL, prompt_tokens=10, max_output_tokens=10, idempotency_key=i.reserve_key
+        ),
+        phase=2,
+    ),
+    _M + "CommitBudget": Target(
+        "reservation",
+        lambda i: met.CommitBudgetRequest(reservation_id=i.reservation_id, usage=met.TokenCounts(input_tokens=1)),
+        absent=True,
+    ),
+    _M + "ReleaseBudget": Target(
+        "reservation", lambda i: met.ReleaseBudgetRequest(reservation_id=i.reservation_id), absent=True
+    ),
+    _M + "LeaseBudget": Target(
+        None, lambda i: met.LeaseBudgetRequest(model=MODEL, tokens=10), phase=2, compare_reply=False
+    ),
     _M + "RenewLease": Target("lease", lambda i: met.RenewLeaseRequest(lease_id=i.lease_id), absent=True),
     _M + "ReleaseLease": Target("lease", lambda i: met.ReleaseLeaseRequest(lease_id=i.lease_id), absent=True),
 }

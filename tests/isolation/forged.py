@@ -1,4 +1,5 @@
 """Tokens an attacker can make from a real one: every way a bearer value can lie about its caller."""
+
 from __future__ import annotations
 
 import base64
@@ -40,14 +41,20 @@ def alg_none(token: str) -> str:
 def signed_by_stranger(token: str, *, kid: str | None = None) -> str:
     """The token's claims signed by a fresh Ed25519 key, under the real kid (or the kid given)."""
     header, payload, _ = parts(token)
-    return jwt.encode(payload, SigningKey.generate().private_key, algorithm=ALGORITHM,
-                      headers={"kid": kid or header["kid"]})
+    return jwt.encode(
+        payload, SigningKey.generate().private_key, algorithm=ALGORITHM, headers={"kid": kid or header["kid"]}
+    )
 
 
 def expired(key: SigningKey, token: str) -> str:
     """A token with the same claims, signed by identity's real key, that expired an hour ago."""
     _, payload, _ = parts(token)
-    issued, _ = TokenIssuer(key).issue(tenant_id=payload["tid"], principal_id=payload["sub"],
-                                       scopes=tuple(payload["scope"].split()), tier=payload.get("tier", "pooled"),
-                                       ttl=60, now=time.time() - 3600)
+    issued, _ = TokenIssuer(key).issue(
+        tenant_id=payload["tid"],
+        principal_id=payload["sub"],
+        scopes=tuple(payload["scope"].split()),
+        tier=payload.get("tier", "pooled"),
+        ttl=60,
+        now=time.time() - 3600,
+    )
     return issued

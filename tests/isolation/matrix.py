@@ -5,6 +5,7 @@ go to every method with an empty request. The cross-tenant attack needs B's real
 sends A's valid token with a request naming B's resource, and again naming a random lookalike,
 and requires the same reply (code, message, details, and for writes the reply itself).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -61,42 +62,65 @@ def _bearer(token: str) -> tuple[str, str]:
 
 def _lacking(rig: Rig, rpc: Rpc) -> str:
     """A narrowed token of A's whose one scope does not cover the method."""
-    return next(t for name, t in rig.tokens.items() if name.startswith("narrowed:")
-                and not scope_matches(name.partition(":")[2], rpc.scope))
+    return next(
+        t
+        for name, t in rig.tokens.items()
+        if name.startswith("narrowed:") and not scope_matches(name.partition(":")[2], rpc.scope)
+    )
 
 
 _AMBIGUOUS = "UNAUTHENTICATED/AMBIGUOUS_METADATA"
 ATTACKS: tuple[Attack, ...] = (
     Attack("spoofed_tenant", "PERMISSION_DENIED/TENANT_MISMATCH", lambda r, _: md(r.a.token, r.b.tenant_id)),
-    Attack("dup_tenant_AB", _AMBIGUOUS, lambda r, _: (_bearer(r.a.token), ("x-tenant-id", r.a.tenant_id),
-                                                      ("x-tenant-id", r.b.tenant_id))),
-    Attack("dup_tenant_BA", _AMBIGUOUS, lambda r, _: (_bearer(r.a.token), ("x-tenant-id", r.b.tenant_id),
-                                                      ("x-tenant-id", r.a.tenant_id))),
-    Attack("dup_auth_AB", _AMBIGUOUS, lambda r, _: (_bearer(r.a.token), _bearer(r.b.token),
-                                                    ("x-tenant-id", r.a.tenant_id))),
-    Attack("dup_auth_BA", _AMBIGUOUS, lambda r, _: (_bearer(r.b.token), _bearer(r.a.token),
-                                                    ("x-tenant-id", r.a.tenant_id))),
+    Attack(
+        "dup_tenant_AB",
+        _AMBIGUOUS,
+        lambda r, _: (_bearer(r.a.token), ("x-tenant-id", r.a.tenant_id), ("x-tenant-id", r.b.tenant_id)),
+    ),
+    Attack(
+        "dup_tenant_BA",
+        _AMBIGUOUS,
+        lambda r, _: (_bearer(r.a.token), ("x-tenant-id", r.b.tenant_id), ("x-tenant-id", r.a.tenant_id)),
+    ),
+    Attack(
+        "dup_auth_AB", _AMBIGUOUS, lambda r, _: (_bearer(r.a.token), _bearer(r.b.token), ("x-tenant-id", r.a.tenant_id))
+    ),
+    Attack(
+        "dup_auth_BA", _AMBIGUOUS, lambda r, _: (_bearer(r.b.token), _bearer(r.a.token), ("x-tenant-id", r.a.tenant_id))
+    ),
     # A's own valid identity, but two request ids: idempotency keys derive from it, so no pick by position.
-    Attack("dup_request_id", _AMBIGUOUS, lambda r, _: (*md(r.a.token, r.a.tenant_id), ("x-request-id", "r-first"),
-                                                       ("x-request-id", "r-second"))),
+    Attack(
+        "dup_request_id",
+        _AMBIGUOUS,
+        lambda r, _: (*md(r.a.token, r.a.tenant_id), ("x-request-id", "r-first"), ("x-request-id", "r-second")),
+    ),
     # What a proxy may make of duplicates (joined with a comma) or of sloppy values: never a match.
-    Attack("tenant_joined", "PERMISSION_DENIED/TENANT_MISMATCH",
-           lambda r, _: md(r.a.token, f"{r.a.tenant_id},{r.b.tenant_id}")),
+    Attack(
+        "tenant_joined",
+        "PERMISSION_DENIED/TENANT_MISMATCH",
+        lambda r, _: md(r.a.token, f"{r.a.tenant_id},{r.b.tenant_id}"),
+    ),
     Attack("tenant_padded", "PERMISSION_DENIED/TENANT_MISMATCH", lambda r, _: md(r.a.token, f" {r.a.tenant_id} ")),
-    Attack("auth_joined", "UNAUTHENTICATED/TOKEN_MALFORMED",
-           lambda r, _: (("authorization", f"Bearer {r.a.token}, Bearer {r.b.token}"), ("x-tenant-id", r.a.tenant_id))),
+    Attack(
+        "auth_joined",
+        "UNAUTHENTICATED/TOKEN_MALFORMED",
+        lambda r, _: (("authorization", f"Bearer {r.a.token}, Bearer {r.b.token}"), ("x-tenant-id", r.a.tenant_id)),
+    ),
     Attack("no_token", "UNAUTHENTICATED/MISSING_TOKEN", lambda r, _: (("x-tenant-id", r.a.tenant_id),)),
     Attack("expired", "UNAUTHENTICATED/TOKEN_EXPIRED", lambda r, _: md(r.tokens["expired"], r.a.tenant_id)),
     Attack("tampered_tid", "UNAUTHENTICATED/TOKEN_INVALID", lambda r, _: md(r.tokens["tampered"], r.b.tenant_id)),
     Attack("alg_none", "UNAUTHENTICATED/TOKEN_MALFORMED", lambda r, _: md(r.tokens["alg_none"], r.a.tenant_id)),
     Attack("foreign_key", "UNAUTHENTICATED/TOKEN_INVALID", lambda r, _: md(r.tokens["foreign_key"], r.a.tenant_id)),
-    Attack("unknown_kid", "UNAUTHENTICATED/TOKEN_UNKNOWN_KEY",
-           lambda r, _: md(r.tokens["unknown_kid"], r.a.tenant_id)),
+    Attack("unknown_kid", "UNAUTHENTICATED/TOKEN_UNKNOWN_KEY", lambda r, _: md(r.tokens["unknown_kid"], r.a.tenant_id)),
     Attack("revoked", "UNAUTHENTICATED/TOKEN_REVOKED", lambda r, _: md(r.tokens["revoked"], r.a.tenant_id)),
     Attack("suspended", "PERMISSION_DENIED/TENANT_SUSPENDED", lambda r, _: r.suspended.metadata),
     Attack("narrowed", "PERMISSION_DENIED/MISSING_SCOPE", lambda r, rpc: md(_lacking(r, rpc), r.a.tenant_id)),
-    Attack("admin_on_platform", "PERMISSION_DENIED/MISSING_SCOPE", lambda r, _: r.a.metadata,
-           applies=lambda rpc: rpc.platform),
+    Attack(
+        "admin_on_platform",
+        "PERMISSION_DENIED/MISSING_SCOPE",
+        lambda r, _: r.a.metadata,
+        applies=lambda rpc: rpc.platform,
+    ),
 )
 ATTACK_NAMES = (*(a.name for a in ATTACKS), CROSS_TENANT)
 
@@ -134,8 +158,9 @@ class Matrix:
         return "\n".join(f"{c.rpc} × {c.attack}: got {c.status}; {c.why}" for c in self.failures)
 
 
-async def invoke(channel: grpc.aio.Channel, rpc: Rpc, request, metadata, *, send: bool = True,
-                 timeout: float = _TIMEOUT) -> Outcome:
+async def invoke(
+    channel: grpc.aio.Channel, rpc: Rpc, request, metadata, *, send: bool = True, timeout: float = _TIMEOUT
+) -> Outcome:
     """Call rpc in its own shape; stream requests carry one message, or none when send is False
     (a client write racing the server's early status is reported as INTERNAL: grpc/grpc#36066)."""
     ser, de = (lambda m: m.SerializeToString()), rpc.response_class().FromString
@@ -149,20 +174,24 @@ async def invoke(channel: grpc.aio.Channel, rpc: Rpc, request, metadata, *, send
         if rpc.shape == "unary_unary":
             replies = [await channel.unary_unary(rpc.path, ser, de)(request, metadata=metadata, timeout=timeout)]
         elif rpc.shape == "unary_stream":
-            replies = [r async for r in channel.unary_stream(rpc.path, ser, de)(request, metadata=metadata,
-                                                                                 timeout=timeout)]
+            replies = [
+                r async for r in channel.unary_stream(rpc.path, ser, de)(request, metadata=metadata, timeout=timeout)
+            ]
         elif rpc.shape == "stream_unary":
             replies = [await channel.stream_unary(rpc.path, ser, de)(requests(), metadata=metadata, timeout=timeout)]
         else:
-            replies = [r async for r in channel.stream_stream(rpc.path, ser, de)(requests(), metadata=metadata,
-                                                                                  timeout=timeout)]
+            replies = [
+                r
+                async for r in channel.stream_stream(rpc.path, ser, de)(requests(), metadata=metadata, timeout=timeout)
+            ]
     except grpc.aio.AioRpcError as err:
         trailer = next((v for k, v in err.trailing_metadata() or () if k == "grpc-status-details-bin"), b"")
         details = error_details(err)
         # Every reason a service sends comes from the catalog (bulkhead.common.v1.ErrorReason), in every cell
         # of the matrix and every fuzzed call (tests/test_error_reasons.py scans the code for the rest).
-        assert details["reason"] is None or details["reason"] in REASONS, \
+        assert details["reason"] is None or details["reason"] in REASONS, (
             f"{rpc.path} answered {err.code().name} with reason {details['reason']!r}, not in the catalog"
+        )
         return Outcome(err.code().name, err.details() or "", details, details_bytes=len(trailer))
     return Outcome("OK", replies=tuple(replies))
 
@@ -175,19 +204,42 @@ async def refusal(rig: Rig, rpc: Rpc, attack: Attack) -> Cell:
 
 
 # Refusals of the interceptor: a cross-tenant cell that ends in one of these never tested the handler.
-_INTERCEPTOR_REASONS = {"MISSING_TOKEN", "MISSING_TENANT", "TOKEN_MALFORMED", "TOKEN_EXPIRED", "TOKEN_REVOKED",
-                        "TOKEN_INVALID", "TOKEN_UNKNOWN_KEY", "TENANT_MISMATCH", "MISSING_SCOPE", "NO_AUTH_RULE",
-                        "AMBIGUOUS_METADATA", "TENANT_SUSPENDED", "KEYS_UNAVAILABLE"}
+_INTERCEPTOR_REASONS = {
+    "MISSING_TOKEN",
+    "MISSING_TENANT",
+    "TOKEN_MALFORMED",
+    "TOKEN_EXPIRED",
+    "TOKEN_REVOKED",
+    "TOKEN_INVALID",
+    "TOKEN_UNKNOWN_KEY",
+    "TENANT_MISMATCH",
+    "MISSING_SCOPE",
+    "NO_AUTH_RULE",
+    "AMBIGUOUS_METADATA",
+    "TENANT_SUSPENDED",
+    "KEYS_UNAVAILABLE",
+}
 _RID = re.compile(r"\b[0-9a-f]{32}\b")
-_VOLATILE = {"etag", "jti", "token", "ciphertext", "plaintext", "secret", "reservation_id", "lease_id", "id",
-             "run_id", "prefix", "key_version"}
+_VOLATILE = {
+    "etag",
+    "jti",
+    "token",
+    "ciphertext",
+    "plaintext",
+    "secret",
+    "reservation_id",
+    "lease_id",
+    "id",
+    "run_id",
+    "prefix",
+    "key_version",
+}
 
 
 def _scrub(value, names: list[str]):
     """value with the requested ids named <ID>, request ids <RID>, and per-call fields left out."""
     if isinstance(value, dict):
-        return {k: _scrub(v, names) for k, v in sorted(value.items())
-                if k not in _VOLATILE and not k.endswith("time")}
+        return {k: _scrub(v, names) for k, v in sorted(value.items()) if k not in _VOLATILE and not k.endswith("time")}
     if isinstance(value, list):
         return [_scrub(v, names) for v in value]
     if isinstance(value, str):
@@ -226,17 +278,25 @@ async def cross_tenant(rig: Rig, rpc: Rpc, target: Target) -> Cell:
     elif not target.absent and theirs.status != (target.refused or "OK"):
         problems.append(f"expected {target.refused or 'OK'}: a request that fails for another reason proves nothing")
     if _seen(theirs, rig.b_ids, target) != _seen(unknown, random_ids, target):
-        problems.append(f"A's reply naming B's {target.resource or 'ids'} differs from a random one's: "
-                        f"B's -> {_seen(theirs, rig.b_ids, target)}; random -> {_seen(unknown, random_ids, target)}")
+        problems.append(
+            f"A's reply naming B's {target.resource or 'ids'} differs from a random one's: "
+            f"B's -> {_seen(theirs, rig.b_ids, target)}; random -> {_seen(unknown, random_ids, target)}"
+        )
     leaked = _leaks(theirs, theirs_req, rig.markers)
     if leaked:
         problems.append(f"A's reply carries B's data {leaked}")
     return Cell(rpc.key, CROSS_TENANT, theirs.status, not problems, "; ".join(problems))
 
 
-async def run_matrix(rig: Rig, rpcs: list[Rpc], factories: dict[str, Target], *,
-                     attacks: tuple[Attack, ...] = ATTACKS, with_cross_tenant: bool = True,
-                     concurrency: int = 24) -> Matrix:
+async def run_matrix(
+    rig: Rig,
+    rpcs: list[Rpc],
+    factories: dict[str, Target],
+    *,
+    attacks: tuple[Attack, ...] = ATTACKS,
+    with_cross_tenant: bool = True,
+    concurrency: int = 24,
+) -> Matrix:
     """Every applicable attack on every method, the cross-tenant ones in their phases (see Target.phase)."""
     matrix, gate = Matrix(), asyncio.Semaphore(concurrency)
 
@@ -245,8 +305,10 @@ async def run_matrix(rig: Rig, rpcs: list[Rpc], factories: dict[str, Target], *,
             matrix.add(await make())
 
     tenant_rpcs = [r for r in rpcs if not r.public and not r.platform] if with_cross_tenant else []
-    phases = [[lambda r=r: cross_tenant(rig, r, factories[r.path]) for r in tenant_rpcs
-               if factories[r.path].phase == n] for n in range(3)]
+    phases = [
+        [lambda r=r: cross_tenant(rig, r, factories[r.path]) for r in tenant_rpcs if factories[r.path].phase == n]
+        for n in range(3)
+    ]
     refusals = [lambda r=r, a=a: refusal(rig, r, a) for r in rpcs for a in attacks if a.applies(r)]
     await asyncio.gather(*(one(j) for j in phases[0]))
     await asyncio.gather(*(one(j) for j in refusals + phases[1]))

@@ -2,6 +2,7 @@
 
 Common contracts (bulkhead.common.v1) that several services serve are enumerated once per serving
 service, from the list their shared module keeps (COMMON_CONTRACTS)."""
+
 from __future__ import annotations
 
 import importlib
@@ -16,8 +17,10 @@ from shared.config_audit import SERVED_BY as CONFIG_AUDIT_SERVERS
 from shared.security_events import SERVED_BY as SECURITY_EVENTS_SERVERS
 
 SERVICES = ("identity", "credentials", "state", "inference", "orchestrator", "metering")
-COMMON_CONTRACTS = {"bulkhead.common.v1.audit_pb2": CONFIG_AUDIT_SERVERS,
-                    "bulkhead.common.v1.security_events_pb2": SECURITY_EVENTS_SERVERS}
+COMMON_CONTRACTS = {
+    "bulkhead.common.v1.audit_pb2": CONFIG_AUDIT_SERVERS,
+    "bulkhead.common.v1.security_events_pb2": SECURITY_EVENTS_SERVERS,
+}
 """Generated module of a common contract -> the services that serve it (tenant-scoped ones only: the
 platform-only TenantLifecycleService is refused to every tenant before any handler)."""
 
@@ -71,15 +74,25 @@ def enumerate_rpcs(files: dict[str, FileDescriptor] | None = None) -> list[Rpc]:
     out = []
     pairs = list((files or service_files()).items())
     if files is None:
-        pairs += [(svc, importlib.import_module(module).DESCRIPTOR) for module, servers in COMMON_CONTRACTS.items()
-                  for svc in servers]
+        pairs += [
+            (svc, importlib.import_module(module).DESCRIPTOR)
+            for module, servers in COMMON_CONTRACTS.items()
+            for svc in servers
+        ]
     for svc, file in pairs:
         for service in file.services_by_name.values():
             for method in service.methods:
                 options = method.GetOptions()
                 rule = options.Extensions[auth_pb2.auth] if options.HasExtension(auth_pb2.auth) else None
-                out.append(Rpc(svc, f"/{service.full_name}/{method.name}", rule.scope if rule else "",
-                               bool(rule and rule.public), method))
+                out.append(
+                    Rpc(
+                        svc,
+                        f"/{service.full_name}/{method.name}",
+                        rule.scope if rule else "",
+                        bool(rule and rule.public),
+                        method,
+                    )
+                )
     return out
 
 
@@ -91,14 +104,21 @@ def require_factories(rpcs: list[Rpc], factories: dict, resources: Collection[st
     """Fail naming every tenant-scoped RPC without a factory (or whose resource has none), saying what to add."""
     unmade = sorted({t.resource for t in factories.values() if t.resource is not None and t.resource not in resources})
     if unmade:
-        raise MissingFactory("requests name resource types no factory makes for tenant B: " + ", ".join(unmade)
-                             + ": add RESOURCES['<type>'] = async def (victim) -> {<Ids field>: <id>} in "
-                             "tests/isolation/resources.py")
+        raise MissingFactory(
+            "requests name resource types no factory makes for tenant B: "
+            + ", ".join(unmade)
+            + ": add RESOURCES['<type>'] = async def (victim) -> {<Ids field>: <id>} in "
+            "tests/isolation/resources.py"
+        )
     missing = [r for r in rpcs if not r.public and not r.platform and r.path not in factories]
     if missing:
-        lines = [f"  {r.path} (scope {r.scope or 'NONE'}): add FACTORIES[{r.path!r}] = Target('<resource type>', "
-                 f"lambda i: {r.descriptor.input_type.name}(<field>=i.<B's resource id>)) in "
-                 "tests/isolation/factories.py (a new resource type also needs a field in Ids and a factory in "
-                 "tests/isolation/resources.py)" for r in missing]
-        raise MissingFactory("tenant-scoped RPCs with no resource factory, so no cross-tenant proof:\n"
-                             + "\n".join(lines))
+        lines = [
+            f"  {r.path} (scope {r.scope or 'NONE'}): add FACTORIES[{r.path!r}] = Target('<resource type>', "
+            f"lambda i: {r.descriptor.input_type.name}(<field>=i.<B's resource id>)) in "
+            "tests/isolation/factories.py (a new resource type also needs a field in Ids and a factory in "
+            "tests/isolation/resources.py)"
+            for r in missing
+        ]
+        raise MissingFactory(
+            "tenant-scoped RPCs with no resource factory, so no cross-tenant proof:\n" + "\n".join(lines)
+        )

@@ -3,6 +3,7 @@
 Each service's listings, every page, with times left out (reads may touch last-used times). Equal
 snapshots before and after a refused write mean it left nothing behind that its tenant can list.
 """
+
 from __future__ import annotations
 
 from google.protobuf import timestamp_pb2
@@ -19,16 +20,23 @@ from .matrix import invoke
 from .methods import Rpc, enumerate_rpcs
 
 _BY_PATH = {r.path: r for r in enumerate_rpcs()}
-_I, _C, _S = "/bulkhead.identity.v1.IdentityService/", "/bulkhead.credentials.v1.CredentialsService/", \
-    "/bulkhead.state.v1.StateService/"
-_N, _O, _M = "/bulkhead.inference.v1.InferenceService/", "/bulkhead.orchestrator.v1.OrchestratorService/", \
-    "/bulkhead.metering.v1.MeteringService/"
+_I, _C, _S = (
+    "/bulkhead.identity.v1.IdentityService/",
+    "/bulkhead.credentials.v1.CredentialsService/",
+    "/bulkhead.state.v1.StateService/",
+)
+_N, _O, _M = (
+    "/bulkhead.inference.v1.InferenceService/",
+    "/bulkhead.orchestrator.v1.OrchestratorService/",
+    "/bulkhead.metering.v1.MeteringService/",
+)
 
 
 def _ever() -> met.UsageFilter:
     """Every usage event metering accepts (after the epoch), whenever it says it happened: up to year 9999."""
-    return met.UsageFilter(start_time=timestamp_pb2.Timestamp(nanos=1000),
-                           end_time=timestamp_pb2.Timestamp(seconds=253402300799))
+    return met.UsageFilter(
+        start_time=timestamp_pb2.Timestamp(nanos=1000), end_time=timestamp_pb2.Timestamp(seconds=253402300799)
+    )
 
 
 LISTINGS: dict[str, tuple[tuple[str, object], ...]] = {
@@ -37,8 +45,10 @@ LISTINGS: dict[str, tuple[tuple[str, object], ...]] = {
     "state": ((_S + "ListThreads", st.ListThreadsRequest()),),
     "inference": ((_N + "ListPrivateModels", inf.ListPrivateModelsRequest()),),
     "orchestrator": ((_O + "ListTeams", orch.ListTeamsRequest()), (_O + "ListRuns", orch.ListRunsRequest())),
-    "metering": ((_M + "QueryUsage", met.QueryUsageRequest(filter=_ever(), group_by=[met.USAGE_GROUPING_MODEL])),
-                 (_M + "GetQuotaStatus", met.GetQuotaStatusRequest())),
+    "metering": (
+        (_M + "QueryUsage", met.QueryUsageRequest(filter=_ever(), group_by=[met.USAGE_GROUPING_MODEL])),
+        (_M + "GetQuotaStatus", met.GetQuotaStatusRequest()),
+    ),
 }
 """Service -> the listings that show its tenant's data."""
 
@@ -70,8 +80,9 @@ async def _pages(channel, rpc: Rpc, request, metadata) -> list:
 
 async def snapshot(channels: dict, service: str, metadata) -> dict:
     """Everything the tenant of metadata can list in service."""
-    return {path: await _pages(channels[service], _BY_PATH[path], request, metadata)
-            for path, request in LISTINGS[service]}
+    return {
+        path: await _pages(channels[service], _BY_PATH[path], request, metadata) for path, request in LISTINGS[service]
+    }
 
 
 def is_write(rpc: Rpc) -> bool:

@@ -3,6 +3,7 @@
 A factory returns the Ids fields of what it made. RESOURCES runs them in order (a run needs its
 team, a thread its run). A Target naming a resource type with no factory here fails the matrix.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -54,15 +55,23 @@ async def _tenant(v: Victim) -> dict:
 
 
 async def _principal(v: Victim) -> dict:
-    p = (await v.mesh.identity.stub.CreatePrincipal(idn.CreatePrincipalRequest(
-        kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=f"b-bot-{v.tag}", scopes=["state.*"]),
-        metadata=v.md)).principal
+    p = (
+        await v.mesh.identity.stub.CreatePrincipal(
+            idn.CreatePrincipalRequest(
+                kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=f"b-bot-{v.tag}", scopes=["state.*"]
+            ),
+            metadata=v.md,
+        )
+    ).principal
     return {"principal_id": p.id, "principal_name": p.display_name}
 
 
 async def _api_key(v: Victim) -> dict:
-    key = (await v.mesh.identity.stub.CreateApiKey(idn.CreateApiKeyRequest(
-        principal_id=v.ids["principal_id"], display_name="b"), metadata=v.md)).api_key
+    key = (
+        await v.mesh.identity.stub.CreateApiKey(
+            idn.CreateApiKeyRequest(principal_id=v.ids["principal_id"], display_name="b"), metadata=v.md
+        )
+    ).api_key
     return {"api_key_id": key.id}
 
 
@@ -73,14 +82,16 @@ async def _token(v: Victim) -> dict:
 
 async def _secret(v: Victim) -> dict:
     name = f"b-secret-{v.tag}"
-    await v.stub("credentials", credentials_pb2_grpc).PutSecret(cred.PutSecretRequest(name=name, value=SECRET_VALUE),
-                                                                 metadata=v.md)
+    await v.stub("credentials", credentials_pb2_grpc).PutSecret(
+        cred.PutSecretRequest(name=name, value=SECRET_VALUE), metadata=v.md
+    )
     return {"secret_name": name}
 
 
 async def _ciphertext(v: Victim) -> dict:
-    out = await v.stub("credentials", credentials_pb2_grpc).Encrypt(cred.EncryptRequest(plaintext=SECRET_VALUE),
-                                                                     metadata=v.md)
+    out = await v.stub("credentials", credentials_pb2_grpc).Encrypt(
+        cred.EncryptRequest(plaintext=SECRET_VALUE), metadata=v.md
+    )
     return {"ciphertext": out.ciphertext}
 
 
@@ -92,55 +103,69 @@ async def _team(v: Victim) -> dict:
 
 async def _run(v: Victim) -> dict:
     key = f"b-run-{v.tag}"
-    run = (await v.mesh.stub.StartRun(orch.StartRunRequest(team=v.ids["team"], entry_agent="triage",
-                                                           input="b's question", idempotency_key=key),
-                                      metadata=v.md)).run
+    run = (
+        await v.mesh.stub.StartRun(
+            orch.StartRunRequest(team=v.ids["team"], entry_agent="triage", input="b's question", idempotency_key=key),
+            metadata=v.md,
+        )
+    ).run
     return {"run_id": run.run_id, "run_key": key}
 
 
 async def _thread(v: Victim) -> dict:
     state, thread = v.stub("state", state_pb2_grpc), f"b-thread-{v.tag}"
     await state.CreateThread(st.CreateThreadRequest(thread_id=thread, run_id=v.ids["run_id"]), metadata=v.md)
-    await state.AppendEvents(st.AppendEventsRequest(thread_id=thread, expected_version=0,
-                                                    events=[st.NewEvent(type="b", payload=SECRET_VALUE)]),
-                             metadata=v.md)
-    await state.CreateSnapshot(st.CreateSnapshotRequest(thread_id=thread, version=1, state=SECRET_VALUE),
-                               metadata=v.md)
+    await state.AppendEvents(
+        st.AppendEventsRequest(
+            thread_id=thread, expected_version=0, events=[st.NewEvent(type="b", payload=SECRET_VALUE)]
+        ),
+        metadata=v.md,
+    )
+    await state.CreateSnapshot(st.CreateSnapshotRequest(thread_id=thread, version=1, state=SECRET_VALUE), metadata=v.md)
     return {"thread_id": thread}
 
 
 async def _context(v: Victim) -> dict:
     key = f"b-ctx-{v.tag}"
-    await v.stub("state", state_pb2_grpc).PutContext(st.PutContextRequest(
-        scope=context_scope(v.ids["team"]), key=key, value=SECRET_VALUE), metadata=v.md)
+    await v.stub("state", state_pb2_grpc).PutContext(
+        st.PutContextRequest(scope=context_scope(v.ids["team"]), key=key, value=SECRET_VALUE), metadata=v.md
+    )
     return {"context_key": key}
 
 
 async def _private_model(v: Victim) -> dict:
     infer, name = v.stub("inference", inference_pb2_grpc), f"b-tuned-{v.tag}"
-    await infer.RegisterPrivateModel(inf.RegisterPrivateModelRequest(model=inf.PrivateModel(
-        name=name, upstream_model=f"ft:claude-test:b:{v.tag}")), metadata=v.md)
+    await infer.RegisterPrivateModel(
+        inf.RegisterPrivateModelRequest(model=inf.PrivateModel(name=name, upstream_model=f"ft:claude-test:b:{v.tag}")),
+        metadata=v.md,
+    )
     await infer.CountTokens(inf.CountTokensRequest(params=message_params(name)), metadata=v.md)  # B may use it
     return {"model_name": name}
 
 
 async def _usage_event(v: Victim) -> dict:
     key = f"b-usage-{v.tag}"
-    await v.stub("metering", metering_pb2_grpc).RecordUsage(met.RecordUsageRequest(events=[usage_event(key)]),
-                                                            metadata=v.md)
+    await v.stub("metering", metering_pb2_grpc).RecordUsage(
+        met.RecordUsageRequest(events=[usage_event(key)]), metadata=v.md
+    )
     return {"usage_key": key}
 
 
 async def _reservation(v: Victim) -> dict:
     key = f"b-res-{v.tag}"
-    held = await v.stub("metering", metering_pb2_grpc).ReserveBudget(met.ReserveBudgetRequest(
-        model=MODEL, prompt_tokens=10, max_output_tokens=10, idempotency_key=key), metadata=v.md)
+    held = await v.stub("metering", metering_pb2_grpc).ReserveBudget(
+        met.ReserveBudgetRequest(model=MODEL, prompt_tokens=10, max_output_tokens=10, idempotency_key=key),
+        metadata=v.md,
+    )
     return {"reservation_id": held.reservation_id, "reserve_key": key}
 
 
 async def _lease(v: Victim) -> dict:
-    lease = (await v.stub("metering", metering_pb2_grpc).LeaseBudget(met.LeaseBudgetRequest(model=MODEL, tokens=10),
-                                                                     metadata=v.md)).lease
+    lease = (
+        await v.stub("metering", metering_pb2_grpc).LeaseBudget(
+            met.LeaseBudgetRequest(model=MODEL, tokens=10), metadata=v.md
+        )
+    ).lease
     return {"lease_id": lease.lease_id}
 
 
@@ -156,7 +181,8 @@ async def _security_event(v: Victim) -> dict:
     for channel in v.channels.values():
         try:
             await security_events_pb2_grpc.SecurityEventsServiceStub(channel).ListSecurityEvents(
-                sec.ListSecurityEventsRequest(), metadata=claimed)
+                sec.ListSecurityEventsRequest(), metadata=claimed
+            )
         except grpc.aio.AioRpcError as err:
             assert err.code() == grpc.StatusCode.PERMISSION_DENIED, err
     servers = [s.running for s in v.mesh.services.values()] + [v.mesh.orchestrator.running, v.mesh.identity.app.running]
@@ -165,15 +191,27 @@ async def _security_event(v: Victim) -> dict:
             await work.flush()
     for name, channel in v.channels.items():  # stored: A's attempts must find them, and leave them out
         listed = await security_events_pb2_grpc.SecurityEventsServiceStub(channel).ListSecurityEvents(
-            sec.ListSecurityEventsRequest(reasons=["TENANT_MISMATCH"]), metadata=v.md)
+            sec.ListSecurityEventsRequest(reasons=["TENANT_MISMATCH"]), metadata=v.md
+        )
         assert [e.principal_id for e in listed.events] == [principal], name
     return {"refused_principal": principal}
 
 
 RESOURCES: dict[str, Callable[[Victim], Awaitable[dict]]] = {
-    "tenant": _tenant, "principal": _principal, "api key": _api_key, "token": _token, "secret": _secret,
-    "ciphertext": _ciphertext, "team": _team, "run": _run, "thread": _thread, "context": _context,
-    "private model": _private_model, "usage event": _usage_event, "reservation": _reservation, "lease": _lease,
+    "tenant": _tenant,
+    "principal": _principal,
+    "api key": _api_key,
+    "token": _token,
+    "secret": _secret,
+    "ciphertext": _ciphertext,
+    "team": _team,
+    "run": _run,
+    "thread": _thread,
+    "context": _context,
+    "private model": _private_model,
+    "usage event": _usage_event,
+    "reservation": _reservation,
+    "lease": _lease,
     "security event": _security_event,
 }
 

@@ -5,6 +5,7 @@ field (CLIENT_ID). Each must either have a Reuse (how to make a valid request ar
 key) or be listed in NAMES_EXISTING (the field names an existing resource, which the attack
 matrix's cross-tenant cell covers). Every Reuse also reuses B's x-request-id.
 """
+
 from __future__ import annotations
 
 import re
@@ -70,24 +71,49 @@ class Reuse:
 
 
 async def _principal(rig, t: TenantHandle, key: str) -> dict:
-    p = (await rig.mesh.identity.stub.CreatePrincipal(idn.CreatePrincipalRequest(
-        kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=f"{key}-p", scopes=["state.*"]),
-        metadata=t.metadata)).principal
+    p = (
+        await rig.mesh.identity.stub.CreatePrincipal(
+            idn.CreatePrincipalRequest(
+                kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=f"{key}-p", scopes=["state.*"]
+            ),
+            metadata=t.metadata,
+        )
+    ).principal
     return {"principal_id": p.id}
 
 
 async def _model(rig, t: TenantHandle, key: str) -> dict:
-    await invoke(rig.channels["inference"], _RPC[_REGISTER], inf.RegisterPrivateModelRequest(model=inf.PrivateModel(
-        name=f"{key}-model", upstream_model=f"ft:claude-test:{key}")), t.metadata)
+    await invoke(
+        rig.channels["inference"],
+        _RPC[_REGISTER],
+        inf.RegisterPrivateModelRequest(
+            model=inf.PrivateModel(name=f"{key}-model", upstream_model=f"ft:claude-test:{key}")
+        ),
+        t.metadata,
+    )
     return {"model": f"{key}-model"}
 
 
 async def _budget(rig, t: TenantHandle, key: str) -> dict:
     """A large token budget, so a reservation shows as held in GetQuotaStatus."""
-    await invoke(rig.channels["metering"], _RPC[_SET_QUOTA], met.SetQuotaRequest(quota=met.Quota(
-        tenant_id=t.tenant_id, budgets=[met.Budget(unit=met.BUDGET_UNIT_TOKENS, limit=10**9,
-                                                   mode=met.BUDGET_MODE_HARD, period=met.BUDGET_PERIOD_MONTH)])),
-        rig.mesh.identity.operator.metadata)
+    await invoke(
+        rig.channels["metering"],
+        _RPC[_SET_QUOTA],
+        met.SetQuotaRequest(
+            quota=met.Quota(
+                tenant_id=t.tenant_id,
+                budgets=[
+                    met.Budget(
+                        unit=met.BUDGET_UNIT_TOKENS,
+                        limit=10**9,
+                        mode=met.BUDGET_MODE_HARD,
+                        period=met.BUDGET_PERIOD_MONTH,
+                    )
+                ],
+            )
+        ),
+        rig.mesh.identity.operator.metadata,
+    )
     return {}
 
 
@@ -97,34 +123,64 @@ async def _team(rig, t: TenantHandle, key: str) -> dict:
 
 
 KEYED: dict[str, Reuse] = {
-    "/bulkhead.identity.v1.IdentityService/CreatePrincipal": Reuse(lambda k, o: idn.CreatePrincipalRequest(
-        kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=k, scopes=["state.*"]), key_field="display_name"),
-    "/bulkhead.identity.v1.IdentityService/CreateApiKey": Reuse(lambda k, o: idn.CreateApiKeyRequest(
-        principal_id=o["principal_id"], display_name=k), prepare=_principal, key_field="display_name",
-        readback=lambda k, o, r: ("/bulkhead.identity.v1.IdentityService/ListApiKeys",
-                                  idn.ListApiKeysRequest(principal_id=o["principal_id"]))),
-    "/bulkhead.credentials.v1.CredentialsService/PutSecret": Reuse(lambda k, o: cred.PutSecretRequest(
-        name=k, value=secrets.token_bytes(8)), key_field="name"),
-    "/bulkhead.state.v1.StateService/CreateThread": Reuse(lambda k, o: st.CreateThreadRequest(
-        thread_id=k, run_id=f"{k}-run", agent_id=f"{k}-agent", labels={k: k}), key_field="thread_id"),
-    "/bulkhead.state.v1.StateService/PutContext": Reuse(lambda k, o: st.PutContextRequest(
-        scope=st.ContextScope(kind=st.SCOPE_KIND_TEAM, id=k), key=k, value=secrets.token_bytes(8)), key_field="key",
-        readback=lambda k, o, r: ("/bulkhead.state.v1.StateService/GetContext", st.GetContextRequest(
-            scope=st.ContextScope(kind=st.SCOPE_KIND_TEAM, id=k), key=k))),
-    "/bulkhead.inference.v1.InferenceService/RegisterPrivateModel": Reuse(lambda k, o: inf.RegisterPrivateModelRequest(
-        model=inf.PrivateModel(name=k, upstream_model=f"ft:claude-test:{k}")), key_field="model.name"),
+    "/bulkhead.identity.v1.IdentityService/CreatePrincipal": Reuse(
+        lambda k, o: idn.CreatePrincipalRequest(
+            kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=k, scopes=["state.*"]
+        ),
+        key_field="display_name",
+    ),
+    "/bulkhead.identity.v1.IdentityService/CreateApiKey": Reuse(
+        lambda k, o: idn.CreateApiKeyRequest(principal_id=o["principal_id"], display_name=k),
+        prepare=_principal,
+        key_field="display_name",
+        readback=lambda k, o, r: (
+            "/bulkhead.identity.v1.IdentityService/ListApiKeys",
+            idn.ListApiKeysRequest(principal_id=o["principal_id"]),
+        ),
+    ),
+    "/bulkhead.credentials.v1.CredentialsService/PutSecret": Reuse(
+        lambda k, o: cred.PutSecretRequest(name=k, value=secrets.token_bytes(8)), key_field="name"
+    ),
+    "/bulkhead.state.v1.StateService/CreateThread": Reuse(
+        lambda k, o: st.CreateThreadRequest(thread_id=k, run_id=f"{k}-run", agent_id=f"{k}-agent", labels={k: k}),
+        key_field="thread_id",
+    ),
+    "/bulkhead.state.v1.StateService/PutContext": Reuse(
+        lambda k, o: st.PutContextRequest(
+            scope=st.ContextScope(kind=st.SCOPE_KIND_TEAM, id=k), key=k, value=secrets.token_bytes(8)
+        ),
+        key_field="key",
+        readback=lambda k, o, r: (
+            "/bulkhead.state.v1.StateService/GetContext",
+            st.GetContextRequest(scope=st.ContextScope(kind=st.SCOPE_KIND_TEAM, id=k), key=k),
+        ),
+    ),
+    "/bulkhead.inference.v1.InferenceService/RegisterPrivateModel": Reuse(
+        lambda k, o: inf.RegisterPrivateModelRequest(
+            model=inf.PrivateModel(name=k, upstream_model=f"ft:claude-test:{k}")
+        ),
+        key_field="model.name",
+    ),
     "/bulkhead.inference.v1.InferenceService/CreateMessage": Reuse(
-        lambda k, o: inf.CreateMessageRequest(params=message_params(o["model"])), prepare=_model, observe="metering"),
-    "/bulkhead.orchestrator.v1.OrchestratorService/CreateTeam": Reuse(lambda k, o: orch.CreateTeamRequest(
-        team=team_pb(k)), key_field="team.name"),
-    "/bulkhead.orchestrator.v1.OrchestratorService/StartRun": Reuse(lambda k, o: orch.StartRunRequest(
-        team=o["team"], entry_agent="triage", input="hi", idempotency_key=k), prepare=_team,
-        key_field="idempotency_key", vary=frozenset({"queue"})),
-    "/bulkhead.metering.v1.MeteringService/RecordUsage": Reuse(lambda k, o: met.RecordUsageRequest(
-        events=[usage_event(k)]), key_field="events.idempotency_key"),
-    "/bulkhead.metering.v1.MeteringService/ReserveBudget": Reuse(lambda k, o: met.ReserveBudgetRequest(
-        model=MODEL, prompt_tokens=10, max_output_tokens=10, idempotency_key=k), prepare=_budget,
-        key_field="idempotency_key"),
+        lambda k, o: inf.CreateMessageRequest(params=message_params(o["model"])), prepare=_model, observe="metering"
+    ),
+    "/bulkhead.orchestrator.v1.OrchestratorService/CreateTeam": Reuse(
+        lambda k, o: orch.CreateTeamRequest(team=team_pb(k)), key_field="team.name"
+    ),
+    "/bulkhead.orchestrator.v1.OrchestratorService/StartRun": Reuse(
+        lambda k, o: orch.StartRunRequest(team=o["team"], entry_agent="triage", input="hi", idempotency_key=k),
+        prepare=_team,
+        key_field="idempotency_key",
+        vary=frozenset({"queue"}),
+    ),
+    "/bulkhead.metering.v1.MeteringService/RecordUsage": Reuse(
+        lambda k, o: met.RecordUsageRequest(events=[usage_event(k)]), key_field="events.idempotency_key"
+    ),
+    "/bulkhead.metering.v1.MeteringService/ReserveBudget": Reuse(
+        lambda k, o: met.ReserveBudgetRequest(model=MODEL, prompt_tokens=10, max_output_tokens=10, idempotency_key=k),
+        prepare=_budget,
+        key_field="idempotency_key",
+    ),
 }
 """Writes whose request carries an identifier the client chooses."""
 
@@ -133,16 +189,24 @@ _TAGS = "tags that label the caller's own token or stream, never a key anything 
 NAMES_EXISTING: dict[str, str] = {
     **{f"/bulkhead.identity.v1.IdentityService/{m}": _EXISTING for m in ("DisablePrincipal", "RevokeApiKey")},
     "/bulkhead.identity.v1.IdentityService/ExchangeToken": _TAGS,
-    **{f"/bulkhead.credentials.v1.CredentialsService/{m}": _EXISTING
-       for m in ("RotateSecret", "DeleteSecret", "DestroySecret")},
-    **{f"/bulkhead.state.v1.StateService/{m}": _EXISTING
-       for m in ("DeleteThread", "AppendEvents", "CreateSnapshot", "DeleteContext")},
+    **{
+        f"/bulkhead.credentials.v1.CredentialsService/{m}": _EXISTING
+        for m in ("RotateSecret", "DeleteSecret", "DestroySecret")
+    },
+    **{
+        f"/bulkhead.state.v1.StateService/{m}": _EXISTING
+        for m in ("DeleteThread", "AppendEvents", "CreateSnapshot", "DeleteContext")
+    },
     "/bulkhead.inference.v1.InferenceService/StreamMessage": "tool names inside one request; streams are never "
-                                                             "replayed by request id (CreateMessage is)",
-    **{f"/bulkhead.orchestrator.v1.OrchestratorService/{m}": _EXISTING for m in ("UpdateTeam", "DeleteTeam",
-                                                                              "CancelRun")},
-    **{f"/bulkhead.metering.v1.MeteringService/{m}": _EXISTING
-       for m in ("CommitBudget", "ReleaseBudget", "RenewLease", "ReleaseLease")},
+    "replayed by request id (CreateMessage is)",
+    **{
+        f"/bulkhead.orchestrator.v1.OrchestratorService/{m}": _EXISTING
+        for m in ("UpdateTeam", "DeleteTeam", "CancelRun")
+    },
+    **{
+        f"/bulkhead.metering.v1.MeteringService/{m}": _EXISTING
+        for m in ("CommitBudget", "ReleaseBudget", "RenewLease", "ReleaseLease")
+    },
 }
 
 
@@ -153,16 +217,21 @@ def keyed_rpcs(rpcs: list[Rpc]) -> list[Rpc]:
 
 def unclassified(rpcs: list[Rpc]) -> list[str]:
     """Keyed writes with neither a Reuse nor a reason: what to add, one line each."""
-    return [f"{r.path} (fields {', '.join(id_fields(r.descriptor.input_type))}): add KEYED[{r.path!r}] = Reuse(...) "
-            f"or NAMES_EXISTING[{r.path!r}] = '<why no client chooses it>' in tests/isolation/reuse.py"
-            for r in keyed_rpcs(rpcs) if r.path not in KEYED and r.path not in NAMES_EXISTING]
+    return [
+        f"{r.path} (fields {', '.join(id_fields(r.descriptor.input_type))}): add KEYED[{r.path!r}] = Reuse(...) "
+        f"or NAMES_EXISTING[{r.path!r}] = '<why no client chooses it>' in tests/isolation/reuse.py"
+        for r in keyed_rpcs(rpcs)
+        if r.path not in KEYED and r.path not in NAMES_EXISTING
+    ]
 
 
 def request_id_only(rpcs: list[Rpc]) -> dict[str, Reuse]:
     """Every other write of A's own that the matrix expects to succeed: reused by x-request-id alone."""
-    return {r.path: Reuse(lambda k, o, t=FACTORIES[r.path]: t.build(_NOBODY), compare=FACTORIES[r.path].compare_reply)
-            for r in rpcs
-            if r.path in FACTORIES and FACTORIES[r.path].phase == 2 and r.path not in KEYED}
+    return {
+        r.path: Reuse(lambda k, o, t=FACTORIES[r.path]: t.build(_NOBODY), compare=FACTORIES[r.path].compare_reply)
+        for r in rpcs
+        if r.path in FACTORIES and FACTORIES[r.path].phase == 2 and r.path not in KEYED
+    }
 
 
 class _Nobody:
@@ -176,6 +245,7 @@ _NOBODY = _Nobody()
 def skeleton(reply, sent: set[str], vary: frozenset[str] = frozenset(), chosen: tuple[str, ...] = ()) -> object:
     """A reply with its strings blanked (<sent> echoed from the request, <made> by the server: ids, times,
     ciphertexts), so replies to different keys compare by shape, counts and flags."""
+
     def walk(v):
         if isinstance(v, dict):
             return {("<sent>" if _echo(k, sent, chosen) else k): walk(x) for k, x in sorted(v.items()) if k not in vary}
@@ -184,6 +254,7 @@ def skeleton(reply, sent: set[str], vary: frozenset[str] = frozenset(), chosen: 
         if isinstance(v, str) and not v.lstrip("-").isdigit():
             return "<sent>" if _echo(v, sent, chosen) else "<made>"
         return v
+
     return walk(MessageToDict(reply, preserving_proto_field_name=True))
 
 
@@ -205,6 +276,7 @@ def made_values(reply, sent: set[str], chosen: tuple[str, ...] = ()) -> set[str]
                 walk(x)
         elif isinstance(v, str) and not _echo(v, sent, chosen) and len(v) >= 8 and not v.lstrip("-").isdigit():
             out.add(v)
+
     walk(MessageToDict(reply, preserving_proto_field_name=True))
     return out
 
@@ -223,6 +295,7 @@ def strings(request) -> set[str]:
                 walk(x)
         elif isinstance(v, str):
             out.add(v)
+
     walk(MessageToDict(request, preserving_proto_field_name=True))
     return out
 

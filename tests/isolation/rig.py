@@ -3,6 +3,7 @@
 Tenants: A (the attacker, an admin of its own tenant), B (the victim, one resource of every
 type) and C (suspended once its token is minted). Every token is real: minted by identity.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -52,8 +53,11 @@ class Rig:
 
 async def _channels(mesh: Mesh) -> dict[str, grpc.aio.Channel]:
     """One plain channel per service: attackers send whatever metadata they like, nothing is forwarded."""
-    addrs = {"identity": mesh.identity.address, "orchestrator": mesh.orchestrator.address,
-             **{s: mesh.addr(s) for s in ("credentials", "state", "inference", "metering")}}
+    addrs = {
+        "identity": mesh.identity.address,
+        "orchestrator": mesh.orchestrator.address,
+        **{s: mesh.addr(s) for s in ("credentials", "state", "inference", "metering")},
+    }
     return {name: grpc.aio.insecure_channel(addr) for name, addr in addrs.items()}
 
 
@@ -83,12 +87,14 @@ async def _refused_everywhere(ch: dict[str, grpc.aio.Channel], metadata, reason:
     return loop.time() - start
 
 
-_PROBES = {"identity": "/bulkhead.identity.v1.IdentityService/ListPrincipals",
-           "metering": "/bulkhead.metering.v1.MeteringService/GetQuotaStatus",
-           "credentials": "/bulkhead.credentials.v1.CredentialsService/VerifyAccessEvents",
-           "state": "/bulkhead.state.v1.StateService/ListThreads",
-           "inference": "/bulkhead.inference.v1.InferenceService/GetModelPolicy",
-           "orchestrator": "/bulkhead.orchestrator.v1.OrchestratorService/ListTeams"}
+_PROBES = {
+    "identity": "/bulkhead.identity.v1.IdentityService/ListPrincipals",
+    "metering": "/bulkhead.metering.v1.MeteringService/GetQuotaStatus",
+    "credentials": "/bulkhead.credentials.v1.CredentialsService/VerifyAccessEvents",
+    "state": "/bulkhead.state.v1.StateService/ListThreads",
+    "inference": "/bulkhead.inference.v1.InferenceService/GetModelPolicy",
+    "orchestrator": "/bulkhead.orchestrator.v1.OrchestratorService/ListTeams",
+}
 
 
 @contextlib.asynccontextmanager
@@ -103,21 +109,27 @@ async def running_rig(data_dir: Path) -> AsyncIterator[Rig]:
             rig.markers = [*rig.b_ids.markers(), SECRET_VALUE]
             rig.tokens.update(await _narrowed(mesh, a))
             key = await mesh.identity.app.keys.active()
-            rig.tokens.update({
-                "expired": forged.expired(key, a.token),
-                "tampered": forged.tampered(a.token, tid=b.tenant_id),
-                "alg_none": forged.alg_none(a.token),
-                "foreign_key": forged.signed_by_stranger(a.token),
-                "unknown_kid": forged.signed_by_stranger(a.token, kid="k" + secrets.token_urlsafe(12)),
-            })
+            rig.tokens.update(
+                {
+                    "expired": forged.expired(key, a.token),
+                    "tampered": forged.tampered(a.token, tid=b.tenant_id),
+                    "alg_none": forged.alg_none(a.token),
+                    "foreign_key": forged.signed_by_stranger(a.token),
+                    "unknown_kid": forged.signed_by_stranger(a.token, kid="k" + secrets.token_urlsafe(12)),
+                }
+            )
             revoked = await mesh.identity.login(a.api_key)
             await mesh.identity.stub.RevokeToken(idn.RevokeTokenRequest(jti=revoked.jti), metadata=a.metadata)
             rig.tokens["revoked"] = revoked.token
-            await mesh.identity.stub.UpdateTenantStatus(idn.UpdateTenantStatusRequest(
-                tenant_id=c.tenant_id, status=idn.TENANT_STATUS_SUSPENDED), metadata=mesh.identity.operator.metadata)
+            await mesh.identity.stub.UpdateTenantStatus(
+                idn.UpdateTenantStatusRequest(tenant_id=c.tenant_id, status=idn.TENANT_STATUS_SUSPENDED),
+                metadata=mesh.identity.operator.metadata,
+            )
             rig.suspended = c
-            took = await asyncio.gather(_refused_everywhere(ch, md(revoked.token, a.tenant_id), "TOKEN_REVOKED"),
-                                        _refused_everywhere(ch, c.metadata, "TENANT_SUSPENDED"))
+            took = await asyncio.gather(
+                _refused_everywhere(ch, md(revoked.token, a.tenant_id), "TOKEN_REVOKED"),
+                _refused_everywhere(ch, c.metadata, "TENANT_SUSPENDED"),
+            )
             rig.propagation = dict(zip(("revoked", "suspended"), took, strict=True))
             yield rig
         finally:

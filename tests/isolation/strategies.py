@@ -4,6 +4,7 @@ Every field type is covered: scalars at their extremes, long and unicode strings
 (unknown numbers too), nested messages down to a depth, repeated fields, maps and oneofs (at most
 one member set). Metadata strategies make odd extra keys, malformed bearers and odd tenant ids.
 """
+
 from __future__ import annotations
 
 from google.protobuf import message_factory
@@ -15,10 +16,16 @@ MAX_DEPTH = 4
 
 _F = FieldDescriptor
 _INT_RANGES = {
-    _F.TYPE_INT32: (-2**31, 2**31 - 1), _F.TYPE_SINT32: (-2**31, 2**31 - 1), _F.TYPE_SFIXED32: (-2**31, 2**31 - 1),
-    _F.TYPE_INT64: (-2**63, 2**63 - 1), _F.TYPE_SINT64: (-2**63, 2**63 - 1), _F.TYPE_SFIXED64: (-2**63, 2**63 - 1),
-    _F.TYPE_UINT32: (0, 2**32 - 1), _F.TYPE_FIXED32: (0, 2**32 - 1),
-    _F.TYPE_UINT64: (0, 2**64 - 1), _F.TYPE_FIXED64: (0, 2**64 - 1),
+    _F.TYPE_INT32: (-(2**31), 2**31 - 1),
+    _F.TYPE_SINT32: (-(2**31), 2**31 - 1),
+    _F.TYPE_SFIXED32: (-(2**31), 2**31 - 1),
+    _F.TYPE_INT64: (-(2**63), 2**63 - 1),
+    _F.TYPE_SINT64: (-(2**63), 2**63 - 1),
+    _F.TYPE_SFIXED64: (-(2**63), 2**63 - 1),
+    _F.TYPE_UINT32: (0, 2**32 - 1),
+    _F.TYPE_FIXED32: (0, 2**32 - 1),
+    _F.TYPE_UINT64: (0, 2**64 - 1),
+    _F.TYPE_FIXED64: (0, 2**64 - 1),
 }
 
 
@@ -32,10 +39,27 @@ def _ints(lo: int, hi: int) -> st.SearchStrategy[int]:
 _UNICODE = st.characters(blacklist_categories=("Cs",))
 _IDLIKE = st.text("abcdefghijklmnopqrstuvwxyz0123456789_-.:/", max_size=40)
 STRINGS = st.one_of(
-    st.just(""), _IDLIKE, st.text(_UNICODE, max_size=60),
+    st.just(""),
+    _IDLIKE,
+    st.text(_UNICODE, max_size=60),
     st.text(_UNICODE, min_size=1, max_size=4).map(lambda s: s * 1500),  # long: thousands of code points
-    st.sampled_from(["../../etc/passwd", "a/b", "%00", "\x00", " ", "NULL", "'; DROP TABLE x; --", "t_platform",
-                     "*", "\u202e", "\U0001F600" * 3, "x" * 256, "x" * 257]),
+    st.sampled_from(
+        [
+            "../../etc/passwd",
+            "a/b",
+            "%00",
+            "\x00",
+            " ",
+            "NULL",
+            "'; DROP TABLE x; --",
+            "t_platform",
+            "*",
+            "\u202e",
+            "\U0001f600" * 3,
+            "x" * 256,
+            "x" * 257,
+        ]
+    ),
 )
 BYTES = st.one_of(st.just(b""), st.binary(max_size=64), st.binary(min_size=1, max_size=4).map(lambda b: b * 4000))
 FLOATS = st.one_of(st.floats(allow_nan=True, allow_infinity=True), st.sampled_from([0.0, -0.0, 1e308, -1e308, 5e-324]))
@@ -54,7 +78,7 @@ def _scalar(field: FieldDescriptor) -> st.SearchStrategy:
     if t == _F.TYPE_BYTES:
         return BYTES
     if t == _F.TYPE_ENUM:  # proto3 enums are open: numbers the enum does not name reach the server too
-        return st.one_of(st.sampled_from([v.number for v in field.enum_type.values]), _ints(-2**31, 2**31 - 1))
+        return st.one_of(st.sampled_from([v.number for v in field.enum_type.values]), _ints(-(2**31), 2**31 - 1))
     raise AssertionError(f"no strategy for field type {t} of {field.full_name}")
 
 
@@ -143,12 +167,39 @@ def mutations(valid) -> st.SearchStrategy:
 # Metadata. Keys stay lower-case ASCII: for any other spelling gRPC itself answers INTERNAL
 # "Illegal header key" to a raw HTTP/2 client, and the Python client refuses to send them
 # (tests/shared/test_auth.py pins both), so no service could answer them differently.
-_RESERVED = {"te", "host", "connection", "content-type", "content-length", "user-agent", "transfer-encoding",
-             "upgrade", "keep-alive", "proxy-connection", "grpc-timeout", "grpc-encoding", "grpc-accept-encoding"}
+_RESERVED = {
+    "te",
+    "host",
+    "connection",
+    "content-type",
+    "content-length",
+    "user-agent",
+    "transfer-encoding",
+    "upgrade",
+    "keep-alive",
+    "proxy-connection",
+    "grpc-timeout",
+    "grpc-encoding",
+    "grpc-accept-encoding",
+}
 _KEYS = st.one_of(
     st.from_regex(r"\Ax-[a-z0-9][a-z0-9_.-]{0,30}\Z"),
-    st.sampled_from(["traceparent", "tracestate", "baggage", "x-forwarded-for", "x-tenant", "tenant-id",
-                     "x-principal-id", "x-scope", "x-b3-traceid", "cookie", "x-api-key", "x-envoy-original-path"]),
+    st.sampled_from(
+        [
+            "traceparent",
+            "tracestate",
+            "baggage",
+            "x-forwarded-for",
+            "x-tenant",
+            "tenant-id",
+            "x-principal-id",
+            "x-scope",
+            "x-b3-traceid",
+            "cookie",
+            "x-api-key",
+            "x-envoy-original-path",
+        ]
+    ),
 ).filter(lambda k: k not in _RESERVED and not k.startswith("grpc-"))
 # Printable ASCII: the only characters a text metadata value may carry (the client refuses others).
 _VALUES = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=200)
@@ -167,10 +218,25 @@ def odd_bearers(token: str) -> st.SearchStrategy[str]:
     character is refused by the gRPC client itself, "Illegal header value", before any server sees it)."""
     head, _, _ = token.partition(".")
     return st.one_of(
-        st.sampled_from(["", "Bearer", "Bearer ", "bearer", "Basic dXNlcjpwYXNz", "Bearer .", "Bearer ..",
-                         f"Bearer {token}x", f"Bearer {token[:-4]}", f"Token {token}", f"Bearer {token} {token}",
-                         f"Bearer {head}", f"Bearer {token}.x"]),
-        _VALUES, _VALUES.map(lambda v: "Bearer " + v),
+        st.sampled_from(
+            [
+                "",
+                "Bearer",
+                "Bearer ",
+                "bearer",
+                "Basic dXNlcjpwYXNz",
+                "Bearer .",
+                "Bearer ..",
+                f"Bearer {token}x",
+                f"Bearer {token[:-4]}",
+                f"Token {token}",
+                f"Bearer {token} {token}",
+                f"Bearer {head}",
+                f"Bearer {token}.x",
+            ]
+        ),
+        _VALUES,
+        _VALUES.map(lambda v: "Bearer " + v),
         st.from_regex(r"\ABearer [A-Za-z0-9_-]{0,60}(\.[A-Za-z0-9_-]{0,60}){2}\Z"),  # JWT-shaped, unsigned
     )
 
@@ -178,7 +244,20 @@ def odd_bearers(token: str) -> st.SearchStrategy[str]:
 def odd_tenants(tenant_id: str) -> st.SearchStrategy[str]:
     """x-tenant-id values that are not exactly the token's tenant."""
     return st.one_of(
-        st.sampled_from(["", "t_", "t_platform", tenant_id.upper(), tenant_id + " ", " " + tenant_id, tenant_id + ",",
-                         tenant_id[:-1], "*", "%", tenant_id + "," + tenant_id]),
+        st.sampled_from(
+            [
+                "",
+                "t_",
+                "t_platform",
+                tenant_id.upper(),
+                tenant_id + " ",
+                " " + tenant_id,
+                tenant_id + ",",
+                tenant_id[:-1],
+                "*",
+                "%",
+                tenant_id + "," + tenant_id,
+            ]
+        ),
         _VALUES,
     ).filter(lambda v: v != tenant_id)

@@ -1,4 +1,5 @@
 """Isolation proven over every RPC: the attack matrix, generated from the descriptors (issue 15)."""
+
 from __future__ import annotations
 
 import pytest
@@ -63,7 +64,8 @@ async def test_a_handler_without_its_tenant_check_fails_the_matrix(rig, monkeypa
 
     fresh = f"b-fresh-{rig.b_ids.thread_id}"  # the full matrix left A a thread under B's first id
     await state_pb2_grpc.StateServiceStub(rig.channels["state"]).CreateThread(
-        state_pb2.CreateThreadRequest(thread_id=fresh), metadata=rig.b.metadata)
+        state_pb2.CreateThreadRequest(thread_id=fresh), metadata=rig.b.metadata
+    )
     probe = replace(rig, b_ids=replace(rig.b_ids, thread_id=fresh), markers=[*rig.markers, fresh.encode()])
     honest = await run_matrix(probe, [_rpc(GET_THREAD)], FACTORIES, attacks=())
     assert not honest.failures, honest.report()

@@ -4,6 +4,7 @@ Each poison check makes the same names in two fresh tenants, lets B fill the cac
 reads as A (and B again): each must get its own. Each is also run with the cache's key stripped
 of the tenant (monkeypatched), where it must fail: the check can see a poisoned cache.
 """
+
 from __future__ import annotations
 
 import gc
@@ -44,23 +45,31 @@ async def _own_model(rig, *tenants) -> str:
     """One private model name every tenant given may call (the platform policy allows none by default)."""
     name = f"own-{secrets.token_hex(3)}"
     for t in tenants:
-        await _call(rig, "RegisterPrivateModel", inf.RegisterPrivateModelRequest(model=inf.PrivateModel(
-            name=name, upstream_model="ft:claude-test:own")), t.metadata)
+        await _call(
+            rig,
+            "RegisterPrivateModel",
+            inf.RegisterPrivateModelRequest(model=inf.PrivateModel(name=name, upstream_model="ft:claude-test:own")),
+            t.metadata,
+        )
     return name
 
 
 def _envelopes():
     """The state service's Envelope (found in memory: the mesh does not expose it)."""
     from services.state.envelope import Envelope
+
     return [o for o in gc.get_objects() if isinstance(o, Envelope)]
 
 
 # ---- the checks: each returns what went wrong ----------------------------------------------------
 
+
 async def secrets_check(rig) -> list[str]:
     a, b = await _pair(rig)
-    name, values = f"same-{secrets.token_hex(4)}", {a.tenant_id: b"a-" + secrets.token_bytes(6),
-                                                    b.tenant_id: b"b-" + secrets.token_bytes(6)}
+    name, values = (
+        f"same-{secrets.token_hex(4)}",
+        {a.tenant_id: b"a-" + secrets.token_bytes(6), b.tenant_id: b"b-" + secrets.token_bytes(6)},
+    )
     for t in (b, a):
         await _call(rig, "PutSecret", cred.PutSecretRequest(name=name, value=values[t.tenant_id]), t.metadata)
     problems = []
@@ -94,8 +103,12 @@ async def policy_check(rig) -> list[str]:
     name = f"same-model-{secrets.token_hex(3)}"
     upstream = {t.tenant_id: f"ft:claude-test:{t.tenant_id}" for t in (a, b)}
     for t in (b, a):
-        await _call(rig, "RegisterPrivateModel", inf.RegisterPrivateModelRequest(model=inf.PrivateModel(
-            name=name, upstream_model=upstream[t.tenant_id])), t.metadata)
+        await _call(
+            rig,
+            "RegisterPrivateModel",
+            inf.RegisterPrivateModelRequest(model=inf.PrivateModel(name=name, upstream_model=upstream[t.tenant_id])),
+            t.metadata,
+        )
     problems = []
     for t in (b, a, b):
         before = len(rig.upstream.calls)
@@ -128,13 +141,18 @@ def _api_key(headers: dict[str, str]) -> str | None:
 
 
 def _budget(limit: int) -> met.Budget:
-    return met.Budget(unit=met.BUDGET_UNIT_TOKENS, limit=limit, mode=met.BUDGET_MODE_HARD,
-                      period=met.BUDGET_PERIOD_MONTH)
+    return met.Budget(
+        unit=met.BUDGET_UNIT_TOKENS, limit=limit, mode=met.BUDGET_MODE_HARD, period=met.BUDGET_PERIOD_MONTH
+    )
 
 
 async def _set_quota(rig, tenant_id: str, **quota) -> None:
-    await _call(rig, "SetQuota", met.SetQuotaRequest(quota=met.Quota(tenant_id=tenant_id, **quota)),
-                rig.mesh.identity.operator.metadata)
+    await _call(
+        rig,
+        "SetQuota",
+        met.SetQuotaRequest(quota=met.Quota(tenant_id=tenant_id, **quota)),
+        rig.mesh.identity.operator.metadata,
+    )
 
 
 async def budget_specs_check(rig) -> list[str]:
@@ -145,8 +163,12 @@ async def budget_specs_check(rig) -> list[str]:
         await _set_quota(rig, t.tenant_id, budgets=[_budget(limits[t.tenant_id])])
     problems = []
     for t, expect in ((b, "RESOURCE_EXHAUSTED"), (a, "OK"), (b, "RESOURCE_EXHAUSTED")):
-        out = await invoke(rig.channels["metering"], _RPC["ReserveBudget"], met.ReserveBudgetRequest(
-            model=MODEL, prompt_tokens=1500, max_output_tokens=1500), t.metadata)
+        out = await invoke(
+            rig.channels["metering"],
+            _RPC["ReserveBudget"],
+            met.ReserveBudgetRequest(model=MODEL, prompt_tokens=1500, max_output_tokens=1500),
+            t.metadata,
+        )
         if out.code != expect:
             problems.append(f"{'A' if t is a else 'B'}'s reservation: {out.status}, expected {expect}")
     return problems
@@ -173,14 +195,21 @@ async def envelope_check(rig) -> list[str]:
     thread, payload = f"same-thread-{secrets.token_hex(3)}", {a.tenant_id: b"a-payload", b.tenant_id: b"b-payload"}
     for t in (b, a):
         await _call(rig, "CreateThread", st.CreateThreadRequest(thread_id=thread), t.metadata)
-        await _call(rig, "AppendEvents", st.AppendEventsRequest(thread_id=thread, expected_version=0, events=[
-            st.NewEvent(type="x", payload=payload[t.tenant_id])]), t.metadata)
+        await _call(
+            rig,
+            "AppendEvents",
+            st.AppendEventsRequest(
+                thread_id=thread, expected_version=0, events=[st.NewEvent(type="x", payload=payload[t.tenant_id])]
+            ),
+            t.metadata,
+        )
     for envelope in _envelopes():  # read back as another replica would: keys unwrapped afresh, per tenant
         envelope.forget()
     problems = []
     for t in (a, b, a):  # A first: its keys are loaded from its own store, not found in memory
-        out = await invoke(rig.channels["state"], _RPC["ReadEvents"], st.ReadEventsRequest(thread_id=thread),
-                           t.metadata)
+        out = await invoke(
+            rig.channels["state"], _RPC["ReadEvents"], st.ReadEventsRequest(thread_id=thread), t.metadata
+        )
         got = [e.payload for e in out.replies[0].events] if out.code == "OK" else out.status
         if got != [payload[t.tenant_id]]:
             problems.append(f"{'A' if t is a else 'B'} read {got} from its thread")
@@ -189,19 +218,23 @@ async def envelope_check(rig) -> list[str]:
 
 # ---- the tests -----------------------------------------------------------------------------------
 
+
 async def test_every_cache_in_services_and_shared_is_accounted_for():
     """The scan finds each cache; each is listed with its key and its poisoning test (a new one fails here)."""
     found = find_caches()
     assert len(found) > 30, "the scan finds too little: it is broken"
     new = sorted(found - set(CACHES))
-    assert not new, "caches with no entry: add CACHES['<path::name>'] = Entry(TENANT|UNIQUE|PLATFORM, '<key>', " \
-                    "'<poisoning test>') in tests/isolation/caches.py for:\n  " + "\n  ".join(new)
+    assert not new, (
+        "caches with no entry: add CACHES['<path::name>'] = Entry(TENANT|UNIQUE|PLATFORM, '<key>', "
+        "'<poisoning test>') in tests/isolation/caches.py for:\n  " + "\n  ".join(new)
+    )
     assert not sorted(set(CACHES) - found), "entries for caches that no longer exist"
     for name, entry in CACHES.items():
         if entry.proof:
             path, _, test = entry.proof.partition("::")
-            assert (ROOT / path).exists() and (not test or f"def {test}(" in (ROOT / path).read_text()), \
+            assert (ROOT / path).exists() and (not test or f"def {test}(" in (ROOT / path).read_text()), (
                 f"{name}: its proof {entry.proof} does not exist"
+            )
 
 
 async def test_a_new_cache_is_found(tmp_path):
@@ -209,13 +242,22 @@ async def test_a_new_cache_is_found(tmp_path):
     svc = tmp_path / "services" / "demo"
     svc.mkdir(parents=True)
     (tmp_path / "shared").mkdir()
-    (svc / "memo.py").write_text("class Memo:\n    def __init__(self):\n        self._answers: dict[str, bytes] = {}\n"
-                                 "        self._lock_by: dict[str, asyncio.Lock] = {}\n")
+    (svc / "memo.py").write_text(
+        "class Memo:\n    def __init__(self):\n        self._answers: dict[str, bytes] = {}\n"
+        "        self._lock_by: dict[str, asyncio.Lock] = {}\n"
+    )
     assert find_caches(tmp_path) == {"services/demo/memo.py::_answers"}
 
 
-CHECKS = {"secrets": secrets_check, "rings": rings_check, "policy": policy_check, "provider_key": provider_key_check,
-          "budget_specs": budget_specs_check, "limits": limits_check, "envelope": envelope_check}
+CHECKS = {
+    "secrets": secrets_check,
+    "rings": rings_check,
+    "policy": policy_check,
+    "provider_key": provider_key_check,
+    "budget_specs": budget_specs_check,
+    "limits": limits_check,
+    "envelope": envelope_check,
+}
 
 
 async def test_secret_read_caches_are_per_tenant(rig):
@@ -257,11 +299,14 @@ def _drop_tenant(key):
     return ("*", *key[1:]) if isinstance(key, tuple) else "*"
 
 
-@pytest.mark.parametrize(("check", "target", "methods"), [
-    ("secrets", "services.credentials.read_cache:ReadCache", ("get", "put", "invalidate", "generation")),
-    ("policy", "services.inference.proxy:_TtlCache", ("get", "forget")),
-    ("budget_specs", "services.metering.budget_cache:BudgetSpecCache", ("get", "put", "invalidate")),
-])
+@pytest.mark.parametrize(
+    ("check", "target", "methods"),
+    [
+        ("secrets", "services.credentials.read_cache:ReadCache", ("get", "put", "invalidate", "generation")),
+        ("policy", "services.inference.proxy:_TtlCache", ("get", "forget")),
+        ("budget_specs", "services.metering.budget_cache:BudgetSpecCache", ("get", "put", "invalidate")),
+    ],
+)
 async def test_a_cache_keyed_without_the_tenant_fails_its_check(rig, monkeypatch, check, target, methods):
     """Each cache's key made to drop the tenant (one entry for everyone): its poisoning check fails."""
     import importlib
@@ -270,8 +315,9 @@ async def test_a_cache_keyed_without_the_tenant_fails_its_check(rig, monkeypatch
     cls = getattr(importlib.import_module(module), cls_name)
     for name in methods:
         original = getattr(cls, name)
-        monkeypatch.setattr(cls, name, lambda self, key, *rest, _o=original, **kw: _o(self, _drop_tenant(key), *rest,
-                                                                                       **kw))
+        monkeypatch.setattr(
+            cls, name, lambda self, key, *rest, _o=original, **kw: _o(self, _drop_tenant(key), *rest, **kw)
+        )
     assert await CHECKS[check](rig) != []
 
 
@@ -293,7 +339,6 @@ async def test_a_limits_cache_keyed_without_the_tenant_fails_its_check(rig, monk
     original = _TtlCache.get
     monkeypatch.setattr(_TtlCache, "get", lambda self, tenant_id, *rest, **kw: original(self, "*", *rest, **kw))
     assert await limits_check(rig) != []
-
 
 
 class _OneSlot(dict):

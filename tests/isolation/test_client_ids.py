@@ -5,6 +5,7 @@ id R; then A sends the same K with the same R. A's reply must look exactly like 
 fresh key (no dedupe against B, none of B's values); A's write must show in A's listings whenever
 B's showed in B's; B's listings must not move.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -99,8 +100,9 @@ async def reuse_check(rig, path: str, case: Reuse) -> list[str]:
     mine = skeleton(a_out.replies[0], a_sent, case.vary, (key, rid))
     fresh = skeleton(control.replies[0], strings(control_req), case.vary, (fresh_key, control_rid))
     if case.compare and mine != fresh:
-        problems.append(f"A's reply for B's key differs from A's reply for a fresh key (deduped against B?): "
-                        f"{mine} vs {fresh}")
+        problems.append(
+            f"A's reply for B's key differs from A's reply for a fresh key (deduped against B?): {mine} vs {fresh}"
+        )
     b_only = made_values(b_out.replies[0], b_sent, (key, rid)) - made_values(control.replies[0], set())
     leaked = sorted(v for v in b_only if v in made_values(a_out.replies[0], a_sent, (key, rid)))
     if leaked:
@@ -122,8 +124,9 @@ async def test_every_keyed_write_is_classified():
     assert keyed_rpcs(RPCS), "no keyed writes found: the descriptor walk is broken"
     missing = unclassified(RPCS)
     assert not missing, "\n".join(missing)
-    assert set(KEYED) | set(NAMES_EXISTING) <= {r.path for r in keyed_rpcs(RPCS)} | set(KEYED), \
+    assert set(KEYED) | set(NAMES_EXISTING) <= {r.path for r in keyed_rpcs(RPCS)} | set(KEYED), (
         "an entry for an RPC that no longer exists or carries no id"
+    )
     for path, case in KEYED.items():  # the key lands in the field the descriptors name as the client's id
         request = case.build("the-key", defaultdict(lambda: "x"))
         if case.key_field:
@@ -144,8 +147,10 @@ async def test_a_key_used_by_another_tenant_first_is_still_the_callers_own(rig, 
         assert VISIBLE[path], f"{path}: B's write shows in no listing; give its Reuse a readback"
 
 
-_START_RUN, _CREATE_MESSAGE = ("/bulkhead.orchestrator.v1.OrchestratorService/StartRun",
-                               "/bulkhead.inference.v1.InferenceService/CreateMessage")
+_START_RUN, _CREATE_MESSAGE = (
+    "/bulkhead.orchestrator.v1.OrchestratorService/StartRun",
+    "/bulkhead.inference.v1.InferenceService/CreateMessage",
+)
 
 
 async def test_an_idempotency_key_deduplicated_across_tenants_fails_the_check(rig, monkeypatch):
@@ -178,7 +183,6 @@ async def test_a_reply_replayed_across_tenants_fails_the_check(rig, monkeypatch)
         monkeypatch.setattr(_ReplayCache, name, lambda self, key, *rest, _o=original: _o(self, ("*", key[1]), *rest))
     problems = " ".join(await reuse_check(rig, _CREATE_MESSAGE, KEYED[_CREATE_MESSAGE]))
     assert "A's reply carries values B's call made" in problems
-
 
 
 async def test_a_new_keyed_write_without_a_reuse_fails_saying_what_to_add():

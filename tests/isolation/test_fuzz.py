@@ -5,6 +5,7 @@ BULKHEAD_FUZZ_EXAMPLES examples (default 6 in CI; raise it locally for a longer 
 must be a well-defined status with details under the trailer limit; a refused write must leave the
 tenant's listings as they were; every service must still be SERVING (and answer) afterwards.
 """
+
 from __future__ import annotations
 
 import os
@@ -28,15 +29,29 @@ from .strategies import extra_metadata, messages, mutations, odd_bearers, odd_te
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 EXAMPLES = int(os.environ.get("BULKHEAD_FUZZ_EXAMPLES", "6"))
-WELL_DEFINED = {"OK", "INVALID_ARGUMENT", "NOT_FOUND", "FAILED_PRECONDITION", "PERMISSION_DENIED", "ABORTED",
-                "ALREADY_EXISTS", "RESOURCE_EXHAUSTED", "UNAUTHENTICATED", "OUT_OF_RANGE"}
+WELL_DEFINED = {
+    "OK",
+    "INVALID_ARGUMENT",
+    "NOT_FOUND",
+    "FAILED_PRECONDITION",
+    "PERMISSION_DENIED",
+    "ABORTED",
+    "ALREADY_EXISTS",
+    "RESOURCE_EXHAUSTED",
+    "UNAUTHENTICATED",
+    "OUT_OF_RANGE",
+}
 """What a caller may be told; never INTERNAL or UNKNOWN (a crash), nor a timeout (a hang)."""
 
 RPCS = [r for r in enumerate_rpcs() if not r.platform]  # platform RPCs refuse every tenant before any handler
 TENANT_RPCS = [r for r in RPCS if not r.public]
-_FUZZ = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=False,
-                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow,
-                                        HealthCheck.data_too_large])
+_FUZZ = settings(
+    max_examples=EXAMPLES,
+    deadline=None,
+    database=None,
+    derandomize=False,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 def _name(rpc) -> str:
@@ -94,16 +109,31 @@ async def fuzz_one(rig, tenant, rpc, request) -> Outcome:
 def _metadata_cases(tenant):
     """Valid identity plus odd extras, or an odd bearer, or an odd tenant; with the expected code family."""
     valid = md(tenant.token, tenant.tenant_id)
-    tags = st.lists(st.tuples(st.sampled_from(["x-request-id", "x-agent-id", "x-run-id", "traceparent"]),
-                              st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300)),
-                    max_size=4, unique_by=lambda kv: kv[0])
+    tags = st.lists(
+        st.tuples(
+            st.sampled_from(["x-request-id", "x-agent-id", "x-run-id", "traceparent"]),
+            st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=300),
+        ),
+        max_size=4,
+        unique_by=lambda kv: kv[0],
+    )
     ok = st.tuples(st.just(None), st.builds(lambda t, e: (*valid, *t, *e), tags, extra_metadata()))
-    bad_bearer = st.tuples(st.just({"UNAUTHENTICATED"}), st.builds(
-        lambda b, e: (("authorization", b), ("x-tenant-id", tenant.tenant_id), *e), odd_bearers(tenant.token),
-        extra_metadata()))
-    bad_tenant = st.tuples(st.just({"UNAUTHENTICATED", "PERMISSION_DENIED"}), st.builds(
-        lambda t, e: (("authorization", f"Bearer {tenant.token}"), ("x-tenant-id", t), *e),
-        odd_tenants(tenant.tenant_id), extra_metadata()))
+    bad_bearer = st.tuples(
+        st.just({"UNAUTHENTICATED"}),
+        st.builds(
+            lambda b, e: (("authorization", b), ("x-tenant-id", tenant.tenant_id), *e),
+            odd_bearers(tenant.token),
+            extra_metadata(),
+        ),
+    )
+    bad_tenant = st.tuples(
+        st.just({"UNAUTHENTICATED", "PERMISSION_DENIED"}),
+        st.builds(
+            lambda t, e: (("authorization", f"Bearer {tenant.token}"), ("x-tenant-id", t), *e),
+            odd_tenants(tenant.tenant_id),
+            extra_metadata(),
+        ),
+    )
     return st.one_of(ok, bad_bearer, bad_tenant)
 
 
@@ -123,6 +153,7 @@ async def test_fuzzed_metadata_gets_well_defined_answers(rig, tenant, rpc, data)
 async def test_every_service_is_healthy_and_answers_after_the_fuzzing(rig):
     """After all of the above: SERVING, and tenant B's ordinary calls still work everywhere."""
     from .rig import _PROBES
+
     for service, path in _PROBES.items():
         assert await serving(rig, service), service
         rpc = next(r for r in RPCS if r.path == path)
@@ -138,8 +169,10 @@ async def test_the_fuzzer_reaches_every_tenant_rpc_of_the_six_services():
 
 # The checks above, each shown to fail when what it guards is broken.
 _BY_PATH = {r.path: r for r in RPCS}
-_QUERY_USAGE, _PUT_SECRET = "/bulkhead.metering.v1.MeteringService/QueryUsage", \
-    "/bulkhead.credentials.v1.CredentialsService/PutSecret"
+_QUERY_USAGE, _PUT_SECRET = (
+    "/bulkhead.metering.v1.MeteringService/QueryUsage",
+    "/bulkhead.credentials.v1.CredentialsService/PutSecret",
+)
 
 
 async def test_a_handler_crash_fails_the_fuzz_check(rig, tenant, monkeypatch):
@@ -149,8 +182,9 @@ async def test_a_handler_crash_fails_the_fuzz_check(rig, tenant, monkeypatch):
     from bulkhead.metering.v1 import metering_pb2 as met
     from services.metering import wire
 
-    request = met.QueryUsageRequest(filter=met.UsageFilter(start_time=Timestamp(seconds=-62135596801),
-                                                           end_time=Timestamp(seconds=1)))
+    request = met.QueryUsageRequest(
+        filter=met.UsageFilter(start_time=Timestamp(seconds=-62135596801), end_time=Timestamp(seconds=1))
+    )
     fixed = await fuzz_one(rig, tenant, _BY_PATH[_QUERY_USAGE], request)
     assert fixed.status == "INVALID_ARGUMENT/INVALID_TIMESTAMP"
     monkeypatch.setattr(wire, "micros", lambda ts, present, field="": ts.ToMicroseconds() if present else 0)
@@ -203,13 +237,17 @@ def _string_paths(message, prefix: str = "", depth: int = 0):
     for field in message.DESCRIPTOR.fields:
         if field.type == field.TYPE_STRING:
             yield prefix + field.name, (lambda m: m), field.name
-        elif field.type == field.TYPE_MESSAGE and not field.is_repeated and depth < 3 \
-                and not field.message_type.full_name.startswith("google."):
+        elif (
+            field.type == field.TYPE_MESSAGE
+            and not field.is_repeated
+            and depth < 3
+            and not field.message_type.full_name.startswith("google.")
+        ):
             for path, get, name in _string_paths(getattr(message, field.name), f"{prefix}{field.name}.", depth + 1):
                 yield path, (lambda m, g=get, f=field.name: g(getattr(m, f))), name
 
 
-_WIDE = "\U0001F600" * 1500  # 4-byte characters: the error message is clipped by characters, the trailer by bytes
+_WIDE = "\U0001f600" * 1500  # 4-byte characters: the error message is clipped by characters, the trailer by bytes
 
 
 async def test_every_string_field_long_and_multibyte_keeps_error_details_small(rig, tenant):

@@ -1,4 +1,5 @@
 """The matrix's cell for SecurityEventsService proves something: a ledger read that forgets the tenant fails it."""
+
 from __future__ import annotations
 
 import pytest
@@ -17,8 +18,9 @@ RPCS = [r for r in enumerate_rpcs() if r.path == PATH]
 
 async def test_every_service_serves_it_and_a_reads_none_of_bs(rig):
     """Six cells (one per service), each with B's refused calls in its ledger: A gets the same empty list."""
-    assert sorted(r.service for r in RPCS) == sorted(["identity", "credentials", "state", "inference",
-                                                      "orchestrator", "metering"])
+    assert sorted(r.service for r in RPCS) == sorted(
+        ["identity", "credentials", "state", "inference", "orchestrator", "metering"]
+    )
     honest = await run_matrix(rig, RPCS, FACTORIES, attacks=())
     assert len(honest.cells) == 6 and not honest.failures, honest.report()
 

@@ -1,4 +1,5 @@
 """`bulkhead tenants delete` and `bulkhead receipts verify` against the real mesh."""
+
 from __future__ import annotations
 
 import asyncio
@@ -6,9 +7,9 @@ import json
 
 import pytest
 
+from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead_cli import main
 from bulkhead_cli.tenants import parse_duration
-from bulkhead.identity.v1 import identity_pb2 as idn
 from testkit.fake_anthropic import FakeAnthropic
 from tests.lifecycle.test_delete_mesh import addresses
 from tests.services.orchestrator.mesh import running_mesh
@@ -32,6 +33,7 @@ async def cli_mesh(tmp_path, monkeypatch, capsys):
                 code = exc.code
             out = capsys.readouterr()
             return code, out.out, out.err
+
         yield mesh, run
 
 
@@ -86,8 +88,11 @@ async def test_migrate_prints_progress_per_service_and_table(cli_mesh):
     """migrate by name to silo and back: every service's phase and tables, the pause; abort with none under way."""
     mesh, run = cli_mesh
     t = await mesh.tenant("pooled")
-    name = (await mesh.identity.stub.GetTenant(idn.GetTenantRequest(tenant_id=t.tenant_id),
-                                               metadata=mesh.identity.operator.metadata)).tenant.name
+    name = (
+        await mesh.identity.stub.GetTenant(
+            idn.GetTenantRequest(tenant_id=t.tenant_id), metadata=mesh.identity.operator.metadata
+        )
+    ).tenant.name
     code, out, err = await run("tenants", "migrate", name, "--tier", "silo")
     assert code == 0, err
     assert "pooled -> silo" in out and "is silo now" in out and "paused" in out

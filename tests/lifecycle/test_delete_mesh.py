@@ -5,6 +5,7 @@ except the documented kept ones, and no canary anywhere; its own files are gone;
 no longer decrypts; the receipt verifies and a tampered one does not; another tenant's inventory is
 unchanged in every service.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -15,10 +16,10 @@ from pathlib import Path
 import grpc
 import pytest
 
-from bulkhead_cli.receipts import ReceiptError, receipt_document, verify_document
 from bulkhead.common.v1 import lifecycle_pb2 as lpb
 from bulkhead.common.v1 import lifecycle_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2 as idn
+from bulkhead_cli.receipts import ReceiptError, receipt_document, verify_document
 from services.credentials.backend import TenantRef
 from services.identity.deletion import STEPS, PlatformCaller
 from shared.errors import InvalidArgument
@@ -28,8 +29,16 @@ from tests.isolation import resources
 from tests.isolation.resources import make_victim
 from tests.services.orchestrator.mesh import TIERS, running_mesh
 
-KEPT_TABLES = {"metering_usage_events", "metering_usage_hours", "metering_tenants", "metering_operator_audit",
-               "metering_usage_retention", "tenants", "tenant_deletions", "tenant_deletion_steps"}
+KEPT_TABLES = {
+    "metering_usage_events",
+    "metering_usage_hours",
+    "metering_tenants",
+    "metering_operator_audit",
+    "metering_usage_retention",
+    "tenants",
+    "tenant_deletions",
+    "tenant_deletion_steps",
+}
 """Tables that may still name a deleted tenant (docs/CONTRACT.md, "What deletion keeps")."""
 
 
@@ -61,8 +70,9 @@ async def inventories(mesh, channels, caller: PlatformCaller, tenant_id: str, ti
     out = {}
     for service, address in addresses(mesh).items():
         stub = lifecycle_pb2_grpc.TenantLifecycleServiceStub(channels[address])
-        resp = await stub.InventoryTenant(lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=TIERS[tier]),
-                                          metadata=await caller.metadata())
+        resp = await stub.InventoryTenant(
+            lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=TIERS[tier]), metadata=await caller.metadata()
+        )
         out[service] = {(t.store, t.table): (t.rows, t.checksum) for t in resp.tables}
     return out
 
@@ -70,8 +80,9 @@ async def inventories(mesh, channels, caller: PlatformCaller, tenant_id: str, ti
 async def wait_done(mesh, tenant_id: str, timeout: float = 60.0) -> idn.GetDeletionReceiptResponse:
     op = mesh.identity.operator.metadata
     for _ in range(int(timeout / 0.2)):
-        resp = await mesh.identity.stub.GetDeletionReceipt(idn.GetDeletionReceiptRequest(tenant_id=tenant_id),
-                                                           metadata=op)
+        resp = await mesh.identity.stub.GetDeletionReceipt(
+            idn.GetDeletionReceiptRequest(tenant_id=tenant_id), metadata=op
+        )
         if resp.deletion.state == idn.DELETION_STATE_DONE:
             return resp
         await asyncio.sleep(0.2)
@@ -105,8 +116,9 @@ async def test_delete_now_shreds_every_service_and_signs_a_receipt(tmp_path, mon
             assert sum(r for svc in mine.values() for r, _ in svc.values()) > 10
             assert scan(tmp_path, [victim.tenant_id.encode()])
 
-            resp = await mesh.identity.stub.DeleteTenant(idn.DeleteTenantRequest(tenant_id=victim.tenant_id, now=True),
-                                                         metadata=mesh.identity.operator.metadata)
+            resp = await mesh.identity.stub.DeleteTenant(
+                idn.DeleteTenantRequest(tenant_id=victim.tenant_id, now=True), metadata=mesh.identity.operator.metadata
+            )
             assert [s.service for s in resp.deletion.steps] == list(STEPS)
             done = await wait_done(mesh, victim.tenant_id)
 
@@ -117,8 +129,12 @@ async def test_delete_now_shreds_every_service_and_signs_a_receipt(tmp_path, mon
             assert own_files == ([] if tier == "pooled" else ["metering.tenants"])  # only the kept ledger's
             after = await inventories(mesh, channels, caller, other.tenant_id, tier)
             assert after == before
-            assert all(rows == 0 for svc, tables in (await inventories(mesh, channels, caller, victim.tenant_id, tier)).items()
-                       if svc != "metering" for rows, _ in tables.values())
+            assert all(
+                rows == 0
+                for svc, tables in (await inventories(mesh, channels, caller, victim.tenant_id, tier)).items()
+                if svc != "metering"
+                for rows, _ in tables.values()
+            )
             with tenant_scope(as_victim), pytest.raises(InvalidArgument, match="cannot be decrypted"):
                 await backend.decrypt(ref, ids.ciphertext)  # a new key ring, not the destroyed one
 
@@ -129,8 +145,12 @@ async def test_delete_now_shreds_every_service_and_signs_a_receipt(tmp_path, mon
             by_service = {s["service"]: s for s in body["services"]}
             assert by_service["credentials"]["destroyed_keys"]
             assert by_service["orchestrator"]["actions"] == [{"name": "runs_cancelled", "count": 1}]
-            assert {k["table"] for k in by_service["metering"]["kept"]} == {"metering_usage_events", "metering_usage_hours",
-                                                                              "metering_tenants", "metering_usage_retention"}
+            assert {k["table"] for k in by_service["metering"]["kept"]} == {
+                "metering_usage_events",
+                "metering_usage_hours",
+                "metering_tenants",
+                "metering_usage_retention",
+            }
             assert canary.decode() not in r.body.decode()
             if tier != "pooled":
                 assert any(by_service[s]["dropped_stores"] for s in ("state", "credentials", "orchestrator"))
@@ -138,8 +158,11 @@ async def test_delete_now_shreds_every_service_and_signs_a_receipt(tmp_path, mon
             with pytest.raises(ReceiptError, match="signature"):
                 verify_document(doc)
 
-            tenant = (await mesh.identity.stub.GetTenant(idn.GetTenantRequest(tenant_id=victim.tenant_id),
-                                                         metadata=mesh.identity.operator.metadata)).tenant
+            tenant = (
+                await mesh.identity.stub.GetTenant(
+                    idn.GetTenantRequest(tenant_id=victim.tenant_id), metadata=mesh.identity.operator.metadata
+                )
+            ).tenant
             assert tenant.status == idn.TENANT_STATUS_DELETED
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await mesh.identity.login(victim.api_key)

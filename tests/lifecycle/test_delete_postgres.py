@@ -5,6 +5,7 @@ kept tables and none of its canaries; OpenBao holds none of its paths; a state e
 copied before, no longer unwraps (its Transit key is gone); the receipts verify; bystanders'
 inventories are unchanged in every service.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -13,8 +14,8 @@ import grpc
 import hvac
 import pytest
 
-from bulkhead_cli.receipts import ReceiptError, receipt_document, verify_document
 from bulkhead.identity.v1 import identity_pb2 as idn
+from bulkhead_cli.receipts import ReceiptError, receipt_document, verify_document
 from services.credentials.backend import TenantRef
 from services.credentials.vault_layout import VaultLayout
 from services.identity.deletion import PlatformCaller
@@ -37,19 +38,36 @@ async def wrapped_data_key(postgres, tenant_id: str) -> bytes:
     admin = create_async_engine(postgres.admin_url, poolclass=NullPool)
     try:
         async with admin.connect() as conn:
-            names = (await conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE 'lc_state%'"))).scalars().all()
+            names = (
+                (await conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE 'lc_state%'")))
+                .scalars()
+                .all()
+            )
     finally:
         await admin.dispose()
     for name in names:
         engine = create_async_engine(admin.url.set(database=name), poolclass=NullPool)
         try:
             async with engine.connect() as conn:
-                schemas = (await conn.execute(text(
-                    "SELECT table_schema FROM information_schema.tables "
-                    "WHERE table_name = 'state_data_keys'"))).scalars().all()
+                schemas = (
+                    (
+                        await conn.execute(
+                            text(
+                                "SELECT table_schema FROM information_schema.tables "
+                                "WHERE table_name = 'state_data_keys'"
+                            )
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
                 for schema in schemas:
-                    row = (await conn.execute(text(f'SELECT wrapped FROM "{schema}".state_data_keys WHERE tenant_id = :t'),
-                                              {"t": tenant_id})).first()
+                    row = (
+                        await conn.execute(
+                            text(f'SELECT wrapped FROM "{schema}".state_data_keys WHERE tenant_id = :t'),
+                            {"t": tenant_id},
+                        )
+                    ).first()
                     if row:
                         return bytes(row[0])
         finally:
@@ -82,7 +100,9 @@ async def test_delete_on_postgres_and_openbao(tmp_path, postgres, openbao, monke
             assert await superuser_hits(postgres.admin_url, ids)
 
             for t in victims.values():
-                await mesh.identity.stub.DeleteTenant(idn.DeleteTenantRequest(tenant_id=t.tenant_id, now=True), metadata=op)
+                await mesh.identity.stub.DeleteTenant(
+                    idn.DeleteTenantRequest(tenant_id=t.tenant_id, now=True), metadata=op
+                )
             done = {tier: await wait_done(mesh, t.tenant_id, timeout=180) for tier, t in victims.items()}
 
             hits = await superuser_hits(postgres.admin_url, ids + [canary[i].decode() for i in ids])
@@ -95,8 +115,9 @@ async def test_delete_on_postgres_and_openbao(tmp_path, postgres, openbao, monke
                 ref = TenantRef(t.tenant_id, tier)
                 client = hvac.Client(url=openbao.url, token=openbao.root_token, namespace=layout.namespace(ref))
                 with pytest.raises((hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath)):
-                    client.secrets.transit.decrypt_data(layout.key_name(ref), keys[tier].decode(),
-                                                        mount_point=layout.transit_mount)
+                    client.secrets.transit.decrypt_data(
+                        layout.key_name(ref), keys[tier].decode(), mount_point=layout.transit_mount
+                    )
                 r = done[tier].receipt
                 doc = receipt_document(r.body, r.signature, r.kid, r.public_key)
                 body = verify_document(doc, trusted={r.kid: r.public_key})

@@ -1,4 +1,5 @@
 """The proxy's purge keeps the ledger whole: outboxed usage reaches metering before its rows go."""
+
 from __future__ import annotations
 
 import asyncio
@@ -19,9 +20,18 @@ from tests.services.orchestrator.mesh import running_mesh
 
 
 def event(tenant_id: str, key: str) -> UsageEvent:
-    return UsageEvent(tenant_id=tenant_id, idempotency_key=key, principal_id="p_x", agent_id="", run_id="",
-                      model="claude-test", tokens=Tokens(input=3, output=2), latency_ms=5, outcome="success",
-                      occurred_at=time.time())
+    return UsageEvent(
+        tenant_id=tenant_id,
+        idempotency_key=key,
+        principal_id="p_x",
+        agent_id="",
+        run_id="",
+        model="claude-test",
+        tokens=Tokens(input=3, output=2),
+        latency_ms=5,
+        outcome="success",
+        occurred_at=time.time(),
+    )
 
 
 async def test_undelivered_usage_blocks_the_purge_until_metering_has_it(tmp_path):
@@ -32,8 +42,10 @@ async def test_undelivered_usage_blocks_the_purge_until_metering_has_it(tmp_path
         await inference.outbox.append([event(t.tenant_id, "req-outboxed")])  # a killed replica's leftover
         platform = await PlatformCaller(mesh.identity.app.keys).metadata()
         req = lpb.PurgeTenantRequest(tenant_id=t.tenant_id, tier=tenancy_pb2.TIER_POOLED)
-        async with grpc.aio.insecure_channel(inference.running.address) as ich, \
-                grpc.aio.insecure_channel(mesh.addr("metering")) as mch:
+        async with (
+            grpc.aio.insecure_channel(inference.running.address) as ich,
+            grpc.aio.insecure_channel(mesh.addr("metering")) as mch,
+        ):
             purge = lifecycle_pb2_grpc.TenantLifecycleServiceStub(ich).PurgeTenant
             with pytest.raises(grpc.aio.AioRpcError) as err:  # no platform key here, no tenant token known
                 await purge(req, metadata=platform)
@@ -55,5 +67,6 @@ async def test_undelivered_usage_blocks_the_purge_until_metering_has_it(tmp_path
             assert {a.name for a in out.actions} == {"usage_delivered"}
             assert await inference.outbox.pending(t.tenant_id, 10) == []
             kept = await lifecycle_pb2_grpc.TenantLifecycleServiceStub(mch).InventoryTenant(
-                lpb.InventoryTenantRequest(tenant_id=t.tenant_id, tier=tenancy_pb2.TIER_POOLED), metadata=platform)
+                lpb.InventoryTenantRequest(tenant_id=t.tenant_id, tier=tenancy_pb2.TIER_POOLED), metadata=platform
+            )
             assert {x.table: x.rows for x in kept.tables}["metering_usage_events"] == 2

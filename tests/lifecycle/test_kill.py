@@ -5,6 +5,7 @@ identity is then killed with SIGKILL, state thawed. The restarted identity finds
 database, waits out the dead replica's lease and finishes: later steps run, earlier ones are not
 repeated, and the receipt verifies.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,12 @@ pytestmark = pytest.mark.slow
 
 def _steps(db, tenant_id: str) -> dict[str, tuple[int, int]]:
     with sqlite3.connect(db) as conn:
-        return {s: (d, a) for s, d, a in conn.execute(
-            "SELECT service, done, attempts FROM tenant_deletion_steps WHERE target_tenant = ?", (tenant_id,))}
+        return {
+            s: (d, a)
+            for s, d, a in conn.execute(
+                "SELECT service, done, attempts FROM tenant_deletion_steps WHERE target_tenant = ?", (tenant_id,)
+            )
+        }
 
 
 def _state(db, tenant_id: str) -> str | None:
@@ -46,17 +51,35 @@ def _until(check, timeout: float, what: str):
 
 def test_kill_9_identity_mid_deletion_then_it_completes(tmp_path):
     """Two steps done, identity SIGKILLed, restarted by the supervisor: the deletion completes once."""
-    mesh = start_mesh(tmp_path / "mesh", {"BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS": "0.5",
-                                          "BULKHEAD_IDENTITY_DELETION_LEASE_SECONDS": "3"})
+    mesh = start_mesh(
+        tmp_path / "mesh",
+        {"BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS": "0.5", "BULKHEAD_IDENTITY_DELETION_LEASE_SECONDS": "3"},
+    )
     frozen = None
     try:
         created = mesh.cli("tenants", "create", "doomed", "--tier", "bridge")
         assert created.returncode == 0, created.stderr
         tenant_id = re.search(r"(t_[a-z0-9]+)\s+doomed", created.stdout).group(1)
         key = re.search(r"bk_t_[a-z0-9]+_k_[a-z0-9]+_[0-9a-f]{48}", created.stdout).group(0)
-        put = subprocess.run([sys.executable, "-m", "bulkhead_cli", "secrets", "put", "db-password", "--api-key", key,
-                              "--data-dir", str(mesh.data_dir)], input="canary-kill-9\n", env=mesh.env,
-                             capture_output=True, text=True, timeout=60)
+        put = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "bulkhead_cli",
+                "secrets",
+                "put",
+                "db-password",
+                "--api-key",
+                key,
+                "--data-dir",
+                str(mesh.data_dir),
+            ],
+            input="canary-kill-9\n",
+            env=mesh.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert put.returncode == 0, put.stderr
         pids = mesh.service_pids()
         db = mesh.data_dir / "identity.db"
@@ -76,11 +99,17 @@ def test_kill_9_identity_mid_deletion_then_it_completes(tmp_path):
         receipt = tmp_path / "receipt.json"
         again = mesh.cli("tenants", "delete", tenant_id, "--now", "--yes", "--receipt", str(receipt))
         assert again.returncode == 0, again.stderr
-        verify = subprocess.run([sys.executable, "-m", "bulkhead_cli", "receipts", "verify", str(receipt)],
-                                env=mesh.env, capture_output=True, text=True, timeout=60)
+        verify = subprocess.run(
+            [sys.executable, "-m", "bulkhead_cli", "receipts", "verify", str(receipt)],
+            env=mesh.env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert verify.returncode == 0, verify.stderr
-        assert not list(mesh.data_dir.rglob(f"{tenant_id}.db")) or \
-            [p.parent.name for p in mesh.data_dir.rglob(f"{tenant_id}.db")] == ["metering.tenants"]
+        assert not list(mesh.data_dir.rglob(f"{tenant_id}.db")) or [
+            p.parent.name for p in mesh.data_dir.rglob(f"{tenant_id}.db")
+        ] == ["metering.tenants"]
         assert "canary-kill-9" not in receipt.read_text()
     finally:
         if frozen is not None:

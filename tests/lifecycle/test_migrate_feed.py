@@ -8,6 +8,7 @@ over the whole mesh (embedded SQLite):
   no replica can serve it by the old placement after the pause;
 - a tenant never migrated has no placement in the feed.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -44,8 +45,11 @@ async def test_pause_published_before_the_copy_and_lifted_after_the_placement(me
                 answers.append((time.monotonic(), t.tenant_id in paused, placements.get(t.tenant_id)))
                 assert bystander.tenant_id not in paused and bystander.tenant_id not in placements
                 if first_copied is None:
-                    got = (await mesh.identity.stub.GetMigration(
-                        idn.GetMigrationRequest(tenant_id=t.tenant_id), metadata=op)).migration
+                    got = (
+                        await mesh.identity.stub.GetMigration(
+                            idn.GetMigrationRequest(tenant_id=t.tenant_id), metadata=op
+                        )
+                    ).migration
                     if any(s.phase != "pending" for s in got.steps):
                         first_copied = time.monotonic()
                 await asyncio.sleep(0.02)
@@ -54,7 +58,8 @@ async def test_pause_published_before_the_copy_and_lifted_after_the_placement(me
         assert t.tenant_id not in (await loader.load_migrations())[1]  # never migrated: not in the feed
         asked = time.monotonic()
         await mesh.identity.stub.MigrateTenant(
-            idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_tier=TIERS["bridge"]), metadata=op)
+            idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_tier=TIERS["bridge"]), metadata=op
+        )
         watcher = asyncio.create_task(watch())
         done = await wait_migration(mesh, t.tenant_id)
         await asyncio.sleep(0.2)
@@ -64,13 +69,15 @@ async def test_pause_published_before_the_copy_and_lifted_after_the_placement(me
 
         paused_at = [at for at, paused, _ in answers if paused]
         assert paused_at, answers
-        assert first_copied is not None and first_copied - asked >= FEED_WAIT - 0.05, (first_copied - asked)
+        assert first_copied is not None and first_copied - asked >= FEED_WAIT - 0.05, first_copied - asked
         # Once lifted, never paused again; the first unpaused answer already places the tenant at bridge.
         lifted = [i for i, (_, paused, _) in enumerate(answers) if not paused and i > 0 and answers[i - 1][1]]
         assert len(lifted) == 1, answers
-        for _, paused, placement in answers[lifted[0]:]:
+        for _, paused, placement in answers[lifted[0] :]:
             assert not paused and placement == ("bridge", done.generation)
-        print(f"\nfeed: paused for {answers[lifted[0]][0] - paused_at[0]:.2f} s as seen by a poller; identity-"
-              f"measured pause {done.pause_ms} ms (feed_wait {FEED_WAIT} s)")
+        print(
+            f"\nfeed: paused for {answers[lifted[0]][0] - paused_at[0]:.2f} s as seen by a poller; identity-"
+            f"measured pause {done.pause_ms} ms (feed_wait {FEED_WAIT} s)"
+        )
     finally:
         await channel.close()

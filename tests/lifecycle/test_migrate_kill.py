@@ -6,6 +6,7 @@ identity is SIGKILLed, then state is thawed and SIGKILLed too (its in-process pa
 The restarted identity finds the plan, waits out the dead replica's lease, copies every service again,
 switches and releases: the tenant is bridge, its secret reads back, and the pooled tables hold none of its rows.
 """
+
 from __future__ import annotations
 
 import os
@@ -25,8 +26,9 @@ pytestmark = pytest.mark.slow
 
 def _phases(db, tenant_id: str) -> dict[str, str]:
     with sqlite3.connect(db) as conn:
-        return dict(conn.execute("SELECT service, phase FROM tenant_migration_steps WHERE target_tenant = ?",
-                                 (tenant_id,)))
+        return dict(
+            conn.execute("SELECT service, phase FROM tenant_migration_steps WHERE target_tenant = ?", (tenant_id,))
+        )
 
 
 def _state(db, tenant_id: str) -> str | None:
@@ -36,8 +38,10 @@ def _state(db, tenant_id: str) -> str | None:
 
 
 def test_kill_9_identity_and_state_mid_migration_then_it_completes(tmp_path):
-    mesh = start_mesh(tmp_path / "mesh", {"BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS": "0.5",
-                                          "BULKHEAD_IDENTITY_DELETION_LEASE_SECONDS": "3"})
+    mesh = start_mesh(
+        tmp_path / "mesh",
+        {"BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS": "0.5", "BULKHEAD_IDENTITY_DELETION_LEASE_SECONDS": "3"},
+    )
     frozen = None
     try:
         created = mesh.cli("tenants", "create", "mover", "--tier", "pooled")
@@ -46,9 +50,24 @@ def test_kill_9_identity_and_state_mid_migration_then_it_completes(tmp_path):
         key = re.search(r"bk_t_[a-z0-9]+_k_[a-z0-9]+_[0-9a-f]{48}", created.stdout).group(0)
 
         def secrets_cli(*args: str, value: str | None = None) -> subprocess.CompletedProcess:
-            return subprocess.run([sys.executable, "-m", "bulkhead_cli", "secrets", *args, "--api-key", key,
-                                   "--data-dir", str(mesh.data_dir)], input=value, env=mesh.env,
-                                  capture_output=True, text=True, timeout=60)
+            return subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "bulkhead_cli",
+                    "secrets",
+                    *args,
+                    "--api-key",
+                    key,
+                    "--data-dir",
+                    str(mesh.data_dir),
+                ],
+                input=value,
+                env=mesh.env,
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
 
         put = secrets_cli("put", "db-password", value="canary-migrate-9\n")
         assert put.returncode == 0, put.stderr
@@ -71,7 +90,9 @@ def test_kill_9_identity_and_state_mid_migration_then_it_completes(tmp_path):
         got = secrets_cli("get", "db-password")
         assert got.returncode == 0 and got.stdout.strip() == "canary-migrate-9", got.stderr
         with sqlite3.connect(mesh.data_dir / "credentials.db") as conn:
-            assert conn.execute("SELECT count(*) FROM cred_secrets WHERE tenant_id = ?", (tenant_id,)).fetchone()[0] == 0
+            assert (
+                conn.execute("SELECT count(*) FROM cred_secrets WHERE tenant_id = ?", (tenant_id,)).fetchone()[0] == 0
+            )
         assert list(mesh.data_dir.glob(f"credentials.tenants/{tenant_id}.db"))
     finally:
         if frozen is not None:

@@ -8,6 +8,7 @@ state tables) are what they were, the bridge schema exists only while the tenant
 token issued before the moves) saw only retried TENANT_MIGRATING pauses and finds every acknowledged
 event once (still decrypting), its secret still reads, and the bystanders' inventories are unchanged.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -62,7 +63,8 @@ async def test_pooled_bridge_silo_pooled_on_postgres_and_openbao(tmp_path, postg
                 for target in ("bridge", "silo", "pooled"):
                     await asyncio.sleep(0.5)
                     await mesh.identity.stub.MigrateTenant(
-                        idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_tier=TIERS[target]), metadata=op)
+                        idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_tier=TIERS[target]), metadata=op
+                    )
                     done = await wait_migration(mesh, t.tenant_id, timeout=120)
                     assert all(s.phase == "released" for s in done.steps), done
                     assert all(tbl.equal for s in done.steps for tbl in s.tables)
@@ -83,8 +85,10 @@ async def test_pooled_bridge_silo_pooled_on_postgres_and_openbao(tmp_path, postg
             assert await read_all(state, t.metadata, "live") == writer.acked
             for tier, o in others.items():
                 assert await inventories(mesh, by_addr, caller, o.tenant_id, tier) == theirs[tier]
-            print(f"\npostgres mesh: identity-measured pauses (ms) {pauses}; writer's retried pauses (s) "
-                  f"{[round(p, 3) for p in writer.pauses]}; {len(writer.acked)} events")
+            print(
+                f"\npostgres mesh: identity-measured pauses (ms) {pauses}; writer's retried pauses (s) "
+                f"{[round(p, 3) for p in writer.pauses]}; {len(writer.acked)} events"
+            )
         finally:
             for ch in channels.values():
                 await ch.close()

@@ -1,6 +1,7 @@
 """After a tier migration a service routes by identity's placement, not the token's tier claim, even after a
 restart: with several regions the router's placement lookup answers (region, tier) and the tier wins over the
 claim; a SwitchTenant in the process wins over both. Two SQLite regions, the shared/db test models."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -24,10 +25,15 @@ class Placements:
 
 
 async def _open(tmp_path: Path, placements: Placements) -> Database:
-    return await Database.open(f"sqlite:///{tmp_path}/us/notes.db", migrations=MIGRATIONS,
-                               regions={"us": None, "eu": RegionDatabase(f"sqlite:///{tmp_path}/eu/notes.db",
-                                                                         f"sqlite:///{tmp_path}/eu/notes.db")},
-                               region_of=placements.region_of)
+    return await Database.open(
+        f"sqlite:///{tmp_path}/us/notes.db",
+        migrations=MIGRATIONS,
+        regions={
+            "us": None,
+            "eu": RegionDatabase(f"sqlite:///{tmp_path}/eu/notes.db", f"sqlite:///{tmp_path}/eu/notes.db"),
+        },
+        region_of=placements.region_of,
+    )
 
 
 async def _write(db: Database, tenant: str, claim: str, body: str) -> None:
@@ -48,10 +54,10 @@ async def test_identity_placement_routes_over_the_token_claim(tmp_path: Path) ->
     placements = Placements({moved: ("eu", "bridge"), other: ("eu", "pooled")})
     db = await _open(tmp_path, placements)
     try:
-        await _write(db, moved, "pooled", "a")     # a token from before the move: claim pooled, placed bridge
+        await _write(db, moved, "pooled", "a")  # a token from before the move: claim pooled, placed bridge
         await _write(db, other, "pooled", "b")
-        db.router.place(moved, "silo")             # SwitchTenant in this process wins over the lookup
-        await _write(db, moved, "pooled", "c")     # (on SQLite bridge and silo share the tenant's file)
+        db.router.place(moved, "silo")  # SwitchTenant in this process wins over the lookup
+        await _write(db, moved, "pooled", "c")  # (on SQLite bridge and silo share the tenant's file)
         db.router.place(other, "bridge")
         await _write(db, other, "pooled", "d")
     finally:

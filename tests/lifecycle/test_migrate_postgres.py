@@ -7,6 +7,7 @@ TENANT_MIGRATING pause, which it retries; afterwards every acknowledged event is
 order, still decrypting; each hop's checksums are equal on both sides; the old store is gone; bystanders'
 inventories are unchanged. An aborted move leaves the tenant where it was and its partial copy removable.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -54,8 +55,12 @@ class Writer:
         while not self._stop.is_set():
             payload = f"event-{len(self.acked)}".encode()
             try:
-                await self.stub.AppendEvents(st.AppendEventsRequest(
-                    thread_id=self.thread_id, events=[st.NewEvent(type="message", payload=payload)]), metadata=self.md)
+                await self.stub.AppendEvents(
+                    st.AppendEventsRequest(
+                        thread_id=self.thread_id, events=[st.NewEvent(type="message", payload=payload)]
+                    ),
+                    metadata=self.md,
+                )
             except grpc.aio.AioRpcError as exc:
                 info = error_details(exc)
                 if exc.code() == grpc.StatusCode.UNAVAILABLE and info.get("reason") == "TENANT_MIGRATING":
@@ -75,8 +80,9 @@ class Writer:
 
 
 async def inventory(life, tenant_id: str, tier: str) -> dict:
-    got = await life.InventoryTenant(lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=TIERS[tier]),
-                                     metadata=platform_md())
+    got = await life.InventoryTenant(
+        lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=TIERS[tier]), metadata=platform_md()
+    )
     return {(t.store, t.table): (t.rows, t.checksum) for t in got.tables if t.table != "security_events"}
 
 
@@ -86,20 +92,28 @@ async def move(life, tenant_id: str, source: str, target: str, *, twice: bool = 
     copied = await life.CopyTenant(req, metadata=platform_md())
     if twice:  # a coordinator that died after the copy calls it again: same end state
         again = await life.CopyTenant(req, metadata=platform_md())
-        assert [(t.table, t.rows, t.checksum) for t in again.copied] == \
-               [(t.table, t.rows, t.checksum) for t in copied.copied]
-    verified = await life.VerifyTenant(lpb.VerifyTenantRequest(tenant_id=tenant_id, tier=TIERS[source],
-                                                               target_tier=TIERS[target]), metadata=platform_md())
+        assert [(t.table, t.rows, t.checksum) for t in again.copied] == [
+            (t.table, t.rows, t.checksum) for t in copied.copied
+        ]
+    verified = await life.VerifyTenant(
+        lpb.VerifyTenantRequest(tenant_id=tenant_id, tier=TIERS[source], target_tier=TIERS[target]),
+        metadata=platform_md(),
+    )
     assert verified.equal and not verified.mismatched_tables, verified
-    assert [(t.table, t.rows, t.checksum) for t in verified.target] == \
-           [(t.table, t.rows, t.checksum) for t in copied.copied]
+    assert [(t.table, t.rows, t.checksum) for t in verified.target] == [
+        (t.table, t.rows, t.checksum) for t in copied.copied
+    ]
     assert sum(t.rows for t in verified.source) > 0
     await life.SwitchTenant(lpb.SwitchTenantRequest(tenant_id=tenant_id, tier=TIERS[target]), metadata=platform_md())
-    released = await life.ReleaseTenant(lpb.ReleaseTenantRequest(tenant_id=tenant_id, tier=TIERS[source],
-                                                                 current_tier=TIERS[target]), metadata=platform_md())
+    released = await life.ReleaseTenant(
+        lpb.ReleaseTenantRequest(tenant_id=tenant_id, tier=TIERS[source], current_tier=TIERS[target]),
+        metadata=platform_md(),
+    )
     assert [(t.table, t.rows) for t in released.deleted] == [(t.table, t.rows) for t in verified.source if t.rows]
-    again = await life.ReleaseTenant(lpb.ReleaseTenantRequest(tenant_id=tenant_id, tier=TIERS[source],
-                                                              current_tier=TIERS[target]), metadata=platform_md())
+    again = await life.ReleaseTenant(
+        lpb.ReleaseTenantRequest(tenant_id=tenant_id, tier=TIERS[source], current_tier=TIERS[target]),
+        metadata=platform_md(),
+    )
     assert not again.deleted
     return verified
 
@@ -109,17 +123,24 @@ async def stores_of(admin_url: str, main: str, tenant_id: str) -> dict:
     admin = create_async_engine(admin_url, poolclass=NullPool)
     try:
         async with admin.connect() as conn:
-            silo = bool(await conn.scalar(text("SELECT 1 FROM pg_database WHERE datname = :n"),
-                                          {"n": silo_database(main, tenant_id)}))
+            silo = bool(
+                await conn.scalar(
+                    text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": silo_database(main, tenant_id)}
+                )
+            )
     finally:
         await admin.dispose()
     engine = create_async_engine(admin.url.set(database=main), poolclass=NullPool)
     try:
         async with engine.connect() as conn:
-            schema = bool(await conn.scalar(text("SELECT 1 FROM pg_namespace WHERE nspname = :n"),
-                                            {"n": bridge_schema(tenant_id)}))
-            pooled = await conn.scalar(text("SELECT count(*) FROM public.state_events WHERE tenant_id = :t"),
-                                       {"t": tenant_id})
+            schema = bool(
+                await conn.scalar(
+                    text("SELECT 1 FROM pg_namespace WHERE nspname = :n"), {"n": bridge_schema(tenant_id)}
+                )
+            )
+            pooled = await conn.scalar(
+                text("SELECT count(*) FROM public.state_events WHERE tenant_id = :t"), {"t": tenant_id}
+            )
     finally:
         await engine.dispose()
     return {"pooled_events": pooled, "schema": schema, "silo": silo}
@@ -143,8 +164,10 @@ async def test_pooled_bridge_silo_pooled_under_a_live_writer(postgres):
         for tier, other in bystanders.items():
             omd = TOKENS.metadata(other, tier=tier)
             await state.CreateThread(st.CreateThreadRequest(thread_id="live"), metadata=omd)
-            await state.AppendEvents(st.AppendEventsRequest(thread_id="live", events=[
-                st.NewEvent(type="message", payload=b"theirs")] * 5), metadata=omd)
+            await state.AppendEvents(
+                st.AppendEventsRequest(thread_id="live", events=[st.NewEvent(type="message", payload=b"theirs")] * 5),
+                metadata=omd,
+            )
         before = {tier: await inventory(life, other, tier) for tier, other in bystanders.items()}
 
         writer = Writer(state, md, "live")
@@ -167,8 +190,9 @@ async def test_pooled_bridge_silo_pooled_under_a_live_writer(postgres):
         # Every acknowledged event exactly once, in order, still decrypting; read with the same old token.
         got, after = [], 0
         while True:
-            page = await state.ReadEvents(st.ReadEventsRequest(thread_id="live", after_version=after, page_size=1000),
-                                          metadata=md)
+            page = await state.ReadEvents(
+                st.ReadEventsRequest(thread_id="live", after_version=after, page_size=1000), metadata=md
+            )
             got.extend(e.payload for e in page.events)
             if not page.events:
                 break
@@ -177,13 +201,16 @@ async def test_pooled_bridge_silo_pooled_under_a_live_writer(postgres):
         ctx = await state.GetContext(st.GetContextRequest(scope=SCOPE, key="canary"), metadata=md)
         assert ctx.entry.value == b"ctx-value"
         # A token minted after the move, claiming the tier the tenant has now, reads the same.
-        fresh = await state.ReadEvents(st.ReadEventsRequest(thread_id="live", page_size=5),
-                                       metadata=TOKENS.metadata(tenant, tier="pooled"))
+        fresh = await state.ReadEvents(
+            st.ReadEventsRequest(thread_id="live", page_size=5), metadata=TOKENS.metadata(tenant, tier="pooled")
+        )
         assert [e.payload for e in fresh.events] == writer.acked[:5]
         for tier, other in bystanders.items():
             assert await inventory(life, other, tier) == before[tier]
-        print(f"\nmigration pauses seen by the writer (s): {[round(p, 3) for p in writer.pauses]}; "
-              f"{len(writer.acked)} events")
+        print(
+            f"\nmigration pauses seen by the writer (s): {[round(p, 3) for p in writer.pauses]}; "
+            f"{len(writer.acked)} events"
+        )
     finally:
         await channel.close()
         await running.stop(0.5)
@@ -206,28 +233,37 @@ async def test_abort_leaves_the_tenant_where_it_was(postgres):
         tenant = f"t_ab{secrets.token_hex(4)}"
         md = TOKENS.metadata(tenant, tier="pooled")
         await state.CreateThread(st.CreateThreadRequest(thread_id="x"), metadata=md)
-        await state.AppendEvents(st.AppendEventsRequest(thread_id="x", events=[st.NewEvent(type="m", payload=b"a")]),
-                                 metadata=md)
+        await state.AppendEvents(
+            st.AppendEventsRequest(thread_id="x", events=[st.NewEvent(type="m", payload=b"a")]), metadata=md
+        )
         start = await inventory(life, tenant, "pooled")
-        await life.CopyTenant(lpb.CopyTenantRequest(tenant_id=tenant, tier=TIERS["pooled"], target_tier=TIERS["silo"]),
-                              metadata=platform_md())
+        await life.CopyTenant(
+            lpb.CopyTenantRequest(tenant_id=tenant, tier=TIERS["pooled"], target_tier=TIERS["silo"]),
+            metadata=platform_md(),
+        )
         with pytest.raises(grpc.aio.AioRpcError) as err:  # paused meanwhile
-            await state.AppendEvents(st.AppendEventsRequest(thread_id="x", events=[st.NewEvent(type="m", payload=b"b")]),
-                                     metadata=md)
+            await state.AppendEvents(
+                st.AppendEventsRequest(thread_id="x", events=[st.NewEvent(type="m", payload=b"b")]), metadata=md
+            )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert error_details(err.value)["reason"] == "TENANT_MIGRATING"
         # Releasing the store the tenant is still routed to is refused.
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await life.ReleaseTenant(lpb.ReleaseTenantRequest(tenant_id=tenant, tier=TIERS["pooled"],
-                                                              current_tier=TIERS["silo"]), metadata=platform_md())
+            await life.ReleaseTenant(
+                lpb.ReleaseTenantRequest(tenant_id=tenant, tier=TIERS["pooled"], current_tier=TIERS["silo"]),
+                metadata=platform_md(),
+            )
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert error_details(err.value)["reason"] == "NOT_SWITCHED"
         await life.SwitchTenant(lpb.SwitchTenantRequest(tenant_id=tenant, tier=TIERS["pooled"]), metadata=platform_md())
-        await state.AppendEvents(st.AppendEventsRequest(thread_id="x", events=[st.NewEvent(type="m", payload=b"b")]),
-                                 metadata=md)
+        await state.AppendEvents(
+            st.AppendEventsRequest(thread_id="x", events=[st.NewEvent(type="m", payload=b"b")]), metadata=md
+        )
         assert (await stores_of(postgres.admin_url, main, tenant))["silo"]
-        released = await life.ReleaseTenant(lpb.ReleaseTenantRequest(tenant_id=tenant, tier=TIERS["silo"],
-                                                                     current_tier=TIERS["pooled"]), metadata=platform_md())
+        released = await life.ReleaseTenant(
+            lpb.ReleaseTenantRequest(tenant_id=tenant, tier=TIERS["silo"], current_tier=TIERS["pooled"]),
+            metadata=platform_md(),
+        )
         assert sum(t.rows for t in released.deleted) == sum(r for r, _ in start.values())
         seen = await stores_of(postgres.admin_url, main, tenant)
         assert seen == {"pooled_events": 2, "schema": False, "silo": False}
@@ -250,8 +286,11 @@ async def test_migration_calls_refuse_bad_input_and_tenants(postgres):
             (life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=P), "SAME_TIER"),
             (life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P), "INVALID_TIER"),
             (life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=99), "INVALID_TIER"),
-            (life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=B, pause_seconds=121),
-             "PAUSE_OUT_OF_RANGE"),
+            (
+                life.CopyTenant,
+                lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=B, pause_seconds=121),
+                "PAUSE_OUT_OF_RANGE",
+            ),
             (life.CopyTenant, lpb.CopyTenantRequest(tenant_id="x; drop", tier=P, target_tier=B), "INVALID_TENANT_ID"),
             (life.VerifyTenant, lpb.VerifyTenantRequest(tenant_id=tid, tier=B, target_tier=B), "SAME_TIER"),
             (life.VerifyTenant, lpb.VerifyTenantRequest(tenant_id=tid, target_tier=B), "INVALID_TIER"),
@@ -268,10 +307,12 @@ async def test_migration_calls_refuse_bad_input_and_tenants(postgres):
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         # Tenants (even with every scope) never reach these calls, for themselves or another tenant.
         for who in (TOKENS.metadata(tid), TOKENS.metadata("t_other")):
-            for call, req in [(life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=B)),
-                              (life.VerifyTenant, lpb.VerifyTenantRequest(tenant_id=tid, tier=P, target_tier=B)),
-                              (life.SwitchTenant, lpb.SwitchTenantRequest(tenant_id=tid, tier=B)),
-                              (life.ReleaseTenant, lpb.ReleaseTenantRequest(tenant_id=tid, tier=P, current_tier=B))]:
+            for call, req in [
+                (life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=B)),
+                (life.VerifyTenant, lpb.VerifyTenantRequest(tenant_id=tid, tier=P, target_tier=B)),
+                (life.SwitchTenant, lpb.SwitchTenantRequest(tenant_id=tid, tier=B)),
+                (life.ReleaseTenant, lpb.ReleaseTenantRequest(tenant_id=tid, tier=P, current_tier=B)),
+            ]:
                 with pytest.raises(grpc.aio.AioRpcError) as err:
                     await call(req, metadata=who)
                 assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

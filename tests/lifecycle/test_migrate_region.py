@@ -6,10 +6,11 @@ and on Postgres with each region's OpenBao (where the Transit key and the values
 
 Afterwards a superuser scan of every table of every database (every SQLite file) finds each mover's id in
 eu's stores only (apart from identity's directory and the documented platform tables of the default
-region), its schema / database / file on the eu side only, its key and values in eu's OpenBao only; identity places it in eu; a token issued before
-the move still reads its secret, decrypts a ciphertext made before it, reads its events; a us bystander's
-rows are exactly as before. The bridge tenant moves through `bulkhead tenants migrate NAME --region eu`.
+region), its schema / database / file on the eu side only, its key and values in eu's OpenBao only;
+identity places it in eu; a token issued before the move still reads its secret, decrypts a ciphertext
+made before it, reads its events; a us bystander's rows are exactly as before. The bridge tenant moves through `bulkhead tenants migrate NAME --region eu`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -18,12 +19,12 @@ import grpc
 import pytest
 from prometheus_client import CollectorRegistry
 
-from bulkhead_cli import main
 from bulkhead.credentials.v1 import credentials_pb2 as cred
 from bulkhead.credentials.v1 import credentials_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
+from bulkhead_cli import main
 from shared.db.router import tenant_slug
 from testkit.fake_anthropic import FakeAnthropic
 from tests.isolation.resources import SECRET_VALUE, make_victim
@@ -46,20 +47,26 @@ from tests.services.orchestrator.mesh import TIERS
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.mark.parametrize("database, secrets_backend", [
-    ("sqlite", "local"),
-    pytest.param("postgres", "vault", marks=[pytest.mark.postgres, pytest.mark.openbao]),
-])
-async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(tmp_path, request, database, secrets_backend,
-                                                                     monkeypatch, capsys):
+@pytest.mark.parametrize(
+    "database, secrets_backend",
+    [
+        ("sqlite", "local"),
+        pytest.param("postgres", "vault", marks=[pytest.mark.postgres, pytest.mark.openbao]),
+    ],
+)
+async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(
+    tmp_path, request, database, secrets_backend, monkeypatch, capsys
+):
     monkeypatch.setattr("services.metering.server.REGISTRY", CollectorRegistry())
     postgres = request.getfixturevalue("postgres") if database == "postgres" else None
     vaults = None
     if secrets_backend == "vault":
         vaults = {"us": request.getfixturevalue("openbao"), "eu": request.getfixturevalue("second_openbao")}
     existing = await database_names(postgres.admin_url) if postgres else set()
-    async with FakeAnthropic() as upstream, \
-            running_regional_mesh(tmp_path, postgres, upstream.base_url, vaults) as mesh:
+    async with (
+        FakeAnthropic() as upstream,
+        running_regional_mesh(tmp_path, postgres, upstream.base_url, vaults) as mesh,
+    ):
         await mesh.orchestrator.dispatcher.stop()  # runs stay queued (and in the orchestrator's rows) while moving
         mesh.identity.app.deletions.peers.update(addresses(mesh))  # the coordinators' peers
         mesh.identity.app.migrations._feed_wait = 1.2  # one process: every service polls the feed each second
@@ -72,18 +79,22 @@ async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(tmp_path, re
         named = {s: mesh.addr(s) for s in ("credentials", "state", "inference", "metering")}
         channels = {s: grpc.aio.insecure_channel(a) for s, a in {**named, "identity": mesh.identity.address}.items()}
         op = mesh.identity.operator.metadata
-        where = (lambda: postgres_tables(postgres.admin_url, existing)) if postgres else (lambda: sqlite_tables(tmp_path))
+        where = (
+            (lambda: postgres_tables(postgres.admin_url, existing)) if postgres else (lambda: sqlite_tables(tmp_path))
+        )
         try:
             movers, made = {}, {}
             # On Postgres + OpenBao the silo and pooled movers (a bridge one moves on SQLite, through the CLI).
-            for tier in (TIERS if vaults is None else ("pooled", "silo")):
-                created = await mesh.identity.stub.CreateTenant(idn.CreateTenantRequest(
-                    name=f"mv-{tier}", tier=TIERS[tier], region="us"), metadata=op)
+            for tier in TIERS if vaults is None else ("pooled", "silo"):
+                created = await mesh.identity.stub.CreateTenant(
+                    idn.CreateTenantRequest(name=f"mv-{tier}", tier=TIERS[tier], region="us"), metadata=op
+                )
                 movers[tier] = await mesh.identity.login(created.admin_api_key)
                 made[tier] = await make_victim(mesh, channels, movers[tier])
                 await rotating_secret(channels, movers[tier])
-            created = await mesh.identity.stub.CreateTenant(idn.CreateTenantRequest(name="mv-stay", region="us"),
-                                                            metadata=op)
+            created = await mesh.identity.stub.CreateTenant(
+                idn.CreateTenantRequest(name="mv-stay", region="us"), metadata=op
+            )
             bystander = await mesh.identity.login(created.admin_api_key)
             await make_victim(mesh, channels, bystander)
             ids = [t.tenant_id for t in [*movers.values(), bystander]]
@@ -92,8 +103,9 @@ async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(tmp_path, re
 
             # Bad input first: an unknown region is refused, nothing planned.
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await mesh.identity.stub.MigrateTenant(idn.MigrateTenantRequest(
-                    tenant_id=movers["pooled"].tenant_id, target_region="mars"), metadata=op)
+                await mesh.identity.stub.MigrateTenant(
+                    idn.MigrateTenantRequest(tenant_id=movers["pooled"].tenant_id, target_region="mars"), metadata=op
+                )
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "us, eu" in err.value.details()
 
             for tier, t in movers.items():
@@ -105,25 +117,36 @@ async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(tmp_path, re
                     assert "bridge in us -> bridge in eu" in out and "is bridge in eu now" in out, out
                     assert "credentials" in out and "released" in out, out
                 else:
-                    planned = (await mesh.identity.stub.MigrateTenant(idn.MigrateTenantRequest(
-                        tenant_id=t.tenant_id, target_region="eu"), metadata=op)).migration
+                    planned = (
+                        await mesh.identity.stub.MigrateTenant(
+                            idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_region="eu"), metadata=op
+                        )
+                    ).migration
                     assert (planned.source_region, planned.target_region) == ("us", "eu")
                     assert planned.source_tier == planned.target_tier == TIERS[tier]
                 done = await wait_migration(mesh, t.tenant_id, timeout=90)
                 assert all(step.phase == "released" for step in done.steps), done
-                again = await mesh.identity.stub.MigrateTenant(idn.MigrateTenantRequest(  # a repeat: same plan
-                    tenant_id=t.tenant_id, target_region="eu"), metadata=op)
+                again = await mesh.identity.stub.MigrateTenant(
+                    idn.MigrateTenantRequest(  # a repeat: same plan
+                        tenant_id=t.tenant_id, target_region="eu"
+                    ),
+                    metadata=op,
+                )
                 assert again.migration.generation == done.generation
-                tenant = (await mesh.identity.stub.GetTenant(idn.GetTenantRequest(tenant_id=t.tenant_id),
-                                                             metadata=op)).tenant
+                tenant = (
+                    await mesh.identity.stub.GetTenant(idn.GetTenantRequest(tenant_id=t.tenant_id), metadata=op)
+                ).tenant
                 assert tenant.region == "eu" and tenant.tier == TIERS[tier]
 
             after = await scan(where(), ids)
             for tier, t in movers.items():
                 found = after[t.tenant_id]
                 assert any(h.region == "eu" for h in found), tier
-                misplaced = sorted(f"{h.store}.{h.table}" for h in found if h.region not in ("eu", "control")
-                                   and not (h.region == "us" and h.table in HOME_PLATFORM_TABLES))
+                misplaced = sorted(
+                    f"{h.store}.{h.table}"
+                    for h in found
+                    if h.region not in ("eu", "control") and not (h.region == "us" and h.table in HOME_PLATFORM_TABLES)
+                )
                 assert misplaced == [], f"{tier} tenant's id left outside eu: {misplaced}"
                 assert {h.region for h in found if h.table == "cred_schedule"} == {"eu"}, tier
                 if tier != "pooled":  # its own schema, database or file: on eu's side only
@@ -139,7 +162,9 @@ async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(tmp_path, re
                 plain = await creds.Decrypt(cred.DecryptRequest(ciphertext=made[tier].ciphertext), metadata=t.metadata)
                 assert plain.plaintext == SECRET_VALUE
                 state = state_pb2_grpc.StateServiceStub(channels["state"])
-                events = await state.ReadEvents(st.ReadEventsRequest(thread_id=made[tier].thread_id), metadata=t.metadata)
+                events = await state.ReadEvents(
+                    st.ReadEventsRequest(thread_id=made[tier].thread_id), metadata=t.metadata
+                )
                 assert [e.payload for e in events.events] == [SECRET_VALUE]
             assert after[bystander.tenant_id] == before[bystander.tenant_id]
         finally:

@@ -8,6 +8,7 @@ writer's pre-migration token after the switch), the writer saw only bounded retr
 pauses, and a replica started after the switch routes that pre-migration token (its tier claim:
 pooled) to the tenant's bridge schema from its first request on.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -48,6 +49,7 @@ class RoundRobin:
 async def start_state_replica(mesh, stack):
     from services.state.config import StateConfig
     from services.state.server import start as start_state
+
     replica = await start_state(StateConfig.from_env(mesh.env), mesh.verifier(), address="127.0.0.1:0")
     stack.push_async_callback(replica.stop, 0)
     return replica
@@ -57,8 +59,11 @@ async def test_two_state_replicas_pooled_bridge_pooled(tmp_path, postgres, openb
     # metering's start() registers its counters in the process-wide registry: a fresh one, so another
     # whole mesh in this process (tests/lifecycle/test_migrate_pg_mesh.py) does not collide with it.
     monkeypatch.setattr(metering_server, "REGISTRY", CollectorRegistry())
-    async with FakeAnthropic() as upstream, running_pg_mesh(tmp_path, postgres, openbao, upstream.base_url) as mesh, \
-            contextlib.AsyncExitStack() as stack:
+    async with (
+        FakeAnthropic() as upstream,
+        running_pg_mesh(tmp_path, postgres, openbao, upstream.base_url) as mesh,
+        contextlib.AsyncExitStack() as stack,
+    ):
         await mesh.orchestrator.dispatcher.stop()
         mesh.identity.app.deletions.peers.update(addresses(mesh))
         other = await start_state_replica(mesh, stack)  # identity never calls this one
@@ -82,7 +87,8 @@ async def test_two_state_replicas_pooled_bridge_pooled(tmp_path, postgres, openb
                 for target in ("bridge", "pooled"):
                     await asyncio.sleep(0.5)
                     await mesh.identity.stub.MigrateTenant(
-                        idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_tier=TIERS[target]), metadata=op)
+                        idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_tier=TIERS[target]), metadata=op
+                    )
                     done = await wait_migration(mesh, t.tenant_id, timeout=120)
                     assert all(s.phase == "released" for s in done.steps), done
                     assert all(tbl.equal for s in done.steps for tbl in s.tables), done
@@ -98,7 +104,7 @@ async def test_two_state_replicas_pooled_bridge_pooled(tmp_path, postgres, openb
                         async with grpc.aio.insecure_channel(fresh.running.address) as ch:
                             restarted_read = await read_all(state_pb2_grpc.StateServiceStub(ch), md, "live")
                         assert len(restarted_read) >= acked > 0
-                        assert restarted_read == writer.acked[:len(restarted_read)]
+                        assert restarted_read == writer.acked[: len(restarted_read)]
                 await asyncio.sleep(0.5)
             finally:
                 writer.stop()
@@ -109,9 +115,11 @@ async def test_two_state_replicas_pooled_bridge_pooled(tmp_path, postgres, openb
             assert await read_all(first, md, "live") == writer.acked
             assert await read_all(second, md, "live") == writer.acked
             assert writer.pauses and max(writer.pauses) < 30.0, writer.pauses
-            print(f"\ntwo state replicas: identity-measured pauses (ms) {pauses}; writer's retried pauses (s) "
-                  f"{[round(p, 3) for p in writer.pauses]}; {len(writer.acked)} events; restarted replica "
-                  f"read {len(restarted_read or [])}")
+            print(
+                f"\ntwo state replicas: identity-measured pauses (ms) {pauses}; writer's retried pauses (s) "
+                f"{[round(p, 3) for p in writer.pauses]}; {len(writer.acked)} events; restarted replica "
+                f"read {len(restarted_read or [])}"
+            )
         finally:
             for ch in channels.values():
                 await ch.close()

@@ -6,6 +6,7 @@ finds neither their ids nor their canaries; the bridge schema and silo database 
 holds none of their KV paths, Transit keys or policies (nor the silo namespace), and a ciphertext
 taken before no longer decrypts even with the root token; the bystanders' inventories are unchanged.
 """
+
 from __future__ import annotations
 
 import base64
@@ -44,17 +45,24 @@ async def superuser_hits(admin_url: str, needles: list[str]) -> list[str]:
     admin = create_async_engine(admin_url, poolclass=NullPool)
     try:
         async with admin.connect() as conn:
-            names = (await conn.execute(text("SELECT datname FROM pg_database WHERE NOT datistemplate"))).scalars().all()
+            names = (
+                (await conn.execute(text("SELECT datname FROM pg_database WHERE NOT datistemplate"))).scalars().all()
+            )
     finally:
         await admin.dispose()
     for name in names:
         engine = create_async_engine(admin.url.set(database=name), poolclass=NullPool)
         try:
             async with engine.connect() as conn:
-                tables = (await conn.execute(text(
-                    "SELECT table_schema, table_name FROM information_schema.tables "
-                    "WHERE table_type = 'BASE TABLE' "
-                    "AND table_schema NOT IN ('pg_catalog', 'information_schema')"))).all()
+                tables = (
+                    await conn.execute(
+                        text(
+                            "SELECT table_schema, table_name FROM information_schema.tables "
+                            "WHERE table_type = 'BASE TABLE' "
+                            "AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+                        )
+                    )
+                ).all()
                 for schema, table in tables:
                     rows = await conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t'))
                     for (row,) in rows:
@@ -65,8 +73,9 @@ async def superuser_hits(admin_url: str, needles: list[str]) -> list[str]:
 
 
 async def inventory(stub, tenant_id: str, tier: str) -> dict:
-    resp = await stub.InventoryTenant(lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=TIERS[tier]),
-                                      metadata=platform_md())
+    resp = await stub.InventoryTenant(
+        lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=TIERS[tier]), metadata=platform_md()
+    )
     return {(t.store, t.table): (t.rows, t.checksum) for t in resp.tables}
 
 
@@ -83,6 +92,7 @@ async def test_purge_on_postgres_and_openbao_leaves_nothing_of_the_tenant(postgr
     layout = VaultLayout()
     try:
         import secrets as rnd
+
         victims = {tier: f"t_v{tier}{rnd.token_hex(4)}" for tier in TIERS}
         others = {tier: f"t_o{tier}{rnd.token_hex(4)}" for tier in TIERS}
         canary = {t: f"canary-{rnd.token_hex(8)}" for t in [*victims.values(), *others.values()]}
@@ -92,26 +102,37 @@ async def test_purge_on_postgres_and_openbao_leaves_nothing_of_the_tenant(postgr
                 md = TOKENS.metadata(tid, tier=tier)
                 await creds.PutSecret(pb.PutSecretRequest(name="db-password", value=canary[tid].encode()), metadata=md)
                 await creds.GetSecret(pb.GetSecretRequest(name="db-password"), metadata=md)
-                cipher[tid] = (await creds.Encrypt(pb.EncryptRequest(plaintext=canary[tid].encode()), metadata=md)).ciphertext
+                cipher[tid] = (
+                    await creds.Encrypt(pb.EncryptRequest(plaintext=canary[tid].encode()), metadata=md)
+                ).ciphertext
         before = {tier: await inventory(life, others[tier], tier) for tier in TIERS}
         mine = await inventory(life, victims["bridge"], "bridge")
         assert mine[(f"schema:{bridge_schema(victims['bridge'])}", "cred_secrets")][0] == 1
         assert await superuser_hits(postgres.admin_url, list(victims.values()))  # the scan can find them
 
         for tier, tid in victims.items():
-            out = await life.PurgeTenant(lpb.PurgeTenantRequest(tenant_id=tid, tier=TIERS[tier]), metadata=platform_md())
+            out = await life.PurgeTenant(
+                lpb.PurgeTenantRequest(tenant_id=tid, tier=TIERS[tier]), metadata=platform_md()
+            )
             assert [k.key_id for k in out.destroyed_keys] == [f"transit:{layout.key_name(TenantRef(tid, tier))}"]
             assert {a.name: a.count for a in out.actions} == {"secrets_destroyed": 1}
             assert not out.kept
             if tier == "pooled":
                 assert not out.dropped_stores and sum(d.rows for d in out.deleted) >= 4
             else:
-                assert out.dropped_stores == [f"schema:{bridge_schema(tid)}" if tier == "bridge" else
-                                              f"database:{silo_database(db.engine.url.database, tid)}"]
-            again = await life.PurgeTenant(lpb.PurgeTenantRequest(tenant_id=tid, tier=TIERS[tier]), metadata=platform_md())
+                assert out.dropped_stores == [
+                    f"schema:{bridge_schema(tid)}"
+                    if tier == "bridge"
+                    else f"database:{silo_database(db.engine.url.database, tid)}"
+                ]
+            again = await life.PurgeTenant(
+                lpb.PurgeTenantRequest(tenant_id=tid, tier=TIERS[tier]), metadata=platform_md()
+            )
             assert sum(d.rows for d in again.deleted) == 0 and not again.dropped_stores  # idempotent
 
-        assert await superuser_hits(postgres.admin_url, [*victims.values(), *(canary[t] for t in victims.values())]) == []
+        assert (
+            await superuser_hits(postgres.admin_url, [*victims.values(), *(canary[t] for t in victims.values())]) == []
+        )
         for tier in TIERS:
             assert await inventory(life, others[tier], tier) == before[tier]
         namespaces = root.sys.list_namespaces()["data"]["keys"]
@@ -121,18 +142,23 @@ async def test_purge_on_postgres_and_openbao_leaves_nothing_of_the_tenant(postgr
             assert f"{ns}/" not in namespaces if ns else True
             client = hvac.Client(url=openbao.url, token=openbao.root_token, namespace=ns)
             if ns is None:
-                assert f"tenant-{tid}" not in client.secrets.transit.list_keys(mount_point=layout.transit_mount)["data"]["keys"]
+                assert (
+                    f"tenant-{tid}"
+                    not in client.secrets.transit.list_keys(mount_point=layout.transit_mount)["data"]["keys"]
+                )
                 with pytest.raises(hvac.exceptions.InvalidPath):
                     client.secrets.kv.v2.list_secrets(layout.prefix(ref), mount_point=layout.kv_mount)
                 assert layout.policy_name(ref) not in root.sys.list_policies()["data"]["policies"]
             with pytest.raises((hvac.exceptions.InvalidRequest, hvac.exceptions.InvalidPath)):
-                client.secrets.transit.decrypt_data(layout.key_name(ref), cipher[tid].decode(),
-                                                    mount_point=layout.transit_mount)
+                client.secrets.transit.decrypt_data(
+                    layout.key_name(ref), cipher[tid].decode(), mount_point=layout.transit_mount
+                )
         for tier, tid in others.items():  # bystanders still decrypt theirs
             ref = TenantRef(tid, tier)
             client = hvac.Client(url=openbao.url, token=openbao.root_token, namespace=layout.namespace(ref))
-            out = client.secrets.transit.decrypt_data(layout.key_name(ref), cipher[tid].decode(),
-                                                      mount_point=layout.transit_mount)
+            out = client.secrets.transit.decrypt_data(
+                layout.key_name(ref), cipher[tid].decode(), mount_point=layout.transit_mount
+            )
             assert base64.b64decode(out["data"]["plaintext"]).decode() == canary[tid]
     finally:
         await channel.close()

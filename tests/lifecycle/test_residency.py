@@ -8,6 +8,7 @@ directory (the control plane) and the documented platform tables of the default 
 registries that hold ids, docs/CONTRACT.md "Data residency"). The operator's chargeback covers the
 tenants of both regions, each with exactly its ledger.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -60,7 +61,7 @@ HOME_PLATFORM_TABLES = {
     "orch_run_queue": "the run scheduler's queue and leases (ids only, gone when the run ends)",
     "inference_usage_outbox": "usage not yet acknowledged by metering (gone once delivered)",
     "inference_attempts": "the write-ahead attempt journal (model and token counts; done rows pruned after "
-                          "its retention)",
+    "its retention)",
 }
 """Platform tables of the default region that may name a tenant of another region: each service's
 cross-tenant workers read them with no tenant set (tests/rls/test_conformance.py). Everything a
@@ -68,26 +69,46 @@ tenant owns (every tenant_id table under RLS) is in its region only."""
 
 
 @contextlib.asynccontextmanager
-async def running_regional_mesh(data_dir: Path, postgres, upstream_url: str,
-                                vaults: dict[str, OpenBaoServer] | None = None) -> AsyncIterator[Mesh]:
+async def running_regional_mesh(
+    data_dir: Path, postgres, upstream_url: str, vaults: dict[str, OpenBaoServer] | None = None
+) -> AsyncIterator[Mesh]:
     """identity (the control plane, one database) and the five data-plane services with a database
     in each region, configured as an operator would (BULKHEAD_REGIONS, ..._DATABASE_URL_EU); with
     `vaults`, credentials keeps secrets and keys in each region's OpenBao (else sealed in its database)."""
     regions = {"BULKHEAD_REGIONS": ",".join(REGIONS), "BULKHEAD_DEFAULT_REGION": "us"}
     identity_db = await postgres.create_database("rs_identity") if postgres else None
-    async with running_identity(data_dir / "identity", database_url=identity_db and identity_db.app_url,
-                                owner_url=identity_db and identity_db.owner_url, env=regions) as identity, \
-            contextlib.AsyncExitStack() as stack:
-        env = {**regions, "BULKHEAD_DATA_DIR": str(data_dir), "BULKHEAD_IDENTITY_ADDR": identity.address,
-               "BULKHEAD_STATE_ENCRYPTION": "credentials", "BULKHEAD_SECRETS_BACKEND": "vault" if vaults else "local",
-               "BULKHEAD_LOG_LEVEL": "WARNING", "BULKHEAD_MODEL_PROVIDER": "anthropic",
-               "ANTHROPIC_BASE_URL": upstream_url, "ANTHROPIC_API_KEY": "sk-platform-test",
-               "BULKHEAD_INFERENCE_ALLOWED_MODELS": "claude-test"}
+    async with (
+        running_identity(
+            data_dir / "identity",
+            database_url=identity_db and identity_db.app_url,
+            owner_url=identity_db and identity_db.owner_url,
+            env=regions,
+        ) as identity,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        env = {
+            **regions,
+            "BULKHEAD_DATA_DIR": str(data_dir),
+            "BULKHEAD_IDENTITY_ADDR": identity.address,
+            "BULKHEAD_STATE_ENCRYPTION": "credentials",
+            "BULKHEAD_SECRETS_BACKEND": "vault" if vaults else "local",
+            "BULKHEAD_LOG_LEVEL": "WARNING",
+            "BULKHEAD_MODEL_PROVIDER": "anthropic",
+            "ANTHROPIC_BASE_URL": upstream_url,
+            "ANTHROPIC_API_KEY": "sk-platform-test",
+            "BULKHEAD_INFERENCE_ALLOWED_MODELS": "claude-test",
+        }
         for svc in ("identity", *SERVICES):
             env[f"BULKHEAD_{svc.upper()}_METRICS_PORT"] = "0"
         if vaults:
-            env.update({"BULKHEAD_VAULT_ADDR": vaults["us"].url, "BULKHEAD_VAULT_TOKEN": vaults["us"].root_token,
-                        "BULKHEAD_VAULT_ADDR_EU": vaults["eu"].url, "BULKHEAD_VAULT_TOKEN_EU": vaults["eu"].root_token})
+            env.update(
+                {
+                    "BULKHEAD_VAULT_ADDR": vaults["us"].url,
+                    "BULKHEAD_VAULT_TOKEN": vaults["us"].root_token,
+                    "BULKHEAD_VAULT_ADDR_EU": vaults["eu"].url,
+                    "BULKHEAD_VAULT_TOKEN_EU": vaults["eu"].root_token,
+                }
+            )
         for svc in SERVICES:
             env[f"BULKHEAD_{svc.upper()}_SERVICE_KEY_FILE"] = str(identity.service_key_file(svc))
             if postgres is None:  # embedded: <data dir>/<svc>.db, and <data dir>/regions/eu/<svc>.db
@@ -109,13 +130,18 @@ async def running_regional_mesh(data_dir: Path, postgres, upstream_url: str,
         from services.state.config import StateConfig
         from services.state.server import start as start_state
 
-        starts = (("credentials", lambda: start_credentials(CredentialsConfig.from_env(env), mesh.verifier(),
-                                                             address="127.0.0.1:0")),
-                  ("metering", lambda: start_metering(MeteringConfig.from_env(env), mesh.verifier(),
-                                                      address="127.0.0.1:0")),
-                  ("state", lambda: start_state(StateConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0")),
-                  ("inference", lambda: start_inference(InferenceConfig.from_env(env), mesh.verifier(),
-                                                        address="127.0.0.1:0")))
+        starts = (
+            (
+                "credentials",
+                lambda: start_credentials(CredentialsConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0"),
+            ),
+            ("metering", lambda: start_metering(MeteringConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0")),
+            ("state", lambda: start_state(StateConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0")),
+            (
+                "inference",
+                lambda: start_inference(InferenceConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0"),
+            ),
+        )
         for name, start in starts:
             service = await start()
             stack.push_async_callback(service.stop, 0)
@@ -129,9 +155,10 @@ async def rotating_secret(channels, handle) -> None:
     """A secret with a rotation period and a superseded version: jobs in credentials' schedule."""
     stub = credentials_pb2_grpc.CredentialsServiceStub(channels["credentials"])
     for value in (b"v1", b"v2"):
-        await stub.PutSecret(cred.PutSecretRequest(name="rotating", value=value,
-                                                   rotation_period=duration_pb2.Duration(seconds=3600)),
-                             metadata=handle.metadata)
+        await stub.PutSecret(
+            cred.PutSecretRequest(name="rotating", value=value, rotation_period=duration_pb2.Duration(seconds=3600)),
+            metadata=handle.metadata,
+        )
 
 
 @dataclass(frozen=True)
@@ -178,24 +205,38 @@ async def postgres_tables(admin_url: str, existing: set[str]) -> AsyncIterator[t
     read commits at once (the services are live and may make tables meanwhile) and waits for a lock
     at most LOCK_WAIT, then fails naming the table and who holds it, never hangs."""
     for name in sorted(await database_names(admin_url) - existing):
-        engine = create_async_engine(make_url(admin_url).set(database=name), poolclass=NullPool,
-                                     isolation_level="AUTOCOMMIT")
+        engine = create_async_engine(
+            make_url(admin_url).set(database=name), poolclass=NullPool, isolation_level="AUTOCOMMIT"
+        )
         try:
             async with engine.connect() as conn:
                 await conn.execute(text(f"SET lock_timeout = '{LOCK_WAIT}'"))
-                tables = (await conn.execute(text(
-                    "SELECT table_schema, table_name FROM information_schema.tables "
-                    "WHERE table_type = 'BASE TABLE' "
-                    "AND table_schema NOT IN ('pg_catalog', 'information_schema')"))).all()
+                tables = (
+                    await conn.execute(
+                        text(
+                            "SELECT table_schema, table_name FROM information_schema.tables "
+                            "WHERE table_type = 'BASE TABLE' "
+                            "AND table_schema NOT IN ('pg_catalog', 'information_schema')"
+                        )
+                    )
+                ).all()
                 for schema, table in tables:
                     try:
                         rows = (await conn.execute(text(f'SELECT t::text FROM "{schema}"."{table}" t'))).scalars().all()
                     except DBAPIError as err:
-                        holders = (await conn.execute(text(
-                            "SELECT a.pid, a.state, a.application_name, left(a.query, 120) FROM pg_locks l "
-                            "JOIN pg_stat_activity a USING (pid) WHERE l.relation = CAST(:t AS regclass) "
-                            "AND l.granted AND a.pid <> pg_backend_pid()"), {"t": f'"{schema}"."{table}"'})).all()
-                        raise AssertionError(f"cannot read {name}.{schema}.{table}: {err.orig}; held by {holders}") from err
+                        holders = (
+                            await conn.execute(
+                                text(
+                                    "SELECT a.pid, a.state, a.application_name, left(a.query, 120) FROM pg_locks l "
+                                    "JOIN pg_stat_activity a USING (pid) WHERE l.relation = CAST(:t AS regclass) "
+                                    "AND l.granted AND a.pid <> pg_backend_pid()"
+                                ),
+                                {"t": f'"{schema}"."{table}"'},
+                            )
+                        ).all()
+                        raise AssertionError(
+                            f"cannot read {name}.{schema}.{table}: {err.orig}; held by {holders}"
+                        ) from err
                     yield f"{name}.{schema}", table, list(rows)
         finally:
             await engine.dispose()
@@ -224,8 +265,10 @@ async def scan(where, needles: list[str]) -> dict[str, list[Hit]]:
     return hits
 
 
-_LEDGER = ("SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) "
-           "FROM {table} WHERE tenant_id = {param}")
+_LEDGER = (
+    "SELECT count(*), coalesce(sum(input_tokens), 0), coalesce(sum(output_tokens), 0) "
+    "FROM {table} WHERE tenant_id = {param}"
+)
 
 
 async def ledger(postgres, data_dir: Path, tenant_id: str) -> list[int]:
@@ -244,16 +287,29 @@ async def ledger(postgres, data_dir: Path, tenant_id: str) -> list[int]:
     admin = create_async_engine(postgres.admin_url, poolclass=NullPool)
     try:
         async with admin.connect() as conn:
-            names = (await conn.execute(text(
-                "SELECT datname FROM pg_database WHERE datname LIKE 'rs\\_%\\_metering%'"))).scalars().all()
+            names = (
+                (await conn.execute(text("SELECT datname FROM pg_database WHERE datname LIKE 'rs\\_%\\_metering%'")))
+                .scalars()
+                .all()
+            )
     finally:
         await admin.dispose()
     for name in names:
         engine = create_async_engine(admin.url.set(database=name), poolclass=NullPool)
         try:
             async with engine.connect() as conn:
-                schemas = (await conn.execute(text("SELECT table_schema FROM information_schema.tables "
-                                                   "WHERE table_name = 'metering_usage_events'"))).scalars().all()
+                schemas = (
+                    (
+                        await conn.execute(
+                            text(
+                                "SELECT table_schema FROM information_schema.tables "
+                                "WHERE table_name = 'metering_usage_events'"
+                            )
+                        )
+                    )
+                    .scalars()
+                    .all()
+                )
                 for schema in schemas:
                     sql = _LEDGER.format(table=f'"{schema}".metering_usage_events', param=":t")
                     row = (await conn.execute(text(sql), {"t": tenant_id})).one()
@@ -302,13 +358,17 @@ def second_openbao():
         server.close()
 
 
-@pytest.mark.parametrize("database, secrets_backend", [
-    ("sqlite", "local"),
-    pytest.param("postgres", "local", marks=pytest.mark.postgres),
-    pytest.param("postgres", "vault", marks=[pytest.mark.postgres, pytest.mark.openbao]),
-])
-async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(tmp_path, request, database,
-                                                                              secrets_backend, monkeypatch):
+@pytest.mark.parametrize(
+    "database, secrets_backend",
+    [
+        ("sqlite", "local"),
+        pytest.param("postgres", "local", marks=pytest.mark.postgres),
+        pytest.param("postgres", "vault", marks=[pytest.mark.postgres, pytest.mark.openbao]),
+    ],
+)
+async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(
+    tmp_path, request, database, secrets_backend, monkeypatch
+):
     # metering's start() registers its metrics in the process registry: one per mesh in this process.
     monkeypatch.setattr("services.metering.server.REGISTRY", CollectorRegistry())
     postgres = request.getfixturevalue("postgres") if database == "postgres" else None
@@ -316,8 +376,10 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
     if secrets_backend == "vault":
         vaults = {"us": request.getfixturevalue("openbao"), "eu": request.getfixturevalue("second_openbao")}
     existing = await database_names(postgres.admin_url) if postgres else set()
-    async with FakeAnthropic() as upstream, \
-            running_regional_mesh(tmp_path, postgres, upstream.base_url, vaults) as mesh:
+    async with (
+        FakeAnthropic() as upstream,
+        running_regional_mesh(tmp_path, postgres, upstream.base_url, vaults) as mesh,
+    ):
         named = {s: mesh.addr(s) for s in ("credentials", "state", "inference", "metering")}
         named["identity"] = mesh.identity.address
         channels = {s: grpc.aio.insecure_channel(a) for s, a in named.items()}
@@ -327,8 +389,10 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
             tenants, runs = {}, {}
             for region in REGIONS:
                 for tier in TIERS:
-                    created = await mesh.identity.stub.CreateTenant(idn.CreateTenantRequest(
-                        name=f"rs-{region}-{tier}", tier=TIERS[tier], region=region), metadata=op)
+                    created = await mesh.identity.stub.CreateTenant(
+                        idn.CreateTenantRequest(name=f"rs-{region}-{tier}", tier=TIERS[tier], region=region),
+                        metadata=op,
+                    )
                     assert created.tenant.region == region
                     handle = await mesh.identity.login(created.admin_api_key)
                     tenants[(region, tier)] = handle
@@ -339,8 +403,9 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
 
             # Unknown region: refused, nothing created.
             with pytest.raises(grpc.aio.AioRpcError) as err:
-                await mesh.identity.stub.CreateTenant(idn.CreateTenantRequest(name="rs-mars", region="mars"),
-                                                      metadata=op)
+                await mesh.identity.stub.CreateTenant(
+                    idn.CreateTenantRequest(name="rs-mars", region="mars"), metadata=op
+                )
             assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "us, eu" in err.value.details()
 
             # Chargeback: the operator's all-tenant export lists every tenant of both regions with
@@ -375,8 +440,12 @@ async def test_each_tenants_rows_stay_in_its_region_and_chargeback_covers_both(t
                 found = hits[tenant_id]
                 assert any(h.region == region for h in found), (region, tier)  # the scan sees its rows
                 assert {h.region for h in found if h.table == "cred_schedule"} == {region}, (region, tier)
-                misplaced = sorted(f"{h.store}.{h.table}" for h in found if h.region not in (region, "control")
-                                   and not (h.region == "us" and h.table in HOME_PLATFORM_TABLES))
+                misplaced = sorted(
+                    f"{h.store}.{h.table}"
+                    for h in found
+                    if h.region not in (region, "control")
+                    and not (h.region == "us" and h.table in HOME_PLATFORM_TABLES)
+                )
                 assert misplaced == [], f"{region} {tier} tenant's id outside its region: {misplaced}"
                 if tier != "pooled":  # its own schema, database or file: on its region's side only
                     own = {h.store for h in found if tenant_slug(tenant_id) in h.store}
@@ -410,19 +479,26 @@ async def test_deleting_a_tenant_purges_it_in_its_region(tmp_path, request, data
             victims, bystanders = {}, {}
             for region, group in (("eu", victims), ("us", bystanders)):
                 for tier in TIERS:
-                    created = await mesh.identity.stub.CreateTenant(idn.CreateTenantRequest(
-                        name=f"del-{region}-{tier}", tier=TIERS[tier], region=region), metadata=op)
+                    created = await mesh.identity.stub.CreateTenant(
+                        idn.CreateTenantRequest(name=f"del-{region}-{tier}", tier=TIERS[tier], region=region),
+                        metadata=op,
+                    )
                     group[tier] = await mesh.identity.login(created.admin_api_key)
                     await make_victim(mesh, channels, group[tier])
                     await rotating_secret(channels, group[tier])
-            where = (lambda: postgres_tables(postgres.admin_url, existing)) if postgres else (lambda: sqlite_tables(tmp_path))
+            where = (
+                (lambda: postgres_tables(postgres.admin_url, existing))
+                if postgres
+                else (lambda: sqlite_tables(tmp_path))
+            )
             ids = [t.tenant_id for t in [*victims.values(), *bystanders.values()]]
             before = await scan(where(), ids)
             assert all(any(h.region == "eu" for h in before[t.tenant_id]) for t in victims.values())
 
             for t in victims.values():
-                await mesh.identity.stub.DeleteTenant(idn.DeleteTenantRequest(tenant_id=t.tenant_id, now=True),
-                                                      metadata=op)
+                await mesh.identity.stub.DeleteTenant(
+                    idn.DeleteTenantRequest(tenant_id=t.tenant_id, now=True), metadata=op
+                )
             for t in victims.values():
                 await wait_done(mesh, t.tenant_id, timeout=120)
 

@@ -1,5 +1,6 @@
 """DeleteTenant, GetDeletionReceipt and TenantLifecycleService: who may call them, bad input, grace and restore,
 and a deletion that survives identity stopping half-way."""
+
 from __future__ import annotations
 
 import asyncio
@@ -42,15 +43,21 @@ async def test_only_identitys_platform_token_may_call_the_lifecycle(mesh):
         req = lpb.PurgeTenantRequest(tenant_id=b.tenant_id, tier=tenancy_pb2.TIER_POOLED)
         for who in (a.metadata, b.metadata, mesh.identity.operator.metadata):
             await expect(grpc.StatusCode.PERMISSION_DENIED, stub.PurgeTenant(req, metadata=who))
-            await expect(grpc.StatusCode.PERMISSION_DENIED, stub.InventoryTenant(
-                lpb.InventoryTenantRequest(tenant_id=b.tenant_id, tier=tenancy_pb2.TIER_POOLED), metadata=who))
+            await expect(
+                grpc.StatusCode.PERMISSION_DENIED,
+                stub.InventoryTenant(
+                    lpb.InventoryTenantRequest(tenant_id=b.tenant_id, tier=tenancy_pb2.TIER_POOLED), metadata=who
+                ),
+            )
         platform = await PlatformCaller(mesh.identity.app.keys).metadata()
-        got = await stub.InventoryTenant(lpb.InventoryTenantRequest(tenant_id=b.tenant_id, tier=tenancy_pb2.TIER_POOLED),
-                                         metadata=platform)
+        got = await stub.InventoryTenant(
+            lpb.InventoryTenantRequest(tenant_id=b.tenant_id, tier=tenancy_pb2.TIER_POOLED), metadata=platform
+        )
         assert got.service == "state" and got.tables
     async with grpc.aio.insecure_channel(mesh.identity.address) as ch:  # identity serves the same contract
         got = await lifecycle_pb2_grpc.TenantLifecycleServiceStub(ch).InventoryTenant(
-            lpb.InventoryTenantRequest(tenant_id=b.tenant_id, tier=tenancy_pb2.TIER_BRIDGE), metadata=platform)
+            lpb.InventoryTenantRequest(tenant_id=b.tenant_id, tier=tenancy_pb2.TIER_BRIDGE), metadata=platform
+        )
         rows = {t.table: t.rows for t in got.tables}
         assert rows["principals"] == 1 and rows["api_keys"] == 1 and {t.store for t in got.tables} == {"main"}
 
@@ -62,18 +69,30 @@ async def test_lifecycle_bad_input_is_precise(mesh):
     async with grpc.aio.insecure_channel(mesh.addr("credentials")) as ch:
         stub = lifecycle_pb2_grpc.TenantLifecycleServiceStub(ch)
         for tier in (tenancy_pb2.TIER_UNSPECIFIED, 99):
-            await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.PurgeTenant(
-                lpb.PurgeTenantRequest(tenant_id=t.tenant_id, tier=tier), metadata=platform), "INVALID_TIER")
+            await expect(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                stub.PurgeTenant(lpb.PurgeTenantRequest(tenant_id=t.tenant_id, tier=tier), metadata=platform),
+                "INVALID_TIER",
+            )
         for bad in ("", "t_x'; DROP TABLE cred_secrets; --", "acme"):
-            await expect(grpc.StatusCode.INVALID_ARGUMENT, stub.InventoryTenant(
-                lpb.InventoryTenantRequest(tenant_id=bad, tier=tenancy_pb2.TIER_POOLED), metadata=platform),
-                "INVALID_TENANT_ID")
-        await expect(grpc.StatusCode.FAILED_PRECONDITION, stub.PurgeTenant(
-            lpb.PurgeTenantRequest(tenant_id="t_platform", tier=tenancy_pb2.TIER_POOLED), metadata=platform),
-            "PLATFORM_TENANT")
+            await expect(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                stub.InventoryTenant(
+                    lpb.InventoryTenantRequest(tenant_id=bad, tier=tenancy_pb2.TIER_POOLED), metadata=platform
+                ),
+                "INVALID_TENANT_ID",
+            )
+        await expect(
+            grpc.StatusCode.FAILED_PRECONDITION,
+            stub.PurgeTenant(
+                lpb.PurgeTenantRequest(tenant_id="t_platform", tier=tenancy_pb2.TIER_POOLED), metadata=platform
+            ),
+            "PLATFORM_TENANT",
+        )
         # A tenant this service never saw (or already purged): nothing to destroy, and no store created.
-        empty = await stub.PurgeTenant(lpb.PurgeTenantRequest(tenant_id="t_neverseen", tier=tenancy_pb2.TIER_SILO),
-                                       metadata=platform)
+        empty = await stub.PurgeTenant(
+            lpb.PurgeTenantRequest(tenant_id="t_neverseen", tier=tenancy_pb2.TIER_SILO), metadata=platform
+        )
         assert not empty.dropped_stores and all(d.rows == 0 for d in empty.deleted)
 
 
@@ -82,21 +101,36 @@ async def test_delete_tenant_refuses_tenants_and_bad_input(mesh):
     a, b = await mesh.tenant(), await mesh.tenant()
     ident, op = mesh.identity.stub, mesh.identity.operator.metadata
     for who in (a.metadata, b.metadata):
-        await expect(grpc.StatusCode.PERMISSION_DENIED, ident.DeleteTenant(
-            idn.DeleteTenantRequest(tenant_id=b.tenant_id, now=True), metadata=who))
-        await expect(grpc.StatusCode.PERMISSION_DENIED, ident.GetDeletionReceipt(
-            idn.GetDeletionReceiptRequest(tenant_id=b.tenant_id), metadata=who))
-    await expect(grpc.StatusCode.NOT_FOUND, ident.DeleteTenant(
-        idn.DeleteTenantRequest(tenant_id="t_nosuchtenant", now=True), metadata=op), "TENANT_NOT_FOUND")
-    await expect(grpc.StatusCode.NOT_FOUND, ident.GetDeletionReceipt(
-        idn.GetDeletionReceiptRequest(tenant_id=b.tenant_id), metadata=op), "DELETION_NOT_FOUND")
-    for bad in (idn.DeleteTenantRequest(tenant_id=b.tenant_id),
-                idn.DeleteTenantRequest(tenant_id=b.tenant_id, grace_seconds=60, now=True),
-                idn.DeleteTenantRequest(tenant_id=b.tenant_id, grace_seconds=-1),
-                idn.DeleteTenantRequest(tenant_id=b.tenant_id, grace_seconds=10**9)):
+        await expect(
+            grpc.StatusCode.PERMISSION_DENIED,
+            ident.DeleteTenant(idn.DeleteTenantRequest(tenant_id=b.tenant_id, now=True), metadata=who),
+        )
+        await expect(
+            grpc.StatusCode.PERMISSION_DENIED,
+            ident.GetDeletionReceipt(idn.GetDeletionReceiptRequest(tenant_id=b.tenant_id), metadata=who),
+        )
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        ident.DeleteTenant(idn.DeleteTenantRequest(tenant_id="t_nosuchtenant", now=True), metadata=op),
+        "TENANT_NOT_FOUND",
+    )
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        ident.GetDeletionReceipt(idn.GetDeletionReceiptRequest(tenant_id=b.tenant_id), metadata=op),
+        "DELETION_NOT_FOUND",
+    )
+    for bad in (
+        idn.DeleteTenantRequest(tenant_id=b.tenant_id),
+        idn.DeleteTenantRequest(tenant_id=b.tenant_id, grace_seconds=60, now=True),
+        idn.DeleteTenantRequest(tenant_id=b.tenant_id, grace_seconds=-1),
+        idn.DeleteTenantRequest(tenant_id=b.tenant_id, grace_seconds=10**9),
+    ):
         await expect(grpc.StatusCode.INVALID_ARGUMENT, ident.DeleteTenant(bad, metadata=op), "BAD_GRACE")
-    await expect(grpc.StatusCode.FAILED_PRECONDITION, ident.DeleteTenant(
-        idn.DeleteTenantRequest(tenant_id="t_platform", now=True), metadata=op), "PLATFORM_TENANT")
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        ident.DeleteTenant(idn.DeleteTenantRequest(tenant_id="t_platform", now=True), metadata=op),
+        "PLATFORM_TENANT",
+    )
     # None of that touched b.
     got = await ident.GetTenant(idn.GetTenantRequest(tenant_id=b.tenant_id), metadata=op)
     assert got.tenant.status == idn.TENANT_STATUS_ACTIVE
@@ -126,12 +160,20 @@ async def test_grace_period_suspends_and_resume_restores(mesh):
         await asyncio.sleep(0.1)
     else:
         raise AssertionError("a deleting tenant's token still worked after 5 s")
-    await expect(grpc.StatusCode.FAILED_PRECONDITION, ident.UpdateTenantStatus(idn.UpdateTenantStatusRequest(
-        tenant_id=t.tenant_id, status=idn.TENANT_STATUS_SUSPENDED), metadata=op), "TENANT_DELETING")
-    await ident.UpdateTenantStatus(idn.UpdateTenantStatusRequest(tenant_id=t.tenant_id, status=idn.TENANT_STATUS_ACTIVE),
-                                   metadata=op)
-    await expect(grpc.StatusCode.NOT_FOUND, ident.GetDeletionReceipt(
-        idn.GetDeletionReceiptRequest(tenant_id=t.tenant_id), metadata=op))
+    await expect(
+        grpc.StatusCode.FAILED_PRECONDITION,
+        ident.UpdateTenantStatus(
+            idn.UpdateTenantStatusRequest(tenant_id=t.tenant_id, status=idn.TENANT_STATUS_SUSPENDED), metadata=op
+        ),
+        "TENANT_DELETING",
+    )
+    await ident.UpdateTenantStatus(
+        idn.UpdateTenantStatusRequest(tenant_id=t.tenant_id, status=idn.TENANT_STATUS_ACTIVE), metadata=op
+    )
+    await expect(
+        grpc.StatusCode.NOT_FOUND,
+        ident.GetDeletionReceipt(idn.GetDeletionReceiptRequest(tenant_id=t.tenant_id), metadata=op),
+    )
     fresh = await mesh.identity.login(t.api_key)
     for _ in range(50):
         try:
@@ -172,8 +214,9 @@ async def test_deletion_resumes_after_identity_stops_midway(tmp_path):
         peers["orchestrator"] = mesh.orchestrator.address
         app = mesh.identity.app
         app.deletions.peers.update({**peers, "state": "127.0.0.1:1"})
-        await mesh.identity.stub.DeleteTenant(idn.DeleteTenantRequest(tenant_id=t.tenant_id, now=True),
-                                              metadata=mesh.identity.operator.metadata)
+        await mesh.identity.stub.DeleteTenant(
+            idn.DeleteTenantRequest(tenant_id=t.tenant_id, now=True), metadata=mesh.identity.operator.metadata
+        )
         for _ in range(100):
             steps = {s.service: s for s in (await app.deletions.get(t.tenant_id)).steps}
             if steps["state"].attempts:
@@ -184,9 +227,12 @@ async def test_deletion_resumes_after_identity_stops_midway(tmp_path):
         address = app.running.address
         await app.close(0)
 
-        env = {"BULKHEAD_DATA_DIR": str(tmp_path / "identity"), "BULKHEAD_REVOCATION_POLL_SECONDS": "0.2",
-               "BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS": "0.3",
-               **{f"BULKHEAD_{s.upper()}_ADDR": a for s, a in peers.items()}}
+        env = {
+            "BULKHEAD_DATA_DIR": str(tmp_path / "identity"),
+            "BULKHEAD_REVOCATION_POLL_SECONDS": "0.2",
+            "BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS": "0.3",
+            **{f"BULKHEAD_{s.upper()}_ADDR": a for s, a in peers.items()},
+        }
         again = await start_identity(IdentityConfig.from_env(env), address=address, announce=io.StringIO())
         try:
             for _ in range(150):
@@ -216,7 +262,15 @@ async def test_deleted_tenants_leave_the_suspended_list_once_no_token_can_be_liv
         async with db.system_session() as s:
             for t, ago in ((fresh, 600), (old, MAX_TOKEN_TTL + 600)):
                 (await s.get(TenantRow, t.tenant_id)).status = "deleted"
-                s.add(DeletionRow(tenant_id=t.tenant_id, tier="pooled", state="done", requested_at=utcnow(),
-                                  delete_after=utcnow(), completed_at=utcnow() - timedelta(seconds=ago)))
+                s.add(
+                    DeletionRow(
+                        tenant_id=t.tenant_id,
+                        tier="pooled",
+                        state="done",
+                        requested_at=utcnow(),
+                        delete_after=utcnow(),
+                        completed_at=utcnow() - timedelta(seconds=ago),
+                    )
+                )
         listed = await suspended_tenants(db)
         assert fresh.tenant_id in listed and old.tenant_id not in listed

@@ -6,6 +6,7 @@ service's tables only; the schema or database goes with the last service's part.
 tables with it, and their ReleaseTenant then failed INTERNAL, "relation ... does not exist": the
 bridge -> pooled migration under `bulkhead up --replicas 2` stuck in "releasing".)
 """
+
 from __future__ import annotations
 
 import secrets
@@ -39,8 +40,11 @@ async def _tables(admin_url: str, database: str, schema: str) -> set[str]:
     engine = create_async_engine(admin.url.set(database=database), poolclass=NullPool)
     try:
         async with engine.connect() as conn:
-            return set((await conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = :s"),
-                                           {"s": schema})).scalars())
+            return set(
+                (
+                    await conn.execute(text("SELECT tablename FROM pg_tables WHERE schemaname = :s"), {"s": schema})
+                ).scalars()
+            )
     finally:
         await engine.dispose()
 
@@ -58,11 +62,14 @@ async def test_one_service_releasing_or_purging_leaves_the_others_part_of_the_te
         schema = bridge_schema(tenant)
         for db in (state_db, cred_db):
             await db.router.route(tenant, "bridge")
-        async with raw_transaction((await cred_db.router.route(tenant, "bridge")).bind, tenant_id=tenant,
-                                   schema=schema, write=True) as tx:
-            await tx.execute("INSERT INTO cred_secrets (tenant_id, name, description, current_version, rotator, "
-                             "grace_period_s, created_us, updated_us) VALUES ($1, 'k', '', 1, 'random', 0, 1, 1)",
-                             tenant)
+        async with raw_transaction(
+            (await cred_db.router.route(tenant, "bridge")).bind, tenant_id=tenant, schema=schema, write=True
+        ) as tx:
+            await tx.execute(
+                "INSERT INTO cred_secrets (tenant_id, name, description, current_version, rotator, "
+                "grace_period_s, created_us, updated_us) VALUES ($1, 'k', '', 1, 'random', 0, 1, 1)",
+                tenant,
+            )
         both = await _tables(postgres.admin_url, main, schema)
         assert {"cred_secrets", "state_threads"} <= both
 

@@ -8,6 +8,7 @@ made before the move, and encrypts anew; the key and values exist at the target 
 values and policy, or its namespace, are destroyed on release); verify counts the KV versions and key
 versions equal on both sides; a bystander tenant of the same OpenBao is untouched.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -39,23 +40,36 @@ async def hop(life, tenant: str, source: tuple[str, str], target: tuple[str, str
     moves = source[1] != target[1]
     src = {"tier": TIERS[source[0]], "region": source[1] if moves else ""}
     dst = {"target_tier": TIERS[target[0]], "target_region": target[1] if moves else ""}
-    copied = await life.CopyTenant(lpb.CopyTenantRequest(tenant_id=tenant, **src, **dst, pause_seconds=20),
-                                   metadata=platform_md())
-    again = await life.CopyTenant(lpb.CopyTenantRequest(tenant_id=tenant, **src, **dst, pause_seconds=20),
-                                  metadata=platform_md())  # a coordinator that died after the copy: same end
-    assert [(t.table, t.rows, t.checksum) for t in again.copied] == [(t.table, t.rows, t.checksum) for t in copied.copied]
+    copied = await life.CopyTenant(
+        lpb.CopyTenantRequest(tenant_id=tenant, **src, **dst, pause_seconds=20), metadata=platform_md()
+    )
+    again = await life.CopyTenant(
+        lpb.CopyTenantRequest(tenant_id=tenant, **src, **dst, pause_seconds=20), metadata=platform_md()
+    )  # a coordinator that died after the copy: same end
+    assert [(t.table, t.rows, t.checksum) for t in again.copied] == [
+        (t.table, t.rows, t.checksum) for t in copied.copied
+    ]
     verified = await life.VerifyTenant(lpb.VerifyTenantRequest(tenant_id=tenant, **src, **dst), metadata=platform_md())
     assert verified.equal, verified
-    await life.SwitchTenant(lpb.SwitchTenantRequest(tenant_id=tenant, tier=TIERS[target[0]],
-                                                    region=target[1] if moves else ""), metadata=platform_md())
-    released = await life.ReleaseTenant(lpb.ReleaseTenantRequest(
-        tenant_id=tenant, tier=src["tier"], region=src["region"], current_tier=dst["target_tier"],
-        current_region=dst["target_region"]), metadata=platform_md())
+    await life.SwitchTenant(
+        lpb.SwitchTenantRequest(tenant_id=tenant, tier=TIERS[target[0]], region=target[1] if moves else ""),
+        metadata=platform_md(),
+    )
+    released = await life.ReleaseTenant(
+        lpb.ReleaseTenantRequest(
+            tenant_id=tenant,
+            tier=src["tier"],
+            region=src["region"],
+            current_tier=dst["target_tier"],
+            current_region=dst["target_region"],
+        ),
+        metadata=platform_md(),
+    )
     assert {t.table for t in released.deleted} >= {KV_TABLE, KEY_TABLE}, released
     return verified
 
 
-async def test_secrets_and_key_move_into_silo_back_and_to_another_region(tmp_path, openbao, second_openbao):
+async def test_secrets_and_key_move_into_silo_back_and_to_another_region(tmp_path, openbao, second_openbao):  # noqa: F811
     mover, bystander = new_tenant("mv"), new_tenant("by")
     placed = {mover: "us", bystander: "us"}
 
@@ -63,12 +77,17 @@ async def test_secrets_and_key_move_into_silo_back_and_to_another_region(tmp_pat
         return placed[tenant_id]
 
     us, eu = tmp_path / "us" / "credentials.db", tmp_path / "eu" / "credentials.db"
-    db = await Database.open(f"sqlite+aiosqlite:///{us}", migrations=MIGRATIONS, region_of=region_of,
-                             regions={"us": None, "eu": RegionDatabase(f"sqlite+aiosqlite:///{eu}",
-                                                                       f"sqlite+aiosqlite:///{eu}")})
+    db = await Database.open(
+        f"sqlite+aiosqlite:///{us}",
+        migrations=MIGRATIONS,
+        region_of=region_of,
+        regions={"us": None, "eu": RegionDatabase(f"sqlite+aiosqlite:///{eu}", f"sqlite+aiosqlite:///{eu}")},
+    )
     vaults = {"us": openbao, "eu": second_openbao}
-    backend = RegionalVault({r: VaultBackend(v.url, v.root_token, placed_tier=db.router.placed_tier)
-                             for r, v in vaults.items()}, db.router.region_of)
+    backend = RegionalVault(
+        {r: VaultBackend(v.url, v.root_token, placed_tier=db.router.placed_tier) for r, v in vaults.items()},
+        db.router.region_of,
+    )
     service = await serve_credentials(db=db, backend=backend, verifier=TOKENS.verifier, audit_key=AUDIT_KEY)
     channel = make_channel(service.running.address)
     stub = credentials_pb2_grpc.CredentialsServiceStub(channel)
@@ -90,7 +109,9 @@ async def test_secrets_and_key_move_into_silo_back_and_to_another_region(tmp_pat
                 got = await stub.GetSecret(pb.GetSecretRequest(name="db-password", version=version), metadata=md)
                 assert (got.version, got.value) == (version, value)
             assert (await stub.GetSecret(pb.GetSecretRequest(name="api-key"), metadata=md)).value == b"k1"
-            assert (await stub.Decrypt(pb.DecryptRequest(ciphertext=ciphertext), metadata=md)).plaintext == b"made before"
+            assert (
+                await stub.Decrypt(pb.DecryptRequest(ciphertext=ciphertext), metadata=md)
+            ).plaintext == b"made before"
             unwrapped = await stub.Decrypt(pb.DecryptRequest(ciphertext=datakey.wrapped_key), metadata=md)
             assert unwrapped.plaintext == datakey.plaintext_key
             fresh = (await stub.Encrypt(pb.EncryptRequest(plaintext=b"after"), metadata=md)).ciphertext
@@ -106,8 +127,11 @@ async def test_secrets_and_key_move_into_silo_back_and_to_another_region(tmp_pat
             assert openbao_holds(openbao, bystander, "pooled") == (True, True)
 
         await still_works(("pooled", "us"))
-        for source, target in ((("pooled", "us"), ("silo", "us")), (("silo", "us"), ("pooled", "us")),
-                               (("pooled", "us"), ("pooled", "eu"))):
+        for source, target in (
+            (("pooled", "us"), ("silo", "us")),
+            (("silo", "us"), ("pooled", "us")),
+            (("pooled", "us"), ("pooled", "eu")),
+        ):
             verified = await hop(life, mover, source, target)
             kv = [t for t in verified.target if t.table == KV_TABLE]
             assert kv and kv[0].rows == 4, verified  # db/password v1-v3 and api-key v1

@@ -2,6 +2,7 @@
 events older than its audit retention are pruned oldest first, the chain's anchor moves to the last
 pruned event and the chain still verifies from it; another tenant keeps everything; a removed kept
 event or a tampered anchor is still caught. SQLite and Postgres, pooled, bridge and silo."""
+
 from __future__ import annotations
 
 import asyncio
@@ -37,15 +38,20 @@ async def db(request, tmp_path) -> AsyncIterator[Database]:
 
 
 def _tenant(tier: str) -> TenantContext:
-    return TenantContext(tenant_id=f"t_{uuid.uuid4().hex[:12]}", principal_id="p_admin", tier=tier,
-                         request_id=uuid.uuid4().hex)
+    return TenantContext(
+        tenant_id=f"t_{uuid.uuid4().hex[:12]}", principal_id="p_admin", tier=tier, request_id=uuid.uuid4().hex
+    )
 
 
 async def _changes(audit: ConfigAudit, store: PolicyStore, ctx: TenantContext, n: int) -> None:
     for i in range(n):
         with tenant_scope(ctx):
-            async with audit.change_own("model_policy.set", target=f"model_policy/{ctx.tenant_id}",
-                                        tables={"inference_policies"}, detail={"max_tokens_ceiling": 100 + i}):
+            async with audit.change_own(
+                "model_policy.set",
+                target=f"model_policy/{ctx.tenant_id}",
+                tables={"inference_policies"},
+                detail={"max_tokens_ceiling": 100 + i},
+            ):
                 await store.put_policy(ModelPolicy(("claude-test",), "claude-test", {}, 100 + i))
 
 
@@ -66,8 +72,16 @@ async def _backdate(audit: ConfigAudit, ctx: TenantContext, up_to: int, days: in
         if row["seq"] <= up_to:
             row["time_us"] = then + row["seq"]
         digest = link(prev, _hashed(row), audit._key)
-        await _sql(db, ctx, f"UPDATE {audit.events_table} SET time_us = $2, prev_hash = $3, hash = $4 "
-                            "WHERE tenant_id = $1 AND seq = $5", row["time_us"], prev, digest, row["seq"])
+        await _sql(
+            db,
+            ctx,
+            f"UPDATE {audit.events_table} SET time_us = $2, prev_hash = $3, hash = $4 "
+            "WHERE tenant_id = $1 AND seq = $5",
+            row["time_us"],
+            prev,
+            digest,
+            row["seq"],
+        )
         prev = digest
     assert await _sql(db, ctx, f"UPDATE {audit.heads_table} SET hash = $2 WHERE tenant_id = $1", prev) == 1
     assert (await audit.verify(ctx.tenant_id, ctx.tier))[0].intact
@@ -77,6 +91,7 @@ def _sweeper(*policies: Policy, audit: ConfigAudit) -> RetentionSweeper:
     async def source():
         for p in policies:
             yield p
+
     return RetentionSweeper("inference", source, [audit.prune])
 
 
@@ -93,8 +108,9 @@ async def test_prunes_only_old_events_of_the_short_retention_tenant_and_verifies
         await _changes(audit, store, ctx, 6)
         await _backdate(audit, ctx, 3, days=3)  # events 1..3 written three days ago
     before = await audit.events(short.tenant_id, tier, after=None, limit=100, newest_first=False)
-    sweeper = _sweeper(Policy(short.tenant_id, tier, audit_days=1), Policy(long_.tenant_id, tier, audit_days=30),
-                       audit=audit)
+    sweeper = _sweeper(
+        Policy(short.tenant_id, tier, audit_days=1), Policy(long_.tenant_id, tier, audit_days=30), audit=audit
+    )
 
     assert await sweeper.run_once() == 3
     assert await _seqs(audit, short) == [4, 5, 6]
@@ -112,8 +128,9 @@ async def test_prunes_only_old_events_of_the_short_retention_tenant_and_verifies
     assert report.intact and head[0] == 7
 
 
-@pytest.mark.parametrize("tamper", ["delete_kept_middle", "delete_oldest_kept", "anchor_hash", "anchor_back",
-                                    "anchor_forward"])
+@pytest.mark.parametrize(
+    "tamper", ["delete_kept_middle", "delete_oldest_kept", "anchor_hash", "anchor_back", "anchor_forward"]
+)
 async def test_tampering_after_pruning_is_still_caught(db, tamper):
     audit, store = ConfigAudit("inference", db, key=b"k" * 32), PolicyStore(db)
     ctx = _tenant("pooled")
@@ -125,8 +142,12 @@ async def test_tampering_after_pruning_is_still_caught(db, tamper):
         "delete_kept_middle": (f"DELETE FROM {EVENTS} WHERE tenant_id = $1 AND seq = 4", (), 4, "missing"),
         "delete_oldest_kept": (f"DELETE FROM {EVENTS} WHERE tenant_id = $1 AND seq = 3", (), 3, "missing"),
         "anchor_hash": (f"UPDATE {HEADS} SET anchor_hash = $2 WHERE tenant_id = $1", ("f" * 64,), 3, "does not link"),
-        "anchor_back": (f"UPDATE {HEADS} SET anchor_seq = 0, anchor_hash = $2 WHERE tenant_id = $1", (GENESIS,), 1,
-                        "missing"),
+        "anchor_back": (
+            f"UPDATE {HEADS} SET anchor_seq = 0, anchor_hash = $2 WHERE tenant_id = $1",
+            (GENESIS,),
+            1,
+            "missing",
+        ),
         "anchor_forward": (f"UPDATE {HEADS} SET anchor_seq = 3 WHERE tenant_id = $1", (), 4, "does not link"),
     }
     sql, args, bad, words = statements[tamper]

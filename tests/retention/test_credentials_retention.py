@@ -2,6 +2,7 @@
 audit retention are pruned, the chain's anchor moves to the last pruned one and VerifyAccessEvents still
 verifies from it; a tenant with a long retention keeps all; removing a kept event or tampering with the
 anchor is caught. SQLite and Postgres; pooled, bridge, silo."""
+
 from __future__ import annotations
 
 import asyncio
@@ -34,8 +35,9 @@ async def db(request, tmp_path):
 
 
 def _ctx(tier: str) -> TenantContext:
-    return TenantContext(tenant_id=f"t_{uuid.uuid4().hex[:12]}", principal_id="p_admin", tier=tier,
-                         request_id=uuid.uuid4().hex)
+    return TenantContext(
+        tenant_id=f"t_{uuid.uuid4().hex[:12]}", principal_id="p_admin", tier=tier, request_id=uuid.uuid4().hex
+    )
 
 
 async def _sql(db: Database, ctx: TenantContext, sql: str, *args) -> int:
@@ -57,8 +59,15 @@ async def _events(audit: AuditLog, ctx: TenantContext, n: int, backdate: int = 0
         if row.seq <= backdate:
             row.time_us = then + row.seq
         digest = audit_chain.link(prev, hashed_fields(row), KEY)
-        await _sql(audit._db, ctx, "UPDATE cred_audit_events SET time_us = $2, prev_hash = $3, hash = $4 "
-                                   "WHERE tenant_id = $1 AND seq = $5", row.time_us, prev, digest, row.seq)
+        await _sql(
+            audit._db,
+            ctx,
+            "UPDATE cred_audit_events SET time_us = $2, prev_hash = $3, hash = $4 WHERE tenant_id = $1 AND seq = $5",
+            row.time_us,
+            prev,
+            digest,
+            row.seq,
+        )
         prev = digest
     await _sql(audit._db, ctx, "UPDATE cred_audit_heads SET hash = $2 WHERE tenant_id = $1", prev)
     audit._heads.pop(ctx.tenant_id, None)
@@ -70,6 +79,7 @@ def _sweeper(audit: AuditLog, *policies: Policy) -> RetentionSweeper:
     async def source():
         for p in policies:
             yield p
+
     return RetentionSweeper("credentials", source, [audit.prune])
 
 
@@ -87,7 +97,9 @@ async def test_prunes_old_access_events_of_one_tenant_and_verifies_from_the_anch
             await _events(audit, ctx, 6, backdate=3, days=3)
         with tenant_scope(short):
             third = (await audit.page(after_seq=2, limit=1))[0]
-        sweeper = _sweeper(audit, Policy(short.tenant_id, tier, audit_days=1), Policy(keep.tenant_id, tier, audit_days=30))
+        sweeper = _sweeper(
+            audit, Policy(short.tenant_id, tier, audit_days=1), Policy(keep.tenant_id, tier, audit_days=30)
+        )
         assert await sweeper.run_once() == 3
         assert await sweeper.run_once() == 0
         assert await _seqs(audit, short) == [4, 5, 6] and await _seqs(audit, keep) == [1, 2, 3, 4, 5, 6]
@@ -104,12 +116,15 @@ async def test_prunes_old_access_events_of_one_tenant_and_verifies_from_the_anch
         await audit.close()
 
 
-@pytest.mark.parametrize(("sql", "args", "bad", "words"), [
-    ("DELETE FROM cred_audit_events WHERE tenant_id = $1 AND seq = 5", (), 5, "missing"),
-    ("DELETE FROM cred_audit_events WHERE tenant_id = $1 AND seq = 4", (), 4, "missing"),
-    ("UPDATE cred_audit_heads SET anchor_hash = $2 WHERE tenant_id = $1", ("e" * 64,), 4, "does not link"),
-    ("UPDATE cred_audit_heads SET anchor_seq = 4 WHERE tenant_id = $1", (), 5, "does not link"),
-])
+@pytest.mark.parametrize(
+    ("sql", "args", "bad", "words"),
+    [
+        ("DELETE FROM cred_audit_events WHERE tenant_id = $1 AND seq = 5", (), 5, "missing"),
+        ("DELETE FROM cred_audit_events WHERE tenant_id = $1 AND seq = 4", (), 4, "missing"),
+        ("UPDATE cred_audit_heads SET anchor_hash = $2 WHERE tenant_id = $1", ("e" * 64,), 4, "does not link"),
+        ("UPDATE cred_audit_heads SET anchor_seq = 4 WHERE tenant_id = $1", (), 5, "does not link"),
+    ],
+)
 async def test_tampering_after_pruning_is_caught(db, sql, args, bad, words):
     audit = AuditLog(db, KEY)
     try:

@@ -2,6 +2,7 @@
 with the CLI, the tenant reads it, the orchestrator's sweeper (policies from identity with its platform
 key) prunes that tenant's old configuration events only, and `bulkhead audit verify` passes from the
 anchor, says how many were pruned, and still fails on a kept event removed afterwards. Pooled, bridge, silo."""
+
 from __future__ import annotations
 
 import asyncio
@@ -29,15 +30,20 @@ pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def mesh(tmp_path_factory):
-    async with FakeAnthropic() as upstream, running_mesh(tmp_path_factory.mktemp("ret"),
-                                                         upstream_url=upstream.base_url) as m:
+    async with (
+        FakeAnthropic() as upstream,
+        running_mesh(tmp_path_factory.mktemp("ret"), upstream_url=upstream.base_url) as m,
+    ):
         yield m
 
 
 @pytest.fixture
 def cli(mesh, monkeypatch, capsys):
-    env = {"BULKHEAD_IDENTITY_ADDR": mesh.identity.address, "BULKHEAD_ORCHESTRATOR_ADDR": mesh.orchestrator.address,
-           **{f"BULKHEAD_{s.upper()}_ADDR": mesh.addr(s) for s in ("credentials", "metering", "inference")}}
+    env = {
+        "BULKHEAD_IDENTITY_ADDR": mesh.identity.address,
+        "BULKHEAD_ORCHESTRATOR_ADDR": mesh.orchestrator.address,
+        **{f"BULKHEAD_{s.upper()}_ADDR": mesh.addr(s) for s in ("credentials", "metering", "inference")},
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("BULKHEAD_API_KEY", raising=False)
@@ -53,6 +59,7 @@ def cli(mesh, monkeypatch, capsys):
             code = exc.code
         out = capsys.readouterr()
         return code, out.out, out.err
+
     return run
 
 
@@ -75,20 +82,26 @@ async def test_operator_sets_short_retention_sweeper_prunes_verify_passes_and_ca
     assert code != 0  # setting is the operator's
     code, out, err = await cli(op, "tenants", "list")
     row = next(line for line in out.splitlines() if short.tenant_id in line)
-    assert code == 0 and "1d / 2555d" in row and "2557d / 400d" in next(
-        line for line in out.splitlines() if keep.tenant_id in line), out
+    assert (
+        code == 0
+        and "1d / 2555d" in row
+        and "2557d / 400d" in next(line for line in out.splitlines() if keep.tenant_id in line)
+    ), out
 
     for who in (short, keep):
         for _ in range(6):
-            await mesh.stub.CreateTeam(opb.CreateTeamRequest(team=team_pb(f"t{uuid.uuid4().hex[:8]}")),
-                                       metadata=who.metadata)
+            await mesh.stub.CreateTeam(
+                opb.CreateTeamRequest(team=team_pb(f"t{uuid.uuid4().hex[:8]}")), metadata=who.metadata
+            )
     audit = ConfigAudit("orchestrator", mesh.orchestrator.db)
     for who in (short, keep):
         await _backdate(audit, _Ctx(who.tenant_id, tier), 3, days=3)
 
     channel = make_channel(mesh.identity.address, tls=None)
     try:
-        source = IdentityRetention(channel, ServiceKeyCredentials(channel, mesh.identity.service_key_file("orchestrator")))
+        source = IdentityRetention(
+            channel, ServiceKeyCredentials(channel, mesh.identity.service_key_file("orchestrator"))
+        )
         sweeper = RetentionSweeper("orchestrator", source.policies, [audit.prune])
         assert await sweeper.run_once() == 3  # only short's three old events; keep's 7-year default keeps them
         assert await sweeper.run_once() == 0
@@ -112,8 +125,12 @@ async def test_operator_sets_short_retention_sweeper_prunes_verify_passes_and_ca
 
     route = await mesh.orchestrator.db.router.existing(short.tenant_id, tier)
     async with raw_transaction(route.bind, tenant_id=short.tenant_id, schema=route.schema, write=True) as tx:
-        assert await tx.execute("DELETE FROM orchestrator_config_audit_events WHERE tenant_id = $1 AND seq = 5",
-                                short.tenant_id) == 1
+        assert (
+            await tx.execute(
+                "DELETE FROM orchestrator_config_audit_events WHERE tenant_id = $1 AND seq = 5", short.tenant_id
+            )
+            == 1
+        )
     code, out, err = await cli(short, "audit", "verify")
     assert code == 1 and "BROKEN at event 5 in orchestrator" in err, (out, err)
     code, out, err = await cli(op, "audit", "verify", "--tenant", short.tenant_id)

@@ -3,6 +3,7 @@ its usage_detail_days are pruned whole hours at a time, the hourly roll-up stays
 whole hours (totals by model, agent, principal, day, hour) and chargeback (days, months) is exactly what
 it was before. Events of hours in which a price version starts are kept so those hours stay priced event
 by event. Another tenant with a long retention keeps everything. SQLite and Postgres; pooled, bridge, silo."""
+
 from __future__ import annotations
 
 import asyncio
@@ -58,19 +59,31 @@ def _records(rng: random.Random, prefix: str, n: int) -> list[UsageRecord]:
     out = []
     for i in range(n):
         at = NOW - rng.randint(0, 10 * D) if i % 10 else MID_HOUR_PRICE - 17 * 60 * 1_000_000 + rng.randint(0, H - 1)
-        out.append(UsageRecord(f"{prefix}{i}", rng.choice(["m-a", "m-b"]), at,
-                               Tokens(rng.randint(0, 5000), rng.randint(0, 900), rng.randint(0, 50), rng.randint(0, 50)),
-                               principal_id=rng.choice(["", "p_1"]), agent_id=rng.choice(["", "triage"]),
-                               outcome=rng.choice([1, 1, 2])))
+        out.append(
+            UsageRecord(
+                f"{prefix}{i}",
+                rng.choice(["m-a", "m-b"]),
+                at,
+                Tokens(rng.randint(0, 5000), rng.randint(0, 900), rng.randint(0, 50), rng.randint(0, 50)),
+                principal_id=rng.choice(["", "p_1"]),
+                agent_id=rng.choice(["", "triage"]),
+                outcome=rng.choice([1, 1, 2]),
+            )
+        )
     return out
 
 
 def _queries() -> list[UsageQuery]:
     start = (NOW // D - 12) * D
-    whole = [UsageQuery(start, NOW + H), UsageQuery(start, NOW + H, (MODEL, DAY)), UsageQuery(start, NOW + H, (MODEL, HOUR)),
-             UsageQuery(start, NOW + H, (AGENT, PRINCIPAL)), UsageQuery(start, NOW + H, (MODEL,), model="m-a"),
-             UsageQuery(NOW // H * H - 6 * D - 3 * H, NOW // H * H - 2 * D, (MODEL, AGENT, HOUR)),
-             UsageQuery(start + 2 * D, start + 9 * D, (PRINCIPAL, DAY), agent_id="triage")]
+    whole = [
+        UsageQuery(start, NOW + H),
+        UsageQuery(start, NOW + H, (MODEL, DAY)),
+        UsageQuery(start, NOW + H, (MODEL, HOUR)),
+        UsageQuery(start, NOW + H, (AGENT, PRINCIPAL)),
+        UsageQuery(start, NOW + H, (MODEL,), model="m-a"),
+        UsageQuery(NOW // H * H - 6 * D - 3 * H, NOW // H * H - 2 * D, (MODEL, AGENT, HOUR)),
+        UsageQuery(start + 2 * D, start + 9 * D, (PRINCIPAL, DAY), agent_id="triage"),
+    ]
     return whole
 
 
@@ -78,16 +91,20 @@ async def _answers(ledger: UsageLedger, ctx: TenantContext):
     with tenant_scope(ctx):
         reports = [await ledger.query(q) for q in _queries()]
         start = (NOW // D - 12) * D
-        bills = [await ledger.chargeback(start, NOW + D, periods.DAY),
-                 await ledger.chargeback(start - 40 * D, NOW + D, periods.MONTH)]
+        bills = [
+            await ledger.chargeback(start, NOW + D, periods.DAY),
+            await ledger.chargeback(start - 40 * D, NOW + D, periods.MONTH),
+        ]
     return reports, bills
 
 
 async def _event_hours(db: Database, ctx: TenantContext) -> list[int]:
     route = await db.router.existing(ctx.tenant_id, ctx.tier)
     async with raw_transaction(route.bind, tenant_id=ctx.tenant_id, schema=route.schema) as tx:
-        return sorted(int(r[0]) for r in await tx.fetch(
-            "SELECT hour FROM metering_usage_events WHERE tenant_id = $1", ctx.tenant_id))
+        return sorted(
+            int(r[0])
+            for r in await tx.fetch("SELECT hour FROM metering_usage_events WHERE tenant_id = $1", ctx.tenant_id)
+        )
 
 
 @pytest.mark.parametrize("tier", ["pooled", "bridge", "silo"])
@@ -119,7 +136,9 @@ async def test_pruning_detail_keeps_totals_and_chargeback_exact(db, tier):
     assert pruned[0] == len(old) - len(still_old) > 400
     assert 0 < len(still_old) < len(kept_split)  # m-a's events of the split hour stay; m-b's there go
     assert all(h >= cutoff_hour or h == split_hour for h in after_hours)
-    assert [h for h in after_hours if h >= cutoff_hour] == [h for h in hours_before[short.tenant_id] if h >= cutoff_hour]
+    assert [h for h in after_hours if h >= cutoff_hour] == [
+        h for h in hours_before[short.tenant_id] if h >= cutoff_hour
+    ]
     assert await _event_hours(db, long_) == hours_before[long_.tenant_id]
 
     for ctx in (short, long_):
@@ -134,13 +153,18 @@ async def test_a_window_edge_inside_a_pruned_hour_counts_whole_hours_by_their_st
     ctx = _ctx(f"t_{uuid.uuid4().hex[:8]}", "pooled")
     hour = (NOW - 3 * D) // H * H
     with tenant_scope(ctx):
-        await ledger.record([UsageRecord("a", "m-a", hour + 10, Tokens(1, 0)),
-                             UsageRecord("b", "m-a", hour + H // 2, Tokens(10, 0)),
-                             UsageRecord("c", "m-a", hour + H + 5, Tokens(100, 0))])
+        await ledger.record(
+            [
+                UsageRecord("a", "m-a", hour + 10, Tokens(1, 0)),
+                UsageRecord("b", "m-a", hour + H // 2, Tokens(10, 0)),
+                UsageRecord("c", "m-a", hour + H + 5, Tokens(100, 0)),
+            ]
+        )
         inside = UsageQuery(hour + H // 4, hour + 2 * H)
         assert (await ledger.query(inside))[0].tokens.input == 110  # event detail: b and c
-        assert await UsageDetailRetention(db, prices).prune(Policy(ctx.tenant_id, "pooled", usage_detail_days=1),
-                                                            NOW) == 3
+        assert (
+            await UsageDetailRetention(db, prices).prune(Policy(ctx.tenant_id, "pooled", usage_detail_days=1), NOW) == 3
+        )
         assert (await ledger.query(inside))[0].tokens.input == 100  # hour granular: only c's hour starts inside
         assert (await ledger.query(UsageQuery(hour, hour + 2 * H)))[0].tokens.input == 111
 
@@ -172,4 +196,3 @@ async def test_concurrent_sweepers_and_a_late_event_keep_totals(db):
     (was,) = before[0][0]
     assert row.event_count == was.event_count + 2
     assert row.tokens.input == was.tokens.input + 3000
-

@@ -2,6 +2,7 @@
 prunes a tenant's old usage events, QueryUsage (by model, agent, principal, day, hour) and
 ExportChargeback (days and months, every tenant) answer exactly as before; another tenant keeps its
 events. SQLite and Postgres."""
+
 from __future__ import annotations
 
 import random
@@ -42,14 +43,20 @@ async def _answers(h) -> list:
     window = pb.UsageFilter(start_time=ts(T0 - 12 * D), end_time=ts(T0 + D))
     out = []
     for tenant in (A, B):
-        for group in ([], [G.USAGE_GROUPING_MODEL, G.USAGE_GROUPING_DAY], [G.USAGE_GROUPING_MODEL, G.USAGE_GROUPING_HOUR],
-                      [G.USAGE_GROUPING_AGENT, G.USAGE_GROUPING_PRINCIPAL]):
-            resp = await h.stub.QueryUsage(pb.QueryUsageRequest(filter=window, group_by=group, page_size=1000),
-                                           metadata=h.md(tenant))
+        for group in (
+            [],
+            [G.USAGE_GROUPING_MODEL, G.USAGE_GROUPING_DAY],
+            [G.USAGE_GROUPING_MODEL, G.USAGE_GROUPING_HOUR],
+            [G.USAGE_GROUPING_AGENT, G.USAGE_GROUPING_PRINCIPAL],
+        ):
+            resp = await h.stub.QueryUsage(
+                pb.QueryUsageRequest(filter=window, group_by=group, page_size=1000), metadata=h.md(tenant)
+            )
             out.append([r.SerializeToString(deterministic=True) for r in resp.rows])
     for period in (pb.CHARGEBACK_PERIOD_DAY, pb.CHARGEBACK_PERIOD_MONTH):
-        resp = await h.stub.ExportChargeback(pb.ExportChargebackRequest(
-            start_time=ts(T0 - 40 * D), end_time=ts(T0 + D), period=period), metadata=h.op())
+        resp = await h.stub.ExportChargeback(
+            pb.ExportChargebackRequest(start_time=ts(T0 - 40 * D), end_time=ts(T0 + D), period=period), metadata=h.op()
+        )
         out.append(([x.SerializeToString(deterministic=True) for x in resp.lines], resp.total_cost_usd))
     return out
 
@@ -62,14 +69,25 @@ async def _event_count(h, tenant: str) -> int:
 
 async def test_query_and_chargeback_unchanged_after_detail_is_pruned(h):
     rng = random.Random(3)
-    for p in (price("m1", T0 - 90 * D, 2_000_000, 10_000_000), price("m2", T0 - 90 * D, 1_000_000, 3_000_000),
-              price("m1", T0 - 6 * D + 13 * 60 * 1_000_000, 3_000_000, 12_000_000)):  # mid-hour
+    for p in (
+        price("m1", T0 - 90 * D, 2_000_000, 10_000_000),
+        price("m2", T0 - 90 * D, 1_000_000, 3_000_000),
+        price("m1", T0 - 6 * D + 13 * 60 * 1_000_000, 3_000_000, 12_000_000),
+    ):  # mid-hour
         await h.stub.SetPrice(pb.SetPriceRequest(price=p), metadata=h.op())
     for tenant in (A, B):
-        events = [event(f"{tenant}-{i}", model=rng.choice(["m1", "m2"]), at_us=T0 - rng.randint(0, 10 * D),
-                        input_tokens=rng.randint(1, 9000), output_tokens=rng.randint(0, 900),
-                        agent_id=rng.choice(["", "triage"]), principal_id=rng.choice(["", "p_1"]))
-                  for i in range(400)]
+        events = [
+            event(
+                f"{tenant}-{i}",
+                model=rng.choice(["m1", "m2"]),
+                at_us=T0 - rng.randint(0, 10 * D),
+                input_tokens=rng.randint(1, 9000),
+                output_tokens=rng.randint(0, 900),
+                agent_id=rng.choice(["", "triage"]),
+                principal_id=rng.choice(["", "p_1"]),
+            )
+            for i in range(400)
+        ]
         await h.stub.RecordUsage(pb.RecordUsageRequest(events=events), metadata=h.md(tenant))
     before = await _answers(h)
     assert all(before[:8]) and all(lines for lines, _ in before[8:])  # something to compare

@@ -3,6 +3,7 @@
 Every function returns a list of problems (strings naming the table, function or role), so one
 run reports them all, and tests/rls/test_audit_catches.py can show each check failing on purpose.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -49,12 +50,15 @@ async def tables(conn: asyncpg.Connection, schema: str) -> dict[str, bool]:
     rows = await conn.fetch(
         "SELECT c.relname, EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0 "
         "  AND NOT a.attisdropped AND a.attname = 'tenant_id') AS tenant "
-        "FROM pg_class c WHERE c.relnamespace = $1::regnamespace AND c.relkind IN ('r', 'p')", schema)
+        "FROM pg_class c WHERE c.relnamespace = $1::regnamespace AND c.relkind IN ('r', 'p')",
+        schema,
+    )
     return {r["relname"]: r["tenant"] for r in rows}
 
 
-def classify(found: Mapping[str, bool], *, platform: Mapping[str, str], cross_tenant: Mapping[str, str],
-             service: str) -> tuple[list[str], list[str]]:
+def classify(
+    found: Mapping[str, bool], *, platform: Mapping[str, str], cross_tenant: Mapping[str, str], service: str
+) -> tuple[list[str], list[str]]:
     """(tenant tables to audit, problems): every table without tenant_id must be listed as platform."""
     problems, tenant = [], []
     for name, has_tenant in sorted(found.items()):
@@ -65,8 +69,10 @@ def classify(found: Mapping[str, bool], *, platform: Mapping[str, str], cross_te
         elif not has_tenant and name in cross_tenant:
             problems.append(f"{service}.{name}: listed as cross-tenant but has no tenant_id")
         elif not has_tenant and name not in platform:
-            problems.append(f"{service}.{name}: no tenant_id column and not classified: give it tenant_id "
-                            f"and enable_tenant_rls(), or list it in PLATFORM_TABLES with the reason")
+            problems.append(
+                f"{service}.{name}: no tenant_id column and not classified: give it tenant_id "
+                f"and enable_tenant_rls(), or list it in PLATFORM_TABLES with the reason"
+            )
     return tenant, problems
 
 
@@ -77,7 +83,10 @@ async def rls_problems(conn: asyncpg.Connection, t: Target, tenant_tables: list[
         rel = f"{_q(t.schema)}.{_q(name)}"
         row = await conn.fetchrow(
             "SELECT relrowsecurity, relforcerowsecurity, has_table_privilege($2, oid, 'TRUNCATE') AS truncate "
-            "FROM pg_class WHERE oid = $1::regclass", rel, t.app_role)
+            "FROM pg_class WHERE oid = $1::regclass",
+            rel,
+            t.app_role,
+        )
         where = f"{t.where}: {name}"
         if not row["relrowsecurity"]:
             problems.append(f"{where}: row level security is not enabled")
@@ -87,7 +96,9 @@ async def rls_problems(conn: asyncpg.Connection, t: Target, tenant_tables: list[
             problems.append(f"{where}: {t.app_role} may TRUNCATE it (TRUNCATE ignores row level security)")
         policies = await conn.fetch(
             "SELECT polname, polpermissive, pg_get_expr(polqual, polrelid) AS qual, "
-            "pg_get_expr(polwithcheck, polrelid) AS check FROM pg_policy WHERE polrelid = $1::regclass", rel)
+            "pg_get_expr(polwithcheck, polrelid) AS check FROM pg_policy WHERE polrelid = $1::regclass",
+            rel,
+        )
         if not policies:
             problems.append(f"{where}: no policy")
         for p in policies:
@@ -115,13 +126,16 @@ async def role_problems(conn: asyncpg.Connection, app_role: str) -> list[str]:
         "AND n.nspname NOT IN ('pg_catalog', 'information_schema') AND n.nspname NOT LIKE 'pg_toast%' "
         "UNION ALL SELECT nspname FROM pg_namespace WHERE nspowner = (SELECT oid FROM pg_roles WHERE rolname = $1) "
         "UNION ALL SELECT proname FROM pg_proc WHERE proowner = (SELECT oid FROM pg_roles WHERE rolname = $1)",
-        app_role)
+        app_role,
+    )
     problems += [f"{app_role} owns {r['name']}" for r in owned]
     # SET ROLE to an owner would make the owner's privileges (DDL, ALTER ... DISABLE ROW LEVEL SECURITY) its own.
     owners = await conn.fetch(
         "SELECT DISTINCT r.rolname FROM pg_class c JOIN pg_roles r ON r.oid = c.relowner "
         "JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname NOT IN ('pg_catalog', 'information_schema') "
-        "AND n.nspname NOT LIKE 'pg_toast%' AND r.rolname <> $1 AND pg_has_role($1, r.oid, 'MEMBER')", app_role)
+        "AND n.nspname NOT LIKE 'pg_toast%' AND r.rolname <> $1 AND pg_has_role($1, r.oid, 'MEMBER')",
+        app_role,
+    )
     problems += [f"{app_role} is a member of {r['rolname']}, which owns tables" for r in owners]
     return problems
 
@@ -129,16 +143,22 @@ async def role_problems(conn: asyncpg.Connection, app_role: str) -> list[str]:
 async def bypass_problems(conn: asyncpg.Connection, schema: str, where: str) -> list[str]:
     """No SECURITY DEFINER function and no view without security_invoker (both read past RLS as their owner)."""
     problems = []
-    for r in await conn.fetch("SELECT p.oid::regprocedure::text AS name FROM pg_proc p "
-                              "WHERE p.pronamespace = $1::regnamespace AND p.prosecdef", schema):
+    for r in await conn.fetch(
+        "SELECT p.oid::regprocedure::text AS name FROM pg_proc p "
+        "WHERE p.pronamespace = $1::regnamespace AND p.prosecdef",
+        schema,
+    ):
         problems.append(f"{where}: function {r['name']} is SECURITY DEFINER")
     for r in await conn.fetch(
-            "SELECT c.relname, c.relkind::text, coalesce(c.reloptions, '{}') AS options FROM pg_class c "
-            "WHERE c.relnamespace = $1::regnamespace AND c.relkind IN ('v', 'm')", schema):
+        "SELECT c.relname, c.relkind::text, coalesce(c.reloptions, '{}') AS options FROM pg_class c "
+        "WHERE c.relnamespace = $1::regnamespace AND c.relkind IN ('v', 'm')",
+        schema,
+    ):
         if r["relkind"] == "m":
             problems.append(f"{where}: materialized view {r['relname']} (row level security does not apply to it)")
-        elif not any(o.lower() in ("security_invoker=true", "security_invoker=on", "security_invoker=1")
-                     for o in r["options"]):
+        elif not any(
+            o.lower() in ("security_invoker=true", "security_invoker=on", "security_invoker=1") for o in r["options"]
+        ):
             problems.append(f"{where}: view {r['relname']} lacks security_invoker=true")
     return problems
 
@@ -151,15 +171,26 @@ async def _insert_probe(owner: asyncpg.Connection, schema: str, table: str) -> N
         "FROM pg_attribute a JOIN pg_type t ON t.oid = a.atttypid "
         "WHERE a.attrelid = $1::regclass AND a.attnum > 0 AND NOT a.attisdropped AND a.attidentity = '' "
         "AND a.attgenerated = '' AND (a.attname = 'tenant_id' OR (a.attnotnull AND NOT a.atthasdef)) "
-        "ORDER BY a.attnum", f"{_q(schema)}.{_q(table)}")
+        "ORDER BY a.attnum",
+        f"{_q(schema)}.{_q(table)}",
+    )
     names, values = [], []
     for c in cols:
-        literal = PROBE_TENANT if c["attname"] == "tenant_id" else (
-            c["label"] if c["typcategory"] == "E" else
-            _USER_LITERALS.get(c["typname"]) if c["typcategory"] == "U" else _LITERALS.get(c["typcategory"]))
+        literal = (
+            PROBE_TENANT
+            if c["attname"] == "tenant_id"
+            else (
+                c["label"]
+                if c["typcategory"] == "E"
+                else _USER_LITERALS.get(c["typname"])
+                if c["typcategory"] == "U"
+                else _LITERALS.get(c["typcategory"])
+            )
+        )
         if literal is None:
-            raise AssertionError(f"{schema}.{table}.{c['attname']}: no probe value for type {c['type']}; "
-                                 f"add one to tests/rls/audit.py")
+            raise AssertionError(
+                f"{schema}.{table}.{c['attname']}: no probe value for type {c['type']}; add one to tests/rls/audit.py"
+            )
         names.append(_q(c["attname"]))
         values.append(f"CAST('{literal}' AS {c['type']})")
     async with owner.transaction():

@@ -1,4 +1,5 @@
 """Fixtures for the RLS conformance audit: a service migrated the way it runs, in every tier."""
+
 from __future__ import annotations
 
 import urllib.parse
@@ -19,8 +20,9 @@ def _on(dsn: str, database: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(path="/" + database))
 
 
-async def migrate_everywhere(postgres: PostgresServer, service: str, migrations: Path | None = None,
-                             *, name: str | None = None) -> list[Target]:
+async def migrate_everywhere(
+    postgres: PostgresServer, service: str, migrations: Path | None = None, *, name: str | None = None
+) -> list[Target]:
     """Migrate `service` as the services do: its own database (public schema), then through the tenant
     router a bridge tenant's schema and a silo tenant's database. One Target per place."""
     urls = await postgres.create_database(name or f"rls_{service}")
@@ -38,8 +40,16 @@ async def migrate_everywhere(postgres: PostgresServer, service: str, migrations:
     main = Target(service, f"{service}/pooled", "public", admin, urls.owner_dsn, urls.app_dsn, APP_ROLE)
     return [
         main,
-        Target(service, f"{service}/bridge", bridge_schema(BRIDGE_TENANT), admin, urls.owner_dsn, urls.app_dsn,
-               APP_ROLE),
-        Target(service, f"{service}/silo", "public", _on(postgres.admin_dsn, silo), _on(urls.owner_dsn, silo),
-               _on(urls.app_dsn, silo), APP_ROLE),
+        Target(
+            service, f"{service}/bridge", bridge_schema(BRIDGE_TENANT), admin, urls.owner_dsn, urls.app_dsn, APP_ROLE
+        ),
+        Target(
+            service,
+            f"{service}/silo",
+            "public",
+            _on(postgres.admin_dsn, silo),
+            _on(urls.owner_dsn, silo),
+            _on(urls.app_dsn, silo),
+            APP_ROLE,
+        ),
     ]

@@ -5,6 +5,7 @@ policy confined by app.tenant_id, and the runtime role reads none of its rows wi
 A table without tenant_id must be listed below with the reason it holds no tenant's data, so a
 new table fails this test, by name, until someone classifies it.
 """
+
 from __future__ import annotations
 
 import asyncpg
@@ -24,13 +25,13 @@ PLATFORM_TABLES: dict[str, dict[str, str]] = {
         "signing_keys": "the platform's token-signing keys (private halves encrypted), not any tenant's",
         "revocations": "the public revocation feed: opaque token ids, no tenant",
         "tenant_deletions": "deletion plans and signed receipts (target_tenant names the tenant): the "
-                            "control plane's record, read by the coordinator and operators only",
+        "control plane's record, read by the coordinator and operators only",
         "tenant_deletion_steps": "each service's step of a deletion plan (counts only), same as above",
         "tenant_migrations": "tier-migration plans (target_tenant names the tenant; tiers, state, generation, "
-                             "pause): the control plane's record, read by the coordinator, the migration "
-                             "feed and operators only, as deletion plans",
+        "pause): the control plane's record, read by the coordinator, the migration "
+        "feed and operators only, as deletion plans",
         "tenant_migration_steps": "each service's step of a tier migration (phase, verify digest, release "
-                                  "counts), same as above",
+        "counts), same as above",
     },
     "credentials": {
         "alembic_version_credentials": "Alembic's migration revision",
@@ -79,8 +80,10 @@ async def test_every_table_of_the_service_conforms(postgres, service: str) -> No
         existing = set(await tables(conn, "public"))
     finally:
         await conn.close()
-    problems += [f"{service}.{name}: listed in this test but no such table (remove it from the list)"
-                 for name in sorted((set(platform) | set(cross)) - existing)]
+    problems += [
+        f"{service}.{name}: listed in this test but no such table (remove it from the list)"
+        for name in sorted((set(platform) | set(cross)) - existing)
+    ]
     assert not problems, f"{len(problems)} RLS conformance problem(s):\n" + "\n".join(problems)
 
 

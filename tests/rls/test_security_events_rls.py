@@ -1,5 +1,6 @@
 """RLS conformance of the security-events ledger, which every service keeps in its main database beside its own
 tables (its own migration set, run when the server starts)."""
+
 from __future__ import annotations
 
 import asyncpg
@@ -19,8 +20,10 @@ async def test_the_ledger_beside_a_services_tables_conforms(postgres) -> None:
     """Migrated into state's main database as the service does: ENABLE + FORCE RLS, every policy on app.tenant_id
     (the retention sweep's too), the runtime role reads no row without its tenant and may not TRUNCATE."""
     main, *_ = await migrate_everywhere(postgres, "state", name="rls_security_events")
-    db = await Database.open(main.app_dsn.replace("postgresql://", "postgresql+asyncpg://"),
-                             owner_url=main.owner_dsn.replace("postgresql://", "postgresql+asyncpg://"))
+    db = await Database.open(
+        main.app_dsn.replace("postgresql://", "postgresql+asyncpg://"),
+        owner_url=main.owner_dsn.replace("postgresql://", "postgresql+asyncpg://"),
+    )
     try:
         await SecurityLedger("state", db).migrate()
         await SecurityLedger("state", db).migrate()  # a second replica starting: nothing to do, no error
@@ -31,8 +34,9 @@ async def test_the_ledger_beside_a_services_tables_conforms(postgres) -> None:
     assert not problems, "\n".join(problems)
     conn = await asyncpg.connect(main.admin_dsn)
     try:
-        policies = {r["polname"] for r in await conn.fetch(
-            "SELECT polname FROM pg_policy WHERE polrelid = $1::regclass", TABLE)}
+        policies = {
+            r["polname"] for r in await conn.fetch("SELECT polname FROM pg_policy WHERE polrelid = $1::regclass", TABLE)
+        }
         granted = await conn.fetchval("SELECT has_table_privilege($1, $2, 'INSERT')", main.app_role, TABLE)
     finally:
         await conn.close()

@@ -5,6 +5,7 @@ itself) with integers drawn from the edges that break arithmetic: 2**31, 2**53, 
 their negatives. The servers run on a loop of their own thread, so Hypothesis drives plain
 blocking calls. Never INTERNAL or UNKNOWN; the service answers a valid call afterwards.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,12 @@ EXAMPLES = int(os.environ.get("BULKHEAD_FUZZ_EXAMPLES", "20"))
 _EDGES = [0, 1, -1, 2**31 - 1, -(2**31), 2**53 - 1, 2**53, 2**62, 2**63 - 1, -(2**63)]
 _INT64 = {FieldDescriptor.TYPE_INT64, FieldDescriptor.TYPE_SINT64, FieldDescriptor.TYPE_SFIXED64}
 _INT32 = {FieldDescriptor.TYPE_INT32, FieldDescriptor.TYPE_SINT32, FieldDescriptor.TYPE_SFIXED32}
-_UINT = {FieldDescriptor.TYPE_UINT32: 2**32 - 1, FieldDescriptor.TYPE_FIXED32: 2**32 - 1,
-         FieldDescriptor.TYPE_UINT64: 2**64 - 1, FieldDescriptor.TYPE_FIXED64: 2**64 - 1}
+_UINT = {
+    FieldDescriptor.TYPE_UINT32: 2**32 - 1,
+    FieldDescriptor.TYPE_FIXED32: 2**32 - 1,
+    FieldDescriptor.TYPE_UINT64: 2**64 - 1,
+    FieldDescriptor.TYPE_FIXED64: 2**64 - 1,
+}
 _WELL_DEFINED_ONLY = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 
 
@@ -99,6 +104,7 @@ def message_strategy(descriptor: Descriptor, cls: Callable, depth: int = 0):
 
 def _class_of(descriptor: Descriptor):
     from google.protobuf import message_factory
+
     return message_factory.GetMessageClass(descriptor)
 
 
@@ -125,8 +131,10 @@ def mesh_on_thread(tmp_path_factory):
     templates = make_templates(tmp_path_factory.mktemp("extreme-templates"))
     runner = _LoopThread()
     mesh = runner.run(start_mesh(tmp, templates=templates))
-    channels = {"metering": grpc.insecure_channel(mesh.metering.running.address),
-                "inference": grpc.insecure_channel(mesh.proxies[0].service.running.address)}
+    channels = {
+        "metering": grpc.insecure_channel(mesh.metering.running.address),
+        "inference": grpc.insecure_channel(mesh.proxies[0].service.running.address),
+    }
     try:
         yield mesh, channels
     finally:
@@ -141,8 +149,7 @@ def _methods(file_descriptor, service: str):
     return [(service, m) for m in svc.methods if not m.client_streaming]
 
 
-_CASES = (_methods(metering_pb2.DESCRIPTOR, "MeteringService")
-          + _methods(inference_pb2.DESCRIPTOR, "InferenceService"))
+_CASES = _methods(metering_pb2.DESCRIPTOR, "MeteringService") + _methods(inference_pb2.DESCRIPTOR, "InferenceService")
 
 
 @pytest.mark.parametrize(("service", "method"), _CASES, ids=[f"{s}.{m.name}" for s, m in _CASES])
@@ -154,15 +161,18 @@ def test_extreme_integers_get_a_precise_status(mesh_on_thread, service, method):
     response_cls = _class_of(method.output_type)
     path = f"/{method.containing_service.full_name}/{method.name}"
     if method.server_streaming:
-        call = channel.unary_stream(path, request_serializer=request_cls.SerializeToString,
-                                    response_deserializer=response_cls.FromString)
+        call = channel.unary_stream(
+            path, request_serializer=request_cls.SerializeToString, response_deserializer=response_cls.FromString
+        )
     else:
-        call = channel.unary_unary(path, request_serializer=request_cls.SerializeToString,
-                                   response_deserializer=response_cls.FromString)
+        call = channel.unary_unary(
+            path, request_serializer=request_cls.SerializeToString, response_deserializer=response_cls.FromString
+        )
     tenant_md, operator_md = mesh.md("t_fuzz"), mesh.op()
 
-    @settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
-              suppress_health_check=list(HealthCheck))
+    @settings(
+        max_examples=EXAMPLES, deadline=None, derandomize=True, database=None, suppress_health_check=list(HealthCheck)
+    )
     @given(request=message_strategy(method.input_type, request_cls), as_operator=st.booleans())
     def attempt(request, as_operator):
         md = operator_md if as_operator else tenant_md
@@ -173,12 +183,15 @@ def test_extreme_integers_get_a_precise_status(mesh_on_thread, service, method):
                     pass
         except grpc.RpcError as exc:
             assert exc.code() not in _WELL_DEFINED_ONLY, (
-                f"{method.name} answered {exc.code().name} ({exc.details()}) to {request}")
+                f"{method.name} answered {exc.code().name} ({exc.details()}) to {request}"
+            )
             assert_bounded(exc)
 
     attempt()
     health = metering_pb2.GetQuotaStatusRequest()
-    metering = channels["metering"].unary_unary("/bulkhead.metering.v1.MeteringService/GetQuotaStatus",
-                                                request_serializer=health.SerializeToString,
-                                                response_deserializer=metering_pb2.GetQuotaStatusResponse.FromString)
+    metering = channels["metering"].unary_unary(
+        "/bulkhead.metering.v1.MeteringService/GetQuotaStatus",
+        request_serializer=health.SerializeToString,
+        response_deserializer=metering_pb2.GetQuotaStatusResponse.FromString,
+    )
     assert metering(health, metadata=tenant_md, timeout=10) is not None

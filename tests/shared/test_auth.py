@@ -1,4 +1,5 @@
 """The tenancy server interceptor: every rule, for unary and streaming RPCs."""
+
 from __future__ import annotations
 
 import asyncio
@@ -48,16 +49,19 @@ def _calls(stub, md, *, messages: int = 1):
     loses the race with the server's early status as INTERNAL instead of that status
     (grpc/grpc#36066), which made these tests flaky without saying anything about the interceptor.
     """
+
     async def collect():
         async def gen():
             for _ in range(messages):
                 yield echo_pb2.EchoCollectRequest(message="x")
+
         return await stub.EchoCollect(gen(), metadata=md)
 
     async def chat():
         async def gen():
             for _ in range(messages):
                 yield echo_pb2.EchoChatRequest(message="x")
+
         return await _drain(stub.EchoChat(gen(), metadata=md))
 
     return {
@@ -152,6 +156,7 @@ async def test_repeated_request_tags_are_refused(echo, tokens, shape, key, value
 
 def _hpack_literal(name: str, value: str) -> bytes:
     """One header as HPACK "literal without indexing, new name", no Huffman (RFC 7541 6.2.2)."""
+
     def length(raw: bytes) -> bytes:
         if len(raw) < 127:
             return bytes([len(raw)])
@@ -160,6 +165,7 @@ def _hpack_literal(name: str, value: str) -> bytes:
             out.append(rest & 0x7F | 0x80)
             rest >>= 7
         return bytes(out + bytes([rest]))
+
     n, v = name.encode(), value.encode()
     return b"\x00" + length(n) + n + length(v) + v
 
@@ -167,17 +173,32 @@ def _hpack_literal(name: str, value: str) -> bytes:
 async def _raw_echo(address: str, headers: list[tuple[str, str]]) -> list[int]:
     """One Echo call over hand-written HTTP/2, header names exactly as given (grpc clients refuse
     other spellings; a raw client need not); the frame types the server answered with."""
+
     def frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
         return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
 
     host, port = address.rsplit(":", 1)
     reader, writer = await asyncio.open_connection(host, int(port))
-    block = b"".join(_hpack_literal(k, v) for k, v in [
-        (":method", "POST"), (":scheme", "http"), (":path", "/bulkhead.testing.v1.EchoService/Echo"),
-        (":authority", "echo"), ("content-type", "application/grpc"), ("te", "trailers"), *headers])
-    writer.write(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + frame(4, 0, 0, b"") + frame(1, 0x4, 1, block)
-                 + frame(0, 0x1, 1, b"\x00" + len(b := echo_pb2.EchoRequest(message="x").SerializeToString())
-                         .to_bytes(4, "big") + b))
+    block = b"".join(
+        _hpack_literal(k, v)
+        for k, v in [
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/bulkhead.testing.v1.EchoService/Echo"),
+            (":authority", "echo"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+            *headers,
+        ]
+    )
+    writer.write(
+        b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+        + frame(4, 0, 0, b"")
+        + frame(1, 0x4, 1, block)
+        + frame(
+            0, 0x1, 1, b"\x00" + len(b := echo_pb2.EchoRequest(message="x").SerializeToString()).to_bytes(4, "big") + b
+        )
+    )
     kinds: list[int] = []
     try:
         while True:  # until the stream ends: trailers (HEADERS with END_STREAM) or RST_STREAM
@@ -195,11 +216,18 @@ async def _raw_echo(address: str, headers: list[tuple[str, str]]) -> list[int]:
 _DATA = 0
 
 
-@pytest.mark.parametrize("spelled", [
-    [("Authorization", "A")], [("authorization ", "A")], [(" authorization", "A")],
-    [("authorization", "A"), ("Authorization", "B")], [("authorization", "A"), ("X-Tenant-Id", "")],
-    [("authorization", "A"), ("x-tenant-id ", "")],
-], ids=lambda s: "+".join(repr(k) for k, _ in s))
+@pytest.mark.parametrize(
+    "spelled",
+    [
+        [("Authorization", "A")],
+        [("authorization ", "A")],
+        [(" authorization", "A")],
+        [("authorization", "A"), ("Authorization", "B")],
+        [("authorization", "A"), ("X-Tenant-Id", "")],
+        [("authorization", "A"), ("x-tenant-id ", "")],
+    ],
+    ids=lambda s: "+".join(repr(k) for k, _ in s),
+)
 async def test_header_spellings_from_raw_http2_are_never_answered(echo, tokens, spelled):
     """gRPC hands "Authorization" or "x-tenant-id " from a raw HTTP/2 client to the interceptor as
     sent, then fails the call itself (INTERNAL "Illegal header key"): no handler ever answers it."""
@@ -212,9 +240,16 @@ async def test_header_spellings_from_raw_http2_are_never_answered(echo, tokens, 
     assert kinds and _DATA not in kinds
 
 
-@pytest.mark.parametrize("keys", [("Authorization", "x-tenant-id"), (" authorization", "x-tenant-id"),
-                                  ("authorization", "AUTHORIZATION", "x-tenant-id"), ("authorization", "X-Tenant-Id")],
-                         ids="+".join)
+@pytest.mark.parametrize(
+    "keys",
+    [
+        ("Authorization", "x-tenant-id"),
+        (" authorization", "x-tenant-id"),
+        ("authorization", "AUTHORIZATION", "x-tenant-id"),
+        ("authorization", "X-Tenant-Id"),
+    ],
+    ids="+".join,
+)
 async def test_interceptor_refuses_other_spellings_itself(tokens, keys):
     """Should gRPC ever pass such a call on, the interceptor's own verdict is already a refusal."""
     from shared.auth import Denial, TenancyInterceptor, _metadata_dict
@@ -238,7 +273,9 @@ async def test_raw_http2_call_with_canonical_headers_is_answered(echo, tokens):
 async def test_public_method_ignores_repeated_identity_metadata(echo, tokens):
     """Public methods read no identity, so there is nothing ambiguous to refuse."""
     _, stub = echo
-    resp = await stub.PublicEcho(echo_pb2.PublicEchoRequest(message="hi"), metadata=_repeated(tokens, "x-tenant-id", A, B))
+    resp = await stub.PublicEcho(
+        echo_pb2.PublicEchoRequest(message="hi"), metadata=_repeated(tokens, "x-tenant-id", A, B)
+    )
     assert resp.message == "hi" and not resp.tenant_bound
 
 
@@ -267,8 +304,9 @@ async def test_forged_signature_is_unauthenticated(echo, tokens):
     """A token signed by a key identity never published is refused."""
     _, stub = echo
     forged = TestTokens().mint(A)
-    err = await _status(stub.Echo(echo_pb2.EchoRequest(), metadata=(("authorization", f"Bearer {forged}"),
-                                                                      ("x-tenant-id", A))))
+    err = await _status(
+        stub.Echo(echo_pb2.EchoRequest(), metadata=(("authorization", f"Bearer {forged}"), ("x-tenant-id", A)))
+    )
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_details(err)["reason"] == "TOKEN_UNKNOWN_KEY"
 
@@ -276,8 +314,9 @@ async def test_forged_signature_is_unauthenticated(echo, tokens):
 async def test_garbage_token_is_unauthenticated(echo):
     """A bearer value that is not a JWT is refused as malformed."""
     _, stub = echo
-    err = await _status(stub.Echo(echo_pb2.EchoRequest(), metadata=(("authorization", "Bearer nonsense"),
-                                                                      ("x-tenant-id", A))))
+    err = await _status(
+        stub.Echo(echo_pb2.EchoRequest(), metadata=(("authorization", "Bearer nonsense"), ("x-tenant-id", A)))
+    )
     assert err.code() == grpc.StatusCode.UNAUTHENTICATED
     assert error_details(err)["reason"] == "TOKEN_MALFORMED"
 
@@ -318,16 +357,19 @@ async def test_wildcard_scope_never_grants_platform_operator(echo, tokens):
 async def test_operator_scope_outside_platform_tenant_is_refused(echo, tokens):
     """platform.operator minted into a customer tenant's token is still refused."""
     _, stub = echo
-    err = await _status(stub.OperatorEcho(echo_pb2.OperatorEchoRequest(),
-                                          metadata=tokens.metadata(A, scopes=("platform.operator",))))
+    err = await _status(
+        stub.OperatorEcho(echo_pb2.OperatorEchoRequest(), metadata=tokens.metadata(A, scopes=("platform.operator",)))
+    )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 async def test_platform_operator_reaches_operator_method(echo, tokens):
     """The platform tenant with the operator scope is let through."""
     _, stub = echo
-    resp = await stub.OperatorEcho(echo_pb2.OperatorEchoRequest(message="ok"),
-                                   metadata=tokens.metadata(PLATFORM_TENANT, scopes=("platform.operator",)))
+    resp = await stub.OperatorEcho(
+        echo_pb2.OperatorEchoRequest(message="ok"),
+        metadata=tokens.metadata(PLATFORM_TENANT, scopes=("platform.operator",)),
+    )
     assert resp.message == "ok"
 
 
@@ -368,8 +410,9 @@ async def test_denials_are_counted_per_tenant_and_reason(echo, tokens, caplog):
     running, stub = echo
     token = tokens.mint(A)
     for _ in range(3):
-        await _status(stub.Echo(echo_pb2.EchoRequest(), metadata=(("authorization", f"Bearer {token}"),
-                                                                    ("x-tenant-id", B))))
+        await _status(
+            stub.Echo(echo_pb2.EchoRequest(), metadata=(("authorization", f"Bearer {token}"), ("x-tenant-id", B)))
+        )
     assert running.security_events.counts[(A, "TENANT_MISMATCH")] == 3
     records = [r for r in caplog.records if getattr(r, "event", "") == "security.denied"]
     assert len(records) >= 3 and records[-1].method == "/bulkhead.testing.v1.EchoService/Echo"

@@ -1,4 +1,5 @@
 """A new channel never inherits another channel's failures: a server on a reused port is reachable at once."""
+
 from __future__ import annotations
 
 import grpc
@@ -32,7 +33,7 @@ async def test_new_channel_reaches_a_new_server_on_a_port_whose_old_server_died(
         assert await _check(stale) == grpc.StatusCode.OK
         await old.stop(0)
         assert await _check(stale) == grpc.StatusCode.UNAVAILABLE  # refused: now in reconnect backoff
-        new, _ = await _health_server(port)   # as when the kernel gives the port to the next port-0 bind
+        new, _ = await _health_server(port)  # as when the kernel gives the port to the next port-0 bind
         fresh = make_channel(f"127.0.0.1:{port}", tls=None)
         try:
             assert await _check(fresh) == grpc.StatusCode.OK

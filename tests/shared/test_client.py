@@ -1,4 +1,5 @@
 """Service-to-service channels forward the caller's identity, and refuse to call without one."""
+
 from __future__ import annotations
 
 import grpc
@@ -23,8 +24,9 @@ async def echo():
 async def test_forwarding_channel_carries_the_current_tenant(echo):
     """Inside tenant A's request, a forwarding channel calls as A with the same request id."""
     running, tokens = echo
-    ctx = TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}), request_id="req-1",
-                        token=tokens.mint("t_a"))
+    ctx = TenantContext(
+        tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}), request_id="req-1", token=tokens.mint("t_a")
+    )
     async with make_channel(running.address, forward=True) as channel:
         with tenant_scope(ctx):
             resp = await echo_pb2_grpc.EchoServiceStub(channel).Echo(echo_pb2.EchoRequest())

@@ -3,6 +3,7 @@ the chain of the tenant it changed (operators' changes with the operator as acto
 and silo tenants; no secret in any event; a tenant reads only its own chain; tampering with the stored
 chain (a changed field, a removed event) is caught by VerifyAuditEvents and by `bulkhead audit verify`.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -55,7 +56,8 @@ class World:
         while True:
             page = await self.audit[service].ListAuditEvents(
                 apb.ListAuditEventsRequest(tenant_id=tenant_id, page_size=500, page_token=token, oldest_first=True),
-                metadata=caller.metadata)
+                metadata=caller.metadata,
+            )
             out += page.events
             token = page.next_page_token
             if not token:
@@ -66,13 +68,19 @@ class World:
 async def world(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("config-audit")
     async with FakeAnthropic() as upstream, running_mesh(data_dir, upstream_url=upstream.base_url) as mesh:
-        channels = {"identity": grpc.aio.insecure_channel(mesh.identity.address),
-                    "orchestrator": grpc.aio.insecure_channel(mesh.orchestrator.address),
-                    **{s: grpc.aio.insecure_channel(mesh.addr(s)) for s in ("metering", "inference")}}
+        channels = {
+            "identity": grpc.aio.insecure_channel(mesh.identity.address),
+            "orchestrator": grpc.aio.insecure_channel(mesh.orchestrator.address),
+            **{s: grpc.aio.insecure_channel(mesh.addr(s)) for s in ("metering", "inference")},
+        }
         mesh.channels.extend(channels.values())
-        yield World(mesh, {s: audit_pb2_grpc.ConfigAuditServiceStub(ch) for s, ch in channels.items()},
-                    metering_pb2_grpc.MeteringServiceStub(channels["metering"]),
-                    inference_pb2_grpc.InferenceServiceStub(channels["inference"]), data_dir)
+        yield World(
+            mesh,
+            {s: audit_pb2_grpc.ConfigAuditServiceStub(ch) for s, ch in channels.items()},
+            metering_pb2_grpc.MeteringServiceStub(channels["metering"]),
+            inference_pb2_grpc.InferenceServiceStub(channels["inference"]),
+            data_dir,
+        )
 
 
 _tenants: dict[str, TenantHandle] = {}
@@ -107,13 +115,15 @@ def _name() -> str:
 async def _create_principal(w: World, t: TenantHandle):
     return lambda: w.mesh.identity.stub.CreatePrincipal(
         idn.CreatePrincipalRequest(kind=idn.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name=_name(), scopes=["state.*"]),
-        metadata=t.metadata)
+        metadata=t.metadata,
+    )
 
 
 async def _disable_principal(w: World, t: TenantHandle):
     made = await (await _create_principal(w, t))()
     return lambda: w.mesh.identity.stub.DisablePrincipal(
-        idn.DisablePrincipalRequest(principal_id=made.principal.id), metadata=t.metadata)
+        idn.DisablePrincipalRequest(principal_id=made.principal.id), metadata=t.metadata
+    )
 
 
 async def _admin_id(w: World, t: TenantHandle) -> str:
@@ -124,34 +134,43 @@ async def _admin_id(w: World, t: TenantHandle) -> str:
 async def _create_key(w: World, t: TenantHandle):
     admin = await _admin_id(w, t)
     return lambda: w.mesh.identity.stub.CreateApiKey(
-        idn.CreateApiKeyRequest(principal_id=admin, scopes=["state.*"], display_name="ci"), metadata=t.metadata)
+        idn.CreateApiKeyRequest(principal_id=admin, scopes=["state.*"], display_name="ci"), metadata=t.metadata
+    )
 
 
 async def _revoke_key(w: World, t: TenantHandle):
     made = await (await _create_key(w, t))()
-    return lambda: w.mesh.identity.stub.RevokeApiKey(idn.RevokeApiKeyRequest(api_key_id=made.api_key.id),
-                                                      metadata=t.metadata)
+    return lambda: w.mesh.identity.stub.RevokeApiKey(
+        idn.RevokeApiKeyRequest(api_key_id=made.api_key.id), metadata=t.metadata
+    )
 
 
 def _status(status: int):
     async def run(w: World, t: TenantHandle):
-        if status == idn.TENANT_STATUS_ACTIVE:   # resuming needs a suspended tenant
-            await w.mesh.identity.stub.UpdateTenantStatus(idn.UpdateTenantStatusRequest(
-                tenant_id=t.tenant_id, status=idn.TENANT_STATUS_SUSPENDED), metadata=w.operator.metadata)
+        if status == idn.TENANT_STATUS_ACTIVE:  # resuming needs a suspended tenant
+            await w.mesh.identity.stub.UpdateTenantStatus(
+                idn.UpdateTenantStatusRequest(tenant_id=t.tenant_id, status=idn.TENANT_STATUS_SUSPENDED),
+                metadata=w.operator.metadata,
+            )
         return lambda: w.mesh.identity.stub.UpdateTenantStatus(
-            idn.UpdateTenantStatusRequest(tenant_id=t.tenant_id, status=status), metadata=w.operator.metadata)
+            idn.UpdateTenantStatusRequest(tenant_id=t.tenant_id, status=status), metadata=w.operator.metadata
+        )
+
     return run
 
 
 async def _delete_tenant(w: World, t: TenantHandle):
     async def change():
-        reply = await w.mesh.identity.stub.DeleteTenant(idn.DeleteTenantRequest(tenant_id=t.tenant_id,
-                                                                                 grace_seconds=3600),
-                                                        metadata=w.operator.metadata)
+        reply = await w.mesh.identity.stub.DeleteTenant(
+            idn.DeleteTenantRequest(tenant_id=t.tenant_id, grace_seconds=3600), metadata=w.operator.metadata
+        )
         # Cancel it again (one more event: tenant.resume) so the module's tenant stays usable.
-        await w.mesh.identity.stub.UpdateTenantStatus(idn.UpdateTenantStatusRequest(
-            tenant_id=t.tenant_id, status=idn.TENANT_STATUS_ACTIVE), metadata=w.operator.metadata)
+        await w.mesh.identity.stub.UpdateTenantStatus(
+            idn.UpdateTenantStatusRequest(tenant_id=t.tenant_id, status=idn.TENANT_STATUS_ACTIVE),
+            metadata=w.operator.metadata,
+        )
         return reply
+
     return change
 
 
@@ -163,8 +182,11 @@ async def _update_team(w: World, t: TenantHandle):
     made = (await w.mesh.stub.CreateTeam(opb.CreateTeamRequest(team=team_pb(_name())), metadata=t.metadata)).team
     made.description = "changed"
     from google.protobuf import field_mask_pb2
-    return lambda: w.mesh.stub.UpdateTeam(opb.UpdateTeamRequest(
-        team=made, update_mask=field_mask_pb2.FieldMask(paths=["description"])), metadata=t.metadata)
+
+    return lambda: w.mesh.stub.UpdateTeam(
+        opb.UpdateTeamRequest(team=made, update_mask=field_mask_pb2.FieldMask(paths=["description"])),
+        metadata=t.metadata,
+    )
 
 
 async def _delete_team(w: World, t: TenantHandle):
@@ -176,30 +198,48 @@ async def _delete_team(w: World, t: TenantHandle):
 async def _set_quota(w: World, t: TenantHandle):
     # The mesh's metering has no identity to ask for tiers: a call of the tenant's own tells it.
     with contextlib.suppress(grpc.aio.AioRpcError):
-        await w.metering.ReserveBudget(mpb.ReserveBudgetRequest(model="claude-test", prompt_tokens=1,
-                                                                max_output_tokens=1), metadata=t.metadata)
-    quota = mpb.Quota(tenant_id=t.tenant_id, requests_per_minute=600, tokens_per_minute=100000,
-                      budgets=[mpb.Budget(unit=mpb.BUDGET_UNIT_TOKENS, limit=1_000_000, period=mpb.BUDGET_PERIOD_MONTH,
-                                          mode=mpb.BUDGET_MODE_HARD)])
+        await w.metering.ReserveBudget(
+            mpb.ReserveBudgetRequest(model="claude-test", prompt_tokens=1, max_output_tokens=1), metadata=t.metadata
+        )
+    quota = mpb.Quota(
+        tenant_id=t.tenant_id,
+        requests_per_minute=600,
+        tokens_per_minute=100000,
+        budgets=[
+            mpb.Budget(
+                unit=mpb.BUDGET_UNIT_TOKENS, limit=1_000_000, period=mpb.BUDGET_PERIOD_MONTH, mode=mpb.BUDGET_MODE_HARD
+            )
+        ],
+    )
     return lambda: w.metering.SetQuota(mpb.SetQuotaRequest(quota=quota), metadata=w.operator.metadata)
 
 
 async def _set_price(w: World, t: TenantHandle):
     from google.protobuf.timestamp_pb2 import Timestamp
-    price = mpb.Price(model=f"claude-{_name()}", effective_time=Timestamp(seconds=1_700_000_000),
-                      input_micros_per_mtok=3_000_000, output_micros_per_mtok=15_000_000)
+
+    price = mpb.Price(
+        model=f"claude-{_name()}",
+        effective_time=Timestamp(seconds=1_700_000_000),
+        input_micros_per_mtok=3_000_000,
+        output_micros_per_mtok=15_000_000,
+    )
     return lambda: w.metering.SetPrice(mpb.SetPriceRequest(price=price), metadata=w.operator.metadata)
 
 
 async def _set_policy(w: World, t: TenantHandle):
     policy = ipb.ModelPolicy(allowed_models=["claude-test"], default_model="claude-test", max_tokens_ceiling=512)
-    return lambda: w.inference.SetModelPolicy(ipb.SetModelPolicyRequest(tenant_id=t.tenant_id, policy=policy),
-                                              metadata=w.operator.metadata)
+    return lambda: w.inference.SetModelPolicy(
+        ipb.SetModelPolicyRequest(tenant_id=t.tenant_id, policy=policy), metadata=w.operator.metadata
+    )
 
 
 async def _register_model(w: World, t: TenantHandle):
-    model = ipb.PrivateModel(name=f"m-{_name()}", upstream_model="llama-x", base_url="https://models.example/v1",
-                             lineage="fine-tune of llama-x")
+    model = ipb.PrivateModel(
+        name=f"m-{_name()}",
+        upstream_model="llama-x",
+        base_url="https://models.example/v1",
+        lineage="fine-tune of llama-x",
+    )
     return lambda: w.inference.RegisterPrivateModel(ipb.RegisterPrivateModelRequest(model=model), metadata=t.metadata)
 
 
@@ -211,8 +251,10 @@ async def _revoke_token(w: World, t: TenantHandle):
 async def _set_retention(w: World, t: TenantHandle):
     import random
 
-    return lambda: w.mesh.identity.stub.SetRetentionPolicy(idn.SetRetentionPolicyRequest(
-        tenant_id=t.tenant_id, audit_days=random.randint(1, 3653), usage_detail_days=30), metadata=w.operator.metadata)
+    return lambda: w.mesh.identity.stub.SetRetentionPolicy(
+        idn.SetRetentionPolicyRequest(tenant_id=t.tenant_id, audit_days=random.randint(1, 3653), usage_detail_days=30),
+        metadata=w.operator.metadata,
+    )
 
 
 async def _rotate_signing_key(w: World, t: TenantHandle):
@@ -226,7 +268,9 @@ CHANGES = {
     "api_key.revoke": Change("identity", "api_key.revoke", "tenant", False, _revoke_key),
     "token.revoke": Change("identity", "token.revoke", "tenant", False, _revoke_token),
     "signing_key.rotate": Change("identity", "signing_key.rotate", "platform", True, _rotate_signing_key),
-    "tenant.suspend": Change("identity", "tenant.suspend", "tenant", True, _status(idn.TENANT_STATUS_SUSPENDED), fresh=True),
+    "tenant.suspend": Change(
+        "identity", "tenant.suspend", "tenant", True, _status(idn.TENANT_STATUS_SUSPENDED), fresh=True
+    ),
     "tenant.resume": Change("identity", "tenant.resume", "tenant", True, _status(idn.TENANT_STATUS_ACTIVE), fresh=True),
     "tenant.retention": Change("identity", "tenant.retention", "tenant", True, _set_retention),
     "tenant.delete": Change("identity", "tenant.delete", "tenant", True, _delete_tenant, fresh=True),
@@ -254,7 +298,7 @@ async def test_each_configuration_change_appends_exactly_one_event(world: World,
     before = await world.events(change.service, reader, chain_id)
     reply = await do()
     after = await world.events(change.service, reader, chain_id)
-    added = after[len(before):]
+    added = after[len(before) :]
     expected = 2 if name == "tenant.delete" else 1
     assert len(added) == expected, [e.action for e in added]
     event = added[0]
@@ -263,8 +307,9 @@ async def test_each_configuration_change_appends_exactly_one_event(world: World,
     assert event.prev_hash == (before[-1].hash if before else "0" * 64)
     actor = world.operator if change.by_operator else t
     assert event.actor.principal_id == (await _principal_of(world, actor))
-    assert event.actor.operator_id == (event.actor.principal_id if change.by_operator and change.chain == "tenant"
-                                       else "")
+    assert event.actor.operator_id == (
+        event.actor.principal_id if change.by_operator and change.chain == "tenant" else ""
+    )
     assert event.target and not event.target.endswith("/") and "?" not in event.target
     text = str(event) + str(reply.SerializeToString())
     for secret in (t.api_key, t.token, world.operator.token):
@@ -274,7 +319,8 @@ async def test_each_configuration_change_appends_exactly_one_event(world: World,
         assert event.target == f"api_key/{reply.api_key.id}"
     assert text
     check = await world.audit[change.service].VerifyAuditEvents(
-        apb.VerifyAuditEventsRequest(tenant_id=chain_id), metadata=reader.metadata)
+        apb.VerifyAuditEventsRequest(tenant_id=chain_id), metadata=reader.metadata
+    )
     assert check.intact, check.problem
     assert check.head.sequence == after[-1].sequence and check.head.hash == after[-1].hash
 
@@ -282,6 +328,7 @@ async def test_each_configuration_change_appends_exactly_one_event(world: World,
 async def _principal_of(world: World, who: TenantHandle) -> str:
     import base64
     import json
+
     payload = who.token.split(".")[1]
     return json.loads(base64.urlsafe_b64decode(payload + "=" * (-len(payload) % 4)))["sub"]
 
@@ -314,10 +361,10 @@ async def test_a_tenant_reads_only_its_own_chain(world: World, service: str) -> 
     a, b = await tenant_of(world, "pooled"), await tenant_of(world, "bridge")
     replies = []
     for target in (b.tenant_id, f"t_{uuid.uuid4().hex[:12]}"):
-        for call in (world.audit[service].ListAuditEvents(apb.ListAuditEventsRequest(tenant_id=target),
-                                                          metadata=a.metadata),
-                     world.audit[service].VerifyAuditEvents(apb.VerifyAuditEventsRequest(tenant_id=target),
-                                                            metadata=a.metadata)):
+        for call in (
+            world.audit[service].ListAuditEvents(apb.ListAuditEventsRequest(tenant_id=target), metadata=a.metadata),
+            world.audit[service].VerifyAuditEvents(apb.VerifyAuditEventsRequest(tenant_id=target), metadata=a.metadata),
+        ):
             with pytest.raises(grpc.aio.AioRpcError) as err:
                 await call
             replies.append((err.value.code(), err.value.details(), error_details(err.value).get("reason")))
@@ -330,9 +377,11 @@ async def test_a_tenant_reads_only_its_own_chain(world: World, service: str) -> 
 async def test_bad_input_is_refused_precisely(world: World) -> None:
     """A malformed tenant id or page token: INVALID_ARGUMENT with its reason."""
     t = await tenant_of(world, "pooled")
-    for request, reason in ((apb.ListAuditEventsRequest(tenant_id="not a tenant"), "INVALID_TENANT_ID"),
-                            (apb.ListAuditEventsRequest(page_token="!!"), "INVALID_PAGE_TOKEN"),
-                            (apb.ListAuditEventsRequest(page_size=-1), None)):
+    for request, reason in (
+        (apb.ListAuditEventsRequest(tenant_id="not a tenant"), "INVALID_TENANT_ID"),
+        (apb.ListAuditEventsRequest(page_token="!!"), "INVALID_PAGE_TOKEN"),
+        (apb.ListAuditEventsRequest(page_size=-1), None),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await world.audit["orchestrator"].ListAuditEvents(request, metadata=t.metadata)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
@@ -349,8 +398,9 @@ async def test_list_pages_newest_first_and_filters(world: World) -> None:
     await world.mesh.stub.DeleteTeam(opb.DeleteTeamRequest(name=names[0]), metadata=t.metadata)
     stub = world.audit["orchestrator"]
     first = await stub.ListAuditEvents(apb.ListAuditEventsRequest(page_size=3), metadata=t.metadata)
-    second = await stub.ListAuditEvents(apb.ListAuditEventsRequest(page_size=3, page_token=first.next_page_token),
-                                        metadata=t.metadata)
+    second = await stub.ListAuditEvents(
+        apb.ListAuditEventsRequest(page_size=3, page_token=first.next_page_token), metadata=t.metadata
+    )
     assert [e.sequence for e in (*first.events, *second.events)] == [4, 3, 2, 1]
     assert first.head.sequence == 4 and not second.next_page_token
     teams = await stub.ListAuditEvents(apb.ListAuditEventsRequest(action="team"), metadata=t.metadata)
@@ -365,7 +415,9 @@ def _orchestrator_db(world: World) -> Path:
     found = [p for p in world.data_dir.rglob("*.db") if "orchestrator" in str(p) and "file" not in p.name]
     for path in found:
         with sqlite3.connect(path) as conn:
-            if conn.execute("SELECT name FROM sqlite_master WHERE name = 'orchestrator_config_audit_events'").fetchone():
+            if conn.execute(
+                "SELECT name FROM sqlite_master WHERE name = 'orchestrator_config_audit_events'"
+            ).fetchone():
                 return path
     raise AssertionError(f"no orchestrator database among {found}")
 
@@ -380,27 +432,33 @@ async def test_tampering_is_caught_by_verify(world: World, tamper: str) -> None:
     path = _orchestrator_db(world)
     with sqlite3.connect(path) as conn:
         if tamper == "update":
-            changed = conn.execute("UPDATE orchestrator_config_audit_events SET target = 'team/other' "
-                                   "WHERE tenant_id = ? AND seq = 2", (t.tenant_id,)).rowcount
+            changed = conn.execute(
+                "UPDATE orchestrator_config_audit_events SET target = 'team/other' WHERE tenant_id = ? AND seq = 2",
+                (t.tenant_id,),
+            ).rowcount
         else:
-            changed = conn.execute("DELETE FROM orchestrator_config_audit_events WHERE tenant_id = ? AND seq = 2",
-                                   (t.tenant_id,)).rowcount
+            changed = conn.execute(
+                "DELETE FROM orchestrator_config_audit_events WHERE tenant_id = ? AND seq = 2", (t.tenant_id,)
+            ).rowcount
         assert changed == 1
     report = await world.audit["orchestrator"].VerifyAuditEvents(apb.VerifyAuditEventsRequest(), metadata=t.metadata)
     assert not report.intact and report.first_bad_sequence == 2, report
     assert report.service == "orchestrator"
     assert ("changed" if tamper == "update" else "missing") in report.problem
     for service in ("identity", "metering", "inference"):
-        assert (await world.audit[service].VerifyAuditEvents(apb.VerifyAuditEventsRequest(),
-                                                             metadata=t.metadata)).intact
+        assert (
+            await world.audit[service].VerifyAuditEvents(apb.VerifyAuditEventsRequest(), metadata=t.metadata)
+        ).intact
 
 
 @pytest.fixture
 def cli(world: World, monkeypatch, capsys):
     """Run a bulkhead command as one tenant against the mesh (in a thread: the servers share this loop)."""
-    env = {"BULKHEAD_IDENTITY_ADDR": world.mesh.identity.address,
-           "BULKHEAD_ORCHESTRATOR_ADDR": world.mesh.orchestrator.address,
-           **{f"BULKHEAD_{s.upper()}_ADDR": world.mesh.addr(s) for s in ("credentials", "metering", "inference")}}
+    env = {
+        "BULKHEAD_IDENTITY_ADDR": world.mesh.identity.address,
+        "BULKHEAD_ORCHESTRATOR_ADDR": world.mesh.orchestrator.address,
+        **{f"BULKHEAD_{s.upper()}_ADDR": world.mesh.addr(s) for s in ("credentials", "metering", "inference")},
+    }
     for key, value in env.items():
         monkeypatch.setenv(key, value)
     monkeypatch.delenv("BULKHEAD_API_KEY", raising=False)
@@ -416,6 +474,7 @@ def cli(world: World, monkeypatch, capsys):
             code = exc.code
         out = capsys.readouterr()
         return code, out.out, out.err
+
     return run
 
 
@@ -465,11 +524,15 @@ async def test_exactly_the_listed_services_serve_the_configuration_audit(world: 
 
     t = await tenant_of(world, "pooled")
     for service in ("identity", "orchestrator", "metering", "inference", "credentials", "state"):
-        address = world.mesh.identity.address if service == "identity" else (
-            world.mesh.orchestrator.address if service == "orchestrator" else world.mesh.addr(service))
+        address = (
+            world.mesh.identity.address
+            if service == "identity"
+            else (world.mesh.orchestrator.address if service == "orchestrator" else world.mesh.addr(service))
+        )
         async with grpc.aio.insecure_channel(address) as channel:
-            call = audit_pb2_grpc.ConfigAuditServiceStub(channel).ListAuditEvents(apb.ListAuditEventsRequest(),
-                                                                                 metadata=t.metadata)
+            call = audit_pb2_grpc.ConfigAuditServiceStub(channel).ListAuditEvents(
+                apb.ListAuditEventsRequest(), metadata=t.metadata
+            )
             if service in SERVED_BY:
                 assert (await call).service == service
             else:
@@ -486,8 +549,10 @@ async def test_cli_verify_all_tenants_names_each_broken_chain(world: World, cli)
         for _ in range(2):
             await world.mesh.stub.CreateTeam(opb.CreateTeamRequest(team=team_pb(_name())), metadata=t.metadata)
     with sqlite3.connect(_orchestrator_db(world)) as conn:
-        conn.execute("UPDATE orchestrator_config_audit_events SET principal_id = 'p_forged' "
-                     "WHERE tenant_id = ? AND seq = 1", (broken.tenant_id,))
+        conn.execute(
+            "UPDATE orchestrator_config_audit_events SET principal_id = 'p_forged' WHERE tenant_id = ? AND seq = 1",
+            (broken.tenant_id,),
+        )
     code, out, err = await cli(world.operator, "audit", "verify", "--all-tenants")
     assert code == 1
     assert f"BROKEN at event 1 in orchestrator (configuration, tenant {broken.tenant_id})" in err

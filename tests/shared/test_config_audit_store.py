@@ -2,6 +2,7 @@
 event commits with the change or not at all, and a superuser's edit or deletion of a stored event is
 caught by verify at that sequence.
 """
+
 from __future__ import annotations
 
 import sqlite3
@@ -59,15 +60,21 @@ async def backend(request, tmp_path) -> AsyncIterator[Backend]:
 
 
 def _tenant(tier: str = "pooled") -> TenantContext:
-    return TenantContext(tenant_id=f"t_{uuid.uuid4().hex[:12]}", principal_id="p_admin", tier=tier,
-                         request_id=uuid.uuid4().hex)
+    return TenantContext(
+        tenant_id=f"t_{uuid.uuid4().hex[:12]}", principal_id="p_admin", tier=tier, request_id=uuid.uuid4().hex
+    )
 
 
 async def _set(audit: ConfigAudit, store: PolicyStore, ctx: TenantContext, ceiling: int) -> None:
     with tenant_scope(ctx):
-        async with audit.change("model_policy.set", tenant_id=ctx.tenant_id, tier=ctx.tier,
-                                target=f"model_policy/{ctx.tenant_id}", tables={"inference_policies"},
-                                detail={"max_tokens_ceiling": ceiling}):
+        async with audit.change(
+            "model_policy.set",
+            tenant_id=ctx.tenant_id,
+            tier=ctx.tier,
+            target=f"model_policy/{ctx.tenant_id}",
+            tables={"inference_policies"},
+            detail={"max_tokens_ceiling": ceiling},
+        ):
             await store.put_policy(Policy(("claude-test",), "claude-test", {}, ceiling))
 
 
@@ -99,13 +106,19 @@ async def test_the_change_and_its_event_commit_together(backend: Backend) -> Non
     ctx = _tenant()
     await _set(audit, store, ctx, 100)
     if backend.kind == "sqlite":
-        await backend.execute("CREATE TRIGGER no_audit BEFORE INSERT ON inference_config_audit_events "
-                              "BEGIN SELECT RAISE(ABORT, 'audit refused'); END")
+        await backend.execute(
+            "CREATE TRIGGER no_audit BEFORE INSERT ON inference_config_audit_events "
+            "BEGIN SELECT RAISE(ABORT, 'audit refused'); END"
+        )
     else:
-        await backend.execute("CREATE FUNCTION no_audit() RETURNS trigger LANGUAGE plpgsql AS "
-                              "$$ BEGIN RAISE EXCEPTION 'audit refused'; END $$")
-        await backend.execute("CREATE TRIGGER no_audit BEFORE INSERT ON inference_config_audit_events "
-                              "FOR EACH ROW EXECUTE FUNCTION no_audit()")
+        await backend.execute(
+            "CREATE FUNCTION no_audit() RETURNS trigger LANGUAGE plpgsql AS "
+            "$$ BEGIN RAISE EXCEPTION 'audit refused'; END $$"
+        )
+        await backend.execute(
+            "CREATE TRIGGER no_audit BEFORE INSERT ON inference_config_audit_events "
+            "FOR EACH ROW EXECUTE FUNCTION no_audit()"
+        )
     with pytest.raises(Exception, match="audit refused"):
         await _set(audit, store, ctx, 999)
     assert await _ceiling(store, ctx) == 100
@@ -121,8 +134,11 @@ async def test_tampering_as_superuser_is_caught(backend: Backend, tamper: str) -
         await _set(audit, store, ctx, ceiling)
     table = "inference_config_audit_events"
     if tamper == "update":
-        touched = await backend.execute(f"UPDATE {table} SET detail = $1 WHERE tenant_id = $2 AND seq = 2",
-                                        '{"max_tokens_ceiling":"999999"}', ctx.tenant_id)
+        touched = await backend.execute(
+            f"UPDATE {table} SET detail = $1 WHERE tenant_id = $2 AND seq = 2",
+            '{"max_tokens_ceiling":"999999"}',
+            ctx.tenant_id,
+        )
         expected, words = 2, "changed"
     elif tamper == "delete":
         touched = await backend.execute(f"DELETE FROM {table} WHERE tenant_id = $1 AND seq = 2", ctx.tenant_id)
@@ -147,8 +163,9 @@ async def test_concurrent_changes_of_one_tenant_chain_in_order(backend: Backend)
 
     async def register(n: int) -> None:
         with tenant_scope(ctx):
-            async with audit.change_own("private_model.register", target=f"private_model/m{n}",
-                                        tables={"inference_private_models"}):
+            async with audit.change_own(
+                "private_model.register", target=f"private_model/m{n}", tables={"inference_private_models"}
+            ):
                 await store.add_private_model(PrivateModel(f"m{n}", "llama", "https://models.example/v1", "x"))
 
     await asyncio.gather(*(register(n) for n in range(12)))
@@ -184,8 +201,9 @@ async def test_a_change_in_a_platform_session_goes_to_the_named_tenants_chain(id
     with tenant_scope(operator):
         created = await directory.create_tenant(f"acme-{uuid.uuid4().hex[:6]}", "bridge", "")
         tid = created.tenant.id
-        async with audit.change("tenant.suspend", tenant_id=tid, target=f"tenant/{tid}", tables={"tenants"},
-                                detail={"status": "suspended"}):
+        async with audit.change(
+            "tenant.suspend", tenant_id=tid, target=f"tenant/{tid}", tables={"tenants"}, detail={"status": "suspended"}
+        ):
             await directory.set_tenant_status(tid, "suspended")
     rows = await audit.events(tid, "pooled", after=None, limit=10, newest_first=False)
     assert [(r["action"], r["operator_id"]) for r in rows] == [("tenant.suspend", "p_operator")]
@@ -196,7 +214,21 @@ def test_details_never_carry_a_secret() -> None:
     """A key named like a secret, an API key, a JWT or a provider key in a value is stored redacted."""
     from shared.config_audit import REDACTED, secret_free
 
-    detail = secret_free({"secret": "x", "display_name": "bk_t_abc_k_def_s3cr3t", "note": "eyJhbGciOiJFZERTQSJ9.e30",
-                          "provider": "sk-ant-0123456789", "scopes": ["state.*", "credentials.*"], "limit": 5})
-    assert detail == {"secret": REDACTED, "display_name": REDACTED, "note": REDACTED, "provider": REDACTED,
-                      "scopes": "credentials.*,state.*", "limit": "5"}
+    detail = secret_free(
+        {
+            "secret": "x",
+            "display_name": "bk_t_abc_k_def_s3cr3t",
+            "note": "eyJhbGciOiJFZERTQSJ9.e30",
+            "provider": "sk-ant-0123456789",
+            "scopes": ["state.*", "credentials.*"],
+            "limit": 5,
+        }
+    )
+    assert detail == {
+        "secret": REDACTED,
+        "display_name": REDACTED,
+        "note": REDACTED,
+        "provider": REDACTED,
+        "scopes": "credentials.*,state.*",
+        "limit": "5",
+    }

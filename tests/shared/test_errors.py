@@ -1,4 +1,5 @@
 """Errors stay small whatever input they echo: at most 1 KB of details, ErrorInfo always first."""
+
 from __future__ import annotations
 
 from google.rpc import error_details_pb2
@@ -9,8 +10,12 @@ from shared import errors
 def _unpacked(status):
     out = []
     for any_msg in status.details:
-        for cls in (error_details_pb2.ErrorInfo, error_details_pb2.BadRequest, error_details_pb2.RetryInfo,
-                    error_details_pb2.QuotaFailure):
+        for cls in (
+            error_details_pb2.ErrorInfo,
+            error_details_pb2.BadRequest,
+            error_details_pb2.RetryInfo,
+            error_details_pb2.QuotaFailure,
+        ):
             if any_msg.Is(cls.DESCRIPTOR):
                 out.append(cls.__name__)
     return out
@@ -18,9 +23,12 @@ def _unpacked(status):
 
 def test_thousands_of_long_violations_fit_in_one_kilobyte():
     """A BadRequest echoing 1,000 fields of 5,000 characters is cut to fit; the reason survives."""
-    error = errors.InvalidArgument("x" * 5000, reason="INVALID_QUERY",
-                                   violations={f"field{i}" + "f" * 5000: "d" * 5000 for i in range(1000)},
-                                   metadata={"echo": "v" * 5000})
+    error = errors.InvalidArgument(
+        "x" * 5000,
+        reason="INVALID_QUERY",
+        violations={f"field{i}" + "f" * 5000: "d" * 5000 for i in range(1000)},
+        metadata={"echo": "v" * 5000},
+    )
     status = error.to_status()
     assert status.ByteSize() <= errors.MAX_DETAILS_BYTES
     assert _unpacked(status)[0] == "ErrorInfo"
@@ -52,7 +60,7 @@ def test_unavailable_with_a_retry_delay_carries_it_as_retry_pushback():
 
 def test_echoes_are_clipped_by_bytes_not_characters():
     """1,500 four-byte characters echoed into a message and a field violation still fit in 1 KB."""
-    wide = "\U0001F600" * 1500
+    wide = "\U0001f600" * 1500
     error = errors.InvalidArgument(f"bad name {wide}", violations={"name": wide, wide: "bad"})
     assert len(error.message.encode()) <= 2 * errors.MAX_ECHO_BYTES
     assert all(len(v.encode()) <= errors.MAX_ECHO_BYTES for kv in error.violations.items() for v in kv)

@@ -1,4 +1,5 @@
 """The one tenant-id rule (shared.ids), the one docs/CONTRACT.md states."""
+
 from __future__ import annotations
 
 import pathlib
@@ -16,8 +17,26 @@ def test_well_formed_ids_pass(value: str):
     assert is_tenant_id(value) and check_tenant_id(value) == value
 
 
-@pytest.mark.parametrize("value", ["", "t_", "t", "a_b", "t_a_b", "t_A", "T_a", "t_a-b", "t_a b", " t_a", "t_a\n",
-                                   "t_" + "a" * 61, "t_é", "t_a,t_b", "*"])
+@pytest.mark.parametrize(
+    "value",
+    [
+        "",
+        "t_",
+        "t",
+        "a_b",
+        "t_a_b",
+        "t_A",
+        "T_a",
+        "t_a-b",
+        "t_a b",
+        " t_a",
+        "t_a\n",
+        "t_" + "a" * 61,
+        "t_é",
+        "t_a,t_b",
+        "*",
+    ],
+)
 def test_malformed_ids_are_invalid_argument_naming_the_field(value: str):
     assert not is_tenant_id(value)
     with pytest.raises(InvalidArgument) as info:

@@ -1,4 +1,5 @@
 """JSON logs carry service, tenant, request and trace ids, and never a token or a registered secret."""
+
 from __future__ import annotations
 
 import io

@@ -1,4 +1,5 @@
 """The one page-token codec: what a token is bound to, and the key every replica shares."""
+
 from __future__ import annotations
 
 import contextvars
@@ -19,10 +20,12 @@ CURSOR = {"t": datetime(2026, 1, 2, 3, 4, 5, 6, tzinfo=UTC), "id": "p_1"}
 
 def _in(method: str, tenant: str, fn, *, key: bytes = KEY):
     """fn() inside a served call of method for tenant (what the interceptor binds)."""
+
     def run():
         paging.bind(method, key)
         with tenant_scope(TenantContext(tenant_id=tenant, principal_id="p")):
             return fn()
+
     return contextvars.copy_context().run(run)
 
 
@@ -53,7 +56,7 @@ def test_every_altered_character_is_refused():
     """Changing any one character of a token, or cutting or extending it, is refused."""
     token = _in(LIST_A, "t_b", lambda: paging.encode(CURSOR, filters=("f",)))
     for i, ch in enumerate(token):
-        _refused(LIST_A, "t_b", token[:i] + ("A" if ch != "A" else "B") + token[i + 1:])
+        _refused(LIST_A, "t_b", token[:i] + ("A" if ch != "A" else "B") + token[i + 1 :])
     for bad in (token[:-1], token + "A", token + "==", "%%%", "!!", "A"):
         _refused(LIST_A, "t_b", bad)
 

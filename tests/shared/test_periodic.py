@@ -1,4 +1,5 @@
 """Periodic: background passes that survive a failure and stop cleanly."""
+
 from __future__ import annotations
 
 import asyncio

@@ -1,4 +1,5 @@
 """Region map configuration (data residency): parsed once at start, refused loudly when incomplete."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,15 +21,21 @@ def test_unset_is_one_region_with_todays_urls(tmp_path):
 
 
 def test_default_region_comes_first_and_names_the_main_urls():
-    env = {"BULKHEAD_REGIONS": "eu, us ,eu", "BULKHEAD_DEFAULT_REGION": "us",
-           "BULKHEAD_DATABASE_URL": "postgresql://app@us/db", "BULKHEAD_DATABASE_OWNER_URL": "postgresql://own@us/db",
-           "BULKHEAD_DATABASE_URL_EU": "postgresql://app@eu/db",
-           "BULKHEAD_METERING_DATABASE_URL_EU": "postgresql://app@eu/metering",
-           "BULKHEAD_METERING_DATABASE_OWNER_URL_EU": "postgresql://own@eu/metering"}
+    env = {
+        "BULKHEAD_REGIONS": "eu, us ,eu",
+        "BULKHEAD_DEFAULT_REGION": "us",
+        "BULKHEAD_DATABASE_URL": "postgresql://app@us/db",
+        "BULKHEAD_DATABASE_OWNER_URL": "postgresql://own@us/db",
+        "BULKHEAD_DATABASE_URL_EU": "postgresql://app@eu/db",
+        "BULKHEAD_METERING_DATABASE_URL_EU": "postgresql://app@eu/metering",
+        "BULKHEAD_METERING_DATABASE_OWNER_URL_EU": "postgresql://own@eu/metering",
+    }
     assert regions(env) == ("us", "eu") and default_region(env) == "us"
     state = ServiceConfig.from_env("state", env).region_databases()
-    assert state == {"us": RegionDatabase("postgresql://app@us/db", "postgresql://own@us/db"),
-                     "eu": RegionDatabase("postgresql://app@eu/db", "postgresql://app@eu/db")}
+    assert state == {
+        "us": RegionDatabase("postgresql://app@us/db", "postgresql://own@us/db"),
+        "eu": RegionDatabase("postgresql://app@eu/db", "postgresql://app@eu/db"),
+    }
     metering = ServiceConfig.from_env("metering", env).region_databases()  # its own URL wins over the shared one
     assert metering["eu"] == RegionDatabase("postgresql://app@eu/metering", "postgresql://own@eu/metering")
 

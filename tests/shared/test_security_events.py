@@ -1,5 +1,6 @@
 """Refused calls as each tenant's own security events: written to every service's ledger (bounded),
 read back only by their tenant through the one SecurityEventsService contract."""
+
 from __future__ import annotations
 
 import contextlib
@@ -31,8 +32,8 @@ from shared.lifecycle import TenantLifecycle
 from shared.security import SecurityEvents
 from shared.security_events import RETENTION_S, SECURITY_EVENTS_METADATA, TABLE, Refusal, SecurityLedger
 from shared.server import RunningServer
-from testkit.tokens import TestTokens
 from shared.tiers import Tier
+from testkit.tokens import TestTokens
 
 A, B = "t_secalpha", "t_secbeta"
 LIST_THREADS = "/bulkhead.state.v1.StateService/ListThreads"
@@ -66,7 +67,8 @@ class Mesh:
         out, token = [], ""
         while True:
             reply = await self.events(service).ListSecurityEvents(
-                pb.ListSecurityEventsRequest(page_token=token, **request), metadata=self.md(tenant))
+                pb.ListSecurityEventsRequest(page_token=token, **request), metadata=self.md(tenant)
+            )
             out += reply.events
             token = reply.next_page_token
             if not token:
@@ -83,11 +85,14 @@ async def _database(backend: str, name: str, migrations: Path, tmp_path: Path, r
 @contextlib.asynccontextmanager
 async def running(backend: str, tmp_path: Path, request, tier: str = "pooled") -> AsyncIterator[Mesh]:
     tokens = TestTokens()
-    dbs = {"state": await _database(backend, "sec_state", STATE_MIGRATIONS, tmp_path, request),
-           "credentials": await _database(backend, "sec_credentials", CREDENTIALS_MIGRATIONS, tmp_path, request)}
+    dbs = {
+        "state": await _database(backend, "sec_state", STATE_MIGRATIONS, tmp_path, request),
+        "credentials": await _database(backend, "sec_credentials", CREDENTIALS_MIGRATIONS, tmp_path, request),
+    }
     servers = {"state": await serve_state(db=dbs["state"], envelope=PlaintextEnvelope(), verifier=tokens.verifier)}
-    creds = await serve_credentials(db=dbs["credentials"], backend=LocalBackend(dbs["credentials"], b"k" * 32),
-                                    verifier=tokens.verifier)
+    creds = await serve_credentials(
+        db=dbs["credentials"], backend=LocalBackend(dbs["credentials"], b"k" * 32), verifier=tokens.verifier
+    )
     servers["credentials"] = creds.running
     channels = {name: grpc.aio.insecure_channel(s.address) for name, s in servers.items()}
     try:
@@ -120,25 +125,34 @@ async def test_b_refusals_on_two_services_show_in_bs_ledgers_never_in_as(backend
     async with running(backend, tmp_path, request, tier) as m:
         state = state_pb2_grpc.StateServiceStub(m.channels["state"])
         secrets = credentials_pb2_grpc.CredentialsServiceStub(m.channels["credentials"])
-        spoofed = await _refused(state.ListThreads, st.ListThreadsRequest(),
-                                 metadata=m.md(B, principal_id="p_b_prober", claimed=A))
+        spoofed = await _refused(
+            state.ListThreads, st.ListThreadsRequest(), metadata=m.md(B, principal_id="p_b_prober", claimed=A)
+        )
         assert spoofed["reason"] == "TENANT_MISMATCH"
         for _ in range(3):
-            lacking = await _refused(secrets.ListSecrets, cred.ListSecretsRequest(),
-                                     metadata=m.md(B, ("state.threads.read",), principal_id="p_b_bot"))
+            lacking = await _refused(
+                secrets.ListSecrets,
+                cred.ListSecretsRequest(),
+                metadata=m.md(B, ("state.threads.read",), principal_id="p_b_bot"),
+            )
             assert lacking["reason"] == "MISSING_SCOPE"
-        garbage = await _refused(state.ListThreads, st.ListThreadsRequest(),
-                                 metadata=(("authorization", "Bearer not-a-token"), ("x-tenant-id", B)))
+        garbage = await _refused(
+            state.ListThreads,
+            st.ListThreadsRequest(),
+            metadata=(("authorization", "Bearer not-a-token"), ("x-tenant-id", B)),
+        )
         assert garbage["reason"] == "TOKEN_MALFORMED"
         await state.ListThreads(st.ListThreadsRequest(), metadata=m.md(A))  # A's own calls are not refused
         await m.flush()
 
         at_state = await m.listed("state", B)
         assert [(e.service, e.method, e.reason, e.principal_id, e.count) for e in at_state] == [
-            ("state", LIST_THREADS, "TENANT_MISMATCH", "p_b_prober", 1)]
+            ("state", LIST_THREADS, "TENANT_MISMATCH", "p_b_prober", 1)
+        ]
         at_credentials = await m.listed("credentials", B)
         assert [(e.service, e.method, e.reason, e.principal_id, e.count) for e in at_credentials] == [
-            ("credentials", LIST_SECRETS, "MISSING_SCOPE", "p_b_bot", 3)]
+            ("credentials", LIST_SECRETS, "MISSING_SCOPE", "p_b_bot", 3)
+        ]
         event = at_credentials[0]
         now = time.time()
         assert now - 120 < event.bucket_start_time.seconds <= now and event.bucket_start_time.seconds % 60 == 0
@@ -162,8 +176,9 @@ async def test_every_replica_answers_with_the_same_figures(mesh):
         await mesh.flush()
         assert second.security_events.counts == {}  # the second replica refused nothing itself
         other = security_events_pb2_grpc.SecurityEventsServiceStub(channel)
-        here = (await mesh.events("state").ListSecurityEvents(pb.ListSecurityEventsRequest(),
-                                                               metadata=mesh.md(B))).events
+        here = (
+            await mesh.events("state").ListSecurityEvents(pb.ListSecurityEventsRequest(), metadata=mesh.md(B))
+        ).events
         there = (await other.ListSecurityEvents(pb.ListSecurityEventsRequest(), metadata=mesh.md(B))).events
         assert [e.count for e in there] == [4] and list(there) == list(here)
     finally:
@@ -177,19 +192,30 @@ async def test_only_verified_tokens_are_attributed(mesh):
     state = state_pb2_grpc.StateServiceStub(mesh.channels["state"])
     revoked, claims = mesh.tokens.issuer.issue(tenant_id=B, principal_id="p_b_revoked", scopes={"*"})
     mesh.tokens.revoke(claims.jti)
-    late, _ = mesh.tokens.issuer.issue(tenant_id=B, principal_id="p_b_late", scopes={"*"}, ttl=30,
-                                       now=time.time() - 100)
-    ancient, _ = mesh.tokens.issuer.issue(tenant_id=B, principal_id="p_b_ancient", scopes={"*"}, ttl=30,
-                                          now=time.time() - 7200)
+    late, _ = mesh.tokens.issuer.issue(
+        tenant_id=B, principal_id="p_b_late", scopes={"*"}, ttl=30, now=time.time() - 100
+    )
+    ancient, _ = mesh.tokens.issuer.issue(
+        tenant_id=B, principal_id="p_b_ancient", scopes={"*"}, ttl=30, now=time.time() - 7200
+    )
     forged = TestTokens().mint(B, principal_id="p_b_forged")
-    for token, reason in ((revoked, "TOKEN_REVOKED"), (late, "TOKEN_EXPIRED"), (ancient, "TOKEN_EXPIRED"),
-                          (forged, "TOKEN_UNKNOWN_KEY")):
-        got = await _refused(state.ListThreads, st.ListThreadsRequest(),
-                             metadata=(("authorization", f"Bearer {token}"), ("x-tenant-id", B)))
+    for token, reason in (
+        (revoked, "TOKEN_REVOKED"),
+        (late, "TOKEN_EXPIRED"),
+        (ancient, "TOKEN_EXPIRED"),
+        (forged, "TOKEN_UNKNOWN_KEY"),
+    ):
+        got = await _refused(
+            state.ListThreads,
+            st.ListThreadsRequest(),
+            metadata=(("authorization", f"Bearer {token}"), ("x-tenant-id", B)),
+        )
         assert got["reason"] == reason
     await mesh.flush()
     assert sorted((e.reason, e.principal_id) for e in await mesh.listed("state", B)) == [
-        ("TOKEN_EXPIRED", "p_b_late"), ("TOKEN_REVOKED", "p_b_revoked")]
+        ("TOKEN_EXPIRED", "p_b_late"),
+        ("TOKEN_REVOKED", "p_b_revoked"),
+    ]
     # A suspended tenant: refused everywhere, and nothing written (its rows may be being purged).
     mesh.tokens.keys.suspended = frozenset({A})
     got = await _refused(state.ListThreads, st.ListThreadsRequest(), metadata=mesh.md(A))
@@ -206,6 +232,7 @@ async def test_bad_input_gets_precise_reasons(mesh):
 
     def ts(seconds: int) -> Timestamp:
         return Timestamp(seconds=seconds)
+
     now = int(time.time())
     cases = [
         (pb.ListSecurityEventsRequest(start_time=ts(now), end_time=ts(now - 60)), "INVALID_TIME_RANGE", "start_time"),
@@ -228,13 +255,24 @@ async def test_pages_walk_every_event_once_and_a_token_keeps_its_filter(mesh):
     """page_size=1 walks the events newest minute first, each once; a token used with another filter is refused."""
     ledger = SecurityLedger("state", mesh.dbs["state"])
     now = int(time.time()) // 60 * 60
-    rows = [Refusal(B, now - 60 * i, f"/bulkhead.state.v1.StateService/M{i % 3}", "MISSING_SCOPE", "p_b", i + 1,
-                    (now - 60 * i) * 1_000_000) for i in range(7)]
+    rows = [
+        Refusal(
+            B,
+            now - 60 * i,
+            f"/bulkhead.state.v1.StateService/M{i % 3}",
+            "MISSING_SCOPE",
+            "p_b",
+            i + 1,
+            (now - 60 * i) * 1_000_000,
+        )
+        for i in range(7)
+    ]
     await ledger.write(rows)
     walked, token, first_token = [], "", ""
     while True:
-        reply = await mesh.events("state").ListSecurityEvents(pb.ListSecurityEventsRequest(
-            page_size=1, page_token=token), metadata=mesh.md(B))
+        reply = await mesh.events("state").ListSecurityEvents(
+            pb.ListSecurityEventsRequest(page_size=1, page_token=token), metadata=mesh.md(B)
+        )
         walked += reply.events
         token = reply.next_page_token
         assert len(reply.events) == 1
@@ -243,8 +281,11 @@ async def test_pages_walk_every_event_once_and_a_token_keeps_its_filter(mesh):
         first_token = first_token or token
     assert [e.count for e in walked] == [1, 2, 3, 4, 5, 6, 7]
     assert [e.bucket_start_time.seconds for e in walked] == sorted((r.bucket_start for r in rows), reverse=True)
-    got = await _refused(mesh.events("state").ListSecurityEvents, pb.ListSecurityEventsRequest(
-        page_size=1, page_token=first_token, reasons=["TENANT_MISMATCH"]), metadata=mesh.md(B))
+    got = await _refused(
+        mesh.events("state").ListSecurityEvents,
+        pb.ListSecurityEventsRequest(page_size=1, page_token=first_token, reasons=["TENANT_MISMATCH"]),
+        metadata=mesh.md(B),
+    )
     assert got["reason"] == "INVALID_PAGE_TOKEN"
     assert await mesh.listed("state", A) == []
 
@@ -261,15 +302,22 @@ async def test_a_flood_of_refusals_is_a_bounded_number_of_writes(mesh):
     async def counting(self, refusals):
         writes.append(len(refusals))
         return await ledger_write(self, refusals)
+
     original, SecurityLedger.write = SecurityLedger.write, counting
     try:
         for i in range(200):
             for _ in range(2):
-                await _refused(state.ListThreads, st.ListThreadsRequest(),
-                               metadata=mesh.md(B, ("metering.prices.read",), principal_id=f"p_flood_{i}"))
+                await _refused(
+                    state.ListThreads,
+                    st.ListThreadsRequest(),
+                    metadata=mesh.md(B, ("metering.prices.read",), principal_id=f"p_flood_{i}"),
+                )
         for i in range(10):
-            await _refused(state.ListThreads, st.ListThreadsRequest(),
-                           metadata=mesh.md(A, ("metering.prices.read",), principal_id=f"p_a_{i}"))
+            await _refused(
+                state.ListThreads,
+                st.ListThreadsRequest(),
+                metadata=mesh.md(A, ("metering.prices.read",), principal_id=f"p_a_{i}"),
+            )
         assert events.pending == 20
         await mesh.flush()
         await mesh.flush()  # nothing left: no second write
@@ -289,12 +337,27 @@ async def test_the_aggregator_never_holds_more_than_its_budget():
 
     async def sink(items):
         written.extend(items)
+
     events.attach(sink)
     for i in range(1000):
-        events.denied(reason="MISSING_SCOPE", method=f"/m{i % 50}", peer="", tenant_id=f"t_{i % 4}",
-                      principal_id="p", claimed_tenant=None, message="no")
-    events.denied(reason="TOKEN_INVALID", method="/m", peer="", tenant_id=None, principal_id=None,
-                  claimed_tenant=None, message="garbage")
+        events.denied(
+            reason="MISSING_SCOPE",
+            method=f"/m{i % 50}",
+            peer="",
+            tenant_id=f"t_{i % 4}",
+            principal_id="p",
+            claimed_tenant=None,
+            message="no",
+        )
+    events.denied(
+        reason="TOKEN_INVALID",
+        method="/m",
+        peer="",
+        tenant_id=None,
+        principal_id=None,
+        claimed_tenant=None,
+        message="garbage",
+    )
     assert events.pending == 5
     await events.flush()
     assert len(written) == 5 and events.pending == 0
@@ -307,8 +370,9 @@ async def test_retention_sweep_deletes_only_rows_past_thirty_days(mesh):
     ledger = SecurityLedger("state", mesh.dbs["state"])
     now = int(time.time()) // 60 * 60
     old, young = now - RETENTION_S - 120, now - RETENTION_S + 3600
-    await ledger.write([Refusal(t, b, LIST_THREADS, "MISSING_SCOPE", "p", 1, b * 1_000_000)
-                        for t in (A, B) for b in (old, young)])
+    await ledger.write(
+        [Refusal(t, b, LIST_THREADS, "MISSING_SCOPE", "p", 1, b * 1_000_000) for t in (A, B) for b in (old, young)]
+    )
     assert await ledger.sweep() == 2
     for tenant in (A, B):
         rows = await ledger.read(tenant, start=0, end=now + 60, reasons=[], after=None, limit=10)

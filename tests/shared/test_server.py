@@ -1,4 +1,5 @@
 """The server scaffold: connections are recycled, so callers re-resolve and reach new replicas."""
+
 from __future__ import annotations
 
 import asyncio
@@ -13,8 +14,9 @@ from testkit.tokens import TestTokens
 
 
 async def _idle_after_age(options) -> grpc.ChannelConnectivity:
-    running = await serve(name="echo", bindings=[echo_binding()], verifier=TestTokens().verifier, tls=None,
-                          options=options)
+    running = await serve(
+        name="echo", bindings=[echo_binding()], verifier=TestTokens().verifier, tls=None, options=options
+    )
     channel = grpc.aio.insecure_channel(running.address)
     try:
         await health_pb2_grpc.HealthStub(channel).Check(health_pb2.HealthCheckRequest())

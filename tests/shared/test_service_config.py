@@ -1,4 +1,5 @@
 """Channels spread calls over every replica and resend exactly the calls the protos mark idempotent."""
+
 from __future__ import annotations
 
 from collections import Counter
@@ -20,11 +21,23 @@ def _names(methods) -> set[str]:
 def test_retry_list_comes_from_the_protos_idempotency_level():
     """Reads and writes idempotent by key are listed; writes a repeat would do twice are not."""
     names = _names(retryable_methods())
-    assert {"StateService.ReadEvents", "StateService.Replay", "MeteringService.RecordUsage",
-            "MeteringService.CommitBudget", "OrchestratorService.GetRun", "CredentialsService.GetSecret"} <= names
-    assert not names & {"StateService.AppendEvents", "StateService.PutContext", "OrchestratorService.StartRun",
-                        "InferenceService.CreateMessage", "CredentialsService.PutSecret",
-                        "MeteringService.ReserveBudget", "MeteringService.LeaseBudget"}
+    assert {
+        "StateService.ReadEvents",
+        "StateService.Replay",
+        "MeteringService.RecordUsage",
+        "MeteringService.CommitBudget",
+        "OrchestratorService.GetRun",
+        "CredentialsService.GetSecret",
+    } <= names
+    assert not names & {
+        "StateService.AppendEvents",
+        "StateService.PutContext",
+        "OrchestratorService.StartRun",
+        "InferenceService.CreateMessage",
+        "CredentialsService.PutSecret",
+        "MeteringService.ReserveBudget",
+        "MeteringService.LeaseBudget",
+    }
     # Only from the descriptors given: one file's methods, nothing invented.
     only = _names(retryable_methods([metering_pb2.DESCRIPTOR, orchestrator_pb2.DESCRIPTOR]))
     assert only and all(n.split(".")[0] in ("MeteringService", "OrchestratorService") for n in only)
@@ -39,13 +52,16 @@ def test_service_config_is_round_robin_with_unavailable_only_retries():
     assert 2 <= method_config["retryPolicy"]["maxAttempts"] <= 5
 
 
-@pytest.mark.parametrize(("address", "target"), [
-    ("127.0.0.1:5", "127.0.0.1:5"),
-    ("127.0.0.1:5, 127.0.0.1:6", "ipv4:127.0.0.1:5,127.0.0.1:6"),
-    ("[::1]:5,[::1]:6", "ipv6:[::1]:5,[::1]:6"),
-    ("dns:///state.bulkhead:50053", "dns:///state.bulkhead:50053"),
-    ("ipv4:127.0.0.1:5,127.0.0.1:6", "ipv4:127.0.0.1:5,127.0.0.1:6"),
-])
+@pytest.mark.parametrize(
+    ("address", "target"),
+    [
+        ("127.0.0.1:5", "127.0.0.1:5"),
+        ("127.0.0.1:5, 127.0.0.1:6", "ipv4:127.0.0.1:5,127.0.0.1:6"),
+        ("[::1]:5,[::1]:6", "ipv6:[::1]:5,[::1]:6"),
+        ("dns:///state.bulkhead:50053", "dns:///state.bulkhead:50053"),
+        ("ipv4:127.0.0.1:5,127.0.0.1:6", "ipv4:127.0.0.1:5,127.0.0.1:6"),
+    ],
+)
 def test_channel_target_from_address(address, target):
     """A list of replicas becomes one multi-address target; single addresses and URIs pass unchanged."""
     assert channel_target(address) == target

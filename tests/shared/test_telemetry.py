@@ -1,4 +1,5 @@
 """Spans: one trace across a service hop, tenant.id on server spans, no token in any attribute."""
+
 from __future__ import annotations
 
 import pytest
@@ -40,8 +41,17 @@ async def test_one_trace_across_a_hop_with_tenant_on_every_server_span(spans):
     tokens = TestTokens()
     inner = await serve(name="inner", bindings=[echo_binding()], verifier=tokens.verifier)
     relay = Relay(inner.address)
-    outer = await serve(name="outer", verifier=tokens.verifier, bindings=[Binding(
-        echo_pb2_grpc.add_EchoServiceServicer_to_server, relay, echo_pb2.DESCRIPTOR.services_by_name["EchoService"])])
+    outer = await serve(
+        name="outer",
+        verifier=tokens.verifier,
+        bindings=[
+            Binding(
+                echo_pb2_grpc.add_EchoServiceServicer_to_server,
+                relay,
+                echo_pb2.DESCRIPTOR.services_by_name["EchoService"],
+            )
+        ],
+    )
     md = tokens.metadata("t_traced")
     try:
         async with make_channel(outer.address) as channel:

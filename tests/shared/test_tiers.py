@@ -1,4 +1,5 @@
 """Tiers live once: the Tier type, its proto enum both ways, and acting_for, which cannot be called without one."""
+
 from __future__ import annotations
 
 import pytest
@@ -20,8 +21,11 @@ OPERATOR = TenantContext("t_platform", "p_op", frozenset({"platform.operator"}),
 def test_every_tier_round_trips_through_the_proto_enum():
     """Each tier maps to its own enum value and back; the enum has no value we do not map."""
     values = {tier: tier_to_proto(tier) for tier in Tier}
-    assert values == {Tier.POOLED: tenancy_pb2.TIER_POOLED, Tier.BRIDGE: tenancy_pb2.TIER_BRIDGE,
-                      Tier.SILO: tenancy_pb2.TIER_SILO}
+    assert values == {
+        Tier.POOLED: tenancy_pb2.TIER_POOLED,
+        Tier.BRIDGE: tenancy_pb2.TIER_BRIDGE,
+        Tier.SILO: tenancy_pb2.TIER_SILO,
+    }
     assert all(tier_from_proto(v) is tier for tier, v in values.items())
     named = {v.number for v in tenancy_pb2.Tier.DESCRIPTOR.values} - {tenancy_pb2.TIER_UNSPECIFIED}
     assert named == set(values.values())
@@ -50,8 +54,13 @@ def test_acting_for_binds_the_target_with_its_tier_and_restores_the_caller(tier)
         with acting_for("t_target", tier=tier) as ctx:
             assert current_tenant() is ctx
             assert (ctx.tenant_id, ctx.tier, ctx.principal_id, ctx.actor_id, ctx.request_id) == (
-                "t_target", str(tier), "p_op", "p_op", "req-1")
-            assert type(ctx.tier) is str   # a plain string, as the token path gives it
+                "t_target",
+                str(tier),
+                "p_op",
+                "p_op",
+                "req-1",
+            )
+            assert type(ctx.tier) is str  # a plain string, as the token path gives it
             assert not ctx.scopes and not ctx.token
         assert current_tenant() is OPERATOR
 

@@ -1,4 +1,5 @@
 """Token issuing and verification, and key discovery by kid."""
+
 from __future__ import annotations
 
 import contextlib
@@ -18,8 +19,15 @@ def _pair():
 async def test_round_trip_keeps_every_claim():
     """What is issued is what is verified: tenant, principal, scopes, tier, actor and tags."""
     issuer, verifier, key = _pair()
-    token, issued = issuer.issue(tenant_id="t_a", principal_id="agent:x", scopes={"a.b", "c.*"}, tier="silo",
-                                 actor_id="p_admin", agent_id="x", run_id="r1")
+    token, issued = issuer.issue(
+        tenant_id="t_a",
+        principal_id="agent:x",
+        scopes={"a.b", "c.*"},
+        tier="silo",
+        actor_id="p_admin",
+        agent_id="x",
+        run_id="r1",
+    )
     claims = await verifier.verify(token)
     assert claims == issued and claims.kid == key.kid
 
@@ -89,8 +97,9 @@ async def test_unknown_kid_refetches_at_most_once_per_interval():
     assert loader.loads == 1
     for _ in range(20):
         with pytest.raises(Unauthenticated):
-            await verifier.verify(TokenIssuer(SigningKey.generate()).issue(tenant_id="t_a", principal_id="p",
-                                                                           scopes={"*"})[0])
+            await verifier.verify(
+                TokenIssuer(SigningKey.generate()).issue(tenant_id="t_a", principal_id="p", scopes={"*"})[0]
+            )
     assert loader.loads == 1
     await source.close()
 

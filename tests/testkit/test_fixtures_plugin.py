@@ -1,4 +1,5 @@
 """The pytest plugin fails (never skips) when a server can't start, and marks tests by fixture."""
+
 from __future__ import annotations
 
 import os
@@ -35,13 +36,36 @@ def _run_inner(tmp_path: pathlib.Path, env_extra: dict[str, str], *args: str):
     env = {**os.environ, **env_extra, "PYTHONPATH": str(ROOT)}
     env.pop("BULKHEAD_TEST_POSTGRES_URL", None)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "testkit.fixtures", "-p", "no:cacheprovider",
-         "-q", "-rA", "--rootdir", str(tmp_path), "-c", os.devnull, *args, str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "testkit.fixtures",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rA",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            os.devnull,
+            *args,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
 
 
-_MISSING = {"BULKHEAD_TEST_POSTGRES": "local", "BULKHEAD_TEST_PG_BINDIR": "/nonexistent",
-            "BULKHEAD_TEST_BAO": "/nonexistent/bao"}
+_MISSING = {
+    "BULKHEAD_TEST_POSTGRES": "local",
+    "BULKHEAD_TEST_PG_BINDIR": "/nonexistent",
+    "BULKHEAD_TEST_BAO": "/nonexistent/bao",
+}
 
 
 def test_missing_binaries_fail_with_install_hint_not_skip(tmp_path: pathlib.Path) -> None:
@@ -78,7 +102,7 @@ def test_free_port_is_bindable() -> None:
     assert not port_accepts("127.0.0.1", port)
 
 
-_ORPHAN_SCRIPT = '''
+_ORPHAN_SCRIPT = """
 import sys
 import time
 from testkit.postgres import start_postgres
@@ -86,14 +110,19 @@ from testkit.openbao import start_openbao
 pg, bao = start_postgres(), start_openbao()
 print(pg.port, bao.port, flush=True)
 sys.stdin.read()  # wait to be killed
-'''
+"""
 
 
 def test_servers_die_when_the_test_process_is_killed() -> None:
     """A pytest killed with SIGKILL (no finalizers run) still takes its servers down with it."""
-    proc = subprocess.Popen([sys.executable, "-c", _ORPHAN_SCRIPT], cwd=ROOT, text=True,
-                            stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _ORPHAN_SCRIPT],
+        cwd=ROOT,
+        text=True,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     try:
         pg_port, bao_port = map(int, proc.stdout.readline().split())
         assert port_accepts("127.0.0.1", pg_port) and port_accepts("127.0.0.1", bao_port)
@@ -140,9 +169,26 @@ def test_openbao_left_stopped_by_a_failing_test_is_restarted(tmp_path: pathlib.P
     """A test that stops OpenBao and dies before start() does not take later tests down."""
     (tmp_path / "test_inner.py").write_text(_STOPS_AND_FAILS)
     done = subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "testkit.fixtures", "-p", "no:cacheprovider",
-         "-q", "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path,
-        env={**os.environ, "PYTHONPATH": str(ROOT)})
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "testkit.fixtures",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            os.devnull,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+    )
     out = done.stdout + done.stderr
     assert "1 failed, 1 passed" in out, out

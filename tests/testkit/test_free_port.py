@@ -1,4 +1,5 @@
 """free_port() hands out ports the kernel never gives a port-0 bind, and never the same one twice."""
+
 from __future__ import annotations
 
 import socket

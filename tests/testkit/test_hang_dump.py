@@ -1,4 +1,5 @@
 """The hang dump names the await a stuck task is suspended in."""
+
 from __future__ import annotations
 
 import asyncio

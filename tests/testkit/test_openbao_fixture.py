@@ -1,4 +1,5 @@
 """The OpenBao dev-server fixture: KV v2, namespaces, restart on the same address, no token leaks."""
+
 from __future__ import annotations
 
 import secrets
@@ -37,12 +38,12 @@ def test_namespaces_isolate_secrets(openbao: OpenBaoServer) -> None:
     ns_a, ns_b = f"harness_a_{secrets.token_hex(3)}", f"harness_b_{secrets.token_hex(3)}"
     for ns in (ns_a, ns_b):
         root.adapter.post(f"/v1/sys/namespaces/{ns}")
-        openbao.client(namespace=ns).sys.enable_secrets_engine(
-            "kv", path="secret", options={"version": "2"})
+        openbao.client(namespace=ns).sys.enable_secrets_engine("kv", path="secret", options={"version": "2"})
     in_a = openbao.client(namespace=ns_a)
     in_a.secrets.kv.v2.create_or_update_secret(path="db", secret={"password": "only-in-a"})
-    assert in_a.secrets.kv.v2.read_secret_version(
-        path="db", raise_on_deleted_version=True)["data"]["data"] == {"password": "only-in-a"}
+    assert in_a.secrets.kv.v2.read_secret_version(path="db", raise_on_deleted_version=True)["data"]["data"] == {
+        "password": "only-in-a"
+    }
     for other in (openbao.client(namespace=ns_b), root):
         with pytest.raises(hvac.exceptions.InvalidPath):
             other.secrets.kv.v2.read_secret_version(path="db", raise_on_deleted_version=True)
@@ -62,16 +63,14 @@ def test_stop_refuses_connections_then_start_comes_back_empty(openbao: OpenBaoSe
         with pytest.raises(ConnectionRefusedError):
             socket.create_connection(("127.0.0.1", port), timeout=1).close()
         with pytest.raises(requests.exceptions.ConnectionError):
-            client.secrets.kv.v2.read_secret_version(path="harness/restart",
-                                                     raise_on_deleted_version=True)
+            client.secrets.kv.v2.read_secret_version(path="harness/restart", raise_on_deleted_version=True)
     finally:
         openbao.start()
     assert openbao.url == url_before
     assert openbao.healthy()
     assert client.is_authenticated()  # same root token still works
     with pytest.raises(hvac.exceptions.InvalidPath):  # dev mode: nothing survives a restart
-        client.secrets.kv.v2.read_secret_version(path="harness/restart",
-                                                 raise_on_deleted_version=True)
+        client.secrets.kv.v2.read_secret_version(path="harness/restart", raise_on_deleted_version=True)
     client.secrets.kv.v2.create_or_update_secret(path="harness/restart", secret={"x": "2"})
 
 

@@ -1,5 +1,6 @@
 """The pgbouncer fixture: transaction pooling in front of the session's Postgres, stopped with the
 session, and a failure (never a skip) with an install hint when the binary is missing."""
+
 from __future__ import annotations
 
 import os
@@ -32,9 +33,29 @@ def _run_inner(tmp_path: pathlib.Path, env_extra: dict[str, str]) -> subprocess.
     env = {**os.environ, **env_extra, "PYTHONPATH": str(ROOT)}
     env.pop("BULKHEAD_TEST_POSTGRES_URL", None)
     return subprocess.run(
-        [sys.executable, "-m", "pytest", "-p", "testkit.fixtures", "-p", "no:cacheprovider",
-         "-q", "-rA", "-s", "--rootdir", str(tmp_path), "-c", os.devnull, str(tmp_path)],
-        capture_output=True, text=True, timeout=120, cwd=tmp_path, env=env)
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "testkit.fixtures",
+            "-p",
+            "no:cacheprovider",
+            "-q",
+            "-rA",
+            "-s",
+            "--rootdir",
+            str(tmp_path),
+            "-c",
+            os.devnull,
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=env,
+    )
 
 
 def test_missing_pgbouncer_fails_with_install_hint_not_skip(tmp_path: pathlib.Path) -> None:

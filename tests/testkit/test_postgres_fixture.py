@@ -1,4 +1,5 @@
 """The throwaway PostgreSQL fixture gives real roles: the runtime role cannot get around RLS."""
+
 from __future__ import annotations
 
 import asyncpg
@@ -35,12 +36,17 @@ async def test_app_role_is_neither_superuser_nor_rls_bypassing(postgres: Postgre
     try:
         row = await conn.fetchrow(
             "SELECT current_user AS who, rolsuper, rolbypassrls, rolcreatedb, rolcreaterole "
-            "FROM pg_roles WHERE rolname = current_user")
+            "FROM pg_roles WHERE rolname = current_user"
+        )
     finally:
         await conn.close()
     assert row["who"] == APP_ROLE
     assert (row["rolsuper"], row["rolbypassrls"], row["rolcreatedb"], row["rolcreaterole"]) == (
-        False, False, False, False)
+        False,
+        False,
+        False,
+        False,
+    )
 
 
 async def test_owner_role_is_not_superuser_and_owns_the_database(postgres: PostgresServer) -> None:
@@ -51,7 +57,8 @@ async def test_owner_role_is_not_superuser_and_owns_the_database(postgres: Postg
         row = await conn.fetchrow(
             "SELECT r.rolsuper, r.rolbypassrls, pg_get_userbyid(d.datdba) AS dba "
             "FROM pg_roles r, pg_database d "
-            "WHERE r.rolname = current_user AND d.datname = current_database()")
+            "WHERE r.rolname = current_user AND d.datname = current_database()"
+        )
     finally:
         await conn.close()
     assert (row["rolsuper"], row["rolbypassrls"]) == (False, False)
@@ -154,6 +161,7 @@ def test_sync_variant_and_sqlalchemy_urls_work(postgres: PostgresServer) -> None
             await engine.dispose()
 
     from testkit.postgres import _run_in_thread
+
     assert _run_in_thread(whoami()) == APP_ROLE
 
 
@@ -163,8 +171,7 @@ def test_passwords_stay_out_of_repr(postgres: PostgresServer) -> None:
     assert postgres.app_password not in repr(postgres)
 
 
-async def test_owner_can_create_silo_databases_and_drop_cleans_them_up(
-        postgres: PostgresServer) -> None:
+async def test_owner_can_create_silo_databases_and_drop_cleans_them_up(postgres: PostgresServer) -> None:
     """The owner role may CREATEDB (silo tenants); drop_database removes those and the owner."""
     urls = await postgres.create_database("harness_silo")
     owner = await asyncpg.connect(urls.owner_dsn)

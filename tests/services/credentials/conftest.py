@@ -1,5 +1,6 @@
 """Fixtures for the credentials tests: a real server on port 0 with the production interceptors,
 a real SQLite database, and either backend (the local one, or a real OpenBao dev server)."""
+
 from __future__ import annotations
 
 import secrets
@@ -53,7 +54,9 @@ class Harness:
 
     async def put(self, name: str, value: bytes, tenant: str | None = None, **fields) -> pb.Secret:
         """PutSecret as `tenant`."""
-        reply = await self.stub.PutSecret(pb.PutSecretRequest(name=name, value=value, **fields), metadata=self.md(tenant))
+        reply = await self.stub.PutSecret(
+            pb.PutSecretRequest(name=name, value=value, **fields), metadata=self.md(tenant)
+        )
         return reply.secret
 
     async def get(self, name: str, tenant: str | None = None, version: int = 0) -> pb.GetSecretResponse:
@@ -62,8 +65,9 @@ class Harness:
 
     async def events(self, tenant: str | None = None, **fields) -> list[pb.AccessEvent]:
         """Every audit event of `tenant`."""
-        reply = await self.stub.ListAccessEvents(pb.ListAccessEventsRequest(page_size=1000, **fields),
-                                                 metadata=self.md(tenant))
+        reply = await self.stub.ListAccessEvents(
+            pb.ListAccessEventsRequest(page_size=1000, **fields), metadata=self.md(tenant)
+        )
         return list(reply.events)
 
     async def raw(self, sql: str, params: dict | None = None) -> list:
@@ -104,16 +108,36 @@ def make_test_backend(kind: str, db: Database, tmp_path, openbao=None):
     return LocalBackend(db, load_or_create_master_key(tmp_path / "keys" / "master.key"))
 
 
-async def start_harness(kind: str, tmp_path, migrated_template: str, openbao=None, *,
-                        rotators: RotatorRegistry | None = None, grace_seconds: int = 86400) -> Harness:
+async def start_harness(
+    kind: str,
+    tmp_path,
+    migrated_template: str,
+    openbao=None,
+    *,
+    rotators: RotatorRegistry | None = None,
+    grace_seconds: int = 86400,
+) -> Harness:
     """Database, backend, server and a channel to it."""
     db = await open_db(tmp_path, migrated_template)
     backend = make_test_backend(kind, db, tmp_path, openbao)
-    service = await serve_credentials(db=db, backend=backend, verifier=TOKENS.verifier, rotators=rotators,
-                                      grace_seconds=grace_seconds, audit_key=AUDIT_KEY)
+    service = await serve_credentials(
+        db=db,
+        backend=backend,
+        verifier=TOKENS.verifier,
+        rotators=rotators,
+        grace_seconds=grace_seconds,
+        audit_key=AUDIT_KEY,
+    )
     channel = make_channel(service.running.address)
-    return Harness(service, channel, credentials_pb2_grpc.CredentialsServiceStub(channel), TOKENS, kind,
-                   new_tenant("a"), new_tenant("b"))
+    return Harness(
+        service,
+        channel,
+        credentials_pb2_grpc.CredentialsServiceStub(channel),
+        TOKENS,
+        kind,
+        new_tenant("a"),
+        new_tenant("b"),
+    )
 
 
 async def stop_harness(h: Harness) -> None:

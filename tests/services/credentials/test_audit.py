@@ -1,4 +1,5 @@
 """The audit: every access is recorded (including refusals), values never are, and tampering shows."""
+
 from __future__ import annotations
 
 import grpc
@@ -42,7 +43,8 @@ async def test_cross_tenant_attempts_are_audited_in_the_callers_chain(h):
     await expect_error(grpc.StatusCode.NOT_FOUND, h.get("alpha-secret", tenant=h.beta))
     probes = await h.events(h.beta)
     assert [(e.action, e.outcome, e.secret_name) for e in probes] == [
-        (pb.ACCESS_ACTION_GET, pb.ACCESS_OUTCOME_NOT_FOUND, "alpha-secret")]
+        (pb.ACCESS_ACTION_GET, pb.ACCESS_OUTCOME_NOT_FOUND, "alpha-secret")
+    ]
     assert len(await h.events()) == before
 
 
@@ -92,17 +94,32 @@ async def test_a_rebuilt_chain_without_the_key_is_detected(h):
     from shared import audit_chain
 
     await _three_events(h)
-    names = ("seq", "time_us", "principal_id", "actor_id", "agent_id", "run_id", "request_id",
-             "secret_name", "version", "action", "outcome", "reason")
-    rows = await h.raw(f"SELECT {', '.join(names)} FROM cred_audit_events WHERE tenant_id = :t ORDER BY seq",
-                       {"t": h.alpha})
+    names = (
+        "seq",
+        "time_us",
+        "principal_id",
+        "actor_id",
+        "agent_id",
+        "run_id",
+        "request_id",
+        "secret_name",
+        "version",
+        "action",
+        "outcome",
+        "reason",
+    )
+    rows = await h.raw(
+        f"SELECT {', '.join(names)} FROM cred_audit_events WHERE tenant_id = :t ORDER BY seq", {"t": h.alpha}
+    )
     prev = (await h.raw("SELECT hash FROM cred_audit_events WHERE tenant_id = :t AND seq = 1", {"t": h.alpha}))[0][0]
     for row in rows[1:]:
         fields = dict(zip(names, row, strict=True))
         fields["outcome"] = "denied" if fields["seq"] == 2 else fields["outcome"]
         forged = audit_chain.link(prev, fields)  # the attacker has the table, not the key
-        await h.raw("UPDATE cred_audit_events SET outcome = :o, prev_hash = :p, hash = :h WHERE tenant_id = :t "
-                    "AND seq = :s", {"o": fields["outcome"], "p": prev, "h": forged, "t": h.alpha, "s": fields["seq"]})
+        await h.raw(
+            "UPDATE cred_audit_events SET outcome = :o, prev_hash = :p, hash = :h WHERE tenant_id = :t AND seq = :s",
+            {"o": fields["outcome"], "p": prev, "h": forged, "t": h.alpha, "s": fields["seq"]},
+        )
         prev = forged
     await h.raw("UPDATE cred_audit_heads SET hash = :h WHERE tenant_id = :t", {"h": prev, "t": h.alpha})
     report = await _verify(h)
@@ -114,8 +131,9 @@ async def test_access_events_page_in_order(h):
     for i in range(4):
         await h.put(f"s{i}", b"paged-value")
     first = await h.stub.ListAccessEvents(pb.ListAccessEventsRequest(page_size=3), metadata=h.md())
-    second = await h.stub.ListAccessEvents(pb.ListAccessEventsRequest(page_size=3, page_token=first.next_page_token),
-                                           metadata=h.md())
+    second = await h.stub.ListAccessEvents(
+        pb.ListAccessEventsRequest(page_size=3, page_token=first.next_page_token), metadata=h.md()
+    )
     assert [e.sequence for e in first.events] == [1, 2, 3] and first.next_page_token
     assert [e.sequence for e in second.events] == [4] and not second.next_page_token
     assert [e.secret_name for e in await h.events(secret_name="s2")] == ["s2"]

@@ -1,6 +1,7 @@
 """The access audit's fast append (issue 16): concurrent events share one commit made on the event
 loop's thread when the SQLite file is free, in call order, and a busy file sends the append to the
 writer thread instead of blocking the loop. No read answers before its event is committed."""
+
 from __future__ import annotations
 
 import asyncio

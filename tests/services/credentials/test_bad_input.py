@@ -1,4 +1,5 @@
 """Bad input: precise status, ErrorInfo reason and field, and nothing half-written."""
+
 from __future__ import annotations
 
 import grpc
@@ -13,11 +14,13 @@ async def test_invalid_names_are_refused(h):
     for name in ("", "../other", "a/b", ".hidden", "x" * 129, "spaces here"):
         details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.put(name, b"some-value"))
         assert details["reason"] == "SECRET_NAME_INVALID" and "name" in details["bad_request"]
-    for call in (h.stub.GetSecret(pb.GetSecretRequest(name="../x"), metadata=h.md()),
-                 h.stub.DescribeSecret(pb.DescribeSecretRequest(name="a/b"), metadata=h.md()),
-                 h.stub.RotateSecret(pb.RotateSecretRequest(name=""), metadata=h.md()),
-                 h.stub.DeleteSecret(pb.DeleteSecretRequest(name="a b"), metadata=h.md()),
-                 h.stub.DestroySecret(pb.DestroySecretRequest(name="/"), metadata=h.md())):
+    for call in (
+        h.stub.GetSecret(pb.GetSecretRequest(name="../x"), metadata=h.md()),
+        h.stub.DescribeSecret(pb.DescribeSecretRequest(name="a/b"), metadata=h.md()),
+        h.stub.RotateSecret(pb.RotateSecretRequest(name=""), metadata=h.md()),
+        h.stub.DeleteSecret(pb.DeleteSecretRequest(name="a b"), metadata=h.md()),
+        h.stub.DestroySecret(pb.DestroySecretRequest(name="/"), metadata=h.md()),
+    ):
         details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, call)
         assert details["reason"] == "SECRET_NAME_INVALID"
     assert not (await h.stub.ListSecrets(pb.ListSecretsRequest(show_deleted=True), metadata=h.md())).secrets
@@ -25,12 +28,15 @@ async def test_invalid_names_are_refused(h):
 
 async def test_invalid_secret_fields_are_refused_together(h):
     """Oversized value, negative cas and too-short rotation are reported field by field, nothing stored."""
-    details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.put(
-        "fine-name", b"x" * (64 * 1024 + 1), cas=-1, rotation_period=duration_pb2.Duration(seconds=5)))
+    details, _ = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        h.put("fine-name", b"x" * (64 * 1024 + 1), cas=-1, rotation_period=duration_pb2.Duration(seconds=5)),
+    )
     assert details["reason"] == "SECRET_INVALID"
     assert set(details["bad_request"]) == {"value", "cas", "rotation_period"}
-    await expect_error(grpc.StatusCode.NOT_FOUND, h.stub.DescribeSecret(pb.DescribeSecretRequest(name="fine-name"),
-                                                                        metadata=h.md()))
+    await expect_error(
+        grpc.StatusCode.NOT_FOUND, h.stub.DescribeSecret(pb.DescribeSecretRequest(name="fine-name"), metadata=h.md())
+    )
 
 
 async def test_unknown_rotator_is_refused(h):
@@ -44,8 +50,9 @@ async def test_negative_version_and_duration_are_refused(h):
     await h.put("v", b"some-value")
     details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.get("v", version=-1))
     assert details["reason"] == "INVALID_VERSION"
-    details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT,
-                                    h.put("v", b"other-value", grace_period=duration_pb2.Duration(seconds=-1)))
+    details, _ = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, h.put("v", b"other-value", grace_period=duration_pb2.Duration(seconds=-1))
+    )
     assert details["reason"] == "DURATION_INVALID"
     assert (await h.get("v")).version == 1
 
@@ -59,15 +66,22 @@ async def test_missing_version_is_not_found(h):
 
 async def test_malformed_page_tokens_are_refused(h):
     """Page tokens this service did not issue are INVALID_ARGUMENT."""
-    details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListSecrets(
-        pb.ListSecretsRequest(page_token="%%%not-a-token"), metadata=h.md()))
+    details, _ = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        h.stub.ListSecrets(pb.ListSecretsRequest(page_token="%%%not-a-token"), metadata=h.md()),
+    )
     assert details["reason"] == "INVALID_PAGE_TOKEN"
-    details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListAccessEvents(
-        pb.ListAccessEventsRequest(page_token="%%%"), metadata=h.md()))
+    details, _ = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        h.stub.ListAccessEvents(pb.ListAccessEventsRequest(page_token="%%%"), metadata=h.md()),
+    )
     assert details["reason"] == "INVALID_PAGE_TOKEN"
-    details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListSecrets(
-        pb.ListSecretsRequest(page_size=-1), metadata=h.md()))
+    details, _ = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListSecrets(pb.ListSecretsRequest(page_size=-1), metadata=h.md())
+    )
     assert "page_size" in details["bad_request"]
-    details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ListAccessEvents(
-        pb.ListAccessEventsRequest(page_size=-5), metadata=h.md()))
+    details, _ = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        h.stub.ListAccessEvents(pb.ListAccessEventsRequest(page_size=-5), metadata=h.md()),
+    )
     assert details["reason"] == "INVALID_PAGE_SIZE" and "page_size" in details["bad_request"]

@@ -1,4 +1,5 @@
 """`bulkhead secrets ...` and `bulkhead audit ...` against a real server (values via stdin only)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -26,6 +27,7 @@ def cli(lh, monkeypatch, capsys):
             code = exc.code
         out = capsys.readouterr()
         return code, out.out, out.err
+
     return run
 
 
@@ -69,7 +71,8 @@ async def test_audit_verify_passes_then_catches_tampering(cli, lh):
     assert code == 0 and "intact" in out
     code, out, _ = await cli("audit", "list")
     assert code == 0 and "get" in out and "audited-value" not in out
-    await lh.raw("UPDATE cred_audit_events SET principal_id = 'p_someone_else' WHERE tenant_id = :t AND seq = 2",
-                 {"t": lh.alpha})
+    await lh.raw(
+        "UPDATE cred_audit_events SET principal_id = 'p_someone_else' WHERE tenant_id = :t AND seq = 2", {"t": lh.alpha}
+    )
     code, _, err = await cli("audit", "verify")
     assert code == 1 and "BROKEN at event 2" in err

@@ -1,4 +1,5 @@
 """Tenant B against tenant A's secrets and keys: every RPC is refused without leaking existence."""
+
 from __future__ import annotations
 
 import grpc
@@ -20,8 +21,12 @@ async def test_every_secret_rpc_on_another_tenants_secret_is_not_found(h):
     await h.put("shared-name", b"alpha-only-value")
     b = h.md(h.beta)
     await _not_found_like_a_missing_name(h, lambda n: h.stub.GetSecret(pb.GetSecretRequest(name=n), metadata=b))
-    await _not_found_like_a_missing_name(h, lambda n: h.stub.GetSecret(pb.GetSecretRequest(name=n, version=1), metadata=b))
-    await _not_found_like_a_missing_name(h, lambda n: h.stub.DescribeSecret(pb.DescribeSecretRequest(name=n), metadata=b))
+    await _not_found_like_a_missing_name(
+        h, lambda n: h.stub.GetSecret(pb.GetSecretRequest(name=n, version=1), metadata=b)
+    )
+    await _not_found_like_a_missing_name(
+        h, lambda n: h.stub.DescribeSecret(pb.DescribeSecretRequest(name=n), metadata=b)
+    )
     await _not_found_like_a_missing_name(h, lambda n: h.stub.RotateSecret(pb.RotateSecretRequest(name=n), metadata=b))
     await _not_found_like_a_missing_name(h, lambda n: h.stub.DeleteSecret(pb.DeleteSecretRequest(name=n), metadata=b))
     await _not_found_like_a_missing_name(h, lambda n: h.stub.DestroySecret(pb.DestroySecretRequest(name=n), metadata=b))
@@ -60,13 +65,16 @@ async def test_another_tenants_ciphertext_does_not_decrypt(h):
     b = h.md(h.beta)
     await h.stub.Encrypt(pb.EncryptRequest(plaintext=b"make beta's key exist"), metadata=b)
     for ciphertext in (enc.ciphertext, key.wrapped_key):
-        details, msg = await expect_error(grpc.StatusCode.INVALID_ARGUMENT,
-                                          h.stub.Decrypt(pb.DecryptRequest(ciphertext=ciphertext), metadata=b))
-        garbage, garbage_msg = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.Decrypt(
-            pb.DecryptRequest(ciphertext=b"garbage"), metadata=b))
+        details, msg = await expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT, h.stub.Decrypt(pb.DecryptRequest(ciphertext=ciphertext), metadata=b)
+        )
+        garbage, garbage_msg = await expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT, h.stub.Decrypt(pb.DecryptRequest(ciphertext=b"garbage"), metadata=b)
+        )
         assert details == garbage and msg == garbage_msg and details["reason"] == "DECRYPTION_FAILED"
-        details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT,
-                                        h.stub.Rewrap(pb.RewrapRequest(ciphertext=ciphertext), metadata=b))
+        details, _ = await expect_error(
+            grpc.StatusCode.INVALID_ARGUMENT, h.stub.Rewrap(pb.RewrapRequest(ciphertext=ciphertext), metadata=b)
+        )
         assert details["reason"] == "DECRYPTION_FAILED"
     denied = [e for e in await h.events(h.beta) if e.action == pb.ACCESS_ACTION_DECRYPT]
     assert denied and all(e.outcome == pb.ACCESS_OUTCOME_DENIED for e in denied)
@@ -80,9 +88,13 @@ async def test_key_operations_of_one_tenant_leave_the_other_alone(h):
     beta_key = await h.stub.GenerateDataKey(pb.GenerateDataKeyRequest(), metadata=b)
     assert beta_key.key_version == 2
     assert (await h.stub.Encrypt(pb.EncryptRequest(plaintext=b"x"), metadata=h.md())).key_version == 1
-    assert (await h.stub.Decrypt(pb.DecryptRequest(ciphertext=enc.ciphertext), metadata=h.md())).plaintext == b"alpha data"
-    await expect_error(grpc.StatusCode.INVALID_ARGUMENT,
-                       h.stub.Decrypt(pb.DecryptRequest(ciphertext=beta_key.wrapped_key), metadata=h.md()))
+    assert (
+        await h.stub.Decrypt(pb.DecryptRequest(ciphertext=enc.ciphertext), metadata=h.md())
+    ).plaintext == b"alpha data"
+    await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        h.stub.Decrypt(pb.DecryptRequest(ciphertext=beta_key.wrapped_key), metadata=h.md()),
+    )
 
 
 async def test_token_of_one_tenant_with_another_tenant_header_is_refused(h):
@@ -90,7 +102,10 @@ async def test_token_of_one_tenant_with_another_tenant_header_is_refused(h):
     await h.put("alpha-secret", b"alpha-value")
     token_md = dict(h.md(h.alpha))
     md = (("authorization", token_md["authorization"]), ("x-tenant-id", h.beta))
-    await expect_error(grpc.StatusCode.PERMISSION_DENIED,
-                       h.stub.GetSecret(pb.GetSecretRequest(name="alpha-secret"), metadata=md))
-    await expect_error(grpc.StatusCode.UNAUTHENTICATED,
-                       h.stub.GetSecret(pb.GetSecretRequest(name="alpha-secret"), metadata=(("x-tenant-id", h.alpha),)))
+    await expect_error(
+        grpc.StatusCode.PERMISSION_DENIED, h.stub.GetSecret(pb.GetSecretRequest(name="alpha-secret"), metadata=md)
+    )
+    await expect_error(
+        grpc.StatusCode.UNAUTHENTICATED,
+        h.stub.GetSecret(pb.GetSecretRequest(name="alpha-secret"), metadata=(("x-tenant-id", h.alpha),)),
+    )

@@ -1,4 +1,5 @@
 """services.orchestrator.injection: secrets resolved for one tool call, kept out of logs, reprs and exceptions."""
+
 from __future__ import annotations
 
 import traceback
@@ -6,13 +7,13 @@ import traceback
 import grpc
 import pytest
 
-from shared.client import make_channel
 from services.orchestrator.injection import (
     SecretInjector,
     SecretRef,
     SecretResolutionError,
     ToolFailed,
 )
+from shared.client import make_channel
 from shared.logs import REDACTED, scrub
 from shared.tenancy import TenantContext, tenant_scope
 
@@ -32,9 +33,13 @@ async def test_tool_gets_the_values_it_references(lh):
     try:
         with tenant_scope(_as(lh, lh.alpha)):
             async with SecretInjector(channel).inject(
-                    {"STRIPE": "stripe-key", "OLD_STRIPE": SecretRef("stripe-key", 1), "DB": "db-url"}) as env:
-                assert env.reveal() == {"STRIPE": "sk_live_second", "OLD_STRIPE": "sk_live_first",
-                                        "DB": "postgres://u:pw@db/x"}
+                {"STRIPE": "stripe-key", "OLD_STRIPE": SecretRef("stripe-key", 1), "DB": "db-url"}
+            ) as env:
+                assert env.reveal() == {
+                    "STRIPE": "sk_live_second",
+                    "OLD_STRIPE": "sk_live_first",
+                    "DB": "postgres://u:pw@db/x",
+                }
                 assert "sk_live" not in repr(env) and "sk_live" not in str(env)
             assert len(env) == 0  # dropped after the call
     finally:

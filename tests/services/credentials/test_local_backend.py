@@ -1,4 +1,5 @@
 """The local backend: master key file handling, and ciphertexts bound to their tenant and place."""
+
 from __future__ import annotations
 
 import os

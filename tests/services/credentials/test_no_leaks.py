@@ -1,4 +1,5 @@
 """A secret value never reaches logs, span attributes, error messages, the audit or any table."""
+
 from __future__ import annotations
 
 import base64
@@ -41,11 +42,13 @@ async def test_value_appears_nowhere_but_the_get_reply(spans, h, caplog):
     await h.put("payment-key", value)
     assert (await h.get("payment-key")).value == value
     errors = []
-    for call in (h.put("payment-key", value, cas=0),                       # CAS conflict
-                 h.put("payment-key", value, tenant=h.beta, cas=5),        # conflict in another tenant
-                 h.get("payment-key", tenant=h.beta),                      # cross-tenant probe
-                 h.put("bad/name", value),                                 # invalid name
-                 h.stub.Decrypt(pb.DecryptRequest(ciphertext=value), metadata=h.md())):  # value as ciphertext
+    for call in (
+        h.put("payment-key", value, cas=0),  # CAS conflict
+        h.put("payment-key", value, tenant=h.beta, cas=5),  # conflict in another tenant
+        h.get("payment-key", tenant=h.beta),  # cross-tenant probe
+        h.put("bad/name", value),  # invalid name
+        h.stub.Decrypt(pb.DecryptRequest(ciphertext=value), metadata=h.md()),
+    ):  # value as ciphertext
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await call
         errors.append(f"{info.value.details()} {info.value.trailing_metadata()} {info.value.debug_error_string()}")
@@ -56,7 +59,9 @@ async def test_value_appears_nowhere_but_the_get_reply(spans, h, caplog):
     text_forms = [f.decode() for f in forms]
     log_text = "\n".join(f"{r.getMessage()} {r.__dict__}" for r in caplog.records)
     assert not any(f in log_text for f in text_forms)
-    span_text = repr([(s.name, dict(s.attributes or {}), [e.attributes for e in s.events]) for s in spans.get_finished_spans()])
+    span_text = repr(
+        [(s.name, dict(s.attributes or {}), [e.attributes for e in s.events]) for s in spans.get_finished_spans()]
+    )
     assert spans.get_finished_spans() and not any(f in span_text for f in text_forms)
     assert len(errors) == 5 and not any(f in e for e in errors for f in text_forms)
     tables = [r[0] for r in await h.raw("SELECT name FROM sqlite_master WHERE type = 'table'")]

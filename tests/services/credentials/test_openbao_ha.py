@@ -1,5 +1,6 @@
 """Credentials on a 3-node OpenBao Raft cluster: the leader is killed (SIGKILL) mid-workload,
 credentials keeps serving after the failover, and no acknowledged secret version is lost."""
+
 from __future__ import annotations
 
 import asyncio
@@ -97,8 +98,9 @@ async def _check_nothing_lost(h, cluster, work: Workload) -> None:
         assert got.value == value, (w, name, version)
         ref = TenantRef(w.tenant, w.tier)
         kv = cluster.client(url=leader.url, namespace=layout.namespace(ref))
-        raw = kv.secrets.kv.v2.read_secret_version(layout.secret_path(ref, name), version=version,
-                                                   mount_point=layout.kv_mount, raise_on_deleted_version=True)
+        raw = kv.secrets.kv.v2.read_secret_version(
+            layout.secret_path(ref, name), version=version, mount_point=layout.kv_mount, raise_on_deleted_version=True
+        )
         assert base64.b64decode(raw["data"]["data"]["value"]) == value, (w, name, version)
 
 
@@ -106,8 +108,9 @@ async def _start(cluster, tmp_path, migrated_template):
     """Credentials given every node, the current leader first (the node it talks to dies first)."""
     leader = cluster.wait_for_leader()
     urls = [leader.url] + [u for u in cluster.urls if u != leader.url]
-    h = await start_harness("vault", tmp_path, migrated_template,
-                            SimpleNamespace(url=",".join(urls), root_token=cluster.root_token))
+    h = await start_harness(
+        "vault", tmp_path, migrated_template, SimpleNamespace(url=",".join(urls), root_token=cluster.root_token)
+    )
     assert h.service.backend.current_address == leader.url
     # Pooled writers, and a silo tenant whose secrets live in an OpenBao namespace of its own.
     silo = "t_silo" + h.alpha[3:]
@@ -115,8 +118,7 @@ async def _start(cluster, tmp_path, migrated_template):
     return h, writers
 
 
-async def test_credentials_keeps_serving_when_the_openbao_leader_is_killed(tmp_path, migrated_template,
-                                                                          openbao_raft):
+async def test_credentials_keeps_serving_when_the_openbao_leader_is_killed(tmp_path, migrated_template, openbao_raft):
     """kill -9 of the leader mid-workload: writes pause for the election and resume; every
     acknowledged version is still readable, through credentials and in OpenBao itself."""
     cluster = openbao_raft
@@ -131,10 +133,12 @@ async def test_credentials_keeps_serving_when_the_openbao_leader_is_killed(tmp_p
         await asyncio.sleep(1.5)
         stop.set()
         await asyncio.gather(*tasks)
-        print(f"\nOpenBao leader {killed.node_id} killed; {new_leader.node_id} took over; first success "
-              f"{gap * 1000:.0f} ms after the kill; {len(work.unavailable)} UNAVAILABLE meanwhile; "
-              f"{before} versions acknowledged before, {len(work.acked) - before} after; "
-              f"credentials now on {h.service.backend.current_address}")
+        print(
+            f"\nOpenBao leader {killed.node_id} killed; {new_leader.node_id} took over; first success "
+            f"{gap * 1000:.0f} ms after the kill; {len(work.unavailable)} UNAVAILABLE meanwhile; "
+            f"{before} versions acknowledged before, {len(work.acked) - before} after; "
+            f"credentials now on {h.service.backend.current_address}"
+        )
         assert h.service.backend.current_address != killed.url
         assert before > 0 and len(work.acked) > at_recovery, "the workload must write on both sides of the kill"
         assert {w for w, _, _ in work.acked} == set(writers), "every writer, the silo one too, must have written"
@@ -146,8 +150,7 @@ async def test_credentials_keeps_serving_when_the_openbao_leader_is_killed(tmp_p
 
 
 @pytest.mark.slow
-async def test_two_leaders_killed_in_turn_with_the_first_back_in_between(tmp_path, migrated_template,
-                                                                         openbao_raft):
+async def test_two_leaders_killed_in_turn_with_the_first_back_in_between(tmp_path, migrated_template, openbao_raft):
     """Longer: kill the leader, bring it back (restarted and unsealed, it rejoins as a standby),
     then kill the next leader; credentials serves through both and loses nothing."""
     cluster = openbao_raft
@@ -168,9 +171,11 @@ async def test_two_leaders_killed_in_turn_with_the_first_back_in_between(tmp_pat
         await asyncio.sleep(2)
         stop.set()
         await asyncio.gather(*tasks)
-        print(f"\nOpenBao leaders {first.node_id} then {second.node_id} killed; gaps "
-              f"{', '.join(f'{g * 1000:.0f} ms' for g in gaps)}; {len(work.unavailable)} UNAVAILABLE; "
-              f"{len(work.acked)} versions acknowledged")
+        print(
+            f"\nOpenBao leaders {first.node_id} then {second.node_id} killed; gaps "
+            f"{', '.join(f'{g * 1000:.0f} ms' for g in gaps)}; {len(work.unavailable)} UNAVAILABLE; "
+            f"{len(work.acked)} versions acknowledged"
+        )
         await _check_nothing_lost(h, cluster, work)
     finally:
         stop.set()
@@ -187,8 +192,9 @@ async def test_a_sealed_node_listed_first_is_passed_over(tmp_path, migrated_temp
     sealed.start()  # comes back sealed: nobody unseals it
     assert sealed.health()["sealed"]
     urls = [sealed.url] + [u for u in cluster.urls if u != sealed.url]
-    h = await start_harness("vault", tmp_path, migrated_template,
-                            SimpleNamespace(url=",".join(urls), root_token=cluster.root_token))
+    h = await start_harness(
+        "vault", tmp_path, migrated_template, SimpleNamespace(url=",".join(urls), root_token=cluster.root_token)
+    )
     try:
         for i in range(3):
             await h.put("k", f"value-{i}".encode())

@@ -1,4 +1,5 @@
 """The credentials tables on PostgreSQL as the app role: migrations, grants and row-level security."""
+
 from __future__ import annotations
 
 import grpc
@@ -26,11 +27,19 @@ async def ph(postgres, tmp_path):
     """A local-backend harness on a fresh Postgres database, connected as the app role."""
     urls = await postgres.create_database("credentials")
     db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url)
-    service = await serve_credentials(db=db, backend=LocalBackend(db, load_or_create_master_key(tmp_path / "mk")),
-                                      verifier=TOKENS.verifier)
+    service = await serve_credentials(
+        db=db, backend=LocalBackend(db, load_or_create_master_key(tmp_path / "mk")), verifier=TOKENS.verifier
+    )
     channel = make_channel(service.running.address)
-    h = Harness(service, channel, credentials_pb2_grpc.CredentialsServiceStub(channel), TOKENS, "local",
-                new_tenant("a"), new_tenant("b"))
+    h = Harness(
+        service,
+        channel,
+        credentials_pb2_grpc.CredentialsServiceStub(channel),
+        TOKENS,
+        "local",
+        new_tenant("a"),
+        new_tenant("b"),
+    )
     try:
         yield h
     finally:
@@ -53,8 +62,14 @@ async def test_raw_sql_as_the_app_role_sees_only_its_tenant(ph):
     """Past the ORM, RLS still confines the app role: no tenant set sees nothing, A sees only A."""
     await ph.put("a-secret", b"a-value")
     await ph.put("b-secret", b"b-value", tenant=ph.beta)
-    tables = ("cred_secrets", "cred_secret_versions", "cred_audit_events", "cred_audit_heads",
-              "cred_local_keys", "cred_local_values")
+    tables = (
+        "cred_secrets",
+        "cred_secret_versions",
+        "cred_audit_events",
+        "cred_audit_heads",
+        "cred_local_keys",
+        "cred_local_values",
+    )
     async with ph.service.db.engine.connect() as conn:
         for table in tables:
             assert (await conn.execute(text(f"SELECT count(*) FROM {table}"))).scalar() == 0, table
@@ -62,8 +77,9 @@ async def test_raw_sql_as_the_app_role_sees_only_its_tenant(ph):
         tenants = {r[0] for table in tables for r in await conn.execute(text(f"SELECT tenant_id FROM {table}"))}
         assert tenants == {ph.alpha}
         with pytest.raises(DBAPIError):  # WITH CHECK: the app role cannot write a row for another tenant
-            await conn.execute(text("INSERT INTO cred_audit_heads (tenant_id, seq, hash) VALUES (:t, 1, 'x')"),
-                               {"t": ph.beta})
+            await conn.execute(
+                text("INSERT INTO cred_audit_heads (tenant_id, seq, hash) VALUES (:t, 1, 'x')"), {"t": ph.beta}
+            )
         await conn.rollback()
 
 

@@ -1,4 +1,5 @@
 """The GetSecret read cache: expiry, LRU bound, and invalidation beating a racing load."""
+
 from __future__ import annotations
 
 from services.credentials.read_cache import ReadCache
@@ -28,7 +29,7 @@ def test_a_load_that_raced_an_invalidation_is_not_cached():
     """A reader that started before a write cannot cache what it read."""
     cache = ReadCache(10.0, clock=Clock())
     generation = cache.generation("k")  # reader starts loading
-    cache.invalidate("k")                # a write commits meanwhile
+    cache.invalidate("k")  # a write commits meanwhile
     cache.put("k", "stale", generation)  # reader finishes
     assert cache.get("k") == (False, None)
     cache.put("k", "fresh", cache.generation("k"))

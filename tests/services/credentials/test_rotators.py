@@ -1,4 +1,5 @@
 """Pluggable rotators: an integration's rotator is used for its secrets."""
+
 from __future__ import annotations
 
 from bulkhead.credentials.v1 import credentials_pb2 as pb
@@ -26,15 +27,15 @@ class CountingRotator:
 async def test_a_registered_rotator_makes_the_new_value(tmp_path, migrated_template):
     """RotateSecret on a secret with rotator=counting stores what that rotator returned."""
     rotator = CountingRotator()
-    h = await start_harness("local", tmp_path, migrated_template,
-                            rotators=RotatorRegistry([RandomRotator(), rotator]))
+    h = await start_harness("local", tmp_path, migrated_template, rotators=RotatorRegistry([RandomRotator(), rotator]))
     try:
         await h.put("provider-key", b"initial-value", rotator="counting")
         rotated = (await h.stub.RotateSecret(pb.RotateSecretRequest(name="provider-key"), metadata=h.md())).secret
         assert rotated.current_version == 2 and rotated.rotator == "counting"
         assert (await h.get("provider-key")).value == b"issued-1"
         assert [(r.tenant_id, r.secret_name, r.current_version) for r in rotator.requests] == [
-            (h.alpha, "provider-key", 1)]
+            (h.alpha, "provider-key", 1)
+        ]
     finally:
         await stop_harness(h)
 

@@ -1,4 +1,5 @@
 """Secrets CRUD, versions, check-and-set, rotation, soft delete and destroy, on both backends."""
+
 from __future__ import annotations
 
 import asyncio
@@ -63,8 +64,9 @@ async def test_list_is_metadata_only_and_paged(h):
         await h.put(name, b"value-" + name.encode())
     first = await h.stub.ListSecrets(pb.ListSecretsRequest(page_size=2), metadata=h.md())
     assert [s.name for s in first.secrets] == ["a-one", "b-two"] and first.next_page_token
-    second = await h.stub.ListSecrets(pb.ListSecretsRequest(page_size=2, page_token=first.next_page_token),
-                                      metadata=h.md())
+    second = await h.stub.ListSecrets(
+        pb.ListSecretsRequest(page_size=2, page_token=first.next_page_token), metadata=h.md()
+    )
     assert [s.name for s in second.secrets] == ["c-three"] and not second.next_page_token
     assert b"value-" not in first.SerializeToString() + second.SerializeToString()
 
@@ -80,7 +82,9 @@ async def test_describe_shows_versions_rotation_and_last_access(h):
     after = (await h.stub.DescribeSecret(pb.DescribeSecretRequest(name="svc"), metadata=h.md())).secret
     assert after.HasField("last_access_time") and after.description == "svc key"
     assert [(v.version, v.state) for v in after.versions] == [
-        (1, pb.SECRET_VERSION_STATE_PREVIOUS), (2, pb.SECRET_VERSION_STATE_CURRENT)]
+        (1, pb.SECRET_VERSION_STATE_PREVIOUS),
+        (2, pb.SECRET_VERSION_STATE_CURRENT),
+    ]
     assert after.versions[0].HasField("expire_time") and after.versions[1].origin == "put"
 
 
@@ -148,8 +152,9 @@ async def test_soft_delete_hides_the_value_but_keeps_metadata(h):
     assert [s.name for s in listed.secrets] == ["old-key"]
     details, _ = await expect_error(grpc.StatusCode.FAILED_PRECONDITION, h.put("old-key", b"new-value"))
     assert details["reason"] == "SECRET_DELETED"
-    details, _ = await expect_error(grpc.StatusCode.NOT_FOUND,
-                                    h.stub.DeleteSecret(pb.DeleteSecretRequest(name="old-key"), metadata=h.md()))
+    details, _ = await expect_error(
+        grpc.StatusCode.NOT_FOUND, h.stub.DeleteSecret(pb.DeleteSecretRequest(name="old-key"), metadata=h.md())
+    )
 
 
 async def test_destroy_removes_everything_and_frees_the_name(h):
@@ -159,8 +164,9 @@ async def test_destroy_removes_everything_and_frees_the_name(h):
     await h.stub.DeleteSecret(pb.DeleteSecretRequest(name="gone"), metadata=h.md())
     reply = await h.stub.DestroySecret(pb.DestroySecretRequest(name="gone"), metadata=h.md())
     assert reply.destroyed_versions == 2
-    await expect_error(grpc.StatusCode.NOT_FOUND, h.stub.DescribeSecret(pb.DescribeSecretRequest(name="gone"),
-                                                                        metadata=h.md()))
+    await expect_error(
+        grpc.StatusCode.NOT_FOUND, h.stub.DescribeSecret(pb.DescribeSecretRequest(name="gone"), metadata=h.md())
+    )
     assert (await h.put("gone", b"value-fresh")).current_version == 1
     assert (await h.get("gone")).value == b"value-fresh"
 
@@ -169,16 +175,23 @@ async def test_read_scope_is_needed_for_values(h):
     """A token with write and describe scopes but not credentials.secrets.read cannot read a value."""
     await h.put("guarded", b"guarded-value")
     md = h.md(scopes=("credentials.secrets.write", "credentials.secrets.describe"))
-    await expect_error(grpc.StatusCode.PERMISSION_DENIED,
-                       h.stub.GetSecret(pb.GetSecretRequest(name="guarded"), metadata=md))
+    await expect_error(
+        grpc.StatusCode.PERMISSION_DENIED, h.stub.GetSecret(pb.GetSecretRequest(name="guarded"), metadata=md)
+    )
     listed = await h.stub.ListSecrets(pb.ListSecretsRequest(), metadata=md)
     assert [s.name for s in listed.secrets] == ["guarded"]
     reader = h.md(scopes=("credentials.secrets.read",))
     assert (await h.stub.GetSecret(pb.GetSecretRequest(name="guarded"), metadata=reader)).value == b"guarded-value"
-    await expect_error(grpc.StatusCode.PERMISSION_DENIED,
-                       h.stub.PutSecret(pb.PutSecretRequest(name="guarded", value=b"x-value"), metadata=reader))
-    await expect_error(grpc.StatusCode.PERMISSION_DENIED, h.stub.DestroySecret(
-        pb.DestroySecretRequest(name="guarded"), metadata=h.md(scopes=("credentials.secrets.write",))))
+    await expect_error(
+        grpc.StatusCode.PERMISSION_DENIED,
+        h.stub.PutSecret(pb.PutSecretRequest(name="guarded", value=b"x-value"), metadata=reader),
+    )
+    await expect_error(
+        grpc.StatusCode.PERMISSION_DENIED,
+        h.stub.DestroySecret(
+            pb.DestroySecretRequest(name="guarded"), metadata=h.md(scopes=("credentials.secrets.write",))
+        ),
+    )
 
 
 async def test_a_stale_rotation_job_is_dropped(h):

@@ -1,4 +1,5 @@
 """The SQLite writer: each unit of work commits whole or not at all, on the engine's own file."""
+
 from __future__ import annotations
 
 import sqlite3

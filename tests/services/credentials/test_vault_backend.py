@@ -1,5 +1,6 @@
 """The vault backend against a real OpenBao: isolation enforced by OpenBao itself, token reuse,
 silo namespaces, KV v2 versions, and OpenBao going away and coming back."""
+
 from __future__ import annotations
 
 import base64
@@ -27,15 +28,18 @@ async def test_tenant_a_token_gets_403_from_openbao_on_tenant_b_paths(vh, openba
     await vh.stub.Encrypt(pb.EncryptRequest(plaintext=b"x"), metadata=vh.md(vh.beta))
     layout = vh.service.backend.layout
     alpha = hvac.Client(url=openbao.url, token=await _token(vh, vh.alpha))
-    own = alpha.secrets.kv.v2.read_secret_version(f"tenants/{vh.alpha}/db", mount_point=layout.kv_mount,
-                                                  raise_on_deleted_version=True)
+    own = alpha.secrets.kv.v2.read_secret_version(
+        f"tenants/{vh.alpha}/db", mount_point=layout.kv_mount, raise_on_deleted_version=True
+    )
     assert base64.b64decode(own["data"]["data"]["value"]) == b"alpha-db-value"
     with pytest.raises(hvac.exceptions.Forbidden):
-        alpha.secrets.kv.v2.read_secret_version(f"tenants/{vh.beta}/db", mount_point=layout.kv_mount,
-                                                raise_on_deleted_version=True)
+        alpha.secrets.kv.v2.read_secret_version(
+            f"tenants/{vh.beta}/db", mount_point=layout.kv_mount, raise_on_deleted_version=True
+        )
     with pytest.raises(hvac.exceptions.Forbidden):
-        alpha.secrets.kv.v2.create_or_update_secret(f"tenants/{vh.beta}/db", secret={"value": "x"},
-                                                    mount_point=layout.kv_mount)
+        alpha.secrets.kv.v2.create_or_update_secret(
+            f"tenants/{vh.beta}/db", secret={"value": "x"}, mount_point=layout.kv_mount
+        )
     with pytest.raises(hvac.exceptions.Forbidden):
         alpha.secrets.transit.encrypt_data(f"tenant-{vh.beta}", "eA==", mount_point=layout.transit_mount)
     with pytest.raises(hvac.exceptions.Forbidden):
@@ -59,11 +63,13 @@ async def test_kv_versions_are_openbaos_own(vh, openbao):
     for i in range(3):
         await vh.put("versions", f"v{i}-value".encode())
     meta = openbao.client().secrets.kv.v2.read_secret_metadata(
-        f"tenants/{vh.alpha}/versions", mount_point=vh.service.backend.layout.kv_mount)["data"]
+        f"tenants/{vh.alpha}/versions", mount_point=vh.service.backend.layout.kv_mount
+    )["data"]
     assert meta["current_version"] == 3 and sorted(int(v) for v in meta["versions"]) == [1, 2, 3]
     # A write behind our back bumps OpenBao's version; our stale cas is then refused by OpenBao.
     openbao.client().secrets.kv.v2.create_or_update_secret(
-        f"tenants/{vh.alpha}/versions", secret={"value": "eA=="}, mount_point=vh.service.backend.layout.kv_mount)
+        f"tenants/{vh.alpha}/versions", secret={"value": "eA=="}, mount_point=vh.service.backend.layout.kv_mount
+    )
     details, _ = await expect_error(grpc.StatusCode.ABORTED, vh.put("versions", b"v4-value", cas=3))
     assert details["reason"] == "CAS_MISMATCH"
 
@@ -76,15 +82,18 @@ async def test_silo_tenant_lives_in_its_own_namespace(vh, openbao):
     assert (await vh.stub.GetSecret(pb.GetSecretRequest(name="k"), metadata=md)).value == b"silo-value"
     ns = f"bulkhead-{silo}"
     in_ns = openbao.client(namespace=ns).secrets.kv.v2.read_secret_version(
-        f"tenants/{silo}/k", mount_point="bulkhead-kv", raise_on_deleted_version=True)
+        f"tenants/{silo}/k", mount_point="bulkhead-kv", raise_on_deleted_version=True
+    )
     assert base64.b64decode(in_ns["data"]["data"]["value"]) == b"silo-value"
     with pytest.raises(hvac.exceptions.InvalidPath):  # nothing of it in the root namespace
-        openbao.client().secrets.kv.v2.read_secret_version(f"tenants/{silo}/k", mount_point="bulkhead-kv",
-                                                           raise_on_deleted_version=True)
+        openbao.client().secrets.kv.v2.read_secret_version(
+            f"tenants/{silo}/k", mount_point="bulkhead-kv", raise_on_deleted_version=True
+        )
     pooled = hvac.Client(url=openbao.url, token=await _token(vh, vh.alpha), namespace=ns)
     with pytest.raises(hvac.exceptions.Forbidden):
-        pooled.secrets.kv.v2.read_secret_version(f"tenants/{silo}/k", mount_point="bulkhead-kv",
-                                                 raise_on_deleted_version=True)
+        pooled.secrets.kv.v2.read_secret_version(
+            f"tenants/{silo}/k", mount_point="bulkhead-kv", raise_on_deleted_version=True
+        )
 
 
 async def test_openbao_down_is_unavailable_and_writes_nothing(vh, openbao):
@@ -96,10 +105,12 @@ async def test_openbao_down_is_unavailable_and_writes_nothing(vh, openbao):
         assert details["reason"] == "SECRET_MANAGER_UNAVAILABLE" and "OpenBao" in message
         assert details["retry_after"] == 1.0
         details, _ = await expect_error(grpc.StatusCode.UNAVAILABLE, vh.get("before"))
-        await expect_error(grpc.StatusCode.UNAVAILABLE,
-                           vh.stub.Encrypt(pb.EncryptRequest(plaintext=b"x"), metadata=vh.md()))
-        await expect_error(grpc.StatusCode.NOT_FOUND,
-                           vh.stub.DescribeSecret(pb.DescribeSecretRequest(name="during"), metadata=vh.md()))
+        await expect_error(
+            grpc.StatusCode.UNAVAILABLE, vh.stub.Encrypt(pb.EncryptRequest(plaintext=b"x"), metadata=vh.md())
+        )
+        await expect_error(
+            grpc.StatusCode.NOT_FOUND, vh.stub.DescribeSecret(pb.DescribeSecretRequest(name="during"), metadata=vh.md())
+        )
         assert await vh.raw("SELECT * FROM cred_secrets WHERE name = 'during'") == []
         assert await vh.raw("SELECT * FROM cred_secret_versions WHERE name = 'during'") == []
         failed = [e for e in await vh.events() if e.outcome == pb.ACCESS_OUTCOME_FAILED]
@@ -107,10 +118,15 @@ async def test_openbao_down_is_unavailable_and_writes_nothing(vh, openbao):
         # Each attempt of the read was authorized (recorded as it started), then its fetch failed
         # (recorded after). GetSecret is idempotent, so the channel resent it after the server's 1 s
         # retry pushback, at most 5 attempts in all; every one is in the audit.
-        reads = [(e.outcome, e.reason) for e in await vh.events(secret_name="before") if e.action == pb.ACCESS_ACTION_GET]
+        reads = [
+            (e.outcome, e.reason) for e in await vh.events(secret_name="before") if e.action == pb.ACCESS_ACTION_GET
+        ]
         attempts = len(reads) // 2
         assert 1 <= attempts <= 5
-        assert reads == [(pb.ACCESS_OUTCOME_ALLOWED, ""), (pb.ACCESS_OUTCOME_FAILED, "SECRET_MANAGER_UNAVAILABLE")] * attempts
+        assert (
+            reads
+            == [(pb.ACCESS_OUTCOME_ALLOWED, ""), (pb.ACCESS_OUTCOME_FAILED, "SECRET_MANAGER_UNAVAILABLE")] * attempts
+        )
     finally:
         openbao.start()
     # Same service process: it re-provisions mounts, key and policy that the restart wiped.
@@ -121,7 +137,9 @@ async def test_openbao_down_is_unavailable_and_writes_nothing(vh, openbao):
     assert (await vh.put("before", b"rewritten-value")).current_version == 1
     assert (await vh.get("before")).value == b"rewritten-value"
     enc = await vh.stub.Encrypt(pb.EncryptRequest(plaintext=b"after restart"), metadata=vh.md())
-    assert (await vh.stub.Decrypt(pb.DecryptRequest(ciphertext=enc.ciphertext), metadata=vh.md())).plaintext == b"after restart"
+    assert (
+        await vh.stub.Decrypt(pb.DecryptRequest(ciphertext=enc.ciphertext), metadata=vh.md())
+    ).plaintext == b"after restart"
 
 
 async def test_a_tenant_token_is_replaced_before_it_expires(vh):

@@ -1,6 +1,7 @@
 """GetSecret's lean KV v2 read on a kept-alive connection (services/credentials/vault_read.py), against
 a real OpenBao: it answers plain reads, OpenBao still enforces the tenant's policy on it, and every
 other case goes through the hvac path unchanged."""
+
 from __future__ import annotations
 
 import asyncio
@@ -60,7 +61,7 @@ async def test_a_connection_closed_while_idle_is_replaced(vh):
     await vh.get("idle")
     reader = vh.service.backend._reader
     for conns in reader._idle.values():
-        for stream, writer in conns:
+        for _stream, writer in conns:
             writer.transport.abort()
     await asyncio.sleep(0.05)
     before = reader.reads

@@ -1,4 +1,5 @@
 """identity under test, on SQLite and on real Postgres (RLS, runtime role that owns no table)."""
+
 from __future__ import annotations
 
 import uuid
@@ -20,8 +21,7 @@ async def identity(request, tmp_path):
         return
     postgres = request.getfixturevalue("postgres")
     urls = await postgres.create_database(f"identity_{uuid.uuid4().hex[:8]}")
-    async with running_identity(tmp_path, database_url=urls.app_url, owner_url=urls.owner_url,
-                                env=REGIONS) as harness:
+    async with running_identity(tmp_path, database_url=urls.app_url, owner_url=urls.owner_url, env=REGIONS) as harness:
         yield harness
 
 

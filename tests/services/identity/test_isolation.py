@@ -1,4 +1,5 @@
 """Every identity RPC, called with tenant A's token on tenant B's resources: denied, and nothing leaks."""
+
 from __future__ import annotations
 
 import grpc
@@ -17,10 +18,13 @@ async def _error(coro) -> grpc.aio.AioRpcError:
 async def two_tenants(identity):
     """Tenants A and B, B with a principal, a key and a live token."""
     a, b = await identity.tenant(), await identity.tenant()
-    principal = (await identity.stub.CreatePrincipal(pb.CreatePrincipalRequest(
-        kind=pb.PRINCIPAL_KIND_AGENT, display_name="b-bot", scopes=["state.*"]), metadata=b.metadata)).principal
-    key = (await identity.stub.CreateApiKey(pb.CreateApiKeyRequest(principal_id=principal.id),
-                                            metadata=b.metadata))
+    principal = (
+        await identity.stub.CreatePrincipal(
+            pb.CreatePrincipalRequest(kind=pb.PRINCIPAL_KIND_AGENT, display_name="b-bot", scopes=["state.*"]),
+            metadata=b.metadata,
+        )
+    ).principal
+    key = await identity.stub.CreateApiKey(pb.CreateApiKeyRequest(principal_id=principal.id), metadata=b.metadata)
     return a, b, principal, key
 
 
@@ -36,9 +40,10 @@ async def test_get_tenant_of_another_is_not_found(identity, two_tenants):
 async def test_principals_of_another_tenant_are_invisible(identity, two_tenants):
     """Get, list and disable of B's principal from A: NOT_FOUND or absent, same as a made-up id."""
     a, _, principal, _ = two_tenants
-    for call in (identity.stub.GetPrincipal(pb.GetPrincipalRequest(principal_id=principal.id), metadata=a.metadata),
-                 identity.stub.DisablePrincipal(pb.DisablePrincipalRequest(principal_id=principal.id),
-                                                metadata=a.metadata)):
+    for call in (
+        identity.stub.GetPrincipal(pb.GetPrincipalRequest(principal_id=principal.id), metadata=a.metadata),
+        identity.stub.DisablePrincipal(pb.DisablePrincipalRequest(principal_id=principal.id), metadata=a.metadata),
+    ):
         err = await _error(call)
         assert err.code() == grpc.StatusCode.NOT_FOUND and principal.id not in err.details()
     ghost = await _error(identity.stub.GetPrincipal(pb.GetPrincipalRequest(principal_id="p_nope"), metadata=a.metadata))
@@ -51,8 +56,9 @@ async def test_principals_of_another_tenant_are_invisible(identity, two_tenants)
 async def test_principal_of_b_stays_enabled_after_a_tries(identity, two_tenants):
     """A's failed DisablePrincipal left B's principal untouched."""
     a, b, principal, _ = two_tenants
-    await _error(identity.stub.DisablePrincipal(pb.DisablePrincipalRequest(principal_id=principal.id),
-                                                metadata=a.metadata))
+    await _error(
+        identity.stub.DisablePrincipal(pb.DisablePrincipalRequest(principal_id=principal.id), metadata=a.metadata)
+    )
     got = await identity.stub.GetPrincipal(pb.GetPrincipalRequest(principal_id=principal.id), metadata=b.metadata)
     assert not got.principal.disabled
 
@@ -64,9 +70,13 @@ async def test_api_keys_of_another_tenant_are_invisible(identity, two_tenants):
     assert list(listed.api_keys) == []
     everything = await identity.stub.ListApiKeys(pb.ListApiKeysRequest(page_size=500), metadata=a.metadata)
     assert key.api_key.id not in [k.id for k in everything.api_keys]
-    err = await _error(identity.stub.RevokeApiKey(pb.RevokeApiKeyRequest(api_key_id=key.api_key.id), metadata=a.metadata))
+    err = await _error(
+        identity.stub.RevokeApiKey(pb.RevokeApiKeyRequest(api_key_id=key.api_key.id), metadata=a.metadata)
+    )
     assert err.code() == grpc.StatusCode.NOT_FOUND
-    err = await _error(identity.stub.CreateApiKey(pb.CreateApiKeyRequest(principal_id=principal.id), metadata=a.metadata))
+    err = await _error(
+        identity.stub.CreateApiKey(pb.CreateApiKeyRequest(principal_id=principal.id), metadata=a.metadata)
+    )
     assert err.code() == grpc.StatusCode.NOT_FOUND
     assert (await identity.login(key.secret)).tenant_id != a.tenant_id
 
@@ -82,8 +92,9 @@ async def test_tokens_of_another_tenant_cannot_be_revoked(identity, two_tenants)
 async def test_exchange_stays_inside_the_callers_tenant(identity, two_tenants):
     """An exchanged token is always for the caller's own tenant, whatever metadata is sent."""
     a, b, _, _ = two_tenants
-    resp = await identity.stub.ExchangeToken(pb.ExchangeTokenRequest(scopes=["identity.tenants.read"], agent_id="x"),
-                                             metadata=a.metadata)
+    resp = await identity.stub.ExchangeToken(
+        pb.ExchangeTokenRequest(scopes=["identity.tenants.read"], agent_id="x"), metadata=a.metadata
+    )
     spoofed = (("authorization", f"Bearer {resp.token}"), ("x-tenant-id", b.tenant_id))
     err = await _error(identity.stub.GetTenant(pb.GetTenantRequest(), metadata=spoofed))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED

@@ -1,5 +1,6 @@
 """A malformed scope is echoed clipped: the error details stay within the 1 KB trailer (found by the
 isolation fuzzer: CreatePrincipal with a 1500-character scope answered 1249 bytes of details)."""
+
 from __future__ import annotations
 
 import grpc
@@ -27,15 +28,20 @@ async def test_a_malformed_scope_gets_small_precise_details(sqlite_identity, sco
     """CreatePrincipal, CreateApiKey, IssueToken and ExchangeToken: INVALID_ARGUMENT naming scopes, details <= 1 KB."""
     harness = sqlite_identity
     tenant = await harness.tenant("scope-echo")
-    principal = (await harness.stub.CreatePrincipal(pb.CreatePrincipalRequest(
-        kind=pb.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name="bot", scopes=["state.*"]),
-        metadata=tenant.metadata)).principal
+    principal = (
+        await harness.stub.CreatePrincipal(
+            pb.CreatePrincipalRequest(kind=pb.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name="bot", scopes=["state.*"]),
+            metadata=tenant.metadata,
+        )
+    ).principal
     calls = [
-        harness.stub.CreatePrincipal(pb.CreatePrincipalRequest(kind=pb.PRINCIPAL_KIND_SERVICE_ACCOUNT,
-                                                               display_name="bot2", scopes=[scope]),
-                                     metadata=tenant.metadata),
-        harness.stub.CreateApiKey(pb.CreateApiKeyRequest(principal_id=principal.id, scopes=[scope]),
-                                  metadata=tenant.metadata),
+        harness.stub.CreatePrincipal(
+            pb.CreatePrincipalRequest(kind=pb.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name="bot2", scopes=[scope]),
+            metadata=tenant.metadata,
+        ),
+        harness.stub.CreateApiKey(
+            pb.CreateApiKeyRequest(principal_id=principal.id, scopes=[scope]), metadata=tenant.metadata
+        ),
         harness.stub.IssueToken(pb.IssueTokenRequest(api_key=tenant.api_key, scopes=[scope])),
         harness.stub.ExchangeToken(pb.ExchangeTokenRequest(scopes=[scope]), metadata=tenant.metadata),
     ]

@@ -1,5 +1,6 @@
 """Identity checks every tenant id a request names with the one rule (shared.ids): a malformed id is
 INVALID_ARGUMENT INVALID_TENANT_ID, for operators and tenants alike, before anything is looked up."""
+
 from __future__ import annotations
 
 import grpc
@@ -24,16 +25,22 @@ async def test_malformed_tenant_ids_are_refused_precisely(identity):
     calls = {
         "GetTenant": lambda t: stub.GetTenant(pb.GetTenantRequest(tenant_id=t), metadata=identity.operator.metadata),
         "GetTenant (tenant)": lambda t: stub.GetTenant(pb.GetTenantRequest(tenant_id=t), metadata=acme.metadata),
-        "GetDeletionReceipt": lambda t: stub.GetDeletionReceipt(pb.GetDeletionReceiptRequest(tenant_id=t),
-                                                                metadata=identity.operator.metadata),
-        "GetMigration": lambda t: stub.GetMigration(pb.GetMigrationRequest(tenant_id=t),
-                                                    metadata=identity.operator.metadata),
-        "UpdateTenantStatus": lambda t: stub.UpdateTenantStatus(pb.UpdateTenantStatusRequest(
-            tenant_id=t, status=pb.TENANT_STATUS_SUSPENDED), metadata=identity.operator.metadata),
-        "SetRetentionPolicy": lambda t: stub.SetRetentionPolicy(pb.SetRetentionPolicyRequest(
-            tenant_id=t, audit_days=30), metadata=identity.operator.metadata),
-        "GetRetentionPolicy (tenant)": lambda t: stub.GetRetentionPolicy(pb.GetRetentionPolicyRequest(tenant_id=t),
-                                                                         metadata=acme.metadata),
+        "GetDeletionReceipt": lambda t: stub.GetDeletionReceipt(
+            pb.GetDeletionReceiptRequest(tenant_id=t), metadata=identity.operator.metadata
+        ),
+        "GetMigration": lambda t: stub.GetMigration(
+            pb.GetMigrationRequest(tenant_id=t), metadata=identity.operator.metadata
+        ),
+        "UpdateTenantStatus": lambda t: stub.UpdateTenantStatus(
+            pb.UpdateTenantStatusRequest(tenant_id=t, status=pb.TENANT_STATUS_SUSPENDED),
+            metadata=identity.operator.metadata,
+        ),
+        "SetRetentionPolicy": lambda t: stub.SetRetentionPolicy(
+            pb.SetRetentionPolicyRequest(tenant_id=t, audit_days=30), metadata=identity.operator.metadata
+        ),
+        "GetRetentionPolicy (tenant)": lambda t: stub.GetRetentionPolicy(
+            pb.GetRetentionPolicyRequest(tenant_id=t), metadata=acme.metadata
+        ),
     }
     for name, call in calls.items():
         for tenant_id in MALFORMED:

@@ -1,4 +1,5 @@
 """identity: tenants, principals and API keys, and that no tenant sees another's."""
+
 from __future__ import annotations
 
 import os
@@ -33,9 +34,10 @@ async def test_first_start_writes_operator_key_once(sqlite_identity, tmp_path):
 
 async def test_operator_creates_tenant_whose_admin_key_works(identity):
     """CreateTenant returns an admin key that issues a token for exactly that tenant."""
-    created = await identity.stub.CreateTenant(pb.CreateTenantRequest(name="acme", tier=tenancy_pb2.TIER_BRIDGE,
-                                                                      region="eu-west"),
-                                               metadata=identity.operator.metadata)
+    created = await identity.stub.CreateTenant(
+        pb.CreateTenantRequest(name="acme", tier=tenancy_pb2.TIER_BRIDGE, region="eu-west"),
+        metadata=identity.operator.metadata,
+    )
     assert created.tenant.tier == tenancy_pb2.TIER_BRIDGE and created.tenant.status == pb.TENANT_STATUS_ACTIVE
     admin = await identity.login(created.admin_api_key)
     assert admin.tenant_id == created.tenant.id
@@ -50,8 +52,11 @@ async def test_tenant_admin_cannot_create_or_list_tenants(identity):
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     err = await _error(identity.stub.ListTenants(pb.ListTenantsRequest(), metadata=a.metadata))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    err = await _error(identity.stub.UpdateTenantStatus(
-        pb.UpdateTenantStatusRequest(tenant_id=a.tenant_id, status=pb.TENANT_STATUS_SUSPENDED), metadata=a.metadata))
+    err = await _error(
+        identity.stub.UpdateTenantStatus(
+            pb.UpdateTenantStatusRequest(tenant_id=a.tenant_id, status=pb.TENANT_STATUS_SUSPENDED), metadata=a.metadata
+        )
+    )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
     err = await _error(identity.stub.RotateSigningKey(pb.RotateSigningKeyRequest(), metadata=a.metadata))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -97,23 +102,32 @@ async def test_suspended_tenant_gets_no_tokens(identity):
     """A suspended tenant's key is refused with PERMISSION_DENIED; reactivating restores it."""
     a = await identity.tenant()
     op = identity.operator.metadata
-    await identity.stub.UpdateTenantStatus(pb.UpdateTenantStatusRequest(
-        tenant_id=a.tenant_id, status=pb.TENANT_STATUS_SUSPENDED), metadata=op)
+    await identity.stub.UpdateTenantStatus(
+        pb.UpdateTenantStatusRequest(tenant_id=a.tenant_id, status=pb.TENANT_STATUS_SUSPENDED), metadata=op
+    )
     err = await _error(identity.login(a.api_key))
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED and error_details(err)["reason"] == "TENANT_SUSPENDED"
-    await identity.stub.UpdateTenantStatus(pb.UpdateTenantStatusRequest(
-        tenant_id=a.tenant_id, status=pb.TENANT_STATUS_ACTIVE), metadata=op)
+    await identity.stub.UpdateTenantStatus(
+        pb.UpdateTenantStatusRequest(tenant_id=a.tenant_id, status=pb.TENANT_STATUS_ACTIVE), metadata=op
+    )
     assert (await identity.login(a.api_key)).tenant_id == a.tenant_id
 
 
 async def test_principals_and_keys_lifecycle(identity):
     """A principal gets a key with narrower scopes; the key is shown once, listed by prefix, and revocable."""
     a = await identity.tenant()
-    bot = (await identity.stub.CreatePrincipal(pb.CreatePrincipalRequest(
-        kind=pb.PRINCIPAL_KIND_AGENT, display_name="triage-bot", scopes=["state.*", "inference.*"]),
-        metadata=a.metadata)).principal
-    created = await identity.stub.CreateApiKey(pb.CreateApiKeyRequest(
-        principal_id=bot.id, scopes=["state.threads.read"], display_name="ci"), metadata=a.metadata)
+    bot = (
+        await identity.stub.CreatePrincipal(
+            pb.CreatePrincipalRequest(
+                kind=pb.PRINCIPAL_KIND_AGENT, display_name="triage-bot", scopes=["state.*", "inference.*"]
+            ),
+            metadata=a.metadata,
+        )
+    ).principal
+    created = await identity.stub.CreateApiKey(
+        pb.CreateApiKeyRequest(principal_id=bot.id, scopes=["state.threads.read"], display_name="ci"),
+        metadata=a.metadata,
+    )
     assert created.secret.startswith(created.api_key.prefix) and len(created.secret) > len(created.api_key.prefix) + 20
     listed = await identity.stub.ListApiKeys(pb.ListApiKeysRequest(principal_id=bot.id), metadata=a.metadata)
     assert [k.id for k in listed.api_keys] == [created.api_key.id]
@@ -130,19 +144,36 @@ async def test_principals_and_keys_lifecycle(identity):
 async def test_scopes_cannot_escalate(identity):
     """A principal cannot be given more than its creator holds, nor platform scopes."""
     a = await identity.tenant()
-    narrow = (await identity.stub.CreatePrincipal(pb.CreatePrincipalRequest(
-        kind=pb.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name="narrow", scopes=["identity.*"]),
-        metadata=a.metadata)).principal
+    narrow = (
+        await identity.stub.CreatePrincipal(
+            pb.CreatePrincipalRequest(
+                kind=pb.PRINCIPAL_KIND_SERVICE_ACCOUNT, display_name="narrow", scopes=["identity.*"]
+            ),
+            metadata=a.metadata,
+        )
+    ).principal
     key = await identity.stub.CreateApiKey(pb.CreateApiKeyRequest(principal_id=narrow.id), metadata=a.metadata)
     narrow_login = await identity.login(key.secret)
-    err = await _error(identity.stub.CreatePrincipal(pb.CreatePrincipalRequest(
-        kind=pb.PRINCIPAL_KIND_AGENT, display_name="wider", scopes=["credentials.*"]), metadata=narrow_login.metadata))
+    err = await _error(
+        identity.stub.CreatePrincipal(
+            pb.CreatePrincipalRequest(kind=pb.PRINCIPAL_KIND_AGENT, display_name="wider", scopes=["credentials.*"]),
+            metadata=narrow_login.metadata,
+        )
+    )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED and error_details(err)["reason"] == "SCOPE_ESCALATION"
-    err = await _error(identity.stub.CreatePrincipal(pb.CreatePrincipalRequest(
-        kind=pb.PRINCIPAL_KIND_AGENT, display_name="op", scopes=["platform.operator"]), metadata=a.metadata))
+    err = await _error(
+        identity.stub.CreatePrincipal(
+            pb.CreatePrincipalRequest(kind=pb.PRINCIPAL_KIND_AGENT, display_name="op", scopes=["platform.operator"]),
+            metadata=a.metadata,
+        )
+    )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
-    err = await _error(identity.stub.CreatePrincipal(pb.CreatePrincipalRequest(
-        kind=pb.PRINCIPAL_KIND_AGENT, display_name="bad", scopes=["NOT A SCOPE"]), metadata=a.metadata))
+    err = await _error(
+        identity.stub.CreatePrincipal(
+            pb.CreatePrincipalRequest(kind=pb.PRINCIPAL_KIND_AGENT, display_name="bad", scopes=["NOT A SCOPE"]),
+            metadata=a.metadata,
+        )
+    )
     assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
@@ -187,7 +218,9 @@ async def test_first_start_writes_a_narrow_service_key_for_the_proxy_once(sqlite
     service = await sqlite_identity.login(key)
     claims = jwt.decode(service.token, options={"verify_signature": False})
     assert (service.tenant_id, claims["scope"]) == ("t_platform", "platform.identity.verify platform.metering.record")
-    denied = await _error(sqlite_identity.stub.CreateTenant(pb.CreateTenantRequest(name="x"), metadata=service.metadata))
+    denied = await _error(
+        sqlite_identity.stub.CreateTenant(pb.CreateTenantRequest(name="x"), metadata=service.metadata)
+    )
     assert denied.code() == grpc.StatusCode.PERMISSION_DENIED
 
     await sqlite_identity.app.close(0)

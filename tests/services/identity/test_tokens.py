@@ -1,4 +1,5 @@
 """Token exchange, revocation and signing-key rotation, as seen by another service's interceptor."""
+
 from __future__ import annotations
 
 import asyncio
@@ -50,15 +51,19 @@ async def test_exchange_narrows_and_names_the_delegator(sqlite_identity, downstr
     """ExchangeToken: narrower scopes, act claim = caller, agent tag; widening is refused."""
     a = await sqlite_identity.tenant()
     caller = jwt.decode(a.token, options={"verify_signature": False})
-    resp = await sqlite_identity.stub.ExchangeToken(pb.ExchangeTokenRequest(
-        scopes=["testing.echo"], agent_id="triage", run_id="r_1", ttl_seconds=120), metadata=a.metadata)
+    resp = await sqlite_identity.stub.ExchangeToken(
+        pb.ExchangeTokenRequest(scopes=["testing.echo"], agent_id="triage", run_id="r_1", ttl_seconds=120),
+        metadata=a.metadata,
+    )
     claims = jwt.decode(resp.token, options={"verify_signature": False})
     assert claims["act"] == {"sub": caller["sub"]} and claims["agent"] == "triage" and claims["scope"] == "testing.echo"
     assert claims["exp"] <= caller["exp"]
     seen = await downstream.Echo(echo_pb2.EchoRequest(), metadata=_md(resp.token, a.tenant_id))
     assert seen.seen.principal_id == "agent:triage"
     narrow_md = _md(resp.token, a.tenant_id)
-    err = await _error(sqlite_identity.stub.ExchangeToken(pb.ExchangeTokenRequest(scopes=["state.*"]), metadata=narrow_md))
+    err = await _error(
+        sqlite_identity.stub.ExchangeToken(pb.ExchangeTokenRequest(scopes=["state.*"]), metadata=narrow_md)
+    )
     assert err.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
@@ -66,8 +71,9 @@ async def test_exchanged_token_never_outlives_its_parent(sqlite_identity):
     """Asking for more time than the caller's token has left yields the caller's expiry."""
     a = await sqlite_identity.tenant()
     short = await sqlite_identity.login(a.api_key, ttl=30)
-    resp = await sqlite_identity.stub.ExchangeToken(pb.ExchangeTokenRequest(scopes=["testing.echo"], ttl_seconds=3000),
-                                                    metadata=short.metadata)
+    resp = await sqlite_identity.stub.ExchangeToken(
+        pb.ExchangeTokenRequest(scopes=["testing.echo"], ttl_seconds=3000), metadata=short.metadata
+    )
     parent = jwt.decode(short.token, options={"verify_signature": False})
     assert resp.expire_time.seconds <= parent["exp"]
 
@@ -108,8 +114,9 @@ def _refused(reason: str):
 
 
 async def _set_status(identity, tenant_id: str, status) -> None:
-    await identity.stub.UpdateTenantStatus(pb.UpdateTenantStatusRequest(tenant_id=tenant_id, status=status),
-                                           metadata=identity.operator.metadata)
+    await identity.stub.UpdateTenantStatus(
+        pb.UpdateTenantStatusRequest(tenant_id=tenant_id, status=status), metadata=identity.operator.metadata
+    )
 
 
 async def test_suspension_refuses_tokens_already_issued_within_two_seconds(sqlite_identity, downstream):
@@ -159,8 +166,9 @@ async def test_rotation_keeps_old_tokens_valid_and_signs_new_ones_with_new_key(s
     """After RotateSigningKey the old token still verifies; new tokens carry the new kid and verify too."""
     a = await sqlite_identity.tenant()
     old_kid = jwt.get_unverified_header(a.token)["kid"]
-    rotated = await sqlite_identity.stub.RotateSigningKey(pb.RotateSigningKeyRequest(),
-                                                          metadata=sqlite_identity.operator.metadata)
+    rotated = await sqlite_identity.stub.RotateSigningKey(
+        pb.RotateSigningKeyRequest(), metadata=sqlite_identity.operator.metadata
+    )
     assert rotated.key.kid != old_kid
     fresh = await sqlite_identity.login(a.api_key)
     assert jwt.get_unverified_header(fresh.token)["kid"] == rotated.key.kid

@@ -1,4 +1,5 @@
 """Fixtures for the inference tests: the whole mesh with real servers on port 0."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator

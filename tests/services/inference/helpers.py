@@ -1,4 +1,5 @@
 """Helpers for the inference tests: a whole mesh (fake upstream, metering, credentials, proxy) on port 0."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,10 +28,10 @@ from services.metering.server import MIGRATIONS as METERING_MIGRATIONS
 from services.metering.server import MeteringService, serve_metering
 from shared.client import make_channel
 from shared.db import Database, TenantRouter, make_engine, normalize_url, upgrade
-from testkit.fake_anthropic import FakeAnthropic
-from testkit.tokens import TestTokens
 from shared.tiers import Tier, TierLookup
 from shared.tokens import TokenVerifier
+from testkit.fake_anthropic import FakeAnthropic
+from testkit.tokens import TestTokens
 
 PLATFORM_KEY = "sk-ant-platform-0123456789abcdef"
 MODEL = "claude-test"
@@ -109,16 +110,23 @@ class Mesh:
 
     def env(self, database: str = "inference.db") -> dict[str, str]:
         """The proxy's environment."""
-        return {"BULKHEAD_DATA_DIR": str(self.tmp), "BULKHEAD_METERING_ADDR": self.metering.running.address,
-                "BULKHEAD_CREDENTIALS_ADDR": self.credentials.running.address,
-                "BULKHEAD_INFERENCE_DATABASE_URL": f"sqlite+aiosqlite:///{self.tmp / database}",
-                "BULKHEAD_MODEL_PROVIDER": "anthropic", "ANTHROPIC_API_KEY": PLATFORM_KEY,
-                "ANTHROPIC_BASE_URL": self.fake.base_url, "BULKHEAD_INFERENCE_ALLOWED_MODELS": f"{MODEL},claude-other",
-                "BULKHEAD_INFERENCE_PINNED_VERSIONS": f"{MODEL}={PINNED}",
-                "BULKHEAD_INFERENCE_DEFAULT_MODEL": MODEL, "BULKHEAD_INFERENCE_MAX_TOKENS_CEILING": "1000",
-                "BULKHEAD_INFERENCE_MAX_RETRY_WAIT": "0.5", "BULKHEAD_INFERENCE_LEASE_TOKENS": "2000",
-                "BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS": "1",
-                **self.env_overrides}
+        return {
+            "BULKHEAD_DATA_DIR": str(self.tmp),
+            "BULKHEAD_METERING_ADDR": self.metering.running.address,
+            "BULKHEAD_CREDENTIALS_ADDR": self.credentials.running.address,
+            "BULKHEAD_INFERENCE_DATABASE_URL": f"sqlite+aiosqlite:///{self.tmp / database}",
+            "BULKHEAD_MODEL_PROVIDER": "anthropic",
+            "ANTHROPIC_API_KEY": PLATFORM_KEY,
+            "ANTHROPIC_BASE_URL": self.fake.base_url,
+            "BULKHEAD_INFERENCE_ALLOWED_MODELS": f"{MODEL},claude-other",
+            "BULKHEAD_INFERENCE_PINNED_VERSIONS": f"{MODEL}={PINNED}",
+            "BULKHEAD_INFERENCE_DEFAULT_MODEL": MODEL,
+            "BULKHEAD_INFERENCE_MAX_TOKENS_CEILING": "1000",
+            "BULKHEAD_INFERENCE_MAX_RETRY_WAIT": "0.5",
+            "BULKHEAD_INFERENCE_LEASE_TOKENS": "2000",
+            "BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS": "1",
+            **self.env_overrides,
+        }
 
     async def start_proxy(self, database: str = "inference.db", **kw) -> Proxy:
         """Start another proxy replica (on its own or a shared database file)."""
@@ -140,21 +148,28 @@ class Mesh:
 
     async def put_tenant_key(self, tenant_id: str, key: str) -> None:
         """Store a tenant's own provider key in credentials."""
-        await self.credentials_stub.PutSecret(credentials_pb2.PutSecretRequest(name="anthropic-api-key",
-                                                                               value=key.encode()),
-                                              metadata=self.md(tenant_id))
+        await self.credentials_stub.PutSecret(
+            credentials_pb2.PutSecretRequest(name="anthropic-api-key", value=key.encode()), metadata=self.md(tenant_id)
+        )
 
     async def set_budget(self, tenant_id: str, tokens: int, **limits) -> None:
         """Give a tenant a hard token budget (and optional rate limits) in metering."""
-        quota = mpb.Quota(tenant_id=tenant_id, budgets=[mpb.Budget(unit=mpb.BUDGET_UNIT_TOKENS, limit=tokens,
-                                                                   period=mpb.BUDGET_PERIOD_MONTH,
-                                                                   mode=mpb.BUDGET_MODE_HARD)], **limits)
+        quota = mpb.Quota(
+            tenant_id=tenant_id,
+            budgets=[
+                mpb.Budget(
+                    unit=mpb.BUDGET_UNIT_TOKENS, limit=tokens, period=mpb.BUDGET_PERIOD_MONTH, mode=mpb.BUDGET_MODE_HARD
+                )
+            ],
+            **limits,
+        )
         await self.metering_stub.SetQuota(mpb.SetQuotaRequest(quota=quota), metadata=self.op())
 
     async def set_limits(self, tenant_id: str, **limits) -> None:
         """Give a tenant rate limits (no budget)."""
-        await self.metering_stub.SetQuota(mpb.SetQuotaRequest(quota=mpb.Quota(tenant_id=tenant_id, **limits)),
-                                          metadata=self.op())
+        await self.metering_stub.SetQuota(
+            mpb.SetQuotaRequest(quota=mpb.Quota(tenant_id=tenant_id, **limits)), metadata=self.op()
+        )
 
     async def metered(self, tenant_id: str) -> list[tuple[str, int, int, int, int]]:
         """Per-model token sums metering recorded for a tenant (model, events, input, output, cache r+w)."""
@@ -162,11 +177,22 @@ class Mesh:
         start.FromDatetime(dt.datetime(2000, 1, 1))
         end = timestamp_pb2.Timestamp()
         end.FromDatetime(dt.datetime(2100, 1, 1))
-        resp = await self.metering_stub.QueryUsage(mpb.QueryUsageRequest(
-            filter=mpb.UsageFilter(start_time=start, end_time=end), group_by=[mpb.USAGE_GROUPING_MODEL]),
-            metadata=self.md(tenant_id))
-        return [(r.model, r.event_count, r.tokens.input_tokens, r.tokens.output_tokens,
-                 r.tokens.cache_write_tokens + r.tokens.cache_read_tokens) for r in resp.rows]
+        resp = await self.metering_stub.QueryUsage(
+            mpb.QueryUsageRequest(
+                filter=mpb.UsageFilter(start_time=start, end_time=end), group_by=[mpb.USAGE_GROUPING_MODEL]
+            ),
+            metadata=self.md(tenant_id),
+        )
+        return [
+            (
+                r.model,
+                r.event_count,
+                r.tokens.input_tokens,
+                r.tokens.output_tokens,
+                r.tokens.cache_write_tokens + r.tokens.cache_read_tokens,
+            )
+            for r in resp.rows
+        ]
 
     async def budget_status(self, tenant_id: str) -> mpb.BudgetStatus:
         """The tenant's token budget state."""
@@ -204,13 +230,20 @@ async def _open(path: Path, migrations: Path, templates: Path | None) -> Databas
     if template is not None and template.exists() and not path.exists():
         shutil.copyfile(template, path)
         engine = make_engine(url)
-        return Database(engine, router=TenantRouter(engine, url=url, owner_url=None, migrations=migrations,
-                                                    app_role=None))
+        return Database(
+            engine, router=TenantRouter(engine, url=url, owner_url=None, migrations=migrations, app_role=None)
+        )
     return await Database.open(url, migrations=str(migrations))
 
 
-async def start_mesh(tmp: Path, *, proxies: int = 1, delay: float = 0.0, templates: Path | None = None,
-                     verifier: TokenVerifier | None = None) -> Mesh:
+async def start_mesh(
+    tmp: Path,
+    *,
+    proxies: int = 1,
+    delay: float = 0.0,
+    templates: Path | None = None,
+    verifier: TokenVerifier | None = None,
+) -> Mesh:
     """Start everything; close with stop_mesh.
 
     verifier: what every service verifies tokens with (one over a real identity, say); by default
@@ -226,8 +259,18 @@ async def start_mesh(tmp: Path, *, proxies: int = 1, delay: float = 0.0, templat
     credentials = await serve_credentials(db=cdb, backend=backend, verifier=verifier)
     mch = make_channel(metering.running.address)
     cch = make_channel(credentials.running.address)
-    mesh = Mesh(tmp, tokens, fake, metering, credentials, metering_pb2_grpc.MeteringServiceStub(mch),
-                credentials_pb2_grpc.CredentialsServiceStub(cch), [mch, cch], templates=templates, verifier=verifier)
+    mesh = Mesh(
+        tmp,
+        tokens,
+        fake,
+        metering,
+        credentials,
+        metering_pb2_grpc.MeteringServiceStub(mch),
+        credentials_pb2_grpc.CredentialsServiceStub(cch),
+        [mch, cch],
+        templates=templates,
+        verifier=verifier,
+    )
     for _ in range(proxies):
         await mesh.start_proxy()
     return mesh

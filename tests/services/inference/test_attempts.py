@@ -1,5 +1,6 @@
 """The write-ahead attempt journal: attempts are on disk before they go upstream; what a dead
 process leaves is settled into the outbox (real usage when it was written, else the reservation)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -39,8 +40,19 @@ async def _journal(db: Database, replica: str = "r1") -> AttemptJournal:
 
 
 def _event(ctx: TenantContext, attempt, tokens: Tokens) -> UsageEvent:
-    return UsageEvent(ctx.tenant_id, attempt.event_id, ctx.principal_id, "", "", "m", tokens, 5, "success",
-                      time.time(), attempt=attempt.number)
+    return UsageEvent(
+        ctx.tenant_id,
+        attempt.event_id,
+        ctx.principal_id,
+        "",
+        "",
+        "m",
+        tokens,
+        5,
+        "success",
+        time.time(),
+        attempt=attempt.number,
+    )
 
 
 async def test_restarted_replica_settles_what_its_predecessor_left(journal_db):
@@ -48,16 +60,20 @@ async def test_restarted_replica_settles_what_its_predecessor_left(journal_db):
     db = journal_db
     ctx = TenantContext("t_a", "p", request_id="req-1")
     journal = await _journal(db)
-    opened = [await journal.open(ctx, model="m", reserve=Tokens(10, 50), context=context_json(
-        ctx, trace_id="", occurred_at=time.time())) for _ in range(3)]
+    opened = [
+        await journal.open(
+            ctx, model="m", reserve=Tokens(10, 50), context=context_json(ctx, trace_id="", occurred_at=time.time())
+        )
+        for _ in range(3)
+    ]
     assert [a.number for a in opened] == [1, 2, 3]
     assert [a.event_id for a in opened] == ["req-1", "req-1#2", "req-1#3"]
     journal.settle(opened[1], _event(ctx, opened[1], Tokens(7, 9)))
     journal.settle(opened[2], _event(ctx, opened[2], Tokens(3, 4)))
     journal.delivered([_event(ctx, opened[2], Tokens(3, 4))])
-    await journal.flush()               # as a crash would leave it: no close()
+    await journal.flush()  # as a crash would leave it: no close()
 
-    again = await _journal(db)           # same replica name, new process
+    again = await _journal(db)  # same replica name, new process
     pending = await SqlOutbox(db).pending("t_a", 10)
     got = {e.idempotency_key: (e.tokens, e.at_reservation, e.attempt) for _, e in pending}
     assert got == {"req-1": (Tokens(10, 50), True, 1), "req-1#2": (Tokens(7, 9), False, 2)}
@@ -73,10 +89,12 @@ async def test_one_group_numbers_each_request_id_and_defers_repeats(journal_db):
     a request id twice in one group still gets 1 and 2 (the repeat goes in the next group)."""
     journal = await _journal(journal_db)
     ctxs = [TenantContext(t, "p", request_id=r) for t in ("t_a", "t_b") for r in ("x", "y", "x", "z")]
-    opened = await asyncio.gather(*(journal.open(c, model="m", reserve=Tokens(i, 1), context="{}")
-                                    for i, c in enumerate(ctxs)))
+    opened = await asyncio.gather(
+        *(journal.open(c, model="m", reserve=Tokens(i, 1), context="{}") for i, c in enumerate(ctxs))
+    )
     assert [(a.tenant_id, a.request_id, a.number) for a in opened] == [
-        (t, r, n) for t in ("t_a", "t_b") for r, n in (("x", 1), ("y", 1), ("x", 2), ("z", 1))]
+        (t, r, n) for t in ("t_a", "t_b") for r, n in (("x", 1), ("y", 1), ("x", 2), ("z", 1))
+    ]
     rows = {r[0:3]: r[5] for r in await SqlAttempts(journal_db).rows()}
     assert rows == {(a.tenant_id, a.request_id, a.number): a.reserve.input for a in opened}
     assert len({a.row_id for a in opened}) == len(opened)
@@ -102,7 +120,7 @@ async def test_sweeper_of_another_replica_takes_only_old_rows(journal_db):
 async def test_request_id_retried_on_another_replica_is_metered_per_attempt(mesh):
     """Two replicas sharing the journal: the same request id sent to each reaches the upstream twice
     and is metered twice (req, req#2), each attempt as the upstream billed it."""
-    second = await mesh.start_proxy()       # same database file as the first
+    second = await mesh.start_proxy()  # same database file as the first
     md = (*mesh.md("t_a"), ("x-request-id", "req-twice"))
     await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params("once here")), metadata=md)
     await second.stub.CreateMessage(pb.CreateMessageRequest(params=params("once here")), metadata=md)

@@ -1,4 +1,5 @@
 """Budget utilisation across replicas: a call is refused only when the budget is really spoken for."""
+
 from __future__ import annotations
 
 import asyncio
@@ -40,7 +41,7 @@ class _Books:
 
         async def counted_release(lease_id, spent):
             await release(lease_id, spent)
-            self.returned += spent.total        # charged at metering; the lease leaves memory right after
+            self.returned += spent.total  # charged at metering; the lease leaves memory right after
 
         async def watched_hold(ctx, model, amount):
             try:
@@ -70,7 +71,7 @@ async def test_200_concurrent_calls_on_two_replicas_are_refused_only_past_95_per
     await mesh.start_proxy()
     p = params(max_tokens=100)
     cost = _reservation(p)
-    used_per_call = cost - p.max_tokens + 40          # replies use 40 of the 100 output tokens reserved
+    used_per_call = cost - p.max_tokens + 40  # replies use 40 of the 100 output tokens reserved
     mesh.fake.script(*[Reply.text("x", usage={"input_tokens": cost - p.max_tokens, "output_tokens": 40})] * 200)
     mesh.fake.delay = 0.05
     await mesh.set_budget("t_a", BUDGET)
@@ -89,7 +90,7 @@ async def test_200_concurrent_calls_on_two_replicas_are_refused_only_past_95_per
     elapsed = time.perf_counter() - started
     await mesh.settle()
     for proxy in mesh.proxies:
-        await proxy.service.budget.close()      # leases back: metering's used is then the whole spend
+        await proxy.service.budget.close()  # leases back: metering's used is then the whole spend
     served = sum(1 for o, _ in outcomes if o == "ok")
     calls, fake_in, fake_out = fake_totals(mesh.fake, mesh.proxy.proxy.opaque_user_id("t_a"))
     assert calls == served and fake_in + fake_out == served * used_per_call <= BUDGET
@@ -99,10 +100,12 @@ async def test_200_concurrent_calls_on_two_replicas_are_refused_only_past_95_per
     assert books.refusals, "the burst asks for more than the budget: some call must be refused"
     used, in_flight, needed = books.refusals[0]
     utilisation = (used + in_flight) / BUDGET
-    print(f"\n[slice {slice_tokens}] utilisation at first refusal: {utilisation:.1%} "
-          f"(used {used} + in flight {in_flight} of {BUDGET}, the refused call needed {needed}); "
-          f"served {served}/200, spent {status.used} ({status.used / BUDGET:.0%}) "
-          f"in {elapsed:.2f}s")
+    print(
+        f"\n[slice {slice_tokens}] utilisation at first refusal: {utilisation:.1%} "
+        f"(used {used} + in flight {in_flight} of {BUDGET}, the refused call needed {needed}); "
+        f"served {served}/200, spent {status.used} ({status.used / BUDGET:.0%}) "
+        f"in {elapsed:.2f}s"
+    )
     assert utilisation > 0.95
     # Every refusal, not only the first: the call really did not fit.
     assert [r for r in books.refusals if sum(r) <= BUDGET] == []

@@ -1,6 +1,7 @@
 """The proxy's budget leases after a crash elsewhere: short leases kept alive by a heartbeat that
 reports the calls in flight, leases metering no longer holds dropped, and calls that wait for a
 dead holder's leases to come back instead of being refused (fake metering, hand-moved clock)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -46,16 +47,16 @@ async def test_a_held_lease_is_renewed_every_third_of_its_ttl_with_its_calls_in_
     leases = BudgetLeases(metering, slice_tokens=300, clock=clock, idle_release=5.0)
     hold = await leases.hold(CTX, "m", 120)
     await leases.maintain()
-    assert metering.renewals == [("l1", 0, 120)]         # news: a call in flight
+    assert metering.renewals == [("l1", 0, 120)]  # news: a call in flight
     clock.now += 1.5
     await leases.maintain()
-    assert len(metering.renewals) == 1                  # nothing new, 4.5 of 6 s left: no RPC
+    assert len(metering.renewals) == 1  # nothing new, 4.5 of 6 s left: no RPC
     clock.now += 0.6
     await leases.maintain()
-    assert metering.renewals[-1] == ("l1", 0, 120)      # a third gone: the heartbeat
+    assert metering.renewals[-1] == ("l1", 0, 120)  # a third gone: the heartbeat
     leases.settle(hold, Tokens(input=40, output=30))
     await leases.maintain()
-    assert metering.renewals[-1] == ("l1", 70, 0)       # the call ended: its spend, nothing in flight
+    assert metering.renewals[-1] == ("l1", 70, 0)  # the call ended: its spend, nothing in flight
     assert len(metering.renewals) == 3
     await leases.close()
 
@@ -66,7 +67,7 @@ async def test_in_flight_is_reported_within_what_is_left_of_the_grant():
     leases = BudgetLeases(metering, slice_tokens=100, clock=clock, idle_release=5.0)
     first = await leases.hold(CTX, "m", 60)
     second = await leases.hold(CTX, "m", 40)
-    leases.settle(first, Tokens(output=90))             # 90 spent; 40 held in a lease of 100
+    leases.settle(first, Tokens(output=90))  # 90 spent; 40 held in a lease of 100
     await leases.maintain()
     assert metering.renewals[-1] == ("l1", 90, 10)
     leases.settle(second, Tokens(output=5))
@@ -80,7 +81,7 @@ async def test_a_lease_metering_expired_is_dropped_and_takes_no_more_calls():
     leases = BudgetLeases(metering, slice_tokens=300, clock=clock, idle_release=5.0)
     leases.settle(await leases.hold(CTX, "m", 100), Tokens(output=50))
     metering.gone.add("l1")
-    await leases.maintain()                              # spend changed: renew -> LEASE_EXPIRED
+    await leases.maintain()  # spend changed: renew -> LEASE_EXPIRED
     assert leases.held_tokens("t_a") == 0
     hold = await leases.hold(CTX, "m", 100)
     assert metering.leases == 2
@@ -104,16 +105,18 @@ class DeadHolderElsewhere(ShortLeases):
     async def lease(self, model: str, tokens: int, min_tokens: int) -> Grant:
         now = time.monotonic()
         if self.stranded and now >= self.back_at:
-            self.left += self.stranded                   # the dead holder's leases expired: swept back
+            self.left += self.stranded  # the dead holder's leases expired: swept back
             self.stranded = 0
         if self.left < min_tokens:
             self.refusals += 1
             used = self.budget - self.left - self.stranded - sum(-v for v in self.spent.values() if v < 0)
             held = self.budget - self.left - used
             wait = self.retry_after if self.retry_after is not None else max(0.0, self.back_at - now)
-            raise BudgetRefused("tokens budget exhausted",
-                                [("budget:tokens", f"needs {min_tokens}; used {used}, held {held}, limit {self.budget}")],
-                                wait)
+            raise BudgetRefused(
+                "tokens budget exhausted",
+                [("budget:tokens", f"needs {min_tokens}; used {used}, held {held}, limit {self.budget}")],
+                wait,
+            )
         return await super().lease(model, tokens, min_tokens)
 
 
@@ -163,7 +166,7 @@ class SlowPlatform:
 
     async def release_for(self, ctx: TenantContext, lease_id: str, spent: Tokens) -> None:
         await self.answer.wait()
-        await ShortLeases.release(self.metering, lease_id, spent)   # the platform key is not refused
+        await ShortLeases.release(self.metering, lease_id, spent)  # the platform key is not refused
         self.released.append(lease_id)
 
 
@@ -186,17 +189,18 @@ async def test_a_suspended_tenants_lease_counts_as_held_until_metering_took_it_b
     suspended: set[str] = set()
     metering = RefusesSuspended(budget=1000, suspended=suspended)
     platform = SlowPlatform(metering)
-    leases = BudgetLeases(metering, slice_tokens=300, idle_release=5.0, platform=platform,
-                          suspended=suspended.__contains__)
+    leases = BudgetLeases(
+        metering, slice_tokens=300, idle_release=5.0, platform=platform, suspended=suspended.__contains__
+    )
     leases.settle(await leases.hold(CTX, "m", 100), Tokens(output=40))
     suspended.add(CTX.tenant_id)
     round_ = asyncio.create_task(leases.maintain())
     await asyncio.sleep(0.05)
-    assert leases.held_tokens("t_a") == 300            # the release is in flight: still held
+    assert leases.held_tokens("t_a") == 300  # the release is in flight: still held
     platform.answer.set()
     await round_
     assert leases.held_tokens("t_a") == 0 and platform.released == ["l1"]
-    assert metering.left == 1000 - 40                   # back at metering, its spend charged
+    assert metering.left == 1000 - 40  # back at metering, its spend charged
 
 
 async def test_a_lease_going_back_when_the_tenant_is_suspended_goes_with_the_platform_key():
@@ -206,13 +210,14 @@ async def test_a_lease_going_back_when_the_tenant_is_suspended_goes_with_the_pla
     metering = RefusesSuspended(budget=1000, suspended=suspended)
     platform = SlowPlatform(metering)
     platform.answer.set()
-    leases = BudgetLeases(metering, slice_tokens=300, idle_release=0.05, platform=platform,
-                          suspended=suspended.__contains__)
+    leases = BudgetLeases(
+        metering, slice_tokens=300, idle_release=0.05, platform=platform, suspended=suspended.__contains__
+    )
     hold = await leases.hold(CTX, "m", 100)
     lease = leases._leases[(CTX.tenant_id, "m")][0]
     leases.settle(hold, Tokens(output=10))
     suspended.add(CTX.tenant_id)
-    leases._leases[(CTX.tenant_id, "m")].remove(lease)   # as the idle path does, just before its RPC
+    leases._leases[(CTX.tenant_id, "m")].remove(lease)  # as the idle path does, just before its RPC
     await leases._give_back((CTX.tenant_id, "m"), CTX, lease)
     assert platform.released == ["l1"] and leases.held_tokens("t_a") == 0
     assert metering.left == 1000 - 10

@@ -1,4 +1,5 @@
 """The offline provider: the embedded default without ANTHROPIC_API_KEY, deterministic and metered like any other."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,10 @@ def test_provider_defaults_to_offline_without_a_key():
     """No ANTHROPIC_API_KEY means offline; a key means anthropic; anything else is refused."""
     assert InferenceConfig.from_env({}).provider == OFFLINE
     assert InferenceConfig.from_env({"ANTHROPIC_API_KEY": "sk-ant-x"}).provider == ANTHROPIC
-    assert InferenceConfig.from_env({"ANTHROPIC_API_KEY": "sk-ant-x", "BULKHEAD_MODEL_PROVIDER": "offline"}).provider \
+    assert (
+        InferenceConfig.from_env({"ANTHROPIC_API_KEY": "sk-ant-x", "BULKHEAD_MODEL_PROVIDER": "offline"}).provider
         == OFFLINE
+    )
     with pytest.raises(ValueError):
         InferenceConfig.from_env({"BULKHEAD_MODEL_PROVIDER": "openai"})
 
@@ -52,21 +55,34 @@ def test_offline_agent_uses_each_offered_tool_once_then_answers():
     """Offered tools (tool_choice auto), the offline model calls each once in order, then reports the last result."""
     from services.inference.providers import _offline_message
 
-    tools = [{"name": "handoff", "input_schema": {"type": "object", "properties": {
-                 "agent": {"type": "string", "enum": ["specialist", "billing"]}, "reason": {"type": "string"}}}},
-             {"name": "lookup", "input_schema": {"type": "object", "properties": {"id": {"type": "integer"}}}}]
+    tools = [
+        {
+            "name": "handoff",
+            "input_schema": {
+                "type": "object",
+                "properties": {
+                    "agent": {"type": "string", "enum": ["specialist", "billing"]},
+                    "reason": {"type": "string"},
+                },
+            },
+        },
+        {"name": "lookup", "input_schema": {"type": "object", "properties": {"id": {"type": "integer"}}}},
+    ]
     body = {"model": "m", "max_tokens": 50, "tools": tools, "messages": [{"role": "user", "content": "help"}]}
     first = _offline_message(body)
     assert first["stop_reason"] == "tool_use"
     assert first["content"][0]["name"] == "handoff"
     assert first["content"][0]["input"] == {"agent": "specialist", "reason": "offline"}
-    body["messages"] += [{"role": "assistant", "content": first["content"]},
-                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": "ok"}]}]
+    body["messages"] += [
+        {"role": "assistant", "content": first["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "x", "content": "ok"}]},
+    ]
     second = _offline_message(body)
     assert second["content"][0]["name"] == "lookup" and second["content"][0]["input"] == {"id": 1}
-    body["messages"] += [{"role": "assistant", "content": second["content"]},
-                         {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "y",
-                                                       "content": "plan gold"}]}]
+    body["messages"] += [
+        {"role": "assistant", "content": second["content"]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "y", "content": "plan gold"}]},
+    ]
     final = _offline_message(body)
     assert final["stop_reason"] == "end_turn" and final["content"][0]["text"].endswith("done. plan gold")
     assert _offline_message({**body, "tool_choice": {"type": "none"}})["stop_reason"] == "end_turn"

@@ -1,5 +1,6 @@
 """The outbox drains with the proxy's own platform credentials: usage held through a metering outage
 reaches the tenant's ledger even when that tenant never calls again (its token long expired)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -87,13 +88,16 @@ async def test_outage_usage_reaches_metering_with_the_proxys_own_token(mesh):
     await mesh.settle()
     await mesh.metering.stop(grace=0)
     for i in range(3):
-        await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params(f"during outage {i}")),
-                                      metadata=(*mesh.md("t_a"), ("x-request-id", f"req-platform-{i}")))
+        await mesh.stub.CreateMessage(
+            pb.CreateMessageRequest(params=params(f"during outage {i}")),
+            metadata=(*mesh.md("t_a"), ("x-request-id", f"req-platform-{i}")),
+        )
     opaque_user = mesh.proxy.proxy.opaque_user_id("t_a")
     await mesh.stop_proxy(mesh.proxies[0])
     mdb = await Database.open(f"sqlite+aiosqlite:///{mesh.tmp / 'metering.db'}", migrations=str(METERING_MIGRATIONS))
-    mesh.metering = await serve_metering(db=mdb, verifier=mesh.tokens.verifier, price_cache_s=0,
-                                         address=mesh.metering.running.address)
+    mesh.metering = await serve_metering(
+        db=mdb, verifier=mesh.tokens.verifier, price_cache_s=0, address=mesh.metering.running.address
+    )
 
     token = mesh.tokens.mint("t_platform", ("platform.metering.record",), principal_id="p_svc_inference")
     platform_channel = make_channel(mesh.metering.running.address, credentials=StaticCredentials(token, "t_platform"))
@@ -101,8 +105,9 @@ async def test_outage_usage_reaches_metering_with_the_proxys_own_token(mesh):
     outbox_db = await Database.open(f"sqlite+aiosqlite:///{mesh.tmp / 'inference.db'}")
     outbox = SqlOutbox(outbox_db)
     try:
-        meter = UsageMeter(MeteringClient(tenant_channel), outbox, retry_interval=0.05,
-                           platform=PlatformUsage(platform_channel))
+        meter = UsageMeter(
+            MeteringClient(tenant_channel), outbox, retry_interval=0.05, platform=PlatformUsage(platform_channel)
+        )
         await meter.start()
         for _ in range(60):
             if await outbox.count() == 0:
@@ -124,6 +129,8 @@ async def test_events_of_an_unknown_tier_are_rejected_not_retried_forever():
     channel = make_channel("127.0.0.1:1")
     try:
         with pytest.raises(UsageRejected, match="unknown tenant tier"):
-            await PlatformUsage(channel, timeout=0.5).record_for(TENANT, [dataclasses.replace(_event(1), tier="shared")])
+            await PlatformUsage(channel, timeout=0.5).record_for(
+                TENANT, [dataclasses.replace(_event(1), tier="shared")]
+            )
     finally:
         await channel.close()

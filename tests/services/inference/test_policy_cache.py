@@ -1,4 +1,5 @@
 """The proxy's per-tenant policy cache: a change (forget) wins over a load already in flight."""
+
 from __future__ import annotations
 
 import asyncio

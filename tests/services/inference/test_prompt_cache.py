@@ -4,6 +4,7 @@ The upstream's prompt cache is shared by everything sent with one key, and a hit
 and in cache_read_input_tokens), which tells a tenant that another sent the same prefix. The fake
 upstream simulates that cache per key, so these tests see hits and misses as a real key would.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,9 +23,13 @@ EPHEMERAL = pb.CacheControl(type="ephemeral")
 HOUR = pb.CacheControl(type="ephemeral", ttl="1h")
 
 
-def _cached_params(question: str = "What is the weather in Oslo today?", *, tool_cache: pb.CacheControl | None = HOUR,
-                   system_cache: pb.CacheControl | None = EPHEMERAL,
-                   message_cache: pb.CacheControl | None = EPHEMERAL) -> pb.MessageParams:
+def _cached_params(
+    question: str = "What is the weather in Oslo today?",
+    *,
+    tool_cache: pb.CacheControl | None = HOUR,
+    system_cache: pb.CacheControl | None = EPHEMERAL,
+    message_cache: pb.CacheControl | None = EPHEMERAL,
+) -> pb.MessageParams:
     """The same long, cacheable prompt any tenant could send: a tool, a system prompt, a first turn."""
     schema = struct_pb2.Struct()
     schema.update({"type": "object", "properties": {"city": {"type": "string"}}})
@@ -37,9 +42,18 @@ def _cached_params(question: str = "What is the weather in Oslo today?", *, tool
     first = pb.TextBlock(text="Here is our internal runbook. " * 10)
     if message_cache is not None:
         first.cache_control.CopyFrom(message_cache)
-    return pb.MessageParams(model="claude-test", max_tokens=50, tools=[tool], system=[system], messages=[
-        pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=first), pb.ContentBlock(text=pb.TextBlock(
-            text=question))])])
+    return pb.MessageParams(
+        model="claude-test",
+        max_tokens=50,
+        tools=[tool],
+        system=[system],
+        messages=[
+            pb.Message(
+                role=pb.ROLE_USER,
+                content=[pb.ContentBlock(text=first), pb.ContentBlock(text=pb.TextBlock(text=question))],
+            )
+        ],
+    )
 
 
 async def _call(mesh, tenant: str, params: pb.MessageParams, *, stream: bool) -> dict[str, int]:
@@ -50,8 +64,11 @@ async def _call(mesh, tenant: str, params: pb.MessageParams, *, stream: bool) ->
         usage = events[0].message_start.message.usage
     else:
         usage = (await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params), metadata=md)).usage
-    return {"read": usage.cache_read_input_tokens, "written": usage.cache_creation_input_tokens,
-            "input": usage.input_tokens}
+    return {
+        "read": usage.cache_read_input_tokens,
+        "written": usage.cache_creation_input_tokens,
+        "input": usage.input_tokens,
+    }
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["unary", "stream"])
@@ -60,10 +77,10 @@ async def test_two_tenants_with_the_same_cached_prompt_never_share_a_prefix(mesh
     first = await _call(mesh, "t_a", _cached_params(), stream=stream)
     second = await _call(mesh, "t_b", _cached_params(), stream=stream)
     a, b = (cache_prefixes(c.body) for c in mesh.fake.calls)
-    assert len(a) == len(b) == 3               # tool, system and message breakpoints: none added, none lost
+    assert len(a) == len(b) == 3  # tool, system and message breakpoints: none added, none lost
     assert not {digest for digest, _ in a} & {digest for digest, _ in b}
     assert first["read"] == 0 and first["written"] > 0
-    assert second["read"] == 0 and second["written"] == first["written"]   # a miss: nothing to learn
+    assert second["read"] == 0 and second["written"] == first["written"]  # a miss: nothing to learn
     assert {c.headers["authorization"] for c in mesh.fake.calls} == {f"Bearer {PLATFORM_KEY}"}
 
 
@@ -75,11 +92,15 @@ async def test_a_tenants_own_cache_still_hits(mesh, stream):
     one, two = (cache_prefixes(c.body) for c in mesh.fake.calls)
     assert one == two
     assert again["read"] == first["written"] > 0 and again["written"] == 0
-    await mesh.settle()     # what the upstream reported (the marker's tokens included) is what was metered
+    await mesh.settle()  # what the upstream reported (the marker's tokens included) is what was metered
     billed = [r.usage for r in mesh.fake.usage_log if r.user_id == mesh.proxy.proxy.opaque_user_id("t_a")]
-    assert [(events, i, cache) for _, events, i, _, cache in await mesh.metered("t_a")] == [(
-        2, sum(u["input_tokens"] for u in billed),
-        sum(u["cache_read_input_tokens"] + u["cache_creation_input_tokens"] for u in billed))]
+    assert [(events, i, cache) for _, events, i, _, cache in await mesh.metered("t_a")] == [
+        (
+            2,
+            sum(u["input_tokens"] for u in billed),
+            sum(u["cache_read_input_tokens"] + u["cache_creation_input_tokens"] for u in billed),
+        )
+    ]
 
 
 async def test_marker_is_a_keyed_hash_first_in_system_and_names_no_tenant(mesh):
@@ -125,14 +146,46 @@ async def test_tenants_own_key_sends_the_body_unchanged(mesh):
 
 def test_partition_covers_every_kind_of_breakpoint() -> None:
     """Breakpoints on a tool result, an image, the top level (automatic caching) all get a per-caller prefix."""
-    base = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
-        {"type": "tool_result", "tool_use_id": "x", "content": [{"type": "text", "text": "r"}],
-         "cache_control": {"type": "ephemeral"}}]}]}
-    image = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": [
-        {"type": "image", "source": {"type": "url", "url": "https://x/y.png"},
-         "cache_control": {"type": "ephemeral"}}]}]}
-    automatic = {"model": "m", "max_tokens": 5, "cache_control": {"type": "ephemeral"}, "system": "Be brief.",
-                 "messages": [{"role": "user", "content": "hi"}]}
+    base = {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "tool_result",
+                        "tool_use_id": "x",
+                        "content": [{"type": "text", "text": "r"}],
+                        "cache_control": {"type": "ephemeral"},
+                    }
+                ],
+            }
+        ],
+    }
+    image = {
+        "model": "m",
+        "max_tokens": 5,
+        "messages": [
+            {
+                "role": "user",
+                "content": [
+                    {
+                        "type": "image",
+                        "source": {"type": "url", "url": "https://x/y.png"},
+                        "cache_control": {"type": "ephemeral"},
+                    }
+                ],
+            }
+        ],
+    }
+    automatic = {
+        "model": "m",
+        "max_tokens": 5,
+        "cache_control": {"type": "ephemeral"},
+        "system": "Be brief.",
+        "messages": [{"role": "user", "content": "hi"}],
+    }
     for body in (base, image, automatic):
         pa, pb_ = (cache_prefixes(wire.partition_prompt_cache(body, f"cache-partition:{t}")) for t in "ab")
         assert pa and len(pa) == len(pb_) and not {d for d, _ in pa} & {d for d, _ in pb_}

@@ -1,4 +1,5 @@
 """Budgets and rate limits refuse a call before any upstream request, and budgets hold across replicas."""
+
 from __future__ import annotations
 
 import asyncio
@@ -31,11 +32,17 @@ async def _expect(call, code, reason):
 async def test_over_budget_tenant_is_refused_before_any_upstream_request(mesh):
     """A budget smaller than the call's worst case: RESOURCE_EXHAUSTED with QuotaFailure, and the fake saw nothing."""
     await mesh.set_budget("t_a", _reservation(params()) - 1)
-    details = await _expect(mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a")),
-                            grpc.StatusCode.RESOURCE_EXHAUSTED, "BUDGET_EXHAUSTED")
+    details = await _expect(
+        mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a")),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "BUDGET_EXHAUSTED",
+    )
     assert details["quota"]
-    await _expect(_first(mesh.stub.StreamMessage(pb.StreamMessageRequest(params=params()), metadata=mesh.md("t_a"))),
-                  grpc.StatusCode.RESOURCE_EXHAUSTED, "BUDGET_EXHAUSTED")
+    await _expect(
+        _first(mesh.stub.StreamMessage(pb.StreamMessageRequest(params=params()), metadata=mesh.md("t_a"))),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "BUDGET_EXHAUSTED",
+    )
     assert mesh.fake.request_count == 0
 
 
@@ -43,8 +50,11 @@ async def test_one_tenant_cannot_spend_anothers_budget(mesh):
     """Tenant A at its budget is refused while tenant B, with budget left, is served; each is charged its own."""
     await mesh.set_budget("t_a", _reservation(params()) - 1)
     await mesh.set_budget("t_b", 100_000)
-    await _expect(mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a")),
-                  grpc.StatusCode.RESOURCE_EXHAUSTED, "BUDGET_EXHAUSTED")
+    await _expect(
+        mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a")),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "BUDGET_EXHAUSTED",
+    )
     resp = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_b"))
     await mesh.settle()
     assert await mesh.metered("t_a") == []
@@ -90,8 +100,11 @@ async def test_requests_per_minute_limit(mesh):
     await mesh.set_limits("t_a", requests_per_minute=2)
     for _ in range(2):
         await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a"))
-    details = await _expect(mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a")),
-                            grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    details = await _expect(
+        mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a")),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
     assert details["quota"][0][0] == "requests_per_minute" and 0 < details["retry_after"] <= 60
     assert mesh.fake.request_count == 2
     await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_b"))
@@ -101,9 +114,11 @@ async def test_tokens_per_minute_limit(mesh):
     """A call whose worst case exceeds the tokens/min left is refused before the upstream."""
     await mesh.set_limits("t_a", tokens_per_minute=_reservation(params()) + 10)
     await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a"))
-    details = await _expect(mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params(max_tokens=200)),
-                                                    metadata=mesh.md("t_a")),
-                            grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    details = await _expect(
+        mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params(max_tokens=200)), metadata=mesh.md("t_a")),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
     assert details["quota"][0][0] == "tokens_per_minute"
     assert mesh.fake.request_count == 1
 
@@ -112,12 +127,16 @@ async def test_concurrent_calls_limit(mesh):
     """With one call in flight and a limit of one, a second call is refused; after it finishes, calls pass again."""
     await mesh.set_limits("t_a", concurrent_calls=1)
     mesh.fake.fail_next(Fault.slow(0.5))
-    first = asyncio.ensure_future(mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()),
-                                                          metadata=mesh.md("t_a")))
+    first = asyncio.ensure_future(
+        mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a"))
+    )
     while mesh.fake.request_count == 0:
         await asyncio.sleep(0.01)
-    details = await _expect(mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a")),
-                            grpc.StatusCode.RESOURCE_EXHAUSTED, "RATE_LIMITED")
+    details = await _expect(
+        mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a")),
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        "RATE_LIMITED",
+    )
     assert details["quota"][0][0] == "concurrent_calls"
     await first
     await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a"))
@@ -135,7 +154,7 @@ async def test_leases_charge_exactly_the_real_usage(mesh):
     for text in ("one", "two words", "three small words"):
         await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params(text)), metadata=mesh.md("t_a"))
     held = await mesh.budget_status("t_a")
-    assert held.held > 0                          # a lease slice is out while the replica may still spend it
+    assert held.held > 0  # a lease slice is out while the replica may still spend it
     await mesh.proxy.budget.close()
     status = await mesh.budget_status("t_a")
     _, fake_in, fake_out = fake_totals(mesh.fake, mesh.proxy.proxy.opaque_user_id("t_a"))

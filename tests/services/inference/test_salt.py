@@ -1,5 +1,6 @@
 """The key of the opaque ids the upstream sees (metadata.user_id, cache partition, attempt ids) is the
 deployment's own."""
+
 from __future__ import annotations
 
 import hashlib
@@ -22,7 +23,7 @@ def test_a_deployment_without_a_salt_makes_its_own_once(tmp_path):
     assert load_or_create_salt(tmp_path / "a") == first
     assert stat.S_IMODE((tmp_path / "a" / SALT_FILE).stat().st_mode) == 0o600
     assert load_or_create_salt(tmp_path / "b") != first
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [SALT_FILE]   # no temporary file left
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [SALT_FILE]  # no temporary file left
 
 
 def test_workers_starting_together_agree_on_one_salt(tmp_path):
@@ -53,7 +54,11 @@ async def test_the_proxy_keys_its_upstream_ids_with_the_data_dir_salt(mesh):
     salt = (mesh.tmp / SALT_FILE).read_text().strip()
     proxy = mesh.proxy.proxy
     assert proxy.opaque_user_id("t_a") == _opaque(salt, "t_a") != _opaque("bulkhead", "t_a")
-    assert proxy._attempt_ref("t_a", "r1") == attempt_ref(salt.encode(), "t_a", "r1") != attempt_ref(b"bulkhead", "t_a", "r1")
+    assert (
+        proxy._attempt_ref("t_a", "r1")
+        == attempt_ref(salt.encode(), "t_a", "r1")
+        != attempt_ref(b"bulkhead", "t_a", "r1")
+    )
     public = hmac.new(b"bulkhead", b"prompt-cache-partition\0t_a", hashlib.sha256).hexdigest()[:32]
     assert proxy.cache_partition("t_a") != "cache-partition:" + public
 

@@ -1,4 +1,5 @@
 """No provider key or token ever appears in logs, spans, error messages or stored state; calls are tagged."""
+
 from __future__ import annotations
 
 import io
@@ -64,7 +65,7 @@ async def test_no_secret_in_logs_spans_errors_or_state(spans, log_output, mesh):
             await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=md)
         details.append(info.value.details() + str(info.value.trailing_metadata()))
     await mesh.settle()
-    assert mesh.fake.calls[0].headers["authorization"] == f"Bearer {TENANT_KEY}"   # the key really was used
+    assert mesh.fake.calls[0].headers["authorization"] == f"Bearer {TENANT_KEY}"  # the key really was used
 
     logged = log_output.getvalue()
     attributes = " ".join(f"{k}={v}" for s in spans.get_finished_spans() for k, v in (s.attributes or {}).items())
@@ -72,13 +73,14 @@ async def test_no_secret_in_logs_spans_errors_or_state(spans, log_output, mesh):
     for secret in (TENANT_KEY, PLATFORM_KEY, token):
         assert secret not in logged and secret not in attributes and secret not in " ".join(details)
         assert secret.encode() not in stored
-    assert "has no access" in details[0]    # the upstream's message still reaches the caller, redacted
+    assert "has no access" in details[0]  # the upstream's message still reaches the caller, redacted
 
     call_line = next(line for line in logged.splitlines() if '"message": "model call"' in line)
     for tag in ('"tenant_id": "t_a"', '"agent_id": "agent-7"', '"run_id": "run-9"', '"request_id"', '"trace_id"'):
         assert tag in call_line
-    server_spans = [s for s in spans.get_finished_spans()
-                    if s.name.endswith("/CreateMessage") and s.kind == trace.SpanKind.SERVER]
+    server_spans = [
+        s for s in spans.get_finished_spans() if s.name.endswith("/CreateMessage") and s.kind == trace.SpanKind.SERVER
+    ]
     assert server_spans and all(s.attributes.get("tenant.id") == "t_a" for s in server_spans)
     tagged = [s for s in server_spans if s.attributes.get("bulkhead.agent_id")]
     assert tagged and tagged[0].attributes["bulkhead.run_id"] == "run-9"

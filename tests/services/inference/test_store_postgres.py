@@ -1,4 +1,5 @@
 """The inference tables on Postgres as the runtime role: RLS confines policies and private models to their tenant."""
+
 from __future__ import annotations
 
 import time

@@ -1,6 +1,7 @@
 """A suspended tenant: the proxy refuses its calls and hands its budget leases back to metering with
 the proxy's own platform key (the tenant's token is refused everywhere); after resume its calls are
 metered once each, and the budget's used equals what the upstream billed."""
+
 from __future__ import annotations
 
 import asyncio

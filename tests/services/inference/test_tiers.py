@@ -4,6 +4,7 @@ The proxy learns the tenant's tier from identity (as metering does) and writes t
 the tenant's own calls read it: its own schema, database or file, never the pooled tables.
 Everything here runs against a real identity, whose tokens every service of the mesh verifies.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -33,7 +34,7 @@ async def tiered(request, tmp_path, db_templates) -> AsyncIterator[tuple[Mesh, I
         verifier = identity.verifier(keys, service="inference")
         mesh = await start_mesh(tmp_path, proxies=0, templates=db_templates, verifier=verifier)
         mesh.env_overrides["BULKHEAD_IDENTITY_ADDR"] = identity.address
-        mesh.tiers = None   # the proxies ask identity, wired as in production
+        mesh.tiers = None  # the proxies ask identity, wired as in production
         try:
             # Two replicas over one database: what one writes, the other must read (its cache is cold).
             if request.param == "postgres":
@@ -66,21 +67,26 @@ async def test_operator_policy_for_bridge_and_silo_tenants_is_what_their_calls_o
         name = tenancy_pb2.Tier.Name(tier)
         # The tenant calls first on the setter's replica, so a policy it cached before the change would show.
         await setter.CreateMessage(pb.CreateMessageRequest(params=params(model=MODEL)), metadata=tenant.metadata)
-        await setter.SetModelPolicy(pb.SetModelPolicyRequest(tenant_id=tenant.tenant_id, policy=NARROW),
-                                    metadata=identity.operator.metadata)
+        await setter.SetModelPolicy(
+            pb.SetModelPolicyRequest(tenant_id=tenant.tenant_id, policy=NARROW), metadata=identity.operator.metadata
+        )
 
-        for stub in (other, setter):   # the other replica reads the database; the setter its refreshed cache
+        for stub in (other, setter):  # the other replica reads the database; the setter its refreshed cache
             got = await stub.GetModelPolicy(pb.GetModelPolicyRequest(), metadata=tenant.metadata)
             assert (list(got.policy.allowed_models), got.policy.max_tokens_ceiling) == (["claude-other"], 20), name
-            err = await _refused(stub.CreateMessage(pb.CreateMessageRequest(params=params(model=MODEL)),
-                                                    metadata=tenant.metadata))
-            assert (err.code(), error_details(err)["reason"]) == (grpc.StatusCode.PERMISSION_DENIED,
-                                                                  "MODEL_NOT_ALLOWED"), name
-            ok = await stub.CreateMessage(pb.CreateMessageRequest(params=params(model="", max_tokens=10)),
-                                          metadata=tenant.metadata)
+            err = await _refused(
+                stub.CreateMessage(pb.CreateMessageRequest(params=params(model=MODEL)), metadata=tenant.metadata)
+            )
+            assert (err.code(), error_details(err)["reason"]) == (
+                grpc.StatusCode.PERMISSION_DENIED,
+                "MODEL_NOT_ALLOWED",
+            ), name
+            ok = await stub.CreateMessage(
+                pb.CreateMessageRequest(params=params(model="", max_tokens=10)), metadata=tenant.metadata
+            )
             assert ok.call.resolved_model == "claude-other", name
 
-    pooled = await identity.tenant()   # the pooled tables were not touched: a pooled tenant keeps the platform's
+    pooled = await identity.tenant()  # the pooled tables were not touched: a pooled tenant keeps the platform's
     got = await other.GetModelPolicy(pb.GetModelPolicyRequest(), metadata=pooled.metadata)
     assert MODEL in got.policy.allowed_models and got.policy.max_tokens_ceiling == 1000
 
@@ -88,6 +94,9 @@ async def test_operator_policy_for_bridge_and_silo_tenants_is_what_their_calls_o
 async def test_operator_policy_for_an_unknown_tenant_is_not_found(tiered):
     """A tenant identity does not know gets NOT_FOUND (not a policy filed under a guessed tier)."""
     mesh, identity = tiered
-    err = await _refused(mesh.proxies[0].stub.SetModelPolicy(pb.SetModelPolicyRequest(tenant_id="t_nosuchtenant", policy=NARROW),
-                                                  metadata=identity.operator.metadata))
+    err = await _refused(
+        mesh.proxies[0].stub.SetModelPolicy(
+            pb.SetModelPolicyRequest(tenant_id="t_nosuchtenant", policy=NARROW), metadata=identity.operator.metadata
+        )
+    )
     assert (err.code(), error_details(err)["reason"]) == (grpc.StatusCode.NOT_FOUND, "TENANT_NOT_FOUND")

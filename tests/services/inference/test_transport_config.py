@@ -1,4 +1,5 @@
 """Which transport carries unary calls: the official SDK unless a deployment opts into the direct pool."""
+
 import pytest
 
 from services.inference.config import InferenceConfig
@@ -29,7 +30,7 @@ def test_an_unknown_transport_is_refused_naming_the_choices():
         InferenceConfig.from_env({**ENV, "BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT": "curl"})
 
 
-def test_sdk_httpx_keeps_the_sdk_on_its_httpx_stack(no_proxy_env):
+def test_sdk_httpx_keeps_the_sdk_on_its_httpx_stack(no_proxy_env):  # noqa: F811
     import anthropic
     import httpx2
 

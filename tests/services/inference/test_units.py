@@ -1,4 +1,5 @@
 """The proxy's counting parts on their own: rate limits, budget leases, the shared cache, the token estimate."""
+
 from __future__ import annotations
 
 import asyncio
@@ -35,7 +36,7 @@ def test_requests_per_minute_refill():
     with pytest.raises(Rejected) as info:
         limiter.admit("t_a", limits, 1)
     assert info.value.retry_after == pytest.approx(30.0)
-    limiter.admit("t_b", limits, 1)            # other tenants have their own buckets
+    limiter.admit("t_b", limits, 1)  # other tenants have their own buckets
     clock.now += 30
     limiter.admit("t_a", limits, 1)
 
@@ -118,15 +119,15 @@ async def test_a_lease_being_returned_takes_no_call_and_goes_back_once():
     metering = SlowMetering(budget=1000)
     clock = Clock()
     leases = BudgetLeases(metering, slice_tokens=100, clock=clock, idle_release=0.01)
-    leases.settle(await leases.hold(ctx, "m", 80), Tokens(input=10, output=10))   # idle from now
+    leases.settle(await leases.hold(ctx, "m", 80), Tokens(input=10, output=10))  # idle from now
     clock.now += 1.0
     returning = asyncio.create_task(leases.maintain())
-    await asyncio.sleep(0.01)                       # the release is in flight
+    await asyncio.sleep(0.01)  # the release is in flight
     late = await leases.hold(ctx, "m", 10)
     await returning
     assert metering.leases == 2 and metering.releases == ["l1"]
     leases.settle(late, Tokens(input=5, output=5))
-    await asyncio.sleep(0.1)                        # the idle timer fires for l2 alone
+    await asyncio.sleep(0.1)  # the idle timer fires for l2 alone
     await leases.close()
     assert sorted(metering.releases) == ["l1", "l2"]
     assert metering.left == 1000 - 20 - 10

@@ -1,4 +1,5 @@
 """Upstream failures map to precise statuses; only failures that did no upstream work are retried."""
+
 from __future__ import annotations
 
 import grpc
@@ -76,6 +77,7 @@ async def test_connection_dropped_after_request_is_not_retried(mesh):
 async def test_failed_call_returns_its_budget_hold(mesh):
     """A call that fails upstream frees its hold: a budget that fits one call still serves the next one."""
     from .test_quotas import _reservation
+
     await mesh.set_budget("t_a", _reservation(params()) + 5)
     mesh.fake.fail_next(Fault.http(400))
     await _fail(mesh)

@@ -1,4 +1,5 @@
 """The upstream HTTP client: the SDK's stack with the cheap idle-connection probe, and its fallbacks."""
+
 from __future__ import annotations
 
 import asyncio
@@ -38,7 +39,7 @@ def test_probe_reports_data_or_close_on_an_idle_socket():
         assert _readable(ours) is True
     finally:
         ours.close()
-    assert _readable(ours) is True          # fileno() is -1 once closed
+    assert _readable(ours) is True  # fileno() is -1 once closed
     assert _readable(None) is True
 
 
@@ -46,11 +47,16 @@ async def test_sdk_calls_open_connections_through_the_probed_backend():
     """Two calls through the official SDK reuse one kept-alive connection that the probed backend opened."""
     transport = ProbedTransport(limits=anthropic.DEFAULT_CONNECTION_LIMITS)
     async with FakeAnthropic() as fake:
-        client = anthropic.AsyncAnthropic(base_url=fake.base_url, api_key=PLATFORM_KEY, max_retries=0,
-                                          http_client=anthropic.DefaultAsyncHttpxClient(transport=transport))
+        client = anthropic.AsyncAnthropic(
+            base_url=fake.base_url,
+            api_key=PLATFORM_KEY,
+            max_retries=0,
+            http_client=anthropic.DefaultAsyncHttpxClient(transport=transport),
+        )
         for _ in range(2):
-            reply = await client.messages.create(model=PINNED, max_tokens=20,
-                                                 messages=[{"role": "user", "content": "hello there"}])
+            reply = await client.messages.create(
+                model=PINNED, max_tokens=20, messages=[{"role": "user", "content": "hello there"}]
+            )
             assert reply.content[0].text
         await client.close()
     assert transport.backend.connections == 1
@@ -64,7 +70,7 @@ async def test_an_idle_connection_the_server_closed_is_replaced_not_reused():
         await reader.readuntil(b"\r\n\r\n")
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: keep-alive\r\n\r\nok")
         await writer.drain()
-        writer.close()            # idle keep-alive connection dropped by the server
+        writer.close()  # idle keep-alive connection dropped by the server
         await writer.wait_closed()
         closed.set()
 
@@ -75,7 +81,7 @@ async def test_an_idle_connection_the_server_closed_is_replaced_not_reused():
         async with httpx2.AsyncClient(transport=transport) as client:
             assert (await client.get(url)).text == "ok"
             await asyncio.wait_for(closed.wait(), 5)
-            await asyncio.sleep(0.05)    # the FIN reaches the client's socket
+            await asyncio.sleep(0.05)  # the FIN reaches the client's socket
             closed.clear()
             assert (await client.get(url)).text == "ok"
     finally:
@@ -141,10 +147,10 @@ async def test_an_evicted_client_closes_once_its_last_call_ended(no_proxy_env):
         await asyncio.sleep(0.1)
         first = provider._upstream(Target(api_key="sk-a"))
         assert first.in_flight == 1
-        other = asyncio.create_task(provider.create(body, Target(api_key="sk-b")))   # evicts sk-a's entry
+        other = asyncio.create_task(provider.create(body, Target(api_key="sk-b")))  # evicts sk-a's entry
         await asyncio.sleep(0.05)
         assert first.evicted and not first.http.is_closed and not slow.done()
-        assert (await slow)["type"] == "message"                  # the call it carried finished
+        assert (await slow)["type"] == "message"  # the call it carried finished
         assert (await other)["type"] == "message"
         for _ in range(50):
             if first.http.is_closed:
@@ -164,7 +170,7 @@ async def test_through_aiohttp_only_a_failed_connect_is_retry_safe(no_proxy_env)
     closed = socket.socket()
     closed.bind(("127.0.0.1", 0))
     port = closed.getsockname()[1]
-    closed.close()                     # a free port: connecting is refused
+    closed.close()  # a free port: connecting is refused
     provider = AnthropicProvider(base_url=f"http://127.0.0.1:{port}", timeout=5.0)
     with pytest.raises(UpstreamError) as refused:
         await provider.create(body, Target(api_key=PLATFORM_KEY))
@@ -185,4 +191,4 @@ async def test_through_aiohttp_only_a_failed_connect_is_retry_safe(no_proxy_env)
         server.close()
         await server.wait_closed()
     assert (dropped.value.kind, dropped.value.retry_safe, dropped.value.status) == ("unavailable", False, 0)
-    assert provider._http == "aiohttp"      # the transport these errors came through
+    assert provider._http == "aiohttp"  # the transport these errors came through

@@ -1,4 +1,5 @@
 """The lean unary upstream client (upstream_http.UpstreamPool) behind AnthropicProvider.create."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,14 @@ from services.inference.providers import AnthropicProvider, Target, UpstreamErro
 from services.inference.upstream_http import UpstreamPool
 
 BODY = {"model": "m", "max_tokens": 5, "messages": [{"role": "user", "content": "hi"}]}
-REPLY = {"id": "msg_1", "type": "message", "role": "assistant", "model": "m", "content": [],
-         "usage": {"input_tokens": 1, "output_tokens": 1}}
+REPLY = {
+    "id": "msg_1",
+    "type": "message",
+    "role": "assistant",
+    "model": "m",
+    "content": [],
+    "usage": {"input_tokens": 1, "output_tokens": 1},
+}
 
 
 class Upstream:
@@ -39,11 +46,16 @@ class Upstream:
         try:
             while self.replies:
                 head = await reader.readuntil(b"\r\n\r\n")
-                length = int(next(line.split(b":")[1] for line in head.split(b"\r\n")
-                                  if line.lower().startswith(b"content-length")))
+                length = int(
+                    next(
+                        line.split(b":")[1]
+                        for line in head.split(b"\r\n")
+                        if line.lower().startswith(b"content-length")
+                    )
+                )
                 self.requests.append(head + await reader.readexactly(length))
                 reply = self.replies.pop(0)
-                if reply == b"":            # drop the connection without answering
+                if reply == b"":  # drop the connection without answering
                     break
                 writer.write(reply)
                 await writer.drain()
@@ -55,7 +67,10 @@ class Upstream:
 
 def _json_reply(payload: dict, status: str = "200 OK", extra: str = "") -> bytes:
     data = json.dumps(payload).encode()
-    return f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n{extra}\r\n".encode() + data
+    return (
+        f"HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {len(data)}\r\n{extra}\r\n".encode()
+        + data
+    )
 
 
 def _chunked_gzip_reply(payload: dict) -> bytes:
@@ -100,8 +115,9 @@ async def test_each_key_gets_its_own_connections():
 async def test_error_replies_map_like_the_sdk_errors_and_never_echo_the_key():
     """429 with retry-after is retry-safe rate limiting; 400 is invalid with the API's message, the key redacted."""
     error = {"type": "error", "error": {"type": "invalid_request_error", "message": "bad key sk-secret here"}}
-    async with Upstream(_json_reply(error, "429 Too Many Requests", "retry-after: 2\r\n"),
-                        _json_reply(error, "400 Bad Request")) as up:
+    async with Upstream(
+        _json_reply(error, "429 Too Many Requests", "retry-after: 2\r\n"), _json_reply(error, "400 Bad Request")
+    ) as up:
         provider = AnthropicProvider(base_url=up.url, timeout=5.0, direct=True)
         with pytest.raises(UpstreamError) as limited:
             await provider.create(BODY, Target(api_key="sk-secret"))
@@ -132,6 +148,7 @@ async def test_a_refused_connection_is_retry_safe_a_dropped_one_is_not():
 
 async def test_a_silent_upstream_times_out_and_its_connection_is_not_reused():
     """No answer within the timeout: unavailable (not retry-safe); the next call opens a new connection."""
+
     async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         await reader.read(65536)
         await asyncio.sleep(5)
@@ -148,7 +165,9 @@ async def test_a_silent_upstream_times_out_and_its_connection_is_not_reused():
         # Each call opened its own (one fewer if a loaded machine timed a call out while connecting).
         assert pool.connections in (1, 2)
         with pytest.raises(UpstreamError) as raised:
-            await provider.create(BODY, Target(api_key="sk-a", base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"))
+            await provider.create(
+                BODY, Target(api_key="sk-a", base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}")
+            )
         assert raised.value.message == "upstream timed out" and not raised.value.retry_safe
     finally:
         await pool.close()
@@ -172,9 +191,11 @@ def test_an_idle_proxy_has_not_imported_the_sdk_nor_httpx():
     import subprocess
     import sys
 
-    code = ("import sys\n"
-            "from services.inference.server import start\n"
-            "from services.inference.providers import AnthropicProvider\n"
-            "print(sorted(m for m in ('anthropic', 'httpx2', 'httpcore2') if m in sys.modules))\n")
+    code = (
+        "import sys\n"
+        "from services.inference.server import start\n"
+        "from services.inference.providers import AnthropicProvider\n"
+        "print(sorted(m for m in ('anthropic', 'httpx2', 'httpcore2') if m in sys.modules))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -1,4 +1,5 @@
 """UsageMeter on its own: batching by interval and size, order, shutdown flush, outbox on an outage."""
+
 from __future__ import annotations
 
 import asyncio
@@ -16,8 +17,18 @@ CTX = TenantContext(tenant_id=TENANT, principal_id="p_1", scopes=frozenset({"*"}
 
 
 def _event(n: int) -> UsageEvent:
-    return UsageEvent(tenant_id=TENANT, idempotency_key=f"r{n}", principal_id="p_1", agent_id="", run_id="",
-                      model="m", tokens=Tokens(input=n, output=1), latency_ms=1, outcome="success", occurred_at=0.0)
+    return UsageEvent(
+        tenant_id=TENANT,
+        idempotency_key=f"r{n}",
+        principal_id="p_1",
+        agent_id="",
+        run_id="",
+        model="m",
+        tokens=Tokens(input=n, output=1),
+        latency_ms=1,
+        outcome="success",
+        occurred_at=0.0,
+    )
 
 
 class Metering:
@@ -106,7 +117,7 @@ async def test_an_outage_keeps_batches_in_the_outbox_and_later_events_queue_behi
     await meter.flush()
     assert [e.idempotency_key for _, e in outbox.rows] == ["r1", "r2"]
     assert meter.backlogged_tenants == {TENANT}
-    meter.record(CTX, _event(3))       # behind the backlog, even before metering is back
+    meter.record(CTX, _event(3))  # behind the backlog, even before metering is back
     metering.down = False
     await meter.close()
     assert [key for batch in metering.batches for key in batch] == ["r1", "r2", "r3"]
@@ -131,8 +142,12 @@ async def test_a_batch_neither_metering_nor_the_outbox_takes_is_kept_and_retried
     and arrives once, in order, when they are back; nothing is reported durable before that."""
     metering, outbox = Metering(), DownOutbox()
     durable: list[str] = []
-    meter = UsageMeter(metering, outbox, flush_interval=30.0,
-                       on_durable=lambda events: durable.extend(e.idempotency_key for e in events))
+    meter = UsageMeter(
+        metering,
+        outbox,
+        flush_interval=30.0,
+        on_durable=lambda events: durable.extend(e.idempotency_key for e in events),
+    )
     await meter.start()
     metering.down = outbox.down = True
     meter.record(CTX, _event(1))

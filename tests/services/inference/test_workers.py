@@ -1,4 +1,5 @@
 """Worker processes on one port (BULKHEAD_INFERENCE_WORKERS): SO_REUSEPORT only when asked for, every worker serves."""
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,13 @@ from services.inference.workers import WORKER_ENV, serve_workers
 
 from .helpers import INFERENCE_MIGRATIONS, MODEL, _open
 
-REQUEST = pb.CreateMessageRequest(params=pb.MessageParams(model=MODEL, max_tokens=20, messages=[
-    pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=pb.TextBlock(text="hello there"))])]))
+REQUEST = pb.CreateMessageRequest(
+    params=pb.MessageParams(
+        model=MODEL,
+        max_tokens=20,
+        messages=[pb.Message(role=pb.ROLE_USER, content=[pb.ContentBlock(text=pb.TextBlock(text="hello there"))])],
+    )
+)
 
 
 async def _start(mesh, database: str, workers: int, address: str):
@@ -33,12 +39,16 @@ async def test_two_workers_share_a_port_and_both_serve(mesh):
     """With 2 workers both proxies bind one port; calls over many connections reach each of them."""
     first = await _start(mesh, "w1.db", 2, "127.0.0.1:0")
     second = await _start(mesh, "w2.db", 2, first.running.address)
-    channels = [grpc.aio.insecure_channel(first.running.address, options=[("grpc.use_local_subchannel_pool", 1)])
-                for _ in range(16)]
+    channels = [
+        grpc.aio.insecure_channel(first.running.address, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(16)
+    ]
     try:
         assert second.running.port == first.running.port
         for channel in channels:
-            reply = await inference_pb2_grpc.InferenceServiceStub(channel).CreateMessage(REQUEST, metadata=mesh.md("t_a"))
+            reply = await inference_pb2_grpc.InferenceServiceStub(channel).CreateMessage(
+                REQUEST, metadata=mesh.md("t_a")
+            )
             assert reply.content[0].text
         served = [len(s.proxy._replays._entries) for s in (first, second)]
         assert sum(served) == 16 and all(served), served
@@ -78,8 +88,14 @@ while True:
 def test_serve_workers_starts_each_worker_on_one_drawn_port_and_stops_them_on_sigterm():
     """Port 0 is drawn once for all; each worker has its own number and journal replica, only the first
     serves metrics; SIGTERM to the parent stops every worker and returns 0."""
-    config = InferenceConfig.from_env({"BULKHEAD_INFERENCE_LISTEN_ADDR": "127.0.0.1:0", "BULKHEAD_INFERENCE_WORKERS": "3",
-                                       "BULKHEAD_INFERENCE_REPLICA_ID": "r", "BULKHEAD_INFERENCE_METRICS_PORT": "9999"})
+    config = InferenceConfig.from_env(
+        {
+            "BULKHEAD_INFERENCE_LISTEN_ADDR": "127.0.0.1:0",
+            "BULKHEAD_INFERENCE_WORKERS": "3",
+            "BULKHEAD_INFERENCE_REPLICA_ID": "r",
+            "BULKHEAD_INFERENCE_METRICS_PORT": "9999",
+        }
+    )
     seen, procs, addresses = [], [], []
 
     def ready(proc: subprocess.Popen) -> bool:
@@ -92,8 +108,9 @@ def test_serve_workers_starts_each_worker_on_one_drawn_port_and_stops_them_on_si
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
     env = {**{k: v for k, v in os.environ.items() if k != WORKER_ENV}, "BULKHEAD_INFERENCE_METRICS_PORT": "9999"}
-    code = serve_workers(config, [sys.executable, "-c", _WORKER], env=env, ready=ready, on_ready=on_ready,
-                         stdout=subprocess.PIPE)
+    code = serve_workers(
+        config, [sys.executable, "-c", _WORKER], env=env, ready=ready, on_ready=on_ready, stdout=subprocess.PIPE
+    )
     assert code == 0
     assert [s["BULKHEAD_INFERENCE_WORKER"] for s in seen] == ["1", "2", "3"]
     assert {s["BULKHEAD_INFERENCE_LISTEN_ADDR"] for s in seen} == set(addresses) and not addresses[0].endswith(":0")

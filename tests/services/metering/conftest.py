@@ -1,4 +1,5 @@
 """Fixtures for the metering tests: a real server on port 0 with the production interceptors."""
+
 from __future__ import annotations
 
 import asyncio
@@ -84,5 +85,3 @@ async def pg_metering(postgres) -> AsyncIterator[Harness]:
     finally:
         await channel.close()
         await harness.service.stop(grace=0)
-
-

@@ -1,4 +1,5 @@
 """Helpers for the metering tests: a fake clock and message builders."""
+
 from __future__ import annotations
 
 import datetime as dt
@@ -32,22 +33,48 @@ def ts(us: int):
     return timestamp(us)
 
 
-def event(key: str, *, model: str = "claude-test", at_us: int = T0, input_tokens: int = 100, output_tokens: int = 10,
-          cache_write: int = 0, cache_read: int = 0, agent_id: str = "", principal_id: str = "",
-          outcome: int = pb.OUTCOME_SUCCESS) -> pb.UsageEvent:
+def event(
+    key: str,
+    *,
+    model: str = "claude-test",
+    at_us: int = T0,
+    input_tokens: int = 100,
+    output_tokens: int = 10,
+    cache_write: int = 0,
+    cache_read: int = 0,
+    agent_id: str = "",
+    principal_id: str = "",
+    outcome: int = pb.OUTCOME_SUCCESS,
+) -> pb.UsageEvent:
     """A usage event."""
-    return pb.UsageEvent(idempotency_key=key, model=model, occur_time=ts(at_us), agent_id=agent_id,
-                         principal_id=principal_id, outcome=outcome,
-                         tokens=pb.TokenCounts(input_tokens=input_tokens, output_tokens=output_tokens,
-                                               cache_write_tokens=cache_write, cache_read_tokens=cache_read))
+    return pb.UsageEvent(
+        idempotency_key=key,
+        model=model,
+        occur_time=ts(at_us),
+        agent_id=agent_id,
+        principal_id=principal_id,
+        outcome=outcome,
+        tokens=pb.TokenCounts(
+            input_tokens=input_tokens,
+            output_tokens=output_tokens,
+            cache_write_tokens=cache_write,
+            cache_read_tokens=cache_read,
+        ),
+    )
 
 
-def price(model: str, at_us: int, input_micros: int, output_micros: int, cache_write: int = 0,
-          cache_read: int = 0) -> pb.Price:
+def price(
+    model: str, at_us: int, input_micros: int, output_micros: int, cache_write: int = 0, cache_read: int = 0
+) -> pb.Price:
     """A price version."""
-    return pb.Price(model=model, effective_time=ts(at_us), input_micros_per_mtok=input_micros,
-                    output_micros_per_mtok=output_micros, cache_write_micros_per_mtok=cache_write,
-                    cache_read_micros_per_mtok=cache_read)
+    return pb.Price(
+        model=model,
+        effective_time=ts(at_us),
+        input_micros_per_mtok=input_micros,
+        output_micros_per_mtok=output_micros,
+        cache_write_micros_per_mtok=cache_write,
+        cache_read_micros_per_mtok=cache_read,
+    )
 
 
 def day_range(start_us: int = T0 - 30 * periods.US_PER_DAY, days: int = 60) -> pb.UsageFilter:

@@ -1,4 +1,5 @@
 """The per-tenant budget spec cache: fresh for max_age, dropped by invalidate, never resurrected by a stale read."""
+
 from __future__ import annotations
 
 from services.metering.budget_cache import BudgetSpecCache

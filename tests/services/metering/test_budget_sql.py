@@ -1,5 +1,6 @@
 """The raw hold and settlement SQL on both dialects: Postgres runs it as one statement per call
 (data-modifying CTEs), SQLite as several, so every rule here is checked on each."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,8 +28,7 @@ def _budget(unit, limit, mode=pb.BUDGET_MODE_HARD, period=pb.BUDGET_PERIOD_MONTH
 
 
 async def _set(h, tenant, *budgets):
-    await h.stub.SetQuota(pb.SetQuotaRequest(quota=pb.Quota(tenant_id=tenant, budgets=list(budgets))),
-                          metadata=h.op())
+    await h.stub.SetQuota(pb.SetQuotaRequest(quota=pb.Quota(tenant_id=tenant, budgets=list(budgets))), metadata=h.op())
 
 
 async def _priced(h):
@@ -42,13 +42,16 @@ async def _counters(h, tenant=A):
 
 
 async def _reserve(h, prompt, out, tenant=A, **kw):
-    return await h.stub.ReserveBudget(pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=prompt,
-                                                              max_output_tokens=out, **kw), metadata=h.md(tenant))
+    return await h.stub.ReserveBudget(
+        pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=prompt, max_output_tokens=out, **kw), metadata=h.md(tenant)
+    )
 
 
 async def _commit(h, reservation_id, i=0, o=0, tenant=A):
-    return await h.stub.CommitBudget(pb.CommitBudgetRequest(
-        reservation_id=reservation_id, usage=pb.TokenCounts(input_tokens=i, output_tokens=o)), metadata=h.md(tenant))
+    return await h.stub.CommitBudget(
+        pb.CommitBudgetRequest(reservation_id=reservation_id, usage=pb.TokenCounts(input_tokens=i, output_tokens=o)),
+        metadata=h.md(tenant),
+    )
 
 
 async def test_a_refusal_by_the_second_unit_leaves_the_first_untouched(h):
@@ -90,8 +93,10 @@ async def test_settling_refusals_change_nothing(h):
     """Over the hold, another tenant's id, or a second different commit: precise errors, counters as they were."""
     await _set(h, A, _budget(pb.BUDGET_UNIT_TOKENS, 1000))
     res = await _reserve(h, 10, 10)
-    for kw, code, reason in (({"i": 21}, grpc.StatusCode.INVALID_ARGUMENT, "EXCEEDS_HOLD"),
-                             ({"i": 1, "tenant": B}, grpc.StatusCode.NOT_FOUND, "RESERVATION_NOT_FOUND")):
+    for kw, code, reason in (
+        ({"i": 21}, grpc.StatusCode.INVALID_ARGUMENT, "EXCEEDS_HOLD"),
+        ({"i": 1, "tenant": B}, grpc.StatusCode.NOT_FOUND, "RESERVATION_NOT_FOUND"),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await _commit(h, res.reservation_id, **kw)
         assert (err.value.code(), error_details(err.value)["reason"]) == (code, reason)
@@ -135,23 +140,27 @@ async def test_renew_and_release_lease_rules(h):
     renew = pb.RenewLeaseRequest(lease_id=lease.lease_id, spent=pb.TokenCounts(input_tokens=40, output_tokens=10))
     renewed = (await h.stub.RenewLease(renew, metadata=h.md(A))).lease
     assert (renewed.spent.input_tokens, renewed.granted.tokens) == (40, 100)
-    for spent, code, reason in ((pb.TokenCounts(input_tokens=39, output_tokens=10), grpc.StatusCode.INVALID_ARGUMENT,
-                                 "SPEND_DECREASED"),
-                                (pb.TokenCounts(input_tokens=40, output_tokens=61), grpc.StatusCode.INVALID_ARGUMENT,
-                                 "EXCEEDS_HOLD")):
+    for spent, code, reason in (
+        (pb.TokenCounts(input_tokens=39, output_tokens=10), grpc.StatusCode.INVALID_ARGUMENT, "SPEND_DECREASED"),
+        (pb.TokenCounts(input_tokens=40, output_tokens=61), grpc.StatusCode.INVALID_ARGUMENT, "EXCEEDS_HOLD"),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await h.stub.RenewLease(pb.RenewLeaseRequest(lease_id=lease.lease_id, spent=spent), metadata=h.md(A))
         assert (err.value.code(), error_details(err.value)["reason"]) == (code, reason)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await h.stub.RenewLease(renew, metadata=h.md(B))
     assert error_details(err.value)["reason"] == "LEASE_NOT_FOUND"
-    done = await h.stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id, spent=pb.TokenCounts(
-        input_tokens=50, output_tokens=10)), metadata=h.md(A))
+    done = await h.stub.ReleaseLease(
+        pb.ReleaseLeaseRequest(lease_id=lease.lease_id, spent=pb.TokenCounts(input_tokens=50, output_tokens=10)),
+        metadata=h.md(A),
+    )
     assert (done.charged.tokens, done.charged.micro_usd) == (60, 150 + 150)
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await h.stub.RenewLease(renew, metadata=h.md(A))
-    assert (err.value.code(), error_details(err.value)["reason"]) == (grpc.StatusCode.FAILED_PRECONDITION,
-                                                                      "LEASE_RELEASED")
+    assert (err.value.code(), error_details(err.value)["reason"]) == (
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "LEASE_RELEASED",
+    )
     assert await _counters(h) == {pb.BUDGET_UNIT_TOKENS: (60, 0), pb.BUDGET_UNIT_MICRO_USD: (300, 0)}
 
 
@@ -162,10 +171,13 @@ async def test_expiry_sums_many_holds_into_each_counter(h):
     for _ in range(3):
         await _reserve(h, 10, 0, ttl_seconds=30)
     h.clock.advance(120)  # 00:01 the next day
-    lease = (await h.stub.LeaseBudget(pb.LeaseBudgetRequest(model=MODEL, tokens=100, ttl_seconds=30),
-                                      metadata=h.md(A))).lease
-    await h.stub.RenewLease(pb.RenewLeaseRequest(lease_id=lease.lease_id, spent=pb.TokenCounts(input_tokens=25),
-                                                 ttl_seconds=30), metadata=h.md(A))
+    lease = (
+        await h.stub.LeaseBudget(pb.LeaseBudgetRequest(model=MODEL, tokens=100, ttl_seconds=30), metadata=h.md(A))
+    ).lease
+    await h.stub.RenewLease(
+        pb.RenewLeaseRequest(lease_id=lease.lease_id, spent=pb.TokenCounts(input_tokens=25), ttl_seconds=30),
+        metadata=h.md(A),
+    )
     await _reserve(h, 7, 0, ttl_seconds=300)  # still open after the sweep
     h.clock.advance(31)
     assert await h.service.sweeper.run_once() == 4

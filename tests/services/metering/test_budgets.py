@@ -1,4 +1,5 @@
 """Reservations, commits, releases, leases and expiry on budgets (embedded SQLite, fake clock)."""
+
 from __future__ import annotations
 
 import grpc
@@ -14,8 +15,15 @@ MODEL = "claude-test"
 
 
 def _quota(tenant, *budgets, rpm=0, tpm=0, concurrent=0):
-    return pb.SetQuotaRequest(quota=pb.Quota(tenant_id=tenant, requests_per_minute=rpm, tokens_per_minute=tpm,
-                                             concurrent_calls=concurrent, budgets=list(budgets)))
+    return pb.SetQuotaRequest(
+        quota=pb.Quota(
+            tenant_id=tenant,
+            requests_per_minute=rpm,
+            tokens_per_minute=tpm,
+            concurrent_calls=concurrent,
+            budgets=list(budgets),
+        )
+    )
 
 
 def _tokens(limit, mode=pb.BUDGET_MODE_HARD, period=pb.BUDGET_PERIOD_MONTH):
@@ -32,8 +40,9 @@ async def _status(h, tenant=A):
 
 
 async def _reserve(h, prompt, out, tenant=A, **kw):
-    return await h.stub.ReserveBudget(pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=prompt,
-                                                              max_output_tokens=out, **kw), metadata=h.md(tenant))
+    return await h.stub.ReserveBudget(
+        pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=prompt, max_output_tokens=out, **kw), metadata=h.md(tenant)
+    )
 
 
 async def test_reserve_commit_charges_actual_and_releases_rest(metering):
@@ -43,9 +52,10 @@ async def test_reserve_commit_charges_actual_and_releases_rest(metering):
     assert res.held.tokens == 300
     mid, _ = await _status(metering)
     assert (mid[pb.BUDGET_UNIT_TOKENS].used, mid[pb.BUDGET_UNIT_TOKENS].held) == (0, 300)
-    done = await metering.stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id,
-                                                                   usage=_usage(i=60, o=50, cr=40)),
-                                            metadata=metering.md(A))
+    done = await metering.stub.CommitBudget(
+        pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=60, o=50, cr=40)),
+        metadata=metering.md(A),
+    )
     assert (done.charged.tokens, done.released.tokens) == (150, 150)
     after, _ = await _status(metering)
     tokens = after[pb.BUDGET_UNIT_TOKENS]
@@ -97,13 +107,17 @@ async def test_commit_is_idempotent_and_refuses_a_different_second_commit(meteri
     status, _ = await _status(metering)
     assert status[pb.BUDGET_UNIT_TOKENS].used == 30
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await metering.stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id,
-                                                                usage=_usage(i=10, o=21)), metadata=metering.md(A))
+        await metering.stub.CommitBudget(
+            pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=10, o=21)), metadata=metering.md(A)
+        )
     assert (err.value.code(), error_details(err.value)["reason"]) == (
-        grpc.StatusCode.FAILED_PRECONDITION, "RESERVATION_COMMITTED")
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "RESERVATION_COMMITTED",
+    )
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await metering.stub.ReleaseBudget(pb.ReleaseBudgetRequest(reservation_id=res.reservation_id),
-                                          metadata=metering.md(A))
+        await metering.stub.ReleaseBudget(
+            pb.ReleaseBudgetRequest(reservation_id=res.reservation_id), metadata=metering.md(A)
+        )
     assert error_details(err.value)["reason"] == "RESERVATION_COMMITTED"
 
 
@@ -112,8 +126,9 @@ async def test_commit_above_the_reservation_is_refused_and_changes_nothing(meter
     await metering.stub.SetQuota(_quota(A, _tokens(1000)), metadata=metering.op())
     res = await _reserve(metering, 10, 10)
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await metering.stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id,
-                                                                usage=_usage(i=15, o=6)), metadata=metering.md(A))
+        await metering.stub.CommitBudget(
+            pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=15, o=6)), metadata=metering.md(A)
+        )
     assert (err.value.code(), error_details(err.value)["reason"]) == (grpc.StatusCode.INVALID_ARGUMENT, "EXCEEDS_HOLD")
     status, _ = await _status(metering)
     assert (status[pb.BUDGET_UNIT_TOKENS].used, status[pb.BUDGET_UNIT_TOKENS].held) == (0, 20)
@@ -128,8 +143,9 @@ async def test_expired_reservation_returns_its_budget(metering):
     again = await _reserve(metering, 60, 40)
     assert again.held.tokens == 100
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await metering.stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id,
-                                                                usage=_usage(i=1)), metadata=metering.md(A))
+        await metering.stub.CommitBudget(
+            pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=1)), metadata=metering.md(A)
+        )
     assert error_details(err.value)["reason"] == "RESERVATION_EXPIRED"
 
 
@@ -154,15 +170,19 @@ async def test_reserve_with_the_same_key_returns_the_same_reservation(metering):
 
 async def test_money_budget_holds_worst_case_and_charges_exact_cost(metering):
     """A micro-USD budget holds the worst-case price and is charged the real cost, rounded up."""
-    await metering.stub.SetPrice(pb.SetPriceRequest(price=price(MODEL, T0 - 1, 3_000_000, 15_000_000, 3_750_000,
-                                                                300_000)), metadata=metering.op())
+    await metering.stub.SetPrice(
+        pb.SetPriceRequest(price=price(MODEL, T0 - 1, 3_000_000, 15_000_000, 3_750_000, 300_000)),
+        metadata=metering.op(),
+    )
     budget = pb.Budget(unit=pb.BUDGET_UNIT_MICRO_USD, limit=10_000)
     await metering.stub.SetQuota(_quota(A, budget), metadata=metering.op())
     res = await _reserve(metering, 1000, 100)
     # Prompt at the dearest prompt rate (cache write 3.75) + output at 15: 3750 + 1500 micro-USD.
     assert res.held.micro_usd == 5250
-    done = await metering.stub.CommitBudget(pb.CommitBudgetRequest(
-        reservation_id=res.reservation_id, usage=_usage(i=1, o=100, cr=999)), metadata=metering.md(A))
+    done = await metering.stub.CommitBudget(
+        pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=1, o=100, cr=999)),
+        metadata=metering.md(A),
+    )
     # 1*3 + 100*15 + 999*0.3 = 1802.7 micro-USD -> 1803.
     assert (done.charged.micro_usd, done.released.micro_usd) == (1803, 5250 - 1803)
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -176,27 +196,33 @@ async def test_money_budget_refuses_unpriced_models(metering):
     with pytest.raises(grpc.aio.AioRpcError) as err:
         await _reserve(metering, 1, 1)
     assert (err.value.code(), error_details(err.value)["reason"]) == (
-        grpc.StatusCode.FAILED_PRECONDITION, "MODEL_NOT_PRICED")
+        grpc.StatusCode.FAILED_PRECONDITION,
+        "MODEL_NOT_PRICED",
+    )
 
 
 async def test_daily_budget_starts_afresh_the_next_day(metering):
     """A daily budget used up today has room again tomorrow."""
     await metering.stub.SetQuota(_quota(A, _tokens(100, period=pb.BUDGET_PERIOD_DAY)), metadata=metering.op())
     res = await _reserve(metering, 50, 50)
-    await metering.stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=100)),
-                                     metadata=metering.md(A))
+    await metering.stub.CommitBudget(
+        pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=100)), metadata=metering.md(A)
+    )
     with pytest.raises(grpc.aio.AioRpcError):
         await _reserve(metering, 1, 0)
     metering.clock.advance(13 * 3600)  # T0 is noon
     assert (await _reserve(metering, 1, 0)).held.tokens == 1
 
 
-@pytest.mark.parametrize("kw, field", [
-    ({"model": "", "prompt_tokens": 1}, "model"),
-    ({"model": MODEL, "prompt_tokens": -1}, "prompt_tokens"),
-    ({"model": MODEL}, "max_output_tokens"),
-    ({"model": MODEL, "prompt_tokens": 1, "ttl_seconds": 7200}, "ttl_seconds"),
-])
+@pytest.mark.parametrize(
+    "kw, field",
+    [
+        ({"model": "", "prompt_tokens": 1}, "model"),
+        ({"model": MODEL, "prompt_tokens": -1}, "prompt_tokens"),
+        ({"model": MODEL}, "max_output_tokens"),
+        ({"model": MODEL, "prompt_tokens": 1, "ttl_seconds": 7200}, "ttl_seconds"),
+    ],
+)
 async def test_bad_reservations_are_refused_precisely(metering, kw, field):
     """Malformed reservations are INVALID_ARGUMENT naming the field, and hold nothing."""
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -210,7 +236,11 @@ async def test_quota_status_names_the_limits_the_proxy_enforces(metering):
     await metering.stub.SetQuota(_quota(A, _tokens(10), rpm=60, tpm=9000, concurrent=4), metadata=metering.op())
     _, quota = await _status(metering)
     assert (quota.tenant_id, quota.requests_per_minute, quota.tokens_per_minute, quota.concurrent_calls) == (
-        A, 60, 9000, 4)
+        A,
+        60,
+        9000,
+        4,
+    )
     budgets_b, quota_b = await _status(metering, tenant=B)
     assert (quota_b.tenant_id, quota_b.requests_per_minute, budgets_b) == (B, 0, {})
 
@@ -219,13 +249,16 @@ async def test_other_tenants_cannot_touch_a_reservation(metering):
     """B cannot commit or release A's reservation: NOT_FOUND, and A's hold is untouched."""
     await metering.stub.SetQuota(_quota(A, _tokens(1000)), metadata=metering.op())
     res = await _reserve(metering, 10, 10)
-    for call, req in ((metering.stub.CommitBudget, pb.CommitBudgetRequest(reservation_id=res.reservation_id,
-                                                                          usage=_usage(i=1))),
-                      (metering.stub.ReleaseBudget, pb.ReleaseBudgetRequest(reservation_id=res.reservation_id))):
+    for call, req in (
+        (metering.stub.CommitBudget, pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=1))),
+        (metering.stub.ReleaseBudget, pb.ReleaseBudgetRequest(reservation_id=res.reservation_id)),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(req, metadata=metering.md(B))
         assert (err.value.code(), error_details(err.value)["reason"]) == (
-            grpc.StatusCode.NOT_FOUND, "RESERVATION_NOT_FOUND")
+            grpc.StatusCode.NOT_FOUND,
+            "RESERVATION_NOT_FOUND",
+        )
         assert res.reservation_id not in err.value.details()
     status, _ = await _status(metering)
     assert status[pb.BUDGET_UNIT_TOKENS].held == 20
@@ -242,6 +275,7 @@ async def test_a_reservation_in_one_tenant_spends_only_its_budget(metering):
 
 
 # ------------------------------------------------------------------ leases
+
 
 async def _lease(h, tokens, tenant=A, **kw):
     resp = await h.stub.LeaseBudget(pb.LeaseBudgetRequest(model=MODEL, tokens=tokens, **kw), metadata=h.md(tenant))
@@ -272,8 +306,9 @@ async def test_release_lease_charges_spend_and_returns_the_rest(metering):
     """Releasing a lease charges what it spent and returns the unspent part."""
     await metering.stub.SetQuota(_quota(A, _tokens(1000)), metadata=metering.op())
     lease = await _lease(metering, 600)
-    done = await metering.stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id, spent=_usage(i=200, o=50)),
-                                            metadata=metering.md(A))
+    done = await metering.stub.ReleaseLease(
+        pb.ReleaseLeaseRequest(lease_id=lease.lease_id, spent=_usage(i=200, o=50)), metadata=metering.md(A)
+    )
     assert (done.charged.tokens, done.released.tokens) == (250, 350)
     status, _ = await _status(metering)
     assert (status[pb.BUDGET_UNIT_TOKENS].used, status[pb.BUDGET_UNIT_TOKENS].held) == (250, 0)
@@ -283,16 +318,18 @@ async def test_lease_expiry_charges_reported_spend_and_returns_the_rest(metering
     """A crashed leaseholder: at expiry its last reported spend is charged and the rest comes back."""
     await metering.stub.SetQuota(_quota(A, _tokens(1000)), metadata=metering.op())
     lease = await _lease(metering, 800, ttl_seconds=10)
-    renewed = await metering.stub.RenewLease(pb.RenewLeaseRequest(lease_id=lease.lease_id, spent=_usage(i=120),
-                                                                  ttl_seconds=10), metadata=metering.md(A))
+    renewed = await metering.stub.RenewLease(
+        pb.RenewLeaseRequest(lease_id=lease.lease_id, spent=_usage(i=120), ttl_seconds=10), metadata=metering.md(A)
+    )
     assert renewed.lease.spent.input_tokens == 120
     metering.clock.advance(11)  # the holder died: no release, no renewal
     status, _ = await _status(metering)  # status reads sweep expired holds first
     assert (status[pb.BUDGET_UNIT_TOKENS].used, status[pb.BUDGET_UNIT_TOKENS].held) == (120, 0)
     assert status[pb.BUDGET_UNIT_TOKENS].remaining == 880
     with pytest.raises(grpc.aio.AioRpcError) as err:
-        await metering.stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id, spent=_usage(i=120)),
-                                         metadata=metering.md(A))
+        await metering.stub.ReleaseLease(
+            pb.ReleaseLeaseRequest(lease_id=lease.lease_id, spent=_usage(i=120)), metadata=metering.md(A)
+        )
     assert error_details(err.value)["reason"] == "LEASE_EXPIRED"
 
 
@@ -300,12 +337,14 @@ async def test_renew_refuses_spend_going_down_or_past_the_grant(metering):
     """Spend is a running total within the grant."""
     await metering.stub.SetQuota(_quota(A, _tokens(1000)), metadata=metering.op())
     lease = await _lease(metering, 100)
-    await metering.stub.RenewLease(pb.RenewLeaseRequest(lease_id=lease.lease_id, spent=_usage(i=50)),
-                                   metadata=metering.md(A))
+    await metering.stub.RenewLease(
+        pb.RenewLeaseRequest(lease_id=lease.lease_id, spent=_usage(i=50)), metadata=metering.md(A)
+    )
     for spent, reason in ((_usage(i=40), "SPEND_DECREASED"), (_usage(i=50, o=51), "EXCEEDS_HOLD")):
         with pytest.raises(grpc.aio.AioRpcError) as err:
-            await metering.stub.RenewLease(pb.RenewLeaseRequest(lease_id=lease.lease_id, spent=spent),
-                                           metadata=metering.md(A))
+            await metering.stub.RenewLease(
+                pb.RenewLeaseRequest(lease_id=lease.lease_id, spent=spent), metadata=metering.md(A)
+            )
         assert (err.value.code(), error_details(err.value)["reason"]) == (grpc.StatusCode.INVALID_ARGUMENT, reason)
 
 
@@ -313,8 +352,10 @@ async def test_other_tenants_cannot_touch_a_lease(metering):
     """B cannot renew or release A's lease: NOT_FOUND, and A's grant is untouched."""
     await metering.stub.SetQuota(_quota(A, _tokens(1000)), metadata=metering.op())
     lease = await _lease(metering, 100)
-    for call, req in ((metering.stub.RenewLease, pb.RenewLeaseRequest(lease_id=lease.lease_id)),
-                      (metering.stub.ReleaseLease, pb.ReleaseLeaseRequest(lease_id=lease.lease_id))):
+    for call, req in (
+        (metering.stub.RenewLease, pb.RenewLeaseRequest(lease_id=lease.lease_id)),
+        (metering.stub.ReleaseLease, pb.ReleaseLeaseRequest(lease_id=lease.lease_id)),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(req, metadata=metering.md(B))
         assert (err.value.code(), error_details(err.value)["reason"]) == (grpc.StatusCode.NOT_FOUND, "LEASE_NOT_FOUND")
@@ -325,30 +366,43 @@ async def test_other_tenants_cannot_touch_a_lease(metering):
 async def test_budget_rpcs_need_the_budget_scope(metering):
     """A read-only token cannot reserve, commit, release or lease."""
     md = metering.md(A, scopes=("metering.usage.read", "metering.quota.read"))
-    calls = [(metering.stub.ReserveBudget, pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=1)),
-             (metering.stub.CommitBudget, pb.CommitBudgetRequest(reservation_id="res_x")),
-             (metering.stub.ReleaseBudget, pb.ReleaseBudgetRequest(reservation_id="res_x")),
-             (metering.stub.LeaseBudget, pb.LeaseBudgetRequest(model=MODEL, tokens=1)),
-             (metering.stub.RenewLease, pb.RenewLeaseRequest(lease_id="lease_x")),
-             (metering.stub.ReleaseLease, pb.ReleaseLeaseRequest(lease_id="lease_x"))]
+    calls = [
+        (metering.stub.ReserveBudget, pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=1)),
+        (metering.stub.CommitBudget, pb.CommitBudgetRequest(reservation_id="res_x")),
+        (metering.stub.ReleaseBudget, pb.ReleaseBudgetRequest(reservation_id="res_x")),
+        (metering.stub.LeaseBudget, pb.LeaseBudgetRequest(model=MODEL, tokens=1)),
+        (metering.stub.RenewLease, pb.RenewLeaseRequest(lease_id="lease_x")),
+        (metering.stub.ReleaseLease, pb.ReleaseLeaseRequest(lease_id="lease_x")),
+    ]
     for call, req in calls:
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(req, metadata=md)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
-@pytest.mark.parametrize("method, request_, field, reason", [
-    ("CommitBudget", pb.CommitBudgetRequest(), "reservation_id", "INVALID_ARGUMENT"),
-    ("CommitBudget", pb.CommitBudgetRequest(reservation_id="res_x", usage=_usage(i=-1)), "usage.input_tokens",
-     "INVALID_USAGE"),
-    ("ReleaseBudget", pb.ReleaseBudgetRequest(), "reservation_id", "INVALID_ARGUMENT"),
-    ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL), "tokens", "INVALID_LEASE"),
-    ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL, tokens=5, min_tokens=6), "min_tokens", "INVALID_LEASE"),
-    ("LeaseBudget", pb.LeaseBudgetRequest(tokens=5), "model", "INVALID_LEASE"),
-    ("RenewLease", pb.RenewLeaseRequest(), "lease_id", "INVALID_ARGUMENT"),
-    ("ReleaseLease", pb.ReleaseLeaseRequest(lease_id="lease_x", spent=_usage(o=-2)), "spent.output_tokens",
-     "INVALID_USAGE"),
-])
+@pytest.mark.parametrize(
+    "method, request_, field, reason",
+    [
+        ("CommitBudget", pb.CommitBudgetRequest(), "reservation_id", "INVALID_ARGUMENT"),
+        (
+            "CommitBudget",
+            pb.CommitBudgetRequest(reservation_id="res_x", usage=_usage(i=-1)),
+            "usage.input_tokens",
+            "INVALID_USAGE",
+        ),
+        ("ReleaseBudget", pb.ReleaseBudgetRequest(), "reservation_id", "INVALID_ARGUMENT"),
+        ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL), "tokens", "INVALID_LEASE"),
+        ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL, tokens=5, min_tokens=6), "min_tokens", "INVALID_LEASE"),
+        ("LeaseBudget", pb.LeaseBudgetRequest(tokens=5), "model", "INVALID_LEASE"),
+        ("RenewLease", pb.RenewLeaseRequest(), "lease_id", "INVALID_ARGUMENT"),
+        (
+            "ReleaseLease",
+            pb.ReleaseLeaseRequest(lease_id="lease_x", spent=_usage(o=-2)),
+            "spent.output_tokens",
+            "INVALID_USAGE",
+        ),
+    ],
+)
 async def test_bad_settlements_and_leases_are_refused_precisely(metering, method, request_, field, reason):
     """Malformed budget calls are INVALID_ARGUMENT naming the field."""
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -383,8 +437,9 @@ async def test_commit_after_the_period_ends_settles_the_period_it_was_reserved_i
     metering.clock.advance(12 * 3600 - 60)  # 23:59 on day one
     res = await _reserve(metering, 100, 0, ttl_seconds=600)
     metering.clock.advance(120)  # 00:01 on day two
-    await metering.stub.CommitBudget(pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=80)),
-                                     metadata=metering.md(A))
+    await metering.stub.CommitBudget(
+        pb.CommitBudgetRequest(reservation_id=res.reservation_id, usage=_usage(i=80)), metadata=metering.md(A)
+    )
     status, _ = await _status(metering)
     assert (status[pb.BUDGET_UNIT_TOKENS].used, status[pb.BUDGET_UNIT_TOKENS].held) == (0, 0)  # day two is fresh
     metering.clock.advance(-120)

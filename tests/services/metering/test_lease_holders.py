@@ -1,6 +1,7 @@
 """Lease holders and the heartbeat: a lease names the process holding it, each renewal reports the
 tokens its calls in flight hold, and a lease whose holder stopped renewing (killed) expires charging
 its spend plus those tokens, never more than its grant (SQLite and Postgres, fake clock)."""
+
 from __future__ import annotations
 
 import grpc
@@ -22,13 +23,20 @@ def h(request):
 
 
 async def _lease(h, tokens, *, holder=HOLDER, ttl=6, tenant=A):
-    return (await h.stub.LeaseBudget(pb.LeaseBudgetRequest(model=MODEL, tokens=tokens, ttl_seconds=ttl, holder=holder),
-                                     metadata=h.md(tenant))).lease
+    return (
+        await h.stub.LeaseBudget(
+            pb.LeaseBudgetRequest(model=MODEL, tokens=tokens, ttl_seconds=ttl, holder=holder), metadata=h.md(tenant)
+        )
+    ).lease
 
 
 async def _renew(h, lease_id, *, spent, in_flight, ttl=6, tenant=A):
-    return (await h.stub.RenewLease(pb.RenewLeaseRequest(lease_id=lease_id, spent=spent, in_flight_tokens=in_flight,
-                                                         ttl_seconds=ttl), metadata=h.md(tenant))).lease
+    return (
+        await h.stub.RenewLease(
+            pb.RenewLeaseRequest(lease_id=lease_id, spent=spent, in_flight_tokens=in_flight, ttl_seconds=ttl),
+            metadata=h.md(tenant),
+        )
+    ).lease
 
 
 async def test_a_lease_names_its_holder_and_a_renewal_reports_its_calls_in_flight(h):
@@ -77,8 +85,9 @@ async def test_a_release_charges_the_final_spend_not_what_was_in_flight(h):
     await h.stub.SetQuota(_quota(A, _tokens(1000)), metadata=h.op())
     lease = await _lease(h, 600)
     await _renew(h, lease.lease_id, spent=_usage(i=100), in_flight=400)
-    done = await h.stub.ReleaseLease(pb.ReleaseLeaseRequest(lease_id=lease.lease_id, spent=_usage(i=100, o=30)),
-                                     metadata=h.md(A))
+    done = await h.stub.ReleaseLease(
+        pb.ReleaseLeaseRequest(lease_id=lease.lease_id, spent=_usage(i=100, o=30)), metadata=h.md(A)
+    )
     assert (done.charged.tokens, done.released.tokens) == (130, 470)
     h.clock.advance(60)
     status, _ = await _status(h)
@@ -88,8 +97,9 @@ async def test_a_release_charges_the_final_spend_not_what_was_in_flight(h):
 async def test_in_flight_tokens_of_an_expired_lease_are_priced_at_its_dearest_rate(h):
     """On a money budget the in-flight tokens (kinds unknown) cost the lease's highest rate, rounded up,
     within what the lease holds in micro-USD."""
-    await h.stub.SetPrice(pb.SetPriceRequest(price=price(MODEL, T0 - 1, 3_000_000, 15_000_000, 3_750_000, 300_000)),
-                          metadata=h.op())
+    await h.stub.SetPrice(
+        pb.SetPriceRequest(price=price(MODEL, T0 - 1, 3_000_000, 15_000_000, 3_750_000, 300_000)), metadata=h.op()
+    )
     await h.stub.SetQuota(_quota(A, pb.Budget(unit=pb.BUDGET_UNIT_MICRO_USD, limit=100_000)), metadata=h.op())
     lease = await _lease(h, 1000)
     assert lease.granted.micro_usd == 15_000  # 1000 tokens at the 15 micro-USD output rate
@@ -117,15 +127,26 @@ async def test_another_tenant_cannot_renew_a_lease_or_see_its_holder(h):
     assert status[pb.BUDGET_UNIT_TOKENS].used == 60  # A's 10 spent + 50 in flight, not B's 400
 
 
-@pytest.mark.parametrize("method, request_, field, reason", [
-    ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL, tokens=5, holder="x" * 201), "holder", "INVALID_LEASE"),
-    ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL, tokens=5, holder="proxy\n1"), "holder", "INVALID_LEASE"),
-    ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL, tokens=5, holder="pröxy"), "holder", "INVALID_LEASE"),
-    ("RenewLease", pb.RenewLeaseRequest(lease_id="lease_x", in_flight_tokens=-1), "in_flight_tokens",
-     "INVALID_USAGE"),
-    ("RenewLease", pb.RenewLeaseRequest(lease_id="lease_x", in_flight_tokens=1_000_000_001), "in_flight_tokens",
-     "INVALID_USAGE"),
-])
+@pytest.mark.parametrize(
+    "method, request_, field, reason",
+    [
+        ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL, tokens=5, holder="x" * 201), "holder", "INVALID_LEASE"),
+        ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL, tokens=5, holder="proxy\n1"), "holder", "INVALID_LEASE"),
+        ("LeaseBudget", pb.LeaseBudgetRequest(model=MODEL, tokens=5, holder="pröxy"), "holder", "INVALID_LEASE"),
+        (
+            "RenewLease",
+            pb.RenewLeaseRequest(lease_id="lease_x", in_flight_tokens=-1),
+            "in_flight_tokens",
+            "INVALID_USAGE",
+        ),
+        (
+            "RenewLease",
+            pb.RenewLeaseRequest(lease_id="lease_x", in_flight_tokens=1_000_000_001),
+            "in_flight_tokens",
+            "INVALID_USAGE",
+        ),
+    ],
+)
 async def test_bad_holders_and_in_flight_reports_are_refused_precisely(metering, method, request_, field, reason):
     """A holder past 200 characters or not printable ASCII, or an in-flight count out of 0..10**9:
     INVALID_ARGUMENT naming the field, and nothing is held."""

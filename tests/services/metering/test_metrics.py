@@ -1,4 +1,5 @@
 """Prometheus counters: tokens, calls, cost and rejections by tenant and model; repeats are not counted."""
+
 from __future__ import annotations
 
 import grpc
@@ -17,11 +18,15 @@ def _value(h, name: str, **labels) -> float:
 
 async def test_recorded_usage_is_counted_once(metering):
     """Tokens, calls and cost of new events are counted; a repeated batch adds nothing."""
-    await metering.stub.SetPrice(pb.SetPriceRequest(price=price("m", T0 - 1, 2_000_000, 10_000_000)),
-                                 metadata=metering.op())
-    batch = pb.RecordUsageRequest(events=[event("a", model="m", input_tokens=1000, output_tokens=100),
-                                          event("b", model="m", input_tokens=500, output_tokens=0,
-                                                outcome=pb.OUTCOME_ERROR)])
+    await metering.stub.SetPrice(
+        pb.SetPriceRequest(price=price("m", T0 - 1, 2_000_000, 10_000_000)), metadata=metering.op()
+    )
+    batch = pb.RecordUsageRequest(
+        events=[
+            event("a", model="m", input_tokens=1000, output_tokens=100),
+            event("b", model="m", input_tokens=500, output_tokens=0, outcome=pb.OUTCOME_ERROR),
+        ]
+    )
     for _ in range(2):
         await metering.stub.RecordUsage(batch, metadata=metering.md(A))
     assert _value(metering, "bulkhead_metering_tokens_total", tenant=A, model="m", kind="input") == 1500
@@ -33,8 +38,10 @@ async def test_recorded_usage_is_counted_once(metering):
 
 async def test_rejections_are_counted(metering):
     """A refused reservation counts as a rejection for its tenant and model."""
-    await metering.stub.SetQuota(pb.SetQuotaRequest(quota=pb.Quota(tenant_id=A, budgets=[
-        pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=5)])), metadata=metering.op())
+    await metering.stub.SetQuota(
+        pb.SetQuotaRequest(quota=pb.Quota(tenant_id=A, budgets=[pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=5)])),
+        metadata=metering.op(),
+    )
     with pytest.raises(grpc.aio.AioRpcError):
         await metering.stub.ReserveBudget(pb.ReserveBudgetRequest(model="m", prompt_tokens=6), metadata=metering.md(A))
     assert _value(metering, "bulkhead_metering_rejections_total", tenant=A, model="m", reason="budget_tokens") == 1
@@ -50,12 +57,20 @@ def test_a_second_metering_in_one_registry_shares_its_counters():
     from shared.metrics import tenant_label
 
     registry = CollectorRegistry()
-    first, second = MeteringMetrics(registry), MeteringMetrics(registry)   # no DuplicateTimeseries
+    first, second = MeteringMetrics(registry), MeteringMetrics(registry)  # no DuplicateTimeseries
     first.recorded(A, "m", "success", Tokens(input=10), 0.0)
     second.recorded(A, "m", "success", Tokens(input=5), 0.0)
-    assert registry.get_sample_value("bulkhead_metering_tokens_total",
-                                     {"tenant": tenant_label(A), "model": "m", "kind": "input"}) == 15
+    assert (
+        registry.get_sample_value(
+            "bulkhead_metering_tokens_total", {"tenant": tenant_label(A), "model": "m", "kind": "input"}
+        )
+        == 15
+    )
     other = CollectorRegistry()
     MeteringMetrics(other).recorded(A, "m", "success", Tokens(input=1), 0.0)
-    assert other.get_sample_value("bulkhead_metering_tokens_total",
-                                  {"tenant": tenant_label(A), "model": "m", "kind": "input"}) == 1
+    assert (
+        other.get_sample_value(
+            "bulkhead_metering_tokens_total", {"tenant": tenant_label(A), "model": "m", "kind": "input"}
+        )
+        == 1
+    )

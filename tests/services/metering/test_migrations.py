@@ -1,4 +1,5 @@
 """The Alembic migrations build exactly the tables the models describe."""
+
 from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
@@ -19,8 +20,7 @@ async def test_migrations_match_the_models(migrated_sqlite):
             table.to_metadata(models)
     try:
         async with db.engine.connect() as conn:
-            diff = await conn.run_sync(
-                lambda sync: compare_metadata(MigrationContext.configure(sync), models))
+            diff = await conn.run_sync(lambda sync: compare_metadata(MigrationContext.configure(sync), models))
     finally:
         await db.close()
     assert [d for d in diff if not (d[0] == "remove_table" and d[1].name.startswith("alembic_version"))] == []

@@ -1,6 +1,7 @@
 """Metering on a Postgres primary with a synchronous streaming standby: the primary crashes
 (`pg_ctl -m immediate`) mid-workload, the standby is promoted, metering reconnects through its
 multi-host URL, and the ledger holds every acknowledged event exactly once."""
+
 from __future__ import annotations
 
 import asyncio
@@ -48,8 +49,7 @@ async def _worker(h, w: int, work: Workload, stop: asyncio.Event) -> None:
     md = h.md(TENANT)
     while not stop.is_set():
         keys = [f"w{w}-b{n}-e{i}" for i in range(BATCH)]
-        request = pb.RecordUsageRequest(events=[event(k, at_us=T0 + n, input_tokens=7, output_tokens=3)
-                                                for k in keys])
+        request = pb.RecordUsageRequest(events=[event(k, at_us=T0 + n, input_tokens=7, output_tokens=3) for k in keys])
         while True:
             started = time.monotonic()
             try:
@@ -74,9 +74,12 @@ async def test_metering_survives_a_primary_crash_and_promotion(postgres_replica,
     pair = postgres_replica
     urls = await pair.primary.create_database("metering")
     await pair.wait_replayed()  # asyncpg gives up on a server that lacks the database
-    db = await Database.open(pair.multi_host_url(urls.app_url, standby_first=standby_first),
-                             migrations=str(MIGRATIONS), pool_size=5,
-                             owner_url=pair.multi_host_url(urls.owner_url, standby_first=standby_first))
+    db = await Database.open(
+        pair.multi_host_url(urls.app_url, standby_first=standby_first),
+        migrations=str(MIGRATIONS),
+        pool_size=5,
+        owner_url=pair.multi_host_url(urls.owner_url, standby_first=standby_first),
+    )
     h, channel = await start_harness(db)
     work, stop = Workload(), asyncio.Event()
     try:
@@ -95,9 +98,11 @@ async def test_metering_survives_a_primary_crash_and_promotion(postgres_replica,
         await asyncio.sleep(AFTER_RECOVERY_S)
         stop.set()
         await asyncio.gather(*tasks)
-        print(f"\nPostgres primary stopped (immediate), standby promoted in {promote_s * 1000:.0f} ms; first "
-              f"acknowledged batch {gap * 1000:.0f} ms after the stop; failed attempts {dict(work.failures)}; "
-              f"{before} events acknowledged before, {len(work.acked) - before} after")
+        print(
+            f"\nPostgres primary stopped (immediate), standby promoted in {promote_s * 1000:.0f} ms; first "
+            f"acknowledged batch {gap * 1000:.0f} ms after the stop; failed attempts {dict(work.failures)}; "
+            f"{before} events acknowledged before, {len(work.acked) - before} after"
+        )
         assert before > 0 and len(work.acked) > at_recovery, "the workload must write on both sides of the failover"
         # A refused connect during the promotion is UNAVAILABLE, which the channel retries by
         # itself; only a call whose transaction was running when the primary died may fail
@@ -109,8 +114,11 @@ async def test_metering_survives_a_primary_crash_and_promotion(postgres_replica,
         conn = await asyncpg.connect(pair.standby_admin_dsn().replace("/postgres", f"/{urls.name}"))
         try:
             assert not await conn.fetchval("SELECT pg_is_in_recovery()")
-            rows = await conn.fetch("SELECT idempotency_key, count(*) AS n FROM metering_usage_events "
-                                    "WHERE tenant_id = $1 GROUP BY idempotency_key", TENANT)
+            rows = await conn.fetch(
+                "SELECT idempotency_key, count(*) AS n FROM metering_usage_events "
+                "WHERE tenant_id = $1 GROUP BY idempotency_key",
+                TENANT,
+            )
         finally:
             await conn.close()
         stored = {r["idempotency_key"]: r["n"] for r in rows}

@@ -1,6 +1,7 @@
 """QueryUsage on a real streaming standby: RecordUsage answers with its WAL position, a query
 carrying it counts the batch (the primary answers while the standby's replay is paused), one
 without it counts what the standby has, and another tenant counts nothing there."""
+
 from __future__ import annotations
 
 import asyncpg

@@ -1,5 +1,6 @@
 """RecordTenantUsage: a platform service records a named tenant's usage (the proxy's outbox path).
 Only its platform scope opens it; the rows land in that tenant's data, once, filed by its tier."""
+
 from __future__ import annotations
 
 import grpc
@@ -42,9 +43,11 @@ async def test_a_platform_service_records_a_tenants_usage_once(metering):
 
 @pytest.mark.parametrize("who", ["tenant", "tenant_with_platform_scope", "operator"])
 async def test_only_the_platform_service_scope_may_record_for_a_tenant(metering, who):
-    md = {"tenant": metering.md(B),  # another tenant trying to bill (or pad) A's usage
-          "tenant_with_platform_scope": metering.md(B, (SERVICE_SCOPE,)),
-          "operator": metering.op()}[who]
+    md = {
+        "tenant": metering.md(B),  # another tenant trying to bill (or pad) A's usage
+        "tenant_with_platform_scope": metering.md(B, (SERVICE_SCOPE,)),
+        "operator": metering.op(),
+    }[who]
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await metering.stub.RecordTenantUsage(_batch(A, ["x1"]), metadata=md)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
@@ -54,8 +57,9 @@ async def test_only_the_platform_service_scope_may_record_for_a_tenant(metering,
 async def test_a_tier_other_than_the_tenants_own_is_refused(metering):
     await metering.stub.RecordUsage(pb.RecordUsageRequest(events=[event("own")]), metadata=metering.md(A))
     with pytest.raises(grpc.aio.AioRpcError) as refused:
-        await metering.stub.RecordTenantUsage(_batch(A, ["b1"], tier=tenancy_pb2.TIER_BRIDGE),
-                                              metadata=_service(metering))
+        await metering.stub.RecordTenantUsage(
+            _batch(A, ["b1"], tier=tenancy_pb2.TIER_BRIDGE), metadata=_service(metering)
+        )
     assert refused.value.code() == grpc.StatusCode.FAILED_PRECONDITION
     assert error_details(refused.value)["reason"] == "TIER_MISMATCH"
     assert await _events(metering, A) == 1
@@ -84,17 +88,24 @@ async def test_an_unknown_tier_value_is_refused_not_filed_as_pooled(metering):
 
 # ------------------------------------------------ ReleaseTenantLease (a suspended tenant's lease)
 
+
 def _settle(tenant: str, lease_id: str, spent: int, tier=tenancy_pb2.TIER_POOLED) -> pb.ReleaseTenantLeaseRequest:
-    return pb.ReleaseTenantLeaseRequest(tenant_id=tenant, tier=tier, lease_id=lease_id,
-                                        spent=pb.TokenCounts(input_tokens=spent))
+    return pb.ReleaseTenantLeaseRequest(
+        tenant_id=tenant, tier=tier, lease_id=lease_id, spent=pb.TokenCounts(input_tokens=spent)
+    )
 
 
 async def _leased(metering, tenant: str, limit: int = 1000, tokens: int = 600) -> str:
-    quota = pb.Quota(tenant_id=tenant, budgets=[pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=limit,
-                                                          mode=pb.BUDGET_MODE_HARD, period=pb.BUDGET_PERIOD_MONTH)])
+    quota = pb.Quota(
+        tenant_id=tenant,
+        budgets=[
+            pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=limit, mode=pb.BUDGET_MODE_HARD, period=pb.BUDGET_PERIOD_MONTH)
+        ],
+    )
     await metering.stub.SetQuota(pb.SetQuotaRequest(quota=quota), metadata=metering.op())
-    lease = await metering.stub.LeaseBudget(pb.LeaseBudgetRequest(model="claude-test", tokens=tokens),
-                                            metadata=metering.md(tenant))
+    lease = await metering.stub.LeaseBudget(
+        pb.LeaseBudgetRequest(model="claude-test", tokens=tokens), metadata=metering.md(tenant)
+    )
     return lease.lease.lease_id
 
 
@@ -128,20 +139,26 @@ async def test_another_tenants_lease_id_is_not_found_and_untouched(metering):
 @pytest.mark.parametrize("who", ["tenant", "tenant_with_platform_scope", "operator"])
 async def test_only_the_platform_service_scope_may_settle_a_tenants_lease(metering, who):
     lease_id = await _leased(metering, A)
-    md = {"tenant": metering.md(A), "tenant_with_platform_scope": metering.md(B, (SERVICE_SCOPE,)),
-          "operator": metering.op()}[who]
+    md = {
+        "tenant": metering.md(A),
+        "tenant_with_platform_scope": metering.md(B, (SERVICE_SCOPE,)),
+        "operator": metering.op(),
+    }[who]
     with pytest.raises(grpc.aio.AioRpcError) as refused:
         await metering.stub.ReleaseTenantLease(_settle(A, lease_id, 1), metadata=md)
     assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
     assert await _budget(metering, A) == (0, 600)
 
 
-@pytest.mark.parametrize(("tenant", "tier", "code", "reason"), [
-    ("", tenancy_pb2.TIER_POOLED, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TENANT_ID"),
-    ("not-a-tenant", tenancy_pb2.TIER_POOLED, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TENANT_ID"),
-    (A, 7, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TIER"),
-    (A, tenancy_pb2.TIER_SILO, grpc.StatusCode.FAILED_PRECONDITION, "TIER_MISMATCH"),
-])
+@pytest.mark.parametrize(
+    ("tenant", "tier", "code", "reason"),
+    [
+        ("", tenancy_pb2.TIER_POOLED, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TENANT_ID"),
+        ("not-a-tenant", tenancy_pb2.TIER_POOLED, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TENANT_ID"),
+        (A, 7, grpc.StatusCode.INVALID_ARGUMENT, "INVALID_TIER"),
+        (A, tenancy_pb2.TIER_SILO, grpc.StatusCode.FAILED_PRECONDITION, "TIER_MISMATCH"),
+    ],
+)
 async def test_bad_settlement_input_is_refused_and_leaves_the_lease_held(metering, tenant, tier, code, reason):
     lease_id = await _leased(metering, A)
     await metering.stub.RecordUsage(pb.RecordUsageRequest(events=[event("known")]), metadata=metering.md(A))

@@ -1,4 +1,5 @@
 """The hourly roll-up answers usage queries exactly as the events do, and only where it can."""
+
 from __future__ import annotations
 
 import asyncio
@@ -52,18 +53,29 @@ async def _from_events(db: Database, prices: PriceCache, query: UsageQuery, tid:
 
 def _record(rng: random.Random, key: str) -> UsageRecord:
     at = T0 + rng.randint(-36 * H, 36 * H)
-    return UsageRecord(key, rng.choice(MODELS), at, Tokens(rng.randint(0, 5000), rng.randint(0, 900),
-                                                           rng.randint(0, 50), rng.randint(0, 50)),
-                       principal_id=rng.choice(["", "p_1", "p_2"]), agent_id=rng.choice(["", "triage", "billing"]),
-                       outcome=rng.choice([1, 1, 1, 2, 3]))
+    return UsageRecord(
+        key,
+        rng.choice(MODELS),
+        at,
+        Tokens(rng.randint(0, 5000), rng.randint(0, 900), rng.randint(0, 50), rng.randint(0, 50)),
+        principal_id=rng.choice(["", "p_1", "p_2"]),
+        agent_id=rng.choice(["", "triage", "billing"]),
+        outcome=rng.choice([1, 1, 1, 2, 3]),
+    )
 
 
 def _query(rng: random.Random) -> UsageQuery:
     start = T0 + rng.randint(-40, 38) * H + rng.choice([0, 0, rng.randint(1, H - 1)])
     end = start + rng.choice([rng.randint(1, H - 1), rng.randint(1, 80) * H, rng.randint(1, 80 * H)])
     group = rng.sample([MODEL, AGENT, PRINCIPAL], rng.randint(0, 3)) + rng.choice([[], [DAY], [HOUR]])
-    return UsageQuery(start, end, tuple(group), model=rng.choice(["", "", "m-a"]),
-                      agent_id=rng.choice(["", "", "triage"]), principal_id=rng.choice(["", "", "p_caller"]))
+    return UsageQuery(
+        start,
+        end,
+        tuple(group),
+        model=rng.choice(["", "", "m-a"]),
+        agent_id=rng.choice(["", "", "triage"]),
+        principal_id=rng.choice(["", "", "p_caller"]),
+    )
 
 
 async def test_rollup_answer_equals_the_events_answer(db):
@@ -105,8 +117,9 @@ async def test_whole_hours_come_from_the_rollup_and_partial_hours_from_the_event
     hour = T0 - T0 % H
     with tenant_scope(_ctx(tid)):
         for _ in range(2):  # the second time every key is a repeat
-            await ledger.record([UsageRecord("k1", "m-a", hour + 10, Tokens(5, 1)),
-                                 UsageRecord("k2", "m-a", hour + 20, Tokens(7, 1))])
+            await ledger.record(
+                [UsageRecord("k1", "m-a", hour + 10, Tokens(5, 1)), UsageRecord("k2", "m-a", hour + 20, Tokens(7, 1))]
+            )
         whole, inside = UsageQuery(hour, hour + H), UsageQuery(hour + 1, hour + H)
         assert [r.event_count for r in await ledger.query(whole)] == [2]
         async with db.session() as s:

@@ -1,5 +1,6 @@
 """An operator's quota for a bridge or silo tenant metering has not seen yet lands where that
 tenant's own reservations look (its tier asked of identity), so the budget is enforced."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -14,13 +15,21 @@ from services.metering.server import MIGRATIONS, serve_metering
 from shared.client import make_channel
 from shared.db import Database
 from shared.errors import error_details
-from testkit.identity import running_identity
 from shared.tiers import IdentityTiers
+from testkit.identity import running_identity
 
 
 def _hard_tokens(tenant_id: str, limit: int) -> pb.SetQuotaRequest:
-    return pb.SetQuotaRequest(quota=pb.Quota(tenant_id=tenant_id, budgets=[pb.Budget(
-        unit=pb.BUDGET_UNIT_TOKENS, limit=limit, mode=pb.BUDGET_MODE_HARD, period=pb.BUDGET_PERIOD_MONTH)]))
+    return pb.SetQuotaRequest(
+        quota=pb.Quota(
+            tenant_id=tenant_id,
+            budgets=[
+                pb.Budget(
+                    unit=pb.BUDGET_UNIT_TOKENS, limit=limit, mode=pb.BUDGET_MODE_HARD, period=pb.BUDGET_PERIOD_MONTH
+                )
+            ],
+        )
+    )
 
 
 @pytest.mark.parametrize("tier", [tenancy_pb2.TIER_BRIDGE, tenancy_pb2.TIER_SILO])
@@ -40,8 +49,10 @@ async def test_quota_set_before_the_tenants_first_call_is_enforced(tmp_path: Pat
             status = await stub.GetQuotaStatus(pb.GetQuotaStatusRequest(), metadata=tenant.metadata)
             assert [b.budget.limit for b in status.budgets] == [500]  # the tenant sees its own quota
             with pytest.raises(grpc.aio.AioRpcError) as refused:
-                await stub.ReserveBudget(pb.ReserveBudgetRequest(model="claude-test", prompt_tokens=400,
-                                                                 max_output_tokens=200), metadata=tenant.metadata)
+                await stub.ReserveBudget(
+                    pb.ReserveBudgetRequest(model="claude-test", prompt_tokens=400, max_output_tokens=200),
+                    metadata=tenant.metadata,
+                )
             assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert error_details(refused.value)["reason"] == "BUDGET_EXHAUSTED"
 

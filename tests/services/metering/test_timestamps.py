@@ -1,5 +1,6 @@
 """Timestamps outside what protobuf can convert are refused at the edge, naming the field (found by the
 isolation fuzzer: QueryUsage with filter.start_time one second before year 1 answered INTERNAL)."""
+
 from __future__ import annotations
 
 import grpc
@@ -28,12 +29,25 @@ async def test_query_usage_with_an_invalid_timestamp_is_invalid_argument(meterin
     start, stop = (GOOD, bad) if end else (bad, GOOD)
     name = "end_time" if end else "start_time"
     calls = [
-        (f"filter.{name}", metering.stub.QueryUsage(pb.QueryUsageRequest(
-            filter=pb.UsageFilter(start_time=start, end_time=stop)), metadata=metering.md(A))),
-        (f"filter.{name}", metering.stub.QueryTenantUsage(pb.QueryTenantUsageRequest(
-            filter=pb.UsageFilter(start_time=start, end_time=stop)), metadata=metering.op())),
-        (name, metering.stub.ExportChargeback(pb.ExportChargebackRequest(start_time=start, end_time=stop),
-                                              metadata=metering.op())),
+        (
+            f"filter.{name}",
+            metering.stub.QueryUsage(
+                pb.QueryUsageRequest(filter=pb.UsageFilter(start_time=start, end_time=stop)), metadata=metering.md(A)
+            ),
+        ),
+        (
+            f"filter.{name}",
+            metering.stub.QueryTenantUsage(
+                pb.QueryTenantUsageRequest(filter=pb.UsageFilter(start_time=start, end_time=stop)),
+                metadata=metering.op(),
+            ),
+        ),
+        (
+            name,
+            metering.stub.ExportChargeback(
+                pb.ExportChargebackRequest(start_time=start, end_time=stop), metadata=metering.op()
+            ),
+        ),
     ]
     for field, call in calls:
         details = await _refused(call)

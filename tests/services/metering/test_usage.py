@@ -1,4 +1,5 @@
 """RecordUsage and QueryUsage: idempotency, exact cost at each event's price, grouping, isolation."""
+
 from __future__ import annotations
 
 from decimal import Decimal
@@ -17,8 +18,9 @@ HOUR, DAY = periods.US_PER_HOUR, periods.US_PER_DAY
 
 
 async def _totals(h, tenant=A, group_by=(), flt=None):
-    resp = await h.stub.QueryUsage(pb.QueryUsageRequest(filter=flt or day_range(), group_by=group_by),
-                                   metadata=h.md(tenant))
+    resp = await h.stub.QueryUsage(
+        pb.QueryUsageRequest(filter=flt or day_range(), group_by=group_by), metadata=h.md(tenant)
+    )
     return list(resp.rows)
 
 
@@ -76,10 +78,13 @@ async def test_cost_uses_the_price_in_force_at_each_event(metering):
     """Cost of a known event set equals the hand-computed figure across a mid-period price change."""
     m = "claude-priced"
     change = T0 + 5 * DAY
-    await metering.stub.SetPrice(pb.SetPriceRequest(price=price(m, T0 - 30 * DAY, 3_000_000, 15_000_000,
-                                                                 3_750_000, 300_000)), metadata=metering.op())
-    await metering.stub.SetPrice(pb.SetPriceRequest(price=price(m, change, 1_000_000, 5_000_000,
-                                                                 1_250_000, 100_000)), metadata=metering.op())
+    await metering.stub.SetPrice(
+        pb.SetPriceRequest(price=price(m, T0 - 30 * DAY, 3_000_000, 15_000_000, 3_750_000, 300_000)),
+        metadata=metering.op(),
+    )
+    await metering.stub.SetPrice(
+        pb.SetPriceRequest(price=price(m, change, 1_000_000, 5_000_000, 1_250_000, 100_000)), metadata=metering.op()
+    )
     events = [
         # Before the change: 1000 in, 500 out, 2000 cache write, 10000 cache read at 3/15/3.75/0.30 USD per Mtok.
         event("e1", model=m, at_us=T0, input_tokens=1000, output_tokens=500, cache_write=2000, cache_read=10000),
@@ -98,30 +103,46 @@ async def test_cost_uses_the_price_in_force_at_each_event(metering):
     rows = {r.model: r for r in await _totals(metering, group_by=[pb.USAGE_GROUPING_MODEL])}
     assert Decimal(rows[m].cost_usd) == old + new == Decimal("2.0210187")
     assert rows["unpriced"].cost_usd == "0" and rows["unpriced"].unpriced_tokens == 42
-    by_day = await _totals(metering, group_by=[pb.USAGE_GROUPING_MODEL, pb.USAGE_GROUPING_DAY],
-                           flt=pb.UsageFilter(start_time=ts(T0), end_time=ts(T0 + 10 * DAY), model=m))
+    by_day = await _totals(
+        metering,
+        group_by=[pb.USAGE_GROUPING_MODEL, pb.USAGE_GROUPING_DAY],
+        flt=pb.UsageFilter(start_time=ts(T0), end_time=ts(T0 + 10 * DAY), model=m),
+    )
     assert [(r.period_start.ToMicroseconds() // DAY - T0 // DAY, r.cost_usd) for r in by_day] == [
-        (0, "0.021"), (5, "1.000018"), (6, "1.0000007")]  # the change is at noon of day 5
+        (0, "0.021"),
+        (5, "1.000018"),
+        (6, "1.0000007"),
+    ]  # the change is at noon of day 5
 
 
 async def test_grouping_by_agent_principal_and_hour(metering):
     """Rows split by agent, principal and hour; an empty principal is the caller's own."""
-    events = [event("a1", agent_id="planner", at_us=T0), event("a2", agent_id="planner", at_us=T0 + HOUR),
-              event("a3", agent_id="coder", at_us=T0 + 10, principal_id="p_other"),
-              event("a4", at_us=T0 + 20, outcome=pb.OUTCOME_ERROR)]
+    events = [
+        event("a1", agent_id="planner", at_us=T0),
+        event("a2", agent_id="planner", at_us=T0 + HOUR),
+        event("a3", agent_id="coder", at_us=T0 + 10, principal_id="p_other"),
+        event("a4", at_us=T0 + 20, outcome=pb.OUTCOME_ERROR),
+    ]
     await metering.stub.RecordUsage(pb.RecordUsageRequest(events=events), metadata=metering.md(A, principal_id="p_me"))
-    rows = await _totals(metering, group_by=[pb.USAGE_GROUPING_AGENT, pb.USAGE_GROUPING_PRINCIPAL,
-                                             pb.USAGE_GROUPING_HOUR])
-    got = sorted((r.agent_id, r.principal_id, r.period_start.ToMicroseconds() - T0, r.event_count, r.error_count)
-                 for r in rows)
-    assert got == [("", "p_me", 0, 1, 1), ("coder", "p_other", 0, 1, 0), ("planner", "p_me", 0, 1, 0),
-                   ("planner", "p_me", HOUR, 1, 0)]
+    rows = await _totals(
+        metering, group_by=[pb.USAGE_GROUPING_AGENT, pb.USAGE_GROUPING_PRINCIPAL, pb.USAGE_GROUPING_HOUR]
+    )
+    got = sorted(
+        (r.agent_id, r.principal_id, r.period_start.ToMicroseconds() - T0, r.event_count, r.error_count) for r in rows
+    )
+    assert got == [
+        ("", "p_me", 0, 1, 1),
+        ("coder", "p_other", 0, 1, 0),
+        ("planner", "p_me", 0, 1, 0),
+        ("planner", "p_me", HOUR, 1, 0),
+    ]
 
 
 async def test_time_range_is_start_inclusive_end_exclusive(metering):
     """Events at the end of the range are left out; at the start, included."""
-    await metering.stub.RecordUsage(pb.RecordUsageRequest(events=[event("s", at_us=T0), event("e", at_us=T0 + HOUR)]),
-                                    metadata=metering.md(A))
+    await metering.stub.RecordUsage(
+        pb.RecordUsageRequest(events=[event("s", at_us=T0), event("e", at_us=T0 + HOUR)]), metadata=metering.md(A)
+    )
     [row] = await _totals(metering, flt=pb.UsageFilter(start_time=ts(T0), end_time=ts(T0 + HOUR)))
     assert row.event_count == 1
 
@@ -132,9 +153,10 @@ async def test_query_pages_through_rows(metering):
     await metering.stub.RecordUsage(pb.RecordUsageRequest(events=events), metadata=metering.md(A))
     seen, token = [], ""
     while True:
-        resp = await metering.stub.QueryUsage(pb.QueryUsageRequest(
-            filter=day_range(), group_by=[pb.USAGE_GROUPING_AGENT], page_size=3, page_token=token),
-            metadata=metering.md(A))
+        resp = await metering.stub.QueryUsage(
+            pb.QueryUsageRequest(filter=day_range(), group_by=[pb.USAGE_GROUPING_AGENT], page_size=3, page_token=token),
+            metadata=metering.md(A),
+        )
         seen += [r.agent_id for r in resp.rows]
         token = resp.next_page_token
         if not token:
@@ -142,16 +164,28 @@ async def test_query_pages_through_rows(metering):
     assert seen == [f"agent-{i:02d}" for i in range(7)]
 
 
-@pytest.mark.parametrize("request_, field, reason", [
-    (pb.QueryUsageRequest(filter=pb.UsageFilter(start_time=ts(T0))), "filter.end_time", "INVALID_QUERY"),
-    (pb.QueryUsageRequest(filter=pb.UsageFilter(start_time=ts(T0), end_time=ts(T0))), "filter.end_time",
-     "INVALID_QUERY"),
-    (pb.QueryUsageRequest(filter=day_range(), group_by=[pb.USAGE_GROUPING_DAY, pb.USAGE_GROUPING_HOUR]),
-     "group_by", "INVALID_QUERY"),
-    (pb.QueryUsageRequest(filter=day_range(), group_by=[pb.USAGE_GROUPING_UNSPECIFIED]), "group_by",
-     "INVALID_QUERY"),
-    (pb.QueryUsageRequest(filter=day_range(), page_token="garbage"), "page_token", "INVALID_PAGE_TOKEN"),
-])
+@pytest.mark.parametrize(
+    "request_, field, reason",
+    [
+        (pb.QueryUsageRequest(filter=pb.UsageFilter(start_time=ts(T0))), "filter.end_time", "INVALID_QUERY"),
+        (
+            pb.QueryUsageRequest(filter=pb.UsageFilter(start_time=ts(T0), end_time=ts(T0))),
+            "filter.end_time",
+            "INVALID_QUERY",
+        ),
+        (
+            pb.QueryUsageRequest(filter=day_range(), group_by=[pb.USAGE_GROUPING_DAY, pb.USAGE_GROUPING_HOUR]),
+            "group_by",
+            "INVALID_QUERY",
+        ),
+        (
+            pb.QueryUsageRequest(filter=day_range(), group_by=[pb.USAGE_GROUPING_UNSPECIFIED]),
+            "group_by",
+            "INVALID_QUERY",
+        ),
+        (pb.QueryUsageRequest(filter=day_range(), page_token="garbage"), "page_token", "INVALID_PAGE_TOKEN"),
+    ],
+)
 async def test_bad_queries_are_refused_precisely(metering, request_, field, reason):
     """Malformed queries fail with INVALID_ARGUMENT naming the field."""
     with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -163,10 +197,10 @@ async def test_bad_queries_are_refused_precisely(metering, request_, field, reas
 
 async def test_tenants_see_only_their_own_usage(metering):
     """B's query never includes A's events, whatever B filters on."""
-    await metering.stub.RecordUsage(pb.RecordUsageRequest(events=[event("x", agent_id="shared-name")]),
-                                    metadata=metering.md(A))
-    await metering.stub.RecordUsage(pb.RecordUsageRequest(events=[event("y", input_tokens=1)]),
-                                    metadata=metering.md(B))
+    await metering.stub.RecordUsage(
+        pb.RecordUsageRequest(events=[event("x", agent_id="shared-name")]), metadata=metering.md(A)
+    )
+    await metering.stub.RecordUsage(pb.RecordUsageRequest(events=[event("y", input_tokens=1)]), metadata=metering.md(B))
     rows = await _totals(metering, tenant=B, group_by=[pb.USAGE_GROUPING_AGENT])
     assert [(r.tenant_id, r.agent_id, r.tokens.input_tokens) for r in rows] == [(B, "", 1)]
     filtered = pb.UsageFilter(start_time=day_range().start_time, end_time=day_range().end_time, agent_id="shared-name")
@@ -176,8 +210,10 @@ async def test_tenants_see_only_their_own_usage(metering):
 async def test_usage_rpcs_need_their_scopes(metering):
     """A token without metering.usage.* cannot record or read usage."""
     md = metering.md(A, scopes=("metering.budget.write",))
-    for call, req in ((metering.stub.RecordUsage, pb.RecordUsageRequest(events=[event("z")])),
-                      (metering.stub.QueryUsage, pb.QueryUsageRequest(filter=day_range()))):
+    for call, req in (
+        (metering.stub.RecordUsage, pb.RecordUsageRequest(events=[event("z")])),
+        (metering.stub.QueryUsage, pb.QueryUsageRequest(filter=day_range())),
+    ):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await call(req, metadata=md)
         assert err.value.code() == grpc.StatusCode.PERMISSION_DENIED

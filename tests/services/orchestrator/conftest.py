@@ -2,6 +2,7 @@
 
 Tests that share a mesh each create their own tenants, so nothing they do can meet.
 """
+
 from __future__ import annotations
 
 import pytest
@@ -30,8 +31,11 @@ async def upstream():
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def mesh(tmp_path_factory, upstream):
     """The whole mesh against the fake upstream; one run per tenant at a time."""
-    async with running_mesh(tmp_path_factory.mktemp("mesh"), upstream_url=upstream.base_url,
-                            orchestrator_env={"BULKHEAD_ORCHESTRATOR_RUNS_PER_TENANT": "1"}) as m:
+    async with running_mesh(
+        tmp_path_factory.mktemp("mesh"),
+        upstream_url=upstream.base_url,
+        orchestrator_env={"BULKHEAD_ORCHESTRATOR_RUNS_PER_TENANT": "1"},
+    ) as m:
         yield m
 
 

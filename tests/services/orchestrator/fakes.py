@@ -2,6 +2,7 @@
 
 Integration tests use the real state, inference and credentials servers instead.
 """
+
 from __future__ import annotations
 
 import http.server
@@ -68,7 +69,9 @@ class DictSecrets:
 
 def text(t: str) -> ModelReply:
     """A final answer."""
-    return ModelReply(content=[{"type": "text", "text": t}], stop_reason="end_turn", usage={"input_tokens": 3, "output_tokens": 2})
+    return ModelReply(
+        content=[{"type": "text", "text": t}], stop_reason="end_turn", usage={"input_tokens": 3, "output_tokens": 2}
+    )
 
 
 def tool_use(name: str, tool_input: dict[str, Any], use_id: str = "tu_1", say: str = "") -> ModelReply:
@@ -89,8 +92,13 @@ class ToolServer:
         class Handler(http.server.BaseHTTPRequestHandler):
             def _serve(self) -> None:
                 length = int(self.headers.get("content-length") or 0)
-                owner.requests.append({"path": self.path, "headers": dict(self.headers),
-                                       "body": self.rfile.read(length).decode() if length else ""})
+                owner.requests.append(
+                    {
+                        "path": self.path,
+                        "headers": dict(self.headers),
+                        "body": self.rfile.read(length).decode() if length else "",
+                    }
+                )
                 payload = owner.body.encode()
                 self.send_response(owner.status)
                 self.send_header("content-type", "application/json")

@@ -4,6 +4,7 @@ inference and the orchestrator, each a real gRPC server on port 0 over SQLite in
 Tokens are real: tenants are created through identity, every service verifies with identity's
 keys, and the orchestrator gets its delegated run tokens from identity's ExchangeToken.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -52,16 +53,27 @@ class Mesh:
 
 
 @contextlib.asynccontextmanager
-async def running_mesh(data_dir: Path, *, with_inference: bool = True, upstream_url: str = "",
-                       orchestrator_env: dict[str, str] | None = None,
-                       start_orchestrator: bool = True, env: dict[str, str] | None = None) -> AsyncIterator[Mesh]:
+async def running_mesh(
+    data_dir: Path,
+    *,
+    with_inference: bool = True,
+    upstream_url: str = "",
+    orchestrator_env: dict[str, str] | None = None,
+    start_orchestrator: bool = True,
+    env: dict[str, str] | None = None,
+) -> AsyncIterator[Mesh]:
     """Start the services in dependency order, each told where the earlier ones listen (env: more settings
     every service reads, e.g. BULKHEAD_STATE_DATABASE_URL)."""
     extra = env or {}
     async with running_identity(data_dir / "identity") as identity, contextlib.AsyncExitStack() as stack:
-        env = {"BULKHEAD_DATA_DIR": str(data_dir), "BULKHEAD_IDENTITY_ADDR": identity.address,
-               "BULKHEAD_STATE_ENCRYPTION": "local", "BULKHEAD_SECRETS_BACKEND": "local",
-               "BULKHEAD_LOG_LEVEL": "WARNING", **extra}
+        env = {
+            "BULKHEAD_DATA_DIR": str(data_dir),
+            "BULKHEAD_IDENTITY_ADDR": identity.address,
+            "BULKHEAD_STATE_ENCRYPTION": "local",
+            "BULKHEAD_SECRETS_BACKEND": "local",
+            "BULKHEAD_LOG_LEVEL": "WARNING",
+            **extra,
+        }
         for svc in ("identity", "credentials", "state", "inference", "orchestrator", "metering"):
             env[f"BULKHEAD_{svc.upper()}_METRICS_PORT"] = "0"
         mesh = Mesh(identity, env)
@@ -69,6 +81,7 @@ async def running_mesh(data_dir: Path, *, with_inference: bool = True, upstream_
 
         from services.credentials.config import Config as CredentialsConfig
         from services.credentials.server import start as start_credentials
+
         creds = await start_credentials(CredentialsConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0")
         stack.push_async_callback(creds.stop, 0)
         env["BULKHEAD_CREDENTIALS_ADDR"] = creds.running.address
@@ -76,24 +89,33 @@ async def running_mesh(data_dir: Path, *, with_inference: bool = True, upstream_
         from services.metering.server import MIGRATIONS as METERING_MIGRATIONS
         from services.metering.server import serve_metering
         from shared.db import Database
-        metering_db = await Database.open(f"sqlite+aiosqlite:///{data_dir / 'metering.db'}",
-                                          migrations=str(METERING_MIGRATIONS))
+
+        metering_db = await Database.open(
+            f"sqlite+aiosqlite:///{data_dir / 'metering.db'}", migrations=str(METERING_MIGRATIONS)
+        )
         metering = await serve_metering(db=metering_db, verifier=mesh.verifier(), address="127.0.0.1:0")
         stack.push_async_callback(metering.stop, 0)
         env["BULKHEAD_METERING_ADDR"] = metering.running.address
 
         from services.state.config import StateConfig
         from services.state.server import start as start_state
+
         state = await start_state(StateConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0")
         stack.push_async_callback(state.stop, 0)
         env["BULKHEAD_STATE_ADDR"] = state.running.address
         mesh.services.update(credentials=creds, metering=metering, state=state)
 
         if with_inference:
-            env.update({"BULKHEAD_MODEL_PROVIDER": "anthropic", "ANTHROPIC_BASE_URL": upstream_url,
-                        "ANTHROPIC_API_KEY": "sk-platform-test"})
+            env.update(
+                {
+                    "BULKHEAD_MODEL_PROVIDER": "anthropic",
+                    "ANTHROPIC_BASE_URL": upstream_url,
+                    "ANTHROPIC_API_KEY": "sk-platform-test",
+                }
+            )
             from services.inference.config import InferenceConfig
             from services.inference.server import start as start_inference
+
             inference = await start_inference(InferenceConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0")
             stack.push_async_callback(inference.stop, 0)
             env["BULKHEAD_INFERENCE_ADDR"] = inference.running.address
@@ -107,17 +129,23 @@ async def running_mesh(data_dir: Path, *, with_inference: bool = True, upstream_
         yield mesh
 
 
-async def start_orchestrator_in(mesh: Mesh, stack: contextlib.AsyncExitStack, *, poll_seconds: float = 0.2,
-                                **overrides: str) -> Any:
+async def start_orchestrator_in(
+    mesh: Mesh, stack: contextlib.AsyncExitStack, *, poll_seconds: float = 0.2, **overrides: str
+) -> Any:
     """Start (another) orchestrator replica in this process on port 0 (its dispatcher and WatchRun poll every
     poll_seconds)."""
     from services.orchestrator.config import OrchestratorConfig
     from services.orchestrator.server import start
 
-    env = {"BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "3", "BULKHEAD_ORCHESTRATOR_CANARY_KEY": "ab" * 32,
-           **mesh.env, **overrides}
-    orch = await start(OrchestratorConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0",
-                       poll_seconds=poll_seconds)
+    env = {
+        "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "3",
+        "BULKHEAD_ORCHESTRATOR_CANARY_KEY": "ab" * 32,
+        **mesh.env,
+        **overrides,
+    }
+    orch = await start(
+        OrchestratorConfig.from_env(env), mesh.verifier(), address="127.0.0.1:0", poll_seconds=poll_seconds
+    )
     stack.push_async_callback(orch.stop, 0)
     channel = grpc.aio.insecure_channel(orch.address)
     mesh.channels.append(channel)
@@ -138,11 +166,26 @@ def team_pb(name: str = "support", *, tool_host: str = "127.0.0.1:9", model: str
     schema = struct_pb2.Struct()
     schema.update({"type": "object", "properties": {"invoice": {"type": "string"}}})
     return pb.Team(
-        name=name, description="support desk",
-        agents=[pb.Agent(name="triage", system_prompt="Route the customer.", model=model, handoffs=["billing"]),
-                pb.Agent(name="billing", system_prompt="Answer billing questions.", model=model,
-                         tools=["lookup_invoice", "read_context", "write_context"])],
-        http_tools=[pb.HttpTool(name="lookup_invoice", description="Look up an invoice", method="GET",
-                                url=f"http://{tool_host}/invoices",
-                                headers={"authorization": "Bearer ${secret:billing_api_key}"}, input_schema=schema)],
-        allowed_hosts=[tool_host])
+        name=name,
+        description="support desk",
+        agents=[
+            pb.Agent(name="triage", system_prompt="Route the customer.", model=model, handoffs=["billing"]),
+            pb.Agent(
+                name="billing",
+                system_prompt="Answer billing questions.",
+                model=model,
+                tools=["lookup_invoice", "read_context", "write_context"],
+            ),
+        ],
+        http_tools=[
+            pb.HttpTool(
+                name="lookup_invoice",
+                description="Look up an invoice",
+                method="GET",
+                url=f"http://{tool_host}/invoices",
+                headers={"authorization": "Bearer ${secret:billing_api_key}"},
+                input_schema=schema,
+            )
+        ],
+        allowed_hosts=[tool_host],
+    )

@@ -1,4 +1,5 @@
 """Canary markers and the per-tenant rate limiter."""
+
 from __future__ import annotations
 
 from services.orchestrator.canary import foreign_markers, marker_for

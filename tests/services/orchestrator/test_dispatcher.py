@@ -1,4 +1,5 @@
 """The dispatcher against a real queue (SQLite through shared.db), without the rest of the mesh."""
+
 from __future__ import annotations
 
 import asyncio
@@ -17,11 +18,29 @@ async def test_queue_entry_without_its_run_is_dropped_not_retried_forever(tmp_pa
     db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
     runs, sealer = RunStore(db), GrantSealer(os.urandom(32))
     async with db.system_session() as s:
-        s.add(QueueRow(run_id="r_orphan", tenant_id="t_a", principal_id="p", tier="bridge", state="queued",
-                       enqueued_at=time.time(), lease_owner=None, lease_expires=0.0, cancel_requested=False,
-                       grant=sealer.seal("token", "r_orphan"), traceparent=""))
-    dispatcher = Dispatcher(runs=runs, engine=None, ports_for=lambda: None, sealer=sealer, feed=StepFeed(),
-                            settings=DispatchSettings(lease_seconds=60, poll_seconds=0.05))
+        s.add(
+            QueueRow(
+                run_id="r_orphan",
+                tenant_id="t_a",
+                principal_id="p",
+                tier="bridge",
+                state="queued",
+                enqueued_at=time.time(),
+                lease_owner=None,
+                lease_expires=0.0,
+                cancel_requested=False,
+                grant=sealer.seal("token", "r_orphan"),
+                traceparent="",
+            )
+        )
+    dispatcher = Dispatcher(
+        runs=runs,
+        engine=None,
+        ports_for=lambda: None,
+        sealer=sealer,
+        feed=StepFeed(),
+        settings=DispatchSettings(lease_seconds=60, poll_seconds=0.05),
+    )
     dispatcher.start()
     try:
         async with asyncio.timeout(5):

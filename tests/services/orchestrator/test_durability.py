@@ -1,5 +1,6 @@
 """kill -9 of the orchestrator process mid-run: the restarted process finishes the run without
 repeating a completed model or tool call, and metering counts every model call once."""
+
 from __future__ import annotations
 
 import asyncio
@@ -30,8 +31,13 @@ SECRET = "durable-key-Zx81Qp"
 
 def spawn(env: dict[str, str], log: Path) -> subprocess.Popen:
     """python -m services.orchestrator, as a real separate process."""
-    return subprocess.Popen([sys.executable, "-m", "services.orchestrator"], cwd=ROOT, env=env,
-                            stdout=log.open("ab"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, "-m", "services.orchestrator"],
+        cwd=ROOT,
+        env=env,
+        stdout=log.open("ab"),
+        stderr=subprocess.STDOUT,
+    )
 
 
 async def until(check, timeout: float = 20.0):
@@ -57,16 +63,25 @@ async def test_kill9_mid_run_then_restart_completes_without_repeats(tier, tmp_pa
 
 async def _scenario(tmp_path: Path, tier: str) -> None:
     tools = ToolServer(body='{"invoice": "INV-9", "status": "overdue"}')
-    async with FakeAnthropic() as upstream, running_mesh(tmp_path, upstream_url=upstream.base_url,
-                                                         start_orchestrator=False) as mesh:
+    async with (
+        FakeAnthropic() as upstream,
+        running_mesh(tmp_path, upstream_url=upstream.base_url, start_orchestrator=False) as mesh,
+    ):
         port = free_port()
-        env = {**os.environ, **mesh.env, "BULKHEAD_ORCHESTRATOR_ADDR": f"127.0.0.1:{port}",
-               "BULKHEAD_ORCHESTRATOR_DATA_DIR": str(tmp_path / "orch"), "BULKHEAD_DATA_DIR": str(tmp_path / "orch"),
-               "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "1.5", "BULKHEAD_ORCHESTRATOR_CANARY_KEY": "cd" * 32,
-               "BULKHEAD_LOG_LEVEL": "INFO", "PYTHONPATH": str(ROOT),
-               # Its own data dir, but the platform key identity wrote for the mesh's orchestrator: without
-               # it the process never hears identity's revocation feed and refuses every tenant (fail closed).
-               "BULKHEAD_ORCHESTRATOR_SERVICE_KEY_FILE": str(mesh.identity.service_key_file("orchestrator"))}
+        env = {
+            **os.environ,
+            **mesh.env,
+            "BULKHEAD_ORCHESTRATOR_ADDR": f"127.0.0.1:{port}",
+            "BULKHEAD_ORCHESTRATOR_DATA_DIR": str(tmp_path / "orch"),
+            "BULKHEAD_DATA_DIR": str(tmp_path / "orch"),
+            "BULKHEAD_ORCHESTRATOR_LEASE_SECONDS": "1.5",
+            "BULKHEAD_ORCHESTRATOR_CANARY_KEY": "cd" * 32,
+            "BULKHEAD_LOG_LEVEL": "INFO",
+            "PYTHONPATH": str(ROOT),
+            # Its own data dir, but the platform key identity wrote for the mesh's orchestrator: without
+            # it the process never hears identity's revocation feed and refuses every tenant (fail closed).
+            "BULKHEAD_ORCHESTRATOR_SERVICE_KEY_FILE": str(mesh.identity.service_key_file("orchestrator")),
+        }
         log = tmp_path / "orchestrator.log"
         proc = spawn(env, log)
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
@@ -74,18 +89,24 @@ async def _scenario(tmp_path: Path, tier: str) -> None:
         try:
             a = await mesh.tenant(tier)
             creds = credentials_pb2_grpc.CredentialsServiceStub(grpc.aio.insecure_channel(mesh.addr("credentials")))
-            await creds.PutSecret(credentials_pb2.PutSecretRequest(name="billing_api_key", value=SECRET.encode()),
-                                  metadata=a.metadata)
+            await creds.PutSecret(
+                credentials_pb2.PutSecretRequest(name="billing_api_key", value=SECRET.encode()), metadata=a.metadata
+            )
             await until(lambda: stub.ListTeams(pb.ListTeamsRequest(), metadata=a.metadata, timeout=1))
-            await stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model="claude-sonnet-4-5")),
-                                  metadata=a.metadata)
+            await stub.CreateTeam(
+                pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model="claude-sonnet-4-5")), metadata=a.metadata
+            )
             # The third model call is slow enough for the kill to land while it is in flight.
-            upstream.script(Reply.tool_use("handoff", {"agent": "billing", "note": "INV-9"}),
-                            Reply.tool_use("lookup_invoice", {"invoice": "INV-9"}, tool_id="toolu_9"),
-                            Reply.text("INV-9 is overdue."), Reply.text("INV-9 is overdue."))
+            upstream.script(
+                Reply.tool_use("handoff", {"agent": "billing", "note": "INV-9"}),
+                Reply.tool_use("lookup_invoice", {"invoice": "INV-9"}, tool_id="toolu_9"),
+                Reply.text("INV-9 is overdue."),
+                Reply.text("INV-9 is overdue."),
+            )
             upstream.fail_next(Fault.slow(0), Fault.slow(0), Fault.slow(4))
-            run = (await stub.StartRun(pb.StartRunRequest(team="support", input="What about INV-9?"),
-                                       metadata=a.metadata)).run
+            run = (
+                await stub.StartRun(pb.StartRunRequest(team="support", input="What about INV-9?"), metadata=a.metadata)
+            ).run
             seen: list[int] = []
 
             async def watch_until_kill() -> None:
@@ -121,8 +142,9 @@ async def _scenario(tmp_path: Path, tier: str) -> None:
             window.end_time.FromSeconds(int(time.time()) + 3600)
 
             async def counted() -> int:
-                rows = (await metering.QueryUsage(metering_pb2.QueryUsageRequest(filter=window),
-                                                  metadata=a.metadata)).rows
+                rows = (
+                    await metering.QueryUsage(metering_pb2.QueryUsageRequest(filter=window), metadata=a.metadata)
+                ).rows
                 return sum(r.event_count for r in rows) >= 3 and sum(r.event_count for r in rows)
 
             await until(counted)
@@ -137,6 +159,8 @@ async def _scenario(tmp_path: Path, tier: str) -> None:
 
 
 async def _watch_rest(stub, run_id: str, after: int, metadata) -> list[pb.WatchRunResponse] | None:
-    msgs = [m async for m in stub.WatchRun(pb.WatchRunRequest(run_id=run_id, after_step=after), metadata=metadata,
-                                           timeout=30)]
+    msgs = [
+        m
+        async for m in stub.WatchRun(pb.WatchRunRequest(run_id=run_id, after_step=after), metadata=metadata, timeout=30)
+    ]
     return msgs if msgs and msgs[-1].run.status == pb.RUN_STATUS_SUCCEEDED else None

@@ -1,4 +1,5 @@
 """A two-agent team end to end on the real mesh against the fake Anthropic upstream."""
+
 from __future__ import annotations
 
 import asyncio
@@ -51,8 +52,12 @@ def tools():
 
 async def watch(mesh, tenant, run_id: str, after: int = 0) -> list[pb.WatchRunResponse]:
     """Everything WatchRun streams until the run ends."""
-    return [m async for m in mesh.stub.WatchRun(pb.WatchRunRequest(run_id=run_id, after_step=after),
-                                                metadata=tenant.metadata, timeout=30)]
+    return [
+        m
+        async for m in mesh.stub.WatchRun(
+            pb.WatchRunRequest(run_id=run_id, after_step=after), metadata=tenant.metadata, timeout=30
+        )
+    ]
 
 
 async def put_secret(mesh, tenant, name: str, value: str) -> None:
@@ -61,9 +66,11 @@ async def put_secret(mesh, tenant, name: str, value: str) -> None:
 
 
 def script_support(upstream: FakeAnthropic) -> None:
-    upstream.script(Reply.tool_use("handoff", {"agent": "billing", "note": "customer asks about INV-7"}),
-                    Reply.tool_use("lookup_invoice", {"invoice": "INV-7"}, tool_id="toolu_2"),
-                    Reply.text("Invoice INV-7 is paid."))
+    upstream.script(
+        Reply.tool_use("handoff", {"agent": "billing", "note": "customer asks about INV-7"}),
+        Reply.tool_use("lookup_invoice", {"invoice": "INV-7"}, tool_id="toolu_2"),
+        Reply.text("Invoice INV-7 is paid."),
+    )
 
 
 async def test_two_agent_team_runs_to_completion(tier, mesh, upstream, tools, spans, caplog):
@@ -71,14 +78,25 @@ async def test_two_agent_team_runs_to_completion(tier, mesh, upstream, tools, sp
     caplog.set_level(logging.DEBUG)
     a = await mesh.tenant(tier)
     await put_secret(mesh, a, "billing_api_key", SECRET)
-    await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata)
+    await mesh.stub.CreateTeam(
+        pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata
+    )
     script_support(upstream)
-    run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="Is INV-7 paid?"), metadata=a.metadata)).run
+    run = (
+        await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="Is INV-7 paid?"), metadata=a.metadata)
+    ).run
     seen = await watch(mesh, a, run.run_id)
 
     kinds = [m.step.kind for m in seen]
-    assert kinds == [pb.STEP_KIND_RUN_STARTED, pb.STEP_KIND_MODEL_CALL, pb.STEP_KIND_HANDOFF, pb.STEP_KIND_MODEL_CALL,
-                     pb.STEP_KIND_TOOL_CALL, pb.STEP_KIND_MODEL_CALL, pb.STEP_KIND_RUN_FINISHED]
+    assert kinds == [
+        pb.STEP_KIND_RUN_STARTED,
+        pb.STEP_KIND_MODEL_CALL,
+        pb.STEP_KIND_HANDOFF,
+        pb.STEP_KIND_MODEL_CALL,
+        pb.STEP_KIND_TOOL_CALL,
+        pb.STEP_KIND_MODEL_CALL,
+        pb.STEP_KIND_RUN_FINISHED,
+    ]
     assert [m.step.index for m in seen] == list(range(1, 8))
     final = seen[-1].run
     assert final.status == pb.RUN_STATUS_SUCCEEDED and final.output == "Invoice INV-7 is paid."
@@ -91,8 +109,11 @@ async def test_two_agent_team_runs_to_completion(tier, mesh, upstream, tools, sp
     assert upstream.request_count == 3
     bodies = json.dumps([c.body for c in upstream.calls])
     assert SECRET not in bodies
-    assert a.tenant_id in upstream.calls[0].body["system"][0]["text"] if isinstance(
-        upstream.calls[0].body["system"], list) else a.tenant_id in upstream.calls[0].body["system"]
+    assert (
+        a.tenant_id in upstream.calls[0].body["system"][0]["text"]
+        if isinstance(upstream.calls[0].body["system"], list)
+        else a.tenant_id in upstream.calls[0].body["system"]
+    )
     # Nor did state, the orchestrator's answers, the logs or the spans.
     state = state_pb2_grpc.StateServiceStub(grpc.aio.insecure_channel(mesh.addr("state")))
     events = (await state.ReadEvents(state_pb2.ReadEventsRequest(thread_id=run.run_id), metadata=a.metadata)).events
@@ -101,14 +122,18 @@ async def test_two_agent_team_runs_to_completion(tier, mesh, upstream, tools, sp
     assert SECRET not in caplog.text
     for _ in range(100):  # the last step's span closes just after the step is published
         finished_spans = spans.get_finished_spans()
-        if any(sp.name == "orchestrator.run" and (sp.attributes or {}).get("run.id") == run.run_id
-               for sp in finished_spans):
+        if any(
+            sp.name == "orchestrator.run" and (sp.attributes or {}).get("run.id") == run.run_id for sp in finished_spans
+        ):
             break
         await asyncio.sleep(0.02)
     for span in finished_spans:
         assert SECRET not in json.dumps({k: str(v) for k, v in (span.attributes or {}).items()})
-    step_spans = [sp for sp in finished_spans if sp.name == "orchestrator.step"
-                  and (sp.attributes or {}).get("run.id") == run.run_id]
+    step_spans = [
+        sp
+        for sp in finished_spans
+        if sp.name == "orchestrator.step" and (sp.attributes or {}).get("run.id") == run.run_id
+    ]
     assert len(step_spans) == 5 and all(sp.attributes["tenant.id"] == a.tenant_id for sp in step_spans)
 
     # Metering counted each model call once, tagged with the agents.
@@ -118,8 +143,12 @@ async def test_two_agent_team_runs_to_completion(tier, mesh, upstream, tools, sp
     window.start_time.FromSeconds(int(time.time()) - 3600)
     window.end_time.FromSeconds(int(time.time()) + 3600)
     for _ in range(50):
-        rows = (await metering.QueryUsage(metering_pb2.QueryUsageRequest(
-            filter=window, group_by=[metering_pb2.USAGE_GROUPING_AGENT]), metadata=a.metadata)).rows
+        rows = (
+            await metering.QueryUsage(
+                metering_pb2.QueryUsageRequest(filter=window, group_by=[metering_pb2.USAGE_GROUPING_AGENT]),
+                metadata=a.metadata,
+            )
+        ).rows
         if sum(r.event_count for r in rows) >= 3:
             break
         await asyncio.sleep(0.1)
@@ -130,9 +159,13 @@ async def test_cross_tenant_handoff_is_refused_and_recorded(tier, mesh, upstream
     """A hand-off naming another tenant's team agent is refused, recorded, and moves no context."""
     a, b = await mesh.tenant(tier), await mesh.tenant(tier)
     for t in (a, b):
-        await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=t.metadata)
-    upstream.script(Reply.tool_use("handoff", {"agent": f"{b.tenant_id}/support/billing", "note": "A's private notes"}),
-                    Reply.text("I could not hand off."))
+        await mesh.stub.CreateTeam(
+            pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=t.metadata
+        )
+    upstream.script(
+        Reply.tool_use("handoff", {"agent": f"{b.tenant_id}/support/billing", "note": "A's private notes"}),
+        Reply.text("I could not hand off."),
+    )
     run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="hi"), metadata=a.metadata)).run
     seen = await watch(mesh, a, run.run_id)
     refused = [m.step for m in seen if m.step.kind == pb.STEP_KIND_HANDOFF_REFUSED]
@@ -150,7 +183,9 @@ async def test_foreign_canary_in_output_is_blocked(tier, mesh, upstream, tools):
     from services.orchestrator.canary import marker_for
 
     a, b = await mesh.tenant(tier), await mesh.tenant(tier)
-    await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata)
+    await mesh.stub.CreateTeam(
+        pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata
+    )
     leak = marker_for(b.tenant_id, bytes.fromhex("ab" * 32))
     upstream.script(Reply.text(f"B's data: {leak}"))
     run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="hi"), metadata=a.metadata)).run
@@ -168,8 +203,11 @@ async def test_tenant_at_its_limit_queues_while_another_proceeds(tier, mesh, ups
     upstream.fail_next(Fault.slow(2.0))  # A's first model call; unscripted replies echo and end the run
     a_runs = []
     for i in range(3):
-        a_runs.append((await mesh.stub.StartRun(pb.StartRunRequest(team="support", input=f"a{i}"),
-                                                metadata=a.metadata)).run.run_id)
+        a_runs.append(
+            (
+                await mesh.stub.StartRun(pb.StartRunRequest(team="support", input=f"a{i}"), metadata=a.metadata)
+            ).run.run_id
+        )
         if i == 0:
             while upstream.request_count < 1:
                 await asyncio.sleep(0.02)

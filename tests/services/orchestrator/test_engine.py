@@ -1,4 +1,5 @@
 """The agent loop against in-memory ports: steps, hand-offs, tools, limits, resume, canaries."""
+
 from __future__ import annotations
 
 import json
@@ -32,16 +33,27 @@ def tool_server():
 def support_team(host: str) -> TeamSpec:
     return TeamSpec(
         name="support",
-        agents=(AgentSpec("triage", system_prompt="Route the request.", handoffs=("billing",)),
-                AgentSpec("billing", system_prompt="Answer billing questions.", tools=("invoices", "write_context"))),
-        http_tools=(HttpToolSpec("invoices", f"http://{host}/invoices", headers={"authorization": "Bearer ${secret:billing_key}"}),),
-        allowed_hosts=(host,))
+        agents=(
+            AgentSpec("triage", system_prompt="Route the request.", handoffs=("billing",)),
+            AgentSpec("billing", system_prompt="Answer billing questions.", tools=("invoices", "write_context")),
+        ),
+        http_tools=(
+            HttpToolSpec(
+                "invoices", f"http://{host}/invoices", headers={"authorization": "Bearer ${secret:billing_key}"}
+            ),
+        ),
+        allowed_hosts=(host,),
+    )
 
 
 def ports(model, log=None, ctx=None, secrets=None, limiter=None) -> Ports:
-    return Ports(log=log or MemoryStepLog(), model=model, context=ctx or MemoryContext(),
-                 secrets=secrets or DictSecrets({"billing_key": SECRET}),
-                 http=HttpToolRunner(client=httpx.AsyncClient(timeout=5), limiter=limiter or RateLimiter(100, 100)))
+    return Ports(
+        log=log or MemoryStepLog(),
+        model=model,
+        context=ctx or MemoryContext(),
+        secrets=secrets or DictSecrets({"billing_key": SECRET}),
+        http=HttpToolRunner(client=httpx.AsyncClient(timeout=5), limiter=limiter or RateLimiter(100, 100)),
+    )
 
 
 def job(team: TeamSpec, tenant: str = "t_a") -> RunJob:
@@ -49,9 +61,11 @@ def job(team: TeamSpec, tenant: str = "t_a") -> RunJob:
 
 
 def script() -> list:
-    return [tool_use("handoff", {"agent": "billing", "note": "invoice question"}),
-            tool_use("invoices", {"id": "7"}, use_id="tu_2"),
-            text("Invoice 7 is paid.")]
+    return [
+        tool_use("handoff", {"agent": "billing", "note": "invoice question"}),
+        tool_use("invoices", {"id": "7"}, use_id="tu_2"),
+        text("Invoice 7 is paid."),
+    ]
 
 
 async def test_two_agent_run_with_handoff_and_http_tool(tool_server, caplog):
@@ -61,8 +75,15 @@ async def test_two_agent_run_with_handoff_and_http_tool(tool_server, caplog):
     p = ports(model)
     view = await Engine(canary_key=KEY).execute(job(support_team(tool_server.host)), p)
     kinds = [s.kind for s in p.log.runs["r_1"]]
-    assert kinds == [StepKind.RUN_STARTED, StepKind.MODEL_CALL, StepKind.HANDOFF, StepKind.MODEL_CALL,
-                     StepKind.TOOL_CALL, StepKind.MODEL_CALL, StepKind.RUN_FINISHED]
+    assert kinds == [
+        StepKind.RUN_STARTED,
+        StepKind.MODEL_CALL,
+        StepKind.HANDOFF,
+        StepKind.MODEL_CALL,
+        StepKind.TOOL_CALL,
+        StepKind.MODEL_CALL,
+        StepKind.RUN_FINISHED,
+    ]
     assert view.finished.status == "succeeded" and view.finished.output == "Invoice 7 is paid."
     # The tool got the secret; the model, the log and the logs never did.
     assert tool_server.requests[0]["headers"]["authorization"] == f"Bearer {SECRET}"
@@ -105,9 +126,13 @@ async def test_resume_after_crash_repeats_no_completed_step(tool_server):
 
 async def test_handoff_outside_team_is_refused_and_recorded(tool_server):
     """A hand-off to an agent of another team (or tenant) is refused; the model sees an error; no context moves."""
-    model = ScriptedModel([tool_use("handoff", {"agent": "other-team/billing", "note": "secret stuff"}),
-                           tool_use("handoff", {"agent": "triage"}, use_id="tu_2"),
-                           text("I cannot hand off.")])
+    model = ScriptedModel(
+        [
+            tool_use("handoff", {"agent": "other-team/billing", "note": "secret stuff"}),
+            tool_use("handoff", {"agent": "triage"}, use_id="tu_2"),
+            text("I cannot hand off."),
+        ]
+    )
     p = ports(model)
     view = await Engine(canary_key=KEY).execute(job(support_team(tool_server.host)), p)
     refused = [s for s in p.log.runs["r_1"] if s.kind == StepKind.HANDOFF_REFUSED]
@@ -147,8 +172,9 @@ async def test_cancel_between_steps(tool_server):
     """A cancelled run stops before its next step."""
     p = ports(ScriptedModel(script()))
     calls = []
-    view = await Engine(canary_key=KEY).execute(job(support_team(tool_server.host)), p,
-                                                 cancelled=lambda: len(p.model.calls) >= 1)
+    view = await Engine(canary_key=KEY).execute(
+        job(support_team(tool_server.host)), p, cancelled=lambda: len(p.model.calls) >= 1
+    )
     assert view.finished.status == "cancelled" and len(p.model.calls) == 1 and calls == []
 
 
@@ -166,7 +192,9 @@ async def test_lost_lease_surfaces_as_step_conflict(tool_server):
             return await log.read(run_id, after)
 
     with pytest.raises(StepConflict):
-        await Engine(canary_key=KEY).execute(job(support_team(tool_server.host)), ports(ScriptedModel(script()), log=Racing()))
+        await Engine(canary_key=KEY).execute(
+            job(support_team(tool_server.host)), ports(ScriptedModel(script()), log=Racing())
+        )
 
 
 async def test_unlisted_tool_is_an_error_result(tool_server):

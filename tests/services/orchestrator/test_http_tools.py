@@ -1,4 +1,5 @@
 """HTTP tools: allowlist, rate limit, secret injection and sanitised errors."""
+
 from __future__ import annotations
 
 import logging
@@ -32,8 +33,14 @@ def tool(host: str, **kw) -> HttpToolSpec:
 
 async def test_post_with_injected_secret(server):
     """POST sends the input as JSON and the resolved secret as a header."""
-    res = await runner().call(tool(server.host, method="POST"), {"q": 1}, allowed_hosts=(server.host,),
-                              secrets=DictSecrets({"api": SECRET}), tenant_id="t_a", run_id="r")
+    res = await runner().call(
+        tool(server.host, method="POST"),
+        {"q": 1},
+        allowed_hosts=(server.host,),
+        secrets=DictSecrets({"api": SECRET}),
+        tenant_id="t_a",
+        run_id="r",
+    )
     assert not res.is_error and res.status == 200 and "paid" in res.text
     assert server.requests[0]["headers"]["x-api-key"] == SECRET and server.requests[0]["body"] == '{"q":1}'
 
@@ -41,8 +48,9 @@ async def test_post_with_injected_secret(server):
 async def test_host_not_allowed_is_never_contacted(server):
     """A host off the allowlist is refused before any request or secret lookup."""
     secrets = DictSecrets({"api": SECRET})
-    res = await runner().call(tool(server.host), {}, allowed_hosts=("example.com",), secrets=secrets,
-                              tenant_id="t_a", run_id="r")
+    res = await runner().call(
+        tool(server.host), {}, allowed_hosts=("example.com",), secrets=secrets, tenant_id="t_a", run_id="r"
+    )
     assert res.is_error and "not allowed" in res.text
     assert server.requests == [] and secrets.asked == []
 
@@ -51,11 +59,16 @@ async def test_rate_limit_is_per_tenant(server):
     """Tenant A's burst is exhausted; tenant B still gets through."""
     r = runner(rate=0.001, burst=2)
     s = DictSecrets({"api": SECRET})
-    outcomes = [(await r.call(tool(server.host), {}, allowed_hosts=(server.host,), secrets=s,
-                              tenant_id="t_a", run_id="r")).is_error for _ in range(3)]
+    outcomes = [
+        (
+            await r.call(tool(server.host), {}, allowed_hosts=(server.host,), secrets=s, tenant_id="t_a", run_id="r")
+        ).is_error
+        for _ in range(3)
+    ]
     assert outcomes == [False, False, True]
-    assert not (await r.call(tool(server.host), {}, allowed_hosts=(server.host,), secrets=s,
-                             tenant_id="t_b", run_id="r")).is_error
+    assert not (
+        await r.call(tool(server.host), {}, allowed_hosts=(server.host,), secrets=s, tenant_id="t_b", run_id="r")
+    ).is_error
     assert len(server.requests) == 3
 
 
@@ -63,21 +76,41 @@ async def test_upstream_error_is_sanitised(server, caplog):
     """A 500 whose body echoes the credential reaches the model with the value redacted; logs are clean."""
     caplog.set_level(logging.DEBUG)
     server.status, server.body = 500, f'{{"error": "bad key {SECRET}", "auth": "Bearer {SECRET}"}}'
-    res = await runner().call(tool(server.host), {}, allowed_hosts=(server.host,),
-                              secrets=DictSecrets({"api": SECRET}), tenant_id="t_a", run_id="r")
+    res = await runner().call(
+        tool(server.host),
+        {},
+        allowed_hosts=(server.host,),
+        secrets=DictSecrets({"api": SECRET}),
+        tenant_id="t_a",
+        run_id="r",
+    )
     assert res.is_error and res.status == 500 and "HTTP 500" in res.text
     assert SECRET not in res.text and "[redacted]" in res.text
     assert SECRET not in caplog.text
-    assert any(getattr(r, "outcome", None) == "error" and getattr(r, "tenant_id", None) == "t_a" for r in caplog.records)
+    assert any(
+        getattr(r, "outcome", None) == "error" and getattr(r, "tenant_id", None) == "t_a" for r in caplog.records
+    )
 
 
 async def test_unreachable_and_missing_secret_are_plain_errors(server):
     """Connection failures and unavailable credentials give short messages without internals."""
     port = server.port
     server.close()
-    res = await runner().call(tool(f"127.0.0.1:{port}"), {}, allowed_hosts=(f"127.0.0.1:{port}",),
-                              secrets=DictSecrets({"api": SECRET}), tenant_id="t_a", run_id="r")
+    res = await runner().call(
+        tool(f"127.0.0.1:{port}"),
+        {},
+        allowed_hosts=(f"127.0.0.1:{port}",),
+        secrets=DictSecrets({"api": SECRET}),
+        tenant_id="t_a",
+        run_id="r",
+    )
     assert res.is_error and res.text == "tool lookup: the upstream could not be reached"
-    res = await runner().call(tool(f"127.0.0.1:{port}"), {}, allowed_hosts=(f"127.0.0.1:{port}",),
-                              secrets=DictSecrets({}), tenant_id="t_a", run_id="r")
+    res = await runner().call(
+        tool(f"127.0.0.1:{port}"),
+        {},
+        allowed_hosts=(f"127.0.0.1:{port}",),
+        secrets=DictSecrets({}),
+        tenant_id="t_a",
+        run_id="r",
+    )
     assert res.text == "tool lookup: a credential it needs is not available"

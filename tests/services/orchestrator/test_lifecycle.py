@@ -1,4 +1,5 @@
 """The run life cycle: which status changes are allowed."""
+
 from __future__ import annotations
 
 import pytest

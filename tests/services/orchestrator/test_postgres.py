@@ -1,4 +1,5 @@
 """The orchestrator on real Postgres: migrations, RLS for raw SQL, and a full run with a delegated token."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,20 +28,29 @@ async def test_orchestrator_on_postgres_with_rls_and_delegation(tier, postgres, 
     sees one tenant (and a bridge or silo tenant's rows not at all: they live in its schema or database);
     the run token is narrow."""
     urls = await postgres.create_database(f"orch_{uuid.uuid4().hex[:6]}")
-    async with FakeAnthropic() as upstream, running_mesh(tmp_path, upstream_url=upstream.base_url,
-                                                         start_orchestrator=False) as mesh, \
-            contextlib.AsyncExitStack() as stack:
-        orch = await start_orchestrator_in(mesh, stack, BULKHEAD_ORCHESTRATOR_DATABASE_URL=urls.app_url,
-                                           BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL=urls.owner_url)
+    async with (
+        FakeAnthropic() as upstream,
+        running_mesh(tmp_path, upstream_url=upstream.base_url, start_orchestrator=False) as mesh,
+        contextlib.AsyncExitStack() as stack,
+    ):
+        orch = await start_orchestrator_in(
+            mesh,
+            stack,
+            BULKHEAD_ORCHESTRATOR_DATABASE_URL=urls.app_url,
+            BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL=urls.owner_url,
+        )
         a, b = await mesh.tenant(tier), await mesh.tenant(tier)
         for t in (a, b):
-            await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(model="claude-sonnet-4-5")), metadata=t.metadata)
+            await mesh.stub.CreateTeam(
+                pb.CreateTeamRequest(team=team_pb(model="claude-sonnet-4-5")), metadata=t.metadata
+            )
         # Hold the run in the queue long enough to read its sealed grant: stop dispatching first.
         await orch.dispatcher.stop()
         run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="hello"), metadata=a.metadata)).run
         async with orch.db.engine.connect() as conn:
-            grant = (await conn.execute(text("SELECT \"grant\" FROM orch_run_queue WHERE run_id = :r"),
-                                        {"r": run.run_id})).scalar_one()
+            grant = (
+                await conn.execute(text('SELECT "grant" FROM orch_run_queue WHERE run_id = :r'), {"r": run.run_id})
+            ).scalar_one()
             # RLS: without app.tenant_id the app role sees no tenant rows at all; with it, only that tenant's.
             assert (await conn.execute(text("SELECT count(*) FROM orch_teams"))).scalar_one() == 0
         async with orch.db.engine.connect() as conn:
@@ -57,10 +67,15 @@ async def test_orchestrator_on_postgres_with_rls_and_delegation(tier, postgres, 
         assert "orchestrator.teams.write" not in claims["scope"] and "*" not in claims["scope"].split()
 
         # A second replica on the same database picks the run up and finishes it.
-        await start_orchestrator_in(mesh, stack, BULKHEAD_ORCHESTRATOR_DATABASE_URL=urls.app_url,
-                                    BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL=urls.owner_url)
-        msgs = [m async for m in mesh.stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), metadata=a.metadata,
-                                                    timeout=30)]
+        await start_orchestrator_in(
+            mesh,
+            stack,
+            BULKHEAD_ORCHESTRATOR_DATABASE_URL=urls.app_url,
+            BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL=urls.owner_url,
+        )
+        msgs = [
+            m async for m in mesh.stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), metadata=a.metadata, timeout=30)
+        ]
         assert msgs[-1].run.status == pb.RUN_STATUS_SUCCEEDED and upstream.request_count == 1
 
 
@@ -68,11 +83,15 @@ async def test_a_run_queued_through_one_replica_starts_on_another_at_once_by_not
     """LISTEN/NOTIFY: a replica whose dispatcher polls only every 60 s starts a run queued through another
     replica (which does not dispatch) within seconds, woken by the queue's notice rather than its poll."""
     urls = await postgres.create_database(f"orch_{uuid.uuid4().hex[:6]}")
-    db_env = {"BULKHEAD_ORCHESTRATOR_DATABASE_URL": urls.app_url,
-              "BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL": urls.owner_url}
-    async with FakeAnthropic() as upstream, running_mesh(tmp_path, upstream_url=upstream.base_url,
-                                                         start_orchestrator=False) as mesh, \
-            contextlib.AsyncExitStack() as stack:
+    db_env = {
+        "BULKHEAD_ORCHESTRATOR_DATABASE_URL": urls.app_url,
+        "BULKHEAD_ORCHESTRATOR_DATABASE_OWNER_URL": urls.owner_url,
+    }
+    async with (
+        FakeAnthropic() as upstream,
+        running_mesh(tmp_path, upstream_url=upstream.base_url, start_orchestrator=False) as mesh,
+        contextlib.AsyncExitStack() as stack,
+    ):
         worker = await start_orchestrator_in(mesh, stack, poll_seconds=60, **db_env)
         await asyncio.wait_for(worker.listener.connected.wait(), 10)
         worker_stub = orchestrator_pb2_grpc.OrchestratorServiceStub(mesh.channels[-1])
@@ -83,8 +102,10 @@ async def test_a_run_queued_through_one_replica_starts_on_another_at_once_by_not
         await asyncio.sleep(0.5)  # the worker's rounds at start and on connecting are over: it sleeps for 60 s
         started = time.monotonic()
         run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="hello"), metadata=t.metadata)).run
-        msgs = [m async for m in worker_stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), metadata=t.metadata,
-                                                      timeout=30)]
+        msgs = [
+            m
+            async for m in worker_stub.WatchRun(pb.WatchRunRequest(run_id=run.run_id), metadata=t.metadata, timeout=30)
+        ]
         assert msgs[-1].run.status == pb.RUN_STATUS_SUCCEEDED and upstream.request_count == 1
         assert time.monotonic() - started < 10, "the worker waited for its poll, not for the notice"
         assert front.listener.connected.is_set()  # every replica listens, the one that queued too

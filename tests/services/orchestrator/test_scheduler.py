@@ -1,4 +1,5 @@
 """Fair admission of queued runs."""
+
 from __future__ import annotations
 
 from services.orchestrator.scheduler import QueuedRun, pick_runs

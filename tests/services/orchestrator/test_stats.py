@@ -1,4 +1,5 @@
 """GetRunStats and Run.trace_id: per-agent figures computed in SQL, exact, and confined to the caller's tenant."""
+
 from __future__ import annotations
 
 import asyncio
@@ -58,8 +59,16 @@ async def _workload(db: Database, tid: str, rng: random.Random, runs_n: int) -> 
     with tenant_scope(_ctx(tid)):
         for i in range(runs_n):
             entry = rng.choice(["triage", "billing"])
-            run, _ = await store.create(team=TEAM, entry_agent=entry, run_input="x", idempotency_key="",
-                                        tenant_id=tid, principal_id="p", tier="pooled", grant=b"g")
+            run, _ = await store.create(
+                team=TEAM,
+                entry_agent=entry,
+                run_input="x",
+                idempotency_key="",
+                tenant_id=tid,
+                principal_id="p",
+                tier="pooled",
+                grant=b"g",
+            )
             outcome = rng.choice(["succeeded", "failed", "cancelled", None, None])
             if outcome or rng.random() < 0.5:
                 await store.update(run.run_id, status=RunStatus.RUNNING)
@@ -96,8 +105,11 @@ async def test_stats_are_exact_and_confined_to_the_tenant(db):
     assert set(by_agent) == {"triage", "billing"}
     for agent, lat in expected.items():
         s = by_agent[agent]
-        assert (s.latency_steps, s.p50_ms, s.p95_ms) == (len(lat), pytest.approx(nearest_rank(lat, 50)),
-                                                         pytest.approx(nearest_rank(lat, 95)))
+        assert (s.latency_steps, s.p50_ms, s.p95_ms) == (
+            len(lat),
+            pytest.approx(nearest_rank(lat, 50)),
+            pytest.approx(nearest_rank(lat, 95)),
+        )
         mine = [r for r in runs if r.entry_agent == agent]
         assert s.succeeded == sum(r.status == "succeeded" for r in mine)
         assert s.failed == sum(r.status == "failed" for r in mine)
@@ -146,9 +158,16 @@ async def test_get_run_stats_shows_only_the_callers_agents(bare_mesh):
 
 
 @pytestmark_api
-@pytest.mark.parametrize(("start", "end", "field"), [
-    (None, 1000, "start_time"), (1000, None, "end_time"), (2000, 1000, "end_time"), (1000, 1000, "end_time"),
-    (0, 32 * 86400, "end_time")])
+@pytest.mark.parametrize(
+    ("start", "end", "field"),
+    [
+        (None, 1000, "start_time"),
+        (1000, None, "end_time"),
+        (2000, 1000, "end_time"),
+        (1000, 1000, "end_time"),
+        (0, 32 * 86400, "end_time"),
+    ],
+)
 async def test_get_run_stats_bad_windows_name_the_field(bare_mesh, start, end, field):
     """A missing, inverted, empty or longer-than-31-days window is INVALID_ARGUMENT naming the field."""
     a = await bare_mesh.tenant()
@@ -164,8 +183,12 @@ async def test_run_carries_the_trace_id_of_its_start_run(bare_mesh):
     stub, a = bare_mesh.stub, await bare_mesh.tenant()
     await stub.CreateTeam(pb.CreateTeamRequest(team=team_pb()), metadata=a.metadata)
     trace = uuid.uuid4().hex
-    traced = (await stub.StartRun(pb.StartRunRequest(team="support", input="hi"), metadata=(
-        *a.metadata, ("traceparent", f"00-{trace}-00f067aa0ba902b7-01")))).run
+    traced = (
+        await stub.StartRun(
+            pb.StartRunRequest(team="support", input="hi"),
+            metadata=(*a.metadata, ("traceparent", f"00-{trace}-00f067aa0ba902b7-01")),
+        )
+    ).run
     got = (await stub.GetRun(pb.GetRunRequest(run_id=traced.run_id), metadata=a.metadata)).run
     listed = (await stub.ListRuns(pb.ListRunsRequest(), metadata=a.metadata)).runs
     assert got.trace_id == listed[0].trace_id == trace
@@ -188,16 +211,24 @@ async def test_migration_backfills_step_latency_from_stored_steps(urls_at_0002):
     """Steps stored before 0003 get their agent, time and latency from their payloads (under FORCE'd RLS)."""
     url, owner, role = urls_at_0002
     tid, at = f"t_{uuid.uuid4().hex[:6]}", time.time() - 60
-    steps = [Step(1, StepKind.RUN_STARTED, "triage", created_at=at), Step(2, StepKind.MODEL_CALL, "triage",
-             created_at=at + 0.25), Step(3, StepKind.MODEL_CALL, "billing", created_at=at + 1.25),
-             Step(4, StepKind.RUN_FINISHED, "billing", created_at=at + 9)]
+    steps = [
+        Step(1, StepKind.RUN_STARTED, "triage", created_at=at),
+        Step(2, StepKind.MODEL_CALL, "triage", created_at=at + 0.25),
+        Step(3, StepKind.MODEL_CALL, "billing", created_at=at + 1.25),
+        Step(4, StepKind.RUN_FINISHED, "billing", created_at=at + 9),
+    ]
     db = await Database.open(url)
     try:
         with tenant_scope(_ctx(tid)):
             async with db.raw(write=True) as tx:
                 for s in steps:
-                    await tx.execute("INSERT INTO orch_steps (tenant_id, run_id, idx, payload) VALUES ($1, $2, $3, $4)",
-                                     tid, "r_old", s.index, s.to_json().decode())
+                    await tx.execute(
+                        "INSERT INTO orch_steps (tenant_id, run_id, idx, payload) VALUES ($1, $2, $3, $4)",
+                        tid,
+                        "r_old",
+                        s.index,
+                        s.to_json().decode(),
+                    )
     finally:
         await db.close()
     await asyncio.to_thread(upgrade, owner, MIGRATIONS, app_role=role)
@@ -208,4 +239,6 @@ async def test_migration_backfills_step_latency_from_stored_steps(urls_at_0002):
     finally:
         await db.close()
     assert [(s.agent, s.latency_steps, round(s.p50_ms), round(s.p95_ms)) for s in got] == [
-        ("billing", 1, 1000, 1000), ("triage", 1, 250, 250)]
+        ("billing", 1, 1000, 1000),
+        ("triage", 1, 250, 250),
+    ]

@@ -3,6 +3,7 @@
 The queue is a platform table: whatever a tenant's tier puts its runs (shared tables, a schema,
 a SQLite file or a database of its own), the queue entry must be where the dispatcher looks.
 """
+
 from __future__ import annotations
 
 import uuid
@@ -49,10 +50,26 @@ async def test_queue_entry_is_platform_wide_whatever_the_tier(db, tier):
     tid = f"t_{tier}_{uuid.uuid4().hex[:6]}"
     ctx = TenantContext(tenant_id=tid, principal_id="p", scopes=frozenset({"*"}), tier=tier)
     with tenant_scope(ctx):
-        run, created = await runs.create(team=TEAM, entry_agent="a", run_input="x", idempotency_key="k",
-                                          tenant_id=tid, principal_id="p", tier=tier, grant=b"g")
-        again, created_again = await runs.create(team=TEAM, entry_agent="a", run_input="x", idempotency_key="k",
-                                                  tenant_id=tid, principal_id="p", tier=tier, grant=b"g")
+        run, created = await runs.create(
+            team=TEAM,
+            entry_agent="a",
+            run_input="x",
+            idempotency_key="k",
+            tenant_id=tid,
+            principal_id="p",
+            tier=tier,
+            grant=b"g",
+        )
+        again, created_again = await runs.create(
+            team=TEAM,
+            entry_agent="a",
+            run_input="x",
+            idempotency_key="k",
+            tenant_id=tid,
+            principal_id="p",
+            tier=tier,
+            grant=b"g",
+        )
         if tier != "pooled":  # the tenant's own copy of the platform table is never written
             assert await _tenant_queue_rows(db) == 0
     assert created and not created_again and again.run_id == run.run_id
@@ -65,15 +82,24 @@ async def test_queue_entry_is_platform_wide_whatever_the_tier(db, tier):
         assert (await runs.cancel(run.run_id)).status == RunStatus.RUNNING
     assert await runs.renew(run.run_id, "one", ttl=10, now=101) == "cancel"  # the flag reached the platform row
     with tenant_scope(ctx):
-        await runs.record_steps(run.run_id, [Step(1, StepKind.RUN_FINISHED, "a")], current_agent="a",
-                                finished=Finished(status="cancelled"))
+        await runs.record_steps(
+            run.run_id, [Step(1, StepKind.RUN_FINISHED, "a")], current_agent="a", finished=Finished(status="cancelled")
+        )
     assert await runs.renew(run.run_id, "one", ttl=10, now=102) == "gone"
     assert await runs.waiting(now=102) == ([], {})
 
     # A queued run cancelled before it starts leaves the queue too.
     with tenant_scope(ctx):
-        queued, _ = await runs.create(team=TEAM, entry_agent="a", run_input="y", idempotency_key="", tenant_id=tid,
-                                      principal_id="p", tier=tier, grant=b"g")
+        queued, _ = await runs.create(
+            team=TEAM,
+            entry_agent="a",
+            run_input="y",
+            idempotency_key="",
+            tenant_id=tid,
+            principal_id="p",
+            tier=tier,
+            grant=b"g",
+        )
         assert (await runs.cancel(queued.run_id)).status == RunStatus.CANCELLED
     assert await runs.waiting(now=103) == ([], {})
 
@@ -84,8 +110,16 @@ async def test_lease_claim_expiry_takeover_and_finish(tmp_path):
     runs = RunStore(db)
     ctx = TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}))
     with tenant_scope(ctx):
-        run, created = await runs.create(team=TEAM, entry_agent="a", run_input="x", idempotency_key="", tenant_id="t_a",
-                                          principal_id="p", tier="pooled", grant=b"g")
+        run, created = await runs.create(
+            team=TEAM,
+            entry_agent="a",
+            run_input="x",
+            idempotency_key="",
+            tenant_id="t_a",
+            principal_id="p",
+            tier="pooled",
+            grant=b"g",
+        )
     assert created
     assert await runs.claim(run.run_id, "one", ttl=10, now=100) is not None
     assert await runs.claim(run.run_id, "two", ttl=10, now=105) is None  # still held
@@ -99,8 +133,9 @@ async def test_lease_claim_expiry_takeover_and_finish(tmp_path):
         assert (await runs.cancel(run.run_id)).status == RunStatus.RUNNING  # running: flagged, not stopped
     assert await runs.renew(run.run_id, "two", ttl=10, now=118) == "cancel"
     with tenant_scope(ctx):
-        done = await runs.record_steps(run.run_id, [Step(1, StepKind.RUN_FINISHED, "a")], current_agent="a",
-                                       finished=Finished(status="cancelled"))
+        done = await runs.record_steps(
+            run.run_id, [Step(1, StepKind.RUN_FINISHED, "a")], current_agent="a", finished=Finished(status="cancelled")
+        )
     assert done.status == RunStatus.CANCELLED
     assert await runs.renew(run.run_id, "two", ttl=10, now=119) == "gone"
     # Tenant-owned rows stay invisible to other tenants, even by id.
@@ -114,8 +149,16 @@ async def test_retry_with_the_same_key_requeues_a_run_that_lost_its_entry(tmp_pa
     db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
     runs = RunStore(db)
     ctx = TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}), tier="silo")
-    start = dict(team=TEAM, entry_agent="a", run_input="x", idempotency_key="k", tenant_id="t_a", principal_id="p",
-                 tier="silo", grant=b"g")
+    start = dict(
+        team=TEAM,
+        entry_agent="a",
+        run_input="x",
+        idempotency_key="k",
+        tenant_id="t_a",
+        principal_id="p",
+        tier="silo",
+        grant=b"g",
+    )
     with tenant_scope(ctx):
         run, _ = await runs.create(**start)
     await runs.drop(run.run_id)  # as if the process died before the queue entry was written
@@ -138,8 +181,17 @@ async def test_a_run_that_cannot_be_queued_fails_instead_of_waiting(tmp_path, mo
     monkeypatch.setattr(runs, "_enqueue", platform_database_away)
     with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", tier="bridge")):
         with pytest.raises(ConnectionError):
-            await runs.create(team=TEAM, entry_agent="a", run_input="x", idempotency_key="", tenant_id="t_a",
-                              principal_id="p", tier="bridge", grant=b"g", run_id="r_lost")
+            await runs.create(
+                team=TEAM,
+                entry_agent="a",
+                run_input="x",
+                idempotency_key="",
+                tenant_id="t_a",
+                principal_id="p",
+                tier="bridge",
+                grant=b"g",
+                run_id="r_lost",
+            )
         failed = await runs.get("r_lost")
     assert failed.status == RunStatus.FAILED and failed.error_reason == "NOT_QUEUED"
     await db.close()
@@ -155,13 +207,30 @@ async def test_a_concurrent_retry_queueing_the_run_first_leaves_it_queued(tmp_pa
     async def retry_won_the_race(run_id, now, entry):
         await enqueue(run_id, now, entry)  # the concurrent retry's entry, written between our check and insert
         async with db.system_session() as s:
-            s.add(QueueRow(run_id=run_id, state="queued", enqueued_at=now, lease_owner=None, lease_expires=0.0,
-                           cancel_requested=False, **entry))
+            s.add(
+                QueueRow(
+                    run_id=run_id,
+                    state="queued",
+                    enqueued_at=now,
+                    lease_owner=None,
+                    lease_expires=0.0,
+                    cancel_requested=False,
+                    **entry,
+                )
+            )
 
     monkeypatch.setattr(runs, "_enqueue", retry_won_the_race)
     with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", tier="pooled")):
-        run, created = await runs.create(team=TEAM, entry_agent="a", run_input="x", idempotency_key="k",
-                                         tenant_id="t_a", principal_id="p", tier="pooled", grant=b"g")
+        run, created = await runs.create(
+            team=TEAM,
+            entry_agent="a",
+            run_input="x",
+            idempotency_key="k",
+            tenant_id="t_a",
+            principal_id="p",
+            tier="pooled",
+            grant=b"g",
+        )
         assert created and (await runs.get(run.run_id)).status == RunStatus.QUEUED
     assert [w.run_id for w in (await runs.waiting(now=100))[0]] == [run.run_id]
     await db.close()

@@ -1,5 +1,6 @@
 """Suspending a tenant pauses its runs at the next step boundary; resuming finishes them, each model
 call made (and metered) once. Runs for a tenant of each isolation tier."""
+
 from __future__ import annotations
 
 import asyncio
@@ -27,9 +28,10 @@ def tools():
 
 
 async def _set_status(mesh, tenant, status) -> None:
-    await mesh.identity.stub.UpdateTenantStatus(ipb.UpdateTenantStatusRequest(tenant_id=tenant.tenant_id,
-                                                                              status=status),
-                                                metadata=mesh.identity.operator.metadata)
+    await mesh.identity.stub.UpdateTenantStatus(
+        ipb.UpdateTenantStatusRequest(tenant_id=tenant.tenant_id, status=status),
+        metadata=mesh.identity.operator.metadata,
+    )
 
 
 async def _first_model_call(mesh, tenant, run_id: str) -> None:
@@ -46,8 +48,10 @@ def _queue_state(mesh, run_id: str):
 
     async def read():
         async with mesh.orchestrator.db.system_session() as s:
-            return (await s.execute(select(QueueRow.state, QueueRow.lease_owner)
-                                    .where(QueueRow.run_id == run_id))).first()
+            return (
+                await s.execute(select(QueueRow.state, QueueRow.lease_owner).where(QueueRow.run_id == run_id))
+            ).first()
+
     return read()
 
 
@@ -55,12 +59,15 @@ async def test_suspended_tenants_run_pauses_and_finishes_after_resume(tier, mesh
     """After suspension the upstream sees no new request of the run and the run stays unfinished and
     unclaimed; after resume it succeeds, and metering holds one event per model call."""
     a = await mesh.tenant(tier)
-    await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata)
+    await mesh.stub.CreateTeam(
+        pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata
+    )
     script_support(upstream)
     upstream.delay = 0.3  # each model call takes long enough to suspend between steps
     try:
-        run = (await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="Is INV-7 paid?"),
-                                        metadata=a.metadata)).run
+        run = (
+            await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="Is INV-7 paid?"), metadata=a.metadata)
+        ).run
         await _first_model_call(mesh, a, run.run_id)
         await _set_status(mesh, a, ipb.TENANT_STATUS_SUSPENDED)
 
@@ -92,8 +99,7 @@ async def test_suspended_tenants_run_pauses_and_finishes_after_resume(tier, mesh
     window.end_time.FromSeconds(int(time.time()) + 3600)
     deadline = time.monotonic() + 5
     while True:  # usage reaches metering in batches
-        rows = (await metering.QueryUsage(metering_pb2.QueryUsageRequest(filter=window),
-                                          metadata=a.metadata)).rows
+        rows = (await metering.QueryUsage(metering_pb2.QueryUsageRequest(filter=window), metadata=a.metadata)).rows
         if sum(r.event_count for r in rows) >= 3 or time.monotonic() > deadline:
             break
         await asyncio.sleep(0.2)

@@ -1,14 +1,21 @@
 """Team definitions: validation and round trips."""
+
 from __future__ import annotations
 
 from services.orchestrator.team import AgentSpec, HttpToolSpec, TeamSpec, host_allowed, validate_team
 
 
 def team(**kw) -> TeamSpec:
-    base = dict(name="support", agents=(AgentSpec("triage", handoffs=("billing",)), AgentSpec("billing", tools=("invoices",))),
-                http_tools=(HttpToolSpec("invoices", "http://127.0.0.1:8080/inv",
-                                         headers={"authorization": "Bearer ${secret:billing_key}"}),),
-                allowed_hosts=("127.0.0.1:8080",))
+    base = dict(
+        name="support",
+        agents=(AgentSpec("triage", handoffs=("billing",)), AgentSpec("billing", tools=("invoices",))),
+        http_tools=(
+            HttpToolSpec(
+                "invoices", "http://127.0.0.1:8080/inv", headers={"authorization": "Bearer ${secret:billing_key}"}
+            ),
+        ),
+        allowed_hosts=("127.0.0.1:8080",),
+    )
     base.update(kw)
     return TeamSpec(**base)
 
@@ -32,11 +39,22 @@ def test_tool_host_must_be_allowed():
 
 def test_bad_names_duplicates_unknown_tools_and_refs():
     """Each problem is reported against its own field path."""
-    v = validate_team(TeamSpec(
-        name="Bad Name", agents=(AgentSpec("a", tools=("nope",)), AgentSpec("a", max_steps=-1)),
-        http_tools=(HttpToolSpec("t", "ftp://x", method="PUT", headers={"x": "${vault:y}"}),)))
-    assert {"team.name", "team.agents[0].tools[0]", "team.agents[1].name", "team.agents[1].max_steps",
-            "team.http_tools[0].method", "team.http_tools[0].url", "team.http_tools[0].headers.x"} <= set(v)
+    v = validate_team(
+        TeamSpec(
+            name="Bad Name",
+            agents=(AgentSpec("a", tools=("nope",)), AgentSpec("a", max_steps=-1)),
+            http_tools=(HttpToolSpec("t", "ftp://x", method="PUT", headers={"x": "${vault:y}"}),),
+        )
+    )
+    assert {
+        "team.name",
+        "team.agents[0].tools[0]",
+        "team.agents[1].name",
+        "team.agents[1].max_steps",
+        "team.http_tools[0].method",
+        "team.http_tools[0].url",
+        "team.http_tools[0].headers.x",
+    } <= set(v)
 
 
 def test_empty_team_is_rejected():

@@ -1,4 +1,5 @@
 """Fixtures for the state service tests: real servers on port 0, real databases, real tokens."""
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -26,8 +27,15 @@ ALPHA = "t_alpha"
 BETA = "t_beta"
 
 # Small limits so the limit tests need no megabyte payloads.
-TEST_LIMITS = Limits(max_event_bytes=1024, max_events_per_append=20, max_snapshot_bytes=4096,
-                     max_value_bytes=512, default_page_size=10, max_page_size=50, replay_batch=7)
+TEST_LIMITS = Limits(
+    max_event_bytes=1024,
+    max_events_per_append=20,
+    max_snapshot_bytes=4096,
+    max_value_bytes=512,
+    default_page_size=10,
+    max_page_size=50,
+    replay_batch=7,
+)
 
 
 @dataclass
@@ -60,11 +68,13 @@ class StateHarness:
         reply = await self.stub.CreateThread(state_pb2.CreateThreadRequest(**fields), metadata=self.md(tenant))
         return reply.thread
 
-    async def append(self, thread_id: str, *payloads: bytes, tenant: str = ALPHA, expected: int | None = None,
-                     type: str = "message") -> state_pb2.AppendEventsResponse:
+    async def append(
+        self, thread_id: str, *payloads: bytes, tenant: str = ALPHA, expected: int | None = None, type: str = "message"
+    ) -> state_pb2.AppendEventsResponse:
         """Append payloads as events of `type`."""
         request = state_pb2.AppendEventsRequest(
-            thread_id=thread_id, events=[state_pb2.NewEvent(type=type, payload=p) for p in payloads])
+            thread_id=thread_id, events=[state_pb2.NewEvent(type=type, payload=p) for p in payloads]
+        )
         if expected is not None:
             request.expected_version = expected
         return await self.stub.AppendEvents(request, metadata=self.md(tenant))
@@ -98,8 +108,9 @@ async def open_database(request: pytest.FixtureRequest, backend: str, tmp_path) 
     return db, {"url": urls.app_url, "owner_url": urls.owner_url, "urls": urls}
 
 
-async def start_harness(db: Database, tokens: TestTokens, backend: str, *, master_key: bytes | None,
-                        limits: Limits = TEST_LIMITS) -> StateHarness:
+async def start_harness(
+    db: Database, tokens: TestTokens, backend: str, *, master_key: bytes | None, limits: Limits = TEST_LIMITS
+) -> StateHarness:
     """Serve the state service over `db` (encrypted with a local master key unless it is None)."""
     provider = LocalDataKeyProvider(master_key) if master_key is not None else None
     envelope = make_envelope(db, provider)

@@ -1,4 +1,5 @@
 """A page token one state replica issued continues on another replica and after a restart."""
+
 from __future__ import annotations
 
 import grpc
@@ -22,7 +23,8 @@ async def _open(backend: str, request, tmp_path) -> tuple[str, str | None]:
 async def _list(server, md, token: str = "") -> st.ListThreadsResponse:
     async with grpc.aio.insecure_channel(server.address) as channel:
         return await state_pb2_grpc.StateServiceStub(channel).ListThreads(
-            st.ListThreadsRequest(page_size=2, page_token=token), metadata=md)
+            st.ListThreadsRequest(page_size=2, page_token=token), metadata=md
+        )
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])

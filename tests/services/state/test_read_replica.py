@@ -2,6 +2,7 @@
 with its WAL position, a read carrying it sees the write (the primary answers while the standby's
 replay is paused), a read without it sees the standby's stale rows, and the typed client and the
 service-to-service channel carry the position by themselves."""
+
 from __future__ import annotations
 
 import asyncpg
@@ -55,8 +56,10 @@ async def test_append_answers_with_its_lsn_and_a_read_carrying_it_sees_the_write
     """AppendEvents' trailers carry the LSN; ReadEvents with it sees the event, without it the
     standby's stale thread (replay is paused); the other tenant sees nothing either way."""
     h, pair = replica_state
-    call = h.stub.AppendEvents(state_pb2.AppendEventsRequest(
-        thread_id="th", events=[state_pb2.NewEvent(type="m", payload=b"mine")]), metadata=h.md(ALPHA))
+    call = h.stub.AppendEvents(
+        state_pb2.AppendEventsRequest(thread_id="th", events=[state_pb2.NewEvent(type="m", payload=b"mine")]),
+        metadata=h.md(ALPHA),
+    )
     await call
     lsn = dict(await call.trailing_metadata()).get(LSN_HEADER)
     assert parse_lsn(lsn) is not None, lsn
@@ -84,11 +87,11 @@ async def test_append_answers_with_its_lsn_and_a_read_carrying_it_sees_the_write
 async def test_the_typed_client_reads_its_own_writes(replica_state):
     """bulkhead.client keeps the LSN AppendEvents answered with and sends it on ReadEvents."""
     h, _ = replica_state
-    client = await Client.connect(token=h.tokens.mint(ALPHA), tenant_id=ALPHA,
-                                  addresses={"state": h.running.address})
+    client = await Client.connect(token=h.tokens.mint(ALPHA), tenant_id=ALPHA, addresses={"state": h.running.address})
     async with client:
-        await client.state.AppendEvents(state_pb2.AppendEventsRequest(
-            thread_id="th", events=[state_pb2.NewEvent(type="m", payload=b"typed")]))
+        await client.state.AppendEvents(
+            state_pb2.AppendEventsRequest(thread_id="th", events=[state_pb2.NewEvent(type="m", payload=b"typed")])
+        )
         reply = await client.state.ReadEvents(state_pb2.ReadEventsRequest(thread_id="th"))
     assert _events(reply) == [b"typed"]
 
@@ -100,20 +103,25 @@ async def test_service_channels_read_their_tenants_own_writes(replica_state, how
     h, _ = replica_state
     token = h.tokens.mint(ALPHA)
     ctx = TenantContext(tenant_id=ALPHA, principal_id="p_test", scopes=frozenset({"*"}), token=token)
-    channel = (make_channel(h.running.address, forward=True, tls=None) if how == "forward"
-               else make_channel(h.running.address, credentials=StaticCredentials(token, ALPHA), tls=None))
+    channel = (
+        make_channel(h.running.address, forward=True, tls=None)
+        if how == "forward"
+        else make_channel(h.running.address, credentials=StaticCredentials(token, ALPHA), tls=None)
+    )
     stub = state_pb2_grpc.StateServiceStub(channel)
     try:
         with tenant_scope(ctx):
-            await stub.AppendEvents(state_pb2.AppendEventsRequest(
-                thread_id="th", events=[state_pb2.NewEvent(type="m", payload=b"relayed")]))
+            await stub.AppendEvents(
+                state_pb2.AppendEventsRequest(thread_id="th", events=[state_pb2.NewEvent(type="m", payload=b"relayed")])
+            )
             reply = await stub.ReadEvents(state_pb2.ReadEventsRequest(thread_id="th"))
         assert _events(reply) == [b"relayed"]
         # A fresh thread of BETA's, read without an LSN of BETA's: the paused standby has none of it.
         await h.new_thread(BETA, thread_id="tb")
         if how == "forward":
-            beta = TenantContext(tenant_id=BETA, principal_id="p_test", scopes=frozenset({"*"}),
-                                 token=h.tokens.mint(BETA))
+            beta = TenantContext(
+                tenant_id=BETA, principal_id="p_test", scopes=frozenset({"*"}), token=h.tokens.mint(BETA)
+            )
             with tenant_scope(beta):
                 listed = await stub.ListThreads(state_pb2.ListThreadsRequest())
             assert list(listed.threads) == []

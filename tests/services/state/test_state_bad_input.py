@@ -1,4 +1,5 @@
 """Bad input gets a precise status and ErrorInfo reason, and writes nothing."""
+
 from __future__ import annotations
 
 import base64
@@ -57,8 +58,9 @@ async def test_too_many_events_names_the_limit(state: StateHarness):
     """More than max_events_per_append → TOO_MANY_EVENTS; nothing written."""
     thread = await state.new_thread()
     before = await _counts(state)
-    details = await expect_error(INVALID, state.append(
-        thread.thread_id, *[b"e"] * (TEST_LIMITS.max_events_per_append + 1)))
+    details = await expect_error(
+        INVALID, state.append(thread.thread_id, *[b"e"] * (TEST_LIMITS.max_events_per_append + 1))
+    )
     assert details["reason"] == "TOO_MANY_EVENTS"
     assert details["metadata"]["limit"] == "max_events_per_append"
     assert await _counts(state) == before
@@ -83,8 +85,9 @@ async def test_unknown_thread_is_not_found_for_every_thread_rpc(state: StateHarn
         state.stub.GetThread(state_pb2.GetThreadRequest(thread_id="nope"), metadata=md),
         state.stub.ReadEvents(state_pb2.ReadEventsRequest(thread_id="nope"), metadata=md),
         state.stub.DeleteThread(state_pb2.DeleteThreadRequest(thread_id="nope"), metadata=md),
-        state.stub.CreateSnapshot(state_pb2.CreateSnapshotRequest(thread_id="nope", version=1, state=b"s"),
-                                  metadata=md),
+        state.stub.CreateSnapshot(
+            state_pb2.CreateSnapshotRequest(thread_id="nope", version=1, state=b"s"), metadata=md
+        ),
         state.stub.GetSnapshot(state_pb2.GetSnapshotRequest(thread_id="nope"), metadata=md),
         replay(state, "nope"),
     ]
@@ -94,8 +97,17 @@ async def test_unknown_thread_is_not_found_for_every_thread_rpc(state: StateHarn
     assert await _counts(state) == before
 
 
-@pytest.mark.parametrize("field", ["expected_version", "after_version", "up_to_version", "at_or_before_version",
-                                   "snapshot_version", "delete_expected_version"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "expected_version",
+        "after_version",
+        "up_to_version",
+        "at_or_before_version",
+        "snapshot_version",
+        "delete_expected_version",
+    ],
+)
 async def test_negative_versions_are_invalid(state: StateHarness, field: str):
     """A negative version anywhere → INVALID_ARGUMENT INVALID_VERSION naming the field; nothing written."""
     thread = await state.new_thread()
@@ -105,14 +117,18 @@ async def test_negative_versions_are_invalid(state: StateHarness, field: str):
     call = {
         "expected_version": lambda: state.append(tid, b"x", expected=-1),
         "after_version": lambda: state.stub.ReadEvents(
-            state_pb2.ReadEventsRequest(thread_id=tid, after_version=-1), metadata=md),
+            state_pb2.ReadEventsRequest(thread_id=tid, after_version=-1), metadata=md
+        ),
         "up_to_version": lambda: replay(state, tid, up_to_version=-1),
         "at_or_before_version": lambda: state.stub.GetSnapshot(
-            state_pb2.GetSnapshotRequest(thread_id=tid, at_or_before_version=-1), metadata=md),
+            state_pb2.GetSnapshotRequest(thread_id=tid, at_or_before_version=-1), metadata=md
+        ),
         "snapshot_version": lambda: state.stub.CreateSnapshot(
-            state_pb2.CreateSnapshotRequest(thread_id=tid, version=-1, state=b"s"), metadata=md),
+            state_pb2.CreateSnapshotRequest(thread_id=tid, version=-1, state=b"s"), metadata=md
+        ),
         "delete_expected_version": lambda: state.stub.DeleteThread(
-            state_pb2.DeleteThreadRequest(thread_id=tid, expected_version=-1), metadata=md),
+            state_pb2.DeleteThreadRequest(thread_id=tid, expected_version=-1), metadata=md
+        ),
     }[field]()
     details = await expect_error(INVALID, call)
     assert details["reason"] == "INVALID_VERSION"
@@ -132,16 +148,28 @@ def _token(obj) -> str:
     return base64.urlsafe_b64encode(json.dumps(obj).encode()).decode().rstrip("=")
 
 
-@pytest.mark.parametrize("token", ["%%%", "bm90IGpzb24", _token([1, 2]), _token({"q": "x"}),
-                                   _token({"q": "x", "a": "3"}), _token({"q": "x", "a": -1}),
-                                   _token({"q": "x", "a": True})])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "%%%",
+        "bm90IGpzb24",
+        _token([1, 2]),
+        _token({"q": "x"}),
+        _token({"q": "x", "a": "3"}),
+        _token({"q": "x", "a": -1}),
+        _token({"q": "x", "a": True}),
+    ],
+)
 async def test_malformed_page_tokens_are_invalid(state: StateHarness, token: str):
     """Garbage, wrong-shaped or forged page tokens → INVALID_ARGUMENT INVALID_PAGE_TOKEN on both paged RPCs."""
     thread = await state.new_thread()
     await state.append(thread.thread_id, b"1")
-    for call in (state.stub.ReadEvents(state_pb2.ReadEventsRequest(thread_id=thread.thread_id, page_token=token),
-                                       metadata=state.md()),
-                 state.stub.ListThreads(state_pb2.ListThreadsRequest(page_token=token), metadata=state.md())):
+    for call in (
+        state.stub.ReadEvents(
+            state_pb2.ReadEventsRequest(thread_id=thread.thread_id, page_token=token), metadata=state.md()
+        ),
+        state.stub.ListThreads(state_pb2.ListThreadsRequest(page_token=token), metadata=state.md()),
+    ):
         details = await expect_error(INVALID, call)
         assert details["reason"] == "INVALID_PAGE_TOKEN"
         assert "page_token" in details["bad_request"]
@@ -151,18 +179,24 @@ async def test_page_token_of_another_thread_is_refused(state: StateHarness):
     """A ReadEvents token continues only the thread it came from."""
     first, second = await state.new_thread(), await state.new_thread()
     await state.append(first.thread_id, *[b"e"] * 12)
-    page = await state.stub.ReadEvents(state_pb2.ReadEventsRequest(thread_id=first.thread_id, page_size=5),
-                                       metadata=state.md())
-    details = await expect_error(INVALID, state.stub.ReadEvents(
-        state_pb2.ReadEventsRequest(thread_id=second.thread_id, page_token=page.next_page_token),
-        metadata=state.md()))
+    page = await state.stub.ReadEvents(
+        state_pb2.ReadEventsRequest(thread_id=first.thread_id, page_size=5), metadata=state.md()
+    )
+    details = await expect_error(
+        INVALID,
+        state.stub.ReadEvents(
+            state_pb2.ReadEventsRequest(thread_id=second.thread_id, page_token=page.next_page_token),
+            metadata=state.md(),
+        ),
+    )
     assert details["reason"] == "INVALID_PAGE_TOKEN"
 
 
 async def test_negative_page_size_is_invalid(state: StateHarness):
     """page_size < 0 → INVALID_PAGE_SIZE."""
-    details = await expect_error(INVALID, state.stub.ListThreads(state_pb2.ListThreadsRequest(page_size=-1),
-                                                                 metadata=state.md()))
+    details = await expect_error(
+        INVALID, state.stub.ListThreads(state_pb2.ListThreadsRequest(page_size=-1), metadata=state.md())
+    )
     assert details["reason"] == "INVALID_PAGE_SIZE"
 
 
@@ -180,9 +214,15 @@ async def test_oversized_snapshot_names_the_limit(state: StateHarness):
     """A snapshot over max_snapshot_bytes → SNAPSHOT_TOO_LARGE; nothing written."""
     thread = await state.new_thread()
     await state.append(thread.thread_id, b"1")
-    details = await expect_error(INVALID, state.stub.CreateSnapshot(state_pb2.CreateSnapshotRequest(
-        thread_id=thread.thread_id, version=1, state=b"s" * (TEST_LIMITS.max_snapshot_bytes + 1)),
-        metadata=state.md()))
+    details = await expect_error(
+        INVALID,
+        state.stub.CreateSnapshot(
+            state_pb2.CreateSnapshotRequest(
+                thread_id=thread.thread_id, version=1, state=b"s" * (TEST_LIMITS.max_snapshot_bytes + 1)
+            ),
+            metadata=state.md(),
+        ),
+    )
     assert details["reason"] == "SNAPSHOT_TOO_LARGE" and details["metadata"]["limit"] == "max_snapshot_bytes"
     assert (await state.raw("SELECT count(*) FROM state_snapshots"))[0][0] == 0
 
@@ -200,10 +240,16 @@ async def test_scope_is_enforced_per_method(state: StateHarness):
     """A read-only token cannot append, delete or write context (PERMISSION_DENIED MISSING_SCOPE)."""
     thread = await state.new_thread()
     md = state.md(ALPHA, scopes=("state.threads.read",))
-    details = await expect_error(grpc.StatusCode.PERMISSION_DENIED, state.stub.AppendEvents(
-        state_pb2.AppendEventsRequest(thread_id=thread.thread_id, events=[state_pb2.NewEvent(type="m")]),
-        metadata=md))
+    details = await expect_error(
+        grpc.StatusCode.PERMISSION_DENIED,
+        state.stub.AppendEvents(
+            state_pb2.AppendEventsRequest(thread_id=thread.thread_id, events=[state_pb2.NewEvent(type="m")]),
+            metadata=md,
+        ),
+    )
     assert details["reason"] == "MISSING_SCOPE"
-    await expect_error(grpc.StatusCode.PERMISSION_DENIED, state.stub.DeleteThread(
-        state_pb2.DeleteThreadRequest(thread_id=thread.thread_id), metadata=md))
+    await expect_error(
+        grpc.StatusCode.PERMISSION_DENIED,
+        state.stub.DeleteThread(state_pb2.DeleteThreadRequest(thread_id=thread.thread_id), metadata=md),
+    )
     await state.stub.GetThread(state_pb2.GetThreadRequest(thread_id=thread.thread_id), metadata=md)

@@ -1,4 +1,5 @@
 """Optimistic concurrency under load: 50 writers on one thread, on Postgres (and SQLite)."""
+
 from __future__ import annotations
 
 import asyncio
@@ -23,8 +24,11 @@ async def _writer(h: StateHarness, thread_id: str, n: int, md, aborted: list[int
     """Append one event with expected_version, retrying from the reported version after each ABORTED."""
     expected = await _read_version(h, thread_id)
     for attempt in itertools.count(1):
-        request = state_pb2.AppendEventsRequest(thread_id=thread_id, expected_version=expected,
-                                                events=[state_pb2.NewEvent(type="w", payload=f"writer-{n}".encode())])
+        request = state_pb2.AppendEventsRequest(
+            thread_id=thread_id,
+            expected_version=expected,
+            events=[state_pb2.NewEvent(type="w", payload=f"writer-{n}".encode())],
+        )
         try:
             reply = await h.stub.AppendEvents(request, metadata=md)
             return reply.version
@@ -74,8 +78,9 @@ async def test_one_round_of_fifty_has_exactly_one_winner(pg_state: StateHarness)
     md = h.md(ALPHA)
 
     async def attempt(n: int):
-        request = state_pb2.AppendEventsRequest(thread_id=thread.thread_id, expected_version=0,
-                                                events=[state_pb2.NewEvent(type="w", payload=b"%d" % n)])
+        request = state_pb2.AppendEventsRequest(
+            thread_id=thread.thread_id, expected_version=0, events=[state_pb2.NewEvent(type="w", payload=b"%d" % n)]
+        )
         return await h.stub.AppendEvents(request, metadata=md)
 
     results = await asyncio.gather(*(attempt(n) for n in range(WRITERS)), return_exceptions=True)

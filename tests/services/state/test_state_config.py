@@ -1,4 +1,5 @@
 """Configuration: production refuses to run without encryption from the credentials service."""
+
 from __future__ import annotations
 
 import pytest
@@ -32,12 +33,15 @@ def test_off_is_allowed_only_outside_production():
     assert StateConfig.from_env({"BULKHEAD_STATE_ENCRYPTION": "off"}).encryption == "off"
 
 
-@pytest.mark.parametrize("env", [
-    {"BULKHEAD_STATE_ENCRYPTION": "rot13"},
-    {"BULKHEAD_STATE_MAX_EVENT_BYTES": "0"},
-    {"BULKHEAD_STATE_MAX_EVENTS_PER_APPEND": "many"},
-    {"BULKHEAD_STATE_KEY_CACHE_SECONDS": "-1"},
-])
+@pytest.mark.parametrize(
+    "env",
+    [
+        {"BULKHEAD_STATE_ENCRYPTION": "rot13"},
+        {"BULKHEAD_STATE_MAX_EVENT_BYTES": "0"},
+        {"BULKHEAD_STATE_MAX_EVENTS_PER_APPEND": "many"},
+        {"BULKHEAD_STATE_KEY_CACHE_SECONDS": "-1"},
+    ],
+)
 def test_bad_values_are_refused(env):
     """Unknown modes and non-positive limits are configuration errors."""
     with pytest.raises(ConfigError):
@@ -46,5 +50,7 @@ def test_bad_values_are_refused(env):
 
 def test_limits_come_from_the_environment():
     """The size limits are configurable."""
-    config = StateConfig.from_env({"BULKHEAD_STATE_MAX_EVENT_BYTES": "100", "BULKHEAD_STATE_MAX_EVENTS_PER_APPEND": "7"})
+    config = StateConfig.from_env(
+        {"BULKHEAD_STATE_MAX_EVENT_BYTES": "100", "BULKHEAD_STATE_MAX_EVENTS_PER_APPEND": "7"}
+    )
     assert (config.limits.max_event_bytes, config.limits.max_events_per_append) == (100, 7)

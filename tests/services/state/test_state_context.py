@@ -1,4 +1,5 @@
 """Shared context over the wire: put/get/delete, compare-and-set, TTL, limits."""
+
 from __future__ import annotations
 
 import asyncio
@@ -14,8 +15,16 @@ TEAM = state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_TEAM, id="team-1")
 RUN = state_pb2.ContextScope(kind=state_pb2.SCOPE_KIND_RUN, id="run-1")
 
 
-def put(h: StateHarness, key: str, value: bytes, *, scope=TEAM, expected: int | None = None,
-        ttl: duration_pb2.Duration | None = None, tenant: str = ALPHA):
+def put(
+    h: StateHarness,
+    key: str,
+    value: bytes,
+    *,
+    scope=TEAM,
+    expected: int | None = None,
+    ttl: duration_pb2.Duration | None = None,
+    tenant: str = ALPHA,
+):
     request = state_pb2.PutContextRequest(scope=scope, key=key, value=value, ttl=ttl)
     if expected is not None:
         request.expected_revision = expected
@@ -67,8 +76,9 @@ async def test_compare_and_set_create_only_and_conflicts(state: StateHarness):
 async def test_concurrent_compare_and_set_has_one_winner(state: StateHarness):
     """Ten writers CAS from the same revision: exactly one wins, the rest are ABORTED."""
     await put(state, "counter", b"0")
-    results = await asyncio.gather(*(put(state, "counter", str(i).encode(), expected=1) for i in range(10)),
-                                   return_exceptions=True)
+    results = await asyncio.gather(
+        *(put(state, "counter", str(i).encode(), expected=1) for i in range(10)), return_exceptions=True
+    )
     winners = [r for r in results if not isinstance(r, Exception)]
     losers = [r for r in results if isinstance(r, grpc.aio.AioRpcError)]
     assert len(winners) == 1 and len(losers) == 9
@@ -108,11 +118,18 @@ async def test_ttl_sets_expire_time(state: StateHarness):
     assert (await get(state, "k")).entry.expire_time == entry.expire_time
 
 
-@pytest.mark.parametrize("case,reason", [
-    ("no_scope_kind", "INVALID_SCOPE"), ("no_scope_id", "INVALID_SCOPE"), ("bad_key", "INVALID_KEY"),
-    ("big_value", "VALUE_TOO_LARGE"), ("negative_revision", "INVALID_REVISION"), ("zero_ttl", "INVALID_TTL"),
-    ("negative_ttl", "INVALID_TTL"),
-])
+@pytest.mark.parametrize(
+    "case,reason",
+    [
+        ("no_scope_kind", "INVALID_SCOPE"),
+        ("no_scope_id", "INVALID_SCOPE"),
+        ("bad_key", "INVALID_KEY"),
+        ("big_value", "VALUE_TOO_LARGE"),
+        ("negative_revision", "INVALID_REVISION"),
+        ("zero_ttl", "INVALID_TTL"),
+        ("negative_ttl", "INVALID_TTL"),
+    ],
+)
 async def test_bad_context_input_is_invalid_and_writes_nothing(state: StateHarness, case: str, reason: str):
     """Each malformed PutContext → INVALID_ARGUMENT with its reason; no row written."""
     kwargs = {
@@ -125,8 +142,9 @@ async def test_bad_context_input_is_invalid_and_writes_nothing(state: StateHarne
         "negative_ttl": {"ttl": duration_pb2.Duration(seconds=-5)},
     }[case]
     args = {"key": "k", "value": b"v", **kwargs}
-    details = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, put(state, args.pop("key"), args.pop("value"),
-                                                                      **args))
+    details = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, put(state, args.pop("key"), args.pop("value"), **args)
+    )
     assert details["reason"] == reason
     assert (await state.raw("SELECT count(*) FROM state_context"))[0][0] == 0
 
@@ -135,6 +153,5 @@ async def test_context_changes_are_audited(state: StateHarness):
     """Put and delete each write an audit row naming scope, key and revision."""
     await put(state, "k", b"v")
     await delete(state, "k")
-    rows = await state.raw("SELECT action, target, version FROM state_audit WHERE action LIKE 'context.%' "
-                           "ORDER BY id")
+    rows = await state.raw("SELECT action, target, version FROM state_audit WHERE action LIKE 'context.%' ORDER BY id")
     assert [tuple(r) for r in rows] == [("context.put", "team/team-1/k", 1), ("context.delete", "team/team-1/k", 2)]

@@ -1,4 +1,5 @@
 """The envelope's sealing: fresh nonces, bound associated data, one format byte."""
+
 from __future__ import annotations
 
 import os

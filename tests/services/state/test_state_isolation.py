@@ -2,6 +2,7 @@
 
 Runs on SQLite (ORM criteria) and on Postgres (ORM criteria + row-level security, runtime role).
 """
+
 from __future__ import annotations
 
 import grpc
@@ -24,10 +25,13 @@ async def _alpha_world(h: StateHarness) -> str:
     """Tenant A's thread (3 events, a snapshot) and context key; returns the thread id."""
     thread = await h.new_thread(ALPHA, thread_id="common-name", run_id="run-a", labels={"team": "x"})
     await h.append(thread.thread_id, b"alpha-1", b"alpha-2", b"alpha-3", tenant=ALPHA)
-    await h.stub.CreateSnapshot(state_pb2.CreateSnapshotRequest(thread_id=thread.thread_id, version=2,
-                                                                state=b"alpha-state"), metadata=h.md(ALPHA))
-    await h.stub.PutContext(state_pb2.PutContextRequest(scope=TEAM, key="plan", value=b"alpha-plan"),
-                            metadata=h.md(ALPHA))
+    await h.stub.CreateSnapshot(
+        state_pb2.CreateSnapshotRequest(thread_id=thread.thread_id, version=2, state=b"alpha-state"),
+        metadata=h.md(ALPHA),
+    )
+    await h.stub.PutContext(
+        state_pb2.PutContextRequest(scope=TEAM, key="plan", value=b"alpha-plan"), metadata=h.md(ALPHA)
+    )
     return thread.thread_id
 
 
@@ -69,8 +73,11 @@ async def test_list_threads_shows_only_own_threads(any_state: StateHarness):
     h = any_state
     await _alpha_world(h)
     await h.new_thread(BETA, thread_id="beta-own", run_id="run-a", labels={"team": "x"})
-    for request in (state_pb2.ListThreadsRequest(), state_pb2.ListThreadsRequest(run_id="run-a"),
-                    state_pb2.ListThreadsRequest(labels={"team": "x"})):
+    for request in (
+        state_pb2.ListThreadsRequest(),
+        state_pb2.ListThreadsRequest(run_id="run-a"),
+        state_pb2.ListThreadsRequest(labels={"team": "x"}),
+    ):
         page = await h.stub.ListThreads(request, metadata=h.md(BETA))
         assert [t.thread_id for t in page.threads] == ["beta-own"]
 
@@ -94,8 +101,12 @@ async def test_page_token_of_another_tenant_reveals_nothing(any_state: StateHarn
     await h.new_thread(BETA, thread_id=tid)
     await h.append(tid, b"beta-1", tenant=BETA)
     page = await h.stub.ReadEvents(state_pb2.ReadEventsRequest(thread_id=tid, page_size=1), metadata=h.md(ALPHA))
-    details = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.stub.ReadEvents(
-        state_pb2.ReadEventsRequest(thread_id=tid, page_token=page.next_page_token), metadata=h.md(BETA)))
+    details = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        h.stub.ReadEvents(
+            state_pb2.ReadEventsRequest(thread_id=tid, page_token=page.next_page_token), metadata=h.md(BETA)
+        ),
+    )
     assert details["reason"] == "INVALID_PAGE_TOKEN" and "alpha" not in str(details)
 
 
@@ -104,21 +115,32 @@ async def test_context_of_another_tenant_is_invisible_and_cas_cannot_touch_it(an
     h = any_state
     tid = await _alpha_world(h)
     md = h.md(BETA)
-    details = await expect_error(NOT_FOUND, h.stub.GetContext(state_pb2.GetContextRequest(scope=TEAM, key="plan"),
-                                                              metadata=md))
+    details = await expect_error(
+        NOT_FOUND, h.stub.GetContext(state_pb2.GetContextRequest(scope=TEAM, key="plan"), metadata=md)
+    )
     assert details["reason"] == "CONTEXT_NOT_FOUND"
-    await expect_error(NOT_FOUND, h.stub.DeleteContext(state_pb2.DeleteContextRequest(scope=TEAM, key="plan"),
-                                                       metadata=md))
-    await expect_error(NOT_FOUND, h.stub.DeleteContext(
-        state_pb2.DeleteContextRequest(scope=TEAM, key="plan", expected_revision=1), metadata=md))
+    await expect_error(
+        NOT_FOUND, h.stub.DeleteContext(state_pb2.DeleteContextRequest(scope=TEAM, key="plan"), metadata=md)
+    )
+    await expect_error(
+        NOT_FOUND,
+        h.stub.DeleteContext(state_pb2.DeleteContextRequest(scope=TEAM, key="plan", expected_revision=1), metadata=md),
+    )
     # CAS with A's revision: for B the key does not exist (revision 0), so the swap is refused
     # and the reported current revision is B's own (0), not A's.
-    details = await expect_error(grpc.StatusCode.ABORTED, h.stub.PutContext(
-        state_pb2.PutContextRequest(scope=TEAM, key="plan", value=b"beta", expected_revision=1), metadata=md))
+    details = await expect_error(
+        grpc.StatusCode.ABORTED,
+        h.stub.PutContext(
+            state_pb2.PutContextRequest(scope=TEAM, key="plan", value=b"beta", expected_revision=1), metadata=md
+        ),
+    )
     assert details["metadata"]["current_revision"] == "0"
-    created = await h.stub.PutContext(state_pb2.PutContextRequest(
-        scope=TEAM, key="plan", value=b"beta-plan", expected_revision=0, ttl=duration_pb2.Duration(seconds=60)),
-        metadata=md)
+    created = await h.stub.PutContext(
+        state_pb2.PutContextRequest(
+            scope=TEAM, key="plan", value=b"beta-plan", expected_revision=0, ttl=duration_pb2.Duration(seconds=60)
+        ),
+        metadata=md,
+    )
     assert created.entry.revision == 1
     await _alpha_unchanged(h, tid)
 
@@ -129,8 +151,9 @@ async def test_wrong_tenant_header_or_no_token_is_refused(any_state: StateHarnes
     tid = await _alpha_world(h)
     token_md = dict(h.md(BETA))
     spoofed = (("authorization", token_md["authorization"]), ("x-tenant-id", ALPHA))
-    details = await expect_error(grpc.StatusCode.PERMISSION_DENIED, h.stub.GetThread(
-        state_pb2.GetThreadRequest(thread_id=tid), metadata=spoofed))
+    details = await expect_error(
+        grpc.StatusCode.PERMISSION_DENIED, h.stub.GetThread(state_pb2.GetThreadRequest(thread_id=tid), metadata=spoofed)
+    )
     assert details["reason"] == "TENANT_MISMATCH"
     await expect_error(grpc.StatusCode.UNAUTHENTICATED, h.stub.GetThread(state_pb2.GetThreadRequest(thread_id=tid)))
     stream = h.stub.Replay(state_pb2.ReplayRequest(thread_id=tid), metadata=spoofed)

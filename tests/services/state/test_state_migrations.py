@@ -1,4 +1,5 @@
 """The Alembic migrations build exactly the tables, keys and indexes the models declare."""
+
 from __future__ import annotations
 
 from alembic.autogenerate import compare_metadata
@@ -19,8 +20,9 @@ def _state_only(obj, name, type_, reflected, compare_to) -> bool:
 
 
 def _diff(connection) -> list:
-    context = MigrationContext.configure(connection, opts={"version_table": version_table_for(MIGRATIONS),
-                                                           "include_object": _state_only})
+    context = MigrationContext.configure(
+        connection, opts={"version_table": version_table_for(MIGRATIONS), "include_object": _state_only}
+    )
     return compare_metadata(context, StateBase.metadata)
 
 
@@ -39,8 +41,10 @@ async def test_migrated_postgres_matches_the_models_and_enables_rls(pg_state):
     async with pg_state.db.engine.connect() as conn:
         assert await conn.run_sync(_diff) == []
         tables = await conn.run_sync(lambda c: inspect(c).get_table_names())
-    rows = await pg_state.raw("SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class "
-                              "WHERE relname LIKE 'state_%' AND relkind = 'r'")
+    rows = await pg_state.raw(
+        "SELECT relname, relrowsecurity, relforcerowsecurity FROM pg_class "
+        "WHERE relname LIKE 'state_%' AND relkind = 'r'"
+    )
     assert {r[0] for r in rows} == {t for t in tables if t.startswith("state_")} == set(StateBase.metadata.tables)
     assert all(r[1] and r[2] for r in rows)
     policies = await pg_state.raw("SELECT tablename FROM pg_policies WHERE policyname = 'tenant_isolation'")

@@ -1,4 +1,5 @@
 """Durability: a replay after a service restart reproduces exactly the appended events."""
+
 from __future__ import annotations
 
 import grpc
@@ -26,11 +27,14 @@ async def test_replay_after_restart_is_identical(request, tmp_path, tokens, mast
     first = await start_harness(db, tokens, backend, master_key=master_key)
     thread = await first.new_thread(thread_id="durable", labels={"k": "v"})
     for start in range(0, len(PAYLOADS), 15):
-        await first.append(thread.thread_id, *PAYLOADS[start:start + 15], type=f"batch{start}")
-    await first.stub.CreateSnapshot(state_pb2.CreateSnapshotRequest(thread_id="durable", version=30, state=b"s30"),
-                                    metadata=first.md())
-    before = [(i.event.version, i.event.type, i.event.payload, i.event.create_time.ToMicroseconds())
-              for i in await replay(first, thread.thread_id)]
+        await first.append(thread.thread_id, *PAYLOADS[start : start + 15], type=f"batch{start}")
+    await first.stub.CreateSnapshot(
+        state_pb2.CreateSnapshotRequest(thread_id="durable", version=30, state=b"s30"), metadata=first.md()
+    )
+    before = [
+        (i.event.version, i.event.type, i.event.payload, i.event.create_time.ToMicroseconds())
+        for i in await replay(first, thread.thread_id)
+    ]
     await stop_harness(first)
     first.envelope.forget()
     await db.close()
@@ -39,8 +43,10 @@ async def test_replay_after_restart_is_identical(request, tmp_path, tokens, mast
     reopened = await Database.open(info["url"], migrations=str(MIGRATIONS), owner_url=info["owner_url"])
     second = await start_harness(reopened, tokens, backend, master_key=master_key)
     try:
-        after = [(i.event.version, i.event.type, i.event.payload, i.event.create_time.ToMicroseconds())
-                 for i in await replay(second, thread.thread_id)]
+        after = [
+            (i.event.version, i.event.type, i.event.payload, i.event.create_time.ToMicroseconds())
+            for i in await replay(second, thread.thread_id)
+        ]
         assert after == before
         assert [p for _, _, p, _ in after] == PAYLOADS
         items = await replay(second, thread.thread_id, from_snapshot=True)

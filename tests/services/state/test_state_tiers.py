@@ -1,4 +1,5 @@
 """Bridge and silo tenants: the same service keeps their threads in a schema or database of their own."""
+
 from __future__ import annotations
 
 import grpc
@@ -30,9 +31,12 @@ async def test_tiered_tenant_state_lives_apart(request, tmp_path, tokens, master
     try:
         md = h.md(ALPHA, tier=tier)
         await h.stub.CreateThread(state_pb2.CreateThreadRequest(thread_id="t"), metadata=md)
-        await h.stub.AppendEvents(state_pb2.AppendEventsRequest(
-            thread_id="t", expected_version=0, events=[state_pb2.NewEvent(type="m", payload=b"tiered")]),
-            metadata=md)
+        await h.stub.AppendEvents(
+            state_pb2.AppendEventsRequest(
+                thread_id="t", expected_version=0, events=[state_pb2.NewEvent(type="m", payload=b"tiered")]
+            ),
+            metadata=md,
+        )
         items = [i async for i in h.stub.Replay(state_pb2.ReplayRequest(thread_id="t"), metadata=md)]
         assert [i.event.payload for i in items] == [b"tiered"]
         # Nothing in the shared (pooled) tables, whatever tenant the raw query claims to be.

@@ -3,6 +3,7 @@
 The state server gets its data keys from a real credentials server over gRPC, forwarding the
 caller's own token, so each tenant's data key is wrapped by that tenant's own key there.
 """
+
 from __future__ import annotations
 
 import secrets
@@ -43,8 +44,9 @@ class Mesh:
 
     async def start_credentials(self) -> None:
         """Start credentials with the chosen backend."""
-        self.cred_db = await Database.open(f"sqlite+aiosqlite:///{self.tmp_path / 'cred.db'}",
-                                           migrations=str(CREDENTIALS_MIGRATIONS))
+        self.cred_db = await Database.open(
+            f"sqlite+aiosqlite:///{self.tmp_path / 'cred.db'}", migrations=str(CREDENTIALS_MIGRATIONS)
+        )
         if self.backend == "vault":
             bao = self.request.getfixturevalue("openbao")
             backend = VaultBackend(bao.url, bao.root_token, token_ttl_seconds=300)
@@ -62,8 +64,9 @@ class Mesh:
         envelope = make_envelope(db, CredentialsDataKeyProvider(self.key_channel, timeout=3.0))
         running = await serve_state(db=db, envelope=envelope, verifier=self.tokens.verifier, limits=TEST_LIMITS)
         channel = grpc.aio.insecure_channel(running.address)
-        self.state = StateHarness(db, running, channel, state_pb2_grpc.StateServiceStub(channel), self.tokens,
-                                  envelope, "sqlite")
+        self.state = StateHarness(
+            db, running, channel, state_pb2_grpc.StateServiceStub(channel), self.tokens, envelope, "sqlite"
+        )
         return self.state
 
     async def stop_state(self) -> None:
@@ -102,11 +105,12 @@ async def test_data_keys_come_from_the_tenants_own_key(mesh: Mesh):
     if mesh.backend == "vault":
         assert wrapped.startswith(b"vault:v")  # an OpenBao Transit ciphertext
     # Only credentials can unwrap it, and only for its own tenant.
-    plain = await mesh.cred_stub.Decrypt(credentials_pb2.DecryptRequest(ciphertext=wrapped),
-                                         metadata=h.md(mesh.alpha))
+    plain = await mesh.cred_stub.Decrypt(credentials_pb2.DecryptRequest(ciphertext=wrapped), metadata=h.md(mesh.alpha))
     assert len(plain.plaintext) == 32
-    details = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, mesh.cred_stub.Decrypt(
-        credentials_pb2.DecryptRequest(ciphertext=wrapped), metadata=h.md(mesh.beta)))
+    details = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT,
+        mesh.cred_stub.Decrypt(credentials_pb2.DecryptRequest(ciphertext=wrapped), metadata=h.md(mesh.beta)),
+    )
     assert details["reason"] == "DECRYPTION_FAILED"
 
 
@@ -142,9 +146,13 @@ async def test_token_without_key_scopes_cannot_write(mesh: Mesh):
     h = mesh.state
     await h.new_thread(mesh.alpha, thread_id="t")
     md = h.md(mesh.alpha, scopes=("state.*",))
-    details = await expect_error(grpc.StatusCode.PERMISSION_DENIED, h.stub.AppendEvents(
-        state_pb2.AppendEventsRequest(thread_id="t", events=[state_pb2.NewEvent(type="m", payload=SECRET)]),
-        metadata=md))
+    details = await expect_error(
+        grpc.StatusCode.PERMISSION_DENIED,
+        h.stub.AppendEvents(
+            state_pb2.AppendEventsRequest(thread_id="t", events=[state_pb2.NewEvent(type="m", payload=SECRET)]),
+            metadata=md,
+        ),
+    )
     assert details["reason"] == "DATA_KEY_DENIED"
     assert (await h.raw("SELECT count(*) FROM state_events"))[0][0] == 0
 

@@ -1,4 +1,5 @@
 """Fixtures for the DB layer's tests: the notes schema on SQLite and on the throwaway Postgres."""
+
 from __future__ import annotations
 
 from collections.abc import AsyncIterator
@@ -61,8 +62,13 @@ async def pgbouncer_db(pg_urls, pgbouncer) -> AsyncIterator[Database]:
 _FIXTURE = {"sqlite": "sqlite_db", "postgres": "pg_db", "pgbouncer": "pgbouncer_db"}
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres),
-                        pytest.param("pgbouncer", marks=[pytest.mark.postgres, pytest.mark.pgbouncer])])
+@pytest.fixture(
+    params=[
+        "sqlite",
+        pytest.param("postgres", marks=pytest.mark.postgres),
+        pytest.param("pgbouncer", marks=[pytest.mark.postgres, pytest.mark.pgbouncer]),
+    ]
+)
 def db(request: pytest.FixtureRequest) -> Database:
     """The notes database on each backend, and on Postgres through PgBouncer."""
     return request.getfixturevalue(_FIXTURE[request.param])

@@ -1,4 +1,5 @@
 """A tiny service schema for the DB layer's tests: tenant-owned notes and platform settings."""
+
 from __future__ import annotations
 
 from sqlalchemy import Integer, String
@@ -28,6 +29,5 @@ class Setting(NotesBase):
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(String(200))
 
-    notes: Mapped[list[Note]] = relationship(
-        Note, primaryjoin="Setting.value == foreign(Note.body)", viewonly=True)
+    notes: Mapped[list[Note]] = relationship(Note, primaryjoin="Setting.value == foreign(Note.body)", viewonly=True)
     """Notes whose body equals this setting's value (a relationship from a platform row)."""

@@ -1,4 +1,5 @@
 """Declarative bases: one metadata per service; TenantOwned's column."""
+
 from __future__ import annotations
 
 from sqlalchemy import Integer, String

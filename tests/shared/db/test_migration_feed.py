@@ -2,6 +2,7 @@
 published pause refuses the tenant, a published placement routes it over its token's claim and over a
 SwitchTenant of an earlier generation, nothing is served before the feed's first answer, and the feed
 is applied once per change (its version), not per request."""
+
 from __future__ import annotations
 
 import time

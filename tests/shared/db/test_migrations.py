@@ -1,4 +1,5 @@
 """Migrations: per-service version table, idempotent upgrades, bad input refused."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -65,7 +66,7 @@ async def test_sqlite_runs_in_wal_mode_with_foreign_keys(sqlite_db: Database, tm
     assert (tmp_path / "data" / "notes.db").is_file()
 
 
-_GRANTING_MIGRATION = '''
+_GRANTING_MIGRATION = """
 import sqlalchemy as sa
 from alembic import op
 
@@ -78,7 +79,7 @@ down_revision = None
 def upgrade() -> None:
     op.create_table("things", sa.Column("id", sa.Integer, primary_key=True))
     grant_app_role()
-'''
+"""
 
 
 @pytest.mark.postgres
@@ -102,8 +103,10 @@ async def test_grant_app_role_grants_dml_only_to_the_configured_role(postgres, t
     upgrade(urls.owner_url, folder)
     conn = await asyncpg.connect(urls.owner_dsn)
     try:
-        privileges = {p: await conn.fetchval("SELECT has_table_privilege('grantee_test', 'things', $1)", p)
-                      for p in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE")}
+        privileges = {
+            p: await conn.fetchval("SELECT has_table_privilege('grantee_test', 'things', $1)", p)
+            for p in ("SELECT", "INSERT", "UPDATE", "DELETE", "TRUNCATE")
+        }
         owner = await conn.fetchval("SELECT relowner::regrole::text FROM pg_class WHERE relname = 'things'")
         version_table = await conn.fetchval("SELECT to_regclass('alembic_version_svc')::text")
     finally:

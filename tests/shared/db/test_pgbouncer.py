@@ -1,6 +1,7 @@
 """Through PgBouncer in transaction pooling: a server connection never carries one tenant's
 `app.tenant_id` (or bridge search_path) into another's transaction, and the engine leaves no
 prepared statement behind on a server connection."""
+
 from __future__ import annotations
 
 import asyncio
@@ -21,8 +22,10 @@ from .notes import Note
 pytestmark = pytest.mark.postgres
 
 A, B = "t_alpha", "t_bravo"
-_PROBE = text("SELECT pg_backend_pid(), current_setting('app.tenant_id', true), current_setting('search_path'), "
-              "(SELECT count(*) FROM notes)")
+_PROBE = text(
+    "SELECT pg_backend_pid(), current_setting('app.tenant_id', true), current_setting('search_path'), "
+    "(SELECT count(*) FROM notes)"
+)
 
 
 @asynccontextmanager
@@ -66,8 +69,11 @@ async def test_next_tenant_on_the_same_server_connection_inherits_nothing(pgboun
                 pid_b, tenant, _, visible = (await s.execute(_PROBE)).one()
                 orm_rows = (await s.scalars(select(Note))).all()
             async with db_b.raw() as tx:
-                raw = await tx.fetchrow("SELECT pg_backend_pid(), current_setting('app.tenant_id', true), "
-                                        "(SELECT count(*) FROM notes WHERE tenant_id = $1)", A)
+                raw = await tx.fetchrow(
+                    "SELECT pg_backend_pid(), current_setting('app.tenant_id', true), "
+                    "(SELECT count(*) FROM notes WHERE tenant_id = $1)",
+                    A,
+                )
         assert pid_b == pid_a, "precondition: PgBouncer handed B the server connection A used"
         assert (tenant, visible, orm_rows) == (B, 0, [])
         assert tuple(raw) == (pid_a, B, 0)
@@ -76,7 +82,8 @@ async def test_next_tenant_on_the_same_server_connection_inherits_nothing(pgboun
         try:
             async with conn.transaction():
                 pid, tenant, notes = await conn.fetchrow(
-                    "SELECT pg_backend_pid(), current_setting('app.tenant_id', true), (SELECT count(*) FROM notes)")
+                    "SELECT pg_backend_pid(), current_setting('app.tenant_id', true), (SELECT count(*) FROM notes)"
+                )
         finally:
             await conn.close()
         assert pid == pid_a
@@ -111,8 +118,7 @@ async def test_a_session_level_setting_would_leak_and_the_probe_sees_it(pgbounce
             await first.execute(f"SELECT set_config('app.tenant_id', '{A}', false)")
         try:
             async with second.transaction():
-                leaked = await second.fetchrow(
-                    "SELECT pg_backend_pid(), current_setting('app.tenant_id', true)")
+                leaked = await second.fetchrow("SELECT pg_backend_pid(), current_setting('app.tenant_id', true)")
         finally:
             async with second.transaction():
                 await second.execute("SELECT set_config('app.tenant_id', '', false)")
@@ -125,6 +131,7 @@ async def test_a_session_level_setting_would_leak_and_the_probe_sees_it(pgbounce
 async def test_engine_leaves_no_prepared_statement_on_server_connections(pgbouncer, pg_urls) -> None:
     """Concurrent ORM and raw work through PgBouncer succeeds and leaves pg_prepared_statements empty;
     the plain asyncpg dialect (control) leaves its named statements behind."""
+
     async def work(db: Database, n: int) -> None:
         with tenant_scope(as_tenant(f"t_load_{n % 3}")):
             async with db.session() as s:

@@ -1,5 +1,6 @@
 """Raw transactions (shared.db.raw): one SQL text on both dialects, atomic, and on Postgres still
 confined by row-level security to the context's tenant even when a statement forgets its filter."""
+
 from __future__ import annotations
 
 import asyncpg

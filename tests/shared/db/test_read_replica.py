@@ -1,6 +1,7 @@
 """Reads on a real streaming standby (pg_basebackup -R): stale without an LSN, the caller's own
 write with one (the primary answers when the standby is behind), RLS as on the primary, and every
 tier; SQLite and a database without a read URL behave as before."""
+
 from __future__ import annotations
 
 import time
@@ -34,8 +35,13 @@ async def _open(pair, *, createdb: bool = False) -> Database:
             await admin.execute(f'ALTER ROLE "{urls.owner_role}" CREATEDB')
         finally:
             await admin.close()
-    db = await Database.open(urls.app_url, owner_url=urls.owner_url, migrations=MIGRATIONS,
-                             read_url=_on_standby(urls.app_dsn, pair), read_wait=READ_WAIT)
+    db = await Database.open(
+        urls.app_url,
+        owner_url=urls.owner_url,
+        migrations=MIGRATIONS,
+        read_url=_on_standby(urls.app_dsn, pair),
+        read_wait=READ_WAIT,
+    )
     await pair.wait_replayed()  # the database and its tables exist on the standby
     return db
 
@@ -57,8 +63,9 @@ async def _write(db: Database, tenant: str, body: str, tier: str = "pooled") -> 
     return lsn
 
 
-async def _read(db: Database, tenant: str, tier: str = "pooled", *, after: str | None = None,
-                raw: bool = False) -> tuple[list[str], bool]:
+async def _read(
+    db: Database, tenant: str, tier: str = "pooled", *, after: str | None = None, raw: bool = False
+) -> tuple[list[str], bool]:
     """(note bodies, whether the read ran on the standby); raw=True reads with no ORM filter (RLS only)."""
     with tenant_scope(as_tenant(tenant, tier)), reading_after(parse_lsn(after)):
         async with db.read_session() as s:
@@ -167,8 +174,12 @@ def test_config_read_url_per_service_or_shared_only_with_the_shared_database():
 @pytest.mark.postgres
 async def test_an_unreachable_replica_leaves_reads_to_the_primary(pg_urls):
     """A read URL nobody answers on: reads run on the primary instead of failing."""
-    db = await Database.open(pg_urls.app_url, owner_url=pg_urls.owner_url, migrations=MIGRATIONS,
-                             read_url=f"postgresql://bulkhead_app:x@127.0.0.1:{free_port()}/nowhere")
+    db = await Database.open(
+        pg_urls.app_url,
+        owner_url=pg_urls.owner_url,
+        migrations=MIGRATIONS,
+        read_url=f"postgresql://bulkhead_app:x@127.0.0.1:{free_port()}/nowhere",
+    )
     try:
         await _write(db, "t_a", "kept")
         for _ in range(2):  # the second one skips the replica for a while

@@ -1,6 +1,7 @@
 """Data residency in the router: each region has a database of its own, and a tenant's rows of
 every tier (pooled rows, bridge schema, silo database) are written only to its region's, as the
 placement lookup says; platform tables stay in the default region's."""
+
 from __future__ import annotations
 
 import sqlite3
@@ -52,10 +53,15 @@ async def _workload(db: Database, round_: int = 0) -> None:
 
 async def test_sqlite_regions_keep_each_tenants_rows_in_its_own(tmp_path: Path) -> None:
     placements = Placements(PLACED)
-    db = await Database.open(f"sqlite:///{tmp_path}/us/notes.db", migrations=MIGRATIONS,
-                             regions={"us": None, "eu": RegionDatabase(f"sqlite:///{tmp_path}/eu/notes.db",
-                                                                       f"sqlite:///{tmp_path}/eu/notes.db")},
-                             region_of=placements.region_of)
+    db = await Database.open(
+        f"sqlite:///{tmp_path}/us/notes.db",
+        migrations=MIGRATIONS,
+        regions={
+            "us": None,
+            "eu": RegionDatabase(f"sqlite:///{tmp_path}/eu/notes.db", f"sqlite:///{tmp_path}/eu/notes.db"),
+        },
+        region_of=placements.region_of,
+    )
     try:
         assert db.regions == ("us", "eu")
         stores = db.router.stores
@@ -88,9 +94,13 @@ def _rows(path: Path, table: str, columns: str = "*") -> list[tuple]:
 async def test_postgres_regions_place_pooled_rows_bridge_schemas_and_silo_databases(postgres) -> None:
     us, eu = postgres.create_database_sync("region_us"), postgres.create_database_sync("region_eu")
     placements = Placements(PLACED)
-    db = await Database.open(us.app_url, owner_url=us.owner_url, migrations=MIGRATIONS,
-                             regions={"us": None, "eu": RegionDatabase(eu.app_url, eu.owner_url)},
-                             region_of=placements.region_of)
+    db = await Database.open(
+        us.app_url,
+        owner_url=us.owner_url,
+        migrations=MIGRATIONS,
+        regions={"us": None, "eu": RegionDatabase(eu.app_url, eu.owner_url)},
+        region_of=placements.region_of,
+    )
     try:
         await _workload(db)
         with tenant_scope(as_tenant("t_eu_bridge", "bridge")):
@@ -102,24 +112,26 @@ async def test_postgres_regions_place_pooled_rows_bridge_schemas_and_silo_databa
     seen = await _superuser_notes(postgres.admin_dsn, ("region_us", "region_eu"))
     for tenant, region in PLACED.items():
         assert {database.split("_")[1] for database, t in seen if t == tenant} == {region}, tenant
-    assert {(d, t) for d, t in seen if t.endswith("_silo")} == {("region_us_t_us_silo", "t_us_silo"),
-                                                                ("region_eu_t_eu_silo", "t_eu_silo")}
+    assert {(d, t) for d, t in seen if t.endswith("_silo")} == {
+        ("region_us_t_us_silo", "t_us_silo"),
+        ("region_eu_t_eu_silo", "t_eu_silo"),
+    }
 
 
 async def _superuser_notes(admin_dsn: str, prefixes: tuple[str, ...]) -> set[tuple[str, str]]:
     """(database, tenant) of every note in every schema of every database named with a prefix."""
     conn = await asyncpg.connect(admin_dsn)
     try:
-        names = [r[0] for r in await conn.fetch("SELECT datname FROM pg_database")
-                 if r[0].startswith(prefixes)]
+        names = [r[0] for r in await conn.fetch("SELECT datname FROM pg_database") if r[0].startswith(prefixes)]
     finally:
         await conn.close()
     out = set()
     for name in names:
         conn = await asyncpg.connect(admin_dsn.rsplit("/", 1)[0] + f"/{name}")
         try:
-            for (schema,) in await conn.fetch("SELECT table_schema FROM information_schema.tables "
-                                              "WHERE table_name = 'notes'"):
+            for (schema,) in await conn.fetch(
+                "SELECT table_schema FROM information_schema.tables WHERE table_name = 'notes'"
+            ):
                 out |= {(name, r[0]) for r in await conn.fetch(f'SELECT tenant_id FROM "{schema}".notes')}
         finally:
             await conn.close()
@@ -130,10 +142,12 @@ async def test_unplaced_or_unconfigured_region_fails_closed(tmp_path: Path) -> N
     """identity down: Unavailable; a region this service has no database for: FailedPrecondition;
     never the default region by guess. The platform tenant needs no lookup."""
     placements = Placements({"t_mars": "mars"})
-    db = await Database.open(f"sqlite:///{tmp_path}/us.db", migrations=MIGRATIONS,
-                             regions={"us": None, "eu": RegionDatabase(f"sqlite:///{tmp_path}/eu.db",
-                                                                       f"sqlite:///{tmp_path}/eu.db")},
-                             region_of=placements.region_of)
+    db = await Database.open(
+        f"sqlite:///{tmp_path}/us.db",
+        migrations=MIGRATIONS,
+        regions={"us": None, "eu": RegionDatabase(f"sqlite:///{tmp_path}/eu.db", f"sqlite:///{tmp_path}/eu.db")},
+        region_of=placements.region_of,
+    )
     try:
         with tenant_scope(as_tenant("t_unknown")), pytest.raises(Unavailable):
             async with db.session():
@@ -165,5 +179,6 @@ def test_several_regions_need_a_lookup(tmp_path: Path) -> None:
     from shared.db.router import TenantRouter
 
     with pytest.raises(ValueError, match="region lookup"):
-        TenantRouter(None, url=None, owner_url=None, migrations=None, app_role=None, region="us",
-                     others={"eu": object()})
+        TenantRouter(
+            None, url=None, owner_url=None, migrations=None, app_role=None, region="us", others={"eu": object()}
+        )

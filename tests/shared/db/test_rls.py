@@ -1,4 +1,5 @@
 """Layer 2: Postgres row-level security holds for raw SQL as the runtime role, without the ORM."""
+
 from __future__ import annotations
 
 import asyncpg
@@ -68,14 +69,17 @@ async def test_app_role_owns_nothing_and_cannot_bypass_rls(pg_db: Database, pg_u
     try:
         table = await conn.fetchrow(
             "SELECT relowner::regrole::text AS owner, relrowsecurity, relforcerowsecurity "
-            "FROM pg_class WHERE oid = 'public.notes'::regclass")
+            "FROM pg_class WHERE oid = 'public.notes'::regclass"
+        )
         role = await conn.fetchrow("SELECT rolsuper, rolbypassrls FROM pg_roles WHERE rolname = current_user")
         owned = await conn.fetchval(
             "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace "
             "WHERE c.relowner = (SELECT oid FROM pg_roles WHERE rolname = current_user) "
-            "AND n.nspname NOT IN ('pg_catalog', 'information_schema')")
+            "AND n.nspname NOT IN ('pg_catalog', 'information_schema')"
+        )
         policy = await conn.fetchval(
-            "SELECT qual FROM pg_policies WHERE tablename = 'notes' AND policyname = 'tenant_isolation'")
+            "SELECT qual FROM pg_policies WHERE tablename = 'notes' AND policyname = 'tenant_isolation'"
+        )
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
             await conn.execute("ALTER TABLE notes DISABLE ROW LEVEL SECURITY")
         with pytest.raises(asyncpg.InsufficientPrivilegeError):
@@ -91,8 +95,9 @@ async def test_app_role_owns_nothing_and_cannot_bypass_rls(pg_db: Database, pg_u
 
 async def test_tenant_setting_does_not_outlive_its_transaction(pg_urls) -> None:
     """One pooled connection serves A then B: each sees its own tenant, and none is left behind."""
-    db = await Database.open(pg_urls.app_url, owner_url=pg_urls.owner_url, migrations=MIGRATIONS,
-                             pool_size=1, max_overflow=0)
+    db = await Database.open(
+        pg_urls.app_url, owner_url=pg_urls.owner_url, migrations=MIGRATIONS, pool_size=1, max_overflow=0
+    )
     probe = text("SELECT pg_backend_pid(), current_setting('app.tenant_id', true)")
     try:
         seen = []

@@ -1,4 +1,5 @@
 """TenantSession through Database.session(): reads, writes and bulk statements stay in one tenant."""
+
 from __future__ import annotations
 
 import pytest
@@ -236,10 +237,12 @@ async def test_upsert_must_be_keyed_by_tenant(db: Database) -> None:
             stmt = upsert(Note).values(id=a_id, body="b-dup").on_conflict_do_nothing(index_elements=["id"])
             await s.execute(stmt)
         for bad in (
-            upsert(Note).values(id=a_id, body="hijack").on_conflict_do_update(index_elements=["id"],
-                                                                           set_={"body": "hijack"}),
-            upsert(Note).values(id=a_id, body="move").on_conflict_do_update(index_elements=["id", "tenant_id"],
-                                                                         set_={"tenant_id": A}),
+            upsert(Note)
+            .values(id=a_id, body="hijack")
+            .on_conflict_do_update(index_elements=["id"], set_={"body": "hijack"}),
+            upsert(Note)
+            .values(id=a_id, body="move")
+            .on_conflict_do_update(index_elements=["id", "tenant_id"], set_={"tenant_id": A}),
         ):
             with pytest.raises(TenantIsolationError):
                 async with db.session() as s:

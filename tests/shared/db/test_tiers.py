@@ -1,4 +1,5 @@
 """The tenant router: bridge and silo tenants' rows land in their own schema, database or file."""
+
 from __future__ import annotations
 
 import asyncio
@@ -70,7 +71,8 @@ async def test_postgres_bridge_tenant_gets_its_own_schema(pg_db: Database, pg_ur
     conn = await asyncpg.connect(pg_urls.owner_dsn)
     try:
         forced = await conn.fetchval(
-            "SELECT relforcerowsecurity FROM pg_class WHERE oid = '\"tenant_t_brg\".notes'::regclass")
+            "SELECT relforcerowsecurity FROM pg_class WHERE oid = '\"tenant_t_brg\".notes'::regclass"
+        )
     finally:
         await conn.close()
     assert forced is True
@@ -146,8 +148,9 @@ async def _platform_rows_go_to_the_platform_database(db: Database, tenant: str, 
 
 
 @pytest.mark.parametrize("tier", ["bridge", "silo"])
-async def test_sqlite_platform_rows_of_bridge_and_silo_sessions_go_to_the_main_file(sqlite_db: Database,
-                                                                                   tier: str) -> None:
+async def test_sqlite_platform_rows_of_bridge_and_silo_sessions_go_to_the_main_file(
+    sqlite_db: Database, tier: str
+) -> None:
     """A platform table touched in a bridge or silo tenant's session is the main file's, not the tenant's copy."""
     await _platform_rows_go_to_the_platform_database(sqlite_db, f"t_{tier}", tier)
 

@@ -3,6 +3,7 @@
 Revision ID: 0001_credentials_tables
 Revises:
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -15,8 +16,14 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-TENANT_TABLES = ("cred_secrets", "cred_secret_versions", "cred_audit_events", "cred_audit_heads",
-                 "cred_local_keys", "cred_local_values")
+TENANT_TABLES = (
+    "cred_secrets",
+    "cred_secret_versions",
+    "cred_audit_events",
+    "cred_audit_heads",
+    "cred_local_keys",
+    "cred_local_values",
+)
 
 
 def _id() -> sa.Column:
@@ -33,7 +40,9 @@ def _us(name: str, nullable: bool = False) -> sa.Column:
 
 def upgrade() -> None:
     op.create_table(
-        "cred_secrets", _id(), _tenant(),
+        "cred_secrets",
+        _id(),
+        _tenant(),
         sa.Column("name", sa.String(128), nullable=False),
         sa.Column("description", sa.String(1024), nullable=False),
         sa.Column("current_version", sa.BigInteger(), nullable=False),
@@ -41,25 +50,34 @@ def upgrade() -> None:
         sa.Column("rotator", sa.String(64), nullable=False),
         _us("next_rotation_us", True),
         sa.Column("grace_period_s", sa.BigInteger(), nullable=False),
-        _us("created_us"), _us("updated_us"), _us("deleted_us", True),
+        _us("created_us"),
+        _us("updated_us"),
+        _us("deleted_us", True),
         sa.UniqueConstraint("tenant_id", "name", name="uq_cred_secrets_tenant_id"),
     )
     op.create_table(
-        "cred_secret_versions", _id(), _tenant(),
+        "cred_secret_versions",
+        _id(),
+        _tenant(),
         sa.Column("name", sa.String(128), nullable=False),
         sa.Column("version", sa.BigInteger(), nullable=False),
         sa.Column("state", sa.String(16), nullable=False),
-        _us("created_us"), _us("expire_us", True),
+        _us("created_us"),
+        _us("expire_us", True),
         sa.Column("created_by", sa.String(128), nullable=False),
         sa.Column("origin", sa.String(80), nullable=False),
         sa.UniqueConstraint("tenant_id", "name", "version", name="uq_cred_secret_versions_tenant_id"),
     )
     op.create_table(
-        "cred_audit_events", _id(), _tenant(),
+        "cred_audit_events",
+        _id(),
+        _tenant(),
         sa.Column("seq", sa.BigInteger(), nullable=False),
         _us("time_us"),
-        *(sa.Column(c, sa.String(128), nullable=False) for c in
-          ("principal_id", "actor_id", "agent_id", "run_id", "request_id", "secret_name")),
+        *(
+            sa.Column(c, sa.String(128), nullable=False)
+            for c in ("principal_id", "actor_id", "agent_id", "run_id", "request_id", "secret_name")
+        ),
         sa.Column("version", sa.BigInteger(), nullable=False),
         sa.Column("action", sa.String(32), nullable=False),
         sa.Column("outcome", sa.String(16), nullable=False),
@@ -70,13 +88,17 @@ def upgrade() -> None:
     )
     op.create_index("ix_cred_audit_events_secret", "cred_audit_events", ["tenant_id", "secret_name", "action"])
     op.create_table(
-        "cred_audit_heads", _id(), _tenant(),
+        "cred_audit_heads",
+        _id(),
+        _tenant(),
         sa.Column("seq", sa.BigInteger(), nullable=False),
         sa.Column("hash", sa.String(64), nullable=False),
         sa.UniqueConstraint("tenant_id", name="uq_cred_audit_heads_tenant_id"),
     )
     op.create_table(
-        "cred_local_keys", _id(), _tenant(),
+        "cred_local_keys",
+        _id(),
+        _tenant(),
         sa.Column("purpose", sa.String(16), nullable=False),
         sa.Column("version", sa.Integer(), nullable=False),
         sa.Column("wrapped", sa.LargeBinary(), nullable=False),
@@ -84,7 +106,9 @@ def upgrade() -> None:
         sa.UniqueConstraint("tenant_id", "purpose", "version", name="uq_cred_local_keys_tenant_id"),
     )
     op.create_table(
-        "cred_local_values", _id(), _tenant(),
+        "cred_local_values",
+        _id(),
+        _tenant(),
         sa.Column("name", sa.String(128), nullable=False),
         sa.Column("version", sa.BigInteger(), nullable=False),
         sa.Column("key_version", sa.Integer(), nullable=False),
@@ -93,7 +117,8 @@ def upgrade() -> None:
         sa.UniqueConstraint("tenant_id", "name", "version", name="uq_cred_local_values_tenant_id"),
     )
     op.create_table(
-        "cred_schedule", _id(),
+        "cred_schedule",
+        _id(),
         sa.Column("tenant_id", sa.String(64), nullable=False),
         sa.Column("tier", sa.String(16), nullable=False),
         sa.Column("secret_name", sa.String(128), nullable=False),

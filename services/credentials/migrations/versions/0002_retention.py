@@ -4,6 +4,7 @@ starts once its retention pruned the oldest events.
 Revision ID: 0002_retention
 Revises: 0001_credentials_tables
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -17,8 +18,7 @@ depends_on = None
 
 def upgrade() -> None:
     op.add_column("cred_audit_heads", sa.Column("anchor_seq", sa.BigInteger, nullable=False, server_default="0"))
-    op.add_column("cred_audit_heads", sa.Column("anchor_hash", sa.String(64), nullable=False,
-                                                server_default="0" * 64))
+    op.add_column("cred_audit_heads", sa.Column("anchor_hash", sa.String(64), nullable=False, server_default="0" * 64))
     op.add_column("cred_audit_heads", sa.Column("anchor_time_us", sa.BigInteger, nullable=False, server_default="0"))
 
 

@@ -4,6 +4,7 @@ and the configuration audit chain's retention anchor (shared.config_audit.add_an
 Revision ID: 0004
 Revises: 0003
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa

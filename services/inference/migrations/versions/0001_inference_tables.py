@@ -3,6 +3,7 @@
 Revision ID: 0001_inference_tables
 Revises:
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa

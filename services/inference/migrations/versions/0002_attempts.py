@@ -3,6 +3,7 @@
 Revision ID: 0002_attempts
 Revises: 0001_inference_tables
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa

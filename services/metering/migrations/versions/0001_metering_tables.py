@@ -3,6 +3,7 @@
 Revision ID: 0001
 Revises:
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -15,8 +16,13 @@ down_revision = None
 branch_labels = None
 depends_on = None
 
-_TENANT_TABLES = ("metering_usage_events", "metering_quotas", "metering_budgets", "metering_budget_counters",
-                  "metering_holds")
+_TENANT_TABLES = (
+    "metering_usage_events",
+    "metering_quotas",
+    "metering_budgets",
+    "metering_budget_counters",
+    "metering_holds",
+)
 
 
 def _tenant() -> sa.Column:
@@ -26,7 +32,8 @@ def _tenant() -> sa.Column:
 def upgrade() -> None:
     big = sa.BigInteger
     op.create_table(
-        "metering_usage_events", _tenant(),
+        "metering_usage_events",
+        _tenant(),
         sa.Column("idempotency_key", sa.String(200), nullable=False),
         sa.Column("principal_id", sa.String(200), nullable=False),
         sa.Column("agent_id", sa.String(200), nullable=False),
@@ -43,7 +50,8 @@ def upgrade() -> None:
         sa.Column("hour", sa.Integer, nullable=False),
         sa.Column("day", sa.Integer, nullable=False),
         sa.Column("recorded_us", big, nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", "idempotency_key", name="pk_metering_usage_events"))
+        sa.PrimaryKeyConstraint("tenant_id", "idempotency_key", name="pk_metering_usage_events"),
+    )
     op.create_index("ix_metering_usage_events_tenant_time", "metering_usage_events", ["tenant_id", "occurred_us"])
 
     op.create_table(
@@ -54,34 +62,42 @@ def upgrade() -> None:
         sa.Column("output_micros", big, nullable=False),
         sa.Column("cache_write_micros", big, nullable=False),
         sa.Column("cache_read_micros", big, nullable=False),
-        sa.PrimaryKeyConstraint("model", "effective_us", name="pk_metering_prices"))
+        sa.PrimaryKeyConstraint("model", "effective_us", name="pk_metering_prices"),
+    )
 
     op.create_table(
-        "metering_quotas", _tenant(),
+        "metering_quotas",
+        _tenant(),
         sa.Column("requests_per_minute", big, nullable=False),
         sa.Column("tokens_per_minute", big, nullable=False),
         sa.Column("concurrent_calls", big, nullable=False),
         sa.Column("updated_us", big, nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", name="pk_metering_quotas"))
+        sa.PrimaryKeyConstraint("tenant_id", name="pk_metering_quotas"),
+    )
 
     op.create_table(
-        "metering_budgets", _tenant(),
+        "metering_budgets",
+        _tenant(),
         sa.Column("unit", sa.String(16), nullable=False),
         sa.Column("limit_amount", big, nullable=False),
         sa.Column("period", sa.String(8), nullable=False),
         sa.Column("hard", sa.Boolean, nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", "unit", name="pk_metering_budgets"))
+        sa.PrimaryKeyConstraint("tenant_id", "unit", name="pk_metering_budgets"),
+    )
 
     op.create_table(
-        "metering_budget_counters", _tenant(),
+        "metering_budget_counters",
+        _tenant(),
         sa.Column("unit", sa.String(16), nullable=False),
         sa.Column("period_us", big, nullable=False),
         sa.Column("used", big, nullable=False),
         sa.Column("held", big, nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", "unit", "period_us", name="pk_metering_budget_counters"))
+        sa.PrimaryKeyConstraint("tenant_id", "unit", "period_us", name="pk_metering_budget_counters"),
+    )
 
     op.create_table(
-        "metering_holds", _tenant(),
+        "metering_holds",
+        _tenant(),
         sa.Column("hold_id", sa.String(64), nullable=False),
         sa.Column("kind", sa.String(16), nullable=False),
         sa.Column("model", sa.String(200), nullable=False),
@@ -102,7 +118,8 @@ def upgrade() -> None:
         sa.Column("spent_cache_read", big, nullable=False),
         sa.Column("charged_tokens", big, nullable=False),
         sa.Column("charged_micros", big, nullable=False),
-        sa.PrimaryKeyConstraint("hold_id", name="pk_metering_holds"))
+        sa.PrimaryKeyConstraint("hold_id", name="pk_metering_holds"),
+    )
     op.create_index("ix_metering_holds_open", "metering_holds", ["tenant_id", "state", "expires_us"])
     op.create_index("uq_metering_holds_key", "metering_holds", ["tenant_id", "idempotency_key"], unique=True)
 
@@ -111,7 +128,8 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.String(64), nullable=False),
         sa.Column("tier", sa.String(16), nullable=False),
         sa.Column("first_seen_us", big, nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", name="pk_metering_tenants"))
+        sa.PrimaryKeyConstraint("tenant_id", name="pk_metering_tenants"),
+    )
 
     op.create_table(
         "metering_operator_audit",
@@ -122,7 +140,8 @@ def upgrade() -> None:
         sa.Column("method", sa.String(64), nullable=False),
         sa.Column("target_tenant", sa.String(64), nullable=False),
         sa.Column("detail", sa.String(500), nullable=False),
-        sa.PrimaryKeyConstraint("audit_id", name="pk_metering_operator_audit"))
+        sa.PrimaryKeyConstraint("audit_id", name="pk_metering_operator_audit"),
+    )
 
     for table in _TENANT_TABLES:
         op.create_index(f"ix_{table}_tenant_id", table, ["tenant_id"])
@@ -132,6 +151,14 @@ def upgrade() -> None:
 def downgrade() -> None:
     for table in _TENANT_TABLES:
         disable_tenant_rls(table)
-    for table in ("metering_operator_audit", "metering_tenants", "metering_holds", "metering_budget_counters",
-                  "metering_budgets", "metering_quotas", "metering_prices", "metering_usage_events"):
+    for table in (
+        "metering_operator_audit",
+        "metering_tenants",
+        "metering_holds",
+        "metering_budget_counters",
+        "metering_budgets",
+        "metering_quotas",
+        "metering_prices",
+        "metering_usage_events",
+    ):
         op.drop_table(table)

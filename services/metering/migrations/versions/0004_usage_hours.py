@@ -3,6 +3,7 @@
 Revision ID: 0004
 Revises: 0003
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -28,8 +29,10 @@ def upgrade() -> None:
         sa.Column("principal_id", sa.String(200), nullable=False),
         sa.Column("outcome", sa.SmallInteger, nullable=False),
         *(sa.Column(name, sa.BigInteger, nullable=False) for name in _SUMS),
-        sa.PrimaryKeyConstraint("tenant_id", "hour", "model", "agent_id", "principal_id", "outcome",
-                                name="pk_metering_usage_hours"))
+        sa.PrimaryKeyConstraint(
+            "tenant_id", "hour", "model", "agent_id", "principal_id", "outcome", name="pk_metering_usage_hours"
+        ),
+    )
     enable_tenant_rls("metering_usage_hours")
     postgres = op.get_bind().dialect.name == "postgresql"
     # FORCE'd RLS shows the owner running this no tenant's rows; lifted inside this transaction only.
@@ -41,7 +44,8 @@ def upgrade() -> None:
         "INSERT INTO metering_usage_hours (tenant_id, hour, model, agent_id, principal_id, outcome, "
         f"{', '.join(_SUMS)}) SELECT tenant_id, hour, model, agent_id, principal_id, outcome, count(*), "
         "sum(input_tokens), sum(output_tokens), sum(cache_write_tokens), sum(cache_read_tokens) "
-        "FROM metering_usage_events GROUP BY tenant_id, hour, model, agent_id, principal_id, outcome")
+        "FROM metering_usage_events GROUP BY tenant_id, hour, model, agent_id, principal_id, outcome"
+    )
     if postgres:
         for table in tables:
             op.execute(f"ALTER TABLE {table} FORCE ROW LEVEL SECURITY")

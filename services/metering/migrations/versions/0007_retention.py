@@ -5,6 +5,7 @@ usage detail ends (metering_usage_retention, services/metering/retention.py).
 Revision ID: 0007
 Revises: 0006
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -26,7 +27,8 @@ def upgrade() -> None:
         sa.Column("tenant_id", sa.String(64), nullable=False),
         sa.Column("pruned_before_hour", sa.Integer, nullable=False),
         sa.Column("pruned_events", sa.BigInteger, nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", name="pk_metering_usage_retention"))
+        sa.PrimaryKeyConstraint("tenant_id", name="pk_metering_usage_retention"),
+    )
     enable_tenant_rls("metering_usage_retention")
 
 

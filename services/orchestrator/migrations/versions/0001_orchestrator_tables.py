@@ -3,6 +3,7 @@
 Revision ID: 0001
 Revises:
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -24,7 +25,8 @@ def _tenant() -> sa.Column:
 
 def upgrade() -> None:
     op.create_table(
-        "orch_teams", _tenant(),
+        "orch_teams",
+        _tenant(),
         sa.Column("id", sa.String(40), nullable=False),
         sa.Column("name", sa.String(64), nullable=False),
         sa.Column("spec", sa.Text, nullable=False),
@@ -32,9 +34,11 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Float, nullable=False),
         sa.Column("updated_at", sa.Float, nullable=False),
         sa.PrimaryKeyConstraint("id", name="pk_orch_teams"),
-        sa.UniqueConstraint("tenant_id", "name", name="uq_orch_teams_tenant_name"))
+        sa.UniqueConstraint("tenant_id", "name", name="uq_orch_teams_tenant_name"),
+    )
     op.create_table(
-        "orch_runs", _tenant(),
+        "orch_runs",
+        _tenant(),
         sa.Column("run_id", sa.String(40), nullable=False),
         sa.Column("team", sa.String(64), nullable=False),
         sa.Column("team_spec", sa.Text, nullable=False),
@@ -50,14 +54,17 @@ def upgrade() -> None:
         sa.Column("created_at", sa.Float, nullable=False),
         sa.Column("updated_at", sa.Float, nullable=False),
         sa.PrimaryKeyConstraint("run_id", name="pk_orch_runs"),
-        sa.UniqueConstraint("tenant_id", "idempotency_key", name="uq_orch_runs_tenant_idem"))
+        sa.UniqueConstraint("tenant_id", "idempotency_key", name="uq_orch_runs_tenant_idem"),
+    )
     op.create_index("ix_orch_runs_tenant_created", "orch_runs", ["tenant_id", "created_at"])
     op.create_table(
-        "orch_steps", _tenant(),
+        "orch_steps",
+        _tenant(),
         sa.Column("run_id", sa.String(40), nullable=False),
         sa.Column("idx", sa.Integer, nullable=False),
         sa.Column("payload", sa.Text, nullable=False),
-        sa.PrimaryKeyConstraint("run_id", "idx", name="pk_orch_steps"))
+        sa.PrimaryKeyConstraint("run_id", "idx", name="pk_orch_steps"),
+    )
     op.create_table(
         "orch_run_queue",
         sa.Column("run_id", sa.String(40), nullable=False),
@@ -70,7 +77,8 @@ def upgrade() -> None:
         sa.Column("lease_expires", sa.Float, nullable=False),
         sa.Column("cancel_requested", sa.Boolean, nullable=False),
         sa.Column("grant", sa.LargeBinary, nullable=False),
-        sa.PrimaryKeyConstraint("run_id", name="pk_orch_run_queue"))
+        sa.PrimaryKeyConstraint("run_id", name="pk_orch_run_queue"),
+    )
     op.create_index("ix_orch_run_queue_state", "orch_run_queue", ["state", "enqueued_at"])
     for table in _TENANT_TABLES:
         op.create_index(f"ix_{table}_tenant_id", table, ["tenant_id"])

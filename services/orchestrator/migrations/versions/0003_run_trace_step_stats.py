@@ -4,6 +4,7 @@ GetRunStats groups and ranks them in SQL. Existing steps are backfilled from the
 Revision ID: 0003
 Revises: 0002
 """
+
 from __future__ import annotations
 
 import json
@@ -35,10 +36,18 @@ def _backfill_steps() -> None:
     postgres = bind.dialect.name == "postgresql"
     if postgres:
         op.execute("ALTER TABLE orch_steps NO FORCE ROW LEVEL SECURITY")
-    steps = sa.table("orch_steps", sa.column("run_id"), sa.column("idx"), sa.column("payload"), sa.column("agent"),
-                     sa.column("created_at"), sa.column("latency_ms"))
-    rows = bind.execute(sa.select(steps.c.run_id, steps.c.idx, steps.c.payload)
-                        .order_by(steps.c.run_id, steps.c.idx)).all()
+    steps = sa.table(
+        "orch_steps",
+        sa.column("run_id"),
+        sa.column("idx"),
+        sa.column("payload"),
+        sa.column("agent"),
+        sa.column("created_at"),
+        sa.column("latency_ms"),
+    )
+    rows = bind.execute(
+        sa.select(steps.c.run_id, steps.c.idx, steps.c.payload).order_by(steps.c.run_id, steps.c.idx)
+    ).all()
     prev: tuple[str, int, float] | None = None
     for run_id, idx, payload in rows:
         d = json.loads(payload)
@@ -46,8 +55,11 @@ def _backfill_steps() -> None:
         latency = None
         if prev and prev[0] == run_id and prev[1] == idx - 1 and d.get("kind") != "run_finished":
             latency = max(0.0, (at - prev[2]) * 1000.0)
-        bind.execute(steps.update().where(steps.c.run_id == run_id, steps.c.idx == idx)
-                     .values(agent=d.get("agent", ""), created_at=at, latency_ms=latency))
+        bind.execute(
+            steps.update()
+            .where(steps.c.run_id == run_id, steps.c.idx == idx)
+            .values(agent=d.get("agent", ""), created_at=at, latency_ms=latency)
+        )
         prev = (run_id, idx, at)
     if postgres:
         op.execute("ALTER TABLE orch_steps FORCE ROW LEVEL SECURITY")

@@ -4,6 +4,7 @@ tenant's chain starts once its retention pruned the oldest events.
 Revision ID: 0005
 Revises: 0004
 """
+
 from __future__ import annotations
 
 from shared.config_audit import add_anchor, drop_anchor

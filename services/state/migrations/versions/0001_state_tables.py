@@ -3,6 +3,7 @@
 Revision ID: 0001_state_tables
 Revises:
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -16,8 +17,15 @@ branch_labels = None
 depends_on = None
 
 _AUDIT_ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-TABLES = ("state_threads", "state_thread_labels", "state_events", "state_snapshots", "state_context",
-          "state_data_keys", "state_audit")
+TABLES = (
+    "state_threads",
+    "state_thread_labels",
+    "state_events",
+    "state_snapshots",
+    "state_context",
+    "state_data_keys",
+    "state_audit",
+)
 
 
 def _tenant() -> sa.Column:

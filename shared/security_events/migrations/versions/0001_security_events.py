@@ -3,6 +3,7 @@
 Revision ID: 0001_security_events
 Revises:
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -30,15 +31,25 @@ def upgrade() -> None:
         sa.Column("principal_id", sa.String(64), nullable=False),
         sa.Column("count", sa.BigInteger, nullable=False),
         sa.Column("last_seen_us", sa.BigInteger, nullable=False),
-        sa.PrimaryKeyConstraint("tenant_id", "service", "bucket_start", "method", "reason", "principal_id",
-                                name="pk_bulkhead_security_events"))
+        sa.PrimaryKeyConstraint(
+            "tenant_id",
+            "service",
+            "bucket_start",
+            "method",
+            "reason",
+            "principal_id",
+            name="pk_bulkhead_security_events",
+        ),
+    )
     op.create_index("ix_bulkhead_security_events_bucket_start", TABLE, ["bucket_start"])
     enable_tenant_rls(TABLE)
     if op.get_bind().dialect.name == "postgresql":
         # The retention sweep names no tenant; the database itself confines it to rows past retention
         # (a DELETE with a WHERE clause must also see the rows, hence the SELECT policy).
-        sweeper = (f"current_setting('app.tenant_id', true) = 'security-events-retention' "
-                   f"AND bucket_start < CAST(extract(epoch FROM now()) AS bigint) - {RETENTION_DAYS * 86400}")
+        sweeper = (
+            f"current_setting('app.tenant_id', true) = 'security-events-retention' "
+            f"AND bucket_start < CAST(extract(epoch FROM now()) AS bigint) - {RETENTION_DAYS * 86400}"
+        )
         op.execute(f"CREATE POLICY retention_sweep_read ON {TABLE} FOR SELECT USING ({sweeper})")
         op.execute(f"CREATE POLICY retention_sweep ON {TABLE} FOR DELETE USING ({sweeper})")
 

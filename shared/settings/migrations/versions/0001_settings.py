@@ -3,6 +3,7 @@
 Revision ID: 0001_settings
 Revises:
 """
+
 from __future__ import annotations
 
 import sqlalchemy as sa
@@ -20,7 +21,8 @@ def upgrade() -> None:
         sa.Column("service", sa.String(32), nullable=False),
         sa.Column("name", sa.String(64), nullable=False),
         sa.Column("value", sa.Text, nullable=False),
-        sa.PrimaryKeyConstraint("service", "name", name="pk_bulkhead_settings"))
+        sa.PrimaryKeyConstraint("service", "name", name="pk_bulkhead_settings"),
+    )
 
 
 def downgrade() -> None:
