@@ -8,7 +8,8 @@ Afterwards a superuser scan of every table of every database (every SQLite file)
 eu's stores only (apart from identity's directory and the documented platform tables of the default
 region), its schema / database / file on the eu side only, its key and values in eu's OpenBao only;
 identity places it in eu; a token issued before the move still reads its secret, decrypts a ciphertext
-made before it, reads its events; a us bystander's rows are exactly as before. The bridge tenant moves through `bulkhead tenants migrate NAME --region eu`.
+made before it, reads its events; a us bystander's rows are exactly as before. The bridge tenant moves
+through `bulkhead tenants migrate NAME --region eu`.
 """
 
 from __future__ import annotations
