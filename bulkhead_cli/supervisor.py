@@ -326,4 +326,9 @@ def format_log_line(service: str, line: str) -> str:
     level = _LEVEL_MARK.get(record.get("level", ""), "")
     tags = " ".join(f"{k}={record[k]}" for k in ("tenant_id", "request_id", "reason", "method") if record.get(k))
     text = f"[{service:>12}] {level + ' ' if level else ''}{record.get('message', '')}"
-    return f"{text}  ({tags})" if tags else text
+    text = f"{text}  ({tags})" if tags else text
+    # The traceback (already scrubbed of secrets by shared.logs) is what tells an operator the cause.
+    trace = record.get("exception")
+    if isinstance(trace, str) and trace:
+        text += "".join(f"\n[{service:>12}]   {row}" for row in trace.rstrip().splitlines())
+    return text
