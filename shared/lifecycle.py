@@ -643,7 +643,7 @@ def check_region(value: str, name: str) -> str:
     if value and not _REGION.match(value):
         raise InvalidArgument(
             f"{name} is not a region name",
-            reason="INVALID_REGION",
+            reason="UNKNOWN_REGION",
             violations={name: "empty, or a region of BULKHEAD_REGIONS such as eu"},
         )
     return value

@@ -53,12 +53,8 @@ class VaultMover:
         """The backend, the ref (its tier picks the namespace) and the store name of one side."""
         backend = self._backend.backends[side.region] if isinstance(self._backend, RegionalVault) else self._backend
         ref = TenantRef(tenant_id, side.tier.value)
-        ns = backend.layout.namespace(ref)
-        return (
-            backend,
-            ref,
-            f"openbao:{side.region + '/' if isinstance(self._backend, RegionalVault) else ''}{ns or 'root'}",
-        )
+        region = f"{side.region}/" if isinstance(self._backend, RegionalVault) else ""
+        return backend, ref, f"openbao:{region}{backend.layout.namespace(ref) or 'root'}"
 
     def _same_place(self, tenant_id: str, source: Placement, target: Placement) -> bool:
         (a, ra, _), (b, rb, _) = self._at(tenant_id, source), self._at(tenant_id, target)
