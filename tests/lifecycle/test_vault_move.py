@@ -4,8 +4,8 @@ other), through the TenantLifecycleService calls identity makes (Copy, Verify, S
 
 After each hop: the token issued before the first move (its tier claim: pooled) reads every secret version
 under its number (a deleted or destroyed one stays so), decrypts a ciphertext and unwraps a data key (as
-state's wrapped keys) made before the move, and encrypts anew; the key and values exist at the target only (the source's key,
-values and policy, or its namespace, are destroyed on release); verify counts the KV versions and key
+state's wrapped keys) made before the move, and encrypts anew; the key and values exist at the target only
+(the source's key, values and policy, or its namespace, are destroyed on release); verify counts the KV versions and key
 versions equal on both sides; a bystander tenant of the same OpenBao is untouched.
 """
 
