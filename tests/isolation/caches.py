@@ -172,6 +172,19 @@ CACHES: dict[str, Entry] = {
         "tenant id -> its tier, as identity's migration feed published it",
         "tests/shared/db/test_migration_feed.py",
     ),
+    "shared/db/router.py::_placed_regions": Entry(
+        TENANT,
+        "tenant id -> the region a live migration switched it to",
+        "tests/lifecycle/test_shared_database.py::test_a_router_follows_a_region_move_by_switch_feed_and_placement",
+    ),
+    "shared/db/router.py::_feed_regions": Entry(
+        TENANT,
+        "tenant id -> its region, as identity's migration feed published it",
+        "tests/lifecycle/test_shared_database.py::test_a_router_follows_a_region_move_by_switch_feed_and_placement",
+    ),
+    "services/orchestrator/engine.py::_prompts": Entry(
+        UNIQUE, "agent name -> its prompt and tools, held by one run's execution (one tenant's run only)"
+    ),
     "shared/db/router.py::_feed_generations": Entry(
         TENANT, "tenant id -> its placement generation, from the same feed", "tests/shared/db/test_migration_feed.py"
     ),
