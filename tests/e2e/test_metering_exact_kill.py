@@ -326,7 +326,14 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
                 workers = [asyncio.create_task(burst.worker()) for _ in range(WORKERS - STREAMERS)]
                 workers += [asyncio.create_task(burst.worker(stream=True)) for _ in range(STREAMERS)]
                 workers += [asyncio.create_task(burst.runs_worker()) for _ in range(2)]
+                # At least 3 s, and until the burst is really under way: a proxy's first call loads the
+                # SDK, which takes seconds on a loaded machine.
+                under_way_by = time.monotonic() + 30
                 await asyncio.sleep(3)
+                while burst.served < 10 or len(fake.calls) == len(fake.usage_log):
+                    if time.monotonic() > under_way_by:
+                        break
+                    await asyncio.sleep(0.2)
                 in_flight = len(fake.calls) - len(fake.usage_log)
                 pid = replica_pids(mesh)[victim]
                 watching, samples = asyncio.Event(), []
