@@ -56,9 +56,15 @@ class StepFeed:
         """The run stopped executing here: drop its backlog."""
         self._backlog.pop(run_id, None)
 
+    def nudge(self, run_id: str) -> None:
+        """The run's execution here ended (finished or given back): its watchers read the database again."""
+        for queue in self._subscribers.get(run_id, ()):
+            queue.put_nowait((None, None))
+
     @contextlib.contextmanager
     def subscribe(self, run_id: str) -> Iterator[asyncio.Queue]:
-        """A queue of (step, run) for run_id while the block runs; subscribe before reading the DB."""
+        """A queue of (step, run) for run_id while the block runs; subscribe before reading the DB.
+        (None, None) on it means the execution here ended: read the DB."""
         queue: asyncio.Queue = asyncio.Queue()
         for item in self._backlog.get(run_id, ()):  # steps this execution made before the watcher came
             queue.put_nowait(item)
@@ -115,6 +121,10 @@ class Dispatcher:
     def wake(self) -> None:
         """Look at the queue now (a run was queued or finished)."""
         self._wake.set()
+
+    def executing(self, run_id: str) -> bool:
+        """Whether the run executes on this replica now (its steps all reach the live feed)."""
+        return run_id in self._tasks
 
     def cancel_local(self, run_id: str) -> None:
         """Stop a run executing here before its next step."""
@@ -226,6 +236,7 @@ class Dispatcher:
     def _done(self, run_id: str) -> None:
         self._tasks.pop(run_id, None)
         self._cancel.discard(run_id)
+        self._feed.nudge(run_id)
         self._wake.set()
 
     async def _fail(self, ctx: TenantContext, run_id: str, reason: str, message: str) -> None:

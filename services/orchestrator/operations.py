@@ -174,6 +174,7 @@ class Orchestrator:
         _require_name(run_id, "run_id")
         if after_step < 0:
             raise InvalidArgument("after_step must not be negative", violations={"after_step": "must be >= 0"})
+        quiet = self._poll
         with self._feed.subscribe(run_id) as live:
             while True:
                 # Catch up from the database (steps recorded by any replica), with the run as of the
@@ -185,13 +186,20 @@ class Orchestrator:
                     after_step = step.index
                 if run.status.terminal:
                     return
-                # ... then follow this replica's live feed, back to the database on a gap or a quiet spell.
+                # ... then follow this replica's live feed, back to the database on a gap, when the
+                # execution here stops, or on a quiet spell. A run executing here has every step in the
+                # feed, so its quiet spells are long; one that is not (queued, or executing on another
+                # replica) is read again at the poll interval, backing off to 4x while nothing changes
+                # (a hundred queued runs' watchers would otherwise be most of the database's work).
                 while True:
+                    local = self._dispatcher.executing(run_id)
                     try:
-                        step, live_run = await asyncio.wait_for(live.get(), self._poll)
+                        step, live_run = await asyncio.wait_for(live.get(), self._poll * 10 if local else quiet)
                     except TimeoutError:
+                        quiet = min(quiet * 2, self._poll * 4)
                         break
-                    if live_run is None or step.index > after_step + 1:
+                    quiet = self._poll
+                    if step is None or live_run is None or step.index > after_step + 1:
                         break
                     if step.index <= after_step:
                         continue

@@ -58,14 +58,14 @@ class QueueListener:
         await self._close()
 
     async def _run(self) -> None:
-        import asyncpg
+        import asyncpg  # type: ignore[import-untyped]
 
         _, params = self._engine.dialect.create_connect_args(self._engine.url)
         while True:
             lost = asyncio.Event()
             try:
                 self._conn = await asyncpg.connect(**params)
-                self._conn.add_termination_listener(lambda _conn: lost.set())
+                self._conn.add_termination_listener(lambda _conn, lost=lost: lost.set())
                 await self._conn.add_listener(QUEUE_CHANNEL, self._notified)
                 self.connected.set()
                 self._wake()  # anything queued while we were not listening
@@ -73,7 +73,7 @@ class QueueListener:
                 log.warning("queue listener connection lost; reconnecting")
             except asyncio.CancelledError:
                 raise
-            except Exception:  # noqa: BLE001 - the database may be away: polling covers until it is back
+            except Exception:  # the database may be away: polling covers until it is back
                 log.warning("queue listener could not connect; retrying", exc_info=True)
             finally:
                 self.connected.clear()
