@@ -52,7 +52,7 @@ class IdentityKeyLoader:
         self._credentials = credentials
         self._timeout = timeout
         self._suspended: frozenset[str] = frozenset()
-        self._migrations: tuple[frozenset[str], dict[str, tuple[str, int]]] = (frozenset(), {})
+        self._migrations: tuple[frozenset[str], dict[str, tuple[str, int]], dict[str, str]] = (frozenset(), {}, {})
 
     async def load_keys(self) -> dict[str, Ed25519PublicKey]:
         resp = await self._stub.ListSigningKeys(identity_pb2.ListSigningKeysRequest(), timeout=self._timeout)
@@ -63,13 +63,14 @@ class IdentityKeyLoader:
                                                   timeout=self._timeout, metadata=await self._credentials.metadata())
         self._suspended = frozenset(resp.suspended_tenant_ids)
         self._migrations = (frozenset(resp.migrating_tenant_ids),
-                            {p.tenant_id: (tier_from_proto(p.tier).value, p.generation) for p in resp.placements})
+                            {p.tenant_id: (tier_from_proto(p.tier).value, p.generation) for p in resp.placements},
+                            {p.tenant_id: p.region for p in resp.placements if p.region})
         return resp.revision, {r.jti: r.expire_time.seconds for r in resp.revoked}
 
     async def load_suspended(self) -> frozenset[str]:
         return self._suspended  # came with the last ListRevokedTokens answer
 
-    async def load_migrations(self) -> tuple[frozenset[str], dict[str, tuple[str, int]]]:
+    async def load_migrations(self) -> tuple[frozenset[str], dict[str, tuple[str, int]], dict[str, str]]:
         return self._migrations  # so did these (shared.tokens.MigrationFeed)
 
 

@@ -164,6 +164,8 @@ class MigrationFeed:
         self.version = 0
         self.paused: frozenset[str] = frozenset()
         self.placements: Mapping[str, tuple[str, int]] = {}
+        self.regions: Mapping[str, str] = {}
+        """{tenant: region} of the same tenants (a migration may move one to another region)."""
         self.refreshed_at = float("-inf")
         """time.monotonic() of the last answer identity gave."""
         self._loaded = asyncio.Event()
@@ -173,10 +175,12 @@ class MigrationFeed:
         """Whether identity answered at least once since this process started."""
         return self._loaded.is_set()
 
-    def publish(self, paused: frozenset[str], placements: Mapping[str, tuple[str, int]]) -> None:
+    def publish(self, paused: frozenset[str], placements: Mapping[str, tuple[str, int]],
+                regions: Mapping[str, str] | None = None) -> None:
         """Take one answer of identity's (the poller calls this)."""
-        if paused != self.paused or placements != self.placements:
-            self.paused, self.placements = frozenset(paused), dict(placements)
+        regions = dict(regions or {})
+        if paused != self.paused or placements != self.placements or regions != self.regions:
+            self.paused, self.placements, self.regions = frozenset(paused), dict(placements), regions
             self.version += 1
         self.refreshed_at = time.monotonic()
         self._loaded.set()

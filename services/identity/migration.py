@@ -354,23 +354,24 @@ class Migrations:
             await s.execute(update(MigrationRow).where(MigrationRow.tenant_id == tenant_id).values(lease_until=None))
 
 
-async def migration_feed(db: Database) -> tuple[frozenset[str], dict[str, tuple[str, int]]]:
+async def migration_feed(db: Database) -> tuple[frozenset[str], dict[str, tuple[str, int]], dict[str, str]]:
     """What every replica applies (published with ListRevokedTokens): the tenants a migration pauses now,
     and {tenant: (tier, generation)} of every tenant whose migration is unfinished or ended within the
     longest token lifetime (later every live token claims its tier: delegated tokens die with their
     parent), so the list stays small. Paused: a plan still copying, or one switched (or aborted) whose
-    services are not all switched (reverted) yet."""
+    services are not all switched (reverted) yet. Third: the same tenants' regions (a move may change it)."""
     cutoff = utcnow() - timedelta(seconds=MAX_TOKEN_TTL + 60)
     async with db.system_session() as s:
         rows = (await s.execute(select(MigrationRow.tenant_id, MigrationRow.state, MigrationRow.generation,
-                                       TenantRow.tier, MigrationRow.completed_at)
+                                       TenantRow.tier, MigrationRow.completed_at, TenantRow.region)
                                 .join(TenantRow, TenantRow.id == MigrationRow.tenant_id))).all()
         unswitched = set((await s.execute(select(MigrationStepRow.tenant_id).distinct().where(
             MigrationStepRow.phase.in_(_PAUSED_PHASES)))).scalars())
-    paused = frozenset(tid for tid, state, _, _, _ in rows
+    paused = frozenset(tid for tid, state, _, _, _, _ in rows
                        if state == "copying" or (state in UNFINISHED and tid in unswitched))
-    return paused, {tid: (tier, generation) for tid, _, generation, tier, completed in rows
-                    if completed is None or as_utc(completed) >= cutoff}
+    recent = [row for row in rows if row.completed_at is None or as_utc(row.completed_at) >= cutoff]
+    return (paused, {row.tenant_id: (row.tier, row.generation) for row in recent},
+            {row.tenant_id: row.region for row in recent})
 
 
 class _Step:

@@ -236,12 +236,12 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
             raise InvalidArgument("since_revision must not be negative", violations={"since_revision": ">= 0"})
         revision, entries = await revocations_since(self._db, request.since_revision)
         suspended = await suspended_tenants(self._db)
-        migrating, placements = await migration_feed(self._db)  # after the revocations: see shared.tokens
+        migrating, placements, regions = await migration_feed(self._db)  # after the revocations: see shared.tokens
         return pb.ListRevokedTokensResponse(
             revoked=[pb.RevokedToken(jti=j, expire_time=_epoch(exp)) for j, exp in entries.items()], revision=revision,
             suspended_tenant_ids=sorted(suspended), migrating_tenant_ids=sorted(migrating),
-            placements=[pb.TenantTierPlacement(tenant_id=t, tier=tier_to_proto(tier), generation=gen)
-                        for t, (tier, gen) in sorted(placements.items())])
+            placements=[pb.TenantTierPlacement(tenant_id=t, tier=tier_to_proto(tier), generation=gen,
+                                               region=regions.get(t, "")) for t, (tier, gen) in sorted(placements.items())])
 
     async def ListSigningKeys(self, request, context):
         rows = await self._keys.published()

@@ -157,6 +157,7 @@ class TenantRouter:
         self._feed_tiers: dict[str, str] = {}
         self._feed_generations: dict[str, int] = {}
         self._feed_paused: frozenset[str] = frozenset()
+        self._feed_regions: dict[str, str] = {}
 
     def follow(self, feed: MigrationFeed | None) -> None:
         """Apply identity's published migration pauses and placements (on every replica): a paused tenant
@@ -179,6 +180,7 @@ class TenantRouter:
                 self.forget_region(tenant_id)  # a move to another region changes identity's answer too
         self._feed_tiers = {t: tier for t, (tier, _) in placements.items() if tier in TIERS}
         self._feed_generations = {t: generation for t, (_, generation) in placements.items()}
+        self._feed_regions = {t: r for t, r in feed.regions.items() if r in self._regions}
         for tenant_id in self._feed_paused - feed.paused:
             # identity lifted the pause: so does this replica, though its SwitchTenant went to another one
             self._paused.pop(tenant_id, None)
@@ -305,7 +307,8 @@ class TenantRouter:
         if len(self._regions) == 1 or tenant_id == PLATFORM_TENANT:
             return self._default_region
         self._sync_feed()
-        region = self._placed_regions.get(tenant_id) or self._tenant_regions.get(tenant_id)
+        region = (self._placed_regions.get(tenant_id) or self._feed_regions.get(tenant_id)
+                  or self._tenant_regions.get(tenant_id))
         if region is None:
             assert self._region_of is not None
             answer = await self._region_of(tenant_id)

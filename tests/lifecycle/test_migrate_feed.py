@@ -40,7 +40,7 @@ async def test_pause_published_before_the_copy_and_lifted_after_the_placement(me
             nonlocal first_copied
             while not stop.is_set():
                 await loader.load_revocations(0)
-                paused, placements = await loader.load_migrations()
+                paused, placements, _ = await loader.load_migrations()
                 answers.append((time.monotonic(), t.tenant_id in paused, placements.get(t.tenant_id)))
                 assert bystander.tenant_id not in paused and bystander.tenant_id not in placements
                 if first_copied is None:

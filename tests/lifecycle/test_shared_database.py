@@ -94,3 +94,41 @@ async def test_one_service_releasing_or_purging_leaves_the_others_part_of_the_te
     finally:
         await state_db.close()
         await cred_db.close()
+
+
+async def test_a_router_follows_a_region_move_by_switch_feed_and_placement(tmp_path):
+    """The region that routes a tenant: a SwitchTenant's on this replica, else identity's feed, else identity's
+    placement (asked again once the feed shows a new generation); never a region this service has no database for."""
+    from shared.config import RegionDatabase
+    from shared.errors import FailedPrecondition
+    from shared.tokens import MigrationFeed
+
+    asked: list[str] = []
+    placed = {"t_a": "us", "t_b": "us"}
+
+    async def region_of(tenant_id: str) -> str:
+        asked.append(tenant_id)
+        return placed[tenant_id]
+
+    eu = tmp_path / "eu" / "state.db"
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'state.db'}", migrations=str(STATE_MIGRATIONS),
+                             region_of=region_of, regions={"us": None, "eu": RegionDatabase(
+                                 f"sqlite+aiosqlite:///{eu}", f"sqlite+aiosqlite:///{eu}")})
+    router = db.router
+    try:
+        feed = MigrationFeed()
+        router.follow(feed)
+        feed.publish(frozenset(), {"t_a": ("pooled", 1)}, {"t_a": "us"})
+        assert await router.region_of("t_a") == "us" and await router.region_of("t_b") == "us"
+        router.place("t_a", "pooled", "eu")  # this replica got SwitchTenant(pooled, eu)
+        assert await router.region_of("t_a") == "eu"
+        assert (await router.main_route("t_a")).region == "eu"
+        placed["t_b"] = "eu"  # t_b moved; its SwitchTenant went to another replica: the feed says so
+        feed.publish(frozenset(), {"t_a": ("pooled", 1), "t_b": ("pooled", 2)}, {"t_a": "eu", "t_b": "eu"})
+        assert await router.region_of("t_b") == "eu"
+        feed.publish(frozenset(), {"t_a": ("pooled", 1), "t_b": ("pooled", 3)}, {})  # an older identity: no regions
+        assert await router.region_of("t_b") == "eu" and asked.count("t_b") == 2  # asked again on the new generation
+        with pytest.raises(FailedPrecondition):
+            router.place("t_a", "pooled", "mars")
+    finally:
+        await db.close()

@@ -427,14 +427,16 @@ class ListRevokedTokensResponse(_message.Message):
     def __init__(self, revoked: _Optional[_Iterable[_Union[RevokedToken, _Mapping]]] = ..., revision: _Optional[int] = ..., suspended_tenant_ids: _Optional[_Iterable[str]] = ..., migrating_tenant_ids: _Optional[_Iterable[str]] = ..., placements: _Optional[_Iterable[_Union[TenantTierPlacement, _Mapping]]] = ...) -> None: ...
 
 class TenantTierPlacement(_message.Message):
-    __slots__ = ("tenant_id", "tier", "generation")
+    __slots__ = ("tenant_id", "tier", "generation", "region")
     TENANT_ID_FIELD_NUMBER: _ClassVar[int]
     TIER_FIELD_NUMBER: _ClassVar[int]
     GENERATION_FIELD_NUMBER: _ClassVar[int]
+    REGION_FIELD_NUMBER: _ClassVar[int]
     tenant_id: str
     tier: _tenancy_pb2.Tier
     generation: int
-    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., generation: _Optional[int] = ...) -> None: ...
+    region: str
+    def __init__(self, tenant_id: _Optional[str] = ..., tier: _Optional[_Union[_tenancy_pb2.Tier, str]] = ..., generation: _Optional[int] = ..., region: _Optional[str] = ...) -> None: ...
 
 class GetTenantPlacementRequest(_message.Message):
     __slots__ = ("tenant_id",)

@@ -37,7 +37,8 @@ async def test_pauses_and_placements_by_migration_state(sqlite_identity):
     await _plan(db, ids["recent"], "done", ["released"] * 5, generation=3, ended_ago=60)
     await _plan(db, ids["old"], "done", ["released"] * 5, generation=4, ended_ago=MAX_TOKEN_TTL + 120)
 
-    paused, placements = await migration_feed(db)
+    paused, placements, regions = await migration_feed(db)
+    assert set(regions) == set(placements) and len(set(regions.values())) == 1  # every tenant's region, published
     assert paused == {ids["copying"], ids["switching"]}
     assert placements == {ids["copying"]: ("pooled", 0), ids["switching"]: ("bridge", 1),
                           ids["switched"]: ("bridge", 2), ids["recent"]: ("bridge", 3)}
@@ -46,5 +47,6 @@ async def test_pauses_and_placements_by_migration_state(sqlite_identity):
         pb.ListRevokedTokensRequest(), metadata=(await sqlite_identity.login(
             sqlite_identity.service_key_file("state").read_text().strip())).metadata)
     assert set(listed.migrating_tenant_ids) == paused
+    assert {p.tenant_id: p.region for p in listed.placements} == regions
     assert {p.tenant_id: (p.tier, p.generation) for p in listed.placements} == {
         t: ({"pooled": tenancy_pb2.TIER_POOLED, "bridge": tenancy_pb2.TIER_BRIDGE}[tier], g) for t, (tier, g) in placements.items()}
