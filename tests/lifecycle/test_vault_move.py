@@ -3,19 +3,21 @@ eu's): pooled -> silo (the root namespace to the tenant's own) -> pooled, then u
 other), through the TenantLifecycleService calls identity makes (Copy, Verify, Switch, Release).
 
 After each hop: the token issued before the first move (its tier claim: pooled) reads every secret version
-under its number, decrypts a ciphertext and unwraps a data key (as state's wrapped keys)
+under its number (a deleted or destroyed one stays so), decrypts a ciphertext and unwraps a data key (as state's wrapped keys)
 made before the move, and encrypts anew; the key and values exist at the target only (the source's key,
 values and policy, or its namespace, are destroyed on release); verify counts the KV versions and key
 versions equal on both sides; a bystander tenant of the same OpenBao is untouched.
 """
 from __future__ import annotations
 
+import grpc
 import pytest
 
 from bulkhead.common.v1 import lifecycle_pb2 as lpb
 from bulkhead.common.v1 import lifecycle_pb2_grpc
 from bulkhead.credentials.v1 import credentials_pb2 as pb
 from bulkhead.credentials.v1 import credentials_pb2_grpc
+from services.credentials.backend import TenantRef
 from services.credentials.regional import RegionalVault
 from services.credentials.server import MIGRATIONS, serve_credentials
 from services.credentials.vault_backend import VaultBackend
@@ -78,6 +80,11 @@ async def test_secrets_and_key_move_into_silo_back_and_to_another_region(tmp_pat
         for value in (b"v1", b"v2", b"v3"):
             await stub.PutSecret(pb.PutSecretRequest(name="db-password", value=value), metadata=md)
         await stub.PutSecret(pb.PutSecretRequest(name="api-key", value=b"k1"), metadata=md)
+        for value in (b"k2", b"k3"):
+            await stub.PutSecret(pb.PutSecretRequest(name="api-key", value=value), metadata=md)
+        # In OpenBao: api-key v2 soft-deleted, v1 destroyed (as an expiry does): a move keeps both so.
+        await backend.backends["us"].delete(TenantRef(mover), "api-key", [2])
+        await backend.backends["us"].destroy(TenantRef(mover), "api-key", [1])
         ciphertext = (await stub.Encrypt(pb.EncryptRequest(plaintext=b"made before"), metadata=md)).ciphertext
         datakey = await stub.GenerateDataKey(pb.GenerateDataKeyRequest(), metadata=md)
         bmd = TOKENS.metadata(bystander, ("*",))
@@ -89,7 +96,11 @@ async def test_secrets_and_key_move_into_silo_back_and_to_another_region(tmp_pat
             for version, value in ((1, b"v1"), (2, b"v2")):  # every version, under its number
                 got = await stub.GetSecret(pb.GetSecretRequest(name="db-password", version=version), metadata=md)
                 assert (got.version, got.value) == (version, value)
-            assert (await stub.GetSecret(pb.GetSecretRequest(name="api-key"), metadata=md)).value == b"k1"
+            assert (await stub.GetSecret(pb.GetSecretRequest(name="api-key"), metadata=md)).value == b"k3"
+            for version in (1, 2):  # destroyed, deleted: still unreadable, under the same numbers
+                with pytest.raises(grpc.aio.AioRpcError) as err:
+                    await stub.GetSecret(pb.GetSecretRequest(name="api-key", version=version), metadata=md)
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND, version
             assert (await stub.Decrypt(pb.DecryptRequest(ciphertext=ciphertext), metadata=md)).plaintext == b"made before"
             unwrapped = await stub.Decrypt(pb.DecryptRequest(ciphertext=datakey.wrapped_key), metadata=md)
             assert unwrapped.plaintext == datakey.plaintext_key
@@ -110,7 +121,7 @@ async def test_secrets_and_key_move_into_silo_back_and_to_another_region(tmp_pat
                                (("pooled", "us"), ("pooled", "eu"))):
             verified = await hop(life, mover, source, target)
             kv = [t for t in verified.target if t.table == KV_TABLE]
-            assert kv and kv[0].rows == 4, verified  # db/password v1-v3 and api-key v1
+            assert kv and kv[0].rows == 6, verified  # db-password v1-v3, api-key v1-v3 (one destroyed, one deleted)
             await still_works(target)
     finally:
         await channel.close()
