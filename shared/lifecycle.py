@@ -575,7 +575,7 @@ def check_region(value: str, name: str) -> str:
     """A region field of a lifecycle request: empty (the tenant's region now) or a region-shaped name (whether
     this service has a database for it is the router's to say: REGION_NOT_CONFIGURED)."""
     if value and not _REGION.match(value):
-        raise InvalidArgument(f"{name} is not a region name", reason="INVALID_REGION",
+        raise InvalidArgument(f"{name} is not a region name", reason="UNKNOWN_REGION",
                               violations={name: "empty, or a region of BULKHEAD_REGIONS such as eu"})
     return value
 

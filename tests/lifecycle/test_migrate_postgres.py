@@ -257,6 +257,13 @@ async def test_migration_calls_refuse_bad_input_and_tenants(postgres):
             (life.VerifyTenant, lpb.VerifyTenantRequest(tenant_id=tid, target_tier=B), "INVALID_TIER"),
             (life.SwitchTenant, lpb.SwitchTenantRequest(tenant_id=tid), "INVALID_TIER"),
             (life.ReleaseTenant, lpb.ReleaseTenantRequest(tenant_id=tid, tier=P), "INVALID_TIER"),
+            (life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=B, target_region="EU; x"),
+             "UNKNOWN_REGION"),
+            (life.VerifyTenant, lpb.VerifyTenantRequest(tenant_id=tid, tier=P, target_tier=B, region="-"),
+             "UNKNOWN_REGION"),
+            (life.SwitchTenant, lpb.SwitchTenantRequest(tenant_id=tid, tier=B, region="x" * 40), "UNKNOWN_REGION"),
+            (life.ReleaseTenant, lpb.ReleaseTenantRequest(tenant_id=tid, tier=P, current_tier=B,
+                                                          current_region="Eu"), "UNKNOWN_REGION"),
         ]
         for call, req, reason in cases:
             with pytest.raises(grpc.aio.AioRpcError) as err:
@@ -266,6 +273,14 @@ async def test_migration_calls_refuse_bad_input_and_tenants(postgres):
         with pytest.raises(grpc.aio.AioRpcError) as err:
             await life.SwitchTenant(lpb.SwitchTenantRequest(tenant_id="t_platform", tier=P), metadata=platform_md())
         assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        # A well-formed region this service has no database for: nothing is copied or switched.
+        for call, req in [(life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=P,
+                                                                  target_region="mars")),
+                          (life.SwitchTenant, lpb.SwitchTenantRequest(tenant_id=tid, tier=P, region="mars"))]:
+            with pytest.raises(grpc.aio.AioRpcError) as err:
+                await call(req, metadata=platform_md())
+            assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION, err.value.details()
+            assert error_details(err.value)["reason"] == "REGION_NOT_CONFIGURED"
         # Tenants (even with every scope) never reach these calls, for themselves or another tenant.
         for who in (TOKENS.metadata(tid), TOKENS.metadata("t_other")):
             for call, req in [(life.CopyTenant, lpb.CopyTenantRequest(tenant_id=tid, tier=P, target_tier=B)),
