@@ -235,6 +235,11 @@ async def test_migrate_tenant_refuses_tenants_and_bad_input(mesh):
     await refused(idn.MigrateTenantRequest(target_tier=TIERS["silo"]), grpc.StatusCode.INVALID_ARGUMENT)
     await refused(idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_tier=TIERS["pooled"]),
                   grpc.StatusCode.INVALID_ARGUMENT, "SAME_TIER")
+    region = (await stub.GetTenant(idn.GetTenantRequest(tenant_id=t.tenant_id), metadata=op)).tenant.region
+    await refused(idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_region=region),  # where it is already
+                  grpc.StatusCode.INVALID_ARGUMENT, "SAME_TIER")
+    await refused(idn.MigrateTenantRequest(tenant_id=t.tenant_id, target_region="eu"),  # not this deployment's
+                  grpc.StatusCode.INVALID_ARGUMENT, "UNKNOWN_REGION")
     await refused(idn.MigrateTenantRequest(tenant_id="t_nosuchtenant", target_tier=TIERS["silo"]),
                   grpc.StatusCode.NOT_FOUND, "TENANT_NOT_FOUND")
     await refused(idn.MigrateTenantRequest(tenant_id=t.tenant_id, abort=True), grpc.StatusCode.FAILED_PRECONDITION,
