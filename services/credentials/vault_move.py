@@ -54,9 +54,8 @@ class VaultMover:
         else:
             backend = self._backend
         ref = TenantRef(tenant_id, side.tier.value)
-        ns = backend.layout.namespace(ref)
-        return backend, ref, f"openbao:{side.region + '/' if isinstance(self._backend, RegionalVault) else ''}" \
-                             f"{ns or 'root'}"
+        region = f"{side.region}/" if isinstance(self._backend, RegionalVault) else ""
+        return backend, ref, f"openbao:{region}{backend.layout.namespace(ref) or 'root'}"
 
     def _same_place(self, tenant_id: str, source: Placement, target: Placement) -> bool:
         (a, ra, _), (b, rb, _) = self._at(tenant_id, source), self._at(tenant_id, target)

@@ -57,7 +57,7 @@ async def hop(life, tenant: str, source: tuple[str, str], target: tuple[str, str
     return verified
 
 
-async def test_secrets_and_key_move_into_silo_back_and_to_another_region(tmp_path, openbao, second_openbao):
+async def test_secrets_and_key_move_into_silo_back_and_to_another_region(tmp_path, openbao, second_openbao):  # noqa: F811
     mover, bystander = new_tenant("mv"), new_tenant("by")
     placed = {mover: "us", bystander: "us"}
 
