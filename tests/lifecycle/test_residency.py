@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import sqlite3
-from collections.abc import AsyncIterator
+import warnings
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +77,13 @@ async def running_regional_mesh(data_dir: Path, postgres, upstream_url: str,
     `vaults`, credentials keeps secrets and keys in each region's OpenBao (else sealed in its database)."""
     regions = {"BULKHEAD_REGIONS": ",".join(REGIONS), "BULKHEAD_DEFAULT_REGION": "us"}
     identity_db = await postgres.create_database("rs_identity") if postgres else None
-    async with running_identity(data_dir / "identity", database_url=identity_db and identity_db.app_url,
-                                owner_url=identity_db and identity_db.owner_url, env=regions) as identity, \
-            contextlib.AsyncExitStack() as stack:
+    # Each part's teardown is bounded (stop_within): identity last, the services, the orchestrator first.
+    async with contextlib.AsyncExitStack() as stack:
+        identity_stack = contextlib.AsyncExitStack()
+        identity = await identity_stack.enter_async_context(running_identity(
+            data_dir / "identity", database_url=identity_db and identity_db.app_url,
+            owner_url=identity_db and identity_db.owner_url, env=regions))
+        stack.push_async_callback(stop_within, "identity", identity_stack.aclose)
         env = {**regions, "BULKHEAD_DATA_DIR": str(data_dir), "BULKHEAD_IDENTITY_ADDR": identity.address,
                "BULKHEAD_STATE_ENCRYPTION": "credentials", "BULKHEAD_SECRETS_BACKEND": "vault" if vaults else "local",
                "BULKHEAD_LOG_LEVEL": "WARNING", "BULKHEAD_MODEL_PROVIDER": "anthropic",
@@ -118,11 +124,32 @@ async def running_regional_mesh(data_dir: Path, postgres, upstream_url: str,
                                                         address="127.0.0.1:0")))
         for name, start in starts:
             service = await start()
-            stack.push_async_callback(service.stop, 0)
+            stack.push_async_callback(stop_within, name, functools.partial(service.stop, 0))
             env[f"BULKHEAD_{name.upper()}_ADDR"] = service.running.address
             mesh.services[name] = service
-        await start_orchestrator_in(mesh, stack)
+        orchestrator_stack = contextlib.AsyncExitStack()
+        stack.push_async_callback(stop_within, "orchestrator", orchestrator_stack.aclose)
+        await start_orchestrator_in(mesh, orchestrator_stack)
         yield mesh
+
+
+STOP_WITHIN = 30.0
+"""Seconds a service's stop may take at teardown before the test reports where it is stuck."""
+
+
+async def stop_within(name: str, stop: Callable[[], Awaitable[object]], seconds: float = STOP_WITHIN) -> None:
+    """Await a part's stop; one stuck past `seconds` is reported with the await it hangs in and left
+    behind, so the residency checks (already done) are not lost to the suite's timeout."""
+    task = asyncio.ensure_future(stop())
+    done, _ = await asyncio.wait({task}, timeout=seconds)
+    if done:
+        task.result()
+        return
+    from shared.testing.hang_dump import await_chain
+
+    where = "\n".join(await_chain(task.get_coro()))
+    warnings.warn(f"{name} did not stop within {seconds:.0f} s; stuck in:\n{where}", stacklevel=1)
+    task.cancel()
 
 
 async def rotating_secret(channels, handle) -> None:
