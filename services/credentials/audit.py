@@ -33,20 +33,8 @@ ALLOWED, DENIED, NOT_FOUND, CONFLICT, INVALID, FAILED = (
     "failed",
 )
 
-_HASHED = (
-    "seq",
-    "time_us",
-    "principal_id",
-    "actor_id",
-    "agent_id",
-    "run_id",
-    "request_id",
-    "secret_name",
-    "version",
-    "action",
-    "outcome",
-    "reason",
-)
+_HASHED = store.AUDIT_COLUMNS[:-2]
+"""The fields each link's hash covers: every audit column but the two hashes."""
 
 
 def outcome_of(exc: BaseException) -> str:
