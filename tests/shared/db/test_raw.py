@@ -3,6 +3,8 @@ confined by row-level security to the context's tenant even when a statement for
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import pytest
 from sqlalchemy import select
@@ -106,5 +108,29 @@ async def test_a_connection_lost_mid_transaction_is_unavailable_not_internal(pg_
                     await admin.close()
                 await tx.execute("INSERT INTO notes (tenant_id, body) VALUES ($1, $2)", A, "lost")
         assert lost.value.reason == "DATABASE_UNAVAILABLE" and lost.value.retry_after
+        async with pg_db.raw() as tx:
+            assert await tx.fetchval("SELECT count(*) FROM notes") == 0
+
+
+@pytest.mark.postgres
+async def test_a_pooled_connection_whose_server_went_away_is_unavailable_at_begin(pg_db: Database, postgres) -> None:
+    """The pool hands out a connection whose backend was terminated while it sat idle (the database
+    restarted): the transaction's first statement fails, and that is UNAVAILABLE, not INTERNAL; the
+    dead connection is not handed out again."""
+    from shared.errors import Unavailable
+
+    with tenant_scope(as_tenant(A)):
+        async with pg_db.raw() as tx:
+            pid = await tx.fetchval("SELECT pg_backend_pid()")
+        admin = await asyncpg.connect(postgres.admin_dsn)
+        try:
+            await admin.execute("SELECT pg_terminate_backend($1)", pid)
+        finally:
+            await admin.close()
+        await asyncio.sleep(0.2)
+        with pytest.raises(Unavailable) as lost:
+            async with pg_db.raw() as tx:
+                await tx.execute("INSERT INTO notes (tenant_id, body) VALUES ($1, $2)", A, "never")
+        assert lost.value.reason == "DATABASE_UNAVAILABLE"
         async with pg_db.raw() as tx:
             assert await tx.fetchval("SELECT count(*) FROM notes") == 0
