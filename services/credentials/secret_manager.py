@@ -18,9 +18,9 @@ from sqlalchemy.exc import IntegrityError
 from services.credentials import store
 from services.credentials.audit import AuditLog
 from services.credentials.backend import SecretBackend, TenantRef
-from services.credentials.read_cache import ReadCache
 from services.credentials.rotation import RotationRequest, RotatorRegistry
 from shared import errors
+from shared.cache import TenantCache
 from shared.db import Database
 from shared.logs import register_secret
 from shared.tenancy import require_tenant
@@ -136,9 +136,11 @@ class SecretManager:
         time and served only while the metadata says that version is readable."""
         self._db, self._backend, self._audit, self._rotators = db, backend, audit, rotators
         self._default_grace = default_grace_seconds
-        self._views: ReadCache[tuple[str, str], _ReadView | None] = ReadCache(cache_seconds)
-        self._values: ReadCache[tuple[str, str, int, int], bytes] | None = (
-            ReadCache(cache_seconds * 30) if cache_values else None
+        # Writes in this process invalidate at once; a generation stops a read that started before a
+        # write from caching what it saw. Other replicas' changes are seen after the ttl.
+        self._views: TenantCache[_ReadView | None] = TenantCache(cache_seconds)  # (tenant, name)
+        self._values: TenantCache[bytes] | None = (  # (tenant, (name, version, created))
+            TenantCache(cache_seconds * 30) if cache_values else None
         )
         self._loading: dict[tuple[str, str], asyncio.Future] = {}
 
@@ -146,7 +148,7 @@ class SecretManager:
         """Drop cached reads of a secret this process is changing (and detach any load in flight,
         so later readers do not join a load that began before the change)."""
         key = (require_tenant().tenant_id, name)
-        self._views.invalidate(key)
+        self._views.invalidate(key[0], key[1])
         self._loading.pop(key, None)
 
     # -- writes ---------------------------------------------------------------------------------
@@ -396,7 +398,7 @@ class SecretManager:
                 )
             note.version = want
             key = (ctx.tenant_id, name, want, created_us)
-            hit, value = self._values.get(key) if self._values is not None else (False, None)
+            hit, value = self._values.lookup(key[0], key[1:]) if self._values is not None else (False, None)
             if not hit or value is None:
                 self._audit.allow_early(note, "get")  # authorized: audit while the value is fetched
                 value = await self._read_value(key, TenantRef.of(ctx))
@@ -408,7 +410,7 @@ class SecretManager:
         Concurrent misses for one secret share a single load instead of all hitting the database.
         """
         key = (tenant_id, name)
-        hit, view = self._views.get(key)
+        hit, view = self._views.lookup(tenant_id, name)
         if hit:
             return view
         loading = self._loading.get(key)
@@ -421,7 +423,7 @@ class SecretManager:
         return await asyncio.shield(loading)
 
     async def _load_view(self, key: tuple[str, str]) -> _ReadView | None:
-        generation = self._views.generation(key)
+        generation = self._views.generation(key[0], key[1])
         async with self._db.session() as s:
             row = await store.get_secret(s, key[1])
             view = None
@@ -430,7 +432,7 @@ class SecretManager:
                     row.current_version,
                     {v.version: (v.state, v.expire_us, v.created_us) for v in await store.versions_of(s, key[1])},
                 )
-        self._views.put(key, view, generation)
+        self._views.put(key[0], view, generation=generation, key=key[1])
         return view
 
     async def _read_value(self, key: tuple[str, str, int, int], tenant: TenantRef) -> bytes:
@@ -439,11 +441,11 @@ class SecretManager:
         key is (tenant, name, version, the version's creation time): a destroyed and re-created
         secret never serves the old value.
         """
-        generation = self._values.generation(key) if self._values is not None else 0
+        generation = self._values.generation(key[0], key[1:]) if self._values is not None else 0
         stored = await self._backend.read(tenant, key[1], key[2])
         _register(stored.value)
         if self._values is not None:
-            self._values.put(key, stored.value, generation)
+            self._values.put(key[0], stored.value, generation=generation, key=key[1:])
         return stored.value
 
     async def describe(self, name: str) -> SecretInfo:
