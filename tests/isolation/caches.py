@@ -94,6 +94,7 @@ CACHES: dict[str, Entry] = {
     "services/metering/budgets.py::_specs": Entry(
         TENANT, "TenantCache: tenant -> budget specs", _CACHES + "test_budget_spec_cache_is_per_tenant"
     ),
+    "services/metering/prices.py::_books": Entry(PLATFORM, "the platform-wide price table, one entry"),
     "services/metering/ledger.py::_noted": Entry(TENANT, "tenants already noted with their tier"),
     "services/metering/meters.py::models": Entry(PLATFORM, "model names seen per metrics registry, to bound labels"),
     "services/metering/pricing.py::_by_model": Entry(PLATFORM, "the platform price table by model"),
