@@ -4,8 +4,9 @@ Entries are filed under (tenant_id, key): a tenant can only ever read what was s
 id. The cache is bounded (least recently used entries go first), each entry lives `ttl` seconds, and
 `invalidate` beats a load already in flight: a read that began before a write never stores what it
 saw (generations), and callers after the write never join it. `load` runs one load per entry at a
-time; a failed load is not kept, so the next caller tries again. With `stale_on`, a load failing with
-one of those exception types serves the entry's last value (however old), else the caller's fallback.
+time; a failed load is not kept, so the next caller tries again (a cancelled one, its waiters at once).
+With `stale_on`, a load failing with one of those exception types serves the entry's last value
+(however old), else the caller's fallback.
 """
 
 from __future__ import annotations
@@ -94,9 +95,17 @@ class TenantCache(Generic[V]):
         hit, value = self.lookup(tenant_id, key)
         if hit:
             return value  # type: ignore[return-value]  # a hit is a stored V
-        pending = self._loading.get(slot)
-        if pending is not None:
-            return await asyncio.shield(pending)
+        while (pending := self._loading.get(slot)) is not None:
+            try:
+                return await asyncio.shield(pending)
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if not pending.cancelled() or (task is not None and task.cancelling()):
+                    raise  # this caller was cancelled
+                # the caller running the load was cancelled, not this one: load here instead
+        hit, value = self.lookup(tenant_id, key)
+        if hit:
+            return value  # type: ignore[return-value]  # a hit is a stored V
         future: asyncio.Future[V] = asyncio.get_running_loop().create_future()
         self._loading[slot] = future
         try:

@@ -7,7 +7,6 @@ metadata. Every call is audited, including refusals.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import re
 from collections.abc import Sequence
@@ -142,14 +141,11 @@ class SecretManager:
         self._values: TenantCache[bytes] | None = (  # (tenant, (name, version, created))
             TenantCache(cache_seconds * 30) if cache_values else None
         )
-        self._loading: dict[tuple[str, str], asyncio.Future] = {}
 
     def _forget(self, name: str) -> None:
         """Drop cached reads of a secret this process is changing (and detach any load in flight,
         so later readers do not join a load that began before the change)."""
-        key = (require_tenant().tenant_id, name)
-        self._views.invalidate(key[0], key[1])
-        self._loading.pop(key, None)
+        self._views.invalidate(require_tenant().tenant_id, name)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -409,31 +405,17 @@ class SecretManager:
 
         Concurrent misses for one secret share a single load instead of all hitting the database.
         """
-        key = (tenant_id, name)
-        hit, view = self._views.lookup(tenant_id, name)
-        if hit:
-            return view
-        loading = self._loading.get(key)
-        if loading is None:
-            loading = asyncio.ensure_future(self._load_view(key))
-            self._loading[key] = loading
-            loading.add_done_callback(
-                lambda done: self._loading.pop(key, None) if self._loading.get(key) is done else None
-            )
-        return await asyncio.shield(loading)
+        return await self._views.load(tenant_id, lambda: self._load_view(name), key=name)
 
-    async def _load_view(self, key: tuple[str, str]) -> _ReadView | None:
-        generation = self._views.generation(key[0], key[1])
+    async def _load_view(self, name: str) -> _ReadView | None:
         async with self._db.session() as s:
-            row = await store.get_secret(s, key[1])
-            view = None
-            if row is not None and row.deleted_us is None:
-                view = _ReadView(
-                    row.current_version,
-                    {v.version: (v.state, v.expire_us, v.created_us) for v in await store.versions_of(s, key[1])},
-                )
-        self._views.put(key[0], view, generation=generation, key=key[1])
-        return view
+            row = await store.get_secret(s, name)
+            if row is None or row.deleted_us is not None:
+                return None
+            return _ReadView(
+                row.current_version,
+                {v.version: (v.state, v.expire_us, v.created_us) for v in await store.versions_of(s, name)},
+            )
 
     async def _read_value(self, key: tuple[str, str, int, int], tenant: TenantRef) -> bytes:
         """The value from the backend, remembered in the value cache when there is one (local backend).

@@ -162,6 +162,30 @@ async def test_a_failed_load_is_shared_by_its_waiters_but_not_kept():
     assert cache.lookup("t_a") == (True, "ok")
 
 
+async def test_waiters_of_a_cancelled_load_load_again_themselves():
+    """The caller running the load goes away: its waiters are not cancelled with it, one of them loads."""
+    cache: TenantCache[str] = TenantCache(60.0)
+    started, release = asyncio.Event(), asyncio.Event()
+    calls = []
+
+    async def load() -> str:
+        calls.append(1)
+        started.set()
+        await release.wait()
+        return "v"
+
+    first = asyncio.create_task(cache.load("t_a", load))
+    await started.wait()
+    waiters = [asyncio.create_task(cache.load("t_a", load)) for _ in range(3)]
+    await asyncio.sleep(0)
+    first.cancel()
+    await asyncio.sleep(0)
+    release.set()
+    assert await asyncio.gather(*waiters) == ["v"] * 3
+    assert first.cancelled() and len(calls) == 2
+    assert cache.lookup("t_a") == (True, "v")
+
+
 async def test_a_load_begun_before_invalidate_is_neither_joined_nor_kept():
     cache: TenantCache[str] = TenantCache(60.0)
     release = asyncio.Event()
