@@ -7,7 +7,6 @@ metadata. Every call is audited, including refusals.
 
 from __future__ import annotations
 
-import asyncio
 import dataclasses
 import re
 from collections.abc import Sequence
@@ -18,9 +17,9 @@ from sqlalchemy.exc import IntegrityError
 from services.credentials import store
 from services.credentials.audit import AuditLog
 from services.credentials.backend import SecretBackend, TenantRef
-from services.credentials.read_cache import ReadCache
 from services.credentials.rotation import RotationRequest, RotatorRegistry
 from shared import errors
+from shared.cache import TenantCache
 from shared.db import Database
 from shared.logs import register_secret
 from shared.tenancy import require_tenant
@@ -136,18 +135,17 @@ class SecretManager:
         time and served only while the metadata says that version is readable."""
         self._db, self._backend, self._audit, self._rotators = db, backend, audit, rotators
         self._default_grace = default_grace_seconds
-        self._views: ReadCache[tuple[str, str], _ReadView | None] = ReadCache(cache_seconds)
-        self._values: ReadCache[tuple[str, str, int, int], bytes] | None = (
-            ReadCache(cache_seconds * 30) if cache_values else None
+        # Writes in this process invalidate at once; a generation stops a read that started before a
+        # write from caching what it saw. Other replicas' changes are seen after the ttl.
+        self._views: TenantCache[_ReadView | None] = TenantCache(cache_seconds)  # (tenant, name)
+        self._values: TenantCache[bytes] | None = (  # (tenant, (name, version, created))
+            TenantCache(cache_seconds * 30) if cache_values else None
         )
-        self._loading: dict[tuple[str, str], asyncio.Future] = {}
 
     def _forget(self, name: str) -> None:
         """Drop cached reads of a secret this process is changing (and detach any load in flight,
         so later readers do not join a load that began before the change)."""
-        key = (require_tenant().tenant_id, name)
-        self._views.invalidate(key)
-        self._loading.pop(key, None)
+        self._views.invalidate(require_tenant().tenant_id, name)
 
     # -- writes ---------------------------------------------------------------------------------
 
@@ -396,7 +394,7 @@ class SecretManager:
                 )
             note.version = want
             key = (ctx.tenant_id, name, want, created_us)
-            hit, value = self._values.get(key) if self._values is not None else (False, None)
+            hit, value = self._values.lookup(key[0], key[1:]) if self._values is not None else (False, None)
             if not hit or value is None:
                 self._audit.allow_early(note, "get")  # authorized: audit while the value is fetched
                 value = await self._read_value(key, TenantRef.of(ctx))
@@ -407,31 +405,17 @@ class SecretManager:
 
         Concurrent misses for one secret share a single load instead of all hitting the database.
         """
-        key = (tenant_id, name)
-        hit, view = self._views.get(key)
-        if hit:
-            return view
-        loading = self._loading.get(key)
-        if loading is None:
-            loading = asyncio.ensure_future(self._load_view(key))
-            self._loading[key] = loading
-            loading.add_done_callback(
-                lambda done: self._loading.pop(key, None) if self._loading.get(key) is done else None
-            )
-        return await asyncio.shield(loading)
+        return await self._views.load(tenant_id, lambda: self._load_view(name), key=name)
 
-    async def _load_view(self, key: tuple[str, str]) -> _ReadView | None:
-        generation = self._views.generation(key)
+    async def _load_view(self, name: str) -> _ReadView | None:
         async with self._db.session() as s:
-            row = await store.get_secret(s, key[1])
-            view = None
-            if row is not None and row.deleted_us is None:
-                view = _ReadView(
-                    row.current_version,
-                    {v.version: (v.state, v.expire_us, v.created_us) for v in await store.versions_of(s, key[1])},
-                )
-        self._views.put(key, view, generation)
-        return view
+            row = await store.get_secret(s, name)
+            if row is None or row.deleted_us is not None:
+                return None
+            return _ReadView(
+                row.current_version,
+                {v.version: (v.state, v.expire_us, v.created_us) for v in await store.versions_of(s, name)},
+            )
 
     async def _read_value(self, key: tuple[str, str, int, int], tenant: TenantRef) -> bytes:
         """The value from the backend, remembered in the value cache when there is one (local backend).
@@ -439,11 +423,11 @@ class SecretManager:
         key is (tenant, name, version, the version's creation time): a destroyed and re-created
         secret never serves the old value.
         """
-        generation = self._values.generation(key) if self._values is not None else 0
+        generation = self._values.generation(key[0], key[1:]) if self._values is not None else 0
         stored = await self._backend.read(tenant, key[1], key[2])
         _register(stored.value)
         if self._values is not None:
-            self._values.put(key, stored.value, generation)
+            self._values.put(key[0], stored.value, generation=generation, key=key[1:])
         return stored.value
 
     async def describe(self, name: str) -> SecretInfo:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import secrets
 import socket
-import time
 from collections.abc import Sequence
 
 import grpc
@@ -28,6 +27,7 @@ from services.inference.budget import (
 from services.inference.limits import Limits
 from services.inference.usage import UsageEvent, UsageRejected
 from shared import errors
+from shared.cache import TenantCache
 from shared.errors import error_details
 from shared.logs import register_secret
 from shared.tenancy import TenantContext
@@ -220,19 +220,12 @@ class CredentialsKeys:
     def __init__(self, channel: grpc.aio.Channel, *, secret_name: str, ttl: float = 30.0, timeout: float = 3.0):
         self._stub = credentials_pb2_grpc.CredentialsServiceStub(channel)
         self._secret_name = secret_name
-        self._ttl = ttl
         self._timeout = timeout
-        self._cache: dict[str, tuple[float, str | None]] = {}
+        self._cache: TenantCache[str | None] = TenantCache(ttl)  # bounded; concurrent misses share one read
 
     async def tenant_key(self, ctx: TenantContext) -> str | None:
         """The key stored under the configured secret name, or None when the tenant has none."""
-        hit = self._cache.get(ctx.tenant_id)
-        now = time.monotonic()
-        if hit is not None and hit[0] > now:
-            return hit[1]
-        key = await self._fetch()
-        self._cache[ctx.tenant_id] = (now + self._ttl, key)
-        return key
+        return await self._cache.load(ctx.tenant_id, self._fetch)
 
     async def _fetch(self, attempts: int = 3) -> str | None:
         for attempt in range(attempts):

@@ -19,7 +19,7 @@ import hmac
 import logging
 import random
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -60,6 +60,7 @@ from services.inference.providers import (
 )
 from services.inference.usage import UsageEvent, UsageMeter
 from shared import errors
+from shared.cache import TenantCache
 from shared.tenancy import TenantContext, require_tenant
 
 log = logging.getLogger("bulkhead.inference.calls")
@@ -83,65 +84,6 @@ class KeySource(Protocol):
     """The tenant's own provider key, if it has one."""
 
     async def tenant_key(self, ctx: TenantContext) -> str | None: ...
-
-
-class _TtlCache:
-    """Per-tenant values refreshed after `ttl` seconds; the last good value survives a failed refresh.
-
-    One load per tenant at a time: concurrent callers that miss share the same load, so an
-    expiry under load costs one database query or RPC, not one per call in flight.
-    """
-
-    def __init__(self, ttl: float):
-        self._ttl = ttl
-        self._values: dict[str, tuple[float, Any]] = {}
-        self._loading: dict[str, asyncio.Future] = {}
-
-    async def get(self, tenant_id: str, load: Callable[[], Awaitable[Any]], fallback: Any = None) -> Any:
-        hit = self._values.get(tenant_id)
-        if hit is not None and hit[0] > time.monotonic():
-            return hit[1]
-        pending = self._loading.get(tenant_id)
-        if pending is not None:
-            return await asyncio.shield(pending)
-        future = asyncio.get_running_loop().create_future()
-        self._loading[tenant_id] = future
-        try:
-            value = await self._refresh(tenant_id, load, fallback, hit, future)
-        except BaseException as exc:
-            future.set_exception(exc)
-            future.exception()  # retrieved: only the waiters care
-            raise
-        else:
-            future.set_result(value)
-            return value
-        finally:
-            if self._loading.get(tenant_id) is future:
-                del self._loading[tenant_id]
-
-    async def _refresh(
-        self,
-        tenant_id: str,
-        load: Callable[[], Awaitable[Any]],
-        fallback: Any,
-        hit: tuple[float, Any] | None,
-        future: asyncio.Future,
-    ) -> Any:
-        try:
-            value = await load()
-        except BackendUnavailable as exc:  # unreachable: last good value, else defaults; refusals propagate
-            if hit is None and fallback is None:
-                raise
-            log.warning("refresh failed (%s); using %s", type(exc).__name__, "last value" if hit else "defaults")
-            value = hit[1] if hit is not None else fallback
-        if self._loading.get(tenant_id) is future:  # else forgotten meanwhile: what it read may be stale
-            self._values[tenant_id] = (time.monotonic() + self._ttl, value)
-        return value
-
-    def forget(self, tenant_id: str) -> None:
-        """Drop the tenant's value, and the load in flight (begun before the change: neither joined nor kept)."""
-        self._values.pop(tenant_id, None)
-        self._loading.pop(tenant_id, None)
 
 
 @dataclass(frozen=True)
@@ -213,8 +155,11 @@ class InferenceProxy:
         self._max_attempts = max(1, max_attempts)
         self._max_retry_wait = max_retry_wait
         self._salt = user_id_salt.encode()
-        self._policy_cache = _TtlCache(cache_ttl)
-        self._limits_cache = _TtlCache(cache_ttl)
+        # unreachable sources: the last good value, else defaults; refusals propagate
+        self._policy_cache: TenantCache[tuple[Policy, dict[str, PrivateModel]]] = TenantCache(
+            cache_ttl, stale_on=(BackendUnavailable,)
+        )
+        self._limits_cache: TenantCache[Limits] = TenantCache(cache_ttl, stale_on=(BackendUnavailable,))
         self._tasks: set[asyncio.Task] = set()
         self._replays = _ReplayCache()
         self._journal = journal
@@ -229,11 +174,11 @@ class InferenceProxy:
                 self._platform_policy
             ), await self._policies.private_models()
 
-        return await self._policy_cache.get(ctx.tenant_id, load)
+        return await self._policy_cache.load(ctx.tenant_id, load)
 
     def forget_policy(self, tenant_id: str) -> None:
         """Drop a tenant's cached policy (after it changed on this replica)."""
-        self._policy_cache.forget(tenant_id)
+        self._policy_cache.invalidate(tenant_id)
 
     async def resolve(self, params: pb.MessageParams, *, with_max_tokens: bool = True) -> tuple[ResolvedModel, dict]:
         """The model a request may use and its upstream body, or InvalidArgument / PermissionDenied."""
@@ -330,7 +275,7 @@ class InferenceProxy:
         model, body = await self.resolve(params)
         reserve = Tokens(input=wire.estimate_input_tokens(body), output=body["max_tokens"])
         estimate = reserve.total
-        limits = await self._limits_cache.get(ctx.tenant_id, self._quotas.limits, fallback=Limits())
+        limits = await self._limits_cache.load(ctx.tenant_id, self._quotas.limits, fallback=Limits())
         try:
             admission = self._limiter.admit(ctx.tenant_id, limits, estimate)
         except Rejected as r:

@@ -22,10 +22,10 @@ import asyncio
 import contextlib
 import secrets
 import string
+import time
 from collections.abc import AsyncIterator, Callable
 
 from services.metering import budget_sql, periods, store
-from services.metering.budget_cache import BudgetSpecCache, Specs
 from services.metering.budget_sql import CounterState, NewHold, UnitHold
 from services.metering.prices import PriceCache
 from services.metering.pricing import MAX_TOKENS, TOKENS_PER_PRICE_UNIT, Price, Tokens, count_problems, tokens_problems
@@ -42,6 +42,7 @@ from services.metering.quotas import (
     Settlement,
     validate_quota,
 )
+from shared.cache import TenantCache
 from shared.db.raw import RawTransaction
 from shared.errors import (
     BulkheadError,
@@ -71,6 +72,21 @@ DEFAULT_LEASE_TTL_S = 60
 MAX_TTL_S = 3600
 MAX_HOLDER = 200
 _HOLDER_CHARS = frozenset(string.printable) - frozenset(string.whitespace) | {" "}
+
+Specs = dict[str, BudgetSpec]
+
+
+def budget_spec_cache(
+    max_age_s: float = 2.0, *, max_tenants: int = 10_000, clock: Callable[[], float] = time.monotonic
+) -> TenantCache[Specs]:
+    """Each tenant's budget specs, kept briefly so a reservation need not read them every time (0 keeps nothing).
+
+    Only the specs (unit, limit, period, hard/soft) are kept, never the counters: used and held are
+    read and moved in the database by every hold. A SetQuota on this replica drops its tenant's
+    entry at once. Staleness bound across replicas: another replica's SetQuota is seen here within
+    max_age, so for that long this replica may still hold against the old limits and periods.
+    """
+    return TenantCache(max_age_s, max_entries=max_tenants, clock=clock)
 
 
 class _OverBudget(Exception):
@@ -139,13 +155,13 @@ class BudgetLedger:
         *,
         clock: Callable[[], int] = periods.now_us,
         on_reject: Callable[[str, str, str], None] | None = None,
-        specs: BudgetSpecCache | None = None,
+        specs: TenantCache[Specs] | None = None,
     ):
         self._db = db
         self._prices = prices
         self._clock = clock
         self._on_reject = on_reject or (lambda tenant, model, reason: None)
-        self._specs = specs if specs is not None else BudgetSpecCache()
+        self._specs: TenantCache[Specs] = specs if specs is not None else budget_spec_cache()
         # SQLite cannot upgrade a reading transaction to a writing one while another writer is
         # active ("database is locked"); the embedded single-process deployment queues them here.
         self._sqlite_writes = asyncio.Lock() if db.dialect == "sqlite" else None
@@ -171,11 +187,11 @@ class BudgetLedger:
 
     async def _budget_specs(self, tx: RawTransaction, tenant_id: str) -> Specs:
         """The tenant's budget specs: from the cache, else read in tx (and kept)."""
-        specs = self._specs.get(tenant_id)
-        if specs is None:
-            generation = self._specs.generation()
+        hit, specs = self._specs.lookup(tenant_id)
+        if not hit or specs is None:
+            generation = self._specs.generation(tenant_id)
             specs = await budget_sql.budgets(tx, tenant_id)
-            self._specs.put(tenant_id, specs, generation)
+            self._specs.put(tenant_id, specs, generation=generation)
         return specs
 
     # ------------------------------------------------------------ quotas

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Callable
 
 from services.metering import periods, store
 from services.metering.pricing import MAX_RATE, Price, PriceBook
+from shared.cache import TenantCache
 from shared.errors import InvalidArgument
 
 MAX_TEXT = 200
@@ -30,27 +30,26 @@ def validate_price(price: Price) -> dict[str, str]:
 class PriceCache:
     """Reads price versions through a system session, keeping them for max_age_us.
 
-    A replica sees another replica's SetPrice within max_age; its own at once.
+    A replica sees another replica's SetPrice within max_age; its own at once. Concurrent
+    readers of a stale table share one reload.
     """
+
+    _PLATFORM = ""  # the price table is platform-wide: one entry, under no tenant
 
     def __init__(self, db, *, max_age_us: int = 2 * periods.US_PER_SECOND, clock: Callable[[], int] = periods.now_us):
         self._db = db
-        self._max_age_us = max_age_us
         self._clock = clock
-        self._book: PriceBook | None = None
-        self._loaded_us = 0
-        self._lock = asyncio.Lock()
+        self._books: TenantCache[PriceBook] = TenantCache(max_age_us / periods.US_PER_SECOND, max_entries=1)
 
     async def book(self, *, fresh: bool = False) -> PriceBook:
         """Every price version (reloaded when stale, or always when fresh=True)."""
-        now = periods.now_us()
-        if fresh or self._book is None or now - self._loaded_us > self._max_age_us:
-            async with self._lock:
-                if fresh or self._book is None or now - self._loaded_us > self._max_age_us:
-                    async with self._db.system_session() as s:
-                        self._book = PriceBook(await store.all_prices(s))
-                    self._loaded_us = periods.now_us()
-        return self._book
+        if fresh:
+            self._books.invalidate(self._PLATFORM)
+        return await self._books.load(self._PLATFORM, self._load)
+
+    async def _load(self) -> PriceBook:
+        async with self._db.system_session() as s:
+            return PriceBook(await store.all_prices(s))
 
     async def current(self, model: str) -> Price | None:
         """The price in force now for a model."""
@@ -62,5 +61,5 @@ class PriceCache:
             raise InvalidArgument("invalid price", reason="INVALID_PRICE", violations=problems)
         async with self._db.system_session() as s:
             await store.upsert_price(s, price)
-        self._book = None
+        self._books.invalidate(self._PLATFORM)
         return price

@@ -10,8 +10,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 
 from bulkhead.metering.v1 import metering_pb2, metering_pb2_grpc
 from services.metering import periods
-from services.metering.budget_cache import BudgetSpecCache
-from services.metering.budgets import BudgetLedger
+from services.metering.budgets import BudgetLedger, budget_spec_cache
 from services.metering.config import MeteringConfig
 from services.metering.ledger import UsageLedger
 from services.metering.lifecycle import KEPT
@@ -105,9 +104,7 @@ async def serve_metering(
     metrics = MeteringMetrics(registry if registry is not None else CollectorRegistry())
     prices = PriceCache(db, max_age_us=int(price_cache_s * periods.US_PER_SECOND), clock=clock)
     usage = UsageLedger(db, prices, metrics, clock=clock)
-    budgets = BudgetLedger(
-        db, prices, clock=clock, on_reject=metrics.rejected, specs=BudgetSpecCache(max_age_s=budget_cache_s)
-    )
+    budgets = BudgetLedger(db, prices, clock=clock, on_reject=metrics.rejected, specs=budget_spec_cache(budget_cache_s))
     sweeper = ExpirySweeper(usage, budgets, interval=sweep_interval or 15.0)
     audit = ConfigAudit("metering", db, tiers=MeteringTiers(usage, tiers))
     binding = Binding(

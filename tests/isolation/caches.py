@@ -34,12 +34,6 @@ CACHES: dict[str, Entry] = {
     "services/credentials/secret_manager.py::_values": Entry(
         TENANT, "(tenant, name, version, created) -> value", _CACHES + "test_secret_read_caches_are_per_tenant"
     ),
-    "services/credentials/read_cache.py::_entries": Entry(
-        TENANT, "ReadCache storage; keys are SecretManager's", _CACHES + "test_secret_read_caches_are_per_tenant"
-    ),
-    "services/credentials/read_cache.py::_generations": Entry(
-        TENANT, "ReadCache invalidations, same keys", _CACHES + "test_secret_read_caches_are_per_tenant"
-    ),
     "services/credentials/local_backend.py::_rings": Entry(
         TENANT, "(tenant, purpose) -> Transit key ring", _CACHES + "test_transit_key_rings_are_per_tenant"
     ),
@@ -69,9 +63,6 @@ CACHES: dict[str, Entry] = {
     "services/inference/proxy.py::_limits_cache": Entry(
         TENANT, "tenant -> its quota limits", _CACHES + "test_limits_cache_is_per_tenant"
     ),
-    "services/inference/proxy.py::_values": Entry(
-        TENANT, "_TtlCache storage: tenant -> value", _CACHES + "test_model_policy_cache_is_per_tenant"
-    ),
     "services/inference/proxy.py::_replays": Entry(
         TENANT, "(tenant, x-request-id) -> earlier reply", _IDS + "test_a_reply_replayed_across_tenants_fails_the_check"
     ),
@@ -100,12 +91,10 @@ CACHES: dict[str, Entry] = {
     "services/inference/usage.py::_backlogged": Entry(TENANT, "tenants with undelivered usage"),
     "services/inference/attempts.py::_rows": Entry(TENANT, "(tenant, event id) -> attempt row"),
     # metering
-    "services/metering/budget_cache.py::_entries": Entry(
-        TENANT, "tenant -> budget specs", _CACHES + "test_budget_spec_cache_is_per_tenant"
-    ),
     "services/metering/budgets.py::_specs": Entry(
-        TENANT, "the BudgetSpecCache above", _CACHES + "test_budget_spec_cache_is_per_tenant"
+        TENANT, "TenantCache: tenant -> budget specs", _CACHES + "test_budget_spec_cache_is_per_tenant"
     ),
+    "services/metering/prices.py::_books": Entry(PLATFORM, "the platform-wide price table, one entry"),
     "services/metering/ledger.py::_noted": Entry(TENANT, "tenants already noted with their tier"),
     "services/metering/meters.py::models": Entry(PLATFORM, "model names seen per metrics registry, to bound labels"),
     "services/metering/pricing.py::_by_model": Entry(PLATFORM, "the platform price table by model"),
@@ -128,6 +117,16 @@ CACHES: dict[str, Entry] = {
         TENANT, "tenant -> its current data key id", _CACHES + "test_envelope_key_cache_is_per_tenant"
     ),
     # shared
+    "shared/cache.py::_entries": Entry(
+        TENANT,
+        "TenantCache storage: (tenant_id, key) -> value; every read names the tenant",
+        "tests/shared/test_cache.py::test_two_tenants_with_the_same_key_never_see_each_other",
+    ),
+    "shared/cache.py::_generations": Entry(
+        TENANT,
+        "TenantCache invalidations, same (tenant_id, key) slots",
+        "tests/shared/test_cache.py::test_an_invalidation_is_per_tenant",
+    ),
     "shared/tokens.py::_cache": Entry(
         UNIQUE,
         "the whole signed token -> its claims (the tenant is inside)",

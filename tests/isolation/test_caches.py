@@ -295,6 +295,10 @@ async def test_envelope_key_cache_is_per_tenant(rig):
     assert await envelope_check(rig) == []
 
 
+_TENANT_CACHE = "shared.cache:TenantCache"
+_TENANT_CACHE_METHODS = ("lookup", "put", "invalidate", "generation", "load")
+
+
 def _drop_tenant(key):
     return ("*", *key[1:]) if isinstance(key, tuple) else "*"
 
@@ -302,9 +306,9 @@ def _drop_tenant(key):
 @pytest.mark.parametrize(
     ("check", "target", "methods"),
     [
-        ("secrets", "services.credentials.read_cache:ReadCache", ("get", "put", "invalidate", "generation")),
-        ("policy", "services.inference.proxy:_TtlCache", ("get", "forget")),
-        ("budget_specs", "services.metering.budget_cache:BudgetSpecCache", ("get", "put", "invalidate")),
+        ("secrets", _TENANT_CACHE, _TENANT_CACHE_METHODS),
+        ("policy", _TENANT_CACHE, _TENANT_CACHE_METHODS),
+        ("budget_specs", _TENANT_CACHE, _TENANT_CACHE_METHODS),
     ],
 )
 async def test_a_cache_keyed_without_the_tenant_fails_its_check(rig, monkeypatch, check, target, methods):
@@ -316,7 +320,7 @@ async def test_a_cache_keyed_without_the_tenant_fails_its_check(rig, monkeypatch
     for name in methods:
         original = getattr(cls, name)
         monkeypatch.setattr(
-            cls, name, lambda self, key, *rest, _o=original, **kw: _o(self, _drop_tenant(key), *rest, **kw)
+            cls, name, lambda self, tenant, *rest, _o=original, **kw: _o(self, _drop_tenant(tenant), *rest, **kw)
         )
     assert await CHECKS[check](rig) != []
 
@@ -334,10 +338,10 @@ async def test_a_provider_key_cache_keyed_without_the_tenant_fails_its_check(rig
 
 async def test_a_limits_cache_keyed_without_the_tenant_fails_its_check(rig, monkeypatch):
     """The proxy's limits cache shared by everyone: B's limit reaches A (or A's, B), and the check says so."""
-    from services.inference.proxy import _TtlCache
+    from shared.cache import TenantCache
 
-    original = _TtlCache.get
-    monkeypatch.setattr(_TtlCache, "get", lambda self, tenant_id, *rest, **kw: original(self, "*", *rest, **kw))
+    original = TenantCache.load
+    monkeypatch.setattr(TenantCache, "load", lambda self, tenant_id, *rest, **kw: original(self, "*", *rest, **kw))
     assert await limits_check(rig) != []
 
 

@@ -1,8 +1,8 @@
-"""The GetSecret read cache: expiry, LRU bound, and invalidation beating a racing load."""
+"""The GetSecret read cache (a TenantCache): expiry, LRU bound, and invalidation beating a racing load."""
 
 from __future__ import annotations
 
-from services.credentials.read_cache import ReadCache
+from shared.cache import TenantCache
 
 
 class Clock:
@@ -18,29 +18,30 @@ class Clock:
 def test_entries_expire_after_ttl():
     """A value is served until its ttl passes, then it is a miss."""
     clock = Clock()
-    cache = ReadCache(1.0, clock=clock)
-    cache.put("k", "v", cache.generation("k"))
-    assert cache.get("k") == (True, "v")
+    cache = TenantCache(1.0, clock=clock)
+    cache.put("t_a", "v", generation=cache.generation("t_a", "k"), key="k")
+    assert cache.lookup("t_a", "k") == (True, "v")
     clock.now = 1.5
-    assert cache.get("k") == (False, None)
+    assert cache.lookup("t_a", "k") == (False, None)
 
 
 def test_a_load_that_raced_an_invalidation_is_not_cached():
     """A reader that started before a write cannot cache what it read."""
-    cache = ReadCache(10.0, clock=Clock())
-    generation = cache.generation("k")  # reader starts loading
-    cache.invalidate("k")  # a write commits meanwhile
-    cache.put("k", "stale", generation)  # reader finishes
-    assert cache.get("k") == (False, None)
-    cache.put("k", "fresh", cache.generation("k"))
-    assert cache.get("k") == (True, "fresh")
+    cache = TenantCache(10.0, clock=Clock())
+    generation = cache.generation("t_a", "k")  # reader starts loading
+    cache.invalidate("t_a", "k")  # a write commits meanwhile
+    cache.put("t_a", "stale", generation=generation, key="k")  # reader finishes
+    assert cache.lookup("t_a", "k") == (False, None)
+    cache.put("t_a", "fresh", generation=cache.generation("t_a", "k"), key="k")
+    assert cache.lookup("t_a", "k") == (True, "fresh")
 
 
 def test_size_is_bounded_least_recent_first():
     """Past max_entries the least recently used entry goes."""
-    cache = ReadCache(10.0, max_entries=2, clock=Clock())
+    cache = TenantCache(10.0, max_entries=2, clock=Clock())
     for key in ("a", "b"):
-        cache.put(key, key, 0)
-    cache.get("a")
-    cache.put("c", "c", 0)
-    assert cache.get("b") == (False, None) and cache.get("a") == (True, "a") and cache.get("c") == (True, "c")
+        cache.put("t_a", key, generation=0, key=key)
+    cache.lookup("t_a", "a")
+    cache.put("t_a", "c", generation=0, key="c")
+    assert cache.lookup("t_a", "b") == (False, None)
+    assert cache.lookup("t_a", "a") == (True, "a") and cache.lookup("t_a", "c") == (True, "c")

@@ -9,7 +9,7 @@ import pytest
 from services.inference import wire
 from services.inference.budget import BudgetLeases, BudgetRefused, Grant, Tokens
 from services.inference.limits import Limits, RateLimiter, Rejected
-from services.inference.proxy import _TtlCache
+from shared.cache import TenantCache
 from shared.tenancy import TenantContext
 from testkit.fake_anthropic import count_words
 
@@ -143,8 +143,8 @@ async def test_cache_loads_once_for_concurrent_misses():
         await asyncio.sleep(0.01)
         return "policy"
 
-    cache = _TtlCache(ttl=5.0)
-    got = await asyncio.gather(*(cache.get("t_a", load) for _ in range(20)))
+    cache = TenantCache(5.0)
+    got = await asyncio.gather(*(cache.load("t_a", load) for _ in range(20)))
     assert got == ["policy"] * 20 and loads == 1
 
 
