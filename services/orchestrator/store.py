@@ -418,7 +418,7 @@ class RunStore:
         if inserted != 1:
             existing = await self._by_key(idempotency_key) if idempotency_key else None
             if existing is None:
-                raise AlreadyExists(f"run {run_id!r} already exists", reason="RUN_EXISTS")
+                raise AlreadyExists(f"run {run_id!r} already exists", reason="ALREADY_EXISTS")
             return await self._requeued(existing, entry), False
         try:
             await self._enqueue(run_id, now, entry)

@@ -27,6 +27,7 @@ from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
 from bulkhead_cli import main
 from shared.db.router import tenant_slug
+from shared.errors import error_details
 from testkit.fake_anthropic import FakeAnthropic
 from tests.isolation.resources import SECRET_VALUE, make_victim
 from tests.lifecycle.test_delete_mesh import addresses
@@ -44,6 +45,26 @@ from tests.lifecycle.test_residency import (
     sqlite_tables,
 )
 from tests.services.orchestrator.mesh import TIERS
+
+PAUSE_RIDE = 15.0
+"""Seconds a read after the move may meet the migration pause: a replica lifts it at the switch or
+when identity's feed next shows the move done, and callers retry TENANT_MIGRATING as it asks."""
+
+
+async def served(call, request, metadata):
+    """The call's reply, retrying TENANT_MIGRATING refusals (the bounded pause) for up to PAUSE_RIDE s."""
+    deadline = asyncio.get_running_loop().time() + PAUSE_RIDE
+    while True:
+        try:
+            return await call(request, metadata=metadata)
+        except grpc.aio.AioRpcError as exc:
+            migrating = (
+                exc.code() == grpc.StatusCode.UNAVAILABLE and error_details(exc).get("reason") == "TENANT_MIGRATING"
+            )
+            if not migrating or asyncio.get_running_loop().time() > deadline:
+                raise
+            await asyncio.sleep(0.2)
+
 
 pytestmark = [pytest.mark.slow]
 
@@ -158,13 +179,13 @@ async def test_moving_tenants_us_to_eu_leaves_their_rows_in_eu_only(
                     assert openbao_holds(vaults["us"], t.tenant_id, tier) == (False, False), tier
                 # The token issued before the move: secret, old ciphertext and events, now served from eu.
                 creds = credentials_pb2_grpc.CredentialsServiceStub(channels["credentials"])
-                got = await creds.GetSecret(cred.GetSecretRequest(name=made[tier].secret_name), metadata=t.metadata)
+                got = await served(creds.GetSecret, cred.GetSecretRequest(name=made[tier].secret_name), t.metadata)
                 assert got.value == SECRET_VALUE
-                plain = await creds.Decrypt(cred.DecryptRequest(ciphertext=made[tier].ciphertext), metadata=t.metadata)
+                plain = await served(creds.Decrypt, cred.DecryptRequest(ciphertext=made[tier].ciphertext), t.metadata)
                 assert plain.plaintext == SECRET_VALUE
                 state = state_pb2_grpc.StateServiceStub(channels["state"])
-                events = await state.ReadEvents(
-                    st.ReadEventsRequest(thread_id=made[tier].thread_id), metadata=t.metadata
+                events = await served(
+                    state.ReadEvents, st.ReadEventsRequest(thread_id=made[tier].thread_id), t.metadata
                 )
                 assert [e.payload for e in events.events] == [SECRET_VALUE]
             assert after[bystander.tenant_id] == before[bystander.tenant_id]
