@@ -199,6 +199,9 @@ class PostgresServer:
             await conn.execute(
                 f'CREATE ROLE "{owner}" LOGIN NOSUPERUSER NOBYPASSRLS CREATEDB PASSWORD {_quote_literal(owner_pw)}'
             )
+            # DROP DATABASE ... WITH (FORCE) of a silo database ends other replicas' (app role) and autovacuum's
+            # sessions in it: the owner must be allowed to signal them.
+            await conn.execute(f'GRANT pg_signal_backend TO "{owner}"')
             # The superuser must be a member to CREATE DATABASE ... OWNER on managed servers.
             await conn.execute(f'GRANT "{owner}" TO CURRENT_USER')
             await conn.execute(f'CREATE DATABASE "{db}" OWNER "{owner}"')

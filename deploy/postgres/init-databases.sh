@@ -19,6 +19,8 @@ for svc in identity credentials state inference orchestrator metering; do
        -v owner_pw="$BULKHEAD_PG_OWNER_PASSWORD" -v app_pw="$BULKHEAD_PG_APP_PASSWORD" <<'SQL'
 CREATE ROLE :"owner" LOGIN CREATEDB NOSUPERUSER NOCREATEROLE NOBYPASSRLS PASSWORD :'owner_pw';
 CREATE ROLE :"app" LOGIN NOSUPERUSER NOCREATEDB NOCREATEROLE NOBYPASSRLS PASSWORD :'app_pw';
+-- Dropping a purged silo database WITH (FORCE) ends the other replicas' (app role) and autovacuum's sessions in it.
+GRANT pg_signal_backend TO :"owner";
 CREATE DATABASE :"db" OWNER :"owner";
 REVOKE ALL ON DATABASE :"db" FROM PUBLIC;
 GRANT CONNECT, TEMPORARY ON DATABASE :"db" TO :"app";

@@ -45,6 +45,7 @@ from shared.tokens import MigrationFeed
 TIERS = ("pooled", "bridge", "silo")
 _SAFE = re.compile(r"^[a-z0-9_]+$")
 _DUPLICATE_DATABASE = "42P04"
+_INSUFFICIENT_PRIVILEGE = "42501"
 
 
 @dataclass(frozen=True)
@@ -462,6 +463,13 @@ class TenantRouter:
         try:
             async with admin.connect() as conn:
                 await conn.exec_driver_sql(sql)
+        except DBAPIError as exc:
+            if getattr(exc.orig, "pgcode", None) != _INSUFFICIENT_PRIVILEGE:
+                raise
+            raise FailedPrecondition(
+                f"cannot drop {name}: role {owner.username!r} may not end the other sessions in it; "
+                f"GRANT pg_signal_backend TO {owner.username} (deploy/postgres/init-databases.sh does), then retry",
+            ) from None
         finally:
             await admin.dispose()
         return name
