@@ -19,7 +19,7 @@ from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import errors, paging
-from shared.bounds import integer_violations
+from shared.bounds import number_violations
 from shared.metrics import LATENCY, REQUESTS, tenant_label
 from shared.scopes import MethodRule, RuleBook
 from shared.security import EXPIRED_ATTRIBUTED_S, SecurityEvents
@@ -295,7 +295,7 @@ def _bind(
             with _server_span(method, parent) as span:
                 tenant, started, code = enter(), time.perf_counter(), grpc.StatusCode.OK
                 try:
-                    _check_integers(request)
+                    _check_numbers(request)
                     return await behavior(request, context)
                 except Exception as exc:  # noqa: BLE001 - fail() answers every error with a status, redacted
                     code = exc.code if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
@@ -309,7 +309,7 @@ def _bind(
         with _server_span(method, parent) as span:
             tenant, started, code = enter(), time.perf_counter(), grpc.StatusCode.OK
             try:
-                _check_integers(request)
+                _check_numbers(request)
                 result = behavior(request, context)
                 if inspect.isasyncgen(result):
                     async for item in result:
@@ -325,13 +325,14 @@ def _bind(
     return stream_response
 
 
-def _check_integers(request) -> None:
-    """Refuse integers no ledger can sum (see shared.bounds) before any handler sees them."""
+def _check_numbers(request) -> None:
+    """Refuse integers no ledger can sum and JSON numbers JSON cannot hold (see shared.bounds) before any
+    handler sees them."""
     if isinstance(request, Message):
-        problems = integer_violations(request)
+        problems = number_violations(request)
         if problems:
             raise errors.InvalidArgument(
-                f"integer out of range in {', '.join(sorted(problems))}",
+                f"number out of range in {', '.join(sorted(problems))}",
                 reason="VALUE_OUT_OF_RANGE",
                 violations=problems,
             )

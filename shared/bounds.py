@@ -1,13 +1,17 @@
-"""The one range every 64-bit integer of a request must lie in, checked at the edge of every RPC.
+"""The one range every 64-bit integer of a request must lie in, and finite JSON numbers, checked at the edge
+of every RPC.
 
 Counts, limits and prices are summed and multiplied downstream (ledgers, budgets, chargeback);
 a value near 2**63 overflows the database's BIGINT before any domain check can say what is wrong.
 Services still check their own domains (no negative counts, a commit within its hold...): this
-is the floor under all of them, so no request can reach INTERNAL through an integer.
+is the floor under all of them, so no request can reach INTERNAL through an integer. Likewise a
+google.protobuf.Value (a Struct's JSON: tool schemas, tool inputs) may not hold Infinity or NaN, which
+JSON cannot carry and protobuf's JSON conversion refuses deep inside a handler.
 """
 
 from __future__ import annotations
 
+import math
 from functools import cache
 
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
@@ -25,13 +29,21 @@ _WIDE = {
 }
 
 
+def _checked(field: FieldDescriptor) -> bool:
+    """A 64-bit integer, or the number of a JSON Value."""
+    owner = field.containing_type
+    return field.type in _WIDE or (
+        field.type == FieldDescriptor.TYPE_DOUBLE and owner is not None and owner.full_name == "google.protobuf.Value"
+    )
+
+
 @cache
 def _plan(descriptor: Descriptor) -> tuple[tuple[FieldDescriptor, bool], ...]:
-    """The fields of a message type worth visiting: (field, is_message). Empty when no 64-bit integer is reachable."""
+    """The fields of a message type worth visiting: (field, is_message). Empty when no checked number is reachable."""
     return tuple(
         (f, f.type == FieldDescriptor.TYPE_MESSAGE)
         for f in descriptor.fields
-        if f.type in _WIDE or (f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_wide(f.message_type))
+        if _checked(f) or (f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_wide(f.message_type))
     )
 
 
@@ -41,13 +53,14 @@ def _reaches_wide(descriptor: Descriptor, _seen: frozenset = frozenset()) -> boo
         return False
     seen = _seen | {descriptor.full_name}
     return any(
-        f.type in _WIDE or (f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_wide(f.message_type, seen))
+        _checked(f) or (f.type == FieldDescriptor.TYPE_MESSAGE and _reaches_wide(f.message_type, seen))
         for f in descriptor.fields
     )
 
 
-def integer_violations(message: Message, *, limit: int = MAX_SAFE_INTEGER) -> dict[str, str]:
-    """Field path -> problem for every 64-bit integer in message beyond ±limit; empty when all are in range."""
+def number_violations(message: Message, *, limit: int = MAX_SAFE_INTEGER) -> dict[str, str]:
+    """Field path -> problem for every 64-bit integer in message beyond ±limit and every JSON number that is not
+    finite; empty when all are fine."""
     plan = _plan(message.DESCRIPTOR)
     if not plan:
         return {}
@@ -84,6 +97,9 @@ def _visit(message: Message, plan, prefix: str, limit: int, problems: dict[str, 
             _check(value, name, limit, problems)
 
 
-def _check(value: int, name: str, limit: int, problems: dict[str, str]) -> None:
-    if isinstance(value, int) and not -limit <= value <= limit:
+def _check(value: float, name: str, limit: int, problems: dict[str, str]) -> None:
+    if isinstance(value, float):
+        if not math.isfinite(value):
+            problems[name] = "not a JSON number: must be finite (no Infinity or NaN)"
+    elif not -limit <= value <= limit:
         problems[name] = f"out of range: must lie within \u00b1{limit} (2**53 - 1)"

@@ -86,6 +86,27 @@ async def test_team_bad_input_is_precise_and_writes_nothing(bare_mesh):
     assert "update_mask" in d["bad_request"]
 
 
+@pytest.mark.parametrize("number", [float("inf"), float("-inf"), float("nan")])
+async def test_a_tool_schema_with_a_number_json_cannot_hold_is_invalid_argument(bare_mesh, number):
+    """Infinity or NaN in a tool's JSON Schema is the caller's error, refused by the interceptor (it was INTERNAL)."""
+    stub, a = bare_mesh.stub, await bare_mesh.tenant()
+    bad = team_pb("numbers")
+    bad.http_tools[0].input_schema.update({"type": "object", "properties": {"n": {"maximum": 1}}})
+    bad.http_tools[0].input_schema["properties"]["n"]["maximum"] = number
+    for call in (
+        stub.CreateTeam(pb.CreateTeamRequest(team=bad), metadata=a.metadata),
+        stub.UpdateTeam(
+            pb.UpdateTeamRequest(team=bad, update_mask=field_mask_pb2.FieldMask(paths=["http_tools"])),
+            metadata=a.metadata,
+        ),
+    ):
+        d = await expect(grpc.StatusCode.INVALID_ARGUMENT, call)
+        assert d["reason"] == "VALUE_OUT_OF_RANGE"
+        (field,) = d["bad_request"]
+        assert field.startswith("team.http_tools[0].input_schema.") and field.endswith("number_value"), field
+    assert not (await stub.ListTeams(pb.ListTeamsRequest(), metadata=a.metadata)).teams
+
+
 async def test_teams_are_invisible_across_tenants(bare_mesh):
     """Tenant B cannot get, list, update, delete or run A's team; same names do not collide."""
     stub, a, b = bare_mesh.stub, await bare_mesh.tenant(), await bare_mesh.tenant()
