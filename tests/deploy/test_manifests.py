@@ -9,6 +9,7 @@ import pathlib
 import kubernetes_validate
 import pytest
 
+from services.inference.config import SALT_FILE
 from shared.config import SERVICE_PORTS, SERVICES
 from tests.deploy.k8s_helpers import (
     DEPLOY,
@@ -261,6 +262,11 @@ def test_replicas_share_keys_through_secrets(rendered, overlay: str) -> None:
     (container,) = orch["containers"]
     mounted = {m["mountPath"] for m in container["volumeMounts"] if m["name"] == "keys"}
     assert mounted == {"/var/lib/bulkhead/orchestrator-grant.key", "/var/lib/bulkhead/orchestrator-canary.key"}
+    (proxy,) = one(objs, "Deployment", "inference")["spec"]["template"]["spec"]["containers"]
+    salts = [m for m in proxy["volumeMounts"] if m["name"] == "keys"]
+    assert [(m["mountPath"], m["subPath"]) for m in salts] == [
+        (f"/var/lib/bulkhead/{SALT_FILE}", SALT_FILE)  # where load_or_create_salt reads it: no salt per pod
+    ]
     if overlay == "prod":
         (container,) = one(objs, "Deployment", "identity")["spec"]["template"]["spec"]["containers"]
         env = {e["name"]: e.get("value") for e in container["env"]}
