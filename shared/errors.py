@@ -286,8 +286,9 @@ class RpcFailure:
         (our domain and in the catalog: an older or foreign peer's is not ours to repeat), else the code's
         name when that is a catalog reason, else the class default; the metadata only with the reason.
         Violations and the retry delay go on, so our reply carries the same BadRequest, QuotaFailure and
-        RetryInfo. A code with no class of ours (INTERNAL, UNKNOWN, CANCELLED...) is our dependency failing:
-        UNAVAILABLE.
+        RetryInfo. A peer's DEADLINE_EXCEEDED, or a code with no class of ours (INTERNAL, UNKNOWN, CANCELLED...),
+        is our dependency failing: UNAVAILABLE (with reason DEADLINE_EXCEEDED, INTERNAL...), which callers treat
+        as transient.
         """
         ours = catalog_reason(self.reason) if self.domain in (ERROR_DOMAIN, "", None) else None
         kw: dict[str, Any] = {
@@ -346,7 +347,6 @@ _BY_CODE: dict[grpc.StatusCode, type[BulkheadError]] = {
         FailedPrecondition,
         Aborted,
         Unavailable,
-        DeadlineExceeded,
         ResourceExhausted,
     )
 }

@@ -152,7 +152,7 @@ async def _metering(method, request, timeout: float):
     try:
         with peer_call():
             return await method(request, timeout=timeout)
-    except (errors.Unavailable, errors.DeadlineExceeded) as exc:
+    except errors.Unavailable as exc:  # also a peer's DEADLINE_EXCEEDED (errors.RpcFailure.to_error)
         raise BackendUnavailable(f"metering: {exc.code.name}") from None
     except (errors.FailedPrecondition, errors.NotFound) as exc:
         if exc.reason in _GONE:

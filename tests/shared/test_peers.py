@@ -27,7 +27,6 @@ RAISED = {
     "gone": errors.FailedPrecondition("lease expired", reason="LEASE_EXPIRED", metadata={"lease": "l1"}),
     "missing": errors.NotFound("no such secret", reason="SECRET_NOT_FOUND"),
     "exists": errors.AlreadyExists("taken"),
-    "late": errors.DeadlineExceeded("too slow"),
 }
 
 
@@ -50,6 +49,8 @@ class _Raising(EchoServicer):
             )
         if request.fail_with == "bare":
             await context.abort(grpc.StatusCode.INTERNAL, "")
+        if request.fail_with == "late":
+            raise errors.DeadlineExceeded("too slow")
         raise RAISED[request.fail_with]
 
 
@@ -125,6 +126,15 @@ async def test_translation_keeps_code_reason_and_details(call, kind):
     assert getattr(ours, "retry_after", None) == getattr(sent, "retry_after", None)
     assert ours.to_status() == sent.to_status()  # byte for byte the reply the peer sent
     assert ours.peer is not None and ours.peer.code == sent.code
+
+
+async def test_a_peers_deadline_or_internal_failure_is_our_dependency_unavailable(call):
+    """Transient for our callers (the orchestrator pauses a run on UNAVAILABLE), the peer's code kept as reason."""
+    late = errors.from_peer(await call("late"))
+    assert (type(late), late.reason, late.message) == (errors.Unavailable, "DEADLINE_EXCEEDED", "too slow")
+    assert late.peer is not None and late.peer.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    bare = errors.from_peer(await call("bare"))
+    assert (type(bare), bare.reason) == (errors.Unavailable, "INTERNAL")
 
 
 async def test_retry_after_survives_into_our_reply(call):
