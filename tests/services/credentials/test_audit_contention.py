@@ -102,7 +102,9 @@ def _count_lost_races(monkeypatch) -> list[int]:
     return lost
 
 
-async def _many_callers_read_one_secret(databases: list[Database], tmp_path, lost: list[int]) -> None:
+async def _many_callers_read_one_secret(
+    databases: list[Database], tmp_path, lost: list[int], kind: str = "local", openbao=None
+) -> None:
     """REPLICAS credentials servers on one database; CALLERS concurrent GetSecret of one secret over plain
     stubs (no loop of their own): every read succeeds, each is audited once, and the chain verifies."""
     services, channels = [], []
@@ -110,7 +112,7 @@ async def _many_callers_read_one_secret(databases: list[Database], tmp_path, los
     md = TOKENS.metadata(tenant, ("*",))
     try:
         for db in databases:
-            backend = make_test_backend("local", db, tmp_path)
+            backend = make_test_backend(kind, db, tmp_path, openbao)
             services.append(
                 await serve_credentials(db=db, backend=backend, verifier=TOKENS.verifier, audit_key=AUDIT_KEY)
             )
@@ -149,10 +151,15 @@ async def test_concurrent_reads_on_several_replicas_all_succeed_sqlite(tmp_path,
     await _many_callers_read_one_secret([first, *others], tmp_path, lost)
 
 
-async def test_concurrent_reads_on_several_replicas_all_succeed_postgres(postgres, tmp_path, monkeypatch):
+@pytest.mark.parametrize("kind", ["local", "vault"])
+async def test_concurrent_reads_on_several_replicas_all_succeed_postgres(
+    postgres, tmp_path, monkeypatch, request, kind
+):
+    """The production shape: the audit chain on Postgres, the values in the local backend or in OpenBao."""
+    openbao = request.getfixturevalue("openbao") if kind == "vault" else None
     lost = _count_lost_races(monkeypatch)
-    urls = await postgres.create_database("credentials_contention")
+    urls = await postgres.create_database(f"credentials_contention_{kind}")
     databases = [
         await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url) for _ in range(REPLICAS)
     ]
-    await _many_callers_read_one_secret(databases, tmp_path, lost)
+    await _many_callers_read_one_secret(databases, tmp_path, lost, kind, openbao)
