@@ -12,8 +12,11 @@ ValueError at once, so a typo fails the first test that reaches it.
 
 from __future__ import annotations
 
+import contextlib
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -79,6 +82,8 @@ class BulkheadError(Exception):
 
     code: grpc.StatusCode = grpc.StatusCode.INTERNAL
     default_reason = "INTERNAL"
+    peer: RpcFailure | None = None
+    """The peer's failure this error was translated from (from_peer), else None."""
 
     def __init__(self, message: str, *, reason: str | None = None, metadata: Mapping[str, str] | None = None):
         message = clip(message, 2 * MAX_ECHO_BYTES)
@@ -164,10 +169,17 @@ class FailedPrecondition(BulkheadError):
 
 
 class Aborted(BulkheadError):
-    """A concurrency conflict: read again and retry (optimistic concurrency)."""
+    """A concurrency conflict: read again and retry (optimistic concurrency), after retry_after if given."""
 
     code = grpc.StatusCode.ABORTED
     default_reason = "ABORTED"
+
+    def __init__(self, message: str, *, retry_after: float | None = None, **kw):
+        super().__init__(message, **kw)
+        self.retry_after = retry_after
+
+    def details(self) -> list:
+        return [*super().details(), *_retry_info(self.retry_after)]
 
 
 class Unavailable(BulkheadError):
@@ -233,32 +245,132 @@ def trailing_metadata(error: BulkheadError) -> tuple[tuple[str, str | bytes], ..
     return trailer
 
 
+@dataclass(frozen=True, slots=True)
+class RpcFailure:
+    """A peer's failed call, typed: its status and every google.rpc detail it carried (to_status's inverse)."""
+
+    code: grpc.StatusCode
+    message: str
+    reason: str | None = None
+    """ErrorInfo.reason as sent: check it with catalog_reason before repeating it."""
+    domain: str | None = None
+    metadata: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    field_violations: tuple[tuple[str, str], ...] = ()
+    """BadRequest's (field, description) pairs."""
+    quota_violations: tuple[tuple[str, str], ...] = ()
+    """QuotaFailure's (subject, description) pairs."""
+    retry_after: float | None = None
+    """RetryInfo's delay in seconds."""
+
+    @classmethod
+    def of(cls, rpc_error: grpc.RpcError) -> RpcFailure:
+        """Decode a failed call (grpc.aio.AioRpcError, or the sync API's grpc.RpcError) from its trailers."""
+        # types-grpcio says _Metadatum objects; at run time they are (key, value) pairs (grpc.aio.Metadata's
+        # items, or the sync API's namedtuples).
+        trailers: Iterable[tuple[str, str | bytes]] = rpc_error.trailing_metadata() or ()  # type: ignore[assignment]
+        raw = next((v for k, v in trailers if k == _DETAILS_KEY), None)
+        code: grpc.StatusCode = rpc_error.code()
+        fields: dict[str, Any] = {}
+        for any_msg in status_pb2.Status.FromString(raw).details if isinstance(raw, bytes) else ():
+            for kind in _DETAIL_KINDS:
+                if any_msg.Is(kind.DESCRIPTOR):
+                    msg = kind()
+                    any_msg.Unpack(msg)
+                    fields.update(_decoded(msg))
+        return cls(code, rpc_error.details() or code.name, **fields)
+
+    def to_error(self) -> BulkheadError:
+        """The one translation of a peer's failure into our own error, to raise to our caller.
+
+        The peer's message is kept (its own sanitised text). Its reason is kept when it is one of ours
+        (our domain and in the catalog: an older or foreign peer's is not ours to repeat), else the code's
+        name when that is a catalog reason, else the class default; the metadata only with the reason.
+        Violations and the retry delay go on, so our reply carries the same BadRequest, QuotaFailure and
+        RetryInfo. A peer's DEADLINE_EXCEEDED, or a code with no class of ours (INTERNAL, UNKNOWN, CANCELLED...),
+        is our dependency failing: UNAVAILABLE (with reason DEADLINE_EXCEEDED, INTERNAL...), which callers treat
+        as transient.
+        """
+        ours = catalog_reason(self.reason) if self.domain in (ERROR_DOMAIN, "", None) else None
+        kw: dict[str, Any] = {
+            "reason": ours or catalog_reason(self.code.name),
+            "metadata": self.metadata if ours else None,
+        }
+        cls = _BY_CODE.get(self.code, Unavailable)
+        if cls is InvalidArgument:
+            kw["violations"] = dict(self.field_violations)
+        if cls is ResourceExhausted:
+            kw["violations"] = self.quota_violations
+        if cls in (ResourceExhausted, Unavailable, Aborted):
+            kw["retry_after"] = self.retry_after
+        error = cls(self.message, **kw)
+        error.peer = self
+        return error
+
+    def as_dict(self) -> dict:
+        """The plain-dict shape error_details() returns."""
+        return {
+            "reason": self.reason,
+            "domain": self.domain,
+            "metadata": dict(self.metadata),
+            "bad_request": dict(self.field_violations),
+            "quota": list(self.quota_violations),
+            "retry_after": self.retry_after,
+        }
+
+
+_DETAIL_KINDS = (
+    error_details_pb2.ErrorInfo,
+    error_details_pb2.BadRequest,
+    error_details_pb2.QuotaFailure,
+    error_details_pb2.RetryInfo,
+)
+
+
+def _decoded(msg: Any) -> dict[str, Any]:
+    if isinstance(msg, error_details_pb2.ErrorInfo):
+        return {"reason": msg.reason, "domain": msg.domain, "metadata": MappingProxyType(dict(msg.metadata))}
+    if isinstance(msg, error_details_pb2.BadRequest):
+        return {"field_violations": tuple((v.field, v.description) for v in msg.field_violations)}
+    if isinstance(msg, error_details_pb2.QuotaFailure):
+        return {"quota_violations": tuple((v.subject, v.description) for v in msg.violations)}
+    return {"retry_after": msg.retry_delay.ToNanoseconds() / 1e9}
+
+
+_BY_CODE: dict[grpc.StatusCode, type[BulkheadError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        Unauthenticated,
+        PermissionDenied,
+        FailedPrecondition,
+        Aborted,
+        Unavailable,
+        ResourceExhausted,
+    )
+}
+
+
+def from_peer(rpc_error: grpc.RpcError) -> BulkheadError:
+    """A peer's failed call as our own error (RpcFailure.to_error); the typed failure is on its `.peer`."""
+    return RpcFailure.of(rpc_error).to_error()
+
+
+@contextlib.contextmanager
+def peer_call() -> Iterator[None]:
+    """Every call to a peer runs inside this: a failed call leaves it as our own error (from_peer), so a
+    caller's special cases catch our classes (`except errors.NotFound`) and the rest reaches our caller.
+
+        with peer_call():
+            reply = await stub.GetTenant(request, timeout=3.0)
+    """
+    try:
+        yield
+    except grpc.RpcError as err:
+        raise from_peer(err) from None
+
+
 def error_details(rpc_error: grpc.RpcError) -> dict:
-    """Decode the google.rpc details of a failed call into a plain dict (for tests and clients)."""
-    # types-grpcio says _Metadatum objects; at run time they are (key, value) pairs (grpc.aio.Metadata's
-    # items, or the sync API's namedtuples).
-    trailers: Iterable[tuple[str, str | bytes]] = rpc_error.trailing_metadata() or ()  # type: ignore[assignment]
-    raw = next((v for k, v in trailers if k == _DETAILS_KEY), None)
-    out: dict = {"reason": None, "domain": None, "metadata": {}, "bad_request": {}, "quota": [], "retry_after": None}
-    if raw is None:
-        return out
-    status = status_pb2.Status.FromString(raw)
-    for any_msg in status.details:
-        for cls in (
-            error_details_pb2.ErrorInfo,
-            error_details_pb2.BadRequest,
-            error_details_pb2.QuotaFailure,
-            error_details_pb2.RetryInfo,
-        ):
-            if any_msg.Is(cls.DESCRIPTOR):
-                msg = cls()
-                any_msg.Unpack(msg)
-                if isinstance(msg, error_details_pb2.ErrorInfo):
-                    out.update(reason=msg.reason, domain=msg.domain, metadata=dict(msg.metadata))
-                elif isinstance(msg, error_details_pb2.BadRequest):
-                    out["bad_request"] = {v.field: v.description for v in msg.field_violations}
-                elif isinstance(msg, error_details_pb2.QuotaFailure):
-                    out["quota"] = [(v.subject, v.description) for v in msg.violations]
-                else:
-                    out["retry_after"] = msg.retry_delay.ToNanoseconds() / 1e9
-    return out
+    """The google.rpc details of a failed call as a plain dict (for tests); code uses RpcFailure.of."""
+    return RpcFailure.of(rpc_error).as_dict()

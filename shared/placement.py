@@ -11,7 +11,6 @@ A single-region deployment asks nothing: `open_service_database` wires no lookup
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +19,9 @@ import grpc
 from bulkhead.identity.v1 import identity_pb2
 from shared.config import ServiceConfig
 from shared.db import Database
-from shared.errors import NotFound, Unavailable
-from shared.identity_peer import IdentityPeer
+from shared.errors import Unavailable
+from shared.identity_peer import IdentityPeer, about_tenant
 from shared.tiers import UnknownTier, tier_from_proto
-
-log = logging.getLogger("bulkhead.placement")
 
 
 class IdentityPlacements(IdentityPeer):
@@ -39,21 +36,12 @@ class IdentityPlacements(IdentityPeer):
         """The tenant's (region, tier); NotFound for no such tenant; Unavailable when identity cannot say (fail
         closed: a guessed region writes the tenant's rows where the law says they must not be). The tier
         routes the tenant over its token's claim, so a restarted service follows a finished tier migration."""
-        try:
+        with about_tenant(tenant_id, "region", "TENANT_REGION_UNAVAILABLE"):
             reply = await self._stub.GetTenantPlacement(
                 identity_pb2.GetTenantPlacementRequest(tenant_id=tenant_id),
                 timeout=self._timeout,
                 metadata=await self._credentials.metadata(),
             )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound("tenant not found", reason="TENANT_NOT_FOUND") from None
-            log.warning("identity could not place tenant %s: %s", tenant_id, exc.code().name)
-            raise Unavailable(
-                "identity could not confirm the tenant's region; nothing was changed, retry",
-                reason="TENANT_REGION_UNAVAILABLE",
-                retry_after=1.0,
-            ) from None
         if not reply.region:
             raise Unavailable(
                 "identity returned no region for the tenant; retry", reason="TENANT_REGION_UNAVAILABLE", retry_after=1.0

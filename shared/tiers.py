@@ -14,7 +14,7 @@ import grpc
 
 from bulkhead.common.v1 import tenancy_pb2
 from bulkhead.identity.v1 import identity_pb2, identity_pb2_grpc
-from shared.errors import NotFound, Unavailable
+from shared.identity_peer import about_tenant
 
 
 class UnknownTier(ValueError):
@@ -78,17 +78,8 @@ class IdentityTiers:
         self._timeout = timeout
 
     async def tier_of(self, tenant_id: str) -> Tier:
-        try:
+        with about_tenant(tenant_id, "tier", "TENANT_TIER_UNAVAILABLE"):
             reply = await self._stub.GetTenant(
                 identity_pb2.GetTenantRequest(tenant_id=tenant_id), timeout=self._timeout
             )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.NOT_FOUND:
-                raise NotFound("tenant not found", reason="TENANT_NOT_FOUND") from None
-            # Fail closed: data written under a guessed tier lands where the tenant never reads it.
-            raise Unavailable(
-                "identity could not confirm the tenant's tier; nothing was changed, retry",
-                reason="TENANT_TIER_UNAVAILABLE",
-                retry_after=1.0,
-            ) from None
         return tier_from_proto(reply.tenant.tier)

@@ -40,8 +40,8 @@ _UPPER = re.compile(r"^[A-Z][A-Z0-9_]*$")
 
 PASS_THROUGH: dict[tuple[str, str], str] = {
     (
-        "services/orchestrator/clients.py",
-        "translate",
+        "shared/errors.py",
+        "to_error",
     ): "a peer's reason, kept only when the catalog has it (errors.catalog_reason), else the class default",
     (
         "services/inference/proxy.py",

@@ -55,6 +55,12 @@ def hashed_fields(row: store.AuditRow) -> dict[str, object]:
     return {name: getattr(row, name) for name in _HASHED}
 
 
+APPEND_BUDGET_S = 2.0
+"""How long an append keeps retrying a head other replicas moved before the call fails UNAVAILABLE (which
+a channel resends for an idempotent read such as GetSecret)."""
+_FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.005, 0.1
+
+
 class _StaleHead(Exception):
     """The chain head moved under us (another replica appended)."""
 
@@ -177,7 +183,12 @@ class AuditLog:
 
         On SQLite the transaction runs on the loop's own thread when the file's write lock is free
         (sqlite_inline: no thread hop), else on the writer thread, which waits for the lock."""
-        for _ in range(5):  # another replica may have moved the head: reload and retry
+        # Another replica may have moved the head: reread it and retry. Each loss means another writer
+        # committed, so the chain always advances (no livelock) and a loss only costs a wait; retrying here,
+        # within a time budget, means no caller sees the race (GetSecret never answers ABORTED for it).
+        loop = asyncio.get_running_loop()
+        give_up, backoff = loop.time() + APPEND_BUDGET_S, _FIRST_BACKOFF_S
+        while True:
             head = self._heads.pop(tenant_id, None)  # back only after a commit: a failure rereads it
             try:
                 if self._db.dialect == "sqlite":
@@ -193,11 +204,17 @@ class AuditLog:
             except Exception as exc:
                 if not (isinstance(exc, _StaleHead) or store.is_unique_violation(exc)):
                     raise
-                await asyncio.sleep(random.uniform(0.005, 0.03))  # let the other writer finish first
+                if loop.time() >= give_up:  # only under contention no replica should ever see
+                    raise errors.Unavailable(
+                        "the audit log is too busy to append to; retry",
+                        reason="AUDIT_CONTENTION",
+                        retry_after=APPEND_BUDGET_S,
+                    ) from None
+                await asyncio.sleep(backoff * random.uniform(0.5, 1.5))  # let the other writer finish first
+                backoff = min(backoff * 2, _MAX_BACKOFF_S)
                 continue
             self._heads[tenant_id] = head
             return
-        raise errors.Aborted("could not append to the audit log; retry", reason="AUDIT_CONTENTION")
 
     async def _append_raw(self, tenant_id: str, head: tuple[int, str] | None, batch: list[dict]) -> tuple[int, str]:
         """The append as a raw transaction (Postgres: one round trip to begin, under RLS)."""

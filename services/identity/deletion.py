@@ -25,16 +25,15 @@ from google.protobuf.json_format import MessageToDict
 from sqlalchemy import CursorResult, select, update
 
 from bulkhead.common.v1 import lifecycle_pb2 as lpb
-from bulkhead.common.v1 import lifecycle_pb2_grpc
+from services.identity.peers import LifecyclePeers
 from services.identity.receipts import build_receipt, sign_receipt
 from services.identity.signing import SigningKeys, as_utc, utcnow
 from services.identity.store import DeletionRow, DeletionStepRow, TenantRow
 from shared.db import Database
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
-from shared.lifecycle import LIFECYCLE_SCOPE, TenantLifecycle, purge_pb
+from shared.errors import BulkheadError, FailedPrecondition, InvalidArgument, NotFound
+from shared.lifecycle import TenantLifecycle, purge_pb
 from shared.tenancy import PLATFORM_TENANT
 from shared.tiers import Tier, tier_to_proto
-from shared.tokens import TokenIssuer
 
 log = logging.getLogger("bulkhead.identity.deletion")
 
@@ -45,8 +44,6 @@ SETTLE = timedelta(seconds=3)
 """Even `now` waits this long after the tenant turns `deleting`: every verifier polls the suspended
 list about once a second, so by then no service still serves the tenant (or resumes its runs)
 while its rows go."""
-_TOKEN_TTL = 300
-_CALL_TIMEOUT = 120.0
 
 
 @dataclass(frozen=True)
@@ -55,23 +52,6 @@ class DeletionView:
 
     row: DeletionRow
     steps: list[DeletionStepRow]
-
-
-class PlatformCaller:
-    """identity's own platform token (platform.lifecycle), minted by itself: it is the issuer."""
-
-    def __init__(self, keys: SigningKeys) -> None:
-        self._keys = keys
-        self._token: tuple[str, float] | None = None
-
-    async def metadata(self) -> tuple[tuple[str, str], ...]:
-        now = utcnow().timestamp()
-        if self._token is None or self._token[1] - now < _TOKEN_TTL / 3:
-            token, claims = TokenIssuer(await self._keys.active()).issue(
-                tenant_id=PLATFORM_TENANT, principal_id="identity", scopes=frozenset({LIFECYCLE_SCOPE}), ttl=_TOKEN_TTL
-            )
-            self._token = (token, float(claims.expires_at))
-        return ("authorization", f"Bearer {self._token[0]}"), ("x-tenant-id", PLATFORM_TENANT)
 
 
 class Deletions:
@@ -93,10 +73,9 @@ class Deletions:
         self._keys = keys
         self._own = own
         self.peers = peers
-        self._channel_for = channel_for
+        self._lifecycle = LifecyclePeers(keys, peers, channel_for)
         self._on_change = on_status_change
         self._lease = timedelta(seconds=lease_seconds)
-        self._caller = PlatformCaller(keys)
         self._busy = asyncio.Lock()
         self._kicks: set[asyncio.Task] = set()
 
@@ -279,25 +258,20 @@ class Deletions:
                     ],
                 )
             else:
-                stub = self._stub(step.service)
-                inventory = await stub.InventoryTenant(
-                    lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=proto_tier),
-                    timeout=_CALL_TIMEOUT,
-                    metadata=await self._caller.metadata(),
+                inventory = await self._lifecycle.call(
+                    step.service, "InventoryTenant", lpb.InventoryTenantRequest(tenant_id=tenant_id, tier=proto_tier)
                 )
             await self._record(tenant_id, step.service, inventory=inventory)
             if step.service == "identity":
                 result = purge_pb("identity", await self._own.purge(tenant_id, tier))
             else:
-                result = await stub.PurgeTenant(
-                    lpb.PurgeTenantRequest(tenant_id=tenant_id, tier=proto_tier),
-                    timeout=_CALL_TIMEOUT,
-                    metadata=await self._caller.metadata(),
+                result = await self._lifecycle.call(
+                    step.service, "PurgeTenant", lpb.PurgeTenantRequest(tenant_id=tenant_id, tier=proto_tier)
                 )
-        except grpc.aio.AioRpcError as exc:
-            await self._record(tenant_id, step.service, error=f"{exc.code().name}: {exc.details()}"[:300])
+        except BulkheadError as exc:  # a peer's failure (peer_call), or identity's own refusal
+            await self._record(tenant_id, step.service, error=f"{exc.code.name}: {exc.message}"[:300])
             log.warning(
-                "deletion of %s: %s failed (%s); retried on the next pass", tenant_id, step.service, exc.code().name
+                "deletion of %s: %s failed (%s); retried on the next pass", tenant_id, step.service, exc.code.name
             )
             return False
         except Exception as exc:  # a step must fail visibly and be retried, never end the plan
@@ -307,12 +281,6 @@ class Deletions:
         await self._record(tenant_id, step.service, result=result)
         log.info("deletion of %s: %s purged", tenant_id, step.service)
         return True
-
-    def _stub(self, service: str) -> lifecycle_pb2_grpc.TenantLifecycleServiceAsyncStub:
-        address = self.peers.get(service)
-        if not address:
-            raise RuntimeError(f"no address for {service}")
-        return lifecycle_pb2_grpc.TenantLifecycleServiceStub(self._channel_for(address))
 
     async def _record(self, tenant_id: str, service: str, *, inventory=None, result=None, error: str = "") -> None:
         async with self._db.system_session() as s:

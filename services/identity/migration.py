@@ -44,14 +44,13 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from sqlalchemy import CursorResult, delete, func, select, update
 
 from bulkhead.common.v1 import lifecycle_pb2 as lpb
-from bulkhead.common.v1 import lifecycle_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2 as pb
-from services.identity.deletion import PlatformCaller
+from services.identity.peers import LifecyclePeers
 from services.identity.signing import MAX_TOKEN_TTL, SigningKeys, as_utc, utcnow
 from services.identity.store import MigrationRow, MigrationStepRow, TenantRow
 from shared.config_audit import ConfigAudit
 from shared.db import Database
-from shared.errors import FailedPrecondition, InvalidArgument, NotFound
+from shared.errors import BulkheadError, FailedPrecondition, InvalidArgument, NotFound
 from shared.ids import check_tenant_id
 from shared.lifecycle import Placement
 from shared.tenancy import PLATFORM_TENANT
@@ -64,7 +63,6 @@ SERVICES = ("orchestrator", "credentials", "state", "inference", "metering")
 UNFINISHED = ("copying", "releasing", "aborting")
 PAUSE_SECONDS = 30
 """The pause lease each CopyTenant asks for: the longest a dead coordinator leaves a tenant paused."""
-_CALL_TIMEOUT = 120.0
 FEED_WAIT_SECONDS = float(os.environ.get("BULKHEAD_MIGRATION_FEED_WAIT_SECONDS", "2.5"))
 """The feed's staleness bound: every replica polls it every second (shared.keys, 1 s), plus 1.5 s of margin
 (the poll call itself, the transactions a replica admitted just before it heard). The coordinator waits
@@ -105,11 +103,10 @@ class Migrations:
         self._db = db
         self._regions = tuple(regions)
         self.peers = peers
-        self._channel_for = channel_for
+        self._lifecycle = LifecyclePeers(keys, peers, channel_for)
         self._lease = timedelta(seconds=lease_seconds)
         self._pause = pause_seconds
         self._feed_wait = feed_wait
-        self._caller = PlatformCaller(keys)
         self._busy = asyncio.Lock()
         self._kicks: set[asyncio.Task] = set()
 
@@ -337,11 +334,11 @@ class Migrations:
 
     # -- one service's calls ------------------------------------------------------------------------
     async def _copy(self, tenant_id: str, service: str, source: Placement, target: Placement) -> None:
-        stub = self._stub(service)
-        md = await self._caller.metadata()
         tier, target_tier = tier_to_proto(source.tier.value), tier_to_proto(target.tier.value)
         async with self._step(tenant_id, service):
-            await stub.CopyTenant(
+            await self._lifecycle.call(
+                service,
+                "CopyTenant",
                 lpb.CopyTenantRequest(
                     tenant_id=tenant_id,
                     tier=tier,
@@ -350,10 +347,10 @@ class Migrations:
                     target_region=target.region,
                     pause_seconds=self._pause,
                 ),
-                timeout=_CALL_TIMEOUT,
-                metadata=md,
             )
-            verified = await stub.VerifyTenant(
+            verified = await self._lifecycle.call(
+                service,
+                "VerifyTenant",
                 lpb.VerifyTenantRequest(
                     tenant_id=tenant_id,
                     tier=tier,
@@ -361,8 +358,6 @@ class Migrations:
                     target_tier=target_tier,
                     target_region=target.region,
                 ),
-                timeout=_CALL_TIMEOUT,
-                metadata=md,
             )
             if not verified.equal:
                 raise StepFailed(f"verify: {', '.join(verified.mismatched_tables)} differ")
@@ -370,16 +365,18 @@ class Migrations:
 
     async def _switch(self, tenant_id: str, service: str, to: Placement, phase: str) -> None:
         async with self._step(tenant_id, service):
-            await self._stub(service).SwitchTenant(
+            await self._lifecycle.call(
+                service,
+                "SwitchTenant",
                 lpb.SwitchTenantRequest(tenant_id=tenant_id, tier=tier_to_proto(to.tier.value), region=to.region),
-                timeout=_CALL_TIMEOUT,
-                metadata=await self._caller.metadata(),
             )
         await self._record(tenant_id, service, phase=phase)
 
     async def _release_one(self, tenant_id: str, service: str, left: Placement, current: Placement) -> None:
         async with self._step(tenant_id, service):
-            out = await self._stub(service).ReleaseTenant(
+            out = await self._lifecycle.call(
+                service,
+                "ReleaseTenant",
                 lpb.ReleaseTenantRequest(
                     tenant_id=tenant_id,
                     tier=tier_to_proto(left.tier.value),
@@ -387,19 +384,11 @@ class Migrations:
                     current_tier=tier_to_proto(current.tier.value),
                     current_region=current.region,
                 ),
-                timeout=_CALL_TIMEOUT,
-                metadata=await self._caller.metadata(),
             )
         await self._record(tenant_id, service, phase="released", released=json.dumps(MessageToDict(out)))
 
     def _step(self, tenant_id: str, service: str):
         return _Step(self, tenant_id, service)
-
-    def _stub(self, service: str) -> lifecycle_pb2_grpc.TenantLifecycleServiceAsyncStub:
-        address = self.peers.get(service)
-        if not address:
-            raise StepFailed(f"no address for {service}")
-        return lifecycle_pb2_grpc.TenantLifecycleServiceStub(self._channel_for(address))
 
     async def _record(
         self,
@@ -509,8 +498,8 @@ class _Step:
     async def __aexit__(self, kind, exc, tb) -> bool:
         if exc is None:
             return False
-        if isinstance(exc, grpc.aio.AioRpcError):
-            error = f"{exc.code().name}: {exc.details()}"
+        if isinstance(exc, BulkheadError):  # a peer's failure (peer_call), or identity's own refusal
+            error = f"{exc.code.name}: {exc.message}"
         elif isinstance(exc, StepFailed):
             error = str(exc)
         elif isinstance(exc, Exception):

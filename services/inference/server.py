@@ -16,15 +16,15 @@ from bulkhead.client import RefreshingToken
 from bulkhead.inference.v1 import inference_pb2, inference_pb2_grpc
 from services.inference.attempts import AttemptJournal
 from services.inference.budget import BudgetLeases
-from services.inference.clients import (
+from services.inference.config import InferenceConfig, load_or_create_salt
+from services.inference.lifecycle import DeliverUsage
+from services.inference.limits import RateLimiter
+from services.inference.peers import (
     CredentialsKeys,
     MeteringClient,
     NoTenantKeys,
     PlatformUsage,
 )
-from services.inference.config import InferenceConfig, load_or_create_salt
-from services.inference.lifecycle import DeliverUsage
-from services.inference.limits import RateLimiter
 from services.inference.providers import (
     OFFLINE,
     AnthropicProvider,

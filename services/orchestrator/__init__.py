@@ -9,5 +9,5 @@ Modules, from the inside out:
   scheduler.py   fair admission under per-tenant limits; dispatcher.py leases and executes runs
   store.py       teams, runs, recorded steps and the run queue (SQLAlchemy; migrations/)
   operations.py  what each RPC does; servicer.py maps it to and from protos; server.py wires it
-  clients.py     the engine's ports over gRPC (state, inference, credentials, identity)
+  peers.py       where the peers listen, and the engine's ports over gRPC (state, inference, identity)
 """

@@ -15,19 +15,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import random
 from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass
 
 import grpc
 
 from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
+from shared import errors
+from shared.errors import peer_call
 from shared.logs import REDACTED, register_secret
-
-_ATTEMPTS = 3
-_TRANSIENT = (grpc.StatusCode.ABORTED,)
-"""A read is safe to repeat: contention on the audit log is retried here. UNAVAILABLE (a credentials replica
-restarting) is not: the channel from make_channel already resent GetSecret (IDEMPOTENT in the proto)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,7 +93,8 @@ class InjectedSecrets(Mapping[str, str]):
 
 
 class SecretInjector:
-    """Resolves secret references for one tool call at a time."""
+    """Resolves secret references for one tool call at a time. No retry loop: the channel resends GetSecret
+    (idempotent) on UNAVAILABLE, and credentials rides out its own audit-chain races."""
 
     def __init__(self, channel: grpc.aio.Channel, *, timeout: float = 5.0) -> None:
         self._stub = credentials_pb2_grpc.CredentialsServiceStub(channel)
@@ -110,19 +107,13 @@ class SecretInjector:
         return InjectedSecrets(dict(zip(normalized, values, strict=True)))
 
     async def _fetch(self, env_name: str, ref: SecretRef) -> str:
-        for attempt in range(_ATTEMPTS):
-            try:
+        try:
+            with peer_call():
                 reply = await self._stub.GetSecret(
                     credentials_pb2.GetSecretRequest(name=ref.name, version=ref.version), timeout=self._timeout
                 )
-                break
-            except grpc.aio.AioRpcError as err:
-                if err.code() in _TRANSIENT and attempt + 1 < _ATTEMPTS:
-                    await asyncio.sleep(0.05 * 2**attempt * random.uniform(0.5, 1.5))
-                    continue
-                from shared.errors import error_details
-
-                raise SecretResolutionError(env_name, ref, err.code(), error_details(err).get("reason")) from None
+        except errors.BulkheadError as err:
+            raise SecretResolutionError(env_name, ref, err.code, err.reason) from None
         value = reply.value.decode()
         register_secret(value)
         return value

@@ -1,7 +1,7 @@
 """What the engine needs from the rest of the mesh, as small protocols.
 
 Production implementations call the state, inference and credentials services over gRPC
-(services/orchestrator/clients.py); the engine only sees these shapes.
+(services/orchestrator/peers.py); the engine only sees these shapes.
 """
 
 from __future__ import annotations

@@ -11,7 +11,6 @@ import grpc
 import httpx
 
 from bulkhead.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
-from services.orchestrator.clients import IdentityDelegator, InferenceModel, StateContext, StateStepLog
 from services.orchestrator.config import OrchestratorConfig
 from services.orchestrator.dispatcher import Dispatcher, DispatchSettings, StepFeed
 from services.orchestrator.engine import Engine, Limits, Ports
@@ -20,6 +19,7 @@ from services.orchestrator.http_tools import HttpToolRunner
 from services.orchestrator.injection import SecretInjector
 from services.orchestrator.lifecycle import CancelRuns
 from services.orchestrator.operations import Delegator, Orchestrator
+from services.orchestrator.peers import IdentityDelegator, InferenceModel, Peers, StateContext, StateStepLog
 from services.orchestrator.ratelimit import RateLimiter
 from services.orchestrator.servicer import OrchestratorServicer
 from services.orchestrator.stats import RunStats
@@ -39,16 +39,6 @@ from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
 """The orchestrator's Alembic migrations."""
-
-
-@dataclass(frozen=True)
-class Peers:
-    """Where the services a run uses listen."""
-
-    identity: str
-    state: str
-    inference: str
-    credentials: str
 
 
 @dataclass

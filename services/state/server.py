@@ -10,10 +10,10 @@ import grpc
 from bulkhead.state.v1 import state_pb2, state_pb2_grpc
 from services.state.config import StateConfig
 from services.state.context_kv import ContextStore
-from services.state.credentials_keys import CredentialsDataKeyProvider
 from services.state.datakeys import DataKeyProvider, LocalDataKeyProvider
 from services.state.envelope import Envelope, PlaintextEnvelope
 from services.state.lifecycle import ForgetDataKeys
+from services.state.peers import CredentialsDataKeyProvider
 from services.state.records import Limits
 from services.state.servicer import StateServicer
 from services.state.store import DataKeyStore, StateBase

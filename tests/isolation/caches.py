@@ -69,7 +69,7 @@ CACHES: dict[str, Entry] = {
     "services/inference/proxy.py::_entries": Entry(
         TENANT, "_ReplayCache storage, same keys", _IDS + "test_a_reply_replayed_across_tenants_fails_the_check"
     ),
-    "services/inference/clients.py::_cache": Entry(
+    "services/inference/peers.py::_cache": Entry(
         TENANT, "tenant -> its own provider key", _CACHES + "test_provider_key_cache_is_per_tenant"
     ),
     "services/inference/providers.py::_clients": Entry(

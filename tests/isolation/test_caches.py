@@ -329,7 +329,7 @@ async def test_a_provider_key_cache_keyed_without_the_tenant_fails_its_check(rig
     """CredentialsKeys answering every tenant from one entry: A's call uses B's key, and the check says so."""
     from dataclasses import replace
 
-    from services.inference.clients import CredentialsKeys
+    from services.inference.peers import CredentialsKeys
 
     original = CredentialsKeys.tenant_key
     monkeypatch.setattr(CredentialsKeys, "tenant_key", lambda self, ctx: original(self, replace(ctx, tenant_id="*")))

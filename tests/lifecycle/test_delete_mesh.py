@@ -21,7 +21,8 @@ from bulkhead.common.v1 import lifecycle_pb2_grpc
 from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead_cli.receipts import ReceiptError, receipt_document, verify_document
 from services.credentials.backend import TenantRef
-from services.identity.deletion import STEPS, PlatformCaller
+from services.identity.deletion import STEPS
+from services.identity.peers import PlatformCaller
 from shared.errors import InvalidArgument
 from shared.tenancy import TenantContext, tenant_scope
 from testkit.fake_anthropic import FakeAnthropic

@@ -18,7 +18,7 @@ from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead_cli.receipts import ReceiptError, receipt_document, verify_document
 from services.credentials.backend import TenantRef
 from services.credentials.vault_layout import VaultLayout
-from services.identity.deletion import PlatformCaller
+from services.identity.peers import PlatformCaller
 from testkit.fake_anthropic import FakeAnthropic
 from tests.isolation import resources
 from tests.isolation.resources import make_victim

@@ -10,7 +10,7 @@ import pytest
 
 from bulkhead.common.v1 import lifecycle_pb2 as lpb
 from bulkhead.common.v1 import lifecycle_pb2_grpc, tenancy_pb2
-from services.identity.deletion import PlatformCaller
+from services.identity.peers import PlatformCaller
 from services.inference.budget import Tokens
 from services.inference.usage import UsageEvent
 from shared.errors import error_details

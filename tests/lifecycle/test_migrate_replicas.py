@@ -22,7 +22,7 @@ from prometheus_client import CollectorRegistry
 from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
-from services.identity.deletion import PlatformCaller
+from services.identity.peers import PlatformCaller
 from services.metering import server as metering_server
 from testkit.fake_anthropic import FakeAnthropic
 from tests.lifecycle.pg_mesh import running_pg_mesh

@@ -14,7 +14,7 @@ from bulkhead.common.v1 import lifecycle_pb2_grpc, tenancy_pb2
 from bulkhead.identity.v1 import identity_pb2 as idn
 from bulkhead.state.v1 import state_pb2 as st
 from bulkhead.state.v1 import state_pb2_grpc
-from services.identity.deletion import PlatformCaller
+from services.identity.peers import PlatformCaller
 from shared.errors import error_details
 from testkit.fake_anthropic import FakeAnthropic
 from tests.services.orchestrator.mesh import running_mesh

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 import pytest
 
 from bulkhead.inference.v1 import inference_pb2 as pb
-from services.inference.clients import MeteringClient, PlatformUsage
+from services.inference.peers import MeteringClient, PlatformUsage
 from services.inference.store import SqlOutbox
 from services.inference.usage import UsageEvent, UsageMeter, UsageRejected
 from services.metering.server import MIGRATIONS as METERING_MIGRATIONS

@@ -11,7 +11,7 @@ import grpc
 import pytest
 
 from bulkhead.inference.v1 import inference_pb2 as pb
-from services.inference.clients import PlatformUsage
+from services.inference.peers import PlatformUsage
 from shared.client import StaticCredentials, make_channel
 from shared.errors import error_details
 

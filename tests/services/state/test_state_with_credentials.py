@@ -19,7 +19,7 @@ from services.credentials.master_key import load_or_create_master_key
 from services.credentials.server import MIGRATIONS as CREDENTIALS_MIGRATIONS
 from services.credentials.server import serve_credentials
 from services.credentials.vault_backend import VaultBackend
-from services.state.credentials_keys import CredentialsDataKeyProvider
+from services.state.peers import CredentialsDataKeyProvider
 from services.state.server import make_envelope, serve_state
 from shared.client import make_channel
 from shared.db import Database

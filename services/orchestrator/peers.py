@@ -1,12 +1,16 @@
-"""gRPC implementations of the engine's ports: state, inference proxy, identity (secrets: the injection module).
+"""The orchestrator's peers: where they listen, and gRPC implementations of the engine's ports on them: state,
+inference proxy, identity (secrets: the injection module).
 
 Every call goes through a forwarding channel, so it carries the current TenantContext: the run's
-delegated token, its tenant, and the step's request id (the idempotency key downstream).
+delegated token, its tenant, and the step's request id (the idempotency key downstream). Every call runs in
+errors.peer_call(): a peer's failure reaches the engine as our own error, its special cases caught by class.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
@@ -18,28 +22,20 @@ from bulkhead.state.v1 import state_pb2, state_pb2_grpc
 from services.orchestrator.ports import ModelReply, StepConflict
 from services.orchestrator.steps import STEP_EVENT_TYPE, Step
 from shared import errors
+from shared.errors import peer_call
 from shared.tenancy import require_tenant, tenant_scope
 
 _STOP = {v: k.removeprefix("STOP_REASON_").lower() for k, v in inference_pb2.StopReason.items()}
 
 
-def translate(err: grpc.aio.AioRpcError) -> errors.BulkheadError:
-    """A downstream failure as our own error (message kept; it is the other service's sanitised text)."""
-    from shared.errors import error_details
+@dataclass(frozen=True)
+class Peers:
+    """Where the services a run uses listen."""
 
-    # A peer's reason when the catalog has it (an older or foreign peer's is not ours to repeat), else the
-    # status code's name when that is a catalog reason (DEADLINE_EXCEEDED, ...), else the class default.
-    reason = errors.catalog_reason(error_details(err).get("reason")) or errors.catalog_reason(err.code().name)
-    cls = {
-        grpc.StatusCode.NOT_FOUND: errors.NotFound,
-        grpc.StatusCode.INVALID_ARGUMENT: errors.InvalidArgument,
-        grpc.StatusCode.PERMISSION_DENIED: errors.PermissionDenied,
-        grpc.StatusCode.UNAUTHENTICATED: errors.Unauthenticated,
-        grpc.StatusCode.RESOURCE_EXHAUSTED: errors.ResourceExhausted,
-        grpc.StatusCode.FAILED_PRECONDITION: errors.FailedPrecondition,
-        grpc.StatusCode.ABORTED: errors.Aborted,
-    }.get(err.code(), errors.Unavailable)
-    return cls(err.details() or err.code().name, reason=reason)
+    identity: str
+    state: str
+    inference: str
+    credentials: str
 
 
 class StateStepLog:
@@ -51,23 +47,19 @@ class StateStepLog:
     async def append(self, run_id: str, step: Step) -> None:
         """Append at version step.index; StepConflict when someone else wrote first."""
         if step.index == 1:
-            try:
+            with contextlib.suppress(errors.AlreadyExists), peer_call():  # a retried first step: the thread is there
                 await self._stub.CreateThread(state_pb2.CreateThreadRequest(thread_id=run_id, run_id=run_id))
-            except grpc.aio.AioRpcError as err:
-                if err.code() != grpc.StatusCode.ALREADY_EXISTS:
-                    raise translate(err) from None
         try:
-            await self._stub.AppendEvents(
-                state_pb2.AppendEventsRequest(
-                    thread_id=run_id,
-                    expected_version=step.index - 1,
-                    events=[state_pb2.NewEvent(type=STEP_EVENT_TYPE, payload=step.to_json())],
+            with peer_call():
+                await self._stub.AppendEvents(
+                    state_pb2.AppendEventsRequest(
+                        thread_id=run_id,
+                        expected_version=step.index - 1,
+                        events=[state_pb2.NewEvent(type=STEP_EVENT_TYPE, payload=step.to_json())],
+                    )
                 )
-            )
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.ABORTED:
-                raise StepConflict(f"run {run_id} log moved past step {step.index - 1}") from None
-            raise translate(err) from None
+        except errors.Aborted:
+            raise StepConflict(f"run {run_id} log moved past step {step.index - 1}") from None
 
     async def read(self, run_id: str, after: int = 0) -> list[Step]:
         """Every step after `after` (paging through ReadEvents); [] for a run not started yet."""
@@ -75,13 +67,16 @@ class StateStepLog:
         token = ""
         while True:
             try:
-                resp = await self._stub.ReadEvents(
-                    state_pb2.ReadEventsRequest(thread_id=run_id, after_version=after, page_size=1000, page_token=token)
-                )
-            except grpc.aio.AioRpcError as err:
-                if err.code() == grpc.StatusCode.NOT_FOUND and not steps:
-                    return []
-                raise translate(err) from None
+                with peer_call():
+                    resp = await self._stub.ReadEvents(
+                        state_pb2.ReadEventsRequest(
+                            thread_id=run_id, after_version=after, page_size=1000, page_token=token
+                        )
+                    )
+            except errors.NotFound:
+                if steps:
+                    raise
+                return []  # no thread yet: the run has not started
             steps.extend(Step.from_json(e.payload) for e in resp.events if e.type == STEP_EVENT_TYPE)
             token = resp.next_page_token
             if not token:
@@ -103,20 +98,17 @@ class StateContext:
 
     async def get(self, scope: str, key: str) -> str | None:
         try:
-            resp = await self._stub.GetContext(state_pb2.GetContextRequest(scope=self._scope(scope), key=key))
-        except grpc.aio.AioRpcError as err:
-            if err.code() == grpc.StatusCode.NOT_FOUND:
-                return None
-            raise translate(err) from None
+            with peer_call():
+                resp = await self._stub.GetContext(state_pb2.GetContextRequest(scope=self._scope(scope), key=key))
+        except errors.NotFound:
+            return None
         return resp.entry.value.decode()
 
     async def put(self, scope: str, key: str, value: str) -> None:
-        try:
+        with peer_call():
             await self._stub.PutContext(
                 state_pb2.PutContextRequest(scope=self._scope(scope), key=key, value=value.encode())
             )
-        except grpc.aio.AioRpcError as err:
-            raise translate(err) from None
 
 
 class InferenceModel:
@@ -152,11 +144,8 @@ class InferenceModel:
             ],
         )
         ctx = dataclasses.replace(require_tenant(), request_id=request_id, agent_id=agent, run_id=run_id)
-        with tenant_scope(ctx):
-            try:
-                resp = await self._stub.CreateMessage(inference_pb2.CreateMessageRequest(params=params))
-            except grpc.aio.AioRpcError as err:
-                raise translate(err) from None
+        with tenant_scope(ctx), peer_call():
+            resp = await self._stub.CreateMessage(inference_pb2.CreateMessageRequest(params=params))
         return ModelReply(
             content=[_block_out(b) for b in resp.content],
             stop_reason=_STOP.get(resp.stop_reason, ""),
@@ -173,12 +162,10 @@ class IdentityDelegator:
 
     async def delegate(self, *, scopes: list[str], run_id: str, ttl: int) -> str:
         """The delegated token (the current tenant's request is the delegator)."""
-        try:
+        with peer_call():
             resp = await self._stub.ExchangeToken(
                 identity_pb2.ExchangeTokenRequest(scopes=scopes, run_id=run_id, ttl_seconds=ttl)
             )
-        except grpc.aio.AioRpcError as err:
-            raise translate(err) from None
         return resp.token
 
 

@@ -1,7 +1,8 @@
-"""gRPC adapters to metering and credentials, behind the small interfaces the domain uses.
+"""The inference proxy's peers: gRPC adapters to metering and credentials, behind the small interfaces the domain uses.
 
 Every call runs with the tenant's context bound and forwards its identity (the channel is
-made with forward=True), so metering and credentials check the tenant themselves.
+made with forward=True), so metering and credentials check the tenant themselves. Every call runs in
+errors.peer_call(): a peer's failure arrives as our own error, and the domain's cases are caught by class.
 """
 
 from __future__ import annotations
@@ -28,12 +29,10 @@ from services.inference.limits import Limits
 from services.inference.usage import UsageEvent, UsageRejected
 from shared import errors
 from shared.cache import TenantCache
-from shared.errors import error_details
+from shared.errors import peer_call
 from shared.logs import register_secret
 from shared.tenancy import TenantContext
 from shared.tiers import UnknownTier, tier_to_proto
-
-_DOWN = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 HOLDER = f"{socket.gethostname()[:120]}:{os.getpid()}:{secrets.token_hex(4)}"
 """This process as a lease holder at metering: host, pid and a nonce drawn at start (a restart is a new holder)."""
@@ -68,74 +67,51 @@ class MeteringClient:
     # BudgetBackend
     async def lease(self, model: str, tokens: int, min_tokens: int) -> Grant:
         """LeaseBudget; BudgetRefused when the budget cannot cover min_tokens."""
+        request = mpb.LeaseBudgetRequest(
+            model=model, tokens=tokens, min_tokens=min_tokens, ttl_seconds=self._lease_ttl, holder=self._holder
+        )
         try:
-            resp = await self._stub.LeaseBudget(
-                mpb.LeaseBudgetRequest(
-                    model=model, tokens=tokens, min_tokens=min_tokens, ttl_seconds=self._lease_ttl, holder=self._holder
-                ),
-                timeout=self._timeout,
-            )
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                details = error_details(exc)
-                raise BudgetRefused(
-                    exc.details() or "budget exhausted",
-                    details["quota"] or [("budget", "exhausted")],
-                    details["retry_after"],
-                ) from None
-            _refuse_if_denied(exc, "metering.budget.write")
-            raise BackendUnavailable(f"metering LeaseBudget: {exc.code().name}") from None
+            resp = await _metering(self._stub.LeaseBudget, request, self._timeout)
+        except errors.ResourceExhausted as exc:
+            raise BudgetRefused(exc.message, exc.violations or [("budget", "exhausted")], exc.retry_after) from None
+        except (errors.PermissionDenied, errors.Unauthenticated):
+            raise _missing_scope("metering.budget.write") from None
+        except errors.BulkheadError as exc:
+            raise BackendUnavailable(f"metering LeaseBudget: {exc.code.name}") from None
         return Grant(resp.lease.lease_id, resp.lease.granted.tokens, float(self._lease_ttl))
 
     async def renew(self, lease_id: str, spent: Tokens, in_flight: int = 0) -> None:
         """RenewLease (the heartbeat) with the total spent so far and the tokens calls in flight hold."""
-        try:
-            await self._call(
-                self._stub.RenewLease,
-                mpb.RenewLeaseRequest(
-                    lease_id=lease_id, spent=_counts(spent), ttl_seconds=self._lease_ttl, in_flight_tokens=in_flight
-                ),
-            )
-        except grpc.aio.AioRpcError as exc:
-            _gone_if_settled(exc)
-            raise
+        request = mpb.RenewLeaseRequest(
+            lease_id=lease_id, spent=_counts(spent), ttl_seconds=self._lease_ttl, in_flight_tokens=in_flight
+        )
+        await _metering(self._stub.RenewLease, request, self._timeout)
 
     async def release(self, lease_id: str, spent: Tokens) -> None:
         """ReleaseLease with the final spend."""
-        try:
-            await self._call(self._stub.ReleaseLease, mpb.ReleaseLeaseRequest(lease_id=lease_id, spent=_counts(spent)))
-        except grpc.aio.AioRpcError as exc:
-            _gone_if_settled(exc)
-            raise
+        request = mpb.ReleaseLeaseRequest(lease_id=lease_id, spent=_counts(spent))
+        await _metering(self._stub.ReleaseLease, request, self._timeout)
 
     # UsageBackend
     async def record(self, events: Sequence[UsageEvent]) -> None:
         """RecordUsage for one tenant's batch (idempotent by request id)."""
+        request = mpb.RecordUsageRequest(events=[_event(e) for e in events])
         try:
-            await self._call(self._stub.RecordUsage, mpb.RecordUsageRequest(events=[_event(e) for e in events]))
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise UsageRejected(exc.details()) from None
-            raise
+            await _metering(self._stub.RecordUsage, request, self._timeout)
+        except errors.InvalidArgument as exc:
+            raise UsageRejected(exc.message) from None
 
     # quota
     async def limits(self) -> Limits:
         """The caller's rate limits from its Quota (PermissionDenied when the token may not read them)."""
         try:
-            resp = await self._call(self._stub.GetQuotaStatus, mpb.GetQuotaStatusRequest())
-        except grpc.aio.AioRpcError as exc:
-            _refuse_if_denied(exc, "metering.quota.read")
-            raise BackendUnavailable(f"metering GetQuotaStatus: {exc.code().name}") from None
+            resp = await _metering(self._stub.GetQuotaStatus, mpb.GetQuotaStatusRequest(), self._timeout)
+        except (errors.PermissionDenied, errors.Unauthenticated):
+            raise _missing_scope("metering.quota.read") from None
+        except errors.BulkheadError as exc:
+            raise BackendUnavailable(f"metering GetQuotaStatus: {exc.code.name}") from None
         q = resp.quota
         return Limits(int(q.requests_per_minute), int(q.tokens_per_minute), int(q.concurrent_calls))
-
-    async def _call(self, method, request):
-        try:
-            return await method(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in _DOWN:
-                raise BackendUnavailable(f"metering: {exc.code().name}") from None
-            raise
 
 
 class PlatformUsage:
@@ -155,46 +131,42 @@ class PlatformUsage:
             raise UsageRejected(str(exc)) from None
         request = mpb.RecordTenantUsageRequest(tenant_id=tenant_id, tier=tier, events=[_event(e) for e in events])
         try:
-            await self._stub.RecordTenantUsage(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-                raise UsageRejected(exc.details()) from None
-            raise
+            await _metering(self._stub.RecordTenantUsage, request, self._timeout)
+        except errors.InvalidArgument as exc:
+            raise UsageRejected(exc.message) from None
 
     async def release_for(self, ctx: TenantContext, lease_id: str, spent: Tokens) -> None:
         """Settle one of the tenant's leases with its final spend (idempotent: a settled lease stays settled)."""
         request = mpb.ReleaseTenantLeaseRequest(
             tenant_id=ctx.tenant_id, tier=tier_to_proto(ctx.tier), lease_id=lease_id, spent=_counts(spent)
         )
-        try:
-            await self._stub.ReleaseTenantLease(request, timeout=self._timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in _DOWN:
-                raise BackendUnavailable(f"metering ReleaseTenantLease: {exc.code().name}") from None
-            _gone_if_settled(exc)
-            raise
+        await _metering(self._stub.ReleaseTenantLease, request, self._timeout)
 
 
 _GONE = {"LEASE_EXPIRED", "LEASE_RELEASED", "LEASE_NOT_FOUND"}
 
 
-def _gone_if_settled(exc: grpc.aio.AioRpcError) -> None:
-    """Raise LeaseGone when metering says the lease is no longer open there (expired, settled, unknown)."""
-    if (
-        exc.code() in (grpc.StatusCode.FAILED_PRECONDITION, grpc.StatusCode.NOT_FOUND)
-        and error_details(exc).get("reason") in _GONE
-    ):
-        raise LeaseGone(f"metering: {error_details(exc).get('reason')}") from None
+async def _metering(method, request, timeout: float):
+    """One call to metering: down (UNAVAILABLE, DEADLINE_EXCEEDED) is BackendUnavailable, a lease metering no
+    longer holds open (expired, settled, unknown) is LeaseGone, any other failure our own error (peer_call)."""
+    try:
+        with peer_call():
+            return await method(request, timeout=timeout)
+    except errors.Unavailable as exc:  # also a peer's DEADLINE_EXCEEDED (errors.RpcFailure.to_error)
+        raise BackendUnavailable(f"metering: {exc.code.name}") from None
+    except (errors.FailedPrecondition, errors.NotFound) as exc:
+        if exc.reason in _GONE:
+            raise LeaseGone(f"metering: {exc.reason}") from None
+        raise
 
 
-def _refuse_if_denied(exc: grpc.aio.AioRpcError, scope: str) -> None:
+def _missing_scope(scope: str) -> errors.PermissionDenied:
     """A token that may not read its limits or hold budget must not get unlimited calls: refuse it."""
-    if exc.code() in (grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.UNAUTHENTICATED):
-        raise errors.PermissionDenied(
-            f"model calls need a token that also holds {scope}",
-            reason=errors.Reason.MISSING_SCOPE,
-            metadata={"scope": scope},
-        ) from None
+    return errors.PermissionDenied(
+        f"model calls need a token that also holds {scope}",
+        reason=errors.Reason.MISSING_SCOPE,
+        metadata={"scope": scope},
+    )
 
 
 def _event(e: UsageEvent) -> mpb.UsageEvent:
@@ -227,25 +199,21 @@ class CredentialsKeys:
         """The key stored under the configured secret name, or None when the tenant has none."""
         return await self._cache.load(ctx.tenant_id, self._fetch)
 
-    async def _fetch(self, attempts: int = 3) -> str | None:
-        for attempt in range(attempts):
-            try:
+    async def _fetch(self) -> str | None:
+        try:
+            with peer_call():
                 resp = await self._stub.GetSecret(
                     credentials_pb2.GetSecretRequest(name=self._secret_name), timeout=self._timeout
                 )
-            except grpc.aio.AioRpcError as exc:
-                # NOT_FOUND: no key of its own. PERMISSION_DENIED: this caller may not read it; the
-                # platform key serves (never another tenant's: credentials only answers for the caller's).
-                if exc.code() in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.PERMISSION_DENIED):
-                    return None
-                # ABORTED: credentials lost a race appending to its audit chain; it asks for a retry.
-                if exc.code() == grpc.StatusCode.ABORTED and attempt + 1 < attempts:
-                    continue
-                raise BackendUnavailable(f"credentials: {exc.code().name}") from None
-            key = resp.value.decode()
-            register_secret(key)
-            return key
-        return None
+        # NOT_FOUND: no key of its own. PERMISSION_DENIED: this caller may not read it; the platform key
+        # serves (never another tenant's: credentials only answers for the caller's).
+        except (errors.NotFound, errors.PermissionDenied):
+            return None
+        except errors.BulkheadError as exc:
+            raise BackendUnavailable(f"credentials: {exc.code.name}") from None
+        key = resp.value.decode()
+        register_secret(key)
+        return key
 
 
 class NoTenantKeys:
