@@ -22,11 +22,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import ServiceConfig
-
-
-class ConfigError(ValueError):
-    """The environment describes a configuration the service refuses to run with."""
+from shared.config import EnvReader, ServiceConfig
 
 
 @dataclass(frozen=True)
@@ -63,27 +59,14 @@ class OrchestratorConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OrchestratorConfig:
         """Read and validate the configuration; ConfigError names what is wrong."""
+        read = EnvReader(env, "BULKHEAD_ORCHESTRATOR_")
         return cls(
             service=ServiceConfig.from_env("orchestrator", env),
-            runs_per_tenant=int(_positive(env, "RUNS_PER_TENANT", 4)),
-            max_concurrent=int(_positive(env, "MAX_CONCURRENT", 64)),
-            max_steps_per_run=int(_positive(env, "MAX_STEPS_PER_RUN", 40)),
-            lease_seconds=_positive(env, "LEASE_SECONDS", 15.0),
-            tool_rate=_positive(env, "TOOL_RATE", 5.0),
-            tool_timeout=_positive(env, "TOOL_TIMEOUT", 10.0),
-            delegation_ttl=int(_positive(env, "DELEGATION_TTL", 3600)),
+            runs_per_tenant=read.positive("RUNS_PER_TENANT", 4),
+            max_concurrent=read.positive("MAX_CONCURRENT", 64),
+            max_steps_per_run=read.positive("MAX_STEPS_PER_RUN", 40),
+            lease_seconds=read.positive("LEASE_SECONDS", 15.0),
+            tool_rate=read.positive("TOOL_RATE", 5.0),
+            tool_timeout=read.positive("TOOL_TIMEOUT", 10.0),
+            delegation_ttl=read.positive("DELEGATION_TTL", 3600),
         )
-
-
-def _positive(env: Mapping[str, str], suffix: str, default: float) -> float:
-    name = f"BULKHEAD_ORCHESTRATOR_{suffix}"
-    raw = env.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive")
-    return value
