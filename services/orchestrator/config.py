@@ -22,7 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import EnvReader, ServiceConfig
+from services.orchestrator.grants import load_or_create_key
+from shared.config import ConfigError, EnvReader, ServiceConfig
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,14 @@ class OrchestratorConfig:
     def canary_key_path(self) -> Path:
         """Key file deriving canary markers."""
         return self.service.data_dir / "orchestrator-canary.key"
+
+    def canary_key(self) -> bytes:
+        """The key deriving canary markers: BULKHEAD_ORCHESTRATOR_CANARY_KEY (hex), else the key file (made once)."""
+        raw = EnvReader(self.service.env, "BULKHEAD_ORCHESTRATOR_").text("CANARY_KEY")
+        try:
+            return bytes.fromhex(raw) if raw else load_or_create_key(self.canary_key_path)
+        except ValueError:
+            raise ConfigError("BULKHEAD_ORCHESTRATOR_CANARY_KEY must be hex") from None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OrchestratorConfig:
