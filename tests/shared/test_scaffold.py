@@ -21,7 +21,7 @@ from services.state.config import StateConfig
 from shared.config import ConfigError, EnvReader, ServiceConfig
 from shared.db import Database
 from shared.scaffold import Service, Startup
-from shared.server import serve
+from shared.server import RunningServer, serve
 from shared.tls import ENV_VARS, TlsConfig, channel_credentials
 from testkit.echo import echo_binding
 from testkit.tokens import TestTokens
@@ -66,7 +66,7 @@ async def test_stop_stops_the_server_first_then_closes_the_rest_in_reverse():
     async with Startup() as up:
         up.closing(Probe("database", closed))
         up.closing(Probe("channel", closed))
-        running = up.serving(await serve(name="echo", bindings=[echo_binding()], verifier=tokens.verifier, tls=None))
+        running = up.serving(await _echo_server(tokens))
         service = Service(running=running, stack=up.stack)
     assert closed == []  # a start that succeeded hands its stack to the service
     await service.stop(0)
@@ -104,6 +104,10 @@ async def test_a_failure_after_serving_stops_the_server_and_its_background_work(
         probe.bind(("127.0.0.1", running.port))
 
 
+async def _echo_server(tokens: TestTokens) -> RunningServer:
+    return await serve(name="echo", bindings=[echo_binding()], verifier=tokens.verifier, tls=None)
+
+
 def _held_port() -> socket.socket:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
@@ -129,8 +133,8 @@ async def test_metering_start_that_cannot_listen_closes_its_database_and_channel
     config = MeteringConfig.from_env({"BULKHEAD_DATA_DIR": str(tmp_path)})
     before = set(asyncio.all_tasks())
     with _held_port() as held:
-        address = "127.0.0.1:%d" % held.getsockname()[1]
-        with pytest.raises((OSError, RuntimeError), match="bind|listen"):
+        address = f"127.0.0.1:{held.getsockname()[1]}"
+        with pytest.raises((OSError, RuntimeError), match=r"bind|listen"):
             await metering_server.start(config, TestTokens().verifier, address=address)
     assert len(opened) == 1 and closed == ["database"]
     await asyncio.sleep(0)
