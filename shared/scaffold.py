@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Awaitable, Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from contextlib import AsyncExitStack
 from dataclasses import dataclass, field
 from types import TracebackType
@@ -29,10 +29,14 @@ import grpc
 from shared import telemetry
 from shared.client import MetadataSource, make_channel
 from shared.config import ServiceConfig
+from shared.config_audit import ConfigAudit
+from shared.db import Database
 from shared.keys import remote_verifier
 from shared.logs import register_secret, setup_logging
 from shared.metrics import serve_metrics
-from shared.server import RunningServer
+from shared.security_events import security_events_binding
+from shared.server import Binding, RunningServer, serve
+from shared.settings import load_page_key
 from shared.telemetry import setup_telemetry
 from shared.tls import TlsConfig
 from shared.tokens import TokenVerifier
@@ -131,6 +135,32 @@ class Startup:
     def remote_verifier(self, service: ServiceConfig) -> TokenVerifier:
         """A verifier over identity's keys, revocations and suspensions, asked with the service's own key."""
         return self.closing(remote_verifier(self.channel(service.peer("identity")), service.service_key_file))
+
+
+async def serve_service(
+    name: str,
+    db: Database,
+    binding: Binding,
+    lifecycle: Binding,
+    *,
+    verifier: TokenVerifier,
+    address: str,
+    tls: TlsConfig | None,
+    audit: ConfigAudit | None = None,
+    options: Sequence[tuple[str, object]] = (),
+) -> RunningServer:
+    """A service's gRPC server: its own binding, its tenant lifecycle, its configuration audit (when it has one)
+    and its security events, with page tokens signed by the key kept in its database."""
+    extra = [audit.binding()] if audit is not None else []
+    return await serve(
+        name=name,
+        bindings=[binding, lifecycle, *extra, security_events_binding(name, db)],
+        verifier=verifier,
+        address=address,
+        tls=tls,
+        page_key=await load_page_key(db, name),
+        options=options,
+    )
 
 
 @dataclass(kw_only=True)

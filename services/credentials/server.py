@@ -25,10 +25,9 @@ from shared.db import Database
 from shared.lifecycle import lifecycle_binding
 from shared.placement import open_service_database
 from shared.retention import RetentionSweeper, retention_sweeper, sweep_interval
-from shared.scaffold import Service, Startup, run_service
-from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
-from shared.server import Binding, serve
-from shared.settings import load_page_key
+from shared.scaffold import Service, Startup, run_service, serve_service
+from shared.security_events import SECURITY_EVENTS_METADATA
+from shared.server import Binding
 from shared.tls import TlsConfig
 from shared.tokens import TokenVerifier
 
@@ -112,13 +111,8 @@ async def serve_credentials(
             hooks=[CredentialsShredder(db, backend)],
             movers=[] if isinstance(backend, LocalBackend) else [VaultMover(backend)],
         )
-        running = await serve(
-            name="credentials",
-            bindings=[binding, lifecycle, security_events_binding("credentials", db)],
-            verifier=verifier,
-            address=address,
-            tls=up.tls,
-            page_key=await load_page_key(db, "credentials"),
+        running = await serve_service(
+            "credentials", db, binding, lifecycle, verifier=verifier, address=address, tls=up.tls
         )
         if rotation_interval is not None:
             scheduler.start()

@@ -25,10 +25,9 @@ from shared.db import Database
 from shared.lifecycle import TenantLifecycle, lifecycle_binding
 from shared.periodic import Periodic
 from shared.retention import RetentionSweeper, sweep_interval
-from shared.scaffold import Service, Startup, run_service
-from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
-from shared.server import Binding, RunningServer, serve
-from shared.settings import load_page_key
+from shared.scaffold import Service, Startup, run_service, serve_service
+from shared.security_events import SECURITY_EVENTS_METADATA
+from shared.server import Binding, RunningServer
 from shared.tiers import Tier
 from shared.tls import TlsConfig
 from shared.tokens import RefreshingKeySource, TokenVerifier
@@ -76,22 +75,14 @@ async def serve_identity(
 ) -> RunningServer:
     """identity's gRPC server over its servicer (start() builds it; port 0 for tests)."""
     tables = [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA]
-    return await serve(
-        name="identity",
-        verifier=verifier,
-        address=address,
-        tls=tls,
-        bindings=[
-            Binding(
-                identity_pb2_grpc.add_IdentityServiceServicer_to_server,
-                servicer,
-                identity_pb2.DESCRIPTOR.services_by_name["IdentityService"],
-            ),
-            lifecycle_binding("identity", db, tables, keep=KEPT, rows_tier=Tier.POOLED),
-            security_events_binding("identity", db),
-            audit.binding(),
-        ],
-        page_key=await load_page_key(db, "identity"),
+    binding = Binding(
+        identity_pb2_grpc.add_IdentityServiceServicer_to_server,
+        servicer,
+        identity_pb2.DESCRIPTOR.services_by_name["IdentityService"],
+    )
+    lifecycle = lifecycle_binding("identity", db, tables, keep=KEPT, rows_tier=Tier.POOLED)
+    return await serve_service(
+        "identity", db, binding, lifecycle, verifier=verifier, address=address, tls=tls, audit=audit
     )
 
 

@@ -28,10 +28,9 @@ from shared.logs import register_secret
 from shared.periodic import Periodic
 from shared.placement import open_service_database
 from shared.retention import retention_sweeper, sweep_interval
-from shared.scaffold import Service, Startup, run_service
-from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
-from shared.server import Binding, RunningServer, serve
-from shared.settings import load_page_key
+from shared.scaffold import Service, Startup, run_service, serve_service
+from shared.security_events import SECURITY_EVENTS_METADATA
+from shared.server import Binding, RunningServer
 from shared.tiers import IdentityTiers, TierLookup
 from shared.tls import TlsConfig
 from shared.tokens import TokenVerifier
@@ -193,14 +192,8 @@ async def serve_inference(
     # Worker processes share one port (SO_REUSEPORT: the kernel spreads connections over them); a lone
     # process keeps gRPC's default of refusing a port another process holds.
     options = (("grpc.so_reuseport", 1),) if workers > 1 else ()
-    return await serve(
-        name="inference",
-        bindings=[binding, lifecycle, audit.binding(), security_events_binding("inference", db)],
-        verifier=verifier,
-        address=address,
-        tls=tls,
-        page_key=await load_page_key(db, "inference"),
-        options=options,
+    return await serve_service(
+        "inference", db, binding, lifecycle, verifier=verifier, address=address, tls=tls, audit=audit, options=options
     )
 
 

@@ -27,10 +27,9 @@ from shared.lifecycle import lifecycle_binding
 from shared.placement import open_service_database
 from shared.retention import RetentionSweeper, retention_sweeper
 from shared.retention import sweep_interval as retention_interval
-from shared.scaffold import Service, Startup, run_service
-from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
-from shared.server import Binding, serve
-from shared.settings import load_page_key
+from shared.scaffold import Service, Startup, run_service, serve_service
+from shared.security_events import SECURITY_EVENTS_METADATA
+from shared.server import Binding
 from shared.tiers import IdentityTiers, TierLookup
 from shared.tls import TlsConfig
 from shared.tokens import TokenVerifier
@@ -98,13 +97,8 @@ async def serve_metering(
         lifecycle = lifecycle_binding(
             "metering", db, [MeteringBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA], keep=KEPT
         )
-        running = await serve(
-            name="metering",
-            bindings=[binding, lifecycle, audit.binding(), security_events_binding("metering", db)],
-            verifier=verifier,
-            address=address,
-            tls=up.tls,
-            page_key=await load_page_key(db, "metering"),
+        running = await serve_service(
+            "metering", db, binding, lifecycle, verifier=verifier, address=address, tls=up.tls, audit=audit
         )
         if sweep_interval:
             sweeper.start()

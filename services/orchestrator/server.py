@@ -30,10 +30,9 @@ from shared.db import Database
 from shared.lifecycle import lifecycle_binding
 from shared.placement import open_service_database
 from shared.retention import retention_sweeper, sweep_interval
-from shared.scaffold import Service, Startup, run_service
-from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
-from shared.server import Binding, RunningServer, serve
-from shared.settings import load_page_key
+from shared.scaffold import Service, Startup, run_service, serve_service
+from shared.security_events import SECURITY_EVENTS_METADATA
+from shared.server import Binding, RunningServer
 from shared.tiers import IdentityTiers
 from shared.tls import TlsConfig
 from shared.tokens import TokenVerifier
@@ -157,13 +156,8 @@ async def serve_orchestrator(
         [OrchestratorBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
         hooks=[CancelRuns(db)],
     )
-    return await serve(
-        name="orchestrator",
-        bindings=[binding, lifecycle, audit.binding(), security_events_binding("orchestrator", db)],
-        verifier=verifier,
-        address=address,
-        tls=tls,
-        page_key=await load_page_key(db, "orchestrator"),
+    return await serve_service(
+        "orchestrator", db, binding, lifecycle, verifier=verifier, address=address, tls=tls, audit=audit
     )
 
 

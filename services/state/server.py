@@ -21,10 +21,9 @@ from services.state.threads import ThreadLog
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
 from shared.placement import open_service_database
-from shared.scaffold import Service, Startup, run_service
-from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
-from shared.server import Binding, RunningServer, serve
-from shared.settings import load_page_key
+from shared.scaffold import Service, Startup, run_service, serve_service
+from shared.security_events import SECURITY_EVENTS_METADATA
+from shared.server import Binding, RunningServer
 from shared.tls import TlsConfig
 from shared.tokens import TokenVerifier
 
@@ -61,15 +60,7 @@ async def serve_state(
     lifecycle = lifecycle_binding(
         "state", db, [StateBase.metadata, SECURITY_EVENTS_METADATA], hooks=[ForgetDataKeys(envelope)]
     )
-    security = security_events_binding("state", db)
-    return await serve(
-        name="state",
-        bindings=[binding, lifecycle, security],
-        verifier=verifier,
-        address=address,
-        tls=tls,
-        page_key=await load_page_key(db, "state"),
-    )
+    return await serve_service("state", db, binding, lifecycle, verifier=verifier, address=address, tls=tls)
 
 
 @dataclass(kw_only=True)
