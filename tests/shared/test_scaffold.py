@@ -310,3 +310,23 @@ def test_no_holder_keeps_its_own_close_list(svc: str):
     assert not [a for a in annotations if a.startswith(("list", "dict", "tuple"))], annotations
     others = [n.name for n in tree.body if isinstance(n, ast.ClassDef) and n is not holder]
     assert others in ([], ["Peers"]), others  # orchestrator's Peers is a value, not a holder
+
+
+def _calls_without_tls(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    return [
+        f"{path.relative_to(ROOT)}:{node.lineno}"
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and ast.unparse(node.func).split(".")[-1] in ("make_channel", "serve")
+        and "tls" not in {k.arg for k in node.keywords}
+    ]
+
+
+def test_no_service_path_falls_back_to_the_process_env_for_tls():
+    """Services, the scaffold and the helpers they open channels through always say which TLS (the config's)."""
+    paths = [
+        *ROOT.glob("services/*/*.py"),
+        *(ROOT / "shared" / f for f in ("scaffold.py", "placement.py", "retention.py")),
+    ]
+    assert [gap for path in paths for gap in _calls_without_tls(path)] == []
