@@ -59,6 +59,8 @@ class OrchestratorService(Service):
     """Its database."""
     dispatcher: Dispatcher
     """Runs queued runs (stopping it hands their leases back to the queue)."""
+    listener: QueueListener
+    """Wakes the dispatcher when another replica changes the queue (Postgres LISTEN/NOTIFY)."""
 
 
 async def start(
@@ -129,10 +131,10 @@ async def start(
         )
         up.serving(running)
         up.started(dispatcher)
-        up.started(QueueListener(db.engine, dispatcher.wake, origin=owner))
+        listener = up.started(QueueListener(db.engine, dispatcher.wake, origin=owner))
         retention = retention_sweeper("orchestrator", svc, [audit.prune], identity=peers.identity)
         up.started(retention, interval=sweep_interval(svc.env))
-        return OrchestratorService(running=running, stack=up.stack, db=db, dispatcher=dispatcher)
+        return OrchestratorService(running=running, stack=up.stack, db=db, dispatcher=dispatcher, listener=listener)
 
 
 async def serve_orchestrator(
