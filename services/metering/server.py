@@ -25,7 +25,7 @@ from shared.config_audit import ConfigAudit
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
 from shared.placement import open_service_database
-from shared.retention import RetentionSweeper, retention_sweeper
+from shared.retention import Prune, RetentionSweeper, retention_sweeper
 from shared.retention import sweep_interval as retention_interval
 from shared.scaffold import Service, Startup, run_service, serve_service
 from shared.security_events import SECURITY_EVENTS_METADATA
@@ -58,6 +58,10 @@ class MeteringService(Service):
     """Prunes per-event usage detail past each tenant's retention (the roll-up stays)."""
     retention: RetentionSweeper | None = None
     """Prunes audit events and usage detail past each tenant's retention (shared.retention); started by start()."""
+
+    def retention_steps(self) -> list[Prune]:
+        """What retention prunes here: configuration audit events and per-event usage detail."""
+        return [self.audit.prune, self.usage_retention.prune]
 
 
 async def serve_metering(
@@ -131,8 +135,7 @@ async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str
             tiers=IdentityTiers(up.channel(service.peer("identity"), forward=True)),
             startup=up,
         )
-        steps = [metering.audit.prune, metering.usage_retention.prune]
-        sweeper = retention_sweeper("metering", service, steps)
+        sweeper = retention_sweeper("metering", service, metering.retention_steps())
         metering.retention = up.started(sweeper, interval=retention_interval(service.env))
         return metering
 
