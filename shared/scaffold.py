@@ -205,24 +205,18 @@ async def run_service(
     serve_metrics(service.metrics_port)
     async with Startup(service.tls) as up:
         app = up.closing(await start(up))
-    try:
-        await _until_signalled(app.running)
-    finally:
-        log.info("shutting down")
-        await app.running.stop(grace)
-        await up.stack.aclose()  # the service, then what start() was given (its verifier)
-        telemetry.shutdown_telemetry()
-
-
-async def _until_signalled(running: RunningServer) -> None:
     loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
+    signalled = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.ensure_future(running.wait())
-    stopper = asyncio.ensure_future(stop.wait())
+        loop.add_signal_handler(sig, signalled.set)
+    waiter = asyncio.ensure_future(app.running.wait())
+    stopper = asyncio.ensure_future(signalled.wait())
     try:
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        log.info("shutting down")
+        await app.running.stop(grace)  # before the waiter is cancelled: cancelling it mid-shutdown aborts the stop
+        await up.stack.aclose()  # the service, then what start() was given (its verifier)
+        telemetry.shutdown_telemetry()
         for task in (waiter, stopper):
             task.cancel()

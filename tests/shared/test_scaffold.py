@@ -330,3 +330,42 @@ def test_no_service_path_falls_back_to_the_process_env_for_tls():
         *(ROOT / "shared" / f for f in ("scaffold.py", "placement.py", "retention.py")),
     ]
     assert [gap for path in paths for gap in _calls_without_tls(path)] == []
+
+
+# -- main(env) ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("svc", ["identity", "state"])
+def test_main_serves_until_sigterm_then_stops_cleanly(tmp_path, svc: str):
+    """python -m services.<svc>: listens, and on SIGTERM stops the server and closes the rest, exiting 0."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")},
+        "PYTHONPATH": str(ROOT),
+        "BULKHEAD_DATA_DIR": str(tmp_path),
+        f"BULKHEAD_{svc.upper()}_ADDR": f"127.0.0.1:{port}",
+        f"BULKHEAD_{svc.upper()}_METRICS_PORT": "0",
+    }
+    log = tmp_path / "out.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", f"services.{svc}"], env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 30
+        while f"listening on 127.0.0.1:{port}" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert "Traceback" not in log.read_text()
