@@ -20,15 +20,23 @@ Every variable, its default and meaning:
 | BULKHEAD_OTLP_ENDPOINT | unset | OTLP/gRPC collector (Jaeger: http://jaeger:4317); unset = no export |
 | BULKHEAD_LOG_LEVEL | INFO | log level |
 | BULKHEAD_TLS_CA / _CERT / _KEY | unset | mTLS between services when all three are set |
+
+Every bad value raises ConfigError (a ValueError) naming the variable and the values it takes; each
+service's config reads its own variables through EnvReader, so they all fail the same way.
 """
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
+
+if TYPE_CHECKING:
+    from shared.tls import TlsConfig
 
 SERVICE_PORTS: dict[str, int] = {
     "identity": 50051,
@@ -41,6 +49,105 @@ SERVICE_PORTS: dict[str, int] = {
 """Default gRPC port of each service; metrics listen on 9400 + the last two digits (9451...)."""
 
 SERVICES = tuple(SERVICE_PORTS)
+
+
+class ConfigError(ValueError):
+    """The environment describes a configuration the service refuses to run with; the message names the variable.
+
+    A ValueError, so callers catching ValueError (the CLI) keep working; shared.tls.TlsConfigError is one."""
+
+
+_N = TypeVar("_N", builtins.int, builtins.float)
+
+
+class EnvReader:
+    """Typed reads of an injected environment: each bad value is a ConfigError naming the variable and what it takes.
+
+    Unset and empty variables give the default."""
+
+    def __init__(self, env: Mapping[str, str], prefix: str = "") -> None:
+        self.env = env
+        """The environment read."""
+        self.prefix = prefix
+        """Prepended to every name (e.g. "BULKHEAD_ORCHESTRATOR_")."""
+
+    def _raw(self, name: str) -> str | None:
+        value = self.env.get(self.prefix + name, "").strip()
+        return value or None
+
+    def text(self, name: str, default: str = "") -> str:
+        """The value as it is, else default."""
+        return self._raw(name) or default
+
+    def optional(self, name: str) -> str | None:
+        """The value, or None when unset."""
+        return self._raw(name)
+
+    def int(
+        self, name: str, default: builtins.int, *, min: builtins.int | None = None, max: builtins.int | None = None
+    ) -> builtins.int:
+        """An integer within [min, max]."""
+        return self._number(name, default, builtins.int, "an integer", min, max)
+
+    def float(
+        self,
+        name: str,
+        default: builtins.float,
+        *,
+        min: builtins.float | None = None,
+        max: builtins.float | None = None,
+    ) -> builtins.float:
+        """A number within [min, max]."""
+        return self._number(name, default, builtins.float, "a number", min, max)
+
+    def positive(self, name: str, default: _N) -> _N:
+        """A number above zero (an integer when default is one)."""
+        kind = type(default)
+        value = self._number(name, default, kind, "an integer" if kind is builtins.int else "a number", None, None)
+        if value <= 0:
+            raise ConfigError(f"{self.prefix + name} must be positive, not {value}")
+        return value
+
+    def choice(self, name: str, default: str, choices: tuple[str, ...], *, lower: bool = False) -> str:
+        """One of choices (compared lower-cased when lower)."""
+        raw = self._raw(name)
+        value = default if raw is None else (raw.lower() if lower else raw)
+        if value not in choices:
+            allowed = ", ".join(choices[:-1]) + f" or {choices[-1]}" if len(choices) > 1 else choices[0]
+            raise ConfigError(f"{self.prefix + name} must be {allowed}, not {value!r}")
+        return value
+
+    def flag(self, name: str, default: bool = False) -> bool:
+        """1/true/yes/on or 0/false/no/off."""
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        if raw.lower() in ("1", "true", "yes", "on"):
+            return True
+        if raw.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{self.prefix + name} must be 1 or 0 (true/false), not {raw!r}")
+
+    def path(self, name: str, default: Path) -> Path:
+        """A file or directory path (~ expanded), else default."""
+        raw = self._raw(name)
+        return default if raw is None else Path(raw).expanduser()
+
+    def _number(self, name: str, default: _N, kind: type[_N], what: str, low: _N | None, high: _N | None) -> _N:
+        raw = self._raw(name)
+        if raw is None:
+            return default
+        try:
+            value = kind(raw)
+        except ValueError:
+            raise ConfigError(f"{self.prefix + name} must be {what}, not {raw!r}") from None
+        if (low is not None and value < low) or (high is not None and value > high):
+            if low is not None and high is not None:
+                bounds = f"{low}..{high}"
+            else:
+                bounds = f"at least {low}" if low is not None else f"at most {high}"
+            raise ConfigError(f"{self.prefix + name} must be {bounds}, not {value}")
+        return value
 
 
 def _key(service: str, suffix: str) -> str:
@@ -59,7 +166,7 @@ def listen_addr(service: str, env: Mapping[str, str] = os.environ) -> str:
         return own
     address = service_addr(service, env)
     if "," in address or ":/" in address or address.startswith(("ipv4:", "ipv6:")):
-        raise ValueError(
+        raise ConfigError(
             f"{_key(service, 'ADDR')}={address!r} names several replicas or a URI: "
             f"set {_key(service, 'LISTEN_ADDR')} to where this one listens"
         )
@@ -79,7 +186,7 @@ def regions(env: Mapping[str, str] = os.environ) -> tuple[str, ...]:
     default = default_region(env)
     listed = _region_list(env)
     if listed and default not in listed:
-        raise ValueError(f"BULKHEAD_DEFAULT_REGION={default!r} is not one of BULKHEAD_REGIONS ({', '.join(listed)})")
+        raise ConfigError(f"BULKHEAD_DEFAULT_REGION={default!r} is not one of BULKHEAD_REGIONS ({', '.join(listed)})")
     return (default, *(r for r in listed if r != default))
 
 
@@ -103,7 +210,7 @@ def _region_list(env: Mapping[str, str]) -> tuple[str, ...]:
 
 def _checked_region(name: str, variable: str) -> str:
     if not _REGION_RE.match(name):
-        raise ValueError(f"{variable}: region {name!r} must be 1-31 of [a-z0-9-], starting with a letter")
+        raise ConfigError(f"{variable}: region {name!r} must be 1-31 of [a-z0-9-], starting with a letter")
     return name
 
 
@@ -160,34 +267,39 @@ class ServiceConfig:
     """The region whose database is database_url (BULKHEAD_DEFAULT_REGION): also where platform tables live."""
     regions: tuple[str, ...] = (DEFAULT_REGION,)
     """Every configured region, default first (BULKHEAD_REGIONS)."""
+    tls: TlsConfig | None = None
+    """mTLS between services (BULKHEAD_TLS_CA/_CERT/_KEY of this environment), or None for plaintext: the
+    service hands it to serve() and to every channel it opens, never reading os.environ for it."""
 
     @classmethod
     def from_env(cls, name: str, env: Mapping[str, str] = os.environ) -> ServiceConfig:
-        """Read the config of service `name` from env."""
+        """Read the config of service `name` from env (ConfigError names a bad variable)."""
+        from shared.tls import TlsConfig  # shared.tls's error is a ConfigError: imported here, not at the top
+
         directory = data_dir(env)
+        read = EnvReader(env)
         default_url = env.get("BULKHEAD_DATABASE_URL") or f"sqlite+aiosqlite:///{directory / (name + '.db')}"
         url = env.get(_key(name, "DATABASE_URL"), default_url)
         owner = env.get(_key(name, "DATABASE_OWNER_URL")) or env.get("BULKHEAD_DATABASE_OWNER_URL") or url
-        read = env.get(_key(name, "DATABASE_READ_URL")) or None
-        if read is None and url == env.get("BULKHEAD_DATABASE_URL"):
-            read = env.get("BULKHEAD_DATABASE_READ_URL") or None
+        replica = env.get(_key(name, "DATABASE_READ_URL")) or None
+        if replica is None and url == env.get("BULKHEAD_DATABASE_URL"):
+            replica = env.get("BULKHEAD_DATABASE_READ_URL") or None
         return cls(
             name=name,
             address=listen_addr(name, env),
-            metrics_port=int(env.get(_key(name, "METRICS_PORT"), 9400 + SERVICE_PORTS[name] % 100)),
+            metrics_port=read.int(_key(name, "METRICS_PORT"), 9400 + SERVICE_PORTS[name] % 100, min=0, max=65535),
             database_url=url,
             database_owner_url=owner,
-            database_read_url=read,
+            database_read_url=replica,
             data_dir=directory,
             otlp_endpoint=env.get("BULKHEAD_OTLP_ENDPOINT") or None,
             log_level=env.get("BULKHEAD_LOG_LEVEL", "INFO"),
-            service_key_file=Path(
-                env.get(_key(name, "SERVICE_KEY_FILE")) or directory / "service-keys" / f"{name}.key"
-            ),
+            service_key_file=read.path(_key(name, "SERVICE_KEY_FILE"), directory / "service-keys" / f"{name}.key"),
             peers={svc: service_addr(svc, env) for svc in SERVICES},
             env=dict(env),
             default_region=default_region(env),
             regions=regions(env),
+            tls=TlsConfig.from_env(env),
         )
 
     def region_databases(self) -> dict[str, RegionDatabase]:
@@ -206,7 +318,7 @@ class ServiceConfig:
             if not url and embedded:
                 url = f"sqlite+aiosqlite:///{self.data_dir / 'regions' / region / (self.name + '.db')}"
             if not url:
-                raise ValueError(
+                raise ConfigError(
                     f"region {region!r} has no {self.name} database: set "
                     f"{_key(self.name, 'DATABASE_URL_' + suffix)} or BULKHEAD_DATABASE_URL_{suffix}"
                 )

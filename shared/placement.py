@@ -64,7 +64,7 @@ async def open_service_database(
     regions = service.region_databases()
     placements = None
     if len(regions) > 1:
-        channel = make_channel(service.peer("identity"))
+        channel = make_channel(service.peer("identity"), tls=service.tls)
         placements = IdentityPlacements(
             channel, ServiceKeyCredentials(channel, service.service_key_file), owns_channel=True
         )

@@ -215,7 +215,9 @@ class RetentionSweeper:
 
 def sweep_interval(env: Any) -> float:
     """Seconds between passes: BULKHEAD_RETENTION_SWEEP_SECONDS, else SWEEP_INTERVAL."""
-    return float(env.get("BULKHEAD_RETENTION_SWEEP_SECONDS", SWEEP_INTERVAL))
+    from shared.config import EnvReader
+
+    return EnvReader(env).positive("BULKHEAD_RETENTION_SWEEP_SECONDS", float(SWEEP_INTERVAL))
 
 
 def retention_sweeper(
@@ -227,6 +229,6 @@ def retention_sweeper(
     from shared.client import make_channel
     from shared.keys import ServiceKeyCredentials
 
-    channel = make_channel(identity or config.peer("identity"))
+    channel = make_channel(identity or config.peer("identity"), tls=config.tls)
     source = IdentityRetention(channel, ServiceKeyCredentials(channel, config.service_key_file), owns_channel=True)
     return RetentionSweeper(service, source.policies, steps, close=source.close)

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
-import signal
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, cast
@@ -14,7 +12,6 @@ from google.protobuf.descriptor import ServiceDescriptor
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from shared import telemetry
 from shared.auth import TenancyInterceptor
 from shared.security import SecurityEvents
 from shared.tls import TLS_FROM_ENV, TlsConfig, server_credentials
@@ -59,6 +56,8 @@ class RunningServer:
     interceptor: TenancyInterceptor
     service_names: tuple[str, ...]
     background: tuple[Background, ...] = ()
+    stopped: bool = False
+    """Whether stop() ran (a second stop() does nothing)."""
 
     @property
     def address(self) -> str:
@@ -70,7 +69,10 @@ class RunningServer:
         return self.interceptor.events
 
     async def stop(self, grace: float = 5.0) -> None:
-        """Report NOT_SERVING, finish in-flight calls for up to grace seconds, then stop."""
+        """Report NOT_SERVING, finish in-flight calls for up to grace seconds, then stop (once)."""
+        if self.stopped:
+            return
+        self.stopped = True
         await self.health.enter_graceful_shutdown()
         await self.server.stop(grace)
         for work in self.background:
@@ -145,21 +147,3 @@ async def serve(
         service_names=names,
         background=background,
     )
-
-
-async def run_until_signalled(running: RunningServer, *, grace: float = 5.0, on_stop=None) -> None:
-    """Serve until SIGTERM or SIGINT, then stop gracefully (and run on_stop, e.g. closing the database)."""
-    loop = asyncio.get_running_loop()
-    stop = asyncio.Event()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    waiter = asyncio.ensure_future(running.wait())
-    stopper = asyncio.ensure_future(stop.wait())
-    await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    log.info("shutting down")
-    await running.stop(grace)
-    if on_stop is not None:
-        await on_stop()
-    telemetry.shutdown_telemetry()
-    for task in (waiter, stopper):
-        task.cancel()

@@ -4,14 +4,9 @@ TLS is off unless all three of ``BULKHEAD_TLS_CA``, ``BULKHEAD_TLS_CERT`` and ``
 are set; setting only some of them is a configuration error rather than a silent fallback to
 plaintext. ``bulkhead certs dev --out DIR`` makes a development CA and service certificates.
 
-The lead's ``shared.server.serve`` and ``shared.client.make_channel`` call
-:func:`server_credentials` and :func:`channel_credentials` when :meth:`TlsConfig.from_env`
-returns a config::
-
-    tls = TlsConfig.from_env(os.environ)
-    if tls is not None:
-        server.add_secure_port(address, server_credentials(tls))
-        channel = grpc.aio.secure_channel(target, channel_credentials(tls))
+A service reads these from the environment it was given (``ServiceConfig.tls``) and hands the config
+to ``shared.server.serve`` and ``shared.client.make_channel``; only callers that pass none (the CLI,
+tests) get the process environment's (``TLS_FROM_ENV``).
 """
 
 from __future__ import annotations
@@ -23,6 +18,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from shared.config import ConfigError
+
 ENV_CA = "BULKHEAD_TLS_CA"
 ENV_CERT = "BULKHEAD_TLS_CERT"
 ENV_KEY = "BULKHEAD_TLS_KEY"
@@ -33,7 +30,7 @@ TLS_FROM_ENV = object()
 """Default of serve()/make_channel()'s `tls`: read BULKHEAD_TLS_* from the process environment."""
 
 
-class TlsConfigError(ValueError):
+class TlsConfigError(ConfigError):
     """The TLS environment is incomplete or names files that cannot be read."""
 
 

@@ -21,8 +21,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared.config import ServiceConfig, region_suffix
-from shared.errors import FailedPrecondition
+from shared.config import ConfigError, EnvReader, ServiceConfig, region_suffix
 
 
 @dataclass(frozen=True)
@@ -59,40 +58,31 @@ class Config:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> Config:
-        """Read the configuration from env."""
+        """Read the configuration from env; ConfigError names what is wrong."""
         service = ServiceConfig.from_env("credentials", env)
-        backend = env.get("BULKHEAD_SECRETS_BACKEND", "local")
-        if backend not in ("local", "vault"):
-            raise FailedPrecondition(
-                f"BULKHEAD_SECRETS_BACKEND must be local or vault, not {backend!r}", reason="CONFIG_INVALID"
-            )
-        token = env.get("BULKHEAD_VAULT_TOKEN", "")
+        read = EnvReader(env, "BULKHEAD_")
+        backend = read.choice("SECRETS_BACKEND", "local", ("local", "vault"))
+        token = read.text("VAULT_TOKEN")
         if backend == "vault" and not token:
-            raise FailedPrecondition("the vault backend needs BULKHEAD_VAULT_TOKEN", reason="CONFIG_INVALID")
+            raise ConfigError("the vault backend needs BULKHEAD_VAULT_TOKEN")
         vault_regions: dict[str, tuple[str, str]] = {}
         if backend == "vault":
             for region in service.regions[1:]:
                 suffix = region_suffix(region)
-                addr = env.get(f"BULKHEAD_VAULT_ADDR_{suffix}", "")
+                addr = read.text(f"VAULT_ADDR_{suffix}")
                 if not addr:  # never the default region's: a tenant's secrets must stay in its region
-                    raise FailedPrecondition(
-                        f"region {region!r} has no OpenBao: set BULKHEAD_VAULT_ADDR_{suffix}", reason="CONFIG_INVALID"
-                    )
-                vault_regions[region] = (addr, env.get(f"BULKHEAD_VAULT_TOKEN_{suffix}") or token)
+                    raise ConfigError(f"region {region!r} has no OpenBao: set BULKHEAD_VAULT_ADDR_{suffix}")
+                vault_regions[region] = (addr, read.text(f"VAULT_TOKEN_{suffix}") or token)
         return cls(
             service=service,
             backend=backend,
             vault_regions=vault_regions,
-            vault_addr=env.get("BULKHEAD_VAULT_ADDR", "http://127.0.0.1:8200"),
+            vault_addr=read.text("VAULT_ADDR", "http://127.0.0.1:8200"),
             vault_token=token,
-            tenant_token_ttl=int(env.get("BULKHEAD_VAULT_TENANT_TOKEN_TTL", "900")),
-            master_key_path=Path(
-                env.get("BULKHEAD_CREDENTIALS_MASTER_KEY") or service.data_dir / "credentials" / "master.key"
-            ),
-            audit_key_path=Path(
-                env.get("BULKHEAD_CREDENTIALS_AUDIT_KEY") or service.data_dir / "credentials" / "audit.key"
-            ),
-            grace_seconds=int(env.get("BULKHEAD_SECRETS_GRACE_SECONDS", "86400")),
-            rotation_interval=float(env.get("BULKHEAD_ROTATION_INTERVAL", "30")),
-            cache_seconds=float(env.get("BULKHEAD_SECRETS_CACHE_SECONDS", "1.0")),
+            tenant_token_ttl=read.positive("VAULT_TENANT_TOKEN_TTL", 900),
+            master_key_path=read.path("CREDENTIALS_MASTER_KEY", service.data_dir / "credentials" / "master.key"),
+            audit_key_path=read.path("CREDENTIALS_AUDIT_KEY", service.data_dir / "credentials" / "audit.key"),
+            grace_seconds=read.int("SECRETS_GRACE_SECONDS", 86400, min=0),
+            rotation_interval=read.positive("ROTATION_INTERVAL", 30.0),
+            cache_seconds=read.float("SECRETS_CACHE_SECONDS", 1.0, min=0.0),
         )

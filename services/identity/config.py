@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import ServiceConfig
+from shared.config import EnvReader, ServiceConfig
 
 SERVICE_KEYS_DIR = "service-keys"
 
@@ -33,12 +33,14 @@ class IdentityConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> IdentityConfig:
+        """Read identity's settings from env; ConfigError names a bad one."""
         service = ServiceConfig.from_env("identity", env)
+        read = EnvReader(env, "BULKHEAD_")
         return cls(
             service=service,
-            kek_path=Path(env.get("BULKHEAD_IDENTITY_KEK_FILE", service.data_dir / "identity.kek")),
-            revocation_poll=float(env.get("BULKHEAD_REVOCATION_POLL_SECONDS", "1")),
-            service_keys_dir=Path(env.get("BULKHEAD_IDENTITY_SERVICE_KEYS_DIR", service.data_dir / SERVICE_KEYS_DIR)),
-            deletion_interval=float(env.get("BULKHEAD_IDENTITY_DELETION_INTERVAL_SECONDS", "10")),
-            deletion_lease=float(env.get("BULKHEAD_IDENTITY_DELETION_LEASE_SECONDS", "180")),
+            kek_path=read.path("IDENTITY_KEK_FILE", service.data_dir / "identity.kek"),
+            revocation_poll=read.positive("REVOCATION_POLL_SECONDS", 1.0),
+            service_keys_dir=read.path("IDENTITY_SERVICE_KEYS_DIR", service.data_dir / SERVICE_KEYS_DIR),
+            deletion_interval=read.positive("IDENTITY_DELETION_INTERVAL_SECONDS", 10.0),
+            deletion_lease=read.positive("IDENTITY_DELETION_LEASE_SECONDS", 180.0),
         )

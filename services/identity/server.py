@@ -6,8 +6,9 @@ import logging
 import os
 import sys
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from bulkhead.identity.v1 import identity_pb2, identity_pb2_grpc
 from services.identity.bootstrap import ensure_platform_tenant, ensure_service_keys
@@ -19,18 +20,14 @@ from services.identity.migration import Migrations
 from services.identity.servicer import IdentityServicer
 from services.identity.signing import SigningKeys, StoreKeyLoader, load_or_create_kek
 from services.identity.store import IdentityBase
-from shared.client import make_channel
 from shared.config_audit import ConfigAudit, load_chain_key
 from shared.db import Database
 from shared.lifecycle import TenantLifecycle, lifecycle_binding
-from shared.logs import setup_logging
-from shared.metrics import serve_metrics
 from shared.periodic import Periodic
 from shared.retention import RetentionSweeper, sweep_interval
-from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
-from shared.server import Binding, RunningServer, run_until_signalled, serve
-from shared.settings import load_page_key
-from shared.telemetry import setup_telemetry
+from shared.scaffold import Service, Startup, run_service, serve_service
+from shared.security_events import SECURITY_EVENTS_METADATA
+from shared.server import Binding, RunningServer
 from shared.tiers import Tier
 from shared.tls import TlsConfig
 from shared.tokens import RefreshingKeySource, TokenVerifier
@@ -43,149 +40,122 @@ whose target_tenant column is not a tenant_id (docs/CONTRACT.md, "What deletion 
 log = logging.getLogger("bulkhead.identity")
 
 
-@dataclass
-class IdentityApp:
-    """A running identity service and what its tests reach into."""
+@dataclass(kw_only=True)
+class IdentityApp(Service):
+    """A running identity service and the parts its tests reach into."""
 
-    running: RunningServer
     db: Database
+    """Its database."""
     keys: SigningKeys
+    """The signing keys it issues tokens with."""
     directory: Directory
+    """Tenants, principals and keys."""
     key_source: RefreshingKeySource
+    """Its own verifier's keys, revocations and suspensions (straight from its tables)."""
     operator_key: str | None
     """The operator key made by this start, or None when the platform tenant already existed."""
-    service_keys_dir: Path | None = None
+    service_keys_dir: Path
     """Where the platform services' key files are (see bootstrap.SERVICE_PRINCIPALS)."""
-    deletions: Deletions | None = None
+    deletions: Deletions
     """Tenant deletions (tests set deletions.peers once the other services listen)."""
-    sweeper: Periodic | None = None
-    """Runs due deletions and retries failed steps."""
-    channels: dict = field(default_factory=dict)
-    """Channels to the other services, by address."""
-    retention: RetentionSweeper | None = None
-    """Prunes configuration audit events past each tenant's retention (shared.retention)."""
-    migrations: Migrations | None = None
+    migrations: Migrations
     """Live tier migrations (shares deletions.peers)."""
-    migration_sweeper: Periodic | None = None
-    """Resumes unfinished migrations and retries failed steps."""
-
-    async def close(self, grace: float = 1.0) -> None:
-        await self.running.stop(grace)
-        await _close_rest(self)
+    retention: RetentionSweeper
+    """Prunes configuration audit events past each tenant's retention (shared.retention)."""
 
 
-async def start(config: IdentityConfig, *, address: str | None = None, announce=sys.stdout) -> IdentityApp:
-    """Migrate, bootstrap and serve identity."""
+async def serve_identity(
+    servicer: IdentityServicer,
+    db: Database,
+    audit: ConfigAudit,
+    *,
+    verifier: TokenVerifier,
+    address: str = "127.0.0.1:0",
+    tls: TlsConfig | None = None,
+) -> RunningServer:
+    """identity's gRPC server over its servicer (start() builds it; port 0 for tests)."""
+    tables = [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA]
+    binding = Binding(
+        identity_pb2_grpc.add_IdentityServiceServicer_to_server,
+        servicer,
+        identity_pb2.DESCRIPTOR.services_by_name["IdentityService"],
+    )
+    lifecycle = lifecycle_binding("identity", db, tables, keep=KEPT, rows_tier=Tier.POOLED)
+    return await serve_service(
+        "identity", db, binding, lifecycle, verifier=verifier, address=address, tls=tls, audit=audit
+    )
+
+
+async def start(config: IdentityConfig, *, address: str | None = None, announce: IO[str] = sys.stdout) -> IdentityApp:
+    """Migrate, bootstrap and serve identity (which verifies tokens with its own keys, not a peer's)."""
     svc = config.service
-    db = await Database.open(svc.database_url, owner_url=svc.database_owner_url, migrations=MIGRATIONS)
-    keys = SigningKeys(db, load_or_create_kek(config.kek_path))
-    await keys.active()
-    directory = Directory(db, regions=svc.regions)
-    operator_key = await ensure_platform_tenant(directory, svc.data_dir, announce=announce)
-    await ensure_service_keys(directory, config.service_keys_dir)
-    key_source = RefreshingKeySource(StoreKeyLoader(keys, db), revocation_poll=config.revocation_poll, min_refetch=0.0)
-    verifier = TokenVerifier(key_source)
-    # identity's own rows stay pooled whatever the tenant's tier (see directory.pooled).
-    audit = ConfigAudit("identity", db, rows_tier=Tier.POOLED, key=load_chain_key("identity", svc.env))
-    own = TenantLifecycle(
-        "identity",
-        db,
-        [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
-        keep=KEPT,
-        rows_tier=Tier.POOLED,
-    )
-    channels: dict = {}
-    deletions = Deletions(
-        db,
-        keys,
-        own,
-        peers={s: svc.peers[s] for s in STEPS if s in svc.peers},
-        channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
-        on_status_change=key_source.refresh_revocations,
-        lease_seconds=config.deletion_lease,
-    )
-    servicer = IdentityServicer(db, directory, Issuance(db, keys, verifier), keys, key_source, deletions, audit=audit)
-    servicer.migrations = Migrations(
-        db,
-        keys,
-        peers=deletions.peers,
-        channel_for=lambda addr: channels.get(addr) or channels.setdefault(addr, make_channel(addr)),
-        lease_seconds=config.deletion_lease,
-        regions=svc.regions,
-    )
-    lifecycle = lifecycle_binding(
-        "identity",
-        db,
-        [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA],
-        keep=KEPT,
-        rows_tier=Tier.POOLED,
-    )
-    running = await serve(
-        name="identity",
-        verifier=verifier,
-        address=address or svc.address,
-        tls=TlsConfig.from_env(svc.env),
-        bindings=[
-            Binding(
-                identity_pb2_grpc.add_IdentityServiceServicer_to_server,
-                servicer,
-                identity_pb2.DESCRIPTOR.services_by_name["IdentityService"],
-            ),
-            lifecycle,
-            security_events_binding("identity", db),
-            audit.binding(),
-        ],
-        page_key=await load_page_key(db, "identity"),
-    )
-    sweeper = Periodic(
-        "tenant-deletions", deletions.run_due, interval=config.deletion_interval, log=log, run_first=True
-    )
-    sweeper.start()
-    retention = RetentionSweeper("identity", directory.retention_policies, [audit.prune])
-    retention.start(interval=sweep_interval(svc.env))
-    migration_sweeper = Periodic(
-        "tenant-migrations", servicer.migrations.run_due, interval=config.deletion_interval, log=log, run_first=True
-    )
-    migration_sweeper.start()
-    return IdentityApp(
-        running,
-        db,
-        keys,
-        directory,
-        key_source,
-        operator_key,
-        config.service_keys_dir,
-        deletions,
-        sweeper,
-        channels,
-        retention,
-        servicer.migrations,
-        migration_sweeper,
-    )
+    async with Startup(svc.tls) as up:
+        db = up.closing(await Database.open(svc.database_url, owner_url=svc.database_owner_url, migrations=MIGRATIONS))
+        keys = SigningKeys(db, load_or_create_kek(config.kek_path))
+        await keys.active()
+        directory = Directory(db, regions=svc.regions)
+        operator_key = await ensure_platform_tenant(directory, svc.data_dir, announce=announce)
+        await ensure_service_keys(directory, config.service_keys_dir)
+        key_source = up.closing(
+            RefreshingKeySource(StoreKeyLoader(keys, db), revocation_poll=config.revocation_poll, min_refetch=0.0)
+        )
+        verifier = TokenVerifier(key_source)
+        # identity's own rows stay pooled whatever the tenant's tier (see directory.pooled).
+        audit = ConfigAudit("identity", db, rows_tier=Tier.POOLED, key=load_chain_key("identity", svc.env))
+        tables = [IdentityBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA]
+        own = TenantLifecycle("identity", db, tables, keep=KEPT, rows_tier=Tier.POOLED)
+        channel_for = up.channel_pool()
+        deletions = up.closing(
+            Deletions(
+                db,
+                keys,
+                own,
+                peers={s: svc.peers[s] for s in STEPS if s in svc.peers},
+                channel_for=channel_for,
+                on_status_change=key_source.refresh_revocations,
+                lease_seconds=config.deletion_lease,
+            )
+        )
+        migrations = up.closing(
+            Migrations(
+                db,
+                keys,
+                peers=deletions.peers,
+                channel_for=channel_for,
+                lease_seconds=config.deletion_lease,
+                regions=svc.regions,
+            )
+        )
+        servicer = IdentityServicer(
+            db, directory, Issuance(db, keys, verifier), keys, key_source, deletions, audit=audit
+        )
+        servicer.migrations = migrations
+        running = await serve_identity(
+            servicer, db, audit, verifier=verifier, address=address or svc.address, tls=up.tls
+        )
+        up.serving(running)
+        every = config.deletion_interval
+        up.started(Periodic("tenant-deletions", deletions.run_due, interval=every, log=log, run_first=True))
+        retention = up.started(
+            RetentionSweeper("identity", directory.retention_policies, [audit.prune]), interval=sweep_interval(svc.env)
+        )
+        up.started(Periodic("tenant-migrations", migrations.run_due, interval=every, log=log, run_first=True))
+        return IdentityApp(
+            running=running,
+            stack=up.stack,
+            db=db,
+            keys=keys,
+            directory=directory,
+            key_source=key_source,
+            operator_key=operator_key,
+            service_keys_dir=config.service_keys_dir,
+            deletions=deletions,
+            migrations=migrations,
+            retention=retention,
+        )
 
 
 async def main(env: Mapping[str, str] = os.environ) -> None:
     """Run identity until SIGTERM/SIGINT."""
     config = IdentityConfig.from_env(env)
-    setup_logging("identity", config.service.log_level)
-    setup_telemetry("identity", config.service.otlp_endpoint)
-    serve_metrics(config.service.metrics_port)
-    app = await start(config)
-    await run_until_signalled(app.running, on_stop=lambda: _close_rest(app))
-
-
-async def _close_rest(app: IdentityApp) -> None:
-    if app.sweeper is not None:
-        await app.sweeper.stop()
-    if app.retention is not None:
-        await app.retention.stop()
-    if app.migration_sweeper is not None:
-        await app.migration_sweeper.stop()
-    if app.migrations is not None:
-        await app.migrations.close()
-    if app.deletions is not None:
-        await app.deletions.close()
-    for channel in app.channels.values():
-        await channel.close()
-    await app.key_source.close()
-    await app.db.close()
+    await run_service(config.service, lambda up: start(config))

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from services.inference.policy import Policy
 from services.inference.providers import ANTHROPIC, OFFLINE
-from shared.config import ServiceConfig
+from shared.config import EnvReader, ServiceConfig
 
 _PINNED = (
     "claude-sonnet-4-5=claude-sonnet-4-5-20250929,claude-haiku-4-5=claude-haiku-4-5-20251001,"
@@ -91,62 +91,42 @@ class InferenceConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> InferenceConfig:
-        """Read the config from env."""
+        """Read the config from env; ConfigError names what is wrong."""
+        read = EnvReader(env, "BULKHEAD_INFERENCE_")
         key = env.get("ANTHROPIC_API_KEY", "")
-        provider = env.get("BULKHEAD_MODEL_PROVIDER") or (ANTHROPIC if key else OFFLINE)
-        if provider not in (ANTHROPIC, OFFLINE):
-            raise ValueError(f"BULKHEAD_MODEL_PROVIDER must be {ANTHROPIC} or {OFFLINE}, not {provider!r}")
-        pinned = dict(
-            pair.split("=", 1)
-            for pair in env.get("BULKHEAD_INFERENCE_PINNED_VERSIONS", _PINNED).split(",")
-            if "=" in pair
-        )
-        allowed = tuple(
-            m
-            for m in env.get("BULKHEAD_INFERENCE_ALLOWED_MODELS", ",".join(pinned) or "claude-sonnet-4-5").split(",")
-            if m
-        )
+        provider = EnvReader(env).choice("BULKHEAD_MODEL_PROVIDER", ANTHROPIC if key else OFFLINE, (ANTHROPIC, OFFLINE))
+        pinned = dict(pair.split("=", 1) for pair in read.text("PINNED_VERSIONS", _PINNED).split(",") if "=" in pair)
+        allowed = tuple(m for m in read.text("ALLOWED_MODELS", ",".join(pinned) or "claude-sonnet-4-5").split(",") if m)
+        upstream_timeout = read.positive("UPSTREAM_TIMEOUT", 600.0)
         return cls(
             service=ServiceConfig.from_env("inference", env),
             provider=provider,
             anthropic_api_key=key,
             anthropic_base_url=env.get("ANTHROPIC_BASE_URL") or None,
-            upstream_timeout=float(env.get("BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT", "600")),
-            max_attempts=int(env.get("BULKHEAD_INFERENCE_MAX_ATTEMPTS", "3")),
-            max_retry_wait=float(env.get("BULKHEAD_INFERENCE_MAX_RETRY_WAIT", "5")),
+            upstream_timeout=upstream_timeout,
+            max_attempts=read.int("MAX_ATTEMPTS", 3, min=1),
+            max_retry_wait=read.float("MAX_RETRY_WAIT", 5.0, min=0.0),
             platform_policy=Policy(
                 allowed_models=allowed,
-                default_model=env.get("BULKHEAD_INFERENCE_DEFAULT_MODEL", allowed[0] if allowed else ""),
+                default_model=read.text("DEFAULT_MODEL", allowed[0] if allowed else ""),
                 pinned_versions=pinned,
-                max_tokens_ceiling=int(env.get("BULKHEAD_INFERENCE_MAX_TOKENS_CEILING", "8192")),
+                max_tokens_ceiling=read.positive("MAX_TOKENS_CEILING", 8192),
             ),
-            lease_tokens=int(env.get("BULKHEAD_INFERENCE_LEASE_TOKENS", "20000")),
-            usage_flush_seconds=float(env.get("BULKHEAD_INFERENCE_USAGE_FLUSH_SECONDS", "0.2")),
-            provider_key_secret=env.get("BULKHEAD_INFERENCE_PROVIDER_KEY_SECRET", "anthropic-api-key"),
-            user_id_salt=env.get("BULKHEAD_INFERENCE_USER_ID_SALT") or None,
-            allow_http_endpoints=env.get("BULKHEAD_INFERENCE_ALLOW_HTTP_ENDPOINTS", "0") == "1",
-            replica_id=env.get("BULKHEAD_INFERENCE_REPLICA_ID", ""),
-            attempt_sweep_seconds=float(
-                env.get(
-                    "BULKHEAD_INFERENCE_ATTEMPT_SWEEP_SECONDS",
-                    str(float(env.get("BULKHEAD_INFERENCE_UPSTREAM_TIMEOUT", "600")) + 60),
-                )
-            ),
-            lease_idle_seconds=float(env.get("BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS", "0.5")),
-            workers=_workers(env.get("BULKHEAD_INFERENCE_WORKERS", "1")),
-            upstream_transport=_transport(env.get("BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT", "sdk")),
+            lease_tokens=read.positive("LEASE_TOKENS", 20000),
+            usage_flush_seconds=read.float("USAGE_FLUSH_SECONDS", 0.2, min=0.0),
+            provider_key_secret=read.text("PROVIDER_KEY_SECRET", "anthropic-api-key"),
+            user_id_salt=read.optional("USER_ID_SALT"),
+            allow_http_endpoints=read.flag("ALLOW_HTTP_ENDPOINTS"),
+            replica_id=read.text("REPLICA_ID"),
+            attempt_sweep_seconds=read.positive("ATTEMPT_SWEEP_SECONDS", upstream_timeout + 60),
+            lease_idle_seconds=read.float("LEASE_IDLE_SECONDS", 0.5, min=0.0),
+            workers=read.int("WORKERS", 1, min=1, max=64),
+            upstream_transport=read.choice("UPSTREAM_TRANSPORT", "sdk", TRANSPORTS),
         )
 
 
 TRANSPORTS = ("sdk", "sdk-httpx", "direct")
 """The values of BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT."""
-
-
-def _transport(value: str) -> str:
-    if value not in TRANSPORTS:
-        raise ValueError(f"BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT must be sdk, sdk-httpx or direct, not {value!r}")
-    return value
-
 
 SALT_FILE = "inference-user-id.salt"
 """The deployment's user-id salt in the data dir, when none is configured."""
@@ -179,10 +159,3 @@ def load_or_create_salt(data_dir: Path) -> str:
     finally:
         temp.unlink()
     return path.read_text().strip()
-
-
-def _workers(value: str) -> int:
-    workers = int(value)
-    if not 1 <= workers <= 64:
-        raise ValueError(f"BULKHEAD_INFERENCE_WORKERS must be 1..64, not {workers}")
-    return workers

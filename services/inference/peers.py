@@ -7,6 +7,7 @@ errors.peer_call(): a peer's failure arrives as our own error, and the domain's 
 
 from __future__ import annotations
 
+import logging
 import os
 import secrets
 import socket
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 import grpc
 from google.protobuf import timestamp_pb2
 
+from bulkhead.client import RefreshingToken
 from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from bulkhead.metering.v1 import metering_pb2 as mpb
 from bulkhead.metering.v1 import metering_pb2_grpc
@@ -29,10 +31,14 @@ from services.inference.limits import Limits
 from services.inference.usage import UsageEvent, UsageRejected
 from shared import errors
 from shared.cache import TenantCache
+from shared.config import ServiceConfig
 from shared.errors import peer_call
 from shared.logs import register_secret
+from shared.scaffold import Startup
 from shared.tenancy import TenantContext
 from shared.tiers import UnknownTier, tier_to_proto
+
+log = logging.getLogger("bulkhead.inference")
 
 HOLDER = f"{socket.gethostname()[:120]}:{os.getpid()}:{secrets.token_hex(4)}"
 """This process as a lease holder at metering: host, pid and a nonce drawn at start (a restart is a new holder)."""
@@ -221,3 +227,19 @@ class NoTenantKeys:
 
     async def tenant_key(self, ctx: TenantContext) -> str | None:
         return None
+
+
+def platform_usage(service: ServiceConfig, up: Startup) -> PlatformUsage | None:
+    """RecordTenantUsage with the proxy's own service key, when identity made one (see SERVICE_PRINCIPALS)."""
+    path = service.service_key_file
+    if path is None or not path.is_file():
+        log.warning(
+            "no service key at %s: usage held in the outbox reaches metering only when its tenant "
+            "calls again (set BULKHEAD_INFERENCE_SERVICE_KEY_FILE)",
+            path,
+        )
+        return None
+    key = path.read_text().strip()
+    register_secret(key)
+    token = RefreshingToken(up.channel(service.peer("identity")), key)
+    return PlatformUsage(up.channel(service.peer("metering"), credentials=token))

@@ -40,6 +40,8 @@ from services.inference.upstream_http import (
 if TYPE_CHECKING:
     import anthropic
 
+    from services.inference.config import InferenceConfig
+
 log = logging.getLogger("bulkhead.inference.upstream")
 
 OFFLINE = "offline"
@@ -646,3 +648,15 @@ def _example_input(schema: dict[str, Any]) -> dict[str, Any]:
 
 def _digest(body: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+
+
+def make_provider(config: InferenceConfig) -> Provider:
+    """The provider the config names."""
+    if config.provider == OFFLINE:
+        return OfflineProvider()
+    return AnthropicProvider(
+        base_url=config.anthropic_base_url,
+        timeout=config.upstream_timeout,
+        direct=config.upstream_transport == "direct",
+        http="httpx" if config.upstream_transport == "sdk-httpx" else "aiohttp",
+    )

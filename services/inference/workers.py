@@ -5,6 +5,8 @@ Light on purpose: the parent that runs the workers imports this and the config o
 
 from __future__ import annotations
 
+import asyncio
+import gc
 import os
 import signal
 import socket
@@ -12,7 +14,8 @@ import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Coroutine, Mapping, Sequence
+from typing import Any
 
 from services.inference.config import InferenceConfig
 
@@ -110,3 +113,32 @@ def replica_name(address: str) -> str:
     """Host and port; a random port (0) gets a random name, so only the sweeper settles what it leaves."""
     port = address.rsplit(":", 1)[-1]
     return f"{socket.gethostname()}:{port if port != '0' else uuid.uuid4().hex[:12]}"
+
+
+GC_THRESHOLDS = (20_000, 20, 20)
+"""The cyclic collector's thresholds while serving. A young collection walks the container objects
+alive at that moment (the calls in flight), whatever the threshold; with Python's default 700 it ran
+every call or two, about 4% of the proxy's CPU at concurrency 32. A larger first threshold walks the
+same live set 30 times less often (the garbage in between is freed by reference counting)."""
+
+
+def freeze_startup_heap() -> None:
+    """Exempt what start-up allocated (modules, descriptors) from the cyclic collector, and collect young
+    objects less often (GC_THRESHOLDS).
+
+    Those objects live as long as the process; without this every full collection walks them
+    again, which showed as pauses in the tail latency under load.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(*GC_THRESHOLDS)
+
+
+def run_loop(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:
+    """Run main() on uvloop when it is installed (about a fifth less CPU per proxied call than asyncio's
+    own loop, measured with bench/proxy.py), else on asyncio's."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(main())
+    return uvloop.run(main())

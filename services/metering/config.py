@@ -6,7 +6,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-from shared.config import ServiceConfig
+from shared.config import EnvReader, ServiceConfig
 
 
 @dataclass(frozen=True)
@@ -25,10 +25,11 @@ class MeteringConfig:
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> MeteringConfig:
-        """Read BULKHEAD_METERING_* (and the common variables) from env."""
+        """Read BULKHEAD_METERING_* (and the common variables) from env; ConfigError names a bad one."""
+        read = EnvReader(env, "BULKHEAD_METERING_")
         return cls(
             service=ServiceConfig.from_env("metering", env),
-            sweep_interval_s=float(env.get("BULKHEAD_METERING_SWEEP_INTERVAL", "15")),
-            price_cache_s=float(env.get("BULKHEAD_METERING_PRICE_CACHE_SECONDS", "2")),
-            budget_cache_s=float(env.get("BULKHEAD_METERING_BUDGET_CACHE_SECONDS", "2")),
+            sweep_interval_s=read.float("SWEEP_INTERVAL", 15.0, min=0.0),
+            price_cache_s=read.float("PRICE_CACHE_SECONDS", 2.0, min=0.0),
+            budget_cache_s=read.float("BUDGET_CACHE_SECONDS", 2.0, min=0.0),
         )

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from prometheus_client import REGISTRY, CollectorRegistry
 
@@ -20,29 +21,27 @@ from services.metering.retention import UsageDetailRetention
 from services.metering.servicer import MeteringServicer, MeteringTiers
 from services.metering.store import MeteringBase
 from services.metering.sweeper import ExpirySweeper
-from shared.client import make_channel
 from shared.config_audit import ConfigAudit
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
 from shared.placement import open_service_database
-from shared.retention import RetentionSweeper, retention_sweeper
+from shared.retention import Prune, RetentionSweeper, retention_sweeper
 from shared.retention import sweep_interval as retention_interval
-from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
-from shared.server import Binding, RunningServer, serve
-from shared.settings import load_page_key
+from shared.scaffold import Service, Startup, run_service, serve_service
+from shared.security_events import SECURITY_EVENTS_METADATA
+from shared.server import Binding
 from shared.tiers import IdentityTiers, TierLookup
+from shared.tls import TlsConfig
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
 """The metering service's Alembic migrations."""
 
 
-@dataclass
-class MeteringService:
-    """A running metering service and what it must close on the way out."""
+@dataclass(kw_only=True)
+class MeteringService(Service):
+    """A running metering service and the parts tests reach into."""
 
-    running: RunningServer
-    """The gRPC server."""
     db: Database
     """Its database."""
     usage: UsageLedger
@@ -53,35 +52,16 @@ class MeteringService:
     """Its Prometheus counters."""
     sweeper: ExpirySweeper
     """The expiry sweeper (tests call run_once())."""
-
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stop serving, then close everything."""
-        await self.running.stop(grace)
-        await self.close()
-
-    channels: list = field(default_factory=list)
-    """Channels it opened to other services."""
-    audit: ConfigAudit | None = None
+    audit: ConfigAudit
     """Its configuration audit."""
-    usage_retention: UsageDetailRetention | None = None
+    usage_retention: UsageDetailRetention
     """Prunes per-event usage detail past each tenant's retention (the roll-up stays)."""
     retention: RetentionSweeper | None = None
-    """Prunes audit events and usage detail past each tenant's retention (shared.retention)."""
+    """Prunes audit events and usage detail past each tenant's retention (shared.retention); started by start()."""
 
-    def retention_steps(self) -> list:
+    def retention_steps(self) -> list[Prune]:
         """What retention prunes here: configuration audit events and per-event usage detail."""
-        if self.audit is None or self.usage_retention is None:
-            raise RuntimeError("retention_steps() before the audit and the usage retention were built")
         return [self.audit.prune, self.usage_retention.prune]
-
-    async def close(self) -> None:
-        """Stop the sweeper, close the database and channels (after the server stopped)."""
-        await self.sweeper.stop()
-        if self.retention is not None:
-            await self.retention.stop()
-        await self.db.close()
-        for channel in self.channels:
-            await channel.close()
 
 
 async def serve_metering(
@@ -95,68 +75,72 @@ async def serve_metering(
     price_cache_s: float = 2.0,
     budget_cache_s: float = 2.0,
     tiers: TierLookup | None = None,
+    tls: TlsConfig | None = None,
+    startup: Startup | None = None,
 ) -> MeteringService:
-    """Start the metering server over an open database (tests: port 0, a fake clock, a fresh registry).
+    """Start the metering server over an open database, which stopping it closes (tests: port 0, a fake clock,
+    a fresh registry); start() passes its own startup, where it registered the database.
 
     sweep_interval=None leaves the background sweeper stopped (tests drive it with run_once()).
     tiers answers operators' quota calls about tenants metering has not seen yet (identity, in production).
     """
-    metrics = MeteringMetrics(registry if registry is not None else CollectorRegistry())
-    prices = PriceCache(db, max_age_us=int(price_cache_s * periods.US_PER_SECOND), clock=clock)
-    usage = UsageLedger(db, prices, metrics, clock=clock)
-    budgets = BudgetLedger(db, prices, clock=clock, on_reject=metrics.rejected, specs=budget_spec_cache(budget_cache_s))
-    sweeper = ExpirySweeper(usage, budgets, interval=sweep_interval or 15.0)
-    audit = ConfigAudit("metering", db, tiers=MeteringTiers(usage, tiers))
-    binding = Binding(
-        metering_pb2_grpc.add_MeteringServiceServicer_to_server,
-        MeteringServicer(usage, budgets, prices, tiers, db=db, audit=audit),
-        metering_pb2.DESCRIPTOR.services_by_name["MeteringService"],
-    )
-    lifecycle = lifecycle_binding(
-        "metering", db, [MeteringBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA], keep=KEPT
-    )
-    security = security_events_binding("metering", db)
-    running = await serve(
-        name="metering",
-        bindings=[binding, lifecycle, audit.binding(), security],
-        verifier=verifier,
-        address=address,
-        page_key=await load_page_key(db, "metering"),
-    )
-    if sweep_interval:
-        sweeper.start()
-    return MeteringService(
-        running, db, usage, budgets, metrics, sweeper, audit=audit, usage_retention=UsageDetailRetention(db, prices)
-    )
+    async with startup or Startup(tls, owns=[db]) as up:
+        metrics = MeteringMetrics(registry if registry is not None else CollectorRegistry())
+        prices = PriceCache(db, max_age_us=int(price_cache_s * periods.US_PER_SECOND), clock=clock)
+        usage = UsageLedger(db, prices, metrics, clock=clock)
+        specs = budget_spec_cache(budget_cache_s)
+        budgets = BudgetLedger(db, prices, clock=clock, on_reject=metrics.rejected, specs=specs)
+        sweeper = ExpirySweeper(usage, budgets, interval=sweep_interval or 15.0)
+        up.stack.push_async_callback(sweeper.stop)
+        audit = ConfigAudit("metering", db, tiers=MeteringTiers(usage, tiers))
+        binding = Binding(
+            metering_pb2_grpc.add_MeteringServiceServicer_to_server,
+            MeteringServicer(usage, budgets, prices, tiers, db=db, audit=audit),
+            metering_pb2.DESCRIPTOR.services_by_name["MeteringService"],
+        )
+        lifecycle = lifecycle_binding(
+            "metering", db, [MeteringBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA], keep=KEPT
+        )
+        running = await serve_service(
+            "metering", db, binding, lifecycle, verifier=verifier, address=address, tls=up.tls, audit=audit
+        )
+        if sweep_interval:
+            sweeper.start()
+        return MeteringService(
+            running=up.serving(running),
+            stack=up.stack,
+            db=db,
+            usage=usage,
+            budgets=budgets,
+            metrics=metrics,
+            sweeper=sweeper,
+            audit=audit,
+            usage_retention=UsageDetailRetention(db, prices),
+        )
 
 
 async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str | None = None) -> MeteringService:
     """Open the database (migrating it) and start serving and sweeping."""
-    db = await open_service_database(
-        config.service,
-        migrations=str(MIGRATIONS),  # every region's
-        read_url=config.service.database_read_url,
-    )
-    identity = make_channel(config.service.peer("identity"), forward=True)
-    service = await serve_metering(
-        db=db,
-        verifier=verifier,
-        address=address or config.service.address,
-        registry=REGISTRY,
-        sweep_interval=config.sweep_interval_s or None,
-        price_cache_s=config.price_cache_s,
-        budget_cache_s=config.budget_cache_s,
-        tiers=IdentityTiers(identity),
-    )
-    service.channels.append(identity)
-    service.retention = retention_sweeper("metering", config.service, service.retention_steps())
-    service.retention.start(interval=retention_interval(config.service.env))
-    return service
+    async with Startup(config.service.tls) as up:
+        service = config.service  # every region's database, migrated:
+        db = up.closing(await open_service_database(service, migrations=MIGRATIONS, read_url=service.database_read_url))
+        metering = await serve_metering(
+            db=db,
+            verifier=verifier,
+            address=address or service.address,
+            registry=REGISTRY,
+            sweep_interval=config.sweep_interval_s or None,
+            price_cache_s=config.price_cache_s,
+            budget_cache_s=config.budget_cache_s,
+            tiers=IdentityTiers(up.channel(service.peer("identity"), forward=True)),
+            startup=up,
+        )
+        sweeper = retention_sweeper("metering", service, metering.retention_steps())
+        metering.retention = up.started(sweeper, interval=retention_interval(service.env))
+        return metering
 
 
-async def main() -> None:
+async def main(env: Mapping[str, str] = os.environ) -> None:
     """Run the metering service until SIGTERM/SIGINT."""
-    from shared.service_main import run_service
-
-    config = MeteringConfig.from_env()
-    await run_service(config.service, lambda verifier: start(config, verifier))
+    config = MeteringConfig.from_env(env)
+    await run_service(config.service, lambda up: start(config, up.remote_verifier(config.service)))

@@ -22,11 +22,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
-from shared.config import ServiceConfig
-
-
-class ConfigError(ValueError):
-    """The environment describes a configuration the service refuses to run with."""
+from services.orchestrator.grants import load_or_create_key
+from shared.config import ConfigError, EnvReader, ServiceConfig
 
 
 @dataclass(frozen=True)
@@ -60,30 +57,25 @@ class OrchestratorConfig:
         """Key file deriving canary markers."""
         return self.service.data_dir / "orchestrator-canary.key"
 
+    def canary_key(self) -> bytes:
+        """The key deriving canary markers: BULKHEAD_ORCHESTRATOR_CANARY_KEY (hex), else the key file (made once)."""
+        raw = EnvReader(self.service.env, "BULKHEAD_ORCHESTRATOR_").text("CANARY_KEY")
+        try:
+            return bytes.fromhex(raw) if raw else load_or_create_key(self.canary_key_path)
+        except ValueError:
+            raise ConfigError("BULKHEAD_ORCHESTRATOR_CANARY_KEY must be hex") from None
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> OrchestratorConfig:
         """Read and validate the configuration; ConfigError names what is wrong."""
+        read = EnvReader(env, "BULKHEAD_ORCHESTRATOR_")
         return cls(
             service=ServiceConfig.from_env("orchestrator", env),
-            runs_per_tenant=int(_positive(env, "RUNS_PER_TENANT", 4)),
-            max_concurrent=int(_positive(env, "MAX_CONCURRENT", 64)),
-            max_steps_per_run=int(_positive(env, "MAX_STEPS_PER_RUN", 40)),
-            lease_seconds=_positive(env, "LEASE_SECONDS", 15.0),
-            tool_rate=_positive(env, "TOOL_RATE", 5.0),
-            tool_timeout=_positive(env, "TOOL_TIMEOUT", 10.0),
-            delegation_ttl=int(_positive(env, "DELEGATION_TTL", 3600)),
+            runs_per_tenant=read.positive("RUNS_PER_TENANT", 4),
+            max_concurrent=read.positive("MAX_CONCURRENT", 64),
+            max_steps_per_run=read.positive("MAX_STEPS_PER_RUN", 40),
+            lease_seconds=read.positive("LEASE_SECONDS", 15.0),
+            tool_rate=read.positive("TOOL_RATE", 5.0),
+            tool_timeout=read.positive("TOOL_TIMEOUT", 10.0),
+            delegation_ttl=read.positive("DELEGATION_TTL", 3600),
         )
-
-
-def _positive(env: Mapping[str, str], suffix: str, default: float) -> float:
-    name = f"BULKHEAD_ORCHESTRATOR_{suffix}"
-    raw = env.get(name)
-    if raw is None:
-        return default
-    try:
-        value = float(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be a number") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive")
-    return value

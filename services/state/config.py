@@ -20,13 +20,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from services.state.records import Limits
-from shared.config import ServiceConfig
+from shared.config import ConfigError, EnvReader, ServiceConfig
 
 ENCRYPTION_MODES = ("credentials", "local", "off")
 
-
-class ConfigError(ValueError):
-    """The environment describes a configuration the service refuses to run with."""
+__all__ = ["ENCRYPTION_MODES", "ConfigError", "StateConfig"]
 
 
 @dataclass(frozen=True)
@@ -57,10 +55,9 @@ class StateConfig:
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> StateConfig:
         """Read and validate the configuration; ConfigError names what is wrong."""
+        read = EnvReader(env, "BULKHEAD_STATE_")
         production = env.get("BULKHEAD_ENV", "development").lower() == "production"
-        encryption = env.get("BULKHEAD_STATE_ENCRYPTION", "credentials" if production else "local").lower()
-        if encryption not in ENCRYPTION_MODES:
-            raise ConfigError(f"BULKHEAD_STATE_ENCRYPTION must be one of {', '.join(ENCRYPTION_MODES)}")
+        encryption = read.choice("ENCRYPTION", "credentials" if production else "local", ENCRYPTION_MODES, lower=True)
         if production and encryption != "credentials":
             raise ConfigError(
                 "in production, state must be encrypted with keys from the credentials service "
@@ -68,29 +65,14 @@ class StateConfig:
             )
         defaults = Limits()
         limits = Limits(
-            max_event_bytes=_positive(env, "BULKHEAD_STATE_MAX_EVENT_BYTES", defaults.max_event_bytes),
-            max_events_per_append=_positive(
-                env, "BULKHEAD_STATE_MAX_EVENTS_PER_APPEND", defaults.max_events_per_append
-            ),
-            max_value_bytes=_positive(env, "BULKHEAD_STATE_MAX_VALUE_BYTES", defaults.max_value_bytes),
+            max_event_bytes=read.positive("MAX_EVENT_BYTES", defaults.max_event_bytes),
+            max_events_per_append=read.positive("MAX_EVENTS_PER_APPEND", defaults.max_events_per_append),
+            max_value_bytes=read.positive("MAX_VALUE_BYTES", defaults.max_value_bytes),
         )
         return cls(
             service=ServiceConfig.from_env("state", env),
             production=production,
             encryption=encryption,
-            key_cache_seconds=float(_positive(env, "BULKHEAD_STATE_KEY_CACHE_SECONDS", 300)),
+            key_cache_seconds=read.positive("KEY_CACHE_SECONDS", 300.0),
             limits=limits,
         )
-
-
-def _positive(env: Mapping[str, str], name: str, default: int) -> int:
-    raw = env.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise ConfigError(f"{name} must be an integer") from None
-    if value <= 0:
-        raise ConfigError(f"{name} must be positive")
-    return value

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import pathlib
-from dataclasses import dataclass, field
-
-import grpc
+from collections.abc import Mapping
+from dataclasses import dataclass
 
 from bulkhead.state.v1 import state_pb2, state_pb2_grpc
 from services.state.config import StateConfig
@@ -18,13 +18,13 @@ from services.state.records import Limits
 from services.state.servicer import StateServicer
 from services.state.store import DataKeyStore, StateBase
 from services.state.threads import ThreadLog
-from shared.client import make_channel
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
 from shared.placement import open_service_database
-from shared.security_events import SECURITY_EVENTS_METADATA, security_events_binding
-from shared.server import Binding, RunningServer, serve
-from shared.settings import load_page_key
+from shared.scaffold import Service, Startup, run_service, serve_service
+from shared.security_events import SECURITY_EVENTS_METADATA
+from shared.server import Binding, RunningServer
+from shared.tls import TlsConfig
 from shared.tokens import TokenVerifier
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
@@ -47,6 +47,7 @@ async def serve_state(
     verifier: TokenVerifier,
     limits: Limits | None = None,
     address: str = "127.0.0.1:0",
+    tls: TlsConfig | None = None,
 ) -> RunningServer:
     """Start the state gRPC server over an open database (tests call this with port 0)."""
     limits = limits or Limits()
@@ -59,65 +60,43 @@ async def serve_state(
     lifecycle = lifecycle_binding(
         "state", db, [StateBase.metadata, SECURITY_EVENTS_METADATA], hooks=[ForgetDataKeys(envelope)]
     )
-    security = security_events_binding("state", db)
-    return await serve(
-        name="state",
-        bindings=[binding, lifecycle, security],
-        verifier=verifier,
-        address=address,
-        page_key=await load_page_key(db, "state"),
-    )
+    return await serve_service("state", db, binding, lifecycle, verifier=verifier, address=address, tls=tls)
 
 
-@dataclass
-class StateService:
-    """A running state service and what it must close on the way out."""
+@dataclass(kw_only=True)
+class StateService(Service):
+    """A running state service."""
 
-    running: RunningServer
     db: Database
+    """Its database."""
     envelope: Envelope | PlaintextEnvelope
-    channels: list[grpc.aio.Channel] = field(default_factory=list)
-
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stop serving, forget plain keys, close channels and the database."""
-        await self.running.stop(grace)
-        await self.close()
-
-    async def close(self) -> None:
-        """Forget plain keys, close channels and the database (after the server stopped)."""
-        self.envelope.forget()
-        for channel in self.channels:
-            await channel.close()
-        await self.db.close()
+    """Envelope encryption (its plain keys are forgotten on stop)."""
 
 
 async def start(config: StateConfig, verifier: TokenVerifier, *, address: str | None = None) -> StateService:
     """Open the database (migrating it), choose the key provider from config, start serving."""
-    db = await open_service_database(
-        config.service,
-        migrations=str(MIGRATIONS),  # every region's
-        read_url=config.service.database_read_url,
-    )
-    channels: list[grpc.aio.Channel] = []
-    provider: DataKeyProvider | None
-    if config.encryption == "credentials":
-        channel = make_channel(config.credentials_addr, forward=True)
-        channels.append(channel)
-        provider = CredentialsDataKeyProvider(channel)
-    elif config.encryption == "local":
-        provider = LocalDataKeyProvider.from_file(config.master_key_path)
-    else:
-        provider = None
-    envelope = make_envelope(db, provider, cache_ttl=config.key_cache_seconds)
-    running = await serve_state(
-        db=db, envelope=envelope, verifier=verifier, limits=config.limits, address=address or config.service.address
-    )
-    return StateService(running, db, envelope, channels)
+    async with Startup(config.service.tls) as up:
+        service = config.service  # every region's database, migrated:
+        db = up.closing(await open_service_database(service, migrations=MIGRATIONS, read_url=service.database_read_url))
+        provider: DataKeyProvider | None = None
+        if config.encryption == "credentials":
+            provider = CredentialsDataKeyProvider(up.channel(config.credentials_addr, forward=True))
+        elif config.encryption == "local":
+            provider = LocalDataKeyProvider.from_file(config.master_key_path)
+        envelope = make_envelope(db, provider, cache_ttl=config.key_cache_seconds)
+        up.callback(envelope.forget)
+        running = await serve_state(
+            db=db,
+            envelope=envelope,
+            verifier=verifier,
+            limits=config.limits,
+            address=address or config.service.address,
+            tls=up.tls,
+        )
+        return StateService(running=up.serving(running), stack=up.stack, db=db, envelope=envelope)
 
 
-async def main() -> None:
+async def main(env: Mapping[str, str] = os.environ) -> None:
     """Run the state service until SIGTERM/SIGINT."""
-    from shared.service_main import run_service
-
-    config = StateConfig.from_env()
-    await run_service(config.service, lambda verifier: start(config, verifier))
+    config = StateConfig.from_env(env)
+    await run_service(config.service, lambda up: start(config, up.remote_verifier(config.service)))

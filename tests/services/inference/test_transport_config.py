@@ -3,8 +3,7 @@
 import pytest
 
 from services.inference.config import InferenceConfig
-from services.inference.providers import AnthropicProvider, Target
-from services.inference.server import make_provider
+from services.inference.providers import AnthropicProvider, Target, make_provider
 from tests.services.inference.test_upstream_http import no_proxy_env  # noqa: F401 (fixture)
 
 ENV = {"ANTHROPIC_API_KEY": "sk-test", "ANTHROPIC_BASE_URL": "http://127.0.0.1:9"}
