@@ -124,12 +124,14 @@ ensure_python_deps() {  # ensure_python_deps [EXTRAS], e.g. "[test]"
   say "installing bulkhead-mesh${extras:+ with $extras} into $VENV (first run takes a few minutes)"
   local log="$VENV/pip-install.log" rc
   # uv resolves and installs the same packages as pip about ten times faster (a fresh clone's install
-  # drops from ~45 s to ~5 s); pip stays the fallback when uv cannot be had or fails.
+  # drops from ~45 s to ~7 s); pip stays the fallback when uv cannot be had or fails. --compile-bytecode
+  # as pip does: scripts/test sets PYTHONDONTWRITEBYTECODE, so without .pyc files every service process a
+  # test starts would compile its libraries from source again (the kill tests took twice as long).
   if [ "${BULKHEAD_USE_UV:-1}" = 1 ] && { [ -x "$VENV/bin/uv" ] || \
       "$VENV/bin/python" -m pip install -q --disable-pip-version-check uv >"$log" 2>&1; }; then
     set +o pipefail
     # Quiet, but show one line per package so a slow download is visibly progressing.
-    "$VENV/bin/uv" pip install --python "$VENV/bin/python" -e "$REPO$extras" 2>&1 | tee -a "$log" \
+    "$VENV/bin/uv" pip install --compile-bytecode --python "$VENV/bin/python" -e "$REPO$extras" 2>&1 | tee -a "$log" \
       | { grep --line-buffered -E '^ *(\+|Resolved|Installed)' || true; } \
       | sed -u -E 's/^ *(.{0,100}).*/    \1/'
     rc=${PIPESTATUS[0]}

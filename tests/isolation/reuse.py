@@ -263,6 +263,11 @@ def _echo(v: str, sent: set[str], chosen: tuple[str, ...]) -> bool:
     return v in sent or any(c in v for c in chosen)
 
 
+_CLOCK = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(\.\d+)?Z$")
+"""A timestamp: the clock made it, not the call (two tenants' calls in the same second carry the same one;
+a reply replayed across tenants still shows by the ids only B's call made)."""
+
+
 def made_values(reply, sent: set[str], chosen: tuple[str, ...] = ()) -> set[str]:
     """Strings in a reply that the caller did not send or choose (what only this call's server made)."""
     out: set[str] = set()
@@ -274,7 +279,13 @@ def made_values(reply, sent: set[str], chosen: tuple[str, ...] = ()) -> set[str]
         elif isinstance(v, list):
             for x in v:
                 walk(x)
-        elif isinstance(v, str) and not _echo(v, sent, chosen) and len(v) >= 8 and not v.lstrip("-").isdigit():
+        elif (
+            isinstance(v, str)
+            and not _echo(v, sent, chosen)
+            and len(v) >= 8
+            and not v.lstrip("-").isdigit()
+            and not _CLOCK.match(v)
+        ):
             out.add(v)
 
     walk(MessageToDict(reply, preserving_proto_field_name=True))
