@@ -114,6 +114,18 @@ ensure_venv() {
   fi
 }
 
+# _install_quietly LOG PATTERN COMMAND...: run an installer with its whole output in LOG and, on screen,
+# only the lines matching PATTERN (one per package), so a slow download is visibly progressing.
+_install_quietly() {
+  local log=$1 pattern=$2 rc
+  shift 2
+  set +o pipefail
+  "$@" 2>&1 | tee -a "$log" | { grep --line-buffered -E "$pattern" || true; } | sed -u -E 's/^ *(.{0,100}).*/    \1/'
+  rc=${PIPESTATUS[0]}
+  set -o pipefail
+  return "$rc"
+}
+
 # --- project + test extras, skipped when pyproject.toml hasn't changed since the last install --
 ensure_python_deps() {  # ensure_python_deps [EXTRAS], e.g. "[test]"
   local extras=${1:-} stamp="$VENV/.bulkhead-install" want
@@ -122,31 +134,22 @@ ensure_python_deps() {  # ensure_python_deps [EXTRAS], e.g. "[test]"
   if [ -f "$stamp" ] && { [ "$(cat "$stamp")" = "$want" ] || { [ -z "$extras" ] && \
       [ "$(cat "$stamp")" = "${want% *} [test]" ]; }; }; then return 0; fi
   say "installing bulkhead-mesh${extras:+ with $extras} into $VENV (first run takes a few minutes)"
-  local log="$VENV/pip-install.log" rc
+  local log="$VENV/pip-install.log"
   # uv resolves and installs the same packages as pip about ten times faster (a fresh clone's install
   # drops from ~45 s to ~7 s); pip stays the fallback when uv cannot be had or fails. --compile-bytecode
   # as pip does: scripts/test sets PYTHONDONTWRITEBYTECODE, so without .pyc files every service process a
   # test starts would compile its libraries from source again (the kill tests took twice as long).
   if [ "${BULKHEAD_USE_UV:-1}" = 1 ] && { [ -x "$VENV/bin/uv" ] || \
       "$VENV/bin/python" -m pip install -q --disable-pip-version-check uv >"$log" 2>&1; }; then
-    set +o pipefail
-    # Quiet, but show one line per package so a slow download is visibly progressing.
-    "$VENV/bin/uv" pip install --compile-bytecode --python "$VENV/bin/python" -e "$REPO$extras" 2>&1 | tee -a "$log" \
-      | { grep --line-buffered -E '^ *(\+|Resolved|Installed)' || true; } \
-      | sed -u -E 's/^ *(.{0,100}).*/    \1/'
-    rc=${PIPESTATUS[0]}
-    set -o pipefail
-    if [ "$rc" = 0 ]; then echo "$want" > "$stamp"; return 0; fi
+    if _install_quietly "$log" '^ *(\+|Resolved|Installed)' \
+        "$VENV/bin/uv" pip install --compile-bytecode --python "$VENV/bin/python" -e "$REPO$extras"; then
+      echo "$want" > "$stamp"
+      return 0
+    fi
     say "uv could not install (see $log); trying pip"
   fi
-  set +o pipefail
-  "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off \
-      -e "$REPO$extras" 2>&1 | tee -a "$log" \
-    | { grep --line-buffered -E '^(Collecting|Successfully installed)' || true; } \
-    | sed -u -E 's/^(.{0,100}).*/    \1/'
-  rc=${PIPESTATUS[0]}
-  set -o pipefail
-  if [ "$rc" != 0 ]; then
+  if ! _install_quietly "$log" '^(Collecting|Successfully installed)' \
+      "$VENV/bin/python" -m pip install --disable-pip-version-check --progress-bar off -e "$REPO$extras"; then
     tail -n 40 "$log" >&2
     die "pip install failed (full log: $log)"
   fi

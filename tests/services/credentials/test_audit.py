@@ -5,6 +5,7 @@ from __future__ import annotations
 import grpc
 
 from bulkhead.credentials.v1 import credentials_pb2 as pb
+from services.credentials.store import AUDIT_COLUMNS
 from tests.services.credentials.conftest import expect_error
 
 
@@ -94,20 +95,7 @@ async def test_a_rebuilt_chain_without_the_key_is_detected(h):
     from shared import audit_chain
 
     await _three_events(h)
-    names = (
-        "seq",
-        "time_us",
-        "principal_id",
-        "actor_id",
-        "agent_id",
-        "run_id",
-        "request_id",
-        "secret_name",
-        "version",
-        "action",
-        "outcome",
-        "reason",
-    )
+    names = AUDIT_COLUMNS[: AUDIT_COLUMNS.index("prev_hash")]  # what the chain links; the hashes follow
     rows = await h.raw(
         f"SELECT {', '.join(names)} FROM cred_audit_events WHERE tenant_id = :t ORDER BY seq", {"t": h.alpha}
     )
