@@ -43,6 +43,21 @@ async def _tenant_queue_rows(db: Database) -> int:
         return (await conn.execute(select(func.count()).select_from(QueueRow.__table__))).scalar_one()
 
 
+async def _create(runs: RunStore, tenant_id: str, tier: str, key: str, *, run_input: str = "x", **more):
+    """StartRun's write of a run of TEAM (entry agent "a") for `tenant_id` by principal "p"."""
+    return await runs.create(
+        team=TEAM,
+        entry_agent="a",
+        run_input=run_input,
+        idempotency_key=key,
+        tenant_id=tenant_id,
+        principal_id="p",
+        tier=tier,
+        grant=b"g",
+        **more,
+    )
+
+
 @pytest.mark.parametrize("tier", TIERS)
 async def test_queue_entry_is_platform_wide_whatever_the_tier(db, tier):
     """A run of a bridge or silo tenant is queued where the dispatcher looks, and leaves it when it ends."""
@@ -50,26 +65,8 @@ async def test_queue_entry_is_platform_wide_whatever_the_tier(db, tier):
     tid = f"t_{tier}_{uuid.uuid4().hex[:6]}"
     ctx = TenantContext(tenant_id=tid, principal_id="p", scopes=frozenset({"*"}), tier=tier)
     with tenant_scope(ctx):
-        run, created = await runs.create(
-            team=TEAM,
-            entry_agent="a",
-            run_input="x",
-            idempotency_key="k",
-            tenant_id=tid,
-            principal_id="p",
-            tier=tier,
-            grant=b"g",
-        )
-        again, created_again = await runs.create(
-            team=TEAM,
-            entry_agent="a",
-            run_input="x",
-            idempotency_key="k",
-            tenant_id=tid,
-            principal_id="p",
-            tier=tier,
-            grant=b"g",
-        )
+        run, created = await _create(runs, tid, tier, "k")
+        again, created_again = await _create(runs, tid, tier, "k")
         if tier != "pooled":  # the tenant's own copy of the platform table is never written
             assert await _tenant_queue_rows(db) == 0
     assert created and not created_again and again.run_id == run.run_id
@@ -90,16 +87,7 @@ async def test_queue_entry_is_platform_wide_whatever_the_tier(db, tier):
 
     # A queued run cancelled before it starts leaves the queue too.
     with tenant_scope(ctx):
-        queued, _ = await runs.create(
-            team=TEAM,
-            entry_agent="a",
-            run_input="y",
-            idempotency_key="",
-            tenant_id=tid,
-            principal_id="p",
-            tier=tier,
-            grant=b"g",
-        )
+        queued, _ = await _create(runs, tid, tier, "", run_input="y")
         assert (await runs.cancel(queued.run_id)).status == RunStatus.CANCELLED
     assert await runs.waiting(now=103) == ([], {})
 
@@ -110,16 +98,7 @@ async def test_lease_claim_expiry_takeover_and_finish(tmp_path):
     runs = RunStore(db)
     ctx = TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}))
     with tenant_scope(ctx):
-        run, created = await runs.create(
-            team=TEAM,
-            entry_agent="a",
-            run_input="x",
-            idempotency_key="",
-            tenant_id="t_a",
-            principal_id="p",
-            tier="pooled",
-            grant=b"g",
-        )
+        run, created = await _create(runs, "t_a", "pooled", "")
     assert created
     assert await runs.claim(run.run_id, "one", ttl=10, now=100) is not None
     assert await runs.claim(run.run_id, "two", ttl=10, now=105) is None  # still held
@@ -149,22 +128,12 @@ async def test_retry_with_the_same_key_requeues_a_run_that_lost_its_entry(tmp_pa
     db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
     runs = RunStore(db)
     ctx = TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}), tier="silo")
-    start = dict(
-        team=TEAM,
-        entry_agent="a",
-        run_input="x",
-        idempotency_key="k",
-        tenant_id="t_a",
-        principal_id="p",
-        tier="silo",
-        grant=b"g",
-    )
     with tenant_scope(ctx):
-        run, _ = await runs.create(**start)
+        run, _ = await _create(runs, "t_a", "silo", "k")
     await runs.drop(run.run_id)  # as if the process died before the queue entry was written
     assert await runs.waiting(now=100) == ([], {})
     with tenant_scope(ctx):
-        again, created = await runs.create(**start)
+        again, created = await _create(runs, "t_a", "silo", "k")
     assert not created and again.run_id == run.run_id
     assert [w.run_id for w in (await runs.waiting(now=100))[0]] == [run.run_id]
     await db.close()
@@ -181,17 +150,7 @@ async def test_a_run_that_cannot_be_queued_fails_instead_of_waiting(tmp_path, mo
     monkeypatch.setattr(runs, "_enqueue", platform_database_away)
     with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", tier="bridge")):
         with pytest.raises(ConnectionError):
-            await runs.create(
-                team=TEAM,
-                entry_agent="a",
-                run_input="x",
-                idempotency_key="",
-                tenant_id="t_a",
-                principal_id="p",
-                tier="bridge",
-                grant=b"g",
-                run_id="r_lost",
-            )
+            await _create(runs, "t_a", "bridge", "", run_id="r_lost")
         failed = await runs.get("r_lost")
     assert failed.status == RunStatus.FAILED and failed.error_reason == "NOT_QUEUED"
     await db.close()
@@ -221,16 +180,7 @@ async def test_a_concurrent_retry_queueing_the_run_first_leaves_it_queued(tmp_pa
 
     monkeypatch.setattr(runs, "_enqueue", retry_won_the_race)
     with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", tier="pooled")):
-        run, created = await runs.create(
-            team=TEAM,
-            entry_agent="a",
-            run_input="x",
-            idempotency_key="k",
-            tenant_id="t_a",
-            principal_id="p",
-            tier="pooled",
-            grant=b"g",
-        )
+        run, created = await _create(runs, "t_a", "pooled", "k")
         assert created and (await runs.get(run.run_id)).status == RunStatus.QUEUED
     assert [w.run_id for w in (await runs.waiting(now=100))[0]] == [run.run_id]
     await db.close()
