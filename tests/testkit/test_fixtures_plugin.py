@@ -30,35 +30,27 @@ def test_plain():
 '''
 
 
-def _run_inner(tmp_path: pathlib.Path, env_extra: dict[str, str], *args: str):
-    """Run a tiny suite under the plugin in a separate pytest, with server binaries hidden."""
-    (tmp_path / "test_inner.py").write_text(_INNER_TESTS)
+_PYTEST = (sys.executable, "-m", "pytest", "-p", "testkit.fixtures", "-p", "no:cacheprovider", "-q", "-rA")
+
+
+def run_inner(tmp_path: pathlib.Path, tests: str, env_extra: dict[str, str], *args: str):
+    """Run `tests` (a test module's text) under the fixtures plugin in a separate pytest, with `env_extra`
+    on top of this environment (e.g. server binaries hidden) and no external Postgres."""
+    (tmp_path / "test_inner.py").write_text(tests)
     env = {**os.environ, **env_extra, "PYTHONPATH": str(ROOT)}
     env.pop("BULKHEAD_TEST_POSTGRES_URL", None)
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "testkit.fixtures",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            "-rA",
-            "--rootdir",
-            str(tmp_path),
-            "-c",
-            os.devnull,
-            *args,
-            str(tmp_path),
-        ],
+        [*_PYTEST, "--rootdir", str(tmp_path), "-c", os.devnull, *args, str(tmp_path)],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=tmp_path,
         env=env,
     )
+
+
+def _run_inner(tmp_path: pathlib.Path, env_extra: dict[str, str], *args: str):
+    return run_inner(tmp_path, _INNER_TESTS, env_extra, *args)
 
 
 _MISSING = {

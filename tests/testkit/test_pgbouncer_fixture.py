@@ -3,15 +3,14 @@ session, and a failure (never a skip) with an install hint when the binary is mi
 
 from __future__ import annotations
 
-import os
 import pathlib
 import re
 import subprocess
-import sys
 
 import asyncpg
 
 from testkit.procs import port_accepts
+from tests.testkit.test_fixtures_plugin import run_inner
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 
@@ -29,33 +28,7 @@ def test_create_database_goes_through_it(postgres):
 
 
 def _run_inner(tmp_path: pathlib.Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    (tmp_path / "test_inner.py").write_text(_INNER_TESTS)
-    env = {**os.environ, **env_extra, "PYTHONPATH": str(ROOT)}
-    env.pop("BULKHEAD_TEST_POSTGRES_URL", None)
-    return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-p",
-            "testkit.fixtures",
-            "-p",
-            "no:cacheprovider",
-            "-q",
-            "-rA",
-            "-s",
-            "--rootdir",
-            str(tmp_path),
-            "-c",
-            os.devnull,
-            str(tmp_path),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=tmp_path,
-        env=env,
-    )
+    return run_inner(tmp_path, _INNER_TESTS, env_extra, "-s")
 
 
 def test_missing_pgbouncer_fails_with_install_hint_not_skip(tmp_path: pathlib.Path) -> None:
