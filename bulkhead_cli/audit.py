@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import grpc
 
-from bulkhead.client import Client, describe_error
+from bulkhead.client import Client, describe_error, pages
 from bulkhead.common.v1 import audit_pb2 as apb
 from bulkhead.common.v1 import audit_pb2_grpc
 from bulkhead.credentials.v1 import credentials_pb2 as pb
@@ -130,15 +130,14 @@ async def _check_access(bh: Client, tenant: str) -> _Check:
 
 
 async def _all_tenants(bh: Client) -> list[str]:
-    out, token = [], ""
-    while True:
-        page = await bh.identity.ListTenants(
+    out: list[str] = []
+    async for page in pages(
+        lambda token: bh.identity.ListTenants(
             idn.ListTenantsRequest(page_size=500, page_token=token), timeout=CALL_TIMEOUT
         )
+    ):
         out += [t.id for t in page.tenants if t.status != idn.TENANT_STATUS_DELETED]
-        token = page.next_page_token
-        if not token:
-            return out
+    return out
 
 
 @run_async
@@ -241,15 +240,12 @@ async def _config_rows(bh: Client, service: str, args: argparse.Namespace) -> li
 async def _access_rows(bh: Client, args: argparse.Namespace) -> list[tuple[float, list[object]]]:
     # The access chain pages oldest first: read to its end and keep the newest `limit`.
     events: list[pb.AccessEvent] = []
-    token = ""
-    while True:
-        resp = await bh.credentials.ListAccessEvents(
+    async for resp in pages(
+        lambda token: bh.credentials.ListAccessEvents(
             pb.ListAccessEventsRequest(page_size=1000, page_token=token, secret_name=args.secret), timeout=CALL_TIMEOUT
         )
+    ):
         events = (events + list(resp.events))[-args.limit :]
-        token = resp.next_page_token
-        if not token:
-            break
     out = []
     for e in events:
         outcome = pb.AccessOutcome.Name(e.outcome).removeprefix("ACCESS_OUTCOME_").lower()

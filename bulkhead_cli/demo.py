@@ -53,6 +53,6 @@ async def _demo(args: argparse.Namespace) -> None:
         print("  traces: Jaeger UI -> search by trace id above (one trace per workflow, across all services)")
     else:
         print("  traces: run `bulkhead up --otlp http://localhost:4317` with Jaeger (deploy/compose.yaml) to see them")
-    print("  usage:  BULKHEAD_API_KEY=<tenant admin key> bulkhead usage")
+    print("  usage:  BULKHEAD_API_KEY=<tenant admin key> bulkhead usage query")
     print("  runs:   bulkhead runs list")
     shutdown_telemetry()

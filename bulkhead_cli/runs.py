@@ -5,9 +5,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import sys
+from collections.abc import Awaitable
 
 import grpc
 
+from bulkhead.client import pages
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 
@@ -171,18 +173,26 @@ async def _watch(args: argparse.Namespace) -> int:
         return _exit_code(await follow(bh.orchestrator, args.run_id, args.after))
 
 
+_LIST_HEADERS = ["run", "team", "status", "agent", "steps", "started (utc)"]
+
+
 @run_async
 async def _list(args: argparse.Namespace) -> None:
     status = getattr(pb, f"RUN_STATUS_{args.status.upper()}") if args.status else pb.RUN_STATUS_UNSPECIFIED
     rows: list[list[object]] = []
-    token = ""
+    if args.limit <= 0:  # nothing asked for: no call
+        table(rows, _LIST_HEADERS)
+        return
     async with await connect(args) as bh:
-        while len(rows) < args.limit:
-            resp = await bh.orchestrator.ListRuns(
+
+        def page(token: str) -> Awaitable[pb.ListRunsResponse]:  # no more than the rows still wanted
+            return bh.orchestrator.ListRuns(
                 pb.ListRunsRequest(
                     page_size=min(200, args.limit - len(rows)), page_token=token, status=status, team=args.team
                 )
             )
+
+        async for resp in pages(page):
             rows += [
                 [
                     r.run_id,
@@ -194,10 +204,9 @@ async def _list(args: argparse.Namespace) -> None:
                 ]
                 for r in resp.runs
             ]
-            token = resp.next_page_token
-            if not token:
+            if len(rows) >= args.limit:
                 break
-    table(rows, ["run", "team", "status", "agent", "steps", "started (utc)"])
+    table(rows, _LIST_HEADERS)
 
 
 @run_async

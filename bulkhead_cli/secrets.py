@@ -11,6 +11,7 @@ import sys
 
 from google.protobuf import duration_pb2
 
+from bulkhead.client import pages
 from bulkhead.credentials.v1 import credentials_pb2 as pb
 from bulkhead_cli._common import (
     add_connection_args,
@@ -103,12 +104,13 @@ async def _get(args: argparse.Namespace) -> None:
 
 @run_async
 async def _list(args: argparse.Namespace) -> None:
-    rows, token = [], ""
+    rows: list[list[object]] = []
     async with await connect(args) as bh:
-        while True:
-            resp = await bh.credentials.ListSecrets(
+        async for resp in pages(
+            lambda token: bh.credentials.ListSecrets(
                 pb.ListSecretsRequest(page_size=500, page_token=token, show_deleted=args.show_deleted)
             )
+        ):
             rows += [
                 [
                     s.name,
@@ -120,9 +122,6 @@ async def _list(args: argparse.Namespace) -> None:
                 ]
                 for s in resp.secrets
             ]
-            token = resp.next_page_token
-            if not token:
-                break
     table(rows, ["name", "version", "rotate every", "next rotation", "updated", "state"])
 
 

@@ -10,6 +10,7 @@ import grpc
 import yaml
 from google.protobuf import json_format
 
+from bulkhead.client import pages
 from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 
@@ -102,16 +103,14 @@ async def _apply(args: argparse.Namespace) -> None:
 
 @run_async
 async def _list(args: argparse.Namespace) -> None:
-    rows, token = [], ""
+    rows: list[list[object]] = []
     async with await connect(args) as bh:
-        while True:
-            resp = await bh.orchestrator.ListTeams(pb.ListTeamsRequest(page_size=200, page_token=token))
+        async for resp in pages(
+            lambda token: bh.orchestrator.ListTeams(pb.ListTeamsRequest(page_size=200, page_token=token))
+        ):
             rows += [
                 [t.name, ", ".join(a.name for a in t.agents), len(t.http_tools), t.description] for t in resp.teams
             ]
-            token = resp.next_page_token
-            if not token:
-                break
     table(rows, ["team", "agents", "http tools", "description"])
 
 

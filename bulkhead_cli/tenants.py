@@ -8,6 +8,7 @@ import json
 import re
 from pathlib import Path
 
+from bulkhead.client import pages
 from bulkhead.identity.v1 import identity_pb2 as pb
 from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
 from bulkhead_cli.receipts import receipt_document
@@ -31,7 +32,7 @@ def register(subparsers) -> None:
     listing.set_defaults(func=_list)
     for name, status in (("suspend", pb.TENANT_STATUS_SUSPENDED), ("resume", pb.TENANT_STATUS_ACTIVE)):
         cmd = sub.add_parser(name, help=f"{name} a tenant")
-        cmd.add_argument("tenant_id")
+        cmd.add_argument("tenant", help="tenant id or name")
         cmd.set_defaults(func=_set_status, status=status)
     retention = sub.add_parser(
         "retention", help="show or set how long a tenant's audit events and usage detail are kept (setting: operators)"
@@ -102,9 +103,10 @@ async def _create(args: argparse.Namespace) -> None:
 @run_async
 async def _list(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
-        rows, token = [], ""
-        while True:
-            resp = await bh.identity.ListTenants(pb.ListTenantsRequest(page_size=200, page_token=token))
+        rows: list[list[object]] = []
+        async for resp in pages(
+            lambda token: bh.identity.ListTenants(pb.ListTenantsRequest(page_size=200, page_token=token))
+        ):
             rows += [
                 [
                     t.id,
@@ -117,9 +119,6 @@ async def _list(args: argparse.Namespace) -> None:
                 ]
                 for t in resp.tenants
             ]
-            token = resp.next_page_token
-            if not token:
-                break
     table(rows, ["tenant", "name", "tier", "region", "status", "created (utc)", "retention audit/usage"])
 
 
@@ -133,15 +132,13 @@ async def _tenant_id(bh, tenant: str) -> str:
     """An id as given; a name looked up among the tenants (operators)."""
     if not tenant or is_tenant_id(tenant):
         return tenant
-    token = ""
-    while True:
-        resp = await bh.identity.ListTenants(pb.ListTenantsRequest(page_size=200, page_token=token))
+    async for resp in pages(
+        lambda token: bh.identity.ListTenants(pb.ListTenantsRequest(page_size=200, page_token=token))
+    ):
         for t in resp.tenants:
             if t.name == tenant:
                 return t.id
-        token = resp.next_page_token
-        if not token:
-            fail(f"no tenant named {tenant!r}")
+    fail(f"no tenant named {tenant!r}")
 
 
 @run_async
@@ -185,8 +182,9 @@ async def _retention(args: argparse.Namespace) -> None:
 @run_async
 async def _set_status(args: argparse.Namespace) -> None:
     async with await connect(args) as bh:
+        tenant_id = await _tenant_id(bh, args.tenant)
         resp = await bh.identity.UpdateTenantStatus(
-            pb.UpdateTenantStatusRequest(tenant_id=args.tenant_id, status=args.status)
+            pb.UpdateTenantStatusRequest(tenant_id=tenant_id, status=args.status)
         )
     print(f"{resp.tenant.id} is now {_status_name(resp.tenant.status)}")
 

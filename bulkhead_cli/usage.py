@@ -10,12 +10,15 @@ from __future__ import annotations
 import argparse
 import csv
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 
+import grpc
 from google.protobuf import timestamp_pb2
 
+from bulkhead.client import pages
 from bulkhead.metering.v1 import metering_pb2 as pb
 from bulkhead_cli._common import add_connection_args, connect, fail, run_async, table
+from shared.errors import RpcFailure
 
 _GROUPINGS = {
     "model": pb.USAGE_GROUPING_MODEL,
@@ -160,9 +163,16 @@ async def _chargeback(args: argparse.Namespace) -> None:
     start, end = time_range(args)
     period = pb.CHARGEBACK_PERIOD_DAY if args.period == "day" else pb.CHARGEBACK_PERIOD_MONTH
     async with await connect(args) as bh:
-        resp = await bh.metering.ExportChargeback(
-            pb.ExportChargebackRequest(tenant_id=args.tenant, start_time=_ts(start), end_time=_ts(end), period=period)
-        )
+        try:
+            resp = await bh.metering.ExportChargeback(
+                pb.ExportChargebackRequest(
+                    tenant_id=args.tenant, start_time=_ts(start), end_time=_ts(end), period=period
+                )
+            )
+        except grpc.aio.AioRpcError as err:
+            if RpcFailure.of(err).reason == "MISSING_SCOPE":  # a tenant's key: chargeback is the operator's view
+                fail("PERMISSION_DENIED: chargeback covers every tenant, for operators; yours: bulkhead usage query")
+            raise
     _emit(args, CHARGEBACK_HEADERS, chargeback_rows(resp), f"total cost: {resp.total_cost_usd} USD")
 
 
@@ -176,22 +186,19 @@ async def _query(args: argparse.Namespace) -> None:
     flt = pb.UsageFilter(start_time=_ts(start), end_time=_ts(end), model=args.model, agent_id=args.agent)
     group_by = [_GROUPINGS[n] for n in names]
     rows: list[pb.UsageRow] = []
-    token = ""
-    resp: pb.QueryTenantUsageResponse | pb.QueryUsageResponse
     async with await connect(args) as bh:
-        while True:
-            if args.tenant:
-                resp = await bh.metering.QueryTenantUsage(
+
+        def query(token: str) -> Awaitable[pb.QueryTenantUsageResponse | pb.QueryUsageResponse]:
+            if args.tenant:  # an operator's query of one tenant (audited)
+                return bh.metering.QueryTenantUsage(
                     pb.QueryTenantUsageRequest(
                         tenant_id=args.tenant, filter=flt, group_by=group_by, page_size=1000, page_token=token
                     )
                 )
-            else:
-                resp = await bh.metering.QueryUsage(
-                    pb.QueryUsageRequest(filter=flt, group_by=group_by, page_size=1000, page_token=token)
-                )
+            return bh.metering.QueryUsage(
+                pb.QueryUsageRequest(filter=flt, group_by=group_by, page_size=1000, page_token=token)
+            )
+
+        async for resp in pages(query):
             rows += resp.rows
-            token = resp.next_page_token
-            if not token:
-                break
     _emit(args, QUERY_HEADERS, query_rows(rows, hourly="hour" in names))

@@ -6,5 +6,6 @@ async with await Client.connect(api_key="bk_...") as bh:
 
 from bulkhead.client._client import Client, ClientError, describe_error
 from bulkhead.client._credentials import RefreshingToken
+from bulkhead.client._pages import pages
 
-__all__ = ["Client", "ClientError", "RefreshingToken", "describe_error"]
+__all__ = ["Client", "ClientError", "RefreshingToken", "describe_error", "pages"]

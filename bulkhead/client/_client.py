@@ -46,8 +46,9 @@ def describe_error(err: grpc.aio.AioRpcError) -> str:
     hint = {
         grpc.StatusCode.UNAVAILABLE: "is the service running? try `bulkhead up`",
         grpc.StatusCode.UNAUTHENTICATED: "check BULKHEAD_API_KEY, or issue a new token",
-        grpc.StatusCode.PERMISSION_DENIED: "the key lacks the scope for this; ask the tenant admin",
     }.get(err.code())
+    if reason == "MISSING_SCOPE":  # other refusals (a suspended tenant, ...) say what to do in their message
+        hint = "use a key that has this scope; a tenant admin makes one with `bulkhead keys create --scope`"
     text = f"{err.code().name}: {err.details()}"
     if reason and reason not in text:
         text += f" [{reason}]"

@@ -72,4 +72,6 @@ async def test_tenant_cannot_export_chargeback(metering, monkeypatch, capsys):
     _env(monkeypatch, metering, B, ("*",))
     with pytest.raises(SystemExit):
         await asyncio.to_thread(main, ["usage", "--since", "2026-03-01", "--until", "2026-04-01"])
-    assert "PERMISSION_DENIED" in capsys.readouterr().err.upper().replace(" ", "_")
+    err = capsys.readouterr().err
+    assert "PERMISSION_DENIED" in err.upper().replace(" ", "_")
+    assert "bulkhead usage query" in err  # where the tenant's own usage is
