@@ -29,7 +29,7 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 from starlette.templating import Jinja2Templates
 
-from bulkhead.client import describe_error
+from bulkhead.client import describe_error, pages
 from bulkhead.common.v1 import security_events_pb2 as sec
 from bulkhead.credentials.v1 import credentials_pb2 as cred
 from bulkhead.identity.v1 import identity_pb2 as idp
@@ -367,22 +367,22 @@ class Console:
     ) -> list[orc.Run]:
         """Runs newest first, down to `since` (or `limit` runs)."""
         runs: list[orc.Run] = []
-        token = ""
-        while len(runs) < limit:
-            resp = await self._call(
-                session,
-                self.mesh.orchestrator.ListRuns,
-                orc.ListRunsRequest(
-                    page_size=min(RUNS_PAGE, limit - len(runs)), page_token=token, status=status, team=team
-                ),
+        if limit <= 0:
+            return runs
+
+        def page(token: str) -> Awaitable[orc.ListRunsResponse]:  # no more than the runs still wanted
+            request = orc.ListRunsRequest(
+                page_size=min(RUNS_PAGE, limit - len(runs)), page_token=token, status=status, team=team
             )
+            return self._call(session, self.mesh.orchestrator.ListRuns, request)
+
+        async for resp in pages(page):
             for r in resp.runs:
                 created = _dt(r.create_time)
                 if since is not None and created is not None and created < since:
                     return runs
                 runs.append(r)
-            token = resp.next_page_token
-            if not token:
+            if len(runs) >= limit:
                 break
         return runs[:limit]
 
@@ -397,29 +397,28 @@ class Console:
         agent: str = "",
     ) -> list[mtr.UsageRow]:
         rows: list[mtr.UsageRow] = []
-        token = ""
         flt = mtr.UsageFilter(start_time=_ts(start), end_time=_ts(end), model=model, agent_id=agent)
         if session.operator and not session.acting_for:
             raise PickTenant
-        while True:
+
+        def page(token: str) -> Awaitable[mtr.QueryTenantUsageResponse | mtr.QueryUsageResponse]:
             if session.operator:  # metering audits every call, under the page's request id
-                resp = await self._call(
+                return self._call(
                     session,
                     self.mesh.metering.QueryTenantUsage,
                     mtr.QueryTenantUsageRequest(
                         tenant_id=session.acting_for, filter=flt, group_by=group_by, page_size=1000, page_token=token
                     ),
                 )
-            else:
-                resp = await self._call(
-                    session,
-                    self.mesh.metering.QueryUsage,
-                    mtr.QueryUsageRequest(filter=flt, group_by=group_by, page_size=1000, page_token=token),
-                )
+            return self._call(
+                session,
+                self.mesh.metering.QueryUsage,
+                mtr.QueryUsageRequest(filter=flt, group_by=group_by, page_size=1000, page_token=token),
+            )
+
+        async for resp in pages(page):
             rows += resp.rows
-            token = resp.next_page_token
-            if not token:
-                return rows
+        return rows
 
     async def _steps(self, session: Session, run_id: str, *, live: bool = False) -> list[orc.Step]:
         """A run's steps from WatchRun: a finished run's stream ends by itself; a live one is read for a moment."""
@@ -659,15 +658,13 @@ class Console:
 
     async def _tenant_list(self, session: Session) -> list[idp.Tenant]:
         tenants: list[idp.Tenant] = []
-        token = ""
-        while True:
-            resp = await self._call(
+        async for resp in pages(
+            lambda token: self._call(
                 session, self.mesh.identity.ListTenants, idp.ListTenantsRequest(page_size=500, page_token=token)
             )
+        ):
             tenants += [t for t in resp.tenants if t.id != PLATFORM_TENANT]
-            token = resp.next_page_token
-            if not token:
-                return tenants
+        return tenants
 
     async def tenants(self, request: Request, session: Session) -> Response:
         if not session.operator:
