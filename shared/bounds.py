@@ -79,8 +79,9 @@ def _scan_plan(descriptor: Descriptor) -> tuple[tuple[str, int, Descriptor | Non
     """_plan's fields as (attribute, how to read it, message type to descend into)."""
     out = []
     for field, is_message in _plan(descriptor):
-        if field.is_repeated and is_message and field.message_type.GetOptions().map_entry:
-            value = field.message_type.fields_by_name["value"]
+        entry = field.message_type if is_message else None
+        if field.is_repeated and entry is not None and entry.GetOptions().map_entry:
+            value = entry.fields_by_name["value"]
             nested = value.type == FieldDescriptor.TYPE_MESSAGE
             out.append((field.name, _MESSAGE_MAP if nested else _INT_MAP, value.message_type if nested else None))
         elif is_message:
