@@ -126,10 +126,19 @@ def test_command_bounds_each_bench_and_asks_for_json(tmp_path):
     assert "--peer" not in command(state, quick=False, peer="litellm", json_to=out)
 
 
+def test_a_bench_can_run_another_benchs_script_with_its_own_arguments(tmp_path):
+    """proxy_direct is bench/proxy.py on the opt-in transport; its figures stay apart from proxy's."""
+    direct = next(b for b in BENCHES if b.name == "proxy_direct")
+    cmd = command(direct, quick=False, peer="litellm", json_to=tmp_path / "d.json")
+    assert cmd[1].endswith("bench/proxy.py")
+    assert cmd[2:] == [*direct.full, "--json", str(tmp_path / "d.json")]
+    assert "--transport" in direct.full and "--peer" not in cmd
+
+
 def test_every_target_names_a_bench_that_writes_json():
     """Each target's figure belongs to a bench all.py runs, and every bench script offers --json."""
     names = {b.name for b in BENCHES}
     assert {t.figure.split(".")[0] for t in TARGETS} <= names
     bench_dir = pathlib.Path(__file__).resolve().parents[2] / "bench"
-    for name in names:
-        assert "add_json_option(parser)" in (bench_dir / f"{name}.py").read_text(), name
+    for bench in BENCHES:
+        assert "add_json_option(parser)" in (bench_dir / bench.file).read_text(), bench.name
