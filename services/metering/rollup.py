@@ -11,14 +11,13 @@ hours at either end of the window, so the answer always equals the events' answe
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.metering import periods, store
 from services.metering.pricing import Price
-from services.metering.usage import PartialSum, UsageQuery, UsageRecord
+from services.metering.usage import PartialSum, UsageBatch, UsageQuery
 from shared.db.raw import RawTransaction
 
 _H = periods.US_PER_HOUR
@@ -46,27 +45,39 @@ def _sqlite_upsert(rows: int) -> str:
     )
 
 
-def hour_sums(records: Sequence[UsageRecord], default_principal: str) -> list[tuple]:
+def hour_sums(batch: UsageBatch, default_principal: str) -> list[tuple]:
     """(hour, model, agent, principal, outcome, count, input, output, cache write, cache read), sorted by key
     (so concurrent batches lock the rows they share in the same order and cannot deadlock)."""
     sums: dict[tuple, list[int]] = {}
-    for r in records:
-        key = (r.occurred_us // _H, r.model, r.agent_id, r.principal_id or default_principal, r.outcome)
-        acc = sums.setdefault(key, [0, 0, 0, 0, 0])
-        acc[0] += 1
-        acc[1] += r.tokens.input
-        acc[2] += r.tokens.output
-        acc[3] += r.tokens.cache_write
-        acc[4] += r.tokens.cache_read
+    for at, model, agent, principal, outcome, i, o, cw, cr in zip(
+        batch.occurred_us,
+        batch.models,
+        batch.agents,
+        batch.principals,
+        batch.outcomes,
+        batch.inputs,
+        batch.outputs,
+        batch.cache_writes,
+        batch.cache_reads,
+        strict=True,
+    ):
+        key = (at // _H, model, agent, principal or default_principal, outcome)
+        acc = sums.get(key)
+        if acc is None:
+            sums[key] = [1, i, o, cw, cr]
+        else:
+            acc[0] += 1
+            acc[1] += i
+            acc[2] += o
+            acc[3] += cw
+            acc[4] += cr
     return [(*key, *acc) for key, acc in sorted(sums.items())]
 
 
-async def add(
-    tx: RawTransaction, tenant_id: str, new_records: Sequence[UsageRecord], *, default_principal: str
-) -> None:
-    """Add events just inserted (never repeats: the caller passes only the new keys' records) to the roll-up,
+async def add(tx: RawTransaction, tenant_id: str, new: UsageBatch, *, default_principal: str) -> None:
+    """Add events just inserted (never repeats: the caller passes only the new keys' events) to the roll-up,
     in the transaction that inserted them."""
-    rows = hour_sums(new_records, default_principal)
+    rows = hour_sums(new, default_principal)
     if not rows:
         return
     if tx.dialect == "postgresql":
