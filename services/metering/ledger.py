@@ -57,18 +57,10 @@ class UsageLedger:
         ctx = require_tenant()
         unique = first_of_each_key(batch)
         async with self._db.raw(write=True) as tx:
-            new_keys = await store.insert_usage(
-                tx, ctx.tenant_id, unique, self._clock(), default_principal=ctx.principal_id
-            )
-            new = (
-                unique
-                if len(new_keys) == len(unique)
-                else unique.take([i for i, key in enumerate(unique.keys) if key in new_keys])
-            )
-            await rollup.add(tx, ctx.tenant_id, new, default_principal=ctx.principal_id)
+            new_keys = await rollup.insert(tx, ctx.tenant_id, unique, self._clock(), default_principal=ctx.principal_id)
         await self.note_tenant(ctx.tenant_id, tier=ctx.tier)
         if new_keys:
-            await self._count(ctx.tenant_id, new)
+            await self._count(ctx.tenant_id, unique.only(new_keys))
         return len(new_keys), len(batch) - len(new_keys)
 
     async def _count(self, tenant_id: str, batch: UsageBatch) -> None:

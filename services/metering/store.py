@@ -263,13 +263,17 @@ def _insert(session: AsyncSession, model: type):
 _USAGE_COLUMNS = """tenant_id, idempotency_key, principal_id, agent_id, run_id, trace_id, model, input_tokens,
     output_tokens, cache_write_tokens, cache_read_tokens, latency_ms, outcome, occurred_us, hour, day, recorded_us"""
 
+
 # Postgres: one statement, the batch's columns in one JSON parameter ($3: thirteen arrays, in the order of
 # `e` below). The driver checks every element of an array parameter in Python (~0.3 us each), so thirteen
 # arrays of a thousand events cost ~3.5 ms of CPU per batch; the JSON text costs ~0.9 ms to build and the
 # database less than that to read (parsed once: the MATERIALIZED CTE keeps the planner from copying the
 # cast into all thirteen reads). The rows go in in the batch's order, as with arrays; the new keys come back
 # as one array.
-_PG_JSON_INSERT = f"""
+@functools.lru_cache(maxsize=4)
+def _pg_json_insert(then: str = "") -> str:
+    """The insert, with `then` (more CTEs reading the inserted rows as `new`) in the same statement."""
+    return f"""
 WITH batch AS MATERIALIZED (SELECT CAST(CAST($3 AS TEXT) AS JSONB) AS j),
 new AS (
 INSERT INTO metering_usage_events ({_USAGE_COLUMNS})
@@ -281,8 +285,10 @@ FROM (SELECT e.k, e.p, e.a, e.r, e.t, e.m, CAST(e.i AS BIGINT) AS i, CAST(e.o AS
            ROWS FROM ({", ".join(f"jsonb_array_elements_text(batch.j -> {n})" for n in range(13))})
            AS e(k, p, a, r, t, m, i, o, cw, cr, l, oc, ts)) AS v
 ON CONFLICT DO NOTHING
-RETURNING idempotency_key)
+RETURNING idempotency_key, hour, model, agent_id, principal_id, outcome, input_tokens, output_tokens,
+    cache_write_tokens, cache_read_tokens){then}
 SELECT array_agg(idempotency_key) FROM new"""
+
 
 _SQLITE_ROWS_PER_INSERT = 500  # SQLite caps the parameters of one statement
 
@@ -307,10 +313,12 @@ async def insert_usage(
     now_us: int,
     *,
     default_principal: str = "",
+    then: str = "",
 ) -> set[str]:
     """Insert the tenant's events, skipping keys already stored; returns the keys that were new.
 
-    Events without a principal are stored as default_principal's (the caller's).
+    Events without a principal are stored as default_principal's (the caller's). then (Postgres only):
+    more CTEs, `, name AS (...)`, run in the same statement on the inserted rows (`new`; $1 is the tenant).
     """
     batch = records if isinstance(records, UsageBatch) else UsageBatch.from_records(records)
     principals = [p or default_principal for p in batch.principals]
@@ -330,7 +338,9 @@ async def insert_usage(
             batch.outcomes,
             batch.occurred_us,
         ]
-        new_keys = await tx.fetchval(_PG_JSON_INSERT, tenant_id, now_us, json.dumps(columns, separators=(",", ":")))
+        new_keys = await tx.fetchval(
+            _pg_json_insert(then), tenant_id, now_us, json.dumps(columns, separators=(",", ":"))
+        )
         return set(new_keys or ())
     new: set[str] = set()
     rows_of = zip(

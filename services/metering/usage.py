@@ -143,6 +143,12 @@ class UsageBatch:
         """The events at these indices, in that order."""
         return UsageBatch(*([column[i] for i in indices] for column in self._columns()))
 
+    def only(self, keys: set[str]) -> UsageBatch:
+        """The events whose idempotency key is in keys (the batch itself when that is all of them)."""
+        if len(keys) == len(self) and all(key in keys for key in self.keys):
+            return self
+        return self.take([i for i, key in enumerate(self.keys) if key in keys])
+
     def records(self) -> list[UsageRecord]:
         """The events as UsageRecords."""
         return [
