@@ -12,13 +12,14 @@ from services.metering.pricing import Tokens, scaled_to_usd
 from services.metering.usage import (
     DAY,
     MODEL,
+    UsageBatch,
     UsageQuery,
     UsageRecord,
     UsageTotal,
-    dedupe,
+    batch_problems,
+    first_of_each_key,
     fold_into_months,
     total,
-    validate_batch,
     validate_query,
 )
 from shared.errors import InvalidArgument
@@ -48,49 +49,72 @@ class UsageLedger:
             await store.note_tenant(s, tenant_id, Tier.parse(tier).value, self._clock())
         self._noted.add(tenant_id)
 
-    async def record(self, records: Sequence[UsageRecord]) -> tuple[int, int]:
+    async def record(self, records: Sequence[UsageRecord] | UsageBatch) -> tuple[int, int]:
         """Store a batch; returns (recorded, duplicates). An invalid batch writes nothing."""
-        if problems := validate_batch(records):
+        batch = records if isinstance(records, UsageBatch) else UsageBatch.from_records(records)
+        if problems := batch_problems(batch):
             raise InvalidArgument("invalid usage batch", reason="INVALID_USAGE", violations=problems)
         ctx = require_tenant()
-        unique = dedupe(records)
+        unique = first_of_each_key(batch)
         async with self._db.raw(write=True) as tx:
-            new_keys = await store.insert_usage(
-                tx, ctx.tenant_id, unique, self._clock(), default_principal=ctx.principal_id
-            )
-            new = [r for r in unique if r.idempotency_key in new_keys]
-            await rollup.add(tx, ctx.tenant_id, new, default_principal=ctx.principal_id)
+            new_keys = await rollup.insert(tx, ctx.tenant_id, unique, self._clock(), default_principal=ctx.principal_id)
         await self.note_tenant(ctx.tenant_id, tier=ctx.tier)
-        if new:
-            await self._count(ctx.tenant_id, new)
-        return len(new_keys), len(records) - len(new_keys)
+        if new_keys:
+            await self._count(ctx.tenant_id, unique.only(new_keys))
+        return len(new_keys), len(batch) - len(new_keys)
 
-    async def _count(self, tenant_id: str, records: Sequence[UsageRecord]) -> None:
+    async def _count(self, tenant_id: str, batch: UsageBatch) -> None:
         """Add new events to the Prometheus counters, summed per model and outcome first (cheap for big batches)."""
         book = await self._prices.book()
-        # [calls, input, output, cache write, cache read, scaled cost] per model and outcome.
+        # [calls, input, output, cache write, cache read] per model and outcome.
         sums: dict[tuple[str, int], list[int]] = {}
-        for rec in records:
-            acc = sums.get((rec.model, rec.outcome))
+        for model, outcome, i, o, cw, cr in zip(
+            batch.models,
+            batch.outcomes,
+            batch.inputs,
+            batch.outputs,
+            batch.cache_writes,
+            batch.cache_reads,
+            strict=True,
+        ):
+            acc = sums.get((model, outcome))
             if acc is None:
-                acc = sums[(rec.model, rec.outcome)] = [0, 0, 0, 0, 0, 0]
-            t = rec.tokens
-            acc[0] += 1
-            acc[1] += t.input
-            acc[2] += t.output
-            acc[3] += t.cache_write
-            acc[4] += t.cache_read
-            price = book.price_at(rec.model, rec.occurred_us)
-            if price is not None:
-                acc[5] += price.cost_scaled(t)
-        for (model, outcome), (count, i, o, cw, cr, scaled) in sums.items():
+                sums[(model, outcome)] = [1, i, o, cw, cr]
+            else:
+                acc[0] += 1
+                acc[1] += i
+                acc[2] += o
+                acc[3] += cw
+                acc[4] += cr
+        # Cost is linear in tokens: a model whose events all fall in one price version is priced on its sums.
+        if len({model for model, _ in sums}) == 1:
+            spans = {batch.models[0]: (min(batch.occurred_us), max(batch.occurred_us))}
+        else:
+            spans = {}
+            for model, at in zip(batch.models, batch.occurred_us, strict=True):
+                low, high = spans.get(model, (at, at))
+                spans[model] = (min(low, at), max(high, at))
+        one_price = {m: book.price_at(m, low) for m, (low, high) in spans.items()}
+        one_price = {m: p for m, p in one_price.items() if p is book.price_at(m, spans[m][1])}
+        cost: dict[tuple[str, int], int] = {}
+        for model, outcome, at, i, o, cw, cr in zip(
+            batch.models,
+            batch.outcomes,
+            batch.occurred_us,
+            batch.inputs,
+            batch.outputs,
+            batch.cache_writes,
+            batch.cache_reads,
+            strict=True,
+        ):
+            if model not in one_price and (price := book.price_at(model, at)) is not None:
+                cost[(model, outcome)] = cost.get((model, outcome), 0) + price.cost_scaled(Tokens(i, o, cw, cr))
+        for (model, outcome), (count, i, o, cw, cr) in sums.items():
+            tokens = Tokens(i, o, cw, cr)
+            price = one_price.get(model)
+            scaled = price.cost_scaled(tokens) if price is not None else cost.get((model, outcome), 0)
             self._metrics.recorded(
-                tenant_id,
-                model,
-                _OUTCOMES.get(outcome, "other"),
-                Tokens(i, o, cw, cr),
-                float(scaled_to_usd(scaled)),
-                count=count,
+                tenant_id, model, _OUTCOMES.get(outcome, "other"), tokens, float(scaled_to_usd(scaled)), count=count
             )
 
     @staticmethod

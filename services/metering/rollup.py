@@ -11,14 +11,13 @@ hours at either end of the window, so the answer always equals the events' answe
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import replace
 
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from services.metering import periods, store
 from services.metering.pricing import Price
-from services.metering.usage import PartialSum, UsageQuery, UsageRecord
+from services.metering.usage import PartialSum, UsageBatch, UsageQuery
 from shared.db.raw import RawTransaction
 
 _H = periods.US_PER_HOUR
@@ -33,6 +32,19 @@ FROM unnest($2::integer[], $3::text[], $4::text[], $5::text[], $6::smallint[], $
             $9::bigint[], $10::bigint[], $11::bigint[]) AS r(h, m, a, p, oc, n, i, o, cw, cr)
 ON CONFLICT ({_KEY}) DO UPDATE SET {_ADD}"""
 
+# Postgres: the inserted events (store.insert_usage's `new`) summed into the roll-up in the insert's own
+# statement, one round trip instead of two. Rows go in in key order, so concurrent batches lock the hour
+# rows they share in the same order and cannot deadlock (hour_sums sorts for the same reason).
+_PG_ADD_NEW = f""",
+hours AS (
+INSERT INTO metering_usage_hours ({_KEY}, {", ".join(_SUMS)})
+SELECT $1, hour, model, agent_id, principal_id, outcome, count(*),
+    {", ".join(f"CAST(sum({c}) AS BIGINT)" for c in _SUMS[1:])}
+FROM new
+GROUP BY hour, model, agent_id, principal_id, outcome
+ORDER BY hour, model, agent_id, principal_id, outcome
+ON CONFLICT ({_KEY}) DO UPDATE SET {_ADD})"""
+
 _SQLITE_ROWS_PER_UPSERT = 500  # SQLite caps the parameters of one statement
 
 
@@ -46,27 +58,39 @@ def _sqlite_upsert(rows: int) -> str:
     )
 
 
-def hour_sums(records: Sequence[UsageRecord], default_principal: str) -> list[tuple]:
+def hour_sums(batch: UsageBatch, default_principal: str) -> list[tuple]:
     """(hour, model, agent, principal, outcome, count, input, output, cache write, cache read), sorted by key
     (so concurrent batches lock the rows they share in the same order and cannot deadlock)."""
     sums: dict[tuple, list[int]] = {}
-    for r in records:
-        key = (r.occurred_us // _H, r.model, r.agent_id, r.principal_id or default_principal, r.outcome)
-        acc = sums.setdefault(key, [0, 0, 0, 0, 0])
-        acc[0] += 1
-        acc[1] += r.tokens.input
-        acc[2] += r.tokens.output
-        acc[3] += r.tokens.cache_write
-        acc[4] += r.tokens.cache_read
+    for at, model, agent, principal, outcome, i, o, cw, cr in zip(
+        batch.occurred_us,
+        batch.models,
+        batch.agents,
+        batch.principals,
+        batch.outcomes,
+        batch.inputs,
+        batch.outputs,
+        batch.cache_writes,
+        batch.cache_reads,
+        strict=True,
+    ):
+        key = (at // _H, model, agent, principal or default_principal, outcome)
+        acc = sums.get(key)
+        if acc is None:
+            sums[key] = [1, i, o, cw, cr]
+        else:
+            acc[0] += 1
+            acc[1] += i
+            acc[2] += o
+            acc[3] += cw
+            acc[4] += cr
     return [(*key, *acc) for key, acc in sorted(sums.items())]
 
 
-async def add(
-    tx: RawTransaction, tenant_id: str, new_records: Sequence[UsageRecord], *, default_principal: str
-) -> None:
-    """Add events just inserted (never repeats: the caller passes only the new keys' records) to the roll-up,
+async def add(tx: RawTransaction, tenant_id: str, new: UsageBatch, *, default_principal: str) -> None:
+    """Add events just inserted (never repeats: the caller passes only the new keys' events) to the roll-up,
     in the transaction that inserted them."""
-    rows = hour_sums(new_records, default_principal)
+    rows = hour_sums(new, default_principal)
     if not rows:
         return
     if tx.dialect == "postgresql":
@@ -75,6 +99,20 @@ async def add(
     for start in range(0, len(rows), _SQLITE_ROWS_PER_UPSERT):
         chunk = rows[start : start + _SQLITE_ROWS_PER_UPSERT]
         await tx.execute(_sqlite_upsert(len(chunk)), *(v for row in chunk for v in (tenant_id, *row)))
+
+
+async def insert(
+    tx: RawTransaction, tenant_id: str, batch: UsageBatch, now_us: int, *, default_principal: str
+) -> set[str]:
+    """Insert a batch of events without repeated keys (store.insert_usage) and add the new ones to the roll-up,
+    in tx; returns the keys that were new."""
+    if tx.dialect == "postgresql":
+        return await store.insert_usage(
+            tx, tenant_id, batch, now_us, default_principal=default_principal, then=_PG_ADD_NEW
+        )
+    new_keys = await store.insert_usage(tx, tenant_id, batch, now_us, default_principal=default_principal)
+    await add(tx, tenant_id, batch.only(new_keys), default_principal=default_principal)
+    return new_keys
 
 
 def split_hours(prices: dict[str, list[Price]]) -> frozenset[tuple[str, int]]:

@@ -84,16 +84,16 @@ class MeteringServicer(metering_pb2_grpc.MeteringServiceServicer):
     # ---------------------------------------------------------------- usage
 
     async def RecordUsage(self, request: pb.RecordUsageRequest, context) -> pb.RecordUsageResponse:
-        recorded, duplicates = await self._usage.record([wire.record(e) for e in request.events])
+        recorded, duplicates = await self._usage.record(wire.usage_batch(request.events))
         if self._db is not None:
             await answer_with_lsn(self._db, context)
         return pb.RecordUsageResponse(recorded_count=recorded, duplicate_count=duplicates)
 
     async def RecordTenantUsage(self, request: pb.RecordTenantUsageRequest, context) -> pb.RecordTenantUsageResponse:
         target, tier = await self._platform_target(request.tenant_id, request.tier)
-        records = [wire.record(e) for e in request.events]
+        batch = wire.usage_batch(request.events)
         with acting_for(target, tier=tier):
-            recorded, duplicates = await self._usage.record(records)
+            recorded, duplicates = await self._usage.record(batch)
         return pb.RecordTenantUsageResponse(recorded_count=recorded, duplicate_count=duplicates)
 
     async def _platform_target(self, tenant_id: str, tier_value: int) -> tuple[str, Tier]:

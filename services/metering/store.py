@@ -8,6 +8,8 @@ clause against the row's newest version after waiting for its lock, and SQLite s
 from __future__ import annotations
 
 import functools
+import itertools
+import json
 from collections.abc import Sequence
 
 from sqlalchemy import (
@@ -39,6 +41,7 @@ from services.metering.usage import (
     HOUR,
     PRINCIPAL,
     PartialSum,
+    UsageBatch,
     UsageQuery,
     UsageRecord,
 )
@@ -260,15 +263,32 @@ def _insert(session: AsyncSession, model: type):
 _USAGE_COLUMNS = """tenant_id, idempotency_key, principal_id, agent_id, run_id, trace_id, model, input_tokens,
     output_tokens, cache_write_tokens, cache_read_tokens, latency_ms, outcome, occurred_us, hour, day, recorded_us"""
 
-# Postgres: one statement with array parameters, far cheaper than a thousand VALUES tuples.
-_PG_UNNEST_INSERT = f"""
+
+# Postgres: one statement, the batch's columns in one JSON parameter ($3: thirteen arrays, in the order of
+# `e` below). The driver checks every element of an array parameter in Python (~0.3 us each), so thirteen
+# arrays of a thousand events cost ~3.5 ms of CPU per batch; the JSON text costs ~0.9 ms to build and the
+# database less than that to read (parsed once: the MATERIALIZED CTE keeps the planner from copying the
+# cast into all thirteen reads). The rows go in in the batch's order, as with arrays; the new keys come back
+# as one array.
+@functools.lru_cache(maxsize=4)
+def _pg_json_insert(then: str = "") -> str:
+    """The insert, with `then` (more CTEs reading the inserted rows as `new`) in the same statement."""
+    return f"""
+WITH batch AS MATERIALIZED (SELECT CAST(CAST($3 AS TEXT) AS JSONB) AS j),
+new AS (
 INSERT INTO metering_usage_events ({_USAGE_COLUMNS})
 SELECT $1, k, p, a, r, t, m, i, o, cw, cr, l, oc, ts, ts / {periods.US_PER_HOUR}, ts / {periods.US_PER_DAY}, $2
-FROM unnest($3::text[], $4::text[], $5::text[], $6::text[], $7::text[], $8::text[], $9::bigint[], $10::bigint[],
-            $11::bigint[], $12::bigint[], $13::bigint[], $14::smallint[], $15::bigint[])
-     AS e(k, p, a, r, t, m, i, o, cw, cr, l, oc, ts)
+FROM (SELECT e.k, e.p, e.a, e.r, e.t, e.m, CAST(e.i AS BIGINT) AS i, CAST(e.o AS BIGINT) AS o,
+             CAST(e.cw AS BIGINT) AS cw, CAST(e.cr AS BIGINT) AS cr, CAST(e.l AS BIGINT) AS l,
+             CAST(e.oc AS SMALLINT) AS oc, CAST(e.ts AS BIGINT) AS ts
+      FROM batch,
+           ROWS FROM ({", ".join(f"jsonb_array_elements_text(batch.j -> {n})" for n in range(13))})
+           AS e(k, p, a, r, t, m, i, o, cw, cr, l, oc, ts)) AS v
 ON CONFLICT DO NOTHING
-RETURNING idempotency_key"""
+RETURNING idempotency_key, hour, model, agent_id, principal_id, outcome, input_tokens, output_tokens,
+    cache_write_tokens, cache_read_tokens){then}
+SELECT array_agg(idempotency_key) FROM new"""
+
 
 _SQLITE_ROWS_PER_INSERT = 500  # SQLite caps the parameters of one statement
 
@@ -287,55 +307,79 @@ def _sqlite_usage_insert(rows: int) -> str:
 
 
 async def insert_usage(
-    tx: RawTransaction, tenant_id: str, records: Sequence[UsageRecord], now_us: int, *, default_principal: str = ""
+    tx: RawTransaction,
+    tenant_id: str,
+    records: Sequence[UsageRecord] | UsageBatch,
+    now_us: int,
+    *,
+    default_principal: str = "",
+    then: str = "",
 ) -> set[str]:
     """Insert the tenant's events, skipping keys already stored; returns the keys that were new.
 
-    Events without a principal are stored as default_principal's (the caller's).
+    Events without a principal are stored as default_principal's (the caller's). then (Postgres only):
+    more CTEs, `, name AS (...)`, run in the same statement on the inserted rows (`new`; $1 is the tenant).
     """
+    batch = records if isinstance(records, UsageBatch) else UsageBatch.from_records(records)
+    principals = [p or default_principal for p in batch.principals]
     if tx.dialect == "postgresql":
-        rows = await tx.fetch(
-            _PG_UNNEST_INSERT,
-            tenant_id,
-            now_us,
-            [r.idempotency_key for r in records],
-            [r.principal_id or default_principal for r in records],
-            [r.agent_id for r in records],
-            [r.run_id for r in records],
-            [r.trace_id for r in records],
-            [r.model for r in records],
-            [r.tokens.input for r in records],
-            [r.tokens.output for r in records],
-            [r.tokens.cache_write for r in records],
-            [r.tokens.cache_read for r in records],
-            [r.latency_ms for r in records],
-            [r.outcome for r in records],
-            [r.occurred_us for r in records],
+        columns = [
+            batch.keys,
+            principals,
+            batch.agents,
+            batch.runs,
+            batch.traces,
+            batch.models,
+            batch.inputs,
+            batch.outputs,
+            batch.cache_writes,
+            batch.cache_reads,
+            batch.latencies_ms,
+            batch.outcomes,
+            batch.occurred_us,
+        ]
+        new_keys = await tx.fetchval(
+            _pg_json_insert(then), tenant_id, now_us, json.dumps(columns, separators=(",", ":"))
         )
-        return {row[0] for row in rows}
+        return set(new_keys or ())
     new: set[str] = set()
-    for start in range(0, len(records), _SQLITE_ROWS_PER_INSERT):
-        chunk = records[start : start + _SQLITE_ROWS_PER_INSERT]
+    rows_of = zip(
+        batch.keys,
+        principals,
+        batch.agents,
+        batch.runs,
+        batch.traces,
+        batch.models,
+        batch.inputs,
+        batch.outputs,
+        batch.cache_writes,
+        batch.cache_reads,
+        batch.latencies_ms,
+        batch.outcomes,
+        batch.occurred_us,
+        strict=True,
+    )
+    while chunk := list(itertools.islice(rows_of, _SQLITE_ROWS_PER_INSERT)):
         args = [
             value
-            for r in chunk
+            for key, principal, agent, run, trace, model, i, o, cw, cr, latency, outcome, at in chunk
             for value in (
                 tenant_id,
-                r.idempotency_key,
-                r.principal_id or default_principal,
-                r.agent_id,
-                r.run_id,
-                r.trace_id,
-                r.model,
-                r.tokens.input,
-                r.tokens.output,
-                r.tokens.cache_write,
-                r.tokens.cache_read,
-                r.latency_ms,
-                r.outcome,
-                r.occurred_us,
-                r.occurred_us // periods.US_PER_HOUR,
-                r.occurred_us // periods.US_PER_DAY,
+                key,
+                principal,
+                agent,
+                run,
+                trace,
+                model,
+                i,
+                o,
+                cw,
+                cr,
+                latency,
+                outcome,
+                at,
+                at // periods.US_PER_HOUR,
+                at // periods.US_PER_DAY,
                 now_us,
             )
         ]

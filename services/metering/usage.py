@@ -6,7 +6,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 
 from services.metering import periods
-from services.metering.pricing import PriceBook, Tokens, tokens_problems
+from services.metering.pricing import MAX_TOKENS, PriceBook, Tokens, tokens_problems
 
 MAX_BATCH = 5000
 MAX_LATENCY_MS = 86_400_000
@@ -73,15 +73,139 @@ def validate_batch(records: Sequence[UsageRecord]) -> dict[str, str]:
     return problems
 
 
-def dedupe(records: Iterable[UsageRecord]) -> list[UsageRecord]:
-    """The batch with repeated idempotency keys dropped (the first one wins)."""
+@dataclass(frozen=True, slots=True)
+class UsageBatch:
+    """A batch of events as columns (one list per field, index i is event i): the ingest hot path's form.
+
+    Validating, inserting and summing a thousand events column by column costs a fraction of the
+    same work over a thousand UsageRecords (building them alone was a third of RecordUsage's CPU).
+    """
+
+    keys: list[str]
+    """Idempotency keys."""
+    models: list[str]
+    """Models."""
+    occurred_us: list[int]
+    """When each call was made (epoch microseconds)."""
+    inputs: list[int]
+    """Input tokens."""
+    outputs: list[int]
+    """Output tokens."""
+    cache_writes: list[int]
+    """Cache write tokens."""
+    cache_reads: list[int]
+    """Cache read tokens."""
+    principals: list[str]
+    """Principals ("" for the caller's)."""
+    agents: list[str]
+    """Agents."""
+    runs: list[str]
+    """Runs."""
+    traces: list[str]
+    """Traces."""
+    latencies_ms: list[int]
+    """Wall times."""
+    outcomes: list[int]
+    """Outcomes (proto Outcome numbers)."""
+
+    @classmethod
+    def from_rows(cls, rows: Iterable[tuple]) -> UsageBatch:
+        """From tuples in field order."""
+        columns = list(zip(*rows, strict=True))
+        return cls(*(list(c) for c in columns)) if columns else cls(*([] for _ in range(13)))
+
+    @classmethod
+    def from_records(cls, records: Iterable[UsageRecord]) -> UsageBatch:
+        """The records as columns."""
+        return cls.from_rows(
+            (
+                r.idempotency_key,
+                r.model,
+                r.occurred_us,
+                r.tokens.input,
+                r.tokens.output,
+                r.tokens.cache_write,
+                r.tokens.cache_read,
+                r.principal_id,
+                r.agent_id,
+                r.run_id,
+                r.trace_id,
+                r.latency_ms,
+                r.outcome,
+            )
+            for r in records
+        )
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def take(self, indices: Sequence[int]) -> UsageBatch:
+        """The events at these indices, in that order."""
+        return UsageBatch(*([column[i] for i in indices] for column in self._columns()))
+
+    def only(self, keys: set[str]) -> UsageBatch:
+        """The events whose idempotency key is in keys (the batch itself when that is all of them)."""
+        if len(keys) == len(self) and all(key in keys for key in self.keys):
+            return self
+        return self.take([i for i, key in enumerate(self.keys) if key in keys])
+
+    def records(self) -> list[UsageRecord]:
+        """The events as UsageRecords."""
+        return [
+            UsageRecord(k, m, ts, Tokens(i, o, cw, cr), p, a, r, t, lat, oc)
+            for k, m, ts, i, o, cw, cr, p, a, r, t, lat, oc in zip(*self._columns(), strict=True)
+        ]
+
+    def _columns(self) -> tuple[list, ...]:
+        return (
+            self.keys,
+            self.models,
+            self.occurred_us,
+            self.inputs,
+            self.outputs,
+            self.cache_writes,
+            self.cache_reads,
+            self.principals,
+            self.agents,
+            self.runs,
+            self.traces,
+            self.latencies_ms,
+            self.outcomes,
+        )
+
+
+def _longest(column: list[str]) -> int:
+    return max(map(len, column), default=0)
+
+
+def batch_problems(batch: UsageBatch) -> dict[str, str]:
+    """validate_batch for a UsageBatch: the same violations, found column by column when there are none."""
+    counts = (batch.inputs, batch.outputs, batch.cache_writes, batch.cache_reads)
+    fine = (
+        0 < len(batch) <= MAX_BATCH
+        and all(batch.keys)
+        and all(batch.models)
+        and max(map(_longest, (batch.keys, batch.models, batch.principals, batch.agents, batch.runs, batch.traces)))
+        <= MAX_TEXT
+        and min(batch.occurred_us) > 0
+        and all(min(c) >= 0 and max(c) <= MAX_TOKENS for c in counts)
+        and min(batch.latencies_ms) >= 0
+        and max(batch.latencies_ms) <= MAX_LATENCY_MS
+    )
+    return {} if fine else validate_batch(batch.records())  # something is wrong: name it exactly as ever
+
+
+def first_of_each_key(batch: UsageBatch) -> UsageBatch:
+    """dedupe for a UsageBatch: repeated idempotency keys dropped (the first one wins)."""
+    if len(set(batch.keys)) == len(batch):
+        return batch
     seen: set[str] = set()
-    out = []
-    for rec in records:
-        if rec.idempotency_key not in seen:
-            seen.add(rec.idempotency_key)
-            out.append(rec)
-    return out
+    first = []
+    for i, key in enumerate(batch.keys):
+        if key not in seen:
+            seen.add(key)
+            first.append(i)
+    return batch.take(first)
 
 
 @dataclass(frozen=True, slots=True)
