@@ -14,6 +14,7 @@ error: the gRPC retry policy then retries idempotent calls by itself.
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -125,6 +126,8 @@ def _unavailable_when_disconnected(ctx: ExceptionContext) -> None:
     """Raise a lost or refused database connection as Unavailable (the pool has already
     invalidated it). A failed pre-ping is left alone: the pool replaces the connection itself."""
     if ctx.is_pre_ping or not (ctx.is_disconnect or ctx.connection is None):
+        return
+    if isinstance(ctx.original_exception, asyncio.CancelledError):  # a stop, not a lost server: stay cancelled
         return
     raise _database_unavailable() from ctx.original_exception
 

@@ -134,3 +134,31 @@ async def test_a_pooled_connection_whose_server_went_away_is_unavailable_at_begi
         assert lost.value.reason == "DATABASE_UNAVAILABLE"
         async with pg_db.raw() as tx:
             assert await tx.fetchval("SELECT count(*) FROM notes") == 0
+
+
+async def test_a_connect_cancelled_while_the_server_is_silent_stays_cancelled() -> None:
+    """A task cancelled during its engine's first connect (a stop, a deadline) ends cancelled: the
+    "lost connection" translation must not turn the cancellation into UNAVAILABLE, or the loop that
+    was cancelled carries on and its stop() never returns."""
+    from shared.db.engine import make_engine
+
+    async def silent(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()  # accepts, never answers asyncpg's startup message
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    engine = make_engine(f"postgresql://nobody@127.0.0.1:{port}/nothing", connect_args={"timeout": 30})
+    try:
+
+        async def connect() -> None:
+            async with engine.connect():
+                pass
+
+        task = asyncio.create_task(connect())
+        await asyncio.sleep(0.3)  # inside asyncpg's connect, waiting for the server
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await asyncio.wait_for(task, 5)
+    finally:
+        await engine.dispose()
+        server.close()
