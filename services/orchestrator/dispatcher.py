@@ -2,7 +2,8 @@
 
 One Dispatcher per replica. It admits runs with scheduler.pick_runs over the platform-wide
 queue (so limits hold across replicas), takes each run's lease, and executes it with the run's
-own delegated token bound as the TenantContext. A heartbeat renews the lease; if the lease is
+own delegated token bound as the TenantContext. A heartbeat renews the leases (all of this
+replica's in one statement); if a lease is
 lost the execution stops, and a run whose holder died is claimed again once its lease expires.
 """
 
@@ -24,7 +25,7 @@ from services.orchestrator.ports import StepConflict
 from services.orchestrator.runs import RunStatus
 from services.orchestrator.scheduler import pick_runs
 from services.orchestrator.steps import Step, StepKind
-from services.orchestrator.store import Claim, RunRecord, RunStore
+from services.orchestrator.store import Claim, Lease, RunRecord, RunStore
 from shared.errors import NotFound, Unauthenticated, Unavailable
 from shared.telemetry import attach_traceparent, detach
 from shared.tenancy import TenantContext, tenant_scope
@@ -39,11 +40,22 @@ _REFUSED_TOKEN = {
 """How a refused delegated token ends a run, by the refusal's reason."""
 
 
+class Watch(asyncio.Queue):
+    """One WatchRun stream's queue of (step, run) for its run (see StepFeed.subscribe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued = False
+        """The stream waits for its queued run to start: the dispatcher's look at the queue nudges it
+        (None, None) once the run is neither waiting in the queue nor executing here, so the stream
+        need not read the database on a timer meanwhile."""
+
+
 class StepFeed:
     """Live steps of the runs executing on this replica, for WatchRun streams on it (others poll the DB)."""
 
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue]] = {}
+        self._subscribers: dict[str, set[Watch]] = {}
         self._backlog: dict[str, list[tuple[Step, RunRecord | None]]] = {}
 
     def publish(self, run_id: str, step: Step, run: RunRecord | None) -> None:
@@ -62,11 +74,15 @@ class StepFeed:
         for queue in self._subscribers.get(run_id, ()):
             queue.put_nowait((None, None))
 
+    def queued_watched(self) -> list[str]:
+        """Runs a stream waits on to leave the queue (Watch.queued)."""
+        return [run_id for run_id, subs in self._subscribers.items() if any(w.queued for w in subs)]
+
     @contextlib.contextmanager
-    def subscribe(self, run_id: str) -> Iterator[asyncio.Queue]:
+    def subscribe(self, run_id: str) -> Iterator[Watch]:
         """A queue of (step, run) for run_id while the block runs; subscribe before reading the DB.
-        (None, None) on it means the execution here ended: read the DB."""
-        queue: asyncio.Queue = asyncio.Queue()
+        (None, None) on it means the execution here ended, or the run left the queue: read the DB."""
+        queue = Watch()
         for item in self._backlog.get(run_id, ()):  # steps this execution made before the watcher came
             queue.put_nowait(item)
         self._subscribers.setdefault(run_id, set()).add(queue)
@@ -118,6 +134,12 @@ class Dispatcher:
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel: set[str] = set()
         self._loop_task: asyncio.Task | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+        self._reserved = 0
+        """Slots promised to StartRun calls that may start their run at once (lease_for_new_run)."""
+        self._more_waiting = True
+        """The last look at the queue left runs waiting (or did not look): a freed slot may start one."""
 
     @property
     def runs_per_tenant(self) -> int:
@@ -127,10 +149,34 @@ class Dispatcher:
     def start(self) -> None:
         """Begin dispatching in the background."""
         self._loop_task = asyncio.create_task(self._loop(), name="orchestrator-dispatch")
+        self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="orchestrator-leases")
 
     def wake(self) -> None:
         """Look at the queue now (a run was queued or finished)."""
         self._wake.set()
+
+    @property
+    def watches_queue(self) -> bool:
+        """Whether this replica looks at the queue (dispatching), nudging streams of runs that left it."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def lease_for_new_run(self, tenant_id: str) -> Lease | None:
+        """A slot of this replica for a run being started here, to start at once if the queue lets it
+        (RunStore.start); None when there is none. Hand it back with adopt() or unreserve()."""
+        free = self._s.max_concurrent - len(self._tasks) - self._reserved
+        if free <= 0 or not self.watches_queue or self._suspended(tenant_id):
+            return None
+        self._reserved += 1
+        return Lease(self.owner, self._s.lease_seconds, self._s.runs_per_tenant, free)
+
+    def unreserve(self) -> None:
+        """Give back a slot from lease_for_new_run that was not used."""
+        self._reserved -= 1
+
+    def adopt(self, claim: Claim, run: RunRecord) -> None:
+        """Execute a run whose lease a StartRun here took (RunStore.start), using the slot it reserved."""
+        self._reserved -= 1
+        self._tasks[claim.run_id] = asyncio.create_task(self._execute(claim, run), name=f"run-{claim.run_id}")
 
     def executing(self, run_id: str) -> bool:
         """Whether the run executes on this replica now (its steps all reach the live feed)."""
@@ -150,6 +196,11 @@ class Dispatcher:
         await asyncio.gather(
             *self._tasks.values(), *([self._loop_task] if self._loop_task else []), return_exceptions=True
         )
+        if self._heartbeat_task is not None:
+            # Let a renewal in progress finish: cancelling it mid-query would upset the pool.
+            self._stopping.set()
+            await asyncio.wait({self._heartbeat_task}, timeout=5)
+            self._heartbeat_task.cancel()
 
     async def _loop(self) -> None:
         while True:
@@ -164,20 +215,35 @@ class Dispatcher:
             self._wake.clear()
 
     async def _admit(self) -> None:
-        free = self._s.max_concurrent - len(self._tasks)
+        free = self._s.max_concurrent - len(self._tasks) - self._reserved
+        watched = self._feed.queued_watched()
         if free <= 0:
-            return
+            self._more_waiting = True
+            if not watched:
+                return
         now = time.time()
         waiting, running = await self._runs.waiting(now)
+        if watched:
+            # Streams of queued runs wait for this look instead of each reading the database on a timer:
+            # a run no longer waiting and not executing here was claimed elsewhere, cancelled or ended.
+            queued = {w.run_id for w in waiting}
+            for run_id in watched:
+                if run_id not in queued and run_id not in self._tasks:
+                    self._feed.nudge(run_id)
+        if free <= 0:
+            return
         waiting = [w for w in waiting if w.run_id not in self._tasks and not self._suspended(w.tenant_id)]
-        for pick in pick_runs(waiting, running, per_tenant_limit=self._s.runs_per_tenant, free_slots=free):
+        picks = pick_runs(waiting, running, per_tenant_limit=self._s.runs_per_tenant, free_slots=free)
+        self._more_waiting = len(picks) < len(waiting)
+        for pick in picks:
             claim = await self._runs.claim(pick.run_id, self.owner, ttl=self._s.lease_seconds, now=time.time())
             if claim is not None:
                 if claim.cancel_requested:
                     self._cancel.add(claim.run_id)
                 self._tasks[claim.run_id] = asyncio.create_task(self._execute(claim), name=f"run-{claim.run_id}")
 
-    async def _execute(self, claim: Claim) -> None:
+    async def _execute(self, claim: Claim, begun: RunRecord | None = None) -> None:
+        """Execute a claimed run; begun: the run as StartRun wrote it, RUNNING already (never executed)."""
         try:
             token = self._sealer.open(claim.grant, claim.run_id)
         except Exception:  # noqa: BLE001 - a grant that does not open can never run
@@ -193,12 +259,11 @@ class Dispatcher:
             run_id=claim.run_id,
             request_id=claim.run_id,
         )
-        heartbeat: asyncio.Task | None = None
-        heartbeat_stop = asyncio.Event()
         try:
             with tenant_scope(ctx):
                 try:
-                    run, fresh = await self._runs.begin(claim.run_id)  # RUNNING now, in one transaction
+                    # RUNNING now, in one transaction (StartRun wrote a run it leased as RUNNING).
+                    run, fresh = (begun, True) if begun is not None else await self._runs.begin(claim.run_id)
                 except NotFound:  # an entry left without its run (a crash while queueing): never runnable
                     log.warning("queued run not found", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
                     await self._runs.drop(claim.run_id)
@@ -206,8 +271,6 @@ class Dispatcher:
                 if run.status.terminal:
                     await self._runs.drop(claim.run_id)
                     return
-                me = asyncio.current_task()
-                heartbeat = asyncio.create_task(self._heartbeat(claim.run_id, me, heartbeat_stop))
                 job = RunJob(
                     run_id=run.run_id,
                     tenant_id=claim.tenant_id,
@@ -253,17 +316,14 @@ class Dispatcher:
             log.exception("run failed", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
             await self._fail(ctx, claim.run_id, "INTERNAL", "the run failed inside the orchestrator")
         finally:
-            if heartbeat is not None:
-                # Let a renewal in progress finish: cancelling it mid-query would upset the pool.
-                heartbeat_stop.set()
-                await asyncio.wait({heartbeat}, timeout=5)
             self._done(claim.run_id)
 
     def _done(self, run_id: str) -> None:
         self._tasks.pop(run_id, None)
         self._cancel.discard(run_id)
         self._feed.nudge(run_id)
-        self._wake.set()
+        if self._more_waiting:  # else nothing waited at the last look, and whatever was queued since woke us
+            self._wake.set()
 
     async def _fail(self, ctx: TenantContext, run_id: str, reason: str, message: str) -> None:
         with tenant_scope(ctx):
@@ -284,27 +344,27 @@ class Dispatcher:
 
         return on_load
 
-    async def _heartbeat(self, run_id: str, task: asyncio.Task | None, stop: asyncio.Event) -> None:
+    async def _heartbeats(self) -> None:
+        """Renew the leases of every run executing here, every third of the lease, in one transaction."""
         interval = self._s.lease_seconds / 3
         while True:
-            try:
-                await asyncio.wait_for(stop.wait(), interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
                 return
-            except TimeoutError:
-                pass
-            try:
-                outcome = await self._runs.renew(run_id, self.owner, ttl=self._s.lease_seconds, now=time.time())
-            except Exception:  # noqa: BLE001 - keep trying until the lease would expire
-                log.warning("lease renewal failed", extra={"run_id": run_id})
+            run_ids = list(self._tasks)
+            if not run_ids:
                 continue
-            if outcome == "cancel":
-                self._cancel.add(run_id)
-            elif outcome == "gone":
-                return  # the run just finished
-            elif outcome == "lost" and task is not None:
-                log.warning("lease taken over, stopping", extra={"run_id": run_id})
-                task.cancel()
-                return
+            try:
+                outcomes = await self._runs.renew_many(run_ids, self.owner, ttl=self._s.lease_seconds, now=time.time())
+            except Exception:  # noqa: BLE001 - keep trying until the leases would expire
+                log.warning("lease renewal failed", extra={"runs": len(run_ids)})
+                continue
+            for run_id, outcome in outcomes.items():
+                if outcome == "cancel":
+                    self._cancel.add(run_id)
+                elif outcome == "lost" and (task := self._tasks.get(run_id)) is not None:
+                    log.warning("lease taken over, stopping", extra={"run_id": run_id})
+                    task.cancel()
 
 
 class _Recorder:
@@ -339,6 +399,13 @@ class _Recorder:
             run = await self._flush(view.finished)
             if run is not None:
                 self._feed.publish(self._run.run_id, step, run)
+                if run.status.terminal:
+                    # After the watchers know: the end is stored, and an entry left by a crash here is
+                    # dropped at its next claim.
+                    try:
+                        await self._runs.drop(self._run.run_id)
+                    except Exception:
+                        log.exception("leaving the queue failed", extra={"run_id": self._run.run_id})
             return
         self._feed.publish(self._run.run_id, step, self._run)
         self._wake.set()
@@ -373,6 +440,7 @@ class _Recorder:
                     current_agent=batch[-1][1] if batch else self._run.current_agent,
                     finished=finished,
                     previous_at=self._last_at,
+                    drop=False,  # put() drops the entry once the end is published
                 )
                 if batch:
                     self._last_at = batch[-1][0].created_at
