@@ -40,7 +40,7 @@ _REFUSED_TOKEN = {
 """How a refused delegated token ends a run, by the refusal's reason."""
 
 
-class Watch(asyncio.Queue):
+class WatchQueue(asyncio.Queue):
     """One WatchRun stream's queue of (step, run) for its run (see StepFeed.subscribe)."""
 
     def __init__(self) -> None:
@@ -55,7 +55,7 @@ class StepFeed:
     """Live steps of the runs executing on this replica, for WatchRun streams on it (others poll the DB)."""
 
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[Watch]] = {}
+        self._subscribers: dict[str, set[WatchQueue]] = {}
         self._backlog: dict[str, list[tuple[Step, RunRecord | None]]] = {}
 
     def publish(self, run_id: str, step: Step, run: RunRecord | None) -> None:
@@ -75,14 +75,14 @@ class StepFeed:
             queue.put_nowait((None, None))
 
     def queued_watched(self) -> list[str]:
-        """Runs a stream waits on to leave the queue (Watch.queued)."""
+        """Runs a stream waits on to leave the queue (WatchQueue.queued)."""
         return [run_id for run_id, subs in self._subscribers.items() if any(w.queued for w in subs)]
 
     @contextlib.contextmanager
-    def subscribe(self, run_id: str) -> Iterator[Watch]:
+    def subscribe(self, run_id: str) -> Iterator[WatchQueue]:
         """A queue of (step, run) for run_id while the block runs; subscribe before reading the DB.
         (None, None) on it means the execution here ended, or the run left the queue: read the DB."""
-        queue = Watch()
+        queue = WatchQueue()
         for item in self._backlog.get(run_id, ()):  # steps this execution made before the watcher came
             queue.put_nowait(item)
         self._subscribers.setdefault(run_id, set()).add(queue)

@@ -229,7 +229,7 @@ class Orchestrator:
                     after_step = step.index
                 if run.status.terminal:
                     return
-                # A queued run's stream waits for the dispatcher's look at the queue (Watch.queued).
+                # A queued run's stream waits for the dispatcher's look at the queue (WatchQueue.queued).
                 live.queued = run.status == RunStatus.QUEUED and self._dispatcher.watches_queue
                 # ... then follow this replica's live feed, back to the database on a gap, when the
                 # execution here stops, or on a quiet spell. A run executing here has every step in the
