@@ -51,17 +51,40 @@ class WatchQueue(asyncio.Queue):
         need not read the database on a timer meanwhile."""
 
 
+class _Backlog(list[tuple[Step, "RunRecord | None"]]):
+    """The steps one execution here made, in order; complete from step 1 for an execution of a fresh run."""
+
+    def __init__(self, tenant_id: str = "") -> None:
+        super().__init__()
+        self.tenant_id = tenant_id
+        """The run's tenant when every step of the run is here ("" when earlier steps are elsewhere)."""
+
+
 class StepFeed:
     """Live steps of the runs executing on this replica, for WatchRun streams on it (others poll the DB)."""
 
     def __init__(self) -> None:
         self._subscribers: dict[str, set[WatchQueue]] = {}
-        self._backlog: dict[str, list[tuple[Step, RunRecord | None]]] = {}
+        self._backlog: dict[str, _Backlog] = {}
+
+    def open(self, run_id: str, tenant_id: str) -> None:
+        """A fresh run (no step anywhere yet) of tenant_id starts executing here: all its steps will be in the feed."""
+        self._backlog[run_id] = _Backlog(tenant_id)
+
+    def complete(self, run_id: str, tenant_id: str) -> bool:
+        """Whether every step of run_id, a run of tenant_id, reaches this feed (from step 1): a stream subscribed
+        now needs nothing from the database. False for another tenant's run (its stream reads the database in
+        its own tenant, and finds nothing)."""
+        backlog = self._backlog.get(run_id)
+        return backlog is not None and bool(backlog.tenant_id) and backlog.tenant_id == tenant_id
 
     def publish(self, run_id: str, step: Step, run: RunRecord | None) -> None:
         """A step of run_id happened (run is the run as of that step, None if unknown)."""
         if step.index:
-            self._backlog.setdefault(run_id, []).append((step, run))
+            backlog = self._backlog.get(run_id)
+            if backlog is None:
+                backlog = self._backlog[run_id] = _Backlog()
+            backlog.append((step, run))
         for queue in self._subscribers.get(run_id, ()):
             queue.put_nowait((step, run))
 
@@ -271,6 +294,8 @@ class Dispatcher:
                 if run.status.terminal:
                     await self._runs.drop(claim.run_id)
                     return
+                if fresh:  # every step of the run will pass the feed: watchers here need not read the database
+                    self._feed.open(claim.run_id, claim.tenant_id)
                 job = RunJob(
                     run_id=run.run_id,
                     tenant_id=claim.tenant_id,

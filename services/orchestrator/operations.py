@@ -219,18 +219,23 @@ class Orchestrator:
             raise InvalidArgument("after_step must not be negative", violations={"after_step": "must be >= 0"})
         quiet = self._poll
         with self._feed.subscribe(run_id) as live:
+            # A fresh run of the caller's tenant executing here: every step of it is in the feed (those made
+            # already were queued on subscribing), so the database has nothing to add yet.
+            from_feed = after_step == 0 and self._feed.complete(run_id, require_tenant().tenant_id)
             while True:
-                # Catch up from the database (steps recorded by any replica), with the run as of the
-                # last of them (complete once the run is finished: RunStore.snapshot); NotFound for
-                # another tenant's run, before anything is streamed.
-                run, steps = await self._runs.snapshot(run_id, after_step)
-                for step in steps:
-                    yield step, run
-                    after_step = step.index
-                if run.status.terminal:
-                    return
-                # A queued run's stream waits for the dispatcher's look at the queue (WatchQueue.queued).
-                live.queued = run.status == RunStatus.QUEUED and self._dispatcher.watches_queue
+                if not from_feed:
+                    # Catch up from the database (steps recorded by any replica), with the run as of the
+                    # last of them (complete once the run is finished: RunStore.snapshot); NotFound for
+                    # another tenant's run, before anything is streamed.
+                    run, steps = await self._runs.snapshot(run_id, after_step)
+                    for step in steps:
+                        yield step, run
+                        after_step = step.index
+                    if run.status.terminal:
+                        return
+                    # A queued run's stream waits for the dispatcher's look at the queue (WatchQueue.queued).
+                    live.queued = run.status == RunStatus.QUEUED and self._dispatcher.watches_queue
+                from_feed = False
                 # ... then follow this replica's live feed, back to the database on a gap, when the
                 # execution here stops, or on a quiet spell. A run executing here has every step in the
                 # feed, so its quiet spells are long; so has a queued one: it either starts here (its
