@@ -187,7 +187,9 @@ class Dispatcher:
         """A slot of this replica for a run being started here, to start at once if the queue lets it
         (RunStore.start); None when there is none. Hand it back with adopt() or unreserve()."""
         free = self._s.max_concurrent - len(self._tasks) - self._reserved
-        if free <= 0 or not self.watches_queue or self._suspended(tenant_id):
+        # Runs left waiting at the last look wait for their tenant's limit: a new one most likely waits too,
+        # and is queued without first asking (the dispatcher's next look starts whatever may start).
+        if free <= 0 or self._more_waiting or not self.watches_queue or self._suspended(tenant_id):
             return None
         self._reserved += 1
         return Lease(self.owner, self._s.lease_seconds, self._s.runs_per_tenant, free)
@@ -397,12 +399,13 @@ class _Recorder:
 
     State already holds each step durably before the engine moves on. Watchers on this replica
     get each step from the live feed at once; the copy for GetRun, ListRuns and other replicas is
-    written in order, in small batches, while the next steps execute. Only the final step waits
-    for its write, so a run never looks finished before its end is stored. If the process dies
-    first, the next execution catches up from state (Dispatcher._syncer).
+    written in order, in batches at most batch_window apart (one write per batch, so a busy replica
+    writes a few times per run rather than once per step), while the next steps execute. Only the
+    final step waits for its write, so a run never looks finished before its end is stored. If the
+    process dies first, the next execution catches up from state (Dispatcher._syncer).
     """
 
-    def __init__(self, runs: RunStore, feed: StepFeed, run: RunRecord, *, batch_window: float = 0.25):
+    def __init__(self, runs: RunStore, feed: StepFeed, run: RunRecord, *, batch_window: float = 1.0):
         self._runs, self._feed, self._run, self._window = runs, feed, run, batch_window
         self._pending: list[tuple[Step, str]] = []
         self._last_at: float | None = None
