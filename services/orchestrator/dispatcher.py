@@ -405,7 +405,7 @@ class _Recorder:
     process dies first, the next execution catches up from state (Dispatcher._syncer).
     """
 
-    def __init__(self, runs: RunStore, feed: StepFeed, run: RunRecord, *, batch_window: float = 1.0):
+    def __init__(self, runs: RunStore, feed: StepFeed, run: RunRecord, *, batch_window: float = 2.0):
         self._runs, self._feed, self._run, self._window = runs, feed, run, batch_window
         self._pending: list[tuple[Step, str]] = []
         self._last_at: float | None = None
