@@ -198,9 +198,13 @@ class Dispatcher:
         """Give back a slot from lease_for_new_run that was not used."""
         self._reserved -= 1
 
-    def adopt(self, claim: Claim, run: RunRecord) -> None:
-        """Execute a run whose lease a StartRun here took (RunStore.start), using the slot it reserved."""
+    async def adopt(self, claim: Claim, run: RunRecord) -> None:
+        """Execute a run whose lease a StartRun here took (RunStore.start), using the slot it reserved; if
+        dispatching stopped meanwhile, give the lease back for another replica (as stop() does)."""
         self._reserved -= 1
+        if not self.watches_queue:
+            await self._runs.release(claim.run_id, self.owner)
+            return
         self._tasks[claim.run_id] = asyncio.create_task(self._execute(claim, run), name=f"run-{claim.run_id}")
 
     def executing(self, run_id: str) -> bool:

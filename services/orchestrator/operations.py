@@ -178,7 +178,7 @@ class Orchestrator:
             if lease is not None and claim is None:
                 self._dispatcher.unreserve()
         if claim is not None:
-            self._dispatcher.adopt(claim, run)
+            await self._dispatcher.adopt(claim, run)
         else:
             self._dispatcher.wake()
         return run
