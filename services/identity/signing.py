@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -17,6 +18,8 @@ from shared.tokens import SigningKey, public_key_bytes
 MAX_TOKEN_TTL = 3600
 """The longest a token lives; a retired key is published this long (plus slack) after retirement."""
 _PUBLISH_SLACK = timedelta(seconds=60)
+ACTIVE_KEY_REREAD_SECONDS = 1.0
+"""How long a replica signs with the active key it read before reading it again."""
 
 
 def utcnow() -> datetime:
@@ -46,6 +49,9 @@ class SigningKeys:
     def __init__(self, db: Database, kek: bytes):
         self._db = db
         self._aead = AESGCM(kek)
+        self._active: tuple[SigningKey, float] | None = None
+        """The active key as last read (or made here) and when, monotonic (see ACTIVE_KEY_REREAD_SECONDS)."""
+        self._rotations = 0
 
     def _seal(self, key: SigningKey) -> bytes:
         nonce = os.urandom(12)
@@ -56,11 +62,20 @@ class SigningKeys:
         return SigningKey.from_private_bytes(row.kid, self._aead.decrypt(blob[:12], blob[12:], row.kid.encode()))
 
     async def active(self) -> SigningKey:
-        """The key that signs now; made on first start."""
+        """The key that signs now; made on first start. Read again at most every ACTIVE_KEY_REREAD_SECONDS (every
+        token issued or exchanged asks): a rotation here applies at once, another replica's within that time,
+        and the key it retired keeps verifying meanwhile (published() still lists it)."""
+        cached = self._active
+        if cached is not None and time.monotonic() - cached[1] < ACTIVE_KEY_REREAD_SECONDS:
+            return cached[0]
+        rotations = self._rotations
         async with self._db.system_session() as s:
             row = (await s.execute(select(SigningKeyRow).where(SigningKeyRow.active.is_(True)))).scalar_one_or_none()
             if row is not None:
-                return self._open(row)
+                key = self._open(row)
+                if rotations == self._rotations:  # not a read from before a rotation here
+                    self._active = (key, time.monotonic())
+                return key
         return await self.rotate()
 
     async def rotate(self) -> SigningKey:
@@ -80,6 +95,8 @@ class SigningKeys:
                     created_at=now,
                 )
             )
+        self._rotations += 1
+        self._active = (key, time.monotonic())
         return key
 
     async def published(self) -> list[SigningKeyRow]:

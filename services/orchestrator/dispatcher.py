@@ -2,7 +2,8 @@
 
 One Dispatcher per replica. It admits runs with scheduler.pick_runs over the platform-wide
 queue (so limits hold across replicas), takes each run's lease, and executes it with the run's
-own delegated token bound as the TenantContext. A heartbeat renews the lease; if the lease is
+own delegated token bound as the TenantContext. A heartbeat renews the leases (all of this
+replica's in one statement); if a lease is
 lost the execution stops, and a run whose holder died is claimed again once its lease expires.
 """
 
@@ -24,7 +25,7 @@ from services.orchestrator.ports import StepConflict
 from services.orchestrator.runs import RunStatus
 from services.orchestrator.scheduler import pick_runs
 from services.orchestrator.steps import Step, StepKind
-from services.orchestrator.store import Claim, RunRecord, RunStore
+from services.orchestrator.store import Claim, Lease, RunRecord, RunStore
 from shared.errors import NotFound, Unauthenticated, Unavailable
 from shared.telemetry import attach_traceparent, detach
 from shared.tenancy import TenantContext, tenant_scope
@@ -39,17 +40,51 @@ _REFUSED_TOKEN = {
 """How a refused delegated token ends a run, by the refusal's reason."""
 
 
+class WatchQueue(asyncio.Queue):
+    """One WatchRun stream's queue of (step, run) for its run (see StepFeed.subscribe)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.queued = False
+        """The stream waits for its queued run to start: the dispatcher's look at the queue nudges it
+        (None, None) once the run is neither waiting in the queue nor executing here, so the stream
+        need not read the database on a timer meanwhile."""
+
+
+class _Backlog(list[tuple[Step, "RunRecord | None"]]):
+    """The steps one execution here made, in order; complete from step 1 for an execution of a fresh run."""
+
+    def __init__(self, tenant_id: str = "") -> None:
+        super().__init__()
+        self.tenant_id = tenant_id
+        """The run's tenant when every step of the run is here ("" when earlier steps are elsewhere)."""
+
+
 class StepFeed:
     """Live steps of the runs executing on this replica, for WatchRun streams on it (others poll the DB)."""
 
     def __init__(self) -> None:
-        self._subscribers: dict[str, set[asyncio.Queue]] = {}
-        self._backlog: dict[str, list[tuple[Step, RunRecord | None]]] = {}
+        self._subscribers: dict[str, set[WatchQueue]] = {}
+        self._backlog: dict[str, _Backlog] = {}
+
+    def open(self, run_id: str, tenant_id: str) -> None:
+        """A fresh run (no step anywhere yet) of tenant_id starts executing here: all its steps will be in the feed."""
+        self._backlog[run_id] = _Backlog(tenant_id)
+
+    def complete(self, run_id: str, tenant_id: str) -> bool:
+        """Whether every step of run_id, a run of tenant_id, reaches this feed (from step 1): a stream subscribed
+        now needs nothing from the database. False for another tenant's run (its stream reads the database in
+        its own tenant, and finds nothing)."""
+        backlog = self._backlog.get(run_id)
+        return backlog is not None and bool(backlog.tenant_id) and backlog.tenant_id == tenant_id
 
     def publish(self, run_id: str, step: Step, run: RunRecord | None) -> None:
         """A step of run_id happened (run is the run as of that step, None if unknown)."""
         if step.index:
-            self._backlog.setdefault(run_id, []).append((step, run))
+            backlog = self._backlog.get(run_id)
+            if backlog is None:
+                backlog = self._backlog[run_id] = _Backlog()
+            backlog.append((step, run))
         for queue in self._subscribers.get(run_id, ()):
             queue.put_nowait((step, run))
 
@@ -62,11 +97,15 @@ class StepFeed:
         for queue in self._subscribers.get(run_id, ()):
             queue.put_nowait((None, None))
 
+    def queued_watched(self) -> list[str]:
+        """Runs a stream waits on to leave the queue (WatchQueue.queued)."""
+        return [run_id for run_id, subs in self._subscribers.items() if any(w.queued for w in subs)]
+
     @contextlib.contextmanager
-    def subscribe(self, run_id: str) -> Iterator[asyncio.Queue]:
+    def subscribe(self, run_id: str) -> Iterator[WatchQueue]:
         """A queue of (step, run) for run_id while the block runs; subscribe before reading the DB.
-        (None, None) on it means the execution here ended: read the DB."""
-        queue: asyncio.Queue = asyncio.Queue()
+        (None, None) on it means the execution here ended, or the run left the queue: read the DB."""
+        queue = WatchQueue()
         for item in self._backlog.get(run_id, ()):  # steps this execution made before the watcher came
             queue.put_nowait(item)
         self._subscribers.setdefault(run_id, set()).add(queue)
@@ -118,6 +157,12 @@ class Dispatcher:
         self._tasks: dict[str, asyncio.Task] = {}
         self._cancel: set[str] = set()
         self._loop_task: asyncio.Task | None = None
+        self._heartbeat_task: asyncio.Task | None = None
+        self._stopping = asyncio.Event()
+        self._reserved = 0
+        """Slots promised to StartRun calls that may start their run at once (lease_for_new_run)."""
+        self._more_waiting = True
+        """The last look at the queue left runs waiting (or did not look): a freed slot may start one."""
 
     @property
     def runs_per_tenant(self) -> int:
@@ -127,10 +172,40 @@ class Dispatcher:
     def start(self) -> None:
         """Begin dispatching in the background."""
         self._loop_task = asyncio.create_task(self._loop(), name="orchestrator-dispatch")
+        self._heartbeat_task = asyncio.create_task(self._heartbeats(), name="orchestrator-leases")
 
     def wake(self) -> None:
         """Look at the queue now (a run was queued or finished)."""
         self._wake.set()
+
+    @property
+    def watches_queue(self) -> bool:
+        """Whether this replica looks at the queue (dispatching), nudging streams of runs that left it."""
+        return self._loop_task is not None and not self._loop_task.done()
+
+    def lease_for_new_run(self, tenant_id: str) -> Lease | None:
+        """A slot of this replica for a run being started here, to start at once if the queue lets it
+        (RunStore.start); None when there is none. Hand it back with adopt() or unreserve()."""
+        free = self._s.max_concurrent - len(self._tasks) - self._reserved
+        # Runs left waiting at the last look wait for their tenant's limit: a new one most likely waits too,
+        # and is queued without first asking (the dispatcher's next look starts whatever may start).
+        if free <= 0 or self._more_waiting or not self.watches_queue or self._suspended(tenant_id):
+            return None
+        self._reserved += 1
+        return Lease(self.owner, self._s.lease_seconds, self._s.runs_per_tenant, free)
+
+    def unreserve(self) -> None:
+        """Give back a slot from lease_for_new_run that was not used."""
+        self._reserved -= 1
+
+    async def adopt(self, claim: Claim, run: RunRecord) -> None:
+        """Execute a run whose lease a StartRun here took (RunStore.start), using the slot it reserved; if
+        dispatching stopped meanwhile, give the lease back for another replica (as stop() does)."""
+        self._reserved -= 1
+        if not self.watches_queue:
+            await self._runs.release(claim.run_id, self.owner)
+            return
+        self._tasks[claim.run_id] = asyncio.create_task(self._execute(claim, run), name=f"run-{claim.run_id}")
 
     def executing(self, run_id: str) -> bool:
         """Whether the run executes on this replica now (its steps all reach the live feed)."""
@@ -150,6 +225,11 @@ class Dispatcher:
         await asyncio.gather(
             *self._tasks.values(), *([self._loop_task] if self._loop_task else []), return_exceptions=True
         )
+        if self._heartbeat_task is not None:
+            # Let a renewal in progress finish: cancelling it mid-query would upset the pool.
+            self._stopping.set()
+            await asyncio.wait({self._heartbeat_task}, timeout=5)
+            self._heartbeat_task.cancel()
 
     async def _loop(self) -> None:
         while True:
@@ -164,20 +244,35 @@ class Dispatcher:
             self._wake.clear()
 
     async def _admit(self) -> None:
-        free = self._s.max_concurrent - len(self._tasks)
+        free = self._s.max_concurrent - len(self._tasks) - self._reserved
+        watched = self._feed.queued_watched()
         if free <= 0:
-            return
+            self._more_waiting = True
+            if not watched:
+                return
         now = time.time()
         waiting, running = await self._runs.waiting(now)
+        if watched:
+            # Streams of queued runs wait for this look instead of each reading the database on a timer:
+            # a run no longer waiting and not executing here was claimed elsewhere, cancelled or ended.
+            queued = {w.run_id for w in waiting}
+            for run_id in watched:
+                if run_id not in queued and run_id not in self._tasks:
+                    self._feed.nudge(run_id)
+        if free <= 0:
+            return
         waiting = [w for w in waiting if w.run_id not in self._tasks and not self._suspended(w.tenant_id)]
-        for pick in pick_runs(waiting, running, per_tenant_limit=self._s.runs_per_tenant, free_slots=free):
+        picks = pick_runs(waiting, running, per_tenant_limit=self._s.runs_per_tenant, free_slots=free)
+        self._more_waiting = len(picks) < len(waiting)
+        for pick in picks:
             claim = await self._runs.claim(pick.run_id, self.owner, ttl=self._s.lease_seconds, now=time.time())
             if claim is not None:
                 if claim.cancel_requested:
                     self._cancel.add(claim.run_id)
                 self._tasks[claim.run_id] = asyncio.create_task(self._execute(claim), name=f"run-{claim.run_id}")
 
-    async def _execute(self, claim: Claim) -> None:
+    async def _execute(self, claim: Claim, begun: RunRecord | None = None) -> None:
+        """Execute a claimed run; begun: the run as StartRun wrote it, RUNNING already (never executed)."""
         try:
             token = self._sealer.open(claim.grant, claim.run_id)
         except Exception:  # noqa: BLE001 - a grant that does not open can never run
@@ -193,12 +288,11 @@ class Dispatcher:
             run_id=claim.run_id,
             request_id=claim.run_id,
         )
-        heartbeat: asyncio.Task | None = None
-        heartbeat_stop = asyncio.Event()
         try:
             with tenant_scope(ctx):
                 try:
-                    run, fresh = await self._runs.begin(claim.run_id)  # RUNNING now, in one transaction
+                    # RUNNING now, in one transaction (StartRun wrote a run it leased as RUNNING).
+                    run, fresh = (begun, True) if begun is not None else await self._runs.begin(claim.run_id)
                 except NotFound:  # an entry left without its run (a crash while queueing): never runnable
                     log.warning("queued run not found", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
                     await self._runs.drop(claim.run_id)
@@ -206,8 +300,8 @@ class Dispatcher:
                 if run.status.terminal:
                     await self._runs.drop(claim.run_id)
                     return
-                me = asyncio.current_task()
-                heartbeat = asyncio.create_task(self._heartbeat(claim.run_id, me, heartbeat_stop))
+                if fresh:  # every step of the run will pass the feed: watchers here need not read the database
+                    self._feed.open(claim.run_id, claim.tenant_id)
                 job = RunJob(
                     run_id=run.run_id,
                     tenant_id=claim.tenant_id,
@@ -253,17 +347,14 @@ class Dispatcher:
             log.exception("run failed", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
             await self._fail(ctx, claim.run_id, "INTERNAL", "the run failed inside the orchestrator")
         finally:
-            if heartbeat is not None:
-                # Let a renewal in progress finish: cancelling it mid-query would upset the pool.
-                heartbeat_stop.set()
-                await asyncio.wait({heartbeat}, timeout=5)
             self._done(claim.run_id)
 
     def _done(self, run_id: str) -> None:
         self._tasks.pop(run_id, None)
         self._cancel.discard(run_id)
         self._feed.nudge(run_id)
-        self._wake.set()
+        if self._more_waiting:  # else nothing waited at the last look, and whatever was queued since woke us
+            self._wake.set()
 
     async def _fail(self, ctx: TenantContext, run_id: str, reason: str, message: str) -> None:
         with tenant_scope(ctx):
@@ -284,27 +375,27 @@ class Dispatcher:
 
         return on_load
 
-    async def _heartbeat(self, run_id: str, task: asyncio.Task | None, stop: asyncio.Event) -> None:
+    async def _heartbeats(self) -> None:
+        """Renew the leases of every run executing here, every third of the lease, in one transaction."""
         interval = self._s.lease_seconds / 3
         while True:
-            try:
-                await asyncio.wait_for(stop.wait(), interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), interval)
                 return
-            except TimeoutError:
-                pass
-            try:
-                outcome = await self._runs.renew(run_id, self.owner, ttl=self._s.lease_seconds, now=time.time())
-            except Exception:  # noqa: BLE001 - keep trying until the lease would expire
-                log.warning("lease renewal failed", extra={"run_id": run_id})
+            run_ids = list(self._tasks)
+            if not run_ids:
                 continue
-            if outcome == "cancel":
-                self._cancel.add(run_id)
-            elif outcome == "gone":
-                return  # the run just finished
-            elif outcome == "lost" and task is not None:
-                log.warning("lease taken over, stopping", extra={"run_id": run_id})
-                task.cancel()
-                return
+            try:
+                outcomes = await self._runs.renew_many(run_ids, self.owner, ttl=self._s.lease_seconds, now=time.time())
+            except Exception:  # noqa: BLE001 - keep trying until the leases would expire
+                log.warning("lease renewal failed", extra={"runs": len(run_ids)})
+                continue
+            for run_id, outcome in outcomes.items():
+                if outcome == "cancel":
+                    self._cancel.add(run_id)
+                elif outcome == "lost" and (task := self._tasks.get(run_id)) is not None:
+                    log.warning("lease taken over, stopping", extra={"run_id": run_id})
+                    task.cancel()
 
 
 class _Recorder:
@@ -312,12 +403,13 @@ class _Recorder:
 
     State already holds each step durably before the engine moves on. Watchers on this replica
     get each step from the live feed at once; the copy for GetRun, ListRuns and other replicas is
-    written in order, in small batches, while the next steps execute. Only the final step waits
-    for its write, so a run never looks finished before its end is stored. If the process dies
-    first, the next execution catches up from state (Dispatcher._syncer).
+    written in order, in batches at most batch_window apart (one write per batch, so a busy replica
+    writes a few times per run rather than once per step), while the next steps execute. Only the
+    final step waits for its write, so a run never looks finished before its end is stored. If the
+    process dies first, the next execution catches up from state (Dispatcher._syncer).
     """
 
-    def __init__(self, runs: RunStore, feed: StepFeed, run: RunRecord, *, batch_window: float = 0.25):
+    def __init__(self, runs: RunStore, feed: StepFeed, run: RunRecord, *, batch_window: float = 2.0):
         self._runs, self._feed, self._run, self._window = runs, feed, run, batch_window
         self._pending: list[tuple[Step, str]] = []
         self._last_at: float | None = None
@@ -339,6 +431,13 @@ class _Recorder:
             run = await self._flush(view.finished)
             if run is not None:
                 self._feed.publish(self._run.run_id, step, run)
+                if run.status.terminal:
+                    # After the watchers know: the end is stored, and an entry left by a crash here is
+                    # dropped at its next claim.
+                    try:
+                        await self._runs.drop(self._run.run_id)
+                    except Exception:
+                        log.exception("leaving the queue failed", extra={"run_id": self._run.run_id})
             return
         self._feed.publish(self._run.run_id, step, self._run)
         self._wake.set()
@@ -373,6 +472,7 @@ class _Recorder:
                     current_agent=batch[-1][1] if batch else self._run.current_agent,
                     finished=finished,
                     previous_at=self._last_at,
+                    drop=False,  # put() drops the entry once the end is published
                 )
                 if batch:
                     self._last_at = batch[-1][0].created_at

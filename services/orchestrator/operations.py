@@ -156,19 +156,31 @@ class Orchestrator:
                 return existing
             delegation = asyncio.ensure_future(self._delegate(run_id))
         token = await delegation
-        run, _ = await self._runs.create(
-            team=spec,
-            entry_agent=entry,
-            run_input=run_input,
-            idempotency_key=idempotency_key,
-            tenant_id=ctx.tenant_id,
-            principal_id=ctx.principal_id,
-            tier=ctx.tier,
-            grant=self._sealer.seal(token, run_id),
-            run_id=run_id,
-            traceparent=current_traceparent(),
-        )
-        self._dispatcher.wake()
+        # A free slot here: the run starts at once when fair admission allows (no trip through the queue).
+        lease = self._dispatcher.lease_for_new_run(ctx.tenant_id)
+        claim = None
+        try:
+            run, _, claim = await self._runs.start(
+                team=spec,
+                entry_agent=entry,
+                run_input=run_input,
+                idempotency_key=idempotency_key,
+                tenant_id=ctx.tenant_id,
+                principal_id=ctx.principal_id,
+                tier=ctx.tier,
+                grant=self._sealer.seal(token, run_id),
+                run_id=run_id,
+                traceparent=current_traceparent(),
+                lease=lease,
+                known_new=bool(idempotency_key),
+            )
+        finally:
+            if lease is not None and claim is None:
+                self._dispatcher.unreserve()
+        if claim is not None:
+            await self._dispatcher.adopt(claim, run)
+        else:
+            self._dispatcher.wake()
         return run
 
     async def _delegate(self, run_id: str) -> str:
@@ -197,6 +209,7 @@ class Orchestrator:
         _require_name(run_id, "run_id")
         run = await self._runs.cancel(run_id)
         self._dispatcher.cancel_local(run_id)
+        self._feed.nudge(run_id)  # its streams here read the run again (a queued run ends at once)
         return run
 
     async def watch(self, run_id: str, after_step: int) -> AsyncIterator[tuple[Step, RunRecord]]:
@@ -206,25 +219,36 @@ class Orchestrator:
             raise InvalidArgument("after_step must not be negative", violations={"after_step": "must be >= 0"})
         quiet = self._poll
         with self._feed.subscribe(run_id) as live:
+            # A fresh run of the caller's tenant executing here: every step of it is in the feed (those made
+            # already were queued on subscribing), so the database has nothing to add yet.
+            from_feed = after_step == 0 and self._feed.complete(run_id, require_tenant().tenant_id)
             while True:
-                # Catch up from the database (steps recorded by any replica), with the run as of the
-                # last of them (complete once the run is finished: RunStore.snapshot); NotFound for
-                # another tenant's run, before anything is streamed.
-                run, steps = await self._runs.snapshot(run_id, after_step)
-                for step in steps:
-                    yield step, run
-                    after_step = step.index
-                if run.status.terminal:
-                    return
+                if not from_feed:
+                    # Catch up from the database (steps recorded by any replica), with the run as of the
+                    # last of them (complete once the run is finished: RunStore.snapshot); NotFound for
+                    # another tenant's run, before anything is streamed.
+                    run, steps = await self._runs.snapshot(run_id, after_step)
+                    for step in steps:
+                        yield step, run
+                        after_step = step.index
+                    if run.status.terminal:
+                        return
+                    # A queued run's stream waits for the dispatcher's look at the queue (WatchQueue.queued).
+                    live.queued = run.status == RunStatus.QUEUED and self._dispatcher.watches_queue
+                from_feed = False
                 # ... then follow this replica's live feed, back to the database on a gap, when the
                 # execution here stops, or on a quiet spell. A run executing here has every step in the
-                # feed, so its quiet spells are long; one that is not (queued, or executing on another
-                # replica) is read again at the poll interval, backing off to 4x while nothing changes
-                # (a hundred queued runs' watchers would otherwise be most of the database's work).
+                # feed, so its quiet spells are long; so has a queued one: it either starts here (its
+                # steps come in the feed) or the dispatcher's next look at the queue nudges this stream.
+                # One executing on another replica is read again at the poll interval, backing off to 4x
+                # while nothing changes.
                 while True:
-                    local = self._dispatcher.executing(run_id)
+                    if live.queued and not self._dispatcher.executing(run_id):
+                        wait = self._poll * 60  # nudged when it leaves the queue (a timer only as a backstop)
+                    else:
+                        wait = self._poll * 10 if self._dispatcher.executing(run_id) else quiet
                     try:
-                        step, live_run = await asyncio.wait_for(live.get(), self._poll * 10 if local else quiet)
+                        step, live_run = await asyncio.wait_for(live.get(), wait)
                     except TimeoutError:
                         quiet = min(quiet * 2, self._poll * 4)
                         break

@@ -38,7 +38,7 @@ from sqlalchemy.orm import Mapped, mapped_column
 
 from services.orchestrator.history import Finished
 from services.orchestrator.runs import RunStatus, check_transition
-from services.orchestrator.scheduler import QueuedRun
+from services.orchestrator.scheduler import QueuedRun, pick_runs
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.team import TeamSpec
 from services.orchestrator.wakeups import NOTIFY_SQL
@@ -177,6 +177,20 @@ class Claim:
 
 
 @dataclass(frozen=True)
+class Lease:
+    """A replica's offer to execute a new run at once (RunStore.create), if the queue lets it start now."""
+
+    owner: str
+    """The replica that would hold the lease."""
+    ttl: float
+    """Lease length in seconds."""
+    per_tenant_limit: int
+    """Concurrent runs per tenant (across replicas)."""
+    free_slots: int
+    """Runs the replica could start now."""
+
+
+@dataclass(frozen=True)
 class QueuePlace:
     """Why a queued run has not started yet, within its own tenant."""
 
@@ -235,6 +249,18 @@ def _run_raw(r: Any) -> RunRecord:
         r[13],
         r[14] or "",
     )
+
+
+def _queue_view(rows: Any, now: float) -> tuple[list[QueuedRun], Counter[str]]:
+    """Queue rows (run_id, tenant_id, state, enqueued_at, lease_expires) as (waiting runs, live leases per tenant)."""
+    running: Counter[str] = Counter()
+    waiting: list[QueuedRun] = []
+    for run_id, tenant_id, state, enqueued_at, expires in rows:
+        if state == "running" and expires > now:
+            running[tenant_id] += 1
+        else:
+            waiting.append(QueuedRun(tenant_id, run_id, enqueued_at))
+    return waiting, running
 
 
 async def _notify(tx: Any, origin: str) -> None:
@@ -361,27 +387,66 @@ class RunStore:
         run_id: str | None = None,
         traceparent: str = "",
     ) -> tuple[RunRecord, bool]:
-        """Insert a queued run, then its queue entry; (run, created).
+        """Insert a queued run, then its queue entry; (run, created). See start()."""
+        run, created, _ = await self.start(
+            team=team,
+            entry_agent=entry_agent,
+            run_input=run_input,
+            idempotency_key=idempotency_key,
+            tenant_id=tenant_id,
+            principal_id=principal_id,
+            tier=tier,
+            grant=grant,
+            run_id=run_id,
+            traceparent=traceparent,
+        )
+        return run, created
+
+    async def start(
+        self,
+        *,
+        team: TeamSpec,
+        entry_agent: str,
+        run_input: str,
+        idempotency_key: str,
+        tenant_id: str,
+        principal_id: str,
+        tier: str,
+        grant: bytes,
+        run_id: str | None = None,
+        traceparent: str = "",
+        lease: Lease | None = None,
+        known_new: bool = False,
+    ) -> tuple[RunRecord, bool, Claim | None]:
+        """Insert a queued run, then its queue entry; (run, created, claim).
 
         The run lives where the tenant's tier puts it and the queue entry in the platform database,
         so they cannot share a transaction. The run goes first: the dispatcher never sees an entry
         without its run. With an idempotency key already used by this tenant, returns that run and
         created=False (re-queueing it if it is still queued but lost its entry in a crash).
+
+        lease: the caller's replica could execute the run now. When the queue lets the run start at
+        once (fair admission would pick it now), its entry is written already leased to that replica
+        and the run as RUNNING, and claim is returned: the entry goes first here, and no other
+        replica looks at a leased entry before its lease expires (a crash in between leaves an entry
+        without its run, dropped at its next claim). One transaction on the queue instead of four
+        (queue, read the queue, claim, begin). known_new: the caller looked the idempotency key up.
         """
         entry = dict(tenant_id=tenant_id, principal_id=principal_id, tier=tier, grant=grant, traceparent=traceparent)
-        if idempotency_key:
+        if idempotency_key and not known_new:
             existing = await self._by_key(idempotency_key)
             if existing is not None:
-                return await self._requeued(existing, entry), False
+                return await self._requeued(existing, entry), False, None
         now = time.time()
         run_id = run_id or new_run_id()
+        claim = await self._claim_new(run_id, now, entry, lease) if lease is not None else None
         run = RunRecord(
             run_id,
             team.name,
             team,
             entry_agent,
             run_input,
-            RunStatus.QUEUED,
+            RunStatus.RUNNING if claim is not None else RunStatus.QUEUED,
             entry_agent,
             "",
             "",
@@ -393,33 +458,43 @@ class RunStore:
             trace_id_of(traceparent),
         )
         # Raw statements (StartRun's path); the idempotency key's unique index settles a race with a retry.
-        async with self._db.raw(write=True) as tx:
-            inserted = await tx.execute(
-                f"INSERT INTO orch_runs ({_RUN_COLUMNS}, tenant_id) VALUES "
-                "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) "
-                "ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
-                run_id,
-                team.name,
-                json.dumps(team.to_dict()),
-                entry_agent,
-                run_input,
-                RunStatus.QUEUED.value,
-                entry_agent,
-                "",
-                "",
-                "",
-                0,
-                idempotency_key or None,
-                now,
-                now,
-                run.trace_id,
-                tenant_id,
-            )
+        try:
+            async with self._db.raw(write=True) as tx:
+                inserted = await tx.execute(
+                    f"INSERT INTO orch_runs ({_RUN_COLUMNS}, tenant_id) VALUES "
+                    "($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16) "
+                    "ON CONFLICT (tenant_id, idempotency_key) DO NOTHING",
+                    run_id,
+                    team.name,
+                    json.dumps(team.to_dict()),
+                    entry_agent,
+                    run_input,
+                    run.status.value,
+                    entry_agent,
+                    "",
+                    "",
+                    "",
+                    0,
+                    idempotency_key or None,
+                    now,
+                    now,
+                    run.trace_id,
+                    tenant_id,
+                )
+        except BaseException:
+            if claim is not None:  # the leased entry has no run: let it go at once rather than at its expiry
+                with contextlib.suppress(Exception):
+                    await self.drop(run_id)
+            raise
         if inserted != 1:
+            if claim is not None:
+                await self.drop(run_id)
             existing = await self._by_key(idempotency_key) if idempotency_key else None
             if existing is None:
                 raise AlreadyExists(f"run {run_id!r} already exists", reason="ALREADY_EXISTS")
-            return await self._requeued(existing, entry), False
+            return await self._requeued(existing, entry), False, None
+        if claim is not None:
+            return run, True, claim
         try:
             await self._enqueue(run_id, now, entry)
         except IntegrityError:
@@ -428,7 +503,38 @@ class RunStore:
             # Unqueued, the run would wait forever: end it so the caller's retry starts afresh.
             await self._unqueueable(run_id)
             raise
-        return run, True
+        return run, True, None
+
+    async def _claim_new(self, run_id: str, now: float, entry: dict[str, Any], lease: Lease) -> Claim | None:
+        """Queue a new run already leased to lease.owner when fair admission would start it now; None (and
+        nothing written) when it has to wait. One transaction: read the queue, decide, write the entry."""
+        async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            rows = await tx.fetch("SELECT run_id, tenant_id, state, enqueued_at, lease_expires FROM orch_run_queue")
+            waiting, running = _queue_view(rows, now)
+            me = QueuedRun(entry["tenant_id"], run_id, now)
+            picks = pick_runs(
+                [*waiting, me], running, per_tenant_limit=lease.per_tenant_limit, free_slots=lease.free_slots
+            )
+            if me not in picks:
+                return None
+            # No notice: no other replica has anything to do about an entry it may not take.
+            await tx.execute(
+                "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
+                'lease_expires, cancel_requested, "grant", traceparent) '
+                "VALUES ($1, $2, $3, $4, 'running', $5, $6, $7, $8, $9, $10)",
+                run_id,
+                entry["tenant_id"],
+                entry["principal_id"],
+                entry["tier"],
+                now,
+                lease.owner,
+                now + lease.ttl,
+                False,
+                entry["grant"],
+                entry["traceparent"],
+            )
+        e = entry
+        return Claim(run_id, e["tenant_id"], e["principal_id"], e["tier"], e["grant"], False, e["traceparent"])
 
     async def _enqueue(self, run_id: str, now: float, entry: dict[str, Any]) -> None:
         """Queue a run unless it is queued already (a concurrent retry queued it first)."""
@@ -556,13 +662,15 @@ class RunStore:
         finished: Finished | None,
         skip_existing: bool = False,
         previous_at: float | None = None,
+        drop: bool = True,
     ) -> RunRecord:
         """Keep steps (already durable in state) and the run's progress, in one transaction.
 
         skip_existing is for catching up after a crash, when some of the steps may be here already.
         previous_at: when the step before the batch was made, if the caller knows (saves a read).
-        A finished run then leaves the queue (a leftover entry is dropped when next claimed).
-        One raw transaction (this is every step's path): the run's row, the steps, the new progress.
+        A finished run then leaves the queue (a leftover entry is dropped when next claimed); drop=False
+        leaves that to the caller (who tells watchers first). One raw transaction (this is every step's
+        path): the run's row, the steps, the new progress.
         """
         tid = require_tenant().tenant_id
         async with self._db.raw(write=True) as tx:
@@ -629,7 +737,7 @@ class RunStore:
                     *(v.value if isinstance(v, RunStatus) else v for v in changes.values()),
                 )
                 run = dataclasses.replace(run, **changes)
-        if finished is not None and run.status.terminal:
+        if drop and finished is not None and run.status.terminal:
             await self.drop(run_id)
         return run
 
@@ -704,14 +812,7 @@ class RunStore:
         """Runs waiting for a slot (queued, or running under an expired lease) and live leases per tenant."""
         async with raw_transaction(self._db.engine, tenant_id=None) as tx:
             rows = await tx.fetch("SELECT run_id, tenant_id, state, enqueued_at, lease_expires FROM orch_run_queue")
-        running: Counter[str] = Counter()
-        waiting: builtins.list[QueuedRun] = []
-        for run_id, tenant_id, state, enqueued_at, expires in rows:
-            if state == "running" and expires > now:
-                running[tenant_id] += 1
-            else:
-                waiting.append(QueuedRun(tenant_id, run_id, enqueued_at))
-        return waiting, running
+        return _queue_view(rows, now)
 
     async def place(self, run_id: str, tenant_id: str, now: float) -> QueuePlace | None:
         """Where a run of tenant_id waits; None when it is not waiting. Reads that tenant's entries only."""
@@ -757,6 +858,35 @@ class RunStore:
             if cast("CursorResult[Any]", result).rowcount != 1:
                 return "lost"
             return "cancel" if row[0] else "ok"
+
+    async def renew_many(self, run_ids: builtins.list[str], owner: str, *, ttl: float, now: float) -> dict[str, str]:
+        """renew() for many runs of one owner in one transaction: run id -> "ok", "cancel", "gone" or "lost"."""
+        marks = ", ".join(f"${i + 4}" for i in range(len(run_ids)))
+        async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            await tx.execute(
+                "UPDATE orch_run_queue SET lease_expires = $2 WHERE lease_owner = $1 AND state = $3 "
+                f"AND run_id IN ({marks})",
+                owner,
+                now + ttl,
+                "running",
+                *run_ids,
+            )
+            rows = await tx.fetch(
+                "SELECT run_id, lease_owner, state, cancel_requested FROM orch_run_queue WHERE run_id IN "
+                f"({', '.join(f'${i + 1}' for i in range(len(run_ids)))})",
+                *run_ids,
+            )
+        found = {r[0]: r for r in rows}
+        outcomes = {}
+        for run_id in run_ids:
+            row = found.get(run_id)
+            if row is None:
+                outcomes[run_id] = "gone"
+            elif row[1] != owner or row[2] != "running":
+                outcomes[run_id] = "lost"
+            else:
+                outcomes[run_id] = "cancel" if row[3] else "ok"
+        return outcomes
 
     async def release(self, run_id: str, owner: str) -> None:
         """Give a lease back without finishing (shutdown): the run waits for the next claim."""

@@ -103,7 +103,10 @@ CACHES: dict[str, Entry] = {
     "services/metering/rollup.py::_sqlite_upsert()": Entry(PLATFORM, "row count -> SQL text"),
     # orchestrator
     "services/orchestrator/dispatcher.py::_backlog": Entry(
-        UNIQUE, "server-made run id -> steps; WatchRun reads the run in the caller's tenant before subscribing", _MATRIX
+        UNIQUE,
+        "server-made run id -> steps (with the run's tenant for a fresh run executing here: WatchRun streams only "
+        "it from the feed alone; any other stream reads the run in the caller's tenant first)",
+        "tests/services/orchestrator/test_e2e.py::test_a_run_executing_here_streams_from_its_first_step_to_its_tenant_only",
     ),
     "services/orchestrator/dispatcher.py::_cancel": Entry(UNIQUE, "server-made run ids to cancel", _MATRIX),
     "services/orchestrator/ratelimit.py::_buckets": Entry(

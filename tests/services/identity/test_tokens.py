@@ -190,3 +190,28 @@ async def test_signing_keys_are_stored_encrypted(sqlite_identity):
     async with sqlite_identity.app.db.system_session() as s:
         rows = (await s.execute(select(SigningKeyRow))).scalars().all()
     assert rows and all(key.private_bytes() not in r.encrypted_private_key for r in rows)
+
+
+async def test_a_replica_signs_with_another_replicas_new_key_once_it_reads_the_active_key_again(tmp_path, monkeypatch):
+    """Each replica reads the active signing key at most every ACTIVE_KEY_REREAD_SECONDS; its own rotation applies
+    at once, another replica's when it next reads (the retired key is still published meanwhile)."""
+    import os
+
+    from services.identity import signing
+    from services.identity.server import MIGRATIONS
+    from shared.db import Database
+
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'id.db'}", migrations=MIGRATIONS)
+    kek = os.urandom(32)
+    one, two = signing.SigningKeys(db, kek), signing.SigningKeys(db, kek)
+    try:
+        first = await one.active()
+        assert (await two.active()).kid == first.kid
+        rotated = await one.rotate()
+        assert (await one.active()).kid == rotated.kid  # its own rotation: at once
+        assert (await two.active()).kid == first.kid  # read within the window: the old (still published) key
+        assert first.kid in {r.kid for r in await two.published()}
+        monkeypatch.setattr(signing, "ACTIVE_KEY_REREAD_SECONDS", 0.0)
+        assert (await two.active()).kid == rotated.kid
+    finally:
+        await db.close()

@@ -49,3 +49,49 @@ async def test_queue_entry_without_its_run_is_dropped_not_retried_forever(tmp_pa
     finally:
         await dispatcher.stop()
         await db.close()
+
+
+async def test_a_run_started_here_as_dispatching_stops_goes_back_to_the_queue(tmp_path):
+    """StartRun took a slot and the run's lease, then the replica stopped dispatching: the lease is given back,
+    so another replica starts the run (nothing executes it on the stopping one)."""
+    from services.orchestrator.store import Lease
+    from services.orchestrator.team import AgentSpec, TeamSpec
+    from shared.tenancy import TenantContext, tenant_scope
+
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
+    runs, sealer = RunStore(db), GrantSealer(os.urandom(32))
+    dispatcher = Dispatcher(
+        runs=runs,
+        engine=None,
+        ports_for=lambda: None,
+        sealer=sealer,
+        feed=StepFeed(),
+        settings=DispatchSettings(lease_seconds=60, poll_seconds=0.05),
+    )
+    dispatcher.start()
+    try:
+        await asyncio.sleep(0.1)  # a first look at the (empty) queue
+        lease = dispatcher.lease_for_new_run("t_a")
+        assert isinstance(lease, Lease)
+        with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}))):
+            run, _, claim = await runs.start(
+                team=TeamSpec(name="t", agents=(AgentSpec("a"),)),
+                entry_agent="a",
+                run_input="x",
+                idempotency_key="",
+                tenant_id="t_a",
+                principal_id="p",
+                tier="pooled",
+                grant=sealer.seal("token", "r_x"),
+                lease=lease,
+            )
+        assert claim is not None
+        assert (await runs.waiting(time.time()))[1] == {"t_a": 1}  # leased to this replica
+        await dispatcher.stop()
+        await dispatcher.adopt(claim, run)
+        assert not dispatcher.executing(run.run_id)
+        waiting, running = await runs.waiting(time.time())
+        assert [w.run_id for w in waiting] == [run.run_id] and not running
+    finally:
+        await dispatcher.stop()
+        await db.close()

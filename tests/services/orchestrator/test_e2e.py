@@ -239,6 +239,28 @@ async def test_cancel_running_run_stops_before_next_step(tier, mesh, upstream):
     assert pb.STEP_KIND_HANDOFF not in [m.step.kind for m in seen] and upstream.request_count == 1
 
 
+async def test_a_run_executing_here_streams_from_its_first_step_to_its_tenant_only(tier, mesh, upstream):
+    """A run started on a free slot executes at once; its watchers here follow it from step 1 without the
+    database, while another tenant watching it gets NOT_FOUND as for a run that does not exist."""
+    a, b = await mesh.tenant(tier), await mesh.tenant(tier)
+    await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(model=MODEL)), metadata=a.metadata)
+    upstream.fail_next(Fault.slow(1.0))
+    started = await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="x"), metadata=a.metadata)
+    assert started.run.status == pb.RUN_STATUS_RUNNING and not started.HasField("queue")
+    run_id = started.run.run_id
+    while upstream.request_count < 1:  # executing here, mid-call
+        await asyncio.sleep(0.02)
+    assert mesh.orchestrator.dispatcher.executing(run_id)
+    for who, rid in ((b, run_id), (b, "r_" + "0" * 24)):
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await watch(mesh, who, rid)
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    seen = await watch(mesh, a, run_id)
+    assert [m.step.index for m in seen] == list(range(1, len(seen) + 1))
+    assert seen[0].step.kind == pb.STEP_KIND_RUN_STARTED and seen[-1].run.status == pb.RUN_STATUS_SUCCEEDED
+    assert seen[-1].run.step_count == len(seen)
+
+
 async def test_cli_apply_start_list_and_cancel(tier, mesh, upstream, tmp_path, monkeypatch, capsys):
     """`bulkhead teams apply -f`, `runs start` (live progress), `runs list`, `runs cancel` against the mesh."""
     from bulkhead_cli import main

@@ -15,7 +15,7 @@ from services.orchestrator.history import Finished
 from services.orchestrator.runs import RunStatus
 from services.orchestrator.server import MIGRATIONS
 from services.orchestrator.steps import Step, StepKind
-from services.orchestrator.store import QueueRow, RunStore
+from services.orchestrator.store import Lease, QueueRow, RunStore
 from services.orchestrator.team import AgentSpec, TeamSpec
 from shared.db import Database
 from shared.tenancy import TenantContext, tenant_scope
@@ -43,9 +43,12 @@ async def _tenant_queue_rows(db: Database) -> int:
         return (await conn.execute(select(func.count()).select_from(QueueRow.__table__))).scalar_one()
 
 
-async def _create(runs: RunStore, tenant_id: str, tier: str, key: str, *, run_input: str = "x", **more):
-    """StartRun's write of a run of TEAM (entry agent "a") for `tenant_id` by principal "p"."""
-    return await runs.create(
+async def _create(
+    runs: RunStore, tenant_id: str, tier: str, key: str, *, run_input: str = "x", method: str = "create", **more
+):
+    """StartRun's write of a run of TEAM (entry agent "a") for `tenant_id` by principal "p" (RunStore.create, or
+    RunStore.start with method="start")."""
+    return await getattr(runs, method)(
         team=TEAM,
         entry_agent="a",
         run_input=run_input,
@@ -184,3 +187,50 @@ async def test_a_concurrent_retry_queueing_the_run_first_leaves_it_queued(tmp_pa
         assert created and (await runs.get(run.run_id)).status == RunStatus.QUEUED
     assert [w.run_id for w in (await runs.waiting(now=100))[0]] == [run.run_id]
     await db.close()
+
+
+async def test_renew_many_renews_only_the_named_runs_of_the_owner(db):
+    """One transaction renews the leases of the runs named; each learns ok, cancel, gone or lost like renew()."""
+    runs = RunStore(db)
+    ctx = TenantContext(tenant_id=f"t_{uuid.uuid4().hex[:6]}", principal_id="p", scopes=frozenset({"*"}))
+    with tenant_scope(ctx):
+        made = [(await _create(runs, ctx.tenant_id, "pooled", ""))[0].run_id for _ in range(4)]
+    ok, flagged, taken, leftover = made
+    for run_id in made:
+        assert await runs.claim(run_id, "one", ttl=10, now=100) is not None
+    with tenant_scope(ctx):
+        await runs.update(flagged, status=RunStatus.RUNNING)
+        await runs.cancel(flagged)
+    assert await runs.claim(taken, "two", ttl=10, now=111) is not None  # expired: another replica took it
+    outcomes = await runs.renew_many([ok, flagged, taken, "r_gone"], "one", ttl=10, now=111)
+    assert outcomes == {ok: "ok", flagged: "cancel", taken: "lost", "r_gone": "gone"}
+    # The named runs of "one" hold their lease again; "leftover" (not named) was not renewed.
+    assert await runs.claim(ok, "two", ttl=10, now=115) is None
+    assert await runs.claim(taken, "one", ttl=10, now=115) is None
+    assert await runs.claim(leftover, "two", ttl=10, now=115) is not None
+
+
+@pytest.mark.parametrize("tier", TIERS)
+async def test_start_with_a_lease_starts_the_run_at_once_unless_it_must_wait(db, tier):
+    """A run started with a replica's lease is written RUNNING with its entry leased to that replica when fair
+    admission would pick it now; at the tenant's limit (or behind an older run) it is queued as without one."""
+    runs = RunStore(db)
+    tid = f"t_{tier}_{uuid.uuid4().hex[:6]}"
+    ctx = TenantContext(tenant_id=tid, principal_id="p", scopes=frozenset({"*"}), tier=tier)
+    lease = Lease("one", ttl=60, per_tenant_limit=1, free_slots=4)
+    with tenant_scope(ctx):
+        first, created, claim = await _create(runs, tid, tier, "k1", lease=lease, method="start")
+        assert created and claim is not None
+        assert (claim.run_id, claim.tenant_id, claim.tier) == (first.run_id, tid, tier)
+        assert first.status == RunStatus.RUNNING
+        assert (await runs.get(first.run_id)).status == RunStatus.RUNNING
+        # The same key again: the same run, no second claim.
+        again, created, claim = await _create(runs, tid, tier, "k1", lease=lease, method="start")
+        assert (again.run_id, created, claim) == (first.run_id, False, None)
+        # At the tenant's limit (1): queued, not leased.
+        second, created, claim = await _create(runs, tid, tier, "k2", lease=lease, method="start")
+        assert created and claim is None and second.status == RunStatus.QUEUED
+    now = first.created_at + 1
+    waiting, running = await runs.waiting(now=now)
+    assert [w.run_id for w in waiting] == [second.run_id] and running == {tid: 1}
+    assert await runs.claim(first.run_id, "two", ttl=10, now=now) is None  # held by "one"
