@@ -60,7 +60,7 @@ APPEND_BUDGET_S = 2.0
 a channel resends for an idempotent read such as GetSecret)."""
 _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.005, 0.1
 
-GATHER_TURNS = 8
+GATHER_TURNS = 16
 """At most this many more loop turns a batch waits for while the loop has other callbacks ready (see _drain)."""
 
 
