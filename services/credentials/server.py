@@ -6,6 +6,7 @@ import os
 import pathlib
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from bulkhead.credentials.v1 import credentials_pb2, credentials_pb2_grpc
 from services.credentials.audit import AuditLog
@@ -14,13 +15,10 @@ from services.credentials.key_manager import KeyManager
 from services.credentials.local_backend import LocalBackend
 from services.credentials.master_key import load_or_create_master_key
 from services.credentials.purge import CredentialsShredder
-from services.credentials.regional import RegionalVault, make_vault
 from services.credentials.rotation import RotationScheduler, RotatorRegistry
 from services.credentials.secret_manager import SecretManager
 from services.credentials.servicer import CredentialsServicer
 from services.credentials.store import CredentialsBase
-from services.credentials.vault_backend import VaultBackend
-from services.credentials.vault_move import VaultMover
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
 from shared.placement import open_service_database
@@ -30,6 +28,10 @@ from shared.security_events import SECURITY_EVENTS_METADATA
 from shared.server import Binding
 from shared.tls import TlsConfig
 from shared.tokens import TokenVerifier
+
+if TYPE_CHECKING:  # the vault backend's modules (hvac, requests) load only when it is configured
+    from services.credentials.regional import RegionalVault
+    from services.credentials.vault_backend import VaultBackend
 
 MIGRATIONS = pathlib.Path(__file__).resolve().parent / "migrations"
 """The credentials service's Alembic migrations."""
@@ -58,6 +60,8 @@ class CredentialsService(Service):
 def make_backend(config: Config, db: Database) -> LocalBackend | VaultBackend | RegionalVault:
     """The backend the configuration selects."""
     if config.backend == "vault":
+        from services.credentials.regional import make_vault
+
         return make_vault(config, db)  # an OpenBao per region when there are several (data residency)
     return LocalBackend(db, load_or_create_master_key(config.master_key_path))
 
@@ -104,12 +108,17 @@ async def serve_credentials(
             CredentialsServicer(secrets, keys, audit),
             credentials_pb2.DESCRIPTOR.services_by_name["CredentialsService"],
         )
+        movers = []
+        if not isinstance(backend, LocalBackend):
+            from services.credentials.vault_move import VaultMover
+
+            movers.append(VaultMover(backend))
         lifecycle = lifecycle_binding(
             "credentials",
             db,
             [CredentialsBase.metadata, SECURITY_EVENTS_METADATA],
             hooks=[CredentialsShredder(db, backend)],
-            movers=[] if isinstance(backend, LocalBackend) else [VaultMover(backend)],
+            movers=movers,
         )
         running = await serve_service(
             "credentials", db, binding, lifecycle, verifier=verifier, address=address, tls=up.tls

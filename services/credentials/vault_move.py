@@ -15,7 +15,7 @@ destroys the source, each with the service's admin token, never the tenant's.
   on a key about to be destroyed at the source), backed up (every version) and restored at the target
   under the same name, where it keeps decrypting every ciphertext ever made. The backup travels from one
   OpenBao to the other through this process's memory only.
-- Release: the source's key, values and policy are destroyed as a deletion destroys them (purge.py),
+- Release: the source's key, values and policy are destroyed as a deletion destroys them (vault_purge.py),
   and a silo namespace the tenant left is deleted.
 """
 
@@ -30,9 +30,9 @@ import logging
 import hvac.exceptions as vx
 
 from services.credentials.backend import TenantRef
-from services.credentials.purge import _kv_paths, _shred_vault
 from services.credentials.regional import RegionalVault
 from services.credentials.vault_backend import VaultBackend
+from services.credentials.vault_purge import kv_paths, shred_vault
 from shared.lifecycle import Placement, TableCount
 
 log = logging.getLogger("bulkhead.credentials.move")
@@ -85,7 +85,7 @@ class VaultMover:
             return []
         backend, ref, name = self._at(tenant_id, left)
         counts = await asyncio.to_thread(_inventory, backend, ref, name)
-        await asyncio.to_thread(_shred_vault, backend, ref)
+        await asyncio.to_thread(shred_vault, backend, ref)
         return [c for c in counts if c.rows]
 
 
@@ -109,8 +109,8 @@ def _copy(src: VaultBackend, src_ref: TenantRef, dst: VaultBackend, dst_ref: Ten
     dst.tokens.forget(dst_ref)  # its token is minted again against the restored key's policy
 
     kv, folder = layout.kv_mount, layout.prefix(src_ref) + "/"
-    paths = _kv_paths(s_admin, kv, folder)
-    for stale in set(_kv_paths(d_admin, kv, folder)) - set(paths):  # an earlier attempt's, since removed
+    paths = kv_paths(s_admin, kv, folder)
+    for stale in set(kv_paths(d_admin, kv, folder)) - set(paths):  # an earlier attempt's, since removed
         d_admin.secrets.kv.v2.delete_metadata_and_all_versions(stale, mount_point=kv)
     for path in paths:
         meta = s_admin.secrets.kv.v2.read_secret_metadata(path, mount_point=kv)["data"]
@@ -147,7 +147,7 @@ def _inventory(backend: VaultBackend, ref: TenantRef, store: str) -> list[TableC
     kv = layout.kv_mount
     rows: list[list] = []
     try:
-        paths = _kv_paths(admin, kv, layout.prefix(ref) + "/")
+        paths = kv_paths(admin, kv, layout.prefix(ref) + "/")
     except vx.Forbidden:  # no KV mount (yet) in a namespace being made
         paths = []
     for path in sorted(paths):
