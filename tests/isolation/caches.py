@@ -100,6 +100,7 @@ CACHES: dict[str, Entry] = {
     "services/metering/pricing.py::_by_model": Entry(PLATFORM, "the platform price table by model"),
     "services/metering/periods.py::_month_bounds()": Entry(PLATFORM, "UTC day -> month bounds"),
     "services/metering/store.py::_sqlite_usage_insert()": Entry(PLATFORM, "row count -> SQL text"),
+    "services/metering/store.py::_pg_json_insert()": Entry(PLATFORM, "the roll-up CTE to append -> SQL text"),
     "services/metering/rollup.py::_sqlite_upsert()": Entry(PLATFORM, "row count -> SQL text"),
     # orchestrator
     "services/orchestrator/dispatcher.py::_backlog": Entry(
@@ -145,6 +146,7 @@ CACHES: dict[str, Entry] = {
     "shared/scopes.py::_rules": Entry(PLATFORM, "method path -> AuthRule from the descriptors"),
     "shared/bounds.py::_plan()": Entry(PLATFORM, "message descriptor -> integer fields to check"),
     "shared/bounds.py::_reaches_wide()": Entry(PLATFORM, "message descriptor -> has wide integers"),
+    "shared/bounds.py::_scan_plan()": Entry(PLATFORM, "message descriptor -> how to read its checked fields"),
     "shared/db/raw.py::sqlite_sql()": Entry(PLATFORM, "SQL text -> its SQLite spelling"),
     "shared/db/session.py::_criteria()": Entry(
         TENANT, "tenant id -> the loader criteria naming that tenant", "tests/shared/db/test_session.py"
