@@ -10,13 +10,14 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-from typing import Any
-
-import httpx
+from typing import TYPE_CHECKING, Any
 
 from services.orchestrator.ports import SecretSource
 from services.orchestrator.ratelimit import RateLimiter
 from services.orchestrator.team import SECRET_REF, HttpToolSpec, host_allowed, host_of
+
+if TYPE_CHECKING:
+    import httpx
 
 log = logging.getLogger("bulkhead.orchestrator.http_tools")
 
@@ -38,8 +39,32 @@ class ToolResult:
 class HttpToolRunner:
     """Runs a team's HTTP tools for one tenant at a time (the tenant is passed per call)."""
 
-    def __init__(self, *, client: httpx.AsyncClient, limiter: RateLimiter, max_body_chars: int = 4000):
-        self._client, self._limiter, self._max_body = client, limiter, max_body_chars
+    def __init__(
+        self,
+        *,
+        limiter: RateLimiter,
+        client: httpx.AsyncClient | None = None,
+        timeout: float = 30.0,
+        max_body_chars: int = 4000,
+    ):
+        """client: the HTTP client to use; None makes one (timeout, no redirects, no proxy from the
+        environment) at the first tool call, so a replica whose teams call no HTTP tool never loads httpx
+        (a few MB of every idle orchestrator)."""
+        self._client, self._timeout, self._limiter, self._max_body = client, timeout, limiter, max_body_chars
+        self._owns_client = client is None
+
+    def _http(self) -> httpx.AsyncClient:
+        if self._client is None:
+            import httpx
+
+            self._client = httpx.AsyncClient(timeout=self._timeout, follow_redirects=False, trust_env=False)
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the client this runner made (a client it was given stays its owner's)."""
+        if self._owns_client and self._client is not None:
+            await self._client.aclose()
+            self._client = None
 
     async def call(
         self,
@@ -88,11 +113,13 @@ class HttpToolRunner:
             name: SECRET_REF.sub(lambda m: resolved[m.group(1)], template)
             for name, template in dict(tool.headers).items()
         }
+        import httpx  # loaded with the runner's client (see __init__)
+
         try:
             if tool.method == "GET":
-                resp = await self._client.get(tool.url, params=_query(tool_input), headers=headers)
+                resp = await self._http().get(tool.url, params=_query(tool_input), headers=headers)
             else:
-                resp = await self._client.post(tool.url, json=tool_input, headers=headers)
+                resp = await self._http().post(tool.url, json=tool_input, headers=headers)
         except httpx.TimeoutException:
             return ToolResult(f"tool {tool.name}: the upstream did not answer in time", True)
         except httpx.HTTPError:

@@ -8,8 +8,6 @@ import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import httpx
-
 from bulkhead.orchestrator.v1 import orchestrator_pb2, orchestrator_pb2_grpc
 from services.orchestrator.config import OrchestratorConfig
 from services.orchestrator.dispatcher import Dispatcher, DispatchSettings, StepFeed
@@ -75,14 +73,16 @@ async def start(
         db = up.closing(await open_service_database(svc, migrations=MIGRATIONS))  # every region's (data residency)
         state_ch = up.channel(peers.state, forward=True)
         identity_ch = up.channel(peers.identity, forward=True)
-        http = httpx.AsyncClient(timeout=config.tool_timeout, follow_redirects=False, trust_env=False)
+        http = HttpToolRunner(
+            timeout=config.tool_timeout, limiter=RateLimiter(config.tool_rate, int(config.tool_rate * 4) or 1)
+        )
         up.stack.push_async_callback(http.aclose)
         ports = Ports(
             log=StateStepLog(state_ch),
             model=InferenceModel(up.channel(peers.inference, forward=True)),
             context=StateContext(state_ch),
             secrets=SecretInjector(up.channel(peers.credentials, forward=True)),
-            http=HttpToolRunner(client=http, limiter=RateLimiter(config.tool_rate, int(config.tool_rate * 4) or 1)),
+            http=http,
         )
         engine = Engine(
             canary_key=canary_key or config.canary_key(), limits=Limits(max_steps_per_run=config.max_steps_per_run)

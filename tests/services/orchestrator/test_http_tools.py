@@ -114,3 +114,23 @@ async def test_unreachable_and_missing_secret_are_plain_errors(server):
         run_id="r",
     )
     assert res.text == "tool lookup: a credential it needs is not available"
+
+
+async def test_a_runner_without_a_client_makes_its_own_at_the_first_call_and_closes_it(server):
+    """The service's runner makes its client on first use (an orchestrator whose teams call no HTTP tool
+    never loads httpx); it refuses redirects like a given client, and aclose() closes what it made."""
+    r = HttpToolRunner(limiter=RateLimiter(100, 100), timeout=5)
+    assert r._client is None
+    res = await r.call(
+        tool(server.host, method="POST"),
+        {"q": 2},
+        allowed_hosts=(server.host,),
+        secrets=DictSecrets({"api": SECRET}),
+        tenant_id="t_a",
+        run_id="r",
+    )
+    assert not res.is_error and res.status == 200 and server.requests[0]["body"] == '{"q":2}'
+    made = r._client
+    assert made is not None and not made.follow_redirects and made.timeout.read == 5
+    await r.aclose()
+    assert made.is_closed and r._client is None
