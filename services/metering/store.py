@@ -322,28 +322,7 @@ async def insert_usage(
     """
     batch = records if isinstance(records, UsageBatch) else UsageBatch.from_records(records)
     principals = [p or default_principal for p in batch.principals]
-    if tx.dialect == "postgresql":
-        columns = [
-            batch.keys,
-            principals,
-            batch.agents,
-            batch.runs,
-            batch.traces,
-            batch.models,
-            batch.inputs,
-            batch.outputs,
-            batch.cache_writes,
-            batch.cache_reads,
-            batch.latencies_ms,
-            batch.outcomes,
-            batch.occurred_us,
-        ]
-        new_keys = await tx.fetchval(
-            _pg_json_insert(then), tenant_id, now_us, json.dumps(columns, separators=(",", ":"))
-        )
-        return set(new_keys or ())
-    new: set[str] = set()
-    rows_of = zip(
+    columns = [  # one list per column, in the order both inserts below read them
         batch.keys,
         principals,
         batch.agents,
@@ -357,8 +336,14 @@ async def insert_usage(
         batch.latencies_ms,
         batch.outcomes,
         batch.occurred_us,
-        strict=True,
-    )
+    ]
+    if tx.dialect == "postgresql":
+        new_keys = await tx.fetchval(
+            _pg_json_insert(then), tenant_id, now_us, json.dumps(columns, separators=(",", ":"))
+        )
+        return set(new_keys or ())
+    new: set[str] = set()
+    rows_of = zip(*columns, strict=True)
     while chunk := list(itertools.islice(rows_of, _SQLITE_ROWS_PER_INSERT)):
         args = [
             value
