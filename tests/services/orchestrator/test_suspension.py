@@ -85,7 +85,8 @@ async def test_suspended_tenants_run_pauses_and_finishes_after_resume(tier, mesh
         assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
         await _set_status(mesh, a, ipb.TENANT_STATUS_ACTIVE)
-        await asyncio.sleep(1.2)  # the verifiers learn the resume within one poll
+        await asyncio.sleep(1.2)  # the verifiers learn the resume within one poll (0.5 s here)...
+        await _accepted_again(mesh, a, run.run_id)  # ...or a little later on a loaded machine
         seen = await watch(mesh, a, run.run_id)
     finally:
         upstream.delay = 0.0
@@ -104,3 +105,16 @@ async def test_suspended_tenants_run_pauses_and_finishes_after_resume(tier, mesh
             break
         await asyncio.sleep(0.2)
     assert sum(r.event_count for r in rows) == 3
+
+
+async def _accepted_again(mesh, tenant, run_id: str, timeout: float = 5.0) -> None:
+    """Wait until the orchestrator's verifier has learnt of the resume (GetRun is no longer refused)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            await mesh.stub.GetRun(pb.GetRunRequest(run_id=run_id), metadata=tenant.metadata)
+            return
+        except grpc.aio.AioRpcError as refused:
+            assert refused.code() == grpc.StatusCode.PERMISSION_DENIED, refused.details()
+            assert time.monotonic() < deadline, "the resume did not reach the orchestrator's verifier"
+            await asyncio.sleep(0.1)
