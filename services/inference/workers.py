@@ -6,6 +6,8 @@ Light on purpose: the parent that runs the workers imports this and the config o
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import ctypes.util
 import gc
 import os
 import signal
@@ -132,6 +134,17 @@ def freeze_startup_heap() -> None:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    _release_free_heap()
+
+
+def _release_free_heap() -> None:
+    """Hand the heap pages start-up freed (migrations, import-time work) back to the OS: glibc keeps them
+    mapped otherwise, and they count in the process's RSS for as long as it runs."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        libc.malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to trim
+        pass
 
 
 def run_loop(main: Callable[[], Coroutine[Any, Any, Any]]) -> Any:

@@ -192,3 +192,59 @@ async def test_through_aiohttp_only_a_failed_connect_is_retry_safe(no_proxy_env)
         await server.wait_closed()
     assert (dropped.value.kind, dropped.value.retry_safe, dropped.value.status) == ("unavailable", False, 0)
     assert provider._http == "aiohttp"  # the transport these errors came through
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["sdk", "direct"])
+async def test_the_request_body_goes_upstream_as_given_with_the_sdks_headers(no_proxy_env, direct):
+    """A unary call sends the body field for field (one the SDK has no keyword for included) with the key, the
+    API version and the attempt reference as headers, on the SDK path as on the direct one."""
+    body = {
+        "model": PINNED,
+        "max_tokens": 20,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}],
+        "top_k": 3,
+        "metadata": {"user_id": "bh_opaque"},
+    }
+    async with FakeAnthropic() as fake:
+        provider = AnthropicProvider(base_url=fake.base_url, timeout=5.0, direct=direct)
+        token = providers.ATTEMPT_REF.set("att-1")
+        try:
+            assert (await provider.create(body, Target(api_key=PLATFORM_KEY)))["type"] == "message"
+        finally:
+            providers.ATTEMPT_REF.reset(token)
+            await provider.close()
+    (call,) = fake.calls
+    assert (call.method, call.path, call.body) == ("POST", "/v1/messages", body)
+    headers = {k.lower(): v for k, v in call.headers.items()}
+    assert headers["anthropic-version"] == providers.API_VERSION
+    assert PLATFORM_KEY in (headers.get("x-api-key", ""), headers.get("authorization", "").removeprefix("Bearer "))
+    assert headers["x-bulkhead-attempt"] == "att-1"
+
+
+@pytest.mark.parametrize("direct", [False, True], ids=["sdk", "direct"])
+@pytest.mark.parametrize("reply", [b"not json", b"[1, 2]"], ids=["not-json", "not-a-message"])
+async def test_a_successful_reply_that_is_no_message_is_an_upstream_failure(no_proxy_env, direct, reply):
+    """A 200 whose body is no JSON object is the upstream's fault (unavailable), named as such, on both paths."""
+    from services.inference.providers import UpstreamError
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        await reader.readexactly(next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")))
+        writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(reply), reply))
+        await writer.drain()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    provider = AnthropicProvider(
+        base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=5.0, direct=direct
+    )
+    body = {"model": PINNED, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    try:
+        with pytest.raises(UpstreamError) as failed:
+            await provider.create(body, Target(api_key=PLATFORM_KEY))
+    finally:
+        await provider.close()
+        server.close()
+        await server.wait_closed()
+    assert (failed.value.kind, failed.value.status) == ("unavailable", 200)
+    assert "not JSON" in failed.value.message or "not a message" in failed.value.message
