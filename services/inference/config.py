@@ -83,11 +83,13 @@ class InferenceConfig:
     workers: int = 1
     """Processes serving the one address (SO_REUSEPORT when more than one)."""
     upstream_transport: str = "sdk"
-    """How unary calls reach the upstream: "sdk" (the official anthropic SDK, the default: its
-    requests, errors and headers are the provider's own; sent through the SDK's aiohttp transport,
-    anthropic.DefaultAioHttpClient, when aiohttp is installed), "sdk-httpx" (the SDK on its default
-    httpx stack: about twice the CPU per call) or "direct" (upstream_http.UpstreamPool, less CPU
-    again; opt-in, since it bypasses the SDK)."""
+    """How unary calls reach the upstream: "sdk" (the default: the official anthropic SDK builds each
+    request and reads each reply, its requests, errors and headers the provider's own, carried on the
+    proxy's kept-alive pool through the SDK's http_client hook), "sdk-aiohttp" (the SDK on its aiohttp
+    transport, anthropic.DefaultAioHttpClient, when installed: about a quarter of a millisecond more per
+    call), "sdk-httpx" (the SDK on its default httpx stack: about twice the CPU per call) or "direct"
+    (upstream_http.UpstreamPool written by the proxy itself, less CPU again; opt-in, since it bypasses
+    the SDK). Streams and token counts always go through the SDK on its own transport."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> InferenceConfig:
@@ -125,7 +127,7 @@ class InferenceConfig:
         )
 
 
-TRANSPORTS = ("sdk", "sdk-httpx", "direct")
+TRANSPORTS = ("sdk", "sdk-aiohttp", "sdk-httpx", "direct")
 """The values of BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT."""
 
 SALT_FILE = "inference-user-id.salt"

@@ -4,15 +4,15 @@ A provider takes a Messages API request body (a dict) and returns the upstream's
 JSON-shaped dicts, so the proxy can return it field for field. Upstream failures become
 UpstreamError with a kind the servicer maps to a status. No grpc imports.
 
-Every call goes through the official SDK by default (unary calls as its own POST of the body's JSON
-bytes, read back raw, so no per-call models are built either way), imported on first use so an idle
-proxy does not carry it (about 50 MB).
-The SDK sends through its own aiohttp transport (anthropic.DefaultAioHttpClient, the
-`anthropic[aiohttp]` extra) when it is installed: about half the CPU per call of its default httpx
-stack (http="httpx", BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT=sdk-httpx, keeps that one). With
-direct=True (BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT=direct, opt-in) unary calls go through
-upstream_http.UpstreamPool instead: the request written and the reply read on kept-alive
-connections, less CPU again, at the price of bypassing the SDK's transport.
+Every call goes through the official SDK by default, imported on first use so an idle proxy does not
+carry it (about 50 MB). Unary calls are the SDK's own POST of the body's JSON bytes, read back raw (no
+per-call models), carried on the proxy's kept-alive pool (upstream_http.UpstreamPool, through the SDK's
+http_client hook: sdk_http.PoolTransport). Streams and token counts use the SDK's aiohttp transport
+(anthropic.DefaultAioHttpClient, the `anthropic[aiohttp]` extra) when it is installed, else its httpx
+stack. BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT picks another way for unary calls: sdk-aiohttp (the SDK's
+aiohttp transport for them too), sdk-httpx (the SDK's httpx stack for everything, about twice the CPU
+per call) or direct (opt-in: the proxy writes unary requests on the pool itself, bypassing the SDK, the
+least CPU). With an HTTP proxy configured only the SDK's own transports are used.
 """
 
 from __future__ import annotations
@@ -141,14 +141,18 @@ class Provider(Protocol):
 
 
 class _Upstream:
-    """What the provider keeps per key and endpoint: the lean pool for unary calls, the SDK client for the rest."""
+    """What the provider keeps per key and endpoint: the lean pool for unary calls (direct, or under the SDK),
+    the SDK client on its own transport for the rest."""
 
-    __slots__ = ("evicted", "head", "http", "in_flight", "pool", "sdk")
+    __slots__ = ("base_url", "evicted", "head", "http", "in_flight", "pool", "pooled_sdk", "sdk")
 
-    def __init__(self, http: Any, pool: UpstreamPool | None, head: bytes):
+    def __init__(self, base_url: str, http: Any, pool: UpstreamPool | None, head: bytes):
+        self.base_url = base_url
         self.http = http
         self.pool = pool
         self.sdk: anthropic.AsyncAnthropic | None = None
+        self.pooled_sdk: anthropic.AsyncAnthropic | None = None
+        """The SDK client whose transport is the pool (sdk_http.PoolTransport): unary calls by default."""
         self.head = head
         """The request line and headers every unary call to this key and endpoint starts with."""
         self.in_flight = 0
@@ -172,12 +176,7 @@ def _close_later(entry: _Upstream) -> None:
 
     async def close() -> None:
         try:
-            if entry.sdk is not None:
-                await entry.sdk.close()
-            elif entry.http is not None:
-                await entry.http.aclose()
-            if entry.pool is not None:
-                await entry.pool.close()
+            await _close_entry(entry)
         except Exception as exc:  # noqa: BLE001 - best effort: the connections go with the process anyway
             log.debug("closing an evicted upstream client failed: %s", type(exc).__name__)
 
@@ -190,9 +189,24 @@ _closing: set = set()
 """Background closes of evicted clients (kept referenced until done)."""
 
 
+async def _close_entry(entry: _Upstream) -> None:
+    """Close an entry's SDK clients and connection pool."""
+    if entry.sdk is not None:
+        await entry.sdk.close()
+    elif entry.http is not None:
+        await entry.http.aclose()
+    if entry.pooled_sdk is not None:
+        await entry.pooled_sdk.close()
+    if entry.pool is not None:
+        await entry.pool.close()
+
+
 class AnthropicProvider:
-    """Calls the Messages API with the official async SDK (its own retries off: the proxy decides);
-    unary calls on the proxy's own kept-alive connections instead when `direct`."""
+    """Calls the Messages API with the official async SDK (its own retries off: the proxy decides).
+
+    pooled: the SDK's unary calls travel on the proxy's kept-alive pool (sdk_http.PoolTransport), streams
+    and token counts on the SDK's own transport (`http`). direct: unary calls skip the SDK and are written
+    on that pool by the proxy itself."""
 
     name = ANTHROPIC
 
@@ -203,11 +217,13 @@ class AnthropicProvider:
         timeout: float = 600.0,
         max_clients: int = 256,
         direct: bool = False,
+        pooled: bool = False,
         http: str = "aiohttp",
     ):
         """http: the SDK's transport, "aiohttp" (when installed; else "httpx") or "httpx"."""
         self._base_url = base_url or None
         self._direct = direct
+        self._pooled = pooled
         self._http = "aiohttp" if http == "aiohttp" and upstream_http.aiohttp_available() else "httpx"
         self._timeout = timeout
         self._max_clients = max_clients
@@ -220,17 +236,18 @@ class AnthropicProvider:
         if entry is None:
             base_url = (target.base_url or self._base_url or DEFAULT_BASE_URL).rstrip("/")
             # With an HTTP proxy configured only the SDK's own transports reach the upstream.
-            pool = UpstreamPool(base_url, timeout=self._timeout) if self._direct and not proxies_configured() else None
-            # The SDK's HTTP client is made with its SDK client (_client); a direct pool may never need it.
+            lean = (self._direct or self._pooled) and not proxies_configured()
+            pool = UpstreamPool(base_url, timeout=self._timeout) if lean else None
+            # The SDK's HTTP client is made with its SDK client (_client); a pool may never need it.
             http = None if pool is not None else make_http_client(timeout=self._timeout, transport=self._http)
             head = b""
-            if pool is not None:
+            if pool is not None and self._direct:
                 head = pool.request_head("/v1/messages") + (
                     f"authorization: Bearer {target.api_key}\r\nanthropic-version: {API_VERSION}\r\n"
                     "content-type: application/json\r\naccept: application/json\r\n"
                     "user-agent: bulkhead-inference\r\n"
                 ).encode("latin-1")
-            entry = self._clients[target] = _Upstream(http, pool, head)
+            entry = self._clients[target] = _Upstream(base_url, http, pool, head)
             if len(self._clients) > self._max_clients:
                 _, old = self._clients.popitem(last=False)
                 # Closing would cut calls still using it: it closes when its last call ended.
@@ -246,18 +263,36 @@ class AnthropicProvider:
         if entry.sdk is None:
             if entry.http is None:
                 entry.http = make_http_client(timeout=self._timeout, transport=self._http)
-            # open_telemetry=False: no SDK span per call. The proxy's own span of the call (tenant, request
-            # id, model, provider) is the trace; the SDK's built its attributes on every call (about 0.4 ms
-            # of CPU with a recording tracer) and would send the trace context to the upstream.
-            entry.sdk = _sdk().AsyncAnthropic(
-                api_key=target.api_key,
-                base_url=target.base_url or self._base_url,
-                max_retries=0,
-                timeout=self._timeout,
-                http_client=entry.http,
-                open_telemetry=False,
-            )
+            entry.sdk = self._new_sdk(target, target.base_url or self._base_url, entry.http)
         return entry.sdk
+
+    def _pooled_client(self, target: Target, entry: _Upstream) -> anthropic.AsyncAnthropic:
+        """The SDK client of a key and endpoint whose transport is the entry's pool."""
+        if entry.pooled_sdk is None:
+            import httpx2
+
+            from services.inference.sdk_http import PoolTransport
+
+            assert entry.pool is not None, "a pooled SDK client needs the entry's pool"
+            # No redirects: the Messages API sends none, and a key must not follow one to another origin.
+            http = httpx2.AsyncClient(
+                transport=PoolTransport(entry.pool, entry.base_url), timeout=self._timeout, follow_redirects=False
+            )
+            entry.pooled_sdk = self._new_sdk(target, entry.base_url, http)
+        return entry.pooled_sdk
+
+    def _new_sdk(self, target: Target, base_url: str | None, http: Any) -> anthropic.AsyncAnthropic:
+        # open_telemetry=False: no SDK span per call. The proxy's own span of the call (tenant, request
+        # id, model, provider) is the trace; the SDK's built its attributes on every call (about 0.4 ms
+        # of CPU with a recording tracer) and would send the trace context to the upstream.
+        return _sdk().AsyncAnthropic(
+            api_key=target.api_key,
+            base_url=base_url,
+            max_retries=0,
+            timeout=self._timeout,
+            http_client=http,
+            open_telemetry=False,
+        )
 
     async def create(self, body: dict[str, Any], target: Target) -> dict[str, Any]:
         """One unary call; the reply exactly as the upstream sent it."""
@@ -269,10 +304,11 @@ class AnthropicProvider:
             raise UpstreamError("invalid", "the model's endpoint is not an http(s) URL") from None
         entry.enter()
         try:
-            if entry.pool is None:
-                await _load_sdk()
-                return await self._create_with_sdk(body, target)
-            return await self._create_direct(body, entry, target)
+            if entry.pool is not None and self._direct:
+                return await self._create_direct(body, entry, target)
+            await _load_sdk()
+            client = self._client(target) if entry.pool is None else self._pooled_client(target, entry)
+            return await self._create_with_sdk(body, client, target)
         finally:
             entry.leave()
 
@@ -294,7 +330,9 @@ class AnthropicProvider:
             raise _status_error(reply.status, _reply_error_message(reply), reply.headers, target)
         return _message(reply.body, reply.status)
 
-    async def _create_with_sdk(self, body: dict[str, Any], target: Target) -> dict[str, Any]:
+    async def _create_with_sdk(
+        self, body: dict[str, Any], client: anthropic.AsyncAnthropic, target: Target
+    ) -> dict[str, Any]:
         """The SDK's own POST of the Messages API, the body sent as the JSON bytes it already is.
 
         The SDK still builds the request (URL, key, version and client headers), sends it on its transport
@@ -309,7 +347,7 @@ class AnthropicProvider:
         # Lets a provider's (or the test fake's) billing records be matched to metered attempts.
         headers = {"x-bulkhead-attempt": ref} if ref else {}
         try:
-            reply = await self._client(target).post(
+            reply = await client.post(
                 "/v1/messages", cast_to=httpx2.Response, content=orjson.dumps(body), options={"headers": headers}
             )
         except anthropic.AnthropicError as exc:
@@ -371,12 +409,7 @@ class AnthropicProvider:
     async def close(self) -> None:
         """Close every client's connection pool."""
         for entry in self._clients.values():
-            if entry.sdk is not None:
-                await entry.sdk.close()
-            elif entry.http is not None:
-                await entry.http.aclose()
-            if entry.pool is not None:
-                await entry.pool.close()
+            await _close_entry(entry)
         self._clients.clear()
 
 
@@ -678,5 +711,6 @@ def make_provider(config: InferenceConfig) -> Provider:
         base_url=config.anthropic_base_url,
         timeout=config.upstream_timeout,
         direct=config.upstream_transport == "direct",
+        pooled=config.upstream_transport == "sdk",
         http="httpx" if config.upstream_transport == "sdk-httpx" else "aiohttp",
     )

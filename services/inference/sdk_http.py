@@ -1,4 +1,5 @@
-"""The SDK's HTTP stack with a cheap idle probe (upstream_http.make_http_client builds clients with it).
+"""The SDK's HTTP stack with a cheap idle probe (upstream_http.make_http_client builds clients with it), and
+PoolTransport, which carries the SDK's unary calls on the proxy's kept-alive pool.
 
 Imported on first use: an idle proxy does not carry httpx (3.6 MB). No grpc imports.
 """
@@ -12,7 +13,13 @@ from typing import Any
 import httpcore2
 import httpx2
 
-from services.inference.upstream_http import _readable
+from services.inference.upstream_http import (
+    UpstreamBroken,
+    UpstreamConnectError,
+    UpstreamPool,
+    UpstreamTimeout,
+    _readable,
+)
 
 CONNECTION_LIMITS = httpx2.Limits(max_connections=1000, max_keepalive_connections=100)
 """The SDK's default pool limits (anthropic.DEFAULT_CONNECTION_LIMITS), without importing the SDK."""
@@ -88,3 +95,54 @@ class ProbedTransport(httpx2.AsyncHTTPTransport):
         pool = self._pool
         self.backend = ProbedBackend(pool._network_backend)
         pool._network_backend = self.backend
+
+
+_DROPPED_REQUEST_HEADERS = frozenset(
+    {b"host", b"content-length", b"transfer-encoding", b"accept-encoding", b"connection"}
+)
+"""Request headers PoolTransport writes itself: the pool sets host and length, and only encodings it decodes."""
+
+_DROPPED_REPLY_HEADERS = frozenset({"content-encoding", "content-length", "transfer-encoding"})
+"""Reply headers that describe the bytes on the wire, which the pool has decoded already."""
+
+
+class PoolTransport(httpx2.AsyncBaseTransport):
+    """The SDK's unary requests carried on the proxy's kept-alive pool (upstream_http.UpstreamPool).
+
+    The SDK still builds every request (URL, key, version headers, body) and reads every reply (its
+    status errors, its raw response); this transport, the SDK's documented `http_client` hook, only
+    moves the bytes: about a quarter of a millisecond of CPU and of latency less per call than the
+    aiohttp stack. Pool failures become the httpx errors the SDK expects (a refused connect a
+    ConnectError, which is retry-safe). Only the pool's own origin is served, so no request (nor a
+    redirect) can carry the key elsewhere. Streams keep the SDK's transport: the pool reads whole replies.
+    """
+
+    def __init__(self, pool: UpstreamPool, base_url: str):
+        self.pool = pool
+        url = httpx2.URL(base_url)
+        self._origin = (url.scheme, url.host, url.port)
+
+    async def handle_async_request(self, request: httpx2.Request) -> httpx2.Response:
+        url = request.url
+        if (url.scheme, url.host, url.port) != self._origin:
+            raise httpx2.UnsupportedProtocol("this transport serves only its upstream's origin")
+        head = [b"%s %s HTTP/1.1\r\nhost: %s\r\n" % (request.method.encode(), url.raw_path, url.netloc)]
+        head.extend(
+            b"%s: %s\r\n" % (name, value)
+            for name, value in request.headers.raw
+            if name.lower() not in _DROPPED_REQUEST_HEADERS
+        )
+        head.append(b"accept-encoding: gzip, deflate\r\n")
+        try:
+            reply = await self.pool.post(b"".join(head), await request.aread())
+        except UpstreamConnectError as exc:
+            raise httpx2.ConnectError(str(exc), request=request) from None
+        except UpstreamTimeout as exc:
+            raise httpx2.ReadTimeout(str(exc), request=request) from None
+        except UpstreamBroken as exc:
+            raise httpx2.RemoteProtocolError(str(exc), request=request) from None
+        headers = [(k, v) for k, v in reply.headers.items() if k not in _DROPPED_REPLY_HEADERS]
+        return httpx2.Response(reply.status, headers=headers, content=reply.body, request=request)
+
+    async def aclose(self) -> None:
+        await self.pool.close()

@@ -194,8 +194,12 @@ async def test_through_aiohttp_only_a_failed_connect_is_retry_safe(no_proxy_env)
     assert provider._http == "aiohttp"  # the transport these errors came through
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["sdk", "direct"])
-async def test_the_request_body_goes_upstream_as_given_with_the_sdks_headers(no_proxy_env, direct):
+WAYS = {"sdk-aiohttp": {}, "sdk-pooled": {"pooled": True}, "direct": {"direct": True}}
+"""The provider's ways of making a unary call (AnthropicProvider keyword arguments)."""
+
+
+@pytest.mark.parametrize("way", WAYS)
+async def test_the_request_body_goes_upstream_as_given_with_the_sdks_headers(no_proxy_env, way):
     """A unary call sends the body field for field (one the SDK has no keyword for included) with the key, the
     API version and the attempt reference as headers, on the SDK path as on the direct one."""
     body = {
@@ -206,7 +210,7 @@ async def test_the_request_body_goes_upstream_as_given_with_the_sdks_headers(no_
         "metadata": {"user_id": "bh_opaque"},
     }
     async with FakeAnthropic() as fake:
-        provider = AnthropicProvider(base_url=fake.base_url, timeout=5.0, direct=direct)
+        provider = AnthropicProvider(base_url=fake.base_url, timeout=5.0, **WAYS[way])
         token = providers.ATTEMPT_REF.set("att-1")
         try:
             assert (await provider.create(body, Target(api_key=PLATFORM_KEY)))["type"] == "message"
@@ -221,9 +225,9 @@ async def test_the_request_body_goes_upstream_as_given_with_the_sdks_headers(no_
     assert headers["x-bulkhead-attempt"] == "att-1"
 
 
-@pytest.mark.parametrize("direct", [False, True], ids=["sdk", "direct"])
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("reply", [b"not json", b"[1, 2]"], ids=["not-json", "not-a-message"])
-async def test_a_successful_reply_that_is_no_message_is_an_upstream_failure(no_proxy_env, direct, reply):
+async def test_a_successful_reply_that_is_no_message_is_an_upstream_failure(no_proxy_env, way, reply):
     """A 200 whose body is no JSON object is the upstream's fault (unavailable), named as such, on both paths."""
     from services.inference.providers import UpstreamError
 
@@ -236,7 +240,7 @@ async def test_a_successful_reply_that_is_no_message_is_an_upstream_failure(no_p
 
     server = await asyncio.start_server(answer, "127.0.0.1", 0)
     provider = AnthropicProvider(
-        base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=5.0, direct=direct
+        base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=5.0, **WAYS[way]
     )
     body = {"model": PINNED, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
     try:
@@ -248,3 +252,95 @@ async def test_a_successful_reply_that_is_no_message_is_an_upstream_failure(no_p
         await server.wait_closed()
     assert (failed.value.kind, failed.value.status) == ("unavailable", 200)
     assert "not JSON" in failed.value.message or "not a message" in failed.value.message
+
+
+async def test_through_the_pool_the_sdks_errors_and_retry_safety_hold(no_proxy_env):
+    """The SDK on the pool: a refused connect is retry-safe, a connection dropped after the request was read
+    is not, an HTTP error reply is the SDK's status error (its retry-after read), a gzip reply is decoded."""
+    import gzip
+
+    from services.inference.providers import UpstreamError
+
+    body = {"model": PINNED, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+    closed = socket.socket()
+    closed.bind(("127.0.0.1", 0))
+    port = closed.getsockname()[1]
+    closed.close()
+    provider = AnthropicProvider(base_url=f"http://127.0.0.1:{port}", timeout=5.0, pooled=True)
+    with pytest.raises(UpstreamError) as refused:
+        await provider.create(body, Target(api_key=PLATFORM_KEY))
+    await provider.close()
+    assert (refused.value.kind, refused.value.retry_safe) == ("unavailable", True)
+
+    replies = [
+        None,  # drop the connection once the request is read
+        b"HTTP/1.1 429 Too Many Requests\r\nretry-after: 7\r\ncontent-length: 2\r\n\r\n{}",
+        b"HTTP/1.1 200 OK\r\ncontent-encoding: gzip\r\ncontent-length: %d\r\n\r\n%s"
+        % (len(gzip.compress(b'{"type": "message"}')), gzip.compress(b'{"type": "message"}')),
+    ]
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        lines = head.lower().split(b"\r\n")
+        await reader.readexactly(next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")))
+        reply = replies.pop(0)
+        if reply is None:
+            writer.transport.abort()
+            return
+        writer.write(reply)
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0)
+    provider = AnthropicProvider(
+        base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=5.0, pooled=True
+    )
+    try:
+        with pytest.raises(UpstreamError) as dropped:
+            await provider.create(body, Target(api_key=PLATFORM_KEY))
+        with pytest.raises(UpstreamError) as limited:
+            await provider.create(body, Target(api_key=PLATFORM_KEY))
+        assert await provider.create(body, Target(api_key=PLATFORM_KEY)) == {"type": "message"}
+    finally:
+        await provider.close()
+        server.close()
+        await server.wait_closed()
+    assert (dropped.value.kind, dropped.value.retry_safe, dropped.value.status) == ("unavailable", False, 0)
+    assert (limited.value.kind, limited.value.status, limited.value.retry_after) == ("rate_limited", 429, 7.0)
+
+
+async def test_the_pool_transport_serves_only_its_own_origin():
+    """A request for any other origin (a redirect's, another base URL's) is refused before a byte is sent."""
+    from services.inference.sdk_http import PoolTransport
+    from services.inference.upstream_http import UpstreamPool
+
+    pool = UpstreamPool("http://127.0.0.1:9", timeout=1.0)
+    transport = PoolTransport(pool, "http://127.0.0.1:9")
+    for url in ("http://127.0.0.1:10/v1/messages", "https://127.0.0.1:9/v1/messages", "http://evil.test:9/v1"):
+        with pytest.raises(httpx2.UnsupportedProtocol):
+            await transport.handle_async_request(httpx2.Request("POST", url, content=b"{}"))
+    assert pool.connections == 0
+    await transport.aclose()
+
+
+async def test_an_evicted_pooled_client_closes_its_pool_once_its_last_call_ended(no_proxy_env):
+    """Evicting a key's entry while its pooled SDK call runs: the call finishes, then the pool's connections close."""
+    async with FakeAnthropic(delay=0.3) as fake:
+        provider = AnthropicProvider(base_url=fake.base_url, timeout=5.0, max_clients=1, pooled=True)
+        body = {"model": PINNED, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
+        slow = asyncio.create_task(provider.create(body, Target(api_key="sk-a")))
+        await asyncio.sleep(0.1)
+        first = provider._upstream(Target(api_key="sk-a"))
+        other = asyncio.create_task(provider.create(body, Target(api_key="sk-b")))  # evicts sk-a's entry
+        await asyncio.sleep(0.05)
+        assert first.evicted and not slow.done()
+        assert (await slow)["type"] == "message"
+        assert (await other)["type"] == "message"
+        for _ in range(50):
+            if first.pooled_sdk is not None and first.pooled_sdk.is_closed():
+                break
+            await asyncio.sleep(0.01)
+        assert first.pooled_sdk is not None and first.pooled_sdk.is_closed()
+        assert not first.pool._idle  # its kept-alive connection was closed with it
+        await provider.close()
+    assert [c.api_key for c in fake.usage_log] == ["sk-a", "sk-b"]
