@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
+from collections.abc import AsyncIterator
+from typing import Any
 
 import anthropic
 import httpx2
@@ -28,6 +31,26 @@ def no_proxy_env(monkeypatch):
     """No HTTP proxy configured in the environment."""
     for name in _PROXY_VARS:
         monkeypatch.delenv(name, raising=False)
+
+
+@contextlib.asynccontextmanager
+async def _provider_on(handler: Any, **ways: Any) -> AsyncIterator[AnthropicProvider]:
+    """A provider whose upstream is handler, served by a raw asyncio server on loopback; both closed after."""
+    server = await asyncio.start_server(handler, "127.0.0.1", 0)
+    base_url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+    provider = AnthropicProvider(base_url=base_url, timeout=5.0, **ways)
+    try:
+        yield provider
+    finally:
+        await provider.close()
+        server.close()
+        await server.wait_closed()
+
+
+async def _read_request(reader: asyncio.StreamReader) -> None:
+    """Read one whole request (head and content-length body)."""
+    lines = (await reader.readuntil(b"\r\n\r\n")).lower().split(b"\r\n")
+    await reader.readexactly(next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")))
 
 
 def test_probe_reports_data_or_close_on_an_idle_socket():
@@ -181,15 +204,9 @@ async def test_through_aiohttp_only_a_failed_connect_is_retry_safe(no_proxy_env)
         await reader.readuntil(b"\r\n\r\n")
         writer.transport.abort()
 
-    server = await asyncio.start_server(read_then_drop, "127.0.0.1", 0)
-    provider = AnthropicProvider(base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=5.0)
-    try:
+    async with _provider_on(read_then_drop) as provider:
         with pytest.raises(UpstreamError) as dropped:
             await provider.create(body, Target(api_key=PLATFORM_KEY))
-    finally:
-        await provider.close()
-        server.close()
-        await server.wait_closed()
     assert (dropped.value.kind, dropped.value.retry_safe, dropped.value.status) == ("unavailable", False, 0)
     assert provider._http == "aiohttp"  # the transport these errors came through
 
@@ -232,24 +249,14 @@ async def test_a_successful_reply_that_is_no_message_is_an_upstream_failure(no_p
     from services.inference.providers import UpstreamError
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.lower().split(b"\r\n")
-        await reader.readexactly(next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")))
+        await _read_request(reader)
         writer.write(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n%s" % (len(reply), reply))
         await writer.drain()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    provider = AnthropicProvider(
-        base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=5.0, **WAYS[way]
-    )
     body = {"model": PINNED, "max_tokens": 20, "messages": [{"role": "user", "content": "hi"}]}
-    try:
+    async with _provider_on(answer, **WAYS[way]) as provider:
         with pytest.raises(UpstreamError) as failed:
             await provider.create(body, Target(api_key=PLATFORM_KEY))
-    finally:
-        await provider.close()
-        server.close()
-        await server.wait_closed()
     assert (failed.value.kind, failed.value.status) == ("unavailable", 200)
     assert "not JSON" in failed.value.message or "not a message" in failed.value.message
 
@@ -280,9 +287,7 @@ async def test_through_the_pool_the_sdks_errors_and_retry_safety_hold(no_proxy_e
     ]
 
     async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        head = await reader.readuntil(b"\r\n\r\n")
-        lines = head.lower().split(b"\r\n")
-        await reader.readexactly(next(int(line.split(b":")[1]) for line in lines if line.startswith(b"content-length")))
+        await _read_request(reader)
         reply = replies.pop(0)
         if reply is None:
             writer.transport.abort()
@@ -291,20 +296,12 @@ async def test_through_the_pool_the_sdks_errors_and_retry_safety_hold(no_proxy_e
         await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(answer, "127.0.0.1", 0)
-    provider = AnthropicProvider(
-        base_url=f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}", timeout=5.0, pooled=True
-    )
-    try:
+    async with _provider_on(answer, pooled=True) as provider:
         with pytest.raises(UpstreamError) as dropped:
             await provider.create(body, Target(api_key=PLATFORM_KEY))
         with pytest.raises(UpstreamError) as limited:
             await provider.create(body, Target(api_key=PLATFORM_KEY))
         assert await provider.create(body, Target(api_key=PLATFORM_KEY)) == {"type": "message"}
-    finally:
-        await provider.close()
-        server.close()
-        await server.wait_closed()
     assert (dropped.value.kind, dropped.value.retry_safe, dropped.value.status) == ("unavailable", False, 0)
     assert (limited.value.kind, limited.value.status, limited.value.retry_after) == ("rate_limited", 429, 7.0)
 
