@@ -98,8 +98,7 @@ async def test_database_crash_and_restart_mid_burst_leaves_the_ledger_equal_to_t
                     burst = Burst(bh)
                     workers = [asyncio.create_task(burst.worker()) for _ in range(WORKERS)]
                     workers += [asyncio.create_task(burst.runs_worker()) for _ in range(2)]
-                    await asyncio.sleep(3)
-                    in_flight = len(fake.calls) - len(fake.usage_log)
+                    in_flight = await burst.under_way(fake)
                     pg.crash()
                     await asyncio.sleep(3)
                     pg.start()

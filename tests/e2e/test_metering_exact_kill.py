@@ -117,6 +117,17 @@ class Burst:
             await asyncio.sleep(0.5)
         return dict(collections.Counter(done.get(r, "not finished") for r in self.runs))
 
+    async def under_way(self, fake: FakeAnthropic) -> int:
+        """Wait at least 3 s, and until the burst is really under way (a proxy's first call loads the SDK,
+        which takes seconds on a loaded machine); the upstream calls in flight then."""
+        under_way_by = time.monotonic() + 30
+        await asyncio.sleep(3)
+        while self.served < 10 or len(fake.calls) == len(fake.usage_log):
+            if time.monotonic() > under_way_by:
+                break
+            await asyncio.sleep(0.2)
+        return len(fake.calls) - len(fake.usage_log)
+
     async def worker(self, *, stream: bool = False) -> None:
         """Unary calls, or streams read to their end: a stream the kill cuts is an attempt like any other."""
         while not self.stop.is_set():
@@ -326,15 +337,7 @@ async def test_kill_9_mid_burst_leaves_the_ledger_equal_to_the_bill(postgres, tm
                 workers = [asyncio.create_task(burst.worker()) for _ in range(WORKERS - STREAMERS)]
                 workers += [asyncio.create_task(burst.worker(stream=True)) for _ in range(STREAMERS)]
                 workers += [asyncio.create_task(burst.runs_worker()) for _ in range(2)]
-                # At least 3 s, and until the burst is really under way: a proxy's first call loads the
-                # SDK, which takes seconds on a loaded machine.
-                under_way_by = time.monotonic() + 30
-                await asyncio.sleep(3)
-                while burst.served < 10 or len(fake.calls) == len(fake.usage_log):
-                    if time.monotonic() > under_way_by:
-                        break
-                    await asyncio.sleep(0.2)
-                in_flight = len(fake.calls) - len(fake.usage_log)
+                in_flight = await burst.under_way(fake)
                 pid = replica_pids(mesh)[victim]
                 watching, samples = asyncio.Event(), []
                 monitor = asyncio.create_task(_held_over_time(bh, urls.owner_url, tenant_id, pid, watching, samples))
