@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from services.metering import oneshot
 from services.metering.pricing import TOKENS_PER_PRICE_UNIT, Price, Tokens
 from services.metering.quotas import MICRO_USD, TOKENS, BudgetSpec
 from shared.db.raw import RawTransaction
@@ -222,6 +223,69 @@ async def place_hold(tx: RawTransaction, tenant_id: str, hold: NewHold, units: t
     return Placed(states, refused)
 
 
+OVER_BUDGET = "metering: over budget"
+"""The message metering_reserve (migration 0008) refuses a hold with; its detail names the unit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """What metering_reserve did: placed the new hold, or found the key's existing one."""
+
+    existing_id: str | None
+    """The reservation that already had the idempotency key (None: the new hold was placed)."""
+    tokens_held: int
+    """Tokens it holds."""
+    micros_held: int
+    """Micro-USD it holds."""
+    expires_us: int
+    """When it expires."""
+    over_budget: bool
+    """It passed a soft budget."""
+
+
+async def reserve_in_one_trip(
+    db, tenant_id: str, hold: NewHold, units: tuple[UnitHold, UnitHold], soft: tuple[int | None, int | None]
+) -> Reserved | str:
+    """Postgres: a keyed reservation's existing hold, else place `hold` as place_hold does and flag it when a
+    counter passed its soft limit (`soft`: tokens, micro_usd), all in one round trip and one transaction.
+
+    Returns the refused unit (nothing changed) when a hard limit cannot hold it. Raises one of
+    DUPLICATE_KEY when a concurrent reservation took the idempotency key first.
+    """
+    tok, mic = units
+    if (tok.unit, mic.unit) != (TOKENS, MICRO_USD):
+        raise ValueError("counters are locked tokens first, then micro_usd")
+    try:
+        rows = await oneshot.call(
+            db,
+            "metering_reserve",
+            tenant_id,
+            tok.period_us,
+            tok.amount,
+            tok.hard_limit,
+            soft[0],
+            mic.period_us,
+            mic.amount,
+            mic.hard_limit,
+            soft[1],
+            hold.hold_id,
+            hold.kind,
+            hold.model,
+            hold.idempotency_key,
+            hold.priced_at_us,
+            *hold.rates,
+            hold.created_us,
+            hold.expires_us,
+            hold.holder,
+        )
+    except asyncpg.RaiseError as exc:
+        if exc.args[:1] == (OVER_BUDGET,) and exc.detail in (TOKENS, MICRO_USD):
+            return exc.detail
+        raise
+    existing, tokens, micros, expires, over = rows[0]
+    return Reserved(existing, int(tokens), int(micros), int(expires), bool(over))
+
+
 async def flag_over_budget(tx: RawTransaction, tenant_id: str, hold_id: str) -> None:
     """Mark a hold as one that passed a soft budget (rare: only soft budgets can be passed)."""
     await tx.execute(_FLAG_OVER_BUDGET, tenant_id, hold_id)
@@ -369,6 +433,19 @@ async def settle(
     if row is None:
         return None
     return Settled(int(row[0]), int(row[1]), int(row[4]), int(row[5]))
+
+
+async def settle_in_one_trip(
+    db, tenant_id: str, hold_id: str, kind: str, new_state: str, spent: Tokens, now_us: int
+) -> Settled | None:
+    """Postgres: settle() in one round trip and one transaction (metering_settle, migration 0008)."""
+    rows = await oneshot.call(
+        db, "metering_settle", tenant_id, hold_id, kind, new_state, now_us, *spent.parts(), spent.total
+    )
+    if not rows:
+        return None
+    tokens_held, micros_held, charged_tokens, charged_micros = rows[0]
+    return Settled(int(tokens_held), int(micros_held), int(charged_tokens), int(charged_micros))
 
 
 async def move_counters(tx: RawTransaction, tenant_id: str, moves: Sequence[tuple[str, int, int, int]]) -> None:

@@ -165,6 +165,8 @@ class BudgetLedger:
         # SQLite cannot upgrade a reading transaction to a writing one while another writer is
         # active ("database is locked"); the embedded single-process deployment queues them here.
         self._sqlite_writes = asyncio.Lock() if db.dialect == "sqlite" else None
+        # Postgres reserves and settles through migration 0008's functions: one round trip each, no BEGIN/COMMIT.
+        self._one_trip = db.dialect == "postgresql"
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator:
@@ -284,6 +286,13 @@ class BudgetLedger:
     async def _reserve_once(
         self, tenant_id: str, model: str, amounts: Amounts, price: Price | None, ttl: int, key: str
     ) -> Reservation:
+        if self._one_trip:
+            return await self._reserve_in_one_trip(tenant_id, model, amounts, price, ttl, key)
+        return await self._reserve_in_transaction(tenant_id, model, amounts, price, ttl, key)
+
+    async def _reserve_in_transaction(
+        self, tenant_id: str, model: str, amounts: Amounts, price: Price | None, ttl: int, key: str
+    ) -> Reservation:
         now = self._clock()
         async with self._write() as tx:
             if key and (found := await budget_sql.hold_by_key(tx, tenant_id, key)) is not None:
@@ -313,6 +322,38 @@ class BudgetLedger:
                 tx, tenant_id, hold, specs, _unit_holds(specs, _period_starts(specs, now), amounts), _OverBudget
             )
         return Reservation(hold.hold_id, amounts, hold.expires_us, over_budget)
+
+    async def _reserve_in_one_trip(
+        self, tenant_id: str, model: str, amounts: Amounts, price: Price | None, ttl: int, key: str
+    ) -> Reservation:
+        """Postgres: _reserve_once's transaction as one statement, outside BEGIN/COMMIT (one round trip)."""
+        hit, specs = self._specs.lookup(tenant_id)
+        if not hit or specs is None:
+            async with self._db.raw() as tx:
+                specs = await self._budget_specs(tx, tenant_id)
+        if MICRO_USD in specs and price is None:  # refused unless the key names an existing reservation
+            return await self._reserve_in_transaction(tenant_id, model, amounts, price, ttl, key)
+        now = self._clock()
+        hold = NewHold(
+            hold_id="res_" + secrets.token_urlsafe(16),
+            kind=RESERVATION,
+            model=model,
+            idempotency_key=key or None,
+            priced_at_us=price.effective_us if price else 0,
+            rates=_rates(price),
+            created_us=now,
+            expires_us=now + ttl * periods.US_PER_SECOND,
+        )
+        units = _unit_holds(specs, _period_starts(specs, now), amounts)
+        soft = tuple(spec.limit if (spec := specs.get(u)) is not None and not spec.hard else None for u in UNITS)
+        done = await budget_sql.reserve_in_one_trip(self._db, tenant_id, hold, units, (soft[0], soft[1]))
+        if isinstance(done, str):
+            raise _OverBudget(specs[done], next(u.amount for u in units if u.unit == done))
+        if done.existing_id is not None:
+            return Reservation(
+                done.existing_id, Amounts(done.tokens_held, done.micros_held), done.expires_us, done.over_budget
+            )
+        return Reservation(hold.hold_id, amounts, hold.expires_us, done.over_budget)
 
     @staticmethod
     async def _place(
@@ -378,11 +419,20 @@ class BudgetLedger:
             )
         _check_counts(spent, field)
         tenant_id = require_tenant().tenant_id
-        async with self._write() as tx:
-            # The common case in one statement: claim the open hold, price its spend, move its counters.
-            done = await budget_sql.settle(tx, tenant_id, hold_id, kind, new_state, spent, self._clock())
+        if self._one_trip:
+            # The common case in one round trip: claim the open hold, price its spend, move its counters.
+            done = await budget_sql.settle_in_one_trip(
+                self._db, tenant_id, hold_id, kind, new_state, spent, self._clock()
+            )
             if done is None:
-                return await self._why_not_settled(tx, tenant_id, hold_id, kind, spent, new_state, what, field)
+                async with self._db.raw() as tx:
+                    return await self._why_not_settled(tx, tenant_id, hold_id, kind, spent, new_state, what, field)
+        else:
+            async with self._write() as tx:
+                # The common case in one statement: claim the open hold, price its spend, move its counters.
+                done = await budget_sql.settle(tx, tenant_id, hold_id, kind, new_state, spent, self._clock())
+                if done is None:
+                    return await self._why_not_settled(tx, tenant_id, hold_id, kind, spent, new_state, what, field)
         charged = Amounts(done.charged_tokens, done.charged_micros)
         return Settlement(charged, Amounts(done.tokens_held - charged.tokens, done.micros_held - charged.micro_usd))
 
