@@ -286,6 +286,52 @@ async def reserve_in_one_trip(
     return Reserved(existing, int(tokens), int(micros), int(expires), bool(over))
 
 
+async def reserve_many(
+    db, tenant_id: str, holds: Sequence[tuple[NewHold, tuple[UnitHold, UnitHold], tuple[int | None, int | None]]]
+) -> list[Reserved]:
+    """Postgres: many key-less reservations of one tenant, with the same counters, limits and soft limits, placed in
+    turn as reserve_in_one_trip places one, in one round trip and one transaction (metering_reserve_many).
+
+    Raises when any is refused (nothing changed then: the caller places each alone).
+    """
+    (tok, mic), soft = holds[0][1], holds[0][2]
+    if (tok.unit, mic.unit) != (TOKENS, MICRO_USD):
+        raise ValueError("counters are locked tokens first, then micro_usd")
+    shared = (tok.period_us, tok.hard_limit, mic.period_us, mic.hard_limit, soft)
+    if any(
+        h.idempotency_key is not None
+        or h.kind != "reservation"
+        or (t.period_us, t.hard_limit, m.period_us, m.hard_limit, s) != shared
+        for h, (t, m), s in holds
+    ):
+        raise ValueError("a group of reservations shares its counters and limits, and has no keys")
+    rows = await oneshot.call(
+        db,
+        "metering_reserve_many",
+        tenant_id,
+        tok.period_us,
+        tok.hard_limit,
+        soft[0],
+        mic.period_us,
+        mic.hard_limit,
+        soft[1],
+        [units[0].amount for _, units, _ in holds],
+        [units[1].amount for _, units, _ in holds],
+        [h.hold_id for h, _, _ in holds],
+        [h.model for h, _, _ in holds],
+        [h.priced_at_us for h, _, _ in holds],
+        *([h.rates[k] for h, _, _ in holds] for k in range(4)),
+        [h.created_us for h, _, _ in holds],
+        [h.expires_us for h, _, _ in holds],
+    )
+    if len(rows) != len(holds):
+        raise RuntimeError("metering_reserve_many answered for a different number of reservations")
+    return [
+        Reserved(None, units[0].amount, units[1].amount, h.expires_us, bool(row[0]))
+        for (h, units, _), row in zip(holds, rows, strict=True)
+    ]
+
+
 async def flag_over_budget(tx: RawTransaction, tenant_id: str, hold_id: str) -> None:
     """Mark a hold as one that passed a soft budget (rare: only soft budgets can be passed)."""
     await tx.execute(_FLAG_OVER_BUDGET, tenant_id, hold_id)
@@ -446,6 +492,28 @@ async def settle_in_one_trip(
         return None
     tokens_held, micros_held, charged_tokens, charged_micros = rows[0]
     return Settled(int(tokens_held), int(micros_held), int(charged_tokens), int(charged_micros))
+
+
+async def settle_many(
+    db, tenant_id: str, kind: str, settles: Sequence[tuple[str, str, Tokens, int]]
+) -> dict[str, Settled]:
+    """Postgres: settle_in_one_trip for many (hold id, new state, spent, now) of one tenant and kind, distinct hold
+    ids, in one round trip and one transaction (metering_settle_many). The holds taken, by id; the others changed
+    nothing (get_hold says why)."""
+    if len({hold_id for hold_id, _, _, _ in settles}) != len(settles):
+        raise ValueError("a hold is settled at most once per call")
+    rows = await oneshot.call(
+        db,
+        "metering_settle_many",
+        tenant_id,
+        kind,
+        [hold_id for hold_id, _, _, _ in settles],
+        [state for _, state, _, _ in settles],
+        [now for _, _, _, now in settles],
+        *([spent.parts()[k] for _, _, spent, _ in settles] for k in range(4)),
+        [spent.total for _, _, spent, _ in settles],
+    )
+    return {row[0]: Settled(int(row[1]), int(row[2]), int(row[3]), int(row[4])) for row in rows}
 
 
 async def move_counters(tx: RawTransaction, tenant_id: str, moves: Sequence[tuple[str, int, int, int]]) -> None:

@@ -23,10 +23,11 @@ import contextlib
 import secrets
 import string
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from services.metering import budget_sql, periods, store
 from services.metering.budget_sql import CounterState, NewHold, UnitHold
+from services.metering.group import GroupCommit
 from services.metering.prices import PriceCache
 from services.metering.pricing import MAX_TOKENS, TOKENS_PER_PRICE_UNIT, Price, Tokens, count_problems, tokens_problems
 from services.metering.quotas import (
@@ -74,6 +75,10 @@ MAX_HOLDER = 200
 _HOLDER_CHARS = frozenset(string.printable) - frozenset(string.whitespace) | {" "}
 
 Specs = dict[str, BudgetSpec]
+_ReserveItem = tuple[str, NewHold, tuple[UnitHold, UnitHold], tuple[int | None, int | None]]
+"""A reservation to place: (tenant, hold, its counter moves, the soft limits of tokens and micro_usd)."""
+_SettleItem = tuple[str, str, str, str, Tokens, int]
+"""A hold to settle: (tenant, hold id, kind, new state, spent, now)."""
 
 
 def budget_spec_cache(
@@ -165,8 +170,15 @@ class BudgetLedger:
         # SQLite cannot upgrade a reading transaction to a writing one while another writer is
         # active ("database is locked"); the embedded single-process deployment queues them here.
         self._sqlite_writes = asyncio.Lock() if db.dialect == "sqlite" else None
-        # Postgres reserves and settles through migration 0008's functions: one round trip each, no BEGIN/COMMIT.
+        # Postgres reserves and settles through migration 0008's functions: one round trip each, no BEGIN/COMMIT,
+        # and those of one tenant that arrive while one is in flight share the next round trip (group commit).
         self._one_trip = db.dialect == "postgresql"
+        self._reserving: GroupCommit[_ReserveItem, budget_sql.Reserved | str] = GroupCommit(
+            self._reserve_one, self._reserve_many
+        )
+        self._settling: GroupCommit[_SettleItem, budget_sql.Settled | None] = GroupCommit(
+            self._settle_one, self._settle_many
+        )
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator:
@@ -345,8 +357,14 @@ class BudgetLedger:
             expires_us=now + ttl * periods.US_PER_SECOND,
         )
         units = _unit_holds(specs, _period_starts(specs, now), amounts)
-        soft = tuple(spec.limit if (spec := specs.get(u)) is not None and not spec.hard else None for u in UNITS)
-        done = await budget_sql.reserve_in_one_trip(self._db, tenant_id, hold, units, (soft[0], soft[1]))
+        tok_soft, mic_soft = (s.limit if (s := specs.get(u)) is not None and not s.hard else None for u in UNITS)
+        item = (tenant_id, hold, units, (tok_soft, mic_soft))
+        if key:  # a keyed one goes alone (its key is looked up first)
+            done = await self._reserve_one(item)
+        else:  # those sharing a tenant, its counters and its limits may share a round trip
+            tok, mic = units
+            group = (tenant_id, require_tenant().tier, tok.period_us, tok.hard_limit, mic.period_us, mic.hard_limit)
+            done = await self._reserving.submit((*group, tok_soft, mic_soft), item)
         if isinstance(done, str):
             raise _OverBudget(specs[done], next(u.amount for u in units if u.unit == done))
         if done.existing_id is not None:
@@ -354,6 +372,13 @@ class BudgetLedger:
                 done.existing_id, Amounts(done.tokens_held, done.micros_held), done.expires_us, done.over_budget
             )
         return Reservation(hold.hold_id, amounts, hold.expires_us, done.over_budget)
+
+    async def _reserve_one(self, item: _ReserveItem) -> budget_sql.Reserved | str:
+        tenant_id, hold, units, soft = item
+        return await budget_sql.reserve_in_one_trip(self._db, tenant_id, hold, units, soft)
+
+    async def _reserve_many(self, items: Sequence[_ReserveItem]) -> list[budget_sql.Reserved | str]:
+        return list(await budget_sql.reserve_many(self._db, items[0][0], [item[1:] for item in items]))
 
     @staticmethod
     async def _place(
@@ -421,9 +446,8 @@ class BudgetLedger:
         tenant_id = require_tenant().tenant_id
         if self._one_trip:
             # The common case in one round trip: claim the open hold, price its spend, move its counters.
-            done = await budget_sql.settle_in_one_trip(
-                self._db, tenant_id, hold_id, kind, new_state, spent, self._clock()
-            )
+            item = (tenant_id, hold_id, kind, new_state, spent, self._clock())
+            done = await self._settling.submit((tenant_id, require_tenant().tier, kind), item)
             if done is None:
                 async with self._db.raw() as tx:
                     return await self._why_not_settled(tx, tenant_id, hold_id, kind, spent, new_state, what, field)
@@ -435,6 +459,19 @@ class BudgetLedger:
                     return await self._why_not_settled(tx, tenant_id, hold_id, kind, spent, new_state, what, field)
         charged = Amounts(done.charged_tokens, done.charged_micros)
         return Settlement(charged, Amounts(done.tokens_held - charged.tokens, done.micros_held - charged.micro_usd))
+
+    async def _settle_one(self, item: _SettleItem) -> budget_sql.Settled | None:
+        return await budget_sql.settle_in_one_trip(self._db, *item)
+
+    async def _settle_many(self, items: Sequence[_SettleItem]) -> list[budget_sql.Settled | None]:
+        """Settle a group in one round trip; a hold named again in the group (a retry) is settled after it, alone."""
+        tenant_id, _, kind, _, _, _ = items[0]
+        first: dict[str, _SettleItem] = {}
+        for item in items:
+            first.setdefault(item[1], item)
+        settles = [(hold_id, state, spent, now) for _, hold_id, _, state, spent, now in first.values()]
+        settled = await budget_sql.settle_many(self._db, tenant_id, kind, settles)
+        return [settled.get(item[1]) if first[item[1]] is item else await self._settle_one(item) for item in items]
 
     async def _why_not_settled(
         self,

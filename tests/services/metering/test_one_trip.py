@@ -3,6 +3,8 @@ the same outcomes as the transactional path, nothing half-written, nothing left 
 
 from __future__ import annotations
 
+import asyncio
+
 import asyncpg
 import grpc
 import pytest
@@ -174,3 +176,103 @@ async def test_the_functions_run_as_the_caller_and_leave_no_tenant_on_the_connec
             assert setting.scalar() in (None, "")
     finally:
         await db.close()
+
+
+@pytest.fixture
+def group_calls(monkeypatch):
+    """How many reservations and settlements each shared (group commit) call carried."""
+    from services.metering import budget_sql
+
+    calls: dict[str, list[int]] = {"reserve": [], "settle": []}
+    reserve_many, settle_many = budget_sql.reserve_many, budget_sql.settle_many
+
+    async def spy_reserve(db, tenant_id, holds):
+        calls["reserve"].append(len(holds))
+        return await reserve_many(db, tenant_id, holds)
+
+    async def spy_settle(db, tenant_id, kind, settles):
+        calls["settle"].append(len(settles))
+        return await settle_many(db, tenant_id, kind, settles)
+
+    monkeypatch.setattr(budget_sql, "reserve_many", spy_reserve)
+    monkeypatch.setattr(budget_sql, "settle_many", spy_settle)
+    return calls
+
+
+async def test_grouped_reservations_never_pass_the_hard_limit(pg_metering, group_calls):
+    """60 concurrent reservations of 30 tokens against 1,000: exactly 33 are made (some in shared calls, the
+    refused ones each alone after their shared call rolled back), and 990 tokens are held."""
+    h = pg_metering
+    await _quota(h, A, pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=1000))
+    request = pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=10, max_output_tokens=20)
+
+    async def reserve():
+        try:
+            return await h.stub.ReserveBudget(request, metadata=h.md(A))
+        except grpc.aio.AioRpcError as err:
+            assert err.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            return None
+
+    replies = await asyncio.gather(*(reserve() for _ in range(60)))
+    made = [r for r in replies if r is not None]
+    assert len(made) == 33 and len({r.reservation_id for r in made}) == 33
+    assert any(n > 1 for n in group_calls["reserve"])  # some went together
+    assert await _status(h) == {pb.BUDGET_UNIT_TOKENS: (0, 990)}
+    rows = await _as_tenant(h, A, "SELECT count(*), sum(tokens_held) FROM metering_holds WHERE state = 'open'")
+    assert tuple(rows[0]) == (33, 990)
+
+
+async def test_grouped_commits_charge_each_once_and_repeats_see_the_first(pg_metering, group_calls):
+    """Concurrent commits, each reservation committed twice at once (once more with another usage): every
+    reservation is charged once, the same repeat gets the first result, the different one is refused."""
+    h = pg_metering
+    await h.stub.SetPrice(pb.SetPriceRequest(price=price(MODEL, T0 - 1, 3_000_000, 15_000_000)), metadata=h.op())
+    await _quota(
+        h,
+        A,
+        pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=100_000),
+        pb.Budget(unit=pb.BUDGET_UNIT_MICRO_USD, limit=10**9),
+    )
+    reservations = await asyncio.gather(
+        *(
+            h.stub.ReserveBudget(
+                pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=10, max_output_tokens=90), metadata=h.md(A)
+            )
+            for _ in range(20)
+        )
+    )
+
+    async def commit(reservation_id, output):
+        request = pb.CommitBudgetRequest(
+            reservation_id=reservation_id, usage=pb.TokenCounts(input_tokens=10, output_tokens=output)
+        )
+        try:
+            return await h.stub.CommitBudget(request, metadata=h.md(A))
+        except grpc.aio.AioRpcError as err:
+            return err.code()
+
+    calls = [(r.reservation_id, 40) for r in reservations] * 2 + [(r.reservation_id, 41) for r in reservations[:5]]
+    outcomes = await asyncio.gather(*(commit(rid, out) for rid, out in calls))
+    for i in range(len(reservations)):
+        first, again = outcomes[i], outcomes[20 + i]
+        if i < 5:  # the third commit, with another usage, raced the two: only one usage can have been charged
+            other = outcomes[40 + i]
+            if isinstance(other, grpc.StatusCode):
+                assert other == grpc.StatusCode.FAILED_PRECONDITION
+                assert first == again and (first.charged.tokens, first.charged.micro_usd) == (50, 30 + 600)
+            else:
+                assert first == again == grpc.StatusCode.FAILED_PRECONDITION
+                assert (other.charged.tokens, other.charged.micro_usd) == (51, 30 + 615)
+            continue
+        assert first == again and (first.charged.tokens, first.released.tokens) == (50, 50)
+        assert first.charged.micro_usd == 30 + 600
+    winners = [o for o in outcomes if not isinstance(o, grpc.StatusCode)]
+    charged = {}
+    for (rid, _), o in zip(calls, outcomes, strict=True):
+        if not isinstance(o, grpc.StatusCode):
+            charged[rid] = (o.charged.tokens, o.charged.micro_usd)
+    assert winners and any(n > 1 for n in group_calls["settle"])
+    assert await _status(h) == {
+        pb.BUDGET_UNIT_TOKENS: (sum(t for t, _ in charged.values()), 0),
+        pb.BUDGET_UNIT_MICRO_USD: (sum(m for _, m in charged.values()), 0),
+    }
