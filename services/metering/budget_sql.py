@@ -14,6 +14,11 @@ data-modifying CTE that reads another's output runs after it.
 
 On Postgres a hold or a settlement is one statement (data-modifying CTEs); SQLite has no
 data-modifying CTEs, so it runs the same pieces as separate statements in the same transaction.
+A reservation and a settlement on Postgres go further: one round trip each, outside BEGIN/COMMIT,
+through migration 0008's functions (the same SQL, after setting app.tenant_id for their own
+implicit transaction; see oneshot.py), and several of one tenant in one (reserve_many,
+settle_many: group commit, budgets.py). The functions' SQL is a frozen copy of the statements
+here: a change to either needs a new migration for the other.
 """
 
 from __future__ import annotations
