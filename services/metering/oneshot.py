@@ -25,11 +25,14 @@ from shared.db.raw import _connection_lost, _invalidate
 from shared.db.rls import quote_ident
 from shared.tenancy import require_tenant
 
+_PLACEHOLDERS = tuple(", ".join(f"${i}" for i in range(1, n + 1)) for n in range(33))
+"""`$1, .., $n` for n = 0..32 (a constant: built once, not per call)."""
+
 
 def _select(schema: str | None, function: str, arity: int) -> str:
     """The call's SQL; a bridge tenant's function is its schema's own (pinned to that schema's tables)."""
     name = f"{quote_ident(schema)}.{function}" if schema else function
-    return f"SELECT * FROM {name}({', '.join(f'${i}' for i in range(1, arity + 1))})"
+    return f"SELECT * FROM {name}({_PLACEHOLDERS[arity]})"
 
 
 async def call(db: Any, function: str, *args: Any) -> list[Sequence[Any]]:
