@@ -40,6 +40,13 @@ DUPLICATE_KEY = (asyncpg.UniqueViolationError, sqlite3.IntegrityError)
 _POSTGRES = "postgresql"
 
 
+def refused_whole(exc: Exception) -> bool:
+    """Whether a one-trip call's error was Postgres refusing it, its one transaction rolled back (nothing done).
+
+    oneshot.call raises a lost connection, whose outcome is unknown, as UNAVAILABLE instead."""
+    return isinstance(exc, asyncpg.PostgresError)
+
+
 @dataclass(frozen=True, slots=True)
 class UnitHold:
     """What a new hold adds to one unit's counter."""

@@ -173,11 +173,13 @@ class BudgetLedger:
         # Postgres reserves and settles through migration 0008's functions: one round trip each, no BEGIN/COMMIT,
         # and those of one tenant that arrive while one is in flight share the next round trip (group commit).
         self._one_trip = db.dialect == "postgresql"
+        # A shared call that Postgres refused (a hold over its hard limit, a deadlock) rolled back whole: each of
+        # its calls then runs alone. A lost connection (UNAVAILABLE, outcome unknown) reaches every caller instead.
         self._reserving: GroupCommit[_ReserveItem, budget_sql.Reserved | str] = GroupCommit(
-            self._reserve_one, self._reserve_many
+            self._reserve_one, self._reserve_many, budget_sql.refused_whole
         )
         self._settling: GroupCommit[_SettleItem, budget_sql.Settled | None] = GroupCommit(
-            self._settle_one, self._settle_many
+            self._settle_one, self._settle_many, budget_sql.refused_whole
         )
 
     @contextlib.asynccontextmanager

@@ -2,9 +2,11 @@
 
 A call whose key has nothing in flight runs alone at once (no added latency when quiet). Calls
 that arrive while one is in flight queue, and go together in the next database call when it
-returns (at most `max_batch` at a time). Whatever that shared call raises, it did nothing (it is
-one transaction): each of its calls is then run alone, so every caller gets exactly the outcome
-it would have had on its own. A queued call runs in its own caller's context (tenant, trace).
+returns (at most `max_batch` at a time). When that shared call fails with an error that
+`did_nothing` recognises (the database refused and rolled back its one transaction), each of its
+calls is run alone, so every caller gets exactly the outcome it would have had on its own. Any
+other error (e.g. the connection lost: the outcome is unknown) reaches every caller of the group,
+as it would have reached a caller on its own. A call run alone runs in its caller's context.
 """
 
 from __future__ import annotations
@@ -25,11 +27,13 @@ class GroupCommit(Generic[I, R]):
         self,
         run_one: Callable[[I], Awaitable[R]],
         run_many: Callable[[Sequence[I]], Awaitable[Sequence[R]]],
+        did_nothing: Callable[[Exception], bool],
         *,
         max_batch: int = 32,
     ) -> None:
         self._run_one = run_one
         self._run_many = run_many
+        self._did_nothing = did_nothing
         self._max_batch = max_batch
         self._waiting: dict[Hashable, list[tuple[I, asyncio.Future[R], contextvars.Context]]] = {}
         self._flushes: set[asyncio.Task[None]] = set()
@@ -66,8 +70,13 @@ class GroupCommit(Generic[I, R]):
                 return
             try:
                 results = await self._run_many([item for item, _, _ in batch])
-            except Exception:  # noqa: BLE001 - the shared call did nothing: each runs alone and meets its own outcome
-                await asyncio.gather(*(self._alone(*entry) for entry in batch))
+            except Exception as exc:  # noqa: BLE001 - handed to the callers, one way or the other
+                if self._did_nothing(exc):  # each runs alone and meets its own outcome
+                    await asyncio.gather(*(self._alone(*entry) for entry in batch))
+                    return
+                for _, future, _ in batch:
+                    if not future.done():
+                        future.set_exception(exc)
                 return
             for (_, future, _), result in zip(batch, results, strict=True):
                 if not future.done():
