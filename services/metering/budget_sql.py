@@ -14,6 +14,11 @@ data-modifying CTE that reads another's output runs after it.
 
 On Postgres a hold or a settlement is one statement (data-modifying CTEs); SQLite has no
 data-modifying CTEs, so it runs the same pieces as separate statements in the same transaction.
+A reservation and a settlement on Postgres go further: one round trip each, outside BEGIN/COMMIT,
+through migration 0008's functions (the same SQL, after setting app.tenant_id for their own
+implicit transaction; see oneshot.py), and several of one tenant in one (reserve_many,
+settle_many: group commit, budgets.py). The functions' SQL is a frozen copy of the statements
+here: a change to either needs a new migration for the other.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from dataclasses import dataclass
 
 import asyncpg
 
+from services.metering import oneshot
 from services.metering.pricing import TOKENS_PER_PRICE_UNIT, Price, Tokens
 from services.metering.quotas import MICRO_USD, TOKENS, BudgetSpec
 from shared.db.raw import RawTransaction
@@ -32,6 +38,13 @@ DUPLICATE_KEY = (asyncpg.UniqueViolationError, sqlite3.IntegrityError)
 """What a hold insert raises when a concurrent call with the same idempotency key won."""
 
 _POSTGRES = "postgresql"
+
+
+def refused_whole(exc: Exception) -> bool:
+    """Whether a one-trip call's error was Postgres refusing it, its one transaction rolled back (nothing done).
+
+    oneshot.call raises a lost connection, whose outcome is unknown, as UNAVAILABLE instead."""
+    return isinstance(exc, asyncpg.PostgresError)
 
 
 @dataclass(frozen=True, slots=True)
@@ -222,6 +235,115 @@ async def place_hold(tx: RawTransaction, tenant_id: str, hold: NewHold, units: t
     return Placed(states, refused)
 
 
+OVER_BUDGET = "metering: over budget"
+"""The message metering_reserve (migration 0008) refuses a hold with; its detail names the unit."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reserved:
+    """What metering_reserve did: placed the new hold, or found the key's existing one."""
+
+    existing_id: str | None
+    """The reservation that already had the idempotency key (None: the new hold was placed)."""
+    tokens_held: int
+    """Tokens it holds."""
+    micros_held: int
+    """Micro-USD it holds."""
+    expires_us: int
+    """When it expires."""
+    over_budget: bool
+    """It passed a soft budget."""
+
+
+async def reserve_in_one_trip(
+    db, tenant_id: str, hold: NewHold, units: tuple[UnitHold, UnitHold], soft: tuple[int | None, int | None]
+) -> Reserved | str:
+    """Postgres: a keyed reservation's existing hold, else place `hold` as place_hold does and flag it when a
+    counter passed its soft limit (`soft`: tokens, micro_usd), all in one round trip and one transaction.
+
+    Returns the refused unit (nothing changed) when a hard limit cannot hold it. Raises one of
+    DUPLICATE_KEY when a concurrent reservation took the idempotency key first.
+    """
+    tok, mic = units
+    if (tok.unit, mic.unit) != (TOKENS, MICRO_USD):
+        raise ValueError("counters are locked tokens first, then micro_usd")
+    try:
+        rows = await oneshot.call(
+            db,
+            "metering_reserve",
+            tenant_id,
+            tok.period_us,
+            tok.amount,
+            tok.hard_limit,
+            soft[0],
+            mic.period_us,
+            mic.amount,
+            mic.hard_limit,
+            soft[1],
+            hold.hold_id,
+            hold.kind,
+            hold.model,
+            hold.idempotency_key,
+            hold.priced_at_us,
+            *hold.rates,
+            hold.created_us,
+            hold.expires_us,
+            hold.holder,
+        )
+    except asyncpg.RaiseError as exc:
+        if exc.args[:1] == (OVER_BUDGET,) and exc.detail in (TOKENS, MICRO_USD):
+            return exc.detail
+        raise
+    existing, tokens, micros, expires, over = rows[0]
+    return Reserved(existing, int(tokens), int(micros), int(expires), bool(over))
+
+
+async def reserve_many(
+    db, tenant_id: str, holds: Sequence[tuple[NewHold, tuple[UnitHold, UnitHold], tuple[int | None, int | None]]]
+) -> list[Reserved]:
+    """Postgres: many key-less reservations of one tenant, with the same counters, limits and soft limits, placed in
+    turn as reserve_in_one_trip places one, in one round trip and one transaction (metering_reserve_many).
+
+    Raises when any is refused (nothing changed then: the caller places each alone).
+    """
+    (tok, mic), soft = holds[0][1], holds[0][2]
+    if (tok.unit, mic.unit) != (TOKENS, MICRO_USD):
+        raise ValueError("counters are locked tokens first, then micro_usd")
+    shared = (tok.period_us, tok.hard_limit, mic.period_us, mic.hard_limit, soft)
+    if any(
+        h.idempotency_key is not None
+        or h.kind != "reservation"
+        or (t.period_us, t.hard_limit, m.period_us, m.hard_limit, s) != shared
+        for h, (t, m), s in holds
+    ):
+        raise ValueError("a group of reservations shares its counters and limits, and has no keys")
+    rows = await oneshot.call(
+        db,
+        "metering_reserve_many",
+        tenant_id,
+        tok.period_us,
+        tok.hard_limit,
+        soft[0],
+        mic.period_us,
+        mic.hard_limit,
+        soft[1],
+        [units[0].amount for _, units, _ in holds],
+        [units[1].amount for _, units, _ in holds],
+        [h.hold_id for h, _, _ in holds],
+        [h.model for h, _, _ in holds],
+        [h.priced_at_us for h, _, _ in holds],
+        *([h.rates[k] for h, _, _ in holds] for k in range(4)),
+        [h.created_us for h, _, _ in holds],
+        [h.expires_us for h, _, _ in holds],
+    )
+    if len(rows) != len(holds):
+        raise RuntimeError("metering_reserve_many answered for a different number of reservations")
+    return [
+        Reserved(None, units[0].amount, units[1].amount, h.expires_us, bool(row[0]))
+        for (h, units, _), row in zip(holds, rows, strict=True)
+    ]
+
+
 async def flag_over_budget(tx: RawTransaction, tenant_id: str, hold_id: str) -> None:
     """Mark a hold as one that passed a soft budget (rare: only soft budgets can be passed)."""
     await tx.execute(_FLAG_OVER_BUDGET, tenant_id, hold_id)
@@ -369,6 +491,41 @@ async def settle(
     if row is None:
         return None
     return Settled(int(row[0]), int(row[1]), int(row[4]), int(row[5]))
+
+
+async def settle_in_one_trip(
+    db, tenant_id: str, hold_id: str, kind: str, new_state: str, spent: Tokens, now_us: int
+) -> Settled | None:
+    """Postgres: settle() in one round trip and one transaction (metering_settle, migration 0008)."""
+    rows = await oneshot.call(
+        db, "metering_settle", tenant_id, hold_id, kind, new_state, now_us, *spent.parts(), spent.total
+    )
+    if not rows:
+        return None
+    tokens_held, micros_held, charged_tokens, charged_micros = rows[0]
+    return Settled(int(tokens_held), int(micros_held), int(charged_tokens), int(charged_micros))
+
+
+async def settle_many(
+    db, tenant_id: str, kind: str, settles: Sequence[tuple[str, str, Tokens, int]]
+) -> dict[str, Settled]:
+    """Postgres: settle_in_one_trip for many (hold id, new state, spent, now) of one tenant and kind, distinct hold
+    ids, in one round trip and one transaction (metering_settle_many). The holds taken, by id; the others changed
+    nothing (get_hold says why)."""
+    if len({hold_id for hold_id, _, _, _ in settles}) != len(settles):
+        raise ValueError("a hold is settled at most once per call")
+    rows = await oneshot.call(
+        db,
+        "metering_settle_many",
+        tenant_id,
+        kind,
+        [hold_id for hold_id, _, _, _ in settles],
+        [state for _, state, _, _ in settles],
+        [now for _, _, _, now in settles],
+        *([spent.parts()[k] for _, _, spent, _ in settles] for k in range(4)),
+        [spent.total for _, _, spent, _ in settles],
+    )
+    return {row[0]: Settled(int(row[1]), int(row[2]), int(row[3]), int(row[4])) for row in rows}
 
 
 async def move_counters(tx: RawTransaction, tenant_id: str, moves: Sequence[tuple[str, int, int, int]]) -> None:

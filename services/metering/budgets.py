@@ -23,10 +23,11 @@ import contextlib
 import secrets
 import string
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 
 from services.metering import budget_sql, periods, store
 from services.metering.budget_sql import CounterState, NewHold, UnitHold
+from services.metering.group import GroupCommit
 from services.metering.prices import PriceCache
 from services.metering.pricing import MAX_TOKENS, TOKENS_PER_PRICE_UNIT, Price, Tokens, count_problems, tokens_problems
 from services.metering.quotas import (
@@ -74,6 +75,10 @@ MAX_HOLDER = 200
 _HOLDER_CHARS = frozenset(string.printable) - frozenset(string.whitespace) | {" "}
 
 Specs = dict[str, BudgetSpec]
+_ReserveItem = tuple[str, NewHold, tuple[UnitHold, UnitHold], tuple[int | None, int | None]]
+"""A reservation to place: (tenant, hold, its counter moves, the soft limits of tokens and micro_usd)."""
+_SettleItem = tuple[str, str, str, str, Tokens, int]
+"""A hold to settle: (tenant, hold id, kind, new state, spent, now)."""
 
 
 def budget_spec_cache(
@@ -165,6 +170,17 @@ class BudgetLedger:
         # SQLite cannot upgrade a reading transaction to a writing one while another writer is
         # active ("database is locked"); the embedded single-process deployment queues them here.
         self._sqlite_writes = asyncio.Lock() if db.dialect == "sqlite" else None
+        # Postgres reserves and settles through migration 0008's functions: one round trip each, no BEGIN/COMMIT,
+        # and those of one tenant that arrive while one is in flight share the next round trip (group commit).
+        self._one_trip = db.dialect == "postgresql"
+        # A shared call that Postgres refused (a hold over its hard limit, a deadlock) rolled back whole: each of
+        # its calls then runs alone. A lost connection (UNAVAILABLE, outcome unknown) reaches every caller instead.
+        self._reserving: GroupCommit[_ReserveItem, budget_sql.Reserved | str] = GroupCommit(
+            self._reserve_one, self._reserve_many, budget_sql.refused_whole
+        )
+        self._settling: GroupCommit[_SettleItem, budget_sql.Settled | None] = GroupCommit(
+            self._settle_one, self._settle_many, budget_sql.refused_whole
+        )
 
     @contextlib.asynccontextmanager
     async def _session(self) -> AsyncIterator:
@@ -284,6 +300,13 @@ class BudgetLedger:
     async def _reserve_once(
         self, tenant_id: str, model: str, amounts: Amounts, price: Price | None, ttl: int, key: str
     ) -> Reservation:
+        if self._one_trip:
+            return await self._reserve_in_one_trip(tenant_id, model, amounts, price, ttl, key)
+        return await self._reserve_in_transaction(tenant_id, model, amounts, price, ttl, key)
+
+    async def _reserve_in_transaction(
+        self, tenant_id: str, model: str, amounts: Amounts, price: Price | None, ttl: int, key: str
+    ) -> Reservation:
         now = self._clock()
         async with self._write() as tx:
             if key and (found := await budget_sql.hold_by_key(tx, tenant_id, key)) is not None:
@@ -313,6 +336,51 @@ class BudgetLedger:
                 tx, tenant_id, hold, specs, _unit_holds(specs, _period_starts(specs, now), amounts), _OverBudget
             )
         return Reservation(hold.hold_id, amounts, hold.expires_us, over_budget)
+
+    async def _reserve_in_one_trip(
+        self, tenant_id: str, model: str, amounts: Amounts, price: Price | None, ttl: int, key: str
+    ) -> Reservation:
+        """Postgres: _reserve_once's transaction as one statement, outside BEGIN/COMMIT (one round trip)."""
+        hit, specs = self._specs.lookup(tenant_id)
+        if not hit or specs is None:
+            async with self._db.raw() as tx:
+                specs = await self._budget_specs(tx, tenant_id)
+        if MICRO_USD in specs and price is None:  # refused unless the key names an existing reservation
+            return await self._reserve_in_transaction(tenant_id, model, amounts, price, ttl, key)
+        now = self._clock()
+        hold = NewHold(
+            hold_id="res_" + secrets.token_urlsafe(16),
+            kind=RESERVATION,
+            model=model,
+            idempotency_key=key or None,
+            priced_at_us=price.effective_us if price else 0,
+            rates=_rates(price),
+            created_us=now,
+            expires_us=now + ttl * periods.US_PER_SECOND,
+        )
+        units = _unit_holds(specs, _period_starts(specs, now), amounts)
+        tok_soft, mic_soft = (s.limit if (s := specs.get(u)) is not None and not s.hard else None for u in UNITS)
+        item = (tenant_id, hold, units, (tok_soft, mic_soft))
+        if key:  # a keyed one goes alone (its key is looked up first)
+            done = await self._reserve_one(item)
+        else:  # those sharing a tenant, its counters and its limits may share a round trip
+            tok, mic = units
+            group = (tenant_id, require_tenant().tier, tok.period_us, tok.hard_limit, mic.period_us, mic.hard_limit)
+            done = await self._reserving.submit((*group, tok_soft, mic_soft), item)
+        if isinstance(done, str):
+            raise _OverBudget(specs[done], next(u.amount for u in units if u.unit == done))
+        if done.existing_id is not None:
+            return Reservation(
+                done.existing_id, Amounts(done.tokens_held, done.micros_held), done.expires_us, done.over_budget
+            )
+        return Reservation(hold.hold_id, amounts, hold.expires_us, done.over_budget)
+
+    async def _reserve_one(self, item: _ReserveItem) -> budget_sql.Reserved | str:
+        tenant_id, hold, units, soft = item
+        return await budget_sql.reserve_in_one_trip(self._db, tenant_id, hold, units, soft)
+
+    async def _reserve_many(self, items: Sequence[_ReserveItem]) -> list[budget_sql.Reserved | str]:
+        return list(await budget_sql.reserve_many(self._db, items[0][0], [item[1:] for item in items]))
 
     @staticmethod
     async def _place(
@@ -378,13 +446,34 @@ class BudgetLedger:
             )
         _check_counts(spent, field)
         tenant_id = require_tenant().tenant_id
-        async with self._write() as tx:
-            # The common case in one statement: claim the open hold, price its spend, move its counters.
-            done = await budget_sql.settle(tx, tenant_id, hold_id, kind, new_state, spent, self._clock())
+        if self._one_trip:
+            # The common case in one round trip: claim the open hold, price its spend, move its counters.
+            item = (tenant_id, hold_id, kind, new_state, spent, self._clock())
+            done = await self._settling.submit((tenant_id, require_tenant().tier, kind), item)
             if done is None:
-                return await self._why_not_settled(tx, tenant_id, hold_id, kind, spent, new_state, what, field)
+                async with self._db.raw() as tx:
+                    return await self._why_not_settled(tx, tenant_id, hold_id, kind, spent, new_state, what, field)
+        else:
+            async with self._write() as tx:
+                # The common case in one statement: claim the open hold, price its spend, move its counters.
+                done = await budget_sql.settle(tx, tenant_id, hold_id, kind, new_state, spent, self._clock())
+                if done is None:
+                    return await self._why_not_settled(tx, tenant_id, hold_id, kind, spent, new_state, what, field)
         charged = Amounts(done.charged_tokens, done.charged_micros)
         return Settlement(charged, Amounts(done.tokens_held - charged.tokens, done.micros_held - charged.micro_usd))
+
+    async def _settle_one(self, item: _SettleItem) -> budget_sql.Settled | None:
+        return await budget_sql.settle_in_one_trip(self._db, *item)
+
+    async def _settle_many(self, items: Sequence[_SettleItem]) -> list[budget_sql.Settled | None]:
+        """Settle a group in one round trip; a hold named again in the group (a retry) is settled after it, alone."""
+        tenant_id, _, kind, _, _, _ = items[0]
+        first: dict[str, _SettleItem] = {}
+        for item in items:
+            first.setdefault(item[1], item)
+        settles = [(hold_id, state, spent, now) for _, hold_id, _, state, spent, now in first.values()]
+        settled = await budget_sql.settle_many(self._db, tenant_id, kind, settles)
+        return [settled.get(item[1]) if first[item[1]] is item else await self._settle_one(item) for item in items]
 
     async def _why_not_settled(
         self,
