@@ -17,11 +17,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import asyncpg
-from sqlalchemy.util.concurrency import greenlet_spawn
-
-from shared.db.engine import _database_unavailable
-from shared.db.raw import _connection_lost, _invalidate
+from shared.db.raw import autocommit_fetch
 from shared.db.rls import quote_ident
 from shared.tenancy import require_tenant
 
@@ -40,32 +36,4 @@ async def call(db: Any, function: str, *args: Any) -> list[Sequence[Any]]:
     implicit transaction. `function` must set app.tenant_id itself (it is this service's own, by name)."""
     ctx = require_tenant()
     async with db.router.using(ctx.tenant_id, ctx.tier) as route:
-        sql = _select(route.schema, function, len(args))
-        engine = route.bind
-        try:
-            fairy = await greenlet_spawn(engine.sync_engine.pool.connect)
-        except engine.dialect.loaded_dbapi.Error as exc:
-            raise _database_unavailable() from exc
-        try:
-            driver = fairy.driver_connection
-            if driver is None or driver.is_in_transaction():  # never: the pool hands out idle connections
-                await _invalidate(fairy)
-                raise RuntimeError("the pooled connection is not idle")
-            try:
-                return await driver.fetch(sql, *args)
-            except asyncpg.PostgresError as exc:
-                # The server refused the statement (rolled back whole); the connection is idle again
-                # unless the server itself went away.
-                if _connection_lost(exc, usable=True):
-                    await _invalidate(fairy)
-                    raise _database_unavailable() from exc
-                raise
-            except BaseException as exc:
-                # Cancelled or cut off mid-statement: the connection's state is unknown, so it goes.
-                await _invalidate(fairy)
-                if _connection_lost(exc, usable=False):  # the outcome is unknown: only idempotent calls are retried
-                    raise _database_unavailable() from exc
-                raise
-        finally:
-            if fairy.is_valid:
-                await greenlet_spawn(fairy.close)
+        return await autocommit_fetch(route.bind, _select(route.schema, function, len(args)), *args)

@@ -156,6 +156,49 @@ async def raw_transaction(
             await greenlet_spawn(fairy.close)  # back to the pool (an invalidated one was closed already)
 
 
+async def autocommit_fetch(engine: AsyncEngine, sql: str, *args: Any) -> list[Sequence[Any]]:
+    """Postgres: one statement in one round trip, outside BEGIN/COMMIT, so the server runs it as its own
+    implicit transaction: atomic, committed when it returns, rolled back whole when it fails.
+
+    Nothing sets a tenant here: the statement must confine itself (e.g. a SECURITY INVOKER function
+    that sets app.tenant_id transaction-locally as its first step), and the connection keeps nothing
+    of it. Errors as raw_transaction's: a refused connect, or a connection lost while the statement
+    ran (its outcome then unknown), is UNAVAILABLE; a connection the statement may not have left
+    clean is thrown away, never handed back to the pool.
+    """
+    if engine.dialect.name != "postgresql":
+        raise ValueError("autocommit_fetch is for Postgres; SQLite work goes through raw_transaction")
+    try:
+        fairy = await greenlet_spawn(engine.sync_engine.pool.connect)
+    except engine.dialect.loaded_dbapi.Error as exc:
+        raise _database_unavailable() from exc
+    try:
+        driver = fairy.driver_connection
+        if driver is None or driver.is_in_transaction():  # never: the pool hands out idle connections
+            await _invalidate(fairy)
+            raise RuntimeError("the pooled connection is not idle")
+        import asyncpg
+
+        try:
+            return await driver.fetch(sql, *args)
+        except asyncpg.PostgresError as exc:
+            # The server refused the statement (rolled back whole); the connection is idle again
+            # unless the server itself went away.
+            if _connection_lost(exc, usable=True):
+                await _invalidate(fairy)
+                raise _database_unavailable() from exc
+            raise
+        except BaseException as exc:
+            # Cancelled or cut off mid-statement: the connection's state is unknown, so it goes.
+            await _invalidate(fairy)
+            if _connection_lost(exc, usable=False):  # the outcome is unknown: only idempotent calls are retried
+                raise _database_unavailable() from exc
+            raise
+    finally:
+        if fairy.is_valid:
+            await greenlet_spawn(fairy.close)
+
+
 async def _invalidate(fairy: Any) -> None:
     """Close a pooled connection for good (the pool opens a new one in its place)."""
     if fairy.is_valid:

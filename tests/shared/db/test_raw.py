@@ -10,7 +10,7 @@ import pytest
 from sqlalchemy import select
 
 from shared.db import Database
-from shared.db.raw import sqlite_sql
+from shared.db.raw import autocommit_fetch, sqlite_sql
 from shared.tenancy import NoTenantContext, tenant_scope
 
 from .conftest import as_tenant
@@ -162,3 +162,34 @@ async def test_a_connect_cancelled_while_the_server_is_silent_stays_cancelled() 
     finally:
         await engine.dispose()
         server.close()
+
+
+@pytest.mark.postgres
+async def test_autocommit_fetch_is_one_implicit_transaction_confined_by_the_statement(pg_db: Database) -> None:
+    """A statement that sets its tenant itself commits on its own; the connection keeps no tenant after it; a
+    refused statement did nothing and leaves its connection usable; SQLite is refused outright."""
+    insert = (
+        "WITH t AS (SELECT set_config('app.tenant_id', $1, true)) "
+        "INSERT INTO notes (tenant_id, body) SELECT $1, $2 FROM t RETURNING body"
+    )
+    assert [r[0] for r in await autocommit_fetch(pg_db.engine, insert, A, "a1")] == ["a1"]
+    assert await _bodies(pg_db, A) == ["a1"]
+    # No tenant left behind: the next statement on a pooled connection sees no tenant's rows.
+    assert await autocommit_fetch(pg_db.engine, "SELECT body FROM notes") == []
+    with pytest.raises(asyncpg.InsufficientPrivilegeError):  # another tenant's row under A's setting: refused
+        await autocommit_fetch(
+            pg_db.engine,
+            "WITH t AS (SELECT set_config('app.tenant_id', $1, true)) "
+            "INSERT INTO notes (tenant_id, body) SELECT $2, 'evil' FROM t",
+            A,
+            B,
+        )
+    assert await _bodies(pg_db, B) == []
+    assert [r[0] for r in await autocommit_fetch(pg_db.engine, insert, A, "a2")] == ["a2"]
+
+
+async def test_autocommit_fetch_is_for_postgres_only(db: Database) -> None:
+    if db.dialect != "sqlite":
+        pytest.skip("the SQLite variant")
+    with pytest.raises(ValueError, match="Postgres"):
+        await autocommit_fetch(db.engine, "SELECT 1")
