@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import operator
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ ALLOWED, DENIED, NOT_FOUND, CONFLICT, INVALID, FAILED = (
 
 _HASHED = store.AUDIT_COLUMNS[:-2]
 """The fields each link's hash covers: every audit column but the two hashes."""
+_HASHED_VALUES = operator.itemgetter(*_HASHED)
+"""An event's hashed fields as a tuple, in store.AUDIT_COLUMNS order."""
 
 
 def outcome_of(exc: BaseException) -> str:
@@ -299,8 +302,7 @@ class AuditLog:
             seq += 1
             entry = {**fields, "seq": seq}
             digest = audit_chain.link(prev, entry, self._key)
-            row = {**entry, "prev_hash": prev, "hash": digest}
-            rows.append(tuple(row[c] for c in store.AUDIT_COLUMNS))
+            rows.append((*_HASHED_VALUES(entry), prev, digest))  # AUDIT_COLUMNS ends with prev_hash, hash
             prev = digest
         return rows, (seq, prev)
 
