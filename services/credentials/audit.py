@@ -182,7 +182,9 @@ class AuditLog:
             # loop has other callbacks ready (RPCs gRPC has just handed over, about to reach their own
             # event), a few more turns: the commit runs when the loop has nothing else to do, so calls
             # that arrive together under load share it, and an idle server commits at once. (Only
-            # asyncio's own loop shows its ready queue; on another loop, one turn as before.)
+            # asyncio's own loop shows its ready queue; on another loop, one turn as before.) Last, under
+            # concurrent reads, the hold: gRPC hands calls over a few hundred microseconds apart, with the
+            # loop idle in between, so the batch also waits (briefly) for as many events as recent ones had.
             await asyncio.sleep(0)
             ready = getattr(asyncio.get_running_loop(), "_ready", None)
             for _ in range(GATHER_TURNS):
