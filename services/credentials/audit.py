@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import operator
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -35,6 +36,8 @@ ALLOWED, DENIED, NOT_FOUND, CONFLICT, INVALID, FAILED = (
 
 _HASHED = store.AUDIT_COLUMNS[:-2]
 """The fields each link's hash covers: every audit column but the two hashes."""
+_HASHED_VALUES = operator.itemgetter(*_HASHED)
+"""An event's hashed fields as a tuple, in store.AUDIT_COLUMNS order."""
 
 
 def outcome_of(exc: BaseException) -> str:
@@ -63,6 +66,11 @@ _FIRST_BACKOFF_S, _MAX_BACKOFF_S = 0.005, 0.1
 GATHER_TURNS = 16
 """At most this many more loop turns a batch waits for while the loop has other callbacks ready (see _drain)."""
 
+HOLD_SECONDS = 0.001
+"""Under concurrent reads, how long a batch may wait for the events its recent predecessors say are coming."""
+RECENT_SECONDS = 0.25
+"""How long the largest recent batch of a tenant stays the size its next batches wait for."""
+
 
 class _StaleHead(Exception):
     """The chain head moved under us (another replica appended)."""
@@ -90,6 +98,8 @@ class AuditLog:
         self._heads: dict[str, tuple[int, str]] = {}
         self._pending: dict[str, list[tuple[dict, asyncio.Future]]] = {}
         self._writers: dict[str, asyncio.Task] = {}
+        self._recent: dict[str, tuple[int, float]] = {}  # tenant -> (largest recent batch, until when it counts)
+        self._wakers: dict[str, tuple[int, asyncio.Future]] = {}  # tenant -> (batch size that wakes, waiter)
         self._paths: dict[object, str] = {}  # SQLite engine -> its file
 
     @contextlib.asynccontextmanager
@@ -153,7 +163,11 @@ class AuditLog:
             "reason": reason,
         }
         done = asyncio.get_running_loop().create_future()
-        self._pending.setdefault(ctx.tenant_id, []).append((fields, done))
+        pending = self._pending.setdefault(ctx.tenant_id, [])
+        pending.append((fields, done))
+        waker = self._wakers.get(ctx.tenant_id)
+        if waker is not None and len(pending) >= waker[0] and not waker[1].done():
+            waker[1].set_result(None)  # the held batch is as large as expected: commit it now
         if ctx.tenant_id not in self._writers:
             # The task copies this context, so its sessions are bound to the same tenant.
             self._writers[ctx.tenant_id] = asyncio.ensure_future(self._drain(ctx.tenant_id))
@@ -168,15 +182,19 @@ class AuditLog:
             # loop has other callbacks ready (RPCs gRPC has just handed over, about to reach their own
             # event), a few more turns: the commit runs when the loop has nothing else to do, so calls
             # that arrive together under load share it, and an idle server commits at once. (Only
-            # asyncio's own loop shows its ready queue; on another loop, one turn as before.)
+            # asyncio's own loop shows its ready queue; on another loop, one turn as before.) Last, under
+            # concurrent reads, the hold: gRPC hands calls over a few hundred microseconds apart, with the
+            # loop idle in between, so the batch also waits (briefly) for as many events as recent ones had.
             await asyncio.sleep(0)
             ready = getattr(asyncio.get_running_loop(), "_ready", None)
             for _ in range(GATHER_TURNS):
                 if not ready:
                     break
                 await asyncio.sleep(0)
+            await self._hold(tenant_id)
             while self._pending.get(tenant_id):
                 batch = self._pending.pop(tenant_id)
+                self._note_batch(tenant_id, len(batch))
                 try:
                     await self._append(tenant_id, [fields for fields, _ in batch])
                 except Exception as exc:  # noqa: BLE001 - handed to every caller waiting on this batch
@@ -189,6 +207,37 @@ class AuditLog:
                         done.set_result(None)
         finally:
             self._writers.pop(tenant_id, None)
+
+    async def _hold(self, tenant_id: str) -> None:
+        """Under concurrent reads, wait (at most HOLD_SECONDS) until the batch is as large as the largest
+        of the tenant's last RECENT_SECONDS: calls that gRPC hands over a few hundred microseconds apart
+        then share one commit instead of paying one each. A tenant whose recent batches held one event
+        (one caller at a time, an idle server) is never held."""
+        expected, until = self._recent.get(tenant_id, (1, 0.0))
+        loop = asyncio.get_running_loop()
+        if loop.time() >= until:
+            self._recent.pop(tenant_id, None)  # nothing recent: forget the tenant
+            return
+        if expected <= len(self._pending.get(tenant_id, ())):
+            return
+        wake = loop.create_future()
+        self._wakers[tenant_id] = (expected, wake)
+        timer = loop.call_later(HOLD_SECONDS, _wake, wake)
+        try:
+            await wake
+        finally:
+            timer.cancel()
+            self._wakers.pop(tenant_id, None)
+
+    def _note_batch(self, tenant_id: str, size: int) -> None:
+        """Remember a batch's size: the largest of the last RECENT_SECONDS is what the next ones wait for."""
+        now = asyncio.get_running_loop().time()
+        expected, until = self._recent.get(tenant_id, (0, 0.0))
+        if size >= expected or now >= until:
+            if size <= 1:
+                self._recent.pop(tenant_id, None)
+            else:
+                self._recent[tenant_id] = (size, now + RECENT_SECONDS)
 
     async def _append(self, tenant_id: str, batch: list[dict]) -> None:
         """Insert a batch after the chain head in one transaction (optimistic on the head).
@@ -255,8 +304,7 @@ class AuditLog:
             seq += 1
             entry = {**fields, "seq": seq}
             digest = audit_chain.link(prev, entry, self._key)
-            row = {**entry, "prev_hash": prev, "hash": digest}
-            rows.append(tuple(row[c] for c in store.AUDIT_COLUMNS))
+            rows.append((*_HASHED_VALUES(entry), prev, digest))  # AUDIT_COLUMNS ends with prev_hash, hash
             prev = digest
         return rows, (seq, prev)
 
@@ -338,6 +386,11 @@ class AuditLog:
             total += pruned
             if pruned < batch:
                 return total
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 def _anchor_of(head: store.AuditHeadRow | None) -> Anchor:

@@ -265,20 +265,38 @@ async def raw_append_audit(tx: RawTransaction, tenant_id: str, rows: list[tuple]
     return await tx.execute(_MOVE_HEAD, seq, digest, tenant_id, head_seq) == 1
 
 
+_SQLITE_AUDIT_HEAD = sqlite_sql(_AUDIT_HEAD)
+_SQLITE_FIRST_HEAD = sqlite_sql(_FIRST_HEAD)
+_SQLITE_MOVE_HEAD = sqlite_sql(_MOVE_HEAD)
+_SQLITE_INSERT_AUDIT = f"INSERT INTO cred_audit_events (tenant_id, {', '.join(AUDIT_COLUMNS)}) VALUES "
+_SQLITE_AUDIT_ROW = "(" + ", ".join("?" * (len(AUDIT_COLUMNS) + 1)) + ")"
+SQLITE_ROWS_PER_INSERT = 64
+"""Rows per INSERT statement of a SQLite append (64 x 15 parameters, far below SQLite's limit; few statement texts)."""
+
+
 def sqlite_audit_head(conn: sqlite3.Connection, tenant_id: str) -> tuple[int, str] | None:
     """raw_audit_head on a plain sqlite3 connection (the SqliteWriter's)."""
-    row = conn.execute(sqlite_sql(_AUDIT_HEAD), (tenant_id,)).fetchone()
+    row = conn.execute(_SQLITE_AUDIT_HEAD, (tenant_id,)).fetchone()
     return (int(row[0]), str(row[1])) if row is not None else None
 
 
 def sqlite_append_audit(conn: sqlite3.Connection, tenant_id: str, rows: list[tuple], *, head_seq: int) -> bool:
-    """raw_append_audit on a plain sqlite3 connection (the SqliteWriter's)."""
-    conn.executemany(sqlite_sql(_INSERT_AUDIT), [(tenant_id, *row) for row in rows])
+    """raw_append_audit on a plain sqlite3 connection (the SqliteWriter's).
+
+    A batch goes in as one multi-row INSERT (per SQLITE_ROWS_PER_INSERT rows) rather than executemany's
+    statement step per row (each step releases and retakes the GIL).
+    """
+    for start in range(0, len(rows), SQLITE_ROWS_PER_INSERT):
+        chunk = rows[start : start + SQLITE_ROWS_PER_INSERT]
+        conn.execute(
+            _SQLITE_INSERT_AUDIT + ", ".join([_SQLITE_AUDIT_ROW] * len(chunk)),
+            [value for row in chunk for value in (tenant_id, *row)],
+        )
     seq, digest = rows[-1][0], rows[-1][-1]
     if head_seq == 0:
-        conn.execute(sqlite_sql(_FIRST_HEAD), (tenant_id, seq, digest))
+        conn.execute(_SQLITE_FIRST_HEAD, (tenant_id, seq, digest))
         return True
-    return conn.execute(sqlite_sql(_MOVE_HEAD), (seq, digest, tenant_id, head_seq)).rowcount == 1
+    return conn.execute(_SQLITE_MOVE_HEAD, (seq, digest, tenant_id, head_seq)).rowcount == 1
 
 
 def is_unique_violation(exc: BaseException) -> bool:

@@ -40,6 +40,11 @@ CACHES: dict[str, Entry] = {
     "services/credentials/audit.py::_heads": Entry(
         TENANT, "tenant -> head of its access-audit chain", "tests/services/credentials/test_audit.py"
     ),
+    "services/credentials/audit.py::_recent": Entry(
+        TENANT,
+        "tenant -> size of its largest recent audit batch and until when it counts (a count, no event)",
+        "tests/services/credentials/test_audit_hold.py::test_a_tenants_batches_never_hold_another_tenant",
+    ),
     "services/credentials/audit.py::_paths": Entry(PLATFORM, "SQLite engine -> its file's path (no rows, no values)"),
     "services/credentials/sqlite_inline.py::_commits": Entry(
         PLATFORM, "SQLite file -> commits since its last checkpoint"
