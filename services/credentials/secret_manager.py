@@ -27,6 +27,9 @@ from shared.tenancy import require_tenant
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_VALUE_BYTES = 64 * 1024
 MIN_ROTATION_SECONDS = 60
+MAX_PERIOD_SECONDS = 100 * 366 * 24 * 3600
+"""The longest rotation or grace period: a century. Periods become microsecond timestamps, and one of
+protobuf's longest Durations would not fit in the database's 64-bit integers."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -170,8 +173,12 @@ class SecretManager:
                 violations["cas"] = "must be 0 or more"
             if rotation_period_s is not None and 0 < rotation_period_s < MIN_ROTATION_SECONDS:
                 violations["rotation_period"] = f"0 (off) or at least {MIN_ROTATION_SECONDS} seconds"
+            if rotation_period_s is not None and rotation_period_s > MAX_PERIOD_SECONDS:
+                violations["rotation_period"] = f"at most {MAX_PERIOD_SECONDS} seconds (a century)"
             if grace_period_s is not None and grace_period_s < 0:
                 violations["grace_period"] = "must not be negative"
+            if grace_period_s is not None and grace_period_s > MAX_PERIOD_SECONDS:
+                violations["grace_period"] = f"at most {MAX_PERIOD_SECONDS} seconds (a century)"
             if len(description) > 1024:
                 violations["description"] = "at most 1024 characters"
             if violations:

@@ -11,6 +11,8 @@ from services.metering.pricing import MAX_TOKENS, PriceBook, Tokens, tokens_prob
 MAX_BATCH = 5000
 MAX_LATENCY_MS = 86_400_000
 MAX_TEXT = 200
+MAX_OCCURRED_US = 253_402_300_799_999_999
+"""The last microsecond of year 9999, protobuf's latest Timestamp: later ones overflow the ledger's 64-bit column."""
 
 # Outcomes, as stored (the proto enum's numbers).
 OUTCOME_SUCCESS = 1
@@ -67,6 +69,8 @@ def validate_batch(records: Sequence[UsageRecord]) -> dict[str, str]:
                 problems[f"{where}.{name}"] = f"at most {MAX_TEXT} characters"
         if rec.occurred_us <= 0:
             problems[f"{where}.occur_time"] = "required"
+        elif rec.occurred_us > MAX_OCCURRED_US:
+            problems[f"{where}.occur_time"] = "must be a valid timestamp (before the year 10000)"
         problems.update(tokens_problems(rec.tokens, f"{where}.tokens"))
         if not 0 <= rec.latency_ms <= MAX_LATENCY_MS:
             problems[f"{where}.latency_ms"] = f"between 0 and {MAX_LATENCY_MS:,} (a day)"
@@ -188,6 +192,7 @@ def batch_problems(batch: UsageBatch) -> dict[str, str]:
         and max(map(_longest, (batch.keys, batch.models, batch.principals, batch.agents, batch.runs, batch.traces)))
         <= MAX_TEXT
         and min(batch.occurred_us) > 0
+        and max(batch.occurred_us) <= MAX_OCCURRED_US
         and all(min(c) >= 0 and max(c) <= MAX_TOKENS for c in counts)
         and min(batch.latencies_ms) >= 0
         and max(batch.latencies_ms) <= MAX_LATENCY_MS

@@ -39,6 +39,23 @@ async def test_invalid_secret_fields_are_refused_together(h):
     )
 
 
+async def test_periods_beyond_a_century_are_refused_before_anything_is_written(h):
+    """A rotation or grace period too long to schedule (its microsecond timestamp would overflow a 64-bit
+    integer) is INVALID_ARGUMENT naming the field, and no version is written."""
+    huge = duration_pb2.Duration(seconds=2**53 - 1)
+    details, _ = await expect_error(
+        grpc.StatusCode.INVALID_ARGUMENT, h.put("far", b"some-value", rotation_period=huge, grace_period=huge)
+    )
+    assert details["reason"] == "SECRET_INVALID"
+    assert set(details["bad_request"]) == {"rotation_period", "grace_period"}
+    await expect_error(
+        grpc.StatusCode.NOT_FOUND, h.stub.DescribeSecret(pb.DescribeSecretRequest(name="far"), metadata=h.md())
+    )
+    assert not (await h.stub.ListSecrets(pb.ListSecretsRequest(show_deleted=True), metadata=h.md())).secrets
+    century = duration_pb2.Duration(seconds=100 * 366 * 24 * 3600)
+    assert (await h.put("far", b"some-value", rotation_period=century, grace_period=century)).current_version == 1
+
+
 async def test_unknown_rotator_is_refused(h):
     """A rotator nobody registered is INVALID_ARGUMENT naming the field."""
     details, _ = await expect_error(grpc.StatusCode.INVALID_ARGUMENT, h.put("r", b"some-value", rotator="nope"))

@@ -73,3 +73,18 @@ async def test_usage_event_counts_are_bounded(metering):
     event.occur_time.GetCurrentTime()
     details = await _refused(metering.stub.RecordUsage(pb.RecordUsageRequest(events=[event]), metadata=metering.md(A)))
     assert any(f.endswith("tokens.output_tokens") for f in details["bad_request"]), details
+
+
+async def test_an_occur_time_past_the_year_9999_is_refused_naming_the_event(metering):
+    """A Timestamp later than protobuf's latest (its microseconds would overflow the ledger's 64-bit column) is
+    INVALID_ARGUMENT for that event's occur_time, and nothing of the batch is recorded."""
+    fine = pb.UsageEvent(idempotency_key="k-fine", model="m", tokens=pb.TokenCounts(output_tokens=1))
+    fine.occur_time.GetCurrentTime()
+    far = pb.UsageEvent(idempotency_key="k-far", model="m", tokens=pb.TokenCounts(output_tokens=1))
+    far.occur_time.seconds = 2**53 - 1
+    details = await _refused(
+        metering.stub.RecordUsage(pb.RecordUsageRequest(events=[fine, far]), metadata=metering.md(A))
+    )
+    assert details["reason"] == "INVALID_USAGE" and list(details["bad_request"]) == ["events[1].occur_time"]
+    retry = await metering.stub.RecordUsage(pb.RecordUsageRequest(events=[fine]), metadata=metering.md(A))
+    assert (retry.recorded_count, retry.duplicate_count) == (1, 0)  # the refused batch wrote nothing
