@@ -11,6 +11,9 @@ from shared.db import Database
 from shared.errors import Aborted, NotFound
 from shared.tenancy import require_tenant
 
+MAX_TTL_US = 100 * 366 * 24 * 3600 * 1_000_000
+"""The longest TTL, a century: protobuf's longest Durations would overflow the 64-bit expiry column."""
+
 
 def context_aad(tenant_id: str, kind: int, scope_id: str, key: str, revision: int) -> bytes:
     """Binds a value's ciphertext to its tenant, scope, key and revision."""
@@ -58,6 +61,8 @@ class ContextStore:
             raise validation.invalid("expected_revision", "expected_revision must not be negative", "INVALID_REVISION")
         if ttl_us is not None and ttl_us <= 0:
             raise validation.invalid("ttl", "ttl must be positive", "INVALID_TTL")
+        if ttl_us is not None and ttl_us > MAX_TTL_US:
+            raise validation.invalid("ttl", "ttl must be at most a century", "INVALID_TTL")
         sealer = await self._envelope.current_key()
         tenant = require_tenant().tenant_id
         try:

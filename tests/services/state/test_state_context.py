@@ -128,6 +128,7 @@ async def test_ttl_sets_expire_time(state: StateHarness):
         ("negative_revision", "INVALID_REVISION"),
         ("zero_ttl", "INVALID_TTL"),
         ("negative_ttl", "INVALID_TTL"),
+        ("endless_ttl", "INVALID_TTL"),
     ],
 )
 async def test_bad_context_input_is_invalid_and_writes_nothing(state: StateHarness, case: str, reason: str):
@@ -140,6 +141,7 @@ async def test_bad_context_input_is_invalid_and_writes_nothing(state: StateHarne
         "negative_revision": {"expected": -1},
         "zero_ttl": {"ttl": duration_pb2.Duration()},
         "negative_ttl": {"ttl": duration_pb2.Duration(seconds=-5)},
+        "endless_ttl": {"ttl": duration_pb2.Duration(seconds=2**53 - 1)},  # its expiry overflows 64 bits
     }[case]
     args = {"key": "k", "value": b"v", **kwargs}
     details = await expect_error(
