@@ -673,6 +673,7 @@ class RunStore:
         path): the run's row, the steps, the new progress.
         """
         tid = require_tenant().tenant_id
+        ended = None
         async with self._db.raw(write=True) as tx:
             if finished is None:  # progress only: one statement for the run, no transition to check
                 row = await tx.fetchrow(
@@ -686,7 +687,25 @@ class RunStore:
                     steps[-1].index if steps else 0,
                 )
             else:
-                row = await tx.fetchrow(
+                # A running run ends in one statement (RUNNING -> any end is always allowed); any other
+                # status is read and checked below.
+                ended = await tx.fetchrow(
+                    "UPDATE orch_runs SET current_agent = $3, updated_at = $4, "
+                    "step_count = CASE WHEN step_count < $5 THEN $5 ELSE step_count END, "
+                    "status = $6, output = $7, error_reason = $8, error_message = $9 "
+                    f"WHERE run_id = $1 AND tenant_id = $2 AND status = $10 RETURNING {_RUN_COLUMNS}",
+                    run_id,
+                    tid,
+                    current_agent,
+                    time.time(),
+                    steps[-1].index if steps else 0,
+                    RunStatus(finished.status).value,
+                    finished.output,
+                    finished.reason,
+                    finished.message,
+                    RunStatus.RUNNING.value,
+                )
+                row = ended or await tx.fetchrow(
                     f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2", run_id, tid
                 )
             if row is None:
@@ -715,7 +734,7 @@ class RunStore:
                 f" VALUES ($1, $2, $3, $4, $5, $6, $7){conflict}",
                 values,
             )
-            if finished is not None:
+            if finished is not None and ended is None:
                 changes: dict[str, Any] = {"current_agent": current_agent, "updated_at": time.time()}
                 if steps:
                     changes["step_count"] = max(run.step_count, steps[-1].index)
