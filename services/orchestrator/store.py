@@ -17,6 +17,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -263,6 +264,35 @@ def _queue_view(rows: Any, now: float) -> tuple[list[QueuedRun], Counter[str]]:
     return waiting, running
 
 
+_QUEUE_SQL = "SELECT run_id, tenant_id, state, enqueued_at, lease_expires FROM orch_run_queue"
+"""The whole queue, for _queue_view."""
+
+_CLAIM_SQL = (
+    "UPDATE orch_run_queue SET state = 'running', lease_owner = $2, lease_expires = $3 "
+    "WHERE run_id = $1 AND (state = 'queued' OR lease_expires <= $4) "
+    'RETURNING run_id, tenant_id, principal_id, tier, "grant", cancel_requested, traceparent'
+)
+"""Take the lease of a waiting run ($1 run, $2 owner, $3 expiry, $4 now); no row when it is not waiting."""
+
+
+def _claim_of(row: Any) -> Claim:
+    return Claim(row[0], row[1], row[2], row[3], bytes(row[4]), bool(row[5]), row[6] or "")
+
+
+_PLACE_SQL = "SELECT run_id, state, enqueued_at, lease_expires FROM orch_run_queue WHERE tenant_id = $1"
+"""One tenant's queue entries, for QueuePlace."""
+
+
+def _place_of(rows: Any, run_id: str, now: float) -> QueuePlace | None:
+    """Where run_id waits among one tenant's queue entries (_PLACE_SQL's rows); None when it is not waiting."""
+    live = [r for r in rows if r[1] == "running" and r[3] > now]
+    waiting = sorted((r for r in rows if not (r[1] == "running" and r[3] > now)), key=lambda r: (r[2], r[0]))
+    ids = [r[0] for r in waiting]
+    if run_id not in ids:
+        return None
+    return QueuePlace(position=ids.index(run_id) + 1, running=len(live))
+
+
 async def _notify(tx: Any, origin: str) -> None:
     """Tell every replica listening (Postgres) that the queue changed, when this transaction commits."""
     if tx.dialect == "postgresql":
@@ -418,7 +448,40 @@ class RunStore:
         lease: Lease | None = None,
         known_new: bool = False,
     ) -> tuple[RunRecord, bool, Claim | None]:
-        """Insert a queued run, then its queue entry; (run, created, claim).
+        """Insert a queued run, then its queue entry; (run, created, claim). See start_placed()."""
+        run, created, claim, _ = await self.start_placed(
+            team=team,
+            entry_agent=entry_agent,
+            run_input=run_input,
+            idempotency_key=idempotency_key,
+            tenant_id=tenant_id,
+            principal_id=principal_id,
+            tier=tier,
+            grant=grant,
+            run_id=run_id,
+            traceparent=traceparent,
+            lease=lease,
+            known_new=known_new,
+        )
+        return run, created, claim
+
+    async def start_placed(
+        self,
+        *,
+        team: TeamSpec,
+        entry_agent: str,
+        run_input: str,
+        idempotency_key: str,
+        tenant_id: str,
+        principal_id: str,
+        tier: str,
+        grant: bytes,
+        run_id: str | None = None,
+        traceparent: str = "",
+        lease: Lease | None = None,
+        known_new: bool = False,
+    ) -> tuple[RunRecord, bool, Claim | None, QueuePlace | None]:
+        """Insert a queued run, then its queue entry; (run, created, claim, place).
 
         The run lives where the tenant's tier puts it and the queue entry in the platform database,
         so they cannot share a transaction. The run goes first: the dispatcher never sees an entry
@@ -431,12 +494,15 @@ class RunStore:
         replica looks at a leased entry before its lease expires (a crash in between leaves an entry
         without its run, dropped at its next claim). One transaction on the queue instead of four
         (queue, read the queue, claim, begin). known_new: the caller looked the idempotency key up.
+
+        place: where a run this call queued waits, read in the transaction that queued it (None otherwise:
+        the run started at once, was there already, or its place could not be read with it).
         """
         entry = dict(tenant_id=tenant_id, principal_id=principal_id, tier=tier, grant=grant, traceparent=traceparent)
         if idempotency_key and not known_new:
             existing = await self._by_key(idempotency_key)
             if existing is not None:
-                return await self._requeued(existing, entry), False, None
+                return await self._requeued(existing, entry), False, None, None
         now = time.time()
         run_id = run_id or new_run_id()
         claim = await self._claim_new(run_id, now, entry, lease) if lease is not None else None
@@ -492,25 +558,25 @@ class RunStore:
             existing = await self._by_key(idempotency_key) if idempotency_key else None
             if existing is None:
                 raise AlreadyExists(f"run {run_id!r} already exists", reason="ALREADY_EXISTS")
-            return await self._requeued(existing, entry), False, None
+            return await self._requeued(existing, entry), False, None, None
         if claim is not None:
-            return run, True, claim
+            return run, True, claim, None
+        place = None
         try:
-            await self._enqueue(run_id, now, entry)
+            place = await self._enqueue(run_id, now, entry)
         except IntegrityError:
             pass  # a concurrent retry with the same key found this run and queued it first: it is queued
         except BaseException:
             # Unqueued, the run would wait forever: end it so the caller's retry starts afresh.
             await self._unqueueable(run_id)
             raise
-        return run, True, None
+        return run, True, None, place
 
     async def _claim_new(self, run_id: str, now: float, entry: dict[str, Any], lease: Lease) -> Claim | None:
         """Queue a new run already leased to lease.owner when fair admission would start it now; None (and
         nothing written) when it has to wait. One transaction: read the queue, decide, write the entry."""
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
-            rows = await tx.fetch("SELECT run_id, tenant_id, state, enqueued_at, lease_expires FROM orch_run_queue")
-            waiting, running = _queue_view(rows, now)
+            waiting, running = _queue_view(await tx.fetch(_QUEUE_SQL), now)
             me = QueuedRun(entry["tenant_id"], run_id, now)
             picks = pick_runs(
                 [*waiting, me], running, per_tenant_limit=lease.per_tenant_limit, free_slots=lease.free_slots
@@ -536,8 +602,9 @@ class RunStore:
         e = entry
         return Claim(run_id, e["tenant_id"], e["principal_id"], e["tier"], e["grant"], False, e["traceparent"])
 
-    async def _enqueue(self, run_id: str, now: float, entry: dict[str, Any]) -> None:
-        """Queue a run unless it is queued already (a concurrent retry queued it first)."""
+    async def _enqueue(self, run_id: str, now: float, entry: dict[str, Any]) -> QueuePlace | None:
+        """Queue a run unless it is queued already (a concurrent retry queued it first); returns where it
+        waits, read in the same transaction (StartRun's answer, without a transaction of its own)."""
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
             await tx.execute(
                 "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
@@ -553,6 +620,8 @@ class RunStore:
                 entry["traceparent"],
             )
             await _notify(tx, self._origin)
+            rows = await tx.fetch(_PLACE_SQL, entry["tenant_id"])
+        return _place_of(rows, run_id, time.time())
 
     async def _requeued(self, run: RunRecord, entry: dict[str, Any]) -> RunRecord:
         if run.status == RunStatus.QUEUED:
@@ -830,37 +899,40 @@ class RunStore:
     async def waiting(self, now: float) -> tuple[builtins.list[QueuedRun], Counter[str]]:
         """Runs waiting for a slot (queued, or running under an expired lease) and live leases per tenant."""
         async with raw_transaction(self._db.engine, tenant_id=None) as tx:
-            rows = await tx.fetch("SELECT run_id, tenant_id, state, enqueued_at, lease_expires FROM orch_run_queue")
+            rows = await tx.fetch(_QUEUE_SQL)
         return _queue_view(rows, now)
+
+    async def admit(
+        self,
+        now: float,
+        owner: str,
+        *,
+        ttl: float,
+        choose: Callable[[builtins.list[QueuedRun], Counter[str]], builtins.list[QueuedRun]],
+    ) -> tuple[builtins.list[QueuedRun], Counter[str], builtins.list[Claim]]:
+        """waiting() and claim() of the runs choose(waiting, running) picks, in one transaction: (waiting,
+        running, the claims won). Each claim is claim()'s conditional statement, so a run another replica
+        took meanwhile is simply not among the claims."""
+        async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            waiting, running = _queue_view(await tx.fetch(_QUEUE_SQL), now)
+            claims = []
+            for pick in choose(waiting, running):
+                row = await tx.fetchrow(_CLAIM_SQL, pick.run_id, owner, now + ttl, now)
+                if row is not None:
+                    claims.append(_claim_of(row))
+        return waiting, running, claims
 
     async def place(self, run_id: str, tenant_id: str, now: float) -> QueuePlace | None:
         """Where a run of tenant_id waits; None when it is not waiting. Reads that tenant's entries only."""
         async with raw_transaction(self._db.engine, tenant_id=None) as tx:
-            rows = await tx.fetch(
-                "SELECT run_id, state, enqueued_at, lease_expires FROM orch_run_queue WHERE tenant_id = $1", tenant_id
-            )
-        live = [r for r in rows if r[1] == "running" and r[3] > now]
-        waiting = sorted((r for r in rows if not (r[1] == "running" and r[3] > now)), key=lambda r: (r[2], r[0]))
-        ids = [r[0] for r in waiting]
-        if run_id not in ids:
-            return None
-        return QueuePlace(position=ids.index(run_id) + 1, running=len(live))
+            rows = await tx.fetch(_PLACE_SQL, tenant_id)
+        return _place_of(rows, run_id, now)
 
     async def claim(self, run_id: str, owner: str, *, ttl: float, now: float) -> Claim | None:
         """Take the lease of a waiting run; None when another replica got it first (one statement)."""
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
-            row = await tx.fetchrow(
-                "UPDATE orch_run_queue SET state = 'running', lease_owner = $2, lease_expires = $3 "
-                "WHERE run_id = $1 AND (state = 'queued' OR lease_expires <= $4) "
-                'RETURNING run_id, tenant_id, principal_id, tier, "grant", cancel_requested, traceparent',
-                run_id,
-                owner,
-                now + ttl,
-                now,
-            )
-        if row is None:
-            return None
-        return Claim(row[0], row[1], row[2], row[3], bytes(row[4]), bool(row[5]), row[6] or "")
+            row = await tx.fetchrow(_CLAIM_SQL, run_id, owner, now + ttl, now)
+        return None if row is None else _claim_of(row)
 
     async def renew(self, run_id: str, owner: str, *, ttl: float, now: float) -> str:
         """Extend our lease: "ok", "cancel" (ours, but cancel was asked), "gone" (the run finished)
