@@ -42,7 +42,7 @@ from services.orchestrator.runs import RunStatus, check_transition
 from services.orchestrator.scheduler import QueuedRun, pick_runs
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.team import TeamSpec
-from services.orchestrator.wakeups import NOTIFY_SQL
+from services.orchestrator.wakeups import NOTIFY_SQL, QUEUE_CHANNEL
 from shared import paging
 from shared.db import Base, Database, TenantOwned
 from shared.db.raw import raw_transaction
@@ -278,6 +278,25 @@ _CLAIM_SQL = (
 def _claim_of(row: Any) -> Claim:
     return Claim(row[0], row[1], row[2], row[3], bytes(row[4]), bool(row[5]), row[6] or "")
 
+
+_LEASED_SQL = (
+    "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
+    'lease_expires, cancel_requested, "grant", traceparent) '
+    "VALUES ($1, $2, $3, $4, 'running', $5, $6, $7, $8, $9, $10)"
+)
+"""A new run's entry, leased already ($5 now, $6 owner, $7 lease expiry)."""
+
+_LEASED_IF_ALONE_SQL = (
+    "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
+    'lease_expires, cancel_requested, "grant", traceparent) '
+    "SELECT $1, $2, $3, $4, 'running', $5, $6, $7, $8, $9, $10 "
+    "WHERE NOT EXISTS (SELECT 1 FROM orch_run_queue WHERE state <> 'running' OR lease_expires <= $11) "
+    "AND (SELECT count(*) FROM orch_run_queue WHERE tenant_id = $12 AND state = 'running' AND lease_expires > $11) "
+    "< $13"
+)
+"""_LEASED_SQL when no run waits at $11 (now; _queue_view's sense: queued, or leased but expired) and tenant $12
+holds fewer than $13 live leases: then pick_runs, given a free slot, picks the new run whatever runs elsewhere.
+(The conditions take parameters of their own: Postgres deduces one type per parameter.)"""
 
 _PLACE_SQL = "SELECT run_id, state, enqueued_at, lease_expires FROM orch_run_queue WHERE tenant_id = $1"
 """One tenant's queue entries, for QueuePlace."""
@@ -574,8 +593,28 @@ class RunStore:
 
     async def _claim_new(self, run_id: str, now: float, entry: dict[str, Any], lease: Lease) -> Claim | None:
         """Queue a new run already leased to lease.owner when fair admission would start it now; None (and
-        nothing written) when it has to wait. One transaction: read the queue, decide, write the entry."""
+        nothing written) when it has to wait. One transaction: read the queue, decide, write the entry.
+
+        Most often nothing waits and the tenant is under its limit, where fair admission picks the new run
+        whatever else runs: one conditional INSERT settles that case without reading the queue."""
+        values = (
+            run_id,
+            entry["tenant_id"],
+            entry["principal_id"],
+            entry["tier"],
+            now,
+            lease.owner,
+            now + lease.ttl,
+            False,
+            entry["grant"],
+            entry["traceparent"],
+        )
+        # No notice: no other replica has anything to do about an entry it may not take.
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            if lease.free_slots >= 1 and await tx.execute(
+                _LEASED_IF_ALONE_SQL, *values, now, entry["tenant_id"], lease.per_tenant_limit
+            ):
+                return self._new_claim(run_id, entry)
             waiting, running = _queue_view(await tx.fetch(_QUEUE_SQL), now)
             me = QueuedRun(entry["tenant_id"], run_id, now)
             picks = pick_runs(
@@ -583,22 +622,11 @@ class RunStore:
             )
             if me not in picks:
                 return None
-            # No notice: no other replica has anything to do about an entry it may not take.
-            await tx.execute(
-                "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
-                'lease_expires, cancel_requested, "grant", traceparent) '
-                "VALUES ($1, $2, $3, $4, 'running', $5, $6, $7, $8, $9, $10)",
-                run_id,
-                entry["tenant_id"],
-                entry["principal_id"],
-                entry["tier"],
-                now,
-                lease.owner,
-                now + lease.ttl,
-                False,
-                entry["grant"],
-                entry["traceparent"],
-            )
+            await tx.execute(_LEASED_SQL, *values)
+        return self._new_claim(run_id, entry)
+
+    @staticmethod
+    def _new_claim(run_id: str, entry: dict[str, Any]) -> Claim:
         e = entry
         return Claim(run_id, e["tenant_id"], e["principal_id"], e["tier"], e["grant"], False, e["traceparent"])
 
@@ -993,5 +1021,13 @@ class RunStore:
     async def drop(self, run_id: str) -> None:
         """Remove a queue entry whose run can no longer be executed."""
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
-            if await tx.execute("DELETE FROM orch_run_queue WHERE run_id = $1", run_id):
-                await _notify(tx, self._origin)  # a slot of its tenant is free: another replica may start a waiting run
+            # A slot of its tenant is free: another replica may start a waiting run (a notice when a row went).
+            if tx.dialect == "postgresql":  # the delete and its notice in one round trip
+                await tx.execute(
+                    "WITH gone AS (DELETE FROM orch_run_queue WHERE run_id = $1 RETURNING 1) "
+                    f"SELECT pg_notify('{QUEUE_CHANNEL}', $2) FROM gone LIMIT 1",
+                    run_id,
+                    self._origin,
+                )
+            elif await tx.execute("DELETE FROM orch_run_queue WHERE run_id = $1", run_id):
+                await _notify(tx, self._origin)
