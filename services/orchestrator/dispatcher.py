@@ -270,7 +270,8 @@ class Dispatcher:
             except Exception:  # the database may be briefly away; try again next tick
                 log.exception("dispatch round failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._s.poll_seconds)
+                async with asyncio.timeout(self._s.poll_seconds):  # no task per round, unlike wait_for
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _admit(self) -> None:
@@ -493,7 +494,8 @@ class _Recorder:
             self._wake.clear()
             if not self._closing:  # gather a few steps into one transaction
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closed.wait(), self._window)
+                    async with asyncio.timeout(self._window):
+                        await self._closed.wait()
             await self._flush(None)
 
     async def _flush(self, finished) -> RunRecord | None:

@@ -268,7 +268,12 @@ class Orchestrator:
                     else:
                         wait = self._poll * 10 if self._dispatcher.executing(run_id) else quiet
                     try:
-                        step, live_run = await asyncio.wait_for(live.get(), wait)
+                        if live.empty():
+                            # asyncio.timeout, not wait_for: no task per step, one wake-up when the step comes.
+                            async with asyncio.timeout(wait):
+                                step, live_run = await live.get()
+                        else:
+                            step, live_run = live.get_nowait()
                     except TimeoutError:
                         quiet = min(quiet * 2, self._poll * 4)
                         break
