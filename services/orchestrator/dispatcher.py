@@ -15,6 +15,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -23,7 +24,7 @@ from services.orchestrator.grants import GrantSealer
 from services.orchestrator.history import RunView
 from services.orchestrator.ports import StepConflict
 from services.orchestrator.runs import RunStatus
-from services.orchestrator.scheduler import pick_runs
+from services.orchestrator.scheduler import QueuedRun, pick_runs
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.store import Claim, Lease, RunRecord, RunStore
 from shared.errors import NotFound, Unauthenticated, Unavailable
@@ -63,12 +64,38 @@ class _Backlog(list[tuple[Step, "RunRecord | None"]]):
 class StepFeed:
     """Live steps of the runs executing on this replica, for WatchRun streams on it (others poll the DB)."""
 
+    MAX_EXPECTED = 10_000
+    """Queued runs remembered by expect() at most (the oldest are forgotten: their streams read the database)."""
+
     def __init__(self) -> None:
         self._subscribers: dict[str, set[WatchQueue]] = {}
         self._backlog: dict[str, _Backlog] = {}
+        self._expected: dict[str, tuple[str, float]] = {}
+        """Fresh runs queued by a StartRun here that have not left the queue since: their tenant, and when
+        (time.monotonic()) they were expected."""
+
+    def expect(self, run_id: str, tenant_id: str) -> None:
+        """A StartRun here queued a fresh run of tenant_id: it has no step anywhere until it leaves the queue."""
+        self._expected[run_id] = (tenant_id, time.monotonic())
+        if len(self._expected) > self.MAX_EXPECTED:
+            del self._expected[next(iter(self._expected))]
+
+    def expected(self, run_id: str, tenant_id: str) -> bool:
+        """Whether run_id, a run of tenant_id, is a fresh run queued here that has not left the queue (as far as
+        this replica knows: the dispatcher's look nudges its streams when it has). False for another tenant."""
+        entry = self._expected.get(run_id)
+        return entry is not None and entry[0] == tenant_id
+
+    def prune_expected(self, queued: set[str], looked_at: float) -> None:
+        """Forget the expected runs no longer in the queue: queued holds the run ids waiting at a look at it
+        begun at looked_at (time.monotonic()); a run expected since may have been queued after that look."""
+        gone = [r for r, (_, at) in self._expected.items() if at < looked_at and r not in queued]
+        for run_id in gone:
+            del self._expected[run_id]
 
     def open(self, run_id: str, tenant_id: str) -> None:
         """A fresh run (no step anywhere yet) of tenant_id starts executing here: all its steps will be in the feed."""
+        self._expected.pop(run_id, None)
         self._backlog[run_id] = _Backlog(tenant_id)
 
     def complete(self, run_id: str, tenant_id: str) -> bool:
@@ -91,9 +118,12 @@ class StepFeed:
     def forget(self, run_id: str) -> None:
         """The run stopped executing here: drop its backlog."""
         self._backlog.pop(run_id, None)
+        self._expected.pop(run_id, None)
 
     def nudge(self, run_id: str) -> None:
-        """The run's execution here ended (finished or given back): its watchers read the database again."""
+        """The run's execution here ended (finished or given back), or it left the queue other than by starting
+        here: its watchers read the database again."""
+        self._expected.pop(run_id, None)
         for queue in self._subscribers.get(run_id, ()):
             queue.put_nowait((None, None))
 
@@ -240,7 +270,8 @@ class Dispatcher:
             except Exception:  # the database may be briefly away; try again next tick
                 log.exception("dispatch round failed")
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), self._s.poll_seconds)
+                async with asyncio.timeout(self._s.poll_seconds):  # no task per round, unlike wait_for
+                    await self._wake.wait()
             self._wake.clear()
 
     async def _admit(self) -> None:
@@ -250,26 +281,32 @@ class Dispatcher:
             self._more_waiting = True
             if not watched:
                 return
-        now = time.time()
-        waiting, running = await self._runs.waiting(now)
+        now, looked_at = time.time(), time.monotonic()
+        claims: list[Claim] = []
+        if free <= 0:
+            waiting, _ = await self._runs.waiting(now)
+        else:
+
+            def choose(waiting: list[QueuedRun], running: Counter[str]) -> list[QueuedRun]:
+                startable = [w for w in waiting if w.run_id not in self._tasks and not self._suspended(w.tenant_id)]
+                picks = pick_runs(startable, running, per_tenant_limit=self._s.runs_per_tenant, free_slots=free)
+                self._more_waiting = len(picks) < len(startable)
+                return picks
+
+            # The look and the claims of what it picks share one transaction.
+            waiting, _, claims = await self._runs.admit(now, self.owner, ttl=self._s.lease_seconds, choose=choose)
+        queued = {w.run_id for w in waiting}
+        self._feed.prune_expected(queued, looked_at)
         if watched:
             # Streams of queued runs wait for this look instead of each reading the database on a timer:
             # a run no longer waiting and not executing here was claimed elsewhere, cancelled or ended.
-            queued = {w.run_id for w in waiting}
             for run_id in watched:
                 if run_id not in queued and run_id not in self._tasks:
                     self._feed.nudge(run_id)
-        if free <= 0:
-            return
-        waiting = [w for w in waiting if w.run_id not in self._tasks and not self._suspended(w.tenant_id)]
-        picks = pick_runs(waiting, running, per_tenant_limit=self._s.runs_per_tenant, free_slots=free)
-        self._more_waiting = len(picks) < len(waiting)
-        for pick in picks:
-            claim = await self._runs.claim(pick.run_id, self.owner, ttl=self._s.lease_seconds, now=time.time())
-            if claim is not None:
-                if claim.cancel_requested:
-                    self._cancel.add(claim.run_id)
-                self._tasks[claim.run_id] = asyncio.create_task(self._execute(claim), name=f"run-{claim.run_id}")
+        for claim in claims:
+            if claim.cancel_requested:
+                self._cancel.add(claim.run_id)
+            self._tasks[claim.run_id] = asyncio.create_task(self._execute(claim), name=f"run-{claim.run_id}")
 
     async def _execute(self, claim: Claim, begun: RunRecord | None = None) -> None:
         """Execute a claimed run; begun: the run as StartRun wrote it, RUNNING already (never executed)."""
@@ -457,7 +494,8 @@ class _Recorder:
             self._wake.clear()
             if not self._closing:  # gather a few steps into one transaction
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closed.wait(), self._window)
+                    async with asyncio.timeout(self._window):
+                        await self._closed.wait()
             await self._flush(None)
 
     async def _flush(self, finished) -> RunRecord | None:

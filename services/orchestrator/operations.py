@@ -119,6 +119,15 @@ class Orchestrator:
 
     async def start_run(self, *, team: str, entry_agent: str, run_input: str, idempotency_key: str) -> RunRecord:
         """Queue a run (or return the run this idempotency key already started)."""
+        run, _ = await self.start_run_placed(
+            team=team, entry_agent=entry_agent, run_input=run_input, idempotency_key=idempotency_key
+        )
+        return run
+
+    async def start_run_placed(
+        self, *, team: str, entry_agent: str, run_input: str, idempotency_key: str
+    ) -> tuple[RunRecord, RunQueue | None]:
+        """start_run(), with where the run waits when it is queued (as queue_of() says)."""
         v: dict[str, str] = {}
         if not team:
             v["team"] = "required"
@@ -153,14 +162,14 @@ class Orchestrator:
         if delegation is None:
             existing = await self._runs.by_idempotency_key(idempotency_key)
             if existing is not None:
-                return existing
+                return existing, await self.queue_of(existing)
             delegation = asyncio.ensure_future(self._delegate(run_id))
         token = await delegation
         # A free slot here: the run starts at once when fair admission allows (no trip through the queue).
         lease = self._dispatcher.lease_for_new_run(ctx.tenant_id)
-        claim = None
+        claim = place = None
         try:
-            run, _, claim = await self._runs.start(
+            run, created, claim, place = await self._runs.start_placed(
                 team=spec,
                 entry_agent=entry,
                 run_input=run_input,
@@ -180,8 +189,13 @@ class Orchestrator:
         if claim is not None:
             await self._dispatcher.adopt(claim, run)
         else:
+            if created and run.status == RunStatus.QUEUED:
+                # Fresh and queued: until it leaves the queue, its streams here know it has no steps.
+                self._feed.expect(run_id, ctx.tenant_id)
             self._dispatcher.wake()
-        return run
+        if place is not None and run.status == RunStatus.QUEUED:
+            return run, RunQueue(place.position, place.running, self._dispatcher.runs_per_tenant)
+        return run, await self.queue_of(run)
 
     async def _delegate(self, run_id: str) -> str:
         return await self._delegator.delegate(scopes=list(RUN_SCOPES), run_id=run_id, ttl=self._ttl)
@@ -221,7 +235,13 @@ class Orchestrator:
         with self._feed.subscribe(run_id) as live:
             # A fresh run of the caller's tenant executing here: every step of it is in the feed (those made
             # already were queued on subscribing), so the database has nothing to add yet.
-            from_feed = after_step == 0 and self._feed.complete(run_id, require_tenant().tenant_id)
+            tenant_id = require_tenant().tenant_id
+            from_feed = after_step == 0 and self._feed.complete(run_id, tenant_id)
+            if not from_feed and after_step == 0 and self._dispatcher.watches_queue:
+                # A fresh run of the caller's tenant that a StartRun here queued and that has not left the queue
+                # since: nothing to read yet; the dispatcher's look nudges this stream when it leaves the queue
+                # other than by starting here (where its steps come in the feed).
+                from_feed = live.queued = self._feed.expected(run_id, tenant_id)
             while True:
                 if not from_feed:
                     # Catch up from the database (steps recorded by any replica), with the run as of the
@@ -248,7 +268,12 @@ class Orchestrator:
                     else:
                         wait = self._poll * 10 if self._dispatcher.executing(run_id) else quiet
                     try:
-                        step, live_run = await asyncio.wait_for(live.get(), wait)
+                        if live.empty():
+                            # asyncio.timeout, not wait_for: no task per step, one wake-up when the step comes.
+                            async with asyncio.timeout(wait):
+                                step, live_run = await live.get()
+                        else:
+                            step, live_run = live.get_nowait()
                     except TimeoutError:
                         quiet = min(quiet * 2, self._poll * 4)
                         break

@@ -70,7 +70,11 @@ async def start(
         credentials=svc.peer("credentials"),
     )
     async with Startup(svc.tls) as up:
-        db = up.closing(await open_service_database(svc, migrations=MIGRATIONS))  # every region's (data residency)
+        db = up.closing(  # every region's (data residency)
+            await open_service_database(
+                svc, migrations=MIGRATIONS, pool_size=config.database_pool, max_overflow=config.database_pool
+            )
+        )
         state_ch = up.channel(peers.state, forward=True)
         identity_ch = up.channel(peers.identity, forward=True)
         http = HttpToolRunner(

@@ -58,13 +58,13 @@ class OrchestratorServicer(orchestrator_pb2_grpc.OrchestratorServiceServicer):
         return pb.DeleteTeamResponse()
 
     async def StartRun(self, request, context):
-        run = await self._o.start_run(
+        run, queue = await self._o.start_run_placed(
             team=request.team,
             entry_agent=request.entry_agent,
             run_input=request.input,
             idempotency_key=request.idempotency_key,
         )
-        return pb.StartRunResponse(run=run_to_pb(run), queue=queue_to_pb(await self._o.queue_of(run)))
+        return pb.StartRunResponse(run=run_to_pb(run), queue=queue_to_pb(queue))
 
     async def GetRun(self, request, context):
         run = await self._o.get_run(request.run_id)

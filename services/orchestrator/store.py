@@ -17,6 +17,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -41,7 +42,7 @@ from services.orchestrator.runs import RunStatus, check_transition
 from services.orchestrator.scheduler import QueuedRun, pick_runs
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.team import TeamSpec
-from services.orchestrator.wakeups import NOTIFY_SQL
+from services.orchestrator.wakeups import NOTIFY_SQL, QUEUE_CHANNEL
 from shared import paging
 from shared.db import Base, Database, TenantOwned
 from shared.db.raw import raw_transaction
@@ -263,6 +264,54 @@ def _queue_view(rows: Any, now: float) -> tuple[list[QueuedRun], Counter[str]]:
     return waiting, running
 
 
+_QUEUE_SQL = "SELECT run_id, tenant_id, state, enqueued_at, lease_expires FROM orch_run_queue"
+"""The whole queue, for _queue_view."""
+
+_CLAIM_SQL = (
+    "UPDATE orch_run_queue SET state = 'running', lease_owner = $2, lease_expires = $3 "
+    "WHERE run_id = $1 AND (state = 'queued' OR lease_expires <= $4) "
+    'RETURNING run_id, tenant_id, principal_id, tier, "grant", cancel_requested, traceparent'
+)
+"""Take the lease of a waiting run ($1 run, $2 owner, $3 expiry, $4 now); no row when it is not waiting."""
+
+
+def _claim_of(row: Any) -> Claim:
+    return Claim(row[0], row[1], row[2], row[3], bytes(row[4]), bool(row[5]), row[6] or "")
+
+
+_LEASED_SQL = (
+    "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
+    'lease_expires, cancel_requested, "grant", traceparent) '
+    "VALUES ($1, $2, $3, $4, 'running', $5, $6, $7, $8, $9, $10)"
+)
+"""A new run's entry, leased already ($5 now, $6 owner, $7 lease expiry)."""
+
+_LEASED_IF_ALONE_SQL = (
+    "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
+    'lease_expires, cancel_requested, "grant", traceparent) '
+    "SELECT $1, $2, $3, $4, 'running', $5, $6, $7, $8, $9, $10 "
+    "WHERE NOT EXISTS (SELECT 1 FROM orch_run_queue WHERE state <> 'running' OR lease_expires <= $11) "
+    "AND (SELECT count(*) FROM orch_run_queue WHERE tenant_id = $12 AND state = 'running' AND lease_expires > $11) "
+    "< $13"
+)
+"""_LEASED_SQL when no run waits at $11 (now; _queue_view's sense: queued, or leased but expired) and tenant $12
+holds fewer than $13 live leases: then pick_runs, given a free slot, picks the new run whatever runs elsewhere.
+(The conditions take parameters of their own: Postgres deduces one type per parameter.)"""
+
+_PLACE_SQL = "SELECT run_id, state, enqueued_at, lease_expires FROM orch_run_queue WHERE tenant_id = $1"
+"""One tenant's queue entries, for QueuePlace."""
+
+
+def _place_of(rows: Any, run_id: str, now: float) -> QueuePlace | None:
+    """Where run_id waits among one tenant's queue entries (_PLACE_SQL's rows); None when it is not waiting."""
+    live = [r for r in rows if r[1] == "running" and r[3] > now]
+    waiting = sorted((r for r in rows if not (r[1] == "running" and r[3] > now)), key=lambda r: (r[2], r[0]))
+    ids = [r[0] for r in waiting]
+    if run_id not in ids:
+        return None
+    return QueuePlace(position=ids.index(run_id) + 1, running=len(live))
+
+
 async def _notify(tx: Any, origin: str) -> None:
     """Tell every replica listening (Postgres) that the queue changed, when this transaction commits."""
     if tx.dialect == "postgresql":
@@ -418,7 +467,40 @@ class RunStore:
         lease: Lease | None = None,
         known_new: bool = False,
     ) -> tuple[RunRecord, bool, Claim | None]:
-        """Insert a queued run, then its queue entry; (run, created, claim).
+        """Insert a queued run, then its queue entry; (run, created, claim). See start_placed()."""
+        run, created, claim, _ = await self.start_placed(
+            team=team,
+            entry_agent=entry_agent,
+            run_input=run_input,
+            idempotency_key=idempotency_key,
+            tenant_id=tenant_id,
+            principal_id=principal_id,
+            tier=tier,
+            grant=grant,
+            run_id=run_id,
+            traceparent=traceparent,
+            lease=lease,
+            known_new=known_new,
+        )
+        return run, created, claim
+
+    async def start_placed(
+        self,
+        *,
+        team: TeamSpec,
+        entry_agent: str,
+        run_input: str,
+        idempotency_key: str,
+        tenant_id: str,
+        principal_id: str,
+        tier: str,
+        grant: bytes,
+        run_id: str | None = None,
+        traceparent: str = "",
+        lease: Lease | None = None,
+        known_new: bool = False,
+    ) -> tuple[RunRecord, bool, Claim | None, QueuePlace | None]:
+        """Insert a queued run, then its queue entry; (run, created, claim, place).
 
         The run lives where the tenant's tier puts it and the queue entry in the platform database,
         so they cannot share a transaction. The run goes first: the dispatcher never sees an entry
@@ -431,12 +513,15 @@ class RunStore:
         replica looks at a leased entry before its lease expires (a crash in between leaves an entry
         without its run, dropped at its next claim). One transaction on the queue instead of four
         (queue, read the queue, claim, begin). known_new: the caller looked the idempotency key up.
+
+        place: where a run this call queued waits, read in the transaction that queued it (None otherwise:
+        the run started at once, was there already, or its place could not be read with it).
         """
         entry = dict(tenant_id=tenant_id, principal_id=principal_id, tier=tier, grant=grant, traceparent=traceparent)
         if idempotency_key and not known_new:
             existing = await self._by_key(idempotency_key)
             if existing is not None:
-                return await self._requeued(existing, entry), False, None
+                return await self._requeued(existing, entry), False, None, None
         now = time.time()
         run_id = run_id or new_run_id()
         claim = await self._claim_new(run_id, now, entry, lease) if lease is not None else None
@@ -492,52 +577,62 @@ class RunStore:
             existing = await self._by_key(idempotency_key) if idempotency_key else None
             if existing is None:
                 raise AlreadyExists(f"run {run_id!r} already exists", reason="ALREADY_EXISTS")
-            return await self._requeued(existing, entry), False, None
+            return await self._requeued(existing, entry), False, None, None
         if claim is not None:
-            return run, True, claim
+            return run, True, claim, None
+        place = None
         try:
-            await self._enqueue(run_id, now, entry)
+            place = await self._enqueue(run_id, now, entry)
         except IntegrityError:
             pass  # a concurrent retry with the same key found this run and queued it first: it is queued
         except BaseException:
             # Unqueued, the run would wait forever: end it so the caller's retry starts afresh.
             await self._unqueueable(run_id)
             raise
-        return run, True, None
+        return run, True, None, place
 
     async def _claim_new(self, run_id: str, now: float, entry: dict[str, Any], lease: Lease) -> Claim | None:
         """Queue a new run already leased to lease.owner when fair admission would start it now; None (and
-        nothing written) when it has to wait. One transaction: read the queue, decide, write the entry."""
+        nothing written) when it has to wait. One transaction: read the queue, decide, write the entry.
+
+        Most often nothing waits and the tenant is under its limit, where fair admission picks the new run
+        whatever else runs: one conditional INSERT settles that case without reading the queue."""
+        values = (
+            run_id,
+            entry["tenant_id"],
+            entry["principal_id"],
+            entry["tier"],
+            now,
+            lease.owner,
+            now + lease.ttl,
+            False,
+            entry["grant"],
+            entry["traceparent"],
+        )
+        # No notice: no other replica has anything to do about an entry it may not take.
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
-            rows = await tx.fetch("SELECT run_id, tenant_id, state, enqueued_at, lease_expires FROM orch_run_queue")
-            waiting, running = _queue_view(rows, now)
+            if lease.free_slots >= 1 and await tx.execute(
+                _LEASED_IF_ALONE_SQL, *values, now, entry["tenant_id"], lease.per_tenant_limit
+            ):
+                return self._new_claim(run_id, entry)
+            waiting, running = _queue_view(await tx.fetch(_QUEUE_SQL), now)
             me = QueuedRun(entry["tenant_id"], run_id, now)
             picks = pick_runs(
                 [*waiting, me], running, per_tenant_limit=lease.per_tenant_limit, free_slots=lease.free_slots
             )
             if me not in picks:
                 return None
-            # No notice: no other replica has anything to do about an entry it may not take.
-            await tx.execute(
-                "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
-                'lease_expires, cancel_requested, "grant", traceparent) '
-                "VALUES ($1, $2, $3, $4, 'running', $5, $6, $7, $8, $9, $10)",
-                run_id,
-                entry["tenant_id"],
-                entry["principal_id"],
-                entry["tier"],
-                now,
-                lease.owner,
-                now + lease.ttl,
-                False,
-                entry["grant"],
-                entry["traceparent"],
-            )
+            await tx.execute(_LEASED_SQL, *values)
+        return self._new_claim(run_id, entry)
+
+    @staticmethod
+    def _new_claim(run_id: str, entry: dict[str, Any]) -> Claim:
         e = entry
         return Claim(run_id, e["tenant_id"], e["principal_id"], e["tier"], e["grant"], False, e["traceparent"])
 
-    async def _enqueue(self, run_id: str, now: float, entry: dict[str, Any]) -> None:
-        """Queue a run unless it is queued already (a concurrent retry queued it first)."""
+    async def _enqueue(self, run_id: str, now: float, entry: dict[str, Any]) -> QueuePlace | None:
+        """Queue a run unless it is queued already (a concurrent retry queued it first); returns where it
+        waits, read in the same transaction (StartRun's answer, without a transaction of its own)."""
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
             await tx.execute(
                 "INSERT INTO orch_run_queue (run_id, tenant_id, principal_id, tier, state, enqueued_at, lease_owner, "
@@ -553,6 +648,8 @@ class RunStore:
                 entry["traceparent"],
             )
             await _notify(tx, self._origin)
+            rows = await tx.fetch(_PLACE_SQL, entry["tenant_id"])
+        return _place_of(rows, run_id, time.time())
 
     async def _requeued(self, run: RunRecord, entry: dict[str, Any]) -> RunRecord:
         if run.status == RunStatus.QUEUED:
@@ -673,6 +770,7 @@ class RunStore:
         path): the run's row, the steps, the new progress.
         """
         tid = require_tenant().tenant_id
+        ended = None
         async with self._db.raw(write=True) as tx:
             if finished is None:  # progress only: one statement for the run, no transition to check
                 row = await tx.fetchrow(
@@ -686,7 +784,25 @@ class RunStore:
                     steps[-1].index if steps else 0,
                 )
             else:
-                row = await tx.fetchrow(
+                # A running run ends in one statement (RUNNING -> any end is always allowed); any other
+                # status is read and checked below.
+                ended = await tx.fetchrow(
+                    "UPDATE orch_runs SET current_agent = $3, updated_at = $4, "
+                    "step_count = CASE WHEN step_count < $5 THEN $5 ELSE step_count END, "
+                    "status = $6, output = $7, error_reason = $8, error_message = $9 "
+                    f"WHERE run_id = $1 AND tenant_id = $2 AND status = $10 RETURNING {_RUN_COLUMNS}",
+                    run_id,
+                    tid,
+                    current_agent,
+                    time.time(),
+                    steps[-1].index if steps else 0,
+                    RunStatus(finished.status).value,
+                    finished.output,
+                    finished.reason,
+                    finished.message,
+                    RunStatus.RUNNING.value,
+                )
+                row = ended or await tx.fetchrow(
                     f"SELECT {_RUN_COLUMNS} FROM orch_runs WHERE run_id = $1 AND tenant_id = $2", run_id, tid
                 )
             if row is None:
@@ -715,7 +831,7 @@ class RunStore:
                 f" VALUES ($1, $2, $3, $4, $5, $6, $7){conflict}",
                 values,
             )
-            if finished is not None:
+            if finished is not None and ended is None:
                 changes: dict[str, Any] = {"current_agent": current_agent, "updated_at": time.time()}
                 if steps:
                     changes["step_count"] = max(run.step_count, steps[-1].index)
@@ -811,37 +927,40 @@ class RunStore:
     async def waiting(self, now: float) -> tuple[builtins.list[QueuedRun], Counter[str]]:
         """Runs waiting for a slot (queued, or running under an expired lease) and live leases per tenant."""
         async with raw_transaction(self._db.engine, tenant_id=None) as tx:
-            rows = await tx.fetch("SELECT run_id, tenant_id, state, enqueued_at, lease_expires FROM orch_run_queue")
+            rows = await tx.fetch(_QUEUE_SQL)
         return _queue_view(rows, now)
+
+    async def admit(
+        self,
+        now: float,
+        owner: str,
+        *,
+        ttl: float,
+        choose: Callable[[builtins.list[QueuedRun], Counter[str]], builtins.list[QueuedRun]],
+    ) -> tuple[builtins.list[QueuedRun], Counter[str], builtins.list[Claim]]:
+        """waiting() and claim() of the runs choose(waiting, running) picks, in one transaction: (waiting,
+        running, the claims won). Each claim is claim()'s conditional statement, so a run another replica
+        took meanwhile is simply not among the claims."""
+        async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            waiting, running = _queue_view(await tx.fetch(_QUEUE_SQL), now)
+            claims = []
+            for pick in choose(waiting, running):
+                row = await tx.fetchrow(_CLAIM_SQL, pick.run_id, owner, now + ttl, now)
+                if row is not None:
+                    claims.append(_claim_of(row))
+        return waiting, running, claims
 
     async def place(self, run_id: str, tenant_id: str, now: float) -> QueuePlace | None:
         """Where a run of tenant_id waits; None when it is not waiting. Reads that tenant's entries only."""
         async with raw_transaction(self._db.engine, tenant_id=None) as tx:
-            rows = await tx.fetch(
-                "SELECT run_id, state, enqueued_at, lease_expires FROM orch_run_queue WHERE tenant_id = $1", tenant_id
-            )
-        live = [r for r in rows if r[1] == "running" and r[3] > now]
-        waiting = sorted((r for r in rows if not (r[1] == "running" and r[3] > now)), key=lambda r: (r[2], r[0]))
-        ids = [r[0] for r in waiting]
-        if run_id not in ids:
-            return None
-        return QueuePlace(position=ids.index(run_id) + 1, running=len(live))
+            rows = await tx.fetch(_PLACE_SQL, tenant_id)
+        return _place_of(rows, run_id, now)
 
     async def claim(self, run_id: str, owner: str, *, ttl: float, now: float) -> Claim | None:
         """Take the lease of a waiting run; None when another replica got it first (one statement)."""
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
-            row = await tx.fetchrow(
-                "UPDATE orch_run_queue SET state = 'running', lease_owner = $2, lease_expires = $3 "
-                "WHERE run_id = $1 AND (state = 'queued' OR lease_expires <= $4) "
-                'RETURNING run_id, tenant_id, principal_id, tier, "grant", cancel_requested, traceparent',
-                run_id,
-                owner,
-                now + ttl,
-                now,
-            )
-        if row is None:
-            return None
-        return Claim(row[0], row[1], row[2], row[3], bytes(row[4]), bool(row[5]), row[6] or "")
+            row = await tx.fetchrow(_CLAIM_SQL, run_id, owner, now + ttl, now)
+        return None if row is None else _claim_of(row)
 
     async def renew(self, run_id: str, owner: str, *, ttl: float, now: float) -> str:
         """Extend our lease: "ok", "cancel" (ours, but cancel was asked), "gone" (the run finished)
@@ -902,5 +1021,13 @@ class RunStore:
     async def drop(self, run_id: str) -> None:
         """Remove a queue entry whose run can no longer be executed."""
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
-            if await tx.execute("DELETE FROM orch_run_queue WHERE run_id = $1", run_id):
-                await _notify(tx, self._origin)  # a slot of its tenant is free: another replica may start a waiting run
+            # A slot of its tenant is free: another replica may start a waiting run (a notice when a row went).
+            if tx.dialect == "postgresql":  # the delete and its notice in one round trip
+                await tx.execute(
+                    "WITH gone AS (DELETE FROM orch_run_queue WHERE run_id = $1 RETURNING 1) "
+                    f"SELECT pg_notify('{QUEUE_CHANNEL}', $2) FROM gone LIMIT 1",
+                    run_id,
+                    self._origin,
+                )
+            elif await tx.execute("DELETE FROM orch_run_queue WHERE run_id = $1", run_id):
+                await _notify(tx, self._origin)

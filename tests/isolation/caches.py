@@ -115,6 +115,12 @@ CACHES: dict[str, Entry] = {
         "tests/services/orchestrator/test_e2e.py::test_a_run_executing_here_streams_from_its_first_step_to_its_tenant_only",
     ),
     "services/orchestrator/dispatcher.py::_cancel": Entry(UNIQUE, "server-made run ids to cancel", _MATRIX),
+    "services/orchestrator/dispatcher.py::_expected": Entry(
+        UNIQUE,
+        "server-made run id -> its tenant, for a fresh run a StartRun here queued: only that tenant's WatchRun "
+        "skips the database; any other stream reads the run in the caller's tenant first",
+        "tests/services/orchestrator/test_e2e.py::test_a_run_queued_here_streams_from_its_first_step_to_its_tenant_only",
+    ),
     "services/orchestrator/ratelimit.py::_buckets": Entry(
         TENANT, "tenant -> HTTP tool rate bucket", "tests/services/orchestrator/test_canary_ratelimit.py"
     ),

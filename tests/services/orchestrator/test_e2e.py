@@ -261,6 +261,30 @@ async def test_a_run_executing_here_streams_from_its_first_step_to_its_tenant_on
     assert seen[-1].run.step_count == len(seen)
 
 
+async def test_a_run_queued_here_streams_from_its_first_step_to_its_tenant_only(tier, mesh, upstream):
+    """A fresh run that a StartRun here queued (its tenant's one slot taken): its tenant's stream waits for it
+    without reading the database and follows it from step 1 once it starts here, while another tenant watching
+    it, still queued, gets NOT_FOUND as for a run that does not exist."""
+    a, b = await mesh.tenant(tier), await mesh.tenant(tier)
+    await mesh.stub.CreateTeam(pb.CreateTeamRequest(team=team_pb(model=MODEL)), metadata=a.metadata)
+    upstream.fail_next(Fault.slow(1.0))
+    first = await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="x"), metadata=a.metadata)
+    while upstream.request_count < 1:  # the first run holds the slot, mid-call
+        await asyncio.sleep(0.02)
+    queued = await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="y"), metadata=a.metadata)
+    assert queued.run.status == pb.RUN_STATUS_QUEUED
+    assert (queued.queue.position, queued.queue.running, queued.queue.limit) == (1, 1, 1)
+    run_id = queued.run.run_id
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await watch(mesh, b, run_id)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    seen = await watch(mesh, a, run_id)
+    assert [m.step.index for m in seen] == list(range(1, len(seen) + 1))
+    assert seen[0].step.kind == pb.STEP_KIND_RUN_STARTED and seen[-1].run.status == pb.RUN_STATUS_SUCCEEDED
+    assert seen[-1].run.step_count == len(seen) and seen[-1].run.input == "y"
+    assert (await watch(mesh, a, first.run.run_id))[-1].run.status == pb.RUN_STATUS_SUCCEEDED
+
+
 async def test_cli_apply_start_list_and_cancel(tier, mesh, upstream, tmp_path, monkeypatch, capsys):
     """`bulkhead teams apply -f`, `runs start` (live progress), `runs list`, `runs cancel` against the mesh."""
     from bulkhead_cli import main
