@@ -76,7 +76,7 @@ async def open_service_database(
             read_url=read_url,
             regions=regions,
             region_of=placements.region_of if placements else None,
-            **engine_options,
+            **{"pool_size": service.database_pool, "max_overflow": service.database_overflow, **engine_options},
         )
     except BaseException:
         if placements is not None:

@@ -9,11 +9,10 @@
 | BULKHEAD_ORCHESTRATOR_TOOL_RATE | 5 | HTTP tool calls per second per tenant (burst: 4x) |
 | BULKHEAD_ORCHESTRATOR_TOOL_TIMEOUT | 10 | seconds an HTTP tool may take |
 | BULKHEAD_ORCHESTRATOR_DELEGATION_TTL | 3600 | lifetime asked for the delegated token (never beyond the caller's) |
-| BULKHEAD_ORCHESTRATOR_DATABASE_POOL | 16 | database connections a replica keeps open; as many more open for bursts and close after |
 
 Keys live in the data dir: `orchestrator-grant.key` (seals delegated tokens of queued runs) and
 `orchestrator-canary.key` (derives tenant canary markers; replicas must share it).
-Plus everything shared.config.ServiceConfig reads (address, database URLs, data dir, peers).
+Plus everything shared.config.ServiceConfig reads (address, database URLs and pool, data dir, peers).
 """
 
 from __future__ import annotations
@@ -47,10 +46,6 @@ class OrchestratorConfig:
     """Seconds per HTTP tool call."""
     delegation_ttl: int = 3600
     """Seconds of delegated-token lifetime to ask for."""
-    database_pool: int = 16
-    """Connections kept open per database (SQLAlchemy pool_size; max_overflow is as many again). Every run
-    start, admission, step copy and end is a transaction: with SQLAlchemy's default of 5, a busy replica
-    opened and closed connections all the time (0.66 new Postgres connections per run at 100 concurrent runs)."""
 
     @property
     def grant_key_path(self) -> Path:
@@ -83,5 +78,4 @@ class OrchestratorConfig:
             tool_rate=read.positive("TOOL_RATE", 5.0),
             tool_timeout=read.positive("TOOL_TIMEOUT", 10.0),
             delegation_ttl=read.positive("DELEGATION_TTL", 3600),
-            database_pool=read.positive("DATABASE_POOL", 16),
         )

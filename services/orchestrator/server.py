@@ -71,9 +71,7 @@ async def start(
     )
     async with Startup(svc.tls) as up:
         db = up.closing(  # every region's (data residency)
-            await open_service_database(
-                svc, migrations=MIGRATIONS, pool_size=config.database_pool, max_overflow=config.database_pool
-            )
+            await open_service_database(svc, migrations=MIGRATIONS)
         )
         state_ch = up.channel(peers.state, forward=True)
         identity_ch = up.channel(peers.identity, forward=True)
