@@ -318,6 +318,18 @@ def _done(span, m: _Method, tenant: str, started: float, code: grpc.StatusCode) 
     m.latency.observe(time.perf_counter() - started)
 
 
+async def _fail(exc: BaseException, context, method: str, ctx: TenantContext | None) -> None:
+    """Answer a handler's error with its status: a domain error's own, else INTERNAL with only the request id."""
+    if isinstance(exc, grpc.aio.AbortError):  # the handler aborted on purpose: keep its status
+        raise exc
+    if isinstance(exc, errors.BulkheadError):
+        await context.abort(exc.code, exc.message, errors.trailing_metadata(exc))
+    log.exception("unhandled error in %s", method)
+    rid = ctx.request_id if ctx else ""
+    internal = errors.BulkheadError(f"internal error; quote request id {rid or 'n/a'} when reporting it")
+    await context.abort(grpc.StatusCode.INTERNAL, internal.message, errors.trailing_metadata(internal))
+
+
 def _bind(behavior, kind: str, ctx: TenantContext | None, m: _Method, parent, page_key: bytes | None = None):
     """Run behavior in its server span with the tenant bound; translate domain errors; count and time the call.
 
@@ -325,16 +337,6 @@ def _bind(behavior, kind: str, ctx: TenantContext | None, m: _Method, parent, pa
     its context-manager layers: this runs on every call.
     """
     method = m.path
-
-    async def fail(exc: BaseException, context) -> None:
-        if isinstance(exc, grpc.aio.AbortError):  # the handler aborted on purpose: keep its status
-            raise exc
-        if isinstance(exc, errors.BulkheadError):
-            await context.abort(exc.code, exc.message, errors.trailing_metadata(exc))
-        log.exception("unhandled error in %s", method)
-        rid = ctx.request_id if ctx else ""
-        internal = errors.BulkheadError(f"internal error; quote request id {rid or 'n/a'} when reporting it")
-        await context.abort(grpc.StatusCode.INTERNAL, internal.message, errors.trailing_metadata(internal))
 
     if not kind.endswith("stream"):
 
@@ -347,9 +349,9 @@ def _bind(behavior, kind: str, ctx: TenantContext | None, m: _Method, parent, pa
                     try:
                         _check_numbers(request)
                         return await behavior(request, context)
-                    except Exception as exc:  # noqa: BLE001 - fail() answers every error with a status, redacted
+                    except Exception as exc:  # noqa: BLE001 - _fail() answers every error with a status, redacted
                         code = exc.code if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
-                        await fail(exc, context)
+                        await _fail(exc, context, method, ctx)
                     finally:
                         _done(span, m, tenant, started, code)
                 finally:
@@ -373,9 +375,9 @@ def _bind(behavior, kind: str, ctx: TenantContext | None, m: _Method, parent, pa
                             yield item
                     else:
                         await result
-                except Exception as exc:  # noqa: BLE001 - fail() answers every error with a status, redacted
+                except Exception as exc:  # noqa: BLE001 - _fail() answers every error with a status, redacted
                     code = exc.code if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
-                    await fail(exc, context)
+                    await _fail(exc, context, method, ctx)
                 finally:
                     _done(span, m, tenant, started, code)
             finally:
