@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import inspect
 import logging
+import os
 import time
-import uuid
+from collections.abc import Mapping
+from types import MappingProxyType
 
 import grpc
 from google.protobuf.message import Message
+from opentelemetry import context as otel_context
 from opentelemetry import trace
 from opentelemetry.propagate import extract
 from opentelemetry.trace import SpanKind, Status, StatusCode
 
 from shared import errors, paging
 from shared.bounds import number_violations
-from shared.metrics import LATENCY, REQUESTS, tenant_label
+from shared.metrics import LATENCY, count_request, tenant_label
 from shared.scopes import MethodRule, RuleBook
 from shared.security import EXPIRED_ATTRIBUTED_S, SecurityEvents
 from shared.tenancy import PLATFORM_TENANT, TenantContext, scope_matches, set_tenant
@@ -60,22 +63,28 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
         self.page_key: bytes | None = None
         """The service's page-token key (shared.settings.load_page_key), bound for every call; None until
         set, then tokens hold only within this process."""
+        self._methods: dict[str, _Method] = {}
+        """Method path -> what every call of it shares; registered methods only (others never get here)."""
+
+    def _method(self, path: str) -> _Method:
+        m = self._methods.get(path)
+        if m is None:
+            m = self._methods[path] = _Method(self._service, path, self._rules.rule(path))
+        return m
 
     async def intercept_service(self, continuation, details: grpc.HandlerCallDetails):
         handler = await continuation(details)
         if handler is None:
             return None
-        method = details.method
+        m = self._method(details.method)
         metadata, unclear = _metadata_dict(details.invocation_metadata)
-        rule = self._rules.rule(method)
         try:
-            ctx = await self._authenticate(rule, metadata, unclear)
+            ctx = await self._authenticate(m.rule, metadata, unclear)
         except Denial as denial:
-            return self._deny(handler, denial, method, metadata)
+            return self._deny(handler, denial, m, metadata)
         parent = extract(metadata)  # W3C traceparent from the caller: this call joins its trace
-        return _wrap(
-            handler, lambda behavior, kind: _bind(behavior, kind, ctx, self._service, method, parent, self.page_key)
-        )
+        page_key = self.page_key
+        return _wrap(handler, lambda behavior, kind: _bind(behavior, kind, ctx, m, parent, page_key))
 
     async def _authenticate(
         self, rule: MethodRule | None, md: dict[str, str], unclear: frozenset[str] = frozenset()
@@ -88,7 +97,7 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
             )
         if rule.public:
             return None
-        ambiguous = sorted(unclear & _IDENTITY_KEYS)
+        ambiguous = sorted(unclear & _IDENTITY_KEYS) if unclear else None
         if ambiguous:
             # A proxy that reads the first value (or only the canonical spelling) and a service that
             # reads the last would disagree about who is calling: refuse instead of picking one.
@@ -140,15 +149,16 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
             principal_id=claims.principal_id,
             scopes=claims.scopes,
             tier=claims.tier,
-            request_id=md.get("x-request-id") or uuid.uuid4().hex,
+            request_id=md.get("x-request-id") or _new_request_id(),
             token=token,
             actor_id=claims.actor_id,
             agent_id=claims.agent_id or md.get("x-agent-id") or None,
             run_id=claims.run_id or md.get("x-run-id") or None,
         )
 
-    def _deny(self, handler, denial: Denial, method: str, md: dict[str, str]):
+    def _deny(self, handler, denial: Denial, m: _Method, md: dict[str, str]):
         error = denial.error
+        method = m.path
 
         def record(context) -> None:  # inside the handler: only the servicer context knows the peer
             self.events.denied(
@@ -160,26 +170,47 @@ class TenancyInterceptor(grpc.aio.ServerInterceptor):
                 claimed_tenant=md.get("x-tenant-id"),
                 message=error.message,
             )
-            REQUESTS.labels(
-                self._service, method, tenant_label(denial.tenant_id or "unauthenticated"), error.code.name
-            ).inc()
+            count_request(self._service, method, tenant_label(denial.tenant_id or "unauthenticated"), error.code.name)
 
         parent = extract(md)
 
         async def abort(request_or_iterator, context):
-            with _server_span(method, parent) as span:
+            with _server_span(m, parent) as span:
                 record(context)
                 _finish_span(span, error.code)
                 await context.abort(error.code, error.message, errors.trailing_metadata(error))
 
         async def abort_stream(request_or_iterator, context):
-            with _server_span(method, parent) as span:
+            with _server_span(m, parent) as span:
                 record(context)
                 _finish_span(span, error.code)
                 await context.abort(error.code, error.message, errors.trailing_metadata(error))
             yield  # pragma: no cover - makes this an async generator for streaming handlers
 
         return _wrap(handler, lambda behavior, kind: abort_stream if kind.endswith("stream") else abort)
+
+
+class _Method:
+    """What every call of one method shares, worked out on its first call: its rule, span name and the span
+    attributes known before the call starts (the attribute names are OpenTelemetry's), its latency child."""
+
+    __slots__ = ("attributes", "latency", "path", "rule", "service")
+
+    def __init__(self, service: str, path: str, rule: MethodRule | None):
+        rpc_service, _, rpc_method = path.lstrip("/").partition("/")
+        self.service = service
+        self.path = path
+        self.rule = rule
+        self.attributes = MappingProxyType({"rpc.system": "grpc", "rpc.service": rpc_service, "rpc.method": rpc_method})
+        self.latency = LATENCY.labels(service, path)
+
+
+def _new_request_id() -> str:
+    """uuid.uuid4().hex, without building a UUID: 32 random hex digits with the version-4 and variant bits."""
+    b = bytearray(os.urandom(16))
+    b[6] = (b[6] & 0x0F) | 0x40
+    b[8] = (b[8] & 0x3F) | 0x80
+    return b.hex()
 
 
 def _genuine_owner(exc: Exception):
@@ -240,16 +271,31 @@ def _wrap(handler, make):
     return handler
 
 
-def _server_span(method: str, parent):
-    """The SERVER span of one call, child of the caller's span (the attribute names are OpenTelemetry's)."""
-    service, _, name = method.lstrip("/").partition("/")
+def _server_span(m: _Method, parent):
+    """The SERVER span of a refused call, child of the caller's span, current while the refusal is recorded."""
     return _tracer.start_as_current_span(
-        method,
+        m.path,
         context=parent,
         kind=SpanKind.SERVER,
         record_exception=False,
         set_status_on_exception=False,
-        attributes={"rpc.system": "grpc", "rpc.service": service, "rpc.method": name},
+        attributes=m.attributes,
+    )
+
+
+def _start_span(m: _Method, parent, ctx: TenantContext | None):
+    """The SERVER span of an admitted call, child of the caller's span, with the tenant's attributes from the
+    start; the caller makes it current and ends it."""
+    attributes: Mapping[str, str] = m.attributes
+    if ctx is not None:
+        attributes = {**attributes, "tenant.id": ctx.tenant_id, "bulkhead.request_id": ctx.request_id}
+    return _tracer.start_span(
+        m.path,
+        context=parent,
+        kind=SpanKind.SERVER,
+        record_exception=False,
+        set_status_on_exception=False,
+        attributes=attributes,
     )
 
 
@@ -259,68 +305,85 @@ def _finish_span(span, code: grpc.StatusCode) -> None:
         span.set_status(Status(StatusCode.ERROR, code.name))
 
 
-def _bind(
-    behavior, kind: str, ctx: TenantContext | None, service: str, method: str, parent, page_key: bytes | None = None
-):
-    """Run behavior in its server span with the tenant bound; translate domain errors; count and time the call."""
+def _enter(ctx: TenantContext | None, method: str, page_key: bytes | None) -> str:
+    """Bind the call's tenant and page key; the tenant's metric label."""
+    set_tenant(ctx)
+    paging.bind(method, page_key)
+    return tenant_label(ctx.tenant_id) if ctx else "public"
 
-    def enter() -> str:
-        set_tenant(ctx)
-        paging.bind(method, page_key)
-        if ctx is not None:
-            span = trace.get_current_span()
-            if span.is_recording():
-                span.set_attribute("tenant.id", ctx.tenant_id)
-                span.set_attribute("bulkhead.request_id", ctx.request_id)
-        return tenant_label(ctx.tenant_id) if ctx else "public"
 
-    async def fail(exc: BaseException, context) -> None:
-        if isinstance(exc, grpc.aio.AbortError):  # the handler aborted on purpose: keep its status
-            raise exc
-        if isinstance(exc, errors.BulkheadError):
-            await context.abort(exc.code, exc.message, errors.trailing_metadata(exc))
-        log.exception("unhandled error in %s", method)
-        rid = ctx.request_id if ctx else ""
-        internal = errors.BulkheadError(f"internal error; quote request id {rid or 'n/a'} when reporting it")
-        await context.abort(grpc.StatusCode.INTERNAL, internal.message, errors.trailing_metadata(internal))
+def _done(span, m: _Method, tenant: str, started: float, code: grpc.StatusCode) -> None:
+    _finish_span(span, code)
+    count_request(m.service, m.path, tenant, code.name)
+    m.latency.observe(time.perf_counter() - started)
 
-    def done(span, tenant: str, started: float, code: grpc.StatusCode) -> None:
-        _finish_span(span, code)
-        REQUESTS.labels(service, method, tenant, code.name).inc()
-        LATENCY.labels(service, method).observe(time.perf_counter() - started)
+
+async def _fail(exc: BaseException, context, method: str, ctx: TenantContext | None) -> None:
+    """Answer a handler's error with its status: a domain error's own, else INTERNAL with only the request id."""
+    if isinstance(exc, grpc.aio.AbortError):  # the handler aborted on purpose: keep its status
+        raise exc
+    if isinstance(exc, errors.BulkheadError):
+        await context.abort(exc.code, exc.message, errors.trailing_metadata(exc))
+    log.exception("unhandled error in %s", method)
+    rid = ctx.request_id if ctx else ""
+    internal = errors.BulkheadError(f"internal error; quote request id {rid or 'n/a'} when reporting it")
+    await context.abort(grpc.StatusCode.INTERNAL, internal.message, errors.trailing_metadata(internal))
+
+
+def _bind(behavior, kind: str, ctx: TenantContext | None, m: _Method, parent, page_key: bytes | None = None):
+    """Run behavior in its server span with the tenant bound; translate domain errors; count and time the call.
+
+    The span is made current and ended as tracer.start_as_current_span would (attach; detach, then end), without
+    its context-manager layers: this runs on every call.
+    """
+    method = m.path
 
     if not kind.endswith("stream"):
 
         async def unary_response(request, context):
-            with _server_span(method, parent) as span:
-                tenant, started, code = enter(), time.perf_counter(), grpc.StatusCode.OK
+            span = _start_span(m, parent, ctx)
+            try:
+                token = otel_context.attach(trace.set_span_in_context(span))
                 try:
-                    _check_numbers(request)
-                    return await behavior(request, context)
-                except Exception as exc:  # noqa: BLE001 - fail() answers every error with a status, redacted
-                    code = exc.code if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
-                    await fail(exc, context)
+                    tenant, started, code = _enter(ctx, method, page_key), time.perf_counter(), grpc.StatusCode.OK
+                    try:
+                        _check_numbers(request)
+                        return await behavior(request, context)
+                    except Exception as exc:  # noqa: BLE001 - _fail() answers every error with a status, redacted
+                        code = exc.code if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
+                        await _fail(exc, context, method, ctx)
+                    finally:
+                        _done(span, m, tenant, started, code)
                 finally:
-                    done(span, tenant, started, code)
+                    otel_context.detach(token)
+            finally:
+                span.end()
 
         return unary_response
 
     async def stream_response(request, context):
-        with _server_span(method, parent) as span:
-            tenant, started, code = enter(), time.perf_counter(), grpc.StatusCode.OK
+        span = _start_span(m, parent, ctx)
+        try:
+            token = otel_context.attach(trace.set_span_in_context(span))
             try:
-                _check_numbers(request)
-                result = behavior(request, context)
-                if inspect.isasyncgen(result):
-                    async for item in result:
-                        yield item
-                else:
-                    await result
-            except Exception as exc:  # noqa: BLE001 - fail() answers every error with a status, redacted
-                code = exc.code if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
-                await fail(exc, context)
+                tenant, started, code = _enter(ctx, method, page_key), time.perf_counter(), grpc.StatusCode.OK
+                try:
+                    _check_numbers(request)
+                    result = behavior(request, context)
+                    if inspect.isasyncgen(result):
+                        async for item in result:
+                            yield item
+                    else:
+                        await result
+                except Exception as exc:  # noqa: BLE001 - _fail() answers every error with a status, redacted
+                    code = exc.code if isinstance(exc, errors.BulkheadError) else _aborted_code(context)
+                    await _fail(exc, context, method, ctx)
+                finally:
+                    _done(span, m, tenant, started, code)
             finally:
-                done(span, tenant, started, code)
+                otel_context.detach(token)
+        finally:
+            span.end()
 
     return stream_response
 

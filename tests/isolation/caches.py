@@ -226,5 +226,11 @@ CACHES: dict[str, Entry] = {
         "(deliberately not per tenant: no tenant's secret may reach any log)",
     ),
     "shared/metrics.py::_seen": Entry(PLATFORM, "tenant ids used as metric labels (bounded), returns only a label"),
+    "shared/metrics.py::_request_children": Entry(
+        PLATFORM, "(service, method, tenant label, code) -> its request counter (bounded); holds only counts"
+    ),
+    "shared/auth.py::_methods": Entry(
+        PLATFORM, "registered method path -> its rule, span name and attributes, latency histogram child"
+    ),
     "shared/service_config.py::service_config_json()": Entry(PLATFORM, "the channels' retry policy JSON"),
 }
