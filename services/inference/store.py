@@ -24,11 +24,14 @@ from sqlalchemy import (
     delete,
     select,
 )
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.util.concurrency import greenlet_spawn
 
 from services.inference.budget import Tokens
 from services.inference.policy import Policy, PrivateModel
 from services.inference.usage import UsageEvent
+from shared import errors
 from shared.db import Base, Database, TenantOwned
 from shared.db.raw import raw_transaction, sqlite_sql
 
@@ -305,16 +308,12 @@ class SqlAttempts:
 
     async def apply(self, opens, settles, delivered, replica: str) -> list[tuple[int, int]]:
         """Insert new attempts (returning row id and attempt number), settle and close others, in one transaction."""
+        engine = self._db.engine
         for tries in range(5):  # the last try raises
             try:
-                async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
-                    if tx.dialect != "postgresql" and hasattr(tx._driver, "_execute"):
-                        # SQLite: the group's statements in one trip to the driver's thread, not one
-                        # trip per statement, cursor and fetch (that was most of a call's journal time).
-                        rows = await tx._driver._execute(
-                            _sqlite_apply, tx._driver._conn, opens, settles, delivered, replica
-                        )
-                        return _ids(opens, rows)
+                if engine.dialect.name == "sqlite" and engine.dialect.driver == "aiosqlite":
+                    return _ids(opens, await _sqlite_group(engine, opens, settles, delivered, replica))
+                async with raw_transaction(engine, tenant_id=None, write=True) as tx:
                     ids = await _open(tx, opens, replica) if opens else []
                     await tx.executemany(_SETTLE, settles)
                     await tx.executemany(_DELIVERED, [(i,) for i in delivered])
@@ -353,15 +352,54 @@ class SqlAttempts:
             ]
 
 
+async def _sqlite_group(engine: AsyncEngine, opens, settles, delivered, replica: str) -> list:
+    """SqlAttempts.apply on SQLite: the whole transaction (BEGIN IMMEDIATE, the group's statements,
+    COMMIT) in one trip to the driver's thread. Through raw_transaction it took four (BEGIN, the
+    statements, COMMIT, and the pool's rollback when the connection went back), the better part of a
+    call's journal cost at concurrency 32, where a group mostly holds one call. The connection goes back
+    to the pool marked as reset (it is: committed, or rolled back here); one left in a transaction (its
+    rollback failed) is thrown away instead."""
+    try:
+        fairy = await greenlet_spawn(engine.sync_engine.pool.connect)
+    except engine.dialect.loaded_dbapi.Error as exc:
+        raise errors.Unavailable("database unavailable", reason="DATABASE_UNAVAILABLE", retry_after=1.0) from exc
+    clean = False
+    try:
+        driver = fairy.driver_connection
+        if driver is None:  # only a connection already handed back to the pool has none
+            raise RuntimeError("the pooled connection has no driver connection")
+        try:
+            rows = await driver._execute(_sqlite_apply, driver._conn, opens, settles, delivered, replica)
+        except BaseException:
+            # Failed, or cancelled while the driver's thread may still run the group: a rollback queued
+            # behind it ends whatever it left (nothing, when it committed or rolled back itself).
+            await driver.rollback()
+            clean = True
+            raise
+        clean = True
+        return rows
+    finally:
+        if clean:  # back to the pool without its rollback-on-return (one more trip to the thread)
+            await greenlet_spawn(fairy._close_special, transaction_reset=True)
+        elif fairy.is_valid:  # never hand the pool a connection that may be in a transaction
+            await greenlet_spawn(fairy.invalidate)
+
+
 def _sqlite_apply(conn: sqlite3.Connection, opens, settles, delivered, replica: str) -> list:
-    """The statements of SqlAttempts.apply on SQLite, run in the driver's thread inside its transaction."""
-    rows = []
-    if opens:
-        rows = conn.execute(sqlite_sql(_SQLITE_OPEN), (replica, _open_rows(opens))).fetchall()
-    if settles:
-        conn.executemany(sqlite_sql(_SETTLE), settles)
-    if delivered:
-        conn.executemany(sqlite_sql(_DELIVERED), [(i,) for i in delivered])
+    """The transaction of SqlAttempts.apply on SQLite, run in the driver's thread: committed, or rolled back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = []
+        if opens:
+            rows = conn.execute(sqlite_sql(_SQLITE_OPEN), (replica, _open_rows(opens))).fetchall()
+        if settles:
+            conn.executemany(sqlite_sql(_SETTLE), settles)
+        if delivered:
+            conn.executemany(sqlite_sql(_DELIVERED), [(i,) for i in delivered])
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
     return rows
 
 
