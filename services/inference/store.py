@@ -26,7 +26,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapped, mapped_column
-from sqlalchemy.util.concurrency import greenlet_spawn
+from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
 from services.inference.budget import Tokens
 from services.inference.policy import Policy, PrivateModel
@@ -354,13 +354,17 @@ class SqlAttempts:
 
 async def _sqlite_group(engine: AsyncEngine, opens, settles, delivered, replica: str) -> list:
     """SqlAttempts.apply on SQLite: the whole transaction (BEGIN IMMEDIATE, the group's statements,
-    COMMIT) in one trip to the driver's thread. Through raw_transaction it took four (BEGIN, the
-    statements, COMMIT, and the pool's rollback when the connection went back), the better part of a
-    call's journal cost at concurrency 32, where a group mostly holds one call. The connection goes back
-    to the pool marked as reset (it is: committed, or rolled back here); one left in a transaction (its
-    rollback failed) is thrown away instead."""
+    COMMIT) in one trip to the driver's thread, checkout and checkin in the one greenlet around it.
+    Through raw_transaction a group took four trips (BEGIN, the statements, COMMIT, and the pool's
+    rollback when the connection went back) and two greenlets. The connection goes back to the pool
+    marked as reset (it is: committed, or rolled back here); one that may still be in a transaction is
+    thrown away instead."""
+    return await greenlet_spawn(_sqlite_group_in_greenlet, engine, opens, settles, delivered, replica)
+
+
+def _sqlite_group_in_greenlet(engine: AsyncEngine, opens, settles, delivered, replica: str) -> list:
     try:
-        fairy = await greenlet_spawn(engine.sync_engine.pool.connect)
+        fairy = engine.sync_engine.pool.connect()
     except engine.dialect.loaded_dbapi.Error as exc:
         raise errors.Unavailable("database unavailable", reason="DATABASE_UNAVAILABLE", retry_after=1.0) from exc
     clean = False
@@ -369,20 +373,20 @@ async def _sqlite_group(engine: AsyncEngine, opens, settles, delivered, replica:
         if driver is None:  # only a connection already handed back to the pool has none
             raise RuntimeError("the pooled connection has no driver connection")
         try:
-            rows = await driver._execute(_sqlite_apply, driver._conn, opens, settles, delivered, replica)
+            rows = await_(driver._execute(_sqlite_apply, driver._conn, opens, settles, delivered, replica))
         except BaseException:
             # Failed, or cancelled while the driver's thread may still run the group: a rollback queued
             # behind it ends whatever it left (nothing, when it committed or rolled back itself).
-            await driver.rollback()
+            await_(driver.rollback())
             clean = True
             raise
         clean = True
         return rows
     finally:
         if clean:  # back to the pool without its rollback-on-return (one more trip to the thread)
-            await greenlet_spawn(fairy._close_special, transaction_reset=True)
+            fairy._close_special(transaction_reset=True)
         elif fairy.is_valid:  # never hand the pool a connection that may be in a transaction
-            await greenlet_spawn(fairy.invalidate)
+            fairy.invalidate()
 
 
 def _sqlite_apply(conn: sqlite3.Connection, opens, settles, delivered, replica: str) -> list:
