@@ -33,7 +33,7 @@ from services.inference.policy import Policy, PrivateModel
 from services.inference.usage import UsageEvent
 from shared import errors
 from shared.db import Base, Database, TenantOwned
-from shared.db.raw import raw_transaction, sqlite_sql
+from shared.db.raw import autocommit_fetch, raw_transaction, sqlite_sql
 
 _ROW_ID = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -291,6 +291,21 @@ _SETTLE = (
     "cache_read_tokens = $5, outcome = $6, latency_ms = $7, at_reservation = $8 WHERE id = $1 AND state = 0"
 )
 _DELIVERED = "UPDATE inference_attempts SET state = 2 WHERE id = $1"
+# Postgres: a whole group in one statement, so one round trip (run as its own implicit transaction)
+# instead of BEGIN, insert, settles, deliveries and COMMIT. No row is changed twice in it: a row both
+# settled and delivered in the group is settled straight to state 2, and the deliveries skip the rows
+# the settle changed (a delivered row whose settle found it no longer open is still closed, as before).
+_PG_GROUP = (
+    "WITH settled AS (UPDATE inference_attempts AS a SET state = CASE WHEN s.done THEN 2 ELSE 1 END, "
+    "input_tokens = s.i, output_tokens = s.o, cache_write_tokens = s.cw, cache_read_tokens = s.cr, "
+    "outcome = s.oc, latency_ms = s.lat, at_reservation = s.ar "
+    "FROM unnest(CAST($9 AS BIGINT[]), CAST($10 AS BIGINT[]), CAST($11 AS BIGINT[]), CAST($12 AS BIGINT[]), "
+    "CAST($13 AS BIGINT[]), CAST($14 AS VARCHAR[]), CAST($15 AS BIGINT[]), CAST($16 AS SMALLINT[]), "
+    "CAST($17 AS BOOLEAN[])) AS s(id, i, o, cw, cr, oc, lat, ar, done) "
+    "WHERE a.id = s.id AND a.state = 0 RETURNING a.id), "
+    "delivered AS (UPDATE inference_attempts SET state = 2 WHERE id = ANY(CAST($18 AS BIGINT[])) "
+    "AND id NOT IN (SELECT id FROM settled)) " + _PG_OPEN
+)
 _RECOVER = (
     "UPDATE inference_attempts SET state = 2 WHERE state < 2 AND (replica = $1 OR created_ms < $2) "
     "RETURNING tenant_id, request_id, attempt, model, reserve_input, reserve_output, state, at_reservation, "
@@ -313,6 +328,9 @@ class SqlAttempts:
             try:
                 if engine.dialect.name == "sqlite" and engine.dialect.driver == "aiosqlite":
                     return _ids(opens, await _sqlite_group(engine, opens, settles, delivered, replica))
+                if engine.dialect.name == "postgresql":
+                    args = _pg_group_args(opens, settles, delivered, replica)
+                    return _ids(opens, await autocommit_fetch(engine, _PG_GROUP, *args))
                 async with raw_transaction(engine, tenant_id=None, write=True) as tx:
                     ids = await _open(tx, opens, replica) if opens else []
                     await tx.executemany(_SETTLE, settles)
@@ -405,6 +423,25 @@ def _sqlite_apply(conn: sqlite3.Connection, opens, settles, delivered, replica: 
         raise
     conn.commit()
     return rows
+
+
+def _pg_group_args(opens, settles, delivered, replica: str) -> tuple:
+    """_PG_GROUP's arguments: the opens as _PG_OPEN's arrays, the settles by column, the deliveries."""
+    done = set(delivered)
+    cols = list(zip(*settles, strict=True)) if settles else [()] * 8
+    return (
+        replica,
+        [o.tenant_id for o in opens],
+        [o.request_id for o in opens],
+        [o.model for o in opens],
+        [o.reserve.input for o in opens],
+        [o.reserve.output for o in opens],
+        [o.context for o in opens],
+        [o.created_ms for o in opens],
+        *(list(c) for c in cols),
+        [row_id in done for row_id in cols[0]],
+        list(delivered),
+    )
 
 
 def _open_rows(opens) -> str:
