@@ -23,7 +23,6 @@ No grpc imports.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -193,14 +192,18 @@ class AttemptJournal:
         return {e.tenant_id for e in events}
 
     async def _run(self) -> None:
+        loop = asyncio.get_running_loop()
         while not self._closing:
             if self._settles or self._delivered:
-                # Lazy work waits for the next open (one transaction for both) or the linger.
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._wake.wait(), self._linger)
+                # Lazy work waits for the next open (one transaction for both) or the linger: a timer
+                # that sets the wake, not wait_for (a task and a timer per group).
+                timer = loop.call_later(self._linger, self._wake.set)
+                try:
+                    await self._wake.wait()
+                finally:
+                    timer.cancel()
             else:
                 await self._wake.wait()
-            self._wake.clear()
             try:
                 await self._write_once()
             except Exception:  # settles and deliveries were put back; opens were refused
@@ -218,6 +221,11 @@ class AttemptJournal:
                 await self._write_locked()
 
     async def _write_locked(self) -> None:
+        # The wake says "work not taken yet": this group takes it all (opens that repeat a request id come
+        # back in the next round of _write_once). Left set, an open that arrived during the previous write,
+        # and was written by it, would wake the loop for a group of settles alone: a transaction more per
+        # group at concurrency 32.
+        self._wake.clear()
         opens, self._opens = _first_of_each(self._opens)
         settles, self._settles = self._settles, []
         delivered, self._delivered = self._delivered, []

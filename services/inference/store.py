@@ -24,13 +24,16 @@ from sqlalchemy import (
     delete,
     select,
 )
+from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.orm import Mapped, mapped_column
+from sqlalchemy.util.concurrency import await_, greenlet_spawn
 
 from services.inference.budget import Tokens
 from services.inference.policy import Policy, PrivateModel
 from services.inference.usage import UsageEvent
+from shared import errors
 from shared.db import Base, Database, TenantOwned
-from shared.db.raw import raw_transaction, sqlite_sql
+from shared.db.raw import autocommit_fetch, raw_transaction, sqlite_sql
 
 _ROW_ID = BigInteger().with_variant(Integer(), "sqlite")
 
@@ -288,6 +291,21 @@ _SETTLE = (
     "cache_read_tokens = $5, outcome = $6, latency_ms = $7, at_reservation = $8 WHERE id = $1 AND state = 0"
 )
 _DELIVERED = "UPDATE inference_attempts SET state = 2 WHERE id = $1"
+# Postgres: a whole group in one statement, so one round trip (run as its own implicit transaction)
+# instead of BEGIN, insert, settles, deliveries and COMMIT. No row is changed twice in it: a row both
+# settled and delivered in the group is settled straight to state 2, and the deliveries skip the rows
+# the settle changed (a delivered row whose settle found it no longer open is still closed, as before).
+_PG_GROUP = (
+    "WITH settled AS (UPDATE inference_attempts AS a SET state = CASE WHEN s.done THEN 2 ELSE 1 END, "
+    "input_tokens = s.i, output_tokens = s.o, cache_write_tokens = s.cw, cache_read_tokens = s.cr, "
+    "outcome = s.oc, latency_ms = s.lat, at_reservation = s.ar "
+    "FROM unnest(CAST($9 AS BIGINT[]), CAST($10 AS BIGINT[]), CAST($11 AS BIGINT[]), CAST($12 AS BIGINT[]), "
+    "CAST($13 AS BIGINT[]), CAST($14 AS VARCHAR[]), CAST($15 AS BIGINT[]), CAST($16 AS SMALLINT[]), "
+    "CAST($17 AS BOOLEAN[])) AS s(id, i, o, cw, cr, oc, lat, ar, done) "
+    "WHERE a.id = s.id AND a.state = 0 RETURNING a.id), "
+    "delivered AS (UPDATE inference_attempts SET state = 2 WHERE id = ANY(CAST($18 AS BIGINT[])) "
+    "AND id NOT IN (SELECT id FROM settled)) " + _PG_OPEN
+)
 _RECOVER = (
     "UPDATE inference_attempts SET state = 2 WHERE state < 2 AND (replica = $1 OR created_ms < $2) "
     "RETURNING tenant_id, request_id, attempt, model, reserve_input, reserve_output, state, at_reservation, "
@@ -305,16 +323,15 @@ class SqlAttempts:
 
     async def apply(self, opens, settles, delivered, replica: str) -> list[tuple[int, int]]:
         """Insert new attempts (returning row id and attempt number), settle and close others, in one transaction."""
+        engine = self._db.engine
         for tries in range(5):  # the last try raises
             try:
-                async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
-                    if tx.dialect != "postgresql" and hasattr(tx._driver, "_execute"):
-                        # SQLite: the group's statements in one trip to the driver's thread, not one
-                        # trip per statement, cursor and fetch (that was most of a call's journal time).
-                        rows = await tx._driver._execute(
-                            _sqlite_apply, tx._driver._conn, opens, settles, delivered, replica
-                        )
-                        return _ids(opens, rows)
+                if engine.dialect.name == "sqlite" and engine.dialect.driver == "aiosqlite":
+                    return _ids(opens, await _sqlite_group(engine, opens, settles, delivered, replica))
+                if engine.dialect.name == "postgresql":
+                    args = _pg_group_args(opens, settles, delivered, replica)
+                    return _ids(opens, await autocommit_fetch(engine, _PG_GROUP, *args))
+                async with raw_transaction(engine, tenant_id=None, write=True) as tx:
                     ids = await _open(tx, opens, replica) if opens else []
                     await tx.executemany(_SETTLE, settles)
                     await tx.executemany(_DELIVERED, [(i,) for i in delivered])
@@ -353,16 +370,78 @@ class SqlAttempts:
             ]
 
 
+async def _sqlite_group(engine: AsyncEngine, opens, settles, delivered, replica: str) -> list:
+    """SqlAttempts.apply on SQLite: the whole transaction (BEGIN IMMEDIATE, the group's statements,
+    COMMIT) in one trip to the driver's thread, checkout and checkin in the one greenlet around it.
+    Through raw_transaction a group took four trips (BEGIN, the statements, COMMIT, and the pool's
+    rollback when the connection went back) and two greenlets. The connection goes back to the pool
+    marked as reset (it is: committed, or rolled back here); one that may still be in a transaction is
+    thrown away instead."""
+    return await greenlet_spawn(_sqlite_group_in_greenlet, engine, opens, settles, delivered, replica)
+
+
+def _sqlite_group_in_greenlet(engine: AsyncEngine, opens, settles, delivered, replica: str) -> list:
+    try:
+        fairy = engine.sync_engine.pool.connect()
+    except engine.dialect.loaded_dbapi.Error as exc:
+        raise errors.Unavailable("database unavailable", reason="DATABASE_UNAVAILABLE", retry_after=1.0) from exc
+    clean = False
+    try:
+        driver = fairy.driver_connection
+        if driver is None:  # only a connection already handed back to the pool has none
+            raise RuntimeError("the pooled connection has no driver connection")
+        try:
+            rows = await_(driver._execute(_sqlite_apply, driver._conn, opens, settles, delivered, replica))
+        except BaseException:
+            # Failed, or cancelled while the driver's thread may still run the group: a rollback queued
+            # behind it ends whatever it left (nothing, when it committed or rolled back itself).
+            await_(driver.rollback())
+            clean = True
+            raise
+        clean = True
+        return rows
+    finally:
+        if clean:  # back to the pool without its rollback-on-return (one more trip to the thread)
+            fairy._close_special(transaction_reset=True)
+        elif fairy.is_valid:  # never hand the pool a connection that may be in a transaction
+            fairy.invalidate()
+
+
 def _sqlite_apply(conn: sqlite3.Connection, opens, settles, delivered, replica: str) -> list:
-    """The statements of SqlAttempts.apply on SQLite, run in the driver's thread inside its transaction."""
-    rows = []
-    if opens:
-        rows = conn.execute(sqlite_sql(_SQLITE_OPEN), (replica, _open_rows(opens))).fetchall()
-    if settles:
-        conn.executemany(sqlite_sql(_SETTLE), settles)
-    if delivered:
-        conn.executemany(sqlite_sql(_DELIVERED), [(i,) for i in delivered])
+    """The transaction of SqlAttempts.apply on SQLite, run in the driver's thread: committed, or rolled back."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        rows = []
+        if opens:
+            rows = conn.execute(sqlite_sql(_SQLITE_OPEN), (replica, _open_rows(opens))).fetchall()
+        if settles:
+            conn.executemany(sqlite_sql(_SETTLE), settles)
+        if delivered:
+            conn.executemany(sqlite_sql(_DELIVERED), [(i,) for i in delivered])
+    except BaseException:
+        conn.rollback()
+        raise
+    conn.commit()
     return rows
+
+
+def _pg_group_args(opens, settles, delivered, replica: str) -> tuple:
+    """_PG_GROUP's arguments: the opens as _PG_OPEN's arrays, the settles by column, the deliveries."""
+    done = set(delivered)
+    cols = list(zip(*settles, strict=True)) if settles else [()] * 8
+    return (
+        replica,
+        [o.tenant_id for o in opens],
+        [o.request_id for o in opens],
+        [o.model for o in opens],
+        [o.reserve.input for o in opens],
+        [o.reserve.output for o in opens],
+        [o.context for o in opens],
+        [o.created_ms for o in opens],
+        *(list(c) for c in cols),
+        [row_id in done for row_id in cols[0]],
+        list(delivered),
+    )
 
 
 def _open_rows(opens) -> str:

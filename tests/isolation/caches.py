@@ -74,6 +74,11 @@ CACHES: dict[str, Entry] = {
     "services/inference/proxy.py::_entries": Entry(
         TENANT, "_ReplayCache storage, same keys", _IDS + "test_a_reply_replayed_across_tenants_fails_the_check"
     ),
+    "services/inference/proxy.py::_upstream_ids": Entry(
+        TENANT,
+        "tenant -> its opaque user id and cache partition (keyed hashes of that tenant id alone)",
+        "tests/services/inference/test_upstream_ids.py::test_upstream_ids_are_each_tenants_own",
+    ),
     "services/inference/peers.py::_cache": Entry(
         TENANT, "tenant -> its own provider key", _CACHES + "test_provider_key_cache_is_per_tenant"
     ),
