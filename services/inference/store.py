@@ -431,6 +431,16 @@ def _pg_group_args(opens, settles, delivered, replica: str) -> tuple:
     cols = list(zip(*settles, strict=True)) if settles else [()] * 8
     return (
         replica,
+        *_pg_open_columns(opens),
+        *(list(c) for c in cols),
+        [row_id in done for row_id in cols[0]],
+        list(delivered),
+    )
+
+
+def _pg_open_columns(opens) -> tuple[list, ...]:
+    """A group's opens as _PG_OPEN's arrays, one per column."""
+    return (
         [o.tenant_id for o in opens],
         [o.request_id for o in opens],
         [o.model for o in opens],
@@ -438,9 +448,6 @@ def _pg_group_args(opens, settles, delivered, replica: str) -> tuple:
         [o.reserve.output for o in opens],
         [o.context for o in opens],
         [o.created_ms for o in opens],
-        *(list(c) for c in cols),
-        [row_id in done for row_id in cols[0]],
-        list(delivered),
     )
 
 
@@ -463,17 +470,7 @@ def _ids(opens, rows) -> list[tuple[int, int]]:
 async def _open(tx, opens, replica: str) -> list[tuple[int, int]]:
     """Insert a group's attempts in one statement; (row id, attempt number) of each, in order."""
     if tx.dialect == "postgresql":
-        rows = await tx.fetch(
-            _PG_OPEN,
-            replica,
-            [o.tenant_id for o in opens],
-            [o.request_id for o in opens],
-            [o.model for o in opens],
-            [o.reserve.input for o in opens],
-            [o.reserve.output for o in opens],
-            [o.context for o in opens],
-            [o.created_ms for o in opens],
-        )
+        rows = await tx.fetch(_PG_OPEN, replica, *_pg_open_columns(opens))
     else:
         rows = await tx.fetch(_SQLITE_OPEN, replica, _open_rows(opens))
     return _ids(opens, rows)

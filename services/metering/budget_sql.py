@@ -214,15 +214,7 @@ async def place_hold(tx: RawTransaction, tenant_id: str, hold: NewHold, units: t
         mic.period_us,
         mic.amount,
         mic.hard_limit,
-        hold.hold_id,
-        hold.kind,
-        hold.model,
-        hold.idempotency_key,
-        hold.priced_at_us,
-        *hold.rates,
-        hold.created_us,
-        hold.expires_us,
-        hold.holder,
+        *_hold_fields(hold),
     )
     if tx.dialect == _POSTGRES:
         rows = await tx.fetch(_PG_PLACE_HOLD, *args, len(wanted))
@@ -280,15 +272,7 @@ async def reserve_in_one_trip(
             mic.amount,
             mic.hard_limit,
             soft[1],
-            hold.hold_id,
-            hold.kind,
-            hold.model,
-            hold.idempotency_key,
-            hold.priced_at_us,
-            *hold.rates,
-            hold.created_us,
-            hold.expires_us,
-            hold.holder,
+            *_hold_fields(hold),
         )
     except asyncpg.RaiseError as exc:
         if exc.args[:1] == (OVER_BUDGET,) and exc.detail in (TOKENS, MICRO_USD):
@@ -637,3 +621,18 @@ async def expire(tx: RawTransaction, tenant_id: str, now_us: int) -> int:
         ],
     )
     return len(rows)
+
+
+def _hold_fields(hold: NewHold) -> tuple:
+    """A new hold's own columns, in the order every placing statement and function takes them."""
+    return (
+        hold.hold_id,
+        hold.kind,
+        hold.model,
+        hold.idempotency_key,
+        hold.priced_at_us,
+        *hold.rates,
+        hold.created_us,
+        hold.expires_us,
+        hold.holder,
+    )

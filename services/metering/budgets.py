@@ -107,6 +107,20 @@ class _Raced(Exception):
     """The counter moved between our read and our update: try again."""
 
 
+def _new_reservation(model: str, key: str, price: Price | None, now: int, ttl: int) -> NewHold:
+    """A reservation to place now for ttl seconds, priced at price's rates (a fresh hold id)."""
+    return NewHold(
+        hold_id="res_" + secrets.token_urlsafe(16),
+        kind=RESERVATION,
+        model=model,
+        idempotency_key=key or None,
+        priced_at_us=price.effective_us if price else 0,
+        rates=_rates(price),
+        created_us=now,
+        expires_us=now + ttl * periods.US_PER_SECOND,
+    )
+
+
 def _rates(price: Price | None) -> tuple[int, int, int, int]:
     """A hold's copy of its price's rates (zero for an unpriced model)."""
     if price is None:
@@ -322,16 +336,7 @@ class BudgetLedger:
                 raise FailedPrecondition(
                     f"model {model!r} has no price, so a money budget cannot hold it", reason="MODEL_NOT_PRICED"
                 )
-            hold = NewHold(
-                hold_id="res_" + secrets.token_urlsafe(16),
-                kind=RESERVATION,
-                model=model,
-                idempotency_key=key or None,
-                priced_at_us=price.effective_us if price else 0,
-                rates=_rates(price),
-                created_us=now,
-                expires_us=now + ttl * periods.US_PER_SECOND,
-            )
+            hold = _new_reservation(model, key, price, now, ttl)
             over_budget = await self._place(
                 tx, tenant_id, hold, specs, _unit_holds(specs, _period_starts(specs, now), amounts), _OverBudget
             )
@@ -348,16 +353,7 @@ class BudgetLedger:
         if MICRO_USD in specs and price is None:  # refused unless the key names an existing reservation
             return await self._reserve_in_transaction(tenant_id, model, amounts, price, ttl, key)
         now = self._clock()
-        hold = NewHold(
-            hold_id="res_" + secrets.token_urlsafe(16),
-            kind=RESERVATION,
-            model=model,
-            idempotency_key=key or None,
-            priced_at_us=price.effective_us if price else 0,
-            rates=_rates(price),
-            created_us=now,
-            expires_us=now + ttl * periods.US_PER_SECOND,
-        )
+        hold = _new_reservation(model, key, price, now, ttl)
         units = _unit_holds(specs, _period_starts(specs, now), amounts)
         tok_soft, mic_soft = (s.limit if (s := specs.get(u)) is not None and not s.hard else None for u in UNITS)
         item = (tenant_id, hold, units, (tok_soft, mic_soft))

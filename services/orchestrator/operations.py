@@ -169,7 +169,7 @@ class Orchestrator:
         lease = self._dispatcher.lease_for_new_run(ctx.tenant_id)
         claim = place = None
         try:
-            run, created, claim, place = await self._runs.start_placed(
+            run, created, claim, place = await self._runs.start(
                 team=spec,
                 entry_agent=entry,
                 run_input=run_input,

@@ -422,69 +422,7 @@ class RunStore:
         """origin: the replica's id, sent with its queue notices (services.orchestrator.wakeups)."""
         self._db, self._origin = db, origin
 
-    async def create(
-        self,
-        *,
-        team: TeamSpec,
-        entry_agent: str,
-        run_input: str,
-        idempotency_key: str,
-        tenant_id: str,
-        principal_id: str,
-        tier: str,
-        grant: bytes,
-        run_id: str | None = None,
-        traceparent: str = "",
-    ) -> tuple[RunRecord, bool]:
-        """Insert a queued run, then its queue entry; (run, created). See start()."""
-        run, created, _ = await self.start(
-            team=team,
-            entry_agent=entry_agent,
-            run_input=run_input,
-            idempotency_key=idempotency_key,
-            tenant_id=tenant_id,
-            principal_id=principal_id,
-            tier=tier,
-            grant=grant,
-            run_id=run_id,
-            traceparent=traceparent,
-        )
-        return run, created
-
     async def start(
-        self,
-        *,
-        team: TeamSpec,
-        entry_agent: str,
-        run_input: str,
-        idempotency_key: str,
-        tenant_id: str,
-        principal_id: str,
-        tier: str,
-        grant: bytes,
-        run_id: str | None = None,
-        traceparent: str = "",
-        lease: Lease | None = None,
-        known_new: bool = False,
-    ) -> tuple[RunRecord, bool, Claim | None]:
-        """Insert a queued run, then its queue entry; (run, created, claim). See start_placed()."""
-        run, created, claim, _ = await self.start_placed(
-            team=team,
-            entry_agent=entry_agent,
-            run_input=run_input,
-            idempotency_key=idempotency_key,
-            tenant_id=tenant_id,
-            principal_id=principal_id,
-            tier=tier,
-            grant=grant,
-            run_id=run_id,
-            traceparent=traceparent,
-            lease=lease,
-            known_new=known_new,
-        )
-        return run, created, claim
-
-    async def start_placed(
         self,
         *,
         team: TeamSpec,

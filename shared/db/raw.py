@@ -103,15 +103,7 @@ async def raw_transaction(
     write=True takes SQLite's write lock up front, so a reader never fails upgrading to a writer.
     """
     dialect = engine.dialect.name
-    # The pool's connection itself, not an AsyncConnection: no Connection object and one greenlet less
-    # each way, the better part of the ORM-free path's own cost. Checking out may connect or pre-ping
-    # and checking in may reset, hence the greenlets; a failed connect is UNAVAILABLE as through
-    # engine.connect() (shared.db.engine's handle_error), whose other errors pass unchanged.
-    try:
-        fairy = await greenlet_spawn(engine.sync_engine.pool.connect)
-    except engine.dialect.loaded_dbapi.Error as exc:
-        raise _database_unavailable() from exc
-    try:
+    async with _pooled(engine) as fairy:
         driver = fairy.driver_connection
         if driver is None:  # only a connection already handed back to the pool has none
             raise RuntimeError("the pooled connection has no driver connection")
@@ -151,6 +143,23 @@ async def raw_transaction(
             if _connection_lost(exc, usable=False):  # the outcome is unknown: only idempotent calls are retried
                 raise _database_unavailable() from exc
             raise
+
+
+@asynccontextmanager
+async def _pooled(engine: AsyncEngine) -> AsyncIterator[Any]:
+    """A connection checked out of the engine's pool, handed back after (unless it was invalidated).
+
+    The pool's connection itself, not an AsyncConnection: no Connection object and one greenlet less
+    each way, the better part of the ORM-free path's own cost. Checking out may connect or pre-ping
+    and checking in may reset, hence the greenlets; a failed connect is UNAVAILABLE as through
+    engine.connect() (shared.db.engine's handle_error), whose other errors pass unchanged.
+    """
+    try:
+        fairy = await greenlet_spawn(engine.sync_engine.pool.connect)
+    except engine.dialect.loaded_dbapi.Error as exc:
+        raise _database_unavailable() from exc
+    try:
+        yield fairy
     finally:
         if fairy.is_valid:
             await greenlet_spawn(fairy.close)  # back to the pool (an invalidated one was closed already)
@@ -168,11 +177,7 @@ async def autocommit_fetch(engine: AsyncEngine, sql: str, *args: Any) -> list[Se
     """
     if engine.dialect.name != "postgresql":
         raise ValueError("autocommit_fetch is for Postgres; SQLite work goes through raw_transaction")
-    try:
-        fairy = await greenlet_spawn(engine.sync_engine.pool.connect)
-    except engine.dialect.loaded_dbapi.Error as exc:
-        raise _database_unavailable() from exc
-    try:
+    async with _pooled(engine) as fairy:
         driver = fairy.driver_connection
         if driver is None or driver.is_in_transaction():  # never: the pool hands out idle connections
             await _invalidate(fairy)
@@ -194,9 +199,6 @@ async def autocommit_fetch(engine: AsyncEngine, sql: str, *args: Any) -> list[Se
             if _connection_lost(exc, usable=False):  # the outcome is unknown: only idempotent calls are retried
                 raise _database_unavailable() from exc
             raise
-    finally:
-        if fairy.is_valid:
-            await greenlet_spawn(fairy.close)
 
 
 async def _invalidate(fairy: Any) -> None:

@@ -74,7 +74,7 @@ async def test_a_run_started_here_as_dispatching_stops_goes_back_to_the_queue(tm
         lease = dispatcher.lease_for_new_run("t_a")
         assert isinstance(lease, Lease)
         with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}))):
-            run, _, claim = await runs.start(
+            run, _, claim, _ = await runs.start(
                 team=TeamSpec(name="t", agents=(AgentSpec("a"),)),
                 entry_agent="a",
                 run_input="x",

@@ -59,7 +59,7 @@ async def _workload(db: Database, tid: str, rng: random.Random, runs_n: int) -> 
     with tenant_scope(_ctx(tid)):
         for i in range(runs_n):
             entry = rng.choice(["triage", "billing"])
-            run, _ = await store.create(
+            run, *_ = await store.start(
                 team=TEAM,
                 entry_agent=entry,
                 run_input="x",
