@@ -44,11 +44,11 @@ async def _tenant_queue_rows(db: Database) -> int:
 
 
 async def _create(
-    runs: RunStore, tenant_id: str, tier: str, key: str, *, run_input: str = "x", method: str = "create", **more
+    runs: RunStore, tenant_id: str, tier: str, key: str, *, run_input: str = "x", with_claim: bool = False, **more
 ):
-    """StartRun's write of a run of TEAM (entry agent "a") for `tenant_id` by principal "p" (RunStore.create, or
-    RunStore.start with method="start")."""
-    return await getattr(runs, method)(
+    """StartRun's write of a run of TEAM (entry agent "a") for `tenant_id` by principal "p" (RunStore.start):
+    (run, created), and its claim too with with_claim."""
+    run, created, claim, _ = await runs.start(
         team=TEAM,
         entry_agent="a",
         run_input=run_input,
@@ -59,6 +59,7 @@ async def _create(
         grant=b"g",
         **more,
     )
+    return (run, created, claim) if with_claim else (run, created)
 
 
 @pytest.mark.parametrize("tier", TIERS)
@@ -219,16 +220,16 @@ async def test_start_with_a_lease_starts_the_run_at_once_unless_it_must_wait(db,
     ctx = TenantContext(tenant_id=tid, principal_id="p", scopes=frozenset({"*"}), tier=tier)
     lease = Lease("one", ttl=60, per_tenant_limit=1, free_slots=4)
     with tenant_scope(ctx):
-        first, created, claim = await _create(runs, tid, tier, "k1", lease=lease, method="start")
+        first, created, claim = await _create(runs, tid, tier, "k1", lease=lease, with_claim=True)
         assert created and claim is not None
         assert (claim.run_id, claim.tenant_id, claim.tier) == (first.run_id, tid, tier)
         assert first.status == RunStatus.RUNNING
         assert (await runs.get(first.run_id)).status == RunStatus.RUNNING
         # The same key again: the same run, no second claim.
-        again, created, claim = await _create(runs, tid, tier, "k1", lease=lease, method="start")
+        again, created, claim = await _create(runs, tid, tier, "k1", lease=lease, with_claim=True)
         assert (again.run_id, created, claim) == (first.run_id, False, None)
         # At the tenant's limit (1): queued, not leased.
-        second, created, claim = await _create(runs, tid, tier, "k2", lease=lease, method="start")
+        second, created, claim = await _create(runs, tid, tier, "k2", lease=lease, with_claim=True)
         assert created and claim is None and second.status == RunStatus.QUEUED
     now = first.created_at + 1
     waiting, running = await runs.waiting(now=now)
