@@ -67,25 +67,7 @@ class UsageLedger:
         """Add new events to the Prometheus counters, summed per model and outcome first (cheap for big batches)."""
         book = await self._prices.book()
         # [calls, input, output, cache write, cache read] per model and outcome.
-        sums: dict[tuple[str, int], list[int]] = {}
-        for model, outcome, i, o, cw, cr in zip(
-            batch.models,
-            batch.outcomes,
-            batch.inputs,
-            batch.outputs,
-            batch.cache_writes,
-            batch.cache_reads,
-            strict=True,
-        ):
-            acc = sums.get((model, outcome))
-            if acc is None:
-                sums[(model, outcome)] = [1, i, o, cw, cr]
-            else:
-                acc[0] += 1
-                acc[1] += i
-                acc[2] += o
-                acc[3] += cw
-                acc[4] += cr
+        sums = batch.sums_by(zip(batch.models, batch.outcomes, strict=True))
         # Cost is linear in tokens: a model whose events all fall in one price version is priced on its sums.
         if len({model for model, _ in sums}) == 1:
             spans = {batch.models[0]: (min(batch.occurred_us), max(batch.occurred_us))}

@@ -61,29 +61,12 @@ def _sqlite_upsert(rows: int) -> str:
 def hour_sums(batch: UsageBatch, default_principal: str) -> list[tuple]:
     """(hour, model, agent, principal, outcome, count, input, output, cache write, cache read), sorted by key
     (so concurrent batches lock the rows they share in the same order and cannot deadlock)."""
-    sums: dict[tuple, list[int]] = {}
-    for at, model, agent, principal, outcome, i, o, cw, cr in zip(
-        batch.occurred_us,
-        batch.models,
-        batch.agents,
-        batch.principals,
-        batch.outcomes,
-        batch.inputs,
-        batch.outputs,
-        batch.cache_writes,
-        batch.cache_reads,
-        strict=True,
-    ):
-        key = (at // _H, model, agent, principal or default_principal, outcome)
-        acc = sums.get(key)
-        if acc is None:
-            sums[key] = [1, i, o, cw, cr]
-        else:
-            acc[0] += 1
-            acc[1] += i
-            acc[2] += o
-            acc[3] += cw
-            acc[4] += cr
+    sums = batch.sums_by(
+        (at // _H, model, agent, principal or default_principal, outcome)
+        for at, model, agent, principal, outcome in zip(
+            batch.occurred_us, batch.models, batch.agents, batch.principals, batch.outcomes, strict=True
+        )
+    )
     return [(*key, *acc) for key, acc in sorted(sums.items())]
 
 

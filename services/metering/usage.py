@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Hashable, Iterable, Sequence
 from dataclasses import dataclass, field, replace
+from typing import TypeVar
 
 from services.metering import periods
 from services.metering.pricing import MAX_TOKENS, PriceBook, Tokens, tokens_problems
 
 MAX_BATCH = 5000
+_Key = TypeVar("_Key", bound=Hashable)
 MAX_LATENCY_MS = 86_400_000
 MAX_TEXT = 200
 MAX_OCCURRED_US = 253_402_300_799_999_999
@@ -142,6 +144,21 @@ class UsageBatch:
 
     def __len__(self) -> int:
         return len(self.keys)
+
+    def sums_by(self, keys: Iterable[_Key]) -> dict[_Key, list[int]]:
+        """[events, input, output, cache write, cache read] per key; keys holds one key per event, in order."""
+        sums: dict[_Key, list[int]] = {}
+        for key, i, o, cw, cr in zip(keys, self.inputs, self.outputs, self.cache_writes, self.cache_reads, strict=True):
+            acc = sums.get(key)
+            if acc is None:
+                sums[key] = [1, i, o, cw, cr]
+            else:
+                acc[0] += 1
+                acc[1] += i
+                acc[2] += o
+                acc[3] += cw
+                acc[4] += cr
+        return sums
 
     def take(self, indices: Sequence[int]) -> UsageBatch:
         """The events at these indices, in that order."""

@@ -13,6 +13,18 @@ from services.orchestrator.store import QueueRow, RunStore
 from shared.db import Database
 
 
+def _dispatcher(runs: RunStore, sealer: GrantSealer) -> Dispatcher:
+    """A dispatcher with no engine (nothing executes), a 60 s lease and a quick look at the queue."""
+    return Dispatcher(
+        runs=runs,
+        engine=None,
+        ports_for=lambda: None,
+        sealer=sealer,
+        feed=StepFeed(),
+        settings=DispatchSettings(lease_seconds=60, poll_seconds=0.05),
+    )
+
+
 async def test_queue_entry_without_its_run_is_dropped_not_retried_forever(tmp_path):
     """An entry whose run was never written (a crash while queueing) leaves the queue at its first claim."""
     db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
@@ -33,14 +45,7 @@ async def test_queue_entry_without_its_run_is_dropped_not_retried_forever(tmp_pa
                 traceparent="",
             )
         )
-    dispatcher = Dispatcher(
-        runs=runs,
-        engine=None,
-        ports_for=lambda: None,
-        sealer=sealer,
-        feed=StepFeed(),
-        settings=DispatchSettings(lease_seconds=60, poll_seconds=0.05),
-    )
+    dispatcher = _dispatcher(runs, sealer)
     dispatcher.start()
     try:
         async with asyncio.timeout(5):
@@ -60,14 +65,7 @@ async def test_a_run_started_here_as_dispatching_stops_goes_back_to_the_queue(tm
 
     db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
     runs, sealer = RunStore(db), GrantSealer(os.urandom(32))
-    dispatcher = Dispatcher(
-        runs=runs,
-        engine=None,
-        ports_for=lambda: None,
-        sealer=sealer,
-        feed=StepFeed(),
-        settings=DispatchSettings(lease_seconds=60, poll_seconds=0.05),
-    )
+    dispatcher = _dispatcher(runs, sealer)
     dispatcher.start()
     try:
         await asyncio.sleep(0.1)  # a first look at the (empty) queue
