@@ -9,6 +9,7 @@ async with db.system_session() as s:   # platform tables only
 
 from __future__ import annotations
 
+from shared.db import _plain_mako  # noqa: F401  # first: before Alembic loads Mako
 from shared.db.base import NAMING_CONVENTION, Base, TenantOwned, is_tenant_owned
 from shared.db.database import Database
 from shared.db.engine import make_engine, normalize_url
