@@ -14,7 +14,7 @@ _hide = "pygments" not in sys.modules and "mako.exceptions" not in sys.modules
 if _hide:
     sys.modules["pygments"] = None  # type: ignore[assignment]  # None makes `import pygments` fail
 try:
-    import mako.exceptions  # noqa: F401  # installs its highlighting choice once, at import
+    import mako.exceptions  # type: ignore[import-untyped]  # noqa: F401  # picks its highlighting once, at import
 finally:
     if _hide:
         del sys.modules["pygments"]
