@@ -5,8 +5,10 @@ round trip (migration 0008's functions), and those of one tenant in flight toget
 the "1 tenant" line shows the most sharing, "8 tenants" little.
 
 The metering server runs in a child process (production interceptors, runtime role with RLS, a
-throwaway Postgres from testkit), and the load in another, so the two do not share a GIL;
-the load builds its RecordUsage requests before timing starts (every key unique, so each event is
+throwaway Postgres from testkit, uvloop and a frozen start-up heap as main() runs it), and the load in
+another, so the two do not share a GIL. The RPC figures are measured on one server process and again on
+`--workers` processes sharing one port (SO_REUSEPORT, as BULKHEAD_METERING_WORKERS runs them), with the
+same load. The load builds its RecordUsage requests before timing starts (every key unique, so each event is
 really inserted). Reservations use a priced model, so they hold tokens and money.
 Baselines measured in the same run: a raw asyncpg multi-row insert of the same events (the
 database's own ceiling for ingest) and a health-check RPC (the gRPC floor for a round trip: no
@@ -40,17 +42,29 @@ MODEL = "claude-bench"
 T_START = 1_780_000_000_000_000
 
 
-def _serve(port_queue, url: str, owner_url: str, key_bytes: bytes, kid: str, profile_to: str | None) -> None:
+def _serve(
+    port_queue, url: str, owner_url: str, key_bytes: bytes, kid: str, profile_to: str | None, address: str, loop: str
+) -> None:
+    """One metering server process, run as `python -m services.metering` runs one (its event loop, its heap
+    frozen after start-up); address "host:port" with a port shared with other workers (SO_REUSEPORT), or port 0."""
+
     async def run() -> None:
         import signal
 
         from services.metering.server import MIGRATIONS, serve_metering
+        from services.metering.workers import freeze_startup_heap
         from shared.db import Database
         from shared.tokens import SigningKey, StaticKeySource, TokenVerifier
 
         key = SigningKey.from_private_bytes(kid, key_bytes)
         db = await Database.open(url, migrations=str(MIGRATIONS), owner_url=owner_url, pool_size=20, max_overflow=0)
-        service = await serve_metering(db=db, verifier=TokenVerifier(StaticKeySource({kid: key.public_key})))
+        service = await serve_metering(
+            db=db,
+            verifier=TokenVerifier(StaticKeySource({kid: key.public_key})),
+            address=address,
+            reuse_port=not address.endswith(":0"),
+        )
+        freeze_startup_heap()
         stop = asyncio.Event()
         asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
         profiler = None
@@ -65,7 +79,12 @@ def _serve(port_queue, url: str, owner_url: str, key_bytes: bytes, kid: str, pro
             profiler.disable()
             profiler.dump_stats(profile_to)
 
-    asyncio.run(run())
+    if loop == "asyncio":
+        asyncio.run(run())
+    else:
+        from services.metering.workers import run_loop
+
+        run_loop(run)
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -204,7 +223,7 @@ class Figure:
 
 def _run_load(
     ctx,
-    server_pid: int,
+    server_pids: list[int],
     kind: str,
     address: str,
     metadata: list,
@@ -215,7 +234,8 @@ def _run_load(
     loaders: int = 1,
     db_cpu: Callable[[], dict[int, float]] | None = None,
 ) -> Figure:
-    """Run a workload from `loaders` processes at once (concurrency split between them)."""
+    """Run a workload from `loaders` processes at once (concurrency split between them); server_pids: the
+    processes serving it (their CPU is summed)."""
     q, warmed, go = ctx.Queue(), ctx.Semaphore(0), ctx.Event()
     procs = [
         ctx.Process(
@@ -232,10 +252,10 @@ def _run_load(
             if not warmed.acquire(timeout=300):
                 raise RuntimeError(f"a {kind} load process did not start")
     db0 = db_cpu() if db_cpu else None
-    cpu0, (busy0, total0) = _cpu_seconds(server_pid), _machine_jiffies()
+    cpu0, (busy0, total0) = sum(map(_cpu_seconds, server_pids)), _machine_jiffies()
     go.set()
     results = [q.get(timeout=300) for _ in procs]
-    cpu1, (busy1, total1) = _cpu_seconds(server_pid), _machine_jiffies()
+    cpu1, (busy1, total1) = sum(map(_cpu_seconds, server_pids)), _machine_jiffies()
     db1 = db_cpu() if db_cpu else None
     for p in procs:
         p.join()
@@ -300,7 +320,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=5.0, help="per figure")
     parser.add_argument("--quick", action="store_true", help="about a second per figure (smoke test)")
     parser.add_argument("--loaders", type=int, default=2, help="load processes for the RPC floor and the pairs")
-    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the server process to FILE")
+    parser.add_argument("--profile", metavar="FILE", help="write a cProfile of the one-process server to FILE")
+    parser.add_argument(
+        "--workers", type=int, default=2, help="server processes sharing a port for the second set of figures (1: none)"
+    )
+    parser.add_argument(
+        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="the servers' event loop (main() runs uvloop)"
+    )
     parser.add_argument("--pairs-only", action="store_true", help="only the RPC floor and Reserve+Commit")
     parser.add_argument("--ingest-only", action="store_true", help="only the RPC floor, the raw insert and RecordUsage")
     add_json_option(parser)
@@ -325,36 +351,52 @@ def main() -> None:
 
         ctx = multiprocessing.get_context("spawn")
         q = ctx.Queue()
-        server = ctx.Process(
-            target=_serve,
-            args=(
-                q,
-                urls.app_url,
-                urls.owner_url,
-                key.private_bytes(),
-                key.kid,
-                args.profile and str(Path(args.profile).resolve()),
-            ),
-            daemon=True,
-        )
-        server.start()
-        address = f"127.0.0.1:{q.get(timeout=120)}"
-        if server.pid is None:
-            raise RuntimeError("the metering server process did not start")
-        pid, loaders = server.pid, args.loaders
-        database = make_url(urls.app_url).database or "metering_bench"
+        servers: list = []
 
-        def db_cpu() -> dict[int, float]:
-            return _backends_cpu(pg.admin_dsn, database)
+        def serve(address: str, profile_to: str | None = None) -> tuple[int, int]:
+            """Start one server process on address: (its pid, its port) once it serves."""
+            args_ = (q, urls.app_url, urls.owner_url, key.private_bytes(), key.kid, profile_to, address, args.loop)
+            servers.append(ctx.Process(target=_serve, args=args_, daemon=True))
+            servers[-1].start()
+            port = q.get(timeout=120)
+            if servers[-1].pid is None:
+                raise RuntimeError("the metering server process did not start")
+            return servers[-1].pid, port
+
+        from services.metering.workers import hold_port
 
         rows = []
+        holder = None
         try:
+            # One process on its own port, and `--workers` processes sharing another (SO_REUSEPORT), each
+            # started once the one before serves (the first migrated the database). Only the one under load works.
+            pid, port = serve("127.0.0.1:0", args.profile and str(Path(args.profile).resolve()))
+            configs = [("1 process", [pid], f"127.0.0.1:{port}")]
+            if args.workers > 1:
+                shared, holder = hold_port("127.0.0.1:0")
+                configs.append((f"{args.workers} workers", [serve(shared)[0] for _ in range(args.workers)], shared))
+            loaders = args.loaders
+            database = make_url(urls.app_url).database or "metering_bench"
+
+            def db_cpu() -> dict[int, float]:
+                return _backends_cpu(pg.admin_dsn, database)
+
+            pids, address = configs[0][1], configs[0][2]
             # A priced model, as in production: reservations then hold money as well as tokens.
-            _run_load(ctx, pid, "price", address, [md("t_platform", ["platform.operator"])], 0, 1, 0)
-            floor = _run_load(ctx, pid, "health", address, [()], seconds, 32, 0, loaders=loaders)
-            rows.append(
-                (f"health Check RPC, {loaders} loaders (gRPC floor)", f"{floor.rate:,.0f} calls/s", _cpu_note(floor))
-            )
+            _run_load(ctx, pids, "price", address, [md("t_platform", ["platform.operator"])], 0, 1, 0)
+            floors: dict[str, Figure] = {}
+            for config, config_pids, config_address in configs:
+                floors[config] = fig = _run_load(
+                    ctx, config_pids, "health", config_address, [()], seconds, 32, 0, loaders=loaders
+                )
+                rows.append(
+                    (
+                        f"health Check RPC, {config}, {loaders} loaders (gRPC floor)",
+                        f"{fig.rate:,.0f} calls/s",
+                        _cpu_note(fig),
+                    )
+                )
+            floor = floors["1 process"]
             ingest: dict[int, float] = {}
             ingest_cpu: dict[int, Figure] = {}
             raw = 0.0 if args.pairs_only else asyncio.run(_raw_insert_baseline(urls.app_dsn, "t_benchraw", seconds))
@@ -362,7 +404,7 @@ def main() -> None:
                 rows.append(("raw asyncpg insert, batch 1000 (baseline)", f"{raw:,.0f} events/s", ""))
             for batch, conc in () if args.pairs_only else ((1, 32), (100, 16), (1000, 4)):
                 fig = _run_load(
-                    ctx, pid, "ingest", address, [md("t_benchingest", ["metering.usage.write"])], seconds, conc, batch
+                    ctx, pids, "ingest", address, [md("t_benchingest", ["metering.usage.write"])], seconds, conc, batch
                 )
                 ingest[batch] = fig.events / fig.ops * fig.rate if fig.ops else 0.0
                 ingest_cpu[batch] = fig
@@ -372,29 +414,44 @@ def main() -> None:
                 per_event_us = 1e6 * fig.server_cpu_s / max(1, fig.events)
                 note += f"; server {per_event_us:.1f} us CPU/event, cores {100 * fig.machine_busy:.0f}% busy"
                 rows.append((f"RecordUsage batch {batch}", f"{rate:,.0f} events/s", note))
-            pairs = {}
-            for name, tenants in (
-                ()
-                if args.ingest_only
-                else (
+            pairs: dict[str, float] = {}
+            for config, config_pids, config_address in () if args.ingest_only else configs:
+                for name, tenants in (
                     ("8 tenants", [md(f"t_benchpairs{i}", ["metering.budget.write"]) for i in range(8)]),
                     ("1 tenant (one hot counter row)", [md("t_benchhot", ["metering.budget.write"])]),
+                ):
+                    fig = _run_load(
+                        ctx,
+                        config_pids,
+                        "pairs",
+                        config_address,
+                        tenants,
+                        seconds,
+                        32,
+                        0,
+                        loaders=loaders,
+                        db_cpu=db_cpu,
+                    )
+                    pairs[f"{config}, {name}"] = fig.rate
+                    cap = f"{fig.rate / max(1.0, floors[config].rate / 2):.2f}x its floor's cap; "  # the same-run ratio
+                    rows.append(
+                        (f"Reserve+Commit, {config}, {name}", f"{fig.rate:,.0f} pairs/s", cap + _cpu_note(fig, 2))
+                    )
+            for config, _, _ in configs:
+                rows.append(
+                    (
+                        f"Reserve+Commit cap set by the gRPC floor, {config}",
+                        f"{floors[config].rate / 2:,.0f} pairs/s",
+                        "2 RPCs a pair: floor / 2",
+                    )
                 )
-            ):
-                fig = _run_load(ctx, pid, "pairs", address, tenants, seconds, 32, 0, loaders=loaders, db_cpu=db_cpu)
-                pairs[name] = fig.rate
-                cap = f"{fig.rate / max(1.0, floor.rate / 2):.2f}x the floor's cap; "  # the same-run ratio to compare
-                rows.append((f"Reserve+Commit, {name}", f"{fig.rate:,.0f} pairs/s", cap + _cpu_note(fig, 2)))
-            rows.append(
-                (
-                    "Reserve+Commit cap set by the gRPC floor",
-                    f"{floor.rate / 2:,.0f} pairs/s",
-                    "2 RPCs a pair: floor / 2",
-                )
-            )
         finally:
-            server.terminate()
-            server.join(timeout=60)
+            for server in servers:
+                server.terminate()
+            for server in servers:
+                server.join(timeout=60)
+            if holder is not None:
+                holder.close()
         print(
             f"load average before/after: {load_before} / {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores "
             "(other work on the machine depresses every figure alike; compare the ratios)"
@@ -409,7 +466,14 @@ def main() -> None:
             if not pairs
             else "met"
             if best >= 2_000
-            else ("NOT met" + (" (above the gRPC floor's cap on this machine)" if floor.rate / 2 < 2_000 else ""))
+            else (
+                "NOT met"
+                + (
+                    " (above the gRPC floor's cap on this machine)"
+                    if max(f.rate for f in floors.values()) / 2 < 2_000
+                    else ""
+                )
+            )
         )
         print(
             f"targets: RecordUsage batch 1000 >= 50,000 events/s -> {verdict}; "
@@ -419,7 +483,16 @@ def main() -> None:
             args.json,
             {
                 "reserve_commit_pairs_per_s": best,
+                "reserve_commit_pairs_per_s_1_process": max(
+                    (rate for name, rate in pairs.items() if name.startswith("1 process")), default=0.0
+                ),
+                "reserve_commit_pairs_per_s_workers": max(
+                    (rate for name, rate in pairs.items() if not name.startswith("1 process")), default=None
+                ),
                 "grpc_floor_calls_per_s": floor.rate,
+                "grpc_floor_calls_per_s_workers": max(
+                    (f.rate for n, f in floors.items() if n != "1 process"), default=None
+                ),
                 "ingest_batch1000_events_per_s": ingest.get(1000),
                 "raw_insert_events_per_s": raw or None,
             },

@@ -1,7 +1,18 @@
-"""Run the metering service: `python -m services.metering`."""
+"""Run the metering service: `python -m services.metering` (BULKHEAD_METERING_WORKERS > 1: that many, on one port)."""
 
-import asyncio
+from __future__ import annotations
 
-from services.metering.server import main
+import os
+import sys
 
-asyncio.run(main())
+from services.metering.config import MeteringConfig
+from services.metering.workers import WORKER_ENV, run_loop, serve_workers
+
+config = MeteringConfig.from_env()
+if config.workers > 1 and WORKER_ENV not in os.environ:
+    # The parent only watches its workers: it never loads the service itself.
+    sys.exit(serve_workers(config.workers, config.service.address, [sys.executable, "-m", "services.metering"]))
+
+from services.metering.server import main  # noqa: E402 - a worker, or the one process: the parent never loads it
+
+run_loop(main)

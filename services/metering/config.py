@@ -22,6 +22,8 @@ class MeteringConfig:
     budget_cache_s: float = 2.0
     """How long a replica keeps a tenant's budget specs (limits, periods, modes) before reading them again:
     another replica's SetQuota takes up to this long to apply here (0 = read them on every hold)."""
+    workers: int = 1
+    """Server processes sharing the listening port (SO_REUSEPORT); each is a replica of its own (workers.py)."""
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] = os.environ) -> MeteringConfig:
@@ -32,4 +34,5 @@ class MeteringConfig:
             sweep_interval_s=read.float("SWEEP_INTERVAL", 15.0, min=0.0),
             price_cache_s=read.float("PRICE_CACHE_SECONDS", 2.0, min=0.0),
             budget_cache_s=read.float("BUDGET_CACHE_SECONDS", 2.0, min=0.0),
+            workers=read.int("WORKERS", 1, min=1, max=64),
         )

@@ -21,6 +21,7 @@ from services.metering.retention import UsageDetailRetention
 from services.metering.servicer import MeteringServicer, MeteringTiers
 from services.metering.store import MeteringBase
 from services.metering.sweeper import ExpirySweeper
+from services.metering.workers import freeze_startup_heap
 from shared.config_audit import ConfigAudit
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
@@ -77,12 +78,15 @@ async def serve_metering(
     tiers: TierLookup | None = None,
     tls: TlsConfig | None = None,
     startup: Startup | None = None,
+    reuse_port: bool = False,
 ) -> MeteringService:
     """Start the metering server over an open database, which stopping it closes (tests: port 0, a fake clock,
     a fresh registry); start() passes its own startup, where it registered the database.
 
     sweep_interval=None leaves the background sweeper stopped (tests drive it with run_once()).
     tiers answers operators' quota calls about tenants metering has not seen yet (identity, in production).
+    reuse_port: share the port with the other worker processes (SO_REUSEPORT: the kernel spreads connections
+    over them); a lone process keeps gRPC's default of refusing a port another process holds.
     """
     async with startup or Startup(tls, owns=[db]) as up:
         metrics = MeteringMetrics(registry if registry is not None else CollectorRegistry())
@@ -102,7 +106,15 @@ async def serve_metering(
             "metering", db, [MeteringBase.metadata, audit.metadata, SECURITY_EVENTS_METADATA], keep=KEPT
         )
         running = await serve_service(
-            "metering", db, binding, lifecycle, verifier=verifier, address=address, tls=up.tls, audit=audit
+            "metering",
+            db,
+            binding,
+            lifecycle,
+            verifier=verifier,
+            address=address,
+            tls=up.tls,
+            audit=audit,
+            options=(("grpc.so_reuseport", 1),) if reuse_port else (),
         )
         if sweep_interval:
             sweeper.start()
@@ -134,6 +146,7 @@ async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str
             budget_cache_s=config.budget_cache_s,
             tiers=IdentityTiers(up.channel(service.peer("identity"), forward=True)),
             startup=up,
+            reuse_port=config.workers > 1,
         )
         sweeper = retention_sweeper("metering", service, metering.retention_steps())
         metering.retention = up.started(sweeper, interval=retention_interval(service.env))
@@ -143,4 +156,10 @@ async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str
 async def main(env: Mapping[str, str] = os.environ) -> None:
     """Run the metering service until SIGTERM/SIGINT."""
     config = MeteringConfig.from_env(env)
-    await run_service(config.service, lambda up: start(config, up.remote_verifier(config.service)))
+
+    async def start_frozen(up: Startup) -> MeteringService:
+        metering = await start(config, up.remote_verifier(config.service))
+        freeze_startup_heap()
+        return metering
+
+    await run_service(config.service, start_frozen)
