@@ -52,8 +52,8 @@ def _serve(
         import signal
 
         from services.metering.server import MIGRATIONS, serve_metering
-        from services.metering.workers import freeze_startup_heap
         from shared.db import Database
+        from shared.process import freeze_startup_heap
         from shared.tokens import SigningKey, StaticKeySource, TokenVerifier
 
         key = SigningKey.from_private_bytes(kid, key_bytes)
@@ -82,7 +82,7 @@ def _serve(
     if loop == "asyncio":
         asyncio.run(run())
     else:
-        from services.metering.workers import run_loop
+        from shared.process import run_loop
 
         run_loop(run)
 
@@ -363,7 +363,7 @@ def main() -> None:
                 raise RuntimeError("the metering server process did not start")
             return servers[-1].pid, port
 
-        from services.metering.workers import hold_port
+        from shared.process import hold_port
 
         rows = []
         holder = None

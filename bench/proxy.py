@@ -115,7 +115,8 @@ async def _role_backends(tmp: str) -> None:
 async def _role_proxy() -> None:
     from services.inference.config import InferenceConfig
     from services.inference.server import start
-    from services.inference.workers import WORKER_ENV, freeze_startup_heap
+    from services.inference.workers import WORKER_ENV
+    from shared.process import freeze_startup_heap
 
     # A worker of --workers serves the address its parent drew (BULKHEAD_INFERENCE_LISTEN_ADDR).
     address = None if os.environ.get(WORKER_ENV) else "127.0.0.1:0"
@@ -617,7 +618,8 @@ def main() -> None:
         asyncio.run(_role_backends(args.tmp))
     elif args.role == "proxy":
         from services.inference.config import InferenceConfig
-        from services.inference.workers import WORKER_ENV, run_loop, serve_workers
+        from services.inference.workers import WORKER_ENV, serve_workers
+        from shared.process import run_loop
 
         config = InferenceConfig.from_env(os.environ)
         if config.workers > 1 and WORKER_ENV not in os.environ:  # the parent of --workers: as main() runs them

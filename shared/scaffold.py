@@ -34,6 +34,7 @@ from shared.db import Database
 from shared.keys import remote_verifier
 from shared.logs import register_secret, setup_logging
 from shared.metrics import serve_metrics
+from shared.process import freeze_startup_heap
 from shared.security_events import security_events_binding
 from shared.server import Binding, RunningServer, serve
 from shared.settings import load_page_key
@@ -196,8 +197,8 @@ async def run_service(
     grace: float = 5.0,
 ) -> None:
     """Run one service until SIGTERM/SIGINT: logs, traces, metrics, then start(up) (which may open what it
-    needs first on up, e.g. up.remote_verifier), then stop. `secrets` (e.g. a Vault token) are redacted
-    from every log line."""
+    needs first on up, e.g. up.remote_verifier), freeze what start-up allocated (shared.process), then stop.
+    `secrets` (e.g. a Vault token) are redacted from every log line."""
     setup_logging(service.name, service.log_level)
     for value in secrets:
         register_secret(value)
@@ -209,6 +210,7 @@ async def run_service(
     signalled = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signalled.set)
+    freeze_startup_heap()  # once a SIGTERM stops it cleanly: the service already said it is listening
     waiter = asyncio.ensure_future(app.running.wait())
     stopper = asyncio.ensure_future(signalled.wait())
     try:

@@ -1,7 +1,6 @@
 """Run the credentials service: `python -m services.credentials`."""
 
-import asyncio
-
 from services.credentials.server import main
+from shared.process import run_loop
 
-asyncio.run(main())
+run_loop(main)

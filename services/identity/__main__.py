@@ -1,5 +1,6 @@
-import asyncio
+"""Run the identity service: `python -m services.identity`."""
 
 from services.identity.server import main
+from shared.process import run_loop
 
-asyncio.run(main())
+run_loop(main)

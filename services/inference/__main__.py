@@ -14,6 +14,6 @@ if config.workers > 1 and WORKER_ENV not in os.environ:
     sys.exit(serve_workers(config, [sys.executable, "-m", "services.inference"]))
 
 from services.inference.server import main  # noqa: E402 - a worker, or the one process: the parent never loads it
-from services.inference.workers import run_loop  # noqa: E402
+from shared.process import run_loop  # noqa: E402
 
 run_loop(main)

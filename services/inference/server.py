@@ -20,7 +20,7 @@ from services.inference.proxy import InferenceProxy, KeySource
 from services.inference.servicer import InferenceServicer
 from services.inference.store import InferenceBase, PolicyStore, SqlAttempts, SqlOutbox
 from services.inference.usage import UsageMeter
-from services.inference.workers import freeze_startup_heap, replica_name
+from services.inference.workers import replica_name
 from shared.config_audit import ConfigAudit
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
@@ -200,10 +200,4 @@ async def serve_inference(
 async def main(env: Mapping[str, str] = os.environ) -> None:
     """Run the inference proxy until SIGTERM/SIGINT."""
     config = InferenceConfig.from_env(env)
-
-    async def start_frozen(up: Startup) -> InferenceService:
-        service = await start(config, up.remote_verifier(config.service))
-        freeze_startup_heap()
-        return service
-
-    await run_service(config.service, start_frozen)
+    await run_service(config.service, lambda up: start(config, up.remote_verifier(config.service)))

@@ -6,7 +6,7 @@ import os
 import sys
 
 from services.metering.config import MeteringConfig
-from services.metering.workers import WORKER_ENV, run_loop, serve_workers
+from services.metering.workers import WORKER_ENV, serve_workers
 
 config = MeteringConfig.from_env()
 if config.workers > 1 and WORKER_ENV not in os.environ:
@@ -14,5 +14,6 @@ if config.workers > 1 and WORKER_ENV not in os.environ:
     sys.exit(serve_workers(config.workers, config.service.address, [sys.executable, "-m", "services.metering"]))
 
 from services.metering.server import main  # noqa: E402 - a worker, or the one process: the parent never loads it
+from shared.process import run_loop  # noqa: E402
 
 run_loop(main)

@@ -21,7 +21,6 @@ from services.metering.retention import UsageDetailRetention
 from services.metering.servicer import MeteringServicer, MeteringTiers
 from services.metering.store import MeteringBase
 from services.metering.sweeper import ExpirySweeper
-from services.metering.workers import freeze_startup_heap
 from shared.config_audit import ConfigAudit
 from shared.db import Database
 from shared.lifecycle import lifecycle_binding
@@ -156,10 +155,4 @@ async def start(config: MeteringConfig, verifier: TokenVerifier, *, address: str
 async def main(env: Mapping[str, str] = os.environ) -> None:
     """Run the metering service until SIGTERM/SIGINT."""
     config = MeteringConfig.from_env(env)
-
-    async def start_frozen(up: Startup) -> MeteringService:
-        metering = await start(config, up.remote_verifier(config.service))
-        freeze_startup_heap()
-        return metering
-
-    await run_service(config.service, start_frozen)
+    await run_service(config.service, lambda up: start(config, up.remote_verifier(config.service)))

@@ -1,7 +1,6 @@
 """python -m services.orchestrator"""
 
-import asyncio
-
 from services.orchestrator.server import main
+from shared.process import run_loop
 
-asyncio.run(main())
+run_loop(main)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-
 from services.state.server import main
+from shared.process import run_loop
 
-asyncio.run(main())
+run_loop(main)
