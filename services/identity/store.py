@@ -6,9 +6,11 @@ from __future__ import annotations
 from datetime import datetime
 
 from sqlalchemy import JSON, Boolean, DateTime, Integer, LargeBinary, String, Text, UniqueConstraint
+from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Mapped, mapped_column
 
-from shared.db import Base, TenantOwned
+from shared.db import Base, Database, TenantOwned
+from shared.db.raw import autocommit_fetch, raw_transaction
 
 
 class IdentityBase(Base):
@@ -67,6 +69,30 @@ class IssuedTokenRow(IdentityBase, TenantOwned):
     principal_id: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+_RECORD_ISSUED = "INSERT INTO issued_tokens (jti, tenant_id, principal_id, expires_at) VALUES ($1, $2, $3, $4)"
+_RECORD_ISSUED_PG = (
+    "INSERT INTO issued_tokens (jti, tenant_id, principal_id, expires_at) "
+    "SELECT $1, t.tid, $3, $4 FROM (SELECT set_config('app.tenant_id', $2, true) AS tid) AS t"
+)
+"""Postgres, one statement as its own implicit transaction: the row's tenant_id is what set_config returns, so
+app.tenant_id is set (for this statement's transaction only) before the row exists, and RLS checks it as ever."""
+_SQLITE_DATETIME = sqlite.DATETIME().bind_processor(sqlite.dialect())
+"""How the ORM writes a DateTime on SQLite (one text format, which comparisons and reads rely on)."""
+
+
+async def record_issued(db: Database, *, tenant_id: str, jti: str, principal_id: str, expires_at: datetime) -> None:
+    """IssuedTokenRow(jti, principal_id, expires_at) of `tenant_id`, without the ORM: ExchangeToken runs on every
+    agent run. One round trip on Postgres (db.raw() spends three on it). identity's rows are pooled whatever the
+    tenant's tier (directory.pooled), so the route is the pooled one, as db.session() under pooled() takes."""
+    async with db.router.using(tenant_id, "pooled") as route:
+        if route.bind.dialect.name == "postgresql" and route.schema is None:
+            await autocommit_fetch(route.bind, _RECORD_ISSUED_PG, jti, tenant_id, principal_id, expires_at)
+            return
+        async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema, write=True) as tx:
+            when = _SQLITE_DATETIME(expires_at) if tx.dialect == "sqlite" and _SQLITE_DATETIME else expires_at
+            await tx.execute(_RECORD_ISSUED, jti, tenant_id, principal_id, when)
 
 
 class RevocationRow(IdentityBase):
