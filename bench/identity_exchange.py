@@ -9,6 +9,7 @@ in interleaved blocks, so that each RPC sees the same moments of a shared machin
   health         grpc.health.v1 Check: the server stack's floor (interceptors, no handler work)
   get_tenant     GetTenant: a cheap identity RPC with one platform-table read
   exchange       ExchangeToken as the orchestrator makes it (scopes, run_id, ttl), per tier
+  revocations    ListRevokedTokens as every other service polls it (each second) with its platform key
 
 Prints p50 latency and server CPU per call (the child's /proc counters over each block) for each,
 and the ratios to the health check. `--profile FILE` runs the server under cProfile and prints its
@@ -61,7 +62,8 @@ def _serve(env: dict[str, str], queue, measuring, stop, profile: str) -> None:
 
         app = await start(IdentityConfig.from_env(env), address="127.0.0.1:0", announce=io.StringIO())
         key = app.operator_key or (Path(env["BULKHEAD_DATA_DIR"]) / "operator.key").read_text().strip()
-        queue.put((app.running.address, key))
+        service_key = (app.service_keys_dir / "state.key").read_text().strip()
+        queue.put((app.running.address, key, service_key))
         await asyncio.to_thread(measuring.wait)
         if profile:
             profiler.enable()
@@ -81,7 +83,7 @@ def _cpu_seconds(pid: int) -> float:
 
 
 async def _measure(
-    address: str, operator_key: str, pid: int, measuring, *, blocks: int, per_block: int
+    address: str, operator_key: str, service_key: str, pid: int, measuring, *, blocks: int, per_block: int
 ) -> dict[str, Any]:
     from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -102,6 +104,9 @@ async def _measure(
                 calls["get_tenant"] = (stub.GetTenant, pb.GetTenantRequest(), md)
             request = pb.ExchangeTokenRequest(scopes=RUN_SCOPES, run_id="r_bench", ttl_seconds=900)
             calls[f"exchange_{tier}"] = (stub.ExchangeToken, request, md)
+        svc = await stub.IssueToken(pb.IssueTokenRequest(api_key=service_key))
+        svc_md = (("authorization", f"Bearer {svc.token}"), ("x-tenant-id", svc.tenant_id))
+        calls["revocations"] = (stub.ListRevokedTokens, pb.ListRevokedTokensRequest(), svc_md)
         for method, request, md in calls.values():  # warm up: connection, caches, statement caches
             for _ in range(30):
                 await method(request, metadata=md)
@@ -135,8 +140,9 @@ def _run(kind: str, server, *, blocks: int, per_block: int, profile: str) -> dic
         child = ctx.Process(target=_serve, args=(env, queue, measuring, stop, profile), daemon=True)
         child.start()
         try:
-            address, key = queue.get(timeout=120)
-            return asyncio.run(_measure(address, key, child.pid or 0, measuring, blocks=blocks, per_block=per_block))
+            address, key, service_key = queue.get(timeout=120)
+            pid = child.pid or 0
+            return asyncio.run(_measure(address, key, service_key, pid, measuring, blocks=blocks, per_block=per_block))
         finally:
             measuring.set()
             stop.set()
