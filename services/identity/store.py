@@ -1,5 +1,6 @@
 """identity's tables. Tenants, signing keys and the revocation feed are platform tables;
-principals, API keys and issued tokens belong to one tenant each."""
+principals, API keys and issued tokens belong to one tenant each. At the end, the raw statements of
+its hot paths (ExchangeToken's record, the revocation feed every service polls)."""
 
 from __future__ import annotations
 
@@ -72,32 +73,6 @@ class IssuedTokenRow(IdentityBase, TenantOwned):
     principal_id: Mapped[str] = mapped_column(String(128))
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), index=True)
     revoked_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-
-
-_RECORD_ISSUED = "INSERT INTO issued_tokens (jti, tenant_id, principal_id, expires_at) VALUES ($1, $2, $3, $4)"
-_RECORD_ISSUED_PG = (
-    "INSERT INTO issued_tokens (jti, tenant_id, principal_id, expires_at) "
-    "SELECT $1, t.tid, $3, $4 FROM (SELECT set_config('app.tenant_id', $2, true) AS tid) AS t"
-)
-"""Postgres, one statement as its own implicit transaction: the row's tenant_id is what set_config returns, so
-app.tenant_id is set (for this statement's transaction only) before the row exists, and RLS checks it as ever."""
-_SQLITE_DATETIME = sqlite.DATETIME().bind_processor(sqlite.dialect())
-"""How the ORM writes a DateTime on SQLite (one text format, which comparisons and reads rely on)."""
-_SQLITE_READ_DATETIME = sqlite.DATETIME().result_processor(sqlite.dialect(), None)
-"""How the ORM reads that text back (a naive datetime, stored as UTC: see signing.as_utc)."""
-
-
-async def record_issued(db: Database, *, tenant_id: str, jti: str, principal_id: str, expires_at: datetime) -> None:
-    """IssuedTokenRow(jti, principal_id, expires_at) of `tenant_id`, without the ORM: ExchangeToken runs on every
-    agent run. One round trip on Postgres (db.raw() spends three on it). identity's rows are pooled whatever the
-    tenant's tier (directory.pooled), so the route is the pooled one, as db.session() under pooled() takes."""
-    async with db.router.using(tenant_id, "pooled") as route:
-        if route.bind.dialect.name == "postgresql" and route.schema is None:
-            await autocommit_fetch(route.bind, _RECORD_ISSUED_PG, jti, tenant_id, principal_id, expires_at)
-            return
-        async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema, write=True) as tx:
-            when = _SQLITE_DATETIME(expires_at) if tx.dialect == "sqlite" and _SQLITE_DATETIME else expires_at
-            await tx.execute(_RECORD_ISSUED, jti, tenant_id, principal_id, when)
 
 
 class RevocationRow(IdentityBase):
@@ -193,6 +168,35 @@ class MigrationStepRow(IdentityBase):
     """JSON of the VerifyTenantResponse that let the copy count (rows and checksums, both sides)."""
     released: Mapped[str | None] = mapped_column(Text, nullable=True)
     """JSON of the ReleaseTenantResponse."""
+
+
+# Raw statements on identity's hot paths, next to their ORM twins above (shared.db.raw).
+_SQLITE_DATETIME = sqlite.DATETIME().bind_processor(sqlite.dialect())
+"""How the ORM writes a DateTime on SQLite (one text format, which comparisons and reads rely on)."""
+_SQLITE_READ_DATETIME = sqlite.DATETIME().result_processor(sqlite.dialect(), None)
+"""How the ORM reads that text back (a naive datetime, stored as UTC: see signing.as_utc)."""
+
+# ExchangeToken's issued-token row: written on every agent run.
+_RECORD_ISSUED = "INSERT INTO issued_tokens (jti, tenant_id, principal_id, expires_at) VALUES ($1, $2, $3, $4)"
+_RECORD_ISSUED_PG = (
+    "INSERT INTO issued_tokens (jti, tenant_id, principal_id, expires_at) "
+    "SELECT $1, t.tid, $3, $4 FROM (SELECT set_config('app.tenant_id', $2, true) AS tid) AS t"
+)
+"""Postgres, one statement as its own implicit transaction: the row's tenant_id is what set_config returns, so
+app.tenant_id is set (for this statement's transaction only) before the row exists, and RLS checks it as ever."""
+
+
+async def record_issued(db: Database, *, tenant_id: str, jti: str, principal_id: str, expires_at: datetime) -> None:
+    """IssuedTokenRow(jti, principal_id, expires_at) of `tenant_id`, without the ORM: ExchangeToken runs on every
+    agent run. One round trip on Postgres (db.raw() spends three on it). identity's rows are pooled whatever the
+    tenant's tier (directory.pooled), so the route is the pooled one, as db.session() under pooled() takes."""
+    async with db.router.using(tenant_id, "pooled") as route:
+        if route.bind.dialect.name == "postgresql" and route.schema is None:
+            await autocommit_fetch(route.bind, _RECORD_ISSUED_PG, jti, tenant_id, principal_id, expires_at)
+            return
+        async with raw_transaction(route.bind, tenant_id=tenant_id, schema=route.schema, write=True) as tx:
+            when = _SQLITE_DATETIME(expires_at) if tx.dialect == "sqlite" and _SQLITE_DATETIME else expires_at
+            await tx.execute(_RECORD_ISSUED, jti, tenant_id, principal_id, when)
 
 
 # The revocation feed every other service polls each second (ListRevokedTokens), read without the ORM: its
