@@ -10,7 +10,14 @@ from sqlalchemy import select
 from services.identity.credentials import parse_api_key, secret_matches
 from services.identity.directory import acting_as, covered, pooled, validate_scopes
 from services.identity.signing import MAX_TOKEN_TTL, SigningKeys, as_utc, utcnow
-from services.identity.store import ApiKeyRow, IssuedTokenRow, PrincipalRow, RevocationRow, TenantRow
+from services.identity.store import (
+    ApiKeyRow,
+    IssuedTokenRow,
+    PrincipalRow,
+    RevocationRow,
+    TenantRow,
+    record_issued,
+)
 from shared.db import Database
 from shared.errors import InvalidArgument, NotFound, PermissionDenied, Unauthenticated
 from shared.tenancy import require_tenant, tenant_scope
@@ -111,13 +118,13 @@ class Issuance:
             agent_id=agent_id or None,
             run_id=run_id or None,
         )
-        with tenant_scope(pooled(ctx)):
-            async with self._db.session() as s:
-                s.add(
-                    IssuedTokenRow(
-                        jti=claims.jti, principal_id=subject, expires_at=datetime.fromtimestamp(claims.expires_at, UTC)
-                    )
-                )
+        await record_issued(
+            self._db,
+            tenant_id=ctx.tenant_id,
+            jti=claims.jti,
+            principal_id=subject,
+            expires_at=datetime.fromtimestamp(claims.expires_at, UTC),
+        )
         return IssuedToken(token, claims)
 
     async def revoke(self, jti: str) -> RevocationRow:

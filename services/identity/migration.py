@@ -35,7 +35,7 @@ import os
 import time
 from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any, cast
 
 import grpc
@@ -46,8 +46,23 @@ from sqlalchemy import CursorResult, delete, func, select, update
 from bulkhead.common.v1 import lifecycle_pb2 as lpb
 from bulkhead.identity.v1 import identity_pb2 as pb
 from services.identity.peers import LifecyclePeers
-from services.identity.signing import MAX_TOKEN_TTL, SigningKeys, as_utc, utcnow
-from services.identity.store import MigrationRow, MigrationStepRow, TenantRow
+from services.identity.signing import (
+    MAX_TOKEN_TTL,
+    SigningKeys,
+    as_utc,
+    live_revocations,
+    refused_tenants,
+    utcnow,
+)
+from services.identity.store import (
+    MigrationRow,
+    MigrationStepRow,
+    TenantRow,
+    migration_rows,
+    not_active_rows,
+    platform_reads,
+    revocation_rows,
+)
 from shared.config_audit import ConfigAudit
 from shared.db import Database
 from shared.errors import BulkheadError, FailedPrecondition, InvalidArgument, NotFound
@@ -454,36 +469,41 @@ async def migration_feed(db: Database) -> tuple[frozenset[str], dict[str, tuple[
     longest token lifetime (later every live token claims its tier: delegated tokens die with their
     parent), so the list stays small. Paused: a plan still copying, or one switched (or aborted) whose
     services are not all switched (reverted) yet. Third: the same tenants' regions (a move may change it)."""
-    cutoff = utcnow() - timedelta(seconds=MAX_TOKEN_TTL + 60)
-    async with db.system_session() as s:
-        rows = (
-            await s.execute(
-                select(
-                    MigrationRow.tenant_id,
-                    MigrationRow.state,
-                    MigrationRow.generation,
-                    TenantRow.tier,
-                    MigrationRow.completed_at,
-                    TenantRow.region,
-                ).join(TenantRow, TenantRow.id == MigrationRow.tenant_id)
-            )
-        ).all()
-        unswitched = set(
-            (
-                await s.execute(
-                    select(MigrationStepRow.tenant_id).distinct().where(MigrationStepRow.phase.in_(_PAUSED_PHASES))
-                )
-            ).scalars()
-        )
+    now = utcnow()
+    async with platform_reads(db) as tx:
+        return migration_feed_of(*await migration_rows(tx, _PAUSED_PHASES), now)
+
+
+def migration_feed_of(
+    rows: list[tuple[str, str, int, str, datetime | None, str]], unswitched: set[str], now: datetime
+) -> tuple[frozenset[str], dict[str, tuple[str, int]], dict[str, str]]:
+    """migration_feed() of store.migration_rows (with _PAUSED_PHASES) read at `now`."""
+    cutoff = now - timedelta(seconds=MAX_TOKEN_TTL + 60)
     paused = frozenset(
         tid for tid, state, _, _, _, _ in rows if state == "copying" or (state in UNFINISHED and tid in unswitched)
     )
-    recent = [row for row in rows if row.completed_at is None or as_utc(row.completed_at) >= cutoff]
+    recent = [row for row in rows if row[4] is None or as_utc(row[4]) >= cutoff]
     return (
         paused,
-        {row.tenant_id: (row.tier, row.generation) for row in recent},
-        {row.tenant_id: row.region for row in recent},
+        {tid: (tier, generation) for tid, _, generation, tier, _, _ in recent},
+        {tid: region for tid, _, _, _, _, region in recent},
     )
+
+
+async def published_feed(
+    db: Database, since: int
+) -> tuple[
+    tuple[int, dict[str, int]], frozenset[str], tuple[frozenset[str], dict[str, tuple[str, int]], dict[str, str]]
+]:
+    """ListRevokedTokens' answer in one transaction (every other service polls it each second): revocations_since
+    (since), suspended_tenants() and migration_feed(), read in that order as when each had its own transaction
+    (on Postgres each statement still reads what committed before it; on SQLite all three read one snapshot)."""
+    now = utcnow()
+    async with platform_reads(db) as tx:
+        revoked = live_revocations(await revocation_rows(tx, since), since, now)
+        suspended = refused_tenants(await not_active_rows(tx), now)
+        feed = migration_feed_of(*await migration_rows(tx, _PAUSED_PHASES), now)
+    return revoked, suspended, feed
 
 
 class _Step:

@@ -11,8 +11,8 @@ from bulkhead.identity.v1 import identity_pb2_grpc
 from services.identity.deletion import Deletions, DeletionView
 from services.identity.directory import Directory
 from services.identity.issuance import Issuance
-from services.identity.migration import MigrationRpcs, migration_feed
-from services.identity.signing import SigningKeys, as_utc, revocations_since, suspended_tenants
+from services.identity.migration import MigrationRpcs, published_feed
+from services.identity.signing import SigningKeys, as_utc
 from services.identity.store import ApiKeyRow, PrincipalRow, RevocationRow, SigningKeyRow, TenantRow
 from shared import paging
 from shared.config_audit import ConfigAudit, new_of
@@ -334,9 +334,9 @@ class IdentityServicer(MigrationRpcs, identity_pb2_grpc.IdentityServiceServicer)
     async def ListRevokedTokens(self, request, context):
         if request.since_revision < 0:
             raise InvalidArgument("since_revision must not be negative", violations={"since_revision": ">= 0"})
-        revision, entries = await revocations_since(self._db, request.since_revision)
-        suspended = await suspended_tenants(self._db)
-        migrating, placements, regions = await migration_feed(self._db)  # after the revocations: see shared.tokens
+        (revision, entries), suspended, (migrating, placements, regions) = await published_feed(
+            self._db, request.since_revision
+        )
         return pb.ListRevokedTokensResponse(
             revoked=[pb.RevokedToken(jti=j, expire_time=_epoch(exp)) for j, exp in entries.items()],
             revision=revision,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from sqlalchemy import select, update
 
-from services.identity.store import DeletionRow, RevocationRow, SigningKeyRow, TenantRow
+from services.identity.store import SigningKeyRow, not_active_rows, platform_reads, revocation_rows
 from shared.db import Database
 from shared.tokens import SigningKey, public_key_bytes
 
@@ -128,30 +129,25 @@ async def suspended_tenants(db: Database) -> frozenset[str]:
     """The tenants that are not active (suspended, being deleted, or deleted within the longest token
     lifetime): every verifier refuses their tokens. Later no token of a deleted tenant can be live,
     so the list verifiers poll every second does not grow with every tenant ever deleted."""
-    cutoff = utcnow() - timedelta(seconds=MAX_TOKEN_TTL) - _PUBLISH_SLACK
-    async with db.system_session() as s:
-        rows = (
-            await s.execute(
-                select(TenantRow.id, TenantRow.status, DeletionRow.completed_at)
-                .outerjoin(DeletionRow, DeletionRow.tenant_id == TenantRow.id)
-                .where(TenantRow.status != "active")
-            )
-        ).all()
+    now = utcnow()
+    async with platform_reads(db) as tx:
+        return refused_tenants(await not_active_rows(tx), now)
+
+
+def refused_tenants(rows: Iterable[tuple[str, str, datetime | None]], now: datetime) -> frozenset[str]:
+    """suspended_tenants() of store.not_active_rows read at `now`."""
+    cutoff = now - timedelta(seconds=MAX_TOKEN_TTL) - _PUBLISH_SLACK
     return frozenset(tid for tid, status, done in rows if status != "deleted" or done is None or as_utc(done) > cutoff)
 
 
 async def revocations_since(db: Database, since: int) -> tuple[int, dict[str, int]]:
     """(latest revision, {jti: expiry}) of unexpired revocations after revision `since`."""
     now = utcnow()
-    async with db.system_session() as s:
-        rows = (
-            (
-                await s.execute(
-                    select(RevocationRow).where(RevocationRow.revision > since).order_by(RevocationRow.revision)
-                )
-            )
-            .scalars()
-            .all()
-        )
-    revision = max((r.revision for r in rows), default=since)
-    return revision, {r.jti: int(as_utc(r.expires_at).timestamp()) for r in rows if as_utc(r.expires_at) > now}
+    async with platform_reads(db) as tx:
+        return live_revocations(await revocation_rows(tx, since), since, now)
+
+
+def live_revocations(rows: list[tuple[int, str, datetime]], since: int, now: datetime) -> tuple[int, dict[str, int]]:
+    """revocations_since() of store.revocation_rows read at `now`."""
+    revision = max((r[0] for r in rows), default=since)
+    return revision, {jti: int(as_utc(exp).timestamp()) for _, jti, exp in rows if as_utc(exp) > now}
