@@ -7,7 +7,7 @@ import asyncio
 
 import asyncpg
 import pytest
-from sqlalchemy import select
+from sqlalchemy import event, select
 
 from shared.db import Database
 from shared.db.raw import autocommit_fetch, sqlite_sql
@@ -52,6 +52,25 @@ async def test_an_error_rolls_the_whole_transaction_back(db: Database) -> None:
         async with db.raw(write=True) as tx:
             await tx.execute("INSERT INTO notes (tenant_id, body) VALUES ($1, $2)", A, "whole")
     assert await _bodies(db, A) == ["whole"]
+
+
+async def test_a_connection_whose_transaction_ended_goes_back_without_the_pools_reset_rollback(db: Database) -> None:
+    resets = []
+    pool = db.engine.sync_engine.pool
+    record = lambda _dbapi, _record, state: resets.append(state.transaction_was_reset)  # noqa: E731
+    event.listen(pool, "reset", record)
+    try:
+        with tenant_scope(as_tenant(A)):
+            async with db.raw(write=True) as tx:
+                await tx.execute("INSERT INTO notes (tenant_id, body) VALUES ($1, $2)", A, "kept")
+            with pytest.raises(RuntimeError):
+                async with db.raw(write=True) as tx:
+                    await tx.execute("INSERT INTO notes (tenant_id, body) VALUES ($1, $2)", A, "dropped")
+                    raise RuntimeError("rolled back here, not by the pool")
+    finally:
+        event.remove(pool, "reset", record)
+    assert resets == [True, True]  # committed, then rolled back: neither needed the pool's rollback
+    assert await _bodies(db, A) == ["kept"]  # and the reused connection carried nothing over
 
 
 async def test_raw_needs_a_tenant(db: Database) -> None:
