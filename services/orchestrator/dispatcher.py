@@ -191,6 +191,10 @@ class Dispatcher:
         self._stopping = asyncio.Event()
         self._reserved = 0
         """Slots promised to StartRun calls that may start their run at once (lease_for_new_run)."""
+        self._held: Counter[str] = Counter()
+        """Per tenant, its runs executing here plus the slots promised to its StartRun calls."""
+        self._tenant_of: dict[str, str] = {}
+        """The tenant of each run executing here."""
         self._more_waiting = True
         """The last look at the queue left runs waiting (or did not look): a freed slot may start one."""
 
@@ -218,24 +222,41 @@ class Dispatcher:
         (RunStore.start); None when there is none. Hand it back with adopt() or unreserve()."""
         free = self._s.max_concurrent - len(self._tasks) - self._reserved
         # Runs left waiting at the last look wait for their tenant's limit: a new one most likely waits too,
-        # and is queued without first asking (the dispatcher's next look starts whatever may start).
-        if free <= 0 or self._more_waiting or not self.watches_queue or self._suspended(tenant_id):
+        # and is queued without first asking (the dispatcher's next look starts whatever may start). So does
+        # one whose tenant holds its limit here already (executing, or promised to its other StartRun calls):
+        # leases count across replicas, so it could not start now either, and asking costs a transaction.
+        if (
+            free <= 0
+            or self._more_waiting
+            or not self.watches_queue
+            or self._held[tenant_id] >= self._s.runs_per_tenant
+            or self._suspended(tenant_id)
+        ):
             return None
         self._reserved += 1
+        self._held[tenant_id] += 1
         return Lease(self.owner, self._s.lease_seconds, self._s.runs_per_tenant, free)
 
-    def unreserve(self) -> None:
+    def unreserve(self, tenant_id: str) -> None:
         """Give back a slot from lease_for_new_run that was not used."""
         self._reserved -= 1
+        self._release_held(tenant_id)
 
     async def adopt(self, claim: Claim, run: RunRecord) -> None:
         """Execute a run whose lease a StartRun here took (RunStore.start), using the slot it reserved; if
         dispatching stopped meanwhile, give the lease back for another replica (as stop() does)."""
         self._reserved -= 1
         if not self.watches_queue:
+            self._release_held(claim.tenant_id)
             await self._runs.release(claim.run_id, self.owner)
             return
+        self._tenant_of[claim.run_id] = claim.tenant_id
         self._tasks[claim.run_id] = asyncio.create_task(self._execute(claim, run), name=f"run-{claim.run_id}")
+
+    def _release_held(self, tenant_id: str) -> None:
+        self._held[tenant_id] -= 1
+        if self._held[tenant_id] <= 0:
+            del self._held[tenant_id]
 
     def executing(self, run_id: str) -> bool:
         """Whether the run executes on this replica now (its steps all reach the live feed)."""
@@ -306,6 +327,8 @@ class Dispatcher:
         for claim in claims:
             if claim.cancel_requested:
                 self._cancel.add(claim.run_id)
+            self._held[claim.tenant_id] += 1
+            self._tenant_of[claim.run_id] = claim.tenant_id
             self._tasks[claim.run_id] = asyncio.create_task(self._execute(claim), name=f"run-{claim.run_id}")
 
     async def _execute(self, claim: Claim, begun: RunRecord | None = None) -> None:
@@ -388,6 +411,9 @@ class Dispatcher:
 
     def _done(self, run_id: str) -> None:
         self._tasks.pop(run_id, None)
+        tenant_id = self._tenant_of.pop(run_id, None)
+        if tenant_id is not None:
+            self._release_held(tenant_id)
         self._cancel.discard(run_id)
         self._feed.nudge(run_id)
         if self._more_waiting:  # else nothing waited at the last look, and whatever was queued since woke us

@@ -185,7 +185,7 @@ class Orchestrator:
             )
         finally:
             if lease is not None and claim is None:
-                self._dispatcher.unreserve()
+                self._dispatcher.unreserve(ctx.tenant_id)
         if claim is not None:
             await self._dispatcher.adopt(claim, run)
         else:

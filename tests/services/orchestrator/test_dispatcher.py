@@ -93,3 +93,30 @@ async def test_a_run_started_here_as_dispatching_stops_goes_back_to_the_queue(tm
     finally:
         await dispatcher.stop()
         await db.close()
+
+
+async def test_a_tenant_holding_its_limit_here_gets_no_slot_for_a_new_run(tmp_path):
+    """StartRun asks for no lease (no claim transaction) while the tenant's runs executing or being started here
+    fill its limit: leases count across replicas, so the run could not start now anyway; others still get one."""
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
+    runs, sealer = RunStore(db), GrantSealer(os.urandom(32))
+    dispatcher = Dispatcher(
+        runs=runs,
+        engine=None,
+        ports_for=lambda: None,
+        sealer=sealer,
+        feed=StepFeed(),
+        settings=DispatchSettings(runs_per_tenant=2, lease_seconds=60, poll_seconds=0.05),
+    )
+    dispatcher.start()
+    try:
+        await asyncio.sleep(0.1)  # a first look at the (empty) queue
+        assert dispatcher.lease_for_new_run("t_a") is not None
+        assert dispatcher.lease_for_new_run("t_a") is not None
+        assert dispatcher.lease_for_new_run("t_a") is None
+        assert dispatcher.lease_for_new_run("t_b") is not None
+        dispatcher.unreserve("t_a")
+        assert dispatcher.lease_for_new_run("t_a") is not None
+    finally:
+        await dispatcher.stop()
+        await db.close()
