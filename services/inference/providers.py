@@ -347,9 +347,10 @@ class AnthropicProvider:
         ref = ATTEMPT_REF.get()
         # Lets a provider's (or the test fake's) billing records be matched to metered attempts.
         headers = {"x-bulkhead-attempt": ref} if ref else {}
+        # max_retries: the client's own (0), given so the SDK does not deep-copy its default on every call.
         try:
             reply = await client.post(
-                url, cast_to=httpx2.Response, content=orjson.dumps(body), options={"headers": headers}
+                url, cast_to=httpx2.Response, content=orjson.dumps(body), options={"headers": headers, "max_retries": 0}
             )
         except anthropic.AnthropicError as exc:
             raise _upstream_error(exc, target) from None
