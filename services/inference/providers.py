@@ -7,8 +7,8 @@ UpstreamError with a kind the servicer maps to a status. No grpc imports.
 Every call goes through the official SDK by default, imported on first use so an idle proxy does not
 carry it (about 50 MB). Unary calls are the SDK's own POST of the body's JSON bytes, read back raw (no
 per-call models), carried on the proxy's kept-alive pool (upstream_http.UpstreamPool, through the SDK's
-http_client hook: sdk_http.PoolTransport). Streams and token counts use the SDK's aiohttp transport
-(anthropic.DefaultAioHttpClient, the `anthropic[aiohttp]` extra) when it is installed, else its httpx
+http_client hook: sdk_http.PoolClient on sdk_http.PoolTransport). Streams and token counts use the SDK's
+aiohttp transport (anthropic.DefaultAioHttpClient, the `anthropic[aiohttp]` extra) when it is installed, else its httpx
 stack. BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT picks another way for unary calls: sdk-aiohttp (the SDK's
 aiohttp transport for them too), sdk-httpx (the SDK's httpx stack for everything, about twice the CPU
 per call) or direct (opt-in: the proxy writes unary requests on the pool itself, bypassing the SDK, the

@@ -1,5 +1,6 @@
 """The SDK's HTTP stack with a cheap idle probe (upstream_http.make_http_client builds clients with it), and
-PoolTransport, which carries the SDK's unary calls on the proxy's kept-alive pool.
+PoolTransport, which carries the SDK's unary calls on the proxy's kept-alive pool (through PoolClient, httpx's
+client cut to those calls).
 
 Imported on first use: an idle proxy does not carry httpx (3.6 MB). No grpc imports.
 """
@@ -173,8 +174,10 @@ class PoolClient(httpx2.AsyncClient):
     for that one shape of request (an absolute URL, bytes, no query, files, cookies or auth) this client skips
     the layers that change nothing on PoolTransport: merging httpx's default headers (the SDK sets Accept and
     User-Agent, the transport writes host, length, encodings and keep-alive), the auth and redirect loops (no
-    auth, redirects never followed) and a second copy of the headers. About a third of the SDK path's CPU per
-    call. Any other request takes httpx's own path unchanged.
+    auth, redirects never followed) and a second copy of the headers. The same bytes go on the wire, header order
+    included (a test compares with httpx's own client). With the absolute URL the provider posts to, about 40%
+    of the SDK path's CPU per call; more of its latency at concurrency 1, where the code runs with cold caches.
+    Any other request takes httpx's own path unchanged.
     """
 
     def __init__(self, transport: PoolTransport, *, timeout: float):
