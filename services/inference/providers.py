@@ -7,8 +7,8 @@ UpstreamError with a kind the servicer maps to a status. No grpc imports.
 Every call goes through the official SDK by default, imported on first use so an idle proxy does not
 carry it (about 50 MB). Unary calls are the SDK's own POST of the body's JSON bytes, read back raw (no
 per-call models), carried on the proxy's kept-alive pool (upstream_http.UpstreamPool, through the SDK's
-http_client hook: sdk_http.PoolTransport). Streams and token counts use the SDK's aiohttp transport
-(anthropic.DefaultAioHttpClient, the `anthropic[aiohttp]` extra) when it is installed, else its httpx
+http_client hook: sdk_http.PoolClient on sdk_http.PoolTransport). Streams and token counts use the SDK's
+aiohttp transport (anthropic.DefaultAioHttpClient, the `anthropic[aiohttp]` extra) when it is installed, else its httpx
 stack. BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT picks another way for unary calls: sdk-aiohttp (the SDK's
 aiohttp transport for them too), sdk-httpx (the SDK's httpx stack for everything, about twice the CPU
 per call) or direct (opt-in: the proxy writes unary requests on the pool itself, bypassing the SDK, the
@@ -269,15 +269,12 @@ class AnthropicProvider:
     def _pooled_client(self, target: Target, entry: _Upstream) -> anthropic.AsyncAnthropic:
         """The SDK client of a key and endpoint whose transport is the entry's pool."""
         if entry.pooled_sdk is None:
-            import httpx2
-
-            from services.inference.sdk_http import PoolTransport
+            from services.inference.sdk_http import PoolClient, PoolTransport
 
             assert entry.pool is not None, "a pooled SDK client needs the entry's pool"
-            # No redirects: the Messages API sends none, and a key must not follow one to another origin.
-            http = httpx2.AsyncClient(
-                transport=PoolTransport(entry.pool, entry.base_url), timeout=self._timeout, follow_redirects=False
-            )
+            # No redirects (PoolClient never follows one): the Messages API sends none, and a key must not follow
+            # one to another origin.
+            http = PoolClient(PoolTransport(entry.pool, entry.base_url), timeout=self._timeout)
             entry.pooled_sdk = self._new_sdk(target, entry.base_url, http)
         return entry.pooled_sdk
 
@@ -307,8 +304,12 @@ class AnthropicProvider:
             if entry.pool is not None and self._direct:
                 return await self._create_direct(body, entry, target)
             await _load_sdk()
-            client = self._client(target) if entry.pool is None else self._pooled_client(target, entry)
-            return await self._create_with_sdk(body, client, target)
+            if entry.pool is None:
+                return await self._create_with_sdk(body, self._client(target), target, "/v1/messages")
+            # The pooled client's base URL is the entry's: the absolute URL spares the SDK merging it on every call.
+            return await self._create_with_sdk(
+                body, self._pooled_client(target, entry), target, entry.base_url + "/v1/messages"
+            )
         finally:
             entry.leave()
 
@@ -331,7 +332,7 @@ class AnthropicProvider:
         return _message(reply.body, reply.status)
 
     async def _create_with_sdk(
-        self, body: dict[str, Any], client: anthropic.AsyncAnthropic, target: Target
+        self, body: dict[str, Any], client: anthropic.AsyncAnthropic, target: Target, url: str
     ) -> dict[str, Any]:
         """The SDK's own POST of the Messages API, the body sent as the JSON bytes it already is.
 
@@ -346,9 +347,10 @@ class AnthropicProvider:
         ref = ATTEMPT_REF.get()
         # Lets a provider's (or the test fake's) billing records be matched to metered attempts.
         headers = {"x-bulkhead-attempt": ref} if ref else {}
+        # max_retries: the client's own (0), given so the SDK does not deep-copy its default on every call.
         try:
             reply = await client.post(
-                "/v1/messages", cast_to=httpx2.Response, content=orjson.dumps(body), options={"headers": headers}
+                url, cast_to=httpx2.Response, content=orjson.dumps(body), options={"headers": headers, "max_retries": 0}
             )
         except anthropic.AnthropicError as exc:
             raise _upstream_error(exc, target) from None

@@ -341,3 +341,59 @@ async def test_an_evicted_pooled_client_closes_its_pool_once_its_last_call_ended
         assert not first.pool._idle  # its kept-alive connection was closed with it
         await provider.close()
     assert [c.api_key for c in fake.usage_log] == ["sk-a", "sk-b"]
+
+
+class _RecordingPool:
+    """An UpstreamPool stand-in that records each request and answers with the next scripted reply."""
+
+    def __init__(self, replies: list[Any]):
+        self.replies = replies
+        self.sent: list[tuple[bytes, bytes]] = []
+
+    async def post(self, head: bytes, body: bytes) -> Any:
+        self.sent.append((head, body))
+        return self.replies.pop(0)
+
+    async def close(self) -> None:
+        pass
+
+
+async def test_the_lean_pool_client_sends_and_reads_what_httpxs_own_client_does():
+    """PoolClient (httpx's build_request and send cut short for the SDK's calls) puts the same request on the pool
+    as httpx's own client on PoolTransport, hands the SDK the same reply (a status error's included), and keeps
+    and sends back an upstream's cookies as httpx does."""
+    from services.inference.sdk_http import PoolClient, PoolTransport
+    from services.inference.upstream_http import UpstreamReply
+
+    base_url = "http://127.0.0.1:9/prefix"
+    seen: dict[str, Any] = {}
+    for name in ("httpx", "lean"):
+        pool = _RecordingPool(
+            [
+                UpstreamReply(200, {"content-type": "application/json", "set-cookie": "k=v; Path=/"}, b'{"a": 1}'),
+                UpstreamReply(200, {"content-type": "application/json", "request-id": "r1"}, b'{"b": 2}'),
+                UpstreamReply(429, {"retry-after": "3", "content-type": "application/json"}, b'{"error": {}}'),
+            ]
+        )
+        transport = PoolTransport(pool, base_url)  # type: ignore[arg-type]  # the pool's post is all it uses
+        http = (
+            PoolClient(transport, timeout=5.0)
+            if name == "lean"
+            else httpx2.AsyncClient(transport=transport, timeout=5.0, follow_redirects=False)
+        )
+        client = anthropic.AsyncAnthropic(api_key="sk-x", base_url=base_url, max_retries=0, http_client=http)
+        replies = []
+        for url in (base_url + "/v1/messages", "/v1/messages"):
+            reply = await client.post(
+                url, cast_to=httpx2.Response, content=b'{"m": 1}', options={"headers": {"x-bulkhead-attempt": "a"}}
+            )
+            replies.append((reply.status_code, dict(reply.headers), reply.content, reply.request.url))
+        with pytest.raises(anthropic.RateLimitError) as limited:
+            await client.post(url, cast_to=httpx2.Response, content=b"{}")
+        await client.close()
+        assert http.is_closed
+        seen[name] = (pool.sent, replies, limited.value.status_code, dict(limited.value.response.headers))
+    assert seen["lean"] == seen["httpx"]  # byte for byte, header order included
+    (first, body), (second, _), _ = seen["lean"][0]
+    assert first.startswith(b"POST /prefix/v1/messages HTTP/1.1\r\n") and body == b'{"m": 1}'
+    assert b"\r\nCookie: k=v\r\n" in second and b"Cookie" not in first  # the upstream's cookie sent back
