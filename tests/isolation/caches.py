@@ -82,6 +82,9 @@ CACHES: dict[str, Entry] = {
     "services/inference/peers.py::_cache": Entry(
         TENANT, "tenant -> its own provider key", _CACHES + "test_provider_key_cache_is_per_tenant"
     ),
+    "services/inference/sdk_http.py::_timeouts": Entry(
+        PLATFORM, "a pooled SDK client's last timeout -> its request extension (client settings, no request data)"
+    ),
     "services/inference/providers.py::_clients": Entry(
         UNIQUE,
         "(provider key, base url) -> SDK client: a tenant's own key is its own client",
@@ -120,6 +123,9 @@ CACHES: dict[str, Entry] = {
         "tests/services/orchestrator/test_e2e.py::test_a_run_executing_here_streams_from_its_first_step_to_its_tenant_only",
     ),
     "services/orchestrator/dispatcher.py::_cancel": Entry(UNIQUE, "server-made run ids to cancel", _MATRIX),
+    "services/orchestrator/dispatcher.py::_tenant_of": Entry(
+        UNIQUE, "server-made run id -> its tenant, for runs executing here (counts slots; answers no caller)", _MATRIX
+    ),
     "services/orchestrator/dispatcher.py::_expected": Entry(
         UNIQUE,
         "server-made run id -> its tenant, for a fresh run a StartRun here queued: only that tenant's WatchRun "
