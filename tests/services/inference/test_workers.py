@@ -17,6 +17,7 @@ from bulkhead.inference.v1 import inference_pb2_grpc
 from services.inference.config import InferenceConfig
 from services.inference.server import start
 from services.inference.workers import WORKER_ENV, serve_workers
+from testkit.workers import WORKER_SCRIPT
 
 from .helpers import INFERENCE_MIGRATIONS, MODEL, _open
 
@@ -69,22 +70,6 @@ async def test_a_single_proxy_refuses_a_port_in_use(mesh):
         await first.stop()
 
 
-_WORKER = """
-import json, os, signal, socket, sys, time
-addr = os.environ["BULKHEAD_INFERENCE_LISTEN_ADDR"]
-host, _, port = addr.rpartition(":")
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-s.bind((host, int(port)))
-s.listen()
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-print(json.dumps({k: os.environ.get(k) for k in ("BULKHEAD_INFERENCE_WORKER", "BULKHEAD_INFERENCE_LISTEN_ADDR",
-      "BULKHEAD_INFERENCE_REPLICA_ID", "BULKHEAD_INFERENCE_METRICS_PORT")}), flush=True)
-while True:
-    time.sleep(1)
-"""
-
-
 def test_serve_workers_starts_each_worker_on_one_drawn_port_and_stops_them_on_sigterm():
     """Port 0 is drawn once for all; each worker has its own number and journal replica, only the first
     serves metrics; SIGTERM to the parent stops every worker and returns 0."""
@@ -108,9 +93,8 @@ def test_serve_workers_starts_each_worker_on_one_drawn_port_and_stops_them_on_si
         threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
 
     env = {**{k: v for k, v in os.environ.items() if k != WORKER_ENV}, "BULKHEAD_INFERENCE_METRICS_PORT": "9999"}
-    code = serve_workers(
-        config, [sys.executable, "-c", _WORKER], env=env, ready=ready, on_ready=on_ready, stdout=subprocess.PIPE
-    )
+    command = [sys.executable, "-c", WORKER_SCRIPT, "inference"]
+    code = serve_workers(config, command, env=env, ready=ready, on_ready=on_ready, stdout=subprocess.PIPE)
     assert code == 0
     assert [s["BULKHEAD_INFERENCE_WORKER"] for s in seen] == ["1", "2", "3"]
     assert {s["BULKHEAD_INFERENCE_LISTEN_ADDR"] for s in seen} == set(addresses) and not addresses[0].endswith(":0")

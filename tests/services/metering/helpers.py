@@ -77,6 +77,17 @@ def price(
     )
 
 
+async def price_and_budget(stub, op_metadata, tenant_id: str, model: str, token_limit: int) -> None:
+    """Price `model` and give the tenant a token budget and a (roomy) money budget: every hold and
+    settlement then moves two counter rows at once."""
+    await stub.SetPrice(pb.SetPriceRequest(price=price(model, T0 - 1, 3_000_000, 15_000_000)), metadata=op_metadata)
+    budgets = [
+        pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=token_limit),
+        pb.Budget(unit=pb.BUDGET_UNIT_MICRO_USD, limit=10**9),
+    ]
+    await stub.SetQuota(pb.SetQuotaRequest(quota=pb.Quota(tenant_id=tenant_id, budgets=budgets)), metadata=op_metadata)
+
+
 def day_range(start_us: int = T0 - 30 * periods.US_PER_DAY, days: int = 60) -> pb.UsageFilter:
     """A wide filter around T0."""
     return pb.UsageFilter(start_time=ts(start_us), end_time=ts(start_us + days * periods.US_PER_DAY))

@@ -14,7 +14,7 @@ from bulkhead.metering.v1 import metering_pb2_grpc
 from shared.client import make_channel
 from shared.errors import error_details
 
-from .helpers import T0, day_range, event, price
+from .helpers import T0, day_range, event, price, price_and_budget
 
 A, B = "t_alpha", "t_bravo"
 MODEL = "claude-test"
@@ -33,19 +33,7 @@ async def test_concurrent_reserve_commit_never_overspend(pg_metering):
     counter rows at once (the case that deadlocks if rows are locked in varying order).
     """
     h = pg_metering
-    await h.stub.SetPrice(pb.SetPriceRequest(price=price(MODEL, T0 - 1, 3_000_000, 15_000_000)), metadata=h.op())
-    await h.stub.SetQuota(
-        pb.SetQuotaRequest(
-            quota=pb.Quota(
-                tenant_id=A,
-                budgets=[
-                    pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=BUDGET),
-                    pb.Budget(unit=pb.BUDGET_UNIT_MICRO_USD, limit=10**9),
-                ],
-            )
-        ),
-        metadata=h.op(),
-    )
+    await price_and_budget(h.stub, h.op(), A, MODEL, BUDGET)
     channels = [make_channel(h.service.running.address) for _ in range(5)]
     stubs = [metering_pb2_grpc.MeteringServiceStub(c) for c in channels]
     md = h.md(A, scopes=("metering.budget.write",))

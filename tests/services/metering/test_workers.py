@@ -4,12 +4,9 @@ serves, and budgets stay exact and idempotent when holds are placed and settled 
 from __future__ import annotations
 
 import asyncio
-import json
 import os
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,14 +17,14 @@ from bulkhead.metering.v1 import metering_pb2 as pb
 from bulkhead.metering.v1 import metering_pb2_grpc
 from services.metering.config import MeteringConfig
 from services.metering.server import MIGRATIONS, MeteringService, serve_metering
-from services.metering.workers import WORKER_ENV, serve_workers
+from services.metering.workers import WORKER_ENV
 from shared.client import make_channel
 from shared.config import ConfigError
 from shared.db import Database
 from shared.errors import error_details
 from testkit.tokens import TestTokens
 
-from .helpers import OPERATOR, T0, FakeClock, price
+from .helpers import OPERATOR, FakeClock, price_and_budget
 
 A = "t_alpha"
 MODEL = "claude-test"
@@ -132,19 +129,7 @@ async def test_holds_placed_and_settled_across_workers_never_overspend(two_worke
     stubs = [metering_pb2_grpc.MeteringServiceStub(c) for c in channels]
     md = w.md(A, scopes=("metering.budget.write",))
     try:
-        await stubs[0].SetPrice(pb.SetPriceRequest(price=price(MODEL, T0 - 1, 3_000_000, 15_000_000)), metadata=w.op())
-        await stubs[1].SetQuota(
-            pb.SetQuotaRequest(
-                quota=pb.Quota(
-                    tenant_id=A,
-                    budgets=[
-                        pb.Budget(unit=pb.BUDGET_UNIT_TOKENS, limit=BUDGET),
-                        pb.Budget(unit=pb.BUDGET_UNIT_MICRO_USD, limit=10**9),
-                    ],
-                )
-            ),
-            metadata=w.op(),
-        )
+        await price_and_budget(stubs[0], w.op(), A, MODEL, BUDGET)
         committed: list[int] = []
         rejected: list[dict] = []
 
@@ -186,54 +171,6 @@ async def test_holds_placed_and_settled_across_workers_never_overspend(two_worke
     finally:
         for channel in channels:
             await channel.close()
-
-
-_WORKER = """
-import json, os, signal, socket, sys, time
-addr = os.environ["BULKHEAD_METERING_LISTEN_ADDR"]
-host, _, port = addr.rpartition(":")
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-s.bind((host, int(port)))
-s.listen()
-signal.signal(signal.SIGTERM, lambda *a: sys.exit(0))
-out = {k: os.environ.get(k) for k in ("BULKHEAD_METERING_WORKER", "BULKHEAD_METERING_LISTEN_ADDR",
-       "BULKHEAD_METERING_METRICS_PORT")}
-with open(os.path.join(sys.argv[1], os.environ["BULKHEAD_METERING_WORKER"]), "w") as f:
-    json.dump(out, f)
-while True:
-    time.sleep(1)
-"""
-
-
-def test_serve_workers_starts_each_worker_on_one_drawn_port_and_stops_them_on_sigterm(tmp_path):
-    """Port 0 is drawn once for all; each worker has its own number, only the first serves metrics; SIGTERM to
-    the parent stops every worker and returns 0."""
-    env = {
-        **{k: v for k, v in os.environ.items() if k != WORKER_ENV},
-        "BULKHEAD_METERING_METRICS_PORT": "9999",
-    }
-
-    def stop_when_all_wrote() -> None:
-        for _ in range(300):
-            if len(list(tmp_path.iterdir())) == 3:
-                break
-            threading.Event().wait(0.1)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    threading.Thread(target=stop_when_all_wrote, daemon=True).start()
-    code = serve_workers(3, "127.0.0.1:0", [sys.executable, "-c", _WORKER, str(tmp_path)], env=env)
-    assert code == 0
-    seen = [json.loads((tmp_path / str(i)).read_text()) for i in (1, 2, 3)]
-    assert [s["BULKHEAD_METERING_WORKER"] for s in seen] == ["1", "2", "3"]
-    addresses = {s["BULKHEAD_METERING_LISTEN_ADDR"] for s in seen}
-    assert len(addresses) == 1 and not addresses.pop().endswith(":0")
-    assert [s["BULKHEAD_METERING_METRICS_PORT"] for s in seen] == ["9999", "0", "0"]
-
-
-def test_serve_workers_returns_the_code_of_a_worker_that_ended():
-    """A worker that dies ends the others and the parent, with its exit code."""
-    assert serve_workers(2, "127.0.0.1:0", [sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
 
 
 def test_workers_must_be_a_sane_count():
