@@ -2,12 +2,7 @@
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
-import threading
+import socket
 
 import grpc
 import pytest
@@ -16,8 +11,8 @@ from bulkhead.inference.v1 import inference_pb2 as pb
 from bulkhead.inference.v1 import inference_pb2_grpc
 from services.inference.config import InferenceConfig
 from services.inference.server import start
-from services.inference.workers import WORKER_ENV, serve_workers
-from testkit.workers import WORKER_SCRIPT
+from services.inference.workers import serve_workers
+from shared import process
 
 from .helpers import INFERENCE_MIGRATIONS, MODEL, _open
 
@@ -70,37 +65,29 @@ async def test_a_single_proxy_refuses_a_port_in_use(mesh):
         await first.stop()
 
 
-def test_serve_workers_starts_each_worker_on_one_drawn_port_and_stops_them_on_sigterm():
-    """Port 0 is drawn once for all; each worker has its own number and journal replica, only the first
-    serves metrics; SIGTERM to the parent stops every worker and returns 0."""
-    config = InferenceConfig.from_env(
-        {
-            "BULKHEAD_INFERENCE_LISTEN_ADDR": "127.0.0.1:0",
-            "BULKHEAD_INFERENCE_WORKERS": "3",
-            "BULKHEAD_INFERENCE_REPLICA_ID": "r",
-            "BULKHEAD_INFERENCE_METRICS_PORT": "9999",
-        }
-    )
-    seen, procs, addresses = [], [], []
+def test_serve_workers_runs_config_workers_each_with_its_own_journal_replica(monkeypatch):
+    """The proxy's workers are shared.process.serve_workers' (tested there), each with an attempt journal replica
+    of its own: `<replica>-w<i>`, named after the shared address when no replica id is configured."""
+    seen = {}
 
-    def ready(proc: subprocess.Popen) -> bool:
-        procs.append(proc)
-        seen.append(json.loads(proc.stdout.readline()))
-        return True
+    def run(service, count, address, command, *, extra_env, **_):
+        seen.update(service=service, count=count, address=address, command=command)
+        seen["replicas"] = [extra_env(i, "127.0.0.1:4321")["BULKHEAD_INFERENCE_REPLICA_ID"] for i in (1, 2, 3)]
+        return 0
 
-    def on_ready(address: str) -> None:
-        addresses.append(address)
-        threading.Timer(0.2, os.kill, (os.getpid(), signal.SIGTERM)).start()
-
-    env = {**{k: v for k, v in os.environ.items() if k != WORKER_ENV}, "BULKHEAD_INFERENCE_METRICS_PORT": "9999"}
-    command = [sys.executable, "-c", WORKER_SCRIPT, "inference"]
-    code = serve_workers(config, command, env=env, ready=ready, on_ready=on_ready, stdout=subprocess.PIPE)
-    assert code == 0
-    assert [s["BULKHEAD_INFERENCE_WORKER"] for s in seen] == ["1", "2", "3"]
-    assert {s["BULKHEAD_INFERENCE_LISTEN_ADDR"] for s in seen} == set(addresses) and not addresses[0].endswith(":0")
-    assert [s["BULKHEAD_INFERENCE_REPLICA_ID"] for s in seen] == ["r-w1", "r-w2", "r-w3"]
-    assert [s["BULKHEAD_INFERENCE_METRICS_PORT"] for s in seen] == ["9999", "0", "0"]
-    assert all(p.poll() is not None for p in procs)
+    monkeypatch.setattr(process, "serve_workers", run)
+    named = {"BULKHEAD_INFERENCE_LISTEN_ADDR": "127.0.0.1:0", "BULKHEAD_INFERENCE_WORKERS": "3"}
+    assert serve_workers(InferenceConfig.from_env({**named, "BULKHEAD_INFERENCE_REPLICA_ID": "r"}), ["proxy"]) == 0
+    assert seen == {
+        "service": "inference",
+        "count": 3,
+        "address": "127.0.0.1:0",
+        "command": ["proxy"],
+        "replicas": ["r-w1", "r-w2", "r-w3"],
+    }
+    serve_workers(InferenceConfig.from_env(named), ["proxy"])
+    host = socket.gethostname()
+    assert seen["replicas"] == [f"{host}:4321-w1", f"{host}:4321-w2", f"{host}:4321-w3"]
 
 
 def test_workers_must_be_a_sane_count():
