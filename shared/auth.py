@@ -272,14 +272,10 @@ def _wrap(handler, make):
 
 
 def _server_span(m: _Method, parent):
-    """The SERVER span of a refused call, child of the caller's span, current while the refusal is recorded."""
-    return _tracer.start_as_current_span(
-        m.path,
-        context=parent,
-        kind=SpanKind.SERVER,
-        record_exception=False,
-        set_status_on_exception=False,
-        attributes=m.attributes,
+    """The SERVER span of a refused call, child of the caller's span, current while the refusal is recorded
+    and ended after."""
+    return trace.use_span(
+        _start_span(m, parent, None), end_on_exit=True, record_exception=False, set_status_on_exception=False
     )
 
 

@@ -5,31 +5,18 @@ from __future__ import annotations
 
 import grpc
 import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
 from opentelemetry.trace import SpanKind, StatusCode
 from prometheus_client import REGISTRY
 
 from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
 from shared.metrics import tenant_label
 from shared.server import serve
-from shared.telemetry import setup_telemetry
 from testkit.echo import echo_binding
 from testkit.tokens import TestTokens
 
 SERVICE = "bulkhead.testing.v1.EchoService"
 TRACE_ID, PARENT_ID = "0af7651916cd43dd8448eb211c80319c", "b7ad6b7169203331"
 TRACEPARENT = ("traceparent", f"00-{TRACE_ID}-{PARENT_ID}-01")
-
-
-@pytest.fixture
-def spans():
-    exporter = InMemorySpanExporter()
-    provider = setup_telemetry("tests")
-    processor = SimpleSpanProcessor(exporter)
-    provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
 
 
 @pytest.fixture

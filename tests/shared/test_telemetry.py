@@ -2,27 +2,12 @@
 
 from __future__ import annotations
 
-import pytest
-from opentelemetry.sdk.trace.export import SimpleSpanProcessor
-from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
-
 from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
 from shared.client import make_channel
 from shared.server import Binding, serve
-from shared.telemetry import setup_telemetry
 from shared.tenancy import require_tenant
 from testkit.echo import echo_binding
 from testkit.tokens import TestTokens
-
-
-@pytest.fixture
-def spans():
-    exporter = InMemorySpanExporter()
-    provider = setup_telemetry("tests")
-    processor = SimpleSpanProcessor(exporter)
-    provider.add_span_processor(processor)
-    yield exporter
-    processor.shutdown()
 
 
 class Relay(echo_pb2_grpc.EchoServiceServicer):

@@ -5,32 +5,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-import uuid
-
-import pytest
 
 from bulkhead.inference.v1 import inference_pb2 as pb
 from services.inference.attempts import DELIVERED, OPEN, AttemptJournal, context_json
 from services.inference.budget import Tokens
-from services.inference.server import MIGRATIONS
 from services.inference.store import SqlAttempts, SqlOutbox
 from services.inference.usage import UsageEvent
 from shared.db import Database
 from shared.tenancy import TenantContext
 
 from .helpers import fake_totals, params
-
-
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def journal_db(request, tmp_path):
-    """The journal's database on both dialects (Postgres as the runtime role, past its stricter typing)."""
-    if request.param == "sqlite":
-        db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'i.db'}", migrations=str(MIGRATIONS))
-    else:
-        urls = await request.getfixturevalue("postgres").create_database(f"attempts_{uuid.uuid4().hex[:8]}")
-        db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url)
-    yield db
-    await db.close()
 
 
 async def _journal(db: Database, replica: str = "r1") -> AttemptJournal:

@@ -5,7 +5,6 @@ a group writes what its opens, settles and deliveries would as separate statemen
 from __future__ import annotations
 
 import asyncio
-import uuid
 
 import pytest
 
@@ -61,23 +60,11 @@ async def test_a_cancelled_group_leaves_the_pool_clean(db):
     assert len(await store.rows()) == before + 5
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
-async def any_db(request, tmp_path):
-    """The journal's database on both dialects (Postgres as the runtime role)."""
-    if request.param == "sqlite":
-        db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'g.db'}", migrations=str(MIGRATIONS))
-    else:
-        urls = await request.getfixturevalue("postgres").create_database(f"groups_{uuid.uuid4().hex[:8]}")
-        db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url)
-    yield db
-    await db.close()
-
-
-async def test_one_group_settles_delivers_and_opens_as_separate_writes_would(any_db):
+async def test_one_group_settles_delivers_and_opens_as_separate_writes_would(journal_db):
     """In one group: a row settled and delivered ends done with its usage; a row only settled keeps its
     usage, open no more; a row only delivered is done; a settle of a row no longer open changes nothing
     (but its delivery still closes it); and the group's opens get their numbers."""
-    store = SqlAttempts(any_db)
+    store = SqlAttempts(journal_db)
     ids = [i for ((i, _),) in [await store.apply([_open(f"g{k}")], [], [], "rep") for k in range(4)]]
     a, b, c, d = ids
     await store.apply([], [], [d], "rep")  # d is done before the group

@@ -60,6 +60,14 @@ async def watch(mesh, tenant, run_id: str, after: int = 0) -> list[pb.WatchRunRe
     ]
 
 
+async def watch_whole_run(mesh, tenant, run_id: str) -> list[pb.WatchRunResponse]:
+    """watch(), checking the stream holds every step from the run's start to its success, in order."""
+    seen = await watch(mesh, tenant, run_id)
+    assert [m.step.index for m in seen] == list(range(1, len(seen) + 1))
+    assert seen[0].step.kind == pb.STEP_KIND_RUN_STARTED and seen[-1].run.status == pb.RUN_STATUS_SUCCEEDED
+    return seen
+
+
 async def put_secret(mesh, tenant, name: str, value: str) -> None:
     stub = credentials_pb2_grpc.CredentialsServiceStub(grpc.aio.insecure_channel(mesh.addr("credentials")))
     await stub.PutSecret(credentials_pb2.PutSecretRequest(name=name, value=value.encode()), metadata=tenant.metadata)
@@ -255,9 +263,7 @@ async def test_a_run_executing_here_streams_from_its_first_step_to_its_tenant_on
         with pytest.raises(grpc.aio.AioRpcError) as info:
             await watch(mesh, who, rid)
         assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    seen = await watch(mesh, a, run_id)
-    assert [m.step.index for m in seen] == list(range(1, len(seen) + 1))
-    assert seen[0].step.kind == pb.STEP_KIND_RUN_STARTED and seen[-1].run.status == pb.RUN_STATUS_SUCCEEDED
+    seen = await watch_whole_run(mesh, a, run_id)
     assert seen[-1].run.step_count == len(seen)
 
 
@@ -278,9 +284,7 @@ async def test_a_run_queued_here_streams_from_its_first_step_to_its_tenant_only(
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await watch(mesh, b, run_id)
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
-    seen = await watch(mesh, a, run_id)
-    assert [m.step.index for m in seen] == list(range(1, len(seen) + 1))
-    assert seen[0].step.kind == pb.STEP_KIND_RUN_STARTED and seen[-1].run.status == pb.RUN_STATUS_SUCCEEDED
+    seen = await watch_whole_run(mesh, a, run_id)
     assert seen[-1].run.step_count == len(seen) and seen[-1].run.input == "y"
     assert (await watch(mesh, a, first.run.run_id))[-1].run.status == pb.RUN_STATUS_SUCCEEDED
 
