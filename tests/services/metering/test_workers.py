@@ -37,8 +37,8 @@ class Workers:
     def __init__(self, tokens: TestTokens, services: list[MeteringService]) -> None:
         self.tokens, self.services = tokens, services
 
-    def md(self, tenant_id: str, scopes=("*",)) -> tuple[tuple[str, str], ...]:
-        return self.tokens.metadata(tenant_id, scopes)
+    def md(self, tenant_id: str, scopes=("*",), tier: str = "pooled") -> tuple[tuple[str, str], ...]:
+        return self.tokens.metadata(tenant_id, scopes, tier=tier)
 
     def op(self) -> tuple[tuple[str, str], ...]:
         return self.tokens.metadata(OPERATOR, ("platform.operator",), principal_id="p_operator")
@@ -50,10 +50,10 @@ async def _workers(postgres, *, shared_port: bool) -> AsyncIterator[Workers]:
     services: list[MeteringService] = []
     try:
         address = "127.0.0.1:0"
-        for i in range(2):
-            db = await Database.open(
-                urls.app_url, migrations=str(MIGRATIONS) if i == 0 else None, owner_url=urls.owner_url, pool_size=5
-            )
+        for _ in range(2):
+            # Each with the migrations, as every worker starts: at head already for the second, and what builds a
+            # bridge or silo tenant's tables on whichever worker first serves it.
+            db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url, pool_size=5)
             services.append(
                 await serve_metering(
                     db=db,
@@ -120,15 +120,19 @@ async def test_a_single_server_refuses_a_port_in_use(two_workers):
         )
 
 
-async def test_holds_placed_and_settled_across_workers_never_overspend(two_workers):
+@pytest.mark.parametrize("tier", ["pooled", "bridge", "silo"])
+async def test_holds_placed_and_settled_across_workers_never_overspend(two_workers, tier):
     """400 concurrent pairs, each reserved on one worker and committed on the other, against a hard token
     budget: used <= budget and == the sum committed, nothing left held; a keyed reservation retried on both
     workers holds once; a commit retried on the other worker charges once."""
     w = two_workers
     channels = [make_channel(s.running.address) for s in w.services]
     stubs = [metering_pb2_grpc.MeteringServiceStub(c) for c in channels]
-    md = w.md(A, scopes=("metering.budget.write",))
+    md = w.md(A, scopes=("metering.budget.write",), tier=tier)
     try:
+        # A first call makes the tenant's tier known (its budget then lives where its tier keeps its rows).
+        first = await stubs[0].ReserveBudget(pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=1), metadata=md)
+        await stubs[0].ReleaseBudget(pb.ReleaseBudgetRequest(reservation_id=first.reservation_id), metadata=md)
         await price_and_budget(stubs[0], w.op(), A, MODEL, BUDGET)
         committed: list[int] = []
         rejected: list[dict] = []
@@ -154,7 +158,7 @@ async def test_holds_placed_and_settled_across_workers_never_overspend(two_worke
         await asyncio.gather(*(pair(i) for i in range(400)))
         assert committed and rejected and len(committed) + len(rejected) == 400
         assert all(r["reason"] == "BUDGET_EXHAUSTED" for r in rejected)
-        status = await stubs[0].GetQuotaStatus(pb.GetQuotaStatusRequest(), metadata=w.md(A))
+        status = await stubs[0].GetQuotaStatus(pb.GetQuotaStatusRequest(), metadata=w.md(A, tier=tier))
         tokens = next(b for b in status.budgets if b.budget.unit == pb.BUDGET_UNIT_TOKENS)
         assert tokens.used == sum(committed) <= BUDGET and tokens.held == 0
 
@@ -166,7 +170,7 @@ async def test_holds_placed_and_settled_across_workers_never_overspend(two_worke
         keyed = pb.ReserveBudgetRequest(model=MODEL, prompt_tokens=10, max_output_tokens=10, idempotency_key="k-1")
         replies = await asyncio.gather(*(stubs[i % 2].ReserveBudget(keyed, metadata=md) for i in range(10)))
         assert len({r.reservation_id for r in replies}) == 1
-        status = await stubs[1].GetQuotaStatus(pb.GetQuotaStatusRequest(), metadata=w.md(A))
+        status = await stubs[1].GetQuotaStatus(pb.GetQuotaStatusRequest(), metadata=w.md(A, tier=tier))
         assert next(b for b in status.budgets if b.budget.unit == pb.BUDGET_UNIT_TOKENS).held == 20
     finally:
         for channel in channels:
