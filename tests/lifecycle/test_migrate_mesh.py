@@ -55,12 +55,22 @@ def comparable(inv: dict) -> dict:
     }
 
 
-async def read_all(stub, md, thread_id: str) -> list[bytes]:
+async def read_all(stub, md, thread_id: str, timeout: float = 10.0) -> list[bytes]:
+    """Every event of the thread. A migration that just ended may still be published paused to the replica
+    (until its next feed poll): that refusal is retried after the delay it names, as any client would."""
     got, after = [], 0
+    deadline = time.monotonic() + timeout
     while True:
-        page = await stub.ReadEvents(
-            st.ReadEventsRequest(thread_id=thread_id, after_version=after, page_size=1000), metadata=md
-        )
+        try:
+            page = await stub.ReadEvents(
+                st.ReadEventsRequest(thread_id=thread_id, after_version=after, page_size=1000), metadata=md
+            )
+        except grpc.aio.AioRpcError as exc:
+            info = error_details(exc)
+            if info.get("reason") != "TENANT_MIGRATING" or time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(float(info.get("retry_after") or 0.2))
+            continue
         if not page.events:
             return got
         got.extend(e.payload for e in page.events)
