@@ -8,9 +8,11 @@ metadata. Every call is audited, including refusals.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from sqlalchemy.exc import IntegrityError
 
@@ -23,6 +25,8 @@ from shared.cache import TenantCache
 from shared.db import Database
 from shared.logs import register_secret
 from shared.tenancy import require_tenant
+
+log = logging.getLogger("bulkhead.credentials.secrets")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MAX_VALUE_BYTES = 64 * 1024
@@ -192,9 +196,11 @@ class SecretManager:
                     raise errors.FailedPrecondition(
                         "the secret is deleted; destroy it before reusing its name", reason="SECRET_DELETED"
                     )
-            version = await self._backend.write(TenantRef.of(require_tenant()), name, value, cas=cas)
+            tenant = TenantRef.of(require_tenant())
+            version = await self._backend.write(tenant, name, value, cas=cas)
             note.version = version
-            return await self._record_version(
+            return await self._record_written(
+                tenant,
                 name,
                 version,
                 origin="put",
@@ -202,6 +208,37 @@ class SecretManager:
                 rotation_period_s=rotation_period_s,
                 rotator=rotator,
                 grace_period_s=grace_period_s,
+            )
+
+    async def _record_written(
+        self, tenant: TenantRef, name: str, version: int, *, origin: str, **metadata: Any
+    ) -> SecretInfo:
+        """_record_version for a version the backend has just written. When its metadata cannot be written,
+        the version is destroyed in the backend again: a refused PutSecret or RotateSecret leaves no value
+        behind that no metadata knows of (and that a later DestroySecret of the name would be the only way
+        to reach)."""
+        try:
+            return await self._record_version(name, version, origin=origin, **metadata)
+        except Exception:
+            await self._undo_write(tenant, name, version)
+            raise
+
+    async def _undo_write(self, tenant: TenantRef, name: str, version: int) -> None:
+        """Destroy `version` in the backend unless its metadata landed after all (the error came after the
+        commit, or the commit's answer was lost): a recorded version is never destroyed here."""
+        try:
+            async with self._db.session() as s:
+                if any(v.version == version for v in await store.versions_of(s, name)):
+                    return
+            await self._backend.destroy(tenant, name, [version])
+        except Exception as exc:  # noqa: BLE001 - the caller's error is the one raised; this one is logged
+            log.warning(
+                "secret %r: version %d was written to the %s backend but neither recorded nor destroyed (%s); "
+                "no metadata lists it, and DestroySecret of the name removes it",
+                name,
+                version,
+                self._backend.name,
+                type(exc).__name__,
             )
 
     async def _record_version(
@@ -309,7 +346,7 @@ class SecretManager:
             value = await rotator.new_value(RotationRequest(tenant.tenant_id, name, current))
             _register(value)
             note.version = await self._backend.write(tenant, name, value, cas=current)
-            return await self._record_version(name, note.version, origin=f"rotate:{rotator_name}")
+            return await self._record_written(tenant, name, note.version, origin=f"rotate:{rotator_name}")
 
     async def delete(self, name: str) -> SecretInfo:
         """Soft-delete: values stay in the backend, unreadable, until DestroySecret."""
