@@ -187,6 +187,18 @@ class LocalBackend:
         async with self._db.session() as s:
             await s.execute(delete(store.LocalValueRow).where(store.LocalValueRow.name == name))
 
+    async def past_destroyed(self, tenant: TenantRef, name: str, version: int) -> int:
+        """The latest version when every one after `version` is destroyed."""
+        async with self._db.session() as s:
+            later = (
+                await s.execute(
+                    select(store.LocalValueRow.version, store.LocalValueRow.state).where(
+                        store.LocalValueRow.name == name, store.LocalValueRow.version > version
+                    )
+                )
+            ).all()
+        return max(v for v, _ in later) if later and all(state == "destroyed" for _, state in later) else version
+
     # -- KeyBackend -----------------------------------------------------------------------------
 
     @staticmethod

@@ -197,7 +197,7 @@ class SecretManager:
                         "the secret is deleted; destroy it before reusing its name", reason="SECRET_DELETED"
                     )
             tenant = TenantRef.of(require_tenant())
-            version = await self._backend.write(tenant, name, value, cas=cas)
+            version = await self._write(tenant, name, value, cas)
             note.version = version
             return await self._record_written(
                 tenant,
@@ -209,6 +209,19 @@ class SecretManager:
                 rotator=rotator,
                 grace_period_s=grace_period_s,
             )
+
+    async def _write(self, tenant: TenantRef, name: str, value: bytes, cas: int | None) -> int:
+        """backend.write. `cas` names a version of the metadata's; the backend may also count numbers a refused
+        write used up and destroyed (_undo_write), so a mismatch is tried once more past those."""
+        try:
+            return await self._backend.write(tenant, name, value, cas=cas)
+        except errors.Aborted as exc:
+            if cas is None or exc.reason != "CAS_MISMATCH":
+                raise
+            past = await self._backend.past_destroyed(tenant, name, cas)
+            if past == cas:
+                raise
+            return await self._backend.write(tenant, name, value, cas=past)
 
     async def _record_written(
         self, tenant: TenantRef, name: str, version: int, *, origin: str, **metadata: Any
@@ -345,7 +358,7 @@ class SecretManager:
             tenant = TenantRef.of(require_tenant())
             value = await rotator.new_value(RotationRequest(tenant.tenant_id, name, current))
             _register(value)
-            note.version = await self._backend.write(tenant, name, value, cas=current)
+            note.version = await self._write(tenant, name, value, current)
             return await self._record_written(tenant, name, note.version, origin=f"rotate:{rotator_name}")
 
     async def delete(self, name: str) -> SecretInfo:

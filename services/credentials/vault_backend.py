@@ -284,6 +284,20 @@ class VaultBackend:
             tenant, lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(path, mount_point=self.layout.kv_mount)
         )
 
+    async def past_destroyed(self, tenant: TenantRef, name: str, version: int) -> int:
+        """From the KV v2 metadata: the latest version when every one after `version` is destroyed."""
+        path = self.layout.secret_path(tenant, name)
+
+        def op(client: hvac.Client) -> int:
+            try:
+                meta = client.secrets.kv.v2.read_secret_metadata(path, mount_point=self.layout.kv_mount)
+            except vx.InvalidPath:
+                return version
+            later = {int(n): v for n, v in meta["data"]["versions"].items() if int(n) > version}
+            return max(later) if later and all(v.get("destroyed") for v in later.values()) else version
+
+        return await self._run(tenant, op)
+
     # -- KeyBackend -----------------------------------------------------------------------------
 
     def _transit(

@@ -1,6 +1,7 @@
 """A PutSecret or RotateSecret whose metadata cannot be written leaves no value behind in the backend: the
-version the backend had just written is destroyed again, and the secret reads as it did before. On both
-backends; the metadata write is refused by the real database (a trigger), not by a stand-in."""
+version the backend had just written is destroyed again, and the secret reads as it did before; check-and-set
+on the metadata's versions keeps working past the number the backend used up. On both backends; the metadata
+write is refused by the real database (a trigger), not by a stand-in."""
 
 from __future__ import annotations
 
@@ -47,10 +48,13 @@ async def test_a_put_whose_metadata_is_refused_leaves_no_value_in_the_backend(h)
     described = (await h.stub.DescribeSecret(pb.DescribeSecretRequest(name="db-password"), metadata=h.md())).secret
     assert described.current_version == 1 and [v.version for v in described.versions] == [1]
 
-    nxt = await h.put("db-password", b"value-three")  # the name stays usable; the refused number is not reused
-    assert (await h.get("db-password")).value == b"value-three"
+    # The name stays usable, check-and-set on the version DescribeSecret shows included: the backend's used-up
+    # number is passed over (never reused), and a stale cas is still refused.
+    nxt = await h.put("db-password", b"value-three", cas=1)
+    assert nxt.current_version == 3 and (await h.get("db-password")).value == b"value-three"
     assert (await h.get("db-password", version=1)).value == b"value-one"
-    assert nxt.current_version == 3
+    details, _ = await expect_error(grpc.StatusCode.ABORTED, h.put("db-password", b"value-stale", cas=1))
+    assert details["reason"] == "CAS_MISMATCH"
 
 
 async def test_a_first_put_refused_leaves_no_secret(h):
@@ -60,6 +64,8 @@ async def test_a_first_put_refused_leaves_no_secret(h):
         await backend_read(h, "api-key", 1)
     details, _ = await expect_error(grpc.StatusCode.NOT_FOUND, h.get("api-key"))
     assert details["reason"] == "SECRET_NOT_FOUND"
+    assert (await h.put("api-key", b"created-now", cas=0)).current_version == 2  # cas=0: "does not exist" holds
+    assert (await h.get("api-key")).value == b"created-now"
 
 
 async def test_a_rotation_whose_metadata_is_refused_leaves_no_value_in_the_backend(h):
@@ -71,6 +77,8 @@ async def test_a_rotation_whose_metadata_is_refused_leaves_no_value_in_the_backe
     assert (await h.get("rotated")).value == b"value-one"
     described = (await h.stub.DescribeSecret(pb.DescribeSecretRequest(name="rotated"), metadata=h.md())).secret
     assert described.current_version == 1 and [v.version for v in described.versions] == [1]
+    rotated = (await h.stub.RotateSecret(pb.RotateSecretRequest(name="rotated"), metadata=h.md())).secret
+    assert rotated.current_version == 3 and (await h.get("rotated")).value != b"value-one"
 
 
 async def test_a_version_whose_metadata_landed_is_kept_though_the_put_then_failed(h):
