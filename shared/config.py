@@ -7,7 +7,7 @@ Every variable, its default and meaning:
 | BULKHEAD_DATA_DIR | ./.bulkhead | where embedded SQLite files, keys and the master key live |
 | BULKHEAD_<SVC>_ADDR | 127.0.0.1:5005x | where others dial each service (see SERVICE_PORTS): one host:port, a comma-separated list of replicas' IP:port, or dns:///name:port; also where it listens when it is one address |
 | BULKHEAD_<SVC>_LISTEN_ADDR | BULKHEAD_<SVC>_ADDR | where this replica listens, when the dial address names several (`bulkhead up --replicas`) |
-| BULKHEAD_<SVC>_METRICS_PORT | 945x | Prometheus /metrics port; 0 turns it off |
+| BULKHEAD_<SVC>_METRICS_PORT | 945x | Prometheus /metrics port; 0 turns it off (with several workers their parent serves the sum of theirs) |
 | BULKHEAD_<SVC>_DATABASE_URL | sqlite+aiosqlite:///<data dir>/<svc>.db | the runtime (app role) database URL |
 | BULKHEAD_<SVC>_DATABASE_OWNER_URL | the runtime URL | URL of the table owner, used only for migrations |
 | BULKHEAD_DATABASE_URL / BULKHEAD_DATABASE_OWNER_URL | unset | defaults for every service's two URLs above |

@@ -13,9 +13,11 @@ import ctypes
 import ctypes.util
 import gc
 import os
+import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Coroutine, Mapping, Sequence
@@ -90,16 +92,20 @@ def serve_workers(
     on_ready: Callable[[str], None] | None = None,
     ready: Callable[[subprocess.Popen], bool] | None = None,
     stdout: int | None = None,
+    metrics_port: int = 0,
+    metrics_addr: str = "127.0.0.1",
 ) -> int:
     """Run `count` processes of `command` serving `address`, until SIGTERM/SIGINT or one of them exits.
 
     Worker i gets env plus BULKHEAD_<SERVICE>_WORKER=i, BULKHEAD_<SERVICE>_LISTEN_ADDR (the shared
-    host:port, a drawn one for port 0) and extra_env(i, host:port); only the first serves metrics on the
-    configured port. The first starts alone (it migrates the database), the others once it is ready
+    host:port, a drawn one for port 0) and extra_env(i, host:port). No worker serves metrics itself: with a
+    metrics_port this process serves /metrics there, the sum of every worker's (WorkerMetrics).
+    The first starts alone (it migrates the database), the others once it is ready
     (default: the port accepts connections; `ready(proc)`, when given, is asked of every worker, e.g.
     reading its stdout=PIPE). on_ready gets host:port once they are started.
     Returns the exit code: 0 after a signal, else the code of the worker that ended first.
     """
+    metrics = WorkerMetrics(metrics_port, metrics_addr) if metrics_port else None  # first: a port in use stops here
     address, holder = hold_port(address)
     prefix = f"BULKHEAD_{service.upper()}_"
     procs: list[subprocess.Popen] = []
@@ -108,8 +114,9 @@ def serve_workers(
     try:
         for i in range(1, count + 1):
             own = {**env, worker_env_var(service): str(i), prefix + "LISTEN_ADDR": address}
-            if i > 1:
-                own[prefix + "METRICS_PORT"] = "0"
+            own[prefix + "METRICS_PORT"] = "0"
+            if metrics is not None:
+                own[MULTIPROC_DIR_ENV] = metrics.directory
             own.update(extra_env(i, address) if extra_env is not None else {})
             procs.append(subprocess.Popen(list(command), env=own, stdout=stdout))
             if ready is not None:
@@ -137,7 +144,42 @@ def serve_workers(
             signal.signal(sig, handler)
         if holder is not None:
             holder.close()
+        if metrics is not None:
+            metrics.close()
     return 0 if stop.is_set() else (ended or 1)
+
+
+MULTIPROC_DIR_ENV = "PROMETHEUS_MULTIPROC_DIR"
+"""prometheus_client's multiprocess mode: set before it is imported, a process writes its samples to files there."""
+
+
+class WorkerMetrics:
+    """/metrics for a set of workers, served by their parent: the sum of every worker's samples.
+
+    Each worker runs prometheus_client in multiprocess mode (MULTIPROC_DIR_ENV names a directory of this run's)
+    and the parent's MultiProcessCollector reads them all, so one scrape of the configured port counts every
+    call whichever worker served it (a port per worker would need a scrape target per worker). Counters and
+    histograms add up; process_* metrics of the workers are not exported in this mode.
+    """
+
+    def __init__(self, port: int, addr: str = "127.0.0.1") -> None:
+        from prometheus_client import CollectorRegistry, start_http_server
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        self.directory = tempfile.mkdtemp(prefix="bulkhead-metrics-")
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry, path=self.directory)
+        try:
+            self._server, _ = start_http_server(port, addr=addr, registry=registry)
+        except OSError:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+
+    def close(self) -> None:
+        """Stop serving and remove the workers' sample files (they have stopped)."""
+        self._server.shutdown()
+        self._server.server_close()
+        shutil.rmtree(self.directory, ignore_errors=True)
 
 
 def _wait_listening(proc: subprocess.Popen, address: str, stop: threading.Event, timeout: float = 120.0) -> bool:

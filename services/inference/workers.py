@@ -45,6 +45,7 @@ def serve_workers(
         on_ready=on_ready,
         ready=ready,
         stdout=stdout,
+        metrics_port=config.service.metrics_port,
     )
 
 

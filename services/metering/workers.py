@@ -20,6 +20,14 @@ WORKER_ENV = process.worker_env_var("metering")
 """Set (1..N) in the environment of each worker process that serve_workers starts."""
 
 
-def serve_workers(workers: int, address: str, command: Sequence[str], *, env: Mapping[str, str] = os.environ) -> int:
-    """Run `workers` processes of `command` serving `address` (shared.process.serve_workers)."""
-    return process.serve_workers("metering", workers, address, command, env=env)
+def serve_workers(
+    workers: int,
+    address: str,
+    command: Sequence[str],
+    *,
+    env: Mapping[str, str] = os.environ,
+    metrics_port: int = 0,
+) -> int:
+    """Run `workers` processes of `command` serving `address`, their metrics summed on `metrics_port`
+    (shared.process.serve_workers)."""
+    return process.serve_workers("metering", workers, address, command, env=env, metrics_port=metrics_port)

@@ -70,8 +70,8 @@ def test_serve_workers_runs_config_workers_each_with_its_own_journal_replica(mon
     of its own: `<replica>-w<i>`, named after the shared address when no replica id is configured."""
     seen = {}
 
-    def run(service, count, address, command, *, extra_env, **_):
-        seen.update(service=service, count=count, address=address, command=command)
+    def run(service, count, address, command, *, extra_env, metrics_port, **_):
+        seen.update(service=service, count=count, address=address, command=command, metrics_port=metrics_port)
         seen["replicas"] = [extra_env(i, "127.0.0.1:4321")["BULKHEAD_INFERENCE_REPLICA_ID"] for i in (1, 2, 3)]
         return 0
 
@@ -83,6 +83,7 @@ def test_serve_workers_runs_config_workers_each_with_its_own_journal_replica(mon
         "count": 3,
         "address": "127.0.0.1:0",
         "command": ["proxy"],
+        "metrics_port": InferenceConfig.from_env(named).service.metrics_port,  # the parent serves the workers' sum
         "replicas": ["r-w1", "r-w2", "r-w3"],
     }
     serve_workers(InferenceConfig.from_env(named), ["proxy"])
