@@ -230,8 +230,9 @@ class InferenceProxy:
         call = await self._prepare(params)
         # One task per call: it answers this caller and any retry of the same request id.
         reply = asyncio.create_task(self._complete_with_info(call))
-        self._keep(reply)
+        self._tasks.add(reply)
         self._replays.put(key, (fingerprint, reply))
+        # One callback does what _keep's two and the reply cache's would (a callback less per call is ~1 us).
         reply.add_done_callback(lambda f: self._replied(key, fingerprint, f))
         # shield: a caller that goes away does not cancel the upstream call; it finishes and is metered.
         return await asyncio.shield(reply)
@@ -239,7 +240,9 @@ class InferenceProxy:
     def _replied(self, key: tuple[str, str], fingerprint: bytes, reply: asyncio.Task) -> None:
         """A unary call ended: keep just its reply for retries, as compact JSON text (a task and its context
         weigh several KB more, the reply's dicts about 2 KB, its text a fifth of that; times the 10,000
-        kept), or forget a failed one so its retry reaches the upstream again."""
+        kept), or forget a failed one so its retry reaches the upstream again. Its error is read here, so
+        asyncio does not complain of one a caller that left never read."""
+        self._tasks.discard(reply)
         if reply.cancelled():
             return
         if reply.exception() is not None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import grpc
 import pytest
 
@@ -83,3 +85,14 @@ async def test_failed_call_returns_its_budget_hold(mesh):
     await _fail(mesh)
     await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a"))
     assert mesh.fake.request_count == 2
+
+
+async def test_finished_unary_calls_are_not_kept(mesh):
+    """A unary call's task is tracked (close() waits for it) only until it ends, failed or served: one done
+    callback drops it from the proxy's tasks and keeps just the reply for retries."""
+    mesh.fake.fail_next(Fault.http(400))
+    code, _ = await _fail(mesh)
+    resp = await mesh.stub.CreateMessage(pb.CreateMessageRequest(params=params()), metadata=mesh.md("t_a"))
+    await asyncio.sleep(0)  # the done callbacks run in the loop turn after the task ends
+    assert code == grpc.StatusCode.INVALID_ARGUMENT and resp.content[0].text.text.startswith("Echo:")
+    assert not mesh.proxy.proxy._tasks

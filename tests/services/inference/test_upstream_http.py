@@ -10,6 +10,7 @@ from typing import Any
 
 import anthropic
 import httpx2
+import orjson
 import pytest
 
 from services.inference import providers
@@ -397,3 +398,51 @@ async def test_the_lean_pool_client_sends_and_reads_what_httpxs_own_client_does(
     (first, body), (second, _), _ = seen["lean"][0]
     assert first.startswith(b"POST /prefix/v1/messages HTTP/1.1\r\n") and body == b'{"m": 1}'
     assert b"\r\nCookie: k=v\r\n" in second and b"Cookie" not in first  # the upstream's cookie sent back
+
+
+async def test_the_sdk_path_sends_each_call_what_the_sdks_own_post_sends(no_proxy_env):
+    """The SDK's request options are built once per key and endpoint (providers._post_options) and copied per call:
+    each call still sends its own body and attempt reference, and otherwise the very bytes the SDK's own
+    client.post sends; the options kept are never changed by a call."""
+    from services.inference.sdk_http import PoolClient, PoolTransport
+    from services.inference.upstream_http import UpstreamReply
+
+    base_url = "http://upstream.test:8080"
+    json = {"content-type": "application/json"}
+    replies = [UpstreamReply(200, json, b'{"type": "message", "n": %d}' % i) for i in (1, 2)]
+    provider = AnthropicProvider(base_url=base_url, timeout=5.0, pooled=True)
+    target = Target(api_key=PLATFORM_KEY)
+    entry = provider._upstream(target)
+    entry.pool = pool = _RecordingPool(list(replies))  # type: ignore[assignment]  # its post is all that is used
+    bodies = [{"model": PINNED, "max_tokens": n, "messages": [{"role": "user", "content": "hi"}]} for n in (1, 2)]
+    got = []
+    for n, body in enumerate(bodies, 1):
+        token = providers.ATTEMPT_REF.set(f"att-{n}")
+        try:
+            got.append(await provider.create(body, target))
+        finally:
+            providers.ATTEMPT_REF.reset(token)
+    assert [m["n"] for m in got] == [1, 2]
+    assert entry.post_options.content is None and entry.post_options.headers == {}
+
+    reference = _RecordingPool(list(replies))
+    client = anthropic.AsyncAnthropic(
+        api_key=PLATFORM_KEY,
+        base_url=base_url,
+        max_retries=0,
+        timeout=5.0,
+        http_client=PoolClient(PoolTransport(reference, base_url), timeout=5.0),  # type: ignore[arg-type]
+        open_telemetry=False,
+    )
+    for n, body in enumerate(bodies, 1):
+        await client.post(
+            base_url + "/v1/messages",
+            cast_to=httpx2.Response,
+            content=orjson.dumps(body),
+            options={"headers": {"x-bulkhead-attempt": f"att-{n}"}, "max_retries": 0},
+        )
+    await client.close()
+    await provider.close()
+    assert pool.sent == reference.sent  # byte for byte, header order included
+    assert [orjson.loads(body) for _, body in pool.sent] == bodies
+    assert [b"x-bulkhead-attempt: att-%d\r\n" % n in head for n, (head, _) in enumerate(pool.sent, 1)] == [True, True]
