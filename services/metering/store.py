@@ -183,8 +183,13 @@ class HoldRow(MeteringBase, TenantOwned):
         PrimaryKeyConstraint("hold_id"),
         Index("ix_metering_holds_open", "tenant_id", "state", "expires_us"),
         Index("uq_metering_holds_key", "tenant_id", "idempotency_key", unique=True),
+        Index("uq_metering_holds_tenant_hold", "tenant_id", "hold_id", unique=True),
     )
 
+    # Declared here without the mixin's own index: a hold is looked up by tenant and id, and with a
+    # tenant-only index beside the primary key the planner may pick that one on a table without
+    # statistics and walk every hold of the tenant (migration 0009).
+    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False, info={TENANT_COLUMN_INFO: True})
     hold_id: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
     model: Mapped[str] = mapped_column(String(200))
