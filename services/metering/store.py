@@ -181,10 +181,16 @@ class HoldRow(MeteringBase, TenantOwned):
     __tablename__ = "metering_holds"
     __table_args__ = (
         PrimaryKeyConstraint("hold_id"),
-        Index("ix_metering_holds_open", "tenant_id", "state", "expires_us"),
-        Index("uq_metering_holds_key", "tenant_id", "idempotency_key", unique=True),
+        # One index leads with tenant_id, and it names the hold too: on a table without statistics the
+        # planner cannot tell a tenant-only prefix from a hold probe, and a prefix walks every hold of the
+        # tenant (migration 0009). The others lead with what their look-ups fix first.
+        Index("uq_metering_holds_tenant_hold", "tenant_id", "hold_id", unique=True),
+        Index("ix_metering_holds_open", "state", "tenant_id", "expires_us"),
+        Index("uq_metering_holds_key", "idempotency_key", "tenant_id", unique=True),
     )
 
+    # Declared here without the mixin's own index (see above).
+    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False, info={TENANT_COLUMN_INFO: True})
     hold_id: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
     model: Mapped[str] = mapped_column(String(200))
