@@ -359,12 +359,17 @@ class RefreshingKeySource:
     """Keys and revocations fetched through a loader (identity's public RPCs), cached by kid.
 
     An unknown kid triggers one refetch, at most once per `min_refetch` seconds, so a flood of
-    forged kids cannot turn into a flood of calls to identity. Revocations and suspended tenants
+    forged kids cannot turn into a flood of calls to identity. A kid seen before the next refetch is
+    allowed waits for it when that is at most `max_wait` seconds away (a key rotated in right after
+    a refetch is still found, not refused), and every request waiting meanwhile is answered by that
+    one refetch. Revocations and suspended tenants
     are polled in the background every `revocation_poll` seconds, which bounds how long a revoked
     token, or a suspended tenant's token, still works (1 s: suspension holds everywhere within 2 s).
     """
 
-    def __init__(self, loader: KeyLoader, *, revocation_poll: float = 1.0, min_refetch: float = 1.0):
+    def __init__(
+        self, loader: KeyLoader, *, revocation_poll: float = 1.0, min_refetch: float = 1.0, max_wait: float = 1.0
+    ):
         self._loader = loader
         self._keys: dict[str, Ed25519PublicKey] = {}
         self._revoked: dict[str, int] = {}
@@ -372,7 +377,9 @@ class RefreshingKeySource:
         self._revision = 0
         self._poll = revocation_poll
         self._min_refetch = min_refetch
-        self._last_fetch = 0.0
+        self._max_wait = max_wait
+        self._last_fetch = float("-inf")
+        """time.monotonic() when the last successful fetch of the keys began."""
         self._lock = asyncio.Lock()
         self._poller: asyncio.Task | None = None
         self._closed = False
@@ -389,21 +396,28 @@ class RefreshingKeySource:
         key = self._keys.get(kid)
         if key is not None:
             return key
+        asked = time.monotonic()
         # Everyone missing a key waits for the one fetch in flight, then looks again.
         async with self._lock:
             key = self._keys.get(kid)
-            if key is None and time.monotonic() - self._last_fetch >= self._min_refetch:
-                try:
-                    self._keys = dict(await self._loader.load_keys())
-                except Exception:  # noqa: BLE001 - however the load failed, the caller gets UNAVAILABLE
-                    raise Unavailable(
-                        "cannot fetch signing keys from identity; retry shortly",
-                        reason="KEYS_UNAVAILABLE",
-                        retry_after=1.0,
-                    ) from None
-                self._last_fetch = time.monotonic()
-                key = self._keys.get(kid)
-        return key
+            if key is not None or self._last_fetch >= asked:  # a fetch that began after we asked: final
+                return key
+            due = self._last_fetch + self._min_refetch - time.monotonic()
+            if due > self._max_wait:  # fetched lately, and the next is not due soon: refuse, ask nobody
+                return None
+            if due > 0:
+                await asyncio.sleep(due)
+            started = time.monotonic()
+            try:
+                self._keys = dict(await self._loader.load_keys())
+            except Exception:  # noqa: BLE001 - however the load failed, the caller gets UNAVAILABLE
+                raise Unavailable(
+                    "cannot fetch signing keys from identity; retry shortly",
+                    reason="KEYS_UNAVAILABLE",
+                    retry_after=1.0,
+                ) from None
+            self._last_fetch = started
+            return self._keys.get(kid)
 
     def is_revoked(self, jti: str) -> bool:
         return jti in self._revoked

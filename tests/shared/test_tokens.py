@@ -171,3 +171,23 @@ async def test_revocation_poller_stops_when_a_call_absorbs_its_cancellation():
         assert source._poller.done(), "the poller went on after its cancel was absorbed"
     finally:
         await source.close()
+
+
+async def test_a_key_rotated_in_right_after_a_refetch_waits_for_the_next_one_instead_of_being_refused():
+    """A token of a key identity published just after this process refetched (a second rotation, or a forged
+    kid that triggered the refetch) is verified once the next refetch is allowed, not refused meanwhile."""
+    import asyncio
+
+    issuer, _, key = _pair()
+    loader = CountingLoader({key.kid: key.public_key})
+    source = RefreshingKeySource(loader, min_refetch=0.3)
+    verifier = TokenVerifier(source)
+    await verifier.verify(issuer.issue(tenant_id="t_a", principal_id="p", scopes={"*"})[0])
+    rotated = SigningKey.generate()
+    loader.keys[rotated.kid] = rotated.public_key
+    tokens = [TokenIssuer(rotated).issue(tenant_id="t_a", principal_id=f"p{i}", scopes={"*"})[0] for i in range(5)]
+    started = time.monotonic()
+    claims = await asyncio.gather(*(verifier.verify(t) for t in tokens))
+    assert {c.principal_id for c in claims} == {f"p{i}" for i in range(5)}
+    assert loader.loads == 2 and time.monotonic() - started >= 0.2  # one refetch for all, when it was due
+    await source.close()
