@@ -411,10 +411,16 @@ async def test_list_pages_newest_first_and_filters(world: World) -> None:
     assert [e.action for e in about.events] == ["team.delete", "team.create"]
 
 
+def _tamper(path: Path) -> sqlite3.Connection:
+    """A second writer on the service's SQLite file, waiting for the service's write lock as any writer does
+    (sqlite3's default 5 s ran out on a starved CI host)."""
+    return sqlite3.connect(path, timeout=60)
+
+
 def _orchestrator_db(world: World) -> Path:
     found = [p for p in world.data_dir.rglob("*.db") if "orchestrator" in str(p) and "file" not in p.name]
     for path in found:
-        with sqlite3.connect(path) as conn:
+        with _tamper(path) as conn:
             if conn.execute(
                 "SELECT name FROM sqlite_master WHERE name = 'orchestrator_config_audit_events'"
             ).fetchone():
@@ -430,7 +436,7 @@ async def test_tampering_is_caught_by_verify(world: World, tamper: str) -> None:
     for _ in range(3):
         await world.mesh.stub.CreateTeam(opb.CreateTeamRequest(team=team_pb(_name())), metadata=t.metadata)
     path = _orchestrator_db(world)
-    with sqlite3.connect(path) as conn:
+    with _tamper(path) as conn:
         if tamper == "update":
             changed = conn.execute(
                 "UPDATE orchestrator_config_audit_events SET target = 'team/other' WHERE tenant_id = ? AND seq = 2",
@@ -489,7 +495,7 @@ async def test_cli_verify_reports_every_chain_and_fails_on_a_break(world: World,
     lines = out.splitlines()
     for service, chain in (*((s, "configuration") for s in AUDITED), ("credentials", "secret access")):
         assert any(service in line and chain in line and "intact" in line for line in lines), out
-    with sqlite3.connect(_orchestrator_db(world)) as conn:
+    with _tamper(_orchestrator_db(world)) as conn:
         conn.execute("DELETE FROM orchestrator_config_audit_events WHERE tenant_id = ? AND seq = 2", (t.tenant_id,))
     code, out, err = await cli(t, "audit", "verify")
     assert code == 1
@@ -548,7 +554,7 @@ async def test_cli_verify_all_tenants_names_each_broken_chain(world: World, cli)
     for t in (intact, broken):
         for _ in range(2):
             await world.mesh.stub.CreateTeam(opb.CreateTeamRequest(team=team_pb(_name())), metadata=t.metadata)
-    with sqlite3.connect(_orchestrator_db(world)) as conn:
+    with _tamper(_orchestrator_db(world)) as conn:
         conn.execute(
             "UPDATE orchestrator_config_audit_events SET principal_id = 'p_forged' WHERE tenant_id = ? AND seq = 1",
             (broken.tenant_id,),
