@@ -43,13 +43,23 @@ def _name(path: str) -> str:
     return path.rsplit("/", 1)[1]
 
 
+QUIET_S = 1.5
+"""How long a changed listing must hold still to count as settled: the proxy hands a call's budget lease back
+to metering about half a second after the call (BULKHEAD_INFERENCE_LEASE_IDLE_SECONDS), which moves the quota
+status again; read before that, it moved later, during A's call, as if A had changed B's listings."""
+
+
 async def _settled(rig, service: str, tenant, before, *, wait: float) -> dict:
-    """The tenant's listings once they differ from before (writes may land asynchronously), or after wait."""
+    """The tenant's listings once they differ from before and then hold still for QUIET_S (writes may land
+    asynchronously, in steps), or after wait."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + wait
+    last, still_since = None, loop.time()
     while True:
         now = await snapshot(rig.channels, service, tenant.metadata)
-        if now != before or loop.time() > deadline:
+        if now != last:
+            last, still_since = now, loop.time()
+        if loop.time() > deadline or (now != before and loop.time() - still_since >= QUIET_S):
             return now
         await asyncio.sleep(0.05)
 
