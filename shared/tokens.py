@@ -362,9 +362,9 @@ class RefreshingKeySource:
     forged kids cannot turn into a flood of calls to identity. A kid seen before the next refetch is
     allowed waits for it when that is at most `max_wait` seconds away (a key rotated in right after
     a refetch is still found, not refused), and every request waiting meanwhile is answered by that
-    one refetch. Revocations and suspended tenants
-    are polled in the background every `revocation_poll` seconds, which bounds how long a revoked
-    token, or a suspended tenant's token, still works (1 s: suspension holds everywhere within 2 s).
+    one refetch. Revocations and suspended tenants are polled in the background every
+    `revocation_poll` seconds, which bounds how long a revoked token, or a suspended tenant's token,
+    still works (1 s: suspension holds everywhere within 2 s).
     """
 
     def __init__(

@@ -79,9 +79,8 @@ class SecretBackend(Protocol):
         """Destroy every version and forget the secret (a later write starts again at 1)."""
         ...
 
-    async def past_destroyed(self, tenant: TenantRef, name: str, version: int) -> int:
-        """The latest version when every version after `version` is destroyed (the numbers a refused write
-        used up, see SecretManager._undo_write); else `version` itself."""
+    async def versions_after(self, tenant: TenantRef, name: str, version: int) -> dict[int, bool]:
+        """The versions after `version`, each with whether it is destroyed."""
         ...
 
     async def close(self) -> None:

@@ -187,17 +187,15 @@ class LocalBackend:
         async with self._db.session() as s:
             await s.execute(delete(store.LocalValueRow).where(store.LocalValueRow.name == name))
 
-    async def past_destroyed(self, tenant: TenantRef, name: str, version: int) -> int:
-        """The latest version when every one after `version` is destroyed."""
+    async def versions_after(self, tenant: TenantRef, name: str, version: int) -> dict[int, bool]:
+        """The versions after `version`, each with whether it is destroyed."""
         async with self._db.session() as s:
-            later = (
-                await s.execute(
-                    select(store.LocalValueRow.version, store.LocalValueRow.state).where(
-                        store.LocalValueRow.name == name, store.LocalValueRow.version > version
-                    )
+            later = await s.execute(
+                select(store.LocalValueRow.version, store.LocalValueRow.state).where(
+                    store.LocalValueRow.name == name, store.LocalValueRow.version > version
                 )
-            ).all()
-        return max(v for v, _ in later) if later and all(state == "destroyed" for _, state in later) else version
+            )
+        return {v: state == "destroyed" for v, state in later}
 
     # -- KeyBackend -----------------------------------------------------------------------------
 

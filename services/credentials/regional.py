@@ -53,8 +53,8 @@ class RegionalVault:
     async def purge(self, tenant: TenantRef, name: str) -> None:
         await (await self.backend_for(tenant)).purge(tenant, name)
 
-    async def past_destroyed(self, tenant: TenantRef, name: str, version: int) -> int:
-        return await (await self.backend_for(tenant)).past_destroyed(tenant, name, version)
+    async def versions_after(self, tenant: TenantRef, name: str, version: int) -> dict[int, bool]:
+        return await (await self.backend_for(tenant)).versions_after(tenant, name, version)
 
     async def encrypt(self, tenant: TenantRef, plaintext: bytes) -> tuple[bytes, int]:
         return await (await self.backend_for(tenant)).encrypt(tenant, plaintext)

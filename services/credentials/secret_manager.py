@@ -218,20 +218,18 @@ class SecretManager:
         except errors.Aborted as exc:
             if cas is None or exc.reason != "CAS_MISMATCH":
                 raise
-            past = await self._backend.past_destroyed(tenant, name, cas)
-            if past == cas:
+            later = await self._backend.versions_after(tenant, name, cas)
+            if not later or not all(later.values()):  # a live version after cas: a real mismatch
                 raise
-            return await self._backend.write(tenant, name, value, cas=past)
+            return await self._backend.write(tenant, name, value, cas=max(later))
 
-    async def _record_written(
-        self, tenant: TenantRef, name: str, version: int, *, origin: str, **metadata: Any
-    ) -> SecretInfo:
+    async def _record_written(self, tenant: TenantRef, name: str, version: int, **metadata: Any) -> SecretInfo:
         """_record_version for a version the backend has just written. When its metadata cannot be written,
         the version is destroyed in the backend again: a refused PutSecret or RotateSecret leaves no value
         behind that no metadata knows of (and that a later DestroySecret of the name would be the only way
         to reach)."""
         try:
-            return await self._record_version(name, version, origin=origin, **metadata)
+            return await self._record_version(name, version, **metadata)
         except Exception:
             await self._undo_write(tenant, name, version)
             raise

@@ -284,17 +284,16 @@ class VaultBackend:
             tenant, lambda c: c.secrets.kv.v2.delete_metadata_and_all_versions(path, mount_point=self.layout.kv_mount)
         )
 
-    async def past_destroyed(self, tenant: TenantRef, name: str, version: int) -> int:
-        """From the KV v2 metadata: the latest version when every one after `version` is destroyed."""
+    async def versions_after(self, tenant: TenantRef, name: str, version: int) -> dict[int, bool]:
+        """From the KV v2 metadata: the versions after `version`, each with whether it is destroyed."""
         path = self.layout.secret_path(tenant, name)
 
-        def op(client: hvac.Client) -> int:
+        def op(client: hvac.Client) -> dict[int, bool]:
             try:
                 meta = client.secrets.kv.v2.read_secret_metadata(path, mount_point=self.layout.kv_mount)
             except vx.InvalidPath:
-                return version
-            later = {int(n): v for n, v in meta["data"]["versions"].items() if int(n) > version}
-            return max(later) if later and all(v.get("destroyed") for v in later.values()) else version
+                return {}
+            return {int(n): bool(v.get("destroyed")) for n, v in meta["data"]["versions"].items() if int(n) > version}
 
         return await self._run(tenant, op)
 

@@ -21,18 +21,15 @@ from shared.db import Database
 from shared.db.raw import raw_transaction
 from shared.retention import DAY_US, Policy, RetentionSweeper
 from shared.tenancy import TenantContext, tenant_scope
+from testkit.dialects import DIALECTS, open_migrated
 
 EVENTS = "inference_config_audit_events"
 HEADS = "inference_config_audit_heads"
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 async def db(request, tmp_path) -> AsyncIterator[Database]:
-    if request.param == "sqlite":
-        database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'inference.db'}", migrations=str(MIGRATIONS))
-    else:
-        urls = await request.getfixturevalue("postgres").create_database(f"ret_{uuid.uuid4().hex[:8]}")
-        database = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url)
+    database = await open_migrated(request, tmp_path, MIGRATIONS, "ret")
     yield database
     await database.close()
 

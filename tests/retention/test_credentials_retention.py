@@ -19,17 +19,14 @@ from shared.db import Database
 from shared.db.raw import raw_transaction
 from shared.retention import DAY_US, Policy, RetentionSweeper
 from shared.tenancy import TenantContext, tenant_scope
+from testkit.dialects import DIALECTS, open_migrated
 
 KEY = b"k" * 32
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 async def db(request, tmp_path):
-    if request.param == "sqlite":
-        database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'cred.db'}", migrations=str(MIGRATIONS))
-    else:
-        urls = await request.getfixturevalue("postgres").create_database(f"cred_ret_{uuid.uuid4().hex[:6]}")
-        database = await Database.open(urls.app_url, owner_url=urls.owner_url, migrations=str(MIGRATIONS))
+    database = await open_migrated(request, tmp_path, MIGRATIONS, "cred_ret")
     yield database
     await database.close()
 

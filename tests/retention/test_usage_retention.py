@@ -33,19 +33,16 @@ from shared.db import Database
 from shared.db.raw import raw_transaction
 from shared.retention import Policy
 from shared.tenancy import TenantContext, tenant_scope
+from testkit.dialects import DIALECTS, open_migrated
 
 H, D = periods.US_PER_HOUR, periods.US_PER_DAY
 NOW = (periods.now_us() // H) * H + 25 * 60 * 1_000_000  # 25 minutes into the current hour
 MID_HOUR_PRICE = NOW - 5 * D - 7 * H + 17 * 60 * 1_000_000  # a version that starts 17 minutes into an hour
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 async def db(request, tmp_path):
-    if request.param == "sqlite":
-        database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", migrations=str(MIGRATIONS))
-    else:
-        urls = await request.getfixturevalue("postgres").create_database(f"met_ret_{uuid.uuid4().hex[:6]}")
-        database = await Database.open(urls.app_url, owner_url=urls.owner_url, migrations=str(MIGRATIONS))
+    database = await open_migrated(request, tmp_path, MIGRATIONS, "met_ret")
     yield database
     await database.close()
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -10,6 +9,7 @@ import pytest
 
 from services.inference.server import MIGRATIONS
 from shared.db import Database
+from testkit.dialects import DIALECTS, open_migrated
 
 from .helpers import Mesh, make_templates, start_mesh, stop_mesh
 
@@ -30,13 +30,9 @@ async def mesh(tmp_path, db_templates) -> AsyncIterator[Mesh]:
         await stop_mesh(m)
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 async def journal_db(request, tmp_path) -> AsyncIterator[Database]:
     """The attempt journal's database on both dialects (Postgres as the runtime role, past its stricter typing)."""
-    if request.param == "sqlite":
-        db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'journal.db'}", migrations=str(MIGRATIONS))
-    else:
-        urls = await request.getfixturevalue("postgres").create_database(f"journal_{uuid.uuid4().hex[:8]}")
-        db = await Database.open(urls.app_url, migrations=str(MIGRATIONS), owner_url=urls.owner_url)
+    db = await open_migrated(request, tmp_path, MIGRATIONS, "journal")
     yield db
     await db.close()

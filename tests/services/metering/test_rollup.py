@@ -20,6 +20,7 @@ from services.metering.usage import AGENT, DAY, HOUR, MODEL, PRINCIPAL, UsageQue
 from shared.db import Database
 from shared.db.migrations import upgrade
 from shared.tenancy import TenantContext, tenant_scope
+from testkit.dialects import DIALECTS, open_migrated
 
 from .helpers import T0
 
@@ -27,14 +28,10 @@ H = periods.US_PER_HOUR
 MODELS = ("m-a", "m-b")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 async def db(request, tmp_path):
     """The metering database on each backend, migrated."""
-    if request.param == "sqlite":
-        database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", migrations=str(MIGRATIONS))
-    else:
-        urls = await request.getfixturevalue("postgres").create_database(f"met_rollup_{uuid.uuid4().hex[:6]}")
-        database = await Database.open(urls.app_url, owner_url=urls.owner_url, migrations=str(MIGRATIONS))
+    database = await open_migrated(request, tmp_path, MIGRATIONS, "met_rollup")
     yield database
     await database.close()
 

@@ -25,6 +25,7 @@ from shared.db import Database
 from shared.db.migrations import upgrade
 from shared.errors import error_details
 from shared.tenancy import TenantContext, tenant_scope
+from testkit.dialects import DIALECTS, open_migrated
 
 from .mesh import team_pb
 
@@ -32,14 +33,10 @@ TEAM = TeamSpec(name="t", agents=(AgentSpec("triage", handoffs=("billing",)), Ag
 T0 = time.time() - 7200  # steps of the workload fall in [T0, T0 + 1 h); runs are created now
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 async def db(request, tmp_path):
     """The orchestrator's database on each backend, migrated."""
-    if request.param == "sqlite":
-        database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
-    else:
-        urls = await request.getfixturevalue("postgres").create_database(f"orch_stats_{uuid.uuid4().hex[:6]}")
-        database = await Database.open(urls.app_url, owner_url=urls.owner_url, migrations=str(MIGRATIONS))
+    database = await open_migrated(request, tmp_path, MIGRATIONS, "orch_stats")
     yield database
     await database.close()
 

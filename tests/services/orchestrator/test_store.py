@@ -19,19 +19,16 @@ from services.orchestrator.store import Lease, QueueRow, RunStore
 from services.orchestrator.team import AgentSpec, TeamSpec
 from shared.db import Database
 from shared.tenancy import TenantContext, tenant_scope
+from testkit.dialects import DIALECTS, open_migrated
 
 TEAM = TeamSpec(name="t", agents=(AgentSpec("a"),))
 TIERS = ("pooled", "bridge", "silo")
 
 
-@pytest.fixture(params=["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)])
+@pytest.fixture(params=DIALECTS)
 async def db(request, tmp_path):
     """The orchestrator's database on each backend, migrated."""
-    if request.param == "sqlite":
-        database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
-    else:
-        urls = await request.getfixturevalue("postgres").create_database(f"orch_store_{uuid.uuid4().hex[:6]}")
-        database = await Database.open(urls.app_url, owner_url=urls.owner_url, migrations=str(MIGRATIONS))
+    database = await open_migrated(request, tmp_path, MIGRATIONS, "orch_store")
     yield database
     await database.close()
 
