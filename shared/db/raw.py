@@ -23,6 +23,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util.concurrency import greenlet_spawn
 
 from shared.db.engine import _database_unavailable
+from shared.db.kept import keeper
 
 _PLACEHOLDER = re.compile(r"\$(\d+)")
 _SAFE_TENANT = re.compile(r"^[A-Za-z0-9_.:-]{1,128}$")
@@ -158,24 +159,29 @@ class _Lease:
 
 @asynccontextmanager
 async def _pooled(engine: AsyncEngine) -> AsyncIterator[_Lease]:
-    """A connection checked out of the engine's pool, handed back after (unless it was invalidated).
+    """A connection of the engine's pool: one kept idle by an earlier call (shared.db.kept), else one
+    checked out; after, kept for the next call when idle, else handed back (unless it was invalidated).
 
     The pool's connection itself, not an AsyncConnection: no Connection object and one greenlet less
     each way, the better part of the ORM-free path's own cost. Checking out may connect or pre-ping
     and checking in may reset, hence the greenlets; a failed connect is UNAVAILABLE as through
     engine.connect() (shared.db.engine's handle_error), whose other errors pass unchanged.
     """
-    try:
-        lease = _Lease(await greenlet_spawn(engine.sync_engine.pool.connect))
-    except engine.dialect.loaded_dbapi.Error as exc:
-        raise _database_unavailable() from exc
+    kept = keeper(engine.sync_engine)
+    fairy: Any = kept.take() if kept is not None else None
+    if fairy is None:
+        try:
+            fairy = await greenlet_spawn(engine.sync_engine.pool.connect)
+        except engine.dialect.loaded_dbapi.Error as exc:
+            raise _database_unavailable() from exc
+    lease = _Lease(fairy)
     try:
         yield lease
     finally:
-        fairy = lease.fairy
-        if fairy.is_valid:  # back to the pool (an invalidated one was closed already)
-            # _close_special is how SQLAlchemy's own Connection hands back a connection it already reset;
-            # the pool's reset event still fires (with transaction_was_reset set).
+        if fairy.is_valid and not (lease.idle and kept is not None and kept.give(fairy)):
+            # Back to the pool (an invalidated one was closed already). _close_special is how SQLAlchemy's own
+            # Connection hands back a connection it already reset; the pool's reset event still fires (with
+            # transaction_was_reset set).
             await greenlet_spawn(fairy._close_special, lease.idle)
 
 
