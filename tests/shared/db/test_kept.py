@@ -11,22 +11,12 @@ import pytest
 from sqlalchemy import event, make_url
 
 from shared.db import Database
-from shared.db.kept import HOLD_S
 from shared.db.raw import autocommit_fetch
 from shared.tenancy import tenant_scope
 
-from .conftest import _open_emptied, as_tenant
+from .conftest import _open_emptied, as_tenant, until_kept_connections_went_back
 
 A, B = "t_alpha", "t_bravo"
-
-
-async def _quiet(pool) -> None:
-    """Wait until the kept connections went back to the pool."""
-    for _ in range(100):
-        if pool.checkedout() == 0:
-            return
-        await asyncio.sleep(HOLD_S)
-    raise AssertionError(f"{pool.checkedout()} connections still checked out after the quiet period")
 
 
 async def test_back_to_back_transactions_reuse_one_connection_without_the_pool(db: Database) -> None:
@@ -43,7 +33,7 @@ async def test_back_to_back_transactions_reuse_one_connection_without_the_pool(d
     finally:
         event.remove(pool, "checkout", count)
     assert len(checkouts) == 1
-    await _quiet(pool)  # and handed back once nothing used it for HOLD_S
+    await until_kept_connections_went_back(pool)  # and handed back once nothing used it for HOLD_S
 
 
 async def test_a_connection_left_mid_transaction_is_not_kept(db: Database) -> None:

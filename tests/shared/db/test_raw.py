@@ -10,11 +10,10 @@ import pytest
 from sqlalchemy import event, select
 
 from shared.db import Database
-from shared.db.kept import HOLD_S
 from shared.db.raw import autocommit_fetch, sqlite_sql
 from shared.tenancy import NoTenantContext, tenant_scope
 
-from .conftest import as_tenant
+from .conftest import as_tenant, until_kept_connections_went_back
 from .notes import Note
 
 A, B = "t_alpha", "t_bravo"
@@ -68,21 +67,13 @@ async def test_a_connection_whose_transaction_ended_goes_back_without_the_pools_
                 async with db.raw(write=True) as tx:
                     await tx.execute("INSERT INTO notes (tenant_id, body) VALUES ($1, $2)", A, "dropped")
                     raise RuntimeError("rolled back here, not by the pool")
-        await _until_kept_connections_went_back(pool)
+        await until_kept_connections_went_back(pool)
     finally:
         event.remove(pool, "reset", record)
     # Committed, then rolled back on the connection kept between the two (shared.db.kept), which went back
     # once idle: no hand-back needed the pool's rollback.
     assert resets and all(resets)
     assert await _bodies(db, A) == ["kept"]  # and the reused connection carried nothing over
-
-
-async def _until_kept_connections_went_back(pool) -> None:
-    for _ in range(100):
-        if pool.checkedout() == 0:
-            return
-        await asyncio.sleep(HOLD_S)
-    raise AssertionError(f"{pool.checkedout()} connections still checked out")
 
 
 async def test_raw_needs_a_tenant(db: Database) -> None:
