@@ -13,6 +13,7 @@ from services.inference.budget import Tokens
 from services.inference.server import MIGRATIONS
 from services.inference.store import SqlAttempts
 from shared.db import Database
+from testkit.pool import until_kept_connections_went_back
 
 
 @pytest.fixture
@@ -33,7 +34,7 @@ async def test_a_failed_group_writes_nothing_and_the_next_one_commits(db):
     with pytest.raises(Exception):  # noqa: B017 - the driver's own error for a row of the wrong shape
         await store.apply([_open("r1")], [("not a settle",)], [], "rep")
     assert await store.rows() == []
-    assert db.engine.sync_engine.pool.checkedout() == 0
+    await until_kept_connections_went_back(db.engine.sync_engine.pool)
     ((row_id, number),) = await store.apply([_open("r1")], [], [], "rep")
     assert number == 1
     await store.apply([], [(row_id, 5, 6, 0, 0, "success", 7, 0)], [row_id], "rep")
@@ -51,8 +52,7 @@ async def test_a_cancelled_group_leaves_the_pool_clean(db):
         task.cancel()
         with pytest.raises(asyncio.CancelledError):
             await task
-    await asyncio.sleep(0.05)
-    assert db.engine.sync_engine.pool.checkedout() == 0
+    await until_kept_connections_went_back(db.engine.sync_engine.pool)
     before = len(await store.rows())
     assert all(r[2] == 1 for r in await store.rows())  # each request id written at most once
     ids = await asyncio.gather(*(store.apply([_open(f"n{i}")], [], [], "rep") for i in range(5)))

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -73,14 +72,3 @@ _FIXTURE = {"sqlite": "sqlite_db", "postgres": "pg_db", "pgbouncer": "pgbouncer_
 def db(request: pytest.FixtureRequest) -> Database:
     """The notes database on each backend, and on Postgres through PgBouncer."""
     return request.getfixturevalue(_FIXTURE[request.param])
-
-
-async def until_kept_connections_went_back(pool) -> None:
-    """Wait until the connections the raw paths kept (shared.db.kept) went back to the pool."""
-    from shared.db.kept import HOLD_S
-
-    for _ in range(100):
-        if pool.checkedout() == 0:
-            return
-        await asyncio.sleep(HOLD_S)
-    raise AssertionError(f"{pool.checkedout()} connections still checked out after the quiet period")

@@ -13,8 +13,9 @@ from sqlalchemy import event, make_url
 from shared.db import Database
 from shared.db.raw import autocommit_fetch
 from shared.tenancy import tenant_scope
+from testkit.pool import until_kept_connections_went_back
 
-from .conftest import _open_emptied, as_tenant, until_kept_connections_went_back
+from .conftest import _open_emptied, as_tenant
 
 A, B = "t_alpha", "t_bravo"
 

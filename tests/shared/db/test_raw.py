@@ -12,8 +12,9 @@ from sqlalchemy import event, select
 from shared.db import Database
 from shared.db.raw import autocommit_fetch, sqlite_sql
 from shared.tenancy import NoTenantContext, tenant_scope
+from testkit.pool import until_kept_connections_went_back
 
-from .conftest import as_tenant, until_kept_connections_went_back
+from .conftest import as_tenant
 from .notes import Note
 
 A, B = "t_alpha", "t_bravo"
