@@ -33,7 +33,7 @@ def pg_urls(postgres):
     return postgres.create_database_sync("dbtest")
 
 
-async def _open_emptied(app_url: str, pg_urls) -> Database:
+async def open_emptied(app_url: str, pg_urls) -> Database:
     db = await Database.open(app_url, owner_url=pg_urls.owner_url, migrations=MIGRATIONS)
     conn = await asyncpg.connect(pg_urls.owner_dsn)
     try:  # TRUNCATE is not subject to RLS: a clean slate for every test
@@ -46,7 +46,7 @@ async def _open_emptied(app_url: str, pg_urls) -> Database:
 @pytest.fixture
 async def pg_db(pg_urls) -> AsyncIterator[Database]:
     """The notes schema migrated as the owner, emptied, opened as the runtime role (RLS applies)."""
-    db = await _open_emptied(pg_urls.app_url, pg_urls)
+    db = await open_emptied(pg_urls.app_url, pg_urls)
     yield db
     await db.close()
 
@@ -54,7 +54,7 @@ async def pg_db(pg_urls) -> AsyncIterator[Database]:
 @pytest.fixture
 async def pgbouncer_db(pg_urls, pgbouncer) -> AsyncIterator[Database]:
     """pg_db with the runtime role's connections going through PgBouncer in transaction pooling."""
-    db = await _open_emptied(pgbouncer.app_url(pg_urls.name), pg_urls)
+    db = await open_emptied(pgbouncer.app_url(pg_urls.name), pg_urls)
     yield db
     await db.close()
 

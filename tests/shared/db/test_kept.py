@@ -15,7 +15,7 @@ from shared.db.raw import autocommit_fetch
 from shared.tenancy import tenant_scope
 from testkit.pool import until_kept_connections_went_back
 
-from .conftest import _open_emptied, as_tenant
+from .conftest import as_tenant, open_emptied
 
 A, B = "t_alpha", "t_bravo"
 
@@ -113,7 +113,7 @@ async def test_disposing_of_the_engine_closes_kept_connections(postgres) -> None
 async def test_closing_the_database_closes_a_bridge_routes_kept_connection(pg_urls, postgres) -> None:
     """A bridge tenant's route is a copy of the engine (its schema mapped): what it kept closes with the
     database all the same."""
-    db = await _open_emptied(pg_urls.app_url, pg_urls)
+    db = await open_emptied(pg_urls.app_url, pg_urls)
     with tenant_scope(as_tenant("t_bridge_kept", tier="bridge")):
         async with db.raw() as tx:
             pid = await tx.fetchval("SELECT pg_backend_pid()")
