@@ -106,21 +106,23 @@ async def raw_transaction(
         driver = fairy.driver_connection
         if driver is None:  # only a connection already handed back to the pool has none
             raise RuntimeError("the pooled connection has no driver connection")
+        if dialect == "postgresql":
+            begin = "BEGIN"
+            if tenant_id is not None:
+                begin += f"; SELECT set_config('app.tenant_id', {_literal(tenant_id)}, true)"
+            if schema:
+                begin += f"; SELECT set_config('search_path', {_literal(schema)}, true)"
+        else:
+            begin = "BEGIN IMMEDIATE" if write else "BEGIN"
         try:
-            if dialect == "postgresql":
-                begin = "BEGIN"
-                if tenant_id is not None:
-                    begin += f"; SELECT set_config('app.tenant_id', {_literal(tenant_id)}, true)"
-                if schema:
-                    begin += f"; SELECT set_config('search_path', {_literal(schema)}, true)"
-                await driver.execute(begin)
-            else:
-                await driver.execute("BEGIN IMMEDIATE" if write else "BEGIN")
+            await driver.execute(begin)
         except BaseException as exc:
-            # A pooled connection whose server restarted fails at its first statement: nothing was
-            # done, so the caller may retry (UNAVAILABLE), and the connection must not go back.
+            # The connection must not go back: a statement after BEGIN that failed (a late cancel request meant
+            # for an earlier statement) leaves it inside a failed transaction, which the pool's reset does not
+            # end (its adapter did not start it), so the next session would find it open. One whose server
+            # restarted fails here too: nothing was done, so the caller may retry (UNAVAILABLE).
+            await _invalidate(fairy)
             if _connection_lost(exc, usable=False):
-                await _invalidate(fairy)
                 raise _database_unavailable() from exc
             raise
         try:

@@ -136,6 +136,33 @@ async def test_a_connection_lost_mid_transaction_is_unavailable_not_internal(pg_
 
 
 @pytest.mark.postgres
+async def test_a_transaction_that_fails_as_it_begins_leaves_no_open_transaction_in_the_pool(
+    pg_db: Database, monkeypatch
+) -> None:
+    """A statement after BEGIN fails (e.g. a late cancel request meant for the connection's previous statement
+    cancels the tenant setting): the connection is inside a failed transaction its pool adapter did not start,
+    so the pool's reset would not end it; it must be thrown away, or the next session to check it out fails
+    ("a manually started transaction")."""
+    with tenant_scope(as_tenant(A)):  # connected once already (the dialect's first-connect queries done)
+        async with pg_db.raw() as tx:
+            await tx.fetchval("SELECT 1")
+    execute = asyncpg.Connection.execute
+
+    async def begin_then_fail(self, query, *args, **kwargs):
+        if query.startswith("BEGIN;"):
+            query = "BEGIN; SELECT 1/0"
+        return await execute(self, query, *args, **kwargs)
+
+    monkeypatch.setattr(asyncpg.Connection, "execute", begin_then_fail)
+    with tenant_scope(as_tenant(A)), pytest.raises(asyncpg.DivisionByZeroError):
+        async with pg_db.raw():
+            pass
+    monkeypatch.setattr(asyncpg.Connection, "execute", execute)
+    async with pg_db.engine.connect() as conn:  # whichever connection the pool hands out is usable
+        assert (await conn.execute(select(1))).scalar_one() == 1
+
+
+@pytest.mark.postgres
 async def test_a_pooled_connection_whose_server_went_away_is_unavailable_at_begin(pg_db: Database, postgres) -> None:
     """The pool hands out a connection whose backend was terminated while it sat idle (the database
     restarted): the transaction's first statement fails, and that is UNAVAILABLE, not INTERNAL; the
