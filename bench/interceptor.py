@@ -3,7 +3,11 @@
 through the full stack (server span, token verify, tenant match, scope check, context, metrics).
 
 Both servers run in one child process each and are measured in the same run; prints requests/s,
-p50 and p99 for each and the overhead ratios. `--quick` runs a few seconds for smoke testing.
+p50 and p99 for each and the overhead ratios. Then the calling side: this process's CPU per call to
+the bare server through a plain channel, through shared.client.make_channel as a service calls its
+peers (identity and read-your-writes in one interceptor, no span of its own when none is exported),
+and through one interceptor per concern with OpenTelemetry's client span (how make_channel called
+before issue 16's last round; the Python client still does). `--quick` runs a few seconds for smoke testing.
 """
 
 from __future__ import annotations
@@ -102,6 +106,39 @@ async def _measure(address: str, metadata, seconds: float, concurrency: int) -> 
         return latencies, len(latencies) / (time.perf_counter() - started)
 
 
+CLIENTS = ("plain", "mesh", "layered")
+
+
+def _client_channel(kind: str, address: str, token: str) -> grpc.aio.Channel:
+    from shared import telemetry
+    from shared.client import ReadYourWrites, StaticCredentials, make_channel
+
+    credentials = StaticCredentials(token=token, tenant_id="t_bench")
+    if kind == "mesh":
+        return make_channel(address, credentials=credentials, tls=None)
+    if kind == "layered":
+        interceptors = [*telemetry.client_interceptors(), *credentials.interceptors(), *ReadYourWrites().interceptors()]
+        return grpc.aio.insecure_channel(address, interceptors=interceptors)
+    return grpc.aio.insecure_channel(address)
+
+
+async def _client_cpu(kind: str, address: str, token: str, calls: int, concurrency: int) -> float:
+    """This process's CPU per call (µs), `calls` calls at `concurrency`."""
+    async with _client_channel(kind, address, token) as channel:
+        stub = echo_pb2_grpc.EchoServiceStub(channel)
+        request = echo_pb2.EchoRequest(message="x")
+        for _ in range(200):
+            await stub.Echo(request)
+
+        async def worker(n: int) -> None:
+            for _ in range(n):
+                await stub.Echo(request)
+
+        started = time.process_time()
+        await asyncio.gather(*(worker(calls // concurrency) for _ in range(concurrency)))
+        return (time.process_time() - started) / (calls // concurrency * concurrency) * 1e6
+
+
 def _pct(values: list[float], q: float) -> float:
     return statistics.quantiles(values, n=100)[int(q) - 1] * 1e6
 
@@ -131,6 +168,7 @@ def main() -> None:
         addresses[kind] = f"127.0.0.1:{q.get(timeout=30)}"
 
     results: dict[tuple[str, int], list[tuple[float, float, float]]] = {}
+    client_cpu: dict[str, list[float]] = {}
     try:
         for _ in range(args.rounds):
             for concurrency in (1, 16):
@@ -139,6 +177,10 @@ def main() -> None:
                         _measure(addresses[kind], md_full if kind != "bare" else (), args.seconds, concurrency)
                     )
                     results.setdefault((kind, concurrency), []).append((_pct(lat, 50), _pct(lat, 99), rps))
+            for client in CLIENTS:
+                calls = 2_000 if args.quick else 10_000
+                cpu = asyncio.run(_client_cpu(client, addresses["bare"], token, calls, 16))
+                client_cpu.setdefault(client, []).append(cpu)
     finally:
         for p in procs:
             p.terminate()
@@ -163,6 +205,13 @@ def main() -> None:
         full = summary[("full", concurrency)]
         figures[f"full_c{concurrency}_added_p50_ms"] = (full[0] - bare[0]) / 1000
         figures[f"full_over_bare_c{concurrency}_throughput_ratio"] = full[2] / bare[2]
+    cpu = {client: statistics.median(runs) for client, runs in client_cpu.items()}
+    print("\ncalling side, concurrency 16, this process's CPU per call:")
+    for client in CLIENTS:
+        print(f"  {client:<8} {cpu[client]:6.1f} µs   (+{cpu[client] - cpu['plain']:5.1f} µs over a plain channel)")
+    print(f"  make_channel / layered interceptors: {cpu['mesh'] / cpu['layered']:.2f}x")
+    figures |= {f"client_{client}_cpu_us_per_call": cpu[client] for client in CLIENTS}
+    figures["client_mesh_over_layered_cpu_ratio"] = cpu["mesh"] / cpu["layered"]
     write_json(args.json, figures)
 
 

@@ -6,6 +6,7 @@ protos mark idempotent when a replica dies (shared/service_config.py): callers h
 
 from __future__ import annotations
 
+import functools
 import uuid
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -43,7 +44,11 @@ class MetadataSource:
 
     def interceptors(self) -> list:
         """One interceptor per call shape: grpc.aio files an interceptor under the first shape it implements only."""
-        return [_UnaryUnary(self), _UnaryStream(self), _StreamUnary(self), _StreamStream(self)]
+        return [_UnaryUnary(self), *self.stream_interceptors()]
+
+    def stream_interceptors(self) -> list:
+        """The interceptors of the three streaming shapes (make_channel folds the unary one into _MeshUnary)."""
+        return [_UnaryStream(self), _StreamUnary(self), _StreamStream(self)]
 
 
 class _Adapter:
@@ -121,11 +126,20 @@ class ReadYourWrites:
         if len(self._seen) > self._max:  # forgetting an old tenant costs it only a stale read
             self._seen.popitem(last=False)
 
-    def outgoing(self, details):
-        """details with the tenant's position added (unchanged when none is held)."""
-        tenant = _tenant_of(details)
+    def outgoing(self, details, tenant: str | None = None):
+        """details with the position held for their tenant (`tenant`, else their x-tenant-id) added
+        (unchanged when none is held)."""
+        tenant = tenant or _tenant_of(details)
         lsn = self._seen.get(tenant) if tenant else None
         return details if lsn is None else _with_metadata(details, ((LSN_HEADER, format_lsn(lsn)),))
+
+    async def send(self, continuation, details, request):
+        """Make a unary call with its tenant's position, and keep the position its answer carries."""
+        tenant = _tenant_of(details)
+        call = await continuation(self.outgoing(details, tenant), request)
+        if tenant:  # writes are unary: their position comes in the trailers
+            self.note(tenant, await call.trailing_metadata())
+        return call
 
     def interceptors(self) -> list:
         """Place after the identity interceptors: they put the x-tenant-id this keys by."""
@@ -141,12 +155,38 @@ class _TrackUnary(grpc.aio.UnaryUnaryClientInterceptor):
         self.tracker = tracker
 
     async def intercept_unary_unary(self, continuation, details, request):
-        details = self.tracker.outgoing(details)
-        call = await continuation(details, request)
-        tenant = _tenant_of(details)
-        if tenant:  # writes are unary: their position comes in the trailers
-            self.tracker.note(tenant, await call.trailing_metadata())
-        return call
+        return await self.tracker.send(continuation, details, request)
+
+
+def _is_unary(interceptor) -> bool:
+    return isinstance(interceptor, grpc.aio.UnaryUnaryClientInterceptor)
+
+
+class _MeshUnary(grpc.aio.UnaryUnaryClientInterceptor):
+    """All a mesh channel adds to a unary call, as one interceptor: grpc.aio runs every interceptor as a
+    layer of its own (about 20 us of CPU per layer per call). In order: a CLIENT span when this process
+    exports spans (OpenTelemetry's own interceptor, run inside this one), else the caller's trace context
+    passed on as it is; the identity of each source; the tenant's read-your-writes position, and the one
+    the answer carries."""
+
+    def __init__(self, sources: tuple[MetadataSource, ...], tracker: ReadYourWrites | None):
+        self._sources = sources
+        self._tracker = tracker
+        self._traced = next(i for i in telemetry.client_interceptors() if _is_unary(i))
+
+    async def intercept_unary_unary(self, continuation, details, request):
+        if telemetry.exporting():
+            send = functools.partial(self._send, continuation)
+            return await self._traced.intercept_unary_unary(send, details, request)
+        trace = telemetry.trace_headers()
+        return await self._send(continuation, _with_metadata(details, trace) if trace else details, request)
+
+    async def _send(self, continuation, details, request):
+        for source in self._sources:
+            details = await source.call_details(details)
+        if self._tracker is None:
+            return await continuation(details, request)
+        return await self._tracker.send(continuation, details, request)
 
 
 class _SendUnaryStream(grpc.aio.UnaryStreamClientInterceptor):
@@ -173,13 +213,14 @@ def make_channel(
     """
     # Past the sentinel `tls` is a TlsConfig or None; anything else fails in *_credentials (never plaintext).
     tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else cast("TlsConfig | None", tls)
-    interceptors: list = telemetry.client_interceptors()
-    if forward:
-        interceptors += ForwardIdentity().interceptors()
-    if credentials is not None:
-        interceptors += credentials.interceptors()
-    if forward or credentials is not None:
-        interceptors += ReadYourWrites().interceptors()
+    sources = (*((ForwardIdentity(),) if forward else ()), *((credentials,) if credentials is not None else ()))
+    tracker = ReadYourWrites() if sources else None
+    interceptors: list = [_MeshUnary(sources, tracker)]
+    interceptors += [i for i in telemetry.client_interceptors() if not _is_unary(i)]
+    for source in sources:
+        interceptors += source.stream_interceptors()
+    if tracker is not None:
+        interceptors.append(_SendUnaryStream(tracker))
     target, options = channel_target(address), (*channel_options(address), *options)
     if tls is not None:
         return grpc.aio.secure_channel(target, channel_credentials(tls), options=options, interceptors=interceptors)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Protocol
 
 import jwt
+import orjson
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
@@ -292,12 +293,14 @@ class TokenVerifier:
 
     async def _verify_signature(self, token: str, now: float) -> Claims:
         try:
-            header = jwt.get_unverified_header(token)
-        except jwt.PyJWTError:
+            header = _header(token)
+        except ValueError:
             raise Unauthenticated("malformed bearer token", reason="TOKEN_MALFORMED") from None
         if header.get("alg") != ALGORITHM:
             raise Unauthenticated("token algorithm not accepted", reason="TOKEN_MALFORMED")
         kid = header.get("kid") or ""
+        if not isinstance(kid, str):
+            raise Unauthenticated("malformed bearer token", reason="TOKEN_MALFORMED")
         key = await self._keys.get(kid)
         if key is None:
             raise Unauthenticated("token signed by an unknown key", reason="TOKEN_UNKNOWN_KEY")
@@ -318,9 +321,26 @@ class TokenVerifier:
             except (jwt.PyJWTError, Unauthenticated, KeyError, TypeError, ValueError):
                 late = None
             raise _signed_by(expired, late) from None
+        except jwt.InvalidSignatureError:
+            raise Unauthenticated("token signature or claims invalid", reason="TOKEN_INVALID") from None
+        except jwt.DecodeError:  # not a well-formed JWS: segments, padding, JSON
+            raise Unauthenticated("malformed bearer token", reason="TOKEN_MALFORMED") from None
         except jwt.PyJWTError:
             raise Unauthenticated("token signature or claims invalid", reason="TOKEN_INVALID") from None
         return _claims(payload, kid)
+
+
+def _header(token: str) -> dict:
+    """The token's JOSE header, read only to choose the key: jwt.decode then checks the whole token, this
+    header included. (PyJWT's get_unverified_header checks every character of every segment in Python
+    first: a sixth of the CPU of verifying a token.) ValueError when it is not a JSON object."""
+    segment, dot, _ = token.partition(".")
+    if not dot:
+        raise ValueError("not a JWS")
+    header = orjson.loads(base64.urlsafe_b64decode(segment + "=" * (-len(segment) % 4)))
+    if not isinstance(header, dict):
+        raise ValueError("the header is not a JSON object")
+    return header
 
 
 def _claims(payload: dict, kid: str) -> Claims:

@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
 from bulkhead.testing.v1 import echo_pb2, echo_pb2_grpc
+from shared import telemetry
 from shared.client import make_channel
 from shared.server import Binding, serve
 from shared.tenancy import require_tenant
@@ -57,3 +61,47 @@ async def test_one_trace_across_a_hop_with_tenant_on_every_server_span(spans):
     assert hop.kind.name == "CLIENT" and hop.parent.span_id == outer_span.context.span_id  # ... inside the outer call
     token = md[0][1].split()[1]
     assert all(token not in str(v) for s in finished for v in s.attributes.values())
+
+
+async def _relay_once(tokens: TestTokens, tenant: str) -> None:
+    """client → relay → echo, once."""
+    inner = await serve(name="inner", bindings=[echo_binding()], verifier=tokens.verifier)
+    relay = Relay(inner.address)
+    outer = await serve(
+        name="outer",
+        verifier=tokens.verifier,
+        bindings=[
+            Binding(
+                echo_pb2_grpc.add_EchoServiceServicer_to_server,
+                relay,
+                echo_pb2.DESCRIPTOR.services_by_name["EchoService"],
+            )
+        ],
+    )
+    try:
+        async with make_channel(outer.address) as channel:
+            stub = echo_pb2_grpc.EchoServiceStub(channel)
+            await stub.Echo(echo_pb2.EchoRequest(message="hi"), metadata=tokens.metadata(tenant))
+    finally:
+        await relay.channel.close()
+        await outer.stop(0)
+        await inner.stop(0)
+
+
+async def test_without_an_exporter_a_hop_makes_no_client_span_and_keeps_the_trace(spans, monkeypatch):
+    """Where this process exports no span, a CLIENT span per outgoing call is work for nothing: the caller's
+    trace context goes on as it is, so the next service's span is a child of the relay's server span."""
+    monkeypatch.setattr(telemetry, "exporting", lambda: False)
+    await _relay_once(TestTokens(), "t_untraced")
+    finished = spans.get_finished_spans()
+    assert [s.kind.name for s in finished] == ["SERVER", "SERVER"]
+    inner_span, outer_span = finished  # the inner call ends first
+    assert inner_span.context.trace_id == outer_span.context.trace_id
+    assert inner_span.parent is not None and inner_span.parent.span_id == outer_span.context.span_id
+
+
+def test_a_provider_exports_once_a_span_processor_is_added():
+    provider = telemetry._Provider()
+    assert not provider.exporting
+    provider.add_span_processor(SimpleSpanProcessor(InMemorySpanExporter()))
+    assert provider.exporting

@@ -48,6 +48,36 @@ async def test_tampered_payload_is_refused():
     assert info.value.reason == "TOKEN_INVALID"
 
 
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.urlsafe_b64encode(data).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        lambda h, p, s: "not-a-token",
+        lambda h, p, s: f"{_b64(b'[1, 2]')}.{p}.{s}",  # a header that is no JSON object
+        lambda h, p, s: f"{_b64(b'{not json')}.{p}.{s}",
+        lambda h, p, s: _b64(b'{"alg": "EdDSA", "kid": 7}') + f".{p}.{s}",  # a kid that is no string
+        lambda h, p, s: _b64(b'{"alg": "none"}') + f".{p}.",
+        lambda h, p, s: f"{h}.{p}!!.{s}",  # junk in the payload segment
+        lambda h, p, s: f"{h}.{p}",  # a segment missing
+        lambda h, p, s: f"{h}.{p}.{s}, Bearer {h}.{p}.{s}",  # two tokens joined
+        lambda h, p, s: f"{h}é.{p}.{s}",
+    ],
+)
+async def test_a_token_that_is_no_well_formed_jws_is_malformed(mangle):
+    """The key is chosen from a header read without PyJWT; whatever is wrong anywhere in the token is still
+    TOKEN_MALFORMED, never a verified claim."""
+    issuer, verifier, _ = _pair()
+    token, _ = issuer.issue(tenant_id="t_a", principal_id="p", scopes={"*"})
+    with pytest.raises(Unauthenticated) as info:
+        await verifier.verify(mangle(*token.split(".")))
+    assert info.value.reason == "TOKEN_MALFORMED"
+
+
 @pytest.mark.parametrize("tid", ["t_a_b", "t_A", "T_a", "tenant", "t_", "t_a b"])
 async def test_a_signed_token_for_a_malformed_tenant_id_is_refused(tid: str):
     """Verification binds only tenant ids that pass shared.ids' one rule, whoever signed the token."""
