@@ -179,8 +179,8 @@ def main() -> None:
                     results.setdefault((kind, concurrency), []).append((_pct(lat, 50), _pct(lat, 99), rps))
             for client in CLIENTS:
                 calls = 2_000 if args.quick else 10_000
-                cpu = asyncio.run(_client_cpu(client, addresses["bare"], token, calls, 16))
-                client_cpu.setdefault(client, []).append(cpu)
+                spent = asyncio.run(_client_cpu(client, addresses["bare"], token, calls, 16))
+                client_cpu.setdefault(client, []).append(spent)
     finally:
         for p in procs:
             p.terminate()
