@@ -25,9 +25,8 @@ class Relay(echo_pb2_grpc.EchoServiceServicer):
         return await echo_pb2_grpc.EchoServiceStub(self.channel).Echo(request)
 
 
-async def test_one_trace_across_a_hop_with_tenant_on_every_server_span(spans):
-    """client → relay → echo: one trace id, parent/child links, tenant.id on both server spans, no token."""
-    tokens = TestTokens()
+async def _relay_once(tokens: TestTokens, tenant: str):
+    """client → relay → echo, once: the client's metadata and the answer."""
     inner = await serve(name="inner", bindings=[echo_binding()], verifier=tokens.verifier)
     relay = Relay(inner.address)
     outer = await serve(
@@ -41,15 +40,21 @@ async def test_one_trace_across_a_hop_with_tenant_on_every_server_span(spans):
             )
         ],
     )
-    md = tokens.metadata("t_traced")
+    md = tokens.metadata(tenant)
     try:
         async with make_channel(outer.address) as channel:
             resp = await echo_pb2_grpc.EchoServiceStub(channel).Echo(echo_pb2.EchoRequest(message="hi"), metadata=md)
-        assert resp.seen.tenant_id == "t_traced"
     finally:
         await relay.channel.close()
         await outer.stop(0)
         await inner.stop(0)
+    return md, resp
+
+
+async def test_one_trace_across_a_hop_with_tenant_on_every_server_span(spans):
+    """client → relay → echo: one trace id, parent/child links, tenant.id on both server spans, no token."""
+    md, resp = await _relay_once(TestTokens(), "t_traced")
+    assert resp.seen.tenant_id == "t_traced"
     finished = spans.get_finished_spans()
     server_spans = [s for s in finished if s.kind.name == "SERVER"]
     assert len(server_spans) == 2
@@ -61,31 +66,6 @@ async def test_one_trace_across_a_hop_with_tenant_on_every_server_span(spans):
     assert hop.kind.name == "CLIENT" and hop.parent.span_id == outer_span.context.span_id  # ... inside the outer call
     token = md[0][1].split()[1]
     assert all(token not in str(v) for s in finished for v in s.attributes.values())
-
-
-async def _relay_once(tokens: TestTokens, tenant: str) -> None:
-    """client → relay → echo, once."""
-    inner = await serve(name="inner", bindings=[echo_binding()], verifier=tokens.verifier)
-    relay = Relay(inner.address)
-    outer = await serve(
-        name="outer",
-        verifier=tokens.verifier,
-        bindings=[
-            Binding(
-                echo_pb2_grpc.add_EchoServiceServicer_to_server,
-                relay,
-                echo_pb2.DESCRIPTOR.services_by_name["EchoService"],
-            )
-        ],
-    )
-    try:
-        async with make_channel(outer.address) as channel:
-            stub = echo_pb2_grpc.EchoServiceStub(channel)
-            await stub.Echo(echo_pb2.EchoRequest(message="hi"), metadata=tokens.metadata(tenant))
-    finally:
-        await relay.channel.close()
-        await outer.stop(0)
-        await inner.stop(0)
 
 
 async def test_without_an_exporter_a_hop_makes_no_client_span_and_keeps_the_trace(spans, monkeypatch):
