@@ -169,10 +169,16 @@ class _MeshUnary(grpc.aio.UnaryUnaryClientInterceptor):
     passed on as it is; the identity of each source; the tenant's read-your-writes position, and the one
     the answer carries."""
 
-    def __init__(self, sources: tuple[MetadataSource, ...], tracker: ReadYourWrites | None):
+    def __init__(
+        self,
+        sources: tuple[MetadataSource, ...],
+        tracker: ReadYourWrites | None,
+        traced: grpc.aio.UnaryUnaryClientInterceptor,
+    ):
         self._sources = sources
         self._tracker = tracker
-        self._traced = next(i for i in telemetry.client_interceptors() if _is_unary(i))
+        self._traced = traced
+        """OpenTelemetry's unary client interceptor, run only while spans are exported."""
 
     async def intercept_unary_unary(self, continuation, details, request):
         if telemetry.exporting():
@@ -215,8 +221,9 @@ def make_channel(
     tls = TlsConfig.from_env() if tls is TLS_FROM_ENV else cast("TlsConfig | None", tls)
     sources = (*((ForwardIdentity(),) if forward else ()), *((credentials,) if credentials is not None else ()))
     tracker = ReadYourWrites() if sources else None
-    interceptors: list = [_MeshUnary(sources, tracker)]
-    interceptors += [i for i in telemetry.client_interceptors() if not _is_unary(i)]
+    otel = telemetry.client_interceptors()
+    interceptors: list = [_MeshUnary(sources, tracker, next(i for i in otel if _is_unary(i)))]
+    interceptors += [i for i in otel if not _is_unary(i)]
     for source in sources:
         interceptors += source.stream_interceptors()
     if tracker is not None:
