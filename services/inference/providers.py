@@ -4,15 +4,16 @@ A provider takes a Messages API request body (a dict) and returns the upstream's
 JSON-shaped dicts, so the proxy can return it field for field. Upstream failures become
 UpstreamError with a kind the servicer maps to a status. No grpc imports.
 
-Every call goes through the official SDK by default, imported on first use so an idle proxy does not
-carry it (about 50 MB). Unary calls are the SDK's own POST of the body's JSON bytes, read back raw (no
-per-call models), carried on the proxy's kept-alive pool (upstream_http.UpstreamPool, through the SDK's
-http_client hook: sdk_http.PoolClient on sdk_http.PoolTransport). Streams and token counts use the SDK's
-aiohttp transport (anthropic.DefaultAioHttpClient, the `anthropic[aiohttp]` extra) when it is installed, else its httpx
-stack. BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT picks another way for unary calls: sdk-aiohttp (the SDK's
-aiohttp transport for them too), sdk-httpx (the SDK's httpx stack for everything, about twice the CPU
-per call) or direct (opt-in: the proxy writes unary requests on the pool itself, bypassing the SDK, the
-least CPU). With an HTTP proxy configured only the SDK's own transports are used.
+Every call goes through the official SDK by default, imported on first use so an idle proxy does not carry it,
+and then only the parts of it the proxy uses (sdk_import). Unary calls are the SDK's own POST of the body's
+JSON bytes, read back raw (no per-call models), carried on the proxy's kept-alive pool
+(upstream_http.UpstreamPool, through the SDK's http_client hook: sdk_http.PoolClient on
+sdk_http.PoolTransport). Streams and token counts use the SDK's aiohttp transport
+(anthropic.DefaultAioHttpClient, the `anthropic[aiohttp]` extra) when it is installed, else its httpx stack.
+BULKHEAD_INFERENCE_UPSTREAM_TRANSPORT picks another way for unary calls: sdk-aiohttp (the SDK's aiohttp
+transport for them too), sdk-httpx (the SDK's httpx stack for everything, about twice the CPU per call) or
+direct (opt-in: the proxy writes unary requests on the pool itself, bypassing the SDK, the least CPU). With an
+HTTP proxy configured only the SDK's own transports are used.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import orjson
 
-from services.inference import upstream_http
+from services.inference import sdk_import, upstream_http
 from services.inference.upstream_http import (
     UpstreamPool,
     make_http_client,
@@ -57,10 +58,9 @@ _sdk_fields: frozenset | None = None
 
 
 def _sdk() -> Any:
-    """The anthropic SDK, imported on first use (streams, token counts, an HTTP proxy in the environment)."""
-    import anthropic
-
-    return anthropic
+    """The anthropic SDK, imported on first use (streams, token counts, an HTTP proxy in the environment),
+    without the packages the proxy never touches (sdk_import)."""
+    return sdk_import.anthropic_sdk()
 
 
 _sdk_ready = False

@@ -91,11 +91,10 @@ def make_http_client(*, timeout: float, transport: str = "httpx") -> httpx2.Asyn
     ProbedTransport, built as anthropic.DefaultAsyncHttpxClient builds its own (limits, redirects,
     keep-alive), without importing the SDK; None (the SDK's own) when an HTTP proxy is configured."""
     if transport == "aiohttp":
-        import anthropic
-
         from services.inference.sdk_http import CONNECTION_LIMITS
+        from services.inference.sdk_import import anthropic_sdk
 
-        return anthropic.DefaultAioHttpClient(timeout=timeout, limits=CONNECTION_LIMITS)
+        return anthropic_sdk().DefaultAioHttpClient(timeout=timeout, limits=CONNECTION_LIMITS)
     if proxies_configured():
         return None  # the SDK routes through the proxy only with the transports it builds itself
     import httpx2
