@@ -6,7 +6,8 @@ the "1 tenant" line shows the most sharing, "8 tenants" little.
 
 The metering server runs in a child process (production interceptors, runtime role with RLS, a
 throwaway Postgres from testkit, uvloop and a frozen start-up heap as main() runs it), and the load in
-another, so the two do not share a GIL. The RPC figures are measured on one server process and again on
+another, so the two do not share a GIL (on uvloop too: the callers it stands for are services). The RPC
+figures are measured on one server process and again on
 `--workers` processes sharing one port (SO_REUSEPORT, as BULKHEAD_METERING_WORKERS runs them), with the
 same load. The load builds its RecordUsage requests before timing starts (every key unique, so each event is
 really inserted). Reservations use a priced model, so they hold tokens and money.
@@ -101,11 +102,12 @@ def _machine_jiffies() -> tuple[int, int]:
 
 
 def _load(
-    kind: str, address: str, metadata: list, seconds: float, concurrency: int, batch: int, out, warmed, go
+    kind: str, address: str, metadata: list, seconds: float, concurrency: int, batch: int, out, warmed, go, loop: str
 ) -> None:
     """Run one workload in this (child) process and report (operations, events, elapsed).
 
-    Warms up, then signals `warmed` and waits for `go`, so several load processes run together.
+    Warms up, then signals `warmed` and waits for `go`, so several load processes run together. The load runs on
+    the servers' event loop: the callers it stands for (the inference proxy) are services too.
     """
     import grpc
     from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -200,7 +202,12 @@ def _load(
             await c.close()
         return done[0], done[1], elapsed
 
-    out.put(asyncio.run(run()))
+    if loop == "asyncio":
+        out.put(asyncio.run(run()))
+    else:
+        from shared.process import run_loop
+
+        out.put(run_loop(run))
 
 
 @dataclass
@@ -233,6 +240,7 @@ def _run_load(
     *,
     loaders: int = 1,
     db_cpu: Callable[[], dict[int, float]] | None = None,
+    loop: str = "uvloop",
 ) -> Figure:
     """Run a workload from `loaders` processes at once (concurrency split between them); server_pids: the
     processes serving it (their CPU is summed)."""
@@ -240,7 +248,7 @@ def _run_load(
     procs = [
         ctx.Process(
             target=_load,
-            args=(kind, address, metadata, seconds, max(1, concurrency // loaders), batch, q, warmed, go),
+            args=(kind, address, metadata, seconds, max(1, concurrency // loaders), batch, q, warmed, go, loop),
             daemon=True,
         )
         for _ in range(loaders)
@@ -325,7 +333,10 @@ def main() -> None:
         "--workers", type=int, default=2, help="server processes sharing a port for the second set of figures (1: none)"
     )
     parser.add_argument(
-        "--loop", choices=("uvloop", "asyncio"), default="uvloop", help="the servers' event loop (main() runs uvloop)"
+        "--loop",
+        choices=("uvloop", "asyncio"),
+        default="uvloop",
+        help="the servers' and the load's event loop (main() runs uvloop)",
     )
     parser.add_argument("--pairs-only", action="store_true", help="only the RPC floor and Reserve+Commit")
     parser.add_argument("--ingest-only", action="store_true", help="only the RPC floor, the raw insert and RecordUsage")
@@ -383,11 +394,11 @@ def main() -> None:
 
             pids, address = configs[0][1], configs[0][2]
             # A priced model, as in production: reservations then hold money as well as tokens.
-            _run_load(ctx, pids, "price", address, [md("t_platform", ["platform.operator"])], 0, 1, 0)
+            _run_load(ctx, pids, "price", address, [md("t_platform", ["platform.operator"])], 0, 1, 0, loop=args.loop)
             floors: dict[str, Figure] = {}
             for config, config_pids, config_address in configs:
                 floors[config] = fig = _run_load(
-                    ctx, config_pids, "health", config_address, [()], seconds, 32, 0, loaders=loaders
+                    ctx, config_pids, "health", config_address, [()], seconds, 32, 0, loaders=loaders, loop=args.loop
                 )
                 rows.append(
                     (
@@ -404,7 +415,15 @@ def main() -> None:
                 rows.append(("raw asyncpg insert, batch 1000 (baseline)", f"{raw:,.0f} events/s", ""))
             for batch, conc in () if args.pairs_only else ((1, 32), (100, 16), (1000, 4)):
                 fig = _run_load(
-                    ctx, pids, "ingest", address, [md("t_benchingest", ["metering.usage.write"])], seconds, conc, batch
+                    ctx,
+                    pids,
+                    "ingest",
+                    address,
+                    [md("t_benchingest", ["metering.usage.write"])],
+                    seconds,
+                    conc,
+                    batch,
+                    loop=args.loop,
                 )
                 ingest[batch] = fig.events / fig.ops * fig.rate if fig.ops else 0.0
                 ingest_cpu[batch] = fig
@@ -431,6 +450,7 @@ def main() -> None:
                         0,
                         loaders=loaders,
                         db_cpu=db_cpu,
+                        loop=args.loop,
                     )
                     pairs[f"{config}, {name}"] = fig.rate
                     cap = f"{fig.rate / max(1.0, floors[config].rate / 2):.2f}x its floor's cap; "  # the same-run ratio
