@@ -144,7 +144,12 @@ def plan(origin: Path) -> Plan:
         ):
             for inner in node.body:
                 take(inner)
-        elif isinstance(node, ast.For) and isinstance(node.iter, ast.Name) and node.iter.id == "__all__":
+        elif (
+            isinstance(node, ast.For)
+            and isinstance(node.iter, ast.Name)
+            and node.iter.id == "__all__"
+            and any(isinstance(n, ast.Attribute) and n.attr == "__module__" for n in ast.walk(node))
+        ):
             result.rehome_all = True
         elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
             return  # a docstring
@@ -155,7 +160,17 @@ def plan(origin: Path) -> Plan:
 
     for node in ast.parse(origin.read_text(encoding="utf-8")).body:
         take(node)
+    bound = {name for statement in result.run for name in _binds(statement)}
+    if bound & result.names.keys():  # which binding of such a name is the last would depend on when each ran
+        raise Unplannable(f"{sorted(bound & result.names.keys())} bound both lazily and by a statement")
     return result
+
+
+def _binds(statement: ast.stmt) -> list[str]:
+    """Names a statement run at import binds."""
+    if isinstance(statement, ast.Import | ast.ImportFrom):
+        return [(alias.asname or alias.name).partition(".")[0] for alias in statement.names]
+    return [node.id for node in ast.walk(statement) if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)]
 
 
 class LazyPackageLoader(importlib.abc.Loader):
@@ -193,7 +208,12 @@ def _make_lazy(module: ModuleType, plan: Plan) -> None:
                 raise AttributeError(f"module {package!r} has no attribute {name!r}") from None
             return importlib.import_module(f"{package}.{name}")  # binds itself on the package
         source = importlib.import_module(relative, package)
-        value = source if attribute is None else getattr(source, attribute)
+        if attribute is None:
+            value = source
+        elif hasattr(source, attribute):
+            value = getattr(source, attribute)
+        else:  # `from .x import y` with y a submodule of x, as the import system reads it
+            value = importlib.import_module(f"{source.__name__}.{attribute}")
         if name in rehome:
             _rehome(value, package)
         setattr(module, name, value)

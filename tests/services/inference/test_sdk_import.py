@@ -91,6 +91,7 @@ FIXTURE = {
         from .heavy import Heavy as Heavy
         from ._setup import setup as _setup
         from .stars import *
+        from .nested import inner as inner_module
 
         __all__ = ["Heavy", "light", "STAR"]
         _setup()
@@ -106,6 +107,8 @@ FIXTURE = {
     "_setup.py": "import sys\n\ndef setup():\n    sys.modules[__name__].ran = True\n",
     "sub/__init__.py": "from .deep import DEEP as DEEP\n",
     "sub/deep.py": "DEEP = 'deep'\n",
+    "nested/__init__.py": "def helper():\n    pass\n",  # not plannable: a package run as usual
+    "nested/inner.py": "INNER = 'inner'\n",
 }
 
 
@@ -124,6 +127,7 @@ def test_a_lazy_package_loads_a_submodule_when_one_of_its_names_is_first_used(la
     assert lazyfixture.STAR is sys.modules["lazyfixture.stars"].STAR  # a star import's name, read statically
     assert lazyfixture.light.VALUE == 1
     assert lazyfixture.sub.DEEP == "deep"  # a submodule nobody imported, as an attribute
+    assert lazyfixture.inner_module.INNER == "inner"  # `from .nested import inner`: a submodule, imported
     assert "lazyfixture.sub.deep" in sys.modules
     with pytest.raises(AttributeError, match="no attribute '_HIDDEN'"):
         lazyfixture._HIDDEN  # noqa: B018  # a star import skips private names, and so does the lazy package
@@ -139,6 +143,17 @@ def test_an_init_the_loader_cannot_stand_in_for_runs_as_usual(lazy_package):
 
     assert "eagerfixture.heavy" in sys.modules  # a def among the statements: the package's own __init__ ran
     assert eagerfixture.helper() is eagerfixture.Heavy
+
+
+def test_a_name_bound_lazily_and_by_a_statement_runs_the_init_as_usual(lazy_package):
+    files = dict(FIXTURE)
+    # Eagerly the later binding wins; lazily the statement's would win whatever the order, so it is not planned.
+    files["__init__.py"] = files["__init__.py"] + "\n        light = 'rebound'\n"
+    lazy_package("eagerfixture", files)
+    import eagerfixture
+
+    assert eagerfixture.light == "rebound"
+    assert "eagerfixture.heavy" in sys.modules
 
 
 def test_a_package_whose_lazy_set_up_fails_is_imported_by_its_own_init(lazy_package):
