@@ -128,9 +128,9 @@ async def _role_proxy() -> None:
         import signal
 
         if os.environ.get("ANTHROPIC_BASE_URL"):  # loaded on the first call otherwise: keep imports out of the profile
-            import anthropic  # noqa: F401
+            from services.inference import providers, sdk_http  # noqa: F401
 
-            from services.inference import sdk_http  # noqa: F401
+            providers._sdk()  # as the proxy imports it (sdk_import)
         profiler = cProfile.Profile()
         profiler.enable()
         loop = asyncio.get_running_loop()
