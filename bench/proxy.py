@@ -128,9 +128,10 @@ async def _role_proxy() -> None:
         import signal
 
         if os.environ.get("ANTHROPIC_BASE_URL"):  # loaded on the first call otherwise: keep imports out of the profile
-            from services.inference import providers, sdk_http  # noqa: F401
+            from services.inference import sdk_http  # noqa: F401
+            from services.inference.sdk_import import anthropic_sdk
 
-            providers._sdk()  # as the proxy imports it (sdk_import)
+            anthropic_sdk()  # as the proxy imports it
         profiler = cProfile.Profile()
         profiler.enable()
         loop = asyncio.get_running_loop()
