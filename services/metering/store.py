@@ -46,7 +46,7 @@ from services.metering.usage import (
     UsageRecord,
 )
 from shared.db import Base, TenantOwned
-from shared.db.base import TENANT_COLUMN_INFO
+from shared.db.base import tenant_column
 from shared.db.raw import RawTransaction
 
 _NO_UPDATE_SYNC = {"synchronize_session": False}
@@ -67,7 +67,7 @@ class UsageEventRow(MeteringBase, TenantOwned):
 
     # Declared here without the mixin's own index: the primary key already leads with tenant_id,
     # and every extra index is paid for by each of the thousands of rows a batch inserts.
-    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False, info={TENANT_COLUMN_INFO: True})
+    tenant_id: Mapped[str] = tenant_column(index=False)
     idempotency_key: Mapped[str] = mapped_column(String(200))
     principal_id: Mapped[str] = mapped_column(String(200), default="")
     agent_id: Mapped[str] = mapped_column(String(200), default="")
@@ -98,7 +98,7 @@ class UsageHourRow(MeteringBase, TenantOwned):
     __tablename__ = "metering_usage_hours"
     __table_args__ = (PrimaryKeyConstraint("tenant_id", "hour", "model", "agent_id", "principal_id", "outcome"),)
 
-    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False, info={TENANT_COLUMN_INFO: True})
+    tenant_id: Mapped[str] = tenant_column(index=False)
     hour: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(200))
     agent_id: Mapped[str] = mapped_column(String(200))
@@ -119,7 +119,7 @@ class UsageRetentionRow(MeteringBase, TenantOwned):
     __tablename__ = "metering_usage_retention"
     __table_args__ = (PrimaryKeyConstraint("tenant_id"),)
 
-    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False, info={TENANT_COLUMN_INFO: True})
+    tenant_id: Mapped[str] = tenant_column(index=False)
     pruned_before_hour: Mapped[int] = mapped_column(Integer)
     pruned_events: Mapped[int] = mapped_column(BigInteger, default=0)
     """Events pruned so far (for operators; the roll-up still counts them)."""
@@ -145,6 +145,8 @@ class QuotaRow(MeteringBase, TenantOwned):
     __tablename__ = "metering_quotas"
     __table_args__ = (PrimaryKeyConstraint("tenant_id"),)
 
+    tenant_id: Mapped[str] = tenant_column(index=False)  # the primary key leads with it
+
     requests_per_minute: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_per_minute: Mapped[int] = mapped_column(BigInteger, default=0)
     concurrent_calls: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -157,6 +159,8 @@ class BudgetRow(MeteringBase, TenantOwned):
     __tablename__ = "metering_budgets"
     __table_args__ = (PrimaryKeyConstraint("tenant_id", "unit"),)
 
+    tenant_id: Mapped[str] = tenant_column(index=False)  # the primary key leads with it
+
     unit: Mapped[str] = mapped_column(String(16))
     limit_amount: Mapped[int] = mapped_column(BigInteger)
     period: Mapped[str] = mapped_column(String(8))
@@ -168,6 +172,8 @@ class CounterRow(MeteringBase, TenantOwned):
 
     __tablename__ = "metering_budget_counters"
     __table_args__ = (PrimaryKeyConstraint("tenant_id", "unit", "period_us"),)
+
+    tenant_id: Mapped[str] = tenant_column(index=False)  # the primary key leads with it
 
     unit: Mapped[str] = mapped_column(String(16))
     period_us: Mapped[int] = mapped_column(BigInteger)
@@ -190,7 +196,7 @@ class HoldRow(MeteringBase, TenantOwned):
     )
 
     # Declared here without the mixin's own index (see above).
-    tenant_id: Mapped[str] = mapped_column(String(64), nullable=False, info={TENANT_COLUMN_INFO: True})
+    tenant_id: Mapped[str] = tenant_column(index=False)
     hold_id: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
     model: Mapped[str] = mapped_column(String(200))
