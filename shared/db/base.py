@@ -65,10 +65,9 @@ class TenantOwned:
 
 
 def tenant_column(*, index: bool = True) -> Mapped[str]:
-    """A TenantOwned table's tenant_id. A table whose primary key (or another index) already leads with
-    tenant_id declares it with index=False: an index of its own would only repeat that one, cost every
-    insert, and offer the planner a walk of all the tenant's rows while the table has no statistics
-    (metering's migration 0009 measured what that costs)."""
+    """A TenantOwned table's tenant_id. A table whose primary key, unique constraint or other index already
+    leads with tenant_id declares it with index=False: an index of its own would only repeat that key
+    (shared.db.tenant_index says what that costs; its migrations drop the index)."""
     return mapped_column(String(64), nullable=False, index=index, info={TENANT_COLUMN_INFO: True})
 
 

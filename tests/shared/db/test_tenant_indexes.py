@@ -1,7 +1,6 @@
 """No service's table keeps an index on tenant_id alone when another of its keys (primary key, unique
-constraint or index) already leads with tenant_id: that index would only repeat the other, cost every
-insert, and offer the planner a walk of all the tenant's rows while the table has no statistics
-(metering's migration 0009). Each service's migrations are held to its models by its own tests."""
+constraint or index) already leads with tenant_id (shared.db.tenant_index says why). Each service's
+migrations are held to its models by test_service_migrations.py."""
 
 from __future__ import annotations
 

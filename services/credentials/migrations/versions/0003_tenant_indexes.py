@@ -1,8 +1,5 @@
-"""credentials: drop the tenant_id index of secrets, versions, the audit chain and its head, local keys and local
-values; a unique key of each already leads with tenant_id.
-
-The index only repeated that key, cost every insert, and offered the planner a walk of all the tenant's rows
-while a table has no statistics (what metering's migration 0009 measured).
+"""credentials: drop the tenant_id index of secrets, versions, the audit chain and its head, local keys and
+local values; a unique key of each already leads with tenant_id (shared.db.tenant_index says why).
 
 Revision ID: 0003_tenant_indexes
 Revises: 0002_retention
@@ -10,7 +7,7 @@ Revises: 0002_retention
 
 from __future__ import annotations
 
-from alembic import op
+from shared.db.tenant_index import create_tenant_indexes, drop_tenant_indexes
 
 revision = "0003_tenant_indexes"
 down_revision = "0002_retention"
@@ -28,10 +25,8 @@ _TABLES = (
 
 
 def upgrade() -> None:
-    for table in _TABLES:
-        op.drop_index(f"ix_{table}_tenant_id", table_name=table)
+    drop_tenant_indexes(_TABLES)
 
 
 def downgrade() -> None:
-    for table in _TABLES:
-        op.create_index(f"ix_{table}_tenant_id", table, ["tenant_id"])
+    create_tenant_indexes(_TABLES)

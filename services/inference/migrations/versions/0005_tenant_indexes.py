@@ -1,8 +1,5 @@
 """inference: drop the tenant_id index of policies and private models; their unique keys, (tenant_id) and
-(tenant_id, name), already lead with it.
-
-The index only repeated that key, cost every insert, and offered the planner a walk of all the tenant's rows
-while a table has no statistics (what metering's migration 0009 measured).
+(tenant_id, name), already lead with it (shared.db.tenant_index says why).
 
 Revision ID: 0005_tenant_indexes
 Revises: 0004_retention
@@ -10,7 +7,7 @@ Revises: 0004_retention
 
 from __future__ import annotations
 
-from alembic import op
+from shared.db.tenant_index import create_tenant_indexes, drop_tenant_indexes
 
 revision = "0005_tenant_indexes"
 down_revision = "0004_retention"
@@ -21,10 +18,8 @@ _TABLES = ("inference_policies", "inference_private_models")
 
 
 def upgrade() -> None:
-    for table in _TABLES:
-        op.drop_index(f"ix_{table}_tenant_id", table_name=table)
+    drop_tenant_indexes(_TABLES)
 
 
 def downgrade() -> None:
-    for table in _TABLES:
-        op.create_index(f"ix_{table}_tenant_id", table, ["tenant_id"])
+    create_tenant_indexes(_TABLES)

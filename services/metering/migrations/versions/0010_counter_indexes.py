@@ -1,9 +1,5 @@
-"""metering: drop the tenant_id indexes of quotas, budgets and budget counters; each table's primary key
-already leads with tenant_id.
-
-They only repeated the primary key, cost each insert (a counter row per unit and period), and, while a
-table has no statistics, gave the planner a tenant-wide index to choose over the primary key probe that
-every Reserve and Commit makes on the counters (what migration 0009 measured for the holds).
+"""metering: drop the tenant_id index of quotas, budgets and budget counters; each one's primary key already
+leads with tenant_id (shared.db.tenant_index says why).
 
 Revision ID: 0010
 Revises: 0009
@@ -11,7 +7,7 @@ Revises: 0009
 
 from __future__ import annotations
 
-from alembic import op
+from shared.db.tenant_index import create_tenant_indexes, drop_tenant_indexes
 
 revision = "0010"
 down_revision = "0009"
@@ -22,10 +18,8 @@ _TABLES = ("metering_quotas", "metering_budgets", "metering_budget_counters")
 
 
 def upgrade() -> None:
-    for table in _TABLES:
-        op.drop_index(f"ix_{table}_tenant_id", table_name=table)
+    drop_tenant_indexes(_TABLES)
 
 
 def downgrade() -> None:
-    for table in _TABLES:
-        op.create_index(f"ix_{table}_tenant_id", table, ["tenant_id"])
+    create_tenant_indexes(_TABLES)

@@ -1,8 +1,5 @@
-"""orchestrator: drop the TenantOwned mixin's tenant_id index from teams, runs and steps; another key of
-each already leads with tenant_id ((tenant_id, name), (tenant_id, created_at)).
-
-A run inserts its row and a row per step: one index fewer to write on each, and no tenant-wide index
-for the planner to weigh against a key probe while a table has no statistics.
+"""orchestrator: drop the tenant_id index of teams, runs and steps; (tenant_id, name) and (tenant_id,
+created_at) already lead with it (shared.db.tenant_index says why). A run writes a row per step.
 
 Revision ID: 0006
 Revises: 0005
@@ -10,7 +7,7 @@ Revises: 0005
 
 from __future__ import annotations
 
-from alembic import op
+from shared.db.tenant_index import create_tenant_indexes, drop_tenant_indexes
 
 revision = "0006"
 down_revision = "0005"
@@ -21,10 +18,8 @@ _TABLES = ("orch_teams", "orch_runs", "orch_steps")
 
 
 def upgrade() -> None:
-    for table in _TABLES:
-        op.drop_index(f"ix_{table}_tenant_id", table_name=table)
+    drop_tenant_indexes(_TABLES)
 
 
 def downgrade() -> None:
-    for table in _TABLES:
-        op.create_index(f"ix_{table}_tenant_id", table, ["tenant_id"])
+    create_tenant_indexes(_TABLES)

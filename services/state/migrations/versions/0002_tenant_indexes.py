@@ -1,9 +1,5 @@
-"""state: drop the TenantOwned mixin's tenant_id index from every table; each table's primary key or
-another index already leads with tenant_id.
-
-Each append inserts an event and an audit row and moves its thread: one index fewer to write on each,
-and no tenant-wide index for the planner to prefer over a key probe while a table has no statistics
-(what metering's migration 0009 measured).
+"""state: drop the tenant_id index of every state table; each one's primary key or another index already
+leads with tenant_id (shared.db.tenant_index says why). Each append writes an event and an audit row.
 
 Revision ID: 0002_tenant_indexes
 Revises: 0001_state_tables
@@ -11,7 +7,7 @@ Revises: 0001_state_tables
 
 from __future__ import annotations
 
-from alembic import op
+from shared.db.tenant_index import create_tenant_indexes, drop_tenant_indexes
 
 revision = "0002_tenant_indexes"
 down_revision = "0001_state_tables"
@@ -30,10 +26,8 @@ _TABLES = (
 
 
 def upgrade() -> None:
-    for table in _TABLES:
-        op.drop_index(f"ix_{table}_tenant_id", table_name=table)
+    drop_tenant_indexes(_TABLES)
 
 
 def downgrade() -> None:
-    for table in _TABLES:
-        op.create_index(f"ix_{table}_tenant_id", table, ["tenant_id"])
+    create_tenant_indexes(_TABLES)
