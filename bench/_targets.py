@@ -135,3 +135,10 @@ TARGETS: tuple[Target, ...] = (
     Target("attempts.cpu_ms_per_call", "write-ahead attempt record CPU/call", "<=", 0.1),
     Target("console.worst_page_p95_ms", "worst page p95 (big tenant)", "<=", 300),
 )
+
+
+def limit_of(figure: str) -> float:
+    """The bound TARGETS sets on `figure` (an absolute one), for a bench that prints its own verdict: one
+    source for both it and bench/all.py's table."""
+    (target,) = (t for t in TARGETS if t.figure == figure and t.plus is None)
+    return target.limit

@@ -18,7 +18,8 @@ driven by `--loaders` load processes (2 by default: one Python client process ca
 server), and each line shows the server's CPU per RPC and how busy the machine's cores were.
 `--quick` runs about a second per figure for a smoke test; `--profile FILE` writes a cProfile of
 the server process; `--pairs-only` and `--ingest-only` run half of it.
-Targets: >= 50,000 events/s at batch 1000; >= 2,000 pairs/s.
+Targets (bench/_targets.py, issue 16): >= 50,000 events/s at batch 1000; >= 1,500 pairs/s, this machine's
+two-RPC ceiling (the 2,000 of issue 5 was above it).
 """
 
 from __future__ import annotations
@@ -38,9 +39,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._figures import add_json_option, write_json
+from bench._targets import limit_of
 
 MODEL = "claude-bench"
 T_START = 1_780_000_000_000_000
+
+PAIRS_FIGURE, INGEST_FIGURE = "metering.reserve_commit_pairs_per_s", "metering.ingest_batch1000_events_per_s"
+"""The figures this bench writes that issue 16 sets targets on (their bounds: bench/_targets.py)."""
 
 
 def _serve(
@@ -479,25 +484,26 @@ def main() -> None:
         width = max(len(r[0]) for r in rows)
         for name, figure, note in rows:
             print(f"{name:<{width}}  {figure:>18}  {note}")
-        verdict = "not measured" if not ingest else "met" if ingest[1000] >= 50_000 else "NOT met"
+        ingest_goal, pairs_goal = limit_of(INGEST_FIGURE), limit_of(PAIRS_FIGURE)
+        verdict = "not measured" if not ingest else "met" if ingest[1000] >= ingest_goal else "NOT met"
         best = max(pairs.values(), default=0.0)
         pair_verdict = (
             "not measured"
             if not pairs
             else "met"
-            if best >= 2_000
+            if best >= pairs_goal
             else (
                 "NOT met"
                 + (
                     " (above the gRPC floor's cap on this machine)"
-                    if max(f.rate for f in floors.values()) / 2 < 2_000
+                    if max(f.rate for f in floors.values()) / 2 < pairs_goal
                     else ""
                 )
             )
         )
         print(
-            f"targets: RecordUsage batch 1000 >= 50,000 events/s -> {verdict}; "
-            f"Reserve+Commit >= 2,000 pairs/s -> {pair_verdict}"
+            f"targets: RecordUsage batch 1000 >= {ingest_goal:,.0f} events/s -> {verdict}; "
+            f"Reserve+Commit >= {pairs_goal:,.0f} pairs/s -> {pair_verdict}"
         )
         write_json(
             args.json,
