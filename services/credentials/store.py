@@ -24,7 +24,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, TenantOwned
-from shared.db.base import tenant_column
 from shared.db.raw import RawTransaction, sqlite_sql
 from shared.lifecycle import REGION_MAIN
 
@@ -43,7 +42,6 @@ class SecretRow(CredentialsBase, TenantOwned):
 
     __tablename__ = "cred_secrets"
     __table_args__ = (UniqueConstraint("tenant_id", "name"),)
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(128))
     description: Mapped[str] = mapped_column(String(1024), default="")
@@ -62,7 +60,6 @@ class VersionRow(CredentialsBase, TenantOwned):
 
     __tablename__ = "cred_secret_versions"
     __table_args__ = (UniqueConstraint("tenant_id", "name", "version"),)
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(128))
     version: Mapped[int] = mapped_column(BigInteger)
@@ -82,7 +79,6 @@ class AuditRow(CredentialsBase, TenantOwned):
         # The audit listing of one secret (ListAccessEvents by secret_name).
         Index("ix_cred_audit_events_secret", "tenant_id", "secret_name", "action"),
     )
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     time_us: Mapped[int] = mapped_column(BigInteger)
@@ -105,7 +101,6 @@ class AuditHeadRow(CredentialsBase, TenantOwned):
 
     __tablename__ = "cred_audit_heads"
     __table_args__ = (UniqueConstraint("tenant_id"),)
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     seq: Mapped[int] = mapped_column(BigInteger)
     hash: Mapped[str] = mapped_column(String(64))
@@ -122,7 +117,6 @@ class LocalKeyRow(CredentialsBase, TenantOwned):
 
     __tablename__ = "cred_local_keys"
     __table_args__ = (UniqueConstraint("tenant_id", "purpose", "version"),)
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     purpose: Mapped[str] = mapped_column(String(16))  # "kv" or "transit"
     version: Mapped[int] = mapped_column(Integer)
@@ -135,7 +129,6 @@ class LocalValueRow(CredentialsBase, TenantOwned):
 
     __tablename__ = "cred_local_values"
     __table_args__ = (UniqueConstraint("tenant_id", "name", "version"),)
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(128))
     version: Mapped[int] = mapped_column(BigInteger)

@@ -14,7 +14,6 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, Database, TenantOwned
-from shared.db.base import tenant_column
 from shared.db.raw import RawTransaction, autocommit_fetch, raw_transaction
 
 
@@ -43,7 +42,6 @@ class PrincipalRow(IdentityBase, TenantOwned):
 
     __tablename__ = "principals"
     __table_args__ = (UniqueConstraint("tenant_id", "display_name"),)
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     id: Mapped[str] = mapped_column(String(64), primary_key=True)
     kind: Mapped[str] = mapped_column(String(24))
     display_name: Mapped[str] = mapped_column(String(128))

@@ -33,7 +33,6 @@ from services.inference.policy import Policy, PrivateModel
 from services.inference.usage import UsageEvent
 from shared import errors
 from shared.db import Base, Database, TenantOwned
-from shared.db.base import tenant_column
 from shared.db.raw import autocommit_fetch, raw_transaction, sqlite_sql
 
 _ROW_ID = BigInteger().with_variant(Integer(), "sqlite")
@@ -48,7 +47,6 @@ class PolicyRow(InferenceBase, TenantOwned):
 
     __tablename__ = "inference_policies"
     __table_args__ = (UniqueConstraint("tenant_id", name="uq_inference_policies_tenant"),)
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
 
     id: Mapped[int] = mapped_column(_ROW_ID, primary_key=True, autoincrement=True)
     allowed_models: Mapped[str] = mapped_column(Text, default="[]")
@@ -63,7 +61,6 @@ class PrivateModelRow(InferenceBase, TenantOwned):
 
     __tablename__ = "inference_private_models"
     __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_inference_private_models_name"),)
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
 
     id: Mapped[int] = mapped_column(_ROW_ID, primary_key=True, autoincrement=True)
     name: Mapped[str] = mapped_column(String(100))

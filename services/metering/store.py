@@ -46,7 +46,6 @@ from services.metering.usage import (
     UsageRecord,
 )
 from shared.db import Base, TenantOwned
-from shared.db.base import tenant_column
 from shared.db.raw import RawTransaction
 
 _NO_UPDATE_SYNC = {"synchronize_session": False}
@@ -65,9 +64,6 @@ class UsageEventRow(MeteringBase, TenantOwned):
         Index("ix_metering_usage_events_tenant_time", "tenant_id", "occurred_us"),
     )
 
-    # Declared here without the mixin's own index: the primary key already leads with tenant_id,
-    # and every extra index is paid for by each of the thousands of rows a batch inserts.
-    tenant_id: Mapped[str] = tenant_column(index=False)
     idempotency_key: Mapped[str] = mapped_column(String(200))
     principal_id: Mapped[str] = mapped_column(String(200), default="")
     agent_id: Mapped[str] = mapped_column(String(200), default="")
@@ -98,7 +94,6 @@ class UsageHourRow(MeteringBase, TenantOwned):
     __tablename__ = "metering_usage_hours"
     __table_args__ = (PrimaryKeyConstraint("tenant_id", "hour", "model", "agent_id", "principal_id", "outcome"),)
 
-    tenant_id: Mapped[str] = tenant_column(index=False)
     hour: Mapped[int] = mapped_column(Integer)
     model: Mapped[str] = mapped_column(String(200))
     agent_id: Mapped[str] = mapped_column(String(200))
@@ -119,7 +114,6 @@ class UsageRetentionRow(MeteringBase, TenantOwned):
     __tablename__ = "metering_usage_retention"
     __table_args__ = (PrimaryKeyConstraint("tenant_id"),)
 
-    tenant_id: Mapped[str] = tenant_column(index=False)
     pruned_before_hour: Mapped[int] = mapped_column(Integer)
     pruned_events: Mapped[int] = mapped_column(BigInteger, default=0)
     """Events pruned so far (for operators; the roll-up still counts them)."""
@@ -145,8 +139,6 @@ class QuotaRow(MeteringBase, TenantOwned):
     __tablename__ = "metering_quotas"
     __table_args__ = (PrimaryKeyConstraint("tenant_id"),)
 
-    tenant_id: Mapped[str] = tenant_column(index=False)  # the primary key leads with it
-
     requests_per_minute: Mapped[int] = mapped_column(BigInteger, default=0)
     tokens_per_minute: Mapped[int] = mapped_column(BigInteger, default=0)
     concurrent_calls: Mapped[int] = mapped_column(BigInteger, default=0)
@@ -159,8 +151,6 @@ class BudgetRow(MeteringBase, TenantOwned):
     __tablename__ = "metering_budgets"
     __table_args__ = (PrimaryKeyConstraint("tenant_id", "unit"),)
 
-    tenant_id: Mapped[str] = tenant_column(index=False)  # the primary key leads with it
-
     unit: Mapped[str] = mapped_column(String(16))
     limit_amount: Mapped[int] = mapped_column(BigInteger)
     period: Mapped[str] = mapped_column(String(8))
@@ -172,8 +162,6 @@ class CounterRow(MeteringBase, TenantOwned):
 
     __tablename__ = "metering_budget_counters"
     __table_args__ = (PrimaryKeyConstraint("tenant_id", "unit", "period_us"),)
-
-    tenant_id: Mapped[str] = tenant_column(index=False)  # the primary key leads with it
 
     unit: Mapped[str] = mapped_column(String(16))
     period_us: Mapped[int] = mapped_column(BigInteger)
@@ -195,8 +183,6 @@ class HoldRow(MeteringBase, TenantOwned):
         Index("uq_metering_holds_key", "idempotency_key", "tenant_id", unique=True),
     )
 
-    # Declared here without the mixin's own index (see above).
-    tenant_id: Mapped[str] = tenant_column(index=False)
     hold_id: Mapped[str] = mapped_column(String(64))
     kind: Mapped[str] = mapped_column(String(16))
     model: Mapped[str] = mapped_column(String(200))

@@ -45,7 +45,6 @@ from services.orchestrator.team import TeamSpec
 from services.orchestrator.wakeups import NOTIFY_SQL, QUEUE_CHANNEL
 from shared import paging
 from shared.db import Base, Database, TenantOwned
-from shared.db.base import tenant_column
 from shared.db.raw import raw_transaction
 from shared.errors import Aborted, AlreadyExists, NotFound, clip
 from shared.paging import Page
@@ -61,7 +60,6 @@ class TeamRow(OrchestratorBase, TenantOwned):
 
     __tablename__ = "orch_teams"
     __table_args__ = (UniqueConstraint("tenant_id", "name", name="uq_orch_teams_tenant_name"),)
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     id: Mapped[str] = mapped_column(String(40), primary_key=True)
     name: Mapped[str] = mapped_column(String(64))
     spec: Mapped[str] = mapped_column(Text)
@@ -78,7 +76,6 @@ class RunRow(OrchestratorBase, TenantOwned):
         UniqueConstraint("tenant_id", "idempotency_key", name="uq_orch_runs_tenant_idem"),
         Index("ix_orch_runs_tenant_created", "tenant_id", "created_at"),
     )
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     team: Mapped[str] = mapped_column(String(64))
     team_spec: Mapped[str] = mapped_column(Text)
@@ -102,7 +99,6 @@ class StepRow(OrchestratorBase, TenantOwned):
 
     __tablename__ = "orch_steps"
     __table_args__ = (Index("ix_orch_steps_tenant_created", "tenant_id", "created_at"),)
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     run_id: Mapped[str] = mapped_column(String(40), primary_key=True)
     idx: Mapped[int] = mapped_column(Integer, primary_key=True)
     payload: Mapped[str] = mapped_column(Text)

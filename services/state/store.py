@@ -36,7 +36,6 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from sqlalchemy.orm import Mapped, mapped_column
 
 from shared.db import Base, Database, TenantOwned
-from shared.db.base import tenant_column
 from shared.tenancy import require_tenant
 
 _sqlite_writers: weakref.WeakKeyDictionary[Database, asyncio.Lock] = weakref.WeakKeyDictionary()
@@ -78,7 +77,6 @@ class ThreadRow(StateBase, TenantOwned):
         Index("ix_state_threads_agent", "tenant_id", "agent_id", "thread_id"),
     )
 
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     thread_id: Mapped[str] = mapped_column(String(64))
     run_id: Mapped[str] = mapped_column(String(128), default="")
     agent_id: Mapped[str] = mapped_column(String(128), default="")
@@ -98,7 +96,6 @@ class LabelRow(StateBase, TenantOwned):
         Index("ix_state_thread_labels_kv", "tenant_id", "key", "value", "thread_id"),
     )
 
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     thread_id: Mapped[str] = mapped_column(String(64))
     key: Mapped[str] = mapped_column(String(63))
     value: Mapped[str] = mapped_column(String(128))
@@ -110,7 +107,6 @@ class EventRow(StateBase, TenantOwned):
     __tablename__ = "state_events"
     __table_args__ = (PrimaryKeyConstraint("tenant_id", "thread_id", "version"),)
 
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     thread_id: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(BigInteger)
     event_type: Mapped[str] = mapped_column(String(64))
@@ -125,7 +121,6 @@ class SnapshotRow(StateBase, TenantOwned):
     __tablename__ = "state_snapshots"
     __table_args__ = (PrimaryKeyConstraint("tenant_id", "thread_id", "version"),)
 
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     thread_id: Mapped[str] = mapped_column(String(64))
     version: Mapped[int] = mapped_column(BigInteger)
     key_id: Mapped[str] = mapped_column(String(32))
@@ -139,7 +134,6 @@ class ContextRow(StateBase, TenantOwned):
     __tablename__ = "state_context"
     __table_args__ = (PrimaryKeyConstraint("tenant_id", "scope_kind", "scope_id", "key"),)
 
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     scope_kind: Mapped[int] = mapped_column(Integer)
     scope_id: Mapped[str] = mapped_column(String(128))
     key: Mapped[str] = mapped_column(String(128))
@@ -157,7 +151,6 @@ class DataKeyRow(StateBase, TenantOwned):
     __tablename__ = "state_data_keys"
     __table_args__ = (PrimaryKeyConstraint("tenant_id", "key_id"),)
 
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     key_id: Mapped[str] = mapped_column(String(32))
     wrapped: Mapped[bytes] = mapped_column(LargeBinary)
     created_at_us: Mapped[int] = mapped_column(BigInteger)
@@ -169,7 +162,6 @@ class AuditRow(StateBase, TenantOwned):
     __tablename__ = "state_audit"
     __table_args__ = (Index("ix_state_audit_at", "tenant_id", "at_us"),)
 
-    tenant_id: Mapped[str] = tenant_column(index=False)  # a key leads with it
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True)
     principal_id: Mapped[str] = mapped_column(String(128))
     actor_id: Mapped[str] = mapped_column(String(128), default="")

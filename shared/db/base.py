@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import MetaData, String
+from sqlalchemy import MetaData, PrimaryKeyConstraint, String, Table, UniqueConstraint
 from sqlalchemy.orm import DeclarativeBase, Mapped, declared_attr, mapped_column, registry
 
 NAMING_CONVENTION = {
@@ -45,6 +45,9 @@ class Base(DeclarativeBase):
             # Abstract: DeclarativeBase's hook then maps nothing for the service root itself.
             cls.__abstract__ = True
         super().__init_subclass__(**kw)
+        table = cls.__dict__.get("__table__")
+        if table is not None and is_tenant_owned(cls):
+            _drop_repeated_tenant_index(table)
 
 
 def _declares_table(cls: type) -> bool:
@@ -60,15 +63,20 @@ class TenantOwned:
 
     @declared_attr
     def tenant_id(cls) -> Mapped[str]:
-        """The owning tenant; set by the session, never by request data."""
-        return tenant_column()
+        """The owning tenant; set by the session, never by request data. Indexed, unless another key of the
+        table leads with it (Base drops the index then: _drop_repeated_tenant_index)."""
+        return mapped_column(String(64), nullable=False, index=True, info={TENANT_COLUMN_INFO: True})
 
 
-def tenant_column(*, index: bool = True) -> Mapped[str]:
-    """A TenantOwned table's tenant_id. A table whose primary key, unique constraint or other index already
-    leads with tenant_id declares it with index=False: an index of its own would only repeat that key
-    (shared.db.tenant_index says what that costs; its migrations drop the index)."""
-    return mapped_column(String(64), nullable=False, index=index, info={TENANT_COLUMN_INFO: True})
+def _drop_repeated_tenant_index(table: Table) -> None:
+    """Leave out the mixin's index on tenant_id where a primary key, unique constraint or other index of the
+    table already leads with tenant_id: it would only repeat that key (shared.db.tenant_index says what that
+    costs)."""
+    keys = [*table.indexes, *(c for c in table.constraints if isinstance(c, PrimaryKeyConstraint | UniqueConstraint))]
+    for index in [ix for ix in table.indexes if not ix.unique and [c.name for c in ix.columns] == ["tenant_id"]]:
+        if any(key is not index and [c.name for c in key.columns][:1] == ["tenant_id"] for key in keys):
+            table.indexes.discard(index)
+            table.c.tenant_id.index = False  # so a copy of the table (Table.to_metadata) does not make it again
 
 
 def is_tenant_owned(cls: type | None) -> bool:

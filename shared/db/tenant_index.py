@@ -1,5 +1,5 @@
 """The TenantOwned mixin's own tenant_id index, dropped by a migration where a key of the table already
-leads with tenant_id (shared.db.base.tenant_column(index=False) declares such a column in the model).
+leads with tenant_id (the mixin leaves it out of such a table's model: shared.db.base).
 
 That index only repeats the key: it costs every insert, and while a table has no statistics (a fresh
 database, bridge schema or silo database, until autovacuum analyzes it) it offers the planner a walk of
