@@ -104,11 +104,19 @@ class InlineSqlite:
     def _open(self, path: str) -> sqlite3.Connection:
         # The engine's settings (shared.db.engine: WAL, NORMAL sync), but no waiting and no checkpoints.
         conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        conn.execute("PRAGMA busy_timeout=0")
-        conn.execute("PRAGMA journal_mode=WAL")
-        conn.execute("PRAGMA synchronous=NORMAL")
-        conn.execute("PRAGMA foreign_keys=ON")
-        conn.execute("PRAGMA wal_autocheckpoint=0")
+        try:
+            conn.execute("PRAGMA busy_timeout=0")
+            # Busy while another connection holds the file exclusively (another replica's first open or
+            # migration, a closing connection's checkpoint): Busy, as for BEGIN, and opened again next time.
+            conn.execute("PRAGMA journal_mode=WAL")
+            conn.execute("PRAGMA synchronous=NORMAL")
+            conn.execute("PRAGMA foreign_keys=ON")
+            conn.execute("PRAGMA wal_autocheckpoint=0")
+        except sqlite3.OperationalError as exc:
+            conn.close()
+            if _is_busy(exc):
+                raise Busy() from None
+            raise
         self._connections[path] = conn
         return conn
 

@@ -224,3 +224,24 @@ async def test_a_loop_that_never_idles_still_gets_its_commit(tmp_path, migrated_
         await spinner
         await log.close()
         await db.close()
+
+
+def test_a_file_held_exclusively_when_first_opened_is_busy_not_an_error(tmp_path):
+    """Opening the inline connection sets WAL, which waits for nobody: while another connection holds the file
+    exclusively (another replica's first open or migration), the run is Busy (the append goes to the writer
+    thread), nothing half-opened is kept, and the next run opens the file and commits."""
+    path = str(tmp_path / "held.db")
+    holder = sqlite3.connect(path, isolation_level=None)
+    holder.execute("CREATE TABLE t (x INTEGER)")
+    inline = sqlite_inline.InlineSqlite()
+    try:
+        holder.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(sqlite_inline.Busy):
+            inline.run(path, lambda conn: conn.execute("INSERT INTO t VALUES (1)"))
+        holder.execute("COMMIT")
+        inline.run(path, lambda conn: conn.execute("INSERT INTO t VALUES (2)"))
+        assert holder.execute("SELECT x FROM t").fetchall() == [(2,)]
+        assert holder.execute("PRAGMA journal_mode").fetchone() == ("wal",)
+    finally:
+        asyncio.run(inline.close())
+        holder.close()
