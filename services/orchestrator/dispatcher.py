@@ -19,10 +19,10 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
-from services.orchestrator.engine import TENANT_SUSPENDED, Engine, Ports, RunJob, TenantSuspended
+from services.orchestrator.engine import Engine, Ports, RunJob, TenantSuspended
 from services.orchestrator.grants import GrantSealer
 from services.orchestrator.history import RunView
-from services.orchestrator.ports import StepConflict
+from services.orchestrator.ports import StepConflict, suspended_refusal
 from services.orchestrator.runs import RunStatus
 from services.orchestrator.scheduler import QueuedRun, pick_runs
 from services.orchestrator.steps import Step, StepKind
@@ -399,7 +399,7 @@ class Dispatcher:
             )
             await self._runs.release(claim.run_id, self.owner)
         except Exception as exc:  # record the failure on the run rather than retry forever
-            if isinstance(exc, TenantSuspended) or getattr(exc, "reason", None) == TENANT_SUSPENDED:
+            if isinstance(exc, TenantSuspended) or suspended_refusal(exc):
                 # Back in the queue where it stopped; not claimed again until the tenant is resumed.
                 log.info("run paused: tenant suspended", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
                 await self._runs.release(claim.run_id, self.owner)

@@ -20,7 +20,14 @@ from opentelemetry import trace
 from services.orchestrator.canary import fingerprint, foreign_markers, marker_for
 from services.orchestrator.history import RunView, replay
 from services.orchestrator.http_tools import HttpToolRunner
-from services.orchestrator.ports import ContextStore, ModelClient, ModelReply, SecretSource, StepLog
+from services.orchestrator.ports import (
+    ContextStore,
+    ModelClient,
+    ModelReply,
+    SecretSource,
+    StepLog,
+    suspended_refusal,
+)
 from services.orchestrator.runs import FailReason, RunStatus
 from services.orchestrator.steps import Step, StepKind, step_request_id
 from services.orchestrator.team import HANDOFF_TOOL, AgentSpec, TeamSpec
@@ -28,8 +35,6 @@ from shared.errors import BulkheadError, ResourceExhausted, Unavailable
 
 log = logging.getLogger("bulkhead.orchestrator.engine")
 _tracer = trace.get_tracer("bulkhead.orchestrator")
-
-TENANT_SUSPENDED = "TENANT_SUSPENDED"
 
 
 class TenantSuspended(Exception):
@@ -126,11 +131,11 @@ class Engine:
                     else:
                         try:
                             await ex.advance()
-                        except BulkheadError as err:
+                        except Exception as err:
                             # Suspended mid-step (state or credentials refused the run's token): the
                             # step was not appended, so it runs again after resume. A model call made
                             # meanwhile is answered from the proxy's replay cache by its request id.
-                            if err.reason == TENANT_SUSPENDED:
+                            if suspended_refusal(err):
                                 raise TenantSuspended(job.tenant_id) from None
                             raise
         return ex.view
@@ -189,7 +194,17 @@ class _Execution:
         detail = {"status": status.value, "output": output, "reason": reason, "message": message}
         await self.append(StepKind.RUN_FINISHED, self.view.current_agent, f"run {status.value}", detail)
 
+    async def conclude(self) -> bool:
+        """Record the end the last step settled (RunView.ending), if it settled one."""
+        end = self.view.ending
+        if end is None:
+            return False
+        await self.finish(RunStatus(end.status), output=end.output, reason=end.reason, message=end.message)
+        return True
+
     async def advance(self) -> None:
+        if await self.conclude():  # the last execution stopped right after the step that settled the end
+            return
         agent = self.job.team.agent(self.view.current_agent)
         if agent is None:
             await self.finish(
@@ -220,7 +235,7 @@ class _Execution:
         except Unavailable:
             raise  # transient: the dispatcher gives the run back and it resumes at this very step
         except BulkheadError as err:
-            if err.reason == TENANT_SUSPENDED:  # suspended mid-step: the proxy refused before any upstream call
+            if suspended_refusal(err):  # suspended mid-step: the proxy refused before any upstream call
                 raise TenantSuspended(self.job.tenant_id) from None
             reason = err.reason if isinstance(err, ResourceExhausted) else FailReason.MODEL_ERROR
             await self.finish(RunStatus.FAILED, reason=reason, message=f"model call failed: {err.message}")
@@ -245,11 +260,7 @@ class _Execution:
                 "output withheld: foreign canary marker",
                 {"markers": [fingerprint(m) for m in foreign], "request_id": request_id},
             )
-            await self.finish(
-                RunStatus.FAILED,
-                reason=FailReason.OUTPUT_BLOCKED,
-                message="an agent output held another tenant's data and was withheld",
-            )
+            await self.conclude()
             return
         uses = [b for b in reply.content if b.get("type") == "tool_use"]
         await self.append(
@@ -264,8 +275,7 @@ class _Execution:
                 "request_id": request_id,
             },
         )
-        if not uses:
-            await self.finish(RunStatus.SUCCEEDED, output=text)
+        await self.conclude()  # a final answer ends the run
 
     async def call_model(self, agent: AgentSpec, request_id: str) -> ModelReply:
         attempt = 0

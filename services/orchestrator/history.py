@@ -11,7 +11,10 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from services.orchestrator.runs import FailReason, RunStatus
 from services.orchestrator.steps import Step, StepKind
+
+OUTPUT_BLOCKED_MESSAGE = "an agent output held another tenant's data and was withheld"
 
 
 def handoff_message(run_input: str, source: str, note: str) -> str:
@@ -53,6 +56,9 @@ class RunView:
     """Text of the last model reply."""
     finished: Finished | None = None
     """Set once the run has ended."""
+    ending: Finished | None = None
+    """The end the last step settled (a final answer, a withheld output) while its RUN_FINISHED is not in the
+    log: an execution stopped between the two (killed, suspended) is finished with it, not asked again."""
     _results: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -65,6 +71,7 @@ class RunView:
         if step.index != self.last_index + 1:
             raise ValueError(f"step {step.index} does not follow {self.last_index}")
         self.last_index = step.index
+        self.ending = None
         d = step.detail
         match step.kind:
             case StepKind.RUN_STARTED:
@@ -78,6 +85,8 @@ class RunView:
                 self.last_text = "".join(b.get("text", "") for b in content if b.get("type") == "text")
                 self.pending_tool_uses = [b for b in content if b.get("type") == "tool_use"]
                 self._results = []
+                if not self.pending_tool_uses:
+                    self.ending = Finished(status=RunStatus.SUCCEEDED, output=self.last_text)
             case StepKind.TOOL_CALL:
                 self._answer(d.get("tool_use_id", ""), d.get("result", ""), bool(d.get("is_error")))
             case StepKind.HANDOFF_REFUSED:
@@ -89,7 +98,9 @@ class RunView:
                 ]
                 self.pending_tool_uses, self._results = [], []
             case StepKind.OUTPUT_BLOCKED:
-                pass
+                self.ending = Finished(
+                    status=RunStatus.FAILED, reason=FailReason.OUTPUT_BLOCKED, message=OUTPUT_BLOCKED_MESSAGE
+                )
             case StepKind.RUN_FINISHED:
                 self.finished = Finished(
                     status=d.get("status", ""),

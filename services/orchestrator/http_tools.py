@@ -12,7 +12,7 @@ import re
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from services.orchestrator.ports import SecretSource
+from services.orchestrator.ports import SecretSource, suspended_refusal
 from services.orchestrator.ratelimit import RateLimiter
 from services.orchestrator.team import SECRET_REF, HttpToolSpec, host_allowed, host_of
 
@@ -106,7 +106,9 @@ class HttpToolRunner:
             return ToolResult(f"tool {tool.name}: rate limit reached, retry in {wait:.1f}s", True)
         try:
             resolved = await secrets.resolve({n: n for n in tool.secret_names()}) if tool.secret_names() else {}
-        except Exception:  # noqa: BLE001 - which secret failed and why stays in the credentials audit
+        except Exception as exc:
+            if suspended_refusal(exc):
+                raise  # not the tool's failure: the run pauses before this step and does it after resume
             return ToolResult(f"tool {tool.name}: a credential it needs is not available", True)
         values = list(resolved.values())
         headers = {

@@ -12,6 +12,15 @@ from typing import Any, Protocol
 
 from services.orchestrator.steps import Step
 
+TENANT_SUSPENDED = "TENANT_SUSPENDED"
+"""The reason a port's error carries when a service refused the run's token because its tenant was suspended
+meanwhile: not a failure of the step, which the run does again after resume."""
+
+
+def suspended_refusal(exc: BaseException) -> bool:
+    """Whether exc is a service's refusal because the run's tenant is suspended."""
+    return getattr(exc, "reason", None) == TENANT_SUSPENDED
+
 
 class StepConflict(Exception):
     """Another writer appended to the run's log first (the lease was lost): stop executing."""
@@ -73,4 +82,5 @@ class SecretSource(Protocol):
     """Secret values for tool injection (injection.SecretInjector over the credentials service)."""
 
     async def resolve(self, refs: Mapping[str, str]) -> Mapping[str, str]:
-        """The current values of the current tenant's secrets, by the key each was asked under."""
+        """The current values of the current tenant's secrets, by the key each was asked under; an error
+        with reason TENANT_SUSPENDED when the credentials service refused the run's token."""

@@ -9,10 +9,10 @@ import httpx
 import pytest
 
 from services.orchestrator.canary import marker_for
-from services.orchestrator.engine import Engine, Limits, Ports, RunJob
+from services.orchestrator.engine import Engine, Limits, Ports, RunJob, TenantSuspended
 from services.orchestrator.history import replay
 from services.orchestrator.http_tools import HttpToolRunner
-from services.orchestrator.ports import StepConflict
+from services.orchestrator.ports import TENANT_SUSPENDED, StepConflict
 from services.orchestrator.ratelimit import RateLimiter
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.team import AgentSpec, HttpToolSpec, TeamSpec
@@ -122,6 +122,67 @@ async def test_resume_after_crash_repeats_no_completed_step(tool_server):
     assert view.finished.output == "Invoice 7 is paid."
     # The resumed context is exactly what an uninterrupted run would have sent.
     assert second.calls[0]["messages"][-1]["content"][0]["tool_use_id"] == "tu_2"
+
+
+class _Stopped(Exception):
+    """The execution dies (a kill, a suspension) right after the step that settled the run's end."""
+
+
+@pytest.mark.parametrize(
+    ("reply", "status", "reason"),
+    [
+        (text("Invoice 7 is paid."), "succeeded", ""),
+        (text(f"leaked {marker_for('t_b', KEY)}"), "failed", "OUTPUT_BLOCKED"),
+    ],
+    ids=["final-answer", "output-blocked"],
+)
+async def test_resume_after_the_deciding_step_ends_the_run_without_asking_again(tool_server, reply, status, reason):
+    """A stop between a final answer (or a withheld output) and its RUN_FINISHED: the next execution records
+    that end; it does not call the model again (that call would be billed and could change the answer)."""
+    log = MemoryStepLog()
+
+    async def stop_after_model(step: Step, view) -> None:
+        if step.kind in (StepKind.MODEL_CALL, StepKind.OUTPUT_BLOCKED):
+            raise _Stopped()
+
+    with pytest.raises(_Stopped):
+        await Engine(canary_key=KEY).execute(
+            job(support_team(tool_server.host)), ports(ScriptedModel([reply]), log=log), on_step=stop_after_model
+        )
+    assert log.runs["r_1"][-1].kind != StepKind.RUN_FINISHED
+
+    again = ScriptedModel([])
+    view = await Engine(canary_key=KEY).execute(job(support_team(tool_server.host)), ports(again, log=log))
+    assert again.calls == []
+    assert (view.finished.status, view.finished.reason) == (status, reason)
+    assert view.finished.output == ("Invoice 7 is paid." if status == "succeeded" else "")
+    assert [s.kind for s in log.runs["r_1"]].count(StepKind.RUN_FINISHED) == 1
+
+
+async def test_suspension_while_a_tool_resolves_its_secret_pauses_before_the_step(tool_server):
+    """Credentials refusing the run's token (tenant suspended) is not the tool's failure: no TOOL_CALL step is
+    recorded, the run pauses, and after resume the tool runs once with its secret."""
+
+    class Refused(Exception):
+        reason = TENANT_SUSPENDED
+
+    class SuspendedOnce(DictSecrets):
+        async def resolve(self, refs):
+            if not self.asked:
+                self.asked.append("refused")
+                raise Refused()
+            return await super().resolve(refs)
+
+    log, secrets = MemoryStepLog(), SuspendedOnce({"billing_key": SECRET})
+    team = support_team(tool_server.host)
+    with pytest.raises(TenantSuspended):
+        await Engine(canary_key=KEY).execute(job(team), ports(ScriptedModel(script()[:2]), log=log, secrets=secrets))
+    assert log.runs["r_1"][-1].kind == StepKind.MODEL_CALL and tool_server.requests == []
+
+    view = await Engine(canary_key=KEY).execute(job(team), ports(ScriptedModel(script()[2:]), log=log, secrets=secrets))
+    tool_steps = [s for s in log.runs["r_1"] if s.kind == StepKind.TOOL_CALL]
+    assert [s.detail["is_error"] for s in tool_steps] == [False] and len(tool_server.requests) == 1
+    assert view.finished.status == "succeeded"
 
 
 async def test_handoff_outside_team_is_refused_and_recorded(tool_server):

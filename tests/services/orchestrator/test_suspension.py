@@ -15,7 +15,7 @@ from bulkhead.orchestrator.v1 import orchestrator_pb2 as pb
 
 from .fakes import ToolServer
 from .mesh import TIERS, team_pb
-from .test_e2e import MODEL, script_support, watch
+from .test_e2e import MODEL, SECRET, put_secret, script_support, watch
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.parametrize("tier", list(TIERS))]
 
@@ -59,6 +59,7 @@ async def test_suspended_tenants_run_pauses_and_finishes_after_resume(tier, mesh
     """After suspension the upstream sees no new request of the run and the run stays unfinished and
     unclaimed; after resume it succeeds, and metering holds one event per model call."""
     a = await mesh.tenant(tier)
+    await put_secret(mesh, a, "billing_api_key", SECRET)  # the tool step fetches it (credentials refuses it too)
     await mesh.stub.CreateTeam(
         pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata
     )
@@ -92,7 +93,11 @@ async def test_suspended_tenants_run_pauses_and_finishes_after_resume(tier, mesh
         upstream.delay = 0.0
     assert seen[-1].run.status == pb.RUN_STATUS_SUCCEEDED
     model_steps = [m for m in seen if m.step.kind == pb.STEP_KIND_MODEL_CALL]
-    assert len(model_steps) == 3 == upstream.request_count  # no model call repeated across the pause
+    steps = [(m.step.index, pb.StepKind.Name(m.step.kind), m.step.summary) for m in seen]
+    assert len(model_steps) == 3 == upstream.request_count, (steps, upstream.request_count)  # none repeated
+    assert [s for s in steps if s[1] == "STEP_KIND_TOOL_CALL"] == [
+        (5, "STEP_KIND_TOOL_CALL", "lookup_invoice: ok (HTTP 200)")
+    ]
 
     metering = metering_pb2_grpc.MeteringServiceStub(grpc.aio.insecure_channel(mesh.addr("metering")))
     window = metering_pb2.UsageFilter()
