@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from services.orchestrator.ports import SecretSource, suspended_refusal
 from services.orchestrator.ratelimit import RateLimiter
 from services.orchestrator.team import SECRET_REF, HttpToolSpec, host_allowed, host_of
+from shared.errors import Unavailable
 
 if TYPE_CHECKING:
     import httpx
@@ -107,8 +108,8 @@ class HttpToolRunner:
         try:
             resolved = await secrets.resolve({n: n for n in tool.secret_names()}) if tool.secret_names() else {}
         except Exception as exc:
-            if suspended_refusal(exc):
-                raise  # not the tool's failure: the run pauses before this step and does it after resume
+            if suspended_refusal(exc) or isinstance(exc, Unavailable):
+                raise  # not the tool's failure: the run pauses before this step and does it again later
             return ToolResult(f"tool {tool.name}: a credential it needs is not available", True)
         values = list(resolved.values())
         headers = {

@@ -112,6 +112,8 @@ class SecretInjector:
                 reply = await self._stub.GetSecret(
                     credentials_pb2.GetSecretRequest(name=ref.name, version=ref.version), timeout=self._timeout
                 )
+        except errors.Unavailable:
+            raise  # transient, not the reference's fault: the run is given back and does this step again
         except errors.BulkheadError as err:
             raise SecretResolutionError(env_name, ref, err.code, err.reason) from None
         value = reply.value.decode()

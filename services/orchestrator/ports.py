@@ -83,4 +83,5 @@ class SecretSource(Protocol):
 
     async def resolve(self, refs: Mapping[str, str]) -> Mapping[str, str]:
         """The current values of the current tenant's secrets, by the key each was asked under; an error
-        with reason TENANT_SUSPENDED when the credentials service refused the run's token."""
+        with reason TENANT_SUSPENDED when the credentials service refused the run's token, Unavailable when it
+        did not answer."""

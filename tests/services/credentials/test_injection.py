@@ -13,9 +13,11 @@ from services.orchestrator.injection import (
     SecretResolutionError,
     ToolFailed,
 )
+from shared import errors
 from shared.client import make_channel
 from shared.logs import REDACTED, scrub
 from shared.tenancy import TenantContext, tenant_scope
+from testkit.procs import free_port
 
 
 def _as(h, tenant: str, scopes=("credentials.secrets.read",)) -> TenantContext:
@@ -90,3 +92,14 @@ async def test_without_the_read_scope_nothing_is_injected(lh):
     finally:
         await channel.close()
     assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
+
+
+async def test_a_credentials_service_that_does_not_answer_is_unavailable_not_a_bad_reference(lh):
+    """Nothing listening: Unavailable (the orchestrator gives the run back and retries the step), never a
+    SecretResolutionError, which a tool step reports to the model as a missing credential."""
+    channel = make_channel(f"127.0.0.1:{free_port()}", forward=True)
+    try:
+        with tenant_scope(_as(lh, lh.alpha)), pytest.raises(errors.Unavailable):
+            await SecretInjector(channel, timeout=2.0).resolve({"K": "k"})
+    finally:
+        await channel.close()

@@ -16,6 +16,7 @@ from services.orchestrator.ports import TENANT_SUSPENDED, StepConflict
 from services.orchestrator.ratelimit import RateLimiter
 from services.orchestrator.steps import Step, StepKind
 from services.orchestrator.team import AgentSpec, HttpToolSpec, TeamSpec
+from shared.errors import Unavailable
 
 from .fakes import DictSecrets, MemoryContext, MemoryStepLog, ScriptedModel, ToolServer, text, tool_use
 
@@ -159,23 +160,30 @@ async def test_resume_after_the_deciding_step_ends_the_run_without_asking_again(
     assert [s.kind for s in log.runs["r_1"]].count(StepKind.RUN_FINISHED) == 1
 
 
-async def test_suspension_while_a_tool_resolves_its_secret_pauses_before_the_step(tool_server):
-    """Credentials refusing the run's token (tenant suspended) is not the tool's failure: no TOOL_CALL step is
-    recorded, the run pauses, and after resume the tool runs once with its secret."""
+class _Suspended(Exception):
+    reason = TENANT_SUSPENDED
 
-    class Refused(Exception):
-        reason = TENANT_SUSPENDED
 
-    class SuspendedOnce(DictSecrets):
+@pytest.mark.parametrize(
+    ("refusal", "stops_with"),
+    [(_Suspended(), TenantSuspended), (Unavailable("credentials did not answer"), Unavailable)],
+    ids=["tenant-suspended", "credentials-unavailable"],
+)
+async def test_a_secret_not_fetchable_now_pauses_the_run_before_the_tool_step(tool_server, refusal, stops_with):
+    """Credentials refusing the run's token (tenant suspended) or not answering is not the tool's failure: no
+    TOOL_CALL step is recorded (the model never sees a made-up error), the run stops for the dispatcher to
+    give back, and the next execution runs the tool once with its secret."""
+
+    class RefusedOnce(DictSecrets):
         async def resolve(self, refs):
             if not self.asked:
                 self.asked.append("refused")
-                raise Refused()
+                raise refusal
             return await super().resolve(refs)
 
-    log, secrets = MemoryStepLog(), SuspendedOnce({"billing_key": SECRET})
+    log, secrets = MemoryStepLog(), RefusedOnce({"billing_key": SECRET})
     team = support_team(tool_server.host)
-    with pytest.raises(TenantSuspended):
+    with pytest.raises(stops_with):
         await Engine(canary_key=KEY).execute(job(team), ports(ScriptedModel(script()[:2]), log=log, secrets=secrets))
     assert log.runs["r_1"][-1].kind == StepKind.MODEL_CALL and tool_server.requests == []
 
