@@ -64,7 +64,9 @@ async def test_suspended_tenants_run_pauses_and_finishes_after_resume(tier, mesh
         pb.CreateTeamRequest(team=team_pb(tool_host=tools.host, model=MODEL)), metadata=a.metadata
     )
     script_support(upstream)
-    upstream.delay = 0.3  # each model call takes long enough to suspend between steps
+    # Each model call takes 0.6 s: the run's last two (1.2 s) outlast the verifiers' poll (0.5 s here) even on a
+    # loaded machine, so the suspension reaches it mid-run, at one step boundary or another.
+    upstream.delay = 0.6
     try:
         run = (
             await mesh.stub.StartRun(pb.StartRunRequest(team="support", input="Is INV-7 paid?"), metadata=a.metadata)
