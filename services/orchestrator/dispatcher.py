@@ -15,7 +15,7 @@ import dataclasses
 import logging
 import time
 import uuid
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
@@ -161,6 +161,9 @@ class DispatchSettings:
     """Lease length; heartbeats every third of it."""
     poll_seconds: float = 1.0
     """How often the queue is looked at without a wake-up."""
+    outage_backoff: tuple[float, float] = (1.0, 30.0)
+    """A run that met an unavailable dependency waits first, then doubling, up to second seconds before
+    it is claimed again (so an outage is not a loop of claims, reads and warnings)."""
 
 
 class Dispatcher:
@@ -197,6 +200,9 @@ class Dispatcher:
         """The tenant of each run executing here."""
         self._more_waiting = True
         """The last look at the queue left runs waiting (or did not look): a freed slot may start one."""
+        self._outages: OrderedDict[str, int] = OrderedDict()
+        """Per run, how many executions in a row here met an unavailable dependency (bounded: a run that
+        moved to another replica is forgotten eventually)."""
 
     @property
     def runs_per_tenant(self) -> int:
@@ -348,6 +354,7 @@ class Dispatcher:
             run_id=claim.run_id,
             request_id=claim.run_id,
         )
+        outage = False
         try:
             with tenant_scope(ctx):
                 try:
@@ -394,10 +401,14 @@ class Dispatcher:
             )
             await self._fail(ctx, claim.run_id, reason, message)
         except Unavailable:
+            delay = self._outage_delay(claim.run_id)
             log.warning(
-                "run paused: a dependency is unavailable", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id}
+                "run paused: a dependency is unavailable; tried again in %.0f s",
+                delay,
+                extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id},
             )
-            await self._runs.release(claim.run_id, self.owner)
+            await self._runs.release(claim.run_id, self.owner, retry_after=delay)
+            outage = True
         except Exception as exc:  # record the failure on the run rather than retry forever
             if isinstance(exc, TenantSuspended) or suspended_refusal(exc):
                 # Back in the queue where it stopped; not claimed again until the tenant is resumed.
@@ -407,7 +418,18 @@ class Dispatcher:
             log.exception("run failed", extra={"tenant_id": claim.tenant_id, "run_id": claim.run_id})
             await self._fail(ctx, claim.run_id, "INTERNAL", "the run failed inside the orchestrator")
         finally:
+            if not outage:  # it got past whatever was down, or ended
+                self._outages.pop(claim.run_id, None)
             self._done(claim.run_id)
+
+    def _outage_delay(self, run_id: str) -> float:
+        """How long a run that met an unavailable dependency waits before its next claim."""
+        failures = self._outages.pop(run_id, 0)
+        self._outages[run_id] = failures + 1
+        if len(self._outages) > 10_000:
+            self._outages.popitem(last=False)
+        first, most = self._s.outage_backoff
+        return min(first * 2**failures, most)
 
     def _done(self, run_id: str) -> None:
         self._tasks.pop(run_id, None)

@@ -945,9 +945,20 @@ class RunStore:
                 outcomes[run_id] = "cancel" if row[3] else "ok"
         return outcomes
 
-    async def release(self, run_id: str, owner: str) -> None:
-        """Give a lease back without finishing (shutdown): the run waits for the next claim."""
+    async def release(self, run_id: str, owner: str, *, retry_after: float = 0.0) -> None:
+        """Give a lease back without finishing (shutdown): the run waits for the next claim.
+
+        retry_after > 0: the lease is kept, with nothing executing it, until then; the run is claimed again (by
+        any replica, as an expired lease) only after that (a dependency was down)."""
         async with raw_transaction(self._db.engine, tenant_id=None, write=True) as tx:
+            if retry_after > 0:
+                await tx.execute(
+                    "UPDATE orch_run_queue SET lease_expires = $3 WHERE run_id = $1 AND lease_owner = $2",
+                    run_id,
+                    owner,
+                    time.time() + retry_after,
+                )
+                return
             await tx.execute(
                 "UPDATE orch_run_queue SET state = 'queued', lease_owner = NULL, lease_expires = 0.0 "
                 "WHERE run_id = $1 AND lease_owner = $2",

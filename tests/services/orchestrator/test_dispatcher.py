@@ -120,3 +120,58 @@ async def test_a_tenant_holding_its_limit_here_gets_no_slot_for_a_new_run(tmp_pa
     finally:
         await dispatcher.stop()
         await db.close()
+
+
+async def test_a_run_meeting_an_unavailable_dependency_waits_longer_each_time_before_its_next_claim(tmp_path):
+    """An outage of state, the proxy or credentials is not a loop of claims: the lease is kept, executing nothing,
+    for a backoff that doubles (here 0.4 s, then 0.8 s), and once it runs out the run is claimed and tried again."""
+    from services.orchestrator.team import AgentSpec, TeamSpec
+    from shared.errors import Unavailable
+    from shared.tenancy import TenantContext, tenant_scope
+
+    attempts: list[float] = []
+
+    class DownstreamDown:
+        async def execute(self, job, ports, **kw):
+            attempts.append(time.monotonic())
+            raise Unavailable("state did not answer")
+
+    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
+    runs, sealer = RunStore(db), GrantSealer(os.urandom(32))
+    with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}))):
+        run, *_ = await runs.start(
+            team=TeamSpec(name="t", agents=(AgentSpec("a"),)),
+            entry_agent="a",
+            run_input="x",
+            idempotency_key="",
+            tenant_id="t_a",
+            principal_id="p",
+            tier="pooled",
+            grant=sealer.seal("token", "r_x"),
+            run_id="r_x",
+        )
+    dispatcher = Dispatcher(
+        runs=runs,
+        engine=DownstreamDown(),
+        ports_for=lambda: None,
+        sealer=sealer,
+        feed=StepFeed(),
+        settings=DispatchSettings(lease_seconds=60, poll_seconds=0.05, outage_backoff=(0.4, 30.0)),
+    )
+    dispatcher.start()
+    try:
+        async with asyncio.timeout(5):
+            while len(attempts) < 1 or dispatcher.executing(run.run_id):
+                await asyncio.sleep(0.02)
+        async with db.system_session() as s:
+            entry = await s.get(QueueRow, run.run_id)
+            assert (entry.state, entry.lease_owner) == ("running", dispatcher.owner)
+            assert entry.lease_expires > time.time() + 0.2  # held through the backoff, nothing executing it
+        async with asyncio.timeout(5):
+            while len(attempts) < 3:
+                await asyncio.sleep(0.02)
+        first_wait, second_wait = attempts[1] - attempts[0], attempts[2] - attempts[1]
+        assert 0.4 <= first_wait < 0.8 and 0.8 <= second_wait < 1.6, (first_wait, second_wait)
+    finally:
+        await dispatcher.stop()
+        await db.close()
