@@ -25,6 +25,26 @@ def _dispatcher(runs: RunStore, sealer: GrantSealer) -> Dispatcher:
     )
 
 
+async def _start_run(runs: RunStore, sealer: GrantSealer, lease=None):
+    """A run of tenant t_a as StartRun writes it (queued, or leased with lease): (run, created, claim, place)."""
+    from services.orchestrator.team import AgentSpec, TeamSpec
+    from shared.tenancy import TenantContext, tenant_scope
+
+    with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}))):
+        return await runs.start(
+            team=TeamSpec(name="t", agents=(AgentSpec("a"),)),
+            entry_agent="a",
+            run_input="x",
+            idempotency_key="",
+            tenant_id="t_a",
+            principal_id="p",
+            tier="pooled",
+            grant=sealer.seal("token", "r_x"),
+            run_id="r_x",
+            lease=lease,
+        )
+
+
 async def test_queue_entry_without_its_run_is_dropped_not_retried_forever(tmp_path):
     """An entry whose run was never written (a crash while queueing) leaves the queue at its first claim."""
     db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
@@ -60,8 +80,6 @@ async def test_a_run_started_here_as_dispatching_stops_goes_back_to_the_queue(tm
     """StartRun took a slot and the run's lease, then the replica stopped dispatching: the lease is given back,
     so another replica starts the run (nothing executes it on the stopping one)."""
     from services.orchestrator.store import Lease
-    from services.orchestrator.team import AgentSpec, TeamSpec
-    from shared.tenancy import TenantContext, tenant_scope
 
     db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
     runs, sealer = RunStore(db), GrantSealer(os.urandom(32))
@@ -71,18 +89,7 @@ async def test_a_run_started_here_as_dispatching_stops_goes_back_to_the_queue(tm
         await asyncio.sleep(0.1)  # a first look at the (empty) queue
         lease = dispatcher.lease_for_new_run("t_a")
         assert isinstance(lease, Lease)
-        with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}))):
-            run, _, claim, _ = await runs.start(
-                team=TeamSpec(name="t", agents=(AgentSpec("a"),)),
-                entry_agent="a",
-                run_input="x",
-                idempotency_key="",
-                tenant_id="t_a",
-                principal_id="p",
-                tier="pooled",
-                grant=sealer.seal("token", "r_x"),
-                lease=lease,
-            )
+        run, _, claim, _ = await _start_run(runs, sealer, lease)
         assert claim is not None
         assert (await runs.waiting(time.time()))[1] == {"t_a": 1}  # leased to this replica
         await dispatcher.stop()
@@ -125,9 +132,7 @@ async def test_a_tenant_holding_its_limit_here_gets_no_slot_for_a_new_run(tmp_pa
 async def test_a_run_meeting_an_unavailable_dependency_waits_longer_each_time_before_its_next_claim(tmp_path):
     """An outage of state, the proxy or credentials is not a loop of claims: the lease is kept, executing nothing,
     for a backoff that doubles (here 0.4 s, then 0.8 s), and once it runs out the run is claimed and tried again."""
-    from services.orchestrator.team import AgentSpec, TeamSpec
     from shared.errors import Unavailable
-    from shared.tenancy import TenantContext, tenant_scope
 
     attempts: list[float] = []
 
@@ -138,18 +143,7 @@ async def test_a_run_meeting_an_unavailable_dependency_waits_longer_each_time_be
 
     db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'o.db'}", migrations=str(MIGRATIONS))
     runs, sealer = RunStore(db), GrantSealer(os.urandom(32))
-    with tenant_scope(TenantContext(tenant_id="t_a", principal_id="p", scopes=frozenset({"*"}))):
-        run, *_ = await runs.start(
-            team=TeamSpec(name="t", agents=(AgentSpec("a"),)),
-            entry_agent="a",
-            run_input="x",
-            idempotency_key="",
-            tenant_id="t_a",
-            principal_id="p",
-            tier="pooled",
-            grant=sealer.seal("token", "r_x"),
-            run_id="r_x",
-        )
+    run, *_ = await _start_run(runs, sealer)
     dispatcher = Dispatcher(
         runs=runs,
         engine=DownstreamDown(),
