@@ -204,15 +204,28 @@ async def run_service(
         register_secret(value)
     setup_telemetry(service.name, service.otlp_endpoint)
     serve_metrics(service.metrics_port)
-    async with Startup(service.tls) as up:
-        app = up.closing(await start(up))
     loop = asyncio.get_running_loop()
     signalled = asyncio.Event()
+    # Before start(): it says the service listens, and a SIGTERM from then on must stop it cleanly (not kill it,
+    # the signal's default). One during start() stops the start; what it opened is closed (Startup).
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, signalled.set)
-    freeze_startup_heap()  # once a SIGTERM stops it cleanly: the service already said it is listening
-    waiter = asyncio.ensure_future(app.running.wait())
     stopper = asyncio.ensure_future(signalled.wait())
+    try:
+        async with Startup(service.tls) as up:
+            starting = asyncio.ensure_future(start(up))
+            await asyncio.wait({starting, stopper}, return_when=asyncio.FIRST_COMPLETED)
+            if not starting.done():
+                starting.cancel()
+            app = up.closing(await starting)  # a cancelled start raises here, inside Startup: it closes what opened
+    except asyncio.CancelledError:
+        if not signalled.is_set():
+            raise
+        log.info("stopped while starting")
+        telemetry.shutdown_telemetry()
+        return
+    freeze_startup_heap()
+    waiter = asyncio.ensure_future(app.running.wait())
     try:
         await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:

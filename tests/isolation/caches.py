@@ -126,6 +126,13 @@ CACHES: dict[str, Entry] = {
     "services/orchestrator/dispatcher.py::_tenant_of": Entry(
         UNIQUE, "server-made run id -> its tenant, for runs executing here (counts slots; answers no caller)", _MATRIX
     ),
+    "services/orchestrator/dispatcher.py::_outages": Entry(
+        UNIQUE,
+        "server-made run id -> executions in a row that met an unavailable dependency (sets a backoff; answers "
+        "no caller)",
+        "tests/services/orchestrator/test_dispatcher.py::"
+        "test_a_run_meeting_an_unavailable_dependency_waits_longer_each_time_before_its_next_claim",
+    ),
     "services/orchestrator/dispatcher.py::_expected": Entry(
         UNIQUE,
         "server-made run id -> its tenant, for a fresh run a StartRun here queued: only that tenant's WatchRun "

@@ -369,3 +369,60 @@ def test_main_serves_until_sigterm_then_stops_cleanly(tmp_path, svc: str):
             proc.kill()
             proc.wait()
     assert "Traceback" not in log.read_text()
+
+
+_NEVER_READY = """
+import asyncio
+
+from shared.config import ServiceConfig
+from shared.scaffold import run_service
+
+
+class Opened:
+    async def close(self):
+        print("closed what start opened", flush=True)
+
+
+async def never_ready(up):
+    up.closing(Opened())
+    print("starting", flush=True)
+    await asyncio.Event().wait()  # e.g. waiting for a database that does not answer
+
+
+asyncio.run(run_service(ServiceConfig.from_env("state"), never_ready))
+print("exited", flush=True)
+"""
+
+
+def test_sigterm_while_starting_stops_the_start_and_closes_what_it_opened(tmp_path):
+    """A SIGTERM during start() (the signal handlers are in place before it) cancels the start, closes what it
+    had opened and exits 0, instead of the signal's default (killed) or waiting for a start that may never end."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")},
+        "PYTHONPATH": str(ROOT),
+        "BULKHEAD_DATA_DIR": str(tmp_path),
+        "BULKHEAD_STATE_METRICS_PORT": "0",
+    }
+    log = tmp_path / "out.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-c", _NEVER_READY], env=env, stdout=out, stderr=out)
+    try:
+        deadline = time.monotonic() + 30
+        while "starting" not in log.read_text():
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 0, log.read_text()[-2000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    text = log.read_text()
+    assert "closed what start opened" in text and "stopped while starting" in text and "exited" in text, text
+    assert "Traceback" not in text
