@@ -339,10 +339,6 @@ def test_no_service_path_falls_back_to_the_process_env_for_tls():
 def test_main_serves_until_sigterm_then_stops_cleanly(tmp_path, svc: str):
     """python -m services.<svc>: listens, and on SIGTERM stops the server and closes the rest, exiting 0."""
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
@@ -355,20 +351,30 @@ def test_main_serves_until_sigterm_then_stops_cleanly(tmp_path, svc: str):
         f"BULKHEAD_{svc.upper()}_METRICS_PORT": "0",
     }
     log = tmp_path / "out.log"
+    _sigterm_once_it_says(["-m", f"services.{svc}"], env, log, f"listening on 127.0.0.1:{port}")
+    assert "Traceback" not in log.read_text()
+
+
+def _sigterm_once_it_says(args: list[str], env: dict[str, str], log, marker: str) -> None:
+    """Run python args, SIGTERM it once its output holds marker, and check it exits 0 (output in log)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", f"services.{svc}"], env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen([sys.executable, *args], env=env, stdout=out, stderr=out)
     try:
         deadline = time.monotonic() + 30
-        while f"listening on 127.0.0.1:{port}" not in log.read_text():
+        while marker not in log.read_text():
             assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.1)
+            time.sleep(0.05)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=20) == 0, log.read_text()[-2000:]
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert "Traceback" not in log.read_text()
 
 
 _NEVER_READY = """
@@ -398,10 +404,6 @@ def test_sigterm_while_starting_stops_the_start_and_closes_what_it_opened(tmp_pa
     """A SIGTERM during start() (the signal handlers are in place before it) cancels the start, closes what it
     had opened and exits 0, instead of the signal's default (killed) or waiting for a start that may never end."""
     import os
-    import signal
-    import subprocess
-    import sys
-    import time
 
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith("BULKHEAD_")},
@@ -410,19 +412,7 @@ def test_sigterm_while_starting_stops_the_start_and_closes_what_it_opened(tmp_pa
         "BULKHEAD_STATE_METRICS_PORT": "0",
     }
     log = tmp_path / "out.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-c", _NEVER_READY], env=env, stdout=out, stderr=out)
-    try:
-        deadline = time.monotonic() + 30
-        while "starting" not in log.read_text():
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=20) == 0, log.read_text()[-2000:]
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+    _sigterm_once_it_says(["-c", _NEVER_READY], env, log, "starting")
     text = log.read_text()
     assert "closed what start opened" in text and "stopped while starting" in text and "exited" in text, text
     assert "Traceback" not in text
