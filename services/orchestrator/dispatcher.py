@@ -162,8 +162,8 @@ class DispatchSettings:
     poll_seconds: float = 1.0
     """How often the queue is looked at without a wake-up."""
     outage_backoff: tuple[float, float] = (1.0, 30.0)
-    """A run that met an unavailable dependency waits first, then doubling, up to second seconds before
-    it is claimed again (so an outage is not a loop of claims, reads and warnings)."""
+    """(first, most): a run that met an unavailable dependency waits `first` seconds before its next claim,
+    twice as long after each further time in a row, at most `most` (an outage is not a loop of claims)."""
 
 
 class Dispatcher:

@@ -110,6 +110,7 @@ class HttpToolRunner:
         except Exception as exc:
             if suspended_refusal(exc) or isinstance(exc, Unavailable):
                 raise  # not the tool's failure: the run pauses before this step and does it again later
+            # Which secret failed and why stays in the credentials audit, not in what the model reads.
             return ToolResult(f"tool {tool.name}: a credential it needs is not available", True)
         values = list(resolved.values())
         headers = {
